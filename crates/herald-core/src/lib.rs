@@ -1,0 +1,19 @@
+//! Herald's domain: the vocabulary every other crate speaks.
+//!
+//! Nothing in this crate performs I/O. Clocks are passed in as values, randomness comes from
+//! a caller-supplied or thread-local RNG, and network addresses are judged, never dialled. That
+//! keeps every rule here (signatures, retry schedule, filters, address policy) testable as plain
+//! functions, and lets the store, the API and the delivery worker share one definition of each.
+
+pub mod address_policy;
+pub mod filter;
+pub mod id;
+pub mod model;
+pub mod retry;
+pub mod signing;
+pub mod validate;
+
+pub use address_policy::{AddressPolicy, BlockedAddress};
+pub use filter::EndpointFilter;
+pub use retry::{AttemptOutcome, RetryDecision, RetryPolicy};
+pub use signing::{EndpointSecret, SecretError};

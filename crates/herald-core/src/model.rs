@@ -1,0 +1,151 @@
+//! The resources Herald keeps. Plain data: wire formats live in `herald-api`, rows in
+//! `herald-store`, so neither leaks into the other.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+
+pub type Metadata = BTreeMap<String, String>;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct App {
+    pub id: String,
+    pub uid: Option<String>,
+    pub name: String,
+    pub throttle_rate: Option<i64>,
+    pub metadata: Metadata,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventType {
+    pub name: String,
+    pub description: String,
+    pub archived: bool,
+    pub deprecated: bool,
+    /// JSON text of the schemas object, kept as given.
+    pub schemas: Option<String>,
+    pub group_name: Option<String>,
+    pub feature_flags: Option<Vec<String>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Endpoint {
+    pub id: String,
+    pub app_id: String,
+    pub uid: Option<String>,
+    pub url: String,
+    pub description: String,
+    pub throttle_rate: Option<i64>,
+    pub disabled: bool,
+    pub event_types: Option<Vec<String>>,
+    pub channels: Option<Vec<String>>,
+    pub metadata: Metadata,
+    pub headers: BTreeMap<String, String>,
+    /// The current secret, `whsec_...`.
+    pub secret: String,
+    /// Rotated-out secrets that still sign until their expiry.
+    pub previous_secrets: Vec<(String, DateTime<Utc>)>,
+    /// Start of the current run of failures; `None` after a success.
+    pub failing_since: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl Endpoint {
+    pub fn filter(&self) -> crate::EndpointFilter {
+        crate::EndpointFilter {
+            event_types: self.event_types.clone(),
+            channels: self.channels.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    pub id: String,
+    pub app_id: String,
+    pub event_id: Option<String>,
+    pub event_type: String,
+    pub channels: Option<Vec<String>>,
+    pub tags: Option<Vec<String>>,
+    /// The payload exactly as the producer sent it: stored and forwarded byte for byte.
+    pub payload: Bytes,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Svix's `MessageStatus`, used for deliveries and attempts alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeliveryStatus {
+    Success = 0,
+    Pending = 1,
+    Fail = 2,
+    Sending = 3,
+}
+
+impl DeliveryStatus {
+    pub fn from_code(code: i64) -> Option<Self> {
+        Some(match code {
+            0 => Self::Success,
+            1 => Self::Pending,
+            2 => Self::Fail,
+            3 => Self::Sending,
+            _ => return None,
+        })
+    }
+
+    pub fn text(self) -> &'static str {
+        match self {
+            Self::Success => "success",
+            Self::Pending => "pending",
+            Self::Fail => "fail",
+            Self::Sending => "sending",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TriggerType {
+    Scheduled = 0,
+    Manual = 1,
+}
+
+impl TriggerType {
+    pub fn from_code(code: i64) -> Self {
+        if code == 1 {
+            Self::Manual
+        } else {
+            Self::Scheduled
+        }
+    }
+}
+
+/// One HTTP request made to an endpoint, successful or not.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attempt {
+    pub id: String,
+    pub msg_id: String,
+    pub endpoint_id: String,
+    pub app_id: String,
+    pub url: String,
+    pub status: DeliveryStatus,
+    /// HTTP status, or 0 when no response came (refused, timed out, blocked address).
+    pub response_status_code: i32,
+    /// Response body (truncated) or why no response came.
+    pub response: String,
+    pub response_duration_ms: i64,
+    pub trigger_type: TriggerType,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EndpointStats {
+    pub success: i64,
+    pub pending: i64,
+    pub sending: i64,
+    pub fail: i64,
+}

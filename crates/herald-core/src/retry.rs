@@ -1,0 +1,215 @@
+//! When to try a failed delivery again: Svix's schedule, jitter, Retry-After and give-up rules.
+//!
+//! Attempt 0 is immediate. After failed scheduled attempt `n` (0-based) the next one is due
+//! `schedule[n]` later, so the default schedule of seven delays gives eight attempts over about
+//! 27.5 hours. Manual attempts (resend, recover) are never retried automatically.
+
+use std::time::Duration;
+
+use rand::Rng;
+
+/// What one HTTP attempt came to, as far as the retry rules care.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptOutcome {
+    /// Any 2xx.
+    Success,
+    /// 410 Gone: the receiver asks never to be called again.
+    Gone,
+    /// Timeouts and 429: the receiver is overloaded; back off at least the overload penalty.
+    Overloaded { retry_after: Option<Duration> },
+    /// Every other non-2xx status, refused connection, blocked address, TLS error...
+    Failed { retry_after: Option<Duration> },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryDecision {
+    Delivered,
+    RetryIn(Duration),
+    /// The schedule is exhausted (or the attempt was manual): the delivery has failed.
+    GiveUp,
+    /// Disable the endpoint and stop (410, or failing without a success for too long).
+    DisableEndpoint,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    /// Delay before each retry; its length is the number of retries.
+    pub schedule: Vec<Duration>,
+    /// Relative jitter applied to scheduled delays (0.2 = ±20 %).
+    pub jitter: f64,
+    /// Minimum delay after a timeout or 429.
+    pub overload_penalty: Duration,
+    /// Longest delay a `Retry-After` header can impose.
+    pub retry_after_max: Duration,
+    /// An endpoint failing for this long without one success is disabled.
+    pub disable_after: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        let secs = |s| Duration::from_secs(s);
+        Self {
+            schedule: vec![
+                secs(5),
+                secs(5 * 60),
+                secs(30 * 60),
+                secs(2 * 3600),
+                secs(5 * 3600),
+                secs(10 * 3600),
+                secs(10 * 3600),
+            ],
+            jitter: 0.2,
+            overload_penalty: secs(60),
+            retry_after_max: secs(3600),
+            disable_after: secs(5 * 24 * 3600),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Decide what follows an attempt.
+    ///
+    /// `attempt` is the 0-based index of the scheduled attempt just made; `manual` attempts are
+    /// never retried; `failing_for` is how long the endpoint has failed without a success,
+    /// counting this attempt.
+    pub fn decide(
+        &self,
+        outcome: AttemptOutcome,
+        attempt: u32,
+        manual: bool,
+        failing_for: Duration,
+        rng: &mut impl Rng,
+    ) -> RetryDecision {
+        let retry_after = match outcome {
+            AttemptOutcome::Success => return RetryDecision::Delivered,
+            AttemptOutcome::Gone => return RetryDecision::DisableEndpoint,
+            AttemptOutcome::Overloaded { retry_after } | AttemptOutcome::Failed { retry_after } => {
+                retry_after
+            }
+        };
+        if failing_for >= self.disable_after {
+            return RetryDecision::DisableEndpoint;
+        }
+        if manual {
+            return RetryDecision::GiveUp;
+        }
+        let Some(&base) = self.schedule.get(attempt as usize) else {
+            return RetryDecision::GiveUp;
+        };
+        let mut delay = self.jittered(base, rng);
+        if matches!(outcome, AttemptOutcome::Overloaded { .. }) {
+            delay = delay.max(self.overload_penalty);
+        }
+        if let Some(requested) = retry_after {
+            // Honour the receiver's wish to wait longer, within bounds; never retry sooner
+            // than the schedule says.
+            delay = delay.max(requested.min(self.retry_after_max.max(base)));
+        }
+        RetryDecision::RetryIn(delay)
+    }
+
+    fn jittered(&self, base: Duration, rng: &mut impl Rng) -> Duration {
+        if self.jitter <= 0.0 {
+            return base;
+        }
+        let factor = rng.random_range((1.0 - self.jitter)..=(1.0 + self.jitter));
+        base.mul_f64(factor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{SeedableRng, rngs::StdRng};
+
+    fn rng() -> StdRng {
+        StdRng::seed_from_u64(7)
+    }
+
+    const FAIL: AttemptOutcome = AttemptOutcome::Failed { retry_after: None };
+    const NOT_LONG: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn follows_svix_schedule_with_jitter_then_gives_up() {
+        let policy = RetryPolicy::default();
+        let mut rng = rng();
+        for (n, base) in policy.schedule.iter().enumerate() {
+            match policy.decide(FAIL, n as u32, false, NOT_LONG, &mut rng) {
+                RetryDecision::RetryIn(d) => {
+                    assert!(
+                        d >= base.mul_f64(0.8) && d <= base.mul_f64(1.2),
+                        "{n}: {d:?}"
+                    );
+                }
+                other => panic!("attempt {n}: {other:?}"),
+            }
+        }
+        assert_eq!(
+            policy.decide(FAIL, 7, false, NOT_LONG, &mut rng),
+            RetryDecision::GiveUp
+        );
+    }
+
+    #[test]
+    fn success_gone_and_manual() {
+        let policy = RetryPolicy::default();
+        let mut rng = rng();
+        assert_eq!(
+            policy.decide(AttemptOutcome::Success, 0, false, NOT_LONG, &mut rng),
+            RetryDecision::Delivered
+        );
+        assert_eq!(
+            policy.decide(AttemptOutcome::Gone, 0, false, NOT_LONG, &mut rng),
+            RetryDecision::DisableEndpoint
+        );
+        assert_eq!(
+            policy.decide(FAIL, 0, true, NOT_LONG, &mut rng),
+            RetryDecision::GiveUp
+        );
+    }
+
+    #[test]
+    fn overload_and_retry_after_stretch_the_delay_within_bounds() {
+        let policy = RetryPolicy {
+            jitter: 0.0,
+            ..RetryPolicy::default()
+        };
+        let mut rng = rng();
+        let overloaded = AttemptOutcome::Overloaded { retry_after: None };
+        assert_eq!(
+            policy.decide(overloaded, 0, false, NOT_LONG, &mut rng),
+            RetryDecision::RetryIn(Duration::from_secs(60))
+        );
+        let wants_ten_minutes = AttemptOutcome::Failed {
+            retry_after: Some(Duration::from_secs(600)),
+        };
+        assert_eq!(
+            policy.decide(wants_ten_minutes, 0, false, NOT_LONG, &mut rng),
+            RetryDecision::RetryIn(Duration::from_secs(600))
+        );
+        let wants_a_week = AttemptOutcome::Failed {
+            retry_after: Some(Duration::from_secs(7 * 86400)),
+        };
+        assert_eq!(
+            policy.decide(wants_a_week, 0, false, NOT_LONG, &mut rng),
+            RetryDecision::RetryIn(Duration::from_secs(3600))
+        );
+        let wants_less = AttemptOutcome::Failed {
+            retry_after: Some(Duration::from_secs(1)),
+        };
+        assert_eq!(
+            policy.decide(wants_less, 1, false, NOT_LONG, &mut rng),
+            RetryDecision::RetryIn(Duration::from_secs(300))
+        );
+    }
+
+    #[test]
+    fn long_failing_endpoint_is_disabled() {
+        let policy = RetryPolicy::default();
+        let five_days = Duration::from_secs(5 * 86400);
+        assert_eq!(
+            policy.decide(FAIL, 2, false, five_days, &mut rng()),
+            RetryDecision::DisableEndpoint
+        );
+    }
+}

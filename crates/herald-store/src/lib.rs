@@ -1,0 +1,218 @@
+//! Herald's durable state behind one trait.
+//!
+//! [`Store`] is everything the API and the delivery worker need to remember: apps, endpoints,
+//! messages, the delivery queue and the attempt log. [`sqlite::SqliteStore`] is the embedded
+//! implementation; a PostgreSQL one will sit beside it with its own migrations, and the
+//! integration suite runs against whichever the environment selects.
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use herald_core::model::{
+    App, Attempt, DeliveryStatus, Endpoint, EndpointStats, EventType, Message, TriggerType,
+};
+
+pub mod sqlite;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A unique key is taken (an app or endpoint `uid`, a message `eventId`, an event type name).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("not found")]
+    NotFound,
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("the store is shutting down")]
+    Closed,
+    #[error("batched write failed: {0}")]
+    Batch(String),
+    #[error("cannot prepare the data directory: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A page request in Svix's style: the iterator is the last id of the previous page.
+#[derive(Debug, Clone)]
+pub struct Page {
+    pub limit: u32,
+    pub iterator: Option<String>,
+    /// Newest first (messages, attempts) instead of oldest first (apps, endpoints).
+    pub descending: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct MessageQuery {
+    pub channel: Option<String>,
+    pub event_types: Option<Vec<String>>,
+    pub before: Option<DateTime<Utc>>,
+    pub after: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone)]
+pub enum AttemptScope {
+    Endpoint(String),
+    Message(String),
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct AttemptQuery {
+    pub status: Option<DeliveryStatus>,
+    pub endpoint_id: Option<String>,
+}
+
+/// Which API token was presented: environment-wide, or limited to one app.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenScope {
+    Environment,
+    App(String),
+}
+
+/// Ask for due deliveries, one lane at a time, so first attempts never wait behind retries.
+#[derive(Debug, Clone)]
+pub struct ClaimRequest {
+    pub now: DateTime<Utc>,
+    /// Claimed rows are invisible to other claims until then; a crashed worker's rows come back.
+    pub lease_until: DateTime<Utc>,
+    pub limit: u32,
+    /// `true`: only deliveries whose first attempt is due; `false`: only retries and manual ones.
+    pub first_attempts: bool,
+    /// Deliveries in flight per endpoint; an endpoint at `per_endpoint_limit` gets no more.
+    pub in_flight: std::collections::HashMap<String, u32>,
+    pub per_endpoint_limit: u32,
+}
+
+/// A claimed delivery, with everything needed to make the HTTP request.
+#[derive(Debug, Clone)]
+pub struct DeliveryJob {
+    pub msg_id: String,
+    pub app_id: String,
+    pub event_type: String,
+    pub payload: Bytes,
+    pub endpoint: Endpoint,
+    /// Scheduled attempts already made.
+    pub attempts: u32,
+    pub trigger: TriggerType,
+}
+
+/// What the worker learned from one attempt, recorded in one transaction.
+#[derive(Debug, Clone)]
+pub struct AttemptRecord {
+    pub attempt: Attempt,
+    pub next: NextStep,
+    pub endpoint_change: EndpointChange,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NextStep {
+    Delivered,
+    RetryAt(DateTime<Utc>),
+    Failed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndpointChange {
+    /// A success ends the endpoint's failing streak.
+    Succeeded,
+    /// A failure starts a failing streak unless one is running.
+    Failed {
+        at: DateTime<Utc>,
+    },
+    Disable,
+}
+
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + 'static {
+    // Applications
+    async fn create_app(&self, app: &App) -> Result<()>;
+    async fn get_app(&self, id_or_uid: &str) -> Result<Option<App>>;
+    async fn list_apps(&self, page: &Page) -> Result<Vec<App>>;
+    async fn update_app(&self, app: &App) -> Result<()>;
+    async fn delete_app(&self, id: &str) -> Result<bool>;
+
+    // API tokens (hashes only)
+    async fn add_token(&self, token_hash: &[u8], scope: &TokenScope, name: &str) -> Result<()>;
+    async fn token_scope(&self, token_hash: &[u8]) -> Result<Option<TokenScope>>;
+
+    // Event types (environment-wide, as in Svix)
+    async fn create_event_type(&self, event_type: &EventType) -> Result<()>;
+    async fn get_event_type(&self, name: &str) -> Result<Option<EventType>>;
+    async fn list_event_types(&self, page: &Page, include_archived: bool)
+    -> Result<Vec<EventType>>;
+    async fn update_event_type(&self, event_type: &EventType) -> Result<()>;
+
+    // Endpoints
+    async fn create_endpoint(&self, endpoint: &Endpoint) -> Result<()>;
+    async fn get_endpoint(&self, app_id: &str, id_or_uid: &str) -> Result<Option<Endpoint>>;
+    async fn list_endpoints(&self, app_id: &str, page: &Page) -> Result<Vec<Endpoint>>;
+    async fn update_endpoint(&self, endpoint: &Endpoint) -> Result<()>;
+    async fn delete_endpoint(&self, app_id: &str, id: &str) -> Result<bool>;
+    /// Every endpoint of the app, for matching a new message against the filters.
+    async fn app_endpoints(&self, app_id: &str) -> Result<Vec<Endpoint>>;
+    async fn endpoint_stats(&self, endpoint_id: &str) -> Result<EndpointStats>;
+
+    // Messages
+    /// Store a message and queue its first attempt to each endpoint, atomically. Fails with
+    /// `Conflict` if the app already has a message with this `event_id`.
+    async fn create_message(&self, message: Message, endpoint_ids: Vec<String>) -> Result<()>;
+    async fn get_message(&self, app_id: &str, id_or_event_id: &str) -> Result<Option<Message>>;
+    async fn list_messages(
+        &self,
+        app_id: &str,
+        page: &Page,
+        query: &MessageQuery,
+    ) -> Result<Vec<Message>>;
+
+    // Delivery queue
+    /// Queue a manual attempt now (resend), whatever the delivery's state.
+    async fn enqueue_manual(
+        &self,
+        app_id: &str,
+        msg_id: &str,
+        endpoint_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<()>;
+    /// Queue a manual attempt for every failed delivery to the endpoint in `[since, until)`.
+    async fn enqueue_failed(
+        &self,
+        endpoint_id: &str,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<u64>;
+    async fn claim_due(&self, request: &ClaimRequest) -> Result<Vec<DeliveryJob>>;
+    /// When the earliest pending or leased delivery falls due.
+    async fn next_due_at(&self) -> Result<Option<DateTime<Utc>>>;
+    async fn record_attempt(&self, record: AttemptRecord) -> Result<()>;
+    /// Make every leased delivery due now: after a restart nothing can still be sending.
+    /// Only for stores owned by a single node.
+    async fn requeue_leased(&self, now: DateTime<Utc>) -> Result<u64>;
+
+    // Attempt log
+    async fn list_attempts(
+        &self,
+        app_id: &str,
+        scope: &AttemptScope,
+        query: &AttemptQuery,
+        page: &Page,
+    ) -> Result<Vec<Attempt>>;
+
+    // Idempotency-Key replay
+    async fn idempotent_response(&self, scope: &str, key: &str) -> Result<Option<(u16, Vec<u8>)>>;
+    async fn save_idempotent_response(
+        &self,
+        scope: &str,
+        key: &str,
+        status: u16,
+        body: &[u8],
+        now: DateTime<Utc>,
+    ) -> Result<()>;
+    async fn purge_idempotency(&self, older_than: DateTime<Utc>) -> Result<u64>;
+
+    /// Finish pending writes and close connections.
+    async fn close(&self);
+}

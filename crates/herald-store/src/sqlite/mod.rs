@@ -1,0 +1,708 @@
+//! The embedded store: one SQLite file in WAL mode.
+//!
+//! Two pools: a single-connection writer (SQLite has one writer at a time, so queuing writes in
+//! the pool beats retrying on `SQLITE_BUSY`) and a small read-only pool that WAL lets run
+//! beside it. The two hot writes, new messages and attempt results, go through the group-commit
+//! task in [`batch`]; everything else writes through the writer pool directly.
+
+mod batch;
+mod rows;
+
+use std::{collections::HashMap, path::Path, str::FromStr, time::Duration};
+
+use chrono::{DateTime, Utc};
+use herald_core::{
+    id,
+    model::{
+        App, Attempt, DeliveryStatus, Endpoint, EndpointStats, EventType, Message, TriggerType,
+    },
+};
+use sqlx::{
+    QueryBuilder, Row, Sqlite, SqlitePool,
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
+};
+use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use self::{
+    batch::{PendingWrite, WriteOp},
+    rows::{conflict_as, millis, opt_json, to_json},
+};
+use crate::{
+    AttemptQuery, AttemptRecord, AttemptScope, ClaimRequest, DeliveryJob, MessageQuery, Page,
+    Result, Store, StoreError, TokenScope,
+};
+
+const DB_FILE: &str = "herald.db";
+const READERS: u32 = 4;
+
+pub struct SqliteStore {
+    reader: SqlitePool,
+    writer: SqlitePool,
+    writes: mpsc::Sender<PendingWrite>,
+    shutdown: CancellationToken,
+    batcher: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl SqliteStore {
+    /// Open (creating if needed) the store in `dir` and bring its schema up to date.
+    pub async fn open(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let options = SqliteConnectOptions::from_str("sqlite://")?
+            .filename(dir.join(DB_FILE))
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // Acknowledged writes must survive power loss; group commit pays for the fsyncs.
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .connect_with(options.clone())
+            .await?;
+        sqlx::migrate!("./migrations/sqlite").run(&writer).await?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(READERS)
+            .connect_with(options.read_only(true))
+            .await?;
+
+        let (writes, queue) = mpsc::channel(batch::QUEUE_DEPTH);
+        let shutdown = CancellationToken::new();
+        let batcher = tokio::spawn(batch::run(writer.clone(), queue, shutdown.clone()));
+        Ok(Self {
+            reader,
+            writer,
+            writes,
+            shutdown,
+            batcher: Mutex::new(Some(batcher)),
+        })
+    }
+
+    async fn submit(&self, op: WriteOp) -> Result<()> {
+        let (done, outcome) = oneshot::channel();
+        self.writes
+            .send(PendingWrite { op, done })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        outcome.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+/// Appends the keyset-pagination clause and ordering; fetches one extra row so the caller can
+/// tell whether another page exists.
+fn paginate(query: &mut QueryBuilder<Sqlite>, column: &str, page: &Page) {
+    if let Some(iterator) = &page.iterator {
+        let op = if page.descending { " < " } else { " > " };
+        query.push(format!(" AND {column}{op}"));
+        query.push_bind(iterator.clone());
+    }
+    let order = if page.descending { "DESC" } else { "ASC" };
+    query.push(format!(" ORDER BY {column} {order} LIMIT "));
+    query.push_bind(i64::from(page.limit) + 1);
+}
+
+#[async_trait::async_trait]
+impl Store for SqliteStore {
+    async fn create_app(&self, app: &App) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO apps (id, uid, name, throttle_rate, metadata, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(&app.id)
+        .bind(&app.uid)
+        .bind(&app.name)
+        .bind(app.throttle_rate)
+        .bind(to_json(&app.metadata))
+        .bind(millis(app.created_at))
+        .bind(millis(app.updated_at))
+        .execute(&self.writer)
+        .await
+        .map_err(conflict_as("an application with this uid already exists"))?;
+        Ok(())
+    }
+
+    async fn get_app(&self, id_or_uid: &str) -> Result<Option<App>> {
+        sqlx::query("SELECT * FROM apps WHERE id = $1 OR uid = $1 LIMIT 1")
+            .bind(id_or_uid)
+            .fetch_optional(&self.reader)
+            .await?
+            .map(|row| rows::app(&row))
+            .transpose()
+    }
+
+    async fn list_apps(&self, page: &Page) -> Result<Vec<App>> {
+        let mut q = QueryBuilder::new("SELECT * FROM apps WHERE 1 = 1");
+        paginate(&mut q, "id", page);
+        q.build()
+            .fetch_all(&self.reader)
+            .await?
+            .iter()
+            .map(rows::app)
+            .collect()
+    }
+
+    async fn update_app(&self, app: &App) -> Result<()> {
+        let done = sqlx::query(
+            "UPDATE apps SET uid = $2, name = $3, throttle_rate = $4, metadata = $5, updated_at = $6
+             WHERE id = $1",
+        )
+        .bind(&app.id)
+        .bind(&app.uid)
+        .bind(&app.name)
+        .bind(app.throttle_rate)
+        .bind(to_json(&app.metadata))
+        .bind(millis(app.updated_at))
+        .execute(&self.writer)
+        .await
+        .map_err(conflict_as("an application with this uid already exists"))?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
+    async fn delete_app(&self, id: &str) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM apps WHERE id = $1")
+            .bind(id)
+            .execute(&self.writer)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn add_token(&self, token_hash: &[u8], scope: &TokenScope, name: &str) -> Result<()> {
+        let app_id = match scope {
+            TokenScope::Environment => None,
+            TokenScope::App(id) => Some(id.as_str()),
+        };
+        sqlx::query(
+            "INSERT INTO api_tokens (token_hash, app_id, name, created_at) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (token_hash) DO NOTHING",
+        )
+        .bind(token_hash)
+        .bind(app_id)
+        .bind(name)
+        .bind(millis(Utc::now()))
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn token_scope(&self, token_hash: &[u8]) -> Result<Option<TokenScope>> {
+        let row = sqlx::query("SELECT app_id FROM api_tokens WHERE token_hash = $1")
+            .bind(token_hash)
+            .fetch_optional(&self.reader)
+            .await?;
+        Ok(match row {
+            None => None,
+            Some(row) => Some(match row.try_get::<Option<String>, _>("app_id")? {
+                None => TokenScope::Environment,
+                Some(app) => TokenScope::App(app),
+            }),
+        })
+    }
+
+    async fn create_event_type(&self, et: &EventType) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO event_types (name, description, archived, deprecated, schemas, group_name,
+                                      feature_flags, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(&et.name)
+        .bind(&et.description)
+        .bind(et.archived)
+        .bind(et.deprecated)
+        .bind(&et.schemas)
+        .bind(&et.group_name)
+        .bind(opt_json(&et.feature_flags))
+        .bind(millis(et.created_at))
+        .bind(millis(et.updated_at))
+        .execute(&self.writer)
+        .await
+        .map_err(conflict_as("an event type with this name already exists"))?;
+        Ok(())
+    }
+
+    async fn get_event_type(&self, name: &str) -> Result<Option<EventType>> {
+        sqlx::query("SELECT * FROM event_types WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.reader)
+            .await?
+            .map(|row| rows::event_type(&row))
+            .transpose()
+    }
+
+    async fn list_event_types(
+        &self,
+        page: &Page,
+        include_archived: bool,
+    ) -> Result<Vec<EventType>> {
+        let mut q = QueryBuilder::new("SELECT * FROM event_types WHERE 1 = 1");
+        if !include_archived {
+            q.push(" AND archived = 0");
+        }
+        paginate(&mut q, "name", page);
+        q.build()
+            .fetch_all(&self.reader)
+            .await?
+            .iter()
+            .map(rows::event_type)
+            .collect()
+    }
+
+    async fn update_event_type(&self, et: &EventType) -> Result<()> {
+        let done = sqlx::query(
+            "UPDATE event_types SET description = $2, archived = $3, deprecated = $4, schemas = $5,
+                                    group_name = $6, feature_flags = $7, updated_at = $8
+             WHERE name = $1",
+        )
+        .bind(&et.name)
+        .bind(&et.description)
+        .bind(et.archived)
+        .bind(et.deprecated)
+        .bind(&et.schemas)
+        .bind(&et.group_name)
+        .bind(opt_json(&et.feature_flags))
+        .bind(millis(et.updated_at))
+        .execute(&self.writer)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
+    async fn create_endpoint(&self, ep: &Endpoint) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO endpoints (id, app_id, uid, url, description, throttle_rate, disabled,
+                                    event_types, channels, metadata, headers, secret,
+                                    previous_secrets, failing_since, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+        )
+        .bind(&ep.id)
+        .bind(&ep.app_id)
+        .bind(&ep.uid)
+        .bind(&ep.url)
+        .bind(&ep.description)
+        .bind(ep.throttle_rate)
+        .bind(ep.disabled)
+        .bind(opt_json(&ep.event_types))
+        .bind(opt_json(&ep.channels))
+        .bind(to_json(&ep.metadata))
+        .bind(to_json(&ep.headers))
+        .bind(&ep.secret)
+        .bind(rows::previous_secrets_json(ep))
+        .bind(ep.failing_since.map(millis))
+        .bind(millis(ep.created_at))
+        .bind(millis(ep.updated_at))
+        .execute(&self.writer)
+        .await
+        .map_err(conflict_as("an endpoint with this uid already exists"))?;
+        Ok(())
+    }
+
+    async fn get_endpoint(&self, app_id: &str, id_or_uid: &str) -> Result<Option<Endpoint>> {
+        sqlx::query("SELECT * FROM endpoints WHERE app_id = $1 AND (id = $2 OR uid = $2) LIMIT 1")
+            .bind(app_id)
+            .bind(id_or_uid)
+            .fetch_optional(&self.reader)
+            .await?
+            .map(|row| rows::endpoint(&row, ""))
+            .transpose()
+    }
+
+    async fn list_endpoints(&self, app_id: &str, page: &Page) -> Result<Vec<Endpoint>> {
+        let mut q = QueryBuilder::new("SELECT * FROM endpoints WHERE app_id = ");
+        q.push_bind(app_id.to_owned());
+        paginate(&mut q, "id", page);
+        q.build()
+            .fetch_all(&self.reader)
+            .await?
+            .iter()
+            .map(|row| rows::endpoint(row, ""))
+            .collect()
+    }
+
+    async fn update_endpoint(&self, ep: &Endpoint) -> Result<()> {
+        let done = sqlx::query(
+            "UPDATE endpoints SET uid = $3, url = $4, description = $5, throttle_rate = $6,
+                    disabled = $7, event_types = $8, channels = $9, metadata = $10, headers = $11,
+                    secret = $12, previous_secrets = $13, failing_since = $14, updated_at = $15
+             WHERE id = $1 AND app_id = $2",
+        )
+        .bind(&ep.id)
+        .bind(&ep.app_id)
+        .bind(&ep.uid)
+        .bind(&ep.url)
+        .bind(&ep.description)
+        .bind(ep.throttle_rate)
+        .bind(ep.disabled)
+        .bind(opt_json(&ep.event_types))
+        .bind(opt_json(&ep.channels))
+        .bind(to_json(&ep.metadata))
+        .bind(to_json(&ep.headers))
+        .bind(&ep.secret)
+        .bind(rows::previous_secrets_json(ep))
+        .bind(ep.failing_since.map(millis))
+        .bind(millis(ep.updated_at))
+        .execute(&self.writer)
+        .await
+        .map_err(conflict_as("an endpoint with this uid already exists"))?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
+    async fn delete_endpoint(&self, app_id: &str, id: &str) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM endpoints WHERE app_id = $1 AND id = $2")
+            .bind(app_id)
+            .bind(id)
+            .execute(&self.writer)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn app_endpoints(&self, app_id: &str) -> Result<Vec<Endpoint>> {
+        sqlx::query("SELECT * FROM endpoints WHERE app_id = $1")
+            .bind(app_id)
+            .fetch_all(&self.reader)
+            .await?
+            .iter()
+            .map(|row| rows::endpoint(row, ""))
+            .collect()
+    }
+
+    async fn endpoint_stats(&self, endpoint_id: &str) -> Result<EndpointStats> {
+        let counts = sqlx::query(
+            "SELECT status, COUNT(*) AS n FROM deliveries WHERE endpoint_id = $1 GROUP BY status",
+        )
+        .bind(endpoint_id)
+        .fetch_all(&self.reader)
+        .await?;
+        let mut stats = EndpointStats::default();
+        for row in counts {
+            let n: i64 = row.try_get("n")?;
+            match rows::status(row.try_get("status")?)? {
+                DeliveryStatus::Success => stats.success = n,
+                DeliveryStatus::Pending => stats.pending = n,
+                DeliveryStatus::Fail => stats.fail = n,
+                DeliveryStatus::Sending => stats.sending = n,
+            }
+        }
+        Ok(stats)
+    }
+
+    async fn create_message(&self, message: Message, endpoint_ids: Vec<String>) -> Result<()> {
+        self.submit(WriteOp::CreateMessage {
+            message,
+            endpoint_ids,
+        })
+        .await
+    }
+
+    async fn get_message(&self, app_id: &str, id_or_event_id: &str) -> Result<Option<Message>> {
+        sqlx::query(
+            "SELECT * FROM messages WHERE app_id = $1 AND (id = $2 OR event_id = $2) LIMIT 1",
+        )
+        .bind(app_id)
+        .bind(id_or_event_id)
+        .fetch_optional(&self.reader)
+        .await?
+        .map(|row| rows::message(&row))
+        .transpose()
+    }
+
+    async fn list_messages(
+        &self,
+        app_id: &str,
+        page: &Page,
+        query: &MessageQuery,
+    ) -> Result<Vec<Message>> {
+        let mut q = QueryBuilder::new("SELECT * FROM messages WHERE app_id = ");
+        q.push_bind(app_id.to_owned());
+        if let Some(channel) = &query.channel {
+            q.push(" AND EXISTS (SELECT 1 FROM json_each(messages.channels) WHERE value = ");
+            q.push_bind(channel.clone());
+            q.push(")");
+        }
+        if let Some(types) = &query.event_types {
+            q.push(" AND event_type IN (SELECT value FROM json_each(");
+            q.push_bind(to_json(types));
+            q.push("))");
+        }
+        if let Some(before) = query.before {
+            q.push(" AND created_at < ");
+            q.push_bind(millis(before));
+        }
+        if let Some(after) = query.after {
+            q.push(" AND created_at > ");
+            q.push_bind(millis(after));
+        }
+        paginate(&mut q, "id", page);
+        q.build()
+            .fetch_all(&self.reader)
+            .await?
+            .iter()
+            .map(rows::message)
+            .collect()
+    }
+
+    async fn enqueue_manual(
+        &self,
+        app_id: &str,
+        msg_id: &str,
+        endpoint_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO deliveries (msg_id, endpoint_id, app_id, status, attempts, trigger_type,
+                                     next_attempt_at, updated_at)
+             VALUES ($1, $2, $3, $4, 0, $5, $6, $6)
+             ON CONFLICT (msg_id, endpoint_id) DO UPDATE
+             SET status = excluded.status, trigger_type = excluded.trigger_type,
+                 next_attempt_at = excluded.next_attempt_at, updated_at = excluded.updated_at",
+        )
+        .bind(msg_id)
+        .bind(endpoint_id)
+        .bind(app_id)
+        .bind(DeliveryStatus::Pending as i64)
+        .bind(TriggerType::Manual as i64)
+        .bind(millis(now))
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn enqueue_failed(
+        &self,
+        endpoint_id: &str,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<u64> {
+        // Message ids sort by creation time, so a time window is an id range.
+        let done = sqlx::query(
+            "UPDATE deliveries SET status = $1, trigger_type = $2, next_attempt_at = $3,
+                                   updated_at = $3
+             WHERE endpoint_id = $4 AND status = $5 AND msg_id >= $6 AND msg_id < $7",
+        )
+        .bind(DeliveryStatus::Pending as i64)
+        .bind(TriggerType::Manual as i64)
+        .bind(millis(now))
+        .bind(endpoint_id)
+        .bind(DeliveryStatus::Fail as i64)
+        .bind(id::lower_bound(id::MESSAGE, since))
+        .bind(id::lower_bound(id::MESSAGE, until))
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn claim_due(&self, request: &ClaimRequest) -> Result<Vec<DeliveryJob>> {
+        let full: Vec<&String> = request
+            .in_flight
+            .iter()
+            .filter(|(_, n)| **n >= request.per_endpoint_limit)
+            .map(|(endpoint, _)| endpoint)
+            .collect();
+        let mut tx = self.writer.begin().await?;
+        // Fetch more candidates than needed: some may belong to an endpoint that fills up.
+        let candidates = sqlx::query(
+            "SELECT d.msg_id, d.attempts, d.trigger_type, m.app_id AS m_app_id, m.event_type,
+                    m.payload, e.id AS e_id, e.app_id AS e_app_id, e.uid AS e_uid, e.url AS e_url,
+                    e.description AS e_description, e.throttle_rate AS e_throttle_rate,
+                    e.disabled AS e_disabled, e.event_types AS e_event_types,
+                    e.channels AS e_channels, e.metadata AS e_metadata, e.headers AS e_headers,
+                    e.secret AS e_secret, e.previous_secrets AS e_previous_secrets,
+                    e.failing_since AS e_failing_since, e.created_at AS e_created_at,
+                    e.updated_at AS e_updated_at
+             FROM deliveries d
+             JOIN messages m ON m.id = d.msg_id
+             JOIN endpoints e ON e.id = d.endpoint_id
+             WHERE d.status IN (1, 3) AND d.next_attempt_at <= $1
+               AND ((d.attempts = 0 AND d.trigger_type = 0) = $2)
+               AND d.endpoint_id NOT IN (SELECT value FROM json_each($3))
+             ORDER BY d.next_attempt_at
+             LIMIT $4",
+        )
+        .bind(millis(request.now))
+        .bind(request.first_attempts)
+        .bind(to_json(&full))
+        .bind(i64::from(request.limit) * 4)
+        .fetch_all(&mut *tx)
+        .await?;
+
+        let mut taken: HashMap<String, u32> = HashMap::new();
+        let mut jobs = Vec::new();
+        for row in &candidates {
+            if jobs.len() >= request.limit as usize {
+                break;
+            }
+            let endpoint = rows::endpoint(row, "e_")?;
+            let msg_id: String = row.try_get("msg_id")?;
+            if endpoint.disabled {
+                // Disabled endpoints receive nothing; the delivery stays recoverable as failed.
+                sqlx::query(
+                    "UPDATE deliveries SET status = $1, next_attempt_at = NULL, updated_at = $2
+                     WHERE msg_id = $3 AND endpoint_id = $4",
+                )
+                .bind(DeliveryStatus::Fail as i64)
+                .bind(millis(request.now))
+                .bind(&msg_id)
+                .bind(&endpoint.id)
+                .execute(&mut *tx)
+                .await?;
+                continue;
+            }
+            let busy = request.in_flight.get(&endpoint.id).copied().unwrap_or(0);
+            let slot = taken.entry(endpoint.id.clone()).or_insert(0);
+            if busy + *slot >= request.per_endpoint_limit {
+                continue;
+            }
+            *slot += 1;
+            sqlx::query(
+                "UPDATE deliveries SET status = $1, next_attempt_at = $2, updated_at = $3
+                 WHERE msg_id = $4 AND endpoint_id = $5",
+            )
+            .bind(DeliveryStatus::Sending as i64)
+            .bind(millis(request.lease_until))
+            .bind(millis(request.now))
+            .bind(&msg_id)
+            .bind(&endpoint.id)
+            .execute(&mut *tx)
+            .await?;
+            let payload: Vec<u8> = row.try_get("payload")?;
+            jobs.push(DeliveryJob {
+                msg_id,
+                app_id: row.try_get("m_app_id")?,
+                event_type: row.try_get("event_type")?,
+                payload: payload.into(),
+                endpoint,
+                attempts: u32::try_from(row.try_get::<i64, _>("attempts")?).unwrap_or(u32::MAX),
+                trigger: TriggerType::from_code(row.try_get("trigger_type")?),
+            });
+        }
+        tx.commit().await?;
+        Ok(jobs)
+    }
+
+    async fn next_due_at(&self) -> Result<Option<DateTime<Utc>>> {
+        let row = sqlx::query(
+            "SELECT MIN(next_attempt_at) AS due FROM deliveries WHERE status IN (1, 3)",
+        )
+        .fetch_one(&self.reader)
+        .await?;
+        row.try_get::<Option<i64>, _>("due")?
+            .map(rows::time)
+            .transpose()
+    }
+
+    async fn record_attempt(&self, record: AttemptRecord) -> Result<()> {
+        self.submit(WriteOp::RecordAttempt(record)).await
+    }
+
+    async fn requeue_leased(&self, now: DateTime<Utc>) -> Result<u64> {
+        let done = sqlx::query(
+            "UPDATE deliveries SET status = $1, next_attempt_at = $2 WHERE status = $3",
+        )
+        .bind(DeliveryStatus::Pending as i64)
+        .bind(millis(now))
+        .bind(DeliveryStatus::Sending as i64)
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn list_attempts(
+        &self,
+        app_id: &str,
+        scope: &AttemptScope,
+        query: &AttemptQuery,
+        page: &Page,
+    ) -> Result<Vec<Attempt>> {
+        let mut q = QueryBuilder::new("SELECT * FROM attempts WHERE app_id = ");
+        q.push_bind(app_id.to_owned());
+        match scope {
+            AttemptScope::Endpoint(endpoint) => {
+                q.push(" AND endpoint_id = ");
+                q.push_bind(endpoint.clone());
+            }
+            AttemptScope::Message(msg) => {
+                q.push(" AND msg_id = ");
+                q.push_bind(msg.clone());
+            }
+        }
+        if let Some(endpoint) = &query.endpoint_id {
+            q.push(" AND endpoint_id = ");
+            q.push_bind(endpoint.clone());
+        }
+        if let Some(status) = query.status {
+            q.push(" AND status = ");
+            q.push_bind(status as i64);
+        }
+        paginate(&mut q, "id", page);
+        q.build()
+            .fetch_all(&self.reader)
+            .await?
+            .iter()
+            .map(rows::attempt)
+            .collect()
+    }
+
+    async fn idempotent_response(&self, scope: &str, key: &str) -> Result<Option<(u16, Vec<u8>)>> {
+        let row = sqlx::query("SELECT status, body FROM idempotency WHERE scope = $1 AND key = $2")
+            .bind(scope)
+            .bind(key)
+            .fetch_optional(&self.reader)
+            .await?;
+        row.map(|row| {
+            let status: i64 = row.try_get("status")?;
+            let status = u16::try_from(status)
+                .map_err(|_| StoreError::Corrupt(format!("idempotency status {status}")))?;
+            Ok((status, row.try_get("body")?))
+        })
+        .transpose()
+    }
+
+    async fn save_idempotent_response(
+        &self,
+        scope: &str,
+        key: &str,
+        status: u16,
+        body: &[u8],
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO idempotency (scope, key, status, body, created_at) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (scope, key) DO NOTHING",
+        )
+        .bind(scope)
+        .bind(key)
+        .bind(i64::from(status))
+        .bind(body)
+        .bind(millis(now))
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn purge_idempotency(&self, older_than: DateTime<Utc>) -> Result<u64> {
+        let done = sqlx::query("DELETE FROM idempotency WHERE created_at < $1")
+            .bind(millis(older_than))
+            .execute(&self.writer)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn close(&self) {
+        self.shutdown.cancel();
+        if let Some(batcher) = self.batcher.lock().await.take() {
+            if let Err(e) = batcher.await {
+                tracing::error!(error = %e, "store writer task failed");
+            }
+        }
+        self.writer.close().await;
+        self.reader.close().await;
+    }
+}

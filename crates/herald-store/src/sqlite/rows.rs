@@ -1,0 +1,155 @@
+//! Conversions between SQLite rows and domain values.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use herald_core::model::{
+    App, Attempt, DeliveryStatus, Endpoint, EventType, Message, Metadata, TriggerType,
+};
+use sqlx::{Row, sqlite::SqliteRow};
+
+use crate::{Result, StoreError};
+
+pub(crate) fn millis(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+pub(crate) fn time(ms: i64) -> Result<DateTime<Utc>> {
+    DateTime::from_timestamp_millis(ms)
+        .ok_or_else(|| StoreError::Corrupt(format!("timestamp {ms} out of range")))
+}
+
+pub(crate) fn to_json<T: serde::Serialize + ?Sized>(value: &T) -> String {
+    // Serializing maps and vectors of strings cannot fail.
+    serde_json::to_string(value).unwrap_or_else(|_| unreachable!("string collections serialize"))
+}
+
+pub(crate) fn opt_json<T: serde::Serialize>(value: &Option<T>) -> Option<String> {
+    value.as_ref().map(|v| to_json(v))
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(column: &str, text: &str) -> Result<T> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("{column}: {e}")))
+}
+
+fn opt_from_json<T: serde::de::DeserializeOwned>(
+    column: &str,
+    text: Option<String>,
+) -> Result<Option<T>> {
+    text.map(|t| from_json(column, &t)).transpose()
+}
+
+pub(crate) fn app(row: &SqliteRow) -> Result<App> {
+    Ok(App {
+        id: row.try_get("id")?,
+        uid: row.try_get("uid")?,
+        name: row.try_get("name")?,
+        throttle_rate: row.try_get("throttle_rate")?,
+        metadata: from_json::<Metadata>("metadata", row.try_get("metadata")?)?,
+        created_at: time(row.try_get("created_at")?)?,
+        updated_at: time(row.try_get("updated_at")?)?,
+    })
+}
+
+pub(crate) fn event_type(row: &SqliteRow) -> Result<EventType> {
+    Ok(EventType {
+        name: row.try_get("name")?,
+        description: row.try_get("description")?,
+        archived: row.try_get("archived")?,
+        deprecated: row.try_get("deprecated")?,
+        schemas: row.try_get("schemas")?,
+        group_name: row.try_get("group_name")?,
+        feature_flags: opt_from_json("feature_flags", row.try_get("feature_flags")?)?,
+        created_at: time(row.try_get("created_at")?)?,
+        updated_at: time(row.try_get("updated_at")?)?,
+    })
+}
+
+/// Reads endpoint columns; `prefix` is how the query aliased them (`""` or `"e_"`).
+pub(crate) fn endpoint(row: &SqliteRow, prefix: &str) -> Result<Endpoint> {
+    let col = |name: &str| format!("{prefix}{name}");
+    let previous: Vec<(String, i64)> = from_json(
+        "previous_secrets",
+        row.try_get(col("previous_secrets").as_str())?,
+    )?;
+    Ok(Endpoint {
+        id: row.try_get(col("id").as_str())?,
+        app_id: row.try_get(col("app_id").as_str())?,
+        uid: row.try_get(col("uid").as_str())?,
+        url: row.try_get(col("url").as_str())?,
+        description: row.try_get(col("description").as_str())?,
+        throttle_rate: row.try_get(col("throttle_rate").as_str())?,
+        disabled: row.try_get(col("disabled").as_str())?,
+        event_types: opt_from_json("event_types", row.try_get(col("event_types").as_str())?)?,
+        channels: opt_from_json("channels", row.try_get(col("channels").as_str())?)?,
+        metadata: from_json::<Metadata>("metadata", row.try_get(col("metadata").as_str())?)?,
+        headers: from_json::<BTreeMap<String, String>>(
+            "headers",
+            row.try_get(col("headers").as_str())?,
+        )?,
+        secret: row.try_get(col("secret").as_str())?,
+        previous_secrets: previous
+            .into_iter()
+            .map(|(secret, expires)| Ok((secret, time(expires)?)))
+            .collect::<Result<_>>()?,
+        failing_since: row
+            .try_get::<Option<i64>, _>(col("failing_since").as_str())?
+            .map(time)
+            .transpose()?,
+        created_at: time(row.try_get(col("created_at").as_str())?)?,
+        updated_at: time(row.try_get(col("updated_at").as_str())?)?,
+    })
+}
+
+pub(crate) fn previous_secrets_json(endpoint: &Endpoint) -> String {
+    let list: Vec<(&str, i64)> = endpoint
+        .previous_secrets
+        .iter()
+        .map(|(s, t)| (s.as_str(), millis(*t)))
+        .collect();
+    to_json(&list)
+}
+
+pub(crate) fn message(row: &SqliteRow) -> Result<Message> {
+    let payload: Vec<u8> = row.try_get("payload")?;
+    Ok(Message {
+        id: row.try_get("id")?,
+        app_id: row.try_get("app_id")?,
+        event_id: row.try_get("event_id")?,
+        event_type: row.try_get("event_type")?,
+        channels: opt_from_json("channels", row.try_get("channels")?)?,
+        tags: opt_from_json("tags", row.try_get("tags")?)?,
+        payload: payload.into(),
+        created_at: time(row.try_get("created_at")?)?,
+    })
+}
+
+pub(crate) fn status(code: i64) -> Result<DeliveryStatus> {
+    DeliveryStatus::from_code(code).ok_or_else(|| StoreError::Corrupt(format!("status {code}")))
+}
+
+pub(crate) fn attempt(row: &SqliteRow) -> Result<Attempt> {
+    Ok(Attempt {
+        id: row.try_get("id")?,
+        msg_id: row.try_get("msg_id")?,
+        endpoint_id: row.try_get("endpoint_id")?,
+        app_id: row.try_get("app_id")?,
+        url: row.try_get("url")?,
+        status: status(row.try_get("status")?)?,
+        response_status_code: row.try_get("response_status_code")?,
+        response: row.try_get("response")?,
+        response_duration_ms: row.try_get("response_duration_ms")?,
+        trigger_type: TriggerType::from_code(row.try_get("trigger_type")?),
+        created_at: time(row.try_get("created_at")?)?,
+    })
+}
+
+/// Maps a unique-constraint violation to `Conflict` with `what`.
+pub(crate) fn conflict_as(what: &str) -> impl FnOnce(sqlx::Error) -> StoreError + '_ {
+    move |e| match &e {
+        sqlx::Error::Database(db) if db.is_unique_violation() => {
+            StoreError::Conflict(what.to_owned())
+        }
+        _ => StoreError::Database(e),
+    }
+}
