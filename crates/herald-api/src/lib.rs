@@ -1,1 +1,94 @@
+//! Herald's HTTP API.
+//!
+//! `/api/v1/...` is the webhook management API, shaped after Svix's so its official SDKs work
+//! unchanged: applications, event types, endpoints, messages and attempts. Handlers translate
+//! between the wire format (camelCase JSON defined here) and the domain types of
+//! `herald-core`, and call the [`Store`]; they never talk HTTP to the outside world, which is
+//! the delivery worker's job, woken through [`DispatcherHandle`].
 
+mod auth;
+mod error;
+mod extract;
+mod idempotency;
+mod pagination;
+mod v1;
+
+use std::sync::Arc;
+
+use axum::{
+    Router,
+    extract::DefaultBodyLimit,
+    http::{Method, Uri},
+    middleware,
+};
+use herald_core::token::TokenHash;
+use herald_delivery::DispatcherHandle;
+use herald_store::Store;
+
+pub use error::ApiError;
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub store: Arc<dyn Store>,
+    pub dispatcher: DispatcherHandle,
+    /// Digest of the operator's admin token, if one is configured.
+    pub admin_token_hash: Option<TokenHash>,
+    pub idempotency: Arc<idempotency::InFlight>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 1024 * 1024,
+        }
+    }
+}
+
+impl ApiState {
+    pub fn new(
+        store: Arc<dyn Store>,
+        dispatcher: DispatcherHandle,
+        admin_token_hash: Option<TokenHash>,
+    ) -> Self {
+        Self {
+            store,
+            dispatcher,
+            admin_token_hash,
+            idempotency: Arc::default(),
+        }
+    }
+}
+
+pub fn router(state: ApiState, config: &ApiConfig) -> Router {
+    v1::router()
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            idempotency::replay,
+        ))
+        .layer(DefaultBodyLimit::max(config.max_body_bytes))
+        .fallback(unknown_route)
+        .with_state(state)
+}
+
+async fn unknown_route(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no route for {method} {}", uri.path()),
+    )
+}
+
+pub use idempotency::purge_expired as purge_idempotency_keys;
+
+/// The current time at the store's precision (milliseconds), so a resource reads back exactly
+/// as it was first returned.
+pub(crate) fn now() -> chrono::DateTime<chrono::Utc> {
+    use chrono::SubsecRound;
+    chrono::Utc::now().trunc_subsecs(3)
+}

@@ -11,6 +11,7 @@ pub mod id;
 pub mod model;
 pub mod retry;
 pub mod signing;
+pub mod token;
 pub mod validate;
 
 pub use address_policy::{AddressPolicy, BlockedAddress};

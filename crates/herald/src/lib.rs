@@ -1,1 +1,113 @@
+//! The Herald server, assembled: store, delivery worker and HTTP API under one shutdown tree.
+//!
+//! [`run`] is the single entry point, used by `main` and by the integration tests alike, so
+//! the tests exercise exactly what ships.
 
+pub mod config;
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context;
+use chrono::Utc;
+use herald_api::{ApiConfig, ApiState};
+use herald_core::{id, model::App, token};
+use herald_delivery::{Dispatcher, WebhookClient};
+use herald_store::{Store, TokenScope, sqlite::SqliteStore};
+use tokio::net::TcpListener;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+pub use config::Config;
+
+pub const DEV_APP_UID: &str = "demo";
+pub const DEV_API_TOKEN: &str = "demo-token";
+
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(3600);
+
+/// Serve until `shutdown` is cancelled, then drain: stop accepting, finish in-flight requests,
+/// give in-flight webhook attempts the grace period, flush the store.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(&config.data_dir)
+            .await
+            .with_context(|| format!("opening the store in {}", config.data_dir.display()))?,
+    );
+    // The embedded store belongs to this process alone, so anything still leased was cut off
+    // by a crash or a hard stop: deliver it again (at least once).
+    let requeued = store.requeue_leased(Utc::now()).await?;
+    if requeued > 0 {
+        tracing::info!(
+            requeued,
+            "re-queued deliveries interrupted by the last stop"
+        );
+    }
+    if config.dev {
+        seed_dev(store.as_ref()).await?;
+    }
+
+    let delivery = config.delivery_config();
+    let client = WebhookClient::new(&delivery)?;
+    let dispatcher = Dispatcher::new(Arc::clone(&store), client, delivery);
+    let state = ApiState::new(
+        Arc::clone(&store),
+        dispatcher.handle(),
+        config.admin_token.as_deref().map(token::hash),
+    );
+    let router = herald_api::router(
+        state,
+        &ApiConfig {
+            max_body_bytes: config.api.max_body_bytes,
+        },
+    );
+
+    let background = TaskTracker::new();
+    let stop_background = CancellationToken::new();
+    background.spawn(dispatcher.run(stop_background.clone()));
+    background.spawn(housekeeping(Arc::clone(&store), stop_background.clone()));
+
+    let served = axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await;
+    // Requests have drained: nothing can queue new work, so stop the worker (it waits for its
+    // in-flight attempts up to the grace period) and then close the store.
+    stop_background.cancel();
+    background.close();
+    background.wait().await;
+    store.close().await;
+    served.context("HTTP server failed")
+}
+
+async fn housekeeping(store: Arc<dyn Store>, stop: CancellationToken) {
+    loop {
+        herald_api::purge_idempotency_keys(store.as_ref()).await;
+        tokio::select! {
+            () = tokio::time::sleep(HOUSEKEEPING_EVERY) => {}
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+/// `--dev`: the demo app and an environment-wide token, created once.
+async fn seed_dev(store: &dyn Store) -> anyhow::Result<()> {
+    if store.get_app(DEV_APP_UID).await?.is_none() {
+        let now = Utc::now();
+        store
+            .create_app(&App {
+                id: id::new_id(id::APP, now),
+                uid: Some(DEV_APP_UID.to_owned()),
+                name: "Demo".to_owned(),
+                throttle_rate: None,
+                metadata: Default::default(),
+                created_at: now,
+                updated_at: now,
+            })
+            .await?;
+    }
+    store
+        .add_token(&token::hash(DEV_API_TOKEN), &TokenScope::Environment, "dev")
+        .await?;
+    Ok(())
+}

@@ -1,1 +1,133 @@
-fn main() {}
+//! `herald`: the command line. Process concerns only: flags, logging, signals, exit codes.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use herald::{Config, DEV_API_TOKEN, DEV_APP_UID, config::Overrides};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "herald",
+    version,
+    about = "Self-hosted event hub: webhooks out, WebSockets, webhooks in"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve {
+        /// TOML configuration file.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Address to listen on [default: 127.0.0.1:6001].
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<SocketAddr>,
+        /// Data directory of the embedded store [default: ./herald-data].
+        #[arg(long = "data", value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+        /// Development mode: allow private webhook targets, create the demo app and token.
+        #[arg(long)]
+        dev: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HERALD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let Command::Serve {
+        config,
+        listen,
+        data_dir,
+        dev,
+    } = cli.command;
+    let overrides = Overrides {
+        listen,
+        data_dir,
+        dev: dev.then_some(true),
+    };
+    let config = match Config::load(config.as_deref(), &overrides) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("herald: {e}");
+            return ExitCode::from(64); // EX_USAGE
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("herald: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("herald: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+    let addr = listener.local_addr()?;
+    if config.admin_token.is_none() && !config.dev {
+        tracing::warn!(
+            "no admin token configured (HERALD_ADMIN_TOKEN): only stored API tokens can use the API"
+        );
+    }
+    // Scripts and tests read this line to learn the bound address.
+    println!("herald listening on http://{addr}");
+    if config.dev {
+        println!(
+            "dev mode: data in {}, private webhook targets allowed",
+            config.data_dir.display()
+        );
+        println!("  app uid:   {DEV_APP_UID}");
+        println!(
+            "  API token: {DEV_API_TOKEN}   (curl -H 'Authorization: Bearer {DEV_API_TOKEN}' http://{addr}/api/v1/app)"
+        );
+    }
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    herald::run(listener, config, shutdown).await
+}
+
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM");
+                    let _ = ctrl_c.await;
+                    shutdown.cancel();
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down");
+    shutdown.cancel();
+}

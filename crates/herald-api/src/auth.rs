@@ -1,0 +1,80 @@
+//! Bearer-token authentication. The admin token from the configuration and environment-wide
+//! tokens in the store may do anything; an app-scoped token may only touch its app.
+
+use axum::{extract::FromRequestParts, http::request::Parts};
+use herald_core::{model::App, token};
+use herald_store::TokenScope;
+
+use crate::{
+    ApiState,
+    error::{ApiError, ApiResult},
+};
+
+pub struct Caller {
+    pub scope: TokenScope,
+}
+
+impl FromRequestParts<ApiState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> ApiResult<Self> {
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .ok_or_else(|| {
+                ApiError::unauthorized("missing Authorization header (expected `Bearer <token>`)")
+            })?;
+        let presented = header
+            .to_str()
+            .ok()
+            .and_then(|h| {
+                h.strip_prefix("Bearer ")
+                    .or_else(|| h.strip_prefix("bearer "))
+            })
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| {
+                ApiError::unauthorized("Authorization header must be `Bearer <token>`")
+            })?;
+        let token_hash = token::hash(presented);
+        if let Some(admin) = &state.admin_token_hash {
+            if token::equal(admin, &token_hash) {
+                return Ok(Self {
+                    scope: TokenScope::Environment,
+                });
+            }
+        }
+        match state.store.token_scope(&token_hash).await? {
+            Some(scope) => Ok(Self { scope }),
+            None => Err(ApiError::unauthorized("invalid API token")),
+        }
+    }
+}
+
+impl Caller {
+    /// Environment-level operations (creating apps, managing event types).
+    pub fn require_environment(&self) -> ApiResult<()> {
+        match self.scope {
+            TokenScope::Environment => Ok(()),
+            TokenScope::App(_) => Err(ApiError::forbidden(
+                "this token is limited to one application",
+            )),
+        }
+    }
+
+    /// The app named by id or uid, if this caller may see it. Apps outside the caller's scope
+    /// are reported as missing rather than forbidden, so ids cannot be probed.
+    pub async fn app(&self, state: &ApiState, id_or_uid: &str) -> ApiResult<App> {
+        let app = state
+            .store
+            .get_app(id_or_uid)
+            .await?
+            .ok_or_else(|| ApiError::not_found("application"))?;
+        match &self.scope {
+            TokenScope::App(allowed) if *allowed != app.id => {
+                Err(ApiError::not_found("application"))
+            }
+            _ => Ok(app),
+        }
+    }
+}

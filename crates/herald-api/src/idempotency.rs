@@ -1,0 +1,124 @@
+//! `Idempotency-Key` on POST: the first response (if not a server error) is stored and replayed
+//! verbatim for the same key, caller and path for 24 hours. A repeat that arrives while the
+//! first is still running gets 409, as Stripe does. The Svix SDKs send a key with every POST
+//! and reuse it when they retry, so a retried create never creates twice.
+
+use std::{collections::HashSet, sync::Mutex, time::Duration};
+
+use axum::{
+    body::{Body, to_bytes},
+    extract::{Request, State},
+    http::{HeaderValue, Method, StatusCode, header},
+    middleware::Next,
+    response::{IntoResponse, Response},
+};
+use chrono::Utc;
+use herald_core::token;
+use herald_store::Store;
+
+use crate::{ApiState, error::ApiError};
+
+pub const KEEP_FOR: Duration = Duration::from_secs(24 * 3600);
+/// Responses larger than this are not kept (lists are GETs; creates answer small bodies).
+const MAX_STORED_BODY: usize = 1024 * 1024;
+
+#[derive(Default)]
+pub struct InFlight(Mutex<HashSet<String>>);
+
+struct Claim<'a> {
+    set: &'a InFlight,
+    id: String,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.set
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
+}
+
+impl InFlight {
+    fn claim(&self, id: String) -> Option<Claim<'_>> {
+        let mut set = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        set.insert(id.clone()).then(|| Claim { set: self, id })
+    }
+}
+
+pub async fn replay(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+    if request.method() != Method::POST {
+        return next.run(request).await;
+    }
+    let (Some(key), Some(auth)) = (
+        header_str(&request, "idempotency-key"),
+        header_str(&request, header::AUTHORIZATION.as_str()),
+    ) else {
+        return next.run(request).await;
+    };
+    let scope = format!(
+        "{}:{}",
+        token::hex(&token::hash(&auth)),
+        request.uri().path()
+    );
+    match state.store.idempotent_response(&scope, &key).await {
+        Ok(Some((status, body))) => return stored_response(status, body),
+        Ok(None) => {}
+        Err(e) => return ApiError::from(e).into_response(),
+    }
+    let Some(_claim) = state.idempotency.claim(format!("{scope}\n{key}")) else {
+        return ApiError::conflict("a request with this Idempotency-Key is still in progress")
+            .into_response();
+    };
+    let response = next.run(request).await;
+    if response.status().is_server_error() {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let bytes = match to_bytes(body, MAX_STORED_BODY).await {
+        Ok(bytes) => bytes,
+        Err(e) => return ApiError::internal(e).into_response(),
+    };
+    if let Err(e) = state
+        .store
+        .save_idempotent_response(&scope, &key, parts.status.as_u16(), &bytes, Utc::now())
+        .await
+    {
+        // The request itself succeeded; only a future replay is lost.
+        tracing::warn!(error = %e, "could not store idempotent response");
+    }
+    Response::from_parts(parts, Body::from(bytes))
+}
+
+fn header_str(request: &Request, name: &str) -> Option<String> {
+    request
+        .headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .map(str::to_owned)
+}
+
+fn stored_response(status: u16, body: Vec<u8>) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+    let has_body = !body.is_empty();
+    let mut response = (status, body).into_response();
+    if has_body {
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+    }
+    response
+}
+
+/// Forget keys older than [`KEEP_FOR`]; run periodically.
+pub async fn purge_expired(store: &dyn Store) {
+    let cutoff = Utc::now() - chrono::Duration::from_std(KEEP_FOR).unwrap_or_default();
+    match store.purge_idempotency(cutoff).await {
+        Ok(n) if n > 0 => tracing::debug!(purged = n, "expired idempotency keys removed"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "purging idempotency keys failed"),
+    }
+}

@@ -1,0 +1,55 @@
+//! Svix-style list responses: `{data, iterator, prevIterator, done}`.
+
+use serde::Serialize;
+
+use crate::{error::ApiResult, extract::QueryParams};
+use herald_store::Page;
+
+const DEFAULT_LIMIT: u32 = 50;
+const MAX_LIMIT: u32 = 250;
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ListResponse<T> {
+    pub data: Vec<T>,
+    pub iterator: Option<String>,
+    pub prev_iterator: Option<String>,
+    pub done: bool,
+}
+
+pub fn page(query: &QueryParams, descending: bool) -> ApiResult<Page> {
+    let limit = match query.int("limit")? {
+        None => DEFAULT_LIMIT,
+        Some(n) if n >= 1 => u32::try_from(n).unwrap_or(MAX_LIMIT).min(MAX_LIMIT),
+        Some(_) => {
+            return Err(crate::error::ApiError::invalid(
+                &["query", "limit"],
+                "limit must be at least 1",
+            ));
+        }
+    };
+    Ok(Page {
+        limit,
+        iterator: query.str("iterator").map(str::to_owned),
+        descending,
+    })
+}
+
+/// Builds the response from the store's `limit + 1` rows; `cursor` gives each item's key.
+pub fn list<T, U: Serialize>(
+    mut rows: Vec<T>,
+    page: &Page,
+    cursor: impl Fn(&T) -> String,
+    out: impl Fn(T) -> U,
+) -> ListResponse<U> {
+    let done = rows.len() <= page.limit as usize;
+    rows.truncate(page.limit as usize);
+    let iterator = rows.last().map(&cursor);
+    let prev_iterator = rows.first().map(|r| format!("-{}", cursor(r)));
+    ListResponse {
+        data: rows.into_iter().map(out).collect(),
+        iterator,
+        prev_iterator,
+        done,
+    }
+}

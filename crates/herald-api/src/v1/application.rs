@@ -1,0 +1,225 @@
+//! `/api/v1/app`: applications, the tenants that own endpoints and messages.
+
+use axum::{
+    Json,
+    extract::{Path, State},
+    http::StatusCode,
+};
+use chrono::{DateTime, Utc};
+use herald_core::{
+    id,
+    model::{App, Metadata},
+    validate,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    ApiState,
+    auth::Caller,
+    error::{ApiError, ApiResult, Validator},
+    extract::{QueryParams, SvixJson},
+    pagination::{self, ListResponse},
+};
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApplicationIn {
+    pub name: String,
+    #[serde(default)]
+    pub uid: Option<String>,
+    #[serde(default)]
+    pub throttle_rate: Option<i64>,
+    #[serde(default)]
+    pub metadata: Option<Metadata>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApplicationPatch {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default, deserialize_with = "super::double_option")]
+    uid: Option<Option<String>>,
+    #[serde(default, deserialize_with = "super::double_option")]
+    throttle_rate: Option<Option<i64>>,
+    #[serde(default)]
+    metadata: Option<Metadata>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApplicationOut {
+    id: String,
+    uid: Option<String>,
+    name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    throttle_rate: Option<i64>,
+    metadata: Metadata,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+impl From<App> for ApplicationOut {
+    fn from(app: App) -> Self {
+        Self {
+            id: app.id,
+            uid: app.uid,
+            name: app.name,
+            throttle_rate: app.throttle_rate,
+            metadata: app.metadata,
+            created_at: app.created_at,
+            updated_at: app.updated_at,
+        }
+    }
+}
+
+fn validate_in(input: &ApplicationIn) -> ApiResult<()> {
+    let mut v = Validator::default();
+    v.check(
+        &["body", "name"],
+        if input.name.trim().is_empty() {
+            Err("name must not be empty")
+        } else {
+            Ok(())
+        },
+    );
+    if let Some(uid) = &input.uid {
+        v.check(&["body", "uid"], validate::uid(uid));
+    }
+    v.finish()
+}
+
+/// Creates the app described by `input`; shared with message creation's `application` field.
+pub(crate) async fn create_app(state: &ApiState, input: ApplicationIn) -> ApiResult<App> {
+    validate_in(&input)?;
+    let now = crate::now();
+    let app = App {
+        id: id::new_id(id::APP, now),
+        uid: input.uid,
+        name: input.name,
+        throttle_rate: input.throttle_rate,
+        metadata: input.metadata.unwrap_or_default(),
+        created_at: now,
+        updated_at: now,
+    };
+    state.store.create_app(&app).await?;
+    Ok(app)
+}
+
+pub async fn list(
+    State(state): State<ApiState>,
+    caller: Caller,
+    query: QueryParams,
+) -> ApiResult<Json<ListResponse<ApplicationOut>>> {
+    let page = pagination::page(&query, false)?;
+    let apps = match &caller.scope {
+        herald_store::TokenScope::Environment => state.store.list_apps(&page).await?,
+        herald_store::TokenScope::App(id) => state.store.get_app(id).await?.into_iter().collect(),
+    };
+    Ok(Json(pagination::list(
+        apps,
+        &page,
+        |a| a.id.clone(),
+        ApplicationOut::from,
+    )))
+}
+
+pub async fn create(
+    State(state): State<ApiState>,
+    caller: Caller,
+    query: QueryParams,
+    SvixJson(input): SvixJson<ApplicationIn>,
+) -> ApiResult<(StatusCode, Json<ApplicationOut>)> {
+    caller.require_environment()?;
+    if query.bool("get_if_exists", false)? {
+        if let Some(uid) = &input.uid {
+            if let Some(existing) = state.store.get_app(uid).await? {
+                return Ok((StatusCode::OK, Json(existing.into())));
+            }
+        }
+    }
+    let app = create_app(&state, input).await?;
+    Ok((StatusCode::CREATED, Json(app.into())))
+}
+
+pub async fn get(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(app_id): Path<String>,
+) -> ApiResult<Json<ApplicationOut>> {
+    Ok(Json(caller.app(&state, &app_id).await?.into()))
+}
+
+pub async fn upsert(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(app_id): Path<String>,
+    SvixJson(input): SvixJson<ApplicationIn>,
+) -> ApiResult<(StatusCode, Json<ApplicationOut>)> {
+    match caller.app(&state, &app_id).await {
+        Ok(mut app) => {
+            validate_in(&input)?;
+            app.name = input.name;
+            app.uid = input.uid;
+            app.throttle_rate = input.throttle_rate;
+            app.metadata = input.metadata.unwrap_or_default();
+            app.updated_at = crate::now();
+            state.store.update_app(&app).await?;
+            Ok((StatusCode::OK, Json(app.into())))
+        }
+        Err(ApiError::Standard {
+            status: StatusCode::NOT_FOUND,
+            ..
+        }) => {
+            caller.require_environment()?;
+            let input = ApplicationIn {
+                uid: input.uid.or(Some(app_id)),
+                ..input
+            };
+            let app = create_app(&state, input).await?;
+            Ok((StatusCode::CREATED, Json(app.into())))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+pub async fn patch(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(app_id): Path<String>,
+    SvixJson(patch): SvixJson<ApplicationPatch>,
+) -> ApiResult<Json<ApplicationOut>> {
+    let mut app = caller.app(&state, &app_id).await?;
+    if let Some(name) = patch.name {
+        app.name = name;
+    }
+    if let Some(uid) = patch.uid {
+        app.uid = uid;
+    }
+    if let Some(rate) = patch.throttle_rate {
+        app.throttle_rate = rate;
+    }
+    if let Some(metadata) = patch.metadata {
+        app.metadata = metadata;
+    }
+    validate_in(&ApplicationIn {
+        name: app.name.clone(),
+        uid: app.uid.clone(),
+        throttle_rate: None,
+        metadata: None,
+    })?;
+    app.updated_at = crate::now();
+    state.store.update_app(&app).await?;
+    Ok(Json(app.into()))
+}
+
+pub async fn delete(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(app_id): Path<String>,
+) -> ApiResult<StatusCode> {
+    caller.require_environment()?;
+    let app = caller.app(&state, &app_id).await?;
+    state.store.delete_app(&app.id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,574 @@
+//! `/api/v1/app/{app}/endpoint`: where an app's webhooks go, with filters, headers and secrets.
+
+use std::collections::BTreeMap;
+
+use axum::{
+    Json,
+    body::Bytes,
+    extract::{Path, State},
+    http::{HeaderName, HeaderValue, StatusCode},
+};
+use chrono::{DateTime, Duration, Utc};
+use herald_core::{
+    EndpointSecret, id,
+    model::{App, Endpoint, Metadata},
+    validate,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    ApiState,
+    auth::Caller,
+    error::{ApiError, ApiResult, Validator},
+    extract::{QueryParams, SvixJson, parse_json},
+    pagination::{self, ListResponse},
+};
+
+/// How long a rotated-out secret keeps signing, so receivers can switch without dropping any.
+const ROTATION_GRACE: Duration = Duration::hours(24);
+const MAX_CHANNELS: usize = 10;
+/// Headers Herald sets itself; an endpoint may not override them.
+const RESERVED_HEADERS: &[&str] = &[
+    "webhook-id",
+    "webhook-timestamp",
+    "webhook-signature",
+    "content-type",
+    "content-length",
+    "host",
+    "transfer-encoding",
+    "connection",
+];
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointIn {
+    url: String,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    uid: Option<String>,
+    #[serde(default)]
+    throttle_rate: Option<i64>,
+    #[serde(default)]
+    disabled: Option<bool>,
+    /// `filterTypes` is the field's name in older Svix SDKs.
+    #[serde(default, alias = "filterTypes")]
+    event_types: Option<Vec<String>>,
+    #[serde(default)]
+    channels: Option<Vec<String>>,
+    #[serde(default)]
+    secret: Option<String>,
+    #[serde(default)]
+    metadata: Option<Metadata>,
+    #[serde(default)]
+    headers: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointPatch {
+    #[serde(default)]
+    url: Option<String>,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default, deserialize_with = "super::double_option")]
+    uid: Option<Option<String>>,
+    #[serde(default, deserialize_with = "super::double_option")]
+    throttle_rate: Option<Option<i64>>,
+    #[serde(default)]
+    disabled: Option<bool>,
+    #[serde(
+        default,
+        alias = "filterTypes",
+        deserialize_with = "super::double_option"
+    )]
+    event_types: Option<Option<Vec<String>>>,
+    #[serde(default, deserialize_with = "super::double_option")]
+    channels: Option<Option<Vec<String>>>,
+    #[serde(default)]
+    metadata: Option<Metadata>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointOut {
+    id: String,
+    uid: Option<String>,
+    url: String,
+    description: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    throttle_rate: Option<i64>,
+    disabled: bool,
+    event_types: Option<Vec<String>>,
+    /// Older Svix SDKs read the event-type filter under this name.
+    filter_types: Option<Vec<String>>,
+    channels: Option<Vec<String>>,
+    metadata: Metadata,
+    /// Always 1; kept because older SDKs require the field.
+    version: u32,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+impl From<Endpoint> for EndpointOut {
+    fn from(ep: Endpoint) -> Self {
+        Self {
+            id: ep.id,
+            uid: ep.uid,
+            url: ep.url,
+            description: ep.description,
+            throttle_rate: ep.throttle_rate,
+            disabled: ep.disabled,
+            filter_types: ep.event_types.clone(),
+            event_types: ep.event_types,
+            channels: ep.channels,
+            metadata: ep.metadata,
+            version: 1,
+            created_at: ep.created_at,
+            updated_at: ep.updated_at,
+        }
+    }
+}
+
+fn check_url(v: &mut Validator, url: &str) {
+    let result = match url::Url::parse(url) {
+        Ok(u) if !matches!(u.scheme(), "http" | "https") => Err(format!(
+            "URL scheme must be http or https, not {}",
+            u.scheme()
+        )),
+        Ok(u) if u.host().is_none() => Err("URL must have a host".to_owned()),
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!("not a valid URL: {e}")),
+    };
+    v.check(&["body", "url"], result);
+}
+
+fn check_filters(
+    v: &mut Validator,
+    event_types: Option<&Vec<String>>,
+    channels: Option<&Vec<String>>,
+) {
+    for name in event_types.into_iter().flatten() {
+        v.check(&["body", "eventTypes"], validate::event_type_name(name));
+    }
+    if let Some(channels) = channels {
+        if channels.len() > MAX_CHANNELS {
+            v.check(
+                &["body", "channels"],
+                Err(format!("at most {MAX_CHANNELS} channels")),
+            );
+        }
+        for channel in channels {
+            v.check(&["body", "channels"], validate::channel(channel));
+        }
+    }
+}
+
+fn check_headers(v: &mut Validator, headers: &BTreeMap<String, String>) {
+    for (name, value) in headers {
+        let result = if HeaderName::from_bytes(name.as_bytes()).is_err() {
+            Err(format!("{name:?} is not a valid header name"))
+        } else if RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
+            Err(format!("{name} is set by Herald and cannot be overridden"))
+        } else if HeaderValue::from_str(value).is_err() {
+            Err(format!("the value of {name} is not a valid header value"))
+        } else {
+            Ok(())
+        };
+        v.check(&["body", "headers"], result);
+    }
+}
+
+/// An empty filter list means "no filter", as a missing one does.
+fn non_empty(list: Option<Vec<String>>) -> Option<Vec<String>> {
+    list.filter(|l| !l.is_empty())
+}
+
+fn validate_in(input: &EndpointIn) -> ApiResult<()> {
+    let mut v = Validator::default();
+    check_url(&mut v, &input.url);
+    if let Some(uid) = &input.uid {
+        v.check(&["body", "uid"], validate::uid(uid));
+    }
+    check_filters(&mut v, input.event_types.as_ref(), input.channels.as_ref());
+    if let Some(secret) = &input.secret {
+        v.check(
+            &["body", "secret"],
+            EndpointSecret::parse(secret)
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+        );
+    }
+    if let Some(headers) = &input.headers {
+        check_headers(&mut v, headers);
+    }
+    v.finish()
+}
+
+fn new_endpoint(app: &App, input: EndpointIn) -> ApiResult<Endpoint> {
+    validate_in(&input)?;
+    let now = crate::now();
+    let secret = match input.secret {
+        Some(s) => s,
+        None => EndpointSecret::generate().serialize(),
+    };
+    Ok(Endpoint {
+        id: id::new_id(id::ENDPOINT, now),
+        app_id: app.id.clone(),
+        uid: input.uid,
+        url: input.url,
+        description: input.description.unwrap_or_default(),
+        throttle_rate: input.throttle_rate,
+        disabled: input.disabled.unwrap_or(false),
+        event_types: non_empty(input.event_types),
+        channels: non_empty(input.channels),
+        metadata: input.metadata.unwrap_or_default(),
+        headers: input.headers.unwrap_or_default(),
+        secret,
+        previous_secrets: Vec::new(),
+        failing_since: None,
+        created_at: now,
+        updated_at: now,
+    })
+}
+
+async fn find(
+    state: &ApiState,
+    caller: &Caller,
+    app_id: &str,
+    endpoint_id: &str,
+) -> ApiResult<Endpoint> {
+    let app = caller.app(state, app_id).await?;
+    state
+        .store
+        .get_endpoint(&app.id, endpoint_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("endpoint"))
+}
+
+pub async fn list(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(app_id): Path<String>,
+    query: QueryParams,
+) -> ApiResult<Json<ListResponse<EndpointOut>>> {
+    let app = caller.app(&state, &app_id).await?;
+    let page = pagination::page(&query, query.str("order") == Some("descending"))?;
+    let rows = state.store.list_endpoints(&app.id, &page).await?;
+    Ok(Json(pagination::list(
+        rows,
+        &page,
+        |e| e.id.clone(),
+        EndpointOut::from,
+    )))
+}
+
+pub async fn create(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(app_id): Path<String>,
+    SvixJson(input): SvixJson<EndpointIn>,
+) -> ApiResult<(StatusCode, Json<EndpointOut>)> {
+    let app = caller.app(&state, &app_id).await?;
+    let endpoint = new_endpoint(&app, input)?;
+    state.store.create_endpoint(&endpoint).await?;
+    Ok((StatusCode::CREATED, Json(endpoint.into())))
+}
+
+pub async fn get(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path((app_id, endpoint_id)): Path<(String, String)>,
+) -> ApiResult<Json<EndpointOut>> {
+    Ok(Json(
+        find(&state, &caller, &app_id, &endpoint_id).await?.into(),
+    ))
+}
+
+pub async fn upsert(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path((app_id, endpoint_id)): Path<(String, String)>,
+    SvixJson(input): SvixJson<EndpointIn>,
+) -> ApiResult<(StatusCode, Json<EndpointOut>)> {
+    let app = caller.app(&state, &app_id).await?;
+    let Some(mut endpoint) = state.store.get_endpoint(&app.id, &endpoint_id).await? else {
+        let input = EndpointIn {
+            uid: input.uid.or(Some(endpoint_id)),
+            ..input
+        };
+        let endpoint = new_endpoint(&app, input)?;
+        state.store.create_endpoint(&endpoint).await?;
+        return Ok((StatusCode::CREATED, Json(endpoint.into())));
+    };
+    validate_in(&input)?;
+    endpoint.url = input.url;
+    endpoint.description = input.description.unwrap_or_default();
+    endpoint.uid = input.uid;
+    endpoint.throttle_rate = input.throttle_rate;
+    endpoint.disabled = input.disabled.unwrap_or(false);
+    endpoint.event_types = non_empty(input.event_types);
+    endpoint.channels = non_empty(input.channels);
+    endpoint.metadata = input.metadata.unwrap_or_default();
+    if let Some(headers) = input.headers {
+        endpoint.headers = headers;
+    }
+    endpoint.updated_at = crate::now();
+    state.store.update_endpoint(&endpoint).await?;
+    Ok((StatusCode::OK, Json(endpoint.into())))
+}
+
+pub async fn patch(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path((app_id, endpoint_id)): Path<(String, String)>,
+    SvixJson(patch): SvixJson<EndpointPatch>,
+) -> ApiResult<Json<EndpointOut>> {
+    let mut endpoint = find(&state, &caller, &app_id, &endpoint_id).await?;
+    let mut v = Validator::default();
+    if let Some(url) = &patch.url {
+        check_url(&mut v, url);
+    }
+    if let Some(Some(uid)) = &patch.uid {
+        v.check(&["body", "uid"], validate::uid(uid));
+    }
+    check_filters(
+        &mut v,
+        patch.event_types.as_ref().and_then(Option::as_ref),
+        patch.channels.as_ref().and_then(Option::as_ref),
+    );
+    v.finish()?;
+    if let Some(url) = patch.url {
+        endpoint.url = url;
+    }
+    if let Some(description) = patch.description {
+        endpoint.description = description;
+    }
+    if let Some(uid) = patch.uid {
+        endpoint.uid = uid;
+    }
+    if let Some(rate) = patch.throttle_rate {
+        endpoint.throttle_rate = rate;
+    }
+    if let Some(disabled) = patch.disabled {
+        endpoint.disabled = disabled;
+        if !disabled {
+            // Re-enabling starts a fresh failure streak.
+            endpoint.failing_since = None;
+        }
+    }
+    if let Some(types) = patch.event_types {
+        endpoint.event_types = non_empty(types);
+    }
+    if let Some(channels) = patch.channels {
+        endpoint.channels = non_empty(channels);
+    }
+    if let Some(metadata) = patch.metadata {
+        endpoint.metadata = metadata;
+    }
+    endpoint.updated_at = crate::now();
+    state.store.update_endpoint(&endpoint).await?;
+    Ok(Json(endpoint.into()))
+}
+
+pub async fn delete(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path((app_id, endpoint_id)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    let endpoint = find(&state, &caller, &app_id, &endpoint_id).await?;
+    state
+        .store
+        .delete_endpoint(&endpoint.app_id, &endpoint.id)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Serialize)]
+pub struct EndpointSecretOut {
+    key: String,
+}
+
+pub async fn get_secret(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path((app_id, endpoint_id)): Path<(String, String)>,
+) -> ApiResult<Json<EndpointSecretOut>> {
+    let endpoint = find(&state, &caller, &app_id, &endpoint_id).await?;
+    Ok(Json(EndpointSecretOut {
+        key: endpoint.secret,
+    }))
+}
+
+#[derive(Deserialize, Default)]
+pub struct SecretRotateIn {
+    #[serde(default)]
+    key: Option<String>,
+}
+
+pub async fn rotate_secret(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path((app_id, endpoint_id)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<StatusCode> {
+    let input: SecretRotateIn = if body.iter().all(u8::is_ascii_whitespace) {
+        SecretRotateIn::default()
+    } else {
+        parse_json(&body)?
+    };
+    let mut endpoint = find(&state, &caller, &app_id, &endpoint_id).await?;
+    let new_secret = match input.key {
+        Some(key) => {
+            EndpointSecret::parse(&key)
+                .map_err(|e| ApiError::invalid(&["body", "key"], e.to_string()))?;
+            key
+        }
+        None => EndpointSecret::generate().serialize(),
+    };
+    let now = crate::now();
+    let old = std::mem::replace(&mut endpoint.secret, new_secret);
+    endpoint
+        .previous_secrets
+        .retain(|(_, expires)| *expires > now);
+    endpoint.previous_secrets.push((old, now + ROTATION_GRACE));
+    endpoint.updated_at = now;
+    state.store.update_endpoint(&endpoint).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Serialize)]
+pub struct EndpointHeadersOut {
+    headers: BTreeMap<String, String>,
+    sensitive: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointHeadersIn {
+    headers: BTreeMap<String, String>,
+    #[serde(default)]
+    delete_headers: Option<Vec<String>>,
+}
+
+pub async fn get_headers(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path((app_id, endpoint_id)): Path<(String, String)>,
+) -> ApiResult<Json<EndpointHeadersOut>> {
+    let endpoint = find(&state, &caller, &app_id, &endpoint_id).await?;
+    Ok(Json(EndpointHeadersOut {
+        headers: endpoint.headers,
+        sensitive: Vec::new(),
+    }))
+}
+
+pub async fn set_headers(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path((app_id, endpoint_id)): Path<(String, String)>,
+    SvixJson(input): SvixJson<EndpointHeadersIn>,
+) -> ApiResult<StatusCode> {
+    let mut endpoint = find(&state, &caller, &app_id, &endpoint_id).await?;
+    let mut v = Validator::default();
+    check_headers(&mut v, &input.headers);
+    v.finish()?;
+    endpoint.headers = input.headers;
+    endpoint.updated_at = crate::now();
+    state.store.update_endpoint(&endpoint).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn patch_headers(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path((app_id, endpoint_id)): Path<(String, String)>,
+    SvixJson(input): SvixJson<EndpointHeadersIn>,
+) -> ApiResult<StatusCode> {
+    let mut endpoint = find(&state, &caller, &app_id, &endpoint_id).await?;
+    let mut v = Validator::default();
+    check_headers(&mut v, &input.headers);
+    v.finish()?;
+    for name in input.delete_headers.unwrap_or_default() {
+        endpoint.headers.remove(&name);
+    }
+    endpoint.headers.extend(input.headers);
+    endpoint.updated_at = crate::now();
+    state.store.update_endpoint(&endpoint).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+pub struct RecoverIn {
+    since: DateTime<Utc>,
+    #[serde(default)]
+    until: Option<DateTime<Utc>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RecoverOut {
+    id: String,
+    status: &'static str,
+    task: &'static str,
+    updated_at: DateTime<Utc>,
+}
+
+/// Re-queues every failed delivery to the endpoint of messages created in `[since, until)`.
+/// The queueing is one statement, so the task is already finished when the call returns.
+pub async fn recover(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path((app_id, endpoint_id)): Path<(String, String)>,
+    SvixJson(input): SvixJson<RecoverIn>,
+) -> ApiResult<(StatusCode, Json<RecoverOut>)> {
+    let endpoint = find(&state, &caller, &app_id, &endpoint_id).await?;
+    let now = crate::now();
+    let until = input.until.unwrap_or(now + Duration::seconds(1));
+    if until <= input.since {
+        return Err(ApiError::invalid(
+            &["body", "until"],
+            "until must be after since",
+        ));
+    }
+    let queued = state
+        .store
+        .enqueue_failed(&endpoint.id, input.since, until, now)
+        .await?;
+    tracing::info!(endpoint_id = %endpoint.id, queued, "recovering failed messages");
+    state.dispatcher.wake();
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(RecoverOut {
+            id: id::new_id(id::TASK, now),
+            status: "finished",
+            task: "endpoint.recover",
+            updated_at: now,
+        }),
+    ))
+}
+
+#[derive(Serialize)]
+pub struct EndpointStatsOut {
+    success: i64,
+    pending: i64,
+    sending: i64,
+    fail: i64,
+    canceled: i64,
+}
+
+pub async fn stats(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path((app_id, endpoint_id)): Path<(String, String)>,
+) -> ApiResult<Json<EndpointStatsOut>> {
+    let endpoint = find(&state, &caller, &app_id, &endpoint_id).await?;
+    let stats = state.store.endpoint_stats(&endpoint.id).await?;
+    Ok(Json(EndpointStatsOut {
+        success: stats.success,
+        pending: stats.pending,
+        sending: stats.sending,
+        fail: stats.fail,
+        canceled: 0,
+    }))
+}

@@ -1,0 +1,251 @@
+//! `/api/v1/event-type`: the catalogue of event types, environment-wide as in Svix.
+
+use axum::{
+    Json,
+    extract::{Path, State},
+    http::StatusCode,
+};
+use chrono::{DateTime, Utc};
+use herald_core::{model::EventType, validate};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::{
+    ApiState,
+    auth::Caller,
+    error::{ApiError, ApiResult, Validator},
+    extract::{QueryParams, SvixJson},
+    pagination::{self, ListResponse},
+};
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EventTypeIn {
+    name: String,
+    description: String,
+    #[serde(default)]
+    archived: Option<bool>,
+    #[serde(default)]
+    deprecated: Option<bool>,
+    #[serde(default)]
+    schemas: Option<Box<RawValue>>,
+    #[serde(default)]
+    group_name: Option<String>,
+    #[serde(default)]
+    feature_flags: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EventTypeUpdate {
+    description: String,
+    #[serde(default)]
+    archived: Option<bool>,
+    #[serde(default)]
+    deprecated: Option<bool>,
+    #[serde(default)]
+    schemas: Option<Box<RawValue>>,
+    #[serde(default)]
+    group_name: Option<String>,
+    #[serde(default)]
+    feature_flags: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EventTypePatch {
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    archived: Option<bool>,
+    #[serde(default)]
+    deprecated: Option<bool>,
+    #[serde(default, deserialize_with = "super::double_option")]
+    schemas: Option<Option<Box<RawValue>>>,
+    #[serde(default, deserialize_with = "super::double_option")]
+    group_name: Option<Option<String>>,
+    #[serde(default, deserialize_with = "super::double_option")]
+    feature_flags: Option<Option<Vec<String>>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EventTypeOut {
+    name: String,
+    description: String,
+    archived: bool,
+    deprecated: bool,
+    schemas: Option<Box<RawValue>>,
+    group_name: Option<String>,
+    feature_flags: Option<Vec<String>>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+impl From<EventType> for EventTypeOut {
+    fn from(et: EventType) -> Self {
+        Self {
+            schemas: et.schemas.and_then(|s| RawValue::from_string(s).ok()),
+            name: et.name,
+            description: et.description,
+            archived: et.archived,
+            deprecated: et.deprecated,
+            group_name: et.group_name,
+            feature_flags: et.feature_flags,
+            created_at: et.created_at,
+            updated_at: et.updated_at,
+        }
+    }
+}
+
+fn schemas_text(schemas: Option<Box<RawValue>>) -> ApiResult<Option<String>> {
+    match schemas {
+        Some(raw) if raw.get().trim_start().starts_with('{') => Ok(Some(raw.get().to_owned())),
+        Some(raw) if raw.get() == "null" => Ok(None),
+        Some(_) => Err(ApiError::invalid(
+            &["body", "schemas"],
+            "schemas must be an object",
+        )),
+        None => Ok(None),
+    }
+}
+
+async fn find(state: &ApiState, name: &str) -> ApiResult<EventType> {
+    state
+        .store
+        .get_event_type(name)
+        .await?
+        .ok_or_else(|| ApiError::not_found("event type"))
+}
+
+pub async fn list(
+    State(state): State<ApiState>,
+    _caller: Caller,
+    query: QueryParams,
+) -> ApiResult<Json<ListResponse<EventTypeOut>>> {
+    let page = pagination::page(&query, false)?;
+    let include_archived = query.bool("include_archived", false)?;
+    let rows = state
+        .store
+        .list_event_types(&page, include_archived)
+        .await?;
+    Ok(Json(pagination::list(
+        rows,
+        &page,
+        |e| e.name.clone(),
+        EventTypeOut::from,
+    )))
+}
+
+pub async fn create(
+    State(state): State<ApiState>,
+    caller: Caller,
+    SvixJson(input): SvixJson<EventTypeIn>,
+) -> ApiResult<(StatusCode, Json<EventTypeOut>)> {
+    caller.require_environment()?;
+    let mut v = Validator::default();
+    v.check(&["body", "name"], validate::event_type_name(&input.name));
+    v.finish()?;
+    let now = crate::now();
+    let et = EventType {
+        name: input.name,
+        description: input.description,
+        archived: input.archived.unwrap_or(false),
+        deprecated: input.deprecated.unwrap_or(false),
+        schemas: schemas_text(input.schemas)?,
+        group_name: input.group_name,
+        feature_flags: input.feature_flags,
+        created_at: now,
+        updated_at: now,
+    };
+    state.store.create_event_type(&et).await?;
+    Ok((StatusCode::CREATED, Json(et.into())))
+}
+
+pub async fn get(
+    State(state): State<ApiState>,
+    _caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<Json<EventTypeOut>> {
+    Ok(Json(find(&state, &name).await?.into()))
+}
+
+pub async fn upsert(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    SvixJson(input): SvixJson<EventTypeUpdate>,
+) -> ApiResult<(StatusCode, Json<EventTypeOut>)> {
+    caller.require_environment()?;
+    let now = crate::now();
+    let existing = state.store.get_event_type(&name).await?;
+    let created = existing.is_none();
+    if created {
+        let mut v = Validator::default();
+        v.check(&["path", "name"], validate::event_type_name(&name));
+        v.finish()?;
+    }
+    let et = EventType {
+        name,
+        description: input.description,
+        archived: input.archived.unwrap_or(false),
+        deprecated: input.deprecated.unwrap_or(false),
+        schemas: schemas_text(input.schemas)?,
+        group_name: input.group_name,
+        feature_flags: input.feature_flags,
+        created_at: existing.map_or(now, |e| e.created_at),
+        updated_at: now,
+    };
+    if created {
+        state.store.create_event_type(&et).await?;
+        Ok((StatusCode::CREATED, Json(et.into())))
+    } else {
+        state.store.update_event_type(&et).await?;
+        Ok((StatusCode::OK, Json(et.into())))
+    }
+}
+
+pub async fn patch(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    SvixJson(patch): SvixJson<EventTypePatch>,
+) -> ApiResult<Json<EventTypeOut>> {
+    caller.require_environment()?;
+    let mut et = find(&state, &name).await?;
+    if let Some(description) = patch.description {
+        et.description = description;
+    }
+    if let Some(archived) = patch.archived {
+        et.archived = archived;
+    }
+    if let Some(deprecated) = patch.deprecated {
+        et.deprecated = deprecated;
+    }
+    if let Some(schemas) = patch.schemas {
+        et.schemas = schemas_text(schemas)?;
+    }
+    if let Some(group) = patch.group_name {
+        et.group_name = group;
+    }
+    if let Some(flags) = patch.feature_flags {
+        et.feature_flags = flags;
+    }
+    et.updated_at = crate::now();
+    state.store.update_event_type(&et).await?;
+    Ok(Json(et.into()))
+}
+
+/// Svix archives on delete: the type stays known to old messages but leaves the catalogue.
+pub async fn archive(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    caller.require_environment()?;
+    let mut et = find(&state, &name).await?;
+    et.archived = true;
+    et.updated_at = crate::now();
+    state.store.update_event_type(&et).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

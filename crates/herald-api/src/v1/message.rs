@@ -1,0 +1,226 @@
+//! `/api/v1/app/{app}/msg`: events to deliver. Creating one stores it and queues a delivery to
+//! every matching endpoint in one commit before answering, so a 201 means it will arrive.
+
+use axum::{
+    Json,
+    extract::{Path, State},
+    http::StatusCode,
+};
+use chrono::{DateTime, Utc};
+use herald_core::{
+    id,
+    model::{App, Message},
+    validate,
+};
+use herald_store::MessageQuery;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::application::{ApplicationIn, create_app};
+use crate::{
+    ApiState,
+    auth::Caller,
+    error::{ApiError, ApiResult, Validator},
+    extract::{QueryParams, SvixJson},
+    pagination::{self, ListResponse},
+};
+
+const MAX_CHANNELS: usize = 5;
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MessageIn {
+    #[serde(default)]
+    event_id: Option<String>,
+    event_type: String,
+    /// Kept as the exact bytes received: never parsed into a value and re-serialized.
+    payload: Box<RawValue>,
+    #[serde(default)]
+    channels: Option<Vec<String>>,
+    #[serde(default)]
+    tags: Option<Vec<String>>,
+    /// Svix's "create the application if it does not exist yet".
+    #[serde(default)]
+    application: Option<ApplicationIn>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MessageOut {
+    id: String,
+    event_id: Option<String>,
+    event_type: String,
+    payload: Box<RawValue>,
+    channels: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tags: Option<Vec<String>>,
+    timestamp: DateTime<Utc>,
+}
+
+impl MessageOut {
+    pub(crate) fn new(msg: Message, with_content: bool) -> Self {
+        let payload = if with_content {
+            std::str::from_utf8(&msg.payload)
+                .ok()
+                .and_then(|s| RawValue::from_string(s.to_owned()).ok())
+        } else {
+            None
+        };
+        Self {
+            id: msg.id,
+            event_id: msg.event_id,
+            event_type: msg.event_type,
+            payload: payload.unwrap_or_else(empty_object),
+            channels: msg.channels,
+            tags: msg.tags,
+            timestamp: msg.created_at,
+        }
+    }
+}
+
+fn empty_object() -> Box<RawValue> {
+    RawValue::from_string("{}".to_owned()).unwrap_or_else(|_| unreachable!("{{}} is valid JSON"))
+}
+
+fn validate_in(input: &MessageIn) -> ApiResult<()> {
+    let mut v = Validator::default();
+    v.check(
+        &["body", "eventType"],
+        validate::event_type_name(&input.event_type),
+    );
+    if let Some(event_id) = &input.event_id {
+        v.check(&["body", "eventId"], validate::uid(event_id));
+    }
+    v.check(
+        &["body", "payload"],
+        if input.payload.get().starts_with('{') {
+            Ok(())
+        } else {
+            Err("payload must be a JSON object")
+        },
+    );
+    if let Some(channels) = &input.channels {
+        if channels.is_empty() || channels.len() > MAX_CHANNELS {
+            v.check(
+                &["body", "channels"],
+                Err(format!(
+                    "channels must have 1 to {MAX_CHANNELS} items, or be null"
+                )),
+            );
+        }
+        for channel in channels {
+            v.check(&["body", "channels"], validate::channel(channel));
+        }
+    }
+    v.finish()
+}
+
+async fn app_for_create(
+    state: &ApiState,
+    caller: &Caller,
+    app_id: &str,
+    application: Option<ApplicationIn>,
+) -> ApiResult<App> {
+    match caller.app(state, app_id).await {
+        Ok(app) => Ok(app),
+        Err(ApiError::Standard {
+            status: StatusCode::NOT_FOUND,
+            ..
+        }) if application.is_some() => {
+            caller.require_environment()?;
+            let Some(input) = application else {
+                unreachable!("guarded by is_some")
+            };
+            let input = ApplicationIn {
+                uid: input.uid.or(Some(app_id.to_owned())),
+                ..input
+            };
+            create_app(state, input).await
+        }
+        Err(e) => Err(e),
+    }
+}
+
+pub async fn create(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(app_id): Path<String>,
+    query: QueryParams,
+    SvixJson(input): SvixJson<MessageIn>,
+) -> ApiResult<(StatusCode, Json<MessageOut>)> {
+    let with_content = query.bool("with_content", true)?;
+    validate_in(&input)?;
+    let app = app_for_create(&state, &caller, &app_id, input.application).await?;
+
+    let now = crate::now();
+    let message = Message {
+        id: id::new_id(id::MESSAGE, now),
+        app_id: app.id.clone(),
+        event_id: input.event_id,
+        event_type: input.event_type,
+        channels: input.channels,
+        tags: input.tags,
+        payload: bytes::Bytes::from(input.payload.get().to_owned()),
+        created_at: now,
+    };
+    let endpoints = state.store.app_endpoints(&app.id).await?;
+    let targets: Vec<String> = endpoints
+        .into_iter()
+        .filter(|ep| {
+            !ep.disabled
+                && ep
+                    .filter()
+                    .matches(&message.event_type, message.channels.as_deref())
+        })
+        .map(|ep| ep.id)
+        .collect();
+    let has_targets = !targets.is_empty();
+    state.store.create_message(message.clone(), targets).await?;
+    if has_targets {
+        state.dispatcher.wake();
+    }
+    Ok((
+        StatusCode::CREATED,
+        Json(MessageOut::new(message, with_content)),
+    ))
+}
+
+pub async fn get(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path((app_id, msg_id)): Path<(String, String)>,
+    query: QueryParams,
+) -> ApiResult<Json<MessageOut>> {
+    let with_content = query.bool("with_content", true)?;
+    let app = caller.app(&state, &app_id).await?;
+    let msg = state
+        .store
+        .get_message(&app.id, &msg_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("message"))?;
+    Ok(Json(MessageOut::new(msg, with_content)))
+}
+
+pub async fn list(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(app_id): Path<String>,
+    query: QueryParams,
+) -> ApiResult<Json<ListResponse<MessageOut>>> {
+    let app = caller.app(&state, &app_id).await?;
+    let page = pagination::page(&query, true)?;
+    let with_content = query.bool("with_content", true)?;
+    let filter = MessageQuery {
+        channel: query.str("channel").map(str::to_owned),
+        event_types: query.list("event_types"),
+        before: query.time("before")?,
+        after: query.time("after")?,
+    };
+    let rows = state.store.list_messages(&app.id, &page, &filter).await?;
+    Ok(Json(pagination::list(
+        rows,
+        &page,
+        |m| m.id.clone(),
+        |m| MessageOut::new(m, with_content),
+    )))
+}

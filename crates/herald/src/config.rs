@@ -1,0 +1,229 @@
+//! Configuration: built-in defaults, then a TOML file (`--config`), then `HERALD_*` environment
+//! variables, then command-line flags; each later source wins. Nested keys use `__` in
+//! environment variables: `HERALD_DELIVERY__REQUEST_TIMEOUT_SECS=30`.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use figment::{
+    Figment,
+    providers::{Env, Format, Serialized, Toml},
+};
+use herald_core::{AddressPolicy, RetryPolicy};
+use herald_delivery::DeliveryConfig;
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:6001";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address for the HTTP API (and, later, WebSockets).
+    pub listen: SocketAddr,
+    /// Directory of the embedded store.
+    pub data_dir: PathBuf,
+    /// Development mode: private webhook targets allowed, demo app and token created.
+    pub dev: bool,
+    /// Token with full access to the API. Without one (and outside `--dev`) only tokens stored
+    /// in the database work, and a fresh install has none.
+    pub admin_token: Option<String>,
+    /// Seconds in-flight requests and attempts get to finish after SIGTERM.
+    pub shutdown_grace_secs: f64,
+    pub api: ApiSection,
+    pub delivery: DeliverySection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiSection {
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeliverySection {
+    pub request_timeout_secs: f64,
+    pub connect_timeout_secs: f64,
+    /// Delays before each retry, in seconds (Svix's schedule by default).
+    pub retry_schedule_secs: Vec<f64>,
+    pub retry_jitter: f64,
+    pub overload_penalty_secs: f64,
+    pub retry_after_max_secs: f64,
+    /// An endpoint failing this long without a success is disabled (default 5 days).
+    pub disable_after_secs: f64,
+    pub max_in_flight: u32,
+    pub max_retries_in_flight: u32,
+    pub per_endpoint_in_flight: u32,
+    pub max_response_bytes: usize,
+    /// Allow webhook targets on private, loopback and link-local addresses.
+    pub allow_private_targets: bool,
+    /// Non-public subnets allowed even when private targets are not.
+    pub allowed_subnets: Vec<IpNet>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN
+                .parse()
+                .unwrap_or_else(|_| unreachable!("valid address")),
+            data_dir: PathBuf::from("herald-data"),
+            dev: false,
+            admin_token: None,
+            shutdown_grace_secs: 10.0,
+            api: ApiSection::default(),
+            delivery: DeliverySection::default(),
+        }
+    }
+}
+
+impl Default for ApiSection {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: herald_api::ApiConfig::default().max_body_bytes,
+        }
+    }
+}
+
+impl Default for DeliverySection {
+    fn default() -> Self {
+        let d = DeliveryConfig::default();
+        Self {
+            request_timeout_secs: d.request_timeout.as_secs_f64(),
+            connect_timeout_secs: d.connect_timeout.as_secs_f64(),
+            retry_schedule_secs: d.retry.schedule.iter().map(Duration::as_secs_f64).collect(),
+            retry_jitter: d.retry.jitter,
+            overload_penalty_secs: d.retry.overload_penalty.as_secs_f64(),
+            retry_after_max_secs: d.retry.retry_after_max.as_secs_f64(),
+            disable_after_secs: d.retry.disable_after.as_secs_f64(),
+            max_in_flight: d.max_in_flight,
+            max_retries_in_flight: d.max_retries_in_flight,
+            per_endpoint_in_flight: d.per_endpoint_in_flight,
+            max_response_bytes: d.max_response_bytes,
+            allow_private_targets: false,
+            allowed_subnets: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Figment(#[from] Box<figment::Error>),
+}
+
+/// Values given on the command line; `None` leaves the lower layers' value.
+#[derive(Debug, Default, Serialize)]
+pub struct Overrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dev: Option<bool>,
+}
+
+impl Config {
+    pub fn load(
+        file: Option<&std::path::Path>,
+        overrides: &Overrides,
+    ) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::Invalid(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        let mut config: Config = figment
+            .merge(Env::prefixed("HERALD_").split("__"))
+            .merge(Serialized::defaults(overrides))
+            .extract()
+            .map_err(Box::new)?;
+        if config.dev {
+            config.delivery.allow_private_targets = true;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let d = &self.delivery;
+        let positive = [
+            ("delivery.request_timeout_secs", d.request_timeout_secs),
+            ("delivery.connect_timeout_secs", d.connect_timeout_secs),
+            ("delivery.disable_after_secs", d.disable_after_secs),
+        ];
+        for (name, value) in positive {
+            if !(value.is_finite() && value > 0.0) {
+                return Err(ConfigError::Invalid(format!(
+                    "{name} must be a positive number"
+                )));
+            }
+        }
+        let non_negative = [
+            ("delivery.overload_penalty_secs", d.overload_penalty_secs),
+            ("delivery.retry_after_max_secs", d.retry_after_max_secs),
+            ("shutdown_grace_secs", self.shutdown_grace_secs),
+        ];
+        for (name, value) in non_negative {
+            if !(value.is_finite() && value >= 0.0) {
+                return Err(ConfigError::Invalid(format!("{name} must not be negative")));
+            }
+        }
+        if d.retry_schedule_secs
+            .iter()
+            .any(|s| !(s.is_finite() && *s >= 0.0))
+        {
+            return Err(ConfigError::Invalid(
+                "delivery.retry_schedule_secs must hold non-negative numbers".into(),
+            ));
+        }
+        if !(0.0..1.0).contains(&d.retry_jitter) {
+            return Err(ConfigError::Invalid(
+                "delivery.retry_jitter must be in [0, 1)".into(),
+            ));
+        }
+        if d.max_in_flight == 0 || d.max_retries_in_flight == 0 || d.per_endpoint_in_flight == 0 {
+            return Err(ConfigError::Invalid(
+                "delivery concurrency limits must be at least 1".into(),
+            ));
+        }
+        if self.admin_token.as_deref().is_some_and(|t| t.len() < 16) {
+            return Err(ConfigError::Invalid(
+                "admin_token must be at least 16 characters".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn delivery_config(&self) -> DeliveryConfig {
+        let d = &self.delivery;
+        let secs = Duration::from_secs_f64;
+        DeliveryConfig {
+            retry: RetryPolicy {
+                schedule: d.retry_schedule_secs.iter().copied().map(secs).collect(),
+                jitter: d.retry_jitter,
+                overload_penalty: secs(d.overload_penalty_secs),
+                retry_after_max: secs(d.retry_after_max_secs),
+                disable_after: secs(d.disable_after_secs),
+            },
+            addresses: AddressPolicy {
+                allow_private: d.allow_private_targets,
+                allowed_subnets: d.allowed_subnets.clone(),
+            },
+            request_timeout: secs(d.request_timeout_secs),
+            connect_timeout: secs(d.connect_timeout_secs),
+            max_in_flight: d.max_in_flight,
+            max_retries_in_flight: d.max_retries_in_flight,
+            per_endpoint_in_flight: d.per_endpoint_in_flight,
+            max_response_bytes: d.max_response_bytes,
+            shutdown_grace: secs(self.shutdown_grace_secs),
+        }
+    }
+}
