@@ -37,12 +37,12 @@ impl FromRequestParts<ApiState> for Caller {
                 ApiError::unauthorized("Authorization header must be `Bearer <token>`")
             })?;
         let token_hash = token::hash(presented);
-        if let Some(admin) = &state.admin_token_hash {
-            if token::equal(admin, &token_hash) {
-                return Ok(Self {
-                    scope: TokenScope::Environment,
-                });
-            }
+        if let Some(admin) = &state.admin_token_hash
+            && token::equal(admin, &token_hash)
+        {
+            return Ok(Self {
+                scope: TokenScope::Environment,
+            });
         }
         match state.store.token_scope(&token_hash).await? {
             Some(scope) => Ok(Self { scope }),

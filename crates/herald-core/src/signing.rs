@@ -143,15 +143,15 @@ mod tests {
     #[test]
     fn rejects_malformed_secrets() {
         assert_eq!(
-            EndpointSecret::parse("abc").unwrap_err(),
+            EndpointSecret::parse("abc").expect_err("must be refused"),
             SecretError::MissingPrefix
         );
         assert_eq!(
-            EndpointSecret::parse("whsec_!!!").unwrap_err(),
+            EndpointSecret::parse("whsec_!!!").expect_err("must be refused"),
             SecretError::NotBase64
         );
         assert_eq!(
-            EndpointSecret::parse("whsec_AAAA").unwrap_err(),
+            EndpointSecret::parse("whsec_AAAA").expect_err("must be refused"),
             SecretError::BadLength(3)
         );
         let generated = EndpointSecret::generate();

@@ -116,6 +116,9 @@ impl Dispatcher {
             Lane::new(false, me.config.max_retries_in_flight),
         ];
         let tasks = TaskTracker::new();
+        // Cancelled once the grace period is over: attempts still running then are abandoned
+        // without a record, so their lease brings them back after the restart.
+        let abandon = CancellationToken::new();
         while !shutdown.is_cancelled() {
             let mut saturated_batch = false;
             let mut failed = false;
@@ -125,7 +128,11 @@ impl Dispatcher {
                         saturated_batch |= jobs.len() as u32 == CLAIM_BATCH;
                         for job in jobs {
                             lane.start(&job.endpoint.id);
-                            tasks.spawn(Arc::clone(&me).attempt(job, Arc::clone(lane)));
+                            tasks.spawn(Arc::clone(&me).attempt(
+                                job,
+                                Arc::clone(lane),
+                                abandon.clone(),
+                            ));
                         }
                     }
                     Err(e) => {
@@ -157,6 +164,8 @@ impl Dispatcher {
                 in_flight = tasks.len(),
                 "shutdown grace period over; unfinished attempts will be retried after restart"
             );
+            abandon.cancel();
+            tasks.wait().await;
         }
     }
 
@@ -208,8 +217,19 @@ impl Dispatcher {
         }
     }
 
-    async fn attempt(self: Arc<Self>, job: DeliveryJob, lane: Arc<Lane>) {
-        let record = self.send(&job).await;
+    async fn attempt(
+        self: Arc<Self>,
+        job: DeliveryJob,
+        lane: Arc<Lane>,
+        abandon: CancellationToken,
+    ) {
+        let record = tokio::select! {
+            record = self.send(&job) => record,
+            () = abandon.cancelled() => {
+                lane.finish(&job.endpoint.id);
+                return;
+            }
+        };
         if let Err(e) = self.store.record_attempt(record).await {
             // The delivery keeps its lease and is attempted again when the lease runs out.
             tracing::error!(error = %e, msg_id = %job.msg_id, endpoint_id = %job.endpoint.id,

@@ -131,15 +131,26 @@ pub async fn create(
     SvixJson(input): SvixJson<ApplicationIn>,
 ) -> ApiResult<(StatusCode, Json<ApplicationOut>)> {
     caller.require_environment()?;
-    if query.bool("get_if_exists", false)? {
-        if let Some(uid) = &input.uid {
-            if let Some(existing) = state.store.get_app(uid).await? {
-                return Ok((StatusCode::OK, Json(existing.into())));
-            }
-        }
+    if query.bool("get_if_exists", false)?
+        && let Some(uid) = &input.uid
+        && let Some(existing) = caller_visible(&state, &caller, uid).await?
+    {
+        return Ok((StatusCode::OK, Json(existing.into())));
     }
     let app = create_app(&state, input).await?;
     Ok((StatusCode::CREATED, Json(app.into())))
+}
+
+/// The app with this id or uid if it exists and the caller may see it.
+async fn caller_visible(state: &ApiState, caller: &Caller, uid: &str) -> ApiResult<Option<App>> {
+    match caller.app(state, uid).await {
+        Ok(app) => Ok(Some(app)),
+        Err(ApiError::Standard {
+            status: StatusCode::NOT_FOUND,
+            ..
+        }) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 pub async fn get(

@@ -697,10 +697,11 @@ impl Store for SqliteStore {
 
     async fn close(&self) {
         self.shutdown.cancel();
-        if let Some(batcher) = self.batcher.lock().await.take() {
-            if let Err(e) = batcher.await {
-                tracing::error!(error = %e, "store writer task failed");
-            }
+        let batcher = self.batcher.lock().await.take();
+        if let Some(task) = batcher
+            && let Err(e) = task.await
+        {
+            tracing::error!(error = %e, "store writer task failed");
         }
         self.writer.close().await;
         self.reader.close().await;

@@ -1,0 +1,469 @@
+//! Outbound webhooks against a real local receiver.
+
+use std::collections::BTreeSet;
+
+use base64::{Engine, engine::general_purpose::STANDARD};
+use hmac::{Hmac, Mac};
+use reqwest::Method;
+use serde_json::{Value, json};
+use sha2::Sha256;
+
+use crate::harness::{Delivery, Receiver, Reply, TestServer, eventually};
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// Standard Webhooks verification written out independently of Herald's signing code.
+fn signature_valid(secret: &str, d: &Delivery) -> bool {
+    let key = STANDARD
+        .decode(secret.trim_start_matches("whsec_"))
+        .expect("secret base64");
+    let signed = format!(
+        "{}.{}.{}",
+        d.header("webhook-id"),
+        d.header("webhook-timestamp"),
+        std::str::from_utf8(&d.body).expect("utf8 body")
+    );
+    let mut mac = Hmac::<Sha256>::new_from_slice(&key).expect("key");
+    mac.update(signed.as_bytes());
+    let expected = format!("v1,{}", STANDARD.encode(mac.finalize().into_bytes()));
+    d.header("webhook-signature")
+        .split(' ')
+        .any(|s| s == expected)
+}
+
+async fn attempts(server: &TestServer, app: &str, endpoint: &str) -> Vec<Value> {
+    let (status, list) = server
+        .call(
+            Method::GET,
+            &format!("/api/v1/app/{app}/attempt/endpoint/{endpoint}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{list}");
+    list["data"].as_array().expect("data").clone()
+}
+
+#[tokio::test]
+async fn delivers_signed_payload_bytes_exactly_as_received() {
+    let server = TestServer::start().await;
+    let mut receiver = Receiver::start().await;
+    let app = server.create_app("signed").await;
+    let ep = server
+        .create_endpoint(
+            &app,
+            json!({"url": receiver.url, "secret": SECRET, "headers": {"X-Tenant": "acme"}}),
+        )
+        .await;
+
+    // Unusual spacing and key order must survive: the payload is never re-serialized.
+    let body = r#"{"eventType":"invoice.paid","payload":{ "z" : 1,"a":[true , null] ,"s":"é"}}"#;
+    let (status, msg) = server
+        .raw_post(&format!("/api/v1/app/{app}/msg"), body)
+        .await;
+    assert_eq!(status, 201, "{msg}");
+
+    let delivery = receiver.next().await;
+    assert_eq!(
+        &delivery.body[..],
+        r#"{ "z" : 1,"a":[true , null] ,"s":"é"}"#.as_bytes()
+    );
+    assert_eq!(
+        delivery.header("webhook-id"),
+        msg["id"].as_str().expect("id")
+    );
+    assert_eq!(delivery.path, "/hook");
+    assert_eq!(delivery.header("content-type"), "application/json");
+    assert_eq!(delivery.header("x-tenant"), "acme");
+    let ts: i64 = delivery
+        .header("webhook-timestamp")
+        .parse()
+        .expect("timestamp");
+    assert!((chrono::Utc::now().timestamp() - ts).abs() < 60);
+    assert!(signature_valid(SECRET, &delivery), "signature must verify");
+
+    let (_, secret) = server
+        .call(
+            Method::GET,
+            &format!(
+                "/api/v1/app/{app}/endpoint/{}/secret",
+                ep["id"].as_str().expect("id")
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(secret["key"], SECRET);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn failures_are_retried_on_the_schedule_and_logged() {
+    let server = TestServer::start().await;
+    let mut receiver = Receiver::start().await;
+    receiver.script(&[
+        Reply::Status(500),
+        Reply::RetryAfter(503, 0),
+        Reply::Status(200),
+    ]);
+    let app = server.create_app("retry").await;
+    let ep = server
+        .create_endpoint(&app, json!({"url": receiver.url}))
+        .await;
+    let ep_id = ep["id"].as_str().expect("id");
+    let msg = server
+        .send(&app, json!({"eventType": "x", "payload": {}}))
+        .await;
+
+    let replies: Vec<Reply> = vec![
+        receiver.next().await.reply,
+        receiver.next().await.reply,
+        receiver.next().await.reply,
+    ];
+    assert!(matches!(replies[2], Reply::Status(200)), "{replies:?}");
+    let stats = server.settled(&app, ep_id).await;
+    assert_eq!(stats["success"], 1, "{stats}");
+
+    let log = attempts(&server, &app, ep_id).await;
+    let codes: Vec<i64> = log
+        .iter()
+        .rev()
+        .map(|a| a["responseStatusCode"].as_i64().expect("code"))
+        .collect();
+    assert_eq!(codes, [500, 503, 200]);
+    let statuses: Vec<i64> = log
+        .iter()
+        .rev()
+        .map(|a| a["status"].as_i64().expect("status"))
+        .collect();
+    assert_eq!(statuses, [2, 2, 0]);
+    assert_eq!(log[0]["response"], "reply 200");
+    assert_eq!(log[0]["msgId"], msg["id"]);
+    assert_eq!(log[0]["triggerType"], 0);
+
+    let (_, by_msg) = server
+        .call(
+            Method::GET,
+            &format!(
+                "/api/v1/app/{app}/attempt/msg/{}",
+                msg["id"].as_str().expect("id")
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(by_msg["data"].as_array().map(Vec::len), Some(3));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn gives_up_after_the_schedule_then_recover_and_resend_deliver() {
+    let server = TestServer::start_with(|c| c.delivery.retry_schedule_secs = vec![0.01]).await;
+    let mut receiver = Receiver::start().await;
+    receiver.fallback(Reply::Status(500));
+    let app = server.create_app("recover").await;
+    let ep = server
+        .create_endpoint(&app, json!({"url": receiver.url}))
+        .await;
+    let ep_id = ep["id"].as_str().expect("id");
+    let since = chrono::Utc::now() - chrono::Duration::seconds(5);
+    let msg = server
+        .send(&app, json!({"eventType": "x", "payload": {"k": 1}}))
+        .await;
+    receiver.next().await;
+    receiver.next().await;
+    let stats = server.settled(&app, ep_id).await;
+    assert_eq!(stats["fail"], 1, "two attempts, then failed: {stats}");
+
+    receiver.fallback(Reply::Status(200));
+    let (status, task) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/app/{app}/endpoint/{ep_id}/recover"),
+            Some(json!({"since": since})),
+        )
+        .await;
+    assert_eq!(status, 202, "{task}");
+    assert_eq!(task["task"], "endpoint.recover");
+    assert!(receiver.next().await.succeeded());
+    let stats = server.settled(&app, ep_id).await;
+    assert_eq!(stats["success"], 1, "{stats}");
+
+    let msg_id = msg["id"].as_str().expect("id");
+    let (status, _) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/app/{app}/msg/{msg_id}/endpoint/{ep_id}/resend"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 202);
+    assert!(receiver.next().await.succeeded());
+    server.settled(&app, ep_id).await;
+    let log = attempts(&server, &app, ep_id).await;
+    assert_eq!(log.len(), 4);
+    assert_eq!(log[0]["triggerType"], 1, "resend is a manual attempt");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn gone_disables_the_endpoint() {
+    let server = TestServer::start().await;
+    let mut receiver = Receiver::start().await;
+    receiver.fallback(Reply::Status(410));
+    let app = server.create_app("gone").await;
+    let ep = server
+        .create_endpoint(&app, json!({"url": receiver.url}))
+        .await;
+    let ep_id = ep["id"].as_str().expect("id");
+    server
+        .send(&app, json!({"eventType": "x", "payload": {}}))
+        .await;
+    assert!(matches!(receiver.next().await.reply, Reply::Status(410)));
+    eventually("endpoint disabled", || async {
+        let (_, ep) = server
+            .call(
+                Method::GET,
+                &format!("/api/v1/app/{app}/endpoint/{ep_id}"),
+                None,
+            )
+            .await;
+        (ep["disabled"] == true).then_some(())
+    })
+    .await;
+    let stats = server.settled(&app, ep_id).await;
+    assert_eq!(stats["fail"], 1);
+    assert_eq!(
+        attempts(&server, &app, ep_id).await.len(),
+        1,
+        "410 is not retried"
+    );
+
+    // A disabled endpoint is not a target for new messages.
+    server
+        .send(&app, json!({"eventType": "x", "payload": {}}))
+        .await;
+    let stats = server.settled(&app, ep_id).await;
+    assert_eq!(stats["fail"], 1);
+    assert!(receiver.drain().is_empty());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn endpoints_disabled_after_failing_too_long() {
+    let server = TestServer::start_with(|c| {
+        c.delivery.disable_after_secs = 0.001;
+        c.delivery.retry_schedule_secs = vec![0.01; 5];
+    })
+    .await;
+    let mut receiver = Receiver::start().await;
+    receiver.fallback(Reply::Status(500));
+    let app = server.create_app("streak").await;
+    let ep = server
+        .create_endpoint(&app, json!({"url": receiver.url}))
+        .await;
+    let ep_id = ep["id"].as_str().expect("id");
+    server
+        .send(&app, json!({"eventType": "x", "payload": {}}))
+        .await;
+    receiver.next().await;
+    receiver.next().await;
+    eventually("endpoint disabled after its failure streak", || async {
+        let (_, ep) = server
+            .call(
+                Method::GET,
+                &format!("/api/v1/app/{app}/endpoint/{ep_id}"),
+                None,
+            )
+            .await;
+        (ep["disabled"] == true).then_some(())
+    })
+    .await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn event_type_and_channel_filters_choose_endpoints() {
+    let server = TestServer::start().await;
+    let mut by_type = Receiver::start().await;
+    let mut by_channel = Receiver::start().await;
+    let mut everything = Receiver::start().await;
+    let app = server.create_app("filters").await;
+    let ep_type = server
+        .create_endpoint(
+            &app,
+            json!({"url": by_type.url, "eventTypes": ["invoice.paid"]}),
+        )
+        .await;
+    // `filterTypes` is the older SDKs' name for the same filter.
+    let ep_legacy = server
+        .create_endpoint(
+            &app,
+            json!({"url": by_type.url, "filterTypes": ["never.sent"]}),
+        )
+        .await;
+    assert_eq!(ep_legacy["eventTypes"], json!(["never.sent"]));
+    let ep_channel = server
+        .create_endpoint(
+            &app,
+            json!({"url": by_channel.url, "channels": ["project_1"]}),
+        )
+        .await;
+    let ep_all = server
+        .create_endpoint(&app, json!({"url": everything.url}))
+        .await;
+
+    let messages = [
+        json!({"eventType": "invoice.paid", "payload": {"n": 1}}),
+        json!({"eventType": "invoice.failed", "payload": {"n": 2}, "channels": ["project_1"]}),
+        json!({"eventType": "invoice.paid", "payload": {"n": 3}, "channels": ["project_2", "project_1"]}),
+        json!({"eventType": "user.created", "payload": {"n": 4}, "channels": ["project_2"]}),
+    ];
+    for m in &messages {
+        server.send(&app, m.clone()).await;
+    }
+    for (ep, expected) in [
+        (&ep_type, 2),
+        (&ep_legacy, 0),
+        (&ep_channel, 2),
+        (&ep_all, 4),
+    ] {
+        let id = ep["id"].as_str().expect("id");
+        let stats = server.settled(&app, id).await;
+        assert_eq!(stats["success"], expected, "{id}: {stats}");
+    }
+    let numbers = |r: &mut Receiver| -> BTreeSet<i64> {
+        r.drain()
+            .iter()
+            .map(|d| {
+                serde_json::from_slice::<Value>(&d.body).expect("json")["n"]
+                    .as_i64()
+                    .expect("n")
+            })
+            .collect()
+    };
+    assert_eq!(numbers(&mut by_type), BTreeSet::from([1, 3]));
+    assert_eq!(numbers(&mut by_channel), BTreeSet::from([2, 3]));
+    assert_eq!(numbers(&mut everything), BTreeSet::from([1, 2, 3, 4]));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn private_targets_are_refused_unless_allowed() {
+    let server = TestServer::start_with(|c| {
+        c.delivery.allow_private_targets = false;
+        c.delivery.retry_schedule_secs = vec![];
+    })
+    .await;
+    let mut receiver = Receiver::start().await;
+    let app = server.create_app("ssrf").await;
+    let port = receiver.url.rsplit(':').next().expect("port").to_owned();
+    let by_ip = server
+        .create_endpoint(&app, json!({"url": receiver.url}))
+        .await;
+    let by_name = server
+        .create_endpoint(&app, json!({"url": format!("http://localhost:{port}")}))
+        .await;
+    server
+        .send(&app, json!({"eventType": "x", "payload": {}}))
+        .await;
+    for ep in [&by_ip, &by_name] {
+        let id = ep["id"].as_str().expect("id");
+        let stats = server.settled(&app, id).await;
+        assert_eq!(stats["fail"], 1, "{stats}");
+        let log = attempts(&server, &app, id).await;
+        assert_eq!(log[0]["responseStatusCode"], 0);
+        let why = log[0]["response"].as_str().expect("response");
+        assert!(why.contains("refused") && why.contains("loopback"), "{why}");
+    }
+    assert!(
+        receiver.drain().is_empty(),
+        "nothing reached the private address"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn rotated_secret_keeps_signing_during_the_grace_period() {
+    let server = TestServer::start().await;
+    let mut receiver = Receiver::start().await;
+    let app = server.create_app("rotate").await;
+    let ep = server
+        .create_endpoint(&app, json!({"url": receiver.url, "secret": SECRET}))
+        .await;
+    let ep_id = ep["id"].as_str().expect("id");
+    let (status, _) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/app/{app}/endpoint/{ep_id}/secret/rotate"),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, 204);
+    let (_, new_secret) = server
+        .call(
+            Method::GET,
+            &format!("/api/v1/app/{app}/endpoint/{ep_id}/secret"),
+            None,
+        )
+        .await;
+    let new_secret = new_secret["key"].as_str().expect("key").to_owned();
+    assert_ne!(new_secret, SECRET);
+
+    server
+        .send(&app, json!({"eventType": "x", "payload": {}}))
+        .await;
+    let delivery = receiver.next().await;
+    assert_eq!(delivery.header("webhook-signature").split(' ').count(), 2);
+    assert!(
+        signature_valid(&new_secret, &delivery),
+        "new secret verifies"
+    );
+    assert!(
+        signature_valid(SECRET, &delivery),
+        "old secret still verifies"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn first_attempts_are_not_stuck_behind_a_slow_endpoint() {
+    let server = TestServer::start_with(|c| {
+        c.delivery.per_endpoint_in_flight = 2;
+        c.delivery.request_timeout_secs = 30.0;
+        c.shutdown_grace_secs = 0.1;
+    })
+    .await;
+    let mut slow = Receiver::start().await;
+    slow.fallback(Reply::Hang);
+    let mut fast = Receiver::start().await;
+    let app_slow = server.create_app("slow").await;
+    let app_fast = server.create_app("fast").await;
+    server
+        .create_endpoint(&app_slow, json!({"url": slow.url}))
+        .await;
+    for _ in 0..20 {
+        server
+            .send(&app_slow, json!({"eventType": "x", "payload": {}}))
+            .await;
+    }
+    slow.next().await;
+    slow.next().await;
+    let fast_ep = server
+        .create_endpoint(&app_fast, json!({"url": fast.url}))
+        .await;
+    for _ in 0..5 {
+        server
+            .send(&app_fast, json!({"eventType": "x", "payload": {}}))
+            .await;
+    }
+    for _ in 0..5 {
+        assert!(fast.next().await.succeeded());
+    }
+    let stats = server
+        .settled(&app_fast, fast_ep["id"].as_str().expect("id"))
+        .await;
+    assert_eq!(stats["success"], 5);
+    assert!(
+        slow.drain().is_empty(),
+        "the hanging endpoint holds only its 2 slots"
+    );
+    server.stop().await;
+}

@@ -1,0 +1,354 @@
+//! Test server and webhook receiver.
+
+use std::{
+    collections::VecDeque,
+    future::Future,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use axum::{
+    Router,
+    body::Bytes,
+    extract::State,
+    http::{HeaderMap, StatusCode},
+    response::IntoResponse,
+    routing::post,
+};
+use herald::Config;
+use reqwest::Method;
+use serde_json::{Value, json};
+use tokio::{net::TcpListener, sync::mpsc, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+/// Upper bound for anything a test waits on; generous because CI machines are shared.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+pub fn test_config(data_dir: &std::path::Path) -> Config {
+    let backend = std::env::var("HERALD_TEST_STORE").unwrap_or_else(|_| "sqlite".into());
+    assert_eq!(
+        backend, "sqlite",
+        "HERALD_TEST_STORE={backend}: only sqlite exists so far"
+    );
+    let mut config = Config {
+        data_dir: data_dir.to_owned(),
+        admin_token: Some(ADMIN_TOKEN.into()),
+        shutdown_grace_secs: 5.0,
+        ..Config::default()
+    };
+    let d = &mut config.delivery;
+    d.allow_private_targets = true;
+    d.retry_schedule_secs = vec![0.05, 0.05, 0.05];
+    d.retry_jitter = 0.0;
+    d.overload_penalty_secs = 0.05;
+    d.request_timeout_secs = 2.0;
+    config
+}
+
+/// reqwest is built without a bundled TLS provider (see herald-delivery); install ring once.
+fn http_client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+}
+
+pub struct TestServer {
+    pub base: String,
+    http: reqwest::Client,
+    shutdown: CancellationToken,
+    /// `None` for a server running in another process.
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = test_config(dir.path());
+        adjust(&mut config);
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(herald::run(listener, config, shutdown.clone()));
+        Self {
+            base,
+            http: http_client(),
+            shutdown,
+            task: Some(task),
+            _dir: Some(dir),
+        }
+    }
+
+    /// API helpers for a server started elsewhere (a child process).
+    pub fn remote(base: String) -> Self {
+        Self {
+            base,
+            http: http_client(),
+            shutdown: CancellationToken::new(),
+            task: None,
+            _dir: None,
+        }
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task {
+            tokio::time::timeout(PATIENCE, task)
+                .await
+                .expect("server did not stop in time")
+                .expect("server task panicked")
+                .expect("server stopped with an error");
+        }
+    }
+
+    /// Calls the API as the admin; returns status and JSON body (`null` when empty).
+    pub async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.call_as(Some(ADMIN_TOKEN), method, path, body, None)
+            .await
+    }
+
+    pub async fn call_as(
+        &self,
+        token: Option<&str>,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        idempotency_key: Option<&str>,
+    ) -> (u16, Value) {
+        let mut request = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(key) = idempotency_key {
+            request = request.header("idempotency-key", key);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("request");
+        let status = response.status().as_u16();
+        let bytes = response.bytes().await.expect("body");
+        let value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| panic!("non-JSON body: {}", String::from_utf8_lossy(&bytes)))
+        };
+        (status, value)
+    }
+
+    pub async fn raw_post(&self, path: &str, body: &'static str) -> (u16, Value) {
+        let response = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(ADMIN_TOKEN)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("request");
+        let status = response.status().as_u16();
+        (status, response.json().await.expect("JSON error body"))
+    }
+
+    pub async fn create_app(&self, uid: &str) -> String {
+        let (status, app) = self
+            .call(
+                Method::POST,
+                "/api/v1/app",
+                Some(json!({"name": uid, "uid": uid})),
+            )
+            .await;
+        assert_eq!(status, 201, "{app}");
+        app["id"].as_str().expect("app id").to_owned()
+    }
+
+    pub async fn create_endpoint(&self, app: &str, body: Value) -> Value {
+        let (status, ep) = self
+            .call(
+                Method::POST,
+                &format!("/api/v1/app/{app}/endpoint"),
+                Some(body),
+            )
+            .await;
+        assert_eq!(status, 201, "{ep}");
+        ep
+    }
+
+    pub async fn send(&self, app: &str, body: Value) -> Value {
+        let (status, msg) = self
+            .call(Method::POST, &format!("/api/v1/app/{app}/msg"), Some(body))
+            .await;
+        assert_eq!(status, 201, "{msg}");
+        msg
+    }
+
+    pub async fn stats(&self, app: &str, endpoint: &str) -> Value {
+        let (status, stats) = self
+            .call(
+                Method::GET,
+                &format!("/api/v1/app/{app}/endpoint/{endpoint}/stats"),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "{stats}");
+        stats
+    }
+
+    /// Waits until the endpoint has no delivery pending or in flight.
+    pub async fn settled(&self, app: &str, endpoint: &str) -> Value {
+        eventually("deliveries to settle", || async {
+            let stats = self.stats(app, endpoint).await;
+            (stats["pending"] == 0 && stats["sending"] == 0).then_some(stats)
+        })
+        .await
+    }
+}
+
+/// Polls `check` until it yields a value, failing the test after [`PATIENCE`].
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum Reply {
+    Status(u16),
+    /// A status with `Retry-After: <secs>`.
+    RetryAfter(u16, u64),
+    /// Never answer (until the client gives up or dies).
+    Hang,
+}
+
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub path: String,
+    pub reply: Reply,
+}
+
+impl Delivery {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_else(|| panic!("missing header {name}"))
+    }
+
+    pub fn succeeded(&self) -> bool {
+        matches!(self.reply, Reply::Status(200..=299))
+    }
+}
+
+#[derive(Clone)]
+struct ReceiverState {
+    script: Arc<Mutex<VecDeque<Reply>>>,
+    fallback: Arc<Mutex<Reply>>,
+    seen: mpsc::UnboundedSender<Delivery>,
+}
+
+/// A local webhook endpoint that records every request and answers from a script.
+pub struct Receiver {
+    pub url: String,
+    state: ReceiverState,
+    seen: mpsc::UnboundedReceiver<Delivery>,
+}
+
+impl Receiver {
+    pub async fn start() -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let state = ReceiverState {
+            script: Arc::default(),
+            fallback: Arc::new(Mutex::new(Reply::Status(200))),
+            seen: tx,
+        };
+        let app = Router::new()
+            .route("/{*path}", post(receive))
+            .with_state(state.clone());
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind receiver");
+        let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Self {
+            url,
+            state,
+            seen: rx,
+        }
+    }
+
+    /// The next replies, in order; after them, the fallback.
+    pub fn script(&self, replies: &[Reply]) {
+        self.state
+            .script
+            .lock()
+            .expect("lock")
+            .extend(replies.iter().copied());
+    }
+
+    pub fn fallback(&self, reply: Reply) {
+        *self.state.fallback.lock().expect("lock") = reply;
+    }
+
+    pub async fn next(&mut self) -> Delivery {
+        tokio::time::timeout(PATIENCE, self.seen.recv())
+            .await
+            .expect("timed out waiting for a delivery")
+            .expect("receiver closed")
+    }
+
+    /// Everything received so far, without waiting.
+    pub fn drain(&mut self) -> Vec<Delivery> {
+        let mut all = Vec::new();
+        while let Ok(d) = self.seen.try_recv() {
+            all.push(d);
+        }
+        all
+    }
+}
+
+async fn receive(
+    State(state): State<ReceiverState>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> axum::response::Response {
+    let reply = state
+        .script
+        .lock()
+        .expect("lock")
+        .pop_front()
+        .unwrap_or_else(|| *state.fallback.lock().expect("lock"));
+    let _ = state.seen.send(Delivery {
+        headers,
+        body,
+        path: uri.path().to_owned(),
+        reply,
+    });
+    let code = |c: u16| StatusCode::from_u16(c).expect("status");
+    match reply {
+        Reply::Status(c) => (code(c), format!("reply {c}")).into_response(),
+        Reply::RetryAfter(c, secs) => {
+            (code(c), [("retry-after", secs.to_string())], "slow down").into_response()
+        }
+        Reply::Hang => std::future::pending().await,
+    }
+}

@@ -1,0 +1,146 @@
+//! The real binary as a child process: crash and SIGTERM without losing messages.
+
+use std::{collections::HashSet, path::Path, process::Stdio, time::Duration};
+
+use reqwest::Method;
+use serde_json::json;
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+};
+
+use crate::harness::{ADMIN_TOKEN, PATIENCE, Receiver, Reply, TestServer};
+
+/// A `herald serve` process on a random port; `api` talks to it through the usual helpers.
+struct HeraldProcess {
+    child: Child,
+    api: TestServer,
+}
+
+async fn spawn_herald(data: &Path) -> HeraldProcess {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(data)
+        .env("HERALD_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("HERALD_DELIVERY__ALLOW_PRIVATE_TARGETS", "true")
+        .env("HERALD_DELIVERY__RETRY_SCHEDULE_SECS", "[0.05, 0.05, 0.05]")
+        .env("HERALD_DELIVERY__REQUEST_TIMEOUT_SECS", "30")
+        .env("HERALD_SHUTDOWN_GRACE_SECS", "10")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn herald");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let base = tokio::time::timeout(PATIENCE, async {
+        while let Some(line) = lines.next_line().await.expect("read stdout") {
+            if let Some(url) = line.strip_prefix("herald listening on ") {
+                return url.to_owned();
+            }
+        }
+        panic!("herald exited before listening");
+    })
+    .await
+    .expect("herald did not start");
+    HeraldProcess {
+        child,
+        api: TestServer::remote(base),
+    }
+}
+
+/// Collects successful deliveries until every id in `want` has arrived once.
+async fn await_all(receiver: &mut Receiver, want: &HashSet<String>) {
+    let mut got = HashSet::new();
+    while !want.is_subset(&got) {
+        let delivery = receiver.next().await;
+        if delivery.succeeded() {
+            got.insert(delivery.header("webhook-id").to_owned());
+        }
+    }
+}
+
+async fn send_many(api: &TestServer, app: &str, n: usize) -> HashSet<String> {
+    let mut ids = HashSet::new();
+    for i in 0..n {
+        let msg = api
+            .send(
+                app,
+                json!({"eventType": "order.created", "payload": {"i": i}}),
+            )
+            .await;
+        ids.insert(msg["id"].as_str().expect("id").to_owned());
+    }
+    ids
+}
+
+#[tokio::test]
+async fn killed_mid_delivery_every_accepted_message_arrives_after_restart() {
+    let data = tempfile::tempdir().expect("dir");
+    let mut receiver = Receiver::start().await;
+    // The receiver holds every request open, so the kill lands while attempts are in flight.
+    receiver.fallback(Reply::Hang);
+
+    let mut first = spawn_herald(data.path()).await;
+    let app = first.api.create_app("crash").await;
+    first
+        .api
+        .create_endpoint(&app, json!({"url": receiver.url}))
+        .await;
+    let ids = send_many(&first.api, &app, 30).await;
+    receiver.next().await;
+    first.child.start_kill().expect("SIGKILL");
+    first.child.wait().await.expect("reap");
+
+    receiver.fallback(Reply::Status(200));
+    let mut second = spawn_herald(data.path()).await;
+    await_all(&mut receiver, &ids).await;
+    let (status, list) = second
+        .api
+        .call(
+            Method::GET,
+            &format!("/api/v1/app/{app}/msg?limit=100"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(list["data"].as_array().map(Vec::len), Some(30));
+    second.child.start_kill().expect("kill");
+}
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_attempts_and_exits_cleanly() {
+    let data = tempfile::tempdir().expect("dir");
+    let mut receiver = Receiver::start().await;
+    receiver.fallback(Reply::Status(500));
+
+    let mut herald = spawn_herald(data.path()).await;
+    let app = herald.api.create_app("drain").await;
+    let ep = herald
+        .api
+        .create_endpoint(&app, json!({"url": receiver.url}))
+        .await;
+    let ids = send_many(&herald.api, &app, 10).await;
+    receiver.next().await;
+
+    let pid = herald.child.id().expect("pid").to_string();
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .expect("kill");
+    assert!(killed.success());
+    let status = tokio::time::timeout(Duration::from_secs(15), herald.child.wait())
+        .await
+        .expect("herald exits within its grace period")
+        .expect("wait");
+    assert!(status.success(), "clean exit after SIGTERM: {status}");
+
+    receiver.fallback(Reply::Status(200));
+    let again = spawn_herald(data.path()).await;
+    await_all(&mut receiver, &ids).await;
+    let stats = again
+        .api
+        .settled(&app, ep["id"].as_str().expect("id"))
+        .await;
+    assert_eq!(stats["success"], 10, "{stats}");
+}
