@@ -128,7 +128,7 @@ pub async fn resend(
     State(state): State<ApiState>,
     caller: Caller,
     Path((app_id, msg_id, endpoint_id)): Path<(String, String, String)>,
-) -> ApiResult<StatusCode> {
+) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
     let app = caller.app(&state, &app_id).await?;
     let msg = state
         .store
@@ -151,5 +151,6 @@ pub async fn resend(
         .enqueue_manual(&app.id, &msg.id, &endpoint.id, crate::now())
         .await?;
     state.dispatcher.wake();
-    Ok(StatusCode::ACCEPTED)
+    // The SDKs parse an (empty) object from this response.
+    Ok((StatusCode::ACCEPTED, Json(serde_json::json!({}))))
 }

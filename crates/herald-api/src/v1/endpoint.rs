@@ -24,8 +24,10 @@ use crate::{
     pagination::{self, ListResponse},
 };
 
-/// How long a rotated-out secret keeps signing, so receivers can switch without dropping any.
-const ROTATION_GRACE: Duration = Duration::hours(24);
+/// How long a rotated-out secret keeps signing by default, so receivers can switch without
+/// dropping a delivery; `gracePeriodSeconds` may choose up to a week.
+const ROTATION_GRACE_SECS: i64 = 24 * 3600;
+const MAX_ROTATION_GRACE_SECS: i64 = 7 * 24 * 3600;
 const MAX_CHANNELS: usize = 10;
 /// Headers Herald sets itself; an endpoint may not override them.
 const RESERVED_HEADERS: &[&str] = &[
@@ -401,9 +403,12 @@ pub async fn get_secret(
 }
 
 #[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
 pub struct SecretRotateIn {
     #[serde(default)]
     key: Option<String>,
+    #[serde(default)]
+    grace_period_seconds: Option<i64>,
 }
 
 pub async fn rotate_secret(
@@ -411,12 +416,19 @@ pub async fn rotate_secret(
     caller: Caller,
     Path((app_id, endpoint_id)): Path<(String, String)>,
     body: Bytes,
-) -> ApiResult<StatusCode> {
+) -> ApiResult<Json<EndpointSecretOut>> {
     let input: SecretRotateIn = if body.iter().all(u8::is_ascii_whitespace) {
         SecretRotateIn::default()
     } else {
         parse_json(&body)?
     };
+    let grace = input.grace_period_seconds.unwrap_or(ROTATION_GRACE_SECS);
+    if !(0..=MAX_ROTATION_GRACE_SECS).contains(&grace) {
+        return Err(ApiError::invalid(
+            &["body", "gracePeriodSeconds"],
+            format!("must be between 0 and {MAX_ROTATION_GRACE_SECS}"),
+        ));
+    }
     let mut endpoint = find(&state, &caller, &app_id, &endpoint_id).await?;
     let new_secret = match input.key {
         Some(key) => {
@@ -431,10 +443,16 @@ pub async fn rotate_secret(
     endpoint
         .previous_secrets
         .retain(|(_, expires)| *expires > now);
-    endpoint.previous_secrets.push((old, now + ROTATION_GRACE));
+    if grace > 0 {
+        endpoint
+            .previous_secrets
+            .push((old, now + Duration::seconds(grace)));
+    }
     endpoint.updated_at = now;
     state.store.update_endpoint(&endpoint).await?;
-    Ok(StatusCode::NO_CONTENT)
+    Ok(Json(EndpointSecretOut {
+        key: endpoint.secret,
+    }))
 }
 
 #[derive(Serialize)]

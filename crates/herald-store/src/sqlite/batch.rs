@@ -25,6 +25,15 @@ pub(crate) enum WriteOp {
         endpoint_ids: Vec<String>,
     },
     RecordAttempt(AttemptRecord),
+    /// The Svix SDKs send an Idempotency-Key with every POST, so this rides along with the
+    /// message it answers for instead of costing a commit of its own.
+    SaveIdempotent {
+        scope: String,
+        key: String,
+        status: u16,
+        body: Vec<u8>,
+        at: i64,
+    },
 }
 
 pub(crate) struct PendingWrite {
@@ -102,6 +111,27 @@ async fn apply(conn: &mut SqliteConnection, op: &WriteOp) -> Result<()> {
             endpoint_ids,
         } => create_message(conn, message, endpoint_ids).await,
         WriteOp::RecordAttempt(record) => record_attempt(conn, record).await,
+        WriteOp::SaveIdempotent {
+            scope,
+            key,
+            status,
+            body,
+            at,
+        } => {
+            sqlx::query(
+                "INSERT INTO idempotency (scope, key, status, body, created_at)
+                 VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (scope, key) DO NOTHING",
+            )
+            .bind(scope)
+            .bind(key)
+            .bind(i64::from(*status))
+            .bind(body)
+            .bind(at)
+            .execute(&mut *conn)
+            .await?;
+            Ok(())
+        }
     }
 }
 

@@ -673,18 +673,14 @@ impl Store for SqliteStore {
         body: &[u8],
         now: DateTime<Utc>,
     ) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO idempotency (scope, key, status, body, created_at) VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (scope, key) DO NOTHING",
-        )
-        .bind(scope)
-        .bind(key)
-        .bind(i64::from(status))
-        .bind(body)
-        .bind(millis(now))
-        .execute(&self.writer)
-        .await?;
-        Ok(())
+        self.submit(WriteOp::SaveIdempotent {
+            scope: scope.to_owned(),
+            key: key.to_owned(),
+            status,
+            body: body.to_vec(),
+            at: millis(now),
+        })
+        .await
     }
 
     async fn purge_idempotency(&self, older_than: DateTime<Utc>) -> Result<u64> {

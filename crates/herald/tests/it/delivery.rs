@@ -389,14 +389,14 @@ async fn rotated_secret_keeps_signing_during_the_grace_period() {
         .create_endpoint(&app, json!({"url": receiver.url, "secret": SECRET}))
         .await;
     let ep_id = ep["id"].as_str().expect("id");
-    let (status, _) = server
+    let (status, rotated) = server
         .call(
             Method::POST,
             &format!("/api/v1/app/{app}/endpoint/{ep_id}/secret/rotate"),
             Some(json!({})),
         )
         .await;
-    assert_eq!(status, 204);
+    assert_eq!(status, 200);
     let (_, new_secret) = server
         .call(
             Method::GET,
@@ -404,6 +404,10 @@ async fn rotated_secret_keeps_signing_during_the_grace_period() {
             None,
         )
         .await;
+    assert_eq!(
+        rotated["key"], new_secret["key"],
+        "rotate answers with the new secret"
+    );
     let new_secret = new_secret["key"].as_str().expect("key").to_owned();
     assert_ne!(new_secret, SECRET);
 
