@@ -1,7 +1,7 @@
 //! The delivery loop: claim due deliveries, attempt them concurrently, record the outcomes.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -40,49 +40,109 @@ impl DispatcherHandle {
     }
 }
 
-/// One lane's in-flight bookkeeping, shared with the attempt tasks it spawned.
+/// One lane's bookkeeping, shared with the attempt tasks it spawned.
+///
+/// The lane claims up to twice its concurrency: jobs beyond the running limit wait here,
+/// already leased, so an attempt that finishes hands its slot straight to the next job for the
+/// same endpoint instead of waiting for the dispatcher's next trip to the store.
 struct Lane {
     first_attempts: bool,
+    /// Attempts running at once over all endpoints.
     limit: u32,
-    in_flight: Mutex<LaneCounts>,
+    /// Attempts running at once to one endpoint.
+    per_endpoint: u32,
+    state: Mutex<LaneState>,
 }
 
 #[derive(Default)]
-struct LaneCounts {
-    total: u32,
-    per_endpoint: HashMap<String, u32>,
+struct LaneState {
+    running: u32,
+    waiting: u32,
+    endpoints: HashMap<String, EndpointSlots>,
+}
+
+#[derive(Default)]
+struct EndpointSlots {
+    running: u32,
+    waiting: VecDeque<DeliveryJob>,
 }
 
 impl Lane {
-    fn new(first_attempts: bool, limit: u32) -> Arc<Self> {
+    fn new(first_attempts: bool, limit: u32, per_endpoint: u32) -> Arc<Self> {
         Arc::new(Self {
             first_attempts,
             limit,
-            in_flight: Mutex::new(LaneCounts::default()),
+            per_endpoint,
+            state: Mutex::new(LaneState::default()),
         })
     }
 
-    fn counts(&self) -> std::sync::MutexGuard<'_, LaneCounts> {
-        // The counters stay consistent even if a holder panicked mid-update is impossible:
-        // updates are single statements, so recover from poisoning.
-        self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
+    fn state(&self) -> std::sync::MutexGuard<'_, LaneState> {
+        // Every update is a few integer and queue operations that cannot panic midway.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn start(&self, endpoint: &str) {
-        let mut counts = self.counts();
-        counts.total += 1;
-        *counts.per_endpoint.entry(endpoint.to_owned()).or_insert(0) += 1;
+    /// How many more jobs to claim, and how many each endpoint already holds.
+    fn claim_budget(&self) -> (u32, HashMap<String, u32>) {
+        let state = self.state();
+        let room = (self.limit * 2).saturating_sub(state.running + state.waiting);
+        let held = state
+            .endpoints
+            .iter()
+            .map(|(id, slots)| (id.clone(), slots.running + slots.waiting.len() as u32))
+            .collect();
+        (room, held)
     }
 
-    fn finish(&self, endpoint: &str) {
-        let mut counts = self.counts();
-        counts.total = counts.total.saturating_sub(1);
-        if let Some(n) = counts.per_endpoint.get_mut(endpoint) {
-            *n -= 1;
-            if *n == 0 {
-                counts.per_endpoint.remove(endpoint);
+    /// Takes claimed jobs; returns those that may start now. The rest wait for a slot.
+    fn admit(&self, jobs: Vec<DeliveryJob>) -> Vec<DeliveryJob> {
+        let mut state = self.state();
+        let mut start = Vec::new();
+        for job in jobs {
+            let can_run = state.running < self.limit;
+            let slots = state.endpoints.entry(job.endpoint.id.clone()).or_default();
+            if can_run && slots.running < self.per_endpoint {
+                slots.running += 1;
+                state.running += 1;
+                start.push(job);
+            } else {
+                slots.waiting.push_back(job);
+                state.waiting += 1;
             }
         }
+        start
+    }
+
+    /// An attempt to `endpoint` ended. Hands its slot to the next job waiting for the same
+    /// endpoint, or frees it and starts a job waiting for another endpoint that now fits.
+    fn next_after(&self, endpoint: &str) -> Option<DeliveryJob> {
+        let mut state = self.state();
+        if let Some(slots) = state.endpoints.get_mut(endpoint) {
+            if let Some(job) = slots.waiting.pop_front() {
+                state.waiting -= 1;
+                return Some(job);
+            }
+            slots.running = slots.running.saturating_sub(1);
+            if slots.running == 0 {
+                state.endpoints.remove(endpoint);
+            }
+        }
+        state.running = state.running.saturating_sub(1);
+        if state.waiting == 0 || state.running >= self.limit {
+            return None;
+        }
+        let per_endpoint = self.per_endpoint;
+        let job = state
+            .endpoints
+            .values_mut()
+            .find(|slots| !slots.waiting.is_empty() && slots.running < per_endpoint)
+            .and_then(|slots| {
+                slots.running += 1;
+                slots.waiting.pop_front()
+            })?;
+        state.waiting -= 1;
+        state.running += 1;
+        Some(job)
     }
 }
 
@@ -111,9 +171,10 @@ impl Dispatcher {
     /// Attempts cut off by the grace period keep their lease and are retried after a restart.
     pub async fn run(self, shutdown: CancellationToken) {
         let me = Arc::new(self);
+        let per_endpoint = me.config.per_endpoint_in_flight;
         let lanes = [
-            Lane::new(true, me.config.max_in_flight),
-            Lane::new(false, me.config.max_retries_in_flight),
+            Lane::new(true, me.config.max_in_flight, per_endpoint),
+            Lane::new(false, me.config.max_retries_in_flight, per_endpoint),
         ];
         let tasks = TaskTracker::new();
         // Cancelled once the grace period is over: attempts still running then are abandoned
@@ -126,9 +187,8 @@ impl Dispatcher {
                 match me.claim(lane).await {
                     Ok(jobs) => {
                         saturated_batch |= jobs.len() as u32 == CLAIM_BATCH;
-                        for job in jobs {
-                            lane.start(&job.endpoint.id);
-                            tasks.spawn(Arc::clone(&me).attempt(
+                        for job in lane.admit(jobs) {
+                            tasks.spawn(Arc::clone(&me).attempts(
                                 job,
                                 Arc::clone(lane),
                                 abandon.clone(),
@@ -170,13 +230,7 @@ impl Dispatcher {
     }
 
     async fn claim(&self, lane: &Lane) -> Result<Vec<DeliveryJob>, StoreError> {
-        let (room, in_flight) = {
-            let counts = lane.counts();
-            (
-                lane.limit.saturating_sub(counts.total),
-                counts.per_endpoint.clone(),
-            )
-        };
+        let (room, in_flight) = lane.claim_budget();
         if room == 0 {
             return Ok(Vec::new());
         }
@@ -190,7 +244,8 @@ impl Dispatcher {
                 limit: room.min(CLAIM_BATCH),
                 first_attempts: lane.first_attempts,
                 in_flight,
-                per_endpoint_limit: self.config.per_endpoint_in_flight,
+                // One round running plus one round waiting per endpoint.
+                per_endpoint_limit: lane.per_endpoint * 2,
             })
             .await
     }
@@ -217,25 +272,51 @@ impl Dispatcher {
         }
     }
 
-    async fn attempt(
+    /// Runs `job`, then whatever the lane hands this slot next, until nothing is waiting.
+    /// Each attempt's record commits while the next request is already under way, so a slot
+    /// never idles on the store.
+    async fn attempts(
         self: Arc<Self>,
-        job: DeliveryJob,
+        mut job: DeliveryJob,
         lane: Arc<Lane>,
         abandon: CancellationToken,
     ) {
-        let record = tokio::select! {
-            record = self.send(&job) => record,
-            () = abandon.cancelled() => {
-                lane.finish(&job.endpoint.id);
-                return;
+        let mut unsaved: Option<AttemptRecord> = None;
+        loop {
+            let previous = unsaved.take();
+            let both = async { tokio::join!(self.send(&job), self.save(previous)).0 };
+            let record = tokio::select! {
+                record = both => record,
+                // Shutdown's grace period is over: leave the rest to the next start.
+                () = abandon.cancelled() => return,
+            };
+            let next = lane.next_after(&job.endpoint.id);
+            // A freed slot may let the dispatcher claim more.
+            self.handle.wake();
+            match next {
+                Some(next) => {
+                    unsaved = Some(record);
+                    job = next;
+                }
+                None => {
+                    self.save(Some(record)).await;
+                    return;
+                }
             }
-        };
-        if let Err(e) = self.store.record_attempt(record).await {
-            // The delivery keeps its lease and is attempted again when the lease runs out.
-            tracing::error!(error = %e, msg_id = %job.msg_id, endpoint_id = %job.endpoint.id,
-                "recording an attempt failed");
         }
-        lane.finish(&job.endpoint.id);
+    }
+
+    async fn save(&self, record: Option<AttemptRecord>) {
+        let Some(record) = record else { return };
+        let (msg_id, endpoint_id) = (
+            record.attempt.msg_id.clone(),
+            record.attempt.endpoint_id.clone(),
+        );
+        if let Err(e) = self.store.record_attempt(record).await {
+            // The delivery is attempted again once its lease runs out.
+            tracing::error!(error = %e, %msg_id, %endpoint_id, "recording an attempt failed");
+        }
+        // The record may have scheduled a retry sooner than the dispatcher's next look.
         self.handle.wake();
     }
 
@@ -290,13 +371,16 @@ impl Dispatcher {
             self.config
                 .retry
                 .decide(outcome, job.attempts, manual, failing_for, &mut rand::rng());
+        let streak_running = job.endpoint.failing_since.is_some();
         let (next, endpoint_change) = match decision {
-            RetryDecision::Delivered => (NextStep::Delivered, EndpointChange::Succeeded),
-            RetryDecision::RetryIn(delay) => (
-                NextStep::RetryAt(now + delay),
-                EndpointChange::Failed { at: now },
-            ),
-            RetryDecision::GiveUp => (NextStep::Failed, EndpointChange::Failed { at: now }),
+            RetryDecision::Delivered if streak_running => {
+                (NextStep::Delivered, EndpointChange::StreakEnded)
+            }
+            RetryDecision::Delivered => (NextStep::Delivered, EndpointChange::Unchanged),
+            RetryDecision::RetryIn(delay) => {
+                (NextStep::RetryAt(now + delay), streak(streak_running, now))
+            }
+            RetryDecision::GiveUp => (NextStep::Failed, streak(streak_running, now)),
             RetryDecision::DisableEndpoint => {
                 tracing::warn!(endpoint_id = %job.endpoint.id, status_code, "disabling endpoint");
                 (NextStep::Failed, EndpointChange::Disable)
@@ -325,6 +409,15 @@ impl Dispatcher {
             next,
             endpoint_change,
         }
+    }
+}
+
+/// A failure starts the endpoint's failing streak unless one is already running.
+fn streak(running: bool, now: chrono::DateTime<Utc>) -> EndpointChange {
+    if running {
+        EndpointChange::Unchanged
+    } else {
+        EndpointChange::StreakStarted { at: now }
     }
 }
 

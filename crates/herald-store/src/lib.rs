@@ -116,10 +116,13 @@ pub enum NextStep {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EndpointChange {
+    /// The endpoint's state stays as it is (the common case: a success after successes, or a
+    /// failure inside a running streak), so its row is not written at all.
+    Unchanged,
     /// A success ends the endpoint's failing streak.
-    Succeeded,
-    /// A failure starts a failing streak unless one is running.
-    Failed {
+    StreakEnded,
+    /// A failure starts a failing streak.
+    StreakStarted {
         at: DateTime<Utc>,
     },
     Disable,
@@ -151,8 +154,9 @@ pub trait Store: Send + Sync + 'static {
     async fn list_endpoints(&self, app_id: &str, page: &Page) -> Result<Vec<Endpoint>>;
     async fn update_endpoint(&self, endpoint: &Endpoint) -> Result<()>;
     async fn delete_endpoint(&self, app_id: &str, id: &str) -> Result<bool>;
-    /// Every endpoint of the app, for matching a new message against the filters.
-    async fn app_endpoints(&self, app_id: &str) -> Result<Vec<Endpoint>>;
+    /// Every endpoint of the app, for matching a new message against the filters. Called for
+    /// every new message, so implementations may serve it from a cache they keep exact.
+    async fn app_endpoints(&self, app_id: &str) -> Result<std::sync::Arc<Vec<Endpoint>>>;
     async fn endpoint_stats(&self, endpoint_id: &str) -> Result<EndpointStats>;
 
     // Messages

@@ -165,14 +165,14 @@ pub async fn create(
     };
     let endpoints = state.store.app_endpoints(&app.id).await?;
     let targets: Vec<String> = endpoints
-        .into_iter()
+        .iter()
         .filter(|ep| {
             !ep.disabled
                 && ep
                     .filter()
                     .matches(&message.event_type, message.channels.as_deref())
         })
-        .map(|ep| ep.id)
+        .map(|ep| ep.id.clone())
         .collect();
     let has_targets = !targets.is_empty();
     state.store.create_message(message.clone(), targets).await?;

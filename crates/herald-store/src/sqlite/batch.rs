@@ -12,6 +12,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::rows::{conflict_as, millis, opt_json};
+
+mod grouped;
 use crate::{AttemptRecord, EndpointChange, NextStep, Result, StoreError};
 
 /// Largest number of writes committed together.
@@ -86,6 +88,20 @@ async fn commit(pool: &SqlitePool, batch: &mut Vec<PendingWrite>) {
 
 async fn apply_all(pool: &SqlitePool, batch: &[PendingWrite]) -> Result<Vec<Result<()>>> {
     let mut tx = pool.begin().await?;
+    match grouped::apply(&mut tx, batch).await {
+        Ok(outcomes) => {
+            tx.commit().await?;
+            return Ok(outcomes);
+        }
+        Err(e) => {
+            // Something other than an expected conflict (say, a foreign key: the app was
+            // deleted meanwhile). Redo the batch one write at a time so only the writes that
+            // fail report an error.
+            tracing::warn!(error = %e, writes = batch.len(), "grouped write failed; retrying one by one");
+            tx.rollback().await?;
+        }
+    }
+    let mut tx = pool.begin().await?;
     let mut outcomes = Vec::with_capacity(batch.len());
     for write in batch {
         let mut savepoint = tx.begin().await?;
@@ -135,6 +151,8 @@ async fn apply(conn: &mut SqliteConnection, op: &WriteOp) -> Result<()> {
     }
 }
 
+pub(crate) const MESSAGE_CONFLICT: &str = "a message with this eventId already exists";
+
 async fn create_message(
     conn: &mut SqliteConnection,
     message: &Message,
@@ -155,7 +173,7 @@ async fn create_message(
     .bind(created)
     .execute(&mut *conn)
     .await
-    .map_err(conflict_as("a message with this eventId already exists"))?;
+    .map_err(conflict_as(MESSAGE_CONFLICT))?;
     for endpoint_id in endpoint_ids {
         sqlx::query(
             "INSERT INTO deliveries (msg_id, endpoint_id, app_id, status, attempts, trigger_type,
@@ -172,6 +190,15 @@ async fn create_message(
         .await?;
     }
     Ok(())
+}
+
+/// The delivery's status and due time after an attempt.
+pub(crate) fn next_state(next: NextStep) -> (DeliveryStatus, Option<i64>) {
+    match next {
+        NextStep::Delivered => (DeliveryStatus::Success, None),
+        NextStep::RetryAt(at) => (DeliveryStatus::Pending, Some(millis(at))),
+        NextStep::Failed => (DeliveryStatus::Fail, None),
+    }
 }
 
 async fn record_attempt(conn: &mut SqliteConnection, record: &AttemptRecord) -> Result<()> {
@@ -196,11 +223,7 @@ async fn record_attempt(conn: &mut SqliteConnection, record: &AttemptRecord) -> 
     .execute(&mut *conn)
     .await?;
 
-    let (status, next_at) = match record.next {
-        NextStep::Delivered => (DeliveryStatus::Success, None),
-        NextStep::RetryAt(at) => (DeliveryStatus::Pending, Some(millis(at))),
-        NextStep::Failed => (DeliveryStatus::Fail, None),
-    };
+    let (status, next_at) = next_state(record.next);
     let scheduled = i64::from(a.trigger_type == TriggerType::Scheduled);
     sqlx::query(
         "UPDATE deliveries SET status = $1, next_attempt_at = $2, attempts = attempts + $3,
@@ -216,22 +239,32 @@ async fn record_attempt(conn: &mut SqliteConnection, record: &AttemptRecord) -> 
     .execute(&mut *conn)
     .await?;
 
-    let endpoint_update = match record.endpoint_change {
-        EndpointChange::Succeeded => sqlx::query(
+    endpoint_change(conn, &a.endpoint_id, record.endpoint_change, now).await
+}
+
+pub(crate) async fn endpoint_change(
+    conn: &mut SqliteConnection,
+    endpoint_id: &str,
+    change: EndpointChange,
+    now: i64,
+) -> Result<()> {
+    let update = match change {
+        EndpointChange::Unchanged => return Ok(()),
+        EndpointChange::StreakEnded => sqlx::query(
             "UPDATE endpoints SET failing_since = NULL WHERE id = $1 AND failing_since IS NOT NULL",
         )
-        .bind(&a.endpoint_id),
-        EndpointChange::Failed { at } => sqlx::query(
+        .bind(endpoint_id),
+        EndpointChange::StreakStarted { at } => sqlx::query(
             "UPDATE endpoints SET failing_since = $2 WHERE id = $1 AND failing_since IS NULL",
         )
-        .bind(&a.endpoint_id)
+        .bind(endpoint_id)
         .bind(millis(at)),
         EndpointChange::Disable => {
             sqlx::query("UPDATE endpoints SET disabled = 1, updated_at = $2 WHERE id = $1")
-                .bind(&a.endpoint_id)
+                .bind(endpoint_id)
                 .bind(now)
         }
     };
-    endpoint_update.execute(&mut *conn).await?;
+    update.execute(&mut *conn).await?;
     Ok(())
 }

@@ -6,9 +6,11 @@
 //! task in [`batch`]; everything else writes through the writer pool directly.
 
 mod batch;
+mod cache;
+mod leases;
 mod rows;
 
-use std::{collections::HashMap, path::Path, str::FromStr, time::Duration};
+use std::{collections::HashMap, path::Path, str::FromStr, sync::Arc, time::Duration};
 
 use chrono::{DateTime, Utc};
 use herald_core::{
@@ -37,6 +39,8 @@ const DB_FILE: &str = "herald.db";
 const READERS: u32 = 4;
 
 pub struct SqliteStore {
+    cache: cache::Cache,
+    leases: leases::Leases,
     reader: SqlitePool,
     writer: SqlitePool,
     writes: mpsc::Sender<PendingWrite>,
@@ -71,6 +75,8 @@ impl SqliteStore {
         let shutdown = CancellationToken::new();
         let batcher = tokio::spawn(batch::run(writer.clone(), queue, shutdown.clone()));
         Ok(Self {
+            cache: cache::Cache::default(),
+            leases: leases::Leases::default(),
             reader,
             writer,
             writes,
@@ -123,12 +129,20 @@ impl Store for SqliteStore {
     }
 
     async fn get_app(&self, id_or_uid: &str) -> Result<Option<App>> {
-        sqlx::query("SELECT * FROM apps WHERE id = $1 OR uid = $1 LIMIT 1")
+        if let Some(app) = self.cache.app(id_or_uid) {
+            return Ok(Some(app));
+        }
+        let generation = self.cache.generation();
+        let app = sqlx::query("SELECT * FROM apps WHERE id = $1 OR uid = $1 LIMIT 1")
             .bind(id_or_uid)
             .fetch_optional(&self.reader)
             .await?
             .map(|row| rows::app(&row))
-            .transpose()
+            .transpose()?;
+        if let Some(app) = &app {
+            self.cache.put_app(generation, app);
+        }
+        Ok(app)
     }
 
     async fn list_apps(&self, page: &Page) -> Result<Vec<App>> {
@@ -156,6 +170,7 @@ impl Store for SqliteStore {
         .execute(&self.writer)
         .await
         .map_err(conflict_as("an application with this uid already exists"))?;
+        self.cache.invalidate();
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound);
         }
@@ -167,6 +182,7 @@ impl Store for SqliteStore {
             .bind(id)
             .execute(&self.writer)
             .await?;
+        self.cache.invalidate();
         Ok(done.rows_affected() > 0)
     }
 
@@ -298,6 +314,7 @@ impl Store for SqliteStore {
         .execute(&self.writer)
         .await
         .map_err(conflict_as("an endpoint with this uid already exists"))?;
+        self.cache.invalidate();
         Ok(())
     }
 
@@ -348,6 +365,7 @@ impl Store for SqliteStore {
         .execute(&self.writer)
         .await
         .map_err(conflict_as("an endpoint with this uid already exists"))?;
+        self.cache.invalidate();
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound);
         }
@@ -360,17 +378,25 @@ impl Store for SqliteStore {
             .bind(id)
             .execute(&self.writer)
             .await?;
+        self.cache.invalidate();
         Ok(done.rows_affected() > 0)
     }
 
-    async fn app_endpoints(&self, app_id: &str) -> Result<Vec<Endpoint>> {
-        sqlx::query("SELECT * FROM endpoints WHERE app_id = $1")
+    async fn app_endpoints(&self, app_id: &str) -> Result<Arc<Vec<Endpoint>>> {
+        if let Some(endpoints) = self.cache.endpoints(app_id) {
+            return Ok(endpoints);
+        }
+        let generation = self.cache.generation();
+        let endpoints: Vec<Endpoint> = sqlx::query("SELECT * FROM endpoints WHERE app_id = $1")
             .bind(app_id)
             .fetch_all(&self.reader)
             .await?
             .iter()
             .map(|row| rows::endpoint(row, ""))
-            .collect()
+            .collect::<Result<_>>()?;
+        let endpoints = Arc::new(endpoints);
+        self.cache.put_endpoints(generation, app_id, &endpoints);
+        Ok(endpoints)
     }
 
     async fn endpoint_stats(&self, endpoint_id: &str) -> Result<EndpointStats> {
@@ -381,13 +407,16 @@ impl Store for SqliteStore {
         .fetch_all(&self.reader)
         .await?;
         let mut stats = EndpointStats::default();
+        // In-flight deliveries are pending in the table; their leases live in memory.
+        let sending = self.leases.count_for(endpoint_id);
+        stats.sending = sending;
         for row in counts {
             let n: i64 = row.try_get("n")?;
             match rows::status(row.try_get("status")?)? {
                 DeliveryStatus::Success => stats.success = n,
-                DeliveryStatus::Pending => stats.pending = n,
+                DeliveryStatus::Pending => stats.pending = (n - sending).max(0),
                 DeliveryStatus::Fail => stats.fail = n,
-                DeliveryStatus::Sending => stats.sending = n,
+                DeliveryStatus::Sending => stats.sending += n,
             }
         }
         Ok(stats)
@@ -506,10 +535,10 @@ impl Store for SqliteStore {
             .filter(|(_, n)| **n >= request.per_endpoint_limit)
             .map(|(endpoint, _)| endpoint)
             .collect();
-        let mut tx = self.writer.begin().await?;
         // Fetch more candidates than needed: some may belong to an endpoint that fills up.
         let candidates = sqlx::query(
-            "SELECT d.msg_id, d.attempts, d.trigger_type, m.app_id AS m_app_id, m.event_type,
+            "SELECT d.rowid AS d_rowid, d.msg_id, d.attempts, d.trigger_type,
+                    m.app_id AS m_app_id, m.event_type,
                     m.payload, e.id AS e_id, e.app_id AS e_app_id, e.uid AS e_uid, e.url AS e_url,
                     e.description AS e_description, e.throttle_rate AS e_throttle_rate,
                     e.disabled AS e_disabled, e.event_types AS e_event_types,
@@ -523,36 +552,31 @@ impl Store for SqliteStore {
              WHERE d.status IN (1, 3) AND d.next_attempt_at <= $1
                AND ((d.attempts = 0 AND d.trigger_type = 0) = $2)
                AND d.endpoint_id NOT IN (SELECT value FROM json_each($3))
+               AND d.rowid NOT IN (SELECT value FROM json_each($4))
              ORDER BY d.next_attempt_at
-             LIMIT $4",
+             LIMIT $5",
         )
         .bind(millis(request.now))
         .bind(request.first_attempts)
         .bind(to_json(&full))
+        .bind(to_json(&self.leases.held(request.now)))
         .bind(i64::from(request.limit) * 4)
-        .fetch_all(&mut *tx)
+        .fetch_all(&self.reader)
         .await?;
 
         let mut taken: HashMap<String, u32> = HashMap::new();
         let mut jobs = Vec::new();
+        let mut leased: Vec<i64> = Vec::new();
+        let mut refused: Vec<i64> = Vec::new();
         for row in &candidates {
             if jobs.len() >= request.limit as usize {
                 break;
             }
+            let rowid: i64 = row.try_get("d_rowid")?;
             let endpoint = rows::endpoint(row, "e_")?;
-            let msg_id: String = row.try_get("msg_id")?;
             if endpoint.disabled {
                 // Disabled endpoints receive nothing; the delivery stays recoverable as failed.
-                sqlx::query(
-                    "UPDATE deliveries SET status = $1, next_attempt_at = NULL, updated_at = $2
-                     WHERE msg_id = $3 AND endpoint_id = $4",
-                )
-                .bind(DeliveryStatus::Fail as i64)
-                .bind(millis(request.now))
-                .bind(&msg_id)
-                .bind(&endpoint.id)
-                .execute(&mut *tx)
-                .await?;
+                refused.push(rowid);
                 continue;
             }
             let busy = request.in_flight.get(&endpoint.id).copied().unwrap_or(0);
@@ -561,20 +585,10 @@ impl Store for SqliteStore {
                 continue;
             }
             *slot += 1;
-            sqlx::query(
-                "UPDATE deliveries SET status = $1, next_attempt_at = $2, updated_at = $3
-                 WHERE msg_id = $4 AND endpoint_id = $5",
-            )
-            .bind(DeliveryStatus::Sending as i64)
-            .bind(millis(request.lease_until))
-            .bind(millis(request.now))
-            .bind(&msg_id)
-            .bind(&endpoint.id)
-            .execute(&mut *tx)
-            .await?;
+            leased.push(rowid);
             let payload: Vec<u8> = row.try_get("payload")?;
             jobs.push(DeliveryJob {
-                msg_id,
+                msg_id: row.try_get("msg_id")?,
                 app_id: row.try_get("m_app_id")?,
                 event_type: row.try_get("event_type")?,
                 payload: payload.into(),
@@ -583,7 +597,18 @@ impl Store for SqliteStore {
                 trigger: TriggerType::from_code(row.try_get("trigger_type")?),
             });
         }
-        tx.commit().await?;
+        self.leases.take(&jobs, &leased, request.lease_until);
+        if !refused.is_empty() {
+            sqlx::query(
+                "UPDATE deliveries SET status = $1, next_attempt_at = NULL, updated_at = $2
+                 WHERE rowid IN (SELECT value FROM json_each($3))",
+            )
+            .bind(DeliveryStatus::Fail as i64)
+            .bind(millis(request.now))
+            .bind(to_json(&refused))
+            .execute(&self.writer)
+            .await?;
+        }
         Ok(jobs)
     }
 
@@ -599,7 +624,20 @@ impl Store for SqliteStore {
     }
 
     async fn record_attempt(&self, record: AttemptRecord) -> Result<()> {
-        self.submit(WriteOp::RecordAttempt(record)).await
+        let changes_endpoint = record.endpoint_change == crate::EndpointChange::Disable;
+        let key = (
+            record.attempt.msg_id.clone(),
+            record.attempt.endpoint_id.clone(),
+        );
+        let result = self.submit(WriteOp::RecordAttempt(record)).await;
+        // Released after the commit: the delivery's new state is visible before it is
+        // claimable again. On failure too, so the attempt is retried rather than stranded.
+        self.leases.release(&key);
+        if changes_endpoint {
+            // Only disabling changes what message fan-out sees.
+            self.cache.invalidate();
+        }
+        result
     }
 
     async fn requeue_leased(&self, now: DateTime<Utc>) -> Result<u64> {

@@ -1,0 +1,197 @@
+//! A batch applied as set operations: one multi-row statement per kind of write instead of a
+//! few statements per write. Each statement is a round trip to SQLite's connection thread, and
+//! on a busy machine those round trips, not the SQL, are what limit the rate.
+//!
+//! Unique-key conflicts (a repeated `eventId`) are expected and reported per write through
+//! `ON CONFLICT DO NOTHING RETURNING`; any other error aborts the batch and the caller falls
+//! back to applying writes one at a time.
+
+use std::collections::HashSet;
+
+use herald_core::model::{Message, TriggerType};
+use serde_json::json;
+use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
+
+use super::{MESSAGE_CONFLICT, PendingWrite, WriteOp, endpoint_change, next_state};
+use crate::{
+    AttemptRecord, Result, StoreError,
+    sqlite::rows::{millis, opt_json},
+};
+
+/// Rows per multi-row statement; the widest row has 11 columns, far under SQLite's limit of
+/// 32,766 bound variables per statement.
+const ROWS_PER_STATEMENT: usize = 256;
+
+pub(super) async fn apply(
+    conn: &mut SqliteConnection,
+    batch: &[PendingWrite],
+) -> Result<Vec<Result<()>>> {
+    let mut outcomes: Vec<Result<()>> = batch.iter().map(|_| Ok(())).collect();
+    let mut messages = Vec::new();
+    let mut attempts = Vec::new();
+    let mut idempotent = Vec::new();
+    for (i, write) in batch.iter().enumerate() {
+        match &write.op {
+            WriteOp::CreateMessage {
+                message,
+                endpoint_ids,
+            } => messages.push((i, message, endpoint_ids.as_slice())),
+            WriteOp::RecordAttempt(record) => attempts.push(record),
+            WriteOp::SaveIdempotent {
+                scope,
+                key,
+                status,
+                body,
+                at,
+            } => idempotent.push((scope.as_str(), key.as_str(), *status, body.as_slice(), *at)),
+        }
+    }
+    if !messages.is_empty() {
+        insert_messages(conn, &messages, &mut outcomes).await?;
+    }
+    if !attempts.is_empty() {
+        record_attempts(conn, &attempts).await?;
+    }
+    if !idempotent.is_empty() {
+        save_idempotent(conn, &idempotent).await?;
+    }
+    Ok(outcomes)
+}
+
+async fn insert_messages(
+    conn: &mut SqliteConnection,
+    messages: &[(usize, &Message, &[String])],
+    outcomes: &mut [Result<()>],
+) -> Result<()> {
+    let mut inserted = HashSet::with_capacity(messages.len());
+    for chunk in messages.chunks(ROWS_PER_STATEMENT) {
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "INSERT INTO messages (id, app_id, event_id, event_type, channels, tags, payload, created_at) ",
+        );
+        q.push_values(chunk, |mut row, (_, m, _)| {
+            row.push_bind(&m.id)
+                .push_bind(&m.app_id)
+                .push_bind(&m.event_id)
+                .push_bind(&m.event_type)
+                .push_bind(opt_json(&m.channels))
+                .push_bind(opt_json(&m.tags))
+                .push_bind(m.payload.as_ref())
+                .push_bind(millis(m.created_at));
+        });
+        q.push(" ON CONFLICT DO NOTHING RETURNING id");
+        for row in q.build().fetch_all(&mut *conn).await? {
+            inserted.insert(row.try_get::<String, _>("id")?);
+        }
+    }
+    let mut deliveries = Vec::new();
+    for (i, message, endpoint_ids) in messages {
+        if inserted.contains(&message.id) {
+            deliveries.extend(endpoint_ids.iter().map(|ep| (*message, ep)));
+        } else {
+            outcomes[*i] = Err(StoreError::Conflict(MESSAGE_CONFLICT.to_owned()));
+        }
+    }
+    for chunk in deliveries.chunks(ROWS_PER_STATEMENT) {
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "INSERT INTO deliveries (msg_id, endpoint_id, app_id, status, attempts, trigger_type,
+                                     next_attempt_at, updated_at) ",
+        );
+        q.push_values(chunk, |mut row, (m, endpoint_id)| {
+            let created = millis(m.created_at);
+            row.push_bind(&m.id)
+                .push_bind(*endpoint_id)
+                .push_bind(&m.app_id)
+                .push_bind(herald_core::model::DeliveryStatus::Pending as i64)
+                .push_bind(0_i64)
+                .push_bind(TriggerType::Scheduled as i64)
+                .push_bind(created)
+                .push_bind(created);
+        });
+        q.build().execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+async fn record_attempts(conn: &mut SqliteConnection, records: &[&AttemptRecord]) -> Result<()> {
+    for chunk in records.chunks(ROWS_PER_STATEMENT) {
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "INSERT INTO attempts (id, msg_id, endpoint_id, app_id, url, status, response_status_code,
+                                   response, response_duration_ms, trigger_type, created_at) ",
+        );
+        q.push_values(chunk, |mut row, record| {
+            let a = &record.attempt;
+            row.push_bind(&a.id)
+                .push_bind(&a.msg_id)
+                .push_bind(&a.endpoint_id)
+                .push_bind(&a.app_id)
+                .push_bind(&a.url)
+                .push_bind(a.status as i64)
+                .push_bind(a.response_status_code)
+                .push_bind(&a.response)
+                .push_bind(a.response_duration_ms)
+                .push_bind(a.trigger_type as i64)
+                .push_bind(millis(a.created_at));
+        });
+        q.build().execute(&mut *conn).await?;
+    }
+
+    // Every delivery's new state in one statement, from a JSON table of updates.
+    let updates: Vec<_> = records
+        .iter()
+        .map(|record| {
+            let a = &record.attempt;
+            let (status, next_at) = next_state(record.next);
+            json!([
+                a.msg_id,
+                a.endpoint_id,
+                status as i64,
+                next_at,
+                i64::from(a.trigger_type == TriggerType::Scheduled),
+                millis(a.created_at),
+            ])
+        })
+        .collect();
+    sqlx::query(
+        "UPDATE deliveries
+         SET status = u.status, next_attempt_at = u.next_at, attempts = attempts + u.scheduled,
+             updated_at = u.at
+         FROM (SELECT value ->> 0 AS msg_id, value ->> 1 AS endpoint_id, value ->> 2 AS status,
+                      value ->> 3 AS next_at, value ->> 4 AS scheduled, value ->> 5 AS at
+               FROM json_each($1)) AS u
+         WHERE deliveries.msg_id = u.msg_id AND deliveries.endpoint_id = u.endpoint_id",
+    )
+    .bind(serde_json::Value::Array(updates).to_string())
+    .execute(&mut *conn)
+    .await?;
+
+    // Changes to an endpoint's failure streak are rare; write them one by one.
+    for record in records {
+        endpoint_change(
+            conn,
+            &record.attempt.endpoint_id,
+            record.endpoint_change,
+            millis(record.attempt.created_at),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+type IdempotentRow<'a> = (&'a str, &'a str, u16, &'a [u8], i64);
+
+async fn save_idempotent(conn: &mut SqliteConnection, rows: &[IdempotentRow<'_>]) -> Result<()> {
+    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+        let mut q: QueryBuilder<Sqlite> =
+            QueryBuilder::new("INSERT INTO idempotency (scope, key, status, body, created_at) ");
+        q.push_values(chunk, |mut row, (scope, key, status, body, at)| {
+            row.push_bind(*scope)
+                .push_bind(*key)
+                .push_bind(i64::from(*status))
+                .push_bind(*body)
+                .push_bind(*at);
+        });
+        q.push(" ON CONFLICT (scope, key) DO NOTHING");
+        q.build().execute(&mut *conn).await?;
+    }
+    Ok(())
+}

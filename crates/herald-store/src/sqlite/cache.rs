@@ -1,0 +1,87 @@
+//! What every new message needs to read (its app, the app's endpoints), kept in memory.
+//!
+//! Exact, not eventually consistent: every write that could change an entry goes through this
+//! store and calls [`Cache::invalidate`] once it has committed. A read that raced with such a
+//! write must not put its stale result back, so fills carry the generation they started in and
+//! are dropped if an invalidation happened meanwhile. (A store shared by several nodes needs
+//! cross-node invalidation; that belongs to the PostgreSQL implementation.)
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use herald_core::model::{App, Endpoint};
+
+#[derive(Default)]
+pub(crate) struct Cache {
+    generation: AtomicU64,
+    entries: RwLock<Entries>,
+}
+
+#[derive(Default)]
+struct Entries {
+    /// Keyed by id and, when set, by uid.
+    apps: HashMap<String, App>,
+    endpoints: HashMap<String, Arc<Vec<Endpoint>>>,
+}
+
+impl Cache {
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn app(&self, id_or_uid: &str) -> Option<App> {
+        self.read().apps.get(id_or_uid).cloned()
+    }
+
+    pub(crate) fn endpoints(&self, app_id: &str) -> Option<Arc<Vec<Endpoint>>> {
+        self.read().endpoints.get(app_id).cloned()
+    }
+
+    pub(crate) fn put_app(&self, generation: u64, app: &App) {
+        let mut entries = self.write();
+        if self.generation() != generation {
+            return;
+        }
+        entries.apps.insert(app.id.clone(), app.clone());
+        if let Some(uid) = &app.uid {
+            entries.apps.insert(uid.clone(), app.clone());
+        }
+    }
+
+    pub(crate) fn put_endpoints(
+        &self,
+        generation: u64,
+        app_id: &str,
+        endpoints: &Arc<Vec<Endpoint>>,
+    ) {
+        let mut entries = self.write();
+        if self.generation() != generation {
+            return;
+        }
+        entries
+            .endpoints
+            .insert(app_id.to_owned(), Arc::clone(endpoints));
+    }
+
+    /// Forget everything. Writes to apps and endpoints are rare next to messages, so clearing
+    /// all is simpler than working out which entries a write touched, and just as fast.
+    pub(crate) fn invalidate(&self) {
+        let mut entries = self.write();
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        entries.apps.clear();
+        entries.endpoints.clear();
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Entries> {
+        self.entries.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Entries> {
+        self.entries.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
