@@ -16,7 +16,7 @@ use herald_store::{
     AttemptRecord, ClaimRequest, DeliveryJob, EndpointChange, NextStep, Store, StoreError,
 };
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{DeliveryConfig, WebhookClient, client::SendError};
@@ -47,6 +47,8 @@ impl DispatcherHandle {
 /// same endpoint instead of waiting for the dispatcher's next trip to the store.
 struct Lane {
     first_attempts: bool,
+    /// Bounds attempt records handed to the store but not yet committed.
+    unsaved: Arc<Semaphore>,
     /// Attempts running at once over all endpoints.
     limit: u32,
     /// Attempts running at once to one endpoint.
@@ -71,6 +73,7 @@ impl Lane {
     fn new(first_attempts: bool, limit: u32, per_endpoint: u32) -> Arc<Self> {
         Arc::new(Self {
             first_attempts,
+            unsaved: Arc::new(Semaphore::new((limit * 4) as usize)),
             limit,
             per_endpoint,
             state: Mutex::new(LaneState::default()),
@@ -191,6 +194,7 @@ impl Dispatcher {
                             tasks.spawn(Arc::clone(&me).attempts(
                                 job,
                                 Arc::clone(lane),
+                                tasks.clone(),
                                 abandon.clone(),
                             ));
                         }
@@ -273,41 +277,46 @@ impl Dispatcher {
     }
 
     /// Runs `job`, then whatever the lane hands this slot next, until nothing is waiting.
-    /// Each attempt's record commits while the next request is already under way, so a slot
-    /// never idles on the store.
+    /// Records commit in the background: the delivery stays leased until its record lands, so
+    /// the slot need not wait for the store, and the lane's semaphore bounds how many records
+    /// may be outstanding.
     async fn attempts(
         self: Arc<Self>,
         mut job: DeliveryJob,
         lane: Arc<Lane>,
+        tasks: TaskTracker,
         abandon: CancellationToken,
     ) {
-        let mut unsaved: Option<AttemptRecord> = None;
         loop {
-            let previous = unsaved.take();
-            let both = async { tokio::join!(self.send(&job), self.save(previous)).0 };
-            let record = tokio::select! {
-                record = both => record,
+            let sent = async {
+                let record = self.send(&job).await;
+                let permit = Arc::clone(&lane.unsaved).acquire_owned().await;
+                (record, permit)
+            };
+            let (record, permit) = tokio::select! {
+                sent = sent => sent,
                 // Shutdown's grace period is over: leave the rest to the next start.
                 () = abandon.cancelled() => return,
             };
+            let Ok(permit) = permit else {
+                return; // The semaphore is never closed; nothing to save to if it were.
+            };
+            let me = Arc::clone(&self);
+            tasks.spawn(async move {
+                me.save(record).await;
+                drop(permit);
+            });
             let next = lane.next_after(&job.endpoint.id);
             // A freed slot may let the dispatcher claim more.
             self.handle.wake();
             match next {
-                Some(next) => {
-                    unsaved = Some(record);
-                    job = next;
-                }
-                None => {
-                    self.save(Some(record)).await;
-                    return;
-                }
+                Some(next) => job = next,
+                None => return,
             }
         }
     }
 
-    async fn save(&self, record: Option<AttemptRecord>) {
-        let Some(record) = record else { return };
+    async fn save(&self, record: AttemptRecord) {
         let (msg_id, endpoint_id) = (
             record.attempt.msg_id.clone(),
             record.attempt.endpoint_id.clone(),
