@@ -481,32 +481,40 @@ pub async fn get_headers(
     }))
 }
 
+/// PUT replaces the endpoint's headers.
 pub async fn set_headers(
     State(state): State<ApiState>,
     caller: Caller,
     Path((app_id, endpoint_id)): Path<(String, String)>,
     SvixJson(input): SvixJson<EndpointHeadersIn>,
 ) -> ApiResult<StatusCode> {
-    let mut endpoint = find(&state, &caller, &app_id, &endpoint_id).await?;
-    let mut v = Validator::default();
-    check_headers(&mut v, &input.headers);
-    v.finish()?;
-    endpoint.headers = input.headers;
-    endpoint.updated_at = crate::now();
-    state.store.update_endpoint(&endpoint).await?;
-    Ok(StatusCode::NO_CONTENT)
+    let endpoint = find(&state, &caller, &app_id, &endpoint_id).await?;
+    change_headers(&state, endpoint, input, true).await
 }
 
+/// PATCH adds or overwrites the given headers and removes `deleteHeaders`.
 pub async fn patch_headers(
     State(state): State<ApiState>,
     caller: Caller,
     Path((app_id, endpoint_id)): Path<(String, String)>,
     SvixJson(input): SvixJson<EndpointHeadersIn>,
 ) -> ApiResult<StatusCode> {
-    let mut endpoint = find(&state, &caller, &app_id, &endpoint_id).await?;
+    let endpoint = find(&state, &caller, &app_id, &endpoint_id).await?;
+    change_headers(&state, endpoint, input, false).await
+}
+
+async fn change_headers(
+    state: &ApiState,
+    mut endpoint: Endpoint,
+    input: EndpointHeadersIn,
+    replace: bool,
+) -> ApiResult<StatusCode> {
     let mut v = Validator::default();
     check_headers(&mut v, &input.headers);
     v.finish()?;
+    if replace {
+        endpoint.headers.clear();
+    }
     for name in input.delete_headers.unwrap_or_default() {
         endpoint.headers.remove(&name);
     }

@@ -3,17 +3,18 @@
 //! With `synchronous=FULL` every SQLite commit costs an fsync (about 7 k/s on this class of
 //! disk), so committing each new message alone would cap intake there. Instead, callers hand
 //! their write to this task and wait; the task commits whatever has queued up in one
-//! transaction, each write inside its own savepoint so one caller's conflict does not undo the
-//! others'. A caller's `await` returns only after the commit that contains its write.
+//! transaction (see `grouped` for how). One caller's conflict does not undo the others'
+//! writes, and a caller's `await` returns only after the commit that contains its write.
 
-use herald_core::model::{DeliveryStatus, Message, TriggerType};
+use herald_core::model::{DeliveryStatus, Message};
 use sqlx::{Acquire, SqliteConnection, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::rows::{conflict_as, millis, opt_json};
+use super::rows::millis;
 
 mod grouped;
+
 use crate::{AttemptRecord, EndpointChange, NextStep, Result, StoreError};
 
 /// Largest number of writes committed together.
@@ -105,10 +106,10 @@ async fn apply_all(pool: &SqlitePool, batch: &[PendingWrite]) -> Result<Vec<Resu
     let mut outcomes = Vec::with_capacity(batch.len());
     for write in batch {
         let mut savepoint = tx.begin().await?;
-        match apply(&mut savepoint, &write.op).await {
-            Ok(()) => {
+        match grouped::apply(&mut savepoint, std::slice::from_ref(write)).await {
+            Ok(mut outcome) => {
                 savepoint.commit().await?;
-                outcomes.push(Ok(()));
+                outcomes.push(outcome.pop().unwrap_or(Ok(())));
             }
             Err(e) => {
                 savepoint.rollback().await?;
@@ -120,77 +121,7 @@ async fn apply_all(pool: &SqlitePool, batch: &[PendingWrite]) -> Result<Vec<Resu
     Ok(outcomes)
 }
 
-async fn apply(conn: &mut SqliteConnection, op: &WriteOp) -> Result<()> {
-    match op {
-        WriteOp::CreateMessage {
-            message,
-            endpoint_ids,
-        } => create_message(conn, message, endpoint_ids).await,
-        WriteOp::RecordAttempt(record) => record_attempt(conn, record).await,
-        WriteOp::SaveIdempotent {
-            scope,
-            key,
-            status,
-            body,
-            at,
-        } => {
-            sqlx::query(
-                "INSERT INTO idempotency (scope, key, status, body, created_at)
-                 VALUES ($1, $2, $3, $4, $5)
-                 ON CONFLICT (scope, key) DO NOTHING",
-            )
-            .bind(scope)
-            .bind(key)
-            .bind(i64::from(*status))
-            .bind(body)
-            .bind(at)
-            .execute(&mut *conn)
-            .await?;
-            Ok(())
-        }
-    }
-}
-
 pub(crate) const MESSAGE_CONFLICT: &str = "a message with this eventId already exists";
-
-async fn create_message(
-    conn: &mut SqliteConnection,
-    message: &Message,
-    endpoint_ids: &[String],
-) -> Result<()> {
-    let created = millis(message.created_at);
-    sqlx::query(
-        "INSERT INTO messages (id, app_id, event_id, event_type, channels, tags, payload, created_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-    )
-    .bind(&message.id)
-    .bind(&message.app_id)
-    .bind(&message.event_id)
-    .bind(&message.event_type)
-    .bind(opt_json(&message.channels))
-    .bind(opt_json(&message.tags))
-    .bind(message.payload.as_ref())
-    .bind(created)
-    .execute(&mut *conn)
-    .await
-    .map_err(conflict_as(MESSAGE_CONFLICT))?;
-    for endpoint_id in endpoint_ids {
-        sqlx::query(
-            "INSERT INTO deliveries (msg_id, endpoint_id, app_id, status, attempts, trigger_type,
-                                     next_attempt_at, updated_at)
-             VALUES ($1, $2, $3, $4, 0, $5, $6, $6)",
-        )
-        .bind(&message.id)
-        .bind(endpoint_id)
-        .bind(&message.app_id)
-        .bind(DeliveryStatus::Pending as i64)
-        .bind(TriggerType::Scheduled as i64)
-        .bind(created)
-        .execute(&mut *conn)
-        .await?;
-    }
-    Ok(())
-}
 
 /// The delivery's status and due time after an attempt.
 pub(crate) fn next_state(next: NextStep) -> (DeliveryStatus, Option<i64>) {
@@ -199,47 +130,6 @@ pub(crate) fn next_state(next: NextStep) -> (DeliveryStatus, Option<i64>) {
         NextStep::RetryAt(at) => (DeliveryStatus::Pending, Some(millis(at))),
         NextStep::Failed => (DeliveryStatus::Fail, None),
     }
-}
-
-async fn record_attempt(conn: &mut SqliteConnection, record: &AttemptRecord) -> Result<()> {
-    let a = &record.attempt;
-    let now = millis(a.created_at);
-    sqlx::query(
-        "INSERT INTO attempts (id, msg_id, endpoint_id, app_id, url, status, response_status_code,
-                               response, response_duration_ms, trigger_type, created_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-    )
-    .bind(&a.id)
-    .bind(&a.msg_id)
-    .bind(&a.endpoint_id)
-    .bind(&a.app_id)
-    .bind(&a.url)
-    .bind(a.status as i64)
-    .bind(a.response_status_code)
-    .bind(&a.response)
-    .bind(a.response_duration_ms)
-    .bind(a.trigger_type as i64)
-    .bind(now)
-    .execute(&mut *conn)
-    .await?;
-
-    let (status, next_at) = next_state(record.next);
-    let scheduled = i64::from(a.trigger_type == TriggerType::Scheduled);
-    sqlx::query(
-        "UPDATE deliveries SET status = $1, next_attempt_at = $2, attempts = attempts + $3,
-                               updated_at = $4
-         WHERE msg_id = $5 AND endpoint_id = $6",
-    )
-    .bind(status as i64)
-    .bind(next_at)
-    .bind(scheduled)
-    .bind(now)
-    .bind(&a.msg_id)
-    .bind(&a.endpoint_id)
-    .execute(&mut *conn)
-    .await?;
-
-    endpoint_change(conn, &a.endpoint_id, record.endpoint_change, now).await
 }
 
 pub(crate) async fn endpoint_change(

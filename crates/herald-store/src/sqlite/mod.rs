@@ -741,3 +741,83 @@ impl Store for SqliteStore {
         self.reader.close().await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use herald_core::model::Metadata;
+
+    use super::*;
+
+    async fn store_with_app() -> (tempfile::TempDir, SqliteStore, App) {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = SqliteStore::open(dir.path()).await.expect("open");
+        let now = Utc::now();
+        let app = App {
+            id: id::new_id(id::APP, now),
+            uid: None,
+            name: "test".into(),
+            throttle_rate: None,
+            metadata: Metadata::new(),
+            created_at: now,
+            updated_at: now,
+        };
+        store.create_app(&app).await.expect("app");
+        (dir, store, app)
+    }
+
+    fn message(app_id: &str, event_id: Option<&str>) -> Message {
+        let now = Utc::now();
+        Message {
+            id: id::new_id(id::MESSAGE, now),
+            app_id: app_id.into(),
+            event_id: event_id.map(str::to_owned),
+            event_type: "t".into(),
+            channels: None,
+            tags: None,
+            payload: Bytes::from_static(b"{}"),
+            created_at: now,
+        }
+    }
+
+    #[tokio::test]
+    async fn repeated_event_id_in_one_batch_conflicts_once() {
+        let (_dir, store, app) = store_with_app().await;
+        let (a, b, c) = tokio::join!(
+            store.create_message(message(&app.id, Some("evt-1")), vec![]),
+            store.create_message(message(&app.id, Some("evt-1")), vec![]),
+            store.create_message(message(&app.id, None), vec![]),
+        );
+        let conflicts = [&a, &b]
+            .iter()
+            .filter(|r| matches!(r, Err(StoreError::Conflict(_))))
+            .count();
+        assert_eq!(conflicts, 1, "{a:?} {b:?}");
+        assert!(c.is_ok());
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_failing_write_does_not_sink_its_batch() {
+        let (_dir, store, app) = store_with_app().await;
+        // A message for an app that does not exist violates a foreign key: the grouped insert
+        // fails and the batch is redone one write at a time.
+        let (good, bad) = tokio::join!(
+            store.create_message(message(&app.id, None), vec![]),
+            store.create_message(message("app_missing", None), vec![]),
+        );
+        assert!(good.is_ok(), "{good:?}");
+        assert!(matches!(bad, Err(StoreError::Database(_))), "{bad:?}");
+        let page = Page {
+            limit: 10,
+            iterator: None,
+            descending: true,
+        };
+        let stored = store
+            .list_messages(&app.id, &page, &MessageQuery::default())
+            .await
+            .expect("list");
+        assert_eq!(stored.len(), 1);
+        store.close().await;
+    }
+}

@@ -295,3 +295,57 @@ async fn idempotency_key_replays_and_event_id_conflicts() {
     assert_eq!(by_event_id["eventId"], "evt-42");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn endpoint_headers_put_replaces_patch_merges_reserved_refused() {
+    let server = TestServer::start().await;
+    let app = server.create_app("headers").await;
+    let ep = server
+        .create_endpoint(
+            &app,
+            json!({"url": "https://example.com/hook", "headers": {"X-A": "1"}}),
+        )
+        .await;
+    let path = format!(
+        "/api/v1/app/{app}/endpoint/{}/headers",
+        ep["id"].as_str().expect("id")
+    );
+
+    let (status, _) = server
+        .call(
+            Method::PUT,
+            &path,
+            Some(json!({"headers": {"X-B": "2", "X-C": "3"}})),
+        )
+        .await;
+    assert_eq!(status, 204);
+    let (_, got) = server.call(Method::GET, &path, None).await;
+    assert_eq!(got["headers"], json!({"X-B": "2", "X-C": "3"}));
+
+    let (status, _) = server
+        .call(
+            Method::PATCH,
+            &path,
+            Some(json!({"headers": {"X-D": "4"}, "deleteHeaders": ["X-B"]})),
+        )
+        .await;
+    assert_eq!(status, 204);
+    let (_, got) = server.call(Method::GET, &path, None).await;
+    assert_eq!(got["headers"], json!({"X-C": "3", "X-D": "4"}));
+
+    let (status, body) = server
+        .call(
+            Method::PATCH,
+            &path,
+            Some(json!({"headers": {"webhook-signature": "forged"}})),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["detail"][0]["msg"]
+            .as_str()
+            .unwrap_or("")
+            .contains("set by Herald")
+    );
+    server.stop().await;
+}

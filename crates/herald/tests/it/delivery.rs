@@ -43,6 +43,21 @@ async fn attempts(server: &TestServer, app: &str, endpoint: &str) -> Vec<Value> 
     list["data"].as_array().expect("data").clone()
 }
 
+/// Waits until the endpoint reports `disabled: true`.
+async fn disabled(server: &TestServer, app: &str, ep_id: &str) {
+    eventually("the endpoint to be disabled", || async {
+        let (_, ep) = server
+            .call(
+                Method::GET,
+                &format!("/api/v1/app/{app}/endpoint/{ep_id}"),
+                None,
+            )
+            .await;
+        (ep["disabled"] == true).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn delivers_signed_payload_bytes_exactly_as_received() {
     let server = TestServer::start().await;
@@ -217,17 +232,7 @@ async fn gone_disables_the_endpoint() {
         .send(&app, json!({"eventType": "x", "payload": {}}))
         .await;
     assert!(matches!(receiver.next().await.reply, Reply::Status(410)));
-    eventually("endpoint disabled", || async {
-        let (_, ep) = server
-            .call(
-                Method::GET,
-                &format!("/api/v1/app/{app}/endpoint/{ep_id}"),
-                None,
-            )
-            .await;
-        (ep["disabled"] == true).then_some(())
-    })
-    .await;
+    disabled(&server, &app, ep_id).await;
     let stats = server.settled(&app, ep_id).await;
     assert_eq!(stats["fail"], 1);
     assert_eq!(
@@ -265,17 +270,7 @@ async fn endpoints_disabled_after_failing_too_long() {
         .await;
     receiver.next().await;
     receiver.next().await;
-    eventually("endpoint disabled after its failure streak", || async {
-        let (_, ep) = server
-            .call(
-                Method::GET,
-                &format!("/api/v1/app/{app}/endpoint/{ep_id}"),
-                None,
-            )
-            .await;
-        (ep["disabled"] == true).then_some(())
-    })
-    .await;
+    disabled(&server, &app, ep_id).await;
     server.stop().await;
 }
 
