@@ -17,6 +17,8 @@ pub struct ListResponse<T> {
     pub done: bool,
 }
 
+/// The page the query asks for. An iterator starting with `-` (a `prevIterator`) walks back:
+/// the store reads in the opposite order and [`list`] puts the rows back in the usual one.
 pub fn page(query: &QueryParams, descending: bool) -> ApiResult<Page> {
     let limit = match query.int("limit")? {
         None => DEFAULT_LIMIT,
@@ -28,10 +30,15 @@ pub fn page(query: &QueryParams, descending: bool) -> ApiResult<Page> {
             ));
         }
     };
+    let (iterator, descending) = match query.str("iterator") {
+        Some(prev) if prev.starts_with('-') => (Some(prev[1..].to_owned()), !descending),
+        other => (other.map(str::to_owned), descending),
+    };
     Ok(Page {
         limit,
-        iterator: query.str("iterator").map(str::to_owned),
+        iterator,
         descending,
+        backwards: query.str("iterator").is_some_and(|it| it.starts_with('-')),
     })
 }
 
@@ -44,6 +51,9 @@ pub fn list<T, U: Serialize>(
 ) -> ListResponse<U> {
     let done = rows.len() <= page.limit as usize;
     rows.truncate(page.limit as usize);
+    if page.backwards {
+        rows.reverse();
+    }
     let iterator = rows.last().map(&cursor);
     let prev_iterator = rows.first().map(|r| format!("-{}", cursor(r)));
     ListResponse {

@@ -25,6 +25,10 @@ use crate::{DeliveryConfig, WebhookClient, client::SendError};
 const CLAIM_BATCH: u32 = 128;
 /// Longest sleep between looks at the queue when nothing is known to be due.
 const IDLE_POLL: Duration = Duration::from_secs(5);
+/// Pause before looking again when something is due but the last claim found nothing to start:
+/// either it fell due just after the claim, or every due endpoint is at its limit (then a
+/// finishing attempt usually wakes the loop first). Short, so neither case waits long.
+const RECHECK: Duration = Duration::from_millis(25);
 /// Pause after a store error, so a broken database does not become a busy loop.
 const ERROR_BACKOFF: Duration = Duration::from_secs(1);
 
@@ -260,13 +264,7 @@ impl Dispatcher {
         match self.store.next_due_at().await {
             Ok(Some(due)) => {
                 let until_due = (due - Utc::now()).to_std().unwrap_or(Duration::ZERO);
-                // Due already but nothing claimable: every due endpoint is at its limit, and a
-                // finishing attempt will wake us.
-                if until_due.is_zero() {
-                    IDLE_POLL
-                } else {
-                    until_due.min(IDLE_POLL)
-                }
+                until_due.clamp(RECHECK, IDLE_POLL)
             }
             Ok(None) => IDLE_POLL,
             Err(e) => {

@@ -43,6 +43,9 @@ pub struct Page {
     pub iterator: Option<String>,
     /// Newest first (messages, attempts) instead of oldest first (apps, endpoints).
     pub descending: bool,
+    /// Walking back from a `prevIterator`: `descending` is already flipped for the read, and the
+    /// API restores the listing's order. The store ignores this flag.
+    pub backwards: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -189,7 +192,7 @@ pub trait Store: Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> Result<u64>;
     async fn claim_due(&self, request: &ClaimRequest) -> Result<Vec<DeliveryJob>>;
-    /// When the earliest pending or leased delivery falls due.
+    /// When the earliest delivery that is not in flight falls due.
     async fn next_due_at(&self) -> Result<Option<DateTime<Utc>>>;
     async fn record_attempt(&self, record: AttemptRecord) -> Result<()>;
     /// Make every leased delivery due now: after a restart nothing can still be sending.

@@ -4,6 +4,9 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
+#[cfg(test)]
+use std::path::Path;
+
 use figment::{
     Figment,
     providers::{Env, Format, Serialized, Toml},
@@ -141,7 +144,8 @@ impl Config {
             figment = figment.merge(Toml::file(path));
         }
         let mut config: Config = figment
-            .merge(Env::prefixed("HERALD_").split("__"))
+            // HERALD_LOG is the log filter, read by the binary, not a configuration key.
+            .merge(Env::prefixed("HERALD_").ignore(&["LOG"]).split("__"))
             .merge(Serialized::defaults(overrides))
             .extract()
             .map_err(Box::new)?;
@@ -225,5 +229,72 @@ impl Config {
             max_response_bytes: d.max_response_bytes,
             shutdown_grace: secs(self.shutdown_grace_secs),
         }
+    }
+}
+
+#[cfg(test)]
+// figment::Jail's closures must return figment's (large) error type.
+#[allow(clippy::result_large_err)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_beat_env_beat_file_beat_defaults() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "herald.toml",
+                r#"
+                listen = "127.0.0.1:7000"
+                data_dir = "from-file"
+                admin_token = "file-admin-token-0123"
+                [delivery]
+                request_timeout_secs = 3
+                retry_schedule_secs = [1, 2]
+                "#,
+            )?;
+            jail.set_env("HERALD_DATA_DIR", "from-env");
+            jail.set_env("HERALD_DELIVERY__REQUEST_TIMEOUT_SECS", "7");
+            jail.set_env("HERALD_LOG", "debug");
+            let overrides = Overrides {
+                listen: Some("127.0.0.1:7100".parse().expect("addr")),
+                ..Overrides::default()
+            };
+            let config = Config::load(Some(Path::new("herald.toml")), &overrides)
+                .map_err(|e| e.to_string())?;
+            assert_eq!(config.listen.port(), 7100, "flag wins");
+            assert_eq!(config.data_dir, PathBuf::from("from-env"), "env beats file");
+            assert_eq!(config.delivery.request_timeout_secs, 7.0);
+            assert_eq!(
+                config.delivery.retry_schedule_secs,
+                [1.0, 2.0],
+                "file beats default"
+            );
+            assert_eq!(config.admin_token.as_deref(), Some("file-admin-token-0123"));
+            assert_eq!(config.delivery.max_in_flight, 256, "default");
+            assert!(!config.delivery.allow_private_targets);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn dev_allows_private_targets_and_bad_values_are_refused() {
+        figment::Jail::expect_with(|jail| {
+            let dev = Overrides {
+                dev: Some(true),
+                ..Overrides::default()
+            };
+            let config = Config::load(None, &dev).map_err(|e| e.to_string())?;
+            assert!(config.delivery.allow_private_targets);
+
+            jail.set_env("HERALD_DELIVERY__RETRY_JITTER", "1.5");
+            let err = Config::load(None, &Overrides::default()).expect_err("jitter out of range");
+            assert!(err.to_string().contains("retry_jitter"), "{err}");
+
+            jail.set_env("HERALD_DELIVERY__RETRY_JITTER", "0.2");
+            jail.set_env("HERALD_LISTN", "typo");
+            let err = Config::load(None, &Overrides::default()).expect_err("unknown key");
+            assert!(err.to_string().contains("listn"), "{err}");
+            Ok(())
+        });
     }
 }

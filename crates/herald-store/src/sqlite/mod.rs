@@ -613,9 +613,13 @@ impl Store for SqliteStore {
     }
 
     async fn next_due_at(&self) -> Result<Option<DateTime<Utc>>> {
+        // Leased deliveries are in flight, not waiting: counting them would make everything
+        // look due already, and the dispatcher would sleep through the next real due time.
         let row = sqlx::query(
-            "SELECT MIN(next_attempt_at) AS due FROM deliveries WHERE status IN (1, 3)",
+            "SELECT MIN(next_attempt_at) AS due FROM deliveries
+             WHERE status IN (1, 3) AND rowid NOT IN (SELECT value FROM json_each($1))",
         )
+        .bind(to_json(&self.leases.held(Utc::now())))
         .fetch_one(&self.reader)
         .await?;
         row.try_get::<Option<i64>, _>("due")?
@@ -812,6 +816,7 @@ mod tests {
             limit: 10,
             iterator: None,
             descending: true,
+            backwards: false,
         };
         let stored = store
             .list_messages(&app.id, &page, &MessageQuery::default())

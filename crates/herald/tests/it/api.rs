@@ -208,6 +208,34 @@ async fn lists_page_with_iterator_and_done() {
     // Ids are time-sortable but apps made within one clock tick may sort either way; what
     // paging promises is every item exactly once, in id order.
     assert!(seen.windows(2).all(|w| w[0].0 < w[1].0), "{seen:?}");
+
+    // prevIterator walks back to the page before, in the listing's usual order.
+    let (_, second) = server
+        .call(
+            Method::GET,
+            &format!("/api/v1/app?limit=2&iterator={}", seen[1].0),
+            None,
+        )
+        .await;
+    let prev = second["prevIterator"]
+        .as_str()
+        .expect("prevIterator")
+        .to_owned();
+    assert_eq!(prev, format!("-{}", seen[2].0));
+    let (_, first) = server
+        .call(
+            Method::GET,
+            &format!("/api/v1/app?limit=2&iterator={prev}"),
+            None,
+        )
+        .await;
+    let ids: Vec<&str> = first["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|a| a["id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(ids, [seen[0].0.as_str(), seen[1].0.as_str()]);
     let mut uids: Vec<String> = seen.into_iter().map(|(_, uid)| uid).collect();
     uids.sort();
     assert_eq!(uids, ["app-0", "app-1", "app-2", "app-3", "app-4"]);

@@ -466,3 +466,60 @@ async fn first_attempts_are_not_stuck_behind_a_slow_endpoint() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn first_attempts_are_not_stuck_behind_retries_of_the_same_endpoint() {
+    let server = TestServer::start_with(|c| {
+        c.delivery.max_retries_in_flight = 1;
+        c.delivery.request_timeout_secs = 30.0;
+        c.shutdown_grace_secs = 0.1;
+    })
+    .await;
+    let mut receiver = Receiver::start().await;
+    // "doomed" messages fail their first attempt, and their retries hang, filling the retry
+    // lane; every other message succeeds at once.
+    receiver.rule(|body, before| {
+        let doomed = std::str::from_utf8(body).unwrap_or("").contains("doomed");
+        match (doomed, before) {
+            (false, _) => Reply::Status(200),
+            (true, 0) => Reply::Status(500),
+            (true, _) => Reply::Hang,
+        }
+    });
+    let app = server.create_app("lanes").await;
+    let ep = server
+        .create_endpoint(&app, json!({"url": receiver.url}))
+        .await;
+    for _ in 0..3 {
+        server
+            .send(&app, json!({"eventType": "x", "payload": {"doomed": true}}))
+            .await;
+    }
+    // Wait until a retry is hanging: the retry lane (one slot) is now stuck.
+    loop {
+        let d = receiver.next().await;
+        if matches!(d.reply, Reply::Hang) {
+            break;
+        }
+    }
+    for i in 0..5 {
+        server
+            .send(&app, json!({"eventType": "x", "payload": {"fresh": i}}))
+            .await;
+    }
+    let mut fresh = BTreeSet::new();
+    while fresh.len() < 5 {
+        let d = receiver.next().await;
+        if d.succeeded() {
+            let body: Value = serde_json::from_slice(&d.body).expect("json");
+            fresh.insert(body["fresh"].as_i64().expect("fresh"));
+        }
+    }
+    assert_eq!(fresh, BTreeSet::from([0, 1, 2, 3, 4]));
+    let ep_id = ep["id"].as_str().expect("id");
+    eventually("five successes recorded", || async {
+        (server.stats(&app, ep_id).await["success"] == 5).then_some(())
+    })
+    .await;
+    server.stop().await;
+}

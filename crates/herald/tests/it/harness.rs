@@ -258,10 +258,15 @@ impl Delivery {
     }
 }
 
+/// Chooses a reply from the request body and how many times this `webhook-id` came before.
+pub type Rule = fn(&[u8], u32) -> Reply;
+
 #[derive(Clone)]
 struct ReceiverState {
     script: Arc<Mutex<VecDeque<Reply>>>,
     fallback: Arc<Mutex<Reply>>,
+    rule: Arc<Mutex<Option<Rule>>>,
+    times_seen: Arc<Mutex<std::collections::HashMap<String, u32>>>,
     seen: mpsc::UnboundedSender<Delivery>,
 }
 
@@ -278,6 +283,8 @@ impl Receiver {
         let state = ReceiverState {
             script: Arc::default(),
             fallback: Arc::new(Mutex::new(Reply::Status(200))),
+            rule: Arc::default(),
+            times_seen: Arc::default(),
             seen: tx,
         };
         let app = Router::new()
@@ -302,6 +309,11 @@ impl Receiver {
             .lock()
             .expect("lock")
             .extend(replies.iter().copied());
+    }
+
+    /// Replies by rule instead of script and fallback.
+    pub fn rule(&self, rule: Rule) {
+        *self.state.rule.lock().expect("lock") = Some(rule);
     }
 
     pub fn fallback(&self, reply: Reply) {
@@ -331,12 +343,27 @@ async fn receive(
     headers: HeaderMap,
     body: Bytes,
 ) -> axum::response::Response {
-    let reply = state
-        .script
-        .lock()
-        .expect("lock")
-        .pop_front()
-        .unwrap_or_else(|| *state.fallback.lock().expect("lock"));
+    let id = headers
+        .get("webhook-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let before = {
+        let mut times = state.times_seen.lock().expect("lock");
+        let n = times.entry(id).or_insert(0);
+        *n += 1;
+        *n - 1
+    };
+    let rule = *state.rule.lock().expect("lock");
+    let reply = match rule {
+        Some(rule) => rule(&body, before),
+        None => state
+            .script
+            .lock()
+            .expect("lock")
+            .pop_front()
+            .unwrap_or_else(|| *state.fallback.lock().expect("lock")),
+    };
     let _ = state.seen.send(Delivery {
         headers,
         body,
