@@ -9,6 +9,7 @@ pub mod address_policy;
 pub mod filter;
 pub mod id;
 pub mod model;
+pub mod pusher;
 pub mod retry;
 pub mod signing;
 pub mod token;

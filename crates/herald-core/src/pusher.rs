@@ -1,0 +1,386 @@
+//! The Pusher Channels protocol's rules that need no I/O: channel names and kinds, socket ids,
+//! subscription and sign-in signatures, and HTTP API request signing.
+//!
+//! Signatures are HMAC-SHA256 in lower-case hex, keyed with the app secret, and every
+//! comparison is constant-time (`Mac::verify_slice`).
+
+use hmac::{Hmac, Mac};
+use md5::{Digest, Md5};
+use rand::Rng;
+use sha2::Sha256;
+
+/// Longest channel name accepted (Pusher's documented limit).
+pub const MAX_CHANNEL_NAME: usize = 164;
+/// How far an HTTP API request's `auth_timestamp` may be from the server's clock.
+pub const REQUEST_TIMESTAMP_TOLERANCE_SECS: i64 = 600;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelKind {
+    Public,
+    /// `private-`: subscription needs a signature over `socket_id:channel`.
+    Private,
+    /// `private-encrypted-`: like private; payloads are end-to-end encrypted, Herald passes
+    /// them through untouched.
+    PrivateEncrypted,
+    /// `presence-`: signature over `socket_id:channel:channel_data`, with a member list.
+    Presence,
+}
+
+impl ChannelKind {
+    pub fn of(channel: &str) -> Self {
+        if channel.starts_with("private-encrypted-") {
+            Self::PrivateEncrypted
+        } else if channel.starts_with("private-") {
+            Self::Private
+        } else if channel.starts_with("presence-") {
+            Self::Presence
+        } else {
+            Self::Public
+        }
+    }
+
+    pub fn needs_auth(self) -> bool {
+        self != Self::Public
+    }
+
+    /// Client events (`client-*`) are allowed on private and presence channels only; the
+    /// client libraries cannot encrypt them.
+    pub fn allows_client_events(self) -> bool {
+        matches!(self, Self::Private | Self::Presence)
+    }
+}
+
+pub fn validate_channel_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("channel name is empty".into());
+    }
+    if name.len() > MAX_CHANNEL_NAME {
+        return Err(format!(
+            "channel name is longer than {MAX_CHANNEL_NAME} characters"
+        ));
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "_-=@,.;".contains(*c)))
+    {
+        return Err(format!(
+            "channel name contains {bad:?}; allowed are A-Z a-z 0-9 _ - = @ , . ;"
+        ));
+    }
+    Ok(())
+}
+
+/// A fresh socket id, `"<digits>.<digits>"`.
+pub fn new_socket_id(rng: &mut impl Rng) -> String {
+    format!(
+        "{}.{}",
+        rng.random_range(1..=u32::MAX),
+        rng.random_range(1..=u32::MAX)
+    )
+}
+
+/// Whether `value` has the socket id format (`socket_id` in HTTP API calls is checked too).
+pub fn is_socket_id(value: &str) -> bool {
+    let Some((a, b)) = value.split_once('.') else {
+        return false;
+    };
+    let digits = |s: &str| !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit());
+    digits(a) && digits(b)
+}
+
+/// Hex HMAC-SHA256 of `data` with `secret`: what app servers put after `key:` in an auth.
+pub fn sign(secret: &str, data: &str) -> String {
+    hex::encode(mac(secret, data.as_bytes()).finalize().into_bytes())
+}
+
+fn mac(secret: &str, data: &[u8]) -> Hmac<Sha256> {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret.as_bytes())
+        .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+    mac.update(data);
+    mac
+}
+
+/// Constant-time check of a hex signature over `data`.
+fn signature_matches(secret: &str, data: &str, hex_signature: &str) -> bool {
+    let Ok(signature) = hex::decode(hex_signature) else {
+        return false;
+    };
+    mac(secret, data.as_bytes())
+        .verify_slice(&signature)
+        .is_ok()
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("auth must be \"<app key>:<signature>\"")]
+    Malformed,
+    #[error("auth is signed for another app key")]
+    WrongKey,
+    #[error("invalid signature")]
+    BadSignature,
+}
+
+fn check_auth(key: &str, secret: &str, signed: &str, auth: &str) -> Result<(), AuthError> {
+    let (auth_key, signature) = auth.split_once(':').ok_or(AuthError::Malformed)?;
+    if auth_key != key {
+        return Err(AuthError::WrongKey);
+    }
+    if signature_matches(secret, signed, signature) {
+        Ok(())
+    } else {
+        Err(AuthError::BadSignature)
+    }
+}
+
+/// A `pusher:subscribe` auth for a private, encrypted or presence channel. `channel_data` is
+/// the presence member's JSON exactly as the client sent it.
+pub fn verify_channel_auth(
+    key: &str,
+    secret: &str,
+    socket_id: &str,
+    channel: &str,
+    channel_data: Option<&str>,
+    auth: &str,
+) -> Result<(), AuthError> {
+    let signed = match channel_data {
+        Some(data) => format!("{socket_id}:{channel}:{data}"),
+        None => format!("{socket_id}:{channel}"),
+    };
+    check_auth(key, secret, &signed, auth)
+}
+
+/// A `pusher:signin` auth over `socket_id::user::user_data`.
+pub fn verify_user_auth(
+    key: &str,
+    secret: &str,
+    socket_id: &str,
+    user_data: &str,
+    auth: &str,
+) -> Result<(), AuthError> {
+    check_auth(
+        key,
+        secret,
+        &format!("{socket_id}::user::{user_data}"),
+        auth,
+    )
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestAuthError {
+    #[error("missing query parameter {0}")]
+    Missing(&'static str),
+    #[error("unknown auth_key")]
+    UnknownKey,
+    #[error("auth_version must be 1.0")]
+    Version,
+    #[error("auth_timestamp is not a number")]
+    BadTimestamp,
+    #[error(
+        "auth_timestamp is {0} s from the server's time; at most {REQUEST_TIMESTAMP_TOLERANCE_SECS} s is accepted"
+    )]
+    Expired(i64),
+    #[error("body_md5 does not match the body")]
+    BodyMd5,
+    #[error("invalid auth_signature")]
+    BadSignature,
+}
+
+/// Checks an HTTP API request signed the Pusher way: `auth_signature` is the HMAC of
+/// `METHOD\nPATH\n` plus every other query parameter, keys lower-cased, sorted, joined as
+/// `k=v&k=v` (values unescaped). `params` are the decoded query pairs as received.
+pub fn verify_request(
+    key: &str,
+    secret: &str,
+    method: &str,
+    path: &str,
+    params: &[(String, String)],
+    body: &[u8],
+    now_unix: i64,
+) -> Result<(), RequestAuthError> {
+    let get = |name: &'static str| {
+        params
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .ok_or(RequestAuthError::Missing(name))
+    };
+    if get("auth_key")? != key {
+        return Err(RequestAuthError::UnknownKey);
+    }
+    if get("auth_version")? != "1.0" {
+        return Err(RequestAuthError::Version);
+    }
+    let timestamp: i64 = get("auth_timestamp")?
+        .parse()
+        .map_err(|_| RequestAuthError::BadTimestamp)?;
+    if (now_unix - timestamp).abs() > REQUEST_TIMESTAMP_TOLERANCE_SECS {
+        return Err(RequestAuthError::Expired(now_unix - timestamp));
+    }
+    if !body.is_empty() && get("body_md5")? != hex::encode(Md5::digest(body)) {
+        return Err(RequestAuthError::BodyMd5);
+    }
+    let signature = get("auth_signature")?;
+    let mut signed_params: Vec<(String, &str)> = params
+        .iter()
+        .filter(|(k, _)| !k.eq_ignore_ascii_case("auth_signature"))
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.as_str()))
+        .collect();
+    signed_params.sort();
+    let query = signed_params
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("&");
+    let signed = format!("{method}\n{path}\n{query}");
+    if signature_matches(secret, &signed, signature) {
+        Ok(())
+    } else {
+        Err(RequestAuthError::BadSignature)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Vectors from Pusher's auth-signature and HTTP API reference docs.
+    const KEY: &str = "278d425bdf160c739803";
+    const SECRET: &str = "7ad3773142a6692b25b8";
+
+    #[test]
+    fn channel_kinds() {
+        assert_eq!(ChannelKind::of("orders"), ChannelKind::Public);
+        assert_eq!(ChannelKind::of("private-orders"), ChannelKind::Private);
+        assert_eq!(
+            ChannelKind::of("private-encrypted-x"),
+            ChannelKind::PrivateEncrypted
+        );
+        assert_eq!(ChannelKind::of("presence-room"), ChannelKind::Presence);
+        assert!(ChannelKind::Presence.allows_client_events());
+        assert!(!ChannelKind::PrivateEncrypted.allows_client_events());
+        assert!(!ChannelKind::Public.needs_auth());
+    }
+
+    #[test]
+    fn channel_names() {
+        assert!(validate_channel_name("private-order-42;x=1@a,b.c").is_ok());
+        assert!(validate_channel_name("").is_err());
+        assert!(validate_channel_name("has space").is_err());
+        assert!(validate_channel_name("#server-to-user-1").is_err());
+        assert!(validate_channel_name(&"a".repeat(165)).is_err());
+    }
+
+    #[test]
+    fn socket_ids() {
+        let id = new_socket_id(&mut rand::rng());
+        assert!(is_socket_id(&id), "{id}");
+        assert!(is_socket_id("1234.1234"));
+        assert!(!is_socket_id("1234"));
+        assert!(!is_socket_id("12a.4"));
+        assert!(!is_socket_id("1.2.3"));
+    }
+
+    #[test]
+    fn private_channel_vector() {
+        let sig = "58df8b0c36d6982b82c3ecf6b4662e34fe8c25bba48f5369f135bf843651c3a4";
+        assert_eq!(sign(SECRET, "1234.1234:private-foobar"), sig);
+        let auth = format!("{KEY}:{sig}");
+        assert_eq!(
+            verify_channel_auth(KEY, SECRET, "1234.1234", "private-foobar", None, &auth),
+            Ok(())
+        );
+        assert_eq!(
+            verify_channel_auth(KEY, SECRET, "1234.1235", "private-foobar", None, &auth),
+            Err(AuthError::BadSignature)
+        );
+        assert_eq!(
+            verify_channel_auth("other", SECRET, "1234.1234", "private-foobar", None, &auth),
+            Err(AuthError::WrongKey)
+        );
+        assert_eq!(
+            verify_channel_auth(KEY, SECRET, "1234.1234", "private-foobar", None, "nocolon"),
+            Err(AuthError::Malformed)
+        );
+    }
+
+    #[test]
+    fn presence_signs_channel_data_as_sent() {
+        let data = r#"{"user_id":10,"user_info":{"name":"Mr. Channels"}}"#;
+        let auth = format!(
+            "{KEY}:{}",
+            sign(SECRET, &format!("1234.1234:presence-foobar:{data}"))
+        );
+        assert!(
+            verify_channel_auth(
+                KEY,
+                SECRET,
+                "1234.1234",
+                "presence-foobar",
+                Some(data),
+                &auth
+            )
+            .is_ok()
+        );
+        let respaced = r#"{"user_id": 10,"user_info":{"name":"Mr. Channels"}}"#;
+        assert!(
+            verify_channel_auth(
+                KEY,
+                SECRET,
+                "1234.1234",
+                "presence-foobar",
+                Some(respaced),
+                &auth
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn user_signin_vector() {
+        let sig = "4708d583dada6a56435fb8bc611c77c359a31eebde13337c16ab43aa6de336ba";
+        let auth = format!("{KEY}:{sig}");
+        assert!(verify_user_auth(KEY, SECRET, "1234.1234", r#"{"id":"12345"}"#, &auth).is_ok());
+    }
+
+    fn api_params(signature: &str) -> Vec<(String, String)> {
+        [
+            ("auth_key", KEY),
+            ("auth_timestamp", "1353088179"),
+            ("auth_version", "1.0"),
+            ("body_md5", "ec365a775a4cd0599faeb73354201b6f"),
+            ("auth_signature", signature),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+
+    #[test]
+    fn http_api_request_vector() {
+        let body = br#"{"name":"foo","channels":["project-3"],"data":"{\"some\":\"data\"}"}"#;
+        let good = "da454824c97ba181a32ccc17a72625ba02771f50b50e1e7430e47a1f3f457e6c";
+        let now = 1353088179 + 30;
+        let check = |params: &[(String, String)], body: &[u8], now| {
+            verify_request(KEY, SECRET, "POST", "/apps/3/events", params, body, now)
+        };
+        assert_eq!(check(&api_params(good), body, now), Ok(()));
+        assert_eq!(
+            check(&api_params(&"0".repeat(64)), body, now),
+            Err(RequestAuthError::BadSignature)
+        );
+        assert_eq!(
+            check(&api_params(good), b"{}", now),
+            Err(RequestAuthError::BodyMd5)
+        );
+        assert_eq!(
+            check(&api_params(good), body, now + 1000),
+            Err(RequestAuthError::Expired(1030))
+        );
+        let mut missing = api_params(good);
+        missing.retain(|(k, _)| k != "auth_version");
+        assert_eq!(
+            check(&missing, body, now),
+            Err(RequestAuthError::Missing("auth_version"))
+        );
+    }
+}
