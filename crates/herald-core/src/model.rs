@@ -15,8 +15,39 @@ pub struct App {
     pub name: String,
     pub throttle_rate: Option<i64>,
     pub metadata: Metadata,
+    /// How Pusher-protocol clients and server SDKs address this app.
+    pub pusher: PusherCredentials,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PusherCredentials {
+    /// Numeric, as the Pusher SDKs expect (`/apps/{app_id}/events`).
+    pub app_id: i64,
+    /// Public: clients connect to `/app/{key}`.
+    pub key: String,
+    /// Signs channel auths, HTTP API requests and channel webhooks.
+    pub secret: String,
+}
+
+impl PusherCredentials {
+    /// Fresh credentials in Pusher's formats: a 7-digit id and 20-hex-digit key and secret.
+    pub fn generate() -> Self {
+        use rand::{Rng, RngCore};
+        let mut rng = rand::rng();
+        let mut hex20 = || {
+            let mut bytes = [0u8; 10];
+            rng.fill_bytes(&mut bytes);
+            hex::encode(bytes)
+        };
+        let (key, secret) = (hex20(), hex20());
+        Self {
+            app_id: rand::rng().random_range(1_000_000..10_000_000),
+            key,
+            secret,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -136,6 +136,10 @@ pub trait Store: Send + Sync + 'static {
     // Applications
     async fn create_app(&self, app: &App) -> Result<()>;
     async fn get_app(&self, id_or_uid: &str) -> Result<Option<App>>;
+    /// The app whose Pusher key is `key` (WebSocket connections name their app this way).
+    async fn get_app_by_pusher_key(&self, key: &str) -> Result<Option<App>>;
+    /// The app whose numeric Pusher app id is `app_id` (the Pusher HTTP API's `/apps/{id}`).
+    async fn get_app_by_pusher_id(&self, app_id: i64) -> Result<Option<App>>;
     async fn list_apps(&self, page: &Page) -> Result<Vec<App>>;
     async fn update_app(&self, app: &App) -> Result<()>;
     async fn delete_app(&self, id: &str) -> Result<bool>;

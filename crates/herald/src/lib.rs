@@ -10,7 +10,11 @@ use std::{sync::Arc, time::Duration};
 use anyhow::Context;
 use chrono::Utc;
 use herald_api::{ApiConfig, ApiState};
-use herald_core::{id, model::App, token};
+use herald_core::{
+    id,
+    model::{App, PusherCredentials},
+    token,
+};
 use herald_delivery::{Dispatcher, WebhookClient};
 use herald_store::{Store, TokenScope, sqlite::SqliteStore};
 use tokio::net::TcpListener;
@@ -20,6 +24,9 @@ pub use config::Config;
 
 pub const DEV_APP_UID: &str = "demo";
 pub const DEV_API_TOKEN: &str = "demo-token";
+pub const DEV_PUSHER_APP_ID: i64 = 1;
+pub const DEV_PUSHER_KEY: &str = "demo-key";
+pub const DEV_PUSHER_SECRET: &str = "demo-secret";
 
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(3600);
 
@@ -101,6 +108,11 @@ async fn seed_dev(store: &dyn Store) -> anyhow::Result<()> {
                 name: "Demo".to_owned(),
                 throttle_rate: None,
                 metadata: Default::default(),
+                pusher: PusherCredentials {
+                    app_id: DEV_PUSHER_APP_ID,
+                    key: DEV_PUSHER_KEY.to_owned(),
+                    secret: DEV_PUSHER_SECRET.to_owned(),
+                },
                 created_at: now,
                 updated_at: now,
             })

@@ -3,7 +3,10 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use herald::{Config, DEV_API_TOKEN, DEV_APP_UID, config::Overrides};
+use herald::{
+    Config, DEV_API_TOKEN, DEV_APP_UID, DEV_PUSHER_APP_ID, DEV_PUSHER_KEY, DEV_PUSHER_SECRET,
+    config::Overrides,
+};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -100,6 +103,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         println!("  app uid:   {DEV_APP_UID}");
         println!(
             "  API token: {DEV_API_TOKEN}   (curl -H 'Authorization: Bearer {DEV_API_TOKEN}' http://{addr}/api/v1/app)"
+        );
+        println!(
+            "  Pusher:    app id {DEV_PUSHER_APP_ID}, key {DEV_PUSHER_KEY}, secret {DEV_PUSHER_SECRET}   (ws://{addr}/app/{DEV_PUSHER_KEY})"
         );
     }
     let shutdown = CancellationToken::new();

@@ -8,7 +8,7 @@ use axum::{
 use chrono::{DateTime, Utc};
 use herald_core::{
     id,
-    model::{App, Metadata},
+    model::{App, Metadata, PusherCredentials},
     validate,
 };
 use serde::{Deserialize, Serialize};
@@ -55,8 +55,19 @@ pub struct ApplicationOut {
     #[serde(skip_serializing_if = "Option::is_none")]
     throttle_rate: Option<i64>,
     metadata: Metadata,
+    /// Credentials for Pusher-protocol clients and server SDKs (ignored by the Svix SDKs).
+    pusher: PusherOut,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PusherOut {
+    /// A string, as the Pusher SDKs take it.
+    app_id: String,
+    key: String,
+    secret: String,
 }
 
 impl From<App> for ApplicationOut {
@@ -67,6 +78,11 @@ impl From<App> for ApplicationOut {
             name: app.name,
             throttle_rate: app.throttle_rate,
             metadata: app.metadata,
+            pusher: PusherOut {
+                app_id: app.pusher.app_id.to_string(),
+                key: app.pusher.key,
+                secret: app.pusher.secret,
+            },
             created_at: app.created_at,
             updated_at: app.updated_at,
         }
@@ -93,15 +109,33 @@ fn validate_in(input: &ApplicationIn) -> ApiResult<()> {
 pub(crate) async fn create_app(state: &ApiState, input: ApplicationIn) -> ApiResult<App> {
     validate_in(&input)?;
     let now = crate::now();
-    let app = App {
+    let mut app = App {
         id: id::new_id(id::APP, now),
         uid: input.uid,
         name: input.name,
         throttle_rate: input.throttle_rate,
         metadata: input.metadata.unwrap_or_default(),
+        pusher: PusherCredentials::generate(),
         created_at: now,
         updated_at: now,
     };
+    // A random Pusher app id can collide with an existing one (1 in 9 million per app); try a
+    // few fresh ones before reporting the conflict, which then is about the uid.
+    for _ in 0..3 {
+        match state.store.create_app(&app).await {
+            Err(herald_store::StoreError::Conflict(_))
+                if app.uid.is_none()
+                    || state
+                        .store
+                        .get_app(app.uid.as_deref().unwrap_or_default())
+                        .await?
+                        .is_none() =>
+            {
+                app.pusher = PusherCredentials::generate();
+            }
+            other => return other.map(|()| app).map_err(Into::into),
+        }
+    }
     state.store.create_app(&app).await?;
     Ok(app)
 }

@@ -53,6 +53,15 @@ impl Cache {
         }
     }
 
+    /// Remembers `app` under an extra lookup key (its Pusher key or numeric id).
+    pub(crate) fn put_app_as(&self, generation: u64, key: &str, app: &App) {
+        let mut entries = self.write();
+        if self.generation() != generation {
+            return;
+        }
+        entries.apps.insert(key.to_owned(), app.clone());
+    }
+
     pub(crate) fn put_endpoints(
         &self,
         generation: u64,

@@ -85,6 +85,30 @@ impl SqliteStore {
         })
     }
 
+    /// An app looked up by `query` with `value`, remembered in the cache under `cache_key`.
+    /// (Cache keys cannot collide with ids or uids, which have no ':'.)
+    async fn cached_app(
+        &self,
+        cache_key: String,
+        query: &'static str,
+        value: &str,
+    ) -> Result<Option<App>> {
+        if let Some(app) = self.cache.app(&cache_key) {
+            return Ok(Some(app));
+        }
+        let generation = self.cache.generation();
+        let app = sqlx::query(query)
+            .bind(value)
+            .fetch_optional(&self.reader)
+            .await?
+            .map(|row| rows::app(&row))
+            .transpose()?;
+        if let Some(app) = &app {
+            self.cache.put_app_as(generation, &cache_key, app);
+        }
+        Ok(app)
+    }
+
     async fn submit(&self, op: WriteOp) -> Result<()> {
         let (done, outcome) = oneshot::channel();
         self.writes
@@ -112,8 +136,9 @@ fn paginate(query: &mut QueryBuilder<Sqlite>, column: &str, page: &Page) {
 impl Store for SqliteStore {
     async fn create_app(&self, app: &App) -> Result<()> {
         sqlx::query(
-            "INSERT INTO apps (id, uid, name, throttle_rate, metadata, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            "INSERT INTO apps (id, uid, name, throttle_rate, metadata, created_at, updated_at,
+                               pusher_app_id, pusher_key, pusher_secret)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         )
         .bind(&app.id)
         .bind(&app.uid)
@@ -122,9 +147,14 @@ impl Store for SqliteStore {
         .bind(to_json(&app.metadata))
         .bind(millis(app.created_at))
         .bind(millis(app.updated_at))
+        .bind(app.pusher.app_id)
+        .bind(&app.pusher.key)
+        .bind(&app.pusher.secret)
         .execute(&self.writer)
         .await
-        .map_err(conflict_as("an application with this uid already exists"))?;
+        .map_err(conflict_as(
+            "an application with this uid (or Pusher app id or key) already exists",
+        ))?;
         Ok(())
     }
 
@@ -143,6 +173,24 @@ impl Store for SqliteStore {
             self.cache.put_app(generation, app);
         }
         Ok(app)
+    }
+
+    async fn get_app_by_pusher_key(&self, key: &str) -> Result<Option<App>> {
+        self.cached_app(
+            format!("pusher-key:{key}"),
+            "SELECT * FROM apps WHERE pusher_key = $1",
+            key,
+        )
+        .await
+    }
+
+    async fn get_app_by_pusher_id(&self, app_id: i64) -> Result<Option<App>> {
+        self.cached_app(
+            format!("pusher-id:{app_id}"),
+            "SELECT * FROM apps WHERE pusher_app_id = $1",
+            &app_id.to_string(),
+        )
+        .await
     }
 
     async fn list_apps(&self, page: &Page) -> Result<Vec<App>> {
@@ -763,6 +811,7 @@ mod tests {
             name: "test".into(),
             throttle_rate: None,
             metadata: Metadata::new(),
+            pusher: herald_core::model::PusherCredentials::generate(),
             created_at: now,
             updated_at: now,
         };

@@ -4,7 +4,8 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use herald_core::model::{
-    App, Attempt, DeliveryStatus, Endpoint, EventType, Message, Metadata, TriggerType,
+    App, Attempt, DeliveryStatus, Endpoint, EventType, Message, Metadata, PusherCredentials,
+    TriggerType,
 };
 use sqlx::{Row, sqlite::SqliteRow};
 
@@ -46,6 +47,11 @@ pub(crate) fn app(row: &SqliteRow) -> Result<App> {
         name: row.try_get("name")?,
         throttle_rate: row.try_get("throttle_rate")?,
         metadata: from_json::<Metadata>("metadata", row.try_get("metadata")?)?,
+        pusher: PusherCredentials {
+            app_id: row.try_get("pusher_app_id")?,
+            key: row.try_get("pusher_key")?,
+            secret: row.try_get("pusher_secret")?,
+        },
         created_at: time(row.try_get("created_at")?)?,
         updated_at: time(row.try_get("updated_at")?)?,
     })

@@ -47,6 +47,10 @@ async fn dev_mode_creates_demo_app_and_token_once() {
         let data = apps["data"].as_array().expect("list");
         assert_eq!(data.len(), 1, "demo app created exactly once: {apps}");
         assert_eq!(data[0]["uid"], "demo");
+        assert_eq!(
+            data[0]["pusher"],
+            json!({"appId": "1", "key": "demo-key", "secret": "demo-secret"})
+        );
         server.stop().await;
     }
 }
@@ -149,6 +153,12 @@ async fn get_or_create_upsert_patch_and_delete_applications() {
         .await;
     assert_eq!((s1, s2), (201, 200));
     assert_eq!(a1["id"], a2["id"]);
+    let pusher_id = a1["pusher"]["appId"].as_str().expect("pusher app id");
+    assert!(
+        pusher_id.len() == 7 && pusher_id.parse::<u32>().is_ok(),
+        "{pusher_id}"
+    );
+    assert_eq!(a1["pusher"]["key"].as_str().map(str::len), Some(20));
 
     let (status, patched) = server
         .call(
