@@ -1,16 +1,19 @@
 //! Herald's HTTP API.
 //!
 //! `/api/v1/...` is the webhook management API, shaped after Svix's so its official SDKs work
-//! unchanged: applications, event types, endpoints, messages and attempts. Handlers translate
+//! unchanged: applications, event types, endpoints, messages and attempts. `/apps/...` is the
+//! Pusher Channels HTTP API (`pusher_api`), so the Pusher server SDKs work unchanged. Handlers translate
 //! between the wire format (camelCase JSON defined here) and the domain types of
 //! `herald-core`, and call the [`Store`]; they never talk HTTP to the outside world, which is
 //! the delivery worker's job, woken through [`DispatcherHandle`].
 
 mod auth;
 mod error;
+mod events;
 mod extract;
 mod idempotency;
 mod pagination;
+mod pusher_api;
 mod v1;
 
 use std::sync::Arc;
@@ -24,6 +27,7 @@ use axum::{
 use herald_core::token::TokenHash;
 use herald_delivery::DispatcherHandle;
 use herald_store::Store;
+use herald_ws::Hub;
 
 pub use error::ApiError;
 
@@ -31,6 +35,8 @@ pub use error::ApiError;
 pub struct ApiState {
     pub store: Arc<dyn Store>,
     pub dispatcher: DispatcherHandle,
+    /// WebSocket subscribers, for the one event stream.
+    pub hub: Arc<Hub>,
     /// Digest of the operator's admin token, if one is configured.
     pub admin_token_hash: Option<TokenHash>,
     pub idempotency: Arc<idempotency::InFlight>,
@@ -54,11 +60,13 @@ impl ApiState {
     pub fn new(
         store: Arc<dyn Store>,
         dispatcher: DispatcherHandle,
+        hub: Arc<Hub>,
         admin_token_hash: Option<TokenHash>,
     ) -> Self {
         Self {
             store,
             dispatcher,
+            hub,
             admin_token_hash,
             idempotency: Arc::default(),
         }
@@ -71,6 +79,7 @@ pub fn router(state: ApiState, config: &ApiConfig) -> Router {
             state.clone(),
             idempotency::replay,
         ))
+        .merge(pusher_api::router())
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
         .fallback(unknown_route)
         .with_state(state)

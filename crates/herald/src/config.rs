@@ -34,6 +34,39 @@ pub struct Config {
     pub shutdown_grace_secs: f64,
     pub api: ApiSection,
     pub delivery: DeliverySection,
+    pub ws: WsSection,
+}
+
+/// WebSocket (Pusher protocol) limits and timings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WsSection {
+    pub activity_timeout_secs: u64,
+    pub pong_timeout_secs: u64,
+    pub max_connections_per_app: u32,
+    pub max_channels_per_connection: usize,
+    pub max_message_bytes: usize,
+    pub max_presence_members: usize,
+    pub max_user_info_bytes: usize,
+    pub client_events_per_second: u32,
+    pub outbox_frames: usize,
+}
+
+impl Default for WsSection {
+    fn default() -> Self {
+        let d = herald_ws::WsConfig::default();
+        Self {
+            activity_timeout_secs: d.activity_timeout.as_secs(),
+            pong_timeout_secs: d.pong_timeout.as_secs(),
+            max_connections_per_app: d.max_connections_per_app,
+            max_channels_per_connection: d.max_channels_per_connection,
+            max_message_bytes: d.max_message_bytes,
+            max_presence_members: d.max_presence_members,
+            max_user_info_bytes: d.max_user_info_bytes,
+            client_events_per_second: d.client_events_per_second,
+            outbox_frames: d.outbox_frames,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -76,6 +109,7 @@ impl Default for Config {
             shutdown_grace_secs: 10.0,
             api: ApiSection::default(),
             delivery: DeliverySection::default(),
+            ws: WsSection::default(),
         }
     }
 }
@@ -198,12 +232,38 @@ impl Config {
                 "delivery concurrency limits must be at least 1".into(),
             ));
         }
+        let w = &self.ws;
+        if w.activity_timeout_secs == 0
+            || w.pong_timeout_secs == 0
+            || w.max_message_bytes == 0
+            || w.outbox_frames == 0
+            || w.client_events_per_second == 0
+        {
+            return Err(ConfigError::Invalid(
+                "ws timeouts, message size, outbox and client event rate must be at least 1".into(),
+            ));
+        }
         if self.admin_token.as_deref().is_some_and(|t| t.len() < 16) {
             return Err(ConfigError::Invalid(
                 "admin_token must be at least 16 characters".into(),
             ));
         }
         Ok(())
+    }
+
+    pub fn ws_config(&self) -> herald_ws::WsConfig {
+        let w = &self.ws;
+        herald_ws::WsConfig {
+            activity_timeout: Duration::from_secs(w.activity_timeout_secs),
+            pong_timeout: Duration::from_secs(w.pong_timeout_secs),
+            max_connections_per_app: w.max_connections_per_app,
+            max_channels_per_connection: w.max_channels_per_connection,
+            max_message_bytes: w.max_message_bytes,
+            max_presence_members: w.max_presence_members,
+            max_user_info_bytes: w.max_user_info_bytes,
+            client_events_per_second: w.client_events_per_second,
+            outbox_frames: w.outbox_frames,
+        }
     }
 
     pub fn delivery_config(&self) -> DeliveryConfig {

@@ -1,4 +1,5 @@
-//! The Herald server, assembled: store, delivery worker and HTTP API under one shutdown tree.
+//! The Herald server, assembled: store, delivery worker, HTTP APIs and WebSocket gateway under
+//! one shutdown tree.
 //!
 //! [`run`] is the single entry point, used by `main` and by the integration tests alike, so
 //! the tests exercise exactly what ships.
@@ -17,6 +18,7 @@ use herald_core::{
 };
 use herald_delivery::{Dispatcher, WebhookClient};
 use herald_store::{Store, TokenScope, sqlite::SqliteStore};
+use herald_ws::{Hub, connection::WsState};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -58,17 +60,30 @@ pub async fn run(
     let delivery = config.delivery_config();
     let client = WebhookClient::new(&delivery)?;
     let dispatcher = Dispatcher::new(Arc::clone(&store), client, delivery);
+    let hub = Arc::new(Hub::default());
     let state = ApiState::new(
         Arc::clone(&store),
         dispatcher.handle(),
+        Arc::clone(&hub),
         config.admin_token.as_deref().map(token::hash),
     );
+    let connections = TaskTracker::new();
+    let websockets = herald_ws::connection::router(WsState {
+        store: Arc::clone(&store),
+        hub,
+        config: config.ws_config(),
+        // WebSocket connections are upgraded out of the HTTP server's reach: they watch the
+        // shutdown token themselves and close with 4200 (reconnect) at once.
+        shutdown: shutdown.clone(),
+        tasks: connections.clone(),
+    });
     let router = herald_api::router(
         state,
         &ApiConfig {
             max_body_bytes: config.api.max_body_bytes,
         },
-    );
+    )
+    .merge(websockets);
 
     let background = TaskTracker::new();
     let stop_background = CancellationToken::new();
@@ -76,8 +91,10 @@ pub async fn run(
     background.spawn(housekeeping(Arc::clone(&store), stop_background.clone()));
 
     let served = axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await;
+    connections.close();
+    connections.wait().await;
     // Requests have drained: nothing can queue new work, so stop the worker (it waits for its
     // in-flight attempts up to the grace period) and then close the store.
     stop_background.cancel();

@@ -179,6 +179,11 @@ pub async fn create(
     if has_targets {
         state.dispatcher.wake();
     }
+    if let Some(channels) = &message.channels {
+        // Stored first: WebSocket subscribers never see an event the store could lose.
+        let data = std::str::from_utf8(&message.payload).unwrap_or("{}");
+        crate::events::broadcast(&state, &app, &message.event_type, channels, data, None);
+    }
     Ok((
         StatusCode::CREATED,
         Json(MessageOut::new(message, with_content)),

@@ -8,3 +8,4 @@ mod api;
 mod delivery;
 mod harness;
 mod process;
+mod websocket;

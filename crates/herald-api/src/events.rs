@@ -1,0 +1,90 @@
+//! One event stream: the bridge between webhook messages and WebSocket channels.
+//!
+//! - A webhook message with `channels` also goes to WebSocket subscribers of those channels,
+//!   as an event named by its `eventType` whose `data` is the payload's JSON text.
+//! - An event triggered through the Pusher HTTP API also becomes a webhook message for the
+//!   endpoints whose filters match: `eventType` = the event name, `payload` = `data` if it is
+//!   a JSON object, otherwise `{"data": <data>}`, `channels` = the event's channels.
+//!
+//! Each path does both deliveries itself, so nothing loops.
+
+use bytes::Bytes;
+use herald_core::{
+    id,
+    model::{App, Message},
+    pusher, validate,
+};
+use herald_ws::protocol;
+
+use crate::{ApiState, error::ApiResult};
+
+/// Sends an event to the WebSocket subscribers of each channel (but `except`, a socket id).
+/// Channels whose names are not valid Pusher channel names have no subscribers and are
+/// skipped. Returns the number of frames handed to connections.
+pub(crate) fn broadcast(
+    state: &ApiState,
+    app: &App,
+    name: &str,
+    channels: &[String],
+    data: &str,
+    except: Option<&str>,
+) -> usize {
+    let hub = state.hub.app(&app.id);
+    channels
+        .iter()
+        .filter(|c| pusher::validate_channel_name(c).is_ok())
+        .map(|channel| {
+            // Serialized once per channel; every subscriber shares the bytes.
+            let frame = protocol::event(name, channel, data);
+            hub.broadcast(channel, &frame, except)
+        })
+        .sum()
+}
+
+/// Stores a Pusher-triggered event as a webhook message if any endpoint wants it. Event names
+/// that are not valid event type names are not forwarded to webhooks.
+pub(crate) async fn forward_to_webhooks(
+    state: &ApiState,
+    app: &App,
+    name: &str,
+    channels: &[String],
+    data: &str,
+) -> ApiResult<()> {
+    if validate::event_type_name(name).is_err() {
+        tracing::debug!(
+            event = name,
+            "event name is not a valid event type; not forwarded to webhooks"
+        );
+        return Ok(());
+    }
+    let channels = (!channels.is_empty()).then(|| channels.to_vec());
+    let endpoints = state.store.app_endpoints(&app.id).await?;
+    let targets: Vec<String> = endpoints
+        .iter()
+        .filter(|ep| !ep.disabled && ep.filter().matches(name, channels.as_deref()))
+        .map(|ep| ep.id.clone())
+        .collect();
+    if targets.is_empty() {
+        return Ok(());
+    }
+    let is_object = serde_json::from_str::<serde_json::Value>(data).is_ok_and(|v| v.is_object());
+    let payload = if is_object {
+        Bytes::from(data.to_owned())
+    } else {
+        Bytes::from(serde_json::json!({ "data": data }).to_string())
+    };
+    let now = crate::now();
+    let message = Message {
+        id: id::new_id(id::MESSAGE, now),
+        app_id: app.id.clone(),
+        event_id: None,
+        event_type: name.to_owned(),
+        channels,
+        tags: None,
+        payload,
+        created_at: now,
+    };
+    state.store.create_message(message, targets).await?;
+    state.dispatcher.wake();
+    Ok(())
+}

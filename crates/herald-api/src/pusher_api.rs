@@ -1,0 +1,382 @@
+//! The Pusher Channels HTTP API (`/apps/{app_id}/...`), so the Pusher server SDKs work
+//! unchanged: trigger events, query channels and presence users, terminate a user's
+//! connections. Requests are signed the Pusher way (see `herald_core::pusher::verify_request`);
+//! errors are plain text with the status the Pusher API uses.
+
+use std::collections::BTreeMap;
+
+use axum::{
+    Json, Router,
+    body::Bytes,
+    extract::{Path, State},
+    http::{Method, StatusCode, Uri},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use herald_core::{
+    model::App,
+    pusher::{self, ChannelKind},
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::{ApiState, events};
+
+/// Pusher's limits: event data up to 10 KB, 100 channels per event, 10 events per batch.
+const MAX_DATA_BYTES: usize = 10 * 1024;
+const MAX_CHANNELS: usize = 100;
+const MAX_BATCH: usize = 10;
+const MAX_EVENT_NAME: usize = 200;
+
+pub fn router() -> Router<ApiState> {
+    Router::new()
+        .route("/apps/{app_id}/events", post(trigger))
+        .route("/apps/{app_id}/batch_events", post(trigger_batch))
+        .route("/apps/{app_id}/channels", get(channels))
+        .route("/apps/{app_id}/channels/{channel}", get(channel))
+        .route("/apps/{app_id}/channels/{channel}/users", get(users))
+        .route(
+            "/apps/{app_id}/users/{user_id}/terminate_connections",
+            post(terminate),
+        )
+}
+
+pub struct PusherError(StatusCode, String);
+
+impl IntoResponse for PusherError {
+    fn into_response(self) -> Response {
+        (self.0, self.1).into_response()
+    }
+}
+
+impl From<crate::ApiError> for PusherError {
+    fn from(e: crate::ApiError) -> Self {
+        match e {
+            crate::ApiError::Standard { status, detail, .. } => Self(status, detail),
+            crate::ApiError::Validation(items) => Self(
+                StatusCode::BAD_REQUEST,
+                items
+                    .into_iter()
+                    .map(|i| i.msg)
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            ),
+        }
+    }
+}
+
+impl From<herald_store::StoreError> for PusherError {
+    fn from(e: herald_store::StoreError) -> Self {
+        crate::ApiError::from(e).into()
+    }
+}
+
+fn bad(message: impl Into<String>) -> PusherError {
+    PusherError(StatusCode::BAD_REQUEST, message.into())
+}
+
+/// Finds the app by its numeric id and checks the request's signature against its secret.
+async fn authenticate(
+    state: &ApiState,
+    app_id: &str,
+    method: &Method,
+    uri: &Uri,
+    body: &[u8],
+) -> Result<App, PusherError> {
+    let unknown = || PusherError(StatusCode::NOT_FOUND, format!("unknown app {app_id}"));
+    let numeric: i64 = app_id.parse().map_err(|_| unknown())?;
+    let app = state
+        .store
+        .get_app_by_pusher_id(numeric)
+        .await?
+        .ok_or_else(unknown)?;
+    let params: Vec<(String, String)> = uri
+        .query()
+        .map(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .into_owned()
+                .collect()
+        })
+        .unwrap_or_default();
+    pusher::verify_request(
+        &app.pusher.key,
+        &app.pusher.secret,
+        method.as_str(),
+        uri.path(),
+        &params,
+        body,
+        chrono::Utc::now().timestamp(),
+    )
+    .map_err(|e| {
+        PusherError(
+            StatusCode::UNAUTHORIZED,
+            format!("authentication failed: {e}"),
+        )
+    })?;
+    Ok(app)
+}
+
+#[derive(Deserialize)]
+struct TriggerIn {
+    name: String,
+    data: String,
+    #[serde(default)]
+    channels: Option<Vec<String>>,
+    #[serde(default)]
+    channel: Option<String>,
+    #[serde(default)]
+    socket_id: Option<String>,
+    #[serde(default)]
+    info: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct BatchIn {
+    batch: Vec<TriggerIn>,
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, PusherError> {
+    serde_json::from_slice(body).map_err(|e| bad(format!("invalid JSON body: {e}")))
+}
+
+/// Validates one event and returns its channels.
+fn check_event(event: &TriggerIn) -> Result<Vec<String>, PusherError> {
+    if event.name.is_empty() || event.name.len() > MAX_EVENT_NAME {
+        return Err(bad(format!(
+            "event name must be 1 to {MAX_EVENT_NAME} characters"
+        )));
+    }
+    if event.data.len() > MAX_DATA_BYTES {
+        return Err(PusherError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "event data is {} bytes; the limit is {MAX_DATA_BYTES}",
+                event.data.len()
+            ),
+        ));
+    }
+    let channels = match (&event.channels, &event.channel) {
+        (Some(list), None) => list.clone(),
+        (None, Some(one)) => vec![one.clone()],
+        _ => return Err(bad("give either channels or channel")),
+    };
+    if channels.is_empty() || channels.len() > MAX_CHANNELS {
+        return Err(bad(format!("an event needs 1 to {MAX_CHANNELS} channels")));
+    }
+    for channel in &channels {
+        pusher::validate_channel_name(channel).map_err(|e| bad(format!("{channel}: {e}")))?;
+    }
+    if let Some(socket_id) = &event.socket_id
+        && !pusher::is_socket_id(socket_id)
+    {
+        return Err(bad(format!("invalid socket_id {socket_id:?}")));
+    }
+    Ok(channels)
+}
+
+/// The `info` attributes asked for, for each channel.
+fn channel_attributes(
+    state: &ApiState,
+    app: &App,
+    channels: &[String],
+    info: Option<&str>,
+) -> Result<Option<Value>, PusherError> {
+    let Some(info) = info.filter(|i| !i.is_empty()) else {
+        return Ok(None);
+    };
+    let hub = state.hub.app(&app.id);
+    let wants = |attr: &str| info.split(',').any(|a| a.trim() == attr);
+    let mut out = serde_json::Map::new();
+    for channel in channels {
+        let current = hub.channel_info(channel).unwrap_or_default();
+        let mut attrs = serde_json::Map::new();
+        if wants("subscription_count") {
+            attrs.insert(
+                "subscription_count".into(),
+                json!(current.subscription_count),
+            );
+        }
+        if wants("user_count") {
+            if ChannelKind::of(channel) != ChannelKind::Presence {
+                return Err(bad("user_count is only available for presence channels"));
+            }
+            attrs.insert("user_count".into(), json!(current.user_count.unwrap_or(0)));
+        }
+        out.insert(channel.clone(), Value::Object(attrs));
+    }
+    Ok(Some(Value::Object(out)))
+}
+
+async fn publish(
+    state: &ApiState,
+    app: &App,
+    event: &TriggerIn,
+    channels: &[String],
+) -> Result<(), PusherError> {
+    events::broadcast(
+        state,
+        app,
+        &event.name,
+        channels,
+        &event.data,
+        event.socket_id.as_deref(),
+    );
+    events::forward_to_webhooks(state, app, &event.name, channels, &event.data).await?;
+    Ok(())
+}
+
+async fn trigger(
+    State(state): State<ApiState>,
+    Path(app_id): Path<String>,
+    method: Method,
+    uri: Uri,
+    body: Bytes,
+) -> Result<Json<Value>, PusherError> {
+    let app = authenticate(&state, &app_id, &method, &uri, &body).await?;
+    let event: TriggerIn = parse(&body)?;
+    let channels = check_event(&event)?;
+    publish(&state, &app, &event, &channels).await?;
+    Ok(Json(
+        match channel_attributes(&state, &app, &channels, event.info.as_deref())? {
+            Some(channels) => json!({ "channels": channels }),
+            None => json!({}),
+        },
+    ))
+}
+
+async fn trigger_batch(
+    State(state): State<ApiState>,
+    Path(app_id): Path<String>,
+    method: Method,
+    uri: Uri,
+    body: Bytes,
+) -> Result<Json<Value>, PusherError> {
+    let app = authenticate(&state, &app_id, &method, &uri, &body).await?;
+    let batch: BatchIn = parse(&body)?;
+    if batch.batch.is_empty() || batch.batch.len() > MAX_BATCH {
+        return Err(bad(format!("a batch holds 1 to {MAX_BATCH} events")));
+    }
+    // Validate everything first: a batch is accepted whole or not at all.
+    let checked: Vec<Vec<String>> = batch
+        .batch
+        .iter()
+        .map(check_event)
+        .collect::<Result<_, _>>()?;
+    let mut results = Vec::with_capacity(checked.len());
+    for (event, channels) in batch.batch.iter().zip(&checked) {
+        publish(&state, &app, event, channels).await?;
+        // A batch event has one channel; its attributes are reported flat.
+        let attributes = channel_attributes(&state, &app, channels, event.info.as_deref())?
+            .and_then(|by_channel| by_channel.get(&channels[0]).cloned())
+            .unwrap_or_else(|| json!({}));
+        results.push(attributes);
+    }
+    Ok(Json(json!({ "batch": results })))
+}
+
+async fn channels(
+    State(state): State<ApiState>,
+    Path(app_id): Path<String>,
+    method: Method,
+    uri: Uri,
+) -> Result<Json<Value>, PusherError> {
+    let app = authenticate(&state, &app_id, &method, &uri, &[]).await?;
+    let query: BTreeMap<String, String> = uri
+        .query()
+        .map(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .into_owned()
+                .collect()
+        })
+        .unwrap_or_default();
+    let prefix = query.get("filter_by_prefix").map_or("", String::as_str);
+    let user_count = query
+        .get("info")
+        .is_some_and(|i| i.split(',').any(|a| a.trim() == "user_count"));
+    if user_count && !prefix.starts_with("presence-") {
+        return Err(bad("info=user_count needs filter_by_prefix=presence-"));
+    }
+    let list: serde_json::Map<String, Value> = state
+        .hub
+        .app(&app.id)
+        .channels(prefix)
+        .into_iter()
+        .map(|(name, info)| {
+            let attrs = if user_count {
+                json!({ "user_count": info.user_count.unwrap_or(0) })
+            } else {
+                json!({})
+            };
+            (name, attrs)
+        })
+        .collect();
+    Ok(Json(json!({ "channels": list })))
+}
+
+async fn channel(
+    State(state): State<ApiState>,
+    Path((app_id, channel)): Path<(String, String)>,
+    method: Method,
+    uri: Uri,
+) -> Result<Json<Value>, PusherError> {
+    let app = authenticate(&state, &app_id, &method, &uri, &[]).await?;
+    pusher::validate_channel_name(&channel).map_err(bad)?;
+    let info: BTreeMap<String, String> = uri
+        .query()
+        .map(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .into_owned()
+                .collect()
+        })
+        .unwrap_or_default();
+    let current = state
+        .hub
+        .app(&app.id)
+        .channel_info(&channel)
+        .unwrap_or_default();
+    let mut out = serde_json::Map::new();
+    out.insert("occupied".into(), json!(current.subscription_count > 0));
+    if let Some(attrs) = channel_attributes(
+        &state,
+        &app,
+        std::slice::from_ref(&channel),
+        info.get("info").map(String::as_str),
+    )? && let Some(Value::Object(attrs)) = attrs.get(&channel)
+    {
+        out.extend(attrs.clone());
+    }
+    Ok(Json(Value::Object(out)))
+}
+
+async fn users(
+    State(state): State<ApiState>,
+    Path((app_id, channel)): Path<(String, String)>,
+    method: Method,
+    uri: Uri,
+) -> Result<Json<Value>, PusherError> {
+    let app = authenticate(&state, &app_id, &method, &uri, &[]).await?;
+    if ChannelKind::of(&channel) != ChannelKind::Presence {
+        return Err(bad("users are only listed for presence channels"));
+    }
+    let users: Vec<Value> = state
+        .hub
+        .app(&app.id)
+        .users(&channel)
+        .into_iter()
+        .map(|id| json!({ "id": id }))
+        .collect();
+    Ok(Json(json!({ "users": users })))
+}
+
+async fn terminate(
+    State(state): State<ApiState>,
+    Path((app_id, user_id)): Path<(String, String)>,
+    method: Method,
+    uri: Uri,
+    body: Bytes,
+) -> Result<Json<Value>, PusherError> {
+    let app = authenticate(&state, &app_id, &method, &uri, &body).await?;
+    let closed = state.hub.app(&app.id).terminate_user(&user_id);
+    tracing::info!(user_id, closed, "terminating a user's connections");
+    Ok(Json(json!({})))
+}

@@ -1,0 +1,594 @@
+//! One WebSocket connection: the Pusher protocol's state machine.
+//!
+//! A single task per connection reads client messages, writes queued frames (coalescing
+//! whatever is queued into one flush), and keeps time: after `activity_timeout` of silence it
+//! pings, and after `pong_timeout` more it closes with 4201. Bad input gets `pusher:error` or
+//! `pusher:subscription_error` and the connection stays; only the protocol's close cases close
+//! it.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use axum::{
+    Router,
+    extract::{
+        Path, Query, State, WebSocketUpgrade,
+        ws::{CloseFrame, Message, WebSocket},
+    },
+    response::Response,
+    routing::get,
+};
+use futures_util::{SinkExt, StreamExt, stream::SplitSink};
+use herald_core::{
+    model::App,
+    pusher::{self, ChannelKind},
+};
+use herald_store::Store;
+use serde_json::{json, value::RawValue};
+use tokio::{sync::mpsc, time::Instant};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    Frame, Hub, WsConfig, close,
+    hub::{AppHub, Joining, Outbox, SubscribeError},
+    protocol::{self, ChannelData, Incoming, SigninData, SubscribeData, UnsubscribeData},
+};
+
+/// What the `/app/{key}` route needs.
+#[derive(Clone)]
+pub struct WsState {
+    pub store: Arc<dyn Store>,
+    pub hub: Arc<Hub>,
+    pub config: WsConfig,
+    /// Cancelled at shutdown: every connection closes with 4200 (reconnect).
+    pub shutdown: CancellationToken,
+    /// Connection tasks, so shutdown can wait for them.
+    pub tasks: TaskTracker,
+}
+
+pub fn router(state: WsState) -> Router {
+    Router::new()
+        .route("/app/{key}", get(upgrade))
+        .with_state(state)
+}
+
+async fn upgrade(
+    State(state): State<WsState>,
+    Path(key): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let app = state.store.get_app_by_pusher_key(&key).await;
+    let protocol = params.get("protocol").map(|p| p.parse::<u32>());
+    // Reading stays cheap per idle connection; writing gets room to coalesce fan-out bursts.
+    let ws = ws
+        .read_buffer_size(4 * 1024)
+        .max_message_size(state.config.max_message_bytes * 4)
+        .max_frame_size(state.config.max_message_bytes * 4);
+    let tasks = state.tasks.clone();
+    ws.on_upgrade(move |socket| {
+        tasks.track_future(async move {
+            let refusal = match (&app, &protocol) {
+                (Err(e), _) => {
+                    tracing::error!(error = %e, "looking up an app key failed");
+                    Some((close::RECONNECT, "temporary server error".to_owned()))
+                }
+                (Ok(None), _) => Some((
+                    close::APP_DOES_NOT_EXIST,
+                    format!("no app has the key {key}"),
+                )),
+                (_, Some(Ok(v))) if !(5..=7).contains(v) => Some((
+                    4007,
+                    format!("protocol version {v} is not supported (use 7)"),
+                )),
+                (_, Some(Err(_))) => Some((4007, "protocol must be a number".to_owned())),
+                _ => None,
+            };
+            match (refusal, app) {
+                (None, Ok(Some(app))) => {
+                    let hub = state.hub.app(&app.id);
+                    if hub.connect(state.config.max_connections_per_app) {
+                        serve(socket, app, Arc::clone(&hub), &state).await;
+                        hub.disconnect();
+                    } else {
+                        close_now(
+                            socket,
+                            close::OVER_CONNECTION_QUOTA,
+                            "the app is over its connection quota",
+                        )
+                        .await;
+                    }
+                }
+                (Some((code, reason)), _) => close_now(socket, code, &reason).await,
+                (None, _) => unreachable!("no refusal means the app was found"),
+            }
+        })
+    })
+}
+
+async fn close_now(mut socket: WebSocket, code: u16, reason: &str) {
+    let _ = socket
+        .send(Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        })))
+        .await;
+    // Let the close handshake finish (the client answers our close frame).
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Some(Ok(_)) = socket.next().await {}
+    })
+    .await;
+}
+
+type Sink = SplitSink<WebSocket, Message>;
+
+async fn serve(socket: WebSocket, app: App, hub: Arc<AppHub>, state: &WsState) {
+    let config = &state.config;
+    let (outbox, mut frames, overflowed) = Outbox::new(config.outbox_frames);
+    let socket_id = pusher::new_socket_id(&mut rand::rng());
+    let (mut sink, mut stream) = socket.split();
+    let mut conn = Connection {
+        app,
+        hub,
+        config: config.clone(),
+        socket_id,
+        outbox,
+        channels: HashMap::new(),
+        user_id: None,
+        terminate: CancellationToken::new(),
+        rate: RateLimit::new(config.client_events_per_second),
+    };
+    conn.outbox.send(protocol::connection_established(
+        &conn.socket_id,
+        config.activity_timeout.as_secs(),
+    ));
+
+    let mut last_heard = Instant::now();
+    let mut pinged = false;
+    let close = loop {
+        let deadline = if pinged {
+            last_heard + config.activity_timeout + config.pong_timeout
+        } else {
+            last_heard + config.activity_timeout
+        };
+        tokio::select! {
+            biased;
+            () = state.shutdown.cancelled() => break Some((close::RECONNECT, "server shutting down".to_owned())),
+            () = overflowed.cancelled() => break Some((
+                close::OVER_CAPACITY,
+                "too slow: the connection could not keep up with its events".to_owned(),
+            )),
+            () = conn.terminate.cancelled() => break Some((close::UNAUTHORIZED, "connection terminated by the server".to_owned())),
+            frame = frames.recv() => {
+                let Some(frame) = frame else { break None };
+                if write_queued(&mut sink, frame, &mut frames).await.is_err() {
+                    break None;
+                }
+            }
+            message = stream.next() => {
+                let Some(Ok(message)) = message else { break None };
+                last_heard = Instant::now();
+                pinged = false;
+                match message {
+                    Message::Text(text) => {
+                        if let Some(close) = conn.handle(text.as_str()) {
+                            break Some(close);
+                        }
+                    }
+                    Message::Binary(_) => conn.outbox.send(protocol::error(
+                        "binary frames are not supported; send JSON text",
+                        None,
+                    )),
+                    Message::Close(_) => break None,
+                    // Pings are answered by the WebSocket layer; both count as activity.
+                    Message::Ping(_) | Message::Pong(_) => {}
+                }
+            }
+            () = tokio::time::sleep_until(deadline) => {
+                if pinged {
+                    break Some((close::PONG_NOT_RECEIVED, "pong reply not received".to_owned()));
+                }
+                pinged = true;
+                conn.outbox.send(protocol::ping());
+            }
+        }
+    };
+    conn.leave_all();
+    if let Some((code, reason)) = close {
+        // Flush what is queued first (an error frame explaining the close, for instance).
+        while let Ok(frame) = frames.try_recv() {
+            if sink.feed(Message::Text(frame)).await.is_err() {
+                break;
+            }
+        }
+        let _ = sink
+            .send(Message::Close(Some(CloseFrame {
+                code,
+                reason: reason.into(),
+            })))
+            .await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while let Some(Ok(_)) = stream.next().await {}
+        })
+        .await;
+    }
+}
+
+/// Writes `first` and everything else already queued, then flushes once.
+async fn write_queued(
+    sink: &mut Sink,
+    first: Frame,
+    frames: &mut mpsc::Receiver<Frame>,
+) -> Result<(), axum::Error> {
+    sink.feed(Message::Text(first)).await?;
+    while let Ok(frame) = frames.try_recv() {
+        sink.feed(Message::Text(frame)).await?;
+    }
+    sink.flush().await
+}
+
+/// Client events allowed per second, as a token bucket refilled continuously.
+struct RateLimit {
+    per_second: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateLimit {
+    fn new(per_second: u32) -> Self {
+        Self {
+            per_second: f64::from(per_second),
+            tokens: f64::from(per_second),
+            last: Instant::now(),
+        }
+    }
+
+    fn allow(&mut self) -> bool {
+        let now = Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * self.per_second;
+        self.tokens = (self.tokens + refill).min(self.per_second);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+struct Connection {
+    app: App,
+    hub: Arc<AppHub>,
+    config: WsConfig,
+    socket_id: String,
+    outbox: Outbox,
+    /// Subscribed channels, with the presence user id for presence channels.
+    channels: HashMap<String, Option<String>>,
+    /// Set by `pusher:signin`.
+    user_id: Option<String>,
+    terminate: CancellationToken,
+    rate: RateLimit,
+}
+
+type Close = (u16, String);
+
+impl Connection {
+    /// Handles one client message; returns a close code if the connection must end.
+    fn handle(&mut self, text: &str) -> Option<Close> {
+        if text.len() > self.config.max_message_bytes {
+            return Some((
+                close::MESSAGE_TOO_BIG,
+                format!(
+                    "message of {} bytes is larger than the limit of {}",
+                    text.len(),
+                    self.config.max_message_bytes
+                ),
+            ));
+        }
+        let message: Incoming = match serde_json::from_str(text) {
+            Ok(message) => message,
+            Err(e) => {
+                self.outbox
+                    .send(protocol::error(&format!("invalid JSON: {e}"), None));
+                return None;
+            }
+        };
+        match message.event.as_str() {
+            "pusher:ping" => self.outbox.send(protocol::pong()),
+            "pusher:pong" => {}
+            "pusher:subscribe" => self.subscribe(message.data.as_deref()),
+            "pusher:unsubscribe" => self.unsubscribe(message.data.as_deref()),
+            "pusher:signin" => self.sign_in(message.data.as_deref()),
+            name if name.starts_with("client-") => return self.client_event(&message),
+            other => self
+                .outbox
+                .send(protocol::error(&format!("unknown event {other:?}"), None)),
+        }
+        None
+    }
+
+    fn subscribe(&mut self, data: Option<&RawValue>) {
+        let request: SubscribeData = match protocol::parse_data(data) {
+            Ok(request) => request,
+            Err(e) => {
+                self.outbox.send(protocol::error(
+                    &format!("invalid pusher:subscribe: {e}"),
+                    None,
+                ));
+                return;
+            }
+        };
+        let channel = request.channel.as_str();
+        let refuse = |kind: &str, message: String, status: u16| {
+            protocol::subscription_error(channel, kind, &message, status)
+        };
+        if let Err(e) = pusher::validate_channel_name(channel) {
+            self.outbox.send(refuse("InvalidChannel", e, 400));
+            return;
+        }
+        if self.channels.contains_key(channel) {
+            // Already subscribed: confirm again, as a resubscribe after a glitch expects.
+            self.outbox.send(protocol::system(
+                "pusher_internal:subscription_succeeded",
+                Some(channel),
+                &json!({}),
+            ));
+            return;
+        }
+        if self.channels.len() >= self.config.max_channels_per_connection {
+            self.outbox.send(refuse(
+                "LimitReached",
+                format!(
+                    "a connection may subscribe to at most {} channels",
+                    self.config.max_channels_per_connection
+                ),
+                400,
+            ));
+            return;
+        }
+        let kind = ChannelKind::of(channel);
+        let channel_data = (kind == ChannelKind::Presence)
+            .then_some(request.channel_data.as_deref())
+            .flatten();
+        if kind.needs_auth() {
+            let Some(auth) = request.auth.as_deref() else {
+                self.outbox.send(refuse(
+                    "AuthError",
+                    format!("{channel} needs an auth signature"),
+                    401,
+                ));
+                return;
+            };
+            if kind == ChannelKind::Presence && channel_data.is_none() {
+                self.outbox.send(refuse(
+                    "AuthError",
+                    "presence channels need channel_data".into(),
+                    401,
+                ));
+                return;
+            }
+            let pusher = &self.app.pusher;
+            if let Err(e) = pusher::verify_channel_auth(
+                &pusher.key,
+                &pusher.secret,
+                &self.socket_id,
+                channel,
+                channel_data,
+                auth,
+            ) {
+                self.outbox
+                    .send(refuse("AuthError", format!("auth refused: {e}"), 401));
+                return;
+            }
+        }
+        let joining = match channel_data.map(|d| self.presence_member(d)) {
+            Some(Ok(member)) => Some(member),
+            Some(Err(e)) => {
+                self.outbox.send(refuse("InvalidChannelData", e, 400));
+                return;
+            }
+            None => None,
+        };
+        let member = joining.as_ref().map(|j| {
+            (
+                j.user_id.clone(),
+                j.info.as_ref().map(|i| i.get().to_owned()),
+            )
+        });
+        let subscribed = match self.hub.subscribe(
+            channel,
+            &self.socket_id,
+            &self.outbox,
+            joining,
+            self.config.max_presence_members,
+        ) {
+            Ok(subscribed) => subscribed,
+            Err(SubscribeError::PresenceFull(max)) => {
+                self.outbox.send(refuse(
+                    "LimitReached",
+                    format!("the presence channel is full ({max} members)"),
+                    403,
+                ));
+                return;
+            }
+        };
+        self.outbox.send(protocol::system(
+            "pusher_internal:subscription_succeeded",
+            Some(channel),
+            &subscribed.presence.unwrap_or_else(|| json!({})),
+        ));
+        if subscribed.member_added
+            && let Some((user_id, info)) = &member
+        {
+            let info: serde_json::Value = info
+                .as_deref()
+                .and_then(|i| serde_json::from_str(i).ok())
+                .unwrap_or(serde_json::Value::Null);
+            let frame = protocol::system(
+                "pusher_internal:member_added",
+                Some(channel),
+                &json!({"user_id": user_id, "user_info": info}),
+            );
+            self.hub.broadcast(channel, &frame, Some(&self.socket_id));
+        }
+        self.channels
+            .insert(channel.to_owned(), member.map(|(user_id, _)| user_id));
+    }
+
+    fn presence_member(&self, channel_data: &str) -> Result<Joining, String> {
+        let data: ChannelData = serde_json::from_str(channel_data)
+            .map_err(|e| format!("channel_data is not valid member JSON: {e}"))?;
+        let user_id = match data.user_id {
+            serde_json::Value::String(s) if !s.is_empty() && s.len() <= 128 => s,
+            serde_json::Value::Number(n) => n.to_string(),
+            _ => {
+                return Err(
+                    "channel_data.user_id must be a string of 1 to 128 characters or a number"
+                        .into(),
+                );
+            }
+        };
+        if let Some(info) = &data.user_info
+            && info.get().len() > self.config.max_user_info_bytes
+        {
+            return Err(format!(
+                "channel_data.user_info is larger than {} bytes",
+                self.config.max_user_info_bytes
+            ));
+        }
+        Ok(Joining {
+            user_id,
+            info: data.user_info,
+        })
+    }
+
+    fn unsubscribe(&mut self, data: Option<&RawValue>) {
+        match protocol::parse_data::<UnsubscribeData>(data) {
+            Ok(request) => self.leave(&request.channel),
+            Err(e) => self.outbox.send(protocol::error(
+                &format!("invalid pusher:unsubscribe: {e}"),
+                None,
+            )),
+        }
+    }
+
+    fn leave(&mut self, channel: &str) {
+        if self.channels.remove(channel).is_none() {
+            return;
+        }
+        let left = self.hub.unsubscribe(channel, &self.socket_id);
+        if let Some(user_id) = left.member_removed {
+            let frame = protocol::system(
+                "pusher_internal:member_removed",
+                Some(channel),
+                &json!({"user_id": user_id}),
+            );
+            self.hub.broadcast(channel, &frame, None);
+        }
+    }
+
+    fn leave_all(&mut self) {
+        let channels: Vec<String> = self.channels.keys().cloned().collect();
+        for channel in channels {
+            self.leave(&channel);
+        }
+        if let Some(user_id) = self.user_id.take() {
+            self.hub.sign_out(&user_id, &self.socket_id);
+        }
+    }
+
+    fn sign_in(&mut self, data: Option<&RawValue>) {
+        let request: SigninData = match protocol::parse_data(data) {
+            Ok(request) => request,
+            Err(e) => {
+                self.outbox.send(protocol::error(
+                    &format!("invalid pusher:signin: {e}"),
+                    None,
+                ));
+                return;
+            }
+        };
+        let pusher = &self.app.pusher;
+        if let Err(e) = pusher::verify_user_auth(
+            &pusher.key,
+            &pusher.secret,
+            &self.socket_id,
+            &request.user_data,
+            &request.auth,
+        ) {
+            self.outbox.send(protocol::error(
+                &format!("sign-in refused: {e}"),
+                Some(close::UNAUTHORIZED),
+            ));
+            return;
+        }
+        let user_id = serde_json::from_str::<serde_json::Value>(&request.user_data)
+            .ok()
+            .and_then(|v| v.get("id").and_then(|id| id.as_str().map(str::to_owned)))
+            .filter(|id| !id.is_empty());
+        let Some(user_id) = user_id else {
+            self.outbox.send(protocol::error(
+                "sign-in refused: user_data must be a JSON object with a string id",
+                Some(close::UNAUTHORIZED),
+            ));
+            return;
+        };
+        if self
+            .user_id
+            .as_ref()
+            .is_some_and(|current| *current != user_id)
+        {
+            self.outbox.send(protocol::error(
+                "sign-in refused: the connection is signed in as another user",
+                Some(close::UNAUTHORIZED),
+            ));
+            return;
+        }
+        self.hub
+            .sign_in(&user_id, &self.socket_id, self.terminate.clone());
+        self.user_id = Some(user_id);
+        self.outbox.send(protocol::system(
+            "pusher:signin_success",
+            None,
+            &json!({"user_data": request.user_data}),
+        ));
+    }
+
+    fn client_event(&mut self, message: &Incoming) -> Option<Close> {
+        if !self.rate.allow() {
+            return Some((
+                close::CLIENT_EVENT_RATE_LIMIT,
+                format!(
+                    "client event rate limit of {} per second exceeded",
+                    self.config.client_events_per_second
+                ),
+            ));
+        }
+        let Some(channel) = message.channel.as_deref() else {
+            self.outbox
+                .send(protocol::error("client events need a channel", None));
+            return None;
+        };
+        let Some(member) = self.channels.get(channel) else {
+            self.outbox.send(protocol::error(
+                &format!("client event refused: not subscribed to {channel}"),
+                None,
+            ));
+            return None;
+        };
+        if !ChannelKind::of(channel).allows_client_events() {
+            self.outbox.send(protocol::error(
+                &format!("client event refused: {channel} is not a private or presence channel"),
+                None,
+            ));
+            return None;
+        }
+        let null =
+            RawValue::from_string("null".into()).unwrap_or_else(|_| unreachable!("null is JSON"));
+        let data = message.data.as_deref().unwrap_or(&null);
+        let frame = protocol::client_event(&message.event, channel, data, member.as_deref());
+        // Never echoed to the sender.
+        self.hub.broadcast(channel, &frame, Some(&self.socket_id));
+        None
+    }
+}

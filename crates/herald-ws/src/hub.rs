@@ -1,0 +1,398 @@
+//! Who is subscribed to what, per app, and fan-out.
+//!
+//! One [`AppHub`] per app holds its channels behind one lock: broadcasts take it shared,
+//! subscribe and unsubscribe take it exclusively. A broadcast hands the same [`Frame`] (shared
+//! bytes) to every subscriber's [`Outbox`]; a full outbox marks that connection as too slow,
+//! and the connection closes itself, so one stalled reader never holds up the others.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicU32, Ordering},
+    },
+};
+
+use serde_json::value::RawValue;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::Frame;
+
+/// Where a connection's frames go. Sending never waits.
+#[derive(Clone)]
+pub struct Outbox {
+    frames: mpsc::Sender<Frame>,
+    /// Cancelled when a frame did not fit: the connection is too slow and must close.
+    overflowed: CancellationToken,
+}
+
+impl Outbox {
+    pub fn new(capacity: usize) -> (Self, mpsc::Receiver<Frame>, CancellationToken) {
+        let (frames, receiver) = mpsc::channel(capacity);
+        let overflowed = CancellationToken::new();
+        (
+            Self {
+                frames,
+                overflowed: overflowed.clone(),
+            },
+            receiver,
+            overflowed,
+        )
+    }
+
+    pub fn send(&self, frame: Frame) {
+        if self.frames.try_send(frame).is_err() {
+            self.overflowed.cancel();
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct Hub {
+    apps: RwLock<HashMap<String, Arc<AppHub>>>,
+}
+
+impl Hub {
+    /// The hub of the app with this id, created on first use.
+    pub fn app(&self, app_id: &str) -> Arc<AppHub> {
+        if let Some(app) = read(&self.apps).get(app_id) {
+            return Arc::clone(app);
+        }
+        Arc::clone(write(&self.apps).entry(app_id.to_owned()).or_default())
+    }
+}
+
+#[derive(Default)]
+pub struct AppHub {
+    connections: AtomicU32,
+    channels: RwLock<HashMap<String, Channel>>,
+    /// Signed-in users' connections, for `terminate_connections`.
+    users: RwLock<HashMap<String, HashMap<String, CancellationToken>>>,
+}
+
+#[derive(Default)]
+struct Channel {
+    subscribers: HashMap<String, Subscriber>,
+    /// Presence channels: members by user id, with how many of the user's sockets are in.
+    members: BTreeMap<String, Member>,
+}
+
+struct Subscriber {
+    outbox: Outbox,
+    user_id: Option<String>,
+}
+
+struct Member {
+    info: Option<Box<RawValue>>,
+    sockets: u32,
+}
+
+/// A presence member joining: its user id and `user_info` as the app server wrote it.
+pub struct Joining {
+    pub user_id: String,
+    pub info: Option<Box<RawValue>>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum SubscribeError {
+    PresenceFull(usize),
+}
+
+#[derive(Debug, Default)]
+pub struct Subscribed {
+    /// First subscriber: the channel just became occupied.
+    pub occupied: bool,
+    /// Presence: the `{"presence": {...}}` snapshot for `subscription_succeeded`.
+    pub presence: Option<serde_json::Value>,
+    /// Presence: this user was not in the channel before.
+    pub member_added: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct Unsubscribed {
+    /// The last subscriber left: the channel is vacated.
+    pub vacated: bool,
+    /// Presence: the user's last socket left.
+    pub member_removed: Option<String>,
+}
+
+/// What the HTTP API reports about a channel.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChannelInfo {
+    pub subscription_count: usize,
+    /// Presence channels only.
+    pub user_count: Option<usize>,
+}
+
+impl AppHub {
+    /// Counts a new connection unless the app is at `limit`.
+    pub fn connect(&self, limit: u32) -> bool {
+        self.connections
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    pub fn disconnect(&self) {
+        self.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    pub fn connection_count(&self) -> u32 {
+        self.connections.load(Ordering::Acquire)
+    }
+
+    pub fn subscribe(
+        &self,
+        channel: &str,
+        socket_id: &str,
+        outbox: &Outbox,
+        joining: Option<Joining>,
+        max_members: usize,
+    ) -> Result<Subscribed, SubscribeError> {
+        let mut channels = write(&self.channels);
+        let entry = channels.entry(channel.to_owned()).or_default();
+        let mut outcome = Subscribed {
+            occupied: entry.subscribers.is_empty(),
+            ..Subscribed::default()
+        };
+        let user_id = joining.as_ref().map(|j| j.user_id.clone());
+        if let Some(joining) = joining {
+            let already = entry.members.contains_key(&joining.user_id);
+            if !already && entry.members.len() >= max_members {
+                if entry.subscribers.is_empty() {
+                    channels.remove(channel);
+                }
+                return Err(SubscribeError::PresenceFull(max_members));
+            }
+            let member = entry.members.entry(joining.user_id).or_insert(Member {
+                info: joining.info,
+                sockets: 0,
+            });
+            member.sockets += 1;
+            outcome.member_added = !already;
+            outcome.presence = Some(presence_snapshot(&entry.members));
+        }
+        entry.subscribers.insert(
+            socket_id.to_owned(),
+            Subscriber {
+                outbox: outbox.clone(),
+                user_id,
+            },
+        );
+        Ok(outcome)
+    }
+
+    pub fn unsubscribe(&self, channel: &str, socket_id: &str) -> Unsubscribed {
+        let mut channels = write(&self.channels);
+        let Some(entry) = channels.get_mut(channel) else {
+            return Unsubscribed::default();
+        };
+        let Some(subscriber) = entry.subscribers.remove(socket_id) else {
+            return Unsubscribed::default();
+        };
+        let mut outcome = Unsubscribed::default();
+        if let Some(user_id) = subscriber.user_id
+            && let Some(member) = entry.members.get_mut(&user_id)
+        {
+            member.sockets -= 1;
+            if member.sockets == 0 {
+                entry.members.remove(&user_id);
+                outcome.member_removed = Some(user_id);
+            }
+        }
+        if entry.subscribers.is_empty() {
+            channels.remove(channel);
+            outcome.vacated = true;
+        }
+        outcome
+    }
+
+    /// Sends `frame` to every subscriber of `channel` but `except`; returns how many.
+    pub fn broadcast(&self, channel: &str, frame: &Frame, except: Option<&str>) -> usize {
+        let channels = read(&self.channels);
+        let Some(entry) = channels.get(channel) else {
+            return 0;
+        };
+        let mut sent = 0;
+        for (socket_id, subscriber) in &entry.subscribers {
+            if Some(socket_id.as_str()) != except {
+                subscriber.outbox.send(frame.clone());
+                sent += 1;
+            }
+        }
+        sent
+    }
+
+    pub fn is_subscribed(&self, channel: &str, socket_id: &str) -> bool {
+        read(&self.channels)
+            .get(channel)
+            .is_some_and(|c| c.subscribers.contains_key(socket_id))
+    }
+
+    pub fn channel_info(&self, channel: &str) -> Option<ChannelInfo> {
+        read(&self.channels).get(channel).map(info)
+    }
+
+    /// Occupied channels whose names start with `prefix`.
+    pub fn channels(&self, prefix: &str) -> Vec<(String, ChannelInfo)> {
+        let mut list: Vec<_> = read(&self.channels)
+            .iter()
+            .filter(|(name, _)| name.starts_with(prefix))
+            .map(|(name, c)| (name.clone(), info(c)))
+            .collect();
+        list.sort_by(|a, b| a.0.cmp(&b.0));
+        list
+    }
+
+    /// User ids in a presence channel.
+    pub fn users(&self, channel: &str) -> Vec<String> {
+        read(&self.channels)
+            .get(channel)
+            .map(|c| c.members.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Registers a signed-in connection; `terminate` is cancelled to close it.
+    pub fn sign_in(&self, user_id: &str, socket_id: &str, terminate: CancellationToken) {
+        write(&self.users)
+            .entry(user_id.to_owned())
+            .or_default()
+            .insert(socket_id.to_owned(), terminate);
+    }
+
+    pub fn sign_out(&self, user_id: &str, socket_id: &str) {
+        let mut users = write(&self.users);
+        if let Some(sockets) = users.get_mut(user_id) {
+            sockets.remove(socket_id);
+            if sockets.is_empty() {
+                users.remove(user_id);
+            }
+        }
+    }
+
+    /// Closes every connection signed in as `user_id`; returns how many.
+    pub fn terminate_user(&self, user_id: &str) -> usize {
+        let users = read(&self.users);
+        let Some(sockets) = users.get(user_id) else {
+            return 0;
+        };
+        for token in sockets.values() {
+            token.cancel();
+        }
+        sockets.len()
+    }
+}
+
+fn info(channel: &Channel) -> ChannelInfo {
+    let presence = !channel.members.is_empty();
+    ChannelInfo {
+        subscription_count: channel.subscribers.len(),
+        user_count: presence.then_some(channel.members.len()),
+    }
+}
+
+fn presence_snapshot(members: &BTreeMap<String, Member>) -> serde_json::Value {
+    let ids: Vec<&String> = members.keys().collect();
+    let hash: serde_json::Map<String, serde_json::Value> = members
+        .iter()
+        .map(|(id, m)| {
+            let info = m
+                .info
+                .as_ref()
+                .and_then(|raw| serde_json::from_str(raw.get()).ok())
+                .unwrap_or(serde_json::Value::Null);
+            (id.clone(), info)
+        })
+        .collect();
+    serde_json::json!({"presence": {"ids": ids, "hash": hash, "count": members.len()}})
+}
+
+// The hub's locks guard plain maps whose updates cannot panic halfway; recover from poisoning.
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn joining(user: &str) -> Option<Joining> {
+        Some(Joining {
+            user_id: user.into(),
+            info: RawValue::from_string(format!(r#"{{"name":"{user}"}}"#)).ok(),
+        })
+    }
+
+    #[test]
+    fn presence_members_are_counted_per_user() {
+        let hub = AppHub::default();
+        let (a, _ra, _) = Outbox::new(8);
+        let (b, _rb, _) = Outbox::new(8);
+        let first = hub
+            .subscribe("presence-room", "1.1", &a, joining("u1"), 10)
+            .expect("ok");
+        assert!(first.occupied && first.member_added);
+        let second = hub
+            .subscribe("presence-room", "2.2", &b, joining("u1"), 10)
+            .expect("ok");
+        assert!(
+            !second.occupied && !second.member_added,
+            "same user twice is one member"
+        );
+        assert_eq!(second.presence.expect("snapshot")["presence"]["count"], 1);
+        assert_eq!(hub.unsubscribe("presence-room", "1.1").member_removed, None);
+        let last = hub.unsubscribe("presence-room", "2.2");
+        assert_eq!(last.member_removed.as_deref(), Some("u1"));
+        assert!(last.vacated);
+        assert_eq!(hub.channel_info("presence-room"), None);
+    }
+
+    #[test]
+    fn presence_cap_refuses_new_users_only() {
+        let hub = AppHub::default();
+        let (o, _r, _) = Outbox::new(8);
+        hub.subscribe("presence-x", "1.1", &o, joining("u1"), 1)
+            .expect("first");
+        assert_eq!(
+            hub.subscribe("presence-x", "2.2", &o, joining("u2"), 1)
+                .expect_err("full"),
+            SubscribeError::PresenceFull(1)
+        );
+        hub.subscribe("presence-x", "3.3", &o, joining("u1"), 1)
+            .expect("same user fits");
+    }
+
+    #[test]
+    fn broadcast_skips_the_excluded_socket_and_flags_slow_consumers() {
+        let hub = AppHub::default();
+        let (fast, mut fast_rx, fast_over) = Outbox::new(8);
+        let (slow, _slow_rx, slow_over) = Outbox::new(1);
+        hub.subscribe("c", "1.1", &fast, None, 10).expect("ok");
+        hub.subscribe("c", "2.2", &slow, None, 10).expect("ok");
+        let frame = Frame::from_static("x");
+        assert_eq!(hub.broadcast("c", &frame, Some("2.2")), 1);
+        assert_eq!(hub.broadcast("c", &frame, None), 2);
+        assert_eq!(hub.broadcast("c", &frame, None), 2);
+        assert_eq!(fast_rx.try_recv().ok(), Some(frame));
+        assert!(!fast_over.is_cancelled());
+        assert!(
+            slow_over.is_cancelled(),
+            "second frame did not fit in the slow outbox"
+        );
+    }
+
+    #[test]
+    fn connection_quota() {
+        let hub = AppHub::default();
+        assert!(hub.connect(2) && hub.connect(2));
+        assert!(!hub.connect(2));
+        hub.disconnect();
+        assert!(hub.connect(2));
+    }
+}

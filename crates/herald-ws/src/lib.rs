@@ -1,0 +1,69 @@
+//! Herald's real-time face: WebSocket connections speaking the Pusher Channels protocol v7.
+//!
+//! [`hub::Hub`] knows which connection is subscribed to which channel, per app, and fans
+//! events out: each event is serialized once into a [`Frame`] whose bytes every subscriber
+//! shares, and each connection has a bounded outbox; a consumer that cannot keep up is closed
+//! (4100) instead of growing memory. [`connection`] runs one socket: the handshake, pings,
+//! subscriptions with their signatures, presence, client events. [`protocol`] holds the wire
+//! format.
+
+pub mod connection;
+pub mod hub;
+pub mod protocol;
+
+use std::time::Duration;
+
+pub use hub::Hub;
+pub use protocol::Frame;
+
+/// Limits and timings for WebSocket connections; every one has a safe default.
+#[derive(Debug, Clone)]
+pub struct WsConfig {
+    /// Sent as `activity_timeout`: the client pings after this much silence.
+    pub activity_timeout: Duration,
+    /// How long the server waits for any message after its own ping before closing (4201).
+    pub pong_timeout: Duration,
+    /// Connections per app (4004 beyond).
+    pub max_connections_per_app: u32,
+    /// Channels one connection may be subscribed to.
+    pub max_channels_per_connection: usize,
+    /// Largest WebSocket message accepted from a client (1009 beyond).
+    pub max_message_bytes: usize,
+    /// Members of one presence channel.
+    pub max_presence_members: usize,
+    /// Largest `user_info` of a presence member.
+    pub max_user_info_bytes: usize,
+    /// Client events one connection may send per second (4301 beyond).
+    pub client_events_per_second: u32,
+    /// Frames waiting to be written to one connection before it counts as too slow (4100).
+    pub outbox_frames: usize,
+}
+
+impl Default for WsConfig {
+    fn default() -> Self {
+        Self {
+            activity_timeout: Duration::from_secs(120),
+            pong_timeout: Duration::from_secs(30),
+            max_connections_per_app: 10_000,
+            max_channels_per_connection: 100,
+            max_message_bytes: 10 * 1024,
+            max_presence_members: 100,
+            max_user_info_bytes: 1024,
+            client_events_per_second: 10,
+            outbox_frames: 1024,
+        }
+    }
+}
+
+/// Close codes of the Pusher protocol that Herald sends.
+pub mod close {
+    pub const APP_DOES_NOT_EXIST: u16 = 4001;
+    pub const OVER_CONNECTION_QUOTA: u16 = 4004;
+    pub const UNAUTHORIZED: u16 = 4009;
+    pub const OVER_CAPACITY: u16 = 4100;
+    pub const RECONNECT: u16 = 4200;
+    pub const PONG_NOT_RECEIVED: u16 = 4201;
+    pub const CLIENT_EVENT_RATE_LIMIT: u16 = 4301;
+    /// WebSocket's own "message too big".
+    pub const MESSAGE_TOO_BIG: u16 = 1009;
+}

@@ -1,0 +1,183 @@
+//! The Pusher protocol's JSON frames. Server frames are built once and shared; client frames
+//! are parsed with `data` kept as raw JSON so relayed client events are forwarded unchanged.
+
+use axum::extract::ws::Utf8Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// A serialized server-to-client frame. Cloning shares the bytes.
+pub type Frame = Utf8Bytes;
+
+#[derive(Serialize)]
+struct Outgoing<'a, D: Serialize + ?Sized> {
+    event: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    channel: Option<&'a str>,
+    data: &'a D,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user_id: Option<&'a str>,
+}
+
+fn encode<D: Serialize + ?Sized>(
+    event: &str,
+    channel: Option<&str>,
+    data: &D,
+    user_id: Option<&str>,
+) -> Frame {
+    let frame = Outgoing {
+        event,
+        channel,
+        data,
+        user_id,
+    };
+    // Strings, raw JSON and maps of them always serialize.
+    serde_json::to_string(&frame)
+        .unwrap_or_else(|_| unreachable!("frames serialize"))
+        .into()
+}
+
+/// A channel event. `data` is sent as a JSON string, as the protocol's "double encoding" asks.
+pub fn event(name: &str, channel: &str, data: &str) -> Frame {
+    encode(name, Some(channel), data, None)
+}
+
+/// A relayed client event: `data` exactly as its sender wrote it, plus the sender's user id
+/// on presence channels.
+pub fn client_event(name: &str, channel: &str, data: &RawValue, user_id: Option<&str>) -> Frame {
+    encode(name, Some(channel), data, user_id)
+}
+
+/// A `pusher:` or `pusher_internal:` event whose data is a JSON object, sent double-encoded.
+pub fn system(name: &str, channel: Option<&str>, data: &serde_json::Value) -> Frame {
+    encode(name, channel, &data.to_string(), None)
+}
+
+pub fn connection_established(socket_id: &str, activity_timeout_secs: u64) -> Frame {
+    system(
+        "pusher:connection_established",
+        None,
+        &serde_json::json!({"socket_id": socket_id, "activity_timeout": activity_timeout_secs}),
+    )
+}
+
+/// `pusher:error` (data is an object, not double-encoded, as Pusher sends it).
+pub fn error(message: &str, code: Option<u16>) -> Frame {
+    encode(
+        "pusher:error",
+        None,
+        &serde_json::json!({"message": message, "code": code}),
+        None,
+    )
+}
+
+/// `pusher:subscription_error`, the de-facto form pusher-js users bind to.
+pub fn subscription_error(channel: &str, kind: &str, message: &str, status: u16) -> Frame {
+    encode(
+        "pusher:subscription_error",
+        Some(channel),
+        &serde_json::json!({"type": kind, "error": message, "status": status}),
+        None,
+    )
+}
+
+pub fn pong() -> Frame {
+    Frame::from_static(r#"{"event":"pusher:pong","data":"{}"}"#)
+}
+
+pub fn ping() -> Frame {
+    Frame::from_static(r#"{"event":"pusher:ping","data":"{}"}"#)
+}
+
+/// A message from a client.
+#[derive(Deserialize)]
+pub struct Incoming {
+    pub event: String,
+    #[serde(default)]
+    pub channel: Option<String>,
+    #[serde(default)]
+    pub data: Option<Box<RawValue>>,
+}
+
+#[derive(Deserialize)]
+pub struct SubscribeData {
+    pub channel: String,
+    #[serde(default)]
+    pub auth: Option<String>,
+    #[serde(default)]
+    pub channel_data: Option<String>,
+}
+
+#[derive(Deserialize)]
+pub struct UnsubscribeData {
+    pub channel: String,
+}
+
+#[derive(Deserialize)]
+pub struct SigninData {
+    pub auth: String,
+    pub user_data: String,
+}
+
+/// A presence member as the app server described it in `channel_data`.
+#[derive(Deserialize)]
+pub struct ChannelData {
+    pub user_id: serde_json::Value,
+    #[serde(default)]
+    pub user_info: Option<Box<RawValue>>,
+}
+
+/// `data` may arrive as an object or as a JSON string holding one (older clients).
+pub fn parse_data<T: for<'de> Deserialize<'de>>(data: Option<&RawValue>) -> Result<T, String> {
+    let raw = data.ok_or("missing data")?;
+    match serde_json::from_str::<T>(raw.get()) {
+        Ok(value) => Ok(value),
+        Err(first) => match serde_json::from_str::<String>(raw.get()) {
+            Ok(inner) => serde_json::from_str(&inner).map_err(|e| e.to_string()),
+            Err(_) => Err(first.to_string()),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_are_double_encoded() {
+        let frame = event("order.paid", "orders", r#"{"id":1}"#);
+        assert_eq!(
+            frame.as_str(),
+            r#"{"event":"order.paid","channel":"orders","data":"{\"id\":1}"}"#
+        );
+        let established = connection_established("1.2", 120);
+        let v: serde_json::Value = serde_json::from_str(established.as_str()).expect("json");
+        let inner: serde_json::Value =
+            serde_json::from_str(v["data"].as_str().expect("string")).expect("inner");
+        assert_eq!(inner["activity_timeout"], 120);
+    }
+
+    #[test]
+    fn client_events_keep_their_data_verbatim() {
+        let data = RawValue::from_string(r#"{ "text" : "hi" }"#.into()).expect("raw");
+        let frame = client_event("client-msg", "private-chat", &data, Some("7"));
+        assert_eq!(
+            frame.as_str(),
+            r#"{"event":"client-msg","channel":"private-chat","data":{ "text" : "hi" },"user_id":"7"}"#
+        );
+    }
+
+    #[test]
+    fn data_as_object_or_string() {
+        let object = RawValue::from_string(r#"{"channel":"a"}"#.into()).expect("raw");
+        let string = RawValue::from_string(r#""{\"channel\":\"b\"}""#.into()).expect("raw");
+        assert_eq!(
+            parse_data::<UnsubscribeData>(Some(&object)).map(|d| d.channel),
+            Ok("a".into())
+        );
+        assert_eq!(
+            parse_data::<UnsubscribeData>(Some(&string)).map(|d| d.channel),
+            Ok("b".into())
+        );
+        assert!(parse_data::<UnsubscribeData>(None).is_err());
+    }
+}

@@ -1,0 +1,639 @@
+//! The Pusher protocol over real sockets, and the Pusher HTTP API, against the real server.
+
+use futures_util::{SinkExt, StreamExt};
+use md5::{Digest, Md5};
+use reqwest::Method;
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio_tungstenite::{
+    MaybeTlsStream, WebSocketStream, connect_async,
+    tungstenite::{Message, protocol::frame::coding::CloseCode},
+};
+
+use crate::harness::{PATIENCE, Receiver, TestServer};
+
+type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A Pusher app's credentials, as the app API returns them.
+struct Creds {
+    id: String,
+    key: String,
+    secret: String,
+}
+
+async fn pusher_app(server: &TestServer, uid: &str) -> (String, Creds) {
+    let (_, app) = server
+        .call(
+            Method::POST,
+            "/api/v1/app",
+            Some(json!({"name": uid, "uid": uid})),
+        )
+        .await;
+    let p = &app["pusher"];
+    let creds = Creds {
+        id: p["appId"].as_str().expect("appId").into(),
+        key: p["key"].as_str().expect("key").into(),
+        secret: p["secret"].as_str().expect("secret").into(),
+    };
+    (app["id"].as_str().expect("id").into(), creds)
+}
+
+struct Client {
+    socket: Socket,
+    socket_id: String,
+}
+
+impl Client {
+    async fn connect(server: &TestServer, key: &str) -> Self {
+        let mut socket = open(server, key).await;
+        let first = next_json(&mut socket).await;
+        assert_eq!(first["event"], "pusher:connection_established", "{first}");
+        let data: Value =
+            serde_json::from_str(first["data"].as_str().expect("string")).expect("json");
+        assert_eq!(data["activity_timeout"], 120);
+        Self {
+            socket,
+            socket_id: data["socket_id"].as_str().expect("socket_id").into(),
+        }
+    }
+
+    async fn send(&mut self, message: Value) {
+        self.socket
+            .send(Message::text(message.to_string()))
+            .await
+            .expect("send");
+    }
+
+    async fn next(&mut self) -> Value {
+        next_json(&mut self.socket).await
+    }
+
+    /// The next event named `name`, skipping others.
+    async fn expect(&mut self, name: &str) -> Value {
+        loop {
+            let event = self.next().await;
+            if event["event"] == name {
+                return event;
+            }
+        }
+    }
+
+    async fn subscribe(
+        &mut self,
+        channel: &str,
+        auth: Option<String>,
+        channel_data: Option<&str>,
+    ) -> Value {
+        let mut data = json!({"channel": channel});
+        if let Some(auth) = auth {
+            data["auth"] = json!(auth);
+        }
+        if let Some(channel_data) = channel_data {
+            data["channel_data"] = json!(channel_data);
+        }
+        self.send(json!({"event": "pusher:subscribe", "data": data}))
+            .await;
+        self.next().await
+    }
+
+    /// Waits for the server to close the connection; returns the close code.
+    async fn closed(&mut self) -> u16 {
+        tokio::time::timeout(PATIENCE, async {
+            loop {
+                match self.socket.next().await {
+                    Some(Ok(Message::Close(frame))) => {
+                        return frame.map_or(1005, |f| u16::from(f.code));
+                    }
+                    Some(Ok(_)) => {}
+                    other => panic!("connection ended without a close frame: {other:?}"),
+                }
+            }
+        })
+        .await
+        .expect("timed out waiting for close")
+    }
+}
+
+async fn open(server: &TestServer, key: &str) -> Socket {
+    let url = format!(
+        "{}/app/{key}?protocol=7&client=js&version=8.4.0",
+        server.base.replace("http://", "ws://")
+    );
+    connect_async(url).await.expect("connect").0
+}
+
+async fn next_json(socket: &mut Socket) -> Value {
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            match socket.next().await {
+                Some(Ok(Message::Text(text))) => {
+                    return serde_json::from_str(text.as_str()).expect("server sent JSON");
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("timed out waiting for a frame")
+}
+
+fn sign(secret: &str, data: &str) -> String {
+    herald_core::pusher::sign(secret, data)
+}
+
+fn channel_auth(
+    creds: &Creds,
+    socket_id: &str,
+    channel: &str,
+    channel_data: Option<&str>,
+) -> String {
+    let signed = match channel_data {
+        Some(d) => format!("{socket_id}:{channel}:{d}"),
+        None => format!("{socket_id}:{channel}"),
+    };
+    format!("{}:{}", creds.key, sign(&creds.secret, &signed))
+}
+
+/// Calls the Pusher HTTP API with a request signed as the Pusher server SDKs sign it.
+async fn pusher_api(
+    server: &TestServer,
+    creds: &Creds,
+    method: &str,
+    path: &str,
+    query: &[(&str, &str)],
+    body: Option<Value>,
+) -> (u16, String) {
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let timestamp = chrono::Utc::now().timestamp().to_string();
+    let mut params: Vec<(String, String)> = vec![
+        ("auth_key".into(), creds.key.clone()),
+        ("auth_timestamp".into(), timestamp),
+        ("auth_version".into(), "1.0".into()),
+    ];
+    if !body.is_empty() {
+        params.push(("body_md5".into(), hex::encode(Md5::digest(body.as_bytes()))));
+    }
+    params.extend(query.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    params.sort();
+    let joined = params
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("&");
+    let signature = sign(&creds.secret, &format!("{method}\n{path}\n{joined}"));
+    let mut url = url::Url::parse(&format!("{}{path}", server.base)).expect("url");
+    url.query_pairs_mut()
+        .extend_pairs(&params)
+        .append_pair("auth_signature", &signature);
+    let client = reqwest::Client::new();
+    let request = match method {
+        "POST" => client
+            .post(url)
+            .header("content-type", "application/json")
+            .body(body),
+        _ => client.get(url),
+    };
+    let response = request.send().await.expect("request");
+    let status = response.status().as_u16();
+    (status, response.text().await.expect("body"))
+}
+
+async fn trigger(server: &TestServer, creds: &Creds, body: Value) -> (u16, String) {
+    let path = format!("/apps/{}/events", creds.id);
+    pusher_api(server, creds, "POST", &path, &[], Some(body)).await
+}
+
+#[tokio::test]
+async fn handshake_ping_and_unknown_app() {
+    let server = TestServer::start().await;
+    let (_, creds) = pusher_app(&server, "ws-hello").await;
+    let mut client = Client::connect(&server, &creds.key).await;
+    assert!(herald_core::pusher::is_socket_id(&client.socket_id));
+    client
+        .send(json!({"event": "pusher:ping", "data": {}}))
+        .await;
+    assert_eq!(client.next().await["event"], "pusher:pong");
+
+    let mut stranger = open(&server, "no-such-key").await;
+    match stranger.next().await {
+        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, CloseCode::from(4001)),
+        other => panic!("expected close 4001, got {other:?}"),
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn public_channel_receives_triggered_events_except_the_excluded_socket() {
+    let server = TestServer::start().await;
+    let (_, creds) = pusher_app(&server, "ws-public").await;
+    let mut a = Client::connect(&server, &creds.key).await;
+    let mut b = Client::connect(&server, &creds.key).await;
+    for client in [&mut a, &mut b] {
+        let ok = client.subscribe("orders", None, None).await;
+        assert_eq!(
+            ok["event"], "pusher_internal:subscription_succeeded",
+            "{ok}"
+        );
+        assert_eq!(ok["channel"], "orders");
+    }
+    let (status, body) = trigger(&server, &creds, json!({"name": "order.paid", "channel": "orders", "data": "{\"id\":7}", "socket_id": b.socket_id})).await;
+    assert_eq!((status, body.as_str()), (200, "{}"));
+    let event = a.next().await;
+    assert_eq!(
+        event,
+        json!({"event": "order.paid", "channel": "orders", "data": "{\"id\":7}"})
+    );
+    // b was excluded: the next thing it sees is the following event.
+    trigger(
+        &server,
+        &creds,
+        json!({"name": "second", "channels": ["orders"], "data": "x"}),
+    )
+    .await;
+    assert_eq!(b.next().await["event"], "second");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn private_channels_check_the_signature_and_bad_auth_harms_no_one_else() {
+    let server = TestServer::start().await;
+    let (_, creds) = pusher_app(&server, "ws-private").await;
+    let mut good = Client::connect(&server, &creds.key).await;
+    let mut bad = Client::connect(&server, &creds.key).await;
+    let auth = channel_auth(&creds, &good.socket_id, "private-acct", None);
+    assert_eq!(
+        good.subscribe("private-acct", Some(auth.clone()), None)
+            .await["event"],
+        "pusher_internal:subscription_succeeded"
+    );
+
+    // Another socket's signature, no signature, a wrong secret: all refused with 401.
+    let stolen = bad.subscribe("private-acct", Some(auth), None).await;
+    assert_eq!(stolen["event"], "pusher:subscription_error", "{stolen}");
+    assert_eq!(stolen["data"]["status"], 401);
+    assert_eq!(
+        bad.subscribe("private-acct", None, None).await["data"]["type"],
+        "AuthError"
+    );
+    let forged = format!(
+        "{}:{}",
+        creds.key,
+        sign("wrong-secret", &format!("{}:private-acct", bad.socket_id))
+    );
+    assert_eq!(
+        bad.subscribe("private-acct", Some(forged), None).await["event"],
+        "pusher:subscription_error"
+    );
+    let invalid = bad.subscribe("bad channel!", None, None).await;
+    assert_eq!(invalid["data"]["type"], "InvalidChannel", "{invalid}");
+
+    trigger(
+        &server,
+        &creds,
+        json!({"name": "balance", "channel": "private-acct", "data": "42"}),
+    )
+    .await;
+    assert_eq!(good.next().await["data"], "42");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn presence_members_join_and_leave_once_per_user() {
+    let server = TestServer::start().await;
+    let (_, creds) = pusher_app(&server, "ws-presence").await;
+    let channel = "presence-room";
+    let alice_data = r#"{"user_id":"alice","user_info":{"name":"Alice"}}"#;
+    let bob_data = r#"{"user_id":"bob","user_info":{"name":"Bob"}}"#;
+
+    let mut alice = Client::connect(&server, &creds.key).await;
+    let auth = channel_auth(&creds, &alice.socket_id, channel, Some(alice_data));
+    let joined = alice.subscribe(channel, Some(auth), Some(alice_data)).await;
+    let snapshot: Value =
+        serde_json::from_str(joined["data"].as_str().expect("string")).expect("json");
+    assert_eq!(snapshot["presence"]["ids"], json!(["alice"]));
+
+    let mut bob = Client::connect(&server, &creds.key).await;
+    let auth = channel_auth(&creds, &bob.socket_id, channel, Some(bob_data));
+    let joined = bob.subscribe(channel, Some(auth), Some(bob_data)).await;
+    let snapshot: Value =
+        serde_json::from_str(joined["data"].as_str().expect("string")).expect("json");
+    assert_eq!(snapshot["presence"]["count"], 2);
+    assert_eq!(snapshot["presence"]["hash"]["alice"]["name"], "Alice");
+    let added = alice.expect("pusher_internal:member_added").await;
+    let added: Value = serde_json::from_str(added["data"].as_str().expect("string")).expect("json");
+    assert_eq!(
+        added,
+        json!({"user_id": "bob", "user_info": {"name": "Bob"}})
+    );
+
+    // Bob on a second tab: no second member_added.
+    let mut bob2 = Client::connect(&server, &creds.key).await;
+    let auth = channel_auth(&creds, &bob2.socket_id, channel, Some(bob_data));
+    bob2.subscribe(channel, Some(auth), Some(bob_data)).await;
+
+    let path = format!("/apps/{}/channels/{channel}", creds.id);
+    let (status, info) = pusher_api(
+        &server,
+        &creds,
+        "GET",
+        &path,
+        &[("info", "user_count,subscription_count")],
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{info}");
+    let info: Value = serde_json::from_str(&info).expect("json");
+    assert_eq!(
+        info,
+        json!({"occupied": true, "user_count": 2, "subscription_count": 3})
+    );
+    let (_, users) = pusher_api(&server, &creds, "GET", &format!("{path}/users"), &[], None).await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&users).expect("json"),
+        json!({"users": [{"id": "alice"}, {"id": "bob"}]})
+    );
+
+    drop(bob2);
+    drop(bob);
+    let removed = alice.expect("pusher_internal:member_removed").await;
+    assert_eq!(
+        removed["data"], "{\"user_id\":\"bob\"}",
+        "one removal for both of bob's sockets"
+    );
+    let (_, list) = pusher_api(
+        &server,
+        &creds,
+        "GET",
+        &format!("/apps/{}/channels", creds.id),
+        &[("filter_by_prefix", "presence-"), ("info", "user_count")],
+        None,
+    )
+    .await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&list).expect("json"),
+        json!({"channels": {"presence-room": {"user_count": 1}}})
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn client_events_reach_others_but_not_the_sender_and_are_rate_limited() {
+    let server = TestServer::start_with(|c| c.ws.client_events_per_second = 3).await;
+    let (_, creds) = pusher_app(&server, "ws-chat").await;
+    let channel = "private-chat";
+    let mut a = Client::connect(&server, &creds.key).await;
+    let mut b = Client::connect(&server, &creds.key).await;
+    for client in [&mut a, &mut b] {
+        let auth = channel_auth(&creds, &client.socket_id, channel, None);
+        client.subscribe(channel, Some(auth), None).await;
+    }
+    a.send(json!({"event": "client-typing", "channel": channel, "data": {"text": "hi"}}))
+        .await;
+    let got = b.next().await;
+    assert_eq!(
+        got,
+        json!({"event": "client-typing", "channel": channel, "data": {"text": "hi"}})
+    );
+    a.send(json!({"event": "pusher:ping", "data": {}})).await;
+    assert_eq!(
+        a.next().await["event"],
+        "pusher:pong",
+        "the sender did not get its own event"
+    );
+
+    // On a public channel a client event is refused, and the connection lives on.
+    a.subscribe("lobby", None, None).await;
+    a.send(json!({"event": "client-x", "channel": "lobby", "data": {}}))
+        .await;
+    let refused = a.next().await;
+    assert_eq!(refused["event"], "pusher:error", "{refused}");
+
+    for _ in 0..10 {
+        a.send(json!({"event": "client-spam", "channel": channel, "data": {}}))
+            .await;
+    }
+    assert_eq!(a.closed().await, 4301);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn bad_frames_get_errors_and_oversize_closes_1009() {
+    let server = TestServer::start_with(|c| c.ws.max_message_bytes = 512).await;
+    let (_, creds) = pusher_app(&server, "ws-bad").await;
+    let mut client = Client::connect(&server, &creds.key).await;
+    client
+        .socket
+        .send(Message::text("{not json"))
+        .await
+        .expect("send");
+    let error = client.next().await;
+    assert_eq!(error["event"], "pusher:error");
+    assert!(
+        error["data"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("invalid JSON"),
+        "{error}"
+    );
+    client
+        .send(json!({"event": "pusher:subscribe", "data": {"nochannel": 1}}))
+        .await;
+    assert_eq!(client.next().await["event"], "pusher:error");
+    client
+        .send(json!({"event": "pusher:ping", "data": {}}))
+        .await;
+    assert_eq!(
+        client.next().await["event"],
+        "pusher:pong",
+        "still connected"
+    );
+
+    let mut other = Client::connect(&server, &creds.key).await;
+    client
+        .socket
+        .send(Message::text(format!(
+            "{{\"event\":\"x\",\"data\":\"{}\"}}",
+            "a".repeat(600)
+        )))
+        .await
+        .expect("send");
+    assert_eq!(client.closed().await, 1009);
+    other
+        .send(json!({"event": "pusher:ping", "data": {}}))
+        .await;
+    assert_eq!(
+        other.next().await["event"],
+        "pusher:pong",
+        "others untouched"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn http_api_refuses_bad_signatures_unknown_apps_and_oversize_data() {
+    let server = TestServer::start().await;
+    let (_, creds) = pusher_app(&server, "ws-http").await;
+    let forged = Creds {
+        id: creds.id.clone(),
+        key: creds.key.clone(),
+        secret: "not-the-secret".into(),
+    };
+    let (status, body) = trigger(
+        &server,
+        &forged,
+        json!({"name": "x", "channel": "c", "data": "1"}),
+    )
+    .await;
+    assert_eq!(status, 401);
+    assert!(body.contains("auth_signature"), "{body}");
+    let unknown = Creds {
+        id: "999".into(),
+        ..forged
+    };
+    assert_eq!(
+        trigger(
+            &server,
+            &unknown,
+            json!({"name": "x", "channel": "c", "data": "1"})
+        )
+        .await
+        .0,
+        404
+    );
+    let big = "x".repeat(11 * 1024);
+    assert_eq!(
+        trigger(
+            &server,
+            &creds,
+            json!({"name": "x", "channel": "c", "data": big})
+        )
+        .await
+        .0,
+        413
+    );
+    assert_eq!(
+        trigger(&server, &creds, json!({"name": "x", "data": "1"}))
+            .await
+            .0,
+        400
+    );
+    let (status, body) = pusher_api(
+        &server,
+        &creds,
+        "POST",
+        &format!("/apps/{}/batch_events", creds.id),
+        &[],
+        Some(json!({"batch": [
+            {"name": "a", "channel": "c1", "data": "1"},
+            {"name": "b", "channel": "presence-c2", "data": "2", "info": "user_count"}
+        ]})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).expect("json"),
+        json!({"batch": [{}, {"user_count": 0}]})
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn one_event_stream_between_webhooks_and_websockets() {
+    let server = TestServer::start().await;
+    let mut receiver = Receiver::start().await;
+    let (app, creds) = pusher_app(&server, "ws-bridge").await;
+    server
+        .create_endpoint(&app, json!({"url": receiver.url, "channels": ["orders"]}))
+        .await;
+    let mut client = Client::connect(&server, &creds.key).await;
+    client.subscribe("orders", None, None).await;
+
+    // Webhooks API → WebSocket subscribers (and the endpoint).
+    server
+        .send(
+            &app,
+            json!({"eventType": "order.paid", "channels": ["orders"], "payload": {"id": 1}}),
+        )
+        .await;
+    let event = client.next().await;
+    assert_eq!(
+        event,
+        json!({"event": "order.paid", "channel": "orders", "data": "{\"id\":1}"})
+    );
+    assert_eq!(&receiver.next().await.body[..], br#"{"id":1}"#);
+
+    // Pusher HTTP API → the same subscribers and the endpoint.
+    trigger(
+        &server,
+        &creds,
+        json!({"name": "order.shipped", "channel": "orders", "data": "{\"id\":2}"}),
+    )
+    .await;
+    assert_eq!(client.next().await["event"], "order.shipped");
+    let delivery = receiver.next().await;
+    assert!(delivery.header("webhook-id").starts_with("msg_"));
+    assert_eq!(&delivery.body[..], br#"{"id":2}"#);
+    trigger(
+        &server,
+        &creds,
+        json!({"name": "note", "channel": "orders", "data": "plain text"}),
+    )
+    .await;
+    assert_eq!(&receiver.next().await.body[..], br#"{"data":"plain text"}"#);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn slow_consumers_are_disconnected_with_4100() {
+    let server = TestServer::start_with(|c| c.ws.outbox_frames = 4).await;
+    let (_, creds) = pusher_app(&server, "ws-slow").await;
+    let mut slow = Client::connect(&server, &creds.key).await;
+    slow.subscribe("firehose", None, None).await;
+    // The client reads nothing while ~20 MB are published; socket buffers fill, then the
+    // outbox, and the server gives up on it.
+    let data = "y".repeat(10 * 1000);
+    let batch: Vec<Value> = (0..10)
+        .map(|_| json!({"name": "tick", "channel": "firehose", "data": data}))
+        .collect();
+    let path = format!("/apps/{}/batch_events", creds.id);
+    for _ in 0..200 {
+        let (status, _) = pusher_api(
+            &server,
+            &creds,
+            "POST",
+            &path,
+            &[],
+            Some(json!({"batch": batch})),
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    assert_eq!(slow.closed().await, 4100);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn terminate_connections_closes_a_signed_in_users_sockets() {
+    let server = TestServer::start().await;
+    let (_, creds) = pusher_app(&server, "ws-terminate").await;
+    let mut client = Client::connect(&server, &creds.key).await;
+    let user_data = r#"{"id":"u-9"}"#;
+    let auth = format!(
+        "{}:{}",
+        creds.key,
+        sign(
+            &creds.secret,
+            &format!("{}::user::{user_data}", client.socket_id)
+        )
+    );
+    client
+        .send(json!({"event": "pusher:signin", "data": {"auth": auth, "user_data": user_data}}))
+        .await;
+    assert_eq!(client.next().await["event"], "pusher:signin_success");
+    let path = format!("/apps/{}/users/u-9/terminate_connections", creds.id);
+    let (status, _) = pusher_api(&server, &creds, "POST", &path, &[], Some(json!({}))).await;
+    assert_eq!(status, 200);
+    assert_eq!(client.closed().await, 4009);
+    server.stop().await;
+}
