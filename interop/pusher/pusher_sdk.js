@@ -1,0 +1,199 @@
+// Drives Herald with the official Pusher client (pusher-js, Node build) and server SDK
+// (pusher). Usage: HERALD_URL=http://127.0.0.1:6001 HERALD_TOKEN=... node pusher_sdk.js
+// Exits non-zero, naming the check, on any mismatch.
+"use strict";
+const assert = require("node:assert/strict");
+const PusherServer = require("pusher");
+const PusherClient = require("pusher-js");
+
+const base = process.env.HERALD_URL;
+const token = process.env.HERALD_TOKEN;
+const where = new URL(base);
+let passed = 0;
+const ok = (what) => {
+  passed += 1;
+  console.log(`ok: ${what}`);
+};
+
+/** Resolves with the data of the next `event` on `emitter`, or fails after a timeout. */
+function next(emitter, event, what, ms = 10000) {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`timed out waiting for ${what}`)), ms);
+    const handler = (data) => {
+      clearTimeout(timer);
+      emitter.unbind(event, handler);
+      resolve(data);
+    };
+    emitter.bind(event, handler);
+  });
+}
+
+async function createApp() {
+  const response = await fetch(`${base}/api/v1/app`, {
+    method: "POST",
+    headers: { authorization: `Bearer ${token}`, "content-type": "application/json" },
+    body: JSON.stringify({ name: "pusher interop", uid: `pusher-${Date.now()}` }),
+  });
+  assert.equal(response.status, 201, "app created");
+  return (await response.json()).pusher;
+}
+
+function connect(creds, server, user, { forgeAuth = false } = {}) {
+  const client = new PusherClient(creds.key, {
+    cluster: "herald",
+    wsHost: where.hostname,
+    wsPort: Number(where.port),
+    forceTLS: false,
+    enabledTransports: ["ws"],
+    disableStats: true,
+    channelAuthorization: {
+      customHandler: ({ socketId, channelName }, callback) => {
+        const presence = channelName.startsWith("presence-")
+          ? { user_id: user, user_info: { name: user } }
+          : undefined;
+        const auth = server.authorizeChannel(socketId, channelName, presence);
+        if (forgeAuth) auth.auth = `${creds.key}:${"0".repeat(64)}`;
+        callback(null, auth);
+      },
+    },
+    userAuthentication: {
+      customHandler: ({ socketId }, callback) =>
+        callback(null, server.authenticateUser(socketId, { id: user })),
+    },
+  });
+  return next(client.connection, "connected", `${user} to connect`).then(() => client);
+}
+
+async function subscribed(client, name) {
+  const channel = client.subscribe(name);
+  await next(channel, "pusher:subscription_succeeded", `subscription to ${name}`);
+  return channel;
+}
+
+async function main() {
+  const creds = await createApp();
+  const server = new PusherServer({
+    appId: creds.appId,
+    key: creds.key,
+    secret: creds.secret,
+    host: where.hostname,
+    port: where.port,
+    useTLS: false,
+  });
+  const alice = await connect(creds, server, "alice");
+  const bob = await connect(creds, server, "bob");
+  ok("pusher-js connects (connection_established with socket id and activity timeout)");
+
+  // Public channel, server SDK trigger, socket_id exclusion.
+  const aOrders = await subscribed(alice, "orders");
+  const bOrders = await subscribed(bob, "orders");
+  let got = next(aOrders, "order.paid", "a public event");
+  await server.trigger("orders", "order.paid", { id: 1, total: 1999 });
+  assert.deepEqual(await got, { id: 1, total: 1999 });
+  ok("public channel: event triggered with the server SDK is received");
+  const aliceSaw = [];
+  aOrders.bind("order.shipped", (d) => aliceSaw.push(d));
+  got = next(bOrders, "order.shipped", "the event alice was excluded from");
+  await server.trigger("orders", "order.shipped", { id: 1 }, { socket_id: alice.connection.socket_id });
+  await got;
+  const marker = next(aOrders, "marker", "the marker event");
+  await server.trigger("orders", "marker", {});
+  await marker;
+  assert.equal(aliceSaw.length, 0, "the excluded socket got nothing");
+  ok("socket_id excludes the sender's own connection");
+
+  // Private channel with the SDK's signature.
+  const aPrivate = await subscribed(alice, "private-account-7");
+  got = next(aPrivate, "balance", "a private event");
+  await server.trigger("private-account-7", "balance", { cents: 42 });
+  assert.deepEqual(await got, { cents: 42 });
+  ok("private channel: authorized with authorizeChannel, receives events");
+
+  // A forged signature is refused and the connection stays usable.
+  const mallory = await connect(creds, server, "mallory", { forgeAuth: true });
+  const refused = next(mallory.subscribe("private-account-7"), "pusher:subscription_error", "a refusal");
+  const error = await refused;
+  assert.equal(error.status, 401);
+  await subscribed(mallory, "orders");
+  ok("forged private-channel auth gets pusher:subscription_error 401; the connection lives on");
+
+  // Presence: members, member_added, users and channel info over the HTTP API.
+  const aRoom = await subscribed(alice, "presence-room");
+  const added = next(aRoom, "pusher:member_added", "bob joining");
+  const bRoom = await subscribed(bob, "presence-room");
+  assert.equal((await added).id, "bob");
+  assert.equal(bRoom.members.count, 2);
+  assert.deepEqual(bRoom.members.get("alice").info, { name: "alice" });
+  const users = await (await server.get({ path: "/channels/presence-room/users" })).json();
+  assert.deepEqual(users.users.map((u) => u.id).sort(), ["alice", "bob"]);
+  const info = await (
+    await server.get({ path: "/channels/presence-room", params: { info: "user_count,subscription_count" } })
+  ).json();
+  assert.deepEqual(info, { occupied: true, user_count: 2, subscription_count: 2 });
+  const list = await (
+    await server.get({ path: "/channels", params: { filter_by_prefix: "presence-", info: "user_count" } })
+  ).json();
+  assert.deepEqual(list, { channels: { "presence-room": { user_count: 2 } } });
+  ok("presence: member list, member_added, users and channel info queries");
+
+  // Client events between two pusher-js clients, not echoed.
+  const aChat = await subscribed(alice, "private-chat");
+  const bChat = await subscribed(bob, "private-chat");
+  const echoed = [];
+  aChat.bind("client-typing", (d) => echoed.push(d));
+  got = next(bChat, "client-typing", "a client event");
+  assert.ok(aChat.trigger("client-typing", { text: "hi bob" }));
+  assert.deepEqual(await got, { text: "hi bob" });
+  const marker2 = next(aChat, "marker", "the marker event");
+  await server.trigger("private-chat", "marker", {});
+  await marker2;
+  assert.equal(echoed.length, 0);
+  ok("client events reach the other client and are not echoed");
+
+  // Batch trigger.
+  const one = next(aOrders, "batch-one", "the first batch event");
+  const two = next(aPrivate, "batch-two", "the second batch event");
+  await server.triggerBatch([
+    { channel: "orders", name: "batch-one", data: { n: 1 } },
+    { channel: "private-account-7", name: "batch-two", data: { n: 2 } },
+  ]);
+  assert.deepEqual([await one, await two], [{ n: 1 }, { n: 2 }]);
+  ok("triggerBatch delivers every event");
+
+  // Presence member_removed when bob leaves.
+  const removed = next(aRoom, "pusher:member_removed", "bob leaving");
+  bob.disconnect();
+  assert.equal((await removed).id, "bob");
+  ok("member_removed when the last connection of a user closes");
+
+  // Sign-in and terminateUserConnections.
+  const carol = await connect(creds, server, "carol");
+  const signedIn = new Promise((resolve) =>
+    carol.connection.bind("message", (m) => m.event === "pusher:signin_success" && resolve()),
+  );
+  carol.signin();
+  await signedIn;
+  const terminated = next(carol.connection, "error", "the termination close");
+  await server.terminateUserConnections("carol");
+  const closeError = await terminated;
+  assert.equal(closeError.type, "PusherError");
+  assert.equal(closeError.data.code, 4009);
+  ok("signin, then terminateUserConnections closes the user's connection (4009)");
+
+  for (const client of [alice, mallory, carol]) client.disconnect();
+  console.log(`pusher interop: all ${passed} checks passed`);
+}
+
+const deadline = setTimeout(() => {
+  console.error("FAIL: pusher interop did not finish within 60 s");
+  process.exit(1);
+}, 60000);
+main()
+  .then(() => {
+    clearTimeout(deadline);
+    process.exit(0);
+  })
+  .catch((e) => {
+    console.error(`FAIL: ${e.stack || e}`);
+    process.exit(1);
+  });
