@@ -31,6 +31,7 @@ use crate::{
     Frame, Hub, WsConfig, close,
     hub::{AppHub, Joining, Outbox, SubscribeError},
     protocol::{self, ChannelData, Incoming, SigninData, SubscribeData, UnsubscribeData},
+    transport,
 };
 
 /// What the `/app/{key}` route needs.
@@ -45,10 +46,21 @@ pub struct WsState {
     pub tasks: TaskTracker,
 }
 
-pub fn router(state: WsState) -> Router {
-    Router::new()
-        .route("/app/{key}", get(upgrade))
-        .with_state(state)
+/// Limit for the development echo route: Autobahn's core cases send up to 64 KiB and more.
+const ECHO_MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// `/app/{key}`; with `dev`, also `/_dev/echo`, the echo endpoint for conformance testing.
+pub fn router(state: WsState, dev: bool) -> Router {
+    let mut router = Router::new().route("/app/{key}", get(upgrade));
+    if dev {
+        router = router.route(
+            "/_dev/echo",
+            get(|ws: WebSocketUpgrade| async move {
+                transport::configure(ws, ECHO_MAX_MESSAGE_BYTES).on_upgrade(transport::echo)
+            }),
+        );
+    }
+    router.with_state(state)
 }
 
 async fn upgrade(
@@ -59,11 +71,9 @@ async fn upgrade(
 ) -> Response {
     let app = state.store.get_app_by_pusher_key(&key).await;
     let protocol = params.get("protocol").map(|p| p.parse::<u32>());
-    // Reading stays cheap per idle connection; writing gets room to coalesce fan-out bursts.
-    let ws = ws
-        .read_buffer_size(4 * 1024)
-        .max_message_size(state.config.max_message_bytes * 4)
-        .max_frame_size(state.config.max_message_bytes * 4);
+    // The transport takes somewhat more than the protocol limit, so an oversized message is
+    // answered with a clear close (1009) from `Connection::handle` rather than a torn socket.
+    let ws = transport::configure(ws, state.config.max_message_bytes * 4);
     let tasks = state.tasks.clone();
     ws.on_upgrade(move |socket| {
         tasks.track_future(async move {

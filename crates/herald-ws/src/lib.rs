@@ -10,6 +10,7 @@
 pub mod connection;
 pub mod hub;
 pub mod protocol;
+pub mod transport;
 
 use std::time::Duration;
 

@@ -68,15 +68,18 @@ pub async fn run(
         config.admin_token.as_deref().map(token::hash),
     );
     let connections = TaskTracker::new();
-    let websockets = herald_ws::connection::router(WsState {
-        store: Arc::clone(&store),
-        hub,
-        config: config.ws_config(),
-        // WebSocket connections are upgraded out of the HTTP server's reach: they watch the
-        // shutdown token themselves and close with 4200 (reconnect) at once.
-        shutdown: shutdown.clone(),
-        tasks: connections.clone(),
-    });
+    let websockets = herald_ws::connection::router(
+        WsState {
+            store: Arc::clone(&store),
+            hub,
+            config: config.ws_config(),
+            // WebSocket connections are upgraded out of the HTTP server's reach: they watch the
+            // shutdown token themselves and close with 4200 (reconnect) at once.
+            shutdown: shutdown.clone(),
+            tasks: connections.clone(),
+        },
+        config.dev,
+    );
     let router = herald_api::router(
         state,
         &ApiConfig {

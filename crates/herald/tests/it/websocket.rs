@@ -637,3 +637,25 @@ async fn terminate_connections_closes_a_signed_in_users_sockets() {
     assert_eq!(client.closed().await, 4009);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn the_echo_route_for_conformance_tests_exists_only_in_dev_mode() {
+    let production = TestServer::start().await;
+    let url = format!("{}/_dev/echo", production.base.replace("http://", "ws://"));
+    assert!(
+        connect_async(&url).await.is_err(),
+        "no echo route outside --dev"
+    );
+    production.stop().await;
+
+    let dev = TestServer::start_with(|c| c.dev = true).await;
+    let url = format!("{}/_dev/echo", dev.base.replace("http://", "ws://"));
+    let (mut socket, _) = connect_async(&url).await.expect("echo route in --dev");
+    socket.send(Message::text("hello")).await.expect("send");
+    assert_eq!(
+        socket.next().await.expect("reply").expect("ok"),
+        Message::text("hello")
+    );
+    drop(socket);
+    dev.stop().await;
+}
