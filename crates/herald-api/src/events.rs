@@ -11,7 +11,7 @@
 use bytes::Bytes;
 use herald_core::{
     id,
-    model::{App, Message},
+    model::{App, EndpointFormat, Message},
     pusher, validate,
 };
 use herald_ws::protocol;
@@ -61,7 +61,7 @@ pub(crate) async fn forward_to_webhooks(
     let endpoints = state.store.app_endpoints(&app.id).await?;
     let targets: Vec<String> = endpoints
         .iter()
-        .filter(|ep| !ep.disabled && ep.filter().matches(name, channels.as_deref()))
+        .filter(|ep| ep.wants(EndpointFormat::StandardWebhooks, name, channels.as_deref()))
         .map(|ep| ep.id.clone())
         .collect();
     if targets.is_empty() {

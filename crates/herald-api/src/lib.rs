@@ -8,6 +8,7 @@
 //! the delivery worker's job, woken through [`DispatcherHandle`].
 
 mod auth;
+pub mod channel_webhooks;
 mod error;
 mod events;
 mod extract;

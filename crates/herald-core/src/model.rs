@@ -73,6 +73,8 @@ pub struct Endpoint {
     pub description: String,
     pub throttle_rate: Option<i64>,
     pub disabled: bool,
+    /// What the endpoint receives and how requests to it are signed.
+    pub format: EndpointFormat,
     pub event_types: Option<Vec<String>>,
     pub channels: Option<Vec<String>>,
     pub metadata: Metadata,
@@ -93,6 +95,42 @@ impl Endpoint {
             event_types: self.event_types.clone(),
             channels: self.channels.clone(),
         }
+    }
+
+    /// Whether a delivery of this format, type and channels should go here.
+    pub fn wants(
+        &self,
+        format: EndpointFormat,
+        event_type: &str,
+        channels: Option<&[String]>,
+    ) -> bool {
+        !self.disabled && self.format == format && self.filter().matches(event_type, channels)
+    }
+}
+
+/// Two kinds of endpoint share the delivery engine (durable queue, retries, attempt log).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum EndpointFormat {
+    /// The app's messages, signed with the endpoint's secret by the Standard Webhooks scheme.
+    #[default]
+    StandardWebhooks,
+    /// Pusher channel webhooks (`channel_occupied`, `member_added`, `client_event`, ...) in
+    /// Pusher's `{time_ms, events}` body, signed with the app's Pusher key and secret.
+    Pusher,
+}
+
+impl EndpointFormat {
+    pub const ALL: [Self; 2] = [Self::StandardWebhooks, Self::Pusher];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::StandardWebhooks => "standard-webhooks",
+            Self::Pusher => "pusher",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|f| f.as_str() == text)
     }
 }
 

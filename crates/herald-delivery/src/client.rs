@@ -31,6 +31,9 @@ pub enum SendError {
     Dns(String),
     #[error("request failed: {0}")]
     Request(String),
+    /// The request could not be built: nothing was sent.
+    #[error("not sent: {0}")]
+    NotSent(String),
 }
 
 #[derive(Debug, Clone)]

@@ -9,7 +9,8 @@ use std::{
 use chrono::Utc;
 use herald_core::{
     AttemptOutcome, EndpointSecret, RetryDecision, id,
-    model::{Attempt, DeliveryStatus, TriggerType},
+    model::{Attempt, DeliveryStatus, EndpointFormat, PusherCredentials, TriggerType},
+    pusher,
     signing::signature_header,
 };
 use herald_store::{
@@ -327,14 +328,36 @@ impl Dispatcher {
         self.handle.wake();
     }
 
+    async fn headers(&self, job: &DeliveryJob, timestamp: i64) -> Result<HeaderMap, SendError> {
+        match job.endpoint.format {
+            EndpointFormat::StandardWebhooks => Ok(signed_headers(job, timestamp)),
+            EndpointFormat::Pusher => {
+                // Served from the store's cache; read per attempt so a rotated secret applies.
+                let app = match self.store.get_app(&job.app_id).await {
+                    Ok(Some(app)) => app,
+                    Ok(None) => return Err(SendError::NotSent("the app no longer exists".into())),
+                    Err(e) => {
+                        return Err(SendError::NotSent(format!(
+                            "could not read the app's Pusher credentials: {e}"
+                        )));
+                    }
+                };
+                Ok(pusher_headers(job, &app.pusher))
+            }
+        }
+    }
+
     async fn send(&self, job: &DeliveryJob) -> AttemptRecord {
         let now = Utc::now();
         let started = Instant::now();
-        let headers = signed_headers(job, now.timestamp());
-        let result = self
-            .client
-            .post(&job.endpoint.url, headers, job.payload.clone())
-            .await;
+        let result = match self.headers(job, now.timestamp()).await {
+            Ok(headers) => {
+                self.client
+                    .post(&job.endpoint.url, headers, job.payload.clone())
+                    .await
+            }
+            Err(e) => Err(e),
+        };
         let duration_ms = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
 
         let (outcome, status_code, response) = match &result {
@@ -435,9 +458,8 @@ fn result_text(result: &Result<crate::client::Response, SendError>) -> String {
     }
 }
 
-/// The Standard Webhooks headers plus the endpoint's own. The signature covers the payload
-/// bytes exactly as stored, which are exactly the bytes sent.
-fn signed_headers(job: &DeliveryJob, timestamp: i64) -> HeaderMap {
+/// The endpoint's own headers, which Herald's signing headers then override.
+fn custom_headers(job: &DeliveryJob) -> HeaderMap {
     let mut headers = HeaderMap::new();
     for (name, value) in &job.endpoint.headers {
         // Validated when set; anything unparseable is skipped rather than failing delivery.
@@ -448,6 +470,30 @@ fn signed_headers(job: &DeliveryJob, timestamp: i64) -> HeaderMap {
             headers.insert(name, value);
         }
     }
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers
+}
+
+/// Pusher channel webhooks: `X-Pusher-Key` names the app, `X-Pusher-Signature` is the hex
+/// HMAC-SHA256 of the body with the app's secret.
+fn pusher_headers(job: &DeliveryJob, credentials: &PusherCredentials) -> HeaderMap {
+    let mut headers = custom_headers(job);
+    let signature = pusher::webhook_signature(&credentials.secret, &job.payload);
+    for (name, value) in [
+        ("x-pusher-key", credentials.key.as_str()),
+        ("x-pusher-signature", signature.as_str()),
+    ] {
+        if let Ok(value) = HeaderValue::from_str(value) {
+            headers.insert(HeaderName::from_static(name), value);
+        }
+    }
+    headers
+}
+
+/// The Standard Webhooks headers plus the endpoint's own. The signature covers the payload
+/// bytes exactly as stored, which are exactly the bytes sent.
+fn signed_headers(job: &DeliveryJob, timestamp: i64) -> HeaderMap {
+    let mut headers = custom_headers(job);
     let now = Utc::now();
     let mut secrets = Vec::with_capacity(1 + job.endpoint.previous_secrets.len());
     secrets.extend(EndpointSecret::parse(&job.endpoint.secret).ok());
@@ -459,7 +505,6 @@ fn signed_headers(job: &DeliveryJob, timestamp: i64) -> HeaderMap {
             .filter_map(|(s, _)| EndpointSecret::parse(s).ok()),
     );
     let signature = signature_header(&secrets, &job.msg_id, timestamp, &job.payload);
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     for (name, value) in [
         ("webhook-id", job.msg_id.clone()),
         ("webhook-timestamp", timestamp.to_string()),

@@ -29,7 +29,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     Frame, Hub, WsConfig, close,
-    hub::{AppHub, Joining, Outbox, SubscribeError},
+    hub::{AppHub, ChannelEvent, Joining, Outbox, SubscribeError},
     protocol::{self, ChannelData, Incoming, SigninData, SubscribeData, UnsubscribeData},
     transport,
 };
@@ -597,8 +597,18 @@ impl Connection {
             RawValue::from_string("null".into()).unwrap_or_else(|_| unreachable!("null is JSON"));
         let data = message.data.as_deref().unwrap_or(&null);
         let frame = protocol::client_event(&message.event, channel, data, member.as_deref());
-        // Never echoed to the sender.
-        self.hub.broadcast(channel, &frame, Some(&self.socket_id));
+        // Never echoed to the sender. Reported for `client_event` webhooks: a string's content
+        // as is, anything else as its JSON text, as Pusher does.
+        self.hub.client_event(channel, &frame, &self.socket_id, || {
+            ChannelEvent::ClientEvent {
+                channel: channel.to_owned(),
+                event: message.event.clone(),
+                data: serde_json::from_str::<String>(data.get())
+                    .unwrap_or_else(|_| data.get().to_owned()),
+                socket_id: self.socket_id.clone(),
+                user_id: member.clone(),
+            }
+        });
         None
     }
 }

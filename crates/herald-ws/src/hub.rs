@@ -4,6 +4,10 @@
 //! subscribe and unsubscribe take it exclusively. A broadcast hands the same [`Frame`] (shared
 //! bytes) to every subscriber's [`Outbox`]; a full outbox marks that connection as too slow,
 //! and the connection closes itself, so one stalled reader never holds up the others.
+//!
+//! Changes of channel state (occupied, vacated, members, client events) are reported to a
+//! [`ChannelObserver`] while the channel lock is held, so the observer sees them in the order
+//! they happened even when many connections race.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -13,6 +17,7 @@ use std::{
     },
 };
 
+use serde::Serialize;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -48,23 +53,113 @@ impl Outbox {
     }
 }
 
+/// A change of channel state, shaped as Pusher's channel webhooks carry it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "name")]
+pub enum ChannelEvent {
+    /// The channel got its first subscriber.
+    #[serde(rename = "channel_occupied")]
+    Occupied { channel: String },
+    /// The channel's last subscriber left.
+    #[serde(rename = "channel_vacated")]
+    Vacated { channel: String },
+    /// A user's first connection joined a presence channel.
+    #[serde(rename = "member_added")]
+    MemberAdded { channel: String, user_id: String },
+    /// A user's last connection left a presence channel.
+    #[serde(rename = "member_removed")]
+    MemberRemoved { channel: String, user_id: String },
+    /// A `client-` event sent on a private or presence channel.
+    #[serde(rename = "client_event")]
+    ClientEvent {
+        channel: String,
+        event: String,
+        /// The event's data as JSON text (a string's content when the client sent a string).
+        data: String,
+        socket_id: String,
+        /// Presence channels only.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        user_id: Option<String>,
+    },
+}
+
+impl ChannelEvent {
+    /// The webhook event name, as serialized.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Occupied { .. } => "channel_occupied",
+            Self::Vacated { .. } => "channel_vacated",
+            Self::MemberAdded { .. } => "member_added",
+            Self::MemberRemoved { .. } => "member_removed",
+            Self::ClientEvent { .. } => "client_event",
+        }
+    }
+
+    pub fn channel(&self) -> &str {
+        match self {
+            Self::Occupied { channel }
+            | Self::Vacated { channel }
+            | Self::MemberAdded { channel, .. }
+            | Self::MemberRemoved { channel, .. }
+            | Self::ClientEvent { channel, .. } => channel,
+        }
+    }
+
+    /// The member, for presence events.
+    pub fn user_id(&self) -> Option<&str> {
+        match self {
+            Self::MemberAdded { user_id, .. } | Self::MemberRemoved { user_id, .. } => {
+                Some(user_id)
+            }
+            Self::ClientEvent { user_id, .. } => user_id.as_deref(),
+            Self::Occupied { .. } | Self::Vacated { .. } => None,
+        }
+    }
+}
+
+/// Told of every [`ChannelEvent`], per app. Called with a channel lock held: it must be quick
+/// and must not call back into the hub.
+pub trait ChannelObserver: Send + Sync {
+    fn observe(&self, app_id: &str, event: ChannelEvent);
+}
+
 #[derive(Default)]
 pub struct Hub {
     apps: RwLock<HashMap<String, Arc<AppHub>>>,
+    observer: Option<Arc<dyn ChannelObserver>>,
 }
 
 impl Hub {
+    pub fn new(observer: Arc<dyn ChannelObserver>) -> Self {
+        Self {
+            apps: RwLock::default(),
+            observer: Some(observer),
+        }
+    }
+
     /// The hub of the app with this id, created on first use.
     pub fn app(&self, app_id: &str) -> Arc<AppHub> {
         if let Some(app) = read(&self.apps).get(app_id) {
             return Arc::clone(app);
         }
-        Arc::clone(write(&self.apps).entry(app_id.to_owned()).or_default())
+        Arc::clone(
+            write(&self.apps)
+                .entry(app_id.to_owned())
+                .or_insert_with(|| {
+                    Arc::new(AppHub {
+                        app_id: app_id.to_owned(),
+                        observer: self.observer.clone(),
+                        ..AppHub::default()
+                    })
+                }),
+        )
     }
 }
 
 #[derive(Default)]
 pub struct AppHub {
+    app_id: String,
+    observer: Option<Arc<dyn ChannelObserver>>,
     connections: AtomicU32,
     channels: RwLock<HashMap<String, Channel>>,
     /// Signed-in users' connections, for `terminate_connections`.
@@ -174,6 +269,19 @@ impl AppHub {
             outcome.member_added = !already;
             outcome.presence = Some(presence_snapshot(&entry.members));
         }
+        if outcome.occupied {
+            self.report(ChannelEvent::Occupied {
+                channel: channel.to_owned(),
+            });
+        }
+        if outcome.member_added
+            && let Some(user_id) = &user_id
+        {
+            self.report(ChannelEvent::MemberAdded {
+                channel: channel.to_owned(),
+                user_id: user_id.clone(),
+            });
+        }
         entry.subscribers.insert(
             socket_id.to_owned(),
             Subscriber {
@@ -199,30 +307,53 @@ impl AppHub {
             member.sockets -= 1;
             if member.sockets == 0 {
                 entry.members.remove(&user_id);
+                self.report(ChannelEvent::MemberRemoved {
+                    channel: channel.to_owned(),
+                    user_id: user_id.clone(),
+                });
                 outcome.member_removed = Some(user_id);
             }
         }
         if entry.subscribers.is_empty() {
             channels.remove(channel);
+            self.report(ChannelEvent::Vacated {
+                channel: channel.to_owned(),
+            });
             outcome.vacated = true;
         }
         outcome
     }
 
-    /// Sends `frame` to every subscriber of `channel` but `except`; returns how many.
-    pub fn broadcast(&self, channel: &str, frame: &Frame, except: Option<&str>) -> usize {
+    /// Relays a client event to the channel's other subscribers and reports it.
+    pub fn client_event(
+        &self,
+        channel: &str,
+        frame: &Frame,
+        sender: &str,
+        event: impl FnOnce() -> ChannelEvent,
+    ) -> usize {
         let channels = read(&self.channels);
         let Some(entry) = channels.get(channel) else {
             return 0;
         };
-        let mut sent = 0;
-        for (socket_id, subscriber) in &entry.subscribers {
-            if Some(socket_id.as_str()) != except {
-                subscriber.outbox.send(frame.clone());
-                sent += 1;
-            }
+        if self.observer.is_some() {
+            self.report(event());
         }
-        sent
+        fan_out(entry, frame, Some(sender))
+    }
+
+    fn report(&self, event: ChannelEvent) {
+        if let Some(observer) = &self.observer {
+            observer.observe(&self.app_id, event);
+        }
+    }
+
+    /// Sends `frame` to every subscriber of `channel` but `except`; returns how many.
+    pub fn broadcast(&self, channel: &str, frame: &Frame, except: Option<&str>) -> usize {
+        let channels = read(&self.channels);
+        channels
+            .get(channel)
+            .map_or(0, |entry| fan_out(entry, frame, except))
     }
 
     pub fn is_subscribed(&self, channel: &str, socket_id: &str) -> bool {
@@ -283,6 +414,18 @@ impl AppHub {
         }
         sockets.len()
     }
+}
+
+/// Hands `frame` to every subscriber but `except`; returns how many got it.
+fn fan_out(channel: &Channel, frame: &Frame, except: Option<&str>) -> usize {
+    let mut sent = 0;
+    for (socket_id, subscriber) in &channel.subscribers {
+        if Some(socket_id.as_str()) != except {
+            subscriber.outbox.send(frame.clone());
+            sent += 1;
+        }
+    }
+    sent
 }
 
 fn info(channel: &Channel) -> ChannelInfo {

@@ -11,6 +11,7 @@ use figment::{
     Figment,
     providers::{Env, Format, Serialized, Toml},
 };
+use herald_api::channel_webhooks::ChannelWebhookConfig;
 use herald_core::{AddressPolicy, RetryPolicy};
 use herald_delivery::DeliveryConfig;
 use ipnet::IpNet;
@@ -50,11 +51,17 @@ pub struct WsSection {
     pub max_user_info_bytes: usize,
     pub client_events_per_second: u32,
     pub outbox_frames: usize,
+    /// How long `channel_vacated` and `member_removed` webhooks wait for a rejoin that
+    /// cancels them (Pusher waits up to 3 s). 0 sends them at once.
+    pub webhook_delay_ms: u64,
+    /// Channel webhook events waiting to be stored at most.
+    pub webhook_max_pending: usize,
 }
 
 impl Default for WsSection {
     fn default() -> Self {
         let d = herald_ws::WsConfig::default();
+        let hooks = ChannelWebhookConfig::default();
         Self {
             activity_timeout_secs: d.activity_timeout.as_secs(),
             pong_timeout_secs: d.pong_timeout.as_secs(),
@@ -65,6 +72,8 @@ impl Default for WsSection {
             max_user_info_bytes: d.max_user_info_bytes,
             client_events_per_second: d.client_events_per_second,
             outbox_frames: d.outbox_frames,
+            webhook_delay_ms: u64::try_from(hooks.delay.as_millis()).unwrap_or(u64::MAX),
+            webhook_max_pending: hooks.max_pending,
         }
     }
 }
@@ -238,9 +247,10 @@ impl Config {
             || w.max_message_bytes == 0
             || w.outbox_frames == 0
             || w.client_events_per_second == 0
+            || w.webhook_max_pending == 0
         {
             return Err(ConfigError::Invalid(
-                "ws timeouts, message size, outbox and client event rate must be at least 1".into(),
+                "ws timeouts, message size, outbox, client event rate and webhook_max_pending must be at least 1".into(),
             ));
         }
         if self.admin_token.as_deref().is_some_and(|t| t.len() < 16) {
@@ -263,6 +273,13 @@ impl Config {
             max_user_info_bytes: w.max_user_info_bytes,
             client_events_per_second: w.client_events_per_second,
             outbox_frames: w.outbox_frames,
+        }
+    }
+
+    pub fn channel_webhook_config(&self) -> ChannelWebhookConfig {
+        ChannelWebhookConfig {
+            delay: Duration::from_millis(self.ws.webhook_delay_ms),
+            max_pending: self.ws.webhook_max_pending,
         }
     }
 

@@ -10,7 +10,7 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
 use chrono::Utc;
-use herald_api::{ApiConfig, ApiState};
+use herald_api::{ApiConfig, ApiState, channel_webhooks::ChannelWebhooks};
 use herald_core::{
     id,
     model::{App, PusherCredentials},
@@ -60,7 +60,12 @@ pub async fn run(
     let delivery = config.delivery_config();
     let client = WebhookClient::new(&delivery)?;
     let dispatcher = Dispatcher::new(Arc::clone(&store), client, delivery);
-    let hub = Arc::new(Hub::default());
+    let channel_webhooks = Arc::new(ChannelWebhooks::new(
+        Arc::clone(&store),
+        dispatcher.handle(),
+        config.channel_webhook_config(),
+    ));
+    let hub = Arc::new(Hub::new(Arc::clone(&channel_webhooks) as _));
     let state = ApiState::new(
         Arc::clone(&store),
         dispatcher.handle(),
@@ -92,6 +97,8 @@ pub async fn run(
     let stop_background = CancellationToken::new();
     background.spawn(dispatcher.run(stop_background.clone()));
     background.spawn(housekeeping(Arc::clone(&store), stop_background.clone()));
+    // Stopped after the connections have closed, so it stores their vacated events too.
+    background.spawn(channel_webhooks.run(stop_background.clone()));
 
     let served = axum::serve(listener, router)
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())

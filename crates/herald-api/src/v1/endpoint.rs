@@ -11,7 +11,7 @@ use axum::{
 use chrono::{DateTime, Duration, Utc};
 use herald_core::{
     EndpointSecret, id,
-    model::{App, Endpoint, Metadata},
+    model::{App, Endpoint, EndpointFormat, Metadata},
     validate,
 };
 use serde::{Deserialize, Serialize};
@@ -34,6 +34,8 @@ const RESERVED_HEADERS: &[&str] = &[
     "webhook-id",
     "webhook-timestamp",
     "webhook-signature",
+    "x-pusher-key",
+    "x-pusher-signature",
     "content-type",
     "content-length",
     "host",
@@ -53,6 +55,10 @@ pub struct EndpointIn {
     throttle_rate: Option<i64>,
     #[serde(default)]
     disabled: Option<bool>,
+    /// Herald's extension: `standard-webhooks` (default) or `pusher` (channel webhooks).
+    /// Absent on an update means unchanged, so Svix SDKs that do not know it keep it.
+    #[serde(default)]
+    format: Option<String>,
     /// `filterTypes` is the field's name in older Svix SDKs.
     #[serde(default, alias = "filterTypes")]
     event_types: Option<Vec<String>>,
@@ -79,6 +85,8 @@ pub struct EndpointPatch {
     throttle_rate: Option<Option<i64>>,
     #[serde(default)]
     disabled: Option<bool>,
+    #[serde(default)]
+    format: Option<String>,
     #[serde(
         default,
         alias = "filterTypes",
@@ -101,6 +109,7 @@ pub struct EndpointOut {
     #[serde(skip_serializing_if = "Option::is_none")]
     throttle_rate: Option<i64>,
     disabled: bool,
+    format: &'static str,
     event_types: Option<Vec<String>>,
     /// Older Svix SDKs read the event-type filter under this name.
     filter_types: Option<Vec<String>>,
@@ -121,6 +130,7 @@ impl From<Endpoint> for EndpointOut {
             description: ep.description,
             throttle_rate: ep.throttle_rate,
             disabled: ep.disabled,
+            format: ep.format.as_str(),
             filter_types: ep.event_types.clone(),
             event_types: ep.event_types,
             channels: ep.channels,
@@ -166,6 +176,20 @@ fn check_filters(
     }
 }
 
+fn check_format(v: &mut Validator, format: Option<&str>) -> EndpointFormat {
+    let Some(text) = format else {
+        return EndpointFormat::default();
+    };
+    let parsed = EndpointFormat::parse(text);
+    v.check(
+        &["body", "format"],
+        parsed.map(|_| ()).ok_or_else(|| {
+            format!("unknown format {text:?}: use \"standard-webhooks\" or \"pusher\"")
+        }),
+    );
+    parsed.unwrap_or_default()
+}
+
 fn check_headers(v: &mut Validator, headers: &BTreeMap<String, String>) {
     for (name, value) in headers {
         let result = if HeaderName::from_bytes(name.as_bytes()).is_err() {
@@ -186,9 +210,11 @@ fn non_empty(list: Option<Vec<String>>) -> Option<Vec<String>> {
     list.filter(|l| !l.is_empty())
 }
 
-fn validate_in(input: &EndpointIn) -> ApiResult<()> {
+/// Checks the input; returns the format it asks for, if it names one.
+fn validate_in(input: &EndpointIn) -> ApiResult<Option<EndpointFormat>> {
     let mut v = Validator::default();
     check_url(&mut v, &input.url);
+    let format = check_format(&mut v, input.format.as_deref());
     if let Some(uid) = &input.uid {
         v.check(&["body", "uid"], validate::uid(uid));
     }
@@ -204,11 +230,12 @@ fn validate_in(input: &EndpointIn) -> ApiResult<()> {
     if let Some(headers) = &input.headers {
         check_headers(&mut v, headers);
     }
-    v.finish()
+    v.finish()?;
+    Ok(input.format.is_some().then_some(format))
 }
 
 fn new_endpoint(app: &App, input: EndpointIn) -> ApiResult<Endpoint> {
-    validate_in(&input)?;
+    let format = validate_in(&input)?.unwrap_or_default();
     let now = crate::now();
     let secret = match input.secret {
         Some(s) => s,
@@ -222,6 +249,7 @@ fn new_endpoint(app: &App, input: EndpointIn) -> ApiResult<Endpoint> {
         description: input.description.unwrap_or_default(),
         throttle_rate: input.throttle_rate,
         disabled: input.disabled.unwrap_or(false),
+        format,
         event_types: non_empty(input.event_types),
         channels: non_empty(input.channels),
         metadata: input.metadata.unwrap_or_default(),
@@ -303,7 +331,9 @@ pub async fn upsert(
         state.store.create_endpoint(&endpoint).await?;
         return Ok((StatusCode::CREATED, Json(endpoint.into())));
     };
-    validate_in(&input)?;
+    if let Some(format) = validate_in(&input)? {
+        endpoint.format = format;
+    }
     endpoint.url = input.url;
     endpoint.description = input.description.unwrap_or_default();
     endpoint.uid = input.uid;
@@ -334,6 +364,10 @@ pub async fn patch(
     if let Some(Some(uid)) = &patch.uid {
         v.check(&["body", "uid"], validate::uid(uid));
     }
+    let format = patch
+        .format
+        .as_deref()
+        .map(|f| check_format(&mut v, Some(f)));
     check_filters(
         &mut v,
         patch.event_types.as_ref().and_then(Option::as_ref),
@@ -342,6 +376,9 @@ pub async fn patch(
     v.finish()?;
     if let Some(url) = patch.url {
         endpoint.url = url;
+    }
+    if let Some(format) = format {
+        endpoint.format = format;
     }
     if let Some(description) = patch.description {
         endpoint.description = description;

@@ -9,7 +9,7 @@ use axum::{
 use chrono::{DateTime, Utc};
 use herald_core::{
     id,
-    model::{App, Message},
+    model::{App, EndpointFormat, Message},
     validate,
 };
 use herald_store::MessageQuery;
@@ -167,10 +167,11 @@ pub async fn create(
     let targets: Vec<String> = endpoints
         .iter()
         .filter(|ep| {
-            !ep.disabled
-                && ep
-                    .filter()
-                    .matches(&message.event_type, message.channels.as_deref())
+            ep.wants(
+                EndpointFormat::StandardWebhooks,
+                &message.event_type,
+                message.channels.as_deref(),
+            )
         })
         .map(|ep| ep.id.clone())
         .collect();

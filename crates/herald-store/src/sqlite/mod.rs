@@ -340,8 +340,9 @@ impl Store for SqliteStore {
         sqlx::query(
             "INSERT INTO endpoints (id, app_id, uid, url, description, throttle_rate, disabled,
                                     event_types, channels, metadata, headers, secret,
-                                    previous_secrets, failing_since, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+                                    previous_secrets, failing_since, created_at, updated_at,
+                                    format)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
         )
         .bind(&ep.id)
         .bind(&ep.app_id)
@@ -359,6 +360,7 @@ impl Store for SqliteStore {
         .bind(ep.failing_since.map(millis))
         .bind(millis(ep.created_at))
         .bind(millis(ep.updated_at))
+        .bind(ep.format.as_str())
         .execute(&self.writer)
         .await
         .map_err(conflict_as("an endpoint with this uid already exists"))?;
@@ -392,7 +394,8 @@ impl Store for SqliteStore {
         let done = sqlx::query(
             "UPDATE endpoints SET uid = $3, url = $4, description = $5, throttle_rate = $6,
                     disabled = $7, event_types = $8, channels = $9, metadata = $10, headers = $11,
-                    secret = $12, previous_secrets = $13, failing_since = $14, updated_at = $15
+                    secret = $12, previous_secrets = $13, failing_since = $14, updated_at = $15,
+                    format = $16
              WHERE id = $1 AND app_id = $2",
         )
         .bind(&ep.id)
@@ -410,6 +413,7 @@ impl Store for SqliteStore {
         .bind(rows::previous_secrets_json(ep))
         .bind(ep.failing_since.map(millis))
         .bind(millis(ep.updated_at))
+        .bind(ep.format.as_str())
         .execute(&self.writer)
         .await
         .map_err(conflict_as("an endpoint with this uid already exists"))?;
@@ -593,7 +597,7 @@ impl Store for SqliteStore {
                     e.channels AS e_channels, e.metadata AS e_metadata, e.headers AS e_headers,
                     e.secret AS e_secret, e.previous_secrets AS e_previous_secrets,
                     e.failing_since AS e_failing_since, e.created_at AS e_created_at,
-                    e.updated_at AS e_updated_at
+                    e.updated_at AS e_updated_at, e.format AS e_format
              FROM deliveries d
              JOIN messages m ON m.id = d.msg_id
              JOIN endpoints e ON e.id = d.endpoint_id

@@ -4,8 +4,8 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use herald_core::model::{
-    App, Attempt, DeliveryStatus, Endpoint, EventType, Message, Metadata, PusherCredentials,
-    TriggerType,
+    App, Attempt, DeliveryStatus, Endpoint, EndpointFormat, EventType, Message, Metadata,
+    PusherCredentials, TriggerType,
 };
 use sqlx::{Row, sqlite::SqliteRow};
 
@@ -86,6 +86,11 @@ pub(crate) fn endpoint(row: &SqliteRow, prefix: &str) -> Result<Endpoint> {
         description: row.try_get(col("description").as_str())?,
         throttle_rate: row.try_get(col("throttle_rate").as_str())?,
         disabled: row.try_get(col("disabled").as_str())?,
+        format: {
+            let text: String = row.try_get(col("format").as_str())?;
+            EndpointFormat::parse(&text)
+                .ok_or_else(|| StoreError::Corrupt(format!("unknown endpoint format {text:?}")))?
+        },
         event_types: opt_from_json("event_types", row.try_get(col("event_types").as_str())?)?,
         channels: opt_from_json("channels", row.try_get(col("channels").as_str())?)?,
         metadata: from_json::<Metadata>("metadata", row.try_get(col("metadata").as_str())?)?,

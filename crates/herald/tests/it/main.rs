@@ -5,7 +5,9 @@
 //! default, exists today); every test runs unchanged against each backend.
 
 mod api;
+mod channel_webhooks;
 mod delivery;
 mod harness;
 mod process;
+mod pusher;
 mod websocket;

@@ -1,208 +1,16 @@
 //! The Pusher protocol over real sockets, and the Pusher HTTP API, against the real server.
 
 use futures_util::{SinkExt, StreamExt};
-use md5::{Digest, Md5};
-use reqwest::Method;
 use serde_json::{Value, json};
-use tokio::net::TcpStream;
 use tokio_tungstenite::{
-    MaybeTlsStream, WebSocketStream, connect_async,
+    connect_async,
     tungstenite::{Message, protocol::frame::coding::CloseCode},
 };
 
-use crate::harness::{PATIENCE, Receiver, TestServer};
-
-type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-/// A Pusher app's credentials, as the app API returns them.
-struct Creds {
-    id: String,
-    key: String,
-    secret: String,
-}
-
-async fn pusher_app(server: &TestServer, uid: &str) -> (String, Creds) {
-    let (_, app) = server
-        .call(
-            Method::POST,
-            "/api/v1/app",
-            Some(json!({"name": uid, "uid": uid})),
-        )
-        .await;
-    let p = &app["pusher"];
-    let creds = Creds {
-        id: p["appId"].as_str().expect("appId").into(),
-        key: p["key"].as_str().expect("key").into(),
-        secret: p["secret"].as_str().expect("secret").into(),
-    };
-    (app["id"].as_str().expect("id").into(), creds)
-}
-
-struct Client {
-    socket: Socket,
-    socket_id: String,
-}
-
-impl Client {
-    async fn connect(server: &TestServer, key: &str) -> Self {
-        let mut socket = open(server, key).await;
-        let first = next_json(&mut socket).await;
-        assert_eq!(first["event"], "pusher:connection_established", "{first}");
-        let data: Value =
-            serde_json::from_str(first["data"].as_str().expect("string")).expect("json");
-        assert_eq!(data["activity_timeout"], 120);
-        Self {
-            socket,
-            socket_id: data["socket_id"].as_str().expect("socket_id").into(),
-        }
-    }
-
-    async fn send(&mut self, message: Value) {
-        self.socket
-            .send(Message::text(message.to_string()))
-            .await
-            .expect("send");
-    }
-
-    async fn next(&mut self) -> Value {
-        next_json(&mut self.socket).await
-    }
-
-    /// The next event named `name`, skipping others.
-    async fn expect(&mut self, name: &str) -> Value {
-        loop {
-            let event = self.next().await;
-            if event["event"] == name {
-                return event;
-            }
-        }
-    }
-
-    async fn subscribe(
-        &mut self,
-        channel: &str,
-        auth: Option<String>,
-        channel_data: Option<&str>,
-    ) -> Value {
-        let mut data = json!({"channel": channel});
-        if let Some(auth) = auth {
-            data["auth"] = json!(auth);
-        }
-        if let Some(channel_data) = channel_data {
-            data["channel_data"] = json!(channel_data);
-        }
-        self.send(json!({"event": "pusher:subscribe", "data": data}))
-            .await;
-        self.next().await
-    }
-
-    /// Waits for the server to close the connection; returns the close code.
-    async fn closed(&mut self) -> u16 {
-        tokio::time::timeout(PATIENCE, async {
-            loop {
-                match self.socket.next().await {
-                    Some(Ok(Message::Close(frame))) => {
-                        return frame.map_or(1005, |f| u16::from(f.code));
-                    }
-                    Some(Ok(_)) => {}
-                    other => panic!("connection ended without a close frame: {other:?}"),
-                }
-            }
-        })
-        .await
-        .expect("timed out waiting for close")
-    }
-}
-
-async fn open(server: &TestServer, key: &str) -> Socket {
-    let url = format!(
-        "{}/app/{key}?protocol=7&client=js&version=8.4.0",
-        server.base.replace("http://", "ws://")
-    );
-    connect_async(url).await.expect("connect").0
-}
-
-async fn next_json(socket: &mut Socket) -> Value {
-    tokio::time::timeout(PATIENCE, async {
-        loop {
-            match socket.next().await {
-                Some(Ok(Message::Text(text))) => {
-                    return serde_json::from_str(text.as_str()).expect("server sent JSON");
-                }
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                other => panic!("expected a text frame, got {other:?}"),
-            }
-        }
-    })
-    .await
-    .expect("timed out waiting for a frame")
-}
-
-fn sign(secret: &str, data: &str) -> String {
-    herald_core::pusher::sign(secret, data)
-}
-
-fn channel_auth(
-    creds: &Creds,
-    socket_id: &str,
-    channel: &str,
-    channel_data: Option<&str>,
-) -> String {
-    let signed = match channel_data {
-        Some(d) => format!("{socket_id}:{channel}:{d}"),
-        None => format!("{socket_id}:{channel}"),
-    };
-    format!("{}:{}", creds.key, sign(&creds.secret, &signed))
-}
-
-/// Calls the Pusher HTTP API with a request signed as the Pusher server SDKs sign it.
-async fn pusher_api(
-    server: &TestServer,
-    creds: &Creds,
-    method: &str,
-    path: &str,
-    query: &[(&str, &str)],
-    body: Option<Value>,
-) -> (u16, String) {
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let timestamp = chrono::Utc::now().timestamp().to_string();
-    let mut params: Vec<(String, String)> = vec![
-        ("auth_key".into(), creds.key.clone()),
-        ("auth_timestamp".into(), timestamp),
-        ("auth_version".into(), "1.0".into()),
-    ];
-    if !body.is_empty() {
-        params.push(("body_md5".into(), hex::encode(Md5::digest(body.as_bytes()))));
-    }
-    params.extend(query.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    params.sort();
-    let joined = params
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join("&");
-    let signature = sign(&creds.secret, &format!("{method}\n{path}\n{joined}"));
-    let mut url = url::Url::parse(&format!("{}{path}", server.base)).expect("url");
-    url.query_pairs_mut()
-        .extend_pairs(&params)
-        .append_pair("auth_signature", &signature);
-    let client = reqwest::Client::new();
-    let request = match method {
-        "POST" => client
-            .post(url)
-            .header("content-type", "application/json")
-            .body(body),
-        _ => client.get(url),
-    };
-    let response = request.send().await.expect("request");
-    let status = response.status().as_u16();
-    (status, response.text().await.expect("body"))
-}
-
-async fn trigger(server: &TestServer, creds: &Creds, body: Value) -> (u16, String) {
-    let path = format!("/apps/{}/events", creds.id);
-    pusher_api(server, creds, "POST", &path, &[], Some(body)).await
-}
+use crate::{
+    harness::{Receiver, TestServer},
+    pusher::{Client, Creds, channel_auth, next_json, open, pusher_api, pusher_app, sign, trigger},
+};
 
 #[tokio::test]
 async fn handshake_ping_and_unknown_app() {
@@ -658,4 +466,49 @@ async fn the_echo_route_for_conformance_tests_exists_only_in_dev_mode() {
     );
     drop(socket);
     dev.stop().await;
+}
+
+#[tokio::test]
+async fn idle_connections_are_pinged_and_closed_with_4201_when_silent() {
+    let server = TestServer::start_with(|c| {
+        c.ws.activity_timeout_secs = 1;
+        c.ws.pong_timeout_secs = 1;
+    })
+    .await;
+    let (_, creds) = pusher_app(&server, "ws-idle").await;
+    let mut silent = open(&server, &creds.key).await;
+    let mut lively = open(&server, &creds.key).await;
+    for socket in [&mut silent, &mut lively] {
+        let hello = next_json(socket).await;
+        let data: Value =
+            serde_json::from_str(hello["data"].as_str().expect("string")).expect("json");
+        assert_eq!(data["activity_timeout"], 1);
+    }
+
+    // After a second of silence the server pings both.
+    assert_eq!(next_json(&mut silent).await["event"], "pusher:ping");
+    assert_eq!(next_json(&mut lively).await["event"], "pusher:ping");
+    lively
+        .send(Message::text(
+            json!({"event": "pusher:pong", "data": {}}).to_string(),
+        ))
+        .await
+        .expect("pong");
+
+    // The one that answered is pinged again later; the silent one is closed with 4201.
+    let closed = async {
+        loop {
+            match silent.next().await {
+                Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => {}
+                other => panic!("ended without a close frame: {other:?}"),
+            }
+        }
+    };
+    let code = tokio::time::timeout(crate::harness::PATIENCE, closed)
+        .await
+        .expect("closed in time");
+    assert_eq!(code, Some(4201));
+    assert_eq!(next_json(&mut lively).await["event"], "pusher:ping");
+    server.stop().await;
 }

@@ -1,0 +1,202 @@
+//! A Pusher protocol test client and Pusher HTTP API signing, shared by the WebSocket tests.
+
+use futures_util::{SinkExt, StreamExt};
+use md5::{Digest, Md5};
+use reqwest::Method;
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async, tungstenite::Message};
+
+use crate::harness::{PATIENCE, TestServer};
+
+pub type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A Pusher app's credentials, as the app API returns them.
+pub struct Creds {
+    pub id: String,
+    pub key: String,
+    pub secret: String,
+}
+
+pub async fn pusher_app(server: &TestServer, uid: &str) -> (String, Creds) {
+    let (_, app) = server
+        .call(
+            Method::POST,
+            "/api/v1/app",
+            Some(json!({"name": uid, "uid": uid})),
+        )
+        .await;
+    let p = &app["pusher"];
+    let creds = Creds {
+        id: p["appId"].as_str().expect("appId").into(),
+        key: p["key"].as_str().expect("key").into(),
+        secret: p["secret"].as_str().expect("secret").into(),
+    };
+    (app["id"].as_str().expect("id").into(), creds)
+}
+
+pub struct Client {
+    pub socket: Socket,
+    pub socket_id: String,
+}
+
+impl Client {
+    pub async fn connect(server: &TestServer, key: &str) -> Self {
+        let mut socket = open(server, key).await;
+        let first = next_json(&mut socket).await;
+        assert_eq!(first["event"], "pusher:connection_established", "{first}");
+        let data: Value =
+            serde_json::from_str(first["data"].as_str().expect("string")).expect("json");
+        assert_eq!(data["activity_timeout"], 120);
+        Self {
+            socket,
+            socket_id: data["socket_id"].as_str().expect("socket_id").into(),
+        }
+    }
+
+    pub async fn send(&mut self, message: Value) {
+        self.socket
+            .send(Message::text(message.to_string()))
+            .await
+            .expect("send");
+    }
+
+    pub async fn next(&mut self) -> Value {
+        next_json(&mut self.socket).await
+    }
+
+    /// The next event named `name`, skipping others.
+    pub async fn expect(&mut self, name: &str) -> Value {
+        loop {
+            let event = self.next().await;
+            if event["event"] == name {
+                return event;
+            }
+        }
+    }
+
+    pub async fn subscribe(
+        &mut self,
+        channel: &str,
+        auth: Option<String>,
+        channel_data: Option<&str>,
+    ) -> Value {
+        let mut data = json!({"channel": channel});
+        if let Some(auth) = auth {
+            data["auth"] = json!(auth);
+        }
+        if let Some(channel_data) = channel_data {
+            data["channel_data"] = json!(channel_data);
+        }
+        self.send(json!({"event": "pusher:subscribe", "data": data}))
+            .await;
+        self.next().await
+    }
+
+    /// Waits for the server to close the connection; returns the close code.
+    pub async fn closed(&mut self) -> u16 {
+        tokio::time::timeout(PATIENCE, async {
+            loop {
+                match self.socket.next().await {
+                    Some(Ok(Message::Close(frame))) => {
+                        return frame.map_or(1005, |f| u16::from(f.code));
+                    }
+                    Some(Ok(_)) => {}
+                    other => panic!("connection ended without a close frame: {other:?}"),
+                }
+            }
+        })
+        .await
+        .expect("timed out waiting for close")
+    }
+}
+
+pub async fn open(server: &TestServer, key: &str) -> Socket {
+    let url = format!(
+        "{}/app/{key}?protocol=7&client=js&version=8.4.0",
+        server.base.replace("http://", "ws://")
+    );
+    connect_async(url).await.expect("connect").0
+}
+
+pub async fn next_json(socket: &mut Socket) -> Value {
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            match socket.next().await {
+                Some(Ok(Message::Text(text))) => {
+                    return serde_json::from_str(text.as_str()).expect("server sent JSON");
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("timed out waiting for a frame")
+}
+
+pub fn sign(secret: &str, data: &str) -> String {
+    herald_core::pusher::sign(secret, data)
+}
+
+pub fn channel_auth(
+    creds: &Creds,
+    socket_id: &str,
+    channel: &str,
+    channel_data: Option<&str>,
+) -> String {
+    let signed = match channel_data {
+        Some(d) => format!("{socket_id}:{channel}:{d}"),
+        None => format!("{socket_id}:{channel}"),
+    };
+    format!("{}:{}", creds.key, sign(&creds.secret, &signed))
+}
+
+/// Calls the Pusher HTTP API with a request signed as the Pusher server SDKs sign it.
+pub async fn pusher_api(
+    server: &TestServer,
+    creds: &Creds,
+    method: &str,
+    path: &str,
+    query: &[(&str, &str)],
+    body: Option<Value>,
+) -> (u16, String) {
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let timestamp = chrono::Utc::now().timestamp().to_string();
+    let mut params: Vec<(String, String)> = vec![
+        ("auth_key".into(), creds.key.clone()),
+        ("auth_timestamp".into(), timestamp),
+        ("auth_version".into(), "1.0".into()),
+    ];
+    if !body.is_empty() {
+        params.push(("body_md5".into(), hex::encode(Md5::digest(body.as_bytes()))));
+    }
+    params.extend(query.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    params.sort();
+    let joined = params
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("&");
+    let signature = sign(&creds.secret, &format!("{method}\n{path}\n{joined}"));
+    let mut url = url::Url::parse(&format!("{}{path}", server.base)).expect("url");
+    url.query_pairs_mut()
+        .extend_pairs(&params)
+        .append_pair("auth_signature", &signature);
+    let client = reqwest::Client::new();
+    let request = match method {
+        "POST" => client
+            .post(url)
+            .header("content-type", "application/json")
+            .body(body),
+        _ => client.get(url),
+    };
+    let response = request.send().await.expect("request");
+    let status = response.status().as_u16();
+    (status, response.text().await.expect("body"))
+}
+
+pub async fn trigger(server: &TestServer, creds: &Creds, body: Value) -> (u16, String) {
+    let path = format!("/apps/{}/events", creds.id);
+    pusher_api(server, creds, "POST", &path, &[], Some(body)).await
+}
