@@ -3,6 +3,8 @@
 // Exits non-zero, naming the check, on any mismatch.
 "use strict";
 const assert = require("node:assert/strict");
+const { EventEmitter } = require("node:events");
+const http = require("node:http");
 const PusherServer = require("pusher");
 const PusherClient = require("pusher-js");
 
@@ -35,7 +37,46 @@ async function createApp() {
     body: JSON.stringify({ name: "pusher interop", uid: `pusher-${Date.now()}` }),
   });
   assert.equal(response.status, 201, "app created");
-  return (await response.json()).pusher;
+  return response.json();
+}
+
+/** A local endpoint for Pusher channel webhooks; keeps every request's headers and raw body. */
+async function startWebhookReceiver() {
+  const received = [];
+  const arrivals = new EventEmitter();
+  const server = http.createServer((req, res) => {
+    const chunks = [];
+    req.on("data", (c) => chunks.push(c));
+    req.on("end", () => {
+      received.push({ headers: req.headers, rawBody: Buffer.concat(chunks).toString("utf8") });
+      res.writeHead(200).end();
+      arrivals.emit("webhook");
+    });
+  });
+  await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
+  return { url: `http://127.0.0.1:${server.address().port}/pusher-hooks`, received, arrivals, server };
+}
+
+/** Resolves once a received webhook holds an event matching `wanted`, or fails after `ms`. */
+function webhookEvent(receiver, pusher, wanted, what, ms = 15000) {
+  return new Promise((resolve, reject) => {
+    const find = () =>
+      receiver.received.flatMap((r) => pusher.webhook(r).getEvents()).find(wanted);
+    const check = () => {
+      const event = find();
+      if (event) {
+        clearTimeout(timer);
+        receiver.arrivals.off("webhook", check);
+        resolve(event);
+      }
+    };
+    const timer = setTimeout(() => {
+      receiver.arrivals.off("webhook", check);
+      reject(new Error(`timed out waiting for the ${what} webhook`));
+    }, ms);
+    receiver.arrivals.on("webhook", check);
+    check();
+  });
 }
 
 function connect(creds, server, user, { forgeAuth = false } = {}) {
@@ -71,7 +112,16 @@ async function subscribed(client, name) {
 }
 
 async function main() {
-  const creds = await createApp();
+  const app = await createApp();
+  const creds = app.pusher;
+  // Channel webhooks go to a Pusher-format endpoint, created before anyone connects.
+  const hooks = await startWebhookReceiver();
+  const endpoint = await fetch(`${base}/api/v1/app/${app.id}/endpoint`, {
+    method: "POST",
+    headers: { authorization: `Bearer ${token}`, "content-type": "application/json" },
+    body: JSON.stringify({ url: hooks.url, format: "pusher" }),
+  });
+  assert.equal(endpoint.status, 201, "pusher webhook endpoint created");
   const server = new PusherServer({
     appId: creds.appId,
     key: creds.key,
@@ -180,7 +230,28 @@ async function main() {
   assert.equal(closeError.data.code, 4009);
   ok("signin, then terminateUserConnections closes the user's connection (4009)");
 
+  // Channel webhooks, checked with the server SDK's own verifier and the app secret.
+  const byName = (name, channel, extra = () => true) => (e) =>
+    e.name === name && e.channel === channel && extra(e);
+  await webhookEvent(hooks, server, byName("channel_occupied", "orders"), "channel_occupied");
+  await webhookEvent(hooks, server, byName("member_added", "presence-room", (e) => e.user_id === "bob"), "member_added");
+  await webhookEvent(hooks, server, byName("member_removed", "presence-room", (e) => e.user_id === "bob"), "member_removed");
+  const clientEvent = await webhookEvent(hooks, server, byName("client_event", "private-chat"), "client_event");
+  assert.equal(clientEvent.event, "client-typing");
+  assert.deepEqual(JSON.parse(clientEvent.data), { text: "hi bob" });
+  assert.equal(clientEvent.socket_id, alice.connection.socket_id);
   for (const client of [alice, mallory, carol]) client.disconnect();
+  await webhookEvent(hooks, server, byName("channel_vacated", "orders"), "channel_vacated");
+  for (const request of hooks.received) {
+    const webhook = server.webhook(request);
+    assert.ok(webhook.isValid(), `webhook signature valid: ${request.rawBody}`);
+    assert.ok(Math.abs(webhook.getTime().getTime() - Date.now()) < 60000, "time_ms is now");
+    const tampered = server.webhook({ headers: request.headers, rawBody: request.rawBody.replace("channel", "channeL") });
+    assert.ok(!tampered.isValid(), "a tampered body is refused");
+  }
+  hooks.server.close();
+  ok(`channel webhooks (occupied, member_added/removed, client_event, vacated) verified by pusher.webhook().isValid() (${hooks.received.length} requests)`);
+
   console.log(`pusher interop: all ${passed} checks passed`);
 }
 
