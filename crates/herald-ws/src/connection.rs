@@ -152,22 +152,25 @@ async fn serve(socket: WebSocket, app: App, hub: Arc<AppHub>, state: &WsState) {
         config.activity_timeout.as_secs(),
     ));
 
+    // The futures below live across iterations: re-creating them for every frame would
+    // register and cancel a timer and lock three cancellation tokens per delivery.
+    let shutdown = state.shutdown.cancelled();
+    let overflow = overflowed.cancelled();
+    let terminate = conn.terminate.clone();
+    let terminated = terminate.cancelled();
     let mut last_heard = Instant::now();
     let mut pinged = false;
+    let idle = tokio::time::sleep_until(last_heard + config.activity_timeout);
+    tokio::pin!(shutdown, overflow, terminated, idle);
     let close = loop {
-        let deadline = if pinged {
-            last_heard + config.activity_timeout + config.pong_timeout
-        } else {
-            last_heard + config.activity_timeout
-        };
         tokio::select! {
             biased;
-            () = state.shutdown.cancelled() => break Some((close::RECONNECT, "server shutting down".to_owned())),
-            () = overflowed.cancelled() => break Some((
+            () = &mut shutdown => break Some((close::RECONNECT, "server shutting down".to_owned())),
+            () = &mut overflow => break Some((
                 close::OVER_CAPACITY,
                 "too slow: the connection could not keep up with its events".to_owned(),
             )),
-            () = conn.terminate.cancelled() => break Some((close::UNAUTHORIZED, "connection terminated by the server".to_owned())),
+            () = &mut terminated => break Some((close::UNAUTHORIZED, "connection terminated by the server".to_owned())),
             frame = frames.recv() => {
                 let Some(frame) = frame else { break None };
                 if write_queued(&mut sink, frame, &mut frames).await.is_err() {
@@ -176,6 +179,7 @@ async fn serve(socket: WebSocket, app: App, hub: Arc<AppHub>, state: &WsState) {
             }
             message = stream.next() => {
                 let Some(Ok(message)) = message else { break None };
+                // The idle timer is not moved here; when it fires it checks this instead.
                 last_heard = Instant::now();
                 pinged = false;
                 match message {
@@ -193,12 +197,22 @@ async fn serve(socket: WebSocket, app: App, hub: Arc<AppHub>, state: &WsState) {
                     Message::Ping(_) | Message::Pong(_) => {}
                 }
             }
-            () = tokio::time::sleep_until(deadline) => {
-                if pinged {
+            () = &mut idle => {
+                let deadline = if pinged {
+                    last_heard + config.activity_timeout + config.pong_timeout
+                } else {
+                    last_heard + config.activity_timeout
+                };
+                if Instant::now() < deadline {
+                    // Heard from the client since the timer was set.
+                    idle.as_mut().reset(deadline);
+                } else if pinged {
                     break Some((close::PONG_NOT_RECEIVED, "pong reply not received".to_owned()));
+                } else {
+                    pinged = true;
+                    conn.outbox.send(protocol::ping());
+                    idle.as_mut().reset(last_heard + config.activity_timeout + config.pong_timeout);
                 }
-                pinged = true;
-                conn.outbox.send(protocol::ping());
             }
         }
     };

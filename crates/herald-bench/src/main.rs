@@ -1,0 +1,496 @@
+//! `pusher-bench`: load for any Pusher Channels-compatible server (Herald, Pusher, Soketi...).
+//!
+//! Opens N WebSocket connections speaking protocol 7, subscribes them round-robin across M
+//! public channels, publishes through the signed HTTP API at a set rate, and prints
+//! deliveries per second, publish-to-receive latency (p50/p99/max) and, given the server's
+//! pid on this machine, its memory per idle connection.
+//!
+//! Exits non-zero when a connection, a publish or a delivery was lost, so a smoke run in CI
+//! proves the client and the server agree.
+//!
+//! Each event's data is `"<sent µs since the epoch>:<padding>"`, a plain string, so receivers
+//! read the timestamp without parsing JSON twice; the server and this client share a clock.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use futures_util::{SinkExt, StreamExt};
+use tokio::{
+    net::TcpStream,
+    sync::{Semaphore, mpsc},
+    task::JoinSet,
+};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async, tungstenite::Message};
+use tokio_util::sync::CancellationToken;
+
+const EVENT: &str = "bench";
+/// Longest wait for a handshake or subscription reply.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long deliveries may trail the last publish before the run ends anyway.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    about = "Fan-out benchmark for Pusher Channels-compatible servers",
+    after_help = "Example, against `herald serve --dev`:\n  pusher-bench --connections 2000 --channels 20 --rate 200 --server-pid $(pgrep -f 'herald serve')"
+)]
+struct Args {
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 6001)]
+    port: u16,
+    #[arg(long, default_value = "1")]
+    app_id: String,
+    #[arg(long, default_value = "demo-key")]
+    key: String,
+    #[arg(long, default_value = "demo-secret")]
+    secret: String,
+    /// WebSocket connections to open.
+    #[arg(long, short = 'n', default_value_t = 1000)]
+    connections: usize,
+    /// Channels the connections are spread over (`bench-0`, `bench-1`, ...).
+    #[arg(long, short = 'm', default_value_t = 10)]
+    channels: usize,
+    /// Events published per second through the HTTP API.
+    #[arg(long, default_value_t = 100)]
+    rate: u32,
+    /// Seconds of publishing.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Bytes of padding in each event's data.
+    #[arg(long, default_value_t = 64)]
+    payload: usize,
+    /// Connections being opened at once.
+    #[arg(long, default_value_t = 64)]
+    connect_concurrency: usize,
+    /// Publish requests in flight at once.
+    #[arg(long, default_value_t = 32)]
+    publish_concurrency: usize,
+    /// The server's process id on this machine, to report its memory per idle connection.
+    #[arg(long)]
+    server_pid: Option<u32>,
+}
+
+#[derive(Default)]
+struct Counters {
+    received: AtomicU64,
+    /// Microseconds since the epoch of the latest delivery.
+    last_received_us: AtomicU64,
+    disconnected: AtomicU64,
+}
+
+type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.connections == 0 || args.channels == 0 || args.rate == 0 {
+        bail!("--connections, --channels and --rate must be at least 1");
+    }
+    println!(
+        "pusher-bench: {} connections over {} channels; {} events/s for {} s with {}-byte data; server {}:{}",
+        args.connections,
+        args.channels,
+        args.rate,
+        args.duration,
+        args.payload,
+        args.host,
+        args.port
+    );
+    let rss_before = args.server_pid.and_then(rss_bytes);
+
+    // Connect and subscribe everyone.
+    let counters = Arc::new(Counters::default());
+    let stop = CancellationToken::new();
+    let opening = Arc::new(Semaphore::new(args.connect_concurrency.max(1)));
+    let (ready_tx, mut ready_rx) = mpsc::channel(args.connections);
+    let mut sockets = JoinSet::new();
+    let started = Instant::now();
+    for i in 0..args.connections {
+        let channel = i % args.channels;
+        let url = format!(
+            "ws://{}:{}/app/{}?protocol=7&client=herald-bench&version=0.1.0",
+            args.host, args.port, args.key
+        );
+        let (opening, ready, counters, stop) = (
+            Arc::clone(&opening),
+            ready_tx.clone(),
+            Arc::clone(&counters),
+            stop.clone(),
+        );
+        sockets.spawn(async move {
+            let permit = opening.acquire_owned().await;
+            let socket = subscribe(&url, &format!("bench-{channel}")).await;
+            drop(permit);
+            match socket {
+                Ok(socket) => {
+                    let _ = ready.send(Ok(channel)).await;
+                    receive(socket, &counters, &stop).await
+                }
+                Err(e) => {
+                    let _ = ready.send(Err(e)).await;
+                    Vec::new()
+                }
+            }
+        });
+    }
+    drop(ready_tx);
+    let mut subscribers = vec![0u64; args.channels];
+    let mut failures = 0usize;
+    let mut first_error = None;
+    for _ in 0..args.connections {
+        match ready_rx.recv().await {
+            Some(Ok(channel)) => subscribers[channel] += 1,
+            Some(Err(e)) => {
+                failures += 1;
+                first_error.get_or_insert(e);
+            }
+            None => break,
+        }
+    }
+    let connected: u64 = subscribers.iter().sum();
+    println!(
+        "connect: {connected} subscribed in {:.2} s, {failures} failed{}",
+        started.elapsed().as_secs_f64(),
+        first_error
+            .map(|e| format!(" (first: {e:#})"))
+            .unwrap_or_default()
+    );
+    if connected == 0 {
+        bail!("no connection could subscribe");
+    }
+
+    // Memory per idle connection: the server's growth with every connection open and quiet.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    match (rss_before, args.server_pid.and_then(rss_bytes)) {
+        (Some(before), Some(after)) => println!(
+            "memory: server RSS {:.1} MiB -> {:.1} MiB, {:.1} KiB per idle subscribed connection",
+            mib(before),
+            mib(after),
+            after.saturating_sub(before) as f64 / 1024.0 / connected as f64
+        ),
+        _ => println!("memory: not measured (pass --server-pid of a server on this machine)"),
+    }
+
+    // Publish at the set rate.
+    let publisher = Publisher::new(&args)?;
+    let publish_started = Instant::now();
+    let published = publisher.run(&args, &subscribers).await;
+    let publish_secs = publish_started.elapsed().as_secs_f64();
+    println!(
+        "publish: {} events in {publish_secs:.2} s ({:.1}/s), {} failed{}",
+        published.ok,
+        published.ok as f64 / publish_secs,
+        published.failed,
+        published
+            .first_error
+            .as_ref()
+            .map(|e| format!(" (first: {e})"))
+            .unwrap_or_default()
+    );
+
+    // Let the last deliveries land.
+    let drain_until = Instant::now() + DRAIN_TIMEOUT;
+    while counters.received.load(Ordering::Acquire) < published.expected
+        && Instant::now() < drain_until
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let publish_start_us = published.first_publish_us;
+    stop.cancel();
+    let mut latencies: Vec<u32> = Vec::new();
+    while let Some(result) = sockets.join_next().await {
+        latencies.extend(result.unwrap_or_default());
+    }
+
+    let received = counters.received.load(Ordering::Acquire);
+    let window_us = counters
+        .last_received_us
+        .load(Ordering::Acquire)
+        .saturating_sub(publish_start_us)
+        .max(1);
+    println!(
+        "deliveries: {received} of {} expected ({:.2}%), {:.0}/s; {} connections closed by the server",
+        published.expected,
+        100.0 * received as f64 / published.expected.max(1) as f64,
+        received as f64 / (window_us as f64 / 1e6),
+        counters.disconnected.load(Ordering::Acquire)
+    );
+    if latencies.is_empty() {
+        println!("latency: no deliveries");
+    } else {
+        latencies.sort_unstable();
+        let at = |p: usize| latencies[(latencies.len() * p / 100).min(latencies.len() - 1)];
+        println!(
+            "latency publish->receive: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            ms(at(50)),
+            ms(at(99)),
+            ms(latencies[latencies.len() - 1])
+        );
+    }
+    // A run that lost events or requests is not a measurement: say so in the exit status.
+    if received < published.expected || published.failed > 0 || failures > 0 {
+        bail!(
+            "incomplete run: {received} of {} deliveries, {} publishes and {failures} connections failed",
+            published.expected,
+            published.failed
+        );
+    }
+    Ok(())
+}
+
+/// Connects, waits for the handshake, subscribes and waits for the confirmation.
+async fn subscribe(url: &str, channel: &str) -> anyhow::Result<Socket> {
+    let (mut socket, _) = connect_async(url).await.context("connecting")?;
+    let hello = next_event(&mut socket).await?;
+    if hello.0 != "pusher:connection_established" {
+        bail!("expected pusher:connection_established, got {}", hello.0);
+    }
+    let subscribe = serde_json::json!({"event": "pusher:subscribe", "data": {"channel": channel}});
+    socket
+        .send(Message::text(subscribe.to_string()))
+        .await
+        .context("subscribing")?;
+    loop {
+        let (event, text) = next_event(&mut socket).await?;
+        match event.as_str() {
+            "pusher_internal:subscription_succeeded" => return Ok(socket),
+            "pusher:subscription_error" | "pusher:error" => bail!("subscription refused: {text}"),
+            _ => {}
+        }
+    }
+}
+
+async fn next_event(socket: &mut Socket) -> anyhow::Result<(String, String)> {
+    let wait = async {
+        loop {
+            match socket.next().await {
+                Some(Ok(Message::Text(text))) => {
+                    let value: serde_json::Value =
+                        serde_json::from_str(text.as_str()).context("server sent bad JSON")?;
+                    let event = value["event"].as_str().unwrap_or_default().to_owned();
+                    return Ok((event, text.as_str().to_owned()));
+                }
+                Some(Ok(Message::Close(frame))) => bail!("closed by the server: {frame:?}"),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e).context("reading"),
+                None => bail!("connection ended"),
+            }
+        }
+    };
+    tokio::time::timeout(REPLY_TIMEOUT, wait)
+        .await
+        .context("no reply in time")?
+}
+
+/// Reads until `stop`, answering pings; returns each bench event's latency in microseconds.
+async fn receive(mut socket: Socket, counters: &Counters, stop: &CancellationToken) -> Vec<u32> {
+    let mut latencies = Vec::new();
+    loop {
+        let message = tokio::select! {
+            () = stop.cancelled() => break,
+            message = socket.next() => message,
+        };
+        match message {
+            Some(Ok(Message::Text(text))) => {
+                let text = text.as_str();
+                if let Some(sent_us) = bench_timestamp(text) {
+                    let now = now_us();
+                    latencies.push(u32::try_from(now.saturating_sub(sent_us)).unwrap_or(u32::MAX));
+                    counters.received.fetch_add(1, Ordering::AcqRel);
+                    counters.last_received_us.fetch_max(now, Ordering::AcqRel);
+                } else if text.contains("\"pusher:ping\"") {
+                    let pong = r#"{"event":"pusher:pong","data":{}}"#;
+                    if socket.send(Message::text(pong)).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            Some(Ok(Message::Close(_)) | Err(_)) | None => {
+                counters.disconnected.fetch_add(1, Ordering::AcqRel);
+                return latencies;
+            }
+            Some(Ok(_)) => {}
+        }
+    }
+    let _ = socket.close(None).await;
+    latencies
+}
+
+/// The send time of a bench event frame, read without building a JSON tree: the frame is
+/// `{"event":"bench","channel":"...","data":"<µs>:<padding>"}` in any key order.
+fn bench_timestamp(frame: &str) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct Frame<'a> {
+        event: &'a str,
+        #[serde(default)]
+        data: Option<&'a str>,
+    }
+    let frame: Frame<'_> = serde_json::from_str(frame).ok()?;
+    if frame.event != EVENT {
+        return None;
+    }
+    frame.data?.split(':').next()?.parse().ok()
+}
+
+struct Publisher {
+    http: reqwest::Client,
+    url: String,
+    path: String,
+}
+
+#[derive(Default)]
+struct Published {
+    ok: u64,
+    failed: u64,
+    /// Deliveries the successful publishes should cause.
+    expected: u64,
+    first_publish_us: u64,
+    first_error: Option<String>,
+}
+
+impl Publisher {
+    fn new(args: &Args) -> anyhow::Result<Self> {
+        // reqwest is built with rustls but no bundled crypto provider; plain HTTP needs none,
+        // but the client builder insists on one being installed.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let path = format!("/apps/{}/events", args.app_id);
+        Ok(Self {
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(args.publish_concurrency)
+                .build()
+                .context("building the HTTP client")?,
+            url: format!("http://{}:{}{path}", args.host, args.port),
+            path,
+        })
+    }
+
+    async fn run(self, args: &Args, subscribers: &[u64]) -> Published {
+        let this = Arc::new(self);
+        let in_flight = Arc::new(Semaphore::new(args.publish_concurrency.max(1)));
+        let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(args.rate)));
+        let total = u64::from(args.rate) * args.duration;
+        let padding = "x".repeat(args.payload);
+        let mut requests = JoinSet::new();
+        let mut result = Published {
+            first_publish_us: now_us(),
+            ..Published::default()
+        };
+        for n in 0..total {
+            ticks.tick().await;
+            let channel = (n % subscribers.len() as u64) as usize;
+            let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
+                break;
+            };
+            let this = Arc::clone(&this);
+            let (padding, secret, key) = (padding.clone(), args.secret.clone(), args.key.clone());
+            requests.spawn(async move {
+                let outcome = this.publish(&key, &secret, channel, &padding).await;
+                drop(permit);
+                (channel, outcome)
+            });
+            while let Some(done) = requests.try_join_next() {
+                tally(&mut result, subscribers, done);
+            }
+        }
+        while let Some(done) = requests.join_next().await {
+            tally(&mut result, subscribers, done);
+        }
+        result
+    }
+
+    async fn publish(
+        &self,
+        key: &str,
+        secret: &str,
+        channel: usize,
+        padding: &str,
+    ) -> Result<(), String> {
+        let body = serde_json::json!({
+            "name": EVENT,
+            "channel": format!("bench-{channel}"),
+            "data": format!("{}:{padding}", now_us()),
+        })
+        .to_string();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or_default();
+        let query = herald_core::pusher::sign_request(
+            key,
+            secret,
+            "POST",
+            &self.path,
+            &[],
+            body.as_bytes(),
+            now,
+        );
+        let url = url::Url::parse_with_params(&self.url, &query).map_err(|e| e.to_string())?;
+        let response = self
+            .http
+            .post(url)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = response.status();
+        if status.is_success() {
+            Ok(())
+        } else {
+            let text = response.text().await.unwrap_or_default();
+            Err(format!("{status}: {}", text.trim()))
+        }
+    }
+}
+
+fn tally(
+    result: &mut Published,
+    subscribers: &[u64],
+    done: Result<(usize, Result<(), String>), tokio::task::JoinError>,
+) {
+    match done {
+        Ok((channel, Ok(()))) => {
+            result.ok += 1;
+            result.expected += subscribers[channel];
+        }
+        Ok((_, Err(e))) => {
+            result.failed += 1;
+            result.first_error.get_or_insert(e);
+        }
+        Err(e) => {
+            result.failed += 1;
+            result.first_error.get_or_insert(e.to_string());
+        }
+    }
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or_default()
+}
+
+/// Resident memory of a process on this machine (Linux `/proc`).
+fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+fn ms(us: u32) -> f64 {
+    f64::from(us) / 1000.0
+}
