@@ -530,6 +530,74 @@ mod tests {
         );
     }
 
+    #[derive(Default)]
+    struct Recorder(std::sync::Mutex<Vec<(String, ChannelEvent)>>);
+
+    impl ChannelObserver for Recorder {
+        fn observe(&self, app_id: &str, event: ChannelEvent) {
+            self.0
+                .lock()
+                .expect("lock")
+                .push((app_id.to_owned(), event));
+        }
+    }
+
+    #[test]
+    fn channel_events_are_reported_in_order_once_per_change() {
+        let recorder = Arc::new(Recorder::default());
+        let hub = Hub::new(Arc::clone(&recorder) as Arc<dyn ChannelObserver>);
+        let app = hub.app("app_1");
+        let (o, _r, _) = Outbox::new(8);
+        app.subscribe("presence-x", "1.1", &o, joining("u1"), 10)
+            .expect("ok");
+        app.subscribe("presence-x", "2.2", &o, joining("u1"), 10)
+            .expect("same user");
+        let frame = Frame::from_static("x");
+        assert_eq!(
+            app.client_event("presence-x", &frame, "1.1", || ChannelEvent::ClientEvent {
+                channel: "presence-x".into(),
+                event: "client-a".into(),
+                data: "{}".into(),
+                socket_id: "1.1".into(),
+                user_id: Some("u1".into()),
+            }),
+            1,
+            "relayed to the other socket only"
+        );
+        app.unsubscribe("presence-x", "1.1");
+        app.unsubscribe("presence-x", "2.2");
+        let seen: Vec<&'static str> = recorder
+            .0
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|(app_id, e)| {
+                assert_eq!(app_id, "app_1");
+                assert_eq!(e.channel(), "presence-x");
+                e.name()
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                "channel_occupied",
+                "member_added",
+                "client_event",
+                "member_removed",
+                "channel_vacated"
+            ]
+        );
+        let json = serde_json::to_value(ChannelEvent::MemberAdded {
+            channel: "presence-x".into(),
+            user_id: "u1".into(),
+        })
+        .expect("serializes");
+        assert_eq!(
+            json,
+            serde_json::json!({"name": "member_added", "channel": "presence-x", "user_id": "u1"})
+        );
+    }
+
     #[test]
     fn connection_quota() {
         let hub = AppHub::default();
