@@ -13,6 +13,7 @@ mod error;
 mod events;
 mod extract;
 mod idempotency;
+mod ingest;
 mod pagination;
 mod pusher_api;
 mod v1;
@@ -81,6 +82,8 @@ pub fn router(state: ApiState, config: &ApiConfig) -> Router {
             idempotency::replay,
         ))
         .merge(pusher_api::router())
+        // Authenticated by each provider's signature, not by a token.
+        .route("/ingest/{source_id}", axum::routing::post(ingest::receive))
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
         .fallback(unknown_route)
         .with_state(state)

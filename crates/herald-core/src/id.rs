@@ -11,6 +11,8 @@ pub const ENDPOINT: &str = "ep_";
 pub const MESSAGE: &str = "msg_";
 pub const ATTEMPT: &str = "atmpt_";
 pub const TASK: &str = "qtask_";
+pub const SOURCE: &str = "src_";
+pub const INGEST_EVENT: &str = "inev_";
 
 /// A fresh id with `prefix`, ordered after every id made more than ~4 ms earlier.
 pub fn new_id(prefix: &str, now: DateTime<Utc>) -> String {

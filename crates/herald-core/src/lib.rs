@@ -8,6 +8,7 @@
 pub mod address_policy;
 pub mod filter;
 pub mod id;
+pub mod ingest;
 pub mod model;
 pub mod pusher;
 pub mod retry;

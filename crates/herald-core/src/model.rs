@@ -218,3 +218,43 @@ pub struct EndpointStats {
     pub sending: i64,
     pub fail: i64,
 }
+
+/// Where a third party posts its webhooks: how to verify them and how to re-publish them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IngestSource {
+    pub id: String,
+    pub app_id: String,
+    pub uid: Option<String>,
+    pub name: String,
+    pub kind: crate::ingest::SourceKind,
+    /// Every secret that verifies; more than one during a rotation.
+    pub secrets: Vec<String>,
+    /// The `hmac-sha256` kind's header and encoding.
+    pub hmac: Option<crate::ingest::HmacScheme>,
+    /// How far a signed timestamp may be from now.
+    pub tolerance_secs: i64,
+    /// Templates for the event type, tried in order; empty means the kind's default.
+    pub event_type: Vec<String>,
+    /// Templates for the channels; those that render to valid channel names are used.
+    pub channels: Vec<String>,
+    /// The channel when no template renders.
+    pub default_channel: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A verified request from a source, kept as received, and the message it became.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IngestEvent {
+    pub id: String,
+    pub source_id: String,
+    pub app_id: String,
+    /// The provider's delivery id (the same across its retries): the deduplication key.
+    pub delivery_id: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+    pub event_type: String,
+    pub channels: Vec<String>,
+    pub msg_id: String,
+    pub received_at: DateTime<Utc>,
+}

@@ -8,7 +8,8 @@
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use herald_core::model::{
-    App, Attempt, DeliveryStatus, Endpoint, EndpointStats, EventType, Message, TriggerType,
+    App, Attempt, DeliveryStatus, Endpoint, EndpointStats, EventType, IngestEvent, IngestSource,
+    Message, TriggerType,
 };
 
 pub mod sqlite;
@@ -102,6 +103,14 @@ pub struct DeliveryJob {
     pub trigger: TriggerType,
 }
 
+#[derive(Debug, Clone, PartialEq)]
+pub enum IngestRecorded {
+    /// First time: the event and its message are committed.
+    New,
+    /// The provider sent this delivery before; here is what it became then.
+    Duplicate(Box<IngestEvent>),
+}
+
 /// What the worker learned from one attempt, recorded in one transaction.
 #[derive(Debug, Clone)]
 pub struct AttemptRecord {
@@ -165,6 +174,26 @@ pub trait Store: Send + Sync + 'static {
     /// every new message, so implementations may serve it from a cache they keep exact.
     async fn app_endpoints(&self, app_id: &str) -> Result<std::sync::Arc<Vec<Endpoint>>>;
     async fn endpoint_stats(&self, endpoint_id: &str) -> Result<EndpointStats>;
+
+    // Webhooks in
+    async fn create_source(&self, source: &IngestSource) -> Result<()>;
+    async fn get_source(&self, app_id: &str, id_or_uid: &str) -> Result<Option<IngestSource>>;
+    /// By id alone: the public ingest route names only the source.
+    async fn find_source(&self, id: &str) -> Result<Option<IngestSource>>;
+    async fn list_sources(&self, app_id: &str, page: &Page) -> Result<Vec<IngestSource>>;
+    async fn update_source(&self, source: &IngestSource) -> Result<()>;
+    async fn delete_source(&self, app_id: &str, id: &str) -> Result<bool>;
+    /// Keeps a verified request and stores the message it became (with its deliveries), in
+    /// one commit; or, if the source already received this delivery id, changes nothing and
+    /// returns the earlier record.
+    async fn record_ingest(
+        &self,
+        event: IngestEvent,
+        message: Message,
+        endpoint_ids: Vec<String>,
+    ) -> Result<IngestRecorded>;
+    async fn list_ingest_events(&self, source_id: &str, page: &Page) -> Result<Vec<IngestEvent>>;
+    async fn get_ingest_event(&self, source_id: &str, id: &str) -> Result<Option<IngestEvent>>;
 
     // Messages
     /// Store a message and queue its first attempt to each endpoint, atomically. Fails with

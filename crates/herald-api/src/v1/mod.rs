@@ -5,6 +5,9 @@ mod attempt;
 mod endpoint;
 mod event_type;
 mod message;
+mod source;
+
+pub(crate) use source::header_list;
 
 use axum::{
     Router,
@@ -88,6 +91,26 @@ pub fn router() -> Router<ApiState> {
         .route(
             "/api/v1/app/{app_id}/attempt/msg/{msg_id}",
             get(attempt::list_by_msg),
+        )
+        .route(
+            "/api/v1/app/{app_id}/ingest/source",
+            get(source::list).post(source::create),
+        )
+        .route(
+            "/api/v1/app/{app_id}/ingest/source/{source_id}",
+            get(source::get).patch(source::patch).delete(source::delete),
+        )
+        .route(
+            "/api/v1/app/{app_id}/ingest/source/{source_id}/event",
+            get(source::list_events),
+        )
+        .route(
+            "/api/v1/app/{app_id}/ingest/source/{source_id}/event/{event_id}",
+            get(source::get_event),
+        )
+        .route(
+            "/api/v1/app/{app_id}/ingest/source/{source_id}/event/{event_id}/replay",
+            post(source::replay),
         )
 }
 

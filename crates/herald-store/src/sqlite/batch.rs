@@ -6,7 +6,7 @@
 //! transaction (see `grouped` for how). One caller's conflict does not undo the others'
 //! writes, and a caller's `await` returns only after the commit that contains its write.
 
-use herald_core::model::{DeliveryStatus, Message};
+use herald_core::model::{DeliveryStatus, IngestEvent, Message};
 use sqlx::{Acquire, SqliteConnection, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -28,6 +28,13 @@ pub(crate) enum WriteOp {
         endpoint_ids: Vec<String>,
     },
     RecordAttempt(AttemptRecord),
+    /// A verified inbound webhook and the message it became, committed together so a
+    /// provider's retry is either the first delivery or a recognised duplicate, never lost.
+    RecordIngest {
+        event: Box<IngestEvent>,
+        message: Message,
+        endpoint_ids: Vec<String>,
+    },
     /// The Svix SDKs send an Idempotency-Key with every POST, so this rides along with the
     /// message it answers for instead of costing a commit of its own.
     SaveIdempotent {
@@ -122,6 +129,7 @@ async fn apply_all(pool: &SqlitePool, batch: &[PendingWrite]) -> Result<Vec<Resu
 }
 
 pub(crate) const MESSAGE_CONFLICT: &str = "a message with this eventId already exists";
+pub(crate) const INGEST_DUPLICATE: &str = "this delivery was already received";
 
 /// The delivery's status and due time after an attempt.
 pub(crate) fn next_state(next: NextStep) -> (DeliveryStatus, Option<i64>) {

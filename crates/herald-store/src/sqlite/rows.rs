@@ -3,9 +3,12 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use herald_core::model::{
-    App, Attempt, DeliveryStatus, Endpoint, EndpointFormat, EventType, Message, Metadata,
-    PusherCredentials, TriggerType,
+use herald_core::{
+    ingest::SourceKind,
+    model::{
+        App, Attempt, DeliveryStatus, Endpoint, EndpointFormat, EventType, IngestEvent,
+        IngestSource, Message, Metadata, PusherCredentials, TriggerType,
+    },
 };
 use sqlx::{Row, sqlite::SqliteRow};
 
@@ -163,4 +166,40 @@ pub(crate) fn conflict_as(what: &str) -> impl FnOnce(sqlx::Error) -> StoreError 
         }
         _ => StoreError::Database(e),
     }
+}
+
+pub(crate) fn ingest_source(row: &SqliteRow) -> Result<IngestSource> {
+    let kind: String = row.try_get("kind")?;
+    Ok(IngestSource {
+        id: row.try_get("id")?,
+        app_id: row.try_get("app_id")?,
+        uid: row.try_get("uid")?,
+        name: row.try_get("name")?,
+        kind: SourceKind::parse(&kind)
+            .ok_or_else(|| StoreError::Corrupt(format!("unknown source kind {kind:?}")))?,
+        secrets: from_json("secrets", row.try_get("secrets")?)?,
+        hmac: opt_from_json("hmac", row.try_get("hmac")?)?,
+        tolerance_secs: row.try_get("tolerance_secs")?,
+        event_type: from_json("event_type", row.try_get("event_type")?)?,
+        channels: from_json("channels", row.try_get("channels")?)?,
+        default_channel: row.try_get("default_channel")?,
+        created_at: time(row.try_get("created_at")?)?,
+        updated_at: time(row.try_get("updated_at")?)?,
+    })
+}
+
+pub(crate) fn ingest_event(row: &SqliteRow) -> Result<IngestEvent> {
+    let body: Vec<u8> = row.try_get("body")?;
+    Ok(IngestEvent {
+        id: row.try_get("id")?,
+        source_id: row.try_get("source_id")?,
+        app_id: row.try_get("app_id")?,
+        delivery_id: row.try_get("delivery_id")?,
+        headers: from_json("headers", row.try_get("headers")?)?,
+        body: body.into(),
+        event_type: row.try_get("event_type")?,
+        channels: from_json("channels", row.try_get("channels")?)?,
+        msg_id: row.try_get("msg_id")?,
+        received_at: time(row.try_get("received_at")?)?,
+    })
 }

@@ -12,10 +12,12 @@ use herald_core::model::{Message, TriggerType};
 use serde_json::json;
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 
-use super::{MESSAGE_CONFLICT, PendingWrite, WriteOp, endpoint_change, next_state};
+use super::{
+    INGEST_DUPLICATE, MESSAGE_CONFLICT, PendingWrite, WriteOp, endpoint_change, next_state,
+};
 use crate::{
     AttemptRecord, Result, StoreError,
-    sqlite::rows::{millis, opt_json},
+    sqlite::rows::{millis, opt_json, to_json},
 };
 
 /// Rows per multi-row statement; the widest row has 11 columns, far under SQLite's limit of
@@ -37,6 +39,36 @@ pub(super) async fn apply(
                 endpoint_ids,
             } => messages.push((i, message, endpoint_ids.as_slice())),
             WriteOp::RecordAttempt(record) => attempts.push(record),
+            WriteOp::RecordIngest {
+                event,
+                message,
+                endpoint_ids,
+            } => {
+                // Rare next to messages: one statement each is fine.
+                let inserted = sqlx::query(
+                    "INSERT INTO ingest_events (id, source_id, app_id, delivery_id, headers, body,
+                                                event_type, channels, msg_id, received_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                     ON CONFLICT (source_id, delivery_id) DO NOTHING RETURNING id",
+                )
+                .bind(&event.id)
+                .bind(&event.source_id)
+                .bind(&event.app_id)
+                .bind(&event.delivery_id)
+                .bind(to_json(&event.headers))
+                .bind(event.body.as_ref())
+                .bind(&event.event_type)
+                .bind(to_json(&event.channels))
+                .bind(&event.msg_id)
+                .bind(millis(event.received_at))
+                .fetch_optional(&mut *conn)
+                .await?;
+                if inserted.is_some() {
+                    messages.push((i, message, endpoint_ids.as_slice()));
+                } else {
+                    outcomes[i] = Err(StoreError::Conflict(INGEST_DUPLICATE.to_owned()));
+                }
+            }
             WriteOp::SaveIdempotent {
                 scope,
                 key,

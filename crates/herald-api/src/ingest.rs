@@ -1,0 +1,238 @@
+//! `POST /ingest/{source_id}`: webhooks in.
+//!
+//! The request is authenticated by its provider's signature, checked on the raw bytes before
+//! anything parses them. A verified request is kept (headers and body) together with the
+//! message it becomes, in one commit, and only then answered 200; a provider's retry of the
+//! same delivery id is answered 200 too, but not published again. The message then takes the
+//! same path as any other: webhook endpoints by filter, WebSocket subscribers by channel.
+
+use axum::{
+    Json,
+    body::Bytes,
+    extract::{Path, State, rejection::BytesRejection},
+    http::{HeaderMap, StatusCode},
+};
+use herald_core::{
+    id,
+    ingest::{self, Request, SourceKind, template},
+    model::{App, EndpointFormat, IngestEvent, IngestSource, Message},
+};
+use herald_store::IngestRecorded;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::{
+    ApiState,
+    error::{ApiError, ApiResult},
+};
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IngestOut {
+    id: String,
+    msg_id: String,
+    event_type: String,
+    channels: Vec<String>,
+    /// The provider sent this delivery before; it was acknowledged, not published again.
+    duplicate: bool,
+}
+
+pub async fn receive(
+    State(state): State<ApiState>,
+    Path(source_id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let body = body.map_err(|e| {
+        ApiError::new(
+            e.status(),
+            "payload_too_large",
+            format!("the request body could not be read: {}", e.body_text()),
+        )
+    })?;
+    let source = match id::has_prefix(&source_id, id::SOURCE) {
+        true => state.store.find_source(&source_id).await?,
+        false => None,
+    }
+    .ok_or_else(|| ApiError::not_found("source"))?;
+    let now = crate::now();
+    let (delivery_id, event_type, channels) = match read(&source, &headers, &body, now.timestamp())?
+    {
+        Read::Event {
+            delivery_id,
+            event_type,
+            channels,
+        } => (delivery_id, event_type, channels),
+        Read::Challenge(answer) => return Ok((StatusCode::OK, Json(answer))),
+    };
+
+    let app = state
+        .store
+        .get_app(&source.app_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("application"))?;
+    let message = message_for(&app.id, &event_type, &channels, &body);
+    let targets = targets(&state, &app, &message).await?;
+    let event = IngestEvent {
+        id: id::new_id(id::INGEST_EVENT, now),
+        source_id: source.id.clone(),
+        app_id: app.id.clone(),
+        delivery_id,
+        headers: crate::v1::header_list(&headers),
+        body: body.clone(),
+        event_type,
+        channels,
+        msg_id: message.id.clone(),
+        received_at: now,
+    };
+    let out = |event: &IngestEvent, duplicate: bool| IngestOut {
+        id: event.id.clone(),
+        msg_id: event.msg_id.clone(),
+        event_type: event.event_type.clone(),
+        channels: event.channels.clone(),
+        duplicate,
+    };
+    let answer = match state
+        .store
+        .record_ingest(event.clone(), message.clone(), targets.clone())
+        .await?
+    {
+        IngestRecorded::New => {
+            after_commit(&state, &app, &message, !targets.is_empty());
+            out(&event, false)
+        }
+        IngestRecorded::Duplicate(earlier) => {
+            tracing::info!(source = %source.id, delivery_id = %earlier.delivery_id,
+                "duplicate delivery acknowledged, not published again");
+            out(&earlier, true)
+        }
+    };
+    let answer = serde_json::to_value(answer).map_err(ApiError::internal)?;
+    Ok((StatusCode::OK, Json(answer)))
+}
+
+enum Read {
+    Event {
+        delivery_id: String,
+        event_type: String,
+        channels: Vec<String>,
+    },
+    /// Slack's handshake when the URL is registered: echo the challenge, publish nothing.
+    Challenge(Value),
+}
+
+/// Verifies the request on its raw bytes, then reads what it is: its delivery id, event
+/// type and channels.
+fn read(source: &IngestSource, headers: &HeaderMap, body: &[u8], now_unix: i64) -> ApiResult<Read> {
+    let lookup = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let request = Request {
+        header: &lookup,
+        body,
+    };
+    ingest::verify(
+        source.kind,
+        source.hmac.as_ref(),
+        &source.secrets,
+        &request,
+        now_unix,
+        source.tolerance_secs,
+    )
+    .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, "invalid_signature", e.to_string()))?;
+
+    // Verified: now the body may be parsed.
+    let payload: Option<Value> = serde_json::from_slice(body).ok();
+    if source.kind == SourceKind::Slack
+        && let Some(p) = &payload
+        && p["type"] == "url_verification"
+    {
+        return Ok(Read::Challenge(
+            serde_json::json!({"challenge": p["challenge"]}),
+        ));
+    }
+    let delivery_id = ingest::delivery_id(
+        source.kind,
+        source.hmac.as_ref(),
+        &request,
+        payload.as_ref(),
+    );
+    let event_type = if source.event_type.is_empty() {
+        template::event_type(source.kind.default_event_type(), payload.as_ref(), &lookup)
+    } else {
+        template::event_type(&source.event_type, payload.as_ref(), &lookup)
+    }
+    .unwrap_or_else(|| source.kind.as_str().to_owned());
+    let channels = template::channels(
+        &source.channels,
+        source.default_channel.as_deref(),
+        payload.as_ref(),
+        &lookup,
+    );
+    Ok(Read::Event {
+        delivery_id,
+        event_type,
+        channels,
+    })
+}
+
+/// The message a received body becomes: the body itself as the payload when it is a JSON
+/// object, otherwise `{"data": <the JSON value, or the body as text>}`.
+pub(crate) fn message_for(
+    app_id: &str,
+    event_type: &str,
+    channels: &[String],
+    body: &[u8],
+) -> Message {
+    let payload = match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(_)) => Bytes::copy_from_slice(body),
+        Ok(other) => Bytes::from(serde_json::json!({ "data": other }).to_string()),
+        Err(_) => {
+            Bytes::from(serde_json::json!({ "data": String::from_utf8_lossy(body) }).to_string())
+        }
+    };
+    let now = crate::now();
+    Message {
+        id: id::new_id(id::MESSAGE, now),
+        app_id: app_id.to_owned(),
+        event_id: None,
+        event_type: event_type.to_owned(),
+        channels: (!channels.is_empty()).then(|| channels.to_vec()),
+        tags: None,
+        payload,
+        created_at: now,
+    }
+}
+
+async fn targets(state: &ApiState, app: &App, message: &Message) -> ApiResult<Vec<String>> {
+    let endpoints = state.store.app_endpoints(&app.id).await?;
+    Ok(endpoints
+        .iter()
+        .filter(|ep| {
+            ep.wants(
+                EndpointFormat::StandardWebhooks,
+                &message.event_type,
+                message.channels.as_deref(),
+            )
+        })
+        .map(|ep| ep.id.clone())
+        .collect())
+}
+
+/// Once the message is committed: wake the delivery worker and fan out to the channels.
+fn after_commit(state: &ApiState, app: &App, message: &Message, has_targets: bool) {
+    if has_targets {
+        state.dispatcher.wake();
+    }
+    if let Some(channels) = &message.channels {
+        let data = std::str::from_utf8(&message.payload).unwrap_or("{}");
+        crate::events::broadcast(state, app, &message.event_type, channels, data, None);
+    }
+}
+
+/// Stores a message (a replay) and publishes it the usual way.
+pub(crate) async fn publish(state: &ApiState, app: &App, message: Message) -> ApiResult<()> {
+    let targets = targets(state, app, &message).await?;
+    let has_targets = !targets.is_empty();
+    state.store.create_message(message.clone(), targets).await?;
+    after_commit(state, app, &message, has_targets);
+    Ok(())
+}

@@ -1,0 +1,505 @@
+//! `/api/v1/app/{app}/ingest/source`: where third parties post webhooks to, how Herald
+//! verifies them and how it re-publishes them; and the requests each source received.
+
+use axum::{
+    Json,
+    extract::{Path, State},
+    http::{HeaderName, StatusCode},
+};
+use base64::{Engine, engine::general_purpose::STANDARD};
+use chrono::{DateTime, Utc};
+use herald_core::{
+    EndpointSecret, id,
+    ingest::{self, HmacScheme, SourceKind, template},
+    model::{IngestEvent, IngestSource},
+    pusher, validate,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    ApiState,
+    auth::Caller,
+    error::{ApiError, ApiResult, Validator},
+    extract::{QueryParams, SvixJson},
+    pagination::{self, ListResponse},
+};
+
+const MAX_SECRETS: usize = 5;
+const MAX_TEMPLATES: usize = 5;
+const MAX_TOLERANCE_SECS: i64 = 24 * 3600;
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceIn {
+    kind: String,
+    secrets: Vec<String>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    uid: Option<String>,
+    #[serde(default)]
+    hmac: Option<HmacScheme>,
+    #[serde(default)]
+    tolerance_secs: Option<i64>,
+    #[serde(default)]
+    event_type: Option<Vec<String>>,
+    #[serde(default)]
+    channels: Option<Vec<String>>,
+    #[serde(default)]
+    default_channel: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SourcePatch {
+    #[serde(default)]
+    secrets: Option<Vec<String>>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default, deserialize_with = "super::double_option")]
+    uid: Option<Option<String>>,
+    #[serde(default)]
+    hmac: Option<HmacScheme>,
+    #[serde(default)]
+    tolerance_secs: Option<i64>,
+    #[serde(default)]
+    event_type: Option<Vec<String>>,
+    #[serde(default)]
+    channels: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "super::double_option")]
+    default_channel: Option<Option<String>>,
+}
+
+/// A source as the API shows it. Secrets are write-only: only their number is shown.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceOut {
+    id: String,
+    uid: Option<String>,
+    name: String,
+    kind: &'static str,
+    /// Where the provider posts: `POST {this}` on Herald's listener.
+    ingest_path: String,
+    secret_count: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hmac: Option<HmacScheme>,
+    tolerance_secs: i64,
+    /// The templates in use (the kind's defaults unless set).
+    event_type: Vec<String>,
+    channels: Vec<String>,
+    default_channel: Option<String>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+impl From<IngestSource> for SourceOut {
+    fn from(s: IngestSource) -> Self {
+        let event_type = if s.event_type.is_empty() {
+            s.kind
+                .default_event_type()
+                .iter()
+                .map(|t| (*t).to_owned())
+                .collect()
+        } else {
+            s.event_type
+        };
+        Self {
+            ingest_path: format!("/ingest/{}", s.id),
+            id: s.id,
+            uid: s.uid,
+            name: s.name,
+            kind: s.kind.as_str(),
+            secret_count: s.secrets.len(),
+            hmac: s.hmac,
+            tolerance_secs: s.tolerance_secs,
+            event_type,
+            channels: s.channels,
+            default_channel: s.default_channel,
+            created_at: s.created_at,
+            updated_at: s.updated_at,
+        }
+    }
+}
+
+/// A received request: what it became, and (for one event) the raw headers and body.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IngestEventOut {
+    id: String,
+    source_id: String,
+    delivery_id: String,
+    event_type: String,
+    channels: Vec<String>,
+    msg_id: String,
+    received_at: DateTime<Utc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    headers: Option<Vec<(String, String)>>,
+    /// The body as text, when it is UTF-8.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    body: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    body_base64: Option<String>,
+}
+
+impl IngestEventOut {
+    fn new(event: IngestEvent, raw: bool) -> Self {
+        let (headers, body, body_base64) = if raw {
+            (
+                Some(event.headers),
+                std::str::from_utf8(&event.body).ok().map(str::to_owned),
+                Some(STANDARD.encode(&event.body)),
+            )
+        } else {
+            (None, None, None)
+        };
+        Self {
+            id: event.id,
+            source_id: event.source_id,
+            delivery_id: event.delivery_id,
+            event_type: event.event_type,
+            channels: event.channels,
+            msg_id: event.msg_id,
+            received_at: event.received_at,
+            headers,
+            body,
+            body_base64,
+        }
+    }
+}
+
+fn check_secrets(v: &mut Validator, kind: SourceKind, secrets: &[String]) {
+    if secrets.is_empty() || secrets.len() > MAX_SECRETS {
+        v.check(
+            &["body", "secrets"],
+            Err(format!(
+                "1 to {MAX_SECRETS} secrets (more than one during a rotation)"
+            )),
+        );
+    }
+    for secret in secrets {
+        let result = if secret.is_empty() || secret.len() > 512 {
+            Err("a secret must be 1 to 512 characters".to_owned())
+        } else if kind == SourceKind::StandardWebhooks {
+            EndpointSecret::parse(secret)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        } else {
+            Ok(())
+        };
+        v.check(&["body", "secrets"], result);
+    }
+}
+
+fn check_hmac(v: &mut Validator, kind: SourceKind, hmac: Option<&HmacScheme>) {
+    match (kind, hmac) {
+        (SourceKind::HmacSha256, None) => v.check(
+            &["body", "hmac"],
+            Err("hmac-sha256 sources need hmac: {header, encoding}"),
+        ),
+        (SourceKind::HmacSha256, Some(h)) => {
+            for name in std::iter::once(&h.header).chain(h.id_header.as_ref()) {
+                v.check(
+                    &["body", "hmac"],
+                    HeaderName::from_bytes(name.as_bytes())
+                        .map(|_| ())
+                        .map_err(|_| format!("{name:?} is not a valid header name")),
+                );
+            }
+        }
+        (_, Some(_)) => v.check(
+            &["body", "hmac"],
+            Err("hmac is only for hmac-sha256 sources"),
+        ),
+        (_, None) => {}
+    }
+}
+
+fn check_templates(v: &mut Validator, field: &str, templates: Option<&Vec<String>>) {
+    let Some(templates) = templates else { return };
+    if templates.len() > MAX_TEMPLATES {
+        v.check(
+            &["body", field],
+            Err(format!("at most {MAX_TEMPLATES} templates")),
+        );
+    }
+    for t in templates {
+        v.check(&["body", field], template::validate(t));
+    }
+}
+
+fn check_common(
+    v: &mut Validator,
+    tolerance: Option<i64>,
+    default_channel: Option<&str>,
+    uid: Option<&str>,
+) {
+    if let Some(t) = tolerance
+        && !(1..=MAX_TOLERANCE_SECS).contains(&t)
+    {
+        v.check(
+            &["body", "toleranceSecs"],
+            Err(format!("must be 1 to {MAX_TOLERANCE_SECS} seconds")),
+        );
+    }
+    if let Some(channel) = default_channel {
+        v.check(
+            &["body", "defaultChannel"],
+            pusher::validate_channel_name(channel),
+        );
+    }
+    if let Some(uid) = uid {
+        v.check(&["body", "uid"], validate::uid(uid));
+    }
+}
+
+fn new_source(app_id: &str, input: SourceIn) -> ApiResult<IngestSource> {
+    let mut v = Validator::default();
+    let kind = SourceKind::parse(&input.kind);
+    if kind.is_none() {
+        let kinds: Vec<&str> = SourceKind::ALL.iter().map(|k| k.as_str()).collect();
+        v.check(
+            &["body", "kind"],
+            Err(format!(
+                "unknown kind {:?}: use one of {}",
+                input.kind,
+                kinds.join(", ")
+            )),
+        );
+    }
+    let kind = kind.unwrap_or(SourceKind::HmacSha256);
+    check_secrets(&mut v, kind, &input.secrets);
+    check_hmac(&mut v, kind, input.hmac.as_ref());
+    check_templates(&mut v, "eventType", input.event_type.as_ref());
+    check_templates(&mut v, "channels", input.channels.as_ref());
+    check_common(
+        &mut v,
+        input.tolerance_secs,
+        input.default_channel.as_deref(),
+        input.uid.as_deref(),
+    );
+    v.finish()?;
+    let now = crate::now();
+    Ok(IngestSource {
+        id: id::new_id(id::SOURCE, now),
+        app_id: app_id.to_owned(),
+        uid: input.uid,
+        name: input.name.unwrap_or_default(),
+        kind,
+        secrets: input.secrets,
+        hmac: input.hmac,
+        tolerance_secs: input
+            .tolerance_secs
+            .unwrap_or(ingest::DEFAULT_TOLERANCE_SECS),
+        event_type: input.event_type.unwrap_or_default(),
+        channels: input.channels.unwrap_or_default(),
+        default_channel: input.default_channel,
+        created_at: now,
+        updated_at: now,
+    })
+}
+
+async fn find(
+    state: &ApiState,
+    caller: &Caller,
+    app_id: &str,
+    source_id: &str,
+) -> ApiResult<IngestSource> {
+    let app = caller.app(state, app_id).await?;
+    state
+        .store
+        .get_source(&app.id, source_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("source"))
+}
+
+pub async fn list(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(app_id): Path<String>,
+    query: QueryParams,
+) -> ApiResult<Json<ListResponse<SourceOut>>> {
+    let app = caller.app(&state, &app_id).await?;
+    let page = pagination::page(&query, query.str("order") == Some("descending"))?;
+    let rows = state.store.list_sources(&app.id, &page).await?;
+    Ok(Json(pagination::list(
+        rows,
+        &page,
+        |s| s.id.clone(),
+        SourceOut::from,
+    )))
+}
+
+pub async fn create(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(app_id): Path<String>,
+    SvixJson(input): SvixJson<SourceIn>,
+) -> ApiResult<(StatusCode, Json<SourceOut>)> {
+    let app = caller.app(&state, &app_id).await?;
+    let source = new_source(&app.id, input)?;
+    state.store.create_source(&source).await?;
+    Ok((StatusCode::CREATED, Json(source.into())))
+}
+
+pub async fn get(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path((app_id, source_id)): Path<(String, String)>,
+) -> ApiResult<Json<SourceOut>> {
+    Ok(Json(
+        find(&state, &caller, &app_id, &source_id).await?.into(),
+    ))
+}
+
+pub async fn patch(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path((app_id, source_id)): Path<(String, String)>,
+    SvixJson(patch): SvixJson<SourcePatch>,
+) -> ApiResult<Json<SourceOut>> {
+    let mut source = find(&state, &caller, &app_id, &source_id).await?;
+    let mut v = Validator::default();
+    if let Some(secrets) = &patch.secrets {
+        check_secrets(&mut v, source.kind, secrets);
+    }
+    if patch.hmac.is_some() {
+        check_hmac(&mut v, source.kind, patch.hmac.as_ref());
+    }
+    check_templates(&mut v, "eventType", patch.event_type.as_ref());
+    check_templates(&mut v, "channels", patch.channels.as_ref());
+    check_common(
+        &mut v,
+        patch.tolerance_secs,
+        patch.default_channel.as_ref().and_then(Option::as_deref),
+        patch.uid.as_ref().and_then(Option::as_deref),
+    );
+    v.finish()?;
+    if let Some(secrets) = patch.secrets {
+        source.secrets = secrets;
+    }
+    if let Some(name) = patch.name {
+        source.name = name;
+    }
+    if let Some(uid) = patch.uid {
+        source.uid = uid;
+    }
+    if let Some(hmac) = patch.hmac {
+        source.hmac = Some(hmac);
+    }
+    if let Some(t) = patch.tolerance_secs {
+        source.tolerance_secs = t;
+    }
+    if let Some(templates) = patch.event_type {
+        source.event_type = templates;
+    }
+    if let Some(templates) = patch.channels {
+        source.channels = templates;
+    }
+    if let Some(channel) = patch.default_channel {
+        source.default_channel = channel;
+    }
+    source.updated_at = crate::now();
+    state.store.update_source(&source).await?;
+    Ok(Json(source.into()))
+}
+
+pub async fn delete(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path((app_id, source_id)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    let source = find(&state, &caller, &app_id, &source_id).await?;
+    state
+        .store
+        .delete_source(&source.app_id, &source.id)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn list_events(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path((app_id, source_id)): Path<(String, String)>,
+    query: QueryParams,
+) -> ApiResult<Json<ListResponse<IngestEventOut>>> {
+    let source = find(&state, &caller, &app_id, &source_id).await?;
+    // Newest first, as message lists are.
+    let page = pagination::page(&query, query.str("order") != Some("ascending"))?;
+    let rows = state.store.list_ingest_events(&source.id, &page).await?;
+    Ok(Json(pagination::list(
+        rows,
+        &page,
+        |e| e.id.clone(),
+        |e| IngestEventOut::new(e, false),
+    )))
+}
+
+async fn find_event(
+    state: &ApiState,
+    caller: &Caller,
+    app_id: &str,
+    source_id: &str,
+    event_id: &str,
+) -> ApiResult<(IngestSource, IngestEvent)> {
+    let source = find(state, caller, app_id, source_id).await?;
+    let event = state
+        .store
+        .get_ingest_event(&source.id, event_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("ingest event"))?;
+    Ok((source, event))
+}
+
+pub async fn get_event(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path((app_id, source_id, event_id)): Path<(String, String, String)>,
+) -> ApiResult<Json<IngestEventOut>> {
+    let (_, event) = find_event(&state, &caller, &app_id, &source_id, &event_id).await?;
+    Ok(Json(IngestEventOut::new(event, true)))
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplayOut {
+    msg_id: String,
+    event_type: String,
+    channels: Vec<String>,
+}
+
+/// Publishes a received request again, as a new message (the original was verified when it
+/// arrived): to the endpoints and channels that want it now.
+pub async fn replay(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path((app_id, source_id, event_id)): Path<(String, String, String)>,
+) -> ApiResult<(StatusCode, Json<ReplayOut>)> {
+    let (source, event) = find_event(&state, &caller, &app_id, &source_id, &event_id).await?;
+    let app = caller.app(&state, &app_id).await?;
+    let message =
+        crate::ingest::message_for(&app.id, &event.event_type, &event.channels, &event.body);
+    let msg_id = message.id.clone();
+    crate::ingest::publish(&state, &app, message).await?;
+    tracing::info!(source = %source.id, event = %event.id, %msg_id, "ingest event replayed");
+    Ok((
+        StatusCode::CREATED,
+        Json(ReplayOut {
+            msg_id,
+            event_type: event.event_type,
+            channels: event.channels,
+        }),
+    ))
+}
+
+/// Keeps the headers as received, in order (values that are not text become lossy text).
+pub(crate) fn header_list(headers: &axum::http::HeaderMap) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|(name, value)| {
+            (
+                name.as_str().to_owned(),
+                String::from_utf8_lossy(value.as_bytes()).into_owned(),
+            )
+        })
+        .collect()
+}

@@ -1,0 +1,359 @@
+//! Webhooks in: each provider's signature scheme, checked on the raw bytes before any parsing,
+//! the provider's delivery id for deduplication, and how an event type and channels are read
+//! from a verified request.
+//!
+//! | kind | signature | signed content | timestamp | delivery id |
+//! | --- | --- | --- | --- | --- |
+//! | `stripe` | `Stripe-Signature: t=..,v1=<hex>[,v1=..]` | `{t}.{body}`, secret as-is | `t`, tolerance | payload `id` |
+//! | `github` | `X-Hub-Signature-256: sha256=<hex>` | body | none | `X-GitHub-Delivery` |
+//! | `shopify` | `X-Shopify-Hmac-Sha256: <base64>` | body | none (unsigned) | `X-Shopify-Webhook-Id` |
+//! | `slack` | `X-Slack-Signature: v0=<hex>` | `v0:{ts}:{body}` | `X-Slack-Request-Timestamp` | payload `event_id` |
+//! | `standard-webhooks` | `webhook-signature` (or `svix-signature`): `v1,<base64>` list | `{id}.{ts}.{body}`, `whsec_` decoded | `webhook-timestamp` | `webhook-id` |
+//! | `hmac-sha256` | configured header, hex or base64, optional prefix | body | none | configured header |
+//!
+//! Without a delivery id, the SHA-256 of the body stands in, so an identical retry is still
+//! recognised.
+
+pub mod template;
+
+use base64::{Engine, engine::general_purpose::STANDARD};
+use hmac::{Hmac, Mac};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::signing::EndpointSecret;
+
+/// The default tolerance for signed timestamps (Stripe, Slack, Standard Webhooks).
+pub const DEFAULT_TOLERANCE_SECS: i64 = 300;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceKind {
+    Stripe,
+    Github,
+    Shopify,
+    Slack,
+    StandardWebhooks,
+    HmacSha256,
+}
+
+impl SourceKind {
+    pub const ALL: [Self; 6] = [
+        Self::Stripe,
+        Self::Github,
+        Self::Shopify,
+        Self::Slack,
+        Self::StandardWebhooks,
+        Self::HmacSha256,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stripe => "stripe",
+            Self::Github => "github",
+            Self::Shopify => "shopify",
+            Self::Slack => "slack",
+            Self::StandardWebhooks => "standard-webhooks",
+            Self::HmacSha256 => "hmac-sha256",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == text)
+    }
+
+    /// Where the event type comes from unless the source says otherwise: templates tried in
+    /// order, the first that renders wins.
+    pub fn default_event_type(self) -> &'static [&'static str] {
+        match self {
+            Self::Stripe | Self::StandardWebhooks | Self::HmacSha256 => &["{type}"],
+            Self::Github => &[
+                "{header:x-github-event}.{action}",
+                "{header:x-github-event}",
+            ],
+            Self::Shopify => &["{header:x-shopify-topic}"],
+            Self::Slack => &["{event.type}", "{type}"],
+        }
+    }
+
+    /// Whether this scheme signs a timestamp (so stale requests can be refused).
+    pub fn signs_timestamp(self) -> bool {
+        matches!(self, Self::Stripe | Self::Slack | Self::StandardWebhooks)
+    }
+}
+
+/// The `hmac-sha256` kind's settings.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HmacScheme {
+    /// The header carrying the signature, e.g. `X-Signature`.
+    pub header: String,
+    pub encoding: Encoding,
+    /// Text before the signature in the header, e.g. `sha256=`.
+    #[serde(default)]
+    pub prefix: String,
+    /// A header carrying the sender's delivery id, for deduplication.
+    #[serde(default)]
+    pub id_header: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encoding {
+    Hex,
+    Base64,
+}
+
+/// Why a request was refused; the message names what failed, never a secret.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    #[error("missing header {0}")]
+    MissingHeader(String),
+    #[error("malformed {header} header: {reason}")]
+    Malformed { header: String, reason: String },
+    #[error(
+        "timestamp is {age} s from the server's time; at most {tolerance} s is accepted (stale or replayed request)"
+    )]
+    Stale { age: i64, tolerance: i64 },
+    #[error("signature does not match the body with any of the source's {secrets} secret(s)")]
+    NoMatch { secrets: usize },
+    #[error("the source has no usable secret: {0}")]
+    BadSecret(String),
+}
+
+/// A request as the verifier sees it: a header lookup (case-insensitive) and the raw body.
+pub struct Request<'a> {
+    pub header: &'a dyn Fn(&str) -> Option<&'a str>,
+    pub body: &'a [u8],
+}
+
+impl<'a> Request<'a> {
+    fn required(&self, name: &str) -> Result<&'a str, VerifyError> {
+        (self.header)(name).ok_or_else(|| VerifyError::MissingHeader(name.to_owned()))
+    }
+}
+
+/// Checks the request's signature against every secret (any may match, so rotations work)
+/// and, where the scheme signs one, its timestamp against `tolerance_secs` around `now_unix`.
+pub fn verify(
+    kind: SourceKind,
+    hmac: Option<&HmacScheme>,
+    secrets: &[String],
+    request: &Request<'_>,
+    now_unix: i64,
+    tolerance_secs: i64,
+) -> Result<(), VerifyError> {
+    let fresh = |timestamp: i64| {
+        let age = now_unix - timestamp;
+        if age.abs() > tolerance_secs {
+            Err(VerifyError::Stale {
+                age,
+                tolerance: tolerance_secs,
+            })
+        } else {
+            Ok(())
+        }
+    };
+    let no_match = VerifyError::NoMatch {
+        secrets: secrets.len(),
+    };
+    let body = request.body;
+    match kind {
+        SourceKind::Stripe => {
+            let header = request.required("stripe-signature")?;
+            let (timestamp, signatures) = parse_stripe(header)?;
+            fresh(timestamp)?;
+            let signed = [timestamp.to_string().as_bytes(), b".", body].concat();
+            any_secret(secrets, &signatures, |secret| {
+                hmac_sha256(secret.as_bytes(), &signed).to_vec()
+            })
+            .ok_or(no_match)
+        }
+        SourceKind::Github => {
+            let name = "x-hub-signature-256";
+            let header = request.required(name)?;
+            let hex_sig = header
+                .strip_prefix("sha256=")
+                .ok_or_else(|| malformed(name, "expected sha256=<hex>"))?;
+            let sig = hex::decode(hex_sig).map_err(|_| malformed(name, "not hex"))?;
+            any_secret(secrets, &[sig], |secret| {
+                hmac_sha256(secret.as_bytes(), body).to_vec()
+            })
+            .ok_or(no_match)
+        }
+        SourceKind::Shopify => {
+            let name = "x-shopify-hmac-sha256";
+            let sig = STANDARD
+                .decode(request.required(name)?.trim())
+                .map_err(|_| malformed(name, "not base64"))?;
+            any_secret(secrets, &[sig], |secret| {
+                hmac_sha256(secret.as_bytes(), body).to_vec()
+            })
+            .ok_or(no_match)
+        }
+        SourceKind::Slack => {
+            let ts_name = "x-slack-request-timestamp";
+            let ts_text = request.required(ts_name)?;
+            let timestamp: i64 = ts_text
+                .trim()
+                .parse()
+                .map_err(|_| malformed(ts_name, "not a Unix time"))?;
+            let name = "x-slack-signature";
+            let hex_sig = request
+                .required(name)?
+                .strip_prefix("v0=")
+                .ok_or_else(|| malformed(name, "expected v0=<hex>"))?;
+            let sig = hex::decode(hex_sig).map_err(|_| malformed(name, "not hex"))?;
+            fresh(timestamp)?;
+            let signed = [b"v0:", ts_text.trim().as_bytes(), b":", body].concat();
+            any_secret(secrets, &[sig], |secret| {
+                hmac_sha256(secret.as_bytes(), &signed).to_vec()
+            })
+            .ok_or(no_match)
+        }
+        SourceKind::StandardWebhooks => {
+            // Svix sends the same scheme under `svix-*` names.
+            let prefix = if (request.header)("webhook-signature").is_some() {
+                "webhook"
+            } else {
+                "svix"
+            };
+            let id = request.required(&format!("{prefix}-id"))?;
+            let ts_name = format!("{prefix}-timestamp");
+            let timestamp: i64 = request
+                .required(&ts_name)?
+                .trim()
+                .parse()
+                .map_err(|_| malformed(&ts_name, "not a Unix time"))?;
+            let signatures = request.required(&format!("{prefix}-signature"))?;
+            fresh(timestamp)?;
+            let keys: Vec<EndpointSecret> = secrets
+                .iter()
+                .map(|s| EndpointSecret::parse(s))
+                .collect::<Result<_, _>>()
+                .map_err(|e| VerifyError::BadSecret(e.to_string()))?;
+            let matched = signatures.split(' ').any(|entry| {
+                entry
+                    .strip_prefix("v1,")
+                    .is_some_and(|sig| keys.iter().any(|key| key.verify(id, timestamp, body, sig)))
+            });
+            matched.then_some(()).ok_or(no_match)
+        }
+        SourceKind::HmacSha256 => {
+            let scheme = hmac.ok_or_else(|| {
+                VerifyError::BadSecret("hmac-sha256 sources need a header and encoding".into())
+            })?;
+            let header = request.required(&scheme.header)?;
+            let encoded = header
+                .trim()
+                .strip_prefix(scheme.prefix.as_str())
+                .ok_or_else(|| {
+                    malformed(
+                        &scheme.header,
+                        &format!("expected {}<signature>", scheme.prefix),
+                    )
+                })?;
+            let sig = match scheme.encoding {
+                Encoding::Hex => {
+                    hex::decode(encoded).map_err(|_| malformed(&scheme.header, "not hex"))?
+                }
+                Encoding::Base64 => STANDARD
+                    .decode(encoded)
+                    .map_err(|_| malformed(&scheme.header, "not base64"))?,
+            };
+            any_secret(secrets, &[sig], |secret| {
+                hmac_sha256(secret.as_bytes(), body).to_vec()
+            })
+            .ok_or(no_match)
+        }
+    }
+}
+
+/// The provider's id for this delivery (the same across its retries), or `sha256:<hex>` of
+/// the body when the provider sends none.
+pub fn delivery_id(
+    kind: SourceKind,
+    hmac: Option<&HmacScheme>,
+    request: &Request<'_>,
+    payload: Option<&Value>,
+) -> String {
+    let from_payload = |field: &str| {
+        payload
+            .and_then(|p| p.get(field))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    let from_header = |name: &str| (request.header)(name).map(str::to_owned);
+    let id = match kind {
+        SourceKind::Stripe => from_payload("id"),
+        SourceKind::Github => from_header("x-github-delivery"),
+        SourceKind::Shopify => from_header("x-shopify-webhook-id"),
+        SourceKind::Slack => from_payload("event_id"),
+        SourceKind::StandardWebhooks => {
+            from_header("webhook-id").or_else(|| from_header("svix-id"))
+        }
+        SourceKind::HmacSha256 => hmac
+            .and_then(|h| h.id_header.as_deref())
+            .and_then(from_header),
+    };
+    id.filter(|id| !id.is_empty() && id.len() <= 256)
+        .unwrap_or_else(|| format!("sha256:{}", hex::encode(Sha256::digest(request.body))))
+}
+
+fn malformed(header: &str, reason: &str) -> VerifyError {
+    VerifyError::Malformed {
+        header: header.to_owned(),
+        reason: reason.to_owned(),
+    }
+}
+
+/// `t=<unix>,v1=<hex>,v1=<hex>,v0=...`: the timestamp and every `v1` signature.
+fn parse_stripe(header: &str) -> Result<(i64, Vec<Vec<u8>>), VerifyError> {
+    let name = "Stripe-Signature";
+    let mut timestamp = None;
+    let mut signatures = Vec::new();
+    for part in header.split(',') {
+        match part.trim().split_once('=') {
+            Some(("t", t)) => {
+                timestamp = Some(
+                    t.parse()
+                        .map_err(|_| malformed(name, "t is not a Unix time"))?,
+                );
+            }
+            Some(("v1", sig)) => {
+                signatures.push(hex::decode(sig).map_err(|_| malformed(name, "v1 is not hex"))?);
+            }
+            _ => {}
+        }
+    }
+    let timestamp = timestamp.ok_or_else(|| malformed(name, "no t= timestamp"))?;
+    if signatures.is_empty() {
+        return Err(malformed(name, "no v1= signature"));
+    }
+    Ok((timestamp, signatures))
+}
+
+/// Whether any signature equals the MAC under any secret, compared in constant time.
+fn any_secret(
+    secrets: &[String],
+    signatures: &[Vec<u8>],
+    mac: impl Fn(&str) -> Vec<u8>,
+) -> Option<()> {
+    let mut matched = false;
+    for secret in secrets {
+        let expected = mac(secret);
+        for signature in signatures {
+            matched |= bool::from(expected.ct_eq(signature));
+        }
+    }
+    matched.then_some(())
+}
+
+fn hmac_sha256(key: &[u8], data: &[u8]) -> [u8; 32] {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key)
+        .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+    mac.update(data);
+    mac.finalize().into_bytes().into()
+}
+
+#[cfg(test)]
+mod tests;

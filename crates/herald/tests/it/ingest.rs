@@ -1,0 +1,512 @@
+//! Webhooks in: verified on the raw bytes, deduplicated on the provider's delivery id, kept
+//! raw, and re-published as one event to webhook endpoints and WebSocket channels.
+//!
+//! Requests here are signed with the hmac crate; `.ci/run` signs them with the providers'
+//! own libraries as well (`interop/ingest_*`).
+
+use base64::{Engine, engine::general_purpose::STANDARD};
+use hmac::{Hmac, Mac};
+use reqwest::Method;
+use serde_json::{Value, json};
+use sha2::Sha256;
+
+use crate::{
+    harness::{Receiver, TestServer, eventually},
+    pusher::{Client, channel_auth, pusher_app, trigger},
+};
+
+fn hmac_bytes(secret: &[u8], data: &[u8]) -> Vec<u8> {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("key");
+    mac.update(data);
+    mac.finalize().into_bytes().to_vec()
+}
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+async fn source(server: &TestServer, app: &str, body: Value) -> Value {
+    let (status, source) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/app/{app}/ingest/source"),
+            Some(body),
+        )
+        .await;
+    assert_eq!(status, 201, "{source}");
+    source
+}
+
+/// Posts to the source's ingest path; returns the status and the JSON answer.
+async fn post(
+    server: &TestServer,
+    source: &Value,
+    headers: &[(&str, String)],
+    body: &[u8],
+) -> (u16, Value) {
+    let path = source["ingestPath"].as_str().expect("ingestPath");
+    let mut request = reqwest::Client::new()
+        .post(format!("{}{path}", server.base))
+        .header("content-type", "application/json")
+        .body(body.to_vec());
+    for (name, value) in headers {
+        request = request.header(*name, value);
+    }
+    let response = request.send().await.expect("request");
+    let status = response.status().as_u16();
+    let text = response.text().await.expect("body");
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+fn stripe_header(secret: &str, body: &[u8], t: i64) -> (&'static str, String) {
+    let signed = [t.to_string().as_bytes(), b".", body].concat();
+    let sig = hex::encode(hmac_bytes(secret.as_bytes(), &signed));
+    ("stripe-signature", format!("t={t},v1={sig}"))
+}
+
+#[tokio::test]
+async fn a_stripe_payment_reaches_the_browser_and_the_backend_exactly_once_despite_retries() {
+    let server = TestServer::start().await;
+    let (app, creds) = pusher_app(&server, "shop").await;
+    let mut backend = Receiver::start().await;
+    let endpoint = server
+        .create_endpoint(
+            &app,
+            json!({"url": backend.url, "eventTypes": ["payment_intent.succeeded"]}),
+        )
+        .await;
+    let secret = "whsec_stripe_test_secret";
+    let stripe = source(
+        &server,
+        &app,
+        json!({
+            "kind": "stripe",
+            "secrets": [secret],
+            "channels": ["private-order-{data.object.metadata.order_id}"],
+            "defaultChannel": "payments",
+        }),
+    )
+    .await;
+    assert_eq!(stripe["eventType"], json!(["{type}"]), "Stripe's default");
+
+    // The order page is open in a browser.
+    let mut page = Client::connect(&server, &creds.key).await;
+    let channel = "private-order-42";
+    let auth = channel_auth(&creds, &page.socket_id, channel, None);
+    let ok = page.subscribe(channel, Some(auth), None).await;
+    assert_eq!(ok["event"], "pusher_internal:subscription_succeeded");
+
+    let body = br#"{"id":"evt_3Pay","object":"event","type":"payment_intent.succeeded","data":{"object":{"id":"pi_1","amount":1999,"metadata":{"order_id":"42"}}}}"#;
+    let (status, first) = post(
+        &server,
+        &stripe,
+        &[stripe_header(secret, body, now())],
+        body,
+    )
+    .await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["duplicate"], false);
+    assert_eq!(first["eventType"], "payment_intent.succeeded");
+    assert_eq!(first["channels"], json!([channel]));
+    // Stripe retries (a new signature and timestamp, the same event id): acknowledged only.
+    for _ in 0..2 {
+        let (status, retry) = post(
+            &server,
+            &stripe,
+            &[stripe_header(secret, body, now())],
+            body,
+        )
+        .await;
+        assert_eq!(status, 200, "{retry}");
+        assert_eq!(retry["duplicate"], true);
+        assert_eq!(retry["msgId"], first["msgId"]);
+    }
+
+    // The browser gets it once: the next event after it is a marker sent afterwards.
+    let paid = page.expect("payment_intent.succeeded").await;
+    assert_eq!(paid["channel"], channel);
+    let data: Value = serde_json::from_str(paid["data"].as_str().expect("data")).expect("json");
+    assert_eq!(data["data"]["object"]["amount"], 1999);
+    let (status, _) = trigger(
+        &server,
+        &creds,
+        json!({"name": "marker", "channel": channel, "data": "{}"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        page.next().await["event"],
+        "marker",
+        "no second payment event"
+    );
+
+    // The backend gets one Standard Webhooks-signed delivery of the exact bytes.
+    let delivery = backend.next().await;
+    assert_eq!(delivery.body.as_ref(), body.as_slice());
+    let ep_secret = server
+        .call(
+            Method::GET,
+            &format!(
+                "/api/v1/app/{app}/endpoint/{}/secret",
+                endpoint["id"].as_str().expect("id")
+            ),
+            None,
+        )
+        .await
+        .1["key"]
+        .as_str()
+        .expect("key")
+        .to_owned();
+    let key = herald_core::EndpointSecret::parse(&ep_secret).expect("secret");
+    let sig = delivery
+        .header("webhook-signature")
+        .trim_start_matches("v1,");
+    let ts: i64 = delivery.header("webhook-timestamp").parse().expect("ts");
+    assert!(key.verify(delivery.header("webhook-id"), ts, &delivery.body, sig));
+    server
+        .settled(&app, endpoint["id"].as_str().expect("id"))
+        .await;
+    assert!(backend.drain().is_empty(), "delivered once");
+
+    // Three requests were received; one was kept, raw.
+    let base = format!(
+        "/api/v1/app/{app}/ingest/source/{}",
+        stripe["id"].as_str().expect("id")
+    );
+    let (_, events) = server
+        .call(Method::GET, &format!("{base}/event"), None)
+        .await;
+    let events = events["data"].as_array().expect("events").clone();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["deliveryId"], "evt_3Pay");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn every_kind_accepts_valid_requests_and_refuses_bad_ones_with_401() {
+    let server = TestServer::start().await;
+    let (app, _) = pusher_app(&server, "kinds").await;
+    let body: &[u8] =
+        br#"{"id":"evt_9","type":"thing.happened","event_id":"Ev9","event":{"type":"message"}}"#;
+    let t = now();
+
+    type Sign = fn(&str, &[u8], i64) -> Vec<(&'static str, String)>;
+    let kinds: Vec<(&str, Value, &str, Sign)> = vec![
+        ("stripe", json!({}), "stripe-secret", |s, b, t| {
+            vec![stripe_header(s, b, t)]
+        }),
+        ("github", json!({}), "gh-secret", |s, b, _| {
+            vec![
+                (
+                    "x-hub-signature-256",
+                    format!("sha256={}", hex::encode(hmac_bytes(s.as_bytes(), b))),
+                ),
+                ("x-github-event", "issues".into()),
+                ("x-github-delivery", "d1b2".into()),
+            ]
+        }),
+        ("shopify", json!({}), "shop-secret", |s, b, _| {
+            vec![
+                (
+                    "x-shopify-hmac-sha256",
+                    STANDARD.encode(hmac_bytes(s.as_bytes(), b)),
+                ),
+                ("x-shopify-topic", "orders/create".into()),
+                ("x-shopify-webhook-id", "wh-1".into()),
+            ]
+        }),
+        ("slack", json!({}), "slack-secret", |s, b, t| {
+            let signed = [format!("v0:{t}:").as_bytes(), b].concat();
+            vec![
+                ("x-slack-request-timestamp", t.to_string()),
+                (
+                    "x-slack-signature",
+                    format!("v0={}", hex::encode(hmac_bytes(s.as_bytes(), &signed))),
+                ),
+            ]
+        }),
+        (
+            "standard-webhooks",
+            json!({}),
+            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            |s, b, t| {
+                let key = herald_core::EndpointSecret::parse(s).expect("secret");
+                vec![
+                    ("webhook-id", "msg_in_1".into()),
+                    ("webhook-timestamp", t.to_string()),
+                    (
+                        "webhook-signature",
+                        format!("v1,{}", key.sign("msg_in_1", t, b)),
+                    ),
+                ]
+            },
+        ),
+        (
+            "hmac-sha256",
+            json!({"hmac": {"header": "X-Sig", "encoding": "base64", "prefix": "sha256=", "idHeader": "X-Id"}}),
+            "plain-secret",
+            |s, b, _| {
+                vec![
+                    (
+                        "x-sig",
+                        format!("sha256={}", STANDARD.encode(hmac_bytes(s.as_bytes(), b))),
+                    ),
+                    ("x-id", "id-7".into()),
+                ]
+            },
+        ),
+    ];
+    let expected_types = [
+        "thing.happened",
+        "issues",
+        "orders.create",
+        "message",
+        "thing.happened",
+        "thing.happened",
+    ];
+    let timestamped = ["stripe", "slack", "standard-webhooks"];
+
+    for ((kind, extra, secret, sign), expected_type) in kinds.into_iter().zip(expected_types) {
+        let mut spec = json!({"kind": kind, "secrets": [secret]});
+        spec.as_object_mut()
+            .expect("object")
+            .extend(extra.as_object().expect("object").clone());
+        let src = source(&server, &app, spec).await;
+
+        let (status, ok) = post(&server, &src, &sign(secret, body, t), body).await;
+        assert_eq!(status, 200, "{kind}: {ok}");
+        assert_eq!(ok["eventType"], expected_type, "{kind}");
+        assert_eq!(ok["duplicate"], false, "{kind}");
+        let (status, again) = post(&server, &src, &sign(secret, body, t), body).await;
+        assert_eq!(
+            (status, &again["duplicate"]),
+            (200, &json!(true)),
+            "{kind}: duplicate"
+        );
+
+        let mut tampered = body.to_vec();
+        tampered[8] = b'X';
+        let (status, refused) = post(&server, &src, &sign(secret, body, t), &tampered).await;
+        assert_eq!(status, 401, "{kind}: tampered");
+        assert_eq!(refused["code"], "invalid_signature");
+        assert!(
+            refused["detail"]
+                .as_str()
+                .expect("detail")
+                .contains("does not match"),
+            "{kind}: {refused}"
+        );
+
+        let wrong = if kind == "standard-webhooks" {
+            "whsec_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+        } else {
+            "wrong"
+        };
+        let (status, _) = post(&server, &src, &sign(wrong, body, t), body).await;
+        assert_eq!(status, 401, "{kind}: wrong secret");
+
+        let (status, missing) = post(&server, &src, &[], body).await;
+        assert_eq!(status, 401, "{kind}: unsigned");
+        assert!(
+            missing["detail"]
+                .as_str()
+                .expect("detail")
+                .contains("missing header"),
+            "{kind}: {missing}"
+        );
+
+        if timestamped.contains(&kind) {
+            let (status, stale) = post(&server, &src, &sign(secret, body, t - 301), body).await;
+            assert_eq!(status, 401, "{kind}: stale");
+            assert!(
+                stale["detail"]
+                    .as_str()
+                    .expect("detail")
+                    .contains("at most 300 s"),
+                "{kind}: {stale}"
+            );
+        }
+
+        // Rotation: a new secret added in front, the old one still verifies; then dropped.
+        let rotated = if kind == "standard-webhooks" {
+            "whsec_BBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBB"
+        } else {
+            "rotated-secret"
+        };
+        let path = format!(
+            "/api/v1/app/{app}/ingest/source/{}",
+            src["id"].as_str().expect("id")
+        );
+        let (status, patched) = server
+            .call(
+                Method::PATCH,
+                &path,
+                Some(json!({"secrets": [rotated, secret]})),
+            )
+            .await;
+        assert_eq!(
+            (status, &patched["secretCount"]),
+            (200, &json!(2)),
+            "{kind}: {patched}"
+        );
+        let other: Vec<u8> = [body, b" "].concat();
+        let (status, _) = post(&server, &src, &sign(rotated, &other, t), &other).await;
+        assert_eq!(status, 200, "{kind}: new secret");
+        server
+            .call(Method::PATCH, &path, Some(json!({"secrets": [rotated]})))
+            .await;
+        let third: Vec<u8> = [body, b"  "].concat();
+        let (status, _) = post(&server, &src, &sign(secret, &third, t), &third).await;
+        assert_eq!(status, 401, "{kind}: the retired secret no longer verifies");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn raw_requests_are_kept_and_can_be_replayed() {
+    let server = TestServer::start().await;
+    let (app, _) = pusher_app(&server, "replay").await;
+    let mut backend = Receiver::start().await;
+    let endpoint = server
+        .create_endpoint(&app, json!({"url": backend.url}))
+        .await;
+    let src = source(
+        &server,
+        &app,
+        json!({"kind": "github", "secrets": ["s3cret"], "defaultChannel": "repo-activity"}),
+    )
+    .await;
+    let body = br#"{"action":"opened","issue":{"number":7}}"#;
+    let sig = format!("sha256={}", hex::encode(hmac_bytes(b"s3cret", body)));
+    let headers = [
+        ("x-hub-signature-256", sig),
+        ("x-github-event", "issues".to_owned()),
+        ("x-github-delivery", "72d3162e".to_owned()),
+    ];
+    let (status, received) = post(&server, &src, &headers, body).await;
+    assert_eq!(status, 200, "{received}");
+    assert_eq!(received["eventType"], "issues.opened");
+    assert_eq!(
+        received["channels"],
+        json!(["repo-activity"]),
+        "the default channel"
+    );
+    assert_eq!(backend.next().await.body.as_ref(), body.as_slice());
+
+    let base = format!(
+        "/api/v1/app/{app}/ingest/source/{}/event/{}",
+        src["id"].as_str().expect("id"),
+        received["id"].as_str().expect("id")
+    );
+    let (status, kept) = server.call(Method::GET, &base, None).await;
+    assert_eq!(status, 200, "{kept}");
+    assert_eq!(kept["body"], std::str::from_utf8(body).expect("utf8"));
+    assert_eq!(kept["deliveryId"], "72d3162e");
+    let headers = kept["headers"].as_array().expect("headers");
+    assert!(
+        headers.contains(&json!(["x-github-event", "issues"])),
+        "{kept}"
+    );
+
+    let (status, replayed) = server
+        .call(Method::POST, &format!("{base}/replay"), None)
+        .await;
+    assert_eq!(status, 201, "{replayed}");
+    assert_ne!(replayed["msgId"], received["msgId"]);
+    let again = backend.next().await;
+    assert_eq!(again.body.as_ref(), body.as_slice());
+    assert_eq!(
+        again.header("webhook-id"),
+        replayed["msgId"].as_str().expect("id")
+    );
+    eventually("both deliveries recorded", || async {
+        (server
+            .stats(&app, endpoint["id"].as_str().expect("id"))
+            .await["success"]
+            == 2)
+            .then_some(())
+    })
+    .await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn bad_requests_and_bad_sources_get_clear_errors() {
+    let server = TestServer::start_with(|c| c.api.max_body_bytes = 4096).await;
+    let (app, _) = pusher_app(&server, "bad-ingest").await;
+
+    let raw = reqwest::Client::new();
+    let unknown = raw
+        .post(format!(
+            "{}/ingest/src_2Z9fZ9fZ9fZ9fZ9fZ9fZ9fZ9fZ9",
+            server.base
+        ))
+        .body("{}")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(unknown.status().as_u16(), 404);
+
+    let src = source(&server, &app, json!({"kind": "github", "secrets": ["s"]})).await;
+    let big = vec![b'x'; 5000];
+    let (status, too_big) = post(&server, &src, &[], &big).await;
+    assert_eq!(status, 413, "{too_big}");
+
+    for (bad, loc) in [
+        (json!({"kind": "paypal", "secrets": ["s"]}), "kind"),
+        (json!({"kind": "github", "secrets": []}), "secrets"),
+        (json!({"kind": "hmac-sha256", "secrets": ["s"]}), "hmac"),
+        (
+            json!({"kind": "standard-webhooks", "secrets": ["not-whsec"]}),
+            "secrets",
+        ),
+        (
+            json!({"kind": "github", "secrets": ["s"], "channels": ["order-{id"]}),
+            "channels",
+        ),
+        (
+            json!({"kind": "github", "secrets": ["s"], "defaultChannel": "bad channel"}),
+            "defaultChannel",
+        ),
+    ] {
+        let (status, error) = server
+            .call(
+                Method::POST,
+                &format!("/api/v1/app/{app}/ingest/source"),
+                Some(bad),
+            )
+            .await;
+        assert_eq!(status, 422, "{error}");
+        assert_eq!(error["detail"][0]["loc"], json!(["body", loc]), "{error}");
+    }
+
+    // Secrets are write-only.
+    assert!(src.get("secrets").is_none());
+    assert_eq!(src["secretCount"], 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn slack_url_verification_is_answered_after_the_signature_check() {
+    let server = TestServer::start().await;
+    let (app, _) = pusher_app(&server, "slack-hello").await;
+    let src = source(&server, &app, json!({"kind": "slack", "secrets": ["sl"]})).await;
+    let body = br#"{"token":"x","challenge":"3eZbrw1a","type":"url_verification"}"#;
+    let t = now();
+    let signed = [format!("v0:{t}:").as_bytes(), body.as_slice()].concat();
+    let headers = [
+        ("x-slack-request-timestamp", t.to_string()),
+        (
+            "x-slack-signature",
+            format!("v0={}", hex::encode(hmac_bytes(b"sl", &signed))),
+        ),
+    ];
+    let (status, answer) = post(&server, &src, &headers, body).await;
+    assert_eq!((status, answer), (200, json!({"challenge": "3eZbrw1a"})));
+    let (status, _) = post(&server, &src, &headers[..1], body).await;
+    assert_eq!(status, 401, "unsigned handshakes are refused");
+    server.stop().await;
+}
