@@ -3,124 +3,36 @@
 // Exits non-zero, naming the check, on any mismatch.
 "use strict";
 const assert = require("node:assert/strict");
-const { EventEmitter } = require("node:events");
-const http = require("node:http");
 const PusherServer = require("pusher");
-const PusherClient = require("pusher-js");
+const { where, api, next, startReceiver, arrival, connect, subscribed, run } = require("./common");
 
-const base = process.env.HERALD_URL;
-const token = process.env.HERALD_TOKEN;
-const where = new URL(base);
 let passed = 0;
 const ok = (what) => {
   passed += 1;
   console.log(`ok: ${what}`);
 };
 
-/** Resolves with the data of the next `event` on `emitter`, or fails after a timeout. */
-function next(emitter, event, what, ms = 10000) {
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`timed out waiting for ${what}`)), ms);
-    const handler = (data) => {
-      clearTimeout(timer);
-      emitter.unbind(event, handler);
-      resolve(data);
-    };
-    emitter.bind(event, handler);
-  });
-}
-
 async function createApp() {
-  const response = await fetch(`${base}/api/v1/app`, {
-    method: "POST",
-    headers: { authorization: `Bearer ${token}`, "content-type": "application/json" },
-    body: JSON.stringify({ name: "pusher interop", uid: `pusher-${Date.now()}` }),
+  const { status, body } = await api("POST", "/api/v1/app", {
+    name: "pusher interop",
+    uid: `pusher-${Date.now()}`,
   });
-  assert.equal(response.status, 201, "app created");
-  return response.json();
+  assert.equal(status, 201, "app created");
+  return body;
 }
 
-/** A local endpoint for Pusher channel webhooks; keeps every request's headers and raw body. */
-async function startWebhookReceiver() {
-  const received = [];
-  const arrivals = new EventEmitter();
-  const server = http.createServer((req, res) => {
-    const chunks = [];
-    req.on("data", (c) => chunks.push(c));
-    req.on("end", () => {
-      received.push({ headers: req.headers, rawBody: Buffer.concat(chunks).toString("utf8") });
-      res.writeHead(200).end();
-      arrivals.emit("webhook");
-    });
-  });
-  await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
-  return { url: `http://127.0.0.1:${server.address().port}/pusher-hooks`, received, arrivals, server };
-}
-
-/** Resolves once a received webhook holds an event matching `wanted`, or fails after `ms`. */
-function webhookEvent(receiver, pusher, wanted, what, ms = 15000) {
-  return new Promise((resolve, reject) => {
-    const find = () =>
-      receiver.received.flatMap((r) => pusher.webhook(r).getEvents()).find(wanted);
-    const check = () => {
-      const event = find();
-      if (event) {
-        clearTimeout(timer);
-        receiver.arrivals.off("webhook", check);
-        resolve(event);
-      }
-    };
-    const timer = setTimeout(() => {
-      receiver.arrivals.off("webhook", check);
-      reject(new Error(`timed out waiting for the ${what} webhook`));
-    }, ms);
-    receiver.arrivals.on("webhook", check);
-    check();
-  });
-}
-
-function connect(creds, server, user, { forgeAuth = false } = {}) {
-  const client = new PusherClient(creds.key, {
-    cluster: "herald",
-    wsHost: where.hostname,
-    wsPort: Number(where.port),
-    forceTLS: false,
-    enabledTransports: ["ws"],
-    disableStats: true,
-    channelAuthorization: {
-      customHandler: ({ socketId, channelName }, callback) => {
-        const presence = channelName.startsWith("presence-")
-          ? { user_id: user, user_info: { name: user } }
-          : undefined;
-        const auth = server.authorizeChannel(socketId, channelName, presence);
-        if (forgeAuth) auth.auth = `${creds.key}:${"0".repeat(64)}`;
-        callback(null, auth);
-      },
-    },
-    userAuthentication: {
-      customHandler: ({ socketId }, callback) =>
-        callback(null, server.authenticateUser(socketId, { id: user })),
-    },
-  });
-  return next(client.connection, "connected", `${user} to connect`).then(() => client);
-}
-
-async function subscribed(client, name) {
-  const channel = client.subscribe(name);
-  await next(channel, "pusher:subscription_succeeded", `subscription to ${name}`);
-  return channel;
+/** Resolves once a received webhook holds an event matching `wanted`. */
+function webhookEvent(receiver, pusher, wanted, what) {
+  const find = () => receiver.received.flatMap((r) => pusher.webhook(r).getEvents()).find(wanted);
+  return arrival(receiver, find, `the ${what} webhook`);
 }
 
 async function main() {
   const app = await createApp();
   const creds = app.pusher;
   // Channel webhooks go to a Pusher-format endpoint, created before anyone connects.
-  const hooks = await startWebhookReceiver();
-  const endpoint = await fetch(`${base}/api/v1/app/${app.id}/endpoint`, {
-    method: "POST",
-    headers: { authorization: `Bearer ${token}`, "content-type": "application/json" },
-    body: JSON.stringify({ url: hooks.url, format: "pusher" }),
-  });
+  const hooks = await startReceiver("/pusher-hooks");
+  const endpoint = await api("POST", `/api/v1/app/${app.id}/endpoint`, { url: hooks.url, format: "pusher" });
   assert.equal(endpoint.status, 201, "pusher webhook endpoint created");
   const server = new PusherServer({
     appId: creds.appId,
@@ -255,16 +167,4 @@ async function main() {
   console.log(`pusher interop: all ${passed} checks passed`);
 }
 
-const deadline = setTimeout(() => {
-  console.error("FAIL: pusher interop did not finish within 60 s");
-  process.exit(1);
-}, 60000);
-main()
-  .then(() => {
-    clearTimeout(deadline);
-    process.exit(0);
-  })
-  .catch((e) => {
-    console.error(`FAIL: ${e.stack || e}`);
-    process.exit(1);
-  });
+run("pusher interop", main);
