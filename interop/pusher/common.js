@@ -4,6 +4,7 @@
 const { EventEmitter } = require("node:events");
 const http = require("node:http");
 const PusherClient = require("pusher-js");
+const PusherServer = require("pusher");
 
 const base = process.env.HERALD_URL;
 const token = process.env.HERALD_TOKEN;
@@ -103,6 +104,18 @@ async function subscribed(client, name) {
   return channel;
 }
 
+/** The official server SDK, pointed at Herald with an app's credentials. */
+function serverSdk(creds) {
+  return new PusherServer({
+    appId: creds.appId,
+    key: creds.key,
+    secret: creds.secret,
+    host: where.hostname,
+    port: where.port,
+    useTLS: false,
+  });
+}
+
 /** Runs `main` with a deadline; exits 0 on success, 1 naming the failure. */
 function run(name, main, ms = 60000) {
   const deadline = setTimeout(() => {
@@ -120,4 +133,4 @@ function run(name, main, ms = 60000) {
     });
 }
 
-module.exports = { base, token, where, api, next, startReceiver, arrival, connect, subscribed, run };
+module.exports = { base, token, where, api, serverSdk, next, startReceiver, arrival, connect, subscribed, run };

@@ -7,10 +7,9 @@
 // Usage: HERALD_URL=http://127.0.0.1:6001 HERALD_TOKEN=... node ingest.js
 "use strict";
 const assert = require("node:assert/strict");
-const PusherServer = require("pusher");
 const Stripe = require("stripe");
 const { Webhook } = require("standardwebhooks");
-const { base, where, api, next, startReceiver, arrival, connect, subscribed, run } = require("./common");
+const { base, api, serverSdk, next, startReceiver, arrival, connect, subscribed, run } = require("./common");
 
 let passed = 0;
 const ok = (what) => {
@@ -53,14 +52,7 @@ async function main() {
   const stripeSource = source.body;
 
   // The order page, open in a browser.
-  const server = new PusherServer({
-    appId: creds.appId,
-    key: creds.key,
-    secret: creds.secret,
-    host: where.hostname,
-    port: where.port,
-    useTLS: false,
-  });
+  const server = serverSdk(creds);
   const page = await connect(creds, server, "customer");
   const order = await subscribed(page, "private-order-42");
   const seen = [];

@@ -3,8 +3,7 @@
 // Exits non-zero, naming the check, on any mismatch.
 "use strict";
 const assert = require("node:assert/strict");
-const PusherServer = require("pusher");
-const { where, api, next, startReceiver, arrival, connect, subscribed, run } = require("./common");
+const { api, serverSdk, next, startReceiver, arrival, connect, subscribed, run } = require("./common");
 
 let passed = 0;
 const ok = (what) => {
@@ -34,14 +33,7 @@ async function main() {
   const hooks = await startReceiver("/pusher-hooks");
   const endpoint = await api("POST", `/api/v1/app/${app.id}/endpoint`, { url: hooks.url, format: "pusher" });
   assert.equal(endpoint.status, 201, "pusher webhook endpoint created");
-  const server = new PusherServer({
-    appId: creds.appId,
-    key: creds.key,
-    secret: creds.secret,
-    host: where.hostname,
-    port: where.port,
-    useTLS: false,
-  });
+  const server = serverSdk(creds);
   const alice = await connect(creds, server, "alice");
   const bob = await connect(creds, server, "bob");
   ok("pusher-js connects (connection_established with socket id and activity timeout)");

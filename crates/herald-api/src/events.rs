@@ -41,6 +41,21 @@ pub(crate) fn broadcast(
         .sum()
 }
 
+/// The app's Standard Webhooks endpoints that want a message of this type and channels.
+pub(crate) async fn webhook_targets(
+    state: &ApiState,
+    app_id: &str,
+    event_type: &str,
+    channels: Option<&[String]>,
+) -> ApiResult<Vec<String>> {
+    let endpoints = state.store.app_endpoints(app_id).await?;
+    Ok(endpoints
+        .iter()
+        .filter(|ep| ep.wants(EndpointFormat::StandardWebhooks, event_type, channels))
+        .map(|ep| ep.id.clone())
+        .collect())
+}
+
 /// Stores a Pusher-triggered event as a webhook message if any endpoint wants it. Event names
 /// that are not valid event type names are not forwarded to webhooks.
 pub(crate) async fn forward_to_webhooks(
@@ -58,12 +73,7 @@ pub(crate) async fn forward_to_webhooks(
         return Ok(());
     }
     let channels = (!channels.is_empty()).then(|| channels.to_vec());
-    let endpoints = state.store.app_endpoints(&app.id).await?;
-    let targets: Vec<String> = endpoints
-        .iter()
-        .filter(|ep| ep.wants(EndpointFormat::StandardWebhooks, name, channels.as_deref()))
-        .map(|ep| ep.id.clone())
-        .collect();
+    let targets = webhook_targets(state, &app.id, name, channels.as_deref()).await?;
     if targets.is_empty() {
         return Ok(());
     }

@@ -15,7 +15,7 @@ use axum::{
 use herald_core::{
     id,
     ingest::{self, Request, SourceKind, template},
-    model::{App, EndpointFormat, IngestEvent, IngestSource, Message},
+    model::{App, IngestEvent, IngestSource, Message},
 };
 use herald_store::IngestRecorded;
 use serde::Serialize;
@@ -203,18 +203,13 @@ pub(crate) fn message_for(
 }
 
 async fn targets(state: &ApiState, app: &App, message: &Message) -> ApiResult<Vec<String>> {
-    let endpoints = state.store.app_endpoints(&app.id).await?;
-    Ok(endpoints
-        .iter()
-        .filter(|ep| {
-            ep.wants(
-                EndpointFormat::StandardWebhooks,
-                &message.event_type,
-                message.channels.as_deref(),
-            )
-        })
-        .map(|ep| ep.id.clone())
-        .collect())
+    crate::events::webhook_targets(
+        state,
+        &app.id,
+        &message.event_type,
+        message.channels.as_deref(),
+    )
+    .await
 }
 
 /// Once the message is committed: wake the delivery worker and fan out to the channels.

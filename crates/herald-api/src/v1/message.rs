@@ -9,7 +9,7 @@ use axum::{
 use chrono::{DateTime, Utc};
 use herald_core::{
     id,
-    model::{App, EndpointFormat, Message},
+    model::{App, Message},
     validate,
 };
 use herald_store::MessageQuery;
@@ -163,18 +163,13 @@ pub async fn create(
         payload: bytes::Bytes::from(input.payload.get().to_owned()),
         created_at: now,
     };
-    let endpoints = state.store.app_endpoints(&app.id).await?;
-    let targets: Vec<String> = endpoints
-        .iter()
-        .filter(|ep| {
-            ep.wants(
-                EndpointFormat::StandardWebhooks,
-                &message.event_type,
-                message.channels.as_deref(),
-            )
-        })
-        .map(|ep| ep.id.clone())
-        .collect();
+    let targets = crate::events::webhook_targets(
+        &state,
+        &app.id,
+        &message.event_type,
+        message.channels.as_deref(),
+    )
+    .await?;
     let has_targets = !targets.is_empty();
     state.store.create_message(message.clone(), targets).await?;
     if has_targets {
