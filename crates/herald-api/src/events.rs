@@ -18,10 +18,14 @@ use herald_ws::protocol;
 
 use crate::{ApiState, error::ApiResult};
 
-/// Sends an event to the WebSocket subscribers of each channel (but `except`, a socket id).
-/// Channels whose names are not valid Pusher channel names have no subscribers and are
-/// skipped. Returns the number of frames handed to connections.
-pub(crate) fn broadcast(
+/// Sends an event to the WebSocket subscribers of each channel (but `except`, a socket id),
+/// through channel history where the channel keeps it. Channels whose names are not valid
+/// Pusher channel names have no subscribers and are skipped. Returns the number of frames
+/// handed to connections.
+///
+/// If the store cannot append to a channel's history, the event still goes out live (without
+/// a position) and the failure is logged: store trouble degrades recovery, not delivery.
+pub(crate) async fn broadcast(
     state: &ApiState,
     app: &App,
     name: &str,
@@ -29,16 +33,26 @@ pub(crate) fn broadcast(
     data: &str,
     except: Option<&str>,
 ) -> usize {
-    let hub = state.hub.app(&app.id);
-    channels
-        .iter()
-        .filter(|c| pusher::validate_channel_name(c).is_ok())
-        .map(|channel| {
-            // Serialized once per channel; every subscriber shares the bytes.
-            let frame = protocol::event(name, channel, data);
-            hub.broadcast(channel, &frame, except)
-        })
-        .sum()
+    let mut sent = 0;
+    for channel in channels {
+        if pusher::validate_channel_name(channel).is_err() {
+            continue;
+        }
+        sent += match state
+            .history
+            .publish(app, channel, name, data, except)
+            .await
+        {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!(error = %e, %channel, "appending to channel history failed; sent live only");
+                // Serialized once per channel; every subscriber shares the bytes.
+                let frame = protocol::event(name, channel, data);
+                state.hub.app(&app.id).broadcast(channel, &frame, except)
+            }
+        };
+    }
+    sent
 }
 
 /// The app's Standard Webhooks endpoints that want a message of this type and channels.

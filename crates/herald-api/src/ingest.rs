@@ -98,7 +98,7 @@ pub async fn receive(
         .await?
     {
         IngestRecorded::New => {
-            after_commit(&state, &app, &message, !targets.is_empty());
+            after_commit(&state, &app, &message, !targets.is_empty()).await;
             out(&event, false)
         }
         IngestRecorded::Duplicate(earlier) => {
@@ -213,13 +213,13 @@ async fn targets(state: &ApiState, app: &App, message: &Message) -> ApiResult<Ve
 }
 
 /// Once the message is committed: wake the delivery worker and fan out to the channels.
-fn after_commit(state: &ApiState, app: &App, message: &Message, has_targets: bool) {
+async fn after_commit(state: &ApiState, app: &App, message: &Message, has_targets: bool) {
     if has_targets {
         state.dispatcher.wake();
     }
     if let Some(channels) = &message.channels {
         let data = std::str::from_utf8(&message.payload).unwrap_or("{}");
-        crate::events::broadcast(state, app, &message.event_type, channels, data, None);
+        crate::events::broadcast(state, app, &message.event_type, channels, data, None).await;
     }
 }
 
@@ -228,6 +228,6 @@ pub(crate) async fn publish(state: &ApiState, app: &App, message: Message) -> Ap
     let targets = targets(state, app, &message).await?;
     let has_targets = !targets.is_empty();
     state.store.create_message(message.clone(), targets).await?;
-    after_commit(state, app, &message, has_targets);
+    after_commit(state, app, &message, has_targets).await;
     Ok(())
 }

@@ -29,7 +29,7 @@ use axum::{
 use herald_core::token::TokenHash;
 use herald_delivery::DispatcherHandle;
 use herald_store::Store;
-use herald_ws::Hub;
+use herald_ws::{Hub, history::History};
 
 pub use error::ApiError;
 
@@ -39,6 +39,8 @@ pub struct ApiState {
     pub dispatcher: DispatcherHandle,
     /// WebSocket subscribers, for the one event stream.
     pub hub: Arc<Hub>,
+    /// Channel history: appends before broadcasts, pages for the API, SSE resumption.
+    pub history: Arc<History>,
     /// Digest of the operator's admin token, if one is configured.
     pub admin_token_hash: Option<TokenHash>,
     pub idempotency: Arc<idempotency::InFlight>,
@@ -62,13 +64,14 @@ impl ApiState {
     pub fn new(
         store: Arc<dyn Store>,
         dispatcher: DispatcherHandle,
-        hub: Arc<Hub>,
+        history: Arc<History>,
         admin_token_hash: Option<TokenHash>,
     ) -> Self {
         Self {
             store,
             dispatcher,
-            hub,
+            hub: Arc::clone(history.hub()),
+            history,
             admin_token_hash,
             idempotency: Arc::default(),
         }

@@ -35,6 +35,7 @@ pub fn router() -> Router<ApiState> {
         .route("/apps/{app_id}/channels", get(channels))
         .route("/apps/{app_id}/channels/{channel}", get(channel))
         .route("/apps/{app_id}/channels/{channel}/users", get(users))
+        .route("/apps/{app_id}/channels/{channel}/history", get(history))
         .route(
             "/apps/{app_id}/users/{user_id}/terminate_connections",
             post(terminate),
@@ -220,7 +221,8 @@ async fn publish(
         channels,
         &event.data,
         event.socket_id.as_deref(),
-    );
+    )
+    .await;
     events::forward_to_webhooks(state, app, &event.name, channels, &event.data).await?;
     Ok(())
 }
@@ -346,6 +348,82 @@ async fn channel(
         out.extend(attrs.clone());
     }
     Ok(Json(Value::Object(out)))
+}
+
+const MAX_HISTORY_PAGE: u32 = 1000;
+
+/// Herald's extension: a page of a history channel's events, `after` and `before` exclusive
+/// offsets, `direction=backward` (newest first, the default) or `forward`, `limit` (100, at
+/// most 1000). The answer carries the channel's `epoch` and newest `offset`, so a page can be
+/// rendered and then followed live by subscribing with that position.
+async fn history(
+    State(state): State<ApiState>,
+    Path((app_id, channel)): Path<(String, String)>,
+    method: Method,
+    uri: Uri,
+) -> Result<Json<Value>, PusherError> {
+    let app = authenticate(&state, &app_id, &method, &uri, &[]).await?;
+    pusher::validate_channel_name(&channel).map_err(bad)?;
+    let query: BTreeMap<String, String> = uri
+        .query()
+        .map(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .into_owned()
+                .collect()
+        })
+        .unwrap_or_default();
+    let offset = |name: &str| -> Result<Option<u64>, PusherError> {
+        query
+            .get(name)
+            .map(|v| {
+                v.parse::<u64>()
+                    .map_err(|_| bad(format!("{name} must be an offset (a whole number)")))
+            })
+            .transpose()
+    };
+    let (after, before) = (offset("after")?, offset("before")?);
+    let limit = match query.get("limit") {
+        Some(v) => v
+            .parse::<u32>()
+            .ok()
+            .filter(|l| (1..=MAX_HISTORY_PAGE).contains(l))
+            .ok_or_else(|| bad(format!("limit must be 1 to {MAX_HISTORY_PAGE}")))?,
+        None => 100,
+    };
+    let newest_first = match query.get("direction").map(String::as_str) {
+        None | Some("backward") => true,
+        Some("forward") => false,
+        Some(other) => {
+            return Err(bad(format!(
+                "direction must be forward or backward, not {other:?}"
+            )));
+        }
+    };
+    let page = state
+        .history
+        .page(&app, &channel, after, before, limit, newest_first)
+        .await?
+        .ok_or_else(|| {
+            PusherError(
+                StatusCode::NOT_FOUND,
+                format!("{channel} keeps no history (no history rule of the app matches it)"),
+            )
+        })?;
+    let events: Vec<Value> = page
+        .entries
+        .iter()
+        .map(|e| {
+            json!({"offset": e.offset, "event": e.event, "data": e.data,
+                   "time_ms": e.created_at.timestamp_millis()})
+        })
+        .collect();
+    let (epoch, newest) = match &page.position {
+        Some(p) => (Some(p.epoch.clone()), p.next_offset - 1),
+        None => (None, 0),
+    };
+    Ok(Json(
+        json!({"channel": channel, "epoch": epoch, "offset": newest, "events": events}),
+    ))
 }
 
 async fn users(

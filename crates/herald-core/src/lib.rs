@@ -7,6 +7,7 @@
 
 pub mod address_policy;
 pub mod filter;
+pub mod history;
 pub mod id;
 pub mod ingest;
 pub mod model;

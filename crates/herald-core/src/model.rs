@@ -17,6 +17,8 @@ pub struct App {
     pub metadata: Metadata,
     /// How Pusher-protocol clients and server SDKs address this app.
     pub pusher: PusherCredentials,
+    /// Which channels keep history; `None` uses the server's defaults.
+    pub history: Option<Vec<crate::history::HistoryRule>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }

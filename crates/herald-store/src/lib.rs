@@ -7,6 +7,7 @@
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use herald_core::history::{ChannelPosition, HistoryEntry, Retention};
 use herald_core::model::{
     App, Attempt, DeliveryStatus, Endpoint, EndpointStats, EventType, IngestEvent, IngestSource,
     Message, TriggerType,
@@ -103,6 +104,17 @@ pub struct DeliveryJob {
     pub trigger: TriggerType,
 }
 
+/// A page of a channel's history: offsets strictly between `after` and `before`.
+#[derive(Debug, Clone)]
+pub struct HistoryQuery {
+    pub after: Option<u64>,
+    pub before: Option<u64>,
+    pub limit: u32,
+    pub newest_first: bool,
+    /// Events older than this are past retention and not returned.
+    pub not_before: DateTime<Utc>,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum IngestRecorded {
     /// First time: the event and its message are committed.
@@ -174,6 +186,37 @@ pub trait Store: Send + Sync + 'static {
     /// every new message, so implementations may serve it from a cache they keep exact.
     async fn app_endpoints(&self, app_id: &str) -> Result<std::sync::Arc<Vec<Endpoint>>>;
     async fn endpoint_stats(&self, endpoint_id: &str) -> Result<EndpointStats>;
+
+    // Channel history
+    async fn channel_position(
+        &self,
+        app_id: &str,
+        channel: &str,
+    ) -> Result<Option<ChannelPosition>>;
+    /// Starts the channel's history afresh at `position` (first use, or a reset): its kept
+    /// events are dropped.
+    async fn reset_history(
+        &self,
+        app_id: &str,
+        channel: &str,
+        position: &ChannelPosition,
+    ) -> Result<()>;
+    /// Appends one event (its offset already assigned, one writer per channel) and trims the
+    /// channel to `retention`, advancing its position, in one commit.
+    async fn append_history(&self, entry: HistoryEntry, retention: Retention) -> Result<()>;
+    async fn history(
+        &self,
+        app_id: &str,
+        channel: &str,
+        query: &HistoryQuery,
+    ) -> Result<Vec<HistoryEntry>>;
+    /// The oldest offset still kept (not older than `not_before`).
+    async fn oldest_history_offset(
+        &self,
+        app_id: &str,
+        channel: &str,
+        not_before: DateTime<Utc>,
+    ) -> Result<Option<u64>>;
 
     // Webhooks in
     async fn create_source(&self, source: &IngestSource) -> Result<()>;

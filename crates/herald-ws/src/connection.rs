@@ -29,6 +29,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     Frame, Hub, WsConfig, close,
+    history::{History, Joined, Resume},
     hub::{AppHub, ChannelEvent, Joining, Outbox, SubscribeError},
     protocol::{self, ChannelData, Incoming, SigninData, SubscribeData, UnsubscribeData},
     transport,
@@ -39,6 +40,8 @@ use crate::{
 pub struct WsState {
     pub store: Arc<dyn Store>,
     pub hub: Arc<Hub>,
+    /// History channels: appends, positions and resumption.
+    pub history: Arc<History>,
     pub config: WsConfig,
     /// Cancelled at shutdown: every connection closes with 4200 (reconnect).
     pub shutdown: CancellationToken,
@@ -139,6 +142,7 @@ async fn serve(socket: WebSocket, app: App, hub: Arc<AppHub>, state: &WsState) {
     let mut conn = Connection {
         app,
         hub,
+        history: Arc::clone(&state.history),
         config: config.clone(),
         socket_id,
         outbox,
@@ -184,7 +188,7 @@ async fn serve(socket: WebSocket, app: App, hub: Arc<AppHub>, state: &WsState) {
                 pinged = false;
                 match message {
                     Message::Text(text) => {
-                        if let Some(close) = conn.handle(text.as_str()) {
+                        if let Some(close) = conn.handle(text.as_str()).await {
                             break Some(close);
                         }
                     }
@@ -283,6 +287,7 @@ impl RateLimit {
 struct Connection {
     app: App,
     hub: Arc<AppHub>,
+    history: Arc<History>,
     config: WsConfig,
     socket_id: String,
     outbox: Outbox,
@@ -298,7 +303,7 @@ type Close = (u16, String);
 
 impl Connection {
     /// Handles one client message; returns a close code if the connection must end.
-    fn handle(&mut self, text: &str) -> Option<Close> {
+    async fn handle(&mut self, text: &str) -> Option<Close> {
         if text.len() > self.config.max_message_bytes {
             return Some((
                 close::MESSAGE_TOO_BIG,
@@ -320,7 +325,7 @@ impl Connection {
         match message.event.as_str() {
             "pusher:ping" => self.outbox.send(protocol::pong()),
             "pusher:pong" => {}
-            "pusher:subscribe" => self.subscribe(message.data.as_deref()),
+            "pusher:subscribe" => self.subscribe(message.data.as_deref()).await,
             "pusher:unsubscribe" => self.unsubscribe(message.data.as_deref()),
             "pusher:signin" => self.sign_in(message.data.as_deref()),
             name if name.starts_with("client-") => return self.client_event(&message),
@@ -331,7 +336,7 @@ impl Connection {
         None
     }
 
-    fn subscribe(&mut self, data: Option<&RawValue>) {
+    async fn subscribe(&mut self, data: Option<&RawValue>) {
         let request: SubscribeData = match protocol::parse_data(data) {
             Ok(request) => request,
             Err(e) => {
@@ -419,6 +424,43 @@ impl Connection {
                 j.info.as_ref().map(|i| i.get().to_owned()),
             )
         });
+        let Some(retention) = self.history.retention(&self.app, channel) else {
+            self.register(channel, joining, member, None);
+            return;
+        };
+        let resume = match (request.epoch, request.offset) {
+            (Some(epoch), Some(offset)) => Some(Resume { epoch, offset }),
+            _ => None,
+        };
+        let (history, app) = (Arc::clone(&self.history), self.app.clone());
+        let joined = history
+            .join(&app, channel, retention, resume.as_ref(), |joined| {
+                self.register(channel, joining, member, Some(joined));
+            })
+            .await;
+        if let Err(e) = joined {
+            tracing::error!(error = %e, channel, "reading channel history failed");
+            self.outbox.send(protocol::subscription_error(
+                channel,
+                "HistoryUnavailable",
+                "the channel's history could not be read; try again",
+                503,
+            ));
+        }
+    }
+
+    /// Adds the subscription to the hub and queues its confirmation (with the history status
+    /// and the missed events, on a history channel).
+    fn register(
+        &mut self,
+        channel: &str,
+        joining: Option<Joining>,
+        member: Option<(String, Option<String>)>,
+        joined: Option<Joined>,
+    ) {
+        let refuse = |kind: &str, message: String, status: u16| {
+            protocol::subscription_error(channel, kind, &message, status)
+        };
         let subscribed = match self.hub.subscribe(
             channel,
             &self.socket_id,
@@ -436,11 +478,18 @@ impl Connection {
                 return;
             }
         };
+        let mut confirmation = subscribed.presence.unwrap_or_else(|| json!({}));
+        if let Some(joined) = &joined {
+            confirmation["history"] = joined.status();
+        }
         self.outbox.send(protocol::system(
             "pusher_internal:subscription_succeeded",
             Some(channel),
-            &subscribed.presence.unwrap_or_else(|| json!({})),
+            &confirmation,
         ));
+        for frame in joined.into_iter().flat_map(|j| j.replay) {
+            self.outbox.send(frame);
+        }
         if subscribed.member_added
             && let Some((user_id, info)) = &member
         {

@@ -8,6 +8,7 @@
 //! format.
 
 pub mod connection;
+pub mod history;
 pub mod hub;
 pub mod protocol;
 pub mod transport;

@@ -41,6 +41,28 @@ pub fn event(name: &str, channel: &str, data: &str) -> Frame {
     encode(name, Some(channel), data, None)
 }
 
+/// A channel event on a history channel: Herald adds the event's `epoch` and `offset`,
+/// which clients resume from; pusher-js ignores fields it does not know.
+pub fn history_event(name: &str, channel: &str, data: &str, epoch: &str, offset: u64) -> Frame {
+    #[derive(Serialize)]
+    struct WithPosition<'a> {
+        event: &'a str,
+        channel: &'a str,
+        data: &'a str,
+        epoch: &'a str,
+        offset: u64,
+    }
+    serde_json::to_string(&WithPosition {
+        event: name,
+        channel,
+        data,
+        epoch,
+        offset,
+    })
+    .unwrap_or_else(|_| unreachable!("frames serialize"))
+    .into()
+}
+
 /// A relayed client event: `data` exactly as its sender wrote it, plus the sender's user id
 /// on presence channels.
 pub fn client_event(name: &str, channel: &str, data: &RawValue, user_id: Option<&str>) -> Frame {
@@ -105,6 +127,12 @@ pub struct SubscribeData {
     pub auth: Option<String>,
     #[serde(default)]
     pub channel_data: Option<String>,
+    /// Herald's extension: resume a history channel after this position (the `epoch` and
+    /// `offset` of the last event the client saw).
+    #[serde(default)]
+    pub epoch: Option<String>,
+    #[serde(default)]
+    pub offset: Option<u64>,
 }
 
 #[derive(Deserialize)]

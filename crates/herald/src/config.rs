@@ -36,6 +36,30 @@ pub struct Config {
     pub api: ApiSection,
     pub delivery: DeliverySection,
     pub ws: WsSection,
+    pub history: HistorySection,
+}
+
+/// Channel history defaults (apps may set their own rules).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HistorySection {
+    /// Which channels keep history, for apps that set no rules; the first match wins.
+    pub rules: Vec<herald_core::history::HistoryRule>,
+    /// Events one resubscription may replay.
+    pub max_replay: u64,
+    /// Seconds between SSE keep-alive comments.
+    pub sse_keepalive_secs: u64,
+}
+
+impl Default for HistorySection {
+    fn default() -> Self {
+        let d = herald_ws::history::HistoryConfig::default();
+        Self {
+            rules: d.default_rules,
+            max_replay: d.max_replay,
+            sse_keepalive_secs: 15,
+        }
+    }
 }
 
 /// WebSocket (Pusher protocol) limits and timings.
@@ -119,6 +143,7 @@ impl Default for Config {
             api: ApiSection::default(),
             delivery: DeliverySection::default(),
             ws: WsSection::default(),
+            history: HistorySection::default(),
         }
     }
 }
@@ -273,6 +298,13 @@ impl Config {
             max_user_info_bytes: w.max_user_info_bytes,
             client_events_per_second: w.client_events_per_second,
             outbox_frames: w.outbox_frames,
+        }
+    }
+
+    pub fn history_config(&self) -> herald_ws::history::HistoryConfig {
+        herald_ws::history::HistoryConfig {
+            default_rules: self.history.rules.clone(),
+            max_replay: self.history.max_replay,
         }
     }
 

@@ -18,7 +18,7 @@ use herald_core::{
 };
 use herald_delivery::{Dispatcher, WebhookClient};
 use herald_store::{Store, TokenScope, sqlite::SqliteStore};
-use herald_ws::{Hub, connection::WsState};
+use herald_ws::{Hub, connection::WsState, history::History};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -66,10 +66,15 @@ pub async fn run(
         config.channel_webhook_config(),
     ));
     let hub = Arc::new(Hub::new(Arc::clone(&channel_webhooks) as _));
+    let history = Arc::new(History::new(
+        Arc::clone(&store),
+        Arc::clone(&hub),
+        config.history_config(),
+    ));
     let state = ApiState::new(
         Arc::clone(&store),
         dispatcher.handle(),
-        Arc::clone(&hub),
+        Arc::clone(&history),
         config.admin_token.as_deref().map(token::hash),
     );
     let connections = TaskTracker::new();
@@ -77,6 +82,7 @@ pub async fn run(
         WsState {
             store: Arc::clone(&store),
             hub,
+            history,
             config: config.ws_config(),
             // WebSocket connections are upgraded out of the HTTP server's reach: they watch the
             // shutdown token themselves and close with 4200 (reconnect) at once.
@@ -140,6 +146,7 @@ async fn seed_dev(store: &dyn Store) -> anyhow::Result<()> {
                     key: DEV_PUSHER_KEY.to_owned(),
                     secret: DEV_PUSHER_SECRET.to_owned(),
                 },
+                history: None,
                 created_at: now,
                 updated_at: now,
             })

@@ -7,6 +7,7 @@ use axum::{
 };
 use chrono::{DateTime, Utc};
 use herald_core::{
+    history::{self, HistoryRule},
     id,
     model::{App, Metadata, PusherCredentials},
     validate,
@@ -31,6 +32,10 @@ pub struct ApplicationIn {
     pub throttle_rate: Option<i64>,
     #[serde(default)]
     pub metadata: Option<Metadata>,
+    /// Herald's extension: which channels keep history (`None`: the server's defaults). An
+    /// update that leaves it out keeps it, as Svix SDKs do not know the field.
+    #[serde(default)]
+    pub history: Option<Vec<HistoryRule>>,
 }
 
 #[derive(Deserialize)]
@@ -44,6 +49,8 @@ pub struct ApplicationPatch {
     throttle_rate: Option<Option<i64>>,
     #[serde(default)]
     metadata: Option<Metadata>,
+    #[serde(default, deserialize_with = "super::double_option")]
+    history: Option<Option<Vec<HistoryRule>>>,
 }
 
 #[derive(Serialize)]
@@ -57,6 +64,8 @@ pub struct ApplicationOut {
     metadata: Metadata,
     /// Credentials for Pusher-protocol clients and server SDKs (ignored by the Svix SDKs).
     pusher: PusherOut,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    history: Option<Vec<HistoryRule>>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
 }
@@ -83,6 +92,7 @@ impl From<App> for ApplicationOut {
                 key: app.pusher.key,
                 secret: app.pusher.secret,
             },
+            history: app.history,
             created_at: app.created_at,
             updated_at: app.updated_at,
         }
@@ -102,7 +112,18 @@ fn validate_in(input: &ApplicationIn) -> ApiResult<()> {
     if let Some(uid) = &input.uid {
         v.check(&["body", "uid"], validate::uid(uid));
     }
+    check_history(&mut v, input.history.as_deref());
     v.finish()
+}
+
+fn check_history(v: &mut Validator, rules: Option<&[HistoryRule]>) {
+    let Some(rules) = rules else { return };
+    if rules.len() > 20 {
+        v.check(&["body", "history"], Err("at most 20 history rules"));
+    }
+    for rule in rules {
+        v.check(&["body", "history"], history::validate_rule(rule));
+    }
 }
 
 /// Creates the app described by `input`; shared with message creation's `application` field.
@@ -116,6 +137,7 @@ pub(crate) async fn create_app(state: &ApiState, input: ApplicationIn) -> ApiRes
         throttle_rate: input.throttle_rate,
         metadata: input.metadata.unwrap_or_default(),
         pusher: PusherCredentials::generate(),
+        history: input.history,
         created_at: now,
         updated_at: now,
     };
@@ -208,6 +230,9 @@ pub async fn upsert(
             app.uid = input.uid;
             app.throttle_rate = input.throttle_rate;
             app.metadata = input.metadata.unwrap_or_default();
+            if input.history.is_some() {
+                app.history = input.history;
+            }
             app.updated_at = crate::now();
             state.store.update_app(&app).await?;
             Ok((StatusCode::OK, Json(app.into())))
@@ -247,11 +272,15 @@ pub async fn patch(
     if let Some(metadata) = patch.metadata {
         app.metadata = metadata;
     }
+    if let Some(history) = patch.history {
+        app.history = history;
+    }
     validate_in(&ApplicationIn {
         name: app.name.clone(),
         uid: app.uid.clone(),
         throttle_rate: None,
         metadata: None,
+        history: app.history.clone(),
     })?;
     app.updated_at = crate::now();
     state.store.update_app(&app).await?;

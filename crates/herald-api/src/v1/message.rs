@@ -178,7 +178,7 @@ pub async fn create(
     if let Some(channels) = &message.channels {
         // Stored first: WebSocket subscribers never see an event the store could lose.
         let data = std::str::from_utf8(&message.payload).unwrap_or("{}");
-        crate::events::broadcast(&state, &app, &message.event_type, channels, data, None);
+        crate::events::broadcast(&state, &app, &message.event_type, channels, data, None).await;
     }
     Ok((
         StatusCode::CREATED,

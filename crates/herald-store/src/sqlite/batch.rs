@@ -6,7 +6,10 @@
 //! transaction (see `grouped` for how). One caller's conflict does not undo the others'
 //! writes, and a caller's `await` returns only after the commit that contains its write.
 
-use herald_core::model::{DeliveryStatus, IngestEvent, Message};
+use herald_core::{
+    history::{HistoryEntry, Retention},
+    model::{DeliveryStatus, IngestEvent, Message},
+};
 use sqlx::{Acquire, SqliteConnection, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -28,6 +31,11 @@ pub(crate) enum WriteOp {
         endpoint_ids: Vec<String>,
     },
     RecordAttempt(AttemptRecord),
+    /// One channel history event; rides the group commit like messages do.
+    AppendHistory {
+        entry: Box<HistoryEntry>,
+        retention: Retention,
+    },
     /// A verified inbound webhook and the message it became, committed together so a
     /// provider's retry is either the first delivery or a recognised duplicate, never lost.
     RecordIngest {

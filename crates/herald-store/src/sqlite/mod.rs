@@ -31,9 +31,11 @@ use self::{
     batch::{PendingWrite, WriteOp},
     rows::{conflict_as, millis, opt_json, to_json},
 };
+use herald_core::history::{ChannelPosition, HistoryEntry, Retention};
+
 use crate::{
-    AttemptQuery, AttemptRecord, AttemptScope, ClaimRequest, DeliveryJob, IngestRecorded,
-    MessageQuery, Page, Result, Store, StoreError, TokenScope,
+    AttemptQuery, AttemptRecord, AttemptScope, ClaimRequest, DeliveryJob, HistoryQuery,
+    IngestRecorded, MessageQuery, Page, Result, Store, StoreError, TokenScope,
 };
 
 const DB_FILE: &str = "herald.db";
@@ -138,8 +140,8 @@ impl Store for SqliteStore {
     async fn create_app(&self, app: &App) -> Result<()> {
         sqlx::query(
             "INSERT INTO apps (id, uid, name, throttle_rate, metadata, created_at, updated_at,
-                               pusher_app_id, pusher_key, pusher_secret)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                               pusher_app_id, pusher_key, pusher_secret, history_rules)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
         )
         .bind(&app.id)
         .bind(&app.uid)
@@ -151,6 +153,7 @@ impl Store for SqliteStore {
         .bind(app.pusher.app_id)
         .bind(&app.pusher.key)
         .bind(&app.pusher.secret)
+        .bind(opt_json(&app.history))
         .execute(&self.writer)
         .await
         .map_err(conflict_as(
@@ -207,7 +210,8 @@ impl Store for SqliteStore {
 
     async fn update_app(&self, app: &App) -> Result<()> {
         let done = sqlx::query(
-            "UPDATE apps SET uid = $2, name = $3, throttle_rate = $4, metadata = $5, updated_at = $6
+            "UPDATE apps SET uid = $2, name = $3, throttle_rate = $4, metadata = $5, updated_at = $6,
+                    history_rules = $7
              WHERE id = $1",
         )
         .bind(&app.id)
@@ -216,6 +220,7 @@ impl Store for SqliteStore {
         .bind(app.throttle_rate)
         .bind(to_json(&app.metadata))
         .bind(millis(app.updated_at))
+        .bind(opt_json(&app.history))
         .execute(&self.writer)
         .await
         .map_err(conflict_as("an application with this uid already exists"))?;
@@ -473,6 +478,118 @@ impl Store for SqliteStore {
             }
         }
         Ok(stats)
+    }
+
+    async fn channel_position(
+        &self,
+        app_id: &str,
+        channel: &str,
+    ) -> Result<Option<ChannelPosition>> {
+        let row = sqlx::query(
+            "SELECT epoch, next_offset FROM channel_positions WHERE app_id = $1 AND channel = $2",
+        )
+        .bind(app_id)
+        .bind(channel)
+        .fetch_optional(&self.reader)
+        .await?;
+        row.map(|row| {
+            Ok(ChannelPosition {
+                epoch: row.try_get("epoch")?,
+                next_offset: u64::try_from(row.try_get::<i64, _>("next_offset")?)
+                    .map_err(|_| StoreError::Corrupt("next_offset".into()))?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn reset_history(
+        &self,
+        app_id: &str,
+        channel: &str,
+        position: &ChannelPosition,
+    ) -> Result<()> {
+        let next = i64::try_from(position.next_offset)
+            .map_err(|_| StoreError::Corrupt("next_offset".into()))?;
+        let mut tx = self.writer.begin().await?;
+        sqlx::query("DELETE FROM channel_history WHERE app_id = $1 AND channel = $2")
+            .bind(app_id)
+            .bind(channel)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO channel_positions (app_id, channel, epoch, next_offset)
+             VALUES ($1, $2, $3, $4)
+             ON CONFLICT (app_id, channel) DO UPDATE SET epoch = excluded.epoch,
+                                                         next_offset = excluded.next_offset",
+        )
+        .bind(app_id)
+        .bind(channel)
+        .bind(&position.epoch)
+        .bind(next)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn append_history(&self, entry: HistoryEntry, retention: Retention) -> Result<()> {
+        self.submit(WriteOp::AppendHistory {
+            entry: Box::new(entry),
+            retention,
+        })
+        .await
+    }
+
+    async fn history(
+        &self,
+        app_id: &str,
+        channel: &str,
+        query: &HistoryQuery,
+    ) -> Result<Vec<HistoryEntry>> {
+        let mut q = QueryBuilder::new("SELECT * FROM channel_history WHERE app_id = ");
+        q.push_bind(app_id.to_owned());
+        q.push(" AND channel = ").push_bind(channel.to_owned());
+        q.push(" AND created_at >= ")
+            .push_bind(millis(query.not_before));
+        if let Some(after) = query.after {
+            q.push(" AND seq > ")
+                .push_bind(i64::try_from(after).unwrap_or(i64::MAX));
+        }
+        if let Some(before) = query.before {
+            q.push(" AND seq < ")
+                .push_bind(i64::try_from(before).unwrap_or(i64::MAX));
+        }
+        q.push(if query.newest_first {
+            " ORDER BY seq DESC"
+        } else {
+            " ORDER BY seq ASC"
+        });
+        q.push(" LIMIT ").push_bind(i64::from(query.limit));
+        // WAL readers see every commit made before the read began: every awaited append.
+        q.build()
+            .fetch_all(&self.reader)
+            .await?
+            .iter()
+            .map(rows::history_entry)
+            .collect()
+    }
+
+    async fn oldest_history_offset(
+        &self,
+        app_id: &str,
+        channel: &str,
+        not_before: DateTime<Utc>,
+    ) -> Result<Option<u64>> {
+        let oldest: Option<i64> = sqlx::query_scalar(
+            "SELECT MIN(seq) FROM channel_history
+             WHERE app_id = $1 AND channel = $2 AND created_at >= $3",
+        )
+        .bind(app_id)
+        .bind(channel)
+        .bind(millis(not_before))
+        .fetch_one(&self.reader)
+        .await?;
+        Ok(oldest.and_then(|o| u64::try_from(o).ok()))
     }
 
     async fn create_source(&self, source: &IngestSource) -> Result<()> {
@@ -967,6 +1084,7 @@ mod tests {
             throttle_rate: None,
             metadata: Metadata::new(),
             pusher: herald_core::model::PusherCredentials::generate(),
+            history: None,
             created_at: now,
             updated_at: now,
         };

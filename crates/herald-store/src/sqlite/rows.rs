@@ -55,6 +55,7 @@ pub(crate) fn app(row: &SqliteRow) -> Result<App> {
             key: row.try_get("pusher_key")?,
             secret: row.try_get("pusher_secret")?,
         },
+        history: opt_from_json("history_rules", row.try_get("history_rules")?)?,
         created_at: time(row.try_get("created_at")?)?,
         updated_at: time(row.try_get("updated_at")?)?,
     })
@@ -201,5 +202,18 @@ pub(crate) fn ingest_event(row: &SqliteRow) -> Result<IngestEvent> {
         channels: from_json("channels", row.try_get("channels")?)?,
         msg_id: row.try_get("msg_id")?,
         received_at: time(row.try_get("received_at")?)?,
+    })
+}
+
+pub(crate) fn history_entry(row: &SqliteRow) -> Result<herald_core::history::HistoryEntry> {
+    Ok(herald_core::history::HistoryEntry {
+        app_id: row.try_get("app_id")?,
+        channel: row.try_get("channel")?,
+        epoch: row.try_get("epoch")?,
+        offset: u64::try_from(row.try_get::<i64, _>("seq")?)
+            .map_err(|_| StoreError::Corrupt("history offset".into()))?,
+        event: row.try_get("event")?,
+        data: row.try_get("data")?,
+        created_at: time(row.try_get("created_at")?)?,
     })
 }

@@ -8,6 +8,7 @@ mod api;
 mod channel_webhooks;
 mod delivery;
 mod harness;
+mod history;
 mod ingest;
 mod process;
 mod pusher;

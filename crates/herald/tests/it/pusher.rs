@@ -12,6 +12,7 @@ use crate::harness::{PATIENCE, TestServer};
 pub type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// A Pusher app's credentials, as the app API returns them.
+#[derive(Clone)]
 pub struct Creds {
     pub id: String,
     pub key: String,

@@ -8,7 +8,10 @@
 
 use std::collections::HashSet;
 
-use herald_core::model::{Message, TriggerType};
+use herald_core::{
+    history::{HistoryEntry, Retention},
+    model::{Message, TriggerType},
+};
 use serde_json::json;
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 
@@ -39,6 +42,9 @@ pub(super) async fn apply(
                 endpoint_ids,
             } => messages.push((i, message, endpoint_ids.as_slice())),
             WriteOp::RecordAttempt(record) => attempts.push(record),
+            WriteOp::AppendHistory { entry, retention } => {
+                append_history(conn, entry, *retention).await?;
+            }
             WriteOp::RecordIngest {
                 event,
                 message,
@@ -141,6 +147,55 @@ async fn insert_messages(
         });
         q.build().execute(&mut *conn).await?;
     }
+    Ok(())
+}
+
+async fn append_history(
+    conn: &mut SqliteConnection,
+    entry: &HistoryEntry,
+    retention: Retention,
+) -> Result<()> {
+    let offset = i64::try_from(entry.offset).map_err(|_| StoreError::Corrupt("offset".into()))?;
+    sqlx::query(
+        "INSERT INTO channel_history (app_id, channel, seq, epoch, event, data, created_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(&entry.app_id)
+    .bind(&entry.channel)
+    .bind(offset)
+    .bind(&entry.epoch)
+    .bind(&entry.event)
+    .bind(&entry.data)
+    .bind(millis(entry.created_at))
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "INSERT INTO channel_positions (app_id, channel, epoch, next_offset) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (app_id, channel) DO UPDATE SET epoch = excluded.epoch,
+                                                     next_offset = excluded.next_offset",
+    )
+    .bind(&entry.app_id)
+    .bind(&entry.channel)
+    .bind(&entry.epoch)
+    .bind(offset + 1)
+    .execute(&mut *conn)
+    .await?;
+    let keep_from = offset - i64::try_from(retention.max_events).unwrap_or(i64::MAX) + 1;
+    let max_age = chrono::Duration::from_std(retention.max_age).unwrap_or(chrono::Duration::MAX);
+    let expired = entry
+        .created_at
+        .checked_sub_signed(max_age)
+        .map_or(i64::MIN, millis);
+    sqlx::query(
+        "DELETE FROM channel_history
+         WHERE app_id = $1 AND channel = $2 AND (seq < $3 OR created_at < $4)",
+    )
+    .bind(&entry.app_id)
+    .bind(&entry.channel)
+    .bind(keep_from)
+    .bind(expired)
+    .execute(&mut *conn)
+    .await?;
     Ok(())
 }
 

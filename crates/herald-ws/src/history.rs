@@ -1,0 +1,305 @@
+//! History channels: every event published to one is appended to the store with the next
+//! offset before it is broadcast, and a subscriber can resume after the last position it saw.
+//!
+//! One lock per channel orders everything that touches its position: an append (store, then
+//! broadcast) and a join (read what was missed, register the subscriber, queue the replay). So
+//! a joining subscriber either finds an event in the store or receives it live, never both and
+//! never neither: the seam between replay and live has no gap and no duplicate.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use chrono::Utc;
+use herald_core::{
+    history::{
+        self, ChannelPosition, HistoryEntry, HistoryRule, Recovery, Retention, Unrecoverable,
+    },
+    model::App,
+};
+use herald_store::{HistoryQuery, Store, StoreError};
+
+use crate::{Frame, Hub, protocol};
+
+#[derive(Debug, Clone)]
+pub struct HistoryConfig {
+    /// Rules for apps that set none.
+    pub default_rules: Vec<HistoryRule>,
+    /// Events one resubscription may replay; beyond, the client is told to page.
+    pub max_replay: u64,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        let rule = |pattern: &str| HistoryRule {
+            pattern: pattern.to_owned(),
+            max_events: 1000,
+            max_age_secs: 24 * 3600,
+        };
+        Self {
+            default_rules: vec![
+                rule("history-*"),
+                rule("private-history-*"),
+                rule("private-encrypted-history-*"),
+                rule("presence-history-*"),
+            ],
+            max_replay: 500,
+        }
+    }
+}
+
+type PositionSlot = Arc<tokio::sync::Mutex<Option<ChannelPosition>>>;
+
+pub struct History {
+    store: Arc<dyn Store>,
+    hub: Arc<Hub>,
+    config: HistoryConfig,
+    positions: Mutex<HashMap<(String, String), PositionSlot>>,
+}
+
+/// Where a resuming client left off.
+#[derive(Debug, Clone)]
+pub struct Resume {
+    pub epoch: String,
+    pub offset: u64,
+}
+
+/// What a joining subscriber learns, under the channel's lock.
+pub struct Joined {
+    pub epoch: String,
+    /// The newest offset (0 before the first event).
+    pub offset: u64,
+    /// Present when the subscriber asked to resume.
+    pub recovery: Option<Recovery>,
+    /// The missed events, oldest first, as frames.
+    pub replay: Vec<Frame>,
+}
+
+impl Joined {
+    /// The `history` member of `subscription_succeeded` (and of SSE's status event).
+    pub fn status(&self) -> serde_json::Value {
+        let mut status = serde_json::json!({"epoch": self.epoch, "offset": self.offset});
+        match &self.recovery {
+            Some(Recovery::Complete { missed }) => {
+                status["recovered"] = true.into();
+                status["missed"] = (*missed).into();
+            }
+            Some(Recovery::Impossible(reason)) => {
+                status["recovered"] = false.into();
+                status["reason"] = reason.as_str().into();
+            }
+            None => {}
+        }
+        status
+    }
+}
+
+/// A page of history for the HTTP API.
+pub struct Page {
+    pub position: Option<ChannelPosition>,
+    pub entries: Vec<HistoryEntry>,
+}
+
+impl History {
+    pub fn new(store: Arc<dyn Store>, hub: Arc<Hub>, config: HistoryConfig) -> Self {
+        Self {
+            store,
+            hub,
+            config,
+            positions: Mutex::default(),
+        }
+    }
+
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    /// The channel's retention, if it keeps history: the app's rules, else the defaults.
+    pub fn retention(&self, app: &App, channel: &str) -> Option<Retention> {
+        let rules = app.history.as_deref().unwrap_or(&self.config.default_rules);
+        history::retention_for(rules, channel)
+    }
+
+    fn slot(&self, app_id: &str, channel: &str) -> PositionSlot {
+        let mut positions = self.positions.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(
+            positions
+                .entry((app_id.to_owned(), channel.to_owned()))
+                .or_default(),
+        )
+    }
+
+    /// The channel's position, loaded from the store or started with a fresh epoch.
+    async fn position(
+        &self,
+        slot: &mut Option<ChannelPosition>,
+        app_id: &str,
+        channel: &str,
+    ) -> Result<ChannelPosition, StoreError> {
+        if let Some(position) = slot {
+            return Ok(position.clone());
+        }
+        let position = match self.store.channel_position(app_id, channel).await? {
+            Some(position) => position,
+            None => {
+                let fresh = ChannelPosition {
+                    epoch: history::new_epoch(),
+                    next_offset: 1,
+                };
+                self.store.reset_history(app_id, channel, &fresh).await?;
+                fresh
+            }
+        };
+        *slot = Some(position.clone());
+        Ok(position)
+    }
+
+    /// Sends an event to a channel's subscribers (but `except`); on a history channel it is
+    /// first appended with the next offset and carries its position. Returns how many
+    /// subscribers it was handed to.
+    pub async fn publish(
+        &self,
+        app: &App,
+        channel: &str,
+        event: &str,
+        data: &str,
+        except: Option<&str>,
+    ) -> Result<usize, StoreError> {
+        let hub = self.hub.app(&app.id);
+        let Some(retention) = self.retention(app, channel) else {
+            return Ok(hub.broadcast(channel, &protocol::event(event, channel, data), except));
+        };
+        let slot = self.slot(&app.id, channel);
+        let mut slot = slot.lock().await;
+        let position = self.position(&mut slot, &app.id, channel).await?;
+        let offset = position.next_offset;
+        self.store
+            .append_history(
+                HistoryEntry {
+                    app_id: app.id.clone(),
+                    channel: channel.to_owned(),
+                    epoch: position.epoch.clone(),
+                    offset,
+                    event: event.to_owned(),
+                    data: data.to_owned(),
+                    created_at: Utc::now(),
+                },
+                retention,
+            )
+            .await?;
+        if let Some(position) = slot.as_mut() {
+            position.next_offset = offset + 1;
+        }
+        let frame = protocol::history_event(event, channel, data, &position.epoch, offset);
+        Ok(hub.broadcast(channel, &frame, except))
+    }
+
+    /// Joins a history channel: under the channel's lock, works out what `resume` missed,
+    /// then calls `register`, which must add the subscriber to the hub and queue its frames
+    /// (the confirmation, then `Joined::replay`) before the lock is released.
+    pub async fn join<T>(
+        &self,
+        app: &App,
+        channel: &str,
+        retention: Retention,
+        resume: Option<&Resume>,
+        register: impl FnOnce(Joined) -> T,
+    ) -> Result<T, StoreError> {
+        let slot = self.slot(&app.id, channel);
+        let mut slot = slot.lock().await;
+        let position = self.position(&mut slot, &app.id, channel).await?;
+        let newest = position.next_offset - 1;
+        let mut joined = Joined {
+            epoch: position.epoch.clone(),
+            offset: newest,
+            recovery: None,
+            replay: Vec::new(),
+        };
+        if let Some(resume) = resume {
+            let not_before = not_before(retention);
+            let oldest = self
+                .store
+                .oldest_history_offset(&app.id, channel, not_before)
+                .await?;
+            let recovery = history::recovery(
+                &position,
+                oldest,
+                &resume.epoch,
+                resume.offset,
+                self.config.max_replay,
+            );
+            if let Recovery::Complete { missed } = recovery
+                && missed > 0
+            {
+                let entries = self
+                    .store
+                    .history(
+                        &app.id,
+                        channel,
+                        &HistoryQuery {
+                            after: Some(resume.offset),
+                            before: Some(position.next_offset),
+                            limit: u32::try_from(missed).unwrap_or(u32::MAX),
+                            newest_first: false,
+                            not_before,
+                        },
+                    )
+                    .await?;
+                // Retention may have removed some between the two reads; that is a gap.
+                if entries.len() as u64 != missed {
+                    joined.recovery = Some(Recovery::Impossible(Unrecoverable::OffsetTooOld));
+                } else {
+                    joined.replay = entries
+                        .iter()
+                        .map(|e| {
+                            protocol::history_event(&e.event, channel, &e.data, &e.epoch, e.offset)
+                        })
+                        .collect();
+                    joined.recovery = Some(recovery);
+                }
+            } else {
+                joined.recovery = Some(recovery);
+            }
+        }
+        Ok(register(joined))
+    }
+
+    /// A page of the channel's history, and its position.
+    pub async fn page(
+        &self,
+        app: &App,
+        channel: &str,
+        after: Option<u64>,
+        before: Option<u64>,
+        limit: u32,
+        newest_first: bool,
+    ) -> Result<Option<Page>, StoreError> {
+        let Some(retention) = self.retention(app, channel) else {
+            return Ok(None);
+        };
+        let position = self.store.channel_position(&app.id, channel).await?;
+        let entries = self
+            .store
+            .history(
+                &app.id,
+                channel,
+                &HistoryQuery {
+                    after,
+                    before,
+                    limit,
+                    newest_first,
+                    not_before: not_before(retention),
+                },
+            )
+            .await?;
+        Ok(Some(Page { position, entries }))
+    }
+}
+
+fn not_before(retention: Retention) -> chrono::DateTime<Utc> {
+    let max_age = chrono::Duration::from_std(retention.max_age).unwrap_or(chrono::Duration::MAX);
+    Utc::now()
+        .checked_sub_signed(max_age)
+        .unwrap_or(chrono::DateTime::<Utc>::MIN_UTC)
+}

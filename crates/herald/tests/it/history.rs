@@ -1,0 +1,218 @@
+//! History channels: positions on every event, exact resumption across reconnects and
+//! restarts, and plain answers when resumption is impossible.
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::{
+    harness::TestServer,
+    pusher::{Client, Creds, pusher_app, trigger},
+};
+
+async fn publish(server: &TestServer, creds: &Creds, channel: &str, n: u64) {
+    let (status, body) = trigger(
+        server,
+        creds,
+        json!({"name": "note", "channel": channel, "data": json!({"n": n}).to_string()}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+}
+
+/// Subscribes (resuming after `resume`, if given); returns the `history` status.
+async fn join(client: &mut Client, channel: &str, resume: Option<(&str, u64)>) -> Value {
+    let mut data = json!({"channel": channel});
+    if let Some((epoch, offset)) = resume {
+        data["epoch"] = json!(epoch);
+        data["offset"] = json!(offset);
+    }
+    client
+        .send(json!({"event": "pusher:subscribe", "data": data}))
+        .await;
+    let ok = client.expect("pusher_internal:subscription_succeeded").await;
+    let confirmation: Value =
+        serde_json::from_str(ok["data"].as_str().expect("data string")).expect("json");
+    confirmation["history"].clone()
+}
+
+/// Reads `note` events until `last` arrives; returns their offsets (and checks the epoch).
+async fn offsets_until(client: &mut Client, epoch: &str, last: u64) -> Vec<u64> {
+    let mut seen = Vec::new();
+    loop {
+        let event = client.expect("note").await;
+        assert_eq!(event["epoch"], epoch, "{event}");
+        let offset = event["offset"].as_u64().expect("offset");
+        let data: Value = serde_json::from_str(event["data"].as_str().expect("data")).expect("json");
+        assert_eq!(data["n"], offset, "the payload published as event {offset}");
+        seen.push(offset);
+        if offset >= last {
+            return seen;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_reconnects_gets_exactly_what_it_missed_even_while_events_keep_coming() {
+    let server = TestServer::start().await;
+    let (_, creds) = pusher_app(&server, "history-seam").await;
+    let channel = "history-room";
+
+    let mut first = Client::connect(&server, &creds.key).await;
+    let status = join(&mut first, channel, None).await;
+    assert_eq!(status["offset"], 0, "{status}");
+    let epoch = status["epoch"].as_str().expect("epoch").to_owned();
+    for n in 1..=3 {
+        publish(&server, &creds, channel, n).await;
+    }
+    assert_eq!(offsets_until(&mut first, &epoch, 3).await, [1, 2, 3]);
+    drop(first);
+
+    // Missed while away.
+    for n in 4..=8 {
+        publish(&server, &creds, channel, n).await;
+    }
+    // Reconnect and resume from 3 while another 20 are being published: the seam.
+    let mut again = Client::connect(&server, &creds.key).await;
+    let publisher = {
+        let (base, creds) = (server.base.clone(), Creds { ..creds.clone() });
+        tokio::spawn(async move {
+            let remote = TestServer::remote(base);
+            for n in 9..=28 {
+                publish(&remote, &creds, channel, n).await;
+            }
+        })
+    };
+    let status = join(&mut again, channel, Some((&epoch, 3))).await;
+    assert_eq!(status["recovered"], true, "{status}");
+    assert_eq!(status["epoch"], epoch.as_str());
+    let missed = status["missed"].as_u64().expect("missed");
+    assert!(missed >= 5, "at least the five published while away: {status}");
+    publisher.await.expect("publisher");
+    let offsets = offsets_until(&mut again, &epoch, 28).await;
+    assert_eq!(offsets, (4..=28).collect::<Vec<u64>>(), "in order, no gap, no duplicate");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn resumption_survives_a_restart_on_the_embedded_store() {
+    let dir = tempfile::tempdir().expect("dir");
+    let data_dir = dir.path().to_owned();
+    let server = TestServer::start_with(|c| c.data_dir = data_dir.clone()).await;
+    let (_, creds) = pusher_app(&server, "history-restart").await;
+    let channel = "private-history-orders";
+    let mut client = Client::connect(&server, &creds.key).await;
+    let auth = crate::pusher::channel_auth(&creds, &client.socket_id, channel, None);
+    client
+        .send(json!({"event": "pusher:subscribe", "data": {"channel": channel, "auth": auth}}))
+        .await;
+    let ok = client.expect("pusher_internal:subscription_succeeded").await;
+    let status: Value = serde_json::from_str(ok["data"].as_str().expect("data")).expect("json");
+    let epoch = status["history"]["epoch"].as_str().expect("epoch").to_owned();
+    publish(&server, &creds, channel, 1).await;
+    assert_eq!(offsets_until(&mut client, &epoch, 1).await, [1]);
+    drop(client);
+    for n in 2..=3 {
+        publish(&server, &creds, channel, n).await;
+    }
+    server.stop().await;
+
+    let server = TestServer::start_with(|c| c.data_dir = data_dir.clone()).await;
+    for n in 4..=5 {
+        publish(&server, &creds, channel, n).await;
+    }
+    let mut client = Client::connect(&server, &creds.key).await;
+    let auth = crate::pusher::channel_auth(&creds, &client.socket_id, channel, None);
+    client
+        .send(json!({"event": "pusher:subscribe", "data": {
+            "channel": channel, "auth": auth, "epoch": epoch, "offset": 1}}))
+        .await;
+    let ok = client.expect("pusher_internal:subscription_succeeded").await;
+    let status: Value = serde_json::from_str(ok["data"].as_str().expect("data")).expect("json");
+    assert_eq!(status["history"]["recovered"], true, "{status}");
+    assert_eq!(status["history"]["missed"], 4);
+    assert_eq!(offsets_until(&mut client, &epoch, 5).await, [2, 3, 4, 5]);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn impossible_resumptions_are_reported_with_the_current_position() {
+    let server = TestServer::start().await;
+    let (app, creds) = pusher_app(&server, "history-limits").await;
+    // This app keeps 3 events on feed-* channels.
+    let (status, updated) = server
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/app/{app}"),
+            Some(json!({"history": [{"pattern": "feed-*", "maxEvents": 3, "maxAgeSecs": 3600}]})),
+        )
+        .await;
+    assert_eq!(status, 200, "{updated}");
+    let channel = "feed-prices";
+    let mut watcher = Client::connect(&server, &creds.key).await;
+    let epoch = join(&mut watcher, channel, None).await["epoch"]
+        .as_str()
+        .expect("epoch")
+        .to_owned();
+    for n in 1..=6 {
+        publish(&server, &creds, channel, n).await;
+    }
+    assert_eq!(offsets_until(&mut watcher, &epoch, 6).await.len(), 6);
+
+    let mut late = Client::connect(&server, &creds.key).await;
+    let status = join(&mut late, channel, Some((&epoch, 1))).await;
+    assert_eq!(
+        status,
+        json!({"epoch": epoch, "offset": 6, "recovered": false, "reason": "offset_too_old"})
+    );
+    let mut other = Client::connect(&server, &creds.key).await;
+    let status = join(&mut other, "feed-other", Some(("0000000000000000", 2))).await;
+    assert_eq!(status["recovered"], false);
+    assert_eq!(status["reason"], "epoch_changed");
+    let mut ok = Client::connect(&server, &creds.key).await;
+    let status = join(&mut ok, channel, Some((&epoch, 4))).await;
+    assert_eq!(status["recovered"], true);
+    assert_eq!(offsets_until(&mut ok, &epoch, 6).await, [5, 6]);
+
+    // Channels outside the rules carry no positions: the default rules no longer apply.
+    let mut plain = Client::connect(&server, &creds.key).await;
+    assert_eq!(join(&mut plain, "history-x", None).await, Value::Null);
+
+    // The history API pages through what is kept.
+    let (status, page) = crate::pusher::pusher_api(
+        &server,
+        &creds,
+        "GET",
+        &format!("/apps/{}/channels/{channel}/history", creds.id),
+        &[("limit", "2")],
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{page}");
+    let page: Value = serde_json::from_str(&page).expect("json");
+    assert_eq!(page["epoch"], epoch.as_str());
+    assert_eq!(page["offset"], 6);
+    let offsets: Vec<u64> = page["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| e["offset"].as_u64().expect("offset"))
+        .collect();
+    assert_eq!(offsets, [6, 5], "newest first by default");
+    let (_, oldest) = crate::pusher::pusher_api(
+        &server,
+        &creds,
+        "GET",
+        &format!("/apps/{}/channels/{channel}/history", creds.id),
+        &[("direction", "forward"), ("after", "3")],
+        None,
+    )
+    .await;
+    let oldest: Value = serde_json::from_str(&oldest).expect("json");
+    assert_eq!(
+        oldest["events"][0],
+        json!({"offset": 4, "event": "note", "data": "{\"n\":4}",
+               "time_ms": oldest["events"][0]["time_ms"]})
+    );
+    assert_eq!(oldest["events"].as_array().expect("events").len(), 3);
+    server.stop().await;
+}
