@@ -16,6 +16,7 @@ mod idempotency;
 mod ingest;
 mod pagination;
 mod pusher_api;
+pub mod sse;
 mod v1;
 
 use std::sync::Arc;
@@ -30,6 +31,7 @@ use herald_core::token::TokenHash;
 use herald_delivery::DispatcherHandle;
 use herald_store::Store;
 use herald_ws::{Hub, history::History};
+use tokio_util::sync::CancellationToken;
 
 pub use error::ApiError;
 
@@ -44,6 +46,9 @@ pub struct ApiState {
     /// Digest of the operator's admin token, if one is configured.
     pub admin_token_hash: Option<TokenHash>,
     pub idempotency: Arc<idempotency::InFlight>,
+    pub sse: sse::SseConfig,
+    /// Cancelled at shutdown: long-lived responses (SSE streams) end with it.
+    pub shutdown: CancellationToken,
 }
 
 #[derive(Debug, Clone)]
@@ -74,6 +79,8 @@ impl ApiState {
             history,
             admin_token_hash,
             idempotency: Arc::default(),
+            sse: sse::SseConfig::default(),
+            shutdown: CancellationToken::new(),
         }
     }
 }
@@ -87,6 +94,8 @@ pub fn router(state: ApiState, config: &ApiConfig) -> Router {
         .merge(pusher_api::router())
         // Authenticated by each provider's signature, not by a token.
         .route("/ingest/{source_id}", axum::routing::post(ingest::receive))
+        // Public channels are public; private ones carry a signed token.
+        .route("/apps/{app_id}/sse", axum::routing::get(sse::stream))
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
         .fallback(unknown_route)
         .with_state(state)

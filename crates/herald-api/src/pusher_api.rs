@@ -42,7 +42,8 @@ pub fn router() -> Router<ApiState> {
         )
 }
 
-pub struct PusherError(StatusCode, String);
+/// A plain-text error, as the Pusher HTTP API answers.
+pub struct PusherError(pub(crate) StatusCode, pub(crate) String);
 
 impl IntoResponse for PusherError {
     fn into_response(self) -> Response {

@@ -116,6 +116,43 @@ fn signature_matches(secret: &str, data: &str, hex_signature: &str) -> bool {
         .is_ok()
 }
 
+/// A token that lets a Server-Sent Events stream read private channels: `<expires>:<hex>`,
+/// the HMAC-SHA256 with the app secret of `sse:<expires>:<channels>` (the `channels` query
+/// value exactly as sent). The app's backend mints it, as it signs channel auths.
+pub fn sse_token(secret: &str, channels: &str, expires_unix: i64) -> String {
+    format!(
+        "{expires_unix}:{}",
+        sign(secret, &format!("sse:{expires_unix}:{channels}"))
+    )
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SseTokenError {
+    #[error("token must be \"<expires unix time>:<hex signature>\"")]
+    Malformed,
+    #[error("token expired {0} s ago")]
+    Expired(i64),
+    #[error("token signature does not match the channels with the app secret")]
+    BadSignature,
+}
+
+pub fn verify_sse_token(
+    secret: &str,
+    channels: &str,
+    token: &str,
+    now_unix: i64,
+) -> Result<(), SseTokenError> {
+    let (expires, signature) = token.split_once(':').ok_or(SseTokenError::Malformed)?;
+    let expires: i64 = expires.parse().map_err(|_| SseTokenError::Malformed)?;
+    if !signature_matches(secret, &format!("sse:{expires}:{channels}"), signature) {
+        return Err(SseTokenError::BadSignature);
+    }
+    if expires < now_unix {
+        return Err(SseTokenError::Expired(now_unix - expires));
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
     #[error("auth must be \"<app key>:<signature>\"")]
@@ -441,5 +478,30 @@ mod tests {
         expected.sort();
         got.sort();
         assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn sse_tokens() {
+        let token = sse_token(SECRET, "private-a,news", 2000);
+        assert_eq!(
+            verify_sse_token(SECRET, "private-a,news", &token, 1999),
+            Ok(())
+        );
+        assert_eq!(
+            verify_sse_token(SECRET, "private-a,news", &token, 2010),
+            Err(SseTokenError::Expired(10))
+        );
+        assert_eq!(
+            verify_sse_token(SECRET, "private-b,news", &token, 1999),
+            Err(SseTokenError::BadSignature)
+        );
+        assert_eq!(
+            verify_sse_token("other", "private-a,news", &token, 1999),
+            Err(SseTokenError::BadSignature)
+        );
+        assert_eq!(
+            verify_sse_token(SECRET, "x", "nonsense", 0),
+            Err(SseTokenError::Malformed)
+        );
     }
 }

@@ -273,10 +273,16 @@ impl Config {
             || w.outbox_frames == 0
             || w.client_events_per_second == 0
             || w.webhook_max_pending == 0
+            || self.history.max_replay == 0
+            || self.history.sse_keepalive_secs == 0
         {
             return Err(ConfigError::Invalid(
-                "ws timeouts, message size, outbox, client event rate and webhook_max_pending must be at least 1".into(),
+                "ws timeouts, message size, outbox, client event rate, webhook_max_pending, history.max_replay and history.sse_keepalive_secs must be at least 1".into(),
             ));
+        }
+        for rule in &self.history.rules {
+            herald_core::history::validate_rule(rule)
+                .map_err(|e| ConfigError::Invalid(format!("history.rules: {e}")))?;
         }
         if self.admin_token.as_deref().is_some_and(|t| t.len() < 16) {
             return Err(ConfigError::Invalid(
@@ -305,6 +311,14 @@ impl Config {
         herald_ws::history::HistoryConfig {
             default_rules: self.history.rules.clone(),
             max_replay: self.history.max_replay,
+        }
+    }
+
+    pub fn sse_config(&self) -> herald_api::sse::SseConfig {
+        herald_api::sse::SseConfig {
+            keepalive: Duration::from_secs(self.history.sse_keepalive_secs),
+            outbox_frames: self.ws.outbox_frames,
+            max_connections_per_app: self.ws.max_connections_per_app,
         }
     }
 

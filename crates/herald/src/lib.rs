@@ -71,12 +71,14 @@ pub async fn run(
         Arc::clone(&hub),
         config.history_config(),
     ));
-    let state = ApiState::new(
+    let mut state = ApiState::new(
         Arc::clone(&store),
         dispatcher.handle(),
         Arc::clone(&history),
         config.admin_token.as_deref().map(token::hash),
     );
+    state.sse = config.sse_config();
+    state.shutdown = shutdown.clone();
     let connections = TaskTracker::new();
     let websockets = herald_ws::connection::router(
         WsState {

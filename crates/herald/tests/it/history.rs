@@ -29,7 +29,9 @@ async fn join(client: &mut Client, channel: &str, resume: Option<(&str, u64)>) -
     client
         .send(json!({"event": "pusher:subscribe", "data": data}))
         .await;
-    let ok = client.expect("pusher_internal:subscription_succeeded").await;
+    let ok = client
+        .expect("pusher_internal:subscription_succeeded")
+        .await;
     let confirmation: Value =
         serde_json::from_str(ok["data"].as_str().expect("data string")).expect("json");
     confirmation["history"].clone()
@@ -42,7 +44,8 @@ async fn offsets_until(client: &mut Client, epoch: &str, last: u64) -> Vec<u64> 
         let event = client.expect("note").await;
         assert_eq!(event["epoch"], epoch, "{event}");
         let offset = event["offset"].as_u64().expect("offset");
-        let data: Value = serde_json::from_str(event["data"].as_str().expect("data")).expect("json");
+        let data: Value =
+            serde_json::from_str(event["data"].as_str().expect("data")).expect("json");
         assert_eq!(data["n"], offset, "the payload published as event {offset}");
         seen.push(offset);
         if offset >= last {
@@ -86,10 +89,17 @@ async fn a_client_that_reconnects_gets_exactly_what_it_missed_even_while_events_
     assert_eq!(status["recovered"], true, "{status}");
     assert_eq!(status["epoch"], epoch.as_str());
     let missed = status["missed"].as_u64().expect("missed");
-    assert!(missed >= 5, "at least the five published while away: {status}");
+    assert!(
+        missed >= 5,
+        "at least the five published while away: {status}"
+    );
     publisher.await.expect("publisher");
     let offsets = offsets_until(&mut again, &epoch, 28).await;
-    assert_eq!(offsets, (4..=28).collect::<Vec<u64>>(), "in order, no gap, no duplicate");
+    assert_eq!(
+        offsets,
+        (4..=28).collect::<Vec<u64>>(),
+        "in order, no gap, no duplicate"
+    );
     server.stop().await;
 }
 
@@ -105,9 +115,14 @@ async fn resumption_survives_a_restart_on_the_embedded_store() {
     client
         .send(json!({"event": "pusher:subscribe", "data": {"channel": channel, "auth": auth}}))
         .await;
-    let ok = client.expect("pusher_internal:subscription_succeeded").await;
+    let ok = client
+        .expect("pusher_internal:subscription_succeeded")
+        .await;
     let status: Value = serde_json::from_str(ok["data"].as_str().expect("data")).expect("json");
-    let epoch = status["history"]["epoch"].as_str().expect("epoch").to_owned();
+    let epoch = status["history"]["epoch"]
+        .as_str()
+        .expect("epoch")
+        .to_owned();
     publish(&server, &creds, channel, 1).await;
     assert_eq!(offsets_until(&mut client, &epoch, 1).await, [1]);
     drop(client);
@@ -126,7 +141,9 @@ async fn resumption_survives_a_restart_on_the_embedded_store() {
         .send(json!({"event": "pusher:subscribe", "data": {
             "channel": channel, "auth": auth, "epoch": epoch, "offset": 1}}))
         .await;
-    let ok = client.expect("pusher_internal:subscription_succeeded").await;
+    let ok = client
+        .expect("pusher_internal:subscription_succeeded")
+        .await;
     let status: Value = serde_json::from_str(ok["data"].as_str().expect("data")).expect("json");
     assert_eq!(status["history"]["recovered"], true, "{status}");
     assert_eq!(status["history"]["missed"], 4);

@@ -12,4 +12,5 @@ mod history;
 mod ingest;
 mod process;
 mod pusher;
+mod sse;
 mod websocket;

@@ -1,0 +1,319 @@
+//! `GET /apps/{app_id}/sse?channels=a,b`: a channel's events as Server-Sent Events, the simple
+//! choice where data flows one way (notifications, tickers, AI answers token by token).
+//!
+//! Each `data:` is the event's Pusher frame (`{"event","channel","data"[,"epoch","offset"]}`),
+//! so one parser serves both transports. On history channels every event's `id:` is the
+//! stream's position in all of its history channels (`channel:epoch:offset|...`); a client that
+//! reconnects sends it back as `Last-Event-ID` (browsers do so by themselves) and gets what it
+//! missed, in order, before live events, exactly as a WebSocket resubscription does. The first
+//! event (`herald:subscription_succeeded`) reports each channel's history status.
+//!
+//! Public channels need no credentials; private ones need `token` (see
+//! `herald_core::pusher::sse_token`); presence channels need a WebSocket. Responses are
+//! unbuffered (`X-Accel-Buffering: no`), keep-alive comments flow while idle, and any origin
+//! may read the stream (no cookies are involved).
+
+use std::{
+    borrow::Cow,
+    collections::{BTreeMap, HashMap},
+    convert::Infallible,
+    sync::Arc,
+    time::Duration,
+};
+
+use axum::{
+    extract::{Path, Query, State},
+    http::{HeaderMap, HeaderValue, StatusCode},
+    response::{
+        IntoResponse, Response,
+        sse::{Event, KeepAlive, Sse},
+    },
+};
+use herald_core::{
+    history::Recovery,
+    pusher::{self, ChannelKind},
+};
+use herald_ws::{
+    Frame,
+    history::Resume,
+    hub::{AppHub, Outbox},
+};
+use rand::Rng;
+use serde::Deserialize;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::{ApiState, pusher_api::PusherError};
+
+const MAX_CHANNELS: usize = 10;
+
+pub async fn stream(
+    State(state): State<ApiState>,
+    Path(app_id): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Result<Response, PusherError> {
+    let fail = |status: StatusCode, message: String| PusherError(status, message);
+    let unknown = || fail(StatusCode::NOT_FOUND, format!("unknown app {app_id}"));
+    let numeric: i64 = app_id.parse().map_err(|_| unknown())?;
+    let app = state
+        .store
+        .get_app_by_pusher_id(numeric)
+        .await?
+        .ok_or_else(unknown)?;
+
+    let listed = query
+        .get("channels")
+        .map(String::as_str)
+        .unwrap_or_default();
+    let mut channels: Vec<String> = Vec::new();
+    for channel in listed.split(',').filter(|c| !c.is_empty()) {
+        pusher::validate_channel_name(channel).map_err(|e| fail(StatusCode::BAD_REQUEST, e))?;
+        if ChannelKind::of(channel) == ChannelKind::Presence {
+            return Err(fail(
+                StatusCode::BAD_REQUEST,
+                format!("{channel}: presence channels need a WebSocket connection"),
+            ));
+        }
+        if !channels.iter().any(|c| c == channel) {
+            channels.push(channel.to_owned());
+        }
+    }
+    if channels.is_empty() || channels.len() > MAX_CHANNELS {
+        return Err(fail(
+            StatusCode::BAD_REQUEST,
+            format!("channels must name 1 to {MAX_CHANNELS} channels, comma-separated"),
+        ));
+    }
+    if channels
+        .iter()
+        .any(|c| ChannelKind::of(c) != ChannelKind::Public)
+    {
+        let token = query.get("token").ok_or_else(|| {
+            fail(
+                StatusCode::UNAUTHORIZED,
+                "private channels need a token (see the README: SSE)".into(),
+            )
+        })?;
+        pusher::verify_sse_token(
+            &app.pusher.secret,
+            listed,
+            token,
+            chrono::Utc::now().timestamp(),
+        )
+        .map_err(|e| fail(StatusCode::UNAUTHORIZED, e.to_string()))?;
+    }
+    let retry = match query.get("retry") {
+        Some(ms) => Some(
+            ms.parse::<u64>()
+                .ok()
+                .filter(|ms| (100..=60_000).contains(ms))
+                .map(Duration::from_millis)
+                .ok_or_else(|| {
+                    fail(
+                        StatusCode::BAD_REQUEST,
+                        "retry must be 100 to 60000 ms".into(),
+                    )
+                })?,
+        ),
+        None => None,
+    };
+    let last_event_id = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| query.get("lastEventId").map(String::as_str))
+        .unwrap_or_default();
+    let resumes = parse_positions(last_event_id);
+
+    let hub = state.hub.app(&app.id);
+    let config = &state.sse;
+    if !hub.connect(config.max_connections_per_app) {
+        return Err(fail(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the app is over its connection quota".into(),
+        ));
+    }
+    let (outbox, frames, overflowed) = Outbox::new(config.outbox_frames);
+    let mut subscription = Subscription {
+        hub: Arc::clone(&hub),
+        id: format!("sse.{}", rand::rng().random::<u64>()),
+        channels: Vec::new(),
+    };
+    let mut positions: BTreeMap<String, (String, u64)> = BTreeMap::new();
+    let mut statuses = serde_json::Map::new();
+    for channel in &channels {
+        let Some(retention) = state.history.retention(&app, channel) else {
+            subscription.add(channel, &outbox);
+            continue;
+        };
+        let resume = resumes.get(channel.as_str());
+        let status = state
+            .history
+            .join(&app, channel, retention, resume, |joined| {
+                subscription.add(channel, &outbox);
+                let start = match (&joined.recovery, resume) {
+                    (Some(Recovery::Complete { .. }), Some(resume)) => resume.offset,
+                    _ => joined.offset,
+                };
+                positions.insert(channel.clone(), (joined.epoch.clone(), start));
+                let status = joined.status();
+                for frame in joined.replay {
+                    outbox.send(frame);
+                }
+                status
+            })
+            .await?;
+        statuses.insert(channel.clone(), status);
+    }
+
+    let mut first = Event::default().data(
+        serde_json::json!({
+            "event": "herald:subscription_succeeded",
+            "data": serde_json::Value::Object(statuses),
+        })
+        .to_string(),
+    );
+    if let Some(retry) = retry {
+        first = first.retry(retry);
+    }
+    let state = StreamState {
+        first: Some(first),
+        frames,
+        overflowed,
+        shutdown: state.shutdown.clone(),
+        positions,
+        _subscription: subscription,
+    };
+    let events = futures_util::stream::unfold(state, |mut st| async move {
+        if let Some(first) = st.first.take() {
+            return Some((Ok::<Event, Infallible>(first), st));
+        }
+        let frame = tokio::select! {
+            frame = st.frames.recv() => frame?,
+            // Too slow: end the stream; the client resumes from its last id.
+            () = st.overflowed.cancelled() => return None,
+            () = st.shutdown.cancelled() => return None,
+        };
+        let event = st.event(&frame);
+        Some((Ok(event), st))
+    });
+    let mut response = Sse::new(events)
+        .keep_alive(
+            KeepAlive::new()
+                .interval(config.keepalive)
+                .text("keep-alive"),
+        )
+        .into_response();
+    let headers = response.headers_mut();
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    headers.insert("access-control-allow-origin", HeaderValue::from_static("*"));
+    Ok(response)
+}
+
+/// Settings for SSE streams.
+#[derive(Debug, Clone)]
+pub struct SseConfig {
+    pub keepalive: Duration,
+    pub outbox_frames: usize,
+    pub max_connections_per_app: u32,
+}
+
+impl Default for SseConfig {
+    fn default() -> Self {
+        Self {
+            keepalive: Duration::from_secs(15),
+            outbox_frames: 1024,
+            max_connections_per_app: 10_000,
+        }
+    }
+}
+
+/// `a:epoch:5|b:epoch:9` (channel names cannot contain `:` or `|`).
+fn parse_positions(id: &str) -> HashMap<&str, Resume> {
+    id.split('|')
+        .filter_map(|part| {
+            let mut fields = part.splitn(3, ':');
+            let (channel, epoch, offset) = (fields.next()?, fields.next()?, fields.next()?);
+            Some((
+                channel,
+                Resume {
+                    epoch: epoch.to_owned(),
+                    offset: offset.parse().ok()?,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// Leaves the channels and frees the connection slot when the stream is dropped.
+struct Subscription {
+    hub: Arc<AppHub>,
+    id: String,
+    channels: Vec<String>,
+}
+
+impl Subscription {
+    fn add(&mut self, channel: &str, outbox: &Outbox) {
+        // No presence data, so this cannot fail.
+        if self
+            .hub
+            .subscribe(channel, &self.id, outbox, None, usize::MAX)
+            .is_ok()
+        {
+            self.channels.push(channel.to_owned());
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        for channel in &self.channels {
+            self.hub.unsubscribe(channel, &self.id);
+        }
+        self.hub.disconnect();
+    }
+}
+
+struct StreamState {
+    first: Option<Event>,
+    frames: mpsc::Receiver<Frame>,
+    overflowed: CancellationToken,
+    shutdown: CancellationToken,
+    positions: BTreeMap<String, (String, u64)>,
+    _subscription: Subscription,
+}
+
+impl StreamState {
+    /// The frame as an SSE event, with the stream's positions as its id.
+    fn event(&mut self, frame: &Frame) -> Event {
+        #[derive(Deserialize)]
+        struct Position<'a> {
+            #[serde(borrow)]
+            channel: Option<Cow<'a, str>>,
+            #[serde(borrow)]
+            epoch: Option<Cow<'a, str>>,
+            offset: Option<u64>,
+        }
+        let text = frame.as_str();
+        if let Ok(Position {
+            channel: Some(channel),
+            epoch: Some(epoch),
+            offset: Some(offset),
+        }) = serde_json::from_str(text)
+        {
+            self.positions
+                .insert(channel.into_owned(), (epoch.into_owned(), offset));
+        }
+        let event = Event::default().data(text);
+        if self.positions.is_empty() {
+            return event;
+        }
+        let id = self
+            .positions
+            .iter()
+            .map(|(channel, (epoch, offset))| format!("{channel}:{epoch}:{offset}"))
+            .collect::<Vec<_>>()
+            .join("|");
+        event.id(id)
+    }
+}
