@@ -134,6 +134,17 @@ async function main() {
   assert.equal(closeError.data.code, 4009);
   ok("signin, then terminateUserConnections closes the user's connection (4009)");
 
+  // A history channel: Herald adds epoch and offset to each event; pusher-js ignores them.
+  const aHistory = await subscribed(alice, "history-room");
+  const notes = [];
+  aHistory.bind("note", (d) => notes.push(d));
+  const lastNote = next(aHistory, "last", "the last history event");
+  for (const i of [1, 2, 3]) await server.trigger("history-room", "note", { i });
+  await server.trigger("history-room", "last", {});
+  await lastNote;
+  assert.deepEqual(notes, [{ i: 1 }, { i: 2 }, { i: 3 }]);
+  ok("pusher-js works unchanged on a history channel (the extra epoch and offset are ignored)");
+
   // Channel webhooks, checked with the server SDK's own verifier and the app secret.
   const byName = (name, channel, extra = () => true) => (e) =>
     e.name === name && e.channel === channel && extra(e);
