@@ -58,6 +58,10 @@ struct Args {
     /// Channels the connections are spread over (`bench-0`, `bench-1`, ...).
     #[arg(long, short = 'm', default_value_t = 10)]
     channels: usize,
+    /// Channel name prefix; `history-bench-` measures Herald's history channels (each event
+    /// stored with its offset before it is sent).
+    #[arg(long, default_value = "bench-")]
+    channel_prefix: String,
     /// Events published per second through the HTTP API.
     #[arg(long, default_value_t = 100)]
     rate: u32,
@@ -119,6 +123,7 @@ async fn main() -> anyhow::Result<()> {
             "ws://{}:{}/app/{}?protocol=7&client=herald-bench&version=0.1.0",
             args.host, args.port, args.key
         );
+        let channel_name = format!("{}{channel}", args.channel_prefix);
         let (opening, ready, counters, stop) = (
             Arc::clone(&opening),
             ready_tx.clone(),
@@ -127,7 +132,7 @@ async fn main() -> anyhow::Result<()> {
         );
         sockets.spawn(async move {
             let permit = opening.acquire_owned().await;
-            let socket = subscribe(&url, &format!("bench-{channel}")).await;
+            let socket = subscribe(&url, &channel_name).await;
             drop(permit);
             match socket {
                 Ok(socket) => {
@@ -385,16 +390,17 @@ impl Publisher {
         };
         for n in 0..total {
             ticks.tick().await;
-            let channel = (n % subscribers.len() as u64) as usize;
+            let index = (n % subscribers.len() as u64) as usize;
             let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
                 break;
             };
             let this = Arc::clone(&this);
             let (padding, secret, key) = (padding.clone(), args.secret.clone(), args.key.clone());
+            let channel_name = format!("{}{index}", args.channel_prefix);
             requests.spawn(async move {
-                let outcome = this.publish(&key, &secret, channel, &padding).await;
+                let outcome = this.publish(&key, &secret, &channel_name, &padding).await;
                 drop(permit);
-                (channel, outcome)
+                (index, outcome)
             });
             while let Some(done) = requests.try_join_next() {
                 tally(&mut result, subscribers, done);
@@ -410,12 +416,12 @@ impl Publisher {
         &self,
         key: &str,
         secret: &str,
-        channel: usize,
+        channel: &str,
         padding: &str,
     ) -> Result<(), String> {
         let body = serde_json::json!({
             "name": EVENT,
-            "channel": format!("bench-{channel}"),
+            "channel": channel,
             "data": format!("{}:{padding}", now_us()),
         })
         .to_string();

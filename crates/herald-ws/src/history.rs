@@ -218,10 +218,12 @@ impl History {
         };
         if let Some(resume) = resume {
             let not_before = not_before(retention);
+            // Rows past the count are trimmed in batches: count them as gone already.
             let oldest = self
                 .store
                 .oldest_history_offset(&app.id, channel, not_before)
-                .await?;
+                .await?
+                .map(|o| o.max(kept_after(newest, retention) + 1));
             let recovery = history::recovery(
                 &position,
                 oldest,
@@ -279,6 +281,14 @@ impl History {
             return Ok(None);
         };
         let position = self.store.channel_position(&app.id, channel).await?;
+        let floor = position
+            .as_ref()
+            .map_or(0, |p| kept_after(p.next_offset - 1, retention));
+        let after = match after {
+            Some(after) => Some(after.max(floor)),
+            None if floor > 0 => Some(floor),
+            None => None,
+        };
         let entries = self
             .store
             .history(
@@ -295,6 +305,11 @@ impl History {
             .await?;
         Ok(Some(Page { position, entries }))
     }
+}
+
+/// Offsets up to this one are past the retention count (`newest` is the newest offset).
+fn kept_after(newest: u64, retention: Retention) -> u64 {
+    newest.saturating_sub(retention.max_events)
 }
 
 fn not_before(retention: Retention) -> chrono::DateTime<Utc> {

@@ -1147,4 +1147,72 @@ mod tests {
         assert_eq!(stored.len(), 1);
         store.close().await;
     }
+
+    #[tokio::test]
+    async fn history_appends_advance_the_position_and_trim_to_the_retention() {
+        let (_dir, store, app) = store_with_app().await;
+        let retention = Retention {
+            max_events: 3,
+            max_age: Duration::from_secs(3600),
+        };
+        let epoch = "e1".to_owned();
+        store
+            .reset_history(
+                &app.id,
+                "history-x",
+                &ChannelPosition {
+                    epoch: epoch.clone(),
+                    next_offset: 1,
+                },
+            )
+            .await
+            .expect("reset");
+        // Concurrent appends of different channels share batches; one channel's are ordered.
+        for offset in 1..=32 {
+            let entry = |channel: &str| HistoryEntry {
+                app_id: app.id.clone(),
+                channel: channel.to_owned(),
+                epoch: epoch.clone(),
+                offset,
+                event: "e".into(),
+                data: offset.to_string(),
+                created_at: Utc::now(),
+            };
+            let (a, b) = tokio::join!(
+                store.append_history(entry("history-x"), retention),
+                store.append_history(entry("history-y"), retention),
+            );
+            a.expect("append x");
+            b.expect("append y");
+        }
+        let position = store
+            .channel_position(&app.id, "history-x")
+            .await
+            .expect("read")
+            .expect("position");
+        assert_eq!(position, ChannelPosition { epoch, next_offset: 33 });
+        let all = store
+            .history(
+                &app.id,
+                "history-x",
+                &HistoryQuery {
+                    after: None,
+                    before: None,
+                    limit: 100,
+                    newest_first: false,
+                    not_before: DateTime::<Utc>::MIN_UTC,
+                },
+            )
+            .await
+            .expect("history");
+        let offsets: Vec<u64> = all.iter().map(|e| e.offset).collect();
+        assert_eq!(offsets, [30, 31, 32], "trimmed at offset 32 to the last three");
+        assert_eq!(
+            store
+                .oldest_history_offset(&app.id, "history-y", DateTime::<Utc>::MIN_UTC)
+                .await
+                .expect("oldest"),
+            Some(30)
+        );
+    }
 }

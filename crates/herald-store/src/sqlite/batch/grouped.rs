@@ -35,6 +35,7 @@ pub(super) async fn apply(
     let mut messages = Vec::new();
     let mut attempts = Vec::new();
     let mut idempotent = Vec::new();
+    let mut histories = Vec::new();
     for (i, write) in batch.iter().enumerate() {
         match &write.op {
             WriteOp::CreateMessage {
@@ -42,9 +43,7 @@ pub(super) async fn apply(
                 endpoint_ids,
             } => messages.push((i, message, endpoint_ids.as_slice())),
             WriteOp::RecordAttempt(record) => attempts.push(record),
-            WriteOp::AppendHistory { entry, retention } => {
-                append_history(conn, entry, *retention).await?;
-            }
+            WriteOp::AppendHistory { entry, retention } => histories.push((&**entry, *retention)),
             WriteOp::RecordIngest {
                 event,
                 message,
@@ -92,6 +91,9 @@ pub(super) async fn apply(
     }
     if !idempotent.is_empty() {
         save_idempotent(conn, &idempotent).await?;
+    }
+    if !histories.is_empty() {
+        append_histories(conn, &histories).await?;
     }
     Ok(outcomes)
 }
@@ -150,52 +152,76 @@ async fn insert_messages(
     Ok(())
 }
 
-async fn append_history(
+/// Trimming a channel to its retention costs a statement of its own, so it runs on every
+/// `TRIM_EVERY`th offset; readers apply the retention themselves meanwhile.
+const TRIM_EVERY: u64 = 16;
+
+async fn append_histories(
     conn: &mut SqliteConnection,
-    entry: &HistoryEntry,
-    retention: Retention,
+    entries: &[(&HistoryEntry, Retention)],
 ) -> Result<()> {
-    let offset = i64::try_from(entry.offset).map_err(|_| StoreError::Corrupt("offset".into()))?;
-    sqlx::query(
-        "INSERT INTO channel_history (app_id, channel, seq, epoch, event, data, created_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
-    )
-    .bind(&entry.app_id)
-    .bind(&entry.channel)
-    .bind(offset)
-    .bind(&entry.epoch)
-    .bind(&entry.event)
-    .bind(&entry.data)
-    .bind(millis(entry.created_at))
-    .execute(&mut *conn)
-    .await?;
-    sqlx::query(
-        "INSERT INTO channel_positions (app_id, channel, epoch, next_offset) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (app_id, channel) DO UPDATE SET epoch = excluded.epoch,
-                                                     next_offset = excluded.next_offset",
-    )
-    .bind(&entry.app_id)
-    .bind(&entry.channel)
-    .bind(&entry.epoch)
-    .bind(offset + 1)
-    .execute(&mut *conn)
-    .await?;
-    let keep_from = offset - i64::try_from(retention.max_events).unwrap_or(i64::MAX) + 1;
-    let max_age = chrono::Duration::from_std(retention.max_age).unwrap_or(chrono::Duration::MAX);
-    let expired = entry
-        .created_at
-        .checked_sub_signed(max_age)
-        .map_or(i64::MIN, millis);
-    sqlx::query(
-        "DELETE FROM channel_history
-         WHERE app_id = $1 AND channel = $2 AND (seq < $3 OR created_at < $4)",
-    )
-    .bind(&entry.app_id)
-    .bind(&entry.channel)
-    .bind(keep_from)
-    .bind(expired)
-    .execute(&mut *conn)
-    .await?;
+    let offset = |e: &HistoryEntry| {
+        i64::try_from(e.offset).map_err(|_| StoreError::Corrupt("history offset".into()))
+    };
+    for chunk in entries.chunks(ROWS_PER_STATEMENT) {
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "INSERT INTO channel_history (app_id, channel, seq, epoch, event, data, created_at) ",
+        );
+        let mut rows = Vec::with_capacity(chunk.len());
+        for (entry, _) in chunk {
+            rows.push((*entry, offset(entry)?));
+        }
+        q.push_values(&rows, |mut row, (e, seq)| {
+            row.push_bind(&e.app_id)
+                .push_bind(&e.channel)
+                .push_bind(*seq)
+                .push_bind(&e.epoch)
+                .push_bind(&e.event)
+                .push_bind(&e.data)
+                .push_bind(millis(e.created_at));
+        });
+        q.build().execute(&mut *conn).await?;
+
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "INSERT INTO channel_positions (app_id, channel, epoch, next_offset) ",
+        );
+        q.push_values(&rows, |mut row, (e, seq)| {
+            row.push_bind(&e.app_id)
+                .push_bind(&e.channel)
+                .push_bind(&e.epoch)
+                .push_bind(seq + 1);
+        });
+        // One appender per channel, so a batch holds a channel once; `max` keeps it monotonic
+        // regardless.
+        q.push(
+            " ON CONFLICT (app_id, channel) DO UPDATE SET epoch = excluded.epoch,
+                 next_offset = max(next_offset, excluded.next_offset)",
+        );
+        q.build().execute(&mut *conn).await?;
+    }
+    for (entry, retention) in entries {
+        if entry.offset % TRIM_EVERY != 0 {
+            continue;
+        }
+        let seq = offset(entry)?;
+        let keep_from = seq - i64::try_from(retention.max_events).unwrap_or(i64::MAX) + 1;
+        let max_age =
+            chrono::Duration::from_std(retention.max_age).unwrap_or(chrono::Duration::MAX);
+        let expired = entry
+            .created_at
+            .checked_sub_signed(max_age)
+            .map_or(i64::MIN, millis);
+        sqlx::query(
+            "DELETE FROM channel_history
+             WHERE app_id = $1 AND channel = $2 AND (seq < $3 OR created_at < $4)",
+        )
+        .bind(&entry.app_id)
+        .bind(&entry.channel)
+        .bind(keep_from)
+        .bind(expired)
+        .execute(&mut *conn)
+        .await?;
+    }
     Ok(())
 }
 
