@@ -1190,7 +1190,13 @@ mod tests {
             .await
             .expect("read")
             .expect("position");
-        assert_eq!(position, ChannelPosition { epoch, next_offset: 33 });
+        assert_eq!(
+            position,
+            ChannelPosition {
+                epoch,
+                next_offset: 33
+            }
+        );
         let all = store
             .history(
                 &app.id,
@@ -1206,7 +1212,11 @@ mod tests {
             .await
             .expect("history");
         let offsets: Vec<u64> = all.iter().map(|e| e.offset).collect();
-        assert_eq!(offsets, [30, 31, 32], "trimmed at offset 32 to the last three");
+        assert_eq!(
+            offsets,
+            [30, 31, 32],
+            "trimmed at offset 32 to the last three"
+        );
         assert_eq!(
             store
                 .oldest_history_offset(&app.id, "history-y", DateTime::<Utc>::MIN_UTC)
