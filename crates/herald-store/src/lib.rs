@@ -217,6 +217,21 @@ pub trait Store: Send + Sync + 'static {
         channel: &str,
         not_before: DateTime<Utc>,
     ) -> Result<Option<u64>>;
+    /// History channels in (app id, channel) order, after `after`: `(app_id, channel, position)`.
+    async fn history_channels(
+        &self,
+        after: Option<(&str, &str)>,
+        limit: u32,
+    ) -> Result<Vec<(String, String, ChannelPosition)>>;
+    /// Deletes a channel's kept events at or below `up_to_offset` or older than `not_before`;
+    /// returns how many.
+    async fn trim_history(
+        &self,
+        app_id: &str,
+        channel: &str,
+        up_to_offset: u64,
+        not_before: DateTime<Utc>,
+    ) -> Result<u64>;
 
     // Webhooks in
     async fn create_source(&self, source: &IngestSource) -> Result<()>;

@@ -307,6 +307,43 @@ impl History {
     }
 }
 
+impl History {
+    /// Deletes what every history channel keeps beyond its retention, including channels
+    /// that went quiet (appends trim only the channel they write to) and channels no rule
+    /// matches any more. Returns how many events were deleted.
+    pub async fn purge(&self) -> Result<u64, StoreError> {
+        const PAGE: u32 = 500;
+        let mut deleted = 0;
+        let mut after: Option<(String, String)> = None;
+        loop {
+            let page = self
+                .store
+                .history_channels(after.as_ref().map(|(a, c)| (a.as_str(), c.as_str())), PAGE)
+                .await?;
+            for (app_id, channel, position) in &page {
+                let Some(app) = self.store.get_app(app_id).await? else {
+                    continue;
+                };
+                let newest = position.next_offset - 1;
+                let (up_to, not_before) = match self.retention(&app, channel) {
+                    Some(retention) => (kept_after(newest, retention), not_before(retention)),
+                    None => (newest, Utc::now()),
+                };
+                deleted += self
+                    .store
+                    .trim_history(app_id, channel, up_to, not_before)
+                    .await?;
+            }
+            match page.last() {
+                Some((app_id, channel, _)) if page.len() == PAGE as usize => {
+                    after = Some((app_id.clone(), channel.clone()));
+                }
+                _ => return Ok(deleted),
+            }
+        }
+    }
+}
+
 /// Offsets up to this one are past the retention count (`newest` is the newest offset).
 fn kept_after(newest: u64, retention: Retention) -> u64 {
     newest.saturating_sub(retention.max_events)

@@ -71,6 +71,7 @@ pub async fn run(
         Arc::clone(&hub),
         config.history_config(),
     ));
+    let history_for_housekeeping = Arc::clone(&history);
     let mut state = ApiState::new(
         Arc::clone(&store),
         dispatcher.handle(),
@@ -104,7 +105,11 @@ pub async fn run(
     let background = TaskTracker::new();
     let stop_background = CancellationToken::new();
     background.spawn(dispatcher.run(stop_background.clone()));
-    background.spawn(housekeeping(Arc::clone(&store), stop_background.clone()));
+    background.spawn(housekeeping(
+        Arc::clone(&store),
+        Arc::clone(&history_for_housekeeping),
+        stop_background.clone(),
+    ));
     // Stopped after the connections have closed, so it stores their vacated events too.
     background.spawn(channel_webhooks.run(stop_background.clone()));
 
@@ -122,9 +127,14 @@ pub async fn run(
     served.context("HTTP server failed")
 }
 
-async fn housekeeping(store: Arc<dyn Store>, stop: CancellationToken) {
+async fn housekeeping(store: Arc<dyn Store>, history: Arc<History>, stop: CancellationToken) {
     loop {
         herald_api::purge_idempotency_keys(store.as_ref()).await;
+        match history.purge().await {
+            Ok(0) => {}
+            Ok(deleted) => tracing::info!(deleted, "channel history past retention deleted"),
+            Err(e) => tracing::error!(error = %e, "purging channel history failed"),
+        }
         tokio::select! {
             () = tokio::time::sleep(HOUSEKEEPING_EVERY) => {}
             () = stop.cancelled() => return,

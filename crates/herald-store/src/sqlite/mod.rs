@@ -592,6 +592,56 @@ impl Store for SqliteStore {
         Ok(oldest.and_then(|o| u64::try_from(o).ok()))
     }
 
+    async fn history_channels(
+        &self,
+        after: Option<(&str, &str)>,
+        limit: u32,
+    ) -> Result<Vec<(String, String, ChannelPosition)>> {
+        let (app, channel) = after.unwrap_or(("", ""));
+        sqlx::query(
+            "SELECT app_id, channel, epoch, next_offset FROM channel_positions
+             WHERE (app_id, channel) > ($1, $2) ORDER BY app_id, channel LIMIT $3",
+        )
+        .bind(app)
+        .bind(channel)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?
+        .iter()
+        .map(|row| {
+            Ok((
+                row.try_get("app_id")?,
+                row.try_get("channel")?,
+                ChannelPosition {
+                    epoch: row.try_get("epoch")?,
+                    next_offset: u64::try_from(row.try_get::<i64, _>("next_offset")?)
+                        .map_err(|_| StoreError::Corrupt("next_offset".into()))?,
+                },
+            ))
+        })
+        .collect()
+    }
+
+    async fn trim_history(
+        &self,
+        app_id: &str,
+        channel: &str,
+        up_to_offset: u64,
+        not_before: DateTime<Utc>,
+    ) -> Result<u64> {
+        let done = sqlx::query(
+            "DELETE FROM channel_history
+             WHERE app_id = $1 AND channel = $2 AND (seq <= $3 OR created_at < $4)",
+        )
+        .bind(app_id)
+        .bind(channel)
+        .bind(i64::try_from(up_to_offset).unwrap_or(i64::MAX))
+        .bind(millis(not_before))
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     async fn create_source(&self, source: &IngestSource) -> Result<()> {
         sqlx::query(
             "INSERT INTO ingest_sources (id, app_id, uid, name, kind, secrets, hmac, tolerance_secs,

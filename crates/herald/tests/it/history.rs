@@ -233,3 +233,67 @@ async fn impossible_resumptions_are_reported_with_the_current_position() {
     assert_eq!(oldest["events"].as_array().expect("events").len(), 3);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn housekeeping_purges_quiet_channels_and_channels_no_rule_keeps() {
+    use std::sync::Arc;
+
+    use herald_core::{history::HistoryRule, model::App};
+    use herald_store::{Store, sqlite::SqliteStore};
+    use herald_ws::{
+        Hub,
+        history::{History, HistoryConfig},
+    };
+
+    let dir = tempfile::tempdir().expect("dir");
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).await.expect("store"));
+    let now = chrono::Utc::now();
+    let rule = |pattern: &str| HistoryRule {
+        pattern: pattern.into(),
+        max_events: 2,
+        max_age_secs: 3600,
+    };
+    let mut app = App {
+        id: "app_purge".into(),
+        uid: None,
+        name: "purge".into(),
+        throttle_rate: None,
+        metadata: Default::default(),
+        pusher: herald_core::model::PusherCredentials::generate(),
+        history: Some(vec![rule("h-*"), rule("old-*")]),
+        created_at: now,
+        updated_at: now,
+    };
+    store.create_app(&app).await.expect("app");
+    let history = History::new(
+        Arc::clone(&store),
+        Arc::new(Hub::default()),
+        HistoryConfig::default(),
+    );
+    for n in 1..=5 {
+        history
+            .publish(&app, "h-1", "e", &n.to_string(), None)
+            .await
+            .expect("publish");
+    }
+    for n in 1..=3 {
+        history
+            .publish(&app, "old-1", "e", &n.to_string(), None)
+            .await
+            .expect("publish");
+    }
+    // The app stops keeping old-*.
+    app.history = Some(vec![rule("h-*")]);
+    store.update_app(&app).await.expect("update");
+
+    assert_eq!(history.purge().await.expect("purge"), 3 + 3);
+    let kept = history
+        .page(&app, "h-1", None, None, 10, false)
+        .await
+        .expect("page")
+        .expect("a history channel");
+    let offsets: Vec<u64> = kept.entries.iter().map(|e| e.offset).collect();
+    assert_eq!(offsets, [4, 5]);
+    assert_eq!(history.purge().await.expect("purge again"), 0);
+    store.close().await;
+}
