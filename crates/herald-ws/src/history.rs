@@ -130,6 +130,14 @@ impl History {
         )
     }
 
+    /// Drops cached positions nobody is using; they are read from the store again on next
+    /// use. A slot is in use while an append or join holds its `Arc`, and new holders clone
+    /// it under the same map lock, so a count of one means free.
+    fn forget_idle_positions(&self) {
+        let mut positions = self.positions.lock().unwrap_or_else(|p| p.into_inner());
+        positions.retain(|_, slot| Arc::strong_count(slot) > 1);
+    }
+
     /// The channel's position, loaded from the store or started with a fresh epoch.
     async fn position(
         &self,
@@ -313,6 +321,7 @@ impl History {
     /// matches any more. Returns how many events were deleted.
     pub async fn purge(&self) -> Result<u64, StoreError> {
         const PAGE: u32 = 500;
+        self.forget_idle_positions();
         let mut deleted = 0;
         let mut after: Option<(String, String)> = None;
         loop {
