@@ -73,8 +73,26 @@ impl From<herald_store::StoreError> for PusherError {
     }
 }
 
+/// The request's query parameters, decoded.
+fn query_pairs(uri: &Uri) -> impl Iterator<Item = (String, String)> + '_ {
+    uri.query()
+        .into_iter()
+        .flat_map(|q| url::form_urlencoded::parse(q.as_bytes()).into_owned())
+}
+
 fn bad(message: impl Into<String>) -> PusherError {
     PusherError(StatusCode::BAD_REQUEST, message.into())
+}
+
+/// The app with this numeric (Pusher) id; 404 if there is none.
+pub(crate) async fn find_app(state: &ApiState, app_id: &str) -> Result<App, PusherError> {
+    let unknown = || PusherError(StatusCode::NOT_FOUND, format!("unknown app {app_id}"));
+    let numeric: i64 = app_id.parse().map_err(|_| unknown())?;
+    state
+        .store
+        .get_app_by_pusher_id(numeric)
+        .await?
+        .ok_or_else(unknown)
 }
 
 /// Finds the app by its numeric id and checks the request's signature against its secret.
@@ -85,21 +103,8 @@ async fn authenticate(
     uri: &Uri,
     body: &[u8],
 ) -> Result<App, PusherError> {
-    let unknown = || PusherError(StatusCode::NOT_FOUND, format!("unknown app {app_id}"));
-    let numeric: i64 = app_id.parse().map_err(|_| unknown())?;
-    let app = state
-        .store
-        .get_app_by_pusher_id(numeric)
-        .await?
-        .ok_or_else(unknown)?;
-    let params: Vec<(String, String)> = uri
-        .query()
-        .map(|q| {
-            url::form_urlencoded::parse(q.as_bytes())
-                .into_owned()
-                .collect()
-        })
-        .unwrap_or_default();
+    let app = find_app(state, app_id).await?;
+    let params: Vec<(String, String)> = query_pairs(uri).collect();
     pusher::verify_request(
         &app.pusher.key,
         &app.pusher.secret,
@@ -284,14 +289,7 @@ async fn channels(
     uri: Uri,
 ) -> Result<Json<Value>, PusherError> {
     let app = authenticate(&state, &app_id, &method, &uri, &[]).await?;
-    let query: BTreeMap<String, String> = uri
-        .query()
-        .map(|q| {
-            url::form_urlencoded::parse(q.as_bytes())
-                .into_owned()
-                .collect()
-        })
-        .unwrap_or_default();
+    let query: BTreeMap<String, String> = query_pairs(&uri).collect();
     let prefix = query.get("filter_by_prefix").map_or("", String::as_str);
     let user_count = query
         .get("info")
@@ -324,14 +322,7 @@ async fn channel(
 ) -> Result<Json<Value>, PusherError> {
     let app = authenticate(&state, &app_id, &method, &uri, &[]).await?;
     pusher::validate_channel_name(&channel).map_err(bad)?;
-    let info: BTreeMap<String, String> = uri
-        .query()
-        .map(|q| {
-            url::form_urlencoded::parse(q.as_bytes())
-                .into_owned()
-                .collect()
-        })
-        .unwrap_or_default();
+    let info: BTreeMap<String, String> = query_pairs(&uri).collect();
     let current = state
         .hub
         .app(&app.id)
@@ -365,14 +356,7 @@ async fn history(
 ) -> Result<Json<Value>, PusherError> {
     let app = authenticate(&state, &app_id, &method, &uri, &[]).await?;
     pusher::validate_channel_name(&channel).map_err(bad)?;
-    let query: BTreeMap<String, String> = uri
-        .query()
-        .map(|q| {
-            url::form_urlencoded::parse(q.as_bytes())
-                .into_owned()
-                .collect()
-        })
-        .unwrap_or_default();
+    let query: BTreeMap<String, String> = query_pairs(&uri).collect();
     let offset = |name: &str| -> Result<Option<u64>, PusherError> {
         query
             .get(name)

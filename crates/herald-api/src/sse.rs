@@ -54,13 +54,7 @@ pub async fn stream(
     headers: HeaderMap,
 ) -> Result<Response, PusherError> {
     let fail = |status: StatusCode, message: String| PusherError(status, message);
-    let unknown = || fail(StatusCode::NOT_FOUND, format!("unknown app {app_id}"));
-    let numeric: i64 = app_id.parse().map_err(|_| unknown())?;
-    let app = state
-        .store
-        .get_app_by_pusher_id(numeric)
-        .await?
-        .ok_or_else(unknown)?;
+    let app = crate::pusher_api::find_app(&state, &app_id).await?;
 
     let listed = query
         .get("channels")
