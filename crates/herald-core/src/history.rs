@@ -94,8 +94,12 @@ pub struct HistoryEntry {
     pub epoch: String,
     pub offset: u64,
     pub event: String,
-    /// The event's data as delivered (a JSON string's content, not re-encoded).
+    /// The event's data: for server events the string's content; for client events
+    /// (`raw_json`) the JSON the client sent.
     pub data: String,
+    pub raw_json: bool,
+    /// The sender's user id, for client events on presence channels.
+    pub user_id: Option<String>,
     pub created_at: DateTime<Utc>,
 }
 

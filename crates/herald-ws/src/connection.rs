@@ -328,7 +328,7 @@ impl Connection {
             "pusher:subscribe" => self.subscribe(message.data.as_deref()).await,
             "pusher:unsubscribe" => self.unsubscribe(message.data.as_deref()),
             "pusher:signin" => self.sign_in(message.data.as_deref()),
-            name if name.starts_with("client-") => return self.client_event(&message),
+            name if name.starts_with("client-") => return self.client_event(&message).await,
             other => self
                 .outbox
                 .send(protocol::error(&format!("unknown event {other:?}"), None)),
@@ -627,7 +627,7 @@ impl Connection {
         ));
     }
 
-    fn client_event(&mut self, message: &Incoming) -> Option<Close> {
+    async fn client_event(&mut self, message: &Incoming) -> Option<Close> {
         if !self.rate.allow() {
             return Some((
                 close::CLIENT_EVENT_RATE_LIMIT,
@@ -659,19 +659,42 @@ impl Connection {
         let null =
             RawValue::from_string("null".into()).unwrap_or_else(|_| unreachable!("null is JSON"));
         let data = message.data.as_deref().unwrap_or(&null);
-        let frame = protocol::client_event(&message.event, channel, data, member.as_deref());
-        // Never echoed to the sender. Reported for `client_event` webhooks: a string's content
-        // as is, anything else as its JSON text, as Pusher does.
-        self.hub.client_event(channel, &frame, &self.socket_id, || {
-            ChannelEvent::ClientEvent {
-                channel: channel.to_owned(),
-                event: message.event.clone(),
-                data: serde_json::from_str::<String>(data.get())
-                    .unwrap_or_else(|_| data.get().to_owned()),
-                socket_id: self.socket_id.clone(),
-                user_id: member.clone(),
+        // Reported for `client_event` webhooks: a string's content as is, anything else as
+        // its JSON text, as Pusher does.
+        let report = || ChannelEvent::ClientEvent {
+            channel: channel.to_owned(),
+            event: message.event.clone(),
+            data: serde_json::from_str::<String>(data.get())
+                .unwrap_or_else(|_| data.get().to_owned()),
+            socket_id: self.socket_id.clone(),
+            user_id: member.clone(),
+        };
+        // On a history channel the event is kept, with its position, before it is relayed.
+        if let Some(retention) = self.history.retention(&self.app, channel) {
+            let kept = self
+                .history
+                .publish_client_event(
+                    &self.app,
+                    channel,
+                    retention,
+                    &message.event,
+                    data,
+                    member.as_deref(),
+                    &self.socket_id,
+                    report,
+                )
+                .await;
+            match kept {
+                Ok(_) => return None,
+                Err(e) => {
+                    tracing::error!(error = %e, channel, "keeping a client event failed; relayed live only");
+                }
             }
-        });
+        }
+        // Never echoed to the sender.
+        let frame = protocol::client_event(&message.event, channel, data, member.as_deref());
+        self.hub
+            .client_event(channel, &frame, &self.socket_id, report);
         None
     }
 }

@@ -20,7 +20,13 @@ use herald_core::{
 };
 use herald_store::{HistoryQuery, Store, StoreError};
 
-use crate::{Frame, Hub, protocol};
+use serde_json::value::RawValue;
+
+use crate::{
+    Frame, Hub,
+    hub::ChannelEvent,
+    protocol::{self, Data},
+};
 
 #[derive(Debug, Clone)]
 pub struct HistoryConfig {
@@ -178,10 +184,68 @@ impl History {
         let Some(retention) = self.retention(app, channel) else {
             return Ok(hub.broadcast(channel, &protocol::event(event, channel, data), except));
         };
+        let sent = self
+            .append(
+                app,
+                channel,
+                retention,
+                event,
+                Data::Text(data),
+                None,
+                |frame| hub.broadcast(channel, &frame, except),
+            )
+            .await?;
+        Ok(sent)
+    }
+
+    /// Keeps a client event on a history channel, then relays it (never to its sender) with
+    /// its position; `report` describes it for channel webhooks.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn publish_client_event(
+        &self,
+        app: &App,
+        channel: &str,
+        retention: Retention,
+        event: &str,
+        data: &RawValue,
+        user_id: Option<&str>,
+        sender: &str,
+        report: impl FnOnce() -> ChannelEvent,
+    ) -> Result<usize, StoreError> {
+        let hub = self.hub.app(&app.id);
+        self.append(
+            app,
+            channel,
+            retention,
+            event,
+            Data::Json(data),
+            user_id,
+            |frame| hub.client_event(channel, &frame, sender, report),
+        )
+        .await
+    }
+
+    /// Appends an event with the channel's next offset and hands its frame to `send`, both
+    /// under the channel's lock, so subscribers see offsets in order.
+    #[allow(clippy::too_many_arguments)]
+    async fn append<T>(
+        &self,
+        app: &App,
+        channel: &str,
+        retention: Retention,
+        event: &str,
+        data: Data<'_>,
+        user_id: Option<&str>,
+        send: impl FnOnce(Frame) -> T,
+    ) -> Result<T, StoreError> {
         let slot = self.slot(&app.id, channel);
         let mut slot = slot.lock().await;
         let position = self.position(&mut slot, &app.id, channel).await?;
         let offset = position.next_offset;
+        let (text, raw_json) = match data {
+            Data::Text(text) => (text.to_owned(), false),
+            Data::Json(json) => (json.get().to_owned(), true),
+        };
         self.store
             .append_history(
                 HistoryEntry {
@@ -190,7 +254,9 @@ impl History {
                     epoch: position.epoch.clone(),
                     offset,
                     event: event.to_owned(),
-                    data: data.to_owned(),
+                    data: text,
+                    raw_json,
+                    user_id: user_id.map(str::to_owned),
                     created_at: Utc::now(),
                 },
                 retention,
@@ -199,8 +265,8 @@ impl History {
         if let Some(position) = slot.as_mut() {
             position.next_offset = offset + 1;
         }
-        let frame = protocol::history_event(event, channel, data, &position.epoch, offset);
-        Ok(hub.broadcast(channel, &frame, except))
+        let frame = protocol::history_event(event, channel, data, user_id, &position.epoch, offset);
+        Ok(send(frame))
     }
 
     /// Joins a history channel: under the channel's lock, works out what `resume` missed,
@@ -260,12 +326,7 @@ impl History {
                 if entries.len() as u64 != missed {
                     joined.recovery = Some(Recovery::Impossible(Unrecoverable::OffsetTooOld));
                 } else {
-                    joined.replay = entries
-                        .iter()
-                        .map(|e| {
-                            protocol::history_event(&e.event, channel, &e.data, &e.epoch, e.offset)
-                        })
-                        .collect();
+                    joined.replay = entries.iter().map(|e| replay_frame(e, channel)).collect();
                     joined.recovery = Some(recovery);
                 }
             } else {
@@ -351,6 +412,26 @@ impl History {
             }
         }
     }
+}
+
+/// A kept event as its frame, as it was first sent.
+fn replay_frame(entry: &HistoryEntry, channel: &str) -> Frame {
+    let json = entry
+        .raw_json
+        .then(|| serde_json::from_str::<&RawValue>(&entry.data).ok())
+        .flatten();
+    let data = match json {
+        Some(json) => Data::Json(json),
+        None => Data::Text(&entry.data),
+    };
+    protocol::history_event(
+        &entry.event,
+        channel,
+        data,
+        entry.user_id.as_deref(),
+        &entry.epoch,
+        entry.offset,
+    )
 }
 
 /// Offsets up to this one are past the retention count (`newest` is the newest offset).

@@ -41,14 +41,32 @@ pub fn event(name: &str, channel: &str, data: &str) -> Frame {
     encode(name, Some(channel), data, None)
 }
 
-/// A channel event on a history channel: Herald adds the event's `epoch` and `offset`,
-/// which clients resume from; pusher-js ignores fields it does not know.
-pub fn history_event(name: &str, channel: &str, data: &str, epoch: &str, offset: u64) -> Frame {
+/// An event's data in a frame: a server event's text (sent as a JSON string) or a client
+/// event's JSON as its sender wrote it.
+#[derive(Serialize, Clone, Copy)]
+#[serde(untagged)]
+pub enum Data<'a> {
+    Text(&'a str),
+    Json(&'a RawValue),
+}
+
+/// An event on a history channel: Herald adds the event's `epoch` and `offset`, which
+/// clients resume from; pusher-js ignores fields it does not know.
+pub fn history_event(
+    name: &str,
+    channel: &str,
+    data: Data<'_>,
+    user_id: Option<&str>,
+    epoch: &str,
+    offset: u64,
+) -> Frame {
     #[derive(Serialize)]
     struct WithPosition<'a> {
         event: &'a str,
         channel: &'a str,
-        data: &'a str,
+        data: Data<'a>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        user_id: Option<&'a str>,
         epoch: &'a str,
         offset: u64,
     }
@@ -56,6 +74,7 @@ pub fn history_event(name: &str, channel: &str, data: &str, epoch: &str, offset:
         event: name,
         channel,
         data,
+        user_id,
         epoch,
         offset,
     })

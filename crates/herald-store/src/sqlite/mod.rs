@@ -1226,6 +1226,8 @@ mod tests {
                 offset,
                 event: "e".into(),
                 data: offset.to_string(),
+                raw_json: false,
+                user_id: None,
                 created_at: Utc::now(),
             };
             let (a, b) = tokio::join!(

@@ -214,6 +214,8 @@ pub(crate) fn history_entry(row: &SqliteRow) -> Result<herald_core::history::His
             .map_err(|_| StoreError::Corrupt("history offset".into()))?,
         event: row.try_get("event")?,
         data: row.try_get("data")?,
+        raw_json: row.try_get("raw_json")?,
+        user_id: row.try_get("user_id")?,
         created_at: time(row.try_get("created_at")?)?,
     })
 }

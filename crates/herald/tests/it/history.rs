@@ -297,3 +297,88 @@ async fn housekeeping_purges_quiet_channels_and_channels_no_rule_keeps() {
     assert_eq!(history.purge().await.expect("purge again"), 0);
     store.close().await;
 }
+
+#[tokio::test]
+async fn client_events_on_history_channels_are_kept_and_replayed_with_their_sender() {
+    let server = TestServer::start().await;
+    let (_, creds) = pusher_app(&server, "history-chat").await;
+    let channel = "presence-history-chat";
+    async fn enter(
+        server: &TestServer,
+        creds: &Creds,
+        user: &str,
+        resume: Option<(&str, u64)>,
+    ) -> (Client, Value) {
+        let mut client = Client::connect(server, &creds.key).await;
+        let member = json!({"user_id": user}).to_string();
+        let auth = crate::pusher::channel_auth(
+            creds,
+            &client.socket_id,
+            "presence-history-chat",
+            Some(&member),
+        );
+        let mut data =
+            json!({"channel": "presence-history-chat", "auth": auth, "channel_data": member});
+        if let Some((epoch, offset)) = resume {
+            data["epoch"] = json!(epoch);
+            data["offset"] = json!(offset);
+        }
+        client
+            .send(json!({"event": "pusher:subscribe", "data": data}))
+            .await;
+        let ok = client
+            .expect("pusher_internal:subscription_succeeded")
+            .await;
+        let confirmation: Value =
+            serde_json::from_str(ok["data"].as_str().expect("data")).expect("json");
+        (client, confirmation["history"].clone())
+    }
+    let say =
+        |text: &str| json!({"event": "client-message", "channel": channel, "data": {"text": text}});
+
+    let (mut alice, status) = enter(&server, &creds, "alice", None).await;
+    let epoch = status["epoch"].as_str().expect("epoch").to_owned();
+    let (mut bob, _) = enter(&server, &creds, "bob", None).await;
+    bob.send(say("hi alice")).await;
+    let first = alice.expect("client-message").await;
+    assert_eq!(
+        first["data"],
+        json!({"text": "hi alice"}),
+        "the client's JSON, as sent"
+    );
+    assert_eq!(first["user_id"], "bob");
+    assert_eq!(
+        (first["epoch"].as_str(), first["offset"].as_u64()),
+        (Some(epoch.as_str()), Some(1))
+    );
+    drop(alice);
+
+    bob.send(say("are you there?")).await;
+    bob.send(say("I'll wait")).await;
+    // Both are kept before alice comes back (client events travel on bob's own socket).
+    let path = format!("/apps/{}/channels/{channel}/history", creds.id);
+    crate::harness::eventually("bob's messages kept", || async {
+        let (_, page) = crate::pusher::pusher_api(&server, &creds, "GET", &path, &[], None).await;
+        let page: Value = serde_json::from_str(&page).expect("json");
+        (page["offset"] == 3).then_some(())
+    })
+    .await;
+    // Bob's own messages never come back to him: he sees only alice leave and return.
+    let (mut alice, status) = enter(&server, &creds, "alice", Some((&epoch, 1))).await;
+    assert_eq!(status["recovered"], true, "{status}");
+    assert_eq!(status["missed"], 2);
+    for (offset, text) in [(2, "are you there?"), (3, "I'll wait")] {
+        let missed = alice.expect("client-message").await;
+        assert_eq!(missed["offset"], offset);
+        assert_eq!(missed["data"], json!({"text": text}));
+        assert_eq!(missed["user_id"], "bob");
+    }
+    for expected in [
+        "pusher_internal:member_removed",
+        "pusher_internal:member_added",
+    ] {
+        let next = bob.next().await;
+        assert_eq!(next["event"], expected, "{next}");
+    }
+    server.stop().await;
+}

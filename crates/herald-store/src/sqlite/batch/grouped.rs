@@ -165,7 +165,8 @@ async fn append_histories(
     };
     for chunk in entries.chunks(ROWS_PER_STATEMENT) {
         let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
-            "INSERT INTO channel_history (app_id, channel, seq, epoch, event, data, created_at) ",
+            "INSERT INTO channel_history (app_id, channel, seq, epoch, event, data, created_at,
+                                          raw_json, user_id) ",
         );
         let mut rows = Vec::with_capacity(chunk.len());
         for (entry, _) in chunk {
@@ -178,7 +179,9 @@ async fn append_histories(
                 .push_bind(&e.epoch)
                 .push_bind(&e.event)
                 .push_bind(&e.data)
-                .push_bind(millis(e.created_at));
+                .push_bind(millis(e.created_at))
+                .push_bind(e.raw_json)
+                .push_bind(&e.user_id);
         });
         q.build().execute(&mut *conn).await?;
 
