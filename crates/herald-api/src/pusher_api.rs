@@ -35,7 +35,10 @@ pub fn router() -> Router<ApiState> {
         .route("/apps/{app_id}/channels", get(channels))
         .route("/apps/{app_id}/channels/{channel}", get(channel))
         .route("/apps/{app_id}/channels/{channel}/users", get(users))
-        .route("/apps/{app_id}/channels/{channel}/history", get(history))
+        .route(
+            "/apps/{app_id}/channels/{channel}/history",
+            get(history).delete(reset_history),
+        )
         .route(
             "/apps/{app_id}/users/{user_id}/terminate_connections",
             post(terminate),
@@ -408,6 +411,27 @@ async fn history(
     };
     Ok(Json(
         json!({"channel": channel, "epoch": epoch, "offset": newest, "events": events}),
+    ))
+}
+
+/// Herald's extension: drops a history channel's events and starts a new epoch; clients
+/// resuming with the old one are told `epoch_changed`.
+async fn reset_history(
+    State(state): State<ApiState>,
+    Path((app_id, channel)): Path<(String, String)>,
+    method: Method,
+    uri: Uri,
+) -> Result<Json<Value>, PusherError> {
+    let app = authenticate(&state, &app_id, &method, &uri, &[]).await?;
+    pusher::validate_channel_name(&channel).map_err(bad)?;
+    let position = state.history.reset(&app, &channel).await?.ok_or_else(|| {
+        PusherError(
+            StatusCode::NOT_FOUND,
+            format!("{channel} keeps no history (no history rule of the app matches it)"),
+        )
+    })?;
+    Ok(Json(
+        json!({"channel": channel, "epoch": position.epoch, "offset": position.next_offset - 1}),
     ))
 }
 

@@ -336,6 +336,29 @@ impl History {
         Ok(register(joined))
     }
 
+    /// Drops the channel's kept events and starts a new epoch (offsets go on counting), so
+    /// clients holding the old epoch are told their position is gone. Returns the new
+    /// position, or `None` if the channel keeps no history.
+    pub async fn reset(
+        &self,
+        app: &App,
+        channel: &str,
+    ) -> Result<Option<ChannelPosition>, StoreError> {
+        if self.retention(app, channel).is_none() {
+            return Ok(None);
+        }
+        let slot = self.slot(&app.id, channel);
+        let mut slot = slot.lock().await;
+        let current = self.position(&mut slot, &app.id, channel).await?;
+        let fresh = ChannelPosition {
+            epoch: history::new_epoch(),
+            next_offset: current.next_offset,
+        };
+        self.store.reset_history(&app.id, channel, &fresh).await?;
+        *slot = Some(fresh.clone());
+        Ok(Some(fresh))
+    }
+
     /// A page of the channel's history, and its position.
     pub async fn page(
         &self,

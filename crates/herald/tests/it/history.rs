@@ -231,6 +231,32 @@ async fn impossible_resumptions_are_reported_with_the_current_position() {
                "time_ms": oldest["events"][0]["time_ms"]})
     );
     assert_eq!(oldest["events"].as_array().expect("events").len(), 3);
+
+    // A reset drops the events and changes the epoch; offsets go on.
+    let history_path = format!("/apps/{}/channels/{channel}/history", creds.id);
+    let (status, reset) =
+        crate::pusher::pusher_api(&server, &creds, "DELETE", &history_path, &[], None).await;
+    assert_eq!(status, 200, "{reset}");
+    let reset: Value = serde_json::from_str(&reset).expect("json");
+    assert_ne!(reset["epoch"], epoch.as_str());
+    assert_eq!(reset["offset"], 6);
+    let mut after_reset = Client::connect(&server, &creds.key).await;
+    let status = join(&mut after_reset, channel, Some((&epoch, 6))).await;
+    assert_eq!(status["reason"], "epoch_changed", "{status}");
+    assert_eq!(status["epoch"], reset["epoch"]);
+    publish(&server, &creds, channel, 7).await;
+    let new_epoch = reset["epoch"].as_str().expect("epoch");
+    assert_eq!(offsets_until(&mut after_reset, new_epoch, 7).await, [7]);
+    let (status, _) = crate::pusher::pusher_api(
+        &server,
+        &creds,
+        "DELETE",
+        &format!("/apps/{}/channels/plain/history", creds.id),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(status, 404, "plain channels keep no history");
     server.stop().await;
 }
 

@@ -190,6 +190,7 @@ pub async fn pusher_api(
             .post(url)
             .header("content-type", "application/json")
             .body(body),
+        "DELETE" => client.delete(url),
         _ => client.get(url),
     };
     let response = request.send().await.expect("request");
