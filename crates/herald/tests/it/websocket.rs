@@ -512,3 +512,74 @@ async fn idle_connections_are_pinged_and_closed_with_4201_when_silent() {
     assert_eq!(next_json(&mut lively).await["event"], "pusher:ping");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn limits_on_connections_channels_and_presence_members_hold() {
+    let server = TestServer::start_with(|c| {
+        c.ws.max_connections_per_app = 2;
+        c.ws.max_channels_per_connection = 2;
+        c.ws.max_presence_members = 1;
+        c.ws.max_user_info_bytes = 32;
+    })
+    .await;
+    let (_, creds) = pusher_app(&server, "ws-limits").await;
+    let mut first = Client::connect(&server, &creds.key).await;
+    let mut second = Client::connect(&server, &creds.key).await;
+
+    // A third connection is over the app's quota.
+    let mut third = open(&server, &creds.key).await;
+    let code = loop {
+        match third.next().await {
+            Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => {}
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(code, Some(4004));
+
+    // One member per presence channel: a second user is refused (403).
+    let room = "presence-room";
+    let alice = r#"{"user_id":"alice"}"#;
+    let bob = r#"{"user_id":"bob"}"#;
+    let auth = |client: &Client, data: &str| {
+        Some(channel_auth(&creds, &client.socket_id, room, Some(data)))
+    };
+    let ok = second
+        .subscribe(room, auth(&second, alice), Some(alice))
+        .await;
+    assert_eq!(
+        ok["event"], "pusher_internal:subscription_succeeded",
+        "{ok}"
+    );
+    let full = first.subscribe(room, auth(&first, bob), Some(bob)).await;
+    assert_eq!(full["event"], "pusher:subscription_error", "{full}");
+    assert_eq!(full["data"]["status"], 403);
+
+    // Two channels per connection; a third is refused and the connection stays.
+    first.subscribe("a", None, None).await;
+    first.subscribe("b", None, None).await;
+    let refused = first.subscribe("c", None, None).await;
+    assert_eq!(refused["event"], "pusher:subscription_error", "{refused}");
+    assert_eq!(refused["data"]["status"], 400);
+    assert_eq!(refused["data"]["type"], "LimitReached");
+
+    // user_info over its limit is refused.
+    let big = r#"{"user_id":"carol","user_info":{"bio":"far more than thirty-two bytes of text"}}"#;
+    let wide = "presence-wide";
+    let auth = Some(channel_auth(&creds, &second.socket_id, wide, Some(big)));
+    let too_big = second.subscribe(wide, auth, Some(big)).await;
+    assert_eq!(too_big["event"], "pusher:subscription_error", "{too_big}");
+    assert_eq!(too_big["data"]["type"], "InvalidChannelData");
+
+    // Both connections still work.
+    let (status, _) = trigger(
+        &server,
+        &creds,
+        json!({"name": "still-here", "channels": ["a", room], "data": "{}"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    first.expect("still-here").await;
+    second.expect("still-here").await;
+    server.stop().await;
+}
