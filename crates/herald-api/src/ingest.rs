@@ -92,14 +92,15 @@ pub async fn receive(
         channels: event.channels.clone(),
         duplicate,
     };
+    let (first, has_targets) = (out(&event, false), !targets.is_empty());
     let answer = match state
         .store
-        .record_ingest(event.clone(), message.clone(), targets.clone())
+        .record_ingest(event, message.clone(), targets)
         .await?
     {
         IngestRecorded::New => {
-            after_commit(&state, &app, &message, !targets.is_empty()).await;
-            out(&event, false)
+            after_commit(&state, &app, &message, has_targets).await;
+            first
         }
         IngestRecorded::Duplicate(earlier) => {
             tracing::info!(source = %source.id, delivery_id = %earlier.delivery_id,

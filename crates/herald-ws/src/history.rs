@@ -144,28 +144,31 @@ impl History {
         positions.retain(|_, slot| Arc::strong_count(slot) > 1);
     }
 
-    /// The channel's position, loaded from the store or started with a fresh epoch.
-    async fn position(
+    /// The channel's position, kept in its slot: loaded from the store on first use, or
+    /// started with a fresh epoch.
+    async fn position<'s>(
         &self,
-        slot: &mut Option<ChannelPosition>,
+        slot: &'s mut Option<ChannelPosition>,
         app_id: &str,
         channel: &str,
-    ) -> Result<ChannelPosition, StoreError> {
-        if let Some(position) = slot {
-            return Ok(position.clone());
+    ) -> Result<&'s mut ChannelPosition, StoreError> {
+        if slot.is_none() {
+            let loaded = match self.store.channel_position(app_id, channel).await? {
+                Some(position) => position,
+                None => {
+                    let fresh = ChannelPosition {
+                        epoch: history::new_epoch(),
+                        next_offset: 1,
+                    };
+                    self.store.reset_history(app_id, channel, &fresh).await?;
+                    fresh
+                }
+            };
+            *slot = Some(loaded);
         }
-        let position = match self.store.channel_position(app_id, channel).await? {
-            Some(position) => position,
-            None => {
-                let fresh = ChannelPosition {
-                    epoch: history::new_epoch(),
-                    next_offset: 1,
-                };
-                self.store.reset_history(app_id, channel, &fresh).await?;
-                fresh
-            }
+        let Some(position) = slot.as_mut() else {
+            unreachable!("filled above")
         };
-        *slot = Some(position.clone());
         Ok(position)
     }
 
@@ -262,9 +265,7 @@ impl History {
                 retention,
             )
             .await?;
-        if let Some(position) = slot.as_mut() {
-            position.next_offset = offset + 1;
-        }
+        position.next_offset = offset + 1;
         let frame = protocol::history_event(event, channel, data, user_id, &position.epoch, offset);
         Ok(send(frame))
     }
@@ -299,7 +300,7 @@ impl History {
                 .await?
                 .map(|o| o.max(kept_after(newest, retention) + 1));
             let recovery = history::recovery(
-                &position,
+                position,
                 oldest,
                 &resume.epoch,
                 resume.offset,
@@ -349,13 +350,13 @@ impl History {
         }
         let slot = self.slot(&app.id, channel);
         let mut slot = slot.lock().await;
-        let current = self.position(&mut slot, &app.id, channel).await?;
+        let position = self.position(&mut slot, &app.id, channel).await?;
         let fresh = ChannelPosition {
             epoch: history::new_epoch(),
-            next_offset: current.next_offset,
+            next_offset: position.next_offset,
         };
         self.store.reset_history(&app.id, channel, &fresh).await?;
-        *slot = Some(fresh.clone());
+        *position = fresh.clone();
         Ok(Some(fresh))
     }
 

@@ -336,8 +336,9 @@ impl AppHub {
         let Some(entry) = channels.get(channel) else {
             return 0;
         };
-        if self.observer.is_some() {
-            self.report(event());
+        // The event is only built if someone listens.
+        if let Some(observer) = &self.observer {
+            observer.observe(&self.app_id, event());
         }
         fan_out(entry, frame, Some(sender))
     }

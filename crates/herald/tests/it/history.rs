@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 
 use crate::{
     harness::TestServer,
-    pusher::{Client, Creds, pusher_app, trigger},
+    pusher::{Client, Creds, channel_auth, pusher_app, trigger},
 };
 
 async fn publish(server: &TestServer, creds: &Creds, channel: &str, n: u64) {
@@ -21,7 +21,11 @@ async fn publish(server: &TestServer, creds: &Creds, channel: &str, n: u64) {
 
 /// Subscribes (resuming after `resume`, if given); returns the `history` status.
 async fn join(client: &mut Client, channel: &str, resume: Option<(&str, u64)>) -> Value {
-    let mut data = json!({"channel": channel});
+    join_with(client, json!({"channel": channel}), resume).await
+}
+
+/// Subscribes with `data` (channel, and auth where needed), resuming after `resume`.
+async fn join_with(client: &mut Client, mut data: Value, resume: Option<(&str, u64)>) -> Value {
     if let Some((epoch, offset)) = resume {
         data["epoch"] = json!(epoch);
         data["offset"] = json!(offset);
@@ -111,18 +115,9 @@ async fn resumption_survives_a_restart_on_the_embedded_store() {
     let (_, creds) = pusher_app(&server, "history-restart").await;
     let channel = "private-history-orders";
     let mut client = Client::connect(&server, &creds.key).await;
-    let auth = crate::pusher::channel_auth(&creds, &client.socket_id, channel, None);
-    client
-        .send(json!({"event": "pusher:subscribe", "data": {"channel": channel, "auth": auth}}))
-        .await;
-    let ok = client
-        .expect("pusher_internal:subscription_succeeded")
-        .await;
-    let status: Value = serde_json::from_str(ok["data"].as_str().expect("data")).expect("json");
-    let epoch = status["history"]["epoch"]
-        .as_str()
-        .expect("epoch")
-        .to_owned();
+    let auth = channel_auth(&creds, &client.socket_id, channel, None);
+    let status = join_with(&mut client, json!({"channel": channel, "auth": auth}), None).await;
+    let epoch = status["epoch"].as_str().expect("epoch").to_owned();
     publish(&server, &creds, channel, 1).await;
     assert_eq!(offsets_until(&mut client, &epoch, 1).await, [1]);
     drop(client);
@@ -136,17 +131,11 @@ async fn resumption_survives_a_restart_on_the_embedded_store() {
         publish(&server, &creds, channel, n).await;
     }
     let mut client = Client::connect(&server, &creds.key).await;
-    let auth = crate::pusher::channel_auth(&creds, &client.socket_id, channel, None);
-    client
-        .send(json!({"event": "pusher:subscribe", "data": {
-            "channel": channel, "auth": auth, "epoch": epoch, "offset": 1}}))
-        .await;
-    let ok = client
-        .expect("pusher_internal:subscription_succeeded")
-        .await;
-    let status: Value = serde_json::from_str(ok["data"].as_str().expect("data")).expect("json");
-    assert_eq!(status["history"]["recovered"], true, "{status}");
-    assert_eq!(status["history"]["missed"], 4);
+    let auth = channel_auth(&creds, &client.socket_id, channel, None);
+    let data = json!({"channel": channel, "auth": auth});
+    let status = join_with(&mut client, data, Some((&epoch, 1))).await;
+    assert_eq!(status["recovered"], true, "{status}");
+    assert_eq!(status["missed"], 4);
     assert_eq!(offsets_until(&mut client, &epoch, 5).await, [2, 3, 4, 5]);
     server.stop().await;
 }
@@ -335,29 +324,13 @@ async fn client_events_on_history_channels_are_kept_and_replayed_with_their_send
         user: &str,
         resume: Option<(&str, u64)>,
     ) -> (Client, Value) {
+        let channel = "presence-history-chat";
         let mut client = Client::connect(server, &creds.key).await;
         let member = json!({"user_id": user}).to_string();
-        let auth = crate::pusher::channel_auth(
-            creds,
-            &client.socket_id,
-            "presence-history-chat",
-            Some(&member),
-        );
-        let mut data =
-            json!({"channel": "presence-history-chat", "auth": auth, "channel_data": member});
-        if let Some((epoch, offset)) = resume {
-            data["epoch"] = json!(epoch);
-            data["offset"] = json!(offset);
-        }
-        client
-            .send(json!({"event": "pusher:subscribe", "data": data}))
-            .await;
-        let ok = client
-            .expect("pusher_internal:subscription_succeeded")
-            .await;
-        let confirmation: Value =
-            serde_json::from_str(ok["data"].as_str().expect("data")).expect("json");
-        (client, confirmation["history"].clone())
+        let auth = channel_auth(creds, &client.socket_id, channel, Some(&member));
+        let data = json!({"channel": channel, "auth": auth, "channel_data": member});
+        let status = join_with(&mut client, data, resume).await;
+        (client, status)
     }
     let say =
         |text: &str| json!({"event": "client-message", "channel": channel, "data": {"text": text}});

@@ -1,7 +1,6 @@
 //! A Pusher protocol test client and Pusher HTTP API signing, shared by the WebSocket tests.
 
 use futures_util::{SinkExt, StreamExt};
-use md5::{Digest, Md5};
 use reqwest::Method;
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
@@ -163,27 +162,21 @@ pub async fn pusher_api(
     body: Option<Value>,
 ) -> (u16, String) {
     let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let timestamp = chrono::Utc::now().timestamp().to_string();
-    let mut params: Vec<(String, String)> = vec![
-        ("auth_key".into(), creds.key.clone()),
-        ("auth_timestamp".into(), timestamp),
-        ("auth_version".into(), "1.0".into()),
-    ];
-    if !body.is_empty() {
-        params.push(("body_md5".into(), hex::encode(Md5::digest(body.as_bytes()))));
-    }
-    params.extend(query.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    params.sort();
-    let joined = params
+    let query: Vec<(String, String)> = query
         .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join("&");
-    let signature = sign(&creds.secret, &format!("{method}\n{path}\n{joined}"));
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let params = herald_core::pusher::sign_request(
+        &creds.key,
+        &creds.secret,
+        method,
+        path,
+        &query,
+        body.as_bytes(),
+        chrono::Utc::now().timestamp(),
+    );
     let mut url = url::Url::parse(&format!("{}{path}", server.base)).expect("url");
-    url.query_pairs_mut()
-        .extend_pairs(&params)
-        .append_pair("auth_signature", &signature);
+    url.query_pairs_mut().extend_pairs(&params);
     let client = reqwest::Client::new();
     let request = match method {
         "POST" => client
