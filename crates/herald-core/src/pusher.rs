@@ -13,6 +13,8 @@ use sha2::Sha256;
 pub const MAX_CHANNEL_NAME: usize = 164;
 /// How far an HTTP API request's `auth_timestamp` may be from the server's clock.
 pub const REQUEST_TIMESTAMP_TOLERANCE_SECS: i64 = 600;
+/// Longest an SSE token may live: one whose expiry is further from now is refused (24 hours).
+pub const SSE_TOKEN_MAX_LIFETIME_SECS: i64 = 24 * 60 * 60;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChannelKind {
@@ -118,7 +120,8 @@ fn signature_matches(secret: &str, data: &str, hex_signature: &str) -> bool {
 
 /// A token that lets a Server-Sent Events stream read private channels: `<expires>:<hex>`,
 /// the HMAC-SHA256 with the app secret of `sse:<expires>:<channels>` (the `channels` query
-/// value exactly as sent). The app's backend mints it, as it signs channel auths.
+/// value exactly as sent). The app's backend mints it, as it signs channel auths, with an
+/// expiry at most [`SSE_TOKEN_MAX_LIFETIME_SECS`] ahead.
 pub fn sse_token(secret: &str, channels: &str, expires_unix: i64) -> String {
     format!(
         "{expires_unix}:{}",
@@ -131,11 +134,17 @@ pub enum SseTokenError {
     #[error("token must be \"<expires unix time>:<hex signature>\"")]
     Malformed,
     #[error("token expired {0} s ago")]
-    Expired(i64),
+    Expired(u64),
+    #[error(
+        "token expires {0} s from now; tokens may live at most {SSE_TOKEN_MAX_LIFETIME_SECS} s (24 hours)"
+    )]
+    TooLong(u64),
     #[error("token signature does not match the channels with the app secret")]
     BadSignature,
 }
 
+/// Checks an SSE token against the `channels` value as sent, at `now_unix`. The expiry is the
+/// client's text, so the arithmetic on it cannot overflow whatever it says.
 pub fn verify_sse_token(
     secret: &str,
     channels: &str,
@@ -147,8 +156,12 @@ pub fn verify_sse_token(
     if !signature_matches(secret, &format!("sse:{expires}:{channels}"), signature) {
         return Err(SseTokenError::BadSignature);
     }
+    let distance = expires.abs_diff(now_unix);
     if expires < now_unix {
-        return Err(SseTokenError::Expired(now_unix - expires));
+        return Err(SseTokenError::Expired(distance));
+    }
+    if distance > SSE_TOKEN_MAX_LIFETIME_SECS.unsigned_abs() {
+        return Err(SseTokenError::TooLong(distance));
     }
     Ok(())
 }
@@ -221,7 +234,7 @@ pub enum RequestAuthError {
     #[error(
         "auth_timestamp is {0} s from the server's time; at most {REQUEST_TIMESTAMP_TOLERANCE_SECS} s is accepted"
     )]
-    Expired(i64),
+    Expired(u64),
     #[error("body_md5 does not match the body")]
     BodyMd5,
     #[error("invalid auth_signature")]
@@ -256,8 +269,10 @@ pub fn verify_request(
     let timestamp: i64 = get("auth_timestamp")?
         .parse()
         .map_err(|_| RequestAuthError::BadTimestamp)?;
-    if (now_unix - timestamp).abs() > REQUEST_TIMESTAMP_TOLERANCE_SECS {
-        return Err(RequestAuthError::Expired(now_unix - timestamp));
+    // Exact distance as a u64: `now - timestamp` overflows for timestamps near i64::MIN/MAX.
+    let skew = now_unix.abs_diff(timestamp);
+    if skew > REQUEST_TIMESTAMP_TOLERANCE_SECS.unsigned_abs() {
+        return Err(RequestAuthError::Expired(skew));
     }
     if !body.is_empty() && get("body_md5")? != hex::encode(Md5::digest(body)) {
         return Err(RequestAuthError::BodyMd5);
@@ -469,6 +484,71 @@ mod tests {
     }
 
     #[test]
+    fn request_timestamps_at_the_ends_of_i64_are_refused_without_overflow() {
+        let params = |timestamp: &str| -> Vec<(String, String)> {
+            [
+                ("auth_key", KEY),
+                ("auth_timestamp", timestamp),
+                ("auth_version", "1.0"),
+                ("auth_signature", "00"),
+            ]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+        };
+        let check = |timestamp: &str, now: i64| {
+            verify_request(
+                KEY,
+                SECRET,
+                "GET",
+                "/apps/3/channels",
+                &params(timestamp),
+                b"",
+                now,
+            )
+        };
+        let now = 1_353_088_179_i64;
+        let min = i64::MIN.to_string();
+        let max = i64::MAX.to_string();
+        assert_eq!(
+            check(&min, now),
+            Err(RequestAuthError::Expired(now.abs_diff(i64::MIN)))
+        );
+        assert_eq!(
+            check(&max, now),
+            Err(RequestAuthError::Expired(i64::MAX.abs_diff(now)))
+        );
+        assert_eq!(
+            check(&min, i64::MAX),
+            Err(RequestAuthError::Expired(u64::MAX))
+        );
+        assert_eq!(
+            check(&max, i64::MIN),
+            Err(RequestAuthError::Expired(u64::MAX))
+        );
+        // `now - timestamp` wraps to i64::MIN here, whose wrapping `abs()` is negative: the
+        // old check let it through in release builds.
+        let wraps = (i64::MIN + now).to_string();
+        assert!(matches!(
+            check(&wraps, now),
+            Err(RequestAuthError::Expired(_))
+        ));
+        assert_eq!(
+            check(&u64::MAX.to_string(), now),
+            Err(RequestAuthError::BadTimestamp)
+        );
+        assert_eq!(
+            check("-99999999999999999999", now),
+            Err(RequestAuthError::BadTimestamp)
+        );
+        let message = check(&min, now).expect_err("refused").to_string();
+        assert!(
+            message.contains("auth_timestamp is 9223372038207863987 s"),
+            "{message}"
+        );
+    }
+
+    #[test]
     fn sign_request_reproduces_the_documented_vector() {
         let body = br#"{"name":"foo","channels":["project-3"],"data":"{\"some\":\"data\"}"}"#;
         let signed = sign_request(KEY, SECRET, "POST", "/apps/3/events", &[], body, 1353088179);
@@ -492,6 +572,11 @@ mod tests {
             Err(SseTokenError::Expired(10))
         );
         assert_eq!(
+            verify_sse_token(SECRET, "private-a,news", &token, 2000),
+            Ok(()),
+            "a token is valid up to its expiry second"
+        );
+        assert_eq!(
             verify_sse_token(SECRET, "private-b,news", &token, 1999),
             Err(SseTokenError::BadSignature)
         );
@@ -501,6 +586,62 @@ mod tests {
         );
         assert_eq!(
             verify_sse_token(SECRET, "x", "nonsense", 0),
+            Err(SseTokenError::Malformed)
+        );
+    }
+
+    #[test]
+    fn sse_tokens_living_longer_than_24_hours_are_refused() {
+        let now = 1_700_000_000;
+        let longest = sse_token(SECRET, "private-a", now + SSE_TOKEN_MAX_LIFETIME_SECS);
+        assert_eq!(verify_sse_token(SECRET, "private-a", &longest, now), Ok(()));
+        let too_long = sse_token(SECRET, "private-a", now + SSE_TOKEN_MAX_LIFETIME_SECS + 1);
+        let err = verify_sse_token(SECRET, "private-a", &too_long, now)
+            .expect_err("a token living longer than 24 hours is refused");
+        assert_eq!(err, SseTokenError::TooLong(86_401));
+        assert!(err.to_string().contains("24 hours"), "{err}");
+        // It becomes acceptable once less than 24 hours remain.
+        assert_eq!(
+            verify_sse_token(SECRET, "private-a", &too_long, now + 1),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn sse_token_expiries_at_the_ends_of_i64_are_refused_without_overflow() {
+        let now = 1_700_000_000_i64;
+        let verify = |expires: i64, now: i64| {
+            verify_sse_token(
+                SECRET,
+                "private-a",
+                &sse_token(SECRET, "private-a", expires),
+                now,
+            )
+        };
+        assert_eq!(
+            verify(i64::MAX, now),
+            Err(SseTokenError::TooLong(i64::MAX.abs_diff(now)))
+        );
+        assert_eq!(
+            verify(i64::MIN, now),
+            Err(SseTokenError::Expired(now.abs_diff(i64::MIN)))
+        );
+        assert_eq!(
+            verify(i64::MIN, i64::MAX),
+            Err(SseTokenError::Expired(u64::MAX))
+        );
+        assert_eq!(
+            verify(i64::MAX, i64::MIN),
+            Err(SseTokenError::TooLong(u64::MAX))
+        );
+        assert_eq!(verify(i64::MAX, i64::MAX), Ok(()));
+        let signed_u64_max = format!(
+            "{}:{}",
+            u64::MAX,
+            sign(SECRET, &format!("sse:{}:private-a", u64::MAX))
+        );
+        assert_eq!(
+            verify_sse_token(SECRET, "private-a", &signed_u64_max, now),
             Err(SseTokenError::Malformed)
         );
     }

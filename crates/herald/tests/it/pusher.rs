@@ -175,8 +175,19 @@ pub async fn pusher_api(
         body.as_bytes(),
         chrono::Utc::now().timestamp(),
     );
+    send_signed(server, method, path, &params, body).await
+}
+
+/// Sends a Pusher HTTP API request with these query parameters, exactly as given.
+async fn send_signed(
+    server: &TestServer,
+    method: &str,
+    path: &str,
+    params: &[(String, String)],
+    body: String,
+) -> (u16, String) {
     let mut url = url::Url::parse(&format!("{}{path}", server.base)).expect("url");
-    url.query_pairs_mut().extend_pairs(&params);
+    url.query_pairs_mut().extend_pairs(params);
     let client = reqwest::Client::new();
     let request = match method {
         "POST" => client
@@ -194,4 +205,48 @@ pub async fn pusher_api(
 pub async fn trigger(server: &TestServer, creds: &Creds, body: Value) -> (u16, String) {
     let path = format!("/apps/{}/events", creds.id);
     pusher_api(server, creds, "POST", &path, &[], Some(body)).await
+}
+
+#[tokio::test]
+async fn http_api_refuses_auth_timestamps_at_the_ends_of_i64_without_panicking() {
+    let server = TestServer::start().await;
+    let (_, creds) = pusher_app(&server, "pusher-timestamps").await;
+    let path = format!("/apps/{}/channels", creds.id);
+    let signed_at = |now_unix: i64| {
+        herald_core::pusher::sign_request(
+            &creds.key,
+            &creds.secret,
+            "GET",
+            &path,
+            &[],
+            b"",
+            now_unix,
+        )
+    };
+    for now_unix in [
+        i64::MIN,
+        i64::MIN + chrono::Utc::now().timestamp(),
+        i64::MAX,
+    ] {
+        let (status, body) =
+            send_signed(&server, "GET", &path, &signed_at(now_unix), String::new()).await;
+        assert_eq!(status, 401, "auth_timestamp={now_unix}: {body}");
+        assert!(
+            body.contains("auth_timestamp is") && body.contains("s from the server's time"),
+            "auth_timestamp={now_unix}: {body}"
+        );
+    }
+    let mut too_big = signed_at(chrono::Utc::now().timestamp());
+    for (name, value) in &mut too_big {
+        if name == "auth_timestamp" {
+            *value = u64::MAX.to_string();
+        }
+    }
+    let (status, body) = send_signed(&server, "GET", &path, &too_big, String::new()).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("auth_timestamp is not a number"), "{body}");
+    // The server is still serving: a correctly signed request succeeds.
+    let (status, body) = pusher_api(&server, &creds, "GET", &path, &[], None).await;
+    assert_eq!(status, 200, "{body}");
+    server.stop().await;
 }

@@ -233,3 +233,34 @@ async fn private_channels_need_a_signed_token_and_bad_requests_are_refused() {
     drop(stream);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn sse_tokens_expiring_more_than_24_hours_ahead_are_refused() {
+    let server = TestServer::start().await;
+    let (_, creds) = pusher_app(&server, "sse-token-lifetime").await;
+    let lifetime = herald_core::pusher::SSE_TOKEN_MAX_LIFETIME_SECS;
+    let now = chrono::Utc::now().timestamp();
+    let query = |expires: i64| {
+        let token = herald_core::pusher::sse_token(&creds.secret, "private-inbox", expires);
+        format!("channels=private-inbox&token={token}")
+    };
+    // A minute's margin either side of the limit keeps the test off the clock's edge.
+    for expires in [now + lifetime + 60, i64::MAX] {
+        let response = request(&server, &creds, &query(expires), None).await;
+        assert_eq!(response.status().as_u16(), 401, "expires={expires}");
+        let body = response.text().await.expect("body");
+        assert!(body.contains("24 hours"), "expires={expires}: {body}");
+    }
+    let response = request(&server, &creds, &query(i64::MIN), None).await;
+    assert_eq!(response.status().as_u16(), 401);
+    let body = response.text().await.expect("body");
+    assert!(body.contains("token expired"), "{body}");
+
+    let mut stream = SseClient::open(&server, &creds, &query(now + lifetime - 60), None).await;
+    assert_eq!(
+        stream.data().await.1["event"],
+        "herald:subscription_succeeded"
+    );
+    drop(stream);
+    server.stop().await;
+}
