@@ -1,7 +1,10 @@
 //! Bearer-token authentication. The admin token from the configuration and environment-wide
 //! tokens in the store may do anything; an app-scoped token may only touch its app.
 
-use axum::{extract::FromRequestParts, http::request::Parts};
+use axum::{
+    extract::FromRequestParts,
+    http::{HeaderMap, request::Parts},
+};
 use herald_core::{model::App, token};
 use herald_store::TokenScope;
 
@@ -18,37 +21,45 @@ impl FromRequestParts<ApiState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> ApiResult<Self> {
-        let header = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .ok_or_else(|| {
-                ApiError::unauthorized("missing Authorization header (expected `Bearer <token>`)")
-            })?;
-        let presented = header
-            .to_str()
-            .ok()
-            .and_then(|h| {
-                h.strip_prefix("Bearer ")
-                    .or_else(|| h.strip_prefix("bearer "))
-            })
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| {
-                ApiError::unauthorized("Authorization header must be `Bearer <token>`")
-            })?;
-        let token_hash = token::hash(presented);
-        if let Some(admin) = &state.admin_token_hash
-            && token::equal(admin, &token_hash)
-        {
+        // Middleware that ran before (idempotency) may have authenticated the request already.
+        if let Some(scope) = parts.extensions.get::<TokenScope>() {
             return Ok(Self {
-                scope: TokenScope::Environment,
+                scope: scope.clone(),
             });
         }
-        match state.store.token_scope(&token_hash).await? {
-            Some(scope) => Ok(Self { scope }),
-            None => Err(ApiError::unauthorized("invalid API token")),
-        }
+        let scope = authenticate(&parts.headers, state).await?;
+        Ok(Self { scope })
     }
+}
+
+/// The scope of the bearer token in `headers`, or why there is none.
+pub(crate) async fn authenticate(headers: &HeaderMap, state: &ApiState) -> ApiResult<TokenScope> {
+    let header = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .ok_or_else(|| {
+            ApiError::unauthorized("missing Authorization header (expected `Bearer <token>`)")
+        })?;
+    let presented = header
+        .to_str()
+        .ok()
+        .and_then(|h| {
+            h.strip_prefix("Bearer ")
+                .or_else(|| h.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| ApiError::unauthorized("Authorization header must be `Bearer <token>`"))?;
+    let token_hash = token::hash(presented);
+    if let Some(admin) = &state.admin_token_hash
+        && token::equal(admin, &token_hash)
+    {
+        return Ok(TokenScope::Environment);
+    }
+    state
+        .store
+        .token_scope(&token_hash)
+        .await?
+        .ok_or_else(|| ApiError::unauthorized("invalid API token"))
 }
 
 impl Caller {

@@ -1,5 +1,7 @@
 //! `Idempotency-Key` on POST: the first response (if not a server error) is stored and replayed
-//! verbatim for the same key, caller and path for 24 hours. A repeat that arrives while the
+//! verbatim for the same key, caller and path for 24 hours. Only authenticated callers' answers
+//! are kept: the token is checked before anything is stored, keys are at most 255 bytes, kept
+//! bodies at most 64 KiB, and the table at most [`MAX_KEPT`] rows. A repeat that arrives while the
 //! first is still running gets 409, as Stripe does. The Svix SDKs send a key with every POST
 //! and reuse it when they retry, so a retried create never creates twice.
 
@@ -16,11 +18,15 @@ use chrono::Utc;
 use herald_core::token;
 use herald_store::Store;
 
-use crate::{ApiState, error::ApiError};
+use crate::{ApiState, auth, error::ApiError};
 
 pub const KEEP_FOR: Duration = Duration::from_secs(24 * 3600);
 /// Responses larger than this are not kept (lists are GETs; creates answer small bodies).
-const MAX_STORED_BODY: usize = 1024 * 1024;
+const MAX_STORED_BODY: usize = 64 * 1024;
+/// Longer keys are refused with 400, as Stripe does (keys are UUIDs or similar).
+pub const MAX_KEY_LEN: usize = 255;
+/// The most responses kept; housekeeping forgets the oldest beyond it.
+pub const MAX_KEPT: u64 = 100_000;
 
 #[derive(Default)]
 pub struct InFlight(Mutex<HashSet<String>>);
@@ -47,14 +53,33 @@ impl InFlight {
     }
 }
 
-pub async fn replay(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+pub async fn replay(State(state): State<ApiState>, mut request: Request, next: Next) -> Response {
     if request.method() != Method::POST {
         return next.run(request).await;
     }
-    let (Some(key), Some(auth)) = (
-        header_str(&request, "idempotency-key"),
-        header_str(&request, header::AUTHORIZATION.as_str()),
-    ) else {
+    let Some(key) = header_str(&request, "idempotency-key") else {
+        return next.run(request).await;
+    };
+    if key.len() > MAX_KEY_LEN {
+        return ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_idempotency_key",
+            format!(
+                "Idempotency-Key is {} bytes; at most {MAX_KEY_LEN} are accepted",
+                key.len()
+            ),
+        )
+        .into_response();
+    }
+    // Authenticate before anything is read or stored, so only callers with a valid token can
+    // put rows in the table; the handler reuses the result instead of checking again.
+    match auth::authenticate(request.headers(), &state).await {
+        Ok(scope) => {
+            request.extensions_mut().insert(scope);
+        }
+        Err(refused) => return refused.into_response(),
+    }
+    let Some(auth) = header_str(&request, header::AUTHORIZATION.as_str()) else {
         return next.run(request).await;
     };
     let scope = format!(
@@ -76,11 +101,18 @@ pub async fn replay(State(state): State<ApiState>, request: Request, next: Next)
         return response;
     }
     let (parts, body) = response.into_parts();
-    let bytes = match to_bytes(body, MAX_STORED_BODY).await {
+    // Handlers answer from memory, so reading the whole body costs nothing extra; only the
+    // stored copy is limited.
+    let bytes = match to_bytes(body, usize::MAX).await {
         Ok(bytes) => bytes,
         Err(e) => return ApiError::internal(e).into_response(),
     };
-    if let Err(e) = state
+    if bytes.len() > MAX_STORED_BODY {
+        tracing::debug!(
+            bytes = bytes.len(),
+            "response too large to keep for Idempotency-Key replay"
+        );
+    } else if let Err(e) = state
         .store
         .save_idempotent_response(&scope, &key, parts.status.as_u16(), &bytes, Utc::now())
         .await
@@ -113,10 +145,10 @@ fn stored_response(status: u16, body: Vec<u8>) -> Response {
     response
 }
 
-/// Forget keys older than [`KEEP_FOR`]; run periodically.
+/// Forget keys older than [`KEEP_FOR`], and the oldest beyond [`MAX_KEPT`]; run periodically.
 pub async fn purge_expired(store: &dyn Store) {
     let cutoff = Utc::now() - chrono::Duration::from_std(KEEP_FOR).unwrap_or_default();
-    match store.purge_idempotency(cutoff).await {
+    match store.purge_idempotency(cutoff, MAX_KEPT).await {
         Ok(n) if n > 0 => tracing::debug!(purged = n, "expired idempotency keys removed"),
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "purging idempotency keys failed"),

@@ -26,6 +26,10 @@ use crate::{
     error::{ApiError, ApiResult},
 };
 
+/// Bodies up to this size are verified on the request's own task; larger ones on the blocking
+/// pool.
+const VERIFY_INLINE_MAX_BYTES: usize = 64 * 1024;
+
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct IngestOut {
@@ -56,8 +60,17 @@ pub async fn receive(
     }
     .ok_or_else(|| ApiError::not_found("source"))?;
     let now = crate::now();
-    let (delivery_id, event_type, channels) = match read(&source, &headers, &body, now.timestamp())?
-    {
+    let verified = if body.len() <= VERIFY_INLINE_MAX_BYTES {
+        read(&source, &headers, &body, now.timestamp())?
+    } else {
+        // Hashing a large body takes milliseconds: keep it off the async workers, so one
+        // sender's large requests cannot stall every other connection.
+        let (source, headers, body) = (source.clone(), headers.clone(), body.clone());
+        tokio::task::spawn_blocking(move || read(&source, &headers, &body, now.timestamp()))
+            .await
+            .map_err(ApiError::internal)??
+    };
+    let (delivery_id, event_type, channels) = match verified {
         Read::Event {
             delivery_id,
             event_type,
@@ -150,23 +163,24 @@ fn read(source: &IngestSource, headers: &HeaderMap, body: &[u8], now_unix: i64) 
             serde_json::json!({"challenge": p["challenge"]}),
         ));
     }
-    let delivery_id = ingest::delivery_id(
-        source.kind,
-        source.hmac.as_ref(),
-        &request,
-        payload.as_ref(),
-    );
+    let delivery_id = ingest::delivery_id(source.kind, &request, payload.as_ref());
+    // Templates see unsigned headers only where the source opted in.
+    let trusted = source.trust_unsigned_headers;
+    let template_headers = |name: &str| if trusted { lookup(name) } else { None };
+    let default_event_type = source
+        .kind
+        .default_event_type(source.trust_unsigned_headers);
     let event_type = if source.event_type.is_empty() {
-        template::event_type(source.kind.default_event_type(), payload.as_ref(), &lookup)
+        template::event_type(default_event_type, payload.as_ref(), &template_headers)
     } else {
-        template::event_type(&source.event_type, payload.as_ref(), &lookup)
+        template::event_type(&source.event_type, payload.as_ref(), &template_headers)
     }
     .unwrap_or_else(|| source.kind.as_str().to_owned());
     let channels = template::channels(
         &source.channels,
         source.default_channel.as_deref(),
         payload.as_ref(),
-        &lookup,
+        &template_headers,
     );
     Ok(Read::Event {
         delivery_id,

@@ -16,6 +16,10 @@ pub const TASK: &str = "qtask_";
 pub const SOURCE: &str = "src_";
 pub const INGEST_EVENT: &str = "inev_";
 
+/// Every prefix Herald mints ids with. User-chosen identifiers (uids, `eventId`) may not start
+/// with one, so a uid can never be mistaken for an id.
+pub const PREFIXES: [&str; 7] = [APP, ENDPOINT, MESSAGE, ATTEMPT, TASK, SOURCE, INGEST_EVENT];
+
 /// A fresh id with `prefix`, ordered after every id made more than ~4 ms earlier.
 ///
 /// Ids this process makes in the same 4 ms tick are strictly increasing (the random part

@@ -241,6 +241,9 @@ pub struct IngestSource {
     pub channels: Vec<String>,
     /// The channel when no template renders.
     pub default_channel: Option<String>,
+    /// Whether templates may read headers the signature does not cover (`{header:...}`, and
+    /// the GitHub and Shopify defaults that read `X-GitHub-Event` / `X-Shopify-Topic`).
+    pub trust_unsigned_headers: bool,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -251,7 +254,8 @@ pub struct IngestEvent {
     pub id: String,
     pub source_id: String,
     pub app_id: String,
-    /// The provider's delivery id (the same across its retries): the deduplication key.
+    /// The deduplication key: the provider's delivery id where its signature covers it (the
+    /// same across its retries), otherwise `sha256:<hex>` of the signed body.
     pub delivery_id: String,
     pub headers: Vec<(String, String)>,
     pub body: Bytes,

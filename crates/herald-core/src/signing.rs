@@ -64,7 +64,7 @@ impl EndpointSecret {
 
     /// The base64 signature (without the `v1,` version tag) of one delivery.
     pub fn sign(&self, msg_id: &str, timestamp: i64, body: &[u8]) -> String {
-        STANDARD.encode(self.mac(msg_id, timestamp, body).finalize().into_bytes())
+        STANDARD.encode(self.mac(msg_id, timestamp, body))
     }
 
     /// Constant-time check of one base64 signature.
@@ -72,12 +72,20 @@ impl EndpointSecret {
         let Ok(expected) = STANDARD.decode(signature_b64) else {
             return false;
         };
-        self.mac(msg_id, timestamp, body)
+        self.hmac(msg_id, timestamp, body)
             .verify_slice(&expected)
             .is_ok()
     }
 
-    fn mac(&self, msg_id: &str, timestamp: i64, body: &[u8]) -> Hmac<Sha256> {
+    /// The raw MAC of one delivery, for a verifier that compares it with several signatures.
+    pub fn mac(&self, msg_id: &str, timestamp: i64, body: &[u8]) -> [u8; 32] {
+        self.hmac(msg_id, timestamp, body)
+            .finalize()
+            .into_bytes()
+            .into()
+    }
+
+    fn hmac(&self, msg_id: &str, timestamp: i64, body: &[u8]) -> Hmac<Sha256> {
         // HMAC accepts keys of any length, so this cannot fail.
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.key)
             .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));

@@ -163,11 +163,19 @@ pub trait Store: Send + Sync + 'static {
     async fn get_app_by_pusher_id(&self, app_id: i64) -> Result<Option<App>>;
     async fn list_apps(&self, page: &Page) -> Result<Vec<App>>;
     async fn update_app(&self, app: &App) -> Result<()>;
+    /// Replaces an app's Pusher key and secret (its numeric id stays).
+    async fn set_pusher_credentials(
+        &self,
+        app_id: &str,
+        credentials: &herald_core::model::PusherCredentials,
+    ) -> Result<()>;
     async fn delete_app(&self, id: &str) -> Result<bool>;
 
     // API tokens (hashes only)
     async fn add_token(&self, token_hash: &[u8], scope: &TokenScope, name: &str) -> Result<()>;
     async fn token_scope(&self, token_hash: &[u8]) -> Result<Option<TokenScope>>;
+    /// Forgets a token; whether it existed.
+    async fn remove_token(&self, token_hash: &[u8]) -> Result<bool>;
 
     // Event types (environment-wide, as in Svix)
     async fn create_event_type(&self, event_type: &EventType) -> Result<()>;
@@ -309,7 +317,8 @@ pub trait Store: Send + Sync + 'static {
         body: &[u8],
         now: DateTime<Utc>,
     ) -> Result<()>;
-    async fn purge_idempotency(&self, older_than: DateTime<Utc>) -> Result<u64>;
+    /// Forgets responses older than `older_than`, then the oldest beyond `keep_at_most`.
+    async fn purge_idempotency(&self, older_than: DateTime<Utc>, keep_at_most: u64) -> Result<u64>;
 
     /// Finish pending writes and close connections.
     async fn close(&self);

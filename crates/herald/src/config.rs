@@ -28,12 +28,18 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Development mode: private webhook targets allowed, demo app and token created.
     pub dev: bool,
+    /// Let `--dev`, whose credentials are public, listen on a non-loopback address.
+    pub dev_allow_remote: bool,
+    /// At start, delete the token `--dev` created and give its demo app new Pusher
+    /// credentials, so the data directory can serve outside `--dev`.
+    pub remove_dev_credentials: bool,
     /// Token with full access to the API. Without one (and outside `--dev`) only tokens stored
     /// in the database work, and a fresh install has none.
     pub admin_token: Option<String>,
     /// Seconds in-flight requests and attempts get to finish after SIGTERM.
     pub shutdown_grace_secs: f64,
     pub api: ApiSection,
+    pub listener: ListenerSection,
     pub delivery: DeliverySection,
     pub ws: WsSection,
     pub history: HistorySection,
@@ -102,6 +108,29 @@ impl Default for WsSection {
     }
 }
 
+/// The HTTP listener's limits (see `listener.rs`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ListenerSection {
+    /// Open connections at most, WebSockets included; more are closed at once.
+    pub max_connections: usize,
+    /// Seconds a client has to send a request's headers (also the keep-alive idle limit).
+    pub header_read_timeout_secs: f64,
+    /// The largest request line plus headers, in bytes (431 beyond).
+    pub max_header_bytes: usize,
+}
+
+impl Default for ListenerSection {
+    fn default() -> Self {
+        let d = crate::listener::ListenerLimits::default();
+        Self {
+            max_connections: d.max_connections,
+            header_read_timeout_secs: d.header_read_timeout.as_secs_f64(),
+            max_header_bytes: d.max_header_bytes,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ApiSection {
@@ -138,9 +167,12 @@ impl Default for Config {
                 .unwrap_or_else(|_| unreachable!("valid address")),
             data_dir: PathBuf::from("herald-data"),
             dev: false,
+            dev_allow_remote: false,
+            remove_dev_credentials: false,
             admin_token: None,
             shutdown_grace_secs: 10.0,
             api: ApiSection::default(),
+            listener: ListenerSection::default(),
             delivery: DeliverySection::default(),
             ws: WsSection::default(),
             history: HistorySection::default(),
@@ -194,6 +226,10 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dev: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dev_allow_remote: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remove_dev_credentials: Option<bool>,
 }
 
 impl Config {
@@ -225,6 +261,17 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.dev && !self.dev_allow_remote && !self.listen.ip().is_loopback() {
+            return Err(ConfigError::Invalid(format!(
+                "--dev creates well-known credentials (API token demo-token, Pusher secret demo-secret), so it only listens on loopback addresses; {} is not one. Listen on 127.0.0.1 (or [::1]), or add --dev-allow-remote if every network that reaches this address is yours",
+                self.listen
+            )));
+        }
+        if self.dev && self.remove_dev_credentials {
+            return Err(ConfigError::Invalid(
+                "--remove-dev-credentials removes what --dev creates; use one or the other".into(),
+            ));
+        }
         let d = &self.delivery;
         let positive = [
             ("delivery.request_timeout_secs", d.request_timeout_secs),
@@ -237,6 +284,18 @@ impl Config {
                     "{name} must be a positive number"
                 )));
             }
+        }
+        if !(self.listener.header_read_timeout_secs.is_finite()
+            && self.listener.header_read_timeout_secs > 0.0)
+        {
+            return Err(ConfigError::Invalid(
+                "listener.header_read_timeout_secs must be a positive number".into(),
+            ));
+        }
+        if self.listener.max_connections == 0 || self.listener.max_header_bytes < 1024 {
+            return Err(ConfigError::Invalid(
+                "listener.max_connections must be at least 1 and listener.max_header_bytes at least 1024".into(),
+            ));
         }
         let non_negative = [
             ("delivery.overload_penalty_secs", d.overload_penalty_secs),
@@ -290,6 +349,15 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    pub fn listener_limits(&self) -> crate::listener::ListenerLimits {
+        let l = &self.listener;
+        crate::listener::ListenerLimits {
+            max_connections: l.max_connections,
+            header_read_timeout: Duration::from_secs_f64(l.header_read_timeout_secs),
+            max_header_bytes: l.max_header_bytes,
+        }
     }
 
     pub fn ws_config(&self) -> herald_ws::WsConfig {
@@ -417,6 +485,31 @@ mod tests {
             jail.set_env("HERALD_LISTN", "typo");
             let err = Config::load(None, &Overrides::default()).expect_err("unknown key");
             assert!(err.to_string().contains("listn"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn dev_refuses_non_loopback_addresses_unless_forced() {
+        figment::Jail::expect_with(|_| {
+            let exposed = Overrides {
+                dev: Some(true),
+                listen: Some("0.0.0.0:6001".parse().expect("addr")),
+                ..Overrides::default()
+            };
+            let err = Config::load(None, &exposed).expect_err("dev on 0.0.0.0");
+            assert!(err.to_string().contains("--dev-allow-remote"), "{err}");
+            let forced = Overrides {
+                dev_allow_remote: Some(true),
+                ..exposed
+            };
+            Config::load(None, &forced).map_err(|e| e.to_string())?;
+            let loopback_v6 = Overrides {
+                dev: Some(true),
+                listen: Some("[::1]:6001".parse().expect("addr")),
+                ..Overrides::default()
+            };
+            Config::load(None, &loopback_v6).map_err(|e| e.to_string())?;
             Ok(())
         });
     }

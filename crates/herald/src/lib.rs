@@ -5,6 +5,7 @@
 //! the tests exercise exactly what ships.
 
 pub mod config;
+pub mod listener;
 
 use std::{sync::Arc, time::Duration};
 
@@ -55,6 +56,8 @@ pub async fn run(
     }
     if config.dev {
         seed_dev(store.as_ref()).await?;
+    } else {
+        refuse_dev_credentials(store.as_ref(), config.remove_dev_credentials).await?;
     }
 
     let delivery = config.delivery_config();
@@ -113,9 +116,13 @@ pub async fn run(
     // Stopped after the connections have closed, so it stores their vacated events too.
     background.spawn(channel_webhooks.run(stop_background.clone()));
 
-    let served = axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await;
+    let served = listener::serve(
+        listener,
+        router,
+        &config.listener_limits(),
+        shutdown.clone(),
+    )
+    .await;
     connections.close();
     connections.wait().await;
     // Requests have drained: nothing can queue new work, so stop the worker (it waits for its
@@ -140,6 +147,52 @@ async fn housekeeping(store: Arc<dyn Store>, history: Arc<History>, stop: Cancel
             () = stop.cancelled() => return,
         }
     }
+}
+
+/// Outside `--dev`, the credentials a `--dev` run created are public knowledge: refuse to serve
+/// while they exist, unless asked to remove them (the token is deleted, the demo app gets new
+/// Pusher credentials and keeps its data).
+async fn refuse_dev_credentials(store: &dyn Store, remove: bool) -> anyhow::Result<()> {
+    let token_hash = token::hash(DEV_API_TOKEN);
+    let has_token = store.token_scope(&token_hash).await?.is_some();
+    let demo_app = store
+        .get_app_by_pusher_key(DEV_PUSHER_KEY)
+        .await?
+        .filter(|app| app.pusher.secret == DEV_PUSHER_SECRET);
+    if !has_token && demo_app.is_none() {
+        return Ok(());
+    }
+    if !remove {
+        anyhow::bail!(
+            "this data directory holds the credentials a --dev run created ({}), which anyone can look up. \
+             Start with --dev to keep using it for development, or once with --remove-dev-credentials \
+             to delete the demo API token and give the demo app new Pusher credentials (apps and messages are kept)",
+            [
+                has_token.then_some("API token demo-token"),
+                demo_app
+                    .is_some()
+                    .then_some("Pusher key demo-key with secret demo-secret"),
+            ]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join(", ")
+        );
+    }
+    if has_token {
+        store.remove_token(&token_hash).await?;
+        tracing::warn!("removed the --dev API token demo-token");
+    }
+    if let Some(app) = demo_app {
+        let fresh = PusherCredentials {
+            app_id: app.pusher.app_id,
+            ..PusherCredentials::generate()
+        };
+        store.set_pusher_credentials(&app.id, &fresh).await?;
+        tracing::warn!(app = %app.id, key = %fresh.key,
+            "gave the --dev demo app new Pusher credentials (read them from the app API)");
+    }
+    Ok(())
 }
 
 /// `--dev`: the demo app and an environment-wide token, created once.

@@ -35,8 +35,16 @@ enum Command {
         #[arg(long = "data", value_name = "DIR")]
         data_dir: Option<PathBuf>,
         /// Development mode: allow private webhook targets, create the demo app and token.
+        /// Loopback addresses only, unless --dev-allow-remote.
         #[arg(long)]
         dev: bool,
+        /// Let --dev listen on a non-loopback address (its credentials are public).
+        #[arg(long, requires = "dev")]
+        dev_allow_remote: bool,
+        /// Delete the API token a --dev run left and give the demo app new Pusher credentials,
+        /// so this data directory can serve without --dev (its apps and messages are kept).
+        #[arg(long, conflicts_with = "dev")]
+        remove_dev_credentials: bool,
     },
 }
 
@@ -54,11 +62,15 @@ fn main() -> ExitCode {
         listen,
         data_dir,
         dev,
+        dev_allow_remote,
+        remove_dev_credentials,
     } = cli.command;
     let overrides = Overrides {
         listen,
         data_dir,
         dev: dev.then_some(true),
+        dev_allow_remote: dev_allow_remote.then_some(true),
+        remove_dev_credentials: remove_dev_credentials.then_some(true),
     };
     let config = match Config::load(config.as_deref(), &overrides) {
         Ok(config) => config,

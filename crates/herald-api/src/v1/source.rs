@@ -47,6 +47,9 @@ pub struct SourceIn {
     channels: Option<Vec<String>>,
     #[serde(default)]
     default_channel: Option<String>,
+    /// Let templates read headers the signature does not cover (see [`check_templates`]).
+    #[serde(default)]
+    trust_unsigned_headers: bool,
 }
 
 #[derive(Deserialize)]
@@ -68,6 +71,8 @@ pub struct SourcePatch {
     channels: Option<Vec<String>>,
     #[serde(default, deserialize_with = "super::double_option")]
     default_channel: Option<Option<String>>,
+    #[serde(default)]
+    trust_unsigned_headers: Option<bool>,
 }
 
 /// A source as the API shows it. Secrets are write-only: only their number is shown.
@@ -88,6 +93,7 @@ pub struct SourceOut {
     event_type: Vec<String>,
     channels: Vec<String>,
     default_channel: Option<String>,
+    trust_unsigned_headers: bool,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
 }
@@ -96,7 +102,7 @@ impl From<IngestSource> for SourceOut {
     fn from(s: IngestSource) -> Self {
         let event_type = if s.event_type.is_empty() {
             s.kind
-                .default_event_type()
+                .default_event_type(s.trust_unsigned_headers)
                 .iter()
                 .map(|t| (*t).to_owned())
                 .collect()
@@ -115,6 +121,7 @@ impl From<IngestSource> for SourceOut {
             event_type,
             channels: s.channels,
             default_channel: s.default_channel,
+            trust_unsigned_headers: s.trust_unsigned_headers,
             created_at: s.created_at,
             updated_at: s.updated_at,
         }
@@ -197,14 +204,13 @@ fn check_hmac(v: &mut Validator, kind: SourceKind, hmac: Option<&HmacScheme>) {
             Err("hmac-sha256 sources need hmac: {header, encoding}"),
         ),
         (SourceKind::HmacSha256, Some(h)) => {
-            for name in std::iter::once(&h.header).chain(h.id_header.as_ref()) {
-                v.check(
-                    &["body", "hmac"],
-                    HeaderName::from_bytes(name.as_bytes())
-                        .map(|_| ())
-                        .map_err(|_| format!("{name:?} is not a valid header name")),
-                );
-            }
+            let name = &h.header;
+            v.check(
+                &["body", "hmac"],
+                HeaderName::from_bytes(name.as_bytes())
+                    .map(|_| ())
+                    .map_err(|_| format!("{name:?} is not a valid header name")),
+            );
         }
         (_, Some(_)) => v.check(
             &["body", "hmac"],
@@ -214,8 +220,11 @@ fn check_hmac(v: &mut Validator, kind: SourceKind, hmac: Option<&HmacScheme>) {
     }
 }
 
-fn check_templates(v: &mut Validator, field: &str, templates: Option<&Vec<String>>) {
-    let Some(templates) = templates else { return };
+/// Templates are checked for syntax, and `{header:...}` is allowed only on a source that trusts
+/// unsigned headers: no provider signs its headers (Standard Webhooks' id and timestamp
+/// aside), so a header-derived event type or channel could be changed by whoever relays a
+/// captured request.
+fn check_templates(v: &mut Validator, field: &str, templates: &[String], trust_headers: bool) {
     if templates.len() > MAX_TEMPLATES {
         v.check(
             &["body", field],
@@ -224,6 +233,14 @@ fn check_templates(v: &mut Validator, field: &str, templates: Option<&Vec<String
     }
     for t in templates {
         v.check(&["body", field], template::validate(t));
+        if !trust_headers && t.contains("{header:") {
+            v.check(
+                &["body", field],
+                Err(format!(
+                    "{t:?} reads a header, which the provider's signature does not cover; set trustUnsignedHeaders to true to allow it"
+                )),
+            );
+        }
     }
 }
 
@@ -269,8 +286,19 @@ fn new_source(app_id: &str, input: SourceIn) -> ApiResult<IngestSource> {
     let kind = kind.unwrap_or(SourceKind::HmacSha256);
     check_secrets(&mut v, kind, &input.secrets);
     check_hmac(&mut v, kind, input.hmac.as_ref());
-    check_templates(&mut v, "eventType", input.event_type.as_ref());
-    check_templates(&mut v, "channels", input.channels.as_ref());
+    let trust = input.trust_unsigned_headers;
+    check_templates(
+        &mut v,
+        "eventType",
+        input.event_type.as_deref().unwrap_or_default(),
+        trust,
+    );
+    check_templates(
+        &mut v,
+        "channels",
+        input.channels.as_deref().unwrap_or_default(),
+        trust,
+    );
     check_common(
         &mut v,
         input.tolerance_secs,
@@ -293,6 +321,7 @@ fn new_source(app_id: &str, input: SourceIn) -> ApiResult<IngestSource> {
         event_type: input.event_type.unwrap_or_default(),
         channels: input.channels.unwrap_or_default(),
         default_channel: input.default_channel,
+        trust_unsigned_headers: input.trust_unsigned_headers,
         created_at: now,
         updated_at: now,
     })
@@ -365,8 +394,14 @@ pub async fn patch(
     if patch.hmac.is_some() {
         check_hmac(&mut v, source.kind, patch.hmac.as_ref());
     }
-    check_templates(&mut v, "eventType", patch.event_type.as_ref());
-    check_templates(&mut v, "channels", patch.channels.as_ref());
+    // Checked against the source as it will be: new templates, or new trust, or both.
+    let trust = patch
+        .trust_unsigned_headers
+        .unwrap_or(source.trust_unsigned_headers);
+    let event_type = patch.event_type.as_ref().unwrap_or(&source.event_type);
+    let channels = patch.channels.as_ref().unwrap_or(&source.channels);
+    check_templates(&mut v, "eventType", event_type, trust);
+    check_templates(&mut v, "channels", channels, trust);
     check_common(
         &mut v,
         patch.tolerance_secs,
@@ -397,6 +432,9 @@ pub async fn patch(
     }
     if let Some(channel) = patch.default_channel {
         source.default_channel = channel;
+    }
+    if let Some(trust) = patch.trust_unsigned_headers {
+        source.trust_unsigned_headers = trust;
     }
     source.updated_at = crate::now();
     state.store.update_source(&source).await?;

@@ -5,14 +5,15 @@
 //! | kind | signature | signed content | timestamp | delivery id |
 //! | --- | --- | --- | --- | --- |
 //! | `stripe` | `Stripe-Signature: t=..,v1=<hex>[,v1=..]` | `{t}.{body}`, secret as-is | `t`, tolerance | payload `id` |
-//! | `github` | `X-Hub-Signature-256: sha256=<hex>` | body | none | `X-GitHub-Delivery` |
-//! | `shopify` | `X-Shopify-Hmac-Sha256: <base64>` | body | none (unsigned) | `X-Shopify-Webhook-Id` |
+//! | `github` | `X-Hub-Signature-256: sha256=<hex>` | body | none | body hash |
+//! | `shopify` | `X-Shopify-Hmac-Sha256: <base64>` | body | none (unsigned) | body hash |
 //! | `slack` | `X-Slack-Signature: v0=<hex>` | `v0:{ts}:{body}` | `X-Slack-Request-Timestamp` | payload `event_id` |
 //! | `standard-webhooks` | `webhook-signature` (or `svix-signature`): `v1,<base64>` list | `{id}.{ts}.{body}`, `whsec_` decoded | `webhook-timestamp` | `webhook-id` |
-//! | `hmac-sha256` | configured header, hex or base64, optional prefix | body | none | configured header |
+//! | `hmac-sha256` | configured header, hex or base64, optional prefix | body | none | body hash |
 //!
-//! Without a delivery id, the SHA-256 of the body stands in, so an identical retry is still
-//! recognised.
+//! The delivery id deduplicates, so it is taken only from signed content; where the provider's
+//! id is in an unsigned header, the SHA-256 of the signed body stands in (a provider's retry
+//! sends the same bytes, so it is still recognised).
 
 pub mod template;
 
@@ -26,6 +27,18 @@ use crate::signing::EndpointSecret;
 
 /// The default tolerance for signed timestamps (Stripe, Slack, Standard Webhooks).
 pub const DEFAULT_TOLERANCE_SECS: i64 = 300;
+
+/// The largest signature header accepted. Real ones are under 300 bytes (a few signatures
+/// during a rotation); refusing larger ones bounds the work an unauthenticated sender causes.
+pub const MAX_SIGNATURE_HEADER_BYTES: usize = 4096;
+
+/// The most signatures one header may carry (Stripe's `v1=`, Standard Webhooks' `v1,` entries).
+/// Each is compared with MACs computed once per secret, never hashed on its own, so this only
+/// bounds the comparisons.
+pub const MAX_SIGNATURES: usize = 16;
+
+/// The length of an HMAC-SHA256 signature: entries of any other length are skipped unhashed.
+const MAC_LEN: usize = 32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SourceKind {
@@ -63,15 +76,18 @@ impl SourceKind {
     }
 
     /// Where the event type comes from unless the source says otherwise: templates tried in
-    /// order, the first that renders wins.
-    pub fn default_event_type(self) -> &'static [&'static str] {
+    /// order, the first that renders wins. GitHub and Shopify name the event only in a header
+    /// their signature does not cover, so those defaults apply only to sources that trust
+    /// unsigned headers; otherwise the event type is the kind's name.
+    pub fn default_event_type(self, trust_unsigned_headers: bool) -> &'static [&'static str] {
         match self {
             Self::Stripe | Self::StandardWebhooks | Self::HmacSha256 => &["{type}"],
-            Self::Github => &[
+            Self::Github if trust_unsigned_headers => &[
                 "{header:x-github-event}.{action}",
                 "{header:x-github-event}",
             ],
-            Self::Shopify => &["{header:x-shopify-topic}"],
+            Self::Shopify if trust_unsigned_headers => &["{header:x-shopify-topic}"],
+            Self::Github | Self::Shopify => &[],
             Self::Slack => &["{event.type}", "{type}"],
         }
     }
@@ -82,8 +98,10 @@ impl SourceKind {
     }
 }
 
-/// The `hmac-sha256` kind's settings.
+/// The `hmac-sha256` kind's settings. Unknown fields are refused: a setting that is silently
+/// dropped would change what is verified.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct HmacScheme {
     /// The header carrying the signature, e.g. `X-Signature`.
     pub header: String,
@@ -91,9 +109,6 @@ pub struct HmacScheme {
     /// Text before the signature in the header, e.g. `sha256=`.
     #[serde(default)]
     pub prefix: String,
-    /// A header carrying the sender's delivery id, for deduplication.
-    #[serde(default)]
-    pub id_header: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -130,6 +145,22 @@ impl<'a> Request<'a> {
     fn required(&self, name: &str) -> Result<&'a str, VerifyError> {
         (self.header)(name).ok_or_else(|| VerifyError::MissingHeader(name.to_owned()))
     }
+
+    /// A header that carries signatures, refused unread when it is larger than any sender
+    /// makes one.
+    fn signature(&self, name: &str) -> Result<&'a str, VerifyError> {
+        let value = self.required(name)?;
+        if value.len() > MAX_SIGNATURE_HEADER_BYTES {
+            return Err(malformed(
+                name,
+                &format!(
+                    "it is {} bytes; at most {MAX_SIGNATURE_HEADER_BYTES} are accepted",
+                    value.len()
+                ),
+            ));
+        }
+        Ok(value)
+    }
 }
 
 /// Checks the request's signature against every secret (any may match, so rotations work)
@@ -143,8 +174,9 @@ pub fn verify(
     tolerance_secs: i64,
 ) -> Result<(), VerifyError> {
     let fresh = |timestamp: i64| {
-        let age = now_unix - timestamp;
-        if age.abs() > tolerance_secs {
+        // The timestamp is the sender's: saturate so `i64::MIN` is merely very stale.
+        let age = now_unix.saturating_sub(timestamp);
+        if age.saturating_abs() > tolerance_secs {
             Err(VerifyError::Stale {
                 age,
                 tolerance: tolerance_secs,
@@ -159,34 +191,34 @@ pub fn verify(
     let body = request.body;
     match kind {
         SourceKind::Stripe => {
-            let header = request.required("stripe-signature")?;
+            let header = request.signature("stripe-signature")?;
             let (timestamp, signatures) = parse_stripe(header)?;
             fresh(timestamp)?;
             let signed = [timestamp.to_string().as_bytes(), b".", body].concat();
             any_secret(secrets, &signatures, |secret| {
-                hmac_sha256(secret.as_bytes(), &signed).to_vec()
+                hmac_sha256(secret.as_bytes(), &signed)
             })
             .ok_or(no_match)
         }
         SourceKind::Github => {
             let name = "x-hub-signature-256";
-            let header = request.required(name)?;
+            let header = request.signature(name)?;
             let hex_sig = header
                 .strip_prefix("sha256=")
                 .ok_or_else(|| malformed(name, "expected sha256=<hex>"))?;
             let sig = hex::decode(hex_sig).map_err(|_| malformed(name, "not hex"))?;
             any_secret(secrets, &[sig], |secret| {
-                hmac_sha256(secret.as_bytes(), body).to_vec()
+                hmac_sha256(secret.as_bytes(), body)
             })
             .ok_or(no_match)
         }
         SourceKind::Shopify => {
             let name = "x-shopify-hmac-sha256";
             let sig = STANDARD
-                .decode(request.required(name)?.trim())
+                .decode(request.signature(name)?.trim())
                 .map_err(|_| malformed(name, "not base64"))?;
             any_secret(secrets, &[sig], |secret| {
-                hmac_sha256(secret.as_bytes(), body).to_vec()
+                hmac_sha256(secret.as_bytes(), body)
             })
             .ok_or(no_match)
         }
@@ -199,14 +231,14 @@ pub fn verify(
                 .map_err(|_| malformed(ts_name, "not a Unix time"))?;
             let name = "x-slack-signature";
             let hex_sig = request
-                .required(name)?
+                .signature(name)?
                 .strip_prefix("v0=")
                 .ok_or_else(|| malformed(name, "expected v0=<hex>"))?;
             let sig = hex::decode(hex_sig).map_err(|_| malformed(name, "not hex"))?;
             fresh(timestamp)?;
             let signed = [b"v0:", ts_text.trim().as_bytes(), b":", body].concat();
             any_secret(secrets, &[sig], |secret| {
-                hmac_sha256(secret.as_bytes(), &signed).to_vec()
+                hmac_sha256(secret.as_bytes(), &signed)
             })
             .ok_or(no_match)
         }
@@ -224,25 +256,22 @@ pub fn verify(
                 .trim()
                 .parse()
                 .map_err(|_| malformed(&ts_name, "not a Unix time"))?;
-            let signatures = request.required(&format!("{prefix}-signature"))?;
+            let sig_name = format!("{prefix}-signature");
+            let signatures = standard_signatures(&sig_name, request.signature(&sig_name)?)?;
             fresh(timestamp)?;
             let keys: Vec<EndpointSecret> = secrets
                 .iter()
                 .map(|s| EndpointSecret::parse(s))
                 .collect::<Result<_, _>>()
                 .map_err(|e| VerifyError::BadSecret(e.to_string()))?;
-            let matched = signatures.split(' ').any(|entry| {
-                entry
-                    .strip_prefix("v1,")
-                    .is_some_and(|sig| keys.iter().any(|key| key.verify(id, timestamp, body, sig)))
-            });
-            matched.then_some(()).ok_or(no_match)
+            // One MAC per secret, whatever the number of entries.
+            any_secret(&keys, &signatures, |key| key.mac(id, timestamp, body)).ok_or(no_match)
         }
         SourceKind::HmacSha256 => {
             let scheme = hmac.ok_or_else(|| {
                 VerifyError::BadSecret("hmac-sha256 sources need a header and encoding".into())
             })?;
-            let header = request.required(&scheme.header)?;
+            let header = request.signature(&scheme.header)?;
             let encoded = header
                 .trim()
                 .strip_prefix(scheme.prefix.as_str())
@@ -261,21 +290,19 @@ pub fn verify(
                     .map_err(|_| malformed(&scheme.header, "not base64"))?,
             };
             any_secret(secrets, &[sig], |secret| {
-                hmac_sha256(secret.as_bytes(), body).to_vec()
+                hmac_sha256(secret.as_bytes(), body)
             })
             .ok_or(no_match)
         }
     }
 }
 
-/// The provider's id for this delivery (the same across its retries), or `sha256:<hex>` of
-/// the body when the provider sends none.
-pub fn delivery_id(
-    kind: SourceKind,
-    hmac: Option<&HmacScheme>,
-    request: &Request<'_>,
-    payload: Option<&Value>,
-) -> String {
+/// The deduplication key of this delivery: the provider's id where the signature covers it
+/// (Stripe's and Slack's in the signed body, Standard Webhooks' `webhook-id` in the signed
+/// content), otherwise `sha256:<hex>` of the body. GitHub's, Shopify's and a generic source's
+/// delivery ids travel in headers the signature does not cover: trusting them would let one
+/// captured request be published again under a new id, so the signed body is the key.
+pub fn delivery_id(kind: SourceKind, request: &Request<'_>, payload: Option<&Value>) -> String {
     let from_payload = |field: &str| {
         payload
             .and_then(|p| p.get(field))
@@ -285,15 +312,11 @@ pub fn delivery_id(
     let from_header = |name: &str| (request.header)(name).map(str::to_owned);
     let id = match kind {
         SourceKind::Stripe => from_payload("id"),
-        SourceKind::Github => from_header("x-github-delivery"),
-        SourceKind::Shopify => from_header("x-shopify-webhook-id"),
         SourceKind::Slack => from_payload("event_id"),
         SourceKind::StandardWebhooks => {
             from_header("webhook-id").or_else(|| from_header("svix-id"))
         }
-        SourceKind::HmacSha256 => hmac
-            .and_then(|h| h.id_header.as_deref())
-            .and_then(from_header),
+        SourceKind::Github | SourceKind::Shopify | SourceKind::HmacSha256 => None,
     };
     id.filter(|id| !id.is_empty() && id.len() <= 256)
         .unwrap_or_else(|| format!("sha256:{}", hex::encode(Sha256::digest(request.body))))
@@ -321,6 +344,9 @@ fn parse_stripe(header: &str) -> Result<(i64, Vec<Vec<u8>>), VerifyError> {
             }
             Some(("v1", sig)) => {
                 signatures.push(hex::decode(sig).map_err(|_| malformed(name, "v1 is not hex"))?);
+                if signatures.len() > MAX_SIGNATURES {
+                    return Err(too_many_signatures(name));
+                }
             }
             _ => {}
         }
@@ -332,17 +358,45 @@ fn parse_stripe(header: &str) -> Result<(i64, Vec<Vec<u8>>), VerifyError> {
     Ok((timestamp, signatures))
 }
 
-/// Whether any signature equals the MAC under any secret, compared in constant time.
-fn any_secret(
-    secrets: &[String],
+/// `v1,<base64>` entries of a Standard Webhooks signature header, decoded. Entries of other
+/// versions are skipped (the spec lets senders add them); `v1` entries that are not base64 of
+/// 32 bytes cannot match and are skipped without hashing anything.
+fn standard_signatures(name: &str, header: &str) -> Result<Vec<Vec<u8>>, VerifyError> {
+    let entries: Vec<&str> = header.split(' ').filter(|e| !e.is_empty()).collect();
+    if entries.len() > MAX_SIGNATURES {
+        return Err(too_many_signatures(name));
+    }
+    // Base64 of 32 bytes is 44 characters; check before decoding.
+    let b64_len = MAC_LEN.div_ceil(3) * 4;
+    Ok(entries
+        .into_iter()
+        .filter_map(|entry| entry.strip_prefix("v1,"))
+        .filter(|sig| sig.len() == b64_len)
+        .filter_map(|sig| STANDARD.decode(sig).ok())
+        .filter(|sig| sig.len() == MAC_LEN)
+        .collect())
+}
+
+fn too_many_signatures(name: &str) -> VerifyError {
+    malformed(
+        name,
+        &format!("more than {MAX_SIGNATURES} signatures; at most {MAX_SIGNATURES} are accepted"),
+    )
+}
+
+/// Whether any signature equals the MAC under any secret, compared in constant time. The MAC
+/// is computed once per secret, so the work is one hash of the body per secret however many
+/// signatures the sender lists.
+fn any_secret<S>(
+    secrets: &[S],
     signatures: &[Vec<u8>],
-    mac: impl Fn(&str) -> Vec<u8>,
+    mac: impl Fn(&S) -> [u8; MAC_LEN],
 ) -> Option<()> {
     let mut matched = false;
     for secret in secrets {
         let expected = mac(secret);
         for signature in signatures {
-            matched |= bool::from(expected.ct_eq(signature));
+            matched |= bool::from(expected.as_slice().ct_eq(signature));
         }
     }
     matched.then_some(())

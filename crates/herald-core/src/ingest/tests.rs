@@ -242,12 +242,11 @@ fn standard_webhooks_documented_vector_under_both_header_names() {
 }
 
 #[test]
-fn generic_hmac_with_prefix_and_id_header() {
+fn generic_hmac_with_prefix() {
     let scheme = HmacScheme {
         header: "X-Signature".into(),
         encoding: Encoding::Hex,
         prefix: "sha256=".into(),
-        id_header: Some("X-Delivery".into()),
     };
     let case = Case {
         kind: SourceKind::HmacSha256,
@@ -263,31 +262,41 @@ fn generic_hmac_with_prefix_and_id_header() {
         body: BODY,
     };
     case.assert_rules();
-    let lookup = |name: &str| (name.eq_ignore_ascii_case("x-delivery")).then_some("d-1");
-    let request = Request {
-        header: &lookup,
-        body: BODY,
-    };
-    assert_eq!(
-        delivery_id(SourceKind::HmacSha256, Some(&scheme), &request, None),
-        "d-1"
-    );
 }
 
 #[test]
-fn delivery_ids_come_from_the_provider_or_the_body_hash() {
-    let none = |_: &str| None;
+fn delivery_ids_come_from_signed_content_only() {
+    // Every provider's id header is present; only signed ones may deduplicate.
+    let headers = |name: &str| match name {
+        "x-github-delivery" | "x-shopify-webhook-id" | "x-delivery" => Some("header-id"),
+        "webhook-id" => Some("msg_signed"),
+        _ => None,
+    };
     let request = Request {
-        header: &none,
+        header: &headers,
         body: BODY,
     };
     let payload: Value = serde_json::from_slice(BODY).expect("json");
     assert_eq!(
-        delivery_id(SourceKind::Stripe, None, &request, Some(&payload)),
+        delivery_id(SourceKind::Stripe, &request, Some(&payload)),
         "evt_1"
     );
-    let hashed = delivery_id(SourceKind::Github, None, &request, None);
-    assert!(hashed.starts_with("sha256:") && hashed.len() == 7 + 64);
+    assert_eq!(
+        delivery_id(SourceKind::StandardWebhooks, &request, None),
+        "msg_signed"
+    );
+    let body_hash = format!("sha256:{}", hex::encode(Sha256::digest(BODY)));
+    for kind in [
+        SourceKind::Github,
+        SourceKind::Shopify,
+        SourceKind::HmacSha256,
+    ] {
+        assert_eq!(
+            delivery_id(kind, &request, Some(&payload)),
+            body_hash,
+            "{kind:?}: the unsigned header id is not trusted"
+        );
+    }
 }
 
 #[test]
@@ -306,4 +315,101 @@ fn malformed_headers_say_what_is_wrong() {
             reason: "v1 is not hex".into()
         })
     );
+}
+
+/// A Standard Webhooks request at `NOW` with `entries` as its signature header.
+fn standard_case(entries: String) -> Case {
+    Case {
+        kind: SourceKind::StandardWebhooks,
+        hmac: None,
+        secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        headers: vec![
+            ("webhook-id", "msg_1".into()),
+            ("webhook-timestamp", NOW.to_string()),
+            ("webhook-signature", entries),
+        ],
+        body: BODY,
+    }
+}
+
+#[test]
+fn standard_webhooks_refuses_more_signatures_than_the_cap_before_hashing() {
+    let forged = format!("v1,{}", STANDARD.encode([7u8; 32]));
+    let header = vec![forged; MAX_SIGNATURES + 1].join(" ");
+    let case = standard_case(header);
+    assert_eq!(
+        case.check(&[case.secret], BODY, NOW),
+        Err(VerifyError::Malformed {
+            header: "webhook-signature".into(),
+            reason: format!(
+                "more than {MAX_SIGNATURES} signatures; at most {MAX_SIGNATURES} are accepted"
+            ),
+        })
+    );
+}
+
+#[test]
+fn standard_webhooks_matches_a_valid_signature_among_undecodable_and_wrong_length_entries() {
+    let key = EndpointSecret::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").expect("secret");
+    let valid = key.sign("msg_1", NOW, BODY);
+    let header = [
+        "v1,!!!!".to_owned(),
+        format!("v1,{}", STANDARD.encode([1u8; 31])),
+        format!("v1,{}", STANDARD.encode([1u8; 64])),
+        "v1a,anything".to_owned(),
+        format!("v1,{valid}"),
+    ]
+    .join(" ");
+    let case = standard_case(header);
+    assert_eq!(case.check(&[case.secret], BODY, NOW), Ok(()));
+    let without_valid = standard_case("v1,!!!! v1,AAAA".into());
+    assert_eq!(
+        without_valid.check(&[case.secret], BODY, NOW),
+        Err(VerifyError::NoMatch { secrets: 1 })
+    );
+}
+
+#[test]
+fn every_kind_refuses_an_oversized_signature_header_unread() {
+    let huge = "v1,".to_owned() + &"A".repeat(MAX_SIGNATURE_HEADER_BYTES);
+    let case = standard_case(huge);
+    assert!(matches!(
+        case.check(&[case.secret], BODY, NOW),
+        Err(VerifyError::Malformed { reason, .. }) if reason.contains("at most 4096")
+    ));
+    let stripe = Case {
+        kind: SourceKind::Stripe,
+        hmac: None,
+        secret: "s",
+        headers: vec![(
+            "Stripe-Signature",
+            format!("t={NOW},{}", vec!["v1=00"; MAX_SIGNATURES + 1].join(",")),
+        )],
+        body: BODY,
+    };
+    assert!(matches!(
+        stripe.check(&["s"], BODY, NOW),
+        Err(VerifyError::Malformed { reason, .. }) if reason.contains("at most 16")
+    ));
+}
+
+#[test]
+fn attacker_timestamps_at_the_limits_are_stale_not_an_overflow() {
+    for timestamp in [i64::MIN, i64::MAX] {
+        let case = Case {
+            headers: vec![
+                ("webhook-id", "msg_1".into()),
+                ("webhook-timestamp", timestamp.to_string()),
+                ("webhook-signature", "v1,AAAA".into()),
+            ],
+            ..standard_case(String::new())
+        };
+        assert!(
+            matches!(
+                case.check(&[case.secret], BODY, NOW),
+                Err(VerifyError::Stale { .. })
+            ),
+            "{timestamp}"
+        );
+    }
 }

@@ -24,8 +24,11 @@ pub(crate) struct Cache {
 
 #[derive(Default)]
 struct Entries {
-    /// Keyed by id and, when set, by uid.
+    /// Keyed by id (and by the extra keys of [`Cache::put_app_as`]).
     apps: HashMap<String, App>,
+    /// Keyed by uid, apart from ids: a lookup tries ids first, so a uid that happens to equal
+    /// another app's id can never shadow that app.
+    apps_by_uid: HashMap<String, App>,
     endpoints: HashMap<String, Arc<Vec<Endpoint>>>,
 }
 
@@ -35,7 +38,12 @@ impl Cache {
     }
 
     pub(crate) fn app(&self, id_or_uid: &str) -> Option<App> {
-        self.read().apps.get(id_or_uid).cloned()
+        let entries = self.read();
+        entries
+            .apps
+            .get(id_or_uid)
+            .or_else(|| entries.apps_by_uid.get(id_or_uid))
+            .cloned()
     }
 
     pub(crate) fn endpoints(&self, app_id: &str) -> Option<Arc<Vec<Endpoint>>> {
@@ -49,7 +57,7 @@ impl Cache {
         }
         entries.apps.insert(app.id.clone(), app.clone());
         if let Some(uid) = &app.uid {
-            entries.apps.insert(uid.clone(), app.clone());
+            entries.apps_by_uid.insert(uid.clone(), app.clone());
         }
     }
 
@@ -83,6 +91,7 @@ impl Cache {
         let mut entries = self.write();
         self.generation.fetch_add(1, Ordering::AcqRel);
         entries.apps.clear();
+        entries.apps_by_uid.clear();
         entries.endpoints.clear();
     }
 

@@ -8,6 +8,7 @@
 mod batch;
 mod cache;
 mod leases;
+mod permissions;
 mod rows;
 
 use std::{collections::HashMap, path::Path, str::FromStr, sync::Arc, time::Duration};
@@ -38,7 +39,8 @@ use crate::{
     IngestRecorded, MessageQuery, Page, Result, Store, StoreError, TokenScope,
 };
 
-const DB_FILE: &str = "herald.db";
+/// The database file inside the data directory.
+pub const DB_FILE: &str = "herald.db";
 const READERS: u32 = 4;
 
 pub struct SqliteStore {
@@ -54,7 +56,8 @@ pub struct SqliteStore {
 impl SqliteStore {
     /// Open (creating if needed) the store in `dir` and bring its schema up to date.
     pub async fn open(dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(dir)?;
+        // The database holds secrets: directory 0700, database files 0600 (unix).
+        permissions::prepare(dir, DB_FILE)?;
         let options = SqliteConnectOptions::from_str("sqlite://")?
             .filename(dir.join(DB_FILE))
             .create_if_missing(true)
@@ -73,6 +76,8 @@ impl SqliteStore {
             .max_connections(READERS)
             .connect_with(options.read_only(true))
             .await?;
+        // SQLite has made its -wal and -shm files by now, with the database file's mode.
+        permissions::secure_files(dir, DB_FILE)?;
 
         let (writes, queue) = mpsc::channel(batch::QUEUE_DEPTH);
         let shutdown = CancellationToken::new();
@@ -167,12 +172,14 @@ impl Store for SqliteStore {
             return Ok(Some(app));
         }
         let generation = self.cache.generation();
-        let app = sqlx::query("SELECT * FROM apps WHERE id = $1 OR uid = $1 LIMIT 1")
-            .bind(id_or_uid)
-            .fetch_optional(&self.reader)
-            .await?
-            .map(|row| rows::app(&row))
-            .transpose()?;
+        let app = sqlx::query(
+            "SELECT * FROM apps WHERE id = $1 OR uid = $1 ORDER BY id = $1 DESC LIMIT 1",
+        )
+        .bind(id_or_uid)
+        .fetch_optional(&self.reader)
+        .await?
+        .map(|row| rows::app(&row))
+        .transpose()?;
         if let Some(app) = &app {
             self.cache.put_app(generation, app);
         }
@@ -231,6 +238,25 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn set_pusher_credentials(
+        &self,
+        app_id: &str,
+        credentials: &herald_core::model::PusherCredentials,
+    ) -> Result<()> {
+        let done = sqlx::query("UPDATE apps SET pusher_key = $2, pusher_secret = $3 WHERE id = $1")
+            .bind(app_id)
+            .bind(&credentials.key)
+            .bind(&credentials.secret)
+            .execute(&self.writer)
+            .await
+            .map_err(conflict_as("another application has this Pusher key"))?;
+        self.cache.invalidate();
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
     async fn delete_app(&self, id: &str) -> Result<bool> {
         let done = sqlx::query("DELETE FROM apps WHERE id = $1")
             .bind(id)
@@ -256,6 +282,14 @@ impl Store for SqliteStore {
         .execute(&self.writer)
         .await?;
         Ok(())
+    }
+
+    async fn remove_token(&self, token_hash: &[u8]) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM api_tokens WHERE token_hash = $1")
+            .bind(token_hash)
+            .execute(&self.writer)
+            .await?;
+        Ok(done.rows_affected() > 0)
     }
 
     async fn token_scope(&self, token_hash: &[u8]) -> Result<Option<TokenScope>> {
@@ -375,13 +409,16 @@ impl Store for SqliteStore {
     }
 
     async fn get_endpoint(&self, app_id: &str, id_or_uid: &str) -> Result<Option<Endpoint>> {
-        sqlx::query("SELECT * FROM endpoints WHERE app_id = $1 AND (id = $2 OR uid = $2) LIMIT 1")
-            .bind(app_id)
-            .bind(id_or_uid)
-            .fetch_optional(&self.reader)
-            .await?
-            .map(|row| rows::endpoint(&row, ""))
-            .transpose()
+        sqlx::query(
+            "SELECT * FROM endpoints WHERE app_id = $1 AND (id = $2 OR uid = $2) \
+             ORDER BY id = $2 DESC LIMIT 1",
+        )
+        .bind(app_id)
+        .bind(id_or_uid)
+        .fetch_optional(&self.reader)
+        .await?
+        .map(|row| rows::endpoint(&row, ""))
+        .transpose()
     }
 
     async fn list_endpoints(&self, app_id: &str, page: &Page) -> Result<Vec<Endpoint>> {
@@ -646,8 +683,8 @@ impl Store for SqliteStore {
         sqlx::query(
             "INSERT INTO ingest_sources (id, app_id, uid, name, kind, secrets, hmac, tolerance_secs,
                                          event_type, channels, default_channel, created_at,
-                                         updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                                         updated_at, trust_unsigned_headers)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
         )
         .bind(&source.id)
         .bind(&source.app_id)
@@ -662,6 +699,7 @@ impl Store for SqliteStore {
         .bind(&source.default_channel)
         .bind(millis(source.created_at))
         .bind(millis(source.updated_at))
+        .bind(source.trust_unsigned_headers)
         .execute(&self.writer)
         .await
         .map_err(conflict_as("a source with this uid already exists"))?;
@@ -670,7 +708,8 @@ impl Store for SqliteStore {
 
     async fn get_source(&self, app_id: &str, id_or_uid: &str) -> Result<Option<IngestSource>> {
         sqlx::query(
-            "SELECT * FROM ingest_sources WHERE app_id = $1 AND (id = $2 OR uid = $2) LIMIT 1",
+            "SELECT * FROM ingest_sources WHERE app_id = $1 AND (id = $2 OR uid = $2) \
+             ORDER BY id = $2 DESC LIMIT 1",
         )
         .bind(app_id)
         .bind(id_or_uid)
@@ -705,7 +744,7 @@ impl Store for SqliteStore {
         let done = sqlx::query(
             "UPDATE ingest_sources SET uid = $3, name = $4, kind = $5, secrets = $6, hmac = $7,
                     tolerance_secs = $8, event_type = $9, channels = $10, default_channel = $11,
-                    updated_at = $12
+                    updated_at = $12, trust_unsigned_headers = $13
              WHERE id = $1 AND app_id = $2",
         )
         .bind(&source.id)
@@ -720,6 +759,7 @@ impl Store for SqliteStore {
         .bind(to_json(&source.channels))
         .bind(&source.default_channel)
         .bind(millis(source.updated_at))
+        .bind(source.trust_unsigned_headers)
         .execute(&self.writer)
         .await
         .map_err(conflict_as("a source with this uid already exists"))?;
@@ -802,7 +842,8 @@ impl Store for SqliteStore {
 
     async fn get_message(&self, app_id: &str, id_or_event_id: &str) -> Result<Option<Message>> {
         sqlx::query(
-            "SELECT * FROM messages WHERE app_id = $1 AND (id = $2 OR event_id = $2) LIMIT 1",
+            "SELECT * FROM messages WHERE app_id = $1 AND (id = $2 OR event_id = $2) \
+             ORDER BY id = $2 DESC LIMIT 1",
         )
         .bind(app_id)
         .bind(id_or_event_id)
@@ -1095,12 +1136,21 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn purge_idempotency(&self, older_than: DateTime<Utc>) -> Result<u64> {
-        let done = sqlx::query("DELETE FROM idempotency WHERE created_at < $1")
+    async fn purge_idempotency(&self, older_than: DateTime<Utc>, keep_at_most: u64) -> Result<u64> {
+        let expired = sqlx::query("DELETE FROM idempotency WHERE created_at < $1")
             .bind(millis(older_than))
             .execute(&self.writer)
             .await?;
-        Ok(done.rows_affected())
+        // Rowids grow with insertion, so the newest rows are the highest: no sort needed.
+        let keep = i64::try_from(keep_at_most).unwrap_or(i64::MAX);
+        let excess = sqlx::query(
+            "DELETE FROM idempotency WHERE rowid <= \
+             (SELECT rowid FROM idempotency ORDER BY rowid DESC LIMIT 1 OFFSET $1)",
+        )
+        .bind(keep)
+        .execute(&self.writer)
+        .await?;
+        Ok(expired.rows_affected() + excess.rows_affected())
     }
 
     async fn close(&self) {
@@ -1170,6 +1220,64 @@ mod tests {
             .count();
         assert_eq!(conflicts, 1, "{a:?} {b:?}");
         assert!(c.is_ok());
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn an_exact_id_wins_over_a_uid_equal_to_it_in_sql_and_in_the_cache() {
+        // The API refuses such uids now; rows written before that rule must still resolve.
+        // A is written first, so a scan without the exact-id rule would find it first.
+        let (_dir, store, existing) = store_with_app().await;
+        let now = Utc::now();
+        let b_id = id::new_id(id::APP, now);
+        let a = App {
+            id: id::new_id(id::APP, now),
+            uid: Some(b_id.clone()),
+            name: "A".into(),
+            pusher: herald_core::model::PusherCredentials::generate(),
+            ..existing.clone()
+        };
+        store.create_app(&a).await.expect("app a");
+        let b = App {
+            id: b_id,
+            uid: None,
+            name: "B".into(),
+            pusher: herald_core::model::PusherCredentials::generate(),
+            ..existing
+        };
+        store.create_app(&b).await.expect("app b");
+        for round in ["from SQL", "from the cache"] {
+            let found = store.get_app(&b.id).await.expect("read").expect("found");
+            assert_eq!(found.id, b.id, "{round}");
+            // Reading A fills the cache under A's uid too; that must not shadow B's id.
+            let found = store.get_app(&a.id).await.expect("read").expect("found");
+            assert_eq!(found.id, a.id, "{round}");
+        }
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn idempotency_purge_keeps_at_most_the_newest_records() {
+        let (_dir, store, _app) = store_with_app().await;
+        let now = Utc::now();
+        for n in 0..5 {
+            store
+                .save_idempotent_response("scope", &format!("key-{n}"), 201, b"{}", now)
+                .await
+                .expect("save");
+        }
+        let purged = store
+            .purge_idempotency(now - chrono::Duration::hours(1), 2)
+            .await
+            .expect("purge");
+        assert_eq!(purged, 3);
+        for (n, kept) in [(0, false), (2, false), (3, true), (4, true)] {
+            let found = store
+                .idempotent_response("scope", &format!("key-{n}"))
+                .await
+                .expect("read");
+            assert_eq!(found.is_some(), kept, "key-{n}");
+        }
         store.close().await;
     }
 

@@ -184,6 +184,7 @@ pub(crate) fn ingest_source(row: &SqliteRow) -> Result<IngestSource> {
         event_type: from_json("event_type", row.try_get("event_type")?)?,
         channels: from_json("channels", row.try_get("channels")?)?,
         default_channel: row.try_get("default_channel")?,
+        trust_unsigned_headers: row.try_get("trust_unsigned_headers")?,
         created_at: time(row.try_get("created_at")?)?,
         updated_at: time(row.try_get("updated_at")?)?,
     })

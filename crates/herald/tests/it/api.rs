@@ -387,3 +387,159 @@ async fn endpoint_headers_put_replaces_patch_merges_reserved_refused() {
     );
     server.stop().await;
 }
+
+/// The review's attack: 200 anonymous POSTs with 8 KB `Idempotency-Key`s and made-up tokens
+/// wrote 160 MB of stored 401s. Now the token is checked first, so nothing is stored for
+/// them; keys over 255 bytes are refused; an authenticated caller's answer is still kept.
+#[tokio::test]
+async fn anonymous_requests_store_no_idempotency_records_and_long_keys_are_refused() {
+    let server = TestServer::start().await;
+    let app = server.create_app("idem-auth").await;
+    let path = format!("/api/v1/app/{app}/msg");
+    let body = json!({"eventType": "order.created", "payload": {}});
+    let long_key = "k".repeat(8_000);
+    for n in 0..200 {
+        let key = format!("{n}-{}", &long_key[..200]);
+        let (status, refused) = server
+            .call_as(
+                Some(&format!("made-up-token-{n}")),
+                Method::POST,
+                &path,
+                Some(body.clone()),
+                Some(&key),
+            )
+            .await;
+        assert_eq!(status, 401, "{refused}");
+    }
+    let (status, refused) = server
+        .call_as(None, Method::POST, &path, Some(body.clone()), Some("anon"))
+        .await;
+    assert_eq!(status, 401, "{refused}");
+    assert_eq!(
+        server
+            .store_scalar("SELECT COUNT(*) FROM idempotency")
+            .await,
+        0,
+        "answers to unauthenticated callers are not kept"
+    );
+
+    let (status, refused) = server
+        .call_as(
+            Some(ADMIN_TOKEN),
+            Method::POST,
+            &path,
+            Some(body.clone()),
+            Some(&"k".repeat(256)),
+        )
+        .await;
+    assert_eq!(status, 400, "{refused}");
+    assert_eq!(refused["code"], "invalid_idempotency_key");
+    assert!(
+        refused["detail"]
+            .as_str()
+            .expect("detail")
+            .contains("at most 255"),
+        "{refused}"
+    );
+
+    let key = "k".repeat(255);
+    let (s1, first) = server
+        .call_as(
+            Some(ADMIN_TOKEN),
+            Method::POST,
+            &path,
+            Some(body.clone()),
+            Some(&key),
+        )
+        .await;
+    let (s2, replayed) = server
+        .call_as(
+            Some(ADMIN_TOKEN),
+            Method::POST,
+            &path,
+            Some(body),
+            Some(&key),
+        )
+        .await;
+    assert_eq!((s1, s2), (201, 201));
+    assert_eq!(first, replayed);
+    assert_eq!(
+        server
+            .store_scalar("SELECT COUNT(*) FROM idempotency")
+            .await,
+        1
+    );
+    server.stop().await;
+}
+
+/// The review's attack: `PATCH` app A's uid to app B's id, after which the operator's
+/// `POST /api/v1/app/{B.id}/msg` was stored in and delivered to A. Uids that look like any
+/// Herald id are now refused everywhere one can be chosen, and B's id still names B.
+#[tokio::test]
+async fn uids_that_look_like_ids_are_refused_so_an_id_always_names_its_own_resource() {
+    let server = TestServer::start().await;
+    let a = server.create_app("tenant-a").await;
+    let b = server.create_app("tenant-b").await;
+
+    let (status, refused) = server
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/app/{a}"),
+            Some(json!({"uid": b})),
+        )
+        .await;
+    assert_eq!(status, 422, "{refused}");
+    assert!(refused.to_string().contains("id prefix"), "{refused}");
+    let (status, _) = server
+        .call(
+            Method::POST,
+            "/api/v1/app",
+            Some(json!({"name": "x", "uid": "app_lookalike"})),
+        )
+        .await;
+    assert_eq!(status, 422);
+    let (status, _) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/app/{a}/endpoint"),
+            Some(json!({"url": "https://example.com/h", "uid": "ep_lookalike"})),
+        )
+        .await;
+    assert_eq!(status, 422);
+    let (status, _) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/app/{a}/ingest/source"),
+            Some(json!({"kind": "github", "secrets": ["s"], "uid": "src_lookalike"})),
+        )
+        .await;
+    assert_eq!(status, 422);
+    let (status, _) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/app/{a}/msg"),
+            Some(json!({"eventType": "t", "eventId": "msg_lookalike", "payload": {}})),
+        )
+        .await;
+    assert_eq!(status, 422);
+
+    let sent = server
+        .send(&b, json!({"eventType": "t", "payload": {}}))
+        .await;
+    let (status, found) = server
+        .call(
+            Method::GET,
+            &format!(
+                "/api/v1/app/tenant-b/msg/{}",
+                sent["id"].as_str().expect("id")
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "B's message is in B: {found}");
+    let (_, in_a) = server
+        .call(Method::GET, &format!("/api/v1/app/{a}/msg"), None)
+        .await;
+    assert_eq!(in_a["data"], json!([]), "nothing reached A");
+    server.stop().await;
+}

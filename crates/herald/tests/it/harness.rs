@@ -83,6 +83,27 @@ impl TestServer {
         }
     }
 
+    /// One number read from the server's SQLite file through a separate read-only connection,
+    /// for tests about what is kept on disk (rows, bytes).
+    pub async fn store_scalar(&self, sql: &'static str) -> i64 {
+        use sqlx::{
+            ConnectOptions,
+            sqlite::{SqliteConnectOptions, SqliteConnection},
+        };
+        let dir = self._dir.as_ref().expect("a server started by this test");
+        let mut conn: SqliteConnection = SqliteConnectOptions::new()
+            .filename(dir.path().join(herald_store::sqlite::DB_FILE))
+            .read_only(true)
+            .connect()
+            .await
+            .expect("open the store read-only");
+        let value: Option<i64> = sqlx::query_scalar(sql)
+            .fetch_one(&mut conn)
+            .await
+            .expect("query the store");
+        value.unwrap_or(0)
+    }
+
     /// API helpers for a server started elsewhere (a child process).
     pub fn remote(base: String) -> Self {
         Self {

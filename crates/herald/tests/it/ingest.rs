@@ -198,26 +198,36 @@ async fn every_kind_accepts_valid_requests_and_refuses_bad_ones_with_401() {
         ("stripe", json!({}), "stripe-secret", |s, b, t| {
             vec![stripe_header(s, b, t)]
         }),
-        ("github", json!({}), "gh-secret", |s, b, _| {
-            vec![
-                (
-                    "x-hub-signature-256",
-                    format!("sha256={}", hex::encode(hmac_bytes(s.as_bytes(), b))),
-                ),
-                ("x-github-event", "issues".into()),
-                ("x-github-delivery", "d1b2".into()),
-            ]
-        }),
-        ("shopify", json!({}), "shop-secret", |s, b, _| {
-            vec![
-                (
-                    "x-shopify-hmac-sha256",
-                    STANDARD.encode(hmac_bytes(s.as_bytes(), b)),
-                ),
-                ("x-shopify-topic", "orders/create".into()),
-                ("x-shopify-webhook-id", "wh-1".into()),
-            ]
-        }),
+        (
+            "github",
+            json!({"trustUnsignedHeaders": true}),
+            "gh-secret",
+            |s, b, _| {
+                vec![
+                    (
+                        "x-hub-signature-256",
+                        format!("sha256={}", hex::encode(hmac_bytes(s.as_bytes(), b))),
+                    ),
+                    ("x-github-event", "issues".into()),
+                    ("x-github-delivery", "d1b2".into()),
+                ]
+            },
+        ),
+        (
+            "shopify",
+            json!({"trustUnsignedHeaders": true}),
+            "shop-secret",
+            |s, b, _| {
+                vec![
+                    (
+                        "x-shopify-hmac-sha256",
+                        STANDARD.encode(hmac_bytes(s.as_bytes(), b)),
+                    ),
+                    ("x-shopify-topic", "orders/create".into()),
+                    ("x-shopify-webhook-id", "wh-1".into()),
+                ]
+            },
+        ),
         ("slack", json!({}), "slack-secret", |s, b, t| {
             let signed = [format!("v0:{t}:").as_bytes(), b].concat();
             vec![
@@ -246,7 +256,7 @@ async fn every_kind_accepts_valid_requests_and_refuses_bad_ones_with_401() {
         ),
         (
             "hmac-sha256",
-            json!({"hmac": {"header": "X-Sig", "encoding": "base64", "prefix": "sha256=", "idHeader": "X-Id"}}),
+            json!({"hmac": {"header": "X-Sig", "encoding": "base64", "prefix": "sha256="}}),
             "plain-secret",
             |s, b, _| {
                 vec![
@@ -376,7 +386,7 @@ async fn raw_requests_are_kept_and_can_be_replayed() {
     let src = source(
         &server,
         &app,
-        json!({"kind": "github", "secrets": ["s3cret"], "defaultChannel": "repo-activity"}),
+        json!({"kind": "github", "secrets": ["s3cret"], "defaultChannel": "repo-activity", "trustUnsignedHeaders": true}),
     )
     .await;
     let body = br#"{"action":"opened","issue":{"number":7}}"#;
@@ -404,10 +414,17 @@ async fn raw_requests_are_kept_and_can_be_replayed() {
     let (status, kept) = server.call(Method::GET, &base, None).await;
     assert_eq!(status, 200, "{kept}");
     assert_eq!(kept["body"], std::str::from_utf8(body).expect("utf8"));
-    assert_eq!(kept["deliveryId"], "72d3162e");
+    // GitHub's delivery id is in an unsigned header: the signed body deduplicates, and the
+    // header is kept with the others.
+    let body_hash = format!(
+        "sha256:{}",
+        hex::encode(<Sha256 as sha2::Digest>::digest(body))
+    );
+    assert_eq!(kept["deliveryId"], body_hash);
     let headers = kept["headers"].as_array().expect("headers");
     assert!(
-        headers.contains(&json!(["x-github-event", "issues"])),
+        headers.contains(&json!(["x-github-event", "issues"]))
+            && headers.contains(&json!(["x-github-delivery", "72d3162e"])),
         "{kept}"
     );
 
@@ -508,5 +525,153 @@ async fn slack_url_verification_is_answered_after_the_signature_check() {
     assert_eq!((status, answer), (200, json!({"challenge": "3eZbrw1a"})));
     let (status, _) = post(&server, &src, &headers[..1], body).await;
     assert_eq!(status, 401, "unsigned handshakes are refused");
+    server.stop().await;
+}
+
+/// The review's attack: a near-limit body with an 80 KB `webhook-signature` of forged
+/// entries cost one HMAC of the whole body per entry (15 s of frozen workers for two
+/// requests). Now the header is refused unread, and a genuine large request, verified off the
+/// async workers, still goes through.
+#[tokio::test]
+async fn forged_signature_lists_are_refused_without_hashing_the_body_once_per_entry() {
+    let server = TestServer::start().await;
+    let (app, _) = pusher_app(&server, "cpu").await;
+    let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let src = source(
+        &server,
+        &app,
+        json!({"kind": "standard-webhooks", "secrets": [secret]}),
+    )
+    .await;
+    let body = format!(r#"{{"type":"big.event","pad":"{}"}}"#, "x".repeat(900_000));
+    let t = now();
+    let forged = format!("v1,{}", STANDARD.encode([7u8; 32]));
+    let headers = |signature: String| {
+        vec![
+            ("webhook-id", "msg_big".to_owned()),
+            ("webhook-timestamp", t.to_string()),
+            ("webhook-signature", signature),
+        ]
+    };
+
+    // 80 KB of entries: the listener refuses the request head before any handler runs.
+    let attack = vec![forged.clone(); 1_700].join(" ");
+    let (status, _) = post(&server, &src, &headers(attack), body.as_bytes()).await;
+    assert_eq!(status, 431);
+
+    // 8 KB of entries: within the listener's limit, over the signature header's.
+    let attack = vec![forged.clone(); 170].join(" ");
+    let (status, refused) = post(&server, &src, &headers(attack), body.as_bytes()).await;
+    assert_eq!(status, 401, "{refused}");
+    let detail = refused["detail"].as_str().expect("detail");
+    assert!(detail.contains("at most 4096"), "{detail}");
+
+    // Under the header cap but over the entry cap.
+    let attack = vec![forged.clone(); 17].join(" ");
+    let (status, refused) = post(&server, &src, &headers(attack), body.as_bytes()).await;
+    assert_eq!(status, 401, "{refused}");
+    let detail = refused["detail"].as_str().expect("detail");
+    assert!(detail.contains("at most 16"), "{detail}");
+
+    // A genuine signature after forged entries, on the large body: accepted.
+    let key = herald_core::EndpointSecret::parse(secret).expect("secret");
+    let genuine = format!("v1,{}", key.sign("msg_big", t, body.as_bytes()));
+    let list = [vec![forged; 15], vec![genuine]].concat().join(" ");
+    let (status, ok) = post(&server, &src, &headers(list), body.as_bytes()).await;
+    assert_eq!(status, 200, "{ok}");
+    assert_eq!(ok["eventType"], "big.event");
+}
+
+/// The review's finding: GitHub's, Shopify's and generic sources' delivery ids and event types
+/// come from headers the signature does not cover, so one captured request could be
+/// published again under a new delivery id and another event type. Now such a resend is a
+/// duplicate (the signed body is the key), and headers name the event type only where the
+/// source opted in.
+#[tokio::test]
+async fn a_captured_request_resent_with_new_unsigned_headers_is_not_published_again() {
+    let server = TestServer::start().await;
+    let (app, _) = pusher_app(&server, "replay").await;
+    let secret = "gh-secret";
+    let src = source(
+        &server,
+        &app,
+        json!({"kind": "github", "secrets": [secret], "trustUnsignedHeaders": true}),
+    )
+    .await;
+    let body: &[u8] = br#"{"action":"opened","issue":{"number":7}}"#;
+    let signature = format!(
+        "sha256={}",
+        hex::encode(hmac_bytes(secret.as_bytes(), body))
+    );
+    let headers = |event: &str, delivery: &str| {
+        vec![
+            ("x-hub-signature-256", signature.clone()),
+            ("x-github-event", event.to_owned()),
+            ("x-github-delivery", delivery.to_owned()),
+        ]
+    };
+    let (status, first) = post(&server, &src, &headers("issues", "d-1"), body).await;
+    assert_eq!(
+        (status, &first["duplicate"]),
+        (200, &json!(false)),
+        "{first}"
+    );
+    assert_eq!(first["eventType"], "issues.opened");
+
+    let (status, resent) = post(&server, &src, &headers("push", "d-2"), body).await;
+    assert_eq!(status, 200, "{resent}");
+    assert_eq!(
+        resent["duplicate"], true,
+        "same signed bytes, new headers: {resent}"
+    );
+    assert_eq!(resent["msgId"], first["msgId"]);
+    let (_, messages) = server
+        .call(Method::GET, &format!("/api/v1/app/{app}/msg"), None)
+        .await;
+    assert_eq!(
+        messages["data"].as_array().map(Vec::len),
+        Some(1),
+        "published once: {messages}"
+    );
+
+    // Without the opt-in, headers neither name the event nor may templates read them.
+    let plain = source(
+        &server,
+        &app,
+        json!({"kind": "github", "secrets": [secret]}),
+    )
+    .await;
+    assert_eq!(plain["trustUnsignedHeaders"], false);
+    let other: &[u8] = br#"{"action":"closed","issue":{"number":7}}"#;
+    let signature = format!(
+        "sha256={}",
+        hex::encode(hmac_bytes(secret.as_bytes(), other))
+    );
+    let (status, typed) = post(
+        &server,
+        &plain,
+        &[
+            ("x-hub-signature-256", signature),
+            ("x-github-event", "issues".into()),
+        ],
+        other,
+    )
+    .await;
+    assert_eq!(status, 200, "{typed}");
+    assert_eq!(typed["eventType"], "github");
+    let (status, refused) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/app/{app}/ingest/source"),
+            Some(
+                json!({"kind": "github", "secrets": [secret], "channels": ["{header:x-channel}"]}),
+            ),
+        )
+        .await;
+    assert_eq!(status, 422, "{refused}");
+    assert!(
+        refused.to_string().contains("trustUnsignedHeaders"),
+        "{refused}"
+    );
     server.stop().await;
 }

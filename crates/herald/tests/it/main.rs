@@ -10,6 +10,7 @@ mod delivery;
 mod harness;
 mod history;
 mod ingest;
+mod listener;
 mod process;
 mod pusher;
 mod sse;

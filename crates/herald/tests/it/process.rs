@@ -18,8 +18,15 @@ struct HeraldProcess {
 }
 
 async fn spawn_herald(data: &Path) -> HeraldProcess {
+    spawn_herald_with(data, &[]).await
+}
+
+/// `herald serve` with extra flags.
+async fn spawn_herald_with(data: &Path, flags: &[&str]) -> HeraldProcess {
     let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(flags)
+        .arg("--data")
         .arg(data)
         .env("HERALD_ADMIN_TOKEN", ADMIN_TOKEN)
         .env("HERALD_DELIVERY__ALLOW_PRIVATE_TARGETS", "true")
@@ -143,4 +150,99 @@ async fn sigterm_drains_in_flight_attempts_and_exits_cleanly() {
         .settled(&app, ep["id"].as_str().expect("id"))
         .await;
     assert_eq!(stats["success"], 10, "{stats}");
+}
+
+/// Runs `herald serve ARGS --data DIR` to its exit (it must exit by itself); returns whether
+/// it succeeded and its stderr.
+async fn serve_until_exit(data: &Path, args: &[&str]) -> (bool, String) {
+    let output = tokio::time::timeout(
+        PATIENCE,
+        Command::new(env!("CARGO_BIN_EXE_herald"))
+            .arg("serve")
+            .args(args)
+            .arg("--data")
+            .arg(data)
+            .env_remove("HERALD_ADMIN_TOKEN")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("herald should exit by itself")
+    .expect("run herald");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// The review's finding: after a `--dev` run, a start without `--dev` on the same data
+/// directory silently accepted `demo-token` and `demo-secret`. Now it refuses to start until
+/// they are removed, and `--dev` refuses to listen beyond loopback unless forced.
+#[tokio::test]
+async fn dev_credentials_do_not_survive_into_a_start_without_dev() {
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("store");
+
+    // A --dev run seeds the demo app and token.
+    let mut dev = spawn_herald_with(&data, &["--dev"]).await;
+    let (status, _) = dev
+        .api
+        .call_as(Some("demo-token"), Method::GET, "/api/v1/app", None, None)
+        .await;
+    assert_eq!(status, 200);
+    terminate(&mut dev.child).await;
+
+    // Without --dev: refused, with a message that says how to proceed.
+    let (ok, stderr) = serve_until_exit(&data, &["--listen", "127.0.0.1:0"]).await;
+    assert!(
+        !ok,
+        "a start without --dev must refuse the demo credentials"
+    );
+    assert!(
+        stderr.contains("demo-token") && stderr.contains("--remove-dev-credentials"),
+        "{stderr}"
+    );
+
+    // --dev beyond loopback: refused unless forced.
+    let (ok, stderr) = serve_until_exit(&data, &["--dev", "--listen", "0.0.0.0:0"]).await;
+    assert!(!ok);
+    assert!(stderr.contains("--dev-allow-remote"), "{stderr}");
+
+    // Removing them: the server starts, demo-token is refused, the demo app has new
+    // Pusher credentials.
+    let mut cleaned = spawn_herald_with(&data, &["--remove-dev-credentials"]).await;
+    let api = &cleaned.api;
+    let (status, _) = api
+        .call_as(Some("demo-token"), Method::GET, "/api/v1/app", None, None)
+        .await;
+    assert_eq!(status, 401, "demo-token no longer works");
+    let (status, demo) = api.call(Method::GET, "/api/v1/app/demo", None).await;
+    assert_eq!(status, 200, "the demo app and its data are kept: {demo}");
+    assert_ne!(demo["pusher"]["secret"], "demo-secret");
+    assert_ne!(demo["pusher"]["key"], "demo-key");
+    terminate(&mut cleaned.child).await;
+
+    // And a plain start now works.
+    let mut plain = spawn_herald(&data).await;
+    let (status, _) = plain.api.call(Method::GET, "/api/v1/app", None).await;
+    assert_eq!(status, 200);
+    plain.child.kill().await.expect("kill");
+}
+
+/// SIGTERM, then a clean exit.
+async fn terminate(child: &mut Child) {
+    let pid = child.id().expect("pid").to_string();
+    let sent = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .expect("kill");
+    assert!(sent.success());
+    let status = tokio::time::timeout(PATIENCE, child.wait())
+        .await
+        .expect("herald exits on SIGTERM")
+        .expect("wait");
+    assert!(status.success(), "clean exit after SIGTERM: {status}");
 }

@@ -1,0 +1,241 @@
+//! Owner-only modes for the data directory and the database files.
+//!
+//! The database holds secrets in clear (app secrets, endpoint signing secrets, ingest source
+//! secrets), so the data directory is made `0700` and the database file and its `-wal`, `-shm`
+//! and `-journal` files `0600`. The modes are set explicitly, whatever the process umask (which
+//! a library must not change): a directory or database file the store creates gets them, and
+//! an existing one that others could reach has its group and other bits cleared, logged at
+//! info. The database file is created before SQLite opens it because SQLite gives its side
+//! files the database file's mode; they are checked again once the store is open. Unix only;
+//! elsewhere the directory is just created.
+
+use std::{io, path::Path};
+
+/// Suffixes SQLite appends to the database file's name for its side files.
+const SIDE_FILES: [&str; 3] = ["-wal", "-shm", "-journal"];
+
+/// Before SQLite opens anything: creates `dir` (and its parents) and the empty database file
+/// `db_file` in it if missing, and makes both, and any side files already there, owner-only.
+pub(super) fn prepare(dir: &Path, db_file: &str) -> io::Result<()> {
+    imp::prepare_dir(dir)?;
+    imp::prepare_db_file(&dir.join(db_file))?;
+    secure_files(dir, db_file)
+}
+
+/// Makes the database file and whichever of its side files exist owner-only.
+pub(super) fn secure_files(dir: &Path, db_file: &str) -> io::Result<()> {
+    imp::tighten(&dir.join(db_file), "database file")?;
+    for suffix in SIDE_FILES {
+        imp::tighten(&dir.join(format!("{db_file}{suffix}")), "database file")?;
+    }
+    Ok(())
+}
+
+#[cfg(unix)]
+mod imp {
+    use std::{
+        fs::{self, DirBuilder, OpenOptions, Permissions},
+        io,
+        os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt},
+        path::Path,
+    };
+
+    pub(super) const DIR_MODE: u32 = 0o700;
+    pub(super) const FILE_MODE: u32 = 0o600;
+    /// Group and other permission bits: what tightening clears.
+    const OTHERS: u32 = 0o077;
+    const STICKY: u32 = 0o1000;
+
+    pub(super) fn prepare_dir(dir: &Path) -> io::Result<()> {
+        match fs::metadata(dir) {
+            Ok(meta) if meta.permissions().mode() & STICKY != 0 => Err(io::Error::other(format!(
+                "data directory {} is a shared directory (it has the sticky bit, like /tmp); \
+                 give Herald a directory of its own",
+                dir.display()
+            ))),
+            Ok(_) => tighten(dir, "data directory"),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                DirBuilder::new()
+                    .recursive(true)
+                    .mode(DIR_MODE)
+                    .create(dir)?;
+                // The umask may have taken bits from the mode asked for: set it outright.
+                set_mode(dir, DIR_MODE)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    pub(super) fn prepare_db_file(path: &Path) -> io::Result<()> {
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(FILE_MODE)
+            .open(path)
+        {
+            // An empty file is an empty SQLite database.
+            Ok(_) => set_mode(path, FILE_MODE),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Clears the group and other bits of `path` if it exists and has any, saying so.
+    pub(super) fn tighten(path: &Path, what: &str) -> io::Result<()> {
+        let mode = match fs::metadata(path) {
+            Ok(meta) => meta.permissions().mode() & 0o7777,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let tightened = mode & !OTHERS;
+        if tightened == mode {
+            return Ok(());
+        }
+        set_mode(path, tightened)?;
+        tracing::info!(
+            path = %path.display(),
+            from = format_args!("{mode:04o}"),
+            to = format_args!("{tightened:04o}"),
+            "{what} was readable by other users; made it private to its owner"
+        );
+        Ok(())
+    }
+
+    fn set_mode(path: &Path, mode: u32) -> io::Result<()> {
+        fs::set_permissions(path, Permissions::from_mode(mode)).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot set mode {mode:04o} on {} ({e}); the store holds secrets, so it \
+                     must be private to its owner (0700 for the directory, 0600 for its files)",
+                    path.display()
+                ),
+            )
+        })
+    }
+}
+
+#[cfg(not(unix))]
+mod imp {
+    use std::{io, path::Path};
+
+    pub(super) fn prepare_dir(dir: &Path) -> io::Result<()> {
+        std::fs::create_dir_all(dir)
+    }
+
+    pub(super) fn prepare_db_file(_path: &Path) -> io::Result<()> {
+        Ok(())
+    }
+
+    pub(super) fn tighten(_path: &Path, _what: &str) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use std::{
+        fs::{self, Permissions},
+        os::unix::fs::PermissionsExt,
+        path::Path,
+    };
+
+    use super::imp::{DIR_MODE, FILE_MODE};
+    use crate::{
+        Store,
+        sqlite::{DB_FILE, SqliteStore},
+    };
+
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path)
+            .unwrap_or_else(|e| panic!("{} should exist: {e}", path.display()))
+            .permissions()
+            .mode()
+            & 0o7777
+    }
+
+    /// Asserts the directory is 0700 and the database and its WAL files are 0600.
+    fn assert_private(dir: &Path) {
+        assert_eq!(mode(dir), DIR_MODE, "data directory mode");
+        for name in [
+            DB_FILE.to_owned(),
+            format!("{DB_FILE}-wal"),
+            format!("{DB_FILE}-shm"),
+        ] {
+            assert_eq!(mode(&dir.join(&name)), FILE_MODE, "{name} mode");
+        }
+        if let Ok(meta) = fs::metadata(dir.join(format!("{DB_FILE}-journal"))) {
+            assert_eq!(
+                meta.permissions().mode() & 0o7777,
+                FILE_MODE,
+                "journal mode"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_new_store_is_private_to_its_owner() {
+        let parent = tempfile::tempdir().expect("temp dir");
+        let dir = parent.path().join("data");
+        let store = SqliteStore::open(&dir).await.expect("open");
+        assert_private(&dir);
+        store.close().await;
+        assert_private(&dir);
+    }
+
+    #[tokio::test]
+    async fn an_existing_world_readable_store_is_tightened_on_open() {
+        let parent = tempfile::tempdir().expect("temp dir");
+        let dir = parent.path().join("data");
+        let store = SqliteStore::open(&dir).await.expect("first open");
+        store.close().await;
+        // A clean close removes the WAL files; leave empty ones as a crash might (an empty WAL
+        // is a valid one), then loosen everything.
+        let files: Vec<_> = ["", "-wal", "-shm"]
+            .iter()
+            .map(|suffix| dir.join(format!("{DB_FILE}{suffix}")))
+            .collect();
+        fs::set_permissions(&dir, Permissions::from_mode(0o755)).expect("chmod dir");
+        for file in &files {
+            if !file.exists() {
+                fs::write(file, b"").expect("create side file");
+            }
+            fs::set_permissions(file, Permissions::from_mode(0o644)).expect("chmod file");
+        }
+        assert_eq!(mode(&dir), 0o755);
+        assert_eq!(mode(&files[0]), 0o644);
+
+        let store = SqliteStore::open(&dir).await.expect("reopen");
+        assert_private(&dir);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn an_existing_empty_world_readable_database_file_is_tightened_on_open() {
+        let parent = tempfile::tempdir().expect("temp dir");
+        let dir = parent.path().join("data");
+        fs::create_dir(&dir).expect("mkdir");
+        fs::set_permissions(&dir, Permissions::from_mode(0o755)).expect("chmod dir");
+        let db = dir.join(DB_FILE);
+        fs::write(&db, b"").expect("create db file");
+        fs::set_permissions(&db, Permissions::from_mode(0o644)).expect("chmod file");
+
+        let store = SqliteStore::open(&dir).await.expect("open");
+        // The side files SQLite creates take the database file's (tightened) mode.
+        assert_private(&dir);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_shared_sticky_directory_is_refused_not_chmodded() {
+        let parent = tempfile::tempdir().expect("temp dir");
+        let dir = parent.path().join("shared");
+        fs::create_dir(&dir).expect("mkdir");
+        fs::set_permissions(&dir, Permissions::from_mode(0o1777)).expect("chmod dir");
+        let Err(err) = SqliteStore::open(&dir).await else {
+            panic!("a sticky directory should be refused");
+        };
+        assert!(err.to_string().contains("shared directory"), "{err}");
+        assert_eq!(mode(&dir), 0o1777, "left as it was");
+    }
+}
