@@ -187,6 +187,8 @@ pub async fn stream(
             // Too slow: end the stream; the client resumes from its last id.
             () = st.overflowed.cancelled() => return None,
             () = st.shutdown.cancelled() => return None,
+            // The app was deleted.
+            () = st._subscription.hub.removed() => return None,
         };
         let event = st.event(&frame);
         Some((Ok(event), st))

@@ -74,9 +74,8 @@ async fn upgrade(
 ) -> Response {
     let app = state.store.get_app_by_pusher_key(&key).await;
     let protocol = params.get("protocol").map(|p| p.parse::<u32>());
-    // The transport takes somewhat more than the protocol limit, so an oversized message is
-    // answered with a clear close (1009) from `Connection::handle` rather than a torn socket.
-    let ws = transport::configure(ws, state.config.max_message_bytes * 4);
+    // The transport enforces the message limit; `serve` answers an oversized message with 1009.
+    let ws = transport::configure(ws, state.config.max_message_bytes);
     let tasks = state.tasks.clone();
     ws.on_upgrade(move |socket| {
         tasks.track_future(async move {
@@ -99,7 +98,10 @@ async fn upgrade(
             match (refusal, app) {
                 (None, Ok(Some(app))) => {
                     let hub = state.hub.app(&app.id);
-                    if hub.connect(state.config.max_connections_per_app) {
+                    if hub.is_removed() {
+                        // Deleted after the key was looked up.
+                        close_now(socket, close::APP_DOES_NOT_EXIST, APP_DELETED).await;
+                    } else if hub.connect(state.config.max_connections_per_app) {
                         serve(socket, app, Arc::clone(&hub), &state).await;
                         hub.disconnect();
                     } else {
@@ -134,6 +136,8 @@ async fn close_now(mut socket: WebSocket, code: u16, reason: &str) {
 
 type Sink = SplitSink<WebSocket, Message>;
 
+const APP_DELETED: &str = "the app was deleted";
+
 async fn serve(socket: WebSocket, app: App, hub: Arc<AppHub>, state: &WsState) {
     let config = &state.config;
     let (outbox, mut frames, overflowed) = Outbox::new(config.outbox_frames);
@@ -141,14 +145,14 @@ async fn serve(socket: WebSocket, app: App, hub: Arc<AppHub>, state: &WsState) {
     let (mut sink, mut stream) = socket.split();
     let mut conn = Connection {
         app,
-        hub,
         history: Arc::clone(&state.history),
         config: config.clone(),
         socket_id,
         outbox,
         channels: HashMap::new(),
         user_id: None,
-        terminate: CancellationToken::new(),
+        terminate: hub.connection_token(),
+        hub,
         rate: RateLimit::new(config.client_events_per_second),
     };
     conn.outbox.send(protocol::connection_established(
@@ -174,7 +178,11 @@ async fn serve(socket: WebSocket, app: App, hub: Arc<AppHub>, state: &WsState) {
                 close::OVER_CAPACITY,
                 "too slow: the connection could not keep up with its events".to_owned(),
             )),
-            () = &mut terminated => break Some((close::UNAUTHORIZED, "connection terminated by the server".to_owned())),
+            () = &mut terminated => break Some(if conn.hub.is_removed() {
+                (close::APP_DOES_NOT_EXIST, APP_DELETED.to_owned())
+            } else {
+                (close::UNAUTHORIZED, "connection terminated by the server".to_owned())
+            }),
             frame = frames.recv() => {
                 let Some(frame) = frame else { break None };
                 if write_queued(&mut sink, frame, &mut frames).await.is_err() {
@@ -182,7 +190,21 @@ async fn serve(socket: WebSocket, app: App, hub: Arc<AppHub>, state: &WsState) {
                 }
             }
             message = stream.next() => {
-                let Some(Ok(message)) = message else { break None };
+                let message = match message {
+                    Some(Ok(message)) => message,
+                    // Over the size limit, not UTF-8, or not the protocol: the transport refused
+                    // the message but the socket can still carry the close frame that says why.
+                    Some(Err(e)) => break transport::read_error_close(&e).map(|(code, reason)| {
+                        tracing::debug!(error = %e, code, "closing a connection after a bad frame");
+                        let reason = if code == close::MESSAGE_TOO_BIG {
+                            format!("messages are limited to {} bytes", config.max_message_bytes)
+                        } else {
+                            reason.to_owned()
+                        };
+                        (code, reason)
+                    }),
+                    None => break None,
+                };
                 // The idle timer is not moved here; when it fires it checks this instead.
                 last_heard = Instant::now();
                 pinged = false;
@@ -303,17 +325,8 @@ type Close = (u16, String);
 
 impl Connection {
     /// Handles one client message; returns a close code if the connection must end.
+    /// Messages over `max_message_bytes` never get here: the transport refuses them (1009).
     async fn handle(&mut self, text: &str) -> Option<Close> {
-        if text.len() > self.config.max_message_bytes {
-            return Some((
-                close::MESSAGE_TOO_BIG,
-                format!(
-                    "message of {} bytes is larger than the limit of {}",
-                    text.len(),
-                    self.config.max_message_bytes
-                ),
-            ));
-        }
         let message: Incoming = match serde_json::from_str(text) {
             Ok(message) => message,
             Err(e) => {

@@ -145,7 +145,9 @@ impl History {
     }
 
     /// The channel's position, kept in its slot: loaded from the store on first use, or
-    /// started with a fresh epoch.
+    /// started with a fresh epoch. A fresh position is stored by the first append, not here:
+    /// anyone may subscribe to a public history channel, and a row per name subscribed to
+    /// would let them fill the disk.
     async fn position<'s>(
         &self,
         slot: &'s mut Option<ChannelPosition>,
@@ -155,14 +157,10 @@ impl History {
         if slot.is_none() {
             let loaded = match self.store.channel_position(app_id, channel).await? {
                 Some(position) => position,
-                None => {
-                    let fresh = ChannelPosition {
-                        epoch: history::new_epoch(),
-                        next_offset: 1,
-                    };
-                    self.store.reset_history(app_id, channel, &fresh).await?;
-                    fresh
-                }
+                None => ChannelPosition {
+                    epoch: history::new_epoch(),
+                    next_offset: 1,
+                },
             };
             *slot = Some(loaded);
         }
@@ -407,6 +405,13 @@ impl History {
     pub async fn purge(&self) -> Result<u64, StoreError> {
         const PAGE: u32 = 500;
         self.forget_idle_positions();
+        let unused = self.store.forget_unused_channel_positions().await?;
+        if unused > 0 {
+            tracing::info!(
+                unused,
+                "forgot positions of history channels nothing was appended to"
+            );
+        }
         let mut deleted = 0;
         let mut after: Option<(String, String)> = None;
         loop {

@@ -154,6 +154,14 @@ impl Hub {
                 }),
         )
     }
+
+    /// Ends every connection and SSE stream of a deleted app: their tokens (see
+    /// [`AppHub::connection_token`]) are cancelled and they close with 4001. The app's hub stays,
+    /// closed, so a connection or stream that looked the app up just before the deletion and
+    /// reaches the hub after it ends too; an empty hub per deleted app is all that remains.
+    pub fn remove_app(&self, app_id: &str) {
+        self.app(app_id).removed.cancel();
+    }
 }
 
 #[derive(Default)]
@@ -164,6 +172,8 @@ pub struct AppHub {
     channels: RwLock<HashMap<String, Channel>>,
     /// Signed-in users' connections, for `terminate_connections`.
     users: RwLock<HashMap<String, HashMap<String, CancellationToken>>>,
+    /// Cancelled when the app is deleted; every connection's token is a child of it.
+    removed: CancellationToken,
 }
 
 #[derive(Default)]
@@ -236,6 +246,23 @@ impl AppHub {
 
     pub fn connection_count(&self) -> u32 {
         self.connections.load(Ordering::Acquire)
+    }
+
+    /// A new connection's termination token: the connection closes when it is cancelled,
+    /// by [`AppHub::terminate_user`] for its user (4009) or by [`Hub::remove_app`] for the
+    /// whole app (4001, see [`AppHub::is_removed`]).
+    pub fn connection_token(&self) -> CancellationToken {
+        self.removed.child_token()
+    }
+
+    /// The app was deleted: connections must close with 4001 and new ones are refused.
+    pub fn is_removed(&self) -> bool {
+        self.removed.is_cancelled()
+    }
+
+    /// Resolves when the app is deleted (for streams that hold no connection token).
+    pub fn removed(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.removed.cancelled()
     }
 
     pub fn subscribe(
@@ -597,6 +624,27 @@ mod tests {
             json,
             serde_json::json!({"name": "member_added", "channel": "presence-x", "user_id": "u1"})
         );
+    }
+
+    #[test]
+    fn removing_an_app_ends_its_connections_but_not_others() {
+        let hub = Hub::default();
+        let app = hub.app("app_1");
+        let signed_in = app.connection_token();
+        let other = app.connection_token();
+        let elsewhere = hub.app("app_2").connection_token();
+        app.sign_in("u1", "1.1", signed_in.clone());
+        assert_eq!(app.terminate_user("u1"), 1);
+        assert!(signed_in.is_cancelled() && !other.is_cancelled());
+        assert!(!app.is_removed(), "terminating a user leaves the app alone");
+
+        hub.remove_app("app_1");
+        assert!(other.is_cancelled() && app.is_removed());
+        assert!(
+            hub.app("app_1").connection_token().is_cancelled(),
+            "a connection arriving after the deletion ends at once"
+        );
+        assert!(!elsewhere.is_cancelled() && !hub.app("app_2").is_removed());
     }
 
     #[test]

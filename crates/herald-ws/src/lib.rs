@@ -29,7 +29,8 @@ pub struct WsConfig {
     pub max_connections_per_app: u32,
     /// Channels one connection may be subscribed to.
     pub max_channels_per_connection: usize,
-    /// Largest WebSocket message accepted from a client (1009 beyond).
+    /// Largest WebSocket message accepted from a client (1009 beyond, enforced by the
+    /// transport before the message is buffered).
     pub max_message_bytes: usize,
     /// Members of one presence channel.
     pub max_presence_members: usize,
@@ -59,6 +60,7 @@ impl Default for WsConfig {
 
 /// Close codes of the Pusher protocol that Herald sends.
 pub mod close {
+    /// An unknown app key, or an app deleted while its connections were open.
     pub const APP_DOES_NOT_EXIST: u16 = 4001;
     pub const OVER_CONNECTION_QUOTA: u16 = 4004;
     pub const UNAUTHORIZED: u16 = 4009;
@@ -66,6 +68,10 @@ pub mod close {
     pub const RECONNECT: u16 = 4200;
     pub const PONG_NOT_RECEIVED: u16 = 4201;
     pub const CLIENT_EVENT_RATE_LIMIT: u16 = 4301;
+    /// WebSocket's own "protocol error" (RFC 6455): a malformed or forbidden frame.
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// WebSocket's own "invalid frame payload data": a text message that is not UTF-8.
+    pub const INVALID_PAYLOAD: u16 = 1007;
     /// WebSocket's own "message too big".
     pub const MESSAGE_TOO_BIG: u16 = 1009;
 }

@@ -1,15 +1,19 @@
 //! The Pusher protocol over real sockets, and the Pusher HTTP API, against the real server.
 
 use futures_util::{SinkExt, StreamExt};
+use reqwest::Method;
 use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::{
     connect_async,
     tungstenite::{Message, protocol::frame::coding::CloseCode},
 };
 
 use crate::{
-    harness::{Receiver, TestServer},
-    pusher::{Client, Creds, channel_auth, next_json, open, pusher_api, pusher_app, sign, trigger},
+    harness::{PATIENCE, Receiver, TestServer},
+    pusher::{
+        Client, Creds, Socket, channel_auth, next_json, open, pusher_api, pusher_app, sign, trigger,
+    },
 };
 
 #[tokio::test]
@@ -581,5 +585,211 @@ async fn limits_on_connections_channels_and_presence_members_hold() {
     assert_eq!(status, 200);
     first.expect("still-here").await;
     second.expect("still-here").await;
+    server.stop().await;
+}
+
+/// A client frame built by hand, so it can break the rules: `head` is the first byte (FIN,
+/// reserved bits, opcode); the payload is masked unless `masked` is false.
+fn raw_frame(head: u8, masked: bool, payload: &[u8]) -> Vec<u8> {
+    let mask_bit = if masked { 0x80 } else { 0 };
+    let mut frame = vec![head];
+    match u8::try_from(payload.len()) {
+        Ok(len) if len < 126 => frame.push(mask_bit | len),
+        _ => match u16::try_from(payload.len()) {
+            Ok(len) => {
+                frame.push(mask_bit | 126);
+                frame.extend(len.to_be_bytes());
+            }
+            Err(_) => {
+                frame.push(mask_bit | 127);
+                frame.extend((payload.len() as u64).to_be_bytes());
+            }
+        },
+    }
+    if !masked {
+        frame.extend(payload);
+        return frame;
+    }
+    let key = [0x37, 0xfa, 0x21, 0x3d];
+    frame.extend(key);
+    frame.extend(payload.iter().zip(key.iter().cycle()).map(|(b, k)| b ^ k));
+    frame
+}
+
+const FIN_TEXT: u8 = 0x81;
+const TEXT_FRAGMENT: u8 = 0x01;
+const FIN_CONTINUATION: u8 = 0x80;
+
+/// Writes raw bytes under the WebSocket client, past its own checks.
+async fn write_raw(socket: &mut Socket, bytes: &[u8]) {
+    let tcp = socket.get_mut();
+    tcp.write_all(bytes).await.expect("write raw frame");
+    tcp.flush().await.expect("flush raw frame");
+}
+
+/// Everything the server sends until it closes, and the close code.
+async fn until_close(socket: &mut Socket) -> (Vec<Value>, u16) {
+    tokio::time::timeout(PATIENCE, async {
+        let mut frames = Vec::new();
+        loop {
+            match socket.next().await {
+                Some(Ok(Message::Close(frame))) => {
+                    return (frames, frame.map_or(1005, |f| u16::from(f.code)));
+                }
+                Some(Ok(Message::Text(text))) => {
+                    frames.push(serde_json::from_str(text.as_str()).expect("server sent JSON"));
+                }
+                Some(Ok(_)) => {}
+                other => panic!("connection ended without a close frame: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("timed out waiting for close")
+}
+
+#[tokio::test]
+async fn messages_far_over_the_limit_close_1009_even_when_fragmented() {
+    let server = TestServer::start_with(|c| c.ws.max_message_bytes = 512).await;
+    let (_, creds) = pusher_app(&server, "ws-huge").await;
+
+    // Far over the limit (128x) in one frame: refused from the frame header on.
+    let mut huge = Client::connect(&server, &creds.key).await;
+    let text = format!("{{\"event\":\"x\",\"data\":\"{}\"}}", "a".repeat(64 * 1024));
+    huge.socket.send(Message::text(text)).await.expect("send");
+    assert_eq!(huge.closed().await, 1009);
+
+    // Over the limit only in total: four fragments of 200 bytes each.
+    let mut fragmented = Client::connect(&server, &creds.key).await;
+    let part = [b'a'; 200];
+    let mut bytes = raw_frame(TEXT_FRAGMENT, true, &part);
+    for _ in 0..2 {
+        bytes.extend(raw_frame(0x00, true, &part));
+    }
+    bytes.extend(raw_frame(FIN_CONTINUATION, true, &part));
+    write_raw(&mut fragmented.socket, &bytes).await;
+    assert_eq!(fragmented.closed().await, 1009);
+
+    // Exactly at the limit is accepted.
+    let mut fits = Client::connect(&server, &creds.key).await;
+    let ping = r#"{"event":"pusher:ping","data":{}}"#;
+    let padded = format!("{ping}{}", " ".repeat(512 - ping.len()));
+    fits.socket.send(Message::text(padded)).await.expect("send");
+    assert_eq!(fits.next().await["event"], "pusher:pong");
+    // Gone before shutdown, which would otherwise wait for its close reply.
+    drop((huge, fragmented, fits));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_utf8_text_closes_1007() {
+    let server = TestServer::start().await;
+    let (_, creds) = pusher_app(&server, "ws-utf8").await;
+    let mut whole = Client::connect(&server, &creds.key).await;
+    write_raw(
+        &mut whole.socket,
+        &raw_frame(FIN_TEXT, true, b"{\"event\":\"\xff\xfe\"}"),
+    )
+    .await;
+    assert_eq!(whole.closed().await, 1007);
+
+    // Invalid across fragments: a sequence cut in two and completed wrongly.
+    let mut split = Client::connect(&server, &creds.key).await;
+    let mut bytes = raw_frame(TEXT_FRAGMENT, true, b"caf\xc3");
+    bytes.extend(raw_frame(FIN_CONTINUATION, true, b"\x28"));
+    write_raw(&mut split.socket, &bytes).await;
+    assert_eq!(split.closed().await, 1007);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn protocol_violations_close_1002_on_the_app_and_echo_routes() {
+    let server = TestServer::start_with(|c| c.dev = true).await;
+    let (_, creds) = pusher_app(&server, "ws-protocol").await;
+    let ping = br#"{"event":"pusher:ping","data":{}}"#;
+    let violations: [(&str, Vec<u8>); 4] = [
+        ("reserved bit set", raw_frame(FIN_TEXT | 0x40, true, ping)),
+        ("unmasked client frame", raw_frame(FIN_TEXT, false, ping)),
+        (
+            "continuation without a start",
+            raw_frame(FIN_CONTINUATION, true, ping),
+        ),
+        ("reserved opcode", raw_frame(0x83, true, ping)),
+    ];
+    for (what, bytes) in &violations {
+        let mut client = Client::connect(&server, &creds.key).await;
+        write_raw(&mut client.socket, bytes).await;
+        assert_eq!(client.closed().await, 1002, "{what}");
+    }
+    let url = format!("{}/_dev/echo", server.base.replace("http://", "ws://"));
+    for (what, bytes) in &violations {
+        let (mut echo, _) = connect_async(&url).await.expect("echo route in --dev");
+        write_raw(&mut echo, bytes).await;
+        assert_eq!(until_close(&mut echo).await.1, 1002, "echo: {what}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn deleting_an_app_closes_its_sockets_with_4001_and_relays_nothing_after() {
+    let server = TestServer::start().await;
+    let (app, creds) = pusher_app(&server, "ws-deleted").await;
+    let (_, kept) = pusher_app(&server, "ws-kept").await;
+    let channel = "private-room";
+    let mut a = Client::connect(&server, &creds.key).await;
+    let mut b = Client::connect(&server, &creds.key).await;
+    for client in [&mut a, &mut b] {
+        let auth = channel_auth(&creds, &client.socket_id, channel, None);
+        let ok = client.subscribe(channel, Some(auth), None).await;
+        assert_eq!(
+            ok["event"], "pusher_internal:subscription_succeeded",
+            "{ok}"
+        );
+    }
+    let mut bystander = Client::connect(&server, &kept.key).await;
+    let auth = channel_auth(&kept, &bystander.socket_id, channel, None);
+    bystander.subscribe(channel, Some(auth), None).await;
+    let mut sse = reqwest::Client::new()
+        .get(format!(
+            "{}/apps/{}/sse?channels=news",
+            server.base, creds.id
+        ))
+        .send()
+        .await
+        .expect("sse request");
+    assert_eq!(sse.status().as_u16(), 200);
+
+    let (status, body) = server
+        .call(Method::DELETE, &format!("/api/v1/app/{app}"), None)
+        .await;
+    assert_eq!(status, 204, "{body}");
+    // Sent after the deletion was acknowledged: it must reach no one. (The send itself may
+    // fail if the close has already arrived.)
+    let late = json!({"event": "client-late", "channel": channel, "data": {}});
+    let _ = a.socket.send(Message::text(late.to_string())).await;
+
+    assert_eq!(until_close(&mut a.socket).await.1, 4001);
+    let (seen, code) = until_close(&mut b.socket).await;
+    assert_eq!(code, 4001);
+    assert!(
+        seen.iter().all(|frame| frame["event"] != "client-late"),
+        "relayed after the deletion: {seen:?}"
+    );
+    let mut again = open(&server, &creds.key).await;
+    assert_eq!(until_close(&mut again).await.1, 4001, "the key is gone");
+
+    // The app's SSE stream ends too.
+    tokio::time::timeout(PATIENCE, async {
+        while sse.chunk().await.expect("read sse").is_some() {}
+    })
+    .await
+    .expect("the SSE stream ended");
+
+    // Another app's connection is untouched.
+    bystander
+        .send(json!({"event": "pusher:ping", "data": {}}))
+        .await;
+    assert_eq!(bystander.next().await["event"], "pusher:pong");
+    drop((a, b, again, bystander));
     server.stop().await;
 }
