@@ -152,6 +152,12 @@ pub fn recovery(
     max_replay: u64,
 ) -> Recovery {
     let newest = position.next_offset.saturating_sub(1);
+    // A channel nothing was ever appended to has no durable epoch (its position is stored at
+    // the first append), so its epoch may differ after a restart; a client that saw nothing
+    // has missed nothing.
+    if newest == 0 && offset == 0 {
+        return Recovery::Complete { missed: 0 };
+    }
     if epoch != position.epoch {
         return Recovery::Impossible(Unrecoverable::EpochChanged);
     }
@@ -175,6 +181,26 @@ pub fn recovery(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_client_that_saw_nothing_of_a_channel_never_appended_to_has_missed_nothing() {
+        let empty = ChannelPosition {
+            epoch: "fresh".into(),
+            next_offset: 1,
+        };
+        assert_eq!(
+            recovery(&empty, None, "minted-before-a-restart", 0, 100),
+            Recovery::Complete { missed: 0 }
+        );
+        let used = ChannelPosition {
+            epoch: "fresh".into(),
+            next_offset: 2,
+        };
+        assert_eq!(
+            recovery(&used, Some(1), "minted-before-a-restart", 0, 100),
+            Recovery::Impossible(Unrecoverable::EpochChanged)
+        );
+    }
 
     #[test]
     fn globs() {

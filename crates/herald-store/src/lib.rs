@@ -203,6 +203,10 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Option<ChannelPosition>>;
     /// Starts the channel's history afresh at `position` (first use, or a reset): its kept
     /// events are dropped.
+    /// Forgets the positions of channels nothing was ever appended to (offset 1, no events);
+    /// returns how many. Such rows are only left by older versions, which stored a position
+    /// at a channel's first subscription.
+    async fn forget_unused_channel_positions(&self) -> Result<u64>;
     async fn reset_history(
         &self,
         app_id: &str,

@@ -539,6 +539,17 @@ impl Store for SqliteStore {
         .transpose()
     }
 
+    async fn forget_unused_channel_positions(&self) -> Result<u64> {
+        let done = sqlx::query(
+            "DELETE FROM channel_positions WHERE next_offset <= 1 AND NOT EXISTS (
+                 SELECT 1 FROM channel_history h
+                 WHERE h.app_id = channel_positions.app_id AND h.channel = channel_positions.channel)",
+        )
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     async fn reset_history(
         &self,
         app_id: &str,

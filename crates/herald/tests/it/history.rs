@@ -381,3 +381,45 @@ async fn client_events_on_history_channels_are_kept_and_replayed_with_their_send
     }
     server.stop().await;
 }
+
+/// The review's attack: anonymous subscribes to distinct public `history-*` channels each
+/// wrote a permanent, fsynced `channel_positions` row (10,000 in 5.7 s). Now a position is
+/// stored by a channel's first event, so subscribing writes nothing.
+#[tokio::test]
+async fn subscribing_to_history_channels_stores_nothing_until_the_first_event() {
+    let server = TestServer::start().await;
+    let (_, creds) = pusher_app(&server, "history-subscribe-flood").await;
+    for connection in 0..4 {
+        let mut client = Client::connect(&server, &creds.key).await;
+        for n in 0..50 {
+            let status = join(
+                &mut client,
+                &format!("history-flood-{connection}-{n}"),
+                None,
+            )
+            .await;
+            assert_eq!(status["offset"], 0, "{status}");
+        }
+    }
+    assert_eq!(
+        server
+            .store_scalar("SELECT COUNT(*) FROM channel_positions")
+            .await,
+        0,
+        "200 subscribes stored no positions"
+    );
+
+    let mut client = Client::connect(&server, &creds.key).await;
+    let status = join(&mut client, "history-flood-0-0", None).await;
+    let epoch = status["epoch"].as_str().expect("epoch").to_owned();
+    publish(&server, &creds, "history-flood-0-0", 1).await;
+    assert_eq!(offsets_until(&mut client, &epoch, 1).await, [1]);
+    assert_eq!(
+        server
+            .store_scalar("SELECT COUNT(*) FROM channel_positions")
+            .await,
+        1,
+        "the first event stores its channel's position"
+    );
+    server.stop().await;
+}
