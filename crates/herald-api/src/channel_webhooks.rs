@@ -9,6 +9,14 @@
 //! the event names, channels the event's channel). From there the durable delivery engine
 //! takes over: retries, the attempt log, resend; the worker signs with `X-Pusher-Key` and
 //! `X-Pusher-Signature`.
+//!
+//! Who is in which channel is recorded in the same commit as the messages that report it, so a
+//! process that stops without reporting its leaves (a crash, a kill) leaves a record behind,
+//! and the next start reports them ([`ChannelWebhooks::recover`]). What waits in memory when
+//! the process dies is thereby accounted for: leaves are recovered; joins not yet stored were
+//! never reported, and the channel is empty after the restart, so the receiver's view stays
+//! consistent; client events not yet stored are lost, like the relay of a client event to a
+//! socket that closes. Everything waiting counts against `max_pending`, delayed leaves too.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -22,7 +30,7 @@ use herald_core::{
     model::{EndpointFormat, Message},
 };
 use herald_delivery::DispatcherHandle;
-use herald_store::Store;
+use herald_store::{OccupancyChange, Occupant, Store};
 use herald_ws::hub::{ChannelEvent, ChannelObserver};
 use serde::Serialize;
 use tokio::{sync::Notify, time::Instant};
@@ -107,18 +115,20 @@ impl ChannelObserver for ChannelWebhooks {
             {
                 return;
             }
-            ChannelEvent::Vacated { .. } | ChannelEvent::MemberRemoved { .. }
-                if !self.config.delay.is_zero() =>
-            {
-                let key = key();
-                pending.delay(key, event, Instant::now() + self.config.delay);
-                self.wake.notify_one();
-                return;
-            }
             _ => {}
         }
+        // Delayed events wait in memory too: they count against the same bound.
         if pending.ready.len() + pending.delayed.len() >= self.config.max_pending {
             pending.dropped += 1;
+            return;
+        }
+        if matches!(
+            event,
+            ChannelEvent::Vacated { .. } | ChannelEvent::MemberRemoved { .. }
+        ) && !self.config.delay.is_zero()
+        {
+            pending.delay(key(), event, Instant::now() + self.config.delay);
+            self.wake.notify_one();
             return;
         }
         pending.ready.push((app_id.to_owned(), event));
@@ -173,6 +183,39 @@ impl ChannelWebhooks {
             dispatcher,
             config,
         }
+    }
+
+    /// Reports the leaves the previous run never sent: every occupant it recorded (a crash,
+    /// a kill or a store failure stopped it before their `channel_vacated` or `member_removed`
+    /// was stored). Call before connections are accepted. The leaves wait out the usual delay,
+    /// so clients that reconnect at once cancel them and nothing flaps.
+    pub async fn recover(&self) -> Result<usize, herald_store::StoreError> {
+        let occupants = self.store.occupants().await?;
+        let due = Instant::now() + self.config.delay;
+        let mut pending = self.lock();
+        // Members leave before their channel is vacated, as they would have.
+        let (members, channels): (Vec<_>, Vec<_>) =
+            occupants.into_iter().partition(|o| o.user_id.is_some());
+        let count = members.len() + channels.len();
+        for occupant in members.into_iter().chain(channels) {
+            let event = match occupant.user_id.clone() {
+                Some(user_id) => ChannelEvent::MemberRemoved {
+                    channel: occupant.channel.clone(),
+                    user_id,
+                },
+                None => ChannelEvent::Vacated {
+                    channel: occupant.channel.clone(),
+                },
+            };
+            if self.config.delay.is_zero() {
+                pending.ready.push((occupant.app_id, event));
+            } else {
+                let key = DelayKey::new(&occupant.app_id, event.channel(), event.user_id());
+                pending.delay(key, event, due);
+            }
+        }
+        self.wake.notify_one();
+        Ok(count)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
@@ -238,52 +281,70 @@ impl ChannelWebhooks {
         }
     }
 
-    /// Stores one message per app and group of endpoints wanting the same events. On a store
-    /// error, returns the events of the apps not yet stored.
+    /// Stores the batch's messages (one per app and group of endpoints wanting the same
+    /// events) and the occupancy changes it reports, in one commit. On a store error the
+    /// whole batch is handed back.
     async fn store_batch(
         &self,
         batch: Vec<(String, ChannelEvent)>,
     ) -> Result<(), Vec<(String, ChannelEvent)>> {
-        let mut by_app: Vec<(String, Vec<ChannelEvent>)> = Vec::new();
-        let mut index: HashMap<String, usize> = HashMap::new();
+        match self.messages_and_changes(&batch).await {
+            Ok((messages, changes)) if messages.is_empty() && changes.is_empty() => Ok(()),
+            Ok((messages, changes)) => {
+                let stored_any = !messages.is_empty();
+                match self.store.record_channel_events(messages, changes).await {
+                    Ok(()) => {
+                        if stored_any {
+                            self.dispatcher.wake();
+                        }
+                        Ok(())
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "storing channel webhooks failed");
+                        Err(batch)
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "reading endpoints for channel webhooks failed");
+                Err(batch)
+            }
+        }
+    }
+
+    /// The messages for the app's `pusher`-format endpoints, and the occupancy changes, of a
+    /// batch (in the order the events happened).
+    async fn messages_and_changes(
+        &self,
+        batch: &[(String, ChannelEvent)],
+    ) -> Result<ChannelWrites, herald_store::StoreError> {
+        let mut by_app: Vec<(&str, Vec<&ChannelEvent>)> = Vec::new();
+        let mut index: HashMap<&str, usize> = HashMap::new();
+        let mut changes = Vec::new();
         for (app_id, event) in batch {
-            let slot = *index.entry(app_id.clone()).or_insert_with(|| {
+            let slot = *index.entry(app_id).or_insert_with(|| {
                 by_app.push((app_id, Vec::new()));
                 by_app.len() - 1
             });
             by_app[slot].1.push(event);
-        }
-        let mut stored_any = false;
-        let mut apps = by_app.into_iter();
-        while let Some((app_id, events)) = apps.next() {
-            match self.store_app_events(&app_id, &events).await {
-                Ok(stored) => stored_any |= stored,
-                Err(e) => {
-                    tracing::error!(error = %e, %app_id, "storing channel webhooks failed");
-                    let mut unsent: Vec<(String, ChannelEvent)> =
-                        events.into_iter().map(|e| (app_id.clone(), e)).collect();
-                    for (app_id, events) in apps {
-                        unsent.extend(events.into_iter().map(|e| (app_id.clone(), e)));
-                    }
-                    if stored_any {
-                        self.dispatcher.wake();
-                    }
-                    return Err(unsent);
-                }
+            if let Some(change) = occupancy_change(app_id, event) {
+                changes.push(change);
             }
         }
-        if stored_any {
-            self.dispatcher.wake();
+        let mut messages = Vec::new();
+        for (app_id, events) in by_app {
+            self.app_messages(app_id, &events, &mut messages).await?;
         }
-        Ok(())
+        Ok((messages, changes))
     }
 
-    /// Returns whether any message was stored.
-    async fn store_app_events(
+    /// Appends one message per group of the app's endpoints wanting the same events.
+    async fn app_messages(
         &self,
         app_id: &str,
-        events: &[ChannelEvent],
-    ) -> Result<bool, herald_store::StoreError> {
+        events: &[&ChannelEvent],
+        messages: &mut Vec<(Message, Vec<String>)>,
+    ) -> Result<(), herald_store::StoreError> {
         let endpoints = self.store.app_endpoints(app_id).await?;
         // Endpoints that want the same events share one message.
         let mut groups: BTreeMap<Vec<usize>, Vec<String>> = BTreeMap::new();
@@ -301,13 +362,12 @@ impl ChannelWebhooks {
                 groups.entry(wanted).or_default().push(endpoint.id.clone());
             }
         }
-        let mut stored = false;
         for (wanted, targets) in groups {
             for chunk in wanted.chunks(MAX_EVENTS_PER_WEBHOOK) {
                 let now = crate::now();
                 let body = Body {
                     time_ms: now.timestamp_millis(),
-                    events: chunk.iter().map(|&i| &events[i]).collect(),
+                    events: chunk.iter().map(|&i| events[i]).collect(),
                 };
                 let payload = serde_json::to_vec(&body)
                     .unwrap_or_else(|e| unreachable!("strings and numbers serialize: {e}"));
@@ -321,10 +381,31 @@ impl ChannelWebhooks {
                     payload: Bytes::from(payload),
                     created_at: now,
                 };
-                self.store.create_message(message, targets.clone()).await?;
-                stored = true;
+                messages.push((message, targets.clone()));
             }
         }
-        Ok(stored)
+        Ok(())
     }
+}
+
+type ChannelWrites = (Vec<(Message, Vec<String>)>, Vec<OccupancyChange>);
+
+/// The occupancy change an event reports, if any (client events report none).
+fn occupancy_change(app_id: &str, event: &ChannelEvent) -> Option<OccupancyChange> {
+    let occupant = |user_id: Option<&str>| Occupant {
+        app_id: app_id.to_owned(),
+        channel: event.channel().to_owned(),
+        user_id: user_id.map(str::to_owned),
+    };
+    Some(match event {
+        ChannelEvent::Occupied { .. } => OccupancyChange::Entered(occupant(None)),
+        ChannelEvent::Vacated { .. } => OccupancyChange::Left(occupant(None)),
+        ChannelEvent::MemberAdded { user_id, .. } => {
+            OccupancyChange::Entered(occupant(Some(user_id)))
+        }
+        ChannelEvent::MemberRemoved { user_id, .. } => {
+            OccupancyChange::Left(occupant(Some(user_id)))
+        }
+        ChannelEvent::ClientEvent { .. } => return None,
+    })
 }

@@ -70,6 +70,23 @@ pub struct AttemptQuery {
     pub endpoint_id: Option<String>,
 }
 
+/// A channel's occupancy as channel webhooks reported it: the channel itself (`user_id` is
+/// `None`) or one presence member.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Occupant {
+    pub app_id: String,
+    pub channel: String,
+    pub user_id: Option<String>,
+}
+
+/// A reported change of occupancy: `channel_occupied` / `member_added` enter,
+/// `channel_vacated` / `member_removed` leave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OccupancyChange {
+    Entered(Occupant),
+    Left(Occupant),
+}
+
 /// Which API token was presented: environment-wide, or limited to one app.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenScope {
@@ -194,6 +211,18 @@ pub trait Store: Send + Sync + 'static {
     /// every new message, so implementations may serve it from a cache they keep exact.
     async fn app_endpoints(&self, app_id: &str) -> Result<std::sync::Arc<Vec<Endpoint>>>;
     async fn endpoint_stats(&self, endpoint_id: &str) -> Result<EndpointStats>;
+
+    // Channel webhooks
+    /// Stores channel webhook messages (each with its target endpoints) together with the
+    /// occupancy changes they report, in one commit.
+    async fn record_channel_events(
+        &self,
+        messages: Vec<(Message, Vec<String>)>,
+        changes: Vec<OccupancyChange>,
+    ) -> Result<()>;
+    /// Every recorded occupant. At start, before any connection, these are what the previous
+    /// run left without reporting their leave.
+    async fn occupants(&self) -> Result<Vec<Occupant>>;
 
     // Channel history
     async fn channel_position(

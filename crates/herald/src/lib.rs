@@ -68,6 +68,16 @@ pub async fn run(
         dispatcher.handle(),
         config.channel_webhook_config(),
     ));
+    let recovered = channel_webhooks
+        .recover()
+        .await
+        .context("reading channel occupancy left by the last run")?;
+    if recovered > 0 {
+        tracing::info!(
+            recovered,
+            "reporting channel leaves the last run could not (channel_vacated, member_removed)"
+        );
+    }
     let hub = Arc::new(Hub::new(Arc::clone(&channel_webhooks) as _));
     let history = Arc::new(History::new(
         Arc::clone(&store),

@@ -43,6 +43,11 @@ pub(crate) enum WriteOp {
         message: Message,
         endpoint_ids: Vec<String>,
     },
+    /// Channel webhook messages and the occupancy changes they report, committed together.
+    ChannelEvents {
+        messages: Vec<(Message, Vec<String>)>,
+        changes: Vec<crate::OccupancyChange>,
+    },
     /// The Svix SDKs send an Idempotency-Key with every POST, so this rides along with the
     /// message it answers for instead of costing a commit of its own.
     SaveIdempotent {

@@ -36,7 +36,8 @@ use herald_core::history::{ChannelPosition, HistoryEntry, Retention};
 
 use crate::{
     AttemptQuery, AttemptRecord, AttemptScope, ClaimRequest, DeliveryJob, HistoryQuery,
-    IngestRecorded, MessageQuery, Page, Result, Store, StoreError, TokenScope,
+    IngestRecorded, MessageQuery, OccupancyChange, Occupant, Page, Result, Store, StoreError,
+    TokenScope,
 };
 
 /// The database file inside the data directory.
@@ -537,6 +538,31 @@ impl Store for SqliteStore {
             })
         })
         .transpose()
+    }
+
+    async fn record_channel_events(
+        &self,
+        messages: Vec<(Message, Vec<String>)>,
+        changes: Vec<OccupancyChange>,
+    ) -> Result<()> {
+        self.submit(WriteOp::ChannelEvents { messages, changes })
+            .await
+    }
+
+    async fn occupants(&self) -> Result<Vec<Occupant>> {
+        sqlx::query("SELECT app_id, channel, user_id FROM channel_occupancy ORDER BY app_id, channel, user_id")
+            .fetch_all(&self.reader)
+            .await?
+            .iter()
+            .map(|row| {
+                let user_id: String = row.try_get("user_id")?;
+                Ok(Occupant {
+                    app_id: row.try_get("app_id")?,
+                    channel: row.try_get("channel")?,
+                    user_id: (!user_id.is_empty()).then_some(user_id),
+                })
+            })
+            .collect()
     }
 
     async fn forget_unused_channel_positions(&self) -> Result<u64> {

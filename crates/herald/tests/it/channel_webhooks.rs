@@ -6,6 +6,7 @@ use serde_json::{Value, json};
 
 use crate::{
     harness::{Receiver, Reply, TestServer, eventually},
+    process::spawn_herald_env,
     pusher::{Client, Creds, channel_auth, pusher_app},
 };
 
@@ -289,5 +290,96 @@ async fn endpoint_format_is_validated_and_kept_by_updates_that_omit_it() {
         )
         .await;
     assert_eq!(patched["format"], "standard-webhooks");
+    server.stop().await;
+}
+
+/// The review's finding: after a crash no `channel_vacated` or `member_removed` was ever sent
+/// for channels occupied before it, so receivers believed members present forever. Occupancy
+/// is now recorded with the webhooks that report it, and the next start reports the leaves.
+#[tokio::test]
+async fn leaves_a_killed_process_never_reported_are_sent_after_it_restarts() {
+    let dir = tempfile::tempdir().expect("dir");
+    let settings = [("HERALD_WS__WEBHOOK_DELAY_MS", "200")];
+    let mut first = spawn_herald_env(dir.path(), &[], &settings).await;
+    let (app, creds) = pusher_app(&first.api, "hooks-crash").await;
+    let mut receiver = Receiver::start().await;
+    let endpoint = pusher_endpoint(&first.api, &app, &receiver.url, json!({})).await;
+    let endpoint = endpoint["id"].as_str().expect("endpoint id");
+
+    let channel = "presence-crash";
+    let alice = r#"{"user_id":"alice"}"#;
+    let mut client = Client::connect(&first.api, &creds.key).await;
+    let auth = channel_auth(&creds, &client.socket_id, channel, Some(alice));
+    client.subscribe(channel, Some(auth), Some(alice)).await;
+    assert_eq!(
+        events(&mut receiver, &creds, 2).await,
+        [
+            json!({"name": "channel_occupied", "channel": channel}),
+            json!({"name": "member_added", "channel": channel, "user_id": "alice"}),
+        ]
+    );
+
+    // Delivered and recorded, so the restart has nothing of it to deliver again.
+    first.api.settled(&app, endpoint).await;
+    first.child.start_kill().expect("SIGKILL");
+    first.child.wait().await.expect("killed");
+    drop(client);
+
+    let mut second = spawn_herald_env(dir.path(), &[], &settings).await;
+    assert_eq!(
+        events(&mut receiver, &creds, 2).await,
+        [
+            json!({"name": "member_removed", "channel": channel, "user_id": "alice"}),
+            json!({"name": "channel_vacated", "channel": channel}),
+        ],
+        "the leaves the killed process never reported"
+    );
+    second.child.kill().await.expect("kill");
+}
+
+/// The review's finding: leaves waiting out the rejoin delay did not count against
+/// `ws.webhook_max_pending`, so memory was not bounded by it. Now six channels vacated at once
+/// with room for three waiting events keep three (the rest are dropped and logged), and the
+/// three dropped leaves stay recorded as occupied, so a restart still reports them.
+#[tokio::test]
+async fn delayed_leaves_count_against_the_pending_limit() {
+    let server = TestServer::start_with(|c| {
+        c.ws.webhook_delay_ms = DELAY_MS;
+        c.ws.webhook_max_pending = 3;
+    })
+    .await;
+    let (app, creds) = pusher_app(&server, "hooks-bounded").await;
+    let mut receiver = Receiver::start().await;
+    pusher_endpoint(&server, &app, &receiver.url, json!({})).await;
+    let mut clients = Vec::new();
+    for n in 0..6 {
+        let mut client = Client::connect(&server, &creds.key).await;
+        client.subscribe(&format!("room-{n}"), None, None).await;
+        // One at a time, so nothing is waiting when the next joins.
+        assert_eq!(
+            events(&mut receiver, &creds, 1).await[0]["name"],
+            "channel_occupied"
+        );
+        clients.push(client);
+    }
+    assert_eq!(
+        server
+            .store_scalar("SELECT COUNT(*) FROM channel_occupancy")
+            .await,
+        6
+    );
+    drop(clients);
+    let vacated = events(&mut receiver, &creds, 3).await;
+    assert!(
+        vacated.iter().all(|e| e["name"] == "channel_vacated"),
+        "{vacated:?}"
+    );
+    assert_eq!(
+        server
+            .store_scalar("SELECT COUNT(*) FROM channel_occupancy")
+            .await,
+        3,
+        "the dropped leaves are still recorded"
+    );
     server.stop().await;
 }

@@ -12,9 +12,9 @@ use tokio::{
 use crate::harness::{ADMIN_TOKEN, PATIENCE, Receiver, Reply, TestServer};
 
 /// A `herald serve` process on a random port; `api` talks to it through the usual helpers.
-struct HeraldProcess {
-    child: Child,
-    api: TestServer,
+pub struct HeraldProcess {
+    pub child: Child,
+    pub api: TestServer,
 }
 
 async fn spawn_herald(data: &Path) -> HeraldProcess {
@@ -23,6 +23,11 @@ async fn spawn_herald(data: &Path) -> HeraldProcess {
 
 /// `herald serve` with extra flags.
 async fn spawn_herald_with(data: &Path, flags: &[&str]) -> HeraldProcess {
+    spawn_herald_env(data, flags, &[]).await
+}
+
+/// `herald serve` with extra flags and environment variables (`HERALD_*` settings).
+pub async fn spawn_herald_env(data: &Path, flags: &[&str], env: &[(&str, &str)]) -> HeraldProcess {
     let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
         .args(["serve", "--listen", "127.0.0.1:0"])
         .args(flags)
@@ -33,6 +38,7 @@ async fn spawn_herald_with(data: &Path, flags: &[&str]) -> HeraldProcess {
         .env("HERALD_DELIVERY__RETRY_SCHEDULE_SECS", "[0.05, 0.05, 0.05]")
         .env("HERALD_DELIVERY__REQUEST_TIMEOUT_SECS", "30")
         .env("HERALD_SHUTDOWN_GRACE_SECS", "10")
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()

@@ -6,7 +6,7 @@
 //! `ON CONFLICT DO NOTHING RETURNING`; any other error aborts the batch and the caller falls
 //! back to applying writes one at a time.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use herald_core::{
     history::{HistoryEntry, Retention},
@@ -19,7 +19,7 @@ use super::{
     INGEST_DUPLICATE, MESSAGE_CONFLICT, PendingWrite, WriteOp, endpoint_change, next_state,
 };
 use crate::{
-    AttemptRecord, Result, StoreError,
+    AttemptRecord, OccupancyChange, Occupant, Result, StoreError,
     sqlite::rows::{millis, opt_json, to_json},
 };
 
@@ -36,6 +36,7 @@ pub(super) async fn apply(
     let mut attempts = Vec::new();
     let mut idempotent = Vec::new();
     let mut histories = Vec::new();
+    let mut occupancy = Vec::new();
     for (i, write) in batch.iter().enumerate() {
         match &write.op {
             WriteOp::CreateMessage {
@@ -81,6 +82,16 @@ pub(super) async fn apply(
                 body,
                 at,
             } => idempotent.push((scope.as_str(), key.as_str(), *status, body.as_slice(), *at)),
+            WriteOp::ChannelEvents {
+                messages: m,
+                changes,
+            } => {
+                messages.extend(
+                    m.iter()
+                        .map(|(message, targets)| (i, message, targets.as_slice())),
+                );
+                occupancy.extend(changes);
+            }
         }
     }
     if !messages.is_empty() {
@@ -95,7 +106,53 @@ pub(super) async fn apply(
     if !histories.is_empty() {
         append_histories(conn, &histories).await?;
     }
+    if !occupancy.is_empty() {
+        apply_occupancy(conn, &occupancy).await?;
+    }
     Ok(outcomes)
+}
+
+/// Applies occupancy changes in the order given: only each occupant's last change matters
+/// (entered: a row; left: none), so the batch becomes one insert and one delete.
+async fn apply_occupancy(conn: &mut SqliteConnection, changes: &[&OccupancyChange]) -> Result<()> {
+    let mut last: HashMap<&Occupant, bool> = HashMap::with_capacity(changes.len());
+    for change in changes {
+        match change {
+            OccupancyChange::Entered(who) => last.insert(who, true),
+            OccupancyChange::Left(who) => last.insert(who, false),
+        };
+    }
+    let (entered, left): (Vec<_>, Vec<_>) = last.into_iter().partition(|(_, entered)| *entered);
+    // Three columns a row: far under SQLite's bound-variable limit per statement.
+    for chunk in entered.chunks(ROWS_PER_STATEMENT) {
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "INSERT OR IGNORE INTO channel_occupancy (app_id, channel, user_id) ",
+        );
+        q.push_values(chunk, |mut row, (who, _)| {
+            row.push_bind(&who.app_id)
+                .push_bind(&who.channel)
+                .push_bind(who.user_id.as_deref().unwrap_or(""));
+        });
+        q.build().execute(&mut *conn).await?;
+    }
+    for chunk in left.chunks(ROWS_PER_STATEMENT) {
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "DELETE FROM channel_occupancy WHERE (app_id, channel, user_id) IN (VALUES ",
+        );
+        let mut rows = q.separated(", ");
+        for (who, _) in chunk {
+            rows.push("(");
+            rows.push_bind_unseparated(&who.app_id);
+            rows.push_unseparated(", ");
+            rows.push_bind_unseparated(&who.channel);
+            rows.push_unseparated(", ");
+            rows.push_bind_unseparated(who.user_id.as_deref().unwrap_or(""));
+            rows.push_unseparated(")");
+        }
+        q.push(")");
+        q.build().execute(&mut *conn).await?;
+    }
+    Ok(())
 }
 
 async fn insert_messages(
