@@ -108,15 +108,18 @@ async fn authenticate(
 ) -> Result<App, PusherError> {
     let app = find_app(state, app_id).await?;
     let params: Vec<(String, String)> = query_pairs(uri).collect();
-    pusher::verify_request(
-        &app.pusher.key,
-        &app.pusher.secret,
-        method.as_str(),
-        uri.path(),
-        &params,
-        body,
-        chrono::Utc::now().timestamp(),
-    )
+    let now = chrono::Utc::now();
+    pusher::with_any_secret(&app.pusher, now, |secret| {
+        pusher::verify_request(
+            &app.pusher.key,
+            secret,
+            method.as_str(),
+            uri.path(),
+            &params,
+            body,
+            now.timestamp(),
+        )
+    })
     .map_err(|e| {
         PusherError(
             StatusCode::UNAUTHORIZED,

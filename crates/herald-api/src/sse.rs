@@ -12,18 +12,24 @@
 //! `herald_core::pusher::sse_token`); presence channels need a WebSocket. Responses are
 //! unbuffered (`X-Accel-Buffering: no`), keep-alive comments flow while idle, and any origin
 //! may read the stream (no cookies are involved).
+//!
+//! A stream is a long-lived connection like a WebSocket, counted against the same limits per
+//! client address (`herald_ws::limits`): beyond them, 429 with `Retry-After`. Its replay is
+//! charged to the address's replay budget.
 
 use std::{
     borrow::Cow,
     collections::{BTreeMap, HashMap},
     convert::Infallible,
+    net::SocketAddr,
     sync::Arc,
     time::Duration,
 };
 
 use axum::{
-    extract::{Path, Query, State},
-    http::{HeaderMap, HeaderValue, StatusCode},
+    Extension,
+    extract::{ConnectInfo, Path, Query, State},
+    http::{HeaderMap, HeaderValue, StatusCode, header::RETRY_AFTER},
     response::{
         IntoResponse, Response,
         sse::{Event, KeepAlive, Sse},
@@ -37,6 +43,7 @@ use herald_ws::{
     Frame,
     history::Resume,
     hub::{AppHub, Outbox},
+    limits::{ClientLimiter, ClientPermit},
 };
 use rand::Rng;
 use serde::Deserialize;
@@ -51,9 +58,29 @@ pub async fn stream(
     State(state): State<ApiState>,
     Path(app_id): Path<String>,
     Query(query): Query<HashMap<String, String>>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
 ) -> Result<Response, PusherError> {
     let fail = |status: StatusCode, message: String| PusherError(status, message);
+    // The address's limits come first: a refused client costs no lookup.
+    let clients = &state.sse.clients;
+    let address = clients.client_address(peer.map(|Extension(ConnectInfo(p))| p), &headers);
+    let permit = match clients.admit(address) {
+        Ok(permit) => permit,
+        Err(refusal) => {
+            tracing::debug!(
+                ?address,
+                ?refusal,
+                "refused an SSE stream over its address's limits"
+            );
+            let mut response =
+                fail(StatusCode::TOO_MANY_REQUESTS, refusal.message()).into_response();
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(refusal.retry_after_secs()));
+            return Ok(response);
+        }
+    };
     let app = crate::pusher_api::find_app(&state, &app_id).await?;
 
     let listed = query
@@ -89,12 +116,10 @@ pub async fn stream(
                 "private channels need a token (see the README: SSE)".into(),
             )
         })?;
-        pusher::verify_sse_token(
-            &app.pusher.secret,
-            listed,
-            token,
-            chrono::Utc::now().timestamp(),
-        )
+        let now = chrono::Utc::now();
+        pusher::with_any_secret(&app.pusher, now, |secret| {
+            pusher::verify_sse_token(secret, listed, token, now.timestamp())
+        })
         .map_err(|e| fail(StatusCode::UNAUTHORIZED, e.to_string()))?;
     }
     let retry = match query.get("retry") {
@@ -143,7 +168,7 @@ pub async fn stream(
         let resume = resumes.get(channel.as_str());
         let status = state
             .history
-            .join(&app, channel, retention, resume, |joined| {
+            .join(&app, channel, retention, resume, &permit, |joined| {
                 subscription.add(channel, &outbox);
                 let start = match (&joined.recovery, resume) {
                     (Some(Recovery::Complete { .. }), Some(resume)) => resume.offset,
@@ -177,6 +202,7 @@ pub async fn stream(
         shutdown: state.shutdown.clone(),
         positions,
         _subscription: subscription,
+        _permit: permit,
     };
     let events = futures_util::stream::unfold(state, |mut st| async move {
         if let Some(first) = st.first.take() {
@@ -212,6 +238,9 @@ pub struct SseConfig {
     pub keepalive: Duration,
     pub outbox_frames: usize,
     pub max_connections_per_app: u32,
+    /// Connections and replayed history per client address: the WebSocket gateway's limiter
+    /// (`herald_ws::WsConfig::clients`), so both count against the same limits.
+    pub clients: Arc<ClientLimiter>,
 }
 
 impl Default for SseConfig {
@@ -220,6 +249,7 @@ impl Default for SseConfig {
             keepalive: Duration::from_secs(15),
             outbox_frames: 1024,
             max_connections_per_app: 10_000,
+            clients: Arc::default(),
         }
     }
 }
@@ -277,6 +307,8 @@ struct StreamState {
     shutdown: CancellationToken,
     positions: BTreeMap<String, (String, u64)>,
     _subscription: Subscription,
+    /// The stream's place in its address's counts, released when the stream ends.
+    _permit: ClientPermit,
 }
 
 impl StreamState {

@@ -31,6 +31,15 @@ pub struct PusherCredentials {
     pub key: String,
     /// Signs channel auths, HTTP API requests and channel webhooks.
     pub secret: String,
+    /// The secret this one replaced, still accepted until its time: a rotation's grace.
+    pub previous: Option<RetiredSecret>,
+}
+
+/// A rotated-out secret and when it stops verifying.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetiredSecret {
+    pub secret: String,
+    pub until: DateTime<Utc>,
 }
 
 impl PusherCredentials {
@@ -48,7 +57,24 @@ impl PusherCredentials {
             app_id: rand::rng().random_range(1_000_000..10_000_000),
             key,
             secret,
+            previous: None,
         }
+    }
+
+    /// A fresh 20-hex-digit secret, Pusher's format.
+    pub fn generate_secret() -> String {
+        Self::generate().secret
+    }
+
+    /// The secrets that verify what backends and clients sign at `now`: the current one, then
+    /// the one it replaced while its grace lasts. (Herald signs with the current one only.)
+    pub fn verifying_secrets(&self, now: DateTime<Utc>) -> impl Iterator<Item = &str> {
+        std::iter::once(self.secret.as_str()).chain(
+            self.previous
+                .as_ref()
+                .filter(|retired| retired.until > now)
+                .map(|retired| retired.secret.as_str()),
+        )
     }
 }
 

@@ -48,14 +48,22 @@ impl DispatcherHandle {
 /// One lane's bookkeeping, shared with the attempt tasks it spawned.
 ///
 /// The lane claims up to twice its concurrency: jobs beyond the running limit wait here,
-/// already leased, so an attempt that finishes hands its slot straight to the next job for the
-/// same endpoint instead of waiting for the dispatcher's next trip to the store.
+/// already leased, so an attempt that finishes hands its slot straight to a waiting job instead
+/// of waiting for the dispatcher's next trip to the store.
+///
+/// Three budgets bound what runs: the lane's, each app's and each endpoint's. The app budget is
+/// what keeps apps apart: without it, one app whose endpoints hang holds every slot for a whole
+/// request timeout. A free slot goes to the waiting job whose app has the fewest attempts
+/// running (then whose endpoint has, then the one waiting longest), so apps and endpoints that
+/// compete for the lane take turns rather than keeping the slots they hold.
 struct Lane {
     first_attempts: bool,
     /// Bounds attempt records handed to the store but not yet committed.
     unsaved: Arc<Semaphore>,
     /// Attempts running at once over all endpoints.
     limit: u32,
+    /// Attempts running at once for one app.
+    per_app: u32,
     /// Attempts running at once to one endpoint.
     per_endpoint: u32,
     state: Mutex<LaneState>,
@@ -65,21 +73,41 @@ struct Lane {
 struct LaneState {
     running: u32,
     waiting: u32,
+    /// Arrival order of waiting jobs, for the last tie-break.
+    arrivals: u64,
     endpoints: HashMap<String, EndpointSlots>,
+    apps: HashMap<String, AppSlots>,
+}
+
+struct EndpointSlots {
+    app: String,
+    running: u32,
+    /// Waiting jobs with their arrival number, oldest first.
+    waiting: VecDeque<(u64, DeliveryJob)>,
 }
 
 #[derive(Default)]
-struct EndpointSlots {
+struct AppSlots {
     running: u32,
-    waiting: VecDeque<DeliveryJob>,
+    waiting: u32,
+}
+
+/// What the lane already holds, for the next claim.
+struct ClaimBudget {
+    /// How many more jobs the lane takes.
+    room: u32,
+    /// Jobs held (running or waiting) per endpoint and per app.
+    endpoints: HashMap<String, u32>,
+    apps: HashMap<String, u32>,
 }
 
 impl Lane {
-    fn new(first_attempts: bool, limit: u32, per_endpoint: u32) -> Arc<Self> {
+    fn new(first_attempts: bool, limit: u32, per_app: u32, per_endpoint: u32) -> Arc<Self> {
         Arc::new(Self {
             first_attempts,
             unsaved: Arc::new(Semaphore::new((limit * 4) as usize)),
             limit,
+            per_app,
             per_endpoint,
             state: Mutex::new(LaneState::default()),
         })
@@ -90,66 +118,98 @@ impl Lane {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// How many more jobs to claim, and how many each endpoint already holds.
-    fn claim_budget(&self) -> (u32, HashMap<String, u32>) {
+    /// How many more jobs to claim, and how many each endpoint and app already holds.
+    fn claim_budget(&self) -> ClaimBudget {
         let state = self.state();
-        let room = (self.limit * 2).saturating_sub(state.running + state.waiting);
-        let held = state
-            .endpoints
-            .iter()
-            .map(|(id, slots)| (id.clone(), slots.running + slots.waiting.len() as u32))
-            .collect();
-        (room, held)
+        ClaimBudget {
+            room: (self.limit * 2).saturating_sub(state.running + state.waiting),
+            endpoints: state
+                .endpoints
+                .iter()
+                .map(|(id, slots)| (id.clone(), slots.running + slots.waiting.len() as u32))
+                .collect(),
+            apps: state
+                .apps
+                .iter()
+                .map(|(id, slots)| (id.clone(), slots.running + slots.waiting))
+                .collect(),
+        }
     }
 
-    /// Takes claimed jobs; returns those that may start now. The rest wait for a slot.
+    /// Takes claimed jobs; returns those that may start now, with any already waiting that now
+    /// fit. The rest wait for a slot.
     fn admit(&self, jobs: Vec<DeliveryJob>) -> Vec<DeliveryJob> {
         let mut state = self.state();
-        let mut start = Vec::new();
         for job in jobs {
-            let can_run = state.running < self.limit;
-            let slots = state.endpoints.entry(job.endpoint.id.clone()).or_default();
-            if can_run && slots.running < self.per_endpoint {
-                slots.running += 1;
-                state.running += 1;
-                start.push(job);
-            } else {
-                slots.waiting.push_back(job);
-                state.waiting += 1;
-            }
+            let arrival = state.arrivals;
+            state.arrivals += 1;
+            state.waiting += 1;
+            state.apps.entry(job.app_id.clone()).or_default().waiting += 1;
+            state
+                .endpoints
+                .entry(job.endpoint.id.clone())
+                .or_insert_with(|| EndpointSlots {
+                    app: job.app_id.clone(),
+                    running: 0,
+                    waiting: VecDeque::new(),
+                })
+                .waiting
+                .push_back((arrival, job));
         }
-        start
+        std::iter::from_fn(|| self.start_next(&mut state)).collect()
     }
 
-    /// An attempt to `endpoint` ended. Hands its slot to the next job waiting for the same
-    /// endpoint, or frees it and starts a job waiting for another endpoint that now fits.
-    fn next_after(&self, endpoint: &str) -> Option<DeliveryJob> {
+    /// An attempt of `app` to `endpoint` ended. Its slot goes to the waiting job that fits
+    /// best, if any; a job that fits besides it is left for the dispatcher, which this wakes.
+    fn next_after(&self, app: &str, endpoint: &str) -> Option<DeliveryJob> {
         let mut state = self.state();
+        state.running = state.running.saturating_sub(1);
         if let Some(slots) = state.endpoints.get_mut(endpoint) {
-            if let Some(job) = slots.waiting.pop_front() {
-                state.waiting -= 1;
-                return Some(job);
-            }
             slots.running = slots.running.saturating_sub(1);
-            if slots.running == 0 {
+            if slots.running == 0 && slots.waiting.is_empty() {
                 state.endpoints.remove(endpoint);
             }
         }
-        state.running = state.running.saturating_sub(1);
+        if let Some(slots) = state.apps.get_mut(app) {
+            slots.running = slots.running.saturating_sub(1);
+            if slots.running == 0 && slots.waiting == 0 {
+                state.apps.remove(app);
+            }
+        }
+        self.start_next(&mut state)
+    }
+
+    /// Starts the waiting job that fits best, if one fits: fewest running for its app, then for
+    /// its endpoint, then the longest waiting. Looks at each endpoint with waiting jobs once;
+    /// there are at most as many as the lane holds jobs.
+    fn start_next(&self, state: &mut LaneState) -> Option<DeliveryJob> {
         if state.waiting == 0 || state.running >= self.limit {
             return None;
         }
-        let per_endpoint = self.per_endpoint;
-        let job = state
-            .endpoints
-            .values_mut()
-            .find(|slots| !slots.waiting.is_empty() && slots.running < per_endpoint)
-            .and_then(|slots| {
-                slots.running += 1;
-                slots.waiting.pop_front()
-            })?;
-        state.waiting -= 1;
+        let LaneState {
+            endpoints, apps, ..
+        } = &mut *state;
+        let (endpoint, app) = endpoints
+            .iter()
+            .filter_map(|(id, slots)| {
+                let (arrival, _) = slots.waiting.front()?;
+                let app_running = apps.get(&slots.app).map_or(0, |a| a.running);
+                (slots.running < self.per_endpoint && app_running < self.per_app).then_some((
+                    (app_running, slots.running, *arrival),
+                    id,
+                    &slots.app,
+                ))
+            })
+            .min_by_key(|(rank, _, _)| *rank)
+            .map(|(_, id, app)| (id.clone(), app.clone()))?;
+        let slots = endpoints.get_mut(&endpoint)?;
+        let (_, job) = slots.waiting.pop_front()?;
+        slots.running += 1;
+        let app = apps.entry(app).or_default();
+        app.running += 1;
+        app.waiting = app.waiting.saturating_sub(1);
         state.running += 1;
+        state.waiting -= 1;
         Some(job)
     }
 }
@@ -179,10 +239,18 @@ impl Dispatcher {
     /// Attempts cut off by the grace period keep their lease and are retried after a restart.
     pub async fn run(self, shutdown: CancellationToken) {
         let me = Arc::new(self);
-        let per_endpoint = me.config.per_endpoint_in_flight;
+        let lane = |first_attempts: bool, limit: u32| {
+            let per_app = me.config.per_app_limit(limit);
+            Lane::new(
+                first_attempts,
+                limit,
+                per_app,
+                me.config.per_endpoint_in_flight,
+            )
+        };
         let lanes = [
-            Lane::new(true, me.config.max_in_flight, per_endpoint),
-            Lane::new(false, me.config.max_retries_in_flight, per_endpoint),
+            lane(true, me.config.max_in_flight),
+            lane(false, me.config.max_retries_in_flight),
         ];
         let tasks = TaskTracker::new();
         // Cancelled once the grace period is over: attempts still running then are abandoned
@@ -239,8 +307,8 @@ impl Dispatcher {
     }
 
     async fn claim(&self, lane: &Lane) -> Result<Vec<DeliveryJob>, StoreError> {
-        let (room, in_flight) = lane.claim_budget();
-        if room == 0 {
+        let budget = lane.claim_budget();
+        if budget.room == 0 {
             return Ok(Vec::new());
         }
         let now = Utc::now();
@@ -250,11 +318,13 @@ impl Dispatcher {
             .claim_due(&ClaimRequest {
                 now,
                 lease_until: now + lease,
-                limit: room.min(CLAIM_BATCH),
+                limit: budget.room.min(CLAIM_BATCH),
                 first_attempts: lane.first_attempts,
-                in_flight,
-                // One round running plus one round waiting per endpoint.
+                in_flight: budget.endpoints,
+                // One round running plus one round waiting per endpoint and per app.
                 per_endpoint_limit: lane.per_endpoint * 2,
+                app_in_flight: budget.apps,
+                per_app_limit: lane.per_app * 2,
             })
             .await
     }
@@ -305,7 +375,7 @@ impl Dispatcher {
                 me.save(record).await;
                 drop(permit);
             });
-            let next = lane.next_after(&job.endpoint.id);
+            let next = lane.next_after(&job.app_id, &job.endpoint.id);
             // A freed slot may let the dispatcher claim more.
             self.handle.wake();
             match next {
@@ -515,4 +585,116 @@ fn signed_headers(job: &DeliveryJob, timestamp: i64) -> HeaderMap {
         }
     }
     headers
+}
+
+#[cfg(test)]
+mod tests {
+    use herald_core::model::Endpoint;
+
+    use super::*;
+
+    fn job(app: &str, endpoint: &str, n: u32) -> DeliveryJob {
+        let now = Utc::now();
+        DeliveryJob {
+            msg_id: format!("msg_{n}"),
+            app_id: app.into(),
+            event_type: "x".into(),
+            payload: bytes::Bytes::from_static(b"{}"),
+            endpoint: Endpoint {
+                id: endpoint.into(),
+                app_id: app.into(),
+                uid: None,
+                url: "https://example.com/hook".into(),
+                description: String::new(),
+                throttle_rate: None,
+                disabled: false,
+                format: EndpointFormat::StandardWebhooks,
+                event_types: None,
+                channels: None,
+                metadata: Default::default(),
+                headers: Default::default(),
+                secret: String::new(),
+                previous_secrets: Vec::new(),
+                failing_since: None,
+                created_at: now,
+                updated_at: now,
+            },
+            attempts: 0,
+            trigger: TriggerType::Scheduled,
+        }
+    }
+
+    fn names(jobs: &[DeliveryJob]) -> Vec<(&str, &str)> {
+        jobs.iter()
+            .map(|j| (j.app_id.as_str(), j.endpoint.id.as_str()))
+            .collect()
+    }
+
+    #[test]
+    fn an_app_runs_at_most_its_share_and_leaves_the_rest_of_the_lane_to_others() {
+        let lane = Lane::new(true, 8, 2, 2);
+        // Five endpoints could run ten attempts; the app may run two.
+        let a: Vec<_> = (0..10)
+            .map(|n| job("A", &format!("a{}", n % 5), n))
+            .collect();
+        assert_eq!(lane.admit(a).len(), 2);
+        let started = lane.admit(vec![job("B", "b0", 10)]);
+        assert_eq!(names(&started), [("B", "b0")], "B starts while A waits");
+        let budget = lane.claim_budget();
+        assert_eq!(budget.apps.get("A"), Some(&10), "A's claims count as held");
+        assert_eq!(budget.room, 16 - 11);
+    }
+
+    #[test]
+    fn admission_takes_turns_between_apps() {
+        let lane = Lane::new(true, 4, 4, 4);
+        let jobs = vec![
+            job("A", "a0", 0),
+            job("A", "a1", 1),
+            job("A", "a2", 2),
+            job("A", "a3", 3),
+            job("B", "b0", 4),
+            job("B", "b0", 5),
+        ];
+        let started = lane.admit(jobs);
+        assert_eq!(
+            names(&started),
+            [("A", "a0"), ("B", "b0"), ("A", "a1"), ("B", "b0")]
+        );
+    }
+
+    #[test]
+    fn a_freed_slot_goes_to_the_app_running_fewest() {
+        let lane = Lane::new(true, 2, 2, 2);
+        let started = lane.admit(vec![job("A", "a0", 0), job("A", "a0", 1)]);
+        assert_eq!(started.len(), 2);
+        // The lane is full: A's next job and B's wait.
+        assert!(
+            lane.admit(vec![job("A", "a0", 2), job("B", "b0", 3)])
+                .is_empty()
+        );
+        let next = lane.next_after("A", "a0").expect("a waiting job");
+        assert_eq!(
+            (next.app_id.as_str(), next.msg_id.as_str()),
+            ("B", "msg_3"),
+            "B runs nothing, A one: the slot is B's although A's job came first"
+        );
+        let next = lane.next_after("A", "a0").expect("a waiting job");
+        assert_eq!(next.msg_id, "msg_2");
+        assert!(lane.next_after("A", "a0").is_none());
+        assert!(lane.next_after("B", "b0").is_none());
+        assert!(lane.next_after("A", "a0").is_none());
+        let budget = lane.claim_budget();
+        assert_eq!(budget.room, 4, "every slot is free again");
+        assert!(budget.apps.is_empty() && budget.endpoints.is_empty());
+    }
+
+    #[test]
+    fn a_job_held_back_by_its_app_starts_when_the_app_has_room() {
+        let lane = Lane::new(true, 8, 1, 4);
+        let started = lane.admit(vec![job("A", "a0", 0), job("A", "a1", 1)]);
+        assert_eq!(names(&started), [("A", "a0")]);
+        let next = lane.next_after("A", "a0").expect("A's other job");
+        assert_eq!(names(&[next]), [("A", "a1")]);
+    }
 }

@@ -95,6 +95,10 @@ pub enum TokenScope {
 }
 
 /// Ask for due deliveries, one lane at a time, so first attempts never wait behind retries.
+///
+/// An endpoint or app already holding its limit gets nothing, and none gets more than its limit
+/// minus what it holds: one app's backlog, however large and however early due, fills at most
+/// its own part of a claim, and the next claim looks past it to other apps' deliveries.
 #[derive(Debug, Clone)]
 pub struct ClaimRequest {
     pub now: DateTime<Utc>,
@@ -106,6 +110,10 @@ pub struct ClaimRequest {
     /// Deliveries in flight per endpoint; an endpoint at `per_endpoint_limit` gets no more.
     pub in_flight: std::collections::HashMap<String, u32>,
     pub per_endpoint_limit: u32,
+    /// Deliveries in flight per app (over all its endpoints); an app at `per_app_limit` gets
+    /// no more.
+    pub app_in_flight: std::collections::HashMap<String, u32>,
+    pub per_app_limit: u32,
 }
 
 /// A claimed delivery, with everything needed to make the HTTP request.
@@ -180,7 +188,8 @@ pub trait Store: Send + Sync + 'static {
     async fn get_app_by_pusher_id(&self, app_id: i64) -> Result<Option<App>>;
     async fn list_apps(&self, page: &Page) -> Result<Vec<App>>;
     async fn update_app(&self, app: &App) -> Result<()>;
-    /// Replaces an app's Pusher key and secret (its numeric id stays).
+    /// Replaces an app's Pusher key and secrets, the retired one included (its numeric id
+    /// stays).
     async fn set_pusher_credentials(
         &self,
         app_id: &str,
@@ -323,6 +332,8 @@ pub trait Store: Send + Sync + 'static {
         until: DateTime<Utc>,
         now: DateTime<Utc>,
     ) -> Result<u64>;
+    /// Leases up to `request.limit` due deliveries of the request's lane, earliest due first,
+    /// within the request's per-endpoint and per-app limits.
     async fn claim_due(&self, request: &ClaimRequest) -> Result<Vec<DeliveryJob>>;
     /// When the earliest delivery that is not in flight falls due.
     async fn next_due_at(&self) -> Result<Option<DateTime<Utc>>>;

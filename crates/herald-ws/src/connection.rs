@@ -4,16 +4,18 @@
 //! whatever is queued into one flush), and keeps time: after `activity_timeout` of silence it
 //! pings, and after `pong_timeout` more it closes with 4201. Bad input gets `pusher:error` or
 //! `pusher:subscription_error` and the connection stays; only the protocol's close cases close
-//! it.
+//! it. Before anything else, the client's address must have room for one more connection
+//! (`limits`), or the socket is closed with 4100 (back off, then reconnect).
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{
-    Router,
+    Extension, Router,
     extract::{
-        Path, Query, State, WebSocketUpgrade,
+        ConnectInfo, Path, Query, State, WebSocketUpgrade,
         ws::{CloseFrame, Message, WebSocket},
     },
+    http::HeaderMap,
     response::Response,
     routing::get,
 };
@@ -31,6 +33,7 @@ use crate::{
     Frame, Hub, WsConfig, close,
     history::{History, Joined, Resume},
     hub::{AppHub, ChannelEvent, Joining, Outbox, SubscribeError},
+    limits::{ClientPermit, TokenBucket},
     protocol::{self, ChannelData, Incoming, SigninData, SubscribeData, UnsubscribeData},
     transport,
 };
@@ -70,13 +73,34 @@ async fn upgrade(
     State(state): State<WsState>,
     Path(key): Path<String>,
     Query(params): Query<HashMap<String, String>>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let app = state.store.get_app_by_pusher_key(&key).await;
-    let protocol = params.get("protocol").map(|p| p.parse::<u32>());
     // The transport enforces the message limit; `serve` answers an oversized message with 1009.
     let ws = transport::configure(ws, state.config.max_message_bytes);
     let tasks = state.tasks.clone();
+    // The address's limits come first: a refused client costs no lookup.
+    let clients = &state.config.clients;
+    let address = clients.client_address(peer.map(|Extension(ConnectInfo(p))| p), &headers);
+    let permit = match clients.admit(address) {
+        Ok(permit) => permit,
+        Err(refusal) => {
+            tracing::debug!(
+                ?address,
+                ?refusal,
+                "refused a WebSocket over its address's limits"
+            );
+            let reason = refusal.message();
+            return ws.on_upgrade(move |socket| {
+                tasks.track_future(async move {
+                    close_now(socket, close::OVER_CAPACITY, &reason).await;
+                })
+            });
+        }
+    };
+    let app = state.store.get_app_by_pusher_key(&key).await;
+    let protocol = params.get("protocol").map(|p| p.parse::<u32>());
     ws.on_upgrade(move |socket| {
         tasks.track_future(async move {
             let refusal = match (&app, &protocol) {
@@ -102,7 +126,7 @@ async fn upgrade(
                         // Deleted after the key was looked up.
                         close_now(socket, close::APP_DOES_NOT_EXIST, APP_DELETED).await;
                     } else if hub.connect(state.config.max_connections_per_app) {
-                        serve(socket, app, Arc::clone(&hub), &state).await;
+                        serve(socket, app, Arc::clone(&hub), &state, permit).await;
                         hub.disconnect();
                     } else {
                         close_now(
@@ -138,7 +162,13 @@ type Sink = SplitSink<WebSocket, Message>;
 
 const APP_DELETED: &str = "the app was deleted";
 
-async fn serve(socket: WebSocket, app: App, hub: Arc<AppHub>, state: &WsState) {
+async fn serve(
+    socket: WebSocket,
+    app: App,
+    hub: Arc<AppHub>,
+    state: &WsState,
+    permit: ClientPermit,
+) {
     let config = &state.config;
     let (outbox, mut frames, overflowed) = Outbox::new(config.outbox_frames);
     let socket_id = pusher::new_socket_id(&mut rand::rng());
@@ -153,7 +183,15 @@ async fn serve(socket: WebSocket, app: App, hub: Arc<AppHub>, state: &WsState) {
         user_id: None,
         terminate: hub.connection_token(),
         hub,
-        rate: RateLimit::new(config.client_events_per_second),
+        client_events: TokenBucket::new(
+            f64::from(config.client_events_per_second),
+            f64::from(config.client_events_per_second),
+        ),
+        subscribes: TokenBucket::limit(
+            config.subscribes_per_second.into(),
+            config.subscribe_burst.into(),
+        ),
+        client: Arc::new(permit),
     };
     conn.outbox.send(protocol::connection_established(
         &conn.socket_id,
@@ -276,36 +314,6 @@ async fn write_queued(
     sink.flush().await
 }
 
-/// Client events allowed per second, as a token bucket refilled continuously.
-struct RateLimit {
-    per_second: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl RateLimit {
-    fn new(per_second: u32) -> Self {
-        Self {
-            per_second: f64::from(per_second),
-            tokens: f64::from(per_second),
-            last: Instant::now(),
-        }
-    }
-
-    fn allow(&mut self) -> bool {
-        let now = Instant::now();
-        let refill = now.duration_since(self.last).as_secs_f64() * self.per_second;
-        self.tokens = (self.tokens + refill).min(self.per_second);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 struct Connection {
     app: App,
     hub: Arc<AppHub>,
@@ -318,7 +326,12 @@ struct Connection {
     /// Set by `pusher:signin`.
     user_id: Option<String>,
     terminate: CancellationToken,
-    rate: RateLimit,
+    /// Client events allowed per second, at most that many at once.
+    client_events: TokenBucket,
+    /// Subscribes allowed (`None`: no limit).
+    subscribes: Option<TokenBucket>,
+    /// The connection's place in its address's counts, and that address's replay budget.
+    client: Arc<ClientPermit>,
 }
 
 type Close = (u16, String);
@@ -364,6 +377,20 @@ impl Connection {
         let refuse = |kind: &str, message: String, status: u16| {
             protocol::subscription_error(channel, kind, &message, status)
         };
+        // Every subscribe counts, valid or not: each may read the channel's position.
+        if let Some(bucket) = &mut self.subscribes
+            && !bucket.try_take(1.0)
+        {
+            self.outbox.send(refuse(
+                "RateLimited",
+                format!(
+                    "too many subscribes: at most {} per second (bursts of {}); try again later",
+                    self.config.subscribes_per_second, self.config.subscribe_burst
+                ),
+                429,
+            ));
+            return;
+        }
         if let Err(e) = pusher::validate_channel_name(channel) {
             self.outbox.send(refuse("InvalidChannel", e, 400));
             return;
@@ -409,15 +436,17 @@ impl Connection {
                 ));
                 return;
             }
-            let pusher = &self.app.pusher;
-            if let Err(e) = pusher::verify_channel_auth(
-                &pusher.key,
-                &pusher.secret,
-                &self.socket_id,
-                channel,
-                channel_data,
-                auth,
-            ) {
+            let credentials = &self.app.pusher;
+            if let Err(e) = pusher::with_any_secret(credentials, chrono::Utc::now(), |secret| {
+                pusher::verify_channel_auth(
+                    &credentials.key,
+                    secret,
+                    &self.socket_id,
+                    channel,
+                    channel_data,
+                    auth,
+                )
+            }) {
                 self.outbox
                     .send(refuse("AuthError", format!("auth refused: {e}"), 401));
                 return;
@@ -446,10 +475,18 @@ impl Connection {
             _ => None,
         };
         let (history, app) = (Arc::clone(&self.history), self.app.clone());
+        let budget = Arc::clone(&self.client);
         let joined = history
-            .join(&app, channel, retention, resume.as_ref(), |joined| {
-                self.register(channel, joining, member, Some(joined));
-            })
+            .join(
+                &app,
+                channel,
+                retention,
+                resume.as_ref(),
+                budget.as_ref(),
+                |joined| {
+                    self.register(channel, joining, member, Some(joined));
+                },
+            )
             .await;
         if let Err(e) = joined {
             tracing::error!(error = %e, channel, "reading channel history failed");
@@ -594,14 +631,16 @@ impl Connection {
                 return;
             }
         };
-        let pusher = &self.app.pusher;
-        if let Err(e) = pusher::verify_user_auth(
-            &pusher.key,
-            &pusher.secret,
-            &self.socket_id,
-            &request.user_data,
-            &request.auth,
-        ) {
+        let credentials = &self.app.pusher;
+        if let Err(e) = pusher::with_any_secret(credentials, chrono::Utc::now(), |secret| {
+            pusher::verify_user_auth(
+                &credentials.key,
+                secret,
+                &self.socket_id,
+                &request.user_data,
+                &request.auth,
+            )
+        }) {
             self.outbox.send(protocol::error(
                 &format!("sign-in refused: {e}"),
                 Some(close::UNAUTHORIZED),
@@ -641,7 +680,7 @@ impl Connection {
     }
 
     async fn client_event(&mut self, message: &Incoming) -> Option<Close> {
-        if !self.rate.allow() {
+        if !self.client_events.try_take(1.0) {
             return Some((
                 close::CLIENT_EVENT_RATE_LIMIT,
                 format!(

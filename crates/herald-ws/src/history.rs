@@ -71,21 +71,41 @@ pub struct Resume {
     pub offset: u64,
 }
 
+/// The bytes of history a subscriber may still be replayed (see `limits::ClientPermit`).
+pub trait ReplayBudget: Sync {
+    /// Whether anything may be replayed now; when not, missed events are not even read.
+    fn available(&self) -> bool;
+    /// Counts `bytes` read for a replay; `false` when they are over the budget, and then the
+    /// replay is not sent.
+    fn charge(&self, bytes: u64) -> bool;
+}
+
+/// The `reason` of a recovery the replay budget refused.
+pub const RATE_LIMITED: &str = "rate_limited";
+
 /// What a joining subscriber learns, under the channel's lock.
 pub struct Joined {
     pub epoch: String,
     /// The newest offset (0 before the first event).
     pub offset: u64,
-    /// Present when the subscriber asked to resume.
+    /// Present when the subscriber asked to resume (and `None` when the budget refused it).
     pub recovery: Option<Recovery>,
     /// The missed events, oldest first, as frames.
     pub replay: Vec<Frame>,
+    /// The events could be replayed but the replay budget refused them: the status says
+    /// `recovered: false` with the reason `rate_limited`.
+    pub rate_limited: bool,
 }
 
 impl Joined {
     /// The `history` member of `subscription_succeeded` (and of SSE's status event).
     pub fn status(&self) -> serde_json::Value {
         let mut status = serde_json::json!({"epoch": self.epoch, "offset": self.offset});
+        if self.rate_limited {
+            status["recovered"] = false.into();
+            status["reason"] = RATE_LIMITED.into();
+            return status;
+        }
         match &self.recovery {
             Some(Recovery::Complete { missed }) => {
                 status["recovered"] = true.into();
@@ -270,13 +290,17 @@ impl History {
 
     /// Joins a history channel: under the channel's lock, works out what `resume` missed,
     /// then calls `register`, which must add the subscriber to the hub and queue its frames
-    /// (the confirmation, then `Joined::replay`) before the lock is released.
+    /// (the confirmation, then `Joined::replay`) before the lock is released. The replay's
+    /// bytes are charged to `budget`; missed events it has no room for are not sent
+    /// (`Joined::rate_limited`), and not even read while it is exhausted.
+    #[allow(clippy::too_many_arguments)]
     pub async fn join<T>(
         &self,
         app: &App,
         channel: &str,
         retention: Retention,
         resume: Option<&Resume>,
+        budget: &dyn ReplayBudget,
         register: impl FnOnce(Joined) -> T,
     ) -> Result<T, StoreError> {
         let slot = self.slot(&app.id, channel);
@@ -288,6 +312,7 @@ impl History {
             offset: newest,
             recovery: None,
             replay: Vec::new(),
+            rate_limited: false,
         };
         if let Some(resume) = resume {
             let not_before = not_before(retention);
@@ -305,6 +330,11 @@ impl History {
                 self.config.max_replay,
             );
             if let Recovery::Complete { missed } = recovery
+                && missed > 0
+                && !budget.available()
+            {
+                joined.rate_limited = true;
+            } else if let Recovery::Complete { missed } = recovery
                 && missed > 0
             {
                 let entries = self
@@ -325,8 +355,15 @@ impl History {
                 if entries.len() as u64 != missed {
                     joined.recovery = Some(Recovery::Impossible(Unrecoverable::OffsetTooOld));
                 } else {
-                    joined.replay = entries.iter().map(|e| replay_frame(e, channel)).collect();
-                    joined.recovery = Some(recovery);
+                    let replay: Vec<Frame> =
+                        entries.iter().map(|e| replay_frame(e, channel)).collect();
+                    let bytes = replay.iter().map(|f| f.as_str().len() as u64).sum();
+                    if budget.charge(bytes) {
+                        joined.replay = replay;
+                        joined.recovery = Some(recovery);
+                    } else {
+                        joined.rate_limited = true;
+                    }
                 }
             } else {
                 joined.recovery = Some(recovery);

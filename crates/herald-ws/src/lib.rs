@@ -5,15 +5,17 @@
 //! shares, and each connection has a bounded outbox; a consumer that cannot keep up is closed
 //! (4100) instead of growing memory. [`connection`] runs one socket: the handshake, pings,
 //! subscriptions with their signatures, presence, client events. [`protocol`] holds the wire
-//! format.
+//! format. [`limits`] counts connections and replayed history per client address, for
+//! WebSockets and SSE alike.
 
 pub mod connection;
 pub mod history;
 pub mod hub;
+pub mod limits;
 pub mod protocol;
 pub mod transport;
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 pub use hub::Hub;
 pub use protocol::Frame;
@@ -40,6 +42,13 @@ pub struct WsConfig {
     pub client_events_per_second: u32,
     /// Frames waiting to be written to one connection before it counts as too slow (4100).
     pub outbox_frames: usize,
+    /// Subscribes one connection may send per second on average (0: no limit); beyond,
+    /// `pusher:subscription_error` with status 429 and the connection stays...
+    pub subscribes_per_second: u32,
+    /// ...and at once.
+    pub subscribe_burst: u32,
+    /// Connections and replayed history per client address (4100 beyond), shared with SSE.
+    pub clients: Arc<limits::ClientLimiter>,
 }
 
 impl Default for WsConfig {
@@ -54,6 +63,9 @@ impl Default for WsConfig {
             max_user_info_bytes: 1024,
             client_events_per_second: 10,
             outbox_frames: 1024,
+            subscribes_per_second: 10,
+            subscribe_burst: 100,
+            clients: Arc::default(),
         }
     }
 }
@@ -64,6 +76,8 @@ pub mod close {
     pub const APP_DOES_NOT_EXIST: u16 = 4001;
     pub const OVER_CONNECTION_QUOTA: u16 = 4004;
     pub const UNAUTHORIZED: u16 = 4009;
+    /// Pusher's "over capacity, reconnect after backing off": a connection that cannot keep
+    /// up with its events, or one more than its address may open (at once or per second).
     pub const OVER_CAPACITY: u16 = 4100;
     pub const RECONNECT: u16 = 4200;
     pub const PONG_NOT_RECEIVED: u16 = 4201;

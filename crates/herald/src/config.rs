@@ -86,11 +86,27 @@ pub struct WsSection {
     pub webhook_delay_ms: u64,
     /// Channel webhook events waiting to be stored at most.
     pub webhook_max_pending: usize,
+    /// WebSockets and SSE streams one client address may hold open (0: no limit).
+    pub max_connections_per_ip: u32,
+    /// New WebSockets and SSE streams one address may open per second on average (0: no
+    /// limit), and at once.
+    pub connections_per_second_per_ip: u32,
+    pub connection_burst_per_ip: u32,
+    /// Subscribes one connection may send per second on average (0: no limit), and at once.
+    pub subscribes_per_second: u32,
+    pub subscribe_burst: u32,
+    /// History bytes replayed to one address per second on average (0: no limit), and at once.
+    pub replay_bytes_per_second_per_ip: u64,
+    pub replay_burst_bytes_per_ip: u64,
+    /// Proxies whose `X-Forwarded-For` names the client (e.g. `["10.0.0.0/8"]`); the address
+    /// of any other peer is the client's.
+    pub trusted_proxies: Vec<IpNet>,
 }
 
 impl Default for WsSection {
     fn default() -> Self {
         let d = herald_ws::WsConfig::default();
+        let l = herald_ws::limits::ClientLimits::default();
         let hooks = ChannelWebhookConfig::default();
         Self {
             activity_timeout_secs: d.activity_timeout.as_secs(),
@@ -104,6 +120,14 @@ impl Default for WsSection {
             outbox_frames: d.outbox_frames,
             webhook_delay_ms: u64::try_from(hooks.delay.as_millis()).unwrap_or(u64::MAX),
             webhook_max_pending: hooks.max_pending,
+            max_connections_per_ip: l.max_connections,
+            connections_per_second_per_ip: l.connections_per_second,
+            connection_burst_per_ip: l.connection_burst,
+            subscribes_per_second: d.subscribes_per_second,
+            subscribe_burst: d.subscribe_burst,
+            replay_bytes_per_second_per_ip: l.replay_bytes_per_second,
+            replay_burst_bytes_per_ip: l.replay_burst_bytes,
+            trusted_proxies: l.trusted_proxies,
         }
     }
 }
@@ -152,6 +176,9 @@ pub struct DeliverySection {
     pub max_in_flight: u32,
     pub max_retries_in_flight: u32,
     pub per_endpoint_in_flight: u32,
+    /// Attempts in flight for one app, per lane; unset: a quarter of each lane, at least
+    /// `per_endpoint_in_flight`. Keeps an app with slow endpoints from taking other apps' slots.
+    pub per_app_in_flight: Option<u32>,
     pub max_response_bytes: usize,
     /// Allow webhook targets on private, loopback and link-local addresses.
     pub allow_private_targets: bool,
@@ -202,6 +229,7 @@ impl Default for DeliverySection {
             max_in_flight: d.max_in_flight,
             max_retries_in_flight: d.max_retries_in_flight,
             per_endpoint_in_flight: d.per_endpoint_in_flight,
+            per_app_in_flight: d.per_app_in_flight,
             max_response_bytes: d.max_response_bytes,
             allow_private_targets: false,
             allowed_subnets: Vec::new(),
@@ -339,6 +367,37 @@ impl Config {
                 "ws timeouts, message size, outbox, client event rate, webhook_max_pending, history.max_replay and history.sse_keepalive_secs must be at least 1".into(),
             ));
         }
+        if self.delivery.per_app_in_flight == Some(0) {
+            return Err(ConfigError::Invalid(
+                "delivery.per_app_in_flight must be at least 1 (leave it unset for the default)"
+                    .into(),
+            ));
+        }
+        let bursts = [
+            (
+                "connection_burst_per_ip",
+                w.connections_per_second_per_ip > 0,
+                w.connection_burst_per_ip > 0,
+            ),
+            (
+                "subscribe_burst",
+                w.subscribes_per_second > 0,
+                w.subscribe_burst > 0,
+            ),
+            (
+                "replay_burst_bytes_per_ip",
+                w.replay_bytes_per_second_per_ip > 0,
+                w.replay_burst_bytes_per_ip > 0,
+            ),
+        ];
+        if let Some((name, _, _)) = bursts
+            .iter()
+            .find(|(_, limited, burst)| *limited && !*burst)
+        {
+            return Err(ConfigError::Invalid(format!(
+                "ws.{name} must be at least 1 while its rate is limited"
+            )));
+        }
         for rule in &self.history.rules {
             herald_core::history::validate_rule(rule)
                 .map_err(|e| ConfigError::Invalid(format!("history.rules: {e}")))?;
@@ -360,7 +419,24 @@ impl Config {
         }
     }
 
-    pub fn ws_config(&self) -> herald_ws::WsConfig {
+    /// The per-address limits shared by WebSockets and SSE (one limiter serves both).
+    pub fn client_limits(&self) -> herald_ws::limits::ClientLimits {
+        let w = &self.ws;
+        herald_ws::limits::ClientLimits {
+            max_connections: w.max_connections_per_ip,
+            connections_per_second: w.connections_per_second_per_ip,
+            connection_burst: w.connection_burst_per_ip,
+            replay_bytes_per_second: w.replay_bytes_per_second_per_ip,
+            replay_burst_bytes: w.replay_burst_bytes_per_ip,
+            trusted_proxies: w.trusted_proxies.clone(),
+            ..herald_ws::limits::ClientLimits::default()
+        }
+    }
+
+    pub fn ws_config(
+        &self,
+        clients: &std::sync::Arc<herald_ws::limits::ClientLimiter>,
+    ) -> herald_ws::WsConfig {
         let w = &self.ws;
         herald_ws::WsConfig {
             activity_timeout: Duration::from_secs(w.activity_timeout_secs),
@@ -372,6 +448,9 @@ impl Config {
             max_user_info_bytes: w.max_user_info_bytes,
             client_events_per_second: w.client_events_per_second,
             outbox_frames: w.outbox_frames,
+            subscribes_per_second: w.subscribes_per_second,
+            subscribe_burst: w.subscribe_burst,
+            clients: std::sync::Arc::clone(clients),
         }
     }
 
@@ -382,11 +461,15 @@ impl Config {
         }
     }
 
-    pub fn sse_config(&self) -> herald_api::sse::SseConfig {
+    pub fn sse_config(
+        &self,
+        clients: &std::sync::Arc<herald_ws::limits::ClientLimiter>,
+    ) -> herald_api::sse::SseConfig {
         herald_api::sse::SseConfig {
             keepalive: Duration::from_secs(self.history.sse_keepalive_secs),
             outbox_frames: self.ws.outbox_frames,
             max_connections_per_app: self.ws.max_connections_per_app,
+            clients: std::sync::Arc::clone(clients),
         }
     }
 
@@ -417,6 +500,7 @@ impl Config {
             max_in_flight: d.max_in_flight,
             max_retries_in_flight: d.max_retries_in_flight,
             per_endpoint_in_flight: d.per_endpoint_in_flight,
+            per_app_in_flight: d.per_app_in_flight,
             max_response_bytes: d.max_response_bytes,
             shutdown_grace: secs(self.shutdown_grace_secs),
         }

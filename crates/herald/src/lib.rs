@@ -91,7 +91,12 @@ pub async fn run(
         Arc::clone(&history),
         config.admin_token.as_deref().map(token::hash),
     );
-    state.sse = config.sse_config();
+    // One per-address limiter for WebSockets and SSE: a client's sockets and streams count
+    // together.
+    let clients = Arc::new(herald_ws::limits::ClientLimiter::new(
+        config.client_limits(),
+    ));
+    state.sse = config.sse_config(&clients);
     state.shutdown = shutdown.clone();
     let connections = TaskTracker::new();
     let websockets = herald_ws::connection::router(
@@ -99,7 +104,7 @@ pub async fn run(
             store: Arc::clone(&store),
             hub,
             history,
-            config: config.ws_config(),
+            config: config.ws_config(&clients),
             // WebSocket connections are upgraded out of the HTTP server's reach: they watch the
             // shutdown token themselves and close with 4200 (reconnect) at once.
             shutdown: shutdown.clone(),
@@ -168,7 +173,11 @@ async fn refuse_dev_credentials(store: &dyn Store, remove: bool) -> anyhow::Resu
     let demo_app = store
         .get_app_by_pusher_key(DEV_PUSHER_KEY)
         .await?
-        .filter(|app| app.pusher.secret == DEV_PUSHER_SECRET);
+        .filter(|app| {
+            app.pusher
+                .verifying_secrets(Utc::now())
+                .any(|secret| secret == DEV_PUSHER_SECRET)
+        });
     if !has_token && demo_app.is_none() {
         return Ok(());
     }
@@ -220,6 +229,7 @@ async fn seed_dev(store: &dyn Store) -> anyhow::Result<()> {
                     app_id: DEV_PUSHER_APP_ID,
                     key: DEV_PUSHER_KEY.to_owned(),
                     secret: DEV_PUSHER_SECRET.to_owned(),
+                    previous: None,
                 },
                 history: None,
                 created_at: now,

@@ -77,6 +77,9 @@ struct PusherOut {
     app_id: String,
     key: String,
     secret: String,
+    /// Until when the secret the last rotation replaced is still accepted, if it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    previous_secret_valid_until: Option<DateTime<Utc>>,
 }
 
 impl From<App> for ApplicationOut {
@@ -89,6 +92,12 @@ impl From<App> for ApplicationOut {
             metadata: app.metadata,
             pusher: PusherOut {
                 app_id: app.pusher.app_id.to_string(),
+                previous_secret_valid_until: app
+                    .pusher
+                    .previous
+                    .as_ref()
+                    .map(|retired| retired.until)
+                    .filter(|until| *until > Utc::now()),
                 key: app.pusher.key,
                 secret: app.pusher.secret,
             },
@@ -298,4 +307,80 @@ pub async fn delete(
     // After the store: a connection that arrives later finds no app (4001) or a closed hub.
     state.hub.remove_app(&app.id);
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// How long a rotated-out Pusher secret keeps verifying by default, so backends that sign
+/// HTTP API requests, channel auths and SSE tokens can switch without refusals;
+/// `gracePeriodSeconds` may choose up to a week.
+const PUSHER_ROTATION_GRACE_SECS: i64 = 24 * 3600;
+const MAX_PUSHER_ROTATION_GRACE_SECS: i64 = 7 * 24 * 3600;
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PusherSecretRotateIn {
+    /// The new secret; generated when absent.
+    #[serde(default)]
+    secret: Option<String>,
+    #[serde(default)]
+    grace_period_seconds: Option<i64>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PusherSecretOut {
+    secret: String,
+    previous_secret_valid_until: Option<DateTime<Utc>>,
+}
+
+/// `POST /api/v1/app/{app_id}/pusher/secret/rotate`: a new Pusher secret. Herald signs with it
+/// at once (channel webhooks); the old one keeps verifying for the grace period.
+pub async fn rotate_pusher_secret(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(app_id): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<PusherSecretOut>> {
+    let input: PusherSecretRotateIn = if body.iter().all(u8::is_ascii_whitespace) {
+        PusherSecretRotateIn::default()
+    } else {
+        crate::extract::parse_json(&body)?
+    };
+    let grace = input
+        .grace_period_seconds
+        .unwrap_or(PUSHER_ROTATION_GRACE_SECS);
+    if !(0..=MAX_PUSHER_ROTATION_GRACE_SECS).contains(&grace) {
+        return Err(ApiError::invalid(
+            &["body", "gracePeriodSeconds"],
+            format!("must be between 0 and {MAX_PUSHER_ROTATION_GRACE_SECS}"),
+        ));
+    }
+    if let Some(secret) = &input.secret
+        && !(16..=128).contains(&secret.len())
+    {
+        return Err(ApiError::invalid(
+            &["body", "secret"],
+            "must be 16 to 128 characters".to_owned(),
+        ));
+    }
+    let app = caller.app(&state, &app_id).await?;
+    let now = crate::now();
+    let mut credentials = app.pusher.clone();
+    let old = std::mem::replace(
+        &mut credentials.secret,
+        input
+            .secret
+            .unwrap_or_else(PusherCredentials::generate_secret),
+    );
+    credentials.previous = (grace > 0).then(|| herald_core::model::RetiredSecret {
+        secret: old,
+        until: now + chrono::Duration::seconds(grace),
+    });
+    state
+        .store
+        .set_pusher_credentials(&app.id, &credentials)
+        .await?;
+    Ok(Json(PusherSecretOut {
+        previous_secret_valid_until: credentials.previous.map(|retired| retired.until),
+        secret: credentials.secret,
+    }))
 }

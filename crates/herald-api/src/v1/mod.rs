@@ -32,6 +32,10 @@ pub fn router() -> Router<ApiState> {
                 .delete(application::delete),
         )
         .route(
+            "/api/v1/app/{app_id}/pusher/secret/rotate",
+            post(application::rotate_pusher_secret),
+        )
+        .route(
             "/api/v1/event-type",
             get(event_type::list).post(event_type::create),
         )

@@ -244,13 +244,19 @@ impl Store for SqliteStore {
         app_id: &str,
         credentials: &herald_core::model::PusherCredentials,
     ) -> Result<()> {
-        let done = sqlx::query("UPDATE apps SET pusher_key = $2, pusher_secret = $3 WHERE id = $1")
-            .bind(app_id)
-            .bind(&credentials.key)
-            .bind(&credentials.secret)
-            .execute(&self.writer)
-            .await
-            .map_err(conflict_as("another application has this Pusher key"))?;
+        let done = sqlx::query(
+            "UPDATE apps SET pusher_key = $2, pusher_secret = $3, pusher_previous_secret = $4,
+                             pusher_previous_secret_until = $5
+             WHERE id = $1",
+        )
+        .bind(app_id)
+        .bind(&credentials.key)
+        .bind(&credentials.secret)
+        .bind(credentials.previous.as_ref().map(|p| p.secret.as_str()))
+        .bind(credentials.previous.as_ref().map(|p| millis(p.until)))
+        .execute(&self.writer)
+        .await
+        .map_err(conflict_as("another application has this Pusher key"))?;
         self.cache.invalidate();
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound);
@@ -977,73 +983,100 @@ impl Store for SqliteStore {
     }
 
     async fn claim_due(&self, request: &ClaimRequest) -> Result<Vec<DeliveryJob>> {
-        let full: Vec<&String> = request
-            .in_flight
-            .iter()
-            .filter(|(_, n)| **n >= request.per_endpoint_limit)
-            .map(|(endpoint, _)| endpoint)
-            .collect();
-        // Fetch more candidates than needed: some may belong to an endpoint that fills up.
-        let candidates = sqlx::query(
-            "SELECT d.rowid AS d_rowid, d.msg_id, d.attempts, d.trigger_type,
-                    m.app_id AS m_app_id, m.event_type,
-                    m.payload, e.id AS e_id, e.app_id AS e_app_id, e.uid AS e_uid, e.url AS e_url,
-                    e.description AS e_description, e.throttle_rate AS e_throttle_rate,
-                    e.disabled AS e_disabled, e.event_types AS e_event_types,
-                    e.channels AS e_channels, e.metadata AS e_metadata, e.headers AS e_headers,
-                    e.secret AS e_secret, e.previous_secrets AS e_previous_secrets,
-                    e.failing_since AS e_failing_since, e.created_at AS e_created_at,
-                    e.updated_at AS e_updated_at, e.format AS e_format
-             FROM deliveries d
-             JOIN messages m ON m.id = d.msg_id
-             JOIN endpoints e ON e.id = d.endpoint_id
-             WHERE d.status IN (1, 3) AND d.next_attempt_at <= $1
-               AND ((d.attempts = 0 AND d.trigger_type = 0) = $2)
-               AND d.endpoint_id NOT IN (SELECT value FROM json_each($3))
-               AND d.rowid NOT IN (SELECT value FROM json_each($4))
-             ORDER BY d.next_attempt_at
-             LIMIT $5",
-        )
-        .bind(millis(request.now))
-        .bind(request.first_attempts)
-        .bind(to_json(&full))
-        .bind(to_json(&self.leases.held(request.now)))
-        .bind(i64::from(request.limit) * 4)
-        .fetch_all(&self.reader)
-        .await?;
-
-        let mut taken: HashMap<String, u32> = HashMap::new();
+        let limit = request.limit as usize;
+        // What this claim takes, on top of what the caller already holds.
+        let mut taken_endpoints: HashMap<String, u32> = HashMap::new();
+        let mut taken_apps: HashMap<String, u32> = HashMap::new();
         let mut jobs = Vec::new();
         let mut leased: Vec<i64> = Vec::new();
         let mut refused: Vec<i64> = Vec::new();
-        for row in &candidates {
-            if jobs.len() >= request.limit as usize {
+        let mut passed: Vec<i64> = self.leases.held(request.now);
+        for _ in 0..CLAIM_PASSES {
+            let full_endpoints = at_limit(
+                &request.in_flight,
+                &taken_endpoints,
+                request.per_endpoint_limit,
+            );
+            let full_apps = at_limit(&request.app_in_flight, &taken_apps, request.per_app_limit);
+            // Fetch more candidates than needed: some may belong to an endpoint or app that
+            // fills up.
+            let fetch = (limit - jobs.len()) * 4;
+            let candidates = sqlx::query(
+                "SELECT d.rowid AS d_rowid, d.msg_id, d.attempts, d.trigger_type,
+                        m.app_id AS m_app_id, m.event_type,
+                        m.payload, e.id AS e_id, e.app_id AS e_app_id, e.uid AS e_uid,
+                        e.url AS e_url, e.description AS e_description,
+                        e.throttle_rate AS e_throttle_rate, e.disabled AS e_disabled,
+                        e.event_types AS e_event_types, e.channels AS e_channels,
+                        e.metadata AS e_metadata, e.headers AS e_headers, e.secret AS e_secret,
+                        e.previous_secrets AS e_previous_secrets,
+                        e.failing_since AS e_failing_since, e.created_at AS e_created_at,
+                        e.updated_at AS e_updated_at, e.format AS e_format
+                 FROM deliveries d
+                 JOIN messages m ON m.id = d.msg_id
+                 JOIN endpoints e ON e.id = d.endpoint_id
+                 WHERE d.status IN (1, 3) AND d.next_attempt_at <= $1
+                   AND ((d.attempts = 0 AND d.trigger_type = 0) = $2)
+                   AND d.endpoint_id NOT IN (SELECT value FROM json_each($3))
+                   AND d.app_id NOT IN (SELECT value FROM json_each($4))
+                   AND d.rowid NOT IN (SELECT value FROM json_each($5))
+                 ORDER BY d.next_attempt_at
+                 LIMIT $6",
+            )
+            .bind(millis(request.now))
+            .bind(request.first_attempts)
+            .bind(to_json(&full_endpoints))
+            .bind(to_json(&full_apps))
+            .bind(to_json(&passed))
+            .bind(i64::try_from(fetch).unwrap_or(i64::MAX))
+            .fetch_all(&self.reader)
+            .await?;
+
+            // Rows left because their endpoint or app filled up during this pass.
+            let mut crowded_out = false;
+            for row in &candidates {
+                if jobs.len() >= limit {
+                    break;
+                }
+                let rowid: i64 = row.try_get("d_rowid")?;
+                let endpoint = rows::endpoint(row, "e_")?;
+                if endpoint.disabled {
+                    // Disabled endpoints receive nothing; the delivery stays recoverable as failed.
+                    refused.push(rowid);
+                    passed.push(rowid);
+                    continue;
+                }
+                let app_id: String = row.try_get("m_app_id")?;
+                let endpoint_held = request.in_flight.get(&endpoint.id).copied().unwrap_or(0)
+                    + taken_endpoints.get(&endpoint.id).copied().unwrap_or(0);
+                let app_held = request.app_in_flight.get(&app_id).copied().unwrap_or(0)
+                    + taken_apps.get(&app_id).copied().unwrap_or(0);
+                if endpoint_held >= request.per_endpoint_limit || app_held >= request.per_app_limit
+                {
+                    crowded_out = true;
+                    continue;
+                }
+                *taken_endpoints.entry(endpoint.id.clone()).or_insert(0) += 1;
+                *taken_apps.entry(app_id.clone()).or_insert(0) += 1;
+                leased.push(rowid);
+                passed.push(rowid);
+                let payload: Vec<u8> = row.try_get("payload")?;
+                jobs.push(DeliveryJob {
+                    msg_id: row.try_get("msg_id")?,
+                    app_id,
+                    event_type: row.try_get("event_type")?,
+                    payload: payload.into(),
+                    endpoint,
+                    attempts: u32::try_from(row.try_get::<i64, _>("attempts")?).unwrap_or(u32::MAX),
+                    trigger: TriggerType::from_code(row.try_get("trigger_type")?),
+                });
+            }
+            // Look again only if rows of endpoints or apps that filled up took candidate places
+            // that others' rows, further down the queue, could have had. The next pass leaves
+            // the full ones out in the query.
+            if !crowded_out || candidates.len() < fetch || jobs.len() >= limit {
                 break;
             }
-            let rowid: i64 = row.try_get("d_rowid")?;
-            let endpoint = rows::endpoint(row, "e_")?;
-            if endpoint.disabled {
-                // Disabled endpoints receive nothing; the delivery stays recoverable as failed.
-                refused.push(rowid);
-                continue;
-            }
-            let busy = request.in_flight.get(&endpoint.id).copied().unwrap_or(0);
-            let slot = taken.entry(endpoint.id.clone()).or_insert(0);
-            if busy + *slot >= request.per_endpoint_limit {
-                continue;
-            }
-            *slot += 1;
-            leased.push(rowid);
-            let payload: Vec<u8> = row.try_get("payload")?;
-            jobs.push(DeliveryJob {
-                msg_id: row.try_get("msg_id")?,
-                app_id: row.try_get("m_app_id")?,
-                event_type: row.try_get("event_type")?,
-                payload: payload.into(),
-                endpoint,
-                attempts: u32::try_from(row.try_get::<i64, _>("attempts")?).unwrap_or(u32::MAX),
-                trigger: TriggerType::from_code(row.try_get("trigger_type")?),
-            });
         }
         self.leases.take(&jobs, &leased, request.lease_until);
         if !refused.is_empty() {
@@ -1203,6 +1236,25 @@ impl Store for SqliteStore {
     }
 }
 
+/// Queries one claim may make: a pass whose candidates were crowded out by endpoints or apps
+/// that filled up is followed by one that leaves those out.
+const CLAIM_PASSES: usize = 3;
+
+/// The keys whose count, held already plus taken by this claim, has reached `limit`: a claim
+/// leaves their deliveries out in the query.
+fn at_limit<'a>(
+    held: &'a HashMap<String, u32>,
+    taken: &'a HashMap<String, u32>,
+    limit: u32,
+) -> Vec<&'a String> {
+    let count =
+        |key: &String| held.get(key).copied().unwrap_or(0) + taken.get(key).copied().unwrap_or(0);
+    held.keys()
+        .chain(taken.keys().filter(|key| !held.contains_key(*key)))
+        .filter(|key| count(key) >= limit)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
@@ -1257,6 +1309,112 @@ mod tests {
             .count();
         assert_eq!(conflicts, 1, "{a:?} {b:?}");
         assert!(c.is_ok());
+        store.close().await;
+    }
+
+    fn test_endpoint(app: &str) -> herald_core::model::Endpoint {
+        let now = Utc::now();
+        herald_core::model::Endpoint {
+            id: id::new_id(id::ENDPOINT, now),
+            app_id: app.into(),
+            uid: None,
+            url: "https://example.com".into(),
+            description: String::new(),
+            throttle_rate: None,
+            disabled: false,
+            format: herald_core::model::EndpointFormat::StandardWebhooks,
+            event_types: None,
+            channels: None,
+            metadata: Metadata::new(),
+            headers: Default::default(),
+            secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
+            previous_secrets: vec![],
+            failing_since: None,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_claim_leaves_out_apps_at_their_share_and_looks_past_their_backlog() {
+        let (_dir, store, a) = store_with_app().await;
+        let b = App {
+            id: id::new_id(id::APP, Utc::now()),
+            pusher: herald_core::model::PusherCredentials::generate(),
+            ..a.clone()
+        };
+        store.create_app(&b).await.expect("b");
+        let (ea, eb) = (test_endpoint(&a.id), test_endpoint(&b.id));
+        store.create_endpoint(&ea).await.expect("ea");
+        store.create_endpoint(&eb).await.expect("eb");
+        for _ in 0..20 {
+            store
+                .create_message(message(&a.id, None), vec![ea.id.clone()])
+                .await
+                .expect("m");
+        }
+        store
+            .create_message(message(&b.id, None), vec![eb.id.clone()])
+            .await
+            .expect("m");
+        let now = Utc::now() + chrono::Duration::seconds(1);
+        let jobs = store
+            .claim_due(&ClaimRequest {
+                now,
+                lease_until: now + chrono::Duration::seconds(60),
+                limit: 4,
+                first_attempts: true,
+                in_flight: HashMap::new(),
+                per_endpoint_limit: 100,
+                app_in_flight: HashMap::from([(a.id.clone(), 6)]),
+                per_app_limit: 8,
+            })
+            .await
+            .expect("claim");
+        let mut apps: Vec<&str> = jobs
+            .iter()
+            .map(|j| if j.app_id == a.id { "A" } else { "B" })
+            .collect();
+        apps.sort_unstable();
+        assert_eq!(
+            apps,
+            ["A", "A", "B"],
+            "A's two free slots, then B, though A has 18 more due"
+        );
+        // Now: the same without room for A at all: one pass, B.
+        let jobs = store
+            .claim_due(&ClaimRequest {
+                now,
+                lease_until: now + chrono::Duration::seconds(60),
+                limit: 4,
+                first_attempts: true,
+                in_flight: HashMap::new(),
+                per_endpoint_limit: 100,
+                app_in_flight: HashMap::from([(a.id.clone(), 8)]),
+                per_app_limit: 8,
+            })
+            .await
+            .expect("claim");
+        assert!(
+            jobs.is_empty(),
+            "B's row is leased, A is full: {}",
+            jobs.len()
+        );
+        // Endpoint limit: A's endpoint may take 3 more, no app limit.
+        let jobs = store
+            .claim_due(&ClaimRequest {
+                now,
+                lease_until: now + chrono::Duration::seconds(60),
+                limit: 10,
+                first_attempts: true,
+                in_flight: HashMap::from([(ea.id.clone(), 7)]),
+                per_endpoint_limit: 10,
+                app_in_flight: HashMap::new(),
+                per_app_limit: 100,
+            })
+            .await
+            .expect("claim");
+        assert_eq!(jobs.len(), 3);
         store.close().await;
     }
 

@@ -54,6 +54,16 @@ pub(crate) fn app(row: &SqliteRow) -> Result<App> {
             app_id: row.try_get("pusher_app_id")?,
             key: row.try_get("pusher_key")?,
             secret: row.try_get("pusher_secret")?,
+            previous: match (
+                row.try_get::<Option<String>, _>("pusher_previous_secret")?,
+                row.try_get::<Option<i64>, _>("pusher_previous_secret_until")?,
+            ) {
+                (Some(secret), Some(until)) => Some(herald_core::model::RetiredSecret {
+                    secret,
+                    until: time(until)?,
+                }),
+                _ => None,
+            },
         },
         history: opt_from_json("history_rules", row.try_get("history_rules")?)?,
         created_at: time(row.try_get("created_at")?)?,

@@ -523,3 +523,71 @@ async fn first_attempts_are_not_stuck_behind_retries_of_the_same_endpoint() {
     .await;
     server.stop().await;
 }
+
+#[tokio::test]
+async fn an_app_with_hanging_endpoints_cannot_take_another_apps_first_attempt_slots() {
+    // The shipped lane budgets. App A's 20 hanging endpoints could hold 20 x 16 = 320
+    // attempts, more than the whole first-attempt lane; its share is a quarter of the lane.
+    let defaults = herald::Config::default().delivery;
+    let lane = defaults.max_in_flight as usize;
+    let per_endpoint = defaults.per_endpoint_in_flight as usize;
+    let share = (lane / 4).max(per_endpoint);
+    let a_endpoints = 20;
+    assert!(
+        a_endpoints * per_endpoint > lane,
+        "A alone could fill the lane"
+    );
+    let server = TestServer::start_with(|c| {
+        // No attempt of A's ends while the test runs: anything B gets, it gets while every
+        // one of A's requests is still hanging.
+        c.delivery.request_timeout_secs = 600.0;
+        c.shutdown_grace_secs = 0.1;
+    })
+    .await;
+    let mut hanging = Receiver::start().await;
+    hanging.fallback(Reply::Hang);
+    let mut fast = Receiver::start().await;
+    let app_a = server.create_app("noisy").await;
+    let app_b = server.create_app("neighbour").await;
+    for n in 0..a_endpoints {
+        server
+            .create_endpoint(&app_a, json!({"url": format!("{}/{n}", hanging.url)}))
+            .await;
+    }
+    let b_ep = server
+        .create_endpoint(&app_b, json!({"url": fast.url}))
+        .await;
+    // More than the lane claims at once (twice its budget): A's backlog alone could fill
+    // every claim as well as every slot.
+    let a_messages = 2 * lane / a_endpoints + per_endpoint;
+    for _ in 0..a_messages {
+        server
+            .send(&app_a, json!({"eventType": "x", "payload": {}}))
+            .await;
+    }
+    // A has taken every slot it will get before B's message exists.
+    for _ in 0..share {
+        assert!(matches!(hanging.next().await.reply, Reply::Hang));
+    }
+
+    let sent = std::time::Instant::now();
+    server
+        .send(&app_b, json!({"eventType": "x", "payload": {"b": 1}}))
+        .await;
+    assert!(fast.next().await.succeeded());
+    let latency = sent.elapsed();
+    eprintln!("B delivered {latency:?} after its message was accepted");
+    server
+        .settled(&app_b, b_ep["id"].as_str().expect("id"))
+        .await;
+    // B's is the only attempt that ended: every one of A's was still hanging.
+    assert_eq!(
+        server.store_scalar("SELECT COUNT(*) FROM attempts").await,
+        1
+    );
+    assert!(
+        hanging.drain().is_empty(),
+        "A holds its share of {share} slots, no more"
+    );
+    server.stop().await;
+}

@@ -423,3 +423,102 @@ async fn subscribing_to_history_channels_stores_nothing_until_the_first_event() 
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn replay_per_address_stays_within_its_byte_budget_then_resumes_say_rate_limited() {
+    // 30 resubscribes from offset 0 on a public history channel used to replay 151 MB in a
+    // second from 3 KB sent. Each replay here is ten events of about 1.1 KB.
+    const BURST: u64 = 25_000;
+    let server = TestServer::start_with(|c| {
+        c.ws.replay_bytes_per_second_per_ip = 1;
+        c.ws.replay_burst_bytes_per_ip = BURST;
+    })
+    .await;
+    let (_, creds) = pusher_app(&server, "history-replay-budget").await;
+    let channel = "history-big";
+    let padding = "x".repeat(1000);
+    for n in 1..=10 {
+        let data = json!({"n": n, "padding": padding}).to_string();
+        let (status, body) = trigger(
+            &server,
+            &creds,
+            json!({"name": "note", "channel": channel, "data": data}),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let mut client = Client::connect(&server, &creds.key).await;
+    let status = join(&mut client, channel, None).await;
+    let epoch = status["epoch"].as_str().expect("epoch").to_owned();
+    let unsubscribe = json!({"event": "pusher:unsubscribe", "data": {"channel": channel}});
+
+    let started = std::time::Instant::now();
+    let (mut replayed_bytes, mut recovered, mut statuses) = (0, 0, Vec::new());
+    for _ in 0..30 {
+        client.send(unsubscribe.clone()).await;
+        let status = join(&mut client, channel, Some((&epoch, 0))).await;
+        if status["recovered"] == true {
+            assert_eq!(status["missed"], 10, "{status}");
+            for _ in 0..10 {
+                let event = client.expect("note").await;
+                replayed_bytes += event.to_string().len() as u64;
+            }
+            recovered += 1;
+        } else {
+            assert_eq!(
+                status,
+                json!({"epoch": epoch, "offset": 10, "recovered": false, "reason": "rate_limited"})
+            );
+        }
+        statuses.push(status["recovered"] == true);
+    }
+    let budget = BURST + started.elapsed().as_secs() + 1;
+    assert!(
+        replayed_bytes <= budget,
+        "{replayed_bytes} bytes replayed in {recovered} replays; the budget is {budget}"
+    );
+    assert!(recovered >= 1, "the budget allows a replay or two");
+    let first_refused = statuses.iter().position(|ok| !ok).expect("some refused");
+    assert!(
+        statuses[first_refused..].iter().all(|ok| !ok),
+        "once over budget, every later resume is refused: {statuses:?}"
+    );
+
+    // An SSE stream from the same address resuming with Last-Event-ID shares the budget.
+    let response = reqwest::Client::new()
+        .get(format!(
+            "{}/apps/{}/sse?channels={channel}",
+            server.base, creds.id
+        ))
+        .header("last-event-id", format!("{channel}:{epoch}:0"))
+        .send()
+        .await
+        .expect("SSE request");
+    assert_eq!(response.status(), 200);
+    let first = first_sse_data(response).await;
+    assert_eq!(first["event"], "herald:subscription_succeeded", "{first}");
+    assert_eq!(first["data"][channel]["reason"], "rate_limited", "{first}");
+
+    // Live events still flow to the refused subscriber, from the position it was given.
+    publish(&server, &creds, channel, 11).await;
+    assert_eq!(offsets_until(&mut client, &epoch, 11).await, [11]);
+    server.stop().await;
+}
+
+/// The `data` of an SSE response's first event.
+async fn first_sse_data(mut response: reqwest::Response) -> Value {
+    let mut text = String::new();
+    tokio::time::timeout(crate::harness::PATIENCE, async {
+        while !text.contains("\n\n") {
+            let chunk = response.chunk().await.expect("read").expect("stream open");
+            text.push_str(std::str::from_utf8(&chunk).expect("utf8"));
+        }
+    })
+    .await
+    .expect("timed out waiting for an SSE event");
+    let data = text
+        .lines()
+        .find_map(|line| line.strip_prefix("data:"))
+        .expect("a data line");
+    serde_json::from_str(data.trim()).expect("JSON data")
+}

@@ -250,3 +250,65 @@ async fn http_api_refuses_auth_timestamps_at_the_ends_of_i64_without_panicking()
     assert_eq!(status, 200, "{body}");
     server.stop().await;
 }
+
+/// The review's finding: a Pusher app secret could not be rotated. Now a rotation gives a new
+/// secret that Herald signs with at once, while the old one keeps verifying the backend's
+/// requests and channel auths for the grace period; without a grace it stops at once.
+#[tokio::test]
+async fn a_rotated_pusher_secret_keeps_verifying_for_its_grace_period_only() {
+    let server = TestServer::start().await;
+    let (app, old) = pusher_app(&server, "pusher-rotation").await;
+    let path = format!("/api/v1/app/{app}/pusher/secret/rotate");
+    let (status, rotated) = server.call(Method::POST, &path, None).await;
+    assert_eq!(status, 200, "{rotated}");
+    let new = Creds {
+        secret: rotated["secret"].as_str().expect("secret").into(),
+        ..old.clone()
+    };
+    assert_ne!(new.secret, old.secret);
+    assert!(rotated["previousSecretValidUntil"].is_string(), "{rotated}");
+    let (_, shown) = server
+        .call(Method::GET, &format!("/api/v1/app/{app}"), None)
+        .await;
+    assert_eq!(shown["pusher"]["secret"], new.secret.as_str());
+
+    // Both secrets verify during the grace: the HTTP API and a private channel's auth.
+    let channels = format!("/apps/{}/channels", old.id);
+    for creds in [&old, &new] {
+        let (status, body) = pusher_api(&server, creds, "GET", &channels, &[], None).await;
+        assert_eq!(status, 200, "{body}");
+        let mut client = Client::connect(&server, &creds.key).await;
+        let auth = channel_auth(creds, &client.socket_id, "private-rotation", None);
+        let answer = client.subscribe("private-rotation", Some(auth), None).await;
+        assert_eq!(
+            answer["event"], "pusher_internal:subscription_succeeded",
+            "{answer}"
+        );
+    }
+
+    // A rotation without grace retires both earlier secrets at once.
+    let (status, rotated) = server
+        .call(
+            Method::POST,
+            &path,
+            Some(json!({"secret": "a-chosen-secret-0123456789", "gracePeriodSeconds": 0})),
+        )
+        .await;
+    assert_eq!(status, 200, "{rotated}");
+    assert_eq!(rotated["secret"], "a-chosen-secret-0123456789");
+    for creds in [&old, &new] {
+        let (status, body) = pusher_api(&server, creds, "GET", &channels, &[], None).await;
+        assert_eq!(status, 401, "{body}");
+    }
+    let chosen = Creds {
+        secret: "a-chosen-secret-0123456789".into(),
+        ..old.clone()
+    };
+    let (status, body) = pusher_api(&server, &chosen, "GET", &channels, &[], None).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, refused) = server
+        .call(Method::POST, &path, Some(json!({"gracePeriodSeconds": -1})))
+        .await;
+    assert_eq!(status, 422, "{refused}");
+    server.stop().await;
+}

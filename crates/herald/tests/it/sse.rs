@@ -4,7 +4,7 @@
 use serde_json::{Value, json};
 
 use crate::{
-    harness::{PATIENCE, TestServer},
+    harness::{PATIENCE, TestServer, eventually},
     pusher::{Creds, pusher_app, trigger},
 };
 
@@ -262,5 +262,48 @@ async fn sse_tokens_expiring_more_than_24_hours_ahead_are_refused() {
         "herald:subscription_succeeded"
     );
     drop(stream);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn sse_streams_count_against_the_per_address_limits_and_are_refused_with_429() {
+    let server = TestServer::start_with(|c| {
+        c.ws.max_connections_per_ip = 2;
+        c.ws.connections_per_second_per_ip = 0;
+        // Keep-alives show the server soon that a dropped stream is gone.
+        c.history.sse_keepalive_secs = 1;
+    })
+    .await;
+    let (_, creds) = pusher_app(&server, "sse-per-ip").await;
+    let socket = crate::pusher::Client::connect(&server, &creds.key).await;
+    let mut stream = SseClient::open(&server, &creds, "channels=news", None).await;
+    assert_eq!(
+        stream.data().await.1["event"],
+        "herald:subscription_succeeded"
+    );
+
+    // The address holds a WebSocket and a stream: a third connection is refused.
+    let refused = request(&server, &creds, "channels=news", None).await;
+    assert_eq!(refused.status().as_u16(), 429);
+    assert_eq!(refused.headers()["retry-after"], "5");
+    let body = refused.text().await.expect("body");
+    assert!(
+        body.contains("too many connections from your address"),
+        "{body}"
+    );
+
+    // The stream that was open still gets its events.
+    publish(&server, &creds, "news", "hello").await;
+    let (_, event) = stream.data().await;
+    assert_eq!(event["data"], "hello");
+
+    // A stream that ends gives its place back.
+    drop(stream);
+    let stream = eventually("the dropped stream's place to be free", || async {
+        let response = request(&server, &creds, "channels=news", None).await;
+        (response.status().as_u16() == 200).then_some(response)
+    })
+    .await;
+    drop((stream, socket));
     server.stop().await;
 }

@@ -10,7 +10,7 @@ use tokio_tungstenite::{
 };
 
 use crate::{
-    harness::{PATIENCE, Receiver, TestServer},
+    harness::{PATIENCE, Receiver, TestServer, eventually},
     pusher::{
         Client, Creds, Socket, channel_auth, next_json, open, pusher_api, pusher_app, sign, trigger,
     },
@@ -791,5 +791,296 @@ async fn deleting_an_app_closes_its_sockets_with_4001_and_relays_nothing_after()
         .await;
     assert_eq!(bystander.next().await["event"], "pusher:pong");
     drop((a, b, again, bystander));
+    server.stop().await;
+}
+
+/// Opens `/app/{key}`, sending `X-Forwarded-For` if given.
+async fn open_forwarded(server: &TestServer, key: &str, forwarded_for: Option<&str>) -> Socket {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let url = format!(
+        "{}/app/{key}?protocol=7&client=js&version=8.4.0",
+        server.base.replace("http://", "ws://")
+    );
+    let mut request = url.into_client_request().expect("a WebSocket request");
+    if let Some(forwarded_for) = forwarded_for {
+        request.headers_mut().insert(
+            "x-forwarded-for",
+            forwarded_for.parse().expect("a header value"),
+        );
+    }
+    connect_async(request).await.expect("connect").0
+}
+
+/// The server's first word: `Ok` for `pusher:connection_established`, else the close code.
+async fn greeting(socket: &mut Socket) -> Result<(), u16> {
+    let (frames, code) = tokio::time::timeout(PATIENCE, async {
+        match socket.next().await {
+            Some(Ok(Message::Text(text))) => {
+                let first: Value = serde_json::from_str(text.as_str()).expect("JSON");
+                assert_eq!(first["event"], "pusher:connection_established", "{first}");
+                (vec![first], None)
+            }
+            Some(Ok(Message::Close(frame))) => {
+                (Vec::new(), Some(frame.map_or(1005, |f| u16::from(f.code))))
+            }
+            other => panic!("expected a greeting or a close frame, got {other:?}"),
+        }
+    })
+    .await
+    .expect("timed out waiting for the server's first frame");
+    match code {
+        Some(code) => {
+            assert!(frames.is_empty());
+            Err(code)
+        }
+        None => Ok(()),
+    }
+}
+
+/// Opens an SSE stream on `channel`, from the test's address; the response stays open.
+async fn sse(server: &TestServer, creds: &Creds, channel: &str) -> reqwest::Response {
+    reqwest::get(format!(
+        "{}/apps/{}/sse?channels={channel}",
+        server.base, creds.id
+    ))
+    .await
+    .expect("SSE request")
+}
+
+#[tokio::test]
+async fn one_address_holds_at_most_max_connections_per_ip_websockets_and_sse_together() {
+    // Before per-address limits, one client with only the public key could open as many
+    // sockets as the app's quota (10,000 in 3.8 s) and lock every other user out with 4004.
+    let server = TestServer::start_with(|c| {
+        c.ws.max_connections_per_ip = 5;
+        c.ws.connections_per_second_per_ip = 0;
+    })
+    .await;
+    let (_, a) = pusher_app(&server, "per-ip-a").await;
+    let (_, b) = pusher_app(&server, "per-ip-b").await;
+    let mut held = Vec::new();
+    for creds in [&a, &a, &a, &b] {
+        held.push(Client::connect(&server, &creds.key).await);
+    }
+    let stream = sse(&server, &a, "news").await;
+    assert_eq!(
+        stream.status(),
+        200,
+        "the fifth connection is an SSE stream"
+    );
+
+    // The sixth, on either app and either transport, is refused: 4100 tells pusher-js to back
+    // off and reconnect; SSE gets 429 with Retry-After.
+    for creds in [&a, &b] {
+        let mut sixth = open(&server, &creds.key).await;
+        let (frames, code) = until_close(&mut sixth).await;
+        assert_eq!(code, 4100, "{frames:?}");
+        assert!(
+            frames.is_empty(),
+            "refused before the handshake: {frames:?}"
+        );
+    }
+    let refused = sse(&server, &b, "news").await;
+    assert_eq!(refused.status(), 429);
+    assert_eq!(refused.headers()["retry-after"], "5");
+    let body = refused.text().await.expect("body");
+    assert!(
+        body.contains("too many connections from your address"),
+        "{body}"
+    );
+
+    // The five still work.
+    let (status, _) = trigger(
+        &server,
+        &a,
+        json!({"name": "still-here", "channel": "lobby", "data": "{}"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    held[0].subscribe("lobby", None, None).await;
+    held[0]
+        .send(json!({"event": "pusher:ping", "data": {}}))
+        .await;
+    assert_eq!(held[0].next().await["event"], "pusher:pong");
+
+    // Closing one frees its place for the next.
+    let mut first = held.remove(0);
+    first.socket.close(None).await.expect("close");
+    drop(first);
+    eventually("a freed place to be usable", || async {
+        let mut socket = open(&server, &b.key).await;
+        greeting(&mut socket).await.ok().map(|()| socket)
+    })
+    .await;
+    drop(stream);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn new_connections_from_one_address_are_rate_limited_with_a_burst() {
+    let server = TestServer::start_with(|c| {
+        c.ws.max_connections_per_ip = 0;
+        c.ws.connections_per_second_per_ip = 1;
+        c.ws.connection_burst_per_ip = 3;
+    })
+    .await;
+    let (_, creds) = pusher_app(&server, "per-ip-rate").await;
+    let started = std::time::Instant::now();
+    let (mut accepted, mut refused) = (Vec::new(), 0);
+    for _ in 0..10 {
+        let mut socket = open(&server, &creds.key).await;
+        match greeting(&mut socket).await {
+            Ok(()) => accepted.push(socket),
+            Err(code) => {
+                assert_eq!(code, 4100);
+                refused += 1;
+            }
+        }
+    }
+    // Three at once, then one a second: without the limit all ten were accepted.
+    let allowed = 3 + started.elapsed().as_secs() as usize + 1;
+    assert!(
+        accepted.len() <= allowed,
+        "{} accepted, at most {allowed} allowed",
+        accepted.len()
+    );
+    assert!(refused > 0, "ten connections at once are over a burst of 3");
+
+    // SSE streams draw from the same bucket.
+    let mut answers = Vec::new();
+    for _ in 0..5 {
+        let response = sse(&server, &creds, "news").await;
+        let status = response.status().as_u16();
+        if status == 429 {
+            let retry_after: u64 = response.headers()["retry-after"]
+                .to_str()
+                .expect("ascii")
+                .parse()
+                .expect("seconds");
+            assert!((1..=2).contains(&retry_after), "{retry_after}");
+            answers.push(status);
+            break;
+        }
+        answers.push(status);
+    }
+    assert_eq!(answers.last(), Some(&429), "{answers:?}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_each_forwarded_address_gets_its_own_quota() {
+    let server = TestServer::start_with(|c| {
+        c.ws.max_connections_per_ip = 2;
+        c.ws.connections_per_second_per_ip = 0;
+        c.ws.trusted_proxies = vec!["127.0.0.0/8".parse().expect("subnet")];
+    })
+    .await;
+    let (_, creds) = pusher_app(&server, "per-ip-proxy").await;
+    let mut held = Vec::new();
+    let connect = |forwarded: &'static str| {
+        let (server, key) = (&server, creds.key.clone());
+        async move {
+            let mut socket = open_forwarded(server, &key, Some(forwarded)).await;
+            greeting(&mut socket).await.map(|()| socket)
+        }
+    };
+    for forwarded in ["203.0.113.1", "203.0.113.1"] {
+        held.push(
+            connect(forwarded)
+                .await
+                .expect("within 203.0.113.1's quota"),
+        );
+    }
+    assert_eq!(
+        connect("203.0.113.1").await.err(),
+        Some(4100),
+        "over its quota"
+    );
+    // Another forwarded address has its own quota; a proxy chain counts its right-most
+    // untrusted hop, so a client cannot pick its address by sending the header itself.
+    held.push(connect("203.0.113.2").await.expect("another client"));
+    held.push(
+        connect("203.0.113.2, 127.0.0.9")
+            .await
+            .expect("the same client through two proxies: its second"),
+    );
+    assert_eq!(
+        connect("198.51.100.77, 203.0.113.2").await.err(),
+        Some(4100),
+        "a spoofed left-most address is not believed"
+    );
+    // The proxy's own connections (no header) are counted as the proxy's.
+    let mut direct = open(&server, &creds.key).await;
+    assert_eq!(greeting(&mut direct).await, Ok(()));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_untrusted_peers_forwarded_for_is_ignored() {
+    let server = TestServer::start_with(|c| {
+        c.ws.max_connections_per_ip = 2;
+        c.ws.connections_per_second_per_ip = 0;
+        c.ws.trusted_proxies = vec!["10.0.0.0/8".parse().expect("subnet")];
+    })
+    .await;
+    let (_, creds) = pusher_app(&server, "per-ip-untrusted").await;
+    let mut held = Vec::new();
+    for forwarded in ["203.0.113.1", "203.0.113.2"] {
+        let mut socket = open_forwarded(&server, &creds.key, Some(forwarded)).await;
+        assert_eq!(greeting(&mut socket).await, Ok(()));
+        held.push(socket);
+    }
+    // 127.0.0.1 is not a trusted proxy: all three are 127.0.0.1's, whatever they claim.
+    let mut third = open_forwarded(&server, &creds.key, Some("203.0.113.3")).await;
+    assert_eq!(greeting(&mut third).await, Err(4100));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn subscribes_over_the_rate_get_429_and_the_connection_stays() {
+    // Anonymous subscribes to distinct public channels were used to hammer the store.
+    let server = TestServer::start_with(|c| {
+        c.ws.subscribes_per_second = 1;
+        c.ws.subscribe_burst = 5;
+    })
+    .await;
+    let (_, creds) = pusher_app(&server, "subscribe-rate").await;
+    let mut client = Client::connect(&server, &creds.key).await;
+    let started = std::time::Instant::now();
+    let (mut subscribed, mut limited) = (Vec::new(), 0);
+    for n in 0..20 {
+        let channel = format!("history-spam-{n}");
+        let answer = client.subscribe(&channel, None, None).await;
+        match answer["event"].as_str() {
+            Some("pusher_internal:subscription_succeeded") => subscribed.push(channel),
+            Some("pusher:subscription_error") => {
+                assert_eq!(answer["channel"], channel.as_str(), "{answer}");
+                assert_eq!(answer["data"]["status"], 429, "{answer}");
+                assert_eq!(answer["data"]["type"], "RateLimited", "{answer}");
+                let error = answer["data"]["error"].as_str().expect("error");
+                assert!(error.contains("too many subscribes"), "{error}");
+                limited += 1;
+            }
+            _ => panic!("unexpected answer {answer}"),
+        }
+    }
+    let allowed = 5 + started.elapsed().as_secs() as usize + 1;
+    assert!(
+        subscribed.len() <= allowed,
+        "{} of 20 subscribed, at most {allowed} allowed",
+        subscribed.len()
+    );
+    assert!(limited >= 20 - allowed, "{limited} refused");
+
+    // The connection stays and its subscriptions work.
+    let (status, _) = trigger(
+        &server,
+        &creds,
+        json!({"name": "still-here", "channel": subscribed[0], "data": "{}"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let event = client.expect("still-here").await;
+    assert_eq!(event["channel"], subscribed[0].as_str());
     server.stop().await;
 }
