@@ -105,20 +105,25 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             "no admin token configured (HERALD_ADMIN_TOKEN): only stored API tokens can use the API"
         );
     }
-    // Scripts and tests read this line to learn the bound address.
-    println!("herald listening on http://{addr}");
+    // Scripts and tests read the first line to learn the bound address. Whoever reads it may
+    // close the pipe afterwards (`herald serve | head -1`): the banner is best effort and never
+    // stops the server, unlike `println!`, which panics on a closed stdout.
+    let mut banner = format!("herald listening on http://{addr}\n");
     if config.dev {
-        println!(
-            "dev mode: data in {}, private webhook targets allowed",
+        banner.push_str(&format!(
+            "dev mode: data in {}, private webhook targets allowed\n\
+             \x20 app uid:   {DEV_APP_UID}\n\
+             \x20 API token: {DEV_API_TOKEN}   (curl -H 'Authorization: Bearer {DEV_API_TOKEN}' http://{addr}/api/v1/app)\n\
+             \x20 Pusher:    app id {DEV_PUSHER_APP_ID}, key {DEV_PUSHER_KEY}, secret {DEV_PUSHER_SECRET}   (ws://{addr}/app/{DEV_PUSHER_KEY})\n",
             config.data_dir.display()
-        );
-        println!("  app uid:   {DEV_APP_UID}");
-        println!(
-            "  API token: {DEV_API_TOKEN}   (curl -H 'Authorization: Bearer {DEV_API_TOKEN}' http://{addr}/api/v1/app)"
-        );
-        println!(
-            "  Pusher:    app id {DEV_PUSHER_APP_ID}, key {DEV_PUSHER_KEY}, secret {DEV_PUSHER_SECRET}   (ws://{addr}/app/{DEV_PUSHER_KEY})"
-        );
+        ));
+    }
+    {
+        use std::io::Write;
+        let mut stdout = std::io::stdout().lock();
+        let _ = stdout
+            .write_all(banner.as_bytes())
+            .and_then(|()| stdout.flush());
     }
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));

@@ -252,3 +252,45 @@ async fn terminate(child: &mut Child) {
         .expect("wait");
     assert!(status.success(), "clean exit after SIGTERM: {status}");
 }
+
+/// A reader that takes the banner's first line and closes the pipe (`herald serve | head -1`)
+/// must not stop the server: writing the rest of the banner used to panic on the closed stdout.
+#[tokio::test]
+async fn a_closed_stdout_does_not_stop_the_server() {
+    let dir = tempfile::tempdir().expect("dir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args([
+            "serve",
+            "--dev",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data",
+        ])
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn herald");
+    // Close the read end before the server writes anything.
+    drop(child.stdout.take());
+    let api = TestServer::remote(format!("http://127.0.0.1:{port}"));
+    crate::harness::eventually("the server to answer", || async {
+        let client = reqwest::Client::new();
+        let response = client
+            .get(format!("{}/api/v1/health", api.base))
+            .send()
+            .await
+            .ok()?;
+        (response.status() == 204).then_some(())
+    })
+    .await;
+    assert!(
+        child.try_wait().expect("status").is_none(),
+        "herald is still running"
+    );
+    child.kill().await.expect("kill");
+}
