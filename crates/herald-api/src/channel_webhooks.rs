@@ -196,8 +196,21 @@ impl ChannelWebhooks {
         // Members leave before their channel is vacated, as they would have.
         let (members, channels): (Vec<_>, Vec<_>) =
             occupants.into_iter().partition(|o| o.user_id.is_some());
-        let count = members.len() + channels.len();
-        for occupant in members.into_iter().chain(channels) {
+        // Within the bound on waiting events; the rest stay recorded for the next start.
+        let room = self
+            .config
+            .max_pending
+            .saturating_sub(pending.ready.len() + pending.delayed.len());
+        let total = members.len() + channels.len();
+        if total > room {
+            tracing::warn!(
+                total,
+                reported = room,
+                "more channel leaves to report than ws.webhook_max_pending allows; the rest wait for the next start"
+            );
+        }
+        let count = total.min(room);
+        for occupant in members.into_iter().chain(channels).take(count) {
             let event = match occupant.user_id.clone() {
                 Some(user_id) => ChannelEvent::MemberRemoved {
                     channel: occupant.channel.clone(),
@@ -320,32 +333,43 @@ impl ChannelWebhooks {
     ) -> Result<ChannelWrites, herald_store::StoreError> {
         let mut by_app: Vec<(&str, Vec<&ChannelEvent>)> = Vec::new();
         let mut index: HashMap<&str, usize> = HashMap::new();
-        let mut changes = Vec::new();
         for (app_id, event) in batch {
             let slot = *index.entry(app_id).or_insert_with(|| {
                 by_app.push((app_id, Vec::new()));
                 by_app.len() - 1
             });
             by_app[slot].1.push(event);
-            if let Some(change) = occupancy_change(app_id, event) {
-                changes.push(change);
-            }
         }
         let mut messages = Vec::new();
+        let mut changes = Vec::new();
         for (app_id, events) in by_app {
-            self.app_messages(app_id, &events, &mut messages).await?;
+            let reported = self.app_messages(app_id, &events, &mut messages).await?;
+            // Occupancy is recorded only where channel webhooks go somewhere: anyone with an
+            // app's public key can occupy channels, and a row per channel for apps that never
+            // hear of it would let them cause writes for nothing. Leaves are always applied,
+            // so rows recorded while an endpoint existed do not outlive it.
+            changes.extend(
+                events
+                    .iter()
+                    .filter_map(|event| occupancy_change(app_id, event))
+                    .filter(|change| reported || matches!(change, OccupancyChange::Left(_))),
+            );
         }
         Ok((messages, changes))
     }
 
-    /// Appends one message per group of the app's endpoints wanting the same events.
+    /// Appends one message per group of the app's endpoints wanting the same events; returns
+    /// whether the app has any `pusher`-format endpoint (whether channel webhooks are on).
     async fn app_messages(
         &self,
         app_id: &str,
         events: &[&ChannelEvent],
         messages: &mut Vec<(Message, Vec<String>)>,
-    ) -> Result<(), herald_store::StoreError> {
+    ) -> Result<bool, herald_store::StoreError> {
         let endpoints = self.store.app_endpoints(app_id).await?;
+        let reported = endpoints
+            .iter()
+            .any(|endpoint| endpoint.format == EndpointFormat::Pusher);
         // Endpoints that want the same events share one message.
         let mut groups: BTreeMap<Vec<usize>, Vec<String>> = BTreeMap::new();
         for endpoint in endpoints.iter() {
@@ -384,7 +408,7 @@ impl ChannelWebhooks {
                 messages.push((message, targets.clone()));
             }
         }
-        Ok(())
+        Ok(reported)
     }
 }
 

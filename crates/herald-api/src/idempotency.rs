@@ -1,7 +1,7 @@
 //! `Idempotency-Key` on POST: the first response (if not a server error) is stored and replayed
 //! verbatim for the same key, caller and path for 24 hours. Only authenticated callers' answers
 //! are kept: the token is checked before anything is stored, keys are at most 255 bytes, kept
-//! bodies at most 64 KiB, and the table at most [`MAX_KEPT`] rows. A repeat that arrives while the
+//! bodies at most 2 MiB, and the table at most [`MAX_KEPT`] rows and [`MAX_KEPT_BYTES`]. A repeat that arrives while the
 //! first is still running gets 409, as Stripe does. The Svix SDKs send a key with every POST
 //! and reuse it when they retry, so a retried create never creates twice.
 
@@ -21,12 +21,16 @@ use herald_store::Store;
 use crate::{ApiState, auth, error::ApiError};
 
 pub const KEEP_FOR: Duration = Duration::from_secs(24 * 3600);
-/// Responses larger than this are not kept (lists are GETs; creates answer small bodies).
-const MAX_STORED_BODY: usize = 64 * 1024;
+/// Responses larger than this are not kept. A message create echoes its payload (up to
+/// `api.max_body_bytes`, 1 MiB by default), and the Svix SDKs retry creates with the same key,
+/// so the answer must fit.
+const MAX_STORED_BODY: usize = 2 * 1024 * 1024;
 /// Longer keys are refused with 400, as Stripe does (keys are UUIDs or similar).
 pub const MAX_KEY_LEN: usize = 255;
-/// The most responses kept; housekeeping forgets the oldest beyond it.
+/// The most responses kept, and the most bytes they may take together; housekeeping forgets
+/// the oldest beyond either.
 pub const MAX_KEPT: u64 = 100_000;
+pub const MAX_KEPT_BYTES: u64 = 256 * 1024 * 1024;
 
 #[derive(Default)]
 pub struct InFlight(Mutex<HashSet<String>>);
@@ -148,7 +152,10 @@ fn stored_response(status: u16, body: Vec<u8>) -> Response {
 /// Forget keys older than [`KEEP_FOR`], and the oldest beyond [`MAX_KEPT`]; run periodically.
 pub async fn purge_expired(store: &dyn Store) {
     let cutoff = Utc::now() - chrono::Duration::from_std(KEEP_FOR).unwrap_or_default();
-    match store.purge_idempotency(cutoff, MAX_KEPT).await {
+    match store
+        .purge_idempotency(cutoff, MAX_KEPT, MAX_KEPT_BYTES)
+        .await
+    {
         Ok(n) if n > 0 => tracing::debug!(purged = n, "expired idempotency keys removed"),
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "purging idempotency keys failed"),

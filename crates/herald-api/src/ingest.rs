@@ -65,6 +65,11 @@ pub async fn receive(
     } else {
         // Hashing a large body takes milliseconds: keep it off the async workers, so one
         // sender's large requests cannot stall every other connection.
+        let _slot = state
+            .large_verifications
+            .acquire()
+            .await
+            .map_err(ApiError::internal)?;
         let (source, headers, body) = (source.clone(), headers.clone(), body.clone());
         tokio::task::spawn_blocking(move || read(&source, &headers, &body, now.timestamp()))
             .await
@@ -163,7 +168,6 @@ fn read(source: &IngestSource, headers: &HeaderMap, body: &[u8], now_unix: i64) 
             serde_json::json!({"challenge": p["challenge"]}),
         ));
     }
-    let delivery_id = ingest::delivery_id(source.kind, &request, payload.as_ref());
     // Templates see unsigned headers only where the source opted in.
     let trusted = source.trust_unsigned_headers;
     let template_headers = |name: &str| if trusted { lookup(name) } else { None };
@@ -181,6 +185,12 @@ fn read(source: &IngestSource, headers: &HeaderMap, body: &[u8], now_unix: i64) 
         source.default_channel.as_deref(),
         payload.as_ref(),
         &template_headers,
+    );
+    let delivery_id = ingest::delivery_id(
+        source.kind,
+        &request,
+        payload.as_ref(),
+        trusted.then_some(event_type.as_str()),
     );
     Ok(Read::Event {
         delivery_id,

@@ -46,6 +46,9 @@ pub struct ApiState {
     /// Digest of the operator's admin token, if one is configured.
     pub admin_token_hash: Option<TokenHash>,
     pub idempotency: Arc<idempotency::InFlight>,
+    /// Large inbound webhooks verified at once on the blocking pool, at most one per core, so
+    /// a flood of them queues instead of crowding out everything else.
+    pub large_verifications: Arc<tokio::sync::Semaphore>,
     pub sse: sse::SseConfig,
     /// Cancelled at shutdown: long-lived responses (SSE streams) end with it.
     pub shutdown: CancellationToken,
@@ -79,6 +82,9 @@ impl ApiState {
             history,
             admin_token_hash,
             idempotency: Arc::default(),
+            large_verifications: Arc::new(tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
+            )),
             sse: sse::SseConfig::default(),
             shutdown: CancellationToken::new(),
         }

@@ -260,6 +260,17 @@ pub trait Store: Send + Sync + 'static {
         channel: &str,
         query: &HistoryQuery,
     ) -> Result<Vec<HistoryEntry>>;
+    /// The bytes kept for the events between `after` and `before` (both exclusive) not older
+    /// than `not_before`, the range [`Store::history`] would read: their data, event names and
+    /// user ids, summed without reading them out, so a replay can be priced before it is read.
+    async fn history_bytes(
+        &self,
+        app_id: &str,
+        channel: &str,
+        after: u64,
+        before: u64,
+        not_before: DateTime<Utc>,
+    ) -> Result<u64>;
     /// The oldest offset still kept (not older than `not_before`).
     async fn oldest_history_offset(
         &self,
@@ -361,8 +372,14 @@ pub trait Store: Send + Sync + 'static {
         body: &[u8],
         now: DateTime<Utc>,
     ) -> Result<()>;
-    /// Forgets responses older than `older_than`, then the oldest beyond `keep_at_most`.
-    async fn purge_idempotency(&self, older_than: DateTime<Utc>, keep_at_most: u64) -> Result<u64>;
+    /// Forgets responses older than `older_than`, then the oldest beyond `max_rows` rows or
+    /// `max_bytes` of bodies.
+    async fn purge_idempotency(
+        &self,
+        older_than: DateTime<Utc>,
+        max_rows: u64,
+        max_bytes: u64,
+    ) -> Result<u64>;
 
     /// Finish pending writes and close connections.
     async fn close(&self);

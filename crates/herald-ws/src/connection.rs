@@ -21,7 +21,7 @@ use axum::{
 };
 use futures_util::{SinkExt, StreamExt, stream::SplitSink};
 use herald_core::{
-    model::App,
+    model::{App, PusherCredentials},
     pusher::{self, ChannelKind},
 };
 use herald_store::Store;
@@ -175,6 +175,7 @@ async fn serve(
     let (mut sink, mut stream) = socket.split();
     let mut conn = Connection {
         app,
+        store: Arc::clone(&state.store),
         history: Arc::clone(&state.history),
         config: config.clone(),
         socket_id,
@@ -315,7 +316,10 @@ async fn write_queued(
 }
 
 struct Connection {
+    /// The app as it was at the handshake: its id and history rules. Its Pusher credentials
+    /// are not used: see [`Connection::credentials`].
     app: App,
+    store: Arc<dyn Store>,
     hub: Arc<AppHub>,
     history: Arc<History>,
     config: WsConfig,
@@ -336,6 +340,16 @@ struct Connection {
 
 type Close = (u16, String);
 
+/// Why a signature could not be checked: the app's credentials could not be read.
+struct Unavailable {
+    /// `pusher:subscription_error`'s type and status.
+    kind: &'static str,
+    message: &'static str,
+    status: u16,
+    /// The code of the `pusher:error` a sign-in gets.
+    close: Option<u16>,
+}
+
 impl Connection {
     /// Handles one client message; returns a close code if the connection must end.
     /// Messages over `max_message_bytes` never get here: the transport refuses them (1009).
@@ -353,7 +367,7 @@ impl Connection {
             "pusher:pong" => {}
             "pusher:subscribe" => self.subscribe(message.data.as_deref()).await,
             "pusher:unsubscribe" => self.unsubscribe(message.data.as_deref()),
-            "pusher:signin" => self.sign_in(message.data.as_deref()),
+            "pusher:signin" => self.sign_in(message.data.as_deref()).await,
             name if name.starts_with("client-") => return self.client_event(&message).await,
             other => self
                 .outbox
@@ -436,7 +450,18 @@ impl Connection {
                 ));
                 return;
             }
-            let credentials = &self.app.pusher;
+            let credentials = match self.credentials().await {
+                Ok(credentials) => credentials,
+                Err(unavailable) => {
+                    self.outbox.send(refuse(
+                        unavailable.kind,
+                        unavailable.message.into(),
+                        unavailable.status,
+                    ));
+                    return;
+                }
+            };
+            let credentials = &credentials;
             if let Err(e) = pusher::with_any_secret(credentials, chrono::Utc::now(), |secret| {
                 pusher::verify_channel_auth(
                     &credentials.key,
@@ -558,6 +583,36 @@ impl Connection {
             .insert(channel.to_owned(), member.map(|(user_id, _)| user_id));
     }
 
+    /// The app's Pusher credentials as they are now, for one signature check. They are read
+    /// at every check, never kept from the handshake, so a rotation reaches open sockets at
+    /// once: the retired secret stops verifying when its grace ends (at once with a grace of
+    /// 0) and the new one verifies from the rotation's commit on. The store's app cache is
+    /// exact (the rotation's commit invalidates it), so this is a map lookup, not a query, and
+    /// it cannot go back to older credentials. Any future writer of credentials (a key
+    /// rotation, another node) is covered the same way, which a copy kept in the hub would
+    /// have to be told about.
+    async fn credentials(&self) -> Result<PusherCredentials, Unavailable> {
+        match self.store.get_app(&self.app.id).await {
+            Ok(Some(app)) => Ok(app.pusher),
+            // The connection is closing with 4001 (its token was cancelled).
+            Ok(None) => Err(Unavailable {
+                kind: "AuthError",
+                message: APP_DELETED,
+                status: 401,
+                close: Some(close::APP_DOES_NOT_EXIST),
+            }),
+            Err(e) => {
+                tracing::error!(error = %e, app_id = %self.app.id, "reading the app's credentials failed");
+                Err(Unavailable {
+                    kind: "ServerError",
+                    message: "the app's credentials could not be read; try again",
+                    status: 503,
+                    close: None,
+                })
+            }
+        }
+    }
+
     fn presence_member(&self, channel_data: &str) -> Result<Joining, String> {
         let data: ChannelData = serde_json::from_str(channel_data)
             .map_err(|e| format!("channel_data is not valid member JSON: {e}"))?;
@@ -620,7 +675,7 @@ impl Connection {
         }
     }
 
-    fn sign_in(&mut self, data: Option<&RawValue>) {
+    async fn sign_in(&mut self, data: Option<&RawValue>) {
         let request: SigninData = match protocol::parse_data(data) {
             Ok(request) => request,
             Err(e) => {
@@ -631,7 +686,17 @@ impl Connection {
                 return;
             }
         };
-        let credentials = &self.app.pusher;
+        let credentials = match self.credentials().await {
+            Ok(credentials) => credentials,
+            Err(unavailable) => {
+                self.outbox.send(protocol::error(
+                    &format!("sign-in refused: {}", unavailable.message),
+                    unavailable.close,
+                ));
+                return;
+            }
+        };
+        let credentials = &credentials;
         if let Err(e) = pusher::with_any_secret(credentials, chrono::Utc::now(), |secret| {
             pusher::verify_user_auth(
                 &credentials.key,

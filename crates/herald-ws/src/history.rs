@@ -5,6 +5,15 @@
 //! broadcast) and a join (read what was missed, register the subscriber, queue the replay). So
 //! a joining subscriber either finds an event in the store or receives it live, never both and
 //! never neither: the seam between replay and live has no gap and no duplicate.
+//!
+//! Positions are cached in memory, one slot per channel, only while they are worth keeping: a
+//! channel nothing was appended to has no stored position and its slot is dropped after each
+//! join (its epoch is derived from its name, so a new slot gives it the same one), and at most
+//! [`MAX_CACHED_POSITIONS`] slots are kept, idle ones evicted first. Joining any number of
+//! distinct channels costs no memory once the joins are done.
+//!
+//! A resume's replay is priced before it is read: the store sums the bytes of the missed range,
+//! and the replay is read only if the client's address can pay for it (see [`ReplayBudget`]).
 
 use std::{
     collections::HashMap,
@@ -55,13 +64,42 @@ impl Default for HistoryConfig {
     }
 }
 
-type PositionSlot = Arc<tokio::sync::Mutex<Option<ChannelPosition>>>;
+/// Position slots kept at most; beyond, idle ones are evicted (they are read from the store
+/// again on next use). Slots in use are bounded by the appends and joins running at once.
+pub const MAX_CACHED_POSITIONS: usize = 100_000;
+
+/// What a resume pays for being priced (the store's sum over the missed range) even when it is
+/// then refused: without it a client could make the store sum ranges it cannot afford at the
+/// subscribe rate of all its connections. A replay that is granted pays this as part of its
+/// bytes. At the default 2 MiB a second, one address can have at most 2,048 ranges priced a
+/// second; a legitimate resume costs no more than it would anyway, a KiB at least.
+pub const PRICING_COST: u64 = 1024;
+
+/// What a replayed frame adds to the event's stored bytes: the JSON members' names and quotes
+/// (about 60 bytes), the offset (up to 20 digits), plus the channel name and epoch, counted
+/// separately. String escaping is not counted: the budget is in bytes as kept, not as sent.
+const FRAME_OVERHEAD: u64 = 80;
+
+/// A channel's position as cached, and whether the store has it.
+struct Cached {
+    position: ChannelPosition,
+    /// Loaded from the store, or written by an append or a reset. A slot whose position is
+    /// not stored is the channel's [`History::fresh_position`] and may be dropped at any time
+    /// it is not in use: a new slot starts the same.
+    stored: bool,
+}
+
+type PositionSlot = Arc<tokio::sync::Mutex<Option<Cached>>>;
 
 pub struct History {
     store: Arc<dyn Store>,
     hub: Arc<Hub>,
     config: HistoryConfig,
     positions: Mutex<HashMap<(String, String), PositionSlot>>,
+    max_cached_positions: usize,
+    /// Secret per process: the epoch of a channel with no stored position is derived from it
+    /// and the channel's name.
+    epoch_seed: String,
 }
 
 /// Where a resuming client left off.
@@ -73,11 +111,9 @@ pub struct Resume {
 
 /// The bytes of history a subscriber may still be replayed (see `limits::ClientPermit`).
 pub trait ReplayBudget: Sync {
-    /// Whether anything may be replayed now; when not, missed events are not even read.
-    fn available(&self) -> bool;
-    /// Counts `bytes` read for a replay; `false` when they are over the budget, and then the
-    /// replay is not sent.
-    fn charge(&self, bytes: u64) -> bool;
+    /// Takes `bytes` if the budget holds them all, and then they may be read and replayed;
+    /// otherwise takes nothing (a refusal never puts the budget into debt).
+    fn try_charge(&self, bytes: u64) -> bool;
 }
 
 /// The `reason` of a recovery the replay budget refused.
@@ -134,7 +170,26 @@ impl History {
             hub,
             config,
             positions: Mutex::default(),
+            max_cached_positions: MAX_CACHED_POSITIONS,
+            epoch_seed: format!("{}{}", history::new_epoch(), history::new_epoch()),
         }
+    }
+
+    /// Keeps at most `max` position slots instead of [`MAX_CACHED_POSITIONS`] (for tests).
+    #[doc(hidden)]
+    pub fn with_max_cached_positions(mut self, max: usize) -> Self {
+        self.max_cached_positions = max;
+        self
+    }
+
+    /// How many channel positions are cached in memory (for tests).
+    #[doc(hidden)]
+    pub fn cached_positions(&self) -> usize {
+        self.lock_positions().len()
+    }
+
+    fn lock_positions(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), PositionSlot>> {
+        self.positions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn hub(&self) -> &Arc<Hub> {
@@ -147,47 +202,104 @@ impl History {
         history::retention_for(rules, channel)
     }
 
+    /// The channel's slot, created if it has none. When the map is full, idle slots are
+    /// evicted first (see [`Self::forget_idle_positions`]).
     fn slot(&self, app_id: &str, channel: &str) -> PositionSlot {
-        let mut positions = self.positions.lock().unwrap_or_else(|p| p.into_inner());
-        Arc::clone(
-            positions
-                .entry((app_id.to_owned(), channel.to_owned()))
-                .or_default(),
-        )
+        let key = (app_id.to_owned(), channel.to_owned());
+        let mut positions = self.lock_positions();
+        if positions.len() >= self.max_cached_positions && !positions.contains_key(&key) {
+            positions.retain(|_, slot| Arc::strong_count(slot) > 1);
+            tracing::debug!(
+                in_use = positions.len(),
+                "the channel position cache was full; evicted the idle positions"
+            );
+        }
+        Arc::clone(positions.entry(key).or_default())
     }
 
     /// Drops cached positions nobody is using; they are read from the store again on next
     /// use. A slot is in use while an append or join holds its `Arc`, and new holders clone
     /// it under the same map lock, so a count of one means free.
     fn forget_idle_positions(&self) {
-        let mut positions = self.positions.lock().unwrap_or_else(|p| p.into_inner());
-        positions.retain(|_, slot| Arc::strong_count(slot) > 1);
+        self.lock_positions()
+            .retain(|_, slot| Arc::strong_count(slot) > 1);
     }
 
-    /// The channel's position, kept in its slot: loaded from the store on first use, or
-    /// started with a fresh epoch. A fresh position is stored by the first append, not here:
-    /// anyone may subscribe to a public history channel, and a row per name subscribed to
+    /// Drops `slot`, whose lock the caller holds (`cached` is its content), if its position is
+    /// not stored and nobody else holds it: joining a channel nothing was appended to leaves
+    /// nothing behind, however many distinct names are joined.
+    ///
+    /// Why this keeps the seam exact: appends and joins of one channel are ordered by its
+    /// slot's lock, so there must never be two slots of one channel in use at once (an append
+    /// on a new slot could then run while a join still reads and registers on the old one).
+    /// The slot is removed under the map lock, only if the map still holds this very slot and
+    /// its only holders are the map and the caller. Everyone who gets a slot clones it under
+    /// that same lock, so at that moment no append or join holds or waits for this one, and
+    /// from then on nobody can get it; the caller has finished its work under the slot's lock
+    /// (the join has registered its subscriber, so an append on a new slot reaches it live).
+    /// The new slot starts with the same position (the store's, or the same
+    /// [`Self::fresh_position`]), so nothing is lost or renumbered either.
+    fn release_if_unstored(
+        &self,
+        app_id: &str,
+        channel: &str,
+        slot: &PositionSlot,
+        cached: &Option<Cached>,
+    ) {
+        if cached.as_ref().is_some_and(|c| c.stored) {
+            return;
+        }
+        let mut positions = self.lock_positions();
+        let key = (app_id.to_owned(), channel.to_owned());
+        if positions
+            .get(&key)
+            .is_some_and(|held| Arc::ptr_eq(held, slot) && Arc::strong_count(slot) == 2)
+        {
+            positions.remove(&key);
+        }
+    }
+
+    /// The position of a channel the store has none for (nothing was appended to it): offset
+    /// 1, with an epoch derived from the channel's name and this process's secret. Any slot of
+    /// the channel starts the same, so its slot can be dropped between uses without telling
+    /// two subscribers different epochs, and the first append stores this epoch. After a
+    /// restart the epoch differs, as a random one would; a client that saw nothing of such a
+    /// channel has missed nothing (`history::recovery`).
+    fn fresh_position(&self, app_id: &str, channel: &str) -> ChannelPosition {
+        let mac = herald_core::pusher::sign(&self.epoch_seed, &format!("{app_id}\n{channel}"));
+        ChannelPosition {
+            epoch: mac.chars().take(16).collect(),
+            next_offset: 1,
+        }
+    }
+
+    /// The channel's position, kept in its slot: loaded from the store on first use, or the
+    /// channel's [`Self::fresh_position`]. A fresh position is stored by the first append, not
+    /// here: anyone may subscribe to a public history channel, and a row per name subscribed to
     /// would let them fill the disk.
     async fn position<'s>(
         &self,
-        slot: &'s mut Option<ChannelPosition>,
+        slot: &'s mut Option<Cached>,
         app_id: &str,
         channel: &str,
     ) -> Result<&'s mut ChannelPosition, StoreError> {
         if slot.is_none() {
-            let loaded = match self.store.channel_position(app_id, channel).await? {
-                Some(position) => position,
-                None => ChannelPosition {
-                    epoch: history::new_epoch(),
-                    next_offset: 1,
+            let cached = match self.store.channel_position(app_id, channel).await? {
+                Some(position) => Cached {
+                    position,
+                    stored: true,
+                },
+                None => Cached {
+                    position: self.fresh_position(app_id, channel),
+                    stored: false,
                 },
             };
-            *slot = Some(loaded);
+            *slot = Some(cached);
         }
-        let Some(position) = slot.as_mut() else {
+        let Some(cached) = slot.as_mut() else {
             unreachable!("filled above")
         };
-        Ok(position)
+        Ok(&mut cached.position)
     }
 
     /// Sends an event to a channel's subscribers (but `except`); on a history channel it is
@@ -260,8 +372,29 @@ impl History {
         send: impl FnOnce(Frame) -> T,
     ) -> Result<T, StoreError> {
         let slot = self.slot(&app.id, channel);
-        let mut slot = slot.lock().await;
-        let position = self.position(&mut slot, &app.id, channel).await?;
+        let mut cached = slot.lock().await;
+        let sent = self
+            .append_locked(&mut cached, app, channel, retention, event, data, user_id)
+            .await
+            .map(send);
+        // Only a failed append can leave a position that is not stored.
+        self.release_if_unstored(&app.id, channel, &slot, &cached);
+        sent
+    }
+
+    /// [`Self::append`]'s work under the slot's lock: stores the event, returns its frame.
+    #[allow(clippy::too_many_arguments)]
+    async fn append_locked(
+        &self,
+        cached: &mut Option<Cached>,
+        app: &App,
+        channel: &str,
+        retention: Retention,
+        event: &str,
+        data: Data<'_>,
+        user_id: Option<&str>,
+    ) -> Result<Frame, StoreError> {
+        let position = self.position(cached, &app.id, channel).await?;
         let offset = position.next_offset;
         let (text, raw_json) = match data {
             Data::Text(text) => (text.to_owned(), false),
@@ -285,14 +418,25 @@ impl History {
             .await?;
         position.next_offset = offset + 1;
         let frame = protocol::history_event(event, channel, data, user_id, &position.epoch, offset);
-        Ok(send(frame))
+        if let Some(cached) = cached.as_mut() {
+            // The append stored the position.
+            cached.stored = true;
+        }
+        Ok(frame)
     }
 
     /// Joins a history channel: under the channel's lock, works out what `resume` missed,
     /// then calls `register`, which must add the subscriber to the hub and queue its frames
-    /// (the confirmation, then `Joined::replay`) before the lock is released. The replay's
-    /// bytes are charged to `budget`; missed events it has no room for are not sent
-    /// (`Joined::rate_limited`), and not even read while it is exhausted.
+    /// (the confirmation, then `Joined::replay`) before the lock is released.
+    ///
+    /// The replay is priced before it is read: [`PRICING_COST`], then the missed range's bytes
+    /// as the store sums them (plus each frame's envelope) are charged to `budget`, and the
+    /// events are read only if it pays for all of them; otherwise nothing more is charged or
+    /// read, and the status says `rate_limited` (`Joined::rate_limited`). A replay larger than
+    /// the budget's burst is never read: the client pages through the history API instead.
+    ///
+    /// A channel nothing was appended to keeps no slot after its join (see
+    /// [`Self::release_if_unstored`]).
     #[allow(clippy::too_many_arguments)]
     pub async fn join<T>(
         &self,
@@ -304,8 +448,27 @@ impl History {
         register: impl FnOnce(Joined) -> T,
     ) -> Result<T, StoreError> {
         let slot = self.slot(&app.id, channel);
-        let mut slot = slot.lock().await;
-        let position = self.position(&mut slot, &app.id, channel).await?;
+        let mut cached = slot.lock().await;
+        let registered = self
+            .join_locked(&mut cached, app, channel, retention, resume, budget)
+            .await
+            .map(register);
+        // After the subscriber is registered (or the join failed), still under the lock.
+        self.release_if_unstored(&app.id, channel, &slot, &cached);
+        registered
+    }
+
+    /// [`Self::join`]'s work under the slot's lock, up to registering.
+    async fn join_locked(
+        &self,
+        cached: &mut Option<Cached>,
+        app: &App,
+        channel: &str,
+        retention: Retention,
+        resume: Option<&Resume>,
+        budget: &dyn ReplayBudget,
+    ) -> Result<Joined, StoreError> {
+        let position = self.position(cached, &app.id, channel).await?;
         let newest = position.next_offset - 1;
         let mut joined = Joined {
             epoch: position.epoch.clone(),
@@ -314,62 +477,72 @@ impl History {
             replay: Vec::new(),
             rate_limited: false,
         };
-        if let Some(resume) = resume {
-            let not_before = not_before(retention);
-            // Rows past the count are trimmed in batches: count them as gone already.
-            let oldest = self
-                .store
-                .oldest_history_offset(&app.id, channel, not_before)
-                .await?
-                .map(|o| o.max(kept_after(newest, retention) + 1));
-            let recovery = history::recovery(
-                position,
-                oldest,
-                &resume.epoch,
-                resume.offset,
-                self.config.max_replay,
-            );
-            if let Recovery::Complete { missed } = recovery
-                && missed > 0
-                && !budget.available()
-            {
-                joined.rate_limited = true;
-            } else if let Recovery::Complete { missed } = recovery
-                && missed > 0
-            {
-                let entries = self
-                    .store
-                    .history(
-                        &app.id,
-                        channel,
-                        &HistoryQuery {
-                            after: Some(resume.offset),
-                            before: Some(position.next_offset),
-                            limit: u32::try_from(missed).unwrap_or(u32::MAX),
-                            newest_first: false,
-                            not_before,
-                        },
-                    )
-                    .await?;
-                // Retention may have removed some between the two reads; that is a gap.
-                if entries.len() as u64 != missed {
-                    joined.recovery = Some(Recovery::Impossible(Unrecoverable::OffsetTooOld));
-                } else {
-                    let replay: Vec<Frame> =
-                        entries.iter().map(|e| replay_frame(e, channel)).collect();
-                    let bytes = replay.iter().map(|f| f.as_str().len() as u64).sum();
-                    if budget.charge(bytes) {
-                        joined.replay = replay;
-                        joined.recovery = Some(recovery);
-                    } else {
-                        joined.rate_limited = true;
-                    }
-                }
-            } else {
+        let Some(resume) = resume else {
+            return Ok(joined);
+        };
+        let not_before = not_before(retention);
+        // Rows past the count are trimmed in batches: count them as gone already.
+        let oldest = self
+            .store
+            .oldest_history_offset(&app.id, channel, not_before)
+            .await?
+            .map(|o| o.max(kept_after(newest, retention) + 1));
+        let recovery = history::recovery(
+            position,
+            oldest,
+            &resume.epoch,
+            resume.offset,
+            self.config.max_replay,
+        );
+        let missed = match recovery {
+            Recovery::Complete { missed } if missed > 0 => missed,
+            _ => {
                 joined.recovery = Some(recovery);
+                return Ok(joined);
             }
+        };
+        if !budget.try_charge(PRICING_COST) {
+            joined.rate_limited = true;
+            return Ok(joined);
         }
-        Ok(register(joined))
+        let kept = self
+            .store
+            .history_bytes(
+                &app.id,
+                channel,
+                resume.offset,
+                position.next_offset,
+                not_before,
+            )
+            .await?;
+        let envelope = FRAME_OVERHEAD + channel.len() as u64 + position.epoch.len() as u64;
+        let price = kept.saturating_add(missed.saturating_mul(envelope));
+        if !budget.try_charge(price.saturating_sub(PRICING_COST)) {
+            joined.rate_limited = true;
+            return Ok(joined);
+        }
+        let entries = self
+            .store
+            .history(
+                &app.id,
+                channel,
+                &HistoryQuery {
+                    after: Some(resume.offset),
+                    before: Some(position.next_offset),
+                    limit: u32::try_from(missed).unwrap_or(u32::MAX),
+                    newest_first: false,
+                    not_before,
+                },
+            )
+            .await?;
+        // Retention may have removed some between the reads; that is a gap.
+        if entries.len() as u64 == missed {
+            joined.replay = entries.iter().map(|e| replay_frame(e, channel)).collect();
+            joined.recovery = Some(recovery);
+        } else {
+            joined.recovery = Some(Recovery::Impossible(Unrecoverable::OffsetTooOld));
+        }
+        Ok(joined)
     }
 
     /// Drops the channel's kept events and starts a new epoch (offsets go on counting), so
@@ -384,15 +557,29 @@ impl History {
             return Ok(None);
         }
         let slot = self.slot(&app.id, channel);
-        let mut slot = slot.lock().await;
-        let position = self.position(&mut slot, &app.id, channel).await?;
+        let mut cached = slot.lock().await;
+        let reset = self.reset_locked(&mut cached, app, channel).await;
+        self.release_if_unstored(&app.id, channel, &slot, &cached);
+        reset.map(Some)
+    }
+
+    async fn reset_locked(
+        &self,
+        cached: &mut Option<Cached>,
+        app: &App,
+        channel: &str,
+    ) -> Result<ChannelPosition, StoreError> {
+        let position = self.position(cached, &app.id, channel).await?;
         let fresh = ChannelPosition {
             epoch: history::new_epoch(),
             next_offset: position.next_offset,
         };
         self.store.reset_history(&app.id, channel, &fresh).await?;
         *position = fresh.clone();
-        Ok(Some(fresh))
+        if let Some(cached) = cached.as_mut() {
+            cached.stored = true;
+        }
+        Ok(fresh)
     }
 
     /// A page of the channel's history, and its position.

@@ -71,18 +71,6 @@ impl TokenBucket {
         }
     }
 
-    /// Takes `n` tokens whatever the bucket holds, going into debt if it must.
-    pub fn take(&mut self, n: f64) {
-        self.refill();
-        self.tokens -= n;
-    }
-
-    /// Whether the bucket holds anything (it is not empty or in debt).
-    pub fn has_tokens(&mut self) -> bool {
-        self.refill();
-        self.tokens > 0.0
-    }
-
     pub fn is_full(&mut self) -> bool {
         self.refill();
         self.tokens >= self.burst
@@ -121,8 +109,13 @@ impl Default for ClientLimits {
             max_connections: 1000,
             connections_per_second: 20,
             connection_burst: 100,
-            replay_bytes_per_second: 1024 * 1024,
-            replay_burst_bytes: 4 * 1024 * 1024,
+            // A full replay (`history.max_replay`, 500 events) of events near Pusher's 10 KB
+            // message limit is about 5 MB: the burst holds three of them, so a client that
+            // reconnects after an outage recovers at once instead of being told to page, and the
+            // rate refills one in under three seconds. Resubscribing in a loop still gets at
+            // most 2 MiB a second out of an address, where it got 151 MB a second unbounded.
+            replay_bytes_per_second: 2 * 1024 * 1024,
+            replay_burst_bytes: 16 * 1024 * 1024,
             trusted_proxies: Vec::new(),
             max_tracked_addresses: 100_000,
         }
@@ -393,35 +386,15 @@ impl Drop for ClientPermit {
 }
 
 impl ReplayBudget for ClientPermit {
-    fn available(&self) -> bool {
+    fn try_charge(&self, bytes: u64) -> bool {
         let Some((limiter, key)) = &self.held else {
             return true;
         };
         limiter
             .with_client(*key, |c| {
-                c.replay.as_mut().is_none_or(TokenBucket::has_tokens)
-            })
-            .unwrap_or(true)
-    }
-
-    fn charge(&self, bytes: u64) -> bool {
-        let Some((limiter, key)) = &self.held else {
-            return true;
-        };
-        limiter
-            .with_client(*key, |c| {
-                let Some(bucket) = c.replay.as_mut() else {
-                    return true;
-                };
-                let bytes = bytes as f64;
-                if bucket.try_take(bytes) {
-                    true
-                } else {
-                    // Read but not sent: the read still counts, so a client that keeps asking
-                    // for more than its budget stops causing reads until the debt is repaid.
-                    bucket.take(bytes);
-                    false
-                }
+                c.replay
+                    .as_mut()
+                    .is_none_or(|bucket| bucket.try_take(bytes as f64))
             })
             .unwrap_or(true)
     }
@@ -528,7 +501,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn replay_budget_is_per_address_and_reads_over_it_count() {
+    async fn replay_budget_is_per_address_and_a_refused_charge_takes_nothing() {
         let limiter = limiter(ClientLimits {
             max_connections: 0,
             connections_per_second: 0,
@@ -538,14 +511,19 @@ mod tests {
         });
         let one = limiter.admit(ip("192.0.2.1")).expect("admitted");
         let two = limiter.admit(ip("192.0.2.1")).expect("admitted");
-        assert!(one.charge(600));
-        assert!(two.available());
-        assert!(!two.charge(600), "the same address's budget");
-        assert!(!one.available(), "in debt by 200 bytes");
+        assert!(one.try_charge(600));
+        assert!(!two.try_charge(600), "the same address's budget");
+        assert!(
+            two.try_charge(400),
+            "the refused charge took nothing: no debt"
+        );
+        assert!(!one.try_charge(1), "spent");
         tokio::time::advance(Duration::from_secs(3)).await;
-        assert!(one.available());
+        assert!(one.try_charge(300), "refilled at 100 bytes a second");
+        assert!(!one.try_charge(1001), "never more than the burst at once");
         let other = limiter.admit(ip("192.0.2.2")).expect("admitted");
-        assert!(other.charge(1000));
+        assert!(other.try_charge(1000));
+        assert!(ClientPermit::unlimited().try_charge(u64::MAX));
     }
 
     #[test]

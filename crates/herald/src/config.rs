@@ -138,8 +138,15 @@ impl Default for WsSection {
 pub struct ListenerSection {
     /// Open connections at most, WebSockets included; more are closed at once.
     pub max_connections: usize,
+    /// Open connections one client address (IPv6: one /64) may hold, WebSockets included;
+    /// more are closed at once (0: no limit). Peers in `ws.trusted_proxies` are not counted.
+    /// Keep it above `ws.max_connections_per_ip`.
+    pub max_connections_per_ip: usize,
     /// Seconds a client has to send a request's headers (also the keep-alive idle limit).
     pub header_read_timeout_secs: f64,
+    /// Seconds a request's whole body has to arrive once the server starts reading it (408
+    /// and the connection closed beyond).
+    pub body_read_timeout_secs: f64,
     /// The largest request line plus headers, in bytes (431 beyond).
     pub max_header_bytes: usize,
 }
@@ -149,7 +156,9 @@ impl Default for ListenerSection {
         let d = crate::listener::ListenerLimits::default();
         Self {
             max_connections: d.max_connections,
+            max_connections_per_ip: d.max_connections_per_ip,
             header_read_timeout_secs: d.header_read_timeout.as_secs_f64(),
+            body_read_timeout_secs: d.body_read_timeout.as_secs_f64(),
             max_header_bytes: d.max_header_bytes,
         }
     }
@@ -313,12 +322,21 @@ impl Config {
                 )));
             }
         }
-        if !(self.listener.header_read_timeout_secs.is_finite()
-            && self.listener.header_read_timeout_secs > 0.0)
-        {
-            return Err(ConfigError::Invalid(
-                "listener.header_read_timeout_secs must be a positive number".into(),
-            ));
+        let l = &self.listener;
+        let listener_timeouts = [
+            (
+                "listener.header_read_timeout_secs",
+                l.header_read_timeout_secs,
+            ),
+            ("listener.body_read_timeout_secs", l.body_read_timeout_secs),
+        ];
+        for (name, value) in listener_timeouts {
+            // Bounded too: a Duration cannot hold every finite f64.
+            if !(value.is_finite() && value > 0.0 && value <= 1e9) {
+                return Err(ConfigError::Invalid(format!(
+                    "{name} must be a positive number of seconds (at most 1e9)"
+                )));
+            }
         }
         if self.listener.max_connections == 0 || self.listener.max_header_bytes < 1024 {
             return Err(ConfigError::Invalid(
@@ -414,7 +432,11 @@ impl Config {
         let l = &self.listener;
         crate::listener::ListenerLimits {
             max_connections: l.max_connections,
+            max_connections_per_ip: l.max_connections_per_ip,
+            // The same proxies the WebSocket limiter trusts: each carries many clients.
+            trusted_proxies: self.ws.trusted_proxies.clone(),
             header_read_timeout: Duration::from_secs_f64(l.header_read_timeout_secs),
+            body_read_timeout: Duration::from_secs_f64(l.body_read_timeout_secs),
             max_header_bytes: l.max_header_bytes,
         }
     }

@@ -1,32 +1,65 @@
 //! The HTTP listener every face shares (APIs, WebSockets, SSE, webhooks in).
 //!
-//! It accepts TCP connections up to a cap, serves each with hyper's HTTP/1 server under a limit
-//! on the request head's size and the time to send it, and drains gracefully at shutdown.
-//! `axum::serve` offers none of these knobs, so the accept loop lives here; everything above the
-//! connection is still the axum router.
+//! It accepts TCP connections up to a cap, and up to a cap per client address, serves each with
+//! hyper's HTTP/1 server under a limit on the request head's size, the time to send it and the
+//! time to send the body, and drains gracefully at shutdown. `axum::serve` offers none of these
+//! knobs, so the accept loop lives here; everything above the connection is still the axum
+//! router.
 //!
 //! - **Connection cap**: a socket beyond `max_connections` is closed at once. The slot is held by
 //!   the socket itself, so an upgraded WebSocket keeps counting until it closes.
+//! - **Per-address cap**: so that one host cannot hold every slot, a socket from an address that
+//!   already holds `max_connections_per_ip` is closed at once too (0: no limit). IPv6 peers are
+//!   counted per /64, IPv4 per address (as the WebSocket limiter in `herald-ws` counts them);
+//!   peers in `trusted_proxies` (reverse proxies, which carry many clients) are not counted.
+//!   The table holds only addresses with an open socket (an entry is removed when its count
+//!   reaches zero), and every counted socket holds a slot of the connection cap, so it never
+//!   holds more than `max_connections` entries.
 //! - **Header read timeout**: a client has `header_read_timeout` to send a complete request head,
 //!   counted from the connection's start and, on a kept-alive connection, from the end of the
 //!   previous response: slowloris clients and idle keep-alive sockets are both cut off.
+//! - **Body read timeout**: once a handler starts reading a request body, the whole body has
+//!   `body_read_timeout` to arrive (hyper itself never times out a slow body). Past it, reading
+//!   fails, the request is answered 408 and the connection is closed. The timer runs only while a
+//!   body is being read: requests without a body (WebSocket upgrades, SSE streams, most GETs)
+//!   never start one, and a long response is not a request body.
 //! - **Head size**: a request line plus headers over `max_header_bytes` gets 431.
 
 use std::{
+    collections::HashMap,
+    error::Error as StdError,
+    fmt,
+    future::Future,
     io,
+    net::{IpAddr, Ipv6Addr},
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
 
-use axum::{Router, body::Body, extract::ConnectInfo};
-use hyper::{Request, body::Incoming, server::conn::http1};
+use axum::{
+    BoxError, Router,
+    body::Body,
+    extract::ConnectInfo,
+    http::{HeaderValue, StatusCode, header},
+    response::Response,
+};
+use hyper::{
+    Request,
+    body::{Body as HttpBody, Bytes, Frame, Incoming, SizeHint},
+    server::conn::http1,
+};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use ipnet::IpNet;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
     sync::{OwnedSemaphorePermit, Semaphore},
+    time::Sleep,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower_service::Service;
@@ -35,7 +68,12 @@ use tower_service::Service;
 #[derive(Debug, Clone)]
 pub struct ListenerLimits {
     pub max_connections: usize,
+    /// Open sockets per client address (IPv6: per /64); 0: no limit.
+    pub max_connections_per_ip: usize,
+    /// Peers the per-address cap does not count (reverse proxies).
+    pub trusted_proxies: Vec<IpNet>,
     pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
     pub max_header_bytes: usize,
 }
 
@@ -43,7 +81,14 @@ impl Default for ListenerLimits {
     fn default() -> Self {
         Self {
             max_connections: 25_000,
+            // Room for a full WebSocket/SSE allotment (`ws.max_connections_per_ip`, 1,000) and
+            // as many again for HTTP (producers' connection pools, a provider's webhook bursts
+            // from one egress address), while one address holds at most 8% of the cap.
+            max_connections_per_ip: 2_000,
+            trusted_proxies: Vec::new(),
             header_read_timeout: Duration::from_secs(10),
+            // The whole body: at the default 1 MiB body limit, at least ~35 KB/s.
+            body_read_timeout: Duration::from_secs(30),
             max_header_bytes: 32 * 1024,
         }
     }
@@ -59,6 +104,11 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> io::Result<()> {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let per_address = Arc::new(PerAddress::new(
+        limits.max_connections_per_ip,
+        limits.trusted_proxies.clone(),
+    ));
+    let body_timeout = limits.body_read_timeout;
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
@@ -67,6 +117,7 @@ pub async fn serve(
         .max_buf_size((limits.max_header_bytes + 16 * 1024).max(64 * 1024));
     let connections = TaskTracker::new();
     let mut refused: u64 = 0;
+    let mut refused_per_address: u64 = 0;
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -94,15 +145,47 @@ pub async fn serve(
             drop(stream);
             continue;
         };
+        // After the global slot, so every counted socket holds one (the table's bound).
+        let Some(address_slot) = per_address.admit(peer.ip()) else {
+            refused_per_address += 1;
+            if refused_per_address.is_power_of_two() {
+                tracing::warn!(
+                    %peer,
+                    refused = refused_per_address,
+                    max_connections_per_ip = limits.max_connections_per_ip,
+                    "connection refused: the client's address is at its connection cap"
+                );
+            }
+            drop(stream);
+            continue;
+        };
         let io = TokioIo::new(Counted {
             stream,
             _slot: slot,
+            _address_slot: address_slot,
         });
         let router = router.clone();
         let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
             request.extensions_mut().insert(ConnectInfo(peer));
+            // Only a request with a body to read gets a timer (and its flag).
+            let timed_out =
+                (!request.body().is_end_stream()).then(|| Arc::new(AtomicBool::new(false)));
+            let request = request.map(|body| match &timed_out {
+                Some(flag) => Body::new(TimedBody::new(body, body_timeout, Arc::clone(flag))),
+                None => Body::new(body),
+            });
             // A router clone is a reference count; each request gets its own.
-            router.clone().call(request.map(Body::new))
+            let response = router.clone().call(request);
+            async move {
+                let response = response.await;
+                match timed_out {
+                    Some(flag) if flag.load(Ordering::Acquire) => {
+                        tracing::debug!(%peer, "the request body timed out: answered 408");
+                        Ok(body_timeout_response(body_timeout))
+                    }
+                    _ => response,
+                }
+            }
         });
         let connection = http.serve_connection(io, service).with_upgrades();
         let shutdown = shutdown.clone();
@@ -127,13 +210,198 @@ pub async fn serve(
     Ok(())
 }
 
-/// A socket that holds one of the listener's connection slots for as long as it lives, through
-/// an upgrade to WebSocket too.
+/// The answer to a request whose body did not arrive in time, whatever the handler made of the
+/// failed read (axum's extractors would say 400): 408 in the APIs' error shape, and the
+/// connection closed (the rest of the body is never read).
+fn body_timeout_response(timeout: Duration) -> Response {
+    let body = format!(
+        r#"{{"code":"request_timeout","detail":"the request body did not arrive within {} s"}}"#,
+        timeout.as_secs_f64()
+    );
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = StatusCode::REQUEST_TIMEOUT;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+/// A request body whose reading fails once `timeout` has passed since the first read, unless it
+/// has ended by then. The timer exists only between the first read and the end of the body.
+struct TimedBody<B> {
+    inner: B,
+    timeout: Duration,
+    deadline: Option<Pin<Box<Sleep>>>,
+    /// The body ended (or failed): no timer any more.
+    done: bool,
+    /// Set when the deadline passed, for the service to answer 408.
+    timed_out: Arc<AtomicBool>,
+}
+
+impl<B> TimedBody<B> {
+    fn new(inner: B, timeout: Duration, timed_out: Arc<AtomicBool>) -> Self {
+        Self {
+            inner,
+            timeout,
+            deadline: None,
+            done: false,
+            timed_out,
+        }
+    }
+
+    fn finish(&mut self) {
+        self.done = true;
+        self.deadline = None;
+    }
+}
+
+/// Reading a request body failed: it did not arrive within the body read timeout.
+#[derive(Debug)]
+struct BodyTimedOut(Duration);
+
+impl fmt::Display for BodyTimedOut {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the request body did not arrive within {} s",
+            self.0.as_secs_f64()
+        )
+    }
+}
+
+impl StdError for BodyTimedOut {}
+
+impl<B> HttpBody for TimedBody<B>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if this.timed_out.load(Ordering::Relaxed) {
+            return Poll::Ready(Some(Err(BodyTimedOut(this.timeout).into())));
+        }
+        if !this.done {
+            if this.inner.is_end_stream() {
+                this.finish();
+            } else {
+                let timeout = this.timeout;
+                let deadline = this
+                    .deadline
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                if deadline.as_mut().poll(cx).is_ready() {
+                    this.deadline = None;
+                    this.timed_out.store(true, Ordering::Release);
+                    return Poll::Ready(Some(Err(BodyTimedOut(timeout).into())));
+                }
+            }
+        }
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None | Some(Err(_))) => this.finish(),
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.finish(),
+            _ => {}
+        }
+        polled.map(|frame| frame.map(|result| result.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Open sockets per client address; see the module documentation.
+struct PerAddress {
+    max: usize,
+    trusted_proxies: Vec<IpNet>,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl PerAddress {
+    fn new(max: usize, trusted_proxies: Vec<IpNet>) -> Self {
+        Self {
+            max,
+            trusted_proxies,
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<IpAddr, usize>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts a socket from `peer`, or `None` if its address holds `max` already.
+    fn admit(self: &Arc<Self>, peer: IpAddr) -> Option<AddressSlot> {
+        let peer = peer.to_canonical();
+        if self.max == 0 || self.trusted_proxies.iter().any(|net| net.contains(&peer)) {
+            return Some(AddressSlot { held: None });
+        }
+        let key = address_key(peer);
+        let mut open = self.lock();
+        let count = open.entry(key).or_insert(0);
+        if *count >= self.max {
+            return None;
+        }
+        *count += 1;
+        Some(AddressSlot {
+            held: Some((Arc::clone(self), key)),
+        })
+    }
+
+    #[cfg(test)]
+    fn tracked(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+/// IPv4 as is, IPv6 by its /64 (one subscriber line's usual allocation).
+fn address_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & (u128::MAX << 64))),
+        v4 => v4,
+    }
+}
+
+/// One socket's place in its address's count, released when dropped.
+struct AddressSlot {
+    held: Option<(Arc<PerAddress>, IpAddr)>,
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let Some((per_address, key)) = self.held.take() else {
+            return;
+        };
+        let mut open = per_address.lock();
+        if let Some(count) = open.get_mut(&key) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                open.remove(&key);
+            }
+        }
+    }
+}
+
+/// A socket that holds one of the listener's connection slots, and its place in its address's
+/// count, for as long as it lives, through an upgrade to WebSocket too.
 struct Counted {
     stream: TcpStream,
     _slot: OwnedSemaphorePermit,
+    _address_slot: AddressSlot,
 }
-
 impl AsyncRead for Counted {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -171,5 +439,121 @@ impl AsyncWrite for Counted {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("an address")
+    }
+
+    #[test]
+    fn sockets_are_counted_per_address_and_forgotten_at_zero() {
+        let per_address = Arc::new(PerAddress::new(2, vec!["10.0.0.0/8".parse().expect("net")]));
+        let a = per_address.admit(ip("192.0.2.1")).expect("first");
+        let b = per_address.admit(ip("192.0.2.1")).expect("second");
+        assert!(per_address.admit(ip("192.0.2.1")).is_none(), "third");
+        // IPv4-mapped IPv6 is the same address.
+        assert!(per_address.admit(ip("::ffff:192.0.2.1")).is_none());
+        let other = per_address.admit(ip("192.0.2.2")).expect("another address");
+        assert_eq!(per_address.tracked(), 2);
+        drop(a);
+        let c = per_address
+            .admit(ip("192.0.2.1"))
+            .expect("a place was freed");
+        drop((b, c, other));
+        assert_eq!(
+            per_address.tracked(),
+            0,
+            "entries go when their count is zero"
+        );
+
+        // IPv6 counts per /64.
+        let _v6 = per_address.admit(ip("2001:db8:1:2::1")).expect("first");
+        let _v6b = per_address
+            .admit(ip("2001:db8:1:2:ffff::9"))
+            .expect("second");
+        assert!(
+            per_address.admit(ip("2001:db8:1:2::77")).is_none(),
+            "same /64"
+        );
+        let _next = per_address.admit(ip("2001:db8:1:3::1")).expect("next /64");
+
+        // Trusted proxies are not counted, nor is anything when the limit is 0.
+        let proxied: Vec<_> = (0..5)
+            .map(|_| per_address.admit(ip("10.1.2.3")).expect("a trusted proxy"))
+            .collect();
+        assert_eq!(proxied.len(), 5);
+        let unlimited = Arc::new(PerAddress::new(0, Vec::new()));
+        let many: Vec<_> = (0..5)
+            .map(|_| unlimited.admit(ip("192.0.2.1")).expect("no limit"))
+            .collect();
+        assert_eq!((many.len(), unlimited.tracked()), (5, 0));
+    }
+
+    /// A body that never sends anything.
+    struct Silent;
+
+    impl HttpBody for Silent {
+        type Data = Bytes;
+        type Error = io::Error;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+            Poll::Pending
+        }
+    }
+
+    async fn next_frame<B: HttpBody + Unpin>(
+        body: &mut B,
+    ) -> Option<Result<Frame<B::Data>, B::Error>> {
+        std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_does_not_arrive_in_time_fails_and_is_flagged() {
+        let flag = Arc::new(AtomicBool::new(false));
+        let mut body = TimedBody::new(Silent, Duration::from_secs(30), Arc::clone(&flag));
+        assert!(body.deadline.is_none(), "no timer before the first read");
+        let started = tokio::time::Instant::now();
+        let error = next_frame(&mut body)
+            .await
+            .expect("a frame")
+            .expect_err("timed out");
+        assert_eq!(started.elapsed(), Duration::from_secs(30));
+        assert!(error.is::<BodyTimedOut>(), "{error}");
+        assert!(flag.load(Ordering::Acquire));
+        assert!(next_frame(&mut body).await.expect("a frame").is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bodies_that_are_empty_or_complete_hold_no_timer() {
+        let flag = Arc::new(AtomicBool::new(false));
+        let mut empty = TimedBody::new(Body::empty(), Duration::from_secs(1), Arc::clone(&flag));
+        assert!(next_frame(&mut empty).await.is_none());
+        assert!(
+            empty.deadline.is_none(),
+            "an empty body never starts a timer"
+        );
+
+        let mut full = TimedBody::new(
+            Body::from("{\"a\":1}"),
+            Duration::from_secs(1),
+            Arc::clone(&flag),
+        );
+        let frame = next_frame(&mut full).await.expect("a frame").expect("data");
+        assert_eq!(frame.into_data().expect("data"), Bytes::from("{\"a\":1}"));
+        assert!(
+            full.deadline.is_none(),
+            "the timer goes with the body's end"
+        );
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(next_frame(&mut full).await.is_none());
+        assert!(!flag.load(Ordering::Acquire));
     }
 }

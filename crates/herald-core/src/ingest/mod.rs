@@ -243,12 +243,7 @@ pub fn verify(
             .ok_or(no_match)
         }
         SourceKind::StandardWebhooks => {
-            // Svix sends the same scheme under `svix-*` names.
-            let prefix = if (request.header)("webhook-signature").is_some() {
-                "webhook"
-            } else {
-                "svix"
-            };
+            let prefix = standard_header_prefix(request);
             let id = request.required(&format!("{prefix}-id"))?;
             let ts_name = format!("{prefix}-timestamp");
             let timestamp: i64 = request
@@ -302,7 +297,16 @@ pub fn verify(
 /// content), otherwise `sha256:<hex>` of the body. GitHub's, Shopify's and a generic source's
 /// delivery ids travel in headers the signature does not cover: trusting them would let one
 /// captured request be published again under a new id, so the signed body is the key.
-pub fn delivery_id(kind: SourceKind, request: &Request<'_>, payload: Option<&Value>) -> String {
+///
+/// `header_event_type` is the event type when it was read from an unsigned header (a source
+/// that trusts them): Shopify sends one body under several topics (`orders/create`, then
+/// `orders/updated`), which are distinct deliveries, so it joins the body hash in the key.
+pub fn delivery_id(
+    kind: SourceKind,
+    request: &Request<'_>,
+    payload: Option<&Value>,
+    header_event_type: Option<&str>,
+) -> String {
     let from_payload = |field: &str| {
         payload
             .and_then(|p| p.get(field))
@@ -313,13 +317,31 @@ pub fn delivery_id(kind: SourceKind, request: &Request<'_>, payload: Option<&Val
     let id = match kind {
         SourceKind::Stripe => from_payload("id"),
         SourceKind::Slack => from_payload("event_id"),
+        // The id the signature covered: the one under the names that were verified.
         SourceKind::StandardWebhooks => {
-            from_header("webhook-id").or_else(|| from_header("svix-id"))
+            from_header(&format!("{}-id", standard_header_prefix(request)))
         }
         SourceKind::Github | SourceKind::Shopify | SourceKind::HmacSha256 => None,
     };
     id.filter(|id| !id.is_empty() && id.len() <= 256)
-        .unwrap_or_else(|| format!("sha256:{}", hex::encode(Sha256::digest(request.body))))
+        .unwrap_or_else(|| {
+            let hash = hex::encode(Sha256::digest(request.body));
+            match header_event_type {
+                Some(event_type) => format!("sha256:{hash}:{event_type}"),
+                None => format!("sha256:{hash}"),
+            }
+        })
+}
+
+/// Standard Webhooks headers are `webhook-*`, or Svix's `svix-*` when no `webhook-signature` is
+/// present; verification and the delivery id read the same set, so an unsigned `webhook-id`
+/// beside a `svix-signature` is never taken for the delivery id.
+fn standard_header_prefix(request: &Request<'_>) -> &'static str {
+    if (request.header)("webhook-signature").is_some() {
+        "webhook"
+    } else {
+        "svix"
+    }
 }
 
 fn malformed(header: &str, reason: &str) -> VerifyError {

@@ -270,6 +270,7 @@ fn delivery_ids_come_from_signed_content_only() {
     let headers = |name: &str| match name {
         "x-github-delivery" | "x-shopify-webhook-id" | "x-delivery" => Some("header-id"),
         "webhook-id" => Some("msg_signed"),
+        "webhook-signature" => Some("v1,AAAA"),
         _ => None,
     };
     let request = Request {
@@ -278,12 +279,27 @@ fn delivery_ids_come_from_signed_content_only() {
     };
     let payload: Value = serde_json::from_slice(BODY).expect("json");
     assert_eq!(
-        delivery_id(SourceKind::Stripe, &request, Some(&payload)),
+        delivery_id(SourceKind::Stripe, &request, Some(&payload), None),
         "evt_1"
     );
     assert_eq!(
-        delivery_id(SourceKind::StandardWebhooks, &request, None),
+        delivery_id(SourceKind::StandardWebhooks, &request, None, None),
         "msg_signed"
+    );
+    // Signed under Svix's names, with an unsigned `webhook-id` beside: the signed id counts.
+    let svix = |name: &str| match name {
+        "svix-signature" => Some("v1,AAAA"),
+        "svix-id" => Some("msg_signed_by_svix"),
+        "webhook-id" => Some("unsigned"),
+        _ => None,
+    };
+    let svix_request = Request {
+        header: &svix,
+        body: BODY,
+    };
+    assert_eq!(
+        delivery_id(SourceKind::StandardWebhooks, &svix_request, None, None),
+        "msg_signed_by_svix"
     );
     let body_hash = format!("sha256:{}", hex::encode(Sha256::digest(BODY)));
     for kind in [
@@ -292,11 +308,16 @@ fn delivery_ids_come_from_signed_content_only() {
         SourceKind::HmacSha256,
     ] {
         assert_eq!(
-            delivery_id(kind, &request, Some(&payload)),
+            delivery_id(kind, &request, Some(&payload), None),
             body_hash,
             "{kind:?}: the unsigned header id is not trusted"
         );
     }
+    // A source trusting headers: one body under two topics is two deliveries.
+    let created = delivery_id(SourceKind::Shopify, &request, None, Some("orders.create"));
+    let updated = delivery_id(SourceKind::Shopify, &request, None, Some("orders.updated"));
+    assert_eq!(created, format!("{body_hash}:orders.create"));
+    assert_ne!(created, updated);
 }
 
 #[test]

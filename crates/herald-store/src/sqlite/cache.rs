@@ -39,11 +39,15 @@ impl Cache {
 
     pub(crate) fn app(&self, id_or_uid: &str) -> Option<App> {
         let entries = self.read();
-        entries
-            .apps
-            .get(id_or_uid)
-            .or_else(|| entries.apps_by_uid.get(id_or_uid))
-            .cloned()
+        if let Some(app) = entries.apps.get(id_or_uid) {
+            return Some(app.clone());
+        }
+        // Something shaped like an app id is an id: a miss goes to the store, whose lookup ranks
+        // an exact id first, never to a uid (older versions let uids look like ids).
+        if herald_core::id::has_prefix(id_or_uid, herald_core::id::APP) {
+            return None;
+        }
+        entries.apps_by_uid.get(id_or_uid).cloned()
     }
 
     pub(crate) fn endpoints(&self, app_id: &str) -> Option<Arc<Vec<Endpoint>>> {

@@ -654,6 +654,32 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    async fn history_bytes(
+        &self,
+        app_id: &str,
+        channel: &str,
+        after: u64,
+        before: u64,
+        not_before: DateTime<Utc>,
+    ) -> Result<u64> {
+        // octet_length, not length: bytes, not characters, and SQLite answers it from the
+        // record header without loading the values (which may sit in overflow pages).
+        let bytes: Option<i64> = sqlx::query_scalar(
+            "SELECT SUM(octet_length(data) + octet_length(event)
+                        + COALESCE(octet_length(user_id), 0))
+             FROM channel_history
+             WHERE app_id = $1 AND channel = $2 AND seq > $3 AND seq < $4 AND created_at >= $5",
+        )
+        .bind(app_id)
+        .bind(channel)
+        .bind(i64::try_from(after).unwrap_or(i64::MAX))
+        .bind(i64::try_from(before).unwrap_or(i64::MAX))
+        .bind(millis(not_before))
+        .fetch_one(&self.reader)
+        .await?;
+        Ok(bytes.and_then(|b| u64::try_from(b).ok()).unwrap_or(0))
+    }
+
     async fn oldest_history_offset(
         &self,
         app_id: &str,
@@ -1206,21 +1232,38 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn purge_idempotency(&self, older_than: DateTime<Utc>, keep_at_most: u64) -> Result<u64> {
+    async fn purge_idempotency(
+        &self,
+        older_than: DateTime<Utc>,
+        max_rows: u64,
+        max_bytes: u64,
+    ) -> Result<u64> {
         let expired = sqlx::query("DELETE FROM idempotency WHERE created_at < $1")
             .bind(millis(older_than))
             .execute(&self.writer)
             .await?;
         // Rowids grow with insertion, so the newest rows are the highest: no sort needed.
-        let keep = i64::try_from(keep_at_most).unwrap_or(i64::MAX);
-        let excess = sqlx::query(
+        let keep = i64::try_from(max_rows).unwrap_or(i64::MAX);
+        let excess_rows = sqlx::query(
             "DELETE FROM idempotency WHERE rowid <= \
              (SELECT rowid FROM idempotency ORDER BY rowid DESC LIMIT 1 OFFSET $1)",
         )
         .bind(keep)
         .execute(&self.writer)
         .await?;
-        Ok(expired.rows_affected() + excess.rows_affected())
+        // Then, newest first, everything from the row where the bodies add up past the cap.
+        let budget = i64::try_from(max_bytes).unwrap_or(i64::MAX);
+        let excess_bytes = sqlx::query(
+            "DELETE FROM idempotency WHERE rowid <= (
+                 SELECT rowid FROM (
+                     SELECT rowid, SUM(LENGTH(body)) OVER (ORDER BY rowid DESC) AS kept
+                     FROM idempotency)
+                 WHERE kept > $1 ORDER BY rowid DESC LIMIT 1)",
+        )
+        .bind(budget)
+        .execute(&self.writer)
+        .await?;
+        Ok(expired.rows_affected() + excess_rows.rows_affected() + excess_bytes.rows_affected())
     }
 
     async fn close(&self) {
@@ -1448,6 +1491,15 @@ mod tests {
             let found = store.get_app(&a.id).await.expect("read").expect("found");
             assert_eq!(found.id, a.id, "{round}");
         }
+        // A read first, after an invalidation: B's id is still not answered from A's uid.
+        store
+            .set_pusher_credentials(&b.id, &b.pusher)
+            .await
+            .expect("a write clears the cache");
+        let found = store.get_app(&a.id).await.expect("read").expect("found");
+        assert_eq!(found.id, a.id);
+        let found = store.get_app(&b.id).await.expect("read").expect("found");
+        assert_eq!(found.id, b.id, "A cached first, B looked up by id");
         store.close().await;
     }
 
@@ -1462,11 +1514,29 @@ mod tests {
                 .expect("save");
         }
         let purged = store
-            .purge_idempotency(now - chrono::Duration::hours(1), 2)
+            .purge_idempotency(now - chrono::Duration::hours(1), 2, u64::MAX)
             .await
             .expect("purge");
         assert_eq!(purged, 3);
         for (n, kept) in [(0, false), (2, false), (3, true), (4, true)] {
+            let found = store
+                .idempotent_response("scope", &format!("key-{n}"))
+                .await
+                .expect("read");
+            assert_eq!(found.is_some(), kept, "key-{n}");
+        }
+        // By size: three bodies of 100 bytes with room for 250 keep the newest two.
+        for n in 5..8 {
+            store
+                .save_idempotent_response("scope", &format!("key-{n}"), 201, &[b'x'; 100], now)
+                .await
+                .expect("save");
+        }
+        store
+            .purge_idempotency(now - chrono::Duration::hours(1), 100, 250)
+            .await
+            .expect("purge");
+        for (n, kept) in [(4, false), (5, false), (6, true), (7, true)] {
             let found = store
                 .idempotent_response("scope", &format!("key-{n}"))
                 .await

@@ -4,8 +4,10 @@
 //! secrets), so the data directory is made `0700` and the database file and its `-wal`, `-shm`
 //! and `-journal` files `0600`. The modes are set explicitly, whatever the process umask (which
 //! a library must not change): a directory or database file the store creates gets them, and
-//! an existing one that others could reach has its group and other bits cleared, logged at
-//! info. The database file is created before SQLite opens it because SQLite gives its side
+//! an existing database file, or a directory that already holds one (Herald's own), that
+//! others could reach has its group and other bits cleared, logged at info. An existing
+//! directory without a database (one the operator named, such as `/srv`) is not changed, as
+//! others may use it too; a warning says it is open to other users. The database file is created before SQLite opens it because SQLite gives its side
 //! files the database file's mode; they are checked again once the store is open. Unix only;
 //! elsewhere the directory is just created.
 
@@ -17,7 +19,7 @@ const SIDE_FILES: [&str; 3] = ["-wal", "-shm", "-journal"];
 /// Before SQLite opens anything: creates `dir` (and its parents) and the empty database file
 /// `db_file` in it if missing, and makes both, and any side files already there, owner-only.
 pub(super) fn prepare(dir: &Path, db_file: &str) -> io::Result<()> {
-    imp::prepare_dir(dir)?;
+    imp::prepare_dir(dir, &dir.join(db_file))?;
     imp::prepare_db_file(&dir.join(db_file))?;
     secure_files(dir, db_file)
 }
@@ -46,14 +48,27 @@ mod imp {
     const OTHERS: u32 = 0o077;
     const STICKY: u32 = 0o1000;
 
-    pub(super) fn prepare_dir(dir: &Path) -> io::Result<()> {
+    pub(super) fn prepare_dir(dir: &Path, db: &Path) -> io::Result<()> {
         match fs::metadata(dir) {
             Ok(meta) if meta.permissions().mode() & STICKY != 0 => Err(io::Error::other(format!(
                 "data directory {} is a shared directory (it has the sticky bit, like /tmp); \
                  give Herald a directory of its own",
                 dir.display()
             ))),
-            Ok(_) => tighten(dir, "data directory"),
+            Ok(_) if db.exists() => tighten(dir, "data directory"),
+            Ok(meta) => {
+                let mode = meta.permissions().mode() & 0o7777;
+                if mode & OTHERS != 0 {
+                    tracing::warn!(
+                        path = %dir.display(),
+                        mode = format_args!("{mode:04o}"),
+                        "the data directory existed before Herald and other users can reach it; \
+                         it is left as it is (the database files are private), but a directory \
+                         of Herald's own, mode 0700, is safer"
+                    );
+                }
+                Ok(())
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 DirBuilder::new()
                     .recursive(true)
@@ -119,7 +134,7 @@ mod imp {
 mod imp {
     use std::{io, path::Path};
 
-    pub(super) fn prepare_dir(dir: &Path) -> io::Result<()> {
+    pub(super) fn prepare_dir(dir: &Path, _db: &Path) -> io::Result<()> {
         std::fs::create_dir_all(dir)
     }
 
@@ -207,6 +222,22 @@ mod tests {
 
         let store = SqliteStore::open(&dir).await.expect("reopen");
         assert_private(&dir);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn an_existing_directory_without_a_database_is_left_as_it_is() {
+        let parent = tempfile::tempdir().expect("temp dir");
+        let dir = parent.path().join("shared-with-others");
+        fs::create_dir(&dir).expect("mkdir");
+        fs::set_permissions(&dir, Permissions::from_mode(0o755)).expect("chmod dir");
+        let store = SqliteStore::open(&dir).await.expect("open");
+        assert_eq!(mode(&dir), 0o755, "an operator's directory is not changed");
+        assert_eq!(
+            mode(&dir.join(DB_FILE)),
+            0o600,
+            "the database file is private"
+        );
         store.close().await;
     }
 

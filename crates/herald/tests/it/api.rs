@@ -543,3 +543,35 @@ async fn uids_that_look_like_ids_are_refused_so_an_id_always_names_its_own_resou
     assert_eq!(in_a["data"], json!([]), "nothing reached A");
     server.stop().await;
 }
+
+/// The review's finding: answers over 64 KiB were not kept, and a message create echoes its
+/// payload, so the Svix SDK's retry of a 100 KB message with the same key created it twice.
+#[tokio::test]
+async fn an_idempotent_retry_of_a_large_message_replays_instead_of_creating_again() {
+    let server = TestServer::start().await;
+    let app = server.create_app("idem-large").await;
+    let path = format!("/api/v1/app/{app}/msg");
+    let body = json!({"eventType": "t", "payload": {"blob": "x".repeat(100_000)}});
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let (status, message) = server
+            .call_as(
+                Some(ADMIN_TOKEN),
+                Method::POST,
+                &path,
+                Some(body.clone()),
+                Some("large-key"),
+            )
+            .await;
+        assert_eq!(status, 201);
+        ids.push(message["id"].clone());
+    }
+    assert_eq!(ids[0], ids[1], "the retry replays the first answer");
+    let (_, list) = server.call(Method::GET, &path, None).await;
+    assert_eq!(
+        list["data"].as_array().map(Vec::len),
+        Some(1),
+        "created once"
+    );
+    server.stop().await;
+}

@@ -383,3 +383,36 @@ async fn delayed_leaves_count_against_the_pending_limit() {
     );
     server.stop().await;
 }
+
+/// The review's finding: occupancy was recorded for every app, so anyone with an app's public
+/// key could cause a write per channel subscribed, even where no channel webhook goes. Now only
+/// apps with a `pusher`-format endpoint record it.
+#[tokio::test]
+async fn occupancy_is_recorded_only_for_apps_with_channel_webhooks() {
+    let server = server().await;
+    let (_, quiet) = pusher_app(&server, "hooks-none").await;
+    let (app, creds) = pusher_app(&server, "hooks-some").await;
+    let mut receiver = Receiver::start().await;
+    pusher_endpoint(&server, &app, &receiver.url, json!({})).await;
+
+    let mut anonymous = Client::connect(&server, &quiet.key).await;
+    for n in 0..20 {
+        anonymous.subscribe(&format!("room-{n}"), None, None).await;
+    }
+    // Events are stored in the order they happen: once this app's webhook arrives, the
+    // quiet app's earlier events have been handled too.
+    let mut client = Client::connect(&server, &creds.key).await;
+    client.subscribe("lobby", None, None).await;
+    assert_eq!(
+        events(&mut receiver, &creds, 1).await,
+        [json!({"name": "channel_occupied", "channel": "lobby"})]
+    );
+    assert_eq!(
+        server
+            .store_scalar("SELECT COUNT(*) FROM channel_occupancy")
+            .await,
+        1,
+        "only the app with channel webhooks recorded its channel"
+    );
+    server.stop().await;
+}

@@ -522,3 +522,343 @@ async fn first_sse_data(mut response: reqwest::Response) -> Value {
         .expect("a data line");
     serde_json::from_str(data.trim()).expect("JSON data")
 }
+
+/// A store, an app keeping the default history rules, and a `History` over them, in process:
+/// for what the listener cannot show (the positions cached in memory).
+async fn in_process_history(
+    dir: &std::path::Path,
+    adjust: impl FnOnce(herald_ws::history::History) -> herald_ws::history::History,
+) -> (
+    std::sync::Arc<dyn herald_store::Store>,
+    herald_core::model::App,
+    std::sync::Arc<herald_ws::history::History>,
+) {
+    use std::sync::Arc;
+
+    use herald_store::{Store, sqlite::SqliteStore};
+    use herald_ws::{
+        Hub,
+        history::{History, HistoryConfig},
+    };
+
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir).await.expect("store"));
+    let now = chrono::Utc::now();
+    let app = herald_core::model::App {
+        id: "app_positions".into(),
+        uid: None,
+        name: "positions".into(),
+        throttle_rate: None,
+        metadata: Default::default(),
+        pusher: herald_core::model::PusherCredentials::generate(),
+        history: None,
+        created_at: now,
+        updated_at: now,
+    };
+    store.create_app(&app).await.expect("app");
+    let history = History::new(
+        Arc::clone(&store),
+        Arc::new(Hub::default()),
+        HistoryConfig::default(),
+    );
+    (store, app, Arc::new(adjust(history)))
+}
+
+/// The review's finding: every distinct history channel anyone joined kept a position in
+/// memory until the hourly housekeeping, so anonymous subscribes to millions of public
+/// `history-*` names grew memory without bound. Now a channel nothing was appended to keeps
+/// nothing once its join is done, and its epoch stays the one its subscribers were told.
+#[tokio::test]
+async fn joining_channels_nothing_was_appended_to_leaves_no_position_in_memory() {
+    use herald_ws::limits::ClientPermit;
+
+    let dir = tempfile::tempdir().expect("dir");
+    let (store, app, history) = in_process_history(dir.path(), |h| h).await;
+    let budget = ClientPermit::unlimited();
+    let join = |channel: String, resume: Option<herald_ws::history::Resume>| {
+        let (history, app) = (std::sync::Arc::clone(&history), app.clone());
+        let budget = &budget;
+        async move {
+            let retention = history
+                .retention(&app, &channel)
+                .expect("a history channel");
+            history
+                .join(&app, &channel, retention, resume.as_ref(), budget, |j| {
+                    (j.epoch.clone(), j.offset, j.status())
+                })
+                .await
+                .expect("join")
+        }
+    };
+    for n in 0..2_000 {
+        let (_, offset, _) = join(format!("history-flood-{n}"), None).await;
+        assert_eq!(offset, 0);
+    }
+    assert_eq!(history.cached_positions(), 0, "2,000 joins keep nothing");
+
+    // The epoch of a channel never appended to is the same at every join, and the first
+    // event carries it: subscribers told it before are not told another one.
+    let (epoch, _, _) = join("history-later".into(), None).await;
+    let (again, _, _) = join("history-later".into(), None).await;
+    assert_eq!(epoch, again);
+    let resume = herald_ws::history::Resume {
+        epoch: epoch.clone(),
+        offset: 0,
+    };
+    let (_, _, status) = join("history-later".into(), Some(resume.clone())).await;
+    assert_eq!(status["recovered"], true, "{status}");
+    history
+        .publish(&app, "history-later", "note", "{}", None)
+        .await
+        .expect("publish");
+    let page = history
+        .page(&app, "history-later", None, None, 10, false)
+        .await
+        .expect("page")
+        .expect("a history channel");
+    assert_eq!(
+        page.entries[0].epoch, epoch,
+        "the epoch subscribers were told"
+    );
+    let (_, _, status) = join("history-later".into(), Some(resume)).await;
+    assert_eq!(status["missed"], 1, "{status}");
+    assert_eq!(
+        history.cached_positions(),
+        1,
+        "a channel with a stored position stays cached"
+    );
+    store.close().await;
+}
+
+/// Appends and joins of one channel are ordered by its slot's lock; dropping an unused slot
+/// after a join must never leave an append on a new slot running beside a join on the old
+/// one. Many fresh channels, each joined and published to at once: every subscriber told
+/// offset 0 gets the event live, with the epoch it was told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_unused_positions_keeps_the_seam_between_join_and_append_exact() {
+    use std::sync::Arc;
+
+    use herald_ws::{history::History, hub::Outbox, limits::ClientPermit};
+
+    let dir = tempfile::tempdir().expect("dir");
+    let (store, app, history) = in_process_history(dir.path(), |h| h).await;
+    let mut tasks = Vec::new();
+    for n in 0..200 {
+        let channel = format!("history-race-{n}");
+        let (history, app) = (Arc::clone(&history), app.clone());
+        tasks.push(tokio::spawn(async move {
+            let (outbox, mut frames, _) = Outbox::new(8);
+            let joiner = {
+                let (history, app, channel): (Arc<History>, _, _) =
+                    (Arc::clone(&history), app.clone(), channel.clone());
+                tokio::spawn(async move {
+                    let retention = history.retention(&app, &channel).expect("history");
+                    let hub = history.hub().app(&app.id);
+                    history
+                        .join(
+                            &app,
+                            &channel,
+                            retention,
+                            None,
+                            &ClientPermit::unlimited(),
+                            |joined| {
+                                hub.subscribe(&channel, "1.1", &outbox, None, 10)
+                                    .expect("subscribed");
+                                (joined.epoch, joined.offset)
+                            },
+                        )
+                        .await
+                        .expect("join")
+                })
+            };
+            history
+                .publish(&app, &channel, "note", "{}", None)
+                .await
+                .expect("publish");
+            let (epoch, offset) = joiner.await.expect("joiner");
+            if offset == 0 {
+                let frame = tokio::time::timeout(crate::harness::PATIENCE, frames.recv())
+                    .await
+                    .expect("the event, live")
+                    .expect("a frame");
+                let event: Value = serde_json::from_str(frame.as_str()).expect("json");
+                assert_eq!(event["offset"], 1, "{event}");
+                assert_eq!(event["epoch"], epoch.as_str(), "{event}");
+            } else {
+                assert_eq!(offset, 1, "joined after the append: told where it stands");
+                assert!(frames.try_recv().is_err(), "and not sent it again");
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("no lost or doubled event");
+    }
+    assert!(history.cached_positions() <= 200);
+    store.close().await;
+}
+
+/// Positions of channels that were appended to stay cached for the next append, but only up
+/// to the cap: beyond, idle ones are evicted (and read from the store again on next use).
+#[tokio::test]
+async fn cached_positions_are_capped_and_evicted_ones_are_read_back() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (store, app, history) =
+        in_process_history(dir.path(), |h| h.with_max_cached_positions(10)).await;
+    for n in 1..=30 {
+        history
+            .publish(&app, &format!("history-capped-{n}"), "note", "{}", None)
+            .await
+            .expect("publish");
+        assert!(history.cached_positions() <= 10, "after {n} channels");
+    }
+    history
+        .publish(&app, "history-capped-1", "note", "{}", None)
+        .await
+        .expect("publish again");
+    let page = history
+        .page(&app, "history-capped-1", None, None, 10, false)
+        .await
+        .expect("page")
+        .expect("a history channel");
+    let offsets: Vec<u64> = page.entries.iter().map(|e| e.offset).collect();
+    assert_eq!(offsets, [1, 2], "the evicted position was read back");
+    assert_eq!(page.entries[0].epoch, page.entries[1].epoch);
+    store.close().await;
+}
+
+/// The store prices a range of history in bytes (data, event names, user ids as kept) without
+/// reading it out.
+#[tokio::test]
+async fn the_store_prices_a_history_range_in_bytes() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (store, app, history) = in_process_history(dir.path(), |h| h).await;
+    let channel = "history-priced";
+    // Multi-byte text: bytes, not characters.
+    let data = ["é".repeat(100), "x".repeat(1000), "日本".repeat(10)];
+    for text in &data {
+        history
+            .publish(&app, channel, "note", text, None)
+            .await
+            .expect("publish");
+    }
+    let since = chrono::Utc::now() - chrono::Duration::hours(1);
+    let bytes = |after, before| store.history_bytes(&app.id, channel, after, before, since);
+    assert_eq!(bytes(0, 4).await.expect("sum"), 200 + 1000 + 60 + 3 * 4);
+    assert_eq!(bytes(1, 3).await.expect("sum"), 1000 + 4, "exclusive ends");
+    assert_eq!(bytes(2, 4).await.expect("sum"), 60 + 4);
+    assert_eq!(bytes(4, 10).await.expect("sum"), 0, "nothing there");
+    let future = chrono::Utc::now() + chrono::Duration::hours(1);
+    assert_eq!(
+        store
+            .history_bytes(&app.id, channel, 0, 4, future)
+            .await
+            .expect("sum"),
+        0,
+        "past retention"
+    );
+    store.close().await;
+}
+
+/// Publishes `count` events of about `size` bytes each to `channel`, ten to a batch.
+async fn publish_padded(
+    server: &TestServer,
+    creds: &Creds,
+    channel: &str,
+    count: u64,
+    size: usize,
+) {
+    let padding = "x".repeat(size);
+    let mut n = 1;
+    while n <= count {
+        let batch: Vec<Value> = (n..=count.min(n + 9))
+            .map(|n| {
+                let data = json!({"n": n, "padding": padding}).to_string();
+                json!({"name": "note", "channel": channel, "data": data})
+            })
+            .collect();
+        n += batch.len() as u64;
+        let path = format!("/apps/{}/batch_events", creds.id);
+        let (status, body) = crate::pusher::pusher_api(
+            server,
+            creds,
+            "POST",
+            &path,
+            &[],
+            Some(json!({"batch": batch})),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+    }
+}
+
+/// The review's finding: the default replay burst (4 MiB) was smaller than one full replay of
+/// ordinary events (`history.max_replay`, 500, of 9 KB: 4.5 MB), so a client that reconnected
+/// after missing them could never recover and was told to page. The default budget now holds
+/// it.
+#[tokio::test]
+async fn a_full_replay_of_typical_events_fits_the_default_replay_budget() {
+    let server = TestServer::start().await;
+    let (_, creds) = pusher_app(&server, "history-full-replay").await;
+    let channel = "history-typical";
+    let mut client = Client::connect(&server, &creds.key).await;
+    let epoch = join(&mut client, channel, None).await["epoch"]
+        .as_str()
+        .expect("epoch")
+        .to_owned();
+    let unsubscribe = json!({"event": "pusher:unsubscribe", "data": {"channel": channel}});
+    client.send(unsubscribe).await;
+    publish_padded(&server, &creds, channel, 500, 9 * 1024).await;
+
+    let status = join(&mut client, channel, Some((&epoch, 0))).await;
+    assert_eq!(status["recovered"], true, "{status}");
+    assert_eq!(status["missed"], 500, "{status}");
+    let offsets = offsets_until(&mut client, &epoch, 500).await;
+    assert_eq!(
+        offsets,
+        (1..=500).collect::<Vec<u64>>(),
+        "in full, in order"
+    );
+    server.stop().await;
+}
+
+/// The review's finding: the replay budget was checked for being above zero, then up to
+/// `history.max_replay` events were read before being charged, so a resume larger than the
+/// burst could never succeed and left the address in debt, refusing its next small resume
+/// too. Now a resume is priced by the store first and refused unread, taking nothing.
+#[tokio::test]
+async fn a_resume_over_the_replay_budget_is_refused_unread_and_leaves_no_debt() {
+    const BURST: u64 = 50_000;
+    let server = TestServer::start_with(|c| {
+        c.ws.replay_bytes_per_second_per_ip = 1;
+        c.ws.replay_burst_bytes_per_ip = BURST;
+    })
+    .await;
+    let (_, creds) = pusher_app(&server, "history-replay-price").await;
+    let channel = "history-large";
+    let mut client = Client::connect(&server, &creds.key).await;
+    let epoch = join(&mut client, channel, None).await["epoch"]
+        .as_str()
+        .expect("epoch")
+        .to_owned();
+    let unsubscribe = json!({"event": "pusher:unsubscribe", "data": {"channel": channel}});
+    client.send(unsubscribe.clone()).await;
+    // Twenty events of about 5 KB: 100 KB, twice the burst.
+    publish_padded(&server, &creds, channel, 20, 5000).await;
+
+    let status = join(&mut client, channel, Some((&epoch, 0))).await;
+    assert_eq!(
+        status,
+        json!({"epoch": epoch, "offset": 20, "recovered": false, "reason": "rate_limited"})
+    );
+    // What fits is replayed in full: the refusal took nothing from the budget.
+    for _ in 0..2 {
+        client.send(unsubscribe.clone()).await;
+        let status = join(&mut client, channel, Some((&epoch, 16))).await;
+        assert_eq!(status["recovered"], true, "{status}");
+        assert_eq!(status["missed"], 4, "{status}");
+        assert_eq!(
+            offsets_until(&mut client, &epoch, 20).await,
+            [17, 18, 19, 20]
+        );
+    }
+    server.stop().await;
+}

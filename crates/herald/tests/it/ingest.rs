@@ -414,13 +414,13 @@ async fn raw_requests_are_kept_and_can_be_replayed() {
     let (status, kept) = server.call(Method::GET, &base, None).await;
     assert_eq!(status, 200, "{kept}");
     assert_eq!(kept["body"], std::str::from_utf8(body).expect("utf8"));
-    // GitHub's delivery id is in an unsigned header: the signed body deduplicates, and the
-    // header is kept with the others.
+    // GitHub's delivery id is in an unsigned header: the signed body (with the event type, as
+    // this source trusts its event header) deduplicates; the header is kept with the others.
     let body_hash = format!(
         "sha256:{}",
         hex::encode(<Sha256 as sha2::Digest>::digest(body))
     );
-    assert_eq!(kept["deliveryId"], body_hash);
+    assert_eq!(kept["deliveryId"], format!("{body_hash}:issues.opened"));
     let headers = kept["headers"].as_array().expect("headers");
     assert!(
         headers.contains(&json!(["x-github-event", "issues"]))
@@ -618,11 +618,11 @@ async fn a_captured_request_resent_with_new_unsigned_headers_is_not_published_ag
     );
     assert_eq!(first["eventType"], "issues.opened");
 
-    let (status, resent) = post(&server, &src, &headers("push", "d-2"), body).await;
+    let (status, resent) = post(&server, &src, &headers("issues", "d-2"), body).await;
     assert_eq!(status, 200, "{resent}");
     assert_eq!(
         resent["duplicate"], true,
-        "same signed bytes, new headers: {resent}"
+        "same signed bytes, new delivery id: {resent}"
     );
     assert_eq!(resent["msgId"], first["msgId"]);
     let (_, messages) = server
@@ -633,6 +633,15 @@ async fn a_captured_request_resent_with_new_unsigned_headers_is_not_published_ag
         Some(1),
         "published once: {messages}"
     );
+    // The source trusts its event header, so one body under another event is another
+    // delivery (Shopify sends one body as orders/create and then orders/updated).
+    let (status, other) = post(&server, &src, &headers("issue_comment", "d-3"), body).await;
+    assert_eq!(
+        (status, &other["duplicate"]),
+        (200, &json!(false)),
+        "{other}"
+    );
+    assert_eq!(other["eventType"], "issue_comment.opened");
 
     // Without the opt-in, headers neither name the event nor may templates read them.
     let plain = source(
@@ -673,5 +682,49 @@ async fn a_captured_request_resent_with_new_unsigned_headers_is_not_published_ag
         refused.to_string().contains("trustUnsignedHeaders"),
         "{refused}"
     );
+    server.stop().await;
+}
+
+/// The review's finding: a captured svix-signed request sent again with a fresh, unsigned
+/// `webhook-id` beside its `svix-*` headers was taken as a new delivery. The id deduplicating
+/// is now the one the signature covered.
+#[tokio::test]
+async fn a_svix_signed_request_resent_with_a_fresh_webhook_id_is_a_duplicate() {
+    let server = TestServer::start().await;
+    let (app, _) = pusher_app(&server, "svix-replay").await;
+    let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let src = source(
+        &server,
+        &app,
+        json!({"kind": "standard-webhooks", "secrets": [secret]}),
+    )
+    .await;
+    let body: &[u8] = br#"{"type":"invoice.paid"}"#;
+    let t = now();
+    let key = herald_core::EndpointSecret::parse(secret).expect("secret");
+    let signed = vec![
+        ("svix-id", "msg_svix_1".to_owned()),
+        ("svix-timestamp", t.to_string()),
+        (
+            "svix-signature",
+            format!("v1,{}", key.sign("msg_svix_1", t, body)),
+        ),
+    ];
+    let (status, first) = post(&server, &src, &signed, body).await;
+    assert_eq!(
+        (status, &first["duplicate"]),
+        (200, &json!(false)),
+        "{first}"
+    );
+    for fresh in ["fresh-1", "fresh-2"] {
+        let mut resent = signed.clone();
+        resent.push(("webhook-id", fresh.to_owned()));
+        let (status, again) = post(&server, &src, &resent, body).await;
+        assert_eq!(
+            (status, &again["duplicate"]),
+            (200, &json!(true)),
+            "{again}"
+        );
+    }
     server.stop().await;
 }

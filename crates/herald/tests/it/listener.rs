@@ -1,21 +1,48 @@
 //! The listener's own limits, with raw TCP clients: how long a client may take to send its
-//! headers, how large they may be, and how many connections are open at once.
+//! headers and its body, how large the headers may be, and how many connections are open at
+//! once, in all and from one address.
 
 use std::time::{Duration, Instant};
 
+use serde_json::json;
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
+    io::{AsyncRead, AsyncReadExt, AsyncWriteExt},
+    net::{TcpSocket, TcpStream},
 };
 
-use crate::harness::{PATIENCE, TestServer, eventually};
+use crate::{
+    harness::{ADMIN_TOKEN, PATIENCE, TestServer, eventually},
+    pusher::{Client, pusher_app, trigger},
+};
 
 fn addr(server: &TestServer) -> String {
     server.base.trim_start_matches("http://").to_owned()
 }
 
+/// A connection to the server from `source` (any 127.0.0.0/8 address is loopback on Linux).
+async fn connect_from(source: &str, server: &TestServer) -> TcpStream {
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(format!("{source}:0").parse().expect("source address"))
+        .expect("bind the client socket to its source address");
+    socket
+        .connect(addr(server).parse().expect("server address"))
+        .await
+        .expect("connect")
+}
+
+/// Sends one health check on `stream` (asking the server to close afterwards); returns the
+/// answer, empty if the server closed the socket unanswered.
+async fn health_check(mut stream: TcpStream) -> Vec<u8> {
+    // A refused socket may already be closed: the write can fail, the read tells.
+    let _ = stream
+        .write_all(b"GET /api/v1/health HTTP/1.1\r\nHost: herald\r\nConnection: close\r\n\r\n")
+        .await;
+    read_to_close(&mut stream).await
+}
+
 /// Reads until the server closes the connection; returns what it sent.
-async fn read_to_close(stream: &mut TcpStream) -> Vec<u8> {
+async fn read_to_close(stream: &mut (impl AsyncRead + Unpin)) -> Vec<u8> {
     let mut received = Vec::new();
     tokio::time::timeout(PATIENCE, async {
         let mut buf = [0u8; 4096];
@@ -122,5 +149,136 @@ async fn connections_beyond_the_cap_are_closed_and_a_freed_slot_is_reused() {
     .await;
     assert_eq!(status, 204);
     drop(held);
+    server.stop().await;
+}
+
+/// The review's lock-out: one host held every slot, and every other client was accepted and
+/// dropped at once. Now one address holds at most `max_connections_per_ip`: its next socket is
+/// closed unanswered while another address is served, and a closed socket frees its place.
+#[tokio::test]
+async fn one_address_over_its_cap_is_refused_while_another_address_is_served() {
+    let server = TestServer::start_with(|c| {
+        c.listener.max_connections_per_ip = 3;
+        c.listener.header_read_timeout_secs = 60.0;
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(connect_from("127.0.0.1", &server).await);
+    }
+    // Accepted in order, so the three above hold the address's places.
+    let over = health_check(connect_from("127.0.0.1", &server).await).await;
+    assert!(over.is_empty(), "{}", String::from_utf8_lossy(&over));
+
+    let other = health_check(connect_from("127.0.0.2", &server).await).await;
+    assert!(
+        other.starts_with(b"HTTP/1.1 204"),
+        "another address is served: {}",
+        String::from_utf8_lossy(&other)
+    );
+
+    drop(held.pop());
+    // The server notices the close when it reads: wait for the place to be given back.
+    eventually("the freed place to be usable", || async {
+        let answer = health_check(connect_from("127.0.0.1", &server).await).await;
+        answer.starts_with(b"HTTP/1.1 204").then_some(())
+    })
+    .await;
+    drop(held);
+    server.stop().await;
+}
+
+/// A reverse proxy carries many clients on its connections: peers in `ws.trusted_proxies` are
+/// not held to the per-address cap.
+#[tokio::test]
+async fn trusted_proxies_are_not_held_to_the_per_address_cap() {
+    let server = TestServer::start_with(|c| {
+        c.listener.max_connections_per_ip = 1;
+        c.listener.header_read_timeout_secs = 60.0;
+        c.ws.trusted_proxies = vec!["127.0.0.0/8".parse().expect("net")];
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(connect_from("127.0.0.1", &server).await);
+    }
+    let answer = health_check(connect_from("127.0.0.1", &server).await).await;
+    assert!(
+        answer.starts_with(b"HTTP/1.1 204"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    drop(held);
+    server.stop().await;
+}
+
+/// The review's slow body: headers sent, then the body trickled (hyper never times a body
+/// out), holding the connection for as long as the client likes. Now the body has
+/// `body_read_timeout` to arrive: the request is answered 408 and the connection closed, while
+/// other clients are served meanwhile, and a WebSocket (which has no body to wait for) outlives
+/// the timeout.
+#[tokio::test]
+async fn a_trickled_body_is_answered_408_and_closed_within_the_body_timeout() {
+    let server = TestServer::start_with(|c| c.listener.body_read_timeout_secs = 1.0).await;
+    let (_, creds) = pusher_app(&server, "listener-body-timeout").await;
+    let mut subscriber = Client::connect(&server, &creds.key).await;
+    let ok = subscriber.subscribe("news", None, None).await;
+    assert_eq!(
+        ok["event"], "pusher_internal:subscription_succeeded",
+        "{ok}"
+    );
+
+    let started = Instant::now();
+    let stream = TcpStream::connect(addr(&server)).await.expect("connect");
+    let (mut reader, mut writer) = stream.into_split();
+    // A route that must read its body (creating an app), as the admin.
+    let head = format!(
+        "POST /api/v1/app HTTP/1.1\r\nHost: herald\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    );
+    writer.write_all(head.as_bytes()).await.expect("write");
+    // One byte every 200 ms: the whole body would take 200 s. Stops when the server closes.
+    let trickle = tokio::spawn(async move {
+        for _ in 0..1000 {
+            if writer.write_all(b" ").await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+
+    // Meanwhile, another client is served.
+    let other = health_check(TcpStream::connect(addr(&server)).await.expect("connect")).await;
+    assert!(
+        other.starts_with(b"HTTP/1.1 204"),
+        "{}",
+        String::from_utf8_lossy(&other)
+    );
+
+    let answer = read_to_close(&mut reader).await;
+    let elapsed = started.elapsed();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with(b"HTTP/1.1 408"), "{text}");
+    assert!(text.contains("request_timeout"), "{text}");
+    assert!(
+        text.to_ascii_lowercase().contains("connection: close"),
+        "{text}"
+    );
+    assert!(
+        elapsed >= Duration::from_secs(1) && elapsed < Duration::from_secs(10),
+        "answered after {elapsed:?}; the timeout is 1 s, the trickle would take 200 s"
+    );
+    eprintln!("the trickled body was answered 408 after {elapsed:?}");
+    trickle.abort();
+
+    // A body sent at once is read as usual, and the WebSocket opened before the trickle, past
+    // the body timeout now, still gets the event.
+    let (status, body) = trigger(
+        &server,
+        &creds,
+        json!({"name": "after", "channel": "news", "data": "{}"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(subscriber.next().await["event"], "after");
     server.stop().await;
 }

@@ -312,3 +312,62 @@ async fn a_rotated_pusher_secret_keeps_verifying_for_its_grace_period_only() {
     assert_eq!(status, 422, "{refused}");
     server.stop().await;
 }
+
+/// The review of the rotation: each WebSocket kept the credentials it found at its handshake,
+/// so on a socket opened before a rotation the old secret kept working forever (even with a
+/// grace of 0) and the new one was refused. Now every signature a socket checks is checked
+/// against the app's current credentials.
+#[tokio::test]
+async fn a_rotation_reaches_sockets_opened_before_it() {
+    let server = TestServer::start().await;
+    let (app, old) = pusher_app(&server, "pusher-rotation-open-socket").await;
+    let mut client = Client::connect(&server, &old.key).await;
+    let auth = channel_auth(&old, &client.socket_id, "private-before", None);
+    let answer = client.subscribe("private-before", Some(auth), None).await;
+    assert_eq!(
+        answer["event"], "pusher_internal:subscription_succeeded",
+        "{answer}"
+    );
+
+    let (status, rotated) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/app/{app}/pusher/secret/rotate"),
+            Some(json!({"gracePeriodSeconds": 0})),
+        )
+        .await;
+    assert_eq!(status, 200, "{rotated}");
+    let new = Creds {
+        secret: rotated["secret"].as_str().expect("secret").into(),
+        ..old.clone()
+    };
+
+    // The same socket: the retired secret is refused, the new one accepted.
+    let auth = channel_auth(&old, &client.socket_id, "private-after", None);
+    let refused = client.subscribe("private-after", Some(auth), None).await;
+    assert_eq!(refused["event"], "pusher:subscription_error", "{refused}");
+    assert_eq!(refused["data"]["status"], 401, "{refused}");
+    let auth = channel_auth(&new, &client.socket_id, "private-after", None);
+    let answer = client.subscribe("private-after", Some(auth), None).await;
+    assert_eq!(
+        answer["event"], "pusher_internal:subscription_succeeded",
+        "{answer}"
+    );
+
+    // User sign-in too.
+    let user_data = r#"{"id":"u-rotated"}"#;
+    let signin = |creds: &Creds| {
+        let signed = format!("{}::user::{user_data}", client.socket_id);
+        let auth = format!("{}:{}", creds.key, sign(&creds.secret, &signed));
+        json!({"event": "pusher:signin", "data": {"auth": auth, "user_data": user_data}})
+    };
+    let (with_old, with_new) = (signin(&old), signin(&new));
+    client.send(with_old).await;
+    let refused = client.next().await;
+    assert_eq!(refused["event"], "pusher:error", "{refused}");
+    assert_eq!(refused["data"]["code"], 4009, "{refused}");
+    client.send(with_new).await;
+    let accepted = client.next().await;
+    assert_eq!(accepted["event"], "pusher:signin_success", "{accepted}");
+    server.stop().await;
+}
