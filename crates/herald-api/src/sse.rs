@@ -63,16 +63,14 @@ pub async fn stream(
 ) -> Result<Response, PusherError> {
     let fail = |status: StatusCode, message: String| PusherError(status, message);
     // The address's limits come first: a refused client costs no lookup.
-    let clients = &state.sse.clients;
-    let address = clients.client_address(peer.map(|Extension(ConnectInfo(p))| p), &headers);
-    let permit = match clients.admit(address) {
+    let peer = peer.map(|Extension(ConnectInfo(p))| p);
+    let permit = match state
+        .sse
+        .clients
+        .admit_request(peer, &headers, "SSE stream")
+    {
         Ok(permit) => permit,
         Err(refusal) => {
-            tracing::debug!(
-                ?address,
-                ?refusal,
-                "refused an SSE stream over its address's limits"
-            );
             let mut response =
                 fail(StatusCode::TOO_MANY_REQUESTS, refusal.message()).into_response();
             response

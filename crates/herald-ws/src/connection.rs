@@ -81,16 +81,14 @@ async fn upgrade(
     let ws = transport::configure(ws, state.config.max_message_bytes);
     let tasks = state.tasks.clone();
     // The address's limits come first: a refused client costs no lookup.
-    let clients = &state.config.clients;
-    let address = clients.client_address(peer.map(|Extension(ConnectInfo(p))| p), &headers);
-    let permit = match clients.admit(address) {
+    let peer = peer.map(|Extension(ConnectInfo(p))| p);
+    let permit = match state
+        .config
+        .clients
+        .admit_request(peer, &headers, "WebSocket")
+    {
         Ok(permit) => permit,
         Err(refusal) => {
-            tracing::debug!(
-                ?address,
-                ?refusal,
-                "refused a WebSocket over its address's limits"
-            );
             let reason = refusal.message();
             return ws.on_upgrade(move |socket| {
                 tasks.track_future(async move {

@@ -278,6 +278,24 @@ impl ClientLimiter {
     /// Admits a new connection from `client` (see [`Self::client_address`]), or refuses it.
     /// The permit holds the connection's place until it is dropped. Without an address, or
     /// with every limit off, nothing is counted.
+    /// Admits a request's connection (WebSocket or SSE stream, named by `what` in the log):
+    /// finds its client address and takes a permit, or says why not.
+    pub fn admit_request(
+        self: &Arc<Self>,
+        peer: Option<SocketAddr>,
+        headers: &HeaderMap,
+        what: &'static str,
+    ) -> Result<ClientPermit, Refusal> {
+        let address = self.client_address(peer, headers);
+        self.admit(address).inspect_err(|refusal| {
+            tracing::debug!(
+                ?address,
+                ?refusal,
+                "refused a {what} over its address's limits"
+            );
+        })
+    }
+
     pub fn admit(self: &Arc<Self>, client: Option<IpAddr>) -> Result<ClientPermit, Refusal> {
         let Some(ip) = client.filter(|_| self.limits.any()) else {
             return Ok(ClientPermit::unlimited());
