@@ -106,37 +106,51 @@ struct Body<'a> {
 
 impl ChannelObserver for ChannelWebhooks {
     fn observe(&self, app_id: &str, event: ChannelEvent) {
-        let key = || DelayKey::new(app_id, event.channel(), event.user_id());
-        let mut pending = self.lock();
-        match &event {
-            // A rejoin within the delay cancels the pending leave, and is not reported either.
-            ChannelEvent::Occupied { .. } | ChannelEvent::MemberAdded { .. }
-                if pending.cancel(&key()) =>
-            {
-                return;
-            }
-            _ => {}
-        }
-        // Delayed events wait in memory too: they count against the same bound.
-        if pending.ready.len() + pending.delayed.len() >= self.config.max_pending {
-            pending.dropped += 1;
-            return;
-        }
-        if matches!(
-            event,
-            ChannelEvent::Vacated { .. } | ChannelEvent::MemberRemoved { .. }
-        ) && !self.config.delay.is_zero()
-        {
-            pending.delay(key(), event, Instant::now() + self.config.delay);
+        let queued = self
+            .lock()
+            .accept(app_id, event, &self.config, Instant::now());
+        if queued {
             self.wake.notify_one();
-            return;
         }
-        pending.ready.push((app_id.to_owned(), event));
-        self.wake.notify_one();
     }
 }
 
 impl Pending {
+    /// Takes one reported change: a rejoin cancels the pending leave (and is not reported
+    /// either), a leave waits out the delay, anything else is ready; beyond `max_pending`
+    /// waiting events (delayed ones too) it is dropped and counted. Returns whether something
+    /// was queued, so the runner should look.
+    fn accept(
+        &mut self,
+        app_id: &str,
+        event: ChannelEvent,
+        config: &ChannelWebhookConfig,
+        now: Instant,
+    ) -> bool {
+        let key = || DelayKey::new(app_id, event.channel(), event.user_id());
+        if matches!(
+            event,
+            ChannelEvent::Occupied { .. } | ChannelEvent::MemberAdded { .. }
+        ) && self.cancel(&key())
+        {
+            return false;
+        }
+        if self.ready.len() + self.delayed.len() >= config.max_pending {
+            self.dropped += 1;
+            return false;
+        }
+        if matches!(
+            event,
+            ChannelEvent::Vacated { .. } | ChannelEvent::MemberRemoved { .. }
+        ) && !config.delay.is_zero()
+        {
+            self.delay(key(), event, now + config.delay);
+        } else {
+            self.ready.push((app_id.to_owned(), event));
+        }
+        true
+    }
+
     fn cancel(&mut self, key: &DelayKey) -> bool {
         match self.delayed_at.remove(key) {
             Some(slot) => {
@@ -432,4 +446,127 @@ fn occupancy_change(app_id: &str, event: &ChannelEvent) -> Option<OccupancyChang
         }
         ChannelEvent::ClientEvent { .. } => return None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DELAY: Duration = Duration::from_secs(3);
+
+    fn config(max_pending: usize) -> ChannelWebhookConfig {
+        ChannelWebhookConfig {
+            delay: DELAY,
+            max_pending,
+        }
+    }
+
+    fn occupied(channel: &str) -> ChannelEvent {
+        ChannelEvent::Occupied {
+            channel: channel.into(),
+        }
+    }
+
+    fn vacated(channel: &str) -> ChannelEvent {
+        ChannelEvent::Vacated {
+            channel: channel.into(),
+        }
+    }
+
+    fn member(added: bool, channel: &str, user: &str) -> ChannelEvent {
+        let (channel, user_id) = (channel.into(), user.into());
+        if added {
+            ChannelEvent::MemberAdded { channel, user_id }
+        } else {
+            ChannelEvent::MemberRemoved { channel, user_id }
+        }
+    }
+
+    fn names(events: &[(String, ChannelEvent)]) -> Vec<String> {
+        events
+            .iter()
+            .map(|(app, e)| format!("{app}/{}/{}", e.name(), e.channel()))
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rejoin_within_the_delay_cancels_the_leave_and_is_not_reported() {
+        let (mut pending, config) = (Pending::default(), config(100));
+        assert!(pending.accept("a", occupied("room"), &config, Instant::now()));
+        assert!(pending.accept("a", vacated("room"), &config, Instant::now()));
+        assert_eq!(names(&pending.ready), ["a/channel_occupied/room"]);
+        assert_eq!(pending.delayed.len(), 1);
+
+        tokio::time::advance(DELAY - Duration::from_millis(1)).await;
+        assert!(!pending.accept("a", occupied("room"), &config, Instant::now()));
+        assert!(pending.delayed.is_empty() && pending.delayed_at.is_empty());
+        pending.release_due(Some(Instant::now() + DELAY));
+        assert_eq!(
+            names(&pending.ready),
+            ["a/channel_occupied/room"],
+            "nothing flapped"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_leave_is_released_once_its_delay_has_passed() {
+        let (mut pending, config) = (Pending::default(), config(100));
+        pending.accept("a", vacated("one"), &config, Instant::now());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        pending.accept("a", vacated("two"), &config, Instant::now());
+
+        pending.release_due(Some(Instant::now() + DELAY - Duration::from_secs(1)));
+        assert_eq!(names(&pending.ready), ["a/channel_vacated/one"]);
+        tokio::time::advance(DELAY).await;
+        pending.release_due(Some(Instant::now()));
+        assert_eq!(
+            names(&pending.ready),
+            ["a/channel_vacated/one", "a/channel_vacated/two"],
+            "in the order they fell due"
+        );
+        // A rejoin after the release is an ordinary join.
+        assert!(pending.accept("a", occupied("one"), &config, Instant::now()));
+        assert_eq!(pending.ready.len(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn member_leaves_are_cancelled_per_user_and_per_app() {
+        let (mut pending, config) = (Pending::default(), config(100));
+        let now = Instant::now();
+        pending.accept("a", member(false, "presence-x", "alice"), &config, now);
+        pending.accept("a", member(false, "presence-x", "bob"), &config, now);
+        pending.accept("b", member(false, "presence-x", "alice"), &config, now);
+        // Alice rejoins app a: only her leave there is cancelled.
+        assert!(!pending.accept("a", member(true, "presence-x", "alice"), &config, now));
+        pending.release_due(None);
+        assert_eq!(
+            names(&pending.ready),
+            ["a/member_removed/presence-x", "b/member_removed/presence-x"]
+        );
+        assert_eq!(pending.ready[0].1.user_id(), Some("bob"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_events_delayed_ones_included_are_bounded() {
+        let (mut pending, config) = (Pending::default(), config(3));
+        for n in 0..6 {
+            pending.accept("a", vacated(&format!("room-{n}")), &config, Instant::now());
+        }
+        assert_eq!(pending.delayed.len(), 3);
+        assert_eq!(pending.dropped, 3);
+        // A repeated leave of a channel already waiting replaces it, so it is still bounded.
+        let zero = ChannelWebhookConfig {
+            delay: Duration::ZERO,
+            max_pending: 3,
+        };
+        let mut direct = Pending::default();
+        for n in 0..4 {
+            direct.accept("a", vacated(&format!("room-{n}")), &zero, Instant::now());
+        }
+        assert_eq!(
+            (direct.ready.len(), direct.dropped),
+            (3, 1),
+            "no delay: ready at once"
+        );
+    }
 }
