@@ -14,4 +14,5 @@ mod listener;
 mod process;
 mod pusher;
 mod sse;
+mod tidy;
 mod websocket;
