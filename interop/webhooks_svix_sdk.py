@@ -21,12 +21,17 @@ from svix.api import (
     EndpointSecretRotateIn,
     EventTypeIn,
     MessageIn,
+    MessageStatus,
     RecoverIn,
     Svix,
     SvixOptions,
 )
 from svix.api.message import MessageGetOptions, MessageListOptions
-from svix.api.message_attempt import MessageAttemptListByEndpointOptions
+from svix.api.message_attempt import (
+    MessageAttemptListAttemptedDestinationsOptions,
+    MessageAttemptListAttemptedMessagesOptions,
+    MessageAttemptListByEndpointOptions,
+)
 from svix.exceptions import HttpError
 
 TIMEOUT = 30.0
@@ -167,6 +172,85 @@ def main() -> None:
     check(all(a.response == "ok" for a in attempts.data), "attempts record the response body")
     by_msg = svix.message_attempt.list_by_msg(app.id, sent[0])
     check(len(by_msg.data) == 1 and by_msg.data[0].endpoint_id == endpoint.id, "attempts by message")
+
+    # messageAttempt.get: one attempt, as the lists show it.
+    one = svix.message_attempt.get(app.id, sent[0], by_msg.data[0].id)
+    check(
+        one.id == by_msg.data[0].id and one.msg_id == sent[0] and one.status == MessageStatus.SUCCESS,
+        "message attempt get returns the attempt",
+    )
+    try:
+        svix.message_attempt.get(app.id, sent[1], one.id)
+        check(False, "another message's attempt raises")
+    except HttpError as e:
+        check(e.status_code == 404, f"another message's attempt is 404 ({e})")
+
+    # messageAttempt.listAttemptedMessages: the endpoint's messages with their delivery status.
+    attempted = svix.message_attempt.list_attempted_messages(
+        app.id, endpoint.id, MessageAttemptListAttemptedMessagesOptions(limit=20)
+    )
+    attempted_ids = [m.id for m in attempted.data]
+    # Ids made within one clock tick (about 4 ms) may sort either way: newest first is id order.
+    check(
+        sorted(attempted_ids, reverse=True) == attempted_ids
+        and sorted(attempted_ids) == sorted(sent)
+        and attempted.done,
+        "attempted messages: the endpoint's 10 messages, newest first",
+    )
+    check(
+        all(m.status == MessageStatus.SUCCESS and m.next_attempt is None for m in attempted.data),
+        "attempted messages are delivered, with no next attempt",
+    )
+    check(all(m.payload == {} for m in attempted.data), "attempted messages omit payloads by default")
+    with_content = svix.message_attempt.list_attempted_messages(
+        app.id, endpoint.id, MessageAttemptListAttemptedMessagesOptions(limit=1, with_content=True)
+    )
+    newest = with_content.data[0] if with_content.data else None
+    check(
+        len(with_content.data) == 1
+        and not with_content.done
+        and newest.id == attempted_ids[0]
+        and newest.payload == by_id[newest.id],
+        "attempted messages page and carry payloads with with_content",
+    )
+    check(
+        len(
+            svix.message_attempt.list_attempted_messages(
+                app.id, endpoint.id, MessageAttemptListAttemptedMessagesOptions(status=MessageStatus.FAIL)
+            ).data
+        )
+        == 0,
+        "attempted messages filter by status",
+    )
+    check(
+        len(
+            svix.message_attempt.list_attempted_messages(
+                app.id, endpoint.id, MessageAttemptListAttemptedMessagesOptions(channel="billing")
+            ).data
+        )
+        == 10,
+        "attempted messages filter by channel",
+    )
+
+    # messageAttempt.listAttemptedDestinations: the message's endpoints with its status there.
+    destinations = svix.message_attempt.list_attempted_destinations(
+        app.id, sent[0], MessageAttemptListAttemptedDestinationsOptions(limit=10)
+    )
+    check(
+        [d.id for d in destinations.data] == [endpoint.id] and destinations.done,
+        "attempted destinations: the one endpoint",
+    )
+    destination = destinations.data[0]
+    check(
+        destination.url == receiver.url
+        and destination.status == MessageStatus.SUCCESS
+        and destination.next_attempt is None,
+        "attempted destination carries the endpoint and the delivery status",
+    )
+    check(
+        svix.message_attempt.list_attempted_destinations(app.id, skipped.id).data == [],
+        "a message no endpoint wanted has no destinations",
+    )
 
     receiver.previous_secret = receiver.secret
     svix.endpoint.rotate_secret(app.id, endpoint.id, EndpointSecretRotateIn())

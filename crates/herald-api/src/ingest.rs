@@ -90,7 +90,6 @@ pub async fn receive(
         .await?
         .ok_or_else(|| ApiError::not_found("application"))?;
     let message = message_for(&app.id, &event_type, &channels, &body);
-    let targets = targets(&state, &app, &message).await?;
     let event = IngestEvent {
         id: id::new_id(id::INGEST_EVENT, now),
         source_id: source.id.clone(),
@@ -110,16 +109,9 @@ pub async fn receive(
         channels: event.channels.clone(),
         duplicate,
     };
-    let (first, has_targets) = (out(&event, false), !targets.is_empty());
-    let answer = match state
-        .store
-        .record_ingest(event, message.clone(), targets)
-        .await?
-    {
-        IngestRecorded::New => {
-            after_commit(&state, &app, &message, has_targets).await;
-            first
-        }
+    let first = out(&event, false);
+    let answer = match crate::publisher::publish_ingest(&state, &app, event, message).await? {
+        IngestRecorded::New => first,
         IngestRecorded::Duplicate(earlier) => {
             tracing::info!(source = %source.id, delivery_id = %earlier.delivery_id,
                 "duplicate delivery acknowledged, not published again");
@@ -227,32 +219,7 @@ pub(crate) fn message_for(
     }
 }
 
-async fn targets(state: &ApiState, app: &App, message: &Message) -> ApiResult<Vec<String>> {
-    crate::events::webhook_targets(
-        state,
-        &app.id,
-        &message.event_type,
-        message.channels.as_deref(),
-    )
-    .await
-}
-
-/// Once the message is committed: wake the delivery worker and fan out to the channels.
-async fn after_commit(state: &ApiState, app: &App, message: &Message, has_targets: bool) {
-    if has_targets {
-        state.dispatcher.wake();
-    }
-    if let Some(channels) = &message.channels {
-        let data = std::str::from_utf8(&message.payload).unwrap_or("{}");
-        crate::events::broadcast(state, app, &message.event_type, channels, data, None).await;
-    }
-}
-
 /// Stores a message (a replay) and publishes it the usual way.
 pub(crate) async fn publish(state: &ApiState, app: &App, message: Message) -> ApiResult<()> {
-    let targets = targets(state, app, &message).await?;
-    let has_targets = !targets.is_empty();
-    state.store.create_message(message.clone(), targets).await?;
-    after_commit(state, app, &message, has_targets).await;
-    Ok(())
+    crate::publisher::publish_message(state, app, message).await
 }

@@ -10,11 +10,11 @@
 mod auth;
 pub mod channel_webhooks;
 mod error;
-mod events;
 mod extract;
 mod idempotency;
 mod ingest;
 mod pagination;
+mod publisher;
 mod pusher_api;
 pub mod sse;
 mod v1;
@@ -92,6 +92,40 @@ impl ApiState {
 }
 
 pub fn router(state: ApiState, config: &ApiConfig) -> Router {
+    let routes = routes(state, config);
+    // Svix's docs and older SDKs write `/api/v1/app/`: such a path is routed as it would be
+    // without the slash. Routes are matched before a `Router::layer` middleware runs, so the
+    // path is rewritten by an outer router whose only route is its fallback, the real one.
+    Router::new()
+        .fallback_service(routes)
+        .layer(middleware::map_request(trim_api_trailing_slash))
+}
+
+/// `/api/v1/...` with one trailing slash becomes the path without it (query kept); anything
+/// else passes unchanged.
+async fn trim_api_trailing_slash(mut request: axum::extract::Request) -> axum::extract::Request {
+    let uri = request.uri();
+    let path = uri.path();
+    if !path.starts_with("/api/v1/") || !path.ends_with('/') || path.ends_with("//") {
+        return request;
+    }
+    let trimmed = &path[..path.len() - 1];
+    let path_and_query = match uri.query() {
+        Some(query) => format!("{trimmed}?{query}"),
+        None => trimmed.to_owned(),
+    };
+    let mut parts = uri.clone().into_parts();
+    match path_and_query.parse() {
+        Ok(pq) => parts.path_and_query = Some(pq),
+        Err(_) => return request,
+    }
+    if let Ok(uri) = Uri::from_parts(parts) {
+        *request.uri_mut() = uri;
+    }
+    request
+}
+
+fn routes(state: ApiState, config: &ApiConfig) -> Router {
     v1::router()
         .layer(middleware::from_fn_with_state(
             state.clone(),

@@ -20,7 +20,7 @@ use herald_core::{
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::{ApiState, events};
+use crate::{ApiState, publisher};
 
 /// Pusher's limits: event data up to 10 KB, 100 channels per event, 10 events per batch.
 const MAX_DATA_BYTES: usize = 10 * 1024;
@@ -226,7 +226,7 @@ async fn publish(
     event: &TriggerIn,
     channels: &[String],
 ) -> Result<(), PusherError> {
-    events::broadcast(
+    publisher::publish_pusher_event(
         state,
         app,
         &event.name,
@@ -234,8 +234,7 @@ async fn publish(
         &event.data,
         event.socket_id.as_deref(),
     )
-    .await;
-    events::forward_to_webhooks(state, app, &event.name, channels, &event.data).await?;
+    .await?;
     Ok(())
 }
 

@@ -6,7 +6,9 @@
 //! stream's position in all of its history channels (`channel:epoch:offset|...`); a client that
 //! reconnects sends it back as `Last-Event-ID` (browsers do so by themselves) and gets what it
 //! missed, in order, before live events, exactly as a WebSocket resubscription does. The first
-//! event (`herald:subscription_succeeded`) reports each channel's history status.
+//! event (`herald:subscription_succeeded`) reports each channel's history status, and its `id:`
+//! is the position the stream starts from (the newest offset, or the one resumed from), so a
+//! client that drops before any channel event still resumes without a gap.
 //!
 //! Public channels need no credentials; private ones need `token` (see
 //! `herald_core::pusher::sse_token`); presence channels need a WebSocket. Responses are
@@ -170,6 +172,8 @@ pub async fn stream(
                 subscription.add(channel, &outbox);
                 let start = match (&joined.recovery, resume) {
                     (Some(Recovery::Complete { .. }), Some(resume)) => resume.offset,
+                    // The replay budget refused it for now: a reconnect asks for it again.
+                    (_, Some(resume)) if joined.rate_limited => resume.offset,
                     _ => joined.offset,
                 };
                 positions.insert(channel.clone(), (joined.epoch.clone(), start));
@@ -192,6 +196,11 @@ pub async fn stream(
     );
     if let Some(retry) = retry {
         first = first.retry(retry);
+    }
+    // Where the stream starts (before any replay): an EventSource that drops before the first
+    // channel event reconnects with this as its Last-Event-ID and misses nothing.
+    if !positions.is_empty() {
+        first = first.id(position_id(&positions));
     }
     let state = StreamState {
         first: Some(first),
@@ -252,7 +261,16 @@ impl Default for SseConfig {
     }
 }
 
-/// `a:epoch:5|b:epoch:9` (channel names cannot contain `:` or `|`).
+/// `a:epoch:5|b:epoch:9` (channel names cannot contain `:` or `|`): an event id.
+fn position_id(positions: &BTreeMap<String, (String, u64)>) -> String {
+    positions
+        .iter()
+        .map(|(channel, (epoch, offset))| format!("{channel}:{epoch}:{offset}"))
+        .collect::<Vec<_>>()
+        .join("|")
+}
+
+/// The positions of a [`position_id`].
 fn parse_positions(id: &str) -> HashMap<&str, Resume> {
     id.split('|')
         .filter_map(|part| {
@@ -334,12 +352,6 @@ impl StreamState {
         if self.positions.is_empty() {
             return event;
         }
-        let id = self
-            .positions
-            .iter()
-            .map(|(channel, (epoch, offset))| format!("{channel}:{epoch}:{offset}"))
-            .collect::<Vec<_>>()
-            .join("|");
-        event.id(id)
+        event.id(position_id(&self.positions))
     }
 }

@@ -152,13 +152,10 @@ pub fn recovery(
     max_replay: u64,
 ) -> Recovery {
     let newest = position.next_offset.saturating_sub(1);
-    // A channel nothing was ever appended to has no durable epoch (its position is stored at
-    // the first append), so its epoch may differ after a restart; a client that saw nothing
-    // has missed nothing.
-    if newest == 0 && offset == 0 {
-        return Recovery::Complete { missed: 0 };
-    }
-    if epoch != position.epoch {
+    // A client at offset 0 saw nothing, so no epoch either: a channel nothing was appended to
+    // has no durable epoch (its position is stored at the first append) and may show another
+    // after a restart. Such a client missed exactly what is kept, if that starts at offset 1.
+    if offset != 0 && epoch != position.epoch {
         return Recovery::Impossible(Unrecoverable::EpochChanged);
     }
     if offset > newest {
@@ -194,11 +191,21 @@ mod tests {
         );
         let used = ChannelPosition {
             epoch: "fresh".into(),
-            next_offset: 2,
+            next_offset: 3,
         };
         assert_eq!(
             recovery(&used, Some(1), "minted-before-a-restart", 0, 100),
-            Recovery::Impossible(Unrecoverable::EpochChanged)
+            Recovery::Complete { missed: 2 },
+            "everything since offset 1 is kept: all of it is replayed"
+        );
+        assert_eq!(
+            recovery(&used, Some(2), "minted-before-a-restart", 0, 100),
+            Recovery::Impossible(Unrecoverable::OffsetTooOld)
+        );
+        assert_eq!(
+            recovery(&used, Some(1), "minted-before-a-restart", 1, 100),
+            Recovery::Impossible(Unrecoverable::EpochChanged),
+            "a client that saw an event of another epoch cannot be caught up"
         );
     }
 

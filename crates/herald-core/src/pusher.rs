@@ -9,8 +9,9 @@ use md5::{Digest, Md5};
 use rand::Rng;
 use sha2::Sha256;
 
-/// Longest channel name accepted (Pusher's documented limit).
-pub const MAX_CHANNEL_NAME: usize = 164;
+/// Longest channel name accepted (Pusher's documented limit); the rule is
+/// [`crate::validate::channel`].
+pub use crate::validate::MAX_CHANNEL_NAME;
 /// How far an HTTP API request's `auth_timestamp` may be from the server's clock.
 pub const REQUEST_TIMESTAMP_TOLERANCE_SECS: i64 = 600;
 /// Longest an SSE token may live: one whose expiry is further from now is refused (24 hours).
@@ -52,24 +53,10 @@ impl ChannelKind {
     }
 }
 
+/// [`crate::validate::channel`], the one channel-name rule, with the `String` error the
+/// WebSocket, SSE and Pusher HTTP API callers build their answers from.
 pub fn validate_channel_name(name: &str) -> Result<(), String> {
-    if name.is_empty() {
-        return Err("channel name is empty".into());
-    }
-    if name.len() > MAX_CHANNEL_NAME {
-        return Err(format!(
-            "channel name is longer than {MAX_CHANNEL_NAME} characters"
-        ));
-    }
-    if let Some(bad) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || "_-=@,.;".contains(*c)))
-    {
-        return Err(format!(
-            "channel name contains {bad:?}; allowed are A-Z a-z 0-9 _ - = @ , . ;"
-        ));
-    }
-    Ok(())
+    crate::validate::channel(name).map_err(String::from)
 }
 
 /// A fresh socket id, `"<digits>.<digits>"`.
@@ -425,6 +412,12 @@ mod tests {
         assert!(validate_channel_name("has space").is_err());
         assert!(validate_channel_name("#server-to-user-1").is_err());
         assert!(validate_channel_name(&"a".repeat(165)).is_err());
+        assert!(validate_channel_name(&"a".repeat(164)).is_ok());
+        assert_eq!(
+            validate_channel_name("a:b"),
+            Err(crate::validate::CHANNEL_RULE.to_string()),
+            "the alias answers the rule's one message"
+        );
     }
 
     #[test]

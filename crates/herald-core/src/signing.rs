@@ -117,9 +117,48 @@ pub fn signature_header<'a>(
     header
 }
 
+/// The names of the headers Herald sets on the webhook requests it sends, in lower case (the
+/// form `HeaderName::from_static` takes and HTTP/2 sends). An endpoint's own headers may not
+/// override them.
+pub mod headers {
+    /// Standard Webhooks: the message id, the same on every attempt.
+    pub const WEBHOOK_ID: &str = "webhook-id";
+    /// Standard Webhooks: Unix seconds when the attempt was signed.
+    pub const WEBHOOK_TIMESTAMP: &str = "webhook-timestamp";
+    /// Standard Webhooks: one `v1,<base64>` entry per live secret
+    /// ([`super::signature_header`]).
+    pub const WEBHOOK_SIGNATURE: &str = "webhook-signature";
+    /// Pusher channel webhooks: the app key.
+    pub const PUSHER_KEY: &str = "x-pusher-key";
+    /// Pusher channel webhooks: hex HMAC-SHA256 of the body with the app secret
+    /// ([`crate::pusher::webhook_signature`]).
+    pub const PUSHER_SIGNATURE: &str = "x-pusher-signature";
+    /// Every header above.
+    pub const ALL: [&str; 5] = [
+        WEBHOOK_ID,
+        WEBHOOK_TIMESTAMP,
+        WEBHOOK_SIGNATURE,
+        PUSHER_KEY,
+        PUSHER_SIGNATURE,
+    ];
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn header_names_are_lower_case_http_tokens() {
+        for name in headers::ALL {
+            assert!(
+                !name.is_empty()
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'),
+                "{name}"
+            );
+        }
+    }
 
     // Vector from the Standard Webhooks reference libraries' test suites.
     const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";

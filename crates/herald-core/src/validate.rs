@@ -34,11 +34,24 @@ pub fn event_type_name(value: &str) -> Result<(), &'static str> {
     }
 }
 
+/// Longest channel name: Pusher's documented limit, prefixes (`private-`, `presence-`) counted.
+pub const MAX_CHANNEL_NAME: usize = 164;
+
+/// What [`channel`] answers for any name it refuses.
+pub const CHANNEL_RULE: &str =
+    "a channel name must be 1 to 164 characters of letters, digits and _ - = @ , . ;";
+
+/// The one channel-name rule, Pusher's: 1 to [`MAX_CHANNEL_NAME`] characters of
+/// `[A-Za-z0-9_\-=@,.;]`. Every channel a name can arrive by (a message's `channels`, an
+/// endpoint's `channels` filter, a source's default channel and rendered templates, a
+/// WebSocket or SSE subscription, the Pusher HTTP API) is checked here, so a name accepted
+/// anywhere can be subscribed to (`#`, kept for Pusher's `#server-to-user-`, and `:` are not
+/// in the set).
 pub fn channel(value: &str) -> Result<(), &'static str> {
-    if id_like(value, 128, &[':', '=', '@', ',', ';']) {
+    if id_like(value, MAX_CHANNEL_NAME, &['=', '@', ',', ';']) {
         Ok(())
     } else {
-        Err("must be 1 to 128 characters of letters, digits and -_.:=@,;")
+        Err(CHANNEL_RULE)
     }
 }
 
@@ -56,7 +69,32 @@ mod tests {
             assert!(uid(&format!("{prefix}2Ld0")).is_err(), "{prefix}");
         }
         assert!(uid("app-1").is_ok() && uid("application_1").is_ok());
-        assert!(channel("private-order:42").is_ok());
         assert!(event_type_name("invoice/paid").is_err());
+    }
+
+    #[test]
+    fn channel_names_follow_pushers_rule() {
+        assert_eq!(channel("private-order-42;x=1@a,b.c_D"), Ok(()));
+        assert_eq!(channel(&"a".repeat(MAX_CHANNEL_NAME)), Ok(()));
+        for refused in [
+            "",
+            "a:b",
+            "private-order:42",
+            "has space",
+            "#server-to-user-1",
+            "caf\u{e9}",
+            "a/b",
+            "a*",
+        ] {
+            assert_eq!(channel(refused), Err(CHANNEL_RULE), "{refused:?}");
+        }
+        assert_eq!(
+            channel(&"a".repeat(MAX_CHANNEL_NAME + 1)),
+            Err(CHANNEL_RULE)
+        );
+        assert!(
+            CHANNEL_RULE.contains(&format!(" {MAX_CHANNEL_NAME} ")),
+            "{CHANNEL_RULE}"
+        );
     }
 }

@@ -11,7 +11,7 @@ use herald_core::{
     AttemptOutcome, EndpointSecret, RetryDecision, id,
     model::{Attempt, DeliveryStatus, EndpointFormat, PusherCredentials, TriggerType},
     pusher,
-    signing::signature_header,
+    signing::{self, signature_header},
 };
 use herald_store::{
     AttemptRecord, ClaimRequest, DeliveryJob, EndpointChange, NextStep, Store, StoreError,
@@ -550,8 +550,8 @@ fn pusher_headers(job: &DeliveryJob, credentials: &PusherCredentials) -> HeaderM
     let mut headers = custom_headers(job);
     let signature = pusher::webhook_signature(&credentials.secret, &job.payload);
     for (name, value) in [
-        ("x-pusher-key", credentials.key.as_str()),
-        ("x-pusher-signature", signature.as_str()),
+        (signing::headers::PUSHER_KEY, credentials.key.as_str()),
+        (signing::headers::PUSHER_SIGNATURE, signature.as_str()),
     ] {
         if let Ok(value) = HeaderValue::from_str(value) {
             headers.insert(HeaderName::from_static(name), value);
@@ -576,9 +576,9 @@ fn signed_headers(job: &DeliveryJob, timestamp: i64) -> HeaderMap {
     );
     let signature = signature_header(&secrets, &job.msg_id, timestamp, &job.payload);
     for (name, value) in [
-        ("webhook-id", job.msg_id.clone()),
-        ("webhook-timestamp", timestamp.to_string()),
-        ("webhook-signature", signature),
+        (signing::headers::WEBHOOK_ID, job.msg_id.clone()),
+        (signing::headers::WEBHOOK_TIMESTAMP, timestamp.to_string()),
+        (signing::headers::WEBHOOK_SIGNATURE, signature),
     ] {
         if let Ok(value) = HeaderValue::from_str(&value) {
             headers.insert(HeaderName::from_static(name), value);

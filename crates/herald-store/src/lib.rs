@@ -305,11 +305,14 @@ pub trait Store: Send + Sync + 'static {
     /// Keeps a verified request and stores the message it became (with its deliveries), in
     /// one commit; or, if the source already received this delivery id, changes nothing and
     /// returns the earlier record.
+    /// Records a verified inbound webhook with the message it becomes and that message's
+    /// channel history entries, in one commit; a repeated delivery id commits none of them.
     async fn record_ingest(
         &self,
         event: IngestEvent,
         message: Message,
         endpoint_ids: Vec<String>,
+        history: Vec<(HistoryEntry, Retention)>,
     ) -> Result<IngestRecorded>;
     async fn list_ingest_events(&self, source_id: &str, page: &Page) -> Result<Vec<IngestEvent>>;
     async fn get_ingest_event(&self, source_id: &str, id: &str) -> Result<Option<IngestEvent>>;
@@ -318,6 +321,14 @@ pub trait Store: Send + Sync + 'static {
     /// Store a message and queue its first attempt to each endpoint, atomically. Fails with
     /// `Conflict` if the app already has a message with this `event_id`.
     async fn create_message(&self, message: Message, endpoint_ids: Vec<String>) -> Result<()>;
+    /// What one publication stores, in one commit: the message (if it has one) with its first
+    /// attempts, and its channel history entries. A message that conflicts (`eventId`) commits
+    /// no history either.
+    async fn store_publication(
+        &self,
+        message: Option<(Message, Vec<String>)>,
+        history: Vec<(HistoryEntry, Retention)>,
+    ) -> Result<()>;
     async fn get_message(&self, app_id: &str, id_or_event_id: &str) -> Result<Option<Message>>;
     async fn list_messages(
         &self,
@@ -383,4 +394,40 @@ pub trait Store: Send + Sync + 'static {
 
     /// Finish pending writes and close connections.
     async fn close(&self);
+
+    // Delivery state: where each message stands with each endpoint (Svix's attempted messages
+    // and attempted destinations).
+    /// The endpoint's deliveries with their messages, newest message first (paged by message
+    /// id), filtered by the messages' fields and the deliveries' status.
+    async fn list_endpoint_deliveries(
+        &self,
+        app_id: &str,
+        endpoint_id: &str,
+        query: &DeliveryQuery,
+        page: &Page,
+    ) -> Result<Vec<(Message, DeliveryState)>>;
+    /// The message's deliveries with their endpoints, paged by endpoint id.
+    async fn list_message_deliveries(
+        &self,
+        app_id: &str,
+        msg_id: &str,
+        page: &Page,
+    ) -> Result<Vec<(Endpoint, DeliveryState)>>;
+}
+
+/// Where one delivery (a message to one endpoint) stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeliveryState {
+    /// `Sending` while an attempt is in flight.
+    pub status: DeliveryStatus,
+    /// When the next attempt is due, while one is pending.
+    pub next_attempt: Option<DateTime<Utc>>,
+}
+
+/// Filters on an endpoint's deliveries: the messages' fields, a message tag, the status.
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryQuery {
+    pub message: MessageQuery,
+    pub tag: Option<String>,
+    pub status: Option<DeliveryStatus>,
 }

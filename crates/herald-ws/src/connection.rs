@@ -111,10 +111,13 @@ async fn upgrade(
                     format!("no app has the key {key}"),
                 )),
                 (_, Some(Ok(v))) if !(5..=7).contains(v) => Some((
-                    4007,
+                    close::UNSUPPORTED_PROTOCOL,
                     format!("protocol version {v} is not supported (use 7)"),
                 )),
-                (_, Some(Err(_))) => Some((4007, "protocol must be a number".to_owned())),
+                (_, Some(Err(_))) => Some((
+                    close::UNSUPPORTED_PROTOCOL,
+                    "protocol must be a number".to_owned(),
+                )),
                 _ => None,
             };
             match (refusal, app) {

@@ -17,6 +17,7 @@
 
 use std::{
     collections::HashMap,
+    future::Future,
     sync::{Arc, Mutex},
 };
 
@@ -302,8 +303,8 @@ impl History {
         Ok(&mut cached.position)
     }
 
-    /// Sends an event to a channel's subscribers (but `except`); on a history channel it is
-    /// first appended with the next offset and carries its position. Returns how many
+    /// Publishes one event to one channel, storing nothing but its history entry (if the
+    /// channel keeps history): a publication without a webhook message. Returns how many
     /// subscribers it was handed to.
     pub async fn publish(
         &self,
@@ -313,22 +314,114 @@ impl History {
         data: &str,
         except: Option<&str>,
     ) -> Result<usize, StoreError> {
-        let hub = self.hub.app(&app.id);
-        let Some(retention) = self.retention(app, channel) else {
-            return Ok(hub.broadcast(channel, &protocol::event(event, channel, data), except));
-        };
-        let sent = self
-            .append(
-                app,
-                channel,
-                retention,
-                event,
-                Data::Text(data),
-                None,
-                |frame| hub.broadcast(channel, &frame, except),
-            )
+        let store = Arc::clone(&self.store);
+        let channels = [channel.to_owned()];
+        let ((), sent) = self
+            .publish_with(app, &channels, event, data, except, |history| async move {
+                if !history.is_empty() {
+                    store.store_publication(None, history).await?;
+                }
+                Ok(((), true))
+            })
             .await?;
         Ok(sent)
+    }
+
+    /// Publishes one event to `channels` (but socket `except`): the entries for the channels
+    /// that keep history get their next offsets, `commit` stores them together with whatever
+    /// else the publication stores (its webhook message), in one commit, and only then does
+    /// every channel's frame go out, history channels' frames carrying their positions.
+    ///
+    /// The history channels' locks are held, taken in name order so two publications never
+    /// wait for each other crosswise, from reading the positions to the broadcast: offsets
+    /// stay in order and the seam with joins stays exact. `commit` answers whether it stored
+    /// the entries (an inbound webhook seen before stores nothing and publishes nothing).
+    /// Returns `commit`'s value and how many subscribers the frames were handed to.
+    pub async fn publish_with<T, F, Fut>(
+        &self,
+        app: &App,
+        channels: &[String],
+        event: &str,
+        data: &str,
+        except: Option<&str>,
+        commit: F,
+    ) -> Result<(T, usize), StoreError>
+    where
+        F: FnOnce(Vec<(HistoryEntry, Retention)>) -> Fut,
+        Fut: Future<Output = Result<(T, bool), StoreError>>,
+    {
+        let mut kept: Vec<(&str, Retention)> = channels
+            .iter()
+            .filter_map(|c| self.retention(app, c).map(|r| (c.as_str(), r)))
+            .collect();
+        kept.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        kept.dedup_by(|a, b| a.0 == b.0);
+        let slots: Vec<PositionSlot> = kept
+            .iter()
+            .map(|(channel, _)| self.slot(&app.id, channel))
+            .collect();
+        let mut guards = Vec::with_capacity(slots.len());
+        for slot in &slots {
+            guards.push(slot.lock().await);
+        }
+        let now = Utc::now();
+        let mut entries = Vec::with_capacity(kept.len());
+        for ((channel, retention), cached) in kept.iter().zip(guards.iter_mut()) {
+            let position = self.position(cached, &app.id, channel).await?;
+            entries.push((
+                HistoryEntry {
+                    app_id: app.id.clone(),
+                    channel: (*channel).to_owned(),
+                    epoch: position.epoch.clone(),
+                    offset: position.next_offset,
+                    event: event.to_owned(),
+                    data: data.to_owned(),
+                    raw_json: false,
+                    user_id: None,
+                    created_at: now,
+                },
+                *retention,
+            ));
+        }
+        let positions: Vec<(String, u64)> = entries
+            .iter()
+            .map(|(e, _)| (e.epoch.clone(), e.offset))
+            .collect();
+        let (value, stored) = match commit(entries).await {
+            Ok(committed) => committed,
+            Err(e) => {
+                for ((channel, _), (slot, cached)) in kept.iter().zip(slots.iter().zip(&guards)) {
+                    self.release_if_unstored(&app.id, channel, slot, cached);
+                }
+                return Err(e);
+            }
+        };
+        if !stored {
+            return Ok((value, 0));
+        }
+        for cached in guards.iter_mut().filter_map(|guard| guard.as_mut()) {
+            cached.position.next_offset += 1;
+            cached.stored = true;
+        }
+        let hub = self.hub.app(&app.id);
+        let mut sent = 0;
+        let mut seen: Vec<&str> = Vec::with_capacity(channels.len());
+        for channel in channels {
+            if seen.contains(&channel.as_str()) {
+                continue;
+            }
+            seen.push(channel);
+            let frame = match kept.binary_search_by(|(c, _)| (*c).cmp(channel.as_str())) {
+                Ok(at) => {
+                    let (epoch, offset) = &positions[at];
+                    protocol::history_event(event, channel, Data::Text(data), None, epoch, *offset)
+                }
+                Err(_) => protocol::event(event, channel, data),
+            };
+            sent += hub.broadcast(channel, &frame, except);
+        }
+        drop(guards);
+        Ok((value, sent))
     }
 
     /// Keeps a client event on a history channel, then relays it (never to its sender) with

@@ -75,6 +75,8 @@ pub mod close {
     /// An unknown app key, or an app deleted while its connections were open.
     pub const APP_DOES_NOT_EXIST: u16 = 4001;
     pub const OVER_CONNECTION_QUOTA: u16 = 4004;
+    /// A `protocol` version other than 5 to 7, or one that is not a number.
+    pub const UNSUPPORTED_PROTOCOL: u16 = 4007;
     pub const UNAUTHORIZED: u16 = 4009;
     /// Pusher's "over capacity, reconnect after backing off": a connection that cannot keep
     /// up with its events, or one more than its address may open (at once or per second).

@@ -1,6 +1,12 @@
 //! Configuration: built-in defaults, then a TOML file (`--config`), then `HERALD_*` environment
 //! variables, then command-line flags; each later source wins. Nested keys use `__` in
 //! environment variables: `HERALD_DELIVERY__REQUEST_TIMEOUT_SECS=30`.
+//!
+//! An unknown key in the file is an error. The environment is shared with other programs
+//! (`HERALD_LOG` is the binary's log filter; a client may read `HERALD_TOKEN` or `HERALD_URL`),
+//! so only variables naming a key are read: a top-level key (`HERALD_DATA_DIR`) or anything in a
+//! known section (`HERALD_DELIVERY__...`). The others are ignored and listed in the log; a
+//! misspelt field of a known section (`HERALD_DELIVERY__REQUST_TIMEOUT_SECS`) is still an error.
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -10,6 +16,7 @@ use std::path::Path;
 use figment::{
     Figment,
     providers::{Env, Format, Serialized, Toml},
+    value::{Uncased, UncasedStr, Value},
 };
 use herald_api::channel_webhooks::ChannelWebhookConfig;
 use herald_core::{AddressPolicy, RetryPolicy};
@@ -246,6 +253,77 @@ impl Default for DeliverySection {
     }
 }
 
+/// Which `HERALD_*` environment variables are configuration: [`Config`]'s top-level keys, and
+/// which of them are sections (tables) whose fields a `SECTION__FIELD` name may set.
+#[derive(Debug, Clone)]
+struct EnvKeys {
+    top_level: Vec<String>,
+    sections: Vec<String>,
+}
+
+/// Every variable with this prefix is considered; only those naming a key are read.
+const ENV_PREFIX: &str = "HERALD_";
+/// `HERALD_LOG` is the binary's log filter: expected, never configuration, not reported.
+const LOG_VARIABLE: &str = "HERALD_LOG";
+
+impl EnvKeys {
+    /// The keys of [`Config`] as it serializes (every field is written, `None` too).
+    fn of_config() -> Result<Self, ConfigError> {
+        let value = Value::serialize(Config::default()).map_err(Box::new)?;
+        let dict = value.into_dict().ok_or_else(|| {
+            ConfigError::Invalid("the configuration's defaults are not a table".into())
+        })?;
+        let mut keys = Self {
+            top_level: Vec::new(),
+            sections: Vec::new(),
+        };
+        for (key, value) in dict {
+            if matches!(value, Value::Dict(..)) {
+                keys.sections.push(key.clone());
+            }
+            keys.top_level.push(key);
+        }
+        Ok(keys)
+    }
+
+    /// The figment key a variable (its name without the prefix) sets, if it names one:
+    /// `DATA_DIR` -> `data_dir`, `DELIVERY__REQUEST_TIMEOUT_SECS` ->
+    /// `delivery.request_timeout_secs`. Any field of a known section is passed on, so that
+    /// `deny_unknown_fields` names a misspelt one.
+    fn key(&self, name: &str) -> Option<String> {
+        let name = name.trim().to_ascii_lowercase();
+        match name.split_once("__") {
+            None => self.top_level.contains(&name).then_some(name),
+            Some((section, field)) => self
+                .sections
+                .iter()
+                .any(|s| *s == section)
+                .then(|| format!("{section}.{}", field.replace("__", "."))),
+        }
+    }
+
+    /// The environment variables as figment reads them: known keys only.
+    fn provider(self) -> Env {
+        Env::prefixed(ENV_PREFIX)
+            .filter_map(move |name: &UncasedStr| self.key(name.as_str()).map(Uncased::from))
+    }
+
+    /// The `HERALD_*` variables set but not read (other than `HERALD_LOG`), sorted.
+    fn ignored(&self) -> Vec<String> {
+        let mut ignored: Vec<String> = std::env::vars_os()
+            .filter_map(|(name, _)| name.into_string().ok())
+            .filter(|name| {
+                name.to_ascii_uppercase()
+                    .strip_prefix(ENV_PREFIX)
+                    .is_some_and(|rest| !rest.is_empty() && self.key(rest).is_none())
+                    && !name.eq_ignore_ascii_case(LOG_VARIABLE)
+            })
+            .collect();
+        ignored.sort();
+        ignored
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("invalid configuration: {0}")]
@@ -284,9 +362,16 @@ impl Config {
             }
             figment = figment.merge(Toml::file(path));
         }
+        let keys = EnvKeys::of_config()?;
+        let ignored = keys.ignored();
+        if !ignored.is_empty() {
+            tracing::info!(
+                variables = %ignored.join(", "),
+                "ignoring HERALD_* environment variables that are not configuration keys"
+            );
+        }
         let mut config: Config = figment
-            // HERALD_LOG is the log filter, read by the binary, not a configuration key.
-            .merge(Env::prefixed("HERALD_").ignore(&["LOG"]).split("__"))
+            .merge(keys.provider())
             .merge(Serialized::defaults(overrides))
             .extract()
             .map_err(Box::new)?;
@@ -588,9 +673,99 @@ mod tests {
             assert!(err.to_string().contains("retry_jitter"), "{err}");
 
             jail.set_env("HERALD_DELIVERY__RETRY_JITTER", "0.2");
-            jail.set_env("HERALD_LISTN", "typo");
-            let err = Config::load(None, &Overrides::default()).expect_err("unknown key");
+            jail.create_file("typo.toml", "listn = \"127.0.0.1:7000\"")?;
+            let err = Config::load(Some(Path::new("typo.toml")), &Overrides::default())
+                .expect_err("unknown key in the file");
             assert!(err.to_string().contains("listn"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn env_variables_are_read_for_known_keys_only() {
+        let keys = EnvKeys::of_config().expect("the defaults serialize");
+        let key = |name: &str| keys.key(name);
+        assert_eq!(key("DATA_DIR").as_deref(), Some("data_dir"));
+        assert_eq!(
+            key("ADMIN_TOKEN").as_deref(),
+            Some("admin_token"),
+            "None by default"
+        );
+        assert_eq!(
+            key("DELIVERY__REQUEST_TIMEOUT_SECS").as_deref(),
+            Some("delivery.request_timeout_secs")
+        );
+        assert_eq!(
+            key("delivery__requst_timeout_secs").as_deref(),
+            Some("delivery.requst_timeout_secs"),
+            "any field of a known section goes on, to be refused by name"
+        );
+        for other in [
+            "TOKEN",
+            "URL",
+            "LOG",
+            "LISTN",
+            "DELIVRY__REQUEST_TIMEOUT_SECS",
+            "DEV__X",
+        ] {
+            assert_eq!(key(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn herald_variables_that_are_not_keys_do_not_stop_the_server() {
+        figment::Jail::expect_with(|jail| {
+            // A client's variables, the log filter, a misspelt top-level key and an unknown
+            // section: none is configuration, none is an error.
+            jail.set_env("HERALD_TOKEN", "sk_live_0123456789abcdef");
+            jail.set_env("HERALD_URL", "https://herald.example");
+            jail.set_env("HERALD_LOG", "debug");
+            jail.set_env("HERALD_LISTN", "typo");
+            jail.set_env("HERALD_CLIENT__PROFILE", "prod");
+            jail.set_env("HERALD_ADMIN_TOKEN", "env-admin-token-0123");
+            jail.set_env("HERALD_WS__TRUSTED_PROXIES", "[\"10.0.0.0/8\"]");
+            let config = Config::load(None, &Overrides::default()).map_err(|e| e.to_string())?;
+            assert_eq!(config.admin_token.as_deref(), Some("env-admin-token-0123"));
+            assert_eq!(
+                config.ws.trusted_proxies.len(),
+                1,
+                "known keys are still read"
+            );
+            assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
+
+            let ignored = EnvKeys::of_config().map_err(|e| e.to_string())?.ignored();
+            for name in [
+                "HERALD_CLIENT__PROFILE",
+                "HERALD_LISTN",
+                "HERALD_TOKEN",
+                "HERALD_URL",
+            ] {
+                assert!(ignored.iter().any(|i| i == name), "{name} in {ignored:?}");
+            }
+            for read in [
+                "HERALD_LOG",
+                "HERALD_ADMIN_TOKEN",
+                "HERALD_WS__TRUSTED_PROXIES",
+            ] {
+                assert!(!ignored.iter().any(|i| i == read), "{read} in {ignored:?}");
+            }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_misspelt_field_of_a_known_section_is_refused_by_name() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("herald.toml", "[delivery]\nrequst_timeout_secs = 30\n")?;
+            let err = Config::load(Some(Path::new("herald.toml")), &Overrides::default())
+                .expect_err("typo in the file");
+            assert!(err.to_string().contains("requst_timeout_secs"), "{err}");
+
+            jail.set_env("HERALD_DELIVERY__REQUST_TIMEOUT_SECS", "30");
+            let err = Config::load(None, &Overrides::default()).expect_err("typo in a section");
+            let err = err.to_string();
+            assert!(err.contains("requst_timeout_secs"), "{err}");
+            assert!(err.contains("HERALD_"), "says where it came from: {err}");
             Ok(())
         });
     }

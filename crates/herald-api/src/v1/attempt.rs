@@ -1,4 +1,5 @@
-//! Message attempts: the log of every HTTP request made, and manual resends.
+//! Message attempts: the log of every HTTP request made, where each message stands with each
+//! endpoint (Svix's attempted messages and attempted destinations), and manual resends.
 
 use axum::{
     Json,
@@ -7,9 +8,10 @@ use axum::{
 };
 use chrono::{DateTime, Utc};
 use herald_core::model::{Attempt, DeliveryStatus};
-use herald_store::{AttemptQuery, AttemptScope};
+use herald_store::{AttemptQuery, AttemptScope, DeliveryQuery, DeliveryState, MessageQuery, Page};
 use serde::Serialize;
 
+use super::{endpoint::EndpointOut, message::MessageOut};
 use crate::{
     ApiState,
     auth::Caller,
@@ -52,17 +54,170 @@ impl From<Attempt> for MessageAttemptOut {
     }
 }
 
-fn attempt_query(query: &QueryParams) -> ApiResult<AttemptQuery> {
-    let status = match query.int("status")? {
-        None => None,
-        Some(code) => Some(DeliveryStatus::from_code(code).ok_or_else(|| {
+/// Where a delivery stands, as Svix adds it to a message (`EndpointMessageOut`) or to an
+/// endpoint (`MessageEndpointOut`).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeliveryStateOut {
+    status: u8,
+    status_text: &'static str,
+    /// When the next attempt is due, while the delivery is pending.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_attempt: Option<DateTime<Utc>>,
+}
+
+impl From<DeliveryState> for DeliveryStateOut {
+    fn from(state: DeliveryState) -> Self {
+        Self {
+            status: state.status as u8,
+            status_text: state.status.text(),
+            next_attempt: state.next_attempt,
+        }
+    }
+}
+
+/// Svix's `EndpointMessageOut`: a message with where it stands with one endpoint.
+#[derive(Serialize)]
+pub struct EndpointMessageOut {
+    #[serde(flatten)]
+    message: MessageOut,
+    #[serde(flatten)]
+    state: DeliveryStateOut,
+}
+
+/// Svix's `MessageEndpointOut`: an endpoint with where one message stands with it.
+#[derive(Serialize)]
+pub struct MessageEndpointOut {
+    #[serde(flatten)]
+    endpoint: EndpointOut,
+    #[serde(flatten)]
+    state: DeliveryStateOut,
+}
+
+fn status_param(query: &QueryParams) -> ApiResult<Option<DeliveryStatus>> {
+    match query.int("status")? {
+        None => Ok(None),
+        Some(code) => Ok(Some(DeliveryStatus::from_code(code).ok_or_else(|| {
             ApiError::invalid(&["query", "status"], "status must be 0, 1, 2 or 3")
-        })?),
-    };
+        })?)),
+    }
+}
+
+fn attempt_query(query: &QueryParams) -> ApiResult<AttemptQuery> {
     Ok(AttemptQuery {
-        status,
+        status: status_param(query)?,
         endpoint_id: query.str("endpoint_id").map(str::to_owned),
     })
+}
+
+/// `messageAttempt.get`: one attempt of the message, in the shape of the lists' items.
+pub async fn get(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path((app_id, msg_id, attempt_id)): Path<(String, String, String)>,
+) -> ApiResult<Json<MessageAttemptOut>> {
+    let app = caller.app(&state, &app_id).await?;
+    let msg = state
+        .store
+        .get_message(&app.id, &msg_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("message"))?;
+    // The message's attempts newest first, starting just above `attempt_id`: no attempt id
+    // extends another (they are all `atmpt_` and a fixed-length KSUID), so the first row is
+    // the attempt itself if the message has it.
+    let page = Page {
+        limit: 1,
+        iterator: Some(format!("{attempt_id}~")),
+        descending: true,
+        backwards: false,
+    };
+    let rows = state
+        .store
+        .list_attempts(
+            &app.id,
+            &AttemptScope::Message(msg.id),
+            &AttemptQuery::default(),
+            &page,
+        )
+        .await?;
+    rows.into_iter()
+        .next()
+        .filter(|a| a.id == attempt_id)
+        .map(|a| Json(MessageAttemptOut::from(a)))
+        .ok_or_else(|| ApiError::not_found("attempt"))
+}
+
+/// `messageAttempt.listAttemptedMessages`: the messages sent to the endpoint, newest first,
+/// each with where it stands with the endpoint. Filters: `status` (of the delivery), `channel`,
+/// `tag`, `event_types`, `before`/`after` (the message's creation), `with_content`. Ignored:
+/// `expanded_statuses` (Herald never cancels a delivery, so there is no status 4 to expand).
+pub async fn list_attempted_messages(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path((app_id, endpoint_id)): Path<(String, String)>,
+    query: QueryParams,
+) -> ApiResult<Json<ListResponse<EndpointMessageOut>>> {
+    let app = caller.app(&state, &app_id).await?;
+    let endpoint = state
+        .store
+        .get_endpoint(&app.id, &endpoint_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("endpoint"))?;
+    let page = pagination::page(&query, true)?;
+    let with_content = query.bool("with_content", true)?;
+    let filter = DeliveryQuery {
+        message: MessageQuery {
+            channel: query.str("channel").map(str::to_owned),
+            event_types: query.list("event_types"),
+            before: query.time("before")?,
+            after: query.time("after")?,
+        },
+        tag: query.str("tag").map(str::to_owned),
+        status: status_param(&query)?,
+    };
+    let rows = state
+        .store
+        .list_endpoint_deliveries(&app.id, &endpoint.id, &filter, &page)
+        .await?;
+    Ok(Json(pagination::list(
+        rows,
+        &page,
+        |(m, _)| m.id.clone(),
+        |(m, delivery)| EndpointMessageOut {
+            message: MessageOut::new(m, with_content),
+            state: delivery.into(),
+        },
+    )))
+}
+
+/// `messageAttempt.listAttemptedDestinations`: the endpoints the message was sent to, by
+/// ascending id, each with where the message stands with it.
+pub async fn list_attempted_destinations(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path((app_id, msg_id)): Path<(String, String)>,
+    query: QueryParams,
+) -> ApiResult<Json<ListResponse<MessageEndpointOut>>> {
+    let app = caller.app(&state, &app_id).await?;
+    let msg = state
+        .store
+        .get_message(&app.id, &msg_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("message"))?;
+    let page = pagination::page(&query, false)?;
+    let rows = state
+        .store
+        .list_message_deliveries(&app.id, &msg.id, &page)
+        .await?;
+    Ok(Json(pagination::list(
+        rows,
+        &page,
+        |(e, _)| e.id.clone(),
+        |(e, delivery)| MessageEndpointOut {
+            endpoint: e.into(),
+            state: delivery.into(),
+        },
+    )))
 }
 
 pub async fn list_by_endpoint(

@@ -31,11 +31,11 @@ const MAX_ROTATION_GRACE_SECS: i64 = 7 * 24 * 3600;
 const MAX_CHANNELS: usize = 10;
 /// Headers Herald sets itself; an endpoint may not override them.
 const RESERVED_HEADERS: &[&str] = &[
-    "webhook-id",
-    "webhook-timestamp",
-    "webhook-signature",
-    "x-pusher-key",
-    "x-pusher-signature",
+    herald_core::signing::headers::WEBHOOK_ID,
+    herald_core::signing::headers::WEBHOOK_TIMESTAMP,
+    herald_core::signing::headers::WEBHOOK_SIGNATURE,
+    herald_core::signing::headers::PUSHER_KEY,
+    herald_core::signing::headers::PUSHER_SIGNATURE,
     "content-type",
     "content-length",
     "host",

@@ -163,23 +163,7 @@ pub async fn create(
         payload: bytes::Bytes::from(input.payload.get().to_owned()),
         created_at: now,
     };
-    let targets = crate::events::webhook_targets(
-        &state,
-        &app.id,
-        &message.event_type,
-        message.channels.as_deref(),
-    )
-    .await?;
-    let has_targets = !targets.is_empty();
-    state.store.create_message(message.clone(), targets).await?;
-    if has_targets {
-        state.dispatcher.wake();
-    }
-    if let Some(channels) = &message.channels {
-        // Stored first: WebSocket subscribers never see an event the store could lose.
-        let data = std::str::from_utf8(&message.payload).unwrap_or("{}");
-        crate::events::broadcast(&state, &app, &message.event_type, channels, data, None).await;
-    }
+    crate::publisher::publish_message(&state, &app, message.clone()).await?;
     Ok((
         StatusCode::CREATED,
         Json(MessageOut::new(message, with_content)),

@@ -83,7 +83,19 @@ pub fn router() -> Router<ApiState> {
             "/api/v1/app/{app_id}/msg",
             get(message::list).post(message::create),
         )
+        .route(
+            "/api/v1/app/{app_id}/endpoint/{endpoint_id}/msg",
+            get(attempt::list_attempted_messages),
+        )
         .route("/api/v1/app/{app_id}/msg/{msg_id}", get(message::get))
+        .route(
+            "/api/v1/app/{app_id}/msg/{msg_id}/attempt/{attempt_id}",
+            get(attempt::get),
+        )
+        .route(
+            "/api/v1/app/{app_id}/msg/{msg_id}/endpoint",
+            get(attempt::list_attempted_destinations),
+        )
         .route(
             "/api/v1/app/{app_id}/msg/{msg_id}/endpoint/{endpoint_id}/resend",
             post(attempt::resend),

@@ -128,7 +128,7 @@ pub fn channels<'a>(
     let mut found: Vec<String> = Vec::new();
     for template in templates {
         if let Some(channel) = render(template.as_ref(), payload, header)
-            && crate::pusher::validate_channel_name(&channel).is_ok()
+            && crate::validate::channel(&channel).is_ok()
             && !found.contains(&channel)
             && found.len() < MAX_CHANNELS
         {
@@ -229,5 +229,18 @@ mod tests {
             ["orders"]
         );
         assert!(channels(&["{missing}"], None, p, &headers).is_empty());
+    }
+
+    #[test]
+    fn rendered_channels_follow_the_one_channel_rule() {
+        let payload = json!({"id": "a:b", "long": "x".repeat(161)});
+        let p = Some(&payload);
+        // `:` is not a channel character anywhere, so a name no socket could subscribe to is
+        // never published to; 164 characters is the longest name.
+        assert_eq!(
+            channels(&["order-{id}", "ok-{long}"], None, p, &headers),
+            [format!("ok-{}", "x".repeat(161))]
+        );
+        assert!(channels(&["okay-{long}"], None, p, &headers).is_empty());
     }
 }

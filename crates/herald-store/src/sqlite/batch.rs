@@ -42,6 +42,13 @@ pub(crate) enum WriteOp {
         event: Box<IngestEvent>,
         message: Message,
         endpoint_ids: Vec<String>,
+        history: Vec<(HistoryEntry, Retention)>,
+    },
+    /// A message (if any) and the channel history entries it becomes, committed together, so
+    /// a crash never leaves one without the other.
+    Publication {
+        message: Option<(Message, Vec<String>)>,
+        history: Vec<(HistoryEntry, Retention)>,
     },
     /// Channel webhook messages and the occupancy changes they report, committed together.
     ChannelEvents {

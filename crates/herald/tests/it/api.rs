@@ -1,9 +1,9 @@
 //! The management API: authentication, Svix shapes, validation errors, idempotency, paging.
 
 use reqwest::Method;
-use serde_json::json;
+use serde_json::{Value, json};
 
-use crate::harness::{ADMIN_TOKEN, TestServer};
+use crate::harness::{ADMIN_TOKEN, Receiver, Reply, TestServer, eventually};
 
 #[tokio::test]
 async fn every_api_route_requires_a_valid_token() {
@@ -573,5 +573,342 @@ async fn an_idempotent_retry_of_a_large_message_replays_instead_of_creating_agai
         Some(1),
         "created once"
     );
+    server.stop().await;
+}
+
+/// Issue 10: one channel-name rule. A message channel with `:` used to be accepted (201) and
+/// never reached a socket, which refuses `:`; now every face answers with the same rule
+/// (Pusher's: 1 to 164 of `[A-Za-z0-9_\-=@,.;]`), and the longest valid name goes all the way.
+#[tokio::test]
+async fn channel_names_follow_one_rule_from_the_api_to_the_sockets() {
+    use crate::pusher::{Client, pusher_app, trigger};
+    use herald_core::validate::{CHANNEL_RULE, MAX_CHANNEL_NAME};
+
+    let server = TestServer::start().await;
+    let (app, creds) = pusher_app(&server, "one-channel-rule").await;
+    let too_long = "c".repeat(MAX_CHANNEL_NAME + 1);
+    for bad in ["a:b", too_long.as_str()] {
+        let (status, refused) = server
+            .call(
+                Method::POST,
+                &format!("/api/v1/app/{app}/msg"),
+                Some(json!({"eventType": "t", "channels": [bad], "payload": {}})),
+            )
+            .await;
+        assert_eq!(status, 422, "{bad}: {refused}");
+        assert_eq!(
+            refused["detail"],
+            json!([{"loc": ["body", "channels"], "msg": CHANNEL_RULE, "type": "value_error"}]),
+            "{bad}"
+        );
+        let (status, refused) = server
+            .call(
+                Method::POST,
+                &format!("/api/v1/app/{app}/endpoint"),
+                Some(json!({"url": "https://example.com/hook", "channels": [bad]})),
+            )
+            .await;
+        assert_eq!(status, 422, "an endpoint filter on {bad}: {refused}");
+        assert_eq!(refused["detail"][0]["loc"], json!(["body", "channels"]));
+        let (status, body) = trigger(
+            &server,
+            &creds,
+            json!({"name": "t", "channel": bad, "data": "{}"}),
+        )
+        .await;
+        assert_eq!(status, 400, "the Pusher API agrees on {bad}: {body}");
+        assert!(body.contains(CHANNEL_RULE), "{body}");
+    }
+
+    // The longest name the rule allows, with every punctuation mark it allows.
+    let longest = format!("x_-=@,.;{}", "z".repeat(MAX_CHANNEL_NAME - 8));
+    assert_eq!(longest.len(), MAX_CHANNEL_NAME);
+    let mut client = Client::connect(&server, &creds.key).await;
+    let mut refused = Client::connect(&server, &creds.key).await;
+    let answer = refused.subscribe("a:b", None, None).await;
+    assert_eq!(answer["event"], "pusher:subscription_error", "{answer}");
+    assert_eq!(answer["data"]["error"], CHANNEL_RULE, "{answer}");
+    let joined = client.subscribe(&longest, None, None).await;
+    assert_eq!(
+        joined["event"], "pusher_internal:subscription_succeeded",
+        "{joined}"
+    );
+    server
+        .send(
+            &app,
+            json!({"eventType": "order.paid", "channels": [longest], "payload": {"id": 1}}),
+        )
+        .await;
+    assert_eq!(
+        client.next().await,
+        json!({"event": "order.paid", "channel": longest, "data": "{\"id\":1}"})
+    );
+    server.stop().await;
+}
+
+/// The `id`s of a list answer's items, in order.
+fn ids(list: &Value) -> Vec<&str> {
+    list["data"]
+        .as_array()
+        .expect("a list answer")
+        .iter()
+        .map(|item| item["id"].as_str().expect("an id"))
+        .collect()
+}
+
+/// `GET`s the path as the admin, asserting 200.
+async fn get_ok(server: &TestServer, path: &str) -> Value {
+    let (status, body) = server.call(Method::GET, path, None).await;
+    assert_eq!(status, 200, "GET {path}: {body}");
+    body
+}
+
+#[tokio::test]
+async fn svix_attempt_routes_get_one_attempt_and_list_attempted_messages_and_destinations() {
+    // A failed first attempt is retried an hour later: long enough to see it pending.
+    let server = TestServer::start_with(|c| c.delivery.retry_schedule_secs = vec![3600.0]).await;
+    let ok = Receiver::start().await;
+    let failing = Receiver::start().await;
+    failing.fallback(Reply::Status(500));
+    let app = server.create_app("attempted").await;
+    let ep_ok = server
+        .create_endpoint(
+            &app,
+            json!({"url": ok.url, "uid": "ok", "description": "fine"}),
+        )
+        .await;
+    let ep_fail = server
+        .create_endpoint(&app, json!({"url": failing.url, "channels": ["shop"]}))
+        .await;
+    let (ep_ok, ep_fail) = (
+        ep_ok["id"].as_str().expect("id"),
+        ep_fail["id"].as_str().expect("id"),
+    );
+    let paid = server
+        .send(
+            &app,
+            json!({"eventType": "order.paid", "eventId": "paid-1", "channels": ["shop"],
+                   "tags": ["vip"], "payload": {"order": 1}}),
+        )
+        .await;
+    // No channel: the channel-filtered endpoint does not get it.
+    let shipped = server
+        .send(
+            &app,
+            json!({"eventType": "order.shipped", "payload": {"order": 2}}),
+        )
+        .await;
+    let (paid, shipped) = (
+        paid["id"].as_str().expect("id"),
+        shipped["id"].as_str().expect("id"),
+    );
+    server.settled(&app, ep_ok).await;
+    let failed_path = format!("/api/v1/app/{app}/endpoint/{ep_fail}/msg");
+    let failed = eventually(
+        "the failed first attempt to leave its delivery pending",
+        || async {
+            // Pending before the first attempt too, but then due now, not in an hour.
+            let list = get_ok(&server, &failed_path).await;
+            let retry_later = list["data"][0]["nextAttempt"]
+                .as_str()
+                .and_then(|t| t.parse::<chrono::DateTime<chrono::Utc>>().ok())
+                .is_some_and(|t| t > chrono::Utc::now() + chrono::Duration::minutes(30));
+            (list["data"][0]["status"] == 1 && retry_later).then_some(list)
+        },
+    )
+    .await;
+
+    // messageAttempt.get: one attempt, exactly as the attempt lists show it.
+    let listed = get_ok(&server, &format!("/api/v1/app/{app}/attempt/msg/{paid}")).await;
+    assert_eq!(listed["data"].as_array().map(Vec::len), Some(2), "{listed}");
+    for attempt in listed["data"].as_array().expect("attempts") {
+        let id = attempt["id"].as_str().expect("id");
+        let one = get_ok(
+            &server,
+            &format!("/api/v1/app/{app}/msg/{paid}/attempt/{id}"),
+        )
+        .await;
+        assert_eq!(&one, attempt);
+        // The message may be named by its eventId.
+        let by_event_id = get_ok(
+            &server,
+            &format!("/api/v1/app/{app}/msg/paid-1/attempt/{id}"),
+        )
+        .await;
+        assert_eq!(&by_event_id, attempt);
+    }
+    let other_attempt = get_ok(&server, &format!("/api/v1/app/{app}/attempt/msg/{shipped}")).await;
+    let other_attempt = other_attempt["data"][0]["id"].as_str().expect("id");
+    for path in [
+        format!("/api/v1/app/{app}/msg/{paid}/attempt/{other_attempt}"),
+        format!("/api/v1/app/{app}/msg/{paid}/attempt/atmpt_none"),
+        format!("/api/v1/app/{app}/msg/msg_none/attempt/{other_attempt}"),
+    ] {
+        let (status, body) = server.call(Method::GET, &path, None).await;
+        assert_eq!(
+            status, 404,
+            "{path}: another message's attempt is not this one's"
+        );
+        assert_eq!(body["code"], "not_found");
+    }
+
+    // messageAttempt.listAttemptedMessages: the endpoint's messages, newest first, with the
+    // delivery's status.
+    // Ids made within one clock tick (about 4 ms) may sort either way: newest first is id order.
+    let both = if shipped > paid {
+        vec![shipped, paid]
+    } else {
+        vec![paid, shipped]
+    };
+    let path = format!("/api/v1/app/{app}/endpoint/{ep_ok}/msg");
+    let list = get_ok(&server, &path).await;
+    assert_eq!(ids(&list), both);
+    assert_eq!(list["done"], true);
+    let paid_at = both.iter().position(|id| *id == paid).expect("listed");
+    let item = &list["data"][paid_at];
+    assert_eq!(item["status"], 0, "{item}");
+    assert_eq!(item["statusText"], "success");
+    assert!(item.get("nextAttempt").is_none(), "{item}");
+    assert_eq!(item["eventType"], "order.paid");
+    assert_eq!(item["eventId"], "paid-1");
+    assert_eq!(item["channels"], json!(["shop"]));
+    assert_eq!(item["tags"], json!(["vip"]));
+    assert_eq!(item["payload"], json!({"order": 1}));
+    assert!(item["timestamp"].is_string(), "{item}");
+    let bare = get_ok(&server, &format!("{path}?with_content=false")).await;
+    assert_eq!(bare["data"][paid_at]["payload"], json!({}));
+    // The endpoint may be named by its uid; filters narrow the list.
+    let by_uid = format!("/api/v1/app/{app}/endpoint/ok/msg");
+    for (query, expected) in [
+        ("status=0", both.clone()),
+        ("status=2", vec![]),
+        ("tag=vip", vec![paid]),
+        ("channel=shop", vec![paid]),
+        ("event_types=order.shipped", vec![shipped]),
+        ("before=2000-01-01T00:00:00Z", vec![]),
+        ("after=2000-01-01T00:00:00Z", both.clone()),
+    ] {
+        let list = get_ok(&server, &format!("{by_uid}?{query}")).await;
+        assert_eq!(ids(&list), expected, "{query}");
+    }
+    let first = get_ok(&server, &format!("{path}?limit=1")).await;
+    assert_eq!(
+        (ids(&first), &first["done"]),
+        (vec![both[0]], &json!(false))
+    );
+    let iterator = first["iterator"].as_str().expect("iterator");
+    let second = get_ok(&server, &format!("{path}?limit=1&iterator={iterator}")).await;
+    assert_eq!(
+        (ids(&second), &second["done"]),
+        (vec![both[1]], &json!(true))
+    );
+    // The failing endpoint's delivery waits for its retry.
+    assert_eq!(ids(&failed), [paid]);
+    let pending = &failed["data"][0];
+    assert_eq!(pending["statusText"], "pending", "{pending}");
+    let next: chrono::DateTime<chrono::Utc> = pending["nextAttempt"]
+        .as_str()
+        .expect("a pending delivery has a nextAttempt")
+        .parse()
+        .expect("an RFC 3339 time");
+    assert!(
+        next > chrono::Utc::now() + chrono::Duration::minutes(30),
+        "{pending}"
+    );
+    let (status, _) = server
+        .call(
+            Method::GET,
+            &format!("/api/v1/app/{app}/endpoint/ep_none/msg"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 404);
+
+    // messageAttempt.listAttemptedDestinations: the message's endpoints by ascending id.
+    let list = get_ok(&server, &format!("/api/v1/app/{app}/msg/{paid}/endpoint")).await;
+    let mut expected = [ep_ok, ep_fail];
+    expected.sort_unstable();
+    assert_eq!(ids(&list), expected);
+    for item in list["data"].as_array().expect("data") {
+        assert!(
+            item["url"].is_string() && item["createdAt"].is_string(),
+            "{item}"
+        );
+        assert_eq!(item["version"], 1);
+        if item["id"] == ep_ok {
+            assert_eq!(
+                (
+                    &item["status"],
+                    &item["statusText"],
+                    &item["uid"],
+                    &item["description"]
+                ),
+                (&json!(0), &json!("success"), &json!("ok"), &json!("fine"))
+            );
+            assert!(item.get("nextAttempt").is_none(), "{item}");
+        } else {
+            assert_eq!(
+                (&item["status"], &item["channels"]),
+                (&json!(1), &json!(["shop"]))
+            );
+            assert_eq!(item["nextAttempt"], pending["nextAttempt"]);
+        }
+    }
+    let one = get_ok(
+        &server,
+        &format!("/api/v1/app/{app}/msg/{shipped}/endpoint?limit=1"),
+    )
+    .await;
+    assert_eq!((ids(&one), &one["done"]), (vec![ep_ok], &json!(true)));
+    let (status, _) = server
+        .call(
+            Method::GET,
+            &format!("/api/v1/app/{app}/msg/msg_none/endpoint"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 404);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn api_paths_with_one_trailing_slash_are_served_as_without_it() {
+    let server = TestServer::start().await;
+    let (status, app) = server
+        .call(
+            Method::POST,
+            "/api/v1/app/",
+            Some(json!({"name": "slash", "uid": "slash"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{app}");
+    let app = app["id"].as_str().expect("id");
+    let list = get_ok(&server, "/api/v1/app/").await;
+    assert_eq!(ids(&list), [app]);
+    assert_eq!(
+        get_ok(&server, &format!("/api/v1/app/{app}/")).await["uid"],
+        "slash"
+    );
+    // The query survives the rewrite.
+    let (status, msg) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/app/{app}/msg/?with_content=false"),
+            Some(json!({"eventType": "x", "payload": {"a": 1}})),
+        )
+        .await;
+    assert_eq!(status, 201, "{msg}");
+    assert_eq!(msg["payload"], json!({}));
+    let (status, _) = server.call(Method::GET, "/api/v1/health/", None).await;
+    assert_eq!(status, 204);
+    // Still authenticated like every route.
+    let (status, _) = server
+        .call_as(None, Method::GET, "/api/v1/app/", None, None)
+        .await;
+    assert_eq!(status, 401);
+    // One slash only.
+    let (status, body) = server.call(Method::GET, "/api/v1/app//", None).await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["detail"], "no route for GET /api/v1/app//");
     server.stop().await;
 }

@@ -132,6 +132,19 @@ impl TestServer {
             .await
     }
 
+    /// Calls the API as the admin on a server that may be gone: the status, or `None` when the
+    /// request failed (refused, reset).
+    pub async fn try_call(&self, method: Method, path: &str, body: Value) -> (Option<u16>, ()) {
+        let response = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&body)
+            .send()
+            .await;
+        (response.ok().map(|r| r.status().as_u16()), ())
+    }
+
     pub async fn call_as(
         &self,
         token: Option<&str>,

@@ -294,3 +294,82 @@ async fn a_closed_stdout_does_not_stop_the_server() {
     );
     child.kill().await.expect("kill");
 }
+
+/// A message with channels is stored with its history entries in one commit: a SIGKILL while
+/// messages pour in can never leave one that webhooks will deliver but history lacks (with
+/// two commits, a kill between them did).
+#[tokio::test]
+async fn a_kill_never_leaves_a_message_without_its_history_entries() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut herald = spawn_herald(dir.path()).await;
+    let app = herald.api.create_app("crash-history").await;
+    let receiver = Receiver::start().await;
+    herald
+        .api
+        .create_endpoint(&app, json!({"url": receiver.url}))
+        .await;
+    let api = std::sync::Arc::new(herald.api);
+    let acknowledged = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut senders = Vec::new();
+    for sender in 0..8 {
+        let (api, app, acknowledged) = (
+            std::sync::Arc::clone(&api),
+            app.clone(),
+            std::sync::Arc::clone(&acknowledged),
+        );
+        senders.push(tokio::spawn(async move {
+            for n in 0..10_000 {
+                let body = json!({
+                    "eventType": "order.created",
+                    "channels": ["history-orders", "history-audit"],
+                    "payload": {"sender": sender, "n": n},
+                });
+                let (status, _) = api
+                    .try_call(Method::POST, &format!("/api/v1/app/{app}/msg"), body)
+                    .await;
+                if status != Some(201) {
+                    return;
+                }
+                acknowledged.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }));
+    }
+    crate::harness::eventually("messages to pour in", || async {
+        (acknowledged.load(std::sync::atomic::Ordering::Relaxed) >= 200).then_some(())
+    })
+    .await;
+    herald.child.start_kill().expect("SIGKILL");
+    herald.child.wait().await.expect("killed");
+    for sender in senders {
+        sender.await.expect("sender");
+    }
+
+    // A restart recovers the store (WAL); then read it with the server stopped.
+    let mut again = spawn_herald(dir.path()).await;
+    terminate(&mut again.child).await;
+    let count = |sql: &'static str| {
+        let path = dir.path().join(herald_store::sqlite::DB_FILE);
+        async move {
+            use sqlx::{ConnectOptions, sqlite::SqliteConnectOptions};
+            let mut conn = SqliteConnectOptions::new()
+                .filename(path)
+                .connect()
+                .await
+                .expect("open the store");
+            sqlx::query_scalar::<_, i64>(sql)
+                .fetch_one(&mut conn)
+                .await
+                .expect("count")
+        }
+    };
+    let messages = count("SELECT COUNT(*) FROM messages WHERE event_type = 'order.created'").await;
+    let orders =
+        count("SELECT COUNT(*) FROM channel_history WHERE channel = 'history-orders'").await;
+    let audit = count("SELECT COUNT(*) FROM channel_history WHERE channel = 'history-audit'").await;
+    assert!(messages >= 200, "{messages} messages stored");
+    assert_eq!(
+        (orders, audit),
+        (messages, messages),
+        "every stored message is in both channels' history, and nothing else is"
+    );
+}

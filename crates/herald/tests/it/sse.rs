@@ -175,6 +175,109 @@ async fn a_dropped_stream_resumes_from_last_event_id_without_loss_or_duplicates(
 }
 
 #[tokio::test]
+async fn a_stream_dropped_before_its_first_channel_event_resumes_from_the_first_events_id() {
+    let server = TestServer::start().await;
+    let (_, creds) = pusher_app(&server, "sse-first-id").await;
+    // One channel never published to, one with an event already.
+    publish(&server, &creds, "history-old", "before").await;
+    let query = "channels=history-new,history-old,news";
+    let mut stream = SseClient::open(&server, &creds, query, None).await;
+    let (first_id, hello) = stream.data().await;
+    assert_eq!(hello["event"], "herald:subscription_succeeded");
+    let epoch = |channel: &str| {
+        hello["data"][channel]["epoch"]
+            .as_str()
+            .expect("epoch")
+            .to_owned()
+    };
+    let (new_epoch, old_epoch) = (epoch("history-new"), epoch("history-old"));
+    let first_id = first_id.expect("the first event carries the stream's starting position");
+    assert_eq!(
+        first_id,
+        format!("history-new:{new_epoch}:0|history-old:{old_epoch}:1")
+    );
+    drop(stream);
+
+    // Published while the client is away.
+    publish(&server, &creds, "history-new", "one").await;
+    publish(&server, &creds, "history-old", "two").await;
+    publish(&server, &creds, "history-new", "three").await;
+    let mut resumed = SseClient::open(&server, &creds, query, Some(&first_id)).await;
+    let (id, hello) = resumed.data().await;
+    assert_eq!(id.as_deref(), Some(first_id.as_str()), "resumed from there");
+    for (channel, missed) in [("history-new", 2), ("history-old", 1)] {
+        assert_eq!(hello["data"][channel]["recovered"], true, "{hello}");
+        assert_eq!(hello["data"][channel]["missed"], missed, "{hello}");
+    }
+    // Each channel's missed events in order, then live ones: nothing more, nothing twice.
+    publish(&server, &creds, "history-old", "four").await;
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        let (id, event) = resumed.data().await;
+        got.push((
+            event["channel"].as_str().expect("channel").to_owned(),
+            event["offset"].as_u64().expect("offset"),
+            event["data"].as_str().expect("data").to_owned(),
+            id.expect("history events carry an id"),
+        ));
+    }
+    let (channels, offsets, texts): (Vec<_>, Vec<_>, Vec<_>) = (
+        got.iter().map(|g| g.0.as_str()).collect(),
+        got.iter().map(|g| g.1).collect(),
+        got.iter().map(|g| g.2.as_str()).collect(),
+    );
+    assert_eq!(
+        (channels, offsets, texts),
+        (
+            vec!["history-new", "history-new", "history-old", "history-old"],
+            vec![1, 2, 2, 3],
+            vec!["one", "three", "two", "four"],
+        )
+    );
+    assert_eq!(
+        got[3].3,
+        format!("history-new:{new_epoch}:2|history-old:{old_epoch}:3")
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_resumption_the_replay_budget_refuses_keeps_its_position_in_the_first_events_id() {
+    let server = TestServer::start_with(|c| {
+        c.ws.replay_bytes_per_second_per_ip = 1;
+        c.ws.replay_burst_bytes_per_ip = 1_500;
+    })
+    .await;
+    let (_, creds) = pusher_app(&server, "sse-refused-resume").await;
+    let padding = "x".repeat(1000);
+    for _ in 0..3 {
+        publish(&server, &creds, "history-big", &padding).await;
+    }
+    let query = "channels=history-big";
+    let mut stream = SseClient::open(&server, &creds, query, None).await;
+    let (id, hello) = stream.data().await;
+    let epoch = hello["data"]["history-big"]["epoch"]
+        .as_str()
+        .expect("epoch")
+        .to_owned();
+    assert_eq!(id, Some(format!("history-big:{epoch}:3")));
+    drop(stream);
+
+    // Three 1 KB events do not fit the 1.5 KB budget: refused, and the id still says offset 0,
+    // so the browser's next reconnect asks for them again instead of skipping them.
+    let from_start = format!("history-big:{epoch}:0");
+    let mut refused = SseClient::open(&server, &creds, query, Some(&from_start)).await;
+    let (id, hello) = refused.data().await;
+    assert_eq!(
+        hello["data"]["history-big"]["reason"], "rate_limited",
+        "{hello}"
+    );
+    assert_eq!(id, Some(from_start));
+    drop(refused);
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn private_channels_need_a_signed_token_and_bad_requests_are_refused() {
     let server = TestServer::start().await;
     let (_, creds) = pusher_app(&server, "sse-private").await;

@@ -44,11 +44,24 @@ pub(super) async fn apply(
                 endpoint_ids,
             } => messages.push((i, message, endpoint_ids.as_slice())),
             WriteOp::RecordAttempt(record) => attempts.push(record),
-            WriteOp::AppendHistory { entry, retention } => histories.push((&**entry, *retention)),
+            WriteOp::AppendHistory { entry, retention } => {
+                histories.push((i, &**entry, *retention));
+            }
+            WriteOp::Publication { message, history } => {
+                if let Some((message, targets)) = message {
+                    messages.push((i, message, targets.as_slice()));
+                }
+                histories.extend(
+                    history
+                        .iter()
+                        .map(|(entry, retention)| (i, entry, *retention)),
+                );
+            }
             WriteOp::RecordIngest {
                 event,
                 message,
                 endpoint_ids,
+                history,
             } => {
                 // Rare next to messages: one statement each is fine.
                 let inserted = sqlx::query(
@@ -71,6 +84,11 @@ pub(super) async fn apply(
                 .await?;
                 if inserted.is_some() {
                     messages.push((i, message, endpoint_ids.as_slice()));
+                    histories.extend(
+                        history
+                            .iter()
+                            .map(|(entry, retention)| (i, entry, *retention)),
+                    );
                 } else {
                     outcomes[i] = Err(StoreError::Conflict(INGEST_DUPLICATE.to_owned()));
                 }
@@ -103,6 +121,13 @@ pub(super) async fn apply(
     if !idempotent.is_empty() {
         save_idempotent(conn, &idempotent).await?;
     }
+    // History only for writes whose message went in: a conflicting `eventId` publishes
+    // nothing, so its entries must not be kept either.
+    let histories: Vec<(&HistoryEntry, Retention)> = histories
+        .into_iter()
+        .filter(|(i, _, _)| outcomes[*i].is_ok())
+        .map(|(_, entry, retention)| (entry, retention))
+        .collect();
     if !histories.is_empty() {
         append_histories(conn, &histories).await?;
     }
