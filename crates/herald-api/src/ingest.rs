@@ -182,7 +182,10 @@ fn read(source: &IngestSource, headers: &HeaderMap, body: &[u8], now_unix: i64) 
         source.kind,
         &request,
         payload.as_ref(),
-        trusted.then_some(event_type.as_str()),
+        trusted.then(|| ingest::Trusted {
+            event_type: &event_type,
+            id_header: source.hmac.as_ref().and_then(|h| h.id_header.as_deref()),
+        }),
     );
     Ok(Read::Event {
         delivery_id,

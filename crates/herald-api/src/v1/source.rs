@@ -197,20 +197,28 @@ fn check_secrets(v: &mut Validator, kind: SourceKind, secrets: &[String]) {
     }
 }
 
-fn check_hmac(v: &mut Validator, kind: SourceKind, hmac: Option<&HmacScheme>) {
+/// `trust` is whether the source (as it will be) trusts unsigned headers: `idHeader` needs it.
+fn check_hmac(v: &mut Validator, kind: SourceKind, hmac: Option<&HmacScheme>, trust: bool) {
     match (kind, hmac) {
         (SourceKind::HmacSha256, None) => v.check(
             &["body", "hmac"],
             Err("hmac-sha256 sources need hmac: {header, encoding}"),
         ),
         (SourceKind::HmacSha256, Some(h)) => {
-            let name = &h.header;
-            v.check(
-                &["body", "hmac"],
-                HeaderName::from_bytes(name.as_bytes())
-                    .map(|_| ())
-                    .map_err(|_| format!("{name:?} is not a valid header name")),
-            );
+            for name in std::iter::once(&h.header).chain(h.id_header.as_ref()) {
+                v.check(
+                    &["body", "hmac"],
+                    HeaderName::from_bytes(name.as_bytes())
+                        .map(|_| ())
+                        .map_err(|_| format!("{name:?} is not a valid header name")),
+                );
+            }
+            if h.id_header.is_some() && !trust {
+                v.check(
+                    &["body", "hmac", "idHeader"],
+                    Err("idHeader names a header the signature does not cover; set trustUnsignedHeaders to true to deduplicate on it"),
+                );
+            }
         }
         (_, Some(_)) => v.check(
             &["body", "hmac"],
@@ -285,8 +293,8 @@ fn new_source(app_id: &str, input: SourceIn) -> ApiResult<IngestSource> {
     }
     let kind = kind.unwrap_or(SourceKind::HmacSha256);
     check_secrets(&mut v, kind, &input.secrets);
-    check_hmac(&mut v, kind, input.hmac.as_ref());
     let trust = input.trust_unsigned_headers;
+    check_hmac(&mut v, kind, input.hmac.as_ref(), trust);
     check_templates(
         &mut v,
         "eventType",
@@ -391,13 +399,18 @@ pub async fn patch(
     if let Some(secrets) = &patch.secrets {
         check_secrets(&mut v, source.kind, secrets);
     }
-    if patch.hmac.is_some() {
-        check_hmac(&mut v, source.kind, patch.hmac.as_ref());
-    }
-    // Checked against the source as it will be: new templates, or new trust, or both.
+    // Checked against the source as it will be: new settings, or new trust, or both.
     let trust = patch
         .trust_unsigned_headers
         .unwrap_or(source.trust_unsigned_headers);
+    if patch.hmac.is_some() || patch.trust_unsigned_headers.is_some() {
+        check_hmac(
+            &mut v,
+            source.kind,
+            patch.hmac.as_ref().or(source.hmac.as_ref()),
+            trust,
+        );
+    }
     let event_type = patch.event_type.as_ref().unwrap_or(&source.event_type);
     let channels = patch.channels.as_ref().unwrap_or(&source.channels);
     check_templates(&mut v, "eventType", event_type, trust);

@@ -109,6 +109,15 @@ pub struct HmacScheme {
     /// Text before the signature in the header, e.g. `sha256=`.
     #[serde(default)]
     pub prefix: String,
+    /// A header carrying the sender's delivery id. It is not signed, so it deduplicates only on
+    /// a source that trusts unsigned headers; otherwise the body hash does.
+    #[serde(
+        default,
+        rename = "idHeader",
+        alias = "id_header",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub id_header: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -298,14 +307,15 @@ pub fn verify(
 /// delivery ids travel in headers the signature does not cover: trusting them would let one
 /// captured request be published again under a new id, so the signed body is the key.
 ///
-/// `header_event_type` is the event type when it was read from an unsigned header (a source
-/// that trusts them): Shopify sends one body under several topics (`orders/create`, then
-/// `orders/updated`), which are distinct deliveries, so it joins the body hash in the key.
+/// `trusted` is given for a source that trusts unsigned headers: its event type then joins the
+/// body hash in the key (Shopify sends one body under several topics, `orders/create` then
+/// `orders/updated`, which are distinct deliveries), and an `hmac-sha256` source's `idHeader`
+/// is the key when the request carries it.
 pub fn delivery_id(
     kind: SourceKind,
     request: &Request<'_>,
     payload: Option<&Value>,
-    header_event_type: Option<&str>,
+    trusted: Option<Trusted<'_>>,
 ) -> String {
     let from_payload = |field: &str| {
         payload
@@ -321,16 +331,25 @@ pub fn delivery_id(
         SourceKind::StandardWebhooks => {
             from_header(&format!("{}-id", standard_header_prefix(request)))
         }
-        SourceKind::Github | SourceKind::Shopify | SourceKind::HmacSha256 => None,
+        SourceKind::HmacSha256 => trusted.and_then(|t| t.id_header).and_then(from_header),
+        SourceKind::Github | SourceKind::Shopify => None,
     };
     id.filter(|id| !id.is_empty() && id.len() <= 256)
         .unwrap_or_else(|| {
             let hash = hex::encode(Sha256::digest(request.body));
-            match header_event_type {
-                Some(event_type) => format!("sha256:{hash}:{event_type}"),
+            match trusted {
+                Some(t) => format!("sha256:{hash}:{}", t.event_type),
                 None => format!("sha256:{hash}"),
             }
         })
+}
+
+/// What a source that trusts unsigned headers read from them, for [`delivery_id`].
+#[derive(Debug, Clone, Copy)]
+pub struct Trusted<'a> {
+    pub event_type: &'a str,
+    /// An `hmac-sha256` source's `idHeader`.
+    pub id_header: Option<&'a str>,
 }
 
 /// Standard Webhooks headers are `webhook-*`, or Svix's `svix-*` when no `webhook-signature` is

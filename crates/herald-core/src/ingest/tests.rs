@@ -247,6 +247,7 @@ fn generic_hmac_with_prefix() {
         header: "X-Signature".into(),
         encoding: Encoding::Hex,
         prefix: "sha256=".into(),
+        id_header: None,
     };
     let case = Case {
         kind: SourceKind::HmacSha256,
@@ -314,10 +315,35 @@ fn delivery_ids_come_from_signed_content_only() {
         );
     }
     // A source trusting headers: one body under two topics is two deliveries.
-    let created = delivery_id(SourceKind::Shopify, &request, None, Some("orders.create"));
-    let updated = delivery_id(SourceKind::Shopify, &request, None, Some("orders.updated"));
+    let trusted = |event_type| {
+        Some(Trusted {
+            event_type,
+            id_header: None,
+        })
+    };
+    let created = delivery_id(
+        SourceKind::Shopify,
+        &request,
+        None,
+        trusted("orders.create"),
+    );
+    let updated = delivery_id(
+        SourceKind::Shopify,
+        &request,
+        None,
+        trusted("orders.updated"),
+    );
     assert_eq!(created, format!("{body_hash}:orders.create"));
     assert_ne!(created, updated);
+    // An hmac-sha256 source that trusts its idHeader deduplicates on it.
+    let with_id = Some(Trusted {
+        event_type: "t",
+        id_header: Some("x-delivery"),
+    });
+    assert_eq!(
+        delivery_id(SourceKind::HmacSha256, &request, None, with_id),
+        "header-id"
+    );
 }
 
 #[test]

@@ -728,3 +728,51 @@ async fn a_svix_signed_request_resent_with_a_fresh_webhook_id_is_a_duplicate() {
     }
     server.stop().await;
 }
+
+/// Issue 10: an `hmac-sha256` source's `idHeader` was silently ignored (the type read
+/// `id_header`). It is accepted and shown as `idHeader`, and, because the header is unsigned,
+/// it deduplicates only on a source that trusts unsigned headers: there, two different bodies
+/// with one id are one delivery.
+#[tokio::test]
+async fn an_hmac_sources_id_header_deduplicates_when_the_source_trusts_it() {
+    let server = TestServer::start().await;
+    let (app, _) = pusher_app(&server, "hmac-id").await;
+    let hmac = json!({"header": "X-Sig", "encoding": "hex", "idHeader": "X-Id"});
+    let (status, refused) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/app/{app}/ingest/source"),
+            Some(json!({"kind": "hmac-sha256", "secrets": ["s"], "hmac": hmac})),
+        )
+        .await;
+    assert_eq!(status, 422, "{refused}");
+    assert!(
+        refused.to_string().contains("trustUnsignedHeaders"),
+        "{refused}"
+    );
+
+    let src = source(
+        &server,
+        &app,
+        json!({"kind": "hmac-sha256", "secrets": ["s"], "hmac": hmac, "trustUnsignedHeaders": true}),
+    )
+    .await;
+    assert_eq!(src["hmac"]["idHeader"], "X-Id", "{src}");
+    let signed = |body: &[u8]| {
+        vec![
+            ("x-sig", hex::encode(hmac_bytes(b"s", body))),
+            ("x-id", "delivery-7".to_owned()),
+        ]
+    };
+    let first: &[u8] = br#"{"type":"thing","n":1}"#;
+    let second: &[u8] = br#"{"type":"thing","n":2}"#;
+    let (status, one) = post(&server, &src, &signed(first), first).await;
+    assert_eq!((status, &one["duplicate"]), (200, &json!(false)), "{one}");
+    let (status, two) = post(&server, &src, &signed(second), second).await;
+    assert_eq!(
+        (status, &two["duplicate"]),
+        (200, &json!(true)),
+        "one id, two bodies: {two}"
+    );
+    server.stop().await;
+}
