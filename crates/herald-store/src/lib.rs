@@ -1,9 +1,17 @@
-//! Herald's durable state behind one trait.
+//! Herald's durable state behind one trait, cut by role.
 //!
-//! [`Store`] is everything the API and the delivery worker need to remember: apps, endpoints,
-//! messages, the delivery queue and the attempt log. [`sqlite::SqliteStore`] is the embedded
-//! implementation; a PostgreSQL one will sit beside it with its own migrations, and the
-//! integration suite runs against whichever the environment selects.
+//! [`Store`] is everything the API and the delivery worker need to remember. It is the sum of
+//! sub-traits, one per role: [`AppStore`] (apps, Pusher credentials, API tokens),
+//! [`EventTypeStore`], [`EndpointStore`], [`MessageStore`] (messages, publications and the
+//! delivery queue), [`AttemptStore`] (the attempt log and delivery states), [`HistoryStore`]
+//! (channel history and positions), [`IngestStore`] (sources and received requests),
+//! [`IdempotencyStore`], [`ChannelWebhookStore`] (channel webhook messages and occupancy) and
+//! [`StoreLifecycle`] (`close`). A type that implements them all is a `Store` by a blanket
+//! impl; [`prelude`] brings every trait into scope for calls on a concrete store.
+//!
+//! [`sqlite::SqliteStore`] is the embedded implementation; a PostgreSQL one will sit beside it
+//! with its own migrations. Both must pass the behaviour checks in `conformance` (compiled for
+//! tests and with the `conformance` feature).
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -13,6 +21,8 @@ use herald_core::model::{
     Message, TriggerType,
 };
 
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;
 pub mod sqlite;
 
 #[derive(Debug, thiserror::Error)]
@@ -177,10 +187,12 @@ pub enum EndpointChange {
     Disable,
 }
 
+/// Apps with their Pusher credentials, and the API tokens that open them.
 #[async_trait::async_trait]
-pub trait Store: Send + Sync + 'static {
-    // Applications
+pub trait AppStore: Send + Sync + 'static {
     async fn create_app(&self, app: &App) -> Result<()>;
+    /// The app whose id is `id_or_uid` or, failing that, whose uid is: an exact id always wins
+    /// over a uid equal to it.
     async fn get_app(&self, id_or_uid: &str) -> Result<Option<App>>;
     /// The app whose Pusher key is `key` (WebSocket connections name their app this way).
     async fn get_app_by_pusher_key(&self, key: &str) -> Result<Option<App>>;
@@ -202,15 +214,21 @@ pub trait Store: Send + Sync + 'static {
     async fn token_scope(&self, token_hash: &[u8]) -> Result<Option<TokenScope>>;
     /// Forgets a token; whether it existed.
     async fn remove_token(&self, token_hash: &[u8]) -> Result<bool>;
+}
 
-    // Event types (environment-wide, as in Svix)
+/// Event types: environment-wide, as in Svix.
+#[async_trait::async_trait]
+pub trait EventTypeStore: Send + Sync + 'static {
     async fn create_event_type(&self, event_type: &EventType) -> Result<()>;
     async fn get_event_type(&self, name: &str) -> Result<Option<EventType>>;
     async fn list_event_types(&self, page: &Page, include_archived: bool)
     -> Result<Vec<EventType>>;
     async fn update_event_type(&self, event_type: &EventType) -> Result<()>;
+}
 
-    // Endpoints
+/// An app's webhook endpoints and their statistics.
+#[async_trait::async_trait]
+pub trait EndpointStore: Send + Sync + 'static {
     async fn create_endpoint(&self, endpoint: &Endpoint) -> Result<()>;
     async fn get_endpoint(&self, app_id: &str, id_or_uid: &str) -> Result<Option<Endpoint>>;
     async fn list_endpoints(&self, app_id: &str, page: &Page) -> Result<Vec<Endpoint>>;
@@ -220,104 +238,13 @@ pub trait Store: Send + Sync + 'static {
     /// every new message, so implementations may serve it from a cache they keep exact.
     async fn app_endpoints(&self, app_id: &str) -> Result<std::sync::Arc<Vec<Endpoint>>>;
     async fn endpoint_stats(&self, endpoint_id: &str) -> Result<EndpointStats>;
+}
 
-    // Channel webhooks
-    /// Stores channel webhook messages (each with its target endpoints) together with the
-    /// occupancy changes they report, in one commit.
-    async fn record_channel_events(
-        &self,
-        messages: Vec<(Message, Vec<String>)>,
-        changes: Vec<OccupancyChange>,
-    ) -> Result<()>;
-    /// Every recorded occupant. At start, before any connection, these are what the previous
-    /// run left without reporting their leave.
-    async fn occupants(&self) -> Result<Vec<Occupant>>;
-
-    // Channel history
-    async fn channel_position(
-        &self,
-        app_id: &str,
-        channel: &str,
-    ) -> Result<Option<ChannelPosition>>;
-    /// Starts the channel's history afresh at `position` (first use, or a reset): its kept
-    /// events are dropped.
-    /// Forgets the positions of channels nothing was ever appended to (offset 1, no events);
-    /// returns how many. Such rows are only left by older versions, which stored a position
-    /// at a channel's first subscription.
-    async fn forget_unused_channel_positions(&self) -> Result<u64>;
-    async fn reset_history(
-        &self,
-        app_id: &str,
-        channel: &str,
-        position: &ChannelPosition,
-    ) -> Result<()>;
-    /// Appends one event (its offset already assigned, one writer per channel) and trims the
-    /// channel to `retention`, advancing its position, in one commit.
-    async fn append_history(&self, entry: HistoryEntry, retention: Retention) -> Result<()>;
-    async fn history(
-        &self,
-        app_id: &str,
-        channel: &str,
-        query: &HistoryQuery,
-    ) -> Result<Vec<HistoryEntry>>;
-    /// The bytes kept for the events between `after` and `before` (both exclusive) not older
-    /// than `not_before`, the range [`Store::history`] would read: their data, event names and
-    /// user ids, summed without reading them out, so a replay can be priced before it is read.
-    async fn history_bytes(
-        &self,
-        app_id: &str,
-        channel: &str,
-        after: u64,
-        before: u64,
-        not_before: DateTime<Utc>,
-    ) -> Result<u64>;
-    /// The oldest offset still kept (not older than `not_before`).
-    async fn oldest_history_offset(
-        &self,
-        app_id: &str,
-        channel: &str,
-        not_before: DateTime<Utc>,
-    ) -> Result<Option<u64>>;
-    /// History channels in (app id, channel) order, after `after`: `(app_id, channel, position)`.
-    async fn history_channels(
-        &self,
-        after: Option<(&str, &str)>,
-        limit: u32,
-    ) -> Result<Vec<(String, String, ChannelPosition)>>;
-    /// Deletes a channel's kept events at or below `up_to_offset` or older than `not_before`;
-    /// returns how many.
-    async fn trim_history(
-        &self,
-        app_id: &str,
-        channel: &str,
-        up_to_offset: u64,
-        not_before: DateTime<Utc>,
-    ) -> Result<u64>;
-
-    // Webhooks in
-    async fn create_source(&self, source: &IngestSource) -> Result<()>;
-    async fn get_source(&self, app_id: &str, id_or_uid: &str) -> Result<Option<IngestSource>>;
-    /// By id alone: the public ingest route names only the source.
-    async fn find_source(&self, id: &str) -> Result<Option<IngestSource>>;
-    async fn list_sources(&self, app_id: &str, page: &Page) -> Result<Vec<IngestSource>>;
-    async fn update_source(&self, source: &IngestSource) -> Result<()>;
-    async fn delete_source(&self, app_id: &str, id: &str) -> Result<bool>;
-    /// Keeps a verified request and stores the message it became (with its deliveries), in
-    /// one commit; or, if the source already received this delivery id, changes nothing and
-    /// returns the earlier record.
-    /// Records a verified inbound webhook with the message it becomes and that message's
-    /// channel history entries, in one commit; a repeated delivery id commits none of them.
-    async fn record_ingest(
-        &self,
-        event: IngestEvent,
-        message: Message,
-        endpoint_ids: Vec<String>,
-        history: Vec<(HistoryEntry, Retention)>,
-    ) -> Result<IngestRecorded>;
-    async fn list_ingest_events(&self, source_id: &str, page: &Page) -> Result<Vec<IngestEvent>>;
-    async fn get_ingest_event(&self, source_id: &str, id: &str) -> Result<Option<IngestEvent>>;
-
-    // Messages
+/// Messages, publications (a message with its channel history entries) and the delivery queue:
+/// first attempts queued with their message, manual attempts, claims, attempt records and the
+/// requeue after a restart.
+#[async_trait::async_trait]
+pub trait MessageStore: Send + Sync + 'static {
     /// Store a message and queue its first attempt to each endpoint, atomically. Fails with
     /// `Conflict` if the app already has a message with this `event_id`.
     async fn create_message(&self, message: Message, endpoint_ids: Vec<String>) -> Result<()>;
@@ -363,8 +290,12 @@ pub trait Store: Send + Sync + 'static {
     /// Make every leased delivery due now: after a restart nothing can still be sending.
     /// Only for stores owned by a single node.
     async fn requeue_leased(&self, now: DateTime<Utc>) -> Result<u64>;
+}
 
-    // Attempt log
+/// The attempt log, and where each message stands with each endpoint (Svix's attempted
+/// messages and attempted destinations).
+#[async_trait::async_trait]
+pub trait AttemptStore: Send + Sync + 'static {
     async fn list_attempts(
         &self,
         app_id: &str,
@@ -372,8 +303,116 @@ pub trait Store: Send + Sync + 'static {
         query: &AttemptQuery,
         page: &Page,
     ) -> Result<Vec<Attempt>>;
+    /// The endpoint's deliveries with their messages, newest message first (paged by message
+    /// id), filtered by the messages' fields and the deliveries' status.
+    async fn list_endpoint_deliveries(
+        &self,
+        app_id: &str,
+        endpoint_id: &str,
+        query: &DeliveryQuery,
+        page: &Page,
+    ) -> Result<Vec<(Message, DeliveryState)>>;
+    /// The message's deliveries with their endpoints, paged by endpoint id.
+    async fn list_message_deliveries(
+        &self,
+        app_id: &str,
+        msg_id: &str,
+        page: &Page,
+    ) -> Result<Vec<(Endpoint, DeliveryState)>>;
+}
 
-    // Idempotency-Key replay
+/// Channel history: each channel's position (epoch and next offset) and its kept events.
+#[async_trait::async_trait]
+pub trait HistoryStore: Send + Sync + 'static {
+    async fn channel_position(
+        &self,
+        app_id: &str,
+        channel: &str,
+    ) -> Result<Option<ChannelPosition>>;
+    /// Forgets the positions of channels nothing was ever appended to (offset 1, no events);
+    /// returns how many. Such rows are only left by older versions, which stored a position
+    /// at a channel's first subscription.
+    async fn forget_unused_channel_positions(&self) -> Result<u64>;
+    /// Starts the channel's history afresh at `position` (first use, or a reset): its kept
+    /// events are dropped.
+    async fn reset_history(
+        &self,
+        app_id: &str,
+        channel: &str,
+        position: &ChannelPosition,
+    ) -> Result<()>;
+    /// Appends one event (its offset already assigned, one writer per channel) and trims the
+    /// channel to `retention`, advancing its position, in one commit.
+    async fn append_history(&self, entry: HistoryEntry, retention: Retention) -> Result<()>;
+    async fn history(
+        &self,
+        app_id: &str,
+        channel: &str,
+        query: &HistoryQuery,
+    ) -> Result<Vec<HistoryEntry>>;
+    /// The bytes kept for the events between `after` and `before` (both exclusive) not older
+    /// than `not_before`, the range [`HistoryStore::history`] would read: their data, event
+    /// names and user ids, summed without reading them out, so a replay can be priced before
+    /// it is read.
+    async fn history_bytes(
+        &self,
+        app_id: &str,
+        channel: &str,
+        after: u64,
+        before: u64,
+        not_before: DateTime<Utc>,
+    ) -> Result<u64>;
+    /// The oldest offset still kept (not older than `not_before`).
+    async fn oldest_history_offset(
+        &self,
+        app_id: &str,
+        channel: &str,
+        not_before: DateTime<Utc>,
+    ) -> Result<Option<u64>>;
+    /// History channels in (app id, channel) order, after `after`: `(app_id, channel, position)`.
+    async fn history_channels(
+        &self,
+        after: Option<(&str, &str)>,
+        limit: u32,
+    ) -> Result<Vec<(String, String, ChannelPosition)>>;
+    /// Deletes a channel's kept events at or below `up_to_offset` or older than `not_before`;
+    /// returns how many.
+    async fn trim_history(
+        &self,
+        app_id: &str,
+        channel: &str,
+        up_to_offset: u64,
+        not_before: DateTime<Utc>,
+    ) -> Result<u64>;
+}
+
+/// Webhooks in: ingest sources and the requests they received.
+#[async_trait::async_trait]
+pub trait IngestStore: Send + Sync + 'static {
+    async fn create_source(&self, source: &IngestSource) -> Result<()>;
+    async fn get_source(&self, app_id: &str, id_or_uid: &str) -> Result<Option<IngestSource>>;
+    /// By id alone: the public ingest route names only the source.
+    async fn find_source(&self, id: &str) -> Result<Option<IngestSource>>;
+    async fn list_sources(&self, app_id: &str, page: &Page) -> Result<Vec<IngestSource>>;
+    async fn update_source(&self, source: &IngestSource) -> Result<()>;
+    async fn delete_source(&self, app_id: &str, id: &str) -> Result<bool>;
+    /// Records a verified inbound webhook with the message it becomes (with its deliveries)
+    /// and that message's channel history entries, in one commit; or, if the source already
+    /// received this delivery id, commits none of them and returns the earlier record.
+    async fn record_ingest(
+        &self,
+        event: IngestEvent,
+        message: Message,
+        endpoint_ids: Vec<String>,
+        history: Vec<(HistoryEntry, Retention)>,
+    ) -> Result<IngestRecorded>;
+    async fn list_ingest_events(&self, source_id: &str, page: &Page) -> Result<Vec<IngestEvent>>;
+    async fn get_ingest_event(&self, source_id: &str, id: &str) -> Result<Option<IngestEvent>>;
+}
+
+/// `Idempotency-Key` replay: the responses already given, per scope and key.
+#[async_trait::async_trait]
+pub trait IdempotencyStore: Send + Sync + 'static {
     async fn idempotent_response(&self, scope: &str, key: &str) -> Result<Option<(u16, Vec<u8>)>>;
     async fn save_idempotent_response(
         &self,
@@ -391,28 +430,73 @@ pub trait Store: Send + Sync + 'static {
         max_rows: u64,
         max_bytes: u64,
     ) -> Result<u64>;
+}
 
+/// Channel webhooks: the messages they become and the occupancy they report.
+#[async_trait::async_trait]
+pub trait ChannelWebhookStore: Send + Sync + 'static {
+    /// Stores channel webhook messages (each with its target endpoints) together with the
+    /// occupancy changes they report, in one commit.
+    async fn record_channel_events(
+        &self,
+        messages: Vec<(Message, Vec<String>)>,
+        changes: Vec<OccupancyChange>,
+    ) -> Result<()>;
+    /// Every recorded occupant. At start, before any connection, these are what the previous
+    /// run left without reporting their leave.
+    async fn occupants(&self) -> Result<Vec<Occupant>>;
+}
+
+/// The store's own life.
+#[async_trait::async_trait]
+pub trait StoreLifecycle: Send + Sync + 'static {
     /// Finish pending writes and close connections.
     async fn close(&self);
+}
 
-    // Delivery state: where each message stands with each endpoint (Svix's attempted messages
-    // and attempted destinations).
-    /// The endpoint's deliveries with their messages, newest message first (paged by message
-    /// id), filtered by the messages' fields and the deliveries' status.
-    async fn list_endpoint_deliveries(
-        &self,
-        app_id: &str,
-        endpoint_id: &str,
-        query: &DeliveryQuery,
-        page: &Page,
-    ) -> Result<Vec<(Message, DeliveryState)>>;
-    /// The message's deliveries with their endpoints, paged by endpoint id.
-    async fn list_message_deliveries(
-        &self,
-        app_id: &str,
-        msg_id: &str,
-        page: &Page,
-    ) -> Result<Vec<(Endpoint, DeliveryState)>>;
+/// Everything Herald remembers: every sub-trait at once. Implement the sub-traits; the blanket
+/// impl makes the type a `Store`, and `Arc<dyn Store>` calls every sub-trait's methods.
+pub trait Store:
+    AppStore
+    + EventTypeStore
+    + EndpointStore
+    + MessageStore
+    + AttemptStore
+    + HistoryStore
+    + IngestStore
+    + IdempotencyStore
+    + ChannelWebhookStore
+    + StoreLifecycle
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<T> Store for T where
+    T: AppStore
+        + EventTypeStore
+        + EndpointStore
+        + MessageStore
+        + AttemptStore
+        + HistoryStore
+        + IngestStore
+        + IdempotencyStore
+        + ChannelWebhookStore
+        + StoreLifecycle
+        + Send
+        + Sync
+        + 'static
+{
+}
+
+/// The store traits, for `use herald_store::prelude::*` where a concrete store's methods are
+/// called.
+pub mod prelude {
+    pub use crate::{
+        AppStore, AttemptStore, ChannelWebhookStore, EndpointStore, EventTypeStore, HistoryStore,
+        IdempotencyStore, IngestStore, MessageStore, Store, StoreLifecycle,
+    };
 }
 
 /// Where one delivery (a message to one endpoint) stands.

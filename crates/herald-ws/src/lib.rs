@@ -3,16 +3,19 @@
 //! [`hub::Hub`] knows which connection is subscribed to which channel, per app, and fans
 //! events out: each event is serialized once into a [`Frame`] whose bytes every subscriber
 //! shares, and each connection has a bounded outbox; a consumer that cannot keep up is closed
-//! (4100) instead of growing memory. [`connection`] runs one socket: the handshake, pings,
-//! subscriptions with their signatures, presence, client events. [`protocol`] holds the wire
-//! format. [`limits`] counts connections and replayed history per client address, for
-//! WebSockets and SSE alike.
+//! (4100) instead of growing memory. [`connection`] runs one socket: the upgrade, the read and
+//! write loop, pings, the close codes; [`session`] is the protocol state machine it drives
+//! (subscriptions with their signatures, presence, sign-in, client events), over client
+//! messages parsed once by [`protocol::client`]. [`protocol`] holds the wire format.
+//! [`limits`] counts connections and replayed history per client address, for WebSockets and
+//! SSE alike.
 
 pub mod connection;
 pub mod history;
 pub mod hub;
 pub mod limits;
 pub mod protocol;
+pub mod session;
 pub mod transport;
 
 use std::{sync::Arc, time::Duration};

@@ -1,8 +1,11 @@
 //! The Pusher protocol's JSON frames. Server frames are built once and shared; client frames
-//! are parsed with `data` kept as raw JSON so relayed client events are forwarded unchanged.
+//! are parsed in [`client`], with `data` kept as raw JSON so relayed client events are
+//! forwarded unchanged.
+
+pub mod client;
 
 use axum::extract::ws::Utf8Bytes;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::value::RawValue;
 
 /// A serialized server-to-client frame. Cloning shares the bytes.
@@ -129,62 +132,6 @@ pub fn ping() -> Frame {
     Frame::from_static(r#"{"event":"pusher:ping","data":"{}"}"#)
 }
 
-/// A message from a client.
-#[derive(Deserialize)]
-pub struct Incoming {
-    pub event: String,
-    #[serde(default)]
-    pub channel: Option<String>,
-    #[serde(default)]
-    pub data: Option<Box<RawValue>>,
-}
-
-#[derive(Deserialize)]
-pub struct SubscribeData {
-    pub channel: String,
-    #[serde(default)]
-    pub auth: Option<String>,
-    #[serde(default)]
-    pub channel_data: Option<String>,
-    /// Herald's extension: resume a history channel after this position (the `epoch` and
-    /// `offset` of the last event the client saw).
-    #[serde(default)]
-    pub epoch: Option<String>,
-    #[serde(default)]
-    pub offset: Option<u64>,
-}
-
-#[derive(Deserialize)]
-pub struct UnsubscribeData {
-    pub channel: String,
-}
-
-#[derive(Deserialize)]
-pub struct SigninData {
-    pub auth: String,
-    pub user_data: String,
-}
-
-/// A presence member as the app server described it in `channel_data`.
-#[derive(Deserialize)]
-pub struct ChannelData {
-    pub user_id: serde_json::Value,
-    #[serde(default)]
-    pub user_info: Option<Box<RawValue>>,
-}
-
-/// `data` may arrive as an object or as a JSON string holding one (older clients).
-pub fn parse_data<T: for<'de> Deserialize<'de>>(data: Option<&RawValue>) -> Result<T, String> {
-    let raw = data.ok_or("missing data")?;
-    match serde_json::from_str::<T>(raw.get()) {
-        Ok(value) => Ok(value),
-        Err(first) => match serde_json::from_str::<String>(raw.get()) {
-            Ok(inner) => serde_json::from_str(&inner).map_err(|e| e.to_string()),
-            Err(_) => Err(first.to_string()),
-        },
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,20 +158,5 @@ mod tests {
             frame.as_str(),
             r#"{"event":"client-msg","channel":"private-chat","data":{ "text" : "hi" },"user_id":"7"}"#
         );
-    }
-
-    #[test]
-    fn data_as_object_or_string() {
-        let object = RawValue::from_string(r#"{"channel":"a"}"#.into()).expect("raw");
-        let string = RawValue::from_string(r#""{\"channel\":\"b\"}""#.into()).expect("raw");
-        assert_eq!(
-            parse_data::<UnsubscribeData>(Some(&object)).map(|d| d.channel),
-            Ok("a".into())
-        );
-        assert_eq!(
-            parse_data::<UnsubscribeData>(Some(&string)).map(|d| d.channel),
-            Ok("b".into())
-        );
-        assert!(parse_data::<UnsubscribeData>(None).is_err());
     }
 }

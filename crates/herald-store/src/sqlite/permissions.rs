@@ -157,7 +157,7 @@ mod tests {
 
     use super::imp::{DIR_MODE, FILE_MODE};
     use crate::{
-        Store,
+        StoreLifecycle,
         sqlite::{DB_FILE, SqliteStore},
     };
 

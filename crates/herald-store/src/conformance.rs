@@ -1,0 +1,837 @@
+//! The store conformance suite: behaviour checks that every [`Store`] implementation must pass,
+//! written once against the traits.
+//!
+//! Each check takes a fresh, empty store and panics on a failure. [`run_all`] runs every check
+//! in [`CHECKS`] against a new store from a factory that also returns a guard (a temporary
+//! directory, a throwaway database) kept alive for the check's length. The SQLite store runs
+//! it in its unit tests; the PostgreSQL store will run the same suite. Compiled for this
+//! crate's tests and, for other crates' tests, with the `conformance` feature.
+
+use std::{collections::HashMap, future::Future, pin::Pin, time::Duration};
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use herald_core::{
+    history::{ChannelPosition, HistoryEntry, Retention},
+    id,
+    model::{
+        App, Attempt, DeliveryStatus, Endpoint, EndpointFormat, EventType, IngestEvent,
+        IngestSource, Message, Metadata, PusherCredentials, TriggerType,
+    },
+};
+
+use crate::{
+    AttemptQuery, AttemptRecord, AttemptScope, ClaimRequest, EndpointChange, HistoryQuery,
+    IngestRecorded, NextStep, OccupancyChange, Occupant, Page, Store, StoreError, TokenScope,
+};
+
+/// One check: a future over a fresh store.
+pub type Check = for<'a> fn(&'a dyn Store) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+macro_rules! checks {
+    ($($name:ident),* $(,)?) => {
+        /// Every check, by name.
+        pub const CHECKS: &[(&str, Check)] = &[$((stringify!($name), |store| Box::pin($name(store)))),*];
+    };
+}
+
+checks!(
+    apps_resolve_by_id_uid_and_pusher_ids,
+    an_exact_id_wins_over_a_uid_equal_to_it,
+    token_scopes_round_trip,
+    event_type_names_are_unique,
+    endpoints_resolve_within_their_app,
+    a_repeated_event_id_conflicts_once,
+    a_claim_leaves_out_apps_at_their_share_and_looks_past_their_backlog,
+    a_claim_leaves_out_endpoints_at_their_limit,
+    a_recorded_attempt_is_logged_and_settles_the_delivery,
+    history_appends_advance_the_position_and_trim_to_the_retention,
+    a_conflicting_publication_commits_no_history,
+    a_repeated_delivery_id_is_recorded_once,
+    idempotency_purge_keeps_at_most_the_newest_records,
+    occupancy_changes_collapse_to_the_last,
+);
+
+/// Runs every check, each against a new store from `factory`, and closes it afterwards. The
+/// check's name is printed first, so a failure's output names it.
+pub async fn run_all<G, S, F, Fut>(factory: F)
+where
+    S: Store,
+    F: Fn() -> Fut,
+    Fut: Future<Output = (G, S)>,
+{
+    for (name, check) in CHECKS {
+        eprintln!("store conformance: {name}");
+        let (guard, store) = factory().await;
+        check(&store).await;
+        store.close().await;
+        drop(guard);
+    }
+}
+
+fn app(name: &str) -> App {
+    let now = Utc::now();
+    App {
+        id: id::new_id(id::APP, now),
+        uid: None,
+        name: name.into(),
+        throttle_rate: None,
+        metadata: Metadata::new(),
+        pusher: PusherCredentials::generate(),
+        history: None,
+        created_at: now,
+        updated_at: now,
+    }
+}
+
+async fn stored_app(store: &dyn Store, name: &str) -> App {
+    let app = app(name);
+    store.create_app(&app).await.expect("create app");
+    app
+}
+
+fn endpoint(app_id: &str) -> Endpoint {
+    let now = Utc::now();
+    Endpoint {
+        id: id::new_id(id::ENDPOINT, now),
+        app_id: app_id.into(),
+        uid: None,
+        url: "https://example.com".into(),
+        description: String::new(),
+        throttle_rate: None,
+        disabled: false,
+        format: EndpointFormat::StandardWebhooks,
+        event_types: None,
+        channels: None,
+        metadata: Metadata::new(),
+        headers: Default::default(),
+        secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
+        previous_secrets: vec![],
+        failing_since: None,
+        created_at: now,
+        updated_at: now,
+    }
+}
+
+fn message(app_id: &str, event_id: Option<&str>) -> Message {
+    let now = Utc::now();
+    Message {
+        id: id::new_id(id::MESSAGE, now),
+        app_id: app_id.into(),
+        event_id: event_id.map(str::to_owned),
+        event_type: "t".into(),
+        channels: None,
+        tags: None,
+        payload: Bytes::from_static(b"{}"),
+        created_at: now,
+    }
+}
+
+fn history_entry(app_id: &str, channel: &str, epoch: &str, offset: u64) -> HistoryEntry {
+    HistoryEntry {
+        app_id: app_id.into(),
+        channel: channel.into(),
+        epoch: epoch.into(),
+        offset,
+        event: "e".into(),
+        data: offset.to_string(),
+        raw_json: false,
+        user_id: None,
+        created_at: Utc::now(),
+    }
+}
+
+fn all_history() -> HistoryQuery {
+    HistoryQuery {
+        after: None,
+        before: None,
+        limit: 100,
+        newest_first: false,
+        not_before: DateTime::<Utc>::MIN_UTC,
+    }
+}
+
+fn first_page(descending: bool) -> Page {
+    Page {
+        limit: 50,
+        iterator: None,
+        descending,
+        backwards: false,
+    }
+}
+
+fn claim(
+    now: DateTime<Utc>,
+    limit: u32,
+    in_flight: HashMap<String, u32>,
+    per_endpoint_limit: u32,
+    app_in_flight: HashMap<String, u32>,
+    per_app_limit: u32,
+) -> ClaimRequest {
+    ClaimRequest {
+        now,
+        lease_until: now + chrono::Duration::seconds(60),
+        limit,
+        first_attempts: true,
+        in_flight,
+        per_endpoint_limit,
+        app_in_flight,
+        per_app_limit,
+    }
+}
+
+/// An app is found by its id, its uid, its Pusher key and its numeric Pusher id, and is gone
+/// after its deletion.
+pub async fn apps_resolve_by_id_uid_and_pusher_ids(store: &dyn Store) {
+    let app = App {
+        uid: Some("my-app".into()),
+        ..app("A")
+    };
+    store.create_app(&app).await.expect("create");
+    let duplicate = App {
+        uid: Some("my-app".into()),
+        ..self::app("B")
+    };
+    assert!(
+        matches!(
+            store.create_app(&duplicate).await,
+            Err(StoreError::Conflict(_))
+        ),
+        "a uid is unique"
+    );
+    for key in [app.id.as_str(), "my-app"] {
+        let found = store.get_app(key).await.expect("read").expect("found");
+        assert_eq!(found.id, app.id, "{key}");
+        assert_eq!(found.pusher, app.pusher, "{key}");
+    }
+    let by_key = store
+        .get_app_by_pusher_key(&app.pusher.key)
+        .await
+        .expect("read");
+    assert_eq!(by_key.map(|a| a.id), Some(app.id.clone()));
+    let by_id = store
+        .get_app_by_pusher_id(app.pusher.app_id)
+        .await
+        .expect("read");
+    assert_eq!(by_id.map(|a| a.id), Some(app.id.clone()));
+    assert!(store.get_app("app_missing").await.expect("read").is_none());
+    assert!(store.delete_app(&app.id).await.expect("delete"));
+    assert!(!store.delete_app(&app.id).await.expect("delete again"));
+    assert!(store.get_app(&app.id).await.expect("read").is_none());
+    assert!(store.get_app("my-app").await.expect("read").is_none());
+}
+
+/// An exact id wins over another app's uid equal to it, whichever is read first (a store that
+/// caches must keep the rule too). The API refuses such uids now; rows written before that
+/// rule must still resolve.
+pub async fn an_exact_id_wins_over_a_uid_equal_to_it(store: &dyn Store) {
+    // A is written first, so a scan without the exact-id rule would find it first.
+    let b_id = id::new_id(id::APP, Utc::now());
+    let a = App {
+        uid: Some(b_id.clone()),
+        ..app("A")
+    };
+    store.create_app(&a).await.expect("app a");
+    let b = App {
+        id: b_id,
+        ..app("B")
+    };
+    store.create_app(&b).await.expect("app b");
+    for round in ["first read", "second read"] {
+        let found = store.get_app(&b.id).await.expect("read").expect("found");
+        assert_eq!(found.id, b.id, "{round}");
+        // Reading A by its id must not make its uid shadow B's id.
+        let found = store.get_app(&a.id).await.expect("read").expect("found");
+        assert_eq!(found.id, a.id, "{round}");
+    }
+    // A read first, after a write: B's id is still not answered from A's uid.
+    store
+        .set_pusher_credentials(&b.id, &b.pusher)
+        .await
+        .expect("write");
+    let found = store.get_app(&a.id).await.expect("read").expect("found");
+    assert_eq!(found.id, a.id);
+    let found = store.get_app(&b.id).await.expect("read").expect("found");
+    assert_eq!(found.id, b.id, "A read first, B looked up by id");
+}
+
+/// A token's scope comes back as it was added, until the token is removed.
+pub async fn token_scopes_round_trip(store: &dyn Store) {
+    let app = stored_app(store, "A").await;
+    let scoped = TokenScope::App(app.id.clone());
+    store
+        .add_token(b"environment-hash", &TokenScope::Environment, "env")
+        .await
+        .expect("add");
+    store
+        .add_token(b"app-hash", &scoped, "app")
+        .await
+        .expect("add");
+    assert_eq!(
+        store.token_scope(b"environment-hash").await.expect("read"),
+        Some(TokenScope::Environment)
+    );
+    assert_eq!(
+        store.token_scope(b"app-hash").await.expect("read"),
+        Some(scoped)
+    );
+    assert_eq!(store.token_scope(b"unknown").await.expect("read"), None);
+    assert!(store.remove_token(b"app-hash").await.expect("remove"));
+    assert!(!store.remove_token(b"app-hash").await.expect("remove again"));
+    assert_eq!(store.token_scope(b"app-hash").await.expect("read"), None);
+}
+
+/// An event type's name is unique; archived ones are listed only when asked for.
+pub async fn event_type_names_are_unique(store: &dyn Store) {
+    let now = Utc::now();
+    let mut event_type = EventType {
+        name: "user.created".into(),
+        description: "A user".into(),
+        archived: false,
+        deprecated: false,
+        schemas: None,
+        group_name: None,
+        feature_flags: None,
+        created_at: now,
+        updated_at: now,
+    };
+    store.create_event_type(&event_type).await.expect("create");
+    assert!(matches!(
+        store.create_event_type(&event_type).await,
+        Err(StoreError::Conflict(_))
+    ));
+    let found = store
+        .get_event_type("user.created")
+        .await
+        .expect("read")
+        .expect("found");
+    assert_eq!(found.description, "A user");
+    event_type.archived = true;
+    store.update_event_type(&event_type).await.expect("update");
+    let listed = store
+        .list_event_types(&first_page(false), false)
+        .await
+        .expect("list");
+    assert!(listed.is_empty(), "archived: {listed:?}");
+    let listed = store
+        .list_event_types(&first_page(false), true)
+        .await
+        .expect("list");
+    assert_eq!(listed.len(), 1);
+}
+
+/// An endpoint is found by id or uid within its app only, and `app_endpoints` follows every
+/// write.
+pub async fn endpoints_resolve_within_their_app(store: &dyn Store) {
+    let a = stored_app(store, "A").await;
+    let b = stored_app(store, "B").await;
+    let mut ep = Endpoint {
+        uid: Some("hook".into()),
+        ..endpoint(&a.id)
+    };
+    assert!(store.app_endpoints(&a.id).await.expect("read").is_empty());
+    store.create_endpoint(&ep).await.expect("create");
+    for key in [ep.id.as_str(), "hook"] {
+        let found = store
+            .get_endpoint(&a.id, key)
+            .await
+            .expect("read")
+            .expect("found");
+        assert_eq!(found.id, ep.id, "{key}");
+        assert!(
+            store
+                .get_endpoint(&b.id, key)
+                .await
+                .expect("read")
+                .is_none(),
+            "{key} under another app"
+        );
+    }
+    assert_eq!(store.app_endpoints(&a.id).await.expect("read").len(), 1);
+    ep.url = "https://example.org/hook".into();
+    store.update_endpoint(&ep).await.expect("update");
+    let listed = store.app_endpoints(&a.id).await.expect("read");
+    assert_eq!(
+        listed.first().map(|e| e.url.as_str()),
+        Some("https://example.org/hook")
+    );
+    assert!(store.delete_endpoint(&a.id, &ep.id).await.expect("delete"));
+    assert!(store.app_endpoints(&a.id).await.expect("read").is_empty());
+    assert!(
+        store
+            .get_endpoint(&a.id, &ep.id)
+            .await
+            .expect("read")
+            .is_none()
+    );
+}
+
+/// Of concurrent messages with one `eventId`, exactly one is stored; it is found by id and by
+/// `eventId`.
+pub async fn a_repeated_event_id_conflicts_once(store: &dyn Store) {
+    let app = stored_app(store, "A").await;
+    let (first, second, other) = (
+        message(&app.id, Some("evt-1")),
+        message(&app.id, Some("evt-1")),
+        message(&app.id, None),
+    );
+    let ids = [first.id.clone(), second.id.clone()];
+    let (a, b, c) = tokio::join!(
+        store.create_message(first, vec![]),
+        store.create_message(second, vec![]),
+        store.create_message(other, vec![]),
+    );
+    let conflicts = [&a, &b]
+        .iter()
+        .filter(|r| matches!(r, Err(StoreError::Conflict(_))))
+        .count();
+    assert_eq!(conflicts, 1, "{a:?} {b:?}");
+    assert!(c.is_ok(), "{c:?}");
+    let stored = if a.is_ok() { &ids[0] } else { &ids[1] };
+    for key in [stored.as_str(), "evt-1"] {
+        let found = store.get_message(&app.id, key).await.expect("read");
+        assert_eq!(found.map(|m| m.id).as_ref(), Some(stored), "{key}");
+    }
+}
+
+/// A claim gives an app no more than its share, then looks past its backlog to other apps.
+pub async fn a_claim_leaves_out_apps_at_their_share_and_looks_past_their_backlog(
+    store: &dyn Store,
+) {
+    let a = stored_app(store, "A").await;
+    let b = stored_app(store, "B").await;
+    let (ea, eb) = (endpoint(&a.id), endpoint(&b.id));
+    store.create_endpoint(&ea).await.expect("ea");
+    store.create_endpoint(&eb).await.expect("eb");
+    for _ in 0..20 {
+        store
+            .create_message(message(&a.id, None), vec![ea.id.clone()])
+            .await
+            .expect("m");
+    }
+    store
+        .create_message(message(&b.id, None), vec![eb.id.clone()])
+        .await
+        .expect("m");
+    let now = Utc::now() + chrono::Duration::seconds(1);
+    let jobs = store
+        .claim_due(&claim(
+            now,
+            4,
+            HashMap::new(),
+            100,
+            HashMap::from([(a.id.clone(), 6)]),
+            8,
+        ))
+        .await
+        .expect("claim");
+    let mut apps: Vec<&str> = jobs
+        .iter()
+        .map(|j| if j.app_id == a.id { "A" } else { "B" })
+        .collect();
+    apps.sort_unstable();
+    assert_eq!(
+        apps,
+        ["A", "A", "B"],
+        "A's two free slots, then B, though A has 18 more due"
+    );
+    let jobs = store
+        .claim_due(&claim(
+            now,
+            4,
+            HashMap::new(),
+            100,
+            HashMap::from([(a.id.clone(), 8)]),
+            8,
+        ))
+        .await
+        .expect("claim");
+    assert!(
+        jobs.is_empty(),
+        "B's row is leased, A is full: {}",
+        jobs.len()
+    );
+}
+
+/// A claim gives an endpoint no more than its limit minus what it holds, and nothing once it
+/// is at its limit; leased deliveries are not claimed twice.
+pub async fn a_claim_leaves_out_endpoints_at_their_limit(store: &dyn Store) {
+    let app = stored_app(store, "A").await;
+    let (full, free) = (endpoint(&app.id), endpoint(&app.id));
+    store.create_endpoint(&full).await.expect("full");
+    store.create_endpoint(&free).await.expect("free");
+    for _ in 0..5 {
+        store
+            .create_message(
+                message(&app.id, None),
+                vec![full.id.clone(), free.id.clone()],
+            )
+            .await
+            .expect("m");
+    }
+    let now = Utc::now() + chrono::Duration::seconds(1);
+    let jobs = store
+        .claim_due(&claim(
+            now,
+            10,
+            HashMap::from([(full.id.clone(), 4), (free.id.clone(), 7)]),
+            10,
+            HashMap::new(),
+            100,
+        ))
+        .await
+        .expect("claim");
+    let to_full = jobs.iter().filter(|j| j.endpoint.id == full.id).count();
+    let to_free = jobs.iter().filter(|j| j.endpoint.id == free.id).count();
+    assert_eq!((to_full, to_free), (5, 3), "free holds 7 of 10");
+    let jobs = store
+        .claim_due(&claim(
+            now,
+            10,
+            HashMap::from([(free.id.clone(), 10)]),
+            10,
+            HashMap::new(),
+            100,
+        ))
+        .await
+        .expect("claim");
+    assert!(
+        jobs.is_empty(),
+        "full's rows are leased and free is at its limit: {}",
+        jobs.len()
+    );
+}
+
+/// A delivered attempt is in the attempt log, by message and by endpoint, and its delivery
+/// reads as a success and is not due again.
+pub async fn a_recorded_attempt_is_logged_and_settles_the_delivery(store: &dyn Store) {
+    let app = stored_app(store, "A").await;
+    let ep = endpoint(&app.id);
+    store.create_endpoint(&ep).await.expect("endpoint");
+    let msg = message(&app.id, None);
+    store
+        .create_message(msg.clone(), vec![ep.id.clone()])
+        .await
+        .expect("message");
+    let now = Utc::now() + chrono::Duration::seconds(1);
+    let jobs = store
+        .claim_due(&claim(now, 10, HashMap::new(), 10, HashMap::new(), 100))
+        .await
+        .expect("claim");
+    assert_eq!(jobs.len(), 1);
+    let attempt = Attempt {
+        id: id::new_id(id::ATTEMPT, now),
+        msg_id: msg.id.clone(),
+        endpoint_id: ep.id.clone(),
+        app_id: app.id.clone(),
+        url: ep.url.clone(),
+        status: DeliveryStatus::Success,
+        response_status_code: 200,
+        response: "ok".into(),
+        response_duration_ms: 5,
+        trigger_type: TriggerType::Scheduled,
+        created_at: now,
+    };
+    store
+        .record_attempt(AttemptRecord {
+            attempt: attempt.clone(),
+            next: NextStep::Delivered,
+            endpoint_change: EndpointChange::Unchanged,
+        })
+        .await
+        .expect("record");
+    for scope in [
+        AttemptScope::Message(msg.id.clone()),
+        AttemptScope::Endpoint(ep.id.clone()),
+    ] {
+        let logged = store
+            .list_attempts(&app.id, &scope, &AttemptQuery::default(), &first_page(true))
+            .await
+            .expect("list");
+        assert_eq!(
+            logged.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(),
+            [attempt.id.as_str()],
+            "{scope:?}"
+        );
+    }
+    let deliveries = store
+        .list_message_deliveries(&app.id, &msg.id, &first_page(false))
+        .await
+        .expect("deliveries");
+    assert_eq!(deliveries.len(), 1);
+    assert!(
+        deliveries
+            .iter()
+            .all(|(e, state)| e.id == ep.id && state.status == DeliveryStatus::Success),
+        "{deliveries:?}"
+    );
+    assert_eq!(store.next_due_at().await.expect("next due"), None);
+}
+
+/// Appends advance the channel's position and trim it to its retention; concurrent appends to
+/// different channels do not disturb each other's order.
+pub async fn history_appends_advance_the_position_and_trim_to_the_retention(store: &dyn Store) {
+    let app = stored_app(store, "A").await;
+    let retention = Retention {
+        max_events: 3,
+        max_age: Duration::from_secs(3600),
+    };
+    let epoch = "e1";
+    store
+        .reset_history(
+            &app.id,
+            "history-x",
+            &ChannelPosition {
+                epoch: epoch.into(),
+                next_offset: 1,
+            },
+        )
+        .await
+        .expect("reset");
+    for offset in 1..=32 {
+        let (a, b) = tokio::join!(
+            store.append_history(
+                history_entry(&app.id, "history-x", epoch, offset),
+                retention
+            ),
+            store.append_history(
+                history_entry(&app.id, "history-y", epoch, offset),
+                retention
+            ),
+        );
+        a.expect("append x");
+        b.expect("append y");
+    }
+    let position = store
+        .channel_position(&app.id, "history-x")
+        .await
+        .expect("read")
+        .expect("position");
+    assert_eq!(
+        position,
+        ChannelPosition {
+            epoch: epoch.into(),
+            next_offset: 33
+        }
+    );
+    let all = store
+        .history(&app.id, "history-x", &all_history())
+        .await
+        .expect("history");
+    let offsets: Vec<u64> = all.iter().map(|e| e.offset).collect();
+    assert_eq!(
+        offsets,
+        [30, 31, 32],
+        "trimmed at offset 32 to the last three"
+    );
+    assert_eq!(
+        store
+            .oldest_history_offset(&app.id, "history-y", DateTime::<Utc>::MIN_UTC)
+            .await
+            .expect("oldest"),
+        Some(30)
+    );
+}
+
+/// A publication whose message conflicts (`eventId`) commits none of its history entries; one
+/// that does not commits both.
+pub async fn a_conflicting_publication_commits_no_history(store: &dyn Store) {
+    let app = stored_app(store, "A").await;
+    let retention = Retention {
+        max_events: 10,
+        max_age: Duration::from_secs(3600),
+    };
+    store
+        .store_publication(
+            Some((message(&app.id, Some("evt-1")), vec![])),
+            vec![(history_entry(&app.id, "history-p", "e1", 1), retention)],
+        )
+        .await
+        .expect("first");
+    let again = store
+        .store_publication(
+            Some((message(&app.id, Some("evt-1")), vec![])),
+            vec![(history_entry(&app.id, "history-p", "e1", 2), retention)],
+        )
+        .await;
+    assert!(matches!(again, Err(StoreError::Conflict(_))), "{again:?}");
+    let kept = store
+        .history(&app.id, "history-p", &all_history())
+        .await
+        .expect("history");
+    assert_eq!(kept.iter().map(|e| e.offset).collect::<Vec<_>>(), [1]);
+}
+
+/// A delivery id a source has seen returns the earlier record and commits nothing new.
+pub async fn a_repeated_delivery_id_is_recorded_once(store: &dyn Store) {
+    let app = stored_app(store, "A").await;
+    let now = Utc::now();
+    let source = IngestSource {
+        id: id::new_id(id::SOURCE, now),
+        app_id: app.id.clone(),
+        uid: Some("stripe".into()),
+        name: "Stripe".into(),
+        kind: herald_core::ingest::SourceKind::Stripe,
+        secrets: vec!["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into()],
+        hmac: None,
+        tolerance_secs: 300,
+        event_type: vec![],
+        channels: vec![],
+        default_channel: None,
+        trust_unsigned_headers: false,
+        created_at: now,
+        updated_at: now,
+    };
+    store.create_source(&source).await.expect("source");
+    for key in [source.id.as_str(), "stripe"] {
+        let found = store.get_source(&app.id, key).await.expect("read");
+        assert_eq!(found.map(|s| s.id).as_ref(), Some(&source.id), "{key}");
+    }
+    let found = store.find_source(&source.id).await.expect("read");
+    assert_eq!(found.map(|s| s.id).as_ref(), Some(&source.id));
+    let event = |msg: &Message| IngestEvent {
+        id: id::new_id(id::INGEST_EVENT, now),
+        source_id: source.id.clone(),
+        app_id: app.id.clone(),
+        delivery_id: "evt_1".into(),
+        headers: vec![("content-type".into(), "application/json".into())],
+        body: Bytes::from_static(b"{}"),
+        event_type: "t".into(),
+        channels: vec![],
+        msg_id: msg.id.clone(),
+        received_at: now,
+    };
+    let first_msg = message(&app.id, None);
+    let first = event(&first_msg);
+    let recorded = store
+        .record_ingest(first.clone(), first_msg.clone(), vec![], vec![])
+        .await
+        .expect("first");
+    assert_eq!(recorded, IngestRecorded::New);
+    let second_msg = message(&app.id, None);
+    let recorded = store
+        .record_ingest(event(&second_msg), second_msg.clone(), vec![], vec![])
+        .await
+        .expect("again");
+    match recorded {
+        IngestRecorded::Duplicate(earlier) => {
+            assert_eq!(earlier.id, first.id);
+            assert_eq!(earlier.msg_id, first_msg.id);
+        }
+        IngestRecorded::New => panic!("a repeated delivery id was recorded twice"),
+    }
+    assert!(
+        store
+            .get_message(&app.id, &second_msg.id)
+            .await
+            .expect("read")
+            .is_none(),
+        "the duplicate's message is not stored"
+    );
+    let events = store
+        .list_ingest_events(&source.id, &first_page(true))
+        .await
+        .expect("list");
+    assert_eq!(events.len(), 1);
+    let found = store
+        .get_ingest_event(&source.id, &first.id)
+        .await
+        .expect("read");
+    assert_eq!(found.map(|e| e.delivery_id), Some("evt_1".into()));
+}
+
+/// Idempotency records are purged by age, then beyond a number of rows, then beyond a number
+/// of body bytes, oldest first.
+pub async fn idempotency_purge_keeps_at_most_the_newest_records(store: &dyn Store) {
+    let now = Utc::now();
+    for n in 0..5 {
+        store
+            .save_idempotent_response("scope", &format!("key-{n}"), 201, b"{}", now)
+            .await
+            .expect("save");
+    }
+    assert_eq!(
+        store
+            .idempotent_response("scope", "key-0")
+            .await
+            .expect("read"),
+        Some((201, b"{}".to_vec()))
+    );
+    let purged = store
+        .purge_idempotency(now - chrono::Duration::hours(1), 2, u64::MAX)
+        .await
+        .expect("purge");
+    assert_eq!(purged, 3);
+    for (n, kept) in [(0, false), (2, false), (3, true), (4, true)] {
+        let found = store
+            .idempotent_response("scope", &format!("key-{n}"))
+            .await
+            .expect("read");
+        assert_eq!(found.is_some(), kept, "key-{n}");
+    }
+    // By size: three bodies of 100 bytes with room for 250 keep the newest two.
+    for n in 5..8 {
+        store
+            .save_idempotent_response("scope", &format!("key-{n}"), 201, &[b'x'; 100], now)
+            .await
+            .expect("save");
+    }
+    store
+        .purge_idempotency(now - chrono::Duration::hours(1), 100, 250)
+        .await
+        .expect("purge");
+    for (n, kept) in [(4, false), (5, false), (6, true), (7, true)] {
+        let found = store
+            .idempotent_response("scope", &format!("key-{n}"))
+            .await
+            .expect("read");
+        assert_eq!(found.is_some(), kept, "key-{n}");
+    }
+}
+
+/// Occupancy changes keep only each occupant's last change, within one record and across
+/// records; entering twice is one occupant.
+pub async fn occupancy_changes_collapse_to_the_last(store: &dyn Store) {
+    let app = stored_app(store, "A").await;
+    let occupant = |channel: &str, user: Option<&str>| Occupant {
+        app_id: app.id.clone(),
+        channel: channel.into(),
+        user_id: user.map(str::to_owned),
+    };
+    store
+        .record_channel_events(
+            vec![],
+            vec![
+                OccupancyChange::Entered(occupant("a", None)),
+                OccupancyChange::Left(occupant("a", None)),
+                OccupancyChange::Entered(occupant("b", None)),
+                OccupancyChange::Entered(occupant("presence-c", Some("u1"))),
+                OccupancyChange::Entered(occupant("presence-c", Some("u1"))),
+                OccupancyChange::Left(occupant("d", None)),
+            ],
+        )
+        .await
+        .expect("record");
+    let mut found = store.occupants().await.expect("read");
+    found.sort_by(|x, y| (&x.channel, &x.user_id).cmp(&(&y.channel, &y.user_id)));
+    assert_eq!(
+        found,
+        [occupant("b", None), occupant("presence-c", Some("u1"))]
+    );
+    store
+        .record_channel_events(
+            vec![(message(&app.id, None), vec![])],
+            vec![
+                OccupancyChange::Left(occupant("b", None)),
+                OccupancyChange::Entered(occupant("a", None)),
+            ],
+        )
+        .await
+        .expect("record");
+    let mut found = store.occupants().await.expect("read");
+    found.sort_by(|x, y| (&x.channel, &x.user_id).cmp(&(&y.channel, &y.user_id)));
+    assert_eq!(
+        found,
+        [occupant("a", None), occupant("presence-c", Some("u1"))]
+    );
+}

@@ -1,0 +1,177 @@
+//! [`AttemptStore`] on SQLite: the attempt log and each delivery's state.
+
+use chrono::Utc;
+use herald_core::model::{Attempt, DeliveryStatus, Endpoint, Message};
+use sqlx::{QueryBuilder, Row, Sqlite};
+
+use super::{
+    SqliteStore, paginate,
+    rows::{self, millis, to_json},
+};
+use crate::{AttemptQuery, AttemptScope, AttemptStore, Page, Result};
+
+#[async_trait::async_trait]
+impl AttemptStore for SqliteStore {
+    async fn list_attempts(
+        &self,
+        app_id: &str,
+        scope: &AttemptScope,
+        query: &AttemptQuery,
+        page: &Page,
+    ) -> Result<Vec<Attempt>> {
+        let mut q = QueryBuilder::new("SELECT * FROM attempts WHERE app_id = ");
+        q.push_bind(app_id.to_owned());
+        match scope {
+            AttemptScope::Endpoint(endpoint) => {
+                q.push(" AND endpoint_id = ");
+                q.push_bind(endpoint.clone());
+            }
+            AttemptScope::Message(msg) => {
+                q.push(" AND msg_id = ");
+                q.push_bind(msg.clone());
+            }
+        }
+        if let Some(endpoint) = &query.endpoint_id {
+            q.push(" AND endpoint_id = ");
+            q.push_bind(endpoint.clone());
+        }
+        if let Some(status) = query.status {
+            q.push(" AND status = ");
+            q.push_bind(status as i64);
+        }
+        paginate(&mut q, "id", page);
+        q.build()
+            .fetch_all(&self.reader)
+            .await?
+            .iter()
+            .map(rows::attempt)
+            .collect()
+    }
+
+    async fn list_endpoint_deliveries(
+        &self,
+        app_id: &str,
+        endpoint_id: &str,
+        query: &crate::DeliveryQuery,
+        page: &Page,
+    ) -> Result<Vec<(Message, crate::DeliveryState)>> {
+        // In-flight deliveries are pending in the table; their leases live in memory.
+        let leased = to_json(&self.leases.held(Utc::now()));
+        let mut q = QueryBuilder::new(
+            "SELECT m.*, d.status AS d_status, d.next_attempt_at AS d_next_attempt_at,
+                    d.rowid IN (SELECT value FROM json_each(",
+        );
+        q.push_bind(leased.clone());
+        q.push(
+            ")) AS d_leased
+             FROM deliveries d JOIN messages m ON m.id = d.msg_id
+             WHERE d.app_id = ",
+        );
+        q.push_bind(app_id.to_owned());
+        q.push(" AND d.endpoint_id = ");
+        q.push_bind(endpoint_id.to_owned());
+        let filter = &query.message;
+        if let Some(channel) = &filter.channel {
+            q.push(" AND EXISTS (SELECT 1 FROM json_each(m.channels) WHERE value = ");
+            q.push_bind(channel.clone());
+            q.push(")");
+        }
+        if let Some(tag) = &query.tag {
+            q.push(" AND EXISTS (SELECT 1 FROM json_each(m.tags) WHERE value = ");
+            q.push_bind(tag.clone());
+            q.push(")");
+        }
+        if let Some(types) = &filter.event_types {
+            q.push(" AND m.event_type IN (SELECT value FROM json_each(");
+            q.push_bind(to_json(types));
+            q.push("))");
+        }
+        if let Some(before) = filter.before {
+            q.push(" AND m.created_at < ");
+            q.push_bind(millis(before));
+        }
+        if let Some(after) = filter.after {
+            q.push(" AND m.created_at > ");
+            q.push_bind(millis(after));
+        }
+        if let Some(status) = query.status {
+            let leased_rows = |q: &mut QueryBuilder<Sqlite>| {
+                q.push("d.rowid IN (SELECT value FROM json_each(");
+                q.push_bind(leased.clone());
+                q.push("))");
+            };
+            match status {
+                DeliveryStatus::Pending => {
+                    q.push(" AND d.status = 1 AND NOT ");
+                    leased_rows(&mut q);
+                }
+                DeliveryStatus::Sending => {
+                    q.push(" AND (d.status = 3 OR (d.status = 1 AND ");
+                    leased_rows(&mut q);
+                    q.push("))");
+                }
+                DeliveryStatus::Success | DeliveryStatus::Fail => {
+                    q.push(" AND d.status = ");
+                    q.push_bind(status as i64);
+                }
+            }
+        }
+        paginate(&mut q, "m.id", page);
+        q.build()
+            .fetch_all(&self.reader)
+            .await?
+            .iter()
+            .map(|row| Ok((rows::message(row)?, delivery_state(row)?)))
+            .collect()
+    }
+
+    async fn list_message_deliveries(
+        &self,
+        app_id: &str,
+        msg_id: &str,
+        page: &Page,
+    ) -> Result<Vec<(Endpoint, crate::DeliveryState)>> {
+        let mut q = QueryBuilder::new(
+            "SELECT e.*, d.status AS d_status, d.next_attempt_at AS d_next_attempt_at,
+                    d.rowid IN (SELECT value FROM json_each(",
+        );
+        q.push_bind(to_json(&self.leases.held(Utc::now())));
+        q.push(
+            ")) AS d_leased
+             FROM deliveries d JOIN endpoints e ON e.id = d.endpoint_id
+             WHERE d.app_id = ",
+        );
+        q.push_bind(app_id.to_owned());
+        q.push(" AND d.msg_id = ");
+        q.push_bind(msg_id.to_owned());
+        paginate(&mut q, "d.endpoint_id", page);
+        q.build()
+            .fetch_all(&self.reader)
+            .await?
+            .iter()
+            .map(|row| Ok((rows::endpoint(row, "")?, delivery_state(row)?)))
+            .collect()
+    }
+}
+
+/// A delivery's state from the `d_`-aliased columns of [`AttemptStore::list_endpoint_deliveries`] and
+/// [`AttemptStore::list_message_deliveries`]: a leased pending delivery is being sent, and only a
+/// pending one has a next attempt.
+fn delivery_state(row: &sqlx::sqlite::SqliteRow) -> Result<crate::DeliveryState> {
+    let leased: bool = row.try_get("d_leased")?;
+    let status = match rows::status(row.try_get("d_status")?)? {
+        DeliveryStatus::Pending if leased => DeliveryStatus::Sending,
+        status => status,
+    };
+    let next_attempt = match status {
+        DeliveryStatus::Pending => row
+            .try_get::<Option<i64>, _>("d_next_attempt_at")?
+            .map(rows::time)
+            .transpose()?,
+        _ => None,
+    };
+    Ok(crate::DeliveryState {
+        status,
+        next_attempt,
+    })
+}

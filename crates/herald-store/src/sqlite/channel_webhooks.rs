@@ -1,0 +1,36 @@
+//! [`ChannelWebhookStore`] on SQLite: channel webhook messages and the occupancy record,
+//! committed together through the group commit.
+
+use herald_core::model::Message;
+use sqlx::Row;
+
+use super::{SqliteStore, batch::WriteOp};
+use crate::{ChannelWebhookStore, OccupancyChange, Occupant, Result};
+
+#[async_trait::async_trait]
+impl ChannelWebhookStore for SqliteStore {
+    async fn record_channel_events(
+        &self,
+        messages: Vec<(Message, Vec<String>)>,
+        changes: Vec<OccupancyChange>,
+    ) -> Result<()> {
+        self.submit(WriteOp::ChannelEvents { messages, changes })
+            .await
+    }
+
+    async fn occupants(&self) -> Result<Vec<Occupant>> {
+        sqlx::query("SELECT app_id, channel, user_id FROM channel_occupancy ORDER BY app_id, channel, user_id")
+            .fetch_all(&self.reader)
+            .await?
+            .iter()
+            .map(|row| {
+                let user_id: String = row.try_get("user_id")?;
+                Ok(Occupant {
+                    app_id: row.try_get("app_id")?,
+                    channel: row.try_get("channel")?,
+                    user_id: (!user_id.is_empty()).then_some(user_id),
+                })
+            })
+            .collect()
+    }
+}

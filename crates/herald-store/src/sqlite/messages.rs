@@ -1,0 +1,313 @@
+//! [`MessageStore`] on SQLite: messages and publications (through the group commit) and the
+//! delivery queue: manual attempts, claims within the per-endpoint and per-app limits (leases
+//! kept in memory), attempt records and the requeue at start.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use herald_core::{
+    history::{HistoryEntry, Retention},
+    id,
+    model::{DeliveryStatus, Message, TriggerType},
+};
+use sqlx::{QueryBuilder, Row};
+
+use super::{
+    SqliteStore,
+    batch::WriteOp,
+    paginate,
+    rows::{self, millis, to_json},
+};
+use crate::{AttemptRecord, ClaimRequest, DeliveryJob, MessageQuery, MessageStore, Page, Result};
+
+#[async_trait::async_trait]
+impl MessageStore for SqliteStore {
+    async fn create_message(&self, message: Message, endpoint_ids: Vec<String>) -> Result<()> {
+        self.submit(WriteOp::CreateMessage {
+            message,
+            endpoint_ids,
+        })
+        .await
+    }
+
+    async fn store_publication(
+        &self,
+        message: Option<(Message, Vec<String>)>,
+        history: Vec<(HistoryEntry, Retention)>,
+    ) -> Result<()> {
+        self.submit(WriteOp::Publication { message, history }).await
+    }
+
+    async fn get_message(&self, app_id: &str, id_or_event_id: &str) -> Result<Option<Message>> {
+        sqlx::query(
+            "SELECT * FROM messages WHERE app_id = $1 AND (id = $2 OR event_id = $2) \
+             ORDER BY id = $2 DESC LIMIT 1",
+        )
+        .bind(app_id)
+        .bind(id_or_event_id)
+        .fetch_optional(&self.reader)
+        .await?
+        .map(|row| rows::message(&row))
+        .transpose()
+    }
+
+    async fn list_messages(
+        &self,
+        app_id: &str,
+        page: &Page,
+        query: &MessageQuery,
+    ) -> Result<Vec<Message>> {
+        let mut q = QueryBuilder::new("SELECT * FROM messages WHERE app_id = ");
+        q.push_bind(app_id.to_owned());
+        if let Some(channel) = &query.channel {
+            q.push(" AND EXISTS (SELECT 1 FROM json_each(messages.channels) WHERE value = ");
+            q.push_bind(channel.clone());
+            q.push(")");
+        }
+        if let Some(types) = &query.event_types {
+            q.push(" AND event_type IN (SELECT value FROM json_each(");
+            q.push_bind(to_json(types));
+            q.push("))");
+        }
+        if let Some(before) = query.before {
+            q.push(" AND created_at < ");
+            q.push_bind(millis(before));
+        }
+        if let Some(after) = query.after {
+            q.push(" AND created_at > ");
+            q.push_bind(millis(after));
+        }
+        paginate(&mut q, "id", page);
+        q.build()
+            .fetch_all(&self.reader)
+            .await?
+            .iter()
+            .map(rows::message)
+            .collect()
+    }
+
+    async fn enqueue_manual(
+        &self,
+        app_id: &str,
+        msg_id: &str,
+        endpoint_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO deliveries (msg_id, endpoint_id, app_id, status, attempts, trigger_type,
+                                     next_attempt_at, updated_at)
+             VALUES ($1, $2, $3, $4, 0, $5, $6, $6)
+             ON CONFLICT (msg_id, endpoint_id) DO UPDATE
+             SET status = excluded.status, trigger_type = excluded.trigger_type,
+                 next_attempt_at = excluded.next_attempt_at, updated_at = excluded.updated_at",
+        )
+        .bind(msg_id)
+        .bind(endpoint_id)
+        .bind(app_id)
+        .bind(DeliveryStatus::Pending as i64)
+        .bind(TriggerType::Manual as i64)
+        .bind(millis(now))
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn enqueue_failed(
+        &self,
+        endpoint_id: &str,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<u64> {
+        // Message ids sort by creation time, so a time window is an id range.
+        let done = sqlx::query(
+            "UPDATE deliveries SET status = $1, trigger_type = $2, next_attempt_at = $3,
+                                   updated_at = $3
+             WHERE endpoint_id = $4 AND status = $5 AND msg_id >= $6 AND msg_id < $7",
+        )
+        .bind(DeliveryStatus::Pending as i64)
+        .bind(TriggerType::Manual as i64)
+        .bind(millis(now))
+        .bind(endpoint_id)
+        .bind(DeliveryStatus::Fail as i64)
+        .bind(id::lower_bound(id::MESSAGE, since))
+        .bind(id::lower_bound(id::MESSAGE, until))
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn claim_due(&self, request: &ClaimRequest) -> Result<Vec<DeliveryJob>> {
+        let limit = request.limit as usize;
+        // What this claim takes, on top of what the caller already holds.
+        let mut taken_endpoints: HashMap<String, u32> = HashMap::new();
+        let mut taken_apps: HashMap<String, u32> = HashMap::new();
+        let mut jobs = Vec::new();
+        let mut leased: Vec<i64> = Vec::new();
+        let mut refused: Vec<i64> = Vec::new();
+        let mut passed: Vec<i64> = self.leases.held(request.now);
+        for _ in 0..CLAIM_PASSES {
+            let full_endpoints = at_limit(
+                &request.in_flight,
+                &taken_endpoints,
+                request.per_endpoint_limit,
+            );
+            let full_apps = at_limit(&request.app_in_flight, &taken_apps, request.per_app_limit);
+            // Fetch more candidates than needed: some may belong to an endpoint or app that
+            // fills up.
+            let fetch = (limit - jobs.len()) * 4;
+            let candidates = sqlx::query(
+                "SELECT d.rowid AS d_rowid, d.msg_id, d.attempts, d.trigger_type,
+                        m.app_id AS m_app_id, m.event_type,
+                        m.payload, e.id AS e_id, e.app_id AS e_app_id, e.uid AS e_uid,
+                        e.url AS e_url, e.description AS e_description,
+                        e.throttle_rate AS e_throttle_rate, e.disabled AS e_disabled,
+                        e.event_types AS e_event_types, e.channels AS e_channels,
+                        e.metadata AS e_metadata, e.headers AS e_headers, e.secret AS e_secret,
+                        e.previous_secrets AS e_previous_secrets,
+                        e.failing_since AS e_failing_since, e.created_at AS e_created_at,
+                        e.updated_at AS e_updated_at, e.format AS e_format
+                 FROM deliveries d
+                 JOIN messages m ON m.id = d.msg_id
+                 JOIN endpoints e ON e.id = d.endpoint_id
+                 WHERE d.status IN (1, 3) AND d.next_attempt_at <= $1
+                   AND ((d.attempts = 0 AND d.trigger_type = 0) = $2)
+                   AND d.endpoint_id NOT IN (SELECT value FROM json_each($3))
+                   AND d.app_id NOT IN (SELECT value FROM json_each($4))
+                   AND d.rowid NOT IN (SELECT value FROM json_each($5))
+                 ORDER BY d.next_attempt_at
+                 LIMIT $6",
+            )
+            .bind(millis(request.now))
+            .bind(request.first_attempts)
+            .bind(to_json(&full_endpoints))
+            .bind(to_json(&full_apps))
+            .bind(to_json(&passed))
+            .bind(i64::try_from(fetch).unwrap_or(i64::MAX))
+            .fetch_all(&self.reader)
+            .await?;
+
+            // Rows left because their endpoint or app filled up during this pass.
+            let mut crowded_out = false;
+            for row in &candidates {
+                if jobs.len() >= limit {
+                    break;
+                }
+                let rowid: i64 = row.try_get("d_rowid")?;
+                let endpoint = rows::endpoint(row, "e_")?;
+                if endpoint.disabled {
+                    // Disabled endpoints receive nothing; the delivery stays recoverable as failed.
+                    refused.push(rowid);
+                    passed.push(rowid);
+                    continue;
+                }
+                let app_id: String = row.try_get("m_app_id")?;
+                let endpoint_held = request.in_flight.get(&endpoint.id).copied().unwrap_or(0)
+                    + taken_endpoints.get(&endpoint.id).copied().unwrap_or(0);
+                let app_held = request.app_in_flight.get(&app_id).copied().unwrap_or(0)
+                    + taken_apps.get(&app_id).copied().unwrap_or(0);
+                if endpoint_held >= request.per_endpoint_limit || app_held >= request.per_app_limit
+                {
+                    crowded_out = true;
+                    continue;
+                }
+                *taken_endpoints.entry(endpoint.id.clone()).or_insert(0) += 1;
+                *taken_apps.entry(app_id.clone()).or_insert(0) += 1;
+                leased.push(rowid);
+                passed.push(rowid);
+                let payload: Vec<u8> = row.try_get("payload")?;
+                jobs.push(DeliveryJob {
+                    msg_id: row.try_get("msg_id")?,
+                    app_id,
+                    event_type: row.try_get("event_type")?,
+                    payload: payload.into(),
+                    endpoint,
+                    attempts: u32::try_from(row.try_get::<i64, _>("attempts")?).unwrap_or(u32::MAX),
+                    trigger: TriggerType::from_code(row.try_get("trigger_type")?),
+                });
+            }
+            // Look again only if rows of endpoints or apps that filled up took candidate places
+            // that others' rows, further down the queue, could have had. The next pass leaves
+            // the full ones out in the query.
+            if !crowded_out || candidates.len() < fetch || jobs.len() >= limit {
+                break;
+            }
+        }
+        self.leases.take(&jobs, &leased, request.lease_until);
+        if !refused.is_empty() {
+            sqlx::query(
+                "UPDATE deliveries SET status = $1, next_attempt_at = NULL, updated_at = $2
+                 WHERE rowid IN (SELECT value FROM json_each($3))",
+            )
+            .bind(DeliveryStatus::Fail as i64)
+            .bind(millis(request.now))
+            .bind(to_json(&refused))
+            .execute(&self.writer)
+            .await?;
+        }
+        Ok(jobs)
+    }
+
+    async fn next_due_at(&self) -> Result<Option<DateTime<Utc>>> {
+        // Leased deliveries are in flight, not waiting: counting them would make everything
+        // look due already, and the dispatcher would sleep through the next real due time.
+        let row = sqlx::query(
+            "SELECT MIN(next_attempt_at) AS due FROM deliveries
+             WHERE status IN (1, 3) AND rowid NOT IN (SELECT value FROM json_each($1))",
+        )
+        .bind(to_json(&self.leases.held(Utc::now())))
+        .fetch_one(&self.reader)
+        .await?;
+        row.try_get::<Option<i64>, _>("due")?
+            .map(rows::time)
+            .transpose()
+    }
+
+    async fn record_attempt(&self, record: AttemptRecord) -> Result<()> {
+        let changes_endpoint = record.endpoint_change == crate::EndpointChange::Disable;
+        let key = (
+            record.attempt.msg_id.clone(),
+            record.attempt.endpoint_id.clone(),
+        );
+        let result = self.submit(WriteOp::RecordAttempt(record)).await;
+        // Released after the commit: the delivery's new state is visible before it is
+        // claimable again. On failure too, so the attempt is retried rather than stranded.
+        self.leases.release(&key);
+        if changes_endpoint {
+            // Only disabling changes what message fan-out sees.
+            self.cache.invalidate();
+        }
+        result
+    }
+
+    async fn requeue_leased(&self, now: DateTime<Utc>) -> Result<u64> {
+        let done = sqlx::query(
+            "UPDATE deliveries SET status = $1, next_attempt_at = $2 WHERE status = $3",
+        )
+        .bind(DeliveryStatus::Pending as i64)
+        .bind(millis(now))
+        .bind(DeliveryStatus::Sending as i64)
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected())
+    }
+}
+
+/// Queries one claim may make: a pass whose candidates were crowded out by endpoints or apps
+/// that filled up is followed by one that leaves those out.
+const CLAIM_PASSES: usize = 3;
+
+/// The keys whose count, held already plus taken by this claim, has reached `limit`: a claim
+/// leaves their deliveries out in the query.
+fn at_limit<'a>(
+    held: &'a HashMap<String, u32>,
+    taken: &'a HashMap<String, u32>,
+    limit: u32,
+) -> Vec<&'a String> {
+    let count =
+        |key: &String| held.get(key).copied().unwrap_or(0) + taken.get(key).copied().unwrap_or(0);
+    held.keys()
+        .chain(taken.keys().filter(|key| !held.contains_key(*key)))
+        .filter(|key| count(key) >= limit)
+        .collect()
+}

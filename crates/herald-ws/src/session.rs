@@ -1,0 +1,583 @@
+//! One connection's Pusher protocol state machine, without the socket.
+//!
+//! A [`Session`] holds what the protocol remembers about a connection (its subscriptions and
+//! presence memberships, its signed-in user, its subscribe and client-event rate limits) and
+//! turns each parsed [`ClientMessage`] into frames queued on the connection's [`Outbox`] and
+//! changes to the app's [`AppHub`], returning a close code when the protocol says the
+//! connection must end. It never touches the socket: `connection.rs` reads and writes it.
+//!
+//! What is not in memory sits behind [`Backend`]: the app's current credentials (a store
+//! read) and channel history (its retention rules, the resuming join, keeping client events).
+//! [`Live`] is the one the server uses; the tests script one, and with a real hub and outbox
+//! they run transcripts (client messages in, server frames out) with no sockets.
+//!
+//! Bad input gets `pusher:error` or `pusher:subscription_error` and the connection stays; only
+//! the protocol's close cases close it (a client-event rate beyond the limit, 4301).
+
+use std::{collections::HashMap, future::Future, sync::Arc};
+
+use herald_core::{
+    history::Retention,
+    model::{App, PusherCredentials},
+    pusher::{self, ChannelKind},
+};
+use herald_store::{Store, StoreError};
+use serde_json::{json, value::RawValue};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    Frame, WsConfig, close,
+    history::{History, Joined, Resume},
+    hub::{AppHub, ChannelEvent, Joining, Outbox, SubscribeError},
+    limits::{ClientPermit, TokenBucket},
+    protocol::{
+        self,
+        client::{self, ClientMessage, Subscribe},
+    },
+};
+
+/// A close code and its reason.
+pub type Close = (u16, String);
+
+/// The reason given when a connection's app was deleted.
+pub const APP_DELETED: &str = "the app was deleted";
+
+/// Why a signature could not be checked: the app's credentials could not be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unavailable {
+    /// `pusher:subscription_error`'s type and status.
+    pub kind: &'static str,
+    pub message: &'static str,
+    pub status: u16,
+    /// The code of the `pusher:error` a sign-in gets.
+    pub close: Option<u16>,
+}
+
+/// A session's side effects beyond the hub: the store and channel history.
+pub trait Backend: Send + Sync + 'static {
+    /// The app's Pusher credentials as they are now, for one signature check.
+    fn credentials(&self) -> impl Future<Output = Result<PusherCredentials, Unavailable>> + Send;
+
+    /// The channel's retention, if it keeps history.
+    fn retention(&self, channel: &str) -> Option<Retention>;
+
+    /// Joins a history channel (see [`History::join`]): `register` runs under the channel's
+    /// lock with what the subscriber missed.
+    fn join<T: Send>(
+        &self,
+        channel: &str,
+        retention: Retention,
+        resume: Option<&Resume>,
+        register: impl FnOnce(Joined) -> T + Send,
+    ) -> impl Future<Output = Result<T, StoreError>> + Send;
+
+    /// Keeps a client event on a history channel and relays it (see
+    /// [`History::publish_client_event`]).
+    #[allow(clippy::too_many_arguments)]
+    fn publish_client_event(
+        &self,
+        channel: &str,
+        retention: Retention,
+        event: &str,
+        data: &RawValue,
+        user_id: Option<&str>,
+        sender: &str,
+        report: impl FnOnce() -> ChannelEvent + Send,
+    ) -> impl Future<Output = Result<usize, StoreError>> + Send;
+}
+
+/// The server's [`Backend`]: the store and [`History`].
+pub struct Live {
+    /// The app as it was at the handshake: its id and history rules. Its Pusher credentials
+    /// are not used: see [`Live::credentials`](Backend::credentials).
+    pub app: App,
+    pub store: Arc<dyn Store>,
+    pub history: Arc<History>,
+    /// The connection's place in its address's counts, and that address's replay budget.
+    pub client: ClientPermit,
+}
+
+impl Backend for Live {
+    /// Read at every check, never kept from the handshake, so a rotation reaches open sockets
+    /// at once: the retired secret stops verifying when its grace ends (at once with a grace
+    /// of 0) and the new one verifies from the rotation's commit on. The store's app cache is
+    /// exact (the rotation's commit invalidates it), so this is a map lookup, not a query, and
+    /// it cannot go back to older credentials. Any future writer of credentials (a key
+    /// rotation, another node) is covered the same way, which a copy kept in the hub would
+    /// have to be told about.
+    async fn credentials(&self) -> Result<PusherCredentials, Unavailable> {
+        match self.store.get_app(&self.app.id).await {
+            Ok(Some(app)) => Ok(app.pusher),
+            // The connection is closing with 4001 (its token was cancelled).
+            Ok(None) => Err(Unavailable {
+                kind: "AuthError",
+                message: APP_DELETED,
+                status: 401,
+                close: Some(close::APP_DOES_NOT_EXIST),
+            }),
+            Err(e) => {
+                tracing::error!(error = %e, app_id = %self.app.id, "reading the app's credentials failed");
+                Err(Unavailable {
+                    kind: "ServerError",
+                    message: "the app's credentials could not be read; try again",
+                    status: 503,
+                    close: None,
+                })
+            }
+        }
+    }
+
+    fn retention(&self, channel: &str) -> Option<Retention> {
+        self.history.retention(&self.app, channel)
+    }
+
+    async fn join<T: Send>(
+        &self,
+        channel: &str,
+        retention: Retention,
+        resume: Option<&Resume>,
+        register: impl FnOnce(Joined) -> T + Send,
+    ) -> Result<T, StoreError> {
+        self.history
+            .join(
+                &self.app,
+                channel,
+                retention,
+                resume,
+                &self.client,
+                register,
+            )
+            .await
+    }
+
+    async fn publish_client_event(
+        &self,
+        channel: &str,
+        retention: Retention,
+        event: &str,
+        data: &RawValue,
+        user_id: Option<&str>,
+        sender: &str,
+        report: impl FnOnce() -> ChannelEvent + Send,
+    ) -> Result<usize, StoreError> {
+        self.history
+            .publish_client_event(
+                &self.app, channel, retention, event, data, user_id, sender, report,
+            )
+            .await
+    }
+}
+
+/// One connection's protocol state.
+pub struct Session<B> {
+    backend: Arc<B>,
+    hub: Arc<AppHub>,
+    config: WsConfig,
+    socket_id: String,
+    outbox: Outbox,
+    /// Subscribed channels, with the presence user id for presence channels.
+    channels: HashMap<String, Option<String>>,
+    /// Set by `pusher:signin`.
+    user_id: Option<String>,
+    /// Cancelled to close the connection; handed to the hub at sign-in.
+    terminate: CancellationToken,
+    /// Client events allowed per second, at most that many at once.
+    client_events: TokenBucket,
+    /// Subscribes allowed (`None`: no limit).
+    subscribes: Option<TokenBucket>,
+}
+
+impl<B: Backend> Session<B> {
+    /// A new session; queues `pusher:connection_established`, the first frame.
+    pub fn new(
+        backend: B,
+        hub: Arc<AppHub>,
+        config: &WsConfig,
+        socket_id: String,
+        outbox: Outbox,
+        terminate: CancellationToken,
+    ) -> Self {
+        outbox.send(protocol::connection_established(
+            &socket_id,
+            config.activity_timeout.as_secs(),
+        ));
+        Self {
+            backend: Arc::new(backend),
+            hub,
+            config: config.clone(),
+            socket_id,
+            outbox,
+            channels: HashMap::new(),
+            user_id: None,
+            terminate,
+            client_events: TokenBucket::new(
+                f64::from(config.client_events_per_second),
+                f64::from(config.client_events_per_second),
+            ),
+            subscribes: TokenBucket::limit(
+                config.subscribes_per_second.into(),
+                config.subscribe_burst.into(),
+            ),
+        }
+    }
+
+    /// Handles one client message; returns a close code if the connection must end.
+    /// Messages over `max_message_bytes` never get here: the transport refuses them (1009).
+    pub async fn handle(&mut self, message: ClientMessage) -> Option<Close> {
+        match message {
+            ClientMessage::Ping => self.outbox.send(protocol::pong()),
+            ClientMessage::Pong => {}
+            ClientMessage::Subscribe(request) => self.subscribe(request).await,
+            ClientMessage::Unsubscribe { channel } => self.leave(&channel),
+            ClientMessage::Signin { auth, user_data } => self.sign_in(&auth, user_data).await,
+            ClientMessage::ClientEvent {
+                event,
+                channel,
+                data,
+            } => return self.client_event(&event, channel, data.as_deref()).await,
+            ClientMessage::Unknown { event } => self
+                .outbox
+                .send(protocol::error(&format!("unknown event {event:?}"), None)),
+            ClientMessage::Malformed { reason } => {
+                self.outbox.send(protocol::error(&reason, None));
+            }
+        }
+        None
+    }
+
+    async fn subscribe(&mut self, request: Subscribe) {
+        let channel = request.channel.as_str();
+        let refuse = |kind: &str, message: String, status: u16| {
+            protocol::subscription_error(channel, kind, &message, status)
+        };
+        // Every subscribe counts, valid or not: each may read the channel's position.
+        if let Some(bucket) = &mut self.subscribes
+            && !bucket.try_take(1.0)
+        {
+            self.outbox.send(refuse(
+                "RateLimited",
+                format!(
+                    "too many subscribes: at most {} per second (bursts of {}); try again later",
+                    self.config.subscribes_per_second, self.config.subscribe_burst
+                ),
+                429,
+            ));
+            return;
+        }
+        if let Err(e) = pusher::validate_channel_name(channel) {
+            self.outbox.send(refuse("InvalidChannel", e, 400));
+            return;
+        }
+        if self.channels.contains_key(channel) {
+            // Already subscribed: confirm again, as a resubscribe after a glitch expects.
+            self.outbox.send(protocol::system(
+                "pusher_internal:subscription_succeeded",
+                Some(channel),
+                &json!({}),
+            ));
+            return;
+        }
+        if self.channels.len() >= self.config.max_channels_per_connection {
+            self.outbox.send(refuse(
+                "LimitReached",
+                format!(
+                    "a connection may subscribe to at most {} channels",
+                    self.config.max_channels_per_connection
+                ),
+                400,
+            ));
+            return;
+        }
+        let kind = ChannelKind::of(channel);
+        let channel_data = (kind == ChannelKind::Presence)
+            .then_some(request.channel_data.as_deref())
+            .flatten();
+        if kind.needs_auth() {
+            let Some(auth) = request.auth.as_deref() else {
+                self.outbox.send(refuse(
+                    "AuthError",
+                    format!("{channel} needs an auth signature"),
+                    401,
+                ));
+                return;
+            };
+            if kind == ChannelKind::Presence && channel_data.is_none() {
+                self.outbox.send(refuse(
+                    "AuthError",
+                    "presence channels need channel_data".into(),
+                    401,
+                ));
+                return;
+            }
+            let credentials = match self.backend.credentials().await {
+                Ok(credentials) => credentials,
+                Err(unavailable) => {
+                    self.outbox.send(refuse(
+                        unavailable.kind,
+                        unavailable.message.into(),
+                        unavailable.status,
+                    ));
+                    return;
+                }
+            };
+            let credentials = &credentials;
+            if let Err(e) = pusher::with_any_secret(credentials, chrono::Utc::now(), |secret| {
+                pusher::verify_channel_auth(
+                    &credentials.key,
+                    secret,
+                    &self.socket_id,
+                    channel,
+                    channel_data,
+                    auth,
+                )
+            }) {
+                self.outbox
+                    .send(refuse("AuthError", format!("auth refused: {e}"), 401));
+                return;
+            }
+        }
+        let joining = match channel_data
+            .map(|d| client::presence_member(d, self.config.max_user_info_bytes))
+        {
+            Some(Ok(member)) => Some(member),
+            Some(Err(e)) => {
+                self.outbox.send(refuse("InvalidChannelData", e, 400));
+                return;
+            }
+            None => None,
+        };
+        let member = joining.as_ref().map(|j| {
+            (
+                j.user_id.clone(),
+                j.info.as_ref().map(|i| i.get().to_owned()),
+            )
+        });
+        let Some(retention) = self.backend.retention(channel) else {
+            self.register(channel, joining, member, None);
+            return;
+        };
+        let backend = Arc::clone(&self.backend);
+        let joined = backend
+            .join(channel, retention, request.resume.as_ref(), |joined| {
+                self.register(channel, joining, member, Some(joined));
+            })
+            .await;
+        if let Err(e) = joined {
+            tracing::error!(error = %e, channel, "reading channel history failed");
+            self.outbox.send(protocol::subscription_error(
+                channel,
+                "HistoryUnavailable",
+                "the channel's history could not be read; try again",
+                503,
+            ));
+        }
+    }
+
+    /// Adds the subscription to the hub and queues its confirmation (with the history status
+    /// and the missed events, on a history channel).
+    fn register(
+        &mut self,
+        channel: &str,
+        joining: Option<Joining>,
+        member: Option<(String, Option<String>)>,
+        joined: Option<Joined>,
+    ) {
+        let subscribed = match self.hub.subscribe(
+            channel,
+            &self.socket_id,
+            &self.outbox,
+            joining,
+            self.config.max_presence_members,
+        ) {
+            Ok(subscribed) => subscribed,
+            Err(SubscribeError::PresenceFull(max)) => {
+                self.outbox.send(protocol::subscription_error(
+                    channel,
+                    "LimitReached",
+                    &format!("the presence channel is full ({max} members)"),
+                    403,
+                ));
+                return;
+            }
+        };
+        let mut confirmation = subscribed.presence.unwrap_or_else(|| json!({}));
+        if let Some(joined) = &joined {
+            confirmation["history"] = joined.status();
+        }
+        self.outbox.send(protocol::system(
+            "pusher_internal:subscription_succeeded",
+            Some(channel),
+            &confirmation,
+        ));
+        for frame in joined.into_iter().flat_map(|j| j.replay) {
+            self.outbox.send(frame);
+        }
+        if subscribed.member_added
+            && let Some((user_id, info)) = &member
+        {
+            let info: serde_json::Value = info
+                .as_deref()
+                .and_then(|i| serde_json::from_str(i).ok())
+                .unwrap_or(serde_json::Value::Null);
+            let frame = protocol::system(
+                "pusher_internal:member_added",
+                Some(channel),
+                &json!({"user_id": user_id, "user_info": info}),
+            );
+            self.hub.broadcast(channel, &frame, Some(&self.socket_id));
+        }
+        self.channels
+            .insert(channel.to_owned(), member.map(|(user_id, _)| user_id));
+    }
+
+    fn leave(&mut self, channel: &str) {
+        if self.channels.remove(channel).is_none() {
+            return;
+        }
+        let left = self.hub.unsubscribe(channel, &self.socket_id);
+        if let Some(user_id) = left.member_removed {
+            let frame = protocol::system(
+                "pusher_internal:member_removed",
+                Some(channel),
+                &json!({"user_id": user_id}),
+            );
+            self.hub.broadcast(channel, &frame, None);
+        }
+    }
+
+    /// Leaves every channel and signs out: the connection is over.
+    pub fn leave_all(&mut self) {
+        let channels: Vec<String> = self.channels.keys().cloned().collect();
+        for channel in channels {
+            self.leave(&channel);
+        }
+        if let Some(user_id) = self.user_id.take() {
+            self.hub.sign_out(&user_id, &self.socket_id);
+        }
+    }
+
+    async fn sign_in(&mut self, auth: &str, user_data: String) {
+        let credentials = match self.backend.credentials().await {
+            Ok(credentials) => credentials,
+            Err(unavailable) => {
+                self.outbox.send(protocol::error(
+                    &format!("sign-in refused: {}", unavailable.message),
+                    unavailable.close,
+                ));
+                return;
+            }
+        };
+        let credentials = &credentials;
+        if let Err(e) = pusher::with_any_secret(credentials, chrono::Utc::now(), |secret| {
+            pusher::verify_user_auth(&credentials.key, secret, &self.socket_id, &user_data, auth)
+        }) {
+            self.outbox.send(protocol::error(
+                &format!("sign-in refused: {e}"),
+                Some(close::UNAUTHORIZED),
+            ));
+            return;
+        }
+        let Some(user_id) = client::signed_in_user(&user_data) else {
+            self.outbox.send(protocol::error(
+                "sign-in refused: user_data must be a JSON object with a string id",
+                Some(close::UNAUTHORIZED),
+            ));
+            return;
+        };
+        if self
+            .user_id
+            .as_ref()
+            .is_some_and(|current| *current != user_id)
+        {
+            self.outbox.send(protocol::error(
+                "sign-in refused: the connection is signed in as another user",
+                Some(close::UNAUTHORIZED),
+            ));
+            return;
+        }
+        self.hub
+            .sign_in(&user_id, &self.socket_id, self.terminate.clone());
+        self.user_id = Some(user_id);
+        self.outbox.send(protocol::system(
+            "pusher:signin_success",
+            None,
+            &json!({"user_data": user_data}),
+        ));
+    }
+
+    async fn client_event(
+        &mut self,
+        event: &str,
+        channel: Option<String>,
+        data: Option<&RawValue>,
+    ) -> Option<Close> {
+        if !self.client_events.try_take(1.0) {
+            return Some((
+                close::CLIENT_EVENT_RATE_LIMIT,
+                format!(
+                    "client event rate limit of {} per second exceeded",
+                    self.config.client_events_per_second
+                ),
+            ));
+        }
+        let Some(channel) = channel.as_deref() else {
+            self.outbox
+                .send(protocol::error("client events need a channel", None));
+            return None;
+        };
+        let Some(member) = self.channels.get(channel) else {
+            self.outbox.send(protocol::error(
+                &format!("client event refused: not subscribed to {channel}"),
+                None,
+            ));
+            return None;
+        };
+        if !ChannelKind::of(channel).allows_client_events() {
+            self.outbox.send(protocol::error(
+                &format!("client event refused: {channel} is not a private or presence channel"),
+                None,
+            ));
+            return None;
+        }
+        let null =
+            RawValue::from_string("null".into()).unwrap_or_else(|_| unreachable!("null is JSON"));
+        let data = data.unwrap_or(&null);
+        // Reported for `client_event` webhooks.
+        let report = || ChannelEvent::ClientEvent {
+            channel: channel.to_owned(),
+            event: event.to_owned(),
+            data: client::event_text(data),
+            socket_id: self.socket_id.clone(),
+            user_id: member.clone(),
+        };
+        // On a history channel the event is kept, with its position, before it is relayed.
+        if let Some(retention) = self.backend.retention(channel) {
+            let kept = self
+                .backend
+                .publish_client_event(
+                    channel,
+                    retention,
+                    event,
+                    data,
+                    member.as_deref(),
+                    &self.socket_id,
+                    report,
+                )
+                .await;
+            match kept {
+                Ok(_) => return None,
+                Err(e) => {
+                    tracing::error!(error = %e, channel, "keeping a client event failed; relayed live only");
+                }
+            }
+        }
+        // Never echoed to the sender.
+        let frame: Frame = protocol::client_event(event, channel, data, member.as_deref());
+        self.hub
+            .client_event(channel, &frame, &self.socket_id, report);
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,619 @@
+//! Scripted transcripts: client messages in, server frames out, with a real hub and outbox
+//! and a scripted [`Backend`] (known credentials, channels named `history-*` keep history).
+//! No sockets; the clock is paused, so rate limits refill only when a test advances it.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use herald_core::{
+    history::{Recovery, Retention},
+    model::PusherCredentials,
+    pusher,
+};
+use herald_store::StoreError;
+use serde_json::{Value, json, value::RawValue};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+use crate::{Frame, Hub, WsConfig, hub::AppHub, protocol::client::parse};
+
+const KEY: &str = "app-key";
+const SECRET: &str = "app-secret";
+
+/// Known credentials, or unreadable ones; `history-*` channels keep history, and a join
+/// replays `replay`.
+struct Scripted {
+    credentials: Result<PusherCredentials, Unavailable>,
+    replay: Vec<Frame>,
+    /// Client events kept in history: (channel, event, data).
+    kept: Mutex<Vec<(String, String, String)>>,
+}
+
+impl Scripted {
+    fn new() -> Self {
+        Self {
+            credentials: Ok(PusherCredentials {
+                app_id: 1,
+                key: KEY.into(),
+                secret: SECRET.into(),
+                previous: None,
+            }),
+            replay: Vec::new(),
+            kept: Mutex::default(),
+        }
+    }
+}
+
+impl Backend for Scripted {
+    async fn credentials(&self) -> Result<PusherCredentials, Unavailable> {
+        self.credentials.clone()
+    }
+
+    fn retention(&self, channel: &str) -> Option<Retention> {
+        channel.contains("history-").then_some(Retention {
+            max_events: 100,
+            max_age: Duration::from_secs(3600),
+        })
+    }
+
+    async fn join<T: Send>(
+        &self,
+        _channel: &str,
+        _retention: Retention,
+        resume: Option<&Resume>,
+        register: impl FnOnce(Joined) -> T + Send,
+    ) -> Result<T, StoreError> {
+        Ok(register(Joined {
+            epoch: "e1".into(),
+            offset: self.replay.len() as u64,
+            recovery: resume.map(|r| Recovery::Complete {
+                missed: self.replay.len() as u64 - r.offset,
+            }),
+            replay: self.replay.clone(),
+            rate_limited: false,
+        }))
+    }
+
+    async fn publish_client_event(
+        &self,
+        channel: &str,
+        _retention: Retention,
+        event: &str,
+        data: &RawValue,
+        _user_id: Option<&str>,
+        _sender: &str,
+        _report: impl FnOnce() -> ChannelEvent + Send,
+    ) -> Result<usize, StoreError> {
+        self.kept
+            .lock()
+            .expect("lock")
+            .push((channel.into(), event.into(), data.get().into()));
+        Ok(0)
+    }
+}
+
+/// One scripted connection.
+struct Client {
+    session: Session<Scripted>,
+    frames: mpsc::Receiver<Frame>,
+    overflowed: CancellationToken,
+    socket_id: String,
+}
+
+impl Client {
+    fn open(hub: &Arc<AppHub>, socket_id: &str, config: &WsConfig, backend: Scripted) -> Self {
+        let (outbox, frames, overflowed) = Outbox::new(256);
+        let session = Session::new(
+            backend,
+            Arc::clone(hub),
+            config,
+            socket_id.into(),
+            outbox,
+            hub.connection_token(),
+        );
+        Self {
+            session,
+            frames,
+            overflowed,
+            socket_id: socket_id.into(),
+        }
+    }
+
+    async fn send(&mut self, text: &str) -> Option<Close> {
+        self.session.handle(parse(text)).await
+    }
+
+    /// The frames queued since the last call, as JSON with double-encoded `data` decoded.
+    fn received(&mut self) -> Vec<Value> {
+        let mut out = Vec::new();
+        while let Ok(frame) = self.frames.try_recv() {
+            let mut value: Value = serde_json::from_str(frame.as_str()).expect("frames are JSON");
+            if let Some(inner) = value["data"]
+                .as_str()
+                .and_then(|d| serde_json::from_str::<Value>(d).ok())
+            {
+                value["data"] = inner;
+            }
+            out.push(value);
+        }
+        assert!(!self.overflowed.is_cancelled(), "the outbox overflowed");
+        out
+    }
+
+    /// The events of the frames queued since the last call.
+    fn events(&mut self) -> Vec<String> {
+        self.received()
+            .iter()
+            .map(|f| f["event"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    }
+
+    /// The one frame queued since the last call.
+    fn only(&mut self) -> Value {
+        let mut frames = self.received();
+        assert_eq!(frames.len(), 1, "expected one frame, got {frames:?}");
+        frames.remove(0)
+    }
+
+    fn subscribe_auth(&self, channel: &str, channel_data: Option<&str>) -> String {
+        let signed = match channel_data {
+            Some(data) => format!("{}:{channel}:{data}", self.socket_id),
+            None => format!("{}:{channel}", self.socket_id),
+        };
+        format!("{KEY}:{}", pusher::sign(SECRET, &signed))
+    }
+}
+
+fn subscribe(channel: &str) -> String {
+    json!({"event": "pusher:subscribe", "data": {"channel": channel}}).to_string()
+}
+
+fn subscribe_signed(client: &Client, channel: &str, channel_data: Option<&str>) -> String {
+    let mut data =
+        json!({"channel": channel, "auth": client.subscribe_auth(channel, channel_data)});
+    if let Some(channel_data) = channel_data {
+        data["channel_data"] = channel_data.into();
+    }
+    json!({"event": "pusher:subscribe", "data": data}).to_string()
+}
+
+fn client_event(channel: &str, data: &str) -> String {
+    format!(r#"{{"event":"client-typing","channel":"{channel}","data":{data}}}"#)
+}
+
+fn setup(config: &WsConfig) -> (Arc<AppHub>, Client) {
+    let hub = Hub::default().app("app_1");
+    let mut client = Client::open(&hub, "1.1", config, Scripted::new());
+    assert_eq!(client.events(), ["pusher:connection_established"]);
+    (hub, client)
+}
+
+fn assert_subscription_error(frame: &Value, channel: &str, kind: &str, status: u16) {
+    assert_eq!(frame["event"], "pusher:subscription_error", "{frame}");
+    assert_eq!(frame["channel"], channel, "{frame}");
+    assert_eq!(frame["data"]["type"], kind, "{frame}");
+    assert_eq!(frame["data"]["status"], status, "{frame}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_session_opens_with_its_socket_id_and_answers_ping_with_pong() {
+    let hub = Hub::default().app("app_1");
+    let config = WsConfig::default();
+    let mut client = Client::open(&hub, "1.1", &config, Scripted::new());
+    let established = client.only();
+    assert_eq!(established["event"], "pusher:connection_established");
+    assert_eq!(established["data"]["socket_id"], "1.1");
+    assert_eq!(established["data"]["activity_timeout"], 120);
+    assert_eq!(
+        client.send(r#"{"event":"pusher:ping","data":{}}"#).await,
+        None
+    );
+    assert_eq!(client.events(), ["pusher:pong"]);
+    assert_eq!(
+        client.send(r#"{"event":"pusher:pong","data":{}}"#).await,
+        None
+    );
+    assert!(client.received().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn malformed_and_unknown_messages_get_pusher_error_and_the_connection_stays() {
+    let (_hub, mut client) = setup(&WsConfig::default());
+    assert_eq!(client.send("{not json").await, None);
+    let error = client.only();
+    assert_eq!(error["event"], "pusher:error");
+    assert!(
+        error["data"]["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("invalid JSON"))
+    );
+    assert_eq!(client.send(r#"{"event":"pusher:subscribe"}"#).await, None);
+    assert_eq!(
+        client.only()["data"]["message"],
+        "invalid pusher:subscribe: missing data"
+    );
+    assert_eq!(client.send(r#"{"event":"pusher:what"}"#).await, None);
+    assert_eq!(
+        client.only()["data"]["message"],
+        r#"unknown event "pusher:what""#
+    );
+    assert_eq!(client.send(&subscribe("still-here")).await, None);
+    assert_eq!(client.events(), ["pusher_internal:subscription_succeeded"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_public_subscribe_is_confirmed_and_a_repeat_is_confirmed_again() {
+    let (hub, mut client) = setup(&WsConfig::default());
+    client.send(&subscribe("news")).await;
+    let confirmed = client.only();
+    assert_eq!(confirmed["event"], "pusher_internal:subscription_succeeded");
+    assert_eq!(confirmed["channel"], "news");
+    assert!(hub.is_subscribed("news", "1.1"));
+    client.send(&subscribe("news")).await;
+    assert_eq!(client.events(), ["pusher_internal:subscription_succeeded"]);
+    assert_eq!(
+        hub.channel_info("news").map(|i| i.subscription_count),
+        Some(1)
+    );
+    client
+        .send(r#"{"event":"pusher:unsubscribe","data":{"channel":"news"}}"#)
+        .await;
+    assert!(client.received().is_empty(), "unsubscribing is silent");
+    assert!(!hub.is_subscribed("news", "1.1"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn bad_channel_names_are_refused_with_invalid_channel_400() {
+    let (hub, mut client) = setup(&WsConfig::default());
+    for channel in ["", "has space", "new\nline", &"x".repeat(300)] {
+        client.send(&subscribe(channel)).await;
+        assert_subscription_error(&client.only(), channel, "InvalidChannel", 400);
+    }
+    assert!(hub.channels("").is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn private_and_presence_channels_need_auth_and_presence_needs_channel_data() {
+    let (hub, mut client) = setup(&WsConfig::default());
+    client.send(&subscribe("private-a")).await;
+    assert_subscription_error(&client.only(), "private-a", "AuthError", 401);
+    let auth = client.subscribe_auth("presence-a", None);
+    client
+        .send(
+            &json!({"event": "pusher:subscribe", "data": {"channel": "presence-a", "auth": auth}})
+                .to_string(),
+        )
+        .await;
+    let refused = client.only();
+    assert_subscription_error(&refused, "presence-a", "AuthError", 401);
+    assert_eq!(
+        refused["data"]["error"],
+        "presence channels need channel_data"
+    );
+    assert!(hub.channels("").is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_bad_signature_is_refused_and_the_right_one_accepted() {
+    let (hub, mut client) = setup(&WsConfig::default());
+    let wrong = format!("{KEY}:{}", pusher::sign("other-secret", "1.1:private-a"));
+    client
+        .send(
+            &json!({"event": "pusher:subscribe", "data": {"channel": "private-a", "auth": wrong}})
+                .to_string(),
+        )
+        .await;
+    let refused = client.only();
+    assert_subscription_error(&refused, "private-a", "AuthError", 401);
+    assert!(
+        refused["data"]["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("auth refused"))
+    );
+    // Signed for another socket.
+    let other_socket = format!("{KEY}:{}", pusher::sign(SECRET, "2.2:private-a"));
+    client
+        .send(
+            &json!({"event": "pusher:subscribe", "data": {"channel": "private-a", "auth": other_socket}})
+                .to_string(),
+        )
+        .await;
+    assert_subscription_error(&client.only(), "private-a", "AuthError", 401);
+    assert!(!hub.is_subscribed("private-a", "1.1"));
+    let good = subscribe_signed(&client, "private-a", None);
+    client.send(&good).await;
+    assert_eq!(client.events(), ["pusher_internal:subscription_succeeded"]);
+    assert!(hub.is_subscribed("private-a", "1.1"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn unreadable_credentials_refuse_with_their_status_and_the_connection_stays() {
+    let hub = Hub::default().app("app_1");
+    let backend = Scripted {
+        credentials: Err(Unavailable {
+            kind: "ServerError",
+            message: "the app's credentials could not be read; try again",
+            status: 503,
+            close: None,
+        }),
+        ..Scripted::new()
+    };
+    let mut client = Client::open(&hub, "1.1", &WsConfig::default(), backend);
+    client.received();
+    let subscribe = subscribe_signed(&client, "private-a", None);
+    assert_eq!(client.send(&subscribe).await, None);
+    assert_subscription_error(&client.only(), "private-a", "ServerError", 503);
+    let signin = json!({"event": "pusher:signin", "data": {"auth": "k:s", "user_data": "{}"}});
+    assert_eq!(client.send(&signin.to_string()).await, None);
+    let error = client.only();
+    assert_eq!(error["event"], "pusher:error");
+    assert_eq!(error["data"]["code"], Value::Null);
+}
+
+#[tokio::test(start_paused = true)]
+async fn oversize_presence_user_info_is_refused_with_invalid_channel_data_400() {
+    let config = WsConfig {
+        max_user_info_bytes: 16,
+        ..WsConfig::default()
+    };
+    let (hub, mut client) = setup(&config);
+    let data = r#"{"user_id":"u1","user_info":{"name":"a name longer than sixteen bytes"}}"#;
+    client
+        .send(&subscribe_signed(&client, "presence-room", Some(data)))
+        .await;
+    let refused = client.only();
+    assert_subscription_error(&refused, "presence-room", "InvalidChannelData", 400);
+    assert_eq!(
+        refused["data"]["error"],
+        "channel_data.user_info is larger than 16 bytes"
+    );
+    assert!(hub.users("presence-room").is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn presence_members_are_announced_to_the_others_and_their_leaving_too() {
+    let config = WsConfig::default();
+    let (hub, mut first) = setup(&config);
+    let mut second = Client::open(&hub, "2.2", &config, Scripted::new());
+    second.received();
+    let one = r#"{"user_id":"u1","user_info":{"n":1}}"#;
+    let two = r#"{"user_id":"u2"}"#;
+    first
+        .send(&subscribe_signed(&first, "presence-room", Some(one)))
+        .await;
+    let confirmed = first.only();
+    assert_eq!(confirmed["event"], "pusher_internal:subscription_succeeded");
+    assert_eq!(confirmed["data"]["presence"]["count"], 1);
+    second
+        .send(&subscribe_signed(&second, "presence-room", Some(two)))
+        .await;
+    let confirmed = second.only();
+    assert_eq!(confirmed["data"]["presence"]["count"], 2);
+    assert_eq!(confirmed["data"]["presence"]["hash"]["u1"], json!({"n": 1}));
+    let added = first.only();
+    assert_eq!(added["event"], "pusher_internal:member_added");
+    assert_eq!(added["data"], json!({"user_id": "u2", "user_info": null}));
+    second.session.leave_all();
+    let removed = first.only();
+    assert_eq!(removed["event"], "pusher_internal:member_removed");
+    assert_eq!(removed["data"], json!({"user_id": "u2"}));
+    assert!(second.received().is_empty());
+    assert_eq!(hub.users("presence-room"), ["u1"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn too_many_channels_is_limit_reached_400() {
+    let config = WsConfig {
+        max_channels_per_connection: 2,
+        ..WsConfig::default()
+    };
+    let (_hub, mut client) = setup(&config);
+    client.send(&subscribe("a")).await;
+    client.send(&subscribe("b")).await;
+    client.send(&subscribe("c")).await;
+    let frames = client.received();
+    assert_eq!(frames.len(), 3);
+    assert_subscription_error(&frames[2], "c", "LimitReached", 400);
+    // A channel it already has is confirmed again.
+    client.send(&subscribe("a")).await;
+    assert_eq!(client.events(), ["pusher_internal:subscription_succeeded"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn subscribes_beyond_the_burst_get_429_until_the_bucket_refills() {
+    let config = WsConfig {
+        subscribes_per_second: 2,
+        subscribe_burst: 3,
+        ..WsConfig::default()
+    };
+    let (hub, mut client) = setup(&config);
+    for channel in ["a", "b", "c", "d"] {
+        client.send(&subscribe(channel)).await;
+    }
+    let frames = client.received();
+    assert_eq!(frames.len(), 4);
+    assert_subscription_error(&frames[3], "d", "RateLimited", 429);
+    // Invalid subscribes count too.
+    client.send(&subscribe("has space")).await;
+    assert_subscription_error(&client.only(), "has space", "RateLimited", 429);
+    tokio::time::advance(Duration::from_millis(500)).await;
+    client.send(&subscribe("d")).await;
+    assert_eq!(client.events(), ["pusher_internal:subscription_succeeded"]);
+    assert!(hub.is_subscribed("d", "1.1"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn client_events_are_refused_without_a_channel_a_subscription_or_a_private_channel() {
+    let (hub, mut client) = setup(&WsConfig::default());
+    let mut other = Client::open(&hub, "2.2", &WsConfig::default(), Scripted::new());
+    other.send(&subscribe("news")).await;
+    other.received();
+    assert_eq!(
+        client.send(r#"{"event":"client-typing","data":{}}"#).await,
+        None
+    );
+    assert_eq!(
+        client.only()["data"]["message"],
+        "client events need a channel"
+    );
+    client.send(&client_event("news", "{}")).await;
+    assert_eq!(
+        client.only()["data"]["message"],
+        "client event refused: not subscribed to news"
+    );
+    client.send(&subscribe("news")).await;
+    client.received();
+    client.send(&client_event("news", "{}")).await;
+    assert_eq!(
+        client.only()["data"]["message"],
+        "client event refused: news is not a private or presence channel"
+    );
+    assert!(other.received().is_empty(), "nothing was relayed");
+}
+
+#[tokio::test(start_paused = true)]
+async fn client_events_reach_the_others_verbatim_and_never_their_sender() {
+    let config = WsConfig::default();
+    let (hub, mut first) = setup(&config);
+    let mut second = Client::open(&hub, "2.2", &config, Scripted::new());
+    second.received();
+    first
+        .send(&subscribe_signed(&first, "private-chat", None))
+        .await;
+    second
+        .send(&subscribe_signed(&second, "private-chat", None))
+        .await;
+    first.received();
+    second.received();
+    assert_eq!(
+        first
+            .send(&client_event("private-chat", r#"{ "t" : 1 }"#))
+            .await,
+        None
+    );
+    assert!(first.received().is_empty(), "not echoed");
+    let frame = second.frames.try_recv().expect("relayed");
+    assert_eq!(
+        frame.as_str(),
+        r#"{"event":"client-typing","channel":"private-chat","data":{ "t" : 1 }}"#
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn client_events_on_a_history_channel_are_kept_not_relayed_live() {
+    let (_hub, mut client) = setup(&WsConfig::default());
+    client
+        .send(&subscribe_signed(&client, "private-history-chat", None))
+        .await;
+    client.received();
+    client
+        .send(&client_event("private-history-chat", r#""hi""#))
+        .await;
+    let kept = client.session.backend.kept.lock().expect("lock").clone();
+    assert_eq!(
+        kept,
+        [(
+            "private-history-chat".to_owned(),
+            "client-typing".to_owned(),
+            r#""hi""#.to_owned()
+        )]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn client_events_beyond_the_rate_close_with_4301() {
+    let config = WsConfig {
+        client_events_per_second: 2,
+        ..WsConfig::default()
+    };
+    let (_hub, mut client) = setup(&config);
+    client
+        .send(&subscribe_signed(&client, "private-a", None))
+        .await;
+    client.received();
+    assert_eq!(client.send(&client_event("private-a", "1")).await, None);
+    assert_eq!(client.send(&client_event("private-a", "2")).await, None);
+    let close = client.send(&client_event("private-a", "3")).await;
+    assert_eq!(
+        close,
+        Some((
+            close::CLIENT_EVENT_RATE_LIMIT,
+            "client event rate limit of 2 per second exceeded".to_owned()
+        ))
+    );
+    tokio::time::advance(Duration::from_millis(500)).await;
+    assert_eq!(client.send(&client_event("private-a", "4")).await, None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_history_join_confirms_with_its_status_then_replays_in_order() {
+    let hub = Hub::default().app("app_1");
+    let backend = Scripted {
+        replay: vec![
+            Frame::from_static(r#"{"event":"e","channel":"history-x","data":"1","offset":1}"#),
+            Frame::from_static(r#"{"event":"e","channel":"history-x","data":"2","offset":2}"#),
+        ],
+        ..Scripted::new()
+    };
+    let mut client = Client::open(&hub, "1.1", &WsConfig::default(), backend);
+    client.received();
+    client
+        .send(r#"{"event":"pusher:subscribe","data":{"channel":"history-x","epoch":"e1","offset":0}}"#)
+        .await;
+    let frames = client.received();
+    assert_eq!(frames.len(), 3, "{frames:?}");
+    assert_eq!(frames[0]["event"], "pusher_internal:subscription_succeeded");
+    assert_eq!(
+        frames[0]["data"]["history"],
+        json!({"epoch": "e1", "offset": 2, "recovered": true, "missed": 2})
+    );
+    assert_eq!(frames[1]["offset"], 1);
+    assert_eq!(frames[2]["offset"], 2);
+    assert!(hub.is_subscribed("history-x", "1.1"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn sign_in_needs_a_valid_signature_and_keeps_one_user() {
+    let (hub, mut client) = setup(&WsConfig::default());
+    let signin = |user_data: &str, secret: &str| {
+        let auth = format!(
+            "{KEY}:{}",
+            pusher::sign(secret, &format!("1.1::user::{user_data}"))
+        );
+        json!({"event": "pusher:signin", "data": {"auth": auth, "user_data": user_data}})
+            .to_string()
+    };
+    client.send(&signin(r#"{"id":"u1"}"#, "wrong")).await;
+    let refused = client.only();
+    assert_eq!(refused["event"], "pusher:error");
+    assert_eq!(refused["data"]["code"], close::UNAUTHORIZED);
+    client.send(&signin(r#"{"id":"u1"}"#, SECRET)).await;
+    let success = client.only();
+    assert_eq!(success["event"], "pusher:signin_success");
+    assert_eq!(success["data"]["user_data"], r#"{"id":"u1"}"#);
+    client.send(&signin(r#"{"id":"u2"}"#, SECRET)).await;
+    assert_eq!(
+        client.only()["data"]["message"],
+        "sign-in refused: the connection is signed in as another user"
+    );
+    client.send(&signin(r#"{"name":"no id"}"#, SECRET)).await;
+    assert_eq!(client.only()["data"]["code"], close::UNAUTHORIZED);
+    assert_eq!(hub.terminate_user("u1"), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn leaving_all_unsubscribes_every_channel_and_signs_out() {
+    let (hub, mut client) = setup(&WsConfig::default());
+    client.send(&subscribe("a")).await;
+    client
+        .send(&subscribe_signed(&client, "private-b", None))
+        .await;
+    client.received();
+    client.session.leave_all();
+    assert!(!hub.is_subscribed("a", "1.1"));
+    assert!(!hub.is_subscribed("private-b", "1.1"));
+    assert!(hub.channels("").is_empty());
+}
