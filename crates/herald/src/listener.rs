@@ -290,10 +290,14 @@ where
         if this.timed_out.load(Ordering::Relaxed) {
             return Poll::Ready(Some(Err(BodyTimedOut(this.timeout).into())));
         }
-        if !this.done {
-            if this.inner.is_end_stream() {
-                this.finish();
-            } else {
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None | Some(Err(_))) => this.finish(),
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.finish(),
+            Poll::Ready(_) => {}
+            // The timer starts the first time the body keeps the reader waiting: a body that
+            // came with its headers (nearly every one) never costs a timer.
+            Poll::Pending if !this.done => {
                 let timeout = this.timeout;
                 let deadline = this
                     .deadline
@@ -304,12 +308,7 @@ where
                     return Poll::Ready(Some(Err(BodyTimedOut(timeout).into())));
                 }
             }
-        }
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None | Some(Err(_))) => this.finish(),
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.finish(),
-            _ => {}
+            Poll::Pending => {}
         }
         polled.map(|frame| frame.map(|result| result.map_err(Into::into)))
     }
