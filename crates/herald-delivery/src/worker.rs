@@ -14,7 +14,7 @@ use herald_core::{
     signing::{self, signature_header},
 };
 use herald_store::{
-    AttemptRecord, ClaimRequest, DeliveryJob, EndpointChange, NextStep, Store, StoreError,
+    AttemptRecord, ClaimRequest, DeliveryJob, EndpointChange, NextStep, Recorded, Store, StoreError,
 };
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use tokio::sync::{Notify, Semaphore};
@@ -390,9 +390,18 @@ impl Dispatcher {
             record.attempt.msg_id.clone(),
             record.attempt.endpoint_id.clone(),
         );
-        if let Err(e) = self.store.record_attempt(record).await {
-            // The delivery is attempted again once its lease runs out.
-            tracing::error!(error = %e, %msg_id, %endpoint_id, "recording an attempt failed");
+        match self.store.record_attempt(record).await {
+            Ok(Recorded::Applied) => {}
+            Ok(Recorded::Stale) => {
+                // The lease ran out during the attempt and the delivery may have been claimed
+                // again: the attempt is logged, the newer claim decides the delivery's state.
+                tracing::warn!(%msg_id, %endpoint_id,
+                    "the attempt outlived its lease; logged without changing the delivery");
+            }
+            Err(e) => {
+                // The delivery is attempted again once its lease runs out.
+                tracing::error!(error = %e, %msg_id, %endpoint_id, "recording an attempt failed");
+            }
         }
         // The record may have scheduled a retry sooner than the dispatcher's next look.
         self.handle.wake();
@@ -508,6 +517,7 @@ impl Dispatcher {
             },
             next,
             endpoint_change,
+            lease: job.lease,
         }
     }
 }
@@ -621,6 +631,7 @@ mod tests {
             },
             attempts: 0,
             trigger: TriggerType::Scheduled,
+            lease: Default::default(),
         }
     }
 

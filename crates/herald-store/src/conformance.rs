@@ -21,8 +21,9 @@ use herald_core::{
 };
 
 use crate::{
-    AttemptQuery, AttemptRecord, AttemptScope, ClaimRequest, EndpointChange, HistoryQuery,
-    IngestRecorded, NextStep, OccupancyChange, Occupant, Page, Store, StoreError, TokenScope,
+    AttemptQuery, AttemptRecord, AttemptScope, ClaimRequest, ENDPOINT_CHANGED, EndpointChange,
+    HistoryQuery, IngestRecorded, LeaseToken, NextStep, OccupancyChange, Occupant, Page, Recorded,
+    Store, StoreError, TokenScope,
 };
 
 /// One check: a future over a fresh store.
@@ -45,6 +46,8 @@ checks!(
     a_claim_leaves_out_apps_at_their_share_and_looks_past_their_backlog,
     a_claim_leaves_out_endpoints_at_their_limit,
     a_recorded_attempt_is_logged_and_settles_the_delivery,
+    a_record_under_a_lapsed_lease_is_logged_but_leaves_the_newer_claims_state,
+    an_endpoint_update_read_before_the_workers_disable_conflicts,
     history_appends_advance_the_position_and_trim_to_the_retention,
     a_conflicting_publication_commits_no_history,
     a_repeated_delivery_id_is_recorded_once,
@@ -349,7 +352,9 @@ pub async fn endpoints_resolve_within_their_app(store: &dyn Store) {
     }
     assert_eq!(store.app_endpoints(&a.id).await.expect("read").len(), 1);
     ep.url = "https://example.org/hook".into();
-    store.update_endpoint(&ep).await.expect("update");
+    let read_at = ep.updated_at;
+    ep.updated_at += chrono::Duration::milliseconds(1);
+    store.update_endpoint(&ep, read_at).await.expect("update");
     let listed = store.app_endpoints(&a.id).await.expect("read");
     assert_eq!(
         listed.first().map(|e| e.url.as_str()),
@@ -532,14 +537,16 @@ pub async fn a_recorded_attempt_is_logged_and_settles_the_delivery(store: &dyn S
         trigger_type: TriggerType::Scheduled,
         created_at: now,
     };
-    store
+    let recorded = store
         .record_attempt(AttemptRecord {
             attempt: attempt.clone(),
             next: NextStep::Delivered,
             endpoint_change: EndpointChange::Unchanged,
+            lease: jobs[0].lease,
         })
         .await
         .expect("record");
+    assert_eq!(recorded, Recorded::Applied, "the claim's lease still holds");
     for scope in [
         AttemptScope::Message(msg.id.clone()),
         AttemptScope::Endpoint(ep.id.clone()),
@@ -566,6 +573,280 @@ pub async fn a_recorded_attempt_is_logged_and_settles_the_delivery(store: &dyn S
         "{deliveries:?}"
     );
     assert_eq!(store.next_due_at().await.expect("next due"), None);
+}
+
+/// A claim whose lease ran out and whose delivery was claimed again is fenced off: its late
+/// records are logged (the attempts happened) but change neither the delivery nor the
+/// endpoint, before or after the newer claim's record; the newer claim's record applies.
+pub async fn a_record_under_a_lapsed_lease_is_logged_but_leaves_the_newer_claims_state(
+    store: &dyn Store,
+) {
+    let app = stored_app(store, "A").await;
+    let ep = endpoint(&app.id);
+    store.create_endpoint(&ep).await.expect("endpoint");
+    let msg = message(&app.id, None);
+    store
+        .create_message(msg.clone(), vec![ep.id.clone()])
+        .await
+        .expect("message");
+    let now = Utc::now() + chrono::Duration::seconds(1);
+    let first = store
+        .claim_due(&claim(now, 10, HashMap::new(), 10, HashMap::new(), 100))
+        .await
+        .expect("first claim");
+    assert_eq!(first.len(), 1);
+    // The first claim's 60 s lease has run out by then: the delivery is claimable again.
+    let later = now + chrono::Duration::seconds(120);
+    let second = store
+        .claim_due(&claim(later, 10, HashMap::new(), 10, HashMap::new(), 100))
+        .await
+        .expect("second claim");
+    assert_eq!(
+        second.len(),
+        1,
+        "the lapsed lease no longer holds the delivery"
+    );
+    assert_ne!(
+        first[0].lease, second[0].lease,
+        "each claim has its own token"
+    );
+
+    let record = |lease: LeaseToken, at: DateTime<Utc>, next, endpoint_change| AttemptRecord {
+        attempt: Attempt {
+            id: id::new_id(id::ATTEMPT, at),
+            msg_id: msg.id.clone(),
+            endpoint_id: ep.id.clone(),
+            app_id: app.id.clone(),
+            url: ep.url.clone(),
+            status: if next == NextStep::Delivered {
+                DeliveryStatus::Success
+            } else {
+                DeliveryStatus::Fail
+            },
+            response_status_code: if next == NextStep::Delivered {
+                200
+            } else {
+                500
+            },
+            response: String::new(),
+            response_duration_ms: 5,
+            trigger_type: TriggerType::Scheduled,
+            created_at: at,
+        },
+        next,
+        endpoint_change,
+        lease,
+    };
+    let state = || async {
+        let deliveries = store
+            .list_message_deliveries(&app.id, &msg.id, &first_page(false))
+            .await
+            .expect("deliveries");
+        assert_eq!(deliveries.len(), 1);
+        deliveries[0].1
+    };
+
+    // The first claim's late result, before the newer claim's: nothing changes.
+    let stale = store
+        .record_attempt(record(
+            first[0].lease,
+            later,
+            NextStep::Delivered,
+            EndpointChange::Unchanged,
+        ))
+        .await
+        .expect("stale record");
+    assert_eq!(stale, Recorded::Stale);
+    assert_eq!(
+        state().await.status,
+        DeliveryStatus::Sending,
+        "still in flight under the newer claim, not delivered"
+    );
+
+    // The newer claim's result applies.
+    let retry_at = later + chrono::Duration::hours(1);
+    let applied = store
+        .record_attempt(record(
+            second[0].lease,
+            later,
+            NextStep::RetryAt(retry_at),
+            EndpointChange::StreakStarted { at: later },
+        ))
+        .await
+        .expect("current record");
+    assert_eq!(applied, Recorded::Applied);
+
+    // Another late result of the first claim, after it: still nothing changes.
+    let stale = store
+        .record_attempt(record(
+            first[0].lease,
+            later,
+            NextStep::Failed,
+            EndpointChange::Disable,
+        ))
+        .await
+        .expect("stale record");
+    assert_eq!(stale, Recorded::Stale);
+    let now_state = state().await;
+    assert_eq!(now_state.status, DeliveryStatus::Pending);
+    assert_eq!(
+        now_state.next_attempt.map(|at| at.timestamp_millis()),
+        Some(retry_at.timestamp_millis()),
+        "the newer claim's retry stands"
+    );
+    let stored = store
+        .get_endpoint(&app.id, &ep.id)
+        .await
+        .expect("read endpoint")
+        .expect("endpoint");
+    assert!(
+        !stored.disabled,
+        "a stale record does not disable the endpoint"
+    );
+    assert_eq!(
+        stored.failing_since.map(|at| at.timestamp_millis()),
+        Some(later.timestamp_millis())
+    );
+
+    let logged = store
+        .list_attempts(
+            &app.id,
+            &AttemptScope::Message(msg.id.clone()),
+            &AttemptQuery::default(),
+            &first_page(true),
+        )
+        .await
+        .expect("attempts");
+    assert_eq!(logged.len(), 3, "every attempt is logged, stale ones too");
+}
+
+/// An endpoint update is a compare-and-set on the `updated_at` it was read with: one prepared
+/// before the worker disabled the endpoint conflicts instead of re-enabling it, and one
+/// prepared before the worker started a failure streak keeps the streak. Read again, it goes in.
+pub async fn an_endpoint_update_read_before_the_workers_disable_conflicts(store: &dyn Store) {
+    let app = stored_app(store, "A").await;
+    let ep = endpoint(&app.id);
+    store.create_endpoint(&ep).await.expect("endpoint");
+    let read = store
+        .get_endpoint(&app.id, &ep.id)
+        .await
+        .expect("read")
+        .expect("endpoint");
+
+    // The worker records a failure that starts a streak, then one that disables the endpoint.
+    let msg = message(&app.id, None);
+    store
+        .create_message(msg.clone(), vec![ep.id.clone()])
+        .await
+        .expect("message");
+    let mut now = Utc::now() + chrono::Duration::seconds(1);
+    for (next, change) in [
+        (
+            NextStep::RetryAt(now),
+            EndpointChange::StreakStarted { at: now },
+        ),
+        (NextStep::Failed, EndpointChange::Disable),
+    ] {
+        let mut request = claim(now, 10, HashMap::new(), 10, HashMap::new(), 100);
+        request.first_attempts = next != NextStep::Failed;
+        let jobs = store.claim_due(&request).await.expect("claim");
+        assert_eq!(jobs.len(), 1);
+        let recorded = store
+            .record_attempt(AttemptRecord {
+                attempt: Attempt {
+                    id: id::new_id(id::ATTEMPT, now),
+                    msg_id: msg.id.clone(),
+                    endpoint_id: ep.id.clone(),
+                    app_id: app.id.clone(),
+                    url: ep.url.clone(),
+                    status: DeliveryStatus::Fail,
+                    response_status_code: 500,
+                    response: String::new(),
+                    response_duration_ms: 5,
+                    trigger_type: TriggerType::Scheduled,
+                    created_at: now,
+                },
+                next,
+                endpoint_change: change,
+                lease: jobs[0].lease,
+            })
+            .await
+            .expect("record");
+        assert_eq!(recorded, Recorded::Applied);
+        if change != EndpointChange::Disable {
+            // A streak alone leaves `updated_at`: an update read before it still goes in and
+            // keeps the streak.
+            let mut early = read.clone();
+            early.description = "renamed".into();
+            early.updated_at = read.updated_at + chrono::Duration::milliseconds(1);
+            store
+                .update_endpoint(&early, read.updated_at)
+                .await
+                .expect("update before any disable");
+            let stored = store
+                .get_endpoint(&app.id, &ep.id)
+                .await
+                .expect("read")
+                .expect("endpoint");
+            assert_eq!(
+                stored.failing_since.map(|at| at.timestamp_millis()),
+                Some(now.timestamp_millis()),
+                "the update keeps the worker's streak"
+            );
+        }
+        now += chrono::Duration::seconds(1);
+    }
+
+    // A PATCH of the description, prepared from the copy read before the disable.
+    let reread = store
+        .get_endpoint(&app.id, &ep.id)
+        .await
+        .expect("read")
+        .expect("endpoint");
+    assert!(reread.disabled);
+    let mut stale = read.clone();
+    stale.description = "renamed again".into();
+    stale.updated_at = now;
+    let refused = store.update_endpoint(&stale, read.updated_at).await;
+    assert!(
+        matches!(&refused, Err(StoreError::Conflict(why)) if why == ENDPOINT_CHANGED),
+        "{refused:?}"
+    );
+    let stored = store
+        .get_endpoint(&app.id, &ep.id)
+        .await
+        .expect("read")
+        .expect("endpoint");
+    assert!(stored.disabled, "the worker's disable stands");
+    assert_eq!(stored.description, "renamed");
+
+    // Read again, the same change goes in, and leaves the endpoint disabled.
+    let mut fresh = stored.clone();
+    fresh.description = "renamed again".into();
+    fresh.updated_at = now + chrono::Duration::seconds(1);
+    store
+        .update_endpoint(&fresh, stored.updated_at)
+        .await
+        .expect("update after reading again");
+    let stored = store
+        .get_endpoint(&app.id, &ep.id)
+        .await
+        .expect("read")
+        .expect("endpoint");
+    assert!(stored.disabled);
+    assert_eq!(stored.description, "renamed again");
+
+    // An update of an endpoint that is gone is `NotFound`, not a conflict.
+    assert!(
+        store
+            .delete_endpoint(&app.id, &ep.id)
+            .await
+            .expect("delete")
+    );
+    assert!(matches!(
+        store.update_endpoint(&fresh, fresh.updated_at).await,
+        Err(StoreError::NotFound)
+    ));
 }
 
 /// Appends advance the channel's position and trim it to its retention; concurrent appends to

@@ -48,6 +48,9 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// The `Conflict` of an [`EndpointStore::update_endpoint`] whose copy is out of date.
+pub const ENDPOINT_CHANGED: &str = "the endpoint changed meanwhile; read it again";
+
 /// A page request in Svix's style: the iterator is the last id of the previous page.
 #[derive(Debug, Clone)]
 pub struct Page {
@@ -137,6 +140,24 @@ pub struct DeliveryJob {
     /// Scheduled attempts already made.
     pub attempts: u32,
     pub trigger: TriggerType,
+    /// Names this claim; the attempt's record carries it back (see [`AttemptRecord::lease`]).
+    pub lease: LeaseToken,
+}
+
+/// Names one claim of a delivery. Every claim gets a new token, so once a lease has run out
+/// and the delivery was claimed again, the old claim's token no longer matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct LeaseToken(pub u64);
+
+/// What became of an attempt record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub enum Recorded {
+    /// The attempt is logged and the delivery (and endpoint) took its next state.
+    Applied,
+    /// The claim's lease had run out (the delivery may have been claimed again): the attempt
+    /// is logged, since it did happen, but the delivery and its endpoint are left as they are.
+    Stale,
 }
 
 /// A page of a channel's history: offsets strictly between `after` and `before`.
@@ -164,6 +185,9 @@ pub struct AttemptRecord {
     pub attempt: Attempt,
     pub next: NextStep,
     pub endpoint_change: EndpointChange,
+    /// The claim the attempt was made under ([`DeliveryJob::lease`]): the record changes the
+    /// delivery's state only while the delivery is still leased under it.
+    pub lease: LeaseToken,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -232,7 +256,13 @@ pub trait EndpointStore: Send + Sync + 'static {
     async fn create_endpoint(&self, endpoint: &Endpoint) -> Result<()>;
     async fn get_endpoint(&self, app_id: &str, id_or_uid: &str) -> Result<Option<Endpoint>>;
     async fn list_endpoints(&self, app_id: &str, page: &Page) -> Result<Vec<Endpoint>>;
-    async fn update_endpoint(&self, endpoint: &Endpoint) -> Result<()>;
+    /// Writes the endpoint, compare-and-set: only if its stored `updated_at` is still
+    /// `read_at`, the `updated_at` of the copy the caller changed; otherwise nothing is written
+    /// and the result is `Conflict` ([`ENDPOINT_CHANGED`]). Every write moves `updated_at` (the
+    /// worker's disable included), so an update prepared before the worker disabled the
+    /// endpoint cannot re-enable it. The failure streak (`failing_since`) is the worker's: the
+    /// stored one is kept, except that re-enabling a disabled endpoint clears it.
+    async fn update_endpoint(&self, endpoint: &Endpoint, read_at: DateTime<Utc>) -> Result<()>;
     async fn delete_endpoint(&self, app_id: &str, id: &str) -> Result<bool>;
     /// Every endpoint of the app, for matching a new message against the filters. Called for
     /// every new message, so implementations may serve it from a cache they keep exact.
@@ -286,7 +316,11 @@ pub trait MessageStore: Send + Sync + 'static {
     async fn claim_due(&self, request: &ClaimRequest) -> Result<Vec<DeliveryJob>>;
     /// When the earliest delivery that is not in flight falls due.
     async fn next_due_at(&self) -> Result<Option<DateTime<Utc>>>;
-    async fn record_attempt(&self, record: AttemptRecord) -> Result<()>;
+    /// Logs the attempt and, fenced by `record.lease`, moves the delivery to its next state and
+    /// applies the endpoint change: only while the delivery is still leased under that token
+    /// (a lease that has run out may count as gone). Otherwise the attempt is logged all the
+    /// same and [`Recorded::Stale`] returned. Releases the lease (only if it is still this one).
+    async fn record_attempt(&self, record: AttemptRecord) -> Result<Recorded>;
     /// Make every leased delivery due now: after a restart nothing can still be sending.
     /// Only for stores owned by a single node.
     async fn requeue_leased(&self, now: DateTime<Utc>) -> Result<u64>;

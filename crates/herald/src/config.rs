@@ -31,7 +31,7 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:6001";
 pub struct Config {
     /// Address for the HTTP API (and, later, WebSockets).
     pub listen: SocketAddr,
-    /// Directory of the embedded store.
+    /// Directory of the embedded store (SQLite), used while `store.url` is unset.
     pub data_dir: PathBuf,
     /// Development mode: private webhook targets allowed, demo app and token created.
     pub dev: bool,
@@ -45,11 +45,22 @@ pub struct Config {
     pub admin_token: Option<String>,
     /// Seconds in-flight requests and attempts get to finish after SIGTERM.
     pub shutdown_grace_secs: f64,
+    pub store: StoreSection,
     pub api: ApiSection,
     pub listener: ListenerSection,
     pub delivery: DeliverySection,
     pub ws: WsSection,
     pub history: HistorySection,
+}
+
+/// Where Herald keeps its state (see `store.rs`). Pool sizes will join this section with the
+/// PostgreSQL store (issue 11).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreSection {
+    /// `sqlite://DIR` (or `sqlite:DIR`). Unset: SQLite in `data_dir` (`--data`). When set, it
+    /// wins over `data_dir`.
+    pub url: Option<String>,
 }
 
 /// Channel history defaults (apps may set their own rules).
@@ -214,6 +225,7 @@ impl Default for Config {
             remove_dev_credentials: false,
             admin_token: None,
             shutdown_grace_secs: 10.0,
+            store: StoreSection::default(),
             api: ApiSection::default(),
             listener: ListenerSection::default(),
             delivery: DeliverySection::default(),
@@ -394,6 +406,7 @@ impl Config {
                 "--remove-dev-credentials removes what --dev creates; use one or the other".into(),
             ));
         }
+        self.store_config()?;
         let d = &self.delivery;
         let positive = [
             ("delivery.request_timeout_secs", d.request_timeout_secs),
@@ -511,6 +524,12 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The store to open: `store.url`, or SQLite in `data_dir` while it is unset.
+    pub fn store_config(&self) -> Result<crate::store::StoreConfig, ConfigError> {
+        crate::store::StoreConfig::from_url(self.store.url.as_deref(), &self.data_dir)
+            .map_err(ConfigError::Invalid)
     }
 
     pub fn listener_limits(&self) -> crate::listener::ListenerLimits {
@@ -677,6 +696,78 @@ mod tests {
             let err = Config::load(Some(Path::new("typo.toml")), &Overrides::default())
                 .expect_err("unknown key in the file");
             assert!(err.to_string().contains("listn"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn store_url_defaults_to_sqlite_in_data_dir_and_other_backends_are_refused() {
+        use crate::store::StoreConfig;
+        figment::Jail::expect_with(|jail| {
+            let load = |overrides: &Overrides| {
+                Config::load(None, overrides)
+                    .and_then(|c| c.store_config())
+                    .map_err(|e| e.to_string())
+            };
+            let data = Overrides {
+                data_dir: Some("from-flag".into()),
+                ..Overrides::default()
+            };
+            assert_eq!(
+                load(&Overrides::default())?,
+                StoreConfig::Sqlite {
+                    dir: "herald-data".into()
+                },
+                "unset: SQLite in the default data_dir"
+            );
+            assert_eq!(
+                load(&data)?,
+                StoreConfig::Sqlite {
+                    dir: "from-flag".into()
+                },
+                "--data still chooses the directory"
+            );
+
+            jail.set_env("HERALD_STORE__URL", "sqlite://from-env");
+            assert_eq!(
+                load(&data)?,
+                StoreConfig::Sqlite {
+                    dir: "from-env".into()
+                },
+                "store.url wins over data_dir"
+            );
+            jail.set_env("HERALD_STORE__URL", "sqlite:/abs/dir");
+            assert_eq!(
+                load(&Overrides::default())?,
+                StoreConfig::Sqlite {
+                    dir: "/abs/dir".into()
+                }
+            );
+
+            jail.set_env("HERALD_STORE__URL", "postgres://herald:pw@db/herald");
+            let err = load(&Overrides::default()).expect_err("postgres is refused");
+            assert!(
+                err.contains("postgres:// is not supported yet (issue 11)")
+                    && err.contains("sqlite")
+                    && !err.contains("pw@"),
+                "{err}"
+            );
+            jail.set_env("HERALD_STORE__URL", "sqlite://x");
+            jail.set_env("HERALD_STORE__POOL_SIZE", "4");
+            let err = load(&Overrides::default()).expect_err("no pool sizes yet");
+            assert!(err.contains("pool_size"), "{err}");
+
+            jail.clear_env();
+            jail.create_file("herald.toml", "[store]\nurl = \"sqlite:from-file\"\n")?;
+            let config = Config::load(Some(Path::new("herald.toml")), &Overrides::default())
+                .and_then(|c| c.store_config())
+                .map_err(|e| e.to_string())?;
+            assert_eq!(
+                config,
+                StoreConfig::Sqlite {
+                    dir: "from-file".into()
+                }
+            );
             Ok(())
         });
     }

@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod listener;
+pub mod store;
 
 use std::{sync::Arc, time::Duration};
 
@@ -18,7 +19,7 @@ use herald_core::{
     token,
 };
 use herald_delivery::{Dispatcher, WebhookClient};
-use herald_store::{Store, TokenScope, sqlite::SqliteStore};
+use herald_store::{Store, TokenScope};
 use herald_ws::{Hub, connection::WsState, history::History};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -40,19 +41,20 @@ pub async fn run(
     config: Config,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(&config.data_dir)
-            .await
-            .with_context(|| format!("opening the store in {}", config.data_dir.display()))?,
-    );
-    // The embedded store belongs to this process alone, so anything still leased was cut off
-    // by a crash or a hard stop: deliver it again (at least once).
-    let requeued = store.requeue_leased(Utc::now()).await?;
-    if requeued > 0 {
-        tracing::info!(
-            requeued,
-            "re-queued deliveries interrupted by the last stop"
-        );
+    let store_config = config.store_config()?;
+    let store::OpenedStore { store, properties } = store::open(&store_config).await?;
+    tracing::info!(backend = properties.backend, "store: {store_config}");
+    // A store owned by this process alone: anything still leased was cut off by a crash or a
+    // hard stop, so deliver it again (at least once). A shared store's leases may belong to
+    // live nodes; they expire instead.
+    if properties.single_node {
+        let requeued = store.requeue_leased(Utc::now()).await?;
+        if requeued > 0 {
+            tracing::info!(
+                requeued,
+                "re-queued deliveries interrupted by the last stop"
+            );
+        }
     }
     if config.dev {
         seed_dev(store.as_ref()).await?;

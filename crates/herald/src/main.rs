@@ -31,7 +31,8 @@ enum Command {
         /// Address to listen on [default: 127.0.0.1:6001].
         #[arg(long, value_name = "ADDR")]
         listen: Option<SocketAddr>,
-        /// Data directory of the embedded store [default: ./herald-data].
+        /// Data directory of the embedded store [default: ./herald-data]; store.url, when set,
+        /// wins.
         #[arg(long = "data", value_name = "DIR")]
         data_dir: Option<PathBuf>,
         /// Development mode: allow private webhook targets, create the demo app and token.
@@ -111,11 +112,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let mut banner = format!("herald listening on http://{addr}\n");
     if config.dev {
         banner.push_str(&format!(
-            "dev mode: data in {}, private webhook targets allowed\n\
+            "dev mode: {}, private webhook targets allowed\n\
              \x20 app uid:   {DEV_APP_UID}\n\
              \x20 API token: {DEV_API_TOKEN}   (curl -H 'Authorization: Bearer {DEV_API_TOKEN}' http://{addr}/api/v1/app)\n\
              \x20 Pusher:    app id {DEV_PUSHER_APP_ID}, key {DEV_PUSHER_KEY}, secret {DEV_PUSHER_SECRET}   (ws://{addr}/app/{DEV_PUSHER_KEY})\n",
-            config.data_dir.display()
+            config
+                .store_config()
+                .map_or_else(|e| e.to_string(), |s| s.to_string())
         ));
     }
     {

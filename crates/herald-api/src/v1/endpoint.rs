@@ -331,6 +331,7 @@ pub async fn upsert(
         state.store.create_endpoint(&endpoint).await?;
         return Ok((StatusCode::CREATED, Json(endpoint.into())));
     };
+    let read_at = endpoint.updated_at;
     if let Some(format) = validate_in(&input)? {
         endpoint.format = format;
     }
@@ -346,7 +347,7 @@ pub async fn upsert(
         endpoint.headers = headers;
     }
     endpoint.updated_at = crate::now();
-    state.store.update_endpoint(&endpoint).await?;
+    state.store.update_endpoint(&endpoint, read_at).await?;
     Ok((StatusCode::OK, Json(endpoint.into())))
 }
 
@@ -357,6 +358,7 @@ pub async fn patch(
     SvixJson(patch): SvixJson<EndpointPatch>,
 ) -> ApiResult<Json<EndpointOut>> {
     let mut endpoint = find(&state, &caller, &app_id, &endpoint_id).await?;
+    let read_at = endpoint.updated_at;
     let mut v = Validator::default();
     if let Some(url) = &patch.url {
         check_url(&mut v, url);
@@ -390,11 +392,11 @@ pub async fn patch(
         endpoint.throttle_rate = rate;
     }
     if let Some(disabled) = patch.disabled {
-        endpoint.disabled = disabled;
-        if !disabled {
-            // Re-enabling starts a fresh failure streak.
+        if endpoint.disabled && !disabled {
+            // Re-enabling starts a fresh failure streak (the store clears it too).
             endpoint.failing_since = None;
         }
+        endpoint.disabled = disabled;
     }
     if let Some(types) = patch.event_types {
         endpoint.event_types = non_empty(types);
@@ -406,7 +408,7 @@ pub async fn patch(
         endpoint.metadata = metadata;
     }
     endpoint.updated_at = crate::now();
-    state.store.update_endpoint(&endpoint).await?;
+    state.store.update_endpoint(&endpoint, read_at).await?;
     Ok(Json(endpoint.into()))
 }
 
@@ -467,6 +469,7 @@ pub async fn rotate_secret(
         ));
     }
     let mut endpoint = find(&state, &caller, &app_id, &endpoint_id).await?;
+    let read_at = endpoint.updated_at;
     let new_secret = match input.key {
         Some(key) => {
             EndpointSecret::parse(&key)
@@ -486,7 +489,7 @@ pub async fn rotate_secret(
             .push((old, now + Duration::seconds(grace)));
     }
     endpoint.updated_at = now;
-    state.store.update_endpoint(&endpoint).await?;
+    state.store.update_endpoint(&endpoint, read_at).await?;
     Ok(Json(EndpointSecretOut {
         key: endpoint.secret,
     }))
@@ -546,6 +549,7 @@ async fn change_headers(
     input: EndpointHeadersIn,
     replace: bool,
 ) -> ApiResult<StatusCode> {
+    let read_at = endpoint.updated_at;
     let mut v = Validator::default();
     check_headers(&mut v, &input.headers);
     v.finish()?;
@@ -557,7 +561,7 @@ async fn change_headers(
     }
     endpoint.headers.extend(input.headers);
     endpoint.updated_at = crate::now();
-    state.store.update_endpoint(&endpoint).await?;
+    state.store.update_endpoint(&endpoint, read_at).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

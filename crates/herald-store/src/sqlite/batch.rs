@@ -30,7 +30,12 @@ pub(crate) enum WriteOp {
         message: Message,
         endpoint_ids: Vec<String>,
     },
-    RecordAttempt(AttemptRecord),
+    /// Applied only if the delivery is still leased under the record's token when the batch
+    /// commits; otherwise only the attempt row goes in and the write reports [`STALE_LEASE`].
+    RecordAttempt {
+        record: AttemptRecord,
+        leases: super::leases::Leases,
+    },
     /// One channel history event; rides the group commit like messages do.
     AppendHistory {
         entry: Box<HistoryEntry>,
@@ -150,6 +155,9 @@ async fn apply_all(pool: &SqlitePool, batch: &[PendingWrite]) -> Result<Vec<Resu
 
 pub(crate) const MESSAGE_CONFLICT: &str = "a message with this eventId already exists";
 pub(crate) const INGEST_DUPLICATE: &str = "this delivery was already received";
+/// The outcome of an attempt record whose lease had run out: the attempt row is committed, the
+/// delivery's state is not (`record_attempt` turns this into `Recorded::Stale`).
+pub(crate) const STALE_LEASE: &str = "the delivery's lease ran out before the record committed";
 
 /// The delivery's status and due time after an attempt.
 pub(crate) fn next_state(next: NextStep) -> (DeliveryStatus, Option<i64>) {
@@ -178,9 +186,14 @@ pub(crate) async fn endpoint_change(
         .bind(endpoint_id)
         .bind(millis(at)),
         EndpointChange::Disable => {
-            sqlx::query("UPDATE endpoints SET disabled = 1, updated_at = $2 WHERE id = $1")
-                .bind(endpoint_id)
-                .bind(now)
+            // `updated_at` must move, even within the millisecond of the last update: an API
+            // update prepared before this one compares it (`update_endpoint`).
+            sqlx::query(
+                "UPDATE endpoints SET disabled = 1, updated_at = MAX(updated_at + 1, $2)
+                 WHERE id = $1",
+            )
+            .bind(endpoint_id)
+            .bind(now)
         }
     };
     update.execute(&mut *conn).await?;

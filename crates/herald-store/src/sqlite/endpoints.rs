@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use chrono::{DateTime, Utc};
 use herald_core::model::{DeliveryStatus, Endpoint, EndpointStats};
 use sqlx::{QueryBuilder, Row};
 
@@ -10,7 +11,7 @@ use super::{
     SqliteStore, paginate,
     rows::{self, conflict_as, millis, opt_json, to_json},
 };
-use crate::{EndpointStore, Page, Result, StoreError};
+use crate::{ENDPOINT_CHANGED, EndpointStore, Page, Result, StoreError};
 
 #[async_trait::async_trait]
 impl EndpointStore for SqliteStore {
@@ -71,13 +72,15 @@ impl EndpointStore for SqliteStore {
             .collect()
     }
 
-    async fn update_endpoint(&self, ep: &Endpoint) -> Result<()> {
+    async fn update_endpoint(&self, ep: &Endpoint, read_at: DateTime<Utc>) -> Result<()> {
+        // `failing_since` is the worker's; `$14` is only whether the update re-enables.
         let done = sqlx::query(
             "UPDATE endpoints SET uid = $3, url = $4, description = $5, throttle_rate = $6,
+                    failing_since = CASE WHEN disabled = 1 AND $7 = 0 THEN NULL
+                                         ELSE failing_since END,
                     disabled = $7, event_types = $8, channels = $9, metadata = $10, headers = $11,
-                    secret = $12, previous_secrets = $13, failing_since = $14, updated_at = $15,
-                    format = $16
-             WHERE id = $1 AND app_id = $2",
+                    secret = $12, previous_secrets = $13, updated_at = $14, format = $15
+             WHERE id = $1 AND app_id = $2 AND updated_at = $16",
         )
         .bind(&ep.id)
         .bind(&ep.app_id)
@@ -92,15 +95,25 @@ impl EndpointStore for SqliteStore {
         .bind(to_json(&ep.headers))
         .bind(&ep.secret)
         .bind(rows::previous_secrets_json(ep))
-        .bind(ep.failing_since.map(millis))
         .bind(millis(ep.updated_at))
         .bind(ep.format.as_str())
+        .bind(millis(read_at))
         .execute(&self.writer)
         .await
         .map_err(conflict_as("an endpoint with this uid already exists"))?;
         self.cache.invalidate();
         if done.rows_affected() == 0 {
-            return Err(StoreError::NotFound);
+            let exists = sqlx::query("SELECT 1 FROM endpoints WHERE id = $1 AND app_id = $2")
+                .bind(&ep.id)
+                .bind(&ep.app_id)
+                .fetch_optional(&self.writer)
+                .await?
+                .is_some();
+            return Err(if exists {
+                StoreError::Conflict(ENDPOINT_CHANGED.to_owned())
+            } else {
+                StoreError::NotFound
+            });
         }
         Ok(())
     }

@@ -5,44 +5,73 @@
 //! rows' unchanged `pending` state see to that). Keeping leases here makes a claim a pure read,
 //! which matters because SQLite has a single writer and claims happen every time an attempt
 //! finishes. A store shared by several nodes must keep its leases in the database instead.
+//!
+//! Every claim gets a new [`LeaseToken`]; the group commit asks [`Leases::holds`] whether an
+//! attempt record's token is still the delivery's lease before it applies the record's state.
+//! A lease that has run out is dropped at the next claim, so its late record is stale.
 
-use std::{collections::HashMap, sync::Mutex};
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
 
 use chrono::{DateTime, Utc};
 
-use crate::DeliveryJob;
+use crate::{DeliveryJob, LeaseToken};
 
 /// A delivery's key: (msg_id, endpoint_id).
 pub(crate) type DeliveryKey = (String, String);
 
-/// The delivery's rowid (what claims exclude) and when the lease runs out.
-type Lease = (i64, DateTime<Utc>);
+/// The delivery's rowid (what claims exclude), when the lease runs out, and its token.
+type Lease = (i64, DateTime<Utc>, LeaseToken);
 
-#[derive(Default)]
+/// Shared (cheap to clone) so the group commit can check a record's lease at commit time.
+#[derive(Default, Clone)]
 pub(crate) struct Leases {
-    held: Mutex<HashMap<DeliveryKey, Lease>>,
+    held: Arc<Mutex<HashMap<DeliveryKey, Lease>>>,
+    last_token: Arc<AtomicU64>,
 }
 
 impl Leases {
     /// Rowids of deliveries under an unexpired lease, to exclude from a claim.
     pub(crate) fn held(&self, now: DateTime<Utc>) -> Vec<i64> {
         let mut held = self.lock();
-        held.retain(|_, (_, until)| *until > now);
-        held.values().map(|(rowid, _)| *rowid).collect()
+        held.retain(|_, (_, until, _)| *until > now);
+        held.values().map(|(rowid, _, _)| *rowid).collect()
     }
 
+    /// A token no claim of this store has had.
+    pub(crate) fn new_token(&self) -> LeaseToken {
+        LeaseToken(self.last_token.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+
+    /// Leases each job's delivery under the job's token, replacing any earlier lease.
     pub(crate) fn take(&self, jobs: &[DeliveryJob], rowids: &[i64], until: DateTime<Utc>) {
         let mut held = self.lock();
         for (job, rowid) in jobs.iter().zip(rowids) {
             held.insert(
                 (job.msg_id.clone(), job.endpoint.id.clone()),
-                (*rowid, until),
+                (*rowid, until, job.lease),
             );
         }
     }
 
-    pub(crate) fn release(&self, key: &DeliveryKey) {
-        self.lock().remove(key);
+    /// Whether the delivery is still leased under `token`.
+    pub(crate) fn holds(&self, key: &DeliveryKey, token: LeaseToken) -> bool {
+        self.lock()
+            .get(key)
+            .is_some_and(|(_, _, held)| *held == token)
+    }
+
+    /// Ends the lease if it is still the one named by `token` (a later claim's lease stays).
+    pub(crate) fn release(&self, key: &DeliveryKey, token: LeaseToken) {
+        let mut held = self.lock();
+        if held.get(key).is_some_and(|(_, _, held)| *held == token) {
+            held.remove(key);
+        }
     }
 
     pub(crate) fn count_for(&self, endpoint_id: &str) -> i64 {

@@ -14,11 +14,14 @@ use sqlx::{QueryBuilder, Row};
 
 use super::{
     SqliteStore,
-    batch::WriteOp,
+    batch::{STALE_LEASE, WriteOp},
     paginate,
     rows::{self, millis, to_json},
 };
-use crate::{AttemptRecord, ClaimRequest, DeliveryJob, MessageQuery, MessageStore, Page, Result};
+use crate::{
+    AttemptRecord, ClaimRequest, DeliveryJob, MessageQuery, MessageStore, Page, Recorded, Result,
+    StoreError,
+};
 
 #[async_trait::async_trait]
 impl MessageStore for SqliteStore {
@@ -224,6 +227,7 @@ impl MessageStore for SqliteStore {
                     endpoint,
                     attempts: u32::try_from(row.try_get::<i64, _>("attempts")?).unwrap_or(u32::MAX),
                     trigger: TriggerType::from_code(row.try_get("trigger_type")?),
+                    lease: self.leases.new_token(),
                 });
             }
             // Look again only if rows of endpoints or apps that filled up took candidate places
@@ -263,21 +267,37 @@ impl MessageStore for SqliteStore {
             .transpose()
     }
 
-    async fn record_attempt(&self, record: AttemptRecord) -> Result<()> {
+    async fn record_attempt(&self, record: AttemptRecord) -> Result<Recorded> {
         let changes_endpoint = record.endpoint_change == crate::EndpointChange::Disable;
         let key = (
             record.attempt.msg_id.clone(),
             record.attempt.endpoint_id.clone(),
         );
-        let result = self.submit(WriteOp::RecordAttempt(record)).await;
+        let token = record.lease;
+        // The group commit checks the lease when it applies the record (inside the
+        // transaction), not here: the lease may run out while the record waits for its commit.
+        let result = self
+            .submit(WriteOp::RecordAttempt {
+                record,
+                leases: self.leases.clone(),
+            })
+            .await;
         // Released after the commit: the delivery's new state is visible before it is
         // claimable again. On failure too, so the attempt is retried rather than stranded.
-        self.leases.release(&key);
+        // Only this claim's lease: a later claim's stays.
+        self.leases.release(&key, token);
+        let recorded = match result {
+            Ok(()) => Recorded::Applied,
+            Err(StoreError::Conflict(reason)) if reason == STALE_LEASE => {
+                return Ok(Recorded::Stale);
+            }
+            Err(e) => return Err(e),
+        };
         if changes_endpoint {
             // Only disabling changes what message fan-out sees.
             self.cache.invalidate();
         }
-        result
+        Ok(recorded)
     }
 
     async fn requeue_leased(&self, now: DateTime<Utc>) -> Result<u64> {

@@ -373,3 +373,71 @@ async fn a_kill_never_leaves_a_message_without_its_history_entries() {
         "every stored message is in both channels' history, and nothing else is"
     );
 }
+
+/// `store.url` chooses the store: `sqlite://DIR` serves from DIR (over `--data`), and a backend
+/// that does not exist yet stops the start with a message that names the ones that do.
+#[tokio::test]
+async fn store_url_chooses_the_sqlite_directory_and_other_backends_are_refused() {
+    let dir = tempfile::tempdir().expect("dir");
+    let flag_data = dir.path().join("from-flag");
+    let url_data = dir.path().join("from-url");
+    let url = format!("sqlite://{}", url_data.display());
+
+    let mut by_url = spawn_herald_env(&flag_data, &[], &[("HERALD_STORE__URL", &url)]).await;
+    let (status, app) = by_url
+        .api
+        .call(
+            Method::POST,
+            "/api/v1/app",
+            Some(json!({"name": "Chosen by url", "uid": "by-url"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{app}");
+    terminate(&mut by_url.child).await;
+    assert!(
+        url_data.join(herald_store::sqlite::DB_FILE).exists(),
+        "the database is in the url's directory"
+    );
+    assert!(
+        !flag_data.exists(),
+        "--data is not used when store.url is set"
+    );
+
+    // The same directory through --data alone holds the same app.
+    let mut by_flag = spawn_herald(&url_data).await;
+    let (status, app) = by_flag
+        .api
+        .call(Method::GET, "/api/v1/app/by-url", None)
+        .await;
+    assert_eq!(status, 200, "{app}");
+    terminate(&mut by_flag.child).await;
+
+    let output = tokio::time::timeout(
+        PATIENCE,
+        Command::new(env!("CARGO_BIN_EXE_herald"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .arg(&flag_data)
+            .env(
+                "HERALD_STORE__URL",
+                "postgres://herald:secret@localhost/herald",
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("herald should exit by itself")
+    .expect("run herald");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("postgres:// is not supported yet (issue 11)") && stderr.contains("sqlite"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("secret@"),
+        "the URL's password is not echoed: {stderr}"
+    );
+    assert!(!flag_data.exists(), "nothing was created");
+}

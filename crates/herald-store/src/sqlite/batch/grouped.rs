@@ -16,7 +16,8 @@ use serde_json::json;
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 
 use super::{
-    INGEST_DUPLICATE, MESSAGE_CONFLICT, PendingWrite, WriteOp, endpoint_change, next_state,
+    INGEST_DUPLICATE, MESSAGE_CONFLICT, PendingWrite, STALE_LEASE, WriteOp, endpoint_change,
+    next_state,
 };
 use crate::{
     AttemptRecord, OccupancyChange, Occupant, Result, StoreError,
@@ -43,7 +44,19 @@ pub(super) async fn apply(
                 message,
                 endpoint_ids,
             } => messages.push((i, message, endpoint_ids.as_slice())),
-            WriteOp::RecordAttempt(record) => attempts.push(record),
+            WriteOp::RecordAttempt { record, leases } => {
+                let key = (
+                    record.attempt.msg_id.clone(),
+                    record.attempt.endpoint_id.clone(),
+                );
+                // Checked here, in the transaction that commits the record: a claim made after
+                // this point reads the delivery before or after the record, never half of it.
+                let current = leases.holds(&key, record.lease);
+                if !current {
+                    outcomes[i] = Err(StoreError::Conflict(STALE_LEASE.to_owned()));
+                }
+                attempts.push((record, current));
+            }
             WriteOp::AppendHistory { entry, retention } => {
                 histories.push((i, &**entry, *retention));
             }
@@ -310,13 +323,18 @@ async fn append_histories(
     Ok(())
 }
 
-async fn record_attempts(conn: &mut SqliteConnection, records: &[&AttemptRecord]) -> Result<()> {
+/// Logs every attempt; moves to its next state only the deliveries of records whose lease is
+/// `current`, and applies only their endpoint changes.
+async fn record_attempts(
+    conn: &mut SqliteConnection,
+    records: &[(&AttemptRecord, bool)],
+) -> Result<()> {
     for chunk in records.chunks(ROWS_PER_STATEMENT) {
         let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
             "INSERT INTO attempts (id, msg_id, endpoint_id, app_id, url, status, response_status_code,
                                    response, response_duration_ms, trigger_type, created_at) ",
         );
-        q.push_values(chunk, |mut row, record| {
+        q.push_values(chunk, |mut row, (record, _)| {
             let a = &record.attempt;
             row.push_bind(&a.id)
                 .push_bind(&a.msg_id)
@@ -334,7 +352,15 @@ async fn record_attempts(conn: &mut SqliteConnection, records: &[&AttemptRecord]
     }
 
     // Every delivery's new state in one statement, from a JSON table of updates.
-    let updates: Vec<_> = records
+    let current: Vec<&AttemptRecord> = records
+        .iter()
+        .filter(|(_, current)| *current)
+        .map(|(record, _)| *record)
+        .collect();
+    if current.is_empty() {
+        return Ok(());
+    }
+    let updates: Vec<_> = current
         .iter()
         .map(|record| {
             let a = &record.attempt;
@@ -363,7 +389,7 @@ async fn record_attempts(conn: &mut SqliteConnection, records: &[&AttemptRecord]
     .await?;
 
     // Changes to an endpoint's failure streak are rare; write them one by one.
-    for record in records {
+    for record in current {
         endpoint_change(
             conn,
             &record.attempt.endpoint_id,
