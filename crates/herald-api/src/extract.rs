@@ -10,7 +10,7 @@ use axum::{
 use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
 
-use crate::error::{ApiError, ApiResult};
+use crate::error::{ApiError, ApiResult, ValidationItem};
 
 /// A JSON body. Malformed JSON is a 400 that quotes the parser; JSON of the wrong shape is a 422
 /// naming the field; an oversized body is a 413. The content type is not insisted on.
@@ -45,11 +45,36 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
 fn json_error(e: &serde_json::Error) -> ApiError {
     use serde_json::error::Category;
     match e.classify() {
-        Category::Data => ApiError::invalid(&["body"], e.to_string()),
+        Category::Data => match unknown_field(e) {
+            Some(field) => ApiError::Validation(vec![ValidationItem {
+                loc: vec!["body".to_owned(), field.to_owned()],
+                msg: format!("extra fields not permitted: {}", without_position(e)),
+                kind: "value_error.extra".to_owned(),
+            }]),
+            None => ApiError::invalid(&["body"], e.to_string()),
+        },
         Category::Syntax | Category::Eof | Category::Io => ApiError::bad_request(
             "invalid_json",
             format!("request body is not valid JSON: {e}"),
         ),
+    }
+}
+
+/// The field a `deny_unknown_fields` type refused, read from serde's message
+/// ("unknown field `name`, expected one of ...").
+fn unknown_field(e: &serde_json::Error) -> Option<String> {
+    let message = e.to_string();
+    let rest = message.strip_prefix("unknown field `")?;
+    let end = rest.find('`')?;
+    Some(rest[..end].to_owned())
+}
+
+/// serde's message without its " at line L column C" suffix.
+fn without_position(e: &serde_json::Error) -> String {
+    let message = e.to_string();
+    match message.rfind(" at line ") {
+        Some(at) => message[..at].to_owned(),
+        None => message,
     }
 }
 

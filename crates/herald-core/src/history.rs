@@ -11,9 +11,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use rand::RngCore;
 
-/// Which channels keep history (a `*` glob over the name) and how much.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
+/// Which channels keep history (a `*` glob over the name) and how much. A domain value: the
+/// API, the store and the config each read and write it through their own types.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HistoryRule {
     pub pattern: String,
     /// Events kept per channel at most.

@@ -51,6 +51,7 @@ checks!(
     history_appends_advance_the_position_and_trim_to_the_retention,
     a_conflicting_publication_commits_no_history,
     a_repeated_delivery_id_is_recorded_once,
+    history_rules_and_hmac_settings_round_trip,
     idempotency_purge_keeps_at_most_the_newest_records,
     occupancy_changes_collapse_to_the_last,
 );
@@ -1019,6 +1020,77 @@ pub async fn a_repeated_delivery_id_is_recorded_once(store: &dyn Store) {
         .await
         .expect("read");
     assert_eq!(found.map(|e| e.delivery_id), Some("evt_1".into()));
+}
+
+/// An app's history rules and a source's hmac settings, which the store keeps as JSON in its
+/// own row shapes, read back as they were written, through creation and updates.
+pub async fn history_rules_and_hmac_settings_round_trip(store: &dyn Store) {
+    use herald_core::{
+        history::HistoryRule,
+        ingest::{Encoding, HmacScheme, SourceKind},
+    };
+    async fn read(store: &dyn Store, id: &str) -> Option<Vec<HistoryRule>> {
+        let app = store.get_app(id).await.expect("read");
+        app.expect("the app").history
+    }
+    async fn read_hmac(store: &dyn Store, app_id: &str, id: &str) -> Option<HmacScheme> {
+        let source = store.get_source(app_id, id).await.expect("read");
+        source.expect("the source").hmac
+    }
+    let rule = |pattern: &str, max_events, max_age_secs| HistoryRule {
+        pattern: pattern.into(),
+        max_events,
+        max_age_secs,
+    };
+    let mut app = app("A");
+    app.history = Some(vec![rule("chat-*", 500, 86_400), rule("*", 1, 1)]);
+    store.create_app(&app).await.expect("create app");
+    assert_eq!(read(store, &app.id).await, app.history);
+    for history in [
+        Some(vec![]),
+        Some(vec![rule("a*b", 100_000, 2_592_000)]),
+        None,
+    ] {
+        app.history = history;
+        store.update_app(&app).await.expect("update app");
+        assert_eq!(read(store, &app.id).await, app.history);
+    }
+
+    let now = Utc::now();
+    let mut source = IngestSource {
+        id: id::new_id(id::SOURCE, now),
+        app_id: app.id.clone(),
+        uid: None,
+        name: "generic".into(),
+        kind: SourceKind::HmacSha256,
+        secrets: vec!["s".into()],
+        hmac: Some(HmacScheme {
+            header: "X-Sig".into(),
+            encoding: Encoding::Base64,
+            prefix: "sha256=".into(),
+            id_header: Some("X-Id".into()),
+        }),
+        tolerance_secs: 300,
+        event_type: vec![],
+        channels: vec![],
+        default_channel: None,
+        trust_unsigned_headers: true,
+        created_at: now,
+        updated_at: now,
+    };
+    store.create_source(&source).await.expect("source");
+    assert_eq!(read_hmac(store, &app.id, &source.id).await, source.hmac);
+    let plain = HmacScheme {
+        header: "X-Signature".into(),
+        encoding: Encoding::Hex,
+        prefix: String::new(),
+        id_header: None,
+    };
+    for hmac in [Some(plain), None] {
+        source.hmac = hmac;
+        store.update_source(&source).await.expect("update source");
+        assert_eq!(read_hmac(store, &app.id, &source.id).await, source.hmac);
+    }
 }
 
 /// Idempotency records are purged by age, then beyond a number of rows, then beyond a number

@@ -68,7 +68,7 @@ pub struct StoreSection {
 #[serde(default, deny_unknown_fields)]
 pub struct HistorySection {
     /// Which channels keep history, for apps that set no rules; the first match wins.
-    pub rules: Vec<herald_core::history::HistoryRule>,
+    pub rules: Vec<HistoryRuleConfig>,
     /// Events one resubscription may replay.
     pub max_replay: u64,
     /// Seconds between SSE keep-alive comments.
@@ -79,9 +79,42 @@ impl Default for HistorySection {
     fn default() -> Self {
         let d = herald_ws::history::HistoryConfig::default();
         Self {
-            rules: d.default_rules,
+            rules: d
+                .default_rules
+                .into_iter()
+                .map(HistoryRuleConfig::from)
+                .collect(),
             max_replay: d.max_replay,
             sse_keepalive_secs: 15,
+        }
+    }
+}
+
+/// One `[[history.rules]]` entry: `pattern`, `maxEvents`, `maxAgeSecs` (the API's names).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HistoryRuleConfig {
+    pub pattern: String,
+    pub max_events: u32,
+    pub max_age_secs: u64,
+}
+
+impl From<herald_core::history::HistoryRule> for HistoryRuleConfig {
+    fn from(r: herald_core::history::HistoryRule) -> Self {
+        Self {
+            pattern: r.pattern,
+            max_events: r.max_events,
+            max_age_secs: r.max_age_secs,
+        }
+    }
+}
+
+impl From<&HistoryRuleConfig> for herald_core::history::HistoryRule {
+    fn from(r: &HistoryRuleConfig) -> Self {
+        Self {
+            pattern: r.pattern.clone(),
+            max_events: r.max_events,
+            max_age_secs: r.max_age_secs,
         }
     }
 }
@@ -515,7 +548,7 @@ impl Config {
             )));
         }
         for rule in &self.history.rules {
-            herald_core::history::validate_rule(rule)
+            herald_core::history::validate_rule(&rule.into())
                 .map_err(|e| ConfigError::Invalid(format!("history.rules: {e}")))?;
         }
         if self.admin_token.as_deref().is_some_and(|t| t.len() < 16) {
@@ -582,7 +615,7 @@ impl Config {
 
     pub fn history_config(&self) -> herald_ws::history::HistoryConfig {
         herald_ws::history::HistoryConfig {
-            default_rules: self.history.rules.clone(),
+            default_rules: self.history.rules.iter().map(Into::into).collect(),
             max_replay: self.history.max_replay,
         }
     }
@@ -882,6 +915,46 @@ mod tests {
                 ..Overrides::default()
             };
             Config::load(None, &loopback_v6).map_err(|e| e.to_string())?;
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn history_rules_are_read_by_their_names_and_unknown_fields_are_refused() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "rules.toml",
+                r#"
+                [[history.rules]]
+                pattern = "chat-*"
+                maxEvents = 50
+                maxAgeSecs = 600
+                "#,
+            )?;
+            let config = Config::load(Some(Path::new("rules.toml")), &Overrides::default())
+                .map_err(|e| e.to_string())?;
+            let rules = config.history_config().default_rules;
+            assert_eq!(
+                rules,
+                [herald_core::history::HistoryRule {
+                    pattern: "chat-*".into(),
+                    max_events: 50,
+                    max_age_secs: 600,
+                }]
+            );
+            jail.create_file(
+                "typo.toml",
+                r#"
+                [[history.rules]]
+                pattern = "chat-*"
+                maxEvents = 50
+                maxAgeSecs = 600
+                maxBytes = 1
+                "#,
+            )?;
+            let err = Config::load(Some(Path::new("typo.toml")), &Overrides::default())
+                .expect_err("unknown field in a history rule");
+            assert!(err.to_string().contains("maxBytes"), "{err}");
             Ok(())
         });
     }

@@ -22,8 +22,9 @@ use crate::{
     pagination::{self, ListResponse},
 };
 
+/// Svix's `ApplicationIn` plus `history`; any other field is a 422 naming it.
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ApplicationIn {
     pub name: String,
     #[serde(default)]
@@ -32,14 +33,17 @@ pub struct ApplicationIn {
     pub throttle_rate: Option<i64>,
     #[serde(default)]
     pub metadata: Option<Metadata>,
+    /// Svix's deprecated name for `throttleRate`; accepted and ignored (see the README).
+    #[serde(default, rename = "rateLimit")]
+    pub _rate_limit: Option<i64>,
     /// Herald's extension: which channels keep history (`None`: the server's defaults). An
     /// update that leaves it out keeps it, as Svix SDKs do not know the field.
     #[serde(default)]
-    pub history: Option<Vec<HistoryRule>>,
+    pub history: Option<Vec<super::wire::HistoryRuleWire>>,
 }
 
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ApplicationPatch {
     #[serde(default)]
     name: Option<String>,
@@ -50,7 +54,7 @@ pub struct ApplicationPatch {
     #[serde(default)]
     metadata: Option<Metadata>,
     #[serde(default, deserialize_with = "super::double_option")]
-    history: Option<Option<Vec<HistoryRule>>>,
+    history: Option<Option<Vec<super::wire::HistoryRuleWire>>>,
 }
 
 #[derive(Serialize)]
@@ -65,7 +69,7 @@ pub struct ApplicationOut {
     /// Credentials for Pusher-protocol clients and server SDKs (ignored by the Svix SDKs).
     pusher: PusherOut,
     #[serde(skip_serializing_if = "Option::is_none")]
-    history: Option<Vec<HistoryRule>>,
+    history: Option<Vec<super::wire::HistoryRuleWire>>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
 }
@@ -101,7 +105,7 @@ impl From<App> for ApplicationOut {
                 key: app.pusher.key,
                 secret: app.pusher.secret,
             },
-            history: app.history,
+            history: app.history.map(super::wire::history_out),
             created_at: app.created_at,
             updated_at: app.updated_at,
         }
@@ -125,13 +129,16 @@ fn validate_in(input: &ApplicationIn) -> ApiResult<()> {
     v.finish()
 }
 
-fn check_history(v: &mut Validator, rules: Option<&[HistoryRule]>) {
+fn check_history(v: &mut Validator, rules: Option<&[super::wire::HistoryRuleWire]>) {
     let Some(rules) = rules else { return };
     if rules.len() > 20 {
         v.check(&["body", "history"], Err("at most 20 history rules"));
     }
     for rule in rules {
-        v.check(&["body", "history"], history::validate_rule(rule));
+        v.check(
+            &["body", "history"],
+            history::validate_rule(&HistoryRule::from(rule)),
+        );
     }
 }
 
@@ -146,7 +153,7 @@ pub(crate) async fn create_app(state: &ApiState, input: ApplicationIn) -> ApiRes
         throttle_rate: input.throttle_rate,
         metadata: input.metadata.unwrap_or_default(),
         pusher: PusherCredentials::generate(),
-        history: input.history,
+        history: input.history.map(super::wire::history_in),
         created_at: now,
         updated_at: now,
     };
@@ -240,7 +247,7 @@ pub async fn upsert(
             app.throttle_rate = input.throttle_rate;
             app.metadata = input.metadata.unwrap_or_default();
             if input.history.is_some() {
-                app.history = input.history;
+                app.history = input.history.map(super::wire::history_in);
             }
             app.updated_at = crate::now();
             state.store.update_app(&app).await?;
@@ -282,14 +289,15 @@ pub async fn patch(
         app.metadata = metadata;
     }
     if let Some(history) = patch.history {
-        app.history = history;
+        app.history = history.map(super::wire::history_in);
     }
     validate_in(&ApplicationIn {
         name: app.name.clone(),
         uid: app.uid.clone(),
         throttle_rate: None,
         metadata: None,
-        history: app.history.clone(),
+        _rate_limit: None,
+        history: app.history.clone().map(super::wire::history_out),
     })?;
     app.updated_at = crate::now();
     state.store.update_app(&app).await?;

@@ -43,8 +43,10 @@ const RESERVED_HEADERS: &[&str] = &[
     "connection",
 ];
 
+/// Svix's `EndpointIn` (also `EndpointUpdate` and `EndpointUpsertIn`, its subsets) plus
+/// `format`; any other field is a 422 naming it.
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EndpointIn {
     url: String,
     #[serde(default)]
@@ -70,10 +72,16 @@ pub struct EndpointIn {
     metadata: Option<Metadata>,
     #[serde(default)]
     headers: Option<BTreeMap<String, String>>,
+    /// Svix's deprecated name for `throttleRate`; accepted and ignored (see the README).
+    #[serde(default, rename = "rateLimit")]
+    _rate_limit: Option<i64>,
+    /// Svix's endpoint version; accepted and ignored (see the README).
+    #[serde(default, rename = "version")]
+    _version: Option<i64>,
 }
 
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EndpointPatch {
     #[serde(default)]
     url: Option<String>,
@@ -442,7 +450,7 @@ pub async fn get_secret(
 }
 
 #[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SecretRotateIn {
     #[serde(default)]
     key: Option<String>,
@@ -501,8 +509,10 @@ pub struct EndpointHeadersOut {
     sensitive: Vec<String>,
 }
 
+/// Svix's `EndpointHeadersIn` (PUT) and `EndpointHeadersPatchIn` (PATCH, which adds
+/// `deleteHeaders`).
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EndpointHeadersIn {
     headers: BTreeMap<String, String>,
     #[serde(default)]
@@ -566,6 +576,7 @@ async fn change_headers(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RecoverIn {
     since: DateTime<Utc>,
     #[serde(default)]

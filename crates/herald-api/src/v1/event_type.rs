@@ -19,7 +19,7 @@ use crate::{
 };
 
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EventTypeIn {
     name: String,
     description: String,
@@ -36,7 +36,7 @@ pub struct EventTypeIn {
 }
 
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EventTypeUpdate {
     description: String,
     #[serde(default)]
@@ -52,7 +52,7 @@ pub struct EventTypeUpdate {
 }
 
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EventTypePatch {
     #[serde(default)]
     description: Option<String>,
@@ -66,6 +66,9 @@ pub struct EventTypePatch {
     group_name: Option<Option<String>>,
     #[serde(default, deserialize_with = "super::double_option")]
     feature_flags: Option<Option<Vec<String>>>,
+    /// Svix's deprecated single `featureFlag`; accepted and ignored (see the README).
+    #[serde(default, rename = "featureFlag")]
+    _feature_flag: Option<String>,
 }
 
 #[derive(Serialize)]

@@ -27,8 +27,9 @@ use crate::{
 
 const MAX_CHANNELS: usize = 5;
 
+/// Svix's `MessageIn`; any other field is a 422 naming it.
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MessageIn {
     #[serde(default)]
     event_id: Option<String>,
@@ -42,6 +43,17 @@ pub struct MessageIn {
     /// Svix's "create the application if it does not exist yet".
     #[serde(default)]
     application: Option<ApplicationIn>,
+    // In Svix's schema; accepted and ignored (see the README): messages are kept until the
+    // operator's retention expunges them and are not transformed. `deliverAt` is refused when
+    // it is in the future (no scheduling yet): a scheduled message must never go out early.
+    #[serde(default, rename = "payloadRetentionPeriod")]
+    _payload_retention_period: Option<i64>,
+    #[serde(default, rename = "payloadRetentionHours")]
+    _payload_retention_hours: Option<i64>,
+    #[serde(default, rename = "transformationsParams")]
+    _transformations_params: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default, rename = "deliverAt")]
+    deliver_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 #[derive(Serialize)]
@@ -90,6 +102,14 @@ fn validate_in(input: &MessageIn) -> ApiResult<()> {
     );
     if let Some(event_id) = &input.event_id {
         v.check(&["body", "eventId"], validate::uid(event_id));
+    }
+    if let Some(at) = input.deliver_at
+        && at > crate::now()
+    {
+        v.check(
+            &["body", "deliverAt"],
+            Err("scheduled delivery is not supported yet: omit deliverAt (or give a time not in the future) to deliver at once"),
+        );
     }
     v.check(
         &["body", "payload"],

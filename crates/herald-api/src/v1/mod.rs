@@ -6,6 +6,7 @@ mod endpoint;
 mod event_type;
 mod message;
 mod source;
+mod wire;
 
 pub(crate) use source::header_list;
 

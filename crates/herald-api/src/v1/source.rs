@@ -16,6 +16,8 @@ use herald_core::{
 };
 use serde::{Deserialize, Serialize};
 
+use super::wire::HmacSchemeWire;
+
 use crate::{
     ApiState,
     auth::Caller,
@@ -38,7 +40,7 @@ pub struct SourceIn {
     #[serde(default)]
     uid: Option<String>,
     #[serde(default)]
-    hmac: Option<HmacScheme>,
+    hmac: Option<HmacSchemeWire>,
     #[serde(default)]
     tolerance_secs: Option<i64>,
     #[serde(default)]
@@ -62,7 +64,7 @@ pub struct SourcePatch {
     #[serde(default, deserialize_with = "super::double_option")]
     uid: Option<Option<String>>,
     #[serde(default)]
-    hmac: Option<HmacScheme>,
+    hmac: Option<HmacSchemeWire>,
     #[serde(default)]
     tolerance_secs: Option<i64>,
     #[serde(default)]
@@ -87,7 +89,7 @@ pub struct SourceOut {
     ingest_path: String,
     secret_count: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
-    hmac: Option<HmacScheme>,
+    hmac: Option<HmacSchemeWire>,
     tolerance_secs: i64,
     /// The templates in use (the kind's defaults unless set).
     event_type: Vec<String>,
@@ -116,7 +118,7 @@ impl From<IngestSource> for SourceOut {
             name: s.name,
             kind: s.kind.as_str(),
             secret_count: s.secrets.len(),
-            hmac: s.hmac,
+            hmac: s.hmac.map(HmacSchemeWire::from),
             tolerance_secs: s.tolerance_secs,
             event_type,
             channels: s.channels,
@@ -294,7 +296,8 @@ fn new_source(app_id: &str, input: SourceIn) -> ApiResult<IngestSource> {
     let kind = kind.unwrap_or(SourceKind::HmacSha256);
     check_secrets(&mut v, kind, &input.secrets);
     let trust = input.trust_unsigned_headers;
-    check_hmac(&mut v, kind, input.hmac.as_ref(), trust);
+    let hmac = input.hmac.map(HmacScheme::from);
+    check_hmac(&mut v, kind, hmac.as_ref(), trust);
     check_templates(
         &mut v,
         "eventType",
@@ -322,7 +325,7 @@ fn new_source(app_id: &str, input: SourceIn) -> ApiResult<IngestSource> {
         name: input.name.unwrap_or_default(),
         kind,
         secrets: input.secrets,
-        hmac: input.hmac,
+        hmac,
         tolerance_secs: input
             .tolerance_secs
             .unwrap_or(ingest::DEFAULT_TOLERANCE_SECS),
@@ -399,15 +402,16 @@ pub async fn patch(
     if let Some(secrets) = &patch.secrets {
         check_secrets(&mut v, source.kind, secrets);
     }
+    let hmac = patch.hmac.map(HmacScheme::from);
     // Checked against the source as it will be: new settings, or new trust, or both.
     let trust = patch
         .trust_unsigned_headers
         .unwrap_or(source.trust_unsigned_headers);
-    if patch.hmac.is_some() || patch.trust_unsigned_headers.is_some() {
+    if hmac.is_some() || patch.trust_unsigned_headers.is_some() {
         check_hmac(
             &mut v,
             source.kind,
-            patch.hmac.as_ref().or(source.hmac.as_ref()),
+            hmac.as_ref().or(source.hmac.as_ref()),
             trust,
         );
     }
@@ -431,7 +435,7 @@ pub async fn patch(
     if let Some(uid) = patch.uid {
         source.uid = uid;
     }
-    if let Some(hmac) = patch.hmac {
+    if let Some(hmac) = hmac {
         source.hmac = Some(hmac);
     }
     if let Some(t) = patch.tolerance_secs {

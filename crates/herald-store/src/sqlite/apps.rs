@@ -6,7 +6,7 @@ use sqlx::{QueryBuilder, Row};
 
 use super::{
     SqliteStore, paginate,
-    rows::{self, conflict_as, millis, opt_json, to_json},
+    rows::{self, conflict_as, millis, to_json},
 };
 use crate::{AppStore, Page, Result, StoreError, TokenScope};
 
@@ -28,7 +28,7 @@ impl AppStore for SqliteStore {
         .bind(app.pusher.app_id)
         .bind(&app.pusher.key)
         .bind(&app.pusher.secret)
-        .bind(opt_json(&app.history))
+        .bind(rows::history_rules_json(app.history.as_deref()))
         .execute(&self.writer)
         .await
         .map_err(conflict_as(
@@ -97,7 +97,7 @@ impl AppStore for SqliteStore {
         .bind(app.throttle_rate)
         .bind(to_json(&app.metadata))
         .bind(millis(app.updated_at))
-        .bind(opt_json(&app.history))
+        .bind(rows::history_rules_json(app.history.as_deref()))
         .execute(&self.writer)
         .await
         .map_err(conflict_as("an application with this uid already exists"))?;

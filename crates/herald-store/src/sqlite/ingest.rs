@@ -11,7 +11,7 @@ use super::{
     SqliteStore,
     batch::WriteOp,
     paginate,
-    rows::{self, conflict_as, millis, opt_json, to_json},
+    rows::{self, conflict_as, millis, to_json},
 };
 use crate::{IngestRecorded, IngestStore, Page, Result, StoreError};
 
@@ -30,7 +30,7 @@ impl IngestStore for SqliteStore {
         .bind(&source.name)
         .bind(source.kind.as_str())
         .bind(to_json(&source.secrets))
-        .bind(opt_json(&source.hmac))
+        .bind(rows::hmac_json(source.hmac.as_ref()))
         .bind(source.tolerance_secs)
         .bind(to_json(&source.event_type))
         .bind(to_json(&source.channels))
@@ -91,7 +91,7 @@ impl IngestStore for SqliteStore {
         .bind(&source.name)
         .bind(source.kind.as_str())
         .bind(to_json(&source.secrets))
-        .bind(opt_json(&source.hmac))
+        .bind(rows::hmac_json(source.hmac.as_ref()))
         .bind(source.tolerance_secs)
         .bind(to_json(&source.event_type))
         .bind(to_json(&source.channels))

@@ -4,12 +4,14 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use herald_core::{
-    ingest::SourceKind,
+    history::HistoryRule,
+    ingest::{Encoding, HmacScheme, SourceKind},
     model::{
         App, Attempt, DeliveryStatus, Endpoint, EndpointFormat, EventType, IngestEvent,
         IngestSource, Message, Metadata, PusherCredentials, TriggerType,
     },
 };
+use serde::{Deserialize, Serialize};
 use sqlx::{Row, sqlite::SqliteRow};
 
 use crate::{Result, StoreError};
@@ -43,6 +45,93 @@ fn opt_from_json<T: serde::de::DeserializeOwned>(
     text.map(|t| from_json(column, &t)).transpose()
 }
 
+/// `apps.history_rules`: a JSON array of `{pattern, maxEvents, maxAgeSecs}`.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct HistoryRuleRow {
+    pattern: String,
+    max_events: u32,
+    max_age_secs: u64,
+}
+
+impl From<HistoryRuleRow> for HistoryRule {
+    fn from(r: HistoryRuleRow) -> Self {
+        Self {
+            pattern: r.pattern,
+            max_events: r.max_events,
+            max_age_secs: r.max_age_secs,
+        }
+    }
+}
+
+/// An app's history rules as the `history_rules` column holds them.
+pub(crate) fn history_rules_json(rules: Option<&[HistoryRule]>) -> Option<String> {
+    rules.map(|rules| {
+        let rows: Vec<HistoryRuleRow> = rules
+            .iter()
+            .map(|r| HistoryRuleRow {
+                pattern: r.pattern.clone(),
+                max_events: r.max_events,
+                max_age_secs: r.max_age_secs,
+            })
+            .collect();
+        to_json(&rows)
+    })
+}
+
+/// `ingest_sources.hmac`: `{header, encoding, prefix, idHeader}`. Rows written before the
+/// id header was renamed on the wire hold `id_header` (possibly `null`); both are read.
+#[derive(Serialize, Deserialize)]
+struct HmacRow {
+    header: String,
+    encoding: EncodingRow,
+    #[serde(default)]
+    prefix: String,
+    #[serde(
+        default,
+        rename = "idHeader",
+        alias = "id_header",
+        skip_serializing_if = "Option::is_none"
+    )]
+    id_header: Option<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum EncodingRow {
+    Hex,
+    Base64,
+}
+
+impl From<HmacRow> for HmacScheme {
+    fn from(h: HmacRow) -> Self {
+        Self {
+            header: h.header,
+            encoding: match h.encoding {
+                EncodingRow::Hex => Encoding::Hex,
+                EncodingRow::Base64 => Encoding::Base64,
+            },
+            prefix: h.prefix,
+            id_header: h.id_header,
+        }
+    }
+}
+
+/// A source's hmac settings as the `hmac` column holds them.
+pub(crate) fn hmac_json(hmac: Option<&HmacScheme>) -> Option<String> {
+    hmac.map(|h| {
+        to_json(&HmacRow {
+            header: h.header.clone(),
+            encoding: match h.encoding {
+                Encoding::Hex => EncodingRow::Hex,
+                Encoding::Base64 => EncodingRow::Base64,
+            },
+            prefix: h.prefix.clone(),
+            id_header: h.id_header.clone(),
+        })
+    })
+}
+
 pub(crate) fn app(row: &SqliteRow) -> Result<App> {
     Ok(App {
         id: row.try_get("id")?,
@@ -65,7 +154,11 @@ pub(crate) fn app(row: &SqliteRow) -> Result<App> {
                 _ => None,
             },
         },
-        history: opt_from_json("history_rules", row.try_get("history_rules")?)?,
+        history: opt_from_json::<Vec<HistoryRuleRow>>(
+            "history_rules",
+            row.try_get("history_rules")?,
+        )?
+        .map(|rules| rules.into_iter().map(HistoryRule::from).collect()),
         created_at: time(row.try_get("created_at")?)?,
         updated_at: time(row.try_get("updated_at")?)?,
     })
@@ -189,7 +282,7 @@ pub(crate) fn ingest_source(row: &SqliteRow) -> Result<IngestSource> {
         kind: SourceKind::parse(&kind)
             .ok_or_else(|| StoreError::Corrupt(format!("unknown source kind {kind:?}")))?,
         secrets: from_json("secrets", row.try_get("secrets")?)?,
-        hmac: opt_from_json("hmac", row.try_get("hmac")?)?,
+        hmac: opt_from_json::<HmacRow>("hmac", row.try_get("hmac")?)?.map(HmacScheme::from),
         tolerance_secs: row.try_get("tolerance_secs")?,
         event_type: from_json("event_type", row.try_get("event_type")?)?,
         channels: from_json("channels", row.try_get("channels")?)?,
@@ -229,4 +322,38 @@ pub(crate) fn history_entry(row: &SqliteRow) -> Result<herald_core::history::His
         user_id: row.try_get("user_id")?,
         created_at: time(row.try_get("created_at")?)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hmac_rows_read_both_stored_forms_and_write_the_current_one() {
+        let current = r#"{"header":"X-Sig","encoding":"hex","prefix":"","idHeader":"X-Id"}"#;
+        let old = r#"{"header":"X-Sig","encoding":"hex","prefix":"","id_header":"X-Id"}"#;
+        let old_unset = r#"{"header":"X-Sig","encoding":"base64","prefix":"p=","id_header":null}"#;
+        let read = |text: &str| HmacScheme::from(from_json::<HmacRow>("hmac", text).expect(text));
+        assert_eq!(read(current), read(old));
+        assert_eq!(read(old).id_header.as_deref(), Some("X-Id"));
+        let unset = read(old_unset);
+        assert_eq!((unset.encoding, unset.id_header), (Encoding::Base64, None));
+        assert_eq!(hmac_json(Some(&read(old))).as_deref(), Some(current));
+        assert_eq!(
+            hmac_json(Some(&read(old_unset))).as_deref(),
+            Some(r#"{"header":"X-Sig","encoding":"base64","prefix":"p="}"#)
+        );
+    }
+
+    #[test]
+    fn history_rules_are_stored_as_the_api_showed_them() {
+        let stored = r#"[{"pattern":"chat-*","maxEvents":500,"maxAgeSecs":86400}]"#;
+        let rules: Vec<HistoryRule> = from_json::<Vec<HistoryRuleRow>>("history_rules", stored)
+            .expect("read")
+            .into_iter()
+            .map(HistoryRule::from)
+            .collect();
+        assert_eq!(rules[0].max_age_secs, 86_400);
+        assert_eq!(history_rules_json(Some(&rules)).as_deref(), Some(stored));
+    }
 }

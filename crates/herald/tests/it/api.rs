@@ -912,3 +912,235 @@ async fn api_paths_with_one_trailing_slash_are_served_as_without_it() {
     assert_eq!(body["detail"], "no route for GET /api/v1/app//");
     server.stop().await;
 }
+
+/// Asserts a 422 in Svix's validation shape whose one item names `field` in the body.
+fn assert_refuses_field(status: u16, body: &Value, field: &str) {
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["detail"][0]["loc"], json!(["body", field]), "{body}");
+    assert_eq!(body["detail"][0]["type"], "value_error.extra", "{body}");
+    assert!(
+        body["detail"][0]["msg"]
+            .as_str()
+            .unwrap_or("")
+            .contains(field),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn a_misspelt_field_on_any_svix_input_is_refused_with_a_422_naming_it() {
+    let server = TestServer::start().await;
+    let app = server.create_app("typos").await;
+    let ep = server
+        .create_endpoint(&app, json!({"url": "https://example.com/hook"}))
+        .await;
+    let ep = ep["id"].as_str().expect("id").to_owned();
+    let cases: Vec<(Method, String, Value, &str)> = vec![
+        (
+            Method::POST,
+            "/api/v1/app".into(),
+            json!({"name": "a", "throtleRate": 5}),
+            "throtleRate",
+        ),
+        (
+            Method::PUT,
+            format!("/api/v1/app/{app}"),
+            json!({"name": "a", "metdata": {}}),
+            "metdata",
+        ),
+        (
+            Method::PATCH,
+            format!("/api/v1/app/{app}"),
+            json!({"nmae": "b"}),
+            "nmae",
+        ),
+        (
+            Method::POST,
+            format!("/api/v1/app/{app}/endpoint"),
+            json!({"url": "https://example.com/a", "evenTypes": ["x"]}),
+            "evenTypes",
+        ),
+        (
+            Method::PUT,
+            format!("/api/v1/app/{app}/endpoint/{ep}"),
+            json!({"url": "https://example.com/a", "disable": true}),
+            "disable",
+        ),
+        (
+            Method::PATCH,
+            format!("/api/v1/app/{app}/endpoint/{ep}"),
+            json!({"chanels": ["a"]}),
+            "chanels",
+        ),
+        (
+            Method::POST,
+            format!("/api/v1/app/{app}/endpoint/{ep}/secret/rotate"),
+            json!({"keyy": null}),
+            "keyy",
+        ),
+        (
+            Method::PUT,
+            format!("/api/v1/app/{app}/endpoint/{ep}/headers"),
+            json!({"headers": {}, "header": {"X-A": "1"}}),
+            "header",
+        ),
+        (
+            Method::PATCH,
+            format!("/api/v1/app/{app}/endpoint/{ep}/headers"),
+            json!({"headers": {}, "deletedHeaders": ["X-A"]}),
+            "deletedHeaders",
+        ),
+        (
+            Method::POST,
+            format!("/api/v1/app/{app}/endpoint/{ep}/recover"),
+            json!({"since": "2024-01-01T00:00:00Z", "untill": null}),
+            "untill",
+        ),
+        (
+            Method::POST,
+            format!("/api/v1/app/{app}/msg"),
+            json!({"eventType": "a.b", "payload": {}, "chanels": ["c"]}),
+            "chanels",
+        ),
+        (
+            Method::POST,
+            "/api/v1/app/typos-new/msg".into(),
+            json!({"eventType": "a.b", "payload": {}, "application": {"name": "n", "uuid": "x"}}),
+            "uuid",
+        ),
+        (
+            Method::POST,
+            "/api/v1/event-type".into(),
+            json!({"name": "a.b", "description": "d", "schema": {}}),
+            "schema",
+        ),
+        (
+            Method::PUT,
+            "/api/v1/event-type/a.b".into(),
+            json!({"description": "d", "archive": true}),
+            "archive",
+        ),
+        (
+            Method::PATCH,
+            "/api/v1/event-type/a.b".into(),
+            json!({"groupname": "g"}),
+            "groupname",
+        ),
+    ];
+    for (method, path, body, field) in cases {
+        let (status, answer) = server.call(method.clone(), &path, Some(body)).await;
+        assert!(status == 422, "{method} {path}: {status} {answer}");
+        assert_refuses_field(status, &answer, field);
+    }
+    // Nothing was created by the refused requests.
+    let (status, _) = server
+        .call(Method::GET, "/api/v1/app/typos-new", None)
+        .await;
+    assert_eq!(status, 404);
+    let (status, _) = server
+        .call(Method::GET, "/api/v1/event-type/a.b", None)
+        .await;
+    assert_eq!(status, 404);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn fields_svix_defines_are_accepted_even_null_or_ignored_by_herald() {
+    let server = TestServer::start().await;
+    // Every optional field of Svix's schema, null, as SDKs that send unset fields do.
+    let (status, app) = server
+        .call(
+            Method::POST,
+            "/api/v1/app",
+            Some(json!({"name": "known", "uid": null, "throttleRate": null, "metadata": null, "rateLimit": null})),
+        )
+        .await;
+    assert_eq!(status, 201, "{app}");
+    let app = app["id"].as_str().expect("id").to_owned();
+    // Fields Herald does not act on are accepted with values.
+    let (status, body) = server
+        .call(
+            Method::PUT,
+            &format!("/api/v1/app/{app}"),
+            Some(json!({"name": "known", "rateLimit": 10})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, ep) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/app/{app}/endpoint"),
+            Some(json!({
+                "url": "https://example.com/hook", "description": null, "throttleRate": null,
+                "uid": null, "disabled": null, "filterTypes": null, "channels": null,
+                "secret": null, "metadata": null, "headers": null, "rateLimit": 5, "version": 1,
+                "format": null
+            })),
+        )
+        .await;
+    assert_eq!(status, 201, "{ep}");
+    let ep = ep["id"].as_str().expect("id").to_owned();
+    let (status, body) = server
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/app/{app}/endpoint/{ep}"),
+            Some(json!({"description": "d", "throttleRate": null, "uid": null, "eventTypes": null, "channels": null})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/app/{app}/endpoint/{ep}/secret/rotate"),
+            Some(json!({"key": null, "gracePeriodSeconds": null})),
+        )
+        .await;
+    assert!(status < 300, "{status} {body}");
+    let (status, body) = server
+        .call(
+            Method::POST,
+            "/api/v1/event-type",
+            Some(json!({"name": "known.event", "description": "d", "archived": null, "deprecated": null,
+                        "schemas": null, "groupName": null, "featureFlags": null})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = server
+        .call(
+            Method::PATCH,
+            "/api/v1/event-type/known.event",
+            Some(json!({"featureFlag": "beta"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/app/{app}/msg"),
+            Some(json!({
+                "eventType": "known.event", "payload": {"a": 1}, "eventId": null, "channels": null,
+                "tags": null, "application": null, "transformationsParams": {"x": 1},
+                "deliverAt": "2020-01-01T00:00:00Z", "payloadRetentionPeriod": 30,
+                "payloadRetentionHours": null
+            })),
+        )
+        .await;
+    assert!(status == 201 || status == 202, "{status} {body}");
+    assert_eq!(body["payload"], json!({"a": 1}), "{body}");
+    // A future deliverAt would need scheduling, which does not exist yet: refused, never sent
+    // early.
+    let (status, refused) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/app/{app}/msg"),
+            Some(json!({"eventType": "known.event", "payload": {}, "deliverAt": "2999-01-01T00:00:00Z"})),
+        )
+        .await;
+    assert_eq!(status, 422, "{refused}");
+    assert_eq!(
+        refused["detail"][0]["loc"],
+        json!(["body", "deliverAt"]),
+        "{refused}"
+    );
+    server.stop().await;
+}

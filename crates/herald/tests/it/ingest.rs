@@ -776,3 +776,74 @@ async fn an_hmac_sources_id_header_deduplicates_when_the_source_trusts_it() {
     );
     server.stop().await;
 }
+
+/// Issue 10, wire formats at the edge: a source's `hmac` settings and an app's history rules
+/// are Herald's own input shapes, so a field they do not know is refused with a 422 that names
+/// it (on create and on update), rather than dropped; known fields keep their shapes.
+#[tokio::test]
+async fn unknown_fields_in_hmac_settings_and_history_rules_are_refused_by_name() {
+    let server = TestServer::start().await;
+    let (app, _) = pusher_app(&server, "wire-edge").await;
+    let refused = |status: u16, body: &Value, field: &str| {
+        assert_eq!(status, 422, "{body}");
+        assert!(body.to_string().contains(field), "{field} named: {body}");
+    };
+
+    let hmac = json!({"header": "X-Sig", "encoding": "hex", "algorithm": "sha1"});
+    let (status, body) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/app/{app}/ingest/source"),
+            Some(json!({"kind": "hmac-sha256", "secrets": ["s"], "hmac": hmac})),
+        )
+        .await;
+    refused(status, &body, "algorithm");
+    let src = source(
+        &server,
+        &app,
+        json!({"kind": "hmac-sha256", "secrets": ["s"], "hmac": {"header": "X-Sig", "encoding": "base64", "prefix": "sha256="}}),
+    )
+    .await;
+    assert_eq!(
+        src["hmac"],
+        json!({"header": "X-Sig", "encoding": "base64", "prefix": "sha256="}),
+        "{src}"
+    );
+    let id = src["id"].as_str().expect("id");
+    let (status, body) = server
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/app/{app}/ingest/source/{id}"),
+            Some(json!({"hmac": {"header": "X-Sig", "encoding": "hex", "idHeadr": "X-Id"}})),
+        )
+        .await;
+    refused(status, &body, "idHeadr");
+
+    let rule = json!({"pattern": "chat-*", "maxEvents": 10, "maxAgeSecs": 60, "maxBytes": 5});
+    let (status, body) = server
+        .call(
+            Method::POST,
+            "/api/v1/app",
+            Some(json!({"name": "rules", "history": [rule]})),
+        )
+        .await;
+    refused(status, &body, "maxBytes");
+    let (status, body) = server
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/app/{app}"),
+            Some(json!({"history": [rule]})),
+        )
+        .await;
+    refused(status, &body, "maxBytes");
+    let rules = json!([{"pattern": "chat-*", "maxEvents": 10, "maxAgeSecs": 60}]);
+    let (status, body) = server
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/app/{app}"),
+            Some(json!({"history": rules})),
+        )
+        .await;
+    assert_eq!((status, &body["history"]), (200, &rules), "{body}");
+    server.stop().await;
+}

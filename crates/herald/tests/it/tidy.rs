@@ -103,3 +103,62 @@ fn migrations_are_numbered_without_gaps_or_repeats() {
         "migrations run in number order; a gap or repeat is a mistake"
     );
 }
+
+/// "Wire formats live at the edge": herald-core's types carry no serde derives and the crate
+/// does not depend on serde (serde_json's `Value` is data it inspects, not a wire type), so a
+/// JSON column, an API body and a config file cannot silently share one shape.
+#[test]
+fn the_domain_crate_derives_no_wire_formats() {
+    const WHERE: &str = "wire types belong at the edge: herald-api (src/v1/wire.rs and the \
+        resource modules), the store's private row types (herald-store/src/sqlite/rows.rs) or \
+        the config (crates/herald/src/config.rs), each converting to and from the domain type";
+    let deps = dependencies(&root().join("crates/herald-core/Cargo.toml"));
+    assert!(!deps.is_empty(), "the manifest was read");
+    assert!(
+        !deps.iter().any(|d| d == "serde"),
+        "herald-core depends on serde; {WHERE}"
+    );
+    let mut files = Vec::new();
+    rust_files(&root().join("crates/herald-core/src"), &mut files);
+    assert!(!files.is_empty(), "herald-core's sources were found");
+    let mut offenders = Vec::new();
+    for file in &files {
+        let text = std::fs::read_to_string(file).expect("read a source file");
+        let name = file
+            .strip_prefix(root())
+            .unwrap_or(file)
+            .display()
+            .to_string();
+        for (n, line) in text.lines().enumerate() {
+            if [
+                "serde::Serialize",
+                "serde::Deserialize",
+                "use serde::",
+                "#[serde(",
+            ]
+            .iter()
+            .any(|p| line.contains(p))
+            {
+                offenders.push(format!("{name}:{}: {}", n + 1, line.trim()));
+            }
+        }
+        // Derives, which may span lines: `#[derive(` up to its `)]`.
+        let mut rest = text.as_str();
+        while let Some(start) = rest.find("#[derive(") {
+            let after = &rest[start..];
+            let end = after.find(")]").map_or(after.len(), |e| e + 2);
+            let derive = &after[..end];
+            if derive.contains("Serialize") || derive.contains("Deserialize") {
+                let line = text.len() - rest.len() + start;
+                let n = text[..line].lines().count() + 1;
+                offenders.push(format!("{name}:{n}: {}", derive.replace('\n', " ")));
+            }
+            rest = &after[end..];
+        }
+    }
+    assert!(
+        offenders.is_empty(),
+        "herald-core's domain types must not derive or use serde; {WHERE}:\n{}",
+        offenders.join("\n")
+    );
+}

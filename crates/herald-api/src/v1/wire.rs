@@ -1,0 +1,95 @@
+//! Wire types shared by several resources, for domain values that herald-core keeps free of
+//! serde: each converts explicitly to and from its domain type, and, being Herald's own input
+//! shapes, refuses unknown fields (a 422 that names the field).
+
+use herald_core::{
+    history::HistoryRule,
+    ingest::{Encoding, HmacScheme},
+};
+use serde::{Deserialize, Serialize};
+
+/// A channel history rule: `{pattern, maxEvents, maxAgeSecs}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HistoryRuleWire {
+    pattern: String,
+    max_events: u32,
+    max_age_secs: u64,
+}
+
+impl From<&HistoryRuleWire> for HistoryRule {
+    fn from(rule: &HistoryRuleWire) -> Self {
+        Self {
+            pattern: rule.pattern.clone(),
+            max_events: rule.max_events,
+            max_age_secs: rule.max_age_secs,
+        }
+    }
+}
+
+impl From<HistoryRule> for HistoryRuleWire {
+    fn from(rule: HistoryRule) -> Self {
+        Self {
+            pattern: rule.pattern,
+            max_events: rule.max_events,
+            max_age_secs: rule.max_age_secs,
+        }
+    }
+}
+
+/// Rules as received, as domain values.
+pub fn history_in(rules: Vec<HistoryRuleWire>) -> Vec<HistoryRule> {
+    rules.iter().map(HistoryRule::from).collect()
+}
+
+/// Domain rules as the API shows them.
+pub fn history_out(rules: Vec<HistoryRule>) -> Vec<HistoryRuleWire> {
+    rules.into_iter().map(HistoryRuleWire::from).collect()
+}
+
+/// An `hmac-sha256` source's settings: `{header, encoding, prefix, idHeader}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HmacSchemeWire {
+    header: String,
+    encoding: EncodingWire,
+    #[serde(default)]
+    prefix: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    id_header: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum EncodingWire {
+    Hex,
+    Base64,
+}
+
+impl From<HmacSchemeWire> for HmacScheme {
+    fn from(h: HmacSchemeWire) -> Self {
+        Self {
+            header: h.header,
+            encoding: match h.encoding {
+                EncodingWire::Hex => Encoding::Hex,
+                EncodingWire::Base64 => Encoding::Base64,
+            },
+            prefix: h.prefix,
+            id_header: h.id_header,
+        }
+    }
+}
+
+impl From<HmacScheme> for HmacSchemeWire {
+    fn from(h: HmacScheme) -> Self {
+        Self {
+            header: h.header,
+            encoding: match h.encoding {
+                Encoding::Hex => EncodingWire::Hex,
+                Encoding::Base64 => EncodingWire::Base64,
+            },
+            prefix: h.prefix,
+            id_header: h.id_header,
+        }
+    }
+}
