@@ -8,7 +8,6 @@
 //! the delivery worker's job, woken through [`DispatcherHandle`].
 
 mod auth;
-pub mod channel_webhooks;
 mod error;
 mod extract;
 mod idempotency;
@@ -27,10 +26,10 @@ use axum::{
     http::{Method, Uri},
     middleware,
 };
+use herald_channels::{Hub, history::History};
 use herald_core::token::TokenHash;
 use herald_delivery::DispatcherHandle;
 use herald_store::Store;
-use herald_ws::{Hub, history::History};
 use tokio_util::sync::CancellationToken;
 
 pub use error::ApiError;

@@ -16,7 +16,7 @@
 //! may read the stream (no cookies are involved).
 //!
 //! A stream is a long-lived connection like a WebSocket, counted against the same limits per
-//! client address (`herald_ws::limits`): beyond them, 429 with `Retry-After`. Its replay is
+//! client address (`herald_channels::limits`): beyond them, 429 with `Retry-After`. Its replay is
 //! charged to the address's replay budget.
 
 use std::{
@@ -37,15 +37,15 @@ use axum::{
         sse::{Event, KeepAlive, Sse},
     },
 };
-use herald_core::{
-    history::Recovery,
-    pusher::{self, ChannelKind},
-};
-use herald_ws::{
+use herald_channels::{
     Frame,
     history::Resume,
     hub::{AppHub, Outbox},
     limits::{ClientLimiter, ClientPermit},
+};
+use herald_core::{
+    history::Recovery,
+    pusher::{self, ChannelKind},
 };
 use rand::Rng;
 use serde::Deserialize;
@@ -246,7 +246,7 @@ pub struct SseConfig {
     pub outbox_frames: usize,
     pub max_connections_per_app: u32,
     /// Connections and replayed history per client address: the WebSocket gateway's limiter
-    /// (`herald_ws::WsConfig::clients`), so both count against the same limits.
+    /// (the WebSocket face's `WsConfig::clients`), so both count against the same limits.
     pub clients: Arc<ClientLimiter>,
 }
 

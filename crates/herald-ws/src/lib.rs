@@ -1,27 +1,20 @@
 //! Herald's real-time face: WebSocket connections speaking the Pusher Channels protocol v7.
 //!
-//! [`hub::Hub`] knows which connection is subscribed to which channel, per app, and fans
-//! events out: each event is serialized once into a [`Frame`] whose bytes every subscriber
-//! shares, and each connection has a bounded outbox; a consumer that cannot keep up is closed
-//! (4100) instead of growing memory. [`connection`] runs one socket: the upgrade, the read and
-//! write loop, pings, the close codes; [`session`] is the protocol state machine it drives
+//! The channel layer (`herald-channels`: the hub, history, per-address limits, server frames)
+//! is shared with SSE; this crate is the Pusher face over it. [`connection`] runs one socket:
+//! the upgrade, the read and write loop, pings, the close codes (a connection whose outbox
+//! overflows closes with 4100); [`session`] is the protocol state machine it drives
 //! (subscriptions with their signatures, presence, sign-in, client events), over client
 //! messages parsed once by [`protocol::client`]. [`protocol`] holds the wire format.
-//! [`limits`] counts connections and replayed history per client address, for WebSockets and
-//! SSE alike.
 
 pub mod connection;
-pub mod history;
-pub mod hub;
-pub mod limits;
 pub mod protocol;
 pub mod session;
 pub mod transport;
 
 use std::{sync::Arc, time::Duration};
 
-pub use hub::Hub;
-pub use protocol::Frame;
+pub use herald_channels::{Frame, Hub, history, hub, limits};
 
 /// Limits and timings for WebSocket connections; every one has a safe default.
 #[derive(Debug, Clone)]

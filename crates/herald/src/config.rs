@@ -18,7 +18,7 @@ use figment::{
     providers::{Env, Format, Serialized, Toml},
     value::{Uncased, UncasedStr, Value},
 };
-use herald_api::channel_webhooks::ChannelWebhookConfig;
+use herald_channels::channel_webhooks::ChannelWebhookConfig;
 use herald_core::{AddressPolicy, RetryPolicy};
 use herald_delivery::DeliveryConfig;
 use ipnet::IpNet;
@@ -77,7 +77,7 @@ pub struct HistorySection {
 
 impl Default for HistorySection {
     fn default() -> Self {
-        let d = herald_ws::history::HistoryConfig::default();
+        let d = herald_channels::history::HistoryConfig::default();
         Self {
             rules: d
                 .default_rules
@@ -157,7 +157,7 @@ pub struct WsSection {
 impl Default for WsSection {
     fn default() -> Self {
         let d = herald_ws::WsConfig::default();
-        let l = herald_ws::limits::ClientLimits::default();
+        let l = herald_channels::limits::ClientLimits::default();
         let hooks = ChannelWebhookConfig::default();
         Self {
             activity_timeout_secs: d.activity_timeout.as_secs(),
@@ -579,22 +579,22 @@ impl Config {
     }
 
     /// The per-address limits shared by WebSockets and SSE (one limiter serves both).
-    pub fn client_limits(&self) -> herald_ws::limits::ClientLimits {
+    pub fn client_limits(&self) -> herald_channels::limits::ClientLimits {
         let w = &self.ws;
-        herald_ws::limits::ClientLimits {
+        herald_channels::limits::ClientLimits {
             max_connections: w.max_connections_per_ip,
             connections_per_second: w.connections_per_second_per_ip,
             connection_burst: w.connection_burst_per_ip,
             replay_bytes_per_second: w.replay_bytes_per_second_per_ip,
             replay_burst_bytes: w.replay_burst_bytes_per_ip,
             trusted_proxies: w.trusted_proxies.clone(),
-            ..herald_ws::limits::ClientLimits::default()
+            ..herald_channels::limits::ClientLimits::default()
         }
     }
 
     pub fn ws_config(
         &self,
-        clients: &std::sync::Arc<herald_ws::limits::ClientLimiter>,
+        clients: &std::sync::Arc<herald_channels::limits::ClientLimiter>,
     ) -> herald_ws::WsConfig {
         let w = &self.ws;
         herald_ws::WsConfig {
@@ -613,8 +613,8 @@ impl Config {
         }
     }
 
-    pub fn history_config(&self) -> herald_ws::history::HistoryConfig {
-        herald_ws::history::HistoryConfig {
+    pub fn history_config(&self) -> herald_channels::history::HistoryConfig {
+        herald_channels::history::HistoryConfig {
             default_rules: self.history.rules.iter().map(Into::into).collect(),
             max_replay: self.history.max_replay,
         }
@@ -622,7 +622,7 @@ impl Config {
 
     pub fn sse_config(
         &self,
-        clients: &std::sync::Arc<herald_ws::limits::ClientLimiter>,
+        clients: &std::sync::Arc<herald_channels::limits::ClientLimiter>,
     ) -> herald_api::sse::SseConfig {
         herald_api::sse::SseConfig {
             keepalive: Duration::from_secs(self.history.sse_keepalive_secs),

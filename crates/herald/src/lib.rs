@@ -12,7 +12,9 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
 use chrono::Utc;
-use herald_api::{ApiConfig, ApiState, channel_webhooks::ChannelWebhooks};
+use herald_api::{ApiConfig, ApiState};
+use herald_channels::channel_webhooks::ChannelWebhooks;
+use herald_channels::{Hub, history::History};
 use herald_core::{
     id,
     model::{App, PusherCredentials},
@@ -20,7 +22,7 @@ use herald_core::{
 };
 use herald_delivery::{Dispatcher, WebhookClient};
 use herald_store::{Store, TokenScope};
-use herald_ws::{Hub, connection::WsState, history::History};
+use herald_ws::connection::WsState;
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -95,7 +97,7 @@ pub async fn run(
     );
     // One per-address limiter for WebSockets and SSE: a client's sockets and streams count
     // together.
-    let clients = Arc::new(herald_ws::limits::ClientLimiter::new(
+    let clients = Arc::new(herald_channels::limits::ClientLimiter::new(
         config.client_limits(),
     ));
     state.sse = config.sse_config(&clients);

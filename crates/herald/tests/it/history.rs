@@ -253,12 +253,12 @@ async fn impossible_resumptions_are_reported_with_the_current_position() {
 async fn housekeeping_purges_quiet_channels_and_channels_no_rule_keeps() {
     use std::sync::Arc;
 
-    use herald_core::{history::HistoryRule, model::App};
-    use herald_store::{Store, sqlite::SqliteStore};
-    use herald_ws::{
+    use herald_channels::{
         Hub,
         history::{History, HistoryConfig},
     };
+    use herald_core::{history::HistoryRule, model::App};
+    use herald_store::{Store, sqlite::SqliteStore};
 
     let dir = tempfile::tempdir().expect("dir");
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).await.expect("store"));
@@ -527,19 +527,19 @@ async fn first_sse_data(mut response: reqwest::Response) -> Value {
 /// for what the listener cannot show (the positions cached in memory).
 async fn in_process_history(
     dir: &std::path::Path,
-    adjust: impl FnOnce(herald_ws::history::History) -> herald_ws::history::History,
+    adjust: impl FnOnce(herald_channels::history::History) -> herald_channels::history::History,
 ) -> (
     std::sync::Arc<dyn herald_store::Store>,
     herald_core::model::App,
-    std::sync::Arc<herald_ws::history::History>,
+    std::sync::Arc<herald_channels::history::History>,
 ) {
     use std::sync::Arc;
 
-    use herald_store::{Store, sqlite::SqliteStore};
-    use herald_ws::{
+    use herald_channels::{
         Hub,
         history::{History, HistoryConfig},
     };
+    use herald_store::{Store, sqlite::SqliteStore};
 
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir).await.expect("store"));
     let now = chrono::Utc::now();
@@ -569,12 +569,12 @@ async fn in_process_history(
 /// nothing once its join is done, and its epoch stays the one its subscribers were told.
 #[tokio::test]
 async fn joining_channels_nothing_was_appended_to_leaves_no_position_in_memory() {
-    use herald_ws::limits::ClientPermit;
+    use herald_channels::limits::ClientPermit;
 
     let dir = tempfile::tempdir().expect("dir");
     let (store, app, history) = in_process_history(dir.path(), |h| h).await;
     let budget = ClientPermit::unlimited();
-    let join = |channel: String, resume: Option<herald_ws::history::Resume>| {
+    let join = |channel: String, resume: Option<herald_channels::history::Resume>| {
         let (history, app) = (std::sync::Arc::clone(&history), app.clone());
         let budget = &budget;
         async move {
@@ -600,7 +600,7 @@ async fn joining_channels_nothing_was_appended_to_leaves_no_position_in_memory()
     let (epoch, _, _) = join("history-later".into(), None).await;
     let (again, _, _) = join("history-later".into(), None).await;
     assert_eq!(epoch, again);
-    let resume = herald_ws::history::Resume {
+    let resume = herald_channels::history::Resume {
         epoch: epoch.clone(),
         offset: 0,
     };
@@ -637,7 +637,7 @@ async fn joining_channels_nothing_was_appended_to_leaves_no_position_in_memory()
 async fn dropping_unused_positions_keeps_the_seam_between_join_and_append_exact() {
     use std::sync::Arc;
 
-    use herald_ws::{history::History, hub::Outbox, limits::ClientPermit};
+    use herald_channels::{history::History, hub::Outbox, limits::ClientPermit};
 
     let dir = tempfile::tempdir().expect("dir");
     let (store, app, history) = in_process_history(dir.path(), |h| h).await;

@@ -162,3 +162,20 @@ fn the_domain_crate_derives_no_wire_formats() {
         offenders.join("\n")
     );
 }
+
+#[test]
+fn no_face_depends_on_another_face() {
+    // The faces share the channel layer (`herald-channels`), never each other.
+    for (face, other) in [("herald-api", "herald-ws"), ("herald-ws", "herald-api")] {
+        let deps = dependencies(&root().join(format!("crates/{face}/Cargo.toml")));
+        assert!(!deps.is_empty(), "{face}'s manifest was read");
+        assert!(
+            deps.iter().any(|d| d == "herald-channels"),
+            "{face} stands on the channel layer"
+        );
+        assert!(
+            !deps.iter().any(|d| d == other),
+            "{face} must not depend on the face {other}"
+        );
+    }
+}

@@ -24,6 +24,7 @@ use std::{
     time::Duration,
 };
 
+use crate::hub::{ChannelEvent, ChannelObserver};
 use bytes::Bytes;
 use herald_core::{
     id,
@@ -31,7 +32,6 @@ use herald_core::{
 };
 use herald_delivery::DispatcherHandle;
 use herald_store::{OccupancyChange, Occupant, Store};
-use herald_ws::hub::{ChannelEvent, ChannelObserver};
 use serde::Serialize;
 use tokio::{sync::Notify, time::Instant};
 use tokio_util::sync::CancellationToken;
