@@ -32,21 +32,24 @@ pub(crate) async fn publish_message(
     app: &App,
     message: Message,
 ) -> ApiResult<()> {
-    let targets = webhook_targets(state, app, &message).await?;
+    let targets =
+        webhook_targets(state, app, &message.event_type, message.channels.as_deref()).await?;
     let wake = !targets.is_empty();
     let channels = subscribable(message.channels.as_deref());
     if channels.is_empty() {
         state.store.create_message(message, targets).await?;
     } else {
         let event_type = message.event_type.clone();
-        let data = payload_text(&message);
+        // A reference-counted copy of the bytes, not of the payload.
+        let payload = message.payload.clone();
+        let data = payload_text(&payload);
         state
             .history
             .publish_with(
                 app,
                 &channels,
                 &event_type,
-                &data,
+                data,
                 None,
                 |history| async move {
                     let stored = Some((message, targets));
@@ -71,18 +74,20 @@ pub(crate) async fn publish_ingest(
     event: IngestEvent,
     message: Message,
 ) -> ApiResult<IngestRecorded> {
-    let targets = webhook_targets(state, app, &message).await?;
+    let targets =
+        webhook_targets(state, app, &message.event_type, message.channels.as_deref()).await?;
     let wake = !targets.is_empty();
     let channels = subscribable(message.channels.as_deref());
     let event_type = message.event_type.clone();
-    let data = payload_text(&message);
+    let payload = message.payload.clone();
+    let data = payload_text(&payload);
     let (recorded, _) = state
         .history
         .publish_with(
             app,
             &channels,
             &event_type,
-            &data,
+            data,
             None,
             |history| async move {
                 let recorded = state
@@ -112,14 +117,19 @@ pub(crate) async fn publish_pusher_event(
     data: &str,
     except: Option<&str>,
 ) -> ApiResult<()> {
-    let message = pusher_event_message(app, name, channels, data);
-    let targets = match &message {
-        Some(message) => webhook_targets(state, app, message).await?,
-        None => Vec::new(),
+    // Targets first: the message (its id, its payload) is built only if an endpoint wants it.
+    let channel_list = (!channels.is_empty()).then_some(channels);
+    let targets = if validate::event_type_name(name).is_ok() {
+        webhook_targets(state, app, name, channel_list).await?
+    } else {
+        tracing::debug!(
+            event = name,
+            "event name is not a valid event type; not forwarded to webhooks"
+        );
+        Vec::new()
     };
-    let stored = message
-        .filter(|_| !targets.is_empty())
-        .map(|m| (m, targets));
+    let stored =
+        (!targets.is_empty()).then(|| (pusher_event_message(app, name, channels, data), targets));
     let wake = stored.is_some();
     let channels = subscribable(Some(channels));
     state
@@ -137,15 +147,8 @@ pub(crate) async fn publish_pusher_event(
     Ok(())
 }
 
-/// The webhook message a Pusher event becomes, if its name can be an event type.
-fn pusher_event_message(app: &App, name: &str, channels: &[String], data: &str) -> Option<Message> {
-    if validate::event_type_name(name).is_err() {
-        tracing::debug!(
-            event = name,
-            "event name is not a valid event type; not forwarded to webhooks"
-        );
-        return None;
-    }
+/// The webhook message a Pusher event becomes.
+fn pusher_event_message(app: &App, name: &str, channels: &[String], data: &str) -> Message {
     let is_object = serde_json::from_str::<serde_json::Value>(data).is_ok_and(|v| v.is_object());
     let payload = if is_object {
         Bytes::from(data.to_owned())
@@ -153,7 +156,7 @@ fn pusher_event_message(app: &App, name: &str, channels: &[String], data: &str) 
         Bytes::from(serde_json::json!({ "data": data }).to_string())
     };
     let now = crate::now();
-    Some(Message {
+    Message {
         id: id::new_id(id::MESSAGE, now),
         app_id: app.id.clone(),
         event_id: None,
@@ -162,21 +165,20 @@ fn pusher_event_message(app: &App, name: &str, channels: &[String], data: &str) 
         tags: None,
         payload,
         created_at: now,
-    })
+    }
 }
 
-/// The app's Standard Webhooks endpoints that want `message` (its type and channels).
-async fn webhook_targets(state: &ApiState, app: &App, message: &Message) -> ApiResult<Vec<String>> {
+/// The app's Standard Webhooks endpoints that want an event of this type and channels.
+async fn webhook_targets(
+    state: &ApiState,
+    app: &App,
+    event_type: &str,
+    channels: Option<&[String]>,
+) -> ApiResult<Vec<String>> {
     let endpoints = state.store.app_endpoints(&app.id).await?;
     Ok(endpoints
         .iter()
-        .filter(|ep| {
-            ep.wants(
-                EndpointFormat::StandardWebhooks,
-                &message.event_type,
-                message.channels.as_deref(),
-            )
-        })
+        .filter(|ep| ep.wants(EndpointFormat::StandardWebhooks, event_type, channels))
         .map(|ep| ep.id.clone())
         .collect())
 }
@@ -192,7 +194,7 @@ fn subscribable(channels: Option<&[String]>) -> Vec<String> {
         .collect()
 }
 
-/// What subscribers get as `data`: the payload's JSON text.
-fn payload_text(message: &Message) -> String {
-    String::from_utf8_lossy(&message.payload).into_owned()
+/// What subscribers get as `data`: the payload's JSON text (payloads are JSON, so UTF-8).
+fn payload_text(payload: &Bytes) -> &str {
+    std::str::from_utf8(payload).unwrap_or("{}")
 }
