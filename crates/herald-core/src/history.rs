@@ -103,6 +103,30 @@ pub struct HistoryEntry {
     pub created_at: DateTime<Utc>,
 }
 
+/// An event to append to a channel's history. The store assigns its epoch and offset in the
+/// commit that keeps it, so a channel's offsets are gap-free and in commit order whichever
+/// task (or, with a shared store, whichever node) appends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewHistoryEntry {
+    pub app_id: String,
+    pub channel: String,
+    pub event: String,
+    /// As [`HistoryEntry::data`].
+    pub data: String,
+    pub raw_json: bool,
+    pub user_id: Option<String>,
+    pub created_at: DateTime<Utc>,
+    /// What the channel keeps: the append trims it to this.
+    pub retention: Retention,
+}
+
+/// Where a kept event landed: its channel's epoch and its offset.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Position {
+    pub epoch: String,
+    pub offset: u64,
+}
+
 /// Where a channel's history stands: its epoch and the offset the next event gets.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChannelPosition {
