@@ -82,6 +82,14 @@ impl ApiError {
     }
 }
 
+impl From<herald_channels::PublishError> for ApiError {
+    fn from(e: herald_channels::PublishError) -> Self {
+        match e {
+            herald_channels::PublishError::Store(e) => e.into(),
+        }
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
         match error {

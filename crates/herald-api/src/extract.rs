@@ -9,11 +9,13 @@ use axum::{
 };
 use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
+use serde_path_to_error::{Path, Segment};
 
 use crate::error::{ApiError, ApiResult, ValidationItem};
 
 /// A JSON body. Malformed JSON is a 400 that quotes the parser; JSON of the wrong shape is a 422
-/// naming the field; an oversized body is a 413. The content type is not insisted on.
+/// naming the field by its full path (see [`parse_json`]); an oversized body is a 413. The
+/// content type is not insisted on.
 pub struct SvixJson<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for SvixJson<T> {
@@ -35,29 +37,78 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for SvixJson<T> {
     }
 }
 
+/// Parses a JSON body in one pass. A value of the wrong shape is a 422 whose `loc` is the full
+/// path to the offending field (`["body", "application", "uid"]`, `["body", "channels", "2"]`),
+/// tracked by `serde_path_to_error` as it deserializes: nothing is parsed twice.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    let value = T::deserialize(&mut de).map_err(|e| json_error(&e))?;
-    de.end().map_err(|e| json_error(&e))?;
+    let value = serde_path_to_error::deserialize(&mut de)
+        .map_err(|e| json_error(e.inner(), Some(e.path())))?;
+    // Trailing characters: a syntax error, which has no path.
+    de.end().map_err(|e| json_error(&e, None))?;
     Ok(value)
 }
 
-fn json_error(e: &serde_json::Error) -> ApiError {
+fn json_error(e: &serde_json::Error, path: Option<&Path>) -> ApiError {
     use serde_json::error::Category;
     match e.classify() {
-        Category::Data => match unknown_field(e) {
-            Some(field) => ApiError::Validation(vec![ValidationItem {
-                loc: vec!["body".to_owned(), field.to_owned()],
-                msg: format!("extra fields not permitted: {}", without_position(e)),
-                kind: "value_error.extra".to_owned(),
-            }]),
-            None => ApiError::invalid(&["body"], e.to_string()),
-        },
+        Category::Data => {
+            let (loc, dotted) = location(path);
+            match unknown_field(e) {
+                // serde names only the last segment; name the whole path instead.
+                Some(field) => ApiError::Validation(vec![ValidationItem {
+                    loc,
+                    msg: format!(
+                        "extra fields not permitted: {}",
+                        without_position(e).replacen(
+                            &format!("`{field}`"),
+                            &format!("`{}`", dotted.as_deref().unwrap_or(&field)),
+                            1,
+                        )
+                    ),
+                    kind: "value_error.extra".to_owned(),
+                }]),
+                None => ApiError::Validation(vec![ValidationItem {
+                    loc,
+                    msg: match dotted {
+                        Some(dotted) => format!("{dotted}: {e}"),
+                        None => e.to_string(),
+                    },
+                    kind: "value_error".to_owned(),
+                }]),
+            }
+        }
         Category::Syntax | Category::Eof | Category::Io => ApiError::bad_request(
             "invalid_json",
             format!("request body is not valid JSON: {e}"),
         ),
     }
+}
+
+/// The 422 `loc` for a path in the body (`["body", "channels", "2"]`: Svix's `loc` is all
+/// strings), and the path as written in messages (`channels[2]`), `None` at the body's root.
+/// A segment the tracker could not name (a non-string key) ends the path: what follows it
+/// would not locate anything.
+fn location(path: Option<&Path>) -> (Vec<String>, Option<String>) {
+    let mut loc = vec!["body".to_owned()];
+    let mut dotted = String::new();
+    for segment in path.into_iter().flatten() {
+        match segment {
+            Segment::Seq { index } => {
+                loc.push(index.to_string());
+                dotted.push_str(&format!("[{index}]"));
+            }
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                if !dotted.is_empty() {
+                    dotted.push('.');
+                }
+                dotted.push_str(key);
+                loc.push(key.clone());
+            }
+            Segment::Unknown => break,
+        }
+    }
+    (loc, (!dotted.is_empty()).then_some(dotted))
 }
 
 /// The field a `deny_unknown_fields` type refused, read from serde's message

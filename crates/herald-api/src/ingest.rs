@@ -12,6 +12,7 @@ use axum::{
     extract::{Path, State, rejection::BytesRejection},
     http::{HeaderMap, StatusCode},
 };
+use herald_channels::Publish;
 use herald_core::{
     id,
     ingest::{self, Request, SourceKind, template},
@@ -110,13 +111,17 @@ pub async fn receive(
         duplicate,
     };
     let first = out(&event, false);
-    let answer = match crate::publisher::publish_ingest(&state, &app, event, message).await? {
-        IngestRecorded::New => first,
-        IngestRecorded::Duplicate(earlier) => {
+    let published = state
+        .publisher
+        .publish(&app, Publish::ingest(event, message))
+        .await?;
+    let answer = match published.ingest {
+        Some(IngestRecorded::Duplicate(earlier)) => {
             tracing::info!(source = %source.id, delivery_id = %earlier.delivery_id,
                 "duplicate delivery acknowledged, not published again");
             out(&earlier, true)
         }
+        _ => first,
     };
     let answer = serde_json::to_value(answer).map_err(ApiError::internal)?;
     Ok((StatusCode::OK, Json(answer)))
@@ -224,5 +229,9 @@ pub(crate) fn message_for(
 
 /// Stores a message (a replay) and publishes it the usual way.
 pub(crate) async fn publish(state: &ApiState, app: &App, message: Message) -> ApiResult<()> {
-    crate::publisher::publish_message(state, app, message).await
+    state
+        .publisher
+        .publish(app, Publish::message(message))
+        .await?;
+    Ok(())
 }

@@ -13,7 +13,6 @@ mod extract;
 mod idempotency;
 mod ingest;
 mod pagination;
-mod publisher;
 mod pusher_api;
 pub mod sse;
 mod v1;
@@ -26,7 +25,7 @@ use axum::{
     http::{Method, Uri},
     middleware,
 };
-use herald_channels::{Hub, history::History};
+use herald_channels::{Hub, Publisher, presence::PresenceManager};
 use herald_core::token::TokenHash;
 use herald_delivery::DispatcherHandle;
 use herald_store::Store;
@@ -38,10 +37,12 @@ pub use error::ApiError;
 pub struct ApiState {
     pub store: Arc<dyn Store>,
     pub dispatcher: DispatcherHandle,
-    /// WebSocket subscribers, for the one event stream.
+    /// This node's subscribers: SSE streams join it, and a deleted app's connections end.
     pub hub: Arc<Hub>,
-    /// Channel history: appends before broadcasts, pages for the API, SSE resumption.
-    pub history: Arc<History>,
+    /// The one publish path, with channel history (pages for the API, SSE resumption).
+    pub publisher: Arc<Publisher>,
+    /// Occupancy and presence members, for the Pusher HTTP API.
+    pub presence: Arc<dyn PresenceManager>,
     /// Digest of the operator's admin token, if one is configured.
     pub admin_token_hash: Option<TokenHash>,
     pub idempotency: Arc<idempotency::InFlight>,
@@ -51,6 +52,13 @@ pub struct ApiState {
     pub sse: sse::SseConfig,
     /// Cancelled at shutdown: long-lived responses (SSE streams) end with it.
     pub shutdown: CancellationToken,
+}
+
+/// The channel layer as the API uses it.
+pub struct Channels {
+    pub hub: Arc<Hub>,
+    pub publisher: Arc<Publisher>,
+    pub presence: Arc<dyn PresenceManager>,
 }
 
 #[derive(Debug, Clone)]
@@ -71,14 +79,20 @@ impl ApiState {
     pub fn new(
         store: Arc<dyn Store>,
         dispatcher: DispatcherHandle,
-        history: Arc<History>,
+        channels: Channels,
         admin_token_hash: Option<TokenHash>,
     ) -> Self {
+        let Channels {
+            hub,
+            publisher,
+            presence,
+        } = channels;
         Self {
             store,
             dispatcher,
-            hub: Arc::clone(history.hub()),
-            history,
+            hub,
+            publisher,
+            presence,
             admin_token_hash,
             idempotency: Arc::default(),
             large_verifications: Arc::new(tokio::sync::Semaphore::new(

@@ -20,7 +20,9 @@ use herald_core::{
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::{ApiState, publisher};
+use herald_channels::Publish;
+
+use crate::ApiState;
 
 /// Pusher's limits: event data up to 10 KB, 100 channels per event, 10 events per batch.
 const MAX_DATA_BYTES: usize = 10 * 1024;
@@ -70,6 +72,19 @@ impl From<crate::ApiError> for PusherError {
     }
 }
 
+impl From<herald_channels::PublishError> for PusherError {
+    fn from(e: herald_channels::PublishError) -> Self {
+        crate::ApiError::from(e).into()
+    }
+}
+
+impl From<herald_channels::presence::PresenceError> for PusherError {
+    fn from(e: herald_channels::presence::PresenceError) -> Self {
+        tracing::error!(error = %e, "reading presence failed");
+        PusherError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+    }
+}
+
 impl From<herald_store::StoreError> for PusherError {
     fn from(e: herald_store::StoreError) -> Self {
         crate::ApiError::from(e).into()
@@ -81,6 +96,13 @@ fn query_pairs(uri: &Uri) -> impl Iterator<Item = (String, String)> + '_ {
     uri.query()
         .into_iter()
         .flat_map(|q| url::form_urlencoded::parse(q.as_bytes()).into_owned())
+}
+
+fn keeps_no_history(channel: &str) -> PusherError {
+    PusherError(
+        StatusCode::NOT_FOUND,
+        format!("{channel} keeps no history (no history rule of the app matches it)"),
+    )
 }
 
 fn bad(message: impl Into<String>) -> PusherError {
@@ -188,7 +210,7 @@ fn check_event(event: &TriggerIn) -> Result<Vec<String>, PusherError> {
 }
 
 /// The `info` attributes asked for, for each channel.
-fn channel_attributes(
+async fn channel_attributes(
     state: &ApiState,
     app: &App,
     channels: &[String],
@@ -197,11 +219,14 @@ fn channel_attributes(
     let Some(info) = info.filter(|i| !i.is_empty()) else {
         return Ok(None);
     };
-    let hub = state.hub.app(&app.id);
     let wants = |attr: &str| info.split(',').any(|a| a.trim() == attr);
     let mut out = serde_json::Map::new();
     for channel in channels {
-        let current = hub.channel_info(channel).unwrap_or_default();
+        let current = state
+            .presence
+            .channel_info(&app.id, channel)
+            .await?
+            .unwrap_or_default();
         let mut attrs = serde_json::Map::new();
         if wants("subscription_count") {
             attrs.insert(
@@ -226,15 +251,13 @@ async fn publish(
     event: &TriggerIn,
     channels: &[String],
 ) -> Result<(), PusherError> {
-    publisher::publish_pusher_event(
-        state,
-        app,
+    let publish = Publish::pusher_event(
         &event.name,
         channels,
         &event.data,
         event.socket_id.as_deref(),
-    )
-    .await?;
+    );
+    state.publisher.publish(app, publish).await?;
     Ok(())
 }
 
@@ -250,7 +273,7 @@ async fn trigger(
     let channels = check_event(&event)?;
     publish(&state, &app, &event, &channels).await?;
     Ok(Json(
-        match channel_attributes(&state, &app, &channels, event.info.as_deref())? {
+        match channel_attributes(&state, &app, &channels, event.info.as_deref()).await? {
             Some(channels) => json!({ "channels": channels }),
             None => json!({}),
         },
@@ -279,7 +302,8 @@ async fn trigger_batch(
     for (event, channels) in batch.batch.iter().zip(&checked) {
         publish(&state, &app, event, channels).await?;
         // A batch event has one channel; its attributes are reported flat.
-        let attributes = channel_attributes(&state, &app, channels, event.info.as_deref())?
+        let attributes = channel_attributes(&state, &app, channels, event.info.as_deref())
+            .await?
             .and_then(|by_channel| by_channel.get(&channels[0]).cloned())
             .unwrap_or_else(|| json!({}));
         results.push(attributes);
@@ -303,9 +327,9 @@ async fn channels(
         return Err(bad("info=user_count needs filter_by_prefix=presence-"));
     }
     let list: serde_json::Map<String, Value> = state
-        .hub
-        .app(&app.id)
-        .channels(prefix)
+        .presence
+        .channels(&app.id, prefix)
+        .await?
         .into_iter()
         .map(|(name, info)| {
             let attrs = if user_count {
@@ -329,9 +353,9 @@ async fn channel(
     pusher::validate_channel_name(&channel).map_err(bad)?;
     let info: BTreeMap<String, String> = query_pairs(&uri).collect();
     let current = state
-        .hub
-        .app(&app.id)
-        .channel_info(&channel)
+        .presence
+        .channel_info(&app.id, &channel)
+        .await?
         .unwrap_or_default();
     let mut out = serde_json::Map::new();
     out.insert("occupied".into(), json!(current.subscription_count > 0));
@@ -340,7 +364,9 @@ async fn channel(
         &app,
         std::slice::from_ref(&channel),
         info.get("info").map(String::as_str),
-    )? && let Some(Value::Object(attrs)) = attrs.get(&channel)
+    )
+    .await?
+        && let Some(Value::Object(attrs)) = attrs.get(&channel)
     {
         out.extend(attrs.clone());
     }
@@ -390,15 +416,11 @@ async fn history(
         }
     };
     let page = state
-        .history
+        .publisher
+        .history()
         .page(&app, &channel, after, before, limit, newest_first)
         .await?
-        .ok_or_else(|| {
-            PusherError(
-                StatusCode::NOT_FOUND,
-                format!("{channel} keeps no history (no history rule of the app matches it)"),
-            )
-        })?;
+        .ok_or_else(|| keeps_no_history(&channel))?;
     let events: Vec<Value> = page
         .entries
         .iter()
@@ -426,12 +448,12 @@ async fn reset_history(
 ) -> Result<Json<Value>, PusherError> {
     let app = authenticate(&state, &app_id, &method, &uri, &[]).await?;
     pusher::validate_channel_name(&channel).map_err(bad)?;
-    let position = state.history.reset(&app, &channel).await?.ok_or_else(|| {
-        PusherError(
-            StatusCode::NOT_FOUND,
-            format!("{channel} keeps no history (no history rule of the app matches it)"),
-        )
-    })?;
+    let position = state
+        .publisher
+        .history()
+        .reset(&app, &channel)
+        .await?
+        .ok_or_else(|| keeps_no_history(&channel))?;
     Ok(Json(
         json!({"channel": channel, "epoch": position.epoch, "offset": position.next_offset - 1}),
     ))
@@ -448,9 +470,9 @@ async fn users(
         return Err(bad("users are only listed for presence channels"));
     }
     let users: Vec<Value> = state
-        .hub
-        .app(&app.id)
-        .users(&channel)
+        .presence
+        .users(&app.id, &channel)
+        .await?
         .into_iter()
         .map(|id| json!({ "id": id }))
         .collect();
@@ -465,7 +487,7 @@ async fn terminate(
     body: Bytes,
 ) -> Result<Json<Value>, PusherError> {
     let app = authenticate(&state, &app_id, &method, &uri, &body).await?;
-    let closed = state.hub.app(&app.id).terminate_user(&user_id);
+    let closed = state.presence.terminate_user(&app.id, &user_id).await?;
     tracing::info!(user_id, closed, "terminating a user's connections");
     Ok(Json(json!({})))
 }

@@ -20,7 +20,6 @@
 //! charged to the address's replay budget.
 
 use std::{
-    borrow::Cow,
     collections::{BTreeMap, HashMap},
     convert::Infallible,
     net::SocketAddr,
@@ -38,7 +37,7 @@ use axum::{
     },
 };
 use herald_channels::{
-    Frame,
+    Outgoing,
     history::Resume,
     hub::{AppHub, Outbox},
     limits::{ClientLimiter, ClientPermit},
@@ -48,7 +47,6 @@ use herald_core::{
     pusher::{self, ChannelKind},
 };
 use rand::Rng;
-use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -160,31 +158,32 @@ pub async fn stream(
     };
     let mut positions: BTreeMap<String, (String, u64)> = BTreeMap::new();
     let mut statuses = serde_json::Map::new();
+    let history = state.publisher.history();
     for channel in &channels {
-        let Some(retention) = state.history.retention(&app, channel) else {
-            subscription.add(channel, &outbox);
+        let Some(retention) = history.retention(&app, channel) else {
+            subscription.add(channel, &outbox, false);
             continue;
         };
+        // Subscribe with broadcasts held, read what was missed, merge (see
+        // `herald_channels::history`).
+        subscription.add(channel, &outbox, true);
         let resume = resumes.get(channel.as_str());
-        let status = state
-            .history
-            .join(&app, channel, retention, resume, &permit, |joined| {
-                subscription.add(channel, &outbox);
-                let start = match (&joined.recovery, resume) {
-                    (Some(Recovery::Complete { .. }), Some(resume)) => resume.offset,
-                    // The replay budget refused it for now: a reconnect asks for it again.
-                    (_, Some(resume)) if joined.rate_limited => resume.offset,
-                    _ => joined.offset,
-                };
-                positions.insert(channel.clone(), (joined.epoch.clone(), start));
-                let status = joined.status();
-                for frame in joined.replay {
-                    outbox.send(frame);
-                }
-                status
-            })
+        let joined = history
+            .recover(&app, channel, retention, resume, &permit)
             .await?;
-        statuses.insert(channel.clone(), status);
+        let start = match (&joined.recovery, resume) {
+            (Some(Recovery::Complete { .. }), Some(resume)) => resume.offset,
+            // The replay budget refused it for now: a reconnect asks for it again.
+            (_, Some(resume)) if joined.rate_limited => resume.offset,
+            _ => joined.offset,
+        };
+        positions.insert(channel.clone(), (joined.epoch.clone(), start));
+        statuses.insert(channel.clone(), joined.status());
+        hub.go_live(channel, &subscription.id, joined.offset, |outbox| {
+            for publication in joined.replay {
+                outbox.send(Outgoing::Publication(publication));
+            }
+        });
     }
 
     let mut first = Event::default().data(
@@ -295,13 +294,17 @@ struct Subscription {
 }
 
 impl Subscription {
-    fn add(&mut self, channel: &str, outbox: &Outbox) {
+    /// Subscribes; `joining` holds broadcasts until `go_live` (history channels).
+    fn add(&mut self, channel: &str, outbox: &Outbox, joining: bool) {
         // No presence data, so this cannot fail.
-        if self
-            .hub
-            .subscribe(channel, &self.id, outbox, None, usize::MAX)
-            .is_ok()
-        {
+        let added = if joining {
+            self.hub
+                .subscribe_joining(channel, &self.id, outbox, None, usize::MAX)
+        } else {
+            self.hub
+                .subscribe(channel, &self.id, outbox, None, usize::MAX)
+        };
+        if added.is_ok() {
             self.channels.push(channel.to_owned());
         }
     }
@@ -318,7 +321,7 @@ impl Drop for Subscription {
 
 struct StreamState {
     first: Option<Event>,
-    frames: mpsc::Receiver<Frame>,
+    frames: mpsc::Receiver<Outgoing>,
     overflowed: CancellationToken,
     shutdown: CancellationToken,
     positions: BTreeMap<String, (String, u64)>,
@@ -328,27 +331,24 @@ struct StreamState {
 }
 
 impl StreamState {
-    /// The frame as an SSE event, with the stream's positions as its id.
-    fn event(&mut self, frame: &Frame) -> Event {
-        #[derive(Deserialize)]
-        struct Position<'a> {
-            #[serde(borrow)]
-            channel: Option<Cow<'a, str>>,
-            #[serde(borrow)]
-            epoch: Option<Cow<'a, str>>,
-            offset: Option<u64>,
-        }
-        let text = frame.as_str();
-        if let Ok(Position {
-            channel: Some(channel),
-            epoch: Some(epoch),
-            offset: Some(offset),
-        }) = serde_json::from_str(text)
+    /// The item as an SSE event: its Pusher frame as `data` (encoded once per publication,
+    /// shared with every WebSocket and stream that gets it) and, once any history channel has
+    /// a position, the stream's positions as its `id`. Nothing is parsed.
+    fn event(&mut self, item: &Outgoing) -> Event {
+        if let Outgoing::Publication(publication) = item
+            && let Some(position) = &publication.position
         {
-            self.positions
-                .insert(channel.into_owned(), (epoch.into_owned(), offset));
+            match self.positions.get_mut(&publication.channel) {
+                Some(kept) => *kept = (position.epoch.clone(), position.offset),
+                None => {
+                    self.positions.insert(
+                        publication.channel.clone(),
+                        (position.epoch.clone(), position.offset),
+                    );
+                }
+            }
         }
-        let event = Event::default().data(text);
+        let event = Event::default().data(item.pusher_frame().as_str());
         if self.positions.is_empty() {
             return event;
         }

@@ -24,13 +24,15 @@ use std::{
     time::Duration,
 };
 
-use crate::hub::{ChannelEvent, ChannelObserver};
+use crate::{
+    hub::{ChannelEvent, ChannelObserver},
+    publisher::Publisher,
+};
 use bytes::Bytes;
 use herald_core::{
     id,
     model::{EndpointFormat, Message},
 };
-use herald_delivery::DispatcherHandle;
 use herald_store::{OccupancyChange, Occupant, Store};
 use serde::Serialize;
 use tokio::{sync::Notify, time::Instant};
@@ -64,7 +66,6 @@ pub struct ChannelWebhooks {
     pending: Mutex<Pending>,
     wake: Notify,
     store: Arc<dyn Store>,
-    dispatcher: DispatcherHandle,
     config: ChannelWebhookConfig,
 }
 
@@ -185,16 +186,11 @@ impl Pending {
 }
 
 impl ChannelWebhooks {
-    pub fn new(
-        store: Arc<dyn Store>,
-        dispatcher: DispatcherHandle,
-        config: ChannelWebhookConfig,
-    ) -> Self {
+    pub fn new(store: Arc<dyn Store>, config: ChannelWebhookConfig) -> Self {
         Self {
             pending: Mutex::default(),
             wake: Notify::new(),
             store,
-            dispatcher,
             config,
         }
     }
@@ -250,9 +246,9 @@ impl ChannelWebhooks {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Stores batches as they come until `stop`; then stores everything still waiting,
-    /// delayed events included, and returns.
-    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+    /// Stores batches as they come, through the publisher, until `stop`; then stores
+    /// everything still waiting, delayed events included, and returns.
+    pub async fn run(self: Arc<Self>, publisher: Arc<Publisher>, stop: CancellationToken) {
         loop {
             let stopping = stop.is_cancelled();
             let (batch, next_due, dropped) = {
@@ -273,7 +269,7 @@ impl ChannelWebhooks {
                 );
             }
             if !batch.is_empty() {
-                if let Err(unsent) = self.store_batch(batch).await {
+                if let Err(unsent) = self.store_batch(&publisher, batch).await {
                     // Put them back in front, keeping their order, and try again shortly.
                     {
                         let mut pending = self.lock();
@@ -313,19 +309,14 @@ impl ChannelWebhooks {
     /// whole batch is handed back.
     async fn store_batch(
         &self,
+        publisher: &Publisher,
         batch: Vec<(String, ChannelEvent)>,
     ) -> Result<(), Vec<(String, ChannelEvent)>> {
         match self.messages_and_changes(&batch).await {
             Ok((messages, changes)) if messages.is_empty() && changes.is_empty() => Ok(()),
             Ok((messages, changes)) => {
-                let stored_any = !messages.is_empty();
-                match self.store.record_channel_events(messages, changes).await {
-                    Ok(()) => {
-                        if stored_any {
-                            self.dispatcher.wake();
-                        }
-                        Ok(())
-                    }
+                match publisher.publish_channel_webhooks(messages, changes).await {
+                    Ok(()) => Ok(()),
                     Err(e) => {
                         tracing::error!(error = %e, "storing channel webhooks failed");
                         Err(batch)

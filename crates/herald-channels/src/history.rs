@@ -1,25 +1,23 @@
-//! History channels: every event published to one is appended to the store with the next
-//! offset before it is broadcast, and a subscriber can resume after the last position it saw.
+//! History channels: every event published to one is kept in the store, where it gets the
+//! channel's next offset in the commit that keeps it, before any subscriber sees it; a
+//! subscriber can resume after the last position it saw.
 //!
-//! One lock per channel orders everything that touches its position: an append (store, then
-//! broadcast) and a join (read what was missed, register the subscriber, queue the replay). So
-//! a joining subscriber either finds an event in the store or receives it live, never both and
-//! never neither: the seam between replay and live has no gap and no duplicate.
+//! Resuming is a merge, not a lock (centrifuge's model): the subscriber is added to the hub
+//! first, with broadcasts held for it ([`crate::hub::AppHub::subscribe_joining`]); then
+//! [`History::recover`] reads the channel's position and what was missed from the store; then
+//! [`crate::hub::AppHub::go_live`] queues the replay and the held events past it. An event
+//! committed before the read is in the replay; one committed after it is broadcast after the
+//! subscriber was added, so it was held. Nothing is lost or repeated, whichever node published
+//! it, and no lock spans the read.
 //!
-//! Positions are cached in memory, one slot per channel, only while they are worth keeping: a
-//! channel nothing was appended to has no stored position and its slot is dropped after each
-//! join (its epoch is derived from its name, so a new slot gives it the same one), and at most
-//! [`MAX_CACHED_POSITIONS`] slots are kept, idle ones evicted first. Joining any number of
-//! distinct channels costs no memory once the joins are done.
+//! A channel nothing was appended to has no stored position: it is reported at offset 0 with an
+//! epoch derived from its name, and a client at offset 0 recovers whatever the epoch
+//! (`history::recovery`), so subscribing stores nothing.
 //!
 //! A resume's replay is priced before it is read: the store sums the bytes of the missed range,
 //! and the replay is read only if the client's address can pay for it (see [`ReplayBudget`]).
 
-use std::{
-    collections::HashMap,
-    future::Future,
-    sync::{Arc, Mutex},
-};
+use std::sync::Arc;
 
 use chrono::Utc;
 use herald_core::{
@@ -30,13 +28,7 @@ use herald_core::{
 };
 use herald_store::{HistoryQuery, Store, StoreError};
 
-use serde_json::value::RawValue;
-
-use crate::{
-    Frame, Hub,
-    hub::ChannelEvent,
-    protocol::{self, Data},
-};
+use crate::publication::Publication;
 
 #[derive(Debug, Clone)]
 pub struct HistoryConfig {
@@ -65,10 +57,6 @@ impl Default for HistoryConfig {
     }
 }
 
-/// Position slots kept at most; beyond, idle ones are evicted (they are read from the store
-/// again on next use). Slots in use are bounded by the appends and joins running at once.
-pub const MAX_CACHED_POSITIONS: usize = 100_000;
-
 /// What a resume pays for being priced (the store's sum over the missed range) even when it is
 /// then refused: without it a client could make the store sum ranges it cannot afford at the
 /// subscribe rate of all its connections. A replay that is granted pays this as part of its
@@ -81,23 +69,9 @@ pub const PRICING_COST: u64 = 1024;
 /// separately. String escaping is not counted: the budget is in bytes as kept, not as sent.
 const FRAME_OVERHEAD: u64 = 80;
 
-/// A channel's position as cached, and whether the store has it.
-struct Cached {
-    position: ChannelPosition,
-    /// Loaded from the store, or written by an append or a reset. A slot whose position is
-    /// not stored is the channel's [`History::fresh_position`] and may be dropped at any time
-    /// it is not in use: a new slot starts the same.
-    stored: bool,
-}
-
-type PositionSlot = Arc<tokio::sync::Mutex<Option<Cached>>>;
-
 pub struct History {
     store: Arc<dyn Store>,
-    hub: Arc<Hub>,
     config: HistoryConfig,
-    positions: Mutex<HashMap<(String, String), PositionSlot>>,
-    max_cached_positions: usize,
     /// Secret per process: the epoch of a channel with no stored position is derived from it
     /// and the channel's name.
     epoch_seed: String,
@@ -120,15 +94,15 @@ pub trait ReplayBudget: Sync {
 /// The `reason` of a recovery the replay budget refused.
 pub const RATE_LIMITED: &str = "rate_limited";
 
-/// What a joining subscriber learns, under the channel's lock.
+/// What a joining subscriber learns: where the channel stands and what it missed.
 pub struct Joined {
     pub epoch: String,
     /// The newest offset (0 before the first event).
     pub offset: u64,
     /// Present when the subscriber asked to resume (and `None` when the budget refused it).
     pub recovery: Option<Recovery>,
-    /// The missed events, oldest first, as frames.
-    pub replay: Vec<Frame>,
+    /// The missed events, oldest first.
+    pub replay: Vec<Arc<Publication>>,
     /// The events could be replayed but the replay budget refused them: the status says
     /// `recovered: false` with the reason `rate_limited`.
     pub rate_limited: bool,
@@ -165,36 +139,12 @@ pub struct Page {
 }
 
 impl History {
-    pub fn new(store: Arc<dyn Store>, hub: Arc<Hub>, config: HistoryConfig) -> Self {
+    pub fn new(store: Arc<dyn Store>, config: HistoryConfig) -> Self {
         Self {
             store,
-            hub,
             config,
-            positions: Mutex::default(),
-            max_cached_positions: MAX_CACHED_POSITIONS,
             epoch_seed: format!("{}{}", history::new_epoch(), history::new_epoch()),
         }
-    }
-
-    /// Keeps at most `max` position slots instead of [`MAX_CACHED_POSITIONS`] (for tests).
-    #[doc(hidden)]
-    pub fn with_max_cached_positions(mut self, max: usize) -> Self {
-        self.max_cached_positions = max;
-        self
-    }
-
-    /// How many channel positions are cached in memory (for tests).
-    #[doc(hidden)]
-    pub fn cached_positions(&self) -> usize {
-        self.lock_positions().len()
-    }
-
-    fn lock_positions(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), PositionSlot>> {
-        self.positions.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub fn hub(&self) -> &Arc<Hub> {
-        &self.hub
     }
 
     /// The channel's retention, if it keeps history: the app's rules, else the defaults.
@@ -203,69 +153,11 @@ impl History {
         history::retention_for(rules, channel)
     }
 
-    /// The channel's slot, created if it has none. When the map is full, idle slots are
-    /// evicted first (see [`Self::forget_idle_positions`]).
-    fn slot(&self, app_id: &str, channel: &str) -> PositionSlot {
-        let key = (app_id.to_owned(), channel.to_owned());
-        let mut positions = self.lock_positions();
-        if positions.len() >= self.max_cached_positions && !positions.contains_key(&key) {
-            positions.retain(|_, slot| Arc::strong_count(slot) > 1);
-            tracing::debug!(
-                in_use = positions.len(),
-                "the channel position cache was full; evicted the idle positions"
-            );
-        }
-        Arc::clone(positions.entry(key).or_default())
-    }
-
-    /// Drops cached positions nobody is using; they are read from the store again on next
-    /// use. A slot is in use while an append or join holds its `Arc`, and new holders clone
-    /// it under the same map lock, so a count of one means free.
-    fn forget_idle_positions(&self) {
-        self.lock_positions()
-            .retain(|_, slot| Arc::strong_count(slot) > 1);
-    }
-
-    /// Drops `slot`, whose lock the caller holds (`cached` is its content), if its position is
-    /// not stored and nobody else holds it: joining a channel nothing was appended to leaves
-    /// nothing behind, however many distinct names are joined.
-    ///
-    /// Why this keeps the seam exact: appends and joins of one channel are ordered by its
-    /// slot's lock, so there must never be two slots of one channel in use at once (an append
-    /// on a new slot could then run while a join still reads and registers on the old one).
-    /// The slot is removed under the map lock, only if the map still holds this very slot and
-    /// its only holders are the map and the caller. Everyone who gets a slot clones it under
-    /// that same lock, so at that moment no append or join holds or waits for this one, and
-    /// from then on nobody can get it; the caller has finished its work under the slot's lock
-    /// (the join has registered its subscriber, so an append on a new slot reaches it live).
-    /// The new slot starts with the same position (the store's, or the same
-    /// [`Self::fresh_position`]), so nothing is lost or renumbered either.
-    fn release_if_unstored(
-        &self,
-        app_id: &str,
-        channel: &str,
-        slot: &PositionSlot,
-        cached: &Option<Cached>,
-    ) {
-        if cached.as_ref().is_some_and(|c| c.stored) {
-            return;
-        }
-        let mut positions = self.lock_positions();
-        let key = (app_id.to_owned(), channel.to_owned());
-        if positions
-            .get(&key)
-            .is_some_and(|held| Arc::ptr_eq(held, slot) && Arc::strong_count(slot) == 2)
-        {
-            positions.remove(&key);
-        }
-    }
-
     /// The position of a channel the store has none for (nothing was appended to it): offset
-    /// 1, with an epoch derived from the channel's name and this process's secret. Any slot of
-    /// the channel starts the same, so its slot can be dropped between uses without telling
-    /// two subscribers different epochs, and the first append stores this epoch. After a
-    /// restart the epoch differs, as a random one would; a client that saw nothing of such a
-    /// channel has missed nothing (`history::recovery`).
+    /// 1, with an epoch derived from the channel's name and this process's secret, so every
+    /// subscriber is told the same one, and the first append stores it. After a restart the
+    /// epoch differs, as a random one would; a client that saw nothing of such a channel has
+    /// missed nothing, and resumes from offset 0 whatever the epoch (`history::recovery`).
     fn fresh_position(&self, app_id: &str, channel: &str) -> ChannelPosition {
         let mac = herald_core::pusher::sign(&self.epoch_seed, &format!("{app_id}\n{channel}"));
         ChannelPosition {
@@ -274,294 +166,39 @@ impl History {
         }
     }
 
-    /// The channel's position, kept in its slot: loaded from the store on first use, or the
-    /// channel's [`Self::fresh_position`]. A fresh position is stored by the first append, not
-    /// here: anyone may subscribe to a public history channel, and a row per name subscribed to
-    /// would let them fill the disk.
-    async fn position<'s>(
-        &self,
-        slot: &'s mut Option<Cached>,
-        app_id: &str,
-        channel: &str,
-    ) -> Result<&'s mut ChannelPosition, StoreError> {
-        if slot.is_none() {
-            let cached = match self.store.channel_position(app_id, channel).await? {
-                Some(position) => Cached {
-                    position,
-                    stored: true,
-                },
-                None => Cached {
-                    position: self.fresh_position(app_id, channel),
-                    stored: false,
-                },
-            };
-            *slot = Some(cached);
-        }
-        let Some(cached) = slot.as_mut() else {
-            unreachable!("filled above")
-        };
-        Ok(&mut cached.position)
+    /// The epoch a channel with no stored position is reported under, and starts under at its
+    /// first event (see [`NewHistoryEntry::first_epoch`](herald_core::history::NewHistoryEntry)).
+    pub fn fresh_epoch(&self, app_id: &str, channel: &str) -> String {
+        self.fresh_position(app_id, channel).epoch
     }
 
-    /// Publishes one event to one channel, storing nothing but its history entry (if the
-    /// channel keeps history): a publication without a webhook message. Returns how many
-    /// subscribers it was handed to.
-    pub async fn publish(
-        &self,
-        app: &App,
-        channel: &str,
-        event: &str,
-        data: &str,
-        except: Option<&str>,
-    ) -> Result<usize, StoreError> {
-        let store = Arc::clone(&self.store);
-        let channels = [channel.to_owned()];
-        let ((), sent) = self
-            .publish_with(app, &channels, event, data, except, |history| async move {
-                if !history.is_empty() {
-                    store.store_publication(None, history).await?;
-                }
-                Ok(((), true))
-            })
-            .await?;
-        Ok(sent)
+    /// The channel's position as the store has it, or its fresh one.
+    async fn position(&self, app_id: &str, channel: &str) -> Result<ChannelPosition, StoreError> {
+        Ok(match self.store.channel_position(app_id, channel).await? {
+            Some(position) => position,
+            None => self.fresh_position(app_id, channel),
+        })
     }
 
-    /// Publishes one event to `channels` (but socket `except`): the entries for the channels
-    /// that keep history get their next offsets, `commit` stores them together with whatever
-    /// else the publication stores (its webhook message), in one commit, and only then does
-    /// every channel's frame go out, history channels' frames carrying their positions.
-    ///
-    /// The history channels' locks are held, taken in name order so two publications never
-    /// wait for each other crosswise, from reading the positions to the broadcast: offsets
-    /// stay in order and the seam with joins stays exact. `commit` answers whether it stored
-    /// the entries (an inbound webhook seen before stores nothing and publishes nothing).
-    /// Returns `commit`'s value and how many subscribers the frames were handed to.
-    pub async fn publish_with<T, F, Fut>(
-        &self,
-        app: &App,
-        channels: &[String],
-        event: &str,
-        data: &str,
-        except: Option<&str>,
-        commit: F,
-    ) -> Result<(T, usize), StoreError>
-    where
-        F: FnOnce(Vec<(HistoryEntry, Retention)>) -> Fut,
-        Fut: Future<Output = Result<(T, bool), StoreError>>,
-    {
-        let mut kept: Vec<(&str, Retention)> = channels
-            .iter()
-            .filter_map(|c| self.retention(app, c).map(|r| (c.as_str(), r)))
-            .collect();
-        kept.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        kept.dedup_by(|a, b| a.0 == b.0);
-        let slots: Vec<PositionSlot> = kept
-            .iter()
-            .map(|(channel, _)| self.slot(&app.id, channel))
-            .collect();
-        let mut guards = Vec::with_capacity(slots.len());
-        for slot in &slots {
-            guards.push(slot.lock().await);
-        }
-        let now = Utc::now();
-        let mut entries = Vec::with_capacity(kept.len());
-        for ((channel, retention), cached) in kept.iter().zip(guards.iter_mut()) {
-            let position = self.position(cached, &app.id, channel).await?;
-            entries.push((
-                HistoryEntry {
-                    app_id: app.id.clone(),
-                    channel: (*channel).to_owned(),
-                    epoch: position.epoch.clone(),
-                    offset: position.next_offset,
-                    event: event.to_owned(),
-                    data: data.to_owned(),
-                    raw_json: false,
-                    user_id: None,
-                    created_at: now,
-                },
-                *retention,
-            ));
-        }
-        let positions: Vec<(String, u64)> = entries
-            .iter()
-            .map(|(e, _)| (e.epoch.clone(), e.offset))
-            .collect();
-        let (value, stored) = match commit(entries).await {
-            Ok(committed) => committed,
-            Err(e) => {
-                for ((channel, _), (slot, cached)) in kept.iter().zip(slots.iter().zip(&guards)) {
-                    self.release_if_unstored(&app.id, channel, slot, cached);
-                }
-                return Err(e);
-            }
-        };
-        if !stored {
-            return Ok((value, 0));
-        }
-        for cached in guards.iter_mut().filter_map(|guard| guard.as_mut()) {
-            cached.position.next_offset += 1;
-            cached.stored = true;
-        }
-        let hub = self.hub.app(&app.id);
-        let mut sent = 0;
-        let mut seen: Vec<&str> = Vec::with_capacity(channels.len());
-        for channel in channels {
-            if seen.contains(&channel.as_str()) {
-                continue;
-            }
-            seen.push(channel);
-            let frame = match kept.binary_search_by(|(c, _)| (*c).cmp(channel.as_str())) {
-                Ok(at) => {
-                    let (epoch, offset) = &positions[at];
-                    protocol::history_event(event, channel, Data::Text(data), None, epoch, *offset)
-                }
-                Err(_) => protocol::event(event, channel, data),
-            };
-            sent += hub.broadcast(channel, &frame, except);
-        }
-        drop(guards);
-        Ok((value, sent))
-    }
-
-    /// Keeps a client event on a history channel, then relays it (never to its sender) with
-    /// its position; `report` describes it for channel webhooks.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn publish_client_event(
-        &self,
-        app: &App,
-        channel: &str,
-        retention: Retention,
-        event: &str,
-        data: &RawValue,
-        user_id: Option<&str>,
-        sender: &str,
-        report: impl FnOnce() -> ChannelEvent,
-    ) -> Result<usize, StoreError> {
-        let hub = self.hub.app(&app.id);
-        self.append(
-            app,
-            channel,
-            retention,
-            event,
-            Data::Json(data),
-            user_id,
-            |frame| hub.client_event(channel, &frame, sender, report),
-        )
-        .await
-    }
-
-    /// Appends an event with the channel's next offset and hands its frame to `send`, both
-    /// under the channel's lock, so subscribers see offsets in order.
-    #[allow(clippy::too_many_arguments)]
-    async fn append<T>(
-        &self,
-        app: &App,
-        channel: &str,
-        retention: Retention,
-        event: &str,
-        data: Data<'_>,
-        user_id: Option<&str>,
-        send: impl FnOnce(Frame) -> T,
-    ) -> Result<T, StoreError> {
-        let slot = self.slot(&app.id, channel);
-        let mut cached = slot.lock().await;
-        let sent = self
-            .append_locked(&mut cached, app, channel, retention, event, data, user_id)
-            .await
-            .map(send);
-        // Only a failed append can leave a position that is not stored.
-        self.release_if_unstored(&app.id, channel, &slot, &cached);
-        sent
-    }
-
-    /// [`Self::append`]'s work under the slot's lock: stores the event, returns its frame.
-    #[allow(clippy::too_many_arguments)]
-    async fn append_locked(
-        &self,
-        cached: &mut Option<Cached>,
-        app: &App,
-        channel: &str,
-        retention: Retention,
-        event: &str,
-        data: Data<'_>,
-        user_id: Option<&str>,
-    ) -> Result<Frame, StoreError> {
-        let position = self.position(cached, &app.id, channel).await?;
-        let offset = position.next_offset;
-        let (text, raw_json) = match data {
-            Data::Text(text) => (text.to_owned(), false),
-            Data::Json(json) => (json.get().to_owned(), true),
-        };
-        self.store
-            .append_history(
-                HistoryEntry {
-                    app_id: app.id.clone(),
-                    channel: channel.to_owned(),
-                    epoch: position.epoch.clone(),
-                    offset,
-                    event: event.to_owned(),
-                    data: text,
-                    raw_json,
-                    user_id: user_id.map(str::to_owned),
-                    created_at: Utc::now(),
-                },
-                retention,
-            )
-            .await?;
-        position.next_offset = offset + 1;
-        let frame = protocol::history_event(event, channel, data, user_id, &position.epoch, offset);
-        if let Some(cached) = cached.as_mut() {
-            // The append stored the position.
-            cached.stored = true;
-        }
-        Ok(frame)
-    }
-
-    /// Joins a history channel: under the channel's lock, works out what `resume` missed,
-    /// then calls `register`, which must add the subscriber to the hub and queue its frames
-    /// (the confirmation, then `Joined::replay`) before the lock is released.
+    /// What a subscriber joining a history channel learns: the channel's position and, if it
+    /// asked to `resume`, what it missed. Call it after the subscriber was added to the hub
+    /// with broadcasts held (see the module's doc), then hand the result to `go_live` with
+    /// [`Joined::offset`].
     ///
     /// The replay is priced before it is read: [`PRICING_COST`], then the missed range's bytes
     /// as the store sums them (plus each frame's envelope) are charged to `budget`, and the
     /// events are read only if it pays for all of them; otherwise nothing more is charged or
     /// read, and the status says `rate_limited` (`Joined::rate_limited`). A replay larger than
     /// the budget's burst is never read: the client pages through the history API instead.
-    ///
-    /// A channel nothing was appended to keeps no slot after its join (see
-    /// [`Self::release_if_unstored`]).
-    #[allow(clippy::too_many_arguments)]
-    pub async fn join<T>(
+    pub async fn recover(
         &self,
-        app: &App,
-        channel: &str,
-        retention: Retention,
-        resume: Option<&Resume>,
-        budget: &dyn ReplayBudget,
-        register: impl FnOnce(Joined) -> T,
-    ) -> Result<T, StoreError> {
-        let slot = self.slot(&app.id, channel);
-        let mut cached = slot.lock().await;
-        let registered = self
-            .join_locked(&mut cached, app, channel, retention, resume, budget)
-            .await
-            .map(register);
-        // After the subscriber is registered (or the join failed), still under the lock.
-        self.release_if_unstored(&app.id, channel, &slot, &cached);
-        registered
-    }
-
-    /// [`Self::join`]'s work under the slot's lock, up to registering.
-    async fn join_locked(
-        &self,
-        cached: &mut Option<Cached>,
         app: &App,
         channel: &str,
         retention: Retention,
         resume: Option<&Resume>,
         budget: &dyn ReplayBudget,
     ) -> Result<Joined, StoreError> {
-        let position = self.position(cached, &app.id, channel).await?;
+        let position = self.position(&app.id, channel).await?;
         let newest = position.next_offset - 1;
         let mut joined = Joined {
             epoch: position.epoch.clone(),
@@ -581,7 +218,7 @@ impl History {
             .await?
             .map(|o| o.max(kept_after(newest, retention) + 1));
         let recovery = history::recovery(
-            position,
+            &position,
             oldest,
             &resume.epoch,
             resume.offset,
@@ -630,7 +267,10 @@ impl History {
             .await?;
         // Retention may have removed some between the reads; that is a gap.
         if entries.len() as u64 == missed {
-            joined.replay = entries.iter().map(|e| replay_frame(e, channel)).collect();
+            joined.replay = entries
+                .iter()
+                .map(|e| Arc::new(Publication::from_history(e)))
+                .collect();
             joined.recovery = Some(recovery);
         } else {
             joined.recovery = Some(Recovery::Impossible(Unrecoverable::OffsetTooOld));
@@ -649,30 +289,11 @@ impl History {
         if self.retention(app, channel).is_none() {
             return Ok(None);
         }
-        let slot = self.slot(&app.id, channel);
-        let mut cached = slot.lock().await;
-        let reset = self.reset_locked(&mut cached, app, channel).await;
-        self.release_if_unstored(&app.id, channel, &slot, &cached);
-        reset.map(Some)
-    }
-
-    async fn reset_locked(
-        &self,
-        cached: &mut Option<Cached>,
-        app: &App,
-        channel: &str,
-    ) -> Result<ChannelPosition, StoreError> {
-        let position = self.position(cached, &app.id, channel).await?;
-        let fresh = ChannelPosition {
-            epoch: history::new_epoch(),
-            next_offset: position.next_offset,
-        };
-        self.store.reset_history(&app.id, channel, &fresh).await?;
-        *position = fresh.clone();
-        if let Some(cached) = cached.as_mut() {
-            cached.stored = true;
-        }
-        Ok(fresh)
+        let position = self
+            .store
+            .reset_history(&app.id, channel, &history::new_epoch())
+            .await?;
+        Ok(Some(position))
     }
 
     /// A page of the channel's history, and its position.
@@ -721,7 +342,6 @@ impl History {
     /// matches any more. Returns how many events were deleted.
     pub async fn purge(&self) -> Result<u64, StoreError> {
         const PAGE: u32 = 500;
-        self.forget_idle_positions();
         let unused = self.store.forget_unused_channel_positions().await?;
         if unused > 0 {
             tracing::info!(
@@ -758,26 +378,6 @@ impl History {
             }
         }
     }
-}
-
-/// A kept event as its frame, as it was first sent.
-fn replay_frame(entry: &HistoryEntry, channel: &str) -> Frame {
-    let json = entry
-        .raw_json
-        .then(|| serde_json::from_str::<&RawValue>(&entry.data).ok())
-        .flatten();
-    let data = match json {
-        Some(json) => Data::Json(json),
-        None => Data::Text(&entry.data),
-    };
-    protocol::history_event(
-        &entry.event,
-        channel,
-        data,
-        entry.user_id.as_deref(),
-        &entry.epoch,
-        entry.offset,
-    )
 }
 
 /// Offsets up to this one are past the retention count (`newest` is the newest offset).

@@ -12,7 +12,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{
-        Arc, RwLock,
+        Arc, Mutex, RwLock,
         atomic::{AtomicU32, Ordering},
     },
 };
@@ -22,18 +22,21 @@ use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::Frame;
+use crate::{
+    Frame,
+    publication::{Outgoing, Publication},
+};
 
-/// Where a connection's frames go. Sending never waits.
+/// Where a connection's frames and publications go. Sending never waits.
 #[derive(Clone)]
 pub struct Outbox {
-    frames: mpsc::Sender<Frame>,
+    frames: mpsc::Sender<Outgoing>,
     /// Cancelled when a frame did not fit: the connection is too slow and must close.
     overflowed: CancellationToken,
 }
 
 impl Outbox {
-    pub fn new(capacity: usize) -> (Self, mpsc::Receiver<Frame>, CancellationToken) {
+    pub fn new(capacity: usize) -> (Self, mpsc::Receiver<Outgoing>, CancellationToken) {
         let (frames, receiver) = mpsc::channel(capacity);
         let overflowed = CancellationToken::new();
         (
@@ -46,10 +49,20 @@ impl Outbox {
         )
     }
 
-    pub fn send(&self, frame: Frame) {
-        if self.frames.try_send(frame).is_err() {
+    pub fn send(&self, item: impl Into<Outgoing>) {
+        if self.frames.try_send(item.into()).is_err() {
             self.overflowed.cancel();
         }
+    }
+
+    /// How many items it holds at most.
+    pub fn capacity(&self) -> usize {
+        self.frames.max_capacity()
+    }
+
+    /// Marks the connection too slow: it closes itself.
+    fn overflow(&self) {
+        self.overflowed.cancel();
     }
 }
 
@@ -186,6 +199,26 @@ struct Channel {
 struct Subscriber {
     outbox: Outbox,
     user_id: Option<String>,
+    /// While a history channel's subscriber is joining: what was broadcast to it meanwhile,
+    /// held until [`AppHub::go_live`] merges it behind the replay (boxed: one pointer for
+    /// the subscribers that are live).
+    joining: Option<Box<Mutex<Vec<Outgoing>>>>,
+}
+
+impl Subscriber {
+    fn send(&self, item: Outgoing) {
+        let Some(held) = &self.joining else {
+            self.outbox.send(item);
+            return;
+        };
+        let mut held = held.lock().unwrap_or_else(|p| p.into_inner());
+        // As bounded as the outbox it will go to.
+        if held.len() >= self.outbox.capacity() {
+            self.outbox.overflow();
+        } else {
+            held.push(item);
+        }
+    }
 }
 
 struct Member {
@@ -265,6 +298,7 @@ impl AppHub {
         self.removed.cancelled()
     }
 
+    /// Adds a live subscriber: broadcasts reach its outbox from now on.
     pub fn subscribe(
         &self,
         channel: &str,
@@ -272,6 +306,66 @@ impl AppHub {
         outbox: &Outbox,
         joining: Option<Joining>,
         max_members: usize,
+    ) -> Result<Subscribed, SubscribeError> {
+        self.add_subscriber(channel, socket_id, outbox, joining, max_members, false)
+    }
+
+    /// Adds a subscriber that is still joining a history channel: broadcasts are held for it
+    /// until [`AppHub::go_live`], so what it missed can be read from the store meanwhile and
+    /// merged by offset (subscribe, hold, read, merge: no lock spans the read).
+    pub fn subscribe_joining(
+        &self,
+        channel: &str,
+        socket_id: &str,
+        outbox: &Outbox,
+        joining: Option<Joining>,
+        max_members: usize,
+    ) -> Result<Subscribed, SubscribeError> {
+        self.add_subscriber(channel, socket_id, outbox, joining, max_members, true)
+    }
+
+    /// Ends a joining subscriber's wait: `first` queues what must come first (the
+    /// confirmation and the replay up to `newest`, the offset the replay was read up to), then
+    /// what was held for it, without publications at or below `newest` (the replay has them,
+    /// or the subscriber did not ask for them), and from then on broadcasts reach its outbox.
+    /// All under the channel lock, so no broadcast slips between. Returns false (and calls
+    /// nothing) if the subscriber is gone.
+    pub fn go_live(
+        &self,
+        channel: &str,
+        socket_id: &str,
+        newest: u64,
+        first: impl FnOnce(&Outbox),
+    ) -> bool {
+        let mut channels = write(&self.channels);
+        let Some(subscriber) = channels
+            .get_mut(channel)
+            .and_then(|c| c.subscribers.get_mut(socket_id))
+        else {
+            return false;
+        };
+        first(&subscriber.outbox);
+        if let Some(held) = subscriber.joining.take() {
+            let held = held.into_inner().unwrap_or_else(|p| p.into_inner());
+            for item in held {
+                let seen = matches!(&item, Outgoing::Publication(p)
+                    if p.offset().is_some_and(|offset| offset <= newest));
+                if !seen {
+                    subscriber.outbox.send(item);
+                }
+            }
+        }
+        true
+    }
+
+    fn add_subscriber(
+        &self,
+        channel: &str,
+        socket_id: &str,
+        outbox: &Outbox,
+        joining: Option<Joining>,
+        max_members: usize,
+        held: bool,
     ) -> Result<Subscribed, SubscribeError> {
         let mut channels = write(&self.channels);
         let entry = channels.entry(channel.to_owned()).or_default();
@@ -314,6 +408,7 @@ impl AppHub {
             Subscriber {
                 outbox: outbox.clone(),
                 user_id,
+                joining: held.then(Box::default),
             },
         );
         Ok(outcome)
@@ -351,23 +446,12 @@ impl AppHub {
         outcome
     }
 
-    /// Relays a client event to the channel's other subscribers and reports it.
-    pub fn client_event(
-        &self,
-        channel: &str,
-        frame: &Frame,
-        sender: &str,
-        event: impl FnOnce() -> ChannelEvent,
-    ) -> usize {
-        let channels = read(&self.channels);
-        let Some(entry) = channels.get(channel) else {
-            return 0;
-        };
-        // The event is only built if someone listens.
-        if let Some(observer) = &self.observer {
-            observer.observe(&self.app_id, event());
+    /// Reports a client event for channel webhooks, if the channel has subscribers (the
+    /// event is only built then).
+    pub fn report_client_event(&self, channel: &str, event: impl FnOnce() -> ChannelEvent) {
+        if read(&self.channels).contains_key(channel) {
+            self.report(event());
         }
-        fan_out(entry, frame, Some(sender))
     }
 
     fn report(&self, event: ChannelEvent) {
@@ -376,12 +460,26 @@ impl AppHub {
         }
     }
 
-    /// Sends `frame` to every subscriber of `channel` but `except`; returns how many.
-    pub fn broadcast(&self, channel: &str, frame: &Frame, except: Option<&str>) -> usize {
+    /// Hands a publication to every subscriber of its channel but its `except`; returns how
+    /// many. Only the broker calls this (see `publisher`).
+    pub fn broadcast(&self, publication: &Arc<Publication>) -> usize {
         let channels = read(&self.channels);
-        channels
-            .get(channel)
-            .map_or(0, |entry| fan_out(entry, frame, except))
+        channels.get(&publication.channel).map_or(0, |entry| {
+            fan_out(
+                entry,
+                &Outgoing::Publication(Arc::clone(publication)),
+                publication.except.as_deref(),
+            )
+        })
+    }
+
+    /// Sends a frame that is not a publication (presence notices) to every subscriber of
+    /// `channel` but `except`; returns how many.
+    pub fn notify(&self, channel: &str, frame: &Frame, except: Option<&str>) -> usize {
+        let channels = read(&self.channels);
+        channels.get(channel).map_or(0, |entry| {
+            fan_out(entry, &Outgoing::Frame(frame.clone()), except)
+        })
     }
 
     pub fn is_subscribed(&self, channel: &str, socket_id: &str) -> bool {
@@ -444,12 +542,12 @@ impl AppHub {
     }
 }
 
-/// Hands `frame` to every subscriber but `except`; returns how many got it.
-fn fan_out(channel: &Channel, frame: &Frame, except: Option<&str>) -> usize {
+/// Hands `item` to every subscriber but `except`; returns how many got it.
+fn fan_out(channel: &Channel, item: &Outgoing, except: Option<&str>) -> usize {
     let mut sent = 0;
     for (socket_id, subscriber) in &channel.subscribers {
         if Some(socket_id.as_str()) != except {
-            subscriber.outbox.send(frame.clone());
+            subscriber.send(item.clone());
             sent += 1;
         }
     }
@@ -547,10 +645,13 @@ mod tests {
         hub.subscribe("c", "1.1", &fast, None, 10).expect("ok");
         hub.subscribe("c", "2.2", &slow, None, 10).expect("ok");
         let frame = Frame::from_static("x");
-        assert_eq!(hub.broadcast("c", &frame, Some("2.2")), 1);
-        assert_eq!(hub.broadcast("c", &frame, None), 2);
-        assert_eq!(hub.broadcast("c", &frame, None), 2);
-        assert_eq!(fast_rx.try_recv().ok(), Some(frame));
+        assert_eq!(hub.notify("c", &frame, Some("2.2")), 1);
+        assert_eq!(hub.notify("c", &frame, None), 2);
+        assert_eq!(hub.notify("c", &frame, None), 2);
+        assert_eq!(
+            fast_rx.try_recv().ok().map(|o| o.pusher_frame().clone()),
+            Some(frame)
+        );
         assert!(!fast_over.is_cancelled());
         assert!(
             slow_over.is_cancelled(),
@@ -580,18 +681,14 @@ mod tests {
             .expect("ok");
         app.subscribe("presence-x", "2.2", &o, joining("u1"), 10)
             .expect("same user");
-        let frame = Frame::from_static("x");
-        assert_eq!(
-            app.client_event("presence-x", &frame, "1.1", || ChannelEvent::ClientEvent {
-                channel: "presence-x".into(),
-                event: "client-a".into(),
-                data: "{}".into(),
-                socket_id: "1.1".into(),
-                user_id: Some("u1".into()),
-            }),
-            1,
-            "relayed to the other socket only"
-        );
+        app.report_client_event("presence-x", || ChannelEvent::ClientEvent {
+            channel: "presence-x".into(),
+            event: "client-a".into(),
+            data: "{}".into(),
+            socket_id: "1.1".into(),
+            user_id: Some("u1".into()),
+        });
+        app.report_client_event("presence-empty", || unreachable!("nobody listens there"));
         app.unsubscribe("presence-x", "1.1");
         app.unsubscribe("presence-x", "2.2");
         let seen: Vec<&'static str> = recorder
@@ -645,6 +742,75 @@ mod tests {
             "a connection arriving after the deletion ends at once"
         );
         assert!(!elsewhere.is_cancelled() && !hub.app("app_2").is_removed());
+    }
+
+    fn published(channel: &str, offset: Option<u64>) -> Arc<Publication> {
+        use crate::publication::EventData;
+        let position = offset.map(|offset| herald_core::history::Position {
+            epoch: "e".into(),
+            offset,
+        });
+        Arc::new(
+            Publication::new("app_1", channel, "ev", EventData::text("d")).with_position(position),
+        )
+    }
+
+    fn offsets(rx: &mut mpsc::Receiver<Outgoing>) -> Vec<String> {
+        let mut seen = Vec::new();
+        while let Ok(item) = rx.try_recv() {
+            seen.push(match item {
+                Outgoing::Publication(p) => p.offset().map_or("live".into(), |o| o.to_string()),
+                Outgoing::Frame(f) => f.as_str().to_owned(),
+            });
+        }
+        seen
+    }
+
+    #[test]
+    fn a_joining_subscriber_gets_the_replay_then_what_was_held_past_it_without_duplicates() {
+        let hub = AppHub::default();
+        let (outbox, mut rx, overflowed) = Outbox::new(16);
+        hub.subscribe_joining("history-c", "1.1", &outbox, None, 10)
+            .expect("subscribed");
+        // While the join reads the store: 3 was committed before the read (the replay has
+        // it), 4 and 5 after it.
+        for offset in [3, 4, 5] {
+            assert_eq!(hub.broadcast(&published("history-c", Some(offset))), 1);
+        }
+        hub.notify("history-c", &Frame::from_static("member"), None);
+        assert!(
+            offsets(&mut rx).is_empty(),
+            "nothing reaches the outbox while joining"
+        );
+        assert!(hub.go_live("history-c", "1.1", 3, |outbox| {
+            outbox.send(Frame::from_static("confirmed"));
+            outbox.send(Outgoing::Publication(published("history-c", Some(2))));
+            outbox.send(Outgoing::Publication(published("history-c", Some(3))));
+        }));
+        hub.broadcast(&published("history-c", Some(6)));
+        assert_eq!(
+            offsets(&mut rx),
+            ["confirmed", "2", "3", "4", "5", "member", "6"],
+            "replay, then the held events past it in order, then live"
+        );
+        assert!(!overflowed.is_cancelled());
+        assert!(!hub.go_live("history-c", "9.9", 0, |_| unreachable!(
+            "no such subscriber"
+        )));
+    }
+
+    #[test]
+    fn a_joining_subscriber_that_is_held_more_than_its_outbox_holds_is_too_slow() {
+        let hub = AppHub::default();
+        let (outbox, _rx, overflowed) = Outbox::new(2);
+        hub.subscribe_joining("history-c", "1.1", &outbox, None, 10)
+            .expect("subscribed");
+        for offset in 1..=2 {
+            hub.broadcast(&published("history-c", Some(offset)));
+        }
+        assert!(!overflowed.is_cancelled());
+        hub.broadcast(&published("history-c", Some(3)));
+        assert!(overflowed.is_cancelled(), "the third did not fit");
     }
 
     #[test]

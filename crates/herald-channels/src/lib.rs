@@ -11,14 +11,20 @@
 //! [`channel_webhooks`] observes the hub and turns its channel events into Pusher channel
 //! webhooks.
 
+pub mod broker;
 pub mod channel_webhooks;
 pub mod history;
 pub mod hub;
 pub mod limits;
+pub mod presence;
 pub mod protocol;
+pub mod publication;
+pub mod publisher;
 
 pub use hub::Hub;
 pub use protocol::Frame;
+pub use publication::{EventData, Outgoing, Publication};
+pub use publisher::{Publish, PublishError, Published, Publisher, Webhook};
 
 /// Now, at the millisecond precision the store keeps.
 pub(crate) fn now() -> chrono::DateTime<chrono::Utc> {

@@ -118,6 +118,9 @@ pub struct NewHistoryEntry {
     pub created_at: DateTime<Utc>,
     /// What the channel keeps: the append trims it to this.
     pub retention: Retention,
+    /// The epoch the channel starts under if the store has no position for it yet: the one
+    /// its subscribers were told before its first event. `None`: a new random one.
+    pub first_epoch: Option<String>,
 }
 
 /// Where a kept event landed: its channel's epoch and its offset.

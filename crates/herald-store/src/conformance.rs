@@ -7,12 +7,18 @@
 //! it in its unit tests; the PostgreSQL store will run the same suite. Compiled for this
 //! crate's tests and, for other crates' tests, with the `conformance` feature.
 
-use std::{collections::HashMap, future::Future, pin::Pin, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    future::Future,
+    pin::Pin,
+    task::Poll,
+    time::Duration,
+};
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use herald_core::{
-    history::{ChannelPosition, HistoryEntry, Retention},
+    history::{ChannelPosition, NewHistoryEntry, Position, Retention},
     id,
     model::{
         App, Attempt, DeliveryStatus, Endpoint, EndpointFormat, EventType, IngestEvent,
@@ -50,6 +56,13 @@ checks!(
     an_endpoint_update_read_before_the_workers_disable_conflicts,
     history_appends_advance_the_position_and_trim_to_the_retention,
     a_conflicting_publication_commits_no_history,
+    offsets_are_assigned_gap_free_in_call_order,
+    concurrent_publications_get_each_offset_once,
+    a_conflicting_publication_consumes_no_offset,
+    a_duplicate_delivery_assigns_no_offset,
+    a_reset_changes_the_epoch_and_offsets_go_on,
+    an_append_returns_the_next_position,
+    the_first_append_starts_the_channel_under_the_epoch_it_names,
     a_repeated_delivery_id_is_recorded_once,
     history_rules_and_hmac_settings_round_trip,
     idempotency_purge_keeps_at_most_the_newest_records,
@@ -131,18 +144,71 @@ fn message(app_id: &str, event_id: Option<&str>) -> Message {
     }
 }
 
-fn history_entry(app_id: &str, channel: &str, epoch: &str, offset: u64) -> HistoryEntry {
-    HistoryEntry {
+/// Keeps plenty: checks that do not test trimming see every event.
+const KEEP_ALL: Retention = Retention {
+    max_events: 10_000,
+    max_age: Duration::from_secs(3600),
+};
+
+fn history_entry(app_id: &str, channel: &str, data: &str, retention: Retention) -> NewHistoryEntry {
+    NewHistoryEntry {
         app_id: app_id.into(),
         channel: channel.into(),
-        epoch: epoch.into(),
-        offset,
         event: "e".into(),
-        data: offset.to_string(),
+        data: data.into(),
         raw_json: false,
         user_id: None,
         created_at: Utc::now(),
+        retention,
+        first_epoch: None,
     }
+}
+
+/// The positions of a channel's kept events, oldest first, with their data.
+async fn kept(store: &dyn Store, app_id: &str, channel: &str) -> Vec<(Position, String)> {
+    store
+        .history(app_id, channel, &all_history())
+        .await
+        .expect("history")
+        .into_iter()
+        .map(|e| {
+            (
+                Position {
+                    epoch: e.epoch,
+                    offset: e.offset,
+                },
+                e.data,
+            )
+        })
+        .collect()
+}
+
+/// Runs every future at once (the store sees them as concurrent callers) and returns their
+/// outputs in the order given.
+async fn join_all<'a, T>(futures: Vec<Pin<Box<dyn Future<Output = T> + Send + 'a>>>) -> Vec<T> {
+    let mut futures: Vec<_> = futures.into_iter().map(Some).collect();
+    let mut outputs: Vec<Option<T>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (slot, output) in futures.iter_mut().zip(outputs.iter_mut()) {
+            if let Some(future) = slot {
+                match future.as_mut().poll(cx) {
+                    Poll::Ready(value) => {
+                        *output = Some(value);
+                        *slot = None;
+                    }
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+    outputs.into_iter().map(|o| o.expect("finished")).collect()
 }
 
 fn all_history() -> HistoryQuery {
@@ -859,31 +925,40 @@ pub async fn history_appends_advance_the_position_and_trim_to_the_retention(stor
         max_age: Duration::from_secs(3600),
     };
     let epoch = "e1";
-    store
-        .reset_history(
-            &app.id,
-            "history-x",
-            &ChannelPosition {
-                epoch: epoch.into(),
-                next_offset: 1,
-            },
-        )
+    let reset = store
+        .reset_history(&app.id, "history-x", epoch)
         .await
         .expect("reset");
+    assert_eq!(
+        reset,
+        ChannelPosition {
+            epoch: epoch.into(),
+            next_offset: 1
+        }
+    );
+    let mut y_epoch = None;
     for offset in 1..=32 {
         let (a, b) = tokio::join!(
-            store.append_history(
-                history_entry(&app.id, "history-x", epoch, offset),
-                retention
-            ),
-            store.append_history(
-                history_entry(&app.id, "history-y", epoch, offset),
-                retention
-            ),
+            store.append_history(history_entry(&app.id, "history-x", "x", retention)),
+            store.append_history(history_entry(&app.id, "history-y", "y", retention)),
         );
-        a.expect("append x");
-        b.expect("append y");
+        let (a, b) = (a.expect("append x"), b.expect("append y"));
+        assert_eq!(
+            a,
+            Position {
+                epoch: epoch.into(),
+                offset
+            }
+        );
+        assert_eq!(b.offset, offset);
+        let y_epoch = y_epoch.get_or_insert_with(|| b.epoch.clone());
+        assert_eq!(&b.epoch, y_epoch, "a channel keeps its epoch");
     }
+    assert_ne!(
+        y_epoch.as_deref(),
+        Some(epoch),
+        "a new channel gets a new epoch"
+    );
     let position = store
         .channel_position(&app.id, "history-x")
         .await
@@ -919,29 +994,391 @@ pub async fn history_appends_advance_the_position_and_trim_to_the_retention(stor
 /// that does not commits both.
 pub async fn a_conflicting_publication_commits_no_history(store: &dyn Store) {
     let app = stored_app(store, "A").await;
-    let retention = Retention {
-        max_events: 10,
-        max_age: Duration::from_secs(3600),
-    };
-    store
+    let first = store
         .store_publication(
             Some((message(&app.id, Some("evt-1")), vec![])),
-            vec![(history_entry(&app.id, "history-p", "e1", 1), retention)],
+            vec![history_entry(&app.id, "history-p", "first", KEEP_ALL)],
         )
         .await
         .expect("first");
     let again = store
         .store_publication(
             Some((message(&app.id, Some("evt-1")), vec![])),
-            vec![(history_entry(&app.id, "history-p", "e1", 2), retention)],
+            vec![history_entry(&app.id, "history-p", "again", KEEP_ALL)],
         )
         .await;
     assert!(matches!(again, Err(StoreError::Conflict(_))), "{again:?}");
-    let kept = store
-        .history(&app.id, "history-p", &all_history())
+    assert_eq!(
+        kept(store, &app.id, "history-p").await,
+        [(first[0].clone(), "first".to_owned())]
+    );
+}
+
+/// One channel's offsets are assigned from 1, gap-free, in the order of the calls and of the
+/// entries within a call; each returned position is where the event is read back, and the
+/// channel's position is past the last.
+pub async fn offsets_are_assigned_gap_free_in_call_order(store: &dyn Store) {
+    let app = stored_app(store, "A").await;
+    let mut returned = Vec::new();
+    for n in 0..4 {
+        let positions = store
+            .store_publication(
+                Some((message(&app.id, None), vec![])),
+                vec![
+                    history_entry(&app.id, "history-o", &format!("{n}a"), KEEP_ALL),
+                    history_entry(&app.id, "history-other", &format!("{n}"), KEEP_ALL),
+                    history_entry(&app.id, "history-o", &format!("{n}b"), KEEP_ALL),
+                ],
+            )
+            .await
+            .expect("publish");
+        assert_eq!(positions.len(), 3, "a position for every entry");
+        assert_eq!(positions[1].offset, n + 1, "the other channel counts alone");
+        returned.push((positions[0].clone(), format!("{n}a")));
+        returned.push((positions[2].clone(), format!("{n}b")));
+    }
+    let positions = store
+        .store_publication(
+            None,
+            vec![history_entry(&app.id, "history-o", "last", KEEP_ALL)],
+        )
         .await
-        .expect("history");
-    assert_eq!(kept.iter().map(|e| e.offset).collect::<Vec<_>>(), [1]);
+        .expect("publish without a message");
+    returned.push((positions[0].clone(), "last".to_owned()));
+    assert_eq!(
+        returned.iter().map(|(p, _)| p.offset).collect::<Vec<_>>(),
+        (1..=9).collect::<Vec<_>>()
+    );
+    let epoch = &returned[0].0.epoch;
+    assert!(
+        returned.iter().all(|(p, _)| &p.epoch == epoch),
+        "{returned:?}"
+    );
+    assert_eq!(kept(store, &app.id, "history-o").await, returned);
+    assert_eq!(
+        store
+            .channel_position(&app.id, "history-o")
+            .await
+            .expect("read"),
+        Some(ChannelPosition {
+            epoch: epoch.clone(),
+            next_offset: 10
+        })
+    );
+}
+
+/// Concurrent publications on one channel get each offset exactly once, whatever order they
+/// commit in, and so do those on a second channel beside them.
+pub async fn concurrent_publications_get_each_offset_once(store: &dyn Store) {
+    const ON_FIRST: u64 = 64;
+    const ON_SECOND: u64 = 16;
+    let app = stored_app(store, "A").await;
+    let channels: Vec<&str> = (0..ON_FIRST)
+        .map(|_| "history-busy")
+        .chain((0..ON_SECOND).map(|_| "history-beside"))
+        .collect();
+    let publications = channels
+        .iter()
+        .enumerate()
+        .map(|(n, channel)| {
+            let entry = history_entry(&app.id, channel, &n.to_string(), KEEP_ALL);
+            let message = Some((message(&app.id, None), vec![]));
+            Box::pin(store.store_publication(message, vec![entry]))
+                as Pin<Box<dyn Future<Output = crate::Result<Vec<Position>>> + Send + '_>>
+        })
+        .collect();
+    let results = join_all(publications).await;
+    for (channel, count) in [("history-busy", ON_FIRST), ("history-beside", ON_SECOND)] {
+        let mut offsets = HashSet::new();
+        let mut returned = Vec::new();
+        for (n, result) in results.iter().enumerate() {
+            if channels[n] != channel {
+                continue;
+            }
+            let positions = result.as_ref().expect("publish");
+            assert_eq!(positions.len(), 1);
+            assert!(offsets.insert(positions[0].offset), "offset given twice");
+            returned.push((positions[0].clone(), n.to_string()));
+        }
+        assert_eq!(offsets, (1..=count).collect::<HashSet<_>>(), "{channel}");
+        returned.sort_by_key(|(p, _)| p.offset);
+        assert_eq!(kept(store, &app.id, channel).await, returned, "{channel}");
+        let position = store
+            .channel_position(&app.id, channel)
+            .await
+            .expect("read")
+            .expect("position");
+        assert_eq!(position.next_offset, count + 1, "{channel}");
+        assert_eq!(position.epoch, returned[0].0.epoch, "{channel}");
+    }
+}
+
+/// A publication whose message conflicts consumes no offset: the next one gets the offset
+/// after the last kept event.
+pub async fn a_conflicting_publication_consumes_no_offset(store: &dyn Store) {
+    let app = stored_app(store, "A").await;
+    let publish = |event_id: Option<&'static str>, data: &'static str| {
+        store.store_publication(
+            Some((message(&app.id, event_id), vec![])),
+            vec![history_entry(&app.id, "history-c", data, KEEP_ALL)],
+        )
+    };
+    let first = publish(Some("evt-1"), "first").await.expect("first");
+    assert_eq!(first[0].offset, 1);
+    // Concurrently too: the conflicting write may share the batch with the next one.
+    let (again, next) = tokio::join!(publish(Some("evt-1"), "again"), publish(None, "next"));
+    assert!(matches!(again, Err(StoreError::Conflict(_))), "{again:?}");
+    let next = next.expect("next");
+    assert_eq!(next[0].offset, 2);
+    let last = publish(Some("evt-2"), "last").await.expect("last");
+    assert_eq!(last[0].offset, 3);
+    assert_eq!(
+        kept(store, &app.id, "history-c")
+            .await
+            .into_iter()
+            .map(|(p, data)| (p.offset, data))
+            .collect::<Vec<_>>(),
+        [(1, "first".into()), (2, "next".into()), (3, "last".into())]
+    );
+    assert_eq!(
+        store
+            .channel_position(&app.id, "history-c")
+            .await
+            .expect("read")
+            .map(|p| p.next_offset),
+        Some(4)
+    );
+}
+
+fn source(app_id: &str) -> IngestSource {
+    let now = Utc::now();
+    IngestSource {
+        id: id::new_id(id::SOURCE, now),
+        app_id: app_id.into(),
+        uid: None,
+        name: "Stripe".into(),
+        kind: herald_core::ingest::SourceKind::Stripe,
+        secrets: vec!["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into()],
+        hmac: None,
+        tolerance_secs: 300,
+        event_type: vec![],
+        channels: vec![],
+        default_channel: None,
+        trust_unsigned_headers: false,
+        created_at: now,
+        updated_at: now,
+    }
+}
+
+fn ingest_event(source: &IngestSource, delivery_id: &str, msg: &Message) -> IngestEvent {
+    IngestEvent {
+        id: id::new_id(id::INGEST_EVENT, msg.created_at),
+        source_id: source.id.clone(),
+        app_id: source.app_id.clone(),
+        delivery_id: delivery_id.into(),
+        headers: vec![],
+        body: Bytes::from_static(b"{}"),
+        event_type: "t".into(),
+        channels: vec![],
+        msg_id: msg.id.clone(),
+        received_at: msg.created_at,
+    }
+}
+
+/// A recorded delivery returns its entries' positions; a duplicate assigns no offset.
+pub async fn a_duplicate_delivery_assigns_no_offset(store: &dyn Store) {
+    let app = stored_app(store, "A").await;
+    let source = source(&app.id);
+    store.create_source(&source).await.expect("source");
+    let record = |delivery_id: &'static str, data: &'static str| {
+        let msg = message(&app.id, None);
+        store.record_ingest(
+            ingest_event(&source, delivery_id, &msg),
+            msg,
+            vec![],
+            vec![
+                history_entry(&app.id, "history-i", data, KEEP_ALL),
+                history_entry(&app.id, "history-j", data, KEEP_ALL),
+            ],
+        )
+    };
+    let first = record("evt_1", "first").await.expect("first");
+    let IngestRecorded::New(positions) = first else {
+        panic!("the first delivery is new: {first:?}");
+    };
+    assert_eq!(
+        positions.iter().map(|p| p.offset).collect::<Vec<_>>(),
+        [1, 1]
+    );
+    assert_eq!(
+        kept(store, &app.id, "history-i").await,
+        [(positions[0].clone(), "first".to_owned())]
+    );
+    let (again, next) = tokio::join!(record("evt_1", "again"), record("evt_2", "next"));
+    assert!(
+        matches!(again, Ok(IngestRecorded::Duplicate(_))),
+        "{again:?}"
+    );
+    let next = next.expect("next");
+    let IngestRecorded::New(positions) = next else {
+        panic!("a new delivery id is new: {next:?}");
+    };
+    assert_eq!(
+        positions.iter().map(|p| p.offset).collect::<Vec<_>>(),
+        [2, 2]
+    );
+    let appended = store
+        .append_history(history_entry(&app.id, "history-i", "after", KEEP_ALL))
+        .await
+        .expect("append");
+    assert_eq!(appended.offset, 3);
+}
+
+/// A reset drops the kept events and changes the epoch, and offsets go on counting under the
+/// new one; a channel with no position gets one at offset 1.
+pub async fn a_reset_changes_the_epoch_and_offsets_go_on(store: &dyn Store) {
+    let app = stored_app(store, "A").await;
+    let mut old = None;
+    for n in 0..3 {
+        old = Some(
+            store
+                .append_history(history_entry(
+                    &app.id,
+                    "history-r",
+                    &n.to_string(),
+                    KEEP_ALL,
+                ))
+                .await
+                .expect("append"),
+        );
+    }
+    let old = old.expect("appended");
+    assert_eq!(old.offset, 3);
+    let reset = store
+        .reset_history(&app.id, "history-r", "fresh")
+        .await
+        .expect("reset");
+    assert_ne!(old.epoch, "fresh");
+    assert_eq!(
+        reset,
+        ChannelPosition {
+            epoch: "fresh".into(),
+            next_offset: 4
+        }
+    );
+    assert_eq!(
+        store
+            .channel_position(&app.id, "history-r")
+            .await
+            .expect("read"),
+        Some(reset.clone())
+    );
+    assert!(kept(store, &app.id, "history-r").await.is_empty());
+    let next = store
+        .append_history(history_entry(&app.id, "history-r", "next", KEEP_ALL))
+        .await
+        .expect("append");
+    assert_eq!(
+        next,
+        Position {
+            epoch: "fresh".into(),
+            offset: 4
+        }
+    );
+    assert_eq!(
+        kept(store, &app.id, "history-r").await,
+        [(next, "next".to_owned())]
+    );
+
+    let unused = store
+        .reset_history(&app.id, "history-unused", "first")
+        .await
+        .expect("reset an unused channel");
+    assert_eq!(
+        unused,
+        ChannelPosition {
+            epoch: "first".into(),
+            next_offset: 1
+        }
+    );
+    let first = store
+        .append_history(history_entry(&app.id, "history-unused", "1", KEEP_ALL))
+        .await
+        .expect("append");
+    assert_eq!(
+        first,
+        Position {
+            epoch: "first".into(),
+            offset: 1
+        }
+    );
+}
+
+/// `append_history` returns where the event landed: the channel's epoch and next offset.
+pub async fn an_append_returns_the_next_position(store: &dyn Store) {
+    let app = stored_app(store, "A").await;
+    assert_eq!(
+        store
+            .channel_position(&app.id, "history-a")
+            .await
+            .expect("read"),
+        None
+    );
+    let first = store
+        .append_history(history_entry(&app.id, "history-a", "1", KEEP_ALL))
+        .await
+        .expect("append");
+    assert_eq!(first.offset, 1);
+    let position = store
+        .channel_position(&app.id, "history-a")
+        .await
+        .expect("read")
+        .expect("stored at the first append");
+    assert_eq!(
+        position,
+        ChannelPosition {
+            epoch: first.epoch.clone(),
+            next_offset: 2
+        }
+    );
+    let second = store
+        .append_history(history_entry(&app.id, "history-a", "2", KEEP_ALL))
+        .await
+        .expect("append");
+    assert_eq!(
+        second,
+        Position {
+            epoch: position.epoch,
+            offset: position.next_offset
+        }
+    );
+}
+
+/// A channel's first append starts it under the epoch its subscribers were told
+/// (`first_epoch`); later ones keep the stored epoch whatever they carry.
+pub async fn the_first_append_starts_the_channel_under_the_epoch_it_names(store: &dyn Store) {
+    let app = stored_app(store, "A").await;
+    let with_epoch = |data: &str, epoch: &str| NewHistoryEntry {
+        first_epoch: Some(epoch.to_owned()),
+        ..history_entry(&app.id, "history-told", data, KEEP_ALL)
+    };
+    let first = store
+        .append_history(with_epoch("1", "told-epoch"))
+        .await
+        .expect("append");
+    assert_eq!((first.epoch.as_str(), first.offset), ("told-epoch", 1));
+    let second = store
+        .store_publication(None, vec![with_epoch("2", "another")])
+        .await
+        .expect("publish");
+    assert_eq!(
+        second,
+        [Position {
+            epoch: "told-epoch".into(),
+            offset: 2
+        }],
+        "a stored position keeps its epoch"
+    );
 }
 
 /// A delivery id a source has seen returns the earlier record and commits nothing new.
@@ -989,7 +1426,7 @@ pub async fn a_repeated_delivery_id_is_recorded_once(store: &dyn Store) {
         .record_ingest(first.clone(), first_msg.clone(), vec![], vec![])
         .await
         .expect("first");
-    assert_eq!(recorded, IngestRecorded::New);
+    assert_eq!(recorded, IngestRecorded::New(vec![]));
     let second_msg = message(&app.id, None);
     let recorded = store
         .record_ingest(event(&second_msg), second_msg.clone(), vec![], vec![])
@@ -1000,7 +1437,7 @@ pub async fn a_repeated_delivery_id_is_recorded_once(store: &dyn Store) {
             assert_eq!(earlier.id, first.id);
             assert_eq!(earlier.msg_id, first_msg.id);
         }
-        IngestRecorded::New => panic!("a repeated delivery id was recorded twice"),
+        IngestRecorded::New(_) => panic!("a repeated delivery id was recorded twice"),
     }
     assert!(
         store

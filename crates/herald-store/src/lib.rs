@@ -15,7 +15,7 @@
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use herald_core::history::{ChannelPosition, HistoryEntry, Retention};
+use herald_core::history::{ChannelPosition, HistoryEntry, NewHistoryEntry, Position};
 use herald_core::model::{
     App, Attempt, DeliveryStatus, Endpoint, EndpointStats, EventType, IngestEvent, IngestSource,
     Message, TriggerType,
@@ -173,9 +173,11 @@ pub struct HistoryQuery {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum IngestRecorded {
-    /// First time: the event and its message are committed.
-    New,
-    /// The provider sent this delivery before; here is what it became then.
+    /// First time: the event, its message and its history entries are committed; the
+    /// positions the store assigned the entries, in the order given.
+    New(Vec<Position>),
+    /// The provider sent this delivery before; here is what it became then. Nothing is
+    /// committed and no offset is assigned.
     Duplicate(Box<IngestEvent>),
 }
 
@@ -279,13 +281,16 @@ pub trait MessageStore: Send + Sync + 'static {
     /// `Conflict` if the app already has a message with this `event_id`.
     async fn create_message(&self, message: Message, endpoint_ids: Vec<String>) -> Result<()>;
     /// What one publication stores, in one commit: the message (if it has one) with its first
-    /// attempts, and its channel history entries. A message that conflicts (`eventId`) commits
-    /// no history either.
+    /// attempts, and its channel history entries, each trimming its channel to its retention.
+    /// The store assigns each entry its channel's epoch and next offset in that commit, so a
+    /// channel's offsets are gap-free and in commit order whoever appends; the result is the
+    /// position of each entry, in the order given. A message that conflicts (`eventId`)
+    /// commits no history either, consumes no offset, and fails with `Conflict`.
     async fn store_publication(
         &self,
         message: Option<(Message, Vec<String>)>,
-        history: Vec<(HistoryEntry, Retention)>,
-    ) -> Result<()>;
+        history: Vec<NewHistoryEntry>,
+    ) -> Result<Vec<Position>>;
     async fn get_message(&self, app_id: &str, id_or_event_id: &str) -> Result<Option<Message>>;
     async fn list_messages(
         &self,
@@ -367,17 +372,21 @@ pub trait HistoryStore: Send + Sync + 'static {
     /// returns how many. Such rows are only left by older versions, which stored a position
     /// at a channel's first subscription.
     async fn forget_unused_channel_positions(&self) -> Result<u64>;
-    /// Starts the channel's history afresh at `position` (first use, or a reset): its kept
-    /// events are dropped.
+    /// Starts the channel's history afresh under `epoch`: its kept events are dropped and its
+    /// epoch set to `epoch`, while its offsets go on counting (the next offset is unchanged;
+    /// a channel without a position gets one, at offset 1). Ordered with appends: an append
+    /// commits wholly before or wholly after it. Returns the channel's new position.
     async fn reset_history(
         &self,
         app_id: &str,
         channel: &str,
-        position: &ChannelPosition,
-    ) -> Result<()>;
-    /// Appends one event (its offset already assigned, one writer per channel) and trims the
-    /// channel to `retention`, advancing its position, in one commit.
-    async fn append_history(&self, entry: HistoryEntry, retention: Retention) -> Result<()>;
+        epoch: &str,
+    ) -> Result<ChannelPosition>;
+    /// Appends one event and trims the channel to the entry's retention, in one commit. The
+    /// store assigns the event its channel's epoch and next offset in that commit (a channel
+    /// appended to for the first time gets a new epoch, from offset 1) and advances the
+    /// position; returns where the event landed.
+    async fn append_history(&self, entry: NewHistoryEntry) -> Result<Position>;
     async fn history(
         &self,
         app_id: &str,
@@ -431,14 +440,16 @@ pub trait IngestStore: Send + Sync + 'static {
     async fn update_source(&self, source: &IngestSource) -> Result<()>;
     async fn delete_source(&self, app_id: &str, id: &str) -> Result<bool>;
     /// Records a verified inbound webhook with the message it becomes (with its deliveries)
-    /// and that message's channel history entries, in one commit; or, if the source already
-    /// received this delivery id, commits none of them and returns the earlier record.
+    /// and that message's channel history entries, in one commit, the store assigning the
+    /// entries their offsets in it (as [`MessageStore::store_publication`] does); or, if the
+    /// source already received this delivery id, commits none of them, assigns no offset and
+    /// returns the earlier record.
     async fn record_ingest(
         &self,
         event: IngestEvent,
         message: Message,
         endpoint_ids: Vec<String>,
-        history: Vec<(HistoryEntry, Retention)>,
+        history: Vec<NewHistoryEntry>,
     ) -> Result<IngestRecorded>;
     async fn list_ingest_events(&self, source_id: &str, page: &Page) -> Result<Vec<IngestEvent>>;
     async fn get_ingest_event(&self, source_id: &str, id: &str) -> Result<Option<IngestEvent>>;

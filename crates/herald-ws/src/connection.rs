@@ -28,8 +28,7 @@ use tokio::{sync::mpsc, time::Instant};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    Frame, Hub, WsConfig, close,
-    history::History,
+    Hub, Outgoing, Publisher, WsConfig, close,
     hub::{AppHub, Outbox},
     limits::ClientPermit,
     protocol,
@@ -42,8 +41,8 @@ use crate::{
 pub struct WsState {
     pub store: Arc<dyn Store>,
     pub hub: Arc<Hub>,
-    /// History channels: appends, positions and resumption.
-    pub history: Arc<History>,
+    /// The one publish path (client events), with channel history (joins and resumption).
+    pub publisher: Arc<Publisher>,
     pub config: WsConfig,
     /// Cancelled at shutdown: every connection closes with 4200 (reconnect).
     pub shutdown: CancellationToken,
@@ -175,7 +174,7 @@ async fn serve(
     let backend = Live {
         app,
         store: Arc::clone(&state.store),
-        history: Arc::clone(&state.history),
+        publisher: Arc::clone(&state.publisher),
         client: permit,
     };
     let mut session = Session::new(
@@ -273,7 +272,11 @@ async fn serve(
     if let Some((code, reason)) = close {
         // Flush what is queued first (an error frame explaining the close, for instance).
         while let Ok(frame) = frames.try_recv() {
-            if sink.feed(Message::Text(frame)).await.is_err() {
+            if sink
+                .feed(Message::Text(frame.pusher_frame().clone()))
+                .await
+                .is_err()
+            {
                 break;
             }
         }
@@ -290,15 +293,18 @@ async fn serve(
     }
 }
 
-/// Writes `first` and everything else already queued, then flushes once.
+/// Writes `first` and everything else already queued, then flushes once. A publication is
+/// written as its Pusher frame, encoded once for every connection that gets it.
 async fn write_queued(
     sink: &mut Sink,
-    first: Frame,
-    frames: &mut mpsc::Receiver<Frame>,
+    first: Outgoing,
+    frames: &mut mpsc::Receiver<Outgoing>,
 ) -> Result<(), axum::Error> {
-    sink.feed(Message::Text(first)).await?;
+    sink.feed(Message::Text(first.pusher_frame().clone()))
+        .await?;
     while let Ok(frame) = frames.try_recv() {
-        sink.feed(Message::Text(frame)).await?;
+        sink.feed(Message::Text(frame.pusher_frame().clone()))
+            .await?;
     }
     sink.flush().await
 }

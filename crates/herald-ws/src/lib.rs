@@ -14,7 +14,7 @@ pub mod transport;
 
 use std::{sync::Arc, time::Duration};
 
-pub use herald_channels::{Frame, Hub, history, hub, limits};
+pub use herald_channels::{Frame, Hub, Outgoing, Publisher, history, hub, limits};
 
 /// Limits and timings for WebSocket connections; every one has a safe default.
 #[derive(Debug, Clone)]

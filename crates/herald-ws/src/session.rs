@@ -7,7 +7,8 @@
 //! connection must end. It never touches the socket: `connection.rs` reads and writes it.
 //!
 //! What is not in memory sits behind [`Backend`]: the app's current credentials (a store
-//! read) and channel history (its retention rules, the resuming join, keeping client events).
+//! read), channel history (its retention rules, what a resuming subscriber missed) and the
+//! publisher (client events).
 //! [`Live`] is the one the server uses; the tests script one, and with a real hub and outbox
 //! they run transcripts (client messages in, server frames out) with no sockets.
 //!
@@ -16,6 +17,7 @@
 
 use std::{collections::HashMap, future::Future, sync::Arc};
 
+use herald_channels::{EventData, Outgoing, Publish, PublishError, Publisher, Webhook};
 use herald_core::{
     history::Retention,
     model::{App, PusherCredentials},
@@ -26,8 +28,8 @@ use serde_json::{json, value::RawValue};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    Frame, WsConfig, close,
-    history::{History, Joined, Resume},
+    WsConfig, close,
+    history::{Joined, Resume},
     hub::{AppHub, ChannelEvent, Joining, Outbox, SubscribeError},
     limits::{ClientPermit, TokenBucket},
     protocol::{
@@ -61,38 +63,35 @@ pub trait Backend: Send + Sync + 'static {
     /// The channel's retention, if it keeps history.
     fn retention(&self, channel: &str) -> Option<Retention>;
 
-    /// Joins a history channel (see [`History::join`]): `register` runs under the channel's
-    /// lock with what the subscriber missed.
-    fn join<T: Send>(
+    /// Where a history channel stands and what `resume` missed (see
+    /// [`History::recover`](crate::history::History::recover)); the subscriber is already in
+    /// the hub, its broadcasts held.
+    fn recover(
         &self,
         channel: &str,
         retention: Retention,
         resume: Option<&Resume>,
-        register: impl FnOnce(Joined) -> T + Send,
-    ) -> impl Future<Output = Result<T, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Joined, StoreError>> + Send;
 
-    /// Keeps a client event on a history channel and relays it (see
-    /// [`History::publish_client_event`]).
-    #[allow(clippy::too_many_arguments)]
+    /// Publishes a client event through the one publish path: kept first on a history
+    /// channel, then relayed to the channel's other subscribers.
     fn publish_client_event(
         &self,
         channel: &str,
-        retention: Retention,
         event: &str,
         data: &RawValue,
         user_id: Option<&str>,
         sender: &str,
-        report: impl FnOnce() -> ChannelEvent + Send,
-    ) -> impl Future<Output = Result<usize, StoreError>> + Send;
+    ) -> impl Future<Output = Result<(), PublishError>> + Send;
 }
 
-/// The server's [`Backend`]: the store and [`History`].
+/// The server's [`Backend`]: the store and the [`Publisher`] (with its channel history).
 pub struct Live {
     /// The app as it was at the handshake: its id and history rules. Its Pusher credentials
     /// are not used: see [`Live::credentials`](Backend::credentials).
     pub app: App,
     pub store: Arc<dyn Store>,
-    pub history: Arc<History>,
+    pub publisher: Arc<Publisher>,
     /// The connection's place in its address's counts, and that address's replay budget.
     pub client: ClientPermit,
 }
@@ -128,43 +127,38 @@ impl Backend for Live {
     }
 
     fn retention(&self, channel: &str) -> Option<Retention> {
-        self.history.retention(&self.app, channel)
+        self.publisher.history().retention(&self.app, channel)
     }
 
-    async fn join<T: Send>(
+    async fn recover(
         &self,
         channel: &str,
         retention: Retention,
         resume: Option<&Resume>,
-        register: impl FnOnce(Joined) -> T + Send,
-    ) -> Result<T, StoreError> {
-        self.history
-            .join(
-                &self.app,
-                channel,
-                retention,
-                resume,
-                &self.client,
-                register,
-            )
+    ) -> Result<Joined, StoreError> {
+        self.publisher
+            .history()
+            .recover(&self.app, channel, retention, resume, &self.client)
             .await
     }
 
     async fn publish_client_event(
         &self,
         channel: &str,
-        retention: Retention,
         event: &str,
         data: &RawValue,
         user_id: Option<&str>,
         sender: &str,
-        report: impl FnOnce() -> ChannelEvent + Send,
-    ) -> Result<usize, StoreError> {
-        self.history
-            .publish_client_event(
-                &self.app, channel, retention, event, data, user_id, sender, report,
-            )
-            .await
+    ) -> Result<(), PublishError> {
+        let publish = Publish {
+            event: event.to_owned(),
+            channels: vec![channel.to_owned()],
+            data: EventData::Json(data.to_owned()),
+            user_id: user_id.map(str::to_owned),
+            except: Some(sender.to_owned()),
+            webhook: Webhook::None,
+        };
+        self.publisher.publish(&self.app, publish).await.map(drop)
     }
 }
 
@@ -352,43 +346,39 @@ impl<B: Backend> Session<B> {
                 j.info.as_ref().map(|i| i.get().to_owned()),
             )
         });
-        let Some(retention) = self.backend.retention(channel) else {
-            self.register(channel, joining, member, None);
-            return;
-        };
-        let backend = Arc::clone(&self.backend);
-        let joined = backend
-            .join(channel, retention, request.resume.as_ref(), |joined| {
-                self.register(channel, joining, member, Some(joined));
-            })
+        self.join(channel, joining, member, request.resume.as_ref())
             .await;
-        if let Err(e) = joined {
-            tracing::error!(error = %e, channel, "reading channel history failed");
-            self.outbox.send(protocol::subscription_error(
-                channel,
-                "HistoryUnavailable",
-                "the channel's history could not be read; try again",
-                503,
-            ));
-        }
     }
 
-    /// Adds the subscription to the hub and queues its confirmation (with the history status
-    /// and the missed events, on a history channel).
-    fn register(
+    /// Adds the subscription to the hub and queues its confirmation; on a history channel,
+    /// with the history status and the missed events, merged with what was broadcast while
+    /// they were read (see `herald_channels::history`).
+    async fn join(
         &mut self,
         channel: &str,
         joining: Option<Joining>,
         member: Option<(String, Option<String>)>,
-        joined: Option<Joined>,
+        resume: Option<&Resume>,
     ) {
-        let subscribed = match self.hub.subscribe(
-            channel,
-            &self.socket_id,
-            &self.outbox,
-            joining,
-            self.config.max_presence_members,
-        ) {
+        let retention = self.backend.retention(channel);
+        let subscribed = if retention.is_some() {
+            self.hub.subscribe_joining(
+                channel,
+                &self.socket_id,
+                &self.outbox,
+                joining,
+                self.config.max_presence_members,
+            )
+        } else {
+            self.hub.subscribe(
+                channel,
+                &self.socket_id,
+                &self.outbox,
+                joining,
+                self.config.max_presence_members,
+            )
+        };
+        let subscribed = match subscribed {
             Ok(subscribed) => subscribed,
             Err(SubscribeError::PresenceFull(max)) => {
                 self.outbox.send(protocol::subscription_error(
@@ -401,16 +391,43 @@ impl<B: Backend> Session<B> {
             }
         };
         let mut confirmation = subscribed.presence.unwrap_or_else(|| json!({}));
-        if let Some(joined) = &joined {
-            confirmation["history"] = joined.status();
-        }
-        self.outbox.send(protocol::system(
-            "pusher_internal:subscription_succeeded",
-            Some(channel),
-            &confirmation,
-        ));
-        for frame in joined.into_iter().flat_map(|j| j.replay) {
-            self.outbox.send(frame);
+        match retention {
+            None => self.outbox.send(protocol::system(
+                "pusher_internal:subscription_succeeded",
+                Some(channel),
+                &confirmation,
+            )),
+            Some(retention) => match self.backend.recover(channel, retention, resume).await {
+                Ok(joined) => {
+                    confirmation["history"] = joined.status();
+                    let confirmed = protocol::system(
+                        "pusher_internal:subscription_succeeded",
+                        Some(channel),
+                        &confirmation,
+                    );
+                    let Joined { offset, replay, .. } = joined;
+                    self.hub
+                        .go_live(channel, &self.socket_id, offset, |outbox| {
+                            outbox.send(confirmed);
+                            for publication in replay {
+                                outbox.send(Outgoing::Publication(publication));
+                            }
+                        });
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, channel, "reading channel history failed");
+                    self.channels
+                        .insert(channel.to_owned(), member.map(|(user_id, _)| user_id));
+                    self.leave(channel);
+                    self.outbox.send(protocol::subscription_error(
+                        channel,
+                        "HistoryUnavailable",
+                        "the channel's history could not be read; try again",
+                        503,
+                    ));
+                    return;
+                }
+            },
         }
         if subscribed.member_added
             && let Some((user_id, info)) = &member
@@ -424,7 +441,7 @@ impl<B: Backend> Session<B> {
                 Some(channel),
                 &json!({"user_id": user_id, "user_info": info}),
             );
-            self.hub.broadcast(channel, &frame, Some(&self.socket_id));
+            self.hub.notify(channel, &frame, Some(&self.socket_id));
         }
         self.channels
             .insert(channel.to_owned(), member.map(|(user_id, _)| user_id));
@@ -441,7 +458,7 @@ impl<B: Backend> Session<B> {
                 Some(channel),
                 &json!({"user_id": user_id}),
             );
-            self.hub.broadcast(channel, &frame, None);
+            self.hub.notify(channel, &frame, None);
         }
     }
 
@@ -550,31 +567,20 @@ impl<B: Backend> Session<B> {
             socket_id: self.socket_id.clone(),
             user_id: member.clone(),
         };
-        // On a history channel the event is kept, with its position, before it is relayed.
-        if let Some(retention) = self.backend.retention(channel) {
-            let kept = self
-                .backend
-                .publish_client_event(
-                    channel,
-                    retention,
-                    event,
-                    data,
-                    member.as_deref(),
-                    &self.socket_id,
-                    report,
-                )
-                .await;
-            match kept {
-                Ok(_) => return None,
-                Err(e) => {
-                    tracing::error!(error = %e, channel, "keeping a client event failed; relayed live only");
-                }
-            }
+        // Reported for `client_event` webhooks, then published: kept first on a history
+        // channel, and never echoed to the sender.
+        self.hub.report_client_event(channel, report);
+        if let Err(e) = self
+            .backend
+            .publish_client_event(channel, event, data, member.as_deref(), &self.socket_id)
+            .await
+        {
+            tracing::error!(error = %e, channel, "publishing a client event failed");
+            self.outbox.send(protocol::error(
+                &format!("client event on {channel} could not be published; try again"),
+                None,
+            ));
         }
-        // Never echoed to the sender.
-        let frame: Frame = protocol::client_event(event, channel, data, member.as_deref());
-        self.hub
-            .client_event(channel, &frame, &self.socket_id, report);
         None
     }
 }

@@ -12,9 +12,14 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
 use chrono::Utc;
-use herald_api::{ApiConfig, ApiState};
-use herald_channels::channel_webhooks::ChannelWebhooks;
-use herald_channels::{Hub, history::History};
+use herald_api::{ApiConfig, ApiState, Channels};
+use herald_channels::{
+    Hub, Publisher,
+    broker::{Broker, LocalBroker},
+    channel_webhooks::ChannelWebhooks,
+    history::History,
+    presence::{LocalPresence, PresenceManager},
+};
 use herald_core::{
     id,
     model::{App, PusherCredentials},
@@ -69,7 +74,6 @@ pub async fn run(
     let dispatcher = Dispatcher::new(Arc::clone(&store), client, delivery);
     let channel_webhooks = Arc::new(ChannelWebhooks::new(
         Arc::clone(&store),
-        dispatcher.handle(),
         config.channel_webhook_config(),
     ));
     let recovered = channel_webhooks
@@ -82,17 +86,26 @@ pub async fn run(
             "reporting channel leaves the last run could not (channel_vacated, member_removed)"
         );
     }
+    // The channel layer: this node's hub, reached only through the broker, which only the
+    // publisher feeds; history and presence read through their seams.
     let hub = Arc::new(Hub::new(Arc::clone(&channel_webhooks) as _));
-    let history = Arc::new(History::new(
+    let history = Arc::new(History::new(Arc::clone(&store), config.history_config()));
+    let broker: Arc<dyn Broker> = Arc::new(LocalBroker::new(Arc::clone(&hub)));
+    let presence: Arc<dyn PresenceManager> = Arc::new(LocalPresence::new(Arc::clone(&hub)));
+    let publisher = Arc::new(Publisher::new(
         Arc::clone(&store),
-        Arc::clone(&hub),
-        config.history_config(),
+        broker,
+        Arc::clone(&history),
+        dispatcher.handle(),
     ));
-    let history_for_housekeeping = Arc::clone(&history);
     let mut state = ApiState::new(
         Arc::clone(&store),
         dispatcher.handle(),
-        Arc::clone(&history),
+        Channels {
+            hub: Arc::clone(&hub),
+            publisher: Arc::clone(&publisher),
+            presence,
+        },
         config.admin_token.as_deref().map(token::hash),
     );
     // One per-address limiter for WebSockets and SSE: a client's sockets and streams count
@@ -107,7 +120,7 @@ pub async fn run(
         WsState {
             store: Arc::clone(&store),
             hub,
-            history,
+            publisher: Arc::clone(&publisher),
             config: config.ws_config(&clients),
             // WebSocket connections are upgraded out of the HTTP server's reach: they watch the
             // shutdown token themselves and close with 4200 (reconnect) at once.
@@ -129,11 +142,11 @@ pub async fn run(
     background.spawn(dispatcher.run(stop_background.clone()));
     background.spawn(housekeeping(
         Arc::clone(&store),
-        Arc::clone(&history_for_housekeeping),
+        Arc::clone(&history),
         stop_background.clone(),
     ));
     // Stopped after the connections have closed, so it stores their vacated events too.
-    background.spawn(channel_webhooks.run(stop_background.clone()));
+    background.spawn(channel_webhooks.run(publisher, stop_background.clone()));
 
     let served = listener::serve(
         listener,

@@ -7,6 +7,7 @@ use axum::{
     http::StatusCode,
 };
 use chrono::{DateTime, Utc};
+use herald_channels::Publish;
 use herald_core::{
     id,
     model::{App, Message},
@@ -183,7 +184,10 @@ pub async fn create(
         payload: bytes::Bytes::from(input.payload.get().to_owned()),
         created_at: now,
     };
-    crate::publisher::publish_message(&state, &app, message.clone()).await?;
+    state
+        .publisher
+        .publish(&app, Publish::message(message.clone()))
+        .await?;
     Ok((
         StatusCode::CREATED,
         Json(MessageOut::new(message, with_content)),

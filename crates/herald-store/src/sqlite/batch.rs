@@ -5,9 +5,15 @@
 //! their write to this task and wait; the task commits whatever has queued up in one
 //! transaction (see `grouped` for how). One caller's conflict does not undo the others'
 //! writes, and a caller's `await` returns only after the commit that contains its write.
+//!
+//! Channel history offsets are assigned here, inside that transaction, in the order the writes
+//! were handed over: each channel's offsets are gap-free and increase in commit order, and
+//! each caller gets back the positions its entries landed at. The writer pool has a single
+//! connection, so a `reset_history` (which writes through that pool directly) commits wholly
+//! before or after a batch, never inside one.
 
 use herald_core::{
-    history::{HistoryEntry, Retention},
+    history::{NewHistoryEntry, Position},
     model::{DeliveryStatus, IngestEvent, Message},
 };
 use sqlx::{Acquire, SqliteConnection, SqlitePool};
@@ -37,23 +43,20 @@ pub(crate) enum WriteOp {
         leases: super::leases::Leases,
     },
     /// One channel history event; rides the group commit like messages do.
-    AppendHistory {
-        entry: Box<HistoryEntry>,
-        retention: Retention,
-    },
+    AppendHistory { entry: Box<NewHistoryEntry> },
     /// A verified inbound webhook and the message it became, committed together so a
     /// provider's retry is either the first delivery or a recognised duplicate, never lost.
     RecordIngest {
         event: Box<IngestEvent>,
         message: Message,
         endpoint_ids: Vec<String>,
-        history: Vec<(HistoryEntry, Retention)>,
+        history: Vec<NewHistoryEntry>,
     },
     /// A message (if any) and the channel history entries it becomes, committed together, so
     /// a crash never leaves one without the other.
     Publication {
         message: Option<(Message, Vec<String>)>,
-        history: Vec<(HistoryEntry, Retention)>,
+        history: Vec<NewHistoryEntry>,
     },
     /// Channel webhook messages and the occupancy changes they report, committed together.
     ChannelEvents {
@@ -71,9 +74,13 @@ pub(crate) enum WriteOp {
     },
 }
 
+/// What a committed write reports to its caller: the positions assigned to its channel history
+/// entries, in the order it gave them (empty for a write without history).
+pub(crate) type Committed = Vec<Position>;
+
 pub(crate) struct PendingWrite {
     pub op: WriteOp,
-    pub done: oneshot::Sender<Result<()>>,
+    pub done: oneshot::Sender<Result<Committed>>,
 }
 
 pub(crate) async fn run(
@@ -119,7 +126,7 @@ async fn commit(pool: &SqlitePool, batch: &mut Vec<PendingWrite>) {
     }
 }
 
-async fn apply_all(pool: &SqlitePool, batch: &[PendingWrite]) -> Result<Vec<Result<()>>> {
+async fn apply_all(pool: &SqlitePool, batch: &[PendingWrite]) -> Result<Vec<Result<Committed>>> {
     let mut tx = pool.begin().await?;
     match grouped::apply(&mut tx, batch).await {
         Ok(outcomes) => {
@@ -134,6 +141,8 @@ async fn apply_all(pool: &SqlitePool, batch: &[PendingWrite]) -> Result<Vec<Resu
             tx.rollback().await?;
         }
     }
+    // Each write alone, in order: a write's offsets are assigned from the positions the writes
+    // before it left in this transaction, so a failed write consumes none.
     let mut tx = pool.begin().await?;
     let mut outcomes = Vec::with_capacity(batch.len());
     for write in batch {
@@ -141,7 +150,7 @@ async fn apply_all(pool: &SqlitePool, batch: &[PendingWrite]) -> Result<Vec<Resu
         match grouped::apply(&mut savepoint, std::slice::from_ref(write)).await {
             Ok(mut outcome) => {
                 savepoint.commit().await?;
-                outcomes.push(outcome.pop().unwrap_or(Ok(())));
+                outcomes.push(outcome.pop().unwrap_or_else(|| Ok(Vec::new())));
             }
             Err(e) => {
                 savepoint.rollback().await?;

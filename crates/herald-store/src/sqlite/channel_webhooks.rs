@@ -16,6 +16,7 @@ impl ChannelWebhookStore for SqliteStore {
     ) -> Result<()> {
         self.submit(WriteOp::ChannelEvents { messages, changes })
             .await
+            .map(drop)
     }
 
     async fn occupants(&self) -> Result<Vec<Occupant>> {

@@ -1,8 +1,8 @@
 //! [`HistoryStore`] on SQLite: channel positions and kept events; appends go through the
-//! group commit.
+//! group commit, which assigns their offsets.
 
 use chrono::{DateTime, Utc};
-use herald_core::history::{ChannelPosition, HistoryEntry, Retention};
+use herald_core::history::{ChannelPosition, HistoryEntry, NewHistoryEntry, Position};
 use sqlx::{QueryBuilder, Row};
 
 use super::{
@@ -51,38 +51,46 @@ impl HistoryStore for SqliteStore {
         &self,
         app_id: &str,
         channel: &str,
-        position: &ChannelPosition,
-    ) -> Result<()> {
-        let next = i64::try_from(position.next_offset)
-            .map_err(|_| StoreError::Corrupt("next_offset".into()))?;
+        epoch: &str,
+    ) -> Result<ChannelPosition> {
+        // The writer pool is the group commit's single connection: this transaction runs
+        // wholly before or after a batch of appends, never between a batch's read of the
+        // positions and its commit.
         let mut tx = self.writer.begin().await?;
         sqlx::query("DELETE FROM channel_history WHERE app_id = $1 AND channel = $2")
             .bind(app_id)
             .bind(channel)
             .execute(&mut *tx)
             .await?;
-        sqlx::query(
+        // Offsets go on counting: a client's old offset can never name an event of the new
+        // epoch.
+        let row = sqlx::query(
             "INSERT INTO channel_positions (app_id, channel, epoch, next_offset)
-             VALUES ($1, $2, $3, $4)
-             ON CONFLICT (app_id, channel) DO UPDATE SET epoch = excluded.epoch,
-                                                         next_offset = excluded.next_offset",
+             VALUES ($1, $2, $3, 1)
+             ON CONFLICT (app_id, channel) DO UPDATE SET epoch = excluded.epoch
+             RETURNING epoch, next_offset",
         )
         .bind(app_id)
         .bind(channel)
-        .bind(&position.epoch)
-        .bind(next)
-        .execute(&mut *tx)
+        .bind(epoch)
+        .fetch_one(&mut *tx)
         .await?;
+        let position = ChannelPosition {
+            epoch: row.try_get("epoch")?,
+            next_offset: u64::try_from(row.try_get::<i64, _>("next_offset")?)
+                .map_err(|_| StoreError::Corrupt("next_offset".into()))?,
+        };
         tx.commit().await?;
-        Ok(())
+        Ok(position)
     }
 
-    async fn append_history(&self, entry: HistoryEntry, retention: Retention) -> Result<()> {
+    async fn append_history(&self, entry: NewHistoryEntry) -> Result<Position> {
         self.submit(WriteOp::AppendHistory {
             entry: Box::new(entry),
-            retention,
         })
-        .await
+        .await?
+        .pop()
+        .ok_or_else(|| StoreError::Batch("an appended event was given no position".into()))
     }
 
     async fn history(

@@ -40,6 +40,7 @@ impl IdempotencyStore for SqliteStore {
             at: millis(now),
         })
         .await
+        .map(drop)
     }
 
     async fn purge_idempotency(

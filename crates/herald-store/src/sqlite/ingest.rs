@@ -2,7 +2,7 @@
 //! with its message in one group commit.
 
 use herald_core::{
-    history::{HistoryEntry, Retention},
+    history::NewHistoryEntry,
     model::{IngestEvent, IngestSource, Message},
 };
 use sqlx::QueryBuilder;
@@ -121,7 +121,7 @@ impl IngestStore for SqliteStore {
         event: IngestEvent,
         message: Message,
         endpoint_ids: Vec<String>,
-        history: Vec<(HistoryEntry, Retention)>,
+        history: Vec<NewHistoryEntry>,
     ) -> Result<IngestRecorded> {
         let (source_id, delivery_id) = (event.source_id.clone(), event.delivery_id.clone());
         match self
@@ -133,7 +133,7 @@ impl IngestStore for SqliteStore {
             })
             .await
         {
-            Ok(()) => Ok(IngestRecorded::New),
+            Ok(positions) => Ok(IngestRecorded::New(positions)),
             Err(StoreError::Conflict(what)) if what == super::batch::INGEST_DUPLICATE => {
                 let earlier = sqlx::query(
                     "SELECT * FROM ingest_events WHERE source_id = $1 AND delivery_id = $2",

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use herald_core::{
-    history::{HistoryEntry, Retention},
+    history::{NewHistoryEntry, Position},
     id,
     model::{DeliveryStatus, Message, TriggerType},
 };
@@ -31,13 +31,14 @@ impl MessageStore for SqliteStore {
             endpoint_ids,
         })
         .await
+        .map(drop)
     }
 
     async fn store_publication(
         &self,
         message: Option<(Message, Vec<String>)>,
-        history: Vec<(HistoryEntry, Retention)>,
-    ) -> Result<()> {
+        history: Vec<NewHistoryEntry>,
+    ) -> Result<Vec<Position>> {
         self.submit(WriteOp::Publication { message, history }).await
     }
 
@@ -287,7 +288,7 @@ impl MessageStore for SqliteStore {
         // Only this claim's lease: a later claim's stays.
         self.leases.release(&key, token);
         let recorded = match result {
-            Ok(()) => Recorded::Applied,
+            Ok(_) => Recorded::Applied,
             Err(StoreError::Conflict(reason)) if reason == STALE_LEASE => {
                 return Ok(Recorded::Stale);
             }

@@ -2,8 +2,9 @@
 //!
 //! Two pools: a single-connection writer (SQLite has one writer at a time, so queuing writes in
 //! the pool beats retrying on `SQLITE_BUSY`) and a small read-only pool that WAL lets run
-//! beside it. The two hot writes, new messages and attempt results, go through the group-commit
-//! task in [`batch`]; everything else writes through the writer pool directly.
+//! beside it. The hot writes (messages and publications, attempt results, history appends,
+//! ingest and idempotency records) go through the group-commit task in [`batch`], which also
+//! assigns channel history offsets; everything else writes through the writer pool directly.
 //!
 //! This file holds the struct, `open` and `close`, and the helpers every part shares; each
 //! store sub-trait is implemented in its own file (`apps.rs`, `event_types.rs`,
@@ -118,7 +119,8 @@ impl SqliteStore {
         Ok(app)
     }
 
-    async fn submit(&self, op: WriteOp) -> Result<()> {
+    /// Hands `op` to the group commit and waits for the commit that contains it.
+    async fn submit(&self, op: WriteOp) -> Result<batch::Committed> {
         let (done, outcome) = oneshot::channel();
         self.writes
             .send(PendingWrite { op, done })
@@ -161,12 +163,13 @@ mod tests {
     use bytes::Bytes;
     use chrono::Utc;
     use herald_core::{
+        history::{NewHistoryEntry, Retention},
         id,
         model::{Message, Metadata, PusherCredentials},
     };
 
     use super::*;
-    use crate::{AppStore, MessageQuery, MessageStore, conformance};
+    use crate::{AppStore, HistoryStore, MessageQuery, MessageStore, conformance};
 
     async fn open_in_tempdir() -> (tempfile::TempDir, SqliteStore) {
         let dir = tempfile::tempdir().expect("dir");
@@ -228,6 +231,52 @@ mod tests {
             .await
             .expect("list");
         assert_eq!(stored.len(), 1);
+        store.close().await;
+    }
+
+    /// Redone one write at a time, a batch still assigns offsets in order and gap-free: the
+    /// failing write consumes none.
+    #[tokio::test]
+    async fn a_failing_write_consumes_no_offset_of_its_batch() {
+        let (_dir, store) = open_in_tempdir().await;
+        let now = Utc::now();
+        let app = App {
+            id: id::new_id(id::APP, now),
+            uid: None,
+            name: "test".into(),
+            throttle_rate: None,
+            metadata: Metadata::new(),
+            pusher: PusherCredentials::generate(),
+            history: None,
+            created_at: now,
+            updated_at: now,
+        };
+        store.create_app(&app).await.expect("app");
+        let entry = |app_id: &str| NewHistoryEntry {
+            app_id: app_id.into(),
+            channel: "history-f".into(),
+            event: "e".into(),
+            data: "d".into(),
+            raw_json: false,
+            user_id: None,
+            created_at: now,
+            retention: Retention {
+                max_events: 100,
+                max_age: std::time::Duration::from_secs(3600),
+            },
+            first_epoch: None,
+        };
+        let publish = |app_id: &str| {
+            store.store_publication(Some((message(app_id), vec![])), vec![entry(app_id)])
+        };
+        let (first, bad, second) =
+            tokio::join!(publish(&app.id), publish("app_missing"), publish(&app.id));
+        assert!(matches!(bad, Err(StoreError::Database(_))), "{bad:?}");
+        let (first, second) = (first.expect("first"), second.expect("second"));
+        assert_eq!((first[0].offset, second[0].offset), (1, 2));
+        assert_eq!(first[0].epoch, second[0].epoch);
+        let next = store.append_history(entry(&app.id)).await.expect("append");
+        assert_eq!(next.offset, 3);
         store.close().await;
     }
 }

@@ -7,8 +7,9 @@ use std::{
     time::Duration,
 };
 
+use herald_channels::Publication;
 use herald_core::{
-    history::{Recovery, Retention},
+    history::{Position, Recovery, Retention},
     model::PusherCredentials,
     pusher,
 };
@@ -18,18 +19,39 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
-use crate::{Frame, Hub, WsConfig, hub::AppHub, protocol::client::parse};
+use crate::{Hub, WsConfig, hub::AppHub, protocol::client::parse};
 
 const KEY: &str = "app-key";
 const SECRET: &str = "app-secret";
 
 /// Known credentials, or unreadable ones; `history-*` channels keep history, and a join
-/// replays `replay`.
+/// replays `replay` (while it "reads", the publications at `published_meanwhile` offsets are
+/// broadcast, as a concurrent publisher's would be). Client events are published the way the
+/// publisher does: kept on history channels (with the next offset), then relayed.
 struct Scripted {
     credentials: Result<PusherCredentials, Unavailable>,
-    replay: Vec<Frame>,
+    replay: Vec<Arc<Publication>>,
+    published_meanwhile: Vec<u64>,
     /// Client events kept in history: (channel, event, data).
     kept: Mutex<Vec<(String, String, String)>>,
+    /// Set by [`Client::open`].
+    hub: Mutex<Option<Arc<AppHub>>>,
+}
+
+/// A publication on `channel` at `offset`.
+fn published(channel: &str, data: &str, offset: u64) -> Arc<Publication> {
+    Arc::new(
+        Publication::new(
+            "app_1",
+            channel,
+            "e",
+            herald_channels::EventData::text(data),
+        )
+        .with_position(Some(Position {
+            epoch: "e1".into(),
+            offset,
+        })),
+    )
 }
 
 impl Scripted {
@@ -42,7 +64,9 @@ impl Scripted {
                 previous: None,
             }),
             replay: Vec::new(),
+            published_meanwhile: Vec::new(),
             kept: Mutex::default(),
+            hub: Mutex::default(),
         }
     }
 }
@@ -59,14 +83,17 @@ impl Backend for Scripted {
         })
     }
 
-    async fn join<T: Send>(
+    async fn recover(
         &self,
-        _channel: &str,
+        channel: &str,
         _retention: Retention,
         resume: Option<&Resume>,
-        register: impl FnOnce(Joined) -> T + Send,
-    ) -> Result<T, StoreError> {
-        Ok(register(Joined {
+    ) -> Result<Joined, StoreError> {
+        let hub = self.hub.lock().expect("lock").clone().expect("opened");
+        for offset in &self.published_meanwhile {
+            hub.broadcast(&published(channel, "meanwhile", *offset));
+        }
+        Ok(Joined {
             epoch: "e1".into(),
             offset: self.replay.len() as u64,
             recovery: resume.map(|r| Recovery::Complete {
@@ -74,31 +101,44 @@ impl Backend for Scripted {
             }),
             replay: self.replay.clone(),
             rate_limited: false,
-        }))
+        })
     }
 
     async fn publish_client_event(
         &self,
         channel: &str,
-        _retention: Retention,
         event: &str,
         data: &RawValue,
-        _user_id: Option<&str>,
-        _sender: &str,
-        _report: impl FnOnce() -> ChannelEvent + Send,
-    ) -> Result<usize, StoreError> {
-        self.kept
-            .lock()
-            .expect("lock")
-            .push((channel.into(), event.into(), data.get().into()));
-        Ok(0)
+        user_id: Option<&str>,
+        sender: &str,
+    ) -> Result<(), PublishError> {
+        let position = self.retention(channel).map(|_| {
+            let mut kept = self.kept.lock().expect("lock");
+            kept.push((channel.into(), event.into(), data.get().into()));
+            Position {
+                epoch: "e1".into(),
+                offset: kept.len() as u64,
+            }
+        });
+        let publication = Publication::new(
+            "app_1",
+            channel,
+            event,
+            herald_channels::EventData::Json(data.to_owned()),
+        )
+        .with_user(user_id.map(str::to_owned))
+        .with_position(position)
+        .except(Some(sender.to_owned()));
+        let hub = self.hub.lock().expect("lock").clone().expect("opened");
+        hub.broadcast(&Arc::new(publication));
+        Ok(())
     }
 }
 
 /// One scripted connection.
 struct Client {
     session: Session<Scripted>,
-    frames: mpsc::Receiver<Frame>,
+    frames: mpsc::Receiver<Outgoing>,
     overflowed: CancellationToken,
     socket_id: String,
 }
@@ -106,6 +146,7 @@ struct Client {
 impl Client {
     fn open(hub: &Arc<AppHub>, socket_id: &str, config: &WsConfig, backend: Scripted) -> Self {
         let (outbox, frames, overflowed) = Outbox::new(256);
+        *backend.hub.lock().expect("lock") = Some(Arc::clone(hub));
         let session = Session::new(
             backend,
             Arc::clone(hub),
@@ -130,7 +171,8 @@ impl Client {
     fn received(&mut self) -> Vec<Value> {
         let mut out = Vec::new();
         while let Ok(frame) = self.frames.try_recv() {
-            let mut value: Value = serde_json::from_str(frame.as_str()).expect("frames are JSON");
+            let mut value: Value =
+                serde_json::from_str(frame.pusher_frame().as_str()).expect("frames are JSON");
             if let Some(inner) = value["data"]
                 .as_str()
                 .and_then(|d| serde_json::from_str::<Value>(d).ok())
@@ -497,18 +539,20 @@ async fn client_events_reach_the_others_verbatim_and_never_their_sender() {
     assert!(first.received().is_empty(), "not echoed");
     let frame = second.frames.try_recv().expect("relayed");
     assert_eq!(
-        frame.as_str(),
+        frame.pusher_frame().as_str(),
         r#"{"event":"client-typing","channel":"private-chat","data":{ "t" : 1 }}"#
     );
 }
 
 #[tokio::test(start_paused = true)]
-async fn client_events_on_a_history_channel_are_kept_not_relayed_live() {
-    let (_hub, mut client) = setup(&WsConfig::default());
-    client
-        .send(&subscribe_signed(&client, "private-history-chat", None))
-        .await;
-    client.received();
+async fn client_events_on_a_history_channel_are_kept_then_relayed_with_their_position() {
+    let (hub, mut client) = setup(&WsConfig::default());
+    let mut other = Client::open(&hub, "2.2", &WsConfig::default(), Scripted::new());
+    for c in [&mut client, &mut other] {
+        c.send(&subscribe_signed(c, "private-history-chat", None))
+            .await;
+        c.received();
+    }
     client
         .send(&client_event("private-history-chat", r#""hi""#))
         .await;
@@ -520,6 +564,12 @@ async fn client_events_on_a_history_channel_are_kept_not_relayed_live() {
             "client-typing".to_owned(),
             r#""hi""#.to_owned()
         )]
+    );
+    assert!(client.received().is_empty(), "not echoed");
+    let relayed = other.only();
+    assert_eq!(
+        (relayed["data"].clone(), relayed["offset"].clone()),
+        (json!("hi"), json!(1))
     );
 }
 
@@ -553,8 +603,8 @@ async fn a_history_join_confirms_with_its_status_then_replays_in_order() {
     let hub = Hub::default().app("app_1");
     let backend = Scripted {
         replay: vec![
-            Frame::from_static(r#"{"event":"e","channel":"history-x","data":"1","offset":1}"#),
-            Frame::from_static(r#"{"event":"e","channel":"history-x","data":"2","offset":2}"#),
+            published("history-x", "1", 1),
+            published("history-x", "2", 2),
         ],
         ..Scripted::new()
     };
@@ -573,6 +623,32 @@ async fn a_history_join_confirms_with_its_status_then_replays_in_order() {
     assert_eq!(frames[1]["offset"], 1);
     assert_eq!(frames[2]["offset"], 2);
     assert!(hub.is_subscribed("history-x", "1.1"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn what_is_published_while_a_join_reads_follows_the_replay_once() {
+    let hub = Hub::default().app("app_1");
+    // The replay was read up to offset 2; offset 2 was also broadcast while the join read
+    // (committed just before the read), and 3 and 4 after.
+    let backend = Scripted {
+        replay: vec![
+            published("history-x", "1", 1),
+            published("history-x", "2", 2),
+        ],
+        published_meanwhile: vec![2, 3, 4],
+        ..Scripted::new()
+    };
+    let mut client = Client::open(&hub, "1.1", &WsConfig::default(), backend);
+    client.received();
+    client
+        .send(r#"{"event":"pusher:subscribe","data":{"channel":"history-x","epoch":"e1","offset":0}}"#)
+        .await;
+    let frames = client.received();
+    let offsets: Vec<&Value> = frames.iter().skip(1).map(|f| &f["offset"]).collect();
+    assert_eq!(frames[0]["event"], "pusher_internal:subscription_succeeded");
+    assert_eq!(offsets, [1, 2, 3, 4], "in order, none twice, none missing");
+    hub.broadcast(&published("history-x", "5", 5));
+    assert_eq!(client.only()["offset"], 5, "then live");
 }
 
 #[tokio::test(start_paused = true)]

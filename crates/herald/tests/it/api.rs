@@ -913,10 +913,14 @@ async fn api_paths_with_one_trailing_slash_are_served_as_without_it() {
     server.stop().await;
 }
 
-/// Asserts a 422 in Svix's validation shape whose one item names `field` in the body.
+/// Asserts a 422 in Svix's validation shape whose one item names `field` in the body: its loc
+/// is the full path (`application.uid` is `["body", "application", "uid"]`), and so is its
+/// message.
 fn assert_refuses_field(status: u16, body: &Value, field: &str) {
     assert_eq!(status, 422, "{body}");
-    assert_eq!(body["detail"][0]["loc"], json!(["body", field]), "{body}");
+    let mut loc = vec!["body"];
+    loc.extend(field.split('.'));
+    assert_eq!(body["detail"][0]["loc"], json!(loc), "{body}");
     assert_eq!(body["detail"][0]["type"], "value_error.extra", "{body}");
     assert!(
         body["detail"][0]["msg"]
@@ -1006,7 +1010,7 @@ async fn a_misspelt_field_on_any_svix_input_is_refused_with_a_422_naming_it() {
             Method::POST,
             "/api/v1/app/typos-new/msg".into(),
             json!({"eventType": "a.b", "payload": {}, "application": {"name": "n", "uuid": "x"}}),
-            "uuid",
+            "application.uuid",
         ),
         (
             Method::POST,
@@ -1041,6 +1045,132 @@ async fn a_misspelt_field_on_any_svix_input_is_refused_with_a_422_naming_it() {
         .call(Method::GET, "/api/v1/event-type/a.b", None)
         .await;
     assert_eq!(status, 404);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_unknown_field_in_a_nested_object_is_refused_with_its_full_path() {
+    let server = TestServer::start().await;
+    let app = server.create_app("nested").await;
+    // A message's inline application (Svix's "create it if missing").
+    let (status, refused) = server
+        .call(
+            Method::POST,
+            "/api/v1/app/nested-new/msg",
+            Some(json!({
+                "eventType": "a.b", "payload": {"any": {"field": 1}},
+                "application": {"name": "n", "foo": 1}
+            })),
+        )
+        .await;
+    assert_refuses_field(status, &refused, "application.foo");
+    assert_eq!(
+        refused["detail"],
+        json!([{
+            "loc": ["body", "application", "foo"],
+            "msg": refused["detail"][0]["msg"],
+            "type": "value_error.extra"
+        }]),
+        "exactly one item: {refused}"
+    );
+    assert!(
+        refused["detail"][0]["msg"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("extra fields not permitted: unknown field `application.foo`"),
+        "{refused}"
+    );
+    let (status, _) = server
+        .call(Method::GET, "/api/v1/app/nested-new", None)
+        .await;
+    assert_eq!(status, 404, "the refused message created no application");
+
+    // An ingest source's hmac settings, one of Herald's own nested shapes.
+    let (status, refused) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/app/{app}/ingest/source"),
+            Some(json!({
+                "kind": "hmac-sha256", "secrets": ["s"],
+                "hmac": {"header": "X-Signature", "encodingg": "hex"}
+            })),
+        )
+        .await;
+    assert_refuses_field(status, &refused, "hmac.encodingg");
+
+    // Top-level fields are named as before.
+    let (status, refused) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/app/{app}/msg"),
+            Some(json!({"eventType": "a.b", "payload": {}, "foo": 1})),
+        )
+        .await;
+    assert_refuses_field(status, &refused, "foo");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_wrong_type_in_an_array_or_nested_object_names_its_full_path() {
+    let server = TestServer::start().await;
+    let app = server.create_app("typed").await;
+    let (status, refused) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/app/{app}/msg"),
+            Some(json!({"eventType": "a.b", "payload": {}, "channels": ["a", "b", 5]})),
+        )
+        .await;
+    assert_eq!(status, 422, "{refused}");
+    // Svix's loc is all strings: the index is "2".
+    assert_eq!(
+        refused["detail"][0]["loc"],
+        json!(["body", "channels", "2"]),
+        "{refused}"
+    );
+    assert_eq!(refused["detail"][0]["type"], "value_error", "{refused}");
+    let msg = refused["detail"][0]["msg"].as_str().unwrap_or("");
+    assert!(msg.starts_with("channels[2]: invalid type"), "{refused}");
+
+    // A missing field of a nested object is located at that object.
+    let (status, refused) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/app/{app}/msg"),
+            Some(json!({"eventType": "a.b", "payload": {}, "application": {"uid": "x"}})),
+        )
+        .await;
+    assert_eq!(status, 422, "{refused}");
+    assert_eq!(
+        refused["detail"][0]["loc"],
+        json!(["body", "application"]),
+        "{refused}"
+    );
+    let msg = refused["detail"][0]["msg"].as_str().unwrap_or("");
+    assert!(msg.contains("missing field `name`"), "{refused}");
+
+    // A bad value in an ingest source's nested settings.
+    let (status, refused) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/app/{app}/ingest/source"),
+            Some(json!({
+                "kind": "hmac-sha256", "secrets": ["s"],
+                "hmac": {"header": "X-Signature", "encoding": "base32"}
+            })),
+        )
+        .await;
+    assert_eq!(status, 422, "{refused}");
+    assert_eq!(
+        refused["detail"][0]["loc"],
+        json!(["body", "hmac", "encoding"]),
+        "{refused}"
+    );
+    let msg = refused["detail"][0]["msg"].as_str().unwrap_or("");
+    assert!(
+        msg.starts_with("hmac.encoding: unknown variant"),
+        "{refused}"
+    );
     server.stop().await;
 }
 

@@ -253,10 +253,7 @@ async fn impossible_resumptions_are_reported_with_the_current_position() {
 async fn housekeeping_purges_quiet_channels_and_channels_no_rule_keeps() {
     use std::sync::Arc;
 
-    use herald_channels::{
-        Hub,
-        history::{History, HistoryConfig},
-    };
+    use herald_channels::history::{History, HistoryConfig};
     use herald_core::{history::HistoryRule, model::App};
     use herald_store::{Store, sqlite::SqliteStore};
 
@@ -280,22 +277,13 @@ async fn housekeeping_purges_quiet_channels_and_channels_no_rule_keeps() {
         updated_at: now,
     };
     store.create_app(&app).await.expect("app");
-    let history = History::new(
-        Arc::clone(&store),
-        Arc::new(Hub::default()),
-        HistoryConfig::default(),
-    );
+    let history = Arc::new(History::new(Arc::clone(&store), HistoryConfig::default()));
+    let publisher = publisher_over(&store, &history);
     for n in 1..=5 {
-        history
-            .publish(&app, "h-1", "e", &n.to_string(), None)
-            .await
-            .expect("publish");
+        publish_note(&publisher, &app, "h-1", &n.to_string()).await;
     }
     for n in 1..=3 {
-        history
-            .publish(&app, "old-1", "e", &n.to_string(), None)
-            .await
-            .expect("publish");
+        publish_note(&publisher, &app, "old-1", &n.to_string()).await;
     }
     // The app stops keeping old-*.
     app.history = Some(vec![rule("h-*")]);
@@ -523,22 +511,64 @@ async fn first_sse_data(mut response: reqwest::Response) -> Value {
     serde_json::from_str(data.trim()).expect("JSON data")
 }
 
-/// A store, an app keeping the default history rules, and a `History` over them, in process:
-/// for what the listener cannot show (the positions cached in memory).
-async fn in_process_history(
-    dir: &std::path::Path,
-    adjust: impl FnOnce(herald_channels::history::History) -> herald_channels::history::History,
+/// A publisher over `store` and `history`, fanning out to a hub of its own (returned).
+fn publisher_with_hub(
+    store: &std::sync::Arc<dyn herald_store::Store>,
+    history: &std::sync::Arc<herald_channels::history::History>,
 ) -> (
-    std::sync::Arc<dyn herald_store::Store>,
-    herald_core::model::App,
-    std::sync::Arc<herald_channels::history::History>,
+    std::sync::Arc<herald_channels::Publisher>,
+    std::sync::Arc<herald_channels::Hub>,
 ) {
     use std::sync::Arc;
 
-    use herald_channels::{
-        Hub,
-        history::{History, HistoryConfig},
-    };
+    use herald_channels::{Hub, Publisher, broker::LocalBroker};
+    use herald_delivery::{DeliveryConfig, Dispatcher, WebhookClient};
+
+    let config = DeliveryConfig::default();
+    let client = WebhookClient::new(&config).expect("client");
+    let dispatcher = Dispatcher::new(Arc::clone(store), client, config);
+    let hub = Arc::new(Hub::default());
+    let publisher = Publisher::new(
+        Arc::clone(store),
+        Arc::new(LocalBroker::new(Arc::clone(&hub))),
+        Arc::clone(history),
+        dispatcher.handle(),
+    );
+    (Arc::new(publisher), hub)
+}
+
+fn publisher_over(
+    store: &std::sync::Arc<dyn herald_store::Store>,
+    history: &std::sync::Arc<herald_channels::history::History>,
+) -> std::sync::Arc<herald_channels::Publisher> {
+    publisher_with_hub(store, history).0
+}
+
+/// Publishes a `note` event with `data` to `channel` through the publisher.
+async fn publish_note(
+    publisher: &herald_channels::Publisher,
+    app: &herald_core::model::App,
+    channel: &str,
+    data: &str,
+) {
+    let publish = herald_channels::Publish::pusher_event("note", &[channel.to_owned()], data, None);
+    publisher.publish(app, publish).await.expect("publish");
+}
+
+/// A store, an app keeping the default history rules, the `History` over them, and a
+/// publisher fanning out to its own hub, in process: for what the listener cannot show.
+struct InProcess {
+    store: std::sync::Arc<dyn herald_store::Store>,
+    app: herald_core::model::App,
+    history: std::sync::Arc<herald_channels::history::History>,
+    publisher: std::sync::Arc<herald_channels::Publisher>,
+    hub: std::sync::Arc<herald_channels::Hub>,
+}
+
+async fn in_process_history(dir: &std::path::Path) -> InProcess {
+    use std::sync::Arc;
+
+    use herald_channels::history::{History, HistoryConfig};
     use herald_store::{Store, sqlite::SqliteStore};
 
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir).await.expect("store"));
@@ -555,24 +585,34 @@ async fn in_process_history(
         updated_at: now,
     };
     store.create_app(&app).await.expect("app");
-    let history = History::new(
-        Arc::clone(&store),
-        Arc::new(Hub::default()),
-        HistoryConfig::default(),
-    );
-    (store, app, Arc::new(adjust(history)))
+    let history = Arc::new(History::new(Arc::clone(&store), HistoryConfig::default()));
+    let (publisher, hub) = publisher_with_hub(&store, &history);
+    InProcess {
+        store,
+        app,
+        history,
+        publisher,
+        hub,
+    }
 }
 
-/// The review's finding: every distinct history channel anyone joined kept a position in
-/// memory until the hourly housekeeping, so anonymous subscribes to millions of public
-/// `history-*` names grew memory without bound. Now a channel nothing was appended to keeps
-/// nothing once its join is done, and its epoch stays the one its subscribers were told.
+/// The review's finding: every distinct history channel anyone joined kept a position, so
+/// anonymous subscribes to millions of public `history-*` names grew memory or disk without
+/// bound. Joining a channel nothing was appended to stores nothing, and its epoch is the same
+/// at every join; a client that saw nothing of it recovers the first event whatever the epoch
+/// it was told.
 #[tokio::test]
-async fn joining_channels_nothing_was_appended_to_leaves_no_position_in_memory() {
+async fn joining_channels_nothing_was_appended_to_stores_nothing() {
     use herald_channels::limits::ClientPermit;
 
     let dir = tempfile::tempdir().expect("dir");
-    let (store, app, history) = in_process_history(dir.path(), |h| h).await;
+    let InProcess {
+        store,
+        app,
+        history,
+        publisher,
+        ..
+    } = in_process_history(dir.path()).await;
     let budget = ClientPermit::unlimited();
     let join = |channel: String, resume: Option<herald_channels::history::Resume>| {
         let (history, app) = (std::sync::Arc::clone(&history), app.clone());
@@ -581,147 +621,131 @@ async fn joining_channels_nothing_was_appended_to_leaves_no_position_in_memory()
             let retention = history
                 .retention(&app, &channel)
                 .expect("a history channel");
-            history
-                .join(&app, &channel, retention, resume.as_ref(), budget, |j| {
-                    (j.epoch.clone(), j.offset, j.status())
-                })
+            let joined = history
+                .recover(&app, &channel, retention, resume.as_ref(), budget)
                 .await
-                .expect("join")
+                .expect("join");
+            (joined.epoch.clone(), joined.offset, joined.status())
         }
     };
     for n in 0..2_000 {
         let (_, offset, _) = join(format!("history-flood-{n}"), None).await;
         assert_eq!(offset, 0);
     }
-    assert_eq!(history.cached_positions(), 0, "2,000 joins keep nothing");
+    assert!(
+        store
+            .history_channels(None, 10)
+            .await
+            .expect("read")
+            .is_empty(),
+        "2,000 joins store nothing"
+    );
 
-    // The epoch of a channel never appended to is the same at every join, and the first
-    // event carries it: subscribers told it before are not told another one.
     let (epoch, _, _) = join("history-later".into(), None).await;
     let (again, _, _) = join("history-later".into(), None).await;
-    assert_eq!(epoch, again);
+    assert_eq!(epoch, again, "the same epoch at every join");
     let resume = herald_channels::history::Resume {
         epoch: epoch.clone(),
         offset: 0,
     };
     let (_, _, status) = join("history-later".into(), Some(resume.clone())).await;
     assert_eq!(status["recovered"], true, "{status}");
-    history
-        .publish(&app, "history-later", "note", "{}", None)
-        .await
-        .expect("publish");
-    let page = history
-        .page(&app, "history-later", None, None, 10, false)
-        .await
-        .expect("page")
-        .expect("a history channel");
-    assert_eq!(
-        page.entries[0].epoch, epoch,
-        "the epoch subscribers were told"
-    );
+    publish_note(&publisher, &app, "history-later", "{}").await;
     let (_, _, status) = join("history-later".into(), Some(resume)).await;
+    assert_eq!(status["recovered"], true, "{status}");
     assert_eq!(status["missed"], 1, "{status}");
-    assert_eq!(
-        history.cached_positions(),
-        1,
-        "a channel with a stored position stays cached"
-    );
     store.close().await;
 }
 
-/// Appends and joins of one channel are ordered by its slot's lock; dropping an unused slot
-/// after a join must never leave an append on a new slot running beside a join on the old
-/// one. Many fresh channels, each joined and published to at once: every subscriber told
-/// offset 0 gets the event live, with the epoch it was told.
+/// The recovery seam is a merge, not a lock: subscribe with broadcasts held, read what was
+/// missed, then go live past it. Many channels, each joined (resuming from offset 0) while
+/// three events are published to it at once: every subscriber gets offsets 1, 2, 3 exactly
+/// once and in order, whichever side of the read each one fell on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dropping_unused_positions_keeps_the_seam_between_join_and_append_exact() {
+async fn the_seam_between_join_and_publish_is_exact_under_races() {
     use std::sync::Arc;
 
-    use herald_channels::{history::History, hub::Outbox, limits::ClientPermit};
+    use herald_channels::{
+        Outgoing,
+        history::{Joined, Resume},
+        hub::Outbox,
+        limits::ClientPermit,
+    };
 
     let dir = tempfile::tempdir().expect("dir");
-    let (store, app, history) = in_process_history(dir.path(), |h| h).await;
+    let InProcess {
+        store,
+        app,
+        history,
+        publisher,
+        hub,
+    } = in_process_history(dir.path()).await;
     let mut tasks = Vec::new();
     for n in 0..200 {
         let channel = format!("history-race-{n}");
-        let (history, app) = (Arc::clone(&history), app.clone());
+        let (history, publisher, hub, app) = (
+            Arc::clone(&history),
+            Arc::clone(&publisher),
+            Arc::clone(&hub),
+            app.clone(),
+        );
         tasks.push(tokio::spawn(async move {
-            let (outbox, mut frames, _) = Outbox::new(8);
+            let (outbox, mut frames, overflowed) = Outbox::new(16);
             let joiner = {
-                let (history, app, channel): (Arc<History>, _, _) =
-                    (Arc::clone(&history), app.clone(), channel.clone());
+                let (history, hub, app, channel) = (
+                    Arc::clone(&history),
+                    hub.app(&app.id),
+                    app.clone(),
+                    channel.clone(),
+                );
                 tokio::spawn(async move {
                     let retention = history.retention(&app, &channel).expect("history");
-                    let hub = history.hub().app(&app.id);
-                    history
-                        .join(
+                    hub.subscribe_joining(&channel, "1.1", &outbox, None, 10)
+                        .expect("subscribed");
+                    let resume = Resume {
+                        epoch: "told-before".into(),
+                        offset: 0,
+                    };
+                    let Joined { offset, replay, .. } = history
+                        .recover(
                             &app,
                             &channel,
                             retention,
-                            None,
+                            Some(&resume),
                             &ClientPermit::unlimited(),
-                            |joined| {
-                                hub.subscribe(&channel, "1.1", &outbox, None, 10)
-                                    .expect("subscribed");
-                                (joined.epoch, joined.offset)
-                            },
                         )
                         .await
-                        .expect("join")
+                        .expect("recover");
+                    hub.go_live(&channel, "1.1", offset, |outbox| {
+                        for publication in replay {
+                            outbox.send(Outgoing::Publication(publication));
+                        }
+                    });
                 })
             };
-            history
-                .publish(&app, &channel, "note", "{}", None)
-                .await
-                .expect("publish");
-            let (epoch, offset) = joiner.await.expect("joiner");
-            if offset == 0 {
-                let frame = tokio::time::timeout(crate::harness::PATIENCE, frames.recv())
-                    .await
-                    .expect("the event, live")
-                    .expect("a frame");
-                let event: Value = serde_json::from_str(frame.as_str()).expect("json");
-                assert_eq!(event["offset"], 1, "{event}");
-                assert_eq!(event["epoch"], epoch.as_str(), "{event}");
-            } else {
-                assert_eq!(offset, 1, "joined after the append: told where it stands");
-                assert!(frames.try_recv().is_err(), "and not sent it again");
+            for k in 1..=3 {
+                publish_note(&publisher, &app, &channel, &k.to_string()).await;
             }
+            joiner.await.expect("joiner");
+            let mut offsets = Vec::new();
+            while offsets.len() < 3 {
+                let item = tokio::time::timeout(crate::harness::PATIENCE, frames.recv())
+                    .await
+                    .expect("every event, replayed or live")
+                    .expect("an item");
+                let Outgoing::Publication(p) = item else {
+                    panic!("only publications were sent");
+                };
+                offsets.push(p.offset().expect("a position"));
+            }
+            assert_eq!(offsets, [1, 2, 3], "{channel}");
+            assert!(frames.try_recv().is_err(), "nothing twice");
+            assert!(!overflowed.is_cancelled());
         }));
     }
     for task in tasks {
-        task.await.expect("no lost or doubled event");
+        task.await.expect("no lost, doubled or reordered event");
     }
-    assert!(history.cached_positions() <= 200);
-    store.close().await;
-}
-
-/// Positions of channels that were appended to stay cached for the next append, but only up
-/// to the cap: beyond, idle ones are evicted (and read from the store again on next use).
-#[tokio::test]
-async fn cached_positions_are_capped_and_evicted_ones_are_read_back() {
-    let dir = tempfile::tempdir().expect("dir");
-    let (store, app, history) =
-        in_process_history(dir.path(), |h| h.with_max_cached_positions(10)).await;
-    for n in 1..=30 {
-        history
-            .publish(&app, &format!("history-capped-{n}"), "note", "{}", None)
-            .await
-            .expect("publish");
-        assert!(history.cached_positions() <= 10, "after {n} channels");
-    }
-    history
-        .publish(&app, "history-capped-1", "note", "{}", None)
-        .await
-        .expect("publish again");
-    let page = history
-        .page(&app, "history-capped-1", None, None, 10, false)
-        .await
-        .expect("page")
-        .expect("a history channel");
-    let offsets: Vec<u64> = page.entries.iter().map(|e| e.offset).collect();
-    assert_eq!(offsets, [1, 2], "the evicted position was read back");
-    assert_eq!(page.entries[0].epoch, page.entries[1].epoch);
     store.close().await;
 }
 
@@ -730,15 +754,17 @@ async fn cached_positions_are_capped_and_evicted_ones_are_read_back() {
 #[tokio::test]
 async fn the_store_prices_a_history_range_in_bytes() {
     let dir = tempfile::tempdir().expect("dir");
-    let (store, app, history) = in_process_history(dir.path(), |h| h).await;
+    let InProcess {
+        store,
+        app,
+        publisher,
+        ..
+    } = in_process_history(dir.path()).await;
     let channel = "history-priced";
     // Multi-byte text: bytes, not characters.
     let data = ["é".repeat(100), "x".repeat(1000), "日本".repeat(10)];
     for text in &data {
-        history
-            .publish(&app, channel, "note", text, None)
-            .await
-            .expect("publish");
+        publish_note(&publisher, &app, channel, text).await;
     }
     let since = chrono::Utc::now() - chrono::Duration::hours(1);
     let bytes = |after, before| store.history_bytes(&app.id, channel, after, before, since);

@@ -5,19 +5,23 @@
 //! Unique-key conflicts (a repeated `eventId`) are expected and reported per write through
 //! `ON CONFLICT DO NOTHING RETURNING`; any other error aborts the batch and the caller falls
 //! back to applying writes one at a time.
+//!
+//! Channel history entries get their offsets here, after conflicts and duplicates are known
+//! (their entries get none): the positions of every channel the batch touches are read in one
+//! statement, offsets handed out in batch order, and the final positions written back.
 
 use std::collections::{HashMap, HashSet};
 
 use herald_core::{
-    history::{HistoryEntry, Retention},
+    history::{NewHistoryEntry, Position, new_epoch},
     model::{Message, TriggerType},
 };
 use serde_json::json;
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 
 use super::{
-    INGEST_DUPLICATE, MESSAGE_CONFLICT, PendingWrite, STALE_LEASE, WriteOp, endpoint_change,
-    next_state,
+    Committed, INGEST_DUPLICATE, MESSAGE_CONFLICT, PendingWrite, STALE_LEASE, WriteOp,
+    endpoint_change, next_state,
 };
 use crate::{
     AttemptRecord, OccupancyChange, Occupant, Result, StoreError,
@@ -31,8 +35,8 @@ const ROWS_PER_STATEMENT: usize = 256;
 pub(super) async fn apply(
     conn: &mut SqliteConnection,
     batch: &[PendingWrite],
-) -> Result<Vec<Result<()>>> {
-    let mut outcomes: Vec<Result<()>> = batch.iter().map(|_| Ok(())).collect();
+) -> Result<Vec<Result<Committed>>> {
+    let mut outcomes: Vec<Result<Committed>> = batch.iter().map(|_| Ok(Vec::new())).collect();
     let mut messages = Vec::new();
     let mut attempts = Vec::new();
     let mut idempotent = Vec::new();
@@ -57,18 +61,12 @@ pub(super) async fn apply(
                 }
                 attempts.push((record, current));
             }
-            WriteOp::AppendHistory { entry, retention } => {
-                histories.push((i, &**entry, *retention));
-            }
+            WriteOp::AppendHistory { entry } => histories.push((i, &**entry)),
             WriteOp::Publication { message, history } => {
                 if let Some((message, targets)) = message {
                     messages.push((i, message, targets.as_slice()));
                 }
-                histories.extend(
-                    history
-                        .iter()
-                        .map(|(entry, retention)| (i, entry, *retention)),
-                );
+                histories.extend(history.iter().map(|entry| (i, entry)));
             }
             WriteOp::RecordIngest {
                 event,
@@ -97,11 +95,7 @@ pub(super) async fn apply(
                 .await?;
                 if inserted.is_some() {
                     messages.push((i, message, endpoint_ids.as_slice()));
-                    histories.extend(
-                        history
-                            .iter()
-                            .map(|(entry, retention)| (i, entry, *retention)),
-                    );
+                    histories.extend(history.iter().map(|entry| (i, entry)));
                 } else {
                     outcomes[i] = Err(StoreError::Conflict(INGEST_DUPLICATE.to_owned()));
                 }
@@ -135,14 +129,21 @@ pub(super) async fn apply(
         save_idempotent(conn, &idempotent).await?;
     }
     // History only for writes whose message went in: a conflicting `eventId` publishes
-    // nothing, so its entries must not be kept either.
-    let histories: Vec<(&HistoryEntry, Retention)> = histories
+    // nothing, so its entries must not be kept either, nor consume an offset. Filtered before
+    // the offsets are assigned, so the offsets the batch hands out are gap-free.
+    let histories: Vec<(usize, &NewHistoryEntry)> = histories
         .into_iter()
-        .filter(|(i, _, _)| outcomes[*i].is_ok())
-        .map(|(_, entry, retention)| (entry, retention))
+        .filter(|(i, _)| outcomes[*i].is_ok())
         .collect();
     if !histories.is_empty() {
-        append_histories(conn, &histories).await?;
+        let entries: Vec<&NewHistoryEntry> = histories.iter().map(|(_, entry)| *entry).collect();
+        let positions = append_histories(conn, &entries).await?;
+        // In batch order, so each write's positions come back in the order it gave its entries.
+        for ((i, _), position) in histories.iter().zip(positions) {
+            if let Ok(committed) = &mut outcomes[*i] {
+                committed.push(position);
+            }
+        }
     }
     if !occupancy.is_empty() {
         apply_occupancy(conn, &occupancy).await?;
@@ -196,7 +197,7 @@ async fn apply_occupancy(conn: &mut SqliteConnection, changes: &[&OccupancyChang
 async fn insert_messages(
     conn: &mut SqliteConnection,
     messages: &[(usize, &Message, &[String])],
-    outcomes: &mut [Result<()>],
+    outcomes: &mut [Result<Committed>],
 ) -> Result<()> {
     let mut inserted = HashSet::with_capacity(messages.len());
     for chunk in messages.chunks(ROWS_PER_STATEMENT) {
@@ -249,29 +250,105 @@ async fn insert_messages(
 
 /// Trimming a channel to its retention costs a statement of its own, so it runs on every
 /// `TRIM_EVERY`th offset; readers apply the retention themselves meanwhile.
-const TRIM_EVERY: u64 = 16;
+const TRIM_EVERY: i64 = 16;
 
+/// A channel's position while a batch hands out its offsets.
+struct Assigning {
+    epoch: String,
+    next_offset: i64,
+}
+
+/// Assigns each entry its channel's epoch and next offset, in the order given, keeps them, moves
+/// each channel's position past its last one, and trims the channels whose new offsets include
+/// a multiple of [`TRIM_EVERY`]. Returns each entry's position, in the order given.
+///
+/// Runs inside the batch's transaction on the single writer connection, so the positions it
+/// reads are the committed ones plus what this transaction wrote, and nothing else writes them
+/// until it commits.
 async fn append_histories(
     conn: &mut SqliteConnection,
-    entries: &[(&HistoryEntry, Retention)],
-) -> Result<()> {
-    let offset = |e: &HistoryEntry| {
-        i64::try_from(e.offset).map_err(|_| StoreError::Corrupt("history offset".into()))
-    };
-    for chunk in entries.chunks(ROWS_PER_STATEMENT) {
+    entries: &[&NewHistoryEntry],
+) -> Result<Vec<Position>> {
+    // Every channel the batch touches, in first-appearance order.
+    let mut channels: HashMap<(&str, &str), usize> = HashMap::new();
+    let mut order: Vec<(&str, &str)> = Vec::new();
+    // The epoch each channel starts under if it has no position yet: its first entry's.
+    let mut first_epochs: Vec<Option<&str>> = Vec::new();
+    for entry in entries {
+        let key = (entry.app_id.as_str(), entry.channel.as_str());
+        channels.entry(key).or_insert_with(|| {
+            order.push(key);
+            first_epochs.push(entry.first_epoch.as_deref());
+            order.len() - 1
+        });
+    }
+
+    // Their stored positions: one statement for the batch (chunked only beyond
+    // `ROWS_PER_STATEMENT` channels).
+    let mut stored: HashMap<(String, String), (String, i64)> = HashMap::with_capacity(order.len());
+    for chunk in order.chunks(ROWS_PER_STATEMENT) {
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "SELECT app_id, channel, epoch, next_offset FROM channel_positions
+             WHERE (app_id, channel) IN (VALUES ",
+        );
+        let mut rows = q.separated(", ");
+        for (app_id, channel) in chunk {
+            rows.push("(");
+            rows.push_bind_unseparated(*app_id);
+            rows.push_unseparated(", ");
+            rows.push_bind_unseparated(*channel);
+            rows.push_unseparated(")");
+        }
+        q.push(")");
+        for row in q.build().fetch_all(&mut *conn).await? {
+            stored.insert(
+                (row.try_get("app_id")?, row.try_get("channel")?),
+                (row.try_get("epoch")?, row.try_get("next_offset")?),
+            );
+        }
+    }
+    let mut assigning: Vec<Assigning> = order
+        .iter()
+        .zip(&first_epochs)
+        .map(|((app_id, channel), first_epoch)| {
+            match stored.remove(&((*app_id).to_owned(), (*channel).to_owned())) {
+                Some((epoch, next_offset)) if next_offset >= 1 => {
+                    Ok(Assigning { epoch, next_offset })
+                }
+                Some(_) => Err(StoreError::Corrupt("next_offset".into())),
+                // First use: the epoch its subscribers were told, or a new one; offset 1.
+                None => Ok(Assigning {
+                    epoch: first_epoch.map_or_else(new_epoch, str::to_owned),
+                    next_offset: 1,
+                }),
+            }
+        })
+        .collect::<Result<_>>()?;
+
+    // Offsets in the order given.
+    let mut seqs = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let index = channels[&(entry.app_id.as_str(), entry.channel.as_str())];
+        let channel = &mut assigning[index];
+        seqs.push((channel.next_offset, index));
+        channel.next_offset += 1;
+    }
+
+    let rows: Vec<(&NewHistoryEntry, i64, &str)> = entries
+        .iter()
+        .zip(&seqs)
+        .map(|(entry, (seq, channel))| (*entry, *seq, assigning[*channel].epoch.as_str()))
+        .collect();
+    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
         let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
             "INSERT INTO channel_history (app_id, channel, seq, epoch, event, data, created_at,
                                           raw_json, user_id) ",
         );
-        let mut rows = Vec::with_capacity(chunk.len());
-        for (entry, _) in chunk {
-            rows.push((*entry, offset(entry)?));
-        }
-        q.push_values(&rows, |mut row, (e, seq)| {
+        q.push_values(chunk, |mut row, (e, seq, epoch)| {
             row.push_bind(&e.app_id)
                 .push_bind(&e.channel)
                 .push_bind(*seq)
-                .push_bind(&e.epoch)
+                .push_bind(*epoch)
                 .push_bind(&e.event)
                 .push_bind(&e.data)
                 .push_bind(millis(e.created_at))
@@ -279,30 +356,37 @@ async fn append_histories(
                 .push_bind(&e.user_id);
         });
         q.build().execute(&mut *conn).await?;
+    }
 
+    // Each channel's position once, past its last offset. The epoch is the one read (or, for
+    // a new channel, minted) above, which nothing can have changed since in this transaction.
+    let positions: Vec<((&str, &str), &Assigning)> =
+        order.iter().copied().zip(&assigning).collect();
+    for chunk in positions.chunks(ROWS_PER_STATEMENT) {
         let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
             "INSERT INTO channel_positions (app_id, channel, epoch, next_offset) ",
         );
-        q.push_values(&rows, |mut row, (e, seq)| {
-            row.push_bind(&e.app_id)
-                .push_bind(&e.channel)
-                .push_bind(&e.epoch)
-                .push_bind(seq + 1);
+        q.push_values(chunk, |mut row, ((app_id, channel), at)| {
+            row.push_bind(*app_id)
+                .push_bind(*channel)
+                .push_bind(at.epoch.as_str())
+                .push_bind(at.next_offset);
         });
-        // One appender per channel, so a batch holds a channel once; `max` keeps it monotonic
-        // regardless.
         q.push(
             " ON CONFLICT (app_id, channel) DO UPDATE SET epoch = excluded.epoch,
-                 next_offset = max(next_offset, excluded.next_offset)",
+                 next_offset = excluded.next_offset",
         );
         q.build().execute(&mut *conn).await?;
     }
-    for (entry, retention) in entries {
-        if entry.offset % TRIM_EVERY != 0 {
+
+    for (entry, seq, _) in &rows {
+        if seq % TRIM_EVERY != 0 {
             continue;
         }
-        let seq = offset(entry)?;
-        let keep_from = seq - i64::try_from(retention.max_events).unwrap_or(i64::MAX) + 1;
+        let retention = entry.retention;
+        let keep_from = seq
+            .saturating_sub(i64::try_from(retention.max_events).unwrap_or(i64::MAX))
+            .saturating_add(1);
         let max_age =
             chrono::Duration::from_std(retention.max_age).unwrap_or(chrono::Duration::MAX);
         let expired = entry
@@ -320,7 +404,16 @@ async fn append_histories(
         .execute(&mut *conn)
         .await?;
     }
-    Ok(())
+
+    rows.iter()
+        .map(|(_, seq, epoch)| {
+            Ok(Position {
+                epoch: (*epoch).to_owned(),
+                offset: u64::try_from(*seq)
+                    .map_err(|_| StoreError::Corrupt("history offset".into()))?,
+            })
+        })
+        .collect()
 }
 
 /// Logs every attempt; moves to its next state only the deliveries of records whose lease is

@@ -1,0 +1,449 @@
+//! The one publish path. Every producer of events (the Svix message API, the Pusher HTTP API,
+//! webhooks in and their replays, WebSocket client events, channel webhooks) publishes through
+//! [`Publisher`], and nowhere else are webhook targets chosen, messages and history stored,
+//! delivery woken, or channels fanned out to (`tests/it/tidy.rs` checks that no other module
+//! calls the store's publishing writes or the hub's broadcast).
+//!
+//! One publication, in order:
+//! 1. **Targets:** the app's Standard Webhooks endpoints whose filters want the event.
+//! 2. **One commit:** the webhook message with its first attempts, the history entries of the
+//!    channels that keep history (the store assigns their offsets in that commit), and for
+//!    webhooks in the received request. A crash can never leave a message delivered as a
+//!    webhook but missing from history, or the reverse.
+//! 3. **Wake** delivery, if a webhook was queued.
+//! 4. **Fan out:** one [`Publication`] per channel, handed to the [`Broker`]; history channels'
+//!    carry their positions.
+//!
+//! One event stream, both ways:
+//! - A webhook message with `channels` also goes to the channels' subscribers (WebSocket and
+//!   SSE), as an event named by its `eventType` whose `data` is the payload's JSON text.
+//! - An event triggered through the Pusher HTTP API also becomes a webhook message for the
+//!   Standard Webhooks endpoints whose filters match: `eventType` = the event name, `payload` =
+//!   `data` if it is a JSON object, otherwise `{"data": <data>}`, `channels` = the event's.
+//!
+//! Order: the store assigns a history channel's offsets in commit order, and this node hands
+//! one channel's publications to the broker in that order, by holding the channel's turn
+//! ([`ChannelTurns`]) from the commit to the hand-over. The turn only orders this node's
+//! hand-overs; it plays no part in recovery, which merges by offset (see `history`).
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use bytes::Bytes;
+use herald_core::{
+    history::NewHistoryEntry,
+    id,
+    model::{App, EndpointFormat, IngestEvent, Message},
+    pusher, validate,
+};
+use herald_delivery::DispatcherHandle;
+use herald_store::{IngestRecorded, OccupancyChange, Store, StoreError};
+
+use crate::{
+    broker::Broker,
+    history::History,
+    publication::{EventData, Publication},
+};
+
+/// What a producer publishes: an event, the channels it goes to, and the webhook message it is
+/// (or may become).
+#[derive(Debug)]
+pub struct Publish {
+    pub event: String,
+    /// Names that are not subscribable channel names reach no subscriber and keep no history.
+    pub channels: Vec<String>,
+    pub data: EventData,
+    /// The sender's user id (client events on presence channels).
+    pub user_id: Option<String>,
+    /// A socket that must not receive it.
+    pub except: Option<String>,
+    pub webhook: Webhook,
+}
+
+impl Publish {
+    /// A webhook message (the Svix API, a replay): to the endpoints that want it, and as an
+    /// event named by its `eventType` to its channels, with the payload's text as data.
+    pub fn message(message: Message) -> Self {
+        Self {
+            event: message.event_type.clone(),
+            channels: message.channels.clone().unwrap_or_default(),
+            data: EventData::payload(&message.payload),
+            user_id: None,
+            except: None,
+            webhook: Webhook::Message(message),
+        }
+    }
+
+    /// A verified inbound webhook and the message it becomes.
+    pub fn ingest(record: IngestEvent, message: Message) -> Self {
+        let mut publish = Self::message(message);
+        if let Webhook::Message(message) = std::mem::replace(&mut publish.webhook, Webhook::None) {
+            publish.webhook = Webhook::Ingest(Box::new(record), message);
+        }
+        publish
+    }
+
+    /// An event triggered through the Pusher HTTP API (but socket `except`).
+    pub fn pusher_event(name: &str, channels: &[String], data: &str, except: Option<&str>) -> Self {
+        Self {
+            event: name.to_owned(),
+            channels: channels.to_vec(),
+            data: EventData::text(data),
+            user_id: None,
+            except: except.map(str::to_owned),
+            webhook: Webhook::IfWanted,
+        }
+    }
+}
+
+/// The webhook side of a publication.
+#[derive(Debug)]
+pub enum Webhook {
+    /// None (client events).
+    None,
+    /// This message, to the Standard Webhooks endpoints whose filters want it.
+    Message(Message),
+    /// A message built from the event, only if an endpoint wants it (the Pusher HTTP API):
+    /// nothing is stored for an event no endpoint wants on channels that keep no history.
+    IfWanted,
+    /// A verified inbound webhook and the message it becomes, recorded together; a delivery
+    /// the provider sent before publishes nothing.
+    Ingest(Box<IngestEvent>, Message),
+}
+
+/// What a publication did.
+#[derive(Debug)]
+pub struct Published {
+    /// For webhooks in: new, or the earlier record of a repeated delivery (then nothing was
+    /// stored or sent).
+    pub ingest: Option<IngestRecorded>,
+    /// Subscribers the event was handed to on this node.
+    pub sent: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+pub struct Publisher {
+    store: Arc<dyn Store>,
+    broker: Arc<dyn Broker>,
+    history: Arc<History>,
+    dispatcher: DispatcherHandle,
+    turns: ChannelTurns,
+}
+
+impl Publisher {
+    pub fn new(
+        store: Arc<dyn Store>,
+        broker: Arc<dyn Broker>,
+        history: Arc<History>,
+        dispatcher: DispatcherHandle,
+    ) -> Self {
+        Self {
+            store,
+            broker,
+            history,
+            dispatcher,
+            turns: ChannelTurns::default(),
+        }
+    }
+
+    pub fn history(&self) -> &Arc<History> {
+        &self.history
+    }
+
+    /// Publishes one event: targets, one commit, wake, fan-out (see the module's doc).
+    pub async fn publish(&self, app: &App, publish: Publish) -> Result<Published, PublishError> {
+        let Publish {
+            event,
+            channels,
+            data,
+            user_id,
+            except,
+            webhook,
+        } = publish;
+        let channels = subscribable(&channels);
+        let mut kept: Vec<(&str, herald_core::history::Retention)> = channels
+            .iter()
+            .filter_map(|c| self.history.retention(app, c).map(|r| (c.as_str(), r)))
+            .collect();
+        kept.sort_unstable_by(|a, b| a.0.cmp(b.0));
+
+        // 1. Targets first: a Pusher event's message is built only if an endpoint wants it.
+        let (message, ingest) = match webhook {
+            Webhook::None => (None, None),
+            Webhook::Message(message) => {
+                let targets = self
+                    .targets(app, &message.event_type, message.channels.as_deref())
+                    .await?;
+                (Some((message, targets)), None)
+            }
+            Webhook::IfWanted => {
+                let targets = if validate::event_type_name(&event).is_ok() {
+                    let named = (!channels.is_empty()).then_some(channels.as_slice());
+                    self.targets(app, &event, named).await?
+                } else {
+                    tracing::debug!(
+                        event,
+                        "event name is not a valid event type; not forwarded to webhooks"
+                    );
+                    Vec::new()
+                };
+                let message = (!targets.is_empty())
+                    .then(|| (event_message(app, &event, &channels, &data), targets));
+                (message, None)
+            }
+            Webhook::Ingest(record, message) => {
+                let targets = self
+                    .targets(app, &message.event_type, message.channels.as_deref())
+                    .await?;
+                (Some((message, targets)), Some(record))
+            }
+        };
+        let wake = message.as_ref().is_some_and(|(_, t)| !t.is_empty());
+
+        // 2. One commit, holding the history channels' turns until the hand-over.
+        let _turns = self.turns.take(&app.id, &kept).await;
+        let now = chrono::Utc::now();
+        let entries: Vec<NewHistoryEntry> = kept
+            .iter()
+            .map(|(channel, retention)| NewHistoryEntry {
+                app_id: app.id.clone(),
+                channel: (*channel).to_owned(),
+                event: event.clone(),
+                data: data.as_str().to_owned(),
+                raw_json: data.is_json(),
+                user_id: user_id.clone(),
+                created_at: now,
+                retention: *retention,
+                first_epoch: Some(self.history.fresh_epoch(&app.id, channel)),
+            })
+            .collect();
+        let (positions, recorded) = match (ingest, message) {
+            (Some(record), Some((message, targets))) => {
+                match self
+                    .store
+                    .record_ingest(*record, message, targets, entries)
+                    .await?
+                {
+                    IngestRecorded::New(positions) => {
+                        let recorded = IngestRecorded::New(positions.clone());
+                        (positions, Some(recorded))
+                    }
+                    duplicate @ IngestRecorded::Duplicate(_) => {
+                        return Ok(Published {
+                            ingest: Some(duplicate),
+                            sent: 0,
+                        });
+                    }
+                }
+            }
+            (_, Some((message, targets))) if entries.is_empty() => {
+                self.store.create_message(message, targets).await?;
+                (Vec::new(), None)
+            }
+            (_, message) if message.is_some() || !entries.is_empty() => {
+                (self.store.store_publication(message, entries).await?, None)
+            }
+            _ => (Vec::new(), None),
+        };
+
+        // 3. Wake delivery.
+        if wake {
+            self.dispatcher.wake();
+        }
+
+        // 4. Fan out, history channels with their positions.
+        let publications: Vec<Arc<Publication>> = channels
+            .iter()
+            .map(|channel| {
+                let position = kept
+                    .binary_search_by(|(c, _)| (*c).cmp(channel.as_str()))
+                    .ok()
+                    .and_then(|at| positions.get(at).cloned());
+                Arc::new(
+                    Publication::new(&app.id, channel, &event, data.clone())
+                        .with_user(user_id.clone())
+                        .with_position(position)
+                        .except(except.clone()),
+                )
+            })
+            .collect();
+        let sent = match self.broker.publish(&publications).await {
+            Ok(sent) => sent,
+            Err(e) => {
+                // Committed: history channels' subscribers recover it by offset.
+                tracing::error!(error = %e, app_id = %app.id, event, "handing a publication to the broker failed");
+                0
+            }
+        };
+        Ok(Published {
+            ingest: recorded,
+            sent,
+        })
+    }
+
+    /// Stores channel webhook messages (one per app and group of endpoints wanting the same
+    /// events) with the occupancy changes they report, in one commit, and wakes delivery.
+    pub async fn publish_channel_webhooks(
+        &self,
+        messages: Vec<(Message, Vec<String>)>,
+        changes: Vec<OccupancyChange>,
+    ) -> Result<(), PublishError> {
+        let wake = !messages.is_empty();
+        self.store.record_channel_events(messages, changes).await?;
+        if wake {
+            self.dispatcher.wake();
+        }
+        Ok(())
+    }
+
+    /// The app's Standard Webhooks endpoints that want an event of this type and channels.
+    async fn targets(
+        &self,
+        app: &App,
+        event_type: &str,
+        channels: Option<&[String]>,
+    ) -> Result<Vec<String>, StoreError> {
+        let endpoints = self.store.app_endpoints(&app.id).await?;
+        Ok(endpoints
+            .iter()
+            .filter(|ep| ep.wants(EndpointFormat::StandardWebhooks, event_type, channels))
+            .map(|ep| ep.id.clone())
+            .collect())
+    }
+}
+
+/// The webhook message a Pusher event becomes.
+fn event_message(app: &App, name: &str, channels: &[String], data: &EventData) -> Message {
+    let text = data.as_str();
+    let is_object = serde_json::from_str::<serde_json::Value>(text).is_ok_and(|v| v.is_object());
+    let payload = match data {
+        EventData::Text(bytes) if is_object => bytes.clone(),
+        _ if is_object => Bytes::from(text.to_owned()),
+        _ => Bytes::from(serde_json::json!({ "data": text }).to_string()),
+    };
+    let now = crate::now();
+    Message {
+        id: id::new_id(id::MESSAGE, now),
+        app_id: app.id.clone(),
+        event_id: None,
+        event_type: name.to_owned(),
+        channels: (!channels.is_empty()).then(|| channels.to_vec()),
+        tags: None,
+        payload,
+        created_at: now,
+    }
+}
+
+/// The channels a client can subscribe to, each once, in the order named; other names have
+/// no subscribers and keep no history.
+fn subscribable(channels: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::with_capacity(channels.len());
+    for channel in channels {
+        if pusher::validate_channel_name(channel).is_ok() && !out.contains(channel) {
+            out.push(channel.clone());
+        }
+    }
+    out
+}
+
+type Turn = Arc<tokio::sync::Mutex<()>>;
+
+/// Each history channel's turn to hand publications to the broker, so this node hands them
+/// over in the order the store assigned their offsets. A channel's entry lives while someone
+/// holds or waits for its turn, and is dropped by the last one out.
+#[derive(Default)]
+pub(crate) struct ChannelTurns {
+    turns: Mutex<HashMap<(String, String), Turn>>,
+}
+
+/// Held turns; released (and idle entries dropped) on drop.
+pub(crate) struct HeldTurns<'a> {
+    owner: &'a ChannelTurns,
+    app_id: String,
+    held: Vec<(String, Turn, tokio::sync::OwnedMutexGuard<()>)>,
+}
+
+impl ChannelTurns {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Turn>> {
+        self.turns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes the turns of `channels` (sorted by name, so two publications never wait for each
+    /// other crosswise).
+    pub(crate) async fn take<T>(&self, app_id: &str, channels: &[(&str, T)]) -> HeldTurns<'_> {
+        let mut held = Vec::with_capacity(channels.len());
+        for (channel, _) in channels {
+            let turn = Arc::clone(
+                self.lock()
+                    .entry((app_id.to_owned(), (*channel).to_owned()))
+                    .or_default(),
+            );
+            let guard = Arc::clone(&turn).lock_owned().await;
+            held.push(((*channel).to_owned(), turn, guard));
+        }
+        HeldTurns {
+            owner: self,
+            app_id: app_id.to_owned(),
+            held,
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+impl Drop for HeldTurns<'_> {
+    fn drop(&mut self) {
+        if self.held.is_empty() {
+            return;
+        }
+        let mut turns = self.owner.lock();
+        for (channel, turn, guard) in self.held.drain(..) {
+            drop(guard);
+            let key = (self.app_id.clone(), channel);
+            // The map's and ours: nobody else holds or waits for it.
+            if Arc::strong_count(&turn) == 2
+                && turns.get(&key).is_some_and(|t| Arc::ptr_eq(t, &turn))
+            {
+                turns.remove(&key);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subscribable_keeps_valid_names_once_in_order() {
+        let names: Vec<String> = ["b", "a:x", "a", "b"].map(String::from).to_vec();
+        assert_eq!(subscribable(&names), ["b", "a"]);
+    }
+
+    #[tokio::test]
+    async fn turns_are_taken_one_at_a_time_and_forgotten_when_idle() {
+        let turns = Arc::new(ChannelTurns::default());
+        let first = turns.take("app", &[("c", ())]).await;
+        let waiting = {
+            let turns = Arc::clone(&turns);
+            tokio::spawn(async move {
+                let _second = turns.take("app", &[("c", ())]).await;
+            })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "the second waits for the first");
+        drop(first);
+        waiting.await.expect("second ran");
+        assert_eq!(turns.len(), 0, "no entry outlives its users");
+    }
+}
