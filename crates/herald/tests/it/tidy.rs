@@ -179,3 +179,64 @@ fn no_face_depends_on_another_face() {
         );
     }
 }
+
+/// One publish path: only the channel layer's publisher calls the store's publishing writes
+/// (messages, publications, history appends, inbound webhook records, channel webhook
+/// messages), and only the broker hands publications to the hub. A producer that called
+/// them itself would skip the one commit, the wake-up or the fan-out, and a cluster's
+/// broker would never see its events. Tests (test files, and a file's `#[cfg(test)]` tail)
+/// may drive the parts directly.
+#[test]
+fn no_producer_bypasses_the_publisher() {
+    const PUBLISHING_WRITES: [&str; 5] = [
+        ".store_publication(",
+        ".record_ingest(",
+        ".create_message(",
+        ".append_history(",
+        ".record_channel_events(",
+    ];
+    const HUB_BROADCAST: &str = ".broadcast(";
+    let publisher = root().join("crates/herald-channels/src/publisher.rs");
+    let broker = root().join("crates/herald-channels/src/broker.rs");
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(root().join("crates")).expect("read crates") {
+        let krate = entry.expect("a crate").path();
+        // The store defines the writes; its own code and conformance suite call them.
+        if krate.ends_with("herald-store") {
+            continue;
+        }
+        for dir in ["src", "benches"] {
+            if krate.join(dir).is_dir() {
+                rust_files(&krate.join(dir), &mut files);
+            }
+        }
+    }
+    assert!(files.contains(&publisher), "the publisher was read");
+    let mut bypasses = Vec::new();
+    for file in &files {
+        if file.file_name().is_some_and(|n| n == "tests.rs") {
+            continue;
+        }
+        let text = std::fs::read_to_string(file).expect("read a source file");
+        let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+        let name = file
+            .strip_prefix(root())
+            .unwrap_or(file)
+            .display()
+            .to_string();
+        if *file != publisher {
+            for call in PUBLISHING_WRITES {
+                if code.contains(call) {
+                    bypasses.push(format!("{name} calls {call}..) itself"));
+                }
+            }
+        }
+        if *file != broker && code.contains(HUB_BROADCAST) {
+            bypasses.push(format!("{name} broadcasts to the hub itself"));
+        }
+    }
+    assert!(
+        bypasses.is_empty(),
+        "producers must publish through herald_channels::Publisher: {bypasses:#?}"
+    );
+}
