@@ -53,6 +53,8 @@ checks!(
     a_claim_leaves_out_endpoints_at_their_limit,
     a_recorded_attempt_is_logged_and_settles_the_delivery,
     a_record_under_a_lapsed_lease_is_logged_but_leaves_the_newer_claims_state,
+    a_resend_during_an_attempt_fences_the_attempts_record,
+    a_recovered_delivery_is_claimed_under_a_new_lease_whose_record_applies,
     an_endpoint_update_read_before_the_workers_disable_conflicts,
     history_appends_advance_the_position_and_trim_to_the_retention,
     a_conflicting_publication_commits_no_history,
@@ -785,6 +787,291 @@ pub async fn a_record_under_a_lapsed_lease_is_logged_but_leaves_the_newer_claims
         .await
         .expect("attempts");
     assert_eq!(logged.len(), 3, "every attempt is logged, stale ones too");
+}
+
+/// The record of an attempt to `ep`'s delivery of `msg` made under `lease`: failed and retried
+/// or given up unless `next` is [`NextStep::Delivered`].
+fn attempt_record(
+    msg: &Message,
+    ep: &Endpoint,
+    lease: LeaseToken,
+    at: DateTime<Utc>,
+    trigger_type: TriggerType,
+    next: NextStep,
+    endpoint_change: EndpointChange,
+) -> AttemptRecord {
+    let delivered = next == NextStep::Delivered;
+    AttemptRecord {
+        attempt: Attempt {
+            id: id::new_id(id::ATTEMPT, at),
+            msg_id: msg.id.clone(),
+            endpoint_id: ep.id.clone(),
+            app_id: msg.app_id.clone(),
+            url: ep.url.clone(),
+            status: if delivered {
+                DeliveryStatus::Success
+            } else {
+                DeliveryStatus::Fail
+            },
+            response_status_code: if delivered { 200 } else { 500 },
+            response: String::new(),
+            response_duration_ms: 5,
+            trigger_type,
+            created_at: at,
+        },
+        next,
+        endpoint_change,
+        lease,
+    }
+}
+
+/// `ep`'s delivery of `msg`, as the API reads it.
+async fn delivery_state(store: &dyn Store, msg: &Message, ep: &Endpoint) -> crate::DeliveryState {
+    let deliveries = store
+        .list_message_deliveries(&msg.app_id, &msg.id, &first_page(false))
+        .await
+        .expect("deliveries");
+    assert_eq!(deliveries.len(), 1);
+    assert_eq!(deliveries[0].0.id, ep.id);
+    deliveries[0].1
+}
+
+/// The ids of `msg`'s logged attempts.
+async fn logged_attempts(store: &dyn Store, msg: &Message) -> HashSet<String> {
+    store
+        .list_attempts(
+            &msg.app_id,
+            &AttemptScope::Message(msg.id.clone()),
+            &AttemptQuery::default(),
+            &first_page(true),
+        )
+        .await
+        .expect("attempts")
+        .into_iter()
+        .map(|a| a.id)
+        .collect()
+}
+
+/// A resend takes the delivery back from the attempt in flight: that attempt's record, however
+/// final, is logged but fenced off (it changes neither the delivery nor the endpoint), and the
+/// manual attempt the API asked for is claimed under a new lease whose record applies.
+pub async fn a_resend_during_an_attempt_fences_the_attempts_record(store: &dyn Store) {
+    let app = stored_app(store, "A").await;
+    let ep = endpoint(&app.id);
+    store.create_endpoint(&ep).await.expect("endpoint");
+    let msg = message(&app.id, None);
+    store
+        .create_message(msg.clone(), vec![ep.id.clone()])
+        .await
+        .expect("message");
+    let now = Utc::now() + chrono::Duration::seconds(1);
+    let in_flight = store
+        .claim_due(&claim(now, 10, HashMap::new(), 10, HashMap::new(), 100))
+        .await
+        .expect("claim");
+    assert_eq!(in_flight.len(), 1);
+    assert_eq!(
+        delivery_state(store, &msg, &ep).await.status,
+        DeliveryStatus::Sending
+    );
+
+    // The API resends while the attempt is in flight...
+    store
+        .enqueue_manual(&app.id, &msg.id, &ep.id, now)
+        .await
+        .expect("resend");
+    let resent = delivery_state(store, &msg, &ep).await;
+    assert_eq!(
+        resent.status,
+        DeliveryStatus::Pending,
+        "no longer in flight"
+    );
+
+    // ...then the attempt fails for good, and would disable the endpoint.
+    let given_up = attempt_record(
+        &msg,
+        &ep,
+        in_flight[0].lease,
+        now,
+        TriggerType::Scheduled,
+        NextStep::Failed,
+        EndpointChange::Disable,
+    );
+    let recorded = store
+        .record_attempt(given_up.clone())
+        .await
+        .expect("record");
+    assert_eq!(
+        recorded,
+        Recorded::Stale,
+        "the resend took the delivery back"
+    );
+    assert!(
+        logged_attempts(store, &msg)
+            .await
+            .contains(&given_up.attempt.id),
+        "the fenced attempt happened, so it is logged"
+    );
+    let state = delivery_state(store, &msg, &ep).await;
+    assert_eq!(state.status, DeliveryStatus::Pending, "not failed");
+    assert_eq!(
+        state.next_attempt.map(|at| at.timestamp_millis()),
+        Some(now.timestamp_millis()),
+        "the resend is still due"
+    );
+    let stored = store
+        .get_endpoint(&app.id, &ep.id)
+        .await
+        .expect("read endpoint")
+        .expect("endpoint");
+    assert!(
+        !stored.disabled,
+        "a fenced record does not disable the endpoint"
+    );
+    assert_eq!(
+        store
+            .next_due_at()
+            .await
+            .expect("next due")
+            .map(|at| at.timestamp_millis()),
+        Some(now.timestamp_millis())
+    );
+
+    // The manual attempt: a new claim, in the retry lane, under a new token.
+    let manual = store
+        .claim_due(&ClaimRequest {
+            first_attempts: false,
+            ..claim(now, 10, HashMap::new(), 10, HashMap::new(), 100)
+        })
+        .await
+        .expect("manual claim");
+    assert_eq!(manual.len(), 1, "the resend is claimable");
+    assert_eq!(manual[0].trigger, TriggerType::Manual);
+    assert_ne!(manual[0].lease, in_flight[0].lease, "a new lease");
+    let delivered = attempt_record(
+        &msg,
+        &ep,
+        manual[0].lease,
+        now,
+        TriggerType::Manual,
+        NextStep::Delivered,
+        EndpointChange::Unchanged,
+    );
+    let recorded = store
+        .record_attempt(delivered.clone())
+        .await
+        .expect("manual record");
+    assert_eq!(recorded, Recorded::Applied);
+    assert_eq!(
+        delivery_state(store, &msg, &ep).await.status,
+        DeliveryStatus::Success
+    );
+    assert_eq!(
+        logged_attempts(store, &msg).await,
+        HashSet::from([given_up.attempt.id, delivered.attempt.id])
+    );
+}
+
+/// Recovering an endpoint's failed deliveries queues each for a manual attempt, claimed under a
+/// new lease whose record applies; a late record of the claim that failed it changes nothing.
+pub async fn a_recovered_delivery_is_claimed_under_a_new_lease_whose_record_applies(
+    store: &dyn Store,
+) {
+    let app = stored_app(store, "A").await;
+    let ep = endpoint(&app.id);
+    store.create_endpoint(&ep).await.expect("endpoint");
+    let msg = message(&app.id, None);
+    store
+        .create_message(msg.clone(), vec![ep.id.clone()])
+        .await
+        .expect("message");
+    let now = Utc::now() + chrono::Duration::seconds(1);
+    let first = store
+        .claim_due(&claim(now, 10, HashMap::new(), 10, HashMap::new(), 100))
+        .await
+        .expect("claim");
+    assert_eq!(first.len(), 1);
+    let failed = store
+        .record_attempt(attempt_record(
+            &msg,
+            &ep,
+            first[0].lease,
+            now,
+            TriggerType::Scheduled,
+            NextStep::Failed,
+            EndpointChange::Unchanged,
+        ))
+        .await
+        .expect("record");
+    assert_eq!(failed, Recorded::Applied);
+    assert_eq!(
+        delivery_state(store, &msg, &ep).await.status,
+        DeliveryStatus::Fail
+    );
+
+    let recovered = store
+        .enqueue_failed(
+            &ep.id,
+            msg.created_at - chrono::Duration::seconds(1),
+            now + chrono::Duration::seconds(1),
+            now,
+        )
+        .await
+        .expect("recover");
+    assert_eq!(recovered, 1);
+    assert_eq!(
+        delivery_state(store, &msg, &ep).await.status,
+        DeliveryStatus::Pending
+    );
+
+    // A repeated record of the first claim is fenced off.
+    let late = store
+        .record_attempt(attempt_record(
+            &msg,
+            &ep,
+            first[0].lease,
+            now,
+            TriggerType::Scheduled,
+            NextStep::Failed,
+            EndpointChange::Unchanged,
+        ))
+        .await
+        .expect("late record");
+    assert_eq!(late, Recorded::Stale);
+    assert_eq!(
+        delivery_state(store, &msg, &ep).await.status,
+        DeliveryStatus::Pending,
+        "still queued for the manual attempt"
+    );
+
+    let manual = store
+        .claim_due(&ClaimRequest {
+            first_attempts: false,
+            ..claim(now, 10, HashMap::new(), 10, HashMap::new(), 100)
+        })
+        .await
+        .expect("manual claim");
+    assert_eq!(manual.len(), 1, "the recovered delivery is claimable");
+    assert_eq!(manual[0].trigger, TriggerType::Manual);
+    assert_ne!(manual[0].lease, first[0].lease, "a new lease");
+    let recorded = store
+        .record_attempt(attempt_record(
+            &msg,
+            &ep,
+            manual[0].lease,
+            now,
+            TriggerType::Manual,
+            NextStep::Delivered,
+            EndpointChange::Unchanged,
+        ))
+        .await
+        .expect("manual record");
+    assert_eq!(recorded, Recorded::Applied);
+    assert_eq!(
+        delivery_state(store, &msg, &ep).await.status,
+        DeliveryStatus::Success
+    );
+    assert_eq!(logged_attempts(store, &msg).await.len(), 3);
 }
 
 /// An endpoint update is a compare-and-set on the `updated_at` it was read with: one prepared

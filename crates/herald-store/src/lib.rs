@@ -155,8 +155,9 @@ pub struct LeaseToken(pub u64);
 pub enum Recorded {
     /// The attempt is logged and the delivery (and endpoint) took its next state.
     Applied,
-    /// The claim's lease had run out (the delivery may have been claimed again): the attempt
-    /// is logged, since it did happen, but the delivery and its endpoint are left as they are.
+    /// The claim's lease had run out (the delivery may have been claimed again) or a manual
+    /// enqueue took the delivery back: the attempt is logged, since it did happen, but the
+    /// delivery and its endpoint are left as they are.
     Stale,
 }
 
@@ -301,6 +302,12 @@ pub trait MessageStore: Send + Sync + 'static {
 
     // Delivery queue
     /// Queue a manual attempt now (resend), whatever the delivery's state.
+    ///
+    /// Takes the delivery back from any claim that holds it, atomically with the change: the
+    /// record of an attempt in flight under that claim is then [`Recorded::Stale`] (logged, but
+    /// changing neither the delivery nor the endpoint), so it cannot overwrite the manual
+    /// request; the next claim leases the delivery under a new token and its record applies.
+    /// A record that committed before the enqueue is overwritten by it.
     async fn enqueue_manual(
         &self,
         app_id: &str,
@@ -309,6 +316,8 @@ pub trait MessageStore: Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> Result<()>;
     /// Queue a manual attempt for every failed delivery to the endpoint in `[since, until)`.
+    /// Like [`MessageStore::enqueue_manual`], takes each of them back from any claim holding
+    /// it. Returns how many were queued.
     async fn enqueue_failed(
         &self,
         endpoint_id: &str,
@@ -323,8 +332,8 @@ pub trait MessageStore: Send + Sync + 'static {
     async fn next_due_at(&self) -> Result<Option<DateTime<Utc>>>;
     /// Logs the attempt and, fenced by `record.lease`, moves the delivery to its next state and
     /// applies the endpoint change: only while the delivery is still leased under that token
-    /// (a lease that has run out may count as gone). Otherwise the attempt is logged all the
-    /// same and [`Recorded::Stale`] returned. Releases the lease (only if it is still this one).
+    /// (a lease that has run out may count as gone; a manual enqueue ends it). Otherwise the
+    /// attempt is logged all the same and [`Recorded::Stale`] returned. Releases the lease (only if it is still this one).
     async fn record_attempt(&self, record: AttemptRecord) -> Result<Recorded>;
     /// Make every leased delivery due now: after a restart nothing can still be sending.
     /// Only for stores owned by a single node.

@@ -9,6 +9,11 @@
 //! Every claim gets a new [`LeaseToken`]; the group commit asks [`Leases::holds`] whether an
 //! attempt record's token is still the delivery's lease before it applies the record's state.
 //! A lease that has run out is dropped at the next claim, so its late record is stale.
+//!
+//! A manual enqueue ends the delivery's lease whatever its token ([`Leases::revoke`]), right
+//! after its row change commits and while it still holds the writer connection: a group commit
+//! (which runs on that connection) checks the lease either before the enqueue, so the record is
+//! applied and then overwritten by the enqueue, or after, so the record is stale.
 
 use std::{
     collections::HashMap,
@@ -70,6 +75,15 @@ impl Leases {
     pub(crate) fn release(&self, key: &DeliveryKey, token: LeaseToken) {
         let mut held = self.lock();
         if held.get(key).is_some_and(|(_, _, held)| *held == token) {
+            held.remove(key);
+        }
+    }
+
+    /// Ends the leases of these deliveries, whichever claims hold them: their in-flight
+    /// attempts' records become stale, and the next claim leases them under a new token.
+    pub(crate) fn revoke<'a>(&self, keys: impl IntoIterator<Item = &'a DeliveryKey>) {
+        let mut held = self.lock();
+        for key in keys {
             held.remove(key);
         }
     }

@@ -15,6 +15,7 @@ use sqlx::{QueryBuilder, Row};
 use super::{
     SqliteStore,
     batch::{STALE_LEASE, WriteOp},
+    leases::DeliveryKey,
     paginate,
     rows::{self, millis, to_json},
 };
@@ -97,6 +98,8 @@ impl MessageStore for SqliteStore {
         endpoint_id: &str,
         now: DateTime<Utc>,
     ) -> Result<()> {
+        // Held until the lease is revoked: see `take_back`.
+        let mut writer = self.writer.acquire().await?;
         sqlx::query(
             "INSERT INTO deliveries (msg_id, endpoint_id, app_id, status, attempts, trigger_type,
                                      next_attempt_at, updated_at)
@@ -111,8 +114,9 @@ impl MessageStore for SqliteStore {
         .bind(DeliveryStatus::Pending as i64)
         .bind(TriggerType::Manual as i64)
         .bind(millis(now))
-        .execute(&self.writer)
+        .execute(&mut *writer)
         .await?;
+        self.take_back(writer, &[(msg_id.to_owned(), endpoint_id.to_owned())]);
         Ok(())
     }
 
@@ -123,11 +127,14 @@ impl MessageStore for SqliteStore {
         until: DateTime<Utc>,
         now: DateTime<Utc>,
     ) -> Result<u64> {
+        // Held until the leases are revoked: see `take_back`.
+        let mut writer = self.writer.acquire().await?;
         // Message ids sort by creation time, so a time window is an id range.
-        let done = sqlx::query(
+        let requeued = sqlx::query(
             "UPDATE deliveries SET status = $1, trigger_type = $2, next_attempt_at = $3,
                                    updated_at = $3
-             WHERE endpoint_id = $4 AND status = $5 AND msg_id >= $6 AND msg_id < $7",
+             WHERE endpoint_id = $4 AND status = $5 AND msg_id >= $6 AND msg_id < $7
+             RETURNING msg_id",
         )
         .bind(DeliveryStatus::Pending as i64)
         .bind(TriggerType::Manual as i64)
@@ -136,9 +143,14 @@ impl MessageStore for SqliteStore {
         .bind(DeliveryStatus::Fail as i64)
         .bind(id::lower_bound(id::MESSAGE, since))
         .bind(id::lower_bound(id::MESSAGE, until))
-        .execute(&self.writer)
+        .fetch_all(&mut *writer)
         .await?;
-        Ok(done.rows_affected())
+        let keys = requeued
+            .iter()
+            .map(|row| Ok((row.try_get("msg_id")?, endpoint_id.to_owned())))
+            .collect::<Result<Vec<DeliveryKey>>>()?;
+        self.take_back(writer, &keys);
+        Ok(keys.len() as u64)
     }
 
     async fn claim_due(&self, request: &ClaimRequest) -> Result<Vec<DeliveryJob>> {
@@ -311,6 +323,29 @@ impl MessageStore for SqliteStore {
         .execute(&self.writer)
         .await?;
         Ok(done.rows_affected())
+    }
+}
+
+impl SqliteStore {
+    /// Takes manually enqueued deliveries back from the claims holding them, once the enqueue
+    /// has committed and before `writer` (the single writer connection) goes back to the pool.
+    ///
+    /// Why: an attempt in flight when its delivery is resent (or recovered) must not have the
+    /// last word. Left leased, its record would still apply and overwrite the manual request
+    /// (say, with `Failed`), so the resend the API acknowledged would never happen. Revoked,
+    /// the record is stale: logged, but changing neither the delivery nor the endpoint.
+    ///
+    /// Why here: the group commit checks a record's lease in its transaction on that same
+    /// connection, so it runs wholly before the enqueue (the lease holds, the record applies,
+    /// and the enqueue's row change then overwrites it) or wholly after the revocation (the
+    /// record is stale). Revoking before the commit instead would let a claim lease the
+    /// delivery from its row as it was before the enqueue, and that claim's record would then
+    /// overwrite the manual request. A claim whose read began before the enqueue committed, of
+    /// a delivery not leased then, may still take it after the revocation: its attempt starts
+    /// after the enqueue committed, so it is the resend, and its record applies.
+    fn take_back(&self, writer: sqlx::pool::PoolConnection<sqlx::Sqlite>, keys: &[DeliveryKey]) {
+        self.leases.revoke(keys);
+        drop(writer);
     }
 }
 

@@ -160,16 +160,24 @@ impl StoreLifecycle for SqliteStore {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use bytes::Bytes;
     use chrono::Utc;
     use herald_core::{
         history::{NewHistoryEntry, Retention},
         id,
-        model::{Message, Metadata, PusherCredentials},
+        model::{
+            Attempt, DeliveryStatus, Endpoint, EndpointFormat, Message, Metadata,
+            PusherCredentials, TriggerType,
+        },
     };
 
     use super::*;
-    use crate::{AppStore, HistoryStore, MessageQuery, MessageStore, conformance};
+    use crate::{
+        AppStore, AttemptRecord, ClaimRequest, EndpointChange, EndpointStore, HistoryStore,
+        MessageQuery, MessageStore, NextStep, Recorded, conformance,
+    };
 
     async fn open_in_tempdir() -> (tempfile::TempDir, SqliteStore) {
         let dir = tempfile::tempdir().expect("dir");
@@ -231,6 +239,135 @@ mod tests {
             .await
             .expect("list");
         assert_eq!(stored.len(), 1);
+        store.close().await;
+    }
+
+    /// A failed delivery can still be leased for a moment (between its record's commit and the
+    /// lease's release); recovering it then takes it back from that lease too, so a record
+    /// under the old lease is stale and the recovered delivery is claimed under a new one.
+    #[tokio::test]
+    async fn a_recovery_takes_the_delivery_back_from_its_lease() {
+        let (_dir, store) = open_in_tempdir().await;
+        let now = Utc::now();
+        let app = App {
+            id: id::new_id(id::APP, now),
+            uid: None,
+            name: "test".into(),
+            throttle_rate: None,
+            metadata: Metadata::new(),
+            pusher: PusherCredentials::generate(),
+            history: None,
+            created_at: now,
+            updated_at: now,
+        };
+        store.create_app(&app).await.expect("app");
+        let ep = Endpoint {
+            id: id::new_id(id::ENDPOINT, now),
+            app_id: app.id.clone(),
+            uid: None,
+            url: "https://example.com".into(),
+            description: String::new(),
+            throttle_rate: None,
+            disabled: false,
+            format: EndpointFormat::StandardWebhooks,
+            event_types: None,
+            channels: None,
+            metadata: Metadata::new(),
+            headers: Default::default(),
+            secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
+            previous_secrets: vec![],
+            failing_since: None,
+            created_at: now,
+            updated_at: now,
+        };
+        store.create_endpoint(&ep).await.expect("endpoint");
+        let msg = message(&app.id);
+        store
+            .create_message(msg.clone(), vec![ep.id.clone()])
+            .await
+            .expect("message");
+        let at = now + chrono::Duration::seconds(1);
+        let request = |first_attempts| ClaimRequest {
+            now: at,
+            lease_until: at + chrono::Duration::seconds(60),
+            limit: 10,
+            first_attempts,
+            in_flight: HashMap::new(),
+            per_endpoint_limit: 10,
+            app_in_flight: HashMap::new(),
+            per_app_limit: 100,
+        };
+        let first = store.claim_due(&request(true)).await.expect("claim");
+        assert_eq!(first.len(), 1);
+        // The delivery failed for good while its lease is still held.
+        sqlx::query("UPDATE deliveries SET status = $1, next_attempt_at = NULL")
+            .bind(DeliveryStatus::Fail as i64)
+            .execute(&store.writer)
+            .await
+            .expect("fail the delivery");
+        let key = (msg.id.clone(), ep.id.clone());
+        assert!(store.leases.holds(&key, first[0].lease));
+
+        let recovered = store
+            .enqueue_failed(&ep.id, now - chrono::Duration::seconds(1), at, at)
+            .await
+            .expect("recover");
+        assert_eq!(recovered, 1);
+        assert!(!store.leases.holds(&key, first[0].lease), "taken back");
+
+        let record = |lease, trigger_type, next| AttemptRecord {
+            attempt: Attempt {
+                id: id::new_id(id::ATTEMPT, at),
+                msg_id: msg.id.clone(),
+                endpoint_id: ep.id.clone(),
+                app_id: app.id.clone(),
+                url: ep.url.clone(),
+                status: DeliveryStatus::Fail,
+                response_status_code: 500,
+                response: String::new(),
+                response_duration_ms: 5,
+                trigger_type,
+                created_at: at,
+            },
+            next,
+            endpoint_change: EndpointChange::Unchanged,
+            lease,
+        };
+        let stale = store
+            .record_attempt(record(
+                first[0].lease,
+                TriggerType::Scheduled,
+                NextStep::Failed,
+            ))
+            .await
+            .expect("stale record");
+        assert_eq!(stale, Recorded::Stale);
+
+        let manual = store
+            .claim_due(&request(false))
+            .await
+            .expect("manual claim");
+        assert_eq!(manual.len(), 1, "the recovered delivery is claimable");
+        assert_eq!(manual[0].trigger, TriggerType::Manual);
+        assert_ne!(manual[0].lease, first[0].lease);
+        let retry_at = at + chrono::Duration::hours(1);
+        let applied = store
+            .record_attempt(record(
+                manual[0].lease,
+                TriggerType::Manual,
+                NextStep::RetryAt(retry_at),
+            ))
+            .await
+            .expect("manual record");
+        assert_eq!(applied, Recorded::Applied);
+        assert_eq!(
+            store
+                .next_due_at()
+                .await
+                .expect("next due")
+                .map(|due| due.timestamp_millis()),
+            Some(retry_at.timestamp_millis())
+        );
         store.close().await;
     }
 
