@@ -52,6 +52,9 @@ pub struct ApiState {
     pub sse: sse::SseConfig,
     /// Cancelled at shutdown: long-lived responses (SSE streams) end with it.
     pub shutdown: CancellationToken,
+    /// Every metric this node registered (see `herald-metrics`); the metrics route will
+    /// encode it. Empty until `herald::run` puts the node's registry here.
+    pub metrics_registry: Arc<herald_metrics::Registry>,
 }
 
 /// The channel layer as the API uses it.
@@ -100,6 +103,7 @@ impl ApiState {
             )),
             sse: sse::SseConfig::default(),
             shutdown: CancellationToken::new(),
+            metrics_registry: Arc::default(),
         }
     }
 }

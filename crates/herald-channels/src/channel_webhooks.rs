@@ -33,6 +33,7 @@ use herald_core::{
     id,
     model::{EndpointFormat, Message},
 };
+use herald_metrics::ChannelMetrics;
 use herald_store::{OccupancyChange, Occupant, Store};
 use serde::Serialize;
 use tokio::{sync::Notify, time::Instant};
@@ -67,6 +68,8 @@ pub struct ChannelWebhooks {
     wake: Notify,
     store: Arc<dyn Store>,
     config: ChannelWebhookConfig,
+    /// Counts dropped events as they are dropped (the log reports them per batch).
+    metrics: Arc<ChannelMetrics>,
 }
 
 #[derive(Default)]
@@ -107,11 +110,16 @@ struct Body<'a> {
 
 impl ChannelObserver for ChannelWebhooks {
     fn observe(&self, app_id: &str, event: ChannelEvent) {
-        let queued = self
-            .lock()
-            .accept(app_id, event, &self.config, Instant::now());
+        let (queued, dropped) = {
+            let mut pending = self.lock();
+            let before = pending.dropped;
+            let queued = pending.accept(app_id, event, &self.config, Instant::now());
+            (queued, pending.dropped > before)
+        };
         if queued {
             self.wake.notify_one();
+        } else if dropped {
+            self.metrics.channel_webhook_events_dropped_total.inc();
         }
     }
 }
@@ -186,12 +194,17 @@ impl Pending {
 }
 
 impl ChannelWebhooks {
-    pub fn new(store: Arc<dyn Store>, config: ChannelWebhookConfig) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        config: ChannelWebhookConfig,
+        metrics: Arc<ChannelMetrics>,
+    ) -> Self {
         Self {
             pending: Mutex::default(),
             wake: Notify::new(),
             store,
             config,
+            metrics,
         }
     }
 
@@ -559,5 +572,23 @@ mod tests {
             (3, 1),
             "no delay: ready at once"
         );
+    }
+
+    #[tokio::test]
+    async fn dropped_events_are_counted_as_they_are_dropped() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store: Arc<dyn Store> = Arc::new(
+            herald_store::sqlite::SqliteStore::open(dir.path())
+                .await
+                .expect("store"),
+        );
+        let metrics = Arc::new(ChannelMetrics::default());
+        let webhooks = ChannelWebhooks::new(Arc::clone(&store), config(2), Arc::clone(&metrics));
+        for n in 0..5 {
+            webhooks.observe("a", occupied(&format!("room-{n}")));
+        }
+        assert_eq!(metrics.channel_webhook_events_dropped_total.get(), 3);
+        assert_eq!(webhooks.lock().ready.len(), 2);
+        store.close().await;
     }
 }

@@ -12,11 +12,12 @@
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{
-        Arc, Mutex, RwLock,
-        atomic::{AtomicU32, Ordering},
+        Arc, Mutex, OnceLock, RwLock,
+        atomic::{AtomicBool, AtomicU32, Ordering},
     },
 };
 
+use herald_metrics::{ChannelMetrics, prometheus_client::metrics::counter::Counter};
 use serde::Serialize;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
@@ -33,6 +34,15 @@ pub struct Outbox {
     frames: mpsc::Sender<Outgoing>,
     /// Cancelled when a frame did not fit: the connection is too slow and must close.
     overflowed: CancellationToken,
+    /// Counts the overflow once, in the hub's metrics (attached when the outbox subscribes).
+    overflows: Arc<OverflowCount>,
+}
+
+/// Shared by an outbox's clones: its overflow is counted once, whichever clone notices it.
+#[derive(Default)]
+struct OverflowCount {
+    counted: AtomicBool,
+    counter: OnceLock<Counter>,
 }
 
 impl Outbox {
@@ -43,6 +53,7 @@ impl Outbox {
             Self {
                 frames,
                 overflowed: overflowed.clone(),
+                overflows: Arc::default(),
             },
             receiver,
             overflowed,
@@ -51,7 +62,7 @@ impl Outbox {
 
     pub fn send(&self, item: impl Into<Outgoing>) {
         if self.frames.try_send(item.into()).is_err() {
-            self.overflowed.cancel();
+            self.overflow();
         }
     }
 
@@ -60,9 +71,20 @@ impl Outbox {
         self.frames.max_capacity()
     }
 
-    /// Marks the connection too slow: it closes itself.
+    /// Marks the connection too slow: it closes itself. Only here, off the per-frame path,
+    /// is the overflow counted (once per outbox).
     fn overflow(&self) {
         self.overflowed.cancel();
+        if !self.overflows.counted.swap(true, Ordering::Relaxed)
+            && let Some(counter) = self.overflows.counter.get()
+        {
+            counter.inc();
+        }
+    }
+
+    /// Counts this outbox's overflow in `counter` (the first hub it subscribes in).
+    fn count_overflows_in(&self, counter: &Counter) {
+        let _ = self.overflows.counter.set(counter.clone());
     }
 }
 
@@ -136,17 +158,20 @@ pub trait ChannelObserver: Send + Sync {
     fn observe(&self, app_id: &str, event: ChannelEvent);
 }
 
+/// The local hub. Its `Default` has no observer and detached metrics (for tests).
 #[derive(Default)]
 pub struct Hub {
     apps: RwLock<HashMap<String, Arc<AppHub>>>,
     observer: Option<Arc<dyn ChannelObserver>>,
+    metrics: Arc<ChannelMetrics>,
 }
 
 impl Hub {
-    pub fn new(observer: Arc<dyn ChannelObserver>) -> Self {
+    pub fn new(observer: Arc<dyn ChannelObserver>, metrics: Arc<ChannelMetrics>) -> Self {
         Self {
             apps: RwLock::default(),
             observer: Some(observer),
+            metrics,
         }
     }
 
@@ -162,6 +187,7 @@ impl Hub {
                     Arc::new(AppHub {
                         app_id: app_id.to_owned(),
                         observer: self.observer.clone(),
+                        metrics: Arc::clone(&self.metrics),
                         ..AppHub::default()
                     })
                 }),
@@ -181,6 +207,8 @@ impl Hub {
 pub struct AppHub {
     app_id: String,
     observer: Option<Arc<dyn ChannelObserver>>,
+    /// The hub's: connections, overflowing outboxes.
+    metrics: Arc<ChannelMetrics>,
     connections: AtomicU32,
     channels: RwLock<HashMap<String, Channel>>,
     /// Signed-in users' connections, for `terminate_connections`.
@@ -264,17 +292,24 @@ pub struct ChannelInfo {
 }
 
 impl AppHub {
-    /// Counts a new connection unless the app is at `limit`.
+    /// Counts a new connection (a WebSocket or an SSE stream) unless the app is at `limit`.
     pub fn connect(&self, limit: u32) -> bool {
-        self.connections
+        let admitted = self
+            .connections
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < limit).then_some(n + 1)
             })
-            .is_ok()
+            .is_ok();
+        if admitted {
+            self.metrics.connections.inc();
+        }
+        admitted
     }
 
+    /// A connection [`AppHub::connect`] admitted has closed.
     pub fn disconnect(&self) {
         self.connections.fetch_sub(1, Ordering::AcqRel);
+        self.metrics.connections.dec();
     }
 
     pub fn connection_count(&self) -> u32 {
@@ -403,6 +438,7 @@ impl AppHub {
                 user_id: user_id.clone(),
             });
         }
+        outbox.count_overflows_in(&self.metrics.outbox_overflows_total);
         entry.subscribers.insert(
             socket_id.to_owned(),
             Subscriber {
@@ -674,7 +710,10 @@ mod tests {
     #[test]
     fn channel_events_are_reported_in_order_once_per_change() {
         let recorder = Arc::new(Recorder::default());
-        let hub = Hub::new(Arc::clone(&recorder) as Arc<dyn ChannelObserver>);
+        let hub = Hub::new(
+            Arc::clone(&recorder) as Arc<dyn ChannelObserver>,
+            Arc::default(),
+        );
         let app = hub.app("app_1");
         let (o, _r, _) = Outbox::new(8);
         app.subscribe("presence-x", "1.1", &o, joining("u1"), 10)
@@ -820,5 +859,31 @@ mod tests {
         assert!(!hub.connect(2));
         hub.disconnect();
         assert!(hub.connect(2));
+        assert_eq!(
+            hub.metrics.connections.get(),
+            2,
+            "the refused one is not counted"
+        );
+    }
+
+    #[test]
+    fn an_overflowing_outbox_is_counted_once() {
+        let metrics = Arc::new(ChannelMetrics::default());
+        let hub = Hub::new(Arc::new(Recorder::default()), Arc::clone(&metrics));
+        let app = hub.app("app_1");
+        let (slow, _slow_rx, overflowed) = Outbox::new(1);
+        let (fast, _fast_rx, _) = Outbox::new(8);
+        app.subscribe("c", "1.1", &slow, None, 10).expect("ok");
+        app.subscribe("c", "2.2", &fast, None, 10).expect("ok");
+        let frame = Frame::from_static("x");
+        app.notify("c", &frame, None);
+        assert_eq!(metrics.outbox_overflows_total.get(), 0, "the first fits");
+        for _ in 0..3 {
+            app.notify("c", &frame, None);
+        }
+        // The connection's own clone noticing it again counts nothing more.
+        slow.send(Frame::from_static("pong"));
+        assert!(overflowed.is_cancelled());
+        assert_eq!(metrics.outbox_overflows_total.get(), 1);
     }
 }

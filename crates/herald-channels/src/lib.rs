@@ -10,6 +10,9 @@
 //! connections and replayed history per client address, for WebSockets and SSE alike.
 //! [`channel_webhooks`] observes the hub and turns its channel events into Pusher channel
 //! webhooks.
+//!
+//! Metrics are injected, never global: the hub, the publisher and channel webhooks each take
+//! their group of `herald-metrics` handles in their constructors.
 
 pub mod broker;
 pub mod channel_webhooks;

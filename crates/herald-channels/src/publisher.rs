@@ -39,6 +39,7 @@ use herald_core::{
     pusher, validate,
 };
 use herald_delivery::DispatcherHandle;
+use herald_metrics::PublishMetrics;
 use herald_store::{IngestRecorded, OccupancyChange, Store, StoreError};
 
 use crate::{
@@ -135,6 +136,7 @@ pub struct Publisher {
     history: Arc<History>,
     dispatcher: DispatcherHandle,
     turns: ChannelTurns,
+    metrics: Arc<PublishMetrics>,
 }
 
 impl Publisher {
@@ -143,6 +145,7 @@ impl Publisher {
         broker: Arc<dyn Broker>,
         history: Arc<History>,
         dispatcher: DispatcherHandle,
+        metrics: Arc<PublishMetrics>,
     ) -> Self {
         Self {
             store,
@@ -150,6 +153,7 @@ impl Publisher {
             history,
             dispatcher,
             turns: ChannelTurns::default(),
+            metrics,
         }
     }
 
@@ -159,6 +163,20 @@ impl Publisher {
 
     /// Publishes one event: targets, one commit, wake, fan-out (see the module's doc).
     pub async fn publish(&self, app: &App, publish: Publish) -> Result<Published, PublishError> {
+        let published = self.publish_counted(app, publish).await;
+        if published.is_err() {
+            self.metrics.publish_failures_total.inc();
+        }
+        published
+    }
+
+    /// [`Publisher::publish`], counting what it committed and fanned out (a store failure is
+    /// counted by the caller, a broker failure here).
+    async fn publish_counted(
+        &self,
+        app: &App,
+        publish: Publish,
+    ) -> Result<Published, PublishError> {
         let Publish {
             event,
             channels,
@@ -253,6 +271,8 @@ impl Publisher {
             _ => (Vec::new(), None),
         };
 
+        self.metrics.publications_total.inc();
+
         // 3. Wake delivery.
         if wake {
             self.dispatcher.wake();
@@ -279,9 +299,13 @@ impl Publisher {
             Err(e) => {
                 // Committed: history channels' subscribers recover it by offset.
                 tracing::error!(error = %e, app_id = %app.id, event, "handing a publication to the broker failed");
+                self.metrics.publish_failures_total.inc();
                 0
             }
         };
+        self.metrics
+            .fanout_deliveries_total
+            .inc_by(u64::try_from(sent).unwrap_or(u64::MAX));
         Ok(Published {
             ingest: recorded,
             sent,

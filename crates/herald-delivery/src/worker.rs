@@ -13,6 +13,7 @@ use herald_core::{
     pusher,
     signing::{self, signature_header},
 };
+use herald_metrics::DeliveryMetrics;
 use herald_store::{
     AttemptRecord, ClaimRequest, DeliveryJob, EndpointChange, NextStep, Recorded, Store, StoreError,
 };
@@ -219,15 +220,22 @@ pub struct Dispatcher {
     client: WebhookClient,
     config: DeliveryConfig,
     handle: DispatcherHandle,
+    metrics: Arc<DeliveryMetrics>,
 }
 
 impl Dispatcher {
-    pub fn new(store: Arc<dyn Store>, client: WebhookClient, config: DeliveryConfig) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        client: WebhookClient,
+        config: DeliveryConfig,
+        metrics: Arc<DeliveryMetrics>,
+    ) -> Self {
         Self {
             store,
             client,
             config,
             handle: DispatcherHandle::default(),
+            metrics,
         }
     }
 
@@ -314,7 +322,8 @@ impl Dispatcher {
         let now = Utc::now();
         let lease =
             self.config.request_timeout + self.config.shutdown_grace + Duration::from_secs(30);
-        self.store
+        let jobs = self
+            .store
             .claim_due(&ClaimRequest {
                 now,
                 lease_until: now + lease,
@@ -326,7 +335,11 @@ impl Dispatcher {
                 app_in_flight: budget.apps,
                 per_app_limit: lane.per_app * 2,
             })
-            .await
+            .await?;
+        self.metrics
+            .claimed_jobs_total
+            .inc_by(u64::try_from(jobs.len()).unwrap_or(u64::MAX));
+        Ok(jobs)
     }
 
     /// How long to wait before looking again when the last look found nothing to start. A
@@ -470,6 +483,8 @@ impl Dispatcher {
             ),
         };
 
+        self.metrics.attempt(outcome_label(outcome));
+
         let manual = job.trigger == TriggerType::Manual;
         let failing_for = job
             .endpoint
@@ -519,6 +534,16 @@ impl Dispatcher {
             endpoint_change,
             lease: job.lease,
         }
+    }
+}
+
+/// How an attempt's outcome is counted.
+fn outcome_label(outcome: AttemptOutcome) -> herald_metrics::AttemptOutcome {
+    match outcome {
+        AttemptOutcome::Success => herald_metrics::AttemptOutcome::Success,
+        AttemptOutcome::Gone => herald_metrics::AttemptOutcome::Gone,
+        AttemptOutcome::Overloaded { .. } => herald_metrics::AttemptOutcome::Overloaded,
+        AttemptOutcome::Failed { .. } => herald_metrics::AttemptOutcome::Failed,
     }
 }
 
@@ -698,6 +723,76 @@ mod tests {
         let budget = lane.claim_budget();
         assert_eq!(budget.room, 4, "every slot is free again");
         assert!(budget.apps.is_empty() && budget.endpoints.is_empty());
+    }
+
+    /// Answers one request with `200 OK` once its body has arrived.
+    async fn answer_one_with_200(listener: tokio::net::TcpListener) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let (mut socket, _) = listener.accept().await.expect("a request");
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = socket.read(&mut buf).await.expect("read");
+            assert!(n > 0, "the request ended early");
+            seen.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&seen).to_ascii_lowercase();
+            if let Some(head_end) = text.find("\r\n\r\n") {
+                let length = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                if seen.len() >= head_end + 4 + length {
+                    break;
+                }
+            }
+        }
+        socket
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+            .await
+            .expect("write");
+    }
+
+    #[tokio::test]
+    async fn a_delivered_attempt_counts_one_success() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
+        let server = tokio::spawn(answer_one_with_200(listener));
+
+        let dir = tempfile::tempdir().expect("dir");
+        let store: Arc<dyn Store> = Arc::new(
+            herald_store::sqlite::SqliteStore::open(dir.path())
+                .await
+                .expect("store"),
+        );
+        let config = DeliveryConfig {
+            addresses: herald_core::AddressPolicy {
+                allow_private: true,
+                ..Default::default()
+            },
+            ..DeliveryConfig::default()
+        };
+        let client = WebhookClient::new(&config).expect("client");
+        let metrics = Arc::new(DeliveryMetrics::default());
+        let dispatcher = Dispatcher::new(Arc::clone(&store), client, config, Arc::clone(&metrics));
+        let mut job = job("A", "ep_1", 1);
+        job.endpoint.url = url;
+
+        let record = dispatcher.send(&job).await;
+        server.await.expect("the receiver answered");
+        assert_eq!(record.attempt.status, DeliveryStatus::Success);
+        assert_eq!(metrics.attempts(herald_metrics::AttemptOutcome::Success), 1);
+        for other in [
+            herald_metrics::AttemptOutcome::Gone,
+            herald_metrics::AttemptOutcome::Overloaded,
+            herald_metrics::AttemptOutcome::Failed,
+        ] {
+            assert_eq!(metrics.attempts(other), 0, "{other:?}");
+        }
+        store.close().await;
     }
 
     #[test]

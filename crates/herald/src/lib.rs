@@ -26,6 +26,7 @@ use herald_core::{
     token,
 };
 use herald_delivery::{Dispatcher, WebhookClient};
+use herald_metrics::{Metrics, Registry};
 use herald_store::{Store, TokenScope};
 use herald_ws::connection::WsState;
 use tokio::net::TcpListener;
@@ -69,12 +70,22 @@ pub async fn run(
         refuse_dev_credentials(store.as_ref(), config.remove_dev_credentials).await?;
     }
 
+    // One registry, no global recorder: each component gets its group of handles.
+    let mut registry = Registry::default();
+    let metrics = Metrics::new(&mut registry);
+
     let delivery = config.delivery_config();
     let client = WebhookClient::new(&delivery)?;
-    let dispatcher = Dispatcher::new(Arc::clone(&store), client, delivery);
+    let dispatcher = Dispatcher::new(
+        Arc::clone(&store),
+        client,
+        delivery,
+        Arc::clone(&metrics.delivery),
+    );
     let channel_webhooks = Arc::new(ChannelWebhooks::new(
         Arc::clone(&store),
         config.channel_webhook_config(),
+        Arc::clone(&metrics.channels),
     ));
     let recovered = channel_webhooks
         .recover()
@@ -88,7 +99,10 @@ pub async fn run(
     }
     // The channel layer: this node's hub, reached only through the broker, which only the
     // publisher feeds; history and presence read through their seams.
-    let hub = Arc::new(Hub::new(Arc::clone(&channel_webhooks) as _));
+    let hub = Arc::new(Hub::new(
+        Arc::clone(&channel_webhooks) as _,
+        Arc::clone(&metrics.channels),
+    ));
     let history = Arc::new(History::new(Arc::clone(&store), config.history_config()));
     let broker: Arc<dyn Broker> = Arc::new(LocalBroker::new(Arc::clone(&hub)));
     let presence: Arc<dyn PresenceManager> = Arc::new(LocalPresence::new(Arc::clone(&hub)));
@@ -97,6 +111,7 @@ pub async fn run(
         broker,
         Arc::clone(&history),
         dispatcher.handle(),
+        Arc::clone(&metrics.publish),
     ));
     let mut state = ApiState::new(
         Arc::clone(&store),
@@ -115,6 +130,7 @@ pub async fn run(
     ));
     state.sse = config.sse_config(&clients);
     state.shutdown = shutdown.clone();
+    state.metrics_registry = Arc::new(registry);
     let connections = TaskTracker::new();
     let websockets = herald_ws::connection::router(
         WsState {
@@ -152,6 +168,7 @@ pub async fn run(
         listener,
         router,
         &config.listener_limits(),
+        Arc::clone(&metrics.listener),
         shutdown.clone(),
     )
     .await;

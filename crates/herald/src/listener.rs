@@ -48,6 +48,7 @@ use axum::{
     http::{HeaderValue, StatusCode, header},
     response::Response,
 };
+use herald_metrics::{ListenerMetrics, Refusal};
 use hyper::{
     Request,
     body::{Body as HttpBody, Bytes, Frame, Incoming, SizeHint},
@@ -96,11 +97,12 @@ impl Default for ListenerLimits {
 
 /// Serves `router` on `listener` until `shutdown` is cancelled, then stops accepting and waits
 /// for in-flight requests (upgraded WebSockets are out of its reach and watch `shutdown`
-/// themselves).
+/// themselves). Accepted and refused connections are counted in `metrics`.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: &ListenerLimits,
+    metrics: Arc<ListenerMetrics>,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
@@ -132,6 +134,7 @@ pub async fn serve(
             () = shutdown.cancelled() => break,
         };
         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            metrics.refused(Refusal::GlobalCap);
             refused += 1;
             // Once per power of two, so a flood does not flood the log too.
             if refused.is_power_of_two() {
@@ -147,6 +150,7 @@ pub async fn serve(
         };
         // After the global slot, so every counted socket holds one (the table's bound).
         let Some(address_slot) = per_address.admit(peer.ip()) else {
+            metrics.refused(Refusal::PerAddressCap);
             refused_per_address += 1;
             if refused_per_address.is_power_of_two() {
                 tracing::warn!(
@@ -159,6 +163,7 @@ pub async fn serve(
             drop(stream);
             continue;
         };
+        metrics.connections_accepted_total.inc();
         let io = TokioIo::new(Counted {
             stream,
             _slot: slot,

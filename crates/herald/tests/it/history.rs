@@ -519,6 +519,18 @@ fn publisher_with_hub(
     std::sync::Arc<herald_channels::Publisher>,
     std::sync::Arc<herald_channels::Hub>,
 ) {
+    publisher_with_metrics(store, history, std::sync::Arc::default())
+}
+
+/// [`publisher_with_hub`], counting in `metrics`.
+fn publisher_with_metrics(
+    store: &std::sync::Arc<dyn herald_store::Store>,
+    history: &std::sync::Arc<herald_channels::history::History>,
+    metrics: std::sync::Arc<herald_metrics::PublishMetrics>,
+) -> (
+    std::sync::Arc<herald_channels::Publisher>,
+    std::sync::Arc<herald_channels::Hub>,
+) {
     use std::sync::Arc;
 
     use herald_channels::{Hub, Publisher, broker::LocalBroker};
@@ -526,13 +538,14 @@ fn publisher_with_hub(
 
     let config = DeliveryConfig::default();
     let client = WebhookClient::new(&config).expect("client");
-    let dispatcher = Dispatcher::new(Arc::clone(store), client, config);
+    let dispatcher = Dispatcher::new(Arc::clone(store), client, config, Arc::default());
     let hub = Arc::new(Hub::default());
     let publisher = Publisher::new(
         Arc::clone(store),
         Arc::new(LocalBroker::new(Arc::clone(&hub))),
         Arc::clone(history),
         dispatcher.handle(),
+        metrics,
     );
     (Arc::new(publisher), hub)
 }
@@ -594,6 +607,49 @@ async fn in_process_history(dir: &std::path::Path) -> InProcess {
         publisher,
         hub,
     }
+}
+
+/// The publish metrics count what the publisher did: one publication handed to each of a
+/// channel's N subscribers on this node adds N fan-out deliveries (the socket it excepts
+/// gets nothing and is not counted).
+#[tokio::test]
+async fn publishing_to_n_subscribers_counts_n_fanout_deliveries() {
+    use std::sync::Arc;
+
+    use herald_channels::{Publish, hub::Outbox};
+
+    let dir = tempfile::tempdir().expect("dir");
+    let InProcess {
+        store,
+        app,
+        history,
+        ..
+    } = in_process_history(dir.path()).await;
+    let metrics = Arc::new(herald_metrics::PublishMetrics::default());
+    let (publisher, hub) = publisher_with_metrics(&store, &history, Arc::clone(&metrics));
+    let app_hub = hub.app(&app.id);
+    let mut receivers = Vec::new();
+    for n in 1..=3 {
+        let (outbox, frames, _) = Outbox::new(4);
+        app_hub
+            .subscribe("news", &format!("{n}.{n}"), &outbox, None, 10)
+            .expect("subscribed");
+        receivers.push(frames);
+    }
+    publish_note(&publisher, &app, "news", "{}").await;
+    assert_eq!(metrics.fanout_deliveries_total.get(), 3);
+    let except = Publish::pusher_event("note", &["news".to_owned()], "{}", Some("1.1"));
+    let published = publisher.publish(&app, except).await.expect("publish");
+    assert_eq!(published.sent, 2);
+    assert_eq!(metrics.fanout_deliveries_total.get(), 5, "3 + 2");
+    assert_eq!(metrics.publications_total.get(), 2);
+    assert_eq!(metrics.publish_failures_total.get(), 0);
+    let received: Vec<usize> = receivers
+        .iter_mut()
+        .map(|frames| std::iter::from_fn(|| frames.try_recv().ok()).count())
+        .collect();
+    assert_eq!(received, [1, 2, 2]);
+    store.close().await;
 }
 
 /// The review's finding: every distinct history channel anyone joined kept a position, so
