@@ -86,6 +86,11 @@ impl From<herald_channels::PublishError> for ApiError {
     fn from(e: herald_channels::PublishError) -> Self {
         match e {
             herald_channels::PublishError::Store(e) => e.into(),
+            interrupted @ herald_channels::PublishError::Interrupted => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                format!("{interrupted}; retry (an Idempotency-Key makes the retry safe)"),
+            ),
         }
     }
 }

@@ -4,8 +4,9 @@
 //! unchanged: applications, event types, endpoints, messages and attempts. `/apps/...` is the
 //! Pusher Channels HTTP API (`pusher_api`), so the Pusher server SDKs work unchanged. Handlers translate
 //! between the wire format (camelCase JSON defined here) and the domain types of
-//! `herald-core`, and call the [`Store`]; they never talk HTTP to the outside world, which is
-//! the delivery worker's job, woken through [`DispatcherHandle`].
+//! `herald-core`; they read and manage resources through the [`Store`] and publish events only
+//! through the channel layer's `Publisher`. They never talk HTTP to the outside world, which
+//! is the delivery worker's job.
 
 mod auth;
 mod error;

@@ -244,8 +244,8 @@ pub struct SseConfig {
     pub keepalive: Duration,
     pub outbox_frames: usize,
     pub max_connections_per_app: u32,
-    /// Connections and replayed history per client address: the WebSocket gateway's limiter
-    /// (the WebSocket face's `WsConfig::clients`), so both count against the same limits.
+    /// Connections and replayed history per client address: the same `ClientLimiter` the
+    /// WebSocket face holds, so sockets and streams count against the same limits.
     pub clients: Arc<ClientLimiter>,
 }
 

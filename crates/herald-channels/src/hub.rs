@@ -1,9 +1,11 @@
 //! Who is subscribed to what, per app, and fan-out.
 //!
 //! One [`AppHub`] per app holds its channels behind one lock: broadcasts take it shared,
-//! subscribe and unsubscribe take it exclusively. A broadcast hands the same [`Frame`] (shared
-//! bytes) to every subscriber's [`Outbox`]; a full outbox marks that connection as too slow,
-//! and the connection closes itself, so one stalled reader never holds up the others.
+//! subscribe and unsubscribe take it exclusively. A broadcast hands the same publication (an
+//! `Arc`, each protocol's encoding built once on first use) to every subscriber's [`Outbox`]; a
+//! full outbox marks that connection as too slow, and the connection closes itself, so one
+//! stalled reader never holds up the others. A subscriber joining a history channel has its
+//! broadcasts held until [`AppHub::go_live`] merges them behind its replay.
 //!
 //! Changes of channel state (occupied, vacated, members, client events) are reported to a
 //! [`ChannelObserver`] while the channel lock is held, so the observer sees them in the order

@@ -1,15 +1,20 @@
 //! Herald's channel layer: what every real-time face (WebSockets, SSE) shares, cut by role.
 //!
-//! [`hub::Hub`] is the local hub: per app, who is subscribed to which channel (presence
-//! members counted per user, signed-in users), and the fan-out: each event is serialized once
-//! into a [`Frame`] whose bytes every subscriber shares, and each subscriber has a bounded
-//! [`hub::Outbox`]; one that cannot keep up is cancelled instead of growing memory. Every
-//! change of channel state goes to a [`hub::ChannelObserver`]. [`history::History`] is channel
-//! history: offsets, epochs, appends before broadcasts (`publish_with`) and the recovery join.
-//! [`protocol`] builds the server frames the hub and history send. [`limits`] counts
+//! [`publisher::Publisher`] is the one publish path: every producer hands it a
+//! [`publisher::Publish`]; it picks webhook targets, stores the message and the history
+//! entries in one commit (the store assigns offsets), wakes delivery, and hands one
+//! [`publication::Publication`] per channel to the [`broker::Broker`], the only path to the
+//! hubs ([`broker::LocalBroker`] on one node). [`hub::Hub`] is the local hub: per app, who is
+//! subscribed to which channel (presence members counted per user, signed-in users), and the
+//! fan-out of shared publications into each subscriber's bounded [`hub::Outbox`]; one that
+//! cannot keep up is cancelled instead of growing memory. Every change of channel state goes
+//! to a [`hub::ChannelObserver`]. [`history::History`] is channel history: retention rules,
+//! what a resuming subscriber missed ([`history::History::recover`], merged by offset with
+//! what the hub held for it), pages and purges. [`presence::PresenceManager`] answers
+//! occupancy and member queries. [`protocol`] builds the Pusher frames. [`limits`] counts
 //! connections and replayed history per client address, for WebSockets and SSE alike.
 //! [`channel_webhooks`] observes the hub and turns its channel events into Pusher channel
-//! webhooks.
+//! webhooks, stored through the publisher.
 //!
 //! Metrics are injected, never global: the hub, the publisher and channel webhooks each take
 //! their group of `herald-metrics` handles in their constructors.

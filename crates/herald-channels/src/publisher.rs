@@ -33,7 +33,7 @@ use std::{
 
 use bytes::Bytes;
 use herald_core::{
-    history::NewHistoryEntry,
+    history::{NewHistoryEntry, Retention},
     id,
     model::{App, EndpointFormat, IngestEvent, Message},
     pusher, validate,
@@ -128,15 +128,38 @@ pub struct Published {
 pub enum PublishError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The runtime shut down while the publication was being committed; it may or may not
+    /// have been stored.
+    #[error("the publication was interrupted by shutdown")]
+    Interrupted,
 }
 
 pub struct Publisher {
+    shared: Arc<Shared>,
+}
+
+/// What a publication's commit and fan-out need; shared with the task that runs them.
+struct Shared {
     store: Arc<dyn Store>,
     broker: Arc<dyn Broker>,
     history: Arc<History>,
     dispatcher: DispatcherHandle,
     turns: ChannelTurns,
     metrics: Arc<PublishMetrics>,
+}
+
+/// A publication whose targets are chosen, ready to commit and fan out.
+struct Plan {
+    app_id: String,
+    event: String,
+    channels: Vec<String>,
+    /// The channels that keep history, by name, with their retention.
+    kept: Vec<(String, Retention)>,
+    data: EventData,
+    user_id: Option<String>,
+    except: Option<String>,
+    message: Option<(Message, Vec<String>)>,
+    ingest: Option<Box<IngestEvent>>,
 }
 
 impl Publisher {
@@ -148,24 +171,26 @@ impl Publisher {
         metrics: Arc<PublishMetrics>,
     ) -> Self {
         Self {
-            store,
-            broker,
-            history,
-            dispatcher,
-            turns: ChannelTurns::default(),
-            metrics,
+            shared: Arc::new(Shared {
+                store,
+                broker,
+                history,
+                dispatcher,
+                turns: ChannelTurns::default(),
+                metrics,
+            }),
         }
     }
 
     pub fn history(&self) -> &Arc<History> {
-        &self.history
+        &self.shared.history
     }
 
     /// Publishes one event: targets, one commit, wake, fan-out (see the module's doc).
     pub async fn publish(&self, app: &App, publish: Publish) -> Result<Published, PublishError> {
         let published = self.publish_counted(app, publish).await;
         if published.is_err() {
-            self.metrics.publish_failures_total.inc();
+            self.shared.metrics.publish_failures_total.inc();
         }
         published
     }
@@ -186,17 +211,21 @@ impl Publisher {
             webhook,
         } = publish;
         let channels = subscribable(&channels);
-        let mut kept: Vec<(&str, herald_core::history::Retention)> = channels
+        let mut kept: Vec<(String, Retention)> = channels
             .iter()
-            .filter_map(|c| self.history.retention(app, c).map(|r| (c.as_str(), r)))
+            .filter_map(|c| {
+                let retention = self.shared.history.retention(app, c)?;
+                Some((c.clone(), retention))
+            })
             .collect();
-        kept.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        kept.sort_unstable_by(|a, b| a.0.cmp(&b.0));
 
         // 1. Targets first: a Pusher event's message is built only if an endpoint wants it.
         let (message, ingest) = match webhook {
             Webhook::None => (None, None),
             Webhook::Message(message) => {
                 let targets = self
+                    .shared
                     .targets(app, &message.event_type, message.channels.as_deref())
                     .await?;
                 (Some((message, targets)), None)
@@ -204,7 +233,7 @@ impl Publisher {
             Webhook::IfWanted => {
                 let targets = if validate::event_type_name(&event).is_ok() {
                     let named = (!channels.is_empty()).then_some(channels.as_slice());
-                    self.targets(app, &event, named).await?
+                    self.shared.targets(app, &event, named).await?
                 } else {
                     tracing::debug!(
                         event,
@@ -218,28 +247,71 @@ impl Publisher {
             }
             Webhook::Ingest(record, message) => {
                 let targets = self
+                    .shared
                     .targets(app, &message.event_type, message.channels.as_deref())
                     .await?;
                 (Some((message, targets)), Some(record))
             }
         };
+        let plan = Plan {
+            app_id: app.id.clone(),
+            event,
+            channels,
+            kept,
+            data,
+            user_id,
+            except,
+            message,
+            ingest,
+        };
+        if plan.channels.is_empty() {
+            // Nothing to fan out: if the caller goes away mid-commit, the message is stored
+            // or not, and delivery finds it either way.
+            return self.shared.commit_and_fan_out(plan).await;
+        }
+        // The commit and the fan-out run on their own task, so a caller that goes away (a
+        // client disconnecting mid-request) cannot leave a committed event unsent to the
+        // channels' subscribers.
+        let shared = Arc::clone(&self.shared);
+        match tokio::spawn(async move { shared.commit_and_fan_out(plan).await }).await {
+            Ok(published) => published,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => Err(PublishError::Interrupted),
+        }
+    }
+}
+
+impl Shared {
+    /// Steps 2 to 4 of a publication: one commit, wake, fan-out.
+    async fn commit_and_fan_out(&self, plan: Plan) -> Result<Published, PublishError> {
+        let Plan {
+            app_id,
+            event,
+            channels,
+            kept,
+            data,
+            user_id,
+            except,
+            message,
+            ingest,
+        } = plan;
         let wake = message.as_ref().is_some_and(|(_, t)| !t.is_empty());
 
         // 2. One commit, holding the history channels' turns until the hand-over.
-        let _turns = self.turns.take(&app.id, &kept).await;
+        let _turns = self.turns.take(&app_id, &kept).await;
         let now = chrono::Utc::now();
         let entries: Vec<NewHistoryEntry> = kept
             .iter()
             .map(|(channel, retention)| NewHistoryEntry {
-                app_id: app.id.clone(),
-                channel: (*channel).to_owned(),
+                app_id: app_id.clone(),
+                channel: channel.clone(),
                 event: event.clone(),
                 data: data.as_str().to_owned(),
                 raw_json: data.is_json(),
                 user_id: user_id.clone(),
                 created_at: now,
                 retention: *retention,
-                first_epoch: Some(self.history.fresh_epoch(&app.id, channel)),
+                first_epoch: Some(self.history.fresh_epoch(&app_id, channel)),
             })
             .collect();
         let (positions, recorded) = match (ingest, message) {
@@ -283,11 +355,11 @@ impl Publisher {
             .iter()
             .map(|channel| {
                 let position = kept
-                    .binary_search_by(|(c, _)| (*c).cmp(channel.as_str()))
+                    .binary_search_by(|(c, _)| c.as_str().cmp(channel.as_str()))
                     .ok()
                     .and_then(|at| positions.get(at).cloned());
                 Arc::new(
-                    Publication::new(&app.id, channel, &event, data.clone())
+                    Publication::new(&app_id, channel, &event, data.clone())
                         .with_user(user_id.clone())
                         .with_position(position)
                         .except(except.clone()),
@@ -298,7 +370,7 @@ impl Publisher {
             Ok(sent) => sent,
             Err(e) => {
                 // Committed: history channels' subscribers recover it by offset.
-                tracing::error!(error = %e, app_id = %app.id, event, "handing a publication to the broker failed");
+                tracing::error!(error = %e, app_id, event, "handing a publication to the broker failed");
                 self.metrics.publish_failures_total.inc();
                 0
             }
@@ -311,7 +383,9 @@ impl Publisher {
             sent,
         })
     }
+}
 
+impl Publisher {
     /// Stores channel webhook messages (one per app and group of endpoints wanting the same
     /// events) with the occupancy changes they report, in one commit, and wakes delivery.
     pub async fn publish_channel_webhooks(
@@ -320,13 +394,18 @@ impl Publisher {
         changes: Vec<OccupancyChange>,
     ) -> Result<(), PublishError> {
         let wake = !messages.is_empty();
-        self.store.record_channel_events(messages, changes).await?;
+        self.shared
+            .store
+            .record_channel_events(messages, changes)
+            .await?;
         if wake {
-            self.dispatcher.wake();
+            self.shared.dispatcher.wake();
         }
         Ok(())
     }
+}
 
+impl Shared {
     /// The app's Standard Webhooks endpoints that want an event of this type and channels.
     async fn targets(
         &self,
@@ -401,16 +480,21 @@ impl ChannelTurns {
 
     /// Takes the turns of `channels` (sorted by name, so two publications never wait for each
     /// other crosswise).
-    pub(crate) async fn take<T>(&self, app_id: &str, channels: &[(&str, T)]) -> HeldTurns<'_> {
+    pub(crate) async fn take<C: AsRef<str>, T>(
+        &self,
+        app_id: &str,
+        channels: &[(C, T)],
+    ) -> HeldTurns<'_> {
         let mut held = Vec::with_capacity(channels.len());
         for (channel, _) in channels {
+            let channel = channel.as_ref();
             let turn = Arc::clone(
                 self.lock()
-                    .entry((app_id.to_owned(), (*channel).to_owned()))
+                    .entry((app_id.to_owned(), channel.to_owned()))
                     .or_default(),
             );
             let guard = Arc::clone(&turn).lock_owned().await;
-            held.push(((*channel).to_owned(), turn, guard));
+            held.push((channel.to_owned(), turn, guard));
         }
         HeldTurns {
             owner: self,

@@ -406,10 +406,11 @@ impl Dispatcher {
         match self.store.record_attempt(record).await {
             Ok(Recorded::Applied) => {}
             Ok(Recorded::Stale) => {
-                // The lease ran out during the attempt and the delivery may have been claimed
-                // again: the attempt is logged, the newer claim decides the delivery's state.
-                tracing::warn!(%msg_id, %endpoint_id,
-                    "the attempt outlived its lease; logged without changing the delivery");
+                // The lease ran out during the attempt (and the delivery may have been claimed
+                // again), or a resend took the delivery back: the attempt is logged, and the
+                // newer claim or the resend decides the delivery's state.
+                tracing::info!(%msg_id, %endpoint_id,
+                    "the attempt lost its lease (expired, or taken back by a resend); logged without changing the delivery");
             }
             Err(e) => {
                 // The delivery is attempted again once its lease runs out.

@@ -10,7 +10,7 @@
 //!   the socket itself, so an upgraded WebSocket keeps counting until it closes.
 //! - **Per-address cap**: so that one host cannot hold every slot, a socket from an address that
 //!   already holds `max_connections_per_ip` is closed at once too (0: no limit). IPv6 peers are
-//!   counted per /64, IPv4 per address (as the WebSocket limiter in `herald-ws` counts them);
+//!   counted per /64, IPv4 per address (as the per-address limiter in `herald_channels::limits` counts them);
 //!   peers in `trusted_proxies` (reverse proxies, which carry many clients) are not counted.
 //!   The table holds only addresses with an open socket (an entry is removed when its count
 //!   reaches zero), and every counted socket holds a slot of the connection cap, so it never

@@ -944,3 +944,50 @@ async fn a_resume_over_the_replay_budget_is_refused_unread_and_leaves_no_debt() 
     }
     server.stop().await;
 }
+
+/// A producer that goes away mid-commit (an HTTP client disconnecting drops its handler's
+/// future) cannot leave a committed event unsent: the commit and the fan-out run on a task of
+/// their own. The publish future is polled once, into its commit, then dropped; the
+/// subscriber still gets the event, with the position the store kept it at.
+#[tokio::test]
+async fn a_publication_whose_producer_went_away_mid_commit_still_reaches_subscribers() {
+    use std::{future::Future, task::Poll};
+
+    use herald_channels::{Outgoing, Publish, hub::Outbox};
+
+    let dir = tempfile::tempdir().expect("dir");
+    let InProcess {
+        store,
+        app,
+        publisher,
+        hub,
+        ..
+    } = in_process_history(dir.path()).await;
+    // Warm the endpoint cache, so the first poll goes straight into the commit.
+    publish_note(&publisher, &app, "history-warm", "{}").await;
+    let (outbox, mut frames, _) = Outbox::new(4);
+    hub.app(&app.id)
+        .subscribe("history-gone", "1.1", &outbox, None, 10)
+        .expect("subscribed");
+    let publish = Publish::pusher_event("note", &["history-gone".to_owned()], "{}", None);
+    let mut producer = Box::pin(publisher.publish(&app, publish));
+    let first = std::future::poll_fn(|cx| Poll::Ready(producer.as_mut().poll(cx))).await;
+    assert!(first.is_pending(), "the commit had started");
+    drop(producer);
+    let item = tokio::time::timeout(crate::harness::PATIENCE, frames.recv())
+        .await
+        .expect("the event reaches the subscriber")
+        .expect("an item");
+    let Outgoing::Publication(publication) = item else {
+        panic!("a publication");
+    };
+    assert_eq!(publication.offset(), Some(1));
+    let page = publisher
+        .history()
+        .page(&app, "history-gone", None, None, 10, false)
+        .await
+        .expect("page")
+        .expect("a history channel");
+    assert_eq!(page.entries.len(), 1, "and it is kept");
+    store.close().await;
+}
