@@ -38,6 +38,18 @@ pub struct Outbox {
     overflowed: CancellationToken,
     /// Counts the overflow once, in the hub's metrics (attached when the outbox subscribes).
     overflows: Arc<OverflowCount>,
+    takes: Takes,
+}
+
+/// How an outbox takes publications.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Takes {
+    /// Whole (`Outgoing::Publication`): SSE reads each one's position for its event ids.
+    Publications,
+    /// As their Pusher frames (`Outgoing::Frame`), which a WebSocket writes as they are: its
+    /// connection task never touches the publication's own reference count, which every
+    /// subscriber's task would otherwise contend on, besides the frame's.
+    PusherFrames,
 }
 
 /// Shared by an outbox's clones: its overflow is counted once, whichever clone notices it.
@@ -48,7 +60,20 @@ struct OverflowCount {
 }
 
 impl Outbox {
+    /// An outbox that takes publications whole.
     pub fn new(capacity: usize) -> (Self, mpsc::Receiver<Outgoing>, CancellationToken) {
+        Self::taking(capacity, Takes::Publications)
+    }
+
+    /// An outbox that takes publications as their Pusher frames (WebSockets).
+    pub fn pusher(capacity: usize) -> (Self, mpsc::Receiver<Outgoing>, CancellationToken) {
+        Self::taking(capacity, Takes::PusherFrames)
+    }
+
+    fn taking(
+        capacity: usize,
+        takes: Takes,
+    ) -> (Self, mpsc::Receiver<Outgoing>, CancellationToken) {
         let (frames, receiver) = mpsc::channel(capacity);
         let overflowed = CancellationToken::new();
         (
@@ -56,6 +81,7 @@ impl Outbox {
                 frames,
                 overflowed: overflowed.clone(),
                 overflows: Arc::default(),
+                takes,
             },
             receiver,
             overflowed,
@@ -63,7 +89,27 @@ impl Outbox {
     }
 
     pub fn send(&self, item: impl Into<Outgoing>) {
-        if self.frames.try_send(item.into()).is_err() {
+        let item = match (self.takes, item.into()) {
+            (Takes::PusherFrames, Outgoing::Publication(p)) => {
+                Outgoing::Frame(p.pusher_frame().clone())
+            }
+            (_, item) => item,
+        };
+        if self.frames.try_send(item).is_err() {
+            self.overflow();
+        }
+    }
+
+    /// [`Outbox::send`] of a shared item: a frame-taking outbox gets the frame without the
+    /// publication's reference count being touched.
+    fn send_shared(&self, item: &Outgoing) {
+        let item = match (self.takes, item) {
+            (Takes::PusherFrames, Outgoing::Publication(p)) => {
+                Outgoing::Frame(p.pusher_frame().clone())
+            }
+            (_, item) => item.clone(),
+        };
+        if self.frames.try_send(item).is_err() {
             self.overflow();
         }
     }
@@ -236,17 +282,17 @@ struct Subscriber {
 }
 
 impl Subscriber {
-    fn send(&self, item: Outgoing) {
+    fn send(&self, item: &Outgoing) {
         let Some(held) = &self.joining else {
-            self.outbox.send(item);
+            self.outbox.send_shared(item);
             return;
         };
         let mut held = held.lock().unwrap_or_else(|p| p.into_inner());
-        // As bounded as the outbox it will go to.
+        // As bounded as the outbox it will go to; held whole, so the merge can read offsets.
         if held.len() >= self.outbox.capacity() {
             self.outbox.overflow();
         } else {
-            held.push(item);
+            held.push(item.clone());
         }
     }
 }
@@ -585,7 +631,7 @@ fn fan_out(channel: &Channel, item: &Outgoing, except: Option<&str>) -> usize {
     let mut sent = 0;
     for (socket_id, subscriber) in &channel.subscribers {
         if Some(socket_id.as_str()) != except {
-            subscriber.send(item.clone());
+            subscriber.send(item);
             sent += 1;
         }
     }
@@ -838,6 +884,38 @@ mod tests {
         assert!(!hub.go_live("history-c", "9.9", 0, |_| unreachable!(
             "no such subscriber"
         )));
+    }
+
+    #[test]
+    fn a_websocket_outbox_gets_the_frame_and_an_sse_outbox_the_publication() {
+        let hub = AppHub::default();
+        let (pusher, mut pusher_rx, _) = Outbox::pusher(4);
+        let (whole, mut whole_rx, _) = Outbox::new(4);
+        hub.subscribe("c", "1.1", &pusher, None, 10).expect("ok");
+        hub.subscribe("c", "2.2", &whole, None, 10).expect("ok");
+        let publication = published("c", Some(1));
+        assert_eq!(hub.broadcast(&publication), 2);
+        match pusher_rx.try_recv() {
+            Ok(Outgoing::Frame(frame)) => assert_eq!(frame, *publication.pusher_frame()),
+            other => panic!("expected the frame, got {other:?}"),
+        }
+        match whole_rx.try_recv() {
+            Ok(Outgoing::Publication(p)) => assert!(Arc::ptr_eq(&p, &publication)),
+            other => panic!("expected the publication, got {other:?}"),
+        }
+        assert_eq!(
+            Arc::strong_count(&publication),
+            1,
+            "nothing kept a reference but ours once the items were taken"
+        );
+        // A held subscriber's items are kept whole (for their offsets) and become frames when
+        // it goes live.
+        let (late, mut late_rx, _) = Outbox::pusher(4);
+        hub.subscribe_joining("c", "3.3", &late, None, 10)
+            .expect("ok");
+        hub.broadcast(&published("c", Some(2)));
+        hub.go_live("c", "3.3", 1, |_| {});
+        assert!(matches!(late_rx.try_recv(), Ok(Outgoing::Frame(_))));
     }
 
     #[test]

@@ -167,7 +167,7 @@ async fn serve(
     permit: ClientPermit,
 ) {
     let config = &state.config;
-    let (outbox, mut frames, overflowed) = Outbox::new(config.outbox_frames);
+    let (outbox, mut frames, overflowed) = Outbox::pusher(config.outbox_frames);
     let socket_id = pusher::new_socket_id(&mut rand::rng());
     let (mut sink, mut stream) = socket.split();
     let terminate = hub.connection_token();

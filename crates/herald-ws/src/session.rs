@@ -136,10 +136,17 @@ impl Backend for Live {
         retention: Retention,
         resume: Option<&Resume>,
     ) -> Result<Joined, StoreError> {
-        self.publisher
-            .history()
-            .recover(&self.app, channel, retention, resume, &self.client)
-            .await
+        // Boxed, here and below: a future is as large as the largest one it awaits inline,
+        // and the connection task holds its session's for as long as the connection lives,
+        // idle or not. Joins and client events are rare next to that, so they pay for a box.
+        Box::pin(self.publisher.history().recover(
+            &self.app,
+            channel,
+            retention,
+            resume,
+            &self.client,
+        ))
+        .await
     }
 
     async fn publish_client_event(
@@ -158,7 +165,9 @@ impl Backend for Live {
             except: Some(sender.to_owned()),
             webhook: Webhook::None,
         };
-        self.publisher.publish(&self.app, publish).await.map(drop)
+        Box::pin(self.publisher.publish(&self.app, publish))
+            .await
+            .map(drop)
     }
 }
 
