@@ -92,7 +92,7 @@ pub async fn receive(
         .ok_or_else(|| ApiError::not_found("application"))?;
     let message = message_for(&app.id, &event_type, &channels, &body);
     let event = IngestEvent {
-        id: id::new_id(id::INGEST_EVENT, now),
+        id: herald_core::IngestEventId::new(now),
         source_id: source.id.clone(),
         app_id: app.id.clone(),
         delivery_id,
@@ -104,8 +104,8 @@ pub async fn receive(
         received_at: now,
     };
     let out = |event: &IngestEvent, duplicate: bool| IngestOut {
-        id: event.id.clone(),
-        msg_id: event.msg_id.clone(),
+        id: event.id.to_string(),
+        msg_id: event.msg_id.to_string(),
         event_type: event.event_type.clone(),
         channels: event.channels.clone(),
         duplicate,
@@ -202,7 +202,7 @@ fn read(source: &IngestSource, headers: &HeaderMap, body: &[u8], now_unix: i64) 
 /// The message a received body becomes: the body itself as the payload when it is a JSON
 /// object, otherwise `{"data": <the JSON value, or the body as text>}`.
 pub(crate) fn message_for(
-    app_id: &str,
+    app_id: &herald_core::AppId,
     event_type: &str,
     channels: &[String],
     body: &[u8],
@@ -216,7 +216,7 @@ pub(crate) fn message_for(
     };
     let now = crate::now();
     Message {
-        id: id::new_id(id::MESSAGE, now),
+        id: herald_core::MessageId::new(now),
         app_id: app_id.to_owned(),
         event_id: None,
         event_type: event_type.to_owned(),

@@ -18,6 +18,7 @@
 //! consistent; client events not yet stored are lost, like the relay of a client event to a
 //! socket that closes. Everything waiting counts against `max_pending`, delayed leaves too.
 
+use herald_core::{AppId, EndpointId};
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{Arc, Mutex},
@@ -29,10 +30,7 @@ use crate::{
     publisher::Publisher,
 };
 use bytes::Bytes;
-use herald_core::{
-    id,
-    model::{EndpointFormat, Message},
-};
+use herald_core::model::{EndpointFormat, Message};
 use herald_metrics::ChannelMetrics;
 use herald_store::{OccupancyChange, Occupant, Store};
 use serde::Serialize;
@@ -75,9 +73,9 @@ pub struct ChannelWebhooks {
 #[derive(Default)]
 struct Pending {
     /// Events to store, in the order they happened.
-    ready: Vec<(String, ChannelEvent)>,
+    ready: Vec<(AppId, ChannelEvent)>,
     /// Vacated and removed events waiting out the delay, by when they fall due.
-    delayed: BTreeMap<(Instant, u64), (String, ChannelEvent)>,
+    delayed: BTreeMap<(Instant, u64), (AppId, ChannelEvent)>,
     /// Where each delayed event sits in `delayed`, so a rejoin can cancel it.
     delayed_at: HashMap<DelayKey, (Instant, u64)>,
     sequence: u64,
@@ -87,13 +85,13 @@ struct Pending {
 /// A delayed event's identity: the channel, and the user for `member_removed`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct DelayKey {
-    app_id: String,
+    app_id: AppId,
     channel: String,
     user_id: Option<String>,
 }
 
 impl DelayKey {
-    fn new(app_id: &str, channel: &str, user_id: Option<&str>) -> Self {
+    fn new(app_id: &AppId, channel: &str, user_id: Option<&str>) -> Self {
         Self {
             app_id: app_id.to_owned(),
             channel: channel.to_owned(),
@@ -109,7 +107,7 @@ struct Body<'a> {
 }
 
 impl ChannelObserver for ChannelWebhooks {
-    fn observe(&self, app_id: &str, event: ChannelEvent) {
+    fn observe(&self, app_id: &AppId, event: ChannelEvent) {
         let (queued, dropped) = {
             let mut pending = self.lock();
             let before = pending.dropped;
@@ -131,7 +129,7 @@ impl Pending {
     /// was queued, so the runner should look.
     fn accept(
         &mut self,
-        app_id: &str,
+        app_id: &AppId,
         event: ChannelEvent,
         config: &ChannelWebhookConfig,
         now: Instant,
@@ -323,8 +321,8 @@ impl ChannelWebhooks {
     async fn store_batch(
         &self,
         publisher: &Publisher,
-        batch: Vec<(String, ChannelEvent)>,
-    ) -> Result<(), Vec<(String, ChannelEvent)>> {
+        batch: Vec<(AppId, ChannelEvent)>,
+    ) -> Result<(), Vec<(AppId, ChannelEvent)>> {
         match self.messages_and_changes(&batch).await {
             Ok((messages, changes)) if messages.is_empty() && changes.is_empty() => Ok(()),
             Ok((messages, changes)) => {
@@ -347,10 +345,10 @@ impl ChannelWebhooks {
     /// batch (in the order the events happened).
     async fn messages_and_changes(
         &self,
-        batch: &[(String, ChannelEvent)],
+        batch: &[(AppId, ChannelEvent)],
     ) -> Result<ChannelWrites, herald_store::StoreError> {
-        let mut by_app: Vec<(&str, Vec<&ChannelEvent>)> = Vec::new();
-        let mut index: HashMap<&str, usize> = HashMap::new();
+        let mut by_app: Vec<(&AppId, Vec<&ChannelEvent>)> = Vec::new();
+        let mut index: HashMap<&AppId, usize> = HashMap::new();
         for (app_id, event) in batch {
             let slot = *index.entry(app_id).or_insert_with(|| {
                 by_app.push((app_id, Vec::new()));
@@ -380,16 +378,16 @@ impl ChannelWebhooks {
     /// whether the app has any `pusher`-format endpoint (whether channel webhooks are on).
     async fn app_messages(
         &self,
-        app_id: &str,
+        app_id: &AppId,
         events: &[&ChannelEvent],
-        messages: &mut Vec<(Message, Vec<String>)>,
+        messages: &mut Vec<(Message, Vec<EndpointId>)>,
     ) -> Result<bool, herald_store::StoreError> {
         let endpoints = self.store.app_endpoints(app_id).await?;
         let reported = endpoints
             .iter()
             .any(|endpoint| endpoint.format == EndpointFormat::Pusher);
         // Endpoints that want the same events share one message.
-        let mut groups: BTreeMap<Vec<usize>, Vec<String>> = BTreeMap::new();
+        let mut groups: BTreeMap<Vec<usize>, Vec<EndpointId>> = BTreeMap::new();
         for endpoint in endpoints.iter() {
             let wanted: Vec<usize> = events
                 .iter()
@@ -414,7 +412,7 @@ impl ChannelWebhooks {
                 let payload = serde_json::to_vec(&body)
                     .unwrap_or_else(|e| unreachable!("strings and numbers serialize: {e}"));
                 let message = Message {
-                    id: id::new_id(id::MESSAGE, now),
+                    id: herald_core::MessageId::new(now),
                     app_id: app_id.to_owned(),
                     event_id: None,
                     event_type: EVENT_TYPE.to_owned(),
@@ -430,10 +428,10 @@ impl ChannelWebhooks {
     }
 }
 
-type ChannelWrites = (Vec<(Message, Vec<String>)>, Vec<OccupancyChange>);
+type ChannelWrites = (Vec<(Message, Vec<EndpointId>)>, Vec<OccupancyChange>);
 
 /// The occupancy change an event reports, if any (client events report none).
-fn occupancy_change(app_id: &str, event: &ChannelEvent) -> Option<OccupancyChange> {
+fn occupancy_change(app_id: &AppId, event: &ChannelEvent) -> Option<OccupancyChange> {
     let occupant = |user_id: Option<&str>| Occupant {
         app_id: app_id.to_owned(),
         channel: event.channel().to_owned(),
@@ -486,7 +484,7 @@ mod tests {
         }
     }
 
-    fn names(events: &[(String, ChannelEvent)]) -> Vec<String> {
+    fn names(events: &[(AppId, ChannelEvent)]) -> Vec<String> {
         events
             .iter()
             .map(|(app, e)| format!("{app}/{}/{}", e.name(), e.channel()))
@@ -496,18 +494,33 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_rejoin_within_the_delay_cancels_the_leave_and_is_not_reported() {
         let (mut pending, config) = (Pending::default(), config(100));
-        assert!(pending.accept("a", occupied("room"), &config, Instant::now()));
-        assert!(pending.accept("a", vacated("room"), &config, Instant::now()));
-        assert_eq!(names(&pending.ready), ["a/channel_occupied/room"]);
+        assert!(pending.accept(
+            &AppId::parse("app_a").expect("valid"),
+            occupied("room"),
+            &config,
+            Instant::now()
+        ));
+        assert!(pending.accept(
+            &AppId::parse("app_a").expect("valid"),
+            vacated("room"),
+            &config,
+            Instant::now()
+        ));
+        assert_eq!(names(&pending.ready), ["app_a/channel_occupied/room"]);
         assert_eq!(pending.delayed.len(), 1);
 
         tokio::time::advance(DELAY - Duration::from_millis(1)).await;
-        assert!(!pending.accept("a", occupied("room"), &config, Instant::now()));
+        assert!(!pending.accept(
+            &AppId::parse("app_a").expect("valid"),
+            occupied("room"),
+            &config,
+            Instant::now()
+        ));
         assert!(pending.delayed.is_empty() && pending.delayed_at.is_empty());
         pending.release_due(Some(Instant::now() + DELAY));
         assert_eq!(
             names(&pending.ready),
-            ["a/channel_occupied/room"],
+            ["app_a/channel_occupied/room"],
             "nothing flapped"
         );
     }
@@ -515,21 +528,36 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_leave_is_released_once_its_delay_has_passed() {
         let (mut pending, config) = (Pending::default(), config(100));
-        pending.accept("a", vacated("one"), &config, Instant::now());
+        pending.accept(
+            &AppId::parse("app_a").expect("valid"),
+            vacated("one"),
+            &config,
+            Instant::now(),
+        );
         tokio::time::advance(Duration::from_secs(1)).await;
-        pending.accept("a", vacated("two"), &config, Instant::now());
+        pending.accept(
+            &AppId::parse("app_a").expect("valid"),
+            vacated("two"),
+            &config,
+            Instant::now(),
+        );
 
         pending.release_due(Some(Instant::now() + DELAY - Duration::from_secs(1)));
-        assert_eq!(names(&pending.ready), ["a/channel_vacated/one"]);
+        assert_eq!(names(&pending.ready), ["app_a/channel_vacated/one"]);
         tokio::time::advance(DELAY).await;
         pending.release_due(Some(Instant::now()));
         assert_eq!(
             names(&pending.ready),
-            ["a/channel_vacated/one", "a/channel_vacated/two"],
+            ["app_a/channel_vacated/one", "app_a/channel_vacated/two"],
             "in the order they fell due"
         );
         // A rejoin after the release is an ordinary join.
-        assert!(pending.accept("a", occupied("one"), &config, Instant::now()));
+        assert!(pending.accept(
+            &AppId::parse("app_a").expect("valid"),
+            occupied("one"),
+            &config,
+            Instant::now()
+        ));
         assert_eq!(pending.ready.len(), 3);
     }
 
@@ -537,15 +565,38 @@ mod tests {
     async fn member_leaves_are_cancelled_per_user_and_per_app() {
         let (mut pending, config) = (Pending::default(), config(100));
         let now = Instant::now();
-        pending.accept("a", member(false, "presence-x", "alice"), &config, now);
-        pending.accept("a", member(false, "presence-x", "bob"), &config, now);
-        pending.accept("b", member(false, "presence-x", "alice"), &config, now);
+        pending.accept(
+            &AppId::parse("app_a").expect("valid"),
+            member(false, "presence-x", "alice"),
+            &config,
+            now,
+        );
+        pending.accept(
+            &AppId::parse("app_a").expect("valid"),
+            member(false, "presence-x", "bob"),
+            &config,
+            now,
+        );
+        pending.accept(
+            &AppId::parse("app_b").expect("valid"),
+            member(false, "presence-x", "alice"),
+            &config,
+            now,
+        );
         // Alice rejoins app a: only her leave there is cancelled.
-        assert!(!pending.accept("a", member(true, "presence-x", "alice"), &config, now));
+        assert!(!pending.accept(
+            &AppId::parse("app_a").expect("valid"),
+            member(true, "presence-x", "alice"),
+            &config,
+            now
+        ));
         pending.release_due(None);
         assert_eq!(
             names(&pending.ready),
-            ["a/member_removed/presence-x", "b/member_removed/presence-x"]
+            [
+                "app_a/member_removed/presence-x",
+                "app_b/member_removed/presence-x"
+            ]
         );
         assert_eq!(pending.ready[0].1.user_id(), Some("bob"));
     }
@@ -554,7 +605,12 @@ mod tests {
     async fn waiting_events_delayed_ones_included_are_bounded() {
         let (mut pending, config) = (Pending::default(), config(3));
         for n in 0..6 {
-            pending.accept("a", vacated(&format!("room-{n}")), &config, Instant::now());
+            pending.accept(
+                &AppId::parse("app_a").expect("valid"),
+                vacated(&format!("room-{n}")),
+                &config,
+                Instant::now(),
+            );
         }
         assert_eq!(pending.delayed.len(), 3);
         assert_eq!(pending.dropped, 3);
@@ -565,7 +621,12 @@ mod tests {
         };
         let mut direct = Pending::default();
         for n in 0..4 {
-            direct.accept("a", vacated(&format!("room-{n}")), &zero, Instant::now());
+            direct.accept(
+                &AppId::parse("app_a").expect("valid"),
+                vacated(&format!("room-{n}")),
+                &zero,
+                Instant::now(),
+            );
         }
         assert_eq!(
             (direct.ready.len(), direct.dropped),
@@ -585,7 +646,10 @@ mod tests {
         let metrics = Arc::new(ChannelMetrics::default());
         let webhooks = ChannelWebhooks::new(Arc::clone(&store), config(2), Arc::clone(&metrics));
         for n in 0..5 {
-            webhooks.observe("a", occupied(&format!("room-{n}")));
+            webhooks.observe(
+                &AppId::parse("app_a").expect("valid"),
+                occupied(&format!("room-{n}")),
+            );
         }
         assert_eq!(metrics.channel_webhook_events_dropped_total.get(), 3);
         assert_eq!(webhooks.lock().ready.len(), 2);

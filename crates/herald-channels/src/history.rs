@@ -17,6 +17,7 @@
 //! A resume's replay is priced before it is read: the store sums the bytes of the missed range,
 //! and the replay is read only if the client's address can pay for it (see [`ReplayBudget`]).
 
+use herald_core::AppId;
 use std::sync::Arc;
 
 use chrono::Utc;
@@ -158,7 +159,7 @@ impl History {
     /// subscriber is told the same one, and the first append stores it. After a restart the
     /// epoch differs, as a random one would; a client that saw nothing of such a channel has
     /// missed nothing, and resumes from offset 0 whatever the epoch (`history::recovery`).
-    fn fresh_position(&self, app_id: &str, channel: &str) -> ChannelPosition {
+    fn fresh_position(&self, app_id: &AppId, channel: &str) -> ChannelPosition {
         let mac = herald_core::pusher::sign(&self.epoch_seed, &format!("{app_id}\n{channel}"));
         ChannelPosition {
             epoch: mac.chars().take(16).collect(),
@@ -168,12 +169,12 @@ impl History {
 
     /// The epoch a channel with no stored position is reported under, and starts under at its
     /// first event (see [`NewHistoryEntry::first_epoch`](herald_core::history::NewHistoryEntry)).
-    pub fn fresh_epoch(&self, app_id: &str, channel: &str) -> String {
+    pub fn fresh_epoch(&self, app_id: &AppId, channel: &str) -> String {
         self.fresh_position(app_id, channel).epoch
     }
 
     /// The channel's position as the store has it, or its fresh one.
-    async fn position(&self, app_id: &str, channel: &str) -> Result<ChannelPosition, StoreError> {
+    async fn position(&self, app_id: &AppId, channel: &str) -> Result<ChannelPosition, StoreError> {
         Ok(match self.store.channel_position(app_id, channel).await? {
             Some(position) => position,
             None => self.fresh_position(app_id, channel),
@@ -350,11 +351,11 @@ impl History {
             );
         }
         let mut deleted = 0;
-        let mut after: Option<(String, String)> = None;
+        let mut after: Option<(AppId, String)> = None;
         loop {
             let page = self
                 .store
-                .history_channels(after.as_ref().map(|(a, c)| (a.as_str(), c.as_str())), PAGE)
+                .history_channels(after.as_ref().map(|(a, c)| (a, c.as_str())), PAGE)
                 .await?;
             for (app_id, channel, position) in &page {
                 let Some(app) = self.store.get_app(app_id).await? else {

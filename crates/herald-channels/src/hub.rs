@@ -11,6 +11,7 @@
 //! [`ChannelObserver`] while the channel lock is held, so the observer sees them in the order
 //! they happened even when many connections race.
 
+use herald_core::AppId;
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{
@@ -203,13 +204,13 @@ impl ChannelEvent {
 /// Told of every [`ChannelEvent`], per app. Called with a channel lock held: it must be quick
 /// and must not call back into the hub.
 pub trait ChannelObserver: Send + Sync {
-    fn observe(&self, app_id: &str, event: ChannelEvent);
+    fn observe(&self, app_id: &AppId, event: ChannelEvent);
 }
 
 /// The local hub. Its `Default` has no observer and detached metrics (for tests).
 #[derive(Default)]
 pub struct Hub {
-    apps: RwLock<HashMap<String, Arc<AppHub>>>,
+    apps: RwLock<HashMap<AppId, Arc<AppHub>>>,
     observer: Option<Arc<dyn ChannelObserver>>,
     metrics: Arc<ChannelMetrics>,
 }
@@ -224,7 +225,7 @@ impl Hub {
     }
 
     /// The hub of the app with this id, created on first use.
-    pub fn app(&self, app_id: &str) -> Arc<AppHub> {
+    pub fn app(&self, app_id: &AppId) -> Arc<AppHub> {
         if let Some(app) = read(&self.apps).get(app_id) {
             return Arc::clone(app);
         }
@@ -232,12 +233,11 @@ impl Hub {
             write(&self.apps)
                 .entry(app_id.to_owned())
                 .or_insert_with(|| {
-                    Arc::new(AppHub {
-                        app_id: app_id.to_owned(),
-                        observer: self.observer.clone(),
-                        metrics: Arc::clone(&self.metrics),
-                        ..AppHub::default()
-                    })
+                    Arc::new(AppHub::new(
+                        app_id.clone(),
+                        self.observer.clone(),
+                        Arc::clone(&self.metrics),
+                    ))
                 }),
         )
     }
@@ -246,14 +246,13 @@ impl Hub {
     /// [`AppHub::connection_token`]) are cancelled and they close with 4001. The app's hub stays,
     /// closed, so a connection or stream that looked the app up just before the deletion and
     /// reaches the hub after it ends too; an empty hub per deleted app is all that remains.
-    pub fn remove_app(&self, app_id: &str) {
+    pub fn remove_app(&self, app_id: &AppId) {
         self.app(app_id).removed.cancel();
     }
 }
 
-#[derive(Default)]
 pub struct AppHub {
-    app_id: String,
+    app_id: AppId,
     observer: Option<Arc<dyn ChannelObserver>>,
     /// The hub's: connections, overflowing outboxes.
     metrics: Arc<ChannelMetrics>,
@@ -340,6 +339,21 @@ pub struct ChannelInfo {
 }
 
 impl AppHub {
+    fn new(
+        app_id: AppId,
+        observer: Option<Arc<dyn ChannelObserver>>,
+        metrics: Arc<ChannelMetrics>,
+    ) -> Self {
+        Self {
+            app_id,
+            observer,
+            metrics,
+            connections: AtomicU32::default(),
+            channels: RwLock::default(),
+            users: RwLock::default(),
+            removed: CancellationToken::default(),
+        }
+    }
     /// Counts a new connection (a WebSocket or an SSE stream) unless the app is at `limit`.
     pub fn connect(&self, limit: u32) -> bool {
         let admitted = self
@@ -675,6 +689,10 @@ fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 mod tests {
     use super::*;
 
+    fn app_hub() -> AppHub {
+        AppHub::new(AppId::parse("app_1").expect("valid"), None, Arc::default())
+    }
+
     fn joining(user: &str) -> Option<Joining> {
         Some(Joining {
             user_id: user.into(),
@@ -684,7 +702,7 @@ mod tests {
 
     #[test]
     fn presence_members_are_counted_per_user() {
-        let hub = AppHub::default();
+        let hub = app_hub();
         let (a, _ra, _) = Outbox::new(8);
         let (b, _rb, _) = Outbox::new(8);
         let first = hub
@@ -708,7 +726,7 @@ mod tests {
 
     #[test]
     fn presence_cap_refuses_new_users_only() {
-        let hub = AppHub::default();
+        let hub = app_hub();
         let (o, _r, _) = Outbox::new(8);
         hub.subscribe("presence-x", "1.1", &o, joining("u1"), 1)
             .expect("first");
@@ -723,7 +741,7 @@ mod tests {
 
     #[test]
     fn broadcast_skips_the_excluded_socket_and_flags_slow_consumers() {
-        let hub = AppHub::default();
+        let hub = app_hub();
         let (fast, mut fast_rx, fast_over) = Outbox::new(8);
         let (slow, _slow_rx, slow_over) = Outbox::new(1);
         hub.subscribe("c", "1.1", &fast, None, 10).expect("ok");
@@ -747,11 +765,11 @@ mod tests {
     struct Recorder(std::sync::Mutex<Vec<(String, ChannelEvent)>>);
 
     impl ChannelObserver for Recorder {
-        fn observe(&self, app_id: &str, event: ChannelEvent) {
+        fn observe(&self, app_id: &AppId, event: ChannelEvent) {
             self.0
                 .lock()
                 .expect("lock")
-                .push((app_id.to_owned(), event));
+                .push((app_id.to_string(), event));
         }
     }
 
@@ -762,7 +780,7 @@ mod tests {
             Arc::clone(&recorder) as Arc<dyn ChannelObserver>,
             Arc::default(),
         );
-        let app = hub.app("app_1");
+        let app = hub.app(&AppId::parse("app_1").expect("valid"));
         let (o, _r, _) = Outbox::new(8);
         app.subscribe("presence-x", "1.1", &o, joining("u1"), 10)
             .expect("ok");
@@ -813,22 +831,29 @@ mod tests {
     #[test]
     fn removing_an_app_ends_its_connections_but_not_others() {
         let hub = Hub::default();
-        let app = hub.app("app_1");
+        let app = hub.app(&AppId::parse("app_1").expect("valid"));
         let signed_in = app.connection_token();
         let other = app.connection_token();
-        let elsewhere = hub.app("app_2").connection_token();
+        let elsewhere = hub
+            .app(&AppId::parse("app_2").expect("valid"))
+            .connection_token();
         app.sign_in("u1", "1.1", signed_in.clone());
         assert_eq!(app.terminate_user("u1"), 1);
         assert!(signed_in.is_cancelled() && !other.is_cancelled());
         assert!(!app.is_removed(), "terminating a user leaves the app alone");
 
-        hub.remove_app("app_1");
+        hub.remove_app(&AppId::parse("app_1").expect("valid"));
         assert!(other.is_cancelled() && app.is_removed());
         assert!(
-            hub.app("app_1").connection_token().is_cancelled(),
+            hub.app(&AppId::parse("app_1").expect("valid"))
+                .connection_token()
+                .is_cancelled(),
             "a connection arriving after the deletion ends at once"
         );
-        assert!(!elsewhere.is_cancelled() && !hub.app("app_2").is_removed());
+        assert!(
+            !elsewhere.is_cancelled()
+                && !hub.app(&AppId::parse("app_2").expect("valid")).is_removed()
+        );
     }
 
     fn published(channel: &str, offset: Option<u64>) -> Arc<Publication> {
@@ -838,7 +863,13 @@ mod tests {
             offset,
         });
         Arc::new(
-            Publication::new("app_1", channel, "ev", EventData::text("d")).with_position(position),
+            Publication::new(
+                &AppId::parse("app_1").expect("valid"),
+                channel,
+                "ev",
+                EventData::text("d"),
+            )
+            .with_position(position),
         )
     }
 
@@ -855,7 +886,7 @@ mod tests {
 
     #[test]
     fn a_joining_subscriber_gets_the_replay_then_what_was_held_past_it_without_duplicates() {
-        let hub = AppHub::default();
+        let hub = app_hub();
         let (outbox, mut rx, overflowed) = Outbox::new(16);
         hub.subscribe_joining("history-c", "1.1", &outbox, None, 10)
             .expect("subscribed");
@@ -888,7 +919,7 @@ mod tests {
 
     #[test]
     fn a_websocket_outbox_gets_the_frame_and_an_sse_outbox_the_publication() {
-        let hub = AppHub::default();
+        let hub = app_hub();
         let (pusher, mut pusher_rx, _) = Outbox::pusher(4);
         let (whole, mut whole_rx, _) = Outbox::new(4);
         hub.subscribe("c", "1.1", &pusher, None, 10).expect("ok");
@@ -920,7 +951,7 @@ mod tests {
 
     #[test]
     fn a_joining_subscriber_that_is_held_more_than_its_outbox_holds_is_too_slow() {
-        let hub = AppHub::default();
+        let hub = app_hub();
         let (outbox, _rx, overflowed) = Outbox::new(2);
         hub.subscribe_joining("history-c", "1.1", &outbox, None, 10)
             .expect("subscribed");
@@ -934,7 +965,7 @@ mod tests {
 
     #[test]
     fn connection_quota() {
-        let hub = AppHub::default();
+        let hub = app_hub();
         assert!(hub.connect(2) && hub.connect(2));
         assert!(!hub.connect(2));
         hub.disconnect();
@@ -950,7 +981,7 @@ mod tests {
     fn an_overflowing_outbox_is_counted_once() {
         let metrics = Arc::new(ChannelMetrics::default());
         let hub = Hub::new(Arc::new(Recorder::default()), Arc::clone(&metrics));
-        let app = hub.app("app_1");
+        let app = hub.app(&AppId::parse("app_1").expect("valid"));
         let (slow, _slow_rx, overflowed) = Outbox::new(1);
         let (fast, _fast_rx, _) = Outbox::new(8);
         app.subscribe("c", "1.1", &slow, None, 10).expect("ok");

@@ -8,6 +8,7 @@
 //! membership changes on this node (first socket of a user in, last one out), under its channel
 //! lock, so the events it reports for channel webhooks keep their order.
 
+use herald_core::AppId;
 use std::sync::Arc;
 
 use crate::{Hub, hub::ChannelInfo};
@@ -26,19 +27,19 @@ pub trait PresenceManager: Send + Sync + 'static {
     /// if nobody is subscribed.
     async fn channel_info(
         &self,
-        app_id: &str,
+        app_id: &AppId,
         channel: &str,
     ) -> Result<Option<ChannelInfo>, PresenceError>;
     /// Occupied channels whose names start with `prefix`, by name.
     async fn channels(
         &self,
-        app_id: &str,
+        app_id: &AppId,
         prefix: &str,
     ) -> Result<Vec<(String, ChannelInfo)>, PresenceError>;
     /// The user ids in a presence channel.
-    async fn users(&self, app_id: &str, channel: &str) -> Result<Vec<String>, PresenceError>;
+    async fn users(&self, app_id: &AppId, channel: &str) -> Result<Vec<String>, PresenceError>;
     /// Closes every connection signed in as `user_id`; returns how many.
-    async fn terminate_user(&self, app_id: &str, user_id: &str) -> Result<usize, PresenceError>;
+    async fn terminate_user(&self, app_id: &AppId, user_id: &str) -> Result<usize, PresenceError>;
 }
 
 /// One node: the answers are this process's hub's.
@@ -56,7 +57,7 @@ impl LocalPresence {
 impl PresenceManager for LocalPresence {
     async fn channel_info(
         &self,
-        app_id: &str,
+        app_id: &AppId,
         channel: &str,
     ) -> Result<Option<ChannelInfo>, PresenceError> {
         Ok(self.hub.app(app_id).channel_info(channel))
@@ -64,17 +65,17 @@ impl PresenceManager for LocalPresence {
 
     async fn channels(
         &self,
-        app_id: &str,
+        app_id: &AppId,
         prefix: &str,
     ) -> Result<Vec<(String, ChannelInfo)>, PresenceError> {
         Ok(self.hub.app(app_id).channels(prefix))
     }
 
-    async fn users(&self, app_id: &str, channel: &str) -> Result<Vec<String>, PresenceError> {
+    async fn users(&self, app_id: &AppId, channel: &str) -> Result<Vec<String>, PresenceError> {
         Ok(self.hub.app(app_id).users(channel))
     }
 
-    async fn terminate_user(&self, app_id: &str, user_id: &str) -> Result<usize, PresenceError> {
+    async fn terminate_user(&self, app_id: &AppId, user_id: &str) -> Result<usize, PresenceError> {
         Ok(self.hub.app(app_id).terminate_user(user_id))
     }
 }
@@ -88,7 +89,7 @@ mod tests {
     async fn local_presence_answers_from_the_hub() {
         let hub = Arc::new(Hub::default());
         let presence = LocalPresence::new(Arc::clone(&hub));
-        let app = hub.app("app_1");
+        let app = hub.app(&AppId::parse("app_1").expect("valid"));
         let (outbox, _rx, _) = Outbox::new(4);
         let joining = Joining {
             user_id: "u1".into(),
@@ -99,23 +100,26 @@ mod tests {
         app.subscribe("public", "1.1", &outbox, None, 10)
             .expect("subscribed");
         let info = presence
-            .channel_info("app_1", "presence-room")
+            .channel_info(&AppId::parse("app_1").expect("valid"), "presence-room")
             .await
             .expect("read")
             .expect("occupied");
         assert_eq!((info.subscription_count, info.user_count), (1, Some(1)));
         assert_eq!(
             presence
-                .users("app_1", "presence-room")
+                .users(&AppId::parse("app_1").expect("valid"), "presence-room")
                 .await
                 .expect("read"),
             ["u1"]
         );
-        let listed = presence.channels("app_1", "presence-").await.expect("read");
+        let listed = presence
+            .channels(&AppId::parse("app_1").expect("valid"), "presence-")
+            .await
+            .expect("read");
         assert_eq!(listed.len(), 1);
         assert!(
             presence
-                .channel_info("app_2", "presence-room")
+                .channel_info(&AppId::parse("app_2").expect("valid"), "presence-room")
                 .await
                 .expect("read")
                 .is_none(),
@@ -123,7 +127,13 @@ mod tests {
         );
         let token = app.connection_token();
         app.sign_in("u1", "1.1", token.clone());
-        assert_eq!(presence.terminate_user("app_1", "u1").await.expect("ok"), 1);
+        assert_eq!(
+            presence
+                .terminate_user(&AppId::parse("app_1").expect("valid"), "u1")
+                .await
+                .expect("ok"),
+            1
+        );
         assert!(token.is_cancelled());
     }
 }

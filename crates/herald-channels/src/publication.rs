@@ -7,6 +7,7 @@
 //! parses JSON; Socket.IO packets later), which is built the first time it is asked for and
 //! shared from then on: one encoding per node per protocol, however many subscribers.
 
+use herald_core::AppId;
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
@@ -68,7 +69,7 @@ impl EventData {
 /// to go to its subscribers.
 #[derive(Debug)]
 pub struct Publication {
-    pub app_id: String,
+    pub app_id: AppId,
     pub channel: String,
     pub event: String,
     pub data: EventData,
@@ -84,13 +85,13 @@ pub struct Publication {
 
 impl Publication {
     pub fn new(
-        app_id: impl Into<String>,
+        app_id: &AppId,
         channel: impl Into<String>,
         event: impl Into<String>,
         data: EventData,
     ) -> Self {
         Self {
-            app_id: app_id.into(),
+            app_id: app_id.clone(),
             channel: channel.into(),
             event: event.into(),
             data,
@@ -205,7 +206,7 @@ mod tests {
     #[test]
     fn a_history_event_is_encoded_once_with_its_position() {
         let p = Publication::new(
-            "app_1",
+            &AppId::parse("app_1").expect("valid"),
             "history-x",
             "order.paid",
             EventData::text("{\"a\":1}"),
@@ -228,14 +229,19 @@ mod tests {
     #[test]
     fn client_event_data_stays_verbatim_and_replays_identically() {
         let json = RawValue::from_string(r#"{ "t" : 1 }"#.into()).expect("raw");
-        let live = Publication::new("app_1", "private-c", "client-x", EventData::Json(json))
-            .with_user(Some("u1".into()));
+        let live = Publication::new(
+            &AppId::parse("app_1").expect("valid"),
+            "private-c",
+            "client-x",
+            EventData::Json(json),
+        )
+        .with_user(Some("u1".into()));
         assert_eq!(
             live.pusher_frame().as_str(),
             r#"{"event":"client-x","channel":"private-c","data":{ "t" : 1 },"user_id":"u1"}"#
         );
         let entry = HistoryEntry {
-            app_id: "app_1".into(),
+            app_id: AppId::parse("app_1").expect("valid"),
             channel: "private-history-c".into(),
             epoch: "e".into(),
             offset: 2,

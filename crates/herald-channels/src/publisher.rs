@@ -26,6 +26,7 @@
 //! ([`ChannelTurns`]) from the commit to the hand-over. The turn only orders this node's
 //! hand-overs; it plays no part in recovery, which merges by offset (see `history`).
 
+use herald_core::{AppId, EndpointId};
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
@@ -34,7 +35,6 @@ use std::{
 use bytes::Bytes;
 use herald_core::{
     history::{NewHistoryEntry, Retention},
-    id,
     model::{App, EndpointFormat, IngestEvent, Message},
     pusher, validate,
 };
@@ -150,7 +150,7 @@ struct Shared {
 
 /// A publication whose targets are chosen, ready to commit and fan out.
 struct Plan {
-    app_id: String,
+    app_id: AppId,
     event: String,
     channels: Vec<String>,
     /// The channels that keep history, by name, with their retention.
@@ -158,7 +158,7 @@ struct Plan {
     data: EventData,
     user_id: Option<String>,
     except: Option<String>,
-    message: Option<(Message, Vec<String>)>,
+    message: Option<(Message, Vec<EndpointId>)>,
     ingest: Option<Box<IngestEvent>>,
 }
 
@@ -370,7 +370,7 @@ impl Shared {
             Ok(sent) => sent,
             Err(e) => {
                 // Committed: history channels' subscribers recover it by offset.
-                tracing::error!(error = %e, app_id, event, "handing a publication to the broker failed");
+                tracing::error!(error = %e, %app_id, event, "handing a publication to the broker failed");
                 self.metrics.publish_failures_total.inc();
                 0
             }
@@ -390,7 +390,7 @@ impl Publisher {
     /// events) with the occupancy changes they report, in one commit, and wakes delivery.
     pub async fn publish_channel_webhooks(
         &self,
-        messages: Vec<(Message, Vec<String>)>,
+        messages: Vec<(Message, Vec<EndpointId>)>,
         changes: Vec<OccupancyChange>,
     ) -> Result<(), PublishError> {
         let wake = !messages.is_empty();
@@ -412,7 +412,7 @@ impl Shared {
         app: &App,
         event_type: &str,
         channels: Option<&[String]>,
-    ) -> Result<Vec<String>, StoreError> {
+    ) -> Result<Vec<EndpointId>, StoreError> {
         let endpoints = self.store.app_endpoints(&app.id).await?;
         Ok(endpoints
             .iter()
@@ -433,7 +433,7 @@ fn event_message(app: &App, name: &str, channels: &[String], data: &EventData) -
     };
     let now = crate::now();
     Message {
-        id: id::new_id(id::MESSAGE, now),
+        id: herald_core::MessageId::new(now),
         app_id: app.id.clone(),
         event_id: None,
         event_type: name.to_owned(),
@@ -463,18 +463,18 @@ type Turn = Arc<tokio::sync::Mutex<()>>;
 /// holds or waits for its turn, and is dropped by the last one out.
 #[derive(Default)]
 pub(crate) struct ChannelTurns {
-    turns: Mutex<HashMap<(String, String), Turn>>,
+    turns: Mutex<HashMap<(AppId, String), Turn>>,
 }
 
 /// Held turns; released (and idle entries dropped) on drop.
 pub(crate) struct HeldTurns<'a> {
     owner: &'a ChannelTurns,
-    app_id: String,
+    app_id: AppId,
     held: Vec<(String, Turn, tokio::sync::OwnedMutexGuard<()>)>,
 }
 
 impl ChannelTurns {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Turn>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(AppId, String), Turn>> {
         self.turns.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -482,7 +482,7 @@ impl ChannelTurns {
     /// other crosswise).
     pub(crate) async fn take<C: AsRef<str>, T>(
         &self,
-        app_id: &str,
+        app_id: &AppId,
         channels: &[(C, T)],
     ) -> HeldTurns<'_> {
         let mut held = Vec::with_capacity(channels.len());
@@ -541,11 +541,15 @@ mod tests {
     #[tokio::test]
     async fn turns_are_taken_one_at_a_time_and_forgotten_when_idle() {
         let turns = Arc::new(ChannelTurns::default());
-        let first = turns.take("app", &[("c", ())]).await;
+        let first = turns
+            .take(&AppId::parse("app_app").expect("valid"), &[("c", ())])
+            .await;
         let waiting = {
             let turns = Arc::clone(&turns);
             tokio::spawn(async move {
-                let _second = turns.take("app", &[("c", ())]).await;
+                let _second = turns
+                    .take(&AppId::parse("app_app").expect("valid"), &[("c", ())])
+                    .await;
             })
         };
         tokio::task::yield_now().await;

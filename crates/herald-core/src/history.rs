@@ -89,7 +89,7 @@ pub fn new_epoch() -> String {
 /// One event kept in a channel's history.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HistoryEntry {
-    pub app_id: String,
+    pub app_id: crate::id::AppId,
     pub channel: String,
     pub epoch: String,
     pub offset: u64,
@@ -108,7 +108,7 @@ pub struct HistoryEntry {
 /// task (or, with a shared store, whichever node) appends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewHistoryEntry {
-    pub app_id: String,
+    pub app_id: crate::id::AppId,
     pub channel: String,
     pub event: String,
     /// As [`HistoryEntry::data`].

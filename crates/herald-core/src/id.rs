@@ -77,6 +77,159 @@ pub fn lower_bound(prefix: &str, at: DateTime<Utc>) -> String {
     format!("{prefix}{ksuid}")
 }
 
+/// An id string that does not have the prefix its type requires.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid id {value:?}: expected a non-empty id starting with {expected:?}")]
+pub struct IdError {
+    /// The prefix the id's type requires.
+    pub expected: &'static str,
+    /// The string that was refused.
+    pub value: String,
+}
+
+/// Defines a typed id: a `String` newtype that always carries its prefix.
+macro_rules! typed_id {
+    ($(#[$meta:meta])* $name:ident, $prefix:expr) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(String);
+
+        impl $name {
+            pub const PREFIX: &'static str = $prefix;
+
+            /// A fresh id made at `now` (see [`new_id`]).
+            pub fn new(now: DateTime<Utc>) -> Self {
+                Self(new_id(Self::PREFIX, now))
+            }
+
+            /// Accepts a string that starts with [`Self::PREFIX`] and has something after it.
+            /// Ids are otherwise opaque.
+            pub fn parse(s: impl Into<String>) -> Result<Self, IdError> {
+                let s = s.into();
+                if s.len() > Self::PREFIX.len() && s.starts_with(Self::PREFIX) {
+                    Ok(Self(s))
+                } else {
+                    Err(IdError {
+                        expected: Self::PREFIX,
+                        value: s,
+                    })
+                }
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+
+            pub fn into_string(self) -> String {
+                self.0
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl std::ops::Deref for $name {
+            type Target = str;
+            fn deref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(id: $name) -> String {
+                id.0
+            }
+        }
+
+        impl PartialEq<str> for $name {
+            fn eq(&self, other: &str) -> bool {
+                self.0 == other
+            }
+        }
+
+        impl PartialEq<&str> for $name {
+            fn eq(&self, other: &&str) -> bool {
+                self.0 == *other
+            }
+        }
+
+        impl PartialEq<String> for $name {
+            fn eq(&self, other: &String) -> bool {
+                &self.0 == other
+            }
+        }
+
+        impl PartialEq<$name> for str {
+            fn eq(&self, other: &$name) -> bool {
+                self == other.0
+            }
+        }
+
+        impl PartialEq<$name> for &str {
+            fn eq(&self, other: &$name) -> bool {
+                *self == other.0
+            }
+        }
+
+        impl PartialEq<$name> for String {
+            fn eq(&self, other: &$name) -> bool {
+                *self == other.0
+            }
+        }
+    };
+}
+
+typed_id!(
+    /// An app's id, `app_...`.
+    AppId,
+    APP
+);
+typed_id!(
+    /// An endpoint's id, `ep_...`.
+    EndpointId,
+    ENDPOINT
+);
+typed_id!(
+    /// A message's id, `msg_...`.
+    MessageId,
+    MESSAGE
+);
+typed_id!(
+    /// A delivery attempt's id, `atmpt_...`.
+    AttemptId,
+    ATTEMPT
+);
+typed_id!(
+    /// A background task's id, `qtask_...` (the recover and replay answers name one).
+    TaskId,
+    TASK
+);
+typed_id!(
+    /// An ingest source's id, `src_...`.
+    SourceId,
+    SOURCE
+);
+typed_id!(
+    /// A received inbound webhook's id, `inev_...`.
+    IngestEventId,
+    INGEST_EVENT
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,5 +280,74 @@ mod tests {
             "{decoded} vs {t0}"
         );
         assert!(lower_bound(ENDPOINT, t0) <= id);
+    }
+    #[test]
+    fn typed_ids_check_their_prefix() {
+        let t0 = Utc::now();
+        let app = AppId::new(t0);
+        assert!(has_prefix(app.as_str(), AppId::PREFIX));
+        assert_eq!(AppId::parse(app.to_string()), Ok(app.clone()));
+        // Readable ids (the `--dev` seed, tests) are accepted: ids are opaque after the prefix.
+        assert_eq!(
+            AppId::parse("app_positions").expect("valid"),
+            "app_positions"
+        );
+        assert!(EndpointId::parse(new_id(ENDPOINT, t0)).is_ok());
+        assert!(MessageId::parse("msg_1").is_ok());
+        assert!(AttemptId::parse("atmpt_1").is_ok());
+        assert!(TaskId::parse("qtask_1").is_ok());
+        assert!(SourceId::parse("src_1").is_ok());
+        assert!(IngestEventId::parse("inev_1").is_ok());
+    }
+
+    #[test]
+    fn typed_id_parse_errors_name_the_prefix() {
+        for bad in ["", "app_", "ep_1", "my-uid", "APP_1", "xapp_1"] {
+            let error = AppId::parse(bad).expect_err(bad);
+            assert_eq!(error.expected, "app_");
+            assert_eq!(error.value, bad);
+            assert!(error.to_string().contains("\"app_\""), "{error}");
+        }
+        // An endpoint id is not an app id, nor the other way round.
+        let endpoint = new_id(ENDPOINT, Utc::now());
+        assert!(AppId::parse(endpoint.clone()).is_err());
+        assert!(MessageId::parse(endpoint).is_err());
+    }
+
+    #[test]
+    fn typed_ids_order_as_their_strings() {
+        let t0 = Utc::now();
+        let ids: Vec<MessageId> = (0..50)
+            .map(|i| MessageId::new(t0 + Duration::milliseconds(i * 5)))
+            .collect();
+        let mut sorted = ids.clone();
+        sorted.sort();
+        assert_eq!(sorted, ids);
+        for pair in ids.windows(2) {
+            assert_eq!(
+                pair[0].cmp(&pair[1]),
+                pair[0].as_str().cmp(pair[1].as_str())
+            );
+        }
+        let (a, b) = (
+            MessageId::parse("msg_b").expect("valid"),
+            MessageId::parse("msg_ab").expect("valid"),
+        );
+        assert_eq!(a.cmp(&b), "msg_b".cmp("msg_ab"));
+    }
+
+    #[test]
+    fn typed_ids_display_and_borrow_as_strings() {
+        use std::collections::HashMap;
+        let id = SourceId::parse("src_github").expect("valid");
+        assert_eq!(id.to_string(), "src_github");
+        assert_eq!(format!("{id}"), "src_github");
+        assert_eq!(id, "src_github");
+        assert_eq!(&*id, "src_github");
+        let mut map = HashMap::new();
+        map.insert(id.clone(), 1);
+        assert_eq!(map.get("src_github"), Some(&1));
+        assert_eq!(String::from(id.clone()), "src_github");
+        assert_eq!(id.into_string(), "src_github");
     }
 }

@@ -19,5 +19,6 @@ pub mod validate;
 
 pub use address_policy::{AddressPolicy, BlockedAddress};
 pub use filter::EndpointFilter;
+pub use id::{AppId, AttemptId, EndpointId, IdError, IngestEventId, MessageId, SourceId, TaskId};
 pub use retry::{AttemptOutcome, RetryDecision, RetryPolicy};
 pub use signing::{EndpointSecret, SecretError};

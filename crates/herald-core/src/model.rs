@@ -6,11 +6,13 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 
+use crate::id::{AppId, AttemptId, EndpointId, IngestEventId, MessageId, SourceId};
+
 pub type Metadata = BTreeMap<String, String>;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct App {
-    pub id: String,
+    pub id: AppId,
     pub uid: Option<String>,
     pub name: String,
     pub throttle_rate: Option<i64>,
@@ -94,8 +96,8 @@ pub struct EventType {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Endpoint {
-    pub id: String,
-    pub app_id: String,
+    pub id: EndpointId,
+    pub app_id: AppId,
     pub uid: Option<String>,
     pub url: String,
     pub description: String,
@@ -164,8 +166,8 @@ impl EndpointFormat {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Message {
-    pub id: String,
-    pub app_id: String,
+    pub id: MessageId,
+    pub app_id: AppId,
     pub event_id: Option<String>,
     pub event_type: String,
     pub channels: Option<Vec<String>>,
@@ -224,10 +226,10 @@ impl TriggerType {
 /// One HTTP request made to an endpoint, successful or not.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Attempt {
-    pub id: String,
-    pub msg_id: String,
-    pub endpoint_id: String,
-    pub app_id: String,
+    pub id: AttemptId,
+    pub msg_id: MessageId,
+    pub endpoint_id: EndpointId,
+    pub app_id: AppId,
     pub url: String,
     pub status: DeliveryStatus,
     /// HTTP status, or 0 when no response came (refused, timed out, blocked address).
@@ -250,8 +252,8 @@ pub struct EndpointStats {
 /// Where a third party posts its webhooks: how to verify them and how to re-publish them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct IngestSource {
-    pub id: String,
-    pub app_id: String,
+    pub id: SourceId,
+    pub app_id: AppId,
     pub uid: Option<String>,
     pub name: String,
     pub kind: crate::ingest::SourceKind,
@@ -277,9 +279,9 @@ pub struct IngestSource {
 /// A verified request from a source, kept as received, and the message it became.
 #[derive(Debug, Clone, PartialEq)]
 pub struct IngestEvent {
-    pub id: String,
-    pub source_id: String,
-    pub app_id: String,
+    pub id: IngestEventId,
+    pub source_id: SourceId,
+    pub app_id: AppId,
     /// The deduplication key: the provider's delivery id where its signature covers it (the
     /// same across its retries), otherwise `sha256:<hex>` of the signed body.
     pub delivery_id: String,
@@ -287,6 +289,6 @@ pub struct IngestEvent {
     pub body: Bytes,
     pub event_type: String,
     pub channels: Vec<String>,
-    pub msg_id: String,
+    pub msg_id: MessageId,
     pub received_at: DateTime<Utc>,
 }

@@ -8,7 +8,7 @@ use std::{
 
 use chrono::Utc;
 use herald_core::{
-    AttemptOutcome, EndpointSecret, RetryDecision, id,
+    AppId, AttemptOutcome, EndpointId, EndpointSecret, RetryDecision,
     model::{Attempt, DeliveryStatus, EndpointFormat, PusherCredentials, TriggerType},
     pusher,
     signing::{self, signature_header},
@@ -76,12 +76,12 @@ struct LaneState {
     waiting: u32,
     /// Arrival order of waiting jobs, for the last tie-break.
     arrivals: u64,
-    endpoints: HashMap<String, EndpointSlots>,
-    apps: HashMap<String, AppSlots>,
+    endpoints: HashMap<EndpointId, EndpointSlots>,
+    apps: HashMap<AppId, AppSlots>,
 }
 
 struct EndpointSlots {
-    app: String,
+    app: AppId,
     running: u32,
     /// Waiting jobs with their arrival number, oldest first.
     waiting: VecDeque<(u64, DeliveryJob)>,
@@ -98,8 +98,8 @@ struct ClaimBudget {
     /// How many more jobs the lane takes.
     room: u32,
     /// Jobs held (running or waiting) per endpoint and per app.
-    endpoints: HashMap<String, u32>,
-    apps: HashMap<String, u32>,
+    endpoints: HashMap<EndpointId, u32>,
+    apps: HashMap<AppId, u32>,
 }
 
 impl Lane {
@@ -519,7 +519,7 @@ impl Dispatcher {
             ?decision, "attempt finished");
         AttemptRecord {
             attempt: Attempt {
-                id: id::new_id(id::ATTEMPT, now),
+                id: herald_core::AttemptId::new(now),
                 msg_id: job.msg_id.clone(),
                 endpoint_id: job.endpoint.id.clone(),
                 app_id: job.app_id.clone(),
@@ -612,7 +612,7 @@ fn signed_headers(job: &DeliveryJob, timestamp: i64) -> HeaderMap {
     );
     let signature = signature_header(&secrets, &job.msg_id, timestamp, &job.payload);
     for (name, value) in [
-        (signing::headers::WEBHOOK_ID, job.msg_id.clone()),
+        (signing::headers::WEBHOOK_ID, job.msg_id.to_string()),
         (signing::headers::WEBHOOK_TIMESTAMP, timestamp.to_string()),
         (signing::headers::WEBHOOK_SIGNATURE, signature),
     ] {
@@ -625,6 +625,7 @@ fn signed_headers(job: &DeliveryJob, timestamp: i64) -> HeaderMap {
 
 #[cfg(test)]
 mod tests {
+    use herald_core::MessageId;
     use herald_core::model::Endpoint;
 
     use super::*;
@@ -632,13 +633,13 @@ mod tests {
     fn job(app: &str, endpoint: &str, n: u32) -> DeliveryJob {
         let now = Utc::now();
         DeliveryJob {
-            msg_id: format!("msg_{n}"),
-            app_id: app.into(),
+            msg_id: MessageId::parse(format!("msg_{n}")).expect("valid"),
+            app_id: AppId::parse(app).expect("valid"),
             event_type: "x".into(),
             payload: bytes::Bytes::from_static(b"{}"),
             endpoint: Endpoint {
-                id: endpoint.into(),
-                app_id: app.into(),
+                id: EndpointId::parse(endpoint).expect("valid"),
+                app_id: AppId::parse(app).expect("valid"),
                 uid: None,
                 url: "https://example.com/hook".into(),
                 description: String::new(),
@@ -672,13 +673,21 @@ mod tests {
         let lane = Lane::new(true, 8, 2, 2);
         // Five endpoints could run ten attempts; the app may run two.
         let a: Vec<_> = (0..10)
-            .map(|n| job("A", &format!("a{}", n % 5), n))
+            .map(|n| job("app_A", &format!("ep_a{}", n % 5), n))
             .collect();
         assert_eq!(lane.admit(a).len(), 2);
-        let started = lane.admit(vec![job("B", "b0", 10)]);
-        assert_eq!(names(&started), [("B", "b0")], "B starts while A waits");
+        let started = lane.admit(vec![job("app_B", "ep_b0", 10)]);
+        assert_eq!(
+            names(&started),
+            [("app_B", "ep_b0")],
+            "B starts while A waits"
+        );
         let budget = lane.claim_budget();
-        assert_eq!(budget.apps.get("A"), Some(&10), "A's claims count as held");
+        assert_eq!(
+            budget.apps.get("app_A"),
+            Some(&10),
+            "A's claims count as held"
+        );
         assert_eq!(budget.room, 16 - 11);
     }
 
@@ -686,41 +695,46 @@ mod tests {
     fn admission_takes_turns_between_apps() {
         let lane = Lane::new(true, 4, 4, 4);
         let jobs = vec![
-            job("A", "a0", 0),
-            job("A", "a1", 1),
-            job("A", "a2", 2),
-            job("A", "a3", 3),
-            job("B", "b0", 4),
-            job("B", "b0", 5),
+            job("app_A", "ep_a0", 0),
+            job("app_A", "ep_a1", 1),
+            job("app_A", "ep_a2", 2),
+            job("app_A", "ep_a3", 3),
+            job("app_B", "ep_b0", 4),
+            job("app_B", "ep_b0", 5),
         ];
         let started = lane.admit(jobs);
         assert_eq!(
             names(&started),
-            [("A", "a0"), ("B", "b0"), ("A", "a1"), ("B", "b0")]
+            [
+                ("app_A", "ep_a0"),
+                ("app_B", "ep_b0"),
+                ("app_A", "ep_a1"),
+                ("app_B", "ep_b0")
+            ]
         );
     }
 
     #[test]
     fn a_freed_slot_goes_to_the_app_running_fewest() {
         let lane = Lane::new(true, 2, 2, 2);
-        let started = lane.admit(vec![job("A", "a0", 0), job("A", "a0", 1)]);
+        let started = lane.admit(vec![job("app_A", "ep_a0", 0), job("app_A", "ep_a0", 1)]);
         assert_eq!(started.len(), 2);
         // The lane is full: A's next job and B's wait.
         assert!(
-            lane.admit(vec![job("A", "a0", 2), job("B", "b0", 3)])
+            lane.admit(vec![job("app_A", "ep_a0", 2), job("app_B", "ep_b0", 3)])
                 .is_empty()
         );
-        let next = lane.next_after("A", "a0").expect("a waiting job");
+        let next = lane.next_after("app_A", "ep_a0").expect("a waiting job");
         assert_eq!(
             (next.app_id.as_str(), next.msg_id.as_str()),
-            ("B", "msg_3"),
+            ("app_B", "msg_3"),
             "B runs nothing, A one: the slot is B's although A's job came first"
         );
-        let next = lane.next_after("A", "a0").expect("a waiting job");
+        let next = lane.next_after("app_A", "ep_a0").expect("a waiting job");
         assert_eq!(next.msg_id, "msg_2");
-        assert!(lane.next_after("A", "a0").is_none());
-        assert!(lane.next_after("B", "b0").is_none());
-        assert!(lane.next_after("A", "a0").is_none());
+        assert!(lane.next_after("app_A", "ep_a0").is_none());
+        assert!(lane.next_after("app_B", "ep_b0").is_none());
+        assert!(lane.next_after("app_A", "ep_a0").is_none());
         let budget = lane.claim_budget();
         assert_eq!(budget.room, 4, "every slot is free again");
         assert!(budget.apps.is_empty() && budget.endpoints.is_empty());
@@ -779,7 +793,7 @@ mod tests {
         let client = WebhookClient::new(&config).expect("client");
         let metrics = Arc::new(DeliveryMetrics::default());
         let dispatcher = Dispatcher::new(Arc::clone(&store), client, config, Arc::clone(&metrics));
-        let mut job = job("A", "ep_1", 1);
+        let mut job = job("app_A", "ep_1", 1);
         job.endpoint.url = url;
 
         let record = dispatcher.send(&job).await;
@@ -799,9 +813,9 @@ mod tests {
     #[test]
     fn a_job_held_back_by_its_app_starts_when_the_app_has_room() {
         let lane = Lane::new(true, 8, 1, 4);
-        let started = lane.admit(vec![job("A", "a0", 0), job("A", "a1", 1)]);
-        assert_eq!(names(&started), [("A", "a0")]);
-        let next = lane.next_after("A", "a0").expect("A's other job");
-        assert_eq!(names(&[next]), [("A", "a1")]);
+        let started = lane.admit(vec![job("app_A", "ep_a0", 0), job("app_A", "ep_a1", 1)]);
+        assert_eq!(names(&started), [("app_A", "ep_a0")]);
+        let next = lane.next_after("app_A", "ep_a0").expect("A's other job");
+        assert_eq!(names(&[next]), [("app_A", "ep_a1")]);
     }
 }

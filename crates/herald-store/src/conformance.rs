@@ -18,8 +18,8 @@ use std::{
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use herald_core::{
+    AppId, EndpointId,
     history::{ChannelPosition, NewHistoryEntry, Position, Retention},
-    id,
     model::{
         App, Attempt, DeliveryStatus, Endpoint, EndpointFormat, EventType, IngestEvent,
         IngestSource, Message, Metadata, PusherCredentials, TriggerType,
@@ -91,7 +91,7 @@ where
 fn app(name: &str) -> App {
     let now = Utc::now();
     App {
-        id: id::new_id(id::APP, now),
+        id: herald_core::AppId::new(now),
         uid: None,
         name: name.into(),
         throttle_rate: None,
@@ -109,11 +109,11 @@ async fn stored_app(store: &dyn Store, name: &str) -> App {
     app
 }
 
-fn endpoint(app_id: &str) -> Endpoint {
+fn endpoint(app_id: &AppId) -> Endpoint {
     let now = Utc::now();
     Endpoint {
-        id: id::new_id(id::ENDPOINT, now),
-        app_id: app_id.into(),
+        id: herald_core::EndpointId::new(now),
+        app_id: app_id.clone(),
         uid: None,
         url: "https://example.com".into(),
         description: String::new(),
@@ -132,11 +132,11 @@ fn endpoint(app_id: &str) -> Endpoint {
     }
 }
 
-fn message(app_id: &str, event_id: Option<&str>) -> Message {
+fn message(app_id: &AppId, event_id: Option<&str>) -> Message {
     let now = Utc::now();
     Message {
-        id: id::new_id(id::MESSAGE, now),
-        app_id: app_id.into(),
+        id: herald_core::MessageId::new(now),
+        app_id: app_id.clone(),
         event_id: event_id.map(str::to_owned),
         event_type: "t".into(),
         channels: None,
@@ -152,9 +152,14 @@ const KEEP_ALL: Retention = Retention {
     max_age: Duration::from_secs(3600),
 };
 
-fn history_entry(app_id: &str, channel: &str, data: &str, retention: Retention) -> NewHistoryEntry {
+fn history_entry(
+    app_id: &AppId,
+    channel: &str,
+    data: &str,
+    retention: Retention,
+) -> NewHistoryEntry {
     NewHistoryEntry {
-        app_id: app_id.into(),
+        app_id: app_id.clone(),
         channel: channel.into(),
         event: "e".into(),
         data: data.into(),
@@ -167,7 +172,7 @@ fn history_entry(app_id: &str, channel: &str, data: &str, retention: Retention) 
 }
 
 /// The positions of a channel's kept events, oldest first, with their data.
-async fn kept(store: &dyn Store, app_id: &str, channel: &str) -> Vec<(Position, String)> {
+async fn kept(store: &dyn Store, app_id: &AppId, channel: &str) -> Vec<(Position, String)> {
     store
         .history(app_id, channel, &all_history())
         .await
@@ -235,9 +240,9 @@ fn first_page(descending: bool) -> Page {
 fn claim(
     now: DateTime<Utc>,
     limit: u32,
-    in_flight: HashMap<String, u32>,
+    in_flight: HashMap<EndpointId, u32>,
     per_endpoint_limit: u32,
-    app_in_flight: HashMap<String, u32>,
+    app_in_flight: HashMap<AppId, u32>,
     per_app_limit: u32,
 ) -> ClaimRequest {
     ClaimRequest {
@@ -298,9 +303,9 @@ pub async fn apps_resolve_by_id_uid_and_pusher_ids(store: &dyn Store) {
 /// rule must still resolve.
 pub async fn an_exact_id_wins_over_a_uid_equal_to_it(store: &dyn Store) {
     // A is written first, so a scan without the exact-id rule would find it first.
-    let b_id = id::new_id(id::APP, Utc::now());
+    let b_id = herald_core::AppId::new(Utc::now());
     let a = App {
-        uid: Some(b_id.clone()),
+        uid: Some(b_id.to_string()),
         ..app("A")
     };
     store.create_app(&a).await.expect("app a");
@@ -594,7 +599,7 @@ pub async fn a_recorded_attempt_is_logged_and_settles_the_delivery(store: &dyn S
         .expect("claim");
     assert_eq!(jobs.len(), 1);
     let attempt = Attempt {
-        id: id::new_id(id::ATTEMPT, now),
+        id: herald_core::AttemptId::new(now),
         msg_id: msg.id.clone(),
         endpoint_id: ep.id.clone(),
         app_id: app.id.clone(),
@@ -682,7 +687,7 @@ pub async fn a_record_under_a_lapsed_lease_is_logged_but_leaves_the_newer_claims
 
     let record = |lease: LeaseToken, at: DateTime<Utc>, next, endpoint_change| AttemptRecord {
         attempt: Attempt {
-            id: id::new_id(id::ATTEMPT, at),
+            id: herald_core::AttemptId::new(at),
             msg_id: msg.id.clone(),
             endpoint_id: ep.id.clone(),
             app_id: app.id.clone(),
@@ -803,7 +808,7 @@ fn attempt_record(
     let delivered = next == NextStep::Delivered;
     AttemptRecord {
         attempt: Attempt {
-            id: id::new_id(id::ATTEMPT, at),
+            id: herald_core::AttemptId::new(at),
             msg_id: msg.id.clone(),
             endpoint_id: ep.id.clone(),
             app_id: msg.app_id.clone(),
@@ -848,7 +853,7 @@ async fn logged_attempts(store: &dyn Store, msg: &Message) -> HashSet<String> {
         .await
         .expect("attempts")
         .into_iter()
-        .map(|a| a.id)
+        .map(|a| a.id.into_string())
         .collect()
 }
 
@@ -909,7 +914,7 @@ pub async fn a_resend_during_an_attempt_fences_the_attempts_record(store: &dyn S
     assert!(
         logged_attempts(store, &msg)
             .await
-            .contains(&given_up.attempt.id),
+            .contains(given_up.attempt.id.as_str()),
         "the fenced attempt happened, so it is logged"
     );
     let state = delivery_state(store, &msg, &ep).await;
@@ -968,7 +973,10 @@ pub async fn a_resend_during_an_attempt_fences_the_attempts_record(store: &dyn S
     );
     assert_eq!(
         logged_attempts(store, &msg).await,
-        HashSet::from([given_up.attempt.id, delivered.attempt.id])
+        HashSet::from([
+            given_up.attempt.id.into_string(),
+            delivered.attempt.id.into_string()
+        ])
     );
 }
 
@@ -1108,7 +1116,7 @@ pub async fn an_endpoint_update_read_before_the_workers_disable_conflicts(store:
         let recorded = store
             .record_attempt(AttemptRecord {
                 attempt: Attempt {
-                    id: id::new_id(id::ATTEMPT, now),
+                    id: herald_core::AttemptId::new(now),
                     msg_id: msg.id.clone(),
                     endpoint_id: ep.id.clone(),
                     app_id: app.id.clone(),
@@ -1437,11 +1445,11 @@ pub async fn a_conflicting_publication_consumes_no_offset(store: &dyn Store) {
     );
 }
 
-fn source(app_id: &str) -> IngestSource {
+fn source(app_id: &AppId) -> IngestSource {
     let now = Utc::now();
     IngestSource {
-        id: id::new_id(id::SOURCE, now),
-        app_id: app_id.into(),
+        id: herald_core::SourceId::new(now),
+        app_id: app_id.clone(),
         uid: None,
         name: "Stripe".into(),
         kind: herald_core::ingest::SourceKind::Stripe,
@@ -1459,7 +1467,7 @@ fn source(app_id: &str) -> IngestSource {
 
 fn ingest_event(source: &IngestSource, delivery_id: &str, msg: &Message) -> IngestEvent {
     IngestEvent {
-        id: id::new_id(id::INGEST_EVENT, msg.created_at),
+        id: herald_core::IngestEventId::new(msg.created_at),
         source_id: source.id.clone(),
         app_id: source.app_id.clone(),
         delivery_id: delivery_id.into(),
@@ -1673,7 +1681,7 @@ pub async fn a_repeated_delivery_id_is_recorded_once(store: &dyn Store) {
     let app = stored_app(store, "A").await;
     let now = Utc::now();
     let source = IngestSource {
-        id: id::new_id(id::SOURCE, now),
+        id: herald_core::SourceId::new(now),
         app_id: app.id.clone(),
         uid: Some("stripe".into()),
         name: "Stripe".into(),
@@ -1696,7 +1704,7 @@ pub async fn a_repeated_delivery_id_is_recorded_once(store: &dyn Store) {
     let found = store.find_source(&source.id).await.expect("read");
     assert_eq!(found.map(|s| s.id).as_ref(), Some(&source.id));
     let event = |msg: &Message| IngestEvent {
-        id: id::new_id(id::INGEST_EVENT, now),
+        id: herald_core::IngestEventId::new(now),
         source_id: source.id.clone(),
         app_id: app.id.clone(),
         delivery_id: "evt_1".into(),
@@ -1757,7 +1765,7 @@ pub async fn history_rules_and_hmac_settings_round_trip(store: &dyn Store) {
         let app = store.get_app(id).await.expect("read");
         app.expect("the app").history
     }
-    async fn read_hmac(store: &dyn Store, app_id: &str, id: &str) -> Option<HmacScheme> {
+    async fn read_hmac(store: &dyn Store, app_id: &AppId, id: &str) -> Option<HmacScheme> {
         let source = store.get_source(app_id, id).await.expect("read");
         source.expect("the source").hmac
     }
@@ -1782,7 +1790,7 @@ pub async fn history_rules_and_hmac_settings_round_trip(store: &dyn Store) {
 
     let now = Utc::now();
     let mut source = IngestSource {
-        id: id::new_id(id::SOURCE, now),
+        id: herald_core::SourceId::new(now),
         app_id: app.id.clone(),
         uid: None,
         name: "generic".into(),

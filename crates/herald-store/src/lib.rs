@@ -16,6 +16,7 @@
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use herald_core::history::{ChannelPosition, HistoryEntry, NewHistoryEntry, Position};
+use herald_core::id::{AppId, EndpointId, MessageId, SourceId};
 use herald_core::model::{
     App, Attempt, DeliveryStatus, Endpoint, EndpointStats, EventType, IngestEvent, IngestSource,
     Message, TriggerType,
@@ -73,8 +74,8 @@ pub struct MessageQuery {
 
 #[derive(Debug, Clone)]
 pub enum AttemptScope {
-    Endpoint(String),
-    Message(String),
+    Endpoint(EndpointId),
+    Message(MessageId),
 }
 
 #[derive(Debug, Clone, Default)]
@@ -87,7 +88,7 @@ pub struct AttemptQuery {
 /// `None`) or one presence member.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Occupant {
-    pub app_id: String,
+    pub app_id: AppId,
     pub channel: String,
     pub user_id: Option<String>,
 }
@@ -104,7 +105,7 @@ pub enum OccupancyChange {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenScope {
     Environment,
-    App(String),
+    App(AppId),
 }
 
 /// Ask for due deliveries, one lane at a time, so first attempts never wait behind retries.
@@ -121,19 +122,19 @@ pub struct ClaimRequest {
     /// `true`: only deliveries whose first attempt is due; `false`: only retries and manual ones.
     pub first_attempts: bool,
     /// Deliveries in flight per endpoint; an endpoint at `per_endpoint_limit` gets no more.
-    pub in_flight: std::collections::HashMap<String, u32>,
+    pub in_flight: std::collections::HashMap<EndpointId, u32>,
     pub per_endpoint_limit: u32,
     /// Deliveries in flight per app (over all its endpoints); an app at `per_app_limit` gets
     /// no more.
-    pub app_in_flight: std::collections::HashMap<String, u32>,
+    pub app_in_flight: std::collections::HashMap<AppId, u32>,
     pub per_app_limit: u32,
 }
 
 /// A claimed delivery, with everything needed to make the HTTP request.
 #[derive(Debug, Clone)]
 pub struct DeliveryJob {
-    pub msg_id: String,
-    pub app_id: String,
+    pub msg_id: MessageId,
+    pub app_id: AppId,
     pub event_type: String,
     pub payload: Bytes,
     pub endpoint: Endpoint,
@@ -231,10 +232,10 @@ pub trait AppStore: Send + Sync + 'static {
     /// stays).
     async fn set_pusher_credentials(
         &self,
-        app_id: &str,
+        app_id: &AppId,
         credentials: &herald_core::model::PusherCredentials,
     ) -> Result<()>;
-    async fn delete_app(&self, id: &str) -> Result<bool>;
+    async fn delete_app(&self, id: &AppId) -> Result<bool>;
 
     // API tokens (hashes only)
     async fn add_token(&self, token_hash: &[u8], scope: &TokenScope, name: &str) -> Result<()>;
@@ -257,8 +258,8 @@ pub trait EventTypeStore: Send + Sync + 'static {
 #[async_trait::async_trait]
 pub trait EndpointStore: Send + Sync + 'static {
     async fn create_endpoint(&self, endpoint: &Endpoint) -> Result<()>;
-    async fn get_endpoint(&self, app_id: &str, id_or_uid: &str) -> Result<Option<Endpoint>>;
-    async fn list_endpoints(&self, app_id: &str, page: &Page) -> Result<Vec<Endpoint>>;
+    async fn get_endpoint(&self, app_id: &AppId, id_or_uid: &str) -> Result<Option<Endpoint>>;
+    async fn list_endpoints(&self, app_id: &AppId, page: &Page) -> Result<Vec<Endpoint>>;
     /// Writes the endpoint, compare-and-set: only if its stored `updated_at` is still
     /// `read_at`, the `updated_at` of the copy the caller changed; otherwise nothing is written
     /// and the result is `Conflict` ([`ENDPOINT_CHANGED`]). Every write moves `updated_at` (the
@@ -266,11 +267,11 @@ pub trait EndpointStore: Send + Sync + 'static {
     /// endpoint cannot re-enable it. The failure streak (`failing_since`) is the worker's: the
     /// stored one is kept, except that re-enabling a disabled endpoint clears it.
     async fn update_endpoint(&self, endpoint: &Endpoint, read_at: DateTime<Utc>) -> Result<()>;
-    async fn delete_endpoint(&self, app_id: &str, id: &str) -> Result<bool>;
+    async fn delete_endpoint(&self, app_id: &AppId, id: &EndpointId) -> Result<bool>;
     /// Every endpoint of the app, for matching a new message against the filters. Called for
     /// every new message, so implementations may serve it from a cache they keep exact.
-    async fn app_endpoints(&self, app_id: &str) -> Result<std::sync::Arc<Vec<Endpoint>>>;
-    async fn endpoint_stats(&self, endpoint_id: &str) -> Result<EndpointStats>;
+    async fn app_endpoints(&self, app_id: &AppId) -> Result<std::sync::Arc<Vec<Endpoint>>>;
+    async fn endpoint_stats(&self, endpoint_id: &EndpointId) -> Result<EndpointStats>;
 }
 
 /// Messages, publications (a message with its channel history entries) and the delivery queue:
@@ -280,7 +281,7 @@ pub trait EndpointStore: Send + Sync + 'static {
 pub trait MessageStore: Send + Sync + 'static {
     /// Store a message and queue its first attempt to each endpoint, atomically. Fails with
     /// `Conflict` if the app already has a message with this `event_id`.
-    async fn create_message(&self, message: Message, endpoint_ids: Vec<String>) -> Result<()>;
+    async fn create_message(&self, message: Message, endpoint_ids: Vec<EndpointId>) -> Result<()>;
     /// What one publication stores, in one commit: the message (if it has one) with its first
     /// attempts, and its channel history entries, each trimming its channel to its retention.
     /// The store assigns each entry its channel's epoch and next offset in that commit, so a
@@ -289,13 +290,13 @@ pub trait MessageStore: Send + Sync + 'static {
     /// commits no history either, consumes no offset, and fails with `Conflict`.
     async fn store_publication(
         &self,
-        message: Option<(Message, Vec<String>)>,
+        message: Option<(Message, Vec<EndpointId>)>,
         history: Vec<NewHistoryEntry>,
     ) -> Result<Vec<Position>>;
-    async fn get_message(&self, app_id: &str, id_or_event_id: &str) -> Result<Option<Message>>;
+    async fn get_message(&self, app_id: &AppId, id_or_event_id: &str) -> Result<Option<Message>>;
     async fn list_messages(
         &self,
-        app_id: &str,
+        app_id: &AppId,
         page: &Page,
         query: &MessageQuery,
     ) -> Result<Vec<Message>>;
@@ -310,9 +311,9 @@ pub trait MessageStore: Send + Sync + 'static {
     /// A record that committed before the enqueue is overwritten by it.
     async fn enqueue_manual(
         &self,
-        app_id: &str,
-        msg_id: &str,
-        endpoint_id: &str,
+        app_id: &AppId,
+        msg_id: &MessageId,
+        endpoint_id: &EndpointId,
         now: DateTime<Utc>,
     ) -> Result<()>;
     /// Queue a manual attempt for every failed delivery to the endpoint in `[since, until)`.
@@ -320,7 +321,7 @@ pub trait MessageStore: Send + Sync + 'static {
     /// it. Returns how many were queued.
     async fn enqueue_failed(
         &self,
-        endpoint_id: &str,
+        endpoint_id: &EndpointId,
         since: DateTime<Utc>,
         until: DateTime<Utc>,
         now: DateTime<Utc>,
@@ -346,7 +347,7 @@ pub trait MessageStore: Send + Sync + 'static {
 pub trait AttemptStore: Send + Sync + 'static {
     async fn list_attempts(
         &self,
-        app_id: &str,
+        app_id: &AppId,
         scope: &AttemptScope,
         query: &AttemptQuery,
         page: &Page,
@@ -355,16 +356,16 @@ pub trait AttemptStore: Send + Sync + 'static {
     /// id), filtered by the messages' fields and the deliveries' status.
     async fn list_endpoint_deliveries(
         &self,
-        app_id: &str,
-        endpoint_id: &str,
+        app_id: &AppId,
+        endpoint_id: &EndpointId,
         query: &DeliveryQuery,
         page: &Page,
     ) -> Result<Vec<(Message, DeliveryState)>>;
     /// The message's deliveries with their endpoints, paged by endpoint id.
     async fn list_message_deliveries(
         &self,
-        app_id: &str,
-        msg_id: &str,
+        app_id: &AppId,
+        msg_id: &MessageId,
         page: &Page,
     ) -> Result<Vec<(Endpoint, DeliveryState)>>;
 }
@@ -374,7 +375,7 @@ pub trait AttemptStore: Send + Sync + 'static {
 pub trait HistoryStore: Send + Sync + 'static {
     async fn channel_position(
         &self,
-        app_id: &str,
+        app_id: &AppId,
         channel: &str,
     ) -> Result<Option<ChannelPosition>>;
     /// Forgets the positions of channels nothing was ever appended to (offset 1, no events);
@@ -387,7 +388,7 @@ pub trait HistoryStore: Send + Sync + 'static {
     /// commits wholly before or wholly after it. Returns the channel's new position.
     async fn reset_history(
         &self,
-        app_id: &str,
+        app_id: &AppId,
         channel: &str,
         epoch: &str,
     ) -> Result<ChannelPosition>;
@@ -398,7 +399,7 @@ pub trait HistoryStore: Send + Sync + 'static {
     async fn append_history(&self, entry: NewHistoryEntry) -> Result<Position>;
     async fn history(
         &self,
-        app_id: &str,
+        app_id: &AppId,
         channel: &str,
         query: &HistoryQuery,
     ) -> Result<Vec<HistoryEntry>>;
@@ -408,7 +409,7 @@ pub trait HistoryStore: Send + Sync + 'static {
     /// it is read.
     async fn history_bytes(
         &self,
-        app_id: &str,
+        app_id: &AppId,
         channel: &str,
         after: u64,
         before: u64,
@@ -417,21 +418,21 @@ pub trait HistoryStore: Send + Sync + 'static {
     /// The oldest offset still kept (not older than `not_before`).
     async fn oldest_history_offset(
         &self,
-        app_id: &str,
+        app_id: &AppId,
         channel: &str,
         not_before: DateTime<Utc>,
     ) -> Result<Option<u64>>;
     /// History channels in (app id, channel) order, after `after`: `(app_id, channel, position)`.
     async fn history_channels(
         &self,
-        after: Option<(&str, &str)>,
+        after: Option<(&AppId, &str)>,
         limit: u32,
-    ) -> Result<Vec<(String, String, ChannelPosition)>>;
+    ) -> Result<Vec<(AppId, String, ChannelPosition)>>;
     /// Deletes a channel's kept events at or below `up_to_offset` or older than `not_before`;
     /// returns how many.
     async fn trim_history(
         &self,
-        app_id: &str,
+        app_id: &AppId,
         channel: &str,
         up_to_offset: u64,
         not_before: DateTime<Utc>,
@@ -442,12 +443,12 @@ pub trait HistoryStore: Send + Sync + 'static {
 #[async_trait::async_trait]
 pub trait IngestStore: Send + Sync + 'static {
     async fn create_source(&self, source: &IngestSource) -> Result<()>;
-    async fn get_source(&self, app_id: &str, id_or_uid: &str) -> Result<Option<IngestSource>>;
+    async fn get_source(&self, app_id: &AppId, id_or_uid: &str) -> Result<Option<IngestSource>>;
     /// By id alone: the public ingest route names only the source.
     async fn find_source(&self, id: &str) -> Result<Option<IngestSource>>;
-    async fn list_sources(&self, app_id: &str, page: &Page) -> Result<Vec<IngestSource>>;
+    async fn list_sources(&self, app_id: &AppId, page: &Page) -> Result<Vec<IngestSource>>;
     async fn update_source(&self, source: &IngestSource) -> Result<()>;
-    async fn delete_source(&self, app_id: &str, id: &str) -> Result<bool>;
+    async fn delete_source(&self, app_id: &AppId, id: &SourceId) -> Result<bool>;
     /// Records a verified inbound webhook with the message it becomes (with its deliveries)
     /// and that message's channel history entries, in one commit, the store assigning the
     /// entries their offsets in it (as [`MessageStore::store_publication`] does); or, if the
@@ -457,11 +458,16 @@ pub trait IngestStore: Send + Sync + 'static {
         &self,
         event: IngestEvent,
         message: Message,
-        endpoint_ids: Vec<String>,
+        endpoint_ids: Vec<EndpointId>,
         history: Vec<NewHistoryEntry>,
     ) -> Result<IngestRecorded>;
-    async fn list_ingest_events(&self, source_id: &str, page: &Page) -> Result<Vec<IngestEvent>>;
-    async fn get_ingest_event(&self, source_id: &str, id: &str) -> Result<Option<IngestEvent>>;
+    async fn list_ingest_events(
+        &self,
+        source_id: &SourceId,
+        page: &Page,
+    ) -> Result<Vec<IngestEvent>>;
+    async fn get_ingest_event(&self, source_id: &SourceId, id: &str)
+    -> Result<Option<IngestEvent>>;
 }
 
 /// `Idempotency-Key` replay: the responses already given, per scope and key.
@@ -493,7 +499,7 @@ pub trait ChannelWebhookStore: Send + Sync + 'static {
     /// occupancy changes they report, in one commit.
     async fn record_channel_events(
         &self,
-        messages: Vec<(Message, Vec<String>)>,
+        messages: Vec<(Message, Vec<EndpointId>)>,
         changes: Vec<OccupancyChange>,
     ) -> Result<()>;
     /// Every recorded occupant. At start, before any connection, these are what the previous

@@ -21,7 +21,6 @@ use herald_channels::{
     presence::{LocalPresence, PresenceManager},
 };
 use herald_core::{
-    id,
     model::{App, PusherCredentials},
     token,
 };
@@ -254,7 +253,7 @@ async fn seed_dev(store: &dyn Store) -> anyhow::Result<()> {
         let now = Utc::now();
         store
             .create_app(&App {
-                id: id::new_id(id::APP, now),
+                id: herald_core::AppId::new(now),
                 uid: Some(DEV_APP_UID.to_owned()),
                 name: "Demo".to_owned(),
                 throttle_rate: None,

@@ -8,7 +8,6 @@ use axum::{
 use chrono::{DateTime, Utc};
 use herald_core::{
     history::{self, HistoryRule},
-    id,
     model::{App, Metadata, PusherCredentials},
     validate,
 };
@@ -89,7 +88,7 @@ struct PusherOut {
 impl From<App> for ApplicationOut {
     fn from(app: App) -> Self {
         Self {
-            id: app.id,
+            id: app.id.into_string(),
             uid: app.uid,
             name: app.name,
             throttle_rate: app.throttle_rate,
@@ -147,7 +146,7 @@ pub(crate) async fn create_app(state: &ApiState, input: ApplicationIn) -> ApiRes
     validate_in(&input)?;
     let now = crate::now();
     let mut app = App {
-        id: id::new_id(id::APP, now),
+        id: herald_core::AppId::new(now),
         uid: input.uid,
         name: input.name,
         throttle_rate: input.throttle_rate,
@@ -191,7 +190,7 @@ pub async fn list(
     Ok(Json(pagination::list(
         apps,
         &page,
-        |a| a.id.clone(),
+        |a| a.id.to_string(),
         ApplicationOut::from,
     )))
 }

@@ -39,9 +39,9 @@ pub struct MessageAttemptOut {
 impl From<Attempt> for MessageAttemptOut {
     fn from(a: Attempt) -> Self {
         Self {
-            id: a.id,
-            msg_id: a.msg_id,
-            endpoint_id: a.endpoint_id,
+            id: a.id.into_string(),
+            msg_id: a.msg_id.into_string(),
+            endpoint_id: a.endpoint_id.into_string(),
             url: a.url,
             response: a.response,
             response_status_code: a.response_status_code,
@@ -182,7 +182,7 @@ pub async fn list_attempted_messages(
     Ok(Json(pagination::list(
         rows,
         &page,
-        |(m, _)| m.id.clone(),
+        |(m, _)| m.id.to_string(),
         |(m, delivery)| EndpointMessageOut {
             message: MessageOut::new(m, with_content),
             state: delivery.into(),
@@ -212,7 +212,7 @@ pub async fn list_attempted_destinations(
     Ok(Json(pagination::list(
         rows,
         &page,
-        |(e, _)| e.id.clone(),
+        |(e, _)| e.id.to_string(),
         |(e, delivery)| MessageEndpointOut {
             endpoint: e.into(),
             state: delivery.into(),
@@ -247,7 +247,7 @@ pub async fn list_by_endpoint(
     Ok(Json(pagination::list(
         rows,
         &page,
-        |a| a.id.clone(),
+        |a| a.id.to_string(),
         MessageAttemptOut::from,
     )))
 }
@@ -273,7 +273,7 @@ pub async fn list_by_msg(
     Ok(Json(pagination::list(
         rows,
         &page,
-        |a| a.id.clone(),
+        |a| a.id.to_string(),
         MessageAttemptOut::from,
     )))
 }

@@ -10,7 +10,7 @@ use axum::{
 };
 use chrono::{DateTime, Duration, Utc};
 use herald_core::{
-    EndpointSecret, id,
+    EndpointSecret,
     model::{App, Endpoint, EndpointFormat, Metadata},
     validate,
 };
@@ -132,7 +132,7 @@ pub struct EndpointOut {
 impl From<Endpoint> for EndpointOut {
     fn from(ep: Endpoint) -> Self {
         Self {
-            id: ep.id,
+            id: ep.id.into_string(),
             uid: ep.uid,
             url: ep.url,
             description: ep.description,
@@ -250,7 +250,7 @@ fn new_endpoint(app: &App, input: EndpointIn) -> ApiResult<Endpoint> {
         None => EndpointSecret::generate().serialize(),
     };
     Ok(Endpoint {
-        id: id::new_id(id::ENDPOINT, now),
+        id: herald_core::EndpointId::new(now),
         app_id: app.id.clone(),
         uid: input.uid,
         url: input.url,
@@ -296,7 +296,7 @@ pub async fn list(
     Ok(Json(pagination::list(
         rows,
         &page,
-        |e| e.id.clone(),
+        |e| e.id.to_string(),
         EndpointOut::from,
     )))
 }
@@ -618,7 +618,7 @@ pub async fn recover(
     Ok((
         StatusCode::ACCEPTED,
         Json(RecoverOut {
-            id: id::new_id(id::TASK, now),
+            id: herald_core::TaskId::new(now).into_string(),
             status: "finished",
             task: "endpoint.recover",
             updated_at: now,

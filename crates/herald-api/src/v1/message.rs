@@ -9,7 +9,6 @@ use axum::{
 use chrono::{DateTime, Utc};
 use herald_channels::Publish;
 use herald_core::{
-    id,
     model::{App, Message},
     validate,
 };
@@ -80,7 +79,7 @@ impl MessageOut {
             None
         };
         Self {
-            id: msg.id,
+            id: msg.id.into_string(),
             event_id: msg.event_id,
             event_type: msg.event_type,
             payload: payload.unwrap_or_else(empty_object),
@@ -175,7 +174,7 @@ pub async fn create(
 
     let now = crate::now();
     let message = Message {
-        id: id::new_id(id::MESSAGE, now),
+        id: herald_core::MessageId::new(now),
         app_id: app.id.clone(),
         event_id: input.event_id,
         event_type: input.event_type,
@@ -229,7 +228,7 @@ pub async fn list(
     Ok(Json(pagination::list(
         rows,
         &page,
-        |m| m.id.clone(),
+        |m| m.id.to_string(),
         |m| MessageOut::new(m, with_content),
     )))
 }

@@ -9,7 +9,7 @@ use axum::{
 use base64::{Engine, engine::general_purpose::STANDARD};
 use chrono::{DateTime, Utc};
 use herald_core::{
-    EndpointSecret, id,
+    EndpointSecret,
     ingest::{self, HmacScheme, SourceKind, template},
     model::{IngestEvent, IngestSource},
     pusher, validate,
@@ -113,7 +113,7 @@ impl From<IngestSource> for SourceOut {
         };
         Self {
             ingest_path: format!("/ingest/{}", s.id),
-            id: s.id,
+            id: s.id.into_string(),
             uid: s.uid,
             name: s.name,
             kind: s.kind.as_str(),
@@ -162,12 +162,12 @@ impl IngestEventOut {
             (None, None, None)
         };
         Self {
-            id: event.id,
-            source_id: event.source_id,
+            id: event.id.into_string(),
+            source_id: event.source_id.into_string(),
             delivery_id: event.delivery_id,
             event_type: event.event_type,
             channels: event.channels,
-            msg_id: event.msg_id,
+            msg_id: event.msg_id.into_string(),
             received_at: event.received_at,
             headers,
             body,
@@ -279,7 +279,7 @@ fn check_common(
     }
 }
 
-fn new_source(app_id: &str, input: SourceIn) -> ApiResult<IngestSource> {
+fn new_source(app_id: &herald_core::AppId, input: SourceIn) -> ApiResult<IngestSource> {
     let mut v = Validator::default();
     let kind = SourceKind::parse(&input.kind);
     if kind.is_none() {
@@ -319,7 +319,7 @@ fn new_source(app_id: &str, input: SourceIn) -> ApiResult<IngestSource> {
     v.finish()?;
     let now = crate::now();
     Ok(IngestSource {
-        id: id::new_id(id::SOURCE, now),
+        id: herald_core::SourceId::new(now),
         app_id: app_id.to_owned(),
         uid: input.uid,
         name: input.name.unwrap_or_default(),
@@ -364,7 +364,7 @@ pub async fn list(
     Ok(Json(pagination::list(
         rows,
         &page,
-        |s| s.id.clone(),
+        |s| s.id.to_string(),
         SourceOut::from,
     )))
 }
@@ -484,7 +484,7 @@ pub async fn list_events(
     Ok(Json(pagination::list(
         rows,
         &page,
-        |e| e.id.clone(),
+        |e| e.id.to_string(),
         |e| IngestEventOut::new(e, false),
     )))
 }
@@ -539,7 +539,7 @@ pub async fn replay(
     Ok((
         StatusCode::CREATED,
         Json(ReplayOut {
-            msg_id,
+            msg_id: msg_id.into_string(),
             event_type: event.event_type,
             channels: event.channels,
         }),

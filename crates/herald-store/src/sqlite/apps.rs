@@ -1,6 +1,7 @@
 //! [`AppStore`] on SQLite: apps (looked up through the exact cache) and API token hashes.
 
 use chrono::Utc;
+use herald_core::AppId;
 use herald_core::model::App;
 use sqlx::{QueryBuilder, Row};
 
@@ -18,7 +19,7 @@ impl AppStore for SqliteStore {
                                pusher_app_id, pusher_key, pusher_secret, history_rules)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
         )
-        .bind(&app.id)
+        .bind(app.id.as_str())
         .bind(&app.uid)
         .bind(&app.name)
         .bind(app.throttle_rate)
@@ -91,7 +92,7 @@ impl AppStore for SqliteStore {
                     history_rules = $7
              WHERE id = $1",
         )
-        .bind(&app.id)
+        .bind(app.id.as_str())
         .bind(&app.uid)
         .bind(&app.name)
         .bind(app.throttle_rate)
@@ -110,7 +111,7 @@ impl AppStore for SqliteStore {
 
     async fn set_pusher_credentials(
         &self,
-        app_id: &str,
+        app_id: &AppId,
         credentials: &herald_core::model::PusherCredentials,
     ) -> Result<()> {
         let done = sqlx::query(
@@ -118,7 +119,7 @@ impl AppStore for SqliteStore {
                              pusher_previous_secret_until = $5
              WHERE id = $1",
         )
-        .bind(app_id)
+        .bind(app_id.as_str())
         .bind(&credentials.key)
         .bind(&credentials.secret)
         .bind(credentials.previous.as_ref().map(|p| p.secret.as_str()))
@@ -133,9 +134,9 @@ impl AppStore for SqliteStore {
         Ok(())
     }
 
-    async fn delete_app(&self, id: &str) -> Result<bool> {
+    async fn delete_app(&self, id: &AppId) -> Result<bool> {
         let done = sqlx::query("DELETE FROM apps WHERE id = $1")
-            .bind(id)
+            .bind(id.as_str())
             .execute(&self.writer)
             .await?;
         self.cache.invalidate();
@@ -177,7 +178,7 @@ impl AppStore for SqliteStore {
             None => None,
             Some(row) => Some(match row.try_get::<Option<String>, _>("app_id")? {
                 None => TokenScope::Environment,
-                Some(app) => TokenScope::App(app),
+                Some(app) => TokenScope::App(rows::parse_id("api_tokens.app_id", app)?),
             }),
         })
     }

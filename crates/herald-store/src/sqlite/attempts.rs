@@ -2,6 +2,7 @@
 
 use chrono::Utc;
 use herald_core::model::{Attempt, DeliveryStatus, Endpoint, Message};
+use herald_core::{AppId, EndpointId, MessageId};
 use sqlx::{QueryBuilder, Row, Sqlite};
 
 use super::{
@@ -9,26 +10,27 @@ use super::{
     rows::{self, millis, to_json},
 };
 use crate::{AttemptQuery, AttemptScope, AttemptStore, Page, Result};
+use crate::{DeliveryQuery, DeliveryState};
 
 #[async_trait::async_trait]
 impl AttemptStore for SqliteStore {
     async fn list_attempts(
         &self,
-        app_id: &str,
+        app_id: &AppId,
         scope: &AttemptScope,
         query: &AttemptQuery,
         page: &Page,
     ) -> Result<Vec<Attempt>> {
         let mut q = QueryBuilder::new("SELECT * FROM attempts WHERE app_id = ");
-        q.push_bind(app_id.to_owned());
+        q.push_bind(app_id.to_string());
         match scope {
             AttemptScope::Endpoint(endpoint) => {
                 q.push(" AND endpoint_id = ");
-                q.push_bind(endpoint.clone());
+                q.push_bind(endpoint.to_string());
             }
             AttemptScope::Message(msg) => {
                 q.push(" AND msg_id = ");
-                q.push_bind(msg.clone());
+                q.push_bind(msg.to_string());
             }
         }
         if let Some(endpoint) = &query.endpoint_id {
@@ -50,11 +52,11 @@ impl AttemptStore for SqliteStore {
 
     async fn list_endpoint_deliveries(
         &self,
-        app_id: &str,
-        endpoint_id: &str,
-        query: &crate::DeliveryQuery,
+        app_id: &AppId,
+        endpoint_id: &EndpointId,
+        query: &DeliveryQuery,
         page: &Page,
-    ) -> Result<Vec<(Message, crate::DeliveryState)>> {
+    ) -> Result<Vec<(Message, DeliveryState)>> {
         // In-flight deliveries are pending in the table; their leases live in memory.
         let leased = to_json(&self.leases.held(Utc::now()));
         let mut q = QueryBuilder::new(
@@ -67,9 +69,9 @@ impl AttemptStore for SqliteStore {
              FROM deliveries d JOIN messages m ON m.id = d.msg_id
              WHERE d.app_id = ",
         );
-        q.push_bind(app_id.to_owned());
+        q.push_bind(app_id.to_string());
         q.push(" AND d.endpoint_id = ");
-        q.push_bind(endpoint_id.to_owned());
+        q.push_bind(endpoint_id.to_string());
         let filter = &query.message;
         if let Some(channel) = &filter.channel {
             q.push(" AND EXISTS (SELECT 1 FROM json_each(m.channels) WHERE value = ");
@@ -127,10 +129,10 @@ impl AttemptStore for SqliteStore {
 
     async fn list_message_deliveries(
         &self,
-        app_id: &str,
-        msg_id: &str,
+        app_id: &AppId,
+        msg_id: &MessageId,
         page: &Page,
-    ) -> Result<Vec<(Endpoint, crate::DeliveryState)>> {
+    ) -> Result<Vec<(Endpoint, DeliveryState)>> {
         let mut q = QueryBuilder::new(
             "SELECT e.*, d.status AS d_status, d.next_attempt_at AS d_next_attempt_at,
                     d.rowid IN (SELECT value FROM json_each(",
@@ -141,9 +143,9 @@ impl AttemptStore for SqliteStore {
              FROM deliveries d JOIN endpoints e ON e.id = d.endpoint_id
              WHERE d.app_id = ",
         );
-        q.push_bind(app_id.to_owned());
+        q.push_bind(app_id.to_string());
         q.push(" AND d.msg_id = ");
-        q.push_bind(msg_id.to_owned());
+        q.push_bind(msg_id.to_string());
         paginate(&mut q, "d.endpoint_id", page);
         q.build()
             .fetch_all(&self.reader)

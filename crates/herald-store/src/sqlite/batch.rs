@@ -12,6 +12,7 @@
 //! connection, so a `reset_history` (which writes through that pool directly) commits wholly
 //! before or after a batch, never inside one.
 
+use herald_core::EndpointId;
 use herald_core::{
     history::{NewHistoryEntry, Position},
     model::{DeliveryStatus, IngestEvent, Message},
@@ -34,7 +35,7 @@ pub(crate) const QUEUE_DEPTH: usize = 8192;
 pub(crate) enum WriteOp {
     CreateMessage {
         message: Message,
-        endpoint_ids: Vec<String>,
+        endpoint_ids: Vec<EndpointId>,
     },
     /// Applied only if the delivery is still leased under the record's token when the batch
     /// commits; otherwise only the attempt row goes in and the write reports [`STALE_LEASE`].
@@ -49,18 +50,18 @@ pub(crate) enum WriteOp {
     RecordIngest {
         event: Box<IngestEvent>,
         message: Message,
-        endpoint_ids: Vec<String>,
+        endpoint_ids: Vec<EndpointId>,
         history: Vec<NewHistoryEntry>,
     },
     /// A message (if any) and the channel history entries it becomes, committed together, so
     /// a crash never leaves one without the other.
     Publication {
-        message: Option<(Message, Vec<String>)>,
+        message: Option<(Message, Vec<EndpointId>)>,
         history: Vec<NewHistoryEntry>,
     },
     /// Channel webhook messages and the occupancy changes they report, committed together.
     ChannelEvents {
-        messages: Vec<(Message, Vec<String>)>,
+        messages: Vec<(Message, Vec<EndpointId>)>,
         changes: Vec<crate::OccupancyChange>,
     },
     /// The Svix SDKs send an Idempotency-Key with every POST, so this rides along with the
@@ -179,7 +180,7 @@ pub(crate) fn next_state(next: NextStep) -> (DeliveryStatus, Option<i64>) {
 
 pub(crate) async fn endpoint_change(
     conn: &mut SqliteConnection,
-    endpoint_id: &str,
+    endpoint_id: &EndpointId,
     change: EndpointChange,
     now: i64,
 ) -> Result<()> {
@@ -188,11 +189,11 @@ pub(crate) async fn endpoint_change(
         EndpointChange::StreakEnded => sqlx::query(
             "UPDATE endpoints SET failing_since = NULL WHERE id = $1 AND failing_since IS NOT NULL",
         )
-        .bind(endpoint_id),
+        .bind(endpoint_id.as_str()),
         EndpointChange::StreakStarted { at } => sqlx::query(
             "UPDATE endpoints SET failing_since = $2 WHERE id = $1 AND failing_since IS NULL",
         )
-        .bind(endpoint_id)
+        .bind(endpoint_id.as_str())
         .bind(millis(at)),
         EndpointChange::Disable => {
             // `updated_at` must move, even within the millisecond of the last update: an API
@@ -201,7 +202,7 @@ pub(crate) async fn endpoint_change(
                 "UPDATE endpoints SET disabled = 1, updated_at = MAX(updated_at + 1, $2)
                  WHERE id = $1",
             )
-            .bind(endpoint_id)
+            .bind(endpoint_id.as_str())
             .bind(now)
         }
     };

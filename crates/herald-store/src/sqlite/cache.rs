@@ -6,6 +6,7 @@
 //! are dropped if an invalidation happened meanwhile. (A store shared by several nodes needs
 //! cross-node invalidation; that belongs to the PostgreSQL implementation.)
 
+use herald_core::AppId;
 use std::{
     collections::HashMap,
     sync::{
@@ -29,7 +30,7 @@ struct Entries {
     /// Keyed by uid, apart from ids: a lookup tries ids first, so a uid that happens to equal
     /// another app's id can never shadow that app.
     apps_by_uid: HashMap<String, App>,
-    endpoints: HashMap<String, Arc<Vec<Endpoint>>>,
+    endpoints: HashMap<AppId, Arc<Vec<Endpoint>>>,
 }
 
 impl Cache {
@@ -59,7 +60,7 @@ impl Cache {
         if self.generation() != generation {
             return;
         }
-        entries.apps.insert(app.id.clone(), app.clone());
+        entries.apps.insert(app.id.to_string(), app.clone());
         if let Some(uid) = &app.uid {
             entries.apps_by_uid.insert(uid.clone(), app.clone());
         }
@@ -77,7 +78,7 @@ impl Cache {
     pub(crate) fn put_endpoints(
         &self,
         generation: u64,
-        app_id: &str,
+        app_id: &AppId,
         endpoints: &Arc<Vec<Endpoint>>,
     ) {
         let mut entries = self.write();
@@ -86,7 +87,7 @@ impl Cache {
         }
         entries
             .endpoints
-            .insert(app_id.to_owned(), Arc::clone(endpoints));
+            .insert(app_id.clone(), Arc::clone(endpoints));
     }
 
     /// Forget everything. Writes to apps and endpoints are rare next to messages, so clearing

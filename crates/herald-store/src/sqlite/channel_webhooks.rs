@@ -1,6 +1,7 @@
 //! [`ChannelWebhookStore`] on SQLite: channel webhook messages and the occupancy record,
 //! committed together through the group commit.
 
+use herald_core::EndpointId;
 use herald_core::model::Message;
 use sqlx::Row;
 
@@ -11,7 +12,7 @@ use crate::{ChannelWebhookStore, OccupancyChange, Occupant, Result};
 impl ChannelWebhookStore for SqliteStore {
     async fn record_channel_events(
         &self,
-        messages: Vec<(Message, Vec<String>)>,
+        messages: Vec<(Message, Vec<EndpointId>)>,
         changes: Vec<OccupancyChange>,
     ) -> Result<()> {
         self.submit(WriteOp::ChannelEvents { messages, changes })
@@ -27,7 +28,7 @@ impl ChannelWebhookStore for SqliteStore {
             .map(|row| {
                 let user_id: String = row.try_get("user_id")?;
                 Ok(Occupant {
-                    app_id: row.try_get("app_id")?,
+                    app_id: super::rows::id(row, "app_id")?,
                     channel: row.try_get("channel")?,
                     user_id: (!user_id.is_empty()).then_some(user_id),
                 })

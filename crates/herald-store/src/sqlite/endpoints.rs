@@ -1,6 +1,7 @@
 //! [`EndpointStore`] on SQLite: endpoints (served from the exact cache for matching) and their
 //! statistics.
 
+use herald_core::{AppId, EndpointId};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -23,8 +24,8 @@ impl EndpointStore for SqliteStore {
                                     format)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
         )
-        .bind(&ep.id)
-        .bind(&ep.app_id)
+        .bind(ep.id.as_str())
+        .bind(ep.app_id.as_str())
         .bind(&ep.uid)
         .bind(&ep.url)
         .bind(&ep.description)
@@ -47,12 +48,12 @@ impl EndpointStore for SqliteStore {
         Ok(())
     }
 
-    async fn get_endpoint(&self, app_id: &str, id_or_uid: &str) -> Result<Option<Endpoint>> {
+    async fn get_endpoint(&self, app_id: &AppId, id_or_uid: &str) -> Result<Option<Endpoint>> {
         sqlx::query(
             "SELECT * FROM endpoints WHERE app_id = $1 AND (id = $2 OR uid = $2) \
              ORDER BY id = $2 DESC LIMIT 1",
         )
-        .bind(app_id)
+        .bind(app_id.as_str())
         .bind(id_or_uid)
         .fetch_optional(&self.reader)
         .await?
@@ -60,9 +61,9 @@ impl EndpointStore for SqliteStore {
         .transpose()
     }
 
-    async fn list_endpoints(&self, app_id: &str, page: &Page) -> Result<Vec<Endpoint>> {
+    async fn list_endpoints(&self, app_id: &AppId, page: &Page) -> Result<Vec<Endpoint>> {
         let mut q = QueryBuilder::new("SELECT * FROM endpoints WHERE app_id = ");
-        q.push_bind(app_id.to_owned());
+        q.push_bind(app_id.to_string());
         paginate(&mut q, "id", page);
         q.build()
             .fetch_all(&self.reader)
@@ -82,8 +83,8 @@ impl EndpointStore for SqliteStore {
                     secret = $12, previous_secrets = $13, updated_at = $14, format = $15
              WHERE id = $1 AND app_id = $2 AND updated_at = $16",
         )
-        .bind(&ep.id)
-        .bind(&ep.app_id)
+        .bind(ep.id.as_str())
+        .bind(ep.app_id.as_str())
         .bind(&ep.uid)
         .bind(&ep.url)
         .bind(&ep.description)
@@ -104,8 +105,8 @@ impl EndpointStore for SqliteStore {
         self.cache.invalidate();
         if done.rows_affected() == 0 {
             let exists = sqlx::query("SELECT 1 FROM endpoints WHERE id = $1 AND app_id = $2")
-                .bind(&ep.id)
-                .bind(&ep.app_id)
+                .bind(ep.id.as_str())
+                .bind(ep.app_id.as_str())
                 .fetch_optional(&self.writer)
                 .await?
                 .is_some();
@@ -118,23 +119,23 @@ impl EndpointStore for SqliteStore {
         Ok(())
     }
 
-    async fn delete_endpoint(&self, app_id: &str, id: &str) -> Result<bool> {
+    async fn delete_endpoint(&self, app_id: &AppId, id: &EndpointId) -> Result<bool> {
         let done = sqlx::query("DELETE FROM endpoints WHERE app_id = $1 AND id = $2")
-            .bind(app_id)
-            .bind(id)
+            .bind(app_id.as_str())
+            .bind(id.as_str())
             .execute(&self.writer)
             .await?;
         self.cache.invalidate();
         Ok(done.rows_affected() > 0)
     }
 
-    async fn app_endpoints(&self, app_id: &str) -> Result<Arc<Vec<Endpoint>>> {
+    async fn app_endpoints(&self, app_id: &AppId) -> Result<std::sync::Arc<Vec<Endpoint>>> {
         if let Some(endpoints) = self.cache.endpoints(app_id) {
             return Ok(endpoints);
         }
         let generation = self.cache.generation();
         let endpoints: Vec<Endpoint> = sqlx::query("SELECT * FROM endpoints WHERE app_id = $1")
-            .bind(app_id)
+            .bind(app_id.as_str())
             .fetch_all(&self.reader)
             .await?
             .iter()
@@ -145,11 +146,11 @@ impl EndpointStore for SqliteStore {
         Ok(endpoints)
     }
 
-    async fn endpoint_stats(&self, endpoint_id: &str) -> Result<EndpointStats> {
+    async fn endpoint_stats(&self, endpoint_id: &EndpointId) -> Result<EndpointStats> {
         let counts = sqlx::query(
             "SELECT status, COUNT(*) AS n FROM deliveries WHERE endpoint_id = $1 GROUP BY status",
         )
-        .bind(endpoint_id)
+        .bind(endpoint_id.as_str())
         .fetch_all(&self.reader)
         .await?;
         let mut stats = EndpointStats::default();

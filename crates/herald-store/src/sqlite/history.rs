@@ -2,6 +2,7 @@
 //! group commit, which assigns their offsets.
 
 use chrono::{DateTime, Utc};
+use herald_core::AppId;
 use herald_core::history::{ChannelPosition, HistoryEntry, NewHistoryEntry, Position};
 use sqlx::{QueryBuilder, Row};
 
@@ -16,13 +17,13 @@ use crate::{HistoryQuery, HistoryStore, Result, StoreError};
 impl HistoryStore for SqliteStore {
     async fn channel_position(
         &self,
-        app_id: &str,
+        app_id: &AppId,
         channel: &str,
     ) -> Result<Option<ChannelPosition>> {
         let row = sqlx::query(
             "SELECT epoch, next_offset FROM channel_positions WHERE app_id = $1 AND channel = $2",
         )
-        .bind(app_id)
+        .bind(app_id.as_str())
         .bind(channel)
         .fetch_optional(&self.reader)
         .await?;
@@ -49,7 +50,7 @@ impl HistoryStore for SqliteStore {
 
     async fn reset_history(
         &self,
-        app_id: &str,
+        app_id: &AppId,
         channel: &str,
         epoch: &str,
     ) -> Result<ChannelPosition> {
@@ -58,7 +59,7 @@ impl HistoryStore for SqliteStore {
         // positions and its commit.
         let mut tx = self.writer.begin().await?;
         sqlx::query("DELETE FROM channel_history WHERE app_id = $1 AND channel = $2")
-            .bind(app_id)
+            .bind(app_id.as_str())
             .bind(channel)
             .execute(&mut *tx)
             .await?;
@@ -70,7 +71,7 @@ impl HistoryStore for SqliteStore {
              ON CONFLICT (app_id, channel) DO UPDATE SET epoch = excluded.epoch
              RETURNING epoch, next_offset",
         )
-        .bind(app_id)
+        .bind(app_id.as_str())
         .bind(channel)
         .bind(epoch)
         .fetch_one(&mut *tx)
@@ -95,12 +96,12 @@ impl HistoryStore for SqliteStore {
 
     async fn history(
         &self,
-        app_id: &str,
+        app_id: &AppId,
         channel: &str,
         query: &HistoryQuery,
     ) -> Result<Vec<HistoryEntry>> {
         let mut q = QueryBuilder::new("SELECT * FROM channel_history WHERE app_id = ");
-        q.push_bind(app_id.to_owned());
+        q.push_bind(app_id.to_string());
         q.push(" AND channel = ").push_bind(channel.to_owned());
         q.push(" AND created_at >= ")
             .push_bind(millis(query.not_before));
@@ -129,7 +130,7 @@ impl HistoryStore for SqliteStore {
 
     async fn history_bytes(
         &self,
-        app_id: &str,
+        app_id: &AppId,
         channel: &str,
         after: u64,
         before: u64,
@@ -143,7 +144,7 @@ impl HistoryStore for SqliteStore {
              FROM channel_history
              WHERE app_id = $1 AND channel = $2 AND seq > $3 AND seq < $4 AND created_at >= $5",
         )
-        .bind(app_id)
+        .bind(app_id.as_str())
         .bind(channel)
         .bind(i64::try_from(after).unwrap_or(i64::MAX))
         .bind(i64::try_from(before).unwrap_or(i64::MAX))
@@ -155,7 +156,7 @@ impl HistoryStore for SqliteStore {
 
     async fn oldest_history_offset(
         &self,
-        app_id: &str,
+        app_id: &AppId,
         channel: &str,
         not_before: DateTime<Utc>,
     ) -> Result<Option<u64>> {
@@ -163,7 +164,7 @@ impl HistoryStore for SqliteStore {
             "SELECT MIN(seq) FROM channel_history
              WHERE app_id = $1 AND channel = $2 AND created_at >= $3",
         )
-        .bind(app_id)
+        .bind(app_id.as_str())
         .bind(channel)
         .bind(millis(not_before))
         .fetch_one(&self.reader)
@@ -173,10 +174,10 @@ impl HistoryStore for SqliteStore {
 
     async fn history_channels(
         &self,
-        after: Option<(&str, &str)>,
+        after: Option<(&AppId, &str)>,
         limit: u32,
-    ) -> Result<Vec<(String, String, ChannelPosition)>> {
-        let (app, channel) = after.unwrap_or(("", ""));
+    ) -> Result<Vec<(AppId, String, ChannelPosition)>> {
+        let (app, channel) = after.map_or(("", ""), |(app, channel)| (app.as_str(), channel));
         sqlx::query(
             "SELECT app_id, channel, epoch, next_offset FROM channel_positions
              WHERE (app_id, channel) > ($1, $2) ORDER BY app_id, channel LIMIT $3",
@@ -189,7 +190,7 @@ impl HistoryStore for SqliteStore {
         .iter()
         .map(|row| {
             Ok((
-                row.try_get("app_id")?,
+                rows::id(row, "app_id")?,
                 row.try_get("channel")?,
                 ChannelPosition {
                     epoch: row.try_get("epoch")?,
@@ -203,7 +204,7 @@ impl HistoryStore for SqliteStore {
 
     async fn trim_history(
         &self,
-        app_id: &str,
+        app_id: &AppId,
         channel: &str,
         up_to_offset: u64,
         not_before: DateTime<Utc>,
@@ -212,7 +213,7 @@ impl HistoryStore for SqliteStore {
             "DELETE FROM channel_history
              WHERE app_id = $1 AND channel = $2 AND (seq <= $3 OR created_at < $4)",
         )
-        .bind(app_id)
+        .bind(app_id.as_str())
         .bind(channel)
         .bind(i64::try_from(up_to_offset).unwrap_or(i64::MAX))
         .bind(millis(not_before))

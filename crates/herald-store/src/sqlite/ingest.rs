@@ -1,6 +1,7 @@
 //! [`IngestStore`] on SQLite: ingest sources and received requests; a request is recorded
 //! with its message in one group commit.
 
+use herald_core::{AppId, EndpointId, SourceId};
 use herald_core::{
     history::NewHistoryEntry,
     model::{IngestEvent, IngestSource, Message},
@@ -24,8 +25,8 @@ impl IngestStore for SqliteStore {
                                          updated_at, trust_unsigned_headers)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
         )
-        .bind(&source.id)
-        .bind(&source.app_id)
+        .bind(source.id.as_str())
+        .bind(source.app_id.as_str())
         .bind(&source.uid)
         .bind(&source.name)
         .bind(source.kind.as_str())
@@ -44,12 +45,12 @@ impl IngestStore for SqliteStore {
         Ok(())
     }
 
-    async fn get_source(&self, app_id: &str, id_or_uid: &str) -> Result<Option<IngestSource>> {
+    async fn get_source(&self, app_id: &AppId, id_or_uid: &str) -> Result<Option<IngestSource>> {
         sqlx::query(
             "SELECT * FROM ingest_sources WHERE app_id = $1 AND (id = $2 OR uid = $2) \
              ORDER BY id = $2 DESC LIMIT 1",
         )
-        .bind(app_id)
+        .bind(app_id.as_str())
         .bind(id_or_uid)
         .fetch_optional(&self.reader)
         .await?
@@ -66,9 +67,9 @@ impl IngestStore for SqliteStore {
             .transpose()
     }
 
-    async fn list_sources(&self, app_id: &str, page: &Page) -> Result<Vec<IngestSource>> {
+    async fn list_sources(&self, app_id: &AppId, page: &Page) -> Result<Vec<IngestSource>> {
         let mut q = QueryBuilder::new("SELECT * FROM ingest_sources WHERE app_id = ");
-        q.push_bind(app_id.to_owned());
+        q.push_bind(app_id.to_string());
         paginate(&mut q, "id", page);
         q.build()
             .fetch_all(&self.reader)
@@ -85,8 +86,8 @@ impl IngestStore for SqliteStore {
                     updated_at = $12, trust_unsigned_headers = $13
              WHERE id = $1 AND app_id = $2",
         )
-        .bind(&source.id)
-        .bind(&source.app_id)
+        .bind(source.id.as_str())
+        .bind(source.app_id.as_str())
         .bind(&source.uid)
         .bind(&source.name)
         .bind(source.kind.as_str())
@@ -107,10 +108,10 @@ impl IngestStore for SqliteStore {
         Ok(())
     }
 
-    async fn delete_source(&self, app_id: &str, id: &str) -> Result<bool> {
+    async fn delete_source(&self, app_id: &AppId, id: &SourceId) -> Result<bool> {
         let done = sqlx::query("DELETE FROM ingest_sources WHERE app_id = $1 AND id = $2")
-            .bind(app_id)
-            .bind(id)
+            .bind(app_id.as_str())
+            .bind(id.as_str())
             .execute(&self.writer)
             .await?;
         Ok(done.rows_affected() > 0)
@@ -120,7 +121,7 @@ impl IngestStore for SqliteStore {
         &self,
         event: IngestEvent,
         message: Message,
-        endpoint_ids: Vec<String>,
+        endpoint_ids: Vec<EndpointId>,
         history: Vec<NewHistoryEntry>,
     ) -> Result<IngestRecorded> {
         let (source_id, delivery_id) = (event.source_id.clone(), event.delivery_id.clone());
@@ -138,7 +139,7 @@ impl IngestStore for SqliteStore {
                 let earlier = sqlx::query(
                     "SELECT * FROM ingest_events WHERE source_id = $1 AND delivery_id = $2",
                 )
-                .bind(&source_id)
+                .bind(source_id.as_str())
                 .bind(&delivery_id)
                 .fetch_one(&self.writer)
                 .await?;
@@ -150,9 +151,13 @@ impl IngestStore for SqliteStore {
         }
     }
 
-    async fn list_ingest_events(&self, source_id: &str, page: &Page) -> Result<Vec<IngestEvent>> {
+    async fn list_ingest_events(
+        &self,
+        source_id: &SourceId,
+        page: &Page,
+    ) -> Result<Vec<IngestEvent>> {
         let mut q = QueryBuilder::new("SELECT * FROM ingest_events WHERE source_id = ");
-        q.push_bind(source_id.to_owned());
+        q.push_bind(source_id.to_string());
         paginate(&mut q, "id", page);
         q.build()
             .fetch_all(&self.reader)
@@ -162,9 +167,13 @@ impl IngestStore for SqliteStore {
             .collect()
     }
 
-    async fn get_ingest_event(&self, source_id: &str, id: &str) -> Result<Option<IngestEvent>> {
+    async fn get_ingest_event(
+        &self,
+        source_id: &SourceId,
+        id: &str,
+    ) -> Result<Option<IngestEvent>> {
         sqlx::query("SELECT * FROM ingest_events WHERE source_id = $1 AND id = $2")
-            .bind(source_id)
+            .bind(source_id.as_str())
             .bind(id)
             .fetch_optional(&self.reader)
             .await?

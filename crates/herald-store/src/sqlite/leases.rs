@@ -15,6 +15,7 @@
 //! (which runs on that connection) checks the lease either before the enqueue, so the record is
 //! applied and then overwritten by the enqueue, or after, so the record is stale.
 
+use herald_core::{EndpointId, MessageId};
 use std::{
     collections::HashMap,
     sync::{
@@ -28,7 +29,7 @@ use chrono::{DateTime, Utc};
 use crate::{DeliveryJob, LeaseToken};
 
 /// A delivery's key: (msg_id, endpoint_id).
-pub(crate) type DeliveryKey = (String, String);
+pub(crate) type DeliveryKey = (MessageId, EndpointId);
 
 /// The delivery's rowid (what claims exclude), when the lease runs out, and its token.
 type Lease = (i64, DateTime<Utc>, LeaseToken);

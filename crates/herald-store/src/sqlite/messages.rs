@@ -2,6 +2,7 @@
 //! delivery queue: manual attempts, claims within the per-endpoint and per-app limits (leases
 //! kept in memory), attempt records and the requeue at start.
 
+use herald_core::{AppId, EndpointId, MessageId};
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
@@ -26,7 +27,7 @@ use crate::{
 
 #[async_trait::async_trait]
 impl MessageStore for SqliteStore {
-    async fn create_message(&self, message: Message, endpoint_ids: Vec<String>) -> Result<()> {
+    async fn create_message(&self, message: Message, endpoint_ids: Vec<EndpointId>) -> Result<()> {
         self.submit(WriteOp::CreateMessage {
             message,
             endpoint_ids,
@@ -37,18 +38,18 @@ impl MessageStore for SqliteStore {
 
     async fn store_publication(
         &self,
-        message: Option<(Message, Vec<String>)>,
+        message: Option<(Message, Vec<EndpointId>)>,
         history: Vec<NewHistoryEntry>,
     ) -> Result<Vec<Position>> {
         self.submit(WriteOp::Publication { message, history }).await
     }
 
-    async fn get_message(&self, app_id: &str, id_or_event_id: &str) -> Result<Option<Message>> {
+    async fn get_message(&self, app_id: &AppId, id_or_event_id: &str) -> Result<Option<Message>> {
         sqlx::query(
             "SELECT * FROM messages WHERE app_id = $1 AND (id = $2 OR event_id = $2) \
              ORDER BY id = $2 DESC LIMIT 1",
         )
-        .bind(app_id)
+        .bind(app_id.as_str())
         .bind(id_or_event_id)
         .fetch_optional(&self.reader)
         .await?
@@ -58,12 +59,12 @@ impl MessageStore for SqliteStore {
 
     async fn list_messages(
         &self,
-        app_id: &str,
+        app_id: &AppId,
         page: &Page,
         query: &MessageQuery,
     ) -> Result<Vec<Message>> {
         let mut q = QueryBuilder::new("SELECT * FROM messages WHERE app_id = ");
-        q.push_bind(app_id.to_owned());
+        q.push_bind(app_id.to_string());
         if let Some(channel) = &query.channel {
             q.push(" AND EXISTS (SELECT 1 FROM json_each(messages.channels) WHERE value = ");
             q.push_bind(channel.clone());
@@ -93,9 +94,9 @@ impl MessageStore for SqliteStore {
 
     async fn enqueue_manual(
         &self,
-        app_id: &str,
-        msg_id: &str,
-        endpoint_id: &str,
+        app_id: &AppId,
+        msg_id: &MessageId,
+        endpoint_id: &EndpointId,
         now: DateTime<Utc>,
     ) -> Result<()> {
         // Held until the lease is revoked: see `take_back`.
@@ -108,9 +109,9 @@ impl MessageStore for SqliteStore {
              SET status = excluded.status, trigger_type = excluded.trigger_type,
                  next_attempt_at = excluded.next_attempt_at, updated_at = excluded.updated_at",
         )
-        .bind(msg_id)
-        .bind(endpoint_id)
-        .bind(app_id)
+        .bind(msg_id.as_str())
+        .bind(endpoint_id.as_str())
+        .bind(app_id.as_str())
         .bind(DeliveryStatus::Pending as i64)
         .bind(TriggerType::Manual as i64)
         .bind(millis(now))
@@ -122,7 +123,7 @@ impl MessageStore for SqliteStore {
 
     async fn enqueue_failed(
         &self,
-        endpoint_id: &str,
+        endpoint_id: &EndpointId,
         since: DateTime<Utc>,
         until: DateTime<Utc>,
         now: DateTime<Utc>,
@@ -139,7 +140,7 @@ impl MessageStore for SqliteStore {
         .bind(DeliveryStatus::Pending as i64)
         .bind(TriggerType::Manual as i64)
         .bind(millis(now))
-        .bind(endpoint_id)
+        .bind(endpoint_id.as_str())
         .bind(DeliveryStatus::Fail as i64)
         .bind(id::lower_bound(id::MESSAGE, since))
         .bind(id::lower_bound(id::MESSAGE, until))
@@ -147,7 +148,7 @@ impl MessageStore for SqliteStore {
         .await?;
         let keys = requeued
             .iter()
-            .map(|row| Ok((row.try_get("msg_id")?, endpoint_id.to_owned())))
+            .map(|row| Ok((rows::id(row, "msg_id")?, endpoint_id.clone())))
             .collect::<Result<Vec<DeliveryKey>>>()?;
         self.take_back(writer, &keys);
         Ok(keys.len() as u64)
@@ -156,8 +157,8 @@ impl MessageStore for SqliteStore {
     async fn claim_due(&self, request: &ClaimRequest) -> Result<Vec<DeliveryJob>> {
         let limit = request.limit as usize;
         // What this claim takes, on top of what the caller already holds.
-        let mut taken_endpoints: HashMap<String, u32> = HashMap::new();
-        let mut taken_apps: HashMap<String, u32> = HashMap::new();
+        let mut taken_endpoints: HashMap<EndpointId, u32> = HashMap::new();
+        let mut taken_apps: HashMap<AppId, u32> = HashMap::new();
         let mut jobs = Vec::new();
         let mut leased: Vec<i64> = Vec::new();
         let mut refused: Vec<i64> = Vec::new();
@@ -217,7 +218,7 @@ impl MessageStore for SqliteStore {
                     passed.push(rowid);
                     continue;
                 }
-                let app_id: String = row.try_get("m_app_id")?;
+                let app_id: AppId = rows::id(row, "m_app_id")?;
                 let endpoint_held = request.in_flight.get(&endpoint.id).copied().unwrap_or(0)
                     + taken_endpoints.get(&endpoint.id).copied().unwrap_or(0);
                 let app_held = request.app_in_flight.get(&app_id).copied().unwrap_or(0)
@@ -233,7 +234,7 @@ impl MessageStore for SqliteStore {
                 passed.push(rowid);
                 let payload: Vec<u8> = row.try_get("payload")?;
                 jobs.push(DeliveryJob {
-                    msg_id: row.try_get("msg_id")?,
+                    msg_id: rows::id(row, "msg_id")?,
                     app_id,
                     event_type: row.try_get("event_type")?,
                     payload: payload.into(),
@@ -355,15 +356,16 @@ const CLAIM_PASSES: usize = 3;
 
 /// The keys whose count, held already plus taken by this claim, has reached `limit`: a claim
 /// leaves their deliveries out in the query.
-fn at_limit<'a>(
-    held: &'a HashMap<String, u32>,
-    taken: &'a HashMap<String, u32>,
+fn at_limit<'a, K: std::hash::Hash + Eq + AsRef<str>>(
+    held: &'a HashMap<K, u32>,
+    taken: &'a HashMap<K, u32>,
     limit: u32,
-) -> Vec<&'a String> {
+) -> Vec<&'a str> {
     let count =
-        |key: &String| held.get(key).copied().unwrap_or(0) + taken.get(key).copied().unwrap_or(0);
+        |key: &K| held.get(key).copied().unwrap_or(0) + taken.get(key).copied().unwrap_or(0);
     held.keys()
         .chain(taken.keys().filter(|key| !held.contains_key(*key)))
         .filter(|key| count(key) >= limit)
+        .map(|key| key.as_ref())
         .collect()
 }

@@ -166,7 +166,6 @@ mod tests {
     use chrono::Utc;
     use herald_core::{
         history::{NewHistoryEntry, Retention},
-        id,
         model::{
             Attempt, DeliveryStatus, Endpoint, EndpointFormat, Message, Metadata,
             PusherCredentials, TriggerType,
@@ -190,11 +189,11 @@ mod tests {
         conformance::run_all(open_in_tempdir).await;
     }
 
-    fn message(app_id: &str) -> Message {
+    fn message(app_id: &herald_core::AppId) -> Message {
         let now = Utc::now();
         Message {
-            id: id::new_id(id::MESSAGE, now),
-            app_id: app_id.into(),
+            id: herald_core::MessageId::new(now),
+            app_id: app_id.clone(),
             event_id: None,
             event_type: "t".into(),
             channels: None,
@@ -209,7 +208,7 @@ mod tests {
         let (_dir, store) = open_in_tempdir().await;
         let now = Utc::now();
         let app = App {
-            id: id::new_id(id::APP, now),
+            id: herald_core::AppId::new(now),
             uid: None,
             name: "test".into(),
             throttle_rate: None,
@@ -224,7 +223,10 @@ mod tests {
         // fails and the batch is redone one write at a time.
         let (good, bad) = tokio::join!(
             store.create_message(message(&app.id), vec![]),
-            store.create_message(message("app_missing"), vec![]),
+            store.create_message(
+                message(&herald_core::AppId::parse("app_missing").expect("valid")),
+                vec![]
+            ),
         );
         assert!(good.is_ok(), "{good:?}");
         assert!(matches!(bad, Err(StoreError::Database(_))), "{bad:?}");
@@ -250,7 +252,7 @@ mod tests {
         let (_dir, store) = open_in_tempdir().await;
         let now = Utc::now();
         let app = App {
-            id: id::new_id(id::APP, now),
+            id: herald_core::AppId::new(now),
             uid: None,
             name: "test".into(),
             throttle_rate: None,
@@ -262,7 +264,7 @@ mod tests {
         };
         store.create_app(&app).await.expect("app");
         let ep = Endpoint {
-            id: id::new_id(id::ENDPOINT, now),
+            id: herald_core::EndpointId::new(now),
             app_id: app.id.clone(),
             uid: None,
             url: "https://example.com".into(),
@@ -317,7 +319,7 @@ mod tests {
 
         let record = |lease, trigger_type, next| AttemptRecord {
             attempt: Attempt {
-                id: id::new_id(id::ATTEMPT, at),
+                id: herald_core::AttemptId::new(at),
                 msg_id: msg.id.clone(),
                 endpoint_id: ep.id.clone(),
                 app_id: app.id.clone(),
@@ -378,7 +380,7 @@ mod tests {
         let (_dir, store) = open_in_tempdir().await;
         let now = Utc::now();
         let app = App {
-            id: id::new_id(id::APP, now),
+            id: herald_core::AppId::new(now),
             uid: None,
             name: "test".into(),
             throttle_rate: None,
@@ -389,8 +391,8 @@ mod tests {
             updated_at: now,
         };
         store.create_app(&app).await.expect("app");
-        let entry = |app_id: &str| NewHistoryEntry {
-            app_id: app_id.into(),
+        let entry = |app_id: &herald_core::AppId| NewHistoryEntry {
+            app_id: app_id.clone(),
             channel: "history-f".into(),
             event: "e".into(),
             data: "d".into(),
@@ -403,11 +405,12 @@ mod tests {
             },
             first_epoch: None,
         };
-        let publish = |app_id: &str| {
+        let missing = herald_core::AppId::parse("app_missing").expect("valid");
+        let publish = |app_id: &herald_core::AppId| {
             store.store_publication(Some((message(app_id), vec![])), vec![entry(app_id)])
         };
         let (first, bad, second) =
-            tokio::join!(publish(&app.id), publish("app_missing"), publish(&app.id));
+            tokio::join!(publish(&app.id), publish(&missing), publish(&app.id));
         assert!(matches!(bad, Err(StoreError::Database(_))), "{bad:?}");
         let (first, second) = (first.expect("first"), second.expect("second"));
         assert_eq!((first[0].offset, second[0].offset), (1, 2));

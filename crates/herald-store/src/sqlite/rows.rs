@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use herald_core::{
+    AppId, AttemptId, EndpointId, IngestEventId, MessageId, SourceId,
     history::HistoryRule,
     ingest::{Encoding, HmacScheme, SourceKind},
     model::{
@@ -132,9 +133,43 @@ pub(crate) fn hmac_json(hmac: Option<&HmacScheme>) -> Option<String> {
     })
 }
 
+/// A typed id read from an id column: [`StoredId::parse_column`].
+pub(crate) trait StoredId: Sized {
+    fn parse_column(text: String) -> std::result::Result<Self, herald_core::IdError>;
+}
+
+macro_rules! stored_ids {
+    ($($ty:ty),*) => {
+        $(impl StoredId for $ty {
+            fn parse_column(text: String) -> std::result::Result<Self, herald_core::IdError> {
+                <$ty>::parse(text)
+            }
+        })*
+    };
+}
+
+stored_ids!(
+    AppId,
+    EndpointId,
+    MessageId,
+    AttemptId,
+    SourceId,
+    IngestEventId
+);
+
+/// Parses a stored id; an id without its type's prefix means the data is corrupt.
+pub(crate) fn parse_id<T: StoredId>(column: &str, text: String) -> Result<T> {
+    T::parse_column(text).map_err(|e| StoreError::Corrupt(format!("{column}: {e}")))
+}
+
+/// Reads the id column `column` of `row` as a typed id.
+pub(crate) fn id<T: StoredId>(row: &SqliteRow, column: &str) -> Result<T> {
+    parse_id(column, row.try_get(column)?)
+}
+
 pub(crate) fn app(row: &SqliteRow) -> Result<App> {
     Ok(App {
-        id: row.try_get("id")?,
+        id: id(row, "id")?,
         uid: row.try_get("uid")?,
         name: row.try_get("name")?,
         throttle_rate: row.try_get("throttle_rate")?,
@@ -186,8 +221,8 @@ pub(crate) fn endpoint(row: &SqliteRow, prefix: &str) -> Result<Endpoint> {
         row.try_get(col("previous_secrets").as_str())?,
     )?;
     Ok(Endpoint {
-        id: row.try_get(col("id").as_str())?,
-        app_id: row.try_get(col("app_id").as_str())?,
+        id: id(row, col("id").as_str())?,
+        app_id: id(row, col("app_id").as_str())?,
         uid: row.try_get(col("uid").as_str())?,
         url: row.try_get(col("url").as_str())?,
         description: row.try_get(col("description").as_str())?,
@@ -231,8 +266,8 @@ pub(crate) fn previous_secrets_json(endpoint: &Endpoint) -> String {
 pub(crate) fn message(row: &SqliteRow) -> Result<Message> {
     let payload: Vec<u8> = row.try_get("payload")?;
     Ok(Message {
-        id: row.try_get("id")?,
-        app_id: row.try_get("app_id")?,
+        id: id(row, "id")?,
+        app_id: id(row, "app_id")?,
         event_id: row.try_get("event_id")?,
         event_type: row.try_get("event_type")?,
         channels: opt_from_json("channels", row.try_get("channels")?)?,
@@ -248,10 +283,10 @@ pub(crate) fn status(code: i64) -> Result<DeliveryStatus> {
 
 pub(crate) fn attempt(row: &SqliteRow) -> Result<Attempt> {
     Ok(Attempt {
-        id: row.try_get("id")?,
-        msg_id: row.try_get("msg_id")?,
-        endpoint_id: row.try_get("endpoint_id")?,
-        app_id: row.try_get("app_id")?,
+        id: id(row, "id")?,
+        msg_id: id(row, "msg_id")?,
+        endpoint_id: id(row, "endpoint_id")?,
+        app_id: id(row, "app_id")?,
         url: row.try_get("url")?,
         status: status(row.try_get("status")?)?,
         response_status_code: row.try_get("response_status_code")?,
@@ -275,8 +310,8 @@ pub(crate) fn conflict_as(what: &str) -> impl FnOnce(sqlx::Error) -> StoreError 
 pub(crate) fn ingest_source(row: &SqliteRow) -> Result<IngestSource> {
     let kind: String = row.try_get("kind")?;
     Ok(IngestSource {
-        id: row.try_get("id")?,
-        app_id: row.try_get("app_id")?,
+        id: id(row, "id")?,
+        app_id: id(row, "app_id")?,
         uid: row.try_get("uid")?,
         name: row.try_get("name")?,
         kind: SourceKind::parse(&kind)
@@ -296,22 +331,22 @@ pub(crate) fn ingest_source(row: &SqliteRow) -> Result<IngestSource> {
 pub(crate) fn ingest_event(row: &SqliteRow) -> Result<IngestEvent> {
     let body: Vec<u8> = row.try_get("body")?;
     Ok(IngestEvent {
-        id: row.try_get("id")?,
-        source_id: row.try_get("source_id")?,
-        app_id: row.try_get("app_id")?,
+        id: id(row, "id")?,
+        source_id: id(row, "source_id")?,
+        app_id: id(row, "app_id")?,
         delivery_id: row.try_get("delivery_id")?,
         headers: from_json("headers", row.try_get("headers")?)?,
         body: body.into(),
         event_type: row.try_get("event_type")?,
         channels: from_json("channels", row.try_get("channels")?)?,
-        msg_id: row.try_get("msg_id")?,
+        msg_id: id(row, "msg_id")?,
         received_at: time(row.try_get("received_at")?)?,
     })
 }
 
 pub(crate) fn history_entry(row: &SqliteRow) -> Result<herald_core::history::HistoryEntry> {
     Ok(herald_core::history::HistoryEntry {
-        app_id: row.try_get("app_id")?,
+        app_id: id(row, "app_id")?,
         channel: row.try_get("channel")?,
         epoch: row.try_get("epoch")?,
         offset: u64::try_from(row.try_get::<i64, _>("seq")?)

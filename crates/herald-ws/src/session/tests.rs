@@ -2,6 +2,7 @@
 //! and a scripted [`Backend`] (known credentials, channels named `history-*` keep history).
 //! No sockets; the clock is paused, so rate limits refill only when a test advances it.
 
+use herald_core::AppId;
 use std::{
     sync::{Arc, Mutex},
     time::Duration,
@@ -42,7 +43,7 @@ struct Scripted {
 fn published(channel: &str, data: &str, offset: u64) -> Arc<Publication> {
     Arc::new(
         Publication::new(
-            "app_1",
+            &AppId::parse("app_1").expect("valid"),
             channel,
             "e",
             herald_channels::EventData::text(data),
@@ -121,7 +122,7 @@ impl Backend for Scripted {
             }
         });
         let publication = Publication::new(
-            "app_1",
+            &AppId::parse("app_1").expect("valid"),
             channel,
             event,
             herald_channels::EventData::Json(data.to_owned()),
@@ -227,7 +228,7 @@ fn client_event(channel: &str, data: &str) -> String {
 }
 
 fn setup(config: &WsConfig) -> (Arc<AppHub>, Client) {
-    let hub = Hub::default().app("app_1");
+    let hub = Hub::default().app(&AppId::parse("app_1").expect("valid"));
     let mut client = Client::open(&hub, "1.1", config, Scripted::new());
     assert_eq!(client.events(), ["pusher:connection_established"]);
     (hub, client)
@@ -242,7 +243,7 @@ fn assert_subscription_error(frame: &Value, channel: &str, kind: &str, status: u
 
 #[tokio::test(start_paused = true)]
 async fn a_session_opens_with_its_socket_id_and_answers_ping_with_pong() {
-    let hub = Hub::default().app("app_1");
+    let hub = Hub::default().app(&AppId::parse("app_1").expect("valid"));
     let config = WsConfig::default();
     let mut client = Client::open(&hub, "1.1", &config, Scripted::new());
     let established = client.only();
@@ -373,7 +374,7 @@ async fn a_bad_signature_is_refused_and_the_right_one_accepted() {
 
 #[tokio::test(start_paused = true)]
 async fn unreadable_credentials_refuse_with_their_status_and_the_connection_stays() {
-    let hub = Hub::default().app("app_1");
+    let hub = Hub::default().app(&AppId::parse("app_1").expect("valid"));
     let backend = Scripted {
         credentials: Err(Unavailable {
             kind: "ServerError",
@@ -600,7 +601,7 @@ async fn client_events_beyond_the_rate_close_with_4301() {
 
 #[tokio::test(start_paused = true)]
 async fn a_history_join_confirms_with_its_status_then_replays_in_order() {
-    let hub = Hub::default().app("app_1");
+    let hub = Hub::default().app(&AppId::parse("app_1").expect("valid"));
     let backend = Scripted {
         replay: vec![
             published("history-x", "1", 1),
@@ -627,7 +628,7 @@ async fn a_history_join_confirms_with_its_status_then_replays_in_order() {
 
 #[tokio::test(start_paused = true)]
 async fn what_is_published_while_a_join_reads_follows_the_replay_once() {
-    let hub = Hub::default().app("app_1");
+    let hub = Hub::default().app(&AppId::parse("app_1").expect("valid"));
     // The replay was read up to offset 2; offset 2 was also broadcast while the join read
     // (committed just before the read), and 3 and 4 after.
     let backend = Scripted {

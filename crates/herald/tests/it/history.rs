@@ -266,7 +266,7 @@ async fn housekeeping_purges_quiet_channels_and_channels_no_rule_keeps() {
         max_age_secs: 3600,
     };
     let mut app = App {
-        id: "app_purge".into(),
+        id: herald_core::AppId::parse("app_purge").expect("valid"),
         uid: None,
         name: "purge".into(),
         throttle_rate: None,
@@ -587,7 +587,7 @@ async fn in_process_history(dir: &std::path::Path) -> InProcess {
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir).await.expect("store"));
     let now = chrono::Utc::now();
     let app = herald_core::model::App {
-        id: "app_positions".into(),
+        id: herald_core::AppId::parse("app_positions").expect("valid"),
         uid: None,
         name: "positions".into(),
         throttle_rate: None,

@@ -10,6 +10,7 @@
 //! (their entries get none): the positions of every channel the batch touches are read in one
 //! statement, offsets handed out in batch order, and the final positions written back.
 
+use herald_core::EndpointId;
 use std::collections::{HashMap, HashSet};
 
 use herald_core::{
@@ -81,15 +82,15 @@ pub(super) async fn apply(
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
                      ON CONFLICT (source_id, delivery_id) DO NOTHING RETURNING id",
                 )
-                .bind(&event.id)
-                .bind(&event.source_id)
-                .bind(&event.app_id)
+                .bind(event.id.as_str())
+                .bind(event.source_id.as_str())
+                .bind(event.app_id.as_str())
                 .bind(&event.delivery_id)
                 .bind(to_json(&event.headers))
                 .bind(event.body.as_ref())
                 .bind(&event.event_type)
                 .bind(to_json(&event.channels))
-                .bind(&event.msg_id)
+                .bind(event.msg_id.as_str())
                 .bind(millis(event.received_at))
                 .fetch_optional(&mut *conn)
                 .await?;
@@ -168,7 +169,7 @@ async fn apply_occupancy(conn: &mut SqliteConnection, changes: &[&OccupancyChang
             "INSERT OR IGNORE INTO channel_occupancy (app_id, channel, user_id) ",
         );
         q.push_values(chunk, |mut row, (who, _)| {
-            row.push_bind(&who.app_id)
+            row.push_bind(who.app_id.as_str())
                 .push_bind(&who.channel)
                 .push_bind(who.user_id.as_deref().unwrap_or(""));
         });
@@ -181,7 +182,7 @@ async fn apply_occupancy(conn: &mut SqliteConnection, changes: &[&OccupancyChang
         let mut rows = q.separated(", ");
         for (who, _) in chunk {
             rows.push("(");
-            rows.push_bind_unseparated(&who.app_id);
+            rows.push_bind_unseparated(who.app_id.as_str());
             rows.push_unseparated(", ");
             rows.push_bind_unseparated(&who.channel);
             rows.push_unseparated(", ");
@@ -196,7 +197,7 @@ async fn apply_occupancy(conn: &mut SqliteConnection, changes: &[&OccupancyChang
 
 async fn insert_messages(
     conn: &mut SqliteConnection,
-    messages: &[(usize, &Message, &[String])],
+    messages: &[(usize, &Message, &[EndpointId])],
     outcomes: &mut [Result<Committed>],
 ) -> Result<()> {
     let mut inserted = HashSet::with_capacity(messages.len());
@@ -205,8 +206,8 @@ async fn insert_messages(
             "INSERT INTO messages (id, app_id, event_id, event_type, channels, tags, payload, created_at) ",
         );
         q.push_values(chunk, |mut row, (_, m, _)| {
-            row.push_bind(&m.id)
-                .push_bind(&m.app_id)
+            row.push_bind(m.id.as_str())
+                .push_bind(m.app_id.as_str())
                 .push_bind(&m.event_id)
                 .push_bind(&m.event_type)
                 .push_bind(opt_json(&m.channels))
@@ -221,7 +222,7 @@ async fn insert_messages(
     }
     let mut deliveries = Vec::new();
     for (i, message, endpoint_ids) in messages {
-        if inserted.contains(&message.id) {
+        if inserted.contains(message.id.as_str()) {
             deliveries.extend(endpoint_ids.iter().map(|ep| (*message, ep)));
         } else {
             outcomes[*i] = Err(StoreError::Conflict(MESSAGE_CONFLICT.to_owned()));
@@ -234,9 +235,9 @@ async fn insert_messages(
         );
         q.push_values(chunk, |mut row, (m, endpoint_id)| {
             let created = millis(m.created_at);
-            row.push_bind(&m.id)
-                .push_bind(*endpoint_id)
-                .push_bind(&m.app_id)
+            row.push_bind(m.id.as_str())
+                .push_bind(endpoint_id.as_str())
+                .push_bind(m.app_id.as_str())
                 .push_bind(herald_core::model::DeliveryStatus::Pending as i64)
                 .push_bind(0_i64)
                 .push_bind(TriggerType::Scheduled as i64)
@@ -345,7 +346,7 @@ async fn append_histories(
                                           raw_json, user_id) ",
         );
         q.push_values(chunk, |mut row, (e, seq, epoch)| {
-            row.push_bind(&e.app_id)
+            row.push_bind(e.app_id.as_str())
                 .push_bind(&e.channel)
                 .push_bind(*seq)
                 .push_bind(*epoch)
@@ -397,7 +398,7 @@ async fn append_histories(
             "DELETE FROM channel_history
              WHERE app_id = $1 AND channel = $2 AND (seq < $3 OR created_at < $4)",
         )
-        .bind(&entry.app_id)
+        .bind(entry.app_id.as_str())
         .bind(&entry.channel)
         .bind(keep_from)
         .bind(expired)
@@ -429,10 +430,10 @@ async fn record_attempts(
         );
         q.push_values(chunk, |mut row, (record, _)| {
             let a = &record.attempt;
-            row.push_bind(&a.id)
-                .push_bind(&a.msg_id)
-                .push_bind(&a.endpoint_id)
-                .push_bind(&a.app_id)
+            row.push_bind(a.id.as_str())
+                .push_bind(a.msg_id.as_str())
+                .push_bind(a.endpoint_id.as_str())
+                .push_bind(a.app_id.as_str())
                 .push_bind(&a.url)
                 .push_bind(a.status as i64)
                 .push_bind(a.response_status_code)
@@ -459,8 +460,8 @@ async fn record_attempts(
             let a = &record.attempt;
             let (status, next_at) = next_state(record.next);
             json!([
-                a.msg_id,
-                a.endpoint_id,
+                a.msg_id.as_str(),
+                a.endpoint_id.as_str(),
                 status as i64,
                 next_at,
                 i64::from(a.trigger_type == TriggerType::Scheduled),
