@@ -3,8 +3,9 @@
 //!
 //! Each check takes a fresh, empty store and panics on a failure. [`run_all`] runs every check
 //! in [`CHECKS`] against a new store from a factory that also returns a guard (a temporary
-//! directory, a throwaway database) kept alive for the check's length. The SQLite store runs
-//! it in its unit tests; the PostgreSQL store will run the same suite. Compiled for this
+//! directory, a throwaway database) kept alive for the check's length; [`run_only`] runs the
+//! checks named. The SQLite store runs the suite in its unit tests, the PostgreSQL store
+//! against a server named by `HERALD_TEST_POSTGRES_URL`. Compiled for this
 //! crate's tests and, for other crates' tests, with the `conformance` feature.
 
 use std::{
@@ -79,7 +80,38 @@ where
     F: Fn() -> Fut,
     Fut: Future<Output = (G, S)>,
 {
-    for (name, check) in CHECKS {
+    run(factory, CHECKS.iter()).await;
+}
+
+/// Runs only the checks named in `names` (in [`CHECKS`] order), as [`run_all`] does: for a
+/// backend whose sub-traits are not all written yet. A name that is no check panics, so a
+/// renamed check cannot silently drop out.
+pub async fn run_only<G, S, F, Fut>(factory: F, names: &[&str])
+where
+    S: Store,
+    F: Fn() -> Fut,
+    Fut: Future<Output = (G, S)>,
+{
+    for name in names {
+        assert!(
+            CHECKS.iter().any(|(check, _)| check == name),
+            "no conformance check is named {name:?}"
+        );
+    }
+    run(
+        factory,
+        CHECKS.iter().filter(|(name, _)| names.contains(name)),
+    )
+    .await;
+}
+
+async fn run<'c, G, S, F, Fut>(factory: F, checks: impl Iterator<Item = &'c (&'c str, Check)>)
+where
+    S: Store,
+    F: Fn() -> Fut,
+    Fut: Future<Output = (G, S)>,
+{
+    for (name, check) in checks {
         eprintln!("store conformance: {name}");
         let (guard, store) = factory().await;
         check(&store).await;

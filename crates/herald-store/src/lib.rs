@@ -9,8 +9,9 @@
 //! [`StoreLifecycle`] (`close`). A type that implements them all is a `Store` by a blanket
 //! impl; [`prelude`] brings every trait into scope for calls on a concrete store.
 //!
-//! [`sqlite::SqliteStore`] is the embedded implementation; a PostgreSQL one will sit beside it
-//! with its own migrations. Both must pass the behaviour checks in `conformance` (compiled for
+//! [`sqlite::SqliteStore`] is the embedded implementation; [`postgres::PostgresStore`], the
+//! store several nodes share, sits beside it with its own migrations (issue 11: its sub-traits
+//! are being filled in). Both must pass the behaviour checks in `conformance` (compiled for
 //! tests and with the `conformance` feature).
 
 use bytes::Bytes;
@@ -24,6 +25,7 @@ use herald_core::model::{
 
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
+pub mod postgres;
 pub mod sqlite;
 
 #[derive(Debug, thiserror::Error)]

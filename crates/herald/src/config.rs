@@ -53,14 +53,24 @@ pub struct Config {
     pub history: HistorySection,
 }
 
-/// Where Herald keeps its state (see `store.rs`). Pool sizes will join this section with the
-/// PostgreSQL store (issue 11).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// Where Herald keeps its state (see `store.rs`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreSection {
-    /// `sqlite://DIR` (or `sqlite:DIR`). Unset: SQLite in `data_dir` (`--data`). When set, it
-    /// wins over `data_dir`.
+    /// `sqlite://DIR` (or `sqlite:DIR`), or `postgres://USER:PASSWORD@HOST:PORT/DATABASE`.
+    /// Unset: SQLite in `data_dir` (`--data`). When set, it wins over `data_dir`.
     pub url: Option<String>,
+    /// PostgreSQL: connections this node's pool opens at most (SQLite ignores it).
+    pub max_connections: u32,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        Self {
+            url: None,
+            max_connections: crate::store::DEFAULT_MAX_CONNECTIONS,
+        }
+    }
 }
 
 /// Channel history defaults (apps may set their own rules).
@@ -559,10 +569,24 @@ impl Config {
         Ok(())
     }
 
-    /// The store to open: `store.url`, or SQLite in `data_dir` while it is unset.
+    /// The store to open: `store.url`, or SQLite in `data_dir` while it is unset; a
+    /// PostgreSQL pool of `store.max_connections`.
     pub fn store_config(&self) -> Result<crate::store::StoreConfig, ConfigError> {
-        crate::store::StoreConfig::from_url(self.store.url.as_deref(), &self.data_dir)
-            .map_err(ConfigError::Invalid)
+        if self.store.max_connections == 0 {
+            return Err(ConfigError::Invalid(
+                "store.max_connections must be at least 1".into(),
+            ));
+        }
+        let mut config =
+            crate::store::StoreConfig::from_url(self.store.url.as_deref(), &self.data_dir)
+                .map_err(ConfigError::Invalid)?;
+        if let crate::store::StoreConfig::Postgres {
+            max_connections, ..
+        } = &mut config
+        {
+            *max_connections = self.store.max_connections;
+        }
+        Ok(config)
     }
 
     pub fn listener_limits(&self) -> crate::listener::ListenerLimits {
@@ -734,7 +758,7 @@ mod tests {
     }
 
     #[test]
-    fn store_url_defaults_to_sqlite_in_data_dir_and_other_backends_are_refused() {
+    fn store_url_defaults_to_sqlite_in_data_dir_and_names_postgres() {
         use crate::store::StoreConfig;
         figment::Jail::expect_with(|jail| {
             let load = |overrides: &Overrides| {
@@ -778,16 +802,39 @@ mod tests {
             );
 
             jail.set_env("HERALD_STORE__URL", "postgres://herald:pw@db/herald");
-            let err = load(&Overrides::default()).expect_err("postgres is refused");
+            assert_eq!(
+                load(&Overrides::default())?,
+                StoreConfig::Postgres {
+                    url: "postgres://herald:pw@db/herald".into(),
+                    max_connections: 16,
+                },
+                "the default pool"
+            );
+            jail.set_env("HERALD_STORE__MAX_CONNECTIONS", "4");
+            assert_eq!(
+                load(&Overrides::default())?,
+                StoreConfig::Postgres {
+                    url: "postgres://herald:pw@db/herald".into(),
+                    max_connections: 4,
+                },
+                "store.max_connections sizes the pool"
+            );
+            jail.set_env("HERALD_STORE__MAX_CONNECTIONS", "0");
+            let err = load(&Overrides::default()).expect_err("an empty pool");
             assert!(
-                err.contains("postgres:// is not supported yet (issue 11)")
-                    && err.contains("sqlite")
-                    && !err.contains("pw@"),
+                err.contains("store.max_connections") && !err.contains("pw@"),
+                "{err}"
+            );
+            jail.set_env("HERALD_STORE__URL", "mysql://herald:pw@db/herald");
+            jail.set_env("HERALD_STORE__MAX_CONNECTIONS", "4");
+            let err = load(&Overrides::default()).expect_err("mysql is refused");
+            assert!(
+                err.contains("sqlite") && err.contains("postgres") && !err.contains("pw@"),
                 "{err}"
             );
             jail.set_env("HERALD_STORE__URL", "sqlite://x");
             jail.set_env("HERALD_STORE__POOL_SIZE", "4");
-            let err = load(&Overrides::default()).expect_err("no pool sizes yet");
+            let err = load(&Overrides::default()).expect_err("an unknown key");
             assert!(err.contains("pool_size"), "{err}");
 
             jail.clear_env();

@@ -2,30 +2,59 @@
 //!
 //! [`run`](crate::run) never names a backend: it asks [`open`] for an `Arc<dyn Store>` and the
 //! [`StoreProperties`] that decide what start-up may do with it (only a store owned by this
-//! process alone may have its leases taken back at start). SQLite is the only backend today;
-//! PostgreSQL (issue 11) will be one more arm of [`StoreConfig`], with its pool sizes in the
-//! `store` section.
+//! process alone may have its leases taken back at start). Two backends: SQLite (the default,
+//! one node) and PostgreSQL (`store.url = "postgres://..."`, shared by several nodes; its pool
+//! size is `store.max_connections`). A database URL may hold a password, so no message, log
+//! line or `Debug` output here repeats it.
 
 use std::{fmt, path::PathBuf, sync::Arc};
 
 use anyhow::Context;
-use herald_store::{Store, sqlite::SqliteStore};
+use herald_store::{
+    Store,
+    postgres::{PostgresOptions, PostgresStore},
+    sqlite::SqliteStore,
+};
 
 /// The backends a `store.url` may name, for error messages.
-const BACKENDS: &str = "the only backend is sqlite (store.url = \"sqlite://DIR\", or leave store.url unset to use data_dir)";
+const BACKENDS: &str = "the backends are sqlite (store.url = \"sqlite://DIR\", or leave store.url unset to use data_dir) and postgres (store.url = \"postgres://USER:PASSWORD@HOST:PORT/DATABASE\")";
+
+/// PostgreSQL connections per node unless `store.max_connections` says otherwise.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 16;
 
 /// A store to open, resolved from the `store` section and `data_dir`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum StoreConfig {
     /// The embedded store in this directory.
     Sqlite { dir: PathBuf },
+    /// A PostgreSQL database (`postgres://` or `postgresql://`), shared by every node that names
+    /// it; `max_connections` is this node's pool size.
+    Postgres { url: String, max_connections: u32 },
+}
+
+/// Never shows a PostgreSQL URL, which may hold a password.
+impl fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Sqlite { dir } => f.debug_struct("Sqlite").field("dir", dir).finish(),
+            Self::Postgres {
+                max_connections, ..
+            } => f
+                .debug_struct("Postgres")
+                .field("url", &"<redacted>")
+                .field("max_connections", max_connections)
+                .finish(),
+        }
+    }
 }
 
 impl StoreConfig {
     /// `url` unset (or empty): SQLite in `data_dir`. Otherwise `sqlite:DIR` or `sqlite://DIR`
-    /// (`sqlite:///abs/dir` for an absolute path). Any other scheme is refused with a message
-    /// that names the backends; the URL itself is never repeated, as a database URL may hold a
-    /// password.
+    /// (`sqlite:///abs/dir` for an absolute path), or `postgres://...` / `postgresql://...` (a
+    /// libpq-style URL, kept whole; its pool gets [`DEFAULT_MAX_CONNECTIONS`], which
+    /// `Config::store_config` replaces with `store.max_connections`). Any other scheme is
+    /// refused with a message that names the backends; the URL itself is never repeated, as a
+    /// database URL may hold a password.
     pub fn from_url(url: Option<&str>, data_dir: &std::path::Path) -> Result<Self, String> {
         let Some(url) = url.map(str::trim).filter(|u| !u.is_empty()) else {
             return Ok(Self::Sqlite {
@@ -59,9 +88,19 @@ impl StoreConfig {
                     dir: PathBuf::from(path),
                 })
             }
-            "postgres" | "postgresql" => Err(format!(
-                "store.url: {scheme}:// is not supported yet (issue 11); {BACKENDS}"
-            )),
+            "postgres" | "postgresql" => {
+                let host = rest.strip_prefix("//").unwrap_or_default();
+                if host.is_empty() {
+                    return Err(
+                        "store.url: postgres needs a server (postgres://USER:PASSWORD@HOST:PORT/DATABASE)"
+                            .into(),
+                    );
+                }
+                Ok(Self::Postgres {
+                    url: url.to_owned(),
+                    max_connections: DEFAULT_MAX_CONNECTIONS,
+                })
+            }
             other => Err(format!("store.url: unknown backend {other:?}; {BACKENDS}")),
         }
     }
@@ -71,6 +110,15 @@ impl fmt::Display for StoreConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Sqlite { dir } => write!(f, "SQLite in {}", dir.display()),
+            Self::Postgres {
+                url,
+                max_connections,
+            } => {
+                // Server and database only: never the user or password.
+                let server = herald_store::postgres::describe_server(url)
+                    .unwrap_or_else(|| "the configured server".into());
+                write!(f, "PostgreSQL on {server} (pool of {max_connections})")
+            }
         }
     }
 }
@@ -107,6 +155,27 @@ pub async fn open(config: &StoreConfig) -> anyhow::Result<OpenedStore> {
                 },
             })
         }
+        StoreConfig::Postgres {
+            url,
+            max_connections,
+        } => {
+            let options = PostgresOptions {
+                max_connections: *max_connections,
+                ..PostgresOptions::default()
+            };
+            // The context names the server without the URL; sqlx's errors do not repeat it.
+            let store = PostgresStore::open(url, options)
+                .await
+                .with_context(|| format!("opening the store: {config}"))?;
+            Ok(OpenedStore {
+                store: Arc::new(store),
+                properties: StoreProperties {
+                    backend: "postgres",
+                    // Other nodes may hold leases: they expire instead of being taken back.
+                    single_node: false,
+                },
+            })
+        }
     }
 }
 
@@ -139,14 +208,30 @@ mod tests {
             let err = parse(Some(bad)).expect_err(bad);
             assert!(err.contains("directory"), "{bad}: {err}");
         }
-        let err = parse(Some("postgres://u:secret@db/herald")).expect_err("postgres");
+        for url in [
+            "postgres://u:secret@db/herald",
+            "postgresql://u:secret@db:5433/herald?sslmode=disable",
+            "PostgreSQL://db/herald",
+        ] {
+            assert_eq!(
+                parse(Some(url)),
+                Ok(StoreConfig::Postgres {
+                    url: url.into(),
+                    max_connections: DEFAULT_MAX_CONNECTIONS,
+                }),
+                "{url}"
+            );
+        }
+        for bad in ["postgres:", "postgres://", "postgresql:db"] {
+            let err = parse(Some(bad)).expect_err(bad);
+            assert!(err.contains("needs a server"), "{bad}: {err}");
+        }
+        let err = parse(Some("mysql://u:secret@db")).expect_err("mysql");
         assert!(
-            err.contains("postgres:// is not supported yet (issue 11)") && err.contains("sqlite"),
+            err.contains("\"mysql\"") && err.contains("sqlite") && err.contains("postgres"),
             "{err}"
         );
         assert!(!err.contains("secret"), "the URL is not repeated: {err}");
-        let err = parse(Some("mysql://db")).expect_err("mysql");
-        assert!(err.contains("\"mysql\"") && err.contains("sqlite"), "{err}");
         let err = parse(Some("/var/lib/herald")).expect_err("no scheme");
         assert!(err.contains("scheme"), "{err}");
     }
@@ -157,5 +242,18 @@ mod tests {
             dir: "some/dir".into(),
         };
         assert_eq!(config.to_string(), "SQLite in some/dir");
+        let config = StoreConfig::Postgres {
+            url: "postgres://herald:secret@db.internal:5433/herald".into(),
+            max_connections: 4,
+        };
+        assert_eq!(
+            config.to_string(),
+            "PostgreSQL on db.internal:5433, database herald (pool of 4)"
+        );
+        let debug = format!("{config:?}");
+        assert!(
+            !debug.contains("secret") && debug.contains("redacted"),
+            "{debug}"
+        );
     }
 }

@@ -25,7 +25,8 @@ mod ingest;
 mod leases;
 mod messages;
 mod permissions;
-mod rows;
+// Shared with the PostgreSQL store: the JSON shapes of the text columns and the id parsing.
+pub(crate) mod rows;
 
 use std::{path::Path, str::FromStr, time::Duration};
 

@@ -35,11 +35,11 @@ pub(crate) fn opt_json<T: serde::Serialize>(value: &Option<T>) -> Option<String>
     value.as_ref().map(|v| to_json(v))
 }
 
-fn from_json<T: serde::de::DeserializeOwned>(column: &str, text: &str) -> Result<T> {
+pub(crate) fn from_json<T: serde::de::DeserializeOwned>(column: &str, text: &str) -> Result<T> {
     serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("{column}: {e}")))
 }
 
-fn opt_from_json<T: serde::de::DeserializeOwned>(
+pub(crate) fn opt_from_json<T: serde::de::DeserializeOwned>(
     column: &str,
     text: Option<String>,
 ) -> Result<Option<T>> {
@@ -49,7 +49,7 @@ fn opt_from_json<T: serde::de::DeserializeOwned>(
 /// `apps.history_rules`: a JSON array of `{pattern, maxEvents, maxAgeSecs}`.
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct HistoryRuleRow {
+pub(crate) struct HistoryRuleRow {
     pattern: String,
     max_events: u32,
     max_age_secs: u64,
@@ -83,7 +83,7 @@ pub(crate) fn history_rules_json(rules: Option<&[HistoryRule]>) -> Option<String
 /// `ingest_sources.hmac`: `{header, encoding, prefix, idHeader}`. Rows written before the
 /// id header was renamed on the wire hold `id_header` (possibly `null`); both are read.
 #[derive(Serialize, Deserialize)]
-struct HmacRow {
+pub(crate) struct HmacRow {
     header: String,
     encoding: EncodingRow,
     #[serde(default)]

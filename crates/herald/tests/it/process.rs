@@ -374,10 +374,11 @@ async fn a_kill_never_leaves_a_message_without_its_history_entries() {
     );
 }
 
-/// `store.url` chooses the store: `sqlite://DIR` serves from DIR (over `--data`), and a backend
-/// that does not exist yet stops the start with a message that names the ones that do.
+/// `store.url` chooses the store: `sqlite://DIR` serves from DIR (over `--data`); a PostgreSQL
+/// server that cannot be reached stops the start with a message that names it without its
+/// password; an unknown scheme names the backends that exist.
 #[tokio::test]
-async fn store_url_chooses_the_sqlite_directory_and_other_backends_are_refused() {
+async fn store_url_chooses_the_sqlite_directory_and_bad_urls_stop_the_start() {
     let dir = tempfile::tempdir().expect("dir");
     let flag_data = dir.path().join("from-flag");
     let url_data = dir.path().join("from-url");
@@ -412,32 +413,155 @@ async fn store_url_chooses_the_sqlite_directory_and_other_backends_are_refused()
     assert_eq!(status, 200, "{app}");
     terminate(&mut by_flag.child).await;
 
-    let output = tokio::time::timeout(
-        PATIENCE,
-        Command::new(env!("CARGO_BIN_EXE_herald"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-            .arg(&flag_data)
-            .env(
-                "HERALD_STORE__URL",
-                "postgres://herald:secret@localhost/herald",
+    let refused = |url: &'static str| {
+        let flag_data = flag_data.clone();
+        async move {
+            let output = tokio::time::timeout(
+                PATIENCE,
+                Command::new(env!("CARGO_BIN_EXE_herald"))
+                    .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+                    .arg(&flag_data)
+                    .env("HERALD_STORE__URL", url)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .kill_on_drop(true)
+                    .output(),
             )
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("herald should exit by itself")
-    .expect("run herald");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "{stderr}");
+            .await
+            .expect("herald should exit by itself")
+            .expect("run herald");
+            assert!(!output.status.success());
+            String::from_utf8_lossy(&output.stderr).into_owned()
+        }
+    };
+    // Nothing listens on port 1.
+    let stderr = refused("postgres://herald:secret@127.0.0.1:1/herald").await;
+    assert!(stderr.contains("PostgreSQL"), "{stderr}");
     assert!(
-        stderr.contains("postgres:// is not supported yet (issue 11)") && stderr.contains("sqlite"),
-        "{stderr}"
-    );
-    assert!(
-        !stderr.contains("secret@"),
+        !stderr.contains("secret"),
         "the URL's password is not echoed: {stderr}"
     );
+    let stderr = refused("mysql://herald:secret@127.0.0.1/herald").await;
+    assert!(
+        stderr.contains("sqlite") && stderr.contains("postgres"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("secret"), "{stderr}");
     assert!(!flag_data.exists(), "nothing was created");
+}
+
+/// A throwaway database on the server `HERALD_TEST_POSTGRES_URL` names, dropped at the end.
+struct ThrowawayDatabase {
+    admin_url: String,
+    name: String,
+    url: String,
+}
+
+impl ThrowawayDatabase {
+    /// `None` (and a note saying so) when `HERALD_TEST_POSTGRES_URL` is unset.
+    async fn create(test: &str) -> Option<Self> {
+        use sqlx::{Connection, PgConnection};
+
+        let Ok(admin_url) = std::env::var("HERALD_TEST_POSTGRES_URL") else {
+            eprintln!(
+                "skipped {test}: HERALD_TEST_POSTGRES_URL is unset (it needs a PostgreSQL server)"
+            );
+            return None;
+        };
+        let name = format!("herald_it_{}", rand_suffix());
+        let mut conn = PgConnection::connect(&admin_url).await.expect("connect");
+        // The name is made of digits and underscores here, never of input.
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .expect("create a database");
+        conn.close().await.expect("close");
+        let mut url = url::Url::parse(&admin_url).expect("a URL");
+        url.set_path(&name);
+        Some(Self {
+            admin_url,
+            name,
+            url: url.to_string(),
+        })
+    }
+
+    async fn drop_now(self) {
+        use sqlx::{Connection, PgConnection};
+
+        let mut conn = PgConnection::connect(&self.admin_url)
+            .await
+            .expect("connect");
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE {} WITH (FORCE)",
+            self.name
+        )))
+        .execute(&mut conn)
+        .await
+        .expect("drop the database");
+    }
+}
+
+fn rand_suffix() -> String {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("{}_{nanos}", std::process::id())
+}
+
+/// The binary on PostgreSQL (`store.url = postgres://...`): migrations run at start, an app,
+/// an endpoint and a message are stored, the message is delivered signed through the shared
+/// queue's leases, and everything is still there after a restart.
+#[tokio::test]
+async fn herald_serves_from_postgresql_and_keeps_its_data_across_restarts() {
+    let Some(db) = ThrowawayDatabase::create("herald_serves_from_postgresql").await else {
+        return;
+    };
+    let unused = tempfile::tempdir().expect("dir");
+    let env = [("HERALD_STORE__URL", db.url.as_str())];
+    let mut receiver = Receiver::start().await;
+
+    let mut first = spawn_herald_env(unused.path(), &[], &env).await;
+    let app = first.api.create_app("on-postgres").await;
+    let endpoint = first
+        .api
+        .create_endpoint(&app, json!({"url": receiver.url}))
+        .await;
+    let sent = first
+        .api
+        .send(
+            &app,
+            json!({"eventType": "order.paid", "payload": {"id": 7}}),
+        )
+        .await;
+    let delivery = tokio::time::timeout(PATIENCE, receiver.next())
+        .await
+        .expect("delivered");
+    assert_eq!(
+        delivery.header("webhook-id"),
+        sent["id"].as_str().expect("id")
+    );
+    assert!(delivery.header("webhook-signature").starts_with("v1,"));
+    let endpoint_id = endpoint["id"].as_str().expect("id").to_owned();
+    first.api.settled(&app, &endpoint_id).await;
+    terminate(&mut first.child).await;
+    assert!(
+        std::fs::read_dir(unused.path())
+            .expect("dir")
+            .next()
+            .is_none(),
+        "no SQLite files were written"
+    );
+
+    let mut second = spawn_herald_env(unused.path(), &[], &env).await;
+    let (status, listed) = second
+        .api
+        .call(Method::GET, &format!("/api/v1/app/{app}/msg"), None)
+        .await;
+    assert_eq!(status, 200, "{listed}");
+    assert_eq!(listed["data"][0]["id"], sent["id"], "{listed}");
+    let stats = second.api.stats(&app, &endpoint_id).await;
+    assert_eq!(stats["success"], 1, "{stats}");
+    terminate(&mut second.child).await;
+    db.drop_now().await;
 }

@@ -1,0 +1,187 @@
+//! [`EndpointStore`] on PostgreSQL: an app's webhook endpoints (read from the database every
+//! time, never cached) and their statistics.
+//!
+//! Tables (migrations/postgres/0001_init.sql):
+//! - `endpoints`: id TEXT PK, app_id TEXT (apps, cascade), uid TEXT (UNIQUE with app_id), url,
+//!   description TEXT, throttle_rate BIGINT, disabled BOOLEAN, event_types TEXT (JSON array or
+//!   NULL), channels TEXT (JSON array or NULL), metadata TEXT (JSON object), headers TEXT (JSON
+//!   object), secret TEXT, previous_secrets TEXT (JSON `[[secret, expires_millis]]`),
+//!   failing_since BIGINT NULL, created_at / updated_at BIGINT millis, format TEXT
+//!   ('standard-webhooks' | 'pusher'). Index endpoints_app (app_id, id).
+//!   `rows::endpoint(row, prefix)` reads them; `rows::previous_secrets_json` (SQLite's) writes
+//!   previous_secrets.
+//! - `deliveries` (for `endpoint_stats`): endpoint_id, status INTEGER (0 success, 1 pending,
+//!   2 fail, 3 sending) and the lease columns; index deliveries_endpoint (endpoint_id, status,
+//!   updated_at).
+//!
+//! `update_endpoint` is a compare-and-set on `updated_at`, which every write moves (the
+//! worker's disable too, in `messages.rs`: `GREATEST(updated_at + 1, now)`), so an update
+//! prepared before another node's write conflicts instead of overwriting it. `app_endpoints`
+//! reads the database on every call: another node may have changed a row.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use herald_core::{
+    AppId, EndpointId,
+    model::{DeliveryStatus, Endpoint, EndpointStats},
+};
+use sqlx::{QueryBuilder, Row};
+
+use super::{
+    PostgresStore, paginate,
+    rows::{self, conflict_as, millis, opt_json, previous_secrets_json, to_json},
+};
+use crate::{ENDPOINT_CHANGED, EndpointStore, Page, Result, StoreError};
+
+const UID_TAKEN: &str = "an endpoint with this uid already exists";
+
+#[async_trait::async_trait]
+impl EndpointStore for PostgresStore {
+    async fn create_endpoint(&self, ep: &Endpoint) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO endpoints (id, app_id, uid, url, description, throttle_rate, disabled,
+                                    event_types, channels, metadata, headers, secret,
+                                    previous_secrets, failing_since, created_at, updated_at,
+                                    format)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
+        )
+        .bind(ep.id.as_str())
+        .bind(ep.app_id.as_str())
+        .bind(&ep.uid)
+        .bind(&ep.url)
+        .bind(&ep.description)
+        .bind(ep.throttle_rate)
+        .bind(ep.disabled)
+        .bind(opt_json(&ep.event_types))
+        .bind(opt_json(&ep.channels))
+        .bind(to_json(&ep.metadata))
+        .bind(to_json(&ep.headers))
+        .bind(&ep.secret)
+        .bind(previous_secrets_json(ep))
+        .bind(ep.failing_since.map(millis))
+        .bind(millis(ep.created_at))
+        .bind(millis(ep.updated_at))
+        .bind(ep.format.as_str())
+        .execute(&self.pool)
+        .await
+        .map_err(conflict_as(UID_TAKEN))?;
+        Ok(())
+    }
+
+    async fn get_endpoint(&self, app_id: &AppId, id_or_uid: &str) -> Result<Option<Endpoint>> {
+        sqlx::query(
+            "SELECT * FROM endpoints WHERE app_id = $1 AND (id = $2 OR uid = $2) \
+             ORDER BY id = $2 DESC LIMIT 1",
+        )
+        .bind(app_id.as_str())
+        .bind(id_or_uid)
+        .fetch_optional(&self.pool)
+        .await?
+        .map(|row| rows::endpoint(&row, ""))
+        .transpose()
+    }
+
+    async fn list_endpoints(&self, app_id: &AppId, page: &Page) -> Result<Vec<Endpoint>> {
+        let mut q = QueryBuilder::new("SELECT * FROM endpoints WHERE app_id = ");
+        q.push_bind(app_id.to_string());
+        paginate(&mut q, "id", page);
+        q.build()
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|row| rows::endpoint(row, ""))
+            .collect()
+    }
+
+    async fn update_endpoint(&self, ep: &Endpoint, read_at: DateTime<Utc>) -> Result<()> {
+        // `failing_since` is the worker's: kept, except that re-enabling clears it.
+        let done = sqlx::query(
+            "UPDATE endpoints SET uid = $3, url = $4, description = $5, throttle_rate = $6,
+                    failing_since = CASE WHEN disabled AND NOT $7 THEN NULL
+                                         ELSE failing_since END,
+                    disabled = $7, event_types = $8, channels = $9, metadata = $10, headers = $11,
+                    secret = $12, previous_secrets = $13, updated_at = $14, format = $15
+             WHERE id = $1 AND app_id = $2 AND updated_at = $16",
+        )
+        .bind(ep.id.as_str())
+        .bind(ep.app_id.as_str())
+        .bind(&ep.uid)
+        .bind(&ep.url)
+        .bind(&ep.description)
+        .bind(ep.throttle_rate)
+        .bind(ep.disabled)
+        .bind(opt_json(&ep.event_types))
+        .bind(opt_json(&ep.channels))
+        .bind(to_json(&ep.metadata))
+        .bind(to_json(&ep.headers))
+        .bind(&ep.secret)
+        .bind(previous_secrets_json(ep))
+        .bind(millis(ep.updated_at))
+        .bind(ep.format.as_str())
+        .bind(millis(read_at))
+        .execute(&self.pool)
+        .await
+        .map_err(conflict_as(UID_TAKEN))?;
+        if done.rows_affected() == 0 {
+            let exists = sqlx::query("SELECT 1 FROM endpoints WHERE id = $1 AND app_id = $2")
+                .bind(ep.id.as_str())
+                .bind(ep.app_id.as_str())
+                .fetch_optional(&self.pool)
+                .await?
+                .is_some();
+            return Err(if exists {
+                StoreError::Conflict(ENDPOINT_CHANGED.to_owned())
+            } else {
+                StoreError::NotFound
+            });
+        }
+        Ok(())
+    }
+
+    async fn delete_endpoint(&self, app_id: &AppId, id: &EndpointId) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM endpoints WHERE app_id = $1 AND id = $2")
+            .bind(app_id.as_str())
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn app_endpoints(&self, app_id: &AppId) -> Result<Arc<Vec<Endpoint>>> {
+        let endpoints = sqlx::query("SELECT * FROM endpoints WHERE app_id = $1 ORDER BY id")
+            .bind(app_id.as_str())
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|row| rows::endpoint(row, ""))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Arc::new(endpoints))
+    }
+
+    async fn endpoint_stats(&self, endpoint_id: &EndpointId) -> Result<EndpointStats> {
+        // A pending delivery under a live lease is in flight: it counts as sending.
+        let counts = sqlx::query(
+            "SELECT status, (lease_token IS NOT NULL AND leased_until > $2) AS leased,
+                    COUNT(*) AS n
+             FROM deliveries WHERE endpoint_id = $1 GROUP BY 1, 2",
+        )
+        .bind(endpoint_id.as_str())
+        .bind(millis(Utc::now()))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut stats = EndpointStats::default();
+        for row in counts {
+            let n: i64 = row.try_get("n")?;
+            let leased: bool = row.try_get("leased")?;
+            match rows::status(row.try_get("status")?)? {
+                DeliveryStatus::Success => stats.success += n,
+                DeliveryStatus::Pending if leased => stats.sending += n,
+                DeliveryStatus::Pending => stats.pending += n,
+                DeliveryStatus::Fail => stats.fail += n,
+                DeliveryStatus::Sending => stats.sending += n,
+            }
+        }
+        Ok(stats)
+    }
+}

@@ -1,0 +1,529 @@
+//! [`HistoryStore`] on PostgreSQL: channel positions and kept events, offsets assigned in the
+//! database.
+//!
+//! Schema (migrations/postgres/0001_init.sql):
+//! - `channel_history`: (app_id, channel, seq) PK, app_id TEXT (apps, cascade), channel TEXT,
+//!   seq BIGINT (the offset), epoch TEXT, event TEXT, data TEXT, created_at BIGINT millis,
+//!   raw_json BOOLEAN, user_id TEXT NULL. `rows::history_entry` reads them.
+//! - `channel_positions`: (app_id, channel) PK, epoch TEXT, next_offset BIGINT.
+//!
+//! Offsets: [`append_entries`] runs inside the caller's transaction (an append, a publication,
+//! an ingest) and, per channel, upserts its `channel_positions` row advancing `next_offset` by
+//! the number of entries (`INSERT ... ON CONFLICT (app_id, channel) DO UPDATE SET next_offset
+//! = channel_positions.next_offset + $n RETURNING epoch, next_offset - $n`; a new channel
+//! starts under its first entry's `first_epoch` or a new epoch, at offset 1). The upsert
+//! row-locks the position until commit, so appends to one channel from every node take turns,
+//! offsets are gap-free and strictly increasing, and a rollback consumes none. Channels are
+//! locked in sorted order, so transactions touching several channels cannot deadlock on each
+//! other. `reset_history` takes the same row lock, so an append commits wholly before or after
+//! it. Channels are trimmed to retention on every [`TRIM_EVERY`]th offset, as SQLite does.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use herald_core::{
+    AppId,
+    history::{ChannelPosition, HistoryEntry, NewHistoryEntry, Position, new_epoch},
+};
+use sqlx::{PgConnection, Postgres, QueryBuilder, Row, postgres::PgRow};
+
+use super::{
+    PostgresStore,
+    rows::{self, millis},
+};
+use crate::{HistoryQuery, HistoryStore, Result, StoreError};
+
+/// Trimming a channel to its retention costs a statement of its own, so it runs on every
+/// `TRIM_EVERY`th offset; readers apply the retention themselves meanwhile (as SQLite).
+const TRIM_EVERY: i64 = 16;
+
+/// History rows per INSERT statement (9 parameters each, well under PostgreSQL's 65535).
+const ROWS_PER_STATEMENT: usize = 1000;
+
+/// A u64 offset as BIGINT, saturating (offsets never come near `i64::MAX`).
+fn bigint(offset: u64) -> i64 {
+    i64::try_from(offset).unwrap_or(i64::MAX)
+}
+
+/// Reads a `(epoch, next_offset)` row.
+fn channel_position_row(row: &PgRow) -> Result<ChannelPosition> {
+    Ok(ChannelPosition {
+        epoch: row.try_get("epoch")?,
+        next_offset: rows::offset(row, "next_offset")?,
+    })
+}
+
+/// Assigns each entry its channel's epoch and next offset, keeps them, and trims the channels
+/// whose new offsets include a multiple of [`TRIM_EVERY`]. Returns each entry's position, in
+/// the order given.
+///
+/// Must run inside a transaction on `conn`: each channel's `channel_positions` row stays locked
+/// until it commits (see the module doc). Channels are locked in sorted `(app_id, channel)`
+/// order.
+pub(super) async fn append_entries(
+    conn: &mut PgConnection,
+    entries: &[NewHistoryEntry],
+) -> Result<Vec<Position>> {
+    if entries.is_empty() {
+        return Ok(Vec::new());
+    }
+    // Every channel touched, sorted: (epoch a new channel starts under — its first entry's —,
+    // number of entries).
+    let mut channels: BTreeMap<(&str, &str), (Option<&str>, i64)> = BTreeMap::new();
+    for entry in entries {
+        let slot = channels
+            .entry((entry.app_id.as_str(), entry.channel.as_str()))
+            .or_insert((entry.first_epoch.as_deref(), 0));
+        slot.1 += 1;
+    }
+
+    // Reserve each channel's offsets: (epoch, next offset to hand out).
+    let mut assigning: BTreeMap<(&str, &str), (String, i64)> = BTreeMap::new();
+    for (&(app_id, channel), &(first_epoch, count)) in &channels {
+        let row = sqlx::query(
+            "INSERT INTO channel_positions (app_id, channel, epoch, next_offset)
+             VALUES ($1, $2, $3, 1 + $4)
+             ON CONFLICT (app_id, channel)
+             DO UPDATE SET next_offset = channel_positions.next_offset + $4
+             RETURNING epoch, next_offset - $4 AS first_offset",
+        )
+        .bind(app_id)
+        .bind(channel)
+        .bind(first_epoch.map_or_else(new_epoch, str::to_owned))
+        .bind(count)
+        .fetch_one(&mut *conn)
+        .await?;
+        let first: i64 = row.try_get("first_offset")?;
+        if first < 1 {
+            return Err(StoreError::Corrupt("next_offset".into()));
+        }
+        assigning.insert((app_id, channel), (row.try_get("epoch")?, first));
+    }
+
+    // Offsets in the order given.
+    let mut assigned: Vec<(&NewHistoryEntry, i64, String)> = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let (epoch, next) = assigning
+            .get_mut(&(entry.app_id.as_str(), entry.channel.as_str()))
+            .ok_or_else(|| StoreError::Batch("a history channel was not reserved".into()))?;
+        assigned.push((entry, *next, epoch.clone()));
+        *next += 1;
+    }
+
+    for chunk in assigned.chunks(ROWS_PER_STATEMENT) {
+        let mut q: QueryBuilder<Postgres> = QueryBuilder::new(
+            "INSERT INTO channel_history (app_id, channel, seq, epoch, event, data, created_at,
+                                          raw_json, user_id) ",
+        );
+        q.push_values(chunk, |mut row, (e, seq, epoch)| {
+            row.push_bind(e.app_id.as_str())
+                .push_bind(&e.channel)
+                .push_bind(*seq)
+                .push_bind(epoch.as_str())
+                .push_bind(&e.event)
+                .push_bind(&e.data)
+                .push_bind(millis(e.created_at))
+                .push_bind(e.raw_json)
+                .push_bind(&e.user_id);
+        });
+        q.build().execute(&mut *conn).await?;
+    }
+
+    for (entry, seq, _) in &assigned {
+        if seq % TRIM_EVERY != 0 {
+            continue;
+        }
+        let retention = entry.retention;
+        let keep_from = seq
+            .saturating_sub(i64::try_from(retention.max_events).unwrap_or(i64::MAX))
+            .saturating_add(1);
+        let max_age =
+            chrono::Duration::from_std(retention.max_age).unwrap_or(chrono::Duration::MAX);
+        let expired = entry
+            .created_at
+            .checked_sub_signed(max_age)
+            .map_or(i64::MIN, millis);
+        sqlx::query(
+            "DELETE FROM channel_history
+             WHERE app_id = $1 AND channel = $2 AND (seq < $3 OR created_at < $4)",
+        )
+        .bind(entry.app_id.as_str())
+        .bind(&entry.channel)
+        .bind(keep_from)
+        .bind(expired)
+        .execute(&mut *conn)
+        .await?;
+    }
+
+    assigned
+        .into_iter()
+        .map(|(_, seq, epoch)| {
+            Ok(Position {
+                epoch,
+                offset: u64::try_from(seq)
+                    .map_err(|_| StoreError::Corrupt("history offset".into()))?,
+            })
+        })
+        .collect()
+}
+
+#[async_trait::async_trait]
+impl HistoryStore for PostgresStore {
+    async fn channel_position(
+        &self,
+        app_id: &AppId,
+        channel: &str,
+    ) -> Result<Option<ChannelPosition>> {
+        sqlx::query(
+            "SELECT epoch, next_offset FROM channel_positions WHERE app_id = $1 AND channel = $2",
+        )
+        .bind(app_id.as_str())
+        .bind(channel)
+        .fetch_optional(&self.pool)
+        .await?
+        .map(|row| channel_position_row(&row))
+        .transpose()
+    }
+
+    async fn forget_unused_channel_positions(&self) -> Result<u64> {
+        let done = sqlx::query(
+            "DELETE FROM channel_positions WHERE next_offset <= 1 AND NOT EXISTS (
+                 SELECT 1 FROM channel_history h
+                 WHERE h.app_id = channel_positions.app_id AND h.channel = channel_positions.channel)",
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn reset_history(
+        &self,
+        app_id: &AppId,
+        channel: &str,
+        epoch: &str,
+    ) -> Result<ChannelPosition> {
+        let mut tx = self.pool.begin().await?;
+        // Take the position's row lock first (as an append does), so an append to this channel
+        // commits wholly before or after the reset, never with its event deleted but its
+        // offset kept, or the reverse. Offsets go on counting: a client's old offset can never
+        // name an event of the new epoch.
+        let row = sqlx::query(
+            "INSERT INTO channel_positions (app_id, channel, epoch, next_offset)
+             VALUES ($1, $2, $3, 1)
+             ON CONFLICT (app_id, channel) DO UPDATE SET epoch = excluded.epoch
+             RETURNING epoch, next_offset",
+        )
+        .bind(app_id.as_str())
+        .bind(channel)
+        .bind(epoch)
+        .fetch_one(&mut *tx)
+        .await?;
+        let position = channel_position_row(&row)?;
+        sqlx::query("DELETE FROM channel_history WHERE app_id = $1 AND channel = $2")
+            .bind(app_id.as_str())
+            .bind(channel)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(position)
+    }
+
+    async fn append_history(&self, entry: NewHistoryEntry) -> Result<Position> {
+        let mut tx = self.pool.begin().await?;
+        let position = append_entries(&mut tx, std::slice::from_ref(&entry))
+            .await?
+            .pop()
+            .ok_or_else(|| StoreError::Batch("an appended event was given no position".into()))?;
+        tx.commit().await?;
+        Ok(position)
+    }
+
+    async fn history(
+        &self,
+        app_id: &AppId,
+        channel: &str,
+        query: &HistoryQuery,
+    ) -> Result<Vec<HistoryEntry>> {
+        let mut q = QueryBuilder::new("SELECT * FROM channel_history WHERE app_id = ");
+        q.push_bind(app_id.to_string());
+        q.push(" AND channel = ").push_bind(channel.to_owned());
+        q.push(" AND created_at >= ")
+            .push_bind(millis(query.not_before));
+        if let Some(after) = query.after {
+            q.push(" AND seq > ").push_bind(bigint(after));
+        }
+        if let Some(before) = query.before {
+            q.push(" AND seq < ").push_bind(bigint(before));
+        }
+        q.push(if query.newest_first {
+            " ORDER BY seq DESC"
+        } else {
+            " ORDER BY seq ASC"
+        });
+        q.push(" LIMIT ").push_bind(i64::from(query.limit));
+        q.build()
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(rows::history_entry)
+            .collect()
+    }
+
+    async fn history_bytes(
+        &self,
+        app_id: &AppId,
+        channel: &str,
+        after: u64,
+        before: u64,
+        not_before: DateTime<Utc>,
+    ) -> Result<u64> {
+        // octet_length: bytes, not characters, as the SQLite store counts. SUM of BIGINT is
+        // NUMERIC in PostgreSQL: cast back.
+        let bytes: Option<i64> = sqlx::query_scalar(
+            "SELECT SUM(octet_length(data)::BIGINT + octet_length(event)
+                        + COALESCE(octet_length(user_id), 0))::BIGINT
+             FROM channel_history
+             WHERE app_id = $1 AND channel = $2 AND seq > $3 AND seq < $4 AND created_at >= $5",
+        )
+        .bind(app_id.as_str())
+        .bind(channel)
+        .bind(bigint(after))
+        .bind(bigint(before))
+        .bind(millis(not_before))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(bytes.and_then(|b| u64::try_from(b).ok()).unwrap_or(0))
+    }
+
+    async fn oldest_history_offset(
+        &self,
+        app_id: &AppId,
+        channel: &str,
+        not_before: DateTime<Utc>,
+    ) -> Result<Option<u64>> {
+        let oldest: Option<i64> = sqlx::query_scalar(
+            "SELECT MIN(seq) FROM channel_history
+             WHERE app_id = $1 AND channel = $2 AND created_at >= $3",
+        )
+        .bind(app_id.as_str())
+        .bind(channel)
+        .bind(millis(not_before))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(oldest.and_then(|o| u64::try_from(o).ok()))
+    }
+
+    async fn history_channels(
+        &self,
+        after: Option<(&AppId, &str)>,
+        limit: u32,
+    ) -> Result<Vec<(AppId, String, ChannelPosition)>> {
+        let mut q =
+            QueryBuilder::new("SELECT app_id, channel, epoch, next_offset FROM channel_positions");
+        if let Some((app, channel)) = after {
+            // Row comparison under the columns' collation: the same order as ORDER BY.
+            q.push(" WHERE (app_id, channel) > (")
+                .push_bind(app.as_str().to_owned())
+                .push(", ")
+                .push_bind(channel.to_owned())
+                .push(")");
+        }
+        q.push(" ORDER BY app_id, channel LIMIT ")
+            .push_bind(i64::from(limit));
+        q.build()
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|row| {
+                Ok((
+                    rows::id(row, "app_id")?,
+                    row.try_get("channel")?,
+                    channel_position_row(row)?,
+                ))
+            })
+            .collect()
+    }
+
+    async fn trim_history(
+        &self,
+        app_id: &AppId,
+        channel: &str,
+        up_to_offset: u64,
+        not_before: DateTime<Utc>,
+    ) -> Result<u64> {
+        let done = sqlx::query(
+            "DELETE FROM channel_history
+             WHERE app_id = $1 AND channel = $2 AND (seq <= $3 OR created_at < $4)",
+        )
+        .bind(app_id.as_str())
+        .bind(channel)
+        .bind(bigint(up_to_offset))
+        .bind(millis(not_before))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::HashMap, sync::Arc, time::Duration};
+
+    use herald_core::{
+        AppId,
+        history::{NewHistoryEntry, Retention},
+        model::{App, Metadata, PusherCredentials},
+    };
+    use sqlx::{AssertSqlSafe, Connection, Executor};
+    use tokio::task::JoinSet;
+
+    use super::super::{PostgresOptions, PostgresStore, quote_identifier};
+    use crate::{AppStore, HistoryQuery, HistoryStore, StoreLifecycle};
+
+    const URL_VAR: &str = "HERALD_TEST_POSTGRES_URL";
+    const PER_NODE: u64 = 100;
+
+    fn entry(app_id: &AppId, data: String) -> NewHistoryEntry {
+        NewHistoryEntry {
+            app_id: app_id.clone(),
+            channel: "two-nodes".into(),
+            event: "e".into(),
+            data,
+            raw_json: false,
+            user_id: None,
+            created_at: chrono::Utc::now(),
+            retention: Retention {
+                max_events: 10_000,
+                max_age: Duration::from_secs(3600),
+            },
+            first_epoch: None,
+        }
+    }
+
+    /// Two stores on one schema (two nodes of a cluster) append to one channel at once:
+    /// every offset from 1 to 200 is assigned exactly once, under one epoch, and each returned
+    /// position is where its event is read back.
+    async fn two_nodes_publish_concurrently(url: String, schema: String) {
+        let options = PostgresOptions {
+            max_connections: 8,
+            schema: Some(schema),
+            ..PostgresOptions::default()
+        };
+        let first = Arc::new(
+            PostgresStore::open(&url, options.clone())
+                .await
+                .expect("open node 1"),
+        );
+        let second = Arc::new(
+            PostgresStore::open(&url, options)
+                .await
+                .expect("open node 2"),
+        );
+        let now = chrono::Utc::now();
+        let app = App {
+            id: AppId::new(now),
+            uid: None,
+            name: "two nodes".into(),
+            throttle_rate: None,
+            metadata: Metadata::new(),
+            pusher: PusherCredentials::generate(),
+            history: None,
+            created_at: now,
+            updated_at: now,
+        };
+        first.create_app(&app).await.expect("create app");
+
+        let mut appends = JoinSet::new();
+        for n in 0..PER_NODE {
+            for (node, store) in [("a", &first), ("b", &second)] {
+                let store = Arc::clone(store);
+                let entry = entry(&app.id, format!("{node}{n}"));
+                appends.spawn(async move {
+                    let data = entry.data.clone();
+                    (data, store.append_history(entry).await)
+                });
+            }
+        }
+        let mut returned = HashMap::new();
+        while let Some(joined) = appends.join_next().await {
+            let (data, position) = joined.expect("an append task");
+            let position = position.expect("append");
+            assert!(
+                returned
+                    .insert(position.offset, (position.epoch, data))
+                    .is_none(),
+                "offset {} given twice",
+                returned.len()
+            );
+        }
+        let mut offsets: Vec<u64> = returned.keys().copied().collect();
+        offsets.sort_unstable();
+        assert_eq!(offsets, (1..=2 * PER_NODE).collect::<Vec<_>>());
+
+        let kept = second
+            .history(
+                &app.id,
+                "two-nodes",
+                &HistoryQuery {
+                    after: None,
+                    before: None,
+                    limit: 1_000,
+                    newest_first: false,
+                    not_before: chrono::DateTime::<chrono::Utc>::MIN_UTC,
+                },
+            )
+            .await
+            .expect("history");
+        assert_eq!(kept.len(), returned.len());
+        let epoch = &kept[0].epoch;
+        for event in &kept {
+            assert_eq!(
+                returned.get(&event.offset),
+                Some(&(epoch.clone(), event.data.clone())),
+                "offset {}",
+                event.offset
+            );
+        }
+        let position = first
+            .channel_position(&app.id, "two-nodes")
+            .await
+            .expect("read")
+            .expect("position");
+        assert_eq!(position.next_offset, 2 * PER_NODE + 1);
+        assert_eq!(&position.epoch, epoch);
+        first.close().await;
+        second.close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn two_nodes_get_each_offset_of_a_channel_once() {
+        let Ok(url) = std::env::var(URL_VAR) else {
+            eprintln!("skipped: {URL_VAR} is unset (the two-node history test needs a server)");
+            return;
+        };
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let schema = format!("herald_test_nodes_{}_{nanos}", std::process::id());
+        let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
+        conn.execute(AssertSqlSafe(format!(
+            "CREATE SCHEMA {}",
+            quote_identifier(&schema)
+        )))
+        .await
+        .expect("create the test schema");
+        // In a task of its own, so the schema is dropped whether the test passes or panics.
+        let outcome = tokio::spawn(two_nodes_publish_concurrently(url, schema.clone())).await;
+        conn.execute(AssertSqlSafe(format!(
+            "DROP SCHEMA IF EXISTS {} CASCADE",
+            quote_identifier(&schema)
+        )))
+        .await
+        .expect("drop the test schema");
+        conn.close().await.expect("close");
+        if let Err(failed) = outcome {
+            std::panic::resume_unwind(failed.into_panic());
+        }
+    }
+}

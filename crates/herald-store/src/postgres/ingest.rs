@@ -1,0 +1,214 @@
+//! [`IngestStore`] on PostgreSQL: ingest sources and the requests they received; a request is
+//! recorded with its message, deliveries and history entries in one transaction.
+//!
+//! Schema (migrations/postgres/0001_init.sql):
+//! - `ingest_sources`: id TEXT PK, app_id TEXT (apps, cascade), uid TEXT (UNIQUE with app_id),
+//!   name TEXT, kind TEXT, secrets TEXT (JSON array), hmac TEXT (JSON `{header, encoding,
+//!   prefix, idHeader}` or NULL; `rows::hmac_json` writes it, as the SQLite store does),
+//!   tolerance_secs BIGINT, event_type TEXT (JSON array), channels TEXT (JSON array),
+//!   default_channel TEXT NULL, created_at / updated_at BIGINT millis, trust_unsigned_headers
+//!   BOOLEAN. Index ingest_sources_app (app_id, id). `rows::ingest_source` reads them.
+//! - `ingest_events`: id TEXT PK, source_id TEXT (ingest_sources, cascade), app_id TEXT,
+//!   delivery_id TEXT (UNIQUE with source_id: the dedup key), headers TEXT (JSON), body BYTEA,
+//!   event_type TEXT, channels TEXT (JSON array), msg_id TEXT, received_at BIGINT millis.
+//!   Index ingest_events_source (source_id, id). `rows::ingest_event` reads them.
+//!
+//! `record_ingest` inserts the event first (`ON CONFLICT (source_id, delivery_id) DO
+//! NOTHING RETURNING id`): a delivery id seen before (on any node: the unique index makes a
+//! concurrent insert of the same key wait for the first to commit or roll back) returns the
+//! earlier record and rolls back, writing nothing and consuming no offset. Otherwise the
+//! message and its deliveries (`messages::insert_message`) and the history entries
+//! (`history::append_entries`, which assigns their offsets) go in the same transaction.
+
+use herald_core::{
+    AppId, EndpointId, SourceId,
+    history::NewHistoryEntry,
+    model::{IngestEvent, IngestSource, Message},
+};
+use sqlx::QueryBuilder;
+
+use super::{
+    PostgresStore, history, messages, paginate,
+    rows::{self, conflict_as, millis, to_json},
+};
+use crate::{IngestRecorded, IngestStore, Page, Result, StoreError};
+
+#[async_trait::async_trait]
+impl IngestStore for PostgresStore {
+    async fn create_source(&self, source: &IngestSource) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO ingest_sources (id, app_id, uid, name, kind, secrets, hmac, tolerance_secs,
+                                         event_type, channels, default_channel, created_at,
+                                         updated_at, trust_unsigned_headers)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+        )
+        .bind(source.id.as_str())
+        .bind(source.app_id.as_str())
+        .bind(&source.uid)
+        .bind(&source.name)
+        .bind(source.kind.as_str())
+        .bind(to_json(&source.secrets))
+        .bind(rows::hmac_json(source.hmac.as_ref()))
+        .bind(source.tolerance_secs)
+        .bind(to_json(&source.event_type))
+        .bind(to_json(&source.channels))
+        .bind(&source.default_channel)
+        .bind(millis(source.created_at))
+        .bind(millis(source.updated_at))
+        .bind(source.trust_unsigned_headers)
+        .execute(&self.pool)
+        .await
+        .map_err(conflict_as("a source with this uid already exists"))?;
+        Ok(())
+    }
+
+    async fn get_source(&self, app_id: &AppId, id_or_uid: &str) -> Result<Option<IngestSource>> {
+        // An exact id wins over another source's uid equal to it.
+        sqlx::query(
+            "SELECT * FROM ingest_sources WHERE app_id = $1 AND (id = $2 OR uid = $2) \
+             ORDER BY id = $2 DESC LIMIT 1",
+        )
+        .bind(app_id.as_str())
+        .bind(id_or_uid)
+        .fetch_optional(&self.pool)
+        .await?
+        .map(|row| rows::ingest_source(&row))
+        .transpose()
+    }
+
+    async fn find_source(&self, id: &str) -> Result<Option<IngestSource>> {
+        sqlx::query("SELECT * FROM ingest_sources WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|row| rows::ingest_source(&row))
+            .transpose()
+    }
+
+    async fn list_sources(&self, app_id: &AppId, page: &Page) -> Result<Vec<IngestSource>> {
+        let mut q = QueryBuilder::new("SELECT * FROM ingest_sources WHERE app_id = ");
+        q.push_bind(app_id.to_string());
+        paginate(&mut q, "id", page);
+        q.build()
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(rows::ingest_source)
+            .collect()
+    }
+
+    async fn update_source(&self, source: &IngestSource) -> Result<()> {
+        let done = sqlx::query(
+            "UPDATE ingest_sources SET uid = $3, name = $4, kind = $5, secrets = $6, hmac = $7,
+                    tolerance_secs = $8, event_type = $9, channels = $10, default_channel = $11,
+                    updated_at = $12, trust_unsigned_headers = $13
+             WHERE id = $1 AND app_id = $2",
+        )
+        .bind(source.id.as_str())
+        .bind(source.app_id.as_str())
+        .bind(&source.uid)
+        .bind(&source.name)
+        .bind(source.kind.as_str())
+        .bind(to_json(&source.secrets))
+        .bind(rows::hmac_json(source.hmac.as_ref()))
+        .bind(source.tolerance_secs)
+        .bind(to_json(&source.event_type))
+        .bind(to_json(&source.channels))
+        .bind(&source.default_channel)
+        .bind(millis(source.updated_at))
+        .bind(source.trust_unsigned_headers)
+        .execute(&self.pool)
+        .await
+        .map_err(conflict_as("a source with this uid already exists"))?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
+    async fn delete_source(&self, app_id: &AppId, id: &SourceId) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM ingest_sources WHERE app_id = $1 AND id = $2")
+            .bind(app_id.as_str())
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn record_ingest(
+        &self,
+        event: IngestEvent,
+        message: Message,
+        endpoint_ids: Vec<EndpointId>,
+        history: Vec<NewHistoryEntry>,
+    ) -> Result<IngestRecorded> {
+        let mut tx = self.pool.begin().await?;
+        let inserted: Option<String> = sqlx::query_scalar(
+            "INSERT INTO ingest_events (id, source_id, app_id, delivery_id, headers, body,
+                                        event_type, channels, msg_id, received_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+             ON CONFLICT (source_id, delivery_id) DO NOTHING RETURNING id",
+        )
+        .bind(event.id.as_str())
+        .bind(event.source_id.as_str())
+        .bind(event.app_id.as_str())
+        .bind(&event.delivery_id)
+        .bind(to_json(&event.headers))
+        .bind(event.body.as_ref())
+        .bind(&event.event_type)
+        .bind(to_json(&event.channels))
+        .bind(event.msg_id.as_str())
+        .bind(millis(event.received_at))
+        .fetch_optional(&mut *tx)
+        .await?;
+        if inserted.is_none() {
+            // The conflicting row is committed (the insert waited for it): this statement's
+            // snapshot, taken after, sees it.
+            let earlier = sqlx::query(
+                "SELECT * FROM ingest_events WHERE source_id = $1 AND delivery_id = $2",
+            )
+            .bind(event.source_id.as_str())
+            .bind(&event.delivery_id)
+            .fetch_one(&mut *tx)
+            .await?;
+            tx.rollback().await?;
+            return Ok(IngestRecorded::Duplicate(Box::new(rows::ingest_event(
+                &earlier,
+            )?)));
+        }
+        messages::insert_message(&mut tx, &message, &endpoint_ids).await?;
+        let positions = history::append_entries(&mut tx, &history).await?;
+        tx.commit().await?;
+        Ok(IngestRecorded::New(positions))
+    }
+
+    async fn list_ingest_events(
+        &self,
+        source_id: &SourceId,
+        page: &Page,
+    ) -> Result<Vec<IngestEvent>> {
+        let mut q = QueryBuilder::new("SELECT * FROM ingest_events WHERE source_id = ");
+        q.push_bind(source_id.to_string());
+        paginate(&mut q, "id", page);
+        q.build()
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(rows::ingest_event)
+            .collect()
+    }
+
+    async fn get_ingest_event(
+        &self,
+        source_id: &SourceId,
+        id: &str,
+    ) -> Result<Option<IngestEvent>> {
+        sqlx::query("SELECT * FROM ingest_events WHERE source_id = $1 AND id = $2")
+            .bind(source_id.as_str())
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|row| rows::ingest_event(&row))
+            .transpose()
+    }
+}

@@ -1,0 +1,236 @@
+//! The shared store: PostgreSQL, for several Herald nodes behind one database (issue 11).
+//!
+//! One connection pool ([`PostgresOptions`]: its sizes, the acquire timeout and an optional
+//! schema); the schema comes from `migrations/postgres/`, run at every [`PostgresStore::open`].
+//! There is no in-memory cache of apps or endpoints, as the SQLite store has: every read goes to
+//! the database, since the nodes of a cluster would otherwise disagree about a row one of them
+//! changed. What SQLite keeps in its one process's memory lives in rows here: delivery leases
+//! (`deliveries.lease_token`, `leased_until`), so a claim holds across nodes and a dead node's
+//! claims expire; channel offsets are assigned in the publishing transaction from
+//! `channel_positions` (see the migration).
+//!
+//! This file holds the struct, `open` and `close`, the helpers every part shares, and the test
+//! that runs [`crate::conformance`] against a throwaway schema of the server named by
+//! `HERALD_TEST_POSTGRES_URL`; each store sub-trait is implemented in its own file (`apps.rs`,
+//! `event_types.rs`, `endpoints.rs`, `messages.rs`, `attempts.rs`, `history.rs`, `ingest.rs`,
+//! `idempotency.rs`, `channel_webhooks.rs`).
+
+mod apps;
+mod attempts;
+mod channel_webhooks;
+mod endpoints;
+mod event_types;
+mod history;
+mod idempotency;
+mod ingest;
+mod messages;
+mod rows;
+
+use std::{str::FromStr, time::Duration};
+
+use sqlx::{
+    AssertSqlSafe, Executor, PgPool, Postgres, QueryBuilder,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
+
+use crate::{Page, Result, StoreLifecycle};
+
+/// The connection pool's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostgresOptions {
+    /// Connections open at most (the node's share of the server's `max_connections`).
+    pub max_connections: u32,
+    /// Connections kept open while idle.
+    pub min_connections: u32,
+    /// How long a query waits for a free connection before it fails.
+    pub acquire_timeout: Duration,
+    /// The schema Herald's tables live in (every connection's `search_path`), which must
+    /// exist; `None`: the server's default (`public`, as the role's `search_path` says). Lets
+    /// several Herald deployments, or tests, share one database.
+    pub schema: Option<String>,
+}
+
+impl Default for PostgresOptions {
+    fn default() -> Self {
+        Self {
+            max_connections: 16,
+            min_connections: 1,
+            acquire_timeout: Duration::from_secs(10),
+            schema: None,
+        }
+    }
+}
+
+pub struct PostgresStore {
+    pool: PgPool,
+}
+
+impl PostgresStore {
+    /// Connect to the database `url` names and bring its schema up to date. Errors never
+    /// repeat the URL, which may hold a password.
+    pub async fn open(url: &str, options: PostgresOptions) -> Result<Self> {
+        let connect = PgConnectOptions::from_str(url)?;
+        let mut pool = PgPoolOptions::new()
+            .max_connections(options.max_connections.max(1))
+            .min_connections(options.min_connections.min(options.max_connections))
+            .acquire_timeout(options.acquire_timeout);
+        if let Some(schema) = &options.schema {
+            let set = format!("SET search_path TO {}", quote_identifier(schema));
+            pool = pool.after_connect(move |conn, _meta| {
+                let set = AssertSqlSafe(set.clone());
+                Box::pin(async move {
+                    conn.execute(set).await?;
+                    Ok(())
+                })
+            });
+        }
+        let pool = pool.connect_with(connect).await?;
+        sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        Ok(Self { pool })
+    }
+}
+
+/// The server and database a connection URL names, for messages and logs: `host:port,
+/// database name`, never the user or password. `None` if the URL does not parse.
+pub fn describe_server(url: &str) -> Option<String> {
+    let options = PgConnectOptions::from_str(url).ok()?;
+    let database = options
+        .get_database()
+        .map(|d| format!(", database {d}"))
+        .unwrap_or_default();
+    Some(format!(
+        "{}:{}{database}",
+        options.get_host(),
+        options.get_port()
+    ))
+}
+
+/// `name` as a quoted SQL identifier: any text names exactly that schema.
+fn quote_identifier(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Appends the keyset-pagination clause and ordering; fetches one extra row so the caller can
+/// tell whether another page exists (as the SQLite store's `paginate`).
+fn paginate(query: &mut QueryBuilder<Postgres>, column: &str, page: &Page) {
+    if let Some(iterator) = &page.iterator {
+        let op = if page.descending { " < " } else { " > " };
+        query.push(format!(" AND {column}{op}"));
+        query.push_bind(iterator.clone());
+    }
+    let order = if page.descending { "DESC" } else { "ASC" };
+    query.push(format!(" ORDER BY {column} {order} LIMIT "));
+    query.push_bind(i64::from(page.limit) + 1);
+}
+
+#[async_trait::async_trait]
+impl StoreLifecycle for PostgresStore {
+    async fn close(&self) {
+        // Every write commits before its call returns: nothing is pending but the connections.
+        self.pool.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use sqlx::Connection;
+
+    use super::*;
+    use crate::conformance;
+
+    const URL_VAR: &str = "HERALD_TEST_POSTGRES_URL";
+
+    /// Drops its schema (and everything in it) when dropped, even after a failed check.
+    struct SchemaGuard {
+        url: String,
+        schema: String,
+    }
+
+    impl Drop for SchemaGuard {
+        fn drop(&mut self) {
+            // Drop cannot await: drop the schema on a thread with a runtime of its own.
+            let (url, schema) = (self.url.clone(), self.schema.clone());
+            let dropped = std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a runtime");
+                runtime.block_on(async move {
+                    let mut conn = sqlx::PgConnection::connect(&url).await?;
+                    let drop = format!(
+                        "DROP SCHEMA IF EXISTS {} CASCADE",
+                        quote_identifier(&schema)
+                    );
+                    conn.execute(AssertSqlSafe(drop)).await?;
+                    conn.close().await
+                })
+            })
+            .join();
+            if !matches!(dropped, Ok(Ok(()))) {
+                eprintln!("could not drop the test schema {}", self.schema);
+            }
+        }
+    }
+
+    /// A store in a new, empty schema of its own.
+    async fn open_in_fresh_schema(url: String) -> (SchemaGuard, PostgresStore) {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let schema = format!(
+            "herald_test_{}_{nanos}_{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
+        conn.execute(AssertSqlSafe(format!(
+            "CREATE SCHEMA {}",
+            quote_identifier(&schema)
+        )))
+        .await
+        .expect("create the test schema");
+        conn.close().await.expect("close");
+        let guard = SchemaGuard {
+            url: url.clone(),
+            schema: schema.clone(),
+        };
+        let options = PostgresOptions {
+            max_connections: 8,
+            schema: Some(schema),
+            ..PostgresOptions::default()
+        };
+        let store = PostgresStore::open(&url, options).await.expect("open");
+        (guard, store)
+    }
+
+    #[tokio::test]
+    async fn passes_the_store_conformance_suite() {
+        let Ok(url) = std::env::var(URL_VAR) else {
+            eprintln!(
+                "skipped: {URL_VAR} is unset (the PostgreSQL conformance suite needs a server)"
+            );
+            return;
+        };
+        conformance::run_all(|| open_in_fresh_schema(url.clone())).await;
+    }
+
+    #[test]
+    fn a_server_is_described_without_its_credentials() {
+        let described = describe_server("postgres://herald:secret@db.internal:5433/herald");
+        assert_eq!(
+            described.as_deref(),
+            Some("db.internal:5433, database herald")
+        );
+        assert_eq!(describe_server("not a url"), None);
+    }
+
+    #[test]
+    fn identifiers_are_quoted_whole() {
+        assert_eq!(quote_identifier("herald"), "\"herald\"");
+        assert_eq!(quote_identifier("a\"b; DROP"), "\"a\"\"b; DROP\"");
+    }
+}
