@@ -25,12 +25,45 @@ pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 /// Upper bound for anything a test waits on; generous because CI machines are shared.
 pub const PATIENCE: Duration = Duration::from_secs(20);
 
+/// The store the suite runs on: `HERALD_TEST_STORE` (`sqlite`, the default, or `postgres`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+pub const POSTGRES_URL_VAR: &str = "HERALD_TEST_POSTGRES_URL";
+
+pub fn backend() -> Backend {
+    match std::env::var("HERALD_TEST_STORE").as_deref() {
+        Err(_) | Ok("" | "sqlite") => Backend::Sqlite,
+        Ok("postgres") => Backend::Postgres,
+        Ok(other) => panic!("HERALD_TEST_STORE={other}: the backends are sqlite and postgres"),
+    }
+}
+
+/// True (after saying so) when the suite runs on PostgreSQL: for tests about what SQLite
+/// keeps on disk (files, pages, `PRAGMA`s), which have no PostgreSQL counterpart.
+pub fn sqlite_only(why: &str) -> bool {
+    let skip = backend() == Backend::Postgres;
+    if skip {
+        eprintln!("skipped on postgres: {why}");
+    }
+    skip
+}
+
+/// The PostgreSQL server the suite runs on; a run that asked for postgres without naming one
+/// stops here.
+pub fn postgres_admin_url() -> String {
+    std::env::var(POSTGRES_URL_VAR).unwrap_or_else(|_| {
+        panic!(
+            "HERALD_TEST_STORE=postgres needs {POSTGRES_URL_VAR} \
+             (postgres://USER:PASSWORD@HOST:PORT/DATABASE, a role that may CREATE DATABASE)"
+        )
+    })
+}
+
 pub fn test_config(data_dir: &std::path::Path) -> Config {
-    let backend = std::env::var("HERALD_TEST_STORE").unwrap_or_else(|_| "sqlite".into());
-    assert_eq!(
-        backend, "sqlite",
-        "HERALD_TEST_STORE={backend}: only sqlite exists so far"
-    );
     let mut config = Config {
         data_dir: data_dir.to_owned(),
         admin_token: Some(ADMIN_TOKEN.into()),
@@ -46,6 +79,180 @@ pub fn test_config(data_dir: &std::path::Path) -> Config {
     config
 }
 
+/// A throwaway database on the server `HERALD_TEST_POSTGRES_URL` names, dropped by
+/// [`ThrowawayDatabase::drop_now`] or, failing that, when dropped (best effort).
+pub struct ThrowawayDatabase {
+    admin_url: String,
+    pub name: String,
+    pub url: String,
+    dropped: bool,
+}
+
+/// Databases are named `herald_it_<pid>_<n>`: a later run drops those of processes that no
+/// longer exist (a test's data directory kept across restarts, a killed run).
+const DB_PREFIX: &str = "herald_it_";
+
+impl ThrowawayDatabase {
+    /// `None` (and a note saying so) when `HERALD_TEST_POSTGRES_URL` is unset: for tests
+    /// that need PostgreSQL whatever the suite's backend.
+    pub async fn create_if_configured(test: &str) -> Option<Self> {
+        if std::env::var(POSTGRES_URL_VAR).is_err() {
+            eprintln!("skipped {test}: {POSTGRES_URL_VAR} is unset (it needs a PostgreSQL server)");
+            return None;
+        }
+        Some(Self::create().await)
+    }
+
+    /// A new, empty database; panics when `HERALD_TEST_POSTGRES_URL` is unset.
+    pub async fn create() -> Self {
+        use sqlx::{Connection, PgConnection};
+        use std::sync::atomic::{AtomicU64, Ordering};
+
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        static SWEPT: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+        let admin_url = postgres_admin_url();
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let name = format!(
+            "{DB_PREFIX}{}_{nanos}_{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut conn = PgConnection::connect(&admin_url)
+            .await
+            .unwrap_or_else(|e| panic!("connect to {POSTGRES_URL_VAR}: {e}"));
+        SWEPT.get_or_init(|| sweep_leftovers(&mut conn)).await;
+        // The name is made of digits and underscores here, never of input.
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .expect("create a database");
+        conn.close().await.expect("close");
+        let mut url = url::Url::parse(&admin_url).expect("a URL");
+        url.set_path(&name);
+        Self {
+            admin_url,
+            name,
+            url: url.to_string(),
+            dropped: false,
+        }
+    }
+
+    pub async fn drop_now(mut self) {
+        self.dropped = true;
+        drop_database(&self.admin_url, &self.name)
+            .await
+            .expect("drop the database");
+    }
+
+    /// Keeps the database past this value (a later run's sweep drops it).
+    pub fn keep(mut self) {
+        self.dropped = true;
+    }
+}
+
+impl Drop for ThrowawayDatabase {
+    fn drop(&mut self) {
+        if self.dropped {
+            return;
+        }
+        // Drop cannot await: drop the database on a thread with a runtime of its own.
+        let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
+        let dropped = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime")
+                .block_on(drop_database(&admin_url, &name))
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) {
+            eprintln!("could not drop the test database {}", self.name);
+        }
+    }
+}
+
+async fn drop_database(admin_url: &str, name: &str) -> Result<(), sqlx::Error> {
+    use sqlx::{Connection, PgConnection};
+    let mut conn = PgConnection::connect(admin_url).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+    )))
+    .execute(&mut conn)
+    .await?;
+    conn.close().await
+}
+
+/// Drops the databases earlier runs left behind (their process is gone).
+async fn sweep_leftovers(conn: &mut sqlx::PgConnection) {
+    let names: Vec<String> =
+        sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE 'herald\\_it\\_%'")
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap_or_default();
+    for name in names {
+        let Some(pid) = name
+            .strip_prefix(DB_PREFIX)
+            .and_then(|rest| rest.split('_').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
+        if !alive && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+            )))
+            .execute(&mut *conn)
+            .await;
+        }
+    }
+}
+
+/// The database standing in for a data directory a test chose itself (to restart on the same
+/// state): one per directory for the life of this process, reused by every server started
+/// on it, left for the next run's sweep.
+pub async fn database_for_dir(dir: &std::path::Path) -> String {
+    static BY_DIR: std::sync::LazyLock<
+        tokio::sync::Mutex<std::collections::HashMap<std::path::PathBuf, String>>,
+    > = std::sync::LazyLock::new(Default::default);
+    let mut by_dir = BY_DIR.lock().await;
+    if let Some(url) = by_dir.get(dir) {
+        return url.clone();
+    }
+    let db = ThrowawayDatabase::create().await;
+    let url = db.url.clone();
+    db.keep();
+    by_dir.insert(dir.to_owned(), url.clone());
+    url
+}
+
+/// A store for in-process tests on the suite's backend, in `dir` (SQLite) or a throwaway
+/// database (PostgreSQL; dropped with the returned guard).
+pub async fn test_store(
+    dir: &std::path::Path,
+) -> (Arc<dyn herald_store::Store>, Option<ThrowawayDatabase>) {
+    match backend() {
+        Backend::Sqlite => {
+            let store = herald_store::sqlite::SqliteStore::open(dir)
+                .await
+                .expect("store");
+            (Arc::new(store), None)
+        }
+        Backend::Postgres => {
+            let db = ThrowawayDatabase::create().await;
+            let store = herald_store::postgres::PostgresStore::open(
+                &db.url,
+                herald_store::postgres::PostgresOptions::default(),
+            )
+            .await
+            .expect("store");
+            (Arc::new(store), Some(db))
+        }
+    }
+}
+
 /// reqwest is built without a bundled TLS provider (see herald-delivery); install ring once.
 fn http_client() -> reqwest::Client {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -58,6 +265,10 @@ pub struct TestServer {
     shutdown: CancellationToken,
     /// `None` for a server running in another process.
     task: Option<JoinHandle<anyhow::Result<()>>>,
+    /// PostgreSQL: the database this server's store is in.
+    store_url: Option<String>,
+    /// PostgreSQL: the database made for this server alone, dropped with it.
+    db: Option<ThrowawayDatabase>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -66,10 +277,26 @@ impl TestServer {
         Self::start_with(|_| {}).await
     }
 
+    /// A server on the suite's backend ([`backend`]). On PostgreSQL each server gets a
+    /// database of its own, dropped when it stops; a test that sets `data_dir` itself (to
+    /// restart on the same state) gets one database per directory, shared by its servers.
     pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut config = test_config(dir.path());
         adjust(&mut config);
+        let (mut store_url, mut db) = (None, None);
+        if backend() == Backend::Postgres && config.store.url.is_none() {
+            let url = if config.data_dir == dir.path() {
+                let fresh = ThrowawayDatabase::create().await;
+                let url = fresh.url.clone();
+                db = Some(fresh);
+                url
+            } else {
+                database_for_dir(&config.data_dir).await
+            };
+            config.store.url = Some(url.clone());
+            store_url = Some(url);
+        }
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let base = format!("http://{}", listener.local_addr().expect("addr"));
         let shutdown = CancellationToken::new();
@@ -79,13 +306,29 @@ impl TestServer {
             http: http_client(),
             shutdown,
             task: Some(task),
+            store_url,
+            db,
             _dir: Some(dir),
         }
     }
 
-    /// One number read from the server's SQLite file through a separate read-only connection,
-    /// for tests about what is kept on disk (rows, bytes).
+    /// One number read from the server's store through a separate connection, for tests
+    /// about what is kept (rows, bytes): the SQLite file read-only, or the server's
+    /// PostgreSQL database (the value cast to BIGINT there, as `COUNT` and `SUM` differ).
     pub async fn store_scalar(&self, sql: &'static str) -> i64 {
+        if let Some(url) = &self.store_url {
+            use sqlx::{Connection, PgConnection};
+            let mut conn = PgConnection::connect(url)
+                .await
+                .expect("connect to the store");
+            let value: Option<i64> =
+                sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT ({sql})::BIGINT")))
+                    .fetch_one(&mut conn)
+                    .await
+                    .expect("query the store");
+            let _ = conn.close().await;
+            return value.unwrap_or(0);
+        }
         use sqlx::{
             ConnectOptions,
             sqlite::{SqliteConnectOptions, SqliteConnection},
@@ -111,18 +354,23 @@ impl TestServer {
             http: http_client(),
             shutdown: CancellationToken::new(),
             task: None,
+            store_url: None,
+            db: None,
             _dir: None,
         }
     }
 
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
         self.shutdown.cancel();
-        if let Some(task) = self.task {
+        if let Some(task) = self.task.take() {
             tokio::time::timeout(PATIENCE, task)
                 .await
                 .expect("server did not stop in time")
                 .expect("server task panicked")
                 .expect("server stopped with an error");
+        }
+        if let Some(db) = self.db.take() {
+            db.drop_now().await;
         }
     }
 
@@ -355,7 +603,12 @@ impl Receiver {
     }
 
     pub async fn next(&mut self) -> Delivery {
-        tokio::time::timeout(PATIENCE, self.seen.recv())
+        self.next_within(PATIENCE).await
+    }
+
+    /// [`Receiver::next`], waiting up to `patience`.
+    pub async fn next_within(&mut self, patience: Duration) -> Delivery {
+        tokio::time::timeout(patience, self.seen.recv())
             .await
             .expect("timed out waiting for a delivery")
             .expect("receiver closed")

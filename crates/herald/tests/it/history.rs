@@ -255,10 +255,9 @@ async fn housekeeping_purges_quiet_channels_and_channels_no_rule_keeps() {
 
     use herald_channels::history::{History, HistoryConfig};
     use herald_core::{history::HistoryRule, model::App};
-    use herald_store::{Store, sqlite::SqliteStore};
 
     let dir = tempfile::tempdir().expect("dir");
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).await.expect("store"));
+    let (store, _db) = crate::harness::test_store(dir.path()).await;
     let now = chrono::Utc::now();
     let rule = |pattern: &str| HistoryRule {
         pattern: pattern.into(),
@@ -582,9 +581,12 @@ async fn in_process_history(dir: &std::path::Path) -> InProcess {
     use std::sync::Arc;
 
     use herald_channels::history::{History, HistoryConfig};
-    use herald_store::{Store, sqlite::SqliteStore};
-
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir).await.expect("store"));
+    let (store, db) = crate::harness::test_store(dir).await;
+    // Callers take what they need from `InProcess`: the database outlives the test (the next
+    // run's sweep drops it).
+    if let Some(db) = db {
+        db.keep();
+    }
     let now = chrono::Utc::now();
     let app = herald_core::model::App {
         id: herald_core::AppId::parse("app_positions").expect("valid"),
@@ -969,7 +971,9 @@ async fn a_publication_whose_producer_went_away_mid_commit_still_reaches_subscri
     hub.app(&app.id)
         .subscribe("history-gone", "1.1", &outbox, None, 10)
         .expect("subscribed");
-    let publish = Publish::pusher_event("note", &["history-gone".to_owned()], "{}", None);
+    // A name no event type can have: no endpoint lookup precedes the commit, whether or not
+    // the store caches endpoints (SQLite does, PostgreSQL asks the database every time).
+    let publish = Publish::pusher_event("note:gone", &["history-gone".to_owned()], "{}", None);
     let mut producer = Box::pin(publisher.publish(&app, publish));
     let first = std::future::poll_fn(|cx| Poll::Ready(producer.as_mut().poll(cx))).await;
     assert!(first.is_pending(), "the commit had started");

@@ -1,8 +1,10 @@
 //! Herald's integration suite: the real server on a random loopback port, a real local webhook
 //! receiver, real HTTP. One binary, so it links once.
 //!
-//! The suite is backend-agnostic: `HERALD_TEST_STORE` selects the store (only `sqlite`, the
-//! default, exists today); every test runs unchanged against each backend.
+//! The suite is backend-agnostic: `HERALD_TEST_STORE` selects the store (`sqlite`, the
+//! default, or `postgres` on the server `HERALD_TEST_POSTGRES_URL` names, a throwaway database
+//! per server); every test runs against each backend, and the few about SQLite's files say
+//! `skipped on postgres: ...` there (`harness::sqlite_only`).
 
 mod api;
 mod channel_webhooks;

@@ -9,7 +9,10 @@ use tokio::{
     process::{Child, Command},
 };
 
-use crate::harness::{ADMIN_TOKEN, PATIENCE, Receiver, Reply, TestServer};
+use crate::harness::{
+    ADMIN_TOKEN, Backend, PATIENCE, Receiver, Reply, TestServer, ThrowawayDatabase, backend,
+    database_for_dir, sqlite_only,
+};
 
 /// A `herald serve` process on a random port; `api` talks to it through the usual helpers.
 pub struct HeraldProcess {
@@ -26,13 +29,30 @@ async fn spawn_herald_with(data: &Path, flags: &[&str]) -> HeraldProcess {
     spawn_herald_env(data, flags, &[]).await
 }
 
-/// `herald serve` with extra flags and environment variables (`HERALD_*` settings).
+/// The store for a process serving `data`: nothing more on SQLite (`--data` names it); on
+/// PostgreSQL, `HERALD_STORE__URL` naming the database that stands in for that directory, the
+/// same for every process started on it (so a restart finds what the last one stored).
+async fn store_env(data: &Path) -> Vec<(&'static str, String)> {
+    match backend() {
+        Backend::Sqlite => Vec::new(),
+        Backend::Postgres => vec![("HERALD_STORE__URL", database_for_dir(data).await)],
+    }
+}
+
+/// `herald serve` with extra flags and environment variables (`HERALD_*` settings; a
+/// `HERALD_STORE__URL` among them wins over the suite's backend).
 pub async fn spawn_herald_env(data: &Path, flags: &[&str], env: &[(&str, &str)]) -> HeraldProcess {
+    let store = if env.iter().any(|(k, _)| *k == "HERALD_STORE__URL") {
+        Vec::new()
+    } else {
+        store_env(data).await
+    };
     let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
         .args(["serve", "--listen", "127.0.0.1:0"])
         .args(flags)
         .arg("--data")
         .arg(data)
+        .envs(store)
         .env("HERALD_ADMIN_TOKEN", ADMIN_TOKEN)
         .env("HERALD_DELIVERY__ALLOW_PRIVATE_TARGETS", "true")
         .env("HERALD_DELIVERY__RETRY_SCHEDULE_SECS", "[0.05, 0.05, 0.05]")
@@ -63,9 +83,14 @@ pub async fn spawn_herald_env(data: &Path, flags: &[&str], env: &[(&str, &str)])
 
 /// Collects successful deliveries until every id in `want` has arrived once.
 async fn await_all(receiver: &mut Receiver, want: &HashSet<String>) {
+    await_all_within(receiver, want, PATIENCE).await;
+}
+
+/// [`await_all`], waiting up to `patience` for each delivery.
+async fn await_all_within(receiver: &mut Receiver, want: &HashSet<String>, patience: Duration) {
     let mut got = HashSet::new();
     while !want.is_subset(&got) {
-        let delivery = receiver.next().await;
+        let delivery = receiver.next_within(patience).await;
         if delivery.succeeded() {
             got.insert(delivery.header("webhook-id").to_owned());
         }
@@ -93,7 +118,21 @@ async fn killed_mid_delivery_every_accepted_message_arrives_after_restart() {
     // The receiver holds every request open, so the kill lands while attempts are in flight.
     receiver.fallback(Reply::Hang);
 
-    let mut first = spawn_herald(data.path()).await;
+    // On SQLite the restarted process owns the store and re-queues what the dead one leased.
+    // A PostgreSQL store is shared: the dead node's leases (request timeout + shutdown grace +
+    // 30 s) must expire before another process takes its deliveries over, so they are
+    // shortened here and waited for.
+    let (settings, patience): (&[(&str, &str)], Duration) = match backend() {
+        Backend::Sqlite => (&[], PATIENCE),
+        Backend::Postgres => (
+            &[
+                ("HERALD_DELIVERY__REQUEST_TIMEOUT_SECS", "5"),
+                ("HERALD_SHUTDOWN_GRACE_SECS", "1"),
+            ],
+            Duration::from_secs(5 + 1 + 30) + PATIENCE,
+        ),
+    };
+    let mut first = spawn_herald_env(data.path(), &[], settings).await;
     let app = first.api.create_app("crash").await;
     first
         .api
@@ -105,8 +144,8 @@ async fn killed_mid_delivery_every_accepted_message_arrives_after_restart() {
     first.child.wait().await.expect("reap");
 
     receiver.fallback(Reply::Status(200));
-    let mut second = spawn_herald(data.path()).await;
-    await_all(&mut receiver, &ids).await;
+    let mut second = spawn_herald_env(data.path(), &[], settings).await;
+    await_all_within(&mut receiver, &ids, patience).await;
     let (status, list) = second
         .api
         .call(
@@ -161,6 +200,7 @@ async fn sigterm_drains_in_flight_attempts_and_exits_cleanly() {
 /// Runs `herald serve ARGS --data DIR` to its exit (it must exit by itself); returns whether
 /// it succeeded and its stderr.
 async fn serve_until_exit(data: &Path, args: &[&str]) -> (bool, String) {
+    let store = store_env(data).await;
     let output = tokio::time::timeout(
         PATIENCE,
         Command::new(env!("CARGO_BIN_EXE_herald"))
@@ -168,6 +208,7 @@ async fn serve_until_exit(data: &Path, args: &[&str]) -> (bool, String) {
             .args(args)
             .arg("--data")
             .arg(data)
+            .envs(store)
             .env_remove("HERALD_ADMIN_TOKEN")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -271,6 +312,7 @@ async fn a_closed_stdout_does_not_stop_the_server() {
             "--data",
         ])
         .arg(dir.path())
+        .envs(store_env(dir.path()).await)
         .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -344,13 +386,22 @@ async fn a_kill_never_leaves_a_message_without_its_history_entries() {
         sender.await.expect("sender");
     }
 
-    // A restart recovers the store (WAL); then read it with the server stopped.
+    // A restart recovers the store (SQLite: its WAL); then read it with the server stopped.
     let mut again = spawn_herald(dir.path()).await;
     terminate(&mut again.child).await;
+    let postgres = store_env(dir.path()).await.pop().map(|(_, url)| url);
     let count = |sql: &'static str| {
         let path = dir.path().join(herald_store::sqlite::DB_FILE);
+        let postgres = postgres.clone();
         async move {
-            use sqlx::{ConnectOptions, sqlite::SqliteConnectOptions};
+            use sqlx::{ConnectOptions, Connection, PgConnection, sqlite::SqliteConnectOptions};
+            if let Some(url) = postgres {
+                let mut conn = PgConnection::connect(&url).await.expect("connect");
+                return sqlx::query_scalar::<_, i64>(sql)
+                    .fetch_one(&mut conn)
+                    .await
+                    .expect("count");
+            }
             let mut conn = SqliteConnectOptions::new()
                 .filename(path)
                 .connect()
@@ -379,6 +430,9 @@ async fn a_kill_never_leaves_a_message_without_its_history_entries() {
 /// password; an unknown scheme names the backends that exist.
 #[tokio::test]
 async fn store_url_chooses_the_sqlite_directory_and_bad_urls_stop_the_start() {
+    if sqlite_only("store.url = sqlite://DIR and --data choose SQLite directories") {
+        return;
+    }
     let dir = tempfile::tempdir().expect("dir");
     let flag_data = dir.path().join("from-flag");
     let url_data = dir.path().join("from-url");
@@ -450,71 +504,13 @@ async fn store_url_chooses_the_sqlite_directory_and_bad_urls_stop_the_start() {
     assert!(!flag_data.exists(), "nothing was created");
 }
 
-/// A throwaway database on the server `HERALD_TEST_POSTGRES_URL` names, dropped at the end.
-struct ThrowawayDatabase {
-    admin_url: String,
-    name: String,
-    url: String,
-}
-
-impl ThrowawayDatabase {
-    /// `None` (and a note saying so) when `HERALD_TEST_POSTGRES_URL` is unset.
-    async fn create(test: &str) -> Option<Self> {
-        use sqlx::{Connection, PgConnection};
-
-        let Ok(admin_url) = std::env::var("HERALD_TEST_POSTGRES_URL") else {
-            eprintln!(
-                "skipped {test}: HERALD_TEST_POSTGRES_URL is unset (it needs a PostgreSQL server)"
-            );
-            return None;
-        };
-        let name = format!("herald_it_{}", rand_suffix());
-        let mut conn = PgConnection::connect(&admin_url).await.expect("connect");
-        // The name is made of digits and underscores here, never of input.
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&mut conn)
-            .await
-            .expect("create a database");
-        conn.close().await.expect("close");
-        let mut url = url::Url::parse(&admin_url).expect("a URL");
-        url.set_path(&name);
-        Some(Self {
-            admin_url,
-            name,
-            url: url.to_string(),
-        })
-    }
-
-    async fn drop_now(self) {
-        use sqlx::{Connection, PgConnection};
-
-        let mut conn = PgConnection::connect(&self.admin_url)
-            .await
-            .expect("connect");
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE {} WITH (FORCE)",
-            self.name
-        )))
-        .execute(&mut conn)
-        .await
-        .expect("drop the database");
-    }
-}
-
-fn rand_suffix() -> String {
-    use std::time::{SystemTime, UNIX_EPOCH};
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    format!("{}_{nanos}", std::process::id())
-}
-
 /// The binary on PostgreSQL (`store.url = postgres://...`): migrations run at start, an app,
 /// an endpoint and a message are stored, the message is delivered signed through the shared
 /// queue's leases, and everything is still there after a restart.
 #[tokio::test]
 async fn herald_serves_from_postgresql_and_keeps_its_data_across_restarts() {
-    let Some(db) = ThrowawayDatabase::create("herald_serves_from_postgresql").await else {
+    let Some(db) = ThrowawayDatabase::create_if_configured("herald_serves_from_postgresql").await
+    else {
         return;
     };
     let unused = tempfile::tempdir().expect("dir");
