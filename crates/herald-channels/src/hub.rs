@@ -89,20 +89,13 @@ impl Outbox {
         )
     }
 
+    /// Queues `item` for the connection (see [`Outbox::send_shared`]).
     pub fn send(&self, item: impl Into<Outgoing>) {
-        let item = match (self.takes, item.into()) {
-            (Takes::PusherFrames, Outgoing::Publication(p)) => {
-                Outgoing::Frame(p.pusher_frame().clone())
-            }
-            (_, item) => item,
-        };
-        if self.frames.try_send(item).is_err() {
-            self.overflow();
-        }
+        self.send_shared(&item.into());
     }
 
-    /// [`Outbox::send`] of a shared item: a frame-taking outbox gets the frame without the
-    /// publication's reference count being touched.
+    /// Queues what this outbox takes of a shared item: a frame-taking outbox gets the
+    /// publication's frame without the publication's reference count being touched.
     fn send_shared(&self, item: &Outgoing) {
         let item = match (self.takes, item) {
             (Takes::PusherFrames, Outgoing::Publication(p)) => {

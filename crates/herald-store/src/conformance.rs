@@ -3,10 +3,10 @@
 //!
 //! Each check takes a fresh, empty store and panics on a failure. [`run_all`] runs every check
 //! in [`CHECKS`] against a new store from a factory that also returns a guard (a temporary
-//! directory, a throwaway database) kept alive for the check's length; [`run_only`] runs the
-//! checks named. The SQLite store runs the suite in its unit tests, the PostgreSQL store
-//! against a server named by `HERALD_TEST_POSTGRES_URL`. Compiled for this
-//! crate's tests and, for other crates' tests, with the `conformance` feature.
+//! directory, a throwaway database) kept alive for the check's length. The SQLite store runs
+//! the suite in its unit tests, the PostgreSQL store against a server named by
+//! `HERALD_TEST_POSTGRES_URL`. Compiled for this crate's tests and, for other crates' tests,
+//! with the `conformance` feature.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -80,38 +80,7 @@ where
     F: Fn() -> Fut,
     Fut: Future<Output = (G, S)>,
 {
-    run(factory, CHECKS.iter()).await;
-}
-
-/// Runs only the checks named in `names` (in [`CHECKS`] order), as [`run_all`] does: for a
-/// backend whose sub-traits are not all written yet. A name that is no check panics, so a
-/// renamed check cannot silently drop out.
-pub async fn run_only<G, S, F, Fut>(factory: F, names: &[&str])
-where
-    S: Store,
-    F: Fn() -> Fut,
-    Fut: Future<Output = (G, S)>,
-{
-    for name in names {
-        assert!(
-            CHECKS.iter().any(|(check, _)| check == name),
-            "no conformance check is named {name:?}"
-        );
-    }
-    run(
-        factory,
-        CHECKS.iter().filter(|(name, _)| names.contains(name)),
-    )
-    .await;
-}
-
-async fn run<'c, G, S, F, Fut>(factory: F, checks: impl Iterator<Item = &'c (&'c str, Check)>)
-where
-    S: Store,
-    F: Fn() -> Fut,
-    Fut: Future<Output = (G, S)>,
-{
-    for (name, check) in checks {
+    for (name, check) in CHECKS {
         eprintln!("store conformance: {name}");
         let (guard, store) = factory().await;
         check(&store).await;
@@ -616,20 +585,13 @@ pub async fn a_claim_leaves_out_endpoints_at_their_limit(store: &dyn Store) {
 /// A delivered attempt is in the attempt log, by message and by endpoint, and its delivery
 /// reads as a success and is not due again.
 pub async fn a_recorded_attempt_is_logged_and_settles_the_delivery(store: &dyn Store) {
-    let app = stored_app(store, "A").await;
-    let ep = endpoint(&app.id);
-    store.create_endpoint(&ep).await.expect("endpoint");
-    let msg = message(&app.id, None);
-    store
-        .create_message(msg.clone(), vec![ep.id.clone()])
-        .await
-        .expect("message");
-    let now = Utc::now() + chrono::Duration::seconds(1);
-    let jobs = store
-        .claim_due(&claim(now, 10, HashMap::new(), 10, HashMap::new(), 100))
-        .await
-        .expect("claim");
-    assert_eq!(jobs.len(), 1);
+    let ClaimedDelivery {
+        app,
+        ep,
+        msg,
+        now,
+        job: jobs,
+    } = one_claimed_delivery(store).await;
     let attempt = Attempt {
         id: herald_core::AttemptId::new(now),
         msg_id: msg.id.clone(),
@@ -648,7 +610,7 @@ pub async fn a_recorded_attempt_is_logged_and_settles_the_delivery(store: &dyn S
             attempt: attempt.clone(),
             next: NextStep::Delivered,
             endpoint_change: EndpointChange::Unchanged,
-            lease: jobs[0].lease,
+            lease: jobs.lease,
         })
         .await
         .expect("record");
@@ -687,20 +649,13 @@ pub async fn a_recorded_attempt_is_logged_and_settles_the_delivery(store: &dyn S
 pub async fn a_record_under_a_lapsed_lease_is_logged_but_leaves_the_newer_claims_state(
     store: &dyn Store,
 ) {
-    let app = stored_app(store, "A").await;
-    let ep = endpoint(&app.id);
-    store.create_endpoint(&ep).await.expect("endpoint");
-    let msg = message(&app.id, None);
-    store
-        .create_message(msg.clone(), vec![ep.id.clone()])
-        .await
-        .expect("message");
-    let now = Utc::now() + chrono::Duration::seconds(1);
-    let first = store
-        .claim_due(&claim(now, 10, HashMap::new(), 10, HashMap::new(), 100))
-        .await
-        .expect("first claim");
-    assert_eq!(first.len(), 1);
+    let ClaimedDelivery {
+        app,
+        ep,
+        msg,
+        now,
+        job: first,
+    } = one_claimed_delivery(store).await;
     // The first claim's 60 s lease has run out by then: the delivery is claimable again.
     let later = now + chrono::Duration::seconds(120);
     let second = store
@@ -712,10 +667,7 @@ pub async fn a_record_under_a_lapsed_lease_is_logged_but_leaves_the_newer_claims
         1,
         "the lapsed lease no longer holds the delivery"
     );
-    assert_ne!(
-        first[0].lease, second[0].lease,
-        "each claim has its own token"
-    );
+    assert_ne!(first.lease, second[0].lease, "each claim has its own token");
 
     let record = |lease: LeaseToken, at: DateTime<Utc>, next, endpoint_change| AttemptRecord {
         attempt: Attempt {
@@ -755,7 +707,7 @@ pub async fn a_record_under_a_lapsed_lease_is_logged_but_leaves_the_newer_claims
     // The first claim's late result, before the newer claim's: nothing changes.
     let stale = store
         .record_attempt(record(
-            first[0].lease,
+            first.lease,
             later,
             NextStep::Delivered,
             EndpointChange::Unchanged,
@@ -785,7 +737,7 @@ pub async fn a_record_under_a_lapsed_lease_is_logged_but_leaves_the_newer_claims
     // Another late result of the first claim, after it: still nothing changes.
     let stale = store
         .record_attempt(record(
-            first[0].lease,
+            first.lease,
             later,
             NextStep::Failed,
             EndpointChange::Disable,
@@ -828,6 +780,39 @@ pub async fn a_record_under_a_lapsed_lease_is_logged_but_leaves_the_newer_claims
 
 /// The record of an attempt to `ep`'s delivery of `msg` made under `lease`: failed and retried
 /// or given up unless `next` is [`NextStep::Delivered`].
+/// An app, an endpoint and a message whose one delivery has just been claimed (at `now`).
+struct ClaimedDelivery {
+    app: App,
+    ep: Endpoint,
+    msg: Message,
+    now: DateTime<Utc>,
+    job: crate::DeliveryJob,
+}
+
+async fn one_claimed_delivery(store: &dyn Store) -> ClaimedDelivery {
+    let app = stored_app(store, "A").await;
+    let ep = endpoint(&app.id);
+    store.create_endpoint(&ep).await.expect("endpoint");
+    let msg = message(&app.id, None);
+    store
+        .create_message(msg.clone(), vec![ep.id.clone()])
+        .await
+        .expect("message");
+    let now = Utc::now() + chrono::Duration::seconds(1);
+    let mut jobs = store
+        .claim_due(&claim(now, 10, HashMap::new(), 10, HashMap::new(), 100))
+        .await
+        .expect("claim");
+    assert_eq!(jobs.len(), 1, "the one delivery is claimed");
+    ClaimedDelivery {
+        app,
+        ep,
+        msg,
+        now,
+        job: jobs.remove(0),
+    }
+}
+
 fn attempt_record(
     msg: &Message,
     ep: &Endpoint,
@@ -893,20 +878,13 @@ async fn logged_attempts(store: &dyn Store, msg: &Message) -> HashSet<String> {
 /// final, is logged but fenced off (it changes neither the delivery nor the endpoint), and the
 /// manual attempt the API asked for is claimed under a new lease whose record applies.
 pub async fn a_resend_during_an_attempt_fences_the_attempts_record(store: &dyn Store) {
-    let app = stored_app(store, "A").await;
-    let ep = endpoint(&app.id);
-    store.create_endpoint(&ep).await.expect("endpoint");
-    let msg = message(&app.id, None);
-    store
-        .create_message(msg.clone(), vec![ep.id.clone()])
-        .await
-        .expect("message");
-    let now = Utc::now() + chrono::Duration::seconds(1);
-    let in_flight = store
-        .claim_due(&claim(now, 10, HashMap::new(), 10, HashMap::new(), 100))
-        .await
-        .expect("claim");
-    assert_eq!(in_flight.len(), 1);
+    let ClaimedDelivery {
+        app,
+        ep,
+        msg,
+        now,
+        job: in_flight,
+    } = one_claimed_delivery(store).await;
     assert_eq!(
         delivery_state(store, &msg, &ep).await.status,
         DeliveryStatus::Sending
@@ -928,7 +906,7 @@ pub async fn a_resend_during_an_attempt_fences_the_attempts_record(store: &dyn S
     let given_up = attempt_record(
         &msg,
         &ep,
-        in_flight[0].lease,
+        in_flight.lease,
         now,
         TriggerType::Scheduled,
         NextStep::Failed,
@@ -984,7 +962,7 @@ pub async fn a_resend_during_an_attempt_fences_the_attempts_record(store: &dyn S
         .expect("manual claim");
     assert_eq!(manual.len(), 1, "the resend is claimable");
     assert_eq!(manual[0].trigger, TriggerType::Manual);
-    assert_ne!(manual[0].lease, in_flight[0].lease, "a new lease");
+    assert_ne!(manual[0].lease, in_flight.lease, "a new lease");
     let delivered = attempt_record(
         &msg,
         &ep,
@@ -1017,25 +995,18 @@ pub async fn a_resend_during_an_attempt_fences_the_attempts_record(store: &dyn S
 pub async fn a_recovered_delivery_is_claimed_under_a_new_lease_whose_record_applies(
     store: &dyn Store,
 ) {
-    let app = stored_app(store, "A").await;
-    let ep = endpoint(&app.id);
-    store.create_endpoint(&ep).await.expect("endpoint");
-    let msg = message(&app.id, None);
-    store
-        .create_message(msg.clone(), vec![ep.id.clone()])
-        .await
-        .expect("message");
-    let now = Utc::now() + chrono::Duration::seconds(1);
-    let first = store
-        .claim_due(&claim(now, 10, HashMap::new(), 10, HashMap::new(), 100))
-        .await
-        .expect("claim");
-    assert_eq!(first.len(), 1);
+    let ClaimedDelivery {
+        ep,
+        msg,
+        now,
+        job: first,
+        ..
+    } = one_claimed_delivery(store).await;
     let failed = store
         .record_attempt(attempt_record(
             &msg,
             &ep,
-            first[0].lease,
+            first.lease,
             now,
             TriggerType::Scheduled,
             NextStep::Failed,
@@ -1069,7 +1040,7 @@ pub async fn a_recovered_delivery_is_claimed_under_a_new_lease_whose_record_appl
         .record_attempt(attempt_record(
             &msg,
             &ep,
-            first[0].lease,
+            first.lease,
             now,
             TriggerType::Scheduled,
             NextStep::Failed,
@@ -1093,7 +1064,7 @@ pub async fn a_recovered_delivery_is_claimed_under_a_new_lease_whose_record_appl
         .expect("manual claim");
     assert_eq!(manual.len(), 1, "the recovered delivery is claimable");
     assert_eq!(manual[0].trigger, TriggerType::Manual);
-    assert_ne!(manual[0].lease, first[0].lease, "a new lease");
+    assert_ne!(manual[0].lease, first.lease, "a new lease");
     let recorded = store
         .record_attempt(attempt_record(
             &msg,
