@@ -345,6 +345,17 @@ async fn a_kill_never_leaves_a_message_without_its_history_entries() {
     let dir = tempfile::tempdir().expect("dir");
     let mut herald = spawn_herald(dir.path()).await;
     let app = herald.api.create_app("crash-history").await;
+    // Retention far above what can pour in before the kill, so trimming never makes the
+    // history count differ from the message count (the default keeps 1,000 per channel).
+    let (status, updated) = herald
+        .api
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/app/{app}"),
+            Some(json!({"history": [{"pattern": "history-*", "maxEvents": 100000, "maxAgeSecs": 86400}]})),
+        )
+        .await;
+    assert_eq!(status, 200, "{updated}");
     let receiver = Receiver::start().await;
     herald
         .api
