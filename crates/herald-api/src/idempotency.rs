@@ -2,10 +2,13 @@
 //! verbatim for the same key, caller and path for 24 hours. Only authenticated callers' answers
 //! are kept: the token is checked before anything is stored, keys are at most 255 bytes, kept
 //! bodies at most 2 MiB, and the table at most [`MAX_KEPT`] rows and [`MAX_KEPT_BYTES`]. A repeat that arrives while the
-//! first is still running gets 409, as Stripe does. The Svix SDKs send a key with every POST
-//! and reuse it when they retry, so a retried create never creates twice.
+//! first is still running gets 409, as Stripe does, on whichever node it arrives: the request
+//! claims its key in the store (for at most [`CLAIM_FOR`]) and the response, when saved,
+//! completes the claim; one not kept (a server error, too large, the client gone) releases
+//! it. The Svix SDKs send a key with every POST and reuse it when they retry, so a retried
+//! create never creates twice.
 
-use std::{collections::HashSet, sync::Mutex, time::Duration};
+use std::{mem, sync::Arc, time::Duration};
 
 use axum::{
     body::{Body, to_bytes},
@@ -16,7 +19,7 @@ use axum::{
 };
 use chrono::Utc;
 use herald_core::token;
-use herald_store::Store;
+use herald_store::{IdempotencyClaim, Store};
 
 use crate::{ApiState, auth, error::ApiError};
 
@@ -31,29 +34,55 @@ pub const MAX_KEY_LEN: usize = 255;
 /// the oldest beyond either.
 pub const MAX_KEPT: u64 = 100_000;
 pub const MAX_KEPT_BYTES: u64 = 256 * 1024 * 1024;
+/// How long a request holds its key in the store. A claim normally ends with its request
+/// (saved or released); this bounds the 409s a node that died mid-request leaves behind.
+/// Handlers answer in far less (the slowest waits for one commit), and it must stay so: a
+/// request outliving its claim lets a repeat run it again.
+const CLAIM_FOR: Duration = Duration::from_secs(60);
 
-#[derive(Default)]
-pub struct InFlight(Mutex<HashSet<String>>);
-
-struct Claim<'a> {
-    set: &'a InFlight,
-    id: String,
+/// A key claimed in the store while its request runs. Unless the response was saved or the
+/// claim released, dropping it (the handler's future was dropped: the client went away)
+/// releases the claim on a task of its own, since `Drop` cannot await.
+struct Claim {
+    store: Arc<dyn Store>,
+    scope: String,
+    key: String,
+    held: bool,
 }
 
-impl Drop for Claim<'_> {
-    fn drop(&mut self) {
-        self.set
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.id);
+impl Claim {
+    /// The response was saved, which completed the claim in the store.
+    fn complete(mut self) {
+        self.held = false;
+    }
+
+    /// The request ended without a response worth keeping: the next one with the key runs.
+    async fn release(mut self) {
+        self.held = false;
+        release(self.store.as_ref(), &self.scope, &self.key).await;
     }
 }
 
-impl InFlight {
-    fn claim(&self, id: String) -> Option<Claim<'_>> {
-        let mut set = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        set.insert(id.clone()).then(|| Claim { set: self, id })
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if !self.held {
+            return;
+        }
+        // Without a runtime (it is shutting down) the claim is left to expire after
+        // CLAIM_FOR. The task is one store call, so it needs no place in a shutdown tree.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let store = Arc::clone(&self.store);
+        let (scope, key) = (mem::take(&mut self.scope), mem::take(&mut self.key));
+        runtime.spawn(async move { release(store.as_ref(), &scope, &key).await });
+    }
+}
+
+async fn release(store: &dyn Store, scope: &str, key: &str) {
+    if let Err(e) = store.release_idempotency_key(scope, key).await {
+        // Only a repeat is affected: it gets 409 until the claim expires.
+        tracing::warn!(error = %e, "could not release an Idempotency-Key claim");
     }
 }
 
@@ -91,17 +120,32 @@ pub async fn replay(State(state): State<ApiState>, mut request: Request, next: N
         token::hex(&token::hash(&auth)),
         request.uri().path()
     );
-    match state.store.idempotent_response(&scope, &key).await {
-        Ok(Some((status, body))) => return stored_response(status, body),
-        Ok(None) => {}
+    let now = Utc::now();
+    let claim_until = now + chrono::Duration::from_std(CLAIM_FOR).unwrap_or_default();
+    // One store call decides: replay a kept response, refuse a repeat of a running request
+    // (on any node sharing the store), or run this one under a claim.
+    match state
+        .store
+        .claim_idempotency_key(&scope, &key, now, claim_until)
+        .await
+    {
+        Ok(IdempotencyClaim::Claimed) => {}
+        Ok(IdempotencyClaim::Done { status, body }) => return stored_response(status, body),
+        Ok(IdempotencyClaim::InProgress) => {
+            return ApiError::conflict("a request with this Idempotency-Key is still in progress")
+                .into_response();
+        }
         Err(e) => return ApiError::from(e).into_response(),
     }
-    let Some(_claim) = state.idempotency.claim(format!("{scope}\n{key}")) else {
-        return ApiError::conflict("a request with this Idempotency-Key is still in progress")
-            .into_response();
+    let claim = Claim {
+        store: Arc::clone(&state.store),
+        scope,
+        key,
+        held: true,
     };
     let response = next.run(request).await;
     if response.status().is_server_error() {
+        claim.release().await;
         return response;
     }
     let (parts, body) = response.into_parts();
@@ -109,20 +153,36 @@ pub async fn replay(State(state): State<ApiState>, mut request: Request, next: N
     // stored copy is limited.
     let bytes = match to_bytes(body, usize::MAX).await {
         Ok(bytes) => bytes,
-        Err(e) => return ApiError::internal(e).into_response(),
+        Err(e) => {
+            claim.release().await;
+            return ApiError::internal(e).into_response();
+        }
     };
     if bytes.len() > MAX_STORED_BODY {
         tracing::debug!(
             bytes = bytes.len(),
             "response too large to keep for Idempotency-Key replay"
         );
-    } else if let Err(e) = state
-        .store
-        .save_idempotent_response(&scope, &key, parts.status.as_u16(), &bytes, Utc::now())
-        .await
-    {
-        // The request itself succeeded; only a future replay is lost.
-        tracing::warn!(error = %e, "could not store idempotent response");
+        claim.release().await;
+    } else {
+        match state
+            .store
+            .save_idempotent_response(
+                &claim.scope,
+                &claim.key,
+                parts.status.as_u16(),
+                &bytes,
+                Utc::now(),
+            )
+            .await
+        {
+            Ok(()) => claim.complete(),
+            Err(e) => {
+                // The request itself succeeded; only a future replay is lost.
+                tracing::warn!(error = %e, "could not store idempotent response");
+                claim.release().await;
+            }
+        }
     }
     Response::from_parts(parts, Body::from(bytes))
 }
@@ -159,5 +219,48 @@ pub async fn purge_expired(store: &dyn Store) {
         Ok(n) if n > 0 => tracing::debug!(purged = n, "expired idempotency keys removed"),
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "purging idempotency keys failed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use herald_store::sqlite::SqliteStore;
+
+    use super::*;
+
+    /// A request whose future is dropped (its client went away) leaves no claim behind: the
+    /// next request with the key runs instead of getting 409 until the claim expires.
+    #[tokio::test]
+    async fn a_dropped_request_releases_its_claim() {
+        let dir = std::env::temp_dir().join(format!(
+            "herald-idempotency-{}-{}",
+            std::process::id(),
+            Utc::now().timestamp_micros()
+        ));
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir).await.expect("open"));
+        let now = Utc::now();
+        let until = now + chrono::Duration::from_std(CLAIM_FOR).expect("a duration");
+        let claim = || store.claim_idempotency_key("scope", "key", now, until);
+        assert_eq!(claim().await.expect("claim"), IdempotencyClaim::Claimed);
+        let held = Claim {
+            store: Arc::clone(&store),
+            scope: "scope".into(),
+            key: "key".into(),
+            held: true,
+        };
+        assert_eq!(claim().await.expect("claim"), IdempotencyClaim::InProgress);
+        drop(held);
+        // The release runs on a task of its own.
+        let mut outcome = IdempotencyClaim::InProgress;
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            outcome = claim().await.expect("claim");
+            if outcome != IdempotencyClaim::InProgress {
+                break;
+            }
+        }
+        store.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(outcome, IdempotencyClaim::Claimed);
     }
 }

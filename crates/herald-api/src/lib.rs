@@ -46,7 +46,6 @@ pub struct ApiState {
     pub presence: Arc<dyn PresenceManager>,
     /// Digest of the operator's admin token, if one is configured.
     pub admin_token_hash: Option<TokenHash>,
-    pub idempotency: Arc<idempotency::InFlight>,
     /// Large inbound webhooks verified at once on the blocking pool, at most one per core, so
     /// a flood of them queues instead of crowding out everything else.
     pub large_verifications: Arc<tokio::sync::Semaphore>,
@@ -98,7 +97,6 @@ impl ApiState {
             publisher,
             presence,
             admin_token_hash,
-            idempotency: Arc::default(),
             large_verifications: Arc::new(tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
             )),

@@ -73,9 +73,6 @@ const FRAME_OVERHEAD: u64 = 80;
 pub struct History {
     store: Arc<dyn Store>,
     config: HistoryConfig,
-    /// Secret per process: the epoch of a channel with no stored position is derived from it
-    /// and the channel's name.
-    epoch_seed: String,
 }
 
 /// Where a resuming client left off.
@@ -141,11 +138,7 @@ pub struct Page {
 
 impl History {
     pub fn new(store: Arc<dyn Store>, config: HistoryConfig) -> Self {
-        Self {
-            store,
-            config,
-            epoch_seed: format!("{}{}", history::new_epoch(), history::new_epoch()),
-        }
+        Self { store, config }
     }
 
     /// The channel's retention, if it keeps history: the app's rules, else the defaults.
@@ -155,12 +148,16 @@ impl History {
     }
 
     /// The position of a channel the store has none for (nothing was appended to it): offset
-    /// 1, with an epoch derived from the channel's name and this process's secret, so every
-    /// subscriber is told the same one, and the first append stores it. After a restart the
-    /// epoch differs, as a random one would; a client that saw nothing of such a channel has
-    /// missed nothing, and resumes from offset 0 whatever the epoch (`history::recovery`).
-    fn fresh_position(&self, app_id: &AppId, channel: &str) -> ChannelPosition {
-        let mac = herald_core::pusher::sign(&self.epoch_seed, &format!("{app_id}\n{channel}"));
+    /// 1, with an epoch derived from the channel's name and the app's secret, so every
+    /// subscriber on every node of a cluster is told the same one, the first append (on any
+    /// node) stores it, and clients cannot guess it. A client that saw nothing of such a
+    /// channel has missed nothing, and resumes from offset 0 whatever the epoch it was told
+    /// (`history::recovery`), so a secret rotation changing it harms no one.
+    fn fresh_position(&self, app: &App, channel: &str) -> ChannelPosition {
+        let mac = herald_core::pusher::sign(
+            &app.pusher.secret,
+            &format!("history-epoch\n{}\n{channel}", app.id),
+        );
         ChannelPosition {
             epoch: mac.chars().take(16).collect(),
             next_offset: 1,
@@ -169,15 +166,15 @@ impl History {
 
     /// The epoch a channel with no stored position is reported under, and starts under at its
     /// first event (see [`NewHistoryEntry::first_epoch`](herald_core::history::NewHistoryEntry)).
-    pub fn fresh_epoch(&self, app_id: &AppId, channel: &str) -> String {
-        self.fresh_position(app_id, channel).epoch
+    pub fn fresh_epoch(&self, app: &App, channel: &str) -> String {
+        self.fresh_position(app, channel).epoch
     }
 
     /// The channel's position as the store has it, or its fresh one.
-    async fn position(&self, app_id: &AppId, channel: &str) -> Result<ChannelPosition, StoreError> {
-        Ok(match self.store.channel_position(app_id, channel).await? {
+    async fn position(&self, app: &App, channel: &str) -> Result<ChannelPosition, StoreError> {
+        Ok(match self.store.channel_position(&app.id, channel).await? {
             Some(position) => position,
-            None => self.fresh_position(app_id, channel),
+            None => self.fresh_position(app, channel),
         })
     }
 
@@ -199,7 +196,7 @@ impl History {
         resume: Option<&Resume>,
         budget: &dyn ReplayBudget,
     ) -> Result<Joined, StoreError> {
-        let position = self.position(&app.id, channel).await?;
+        let position = self.position(app, channel).await?;
         let newest = position.next_offset - 1;
         let mut joined = Joined {
             epoch: position.epoch.clone(),

@@ -16,7 +16,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     sync::{
         Arc, Mutex, OnceLock, RwLock,
-        atomic::{AtomicBool, AtomicU32, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
     },
 };
 
@@ -242,6 +242,17 @@ impl Hub {
     pub fn remove_app(&self, app_id: &AppId) {
         self.app(app_id).removed.cancel();
     }
+
+    /// The app's hub if it has one on this node (a broker bringing another node's publication
+    /// does not create one for an app nobody here is connected to).
+    pub fn existing(&self, app_id: &AppId) -> Option<Arc<AppHub>> {
+        read(&self.apps).get(app_id).cloned()
+    }
+
+    /// Every app with a hub on this node.
+    pub fn apps(&self) -> Vec<Arc<AppHub>> {
+        read(&self.apps).values().cloned().collect()
+    }
 }
 
 pub struct AppHub {
@@ -271,11 +282,21 @@ struct Subscriber {
     /// held until [`AppHub::go_live`] merges it behind the replay (boxed: one pointer for
     /// the subscribers that are live).
     joining: Option<Box<Mutex<Vec<Outgoing>>>>,
+    /// History channels: the offset after the newest this subscriber has (from its replay, or
+    /// handed to it since); 0 until it goes live. A publication below it is one it has,
+    /// arriving late (a broker brings an event to a node some time after its commit, and a
+    /// subscriber that joined meanwhile read it from the store), and is not sent again.
+    next_offset: AtomicU64,
 }
 
 impl Subscriber {
-    fn send(&self, item: &Outgoing) {
+    fn send(&self, item: &Outgoing, offset: Option<u64>) {
         let Some(held) = &self.joining else {
+            if let Some(offset) = offset
+                && self.next_offset.fetch_max(offset + 1, Ordering::Relaxed) > offset
+            {
+                return;
+            }
             self.outbox.send_shared(item);
             return;
         };
@@ -435,17 +456,40 @@ impl AppHub {
             return false;
         };
         first(&subscriber.outbox);
+        subscriber
+            .next_offset
+            .fetch_max(newest + 1, Ordering::Relaxed);
         if let Some(held) = subscriber.joining.take() {
             let held = held.into_inner().unwrap_or_else(|p| p.into_inner());
             for item in held {
-                let seen = matches!(&item, Outgoing::Publication(p)
-                    if p.offset().is_some_and(|offset| offset <= newest));
-                if !seen {
-                    subscriber.outbox.send(item);
-                }
+                let offset = match &item {
+                    Outgoing::Publication(p) => p.offset(),
+                    Outgoing::Frame(_) => None,
+                };
+                subscriber.send(&item, offset);
             }
         }
         true
+    }
+
+    /// The app's id.
+    pub fn app_id(&self) -> &AppId {
+        &self.app_id
+    }
+
+    /// Where a catch-up of `channel` must start for this node's live subscribers to miss
+    /// nothing: the oldest newest-offset among them (those still joining read the store
+    /// themselves). `None` if no live subscriber has an offset yet.
+    pub fn catch_up_from(&self, channel: &str) -> Option<u64> {
+        read(&self.channels).get(channel).and_then(|c| {
+            c.subscribers
+                .values()
+                .filter(|s| s.joining.is_none())
+                .map(|s| s.next_offset.load(Ordering::Relaxed))
+                .filter(|&next| next > 0)
+                .min()
+                .map(|next| next - 1)
+        })
     }
 
     fn add_subscriber(
@@ -500,6 +544,7 @@ impl AppHub {
                 outbox: outbox.clone(),
                 user_id,
                 joining: held.then(Box::default),
+                next_offset: AtomicU64::new(0),
             },
         );
         Ok(outcome)
@@ -560,6 +605,7 @@ impl AppHub {
                 entry,
                 &Outgoing::Publication(Arc::clone(publication)),
                 publication.except.as_deref(),
+                publication.offset(),
             )
         })
     }
@@ -569,7 +615,7 @@ impl AppHub {
     pub fn notify(&self, channel: &str, frame: &Frame, except: Option<&str>) -> usize {
         let channels = read(&self.channels);
         channels.get(channel).map_or(0, |entry| {
-            fan_out(entry, &Outgoing::Frame(frame.clone()), except)
+            fan_out(entry, &Outgoing::Frame(frame.clone()), except, None)
         })
     }
 
@@ -634,11 +680,11 @@ impl AppHub {
 }
 
 /// Hands `item` to every subscriber but `except`; returns how many got it.
-fn fan_out(channel: &Channel, item: &Outgoing, except: Option<&str>) -> usize {
+fn fan_out(channel: &Channel, item: &Outgoing, except: Option<&str>, offset: Option<u64>) -> usize {
     let mut sent = 0;
     for (socket_id, subscriber) in &channel.subscribers {
         if Some(socket_id.as_str()) != except {
-            subscriber.send(item);
+            subscriber.send(item, offset);
             sent += 1;
         }
     }
@@ -908,6 +954,35 @@ mod tests {
         assert!(!hub.go_live("history-c", "9.9", 0, |_| unreachable!(
             "no such subscriber"
         )));
+    }
+
+    /// A broker brings a publication to a node some time after its commit: one that a joining
+    /// subscriber read from the store arrives after it went live, or one arrives twice (a
+    /// catch-up after a lost broker link). Each subscriber gets each offset once.
+    #[test]
+    fn a_publication_a_subscriber_already_has_is_not_sent_again() {
+        let hub = app_hub();
+        let (outbox, mut rx, _) = Outbox::new(16);
+        hub.subscribe_joining("history-c", "1.1", &outbox, None, 10)
+            .expect("subscribed");
+        assert_eq!(
+            hub.catch_up_from("history-c"),
+            None,
+            "a joining subscriber reads the store itself"
+        );
+        assert!(hub.go_live("history-c", "1.1", 5, |_| {}));
+        assert_eq!(hub.catch_up_from("history-c"), Some(5));
+        for offset in [4, 5, 6, 6, 7, 5] {
+            hub.broadcast(&published("history-c", Some(offset)));
+        }
+        hub.broadcast(&published("history-c", None));
+        assert_eq!(
+            offsets(&mut rx),
+            ["6", "7", "live"],
+            "late offsets and repeats dropped; unpositioned publications always pass"
+        );
+        assert_eq!(hub.catch_up_from("history-c"), Some(7));
+        assert_eq!(hub.catch_up_from("other"), None);
     }
 
     #[test]

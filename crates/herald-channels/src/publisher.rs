@@ -153,8 +153,9 @@ struct Plan {
     app_id: AppId,
     event: String,
     channels: Vec<String>,
-    /// The channels that keep history, by name, with their retention.
-    kept: Vec<(String, Retention)>,
+    /// The channels that keep history, by name, with their retention and the epoch a channel
+    /// without a stored position starts under.
+    kept: Vec<(String, (Retention, String))>,
     data: EventData,
     user_id: Option<String>,
     except: Option<String>,
@@ -211,11 +212,14 @@ impl Publisher {
             webhook,
         } = publish;
         let channels = subscribable(&channels);
-        let mut kept: Vec<(String, Retention)> = channels
+        let mut kept: Vec<(String, (Retention, String))> = channels
             .iter()
             .filter_map(|c| {
                 let retention = self.shared.history.retention(app, c)?;
-                Some((c.clone(), retention))
+                Some((
+                    c.clone(),
+                    (retention, self.shared.history.fresh_epoch(app, c)),
+                ))
             })
             .collect();
         kept.sort_unstable_by(|a, b| a.0.cmp(&b.0));
@@ -302,7 +306,7 @@ impl Shared {
         let now = chrono::Utc::now();
         let entries: Vec<NewHistoryEntry> = kept
             .iter()
-            .map(|(channel, retention)| NewHistoryEntry {
+            .map(|(channel, (retention, first_epoch))| NewHistoryEntry {
                 app_id: app_id.clone(),
                 channel: channel.clone(),
                 event: event.clone(),
@@ -311,7 +315,8 @@ impl Shared {
                 user_id: user_id.clone(),
                 created_at: now,
                 retention: *retention,
-                first_epoch: Some(self.history.fresh_epoch(&app_id, channel)),
+                first_epoch: Some(first_epoch.clone()),
+                except: except.clone(),
             })
             .collect();
         let (positions, recorded) = match (ingest, message) {

@@ -121,6 +121,10 @@ pub struct NewHistoryEntry {
     /// The epoch the channel starts under if the store has no position for it yet: the one
     /// its subscribers were told before its first event. `None`: a new random one.
     pub first_epoch: Option<String>,
+    /// A socket that must not receive the event live (a client event's sender, a Pusher
+    /// trigger's `socket_id`). Not kept: a store shared by several nodes announces it with the
+    /// entry, so the node that holds the socket leaves it out.
+    pub except: Option<String>,
 }
 
 /// Where a kept event landed: its channel's epoch and its offset.

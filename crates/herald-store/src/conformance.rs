@@ -29,8 +29,8 @@ use herald_core::{
 
 use crate::{
     AttemptQuery, AttemptRecord, AttemptScope, ClaimRequest, ENDPOINT_CHANGED, EndpointChange,
-    HistoryQuery, IngestRecorded, LeaseToken, NextStep, OccupancyChange, Occupant, Page, Recorded,
-    Store, StoreError, TokenScope,
+    HistoryQuery, IdempotencyClaim, IngestRecorded, LeaseToken, NextStep, OccupancyChange,
+    Occupant, Page, Recorded, Store, StoreError, TokenScope,
 };
 
 /// One check: a future over a fresh store.
@@ -69,6 +69,7 @@ checks!(
     a_repeated_delivery_id_is_recorded_once,
     history_rules_and_hmac_settings_round_trip,
     idempotency_purge_keeps_at_most_the_newest_records,
+    an_idempotency_key_is_claimed_once_until_saved_released_or_expired,
     occupancy_changes_collapse_to_the_last,
 );
 
@@ -169,6 +170,7 @@ fn history_entry(
         created_at: Utc::now(),
         retention,
         first_epoch: None,
+        except: None,
     }
 }
 
@@ -1875,6 +1877,123 @@ pub async fn idempotency_purge_keeps_at_most_the_newest_records(store: &dyn Stor
             .expect("read");
         assert_eq!(found.is_some(), kept, "key-{n}");
     }
+}
+
+/// An `Idempotency-Key` claim: the first claim wins and the next is in progress; a saved
+/// response completes it (a repeat gets the response); a released claim is free again; an
+/// expired one is taken over; a claim is never read as a response, and a purge keeps a live
+/// claim but forgets one that expired before its cutoff.
+pub async fn an_idempotency_key_is_claimed_once_until_saved_released_or_expired(store: &dyn Store) {
+    let now = Utc::now();
+    let minute = chrono::Duration::seconds(60);
+    let claim = |key: &'static str, at: DateTime<Utc>| {
+        store.claim_idempotency_key("scope", key, at, at + minute)
+    };
+    let claimed = |outcome: crate::Result<IdempotencyClaim>| outcome.expect("claim");
+
+    assert_eq!(claimed(claim("k", now).await), IdempotencyClaim::Claimed);
+    assert_eq!(claimed(claim("k", now).await), IdempotencyClaim::InProgress);
+    assert_eq!(
+        store.idempotent_response("scope", "k").await.expect("read"),
+        None,
+        "a claim is not a response"
+    );
+    // Other scopes and keys are free.
+    assert_eq!(
+        claimed(
+            store
+                .claim_idempotency_key("other", "k", now, now + minute)
+                .await
+        ),
+        IdempotencyClaim::Claimed
+    );
+    store
+        .save_idempotent_response("scope", "k", 201, b"{\"id\":1}", now)
+        .await
+        .expect("save");
+    let done = IdempotencyClaim::Done {
+        status: 201,
+        body: b"{\"id\":1}".to_vec(),
+    };
+    assert_eq!(claimed(claim("k", now).await), done);
+    // Saving again, or releasing, leaves the first response.
+    store
+        .save_idempotent_response("scope", "k", 200, b"{}", now)
+        .await
+        .expect("save again");
+    store
+        .release_idempotency_key("scope", "k")
+        .await
+        .expect("release");
+    assert_eq!(claimed(claim("k", now).await), done);
+    assert_eq!(
+        store.idempotent_response("scope", "k").await.expect("read"),
+        Some((201, b"{\"id\":1}".to_vec()))
+    );
+
+    // Released: claimable again, and then in progress again.
+    assert_eq!(claimed(claim("r", now).await), IdempotencyClaim::Claimed);
+    store
+        .release_idempotency_key("scope", "r")
+        .await
+        .expect("release");
+    assert_eq!(claimed(claim("r", now).await), IdempotencyClaim::Claimed);
+    assert_eq!(claimed(claim("r", now).await), IdempotencyClaim::InProgress);
+    // Releasing a key nobody claimed does nothing.
+    store
+        .release_idempotency_key("scope", "never")
+        .await
+        .expect("release an unclaimed key");
+
+    // Expired: the claim made at `now` holds until `now + minute`, and is taken over from then.
+    assert_eq!(claimed(claim("e", now).await), IdempotencyClaim::Claimed);
+    assert_eq!(
+        claimed(claim("e", now + minute - chrono::Duration::seconds(1)).await),
+        IdempotencyClaim::InProgress
+    );
+    let later = now + minute;
+    assert_eq!(claimed(claim("e", later).await), IdempotencyClaim::Claimed);
+    assert_eq!(
+        claimed(claim("e", later).await),
+        IdempotencyClaim::InProgress
+    );
+    store
+        .save_idempotent_response("scope", "e", 202, b"", later)
+        .await
+        .expect("save after a takeover");
+    assert_eq!(
+        claimed(claim("e", later).await),
+        IdempotencyClaim::Done {
+            status: 202,
+            body: Vec::new()
+        }
+    );
+
+    // A purge counts no claim against its rows and keeps the live ones ...
+    assert_eq!(claimed(claim("live", now).await), IdempotencyClaim::Claimed);
+    store
+        .purge_idempotency(now - chrono::Duration::hours(1), 0, 0)
+        .await
+        .expect("purge");
+    assert_eq!(
+        claimed(claim("live", now).await),
+        IdempotencyClaim::InProgress
+    );
+    assert_eq!(
+        claimed(claim("k", now).await),
+        IdempotencyClaim::Claimed,
+        "no row kept, so the response is forgotten"
+    );
+    // ... and forgets those that expired before its cutoff.
+    store
+        .purge_idempotency(now + chrono::Duration::hours(1), u64::MAX, u64::MAX)
+        .await
+        .expect("purge expired claims");
+    assert_eq!(
+        claimed(claim("live", now).await),
+        IdempotencyClaim::Claimed,
+        "a purged claim no longer holds, even at a time it covered"
+    );
 }
 
 /// Occupancy changes keep only each occupant's last change, within one record and across

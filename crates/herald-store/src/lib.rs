@@ -472,10 +472,39 @@ pub trait IngestStore: Send + Sync + 'static {
     -> Result<Option<IngestEvent>>;
 }
 
-/// `Idempotency-Key` replay: the responses already given, per scope and key.
+/// `Idempotency-Key` replay: the responses already given, per scope and key, and the keys whose
+/// first request is still running.
+///
+/// A key's life: [`claim_idempotency_key`](Self::claim_idempotency_key) marks it in progress
+/// until `claim_until`; then either [`save_idempotent_response`](Self::save_idempotent_response)
+/// completes the claim with the response, kept and replayed from then on, or
+/// [`release_idempotency_key`](Self::release_idempotency_key) forgets the claim (the request
+/// ended without a response worth keeping), so the next request with the key runs. A claim
+/// is seen by every node sharing the store. A claim whose `claim_until` has passed (its node
+/// died mid-request) is taken over by the next claim. Saving and releasing act on the key, not
+/// on one claimant: they do not check whose claim it is, so a claim must last longer than the
+/// request it covers.
 #[async_trait::async_trait]
 pub trait IdempotencyStore: Send + Sync + 'static {
+    /// The response kept for `key` in `scope`, if one was saved; never a claim in progress.
     async fn idempotent_response(&self, scope: &str, key: &str) -> Result<Option<(u16, Vec<u8>)>>;
+    /// Claims `key` in `scope` for a request starting `now`, until `claim_until`, in one atomic
+    /// decision: [`IdempotencyClaim::Done`] if a response is kept for it,
+    /// [`IdempotencyClaim::InProgress`] if another claim holds it until after `now`, otherwise
+    /// [`IdempotencyClaim::Claimed`] (a new claim, or one taking over an expired claim).
+    async fn claim_idempotency_key(
+        &self,
+        scope: &str,
+        key: &str,
+        now: DateTime<Utc>,
+        claim_until: DateTime<Utc>,
+    ) -> Result<IdempotencyClaim>;
+    /// Forgets the claim on `key` in `scope`, for a request that ended without a response
+    /// worth keeping (a server error, one too large to keep, a dropped request). A kept
+    /// response stays; releasing a key that is not claimed does nothing.
+    async fn release_idempotency_key(&self, scope: &str, key: &str) -> Result<()>;
+    /// Keeps `status` and `body` for `key` in `scope`, completing its claim if there is one
+    /// (a claim is not required). The first response saved stays: saving again changes nothing.
     async fn save_idempotent_response(
         &self,
         scope: &str,
@@ -485,13 +514,25 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> Result<()>;
     /// Forgets responses older than `older_than`, then the oldest beyond `max_rows` rows or
-    /// `max_bytes` of bodies.
+    /// `max_bytes` of bodies. Claims count against neither; one is purged only once its
+    /// `claim_until` is before `older_than`.
     async fn purge_idempotency(
         &self,
         older_than: DateTime<Utc>,
         max_rows: u64,
         max_bytes: u64,
     ) -> Result<u64>;
+}
+
+/// What [`IdempotencyStore::claim_idempotency_key`] decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdempotencyClaim {
+    /// The key is this caller's until its `claim_until`: run the request, then save or release.
+    Claimed,
+    /// Another request holds the key and has not finished.
+    InProgress,
+    /// A response is kept for the key: replay it.
+    Done { status: u16, body: Vec<u8> },
 }
 
 /// Channel webhooks: the messages they become and the occupancy they report.

@@ -20,6 +20,7 @@ use herald_channels::{
     history::History,
     presence::{LocalPresence, PresenceManager},
 };
+use herald_cluster::postgres::PostgresBroker;
 use herald_core::{
     model::{App, PusherCredentials},
     token,
@@ -49,7 +50,11 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let store_config = config.store_config()?;
-    let store::OpenedStore { store, properties } = store::open(&store_config).await?;
+    let store::OpenedStore {
+        store,
+        properties,
+        postgres,
+    } = store::open(&store_config).await?;
     tracing::info!(backend = properties.backend, "store: {store_config}");
     // A store owned by this process alone: anything still leased was cut off by a crash or a
     // hard stop, so deliver it again (at least once). A shared store's leases may belong to
@@ -103,7 +108,25 @@ pub async fn run(
         Arc::clone(&metrics.channels),
     ));
     let history = Arc::new(History::new(Arc::clone(&store), config.history_config()));
-    let broker: Arc<dyn Broker> = Arc::new(LocalBroker::new(Arc::clone(&hub)));
+    // One node: the hub is the broker's only destination. On PostgreSQL, every node sharing the
+    // database hears every publication through it (LISTEN/NOTIFY); its session runs below.
+    let postgres_broker = postgres.map(|postgres| {
+        let wake = dispatcher.handle();
+        PostgresBroker::new(
+            herald_cluster::new_node_id(),
+            postgres.pool().clone(),
+            Arc::clone(&hub),
+            Arc::clone(&store),
+            Box::new(move || wake.wake()),
+        )
+    });
+    let broker: Arc<dyn Broker> = match &postgres_broker {
+        Some(broker) => {
+            tracing::info!(node = broker.node(), "broker: PostgreSQL (LISTEN/NOTIFY)");
+            Arc::clone(broker) as _
+        }
+        None => Arc::new(LocalBroker::new(Arc::clone(&hub))),
+    };
     let presence: Arc<dyn PresenceManager> = Arc::new(LocalPresence::new(Arc::clone(&hub)));
     let publisher = Arc::new(Publisher::new(
         Arc::clone(&store),
@@ -155,6 +178,9 @@ pub async fn run(
     let background = TaskTracker::new();
     let stop_background = CancellationToken::new();
     background.spawn(dispatcher.run(stop_background.clone()));
+    if let Some(broker) = postgres_broker {
+        background.spawn(broker.run(stop_background.clone()));
+    }
     background.spawn(housekeeping(
         Arc::clone(&store),
         Arc::clone(&history),

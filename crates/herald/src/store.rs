@@ -138,6 +138,9 @@ pub struct StoreProperties {
 pub struct OpenedStore {
     pub store: Arc<dyn Store>,
     pub properties: StoreProperties,
+    /// The PostgreSQL store, whose database the nodes of a cluster share: the broker
+    /// runs on its pool.
+    pub postgres: Option<Arc<PostgresStore>>,
 }
 
 /// Open (creating if needed) the store `config` names and bring its schema up to date.
@@ -153,6 +156,7 @@ pub async fn open(config: &StoreConfig) -> anyhow::Result<OpenedStore> {
                     backend: "sqlite",
                     single_node: true,
                 },
+                postgres: None,
             })
         }
         StoreConfig::Postgres {
@@ -167,13 +171,15 @@ pub async fn open(config: &StoreConfig) -> anyhow::Result<OpenedStore> {
             let store = PostgresStore::open(url, options)
                 .await
                 .with_context(|| format!("opening the store: {config}"))?;
+            let store = Arc::new(store);
             Ok(OpenedStore {
-                store: Arc::new(store),
+                store: Arc::clone(&store) as Arc<dyn Store>,
                 properties: StoreProperties {
                     backend: "postgres",
                     // Other nodes may hold leases: they expire instead of being taken back.
                     single_node: false,
                 },
+                postgres: Some(store),
             })
         }
     }

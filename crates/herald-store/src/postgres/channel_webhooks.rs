@@ -7,7 +7,10 @@
 //!   change in a record counts (as SQLite's `apply_occupancy`): entered, `INSERT ... ON
 //!   CONFLICT DO NOTHING`; left, DELETE. Rows are written in sorted key order, so two nodes'
 //!   records touching the same occupants lock them in the same order.
-//! - `messages` and `deliveries` for the webhook messages, through `messages::insert_message`.
+//! - `messages` and `deliveries` for the webhook messages, through `messages::insert_message`,
+//!   which also notifies `messages::DELIVERIES_CHANNEL` in the same transaction for each
+//!   message with targets (PostgreSQL sends it once, on commit), so idle nodes' dispatchers
+//!   wake for the deliveries it queued.
 
 use std::collections::BTreeMap;
 
@@ -81,6 +84,8 @@ impl ChannelWebhookStore for PostgresStore {
         }
         let mut tx = self.pool.begin().await?;
         for (message, targets) in &messages {
+            // Queues the message's deliveries and, if it has targets, notifies
+            // DELIVERIES_CHANNEL: delivered once on commit, however many messages notify.
             super::messages::insert_message(&mut tx, message, targets).await?;
         }
         if !changes.is_empty() {

@@ -17,6 +17,15 @@
 //! locked in sorted order, so transactions touching several channels cannot deadlock on each
 //! other. `reset_history` takes the same row lock, so an append commits wholly before or after
 //! it. Channels are trimmed to retention on every [`TRIM_EVERY`]th offset, as SQLite does.
+//!
+//! Announcements: in the same transaction, every kept entry is announced on
+//! [`HISTORY_CHANNEL`] with `pg_notify` as a [`HistoryNotice`]. PostgreSQL delivers a
+//! transaction's notifications only when it commits, and delivers them to every listening
+//! session in commit order; since a channel's offsets are assigned under a row lock held to
+//! commit, each listener (each node's broker) hears one channel's entries in offset order,
+//! once each, never one that rolled back. A notification carries at most 8,000 bytes: a
+//! larger entry is announced by reference (without its event), to be read from
+//! `channel_history`.
 
 use std::collections::BTreeMap;
 
@@ -39,6 +48,94 @@ const TRIM_EVERY: i64 = 16;
 
 /// History rows per INSERT statement (9 parameters each, well under PostgreSQL's 65535).
 const ROWS_PER_STATEMENT: usize = 1000;
+
+/// The NOTIFY channel every committed history entry is announced on.
+pub const HISTORY_CHANNEL: &str = "herald_history";
+
+/// A notification's payload must be shorter than 8,000 bytes; larger entries go by reference.
+const MAX_NOTICE_BYTES: usize = 7_900;
+
+/// A committed history entry, as announced on [`HISTORY_CHANNEL`] (JSON with one-letter
+/// keys: notifications are small).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HistoryNotice {
+    #[serde(rename = "a")]
+    pub app_id: String,
+    #[serde(rename = "c")]
+    pub channel: String,
+    #[serde(rename = "e")]
+    pub epoch: String,
+    #[serde(rename = "o")]
+    pub offset: u64,
+    /// A socket that must not receive it live.
+    #[serde(rename = "x", default, skip_serializing_if = "Option::is_none")]
+    pub except: Option<String>,
+    /// The event, unless it was too large to announce: then it is read from the store.
+    #[serde(rename = "v", default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<NoticeEvent>,
+}
+
+/// The kept event in a [`HistoryNotice`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NoticeEvent {
+    #[serde(rename = "n")]
+    pub name: String,
+    #[serde(rename = "d")]
+    pub data: String,
+    #[serde(rename = "j", default)]
+    pub raw_json: bool,
+    #[serde(rename = "u", default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    /// Milliseconds since the Unix epoch.
+    #[serde(rename = "t")]
+    pub created_at: i64,
+}
+
+impl HistoryNotice {
+    /// The notification payload for `entry` kept at `position`: whole if it fits, else by
+    /// reference.
+    fn payload(entry: &NewHistoryEntry, position: &Position) -> Result<String> {
+        let mut notice = Self {
+            app_id: entry.app_id.as_str().to_owned(),
+            channel: entry.channel.clone(),
+            epoch: position.epoch.clone(),
+            offset: position.offset,
+            except: entry.except.clone(),
+            event: Some(NoticeEvent {
+                name: entry.event.clone(),
+                data: entry.data.clone(),
+                raw_json: entry.raw_json,
+                user_id: entry.user_id.clone(),
+                created_at: millis(entry.created_at),
+            }),
+        };
+        let whole = serde_json::to_string(&notice)
+            .map_err(|e| StoreError::Corrupt(format!("history notice: {e}")))?;
+        if whole.len() <= MAX_NOTICE_BYTES {
+            return Ok(whole);
+        }
+        notice.event = None;
+        serde_json::to_string(&notice)
+            .map_err(|e| StoreError::Corrupt(format!("history notice: {e}")))
+    }
+
+    /// The entry it announces, if it carries the event; `None` for one announced by reference
+    /// (read it with [`HistoryStore::history`]) or with an app id that is not one.
+    pub fn entry(&self) -> Option<HistoryEntry> {
+        let event = self.event.as_ref()?;
+        Some(HistoryEntry {
+            app_id: AppId::parse(&self.app_id).ok()?,
+            channel: self.channel.clone(),
+            epoch: self.epoch.clone(),
+            offset: self.offset,
+            event: event.name.clone(),
+            data: event.data.clone(),
+            raw_json: event.raw_json,
+            user_id: event.user_id.clone(),
+            created_at: rows::time(event.created_at).ok()?,
+        })
+    }
+}
 
 /// A u64 offset as BIGINT, saturating (offsets never come near `i64::MAX`).
 fn bigint(offset: u64) -> i64 {
@@ -155,16 +252,34 @@ pub(super) async fn append_entries(
         .await?;
     }
 
-    assigned
-        .into_iter()
+    let positions = assigned
+        .iter()
         .map(|(_, seq, epoch)| {
             Ok(Position {
-                epoch,
-                offset: u64::try_from(seq)
+                epoch: epoch.clone(),
+                offset: u64::try_from(*seq)
                     .map_err(|_| StoreError::Corrupt("history offset".into()))?,
             })
         })
-        .collect()
+        .collect::<Result<Vec<Position>>>()?;
+
+    // Announced at commit, in offset order (see the module doc). `ORDER BY` makes PostgreSQL
+    // call the volatile `pg_notify` after sorting, so in the order given.
+    let notices = assigned
+        .iter()
+        .zip(&positions)
+        .map(|((entry, _, _), position)| HistoryNotice::payload(entry, position))
+        .collect::<Result<Vec<String>>>()?;
+    sqlx::query(
+        "SELECT pg_notify($1, notice)
+         FROM unnest($2::text[]) WITH ORDINALITY AS n(notice, ord)
+         ORDER BY ord",
+    )
+    .bind(HISTORY_CHANNEL)
+    .bind(&notices)
+    .execute(&mut *conn)
+    .await?;
+    Ok(positions)
 }
 
 #[async_trait::async_trait]
@@ -397,6 +512,7 @@ mod tests {
                 max_age: Duration::from_secs(3600),
             },
             first_epoch: None,
+            except: None,
         }
     }
 

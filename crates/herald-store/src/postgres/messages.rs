@@ -6,8 +6,22 @@
 //! entries in the same transaction through `history::append_entries`. A claim is one statement
 //! per pass (see `claim_statement`); an attempt record is one transaction: the attempt row
 //! always, the delivery's next state and the endpoint change only under the claim's token.
-//! Per-endpoint and per-app limits count the request's `in_flight` / `app_in_flight` maps, as
-//! the SQLite store does (cluster-wide counting from `deliveries_leased` is a later step).
+//!
+//! Limits hold cluster-wide. A claim's transaction (READ COMMITTED) first takes the advisory
+//! lock [`CLAIM_LOCK_KEY`] (`pg_advisory_xact_lock`, released at its commit), so claims on all
+//! nodes take turns, and each pass's statement, with a snapshot of its own taken under the
+//! lock, sees every lease the earlier claims committed. Each pass counts the live leases
+//! (`lease_token IS NOT NULL AND leased_until > now`) per endpoint and per app, and holds an
+//! endpoint or app at the larger of that count and the request's `in_flight` /
+//! `app_in_flight` (the caller's own deliveries are live leases too, so the two are not
+//! added; the request's can be the larger, for a caller whose leases ran out mid-attempt).
+//! So `per_endpoint_limit` and `per_app_limit` bound what all nodes hold together.
+//!
+//! Wake-ups: every transaction that makes a delivery due now notifies [`DELIVERIES_CHANNEL`]
+//! (`pg_notify`, empty payload, sent by PostgreSQL only on commit): [`insert_message`] when it
+//! queues deliveries (so messages, publications, ingest and channel webhooks with targets),
+//! `enqueue_manual`, and `enqueue_failed` when it requeued any. Retries falling due later
+//! notify nothing: a dispatcher sleeps until `next_due_at` for those.
 //!
 //! Tables (migrations/postgres/0001_init.sql):
 //! - `messages`: id TEXT PK, app_id TEXT (apps, cascade), event_id TEXT (UNIQUE with app_id:
@@ -25,9 +39,10 @@
 //!   `lease_token = nextval('delivery_lease_tokens'), leased_until = lease_until`.
 //!   Indexes: deliveries_due_first / deliveries_due_retry (next_attempt_at, partial per lane),
 //!   deliveries_leased (app_id, endpoint_id, leased_until) WHERE lease_token IS NOT NULL (what
-//!   is in flight cluster-wide). A record applies only `WHERE lease_token = $token` and clears
-//!   lease_token and leased_until; enqueue_manual / enqueue_failed clear them (take back);
-//!   `requeue_leased` is for single-node stores only (a shared store's leases expire).
+//!   is in flight cluster-wide: each claim pass counts the live leases through it). A record
+//!   applies only `WHERE lease_token = $token` and clears lease_token and leased_until;
+//!   enqueue_manual / enqueue_failed clear them (take back); `requeue_leased` is for
+//!   single-node stores only (a shared store's leases expire).
 //! - `attempts` (written with each record): see attempts.rs.
 //! - `endpoints.failing_since`, `disabled`, `updated_at` (the record's endpoint change; a
 //!   disable moves updated_at: `GREATEST(updated_at + 1, $now)`).
@@ -56,8 +71,24 @@ use crate::{
 /// A repeated `(app_id, event_id)`: the same text the SQLite store reports.
 pub(super) const MESSAGE_CONFLICT: &str = "a message with this eventId already exists";
 
+/// The channel every transaction that makes a delivery due now notifies (`pg_notify`, empty
+/// payload), so the dispatchers of idle nodes wake. PostgreSQL delivers a notification only
+/// when its transaction commits, and the same channel and payload notified several times in
+/// one transaction once.
+pub const DELIVERIES_CHANNEL: &str = "herald_deliveries";
+
+/// Tells idle nodes, on commit of the caller's transaction, that deliveries are due.
+async fn notify_due(conn: &mut PgConnection) -> Result<()> {
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(DELIVERIES_CHANNEL)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
 /// Inserts `message` and its first deliveries (one per endpoint, due at the message's creation)
-/// in the caller's transaction. A message whose id or `(app_id, event_id)` exists already is
+/// in the caller's transaction, and then notifies [`DELIVERIES_CHANNEL`] in the same statement
+/// (no round trip of its own). A message whose id or `(app_id, event_id)` exists already is
 /// the eventId [`StoreError::Conflict`], and then nothing is inserted.
 pub(super) async fn insert_message(
     conn: &mut sqlx::PgConnection,
@@ -88,10 +119,14 @@ pub(super) async fn insert_message(
         return Ok(());
     }
     let endpoints: Vec<&str> = endpoint_ids.iter().map(EndpointId::as_str).collect();
+    // A data-modifying WITH runs whether or not it is read: the insert, then the notification.
     sqlx::query(
-        "INSERT INTO deliveries (msg_id, endpoint_id, app_id, status, attempts, trigger_type,
-                                 next_attempt_at, updated_at)
-         SELECT $1, e, $2, $3, 0, $4, $5, $5 FROM UNNEST($6::text[]) AS e",
+        "WITH queued AS (
+             INSERT INTO deliveries (msg_id, endpoint_id, app_id, status, attempts,
+                                     trigger_type, next_attempt_at, updated_at)
+             SELECT $1, e, $2, $3, 0, $4, $5, $5 FROM UNNEST($6::text[]) AS e
+         )
+         SELECT pg_notify($7, '')",
     )
     .bind(message.id.as_str())
     .bind(message.app_id.as_str())
@@ -99,6 +134,7 @@ pub(super) async fn insert_message(
     .bind(TriggerType::Scheduled as i32)
     .bind(created)
     .bind(&endpoints)
+    .bind(DELIVERIES_CHANNEL)
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -185,6 +221,7 @@ impl MessageStore for PostgresStore {
     ) -> Result<()> {
         // Clearing the lease takes the delivery back from any claim holding it: that claim's
         // record, fenced on its token, is then stale (the row lock orders the two).
+        let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO deliveries (msg_id, endpoint_id, app_id, status, attempts, trigger_type,
                                      next_attempt_at, updated_at)
@@ -200,8 +237,10 @@ impl MessageStore for PostgresStore {
         .bind(DeliveryStatus::Pending as i32)
         .bind(TriggerType::Manual as i32)
         .bind(millis(now))
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        notify_due(&mut tx).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -213,6 +252,7 @@ impl MessageStore for PostgresStore {
         now: DateTime<Utc>,
     ) -> Result<u64> {
         // Message ids sort by creation time, so a time window is an id range.
+        let mut tx = self.pool.begin().await?;
         let done = sqlx::query(
             "UPDATE deliveries SET status = $1, trigger_type = $2, next_attempt_at = $3,
                                    updated_at = $3, lease_token = NULL, leased_until = NULL
@@ -225,11 +265,18 @@ impl MessageStore for PostgresStore {
         .bind(DeliveryStatus::Fail as i32)
         .bind(id::lower_bound(id::MESSAGE, since))
         .bind(id::lower_bound(id::MESSAGE, until))
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        if done.rows_affected() > 0 {
+            notify_due(&mut tx).await?;
+        }
+        tx.commit().await?;
         Ok(done.rows_affected())
     }
 
+    /// Cluster-wide: under the claim lock ([`CLAIM_LOCK_KEY`]), an endpoint or app holds the
+    /// larger of its live leases in the database (every node's) and the request's own count,
+    /// so the limits bound all nodes together, not each node alone.
     async fn claim_due(&self, request: &ClaimRequest) -> Result<Vec<DeliveryJob>> {
         let limit = request.limit as usize;
         if limit == 0 {
@@ -240,21 +287,27 @@ impl MessageStore for PostgresStore {
         let mut taken_endpoints: HashMap<EndpointId, u32> = HashMap::new();
         let mut taken_apps: HashMap<AppId, u32> = HashMap::new();
         let mut jobs: Vec<DeliveryJob> = Vec::new();
-        let mut tx = self.pool.begin().await?;
+        // READ COMMITTED whatever the server's default: each statement after the lock must see
+        // the leases the previous lock holder committed, which a snapshot taken at the lock
+        // (REPEATABLE READ) would not.
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL READ COMMITTED")
+            .await?;
+        // Claims take turns cluster-wide, so the live leases each one counts are all there are
+        // (the lock is released with the transaction's end).
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(CLAIM_LOCK_KEY)
+            .execute(&mut *tx)
+            .await?;
         for _ in 0..CLAIM_PASSES {
-            let endpoints = Held::new(
-                &request.in_flight,
-                &taken_endpoints,
-                request.per_endpoint_limit,
-            );
-            let apps = Held::new(&request.app_in_flight, &taken_apps, request.per_app_limit);
+            let endpoints = Held::new(&request.in_flight, &taken_endpoints);
+            let apps = Held::new(&request.app_in_flight, &taken_apps);
             let wanted = limit - jobs.len();
             // More candidates than needed: some may belong to an endpoint or app that fills up.
             let fetch = wanted.saturating_mul(4);
             let rows = sqlx::query(AssertSqlSafe(statement.as_str()))
                 .bind(millis(request.now))
-                .bind(&endpoints.full)
-                .bind(&apps.full)
                 .bind(i64::try_from(fetch).unwrap_or(i64::MAX))
                 .bind(&endpoints.ids)
                 .bind(&endpoints.counts)
@@ -397,12 +450,16 @@ impl MessageStore for PostgresStore {
 /// that filled up is followed by one that leaves those out (as the SQLite store does).
 const CLAIM_PASSES: usize = 3;
 
-/// What a claim's endpoints or apps hold (in flight plus taken by earlier passes), as the
-/// claim statement's array parameters.
+/// The key of the transaction-scoped advisory lock every claim takes first
+/// (`pg_advisory_xact_lock`), so claims run one at a time across all nodes of the database
+/// and each counts the others' committed leases. "heraldcl" in ASCII; advisory locks belong
+/// to the database, so deployments sharing one database in different schemas take turns too.
+pub(super) const CLAIM_LOCK_KEY: i64 = 0x6865_7261_6c64_636c;
+
+/// What the caller says its endpoints or apps hold (its in flight plus what earlier passes of
+/// this claim took), as the claim statement's array parameters. The statement takes, per key,
+/// the larger of this and the live leases it counts.
 struct Held {
-    /// The keys at their limit: the claim leaves their deliveries out.
-    full: Vec<String>,
-    /// Every key holding something, with its count.
     ids: Vec<String>,
     counts: Vec<i64>,
 }
@@ -411,10 +468,8 @@ impl Held {
     fn new<K: std::hash::Hash + Eq + AsRef<str>>(
         held: &HashMap<K, u32>,
         taken: &HashMap<K, u32>,
-        limit: u32,
     ) -> Self {
         let mut this = Self {
-            full: Vec::new(),
             ids: Vec::new(),
             counts: Vec::new(),
         };
@@ -423,9 +478,6 @@ impl Held {
             .chain(taken.keys().filter(|key| !held.contains_key(*key)));
         for key in keys {
             let count = held.get(key).copied().unwrap_or(0) + taken.get(key).copied().unwrap_or(0);
-            if count >= limit {
-                this.full.push(key.as_ref().to_owned());
-            }
             this.ids.push(key.as_ref().to_owned());
             this.counts.push(i64::from(count));
         }
@@ -433,18 +485,23 @@ impl Held {
     }
 }
 
-/// The claim, one statement for a whole pass. `cand` locks (`SKIP LOCKED`: rows another node
-/// is claiming are passed over) the earliest due, unleased or lease-expired rows of the lane,
-/// leaving out endpoints and apps already at their limit; of these, `by_endpoint` keeps each
-/// endpoint's first `limit - held` rows (disabled endpoints' rows go to `refused`), `by_app`
-/// each app's first `limit - held` of those, and `chosen` the earliest `$11` overall — the
-/// rows a greedy walk in due order would take, since an endpoint belongs to one app. `leased`
-/// gives each a fresh token; `refused` fails disabled endpoints' rows as the SQLite store does.
-/// The summary row (candidates, enabled candidates) comes back even when nothing is leased.
+/// The claim, one statement for a whole pass, run under the claim lock ([`CLAIM_LOCK_KEY`]).
+/// `live` counts what every node holds: deliveries under a lease that has not run out at `$1`
+/// (the `deliveries_leased` index; this claim's earlier passes are in it too, being the same
+/// transaction). `endpoint_held` / `app_held` take, per key, the larger of that and the
+/// caller's own count (its in-flight deliveries are live leases as well: never added).
+/// `cand` locks (`SKIP LOCKED`: rows locked by a record or an enqueue are passed over) the
+/// earliest due, unleased or lease-expired rows of the lane, leaving out endpoints and apps
+/// already at their limit; of these, `by_endpoint` keeps each endpoint's first `limit - held`
+/// rows (disabled endpoints' rows go to `refused`), `by_app` each app's first `limit - held`
+/// of those, and `chosen` the earliest `$9` overall — the rows a greedy walk in due order
+/// would take, since an endpoint belongs to one app. `leased` gives each a fresh token;
+/// `refused` fails disabled endpoints' rows as the SQLite store does. The summary row
+/// (candidates, enabled candidates) comes back even when nothing is leased.
 ///
-/// Parameters: $1 now, $2 full endpoints, $3 full apps, $4 candidates to fetch, $5/$6 endpoint
-/// ids and held counts, $7 per-endpoint limit, $8/$9 app ids and held counts, $10 per-app
-/// limit, $11 rows wanted, $12 lease until.
+/// Parameters: $1 now, $2 candidates to fetch, $3/$4 endpoint ids and the caller's counts, $5
+/// per-endpoint limit, $6/$7 app ids and the caller's counts, $8 per-app limit, $9 rows
+/// wanted, $10 lease until.
 fn claim_statement(first_attempts: bool) -> String {
     // Literal, not a parameter, so the planner can use the lane's partial index.
     let lane = if first_attempts {
@@ -453,38 +510,59 @@ fn claim_statement(first_attempts: bool) -> String {
         "NOT (d.attempts = 0 AND d.trigger_type = 0)"
     };
     format!(
-        "WITH cand AS (
+        "WITH live AS (
+             SELECT app_id, endpoint_id, COUNT(*) AS n
+             FROM deliveries
+             WHERE lease_token IS NOT NULL AND leased_until > $1
+             GROUP BY app_id, endpoint_id
+         ),
+         endpoint_held AS (
+             SELECT id, MAX(n) AS held
+             FROM (SELECT endpoint_id AS id, n FROM live
+                   UNION ALL
+                   SELECT id, n FROM UNNEST($3::text[], $4::bigint[]) AS own(id, n)) h
+             GROUP BY id
+         ),
+         app_held AS (
+             SELECT id, MAX(n) AS held
+             FROM (SELECT app_id AS id, SUM(n)::bigint AS n FROM live GROUP BY app_id
+                   UNION ALL
+                   SELECT id, n FROM UNNEST($6::text[], $7::bigint[]) AS own(id, n)) h
+             GROUP BY id
+         ),
+         cand AS (
              SELECT d.msg_id, d.endpoint_id, d.app_id, d.next_attempt_at, e.disabled
              FROM deliveries d JOIN endpoints e ON e.id = d.endpoint_id
              WHERE d.status IN (1, 3) AND d.next_attempt_at <= $1 AND {lane}
                AND (d.lease_token IS NULL OR d.leased_until <= $1)
-               AND d.endpoint_id <> ALL($2::text[]) AND d.app_id <> ALL($3::text[])
+               AND d.endpoint_id <> ALL(ARRAY(SELECT id FROM endpoint_held WHERE held >= $5))
+               AND d.app_id <> ALL(ARRAY(SELECT id FROM app_held WHERE held >= $8))
              ORDER BY d.next_attempt_at
-             LIMIT $4
+             LIMIT $2
              FOR UPDATE OF d SKIP LOCKED
          ),
          by_endpoint AS (
              SELECT c.msg_id, c.endpoint_id, c.app_id, c.next_attempt_at,
                     row_number() OVER (PARTITION BY c.endpoint_id
                                        ORDER BY c.next_attempt_at, c.msg_id) AS n,
-                    $7::bigint - COALESCE(h.held, 0) AS room
+                    $5::bigint - COALESCE(h.held, 0) AS room
              FROM cand c
-             LEFT JOIN UNNEST($5::text[], $6::bigint[]) AS h(id, held) ON h.id = c.endpoint_id
+             LEFT JOIN endpoint_held h ON h.id = c.endpoint_id
              WHERE NOT c.disabled
          ),
          by_app AS (
              SELECT b.msg_id, b.endpoint_id, b.next_attempt_at,
                     row_number() OVER (PARTITION BY b.app_id
                                        ORDER BY b.next_attempt_at, b.msg_id) AS n,
-                    $10::bigint - COALESCE(h.held, 0) AS room
+                    $8::bigint - COALESCE(h.held, 0) AS room
              FROM by_endpoint b
-             LEFT JOIN UNNEST($8::text[], $9::bigint[]) AS h(id, held) ON h.id = b.app_id
+             LEFT JOIN app_held h ON h.id = b.app_id
              WHERE b.n <= b.room
          ),
          chosen AS (
              SELECT msg_id, endpoint_id FROM by_app WHERE n <= room
              ORDER BY next_attempt_at, msg_id
-             LIMIT $11
+             LIMIT $9
          ),
          refused AS (
              UPDATE deliveries d
@@ -495,7 +573,7 @@ fn claim_statement(first_attempts: bool) -> String {
          ),
          leased AS (
              UPDATE deliveries d
-             SET lease_token = nextval('delivery_lease_tokens'), leased_until = $12
+             SET lease_token = nextval('delivery_lease_tokens'), leased_until = $10
              FROM chosen c
              WHERE d.msg_id = c.msg_id AND d.endpoint_id = c.endpoint_id
              RETURNING d.msg_id, d.endpoint_id, d.attempts, d.trigger_type, d.lease_token,
@@ -591,4 +669,345 @@ async fn endpoint_change(
     };
     update.execute(&mut *conn).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::HashSet, sync::Arc, time::Duration};
+
+    use bytes::Bytes;
+    use herald_core::model::{App, Attempt, Endpoint, EndpointFormat, Metadata, PusherCredentials};
+    use sqlx::{Connection, postgres::PgListener};
+
+    use super::super::tests::{SchemaGuard, open_in_fresh_schema, open_in_schema};
+    use super::*;
+    use crate::{AppStore, EndpointStore};
+
+    const URL_VAR: &str = "HERALD_TEST_POSTGRES_URL";
+
+    /// The server's URL, or `None` (the test is skipped) when it is unset.
+    fn server_url() -> Option<String> {
+        let url = std::env::var(URL_VAR).ok();
+        if url.is_none() {
+            eprintln!("skipped: {URL_VAR} is unset (this test needs a PostgreSQL server)");
+        }
+        url
+    }
+
+    /// Two nodes of one cluster: two stores, each with its own pool, on one fresh schema.
+    async fn two_nodes(url: &str) -> (SchemaGuard, PostgresStore, PostgresStore) {
+        let (guard, a) = open_in_fresh_schema(url.to_owned()).await;
+        let b = open_in_schema(url, &guard).await;
+        (guard, a, b)
+    }
+
+    async fn stored_app(store: &PostgresStore) -> App {
+        let now = Utc::now();
+        let app = App {
+            id: AppId::new(now),
+            uid: None,
+            name: "A".into(),
+            throttle_rate: None,
+            metadata: Metadata::new(),
+            pusher: PusherCredentials::generate(),
+            history: None,
+            created_at: now,
+            updated_at: now,
+        };
+        store.create_app(&app).await.expect("create app");
+        app
+    }
+
+    async fn stored_endpoint(store: &PostgresStore, app_id: &AppId) -> Endpoint {
+        let now = Utc::now();
+        let endpoint = Endpoint {
+            id: EndpointId::new(now),
+            app_id: app_id.clone(),
+            uid: None,
+            url: "https://example.com".into(),
+            description: String::new(),
+            throttle_rate: None,
+            disabled: false,
+            format: EndpointFormat::StandardWebhooks,
+            event_types: None,
+            channels: None,
+            metadata: Metadata::new(),
+            headers: Default::default(),
+            secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
+            previous_secrets: vec![],
+            failing_since: None,
+            created_at: now,
+            updated_at: now,
+        };
+        store
+            .create_endpoint(&endpoint)
+            .await
+            .expect("create endpoint");
+        endpoint
+    }
+
+    fn message(app_id: &AppId) -> Message {
+        let now = Utc::now();
+        Message {
+            id: MessageId::new(now),
+            app_id: app_id.clone(),
+            event_id: None,
+            event_type: "t".into(),
+            channels: None,
+            tags: None,
+            payload: Bytes::from_static(b"{}"),
+            created_at: now,
+        }
+    }
+
+    /// `count` messages of `app_id`, each to every one of `endpoints`.
+    async fn queue(store: &PostgresStore, app_id: &AppId, endpoints: &[&Endpoint], count: usize) {
+        let targets: Vec<EndpointId> = endpoints.iter().map(|e| e.id.clone()).collect();
+        for _ in 0..count {
+            store
+                .create_message(message(app_id), targets.clone())
+                .await
+                .expect("create message");
+        }
+    }
+
+    /// A first-attempt claim of up to `limit` rows, leased for a minute.
+    fn claim(
+        now: DateTime<Utc>,
+        limit: u32,
+        per_endpoint_limit: u32,
+        per_app_limit: u32,
+    ) -> ClaimRequest {
+        ClaimRequest {
+            now,
+            lease_until: now + chrono::Duration::seconds(60),
+            limit,
+            first_attempts: true,
+            in_flight: HashMap::new(),
+            per_endpoint_limit,
+            app_in_flight: HashMap::new(),
+            per_app_limit,
+        }
+    }
+
+    /// Records `job`'s attempt as delivered, under its lease.
+    async fn delivered(store: &PostgresStore, job: &DeliveryJob, at: DateTime<Utc>) {
+        let recorded = store
+            .record_attempt(AttemptRecord {
+                attempt: Attempt {
+                    id: herald_core::AttemptId::new(at),
+                    msg_id: job.msg_id.clone(),
+                    endpoint_id: job.endpoint.id.clone(),
+                    app_id: job.app_id.clone(),
+                    url: job.endpoint.url.clone(),
+                    status: DeliveryStatus::Success,
+                    response_status_code: 200,
+                    response: String::new(),
+                    response_duration_ms: 5,
+                    trigger_type: job.trigger,
+                    created_at: at,
+                },
+                next: NextStep::Delivered,
+                endpoint_change: EndpointChange::Unchanged,
+                lease: job.lease,
+            })
+            .await
+            .expect("record");
+        assert_eq!(recorded, Recorded::Applied, "the lease still holds");
+    }
+
+    /// Two nodes claiming with nothing in flight of their own lease an endpoint's limit
+    /// between them, not each; a node's own in-flight count is the same leases the database
+    /// counts (not added to them); a recorded attempt frees a place for any node.
+    #[tokio::test]
+    async fn two_nodes_hold_an_endpoint_to_its_limit_together() {
+        let Some(url) = server_url() else { return };
+        let (_guard, a, b) = two_nodes(&url).await;
+        let app = stored_app(&a).await;
+        let ep = stored_endpoint(&a, &app.id).await;
+        queue(&a, &app.id, &[&ep], 10).await;
+        let now = Utc::now() + chrono::Duration::seconds(1);
+        let request = claim(now, 10, 2, 100);
+
+        let on_a = a.claim_due(&request).await.expect("claim on a");
+        let on_b = b.claim_due(&request).await.expect("claim on b");
+        assert_eq!((on_a.len(), on_b.len()), (2, 0), "2 in all, not 2 per node");
+
+        delivered(&b, &on_a[0], now).await;
+        // a still holds on_a[1], and says so: that is the one live lease, counted once.
+        let mut own = request.clone();
+        own.in_flight = HashMap::from([(ep.id.clone(), 1)]);
+        let again_on_a = a.claim_due(&own).await.expect("claim on a");
+        assert_eq!(again_on_a.len(), 1, "a's own lease is not counted twice");
+        assert!(b.claim_due(&request).await.expect("claim on b").is_empty());
+
+        delivered(&a, &on_a[1], now).await;
+        let again_on_b = b.claim_due(&request).await.expect("claim on b");
+        assert_eq!(again_on_b.len(), 1, "a's record freed a place for b");
+        assert!(a.claim_due(&request).await.expect("claim on a").is_empty());
+    }
+
+    /// The per-app limit holds across nodes and over the app's endpoints.
+    #[tokio::test]
+    async fn two_nodes_hold_an_app_to_its_limit_together() {
+        let Some(url) = server_url() else { return };
+        let (_guard, a, b) = two_nodes(&url).await;
+        let app = stored_app(&a).await;
+        let (e1, e2) = (
+            stored_endpoint(&a, &app.id).await,
+            stored_endpoint(&a, &app.id).await,
+        );
+        queue(&a, &app.id, &[&e1, &e2], 10).await;
+        let now = Utc::now() + chrono::Duration::seconds(1);
+        let request = claim(now, 10, 100, 3);
+
+        let on_a = a.claim_due(&request).await.expect("claim on a");
+        let on_b = b.claim_due(&request).await.expect("claim on b");
+        assert_eq!((on_a.len(), on_b.len()), (3, 0), "3 in all, not 3 per node");
+
+        delivered(&a, &on_a[0], now).await;
+        let again_on_b = b.claim_due(&request).await.expect("claim on b");
+        assert_eq!(again_on_b.len(), 1, "a's record freed a place for b");
+        let mut own = request.clone();
+        own.app_in_flight = HashMap::from([(app.id.clone(), 2)]);
+        assert!(
+            a.claim_due(&own).await.expect("claim on a").is_empty(),
+            "a holds 2 and b 1: the app is at its limit"
+        );
+    }
+
+    /// Many claims at once from both nodes, round after round: together they never lease
+    /// more than the limits, and they fill them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_claims_from_two_nodes_never_exceed_the_limits() {
+        let Some(url) = server_url() else { return };
+        let (_guard, a, b) = two_nodes(&url).await;
+        let app = stored_app(&a).await;
+        let mut endpoints = Vec::new();
+        for _ in 0..3 {
+            endpoints.push(stored_endpoint(&a, &app.id).await);
+        }
+        let targets: Vec<&Endpoint> = endpoints.iter().collect();
+        queue(&a, &app.id, &targets, 30).await;
+        let (a, b) = (Arc::new(a), Arc::new(b));
+        let (per_endpoint, per_app) = (2, 5);
+        for round in 0..4 {
+            let now = Utc::now() + chrono::Duration::seconds(1);
+            let request = claim(now, 3, per_endpoint, per_app);
+            let mut claims = tokio::task::JoinSet::new();
+            for i in 0..16 {
+                let store = Arc::clone(if i % 2 == 0 { &a } else { &b });
+                let request = request.clone();
+                claims.spawn(async move { store.claim_due(&request).await.expect("claim") });
+            }
+            let jobs: Vec<DeliveryJob> = claims.join_all().await.into_iter().flatten().collect();
+            let mut per_ep: HashMap<&EndpointId, u32> = HashMap::new();
+            for job in &jobs {
+                *per_ep.entry(&job.endpoint.id).or_insert(0) += 1;
+            }
+            assert!(
+                per_ep.values().all(|n| *n <= per_endpoint),
+                "round {round}: {per_ep:?}"
+            );
+            assert_eq!(
+                jobs.len(),
+                per_app as usize,
+                "round {round}: the app's limit, filled"
+            );
+            let leases: HashSet<LeaseToken> = jobs.iter().map(|j| j.lease).collect();
+            assert_eq!(leases.len(), jobs.len(), "round {round}: one lease per job");
+            for job in &jobs {
+                delivered(&a, job, now).await;
+            }
+        }
+    }
+
+    /// Whether a notification on [`DELIVERIES_CHANNEL`] sent by a session named `sender`
+    /// (its `application_name`) arrives within `wait`. Other tests share the server and the
+    /// channel (notifications are per database, not per schema): theirs are passed over.
+    async fn notified_by(
+        listener: &mut PgListener,
+        admin: &mut sqlx::PgConnection,
+        sender: &str,
+        wait: Duration,
+    ) -> bool {
+        let deadline = tokio::time::Instant::now() + wait;
+        while let Ok(received) = tokio::time::timeout_at(deadline, listener.recv()).await {
+            let notification = received.expect("listen");
+            if notification.channel() != DELIVERIES_CHANNEL {
+                continue;
+            }
+            let pid = i32::try_from(notification.process_id()).expect("a pid");
+            let name: Option<String> =
+                sqlx::query_scalar("SELECT application_name FROM pg_stat_activity WHERE pid = $1")
+                    .bind(pid)
+                    .fetch_optional(&mut *admin)
+                    .await
+                    .expect("pg_stat_activity");
+            if name.as_deref() == Some(sender) {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// A message with an endpoint and a manual enqueue notify DELIVERIES_CHANNEL when they
+    /// commit; a message without endpoints queues nothing and notifies nothing.
+    #[tokio::test]
+    async fn due_deliveries_notify_the_deliveries_channel() {
+        let Some(url) = server_url() else { return };
+        let (guard, store) = open_in_fresh_schema(url.clone()).await;
+        // The store's sessions carry a name of their own, so its notifications can be told
+        // from other tests'.
+        let sender = format!(
+            "herald_notify_{}_{}",
+            std::process::id(),
+            Utc::now().timestamp_micros()
+        );
+        let separator = if url.contains('?') { '&' } else { '?' };
+        let named = open_in_schema(
+            &format!("{url}{separator}application_name={sender}"),
+            &guard,
+        )
+        .await;
+        let mut admin = sqlx::PgConnection::connect(&url).await.expect("connect");
+        let mut listener = PgListener::connect(&url).await.expect("listener");
+        listener.listen(DELIVERIES_CHANNEL).await.expect("listen");
+        let app = stored_app(&store).await;
+        let ep = stored_endpoint(&store, &app.id).await;
+
+        named
+            .create_message(message(&app.id), vec![])
+            .await
+            .expect("a message without endpoints");
+        assert!(
+            !notified_by(
+                &mut listener,
+                &mut admin,
+                &sender,
+                Duration::from_millis(500)
+            )
+            .await,
+            "nothing was queued"
+        );
+
+        let msg = message(&app.id);
+        named
+            .create_message(msg.clone(), vec![ep.id.clone()])
+            .await
+            .expect("a message to an endpoint");
+        assert!(
+            notified_by(&mut listener, &mut admin, &sender, Duration::from_secs(5)).await,
+            "a message with an endpoint wakes idle nodes"
+        );
+
+        named
+            .enqueue_manual(&app.id, &msg.id, &ep.id, Utc::now())
+            .await
+            .expect("enqueue manual");
+        assert!(
+            notified_by(&mut listener, &mut admin, &sender, Duration::from_secs(5)).await,
+            "a manual enqueue wakes idle nodes"
+        );
+    }
 }

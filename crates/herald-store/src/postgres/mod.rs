@@ -26,6 +26,12 @@ mod ingest;
 mod messages;
 mod rows;
 
+/// The channel notified when deliveries fall due now, for the dispatchers' listener.
+pub use messages::DELIVERIES_CHANNEL;
+
+/// What the store announces at commit, for the PostgreSQL broker.
+pub use history::{HISTORY_CHANNEL, HistoryNotice, NoticeEvent};
+
 use std::{str::FromStr, time::Duration};
 
 use sqlx::{
@@ -88,6 +94,12 @@ impl PostgresStore {
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
         Ok(Self { pool })
     }
+
+    /// The connection pool, shared with the PostgreSQL broker (its LISTEN session and the
+    /// notifications it sends run on the same database and schema).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
 }
 
 /// The server and database a connection URL names, for messages and logs: `host:port,
@@ -143,7 +155,7 @@ mod tests {
     const URL_VAR: &str = "HERALD_TEST_POSTGRES_URL";
 
     /// Drops its schema (and everything in it) when dropped, even after a failed check.
-    struct SchemaGuard {
+    pub(super) struct SchemaGuard {
         url: String,
         schema: String,
     }
@@ -175,7 +187,7 @@ mod tests {
     }
 
     /// A store in a new, empty schema of its own.
-    async fn open_in_fresh_schema(url: String) -> (SchemaGuard, PostgresStore) {
+    pub(super) async fn open_in_fresh_schema(url: String) -> (SchemaGuard, PostgresStore) {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -196,15 +208,21 @@ mod tests {
         conn.close().await.expect("close");
         let guard = SchemaGuard {
             url: url.clone(),
-            schema: schema.clone(),
+            schema,
         };
+        let store = open_in_schema(&url, &guard).await;
+        (guard, store)
+    }
+
+    /// Another store on `guard`'s schema (another node of the same cluster), connecting with
+    /// `url`: the guard's server, with connection parameters a test may add.
+    pub(super) async fn open_in_schema(url: &str, guard: &SchemaGuard) -> PostgresStore {
         let options = PostgresOptions {
             max_connections: 8,
-            schema: Some(schema),
+            schema: Some(guard.schema.clone()),
             ..PostgresOptions::default()
         };
-        let store = PostgresStore::open(&url, options).await.expect("open");
-        (guard, store)
+        PostgresStore::open(url, options).await.expect("open")
     }
 
     #[tokio::test]

@@ -1,11 +1,43 @@
 //! [`IdempotencyStore`] on SQLite: saved `Idempotency-Key` responses and their purge by age,
-//! rows and bytes.
+//! rows and bytes, and the keys claimed by requests still running, kept in memory
+//! ([`Claims`]): a SQLite store belongs to one process, so no other node needs to see them,
+//! and a keyed request costs no write beyond its response's.
+
+use std::{
+    collections::{HashMap, hash_map::Entry},
+    sync::Mutex,
+};
 
 use chrono::{DateTime, Utc};
 use sqlx::Row;
 
 use super::{SqliteStore, batch::WriteOp, rows::millis};
-use crate::{IdempotencyStore, Result, StoreError};
+use crate::{IdempotencyClaim, IdempotencyStore, Result, StoreError};
+
+/// The keys claimed in this process, each with its claim's expiry, by [`claim_id`].
+#[derive(Default)]
+pub(super) struct Claims(Mutex<HashMap<String, DateTime<Utc>>>);
+
+impl Claims {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, DateTime<Utc>>> {
+        // The map is consistent after every statement, so a panic elsewhere leaves it usable.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Removes the claim on `id` only if it is still the one that expires at `until`.
+    fn remove_own(&self, id: &str, until: DateTime<Utc>) {
+        let mut claims = self.lock();
+        if claims.get(id) == Some(&until) {
+            claims.remove(id);
+        }
+    }
+}
+
+/// One map key per scope and key. Neither holds a newline (scopes are a digest and a path,
+/// keys a header value), so the joined form is unambiguous.
+fn claim_id(scope: &str, key: &str) -> String {
+    format!("{scope}\n{key}")
+}
 
 #[async_trait::async_trait]
 impl IdempotencyStore for SqliteStore {
@@ -24,6 +56,54 @@ impl IdempotencyStore for SqliteStore {
         .transpose()
     }
 
+    async fn claim_idempotency_key(
+        &self,
+        scope: &str,
+        key: &str,
+        now: DateTime<Utc>,
+        claim_until: DateTime<Utc>,
+    ) -> Result<IdempotencyClaim> {
+        let id = claim_id(scope, key);
+        // Claim before reading the table: a request's response is committed before its claim
+        // is dropped, so finding no live claim here means the read below sees any response.
+        let held = match self.claims.lock().entry(id.clone()) {
+            Entry::Occupied(claim) if *claim.get() > now => true,
+            Entry::Occupied(mut expired) => {
+                expired.insert(claim_until);
+                false
+            }
+            Entry::Vacant(free) => {
+                free.insert(claim_until);
+                false
+            }
+        };
+        // A held key is read too: the holder may be a claim that is about to find a response.
+        let saved = match self.idempotent_response(scope, key).await {
+            Ok(saved) => saved,
+            Err(e) => {
+                if !held {
+                    self.claims.remove_own(&id, claim_until);
+                }
+                return Err(e);
+            }
+        };
+        Ok(match (saved, held) {
+            (Some((status, body)), held) => {
+                if !held {
+                    self.claims.remove_own(&id, claim_until);
+                }
+                IdempotencyClaim::Done { status, body }
+            }
+            (None, true) => IdempotencyClaim::InProgress,
+            (None, false) => IdempotencyClaim::Claimed,
+        })
+    }
+
+    async fn release_idempotency_key(&self, scope: &str, key: &str) -> Result<()> {
+        self.claims.lock().remove(&claim_id(scope, key));
+        Ok(())
+    }
+
     async fn save_idempotent_response(
         &self,
         scope: &str,
@@ -39,8 +119,11 @@ impl IdempotencyStore for SqliteStore {
             body: body.to_vec(),
             at: millis(now),
         })
-        .await
-        .map(drop)
+        .await?;
+        // Only now that the response is committed: a claim arriving meanwhile found this one
+        // and answered in progress, rather than finding neither claim nor response.
+        self.claims.lock().remove(&claim_id(scope, key));
+        Ok(())
     }
 
     async fn purge_idempotency(
@@ -49,6 +132,8 @@ impl IdempotencyStore for SqliteStore {
         max_rows: u64,
         max_bytes: u64,
     ) -> Result<u64> {
+        // Claims whose release was lost (the runtime ended first) would otherwise stay.
+        self.claims.lock().retain(|_, until| *until >= older_than);
         let expired = sqlx::query("DELETE FROM idempotency WHERE created_at < $1")
             .bind(millis(older_than))
             .execute(&self.writer)

@@ -49,6 +49,8 @@ const READERS: u32 = 4;
 pub struct SqliteStore {
     cache: cache::Cache,
     leases: leases::Leases,
+    /// `Idempotency-Key`s claimed by requests still running in this process.
+    claims: idempotency::Claims,
     reader: SqlitePool,
     writer: SqlitePool,
     writes: mpsc::Sender<PendingWrite>,
@@ -88,6 +90,7 @@ impl SqliteStore {
         Ok(Self {
             cache: cache::Cache::default(),
             leases: leases::Leases::default(),
+            claims: idempotency::Claims::default(),
             reader,
             writer,
             writes,
@@ -405,6 +408,7 @@ mod tests {
                 max_age: std::time::Duration::from_secs(3600),
             },
             first_epoch: None,
+            except: None,
         };
         let missing = herald_core::AppId::parse("app_missing").expect("valid");
         let publish = |app_id: &herald_core::AppId| {

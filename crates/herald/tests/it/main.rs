@@ -8,6 +8,7 @@
 
 mod api;
 mod channel_webhooks;
+mod cluster;
 mod delivery;
 mod harness;
 mod history;

@@ -1,0 +1,16 @@
+//! Several Herald nodes as one. Everything here stands on an engine the operator already runs
+//! (PostgreSQL today); nothing here is consensus, replication or gossip of our own.
+//!
+//! - [`postgres::PostgresBroker`]: the [`Broker`](herald_channels::broker::Broker) over
+//!   PostgreSQL's LISTEN/NOTIFY. History channels' publications are announced by the store in
+//!   the commit that assigns their offsets, so every node hears a channel in offset order;
+//!   other publications are notified by the node that published them. It also wakes this
+//!   node's dispatcher when another node queues a delivery.
+
+pub mod postgres;
+
+/// This process's name in the cluster: random, new at every start (a restarted node is a new
+/// node; what the old one held is recovered by leases, not by its name).
+pub fn new_node_id() -> String {
+    herald_core::history::new_epoch()
+}
