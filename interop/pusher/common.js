@@ -6,9 +6,14 @@ const http = require("node:http");
 const PusherClient = require("pusher-js");
 const PusherServer = require("pusher");
 
-const base = process.env.HERALD_URL;
+// HERALD_URLS (comma-separated) names the nodes of a cluster: the API and the server SDK use
+// the first and the last, and each pusher-js client the next node in turn, so clients that
+// talk to each other sit on different nodes. HERALD_URL alone is one node.
+const nodes = (process.env.HERALD_URLS || process.env.HERALD_URL).split(",").map((u) => new URL(u));
+const base = nodes[0].origin;
 const token = process.env.HERALD_TOKEN;
-const where = new URL(base);
+const where = nodes[0];
+let nextNode = 0;
 
 /** Calls Herald's management API as the operator; returns {status, body}. */
 async function api(method, path, body) {
@@ -73,10 +78,11 @@ function arrival(receiver, found, what, ms = 15000) {
 
 /** A pusher-js client whose private and presence auth is signed by `server` (the SDK). */
 function connect(creds, server, user, { forgeAuth = false } = {}) {
+  const node = nodes[nextNode++ % nodes.length];
   const client = new PusherClient(creds.key, {
     cluster: "herald",
-    wsHost: where.hostname,
-    wsPort: Number(where.port),
+    wsHost: node.hostname,
+    wsPort: Number(node.port),
     forceTLS: false,
     enabledTransports: ["ws"],
     disableStats: true,
@@ -106,12 +112,13 @@ async function subscribed(client, name) {
 
 /** The official server SDK, pointed at Herald with an app's credentials. */
 function serverSdk(creds) {
+  const node = nodes[nodes.length - 1];
   return new PusherServer({
     appId: creds.appId,
     key: creds.key,
     secret: creds.secret,
-    host: where.hostname,
-    port: where.port,
+    host: node.hostname,
+    port: node.port,
     useTLS: false,
   });
 }

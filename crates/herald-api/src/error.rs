@@ -100,6 +100,14 @@ impl From<StoreError> for ApiError {
         match error {
             StoreError::Conflict(detail) => Self::conflict(detail),
             StoreError::NotFound => Self::not_found("entity"),
+            unavailable if unavailable.is_unavailable() => {
+                tracing::warn!(error = %unavailable, "the store is unavailable");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    "the store (database) cannot be reached; nothing was stored, try again",
+                )
+            }
             other => Self::internal(other),
         }
     }

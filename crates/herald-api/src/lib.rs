@@ -11,6 +11,7 @@
 mod auth;
 mod error;
 mod extract;
+mod health;
 mod idempotency;
 mod ingest;
 mod pagination;
@@ -152,6 +153,9 @@ fn routes(state: ApiState, config: &ApiConfig) -> Router {
         .route("/ingest/{source_id}", axum::routing::post(ingest::receive))
         // Public channels are public; private ones carry a signed token.
         .route("/apps/{app_id}/sse", axum::routing::get(sse::stream))
+        // For load balancers: no credentials, no secrets in the answer.
+        .route("/health/live", axum::routing::get(health::live))
+        .route("/health/ready", axum::routing::get(health::ready))
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
         .fallback(unknown_route)
         .with_state(state)

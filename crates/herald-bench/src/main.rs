@@ -44,8 +44,13 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 struct Args {
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
+    /// The port events are published to (the HTTP API).
     #[arg(long, default_value_t = 6001)]
     port: u16,
+    /// Ports the WebSocket connections are spread over, in turn (the nodes of a cluster on
+    /// `host`); by default `port`'s alone.
+    #[arg(long, value_delimiter = ',')]
+    subscribe_ports: Vec<u16>,
     #[arg(long, default_value = "1")]
     app_id: String,
     #[arg(long, default_value = "demo-key")]
@@ -117,11 +122,18 @@ async fn main() -> anyhow::Result<()> {
     let (ready_tx, mut ready_rx) = mpsc::channel(args.connections);
     let mut sockets = JoinSet::new();
     let started = Instant::now();
+    let ports = if args.subscribe_ports.is_empty() {
+        vec![args.port]
+    } else {
+        args.subscribe_ports.clone()
+    };
     for i in 0..args.connections {
         let channel = i % args.channels;
         let url = format!(
             "ws://{}:{}/app/{}?protocol=7&client=herald-bench&version=0.1.0",
-            args.host, args.port, args.key
+            args.host,
+            ports[i % ports.len()],
+            args.key
         );
         let channel_name = format!("{}{channel}", args.channel_prefix);
         let (opening, ready, counters, stop) = (

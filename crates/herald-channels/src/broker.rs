@@ -10,6 +10,8 @@
 
 use std::sync::Arc;
 
+use herald_core::AppId;
+
 use crate::{Hub, publication::Publication};
 
 /// Why a broker could not take publications.
@@ -26,6 +28,14 @@ pub trait Broker: Send + Sync + 'static {
     /// over in offset order (see the publisher's ordering), and every hub must receive them in
     /// that order.
     async fn publish(&self, publications: &[Arc<Publication>]) -> Result<usize, BrokerError>;
+
+    /// Ends the connections and streams of a deleted app on every node (they close with 4001).
+    async fn remove_app(&self, app_id: &AppId) -> Result<(), BrokerError>;
+
+    /// Whether this node hears the other nodes now (`/health/ready`); one node always does.
+    fn is_ready(&self) -> bool {
+        true
+    }
 }
 
 /// One node: publications go straight into this process's hub. Returns how many subscribers
@@ -42,6 +52,11 @@ impl LocalBroker {
 
 #[async_trait::async_trait]
 impl Broker for LocalBroker {
+    async fn remove_app(&self, app_id: &AppId) -> Result<(), BrokerError> {
+        self.hub.remove_app(app_id);
+        Ok(())
+    }
+
     async fn publish(&self, publications: &[Arc<Publication>]) -> Result<usize, BrokerError> {
         Ok(publications
             .iter()

@@ -41,6 +41,11 @@ use tokio_util::sync::CancellationToken;
 pub const EVENT_TYPE: &str = "pusher.channel_webhook";
 /// Events in one webhook body at most; a larger batch is split.
 const MAX_EVENTS_PER_WEBHOOK: usize = 100;
+/// Events happening (or, delayed ones, falling due) within this much of each other go in one
+/// batch: a channel's occupancy and its first member, or a user's last leave and the channel's
+/// vacancy, are reported a few milliseconds apart when a cluster decides them, and a receiver
+/// should get them in one body, in order, as from one node.
+const COALESCE: Duration = Duration::from_millis(100);
 /// Pause after a store error before trying the batch again.
 const ERROR_BACKOFF: Duration = Duration::from_secs(1);
 
@@ -264,7 +269,7 @@ impl ChannelWebhooks {
             let stopping = stop.is_cancelled();
             let (batch, next_due, dropped) = {
                 let mut pending = self.lock();
-                pending.release_due((!stopping).then(Instant::now));
+                pending.release_due((!stopping).then(|| Instant::now() + COALESCE));
                 let next_due = pending.delayed.first_key_value().map(|(k, _)| k.0);
                 (
                     std::mem::take(&mut pending.ready),
@@ -308,7 +313,14 @@ impl ChannelWebhooks {
                 }
             };
             tokio::select! {
-                () = self.wake.notified() => {}
+                () = self.wake.notified() => {
+                    // Let events that happen together (a channel occupied and its first member,
+                    // decided one transaction apart in a cluster) gather into one body.
+                    tokio::select! {
+                        () = tokio::time::sleep(COALESCE) => {}
+                        () = stop.cancelled() => {}
+                    }
+                }
                 () = sleep => {}
                 () = stop.cancelled() => {}
             }

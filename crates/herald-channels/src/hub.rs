@@ -9,7 +9,11 @@
 //!
 //! Changes of channel state (occupied, vacated, members, client events) are reported to a
 //! [`ChannelObserver`] while the channel lock is held, so the observer sees them in the order
-//! they happened even when many connections race.
+//! they happened even when many connections race. A hub that shares presence with other nodes
+//! ([`Hub::share_presence`]) hands occupancy and membership changes to its
+//! [`PresenceSync`](crate::presence::PresenceSync) instead, under the same lock and in the same
+//! order: the cluster decides what they mean for every node, reports the channel webhooks and
+//! announces members; the hub then tells its caller nothing to announce.
 
 use herald_core::AppId;
 use std::{
@@ -28,8 +32,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     Frame,
+    presence::{LocalChange, MembersFuture, PresenceSync},
     publication::{Outgoing, Publication},
 };
+
+/// Set once, when the node joins a cluster; shared by the hub and each app's hub.
+type SharedSync = Arc<OnceLock<Arc<dyn PresenceSync>>>;
 
 /// Where a connection's frames and publications go. Sending never waits.
 #[derive(Clone)]
@@ -206,6 +214,7 @@ pub struct Hub {
     apps: RwLock<HashMap<AppId, Arc<AppHub>>>,
     observer: Option<Arc<dyn ChannelObserver>>,
     metrics: Arc<ChannelMetrics>,
+    sync: SharedSync,
 }
 
 impl Hub {
@@ -214,7 +223,14 @@ impl Hub {
             apps: RwLock::default(),
             observer: Some(observer),
             metrics,
+            sync: SharedSync::default(),
         }
+    }
+
+    /// Shares this node's presence and occupancy with a cluster from now on (before the node
+    /// serves: changes made earlier were not shared). Returns false if it already shares.
+    pub fn share_presence(&self, sync: Arc<dyn PresenceSync>) -> bool {
+        self.sync.set(sync).is_ok()
     }
 
     /// The hub of the app with this id, created on first use.
@@ -226,11 +242,13 @@ impl Hub {
             write(&self.apps)
                 .entry(app_id.to_owned())
                 .or_insert_with(|| {
-                    Arc::new(AppHub::new(
+                    let mut app = AppHub::new(
                         app_id.clone(),
                         self.observer.clone(),
                         Arc::clone(&self.metrics),
-                    ))
+                    );
+                    app.sync = Arc::clone(&self.sync);
+                    Arc::new(app)
                 }),
         )
     }
@@ -266,6 +284,8 @@ pub struct AppHub {
     users: RwLock<HashMap<String, HashMap<String, CancellationToken>>>,
     /// Cancelled when the app is deleted; every connection's token is a child of it.
     removed: CancellationToken,
+    /// The cluster's, if this node shares presence (see the module doc).
+    sync: SharedSync,
 }
 
 #[derive(Default)]
@@ -281,7 +301,12 @@ struct Subscriber {
     /// While a history channel's subscriber is joining: what was broadcast to it meanwhile,
     /// held until [`AppHub::go_live`] merges it behind the replay (boxed: one pointer for
     /// the subscribers that are live).
-    joining: Option<Box<Mutex<Vec<Outgoing>>>>,
+    joining: Option<Box<Mutex<Vec<Held>>>>,
+    /// Presence shared across nodes: the members this subscriber was told of (its snapshot,
+    /// then each member notice it was sent). Another node's notice can arrive after a snapshot
+    /// that already reflects it; this keeps each subscriber's view free of repeats (a
+    /// `member_added` for a member it has, a `member_removed` for one it never had).
+    members: Option<Box<Mutex<std::collections::HashSet<String>>>>,
     /// History channels: the offset after the newest this subscriber has (from its replay, or
     /// handed to it since); 0 until it goes live. A publication below it is one it has,
     /// arriving late (a broker brings an event to a node some time after its commit, and a
@@ -289,7 +314,48 @@ struct Subscriber {
     next_offset: AtomicU64,
 }
 
+/// What is held for a joining subscriber.
+enum Held {
+    Item(Outgoing),
+    /// A member notice from the cluster, filtered against the snapshot when it goes live.
+    Member {
+        user_id: String,
+        added: bool,
+        frame: Frame,
+    },
+}
+
 impl Subscriber {
+    /// A cluster member notice: held while joining; then sent only if it changes what this
+    /// subscriber knows (see `members`).
+    fn member(&self, user_id: &str, added: bool, frame: &Frame) {
+        if let Some(held) = &self.joining {
+            let mut held = held.lock().unwrap_or_else(|p| p.into_inner());
+            if held.len() >= self.outbox.capacity() {
+                self.outbox.overflow();
+            } else {
+                held.push(Held::Member {
+                    user_id: user_id.to_owned(),
+                    added,
+                    frame: frame.clone(),
+                });
+            }
+            return;
+        }
+        if let Some(members) = &self.members {
+            let mut members = members.lock().unwrap_or_else(|p| p.into_inner());
+            let changed = if added {
+                members.insert(user_id.to_owned())
+            } else {
+                members.remove(user_id)
+            };
+            if !changed {
+                return;
+            }
+        }
+        self.outbox.send(frame.clone());
+    }
+
     fn send(&self, item: &Outgoing, offset: Option<u64>) {
         let Some(held) = &self.joining else {
             if let Some(offset) = offset
@@ -305,7 +371,7 @@ impl Subscriber {
         if held.len() >= self.outbox.capacity() {
             self.outbox.overflow();
         } else {
-            held.push(item.clone());
+            held.push(Held::Item(item.clone()));
         }
     }
 }
@@ -332,7 +398,9 @@ pub struct Subscribed {
     pub occupied: bool,
     /// Presence: the `{"presence": {...}}` snapshot for `subscription_succeeded`.
     pub presence: Option<serde_json::Value>,
-    /// Presence: this user was not in the channel before.
+    /// Presence: this user was not in the channel before, and the caller announces it
+    /// (`member_added` to the other subscribers). Always false when the hub shares presence
+    /// with a cluster, which announces members itself.
     pub member_added: bool,
 }
 
@@ -340,7 +408,8 @@ pub struct Subscribed {
 pub struct Unsubscribed {
     /// The last subscriber left: the channel is vacated.
     pub vacated: bool,
-    /// Presence: the user's last socket left.
+    /// Presence: the user's last socket left, and the caller announces it (never set when
+    /// the hub shares presence with a cluster, which announces members itself).
     pub member_removed: Option<String>,
 }
 
@@ -366,7 +435,16 @@ impl AppHub {
             channels: RwLock::default(),
             users: RwLock::default(),
             removed: CancellationToken::default(),
+            sync: SharedSync::default(),
         }
+    }
+
+    /// The members other nodes hold in `channel`, if this node shares presence with a cluster
+    /// (`None`: this node's are all there are).
+    pub fn members_elsewhere(&self, channel: &str) -> Option<MembersFuture> {
+        self.sync
+            .get()
+            .map(|sync| sync.members_elsewhere(&self.app_id, channel))
     }
     /// Counts a new connection (a WebSocket or an SSE stream) unless the app is at `limit`.
     pub fn connect(&self, limit: u32) -> bool {
@@ -462,14 +540,56 @@ impl AppHub {
         if let Some(held) = subscriber.joining.take() {
             let held = held.into_inner().unwrap_or_else(|p| p.into_inner());
             for item in held {
-                let offset = match &item {
-                    Outgoing::Publication(p) => p.offset(),
-                    Outgoing::Frame(_) => None,
-                };
-                subscriber.send(&item, offset);
+                match item {
+                    Held::Item(item) => {
+                        let offset = match &item {
+                            Outgoing::Publication(p) => p.offset(),
+                            Outgoing::Frame(_) => None,
+                        };
+                        subscriber.send(&item, offset);
+                    }
+                    Held::Member {
+                        user_id,
+                        added,
+                        frame,
+                    } => subscriber.member(&user_id, added, &frame),
+                }
             }
         }
         true
+    }
+
+    /// Presence shared across nodes: the members a joining subscriber's snapshot lists (call
+    /// it before [`AppHub::go_live`]); member notices are then sent to it only where they
+    /// change that list.
+    pub fn know_members(&self, channel: &str, socket_id: &str, ids: Vec<String>) {
+        let mut channels = write(&self.channels);
+        if let Some(subscriber) = channels
+            .get_mut(channel)
+            .and_then(|c| c.subscribers.get_mut(socket_id))
+        {
+            subscriber.members = Some(Box::new(Mutex::new(ids.into_iter().collect())));
+        }
+    }
+
+    /// A member notice from the cluster (`member_added` / `member_removed`): to every
+    /// subscriber of `channel` but `except` whose view it changes (see `know_members`).
+    pub fn member_notice(
+        &self,
+        channel: &str,
+        user_id: &str,
+        added: bool,
+        frame: &Frame,
+        except: Option<&str>,
+    ) {
+        let channels = read(&self.channels);
+        if let Some(entry) = channels.get(channel) {
+            for (socket_id, subscriber) in &entry.subscribers {
+                if Some(socket_id.as_str()) != except {
+                    subscriber.member(user_id, added, frame);
+                }
+            }
+        }
     }
 
     /// The app's id.
@@ -508,6 +628,7 @@ impl AppHub {
             ..Subscribed::default()
         };
         let user_id = joining.as_ref().map(|j| j.user_id.clone());
+        let mut joined_info = None;
         if let Some(joining) = joining {
             let already = entry.members.contains_key(&joining.user_id);
             if !already && entry.members.len() >= max_members {
@@ -515,6 +636,9 @@ impl AppHub {
                     channels.remove(channel);
                 }
                 return Err(SubscribeError::PresenceFull(max_members));
+            }
+            if !already && self.sync.get().is_some() {
+                joined_info = joining.info.as_ref().map(|i| i.get().to_owned());
             }
             let member = entry.members.entry(joining.user_id).or_insert(Member {
                 info: joining.info,
@@ -524,18 +648,43 @@ impl AppHub {
             outcome.member_added = !already;
             outcome.presence = Some(presence_snapshot(&entry.members));
         }
-        if outcome.occupied {
-            self.report(ChannelEvent::Occupied {
-                channel: channel.to_owned(),
-            });
-        }
-        if outcome.member_added
-            && let Some(user_id) = &user_id
-        {
-            self.report(ChannelEvent::MemberAdded {
-                channel: channel.to_owned(),
-                user_id: user_id.clone(),
-            });
+        if let Some(sync) = self.sync.get() {
+            if outcome.occupied {
+                sync.changed(
+                    &self.app_id,
+                    LocalChange::Occupied {
+                        channel: channel.to_owned(),
+                    },
+                );
+            }
+            if outcome.member_added
+                && let Some(user_id) = &user_id
+            {
+                sync.changed(
+                    &self.app_id,
+                    LocalChange::Joined {
+                        channel: channel.to_owned(),
+                        user_id: user_id.clone(),
+                        info: joined_info,
+                        socket_id: socket_id.to_owned(),
+                    },
+                );
+            }
+            outcome.member_added = false;
+        } else {
+            if outcome.occupied {
+                self.report(ChannelEvent::Occupied {
+                    channel: channel.to_owned(),
+                });
+            }
+            if outcome.member_added
+                && let Some(user_id) = &user_id
+            {
+                self.report(ChannelEvent::MemberAdded {
+                    channel: channel.to_owned(),
+                    user_id: user_id.clone(),
+                });
+            }
         }
         outbox.count_overflows_in(&self.metrics.outbox_overflows_total);
         entry.subscribers.insert(
@@ -544,6 +693,7 @@ impl AppHub {
                 outbox: outbox.clone(),
                 user_id,
                 joining: held.then(Box::default),
+                members: None,
                 next_offset: AtomicU64::new(0),
             },
         );
@@ -565,18 +715,36 @@ impl AppHub {
             member.sockets -= 1;
             if member.sockets == 0 {
                 entry.members.remove(&user_id);
-                self.report(ChannelEvent::MemberRemoved {
-                    channel: channel.to_owned(),
-                    user_id: user_id.clone(),
-                });
-                outcome.member_removed = Some(user_id);
+                if let Some(sync) = self.sync.get() {
+                    sync.changed(
+                        &self.app_id,
+                        LocalChange::Left {
+                            channel: channel.to_owned(),
+                            user_id,
+                        },
+                    );
+                } else {
+                    self.report(ChannelEvent::MemberRemoved {
+                        channel: channel.to_owned(),
+                        user_id: user_id.clone(),
+                    });
+                    outcome.member_removed = Some(user_id);
+                }
             }
         }
         if entry.subscribers.is_empty() {
             channels.remove(channel);
-            self.report(ChannelEvent::Vacated {
-                channel: channel.to_owned(),
-            });
+            match self.sync.get() {
+                Some(sync) => sync.changed(
+                    &self.app_id,
+                    LocalChange::Vacated {
+                        channel: channel.to_owned(),
+                    },
+                ),
+                None => self.report(ChannelEvent::Vacated {
+                    channel: channel.to_owned(),
+                }),
+            }
             outcome.vacated = true;
         }
         outcome
@@ -645,6 +813,19 @@ impl AppHub {
         read(&self.channels)
             .get(channel)
             .map(|c| c.members.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// A presence channel's members with their `user_info` as JSON text.
+    pub fn members(&self, channel: &str) -> Vec<(String, Option<String>)> {
+        read(&self.channels)
+            .get(channel)
+            .map(|c| {
+                c.members
+                    .iter()
+                    .map(|(id, m)| (id.clone(), m.info.as_ref().map(|i| i.get().to_owned())))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -865,6 +1046,100 @@ mod tests {
             json,
             serde_json::json!({"name": "member_added", "channel": "presence-x", "user_id": "u1"})
         );
+    }
+
+    #[derive(Default)]
+    struct Changes(std::sync::Mutex<Vec<LocalChange>>);
+
+    impl PresenceSync for Changes {
+        fn changed(&self, _: &AppId, change: LocalChange) {
+            self.0.lock().expect("lock").push(change);
+        }
+        fn members_elsewhere(&self, _: &AppId, _: &str) -> MembersFuture {
+            Box::pin(async { Ok(vec![("u9".to_owned(), None)]) })
+        }
+    }
+
+    /// Another node's member notice can cross a subscriber's snapshot: one that the snapshot
+    /// already reflects is not sent, one that changes the subscriber's view is, and a notice
+    /// held while it joined is judged against the snapshot when it goes live.
+    #[test]
+    fn member_notices_that_a_snapshot_already_reflects_are_not_repeated() {
+        let hub = app_hub();
+        let (outbox, mut rx, _) = Outbox::new(16);
+        hub.subscribe_joining("presence-x", "1.1", &outbox, joining("bob"), 10)
+            .expect("subscribed");
+        let added = |user: &str| Frame::from(format!("added {user}"));
+        let removed = |user: &str| Frame::from(format!("removed {user}"));
+        // Held while joining: alice's join (the snapshot lists her), carol's (it does not).
+        hub.member_notice("presence-x", "alice", true, &added("alice"), None);
+        hub.member_notice("presence-x", "carol", true, &added("carol"), None);
+        hub.know_members("presence-x", "1.1", vec!["alice".into(), "bob".into()]);
+        assert!(hub.go_live("presence-x", "1.1", 0, |o| {
+            o.send(Frame::from_static("snapshot"))
+        }));
+        hub.member_notice("presence-x", "alice", true, &added("alice"), None);
+        hub.member_notice("presence-x", "dave", false, &removed("dave"), None);
+        hub.member_notice("presence-x", "alice", false, &removed("alice"), None);
+        hub.member_notice("presence-x", "alice", false, &removed("alice"), None);
+        hub.member_notice("presence-x", "erin", true, &added("erin"), Some("1.1"));
+        assert_eq!(
+            offsets(&mut rx),
+            ["snapshot", "added carol", "removed alice"],
+            "each change of this subscriber's view once"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_hub_sharing_presence_hands_its_changes_to_the_cluster_and_announces_nothing() {
+        let recorder = Arc::new(Recorder::default());
+        let hub = Hub::new(
+            Arc::clone(&recorder) as Arc<dyn ChannelObserver>,
+            Arc::default(),
+        );
+        let changes = Arc::new(Changes::default());
+        assert!(hub.share_presence(Arc::clone(&changes) as _));
+        let app = hub.app(&AppId::parse("app_1").expect("valid"));
+        let (o, _r, _) = Outbox::new(8);
+        let first = app
+            .subscribe("presence-x", "1.1", &o, joining("u1"), 10)
+            .expect("ok");
+        assert!(
+            first.occupied && !first.member_added,
+            "the cluster announces"
+        );
+        app.subscribe("presence-x", "2.2", &o, joining("u1"), 10)
+            .expect("same user");
+        assert_eq!(app.unsubscribe("presence-x", "1.1").member_removed, None);
+        assert_eq!(app.unsubscribe("presence-x", "2.2").member_removed, None);
+        let elsewhere = app.members_elsewhere("presence-x").expect("shared");
+        assert_eq!(elsewhere.await.expect("read"), [("u9".to_owned(), None)]);
+        assert!(
+            recorder.0.lock().expect("lock").is_empty(),
+            "no webhook from the hub"
+        );
+        assert_eq!(
+            *changes.0.lock().expect("lock"),
+            [
+                LocalChange::Occupied {
+                    channel: "presence-x".into()
+                },
+                LocalChange::Joined {
+                    channel: "presence-x".into(),
+                    user_id: "u1".into(),
+                    info: Some(r#"{"name":"u1"}"#.into()),
+                    socket_id: "1.1".into()
+                },
+                LocalChange::Left {
+                    channel: "presence-x".into(),
+                    user_id: "u1".into()
+                },
+                LocalChange::Vacated {
+                    channel: "presence-x".into()
+                },
+            ]
+        );
+        assert!(app_hub().members_elsewhere("presence-x").is_none());
     }
 
     #[test]

@@ -7,9 +7,16 @@
 //! NATS) behind the same trait, and the API that asks does not change. The hub still decides
 //! membership changes on this node (first socket of a user in, last one out), under its channel
 //! lock, so the events it reports for channel webhooks keep their order.
+//!
+//! [`PresenceSync`] is the hub's other seam, for a cluster: a hub that has one hands it this
+//! node's changes ([`LocalChange`]) instead of reporting them as channel webhooks and having
+//! the connection announce members itself, because only the cluster knows whether a user's
+//! first socket on this node is the user's first anywhere (and so whether `member_added`, the
+//! `channel_occupied` webhook, and their leaves happen at all). It also reads the members other
+//! nodes hold, for a presence subscriber's snapshot. One node has none: nothing changes there.
 
 use herald_core::AppId;
-use std::sync::Arc;
+use std::{future::Future, pin::Pin, sync::Arc};
 
 use crate::{Hub, hub::ChannelInfo};
 
@@ -40,6 +47,68 @@ pub trait PresenceManager: Send + Sync + 'static {
     async fn users(&self, app_id: &AppId, channel: &str) -> Result<Vec<String>, PresenceError>;
     /// Closes every connection signed in as `user_id`; returns how many.
     async fn terminate_user(&self, app_id: &AppId, user_id: &str) -> Result<usize, PresenceError>;
+}
+
+/// A change of this node's channel state, as the hub decided it under its channel lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalChange {
+    /// The channel got its first subscriber on this node.
+    Occupied { channel: String },
+    /// The channel's last subscriber on this node left.
+    Vacated { channel: String },
+    /// A user's first socket on this node joined a presence channel.
+    Joined {
+        channel: String,
+        user_id: String,
+        /// The user's `user_info` as JSON text.
+        info: Option<String>,
+        /// The joining socket, which is not told of its own arrival.
+        socket_id: String,
+    },
+    /// A user's last socket on this node left a presence channel.
+    Left { channel: String, user_id: String },
+}
+
+/// A presence member held elsewhere: its user id and `user_info` as JSON text.
+pub type RemoteMember = (String, Option<String>);
+
+/// What reading other nodes' members returns.
+pub type MembersFuture =
+    Pin<Box<dyn Future<Output = Result<Vec<RemoteMember>, PresenceError>> + Send + 'static>>;
+
+/// How a hub shares its presence and occupancy with other nodes (see the module doc).
+pub trait PresenceSync: Send + Sync + 'static {
+    /// Called with the channel lock held, in the order changes happen: it must only queue.
+    fn changed(&self, app_id: &AppId, change: LocalChange);
+    /// The members of `channel` that other nodes hold.
+    fn members_elsewhere(&self, app_id: &AppId, channel: &str) -> MembersFuture;
+}
+
+/// Adds `others` to a `{"presence": {"ids", "hash", "count"}}` snapshot (this node's members
+/// win where both have a user: theirs is the same user's info).
+pub fn merge_snapshot(snapshot: &mut serde_json::Value, others: Vec<RemoteMember>) {
+    let Some(presence) = snapshot
+        .get_mut("presence")
+        .and_then(serde_json::Value::as_object_mut)
+    else {
+        return;
+    };
+    let mut hash = match presence.remove("hash") {
+        Some(serde_json::Value::Object(hash)) => hash,
+        _ => serde_json::Map::new(),
+    };
+    for (user_id, info) in others {
+        hash.entry(user_id).or_insert_with(|| {
+            info.as_deref()
+                .and_then(|i| serde_json::from_str(i).ok())
+                .unwrap_or(serde_json::Value::Null)
+        });
+    }
+    let mut ids: Vec<String> = hash.keys().cloned().collect();
+    ids.sort();
+    presence.insert("count".into(), hash.len().into());
+    presence.insert("ids".into(), ids.into());
+    presence.insert("hash".into(), serde_json::Value::Object(hash));
 }
 
 /// One node: the answers are this process's hub's.
@@ -135,5 +204,28 @@ mod tests {
             1
         );
         assert!(token.is_cancelled());
+    }
+
+    #[test]
+    fn a_snapshot_merges_other_nodes_members_once_each() {
+        let mut snapshot = serde_json::json!({"presence": {
+            "ids": ["u2"], "hash": {"u2": {"name": "two"}}, "count": 1
+        }});
+        merge_snapshot(
+            &mut snapshot,
+            vec![
+                ("u1".into(), Some(r#"{"name":"one"}"#.into())),
+                ("u2".into(), Some(r#"{"name":"other"}"#.into())),
+                ("u3".into(), None),
+            ],
+        );
+        assert_eq!(
+            snapshot,
+            serde_json::json!({"presence": {
+                "ids": ["u1", "u2", "u3"],
+                "hash": {"u1": {"name": "one"}, "u2": {"name": "two"}, "u3": null},
+                "count": 3
+            }})
+        );
     }
 }

@@ -187,6 +187,20 @@ impl Publisher {
         &self.shared.history
     }
 
+    /// Ends a deleted app's connections and streams on every node. Call it after the app is
+    /// gone from the store, so a connection that arrives later finds no app (4001).
+    pub async fn remove_app(&self, app_id: &AppId) {
+        if let Err(e) = self.shared.broker.remove_app(app_id).await {
+            // This node's are closed; the others' close when their next lookup finds no app.
+            tracing::error!(error = %e, %app_id, "telling the other nodes an app was deleted failed");
+        }
+    }
+
+    /// Whether publications reach every node now (the broker's link is up).
+    pub fn broker_ready(&self) -> bool {
+        self.shared.broker.is_ready()
+    }
+
     /// Publishes one event: targets, one commit, wake, fan-out (see the module's doc).
     pub async fn publish(&self, app: &App, publish: Publish) -> Result<Published, PublishError> {
         let published = self.publish_counted(app, publish).await;

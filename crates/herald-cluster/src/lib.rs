@@ -6,8 +6,12 @@
 //!   the commit that assigns their offsets, so every node hears a channel in offset order;
 //!   other publications are notified by the node that published them. It also wakes this
 //!   node's dispatcher when another node queues a delivery.
+//! - [`presence::PostgresPresence`]: presence and occupancy across nodes, rows per node with a
+//!   heartbeat, so `member_added`/`member_removed`, the channel webhooks and the Pusher HTTP
+//!   API's answers are the cluster's, once each; a dead node's members are swept.
 
 pub mod postgres;
+pub mod presence;
 
 /// This process's name in the cluster: random, new at every start (a restarted node is a new
 /// node; what the old one held is recovered by leases, not by its name).

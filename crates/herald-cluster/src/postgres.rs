@@ -22,8 +22,9 @@
 //! ([`PostgresBroker::catch_up`]); publications on channels without history sent during the
 //! gap are lost for this node's subscribers (as they are for a client that was offline).
 //!
-//! The same session hears [`DELIVERIES_CHANNEL`]: another node queued a delivery, so this
-//! node's dispatcher wakes and may claim it.
+//! The same session hears [`DELIVERIES_CHANNEL`] (another node queued a delivery, so this
+//! node's dispatcher wakes and may claim it), [`CONTROL_CHANNEL`] (another node deleted an app:
+//! its connections here close too) and presence notices (see `presence`).
 
 use std::{
     sync::{
@@ -50,6 +51,23 @@ use tokio_util::sync::CancellationToken;
 
 /// The NOTIFY channel of publications on channels that keep no history.
 pub const PUBLICATIONS_CHANNEL: &str = "herald_publications";
+
+/// The NOTIFY channel of what one node tells the others to do to their connections.
+pub const CONTROL_CHANNEL: &str = "herald_control";
+
+/// What one node tells the others (JSON).
+#[derive(Debug, Serialize, Deserialize)]
+struct ControlNotice {
+    #[serde(rename = "s")]
+    node: String,
+    /// An app was deleted: end its connections and streams.
+    #[serde(
+        rename = "removed_app",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    removed_app: Option<String>,
+}
 
 /// A notification payload must be shorter than 8,000 bytes.
 const MAX_NOTICE_BYTES: usize = 7_900;
@@ -130,6 +148,9 @@ impl NoticedPublication {
     }
 }
 
+/// An open LISTEN session, from [`PostgresBroker::listen`] to [`PostgresBroker::run`].
+pub struct Session(PgListener);
+
 /// The [`Broker`] of a cluster on PostgreSQL (see the module doc). [`PostgresBroker::run`]
 /// holds its LISTEN session; start it once per node.
 pub struct PostgresBroker {
@@ -175,12 +196,26 @@ impl PostgresBroker {
 
     /// Holds the LISTEN session until `shutdown`: hands what it hears to the hub, re-opens a
     /// lost session (with backoff) and then catches up, and sweeps old payload rows.
-    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+    /// Opens the first LISTEN session: call it before the node serves, so a client it admits
+    /// never misses what another node publishes meanwhile. Hand the session to
+    /// [`PostgresBroker::run`].
+    pub async fn listen(&self) -> Result<Session, sqlx::Error> {
+        let listener = self.try_open().await?;
+        self.listening.store(true, Ordering::Relaxed);
+        Ok(Session(listener))
+    }
+
+    pub async fn run(self: Arc<Self>, first: Session, shutdown: CancellationToken) {
         let mut reconnecting = false;
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut first = Some(first.0);
         loop {
-            let Some(mut listener) = self.open(&shutdown).await else {
+            let opened = match first.take() {
+                Some(listener) => Some(listener),
+                None => self.open(&shutdown).await,
+            };
+            let Some(mut listener) = opened else {
                 return;
             };
             self.listening.store(true, Ordering::Relaxed);
@@ -223,14 +258,7 @@ impl PostgresBroker {
     async fn open(&self, shutdown: &CancellationToken) -> Option<PgListener> {
         let mut wait = RECONNECT_FIRST;
         loop {
-            let opened = async {
-                let mut listener = PgListener::connect_with(&self.pool).await?;
-                listener
-                    .listen_all([HISTORY_CHANNEL, PUBLICATIONS_CHANNEL, DELIVERIES_CHANNEL])
-                    .await?;
-                Ok::<_, sqlx::Error>(listener)
-            };
-            match opened.await {
+            match self.try_open().await {
                 Ok(listener) => return Some(listener),
                 Err(e) => {
                     tracing::warn!(node = self.node, error = %e, retry_in = ?wait, "broker: cannot open the LISTEN session");
@@ -244,13 +272,32 @@ impl PostgresBroker {
         }
     }
 
+    /// One attempt at a LISTEN session on every channel the broker hears.
+    async fn try_open(&self) -> Result<PgListener, sqlx::Error> {
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener
+            .listen_all([
+                HISTORY_CHANNEL,
+                PUBLICATIONS_CHANNEL,
+                DELIVERIES_CHANNEL,
+                CONTROL_CHANNEL,
+                crate::presence::PRESENCE_CHANNEL,
+            ])
+            .await?;
+        Ok(listener)
+    }
+
     async fn hear(&self, channel: &str, payload: &str) {
         let heard = match channel {
             HISTORY_CHANNEL => self.hear_history(payload).await,
             PUBLICATIONS_CHANNEL => self.hear_publication(payload).await,
+            CONTROL_CHANNEL => self.hear_control(payload),
             DELIVERIES_CHANNEL => {
                 (self.wake_deliveries)();
                 Ok(())
+            }
+            crate::presence::PRESENCE_CHANNEL => {
+                crate::presence::hear(&self.hub, &self.pool, &self.node, payload).await
             }
             _ => Ok(()),
         };
@@ -310,6 +357,20 @@ impl PostgresBroker {
             .await
             .map_err(|e| e.to_string())?;
         Ok(entries.into_iter().next())
+    }
+
+    /// Another node's instruction.
+    fn hear_control(&self, payload: &str) -> Result<(), String> {
+        let notice: ControlNotice =
+            serde_json::from_str(payload).map_err(|e| format!("control notice: {e}"))?;
+        if notice.node == self.node {
+            return Ok(());
+        }
+        if let Some(app_id) = notice.removed_app {
+            let app_id = AppId::parse(&app_id).map_err(|e| format!("app id: {e}"))?;
+            self.hub.remove_app(&app_id);
+        }
+        Ok(())
     }
 
     /// Another node's publication on a channel without history.
@@ -432,6 +493,25 @@ fn unavailable(e: sqlx::Error) -> BrokerError {
 
 #[async_trait::async_trait]
 impl Broker for PostgresBroker {
+    async fn remove_app(&self, app_id: &AppId) -> Result<(), BrokerError> {
+        self.hub.remove_app(app_id);
+        let notice = encode(&ControlNotice {
+            node: self.node.clone(),
+            removed_app: Some(app_id.as_str().to_owned()),
+        })?;
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(CONTROL_CHANNEL)
+            .bind(notice)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    fn is_ready(&self) -> bool {
+        self.is_listening()
+    }
+
     async fn publish(&self, publications: &[Arc<Publication>]) -> Result<usize, BrokerError> {
         // History channels' publications were announced by their commit (see the module doc).
         let others: Vec<&Arc<Publication>> = publications

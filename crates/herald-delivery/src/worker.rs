@@ -33,6 +33,8 @@ const IDLE_POLL: Duration = Duration::from_secs(5);
 const RECHECK: Duration = Duration::from_millis(25);
 /// Pause after a store error, so a broken database does not become a busy loop.
 const ERROR_BACKOFF: Duration = Duration::from_secs(1);
+/// Added to every delivery lease beyond the time its attempt may take (see `claim`).
+const LEASE_MARGIN: Duration = Duration::from_secs(5);
 
 /// Wakes the dispatcher when new work is queued (a message created, a resend requested).
 #[derive(Clone, Default)]
@@ -320,8 +322,11 @@ impl Dispatcher {
             return Ok(Vec::new());
         }
         let now = Utc::now();
-        let lease =
-            self.config.request_timeout + self.config.shutdown_grace + Duration::from_secs(30);
+        // Long enough for a claimed job to wait behind one running round (a request timeout),
+        // run (another), and be drained at shutdown, with a margin; no longer, since a node
+        // that dies holds its jobs until their leases run out. A late result after expiry is
+        // fenced by the lease token, so a lease that runs out early costs at most a duplicate.
+        let lease = self.config.request_timeout * 2 + self.config.shutdown_grace + LEASE_MARGIN;
         let jobs = self
             .store
             .claim_due(&ClaimRequest {

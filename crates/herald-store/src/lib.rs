@@ -26,6 +26,7 @@ use herald_core::model::{
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 pub mod postgres;
+mod sql;
 pub mod sqlite;
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +48,36 @@ pub enum StoreError {
     Batch(String),
     #[error("cannot prepare the data directory: {0}")]
     Io(#[from] std::io::Error),
+}
+
+impl StoreError {
+    /// The database cannot be reached (refused or lost connections, a pool that timed out, a
+    /// server shutting down or not yet accepting connections), as opposed to a request it
+    /// answered: the caller may retry, and nothing was stored.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Self::Closed => true,
+            Self::Database(error) => match error {
+                sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::WorkerCrashed => true,
+                // SQLSTATE class 08 (connection exception), 57P01-57P03 (admin or crash
+                // shutdown, cannot connect now), 53300 (too many connections), 55000 at
+                // connect (a database not accepting connections).
+                sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+                    code.starts_with("08")
+                        || matches!(
+                            code.as_ref(),
+                            "57P01" | "57P02" | "57P03" | "53300" | "55000"
+                        )
+                }),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -553,6 +584,8 @@ pub trait ChannelWebhookStore: Send + Sync + 'static {
 /// The store's own life.
 #[async_trait::async_trait]
 pub trait StoreLifecycle: Send + Sync + 'static {
+    /// Answers if the store can serve requests now (a round trip to the database).
+    async fn ping(&self) -> Result<()>;
     /// Finish pending writes and close connections.
     async fn close(&self);
 }

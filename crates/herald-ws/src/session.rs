@@ -17,7 +17,9 @@
 
 use std::{collections::HashMap, future::Future, sync::Arc};
 
-use herald_channels::{EventData, Outgoing, Publish, PublishError, Publisher, Webhook};
+use herald_channels::{
+    EventData, Outgoing, Publish, PublishError, Publisher, Webhook, presence::merge_snapshot,
+};
 use herald_core::{
     history::Retention,
     model::{App, PusherCredentials},
@@ -361,7 +363,9 @@ impl<B: Backend> Session<B> {
 
     /// Adds the subscription to the hub and queues its confirmation; on a history channel,
     /// with the history status and the missed events, merged with what was broadcast while
-    /// they were read (see `herald_channels::history`).
+    /// they were read (see `herald_channels::history`). On a presence channel of a node in a
+    /// cluster, the snapshot adds the members other nodes hold, read while the subscriber's
+    /// frames are held the same way, so no `member_added` overtakes the confirmation.
     async fn join(
         &mut self,
         channel: &str,
@@ -370,7 +374,12 @@ impl<B: Backend> Session<B> {
         resume: Option<&Resume>,
     ) {
         let retention = self.backend.retention(channel);
-        let subscribed = if retention.is_some() {
+        let elsewhere = if joining.is_some() {
+            self.hub.members_elsewhere(channel)
+        } else {
+            None
+        };
+        let subscribed = if retention.is_some() || elsewhere.is_some() {
             self.hub.subscribe_joining(
                 channel,
                 &self.socket_id,
@@ -400,7 +409,36 @@ impl<B: Backend> Session<B> {
             }
         };
         let mut confirmation = subscribed.presence.unwrap_or_else(|| json!({}));
+        let held_for_presence = elsewhere.is_some();
+        if let Some(elsewhere) = elsewhere {
+            match elsewhere.await {
+                Ok(others) => merge_snapshot(&mut confirmation, others),
+                // This node's members still are; the others arrive as they change.
+                Err(e) => {
+                    tracing::warn!(error = %e, channel, "reading other nodes' presence members failed");
+                }
+            }
+            // What the snapshot lists: member notices that crossed it are not repeated.
+            let listed = confirmation["presence"]["ids"]
+                .as_array()
+                .map(|ids| {
+                    ids.iter()
+                        .filter_map(|id| id.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default();
+            self.hub.know_members(channel, &self.socket_id, listed);
+        }
         match retention {
+            None if held_for_presence => {
+                let confirmed = protocol::system(
+                    "pusher_internal:subscription_succeeded",
+                    Some(channel),
+                    &confirmation,
+                );
+                self.hub
+                    .go_live(channel, &self.socket_id, 0, |outbox| outbox.send(confirmed));
+            }
             None => self.outbox.send(protocol::system(
                 "pusher_internal:subscription_succeeded",
                 Some(channel),

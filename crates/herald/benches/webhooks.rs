@@ -9,7 +9,8 @@
 //! Knobs (environment): BENCH_MESSAGES (20000), BENCH_CONCURRENCY (64), BENCH_PACED (1000),
 //! BENCH_PACED_RATE per second (500), BENCH_IDEMPOTENCY_KEYS (1: send one per POST, as the Svix
 //! SDKs do), BENCH_ENDPOINTS (1; 0 measures intake alone), BENCH_PER_ENDPOINT (the server's
-//! per-endpoint concurrency, default from the configuration).
+//! per-endpoint concurrency, default from the configuration), BENCH_STORE_URL (a `postgres://`
+//! database to run on instead of SQLite; use an empty one).
 
 use std::{
     collections::HashMap,
@@ -144,6 +145,10 @@ async fn main() {
         ..herald::Config::default()
     };
     config.delivery.allow_private_targets = true;
+    // A PostgreSQL store (`postgres://...`) instead of SQLite in a temporary directory.
+    if let Ok(url) = std::env::var("BENCH_STORE_URL") {
+        config.store.url = Some(url);
+    }
     if let Ok(n) = std::env::var("BENCH_PER_ENDPOINT") {
         config.delivery.per_endpoint_in_flight = n.parse().expect("BENCH_PER_ENDPOINT");
     }

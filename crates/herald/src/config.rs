@@ -51,6 +51,28 @@ pub struct Config {
     pub delivery: DeliverySection,
     pub ws: WsSection,
     pub history: HistorySection,
+    pub cluster: ClusterSection,
+}
+
+/// Several nodes on one PostgreSQL store (ignored on SQLite, which has one node).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterSection {
+    /// Seconds without a heartbeat after which a node is dead and its presence members and
+    /// occupancy are removed (once each) by the live nodes; each node beats every third of it.
+    pub node_ttl_secs: u64,
+}
+
+/// Bounds of `cluster.node_ttl_secs`: a heartbeat every third of a second at least, and a dead
+/// node's members gone within the hour at most.
+const NODE_TTL_SECS: std::ops::RangeInclusive<u64> = 1..=3600;
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        Self {
+            node_ttl_secs: herald_cluster::presence::DEFAULT_NODE_TTL.as_secs(),
+        }
+    }
 }
 
 /// Where Herald keeps its state (see `store.rs`).
@@ -274,6 +296,7 @@ impl Default for Config {
             delivery: DeliverySection::default(),
             ws: WsSection::default(),
             history: HistorySection::default(),
+            cluster: ClusterSection::default(),
         }
     }
 }
@@ -450,6 +473,13 @@ impl Config {
             ));
         }
         self.store_config()?;
+        if !NODE_TTL_SECS.contains(&self.cluster.node_ttl_secs) {
+            return Err(ConfigError::Invalid(format!(
+                "cluster.node_ttl_secs must be between {} and {} seconds",
+                NODE_TTL_SECS.start(),
+                NODE_TTL_SECS.end()
+            )));
+        }
         let d = &self.delivery;
         let positive = [
             ("delivery.request_timeout_secs", d.request_timeout_secs),
@@ -654,6 +684,11 @@ impl Config {
             max_connections_per_app: self.ws.max_connections_per_app,
             clients: std::sync::Arc::clone(clients),
         }
+    }
+
+    /// How long a node lives without a heartbeat (see [`ClusterSection`]).
+    pub fn node_ttl(&self) -> Duration {
+        Duration::from_secs(self.cluster.node_ttl_secs)
     }
 
     pub fn channel_webhook_config(&self) -> ChannelWebhookConfig {

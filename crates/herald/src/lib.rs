@@ -91,10 +91,16 @@ pub async fn run(
         config.channel_webhook_config(),
         Arc::clone(&metrics.channels),
     ));
-    let recovered = channel_webhooks
-        .recover()
-        .await
-        .context("reading channel occupancy left by the last run")?;
+    // On a shared store the cluster's sweep removes what dead nodes left (as leaves, once);
+    // reporting every recorded occupant as left would vacate live nodes' channels.
+    let recovered = if postgres.is_some() {
+        0
+    } else {
+        channel_webhooks
+            .recover()
+            .await
+            .context("reading channel occupancy left by the last run")?
+    };
     if recovered > 0 {
         tracing::info!(
             recovered,
@@ -110,6 +116,7 @@ pub async fn run(
     let history = Arc::new(History::new(Arc::clone(&store), config.history_config()));
     // One node: the hub is the broker's only destination. On PostgreSQL, every node sharing the
     // database hears every publication through it (LISTEN/NOTIFY); its session runs below.
+    let cluster_pool = postgres.as_ref().map(|postgres| postgres.pool().clone());
     let postgres_broker = postgres.map(|postgres| {
         let wake = dispatcher.handle();
         PostgresBroker::new(
@@ -127,7 +134,33 @@ pub async fn run(
         }
         None => Arc::new(LocalBroker::new(Arc::clone(&hub))),
     };
-    let presence: Arc<dyn PresenceManager> = Arc::new(LocalPresence::new(Arc::clone(&hub)));
+    // One node: presence is the hub's. On PostgreSQL, every node's rows (see
+    // `herald_cluster::presence`): the hub hands its changes there, and the cluster decides
+    // and announces them once. `abandon` stops it at once if `run` is dropped (aborted), as a
+    // kill would; a graceful stop leaves the cluster after the connections have closed.
+    let cluster_presence = match (&postgres_broker, cluster_pool) {
+        (Some(broker), Some(pool)) => {
+            let cluster = herald_cluster::presence::PostgresPresence::new(
+                broker.node().to_owned(),
+                pool,
+                Arc::clone(&hub),
+                Arc::clone(&channel_webhooks) as _,
+                config.node_ttl(),
+            );
+            cluster
+                .register()
+                .await
+                .context("registering this node in the cluster")?;
+            Some(cluster)
+        }
+        _ => None,
+    };
+    let abandon_presence = CancellationToken::new();
+    let _abandon_presence_on_drop = abandon_presence.clone().drop_guard();
+    let presence: Arc<dyn PresenceManager> = match &cluster_presence {
+        Some(cluster) => Arc::clone(cluster) as _,
+        None => Arc::new(LocalPresence::new(Arc::clone(&hub))),
+    };
     let publisher = Arc::new(Publisher::new(
         Arc::clone(&store),
         broker,
@@ -179,8 +212,16 @@ pub async fn run(
     let stop_background = CancellationToken::new();
     background.spawn(dispatcher.run(stop_background.clone()));
     if let Some(broker) = postgres_broker {
-        background.spawn(broker.run(stop_background.clone()));
+        // Before serving: a client this node admits must hear what other nodes publish.
+        let session = broker
+            .listen()
+            .await
+            .context("opening the broker's LISTEN session on PostgreSQL")?;
+        background.spawn(broker.run(session, stop_background.clone()));
     }
+    let stop_presence = CancellationToken::new();
+    let presence_task = cluster_presence
+        .map(|cluster| tokio::spawn(cluster.run(stop_presence.clone(), abandon_presence.clone())));
     background.spawn(housekeeping(
         Arc::clone(&store),
         Arc::clone(&history),
@@ -199,6 +240,14 @@ pub async fn run(
     .await;
     connections.close();
     connections.wait().await;
+    // The connections' leaves are queued: apply them (reporting webhooks while the channel
+    // webhooks still run), then leave the cluster.
+    stop_presence.cancel();
+    if let Some(task) = presence_task
+        && let Err(e) = task.await
+    {
+        tracing::warn!(error = %e, "presence task failed");
+    }
     // Requests have drained: nothing can queue new work, so stop the worker (it waits for its
     // in-flight attempts up to the grace period) and then close the store.
     stop_background.cancel();

@@ -47,6 +47,17 @@ enum Command {
         #[arg(long, conflicts_with = "dev")]
         remove_dev_credentials: bool,
     },
+    /// Bring the store's schema up to date and exit (`serve` does this at start too). On
+    /// PostgreSQL, run it once before starting nodes of a new version.
+    Migrate {
+        /// TOML configuration file.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Data directory of the embedded store [default: ./herald-data]; store.url, when set,
+        /// wins.
+        #[arg(long = "data", value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -58,20 +69,33 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let Command::Serve {
-        config,
-        listen,
-        data_dir,
-        dev,
-        dev_allow_remote,
-        remove_dev_credentials,
-    } = cli.command;
-    let overrides = Overrides {
-        listen,
-        data_dir,
-        dev: dev.then_some(true),
-        dev_allow_remote: dev_allow_remote.then_some(true),
-        remove_dev_credentials: remove_dev_credentials.then_some(true),
+    let (config, overrides, migrate_only) = match cli.command {
+        Command::Serve {
+            config,
+            listen,
+            data_dir,
+            dev,
+            dev_allow_remote,
+            remove_dev_credentials,
+        } => (
+            config,
+            Overrides {
+                listen,
+                data_dir,
+                dev: dev.then_some(true),
+                dev_allow_remote: dev_allow_remote.then_some(true),
+                remove_dev_credentials: remove_dev_credentials.then_some(true),
+            },
+            false,
+        ),
+        Command::Migrate { config, data_dir } => (
+            config,
+            Overrides {
+                data_dir,
+                ..Overrides::default()
+            },
+            true,
+        ),
     };
     let config = match Config::load(config.as_deref(), &overrides) {
         Ok(config) => config,
@@ -87,13 +111,27 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(config)) {
+    let done = if migrate_only {
+        runtime.block_on(migrate(config))
+    } else {
+        runtime.block_on(serve(config))
+    };
+    match done {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("herald: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Opens the store (which migrates its schema) and closes it.
+async fn migrate(config: Config) -> anyhow::Result<()> {
+    let store_config = config.store_config()?;
+    let opened = herald::store::open(&store_config).await?;
+    opened.store.close().await;
+    println!("herald: the store ({store_config}) is up to date");
+    Ok(())
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {

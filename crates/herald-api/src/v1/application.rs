@@ -311,8 +311,9 @@ pub async fn delete(
     caller.require_environment()?;
     let app = caller.app(&state, &app_id).await?;
     state.store.delete_app(&app.id).await?;
-    // After the store: a connection that arrives later finds no app (4001) or a closed hub.
-    state.hub.remove_app(&app.id);
+    // After the store: a connection that arrives later finds no app (4001) or a closed hub,
+    // on every node.
+    state.publisher.remove_app(&app.id).await;
     Ok(StatusCode::NO_CONTENT)
 }
 

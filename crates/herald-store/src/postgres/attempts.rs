@@ -20,13 +20,15 @@ use herald_core::{
     AppId, EndpointId, MessageId,
     model::{Attempt, DeliveryStatus, Endpoint, Message},
 };
-use sqlx::{Postgres, QueryBuilder, Row, postgres::PgRow};
+use sqlx::{Postgres, QueryBuilder};
 
 use super::{
     PostgresStore, paginate,
     rows::{self, millis},
 };
-use crate::{AttemptQuery, AttemptScope, AttemptStore, DeliveryQuery, DeliveryState, Page, Result};
+use crate::{
+    AttemptQuery, AttemptScope, AttemptStore, DeliveryQuery, DeliveryState, Page, Result, sql,
+};
 
 #[async_trait::async_trait]
 impl AttemptStore for PostgresStore {
@@ -37,26 +39,7 @@ impl AttemptStore for PostgresStore {
         query: &AttemptQuery,
         page: &Page,
     ) -> Result<Vec<Attempt>> {
-        let mut q = QueryBuilder::new("SELECT * FROM attempts WHERE app_id = ");
-        q.push_bind(app_id.to_string());
-        match scope {
-            AttemptScope::Endpoint(endpoint) => {
-                q.push(" AND endpoint_id = ");
-                q.push_bind(endpoint.to_string());
-            }
-            AttemptScope::Message(msg) => {
-                q.push(" AND msg_id = ");
-                q.push_bind(msg.to_string());
-            }
-        }
-        if let Some(endpoint) = &query.endpoint_id {
-            q.push(" AND endpoint_id = ");
-            q.push_bind(endpoint.clone());
-        }
-        if let Some(status) = query.status {
-            q.push(" AND status = ");
-            q.push_bind(status as i32);
-        }
+        let mut q = sql::attempts_query!(app_id, scope, query, i32);
         paginate(&mut q, "id", page);
         q.build()
             .fetch_all(&self.pool)
@@ -130,7 +113,7 @@ impl AttemptStore for PostgresStore {
             .fetch_all(&self.pool)
             .await?
             .iter()
-            .map(|row| Ok((rows::message(row)?, delivery_state(row)?)))
+            .map(|row| Ok((rows::message(row)?, rows::delivery_state(row)?)))
             .collect()
     }
 
@@ -157,7 +140,7 @@ impl AttemptStore for PostgresStore {
             .fetch_all(&self.pool)
             .await?
             .iter()
-            .map(|row| Ok((rows::endpoint(row, "")?, delivery_state(row)?)))
+            .map(|row| Ok((rows::endpoint(row, "")?, rows::delivery_state(row)?)))
             .collect()
     }
 }
@@ -167,22 +150,4 @@ fn leased(q: &mut QueryBuilder<Postgres>, now: i64) {
     q.push("(d.lease_token IS NOT NULL AND d.leased_until > ");
     q.push_bind(now);
     q.push(")");
-}
-
-/// A delivery's state from the `d_`-aliased columns: a leased pending delivery is being sent,
-/// and only a pending one has a next attempt (as the SQLite store reads it).
-fn delivery_state(row: &PgRow) -> Result<DeliveryState> {
-    let leased: bool = row.try_get("d_leased")?;
-    let status = match rows::status(row.try_get("d_status")?)? {
-        DeliveryStatus::Pending if leased => DeliveryStatus::Sending,
-        status => status,
-    };
-    let next_attempt = match status {
-        DeliveryStatus::Pending => rows::opt_time(row, "d_next_attempt_at")?,
-        _ => None,
-    };
-    Ok(DeliveryState {
-        status,
-        next_attempt,
-    })
 }

@@ -8,8 +8,8 @@
 //!   object), secret TEXT, previous_secrets TEXT (JSON `[[secret, expires_millis]]`),
 //!   failing_since BIGINT NULL, created_at / updated_at BIGINT millis, format TEXT
 //!   ('standard-webhooks' | 'pusher'). Index endpoints_app (app_id, id).
-//!   `rows::endpoint(row, prefix)` reads them; `rows::previous_secrets_json` (SQLite's) writes
-//!   previous_secrets.
+//!   `rows::endpoint(row, prefix)` reads them; `sql::insert_endpoint!` and
+//!   `sql::update_endpoint!` (shared with SQLite) write them.
 //! - `deliveries` (for `endpoint_stats`): endpoint_id, status INTEGER (0 success, 1 pending,
 //!   2 fail, 3 sending) and the lease columns; index deliveries_endpoint (endpoint_id, status,
 //!   updated_at).
@@ -30,60 +30,43 @@ use sqlx::{QueryBuilder, Row};
 
 use super::{
     PostgresStore, paginate,
-    rows::{self, conflict_as, millis, opt_json, previous_secrets_json, to_json},
+    rows::{self, conflict_as, millis},
 };
-use crate::{ENDPOINT_CHANGED, EndpointStore, Page, Result, StoreError};
+use crate::{ENDPOINT_CHANGED, EndpointStore, Page, Result, StoreError, sql};
 
 const UID_TAKEN: &str = "an endpoint with this uid already exists";
+
+/// The update of an endpoint, bound by `sql::update_endpoint!`.
+const UPDATE_ENDPOINT: &str =
+    "UPDATE endpoints SET uid = $3, url = $4, description = $5, throttle_rate = $6,
+                    failing_since = CASE WHEN disabled AND NOT $7 THEN NULL
+                                         ELSE failing_since END,
+                    disabled = $7, event_types = $8, channels = $9, metadata = $10, headers = $11,
+                    secret = $12, previous_secrets = $13, updated_at = $14, format = $15
+             WHERE id = $1 AND app_id = $2 AND updated_at = $16";
 
 #[async_trait::async_trait]
 impl EndpointStore for PostgresStore {
     async fn create_endpoint(&self, ep: &Endpoint) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO endpoints (id, app_id, uid, url, description, throttle_rate, disabled,
-                                    event_types, channels, metadata, headers, secret,
-                                    previous_secrets, failing_since, created_at, updated_at,
-                                    format)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
-        )
-        .bind(ep.id.as_str())
-        .bind(ep.app_id.as_str())
-        .bind(&ep.uid)
-        .bind(&ep.url)
-        .bind(&ep.description)
-        .bind(ep.throttle_rate)
-        .bind(ep.disabled)
-        .bind(opt_json(&ep.event_types))
-        .bind(opt_json(&ep.channels))
-        .bind(to_json(&ep.metadata))
-        .bind(to_json(&ep.headers))
-        .bind(&ep.secret)
-        .bind(previous_secrets_json(ep))
-        .bind(ep.failing_since.map(millis))
-        .bind(millis(ep.created_at))
-        .bind(millis(ep.updated_at))
-        .bind(ep.format.as_str())
-        .execute(&self.pool)
-        .await
-        .map_err(conflict_as(UID_TAKEN))?;
+        sql::insert_endpoint!(ep)
+            .execute(&self.pool)
+            .await
+            .map_err(conflict_as(UID_TAKEN))?;
         Ok(())
     }
 
     async fn get_endpoint(&self, app_id: &AppId, id_or_uid: &str) -> Result<Option<Endpoint>> {
-        sqlx::query(
-            "SELECT * FROM endpoints WHERE app_id = $1 AND (id = $2 OR uid = $2) \
-             ORDER BY id = $2 DESC LIMIT 1",
-        )
-        .bind(app_id.as_str())
-        .bind(id_or_uid)
-        .fetch_optional(&self.pool)
-        .await?
-        .map(|row| rows::endpoint(&row, ""))
-        .transpose()
+        sqlx::query(sql::GET_ENDPOINT)
+            .bind(app_id.as_str())
+            .bind(id_or_uid)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|row| rows::endpoint(&row, ""))
+            .transpose()
     }
 
     async fn list_endpoints(&self, app_id: &AppId, page: &Page) -> Result<Vec<Endpoint>> {
-        let mut q = QueryBuilder::new("SELECT * FROM endpoints WHERE app_id = ");
+        let mut q = QueryBuilder::new(sql::LIST_ENDPOINTS);
         q.push_bind(app_id.to_string());
         paginate(&mut q, "id", page);
         q.build()
@@ -96,35 +79,12 @@ impl EndpointStore for PostgresStore {
 
     async fn update_endpoint(&self, ep: &Endpoint, read_at: DateTime<Utc>) -> Result<()> {
         // `failing_since` is the worker's: kept, except that re-enabling clears it.
-        let done = sqlx::query(
-            "UPDATE endpoints SET uid = $3, url = $4, description = $5, throttle_rate = $6,
-                    failing_since = CASE WHEN disabled AND NOT $7 THEN NULL
-                                         ELSE failing_since END,
-                    disabled = $7, event_types = $8, channels = $9, metadata = $10, headers = $11,
-                    secret = $12, previous_secrets = $13, updated_at = $14, format = $15
-             WHERE id = $1 AND app_id = $2 AND updated_at = $16",
-        )
-        .bind(ep.id.as_str())
-        .bind(ep.app_id.as_str())
-        .bind(&ep.uid)
-        .bind(&ep.url)
-        .bind(&ep.description)
-        .bind(ep.throttle_rate)
-        .bind(ep.disabled)
-        .bind(opt_json(&ep.event_types))
-        .bind(opt_json(&ep.channels))
-        .bind(to_json(&ep.metadata))
-        .bind(to_json(&ep.headers))
-        .bind(&ep.secret)
-        .bind(previous_secrets_json(ep))
-        .bind(millis(ep.updated_at))
-        .bind(ep.format.as_str())
-        .bind(millis(read_at))
-        .execute(&self.pool)
-        .await
-        .map_err(conflict_as(UID_TAKEN))?;
+        let done = sql::update_endpoint!(UPDATE_ENDPOINT, ep, read_at)
+            .execute(&self.pool)
+            .await
+            .map_err(conflict_as(UID_TAKEN))?;
         if done.rows_affected() == 0 {
-            let exists = sqlx::query("SELECT 1 FROM endpoints WHERE id = $1 AND app_id = $2")
+            let exists = sqlx::query(sql::ENDPOINT_EXISTS)
                 .bind(ep.id.as_str())
                 .bind(ep.app_id.as_str())
                 .fetch_optional(&self.pool)
@@ -140,7 +100,7 @@ impl EndpointStore for PostgresStore {
     }
 
     async fn delete_endpoint(&self, app_id: &AppId, id: &EndpointId) -> Result<bool> {
-        let done = sqlx::query("DELETE FROM endpoints WHERE app_id = $1 AND id = $2")
+        let done = sqlx::query(sql::DELETE_ENDPOINT)
             .bind(app_id.as_str())
             .bind(id.as_str())
             .execute(&self.pool)

@@ -34,13 +34,13 @@ use herald_core::{
     AppId,
     history::{ChannelPosition, HistoryEntry, NewHistoryEntry, Position, new_epoch},
 };
-use sqlx::{PgConnection, Postgres, QueryBuilder, Row, postgres::PgRow};
+use sqlx::{PgConnection, Postgres, QueryBuilder, Row};
 
 use super::{
     PostgresStore,
     rows::{self, millis},
 };
-use crate::{HistoryQuery, HistoryStore, Result, StoreError};
+use crate::{HistoryQuery, HistoryStore, Result, StoreError, sql};
 
 /// Trimming a channel to its retention costs a statement of its own, so it runs on every
 /// `TRIM_EVERY`th offset; readers apply the retention themselves meanwhile (as SQLite).
@@ -140,14 +140,6 @@ impl HistoryNotice {
 /// A u64 offset as BIGINT, saturating (offsets never come near `i64::MAX`).
 fn bigint(offset: u64) -> i64 {
     i64::try_from(offset).unwrap_or(i64::MAX)
-}
-
-/// Reads a `(epoch, next_offset)` row.
-fn channel_position_row(row: &PgRow) -> Result<ChannelPosition> {
-    Ok(ChannelPosition {
-        epoch: row.try_get("epoch")?,
-        next_offset: rows::offset(row, "next_offset")?,
-    })
 }
 
 /// Assigns each entry its channel's epoch and next offset, keeps them, and trims the channels
@@ -289,25 +281,19 @@ impl HistoryStore for PostgresStore {
         app_id: &AppId,
         channel: &str,
     ) -> Result<Option<ChannelPosition>> {
-        sqlx::query(
-            "SELECT epoch, next_offset FROM channel_positions WHERE app_id = $1 AND channel = $2",
-        )
-        .bind(app_id.as_str())
-        .bind(channel)
-        .fetch_optional(&self.pool)
-        .await?
-        .map(|row| channel_position_row(&row))
-        .transpose()
+        sqlx::query(sql::CHANNEL_POSITION)
+            .bind(app_id.as_str())
+            .bind(channel)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|row| rows::channel_position(&row))
+            .transpose()
     }
 
     async fn forget_unused_channel_positions(&self) -> Result<u64> {
-        let done = sqlx::query(
-            "DELETE FROM channel_positions WHERE next_offset <= 1 AND NOT EXISTS (
-                 SELECT 1 FROM channel_history h
-                 WHERE h.app_id = channel_positions.app_id AND h.channel = channel_positions.channel)",
-        )
-        .execute(&self.pool)
-        .await?;
+        let done = sqlx::query(sql::FORGET_UNUSED_CHANNEL_POSITIONS)
+            .execute(&self.pool)
+            .await?;
         Ok(done.rows_affected())
     }
 
@@ -322,19 +308,11 @@ impl HistoryStore for PostgresStore {
         // commits wholly before or after the reset, never with its event deleted but its
         // offset kept, or the reverse. Offsets go on counting: a client's old offset can never
         // name an event of the new epoch.
-        let row = sqlx::query(
-            "INSERT INTO channel_positions (app_id, channel, epoch, next_offset)
-             VALUES ($1, $2, $3, 1)
-             ON CONFLICT (app_id, channel) DO UPDATE SET epoch = excluded.epoch
-             RETURNING epoch, next_offset",
-        )
-        .bind(app_id.as_str())
-        .bind(channel)
-        .bind(epoch)
-        .fetch_one(&mut *tx)
-        .await?;
-        let position = channel_position_row(&row)?;
-        sqlx::query("DELETE FROM channel_history WHERE app_id = $1 AND channel = $2")
+        let row = sql::reset_channel_position!(app_id, channel, epoch)
+            .fetch_one(&mut *tx)
+            .await?;
+        let position = rows::channel_position(&row)?;
+        sqlx::query(sql::DELETE_CHANNEL_HISTORY)
             .bind(app_id.as_str())
             .bind(channel)
             .execute(&mut *tx)
@@ -359,23 +337,7 @@ impl HistoryStore for PostgresStore {
         channel: &str,
         query: &HistoryQuery,
     ) -> Result<Vec<HistoryEntry>> {
-        let mut q = QueryBuilder::new("SELECT * FROM channel_history WHERE app_id = ");
-        q.push_bind(app_id.to_string());
-        q.push(" AND channel = ").push_bind(channel.to_owned());
-        q.push(" AND created_at >= ")
-            .push_bind(millis(query.not_before));
-        if let Some(after) = query.after {
-            q.push(" AND seq > ").push_bind(bigint(after));
-        }
-        if let Some(before) = query.before {
-            q.push(" AND seq < ").push_bind(bigint(before));
-        }
-        q.push(if query.newest_first {
-            " ORDER BY seq DESC"
-        } else {
-            " ORDER BY seq ASC"
-        });
-        q.push(" LIMIT ").push_bind(i64::from(query.limit));
+        let mut q = sql::history_query!(app_id, channel, query);
         q.build()
             .fetch_all(&self.pool)
             .await?
@@ -416,15 +378,9 @@ impl HistoryStore for PostgresStore {
         channel: &str,
         not_before: DateTime<Utc>,
     ) -> Result<Option<u64>> {
-        let oldest: Option<i64> = sqlx::query_scalar(
-            "SELECT MIN(seq) FROM channel_history
-             WHERE app_id = $1 AND channel = $2 AND created_at >= $3",
-        )
-        .bind(app_id.as_str())
-        .bind(channel)
-        .bind(millis(not_before))
-        .fetch_one(&self.pool)
-        .await?;
+        let oldest = sql::oldest_history_offset!(app_id, channel, not_before)
+            .fetch_one(&self.pool)
+            .await?;
         Ok(oldest.and_then(|o| u64::try_from(o).ok()))
     }
 
@@ -453,7 +409,7 @@ impl HistoryStore for PostgresStore {
                 Ok((
                     rows::id(row, "app_id")?,
                     row.try_get("channel")?,
-                    channel_position_row(row)?,
+                    rows::channel_position(row)?,
                 ))
             })
             .collect()
@@ -466,16 +422,9 @@ impl HistoryStore for PostgresStore {
         up_to_offset: u64,
         not_before: DateTime<Utc>,
     ) -> Result<u64> {
-        let done = sqlx::query(
-            "DELETE FROM channel_history
-             WHERE app_id = $1 AND channel = $2 AND (seq <= $3 OR created_at < $4)",
-        )
-        .bind(app_id.as_str())
-        .bind(channel)
-        .bind(bigint(up_to_offset))
-        .bind(millis(not_before))
-        .execute(&self.pool)
-        .await?;
+        let done = sql::trim_history!(app_id, channel, up_to_offset, not_before)
+            .execute(&self.pool)
+            .await?;
         Ok(done.rows_affected())
     }
 }

@@ -65,7 +65,7 @@ use super::{
 };
 use crate::{
     AttemptRecord, ClaimRequest, DeliveryJob, EndpointChange, LeaseToken, MessageQuery,
-    MessageStore, NextStep, Page, Recorded, Result, StoreError,
+    MessageStore, NextStep, Page, Recorded, Result, StoreError, sql,
 };
 
 /// A repeated `(app_id, event_id)`: the same text the SQLite store reports.
@@ -166,16 +166,13 @@ impl MessageStore for PostgresStore {
     }
 
     async fn get_message(&self, app_id: &AppId, id_or_event_id: &str) -> Result<Option<Message>> {
-        sqlx::query(
-            "SELECT * FROM messages WHERE app_id = $1 AND (id = $2 OR event_id = $2) \
-             ORDER BY id = $2 DESC LIMIT 1",
-        )
-        .bind(app_id.as_str())
-        .bind(id_or_event_id)
-        .fetch_optional(&self.pool)
-        .await?
-        .map(|row| rows::message(&row))
-        .transpose()
+        sqlx::query(sql::GET_MESSAGE)
+            .bind(app_id.as_str())
+            .bind(id_or_event_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|row| rows::message(&row))
+            .transpose()
     }
 
     async fn list_messages(
@@ -184,7 +181,7 @@ impl MessageStore for PostgresStore {
         page: &Page,
         query: &MessageQuery,
     ) -> Result<Vec<Message>> {
-        let mut q = QueryBuilder::new("SELECT * FROM messages WHERE app_id = ");
+        let mut q = QueryBuilder::new(sql::LIST_MESSAGES);
         q.push_bind(app_id.to_string());
         if let Some(channel) = &query.channel {
             q.push(" AND channels::jsonb ? ");

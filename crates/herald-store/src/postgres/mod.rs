@@ -137,6 +137,11 @@ fn paginate(query: &mut QueryBuilder<Postgres>, column: &str, page: &Page) {
 
 #[async_trait::async_trait]
 impl StoreLifecycle for PostgresStore {
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
     async fn close(&self) {
         // Every write commits before its call returns: nothing is pending but the connections.
         self.pool.close().await;

@@ -1,6 +1,5 @@
 //! [`AppStore`] on SQLite: apps (looked up through the exact cache) and API token hashes.
 
-use chrono::Utc;
 use herald_core::AppId;
 use herald_core::model::App;
 use sqlx::{QueryBuilder, Row};
@@ -9,7 +8,7 @@ use super::{
     SqliteStore, paginate,
     rows::{self, conflict_as, millis, to_json},
 };
-use crate::{AppStore, Page, Result, StoreError, TokenScope};
+use crate::{AppStore, Page, Result, StoreError, TokenScope, sql};
 
 #[async_trait::async_trait]
 impl AppStore for SqliteStore {
@@ -43,14 +42,12 @@ impl AppStore for SqliteStore {
             return Ok(Some(app));
         }
         let generation = self.cache.generation();
-        let app = sqlx::query(
-            "SELECT * FROM apps WHERE id = $1 OR uid = $1 ORDER BY id = $1 DESC LIMIT 1",
-        )
-        .bind(id_or_uid)
-        .fetch_optional(&self.reader)
-        .await?
-        .map(|row| rows::app(&row))
-        .transpose()?;
+        let app = sqlx::query(sql::GET_APP)
+            .bind(id_or_uid)
+            .fetch_optional(&self.reader)
+            .await?
+            .map(|row| rows::app(&row))
+            .transpose()?;
         if let Some(app) = &app {
             self.cache.put_app(generation, app);
         }
@@ -58,25 +55,21 @@ impl AppStore for SqliteStore {
     }
 
     async fn get_app_by_pusher_key(&self, key: &str) -> Result<Option<App>> {
-        self.cached_app(
-            format!("pusher-key:{key}"),
-            "SELECT * FROM apps WHERE pusher_key = $1",
-            key,
-        )
-        .await
+        self.cached_app(format!("pusher-key:{key}"), sql::APP_BY_PUSHER_KEY, key)
+            .await
     }
 
     async fn get_app_by_pusher_id(&self, app_id: i64) -> Result<Option<App>> {
         self.cached_app(
             format!("pusher-id:{app_id}"),
-            "SELECT * FROM apps WHERE pusher_app_id = $1",
+            sql::APP_BY_PUSHER_ID,
             &app_id.to_string(),
         )
         .await
     }
 
     async fn list_apps(&self, page: &Page) -> Result<Vec<App>> {
-        let mut q = QueryBuilder::new("SELECT * FROM apps WHERE 1 = 1");
+        let mut q = QueryBuilder::new(sql::LIST_APPS);
         paginate(&mut q, "id", page);
         q.build()
             .fetch_all(&self.reader)
@@ -87,21 +80,10 @@ impl AppStore for SqliteStore {
     }
 
     async fn update_app(&self, app: &App) -> Result<()> {
-        let done = sqlx::query(
-            "UPDATE apps SET uid = $2, name = $3, throttle_rate = $4, metadata = $5, updated_at = $6,
-                    history_rules = $7
-             WHERE id = $1",
-        )
-        .bind(app.id.as_str())
-        .bind(&app.uid)
-        .bind(&app.name)
-        .bind(app.throttle_rate)
-        .bind(to_json(&app.metadata))
-        .bind(millis(app.updated_at))
-        .bind(rows::history_rules_json(app.history.as_deref()))
-        .execute(&self.writer)
-        .await
-        .map_err(conflict_as("an application with this uid already exists"))?;
+        let done = sql::update_app!(app)
+            .execute(&self.writer)
+            .await
+            .map_err(conflict_as("an application with this uid already exists"))?;
         self.cache.invalidate();
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound);
@@ -114,19 +96,10 @@ impl AppStore for SqliteStore {
         app_id: &AppId,
         credentials: &herald_core::model::PusherCredentials,
     ) -> Result<()> {
-        let done = sqlx::query(
-            "UPDATE apps SET pusher_key = $2, pusher_secret = $3, pusher_previous_secret = $4,
-                             pusher_previous_secret_until = $5
-             WHERE id = $1",
-        )
-        .bind(app_id.as_str())
-        .bind(&credentials.key)
-        .bind(&credentials.secret)
-        .bind(credentials.previous.as_ref().map(|p| p.secret.as_str()))
-        .bind(credentials.previous.as_ref().map(|p| millis(p.until)))
-        .execute(&self.writer)
-        .await
-        .map_err(conflict_as("another application has this Pusher key"))?;
+        let done = sql::set_pusher_credentials!(app_id, credentials)
+            .execute(&self.writer)
+            .await
+            .map_err(conflict_as("another application has this Pusher key"))?;
         self.cache.invalidate();
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound);
@@ -135,7 +108,7 @@ impl AppStore for SqliteStore {
     }
 
     async fn delete_app(&self, id: &AppId) -> Result<bool> {
-        let done = sqlx::query("DELETE FROM apps WHERE id = $1")
+        let done = sqlx::query(sql::DELETE_APP)
             .bind(id.as_str())
             .execute(&self.writer)
             .await?;
@@ -148,21 +121,14 @@ impl AppStore for SqliteStore {
             TokenScope::Environment => None,
             TokenScope::App(id) => Some(id.as_str()),
         };
-        sqlx::query(
-            "INSERT INTO api_tokens (token_hash, app_id, name, created_at) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (token_hash) DO NOTHING",
-        )
-        .bind(token_hash)
-        .bind(app_id)
-        .bind(name)
-        .bind(millis(Utc::now()))
-        .execute(&self.writer)
-        .await?;
+        sql::add_token!(token_hash, app_id, name)
+            .execute(&self.writer)
+            .await?;
         Ok(())
     }
 
     async fn remove_token(&self, token_hash: &[u8]) -> Result<bool> {
-        let done = sqlx::query("DELETE FROM api_tokens WHERE token_hash = $1")
+        let done = sqlx::query(sql::REMOVE_TOKEN)
             .bind(token_hash)
             .execute(&self.writer)
             .await?;
@@ -170,7 +136,7 @@ impl AppStore for SqliteStore {
     }
 
     async fn token_scope(&self, token_hash: &[u8]) -> Result<Option<TokenScope>> {
-        let row = sqlx::query("SELECT app_id FROM api_tokens WHERE token_hash = $1")
+        let row = sqlx::query(sql::TOKEN_SCOPE)
             .bind(token_hash)
             .fetch_optional(&self.reader)
             .await?;

@@ -3,13 +3,13 @@
 use chrono::Utc;
 use herald_core::model::{Attempt, DeliveryStatus, Endpoint, Message};
 use herald_core::{AppId, EndpointId, MessageId};
-use sqlx::{QueryBuilder, Row, Sqlite};
+use sqlx::{QueryBuilder, Sqlite};
 
 use super::{
     SqliteStore, paginate,
     rows::{self, millis, to_json},
 };
-use crate::{AttemptQuery, AttemptScope, AttemptStore, Page, Result};
+use crate::{AttemptQuery, AttemptScope, AttemptStore, Page, Result, sql};
 use crate::{DeliveryQuery, DeliveryState};
 
 #[async_trait::async_trait]
@@ -21,26 +21,7 @@ impl AttemptStore for SqliteStore {
         query: &AttemptQuery,
         page: &Page,
     ) -> Result<Vec<Attempt>> {
-        let mut q = QueryBuilder::new("SELECT * FROM attempts WHERE app_id = ");
-        q.push_bind(app_id.to_string());
-        match scope {
-            AttemptScope::Endpoint(endpoint) => {
-                q.push(" AND endpoint_id = ");
-                q.push_bind(endpoint.to_string());
-            }
-            AttemptScope::Message(msg) => {
-                q.push(" AND msg_id = ");
-                q.push_bind(msg.to_string());
-            }
-        }
-        if let Some(endpoint) = &query.endpoint_id {
-            q.push(" AND endpoint_id = ");
-            q.push_bind(endpoint.clone());
-        }
-        if let Some(status) = query.status {
-            q.push(" AND status = ");
-            q.push_bind(status as i64);
-        }
+        let mut q = sql::attempts_query!(app_id, scope, query, i64);
         paginate(&mut q, "id", page);
         q.build()
             .fetch_all(&self.reader)
@@ -123,7 +104,7 @@ impl AttemptStore for SqliteStore {
             .fetch_all(&self.reader)
             .await?
             .iter()
-            .map(|row| Ok((rows::message(row)?, delivery_state(row)?)))
+            .map(|row| Ok((rows::message(row)?, rows::delivery_state(row)?)))
             .collect()
     }
 
@@ -151,29 +132,7 @@ impl AttemptStore for SqliteStore {
             .fetch_all(&self.reader)
             .await?
             .iter()
-            .map(|row| Ok((rows::endpoint(row, "")?, delivery_state(row)?)))
+            .map(|row| Ok((rows::endpoint(row, "")?, rows::delivery_state(row)?)))
             .collect()
     }
-}
-
-/// A delivery's state from the `d_`-aliased columns of [`AttemptStore::list_endpoint_deliveries`] and
-/// [`AttemptStore::list_message_deliveries`]: a leased pending delivery is being sent, and only a
-/// pending one has a next attempt.
-fn delivery_state(row: &sqlx::sqlite::SqliteRow) -> Result<crate::DeliveryState> {
-    let leased: bool = row.try_get("d_leased")?;
-    let status = match rows::status(row.try_get("d_status")?)? {
-        DeliveryStatus::Pending if leased => DeliveryStatus::Sending,
-        status => status,
-    };
-    let next_attempt = match status {
-        DeliveryStatus::Pending => row
-            .try_get::<Option<i64>, _>("d_next_attempt_at")?
-            .map(rows::time)
-            .transpose()?,
-        _ => None,
-    };
-    Ok(crate::DeliveryState {
-        status,
-        next_attempt,
-    })
 }

@@ -4,14 +4,14 @@
 use chrono::{DateTime, Utc};
 use herald_core::AppId;
 use herald_core::history::{ChannelPosition, HistoryEntry, NewHistoryEntry, Position};
-use sqlx::{QueryBuilder, Row};
+use sqlx::Row;
 
 use super::{
     SqliteStore,
     batch::WriteOp,
     rows::{self, millis},
 };
-use crate::{HistoryQuery, HistoryStore, Result, StoreError};
+use crate::{HistoryQuery, HistoryStore, Result, StoreError, sql};
 
 #[async_trait::async_trait]
 impl HistoryStore for SqliteStore {
@@ -20,31 +20,19 @@ impl HistoryStore for SqliteStore {
         app_id: &AppId,
         channel: &str,
     ) -> Result<Option<ChannelPosition>> {
-        let row = sqlx::query(
-            "SELECT epoch, next_offset FROM channel_positions WHERE app_id = $1 AND channel = $2",
-        )
-        .bind(app_id.as_str())
-        .bind(channel)
-        .fetch_optional(&self.reader)
-        .await?;
-        row.map(|row| {
-            Ok(ChannelPosition {
-                epoch: row.try_get("epoch")?,
-                next_offset: u64::try_from(row.try_get::<i64, _>("next_offset")?)
-                    .map_err(|_| StoreError::Corrupt("next_offset".into()))?,
-            })
-        })
-        .transpose()
+        sqlx::query(sql::CHANNEL_POSITION)
+            .bind(app_id.as_str())
+            .bind(channel)
+            .fetch_optional(&self.reader)
+            .await?
+            .map(|row| rows::channel_position(&row))
+            .transpose()
     }
 
     async fn forget_unused_channel_positions(&self) -> Result<u64> {
-        let done = sqlx::query(
-            "DELETE FROM channel_positions WHERE next_offset <= 1 AND NOT EXISTS (
-                 SELECT 1 FROM channel_history h
-                 WHERE h.app_id = channel_positions.app_id AND h.channel = channel_positions.channel)",
-        )
-        .execute(&self.writer)
-        .await?;
+        let done = sqlx::query(sql::FORGET_UNUSED_CHANNEL_POSITIONS)
+            .execute(&self.writer)
+            .await?;
         Ok(done.rows_affected())
     }
 
@@ -58,29 +46,17 @@ impl HistoryStore for SqliteStore {
         // wholly before or after a batch of appends, never between a batch's read of the
         // positions and its commit.
         let mut tx = self.writer.begin().await?;
-        sqlx::query("DELETE FROM channel_history WHERE app_id = $1 AND channel = $2")
+        sqlx::query(sql::DELETE_CHANNEL_HISTORY)
             .bind(app_id.as_str())
             .bind(channel)
             .execute(&mut *tx)
             .await?;
         // Offsets go on counting: a client's old offset can never name an event of the new
         // epoch.
-        let row = sqlx::query(
-            "INSERT INTO channel_positions (app_id, channel, epoch, next_offset)
-             VALUES ($1, $2, $3, 1)
-             ON CONFLICT (app_id, channel) DO UPDATE SET epoch = excluded.epoch
-             RETURNING epoch, next_offset",
-        )
-        .bind(app_id.as_str())
-        .bind(channel)
-        .bind(epoch)
-        .fetch_one(&mut *tx)
-        .await?;
-        let position = ChannelPosition {
-            epoch: row.try_get("epoch")?,
-            next_offset: u64::try_from(row.try_get::<i64, _>("next_offset")?)
-                .map_err(|_| StoreError::Corrupt("next_offset".into()))?,
-        };
+        let row = sql::reset_channel_position!(app_id, channel, epoch)
+            .fetch_one(&mut *tx)
+            .await?;
+        let position = rows::channel_position(&row)?;
         tx.commit().await?;
         Ok(position)
     }
@@ -100,25 +76,7 @@ impl HistoryStore for SqliteStore {
         channel: &str,
         query: &HistoryQuery,
     ) -> Result<Vec<HistoryEntry>> {
-        let mut q = QueryBuilder::new("SELECT * FROM channel_history WHERE app_id = ");
-        q.push_bind(app_id.to_string());
-        q.push(" AND channel = ").push_bind(channel.to_owned());
-        q.push(" AND created_at >= ")
-            .push_bind(millis(query.not_before));
-        if let Some(after) = query.after {
-            q.push(" AND seq > ")
-                .push_bind(i64::try_from(after).unwrap_or(i64::MAX));
-        }
-        if let Some(before) = query.before {
-            q.push(" AND seq < ")
-                .push_bind(i64::try_from(before).unwrap_or(i64::MAX));
-        }
-        q.push(if query.newest_first {
-            " ORDER BY seq DESC"
-        } else {
-            " ORDER BY seq ASC"
-        });
-        q.push(" LIMIT ").push_bind(i64::from(query.limit));
+        let mut q = sql::history_query!(app_id, channel, query);
         // WAL readers see every commit made before the read began: every awaited append.
         q.build()
             .fetch_all(&self.reader)
@@ -160,15 +118,9 @@ impl HistoryStore for SqliteStore {
         channel: &str,
         not_before: DateTime<Utc>,
     ) -> Result<Option<u64>> {
-        let oldest: Option<i64> = sqlx::query_scalar(
-            "SELECT MIN(seq) FROM channel_history
-             WHERE app_id = $1 AND channel = $2 AND created_at >= $3",
-        )
-        .bind(app_id.as_str())
-        .bind(channel)
-        .bind(millis(not_before))
-        .fetch_one(&self.reader)
-        .await?;
+        let oldest = sql::oldest_history_offset!(app_id, channel, not_before)
+            .fetch_one(&self.reader)
+            .await?;
         Ok(oldest.and_then(|o| u64::try_from(o).ok()))
     }
 
@@ -192,11 +144,7 @@ impl HistoryStore for SqliteStore {
             Ok((
                 rows::id(row, "app_id")?,
                 row.try_get("channel")?,
-                ChannelPosition {
-                    epoch: row.try_get("epoch")?,
-                    next_offset: u64::try_from(row.try_get::<i64, _>("next_offset")?)
-                        .map_err(|_| StoreError::Corrupt("next_offset".into()))?,
-                },
+                rows::channel_position(row)?,
             ))
         })
         .collect()
@@ -209,16 +157,9 @@ impl HistoryStore for SqliteStore {
         up_to_offset: u64,
         not_before: DateTime<Utc>,
     ) -> Result<u64> {
-        let done = sqlx::query(
-            "DELETE FROM channel_history
-             WHERE app_id = $1 AND channel = $2 AND (seq <= $3 OR created_at < $4)",
-        )
-        .bind(app_id.as_str())
-        .bind(channel)
-        .bind(i64::try_from(up_to_offset).unwrap_or(i64::MAX))
-        .bind(millis(not_before))
-        .execute(&self.writer)
-        .await?;
+        let done = sql::trim_history!(app_id, channel, up_to_offset, not_before)
+            .execute(&self.writer)
+            .await?;
         Ok(done.rows_affected())
     }
 }

@@ -22,7 +22,7 @@ use super::{
 };
 use crate::{
     AttemptRecord, ClaimRequest, DeliveryJob, MessageQuery, MessageStore, Page, Recorded, Result,
-    StoreError,
+    StoreError, sql,
 };
 
 #[async_trait::async_trait]
@@ -45,16 +45,13 @@ impl MessageStore for SqliteStore {
     }
 
     async fn get_message(&self, app_id: &AppId, id_or_event_id: &str) -> Result<Option<Message>> {
-        sqlx::query(
-            "SELECT * FROM messages WHERE app_id = $1 AND (id = $2 OR event_id = $2) \
-             ORDER BY id = $2 DESC LIMIT 1",
-        )
-        .bind(app_id.as_str())
-        .bind(id_or_event_id)
-        .fetch_optional(&self.reader)
-        .await?
-        .map(|row| rows::message(&row))
-        .transpose()
+        sqlx::query(sql::GET_MESSAGE)
+            .bind(app_id.as_str())
+            .bind(id_or_event_id)
+            .fetch_optional(&self.reader)
+            .await?
+            .map(|row| rows::message(&row))
+            .transpose()
     }
 
     async fn list_messages(
@@ -63,7 +60,7 @@ impl MessageStore for SqliteStore {
         page: &Page,
         query: &MessageQuery,
     ) -> Result<Vec<Message>> {
-        let mut q = QueryBuilder::new("SELECT * FROM messages WHERE app_id = ");
+        let mut q = QueryBuilder::new(sql::LIST_MESSAGES);
         q.push_bind(app_id.to_string());
         if let Some(channel) = &query.channel {
             q.push(" AND EXISTS (SELECT 1 FROM json_each(messages.channels) WHERE value = ");

@@ -149,6 +149,14 @@ fn paginate(query: &mut QueryBuilder<Sqlite>, column: &str, page: &Page) {
 
 #[async_trait::async_trait]
 impl StoreLifecycle for SqliteStore {
+    async fn ping(&self) -> Result<()> {
+        if self.shutdown.is_cancelled() {
+            return Err(StoreError::Closed);
+        }
+        sqlx::query("SELECT 1").execute(&self.reader).await?;
+        Ok(())
+    }
+
     async fn close(&self) {
         self.shutdown.cancel();
         let batcher = self.batcher.lock().await.take();

@@ -4,21 +4,33 @@
 //! These run in the suite's PostgreSQL pass (`HERALD_TEST_STORE=postgres`, with
 //! `HERALD_TEST_POSTGRES_URL`); elsewhere each says it was skipped and why.
 
+use std::time::Duration;
+
 use serde_json::{Value, json};
 
 use crate::{
-    harness::{Backend, TestServer, ThrowawayDatabase, backend},
+    harness::{Backend, Receiver, Reply, TestServer, ThrowawayDatabase, backend},
+    process::{await_all_within, send_many, spawn_herald_env},
     pusher::{Client, Creds, pusher_app, trigger},
 };
 
-/// Three nodes on one database, or `None` (and a line saying why) outside the PostgreSQL pass.
-struct Cluster {
-    nodes: Vec<TestServer>,
-    db: ThrowawayDatabase,
+/// Nodes on one database, or `None` (and a line saying why) outside the PostgreSQL pass.
+pub(crate) struct Cluster {
+    pub nodes: Vec<TestServer>,
+    pub db: ThrowawayDatabase,
 }
 
 impl Cluster {
-    async fn start(test: &str, nodes: usize) -> Option<Self> {
+    pub async fn start(test: &str, nodes: usize) -> Option<Self> {
+        Self::start_with(test, nodes, |_| {}).await
+    }
+
+    /// [`Cluster::start`], each node's configuration adjusted by `adjust`.
+    pub async fn start_with(
+        test: &str,
+        nodes: usize,
+        adjust: impl Fn(&mut herald::Config),
+    ) -> Option<Self> {
         if backend() != Backend::Postgres {
             eprintln!(
                 "skipped {test}: cluster tests run in the PostgreSQL pass (HERALD_TEST_STORE=postgres and HERALD_TEST_POSTGRES_URL)"
@@ -29,12 +41,18 @@ impl Cluster {
         let mut started = Vec::new();
         for _ in 0..nodes {
             let url = db.url.clone();
-            started.push(TestServer::start_with(move |c| c.store.url = Some(url)).await);
+            started.push(
+                TestServer::start_with(|c| {
+                    c.store.url = Some(url);
+                    adjust(c);
+                })
+                .await,
+            );
         }
         Some(Self { nodes: started, db })
     }
 
-    async fn stop(self) {
+    pub async fn stop(self) {
         for node in self.nodes {
             node.stop().await;
         }
@@ -218,5 +236,183 @@ async fn a_client_moving_between_nodes_resumes_exactly_while_another_node_publis
         (4..=40).map(|n| (Some(n), n)).collect::<Vec<_>>(),
         "in order, no gap, no duplicate"
     );
+    cluster.stop().await;
+}
+
+/// Three processes' worth of failure: a node killed with -9 while 2,000 deliveries wait has
+/// them finished by the nodes that remain (its leases run out and are taken over); every
+/// acknowledged message arrives.
+#[tokio::test]
+async fn a_node_killed_with_pending_deliveries_has_every_one_finished_by_the_others() {
+    if backend() != Backend::Postgres {
+        eprintln!(
+            "skipped a node killed with pending deliveries: cluster tests run in the PostgreSQL pass"
+        );
+        return;
+    }
+    let db = ThrowawayDatabase::create().await;
+    let dirs = [(); 3].map(|()| tempfile::tempdir().expect("dir"));
+    // Attempts time out after 2 s and leases after 2 * 2 + 1 + 5 s; thirty quick retries
+    // (no extra pause after a timeout) keep every message alive while the receiver hangs.
+    let retries = format!("[{}]", vec!["0.1"; 30].join(", "));
+    let env = [
+        ("HERALD_STORE__URL", db.url.as_str()),
+        ("HERALD_DELIVERY__REQUEST_TIMEOUT_SECS", "2"),
+        ("HERALD_SHUTDOWN_GRACE_SECS", "1"),
+        ("HERALD_DELIVERY__RETRY_SCHEDULE_SECS", retries.as_str()),
+        ("HERALD_DELIVERY__OVERLOAD_PENALTY_SECS", "0.1"),
+    ];
+    let mut receiver = Receiver::start().await;
+    // Until the kill, nothing is answered: the doomed node holds leases on attempts in flight
+    // and everything else waits in the queue.
+    receiver.fallback(Reply::Hang);
+    let mut doomed = spawn_herald_env(dirs[0].path(), &[], &env).await;
+    let app = doomed.api.create_app("cluster-kill").await;
+    doomed
+        .api
+        .create_endpoint(&app, json!({"url": receiver.url}))
+        .await;
+    let want = send_many(&doomed.api, &app, 2_000).await;
+    doomed.child.start_kill().expect("SIGKILL");
+    doomed.child.wait().await.expect("killed");
+
+    receiver.fallback(Reply::Status(200));
+    let mut others = Vec::new();
+    for dir in &dirs[1..] {
+        others.push(spawn_herald_env(dir.path(), &[], &env).await);
+    }
+    await_all_within(&mut receiver, &want, Duration::from_secs(30)).await;
+    for mut node in others {
+        node.child.start_kill().expect("kill");
+        node.child.wait().await.expect("stopped");
+    }
+    db.drop_now().await;
+}
+
+/// Sets whether the database accepts connections, and cuts the open ones: to the nodes, the
+/// database is down (as in a PostgreSQL restart or a network cut), while the suite's other
+/// databases on the same server are untouched.
+async fn database_reachable(db: &ThrowawayDatabase, reachable: bool) {
+    use sqlx::{Connection, PgConnection};
+    let mut admin = PgConnection::connect(&crate::harness::postgres_admin_url())
+        .await
+        .expect("connect as admin");
+    // The name is made of digits and underscores (see ThrowawayDatabase).
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER DATABASE {} ALLOW_CONNECTIONS {reachable}",
+        db.name
+    )))
+    .execute(&mut admin)
+    .await
+    .expect("alter the database");
+    if !reachable {
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(&db.name)
+        .execute(&mut admin)
+        .await
+        .expect("cut the connections");
+    }
+    admin.close().await.expect("close");
+}
+
+/// Losing the database: publishing and creating fail with 503 and say why, nothing is
+/// acknowledged, `/health/ready` says not ready; when it returns, the nodes recover by
+/// themselves and a subscriber on another node receives what is published next, in order.
+#[tokio::test]
+async fn losing_the_database_refuses_writes_with_503_and_the_cluster_recovers_by_itself() {
+    let Some(cluster) = Cluster::start("cluster database outage", 2).await else {
+        return;
+    };
+    let [one, two] = &cluster.nodes[..] else {
+        unreachable!("two nodes")
+    };
+    let (app, creds) = pusher_app(one, "cluster-outage").await;
+    // Webhooks acknowledged just before the outage, not yet delivered when it starts: the
+    // receiver holds its answers until the database is gone.
+    let mut receiver = Receiver::start().await;
+    receiver.fallback(Reply::Hang);
+    one.create_endpoint(&app, json!({"url": receiver.url}))
+        .await;
+    let acknowledged = send_many(one, &app, 20).await;
+    let channel = "history-outage";
+    let mut client = Client::connect(two, &creds.key).await;
+    join(&mut client, channel, None).await;
+    for n in 1..=3 {
+        publish(one, &creds, channel, n, 10).await;
+    }
+    assert_eq!(
+        notes(&mut client, 3).await,
+        [(Some(1), 1), (Some(2), 2), (Some(3), 3)]
+    );
+
+    database_reachable(&cluster.db, false).await;
+    let (status, body) = trigger(
+        one,
+        &creds,
+        json!({"name": "note", "channel": channel, "data": "{\"n\": 0}"}),
+    )
+    .await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("cannot be reached"), "{body}");
+    let (status, body) = one
+        .call(
+            reqwest::Method::POST,
+            &format!("/api/v1/app/{app}/msg"),
+            Some(json!({"eventType": "order.created", "payload": {}})),
+        )
+        .await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["code"], "store_unavailable", "{body}");
+    let ready = reqwest::get(format!("{}/health/ready", one.base))
+        .await
+        .expect("ready");
+    assert_eq!(ready.status(), 503);
+    let said: Value = ready.json().await.expect("json");
+    assert_eq!(said["ready"], false, "{said}");
+    assert_ne!(said["store"], "ok", "{said}");
+
+    receiver.fallback(Reply::Status(200));
+    database_reachable(&cluster.db, true).await;
+    for node in [one, two] {
+        crate::harness::eventually("the node to be ready again", || async {
+            let ready = reqwest::get(format!("{}/health/ready", node.base))
+                .await
+                .ok()?;
+            (ready.status() == 204).then_some(())
+        })
+        .await;
+    }
+    for n in 4..=6 {
+        publish(one, &creds, channel, n, 10).await;
+    }
+    assert_eq!(
+        notes(&mut client, 3).await,
+        [(Some(4), 4), (Some(5), 5), (Some(6), 6)],
+        "nothing stored while the database was away; what follows arrives in order"
+    );
+    await_all_within(&mut receiver, &acknowledged, Duration::from_secs(30)).await;
+    cluster.stop().await;
+}
+
+/// Deleting an app on node 1 closes its sockets on node 2 with 4001, as on one node.
+#[tokio::test]
+async fn deleting_an_app_on_one_node_closes_its_sockets_on_every_node() {
+    let Some(cluster) = Cluster::start("cluster app deletion", 2).await else {
+        return;
+    };
+    let [one, two] = &cluster.nodes[..] else {
+        unreachable!("two nodes")
+    };
+    let (app, creds) = pusher_app(one, "cluster-deleted").await;
+    let mut far = Client::connect(two, &creds.key).await;
+    join(&mut far, "news", None).await;
+    let (status, body) = one
+        .call(reqwest::Method::DELETE, &format!("/api/v1/app/{app}"), None)
+        .await;
+    assert_eq!(status, 204, "{body}");
+    assert_eq!(far.closed().await, 4001);
     cluster.stop().await;
 }

@@ -360,6 +360,14 @@ impl TestServer {
         }
     }
 
+    /// Ends the server task abruptly, as a kill would: no graceful stop runs (tasks it
+    /// spawned are not awaited either).
+    pub fn abort(mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+
     pub async fn stop(mut self) {
         self.shutdown.cancel();
         if let Some(task) = self.task.take() {

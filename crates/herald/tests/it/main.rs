@@ -9,6 +9,7 @@
 mod api;
 mod channel_webhooks;
 mod cluster;
+mod cluster_presence;
 mod delivery;
 mod harness;
 mod history;

@@ -87,7 +87,11 @@ async fn await_all(receiver: &mut Receiver, want: &HashSet<String>) {
 }
 
 /// [`await_all`], waiting up to `patience` for each delivery.
-async fn await_all_within(receiver: &mut Receiver, want: &HashSet<String>, patience: Duration) {
+pub(crate) async fn await_all_within(
+    receiver: &mut Receiver,
+    want: &HashSet<String>,
+    patience: Duration,
+) {
     let mut got = HashSet::new();
     while !want.is_subset(&got) {
         let delivery = receiver.next_within(patience).await;
@@ -97,7 +101,7 @@ async fn await_all_within(receiver: &mut Receiver, want: &HashSet<String>, patie
     }
 }
 
-async fn send_many(api: &TestServer, app: &str, n: usize) -> HashSet<String> {
+pub(crate) async fn send_many(api: &TestServer, app: &str, n: usize) -> HashSet<String> {
     let mut ids = HashSet::new();
     for i in 0..n {
         let msg = api
@@ -571,4 +575,33 @@ async fn herald_serves_from_postgresql_and_keeps_its_data_across_restarts() {
     assert_eq!(stats["success"], 1, "{stats}");
     terminate(&mut second.child).await;
     db.drop_now().await;
+}
+
+/// `herald migrate` brings the store's schema up to date and exits, naming the store; a server
+/// started on it afterwards finds nothing to do.
+#[tokio::test]
+async fn herald_migrate_brings_the_store_up_to_date_and_exits() {
+    let dir = tempfile::tempdir().expect("dir");
+    let output = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["migrate", "--data"])
+        .arg(dir.path())
+        .envs(store_env(dir.path()).await)
+        .output()
+        .await
+        .expect("run herald migrate");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("is up to date"), "{stdout}");
+    assert!(
+        !stdout.contains("herald:herald@"),
+        "a database URL's password is never printed: {stdout}"
+    );
+    let mut herald = spawn_herald(dir.path()).await;
+    let (status, _) = herald.api.call(Method::GET, "/api/v1/app", None).await;
+    assert_eq!(status, 200);
+    terminate(&mut herald.child).await;
 }

@@ -1,0 +1,1128 @@
+//! Presence and occupancy across nodes, on PostgreSQL alone: the cluster's
+//! [`PresenceSync`] (what each hub hands on) and [`PresenceManager`] (what the Pusher HTTP API
+//! reads).
+//!
+//! **Rows per node.** Each node writes only what it knows: a `cluster_presence_members` row
+//! per (channel, user) with at least one of its sockets in, a `cluster_channel_occupancy` row
+//! per channel it has subscribers in (with its subscription count), and its `cluster_nodes`
+//! row, whose heartbeat it renews every third of `node_ttl`. A member or a channel is in the
+//! cluster while any node has a row for it.
+//!
+//! **Who decides.** The hub decides on this node (a user's first socket in, last out; a
+//! channel's first subscriber, last) under its channel lock and queues the change here; one
+//! task per node applies the changes in that order. Each is one transaction under an advisory
+//! lock on its key ((app, channel, user) for members, (app, channel) for occupancy): write or
+//! delete this node's row, and look for other nodes' rows. Only if there are none is it a
+//! change of the cluster: then this node alone reports the channel webhook (`member_added`,
+//! `member_removed`, `channel_occupied`, `channel_vacated`) and, for members, NOTIFYs
+//! [`PRESENCE_CHANNEL`] in the same transaction, so every node (this one too, through the
+//! broker's LISTEN session, [`hear`]) sends `pusher_internal:member_added` or `member_removed`
+//! to its subscribers of the channel, the joining socket excepted.
+//!
+//! **Dead nodes.** A node whose heartbeat is older than `node_ttl` is deleted by whichever live
+//! node looks first; rows whose node has no `cluster_nodes` row are then removed one key at a
+//! time under the same locks, `DELETE ... RETURNING` deciding which sweeper reports. So a
+//! killed node's members leave once, within `node_ttl` plus a heartbeat period. Decisions count
+//! every node's rows, dead or not yet swept: a user still held by an unswept node has not left
+//! the cluster, and leaves (once) when the sweep removes its last row.
+//!
+//! **Staleness.** Membership and occupancy are exact at each transaction's commit (a change
+//! reaches the database milliseconds after the hub decided it). Subscription counts are
+//! written when a channel becomes occupied on a node and then every [`FLUSH_EVERY`] if they
+//! changed: another node's count is at most that old (this node's own is read from its hub).
+//!
+//! **Known limit.** The channel webhooks' anti-flap delay cancels a leave and rejoin reported
+//! by one node; a user who leaves on one node and rejoins on another within the delay gets
+//! `member_removed` after `member_added` at the receiver.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use chrono::Utc;
+use herald_channels::{
+    Hub,
+    hub::{ChannelEvent, ChannelInfo, ChannelObserver},
+    presence::{
+        LocalChange, MembersFuture, PresenceError, PresenceManager, PresenceSync, RemoteMember,
+    },
+    protocol,
+};
+use herald_core::AppId;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sqlx::{PgPool, Postgres, Transaction};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// The NOTIFY channel of presence notices (members added and removed, users terminated).
+pub const PRESENCE_CHANNEL: &str = "herald_presence";
+
+/// How often a node writes its changed subscription counts.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(250);
+
+/// A node is dead when its heartbeat is older than this, unless configured otherwise.
+pub const DEFAULT_NODE_TTL: Duration = Duration::from_secs(15);
+
+/// A notification payload must be shorter than 8,000 bytes; larger `user_info` is read from
+/// the member's row instead.
+const MAX_NOTICE_BYTES: usize = 7_900;
+
+/// Rows one sweep removes at most (the next heartbeat goes on).
+const SWEEP_LIMIT: i64 = 1_000;
+
+/// Attempts to apply one change before it is given up (and logged).
+const ATTEMPTS: u32 = 5;
+const RETRY_WAIT: Duration = Duration::from_millis(200);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterPresenceError {
+    #[error("PostgreSQL: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("presence notice: {0}")]
+    Notice(String),
+}
+
+impl From<ClusterPresenceError> for PresenceError {
+    fn from(e: ClusterPresenceError) -> Self {
+        PresenceError::Unavailable(e.to_string())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+enum NoticeKind {
+    #[serde(rename = "added")]
+    Added,
+    #[serde(rename = "removed")]
+    Removed,
+    #[serde(rename = "terminate")]
+    Terminate,
+}
+
+/// A presence notice, as notified (JSON with one-letter keys).
+#[derive(Debug, Serialize, Deserialize)]
+struct Notice {
+    #[serde(rename = "k")]
+    kind: NoticeKind,
+    /// The node that decided (or was asked to terminate): it has done its own part already
+    /// for `terminate`.
+    #[serde(rename = "s")]
+    node: String,
+    #[serde(rename = "a")]
+    app_id: String,
+    #[serde(rename = "c", default)]
+    channel: String,
+    #[serde(rename = "u")]
+    user_id: String,
+    #[serde(rename = "i", default, skip_serializing_if = "Option::is_none")]
+    info: Option<String>,
+    /// `user_info` too large for the notice: read it from the member's row.
+    #[serde(rename = "r", default, skip_serializing_if = "std::ops::Not::not")]
+    info_by_reference: bool,
+    /// The joining socket, not told of its own arrival.
+    #[serde(rename = "x", default, skip_serializing_if = "Option::is_none")]
+    except: Option<String>,
+}
+
+impl Notice {
+    fn encode(mut self) -> Result<String, ClusterPresenceError> {
+        let whole = serde_json::to_string(&self)
+            .map_err(|e| ClusterPresenceError::Notice(e.to_string()))?;
+        if whole.len() <= MAX_NOTICE_BYTES {
+            return Ok(whole);
+        }
+        self.info = None;
+        self.info_by_reference = true;
+        serde_json::to_string(&self).map_err(|e| ClusterPresenceError::Notice(e.to_string()))
+    }
+}
+
+/// Hands on a presence notice heard on [`PRESENCE_CHANNEL`] (called by the broker's LISTEN
+/// session): members added or removed go to this node's subscribers of the channel, a
+/// terminated user's connections here close.
+pub async fn hear(hub: &Hub, pool: &PgPool, node: &str, payload: &str) -> Result<(), String> {
+    let notice: Notice =
+        serde_json::from_str(payload).map_err(|e| format!("presence notice: {e}"))?;
+    let app_id = AppId::parse(&notice.app_id).map_err(|e| format!("app id: {e}"))?;
+    let Some(app) = hub.existing(&app_id) else {
+        return Ok(());
+    };
+    match notice.kind {
+        NoticeKind::Terminate => {
+            if notice.node != node {
+                app.terminate_user(&notice.user_id);
+            }
+        }
+        NoticeKind::Removed => {
+            let frame = protocol::system(
+                "pusher_internal:member_removed",
+                Some(&notice.channel),
+                &json!({"user_id": notice.user_id}),
+            );
+            app.member_notice(&notice.channel, &notice.user_id, false, &frame, None);
+        }
+        NoticeKind::Added => {
+            if app.channel_info(&notice.channel).is_none() {
+                return Ok(());
+            }
+            let info = if notice.info_by_reference {
+                sqlx::query_scalar::<_, Option<String>>(
+                    "SELECT user_info FROM cluster_presence_members
+                     WHERE app_id = $1 AND channel = $2 AND user_id = $3 LIMIT 1",
+                )
+                .bind(&notice.app_id)
+                .bind(&notice.channel)
+                .bind(&notice.user_id)
+                .fetch_optional(pool)
+                .await
+                .map_err(|e| e.to_string())?
+                .flatten()
+            } else {
+                notice.info
+            };
+            let info: serde_json::Value = info
+                .as_deref()
+                .and_then(|i| serde_json::from_str(i).ok())
+                .unwrap_or(serde_json::Value::Null);
+            let frame = protocol::system(
+                "pusher_internal:member_added",
+                Some(&notice.channel),
+                &json!({"user_id": notice.user_id, "user_info": info}),
+            );
+            app.member_notice(
+                &notice.channel,
+                &notice.user_id,
+                true,
+                &frame,
+                notice.except.as_deref(),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// What a hub hands on: queued for [`PostgresPresence::run`], in order.
+struct Queue {
+    node: String,
+    pool: PgPool,
+    changes: mpsc::UnboundedSender<(AppId, LocalChange)>,
+}
+
+impl PresenceSync for Queue {
+    fn changed(&self, app_id: &AppId, change: LocalChange) {
+        // Only fails once the task has stopped (the node is shutting down or was abandoned):
+        // its rows are then the sweep's.
+        let _ = self.changes.send((app_id.to_owned(), change));
+    }
+
+    fn members_elsewhere(&self, app_id: &AppId, channel: &str) -> MembersFuture {
+        let (pool, node) = (self.pool.clone(), self.node.clone());
+        let (app_id, channel) = (app_id.as_str().to_owned(), channel.to_owned());
+        Box::pin(async move {
+            members_elsewhere(&pool, &node, &app_id, &channel)
+                .await
+                .map_err(|e| PresenceError::Unavailable(e.to_string()))
+        })
+    }
+}
+
+async fn members_elsewhere(
+    pool: &PgPool,
+    node: &str,
+    app_id: &str,
+    channel: &str,
+) -> Result<Vec<RemoteMember>, sqlx::Error> {
+    sqlx::query_as::<_, (String, Option<String>)>(
+        "SELECT DISTINCT ON (user_id) user_id, user_info FROM cluster_presence_members
+         WHERE app_id = $1 AND channel = $2 AND node_id <> $3
+         ORDER BY user_id, joined_at",
+    )
+    .bind(app_id)
+    .bind(channel)
+    .bind(node)
+    .fetch_all(pool)
+    .await
+}
+
+/// The cluster's presence on PostgreSQL (see the module doc). [`PostgresPresence::new`]
+/// makes the hub share its changes; [`PostgresPresence::register`] before serving, then
+/// [`PostgresPresence::run`] once per node.
+pub struct PostgresPresence {
+    node: String,
+    pool: PgPool,
+    hub: Arc<Hub>,
+    /// Where this node reports the channel webhooks it decided (the `ChannelWebhooks`).
+    webhooks: Arc<dyn ChannelObserver>,
+    node_ttl: Duration,
+    changes: Mutex<Option<mpsc::UnboundedReceiver<(AppId, LocalChange)>>>,
+}
+
+/// Whether a change is the cluster's: what one transaction found.
+enum Decided {
+    /// This node's row was written or removed and no other node has one.
+    Cluster,
+    /// Another node has a row (or this node had none to remove): nothing to report.
+    NodeOnly,
+}
+
+impl PostgresPresence {
+    /// `pool` is the PostgreSQL store's; `webhooks` gets the channel webhooks this node
+    /// decides. Makes `hub` hand its presence and occupancy changes here.
+    pub fn new(
+        node: String,
+        pool: PgPool,
+        hub: Arc<Hub>,
+        webhooks: Arc<dyn ChannelObserver>,
+        node_ttl: Duration,
+    ) -> Arc<Self> {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        hub.share_presence(Arc::new(Queue {
+            node: node.clone(),
+            pool: pool.clone(),
+            changes: sender,
+        }));
+        Arc::new(Self {
+            node,
+            pool,
+            hub,
+            webhooks,
+            node_ttl,
+            changes: Mutex::new(Some(receiver)),
+        })
+    }
+
+    /// This node's id.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Writes this node's `cluster_nodes` row; its other rows would be swept without it.
+    pub async fn register(&self) -> Result<(), ClusterPresenceError> {
+        let now = Utc::now().timestamp_millis();
+        sqlx::query(
+            "INSERT INTO cluster_nodes (node_id, started_at, heartbeat_at) VALUES ($1, $2, $2)
+             ON CONFLICT (node_id) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at",
+        )
+        .bind(&self.node)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Applies this node's changes in order, heartbeats and sweeps dead nodes every third of
+    /// `node_ttl`, and flushes subscription counts every [`FLUSH_EVERY`], until `stop` (then
+    /// applies what is queued and leaves the cluster: this node's remaining rows are removed
+    /// as leaves) or `abandon` (then it stops at once, as a killed node would, and the other
+    /// nodes sweep its rows).
+    pub async fn run(self: Arc<Self>, stop: CancellationToken, abandon: CancellationToken) {
+        let Some(mut changes) = self.changes.lock().ok().and_then(|mut c| c.take()) else {
+            tracing::error!(node = self.node, "presence: run was started twice");
+            return;
+        };
+        let mut flushed: HashMap<(String, String), i64> = HashMap::new();
+        let mut heartbeat = tokio::time::interval(self.node_ttl / 3);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut flush = tokio::time::interval(FLUSH_EVERY);
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                () = abandon.cancelled() => return,
+                () = stop.cancelled() => {
+                    while let Ok((app_id, change)) = changes.try_recv() {
+                        self.apply_retrying(&app_id, change, &mut flushed).await;
+                    }
+                    self.leave().await;
+                    return;
+                }
+                Some((app_id, change)) = changes.recv() => {
+                    self.apply_retrying(&app_id, change, &mut flushed).await;
+                }
+                _ = heartbeat.tick() => {
+                    self.heartbeat(&mut flushed).await;
+                    if let Err(e) = self.sweep().await {
+                        tracing::warn!(node = self.node, error = %e, "presence: sweeping dead nodes failed");
+                    }
+                }
+                _ = flush.tick() => {
+                    if let Err(e) = self.flush(&mut flushed).await {
+                        tracing::warn!(node = self.node, error = %e, "presence: writing subscription counts failed");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn apply_retrying(
+        &self,
+        app_id: &AppId,
+        change: LocalChange,
+        flushed: &mut HashMap<(String, String), i64>,
+    ) {
+        for attempt in 1..=ATTEMPTS {
+            match self.apply(app_id, &change, flushed).await {
+                Ok(()) => return,
+                Err(e) if attempt < ATTEMPTS => {
+                    tracing::warn!(node = self.node, error = %e, ?change, "presence: applying a change failed; retrying");
+                    tokio::time::sleep(RETRY_WAIT * attempt).await;
+                }
+                Err(e) => {
+                    tracing::error!(node = self.node, error = %e, ?change, "presence: a change could not be applied; other nodes do not see it");
+                }
+            }
+        }
+    }
+
+    /// One change of this node, decided for the cluster (see the module doc).
+    async fn apply(
+        &self,
+        app_id: &AppId,
+        change: &LocalChange,
+        flushed: &mut HashMap<(String, String), i64>,
+    ) -> Result<(), ClusterPresenceError> {
+        let app = app_id.as_str();
+        let (event, decided) = match change {
+            LocalChange::Joined {
+                channel,
+                user_id,
+                info,
+                socket_id,
+            } => {
+                let mut tx = self.pool.begin().await?;
+                lock(&mut tx, &member_key(app, channel, user_id)).await?;
+                let elsewhere =
+                    member_elsewhere(&mut tx, app, channel, user_id, &self.node).await?;
+                sqlx::query(
+                    "INSERT INTO cluster_presence_members
+                         (app_id, channel, user_id, node_id, user_info, joined_at)
+                     VALUES ($1, $2, $3, $4, $5, $6)
+                     ON CONFLICT (app_id, channel, user_id, node_id)
+                     DO UPDATE SET user_info = EXCLUDED.user_info",
+                )
+                .bind(app)
+                .bind(channel)
+                .bind(user_id)
+                .bind(&self.node)
+                .bind(info)
+                .bind(Utc::now().timestamp_millis())
+                .execute(&mut *tx)
+                .await?;
+                if !elsewhere {
+                    let notice = Notice {
+                        kind: NoticeKind::Added,
+                        node: self.node.clone(),
+                        app_id: app.to_owned(),
+                        channel: channel.clone(),
+                        user_id: user_id.clone(),
+                        info: info.clone(),
+                        info_by_reference: false,
+                        except: Some(socket_id.clone()),
+                    };
+                    notify(&mut tx, notice).await?;
+                }
+                tx.commit().await?;
+                (
+                    ChannelEvent::MemberAdded {
+                        channel: channel.clone(),
+                        user_id: user_id.clone(),
+                    },
+                    decided(!elsewhere),
+                )
+            }
+            LocalChange::Left { channel, user_id } => {
+                let cluster =
+                    remove_member(&self.pool, app, channel, user_id, &self.node, &self.node)
+                        .await?;
+                (
+                    ChannelEvent::MemberRemoved {
+                        channel: channel.clone(),
+                        user_id: user_id.clone(),
+                    },
+                    cluster,
+                )
+            }
+            LocalChange::Occupied { channel } => {
+                let count = self
+                    .hub
+                    .existing(app_id)
+                    .and_then(|a| a.channel_info(channel))
+                    .map_or(1, |i| {
+                        i64::try_from(i.subscription_count).unwrap_or(i64::MAX)
+                    });
+                let mut tx = self.pool.begin().await?;
+                lock(&mut tx, &occupancy_key(app, channel)).await?;
+                let elsewhere: bool = sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM cluster_channel_occupancy
+                     WHERE app_id = $1 AND channel = $2 AND node_id <> $3)",
+                )
+                .bind(app)
+                .bind(channel)
+                .bind(&self.node)
+                .fetch_one(&mut *tx)
+                .await?;
+                sqlx::query(
+                    "INSERT INTO cluster_channel_occupancy (app_id, channel, node_id, subscriptions)
+                     VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (app_id, channel, node_id)
+                     DO UPDATE SET subscriptions = EXCLUDED.subscriptions",
+                )
+                .bind(app)
+                .bind(channel)
+                .bind(&self.node)
+                .bind(count)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                flushed.insert((app.to_owned(), channel.clone()), count);
+                (
+                    ChannelEvent::Occupied {
+                        channel: channel.clone(),
+                    },
+                    decided(!elsewhere),
+                )
+            }
+            LocalChange::Vacated { channel } => {
+                flushed.remove(&(app.to_owned(), channel.clone()));
+                let cluster = remove_occupancy(&self.pool, app, channel, &self.node).await?;
+                (
+                    ChannelEvent::Vacated {
+                        channel: channel.clone(),
+                    },
+                    cluster,
+                )
+            }
+        };
+        if matches!(decided, Decided::Cluster) {
+            self.webhooks.observe(app_id, event);
+        }
+        Ok(())
+    }
+
+    /// Renews this node's heartbeat. A node found missing was taken for dead (it paused
+    /// longer than `node_ttl`) and its rows were swept as leaves: it registers again and
+    /// writes what its hub holds, announcing it anew.
+    async fn heartbeat(&self, flushed: &mut HashMap<(String, String), i64>) {
+        let renewed = sqlx::query("UPDATE cluster_nodes SET heartbeat_at = $2 WHERE node_id = $1")
+            .bind(&self.node)
+            .bind(Utc::now().timestamp_millis())
+            .execute(&self.pool)
+            .await;
+        match renewed {
+            Ok(done) if done.rows_affected() > 0 => {}
+            Ok(_) => {
+                tracing::error!(
+                    node = self.node,
+                    "presence: this node was taken for dead (no heartbeat within node_ttl); registering again"
+                );
+                if let Err(e) = self.register().await {
+                    tracing::warn!(node = self.node, error = %e, "presence: registering again failed");
+                    return;
+                }
+                for app in self.hub.apps() {
+                    for (channel, _) in app.channels("") {
+                        let occupied = LocalChange::Occupied {
+                            channel: channel.clone(),
+                        };
+                        self.apply_retrying(app.app_id(), occupied, flushed).await;
+                        for (user_id, info) in app.members(&channel) {
+                            let joined = LocalChange::Joined {
+                                channel: channel.clone(),
+                                user_id,
+                                info,
+                                socket_id: String::new(),
+                            };
+                            self.apply_retrying(app.app_id(), joined, flushed).await;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(node = self.node, error = %e, "presence: heartbeat failed");
+            }
+        }
+    }
+
+    /// Deletes nodes whose heartbeat is older than `node_ttl`, then removes rows whose node is
+    /// gone, each as a leave (reported once, by whichever sweeper removes the last row).
+    /// Returns how many rows it removed.
+    pub async fn sweep(&self) -> Result<usize, ClusterPresenceError> {
+        let cutoff = Utc::now().timestamp_millis()
+            - i64::try_from(self.node_ttl.as_millis()).unwrap_or(i64::MAX);
+        let dead: Vec<String> = sqlx::query_scalar(
+            "DELETE FROM cluster_nodes WHERE heartbeat_at < $1 RETURNING node_id",
+        )
+        .bind(cutoff)
+        .fetch_all(&self.pool)
+        .await?;
+        for node in &dead {
+            tracing::warn!(
+                node = self.node,
+                dead = node,
+                "presence: a node stopped heartbeating; removing its members"
+            );
+        }
+        let mut removed = 0;
+        let members: Vec<(String, String, String, String)> = sqlx::query_as(
+            "SELECT app_id, channel, user_id, node_id FROM cluster_presence_members m
+             WHERE NOT EXISTS (SELECT 1 FROM cluster_nodes n WHERE n.node_id = m.node_id)
+             LIMIT $1",
+        )
+        .bind(SWEEP_LIMIT)
+        .fetch_all(&self.pool)
+        .await?;
+        for (app, channel, user_id, node) in members {
+            removed += 1;
+            if let Decided::Cluster =
+                remove_member(&self.pool, &app, &channel, &user_id, &node, &self.node).await?
+                && let Ok(app_id) = AppId::parse(&app)
+            {
+                self.webhooks
+                    .observe(&app_id, ChannelEvent::MemberRemoved { channel, user_id });
+            }
+        }
+        let channels: Vec<(String, String, String)> = sqlx::query_as(
+            "SELECT app_id, channel, node_id FROM cluster_channel_occupancy o
+             WHERE NOT EXISTS (SELECT 1 FROM cluster_nodes n WHERE n.node_id = o.node_id)
+             LIMIT $1",
+        )
+        .bind(SWEEP_LIMIT)
+        .fetch_all(&self.pool)
+        .await?;
+        for (app, channel, node) in channels {
+            removed += 1;
+            if let Decided::Cluster = remove_occupancy(&self.pool, &app, &channel, &node).await?
+                && let Ok(app_id) = AppId::parse(&app)
+            {
+                self.webhooks
+                    .observe(&app_id, ChannelEvent::Vacated { channel });
+            }
+        }
+        Ok(removed)
+    }
+
+    /// A graceful stop, after this node's connections closed and their leaves were applied:
+    /// deletes the node, and anything it still held leaves as a dead node's would.
+    async fn leave(&self) {
+        let left = async {
+            sqlx::query("DELETE FROM cluster_nodes WHERE node_id = $1")
+                .bind(&self.node)
+                .execute(&self.pool)
+                .await?;
+            self.sweep().await
+        };
+        if let Err(e) = left.await {
+            tracing::warn!(node = self.node, error = %e, "presence: leaving the cluster failed; the other nodes sweep this node's rows");
+        }
+    }
+
+    /// Writes the subscription counts that changed since the last flush, in one statement.
+    async fn flush(
+        &self,
+        flushed: &mut HashMap<(String, String), i64>,
+    ) -> Result<(), ClusterPresenceError> {
+        let (mut apps, mut channels, mut counts) = (Vec::new(), Vec::new(), Vec::new());
+        for app in self.hub.apps() {
+            for (channel, info) in app.channels("") {
+                let key = (app.app_id().as_str().to_owned(), channel);
+                let count = i64::try_from(info.subscription_count).unwrap_or(i64::MAX);
+                // A channel not in `flushed` has its occupancy still queued: that writes it.
+                if let Some(known) = flushed.get_mut(&key)
+                    && *known != count
+                {
+                    *known = count;
+                    apps.push(key.0);
+                    channels.push(key.1);
+                    counts.push(count);
+                }
+            }
+        }
+        if apps.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "UPDATE cluster_channel_occupancy o SET subscriptions = u.n
+             FROM unnest($1::text[], $2::text[], $3::bigint[]) AS u(a, c, n)
+             WHERE o.app_id = u.a AND o.channel = u.c AND o.node_id = $4",
+        )
+        .bind(&apps)
+        .bind(&channels)
+        .bind(&counts)
+        .bind(&self.node)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Other nodes' subscription counts per channel whose name starts with `prefix`.
+    async fn counts_elsewhere(
+        &self,
+        app_id: &AppId,
+        prefix: &str,
+    ) -> Result<BTreeMap<String, usize>, ClusterPresenceError> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT channel, SUM(subscriptions)::BIGINT FROM cluster_channel_occupancy
+             WHERE app_id = $1 AND node_id <> $2 AND left(channel, length($3)) = $3
+             GROUP BY channel",
+        )
+        .bind(app_id.as_str())
+        .bind(&self.node)
+        .bind(prefix)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(c, n)| (c, usize::try_from(n).unwrap_or(0)))
+            .collect())
+    }
+
+    /// Other nodes' presence members per channel whose name starts with `prefix`.
+    async fn users_elsewhere(
+        &self,
+        app_id: &AppId,
+        prefix: &str,
+    ) -> Result<BTreeMap<String, BTreeSet<String>>, ClusterPresenceError> {
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT DISTINCT channel, user_id FROM cluster_presence_members
+             WHERE app_id = $1 AND node_id <> $2 AND left(channel, length($3)) = $3",
+        )
+        .bind(app_id.as_str())
+        .bind(&self.node)
+        .bind(prefix)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut users: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for (channel, user) in rows {
+            users.entry(channel).or_default().insert(user);
+        }
+        Ok(users)
+    }
+
+    /// Every node's channels starting with `prefix` (exactly `prefix` when `exact`).
+    async fn merged(
+        &self,
+        app_id: &AppId,
+        prefix: &str,
+        exact: bool,
+    ) -> Result<Vec<(String, ChannelInfo)>, ClusterPresenceError> {
+        let mut counts = self.counts_elsewhere(app_id, prefix).await?;
+        let mut users = self.users_elsewhere(app_id, prefix).await?;
+        if let Some(app) = self.hub.existing(app_id) {
+            for (channel, info) in app.channels(prefix) {
+                *counts.entry(channel.clone()).or_default() += info.subscription_count;
+                if info.user_count.is_some() {
+                    users
+                        .entry(channel.clone())
+                        .or_default()
+                        .extend(app.users(&channel));
+                }
+            }
+        }
+        Ok(counts
+            .into_iter()
+            .filter(|(channel, _)| !exact || channel == prefix)
+            .map(|(channel, subscription_count)| {
+                let user_count = users.get(&channel).map(BTreeSet::len).filter(|n| *n > 0);
+                (
+                    channel,
+                    ChannelInfo {
+                        subscription_count,
+                        user_count,
+                    },
+                )
+            })
+            .collect())
+    }
+}
+
+fn decided(cluster: bool) -> Decided {
+    if cluster {
+        Decided::Cluster
+    } else {
+        Decided::NodeOnly
+    }
+}
+
+fn member_key(app: &str, channel: &str, user_id: &str) -> String {
+    format!("member\u{1f}{app}\u{1f}{channel}\u{1f}{user_id}")
+}
+
+fn occupancy_key(app: &str, channel: &str) -> String {
+    format!("occupancy\u{1f}{app}\u{1f}{channel}")
+}
+
+/// Takes the transaction-scoped lock of `key`: every node's change of one key takes turns.
+async fn lock(tx: &mut Transaction<'_, Postgres>, key: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(key)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+async fn notify(
+    tx: &mut Transaction<'_, Postgres>,
+    notice: Notice,
+) -> Result<(), ClusterPresenceError> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(PRESENCE_CHANNEL)
+        .bind(notice.encode()?)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+async fn member_elsewhere(
+    tx: &mut Transaction<'_, Postgres>,
+    app: &str,
+    channel: &str,
+    user_id: &str,
+    node: &str,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM cluster_presence_members
+         WHERE app_id = $1 AND channel = $2 AND user_id = $3 AND node_id <> $4)",
+    )
+    .bind(app)
+    .bind(channel)
+    .bind(user_id)
+    .bind(node)
+    .fetch_one(&mut **tx)
+    .await
+}
+
+/// Removes `node`'s row of a member; if it was the user's last anywhere, notifies
+/// `member_removed` (in the same transaction) and returns [`Decided::Cluster`]. `deciding` is
+/// the node that reports.
+async fn remove_member(
+    pool: &PgPool,
+    app: &str,
+    channel: &str,
+    user_id: &str,
+    node: &str,
+    deciding: &str,
+) -> Result<Decided, ClusterPresenceError> {
+    let mut tx = pool.begin().await?;
+    lock(&mut tx, &member_key(app, channel, user_id)).await?;
+    let removed: Option<i32> = sqlx::query_scalar(
+        "DELETE FROM cluster_presence_members
+         WHERE app_id = $1 AND channel = $2 AND user_id = $3 AND node_id = $4
+         RETURNING 1",
+    )
+    .bind(app)
+    .bind(channel)
+    .bind(user_id)
+    .bind(node)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let last = removed.is_some() && !member_elsewhere(&mut tx, app, channel, user_id, node).await?;
+    if last {
+        let notice = Notice {
+            kind: NoticeKind::Removed,
+            node: deciding.to_owned(),
+            app_id: app.to_owned(),
+            channel: channel.to_owned(),
+            user_id: user_id.to_owned(),
+            info: None,
+            info_by_reference: false,
+            except: None,
+        };
+        notify(&mut tx, notice).await?;
+    }
+    tx.commit().await?;
+    Ok(decided(last))
+}
+
+/// Removes `node`'s occupancy row of a channel; [`Decided::Cluster`] if it was the last.
+async fn remove_occupancy(
+    pool: &PgPool,
+    app: &str,
+    channel: &str,
+    node: &str,
+) -> Result<Decided, ClusterPresenceError> {
+    let mut tx = pool.begin().await?;
+    lock(&mut tx, &occupancy_key(app, channel)).await?;
+    let removed: Option<i32> = sqlx::query_scalar(
+        "DELETE FROM cluster_channel_occupancy
+         WHERE app_id = $1 AND channel = $2 AND node_id = $3 RETURNING 1",
+    )
+    .bind(app)
+    .bind(channel)
+    .bind(node)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let elsewhere: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM cluster_channel_occupancy WHERE app_id = $1 AND channel = $2)",
+    )
+    .bind(app)
+    .bind(channel)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(decided(removed.is_some() && !elsewhere))
+}
+
+#[async_trait::async_trait]
+impl PresenceManager for PostgresPresence {
+    async fn channel_info(
+        &self,
+        app_id: &AppId,
+        channel: &str,
+    ) -> Result<Option<ChannelInfo>, PresenceError> {
+        Ok(self
+            .merged(app_id, channel, true)
+            .await?
+            .into_iter()
+            .next()
+            .map(|(_, info)| info))
+    }
+
+    async fn channels(
+        &self,
+        app_id: &AppId,
+        prefix: &str,
+    ) -> Result<Vec<(String, ChannelInfo)>, PresenceError> {
+        Ok(self.merged(app_id, prefix, false).await?)
+    }
+
+    async fn users(&self, app_id: &AppId, channel: &str) -> Result<Vec<String>, PresenceError> {
+        let mut users: BTreeSet<String> =
+            members_elsewhere(&self.pool, &self.node, app_id.as_str(), channel)
+                .await
+                .map_err(ClusterPresenceError::from)?
+                .into_iter()
+                .map(|(user_id, _)| user_id)
+                .collect();
+        if let Some(app) = self.hub.existing(app_id) {
+            users.extend(app.users(channel));
+        }
+        Ok(users.into_iter().collect())
+    }
+
+    /// Closes the user's connections here at once and asks every other node to (a notice
+    /// each hears); returns how many closed here.
+    async fn terminate_user(&self, app_id: &AppId, user_id: &str) -> Result<usize, PresenceError> {
+        let closed = self
+            .hub
+            .existing(app_id)
+            .map_or(0, |app| app.terminate_user(user_id));
+        let notice = Notice {
+            kind: NoticeKind::Terminate,
+            node: self.node.clone(),
+            app_id: app_id.as_str().to_owned(),
+            channel: String::new(),
+            user_id: user_id.to_owned(),
+            info: None,
+            info_by_reference: false,
+            except: None,
+        };
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(PRESENCE_CHANNEL)
+            .bind(notice.encode()?)
+            .execute(&self.pool)
+            .await
+            .map_err(ClusterPresenceError::from)?;
+        Ok(closed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The SQL against a real server: `HERALD_TEST_POSTGRES_URL` names it; each test works in
+    //! a throwaway schema of its own.
+
+    use super::*;
+    use herald_store::postgres::{PostgresOptions, PostgresStore};
+    use sqlx::{Connection, PgConnection};
+
+    #[derive(Default)]
+    struct Reports(Mutex<Vec<String>>);
+
+    impl ChannelObserver for Reports {
+        fn observe(&self, _: &AppId, event: ChannelEvent) {
+            let name = format!("{} {}", event.name(), event.user_id().unwrap_or("-"));
+            self.0.lock().expect("lock").push(name);
+        }
+    }
+
+    struct Schema {
+        url: String,
+        name: String,
+    }
+
+    impl Schema {
+        async fn create(test: &str) -> Option<Self> {
+            let Ok(url) = std::env::var("HERALD_TEST_POSTGRES_URL") else {
+                eprintln!("skipped {test}: HERALD_TEST_POSTGRES_URL is unset");
+                return None;
+            };
+            let name = format!("presence_{}", crate::new_node_id().to_lowercase());
+            let mut conn = PgConnection::connect(&url).await.expect("connect");
+            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA \"{name}\"")))
+                .execute(&mut conn)
+                .await
+                .expect("create schema");
+            Some(Self { url, name })
+        }
+
+        async fn pool(&self) -> PgPool {
+            let options = PostgresOptions {
+                schema: Some(self.name.clone()),
+                ..PostgresOptions::default()
+            };
+            PostgresStore::open(&self.url, options)
+                .await
+                .expect("open")
+                .pool()
+                .clone()
+        }
+
+        async fn drop_now(self) {
+            let mut conn = PgConnection::connect(&self.url).await.expect("connect");
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP SCHEMA \"{}\" CASCADE",
+                self.name
+            )))
+            .execute(&mut conn)
+            .await
+            .expect("drop schema");
+        }
+    }
+
+    async fn node(pool: &PgPool, name: &str, reports: &Arc<Reports>) -> Arc<PostgresPresence> {
+        let presence = PostgresPresence::new(
+            name.into(),
+            pool.clone(),
+            Arc::new(Hub::default()),
+            Arc::clone(reports) as _,
+            Duration::from_secs(15),
+        );
+        presence.register().await.expect("register");
+        presence
+    }
+
+    fn joined(user: &str) -> LocalChange {
+        LocalChange::Joined {
+            channel: "presence-x".into(),
+            user_id: user.into(),
+            info: Some(format!(r#"{{"name":"{user}"}}"#)),
+            socket_id: "1.1".into(),
+        }
+    }
+
+    fn left(user: &str) -> LocalChange {
+        LocalChange::Left {
+            channel: "presence-x".into(),
+            user_id: user.into(),
+        }
+    }
+
+    fn occupied() -> LocalChange {
+        LocalChange::Occupied {
+            channel: "presence-x".into(),
+        }
+    }
+
+    fn taken(reports: &Reports) -> Vec<String> {
+        std::mem::take(&mut *reports.0.lock().expect("lock"))
+    }
+
+    #[tokio::test]
+    async fn a_user_on_two_nodes_is_added_and_removed_once_and_read_from_both() {
+        let Some(schema) = Schema::create("presence two nodes").await else {
+            return;
+        };
+        let pool = schema.pool().await;
+        let reports = Arc::new(Reports::default());
+        let (a, b) = (
+            node(&pool, "a", &reports).await,
+            node(&pool, "b", &reports).await,
+        );
+        let app = AppId::parse("app_1").expect("valid");
+        let mut flushed = HashMap::new();
+        a.apply(&app, &occupied(), &mut flushed).await.expect("a");
+        a.apply(&app, &joined("u1"), &mut flushed).await.expect("a");
+        b.apply(&app, &occupied(), &mut flushed).await.expect("b");
+        b.apply(&app, &joined("u1"), &mut flushed).await.expect("b");
+        b.apply(&app, &joined("u2"), &mut flushed).await.expect("b");
+        assert_eq!(
+            taken(&reports),
+            ["channel_occupied -", "member_added u1", "member_added u2"]
+        );
+        assert_eq!(
+            a.users(&app, "presence-x").await.expect("read"),
+            ["u1", "u2"],
+            "node a reads node b's rows"
+        );
+        let info = a
+            .channel_info(&app, "presence-x")
+            .await
+            .expect("read")
+            .expect("occupied");
+        assert_eq!(
+            (info.subscription_count, info.user_count),
+            (1, Some(2)),
+            "b's count (a's own hub is empty)"
+        );
+        let mut others = members_elsewhere(&pool, "b", "app_1", "presence-x")
+            .await
+            .expect("read");
+        others.sort();
+        assert_eq!(others, [("u1".into(), Some(r#"{"name":"u1"}"#.into()))]);
+
+        a.apply(&app, &left("u1"), &mut flushed).await.expect("a");
+        assert_eq!(taken(&reports), Vec::<String>::new(), "u1 is still on b");
+        b.apply(&app, &left("u1"), &mut flushed).await.expect("b");
+        assert_eq!(taken(&reports), ["member_removed u1"]);
+        schema.drop_now().await;
+    }
+
+    #[tokio::test]
+    async fn a_dead_nodes_rows_are_swept_once_as_leaves() {
+        let Some(schema) = Schema::create("presence sweep").await else {
+            return;
+        };
+        let pool = schema.pool().await;
+        let reports = Arc::new(Reports::default());
+        let (a, b) = (
+            node(&pool, "a", &reports).await,
+            node(&pool, "b", &reports).await,
+        );
+        let app = AppId::parse("app_1").expect("valid");
+        let mut flushed = HashMap::new();
+        a.apply(&app, &occupied(), &mut flushed).await.expect("a");
+        a.apply(&app, &joined("stays"), &mut flushed)
+            .await
+            .expect("a");
+        b.apply(&app, &occupied(), &mut flushed).await.expect("b");
+        b.apply(&app, &joined("goes"), &mut flushed)
+            .await
+            .expect("b");
+        b.apply(&app, &joined("stays"), &mut flushed)
+            .await
+            .expect("b");
+        taken(&reports);
+        sqlx::query("UPDATE cluster_nodes SET heartbeat_at = 0 WHERE node_id = 'b'")
+            .execute(&pool)
+            .await
+            .expect("age b");
+        // Two sweepers at once: each row is removed, and reported, once.
+        let (one, two) = tokio::join!(a.sweep(), a.sweep());
+        assert!(one.expect("sweep") + two.expect("sweep") >= 3);
+        assert_eq!(
+            taken(&reports),
+            ["member_removed goes"],
+            "a still has stays and the channel"
+        );
+        assert_eq!(a.sweep().await.expect("sweep"), 0, "nothing left to sweep");
+        let reader = node(&pool, "c", &reports).await;
+        assert_eq!(
+            reader.users(&app, "presence-x").await.expect("read"),
+            ["stays"],
+            "a's row is left"
+        );
+        schema.drop_now().await;
+    }
+}

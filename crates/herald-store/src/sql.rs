@@ -1,0 +1,672 @@
+//! The SQL the SQLite and PostgreSQL backends share, written once: statement texts, the
+//! `.bind(...)` chains that go with them, and the conversions from rows to domain values.
+//!
+//! Both schemas keep the same tables and columns for these statements, and both drivers take
+//! `$1`-style parameters, so the text is the same; only sqlx's types differ per database
+//! (`SqliteRow`/`PgRow`, their arguments and executors). The shared pieces are therefore
+//! `macro_rules!` macros rather than generic functions: a macro expands to the plain
+//! `sqlx::query(TEXT).bind(..)...` chain at the call site, where the executor the backend passes
+//! (`&self.writer`, `&self.pool`, a transaction) picks the database by inference, with no
+//! `Database`/`Encode`/`Decode`/`ColumnIndex` bounds to spell out for every bound value and
+//! column type. The same holds for the `QueryBuilder` macros (history and attempt listings)
+//! and for [`row_readers!`], which each backend's `rows` module expands once for its row type:
+//! generic readers would need such a bound for every column type they decode. Statements with
+//! one or two plain parameters are shared as text constants only.
+//!
+//! What differs stays in each backend: SQLite's group-commit writes, in-memory leases and
+//! caches; PostgreSQL's row locks, advisory locks, notices and JSON casts; flags compared as
+//! `0`/`1` on SQLite and as BOOLEAN on PostgreSQL.
+//!
+//! Macros refer to the JSON and time helpers shared in `sqlite::rows` by full path; the row
+//! readers of [`row_readers!`] call `time` and `status` (whose code type differs per backend)
+//! and the trait `sqlx::Row` from the module they expand in.
+
+// ---- event types ----
+
+pub(crate) const GET_EVENT_TYPE: &str = "SELECT * FROM event_types WHERE name = $1";
+/// The start of an event type listing; the caller adds the archived filter and the page.
+pub(crate) const LIST_EVENT_TYPES: &str = "SELECT * FROM event_types WHERE 1 = 1";
+
+pub(crate) const INSERT_EVENT_TYPE: &str =
+    "INSERT INTO event_types (name, description, archived, deprecated, schemas, group_name,
+                              feature_flags, created_at, updated_at)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+pub(crate) const UPDATE_EVENT_TYPE: &str =
+    "UPDATE event_types SET description = $2, archived = $3, deprecated = $4, schemas = $5,
+                            group_name = $6, feature_flags = $7, updated_at = $8
+     WHERE name = $1";
+
+/// Binds `$1`..`$7` of an event type statement, name to feature flags, to `$query`.
+macro_rules! event_type_columns {
+    ($query:expr, $et:expr) => {{
+        let et: &herald_core::model::EventType = $et;
+        $query
+            .bind(&et.name)
+            .bind(&et.description)
+            .bind(et.archived)
+            .bind(et.deprecated)
+            .bind(&et.schemas)
+            .bind(&et.group_name)
+            .bind($crate::sqlite::rows::opt_json(&et.feature_flags))
+    }};
+}
+pub(crate) use event_type_columns;
+
+/// Inserts the event type `$et` (`&EventType`).
+macro_rules! insert_event_type {
+    ($et:expr) => {{
+        let et: &herald_core::model::EventType = $et;
+        $crate::sql::event_type_columns!(::sqlx::query($crate::sql::INSERT_EVENT_TYPE), et)
+            .bind($crate::sqlite::rows::millis(et.created_at))
+            .bind($crate::sqlite::rows::millis(et.updated_at))
+    }};
+}
+pub(crate) use insert_event_type;
+
+/// Updates the event type `$et` (`&EventType`) by name.
+macro_rules! update_event_type {
+    ($et:expr) => {{
+        let et: &herald_core::model::EventType = $et;
+        $crate::sql::event_type_columns!(::sqlx::query($crate::sql::UPDATE_EVENT_TYPE), et)
+            .bind($crate::sqlite::rows::millis(et.updated_at))
+    }};
+}
+pub(crate) use update_event_type;
+
+// ---- apps and API tokens ----
+
+/// An app by id or uid; an exact id wins over another app's uid equal to it.
+pub(crate) const GET_APP: &str =
+    "SELECT * FROM apps WHERE id = $1 OR uid = $1 ORDER BY id = $1 DESC LIMIT 1";
+pub(crate) const APP_BY_PUSHER_KEY: &str = "SELECT * FROM apps WHERE pusher_key = $1";
+pub(crate) const APP_BY_PUSHER_ID: &str = "SELECT * FROM apps WHERE pusher_app_id = $1";
+/// The start of an app listing; the caller adds the page.
+pub(crate) const LIST_APPS: &str = "SELECT * FROM apps WHERE 1 = 1";
+pub(crate) const DELETE_APP: &str = "DELETE FROM apps WHERE id = $1";
+pub(crate) const REMOVE_TOKEN: &str = "DELETE FROM api_tokens WHERE token_hash = $1";
+pub(crate) const TOKEN_SCOPE: &str = "SELECT app_id FROM api_tokens WHERE token_hash = $1";
+
+/// Updates the app `$app` (`&App`): uid, name, throttle rate, metadata and history rules.
+macro_rules! update_app {
+    ($app:expr) => {{
+        let app: &herald_core::model::App = $app;
+        ::sqlx::query(
+            "UPDATE apps SET uid = $2, name = $3, throttle_rate = $4, metadata = $5, updated_at = $6,
+                    history_rules = $7
+             WHERE id = $1",
+        )
+        .bind(app.id.as_str())
+        .bind(&app.uid)
+        .bind(&app.name)
+        .bind(app.throttle_rate)
+        .bind($crate::sqlite::rows::to_json(&app.metadata))
+        .bind($crate::sqlite::rows::millis(app.updated_at))
+        .bind($crate::sqlite::rows::history_rules_json(app.history.as_deref()))
+    }};
+}
+pub(crate) use update_app;
+
+/// Sets the Pusher key and secrets of the app `$app_id` (`&AppId`) to `$credentials`
+/// (`&PusherCredentials`).
+macro_rules! set_pusher_credentials {
+    ($app_id:expr, $credentials:expr) => {{
+        let app_id: &herald_core::AppId = $app_id;
+        let credentials: &herald_core::model::PusherCredentials = $credentials;
+        ::sqlx::query(
+            "UPDATE apps SET pusher_key = $2, pusher_secret = $3, pusher_previous_secret = $4,
+                             pusher_previous_secret_until = $5
+             WHERE id = $1",
+        )
+        .bind(app_id.as_str())
+        .bind(&credentials.key)
+        .bind(&credentials.secret)
+        .bind(credentials.previous.as_ref().map(|p| p.secret.as_str()))
+        .bind(
+            credentials
+                .previous
+                .as_ref()
+                .map(|p| $crate::sqlite::rows::millis(p.until)),
+        )
+    }};
+}
+pub(crate) use set_pusher_credentials;
+
+/// Adds the API token `$token_hash` (`&[u8]`) for `$app_id` (`Option<&str>`, `None` for the
+/// environment) named `$name`, unless it exists.
+macro_rules! add_token {
+    ($token_hash:expr, $app_id:expr, $name:expr) => {
+        ::sqlx::query(
+            "INSERT INTO api_tokens (token_hash, app_id, name, created_at) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (token_hash) DO NOTHING",
+        )
+        .bind($token_hash)
+        .bind($app_id)
+        .bind($name)
+        .bind($crate::sqlite::rows::millis(::chrono::Utc::now()))
+    };
+}
+pub(crate) use add_token;
+
+// ---- endpoints ----
+
+/// An app's endpoint by id or uid; an exact id wins over another endpoint's uid equal to it.
+pub(crate) const GET_ENDPOINT: &str = "SELECT * FROM endpoints WHERE app_id = $1 \
+     AND (id = $2 OR uid = $2) ORDER BY id = $2 DESC LIMIT 1";
+/// The start of an app's endpoint listing; the caller binds the app id and adds the page.
+pub(crate) const LIST_ENDPOINTS: &str = "SELECT * FROM endpoints WHERE app_id = ";
+pub(crate) const ENDPOINT_EXISTS: &str = "SELECT 1 FROM endpoints WHERE id = $1 AND app_id = $2";
+pub(crate) const DELETE_ENDPOINT: &str = "DELETE FROM endpoints WHERE app_id = $1 AND id = $2";
+
+pub(crate) const INSERT_ENDPOINT: &str =
+    "INSERT INTO endpoints (id, app_id, uid, url, description, throttle_rate, disabled,
+                            event_types, channels, metadata, headers, secret,
+                            previous_secrets, failing_since, created_at, updated_at, format)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)";
+
+/// Binds `$1`..`$13` of an endpoint statement, id to previous secrets, to `$query`.
+macro_rules! endpoint_columns {
+    ($query:expr, $ep:expr) => {{
+        let ep: &herald_core::model::Endpoint = $ep;
+        $query
+            .bind(ep.id.as_str())
+            .bind(ep.app_id.as_str())
+            .bind(&ep.uid)
+            .bind(&ep.url)
+            .bind(&ep.description)
+            .bind(ep.throttle_rate)
+            .bind(ep.disabled)
+            .bind($crate::sqlite::rows::opt_json(&ep.event_types))
+            .bind($crate::sqlite::rows::opt_json(&ep.channels))
+            .bind($crate::sqlite::rows::to_json(&ep.metadata))
+            .bind($crate::sqlite::rows::to_json(&ep.headers))
+            .bind(&ep.secret)
+            .bind($crate::sqlite::rows::previous_secrets_json(ep))
+    }};
+}
+pub(crate) use endpoint_columns;
+
+/// Inserts the endpoint `$ep` (`&Endpoint`).
+macro_rules! insert_endpoint {
+    ($ep:expr) => {{
+        let ep: &herald_core::model::Endpoint = $ep;
+        $crate::sql::endpoint_columns!(::sqlx::query($crate::sql::INSERT_ENDPOINT), ep)
+            .bind(ep.failing_since.map($crate::sqlite::rows::millis))
+            .bind($crate::sqlite::rows::millis(ep.created_at))
+            .bind($crate::sqlite::rows::millis(ep.updated_at))
+            .bind(ep.format.as_str())
+    }};
+}
+pub(crate) use insert_endpoint;
+
+/// Binds the endpoint `$ep` (`&Endpoint`) and the `updated_at` it was read with, `$read_at`, to
+/// the backend's update statement `$sql` (which differs in how it compares the `disabled`
+/// flag): `$1` id, `$2` app id, `$3`..`$15` the columns (`$7` disabled, `$14` updated_at), `$16`
+/// the `updated_at` it must still have.
+macro_rules! update_endpoint {
+    ($sql:expr, $ep:expr, $read_at:expr) => {{
+        let ep: &herald_core::model::Endpoint = $ep;
+        $crate::sql::endpoint_columns!(::sqlx::query($sql), ep)
+            .bind($crate::sqlite::rows::millis(ep.updated_at))
+            .bind(ep.format.as_str())
+            .bind($crate::sqlite::rows::millis($read_at))
+    }};
+}
+pub(crate) use update_endpoint;
+
+// ---- ingest sources and received requests ----
+
+/// An app's source by id or uid; an exact id wins over another source's uid equal to it.
+pub(crate) const GET_SOURCE: &str = "SELECT * FROM ingest_sources WHERE app_id = $1 \
+     AND (id = $2 OR uid = $2) ORDER BY id = $2 DESC LIMIT 1";
+pub(crate) const FIND_SOURCE: &str = "SELECT * FROM ingest_sources WHERE id = $1";
+/// The start of an app's source listing; the caller binds the app id and adds the page.
+pub(crate) const LIST_SOURCES: &str = "SELECT * FROM ingest_sources WHERE app_id = ";
+pub(crate) const DELETE_SOURCE: &str = "DELETE FROM ingest_sources WHERE app_id = $1 AND id = $2";
+/// The request recorded earlier under a source's delivery id.
+pub(crate) const EARLIER_INGEST_EVENT: &str =
+    "SELECT * FROM ingest_events WHERE source_id = $1 AND delivery_id = $2";
+/// The start of a source's request listing; the caller binds the source id and adds the page.
+pub(crate) const LIST_INGEST_EVENTS: &str = "SELECT * FROM ingest_events WHERE source_id = ";
+pub(crate) const GET_INGEST_EVENT: &str =
+    "SELECT * FROM ingest_events WHERE source_id = $1 AND id = $2";
+
+pub(crate) const INSERT_SOURCE: &str =
+    "INSERT INTO ingest_sources (id, app_id, uid, name, kind, secrets, hmac, tolerance_secs,
+                                 event_type, channels, default_channel, created_at, updated_at,
+                                 trust_unsigned_headers)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)";
+pub(crate) const UPDATE_SOURCE: &str =
+    "UPDATE ingest_sources SET uid = $3, name = $4, kind = $5, secrets = $6, hmac = $7,
+            tolerance_secs = $8, event_type = $9, channels = $10, default_channel = $11,
+            updated_at = $12, trust_unsigned_headers = $13
+     WHERE id = $1 AND app_id = $2";
+
+/// Binds `$1`..`$11` of a source statement, id to default channel, to `$query`.
+macro_rules! source_columns {
+    ($query:expr, $source:expr) => {{
+        let source: &herald_core::model::IngestSource = $source;
+        $query
+            .bind(source.id.as_str())
+            .bind(source.app_id.as_str())
+            .bind(&source.uid)
+            .bind(&source.name)
+            .bind(source.kind.as_str())
+            .bind($crate::sqlite::rows::to_json(&source.secrets))
+            .bind($crate::sqlite::rows::hmac_json(source.hmac.as_ref()))
+            .bind(source.tolerance_secs)
+            .bind($crate::sqlite::rows::to_json(&source.event_type))
+            .bind($crate::sqlite::rows::to_json(&source.channels))
+            .bind(&source.default_channel)
+    }};
+}
+pub(crate) use source_columns;
+
+/// Inserts the source `$source` (`&IngestSource`).
+macro_rules! insert_source {
+    ($source:expr) => {{
+        let source: &herald_core::model::IngestSource = $source;
+        $crate::sql::source_columns!(::sqlx::query($crate::sql::INSERT_SOURCE), source)
+            .bind($crate::sqlite::rows::millis(source.created_at))
+            .bind($crate::sqlite::rows::millis(source.updated_at))
+            .bind(source.trust_unsigned_headers)
+    }};
+}
+pub(crate) use insert_source;
+
+/// Updates the source `$source` (`&IngestSource`) of its app.
+macro_rules! update_source {
+    ($source:expr) => {{
+        let source: &herald_core::model::IngestSource = $source;
+        $crate::sql::source_columns!(::sqlx::query($crate::sql::UPDATE_SOURCE), source)
+            .bind($crate::sqlite::rows::millis(source.updated_at))
+            .bind(source.trust_unsigned_headers)
+    }};
+}
+pub(crate) use update_source;
+
+// ---- channel history ----
+
+pub(crate) const CHANNEL_POSITION: &str =
+    "SELECT epoch, next_offset FROM channel_positions WHERE app_id = $1 AND channel = $2";
+/// Positions of channels that never kept an event and keep none: nothing would be lost.
+pub(crate) const FORGET_UNUSED_CHANNEL_POSITIONS: &str =
+    "DELETE FROM channel_positions WHERE next_offset <= 1 AND NOT EXISTS (
+         SELECT 1 FROM channel_history h
+         WHERE h.app_id = channel_positions.app_id AND h.channel = channel_positions.channel)";
+pub(crate) const DELETE_CHANNEL_HISTORY: &str =
+    "DELETE FROM channel_history WHERE app_id = $1 AND channel = $2";
+
+/// A u64 offset as BIGINT, saturating (offsets never come near `i64::MAX`).
+pub(crate) fn bigint(offset: u64) -> i64 {
+    i64::try_from(offset).unwrap_or(i64::MAX)
+}
+
+/// Sets the epoch of the channel `$channel` (`&str`) of `$app_id` (`&AppId`) to `$epoch`
+/// (`&str`), creating its position at offset 1 if it has none; returns `epoch, next_offset`.
+macro_rules! reset_channel_position {
+    ($app_id:expr, $channel:expr, $epoch:expr) => {
+        ::sqlx::query(
+            "INSERT INTO channel_positions (app_id, channel, epoch, next_offset)
+             VALUES ($1, $2, $3, 1)
+             ON CONFLICT (app_id, channel) DO UPDATE SET epoch = excluded.epoch
+             RETURNING epoch, next_offset",
+        )
+        .bind($app_id.as_str())
+        .bind($channel)
+        .bind($epoch)
+    };
+}
+pub(crate) use reset_channel_position;
+
+/// A `QueryBuilder` reading the kept events of the channel `$channel` (`&str`) of `$app_id`
+/// (`&AppId`) that `$query` (`&HistoryQuery`) asks for.
+macro_rules! history_query {
+    ($app_id:expr, $channel:expr, $query:expr) => {{
+        let query: &$crate::HistoryQuery = $query;
+        let mut q = ::sqlx::QueryBuilder::new("SELECT * FROM channel_history WHERE app_id = ");
+        q.push_bind($app_id.to_string());
+        q.push(" AND channel = ").push_bind($channel.to_owned());
+        q.push(" AND created_at >= ")
+            .push_bind($crate::sqlite::rows::millis(query.not_before));
+        if let Some(after) = query.after {
+            q.push(" AND seq > ").push_bind($crate::sql::bigint(after));
+        }
+        if let Some(before) = query.before {
+            q.push(" AND seq < ").push_bind($crate::sql::bigint(before));
+        }
+        q.push(if query.newest_first {
+            " ORDER BY seq DESC"
+        } else {
+            " ORDER BY seq ASC"
+        });
+        q.push(" LIMIT ").push_bind(i64::from(query.limit));
+        q
+    }};
+}
+pub(crate) use history_query;
+
+/// The oldest offset (`Option<i64>`) kept for `$channel` of `$app_id` created at or after
+/// `$not_before`.
+macro_rules! oldest_history_offset {
+    ($app_id:expr, $channel:expr, $not_before:expr) => {
+        ::sqlx::query_scalar::<_, Option<i64>>(
+            "SELECT MIN(seq) FROM channel_history
+             WHERE app_id = $1 AND channel = $2 AND created_at >= $3",
+        )
+        .bind($app_id.as_str())
+        .bind($channel)
+        .bind($crate::sqlite::rows::millis($not_before))
+    };
+}
+pub(crate) use oldest_history_offset;
+
+/// Deletes the events of `$channel` of `$app_id` up to `$up_to_offset` (`u64`) and those
+/// created before `$not_before`.
+macro_rules! trim_history {
+    ($app_id:expr, $channel:expr, $up_to_offset:expr, $not_before:expr) => {
+        ::sqlx::query(
+            "DELETE FROM channel_history
+             WHERE app_id = $1 AND channel = $2 AND (seq <= $3 OR created_at < $4)",
+        )
+        .bind($app_id.as_str())
+        .bind($channel)
+        .bind($crate::sql::bigint($up_to_offset))
+        .bind($crate::sqlite::rows::millis($not_before))
+    };
+}
+pub(crate) use trim_history;
+
+// ---- messages and attempts ----
+
+/// An app's message by id or event id; an exact id wins over another message's event id.
+pub(crate) const GET_MESSAGE: &str = "SELECT * FROM messages WHERE app_id = $1 \
+     AND (id = $2 OR event_id = $2) ORDER BY id = $2 DESC LIMIT 1";
+/// The start of an app's message listing; the caller binds the app id, adds its filters and
+/// the page.
+pub(crate) const LIST_MESSAGES: &str = "SELECT * FROM messages WHERE app_id = ";
+
+/// A `QueryBuilder` reading the attempts of `$app_id` (`&AppId`) in `$scope`
+/// (`&AttemptScope`) that `$query` (`&AttemptQuery`) asks for, before the page; `$code` is the
+/// type status codes bind as (`i64` on SQLite, `i32` on PostgreSQL).
+macro_rules! attempts_query {
+    ($app_id:expr, $scope:expr, $query:expr, $code:ty) => {{
+        let query: &$crate::AttemptQuery = $query;
+        let mut q = ::sqlx::QueryBuilder::new("SELECT * FROM attempts WHERE app_id = ");
+        q.push_bind($app_id.to_string());
+        match $scope {
+            $crate::AttemptScope::Endpoint(endpoint) => {
+                q.push(" AND endpoint_id = ");
+                q.push_bind(endpoint.to_string());
+            }
+            $crate::AttemptScope::Message(msg) => {
+                q.push(" AND msg_id = ");
+                q.push_bind(msg.to_string());
+            }
+        }
+        if let Some(endpoint) = &query.endpoint_id {
+            q.push(" AND endpoint_id = ");
+            q.push_bind(endpoint.clone());
+        }
+        if let Some(status) = query.status {
+            q.push(" AND status = ");
+            q.push_bind(status as $code);
+        }
+        q
+    }};
+}
+pub(crate) use attempts_query;
+
+// ---- row readers ----
+
+/// Defines, in the backend's `rows` module, the readers from `$row` (the backend's row type)
+/// to domain values: `id`, `app`, `event_type`, `endpoint`, `message`, `attempt`,
+/// `ingest_source`, `ingest_event`, `delivery_state`, `offset`, `channel_position`, `history_entry`. `$code` is the type status and trigger
+/// codes decode as (`i64` on SQLite, `i32` INTEGER on PostgreSQL). The module must have
+/// `time`, `status` and `sqlx::Row` in scope.
+macro_rules! row_readers {
+    ($row:ty, $code:ty) => {
+        /// Reads the id column `column` of `row` as a typed id.
+        pub(crate) fn id<T: $crate::sqlite::rows::StoredId>(
+            row: &$row,
+            column: &str,
+        ) -> $crate::Result<T> {
+            $crate::sqlite::rows::parse_id(column, row.try_get(column)?)
+        }
+
+        /// A JSON text column that may not be NULL.
+        fn json_column<T: serde::de::DeserializeOwned>(
+            row: &$row,
+            column: &str,
+        ) -> $crate::Result<T> {
+            $crate::sqlite::rows::from_json(column, &row.try_get::<String, _>(column)?)
+        }
+
+        /// A JSON text column that may be NULL.
+        fn opt_json_column<T: serde::de::DeserializeOwned>(
+            row: &$row,
+            column: &str,
+        ) -> $crate::Result<Option<T>> {
+            $crate::sqlite::rows::opt_from_json(column, row.try_get(column)?)
+        }
+
+        pub(crate) fn app(row: &$row) -> $crate::Result<herald_core::model::App> {
+            use herald_core::model::{PusherCredentials, RetiredSecret};
+            Ok(herald_core::model::App {
+                id: id(row, "id")?,
+                uid: row.try_get("uid")?,
+                name: row.try_get("name")?,
+                throttle_rate: row.try_get("throttle_rate")?,
+                metadata: json_column(row, "metadata")?,
+                pusher: PusherCredentials {
+                    app_id: row.try_get("pusher_app_id")?,
+                    key: row.try_get("pusher_key")?,
+                    secret: row.try_get("pusher_secret")?,
+                    previous: match (
+                        row.try_get::<Option<String>, _>("pusher_previous_secret")?,
+                        row.try_get::<Option<i64>, _>("pusher_previous_secret_until")?,
+                    ) {
+                        (Some(secret), Some(until)) => Some(RetiredSecret {
+                            secret,
+                            until: time(until)?,
+                        }),
+                        _ => None,
+                    },
+                },
+                history: opt_json_column::<Vec<$crate::sqlite::rows::HistoryRuleRow>>(
+                    row,
+                    "history_rules",
+                )?
+                .map(|rules| {
+                    rules
+                        .into_iter()
+                        .map(herald_core::history::HistoryRule::from)
+                        .collect()
+                }),
+                created_at: time(row.try_get("created_at")?)?,
+                updated_at: time(row.try_get("updated_at")?)?,
+            })
+        }
+
+        pub(crate) fn event_type(row: &$row) -> $crate::Result<herald_core::model::EventType> {
+            Ok(herald_core::model::EventType {
+                name: row.try_get("name")?,
+                description: row.try_get("description")?,
+                archived: row.try_get("archived")?,
+                deprecated: row.try_get("deprecated")?,
+                schemas: row.try_get("schemas")?,
+                group_name: row.try_get("group_name")?,
+                feature_flags: opt_json_column(row, "feature_flags")?,
+                created_at: time(row.try_get("created_at")?)?,
+                updated_at: time(row.try_get("updated_at")?)?,
+            })
+        }
+
+        /// Reads endpoint columns; `prefix` is how the query aliased them (`""` or `"e_"`).
+        pub(crate) fn endpoint(
+            row: &$row,
+            prefix: &str,
+        ) -> $crate::Result<herald_core::model::Endpoint> {
+            let col = |name: &str| format!("{prefix}{name}");
+            let previous: Vec<(String, i64)> = json_column(row, &col("previous_secrets"))?;
+            Ok(herald_core::model::Endpoint {
+                id: id(row, &col("id"))?,
+                app_id: id(row, &col("app_id"))?,
+                uid: row.try_get(col("uid").as_str())?,
+                url: row.try_get(col("url").as_str())?,
+                description: row.try_get(col("description").as_str())?,
+                throttle_rate: row.try_get(col("throttle_rate").as_str())?,
+                disabled: row.try_get(col("disabled").as_str())?,
+                format: {
+                    let text: String = row.try_get(col("format").as_str())?;
+                    herald_core::model::EndpointFormat::parse(&text).ok_or_else(|| {
+                        $crate::StoreError::Corrupt(format!("unknown endpoint format {text:?}"))
+                    })?
+                },
+                event_types: opt_json_column(row, &col("event_types"))?,
+                channels: opt_json_column(row, &col("channels"))?,
+                metadata: json_column(row, &col("metadata"))?,
+                headers: json_column(row, &col("headers"))?,
+                secret: row.try_get(col("secret").as_str())?,
+                previous_secrets: previous
+                    .into_iter()
+                    .map(|(secret, expires)| Ok((secret, time(expires)?)))
+                    .collect::<$crate::Result<_>>()?,
+                failing_since: row
+                    .try_get::<Option<i64>, _>(col("failing_since").as_str())?
+                    .map(time)
+                    .transpose()?,
+                created_at: time(row.try_get(col("created_at").as_str())?)?,
+                updated_at: time(row.try_get(col("updated_at").as_str())?)?,
+            })
+        }
+
+        pub(crate) fn message(row: &$row) -> $crate::Result<herald_core::model::Message> {
+            let payload: Vec<u8> = row.try_get("payload")?;
+            Ok(herald_core::model::Message {
+                id: id(row, "id")?,
+                app_id: id(row, "app_id")?,
+                event_id: row.try_get("event_id")?,
+                event_type: row.try_get("event_type")?,
+                channels: opt_json_column(row, "channels")?,
+                tags: opt_json_column(row, "tags")?,
+                payload: payload.into(),
+                created_at: time(row.try_get("created_at")?)?,
+            })
+        }
+
+        pub(crate) fn attempt(row: &$row) -> $crate::Result<herald_core::model::Attempt> {
+            Ok(herald_core::model::Attempt {
+                id: id(row, "id")?,
+                msg_id: id(row, "msg_id")?,
+                endpoint_id: id(row, "endpoint_id")?,
+                app_id: id(row, "app_id")?,
+                url: row.try_get("url")?,
+                status: status(row.try_get("status")?)?,
+                response_status_code: row.try_get("response_status_code")?,
+                response: row.try_get("response")?,
+                response_duration_ms: row.try_get("response_duration_ms")?,
+                trigger_type: herald_core::model::TriggerType::from_code(i64::from(
+                    row.try_get::<$code, _>("trigger_type")?,
+                )),
+                created_at: time(row.try_get("created_at")?)?,
+            })
+        }
+
+        pub(crate) fn ingest_source(
+            row: &$row,
+        ) -> $crate::Result<herald_core::model::IngestSource> {
+            let kind: String = row.try_get("kind")?;
+            Ok(herald_core::model::IngestSource {
+                id: id(row, "id")?,
+                app_id: id(row, "app_id")?,
+                uid: row.try_get("uid")?,
+                name: row.try_get("name")?,
+                kind: herald_core::ingest::SourceKind::parse(&kind).ok_or_else(|| {
+                    $crate::StoreError::Corrupt(format!("unknown source kind {kind:?}"))
+                })?,
+                secrets: json_column(row, "secrets")?,
+                hmac: opt_json_column::<$crate::sqlite::rows::HmacRow>(row, "hmac")?
+                    .map(herald_core::ingest::HmacScheme::from),
+                tolerance_secs: row.try_get("tolerance_secs")?,
+                event_type: json_column(row, "event_type")?,
+                channels: json_column(row, "channels")?,
+                default_channel: row.try_get("default_channel")?,
+                trust_unsigned_headers: row.try_get("trust_unsigned_headers")?,
+                created_at: time(row.try_get("created_at")?)?,
+                updated_at: time(row.try_get("updated_at")?)?,
+            })
+        }
+
+        pub(crate) fn ingest_event(row: &$row) -> $crate::Result<herald_core::model::IngestEvent> {
+            let body: Vec<u8> = row.try_get("body")?;
+            Ok(herald_core::model::IngestEvent {
+                id: id(row, "id")?,
+                source_id: id(row, "source_id")?,
+                app_id: id(row, "app_id")?,
+                delivery_id: row.try_get("delivery_id")?,
+                headers: json_column(row, "headers")?,
+                body: body.into(),
+                event_type: row.try_get("event_type")?,
+                channels: json_column(row, "channels")?,
+                msg_id: id(row, "msg_id")?,
+                received_at: time(row.try_get("received_at")?)?,
+            })
+        }
+
+        /// A delivery's state from the `d_`-aliased columns of the delivery listings
+        /// (`d_status`, `d_next_attempt_at`, `d_leased`): a leased pending delivery is being
+        /// sent, and only a pending one has a next attempt.
+        pub(crate) fn delivery_state(row: &$row) -> $crate::Result<$crate::DeliveryState> {
+            use herald_core::model::DeliveryStatus;
+            let leased: bool = row.try_get("d_leased")?;
+            let status = match status(row.try_get("d_status")?)? {
+                DeliveryStatus::Pending if leased => DeliveryStatus::Sending,
+                status => status,
+            };
+            let next_attempt = match status {
+                DeliveryStatus::Pending => row
+                    .try_get::<Option<i64>, _>("d_next_attempt_at")?
+                    .map(time)
+                    .transpose()?,
+                _ => None,
+            };
+            Ok($crate::DeliveryState {
+                status,
+                next_attempt,
+            })
+        }
+
+        /// An offset column (BIGINT, never negative).
+        pub(crate) fn offset(row: &$row, column: &str) -> $crate::Result<u64> {
+            u64::try_from(row.try_get::<i64, _>(column)?)
+                .map_err(|_| $crate::StoreError::Corrupt(format!("{column}: negative offset")))
+        }
+
+        /// Reads an `(epoch, next_offset)` row.
+        pub(crate) fn channel_position(
+            row: &$row,
+        ) -> $crate::Result<herald_core::history::ChannelPosition> {
+            Ok(herald_core::history::ChannelPosition {
+                epoch: row.try_get("epoch")?,
+                next_offset: offset(row, "next_offset")?,
+            })
+        }
+
+        pub(crate) fn history_entry(
+            row: &$row,
+        ) -> $crate::Result<herald_core::history::HistoryEntry> {
+            Ok(herald_core::history::HistoryEntry {
+                app_id: id(row, "app_id")?,
+                channel: row.try_get("channel")?,
+                epoch: row.try_get("epoch")?,
+                offset: offset(row, "seq")?,
+                event: row.try_get("event")?,
+                data: row.try_get("data")?,
+                raw_json: row.try_get("raw_json")?,
+                user_id: row.try_get("user_id")?,
+                created_at: time(row.try_get("created_at")?)?,
+            })
+        }
+    };
+}
+pub(crate) use row_readers;
