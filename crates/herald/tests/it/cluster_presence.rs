@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 use crate::{
     cluster::Cluster,
     harness::{Receiver, TestServer, eventually},
+    process::spawn_herald_env,
     pusher::{Client, Creds, channel_auth, pusher_api, pusher_app},
 };
 
@@ -407,5 +408,60 @@ async fn a_stopped_nodes_members_are_removed_once_within_the_ttl() {
     assert_eq!(names(&removed), ["member_removed alice"], "{removed:?}");
     drop(doomed);
     drop(watchers);
+    cluster.stop().await;
+}
+
+/// The ghost-member bug, with a real process: a node killed with -9 (no graceful leave, no
+/// chance to write anything) has its presence members removed once, within the TTL, for the
+/// clients on the nodes that remain.
+#[tokio::test]
+async fn a_node_killed_with_sigkill_has_its_members_removed_once_within_the_ttl() {
+    let ttl = 2;
+    let Some(cluster) = start("cluster presence kill -9", 1, |c| {
+        c.cluster.node_ttl_secs = ttl;
+    })
+    .await
+    else {
+        return;
+    };
+    let survivor = &cluster.nodes[0];
+    let (_, creds) = pusher_app(survivor, "cluster-sigkill").await;
+    let channel = "presence-sigkill";
+    let mut watcher = Client::connect(survivor, &creds.key).await;
+    join(&mut watcher, &creds, channel, "watcher").await;
+
+    let dir = tempfile::tempdir().expect("dir");
+    let ttl_env = ttl.to_string();
+    let mut doomed = spawn_herald_env(
+        dir.path(),
+        &[],
+        &[
+            ("HERALD_STORE__URL", cluster.db.url.as_str()),
+            ("HERALD_CLUSTER__NODE_TTL_SECS", ttl_env.as_str()),
+        ],
+    )
+    .await;
+    let mut alice = Client::connect(&doomed.api, &creds.key).await;
+    join(&mut alice, &creds, channel, "alice").await;
+    once(&mut watcher, "added", "alice").await;
+    until_users(survivor, &creds, channel, &["alice", "watcher"]).await;
+
+    let killed = tokio::time::Instant::now();
+    doomed.child.start_kill().expect("SIGKILL");
+    doomed.child.wait().await.expect("killed");
+    once(&mut watcher, "removed", "alice").await;
+    let took = killed.elapsed();
+    assert!(
+        took <= Duration::from_secs(ttl) + Duration::from_secs_f64(ttl as f64 / 3.0 + 1.5),
+        "removed after {took:?}"
+    );
+    until_users(survivor, &creds, channel, &["watcher"]).await;
+    // Once: nothing more about alice follows.
+    watcher
+        .send(json!({"event": "pusher:ping", "data": {}}))
+        .await;
+    let next = watcher.next().await;
+    assert_eq!(next["event"], "pusher:pong", "{next}");
+    drop(alice);
     cluster.stop().await;
 }
