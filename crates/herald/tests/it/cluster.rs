@@ -416,3 +416,66 @@ async fn deleting_an_app_on_one_node_closes_its_sockets_on_every_node() {
     assert_eq!(far.closed().await, 4001);
     cluster.stop().await;
 }
+
+/// A real PostgreSQL restart cuts every session of every database on the server, so this test
+/// runs alone, after the suites: `.ci/run` sets `HERALD_TEST_PG_RESTART` to the command that
+/// restarts the server and runs only this test. Nothing acknowledged is lost, and the nodes
+/// recover by themselves: a subscriber on node 2 receives what node 1 publishes next, in
+/// order, and every acknowledged webhook is delivered.
+#[tokio::test]
+async fn a_postgresql_restart_loses_nothing_acknowledged_and_the_cluster_recovers_by_itself() {
+    const RESTART: &str = "HERALD_TEST_PG_RESTART";
+    let Ok(restart) = std::env::var(RESTART) else {
+        eprintln!(
+            "skipped a PostgreSQL restart: {RESTART} is unset (.ci/run sets it and runs this test alone, after the suites, since a restart cuts every test's sessions)"
+        );
+        return;
+    };
+    let Some(cluster) = Cluster::start("cluster PostgreSQL restart", 2).await else {
+        return;
+    };
+    let [one, two] = &cluster.nodes[..] else {
+        unreachable!("two nodes")
+    };
+    let (app, creds) = pusher_app(one, "cluster-restart").await;
+    let mut receiver = Receiver::start().await;
+    one.create_endpoint(&app, json!({"url": receiver.url}))
+        .await;
+    let channel = "history-restart";
+    let mut client = Client::connect(two, &creds.key).await;
+    join(&mut client, channel, None).await;
+    for n in 1..=3 {
+        publish(one, &creds, channel, n, 10).await;
+    }
+    assert_eq!(
+        notes(&mut client, 3).await,
+        [(Some(1), 1), (Some(2), 2), (Some(3), 3)]
+    );
+    let acknowledged = send_many(one, &app, 50).await;
+
+    let restarted = tokio::process::Command::new("sh")
+        .args(["-c", &restart])
+        .status()
+        .await
+        .expect("run the restart command");
+    assert!(restarted.success(), "{restart}: {restarted}");
+    for node in [one, two] {
+        crate::harness::eventually("the node to be ready again", || async {
+            let ready = reqwest::get(format!("{}/health/ready", node.base))
+                .await
+                .ok()?;
+            (ready.status() == 204).then_some(())
+        })
+        .await;
+    }
+    for n in 4..=6 {
+        publish(one, &creds, channel, n, 10).await;
+    }
+    assert_eq!(
+        notes(&mut client, 3).await,
+        [(Some(4), 4), (Some(5), 5), (Some(6), 6)],
+        "in order after the restart"
+    );
+    await_all_within(&mut receiver, &acknowledged, Duration::from_secs(30)).await;
+    cluster.stop().await;
+}
