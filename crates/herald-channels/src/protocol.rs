@@ -94,6 +94,28 @@ pub fn system(name: &str, channel: Option<&str>, data: &serde_json::Value) -> Fr
     encode(name, channel, &data.to_string(), None)
 }
 
+/// `pusher_internal:member_added`: the user and its `user_info` as the app server wrote it
+/// (`null` if none or not JSON).
+pub fn member_added(channel: &str, user_id: &str, info: Option<&str>) -> Frame {
+    let info: serde_json::Value = info
+        .and_then(|i| serde_json::from_str(i).ok())
+        .unwrap_or(serde_json::Value::Null);
+    system(
+        "pusher_internal:member_added",
+        Some(channel),
+        &serde_json::json!({"user_id": user_id, "user_info": info}),
+    )
+}
+
+/// `pusher_internal:member_removed`.
+pub fn member_removed(channel: &str, user_id: &str) -> Frame {
+    system(
+        "pusher_internal:member_removed",
+        Some(channel),
+        &serde_json::json!({"user_id": user_id}),
+    )
+}
+
 pub fn connection_established(socket_id: &str, activity_timeout_secs: u64) -> Frame {
     system(
         "pusher:connection_established",

@@ -52,7 +52,6 @@ use herald_channels::{
 };
 use herald_core::AppId;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use sqlx::{PgPool, Postgres, Transaction};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -156,11 +155,7 @@ pub async fn hear(hub: &Hub, pool: &PgPool, node: &str, payload: &str) -> Result
             }
         }
         NoticeKind::Removed => {
-            let frame = protocol::system(
-                "pusher_internal:member_removed",
-                Some(&notice.channel),
-                &json!({"user_id": notice.user_id}),
-            );
+            let frame = protocol::member_removed(&notice.channel, &notice.user_id);
             app.member_notice(&notice.channel, &notice.user_id, false, &frame, None);
         }
         NoticeKind::Added => {
@@ -182,15 +177,7 @@ pub async fn hear(hub: &Hub, pool: &PgPool, node: &str, payload: &str) -> Result
             } else {
                 notice.info
             };
-            let info: serde_json::Value = info
-                .as_deref()
-                .and_then(|i| serde_json::from_str(i).ok())
-                .unwrap_or(serde_json::Value::Null);
-            let frame = protocol::system(
-                "pusher_internal:member_added",
-                Some(&notice.channel),
-                &json!({"user_id": notice.user_id, "user_info": info}),
-            );
+            let frame = protocol::member_added(&notice.channel, &notice.user_id, info.as_deref());
             app.member_notice(
                 &notice.channel,
                 &notice.user_id,
@@ -1029,17 +1016,29 @@ mod tests {
         std::mem::take(&mut *reports.0.lock().expect("lock"))
     }
 
-    #[tokio::test]
-    async fn a_user_on_two_nodes_is_added_and_removed_once_and_read_from_both() {
-        let Some(schema) = Schema::create("presence two nodes").await else {
-            return;
-        };
+    /// Nodes "a" and "b" on a fresh schema, reporting to one list; `None` when skipped.
+    async fn two_nodes(
+        test: &str,
+    ) -> Option<(
+        Schema,
+        PgPool,
+        Arc<Reports>,
+        Arc<PostgresPresence>,
+        Arc<PostgresPresence>,
+    )> {
+        let schema = Schema::create(test).await?;
         let pool = schema.pool().await;
         let reports = Arc::new(Reports::default());
-        let (a, b) = (
-            node(&pool, "a", &reports).await,
-            node(&pool, "b", &reports).await,
-        );
+        let a = node(&pool, "a", &reports).await;
+        let b = node(&pool, "b", &reports).await;
+        Some((schema, pool, reports, a, b))
+    }
+
+    #[tokio::test]
+    async fn a_user_on_two_nodes_is_added_and_removed_once_and_read_from_both() {
+        let Some((schema, pool, reports, a, b)) = two_nodes("presence two nodes").await else {
+            return;
+        };
         let app = AppId::parse("app_1").expect("valid");
         let mut flushed = HashMap::new();
         a.apply(&app, &occupied(), &mut flushed).await.expect("a");
@@ -1081,15 +1080,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_dead_nodes_rows_are_swept_once_as_leaves() {
-        let Some(schema) = Schema::create("presence sweep").await else {
+        let Some((schema, pool, reports, a, b)) = two_nodes("presence sweep").await else {
             return;
         };
-        let pool = schema.pool().await;
-        let reports = Arc::new(Reports::default());
-        let (a, b) = (
-            node(&pool, "a", &reports).await,
-            node(&pool, "b", &reports).await,
-        );
         let app = AppId::parse("app_1").expect("valid");
         let mut flushed = HashMap::new();
         a.apply(&app, &occupied(), &mut flushed).await.expect("a");

@@ -90,7 +90,8 @@ where
     }
 }
 
-fn app(name: &str) -> App {
+/// Fixtures, shared with the backends' own tests.
+pub(crate) fn app(name: &str) -> App {
     let now = Utc::now();
     App {
         id: herald_core::AppId::new(now),
@@ -105,13 +106,13 @@ fn app(name: &str) -> App {
     }
 }
 
-async fn stored_app(store: &dyn Store, name: &str) -> App {
+pub(crate) async fn stored_app(store: &dyn Store, name: &str) -> App {
     let app = app(name);
     store.create_app(&app).await.expect("create app");
     app
 }
 
-fn endpoint(app_id: &AppId) -> Endpoint {
+pub(crate) fn endpoint(app_id: &AppId) -> Endpoint {
     let now = Utc::now();
     Endpoint {
         id: herald_core::EndpointId::new(now),
@@ -134,7 +135,7 @@ fn endpoint(app_id: &AppId) -> Endpoint {
     }
 }
 
-fn message(app_id: &AppId, event_id: Option<&str>) -> Message {
+pub(crate) fn message(app_id: &AppId, event_id: Option<&str>) -> Message {
     let now = Utc::now();
     Message {
         id: herald_core::MessageId::new(now),

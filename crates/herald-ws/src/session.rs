@@ -479,15 +479,7 @@ impl<B: Backend> Session<B> {
         if subscribed.member_added
             && let Some((user_id, info)) = &member
         {
-            let info: serde_json::Value = info
-                .as_deref()
-                .and_then(|i| serde_json::from_str(i).ok())
-                .unwrap_or(serde_json::Value::Null);
-            let frame = protocol::system(
-                "pusher_internal:member_added",
-                Some(channel),
-                &json!({"user_id": user_id, "user_info": info}),
-            );
+            let frame = protocol::member_added(channel, user_id, info.as_deref());
             self.hub.notify(channel, &frame, Some(&self.socket_id));
         }
         self.channels
@@ -500,11 +492,7 @@ impl<B: Backend> Session<B> {
         }
         let left = self.hub.unsubscribe(channel, &self.socket_id);
         if let Some(user_id) = left.member_removed {
-            let frame = protocol::system(
-                "pusher_internal:member_removed",
-                Some(channel),
-                &json!({"user_id": user_id}),
-            );
+            let frame = protocol::member_removed(channel, &user_id);
             self.hub.notify(channel, &frame, None);
         }
     }

@@ -672,13 +672,12 @@ async fn endpoint_change(
 mod tests {
     use std::{collections::HashSet, sync::Arc, time::Duration};
 
-    use bytes::Bytes;
-    use herald_core::model::{App, Attempt, Endpoint, EndpointFormat, Metadata, PusherCredentials};
+    use herald_core::model::{App, Attempt, Endpoint};
     use sqlx::{Connection, postgres::PgListener};
 
     use super::super::tests::{SchemaGuard, open_in_fresh_schema, open_in_schema};
     use super::*;
-    use crate::{AppStore, EndpointStore};
+    use crate::{EndpointStore, conformance};
 
     const URL_VAR: &str = "HERALD_TEST_POSTGRES_URL";
 
@@ -699,43 +698,11 @@ mod tests {
     }
 
     async fn stored_app(store: &PostgresStore) -> App {
-        let now = Utc::now();
-        let app = App {
-            id: AppId::new(now),
-            uid: None,
-            name: "A".into(),
-            throttle_rate: None,
-            metadata: Metadata::new(),
-            pusher: PusherCredentials::generate(),
-            history: None,
-            created_at: now,
-            updated_at: now,
-        };
-        store.create_app(&app).await.expect("create app");
-        app
+        conformance::stored_app(store, "A").await
     }
 
     async fn stored_endpoint(store: &PostgresStore, app_id: &AppId) -> Endpoint {
-        let now = Utc::now();
-        let endpoint = Endpoint {
-            id: EndpointId::new(now),
-            app_id: app_id.clone(),
-            uid: None,
-            url: "https://example.com".into(),
-            description: String::new(),
-            throttle_rate: None,
-            disabled: false,
-            format: EndpointFormat::StandardWebhooks,
-            event_types: None,
-            channels: None,
-            metadata: Metadata::new(),
-            headers: Default::default(),
-            secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
-            previous_secrets: vec![],
-            failing_since: None,
-            created_at: now,
-            updated_at: now,
-        };
+        let endpoint = conformance::endpoint(app_id);
         store
             .create_endpoint(&endpoint)
             .await
@@ -744,17 +711,7 @@ mod tests {
     }
 
     fn message(app_id: &AppId) -> Message {
-        let now = Utc::now();
-        Message {
-            id: MessageId::new(now),
-            app_id: app_id.clone(),
-            event_id: None,
-            event_type: "t".into(),
-            channels: None,
-            tags: None,
-            payload: Bytes::from_static(b"{}"),
-            created_at: now,
-        }
+        conformance::message(app_id, None)
     }
 
     /// `count` messages of `app_id`, each to every one of `endpoints`.

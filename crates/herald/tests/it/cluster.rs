@@ -4,12 +4,13 @@
 //! These run in the suite's PostgreSQL pass (`HERALD_TEST_STORE=postgres`, with
 //! `HERALD_TEST_POSTGRES_URL`); elsewhere each says it was skipped and why.
 
-use std::time::Duration;
+use std::{collections::HashSet, time::Duration};
 
 use serde_json::{Value, json};
 
 use crate::{
     harness::{Backend, Receiver, Reply, TestServer, ThrowawayDatabase, backend},
+    history::join,
     process::{await_all_within, send_many, spawn_herald_env},
     pusher::{Client, Creds, pusher_app, trigger},
 };
@@ -69,23 +70,6 @@ async fn publish(node: &TestServer, creds: &Creds, channel: &str, n: u64, pad: u
     )
     .await;
     assert_eq!(status, 200, "{body}");
-}
-
-async fn join(client: &mut Client, channel: &str, resume: Option<(&str, u64)>) -> Value {
-    let mut data = json!({"channel": channel});
-    if let Some((epoch, offset)) = resume {
-        data["epoch"] = json!(epoch);
-        data["offset"] = json!(offset);
-    }
-    client
-        .send(json!({"event": "pusher:subscribe", "data": data}))
-        .await;
-    let ok = client
-        .expect("pusher_internal:subscription_succeeded")
-        .await;
-    let confirmation: Value =
-        serde_json::from_str(ok["data"].as_str().expect("data string")).expect("json");
-    confirmation["history"].clone()
 }
 
 /// The next `count` `note` events: (offset if any, the payload's n).
@@ -376,7 +360,30 @@ async fn losing_the_database_refuses_writes_with_503_and_the_cluster_recovers_by
 
     receiver.fallback(Reply::Status(200));
     database_reachable(&cluster.db, true).await;
-    for node in [one, two] {
+    recovers(
+        &cluster,
+        &creds,
+        channel,
+        &mut client,
+        &mut receiver,
+        &acknowledged,
+    )
+    .await;
+    cluster.stop().await;
+}
+
+/// After the database came back: every node is ready again by itself, what node 1 publishes
+/// next reaches the subscriber on node 2 in order (nothing was stored while it was away), and
+/// every webhook acknowledged before the outage is delivered.
+async fn recovers(
+    cluster: &Cluster,
+    creds: &Creds,
+    channel: &str,
+    client: &mut Client,
+    receiver: &mut Receiver,
+    acknowledged: &HashSet<String>,
+) {
+    for node in &cluster.nodes {
         crate::harness::eventually("the node to be ready again", || async {
             let ready = reqwest::get(format!("{}/health/ready", node.base))
                 .await
@@ -386,15 +393,14 @@ async fn losing_the_database_refuses_writes_with_503_and_the_cluster_recovers_by
         .await;
     }
     for n in 4..=6 {
-        publish(one, &creds, channel, n, 10).await;
+        publish(&cluster.nodes[0], creds, channel, n, 10).await;
     }
     assert_eq!(
-        notes(&mut client, 3).await,
+        notes(client, 3).await,
         [(Some(4), 4), (Some(5), 5), (Some(6), 6)],
-        "nothing stored while the database was away; what follows arrives in order"
+        "in order after the outage"
     );
-    await_all_within(&mut receiver, &acknowledged, Duration::from_secs(30)).await;
-    cluster.stop().await;
+    await_all_within(receiver, acknowledged, Duration::from_secs(30)).await;
 }
 
 /// Deleting an app on node 1 closes its sockets on node 2 with 4001, as on one node.
@@ -459,23 +465,14 @@ async fn a_postgresql_restart_loses_nothing_acknowledged_and_the_cluster_recover
         .await
         .expect("run the restart command");
     assert!(restarted.success(), "{restart}: {restarted}");
-    for node in [one, two] {
-        crate::harness::eventually("the node to be ready again", || async {
-            let ready = reqwest::get(format!("{}/health/ready", node.base))
-                .await
-                .ok()?;
-            (ready.status() == 204).then_some(())
-        })
-        .await;
-    }
-    for n in 4..=6 {
-        publish(one, &creds, channel, n, 10).await;
-    }
-    assert_eq!(
-        notes(&mut client, 3).await,
-        [(Some(4), 4), (Some(5), 5), (Some(6), 6)],
-        "in order after the restart"
-    );
-    await_all_within(&mut receiver, &acknowledged, Duration::from_secs(30)).await;
+    recovers(
+        &cluster,
+        &creds,
+        channel,
+        &mut client,
+        &mut receiver,
+        &acknowledged,
+    )
+    .await;
     cluster.stop().await;
 }

@@ -20,7 +20,7 @@ async fn publish(server: &TestServer, creds: &Creds, channel: &str, n: u64) {
 }
 
 /// Subscribes (resuming after `resume`, if given); returns the `history` status.
-async fn join(client: &mut Client, channel: &str, resume: Option<(&str, u64)>) -> Value {
+pub(crate) async fn join(client: &mut Client, channel: &str, resume: Option<(&str, u64)>) -> Value {
     join_with(client, json!({"channel": channel}), resume).await
 }
 
