@@ -141,9 +141,18 @@ impl ThrowawayDatabase {
 
     pub async fn drop_now(mut self) {
         self.dropped = true;
-        drop_database(&self.admin_url, &self.name)
-            .await
-            .expect("drop the database");
+        // `WITH (FORCE)` cannot end a session of another role (an autovacuum worker that just
+        // started on the database): retry while it finishes; a database still left is dropped
+        // by a later run's sweep, so a cleanup never fails the test.
+        for attempt in 1..=10u64 {
+            match drop_database(&self.admin_url, &self.name).await {
+                Ok(()) => return,
+                Err(e) if attempt == 10 => {
+                    eprintln!("could not drop the test database {}: {e}", self.name);
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100 * attempt)).await,
+            }
+        }
     }
 
     /// Keeps the database past this value (a later run's sweep drops it).
