@@ -31,13 +31,27 @@
 //! written when a channel becomes occupied on a node and then every [`FLUSH_EVERY`] if they
 //! changed: another node's count is at most that old (this node's own is read from its hub).
 //!
-//! **Known limit.** The channel webhooks' anti-flap delay cancels a leave and rejoin reported
+//! **Bounded, and repaired rather than dropped.** The hub hands changes on without waiting
+//! (it holds a channel lock), into a queue of [`QUEUE_CAPACITY`]. A change that finds the queue
+//! full, or that the database refuses, is not retried on its own: the node's rows are then
+//! *reconciled* with its hub ([`PostgresPresence::reconcile`]): what was queued is discarded,
+//! the hub is read, and this node's rows are added or removed until they match it. Every change
+//! is idempotent on this node's row (a join whose row exists reports nothing, a leave whose row
+//! is gone reports nothing), so a change applied twice, once by the reconcile and once from
+//! the queue, is reported once. The same reconcile re-registers a node that was taken for
+//! dead.
+//!
+//! **Known limits.** The channel webhooks' anti-flap delay cancels a leave and rejoin reported
 //! by one node; a user who leaves on one node and rejoins on another within the delay gets
-//! `member_removed` after `member_added` at the receiver.
+//! `member_removed` after `member_added` at the receiver. While a reconcile is pending (the
+//! database unreachable), other nodes see this node's members as they were.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
-    sync::{Arc, Mutex},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -72,9 +86,18 @@ const MAX_NOTICE_BYTES: usize = 7_900;
 /// Rows one sweep removes at most (the next heartbeat goes on).
 const SWEEP_LIMIT: i64 = 1_000;
 
-/// Attempts to apply one change before it is given up (and logged).
-const ATTEMPTS: u32 = 5;
-const RETRY_WAIT: Duration = Duration::from_millis(200);
+/// Changes a node holds before it stops queueing them and reconciles instead: far above what
+/// a node decides between two transactions, well below what would hurt its memory.
+pub const QUEUE_CAPACITY: usize = 65_536;
+
+/// How long a node whose reconcile failed (the database unreachable) waits to try again.
+const RECONCILE_RETRY: Duration = Duration::from_secs(1);
+
+/// A change as the hub hands it on.
+type Change = (AppId, LocalChange);
+
+/// This node's subscription counts as last written, per (app, channel).
+type Flushed = HashMap<(String, String), i64>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterPresenceError {
@@ -194,14 +217,28 @@ pub async fn hear(hub: &Hub, pool: &PgPool, node: &str, payload: &str) -> Result
 struct Queue {
     node: String,
     pool: PgPool,
-    changes: mpsc::UnboundedSender<(AppId, LocalChange)>,
+    changes: mpsc::Sender<Change>,
+    /// Set when a change found the queue full: the task reconciles instead.
+    overflowed: Arc<AtomicBool>,
 }
 
 impl PresenceSync for Queue {
     fn changed(&self, app_id: &AppId, change: LocalChange) {
-        // Only fails once the task has stopped (the node is shutting down or was abandoned):
-        // its rows are then the sweep's.
-        let _ = self.changes.send((app_id.to_owned(), change));
+        match self.changes.try_send((app_id.to_owned(), change)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                if !self.overflowed.swap(true, Ordering::AcqRel) {
+                    tracing::warn!(
+                        node = self.node,
+                        capacity = QUEUE_CAPACITY,
+                        "presence: the change queue is full; this node's rows will be reconciled with its hub"
+                    );
+                }
+            }
+            // The task has stopped (the node is shutting down or was abandoned): its rows are
+            // then the sweep's.
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
     }
 
     fn members_elsewhere(&self, app_id: &AppId, channel: &str) -> MembersFuture {
@@ -243,7 +280,8 @@ pub struct PostgresPresence {
     /// Where this node reports the channel webhooks it decided (the `ChannelWebhooks`).
     webhooks: Arc<dyn ChannelObserver>,
     node_ttl: Duration,
-    changes: Mutex<Option<mpsc::UnboundedReceiver<(AppId, LocalChange)>>>,
+    changes: Mutex<Option<mpsc::Receiver<Change>>>,
+    overflowed: Arc<AtomicBool>,
 }
 
 /// Whether a change is the cluster's: what one transaction found.
@@ -264,11 +302,24 @@ impl PostgresPresence {
         webhooks: Arc<dyn ChannelObserver>,
         node_ttl: Duration,
     ) -> Arc<Self> {
-        let (sender, receiver) = mpsc::unbounded_channel();
+        Self::with_capacity(node, pool, hub, webhooks, node_ttl, QUEUE_CAPACITY)
+    }
+
+    fn with_capacity(
+        node: String,
+        pool: PgPool,
+        hub: Arc<Hub>,
+        webhooks: Arc<dyn ChannelObserver>,
+        node_ttl: Duration,
+        capacity: usize,
+    ) -> Arc<Self> {
+        let (sender, receiver) = mpsc::channel(capacity);
+        let overflowed = Arc::new(AtomicBool::new(false));
         hub.share_presence(Arc::new(Queue {
             node: node.clone(),
             pool: pool.clone(),
             changes: sender,
+            overflowed: Arc::clone(&overflowed),
         }));
         Arc::new(Self {
             node,
@@ -277,6 +328,7 @@ impl PostgresPresence {
             webhooks,
             node_ttl,
             changes: Mutex::new(Some(receiver)),
+            overflowed,
         })
     }
 
@@ -309,27 +361,49 @@ impl PostgresPresence {
             tracing::error!(node = self.node, "presence: run was started twice");
             return;
         };
-        let mut flushed: HashMap<(String, String), i64> = HashMap::new();
+        let mut flushed = Flushed::new();
+        // Whether this node's rows may differ from its hub (a change was lost to a full queue
+        // or a failed transaction, or the node was taken for dead) until a reconcile succeeds.
+        let mut stale = false;
         let mut heartbeat = tokio::time::interval(self.node_ttl / 3);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut flush = tokio::time::interval(FLUSH_EVERY);
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut retry = tokio::time::interval(RECONCILE_RETRY);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
                 () = abandon.cancelled() => return,
                 () = stop.cancelled() => {
-                    while let Ok((app_id, change)) = changes.try_recv() {
-                        self.apply_retrying(&app_id, change, &mut flushed).await;
+                    // What is still queued or stale is removed by the leave's sweep: the
+                    // connections have closed, so the hub is empty.
+                    while !stale && let Ok((app_id, change)) = changes.try_recv() {
+                        stale = self.apply(&app_id, &change, &mut flushed).await.is_err();
                     }
                     self.leave().await;
                     return;
                 }
-                Some((app_id, change)) = changes.recv() => {
-                    self.apply_retrying(&app_id, change, &mut flushed).await;
+                Some((app_id, change)) = changes.recv(), if !stale => {
+                    stale = self.overflowed.load(Ordering::Acquire)
+                        || match self.apply(&app_id, &change, &mut flushed).await {
+                            Ok(()) => false,
+                            Err(e) => {
+                                tracing::warn!(node = self.node, error = %e, ?change, "presence: applying a change failed; this node's rows will be reconciled with its hub");
+                                true
+                            }
+                        };
+                    if stale {
+                        stale = !self.resync(&mut changes, &mut flushed).await;
+                    }
+                }
+                _ = retry.tick(), if stale => {
+                    stale = !self.resync(&mut changes, &mut flushed).await;
                 }
                 _ = heartbeat.tick() => {
-                    self.heartbeat(&mut flushed).await;
+                    if !self.heartbeat().await {
+                        stale = !self.resync(&mut changes, &mut flushed).await;
+                    }
                     if let Err(e) = self.sweep().await {
                         tracing::warn!(node = self.node, error = %e, "presence: sweeping dead nodes failed");
                     }
@@ -343,24 +417,108 @@ impl PostgresPresence {
         }
     }
 
-    async fn apply_retrying(
-        &self,
-        app_id: &AppId,
-        change: LocalChange,
-        flushed: &mut HashMap<(String, String), i64>,
-    ) {
-        for attempt in 1..=ATTEMPTS {
-            match self.apply(app_id, &change, flushed).await {
-                Ok(()) => return,
-                Err(e) if attempt < ATTEMPTS => {
-                    tracing::warn!(node = self.node, error = %e, ?change, "presence: applying a change failed; retrying");
-                    tokio::time::sleep(RETRY_WAIT * attempt).await;
+    /// Discards what is queued and reconciles this node's rows with its hub; whether that
+    /// succeeded (if not, the caller tries again after [`RECONCILE_RETRY`]).
+    ///
+    /// Order matters: the overflow mark is cleared first, then the queue emptied, then the hub
+    /// read. Every discarded change happened before the read, so the read reflects it; a change
+    /// lost to a full queue after the mark was cleared marks it again.
+    async fn resync(&self, changes: &mut mpsc::Receiver<Change>, flushed: &mut Flushed) -> bool {
+        self.overflowed.store(false, Ordering::Release);
+        let mut discarded = 0_usize;
+        while changes.try_recv().is_ok() {
+            discarded += 1;
+        }
+        match self.reconcile(flushed).await {
+            Ok(repaired) => {
+                tracing::info!(
+                    node = self.node,
+                    discarded,
+                    repaired,
+                    "presence: this node's rows were reconciled with its hub"
+                );
+                true
+            }
+            Err(e) => {
+                tracing::warn!(node = self.node, error = %e, "presence: reconciling this node's rows failed; retrying");
+                false
+            }
+        }
+    }
+
+    /// Makes this node's rows match its hub: channels and members the hub has and the rows
+    /// lack are added, rows the hub no longer has are removed, each as the change it stands
+    /// for (so the cluster reports what it had not seen, once). Returns how many rows changed.
+    async fn reconcile(&self, flushed: &mut Flushed) -> Result<usize, ClusterPresenceError> {
+        let stored_members: HashSet<(String, String, String)> = sqlx::query_as(
+            "SELECT app_id, channel, user_id FROM cluster_presence_members WHERE node_id = $1",
+        )
+        .bind(&self.node)
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .collect();
+        let stored_channels: HashSet<(String, String)> = sqlx::query_as(
+            "SELECT app_id, channel FROM cluster_channel_occupancy WHERE node_id = $1",
+        )
+        .bind(&self.node)
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .collect();
+
+        let mut changes: Vec<Change> = Vec::new();
+        let mut held_members = HashSet::new();
+        let mut held_channels = HashSet::new();
+        for app in self.hub.apps() {
+            let app_id = app.app_id().clone();
+            for (channel, _) in app.channels("") {
+                let key = (app_id.as_str().to_owned(), channel.clone());
+                if stored_channels.contains(&key) {
+                    // Its count may have changed while queued changes were discarded.
+                    flushed.insert(key.clone(), -1);
+                } else {
+                    changes.push((
+                        app_id.clone(),
+                        LocalChange::Occupied {
+                            channel: channel.clone(),
+                        },
+                    ));
                 }
-                Err(e) => {
-                    tracing::error!(node = self.node, error = %e, ?change, "presence: a change could not be applied; other nodes do not see it");
+                held_channels.insert(key);
+                for (user_id, info) in app.members(&channel) {
+                    let key = (app_id.as_str().to_owned(), channel.clone(), user_id);
+                    if !stored_members.contains(&key) {
+                        changes.push((
+                            app_id.clone(),
+                            LocalChange::Joined {
+                                channel: channel.clone(),
+                                user_id: key.2.clone(),
+                                info,
+                                socket_id: String::new(),
+                            },
+                        ));
+                    }
+                    held_members.insert(key);
                 }
             }
         }
+        for (app, channel, user_id) in stored_members.difference(&held_members) {
+            if let Ok(app_id) = AppId::parse(app) {
+                let (channel, user_id) = (channel.clone(), user_id.clone());
+                changes.push((app_id, LocalChange::Left { channel, user_id }));
+            }
+        }
+        for (app, channel) in stored_channels.difference(&held_channels) {
+            if let Ok(app_id) = AppId::parse(app) {
+                let channel = channel.clone();
+                changes.push((app_id, LocalChange::Vacated { channel }));
+            }
+        }
+        for (app_id, change) in &changes {
+            self.apply(app_id, change, flushed).await?;
+        }
+        Ok(changes.len())
     }
 
     /// One change of this node, decided for the cluster (see the module doc).
@@ -368,7 +526,7 @@ impl PostgresPresence {
         &self,
         app_id: &AppId,
         change: &LocalChange,
-        flushed: &mut HashMap<(String, String), i64>,
+        flushed: &mut Flushed,
     ) -> Result<(), ClusterPresenceError> {
         let app = app_id.as_str();
         let (event, decided) = match change {
@@ -382,12 +540,12 @@ impl PostgresPresence {
                 lock(&mut tx, &member_key(app, channel, user_id)).await?;
                 let elsewhere =
                     member_elsewhere(&mut tx, app, channel, user_id, &self.node).await?;
-                sqlx::query(
+                // A row of this node already there (a change applied twice) reports nothing.
+                let inserted = sqlx::query(
                     "INSERT INTO cluster_presence_members
                          (app_id, channel, user_id, node_id, user_info, joined_at)
                      VALUES ($1, $2, $3, $4, $5, $6)
-                     ON CONFLICT (app_id, channel, user_id, node_id)
-                     DO UPDATE SET user_info = EXCLUDED.user_info",
+                     ON CONFLICT (app_id, channel, user_id, node_id) DO NOTHING",
                 )
                 .bind(app)
                 .bind(channel)
@@ -396,8 +554,11 @@ impl PostgresPresence {
                 .bind(info)
                 .bind(Utc::now().timestamp_millis())
                 .execute(&mut *tx)
-                .await?;
-                if !elsewhere {
+                .await?
+                .rows_affected()
+                    > 0;
+                let cluster = inserted && !elsewhere;
+                if cluster {
                     let notice = Notice {
                         kind: NoticeKind::Added,
                         node: self.node.clone(),
@@ -406,7 +567,7 @@ impl PostgresPresence {
                         user_id: user_id.clone(),
                         info: info.clone(),
                         info_by_reference: false,
-                        except: Some(socket_id.clone()),
+                        except: (!socket_id.is_empty()).then(|| socket_id.clone()),
                     };
                     notify(&mut tx, notice).await?;
                 }
@@ -416,7 +577,7 @@ impl PostgresPresence {
                         channel: channel.clone(),
                         user_id: user_id.clone(),
                     },
-                    decided(!elsewhere),
+                    decided(cluster),
                 )
             }
             LocalChange::Left { channel, user_id } => {
@@ -450,17 +611,20 @@ impl PostgresPresence {
                 .bind(&self.node)
                 .fetch_one(&mut *tx)
                 .await?;
-                sqlx::query(
+                // `xmax = 0` only for a row this statement inserted: one already there (a
+                // change applied twice) reports nothing.
+                let inserted: bool = sqlx::query_scalar(
                     "INSERT INTO cluster_channel_occupancy (app_id, channel, node_id, subscriptions)
                      VALUES ($1, $2, $3, $4)
                      ON CONFLICT (app_id, channel, node_id)
-                     DO UPDATE SET subscriptions = EXCLUDED.subscriptions",
+                     DO UPDATE SET subscriptions = EXCLUDED.subscriptions
+                     RETURNING (xmax = 0)",
                 )
                 .bind(app)
                 .bind(channel)
                 .bind(&self.node)
                 .bind(count)
-                .execute(&mut *tx)
+                .fetch_one(&mut *tx)
                 .await?;
                 tx.commit().await?;
                 flushed.insert((app.to_owned(), channel.clone()), count);
@@ -468,7 +632,7 @@ impl PostgresPresence {
                     ChannelEvent::Occupied {
                         channel: channel.clone(),
                     },
-                    decided(!elsewhere),
+                    decided(inserted && !elsewhere),
                 )
             }
             LocalChange::Vacated { channel } => {
@@ -488,17 +652,18 @@ impl PostgresPresence {
         Ok(())
     }
 
-    /// Renews this node's heartbeat. A node found missing was taken for dead (it paused
-    /// longer than `node_ttl`) and its rows were swept as leaves: it registers again and
-    /// writes what its hub holds, announcing it anew.
-    async fn heartbeat(&self, flushed: &mut HashMap<(String, String), i64>) {
+    /// Renews this node's heartbeat; `false` if this node's rows must be reconciled: a node
+    /// found missing was taken for dead (it paused longer than `node_ttl`) and its rows were
+    /// swept as leaves, so it registers again and the reconcile writes what its hub holds,
+    /// announcing it anew.
+    async fn heartbeat(&self) -> bool {
         let renewed = sqlx::query("UPDATE cluster_nodes SET heartbeat_at = $2 WHERE node_id = $1")
             .bind(&self.node)
             .bind(Utc::now().timestamp_millis())
             .execute(&self.pool)
             .await;
         match renewed {
-            Ok(done) if done.rows_affected() > 0 => {}
+            Ok(done) if done.rows_affected() > 0 => true,
             Ok(_) => {
                 tracing::error!(
                     node = self.node,
@@ -506,28 +671,12 @@ impl PostgresPresence {
                 );
                 if let Err(e) = self.register().await {
                     tracing::warn!(node = self.node, error = %e, "presence: registering again failed");
-                    return;
                 }
-                for app in self.hub.apps() {
-                    for (channel, _) in app.channels("") {
-                        let occupied = LocalChange::Occupied {
-                            channel: channel.clone(),
-                        };
-                        self.apply_retrying(app.app_id(), occupied, flushed).await;
-                        for (user_id, info) in app.members(&channel) {
-                            let joined = LocalChange::Joined {
-                                channel: channel.clone(),
-                                user_id,
-                                info,
-                                socket_id: String::new(),
-                            };
-                            self.apply_retrying(app.app_id(), joined, flushed).await;
-                        }
-                    }
-                }
+                false
             }
             Err(e) => {
                 tracing::warn!(node = self.node, error = %e, "presence: heartbeat failed");
+                true
             }
         }
     }
@@ -606,10 +755,7 @@ impl PostgresPresence {
     }
 
     /// Writes the subscription counts that changed since the last flush, in one statement.
-    async fn flush(
-        &self,
-        flushed: &mut HashMap<(String, String), i64>,
-    ) -> Result<(), ClusterPresenceError> {
+    async fn flush(&self, flushed: &mut Flushed) -> Result<(), ClusterPresenceError> {
         let (mut apps, mut channels, mut counts) = (Vec::new(), Vec::new(), Vec::new());
         for app in self.hub.apps() {
             for (channel, info) in app.channels("") {
@@ -1116,6 +1262,179 @@ mod tests {
             ["stays"],
             "a's row is left"
         );
+        schema.drop_now().await;
+    }
+
+    fn subscribe(hub: &Hub, app_id: &AppId, channel: &str, user: Option<&str>, socket: &str) {
+        let (outbox, _frames, _) = herald_channels::hub::Outbox::new(8);
+        let joining = user.map(|user| herald_channels::hub::Joining {
+            user_id: user.into(),
+            info: serde_json::value::RawValue::from_string(format!(r#"{{"name":"{user}"}}"#)).ok(),
+        });
+        hub.app(app_id)
+            .subscribe(channel, socket, &outbox, joining, 100)
+            .expect("subscribed");
+    }
+
+    /// Node "a" on a fresh schema with a hub of its own and a queue of `capacity`; `None`
+    /// when skipped.
+    async fn node_with_hub(
+        test: &str,
+        capacity: usize,
+    ) -> Option<(
+        Schema,
+        PgPool,
+        Arc<Reports>,
+        Arc<Hub>,
+        Arc<PostgresPresence>,
+    )> {
+        let schema = Schema::create(test).await?;
+        let pool = schema.pool().await;
+        let reports = Arc::new(Reports::default());
+        let hub = Arc::new(Hub::default());
+        let a = PostgresPresence::with_capacity(
+            "a".into(),
+            pool.clone(),
+            Arc::clone(&hub),
+            Arc::clone(&reports) as _,
+            Duration::from_secs(15),
+            capacity,
+        );
+        a.register().await.expect("register");
+        Some((schema, pool, reports, hub, a))
+    }
+
+    fn sorted(mut reports: Vec<String>) -> Vec<String> {
+        reports.sort();
+        reports
+    }
+
+    /// More changes than the queue holds: the node reconciles its rows with its hub, reporting
+    /// each change the cluster had not seen once (a lost join, a lost leave, a lost occupied,
+    /// a lost vacated), and a change applied again afterwards reports nothing.
+    #[tokio::test]
+    async fn an_overflowing_queue_is_reconciled_with_the_hub_and_each_change_reported_once() {
+        let Some((schema, pool, reports, hub, a)) = node_with_hub("presence overflow", 4).await
+        else {
+            return;
+        };
+        let app = AppId::parse("app_1").expect("valid");
+        let mut flushed = Flushed::new();
+        // Rows from before: the hub has since lost "ghost" and the channel "gone".
+        for change in [
+            occupied(),
+            joined("ghost"),
+            LocalChange::Occupied {
+                channel: "gone".into(),
+            },
+        ] {
+            a.apply(&app, &change, &mut flushed).await.expect("a");
+        }
+        taken(&reports);
+
+        for i in 0..10 {
+            subscribe(
+                &hub,
+                &app,
+                "presence-x",
+                Some(&format!("u{i}")),
+                &format!("1.{i}"),
+            );
+        }
+        subscribe(&hub, &app, "private-y", None, "2.1");
+        for i in 0..3 {
+            hub.app(&app).unsubscribe("presence-x", &format!("1.{i}"));
+        }
+        let mut queue = a.changes.lock().expect("lock").take().expect("queue");
+        assert!(a.overflowed.load(Ordering::Acquire), "4 of 15 changes fit");
+
+        assert!(a.resync(&mut queue, &mut flushed).await, "reconciled");
+        assert!(queue.try_recv().is_err(), "what was queued is discarded");
+        let mut expected: Vec<String> = (3..10).map(|i| format!("member_added u{i}")).collect();
+        expected.extend([
+            "channel_occupied -".into(),
+            "channel_vacated -".into(),
+            "member_removed ghost".into(),
+        ]);
+        assert_eq!(sorted(taken(&reports)), sorted(expected));
+        let reader = node(&pool, "c", &reports).await;
+        let users: Vec<String> = (3..10).map(|i| format!("u{i}")).collect();
+        assert_eq!(reader.users(&app, "presence-x").await.expect("read"), users);
+        let channels: Vec<String> = reader
+            .channels(&app, "")
+            .await
+            .expect("read")
+            .into_iter()
+            .map(|(channel, _)| channel)
+            .collect();
+        assert_eq!(channels, ["presence-x", "private-y"]);
+
+        // The same changes again, as a queue would replay them: nothing new to report.
+        for change in [joined("u5"), left("ghost"), occupied()] {
+            a.apply(&app, &change, &mut flushed).await.expect("a");
+        }
+        assert_eq!(taken(&reports), Vec::<String>::new());
+        assert_eq!(a.reconcile(&mut flushed).await.expect("again"), 0);
+        schema.drop_now().await;
+    }
+
+    /// Waits (at most 20 s) until `done` holds.
+    async fn until<F: Future<Output = bool>>(what: &str, mut done: impl FnMut() -> F) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !done().await {
+            assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A change the database refuses is not dropped: the running node reconciles once the
+    /// database answers again, and the cluster hears of the join once.
+    #[tokio::test]
+    async fn a_change_the_database_refused_is_repaired_when_it_answers_again() {
+        let Some((schema, pool, reports, hub, a)) =
+            node_with_hub("presence refused", QUEUE_CAPACITY).await
+        else {
+            return;
+        };
+        let app = AppId::parse("app_1").expect("valid");
+        // The members' table is away: every presence transaction fails.
+        for statement in [
+            "ALTER TABLE cluster_presence_members RENAME TO away",
+            "UPDATE cluster_nodes SET heartbeat_at = 0",
+        ] {
+            sqlx::query(statement)
+                .execute(&pool)
+                .await
+                .expect("prepare");
+        }
+        subscribe(&hub, &app, "presence-x", Some("u1"), "1.1");
+        let (stop, abandon) = (CancellationToken::new(), CancellationToken::new());
+        let task = tokio::spawn(Arc::clone(&a).run(stop.clone(), abandon));
+        // The queued changes go first; a heartbeat after them shows they were tried.
+        until("a heartbeat after the failed changes", || async {
+            let beat: i64 = sqlx::query_scalar("SELECT heartbeat_at FROM cluster_nodes")
+                .fetch_one(&pool)
+                .await
+                .expect("read");
+            beat > 0
+        })
+        .await;
+        assert!(
+            !taken(&reports).contains(&"member_added u1".to_owned()),
+            "the join could not be written"
+        );
+        sqlx::query("ALTER TABLE away RENAME TO cluster_presence_members")
+            .execute(&pool)
+            .await
+            .expect("restore");
+        let reader = node(&pool, "c", &reports).await;
+        until("the join repaired", || async {
+            reader.users(&app, "presence-x").await.expect("read") == ["u1"]
+        })
+        .await;
+        assert_eq!(taken(&reports), ["member_added u1"], "once");
+        stop.cancel();
+        task.await.expect("stopped");
         schema.drop_now().await;
     }
 }

@@ -27,7 +27,7 @@ use herald_core::{
 };
 use herald_delivery::{Dispatcher, WebhookClient};
 use herald_metrics::{Metrics, Registry};
-use herald_store::{Store, TokenScope};
+use herald_store::{Store, StoreError, TokenScope};
 use herald_ws::connection::WsState;
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -322,11 +322,13 @@ async fn refuse_dev_credentials(store: &dyn Store, remove: bool) -> anyhow::Resu
     Ok(())
 }
 
-/// `--dev`: the demo app and an environment-wide token, created once.
+/// `--dev`: the demo app and an environment-wide token, created once. Nodes of one cluster
+/// starting together may both find the app missing: the one whose create meets the other's
+/// app (a uid conflict) takes it as seeded.
 async fn seed_dev(store: &dyn Store) -> anyhow::Result<()> {
     if store.get_app(DEV_APP_UID).await?.is_none() {
         let now = Utc::now();
-        store
+        let created = store
             .create_app(&App {
                 id: herald_core::AppId::new(now),
                 uid: Some(DEV_APP_UID.to_owned()),
@@ -343,10 +345,44 @@ async fn seed_dev(store: &dyn Store) -> anyhow::Result<()> {
                 created_at: now,
                 updated_at: now,
             })
-            .await?;
+            .await;
+        match created {
+            Err(StoreError::Conflict(_)) if store.get_app(DEV_APP_UID).await?.is_some() => {}
+            other => other?,
+        }
     }
     store
         .add_token(&token::hash(DEV_API_TOKEN), &TokenScope::Environment, "dev")
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use herald_store::prelude::*;
+
+    /// Two nodes starting together with `--dev` on one fresh database both seed: neither
+    /// fails, and there is one demo app.
+    #[tokio::test]
+    async fn dev_seeding_twice_at_once_leaves_one_demo_app() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = herald_store::sqlite::SqliteStore::open(dir.path())
+            .await
+            .expect("open");
+        let (one, two) = tokio::join!(seed_dev(&store), seed_dev(&store));
+        one.expect("first seed");
+        two.expect("second seed");
+        let apps = store
+            .list_apps(&herald_store::Page {
+                limit: 10,
+                iterator: None,
+                descending: false,
+                backwards: false,
+            })
+            .await
+            .expect("list");
+        assert_eq!(apps.len(), 1);
+        assert_eq!(apps[0].uid.as_deref(), Some(DEV_APP_UID));
+    }
 }
