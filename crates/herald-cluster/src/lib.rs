@@ -10,8 +10,13 @@
 //!   heartbeat, so `member_added`/`member_removed`, the channel webhooks and the Pusher HTTP
 //!   API's answers are the cluster's, once each; a dead node's members are swept.
 
+pub mod bus;
+pub mod nats_bus;
 pub mod postgres;
 pub mod presence;
+pub mod redis_bus;
+#[cfg(test)]
+mod test_schema;
 
 /// This process's name in the cluster: random, new at every start (a restarted node is a new
 /// node; what the old one held is recovered by leases, not by its name).

@@ -22,6 +22,18 @@
 //! ([`PostgresBroker::catch_up`]); publications on channels without history sent during the
 //! gap are lost for this node's subscribers (as they are for a client that was offline).
 //!
+//! **With a bus** (`broker.url`: Redis or NATS, see [`crate::bus`]) publications travel there
+//! instead, and the LISTEN session keeps the rest (deliveries, control, presence). Every
+//! publication, history channels' included, is sent to the bus by the node that published it,
+//! after its commit, so two nodes publishing on one channel may be heard in either order.
+//! History channels stay exact because each node checks offsets as they arrive
+//! ([`PostgresBroker::hear_ordered`]): an offset past the next one its subscribers need means
+//! the earlier ones were committed first (offsets are assigned under a row lock held to commit)
+//! and are still on their way or were lost, so they are read from the store and handed on
+//! first; when they arrive later each subscriber drops them as duplicates. History
+//! publications reach the publishing node's own hub through the bus too, so each hub hears one
+//! ordered stream per channel. Other channels go to the local hub at once and to the bus.
+//!
 //! The same session hears [`DELIVERIES_CHANNEL`] (another node queued a delivery, so this
 //! node's dispatcher wakes and may claim it), [`CONTROL_CHANNEL`] (another node deleted an app:
 //! its connections here close too) and presence notices (see `presence`).
@@ -34,12 +46,16 @@ use std::{
     time::Duration,
 };
 
+use bytes::Bytes;
 use chrono::Utc;
 use herald_channels::{
     EventData, Hub, Publication,
     broker::{Broker, BrokerError},
 };
-use herald_core::{AppId, history::HistoryEntry};
+use herald_core::{
+    AppId,
+    history::{HistoryEntry, Position},
+};
 use herald_store::{
     HistoryQuery, Store,
     postgres::{DELIVERIES_CHANNEL, HISTORY_CHANNEL, HistoryNotice},
@@ -48,6 +64,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use sqlx::{PgPool, postgres::PgListener};
 use tokio_util::sync::CancellationToken;
+
+use crate::bus::{Bus, Hearing};
 
 /// The NOTIFY channel of publications on channels that keep no history.
 pub const PUBLICATIONS_CHANNEL: &str = "herald_publications";
@@ -82,6 +100,9 @@ const SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// The most events one channel's catch-up reads after a lost LISTEN session; a subscriber that
 /// missed more has a gap, which its client detects by offset and resumes from.
 const CATCH_UP_LIMIT: u32 = 1000;
+
+/// How often a node whose send to the bus failed checks whether it is back, to catch up.
+const RETRY_MISSED: Duration = Duration::from_secs(1);
 
 /// Waits between attempts to re-open the LISTEN session: doubling from the first to the last.
 const RECONNECT_FIRST: Duration = Duration::from_millis(100);
@@ -148,6 +169,24 @@ impl NoticedPublication {
     }
 }
 
+/// A publication on the bus (JSON with one-letter keys).
+#[derive(Debug, Serialize, Deserialize)]
+struct BusMessage {
+    /// The publishing node (it handed a channel without history to its own hub already).
+    #[serde(rename = "s")]
+    node: String,
+    #[serde(rename = "p")]
+    publication: NoticedPublication,
+    /// A history channel's position; `None` for other channels.
+    #[serde(rename = "e", default, skip_serializing_if = "Option::is_none")]
+    epoch: Option<String>,
+    #[serde(rename = "o", default, skip_serializing_if = "Option::is_none")]
+    offset: Option<u64>,
+    /// Too large for the bus: the data is read from the store by offset.
+    #[serde(rename = "r", default, skip_serializing_if = "std::ops::Not::not")]
+    by_reference: bool,
+}
+
 /// An open LISTEN session, from [`PostgresBroker::listen`] to [`PostgresBroker::run`].
 pub struct Session(PgListener);
 
@@ -161,6 +200,10 @@ pub struct PostgresBroker {
     sequence: AtomicU64,
     listening: AtomicBool,
     wake_deliveries: Box<dyn Fn() + Send + Sync>,
+    /// Where publications travel instead of NOTIFY (Redis, NATS), if configured.
+    bus: Option<Arc<dyn Bus>>,
+    /// A send to the bus failed: history subscribers are caught up once it is back.
+    missed: AtomicBool,
 }
 
 impl PostgresBroker {
@@ -172,6 +215,7 @@ impl PostgresBroker {
         hub: Arc<Hub>,
         store: Arc<dyn Store>,
         wake_deliveries: Box<dyn Fn() + Send + Sync>,
+        bus: Option<Arc<dyn Bus>>,
     ) -> Arc<Self> {
         Arc::new(Self {
             node,
@@ -181,7 +225,14 @@ impl PostgresBroker {
             sequence: AtomicU64::new(0),
             listening: AtomicBool::new(false),
             wake_deliveries,
+            bus,
+            missed: AtomicBool::new(false),
         })
+    }
+
+    /// The bus publications travel on, if not NOTIFY.
+    pub fn bus(&self) -> Option<&Arc<dyn Bus>> {
+        self.bus.as_ref()
     }
 
     /// Whether the LISTEN session is open: while it is not, this node hears no other node.
@@ -206,6 +257,22 @@ impl PostgresBroker {
     }
 
     pub async fn run(self: Arc<Self>, first: Session, shutdown: CancellationToken) {
+        match self.bus.clone() {
+            Some(bus) => {
+                let hearing = Arc::clone(&self) as Arc<dyn Hearing>;
+                tokio::join!(
+                    Arc::clone(&self).hold_session(first, shutdown.clone()),
+                    bus.run(hearing, shutdown),
+                );
+            }
+            None => self.hold_session(first, shutdown).await,
+        }
+    }
+
+    /// The LISTEN session's loop (see [`PostgresBroker::run`]).
+    async fn hold_session(self: Arc<Self>, first: Session, shutdown: CancellationToken) {
+        let mut retry = tokio::time::interval(RETRY_MISSED);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut reconnecting = false;
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -232,6 +299,13 @@ impl PostgresBroker {
                 tokio::select! {
                     () = shutdown.cancelled() => return,
                     _ = sweep.tick() => self.sweep().await,
+                    _ = retry.tick(), if self.missed.load(Ordering::Relaxed)
+                        && self.bus.as_ref().is_some_and(|bus| bus.is_connected()) =>
+                    {
+                        self.missed.store(false, Ordering::Relaxed);
+                        tracing::info!(node = self.node, "broker: catching up what could not be sent to the bus");
+                        self.catch_up().await;
+                    }
                     received = listener.try_recv() => match received {
                         Ok(Some(notification)) => {
                             self.hear(notification.channel(), notification.payload()).await;
@@ -275,15 +349,17 @@ impl PostgresBroker {
     /// One attempt at a LISTEN session on every channel the broker hears.
     async fn try_open(&self) -> Result<PgListener, sqlx::Error> {
         let mut listener = PgListener::connect_with(&self.pool).await?;
-        listener
-            .listen_all([
-                HISTORY_CHANNEL,
-                PUBLICATIONS_CHANNEL,
-                DELIVERIES_CHANNEL,
-                CONTROL_CHANNEL,
-                crate::presence::PRESENCE_CHANNEL,
-            ])
-            .await?;
+        let control = [
+            DELIVERIES_CHANNEL,
+            CONTROL_CHANNEL,
+            crate::presence::PRESENCE_CHANNEL,
+        ];
+        if self.bus.is_none() {
+            listener
+                .listen_all([HISTORY_CHANNEL, PUBLICATIONS_CHANNEL])
+                .await?;
+        }
+        listener.listen_all(control).await?;
         Ok(listener)
     }
 
@@ -332,6 +408,128 @@ impl PostgresBroker {
         let publication = Publication::from_history(&entry).except(notice.except);
         app.broadcast(&Arc::new(publication));
         Ok(())
+    }
+
+    /// A publication heard on the bus.
+    async fn hear_bus(&self, payload: &[u8]) -> Result<(), String> {
+        let message: BusMessage =
+            serde_json::from_slice(payload).map_err(|e| format!("bus message: {e}"))?;
+        let app_id =
+            AppId::parse(&message.publication.app_id).map_err(|e| format!("app id: {e}"))?;
+        let Some(app) = self.hub.existing(&app_id) else {
+            return Ok(());
+        };
+        let (Some(epoch), Some(offset)) = (message.epoch, message.offset) else {
+            if message.node != self.node {
+                app.broadcast(&Arc::new(message.publication.into_publication()?));
+            }
+            return Ok(());
+        };
+        let channel = message.publication.channel.clone();
+        if app.channel_info(&channel).is_none() {
+            return Ok(());
+        }
+        self.hear_ordered(&app, &channel, offset).await?;
+        let publication = if message.by_reference {
+            let entry = self
+                .read_entry(&app_id, &channel, offset)
+                .await?
+                .ok_or_else(|| {
+                    format!("offset {offset} of {channel} is no longer kept (retention ran first)")
+                })?;
+            Publication::from_history(&entry).except(message.publication.except)
+        } else {
+            message
+                .publication
+                .into_publication()?
+                .with_position(Some(Position { epoch, offset }))
+        };
+        app.broadcast(&Arc::new(publication));
+        Ok(())
+    }
+
+    /// Before `offset` of a history channel goes to this node's subscribers: if they need
+    /// earlier offsets, those were committed before it (see the module doc) and are read from
+    /// the store and handed on first, in order.
+    async fn hear_ordered(
+        &self,
+        app: &herald_channels::hub::AppHub,
+        channel: &str,
+        offset: u64,
+    ) -> Result<(), String> {
+        let Some(from) = app.catch_up_from(channel) else {
+            return Ok(());
+        };
+        if offset <= from.saturating_add(1) {
+            return Ok(());
+        }
+        let missing = u32::try_from(offset - from - 1).unwrap_or(u32::MAX);
+        let entries = self
+            .store
+            .history(
+                app.app_id(),
+                channel,
+                &HistoryQuery {
+                    after: Some(from),
+                    before: Some(offset),
+                    limit: missing.min(CATCH_UP_LIMIT),
+                    newest_first: false,
+                    not_before: chrono::DateTime::<Utc>::MIN_UTC,
+                },
+            )
+            .await
+            .map_err(|e| format!("reading offsets {from}..{offset} of {channel}: {e}"))?;
+        for entry in &entries {
+            app.broadcast(&Arc::new(Publication::from_history(entry)));
+        }
+        Ok(())
+    }
+
+    /// The bus messages for `publications`, and those handed to this node's hub already.
+    fn bus_messages(
+        &self,
+        bus: &dyn Bus,
+        publications: &[Arc<Publication>],
+    ) -> Result<(Vec<Bytes>, usize), BrokerError> {
+        let mut messages = Vec::with_capacity(publications.len());
+        let mut sent = 0;
+        for publication in publications {
+            let position = publication.position.as_ref();
+            if position.is_none() {
+                sent += self
+                    .hub
+                    .existing(&publication.app_id)
+                    .map_or(0, |app| app.broadcast(publication));
+            }
+            let mut message = BusMessage {
+                node: self.node.clone(),
+                publication: NoticedPublication::of(publication),
+                epoch: position.map(|p| p.epoch.clone()),
+                offset: position.map(|p| p.offset),
+                by_reference: false,
+            };
+            let mut encoded = encode(&message)?;
+            if encoded.len() > bus.max_message_bytes() {
+                if position.is_none() {
+                    // Nothing else to send it by: this node's subscribers have it, the
+                    // others do not (the operator raises the bus's limit).
+                    tracing::error!(
+                        node = self.node,
+                        engine = bus.engine(),
+                        size = encoded.len(),
+                        limit = bus.max_message_bytes(),
+                        channel = publication.channel,
+                        "broker: a publication is larger than the bus takes; other nodes' subscribers do not get it"
+                    );
+                    continue;
+                }
+                message.publication.data = String::new();
+                message.by_reference = true;
+                encoded = encode(&message)?;
+            }
+            messages.push(Bytes::from(encoded));
+        }
+        Ok((messages, sent))
     }
 
     /// One kept event, by offset.
@@ -509,10 +707,21 @@ impl Broker for PostgresBroker {
     }
 
     fn is_ready(&self) -> bool {
-        self.is_listening()
+        self.is_listening() && self.bus.as_ref().is_none_or(|bus| bus.is_connected())
     }
 
     async fn publish(&self, publications: &[Arc<Publication>]) -> Result<usize, BrokerError> {
+        if let Some(bus) = &self.bus {
+            let (messages, sent) = self.bus_messages(bus.as_ref(), publications)?;
+            if messages.is_empty() {
+                return Ok(sent);
+            }
+            if let Err(e) = bus.send(messages).await {
+                self.missed.store(true, Ordering::Relaxed);
+                return Err(BrokerError::Unavailable(e.to_string()));
+            }
+            return Ok(sent);
+        }
         // History channels' publications were announced by their commit (see the module doc).
         let others: Vec<&Arc<Publication>> = publications
             .iter()
@@ -545,5 +754,133 @@ impl Broker for PostgresBroker {
         .await
         .map_err(unavailable)?;
         Ok(sent)
+    }
+}
+
+#[async_trait::async_trait]
+impl Hearing for PostgresBroker {
+    async fn message(&self, payload: Bytes) {
+        if let Err(e) = self.hear_bus(&payload).await {
+            tracing::warn!(node = self.node, error = %e, "broker: a bus message could not be handed on");
+        }
+    }
+
+    async fn resumed(&self) {
+        self.catch_up().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_schema::Schema;
+    use herald_channels::{Outgoing, hub::Outbox};
+    use herald_core::history::{NewHistoryEntry, Retention};
+    use herald_store::prelude::*;
+
+    fn entry(app_id: &AppId, n: u64) -> NewHistoryEntry {
+        NewHistoryEntry {
+            app_id: app_id.clone(),
+            channel: "history-c".into(),
+            event: "note".into(),
+            data: format!("n{n}"),
+            raw_json: false,
+            user_id: None,
+            created_at: Utc::now(),
+            retention: Retention {
+                max_events: 100,
+                max_age: Duration::from_secs(3600),
+            },
+            first_epoch: None,
+            except: None,
+        }
+    }
+
+    /// A bus message for a kept event, as the publishing node sends it.
+    fn message(app_id: &AppId, position: &Position, n: u64) -> Vec<u8> {
+        let publication = Publication::new(
+            app_id,
+            "history-c",
+            "note",
+            EventData::text(format!("n{n}")),
+        );
+        serde_json::to_vec(&BusMessage {
+            node: "other".into(),
+            publication: NoticedPublication::of(&publication),
+            epoch: Some(position.epoch.clone()),
+            offset: Some(position.offset),
+            by_reference: false,
+        })
+        .expect("encodes")
+    }
+
+    /// Two nodes' publications on one channel can cross on a bus: an offset heard before the
+    /// ones its subscribers need next brings those from the store first, and when they arrive
+    /// late they are not sent again.
+    #[tokio::test]
+    async fn offsets_heard_out_of_order_on_a_bus_reach_subscribers_in_order_once() {
+        let Some(schema) = Schema::create("bus offsets in order").await else {
+            return;
+        };
+        let store = Arc::new(schema.store().await);
+        let hub = Arc::new(Hub::default());
+        let broker = PostgresBroker::new(
+            "this".into(),
+            store.pool().clone(),
+            Arc::clone(&hub),
+            Arc::clone(&store) as Arc<dyn Store>,
+            Box::new(|| {}),
+            None,
+        );
+        let now = Utc::now();
+        let app_id = AppId::new(now);
+        store
+            .create_app(&herald_core::model::App {
+                id: app_id.clone(),
+                uid: None,
+                name: "bus".into(),
+                throttle_rate: None,
+                metadata: Default::default(),
+                pusher: herald_core::model::PusherCredentials::generate(),
+                history: None,
+                created_at: now,
+                updated_at: now,
+            })
+            .await
+            .expect("app");
+        let mut positions = Vec::new();
+        for n in 1..=5 {
+            let position = store.append_history(entry(&app_id, n)).await;
+            positions.push(position.expect("append"));
+        }
+        let app = hub.app(&app_id);
+        let (outbox, mut frames, _) = Outbox::new(16);
+        app.subscribe_joining("history-c", "1.1", &outbox, None, 10)
+            .expect("subscribed");
+        assert!(app.go_live("history-c", "1.1", 1, |_| {}), "has offset 1");
+
+        for n in [4, 2, 3, 5] {
+            let index = usize::try_from(n - 1).expect("small");
+            broker
+                .hear_bus(&message(&app_id, &positions[index], n))
+                .await
+                .expect("heard");
+        }
+        let mut heard = Vec::new();
+        while let Ok(item) = frames.try_recv() {
+            if let Outgoing::Publication(p) = item {
+                heard.push((p.offset(), p.data.as_str().to_owned()));
+            }
+        }
+        assert_eq!(
+            heard,
+            [
+                (Some(2), "n2".to_owned()),
+                (Some(3), "n3".to_owned()),
+                (Some(4), "n4".to_owned()),
+                (Some(5), "n5".to_owned()),
+            ]
+        );
+        schema.drop_now().await;
     }
 }

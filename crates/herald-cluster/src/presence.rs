@@ -1067,8 +1067,7 @@ mod tests {
     //! a throwaway schema of its own.
 
     use super::*;
-    use herald_store::postgres::{PostgresOptions, PostgresStore};
-    use sqlx::{Connection, PgConnection};
+    use crate::test_schema::Schema;
 
     #[derive(Default)]
     struct Reports(Mutex<Vec<String>>);
@@ -1077,50 +1076,6 @@ mod tests {
         fn observe(&self, _: &AppId, event: ChannelEvent) {
             let name = format!("{} {}", event.name(), event.user_id().unwrap_or("-"));
             self.0.lock().expect("lock").push(name);
-        }
-    }
-
-    struct Schema {
-        url: String,
-        name: String,
-    }
-
-    impl Schema {
-        async fn create(test: &str) -> Option<Self> {
-            let Ok(url) = std::env::var("HERALD_TEST_POSTGRES_URL") else {
-                eprintln!("skipped {test}: HERALD_TEST_POSTGRES_URL is unset");
-                return None;
-            };
-            let name = format!("presence_{}", crate::new_node_id().to_lowercase());
-            let mut conn = PgConnection::connect(&url).await.expect("connect");
-            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA \"{name}\"")))
-                .execute(&mut conn)
-                .await
-                .expect("create schema");
-            Some(Self { url, name })
-        }
-
-        async fn pool(&self) -> PgPool {
-            let options = PostgresOptions {
-                schema: Some(self.name.clone()),
-                ..PostgresOptions::default()
-            };
-            PostgresStore::open(&self.url, options)
-                .await
-                .expect("open")
-                .pool()
-                .clone()
-        }
-
-        async fn drop_now(self) {
-            let mut conn = PgConnection::connect(&self.url).await.expect("connect");
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "DROP SCHEMA \"{}\" CASCADE",
-                self.name
-            )))
-            .execute(&mut conn)
-            .await
-            .expect("drop schema");
         }
     }
 

@@ -52,6 +52,29 @@ pub struct Config {
     pub ws: WsSection,
     pub history: HistorySection,
     pub cluster: ClusterSection,
+    pub broker: BrokerSection,
+}
+
+/// Where a cluster's publications travel between nodes (see `herald_cluster::bus`). Unset:
+/// PostgreSQL's LISTEN/NOTIFY. Needs the PostgreSQL store, which stays the durable store,
+/// delivery queue and presence record.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerSection {
+    /// `redis://[:PASSWORD@]HOST:PORT[/DB]` (or `rediss://`) or `nats://[USER:PASSWORD@]HOST:PORT`.
+    pub url: Option<String>,
+    /// The Redis channel or NATS subject every node of this cluster publishes to and hears:
+    /// clusters sharing one Redis or NATS name different topics.
+    pub topic: String,
+}
+
+impl Default for BrokerSection {
+    fn default() -> Self {
+        Self {
+            url: None,
+            topic: "herald.publications".to_owned(),
+        }
+    }
 }
 
 /// Several nodes on one PostgreSQL store (ignored on SQLite, which has one node).
@@ -297,6 +320,7 @@ impl Default for Config {
             ws: WsSection::default(),
             history: HistorySection::default(),
             cluster: ClusterSection::default(),
+            broker: BrokerSection::default(),
         }
     }
 }
@@ -472,7 +496,26 @@ impl Config {
                 "--remove-dev-credentials removes what --dev creates; use one or the other".into(),
             ));
         }
-        self.store_config()?;
+        let store = self.store_config()?;
+        if let Some(url) = &self.broker.url {
+            if !matches!(store, crate::store::StoreConfig::Postgres { .. }) {
+                return Err(ConfigError::Invalid(format!(
+                    "broker.url ({}) joins nodes into a cluster, which shares a PostgreSQL store: set store.url to postgres://... as well, or unset broker.url to run one node on SQLite",
+                    herald_cluster::bus::redacted(url)
+                )));
+            }
+            if self.broker.topic.is_empty()
+                || self
+                    .broker
+                    .topic
+                    .contains(|c: char| c.is_whitespace() || c == '*' || c == '>')
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "broker.topic must be a non-empty name without spaces or wildcards (* >); got {:?}",
+                    self.broker.topic
+                )));
+            }
+        }
         if !NODE_TTL_SECS.contains(&self.cluster.node_ttl_secs) {
             return Err(ConfigError::Invalid(format!(
                 "cluster.node_ttl_secs must be between {} and {} seconds",
@@ -788,6 +831,28 @@ mod tests {
             let err = Config::load(Some(Path::new("typo.toml")), &Overrides::default())
                 .expect_err("unknown key in the file");
             assert!(err.to_string().contains("listn"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_broker_needs_the_postgresql_store_and_a_plain_topic() {
+        figment::Jail::expect_with(|jail| {
+            let load = || Config::load(None, &Overrides::default()).map_err(|e| e.to_string());
+            jail.set_env("HERALD_BROKER__URL", "redis://:hunter2@127.0.0.1:6379");
+            let refused = load().expect_err("SQLite has one node");
+            assert!(
+                refused.contains("set store.url to postgres://"),
+                "{refused}"
+            );
+            assert!(!refused.contains("hunter2"), "{refused}");
+
+            jail.set_env("HERALD_STORE__URL", "postgres://h:h@127.0.0.1/h");
+            let config = load()?;
+            assert_eq!(config.broker.topic, "herald.publications");
+            jail.set_env("HERALD_BROKER__TOPIC", "herald.>");
+            let refused = load().expect_err("a wildcard would hear other clusters");
+            assert!(refused.contains("broker.topic"), "{refused}");
             Ok(())
         });
     }

@@ -116,6 +116,16 @@ pub async fn run(
     let history = Arc::new(History::new(Arc::clone(&store), config.history_config()));
     // One node: the hub is the broker's only destination. On PostgreSQL, every node sharing the
     // database hears every publication through it (LISTEN/NOTIFY); its session runs below.
+    // With `broker.url`, publications travel on Redis or NATS instead (subscribed now, before
+    // serving); the LISTEN session keeps deliveries, control and presence.
+    let bus = match (&config.broker.url, &postgres) {
+        (Some(url), Some(_)) => Some(
+            herald_cluster::bus::connect(url, &config.broker.topic)
+                .await
+                .context("connecting to the broker (broker.url)")?,
+        ),
+        _ => None,
+    };
     let cluster_pool = postgres.as_ref().map(|postgres| postgres.pool().clone());
     let postgres_broker = postgres.map(|postgres| {
         let wake = dispatcher.handle();
@@ -125,11 +135,21 @@ pub async fn run(
             Arc::clone(&hub),
             Arc::clone(&store),
             Box::new(move || wake.wake()),
+            bus,
         )
     });
     let broker: Arc<dyn Broker> = match &postgres_broker {
         Some(broker) => {
-            tracing::info!(node = broker.node(), "broker: PostgreSQL (LISTEN/NOTIFY)");
+            match (broker.bus(), &config.broker.url) {
+                (Some(bus), Some(url)) => tracing::info!(
+                    node = broker.node(),
+                    topic = config.broker.topic,
+                    "broker: {} at {} (control and presence on PostgreSQL)",
+                    bus.engine(),
+                    herald_cluster::bus::redacted(url)
+                ),
+                _ => tracing::info!(node = broker.node(), "broker: PostgreSQL (LISTEN/NOTIFY)"),
+            }
             Arc::clone(broker) as _
         }
         None => Arc::new(LocalBroker::new(Arc::clone(&hub))),

@@ -1,21 +1,28 @@
-//! Several nodes as one, on PostgreSQL alone: three servers on loopback ports share one
-//! throwaway database, and clients on different nodes see one Herald.
+//! Several nodes as one: three servers on loopback ports share one throwaway database, and
+//! clients on different nodes see one Herald.
 //!
 //! These run in the suite's PostgreSQL pass (`HERALD_TEST_STORE=postgres`, with
-//! `HERALD_TEST_POSTGRES_URL`); elsewhere each says it was skipped and why.
+//! `HERALD_TEST_POSTGRES_URL`); elsewhere each says it was skipped and why. Publications
+//! travel over the suite's broker (`HERALD_TEST_BROKER`: PostgreSQL's LISTEN/NOTIFY by
+//! default, or Redis or NATS, each cluster on a topic of its own; see
+//! `harness::test_broker`), so `.ci/run` runs this file once per broker.
 
 use std::{collections::HashSet, time::Duration};
 
 use serde_json::{Value, json};
 
 use crate::{
-    harness::{Backend, Receiver, Reply, TestServer, ThrowawayDatabase, backend},
+    harness::{
+        Backend, Receiver, Reply, TestBroker, TestServer, ThrowawayDatabase, backend,
+        join_cluster_broker, test_broker,
+    },
     history::join,
     process::{await_all_within, send_many, spawn_herald_env},
     pusher::{Client, Creds, pusher_app, trigger},
 };
 
-/// Nodes on one database, or `None` (and a line saying why) outside the PostgreSQL pass.
+/// Nodes on one database (and, with a bus, on one topic of the suite's broker), or `None`
+/// (and a line saying why) outside the PostgreSQL pass.
 pub(crate) struct Cluster {
     pub nodes: Vec<TestServer>,
     pub db: ThrowawayDatabase,
@@ -45,6 +52,7 @@ impl Cluster {
             started.push(
                 TestServer::start_with(|c| {
                     c.store.url = Some(url);
+                    join_cluster_broker(c, &db.name);
                     adjust(c);
                 })
                 .await,
@@ -74,18 +82,33 @@ async fn publish(node: &TestServer, creds: &Creds, channel: &str, n: u64, pad: u
 
 /// The next `count` `note` events: (offset if any, the payload's n).
 async fn notes(client: &mut Client, count: usize) -> Vec<(Option<u64>, u64)> {
+    padded_notes(client, count)
+        .await
+        .into_iter()
+        .map(|(offset, n, _)| (offset, n))
+        .collect()
+}
+
+/// [`notes`], with the length of each payload's `pad`.
+async fn padded_notes(client: &mut Client, count: usize) -> Vec<(Option<u64>, u64, usize)> {
     let mut seen = Vec::with_capacity(count);
     while seen.len() < count {
         let event = client.expect("note").await;
         let data: Value =
             serde_json::from_str(event["data"].as_str().expect("data")).expect("json");
-        seen.push((event["offset"].as_u64(), data["n"].as_u64().expect("n")));
+        let pad = data["pad"].as_str().map_or(0, str::len);
+        seen.push((
+            event["offset"].as_u64(),
+            data["n"].as_u64().expect("n"),
+            pad,
+        ));
     }
     seen
 }
 
 /// Publications accepted on one node reach subscribers on the others once each, history
-/// channels in offset order; one too large for a NOTIFY (over 8,000 bytes) arrives whole.
+/// channels in offset order; one too large for a NOTIFY (over 8,000 bytes; by reference on
+/// PostgreSQL, whole on a bus) arrives whole.
 #[tokio::test]
 async fn a_publication_on_one_node_reaches_subscribers_on_every_node_once_and_in_order() {
     let Some(cluster) = Cluster::start("cluster publish", 3).await else {
@@ -101,16 +124,17 @@ async fn a_publication_on_one_node_reaches_subscribers_on_every_node_once_and_in
         join(client, "history-feed", None).await;
         join(client, "feed", None).await;
     }
+    // Every fifth over NOTIFY's limit: on PostgreSQL it travels by reference.
+    let pad = |n: u64| if n.is_multiple_of(5) { 9_000 } else { 10 };
     for n in 1..=20 {
-        // Every fifth over NOTIFY's limit: it travels by reference.
-        let pad = if n % 5 == 0 { 9_000 } else { 10 };
-        publish(one, &creds, "history-feed", n, pad).await;
-        publish(one, &creds, "feed", n, pad).await;
+        publish(one, &creds, "history-feed", n, pad(n)).await;
+        publish(one, &creds, "feed", n, pad(n)).await;
     }
     for client in [&mut on_two, &mut on_three] {
         let mut history = Vec::new();
         let mut plain = Vec::new();
-        for (offset, n) in notes(client, 40).await {
+        for (offset, n, padded) in padded_notes(client, 40).await {
+            assert_eq!(padded, pad(n), "event {n} arrives whole");
             match offset {
                 Some(offset) => history.push((offset, n)),
                 None => plain.push(n),
@@ -474,5 +498,314 @@ async fn a_postgresql_restart_loses_nothing_acknowledged_and_the_cluster_recover
         &acknowledged,
     )
     .await;
+    cluster.stop().await;
+}
+
+/// What one subscriber heard, read by a task of its own while the test publishes: `note`
+/// events as (offset, the payload's n), and how many pongs.
+#[derive(Default)]
+struct Heard {
+    notes: Vec<(u64, u64)>,
+    pongs: usize,
+    ended: Option<String>,
+}
+
+/// A subscriber whose frames a task reads as they come (so the server never waits on it);
+/// the test keeps the sending half to ping it.
+struct Listening {
+    name: String,
+    sink: futures_util::stream::SplitSink<
+        crate::pusher::Socket,
+        tokio_tungstenite::tungstenite::Message,
+    >,
+    heard: std::sync::Arc<std::sync::Mutex<Heard>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Listening {
+    fn start(name: String, client: Client) -> Self {
+        use futures_util::StreamExt;
+        use tokio_tungstenite::tungstenite::Message;
+        let (sink, mut stream) = client.socket.split();
+        let heard = std::sync::Arc::new(std::sync::Mutex::new(Heard::default()));
+        let task = {
+            let heard = heard.clone();
+            tokio::spawn(async move {
+                let ended = loop {
+                    let text = match stream.next().await {
+                        Some(Ok(Message::Text(text))) => text,
+                        Some(Ok(Message::Close(frame))) => break format!("closed: {frame:?}"),
+                        Some(Ok(_)) => continue,
+                        Some(Err(e)) => break format!("failed: {e}"),
+                        None => break "ended".to_owned(),
+                    };
+                    let event: Value = serde_json::from_str(text.as_str()).expect("JSON");
+                    let mut heard = heard.lock().expect("lock");
+                    match event["event"].as_str() {
+                        Some("note") => {
+                            let data: Value =
+                                serde_json::from_str(event["data"].as_str().expect("data"))
+                                    .expect("json");
+                            let offset = event["offset"].as_u64().expect("an offset");
+                            heard.notes.push((offset, data["n"].as_u64().expect("n")));
+                        }
+                        Some("pusher:pong") => heard.pongs += 1,
+                        _ => {}
+                    }
+                };
+                heard.lock().expect("lock").ended = Some(ended);
+            })
+        };
+        Self {
+            name,
+            sink,
+            heard,
+            task,
+        }
+    }
+
+    fn heard<T>(&self, read: impl FnOnce(&Heard) -> T) -> T {
+        read(&self.heard.lock().expect("lock"))
+    }
+}
+
+/// Polls `check` every 20 ms until it holds; panics with `what` and `detail()` at `deadline`.
+async fn until(
+    deadline: tokio::time::Instant,
+    what: &str,
+    mut check: impl AsyncFnMut() -> bool,
+    detail: impl Fn() -> String,
+) {
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}: {}",
+            detail()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A restart of the bus's server (Redis or NATS) while node 1 publishes a steady stream on a
+/// history channel. Publishing goes on (the store commits; a failed send to the bus is logged
+/// and caught up later), every node re-subscribes by itself and is ready again, and every
+/// subscriber, on every node, ends up with every acknowledged event once, in consecutive
+/// offsets. It runs when `HERALD_TEST_BROKER` is a bus and `HERALD_TEST_BROKER_RESTART` is the
+/// shell command that restarts that server (`.ci/run` sets it and runs this test alone, after
+/// the suites, since a restart cuts every test's links to the bus).
+#[tokio::test]
+async fn a_broker_restart_during_a_steady_publish_stream_leaves_every_history_client_gap_free() {
+    const RESTART: &str = "HERALD_TEST_BROKER_RESTART";
+    /// ~100 a second for 3 s; the restart starts after the first third.
+    const EVENTS: u64 = 300;
+    const RESTART_AFTER: u64 = 100;
+    const EVERY: Duration = Duration::from_millis(10);
+    /// After the stream ends, for the nodes to be ready and every subscriber complete.
+    const SETTLE: Duration = Duration::from_secs(30);
+    let test = "a broker restart";
+    let broker = test_broker();
+    if broker == TestBroker::Postgres {
+        eprintln!(
+            "skipped {test}: it restarts a bus's server, and HERALD_TEST_BROKER is postgres (or unset); set it to redis or nats"
+        );
+        return;
+    }
+    let Ok(restart) = std::env::var(RESTART) else {
+        eprintln!(
+            "skipped {test}: {RESTART} is unset (.ci/run sets it to a command that restarts the {} server and runs this test alone, after the suites, since a restart cuts every test's links)",
+            broker.name()
+        );
+        return;
+    };
+    let Some(cluster) = Cluster::start(test, 3).await else {
+        return;
+    };
+    let (_, creds) = pusher_app(&cluster.nodes[0], "cluster-broker-restart").await;
+    let channel = "history-broker-restart";
+    // Two subscribers on each node the publisher is not on, and one on the publisher's node
+    // (its own history publications reach it through the bus too).
+    let mut listening = Vec::new();
+    for (node, name) in [(1, "a"), (1, "b"), (2, "a"), (2, "b"), (0, "a")] {
+        let mut client = Client::connect(&cluster.nodes[node], &creds.key).await;
+        join(&mut client, channel, None).await;
+        listening.push(Listening::start(
+            format!("node {} client {name}", node + 1),
+            client,
+        ));
+    }
+
+    let (restart_now, restart_due) = tokio::sync::oneshot::channel();
+    let publisher = {
+        let (remote, creds) = (
+            TestServer::remote(cluster.nodes[0].base.clone()),
+            creds.clone(),
+        );
+        tokio::spawn(async move {
+            let mut restart_now = Some(restart_now);
+            let mut tick = tokio::time::interval(EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let (mut acknowledged, mut refused) = (Vec::new(), Vec::new());
+            for n in 1..=EVENTS {
+                tick.tick().await;
+                if n == RESTART_AFTER + 1
+                    && let Some(now) = restart_now.take()
+                {
+                    let _ = now.send(());
+                }
+                let data = json!({"n": n}).to_string();
+                let (status, body) = trigger(
+                    &remote,
+                    &creds,
+                    json!({"name": "note", "channel": channel, "data": data}),
+                )
+                .await;
+                if status == 200 {
+                    acknowledged.push(n);
+                } else {
+                    refused.push((n, status, body));
+                }
+            }
+            (acknowledged, refused)
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(60), restart_due)
+        .await
+        .expect("the first publications within 60 s")
+        .expect("the publisher is running");
+    let restarting = tokio::time::Instant::now();
+    let restarted = {
+        let restart = restart.clone();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new("sh")
+                .args(["-c", &restart])
+                .stdin(std::process::Stdio::null())
+                .status()
+        })
+    };
+    let restarted = tokio::time::timeout(Duration::from_secs(60), restarted)
+        .await
+        .expect("the restart command finishes within 60 s")
+        .expect("the restart command's thread")
+        .expect("run the restart command");
+    let restart_took = restarting.elapsed();
+    assert!(restarted.success(), "{restart}: {restarted}");
+    let (acknowledged, refused) = tokio::time::timeout(Duration::from_secs(120), publisher)
+        .await
+        .expect("the publishing stream ends within 120 s")
+        .expect("the publisher");
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    eprintln!(
+        "{test}: the {} server restarted in {restart_took:?} after publication {RESTART_AFTER}; {} of {EVENTS} publishes acknowledged",
+        broker.name(),
+        acknowledged.len()
+    );
+    if !refused.is_empty() {
+        eprintln!(
+            "{test}: {} of {EVENTS} publishes were not acknowledged: {refused:?}",
+            refused.len()
+        );
+    }
+    assert!(
+        acknowledged.len() as u64 >= RESTART_AFTER,
+        "publishing acknowledged {} of {EVENTS}; refused: {refused:?}",
+        acknowledged.len()
+    );
+
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        let last = std::sync::Mutex::new(String::new());
+        until(
+            deadline,
+            &format!("node {} to be ready again after the restart", i + 1),
+            async || {
+                let answer = match reqwest::get(format!("{}/health/ready", node.base)).await {
+                    Ok(answer) => answer,
+                    Err(e) => {
+                        *last.lock().expect("lock") = e.to_string();
+                        return false;
+                    }
+                };
+                let status = answer.status();
+                *last.lock().expect("lock") =
+                    format!("{status} {}", answer.text().await.unwrap_or_default());
+                status.is_success()
+            },
+            || format!("/health/ready last said {}", last.lock().expect("lock")),
+        )
+        .await;
+    }
+
+    let wanted: HashSet<u64> = acknowledged.iter().copied().collect();
+    for client in &listening {
+        until(
+            deadline,
+            &format!("{} to have every acknowledged event", client.name),
+            async || client.heard(|h| wanted.iter().all(|n| h.notes.iter().any(|s| s.1 == *n))),
+            || {
+                client.heard(|h| {
+                    let heard: HashSet<u64> = h.notes.iter().map(|s| s.1).collect();
+                    let mut missing: Vec<u64> = wanted.difference(&heard).copied().collect();
+                    missing.sort_unstable();
+                    format!(
+                        "{} events heard (last {:?}), {} acknowledged ones missing: {:?}; its socket: {}",
+                        h.notes.len(),
+                        h.notes.last(),
+                        missing.len(),
+                        &missing[..missing.len().min(20)],
+                        h.ended.as_deref().unwrap_or("open")
+                    )
+                })
+            },
+        )
+        .await;
+    }
+    // Anything still on its way to a subscriber comes before the answer to a ping.
+    for client in &mut listening {
+        use futures_util::SinkExt;
+        let ping = json!({"event": "pusher:ping", "data": {}}).to_string();
+        client
+            .sink
+            .send(tokio_tungstenite::tungstenite::Message::text(ping))
+            .await
+            .expect("ping");
+    }
+    let refused_ns: HashSet<u64> = refused.iter().map(|(n, _, _)| *n).collect();
+    for client in &listening {
+        until(
+            deadline,
+            &format!("{}'s pong", client.name),
+            async || client.heard(|h| h.pongs > 0),
+            || "no pong".to_owned(),
+        )
+        .await;
+        let notes = client.heard(|h| h.notes.clone());
+        let offsets: Vec<u64> = notes.iter().map(|(offset, _)| *offset).collect();
+        assert_eq!(
+            offsets,
+            (1..=notes.len() as u64).collect::<Vec<_>>(),
+            "{}: every offset once, in order, no gap; heard (offset, n) {notes:?}",
+            client.name
+        );
+        assert!(
+            notes.windows(2).all(|w| w[0].1 < w[1].1),
+            "{}: in publishing order, each once: {notes:?}",
+            client.name
+        );
+        let unacknowledged: Vec<u64> = notes
+            .iter()
+            .map(|(_, n)| *n)
+            .filter(|n| !wanted.contains(n))
+            .collect();
+        assert!(
+            unacknowledged.iter().all(|n| refused_ns.contains(n)),
+            "{}: only published events arrive: {unacknowledged:?}",
+            client.name
+        );
+    }
+    for client in listening {
+        client.task.abort();
+    }
     cluster.stop().await;
 }

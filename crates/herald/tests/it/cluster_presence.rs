@@ -1,10 +1,11 @@
-//! Presence and occupancy across nodes, on PostgreSQL alone: three servers share one
-//! throwaway database, and to clients, to the Pusher HTTP API and to channel webhook receivers
-//! they are one Herald (members announced once each, counts summed, a stopped node's members
-//! removed once).
+//! Presence and occupancy across nodes: three servers share one throwaway database, and to
+//! clients, to the Pusher HTTP API and to channel webhook receivers they are one Herald
+//! (members announced once each, counts summed, a stopped node's members removed once).
 //!
 //! These run in the suite's PostgreSQL pass (`HERALD_TEST_STORE=postgres`, with
-//! `HERALD_TEST_POSTGRES_URL`); elsewhere each says it was skipped and why.
+//! `HERALD_TEST_POSTGRES_URL`); elsewhere each says it was skipped and why. Presence always
+//! goes through PostgreSQL; publications travel over the suite's broker
+//! (`HERALD_TEST_BROKER`, see `cluster::Cluster`), the killed process's too.
 
 use std::time::Duration;
 

@@ -63,6 +63,90 @@ pub fn postgres_admin_url() -> String {
     })
 }
 
+/// How a cluster's nodes carry publications to each other: `HERALD_TEST_BROKER` (`postgres`,
+/// the default: LISTEN/NOTIFY; `redis` or `nats`: a bus on the server `HERALD_TEST_REDIS_URL`
+/// or `HERALD_TEST_NATS_URL` names). The store stays PostgreSQL either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestBroker {
+    Postgres,
+    Redis,
+    Nats,
+}
+
+pub fn test_broker() -> TestBroker {
+    match std::env::var("HERALD_TEST_BROKER").as_deref() {
+        Err(_) | Ok("" | "postgres") => TestBroker::Postgres,
+        Ok("redis") => TestBroker::Redis,
+        Ok("nats") => TestBroker::Nats,
+        Ok(other) => {
+            panic!("HERALD_TEST_BROKER={other}: the brokers are postgres, redis and nats")
+        }
+    }
+}
+
+impl TestBroker {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Postgres => "postgres",
+            Self::Redis => "redis",
+            Self::Nats => "nats",
+        }
+    }
+
+    /// The bus's `broker.url`, `None` for LISTEN/NOTIFY; a run that asked for a bus without
+    /// naming its server stops here.
+    pub fn url(self) -> Option<String> {
+        let var = match self {
+            Self::Postgres => return None,
+            Self::Redis => "HERALD_TEST_REDIS_URL",
+            Self::Nats => "HERALD_TEST_NATS_URL",
+        };
+        Some(std::env::var(var).unwrap_or_else(|_| {
+            panic!(
+                "HERALD_TEST_BROKER={} needs {var} (the server's URL, e.g. {})",
+                self.name(),
+                match self {
+                    Self::Nats => "nats://127.0.0.1:4222",
+                    _ => "redis://127.0.0.1:6379",
+                }
+            )
+        }))
+    }
+}
+
+/// `broker.url` and `broker.topic` for the nodes sharing the database `db_name` (one cluster),
+/// or `None` when the suite's broker is PostgreSQL's LISTEN/NOTIFY. The topic is the
+/// database's own, so clusters of tests running at once never hear each other.
+pub fn cluster_broker(db_name: &str) -> Option<(String, String)> {
+    let url = test_broker().url()?;
+    Some((url, format!("herald.test.{db_name}")))
+}
+
+/// Sets `config.broker` for a node of the cluster on the database `db_name` (see
+/// [`cluster_broker`]).
+pub fn join_cluster_broker(config: &mut Config, db_name: &str) {
+    if let Some((url, topic)) = cluster_broker(db_name) {
+        config.broker.url = Some(url);
+        config.broker.topic = topic;
+    }
+}
+
+/// The same as environment variables for a `herald` process whose store is `store_url`:
+/// `HERALD_BROKER__URL` and `HERALD_BROKER__TOPIC` when it is a PostgreSQL database and the
+/// suite's broker is a bus, nothing otherwise (SQLite has no cluster).
+pub fn cluster_broker_env(store_url: &str) -> Vec<(&'static str, String)> {
+    let Ok(url) = url::Url::parse(store_url) else {
+        return Vec::new();
+    };
+    if !matches!(url.scheme(), "postgres" | "postgresql") {
+        return Vec::new();
+    }
+    let db_name = url.path().trim_start_matches('/');
+    cluster_broker(db_name).map_or_else(Vec::new, |(url, topic)| {
+        vec![("HERALD_BROKER__URL", url), ("HERALD_BROKER__TOPIC", topic)]
+    })
+}
+
 pub fn test_config(data_dir: &std::path::Path) -> Config {
     let mut config = Config {
         data_dir: data_dir.to_owned(),

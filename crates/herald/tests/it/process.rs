@@ -11,7 +11,7 @@ use tokio::{
 
 use crate::harness::{
     ADMIN_TOKEN, Backend, PATIENCE, Receiver, Reply, TestServer, ThrowawayDatabase, backend,
-    database_for_dir, sqlite_only,
+    cluster_broker_env, database_for_dir, sqlite_only,
 };
 
 /// A `herald serve` process on a random port; `api` talks to it through the usual helpers.
@@ -40,13 +40,20 @@ async fn store_env(data: &Path) -> Vec<(&'static str, String)> {
 }
 
 /// `herald serve` with extra flags and environment variables (`HERALD_*` settings; a
-/// `HERALD_STORE__URL` among them wins over the suite's backend).
+/// `HERALD_STORE__URL` among them wins over the suite's backend). A process given a
+/// PostgreSQL `HERALD_STORE__URL` is a node of that database's cluster: it carries
+/// publications over the suite's broker ([`cluster_broker_env`]) unless `env` names one.
 pub async fn spawn_herald_env(data: &Path, flags: &[&str], env: &[(&str, &str)]) -> HeraldProcess {
-    let store = if env.iter().any(|(k, _)| *k == "HERALD_STORE__URL") {
-        Vec::new()
-    } else {
-        store_env(data).await
+    let given = |name: &str| env.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
+    let mut store = match given("HERALD_STORE__URL") {
+        Some(_) => Vec::new(),
+        None => store_env(data).await,
     };
+    if let Some(url) = given("HERALD_STORE__URL")
+        && given("HERALD_BROKER__URL").is_none()
+    {
+        store.extend(cluster_broker_env(url));
+    }
     let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
         .args(["serve", "--listen", "127.0.0.1:0"])
         .args(flags)

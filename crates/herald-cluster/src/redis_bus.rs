@@ -1,0 +1,323 @@
+//! The bus over Redis pub/sub: every node `PUBLISH`es to one channel (the topic) and holds one
+//! subscribed connection hearing it.
+//!
+//! Redis delivers one connection's publications to every subscriber in the order they were
+//! sent, which is all the broker needs; durability is PostgreSQL's. Sending goes through
+//! redis-rs's connection manager (one multiplexed connection, reconnected by itself); hearing
+//! through a dedicated pub/sub connection that this bus re-opens with backoff when it is lost,
+//! pinging it so a silently dead link is noticed within [`PING_EVERY`] + [`PING_TIMEOUT`].
+//! Publications sent while a node is not subscribed are not heard by it (Redis keeps nothing
+//! for absent subscribers): the broker catches its history channels up from the store when
+//! [`Hearing::resumed`] is called.
+//!
+//! Redis Cluster is configuration: classic pub/sub is broadcast to every node of a Redis
+//! Cluster, so pointing `broker.url` at any one of its nodes works. Sentinel is not supported.
+
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use redis::{
+    Client,
+    aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink, PubSubStream},
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{Bus, BusError, Hearing, redacted};
+
+const ENGINE: &str = "Redis";
+
+/// Redis's limit on one value (`proto-max-bulk-len`).
+const MAX_MESSAGE_BYTES: usize = 512 * 1024 * 1024;
+
+/// How long connecting and each command may take before the link counts as down.
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The subscribed connection is pinged this often, and lost if a ping takes longer than
+/// [`PING_TIMEOUT`].
+const PING_EVERY: Duration = Duration::from_secs(5);
+const PING_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Waits between attempts to re-subscribe: doubling from the first to the last.
+const RECONNECT_FIRST: Duration = Duration::from_millis(100);
+const RECONNECT_LAST: Duration = Duration::from_secs(5);
+
+/// A subscribed connection, split into its command half (pings) and its messages.
+struct Subscription {
+    sink: PubSubSink,
+    messages: PubSubStream,
+}
+
+/// The Redis [`Bus`] (see the module doc).
+pub struct RedisBus {
+    client: Client,
+    url: String,
+    topic: String,
+    sender: ConnectionManager,
+    subscribed: AtomicBool,
+    first: Mutex<Option<Subscription>>,
+}
+
+impl RedisBus {
+    /// Connects for sending and subscribes to `topic`, so this node hears the others from
+    /// now on.
+    pub async fn connect(url: &str, topic: &str) -> Result<Arc<Self>, BusError> {
+        let client = Client::open(url)
+            .map_err(|e| BusError::Url(format!("{} is not a Redis URL: {e}", redacted(url))))?;
+        let shown = redacted(url);
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(TIMEOUT))
+            .set_response_timeout(Some(TIMEOUT))
+            .set_number_of_retries(2)
+            .set_min_delay(RECONNECT_FIRST)
+            .set_max_delay(RECONNECT_LAST);
+        let sender = client
+            .get_connection_manager_with_config(config)
+            .await
+            .map_err(|e| unavailable(&shown, &e))?;
+        let bus = Self {
+            client,
+            url: shown,
+            topic: topic.to_owned(),
+            sender,
+            subscribed: AtomicBool::new(false),
+            first: Mutex::new(None),
+        };
+        let subscription = bus.subscribe().await?;
+        bus.subscribed.store(true, Ordering::Relaxed);
+        *bus.first.lock().unwrap_or_else(|p| p.into_inner()) = Some(subscription);
+        Ok(Arc::new(bus))
+    }
+
+    /// One attempt at a subscribed connection.
+    async fn subscribe(&self) -> Result<Subscription, BusError> {
+        let opened = tokio::time::timeout(TIMEOUT, async {
+            let mut pubsub = self.client.get_async_pubsub().await?;
+            pubsub.subscribe(&self.topic).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        })
+        .await;
+        match opened {
+            Ok(Ok(pubsub)) => {
+                let (sink, messages) = pubsub.split();
+                Ok(Subscription { sink, messages })
+            }
+            Ok(Err(e)) => Err(unavailable(&self.url, &e)),
+            Err(_) => Err(BusError::Unavailable {
+                engine: ENGINE,
+                reason: format!("{}: no answer within {TIMEOUT:?}", self.url),
+            }),
+        }
+    }
+
+    /// Re-subscribes with backoff until it succeeds or `shutdown`.
+    async fn resubscribe(&self, shutdown: &CancellationToken) -> Option<Subscription> {
+        let mut wait = RECONNECT_FIRST;
+        loop {
+            match self.subscribe().await {
+                Ok(subscription) => return Some(subscription),
+                Err(e) => {
+                    tracing::warn!(engine = ENGINE, error = %e, retry_in = ?wait, "broker: cannot subscribe");
+                }
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return None,
+                () = tokio::time::sleep(wait) => {}
+            }
+            wait = (wait * 2).min(RECONNECT_LAST);
+        }
+    }
+
+    /// Hands on what `subscription` hears until it is lost (`true`) or `shutdown` (`false`).
+    async fn hear(
+        &self,
+        subscription: &mut Subscription,
+        hearing: &dyn Hearing,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let mut ping = tokio::time::interval(PING_EVERY);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ping.tick().await;
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return false,
+                message = subscription.messages.next() => match message {
+                    Some(message) => {
+                        hearing.message(Bytes::copy_from_slice(message.get_payload_bytes())).await;
+                    }
+                    None => {
+                        tracing::warn!(engine = ENGINE, url = self.url, "broker: the subscribed connection was closed");
+                        return true;
+                    }
+                },
+                _ = ping.tick() => {
+                    let answered =
+                        tokio::time::timeout(PING_TIMEOUT, subscription.sink.ping::<()>()).await;
+                    if !matches!(answered, Ok(Ok(()))) {
+                        tracing::warn!(engine = ENGINE, url = self.url, "broker: the subscribed connection stopped answering");
+                        return true;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn unavailable(url: &str, e: &redis::RedisError) -> BusError {
+    BusError::Unavailable {
+        engine: ENGINE,
+        reason: format!("{url}: {e}"),
+    }
+}
+
+#[async_trait::async_trait]
+impl Bus for RedisBus {
+    fn engine(&self) -> &'static str {
+        ENGINE
+    }
+
+    async fn send(&self, messages: Vec<Bytes>) -> Result<(), BusError> {
+        // Redis refuses an empty pipeline ("empty command").
+        if messages.is_empty() {
+            return Ok(());
+        }
+        if let Some(large) = messages.iter().find(|m| m.len() > MAX_MESSAGE_BYTES) {
+            return Err(BusError::TooLarge {
+                engine: ENGINE,
+                size: large.len(),
+                limit: MAX_MESSAGE_BYTES,
+            });
+        }
+        // One pipeline: sent together on the manager's connection, in this order.
+        let mut pipeline = redis::pipe();
+        for message in &messages {
+            pipeline.publish(&self.topic, message.as_ref()).ignore();
+        }
+        let mut sender = self.sender.clone();
+        pipeline
+            .query_async::<()>(&mut sender)
+            .await
+            .map_err(|e| unavailable(&self.url, &e))
+    }
+
+    fn max_message_bytes(&self) -> usize {
+        MAX_MESSAGE_BYTES
+    }
+
+    fn is_connected(&self) -> bool {
+        self.subscribed.load(Ordering::Relaxed)
+    }
+
+    async fn run(self: Arc<Self>, hearing: Arc<dyn Hearing>, shutdown: CancellationToken) {
+        let first = self.first.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Some(mut subscription) = first else {
+            tracing::error!(engine = ENGINE, "broker: run was started twice");
+            return;
+        };
+        loop {
+            if !self
+                .hear(&mut subscription, hearing.as_ref(), &shutdown)
+                .await
+            {
+                return;
+            }
+            self.subscribed.store(false, Ordering::Relaxed);
+            let Some(resubscribed) = self.resubscribe(&shutdown).await else {
+                return;
+            };
+            subscription = resubscribed;
+            self.subscribed.store(true, Ordering::Relaxed);
+            tracing::info!(
+                engine = ENGINE,
+                url = self.url,
+                "broker: subscribed again; catching up"
+            );
+            hearing.resumed().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Against a real server: `HERALD_TEST_REDIS_URL` names it (`.ci/run` starts one).
+
+    use super::*;
+    use tokio::sync::mpsc;
+
+    struct Heard(mpsc::UnboundedSender<Bytes>);
+
+    #[async_trait::async_trait]
+    impl Hearing for Heard {
+        async fn message(&self, payload: Bytes) {
+            let _ = self.0.send(payload);
+        }
+        async fn resumed(&self) {}
+    }
+
+    fn server(test: &str) -> Option<String> {
+        let url = std::env::var("HERALD_TEST_REDIS_URL").ok();
+        if url.is_none() {
+            eprintln!("skipped {test}: HERALD_TEST_REDIS_URL is unset");
+        }
+        url
+    }
+
+    fn topic() -> String {
+        format!("herald.test.{}", crate::new_node_id())
+    }
+
+    async fn listening(bus: &Arc<RedisBus>) -> mpsc::UnboundedReceiver<Bytes> {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        tokio::spawn(Arc::clone(bus).run(Arc::new(Heard(sender)), CancellationToken::new()));
+        receiver
+    }
+
+    async fn next(heard: &mut mpsc::UnboundedReceiver<Bytes>) -> Bytes {
+        tokio::time::timeout(Duration::from_secs(10), heard.recv())
+            .await
+            .expect("heard within 10 s")
+            .expect("open")
+    }
+
+    #[tokio::test]
+    async fn every_node_hears_each_senders_messages_in_order() {
+        let Some(url) = server("redis bus order") else {
+            return;
+        };
+        let topic = topic();
+        let a = RedisBus::connect(&url, &topic).await.expect("a");
+        let b = RedisBus::connect(&url, &topic).await.expect("b");
+        let (mut on_a, mut on_b) = (listening(&a).await, listening(&b).await);
+        assert!(a.is_connected() && b.is_connected());
+        let sent: Vec<Bytes> = (0..100).map(|n| Bytes::from(format!("m{n}"))).collect();
+        a.send(Vec::new())
+            .await
+            .expect("nothing to send is no error");
+        a.send(sent[..50].to_vec()).await.expect("send");
+        a.send(sent[50..].to_vec()).await.expect("send");
+        for heard in [&mut on_a, &mut on_b] {
+            let mut got = Vec::new();
+            for _ in 0..100 {
+                got.push(next(heard).await);
+            }
+            assert_eq!(got, sent);
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_server_is_a_clear_error_without_the_password() {
+        let Err(e) = RedisBus::connect("redis://:hunter2@127.0.0.1:1", "t").await else {
+            panic!("nothing listens on port 1")
+        };
+        let message = e.to_string();
+        assert!(message.contains("Redis is unavailable"), "{message}");
+        assert!(message.contains("127.0.0.1:1"), "{message}");
+        assert!(!message.contains("hunter2"), "{message}");
+    }
+}

@@ -1,0 +1,50 @@
+//! A throwaway schema on the server `HERALD_TEST_POSTGRES_URL` names, for this crate's tests.
+
+use herald_store::postgres::{PostgresOptions, PostgresStore};
+use sqlx::{Connection, PgConnection, PgPool};
+
+pub(crate) struct Schema {
+    url: String,
+    name: String,
+}
+
+impl Schema {
+    /// `None` (and a line saying why) when `HERALD_TEST_POSTGRES_URL` is unset.
+    pub(crate) async fn create(test: &str) -> Option<Self> {
+        let Ok(url) = std::env::var("HERALD_TEST_POSTGRES_URL") else {
+            eprintln!("skipped {test}: HERALD_TEST_POSTGRES_URL is unset");
+            return None;
+        };
+        let name = format!("cluster_{}", crate::new_node_id().to_lowercase());
+        let mut conn = PgConnection::connect(&url).await.expect("connect");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA \"{name}\"")))
+            .execute(&mut conn)
+            .await
+            .expect("create schema");
+        Some(Self { url, name })
+    }
+
+    /// A store on this schema (migrated).
+    pub(crate) async fn store(&self) -> PostgresStore {
+        let options = PostgresOptions {
+            schema: Some(self.name.clone()),
+            ..PostgresOptions::default()
+        };
+        PostgresStore::open(&self.url, options).await.expect("open")
+    }
+
+    pub(crate) async fn pool(&self) -> PgPool {
+        self.store().await.pool().clone()
+    }
+
+    pub(crate) async fn drop_now(self) {
+        let mut conn = PgConnection::connect(&self.url).await.expect("connect");
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP SCHEMA \"{}\" CASCADE",
+            self.name
+        )))
+        .execute(&mut conn)
+        .await
+        .expect("drop schema");
+    }
+}
