@@ -480,6 +480,15 @@ impl Config {
         if config.dev {
             config.delivery.allow_private_targets = true;
         }
+        // `HERALD_BROKER__URL=` (set but empty, as compose files leave it) means no bus.
+        if config
+            .broker
+            .url
+            .as_deref()
+            .is_some_and(|url| url.trim().is_empty())
+        {
+            config.broker.url = None;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -847,6 +856,10 @@ mod tests {
             );
             assert!(!refused.contains("hunter2"), "{refused}");
 
+            jail.set_env("HERALD_BROKER__URL", "");
+            assert_eq!(load()?.broker.url, None, "empty is unset");
+
+            jail.set_env("HERALD_BROKER__URL", "redis://:hunter2@127.0.0.1:6379");
             jail.set_env("HERALD_STORE__URL", "postgres://h:h@127.0.0.1/h");
             let config = load()?;
             assert_eq!(config.broker.topic, "herald.publications");
