@@ -93,8 +93,55 @@ pub const QUEUE_CAPACITY: usize = 65_536;
 /// How long a node whose reconcile failed (the database unreachable) waits to try again.
 const RECONCILE_RETRY: Duration = Duration::from_secs(1);
 
-/// A change as the hub hands it on.
-type Change = (AppId, LocalChange);
+/// How long a presence subscriber's confirmation waits at most for its own join to be
+/// recorded (see [`Progress`]); past it (the database slow or away) it is confirmed anyway.
+const SETTLE_WAIT: Duration = Duration::from_secs(2);
+
+/// A change as the hub hands it on, numbered by [`Progress`].
+type Change = (AppId, LocalChange, u64);
+
+/// How far this node's changes are recorded. Each change is numbered as it is queued; the
+/// task marks the numbers it has recorded. A presence subscriber's snapshot is read only once
+/// the changes queued before it (its own join among them) are recorded, so its confirmation
+/// is sent after its join is in the database, and a member whose subscription succeeded is in
+/// every snapshot read after it, on any node (`pusher-js`'s second subscriber sees the first).
+struct Progress {
+    /// Numbers a change and queues it in one step, so numbers follow queue order.
+    queueing: Mutex<u64>,
+    recorded: tokio::sync::watch::Sender<u64>,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Self {
+            queueing: Mutex::new(0),
+            recorded: tokio::sync::watch::Sender::new(0),
+        }
+    }
+
+    /// The number of the last change queued.
+    fn queued(&self) -> u64 {
+        *self.queueing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Changes up to `through` are recorded.
+    fn recorded(&self, through: u64) {
+        self.recorded.send_if_modified(|recorded| {
+            let newer = through > *recorded;
+            if newer {
+                *recorded = through;
+            }
+            newer
+        });
+    }
+
+    /// Waits (at most [`SETTLE_WAIT`]) until the changes queued so far are recorded.
+    async fn settled(&self) {
+        let target = self.queued();
+        let mut recorded = self.recorded.subscribe();
+        let _ = tokio::time::timeout(SETTLE_WAIT, recorded.wait_for(|r| *r >= target)).await;
+    }
+}
 
 /// This node's subscription counts as last written, per (app, channel).
 type Flushed = HashMap<(String, String), i64>;
@@ -220,11 +267,22 @@ struct Queue {
     changes: mpsc::Sender<Change>,
     /// Set when a change found the queue full: the task reconciles instead.
     overflowed: Arc<AtomicBool>,
+    progress: Arc<Progress>,
 }
 
 impl PresenceSync for Queue {
     fn changed(&self, app_id: &AppId, change: LocalChange) {
-        match self.changes.try_send((app_id.to_owned(), change)) {
+        let mut queueing = self
+            .progress
+            .queueing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        // Numbered even if it finds the queue full: the reconcile that covers it marks it.
+        *queueing += 1;
+        match self
+            .changes
+            .try_send((app_id.to_owned(), change, *queueing))
+        {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
                 if !self.overflowed.swap(true, Ordering::AcqRel) {
@@ -244,7 +302,10 @@ impl PresenceSync for Queue {
     fn members_elsewhere(&self, app_id: &AppId, channel: &str) -> MembersFuture {
         let (pool, node) = (self.pool.clone(), self.node.clone());
         let (app_id, channel) = (app_id.as_str().to_owned(), channel.to_owned());
+        let progress = Arc::clone(&self.progress);
         Box::pin(async move {
+            // Polled after the subscriber joined the hub: its own join is queued by now.
+            progress.settled().await;
             members_elsewhere(&pool, &node, &app_id, &channel)
                 .await
                 .map_err(|e| PresenceError::Unavailable(e.to_string()))
@@ -282,6 +343,7 @@ pub struct PostgresPresence {
     node_ttl: Duration,
     changes: Mutex<Option<mpsc::Receiver<Change>>>,
     overflowed: Arc<AtomicBool>,
+    progress: Arc<Progress>,
 }
 
 /// Whether a change is the cluster's: what one transaction found.
@@ -315,11 +377,13 @@ impl PostgresPresence {
     ) -> Arc<Self> {
         let (sender, receiver) = mpsc::channel(capacity);
         let overflowed = Arc::new(AtomicBool::new(false));
+        let progress = Arc::new(Progress::new());
         hub.share_presence(Arc::new(Queue {
             node: node.clone(),
             pool: pool.clone(),
             changes: sender,
             overflowed: Arc::clone(&overflowed),
+            progress: Arc::clone(&progress),
         }));
         Arc::new(Self {
             node,
@@ -329,6 +393,7 @@ impl PostgresPresence {
             node_ttl,
             changes: Mutex::new(Some(receiver)),
             overflowed,
+            progress,
         })
     }
 
@@ -378,16 +443,22 @@ impl PostgresPresence {
                 () = stop.cancelled() => {
                     // What is still queued or stale is removed by the leave's sweep: the
                     // connections have closed, so the hub is empty.
-                    while !stale && let Ok((app_id, change)) = changes.try_recv() {
+                    while !stale && let Ok((app_id, change, number)) = changes.try_recv() {
                         stale = self.apply(&app_id, &change, &mut flushed).await.is_err();
+                        if !stale {
+                            self.progress.recorded(number);
+                        }
                     }
                     self.leave().await;
                     return;
                 }
-                Some((app_id, change)) = changes.recv(), if !stale => {
+                Some((app_id, change, number)) = changes.recv(), if !stale => {
                     stale = self.overflowed.load(Ordering::Acquire)
                         || match self.apply(&app_id, &change, &mut flushed).await {
-                            Ok(()) => false,
+                            Ok(()) => {
+                                self.progress.recorded(number);
+                                false
+                            }
                             Err(e) => {
                                 tracing::warn!(node = self.node, error = %e, ?change, "presence: applying a change failed; this node's rows will be reconciled with its hub");
                                 true
@@ -425,12 +496,15 @@ impl PostgresPresence {
     /// lost to a full queue after the mark was cleared marks it again.
     async fn resync(&self, changes: &mut mpsc::Receiver<Change>, flushed: &mut Flushed) -> bool {
         self.overflowed.store(false, Ordering::Release);
+        // Every change numbered so far is in the hub as it is read below.
+        let through = self.progress.queued();
         let mut discarded = 0_usize;
         while changes.try_recv().is_ok() {
             discarded += 1;
         }
         match self.reconcile(flushed).await {
             Ok(repaired) => {
+                self.progress.recorded(through);
                 tracing::info!(
                     node = self.node,
                     discarded,
@@ -467,7 +541,7 @@ impl PostgresPresence {
         .into_iter()
         .collect();
 
-        let mut changes: Vec<Change> = Vec::new();
+        let mut changes: Vec<(AppId, LocalChange)> = Vec::new();
         let mut held_members = HashSet::new();
         let mut held_channels = HashSet::new();
         for app in self.hub.apps() {
@@ -1330,6 +1404,39 @@ mod tests {
         }
         assert_eq!(taken(&reports), Vec::<String>::new());
         assert_eq!(a.reconcile(&mut flushed).await.expect("again"), 0);
+        schema.drop_now().await;
+    }
+
+    /// A presence subscriber's snapshot is read once its own join is recorded, so its
+    /// confirmation follows the record and any node's next snapshot lists it.
+    #[tokio::test]
+    async fn a_snapshot_is_read_once_the_subscribers_own_join_is_recorded() {
+        let Some((schema, pool, reports, hub, a)) =
+            node_with_hub("presence settled", QUEUE_CAPACITY).await
+        else {
+            return;
+        };
+        let app = AppId::parse("app_1").expect("valid");
+        let (stop, abandon) = (CancellationToken::new(), CancellationToken::new());
+        let task = tokio::spawn(Arc::clone(&a).run(stop.clone(), abandon));
+        let reader = node(&pool, "c", &reports).await;
+        for user in ["alice", "bob", "carol"] {
+            // As a session does: the snapshot's future is made, the subscriber joins the hub,
+            // then the future is awaited (and the confirmation sent).
+            let elsewhere = hub
+                .app(&app)
+                .members_elsewhere("presence-x")
+                .expect("shared");
+            subscribe(&hub, &app, "presence-x", Some(user), &format!("1.{user}"));
+            elsewhere.await.expect("read");
+            let listed = reader.users(&app, "presence-x").await.expect("read");
+            assert!(
+                listed.contains(&user.to_owned()),
+                "{user} is recorded before its confirmation: {listed:?}"
+            );
+        }
+        stop.cancel();
+        task.await.expect("stopped");
         schema.drop_now().await;
     }
 
