@@ -1,12 +1,15 @@
-//! Several Herald nodes as one. Everything here stands on an engine the operator already runs
-//! (PostgreSQL today); nothing here is consensus, replication or gossip of our own.
+//! Several Herald nodes as one. Everything here stands on engines the operator already runs
+//! (PostgreSQL, and Redis or NATS for publications); nothing here is consensus, replication
+//! or gossip of our own.
 //!
 //! - [`postgres::PostgresBroker`]: the [`Broker`](herald_channels::broker::Broker) over
 //!   PostgreSQL's LISTEN/NOTIFY. History channels' publications are announced by the store in
 //!   the commit that assigns their offsets, so every node hears a channel in offset order;
 //!   other publications are notified by the node that published them. It also wakes this
-//!   node's dispatcher when another node queues a delivery.
-//! - [`presence::PostgresPresence`]: presence and occupancy across nodes, rows per node with a
+//!   node's dispatcher when another node queues a delivery. With a [`bus::Bus`]
+//!   ([`redis_bus::RedisBus`], [`nats_bus::NatsBus`]) publications travel there instead.
+//! - [`presence::ClusterPresence`]: presence and occupancy across nodes over a presence record
+//!   (PostgreSQL: [`presence::postgres::PostgresRecord`]), entries per node with a
 //!   heartbeat, so `member_added`/`member_removed`, the channel webhooks and the Pusher HTTP
 //!   API's answers are the cluster's, once each; a dead node's members are swept.
 

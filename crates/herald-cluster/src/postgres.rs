@@ -65,7 +65,13 @@ use serde_json::value::RawValue;
 use sqlx::{PgPool, postgres::PgListener};
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{Bus, Hearing};
+use crate::{
+    bus::{Bus, Hearing},
+    presence::PresenceRecord,
+};
+
+/// The first byte of a presence notice on a bus (publications are JSON objects, `{`).
+pub const PRESENCE_NOTICE_MARK: &[u8] = b"P";
 
 /// The NOTIFY channel of publications on channels that keep no history.
 pub const PUBLICATIONS_CHANNEL: &str = "herald_publications";
@@ -204,6 +210,7 @@ pub struct PostgresBroker {
     bus: Option<Arc<dyn Bus>>,
     /// A send to the bus failed: history subscribers are caught up once it is back.
     missed: AtomicBool,
+    presence: std::sync::OnceLock<Arc<dyn PresenceRecord>>,
 }
 
 impl PostgresBroker {
@@ -227,12 +234,31 @@ impl PostgresBroker {
             wake_deliveries,
             bus,
             missed: AtomicBool::new(false),
+            presence: std::sync::OnceLock::new(),
         })
     }
 
     /// The bus publications travel on, if not NOTIFY.
     pub fn bus(&self) -> Option<&Arc<dyn Bus>> {
         self.bus.as_ref()
+    }
+
+    /// Where presence notices that refer to the record are read (a member's `user_info`
+    /// too large for its notice): the one [`PostgresBroker::record_presence_in`] named, else
+    /// the PostgreSQL tables.
+    fn presence_record(&self) -> Arc<dyn PresenceRecord> {
+        match self.presence.get() {
+            Some(record) => Arc::clone(record),
+            None => Arc::new(crate::presence::postgres::PostgresRecord::new(
+                self.pool.clone(),
+            )),
+        }
+    }
+
+    /// The presence record of this cluster, when it is not the PostgreSQL one (a presence
+    /// record on the bus's engine announces its notices on the bus).
+    pub fn record_presence_in(&self, record: Arc<dyn PresenceRecord>) {
+        let _ = self.presence.set(record);
     }
 
     /// Whether the LISTEN session is open: while it is not, this node hears no other node.
@@ -373,7 +399,8 @@ impl PostgresBroker {
                 Ok(())
             }
             crate::presence::PRESENCE_CHANNEL => {
-                crate::presence::hear(&self.hub, &self.pool, &self.node, payload).await
+                let record = self.presence_record();
+                crate::presence::hear(&self.hub, record.as_ref(), &self.node, payload).await
             }
             _ => Ok(()),
         };
@@ -412,6 +439,13 @@ impl PostgresBroker {
 
     /// A publication heard on the bus.
     async fn hear_bus(&self, payload: &[u8]) -> Result<(), String> {
+        // A presence notice (`P` and its JSON), from a presence record on the bus's engine.
+        if let Some(notice) = payload.strip_prefix(PRESENCE_NOTICE_MARK) {
+            let notice =
+                std::str::from_utf8(notice).map_err(|e| format!("presence notice: {e}"))?;
+            let record = self.presence_record();
+            return crate::presence::hear(&self.hub, record.as_ref(), &self.node, notice).await;
+        }
         let message: BusMessage =
             serde_json::from_slice(payload).map_err(|e| format!("bus message: {e}"))?;
         let app_id =

@@ -160,9 +160,29 @@ pub async fn run(
     // kill would; a graceful stop leaves the cluster after the connections have closed.
     let cluster_presence = match (&postgres_broker, cluster_pool) {
         (Some(broker), Some(pool)) => {
-            let cluster = herald_cluster::presence::PostgresPresence::new(
+            // Presence is recorded where publications travel when that is Redis (its notices
+            // then ride the bus); on NATS and on NOTIFY, in PostgreSQL.
+            let record: Arc<dyn herald_cluster::presence::PresenceRecord> =
+                match config.broker.url.as_deref() {
+                    Some(url) if url.starts_with("redis") => {
+                        let record = herald_cluster::presence::redis::RedisRecord::connect(
+                            url,
+                            &config.broker.topic,
+                        )
+                        .await
+                        .context("connecting the presence record to Redis (broker.url)")?;
+                        let record: Arc<dyn herald_cluster::presence::PresenceRecord> =
+                            Arc::new(record);
+                        broker.record_presence_in(Arc::clone(&record));
+                        record
+                    }
+                    _ => Arc::new(herald_cluster::presence::postgres::PostgresRecord::new(
+                        pool,
+                    )),
+                };
+            let cluster = herald_cluster::presence::ClusterPresence::new(
                 broker.node().to_owned(),
-                pool,
+                record,
                 Arc::clone(&hub),
                 Arc::clone(&channel_webhooks) as _,
                 config.node_ttl(),

@@ -12,6 +12,7 @@ use std::{collections::HashSet, time::Duration};
 use serde_json::{Value, json};
 
 use crate::{
+    cluster_presence::{join as join_presence, until_users},
     harness::{
         Backend, Receiver, Reply, TestBroker, TestServer, ThrowawayDatabase, backend,
         join_cluster_broker, test_broker,
@@ -637,6 +638,21 @@ async fn a_broker_restart_during_a_steady_publish_stream_leaves_every_history_cl
         ));
     }
 
+    // A presence member on node 2: its record (Redis's keys, when the broker is Redis) is
+    // lost with a server that keeps nothing, and rebuilt by node 2 from its sockets.
+    let ada_listed = async || {
+        until_users(
+            &cluster.nodes[2],
+            &creds,
+            "presence-broker-restart",
+            &["ada"],
+        )
+        .await;
+    };
+    let mut member = Client::connect(&cluster.nodes[1], &creds.key).await;
+    join_presence(&mut member, &creds, "presence-broker-restart", "ada").await;
+    ada_listed().await;
+
     let (restart_now, restart_due) = tokio::sync::oneshot::channel();
     let publisher = {
         let (remote, creds) = (
@@ -736,6 +752,9 @@ async fn a_broker_restart_during_a_steady_publish_stream_leaves_every_history_cl
         )
         .await;
     }
+
+    // The member is listed by every node again (rebuilt if the restart lost it).
+    ada_listed().await;
 
     let wanted: HashSet<u64> = acknowledged.iter().copied().collect();
     for client in &listening {

@@ -36,7 +36,12 @@ fn member(user: &str) -> String {
 }
 
 /// Subscribes `client` to a presence channel as `user`; returns the snapshot's ids.
-async fn join(client: &mut Client, creds: &Creds, channel: &str, user: &str) -> Vec<String> {
+pub(crate) async fn join(
+    client: &mut Client,
+    creds: &Creds,
+    channel: &str,
+    user: &str,
+) -> Vec<String> {
     let data = member(user);
     let auth = channel_auth(creds, &client.socket_id, channel, Some(&data));
     client
@@ -109,7 +114,12 @@ async fn users(node: &TestServer, creds: &Creds, channel: &str) -> Vec<String> {
     ids
 }
 
-async fn until_users(node: &TestServer, creds: &Creds, channel: &str, expected: &[&str]) {
+pub(crate) async fn until_users(
+    node: &TestServer,
+    creds: &Creds,
+    channel: &str,
+    expected: &[&str],
+) {
     eventually(&format!("users {expected:?} in {channel}"), || async {
         (users(node, creds, channel).await == expected).then_some(())
     })

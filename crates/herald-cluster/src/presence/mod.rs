@@ -1,6 +1,9 @@
-//! Presence and occupancy across nodes, on PostgreSQL alone: the cluster's
-//! [`PresenceSync`] (what each hub hands on) and [`PresenceManager`] (what the Pusher HTTP API
-//! reads).
+//! Presence and occupancy across nodes: the cluster's [`PresenceSync`] (what each hub hands
+//! on) and [`PresenceManager`] (what the Pusher HTTP API reads), [`ClusterPresence`], over a
+//! [`PresenceRecord`]: the engine that records who holds what and decides each change
+//! atomically (PostgreSQL: [`postgres::PostgresRecord`]; Redis: [`redis::RedisRecord`], used
+//! when the cluster's broker is Redis). What follows is said in the
+//! PostgreSQL record's terms; every record keeps the same promises.
 //!
 //! **Rows per node.** Each node writes only what it knows: a `cluster_presence_members` row
 //! per (channel, user) with at least one of its sockets in, a `cluster_channel_occupancy` row
@@ -34,7 +37,7 @@
 //! **Bounded, and repaired rather than dropped.** The hub hands changes on without waiting
 //! (it holds a channel lock), into a queue of [`QUEUE_CAPACITY`]. A change that finds the queue
 //! full, or that the database refuses, is not retried on its own: the node's rows are then
-//! *reconciled* with its hub ([`PostgresPresence::reconcile`]): what was queued is discarded,
+//! *reconciled* with its hub (`ClusterPresence::reconcile`): what was queued is discarded,
 //! the hub is read, and this node's rows are added or removed until they match it. Every change
 //! is idempotent on this node's row (a join whose row exists reports nothing, a leave whose row
 //! is gone reports nothing), so a change applied twice, once by the reconcile and once from
@@ -66,7 +69,6 @@ use herald_channels::{
 };
 use herald_core::AppId;
 use serde::{Deserialize, Serialize};
-use sqlx::{PgPool, Postgres, Transaction};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -79,9 +81,8 @@ pub const FLUSH_EVERY: Duration = Duration::from_millis(250);
 /// A node is dead when its heartbeat is older than this, unless configured otherwise.
 pub const DEFAULT_NODE_TTL: Duration = Duration::from_secs(15);
 
-/// A notification payload must be shorter than 8,000 bytes; larger `user_info` is read from
-/// the member's row instead.
-const MAX_NOTICE_BYTES: usize = 7_900;
+pub mod postgres;
+pub mod redis;
 
 /// Rows one sweep removes at most (the next heartbeat goes on).
 const SWEEP_LIMIT: i64 = 1_000;
@@ -152,6 +153,8 @@ pub enum ClusterPresenceError {
     Database(#[from] sqlx::Error),
     #[error("presence notice: {0}")]
     Notice(String),
+    #[error("presence record: {0}")]
+    Record(String),
 }
 
 impl From<ClusterPresenceError> for PresenceError {
@@ -161,7 +164,7 @@ impl From<ClusterPresenceError> for PresenceError {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-enum NoticeKind {
+pub enum NoticeKind {
     #[serde(rename = "added")]
     Added,
     #[serde(rename = "removed")]
@@ -172,46 +175,65 @@ enum NoticeKind {
 
 /// A presence notice, as notified (JSON with one-letter keys).
 #[derive(Debug, Serialize, Deserialize)]
-struct Notice {
+pub struct Notice {
     #[serde(rename = "k")]
-    kind: NoticeKind,
+    pub kind: NoticeKind,
     /// The node that decided (or was asked to terminate): it has done its own part already
     /// for `terminate`.
     #[serde(rename = "s")]
-    node: String,
+    pub node: String,
     #[serde(rename = "a")]
-    app_id: String,
+    pub app_id: String,
     #[serde(rename = "c", default)]
-    channel: String,
+    pub channel: String,
     #[serde(rename = "u")]
-    user_id: String,
+    pub user_id: String,
     #[serde(rename = "i", default, skip_serializing_if = "Option::is_none")]
-    info: Option<String>,
+    pub info: Option<String>,
     /// `user_info` too large for the notice: read it from the member's row.
     #[serde(rename = "r", default, skip_serializing_if = "std::ops::Not::not")]
-    info_by_reference: bool,
+    pub info_by_reference: bool,
     /// The joining socket, not told of its own arrival.
     #[serde(rename = "x", default, skip_serializing_if = "Option::is_none")]
-    except: Option<String>,
+    pub except: Option<String>,
 }
 
 impl Notice {
-    fn encode(mut self) -> Result<String, ClusterPresenceError> {
-        let whole = serde_json::to_string(&self)
-            .map_err(|e| ClusterPresenceError::Notice(e.to_string()))?;
-        if whole.len() <= MAX_NOTICE_BYTES {
-            return Ok(whole);
+    /// A member added or removed, decided by `node`.
+    pub fn member(kind: NoticeKind, node: &str, app: &str, channel: &str, user_id: &str) -> Self {
+        Self {
+            kind,
+            node: node.to_owned(),
+            app_id: app.to_owned(),
+            channel: channel.to_owned(),
+            user_id: user_id.to_owned(),
+            info: None,
+            info_by_reference: false,
+            except: None,
         }
-        self.info = None;
-        self.info_by_reference = true;
-        serde_json::to_string(&self).map_err(|e| ClusterPresenceError::Notice(e.to_string()))
+    }
+
+    /// With the member's `user_info` and the joining socket that is not told.
+    pub fn with_info(mut self, info: Option<&str>, except: Option<&str>) -> Self {
+        self.info = info.map(str::to_owned);
+        self.except = except.map(str::to_owned);
+        self
+    }
+
+    pub fn to_json(&self) -> Result<String, ClusterPresenceError> {
+        serde_json::to_string(self).map_err(|e| ClusterPresenceError::Notice(e.to_string()))
     }
 }
 
 /// Hands on a presence notice heard on [`PRESENCE_CHANNEL`] (called by the broker's LISTEN
 /// session): members added or removed go to this node's subscribers of the channel, a
 /// terminated user's connections here close.
-pub async fn hear(hub: &Hub, pool: &PgPool, node: &str, payload: &str) -> Result<(), String> {
+pub async fn hear(
+    hub: &Hub,
+    record: &dyn PresenceRecord,
+    node: &str,
+    payload: &str,
+) -> Result<(), String> {
     let notice: Notice =
         serde_json::from_str(payload).map_err(|e| format!("presence notice: {e}"))?;
     let app_id = AppId::parse(&notice.app_id).map_err(|e| format!("app id: {e}"))?;
@@ -233,17 +255,10 @@ pub async fn hear(hub: &Hub, pool: &PgPool, node: &str, payload: &str) -> Result
                 return Ok(());
             }
             let info = if notice.info_by_reference {
-                sqlx::query_scalar::<_, Option<String>>(
-                    "SELECT user_info FROM cluster_presence_members
-                     WHERE app_id = $1 AND channel = $2 AND user_id = $3 LIMIT 1",
-                )
-                .bind(&notice.app_id)
-                .bind(&notice.channel)
-                .bind(&notice.user_id)
-                .fetch_optional(pool)
-                .await
-                .map_err(|e| e.to_string())?
-                .flatten()
+                record
+                    .member_info(&notice.app_id, &notice.channel, &notice.user_id)
+                    .await
+                    .map_err(|e| e.to_string())?
             } else {
                 notice.info
             };
@@ -260,10 +275,10 @@ pub async fn hear(hub: &Hub, pool: &PgPool, node: &str, payload: &str) -> Result
     Ok(())
 }
 
-/// What a hub hands on: queued for [`PostgresPresence::run`], in order.
+/// What a hub hands on: queued for [`ClusterPresence::run`], in order.
 struct Queue {
     node: String,
-    pool: PgPool,
+    record: Arc<dyn PresenceRecord>,
     changes: mpsc::Sender<Change>,
     /// Set when a change found the queue full: the task reconciles instead.
     overflowed: Arc<AtomicBool>,
@@ -300,43 +315,150 @@ impl PresenceSync for Queue {
     }
 
     fn members_elsewhere(&self, app_id: &AppId, channel: &str) -> MembersFuture {
-        let (pool, node) = (self.pool.clone(), self.node.clone());
+        let (record, node) = (Arc::clone(&self.record), self.node.clone());
         let (app_id, channel) = (app_id.as_str().to_owned(), channel.to_owned());
         let progress = Arc::clone(&self.progress);
         Box::pin(async move {
             // Polled after the subscriber joined the hub: its own join is queued by now.
             progress.settled().await;
-            members_elsewhere(&pool, &node, &app_id, &channel)
+            read_again_once(|| record.members_elsewhere(&node, &app_id, &channel))
                 .await
-                .map_err(|e| PresenceError::Unavailable(e.to_string()))
+                .map_err(PresenceError::from)
         })
     }
 }
 
-async fn members_elsewhere(
-    pool: &PgPool,
-    node: &str,
-    app_id: &str,
-    channel: &str,
-) -> Result<Vec<RemoteMember>, sqlx::Error> {
-    sqlx::query_as::<_, (String, Option<String>)>(
-        "SELECT DISTINCT ON (user_id) user_id, user_info FROM cluster_presence_members
-         WHERE app_id = $1 AND channel = $2 AND node_id <> $3
-         ORDER BY user_id, joined_at",
-    )
-    .bind(app_id)
-    .bind(channel)
-    .bind(node)
-    .fetch_all(pool)
-    .await
+/// What a record says one node holds: (app, channel, user) members and (app, channel)
+/// channels.
+#[derive(Debug, Default)]
+pub struct Held {
+    pub members: HashSet<(String, String, String)>,
+    pub channels: HashSet<(String, String)>,
 }
 
-/// The cluster's presence on PostgreSQL (see the module doc). [`PostgresPresence::new`]
-/// makes the hub share its changes; [`PostgresPresence::register`] before serving, then
-/// [`PostgresPresence::run`] once per node.
-pub struct PostgresPresence {
+/// What nodes no longer registered still hold: (node, app, channel, user) members and (node,
+/// app, channel) channels.
+#[derive(Debug, Default)]
+pub struct Orphans {
+    pub members: Vec<(String, String, String, String)>,
+    pub channels: Vec<(String, String, String)>,
+}
+
+/// Where the cluster's presence is recorded (see the module doc): entries per node, each
+/// change decided atomically with its key's other nodes' entries, and the notices it causes
+/// sent with it, so every node hears each once.
+#[async_trait::async_trait]
+pub trait PresenceRecord: Send + Sync + 'static {
+    /// Records `node` as alive now.
+    async fn register(&self, node: &str) -> Result<(), ClusterPresenceError>;
+
+    /// Renews `node`'s heartbeat; `false` if it was not registered (taken for dead).
+    async fn heartbeat(&self, node: &str) -> Result<bool, ClusterPresenceError>;
+
+    /// `node` holds `user_id` in `channel`. `true` if that made the user a member of the
+    /// cluster (no node held it, this one included); then `member_added` has been announced,
+    /// the socket `except` excepted.
+    async fn join(
+        &self,
+        node: &str,
+        app: &str,
+        channel: &str,
+        user_id: &str,
+        info: Option<&str>,
+        except: Option<&str>,
+    ) -> Result<bool, ClusterPresenceError>;
+
+    /// `node` no longer holds `user_id`. `true` if no node holds it now (it did); then
+    /// `member_removed` has been announced in the name of `deciding`.
+    async fn leave(
+        &self,
+        node: &str,
+        deciding: &str,
+        app: &str,
+        channel: &str,
+        user_id: &str,
+    ) -> Result<bool, ClusterPresenceError>;
+
+    /// `node` has `subscriptions` in `channel`. `true` if that made the channel occupied in
+    /// the cluster.
+    async fn occupy(
+        &self,
+        node: &str,
+        app: &str,
+        channel: &str,
+        subscriptions: i64,
+    ) -> Result<bool, ClusterPresenceError>;
+
+    /// `node` has no subscriber in `channel` any more. `true` if no node has one now (it did).
+    async fn vacate(
+        &self,
+        node: &str,
+        app: &str,
+        channel: &str,
+    ) -> Result<bool, ClusterPresenceError>;
+
+    /// `node`'s subscription counts, (app, channel, count), for channels it occupies.
+    async fn write_counts(
+        &self,
+        node: &str,
+        counts: &[(String, String, i64)],
+    ) -> Result<(), ClusterPresenceError>;
+
+    /// What `node` holds.
+    async fn held_by(&self, node: &str) -> Result<Held, ClusterPresenceError>;
+
+    /// Unregisters nodes whose heartbeat is older than `cutoff_millis` (Unix milliseconds);
+    /// returns them.
+    async fn expire_nodes(&self, cutoff_millis: i64) -> Result<Vec<String>, ClusterPresenceError>;
+
+    /// Unregisters `node` (a graceful stop).
+    async fn forget_node(&self, node: &str) -> Result<(), ClusterPresenceError>;
+
+    /// At most `limit` members and `limit` channels held by unregistered nodes.
+    async fn orphans(&self, limit: i64) -> Result<Orphans, ClusterPresenceError>;
+
+    /// Members of `channel` held by nodes other than `node`, with their `user_info`.
+    async fn members_elsewhere(
+        &self,
+        node: &str,
+        app: &str,
+        channel: &str,
+    ) -> Result<Vec<RemoteMember>, ClusterPresenceError>;
+
+    /// Other nodes' subscription counts per channel starting with `prefix`.
+    async fn counts_elsewhere(
+        &self,
+        node: &str,
+        app: &str,
+        prefix: &str,
+    ) -> Result<Vec<(String, i64)>, ClusterPresenceError>;
+
+    /// Other nodes' (channel, user) members of channels starting with `prefix`.
+    async fn users_elsewhere(
+        &self,
+        node: &str,
+        app: &str,
+        prefix: &str,
+    ) -> Result<Vec<(String, String)>, ClusterPresenceError>;
+
+    /// A member's `user_info`, for a notice that carried it by reference.
+    async fn member_info(
+        &self,
+        app: &str,
+        channel: &str,
+        user_id: &str,
+    ) -> Result<Option<String>, ClusterPresenceError>;
+
+    /// Sends `notice` to every node.
+    async fn announce(&self, notice: Notice) -> Result<(), ClusterPresenceError>;
+}
+
+/// The cluster's presence over a [`PresenceRecord`] (see the module doc). [`ClusterPresence::new`]
+/// makes the hub share its changes; [`ClusterPresence::register`] before serving, then
+/// [`ClusterPresence::run`] once per node.
+pub struct ClusterPresence {
     node: String,
-    pool: PgPool,
+    record: Arc<dyn PresenceRecord>,
     hub: Arc<Hub>,
     /// Where this node reports the channel webhooks it decided (the `ChannelWebhooks`).
     webhooks: Arc<dyn ChannelObserver>,
@@ -346,30 +468,22 @@ pub struct PostgresPresence {
     progress: Arc<Progress>,
 }
 
-/// Whether a change is the cluster's: what one transaction found.
-enum Decided {
-    /// This node's row was written or removed and no other node has one.
-    Cluster,
-    /// Another node has a row (or this node had none to remove): nothing to report.
-    NodeOnly,
-}
-
-impl PostgresPresence {
-    /// `pool` is the PostgreSQL store's; `webhooks` gets the channel webhooks this node
+impl ClusterPresence {
+    /// `record` holds the cluster's entries; `webhooks` gets the channel webhooks this node
     /// decides. Makes `hub` hand its presence and occupancy changes here.
     pub fn new(
         node: String,
-        pool: PgPool,
+        record: Arc<dyn PresenceRecord>,
         hub: Arc<Hub>,
         webhooks: Arc<dyn ChannelObserver>,
         node_ttl: Duration,
     ) -> Arc<Self> {
-        Self::with_capacity(node, pool, hub, webhooks, node_ttl, QUEUE_CAPACITY)
+        Self::with_capacity(node, record, hub, webhooks, node_ttl, QUEUE_CAPACITY)
     }
 
     fn with_capacity(
         node: String,
-        pool: PgPool,
+        record: Arc<dyn PresenceRecord>,
         hub: Arc<Hub>,
         webhooks: Arc<dyn ChannelObserver>,
         node_ttl: Duration,
@@ -380,14 +494,14 @@ impl PostgresPresence {
         let progress = Arc::new(Progress::new());
         hub.share_presence(Arc::new(Queue {
             node: node.clone(),
-            pool: pool.clone(),
+            record: Arc::clone(&record),
             changes: sender,
             overflowed: Arc::clone(&overflowed),
             progress: Arc::clone(&progress),
         }));
         Arc::new(Self {
             node,
-            pool,
+            record,
             hub,
             webhooks,
             node_ttl,
@@ -402,18 +516,9 @@ impl PostgresPresence {
         &self.node
     }
 
-    /// Writes this node's `cluster_nodes` row; its other rows would be swept without it.
+    /// Registers this node; its other entries would be swept without it.
     pub async fn register(&self) -> Result<(), ClusterPresenceError> {
-        let now = Utc::now().timestamp_millis();
-        sqlx::query(
-            "INSERT INTO cluster_nodes (node_id, started_at, heartbeat_at) VALUES ($1, $2, $2)
-             ON CONFLICT (node_id) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at",
-        )
-        .bind(&self.node)
-        .bind(now)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        self.record.register(&self.node).await
     }
 
     /// Applies this node's changes in order, heartbeats and sweeps dead nodes every third of
@@ -524,23 +629,10 @@ impl PostgresPresence {
     /// lack are added, rows the hub no longer has are removed, each as the change it stands
     /// for (so the cluster reports what it had not seen, once). Returns how many rows changed.
     async fn reconcile(&self, flushed: &mut Flushed) -> Result<usize, ClusterPresenceError> {
-        let stored_members: HashSet<(String, String, String)> = sqlx::query_as(
-            "SELECT app_id, channel, user_id FROM cluster_presence_members WHERE node_id = $1",
-        )
-        .bind(&self.node)
-        .fetch_all(&self.pool)
-        .await?
-        .into_iter()
-        .collect();
-        let stored_channels: HashSet<(String, String)> = sqlx::query_as(
-            "SELECT app_id, channel FROM cluster_channel_occupancy WHERE node_id = $1",
-        )
-        .bind(&self.node)
-        .fetch_all(&self.pool)
-        .await?
-        .into_iter()
-        .collect();
-
+        let Held {
+            members: stored_members,
+            channels: stored_channels,
+        } = self.record.held_by(&self.node).await?;
         let mut changes: Vec<(AppId, LocalChange)> = Vec::new();
         let mut held_members = HashSet::new();
         let mut held_channels = HashSet::new();
@@ -603,68 +695,28 @@ impl PostgresPresence {
         flushed: &mut Flushed,
     ) -> Result<(), ClusterPresenceError> {
         let app = app_id.as_str();
-        let (event, decided) = match change {
+        let (event, cluster) = match change {
             LocalChange::Joined {
                 channel,
                 user_id,
                 info,
                 socket_id,
             } => {
-                let mut tx = self.pool.begin().await?;
-                lock(&mut tx, &member_key(app, channel, user_id)).await?;
-                let elsewhere =
-                    member_elsewhere(&mut tx, app, channel, user_id, &self.node).await?;
-                // A row of this node already there (a change applied twice) reports nothing.
-                let inserted = sqlx::query(
-                    "INSERT INTO cluster_presence_members
-                         (app_id, channel, user_id, node_id, user_info, joined_at)
-                     VALUES ($1, $2, $3, $4, $5, $6)
-                     ON CONFLICT (app_id, channel, user_id, node_id) DO NOTHING",
-                )
-                .bind(app)
-                .bind(channel)
-                .bind(user_id)
-                .bind(&self.node)
-                .bind(info)
-                .bind(Utc::now().timestamp_millis())
-                .execute(&mut *tx)
-                .await?
-                .rows_affected()
-                    > 0;
-                let cluster = inserted && !elsewhere;
-                if cluster {
-                    let notice = Notice {
-                        kind: NoticeKind::Added,
-                        node: self.node.clone(),
-                        app_id: app.to_owned(),
-                        channel: channel.clone(),
-                        user_id: user_id.clone(),
-                        info: info.clone(),
-                        info_by_reference: false,
-                        except: (!socket_id.is_empty()).then(|| socket_id.clone()),
-                    };
-                    notify(&mut tx, notice).await?;
-                }
-                tx.commit().await?;
-                (
-                    ChannelEvent::MemberAdded {
-                        channel: channel.clone(),
-                        user_id: user_id.clone(),
-                    },
-                    decided(cluster),
-                )
+                let except = (!socket_id.is_empty()).then_some(socket_id.as_str());
+                let cluster = self
+                    .record
+                    .join(&self.node, app, channel, user_id, info.as_deref(), except)
+                    .await?;
+                let (channel, user_id) = (channel.clone(), user_id.clone());
+                (ChannelEvent::MemberAdded { channel, user_id }, cluster)
             }
             LocalChange::Left { channel, user_id } => {
-                let cluster =
-                    remove_member(&self.pool, app, channel, user_id, &self.node, &self.node)
-                        .await?;
-                (
-                    ChannelEvent::MemberRemoved {
-                        channel: channel.clone(),
-                        user_id: user_id.clone(),
-                    },
-                    cluster,
-                )
+                let cluster = self
+                    .record
+                    .leave(&self.node, &self.node, app, channel, user_id)
+                    .await?;
+                let (channel, user_id) = (channel.clone(), user_id.clone());
+                (ChannelEvent::MemberRemoved { channel, user_id }, cluster)
             }
             LocalChange::Occupied { channel } => {
                 let count = self
@@ -674,53 +726,19 @@ impl PostgresPresence {
                     .map_or(1, |i| {
                         i64::try_from(i.subscription_count).unwrap_or(i64::MAX)
                     });
-                let mut tx = self.pool.begin().await?;
-                lock(&mut tx, &occupancy_key(app, channel)).await?;
-                let elsewhere: bool = sqlx::query_scalar(
-                    "SELECT EXISTS (SELECT 1 FROM cluster_channel_occupancy
-                     WHERE app_id = $1 AND channel = $2 AND node_id <> $3)",
-                )
-                .bind(app)
-                .bind(channel)
-                .bind(&self.node)
-                .fetch_one(&mut *tx)
-                .await?;
-                // `xmax = 0` only for a row this statement inserted: one already there (a
-                // change applied twice) reports nothing.
-                let inserted: bool = sqlx::query_scalar(
-                    "INSERT INTO cluster_channel_occupancy (app_id, channel, node_id, subscriptions)
-                     VALUES ($1, $2, $3, $4)
-                     ON CONFLICT (app_id, channel, node_id)
-                     DO UPDATE SET subscriptions = EXCLUDED.subscriptions
-                     RETURNING (xmax = 0)",
-                )
-                .bind(app)
-                .bind(channel)
-                .bind(&self.node)
-                .bind(count)
-                .fetch_one(&mut *tx)
-                .await?;
-                tx.commit().await?;
+                let cluster = self.record.occupy(&self.node, app, channel, count).await?;
                 flushed.insert((app.to_owned(), channel.clone()), count);
-                (
-                    ChannelEvent::Occupied {
-                        channel: channel.clone(),
-                    },
-                    decided(inserted && !elsewhere),
-                )
+                let channel = channel.clone();
+                (ChannelEvent::Occupied { channel }, cluster)
             }
             LocalChange::Vacated { channel } => {
                 flushed.remove(&(app.to_owned(), channel.clone()));
-                let cluster = remove_occupancy(&self.pool, app, channel, &self.node).await?;
-                (
-                    ChannelEvent::Vacated {
-                        channel: channel.clone(),
-                    },
-                    cluster,
-                )
+                let cluster = self.record.vacate(&self.node, app, channel).await?;
+                let channel = channel.clone();
+                (ChannelEvent::Vacated { channel }, cluster)
             }
         };
-        if matches!(decided, Decided::Cluster) {
+        if cluster {
             self.webhooks.observe(app_id, event);
         }
         Ok(())
@@ -731,14 +749,9 @@ impl PostgresPresence {
     /// swept as leaves, so it registers again and the reconcile writes what its hub holds,
     /// announcing it anew.
     async fn heartbeat(&self) -> bool {
-        let renewed = sqlx::query("UPDATE cluster_nodes SET heartbeat_at = $2 WHERE node_id = $1")
-            .bind(&self.node)
-            .bind(Utc::now().timestamp_millis())
-            .execute(&self.pool)
-            .await;
-        match renewed {
-            Ok(done) if done.rows_affected() > 0 => true,
-            Ok(_) => {
+        match self.record.heartbeat(&self.node).await {
+            Ok(true) => true,
+            Ok(false) => {
                 tracing::error!(
                     node = self.node,
                     "presence: this node was taken for dead (no heartbeat within node_ttl); registering again"
@@ -761,12 +774,7 @@ impl PostgresPresence {
     pub async fn sweep(&self) -> Result<usize, ClusterPresenceError> {
         let cutoff = Utc::now().timestamp_millis()
             - i64::try_from(self.node_ttl.as_millis()).unwrap_or(i64::MAX);
-        let dead: Vec<String> = sqlx::query_scalar(
-            "DELETE FROM cluster_nodes WHERE heartbeat_at < $1 RETURNING node_id",
-        )
-        .bind(cutoff)
-        .fetch_all(&self.pool)
-        .await?;
+        let dead = self.record.expire_nodes(cutoff).await?;
         for node in &dead {
             tracing::warn!(
                 node = self.node,
@@ -774,36 +782,21 @@ impl PostgresPresence {
                 "presence: a node stopped heartbeating; removing its members"
             );
         }
-        let mut removed = 0;
-        let members: Vec<(String, String, String, String)> = sqlx::query_as(
-            "SELECT app_id, channel, user_id, node_id FROM cluster_presence_members m
-             WHERE NOT EXISTS (SELECT 1 FROM cluster_nodes n WHERE n.node_id = m.node_id)
-             LIMIT $1",
-        )
-        .bind(SWEEP_LIMIT)
-        .fetch_all(&self.pool)
-        .await?;
-        for (app, channel, user_id, node) in members {
-            removed += 1;
-            if let Decided::Cluster =
-                remove_member(&self.pool, &app, &channel, &user_id, &node, &self.node).await?
+        let orphans = self.record.orphans(SWEEP_LIMIT).await?;
+        let removed = orphans.members.len() + orphans.channels.len();
+        for (node, app, channel, user_id) in orphans.members {
+            if self
+                .record
+                .leave(&node, &self.node, &app, &channel, &user_id)
+                .await?
                 && let Ok(app_id) = AppId::parse(&app)
             {
                 self.webhooks
                     .observe(&app_id, ChannelEvent::MemberRemoved { channel, user_id });
             }
         }
-        let channels: Vec<(String, String, String)> = sqlx::query_as(
-            "SELECT app_id, channel, node_id FROM cluster_channel_occupancy o
-             WHERE NOT EXISTS (SELECT 1 FROM cluster_nodes n WHERE n.node_id = o.node_id)
-             LIMIT $1",
-        )
-        .bind(SWEEP_LIMIT)
-        .fetch_all(&self.pool)
-        .await?;
-        for (app, channel, node) in channels {
-            removed += 1;
-            if let Decided::Cluster = remove_occupancy(&self.pool, &app, &channel, &node).await?
+        for (node, app, channel) in orphans.channels {
+            if self.record.vacate(&node, &app, &channel).await?
                 && let Ok(app_id) = AppId::parse(&app)
             {
                 self.webhooks
@@ -817,10 +810,7 @@ impl PostgresPresence {
     /// deletes the node, and anything it still held leaves as a dead node's would.
     async fn leave(&self) {
         let left = async {
-            sqlx::query("DELETE FROM cluster_nodes WHERE node_id = $1")
-                .bind(&self.node)
-                .execute(&self.pool)
-                .await?;
+            self.record.forget_node(&self.node).await?;
             self.sweep().await
         };
         if let Err(e) = left.await {
@@ -830,7 +820,7 @@ impl PostgresPresence {
 
     /// Writes the subscription counts that changed since the last flush, in one statement.
     async fn flush(&self, flushed: &mut Flushed) -> Result<(), ClusterPresenceError> {
-        let (mut apps, mut channels, mut counts) = (Vec::new(), Vec::new(), Vec::new());
+        let mut counts = Vec::new();
         for app in self.hub.apps() {
             for (channel, info) in app.channels("") {
                 let key = (app.app_id().as_str().to_owned(), channel);
@@ -840,27 +830,14 @@ impl PostgresPresence {
                     && *known != count
                 {
                     *known = count;
-                    apps.push(key.0);
-                    channels.push(key.1);
-                    counts.push(count);
+                    counts.push((key.0, key.1, count));
                 }
             }
         }
-        if apps.is_empty() {
+        if counts.is_empty() {
             return Ok(());
         }
-        sqlx::query(
-            "UPDATE cluster_channel_occupancy o SET subscriptions = u.n
-             FROM unnest($1::text[], $2::text[], $3::bigint[]) AS u(a, c, n)
-             WHERE o.app_id = u.a AND o.channel = u.c AND o.node_id = $4",
-        )
-        .bind(&apps)
-        .bind(&channels)
-        .bind(&counts)
-        .bind(&self.node)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        self.record.write_counts(&self.node, &counts).await
     }
 
     /// Other nodes' subscription counts per channel whose name starts with `prefix`.
@@ -869,15 +846,10 @@ impl PostgresPresence {
         app_id: &AppId,
         prefix: &str,
     ) -> Result<BTreeMap<String, usize>, ClusterPresenceError> {
-        let rows: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT channel, SUM(subscriptions)::BIGINT FROM cluster_channel_occupancy
-             WHERE app_id = $1 AND node_id <> $2 AND left(channel, length($3)) = $3
-             GROUP BY channel",
-        )
-        .bind(app_id.as_str())
-        .bind(&self.node)
-        .bind(prefix)
-        .fetch_all(&self.pool)
+        let rows = read_again_once(|| {
+            self.record
+                .counts_elsewhere(&self.node, app_id.as_str(), prefix)
+        })
         .await?;
         Ok(rows
             .into_iter()
@@ -891,14 +863,10 @@ impl PostgresPresence {
         app_id: &AppId,
         prefix: &str,
     ) -> Result<BTreeMap<String, BTreeSet<String>>, ClusterPresenceError> {
-        let rows: Vec<(String, String)> = sqlx::query_as(
-            "SELECT DISTINCT channel, user_id FROM cluster_presence_members
-             WHERE app_id = $1 AND node_id <> $2 AND left(channel, length($3)) = $3",
-        )
-        .bind(app_id.as_str())
-        .bind(&self.node)
-        .bind(prefix)
-        .fetch_all(&self.pool)
+        let rows = read_again_once(|| {
+            self.record
+                .users_elsewhere(&self.node, app_id.as_str(), prefix)
+        })
         .await?;
         let mut users: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for (channel, user) in rows {
@@ -944,135 +912,25 @@ impl PostgresPresence {
     }
 }
 
-fn decided(cluster: bool) -> Decided {
-    if cluster {
-        Decided::Cluster
-    } else {
-        Decided::NodeOnly
+/// Reads from the record, and once more if that failed: an engine's client notices a
+/// connection the server dropped (a restarted Redis) by failing one command, then reconnects.
+/// (Changes are not retried here: a failed one makes the node reconcile.)
+async fn read_again_once<T, F, Fut>(read: F) -> Result<T, ClusterPresenceError>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<T, ClusterPresenceError>>,
+{
+    match read().await {
+        Ok(value) => Ok(value),
+        Err(e) => {
+            tracing::debug!(error = %e, "presence: reading the record failed; once more");
+            read().await
+        }
     }
-}
-
-fn member_key(app: &str, channel: &str, user_id: &str) -> String {
-    format!("member\u{1f}{app}\u{1f}{channel}\u{1f}{user_id}")
-}
-
-fn occupancy_key(app: &str, channel: &str) -> String {
-    format!("occupancy\u{1f}{app}\u{1f}{channel}")
-}
-
-/// Takes the transaction-scoped lock of `key`: every node's change of one key takes turns.
-async fn lock(tx: &mut Transaction<'_, Postgres>, key: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
-        .bind(key)
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
-}
-
-async fn notify(
-    tx: &mut Transaction<'_, Postgres>,
-    notice: Notice,
-) -> Result<(), ClusterPresenceError> {
-    sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(PRESENCE_CHANNEL)
-        .bind(notice.encode()?)
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
-}
-
-async fn member_elsewhere(
-    tx: &mut Transaction<'_, Postgres>,
-    app: &str,
-    channel: &str,
-    user_id: &str,
-    node: &str,
-) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM cluster_presence_members
-         WHERE app_id = $1 AND channel = $2 AND user_id = $3 AND node_id <> $4)",
-    )
-    .bind(app)
-    .bind(channel)
-    .bind(user_id)
-    .bind(node)
-    .fetch_one(&mut **tx)
-    .await
-}
-
-/// Removes `node`'s row of a member; if it was the user's last anywhere, notifies
-/// `member_removed` (in the same transaction) and returns [`Decided::Cluster`]. `deciding` is
-/// the node that reports.
-async fn remove_member(
-    pool: &PgPool,
-    app: &str,
-    channel: &str,
-    user_id: &str,
-    node: &str,
-    deciding: &str,
-) -> Result<Decided, ClusterPresenceError> {
-    let mut tx = pool.begin().await?;
-    lock(&mut tx, &member_key(app, channel, user_id)).await?;
-    let removed: Option<i32> = sqlx::query_scalar(
-        "DELETE FROM cluster_presence_members
-         WHERE app_id = $1 AND channel = $2 AND user_id = $3 AND node_id = $4
-         RETURNING 1",
-    )
-    .bind(app)
-    .bind(channel)
-    .bind(user_id)
-    .bind(node)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let last = removed.is_some() && !member_elsewhere(&mut tx, app, channel, user_id, node).await?;
-    if last {
-        let notice = Notice {
-            kind: NoticeKind::Removed,
-            node: deciding.to_owned(),
-            app_id: app.to_owned(),
-            channel: channel.to_owned(),
-            user_id: user_id.to_owned(),
-            info: None,
-            info_by_reference: false,
-            except: None,
-        };
-        notify(&mut tx, notice).await?;
-    }
-    tx.commit().await?;
-    Ok(decided(last))
-}
-
-/// Removes `node`'s occupancy row of a channel; [`Decided::Cluster`] if it was the last.
-async fn remove_occupancy(
-    pool: &PgPool,
-    app: &str,
-    channel: &str,
-    node: &str,
-) -> Result<Decided, ClusterPresenceError> {
-    let mut tx = pool.begin().await?;
-    lock(&mut tx, &occupancy_key(app, channel)).await?;
-    let removed: Option<i32> = sqlx::query_scalar(
-        "DELETE FROM cluster_channel_occupancy
-         WHERE app_id = $1 AND channel = $2 AND node_id = $3 RETURNING 1",
-    )
-    .bind(app)
-    .bind(channel)
-    .bind(node)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let elsewhere: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM cluster_channel_occupancy WHERE app_id = $1 AND channel = $2)",
-    )
-    .bind(app)
-    .bind(channel)
-    .fetch_one(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    Ok(decided(removed.is_some() && !elsewhere))
 }
 
 #[async_trait::async_trait]
-impl PresenceManager for PostgresPresence {
+impl PresenceManager for ClusterPresence {
     async fn channel_info(
         &self,
         app_id: &AppId,
@@ -1095,13 +953,14 @@ impl PresenceManager for PostgresPresence {
     }
 
     async fn users(&self, app_id: &AppId, channel: &str) -> Result<Vec<String>, PresenceError> {
-        let mut users: BTreeSet<String> =
-            members_elsewhere(&self.pool, &self.node, app_id.as_str(), channel)
-                .await
-                .map_err(ClusterPresenceError::from)?
-                .into_iter()
-                .map(|(user_id, _)| user_id)
-                .collect();
+        let mut users: BTreeSet<String> = read_again_once(|| {
+            self.record
+                .members_elsewhere(&self.node, app_id.as_str(), channel)
+        })
+        .await?
+        .into_iter()
+        .map(|(user_id, _)| user_id)
+        .collect();
         if let Some(app) = self.hub.existing(app_id) {
             users.extend(app.users(channel));
         }
@@ -1115,33 +974,138 @@ impl PresenceManager for PostgresPresence {
             .hub
             .existing(app_id)
             .map_or(0, |app| app.terminate_user(user_id));
-        let notice = Notice {
-            kind: NoticeKind::Terminate,
-            node: self.node.clone(),
-            app_id: app_id.as_str().to_owned(),
-            channel: String::new(),
-            user_id: user_id.to_owned(),
-            info: None,
-            info_by_reference: false,
-            except: None,
-        };
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(PRESENCE_CHANNEL)
-            .bind(notice.encode()?)
-            .execute(&self.pool)
-            .await
-            .map_err(ClusterPresenceError::from)?;
+        let notice = Notice::member(
+            NoticeKind::Terminate,
+            &self.node,
+            app_id.as_str(),
+            "",
+            user_id,
+        );
+        self.record.announce(notice).await?;
         Ok(closed)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    //! The SQL against a real server: `HERALD_TEST_POSTGRES_URL` names it; each test works in
-    //! a throwaway schema of its own.
+    //! Against real servers: `HERALD_TEST_POSTGRES_URL` names the PostgreSQL one (each test
+    //! works in a throwaway schema of its own), `HERALD_TEST_REDIS_URL` the Redis one (each
+    //! test works under a topic of its own). The tests that hold for every record run once per
+    //! record, each skipped when its server is not named.
 
     use super::*;
     use crate::test_schema::Schema;
+    use sqlx::PgPool;
+
+    /// Where a test's record lives.
+    enum Backend {
+        Postgres { schema: Schema, pool: PgPool },
+        Redis { url: String, topic: String },
+    }
+
+    impl Backend {
+        /// A fresh schema; `None` (and a line saying why) when skipped.
+        async fn postgres(test: &str) -> Option<Self> {
+            let schema = Schema::create(test).await?;
+            let pool = schema.pool().await;
+            Some(Self::Postgres { schema, pool })
+        }
+
+        /// A fresh topic; `None` (and a line saying why) when skipped.
+        fn redis(test: &str) -> Option<Self> {
+            let Ok(url) = std::env::var("HERALD_TEST_REDIS_URL") else {
+                eprintln!("skipped {test}: HERALD_TEST_REDIS_URL is unset");
+                return None;
+            };
+            let topic = format!("herald.test.{}", crate::new_node_id());
+            Some(Self::Redis { url, topic })
+        }
+
+        async fn record(&self) -> Arc<dyn PresenceRecord> {
+            match self {
+                Self::Postgres { pool, .. } => {
+                    Arc::new(postgres::PostgresRecord::new(pool.clone()))
+                }
+                Self::Redis { url, topic } => Arc::new(
+                    redis::RedisRecord::connect(url, topic)
+                        .await
+                        .expect("connect"),
+                ),
+            }
+        }
+
+        fn pool(&self) -> &PgPool {
+            match self {
+                Self::Postgres { pool, .. } => pool,
+                Self::Redis { .. } => panic!("a PostgreSQL test"),
+            }
+        }
+
+        async fn redis_connection(url: &str) -> ::redis::aio::ConnectionManager {
+            ::redis::Client::open(url)
+                .expect("url")
+                .get_connection_manager()
+                .await
+                .expect("connect")
+        }
+
+        /// Makes `node`'s last heartbeat older than any `node_ttl`.
+        async fn age(&self, node: &str) {
+            match self {
+                Self::Postgres { pool, .. } => {
+                    sqlx::query("UPDATE cluster_nodes SET heartbeat_at = 0 WHERE node_id = $1")
+                        .bind(node)
+                        .execute(pool)
+                        .await
+                        .expect("age");
+                }
+                Self::Redis { url, topic } => {
+                    ::redis::cmd("ZADD")
+                        .arg(format!("herald:{{{topic}}}:nodes"))
+                        .arg("XX")
+                        .arg(0)
+                        .arg(node)
+                        .query_async::<()>(&mut Self::redis_connection(url).await)
+                        .await
+                        .expect("age");
+                }
+            }
+        }
+
+        /// Removes what the test wrote (best effort on Redis).
+        async fn drop_now(self) {
+            match self {
+                Self::Postgres { schema, .. } => schema.drop_now().await,
+                Self::Redis { url, topic } => {
+                    let mut connection = Self::redis_connection(&url).await;
+                    let mut cursor = 0_u64;
+                    loop {
+                        let Ok((next, keys)) = ::redis::cmd("SCAN")
+                            .arg(cursor)
+                            .arg("MATCH")
+                            .arg(format!("herald:{{{topic}}}:*"))
+                            .arg("COUNT")
+                            .arg(1000)
+                            .query_async::<(u64, Vec<String>)>(&mut connection)
+                            .await
+                        else {
+                            return;
+                        };
+                        if !keys.is_empty() {
+                            let _ = ::redis::cmd("DEL")
+                                .arg(keys)
+                                .query_async::<()>(&mut connection)
+                                .await;
+                        }
+                        if next == 0 {
+                            return;
+                        }
+                        cursor = next;
+                    }
+                }
+            }
+        }
+    }
 
     #[derive(Default)]
     struct Reports(Mutex<Vec<String>>);
@@ -1153,10 +1117,10 @@ mod tests {
         }
     }
 
-    async fn node(pool: &PgPool, name: &str, reports: &Arc<Reports>) -> Arc<PostgresPresence> {
-        let presence = PostgresPresence::new(
+    async fn node(backend: &Backend, name: &str, reports: &Arc<Reports>) -> Arc<ClusterPresence> {
+        let presence = ClusterPresence::new(
             name.into(),
-            pool.clone(),
+            backend.record().await,
             Arc::new(Hub::default()),
             Arc::clone(reports) as _,
             Duration::from_secs(15),
@@ -1191,29 +1155,32 @@ mod tests {
         std::mem::take(&mut *reports.0.lock().expect("lock"))
     }
 
-    /// Nodes "a" and "b" on a fresh schema, reporting to one list; `None` when skipped.
+    /// Nodes "a" and "b" on `backend`, reporting to one list.
     async fn two_nodes(
-        test: &str,
-    ) -> Option<(
-        Schema,
-        PgPool,
-        Arc<Reports>,
-        Arc<PostgresPresence>,
-        Arc<PostgresPresence>,
-    )> {
-        let schema = Schema::create(test).await?;
-        let pool = schema.pool().await;
+        backend: &Backend,
+    ) -> (Arc<Reports>, Arc<ClusterPresence>, Arc<ClusterPresence>) {
         let reports = Arc::new(Reports::default());
-        let a = node(&pool, "a", &reports).await;
-        let b = node(&pool, "b", &reports).await;
-        Some((schema, pool, reports, a, b))
+        let a = node(backend, "a", &reports).await;
+        let b = node(backend, "b", &reports).await;
+        (reports, a, b)
     }
 
     #[tokio::test]
     async fn a_user_on_two_nodes_is_added_and_removed_once_and_read_from_both() {
-        let Some((schema, pool, reports, a, b)) = two_nodes("presence two nodes").await else {
-            return;
-        };
+        if let Some(backend) = Backend::postgres("presence two nodes").await {
+            a_user_on_two_nodes(backend).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_user_on_two_nodes_is_added_and_removed_once_and_read_from_both_on_redis() {
+        if let Some(backend) = Backend::redis("presence two nodes on redis") {
+            a_user_on_two_nodes(backend).await;
+        }
+    }
+
+    async fn a_user_on_two_nodes(backend: Backend) {
+        let (reports, a, b) = two_nodes(&backend).await;
         let app = AppId::parse("app_1").expect("valid");
         let mut flushed = HashMap::new();
         a.apply(&app, &occupied(), &mut flushed).await.expect("a");
@@ -1240,7 +1207,10 @@ mod tests {
             (1, Some(2)),
             "b's count (a's own hub is empty)"
         );
-        let mut others = members_elsewhere(&pool, "b", "app_1", "presence-x")
+        let mut others = backend
+            .record()
+            .await
+            .members_elsewhere("b", "app_1", "presence-x")
             .await
             .expect("read");
         others.sort();
@@ -1250,14 +1220,25 @@ mod tests {
         assert_eq!(taken(&reports), Vec::<String>::new(), "u1 is still on b");
         b.apply(&app, &left("u1"), &mut flushed).await.expect("b");
         assert_eq!(taken(&reports), ["member_removed u1"]);
-        schema.drop_now().await;
+        backend.drop_now().await;
     }
 
     #[tokio::test]
     async fn a_dead_nodes_rows_are_swept_once_as_leaves() {
-        let Some((schema, pool, reports, a, b)) = two_nodes("presence sweep").await else {
-            return;
-        };
+        if let Some(backend) = Backend::postgres("presence sweep").await {
+            a_dead_nodes_rows(backend).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dead_nodes_rows_are_swept_once_as_leaves_on_redis() {
+        if let Some(backend) = Backend::redis("presence sweep on redis") {
+            a_dead_nodes_rows(backend).await;
+        }
+    }
+
+    async fn a_dead_nodes_rows(backend: Backend) {
+        let (reports, a, b) = two_nodes(&backend).await;
         let app = AppId::parse("app_1").expect("valid");
         let mut flushed = HashMap::new();
         a.apply(&app, &occupied(), &mut flushed).await.expect("a");
@@ -1272,10 +1253,7 @@ mod tests {
             .await
             .expect("b");
         taken(&reports);
-        sqlx::query("UPDATE cluster_nodes SET heartbeat_at = 0 WHERE node_id = 'b'")
-            .execute(&pool)
-            .await
-            .expect("age b");
+        backend.age("b").await;
         // Two sweepers at once: each row is removed, and reported, once.
         let (one, two) = tokio::join!(a.sweep(), a.sweep());
         assert!(one.expect("sweep") + two.expect("sweep") >= 3);
@@ -1285,13 +1263,137 @@ mod tests {
             "a still has stays and the channel"
         );
         assert_eq!(a.sweep().await.expect("sweep"), 0, "nothing left to sweep");
-        let reader = node(&pool, "c", &reports).await;
+        let reader = node(&backend, "c", &reports).await;
         assert_eq!(
             reader.users(&app, "presence-x").await.expect("read"),
             ["stays"],
             "a's row is left"
         );
-        schema.drop_now().await;
+        backend.drop_now().await;
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_redis_record_is_a_clear_error_without_the_password() {
+        let Err(e) = redis::RedisRecord::connect("redis://:hunter2@127.0.0.1:1", "t").await else {
+            panic!("nothing listens on port 1")
+        };
+        let message = e.to_string();
+        assert!(message.contains("Redis redis://127.0.0.1:1"), "{message}");
+        assert!(!message.contains("hunter2"), "{message}");
+    }
+
+    /// On Redis, each member change of the cluster is published once on the topic, as `P` and
+    /// the notice's JSON; repeated changes report nothing; counts are written only for
+    /// channels still occupied.
+    #[tokio::test]
+    async fn redis_decisions_are_idempotent_and_published_once_on_the_topic() {
+        use futures_util::StreamExt;
+
+        let Some(backend) = Backend::redis("redis presence notices") else {
+            return;
+        };
+        let Backend::Redis { url, topic } = &backend else {
+            unreachable!("a Redis backend")
+        };
+        let mut pubsub = ::redis::Client::open(url.as_str())
+            .expect("url")
+            .get_async_pubsub()
+            .await
+            .expect("pubsub");
+        pubsub.subscribe(topic).await.expect("subscribe");
+        let mut heard = pubsub.into_on_message();
+        let (a, b) = (backend.record().await, backend.record().await);
+        let (app, channel) = ("app_1", "presence-x");
+        let first = r#"{"n":1}"#;
+        assert!(
+            a.join("a", app, channel, "u1", Some(first), Some("1.1"))
+                .await
+                .expect("join")
+        );
+        assert!(
+            !a.join("a", app, channel, "u1", Some(first), None)
+                .await
+                .expect("join")
+        );
+        assert!(
+            !b.join("b", app, channel, "u1", Some(r#"{"n":2}"#), None)
+                .await
+                .expect("join")
+        );
+        assert_eq!(
+            b.member_info(app, channel, "u1").await.expect("read"),
+            Some(first.to_owned())
+        );
+        assert!(!a.leave("a", "a", app, channel, "u1").await.expect("leave"));
+        assert!(!a.leave("a", "a", app, channel, "u1").await.expect("leave"));
+        assert!(b.leave("b", "c", app, channel, "u1").await.expect("leave"));
+        assert_eq!(a.member_info(app, channel, "u1").await.expect("read"), None);
+
+        let mut notices = Vec::new();
+        for _ in 0..2 {
+            let message = tokio::time::timeout(Duration::from_secs(10), heard.next())
+                .await
+                .expect("heard within 10 s")
+                .expect("open");
+            let payload = message.get_payload_bytes().to_vec();
+            assert_eq!(payload.first(), Some(&b'P'));
+            let notice: Notice = serde_json::from_slice(&payload[1..]).expect("a notice");
+            notices.push(notice);
+        }
+        assert_eq!(
+            (
+                notices[0].kind,
+                notices[0].node.as_str(),
+                notices[0].user_id.as_str()
+            ),
+            (NoticeKind::Added, "a", "u1")
+        );
+        assert_eq!(notices[0].info.as_deref(), Some(first));
+        assert_eq!(notices[0].except.as_deref(), Some("1.1"));
+        assert_eq!(
+            (notices[1].kind, notices[1].node.as_str()),
+            (NoticeKind::Removed, "c"),
+            "in the name of the deciding node"
+        );
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), heard.next())
+                .await
+                .is_err(),
+            "nothing else"
+        );
+
+        assert!(a.occupy("a", app, "ch", 3).await.expect("occupy"));
+        assert!(!a.occupy("a", app, "ch", 4).await.expect("occupy"));
+        assert!(!b.occupy("b", app, "ch", 2).await.expect("occupy"));
+        let counts = [
+            (app.to_owned(), "ch".to_owned(), 5),
+            (app.to_owned(), "never".to_owned(), 7),
+        ];
+        a.write_counts("a", &counts).await.expect("write");
+        assert_eq!(
+            b.counts_elsewhere("b", app, "").await.expect("read"),
+            [("ch".to_owned(), 5)]
+        );
+        assert_eq!(
+            b.counts_elsewhere("z", app, "c").await.expect("read"),
+            [("ch".to_owned(), 7)]
+        );
+        assert!(!a.vacate("a", app, "ch").await.expect("vacate"));
+        assert!(!a.vacate("a", app, "ch").await.expect("vacate"));
+        a.write_counts("a", &counts).await.expect("write");
+        assert_eq!(
+            b.counts_elsewhere("z", app, "").await.expect("read"),
+            [("ch".to_owned(), 2)],
+            "a vacated channel's count is not written again"
+        );
+        assert!(b.vacate("b", app, "ch").await.expect("vacate"));
+        assert!(
+            b.counts_elsewhere("z", app, "")
+                .await
+                .expect("read")
+                .is_empty()
+        );
+        backend.drop_now().await;
     }
 
     fn subscribe(hub: &Hub, app_id: &AppId, channel: &str, user: Option<&str>, socket: &str) {
@@ -1305,32 +1407,23 @@ mod tests {
             .expect("subscribed");
     }
 
-    /// Node "a" on a fresh schema with a hub of its own and a queue of `capacity`; `None`
-    /// when skipped.
+    /// Node "a" on `backend` with a hub of its own and a queue of `capacity`.
     async fn node_with_hub(
-        test: &str,
+        backend: &Backend,
         capacity: usize,
-    ) -> Option<(
-        Schema,
-        PgPool,
-        Arc<Reports>,
-        Arc<Hub>,
-        Arc<PostgresPresence>,
-    )> {
-        let schema = Schema::create(test).await?;
-        let pool = schema.pool().await;
+    ) -> (Arc<Reports>, Arc<Hub>, Arc<ClusterPresence>) {
         let reports = Arc::new(Reports::default());
         let hub = Arc::new(Hub::default());
-        let a = PostgresPresence::with_capacity(
+        let a = ClusterPresence::with_capacity(
             "a".into(),
-            pool.clone(),
+            backend.record().await,
             Arc::clone(&hub),
             Arc::clone(&reports) as _,
             Duration::from_secs(15),
             capacity,
         );
         a.register().await.expect("register");
-        Some((schema, pool, reports, hub, a))
+        (reports, hub, a)
     }
 
     fn sorted(mut reports: Vec<String>) -> Vec<String> {
@@ -1343,10 +1436,21 @@ mod tests {
     /// a lost vacated), and a change applied again afterwards reports nothing.
     #[tokio::test]
     async fn an_overflowing_queue_is_reconciled_with_the_hub_and_each_change_reported_once() {
-        let Some((schema, pool, reports, hub, a)) = node_with_hub("presence overflow", 4).await
-        else {
-            return;
-        };
+        if let Some(backend) = Backend::postgres("presence overflow").await {
+            an_overflowing_queue(backend).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn an_overflowing_queue_is_reconciled_with_the_hub_and_each_change_reported_once_on_redis()
+     {
+        if let Some(backend) = Backend::redis("presence overflow on redis") {
+            an_overflowing_queue(backend).await;
+        }
+    }
+
+    async fn an_overflowing_queue(backend: Backend) {
+        let (reports, hub, a) = node_with_hub(&backend, 4).await;
         let app = AppId::parse("app_1").expect("valid");
         let mut flushed = Flushed::new();
         // Rows from before: the hub has since lost "ghost" and the channel "gone".
@@ -1386,7 +1490,7 @@ mod tests {
             "member_removed ghost".into(),
         ]);
         assert_eq!(sorted(taken(&reports)), sorted(expected));
-        let reader = node(&pool, "c", &reports).await;
+        let reader = node(&backend, "c", &reports).await;
         let users: Vec<String> = (3..10).map(|i| format!("u{i}")).collect();
         assert_eq!(reader.users(&app, "presence-x").await.expect("read"), users);
         let channels: Vec<String> = reader
@@ -1404,22 +1508,31 @@ mod tests {
         }
         assert_eq!(taken(&reports), Vec::<String>::new());
         assert_eq!(a.reconcile(&mut flushed).await.expect("again"), 0);
-        schema.drop_now().await;
+        backend.drop_now().await;
     }
 
     /// A presence subscriber's snapshot is read once its own join is recorded, so its
     /// confirmation follows the record and any node's next snapshot lists it.
     #[tokio::test]
     async fn a_snapshot_is_read_once_the_subscribers_own_join_is_recorded() {
-        let Some((schema, pool, reports, hub, a)) =
-            node_with_hub("presence settled", QUEUE_CAPACITY).await
-        else {
-            return;
-        };
+        if let Some(backend) = Backend::postgres("presence settled").await {
+            a_snapshot_after_the_join(backend).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_is_read_once_the_subscribers_own_join_is_recorded_on_redis() {
+        if let Some(backend) = Backend::redis("presence settled on redis") {
+            a_snapshot_after_the_join(backend).await;
+        }
+    }
+
+    async fn a_snapshot_after_the_join(backend: Backend) {
+        let (reports, hub, a) = node_with_hub(&backend, QUEUE_CAPACITY).await;
         let app = AppId::parse("app_1").expect("valid");
         let (stop, abandon) = (CancellationToken::new(), CancellationToken::new());
         let task = tokio::spawn(Arc::clone(&a).run(stop.clone(), abandon));
-        let reader = node(&pool, "c", &reports).await;
+        let reader = node(&backend, "c", &reports).await;
         for user in ["alice", "bob", "carol"] {
             // As a session does: the snapshot's future is made, the subscriber joins the hub,
             // then the future is awaited (and the confirmation sent).
@@ -1437,7 +1550,7 @@ mod tests {
         }
         stop.cancel();
         task.await.expect("stopped");
-        schema.drop_now().await;
+        backend.drop_now().await;
     }
 
     /// Waits (at most 20 s) until `done` holds.
@@ -1453,11 +1566,11 @@ mod tests {
     /// database answers again, and the cluster hears of the join once.
     #[tokio::test]
     async fn a_change_the_database_refused_is_repaired_when_it_answers_again() {
-        let Some((schema, pool, reports, hub, a)) =
-            node_with_hub("presence refused", QUEUE_CAPACITY).await
-        else {
+        let Some(backend) = Backend::postgres("presence refused").await else {
             return;
         };
+        let pool = backend.pool().clone();
+        let (reports, hub, a) = node_with_hub(&backend, QUEUE_CAPACITY).await;
         let app = AppId::parse("app_1").expect("valid");
         // The members' table is away: every presence transaction fails.
         for statement in [
@@ -1489,7 +1602,7 @@ mod tests {
             .execute(&pool)
             .await
             .expect("restore");
-        let reader = node(&pool, "c", &reports).await;
+        let reader = node(&backend, "c", &reports).await;
         until("the join repaired", || async {
             reader.users(&app, "presence-x").await.expect("read") == ["u1"]
         })
@@ -1497,6 +1610,6 @@ mod tests {
         assert_eq!(taken(&reports), ["member_added u1"], "once");
         stop.cancel();
         task.await.expect("stopped");
-        schema.drop_now().await;
+        backend.drop_now().await;
     }
 }
