@@ -63,7 +63,8 @@ pub trait Bus: Send + Sync + 'static {
     async fn run(self: Arc<Self>, hearing: Arc<dyn Hearing>, shutdown: CancellationToken);
 }
 
-/// Connects to the bus `url` names (`redis://`, `rediss://`, `nats://`), subscribed to
+/// Connects to the bus `url` names (`redis://`, `nats://`; `rediss://` reaches redis-rs, which
+/// refuses it: its TLS is not built in), subscribed to
 /// `topic`.
 pub async fn connect(url: &str, topic: &str) -> Result<Arc<dyn Bus>, BusError> {
     let scheme = url.split_once("://").map_or("", |(scheme, _)| scheme);

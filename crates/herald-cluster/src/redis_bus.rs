@@ -311,6 +311,16 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn tls_to_redis_is_refused_as_not_built_in() {
+        let Err(e) = RedisBus::connect("rediss://:hunter2@127.0.0.1:1", "t").await else {
+            panic!("TLS is not built in")
+        };
+        let message = e.to_string();
+        assert!(message.contains("TLS"), "{message}");
+        assert!(!message.contains("hunter2"), "{message}");
+    }
+
+    #[tokio::test]
     async fn an_unreachable_server_is_a_clear_error_without_the_password() {
         let Err(e) = RedisBus::connect("redis://:hunter2@127.0.0.1:1", "t").await else {
             panic!("nothing listens on port 1")

@@ -61,7 +61,8 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BrokerSection {
-    /// `redis://[:PASSWORD@]HOST:PORT[/DB]` (or `rediss://`) or `nats://[USER:PASSWORD@]HOST:PORT`.
+    /// `redis://[:PASSWORD@]HOST:PORT[/DB]` or `nats://[USER:PASSWORD@]HOST:PORT` (TLS to the
+    /// broker is not set up by Herald: `rediss://` is refused).
     pub url: Option<String>,
     /// The Redis channel or NATS subject every node of this cluster publishes to and hears:
     /// clusters sharing one Redis or NATS name different topics.
