@@ -126,6 +126,10 @@ pub async fn run(
         ),
         _ => None,
     };
+    if let (Some(_), Some(postgres)) = (&bus, &postgres) {
+        // Publications travel on the bus: nobody listens for the store's announcements.
+        postgres.announce_history(false);
+    }
     let cluster_pool = postgres.as_ref().map(|postgres| postgres.pool().clone());
     let postgres_broker = postgres.map(|postgres| {
         let wake = dispatcher.handle();

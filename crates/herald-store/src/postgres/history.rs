@@ -152,6 +152,7 @@ fn bigint(offset: u64) -> i64 {
 pub(super) async fn append_entries(
     conn: &mut PgConnection,
     entries: &[NewHistoryEntry],
+    announce: bool,
 ) -> Result<Vec<Position>> {
     if entries.is_empty() {
         return Ok(Vec::new());
@@ -255,6 +256,9 @@ pub(super) async fn append_entries(
         })
         .collect::<Result<Vec<Position>>>()?;
 
+    if !announce {
+        return Ok(positions);
+    }
     // Announced at commit, in offset order (see the module doc). `ORDER BY` makes PostgreSQL
     // call the volatile `pg_notify` after sorting, so in the order given.
     let notices = assigned
@@ -323,10 +327,14 @@ impl HistoryStore for PostgresStore {
 
     async fn append_history(&self, entry: NewHistoryEntry) -> Result<Position> {
         let mut tx = self.pool.begin().await?;
-        let position = append_entries(&mut tx, std::slice::from_ref(&entry))
-            .await?
-            .pop()
-            .ok_or_else(|| StoreError::Batch("an appended event was given no position".into()))?;
+        let position = append_entries(
+            &mut tx,
+            std::slice::from_ref(&entry),
+            self.announces_history(),
+        )
+        .await?
+        .pop()
+        .ok_or_else(|| StoreError::Batch("an appended event was given no position".into()))?;
         tx.commit().await?;
         Ok(position)
     }
@@ -560,26 +568,96 @@ mod tests {
         second.close().await;
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn two_nodes_get_each_offset_of_a_channel_once() {
+    /// A store told not to announce (its cluster's publications travel on a bus) commits
+    /// entries without a notification; told again, it announces the next one.
+    async fn announcing_can_be_turned_off(url: String, schema: String) {
+        let options = PostgresOptions {
+            schema: Some(schema),
+            ..PostgresOptions::default()
+        };
+        let store = PostgresStore::open(&url, options).await.expect("open");
+        let now = chrono::Utc::now();
+        let app = App {
+            id: AppId::new(now),
+            uid: None,
+            name: "quiet".into(),
+            throttle_rate: None,
+            metadata: Metadata::new(),
+            pusher: PusherCredentials::generate(),
+            history: None,
+            created_at: now,
+            updated_at: now,
+        };
+        store.create_app(&app).await.expect("create app");
+        let mut listener = sqlx::postgres::PgListener::connect_with(store.pool())
+            .await
+            .expect("listen");
+        listener
+            .listen(super::HISTORY_CHANNEL)
+            .await
+            .expect("listen");
+        store.announce_history(false);
+        let quiet = store
+            .append_history(entry(&app.id, "quiet".into()))
+            .await
+            .expect("append");
+        store.announce_history(true);
+        let heard = store
+            .append_history(entry(&app.id, "heard".into()))
+            .await
+            .expect("append");
+        // Notifications are the database's: other tests' stores announce too.
+        let ours = async {
+            loop {
+                let notification = listener.recv().await.expect("received");
+                let notice: super::HistoryNotice =
+                    serde_json::from_str(notification.payload()).expect("a history notice");
+                if notice.app_id == app.id.as_str() {
+                    return notice;
+                }
+            }
+        };
+        let notice = tokio::time::timeout(Duration::from_secs(10), ours)
+            .await
+            .expect("a notification of this app within 10 s");
+        assert_eq!((quiet.offset, heard.offset), (1, 2));
+        assert_eq!(
+            notice.offset, 2,
+            "the first notification is the second entry's"
+        );
+        // The listener holds one of the pool's connections, which closing waits for.
+        drop(listener);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_store_can_commit_history_without_announcing_it() {
         let Ok(url) = std::env::var(URL_VAR) else {
-            eprintln!("skipped: {URL_VAR} is unset (the two-node history test needs a server)");
+            eprintln!("skipped: {URL_VAR} is unset (the announcement test needs a server)");
             return;
         };
+        with_schema(&url, "quiet", announcing_can_be_turned_off).await;
+    }
+
+    /// Runs `test` in a throwaway schema of its own, dropped whether it passes or panics.
+    async fn with_schema<F, Fut>(url: &str, name: &str, test: F)
+    where
+        F: FnOnce(String, String) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
             .unwrap_or(0);
-        let schema = format!("herald_test_nodes_{}_{nanos}", std::process::id());
-        let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
+        let schema = format!("herald_test_{name}_{}_{nanos}", std::process::id());
+        let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
         conn.execute(AssertSqlSafe(format!(
             "CREATE SCHEMA {}",
             quote_identifier(&schema)
         )))
         .await
         .expect("create the test schema");
-        // In a task of its own, so the schema is dropped whether the test passes or panics.
-        let outcome = tokio::spawn(two_nodes_publish_concurrently(url, schema.clone())).await;
+        let outcome = tokio::spawn(test(url.to_owned(), schema.clone())).await;
         conn.execute(AssertSqlSafe(format!(
             "DROP SCHEMA IF EXISTS {} CASCADE",
             quote_identifier(&schema)
@@ -590,5 +668,14 @@ mod tests {
         if let Err(failed) = outcome {
             std::panic::resume_unwind(failed.into_panic());
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn two_nodes_get_each_offset_of_a_channel_once() {
+        let Ok(url) = std::env::var(URL_VAR) else {
+            eprintln!("skipped: {URL_VAR} is unset (the two-node history test needs a server)");
+            return;
+        };
+        with_schema(&url, "nodes", two_nodes_publish_concurrently).await;
     }
 }

@@ -135,7 +135,8 @@ impl IngestStore for PostgresStore {
             )?)));
         }
         messages::insert_message(&mut tx, &message, &endpoint_ids).await?;
-        let positions = history::append_entries(&mut tx, &history).await?;
+        let positions =
+            history::append_entries(&mut tx, &history, self.announces_history()).await?;
         tx.commit().await?;
         Ok(IngestRecorded::New(positions))
     }

@@ -160,7 +160,8 @@ impl MessageStore for PostgresStore {
             // history entry took an offset.
             insert_message(&mut tx, message, endpoint_ids).await?;
         }
-        let positions = super::history::append_entries(&mut tx, &history).await?;
+        let positions =
+            super::history::append_entries(&mut tx, &history, self.announces_history()).await?;
         tx.commit().await?;
         Ok(positions)
     }

@@ -69,6 +69,9 @@ impl Default for PostgresOptions {
 
 pub struct PostgresStore {
     pool: PgPool,
+    /// Whether a commit that assigns history offsets announces them with `pg_notify` (see
+    /// `history`); off when the cluster's publications travel on a bus instead.
+    announce_history: std::sync::atomic::AtomicBool,
 }
 
 impl PostgresStore {
@@ -92,7 +95,23 @@ impl PostgresStore {
         }
         let pool = pool.connect_with(connect).await?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            announce_history: std::sync::atomic::AtomicBool::new(true),
+        })
+    }
+
+    /// Whether committed history entries are announced on `HISTORY_CHANNEL` (the PostgreSQL
+    /// broker hears them there). A cluster whose publications travel on Redis or NATS turns
+    /// it off: nobody listens, and each announcement costs the commit a queue write.
+    pub fn announce_history(&self, announce: bool) {
+        self.announce_history
+            .store(announce, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn announces_history(&self) -> bool {
+        self.announce_history
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The connection pool, shared with the PostgreSQL broker (its LISTEN session and the
