@@ -444,13 +444,12 @@ mod tests {
     use herald_core::{
         AppId,
         history::{NewHistoryEntry, Retention},
-        model::{App, Metadata, PusherCredentials},
     };
     use sqlx::{AssertSqlSafe, Connection, Executor};
     use tokio::task::JoinSet;
 
     use super::super::{PostgresOptions, PostgresStore, quote_identifier};
-    use crate::{AppStore, HistoryQuery, HistoryStore, StoreLifecycle};
+    use crate::{HistoryQuery, HistoryStore, StoreLifecycle};
 
     const URL_VAR: &str = "HERALD_TEST_POSTGRES_URL";
     const PER_NODE: u64 = 100;
@@ -492,19 +491,7 @@ mod tests {
                 .await
                 .expect("open node 2"),
         );
-        let now = chrono::Utc::now();
-        let app = App {
-            id: AppId::new(now),
-            uid: None,
-            name: "two nodes".into(),
-            throttle_rate: None,
-            metadata: Metadata::new(),
-            pusher: PusherCredentials::generate(),
-            history: None,
-            created_at: now,
-            updated_at: now,
-        };
-        first.create_app(&app).await.expect("create app");
+        let app = crate::conformance::stored_app(first.as_ref(), "two nodes").await;
 
         let mut appends = JoinSet::new();
         for n in 0..PER_NODE {
@@ -576,19 +563,7 @@ mod tests {
             ..PostgresOptions::default()
         };
         let store = PostgresStore::open(&url, options).await.expect("open");
-        let now = chrono::Utc::now();
-        let app = App {
-            id: AppId::new(now),
-            uid: None,
-            name: "quiet".into(),
-            throttle_rate: None,
-            metadata: Metadata::new(),
-            pusher: PusherCredentials::generate(),
-            history: None,
-            created_at: now,
-            updated_at: now,
-        };
-        store.create_app(&app).await.expect("create app");
+        let app = crate::conformance::stored_app(&store, "quiet").await;
         let mut listener = sqlx::postgres::PgListener::connect_with(store.pool())
             .await
             .expect("listen");
