@@ -1,5 +1,5 @@
 //! Several Herald nodes as one. Everything here stands on engines the operator already runs
-//! (PostgreSQL, and Redis or NATS for publications); nothing here is consensus, replication
+//! (PostgreSQL, and Redis or NATS for publications and presence); nothing here is consensus, replication
 //! or gossip of our own.
 //!
 //! - [`postgres::PostgresBroker`]: the [`Broker`](herald_channels::broker::Broker) over
@@ -9,7 +9,8 @@
 //!   node's dispatcher when another node queues a delivery. With a [`bus::Bus`]
 //!   ([`redis_bus::RedisBus`], [`nats_bus::NatsBus`]) publications travel there instead.
 //! - [`presence::ClusterPresence`]: presence and occupancy across nodes over a presence record
-//!   (PostgreSQL: [`presence::postgres::PostgresRecord`]), entries per node with a
+//!   (PostgreSQL: [`presence::postgres::PostgresRecord`]; on the bus's engine:
+//!   [`presence::redis::RedisRecord`], [`presence::nats::NatsRecord`]), entries per node with a
 //!   heartbeat, so `member_added`/`member_removed`, the channel webhooks and the Pusher HTTP
 //!   API's answers are the cluster's, once each; a dead node's members are swept.
 

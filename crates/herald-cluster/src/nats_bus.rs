@@ -102,20 +102,27 @@ pub struct NatsBus {
     hearer: Mutex<Option<Hearer>>,
 }
 
+/// The servers a NATS URL lists (comma-separated), and the list as logged (without
+/// passwords).
+pub(crate) fn servers(url: &str) -> (Vec<&str>, String) {
+    let parts: Vec<&str> = url
+        .split(',')
+        .map(str::trim)
+        .filter(|part| !part.is_empty())
+        .collect();
+    let shown = parts
+        .iter()
+        .map(|part| redacted(part))
+        .collect::<Vec<_>>()
+        .join(",");
+    (parts, shown)
+}
+
 impl NatsBus {
     /// Connects to the servers `url` lists (see the module doc), failing at once when none
     /// answers, and subscribes to `topic`, proven by hearing a probe back.
     pub async fn connect(url: &str, topic: &str) -> Result<Arc<Self>, BusError> {
-        let parts: Vec<&str> = url
-            .split(',')
-            .map(str::trim)
-            .filter(|part| !part.is_empty())
-            .collect();
-        let servers = parts
-            .iter()
-            .map(|part| redacted(part))
-            .collect::<Vec<_>>()
-            .join(",");
+        let (parts, servers) = servers(url);
         if parts.is_empty() {
             return Err(BusError::Url("the NATS URL names no server".to_owned()));
         }

@@ -148,7 +148,7 @@ pub async fn run(
                 (Some(bus), Some(url)) => tracing::info!(
                     node = broker.node(),
                     topic = config.broker.topic,
-                    "broker: {} at {} (control and presence on PostgreSQL)",
+                    "broker: {} at {} (presence there too; store, queue and control on PostgreSQL)",
                     bus.engine(),
                     herald_cluster::bus::redacted(url)
                 ),
@@ -164,26 +164,23 @@ pub async fn run(
     // kill would; a graceful stop leaves the cluster after the connections have closed.
     let cluster_presence = match (&postgres_broker, cluster_pool) {
         (Some(broker), Some(pool)) => {
-            // Presence is recorded where publications travel when that is Redis (its notices
-            // then ride the bus); on NATS and on NOTIFY, in PostgreSQL.
-            let record: Arc<dyn herald_cluster::presence::PresenceRecord> =
-                match config.broker.url.as_deref() {
-                    Some(url) if url.starts_with("redis") => {
-                        let record = herald_cluster::presence::redis::RedisRecord::connect(
-                            url,
-                            &config.broker.topic,
-                        )
-                        .await
-                        .context("connecting the presence record to Redis (broker.url)")?;
-                        let record: Arc<dyn herald_cluster::presence::PresenceRecord> =
-                            Arc::new(record);
-                        broker.record_presence_in(Arc::clone(&record));
-                        record
-                    }
-                    _ => Arc::new(herald_cluster::presence::postgres::PostgresRecord::new(
-                        pool,
-                    )),
-                };
+            // Presence is recorded where publications travel when that is Redis or NATS (its
+            // notices then ride the bus); on NOTIFY, in PostgreSQL.
+            let on_bus = match config.broker.url.as_deref() {
+                Some(url) => herald_cluster::presence::record_on_bus(url, &config.broker.topic)
+                    .await
+                    .context("connecting the presence record to the broker (broker.url)")?,
+                None => None,
+            };
+            let record: Arc<dyn herald_cluster::presence::PresenceRecord> = match on_bus {
+                Some(record) => {
+                    broker.record_presence_in(Arc::clone(&record));
+                    record
+                }
+                None => Arc::new(herald_cluster::presence::postgres::PostgresRecord::new(
+                    pool,
+                )),
+            };
             let cluster = herald_cluster::presence::ClusterPresence::new(
                 broker.node().to_owned(),
                 record,

@@ -2,7 +2,7 @@
 //! on) and [`PresenceManager`] (what the Pusher HTTP API reads), [`ClusterPresence`], over a
 //! [`PresenceRecord`]: the engine that records who holds what and decides each change
 //! atomically (PostgreSQL: [`postgres::PostgresRecord`]; Redis: [`redis::RedisRecord`], used
-//! when the cluster's broker is Redis). What follows is said in the
+//! when the cluster's broker is Redis; NATS: [`nats::NatsRecord`], when it is NATS). What follows is said in the
 //! PostgreSQL record's terms; every record keeps the same promises.
 //!
 //! **Rows per node.** Each node writes only what it knows: a `cluster_presence_members` row
@@ -81,6 +81,7 @@ pub const FLUSH_EVERY: Duration = Duration::from_millis(250);
 /// A node is dead when its heartbeat is older than this, unless configured otherwise.
 pub const DEFAULT_NODE_TTL: Duration = Duration::from_secs(15);
 
+pub mod nats;
 pub mod postgres;
 pub mod redis;
 
@@ -451,6 +452,25 @@ pub trait PresenceRecord: Send + Sync + 'static {
 
     /// Sends `notice` to every node.
     async fn announce(&self, notice: Notice) -> Result<(), ClusterPresenceError>;
+}
+
+/// The presence record on the engine of `broker_url` when that is Redis or NATS (notices then
+/// ride the bus, on `topic`); `None` for any other URL (presence stays in PostgreSQL).
+pub async fn record_on_bus(
+    broker_url: &str,
+    topic: &str,
+) -> Result<Option<Arc<dyn PresenceRecord>>, ClusterPresenceError> {
+    Ok(if broker_url.starts_with("redis") {
+        Some(Arc::new(
+            redis::RedisRecord::connect(broker_url, topic).await?,
+        ))
+    } else if broker_url.starts_with("nats") {
+        Some(Arc::new(
+            nats::NatsRecord::connect(broker_url, topic).await?,
+        ))
+    } else {
+        None
+    })
 }
 
 /// The cluster's presence over a [`PresenceRecord`] (see the module doc). [`ClusterPresence::new`]
@@ -989,9 +1009,10 @@ impl PresenceManager for ClusterPresence {
 #[cfg(test)]
 mod tests {
     //! Against real servers: `HERALD_TEST_POSTGRES_URL` names the PostgreSQL one (each test
-    //! works in a throwaway schema of its own), `HERALD_TEST_REDIS_URL` the Redis one (each
-    //! test works under a topic of its own). The tests that hold for every record run once per
-    //! record, each skipped when its server is not named.
+    //! works in a throwaway schema of its own), `HERALD_TEST_REDIS_URL` the Redis one and
+    //! `HERALD_TEST_NATS_URL` the NATS one, with JetStream (each test works under a topic, and
+    //! on NATS a bucket, of its own). The tests that hold for every record run once per record,
+    //! each skipped when its server is not named.
 
     use super::*;
     use crate::test_schema::Schema;
@@ -1001,6 +1022,7 @@ mod tests {
     enum Backend {
         Postgres { schema: Schema, pool: PgPool },
         Redis { url: String, topic: String },
+        Nats { url: String, topic: String },
     }
 
     impl Backend {
@@ -1021,6 +1043,56 @@ mod tests {
             Some(Self::Redis { url, topic })
         }
 
+        /// A fresh topic (and so a fresh bucket); `None` (and a line saying why) when skipped.
+        fn nats(test: &str) -> Option<Self> {
+            let Ok(url) = std::env::var("HERALD_TEST_NATS_URL") else {
+                eprintln!("skipped {test}: HERALD_TEST_NATS_URL is unset");
+                return None;
+            };
+            let topic = format!("herald.test.{}", crate::new_node_id());
+            Some(Self::Nats { url, topic })
+        }
+
+        /// The payloads published on the topic, from now on.
+        async fn notices(
+            &self,
+        ) -> std::pin::Pin<Box<dyn futures_util::Stream<Item = Vec<u8>> + Send>> {
+            use futures_util::StreamExt;
+            match self {
+                Self::Redis { url, topic } => {
+                    let mut pubsub = ::redis::Client::open(url.as_str())
+                        .expect("url")
+                        .get_async_pubsub()
+                        .await
+                        .expect("pubsub");
+                    pubsub.subscribe(topic).await.expect("subscribe");
+                    Box::pin(
+                        pubsub
+                            .into_on_message()
+                            .map(|m| m.get_payload_bytes().to_vec()),
+                    )
+                }
+                Self::Nats { url, topic } => {
+                    let client = async_nats::connect(url.as_str()).await.expect("connect");
+                    let subscriber = client.subscribe(topic.clone()).await.expect("subscribe");
+                    client.flush().await.expect("flush");
+                    Box::pin(subscriber.map(move |m| {
+                        let _client = &client;
+                        m.payload.to_vec()
+                    }))
+                }
+                Self::Postgres { .. } => panic!("a Redis or NATS test"),
+            }
+        }
+
+        async fn nats_bucket(url: &str, topic: &str) -> async_nats::jetstream::kv::Store {
+            let client = async_nats::connect(url).await.expect("connect");
+            async_nats::jetstream::new(client)
+                .get_key_value(nats::bucket_name(topic))
+                .await
+                .expect("bucket")
+        }
+
         async fn record(&self) -> Arc<dyn PresenceRecord> {
             match self {
                 Self::Postgres { pool, .. } => {
@@ -1031,13 +1103,18 @@ mod tests {
                         .await
                         .expect("connect"),
                 ),
+                Self::Nats { url, topic } => Arc::new(
+                    nats::NatsRecord::connect(url, topic)
+                        .await
+                        .expect("connect"),
+                ),
             }
         }
 
         fn pool(&self) -> &PgPool {
             match self {
                 Self::Postgres { pool, .. } => pool,
-                Self::Redis { .. } => panic!("a PostgreSQL test"),
+                Self::Redis { .. } | Self::Nats { .. } => panic!("a PostgreSQL test"),
             }
         }
 
@@ -1066,6 +1143,20 @@ mod tests {
                         .arg(0)
                         .arg(node)
                         .query_async::<()>(&mut Self::redis_connection(url).await)
+                        .await
+                        .expect("age");
+                }
+                Self::Nats { url, topic } => {
+                    let bucket = Self::nats_bucket(url, topic).await;
+                    let key = format!(
+                        "n.{}",
+                        base64::Engine::encode(
+                            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+                            node
+                        )
+                    );
+                    bucket
+                        .put(key, r#"{"beat":0,"dead":false}"#.into())
                         .await
                         .expect("age");
                 }
@@ -1102,6 +1193,12 @@ mod tests {
                         }
                         cursor = next;
                     }
+                }
+                Self::Nats { url, topic } => {
+                    let client = async_nats::connect(url.as_str()).await.expect("connect");
+                    let _ = async_nats::jetstream::new(client)
+                        .delete_stream(format!("KV_{}", nats::bucket_name(&topic)))
+                        .await;
                 }
             }
         }
@@ -1179,6 +1276,13 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn a_user_on_two_nodes_is_added_and_removed_once_and_read_from_both_on_nats() {
+        if let Some(backend) = Backend::nats("presence two nodes on nats") {
+            a_user_on_two_nodes(backend).await;
+        }
+    }
+
     async fn a_user_on_two_nodes(backend: Backend) {
         let (reports, a, b) = two_nodes(&backend).await;
         let app = AppId::parse("app_1").expect("valid");
@@ -1237,6 +1341,13 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn a_dead_nodes_rows_are_swept_once_as_leaves_on_nats() {
+        if let Some(backend) = Backend::nats("presence sweep on nats") {
+            a_dead_nodes_rows(backend).await;
+        }
+    }
+
     async fn a_dead_nodes_rows(backend: Backend) {
         let (reports, a, b) = two_nodes(&backend).await;
         let app = AppId::parse("app_1").expect("valid");
@@ -1282,26 +1393,120 @@ mod tests {
         assert!(!message.contains("hunter2"), "{message}");
     }
 
-    /// On Redis, each member change of the cluster is published once on the topic, as `P` and
-    /// the notice's JSON; repeated changes report nothing; counts are written only for
+    /// On Redis and NATS, each member change of the cluster is published once on the topic, as
+    /// `P` and the notice's JSON; repeated changes report nothing; counts are written only for
     /// channels still occupied.
     #[tokio::test]
     async fn redis_decisions_are_idempotent_and_published_once_on_the_topic() {
-        use futures_util::StreamExt;
+        if let Some(backend) = Backend::redis("redis presence notices") {
+            decisions_are_idempotent_and_published_once(backend).await;
+        }
+    }
 
-        let Some(backend) = Backend::redis("redis presence notices") else {
+    #[tokio::test]
+    async fn nats_decisions_are_idempotent_and_published_once_on_the_topic() {
+        if let Some(backend) = Backend::nats("nats presence notices") {
+            decisions_are_idempotent_and_published_once(backend).await;
+        }
+    }
+
+    /// On NATS, a key whose record empties is removed outright (no delete marker, so the
+    /// bucket does not grow with every channel used); a lost bucket is created again by the
+    /// next heartbeat, which then reports the node unregistered so it rebuilds; a stream that
+    /// denies deletes is refused with a message saying why.
+    #[tokio::test]
+    async fn nats_removes_empty_keys_and_recovers_a_lost_bucket() {
+        use futures_util::TryStreamExt;
+
+        let Some(backend) = Backend::nats("nats bucket") else {
             return;
         };
-        let Backend::Redis { url, topic } = &backend else {
-            unreachable!("a Redis backend")
+        let Backend::Nats { url, topic } = &backend else {
+            unreachable!("a NATS backend")
         };
-        let mut pubsub = ::redis::Client::open(url.as_str())
-            .expect("url")
-            .get_async_pubsub()
+        let record = backend.record().await;
+        let (app, channel) = ("app_1", "presence-a.b");
+        record.register("a").await.expect("register");
+        assert!(record.occupy("a", app, channel, 1).await.expect("occupy"));
+        assert!(
+            record
+                .join("a", app, channel, "u1", None, None)
+                .await
+                .expect("join")
+        );
+        assert!(
+            record
+                .leave("a", "a", app, channel, "u1")
+                .await
+                .expect("leave")
+        );
+        assert!(record.vacate("a", app, channel).await.expect("vacate"));
+        let mut bucket = Backend::nats_bucket(url, topic).await;
+        let keys: Vec<String> = bucket
+            .keys()
             .await
-            .expect("pubsub");
-        pubsub.subscribe(topic).await.expect("subscribe");
-        let mut heard = pubsub.into_on_message();
+            .expect("keys")
+            .try_collect()
+            .await
+            .expect("keys");
+        assert_eq!(keys.len(), 1, "only the node's key is left: {keys:?}");
+        assert!(keys[0].starts_with("n."));
+        let state = bucket.stream.info().await.expect("info").state.clone();
+        assert_eq!(state.messages, 1, "no marker is left behind");
+
+        let client = async_nats::connect(url.as_str()).await.expect("connect");
+        let jetstream = async_nats::jetstream::new(client);
+        jetstream
+            .delete_stream(format!("KV_{}", nats::bucket_name(topic)))
+            .await
+            .expect("lose the bucket");
+        assert!(
+            !record.heartbeat("a").await.expect("heartbeat"),
+            "a lost bucket holds nobody"
+        );
+        record.register("a").await.expect("register again");
+        assert!(record.heartbeat("a").await.expect("heartbeat"));
+        assert!(
+            record
+                .join("a", app, channel, "u1", None, None)
+                .await
+                .expect("join")
+        );
+        assert_eq!(
+            record.held_by("a").await.expect("held").members.len(),
+            1,
+            "rebuilt"
+        );
+
+        let other = format!("{topic}.made-by-hand");
+        // As `nats kv add` makes a bucket's stream: deletes denied.
+        let bucket_name = nats::bucket_name(&other);
+        jetstream
+            .create_stream(async_nats::jetstream::stream::Config {
+                name: format!("KV_{bucket_name}"),
+                subjects: vec![format!("$KV.{bucket_name}.>")],
+                max_messages_per_subject: 1,
+                deny_delete: true,
+                allow_rollup: true,
+                ..Default::default()
+            })
+            .await
+            .expect("a bucket made by hand");
+        let refused = nats::NatsRecord::connect(url, &other)
+            .await
+            .err()
+            .expect("refused");
+        assert!(refused.to_string().contains("denies deletes"), "{refused}");
+        let _ = jetstream
+            .delete_stream(format!("KV_{}", nats::bucket_name(&other)))
+            .await;
+        backend.drop_now().await;
+    }
+
+    async fn decisions_are_idempotent_and_published_once(backend: Backend) {
+        use futures_util::StreamExt;
+
+        let mut heard = backend.notices().await;
         let (a, b) = (backend.record().await, backend.record().await);
         let (app, channel) = ("app_1", "presence-x");
         let first = r#"{"n":1}"#;
@@ -1331,11 +1536,10 @@ mod tests {
 
         let mut notices = Vec::new();
         for _ in 0..2 {
-            let message = tokio::time::timeout(Duration::from_secs(10), heard.next())
+            let payload = tokio::time::timeout(Duration::from_secs(10), heard.next())
                 .await
                 .expect("heard within 10 s")
                 .expect("open");
-            let payload = message.get_payload_bytes().to_vec();
             assert_eq!(payload.first(), Some(&b'P'));
             let notice: Notice = serde_json::from_slice(&payload[1..]).expect("a notice");
             notices.push(notice);
@@ -1449,6 +1653,14 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn an_overflowing_queue_is_reconciled_with_the_hub_and_each_change_reported_once_on_nats()
+    {
+        if let Some(backend) = Backend::nats("presence overflow on nats") {
+            an_overflowing_queue(backend).await;
+        }
+    }
+
     async fn an_overflowing_queue(backend: Backend) {
         let (reports, hub, a) = node_with_hub(&backend, 4).await;
         let app = AppId::parse("app_1").expect("valid");
@@ -1523,6 +1735,13 @@ mod tests {
     #[tokio::test]
     async fn a_snapshot_is_read_once_the_subscribers_own_join_is_recorded_on_redis() {
         if let Some(backend) = Backend::redis("presence settled on redis") {
+            a_snapshot_after_the_join(backend).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_is_read_once_the_subscribers_own_join_is_recorded_on_nats() {
+        if let Some(backend) = Backend::nats("presence settled on nats") {
             a_snapshot_after_the_join(backend).await;
         }
     }

@@ -1,0 +1,873 @@
+//! The presence record on NATS: a JetStream key-value bucket, one key per channel and one per
+//! node, each change a compare-and-set on one key; notices published on the NATS bus's subject
+//! (the topic) as `P` followed by the notice's JSON, as the Redis record's (publications start
+//! with `{`, so the broker tells them apart by the first byte).
+//!
+//! **Keys.** In the bucket `herald-presence-<topic>` (the topic escaped, see [`bucket_name`]),
+//! names base64url-encoded so any app, channel, user or node name makes a valid key:
+//!
+//! - `c.<app>.<channel>`: the channel's record, JSON `{"m": {user: {"n": [nodes], "i": info}},
+//!   "o": {node: subscriptions}}`: which nodes hold each member (with the first joiner's
+//!   `user_info`, kept while any node holds the user) and which nodes have subscribers, with
+//!   their counts. A channel with neither has no key.
+//! - `n.<node>`: the node's record, `{"beat": Unix milliseconds, "dead": bool}`. A node is
+//!   registered while its key says `dead: false`; the sweep marks it dead when its beat is
+//!   older than `node_ttl`, and deletes the key once the node holds nothing.
+//!
+//! **Why compare-and-set.** `join` is "add this node to the user's holders, and announce
+//! `member_added` if there were none": two nodes joining one user at once must not both see
+//! none. Each change reads the key with its revision and writes it back only if the revision is
+//! still the last (`Nats-Expected-Last-Subject-Sequence`); a node that lost the race reads again
+//! and decides on what the winner wrote. So every node's changes of one channel take turns, as
+//! under the PostgreSQL record's advisory locks. Every change is idempotent on the node's own
+//! entry, as in the other records.
+//!
+//! **Deleting.** A key whose record became empty is removed by deleting its last message by
+//! sequence, which succeeds only while that message is the key's last (the bucket keeps one
+//! message per key): a compare-and-delete that leaves no marker behind, so the bucket does not
+//! grow with every channel ever used. That is why Herald creates the bucket's stream itself
+//! (`KV_<bucket>`, one message per subject, deletes allowed); a stream made beforehand with
+//! `nats kv add` (which denies deletes) is refused with a message saying so.
+//!
+//! **Notices after the decision.** NATS cannot publish inside a compare-and-set, so a notice is
+//! published right after the write that decided it. A node that dies between the two loses
+//! that notice: other nodes' clients then see the member on their next subscribe (snapshots
+//! read the record) rather than at once. Redis and PostgreSQL decide and announce in one step.
+//!
+//! **Durability.** The stream is file-backed with one replica. On a NATS cluster, raise its
+//! replicas with `nats stream edit KV_<bucket> --replicas 3`. If the bucket is lost anyway,
+//! the next heartbeat finds the node's key gone and the node rebuilds its entries from its hub.
+//!
+//! **Cost.** Reading an app's channels (the Pusher HTTP API's channel lists) and the sweep of
+//! a dead node's entries scan the channel keys they concern with one ordered consumer; writing
+//! subscription counts is one compare-and-set per changed channel (16 at a time).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
+
+use async_nats::{
+    Client, ConnectOptions,
+    jetstream::{
+        self,
+        consumer::{DeliverPolicy, ReplayPolicy, push::OrderedConfig},
+        kv,
+        stream::{self, DiscardPolicy, StorageType},
+    },
+};
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use bytes::Bytes;
+use chrono::Utc;
+use futures_util::StreamExt;
+use herald_channels::presence::RemoteMember;
+use serde::{Deserialize, Serialize};
+
+use super::{ClusterPresenceError, Held, Notice, NoticeKind, Orphans, PresenceRecord};
+
+/// How long connecting, each read or write, and each scan may take before the record counts
+/// as unavailable.
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How many times a change reads again after losing a compare-and-set race before it gives
+/// up (the presence task then reconciles).
+const ATTEMPTS: usize = 64;
+
+/// How many subscription counts are written at once.
+const COUNT_WRITES_AT_ONCE: usize = 16;
+
+/// The presence record on NATS (see the module doc).
+pub struct NatsRecord {
+    client: Client,
+    jetstream: jetstream::Context,
+    kv: kv::Store,
+    /// The stream's configuration, to create it again if it was lost.
+    stream: stream::Config,
+    /// The servers without passwords, for errors.
+    servers: String,
+    /// The subject of notices (the NATS bus's topic).
+    topic: String,
+}
+
+/// A channel's record (see the module doc).
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+struct ChannelRecord {
+    #[serde(rename = "m", default, skip_serializing_if = "BTreeMap::is_empty")]
+    members: BTreeMap<String, Member>,
+    #[serde(rename = "o", default, skip_serializing_if = "BTreeMap::is_empty")]
+    occupants: BTreeMap<String, i64>,
+}
+
+impl ChannelRecord {
+    fn is_empty(&self) -> bool {
+        self.members.is_empty() && self.occupants.is_empty()
+    }
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+struct Member {
+    #[serde(rename = "n")]
+    nodes: BTreeSet<String>,
+    #[serde(rename = "i", default, skip_serializing_if = "Option::is_none")]
+    info: Option<String>,
+}
+
+/// A node's record (see the module doc).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct NodeRecord {
+    beat: i64,
+    dead: bool,
+}
+
+/// A key's value as last written, with its revision (0: the key has none).
+struct Versioned<T> {
+    revision: u64,
+    value: T,
+}
+
+/// The bucket of the topic: `herald-presence-` and the topic with every byte other than an
+/// ASCII letter, digit or `-` written as `_` and two hex digits, so two topics never share a
+/// bucket and the name stays within what NATS allows (`[A-Za-z0-9_-]`).
+pub fn bucket_name(topic: &str) -> String {
+    let mut name = String::from("herald-presence-");
+    for byte in topic.bytes() {
+        if byte.is_ascii_alphanumeric() || byte == b'-' {
+            name.push(char::from(byte));
+        } else {
+            name.push_str(&format!("_{byte:02X}"));
+        }
+    }
+    name
+}
+
+fn encoded(name: &str) -> String {
+    URL_SAFE_NO_PAD.encode(name)
+}
+
+fn decoded(token: &str) -> Option<String> {
+    String::from_utf8(URL_SAFE_NO_PAD.decode(token).ok()?).ok()
+}
+
+fn node_key(node: &str) -> String {
+    format!("n.{}", encoded(node))
+}
+
+fn channel_key(app: &str, channel: &str) -> String {
+    format!("c.{}.{}", encoded(app), encoded(channel))
+}
+
+/// The (app, channel) of a channel key.
+fn parse_channel_key(key: &str) -> Option<(String, String)> {
+    let mut parts = key.split('.');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some("c"), Some(app), Some(channel), None) => Some((decoded(app)?, decoded(channel)?)),
+        _ => None,
+    }
+}
+
+/// The node of a node key.
+fn parse_node_key(key: &str) -> Option<String> {
+    decoded(key.strip_prefix("n.")?)
+}
+
+impl NatsRecord {
+    /// Connects to the servers `url` lists (comma-separated, as the NATS bus's) and opens (or
+    /// creates) the bucket of `topic`; notices go to the subject `topic`. Fails at once if no
+    /// server answers within 3 s or JetStream is not enabled there.
+    pub async fn connect(url: &str, topic: &str) -> Result<Self, ClusterPresenceError> {
+        let (parts, servers) = crate::nats_bus::servers(url);
+        let client = ConnectOptions::new()
+            .name("herald-presence")
+            .connection_timeout(TIMEOUT)
+            .max_reconnects(None)
+            .connect(parts.as_slice())
+            .await
+            .map_err(|e| {
+                ClusterPresenceError::Record(format!("NATS {servers}: cannot connect: {e}"))
+            })?;
+        let mut jetstream = jetstream::new(client.clone());
+        jetstream.set_timeout(TIMEOUT);
+        let bucket = bucket_name(topic);
+        let stream = stream::Config {
+            name: format!("KV_{bucket}"),
+            subjects: vec![format!("$KV.{bucket}.>")],
+            max_messages_per_subject: 1,
+            storage: StorageType::File,
+            num_replicas: 1,
+            allow_rollup: true,
+            deny_delete: false,
+            allow_direct: true,
+            discard: DiscardPolicy::New,
+            ..Default::default()
+        };
+        let made = jetstream
+            .get_or_create_stream(stream.clone())
+            .await
+            .map_err(|e| {
+                ClusterPresenceError::Record(format!(
+                    "NATS {servers}: cannot open the presence bucket {bucket} (is JetStream \
+                     enabled, nats-server -js?): {e}"
+                ))
+            })?;
+        if made.cached_info().config.deny_delete {
+            return Err(ClusterPresenceError::Record(format!(
+                "NATS {servers}: the stream KV_{bucket} denies deletes; Herald removes empty \
+                 presence keys by deleting their last message. Delete the stream and let Herald \
+                 create it, or allow deletes on it"
+            )));
+        }
+        let kv = jetstream.get_key_value(&bucket).await.map_err(|e| {
+            ClusterPresenceError::Record(format!("NATS {servers}: bucket {bucket}: {e}"))
+        })?;
+        Ok(Self {
+            client,
+            jetstream,
+            kv,
+            stream,
+            servers,
+            topic: topic.to_owned(),
+        })
+    }
+
+    fn failed(&self, what: &str, e: impl std::fmt::Display) -> ClusterPresenceError {
+        ClusterPresenceError::Record(format!("NATS {}: {what}: {e}", self.servers))
+    }
+
+    /// Runs `operation`, failing after [`TIMEOUT`].
+    async fn within<T, E: std::fmt::Display>(
+        &self,
+        what: &str,
+        operation: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, ClusterPresenceError> {
+        match tokio::time::timeout(TIMEOUT, operation).await {
+            Ok(result) => result.map_err(|e| self.failed(what, e)),
+            Err(_) => Err(self.failed(what, "timed out")),
+        }
+    }
+
+    /// The value at `key` and the revision to write over; the default if the key has no value
+    /// (revision 0 if it has no message at all, the marker's if it was deleted by hand).
+    async fn read<T: Default + for<'de> Deserialize<'de>>(
+        &self,
+        key: &str,
+    ) -> Result<Versioned<T>, ClusterPresenceError> {
+        let entry = self.within("reading", self.kv.entry(key)).await?;
+        match entry {
+            Some(entry) if entry.operation == kv::Operation::Put => Ok(Versioned {
+                revision: entry.revision,
+                value: serde_json::from_slice(&entry.value)
+                    .map_err(|e| self.failed(&format!("the value of {key} is unreadable"), e))?,
+            }),
+            Some(marker) => Ok(Versioned {
+                revision: marker.revision,
+                value: T::default(),
+            }),
+            None => Ok(Versioned {
+                revision: 0,
+                value: T::default(),
+            }),
+        }
+    }
+
+    /// Writes `value` at `key` if `revision` is still its last; `false` if another write came
+    /// first.
+    async fn write<T: Serialize>(
+        &self,
+        key: &str,
+        value: &T,
+        revision: u64,
+    ) -> Result<bool, ClusterPresenceError> {
+        let bytes = Bytes::from(serde_json::to_vec(value).map_err(|e| self.failed(key, e))?);
+        match tokio::time::timeout(TIMEOUT, self.kv.update(key, bytes, revision)).await {
+            Ok(Ok(_)) => Ok(true),
+            Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
+            Ok(Err(e)) => Err(self.failed("writing", e)),
+            Err(_) => Err(self.failed("writing", "timed out")),
+        }
+    }
+
+    /// Removes the key whose last message is `revision`; `false` if it has a newer one.
+    async fn remove(&self, revision: u64) -> Result<bool, ClusterPresenceError> {
+        match tokio::time::timeout(TIMEOUT, self.kv.stream.delete_message(revision)).await {
+            Ok(Ok(deleted)) => Ok(deleted),
+            Ok(Err(e)) => match e.kind() {
+                stream::DeleteMessageErrorKind::JetStream(error)
+                    if error.error_code() == jetstream::ErrorCode::NO_MESSAGE_FOUND =>
+                {
+                    Ok(false)
+                }
+                _ => Err(self.failed("deleting", e)),
+            },
+            Err(_) => Err(self.failed("deleting", "timed out")),
+        }
+    }
+
+    /// Applies `change` to the channel's record as one compare-and-set (reading again after a
+    /// lost race), and returns what it said. A record left empty is removed.
+    async fn change_channel<T>(
+        &self,
+        app: &str,
+        channel: &str,
+        mut change: impl FnMut(&mut ChannelRecord) -> T,
+    ) -> Result<T, ClusterPresenceError> {
+        let key = channel_key(app, channel);
+        for _ in 0..ATTEMPTS {
+            let Versioned { revision, value } = self.read::<ChannelRecord>(&key).await?;
+            let mut record = value.clone();
+            let said = change(&mut record);
+            let done = if record == value {
+                true
+            } else if record.is_empty() {
+                revision == 0 || self.remove(revision).await?
+            } else {
+                self.write(&key, &record, revision).await?
+            };
+            if done {
+                return Ok(said);
+            }
+        }
+        Err(self.failed(
+            &key,
+            format!("gave up after {ATTEMPTS} lost compare-and-set races"),
+        ))
+    }
+
+    /// The last value of every key matching `filter` (a key with `*` or `>` wildcards), read
+    /// with one ordered consumer.
+    async fn scan(&self, filter: &str) -> Result<Vec<(String, u64, Bytes)>, ClusterPresenceError> {
+        let prefix = self.kv.prefix.clone();
+        let scanning = async {
+            let consumer = self
+                .kv
+                .stream
+                .create_consumer(OrderedConfig {
+                    deliver_subject: self.client.new_inbox(),
+                    filter_subject: format!("{prefix}{filter}"),
+                    deliver_policy: DeliverPolicy::LastPerSubject,
+                    replay_policy: ReplayPolicy::Instant,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| self.failed("scanning", e))?;
+            let mut found = Vec::new();
+            // One last message per key is pending when the consumer starts: reading that many
+            // (or all there is) is the scan, however busy the keys are meanwhile.
+            let expected = consumer.cached_info().num_pending;
+            if expected == 0 {
+                return Ok(found);
+            }
+            let mut received = 0_u64;
+            let mut messages = consumer
+                .messages()
+                .await
+                .map_err(|e| self.failed("scanning", e))?;
+            while let Some(message) = messages.next().await {
+                let message = message.map_err(|e| self.failed("scanning", e))?;
+                let info = message.info().map_err(|e| self.failed("scanning", e))?;
+                let (sequence, pending) = (info.stream_sequence, info.pending);
+                let live = message
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get("KV-Operation"))
+                    .is_none();
+                if live && let Some(key) = message.subject.strip_prefix(prefix.as_str()) {
+                    found.push((key.to_owned(), sequence, message.payload.clone()));
+                }
+                received += 1;
+                if pending == 0 || received >= expected {
+                    break;
+                }
+            }
+            Ok(found)
+        };
+        match tokio::time::timeout(TIMEOUT, scanning).await {
+            Ok(result) => result,
+            Err(_) => Err(self.failed("scanning", "timed out")),
+        }
+    }
+
+    /// Every channel record matching `filter`, with its app and channel.
+    async fn channels(
+        &self,
+        filter: &str,
+    ) -> Result<Vec<(String, String, ChannelRecord)>, ClusterPresenceError> {
+        let mut channels = Vec::new();
+        for (key, _, value) in self.scan(filter).await? {
+            let Some((app, channel)) = parse_channel_key(&key) else {
+                continue;
+            };
+            match serde_json::from_slice::<ChannelRecord>(&value) {
+                Ok(record) => channels.push((app, channel, record)),
+                Err(e) => {
+                    tracing::warn!(key, error = %e, "presence: skipping an unreadable NATS entry")
+                }
+            }
+        }
+        Ok(channels)
+    }
+
+    /// Every node's record, with its revision.
+    async fn nodes(&self) -> Result<Vec<(String, u64, NodeRecord)>, ClusterPresenceError> {
+        let mut nodes = Vec::new();
+        for (key, revision, value) in self.scan("n.*").await? {
+            if let (Some(node), Ok(record)) = (
+                parse_node_key(&key),
+                serde_json::from_slice::<NodeRecord>(&value),
+            ) {
+                nodes.push((node, revision, record));
+            }
+        }
+        Ok(nodes)
+    }
+
+    /// Creates the bucket's stream again if it is gone; whether it was.
+    async fn recreate_if_lost(&self) -> bool {
+        let name = &self.stream.name;
+        let lost = matches!(
+            self.jetstream.get_stream(name).await,
+            Err(e) if matches!(
+                e.kind(),
+                jetstream::context::GetStreamErrorKind::JetStream(error)
+                    if error.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+            )
+        );
+        if lost {
+            match self
+                .jetstream
+                .get_or_create_stream(self.stream.clone())
+                .await
+            {
+                Ok(_) => tracing::warn!(
+                    stream = name,
+                    "presence: the NATS presence bucket was lost and is created again"
+                ),
+                Err(e) => {
+                    tracing::warn!(stream = name, error = %e, "presence: creating the lost NATS presence bucket failed")
+                }
+            }
+        }
+        lost
+    }
+
+    /// Publishes `notice` on the topic. The decision is already recorded: a failure is logged,
+    /// not returned (see the module doc).
+    async fn publish(&self, notice: &Notice) {
+        let payload = match notice.to_json() {
+            Ok(json) => format!("P{json}"),
+            Err(e) => {
+                tracing::error!(error = %e, "presence: a notice could not be encoded");
+                return;
+            }
+        };
+        if let Err(e) = self
+            .client
+            .publish(self.topic.clone(), Bytes::from(payload))
+            .await
+        {
+            tracing::warn!(servers = self.servers, error = %e, "presence: publishing a notice on NATS failed");
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl PresenceRecord for NatsRecord {
+    async fn register(&self, node: &str) -> Result<(), ClusterPresenceError> {
+        let record = NodeRecord {
+            beat: Utc::now().timestamp_millis(),
+            dead: false,
+        };
+        let bytes = Bytes::from(serde_json::to_vec(&record).map_err(|e| self.failed(node, e))?);
+        self.within("registering", self.kv.put(node_key(node), bytes))
+            .await
+            .map(|_| ())
+    }
+
+    async fn heartbeat(&self, node: &str) -> Result<bool, ClusterPresenceError> {
+        let key = node_key(node);
+        for _ in 0..ATTEMPTS {
+            let entry = match tokio::time::timeout(TIMEOUT, self.kv.entry(key.as_str())).await {
+                Ok(Ok(entry)) => entry,
+                failed => {
+                    // A lost bucket holds nobody: this node registers again and rebuilds.
+                    if self.recreate_if_lost().await {
+                        return Ok(false);
+                    }
+                    return Err(match failed {
+                        Ok(Err(e)) => self.failed("heartbeat", e),
+                        _ => self.failed("heartbeat", "timed out"),
+                    });
+                }
+            };
+            let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
+                return Ok(false);
+            };
+            match serde_json::from_slice::<NodeRecord>(&entry.value) {
+                Ok(record) if !record.dead => {}
+                _ => return Ok(false),
+            }
+            let beat = NodeRecord {
+                beat: Utc::now().timestamp_millis(),
+                dead: false,
+            };
+            if self.write(&key, &beat, entry.revision).await? {
+                return Ok(true);
+            }
+        }
+        Err(self.failed("heartbeat", "lost every compare-and-set race"))
+    }
+
+    async fn join(
+        &self,
+        node: &str,
+        app: &str,
+        channel: &str,
+        user_id: &str,
+        info: Option<&str>,
+        except: Option<&str>,
+    ) -> Result<bool, ClusterPresenceError> {
+        let added = self
+            .change_channel(app, channel, |record| {
+                let member = record.members.entry(user_id.to_owned()).or_default();
+                let first = member.nodes.is_empty();
+                if !member.nodes.insert(node.to_owned()) {
+                    return false;
+                }
+                // The first joiner's info; a later joiner's only where the first had none.
+                if first || member.info.is_none() {
+                    member.info = info.map(str::to_owned);
+                }
+                first
+            })
+            .await?;
+        if added {
+            let notice = Notice::member(NoticeKind::Added, node, app, channel, user_id)
+                .with_info(info, except);
+            self.publish(&notice).await;
+        }
+        Ok(added)
+    }
+
+    async fn leave(
+        &self,
+        node: &str,
+        deciding: &str,
+        app: &str,
+        channel: &str,
+        user_id: &str,
+    ) -> Result<bool, ClusterPresenceError> {
+        let removed = self
+            .change_channel(app, channel, |record| {
+                let Some(member) = record.members.get_mut(user_id) else {
+                    return false;
+                };
+                if !member.nodes.remove(node) {
+                    return false;
+                }
+                if member.nodes.is_empty() {
+                    record.members.remove(user_id);
+                    return true;
+                }
+                false
+            })
+            .await?;
+        if removed {
+            let notice = Notice::member(NoticeKind::Removed, deciding, app, channel, user_id);
+            self.publish(&notice).await;
+        }
+        Ok(removed)
+    }
+
+    async fn occupy(
+        &self,
+        node: &str,
+        app: &str,
+        channel: &str,
+        subscriptions: i64,
+    ) -> Result<bool, ClusterPresenceError> {
+        self.change_channel(app, channel, |record| {
+            let others = record.occupants.keys().filter(|n| *n != node).count();
+            let added = record
+                .occupants
+                .insert(node.to_owned(), subscriptions)
+                .is_none();
+            added && others == 0
+        })
+        .await
+    }
+
+    async fn vacate(
+        &self,
+        node: &str,
+        app: &str,
+        channel: &str,
+    ) -> Result<bool, ClusterPresenceError> {
+        self.change_channel(app, channel, |record| {
+            record.occupants.remove(node).is_some() && record.occupants.is_empty()
+        })
+        .await
+    }
+
+    async fn write_counts(
+        &self,
+        node: &str,
+        counts: &[(String, String, i64)],
+    ) -> Result<(), ClusterPresenceError> {
+        for some in counts.chunks(COUNT_WRITES_AT_ONCE) {
+            futures_util::future::try_join_all(some.iter().map(|(app, channel, count)| {
+                self.change_channel(app, channel, move |record| {
+                    // Only for channels this node still occupies: a count never occupies one.
+                    if let Some(held) = record.occupants.get_mut(node) {
+                        *held = *count;
+                    }
+                })
+            }))
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn held_by(&self, node: &str) -> Result<Held, ClusterPresenceError> {
+        let mut held = Held::default();
+        for (app, channel, record) in self.channels("c.>").await? {
+            for (user, member) in &record.members {
+                if member.nodes.contains(node) {
+                    held.members
+                        .insert((app.clone(), channel.clone(), user.clone()));
+                }
+            }
+            if record.occupants.contains_key(node) {
+                held.channels.insert((app, channel));
+            }
+        }
+        Ok(held)
+    }
+
+    async fn expire_nodes(&self, cutoff_millis: i64) -> Result<Vec<String>, ClusterPresenceError> {
+        let mut expired = Vec::new();
+        for (node, revision, record) in self.nodes().await? {
+            if record.dead || record.beat >= cutoff_millis {
+                continue;
+            }
+            let dead = NodeRecord {
+                dead: true,
+                ..record
+            };
+            // Whoever marks it first reports it; a node that beat meanwhile stays.
+            if self.write(&node_key(&node), &dead, revision).await? {
+                expired.push(node);
+            }
+        }
+        Ok(expired)
+    }
+
+    async fn forget_node(&self, node: &str) -> Result<(), ClusterPresenceError> {
+        let dead = NodeRecord {
+            beat: Utc::now().timestamp_millis(),
+            dead: true,
+        };
+        let bytes = Bytes::from(serde_json::to_vec(&dead).map_err(|e| self.failed(node, e))?);
+        self.within("unregistering", self.kv.put(node_key(node), bytes))
+            .await
+            .map(|_| ())
+    }
+
+    async fn orphans(&self, limit: i64) -> Result<Orphans, ClusterPresenceError> {
+        let limit = usize::try_from(limit).unwrap_or(0);
+        let nodes = self.nodes().await?;
+        let dead: BTreeMap<&str, u64> = nodes
+            .iter()
+            .filter(|(_, _, record)| record.dead)
+            .map(|(node, revision, _)| (node.as_str(), *revision))
+            .collect();
+        if dead.is_empty() {
+            return Ok(Orphans::default());
+        }
+        // Whatever is held by a node without a live record is orphaned.
+        let live: BTreeSet<&str> = nodes
+            .iter()
+            .filter(|(_, _, record)| !record.dead)
+            .map(|(node, _, _)| node.as_str())
+            .collect();
+        let mut orphans = Orphans::default();
+        let mut holding = BTreeSet::new();
+        for (app, channel, record) in self.channels("c.>").await? {
+            for (user, member) in &record.members {
+                for node in member.nodes.iter().filter(|n| !live.contains(n.as_str())) {
+                    holding.insert(node.clone());
+                    if orphans.members.len() < limit {
+                        orphans.members.push((
+                            node.clone(),
+                            app.clone(),
+                            channel.clone(),
+                            user.clone(),
+                        ));
+                    }
+                }
+            }
+            for node in record
+                .occupants
+                .keys()
+                .filter(|n| !live.contains(n.as_str()))
+            {
+                holding.insert(node.clone());
+                if orphans.channels.len() < limit {
+                    orphans
+                        .channels
+                        .push((node.clone(), app.clone(), channel.clone()));
+                }
+            }
+        }
+        // A dead node holding nothing is done with; its key goes, unless it registered again
+        // meanwhile (then its record has a newer revision and stays).
+        for (node, revision) in dead {
+            if !holding.contains(node) {
+                self.remove(revision).await?;
+            }
+        }
+        Ok(orphans)
+    }
+
+    async fn members_elsewhere(
+        &self,
+        node: &str,
+        app: &str,
+        channel: &str,
+    ) -> Result<Vec<RemoteMember>, ClusterPresenceError> {
+        let record = self
+            .read::<ChannelRecord>(&channel_key(app, channel))
+            .await?
+            .value;
+        Ok(record
+            .members
+            .into_iter()
+            .filter(|(_, member)| member.nodes.iter().any(|n| n != node))
+            .map(|(user, member)| (user, member.info))
+            .collect())
+    }
+
+    async fn counts_elsewhere(
+        &self,
+        node: &str,
+        app: &str,
+        prefix: &str,
+    ) -> Result<Vec<(String, i64)>, ClusterPresenceError> {
+        let filter = format!("c.{}.*", encoded(app));
+        Ok(self
+            .channels(&filter)
+            .await?
+            .into_iter()
+            .filter(|(_, channel, _)| channel.starts_with(prefix))
+            .filter_map(|(_, channel, record)| {
+                let others: Vec<i64> = record
+                    .occupants
+                    .iter()
+                    .filter(|(n, _)| *n != node)
+                    .map(|(_, count)| *count)
+                    .collect();
+                (!others.is_empty()).then(|| (channel, others.iter().sum()))
+            })
+            .collect())
+    }
+
+    async fn users_elsewhere(
+        &self,
+        node: &str,
+        app: &str,
+        prefix: &str,
+    ) -> Result<Vec<(String, String)>, ClusterPresenceError> {
+        let filter = format!("c.{}.*", encoded(app));
+        let mut users = Vec::new();
+        for (_, channel, record) in self.channels(&filter).await? {
+            if !channel.starts_with(prefix) {
+                continue;
+            }
+            for (user, member) in record.members {
+                if member.nodes.iter().any(|n| n != node) {
+                    users.push((channel.clone(), user));
+                }
+            }
+        }
+        Ok(users)
+    }
+
+    async fn member_info(
+        &self,
+        app: &str,
+        channel: &str,
+        user_id: &str,
+    ) -> Result<Option<String>, ClusterPresenceError> {
+        let mut record = self
+            .read::<ChannelRecord>(&channel_key(app, channel))
+            .await?
+            .value;
+        Ok(record.members.remove(user_id).and_then(|m| m.info))
+    }
+
+    async fn announce(&self, notice: Notice) -> Result<(), ClusterPresenceError> {
+        let payload = format!("P{}", notice.to_json()?);
+        self.within(
+            "publishing",
+            self.client
+                .publish(self.topic.clone(), Bytes::from(payload)),
+        )
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_topic_gets_a_bucket_of_its_own_with_a_valid_name() {
+        assert_eq!(
+            bucket_name("herald.publications"),
+            "herald-presence-herald_2Epublications"
+        );
+        assert_ne!(bucket_name("a.b"), bucket_name("a_b"));
+        assert!(
+            bucket_name("x y/é")
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        );
+    }
+
+    #[test]
+    fn any_name_makes_a_valid_key_and_reads_back() {
+        let (app, channel) = ("app_1", "presence-a.b,c;d@e=f");
+        let key = channel_key(app, channel);
+        assert!(
+            key.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        );
+        assert_eq!(key.split('.').count(), 3);
+        assert_eq!(
+            parse_channel_key(&key),
+            Some((app.to_owned(), channel.to_owned()))
+        );
+        assert_eq!(
+            parse_node_key(&node_key("host.1 é")).as_deref(),
+            Some("host.1 é")
+        );
+        assert_eq!(parse_channel_key("c.!!.x"), None);
+    }
+
+    #[test]
+    fn a_channel_record_is_compact_and_empty_without_members_or_occupants() {
+        let mut record = ChannelRecord::default();
+        assert!(record.is_empty());
+        assert_eq!(serde_json::to_string(&record).expect("json"), "{}");
+        record.occupants.insert("a".into(), 2);
+        record.members.insert(
+            "u".into(),
+            Member {
+                nodes: BTreeSet::from(["a".to_owned()]),
+                info: None,
+            },
+        );
+        assert_eq!(
+            serde_json::to_string(&record).expect("json"),
+            r#"{"m":{"u":{"n":["a"]}},"o":{"a":2}}"#
+        );
+    }
+}
