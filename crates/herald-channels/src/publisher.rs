@@ -282,9 +282,12 @@ impl Publisher {
             message,
             ingest,
         };
-        if plan.channels.is_empty() {
+        let commits = !plan.kept.is_empty() || plan.message.is_some() || plan.ingest.is_some();
+        if plan.channels.is_empty() || !commits {
             // Nothing to fan out: if the caller goes away mid-commit, the message is stored
-            // or not, and delivery finds it either way.
+            // or not, and delivery finds it either way. Nothing to commit: a caller that goes
+            // away mid-send was never answered, as if it had not published. Either way no
+            // task of its own, which under load would wait a turn of the whole scheduler.
             return self.shared.commit_and_fan_out(plan).await;
         }
         // The commit and the fan-out run on their own task, so a caller that goes away (a
