@@ -866,22 +866,9 @@ mod tests {
             Box::new(|| {}),
             None,
         );
-        let now = Utc::now();
-        let app_id = AppId::new(now);
-        store
-            .create_app(&herald_core::model::App {
-                id: app_id.clone(),
-                uid: None,
-                name: "bus".into(),
-                throttle_rate: None,
-                metadata: Default::default(),
-                pusher: herald_core::model::PusherCredentials::generate(),
-                history: None,
-                created_at: now,
-                updated_at: now,
-            })
+        let app_id = herald_store::conformance::stored_app(store.as_ref(), "bus")
             .await
-            .expect("app");
+            .id;
         let mut positions = Vec::new();
         for n in 1..=5 {
             let position = store.append_history(entry(&app_id, n)).await;

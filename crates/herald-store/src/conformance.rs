@@ -106,7 +106,8 @@ pub(crate) fn app(name: &str) -> App {
     }
 }
 
-pub(crate) async fn stored_app(store: &dyn Store, name: &str) -> App {
+/// A new app named `name`, created in `store` (a fixture for other crates' store tests too).
+pub async fn stored_app(store: &dyn Store, name: &str) -> App {
     let app = app(name);
     store.create_app(&app).await.expect("create app");
     app

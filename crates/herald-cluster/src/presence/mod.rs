@@ -1076,10 +1076,7 @@ mod tests {
                     let client = async_nats::connect(url.as_str()).await.expect("connect");
                     let subscriber = client.subscribe(topic.clone()).await.expect("subscribe");
                     client.flush().await.expect("flush");
-                    Box::pin(subscriber.map(move |m| {
-                        let _client = &client;
-                        m.payload.to_vec()
-                    }))
+                    Box::pin(subscriber.map(|m| m.payload.to_vec()))
                 }
                 Self::Postgres { .. } => panic!("a Redis or NATS test"),
             }

@@ -449,67 +449,52 @@ impl NatsRecord {
         lost
     }
 
-    /// Publishes `notice` on the topic. The decision is already recorded: a failure is logged,
-    /// not returned (see the module doc).
-    async fn publish(&self, notice: &Notice) {
-        let payload = match notice.to_json() {
-            Ok(json) => format!("P{json}"),
-            Err(e) => {
-                tracing::error!(error = %e, "presence: a notice could not be encoded");
-                return;
-            }
-        };
-        if let Err(e) = self
-            .client
-            .publish(self.topic.clone(), Bytes::from(payload))
-            .await
-        {
-            tracing::warn!(servers = self.servers, error = %e, "presence: publishing a notice on NATS failed");
+    /// Announces `notice` (see [`PresenceRecord::announce`]) after the write that decided
+    /// it. The decision is already recorded: a failure is logged, not returned (see the module
+    /// doc).
+    async fn publish(&self, notice: Notice) {
+        if let Err(e) = self.announce(notice).await {
+            tracing::warn!(error = %e, "presence: announcing a recorded change failed");
         }
+    }
+
+    /// Writes `node`'s record as of now, whatever was there.
+    async fn put_node(&self, node: &str, dead: bool) -> Result<(), ClusterPresenceError> {
+        let record = NodeRecord {
+            beat: Utc::now().timestamp_millis(),
+            dead,
+        };
+        let bytes = Bytes::from(serde_json::to_vec(&record).map_err(|e| self.failed(node, e))?);
+        self.within("writing a node", self.kv.put(node_key(node), bytes))
+            .await
+            .map(|_| ())
     }
 }
 
 #[async_trait::async_trait]
 impl PresenceRecord for NatsRecord {
     async fn register(&self, node: &str) -> Result<(), ClusterPresenceError> {
-        let record = NodeRecord {
-            beat: Utc::now().timestamp_millis(),
-            dead: false,
-        };
-        let bytes = Bytes::from(serde_json::to_vec(&record).map_err(|e| self.failed(node, e))?);
-        self.within("registering", self.kv.put(node_key(node), bytes))
-            .await
-            .map(|_| ())
+        self.put_node(node, false).await
     }
 
     async fn heartbeat(&self, node: &str) -> Result<bool, ClusterPresenceError> {
         let key = node_key(node);
         for _ in 0..ATTEMPTS {
-            let entry = match tokio::time::timeout(TIMEOUT, self.kv.entry(key.as_str())).await {
-                Ok(Ok(entry)) => entry,
-                failed => {
-                    // A lost bucket holds nobody: this node registers again and rebuilds.
-                    if self.recreate_if_lost().await {
-                        return Ok(false);
-                    }
-                    return Err(match failed {
-                        Ok(Err(e)) => self.failed("heartbeat", e),
-                        _ => self.failed("heartbeat", "timed out"),
-                    });
-                }
+            let Versioned { revision, value } = match self.read::<Option<NodeRecord>>(&key).await {
+                Ok(read) => read,
+                // A lost bucket holds nobody: this node registers again and rebuilds.
+                Err(_) if self.recreate_if_lost().await => return Ok(false),
+                Err(e) => return Err(e),
             };
-            let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
+            // Unregistered, or taken for dead.
+            if value.is_none_or(|record| record.dead) {
                 return Ok(false);
-            };
-            match serde_json::from_slice::<NodeRecord>(&entry.value) {
-                Ok(record) if !record.dead => {}
-                _ => return Ok(false),
             }
             let beat = NodeRecord {
                 beat: Utc::now().timestamp_millis(),
                 dead: false,
             };
-            if self.write(&key, &beat, entry.revision).await? {
+            if self.write(&key, &beat, revision).await? {
                 return Ok(true);
             }
         }
@@ -540,9 +525,11 @@ impl PresenceRecord for NatsRecord {
             })
             .await?;
         if added {
-            let notice = Notice::member(NoticeKind::Added, node, app, channel, user_id)
-                .with_info(info, except);
-            self.publish(&notice).await;
+            self.publish(
+                Notice::member(NoticeKind::Added, node, app, channel, user_id)
+                    .with_info(info, except),
+            )
+            .await;
         }
         Ok(added)
     }
@@ -571,8 +558,14 @@ impl PresenceRecord for NatsRecord {
             })
             .await?;
         if removed {
-            let notice = Notice::member(NoticeKind::Removed, deciding, app, channel, user_id);
-            self.publish(&notice).await;
+            self.publish(Notice::member(
+                NoticeKind::Removed,
+                deciding,
+                app,
+                channel,
+                user_id,
+            ))
+            .await;
         }
         Ok(removed)
     }
@@ -661,14 +654,7 @@ impl PresenceRecord for NatsRecord {
     }
 
     async fn forget_node(&self, node: &str) -> Result<(), ClusterPresenceError> {
-        let dead = NodeRecord {
-            beat: Utc::now().timestamp_millis(),
-            dead: true,
-        };
-        let bytes = Bytes::from(serde_json::to_vec(&dead).map_err(|e| self.failed(node, e))?);
-        self.within("unregistering", self.kv.put(node_key(node), bytes))
-            .await
-            .map(|_| ())
+        self.put_node(node, true).await
     }
 
     async fn orphans(&self, limit: i64) -> Result<Orphans, ClusterPresenceError> {
