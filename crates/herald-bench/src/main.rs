@@ -5,11 +5,21 @@
 //! deliveries per second, publish-to-receive latency (p50/p99/max) and, given the server's
 //! pid on this machine, its memory per idle connection.
 //!
+//! `--protocol socketio` measures Herald's Socket.IO face instead: each connection is a
+//! Socket.IO v4 client over the WebSocket transport (`/socket.io/?EIO=4&transport=websocket`,
+//! no long-polling; see [`socketio`]) that connects to the app's namespace (`--namespace`,
+//! `/demo`) and joins the room it would have subscribed to as a Pusher client. Publishing
+//! still goes through the Pusher HTTP API to the same channels, so two runs against one
+//! server, one per protocol, compare the two faces.
+//!
 //! Exits non-zero when a connection, a publish or a delivery was lost, so a smoke run in CI
 //! proves the client and the server agree.
 //!
-//! Each event's data is `"<sent µs since the epoch>:<padding>"`, a plain string, so receivers
-//! read the timestamp without parsing JSON twice; the server and this client share a clock.
+//! Each event's data is `"<sent µs since the epoch>:<padding>"`, a plain string (not JSON
+//! text, so Herald hands it to Socket.IO clients as a string too), so receivers read the
+//! timestamp without parsing JSON twice; the server and this client share a clock.
+
+mod socketio;
 
 use std::{
     sync::{
@@ -20,7 +30,7 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use futures_util::{SinkExt, StreamExt};
 use tokio::{
     net::TcpStream,
@@ -38,8 +48,11 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Parser, Debug, Clone)]
 #[command(
-    about = "Fan-out benchmark for Pusher Channels-compatible servers",
-    after_help = "Example, against `herald serve --dev`:\n  pusher-bench --connections 2000 --channels 20 --rate 200 --server-pid $(pgrep -f 'herald serve')"
+    about = "Fan-out benchmark for Pusher Channels-compatible servers, and for Herald's Socket.IO face",
+    after_help = "Examples, against `herald serve --dev`, Pusher clients then Socket.IO clients of the app `demo` \
+                  (both published to through the Pusher HTTP API):\n  \
+                  pusher-bench --connections 2000 --channels 20 --rate 200 --server-pid $(pgrep -f 'herald serve')\n  \
+                  pusher-bench --protocol socketio --namespace demo --connections 2000 --channels 20 --rate 200 --server-pid $(pgrep -f 'herald serve')"
 )]
 struct Args {
     #[arg(long, default_value = "127.0.0.1")]
@@ -57,6 +70,16 @@ struct Args {
     key: String,
     #[arg(long, default_value = "demo-secret")]
     secret: String,
+    /// What the connections speak: `pusher` (Pusher protocol 7 at `/app/{key}`, subscribing to
+    /// their channel) or `socketio` (Socket.IO v4 over WebSocket at `/socket.io/`, connecting to
+    /// `--namespace` and joining their channel as a room). Events are published through the
+    /// Pusher HTTP API either way.
+    #[arg(long, value_enum, default_value_t = Protocol::Pusher)]
+    protocol: Protocol,
+    /// With `--protocol socketio`: the namespace, i.e. the Herald app (uid or id) whose rooms
+    /// are joined: `demo` connects to `/demo`.
+    #[arg(long, default_value = "demo")]
+    namespace: String,
     /// WebSocket connections to open.
     #[arg(long, short = 'n', default_value_t = 1000)]
     connections: usize,
@@ -87,6 +110,75 @@ struct Args {
     server_pid: Option<u32>,
 }
 
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    /// Pusher Channels protocol 7.
+    Pusher,
+    /// Socket.IO v4 (Engine.IO 4) over WebSocket.
+    #[value(name = "socketio", alias = "socket.io")]
+    SocketIo,
+}
+
+/// What the connections speak: how they connect and subscribe, and how their frames read.
+enum Face {
+    Pusher,
+    SocketIo(socketio::Namespace),
+}
+
+/// A text frame received once subscribed, as the receive loop sees it.
+#[derive(Debug, PartialEq, Eq)]
+enum Inbound {
+    /// A bench event, sent at these microseconds since the epoch.
+    Delivery(u64),
+    /// A keep-alive to answer with this frame.
+    Reply(&'static str),
+    /// The server ended the session.
+    Closed,
+    Other,
+}
+
+impl Face {
+    fn new(args: &Args) -> Self {
+        match args.protocol {
+            Protocol::Pusher => Self::Pusher,
+            Protocol::SocketIo => Self::SocketIo(socketio::Namespace::new(&args.namespace)),
+        }
+    }
+
+    fn url(&self, args: &Args, port: u16) -> String {
+        match self {
+            Self::Pusher => format!(
+                "ws://{}:{port}/app/{}?protocol=7&client=herald-bench&version=0.1.0",
+                args.host, args.key
+            ),
+            Self::SocketIo(_) => socketio::url(&args.host, port),
+        }
+    }
+
+    /// Connects and subscribes to `channel`, returning once the server confirmed it.
+    async fn subscribe(&self, url: &str, channel: &str) -> anyhow::Result<Socket> {
+        match self {
+            Self::Pusher => subscribe(url, channel).await,
+            Self::SocketIo(namespace) => namespace.subscribe(url, channel).await,
+        }
+    }
+
+    fn read(&self, frame: &str) -> Inbound {
+        match self {
+            Self::Pusher => {
+                if let Some(sent_us) = bench_timestamp(frame) {
+                    Inbound::Delivery(sent_us)
+                } else if frame.contains("\"pusher:ping\"") {
+                    Inbound::Reply(r#"{"event":"pusher:pong","data":{}}"#)
+                } else {
+                    Inbound::Other
+                }
+            }
+            Self::SocketIo(namespace) => namespace.read(frame),
+        }
+    }
+}
+
 #[derive(Default)]
 struct Counters {
     received: AtomicU64,
@@ -103,9 +195,14 @@ async fn main() -> anyhow::Result<()> {
     if args.connections == 0 || args.channels == 0 || args.rate == 0 {
         bail!("--connections, --channels and --rate must be at least 1");
     }
+    let face = Arc::new(Face::new(&args));
     println!(
-        "pusher-bench: {} connections over {} channels; {} events/s for {} s with {}-byte data; server {}:{}",
+        "pusher-bench: {} connections{} over {} channels; {} events/s for {} s with {}-byte data; server {}:{}",
         args.connections,
+        match &*face {
+            Face::Pusher => String::new(),
+            Face::SocketIo(namespace) => format!(" (Socket.IO, namespace {})", namespace.name()),
+        },
         args.channels,
         args.rate,
         args.duration,
@@ -129,14 +226,10 @@ async fn main() -> anyhow::Result<()> {
     };
     for i in 0..args.connections {
         let channel = i % args.channels;
-        let url = format!(
-            "ws://{}:{}/app/{}?protocol=7&client=herald-bench&version=0.1.0",
-            args.host,
-            ports[i % ports.len()],
-            args.key
-        );
+        let url = face.url(&args, ports[i % ports.len()]);
         let channel_name = format!("{}{channel}", args.channel_prefix);
-        let (opening, ready, counters, stop) = (
+        let (face, opening, ready, counters, stop) = (
+            Arc::clone(&face),
             Arc::clone(&opening),
             ready_tx.clone(),
             Arc::clone(&counters),
@@ -144,12 +237,12 @@ async fn main() -> anyhow::Result<()> {
         );
         sockets.spawn(async move {
             let permit = opening.acquire_owned().await;
-            let socket = subscribe(&url, &channel_name).await;
+            let socket = face.subscribe(&url, &channel_name).await;
             drop(permit);
             match socket {
                 Ok(socket) => {
                     let _ = ready.send(Ok(channel)).await;
-                    receive(socket, &counters, &stop).await
+                    receive(socket, &face, &counters, &stop).await
                 }
                 Err(e) => {
                     let _ = ready.send(Err(e)).await;
@@ -263,7 +356,7 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Connects, waits for the handshake, subscribes and waits for the confirmation.
+/// Pusher: connects, waits for the handshake, subscribes and waits for the confirmation.
 async fn subscribe(url: &str, channel: &str) -> anyhow::Result<Socket> {
     let (mut socket, _) = connect_async(url).await.context("connecting")?;
     let hello = next_event(&mut socket).await?;
@@ -308,7 +401,12 @@ async fn next_event(socket: &mut Socket) -> anyhow::Result<(String, String)> {
 }
 
 /// Reads until `stop`, answering pings; returns each bench event's latency in microseconds.
-async fn receive(mut socket: Socket, counters: &Counters, stop: &CancellationToken) -> Vec<u32> {
+async fn receive(
+    mut socket: Socket,
+    face: &Face,
+    counters: &Counters,
+    stop: &CancellationToken,
+) -> Vec<u32> {
     let mut latencies = Vec::new();
     loop {
         let message = tokio::select! {
@@ -316,20 +414,24 @@ async fn receive(mut socket: Socket, counters: &Counters, stop: &CancellationTok
             message = socket.next() => message,
         };
         match message {
-            Some(Ok(Message::Text(text))) => {
-                let text = text.as_str();
-                if let Some(sent_us) = bench_timestamp(text) {
+            Some(Ok(Message::Text(text))) => match face.read(text.as_str()) {
+                Inbound::Delivery(sent_us) => {
                     let now = now_us();
                     latencies.push(u32::try_from(now.saturating_sub(sent_us)).unwrap_or(u32::MAX));
                     counters.received.fetch_add(1, Ordering::AcqRel);
                     counters.last_received_us.fetch_max(now, Ordering::AcqRel);
-                } else if text.contains("\"pusher:ping\"") {
-                    let pong = r#"{"event":"pusher:pong","data":{}}"#;
+                }
+                Inbound::Reply(pong) => {
                     if socket.send(Message::text(pong)).await.is_err() {
                         break;
                     }
                 }
-            }
+                Inbound::Closed => {
+                    counters.disconnected.fetch_add(1, Ordering::AcqRel);
+                    return latencies;
+                }
+                Inbound::Other => {}
+            },
             Some(Ok(Message::Close(_)) | Err(_)) | None => {
                 counters.disconnected.fetch_add(1, Ordering::AcqRel);
                 return latencies;
@@ -341,7 +443,7 @@ async fn receive(mut socket: Socket, counters: &Counters, stop: &CancellationTok
     latencies
 }
 
-/// The send time of a bench event frame, read without building a JSON tree: the frame is
+/// Pusher: the send time of a bench event frame, read without building a JSON tree: the frame is
 /// `{"event":"bench","channel":"...","data":"<µs>:<padding>"}` in any key order.
 fn bench_timestamp(frame: &str) -> Option<u64> {
     #[derive(serde::Deserialize)]

@@ -81,6 +81,7 @@ pub struct Publication {
     /// `socket_id`.
     pub except: Option<String>,
     pusher: OnceLock<Frame>,
+    json_data: OnceLock<Box<RawValue>>,
 }
 
 impl Publication {
@@ -99,6 +100,7 @@ impl Publication {
             position: None,
             except: None,
             pusher: OnceLock::new(),
+            json_data: OnceLock::new(),
         }
     }
 
@@ -138,6 +140,23 @@ impl Publication {
     /// The offset, on a history channel.
     pub fn offset(&self) -> Option<u64> {
         self.position.as_ref().map(|p| p.offset)
+    }
+
+    /// The data as one JSON value, built on first use and shared from then on: JSON data as
+    /// it is; text that is JSON as that JSON (as pusher-js reads an event's string data);
+    /// other text as a JSON string. Faces whose events carry JSON values (Socket.IO) send it.
+    pub fn json_data(&self) -> &RawValue {
+        self.json_data.get_or_init(|| match &self.data {
+            EventData::Json(json) => json.clone(),
+            EventData::Text(_) => {
+                let text = self.data.as_str();
+                // `from_string` checks that the text is one JSON value and keeps it verbatim.
+                // Serializing a string cannot fail (`null` keeps the function total).
+                RawValue::from_string(text.to_owned())
+                    .or_else(|_| serde_json::value::to_raw_value(text))
+                    .unwrap_or_default()
+            }
+        })
     }
 
     /// The Pusher protocol frame, built on first use and shared from then on:

@@ -14,6 +14,7 @@ pub mod model;
 pub mod pusher;
 pub mod retry;
 pub mod signing;
+pub mod socketio;
 pub mod token;
 pub mod validate;
 

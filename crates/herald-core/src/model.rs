@@ -21,6 +21,8 @@ pub struct App {
     pub pusher: PusherCredentials,
     /// Which channels keep history; `None` uses the server's defaults.
     pub history: Option<Vec<crate::history::HistoryRule>>,
+    /// How Socket.IO clients may use the app; `None`: no browser origin, no relayed events.
+    pub socketio: Option<crate::socketio::SocketIoSettings>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }

@@ -101,6 +101,7 @@ pub(crate) fn app(name: &str) -> App {
         metadata: Metadata::new(),
         pusher: PusherCredentials::generate(),
         history: None,
+        socketio: None,
         created_at: now,
         updated_at: now,
     }

@@ -86,13 +86,14 @@ pub(crate) const DELETE_APP: &str = "DELETE FROM apps WHERE id = $1";
 pub(crate) const REMOVE_TOKEN: &str = "DELETE FROM api_tokens WHERE token_hash = $1";
 pub(crate) const TOKEN_SCOPE: &str = "SELECT app_id FROM api_tokens WHERE token_hash = $1";
 
-/// Updates the app `$app` (`&App`): uid, name, throttle rate, metadata and history rules.
+/// Updates the app `$app` (`&App`): uid, name, throttle rate, metadata, history rules and
+/// Socket.IO settings.
 macro_rules! update_app {
     ($app:expr) => {{
         let app: &herald_core::model::App = $app;
         ::sqlx::query(
             "UPDATE apps SET uid = $2, name = $3, throttle_rate = $4, metadata = $5, updated_at = $6,
-                    history_rules = $7
+                    history_rules = $7, socketio = $8
              WHERE id = $1",
         )
         .bind(app.id.as_str())
@@ -102,6 +103,7 @@ macro_rules! update_app {
         .bind($crate::sqlite::rows::to_json(&app.metadata))
         .bind($crate::sqlite::rows::millis(app.updated_at))
         .bind($crate::sqlite::rows::history_rules_json(app.history.as_deref()))
+        .bind($crate::sqlite::rows::socketio_json(app.socketio.as_ref()))
     }};
 }
 pub(crate) use update_app;
@@ -482,6 +484,9 @@ macro_rules! row_readers {
                         .map(herald_core::history::HistoryRule::from)
                         .collect()
                 }),
+                socketio: opt_json_column::<$crate::sqlite::rows::SocketIoRow>(row, "socketio")?
+                    .map(herald_core::socketio::SocketIoSettings::try_from)
+                    .transpose()?,
                 created_at: time(row.try_get("created_at")?)?,
                 updated_at: time(row.try_get("updated_at")?)?,
             })

@@ -50,6 +50,7 @@ pub struct Config {
     pub listener: ListenerSection,
     pub delivery: DeliverySection,
     pub ws: WsSection,
+    pub socketio: SocketIoSection,
     pub history: HistorySection,
     pub cluster: ClusterSection,
     pub broker: BrokerSection,
@@ -173,6 +174,44 @@ impl From<&HistoryRuleConfig> for herald_core::history::HistoryRule {
             max_age_secs: r.max_age_secs,
         }
     }
+}
+
+/// Socket.IO limits and timings (the per-address limits are `ws`'s, shared by every face).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SocketIoSection {
+    /// Serve Socket.IO at `/socket.io/`.
+    pub enabled: bool,
+    /// Largest packet a client may send (Socket.IO's `maxHttpBufferSize`).
+    pub max_payload_bytes: u64,
+    pub ping_interval_ms: u64,
+    pub ping_timeout_ms: u64,
+    pub max_connections_per_app: u32,
+    pub max_rooms_per_socket: usize,
+    pub events_per_second: u32,
+    pub event_burst: u32,
+    pub outbox_frames: usize,
+}
+
+impl Default for SocketIoSection {
+    fn default() -> Self {
+        let d = herald_socketio::SocketIoConfig::default();
+        Self {
+            enabled: true,
+            max_payload_bytes: d.max_payload_bytes,
+            ping_interval_ms: duration_ms(d.ping_interval),
+            ping_timeout_ms: duration_ms(d.ping_timeout),
+            max_connections_per_app: d.max_connections_per_app,
+            max_rooms_per_socket: d.max_rooms_per_socket,
+            events_per_second: d.events_per_second,
+            event_burst: d.event_burst,
+            outbox_frames: d.outbox_frames,
+        }
+    }
+}
+
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// WebSocket (Pusher protocol) limits and timings.
@@ -319,6 +358,7 @@ impl Default for Config {
             listener: ListenerSection::default(),
             delivery: DeliverySection::default(),
             ws: WsSection::default(),
+            socketio: SocketIoSection::default(),
             history: HistorySection::default(),
             cluster: ClusterSection::default(),
             broker: BrokerSection::default(),
@@ -533,6 +573,22 @@ impl Config {
                 NODE_TTL_SECS.end()
             )));
         }
+        let s = &self.socketio;
+        let socketio_positive = [
+            ("socketio.max_payload_bytes", s.max_payload_bytes),
+            ("socketio.ping_interval_ms", s.ping_interval_ms),
+            ("socketio.ping_timeout_ms", s.ping_timeout_ms),
+            (
+                "socketio.max_rooms_per_socket",
+                s.max_rooms_per_socket as u64,
+            ),
+            ("socketio.outbox_frames", s.outbox_frames as u64),
+        ];
+        for (name, value) in socketio_positive {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
+            }
+        }
         let d = &self.delivery;
         let positive = [
             ("delivery.request_timeout_secs", d.request_timeout_secs),
@@ -717,6 +773,27 @@ impl Config {
             subscribes_per_second: w.subscribes_per_second,
             subscribe_burst: w.subscribe_burst,
             clients: std::sync::Arc::clone(clients),
+        }
+    }
+
+    pub fn socketio_config(
+        &self,
+        clients: &std::sync::Arc<herald_channels::limits::ClientLimiter>,
+    ) -> herald_socketio::SocketIoConfig {
+        let s = &self.socketio;
+        herald_socketio::SocketIoConfig {
+            max_payload_bytes: s.max_payload_bytes,
+            ping_interval: Duration::from_millis(s.ping_interval_ms),
+            ping_timeout: Duration::from_millis(s.ping_timeout_ms),
+            max_connections_per_app: s.max_connections_per_app,
+            max_rooms_per_socket: s.max_rooms_per_socket,
+            max_presence_members: self.ws.max_presence_members,
+            max_user_info_bytes: self.ws.max_user_info_bytes,
+            events_per_second: s.events_per_second,
+            event_burst: s.event_burst,
+            outbox_frames: s.outbox_frames,
+            clients: std::sync::Arc::clone(clients),
+            ..herald_socketio::SocketIoConfig::default()
         }
     }
 

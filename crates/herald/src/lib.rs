@@ -23,6 +23,7 @@ use herald_channels::{
 use herald_cluster::postgres::PostgresBroker;
 use herald_core::{
     model::{App, PusherCredentials},
+    socketio::{EventRule, Relay, SocketIoSettings},
     token,
 };
 use herald_delivery::{Dispatcher, WebhookClient};
@@ -228,6 +229,16 @@ pub async fn run(
     state.shutdown = shutdown.clone();
     state.metrics_registry = Arc::new(registry);
     let connections = TaskTracker::new();
+    let socketio = config.socketio.enabled.then(|| {
+        herald_socketio::Face::new(
+            Arc::new(store::StoreApps(Arc::clone(&store))),
+            Arc::clone(&hub),
+            Arc::clone(&publisher),
+            config.socketio_config(&clients),
+            shutdown.clone(),
+            connections.clone(),
+        )
+    });
     let websockets = herald_ws::connection::router(
         WsState {
             store: Arc::clone(&store),
@@ -241,13 +252,16 @@ pub async fn run(
         },
         config.dev,
     );
-    let router = herald_api::router(
+    let mut router = herald_api::router(
         state,
         &ApiConfig {
             max_body_bytes: config.api.max_body_bytes,
         },
     )
     .merge(websockets);
+    if let Some(face) = socketio {
+        router = herald_socketio::mount(router, face);
+    }
 
     let background = TaskTracker::new();
     let stop_background = CancellationToken::new();
@@ -383,6 +397,17 @@ async fn seed_dev(store: &dyn Store) -> anyhow::Result<()> {
                     previous: None,
                 },
                 history: None,
+                // The chat example works out of the box: any page may connect, and `chat
+                // message` goes to everyone in the namespace.
+                socketio: Some(SocketIoSettings {
+                    allowed_origins: vec!["*".to_owned()],
+                    namespace_channel: None,
+                    events: vec![EventRule {
+                        event: "chat message".to_owned(),
+                        relay: Relay::Everyone,
+                        webhook: false,
+                    }],
+                }),
                 created_at: now,
                 updated_at: now,
             })

@@ -185,6 +185,23 @@ pub async fn open(config: &StoreConfig) -> anyhow::Result<OpenedStore> {
     }
 }
 
+/// The Socket.IO face's view of apps: the store's (its cache on SQLite, the database on
+/// PostgreSQL), so a change of rules or credentials reaches the next connect on every node.
+pub struct StoreApps(pub Arc<dyn Store>);
+
+#[async_trait::async_trait]
+impl herald_socketio::Apps for StoreApps {
+    async fn find(
+        &self,
+        uid_or_id: &str,
+    ) -> Result<Option<herald_core::model::App>, herald_socketio::Unavailable> {
+        self.0.get_app(uid_or_id).await.map_err(|e| {
+            tracing::warn!(error = %e, "reading an app for a Socket.IO connection failed");
+            herald_socketio::Unavailable
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;

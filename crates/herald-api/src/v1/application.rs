@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use herald_core::{
     history::{self, HistoryRule},
     model::{App, Metadata, PusherCredentials},
-    validate,
+    socketio, validate,
 };
 use serde::{Deserialize, Serialize};
 
@@ -39,6 +39,10 @@ pub struct ApplicationIn {
     /// update that leaves it out keeps it, as Svix SDKs do not know the field.
     #[serde(default)]
     pub history: Option<Vec<super::wire::HistoryRuleWire>>,
+    /// Herald's extension: how Socket.IO clients may use the app (see the README). Kept by an
+    /// update that leaves it out, like `history`.
+    #[serde(default)]
+    pub socketio: Option<super::wire::SocketIoWire>,
 }
 
 #[derive(Deserialize)]
@@ -54,6 +58,8 @@ pub struct ApplicationPatch {
     metadata: Option<Metadata>,
     #[serde(default, deserialize_with = "super::double_option")]
     history: Option<Option<Vec<super::wire::HistoryRuleWire>>>,
+    #[serde(default, deserialize_with = "super::double_option")]
+    socketio: Option<Option<super::wire::SocketIoWire>>,
 }
 
 #[derive(Serialize)]
@@ -69,6 +75,8 @@ pub struct ApplicationOut {
     pusher: PusherOut,
     #[serde(skip_serializing_if = "Option::is_none")]
     history: Option<Vec<super::wire::HistoryRuleWire>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    socketio: Option<super::wire::SocketIoWire>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
 }
@@ -105,6 +113,7 @@ impl From<App> for ApplicationOut {
                 secret: app.pusher.secret,
             },
             history: app.history.map(super::wire::history_out),
+            socketio: app.socketio.map(Into::into),
             created_at: app.created_at,
             updated_at: app.updated_at,
         }
@@ -125,7 +134,15 @@ fn validate_in(input: &ApplicationIn) -> ApiResult<()> {
         v.check(&["body", "uid"], validate::uid(uid));
     }
     check_history(&mut v, input.history.as_deref());
+    check_socketio(&mut v, input.socketio.as_ref());
     v.finish()
+}
+
+fn check_socketio(v: &mut Validator, settings: Option<&super::wire::SocketIoWire>) {
+    let Some(settings) = settings else { return };
+    if let Err((field, message)) = socketio::validate_settings(&settings.clone().into()) {
+        v.check(&["body", "socketio", field.as_str()], Err(message));
+    }
 }
 
 fn check_history(v: &mut Validator, rules: Option<&[super::wire::HistoryRuleWire]>) {
@@ -153,6 +170,7 @@ pub(crate) async fn create_app(state: &ApiState, input: ApplicationIn) -> ApiRes
         metadata: input.metadata.unwrap_or_default(),
         pusher: PusherCredentials::generate(),
         history: input.history.map(super::wire::history_in),
+        socketio: input.socketio.map(Into::into),
         created_at: now,
         updated_at: now,
     };
@@ -248,6 +266,9 @@ pub async fn upsert(
             if input.history.is_some() {
                 app.history = input.history.map(super::wire::history_in);
             }
+            if input.socketio.is_some() {
+                app.socketio = input.socketio.map(Into::into);
+            }
             app.updated_at = crate::now();
             state.store.update_app(&app).await?;
             Ok((StatusCode::OK, Json(app.into())))
@@ -290,6 +311,9 @@ pub async fn patch(
     if let Some(history) = patch.history {
         app.history = history.map(super::wire::history_in);
     }
+    if let Some(socketio) = patch.socketio {
+        app.socketio = socketio.map(Into::into);
+    }
     validate_in(&ApplicationIn {
         name: app.name.clone(),
         uid: app.uid.clone(),
@@ -297,6 +321,7 @@ pub async fn patch(
         metadata: None,
         _rate_limit: None,
         history: app.history.clone().map(super::wire::history_out),
+        socketio: app.socketio.clone().map(Into::into),
     })?;
     app.updated_at = crate::now();
     state.store.update_app(&app).await?;

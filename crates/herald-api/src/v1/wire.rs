@@ -5,6 +5,7 @@
 use herald_core::{
     history::HistoryRule,
     ingest::{Encoding, HmacScheme},
+    socketio::{EventRule, Relay, SocketIoSettings},
 };
 use serde::{Deserialize, Serialize};
 
@@ -45,6 +46,86 @@ pub fn history_in(rules: Vec<HistoryRuleWire>) -> Vec<HistoryRule> {
 /// Domain rules as the API shows them.
 pub fn history_out(rules: Vec<HistoryRule>) -> Vec<HistoryRuleWire> {
     rules.into_iter().map(HistoryRuleWire::from).collect()
+}
+
+/// An app's Socket.IO settings: `{allowedOrigins, namespaceChannel, events}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SocketIoWire {
+    #[serde(default)]
+    allowed_origins: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    namespace_channel: Option<String>,
+    #[serde(default)]
+    events: Vec<EventRuleWire>,
+}
+
+/// `{event, relay, webhook}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EventRuleWire {
+    event: String,
+    relay: RelayWire,
+    #[serde(default)]
+    webhook: bool,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RelayWire {
+    Everyone,
+    Others,
+    Rooms,
+    None,
+    Refuse,
+}
+
+impl From<SocketIoWire> for SocketIoSettings {
+    fn from(s: SocketIoWire) -> Self {
+        Self {
+            allowed_origins: s.allowed_origins,
+            namespace_channel: s.namespace_channel,
+            events: s
+                .events
+                .into_iter()
+                .map(|rule| EventRule {
+                    event: rule.event,
+                    relay: match rule.relay {
+                        RelayWire::Everyone => Relay::Everyone,
+                        RelayWire::Others => Relay::Others,
+                        RelayWire::Rooms => Relay::Rooms,
+                        RelayWire::None => Relay::None,
+                        RelayWire::Refuse => Relay::Refuse,
+                    },
+                    webhook: rule.webhook,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<SocketIoSettings> for SocketIoWire {
+    fn from(s: SocketIoSettings) -> Self {
+        Self {
+            allowed_origins: s.allowed_origins,
+            namespace_channel: s.namespace_channel,
+            events: s
+                .events
+                .into_iter()
+                .map(|rule| EventRuleWire {
+                    event: rule.event,
+                    relay: match rule.relay {
+                        Relay::Everyone => RelayWire::Everyone,
+                        Relay::Others => RelayWire::Others,
+                        Relay::Rooms => RelayWire::Rooms,
+                        Relay::None => RelayWire::None,
+                        Relay::Refuse => RelayWire::Refuse,
+                    },
+                    webhook: rule.webhook,
+                })
+                .collect(),
+        }
+    }
 }
 
 /// An `hmac-sha256` source's settings: `{header, encoding, prefix, idHeader}`.

@@ -17,8 +17,8 @@ impl AppStore for PostgresStore {
         sqlx::query(
             "INSERT INTO apps (id, uid, name, throttle_rate, metadata, created_at, updated_at,
                                pusher_app_id, pusher_key, pusher_secret, pusher_previous_secret,
-                               pusher_previous_secret_until, history_rules)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                               pusher_previous_secret_until, history_rules, socketio)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
         )
         .bind(app.id.as_str())
         .bind(&app.uid)
@@ -33,6 +33,7 @@ impl AppStore for PostgresStore {
         .bind(app.pusher.previous.as_ref().map(|p| p.secret.as_str()))
         .bind(app.pusher.previous.as_ref().map(|p| millis(p.until)))
         .bind(rows::history_rules_json(app.history.as_deref()))
+        .bind(rows::socketio_json(app.socketio.as_ref()))
         .execute(&self.pool)
         .await
         .map_err(conflict_as(

@@ -15,8 +15,9 @@ impl AppStore for SqliteStore {
     async fn create_app(&self, app: &App) -> Result<()> {
         sqlx::query(
             "INSERT INTO apps (id, uid, name, throttle_rate, metadata, created_at, updated_at,
-                               pusher_app_id, pusher_key, pusher_secret, history_rules)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                               pusher_app_id, pusher_key, pusher_secret, history_rules,
+                               socketio)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
         )
         .bind(app.id.as_str())
         .bind(&app.uid)
@@ -29,6 +30,7 @@ impl AppStore for SqliteStore {
         .bind(&app.pusher.key)
         .bind(&app.pusher.secret)
         .bind(rows::history_rules_json(app.history.as_deref()))
+        .bind(rows::socketio_json(app.socketio.as_ref()))
         .execute(&self.writer)
         .await
         .map_err(conflict_as(

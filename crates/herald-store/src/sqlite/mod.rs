@@ -227,6 +227,7 @@ mod tests {
             metadata: Metadata::new(),
             pusher: PusherCredentials::generate(),
             history: None,
+            socketio: None,
             created_at: now,
             updated_at: now,
         };
@@ -271,6 +272,7 @@ mod tests {
             metadata: Metadata::new(),
             pusher: PusherCredentials::generate(),
             history: None,
+            socketio: None,
             created_at: now,
             updated_at: now,
         };
@@ -399,6 +401,7 @@ mod tests {
             metadata: Metadata::new(),
             pusher: PusherCredentials::generate(),
             history: None,
+            socketio: None,
             created_at: now,
             updated_at: now,
         };

@@ -7,6 +7,7 @@ use herald_core::{
     history::HistoryRule,
     ingest::{Encoding, HmacScheme},
     model::{DeliveryStatus, Endpoint},
+    socketio::{EventRule, Relay, SocketIoSettings},
 };
 use serde::{Deserialize, Serialize};
 use sqlx::{Row, sqlite::SqliteRow};
@@ -73,6 +74,66 @@ pub(crate) fn history_rules_json(rules: Option<&[HistoryRule]>) -> Option<String
             })
             .collect();
         to_json(&rows)
+    })
+}
+
+/// `apps.socketio`: `{allowedOrigins, namespaceChannel, events: [{event, relay, webhook}]}`.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct SocketIoRow {
+    allowed_origins: Vec<String>,
+    namespace_channel: Option<String>,
+    events: Vec<SocketIoRuleRow>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub(crate) struct SocketIoRuleRow {
+    event: String,
+    relay: String,
+    webhook: bool,
+}
+
+impl TryFrom<SocketIoRow> for SocketIoSettings {
+    type Error = StoreError;
+
+    fn try_from(row: SocketIoRow) -> Result<Self> {
+        let events = row
+            .events
+            .into_iter()
+            .map(|rule| {
+                Ok(EventRule {
+                    relay: Relay::parse(&rule.relay).ok_or_else(|| {
+                        StoreError::Corrupt(format!("socketio: unknown relay `{}`", rule.relay))
+                    })?,
+                    event: rule.event,
+                    webhook: rule.webhook,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            allowed_origins: row.allowed_origins,
+            namespace_channel: row.namespace_channel,
+            events,
+        })
+    }
+}
+
+/// An app's Socket.IO settings as the `socketio` column holds them.
+pub(crate) fn socketio_json(settings: Option<&SocketIoSettings>) -> Option<String> {
+    settings.map(|s| {
+        to_json(&SocketIoRow {
+            allowed_origins: s.allowed_origins.clone(),
+            namespace_channel: s.namespace_channel.clone(),
+            events: s
+                .events
+                .iter()
+                .map(|rule| SocketIoRuleRow {
+                    event: rule.event.clone(),
+                    relay: rule.relay.as_str().to_owned(),
+                    webhook: rule.webhook,
+                })
+                .collect(),
+        })
     })
 }
 

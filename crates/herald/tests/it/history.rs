@@ -272,6 +272,7 @@ async fn housekeeping_purges_quiet_channels_and_channels_no_rule_keeps() {
         metadata: Default::default(),
         pusher: herald_core::model::PusherCredentials::generate(),
         history: Some(vec![rule("h-*"), rule("old-*")]),
+        socketio: None,
         created_at: now,
         updated_at: now,
     };
@@ -596,6 +597,7 @@ async fn in_process_history(dir: &std::path::Path) -> InProcess {
         metadata: Default::default(),
         pusher: herald_core::model::PusherCredentials::generate(),
         history: None,
+        socketio: None,
         created_at: now,
         updated_at: now,
     };

@@ -168,18 +168,28 @@ fn the_domain_crate_derives_no_wire_formats() {
 #[test]
 fn no_face_depends_on_another_face() {
     // The faces share the channel layer (`herald-channels`), never each other.
-    for (face, other) in [("herald-api", "herald-ws"), ("herald-ws", "herald-api")] {
+    const FACES: [&str; 3] = ["herald-api", "herald-ws", "herald-socketio"];
+    for face in FACES {
         let deps = dependencies(&root().join(format!("crates/{face}/Cargo.toml")));
         assert!(!deps.is_empty(), "{face}'s manifest was read");
         assert!(
             deps.iter().any(|d| d == "herald-channels"),
             "{face} stands on the channel layer"
         );
-        assert!(
-            !deps.iter().any(|d| d == other),
-            "{face} must not depend on the face {other}"
-        );
+        for other in FACES.iter().filter(|other| **other != face) {
+            assert!(
+                !deps.iter().any(|d| d == other),
+                "{face} must not depend on the face {other}"
+            );
+        }
     }
+    // The newest face reaches apps through its `Apps` seam and publishes through the
+    // publisher: it has no store to bypass them with.
+    let socketio = dependencies(&root().join("crates/herald-socketio/Cargo.toml"));
+    assert!(
+        !socketio.iter().any(|d| d == "herald-store"),
+        "herald-socketio must not depend on the store"
+    );
 }
 
 /// One publish path: only the channel layer's publisher calls the store's publishing writes

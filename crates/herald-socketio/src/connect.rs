@@ -1,0 +1,215 @@
+//! Admitting a socket to its namespace (an app), and CORS for the polling transport.
+//!
+//! The namespace CONNECT is where Herald knows the app, so every check happens there, in
+//! order, and a refusal is a `connect_error` whose `message` says what was wrong:
+//! 1. the app (`/{uid or id}`): "unknown app";
+//! 2. a browser's `Origin` against the app's `allowedOrigins`;
+//! 3. the client address's limits (shared with WebSockets and SSE);
+//! 4. the handshake's `auth` (`token`, `positions`; any other field is refused);
+//! 5. the app's connection quota.
+//!
+//! The HTTP requests of the polling transport carry no app, so `/socket.io/` answers CORS for
+//! any origin, without credentials (Herald sets no cookies and reads none): a page from an
+//! origin the app does not allow can open an Engine.IO session, which carries nothing, but its
+//! namespace CONNECT is refused.
+
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, sync::Mutex};
+
+use axum::{
+    body::Body,
+    extract::{ConnectInfo, Request},
+    http::{HeaderValue, Method, StatusCode, header},
+    middleware::Next,
+    response::Response,
+};
+use herald_channels::{history::Resume, hub::AppHub, limits::ClientPermit};
+use herald_core::{model::App, pusher};
+use serde::Deserialize;
+use socketioxide::{
+    SocketIo,
+    extract::{SocketRef, TryData},
+    handler::ConnectHandler,
+};
+
+use crate::{Face, session, token};
+
+/// What the connect middleware admitted, handed to the connect handler (taken once).
+#[derive(Clone)]
+pub(crate) struct Admitted(pub(crate) Arc<Mutex<Option<Admission>>>);
+
+pub(crate) struct Admission {
+    pub app: App,
+    pub grant: Option<token::Grant>,
+    pub positions: HashMap<String, Resume>,
+    pub permit: ClientPermit,
+    pub slot: ConnectionSlot,
+}
+
+/// The socket's place in its app's connection count, given back when dropped.
+pub(crate) struct ConnectionSlot(pub Arc<AppHub>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.disconnect();
+    }
+}
+
+/// The handshake's `auth`.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Auth {
+    #[serde(default)]
+    token: Option<String>,
+    #[serde(default)]
+    positions: HashMap<String, PositionWire>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PositionWire {
+    epoch: String,
+    offset: u64,
+}
+
+pub(crate) fn register(io: &SocketIo, face: &Arc<Face>) {
+    let admit_face = Arc::clone(face);
+    let connect_face = Arc::clone(face);
+    let admit = move |socket: SocketRef, TryData(auth): TryData<Auth>| {
+        let face = Arc::clone(&admit_face);
+        async move { admit(&face, &socket, auth.map_err(|e| e.to_string())).await }
+    };
+    let connected = move |socket: SocketRef| {
+        let face = Arc::clone(&connect_face);
+        async move { session::start(face, socket) }
+    };
+    // `{*app}` would also take `/a/b`; one segment is an app's uid or id.
+    if let Err(e) = io.dyn_ns("/{app}", connected.with(admit)) {
+        tracing::error!(error = %e, "registering the Socket.IO namespaces failed");
+    }
+}
+
+async fn admit(
+    face: &Arc<Face>,
+    socket: &SocketRef,
+    auth: Result<Auth, String>,
+) -> Result<(), String> {
+    let namespace = socket.ns().to_owned();
+    let key = namespace.trim_start_matches('/');
+    let app = match face.apps.find(key).await {
+        Ok(Some(app)) => app,
+        Ok(None) => {
+            // A dynamic namespace stays once matched: drop it, so made-up names cost nothing.
+            if let Some(io) = face.io.get() {
+                let (io, namespace) = (io.clone(), namespace.clone());
+                tokio::spawn(async move { io.delete_ns(&namespace) });
+            }
+            return Err(format!(
+                "unknown app `{key}`: the namespace is an app's uid or id"
+            ));
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    let settings = app.socketio.clone().unwrap_or_default();
+    let parts = socket.req_parts();
+    if let Some(origin) = parts.headers.get(header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or_default();
+        if !settings.allows_origin(origin) {
+            return Err(format!(
+                "origin {origin} is not allowed for app `{key}` (its socketio.allowedOrigins)"
+            ));
+        }
+    }
+    let peer = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(peer)| *peer);
+    let permit = face
+        .config
+        .clients
+        .admit_request(peer, &parts.headers, "Socket.IO connection")
+        .map_err(|refusal| refusal.message())?;
+    let auth = auth.map_err(|e| format!("invalid auth: {e}"))?;
+    let grant = match &auth.token {
+        None => None,
+        Some(token) => Some(verify_token(&app, token)?),
+    };
+    let hub = face.hub.app(&app.id);
+    if !hub.connect(face.config.max_connections_per_app) {
+        return Err(format!(
+            "app `{key}` is over its connection quota ({})",
+            face.config.max_connections_per_app
+        ));
+    }
+    let admission = Admission {
+        slot: ConnectionSlot(hub),
+        app,
+        grant,
+        positions: auth
+            .positions
+            .into_iter()
+            .map(|(room, p)| {
+                (
+                    room,
+                    Resume {
+                        epoch: p.epoch,
+                        offset: p.offset,
+                    },
+                )
+            })
+            .collect(),
+        permit,
+    };
+    socket
+        .extensions
+        .insert(Admitted(Arc::new(Mutex::new(Some(admission)))));
+    Ok(())
+}
+
+/// Checks a token against the app's Pusher secret (and a rotated-out one in its grace).
+pub(crate) fn verify_token(app: &App, token: &str) -> Result<token::Grant, String> {
+    let now = chrono::Utc::now();
+    let grant = std::cell::RefCell::new(None);
+    pusher::with_any_secret(&app.pusher, now, |secret| {
+        token::verify(token, secret, now.timestamp()).map(|g| *grant.borrow_mut() = Some(g))
+    })
+    .map_err(|e| format!("invalid token: {e}"))?;
+    grant.into_inner().ok_or_else(|| "invalid token".to_owned())
+}
+
+/// CORS for `/socket.io/`: any origin, no credentials (see the module doc).
+pub(crate) async fn cors(request: Request, next: Next) -> Response {
+    if !request.uri().path().starts_with(crate::PATH) {
+        return next.run(request).await;
+    }
+    let origin = request.headers().get(header::ORIGIN).cloned();
+    if request.method() == Method::OPTIONS {
+        let mut response = Response::new(Body::empty());
+        *response.status_mut() = StatusCode::NO_CONTENT;
+        let headers = response.headers_mut();
+        headers.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static("GET, POST, OPTIONS"),
+        );
+        headers.insert(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            HeaderValue::from_static("content-type"),
+        );
+        headers.insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from_static("600"),
+        );
+        allow_origin(headers, origin);
+        return response;
+    }
+    let mut response = next.run(request).await;
+    allow_origin(response.headers_mut(), origin);
+    response
+}
+
+fn allow_origin(headers: &mut axum::http::HeaderMap, origin: Option<HeaderValue>) {
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        origin.unwrap_or(HeaderValue::from_static("*")),
+    );
+    headers.insert(header::VARY, HeaderValue::from_static("origin"));
+}

@@ -1,0 +1,152 @@
+//! Herald's Socket.IO face: Socket.IO v4 clients (Engine.IO 4, Socket.IO 5) on the same
+//! channels and the same event stream as Pusher clients, SSE streams and webhooks.
+//!
+//! `socketioxide` speaks the protocol (polling, WebSocket and the upgrade between them, pings,
+//! acks, binary attachments) and is mounted at `/socket.io/` in front of Herald's router,
+//! which gets every other path. Herald uses none of its rooms or adapters: a socket is one more
+//! subscriber of the channel layer, like a Pusher WebSocket or an SSE stream, so what reaches
+//! it comes through the one publish path and the broker (on every node of a cluster), and a
+//! history channel's replay merges exactly as for the other faces.
+//!
+//! - A namespace is an app (`/{uid or id}`); [`connect`] admits a socket: the app, the
+//!   browser origin, the client address's limits, the app's connection quota, and the
+//!   optional [`token`] (a JWT signed with the app's Pusher secret) that names the user and the
+//!   rooms it may join.
+//! - Rooms are channels; [`session`] runs one socket: joins (with history recovery and presence),
+//!   the events it emits (relayed, forwarded as webhooks or refused by the app's rules,
+//!   `herald_core::socketio`), and what its channels publish, written as Socket.IO events
+//!   ([`binary`] turns `$binary` values into attachments and back).
+//!
+//! The face reaches apps through the [`Apps`] seam and publishes through the
+//! [`Publisher`](herald_channels::Publisher); it never touches the store or the Pusher face.
+
+pub mod binary;
+mod connect;
+mod session;
+pub mod token;
+
+use std::{sync::Arc, sync::OnceLock, time::Duration};
+
+use herald_channels::{Hub, Publisher, limits::ClientLimiter};
+use herald_core::model::App;
+use socketioxide::{SocketIo, TransportType};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+/// Where Socket.IO is served.
+pub const PATH: &str = "/socket.io";
+
+/// Limits and timings for Socket.IO clients; every one has a safe default.
+#[derive(Debug, Clone)]
+pub struct SocketIoConfig {
+    /// Largest packet (WebSocket message or polling body) a client may send, like Socket.IO's
+    /// `maxHttpBufferSize`; beyond, the connection is closed (WebSocket) or the request is
+    /// refused with 413 (polling).
+    pub max_payload_bytes: u64,
+    pub ping_interval: Duration,
+    pub ping_timeout: Duration,
+    /// Sockets per app (beyond, the CONNECT is refused).
+    pub max_connections_per_app: u32,
+    /// Rooms one socket may be in, the namespace channel included.
+    pub max_rooms_per_socket: usize,
+    pub max_presence_members: usize,
+    pub max_user_info_bytes: usize,
+    /// Events one socket may emit per second on average...
+    pub events_per_second: u32,
+    /// ...and at once. Beyond: `rate_limited`.
+    pub event_burst: u32,
+    /// Events waiting to be written to one socket before it counts as too slow and is
+    /// disconnected.
+    pub outbox_frames: usize,
+    /// Events a socket has sent that wait for the previous ones to be published; beyond,
+    /// `rate_limited`.
+    pub inbound_queue: usize,
+    /// Connections and replayed history per client address, shared with WebSockets and SSE.
+    pub clients: Arc<ClientLimiter>,
+}
+
+impl Default for SocketIoConfig {
+    fn default() -> Self {
+        Self {
+            max_payload_bytes: 1_000_000,
+            ping_interval: Duration::from_secs(25),
+            ping_timeout: Duration::from_secs(20),
+            max_connections_per_app: 10_000,
+            max_rooms_per_socket: 100,
+            max_presence_members: 100,
+            max_user_info_bytes: 1024,
+            events_per_second: 10,
+            event_burst: 20,
+            outbox_frames: 1024,
+            inbound_queue: 64,
+            clients: Arc::default(),
+        }
+    }
+}
+
+/// How the face finds apps (the assembly implements it over the store).
+#[async_trait::async_trait]
+pub trait Apps: Send + Sync + 'static {
+    /// The app whose uid or id is `uid_or_id`; `Err` when it cannot be read now.
+    async fn find(&self, uid_or_id: &str) -> Result<Option<App>, Unavailable>;
+}
+
+/// The apps could not be read (the store is unreachable).
+#[derive(Debug, thiserror::Error)]
+#[error("the app could not be read now; try again")]
+pub struct Unavailable;
+
+/// What the face stands on.
+pub struct Face {
+    pub apps: Arc<dyn Apps>,
+    pub hub: Arc<Hub>,
+    pub publisher: Arc<Publisher>,
+    pub config: SocketIoConfig,
+    /// Cancelled when the server shuts down: every socket is closed (clients reconnect).
+    pub shutdown: CancellationToken,
+    /// Each socket's task, so shutdown can wait for them.
+    pub tasks: TaskTracker,
+    io: OnceLock<SocketIo>,
+}
+
+impl Face {
+    pub fn new(
+        apps: Arc<dyn Apps>,
+        hub: Arc<Hub>,
+        publisher: Arc<Publisher>,
+        config: SocketIoConfig,
+        shutdown: CancellationToken,
+        tasks: TaskTracker,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            apps,
+            hub,
+            publisher,
+            config,
+            shutdown,
+            tasks,
+            io: OnceLock::new(),
+        })
+    }
+}
+
+/// Mounts Socket.IO at [`PATH`] in front of `router`, which keeps every other path.
+pub fn mount(router: axum::Router, face: Arc<Face>) -> axum::Router {
+    let config = &face.config;
+    let (layer, io) = SocketIo::builder()
+        .req_path(PATH)
+        .max_payload(config.max_payload_bytes)
+        .ping_interval(config.ping_interval)
+        .ping_timeout(config.ping_timeout)
+        .transports([TransportType::Polling, TransportType::Websocket])
+        .build_layer();
+    connect::register(&io, &face);
+    let _ = face.io.set(io.clone());
+    let shutdown = face.shutdown.clone();
+    face.tasks.spawn(async move {
+        shutdown.cancelled().await;
+        io.close().await;
+    });
+    router
+        .layer(layer)
+        .layer(axum::middleware::from_fn(connect::cors))
+}

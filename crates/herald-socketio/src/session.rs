@@ -1,0 +1,728 @@
+//! One socket, from its admission to its disconnection: one task that joins its rooms,
+//! handles the events it emits in the order it sent them, and writes what its channels publish.
+//!
+//! socketioxide runs each event handler on a task of its own, which would let two events of
+//! one client be published out of order. So the one handler Herald registers
+//! ([`Inbound`], the socket's fallback) does no work: it queues the packet, synchronously, on
+//! the connection's read path, and the socket's task takes the queue in order.
+//!
+//! Server to client, every publication on a room is `emit(event, data, meta)`: `data` is the
+//! publication's data as one JSON value (`Publication::json_data`, built once per publication
+//! and shared by every socket), with `$binary` values as attachments, and `meta` is
+//! `{"channel"[, "epoch", "offset"]}`. Confirmations and presence notices arrive as Pusher
+//! frames from the channel layer and are sent as `herald:subscribed`,
+//! `herald:member_added` and `herald:member_removed`.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use herald_channels::{
+    EventData, Frame, Outgoing, Publish, Webhook,
+    history::Resume,
+    hub::{AppHub, Joining, Outbox, SubscribeError},
+    limits::TokenBucket,
+    presence::merge_snapshot,
+    protocol,
+};
+use herald_core::{
+    model::App,
+    pusher::{self, ChannelKind},
+    socketio::{Relay, SocketIoSettings},
+    validate,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json, value::RawValue};
+use socketioxide::{
+    adapter::LocalAdapter,
+    extract::{AckSender, SocketRef},
+    handler::{FromMessageParts, MessageHandler, Value as PacketValue},
+    socket::Socket,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    Face,
+    binary::{self, Outbound},
+    connect::{Admission, Admitted, ConnectionSlot},
+    token::Grant,
+};
+
+/// Why an event or a join was refused: `{code, message}` in an ack or a `herald:error`.
+#[derive(Debug)]
+struct Refusal {
+    code: &'static str,
+    message: String,
+}
+
+fn refuse(code: &'static str, message: impl Into<String>) -> Refusal {
+    Refusal {
+        code,
+        message: message.into(),
+    }
+}
+
+/// A packet the socket sent, waiting its turn.
+struct Packet {
+    value: PacketValue,
+    ack: Option<AckSender>,
+}
+
+/// The socket's one message handler: queues, in arrival order (see the module doc).
+#[derive(Clone)]
+struct Inbound {
+    queue: mpsc::Sender<Packet>,
+}
+
+impl MessageHandler<LocalAdapter, ()> for Inbound {
+    fn call(&self, s: Arc<Socket<LocalAdapter>>, mut v: PacketValue, ack_id: Option<i64>) {
+        let ack = match ack_id {
+            Some(_) => AckSender::from_message_parts(&s, &mut v, &ack_id).ok(),
+            None => None,
+        };
+        if let Err(mpsc::error::TrySendError::Full(packet)) =
+            self.queue.try_send(Packet { value: v, ack })
+        {
+            let refusal = refuse(
+                "rate_limited",
+                "too many events waiting to be published; slow down",
+            );
+            reply(&s, packet.ack, &event_name(&packet.value), Err(refusal));
+        }
+        // Closed: the socket is going away, and its events with it.
+    }
+}
+
+fn attachments(value: &PacketValue) -> Option<&std::collections::VecDeque<bytes::Bytes>> {
+    match value {
+        PacketValue::Str(_, attachments) => attachments.as_ref(),
+        PacketValue::Bytes(_) => None,
+    }
+}
+
+fn event_name(value: &PacketValue) -> String {
+    value
+        .as_str()
+        .and_then(|text| binary::read_event(text, None).ok())
+        .map(|inbound| inbound.event)
+        .unwrap_or_default()
+}
+
+/// Answers an event: through its ack, else (a refusal) as `herald:error`.
+fn reply(
+    socket: &Socket<LocalAdapter>,
+    ack: Option<AckSender>,
+    event: &str,
+    outcome: Result<Value, Refusal>,
+) {
+    let body = match &outcome {
+        Ok(extra) => {
+            let mut body = json!({"ok": true});
+            if let (Value::Object(body), Value::Object(extra)) = (&mut body, extra) {
+                body.extend(extra.clone());
+            }
+            body
+        }
+        Err(refusal) => {
+            json!({"ok": false, "error": {"code": refusal.code, "message": refusal.message}})
+        }
+    };
+    match (ack, outcome) {
+        (Some(ack), _) => {
+            let _ = ack.send(&body);
+        }
+        (None, Err(refusal)) => {
+            let _ = socket.emit(
+                "herald:error",
+                &json!({"event": event, "code": refusal.code, "message": refusal.message}),
+            );
+        }
+        (None, Ok(_)) => {}
+    }
+}
+
+/// Starts the socket's task (the namespace's connect handler).
+pub(crate) fn start(face: Arc<Face>, socket: SocketRef) {
+    let Some(Admitted(admitted)) = socket.extensions.get::<Admitted>() else {
+        let _ = socket.disconnect();
+        return;
+    };
+    let Some(admission) = admitted.lock().ok().and_then(|mut a| a.take()) else {
+        let _ = socket.disconnect();
+        return;
+    };
+    let (outbox, frames, overflowed) = Outbox::new(face.config.outbox_frames);
+    let (queue, packets) = mpsc::channel(face.config.inbound_queue);
+    let closed = CancellationToken::new();
+    socket.on_fallback(Inbound { queue });
+    let on_close = closed.clone();
+    socket.on_disconnect(async move || on_close.cancel());
+    let Admission {
+        app,
+        grant,
+        positions,
+        permit,
+        slot,
+    } = admission;
+    let settings = app.socketio.clone().unwrap_or_default();
+    let id = format!("sio.{}", socket.id);
+    let events = TokenBucket::limit(
+        u64::from(face.config.events_per_second),
+        u64::from(face.config.event_burst),
+    );
+    let session = Session {
+        hub: Arc::clone(&slot.0),
+        face: Arc::clone(&face),
+        app,
+        settings,
+        grant,
+        id,
+        outbox,
+        rooms: BTreeMap::new(),
+        events,
+        permit,
+        _slot: slot,
+    };
+    face.tasks
+        .spawn(session.run(socket, positions, frames, overflowed, packets, closed));
+}
+
+struct Session {
+    face: Arc<Face>,
+    app: App,
+    settings: SocketIoSettings,
+    grant: Option<Grant>,
+    hub: Arc<AppHub>,
+    /// The socket's subscriber id in the hub (`except` compares with it).
+    id: String,
+    outbox: Outbox,
+    /// Joined rooms, with the user id on presence rooms.
+    rooms: BTreeMap<String, Option<String>>,
+    events: Option<TokenBucket>,
+    permit: herald_channels::limits::ClientPermit,
+    _slot: ConnectionSlot,
+}
+
+impl Session {
+    async fn run(
+        mut self,
+        socket: SocketRef,
+        positions: std::collections::HashMap<String, Resume>,
+        mut frames: mpsc::Receiver<Outgoing>,
+        overflowed: CancellationToken,
+        mut packets: mpsc::Receiver<Packet>,
+        closed: CancellationToken,
+    ) {
+        // The namespace channel, then the token's rooms, before any event the socket sent.
+        let mut initial = vec![self.settings.namespace_channel().to_owned()];
+        if let Some(grant) = &self.grant {
+            initial.extend(grant.rooms.iter().cloned());
+        }
+        for room in initial {
+            if let Err(refusal) = self.join(&room, positions.get(&room)).await {
+                let _ = socket.emit(
+                    "herald:error",
+                    &json!({"event": "join", "room": room, "code": refusal.code, "message": refusal.message}),
+                );
+            }
+        }
+        let hub = Arc::clone(&self.hub);
+        loop {
+            tokio::select! {
+                biased;
+                () = closed.cancelled() => break,
+                () = overflowed.cancelled() => {
+                    let _ = socket.emit(
+                        "herald:error",
+                        &json!({"code": "too_slow", "message": "the socket fell too far behind its events; reconnect"}),
+                    );
+                    let _ = socket.clone().disconnect();
+                    break;
+                }
+                () = hub.removed() => {
+                    let _ = socket.clone().disconnect();
+                    break;
+                }
+                item = frames.recv() => {
+                    let Some(item) = item else { break };
+                    if !self.write(&socket, &item) {
+                        break;
+                    }
+                    // Whatever else is queued, without another turn of the select.
+                    while let Ok(item) = frames.try_recv() {
+                        if !self.write(&socket, &item) {
+                            break;
+                        }
+                    }
+                }
+                packet = packets.recv() => {
+                    let Some(packet) = packet else { break };
+                    self.handle(&socket, packet).await;
+                }
+            }
+        }
+        let rooms: Vec<String> = self.rooms.keys().cloned().collect();
+        for room in rooms {
+            self.leave(&room);
+        }
+    }
+
+    /// Writes one item; false when the socket is gone or cannot keep up.
+    fn write(&self, socket: &SocketRef, item: &Outgoing) -> bool {
+        let sent = match item {
+            Outgoing::Publication(publication) => {
+                let meta = Meta {
+                    channel: &publication.channel,
+                    epoch: publication.position.as_ref().map(|p| p.epoch.as_str()),
+                    offset: publication.offset(),
+                };
+                socket.emit(
+                    &publication.event,
+                    &(Outbound::of(publication.json_data()), meta),
+                )
+            }
+            Outgoing::Frame(frame) => match translate(frame) {
+                Some((event, body)) => socket.emit(event, &body),
+                None => Ok(()),
+            },
+        };
+        match sent {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!(error = %e, socket = %self.id, "a Socket.IO socket could not take an event; disconnecting it");
+                let _ = socket.clone().disconnect();
+                false
+            }
+        }
+    }
+
+    async fn handle(&mut self, socket: &SocketRef, packet: Packet) {
+        let Packet { value, ack } = packet;
+        let inbound = value
+            .as_str()
+            .ok_or(binary::InboundError::NotAnEvent)
+            .and_then(|text| binary::read_event(text, attachments(&value)));
+        let inbound = match inbound {
+            Ok(inbound) => inbound,
+            Err(e) => {
+                reply(socket, ack, "", Err(refuse("invalid_event", e.to_string())));
+                return;
+            }
+        };
+        let event = inbound.event.clone();
+        let outcome = match event.as_str() {
+            "join" => self.join_event(inbound.args).await,
+            "leave" => self.leave_event(inbound.args),
+            _ => self.relay(inbound.event, inbound.args).await,
+        };
+        reply(socket, ack, &event, outcome);
+    }
+
+    /// `join`: `"room"` or `{room, token}`.
+    async fn join_event(&mut self, args: Vec<Box<RawValue>>) -> Result<Value, Refusal> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct JoinArgs {
+            room: String,
+            #[serde(default)]
+            token: Option<String>,
+            #[serde(default)]
+            position: Option<PositionArg>,
+        }
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct PositionArg {
+            epoch: String,
+            offset: u64,
+        }
+        let usage = || {
+            refuse(
+                "invalid_room",
+                "join takes a room name, or {room, token?, position?}",
+            )
+        };
+        let [arg] = args.as_slice() else {
+            return Err(usage());
+        };
+        let args = match serde_json::from_str::<String>(arg.get()) {
+            Ok(room) => JoinArgs {
+                room,
+                token: None,
+                position: None,
+            },
+            Err(_) => serde_json::from_str::<JoinArgs>(arg.get()).map_err(|e| {
+                refuse(
+                    "invalid_room",
+                    format!("join takes a room name, or {{room, token?, position?}}: {e}"),
+                )
+            })?,
+        };
+        if let Some(token) = &args.token {
+            let app = match self.face.apps.find(self.app.id.as_str()).await {
+                Ok(Some(app)) => app,
+                Ok(None) => return Err(refuse("unavailable", "the app was deleted")),
+                Err(e) => return Err(refuse("unavailable", e.to_string())),
+            };
+            let grant = crate::connect::verify_token(&app, token)
+                .map_err(|e| refuse("invalid_token", e))?;
+            if !grant.rooms.contains(&args.room) {
+                return Err(refuse(
+                    "forbidden",
+                    format!("the token given does not name room {}", args.room),
+                ));
+            }
+            // The newer grant speaks for the user from now on.
+            self.grant = Some(merge_grants(self.grant.take(), grant));
+        }
+        let resume = args.position.map(|p| Resume {
+            epoch: p.epoch,
+            offset: p.offset,
+        });
+        self.join(&args.room, resume.as_ref()).await
+    }
+
+    /// Joins `room` (resuming after `resume` on a history channel); the status is also sent
+    /// as `herald:subscribed`.
+    async fn join(&mut self, room: &str, resume: Option<&Resume>) -> Result<Value, Refusal> {
+        pusher::validate_channel_name(room).map_err(|e| refuse("invalid_room", e))?;
+        if self.rooms.contains_key(room) {
+            return Ok(json!({"room": room}));
+        }
+        if self.rooms.len() >= self.face.config.max_rooms_per_socket {
+            return Err(refuse(
+                "too_many_rooms",
+                format!(
+                    "a socket may be in at most {} rooms",
+                    self.face.config.max_rooms_per_socket
+                ),
+            ));
+        }
+        let kind = ChannelKind::of(room);
+        let granted = self
+            .grant
+            .as_ref()
+            .is_some_and(|g| g.rooms.iter().any(|r| r == room));
+        if kind != ChannelKind::Public && !granted {
+            return Err(refuse(
+                "forbidden",
+                format!("{room} needs a token whose rooms include it"),
+            ));
+        }
+        let joining = if kind == ChannelKind::Presence {
+            let grant = self.grant.as_ref();
+            let Some(user_id) = grant.and_then(|g| g.user_id.clone()) else {
+                return Err(refuse(
+                    "forbidden",
+                    format!("{room} is a presence room: the token needs `sub`, the user id"),
+                ));
+            };
+            let info = grant.and_then(|g| g.user_info.clone());
+            if info
+                .as_ref()
+                .is_some_and(|i| i.get().len() > self.face.config.max_user_info_bytes)
+            {
+                return Err(refuse(
+                    "forbidden",
+                    format!(
+                        "the token's info is over {} bytes",
+                        self.face.config.max_user_info_bytes
+                    ),
+                ));
+            }
+            Some(Joining { user_id, info })
+        } else {
+            None
+        };
+        let member = joining.as_ref().map(|j| {
+            (
+                j.user_id.clone(),
+                j.info.as_ref().map(|i| i.get().to_owned()),
+            )
+        });
+        let history = Arc::clone(self.face.publisher.history());
+        let retention = history.retention(&self.app, room);
+        let elsewhere = joining
+            .is_some()
+            .then(|| self.hub.members_elsewhere(room))
+            .flatten();
+        let max_members = self.face.config.max_presence_members;
+        let subscribed = if retention.is_some() || elsewhere.is_some() {
+            self.hub
+                .subscribe_joining(room, &self.id, &self.outbox, joining, max_members)
+        } else {
+            self.hub
+                .subscribe(room, &self.id, &self.outbox, joining, max_members)
+        };
+        let subscribed = match subscribed {
+            Ok(subscribed) => subscribed,
+            Err(SubscribeError::PresenceFull(max)) => {
+                return Err(refuse(
+                    "room_full",
+                    format!("the presence room is full ({max} members)"),
+                ));
+            }
+        };
+        self.rooms
+            .insert(room.to_owned(), member.as_ref().map(|(id, _)| id.clone()));
+        let mut confirmation = subscribed.presence.unwrap_or_else(|| json!({}));
+        let held = elsewhere.is_some();
+        if let Some(elsewhere) = elsewhere {
+            match elsewhere.await {
+                Ok(others) => merge_snapshot(&mut confirmation, others),
+                Err(e) => {
+                    tracing::warn!(error = %e, room, "reading other nodes' presence members failed");
+                }
+            }
+            let listed = confirmation["presence"]["ids"]
+                .as_array()
+                .map(|ids| {
+                    ids.iter()
+                        .filter_map(|id| id.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default();
+            self.hub.know_members(room, &self.id, listed);
+        }
+        match retention {
+            None if held => {
+                let confirmed = confirmation_frame(room, &confirmation);
+                self.hub
+                    .go_live(room, &self.id, 0, |outbox| outbox.send(confirmed));
+            }
+            None => self.outbox.send(confirmation_frame(room, &confirmation)),
+            Some(retention) => {
+                match history
+                    .recover(&self.app, room, retention, resume, &self.permit)
+                    .await
+                {
+                    Ok(joined) => {
+                        confirmation["history"] = joined.status();
+                        let confirmed = confirmation_frame(room, &confirmation);
+                        let (offset, replay) = (joined.offset, joined.replay);
+                        self.hub.go_live(room, &self.id, offset, |outbox| {
+                            outbox.send(confirmed);
+                            for publication in replay {
+                                outbox.send(Outgoing::Publication(publication));
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, room, "reading channel history failed");
+                        self.leave(room);
+                        return Err(refuse(
+                            "unavailable",
+                            "the room's history could not be read; try again",
+                        ));
+                    }
+                }
+            }
+        }
+        if subscribed.member_added
+            && let Some((user_id, info)) = &member
+        {
+            let frame = protocol::member_added(room, user_id, info.as_deref());
+            self.hub.notify(room, &frame, Some(&self.id));
+        }
+        Ok(subscribed_body(room, &confirmation))
+    }
+
+    fn leave_event(&mut self, args: Vec<Box<RawValue>>) -> Result<Value, Refusal> {
+        let room = match args.as_slice() {
+            [arg] => serde_json::from_str::<String>(arg.get()).ok(),
+            _ => None,
+        }
+        .ok_or_else(|| refuse("invalid_room", "leave takes a room name"))?;
+        if room == self.settings.namespace_channel() {
+            return Err(refuse(
+                "invalid_room",
+                "every socket stays in its namespace channel",
+            ));
+        }
+        if !self.rooms.contains_key(&room) {
+            return Err(refuse("no_room", format!("the socket is not in {room}")));
+        }
+        self.leave(&room);
+        Ok(json!({"room": room}))
+    }
+
+    fn leave(&mut self, room: &str) {
+        if self.rooms.remove(room).is_none() {
+            return;
+        }
+        let left = self.hub.unsubscribe(room, &self.id);
+        if let Some(user_id) = left.member_removed {
+            let frame = protocol::member_removed(room, &user_id);
+            self.hub.notify(room, &frame, None);
+        }
+    }
+
+    /// Any other event: the app's rules decide.
+    async fn relay(
+        &mut self,
+        event: String,
+        mut args: Vec<Box<RawValue>>,
+    ) -> Result<Value, Refusal> {
+        let Some(rule) = self.settings.rule_for(&event).cloned() else {
+            return Err(refuse(
+                "unknown_event",
+                format!("no rule in the app's socketio.events takes `{event}`"),
+            ));
+        };
+        if rule.relay == Relay::Refuse {
+            return Err(refuse(
+                "refused",
+                format!("the app's rules refuse `{event}`"),
+            ));
+        }
+        if args.len() > 1 {
+            return Err(refuse(
+                "too_many_arguments",
+                "a relayed event carries one argument (put several in an object or array)",
+            ));
+        }
+        if let Some(bucket) = &mut self.events
+            && !bucket.try_take(1.0)
+        {
+            return Err(refuse(
+                "rate_limited",
+                format!(
+                    "at most {} events per second (bursts of {})",
+                    self.face.config.events_per_second, self.face.config.event_burst
+                ),
+            ));
+        }
+        if rule.webhook && validate::event_type_name(&event).is_err() {
+            return Err(refuse(
+                "invalid_event_type",
+                format!(
+                    "`{event}` is forwarded to webhooks, and is not a valid event type name \
+                     (letters, digits, `-`, `_` and `.`)"
+                ),
+            ));
+        }
+        let namespace = self.settings.namespace_channel().to_owned();
+        let (channels, except) = match rule.relay {
+            Relay::Everyone => (vec![namespace], None),
+            Relay::Others => (vec![namespace], Some(self.id.clone())),
+            Relay::Rooms => {
+                let rooms: Vec<String> = self
+                    .rooms
+                    .keys()
+                    .filter(|room| **room != namespace)
+                    .cloned()
+                    .collect();
+                if rooms.is_empty() {
+                    return Err(refuse(
+                        "no_room",
+                        format!("`{event}` goes to the sender's rooms, and this socket is in none"),
+                    ));
+                }
+                (rooms, Some(self.id.clone()))
+            }
+            Relay::None | Relay::Refuse => (Vec::new(), None),
+        };
+        let data = args
+            .pop()
+            .unwrap_or_else(|| RawValue::from_string("null".to_owned()).unwrap_or_default());
+        let publish = Publish {
+            event,
+            channels,
+            data: EventData::Json(data),
+            user_id: self.grant.as_ref().and_then(|g| g.user_id.clone()),
+            except,
+            webhook: if rule.webhook {
+                Webhook::IfWanted
+            } else {
+                Webhook::None
+            },
+        };
+        match self.face.publisher.publish(&self.app, publish).await {
+            Ok(_) => Ok(json!({})),
+            Err(e) => {
+                tracing::warn!(error = %e, app_id = %self.app.id, "publishing a Socket.IO event failed");
+                Err(refuse(
+                    "unavailable",
+                    "the event could not be published now; try again",
+                ))
+            }
+        }
+    }
+}
+
+/// Keeps the earlier grant's rooms: a later token adds rooms, it does not take them away.
+fn merge_grants(earlier: Option<Grant>, mut later: Grant) -> Grant {
+    if let Some(earlier) = earlier {
+        for room in earlier.rooms {
+            if !later.rooms.contains(&room) {
+                later.rooms.push(room);
+            }
+        }
+        if later.user_id.is_none() {
+            later.user_id = earlier.user_id;
+            later.user_info = earlier.user_info;
+        }
+    }
+    later
+}
+
+/// The last argument of every event: where it comes from.
+#[derive(Serialize)]
+struct Meta<'a> {
+    channel: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    epoch: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offset: Option<u64>,
+}
+
+fn confirmation_frame(room: &str, confirmation: &Value) -> Frame {
+    protocol::system(
+        "pusher_internal:subscription_succeeded",
+        Some(room),
+        confirmation,
+    )
+}
+
+/// `{room[, members][, history]}` from a Pusher confirmation.
+fn subscribed_body(room: &str, confirmation: &Value) -> Value {
+    let mut body = json!({"room": room});
+    if let Some(members) = confirmation.pointer("/presence/hash") {
+        body["members"] = members.clone();
+    }
+    if let Some(history) = confirmation.get("history") {
+        body["history"] = history.clone();
+    }
+    body
+}
+
+/// A frame from the channel layer as a Socket.IO event, if it is one a socket gets.
+fn translate(frame: &Frame) -> Option<(&'static str, Value)> {
+    #[derive(Deserialize)]
+    struct Wire {
+        event: String,
+        #[serde(default)]
+        channel: Option<String>,
+        #[serde(default)]
+        data: Option<String>,
+    }
+    let wire: Wire = serde_json::from_str(frame.as_str()).ok()?;
+    let room = wire.channel.unwrap_or_default();
+    let data: Value = wire
+        .data
+        .as_deref()
+        .and_then(|d| serde_json::from_str(d).ok())
+        .unwrap_or(Value::Null);
+    match wire.event.as_str() {
+        "pusher_internal:subscription_succeeded" => {
+            Some(("herald:subscribed", subscribed_body(&room, &data)))
+        }
+        "pusher_internal:member_added" => Some((
+            "herald:member_added",
+            json!({"room": room, "user_id": data["user_id"], "user_info": data["user_info"]}),
+        )),
+        "pusher_internal:member_removed" => Some((
+            "herald:member_removed",
+            json!({"room": room, "user_id": data["user_id"]}),
+        )),
+        _ => None,
+    }
+}
