@@ -32,6 +32,9 @@ use herald_core::model::App;
 use socketioxide::{SocketIo, TransportType};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+/// How long shutdown waits for Socket.IO transports to close.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Where Socket.IO is served.
 pub const PATH: &str = "/socket.io";
 
@@ -135,6 +138,10 @@ pub fn mount(router: axum::Router, face: Arc<Face>) -> axum::Router {
     let (layer, io) = SocketIo::builder()
         .req_path(PATH)
         .max_payload(config.max_payload_bytes)
+        // The same bound on the WebSocket transport: a larger message closes the connection
+        // (1009) before it is buffered.
+        .ws_max_message_size(usize::try_from(config.max_payload_bytes).unwrap_or(usize::MAX))
+        .ws_max_frame_size(usize::try_from(config.max_payload_bytes).unwrap_or(usize::MAX))
         .ping_interval(config.ping_interval)
         .ping_timeout(config.ping_timeout)
         .transports([TransportType::Polling, TransportType::Websocket])
@@ -144,7 +151,14 @@ pub fn mount(router: axum::Router, face: Arc<Face>) -> axum::Router {
     let shutdown = face.shutdown.clone();
     face.tasks.spawn(async move {
         shutdown.cancelled().await;
-        io.close().await;
+        // Closing a WebSocket waits for the client's close frame: a client that never
+        // answers must not hold the shutdown.
+        if tokio::time::timeout(CLOSE_TIMEOUT, io.close())
+            .await
+            .is_err()
+        {
+            tracing::debug!("some Socket.IO transports did not close in time; dropping them");
+        }
     });
     router
         .layer(layer)

@@ -178,12 +178,13 @@ pub(crate) fn start(face: Arc<Face>, socket: SocketRef) {
         id,
         outbox,
         rooms: BTreeMap::new(),
+        positions,
         events,
         permit,
         _slot: slot,
     };
     face.tasks
-        .spawn(session.run(socket, positions, frames, overflowed, packets, closed));
+        .spawn(session.run(socket, frames, overflowed, packets, closed));
 }
 
 struct Session {
@@ -197,6 +198,9 @@ struct Session {
     outbox: Outbox,
     /// Joined rooms, with the user id on presence rooms.
     rooms: BTreeMap<String, Option<String>>,
+    /// The handshake's `auth.positions`: where each history room resumes when it is joined
+    /// (at connect, or later by a `join` that names no position of its own).
+    positions: std::collections::HashMap<String, Resume>,
     events: Option<TokenBucket>,
     permit: herald_channels::limits::ClientPermit,
     _slot: ConnectionSlot,
@@ -206,7 +210,6 @@ impl Session {
     async fn run(
         mut self,
         socket: SocketRef,
-        positions: std::collections::HashMap<String, Resume>,
         mut frames: mpsc::Receiver<Outgoing>,
         overflowed: CancellationToken,
         mut packets: mpsc::Receiver<Packet>,
@@ -218,7 +221,8 @@ impl Session {
             initial.extend(grant.rooms.iter().cloned());
         }
         for room in initial {
-            if let Err(refusal) = self.join(&room, positions.get(&room)).await {
+            let resume = self.positions.remove(&room);
+            if let Err(refusal) = self.join(&room, resume.as_ref()).await {
                 let _ = socket.emit(
                     "herald:error",
                     &json!({"event": "join", "room": room, "code": refusal.code, "message": refusal.message}),
@@ -230,6 +234,8 @@ impl Session {
             tokio::select! {
                 biased;
                 () = closed.cancelled() => break,
+                // `mount` closes the transports; the rooms are left here, at once.
+                () = self.face.shutdown.cancelled() => break,
                 () = overflowed.cancelled() => {
                     let _ = socket.emit(
                         "herald:error",
@@ -373,10 +379,13 @@ impl Session {
             // The newer grant speaks for the user from now on.
             self.grant = Some(merge_grants(self.grant.take(), grant));
         }
-        let resume = args.position.map(|p| Resume {
-            epoch: p.epoch,
-            offset: p.offset,
-        });
+        let resume = args
+            .position
+            .map(|p| Resume {
+                epoch: p.epoch,
+                offset: p.offset,
+            })
+            .or_else(|| self.positions.remove(&args.room));
         self.join(&args.room, resume.as_ref()).await
     }
 

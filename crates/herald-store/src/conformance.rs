@@ -68,6 +68,7 @@ checks!(
     the_first_append_starts_the_channel_under_the_epoch_it_names,
     a_repeated_delivery_id_is_recorded_once,
     history_rules_and_hmac_settings_round_trip,
+    socketio_settings_round_trip,
     idempotency_purge_keeps_at_most_the_newest_records,
     an_idempotency_key_is_claimed_once_until_saved_released_or_expired,
     occupancy_changes_collapse_to_the_last,
@@ -1764,6 +1765,38 @@ pub async fn a_repeated_delivery_id_is_recorded_once(store: &dyn Store) {
 
 /// An app's history rules and a source's hmac settings, which the store keeps as JSON in its
 /// own row shapes, read back as they were written, through creation and updates.
+pub async fn socketio_settings_round_trip(store: &dyn Store) {
+    use herald_core::socketio::{EventRule, Relay, SocketIoSettings};
+    async fn read(store: &dyn Store, id: &str) -> Option<SocketIoSettings> {
+        let app = store.get_app(id).await.expect("read");
+        app.expect("the app").socketio
+    }
+    let rule = |event: &str, relay, webhook| EventRule {
+        event: event.into(),
+        relay,
+        webhook,
+    };
+    let mut app = app("A");
+    app.socketio = Some(SocketIoSettings {
+        allowed_origins: vec!["https://shop.example".into(), "*".into()],
+        namespace_channel: Some("lobby".into()),
+        events: vec![
+            rule("chat message", Relay::Everyone, false),
+            rule("typing", Relay::Others, false),
+            rule("note", Relay::Rooms, false),
+            rule("order.placed", Relay::None, true),
+            rule("*", Relay::Refuse, false),
+        ],
+    });
+    store.create_app(&app).await.expect("create app");
+    assert_eq!(read(store, &app.id).await, app.socketio);
+    for settings in [Some(SocketIoSettings::default()), None] {
+        app.socketio = settings;
+        store.update_app(&app).await.expect("update app");
+        assert_eq!(read(store, &app.id).await, app.socketio);
+    }
+}
+
 pub async fn history_rules_and_hmac_settings_round_trip(store: &dyn Store) {
     use herald_core::{
         history::HistoryRule,

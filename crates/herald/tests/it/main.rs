@@ -17,6 +17,7 @@ mod ingest;
 mod listener;
 mod process;
 mod pusher;
+mod socketio;
 mod sse;
 mod tidy;
 mod websocket;
