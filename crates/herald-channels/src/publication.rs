@@ -223,6 +223,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn json_data_is_built_once_and_reads_text_as_pusher_js_does() {
+        let app = AppId::parse("app_1").expect("valid");
+        let json_text = Publication::new(&app, "c", "e", EventData::text("{\"a\": 1}"));
+        assert_eq!(
+            json_text.json_data().get(),
+            "{\"a\": 1}",
+            "JSON text, verbatim"
+        );
+        assert!(
+            std::ptr::eq(json_text.json_data(), json_text.json_data()),
+            "built once"
+        );
+        let plain = Publication::new(&app, "c", "e", EventData::text("not \"json\""));
+        assert_eq!(
+            plain.json_data().get(),
+            r#""not \"json\"""#,
+            "a JSON string"
+        );
+        let raw = RawValue::from_string("[1, 2]".to_owned()).expect("json");
+        let client = Publication::new(&app, "c", "e", EventData::Json(raw));
+        assert_eq!(client.json_data().get(), "[1, 2]");
+    }
+
+    #[test]
     fn a_history_event_is_encoded_once_with_its_position() {
         let p = Publication::new(
             &AppId::parse("app_1").expect("valid"),

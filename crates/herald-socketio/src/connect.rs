@@ -43,6 +43,7 @@ pub(crate) struct Admission {
     pub positions: HashMap<String, Resume>,
     pub permit: ClientPermit,
     pub slot: ConnectionSlot,
+    pub listening: session::Listening,
 }
 
 /// The socket's place in its app's connection count, given back when dropped.
@@ -142,6 +143,7 @@ async fn admit(
     }
     let admission = Admission {
         slot: ConnectionSlot(hub),
+        listening: session::listen(socket, face.config.inbound_queue),
         app,
         grant,
         positions: auth

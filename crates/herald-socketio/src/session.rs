@@ -140,6 +140,24 @@ fn reply(
     }
 }
 
+/// What a socket sends, from its admission on: its events, queued in order, and a token
+/// cancelled when it disconnects. Registered by the connect middleware, before the server's
+/// CONNECT answer goes out, so no event a client sends right after it can find no handler
+/// (socketioxide runs the connect handler on a task of its own, which may start later).
+pub(crate) struct Listening {
+    packets: mpsc::Receiver<Packet>,
+    closed: CancellationToken,
+}
+
+pub(crate) fn listen(socket: &SocketRef, capacity: usize) -> Listening {
+    let (queue, packets) = mpsc::channel(capacity);
+    socket.on_fallback(Inbound { queue });
+    let closed = CancellationToken::new();
+    let on_close = closed.clone();
+    socket.on_disconnect(async move || on_close.cancel());
+    Listening { packets, closed }
+}
+
 /// Starts the socket's task (the namespace's connect handler).
 pub(crate) fn start(face: Arc<Face>, socket: SocketRef) {
     let Some(Admitted(admitted)) = socket.extensions.get::<Admitted>() else {
@@ -151,17 +169,13 @@ pub(crate) fn start(face: Arc<Face>, socket: SocketRef) {
         return;
     };
     let (outbox, frames, overflowed) = Outbox::new(face.config.outbox_frames);
-    let (queue, packets) = mpsc::channel(face.config.inbound_queue);
-    let closed = CancellationToken::new();
-    socket.on_fallback(Inbound { queue });
-    let on_close = closed.clone();
-    socket.on_disconnect(async move || on_close.cancel());
     let Admission {
         app,
         grant,
         positions,
         permit,
         slot,
+        listening: Listening { packets, closed },
     } = admission;
     let settings = app.socketio.clone().unwrap_or_default();
     let id = format!("sio.{}", socket.id);

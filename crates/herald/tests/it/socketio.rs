@@ -870,3 +870,17 @@ async fn socketio_clients_on_two_nodes_of_a_cluster_share_rooms_and_presence() {
     drop((a, b));
     cluster.stop().await;
 }
+
+#[tokio::test]
+async fn an_event_sent_right_after_the_connect_answer_is_handled() {
+    // The socket's handler is in place before the server answers CONNECT: an event sent at
+    // once is queued, never dropped for want of a handler (it once raced the connect task).
+    let server = TestServer::start().await;
+    socketio_app(&server, "eager", chat_rules()).await;
+    for i in 0..50 {
+        let mut sio = Sio::connect(&server, "eager", None).await.expect("connect");
+        let ack = sio.emit_ack("join", &[json!(format!("room-{i}"))]).await;
+        assert_eq!(ack["ok"], true, "{ack}");
+    }
+    server.stop().await;
+}
