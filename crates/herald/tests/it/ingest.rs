@@ -21,11 +21,11 @@ fn hmac_bytes(secret: &[u8], data: &[u8]) -> Vec<u8> {
     mac.finalize().into_bytes().to_vec()
 }
 
-fn now() -> i64 {
+pub(crate) fn now() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
-async fn source(server: &TestServer, app: &str, body: Value) -> Value {
+pub(crate) async fn source(server: &TestServer, app: &str, body: Value) -> Value {
     let (status, source) = server
         .call(
             Method::POST,
@@ -38,7 +38,7 @@ async fn source(server: &TestServer, app: &str, body: Value) -> Value {
 }
 
 /// Posts to the source's ingest path; returns the status and the JSON answer.
-async fn post(
+pub(crate) async fn post(
     server: &TestServer,
     source: &Value,
     headers: &[(&str, String)],
@@ -61,7 +61,7 @@ async fn post(
     )
 }
 
-fn stripe_header(secret: &str, body: &[u8], t: i64) -> (&'static str, String) {
+pub(crate) fn stripe_header(secret: &str, body: &[u8], t: i64) -> (&'static str, String) {
     let signed = [t.to_string().as_bytes(), b".", body].concat();
     let sig = hex::encode(hmac_bytes(secret.as_bytes(), &signed));
     ("stripe-signature", format!("t={t},v1={sig}"))

@@ -884,3 +884,41 @@ async fn an_event_sent_right_after_the_connect_answer_is_handled() {
     }
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_stripe_payment_through_webhooks_in_reaches_a_socketio_room_once() {
+    use crate::ingest::{now, post, source, stripe_header};
+    let server = TestServer::start().await;
+    let (app_id, creds) = socketio_app(&server, "shop", chat_rules()).await;
+    let secret = "whsec_socketio_test";
+    let stripe = source(
+        &server,
+        &app_id,
+        json!({"kind": "stripe", "secrets": [secret],
+               "channels": ["private-order-{data.object.metadata.order_id}"]}),
+    )
+    .await;
+    let grant = token(&creds, json!({"rooms": ["private-order-42"]}));
+    let mut page = Sio::connect(&server, "shop", Some(json!({"token": grant})))
+        .await
+        .expect("the order page");
+    while page.expect("herald:subscribed").await.args[0]["room"] != "private-order-42" {}
+
+    let body = br#"{"id":"evt_sio","type":"payment_intent.succeeded","data":{"object":{"metadata":{"order_id":"42"}}}}"#;
+    for _ in 0..2 {
+        // Stripe's retry: acknowledged, not published again.
+        let (status, answer) = post(
+            &server,
+            &stripe,
+            &[stripe_header(secret, body, now())],
+            body,
+        )
+        .await;
+        assert_eq!(status, 200, "{answer}");
+    }
+    let paid = page.expect("payment_intent.succeeded").await;
+    assert_eq!(paid.args[0]["id"], "evt_sio");
+    assert_eq!(paid.args[1], json!({"channel": "private-order-42"}));
+    page.quiet("payment_intent.succeeded").await;
+    server.stop().await;
+}
