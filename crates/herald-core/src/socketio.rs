@@ -11,6 +11,25 @@ pub const DEFAULT_NAMESPACE_CHANNEL: &str = "socket.io";
 /// Events Herald itself handles; no rule can claim them.
 pub const RESERVED_EVENTS: [&str; 2] = ["join", "leave"];
 
+/// Names a client may never have relayed: Socket.IO's own events (a client receiving them
+/// would run its lifecycle handlers), and the server's own prefixes (`herald:` notices, the
+/// Pusher protocol's `pusher:` and `pusher_internal:` frames), which other clients must be
+/// able to trust.
+pub fn is_reserved_name(event: &str) -> bool {
+    const SOCKET_IO: [&str; 6] = [
+        "connect",
+        "connect_error",
+        "disconnect",
+        "disconnecting",
+        "newListener",
+        "removeListener",
+    ];
+    SOCKET_IO.contains(&event)
+        || ["herald:", "pusher:", "pusher_internal:"]
+            .iter()
+            .any(|prefix| event.starts_with(prefix))
+}
+
 /// An app's Socket.IO settings.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SocketIoSettings {
@@ -142,6 +161,16 @@ pub fn validate_settings(settings: &SocketIoSettings) -> Result<(), (String, Str
                 ),
             ));
         }
+        if is_reserved_name(&rule.event) {
+            return Err((
+                field,
+                format!(
+                    "`{}` is reserved (Socket.IO's own events and the herald:, pusher: and \
+                     pusher_internal: prefixes are never relayed)",
+                    rule.event
+                ),
+            ));
+        }
         if rule.webhook
             && rule.event != "*"
             && crate::validate::event_type_name(&rule.event).is_err()
@@ -268,6 +297,16 @@ mod tests {
             validate_settings(&private_namespace).map_err(|e| e.0),
             Err("namespaceChannel".to_owned())
         );
+        let reserved_name = SocketIoSettings {
+            events: vec![rule("pusher_internal:member_added", Relay::Rooms)],
+            ..Default::default()
+        };
+        assert_eq!(
+            validate_settings(&reserved_name).map_err(|e| e.0),
+            Err("events[0].event".to_owned())
+        );
+        assert!(is_reserved_name("disconnect") && is_reserved_name("herald:error"));
+        assert!(!is_reserved_name("chat message"));
         let fine = SocketIoSettings {
             allowed_origins: vec!["http://127.0.0.1:8080".into(), "*".into()],
             namespace_channel: Some("lobby".into()),

@@ -17,7 +17,7 @@ use std::{collections::HashMap, net::SocketAddr, sync::Arc, sync::Mutex};
 
 use axum::{
     body::Body,
-    extract::{ConnectInfo, Request},
+    extract::{ConnectInfo, Request, State},
     http::{HeaderValue, Method, StatusCode, header},
     middleware::Next,
     response::Response,
@@ -96,30 +96,8 @@ async fn admit(
 ) -> Result<(), String> {
     let namespace = socket.ns().to_owned();
     let key = namespace.trim_start_matches('/');
-    let app = match face.apps.find(key).await {
-        Ok(Some(app)) => app,
-        Ok(None) => {
-            // A dynamic namespace stays once matched: drop it, so made-up names cost nothing.
-            if let Some(io) = face.io.get() {
-                let (io, namespace) = (io.clone(), namespace.clone());
-                tokio::spawn(async move { io.delete_ns(&namespace) });
-            }
-            return Err(format!(
-                "unknown app `{key}`: the namespace is an app's uid or id"
-            ));
-        }
-        Err(e) => return Err(e.to_string()),
-    };
-    let settings = app.socketio.clone().unwrap_or_default();
+    // The address's limits first: a refused client costs no lookup.
     let parts = socket.req_parts();
-    if let Some(origin) = parts.headers.get(header::ORIGIN) {
-        let origin = origin.to_str().unwrap_or_default();
-        if !settings.allows_origin(origin) {
-            return Err(format!(
-                "origin {origin} is not allowed for app `{key}` (its socketio.allowedOrigins)"
-            ));
-        }
-    }
     let peer = parts
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
@@ -129,6 +107,34 @@ async fn admit(
         .clients
         .admit_request(peer, &parts.headers, "Socket.IO connection")
         .map_err(|refusal| refusal.message())?;
+    let app = match face.apps.find(key).await {
+        Ok(Some(app)) => app,
+        Ok(None) => {
+            // A dynamic namespace stays once matched: drop it, so made-up names cost nothing;
+            // but never one with sockets (an app whose uid just changed keeps its clients).
+            if let Some(io) = face.io.get() {
+                let (io, namespace) = (io.clone(), namespace.clone());
+                tokio::spawn(async move {
+                    if io.of(&namespace).is_some_and(|ns| ns.sockets().is_empty()) {
+                        io.delete_ns(&namespace);
+                    }
+                });
+            }
+            return Err(format!(
+                "unknown app `{key}`: the namespace is an app's uid or id"
+            ));
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    let settings = app.socketio.clone().unwrap_or_default();
+    if let Some(origin) = parts.headers.get(header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or_default();
+        if !settings.allows_origin(origin) {
+            return Err(format!(
+                "origin {origin} is not allowed for app `{key}` (its socketio.allowedOrigins)"
+            ));
+        }
+    }
     let auth = auth.map_err(|e| format!("invalid auth: {e}"))?;
     let grant = match &auth.token {
         None => None,
@@ -178,10 +184,44 @@ pub(crate) fn verify_token(app: &App, token: &str) -> Result<token::Grant, Strin
     grant.into_inner().ok_or_else(|| "invalid token".to_owned())
 }
 
-/// CORS for `/socket.io/`: any origin, no credentials (see the module doc).
-pub(crate) async fn cors(request: Request, next: Next) -> Response {
+/// In front of `/socket.io/`: CORS for any origin, without credentials (see the module doc),
+/// and a new Engine.IO session (a request without `sid`) charged to its address's connection
+/// rate, so one client cannot open sessions without bound (429 beyond).
+pub(crate) async fn front(State(face): State<Arc<Face>>, request: Request, next: Next) -> Response {
     if !request.uri().path().starts_with(crate::PATH) {
         return next.run(request).await;
+    }
+    let new_session = request.method() != Method::OPTIONS
+        && !request
+            .uri()
+            .query()
+            .unwrap_or_default()
+            .split('&')
+            .any(|pair| pair.starts_with("sid="));
+    if new_session {
+        let peer = request
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|ConnectInfo(peer)| *peer);
+        // The permit only measures the rate: the session is counted as a connection once it
+        // joins a namespace.
+        if let Err(refusal) =
+            face.config
+                .clients
+                .admit_request(peer, request.headers(), "Socket.IO session")
+        {
+            let mut response = Response::new(Body::from(refusal.message()));
+            *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(refusal.retry_after_secs()),
+            );
+            allow_origin(
+                response.headers_mut(),
+                request.headers().get(header::ORIGIN).cloned(),
+            );
+            return response;
+        }
     }
     let origin = request.headers().get(header::ORIGIN).cloned();
     if request.method() == Method::OPTIONS {

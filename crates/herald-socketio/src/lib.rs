@@ -29,8 +29,14 @@ use std::{sync::Arc, sync::OnceLock, time::Duration};
 
 use herald_channels::{Hub, Publisher, limits::ClientLimiter};
 use herald_core::model::App;
-use socketioxide::{SocketIo, TransportType};
+use socketioxide::{ParserConfig, SocketIo, TransportType};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+/// Binary attachments one event may carry.
+const MAX_ATTACHMENTS: usize = 16;
+
+/// How long an Engine.IO session may stay without a namespace.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long shutdown waits for Socket.IO transports to close.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -53,6 +59,14 @@ pub struct SocketIoConfig {
     pub max_rooms_per_socket: usize,
     pub max_presence_members: usize,
     pub max_user_info_bytes: usize,
+    /// Largest data one relayed event may carry, as stored (binary as base64); beyond,
+    /// `too_large`. Binary grows by a third as base64, so this bound (and not only the
+    /// transport's) keeps what is stored, sent between nodes and to every subscriber in check.
+    pub max_event_bytes: usize,
+    /// Joins and leaves one socket may send per second on average...
+    pub joins_per_second: u32,
+    /// ...and at once. Beyond: `rate_limited`.
+    pub join_burst: u32,
     /// Events one socket may emit per second on average...
     pub events_per_second: u32,
     /// ...and at once. Beyond: `rate_limited`.
@@ -77,6 +91,9 @@ impl Default for SocketIoConfig {
             max_rooms_per_socket: 100,
             max_presence_members: 100,
             max_user_info_bytes: 1024,
+            max_event_bytes: 1_000_000,
+            joins_per_second: 10,
+            join_burst: 100,
             events_per_second: 10,
             event_burst: 20,
             outbox_frames: 1024,
@@ -145,6 +162,19 @@ pub fn mount(router: axum::Router, face: Arc<Face>) -> axum::Router {
         .ping_interval(config.ping_interval)
         .ping_timeout(config.ping_timeout)
         .transports([TransportType::Polling, TransportType::Websocket])
+        // Each socket's send buffer holds what its outbox holds: a socket is too slow when
+        // either is full.
+        .max_buffer_size(config.outbox_frames)
+        // Binary attachments count against the same payload bound, in all.
+        .with_parser(
+            ParserConfig::common()
+                .max_incoming_binary_buf_size(
+                    usize::try_from(config.max_payload_bytes).unwrap_or(usize::MAX),
+                )
+                .max_incoming_binaries(MAX_ATTACHMENTS),
+        )
+        // An Engine.IO session that joins no namespace is closed after this.
+        .connect_timeout(CONNECT_TIMEOUT)
         .build_layer();
     connect::register(&io, &face);
     let _ = face.io.set(io.clone());
@@ -162,5 +192,8 @@ pub fn mount(router: axum::Router, face: Arc<Face>) -> axum::Router {
     });
     router
         .layer(layer)
-        .layer(axum::middleware::from_fn(connect::cors))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&face),
+            connect::front,
+        ))
 }

@@ -26,12 +26,13 @@ use herald_channels::{
 use herald_core::{
     model::App,
     pusher::{self, ChannelKind},
-    socketio::{Relay, SocketIoSettings},
+    socketio::{self, Relay, SocketIoSettings},
     validate,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json, value::RawValue};
 use socketioxide::{
+    SendError, SocketError,
     adapter::LocalAdapter,
     extract::{AckSender, SocketRef},
     handler::{FromMessageParts, MessageHandler, Value as PacketValue},
@@ -183,12 +184,17 @@ pub(crate) fn start(face: Arc<Face>, socket: SocketRef) {
         u64::from(face.config.events_per_second),
         u64::from(face.config.event_burst),
     );
+    let joins = TokenBucket::limit(
+        u64::from(face.config.joins_per_second),
+        u64::from(face.config.join_burst),
+    );
     let session = Session {
         hub: Arc::clone(&slot.0),
+        joins,
         face: Arc::clone(&face),
         app,
         settings,
-        grant,
+        grants: grant.into_iter().collect(),
         id,
         outbox,
         rooms: BTreeMap::new(),
@@ -205,7 +211,9 @@ struct Session {
     face: Arc<Face>,
     app: App,
     settings: SocketIoSettings,
-    grant: Option<Grant>,
+    /// The tokens the socket showed (at connect, then with joins), each good for its rooms
+    /// until it expires; the first that names a user says who the socket is.
+    grants: Vec<Grant>,
     hub: Arc<AppHub>,
     /// The socket's subscriber id in the hub (`except` compares with it).
     id: String,
@@ -216,6 +224,8 @@ struct Session {
     /// (at connect, or later by a `join` that names no position of its own).
     positions: std::collections::HashMap<String, Resume>,
     events: Option<TokenBucket>,
+    /// Joins and leaves (each may read history and announce a presence member).
+    joins: Option<TokenBucket>,
     permit: herald_channels::limits::ClientPermit,
     _slot: ConnectionSlot,
 }
@@ -231,10 +241,14 @@ impl Session {
     ) {
         // The namespace channel, then the token's rooms, before any event the socket sent.
         let mut initial = vec![self.settings.namespace_channel().to_owned()];
-        if let Some(grant) = &self.grant {
+        for grant in &self.grants {
             initial.extend(grant.rooms.iter().cloned());
         }
         for room in initial {
+            // A socket gone before its task started joins nothing (no member_added for it).
+            if closed.is_cancelled() {
+                return;
+            }
             let resume = self.positions.remove(&room);
             if let Err(refusal) = self.join(&room, resume.as_ref()).await {
                 let _ = socket.emit(
@@ -251,25 +265,27 @@ impl Session {
                 // `mount` closes the transports; the rooms are left here, at once.
                 () = self.face.shutdown.cancelled() => break,
                 () = overflowed.cancelled() => {
-                    let _ = socket.emit(
-                        "herald:error",
-                        &json!({"code": "too_slow", "message": "the socket fell too far behind its events; reconnect"}),
-                    );
-                    let _ = socket.clone().disconnect();
+                    self.too_slow(&socket, &closed).await;
                     break;
                 }
                 () = hub.removed() => {
-                    let _ = socket.clone().disconnect();
+                    disconnect(&socket, &closed).await;
                     break;
                 }
                 item = frames.recv() => {
                     let Some(item) = item else { break };
-                    if !self.write(&socket, &item) {
-                        break;
-                    }
+                    let mut written = self.write(&socket, &item);
                     // Whatever else is queued, without another turn of the select.
-                    while let Ok(item) = frames.try_recv() {
-                        if !self.write(&socket, &item) {
+                    while written == Written::Yes
+                        && let Ok(item) = frames.try_recv()
+                    {
+                        written = self.write(&socket, &item);
+                    }
+                    match written {
+                        Written::Yes => {}
+                        Written::Gone => break,
+                        Written::Full => {
+                            self.too_slow(&socket, &closed).await;
                             break;
                         }
                     }
@@ -286,8 +302,19 @@ impl Session {
         }
     }
 
-    /// Writes one item; false when the socket is gone or cannot keep up.
-    fn write(&self, socket: &SocketRef, item: &Outgoing) -> bool {
+    /// A socket that fell `outbox_frames` behind: told why, if it still takes anything, and
+    /// disconnected (see [`disconnect`]).
+    async fn too_slow(&self, socket: &SocketRef, closed: &CancellationToken) {
+        tracing::debug!(socket = %self.id, "a Socket.IO socket fell too far behind; disconnecting it");
+        let _ = socket.emit(
+            "herald:error",
+            &json!({"code": "too_slow", "message": "the socket fell too far behind its events and is disconnected; connect again (socket.connect())"}),
+        );
+        disconnect(socket, closed).await;
+    }
+
+    /// Writes one item into the socket's send buffer.
+    fn write(&self, socket: &SocketRef, item: &Outgoing) -> Written {
         let sent = match item {
             Outgoing::Publication(publication) => {
                 let meta = Meta {
@@ -306,11 +333,11 @@ impl Session {
             },
         };
         match sent {
-            Ok(()) => true,
+            Ok(()) => Written::Yes,
+            Err(SendError::Socket(SocketError::InternalChannelFull)) => Written::Full,
             Err(e) => {
-                tracing::debug!(error = %e, socket = %self.id, "a Socket.IO socket could not take an event; disconnecting it");
-                let _ = socket.clone().disconnect();
-                false
+                tracing::debug!(error = %e, socket = %self.id, "a Socket.IO socket could not take an event");
+                Written::Gone
             }
         }
     }
@@ -338,7 +365,29 @@ impl Session {
     }
 
     /// `join`: `"room"` or `{room, token}`.
+    /// The grant that names the socket's user, if any.
+    fn user(&self) -> Option<&Grant> {
+        self.grants.iter().find(|g| g.user_id.is_some())
+    }
+
+    /// Charges a join or a leave to the socket's budget.
+    fn take_join(&mut self) -> Result<(), Refusal> {
+        if let Some(bucket) = &mut self.joins
+            && !bucket.try_take(1.0)
+        {
+            return Err(refuse(
+                "rate_limited",
+                format!(
+                    "at most {} joins and leaves per second (bursts of {})",
+                    self.face.config.joins_per_second, self.face.config.join_burst
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     async fn join_event(&mut self, args: Vec<Box<RawValue>>) -> Result<Value, Refusal> {
+        self.take_join()?;
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
         struct JoinArgs {
@@ -390,8 +439,19 @@ impl Session {
                     format!("the token given does not name room {}", args.room),
                 ));
             }
-            // The newer grant speaks for the user from now on.
-            self.grant = Some(merge_grants(self.grant.take(), grant));
+            // A socket is one user: a token for another is refused.
+            if let (Some(current), Some(given)) = (
+                self.user()
+                    .map(|g| g.user_id.as_deref().unwrap_or_default()),
+                grant.user_id.as_deref(),
+            ) && current != given
+            {
+                return Err(refuse(
+                    "forbidden",
+                    format!("the socket is user {current}; the token given is for {given}"),
+                ));
+            }
+            self.grants.push(grant);
         }
         let resume = args
             .position
@@ -420,10 +480,12 @@ impl Session {
             ));
         }
         let kind = ChannelKind::of(room);
+        // A grant authorizes rooms until its token expires, for later joins too.
+        let now = chrono::Utc::now().timestamp();
         let granted = self
-            .grant
-            .as_ref()
-            .is_some_and(|g| g.rooms.iter().any(|r| r == room));
+            .grants
+            .iter()
+            .any(|g| g.expires_at > now && g.rooms.iter().any(|r| r == room));
         if kind != ChannelKind::Public && !granted {
             return Err(refuse(
                 "forbidden",
@@ -431,7 +493,7 @@ impl Session {
             ));
         }
         let joining = if kind == ChannelKind::Presence {
-            let grant = self.grant.as_ref();
+            let grant = self.user();
             let Some(user_id) = grant.and_then(|g| g.user_id.clone()) else {
                 return Err(refuse(
                     "forbidden",
@@ -549,6 +611,7 @@ impl Session {
     }
 
     fn leave_event(&mut self, args: Vec<Box<RawValue>>) -> Result<Value, Refusal> {
+        self.take_join()?;
         let room = match args.as_slice() {
             [arg] => serde_json::from_str::<String>(arg.get()).ok(),
             _ => None,
@@ -596,6 +659,16 @@ impl Session {
                 format!("the app's rules refuse `{event}`"),
             ));
         }
+        // Even under `*`: other clients must be able to trust these names.
+        if socketio::is_reserved_name(&event) {
+            return Err(refuse(
+                "refused",
+                format!(
+                    "`{event}` is reserved (Socket.IO's own events and the herald:, pusher: and \
+                     pusher_internal: prefixes are never relayed)"
+                ),
+            ));
+        }
         if args.len() > 1 {
             return Err(refuse(
                 "too_many_arguments",
@@ -627,10 +700,15 @@ impl Session {
             Relay::Everyone => (vec![namespace], None),
             Relay::Others => (vec![namespace], Some(self.id.clone())),
             Relay::Rooms => {
+                // Not into end-to-end encrypted rooms: their subscribers expect ciphertext
+                // (Pusher allows no client events there either).
                 let rooms: Vec<String> = self
                     .rooms
                     .keys()
-                    .filter(|room| **room != namespace)
+                    .filter(|room| {
+                        **room != namespace
+                            && ChannelKind::of(room) != ChannelKind::PrivateEncrypted
+                    })
                     .cloned()
                     .collect();
                 if rooms.is_empty() {
@@ -646,11 +724,29 @@ impl Session {
         let data = args
             .pop()
             .unwrap_or_else(|| RawValue::from_string("null".to_owned()).unwrap_or_default());
+        if data.get().len() > self.face.config.max_event_bytes {
+            return Err(refuse(
+                "too_large",
+                format!(
+                    "a relayed event's data is at most {} bytes as stored (binary counts as \
+                     base64); this one is {}",
+                    self.face.config.max_event_bytes,
+                    data.get().len()
+                ),
+            ));
+        }
+        // The sender's user id travels only on presence rooms, as with Pusher client events.
+        let user_id = self.user().and_then(|g| g.user_id.clone()).filter(|_| {
+            !channels.is_empty()
+                && channels
+                    .iter()
+                    .all(|c| ChannelKind::of(c) == ChannelKind::Presence)
+        });
         let publish = Publish {
             event,
             channels,
             data: EventData::Json(data),
-            user_id: self.grant.as_ref().and_then(|g| g.user_id.clone()),
+            user_id,
             except,
             webhook: if rule.webhook {
                 Webhook::IfWanted
@@ -671,20 +767,27 @@ impl Session {
     }
 }
 
-/// Keeps the earlier grant's rooms: a later token adds rooms, it does not take them away.
-fn merge_grants(earlier: Option<Grant>, mut later: Grant) -> Grant {
-    if let Some(earlier) = earlier {
-        for room in earlier.rooms {
-            if !later.rooms.contains(&room) {
-                later.rooms.push(room);
-            }
-        }
-        if later.user_id.is_none() {
-            later.user_id = earlier.user_id;
-            later.user_info = earlier.user_info;
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Written {
+    Yes,
+    /// Its send buffer is full: the client does not read fast enough.
+    Full,
+    /// Disconnected meanwhile.
+    Gone,
+}
+
+/// Disconnects a socket from its namespace (`"io server disconnect"` on the client, which
+/// then reconnects only when told to). The DISCONNECT packet needs room in the socket's send
+/// buffer: while a client that stopped reading holds it full, try again until there is room
+/// or the connection ends (Engine.IO's heartbeat ends a client that reads nothing).
+async fn disconnect(socket: &SocketRef, closed: &CancellationToken) {
+    const RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+    while socket.clone().disconnect().is_err() {
+        tokio::select! {
+            () = closed.cancelled() => return,
+            () = tokio::time::sleep(RETRY) => {}
         }
     }
-    later
 }
 
 /// The last argument of every event: where it comes from.

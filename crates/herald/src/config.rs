@@ -188,6 +188,10 @@ pub struct SocketIoSection {
     pub ping_timeout_ms: u64,
     pub max_connections_per_app: u32,
     pub max_rooms_per_socket: usize,
+    /// Largest data of one relayed event, as stored (binary as base64).
+    pub max_event_bytes: usize,
+    pub joins_per_second: u32,
+    pub join_burst: u32,
     pub events_per_second: u32,
     pub event_burst: u32,
     pub outbox_frames: usize,
@@ -203,6 +207,9 @@ impl Default for SocketIoSection {
             ping_timeout_ms: duration_ms(d.ping_timeout),
             max_connections_per_app: d.max_connections_per_app,
             max_rooms_per_socket: d.max_rooms_per_socket,
+            max_event_bytes: d.max_event_bytes,
+            joins_per_second: d.joins_per_second,
+            join_burst: d.join_burst,
             events_per_second: d.events_per_second,
             event_burst: d.event_burst,
             outbox_frames: d.outbox_frames,
@@ -583,6 +590,7 @@ impl Config {
                 s.max_rooms_per_socket as u64,
             ),
             ("socketio.outbox_frames", s.outbox_frames as u64),
+            ("socketio.max_event_bytes", s.max_event_bytes as u64),
         ];
         for (name, value) in socketio_positive {
             if value == 0 {
@@ -787,6 +795,9 @@ impl Config {
             ping_timeout: Duration::from_millis(s.ping_timeout_ms),
             max_connections_per_app: s.max_connections_per_app,
             max_rooms_per_socket: s.max_rooms_per_socket,
+            max_event_bytes: s.max_event_bytes,
+            joins_per_second: s.joins_per_second,
+            join_burst: s.join_burst,
             max_presence_members: self.ws.max_presence_members,
             max_user_info_bytes: self.ws.max_user_info_bytes,
             events_per_second: s.events_per_second,

@@ -422,7 +422,8 @@ async fn socketio_pusher_clients_and_the_apis_share_one_channel() {
     let seen = pusher_client.expect("note").await;
     assert_eq!(seen["channel"], "private-mixed");
     assert_eq!(seen["data"], json!({"text": "from sio"}));
-    assert_eq!(seen["user_id"], "u1");
+    // The sender's user id travels on presence rooms only, as with Pusher client events.
+    assert!(seen.get("user_id").is_none(), "{seen}");
     // Pusher client event → Socket.IO, data as sent.
     pusher_client
         .send(json!({"event": "client-typing", "channel": "private-mixed", "data": {"who": "p"}}))
@@ -597,8 +598,18 @@ async fn bad_handshakes_get_a_connect_error_saying_why() {
 
 #[tokio::test]
 async fn malformed_and_oversize_packets_cost_only_their_sender() {
-    let server = TestServer::start_with(|c| c.socketio.max_payload_bytes = 10_000).await;
+    let server = TestServer::start_with(|c| {
+        c.socketio.max_payload_bytes = 10_000;
+        c.socketio.max_event_bytes = 1_000;
+    })
+    .await;
     socketio_app(&server, "limits", chat_rules()).await;
+    // Data over max_event_bytes is refused before anything is stored or sent.
+    let mut chatty = Sio::connect(&server, "limits", None).await.expect("chatty");
+    let refused = chatty
+        .emit_ack("chat message", &[json!("x".repeat(2_000))])
+        .await;
+    assert_eq!(refused["error"]["code"], "too_large", "{refused}");
     let mut bystander = Sio::connect(&server, "limits", None)
         .await
         .expect("bystander");
@@ -877,7 +888,7 @@ async fn an_event_sent_right_after_the_connect_answer_is_handled() {
     // once is queued, never dropped for want of a handler (it once raced the connect task).
     let server = TestServer::start().await;
     socketio_app(&server, "eager", chat_rules()).await;
-    for i in 0..50 {
+    for i in 0..30 {
         let mut sio = Sio::connect(&server, "eager", None).await.expect("connect");
         let ack = sio.emit_ack("join", &[json!(format!("room-{i}"))]).await;
         assert_eq!(ack["ok"], true, "{ack}");
@@ -920,5 +931,80 @@ async fn a_stripe_payment_through_webhooks_in_reaches_a_socketio_room_once() {
     assert_eq!(paid.args[0]["id"], "evt_sio");
     assert_eq!(paid.args[1], json!({"channel": "private-order-42"}));
     page.quiet("payment_intent.succeeded").await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn clients_cannot_relay_reserved_names_switch_users_or_outrun_their_join_budget() {
+    let server = TestServer::start_with(|c| {
+        c.socketio.joins_per_second = 1;
+        c.socketio.join_burst = 3;
+    })
+    .await;
+    let mut rules = chat_rules();
+    rules["events"]
+        .as_array_mut()
+        .expect("rules")
+        .push(json!({"event": "*", "relay": "everyone"}));
+    let (_, creds) = socketio_app(&server, "guarded", rules).await;
+    let alice = token(
+        &creds,
+        json!({"sub": "alice", "rooms": ["private-a", "private-encrypted-e"]}),
+    );
+    let mut sio = Sio::connect(&server, "guarded", Some(json!({"token": alice})))
+        .await
+        .expect("alice");
+    // Even under `*`, names other clients trust are never relayed.
+    for name in [
+        "herald:member_added",
+        "pusher_internal:member_added",
+        "disconnect",
+    ] {
+        let refused = sio.emit_ack(name, &[json!({})]).await;
+        assert_eq!(refused["error"]["code"], "refused", "{name}: {refused}");
+    }
+    // A token for another user does not change who the socket is.
+    let bob = token(&creds, json!({"sub": "bob", "rooms": ["private-b"]}));
+    let refused = sio
+        .emit_ack("join", &[json!({"room": "private-b", "token": bob})])
+        .await;
+    assert_eq!(refused["error"]["code"], "forbidden", "{refused}");
+    // `rooms` never relays into an end-to-end encrypted room.
+    sio.emit_ack("leave", &[json!("private-a")]).await;
+    let refused = sio.emit_ack("note", &[json!(1)]).await;
+    assert_eq!(refused["error"]["code"], "no_room", "{refused}");
+    // Joins and leaves have a budget: 3 at once here, two spent above, one more now.
+    sio.join(json!("public-0")).await;
+    let limited = sio.emit_ack("join", &[json!("public-1")]).await;
+    assert_eq!(limited["error"]["code"], "rate_limited", "{limited}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_grant_stops_authorizing_rooms_when_its_token_expires() {
+    let server = TestServer::start().await;
+    let (_, creds) = socketio_app(&server, "expiring", chat_rules()).await;
+    let short = token(
+        &creds,
+        json!({"exp": chrono::Utc::now().timestamp() + 2, "rooms": ["private-short"]}),
+    );
+    let mut sio = Sio::connect(&server, "expiring", Some(json!({"token": short})))
+        .await
+        .expect("connect");
+    // Rejoining works while the token lives, and is refused once it has expired.
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        sio.emit_ack("leave", &[json!("private-short")]).await;
+        let joined = sio.emit_ack("join", &[json!("private-short")]).await;
+        if joined["ok"] == false {
+            assert_eq!(joined["error"]["code"], "forbidden", "{joined}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the grant never expired"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
     server.stop().await;
 }
