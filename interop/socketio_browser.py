@@ -17,9 +17,7 @@ import hmac
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -29,57 +27,16 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-HERALD_BIN = os.environ.get("HERALD_BIN", "target/debug/herald")  # not passed on to herald
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+from browser_harness import CHROMIUM, Checks, Reports, call, free_port, run, start_herald
+
 NODE = os.environ.get("NODE", "node")
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "examples" / "socketio-chat" / "index.html"
 PEER = ROOT / "interop" / "socketio" / "browser_peer.js"
 BUNDLE = ROOT / "interop" / "socketio" / "node_modules" / "socket.io-client" / "dist" / "socket.io.min.js"
 TOKEN = "socketio-browser-admin-token-0123456789"
-PATIENCE = 30
-passed = 0
-
-
-def ok(what):
-    global passed
-    passed += 1
-    print(f"ok: {what}", flush=True)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Reports:
-    """JSON objects arriving from a page or a process, with waiting on a predicate."""
-
-    def __init__(self, name):
-        self.name = name
-        self.items = []
-        self.cond = threading.Condition()
-
-    def add(self, item):
-        with self.cond:
-            self.items.append(item)
-            self.cond.notify_all()
-
-    def wait_for(self, what, predicate, patience=PATIENCE):
-        deadline = time.monotonic() + patience
-        with self.cond:
-            while True:
-                found = predicate(self.ordered())
-                if found:
-                    return found
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(f"timed out waiting for {what}; {self.name} reported {self.ordered()}")
-                self.cond.wait(left)
-
-    def ordered(self):
-        return sorted(self.items, key=lambda r: r.get("seq", 0))
+checks = Checks()
+ok = checks.ok
 
 
 def page_server(reports):
@@ -113,40 +70,6 @@ def page_server(reports):
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
-
-
-def start_herald(port, data):
-    # Herald reads HERALD_* variables as configuration: pass only its own.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HERALD_")}
-    env["HERALD_ADMIN_TOKEN"] = TOKEN
-    proc = subprocess.Popen(
-        [HERALD_BIN, "serve", "--listen", f"127.0.0.1:{port}", "--data", data],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    line = proc.stdout.readline()
-    if not line.startswith("herald listening on"):
-        proc.kill()
-        raise AssertionError(f"herald did not start: {line!r} {proc.stderr.read()}")
-    # Keep draining its output so a chatty server never blocks on a full pipe.
-    for stream in (proc.stdout, proc.stderr):
-        threading.Thread(target=lambda s=stream: [None for _ in s], daemon=True).start()
-    return proc
-
-
-def call(base, method, path, body=None):
-    request = urllib.request.Request(
-        base + path, method=method, data=None if body is None else json.dumps(body).encode()
-    )
-    request.add_header("authorization", f"Bearer {TOKEN}")
-    request.add_header("content-type", "application/json")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return json.loads(response.read() or b"null")
-    except urllib.error.HTTPError as e:
-        raise AssertionError(f"{method} {path}: HTTP {e.code}: {e.read().decode(errors='replace')}") from None
 
 
 def b64url(raw):
@@ -208,13 +131,13 @@ def main():
     base = f"http://127.0.0.1:{port}"
     data = tempfile.mkdtemp(prefix="herald-socketio-")
     profiles = [tempfile.mkdtemp(prefix="chromium-") for _ in range(2)]
-    herald = start_herald(port, data)
+    herald = start_herald(TOKEN, port, data)
     allowed_reports, refused_reports = Reports("the page"), Reports("the page on the other origin")
     allowed_pages, refused_pages = page_server(allowed_reports), page_server(refused_reports)
     allowed_origin = f"http://127.0.0.1:{allowed_pages.server_port}"
     browsers, peer = [], None
     try:
-        app = call(base, "POST", "/api/v1/app/", {
+        app = call(base, TOKEN, "POST", "/api/v1/app/", {
             "name": "socketio browser",
             "uid": "socketio-browser",
             "socketio": {
@@ -284,12 +207,8 @@ def main():
         refused_pages.shutdown()
         for path in [data, *profiles]:
             shutil.rmtree(path, ignore_errors=True)
-    print(f"socket.io browser interop: all {passed} checks passed")
+    print(f"socket.io browser interop: all {checks.passed} checks passed")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Exception as e:  # any mismatch fails CI, naming the check
-        print(f"FAIL: {e!r}", file=sys.stderr)
-        raise
+    run(main)

@@ -13,23 +13,20 @@ Exits non-zero, naming the check, on any mismatch.
 import hashlib
 import hmac
 import json
-import os
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-HERALD_BIN = os.environ.get("HERALD_BIN", "target/debug/herald")  # not passed on to herald
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+from browser_harness import CHROMIUM, PATIENCE, Checks, Reports, call, free_port, run, start_herald
+
 TOKEN = "sse-browser-admin-token-0123456789"
 CHANNEL = "history-ticker"
-PATIENCE = 30
-passed = 0
+checks = Checks()
+ok = checks.ok
 
 PAGE = """<!doctype html><meta charset="utf-8"><title>herald sse</title><script>
 const params = new URLSearchParams(location.search);
@@ -39,44 +36,6 @@ const source = new EventSource(`${params.get("herald")}/apps/${params.get("app")
 source.onmessage = (m) => report({id: m.lastEventId, data: JSON.parse(m.data)});
 source.onerror = () => report({error: source.readyState});
 </script>""" % CHANNEL
-
-
-def ok(what):
-    global passed
-    passed += 1
-    print(f"ok: {what}")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Reports:
-    def __init__(self):
-        self.items = []
-        self.cond = threading.Condition()
-
-    def add(self, item):
-        with self.cond:
-            self.items.append(item)
-            self.cond.notify_all()
-
-    def wait_for(self, what, predicate):
-        deadline = time.monotonic() + PATIENCE
-        with self.cond:
-            while not predicate(self.ordered()):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(f"timed out waiting for {what}; got {self.ordered()}")
-                self.cond.wait(left)
-
-    def ordered(self):
-        return sorted(self.items, key=lambda r: r["seq"])
-
-    def messages(self):
-        return [r for r in self.ordered() if "data" in r]
 
 
 def page_server(reports):
@@ -103,33 +62,6 @@ def page_server(reports):
     return server
 
 
-def start_herald(port, data):
-    # Herald reads HERALD_* variables as configuration: pass only its own.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HERALD_")}
-    env["HERALD_ADMIN_TOKEN"] = TOKEN
-    proc = subprocess.Popen(
-        [HERALD_BIN, "serve", "--listen", f"127.0.0.1:{port}", "--data", data],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    line = proc.stdout.readline()
-    if not line.startswith("herald listening on"):
-        raise AssertionError(f"herald did not start: {line!r} {proc.stderr.read()}")
-    return proc
-
-
-def call(base, method, path, body=None):
-    request = urllib.request.Request(
-        base + path, method=method, data=None if body is None else json.dumps(body).encode()
-    )
-    request.add_header("authorization", f"Bearer {TOKEN}")
-    request.add_header("content-type", "application/json")
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read() or b"null")
-
-
 def trigger(base, creds, n):
     """Publishes through the Pusher HTTP API, signed as the server SDKs sign."""
     path = f"/apps/{creds['appId']}/events"
@@ -154,12 +86,12 @@ def main():
     base = f"http://127.0.0.1:{port}"
     data = tempfile.mkdtemp(prefix="herald-sse-")
     profile = tempfile.mkdtemp(prefix="chromium-")
-    herald = start_herald(port, data)
+    herald = start_herald(TOKEN, port, data)
     reports = Reports()
     pages = page_server(reports)
     browser = None
     try:
-        creds = call(base, "POST", "/api/v1/app", {"name": "sse browser", "uid": "sse-browser"})["pusher"]
+        creds = call(base, TOKEN, "POST", "/api/v1/app", {"name": "sse browser", "uid": "sse-browser"})["pusher"]
         url = f"http://127.0.0.1:{pages.server_port}/?herald={base}&app={creds['appId']}"
         browser = subprocess.Popen(
             [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -181,7 +113,7 @@ def main():
         # Restart Herald on the same port and store, and publish while the browser waits.
         herald.send_signal(signal.SIGTERM)
         assert herald.wait(timeout=PATIENCE) == 0, "herald exits cleanly on SIGTERM"
-        herald = start_herald(port, data)
+        herald = start_herald(TOKEN, port, data)
         for n in range(4, 7):
             trigger(base, creds, n)
         reports.wait_for("events 4-6 after the reconnection", lambda items: offsets(items) == [1, 2, 3, 4, 5, 6])
@@ -200,12 +132,8 @@ def main():
         herald.kill()
         herald.wait()
         pages.shutdown()
-    print(f"sse browser interop: all {passed} checks passed")
+    print(f"sse browser interop: all {checks.passed} checks passed")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Exception as e:  # any mismatch fails CI, naming the check
-        print(f"FAIL: {e!r}", file=sys.stderr)
-        raise
+    run(main)

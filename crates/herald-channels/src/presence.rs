@@ -111,6 +111,35 @@ pub fn merge_snapshot(snapshot: &mut serde_json::Value, others: Vec<RemoteMember
     presence.insert("hash".into(), serde_json::Value::Object(hash));
 }
 
+/// Completes a joining presence subscriber's `{"presence": ...}` snapshot with the members
+/// other nodes hold (`elsewhere`, from [`AppHub::members_elsewhere`](crate::hub::AppHub)),
+/// then tells the hub which members it lists, so member notices that crossed the snapshot are
+/// not repeated to it. If the other nodes cannot be read, this node's members still are, and
+/// the others arrive as they change.
+pub async fn complete_snapshot(
+    hub: &crate::hub::AppHub,
+    channel: &str,
+    socket_id: &str,
+    snapshot: &mut serde_json::Value,
+    elsewhere: MembersFuture,
+) {
+    match elsewhere.await {
+        Ok(others) => merge_snapshot(snapshot, others),
+        Err(e) => {
+            tracing::warn!(error = %e, channel, "reading other nodes' presence members failed");
+        }
+    }
+    let listed = snapshot["presence"]["ids"]
+        .as_array()
+        .map(|ids| {
+            ids.iter()
+                .filter_map(|id| id.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    hub.know_members(channel, socket_id, listed);
+}
+
 /// One node: the answers are this process's hub's.
 pub struct LocalPresence {
     hub: Arc<Hub>,

@@ -20,7 +20,7 @@ use herald_channels::{
     history::Resume,
     hub::{AppHub, Joining, Outbox, SubscribeError},
     limits::TokenBucket,
-    presence::merge_snapshot,
+    presence::complete_snapshot,
     protocol,
 };
 use herald_core::{
@@ -551,21 +551,7 @@ impl Session {
         let mut confirmation = subscribed.presence.unwrap_or_else(|| json!({}));
         let held = elsewhere.is_some();
         if let Some(elsewhere) = elsewhere {
-            match elsewhere.await {
-                Ok(others) => merge_snapshot(&mut confirmation, others),
-                Err(e) => {
-                    tracing::warn!(error = %e, room, "reading other nodes' presence members failed");
-                }
-            }
-            let listed = confirmation["presence"]["ids"]
-                .as_array()
-                .map(|ids| {
-                    ids.iter()
-                        .filter_map(|id| id.as_str().map(str::to_owned))
-                        .collect()
-                })
-                .unwrap_or_default();
-            self.hub.know_members(room, &self.id, listed);
+            complete_snapshot(&self.hub, room, &self.id, &mut confirmation, elsewhere).await;
         }
         match retention {
             None if held => {

@@ -18,7 +18,7 @@
 use std::{collections::HashMap, future::Future, sync::Arc};
 
 use herald_channels::{
-    EventData, Outgoing, Publish, PublishError, Publisher, Webhook, presence::merge_snapshot,
+    EventData, Outgoing, Publish, PublishError, Publisher, Webhook, presence::complete_snapshot,
 };
 use herald_core::{
     history::Retention,
@@ -411,23 +411,14 @@ impl<B: Backend> Session<B> {
         let mut confirmation = subscribed.presence.unwrap_or_else(|| json!({}));
         let held_for_presence = elsewhere.is_some();
         if let Some(elsewhere) = elsewhere {
-            match elsewhere.await {
-                Ok(others) => merge_snapshot(&mut confirmation, others),
-                // This node's members still are; the others arrive as they change.
-                Err(e) => {
-                    tracing::warn!(error = %e, channel, "reading other nodes' presence members failed");
-                }
-            }
-            // What the snapshot lists: member notices that crossed it are not repeated.
-            let listed = confirmation["presence"]["ids"]
-                .as_array()
-                .map(|ids| {
-                    ids.iter()
-                        .filter_map(|id| id.as_str().map(str::to_owned))
-                        .collect()
-                })
-                .unwrap_or_default();
-            self.hub.know_members(channel, &self.socket_id, listed);
+            complete_snapshot(
+                &self.hub,
+                channel,
+                &self.socket_id,
+                &mut confirmation,
+                elsewhere,
+            )
+            .await;
         }
         match retention {
             None if held_for_presence => {
