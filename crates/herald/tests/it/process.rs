@@ -176,7 +176,11 @@ async fn sigterm_drains_in_flight_attempts_and_exits_cleanly() {
     let mut receiver = Receiver::start().await;
     receiver.fallback(Reply::Status(500));
 
-    let mut herald = spawn_herald(data.path()).await;
+    // Retries a second apart: no message may use up its attempts against the failing
+    // receiver in the moments between the first delivery and the exit (with the suite's 50 ms
+    // schedule, a loaded machine let some fail for good before the restart).
+    let schedule = [("HERALD_DELIVERY__RETRY_SCHEDULE_SECS", "[1, 1, 1]")];
+    let mut herald = spawn_herald_env(data.path(), &[], &schedule).await;
     let app = herald.api.create_app("drain").await;
     let ep = herald
         .api
@@ -199,7 +203,7 @@ async fn sigterm_drains_in_flight_attempts_and_exits_cleanly() {
     assert!(status.success(), "clean exit after SIGTERM: {status}");
 
     receiver.fallback(Reply::Status(200));
-    let again = spawn_herald(data.path()).await;
+    let again = spawn_herald_env(data.path(), &[], &schedule).await;
     await_all(&mut receiver, &ids).await;
     let stats = again
         .api
