@@ -6,11 +6,14 @@
 //! same delivery id is answered 200 too, but not published again. The message then takes the
 //! same path as any other: webhook endpoints by filter, WebSocket subscribers by channel.
 
+use std::net::SocketAddr;
+
 use axum::{
-    Json,
+    Extension, Json,
     body::Bytes,
-    extract::{Path, State, rejection::BytesRejection},
-    http::{HeaderMap, StatusCode},
+    extract::{ConnectInfo, Path, State, rejection::BytesRejection},
+    http::{HeaderMap, HeaderValue, StatusCode, header::RETRY_AFTER},
+    response::{IntoResponse, Response},
 };
 use herald_channels::Publish;
 use herald_core::{
@@ -25,6 +28,7 @@ use serde_json::Value;
 use crate::{
     ApiState,
     error::{ApiError, ApiResult},
+    rate::Limited,
 };
 
 /// Bodies up to this size are verified on the request's own task; larger ones on the blocking
@@ -45,9 +49,52 @@ pub struct IngestOut {
 pub async fn receive(
     State(state): State<ApiState>,
     Path(source_id): Path<String>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> Response {
+    // Anyone may call this route: its rates come first, the address's before any lookup.
+    let client = state
+        .sse
+        .clients
+        .client_address(peer.map(|Extension(ConnectInfo(p))| p), &headers);
+    if let Err(limited) = state.ingest_limits.check_client(client) {
+        return too_many_requests(limited);
+    }
+    match receive_from(&state, &source_id, &headers, body).await {
+        Ok(Answer::Limited(limited)) => too_many_requests(limited),
+        Ok(Answer::Ok(status, answer)) => (status, Json(answer)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+enum Answer {
+    Ok(StatusCode, Value),
+    /// Over the source's rate: nothing was verified or stored.
+    Limited(Limited),
+}
+
+/// 429 with `Retry-After` (whole seconds, at least 1) and the reason.
+fn too_many_requests(limited: Limited) -> Response {
+    let seconds = limited.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+    let mut response = ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        limited.message,
+    )
+    .into_response();
+    response
+        .headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from(seconds));
+    response
+}
+
+async fn receive_from(
+    state: &ApiState,
+    source_id: &str,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Answer> {
     let body = body.map_err(|e| {
         ApiError::new(
             e.status(),
@@ -55,14 +102,18 @@ pub async fn receive(
             format!("the request body could not be read: {}", e.body_text()),
         )
     })?;
-    let source = match id::has_prefix(&source_id, id::SOURCE) {
-        true => state.store.find_source(&source_id).await?,
+    let source = match id::has_prefix(source_id, id::SOURCE) {
+        true => state.store.find_source(source_id).await?,
         false => None,
     }
     .ok_or_else(|| ApiError::not_found("source"))?;
+    // Before the signature is hashed: a flood to one source costs a lookup each, no more.
+    if let Err(limited) = state.ingest_limits.check_source(source.id.as_str()) {
+        return Ok(Answer::Limited(limited));
+    }
     let now = crate::now();
     let verified = if body.len() <= VERIFY_INLINE_MAX_BYTES {
-        read(&source, &headers, &body, now.timestamp())?
+        read(&source, headers, &body, now.timestamp())?
     } else {
         // Hashing a large body takes milliseconds: keep it off the async workers, so one
         // sender's large requests cannot stall every other connection.
@@ -82,7 +133,7 @@ pub async fn receive(
             event_type,
             channels,
         } => (delivery_id, event_type, channels),
-        Read::Challenge(answer) => return Ok((StatusCode::OK, Json(answer))),
+        Read::Challenge(answer) => return Ok(Answer::Ok(StatusCode::OK, answer)),
     };
 
     let app = state
@@ -96,7 +147,7 @@ pub async fn receive(
         source_id: source.id.clone(),
         app_id: app.id.clone(),
         delivery_id,
-        headers: crate::v1::header_list(&headers),
+        headers: crate::v1::header_list(headers),
         body: body.clone(),
         event_type,
         channels,
@@ -124,7 +175,7 @@ pub async fn receive(
         _ => first,
     };
     let answer = serde_json::to_value(answer).map_err(ApiError::internal)?;
-    Ok((StatusCode::OK, Json(answer)))
+    Ok(Answer::Ok(StatusCode::OK, answer))
 }
 
 enum Read {

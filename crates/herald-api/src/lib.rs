@@ -16,6 +16,7 @@ mod idempotency;
 mod ingest;
 mod pagination;
 mod pusher_api;
+pub mod rate;
 pub mod sse;
 mod v1;
 
@@ -51,6 +52,8 @@ pub struct ApiState {
     /// a flood of them queues instead of crowding out everything else.
     pub large_verifications: Arc<tokio::sync::Semaphore>,
     pub sse: sse::SseConfig,
+    /// Request rates on `/ingest`, per client address and per source.
+    pub ingest_limits: Arc<rate::IngestLimiter>,
     /// Cancelled at shutdown: long-lived responses (SSE streams) end with it.
     pub shutdown: CancellationToken,
     /// Every metric this node registered (see `herald-metrics`); the metrics route will
@@ -102,6 +105,7 @@ impl ApiState {
                 std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
             )),
             sse: sse::SseConfig::default(),
+            ingest_limits: Arc::default(),
             shutdown: CancellationToken::new(),
             metrics_registry: Arc::default(),
         }

@@ -51,6 +51,7 @@ pub struct Config {
     pub delivery: DeliverySection,
     pub ws: WsSection,
     pub socketio: SocketIoSection,
+    pub ingest: IngestSection,
     pub history: HistorySection,
     pub cluster: ClusterSection,
     pub broker: BrokerSection,
@@ -172,6 +173,31 @@ impl From<&HistoryRuleConfig> for herald_core::history::HistoryRule {
             pattern: r.pattern.clone(),
             max_events: r.max_events,
             max_age_secs: r.max_age_secs,
+        }
+    }
+}
+
+/// Request rates on `POST /ingest/{source}`, the route anyone may call (0 per second: no
+/// limit). Beyond them, 429 with `Retry-After`; providers retry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IngestSection {
+    /// Requests per second from one client address (IPv6: one /64), and at once.
+    pub requests_per_second_per_ip: u32,
+    pub request_burst_per_ip: u32,
+    /// Requests per second to one source, and at once.
+    pub requests_per_second_per_source: u32,
+    pub request_burst_per_source: u32,
+}
+
+impl Default for IngestSection {
+    fn default() -> Self {
+        let d = herald_api::rate::IngestRates::default();
+        Self {
+            requests_per_second_per_ip: d.per_ip.per_second,
+            request_burst_per_ip: d.per_ip.burst,
+            requests_per_second_per_source: d.per_source.per_second,
+            request_burst_per_source: d.per_source.burst,
         }
     }
 }
@@ -366,6 +392,7 @@ impl Default for Config {
             delivery: DeliverySection::default(),
             ws: WsSection::default(),
             socketio: SocketIoSection::default(),
+            ingest: IngestSection::default(),
             history: HistorySection::default(),
             cluster: ClusterSection::default(),
             broker: BrokerSection::default(),
@@ -781,6 +808,20 @@ impl Config {
             subscribes_per_second: w.subscribes_per_second,
             subscribe_burst: w.subscribe_burst,
             clients: std::sync::Arc::clone(clients),
+        }
+    }
+
+    pub fn ingest_rates(&self) -> herald_api::rate::IngestRates {
+        let i = &self.ingest;
+        herald_api::rate::IngestRates {
+            per_ip: herald_api::rate::Rate {
+                per_second: i.requests_per_second_per_ip,
+                burst: i.request_burst_per_ip,
+            },
+            per_source: herald_api::rate::Rate {
+                per_second: i.requests_per_second_per_source,
+                burst: i.request_burst_per_source,
+            },
         }
     }
 

@@ -226,6 +226,7 @@ pub async fn run(
         config.client_limits(),
     ));
     state.sse = config.sse_config(&clients);
+    state.ingest_limits = Arc::new(herald_api::rate::IngestLimiter::new(config.ingest_rates()));
     state.shutdown = shutdown.clone();
     state.metrics_registry = Arc::new(registry);
     let connections = TaskTracker::new();

@@ -847,3 +847,116 @@ async fn unknown_fields_in_hmac_settings_and_history_rules_are_refused_by_name()
     assert_eq!((status, &body["history"]), (200, &rules), "{body}");
     server.stop().await;
 }
+
+/// Posts to a source with a valid Stripe signature; returns the status, `Retry-After` and body.
+async fn post_stripe(
+    server: &TestServer,
+    source: &Value,
+    secret: &str,
+    body: &[u8],
+) -> (u16, Option<String>, Value) {
+    let path = source["ingestPath"].as_str().expect("ingestPath");
+    let (name, value) = stripe_header(secret, body, now());
+    let response = reqwest::Client::new()
+        .post(format!("{}{path}", server.base))
+        .header("content-type", "application/json")
+        .header(name, value)
+        .body(body.to_vec())
+        .send()
+        .await
+        .expect("request");
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().expect("ascii").to_owned());
+    let body = response.json().await.unwrap_or(Value::Null);
+    (status, retry_after, body)
+}
+
+#[tokio::test]
+async fn requests_beyond_the_rate_per_address_or_per_source_get_429_with_retry_after() {
+    let secret = "whsec_rates";
+    let event = |i: usize| format!(r#"{{"id":"evt_{i}","type":"charge.succeeded"}}"#);
+
+    // Per address: a burst of 3, then 429 before the source is even looked up.
+    let server = TestServer::start_with(|c| {
+        c.ingest.requests_per_second_per_ip = 1;
+        c.ingest.request_burst_per_ip = 3;
+        c.ingest.requests_per_second_per_source = 0;
+    })
+    .await;
+    let (app, _) = pusher_app(&server, "rates-ip").await;
+    let stripe = source(
+        &server,
+        &app,
+        json!({"kind": "stripe", "secrets": [secret]}),
+    )
+    .await;
+    for i in 0..3 {
+        let (status, _, body) = post_stripe(&server, &stripe, secret, event(i).as_bytes()).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let (status, retry_after, body) =
+        post_stripe(&server, &stripe, secret, event(3).as_bytes()).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["code"], "rate_limited");
+    assert!(
+        body["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("from this address")),
+        "{body}"
+    );
+    assert_eq!(retry_after.as_deref(), Some("1"));
+    // Nothing was stored for the refused request.
+    let (_, events) = server
+        .call(
+            Method::GET,
+            &format!(
+                "/api/v1/app/{app}/ingest/source/{}/event",
+                stripe["id"].as_str().expect("id")
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(events["data"].as_array().map(Vec::len), Some(3), "{events}");
+    server.stop().await;
+
+    // Per source: each source has its own burst of 2.
+    let server = TestServer::start_with(|c| {
+        c.ingest.requests_per_second_per_ip = 0;
+        c.ingest.requests_per_second_per_source = 1;
+        c.ingest.request_burst_per_source = 2;
+    })
+    .await;
+    let (app, _) = pusher_app(&server, "rates-source").await;
+    let busy = source(
+        &server,
+        &app,
+        json!({"kind": "stripe", "secrets": [secret]}),
+    )
+    .await;
+    let quiet = source(
+        &server,
+        &app,
+        json!({"kind": "stripe", "secrets": [secret]}),
+    )
+    .await;
+    for i in 0..2 {
+        let (status, _, body) = post_stripe(&server, &busy, secret, event(i).as_bytes()).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let (status, retry_after, body) =
+        post_stripe(&server, &busy, secret, event(2).as_bytes()).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("this source")),
+        "{body}"
+    );
+    assert!(retry_after.is_some());
+    let (status, _, body) = post_stripe(&server, &quiet, secret, event(3).as_bytes()).await;
+    assert_eq!(status, 200, "another source is not held back: {body}");
+    server.stop().await;
+}
