@@ -83,12 +83,9 @@ fn scheme_headers() -> impl Strategy<Value = Vec<(String, String)>> {
 
 proptest! {
     // Failures are kept next to this file (`properties.proptest-regressions`) and replayed first.
-    #![proptest_config(ProptestConfig {
-        failure_persistence: Some(Box::new(
-            proptest::test_runner::FileFailurePersistence::WithSource("proptest-regressions"),
-        )),
-        ..ProptestConfig::default()
-    })]
+    #![proptest_config(ProptestConfig::with_failure_persistence(
+        proptest::test_runner::FileFailurePersistence::WithSource("proptest-regressions"),
+    ))]
 
     #[test]
     fn inbound_signature_checks_refuse_arbitrary_headers_without_panicking(

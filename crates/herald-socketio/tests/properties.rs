@@ -13,12 +13,9 @@ const NOW: i64 = 1_800_000_000;
 
 proptest! {
     // Failures are kept next to this file (`properties.proptest-regressions`) and replayed first.
-    #![proptest_config(ProptestConfig {
-        failure_persistence: Some(Box::new(
-            proptest::test_runner::FileFailurePersistence::WithSource("proptest-regressions"),
-        )),
-        ..ProptestConfig::default()
-    })]
+    #![proptest_config(ProptestConfig::with_failure_persistence(
+        proptest::test_runner::FileFailurePersistence::WithSource("proptest-regressions"),
+    ))]
 
     #[test]
     fn arbitrary_event_payloads_never_panic(

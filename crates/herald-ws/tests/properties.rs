@@ -37,12 +37,9 @@ fn event() -> impl Strategy<Value = String> {
 
 proptest! {
     // Failures are kept next to this file (`properties.proptest-regressions`) and replayed first.
-    #![proptest_config(ProptestConfig {
-        failure_persistence: Some(Box::new(
-            proptest::test_runner::FileFailurePersistence::WithSource("proptest-regressions"),
-        )),
-        ..ProptestConfig::default()
-    })]
+    #![proptest_config(ProptestConfig::with_failure_persistence(
+        proptest::test_runner::FileFailurePersistence::WithSource("proptest-regressions"),
+    ))]
 
     #[test]
     fn arbitrary_text_never_panics(text in any::<String>()) {
