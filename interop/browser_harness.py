@@ -12,7 +12,9 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 HERALD_BIN = os.environ.get("HERALD_BIN", "target/debug/herald")  # not passed on to herald
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
@@ -66,6 +68,37 @@ class Reports:
 
     def messages(self):
         return [r for r in self.ordered() if "data" in r]
+
+
+def page_server(reports, files):
+    """Serves `files` ({path: (bytes, content type)}, the query string ignored) on a free
+    loopback port; each POST (to any path) is a JSON report added to `reports`."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            path = urllib.parse.urlsplit(self.path).path
+            if path not in files:
+                self.send_error(404)
+                return
+            body, kind = files[path]
+            self.send_response(200)
+            self.send_header("content-type", kind)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self):
+            length = int(self.headers.get("content-length", "0"))
+            reports.add(json.loads(self.rfile.read(length)))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
 
 
 def start_herald(token, port, data):

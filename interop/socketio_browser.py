@@ -24,9 +24,9 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import browser_harness
 from browser_harness import CHROMIUM, Checks, Reports, call, free_port, run, start_herald
 
 NODE = os.environ.get("NODE", "node")
@@ -40,36 +40,11 @@ ok = checks.ok
 
 
 def page_server(reports):
-    """Serves the example page and the client bundle next to it; POST /report feeds `reports`."""
-    files = {"/": (PAGE, "text/html"), "/index.html": (PAGE, "text/html"),
-             "/socket.io.min.js": (BUNDLE, "text/javascript")}
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            path = urllib.parse.urlsplit(self.path).path
-            if path not in files:
-                self.send_error(404)
-                return
-            file, kind = files[path]
-            body = file.read_bytes()
-            self.send_response(200)
-            self.send_header("content-type", kind)
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_POST(self):
-            length = int(self.headers.get("content-length", "0"))
-            reports.add(json.loads(self.rfile.read(length)))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+    """Serves the example page and the client bundle next to it; POSTs feed `reports`."""
+    page = (PAGE.read_bytes(), "text/html")
+    return browser_harness.page_server(
+        reports, {"/": page, "/index.html": page, "/socket.io.min.js": (BUNDLE.read_bytes(), "text/javascript")}
+    )
 
 
 def b64url(raw):

@@ -16,11 +16,10 @@ import json
 import signal
 import subprocess
 import tempfile
-import threading
 import time
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import browser_harness
 from browser_harness import CHROMIUM, PATIENCE, Checks, Reports, call, free_port, run, start_herald
 
 TOKEN = "sse-browser-admin-token-0123456789"
@@ -39,27 +38,7 @@ source.onerror = () => report({error: source.readyState});
 
 
 def page_server(reports):
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = PAGE.encode()
-            self.send_response(200)
-            self.send_header("content-type", "text/html")
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_POST(self):
-            length = int(self.headers.get("content-length", "0"))
-            reports.add(json.loads(self.rfile.read(length)))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+    return browser_harness.page_server(reports, {"/": (PAGE.encode(), "text/html")})
 
 
 def trigger(base, creds, n):

@@ -81,7 +81,7 @@ pub struct Publication {
     /// `socket_id`.
     pub except: Option<String>,
     pusher: OnceLock<Frame>,
-    json_data: OnceLock<Box<RawValue>>,
+    json_data: OnceLock<JsonData>,
 }
 
 impl Publication {
@@ -146,15 +146,32 @@ impl Publication {
     /// it is; text that is JSON as that JSON (as pusher-js reads an event's string data);
     /// other text as a JSON string. Faces whose events carry JSON values (Socket.IO) send it.
     pub fn json_data(&self) -> &RawValue {
-        self.json_data.get_or_init(|| match &self.data {
-            EventData::Json(json) => json.clone(),
-            EventData::Text(_) => {
-                let text = self.data.as_str();
-                // `from_string` checks that the text is one JSON value and keeps it verbatim.
-                // Serializing a string cannot fail (`null` keeps the function total).
-                RawValue::from_string(text.to_owned())
-                    .or_else(|_| serde_json::value::to_raw_value(text))
-                    .unwrap_or_default()
+        &self.json().value
+    }
+
+    /// Whether [`Publication::json_data`] names [`BINARY_KEY`], so it may hold binary values;
+    /// found once per publication, not once per subscriber.
+    pub fn json_data_may_hold_binary(&self) -> bool {
+        self.json().may_hold_binary
+    }
+
+    fn json(&self) -> &JsonData {
+        self.json_data.get_or_init(|| {
+            let value = match &self.data {
+                EventData::Json(json) => json.clone(),
+                EventData::Text(_) => {
+                    let text = self.data.as_str();
+                    // `from_string` checks that the text is one JSON value and keeps it
+                    // verbatim. Serializing a string cannot fail (`null` keeps it total).
+                    RawValue::from_string(text.to_owned())
+                        .or_else(|_| serde_json::value::to_raw_value(text))
+                        .unwrap_or_default()
+                }
+            };
+            let may_hold_binary = value.get().contains(BINARY_KEY);
+            JsonData {
+                value,
+                may_hold_binary,
             }
         })
     }
@@ -185,6 +202,18 @@ impl Publication {
             }
         })
     }
+}
+
+/// The key of a binary value in an event's data: `{"$binary": "<base64>"}`. Faces that carry
+/// binary (Socket.IO attachments) store it this way and turn it back into binary for their
+/// clients; the others see the object.
+pub const BINARY_KEY: &str = "$binary";
+
+/// [`Publication::json_data`] and what faces ask of it.
+#[derive(Debug)]
+struct JsonData {
+    value: Box<RawValue>,
+    may_hold_binary: bool,
 }
 
 /// What a subscriber's outbox carries: a publication (shared by every subscriber, each face
@@ -244,6 +273,10 @@ mod tests {
         let raw = RawValue::from_string("[1, 2]".to_owned()).expect("json");
         let client = Publication::new(&app, "c", "e", EventData::Json(raw));
         assert_eq!(client.json_data().get(), "[1, 2]");
+        assert!(!client.json_data_may_hold_binary());
+        let raw = RawValue::from_string(r#"{"f":{"$binary":"AA=="}}"#.to_owned()).expect("json");
+        let binary = Publication::new(&app, "c", "e", EventData::Json(raw));
+        assert!(binary.json_data_may_hold_binary());
     }
 
     #[test]

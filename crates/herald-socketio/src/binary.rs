@@ -14,8 +14,7 @@ use bytes::Bytes;
 use serde::{Serialize, ser::SerializeMap, ser::SerializeSeq};
 use serde_json::{Value, value::RawValue};
 
-/// The key of a binary value in a publication's data.
-pub const BINARY_KEY: &str = "$binary";
+pub use herald_channels::publication::BINARY_KEY;
 
 /// An event as a client sent it: its name and arguments (JSON, binary as `$binary`).
 #[derive(Debug)]
@@ -107,9 +106,10 @@ pub enum Outbound<'a> {
 }
 
 impl<'a> Outbound<'a> {
-    pub fn of(data: &'a RawValue) -> Self {
-        // Cheap test first: only data naming the key is parsed.
-        if !data.get().contains(BINARY_KEY) {
+    /// `data` as it is sent; parsed only when it `may_hold_binary` (it names [`BINARY_KEY`]:
+    /// `Publication::json_data_may_hold_binary`, found once per publication).
+    pub fn of(data: &'a RawValue, may_hold_binary: bool) -> Self {
+        if !may_hold_binary {
             return Self::Raw(data);
         }
         match serde_json::from_str::<Value>(data.get()) {
@@ -200,7 +200,7 @@ mod tests {
             inbound.args[0].get(),
             r#"{"body":{"$binary":"AAEC/w=="},"name":"a.bin"}"#
         );
-        let Outbound::Shaped(Shaped::Object(entries)) = Outbound::of(&inbound.args[0]) else {
+        let Outbound::Shaped(Shaped::Object(entries)) = Outbound::of(&inbound.args[0], true) else {
             panic!("binary data is shaped");
         };
         assert!(

@@ -324,7 +324,13 @@ impl Session {
                 };
                 socket.emit(
                     &publication.event,
-                    &(Outbound::of(publication.json_data()), meta),
+                    &(
+                        Outbound::of(
+                            publication.json_data(),
+                            publication.json_data_may_hold_binary(),
+                        ),
+                        meta,
+                    ),
                 )
             }
             Outgoing::Frame(frame) => match translate(frame) {
@@ -372,18 +378,13 @@ impl Session {
 
     /// Charges a join or a leave to the socket's budget.
     fn take_join(&mut self) -> Result<(), Refusal> {
-        if let Some(bucket) = &mut self.joins
-            && !bucket.try_take(1.0)
-        {
-            return Err(refuse(
-                "rate_limited",
-                format!(
-                    "at most {} joins and leaves per second (bursts of {})",
-                    self.face.config.joins_per_second, self.face.config.join_burst
-                ),
-            ));
-        }
-        Ok(())
+        let config = &self.face.config;
+        charge(
+            &mut self.joins,
+            "joins and leaves",
+            config.joins_per_second,
+            config.join_burst,
+        )
     }
 
     async fn join_event(&mut self, args: Vec<Box<RawValue>>) -> Result<Value, Refusal> {
@@ -661,17 +662,13 @@ impl Session {
                 "a relayed event carries one argument (put several in an object or array)",
             ));
         }
-        if let Some(bucket) = &mut self.events
-            && !bucket.try_take(1.0)
-        {
-            return Err(refuse(
-                "rate_limited",
-                format!(
-                    "at most {} events per second (bursts of {})",
-                    self.face.config.events_per_second, self.face.config.event_burst
-                ),
-            ));
-        }
+        let config = &self.face.config;
+        charge(
+            &mut self.events,
+            "events",
+            config.events_per_second,
+            config.event_burst,
+        )?;
         if rule.webhook && validate::event_type_name(&event).is_err() {
             return Err(refuse(
                 "invalid_event_type",
@@ -751,6 +748,24 @@ impl Session {
             }
         }
     }
+}
+
+/// Takes one token from a socket's `bucket` (none: no limit), or refuses with `rate_limited`.
+fn charge(
+    bucket: &mut Option<TokenBucket>,
+    what: &str,
+    per_second: u32,
+    burst: u32,
+) -> Result<(), Refusal> {
+    if let Some(bucket) = bucket
+        && !bucket.try_take(1.0)
+    {
+        return Err(refuse(
+            "rate_limited",
+            format!("at most {per_second} {what} per second (bursts of {burst})"),
+        ));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -26,7 +26,7 @@ proptest! {
             attachments.map(|a| a.into_iter().map(Bytes::from).collect());
         if let Ok(event) = binary::read_event(&text, attachments.as_ref()) {
             for arg in &event.args {
-                let _ = serde_json::to_string(&binary::Outbound::of(arg));
+                let _ = serde_json::to_string(&binary::Outbound::of(arg, true));
             }
         }
     }
