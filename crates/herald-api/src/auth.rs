@@ -1,5 +1,6 @@
 //! Bearer-token authentication. The admin token from the configuration and environment-wide
-//! tokens in the store may do anything; an app-scoped token may only touch its app.
+//! tokens in the store may do anything; an app-scoped token may only touch its app. A token
+//! past its expiry, or revoked, opens nothing.
 
 use axum::{
     extract::FromRequestParts,
@@ -55,11 +56,18 @@ pub(crate) async fn authenticate(headers: &HeaderMap, state: &ApiState) -> ApiRe
     {
         return Ok(TokenScope::Environment);
     }
-    state
+    let token = state
         .store
-        .token_scope(&token_hash)
+        .find_token(&token_hash)
         .await?
-        .ok_or_else(|| ApiError::unauthorized("invalid API token"))
+        .ok_or_else(|| ApiError::unauthorized("invalid API token (unknown or revoked)"))?;
+    if token.expired(chrono::Utc::now()) {
+        return Err(ApiError::unauthorized(format!(
+            "API token {} expired",
+            token.id
+        )));
+    }
+    Ok(token.scope)
 }
 
 impl Caller {

@@ -12,7 +12,7 @@ use axum::{
     Extension, Json,
     body::Bytes,
     extract::{ConnectInfo, Path, State, rejection::BytesRejection},
-    http::{HeaderMap, HeaderValue, StatusCode, header::RETRY_AFTER},
+    http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
 };
 use herald_channels::Publish;
@@ -59,10 +59,10 @@ pub async fn receive(
         .clients
         .client_address(peer.map(|Extension(ConnectInfo(p))| p), &headers);
     if let Err(limited) = state.ingest_limits.check_client(client) {
-        return too_many_requests(limited);
+        return limited.into_response();
     }
     match receive_from(&state, &source_id, &headers, body).await {
-        Ok(Answer::Limited(limited)) => too_many_requests(limited),
+        Ok(Answer::Limited(limited)) => limited.into_response(),
         Ok(Answer::Ok(status, answer)) => (status, Json(answer)).into_response(),
         Err(e) => e.into_response(),
     }
@@ -72,21 +72,6 @@ enum Answer {
     Ok(StatusCode, Value),
     /// Over the source's rate: nothing was verified or stored.
     Limited(Limited),
-}
-
-/// 429 with `Retry-After` (whole seconds, at least 1) and the reason.
-fn too_many_requests(limited: Limited) -> Response {
-    let seconds = limited.retry_after.as_secs_f64().ceil().max(1.0) as u64;
-    let mut response = ApiError::new(
-        StatusCode::TOO_MANY_REQUESTS,
-        "rate_limited",
-        limited.message,
-    )
-    .into_response();
-    response
-        .headers_mut()
-        .insert(RETRY_AFTER, HeaderValue::from(seconds));
-    response
 }
 
 async fn receive_from(
@@ -275,6 +260,7 @@ pub(crate) fn message_for(
         tags: None,
         payload,
         created_at: now,
+        payload_expires_at: None,
     }
 }
 

@@ -17,6 +17,7 @@ mod ingest;
 mod pagination;
 mod pusher_api;
 pub mod rate;
+mod routes;
 pub mod sse;
 mod v1;
 
@@ -35,6 +36,8 @@ use herald_store::Store;
 use tokio_util::sync::CancellationToken;
 
 pub use error::ApiError;
+use routes::RouteTable;
+pub use routes::{Access, Route};
 
 #[derive(Clone)]
 pub struct ApiState {
@@ -54,11 +57,16 @@ pub struct ApiState {
     pub sse: sse::SseConfig,
     /// Request rates on `/ingest`, per client address and per source.
     pub ingest_limits: Arc<rate::IngestLimiter>,
+    /// Events each app may publish through the API (Svix messages, Pusher triggers).
+    pub publish_limits: Arc<rate::PublishLimiter>,
     /// Cancelled at shutdown: long-lived responses (SSE streams) end with it.
     pub shutdown: CancellationToken,
     /// Every metric this node registered (see `herald-metrics`); the metrics route will
     /// encode it. Empty until `herald::run` puts the node's registry here.
     pub metrics_registry: Arc<herald_metrics::Registry>,
+    /// How long a retention day lasts (`payloadRetentionPeriod` counts them): 24 hours,
+    /// shorter only in tests (`retention.day_secs`).
+    pub retention_day: std::time::Duration,
 }
 
 /// The channel layer as the API uses it.
@@ -106,8 +114,10 @@ impl ApiState {
             )),
             sse: sse::SseConfig::default(),
             ingest_limits: Arc::default(),
+            publish_limits: Arc::default(),
             shutdown: CancellationToken::new(),
             metrics_registry: Arc::default(),
+            retention_day: std::time::Duration::from_secs(86_400),
         }
     }
 }
@@ -146,20 +156,39 @@ async fn trim_api_trailing_slash(mut request: axum::extract::Request) -> axum::e
     request
 }
 
+/// The routes outside the management and Pusher APIs: each face's public door.
+fn edge_routes() -> RouteTable {
+    RouteTable::new()
+        // Authenticated by each provider's signature, not by a token.
+        .post(
+            "/ingest/{source_id}",
+            Access::ProviderSignature,
+            ingest::receive,
+        )
+        // Public channels are public; private ones carry a signed token.
+        .get("/apps/{app_id}/sse", Access::ChannelToken, sse::stream)
+        // For load balancers: no credentials, no secrets in the answer.
+        .get("/health/live", Access::Public, health::live)
+        .get("/health/ready", Access::Public, health::ready)
+}
+
+/// Every route [`router`] serves, with who may call it: the list the routers are built from.
+pub fn route_list() -> Vec<Route> {
+    [v1::routes(), pusher_api::routes(), edge_routes()]
+        .into_iter()
+        .flat_map(RouteTable::into_routes)
+        .collect()
+}
+
 fn routes(state: ApiState, config: &ApiConfig) -> Router {
-    v1::router()
+    v1::routes()
+        .into_router(&state)
         .layer(middleware::from_fn_with_state(
             state.clone(),
             idempotency::replay,
         ))
-        .merge(pusher_api::router())
-        // Authenticated by each provider's signature, not by a token.
-        .route("/ingest/{source_id}", axum::routing::post(ingest::receive))
-        // Public channels are public; private ones carry a signed token.
-        .route("/apps/{app_id}/sse", axum::routing::get(sse::stream))
-        // For load balancers: no credentials, no secrets in the answer.
-        .route("/health/live", axum::routing::get(health::live))
-        .route("/health/ready", axum::routing::get(health::ready))
+        .merge(pusher_api::routes().into_router(&state))
+        .merge(edge_routes().into_router(&state))
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
         .fallback(unknown_route)
         .with_state(state)

@@ -6,12 +6,11 @@
 use std::collections::BTreeMap;
 
 use axum::{
-    Json, Router,
+    Json,
     body::Bytes,
     extract::{Path, State},
-    http::{Method, StatusCode, Uri},
+    http::{HeaderValue, Method, StatusCode, Uri, header::RETRY_AFTER},
     response::{IntoResponse, Response},
-    routing::{get, post},
 };
 use herald_core::{
     model::App,
@@ -22,45 +21,89 @@ use serde_json::{Value, json};
 
 use herald_channels::Publish;
 
-use crate::ApiState;
+use crate::{
+    ApiState,
+    routes::{Access, RouteTable},
+};
 
 /// Pusher's limits: event data up to 10 KB, 100 channels per event, 10 events per batch.
 const MAX_DATA_BYTES: usize = 10 * 1024;
-const MAX_CHANNELS: usize = 100;
+const MAX_CHANNELS: usize = crate::rate::LARGEST_PUBLISH as usize;
 const MAX_BATCH: usize = 10;
 const MAX_EVENT_NAME: usize = 200;
 
-pub fn router() -> Router<ApiState> {
-    Router::new()
-        .route("/apps/{app_id}/events", post(trigger))
-        .route("/apps/{app_id}/batch_events", post(trigger_batch))
-        .route("/apps/{app_id}/channels", get(channels))
-        .route("/apps/{app_id}/channels/{channel}", get(channel))
-        .route("/apps/{app_id}/channels/{channel}/users", get(users))
-        .route(
+/// Every route is signed the Pusher way with the credentials of the app in the path.
+pub(crate) fn routes() -> RouteTable {
+    use Access::PusherSignature as Signed;
+    RouteTable::new()
+        .post("/apps/{app_id}/events", Signed, trigger)
+        .post("/apps/{app_id}/batch_events", Signed, trigger_batch)
+        .get("/apps/{app_id}/channels", Signed, channels)
+        .get("/apps/{app_id}/channels/{channel}", Signed, channel)
+        .get("/apps/{app_id}/channels/{channel}/users", Signed, users)
+        .get("/apps/{app_id}/channels/{channel}/history", Signed, history)
+        .delete(
             "/apps/{app_id}/channels/{channel}/history",
-            get(history).delete(reset_history),
+            Signed,
+            reset_history,
         )
-        .route(
+        .post(
             "/apps/{app_id}/users/{user_id}/terminate_connections",
-            post(terminate),
+            Signed,
+            terminate,
         )
 }
 
-/// A plain-text error, as the Pusher HTTP API answers.
-pub struct PusherError(pub(crate) StatusCode, pub(crate) String);
+/// A plain-text error, as the Pusher HTTP API answers, with `Retry-After` on a 429.
+pub struct PusherError {
+    status: StatusCode,
+    message: String,
+    /// Seconds until a refused request may be sent again.
+    retry_after: Option<u64>,
+}
+
+impl PusherError {
+    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+}
 
 impl IntoResponse for PusherError {
     fn into_response(self) -> Response {
-        (self.0, self.1).into_response()
+        let mut response = (self.status, self.message).into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
     }
+}
+
+/// Spends `events` of the app's publish budget, or refuses the request with 429 before
+/// anything is published (a batch is accepted whole or not at all).
+fn charge(state: &ApiState, app: &App, events: usize) -> Result<(), PusherError> {
+    state
+        .publish_limits
+        .check_app(app.id.as_str(), events)
+        .map_err(|limited| {
+            let seconds = limited.retry_after_secs();
+            PusherError {
+                retry_after: Some(seconds),
+                ..PusherError::new(StatusCode::TOO_MANY_REQUESTS, limited.message)
+            }
+        })
 }
 
 impl From<crate::ApiError> for PusherError {
     fn from(e: crate::ApiError) -> Self {
         match e {
-            crate::ApiError::Standard { status, detail, .. } => Self(status, detail),
-            crate::ApiError::Validation(items) => Self(
+            crate::ApiError::Standard { status, detail, .. } => Self::new(status, detail),
+            crate::ApiError::Validation(items) => Self::new(
                 StatusCode::BAD_REQUEST,
                 items
                     .into_iter()
@@ -81,7 +124,7 @@ impl From<herald_channels::PublishError> for PusherError {
 impl From<herald_channels::presence::PresenceError> for PusherError {
     fn from(e: herald_channels::presence::PresenceError) -> Self {
         tracing::error!(error = %e, "reading presence failed");
-        PusherError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        PusherError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
     }
 }
 
@@ -99,19 +142,19 @@ fn query_pairs(uri: &Uri) -> impl Iterator<Item = (String, String)> + '_ {
 }
 
 fn keeps_no_history(channel: &str) -> PusherError {
-    PusherError(
+    PusherError::new(
         StatusCode::NOT_FOUND,
         format!("{channel} keeps no history (no history rule of the app matches it)"),
     )
 }
 
 fn bad(message: impl Into<String>) -> PusherError {
-    PusherError(StatusCode::BAD_REQUEST, message.into())
+    PusherError::new(StatusCode::BAD_REQUEST, message.into())
 }
 
 /// The app with this numeric (Pusher) id; 404 if there is none.
 pub(crate) async fn find_app(state: &ApiState, app_id: &str) -> Result<App, PusherError> {
-    let unknown = || PusherError(StatusCode::NOT_FOUND, format!("unknown app {app_id}"));
+    let unknown = || PusherError::new(StatusCode::NOT_FOUND, format!("unknown app {app_id}"));
     let numeric: i64 = app_id.parse().map_err(|_| unknown())?;
     state
         .store
@@ -143,7 +186,7 @@ async fn authenticate(
         )
     })
     .map_err(|e| {
-        PusherError(
+        PusherError::new(
             StatusCode::UNAUTHORIZED,
             format!("authentication failed: {e}"),
         )
@@ -182,7 +225,7 @@ fn check_event(event: &TriggerIn) -> Result<Vec<String>, PusherError> {
         )));
     }
     if event.data.len() > MAX_DATA_BYTES {
-        return Err(PusherError(
+        return Err(PusherError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!(
                 "event data is {} bytes; the limit is {MAX_DATA_BYTES}",
@@ -271,6 +314,7 @@ async fn trigger(
     let app = authenticate(&state, &app_id, &method, &uri, &body).await?;
     let event: TriggerIn = parse(&body)?;
     let channels = check_event(&event)?;
+    charge(&state, &app, channels.len())?;
     publish(&state, &app, &event, &channels).await?;
     Ok(Json(
         match channel_attributes(&state, &app, &channels, event.info.as_deref()).await? {
@@ -298,6 +342,7 @@ async fn trigger_batch(
         .iter()
         .map(check_event)
         .collect::<Result<_, _>>()?;
+    charge(&state, &app, checked.iter().map(Vec::len).sum())?;
     let mut results = Vec::with_capacity(checked.len());
     for (event, channels) in batch.batch.iter().zip(&checked) {
         publish(&state, &app, event, channels).await?;

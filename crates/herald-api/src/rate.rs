@@ -1,6 +1,8 @@
-//! Request rates on `POST /ingest/{source}`, the one route anyone may call: per client address
-//! (checked before anything is looked up) and per source (checked before the signature is
-//! hashed). Beyond either, 429 with `Retry-After`, and the provider retries later.
+//! Request rates. On `POST /ingest/{source}`, the one route anyone may call: per client
+//! address (checked before anything is looked up) and per source (checked before the signature
+//! is hashed). On the publishing routes (Svix messages, Pusher triggers): events per app, so
+//! one tenant cannot take a node's whole intake. Beyond any, 429 with `Retry-After`, and the
+//! sender retries later; nothing was stored.
 //!
 //! Each limit is a keyed GCRA limiter (`governor`); keys idle long enough to be full again are
 //! forgotten every few thousand checks, and beyond [`MAX_KEYS`] at once, so the table stays
@@ -15,7 +17,13 @@ use std::{
     time::Duration,
 };
 
+use axum::{
+    http::{HeaderValue, StatusCode, header::RETRY_AFTER},
+    response::{IntoResponse, Response},
+};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter, clock::Clock};
+
+use crate::ApiError;
 
 /// Keys one limiter keeps at most before it forgets every key that is full again.
 const MAX_KEYS: usize = 100_000;
@@ -58,6 +66,27 @@ pub struct Limited {
     pub retry_after: Duration,
 }
 
+impl Limited {
+    /// `Retry-After` in whole seconds, at least 1.
+    pub fn retry_after_secs(&self) -> u64 {
+        self.retry_after.as_secs_f64().ceil().max(1.0) as u64
+    }
+}
+
+/// 429 `rate_limited` in the management API's error shape, with `Retry-After`.
+impl IntoResponse for Limited {
+    fn into_response(self) -> Response {
+        let seconds = self.retry_after_secs();
+        let mut response =
+            ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", self.message)
+                .into_response();
+        response
+            .headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from(seconds));
+        response
+    }
+}
+
 struct Keyed<K: Hash + Eq + Clone> {
     limiter: DefaultKeyedRateLimiter<K>,
     rate: Rate,
@@ -77,6 +106,12 @@ impl<K: Hash + Eq + Clone> Keyed<K> {
 
     /// `Ok` if `key` may make one more request now; otherwise how long until it may.
     fn check(&self, key: &K) -> Result<(), Duration> {
+        self.check_n(key, NonZeroU32::MIN)
+    }
+
+    /// `Ok` if `key` may spend `n` now; otherwise how long until it may (a second, for more
+    /// than a whole burst, which the configuration keeps above any one request's count).
+    fn check_n(&self, key: &K, n: NonZeroU32) -> Result<(), Duration> {
         if self
             .checks
             .fetch_add(1, Ordering::Relaxed)
@@ -86,9 +121,13 @@ impl<K: Hash + Eq + Clone> Keyed<K> {
             self.limiter.retain_recent();
             self.limiter.shrink_to_fit();
         }
-        self.limiter.check_key(key).map_err(|not_until| {
-            not_until.wait_time_from(governor::clock::DefaultClock::default().now())
-        })
+        match self.limiter.check_key_n(key, n) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => {
+                Err(not_until.wait_time_from(governor::clock::DefaultClock::default().now()))
+            }
+            Err(_more_than_a_burst) => Err(Duration::from_secs(1)),
+        }
     }
 }
 
@@ -127,13 +166,15 @@ impl IngestLimiter {
         let (Some(keyed), Some(ip)) = (&self.per_ip, client) else {
             return Ok(());
         };
-        keyed.check(&ip).map_err(|retry_after| Limited {
+        keyed.check(&ip).map_err(|retry_after| {
+            tracing::info!(%ip, ?retry_after, "refused a request to /ingest over its address's rate");
+            Limited {
             message: format!(
                 "too many requests to /ingest from this address: at most {} per second (bursts of {}); retry later",
                 keyed.rate.per_second, keyed.rate.burst
             ),
             retry_after,
-        })
+        }})
     }
 
     /// One request to the source `source_id` (known to exist).
@@ -143,13 +184,84 @@ impl IngestLimiter {
         };
         keyed
             .check(&source_id.to_owned())
-            .map_err(|retry_after| Limited {
+            .map_err(|retry_after| {
+                tracing::info!(source = source_id, ?retry_after, "refused a request to /ingest over its source's rate");
+                Limited {
                 message: format!(
                     "too many requests to this source: at most {} per second (bursts of {}); retry later",
                     keyed.rate.per_second, keyed.rate.burst
                 ),
                 retry_after,
-            })
+            }})
+    }
+}
+
+/// The most events one request may publish (a Pusher trigger names at most 100 channels):
+/// a publish burst must hold at least this many.
+pub const LARGEST_PUBLISH: u32 = 100;
+
+/// Events an app may publish through the API on this node: Svix messages count one each, a
+/// Pusher trigger one per channel it names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishRates {
+    pub per_app: Rate,
+}
+
+impl Default for PublishRates {
+    fn default() -> Self {
+        Self {
+            per_app: Rate {
+                per_second: 1000,
+                burst: 5000,
+            },
+        }
+    }
+}
+
+/// The per-app publish limit, shared by every request of a node.
+pub struct PublishLimiter {
+    per_app: Option<Keyed<String>>,
+}
+
+impl std::fmt::Debug for PublishLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PublishLimiter")
+            .field("per_app", &self.per_app.as_ref().map(|k| k.rate))
+            .finish()
+    }
+}
+
+impl Default for PublishLimiter {
+    fn default() -> Self {
+        Self::new(PublishRates::default())
+    }
+}
+
+impl PublishLimiter {
+    pub fn new(rates: PublishRates) -> Self {
+        Self {
+            per_app: Keyed::new(rates.per_app),
+        }
+    }
+
+    /// `events` more publications by the app `app_id` (known to exist).
+    pub fn check_app(&self, app_id: &str, events: usize) -> Result<(), Limited> {
+        let Some(keyed) = &self.per_app else {
+            return Ok(());
+        };
+        let n =
+            NonZeroU32::new(u32::try_from(events).unwrap_or(u32::MAX)).unwrap_or(NonZeroU32::MIN);
+        keyed
+            .check_n(&app_id.to_owned(), n)
+            .map_err(|retry_after| {
+                tracing::info!(app = app_id, events, ?retry_after, "refused a publication over its app's rate");
+                Limited {
+                message: format!(
+                    "too many events published for this app: at most {} per second (bursts of {}); retry later",
+                    keyed.rate.per_second, keyed.rate.burst
+                ),
+                retry_after,
+            }})
     }
 }
 
@@ -194,6 +306,42 @@ mod tests {
         assert!(limiter.check_source("src_1").is_ok());
         assert!(limiter.check_source("src_1").is_err());
         assert!(limiter.check_source("src_2").is_ok());
+    }
+
+    #[test]
+    fn each_app_has_its_own_publish_budget_counted_in_events() {
+        let limiter = PublishLimiter::new(PublishRates {
+            per_app: Rate {
+                per_second: 1,
+                burst: 3,
+            },
+        });
+        assert!(limiter.check_app("app_a", 2).is_ok());
+        let limited = limiter
+            .check_app("app_a", 2)
+            .expect_err("2 more of a burst of 3");
+        assert!(
+            limited.message.contains("at most 1 per second"),
+            "{}",
+            limited.message
+        );
+        assert!(limited.retry_after > Duration::ZERO);
+        assert!(limiter.check_app("app_a", 1).is_ok(), "one is still left");
+        assert!(
+            limiter.check_app("app_b", 3).is_ok(),
+            "another app has its own"
+        );
+        assert!(
+            limiter.check_app("app_c", 4).is_err(),
+            "more than a whole burst at once is refused, not waited for"
+        );
+        let off = PublishLimiter::new(PublishRates {
+            per_app: Rate {
+                per_second: 0,
+                burst: 0,
+            },
+        });
+        assert!(off.check_app("app_a", 1_000_000).is_ok());
     }
 
     #[test]

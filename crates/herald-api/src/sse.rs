@@ -61,7 +61,7 @@ pub async fn stream(
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
 ) -> Result<Response, PusherError> {
-    let fail = |status: StatusCode, message: String| PusherError(status, message);
+    let fail = |status: StatusCode, message: String| PusherError::new(status, message);
     // The address's limits come first: a refused client costs no lookup.
     let peer = peer.map(|Extension(ConnectInfo(p))| p);
     let permit = match state

@@ -43,6 +43,8 @@ use tokio_util::sync::CancellationToken;
 const EVENT: &str = "bench";
 /// Longest wait for a handshake or subscription reply.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a stalled connection may take to read what it was left and end.
+const STALLED_READ: Duration = Duration::from_secs(5);
 /// How long deliveries may trail the last publish before the run ends anyway.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -105,9 +107,15 @@ struct Args {
     /// Publish requests in flight at once.
     #[arg(long, default_value_t = 32)]
     publish_concurrency: usize,
-    /// The server's process id on this machine, to report its memory per idle connection.
+    /// The server's process id on this machine, to report its memory per idle connection and
+    /// its peak while publishing.
     #[arg(long)]
     server_pid: Option<u32>,
+    /// Extra Pusher connections subscribed to every channel that stop reading once subscribed
+    /// (slow consumers): the server should close each (4100) without waiting for it, and the
+    /// others' latency should not suffer. Checked after the run, when they read again.
+    #[arg(long, default_value_t = 0)]
+    stalled: usize,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -289,7 +297,38 @@ async fn main() -> anyhow::Result<()> {
         _ => println!("memory: not measured (pass --server-pid of a server on this machine)"),
     }
 
-    // Publish at the set rate.
+    // Slow consumers: subscribed to every channel, then silent until the run is over.
+    let mut stalled = JoinSet::new();
+    for _ in 0..args.stalled {
+        if !matches!(*face, Face::Pusher) {
+            bail!("--stalled needs --protocol pusher");
+        }
+        let channels: Vec<String> = (0..args.channels)
+            .map(|c| format!("{}{c}", args.channel_prefix))
+            .collect();
+        let socket =
+            subscribe_all(&args.host, ports[0], &face.url(&args, ports[0]), &channels).await?;
+        let stop = stop.clone();
+        stalled.spawn(async move {
+            stop.cancelled().await;
+            stalled_end(socket).await
+        });
+    }
+
+    // Publish at the set rate, watching the server's memory meanwhile.
+    let peak_rss = Arc::new(AtomicU64::new(0));
+    let sampler = args.server_pid.map(|pid| {
+        let (peak_rss, stop) = (Arc::clone(&peak_rss), stop.clone());
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_millis(100));
+            while !stop.is_cancelled() {
+                every.tick().await;
+                if let Some(rss) = rss_bytes(pid) {
+                    peak_rss.fetch_max(rss, Ordering::Relaxed);
+                }
+            }
+        })
+    });
     let publisher = Publisher::new(&args)?;
     let publish_started = Instant::now();
     let published = publisher.run(&args, &subscribers).await;
@@ -320,6 +359,34 @@ async fn main() -> anyhow::Result<()> {
         latencies.extend(result.unwrap_or_default());
     }
 
+    if let Some(sampler) = sampler {
+        let _ = sampler.await;
+        println!(
+            "memory: server RSS peak {:.1} MiB while publishing",
+            mib(peak_rss.load(Ordering::Relaxed))
+        );
+    }
+    let mut stalled_open = 0;
+    if args.stalled > 0 {
+        let (mut with_4100, mut without_frame, mut other) = (0, 0, Vec::new());
+        while let Some(end) = stalled.join_next().await {
+            match end.unwrap_or(StalledEnd::StillOpen) {
+                StalledEnd::Closed(4100) => with_4100 += 1,
+                StalledEnd::Closed(code) => other.push(code),
+                StalledEnd::Dropped => without_frame += 1,
+                StalledEnd::StillOpen => stalled_open += 1,
+            }
+        }
+        println!(
+            "stalled: {} connections stopped reading; closed by the server: {with_4100} with 4100, {without_frame} without a close frame (it did not fit in the full socket){}; {stalled_open} still open",
+            args.stalled,
+            if other.is_empty() {
+                String::new()
+            } else {
+                format!(", with other codes {other:?}")
+            }
+        );
+    }
     let received = counters.received.load(Ordering::Acquire);
     let window_us = counters
         .last_received_us
@@ -353,12 +420,104 @@ async fn main() -> anyhow::Result<()> {
             published.failed
         );
     }
+    if stalled_open > 0 {
+        bail!("{stalled_open} stalled connections were never closed by the server");
+    }
     Ok(())
+}
+
+/// A stalled consumer's receive buffer. Set explicitly, it stays this small (the kernel would
+/// otherwise grow it to tens of MB for a reader that never reads, and the server would only
+/// notice the stall after that much), as on a client whose application stopped reading.
+const STALLED_RECEIVE_BUFFER: u32 = 16 * 1024;
+
+/// Pusher: connects with a small receive buffer and subscribes to every one of `channels`,
+/// waiting for each confirmation.
+async fn subscribe_all(
+    host: &str,
+    port: u16,
+    url: &str,
+    channels: &[String],
+) -> anyhow::Result<Socket> {
+    let address = tokio::net::lookup_host((host, port))
+        .await
+        .context("resolving the server")?
+        .next()
+        .context("the server's name resolves to nothing")?;
+    let tcp = if address.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .context("opening a socket")?;
+    tcp.set_recv_buffer_size(STALLED_RECEIVE_BUFFER)
+        .context("setting the receive buffer")?;
+    let stream = tcp.connect(address).await.context("connecting")?;
+    let (socket, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream))
+        .await
+        .context("the WebSocket handshake")?;
+    let (first, rest) = channels.split_first().context("no channels")?;
+    let mut socket = subscribe_on(socket, first).await?;
+    for channel in rest {
+        let subscribe =
+            serde_json::json!({"event": "pusher:subscribe", "data": {"channel": channel}});
+        socket
+            .send(Message::text(subscribe.to_string()))
+            .await
+            .context("subscribing")?;
+        loop {
+            let (event, text) = next_event(&mut socket).await?;
+            match event.as_str() {
+                "pusher_internal:subscription_succeeded" => break,
+                "pusher:subscription_error" | "pusher:error" => {
+                    bail!("subscription refused: {text}")
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(socket)
+}
+
+/// How a stalled connection ended, as it reads what was left once the run is over.
+enum StalledEnd {
+    /// The server's close frame, with its code.
+    Closed(u16),
+    /// The connection ended without a close frame.
+    Dropped,
+    /// Still delivering events: the server never gave up on it.
+    StillOpen,
+}
+
+/// Reads what a stalled connection was sent: the buffered events, then how it ended. A
+/// connection the server closed ends within moments; one it kept keeps delivering.
+async fn stalled_end(mut socket: Socket) -> StalledEnd {
+    let read = async {
+        loop {
+            match socket.next().await {
+                Some(Ok(Message::Close(frame))) => {
+                    return frame
+                        .map_or(StalledEnd::Dropped, |f| StalledEnd::Closed(f.code.into()));
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return StalledEnd::Dropped,
+            }
+        }
+    };
+    tokio::time::timeout(STALLED_READ, read)
+        .await
+        .unwrap_or(StalledEnd::StillOpen)
 }
 
 /// Pusher: connects, waits for the handshake, subscribes and waits for the confirmation.
 async fn subscribe(url: &str, channel: &str) -> anyhow::Result<Socket> {
-    let (mut socket, _) = connect_async(url).await.context("connecting")?;
+    let (socket, _) = connect_async(url).await.context("connecting")?;
+    subscribe_on(socket, channel).await
+}
+
+/// Pusher: on a connected socket, waits for the handshake, subscribes and waits for the
+/// confirmation.
+async fn subscribe_on(mut socket: Socket, channel: &str) -> anyhow::Result<Socket> {
     let hello = next_event(&mut socket).await?;
     if hello.0 != "pusher:connection_established" {
         bail!("expected pusher:connection_established, got {}", hello.0);

@@ -432,6 +432,7 @@ impl ChannelWebhooks {
                     tags: None,
                     payload: Bytes::from(payload),
                     created_at: now,
+                    payload_expires_at: None,
                 };
                 messages.push((message, targets.clone()));
             }

@@ -138,6 +138,37 @@ pub struct Publisher {
     shared: Arc<Shared>,
 }
 
+/// How long the payloads of the messages a publisher stores are kept: the message's own
+/// retention if it has one, else its app's `payload_retention_days`, else `default_days`.
+#[derive(Debug, Clone, Copy)]
+pub struct PayloadRetention {
+    /// How long a day lasts (tests shorten it).
+    pub day: std::time::Duration,
+    pub default_days: u32,
+}
+
+impl Default for PayloadRetention {
+    fn default() -> Self {
+        Self {
+            day: std::time::Duration::from_secs(86_400),
+            default_days: 30,
+        }
+    }
+}
+
+impl PayloadRetention {
+    /// `message` stamped with when its payload expires, unless it says so already.
+    fn stamp(&self, app_days: Option<u32>, message: &mut Message) {
+        if message.payload_expires_at.is_some() {
+            return;
+        }
+        let days = app_days.unwrap_or(self.default_days);
+        let kept = chrono::Duration::from_std(self.day.saturating_mul(days))
+            .unwrap_or(chrono::Duration::MAX);
+        message.payload_expires_at = message.created_at.checked_add_signed(kept);
+    }
+}
+
 /// What a publication's commit and fan-out need; shared with the task that runs them.
 struct Shared {
     store: Arc<dyn Store>,
@@ -146,6 +177,7 @@ struct Shared {
     dispatcher: DispatcherHandle,
     turns: ChannelTurns,
     metrics: Arc<PublishMetrics>,
+    payload_retention: PayloadRetention,
 }
 
 /// A publication whose targets are chosen, ready to commit and fan out.
@@ -179,8 +211,17 @@ impl Publisher {
                 dispatcher,
                 turns: ChannelTurns::default(),
                 metrics,
+                payload_retention: PayloadRetention::default(),
             }),
         }
+    }
+
+    /// Sets how long the payloads of the messages it stores are kept (before it is shared).
+    pub fn with_payload_retention(mut self, retention: PayloadRetention) -> Self {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.payload_retention = retention;
+        }
+        self
     }
 
     pub fn history(&self) -> &Arc<History> {
@@ -271,6 +312,12 @@ impl Publisher {
                 (Some((message, targets)), Some(record))
             }
         };
+        let mut message = message;
+        if let Some((message, _)) = &mut message {
+            self.shared
+                .payload_retention
+                .stamp(app.payload_retention_days, message);
+        }
         let plan = Plan {
             app_id: app.id.clone(),
             event,
@@ -416,6 +463,11 @@ impl Publisher {
         changes: Vec<OccupancyChange>,
     ) -> Result<(), PublishError> {
         let wake = !messages.is_empty();
+        let mut messages = messages;
+        for (message, _) in &mut messages {
+            // Channel webhooks keep the server's payload retention.
+            self.shared.payload_retention.stamp(None, message);
+        }
         self.shared
             .store
             .record_channel_events(messages, changes)
@@ -463,6 +515,7 @@ fn event_message(app: &App, name: &str, channels: &[String], data: &EventData) -
         tags: None,
         payload,
         created_at: now,
+        payload_expires_at: None,
     }
 }
 

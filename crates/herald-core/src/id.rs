@@ -15,10 +15,20 @@ pub const ATTEMPT: &str = "atmpt_";
 pub const TASK: &str = "qtask_";
 pub const SOURCE: &str = "src_";
 pub const INGEST_EVENT: &str = "inev_";
+pub const TOKEN: &str = "tok_";
 
 /// Every prefix Herald mints ids with. User-chosen identifiers (uids, `eventId`) may not start
 /// with one, so a uid can never be mistaken for an id.
-pub const PREFIXES: [&str; 7] = [APP, ENDPOINT, MESSAGE, ATTEMPT, TASK, SOURCE, INGEST_EVENT];
+pub const PREFIXES: [&str; 8] = [
+    APP,
+    ENDPOINT,
+    MESSAGE,
+    ATTEMPT,
+    TASK,
+    SOURCE,
+    INGEST_EVENT,
+    TOKEN,
+];
 
 /// A fresh id with `prefix`, ordered after every id made more than ~4 ms earlier.
 ///
@@ -228,6 +238,12 @@ typed_id!(
     /// A received inbound webhook's id, `inev_...`.
     IngestEventId,
     INGEST_EVENT
+);
+typed_id!(
+    /// An API token's id, `tok_...`: names the token in lists and revocations, never opens
+    /// anything itself.
+    TokenId,
+    TOKEN
 );
 
 #[cfg(test)]

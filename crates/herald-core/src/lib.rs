@@ -20,6 +20,8 @@ pub mod validate;
 
 pub use address_policy::{AddressPolicy, BlockedAddress};
 pub use filter::EndpointFilter;
-pub use id::{AppId, AttemptId, EndpointId, IdError, IngestEventId, MessageId, SourceId, TaskId};
+pub use id::{
+    AppId, AttemptId, EndpointId, IdError, IngestEventId, MessageId, SourceId, TaskId, TokenId,
+};
 pub use retry::{AttemptOutcome, RetryDecision, RetryPolicy};
 pub use signing::{EndpointSecret, SecretError};

@@ -23,11 +23,15 @@ pub struct App {
     pub history: Option<Vec<crate::history::HistoryRule>>,
     /// How Socket.IO clients may use the app; `None`: no browser origin, no relayed events.
     pub socketio: Option<crate::socketio::SocketIoSettings>,
+    /// Days a message's payload is kept unless the message says otherwise; `None` uses the
+    /// server's `retention.payload_days`.
+    pub payload_retention_days: Option<u32>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `Debug` shows the key but never the secrets (see [`Redacted`]).
+#[derive(Clone, PartialEq, Eq)]
 pub struct PusherCredentials {
     /// Numeric, as the Pusher SDKs expect (`/apps/{app_id}/events`).
     pub app_id: i64,
@@ -39,11 +43,41 @@ pub struct PusherCredentials {
     pub previous: Option<RetiredSecret>,
 }
 
-/// A rotated-out secret and when it stops verifying.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A rotated-out secret and when it stops verifying. `Debug` shows only the time.
+#[derive(Clone, PartialEq, Eq)]
 pub struct RetiredSecret {
     pub secret: String,
     pub until: DateTime<Utc>,
+}
+
+/// Stands in for a secret in `Debug` output, so that logging a value that holds one (an app,
+/// an endpoint, a source, a delivery job) never writes the secret.
+pub struct Redacted;
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl std::fmt::Debug for PusherCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PusherCredentials")
+            .field("app_id", &self.app_id)
+            .field("key", &self.key)
+            .field("secret", &Redacted)
+            .field("previous", &self.previous)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for RetiredSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RetiredSecret")
+            .field("secret", &Redacted)
+            .field("until", &self.until)
+            .finish()
+    }
 }
 
 impl PusherCredentials {
@@ -96,7 +130,8 @@ pub struct EventType {
     pub updated_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+/// `Debug` shows everything but the secrets (see [`Redacted`]).
+#[derive(Clone, PartialEq)]
 pub struct Endpoint {
     pub id: EndpointId,
     pub app_id: AppId,
@@ -119,6 +154,36 @@ pub struct Endpoint {
     pub failing_since: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let previous: Vec<(Redacted, DateTime<Utc>)> = self
+            .previous_secrets
+            .iter()
+            .map(|(_, expires)| (Redacted, *expires))
+            .collect();
+        f.debug_struct("Endpoint")
+            .field("id", &self.id)
+            .field("app_id", &self.app_id)
+            .field("uid", &self.uid)
+            .field("url", &self.url)
+            .field("description", &self.description)
+            .field("throttle_rate", &self.throttle_rate)
+            .field("disabled", &self.disabled)
+            .field("format", &self.format)
+            .field("event_types", &self.event_types)
+            .field("channels", &self.channels)
+            .field("metadata", &self.metadata)
+            // Headers may carry credentials of the receiver's: names only.
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .field("secret", &Redacted)
+            .field("previous_secrets", &previous)
+            .field("failing_since", &self.failing_since)
+            .field("created_at", &self.created_at)
+            .field("updated_at", &self.updated_at)
+            .finish()
+    }
 }
 
 impl Endpoint {
@@ -177,7 +242,14 @@ pub struct Message {
     /// The payload exactly as the producer sent it: stored and forwarded byte for byte.
     pub payload: Bytes,
     pub created_at: DateTime<Utc>,
+    /// When the payload is expunged (replaced by [`EXPIRED_PAYLOAD`]); `None`: kept as long
+    /// as the message (the publisher stamps every message it stores with the app's or the
+    /// server's retention). Cleared once expunged.
+    pub payload_expires_at: Option<DateTime<Utc>>,
 }
+
+/// What an expunged payload becomes, as Svix shows one whose content is gone.
+pub const EXPIRED_PAYLOAD: &str = r#"{"expired":true}"#;
 
 /// Svix's `MessageStatus`, used for deliveries and attempts alike.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -252,7 +324,8 @@ pub struct EndpointStats {
 }
 
 /// Where a third party posts its webhooks: how to verify them and how to re-publish them.
-#[derive(Debug, Clone, PartialEq)]
+/// `Debug` shows how many secrets it has, never them.
+#[derive(Clone, PartialEq)]
 pub struct IngestSource {
     pub id: SourceId,
     pub app_id: AppId,
@@ -278,6 +351,30 @@ pub struct IngestSource {
     pub updated_at: DateTime<Utc>,
 }
 
+impl std::fmt::Debug for IngestSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IngestSource")
+            .field("id", &self.id)
+            .field("app_id", &self.app_id)
+            .field("uid", &self.uid)
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field(
+                "secrets",
+                &self.secrets.iter().map(|_| Redacted).collect::<Vec<_>>(),
+            )
+            .field("hmac", &self.hmac)
+            .field("tolerance_secs", &self.tolerance_secs)
+            .field("event_type", &self.event_type)
+            .field("channels", &self.channels)
+            .field("default_channel", &self.default_channel)
+            .field("trust_unsigned_headers", &self.trust_unsigned_headers)
+            .field("created_at", &self.created_at)
+            .field("updated_at", &self.updated_at)
+            .finish()
+    }
+}
+
 /// A verified request from a source, kept as received, and the message it became.
 #[derive(Debug, Clone, PartialEq)]
 pub struct IngestEvent {
@@ -293,4 +390,87 @@ pub struct IngestEvent {
     pub channels: Vec<String>,
     pub msg_id: MessageId,
     pub received_at: DateTime<Utc>,
+}
+
+#[cfg(test)]
+mod debug_tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_never_shows_a_secret() {
+        let now = Utc::now();
+        let mut pusher = PusherCredentials::generate();
+        pusher.previous = Some(RetiredSecret {
+            secret: "retired-pusher-secret".into(),
+            until: now,
+        });
+        let app = App {
+            id: AppId::new(now),
+            uid: None,
+            name: "a".into(),
+            throttle_rate: None,
+            metadata: Metadata::new(),
+            pusher: pusher.clone(),
+            history: None,
+            socketio: None,
+            payload_retention_days: None,
+            created_at: now,
+            updated_at: now,
+        };
+        let endpoint = Endpoint {
+            id: EndpointId::new(now),
+            app_id: app.id.clone(),
+            uid: None,
+            url: "https://example.com".into(),
+            description: String::new(),
+            throttle_rate: None,
+            disabled: false,
+            format: EndpointFormat::StandardWebhooks,
+            event_types: None,
+            channels: None,
+            metadata: Metadata::new(),
+            headers: [(
+                "authorization".to_owned(),
+                "Bearer receiver-token".to_owned(),
+            )]
+            .into_iter()
+            .collect(),
+            secret: "whsec_current-endpoint-secret".into(),
+            previous_secrets: vec![("whsec_old-endpoint-secret".into(), now)],
+            failing_since: None,
+            created_at: now,
+            updated_at: now,
+        };
+        let source = IngestSource {
+            id: SourceId::new(now),
+            app_id: app.id.clone(),
+            uid: None,
+            name: "s".into(),
+            kind: crate::ingest::SourceKind::Stripe,
+            secrets: vec!["whsec_source-secret".into()],
+            hmac: None,
+            tolerance_secs: 300,
+            event_type: vec![],
+            channels: vec![],
+            default_channel: None,
+            trust_unsigned_headers: false,
+            created_at: now,
+            updated_at: now,
+        };
+        let debug = format!("{app:?} {endpoint:?} {source:?}");
+        for secret in [
+            pusher.secret.as_str(),
+            "retired-pusher-secret",
+            "current-endpoint-secret",
+            "old-endpoint-secret",
+            "receiver-token",
+            "source-secret",
+        ] {
+            assert!(!debug.contains(secret), "{secret} in {debug}");
+        }
+        assert!(
+            debug.contains(&pusher.key) && debug.contains("<redacted>"),
+            "{debug}"
+        );
+    }
 }

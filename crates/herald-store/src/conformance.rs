@@ -17,20 +17,20 @@ use std::{
 };
 
 use bytes::Bytes;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use herald_core::{
-    AppId, EndpointId,
+    AppId, EndpointId, MessageId, TokenId,
     history::{ChannelPosition, NewHistoryEntry, Position, Retention},
     model::{
-        App, Attempt, DeliveryStatus, Endpoint, EndpointFormat, EventType, IngestEvent,
-        IngestSource, Message, Metadata, PusherCredentials, TriggerType,
+        App, Attempt, DeliveryStatus, EXPIRED_PAYLOAD, Endpoint, EndpointFormat, EventType,
+        IngestEvent, IngestSource, Message, Metadata, PusherCredentials, TriggerType,
     },
 };
 
 use crate::{
-    AttemptQuery, AttemptRecord, AttemptScope, ClaimRequest, ENDPOINT_CHANGED, EndpointChange,
-    HistoryQuery, IdempotencyClaim, IngestRecorded, LeaseToken, NextStep, OccupancyChange,
-    Occupant, Page, Recorded, Store, StoreError, TokenScope,
+    ApiToken, AttemptQuery, AttemptRecord, AttemptScope, ClaimRequest, ENDPOINT_CHANGED,
+    EndpointChange, HistoryQuery, IdempotencyClaim, IngestRecorded, LeaseToken, MessageQuery,
+    NextStep, OccupancyChange, Occupant, Page, Recorded, Store, StoreError, TokenScope,
 };
 
 /// One check: a future over a fresh store.
@@ -72,6 +72,10 @@ checks!(
     idempotency_purge_keeps_at_most_the_newest_records,
     an_idempotency_key_is_claimed_once_until_saved_released_or_expired,
     occupancy_changes_collapse_to_the_last,
+    expired_payloads_are_expunged_in_batches_but_not_under_a_pending_delivery,
+    old_messages_are_deleted_in_batches_but_not_while_a_delivery_is_pending,
+    an_expunge_names_the_message_by_id_or_event_id,
+    deleting_an_app_deletes_its_messages_in_batches_and_no_other_app_s,
 );
 
 /// Runs every check, each against a new store from `factory`, and closes it afterwards. The
@@ -103,6 +107,7 @@ pub(crate) fn app(name: &str) -> App {
         pusher: PusherCredentials::generate(),
         history: None,
         socketio: None,
+        payload_retention_days: None,
         created_at: now,
         updated_at: now,
     }
@@ -149,6 +154,7 @@ pub(crate) fn message(app_id: &AppId, event_id: Option<&str>) -> Message {
         tags: None,
         payload: Bytes::from_static(b"{}"),
         created_at: now,
+        payload_expires_at: None,
     }
 }
 
@@ -339,30 +345,85 @@ pub async fn an_exact_id_wins_over_a_uid_equal_to_it(store: &dyn Store) {
     assert_eq!(found.id, b.id, "A read first, B looked up by id");
 }
 
-/// A token's scope comes back as it was added, until the token is removed.
+/// A token reads back as it was added, by its digest and by its id, in lists (all, or one
+/// app's), until it is revoked; a digest added twice keeps its first token.
 pub async fn token_scopes_round_trip(store: &dyn Store) {
     let app = stored_app(store, "A").await;
-    let scoped = TokenScope::App(app.id.clone());
+    let now = Utc::now().trunc_subsecs(3);
+    let environment = ApiToken {
+        id: TokenId::new(now),
+        name: "env".to_owned(),
+        scope: TokenScope::Environment,
+        created_at: now,
+        expires_at: None,
+    };
+    let scoped = ApiToken {
+        id: TokenId::new(now),
+        name: "app".to_owned(),
+        scope: TokenScope::App(app.id.clone()),
+        created_at: now,
+        expires_at: Some(now + chrono::Duration::hours(1)),
+    };
     store
-        .add_token(b"environment-hash", &TokenScope::Environment, "env")
+        .add_token(&environment, b"environment-hash")
         .await
         .expect("add");
+    store.add_token(&scoped, b"app-hash").await.expect("add");
+    let again = ApiToken {
+        id: TokenId::new(now),
+        name: "again".to_owned(),
+        ..environment.clone()
+    };
     store
-        .add_token(b"app-hash", &scoped, "app")
+        .add_token(&again, b"environment-hash")
         .await
-        .expect("add");
+        .expect("adding a stored digest again is not an error");
     assert_eq!(
-        store.token_scope(b"environment-hash").await.expect("read"),
-        Some(TokenScope::Environment)
+        store.find_token(b"environment-hash").await.expect("read"),
+        Some(environment.clone())
     );
     assert_eq!(
-        store.token_scope(b"app-hash").await.expect("read"),
-        Some(scoped)
+        store.find_token(b"app-hash").await.expect("read"),
+        Some(scoped.clone())
     );
-    assert_eq!(store.token_scope(b"unknown").await.expect("read"), None);
-    assert!(store.remove_token(b"app-hash").await.expect("remove"));
-    assert!(!store.remove_token(b"app-hash").await.expect("remove again"));
-    assert_eq!(store.token_scope(b"app-hash").await.expect("read"), None);
+    assert_eq!(
+        store.get_token(&scoped.id).await.expect("read"),
+        Some(scoped.clone())
+    );
+    assert_eq!(store.find_token(b"unknown").await.expect("read"), None);
+    let page = Page {
+        limit: 10,
+        iterator: None,
+        descending: false,
+        backwards: false,
+    };
+    assert_eq!(
+        store.list_tokens(&page, None).await.expect("list"),
+        vec![environment.clone(), scoped.clone()]
+    );
+    assert_eq!(
+        store.list_tokens(&page, Some(&app.id)).await.expect("list"),
+        vec![scoped.clone()]
+    );
+    assert!(store.revoke_token(&scoped.id).await.expect("revoke"));
+    assert!(!store.revoke_token(&scoped.id).await.expect("revoke again"));
+    assert_eq!(store.find_token(b"app-hash").await.expect("read"), None);
+    assert!(
+        store
+            .remove_token(b"environment-hash")
+            .await
+            .expect("remove")
+    );
+    assert!(
+        !store
+            .remove_token(b"environment-hash")
+            .await
+            .expect("remove again")
+    );
+    assert_eq!(
+        store.find_token(b"environment-hash").await.expect("read"),
+        None
+    );
 }
 
 /// An event type's name is unique; archived ones are listed only when asked for.
@@ -2077,4 +2138,231 @@ pub async fn occupancy_changes_collapse_to_the_last(store: &dyn Store) {
         found,
         [occupant("a", None), occupant("presence-c", Some("u1"))]
     );
+}
+
+/// `count` messages of `app_id` (each with `expires_at` as its payload's expiry), stored a
+/// hundred at a time by concurrent callers.
+async fn many_messages(
+    store: &dyn Store,
+    app_id: &AppId,
+    count: usize,
+    expires_at: Option<DateTime<Utc>>,
+) -> Vec<Message> {
+    let messages: Vec<Message> = (0..count)
+        .map(|n| Message {
+            payload: Bytes::from(format!("{{\"n\":{n}}}")),
+            payload_expires_at: expires_at,
+            ..message(app_id, None)
+        })
+        .collect();
+    for chunk in messages.chunks(100) {
+        let writes = chunk
+            .iter()
+            .map(|m| {
+                Box::pin(store.create_message(m.clone(), vec![]))
+                    as Pin<Box<dyn Future<Output = crate::Result<()>> + Send + '_>>
+            })
+            .collect();
+        for result in join_all(writes).await {
+            result.expect("create message");
+        }
+    }
+    messages
+}
+
+/// Calls `batch` until it comes back short; the sizes of the batches.
+async fn batches<'a, F>(mut batch: F) -> Vec<u64>
+where
+    F: FnMut() -> Pin<Box<dyn Future<Output = crate::Result<u64>> + Send + 'a>>,
+{
+    let mut sizes = Vec::new();
+    loop {
+        let done = batch().await.expect("batch");
+        sizes.push(done);
+        if done < u64::from(crate::RETENTION_BATCH) {
+            return sizes;
+        }
+    }
+}
+
+async fn expired_payloads_are_expunged_in_batches_but_not_under_a_pending_delivery(
+    store: &dyn Store,
+) {
+    let app = stored_app(store, "retention").await;
+    let endpoint = endpoint(&app.id);
+    store.create_endpoint(&endpoint).await.expect("endpoint");
+    let now = Utc::now();
+    let past = Some(now - chrono::Duration::seconds(1));
+    let expired = many_messages(store, &app.id, 1200, past).await;
+    let later = many_messages(store, &app.id, 3, Some(now + chrono::Duration::hours(1))).await;
+    let forever = many_messages(store, &app.id, 2, None).await;
+    let pending = Message {
+        payload_expires_at: past,
+        ..message(&app.id, None)
+    };
+    store
+        .create_message(pending.clone(), vec![endpoint.id.clone()])
+        .await
+        .expect("pending message");
+
+    let sizes = batches(|| Box::pin(store.expire_payloads(now, crate::RETENTION_BATCH))).await;
+    assert_eq!(
+        sizes,
+        vec![500, 500, 200],
+        "1,200 payloads in batches of 500"
+    );
+    let app_id = &app.id;
+    let read = |m: &Message| {
+        let id = m.id.to_string();
+        async move {
+            store
+                .get_message(app_id, &id)
+                .await
+                .expect("get")
+                .expect("the message stays")
+        }
+    };
+    for m in [&expired[0], &expired[1199]] {
+        let m = read(m).await;
+        assert_eq!(m.payload.as_ref(), EXPIRED_PAYLOAD.as_bytes());
+        assert_eq!(m.payload_expires_at, None, "nothing left to expire");
+    }
+    for m in [&later[0], &forever[0], &pending] {
+        let stored = read(m).await;
+        assert_eq!(stored.payload, m.payload, "{} keeps its payload", m.id);
+    }
+    assert_eq!(
+        store
+            .expire_payloads(now, crate::RETENTION_BATCH)
+            .await
+            .expect("again"),
+        0,
+        "idempotent"
+    );
+}
+
+async fn old_messages_are_deleted_in_batches_but_not_while_a_delivery_is_pending(
+    store: &dyn Store,
+) {
+    let app = stored_app(store, "retention").await;
+    let endpoint = endpoint(&app.id);
+    store.create_endpoint(&endpoint).await.expect("endpoint");
+    many_messages(store, &app.id, 1100, None).await;
+    let pending = message(&app.id, None);
+    store
+        .create_message(pending.clone(), vec![endpoint.id.clone()])
+        .await
+        .expect("pending message");
+    // Ids sort by creation time: everything so far is before `cutoff`.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let cutoff = Utc::now();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let young = message(&app.id, None);
+    store
+        .create_message(young.clone(), vec![])
+        .await
+        .expect("young message");
+
+    let sizes =
+        batches(|| Box::pin(store.delete_messages_before(cutoff, crate::RETENTION_BATCH))).await;
+    assert_eq!(sizes, vec![500, 500, 100]);
+    let page = Page {
+        limit: 10,
+        iterator: None,
+        descending: true,
+        backwards: false,
+    };
+    let left: Vec<MessageId> = store
+        .list_messages(&app.id, &page, &MessageQuery::default())
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(left, vec![young.id, pending.id]);
+    assert_eq!(
+        store
+            .delete_attempts_before(cutoff, crate::RETENTION_BATCH)
+            .await
+            .expect("attempts"),
+        0
+    );
+    assert_eq!(
+        store
+            .delete_ingest_events_before(cutoff, crate::RETENTION_BATCH)
+            .await
+            .expect("received"),
+        0
+    );
+}
+
+async fn an_expunge_names_the_message_by_id_or_event_id(store: &dyn Store) {
+    let app = stored_app(store, "expunge").await;
+    let other = stored_app(store, "other").await;
+    let by_id = message(&app.id, None);
+    let by_event = message(&app.id, Some("evt-1"));
+    for m in [&by_id, &by_event] {
+        store
+            .create_message(m.clone(), vec![])
+            .await
+            .expect("message");
+    }
+    assert!(
+        store
+            .expunge_payload(&app.id, by_id.id.as_str())
+            .await
+            .expect("expunge")
+    );
+    assert!(
+        store
+            .expunge_payload(&app.id, "evt-1")
+            .await
+            .expect("expunge")
+    );
+    assert!(
+        !store
+            .expunge_payload(&app.id, "evt-none")
+            .await
+            .expect("expunge")
+    );
+    assert!(
+        !store
+            .expunge_payload(&other.id, by_id.id.as_str())
+            .await
+            .expect("expunge"),
+        "another app's message is not found"
+    );
+    for id in [by_id.id.as_str(), "evt-1"] {
+        let m = store
+            .get_message(&app.id, id)
+            .await
+            .expect("get")
+            .expect("kept");
+        assert_eq!(m.payload.as_ref(), EXPIRED_PAYLOAD.as_bytes());
+    }
+}
+
+async fn deleting_an_app_deletes_its_messages_in_batches_and_no_other_app_s(store: &dyn Store) {
+    let gone = stored_app(store, "gone").await;
+    let kept = stored_app(store, "kept").await;
+    many_messages(store, &gone.id, 1100, None).await;
+    many_messages(store, &kept.id, 3, None).await;
+    assert!(store.delete_app(&gone.id).await.expect("delete"));
+    assert!(
+        !store.delete_app(&gone.id).await.expect("again"),
+        "gone already"
+    );
+    let page = Page {
+        limit: 10,
+        iterator: None,
+        descending: true,
+        backwards: false,
+    };
+    for (app, count) in [(&gone, 0), (&kept, 3)] {
+        let listed = store
+            .list_messages(&app.id, &page, &MessageQuery::default())
+            .await
+            .expect("list");
+        assert_eq!(listed.len(), count);
+    }
 }

@@ -1,7 +1,7 @@
 //! Herald's durable state behind one trait, cut by role.
 //!
 //! [`Store`] is everything the API and the delivery worker need to remember. It is the sum of
-//! sub-traits, one per role: [`AppStore`] (apps, Pusher credentials, API tokens),
+//! sub-traits, one per role: [`AppStore`] (apps and their Pusher credentials), [`TokenStore`],
 //! [`EventTypeStore`], [`EndpointStore`], [`MessageStore`] (messages, publications and the
 //! delivery queue), [`AttemptStore`] (the attempt log and delivery states), [`HistoryStore`]
 //! (channel history and positions), [`IngestStore`] (sources and received requests),
@@ -17,7 +17,7 @@
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use herald_core::history::{ChannelPosition, HistoryEntry, NewHistoryEntry, Position};
-use herald_core::id::{AppId, EndpointId, MessageId, SourceId};
+use herald_core::id::{AppId, EndpointId, MessageId, SourceId, TokenId};
 use herald_core::model::{
     App, Attempt, DeliveryStatus, Endpoint, EndpointStats, EventType, IngestEvent, IngestSource,
     Message, TriggerType,
@@ -26,6 +26,7 @@ use herald_core::model::{
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 pub mod postgres;
+pub mod secrets;
 mod sql;
 pub mod sqlite;
 
@@ -48,6 +49,10 @@ pub enum StoreError {
     Batch(String),
     #[error("cannot prepare the data directory: {0}")]
     Io(#[from] std::io::Error),
+    /// A stored secret could not be decrypted (a key missing from the configuration, an
+    /// altered value), or the store holds secrets under keys this process lacks.
+    #[error("stored secret: {0}")]
+    Secret(#[from] secrets::SecretError),
 }
 
 impl StoreError {
@@ -139,6 +144,24 @@ pub enum OccupancyChange {
 pub enum TokenScope {
     Environment,
     App(AppId),
+}
+
+/// An API token as the store keeps it: everything but the secret, which only its creator saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiToken {
+    pub id: TokenId,
+    /// What the token is for, as its creator wrote it.
+    pub name: String,
+    pub scope: TokenScope,
+    pub created_at: DateTime<Utc>,
+    /// After this instant the token opens nothing; `None` never expires.
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+impl ApiToken {
+    pub fn expired(&self, now: DateTime<Utc>) -> bool {
+        self.expires_at.is_some_and(|at| at <= now)
+    }
 }
 
 /// Ask for due deliveries, one lane at a time, so first attempts never wait behind retries.
@@ -268,12 +291,30 @@ pub trait AppStore: Send + Sync + 'static {
         app_id: &AppId,
         credentials: &herald_core::model::PusherCredentials,
     ) -> Result<()>;
+    /// Deletes the app and everything it owns: endpoints, messages with their deliveries and
+    /// attempts, sources with their received requests, channel history and occupancy, and
+    /// the API tokens scoped to it. The large tables are emptied first, [`RETENTION_BATCH`]
+    /// rows per transaction, so other writes go on meanwhile.
     async fn delete_app(&self, id: &AppId) -> Result<bool>;
+}
 
-    // API tokens (hashes only)
-    async fn add_token(&self, token_hash: &[u8], scope: &TokenScope, name: &str) -> Result<()>;
-    async fn token_scope(&self, token_hash: &[u8]) -> Result<Option<TokenScope>>;
-    /// Forgets a token; whether it existed.
+/// API tokens, kept as SHA-256 digests of the secret: the store can tell which token a request
+/// presented, never what a token is.
+#[async_trait::async_trait]
+pub trait TokenStore: Send + Sync + 'static {
+    /// Stores `token` under `token_hash`. A digest already stored is left as it is, so seeding
+    /// the dev token again on every start changes nothing.
+    async fn add_token(&self, token: &ApiToken, token_hash: &[u8]) -> Result<()>;
+    /// The token whose digest is `token_hash`, expired or not (the caller tells the two apart,
+    /// to say which it was).
+    async fn find_token(&self, token_hash: &[u8]) -> Result<Option<ApiToken>>;
+    async fn get_token(&self, id: &TokenId) -> Result<Option<ApiToken>>;
+    /// Tokens by id (so by creation time), all of them or those scoped to `app`.
+    async fn list_tokens(&self, page: &Page, app: Option<&AppId>) -> Result<Vec<ApiToken>>;
+    /// Forgets the token with this id; whether it existed. A revoked token opens nothing from
+    /// the next request on.
+    async fn revoke_token(&self, id: &TokenId) -> Result<bool>;
+    /// Forgets the token with this digest; whether it existed.
     async fn remove_token(&self, token_hash: &[u8]) -> Result<bool>;
 }
 
@@ -581,6 +622,48 @@ pub trait ChannelWebhookStore: Send + Sync + 'static {
     async fn occupants(&self) -> Result<Vec<Occupant>>;
 }
 
+/// Retention: what the sweeper expunges and deletes, one bounded batch per call, so intake
+/// never waits behind a long delete; and the expunge the API asks for. Every call is
+/// idempotent and takes only rows no other sweeper holds (PostgreSQL: `SKIP LOCKED`), so
+/// several nodes may sweep one store at once.
+#[async_trait::async_trait]
+pub trait RetentionStore: Send + Sync + 'static {
+    /// Expunges (replaces by [`herald_core::model::EXPIRED_PAYLOAD`]) up to `limit` payloads
+    /// whose `payload_expires_at` is at or before `now`, of messages with no delivery still
+    /// pending or in flight (those keep their payload until their deliveries are done);
+    /// returns how many.
+    async fn expire_payloads(&self, now: DateTime<Utc>, limit: u32) -> Result<u64>;
+    /// Expunges the payload of the app's message `id_or_event_id` now, whatever its
+    /// deliveries; the message and its attempts stay. Whether the message exists.
+    async fn expunge_payload(&self, app_id: &AppId, id_or_event_id: &str) -> Result<bool>;
+    /// Deletes up to `limit` logged attempts made before `before`; returns how many.
+    async fn delete_attempts_before(&self, before: DateTime<Utc>, limit: u32) -> Result<u64>;
+    /// Deletes up to `limit` messages created before `before` that have no delivery pending
+    /// or in flight, with their deliveries; returns how many.
+    async fn delete_messages_before(&self, before: DateTime<Utc>, limit: u32) -> Result<u64>;
+    /// Deletes up to `limit` received requests (webhooks in) received before `before`, their
+    /// delivery ids with them (so a provider's retry after that is new); returns how many.
+    async fn delete_ingest_events_before(&self, before: DateTime<Utc>, limit: u32) -> Result<u64>;
+}
+
+/// Rows one retention batch deletes at most (one short transaction), and the batch
+/// [`AppStore::delete_app`] deletes an app's data in.
+pub const RETENTION_BATCH: u32 = 500;
+
+/// Secrets at rest (see [`secrets`]): what they are encrypted under, and their re-encryption
+/// under the current main key. Not part of [`Store`]: only start-up and `herald
+/// rotate-main-key` use it, on the concrete store.
+#[async_trait::async_trait]
+pub trait SecretStore: Send + Sync + 'static {
+    /// Counts the stored secrets by the key they are encrypted under (and those in clear).
+    async fn secret_census(&self) -> Result<secrets::SecretCensus>;
+    /// Rewrites under the current main key every secret in clear and, with `all`, every one
+    /// under another key, `batch` rows per transaction, so servers keep running meanwhile
+    /// (those that have the old key as a previous one read either). A value the API changes
+    /// meanwhile is left to that write, which used the current key of its node.
+    async fn reencrypt_secrets(&self, all: bool, batch: u32) -> Result<secrets::Reencrypted>;
+}
+
 /// The store's own life.
 #[async_trait::async_trait]
 pub trait StoreLifecycle: Send + Sync + 'static {
@@ -594,6 +677,7 @@ pub trait StoreLifecycle: Send + Sync + 'static {
 /// impl makes the type a `Store`, and `Arc<dyn Store>` calls every sub-trait's methods.
 pub trait Store:
     AppStore
+    + TokenStore
     + EventTypeStore
     + EndpointStore
     + MessageStore
@@ -602,6 +686,7 @@ pub trait Store:
     + IngestStore
     + IdempotencyStore
     + ChannelWebhookStore
+    + RetentionStore
     + StoreLifecycle
     + Send
     + Sync
@@ -611,6 +696,7 @@ pub trait Store:
 
 impl<T> Store for T where
     T: AppStore
+        + TokenStore
         + EventTypeStore
         + EndpointStore
         + MessageStore
@@ -619,6 +705,7 @@ impl<T> Store for T where
         + IngestStore
         + IdempotencyStore
         + ChannelWebhookStore
+        + RetentionStore
         + StoreLifecycle
         + Send
         + Sync
@@ -631,7 +718,8 @@ impl<T> Store for T where
 pub mod prelude {
     pub use crate::{
         AppStore, AttemptStore, ChannelWebhookStore, EndpointStore, EventTypeStore, HistoryStore,
-        IdempotencyStore, IngestStore, MessageStore, Store, StoreLifecycle,
+        IdempotencyStore, IngestStore, MessageStore, RetentionStore, Store, StoreLifecycle,
+        TokenStore,
     };
 }
 

@@ -83,8 +83,6 @@ pub(crate) const APP_BY_PUSHER_ID: &str = "SELECT * FROM apps WHERE pusher_app_i
 /// The start of an app listing; the caller adds the page.
 pub(crate) const LIST_APPS: &str = "SELECT * FROM apps WHERE 1 = 1";
 pub(crate) const DELETE_APP: &str = "DELETE FROM apps WHERE id = $1";
-pub(crate) const REMOVE_TOKEN: &str = "DELETE FROM api_tokens WHERE token_hash = $1";
-pub(crate) const TOKEN_SCOPE: &str = "SELECT app_id FROM api_tokens WHERE token_hash = $1";
 
 /// Updates the app `$app` (`&App`): uid, name, throttle rate, metadata, history rules and
 /// Socket.IO settings.
@@ -93,7 +91,7 @@ macro_rules! update_app {
         let app: &herald_core::model::App = $app;
         ::sqlx::query(
             "UPDATE apps SET uid = $2, name = $3, throttle_rate = $4, metadata = $5, updated_at = $6,
-                    history_rules = $7, socketio = $8
+                    history_rules = $7, socketio = $8, payload_retention_days = $9
              WHERE id = $1",
         )
         .bind(app.id.as_str())
@@ -104,16 +102,18 @@ macro_rules! update_app {
         .bind($crate::sqlite::rows::millis(app.updated_at))
         .bind($crate::sqlite::rows::history_rules_json(app.history.as_deref()))
         .bind($crate::sqlite::rows::socketio_json(app.socketio.as_ref()))
+        .bind(app.payload_retention_days.map(i64::from))
     }};
 }
 pub(crate) use update_app;
 
 /// Sets the Pusher key and secrets of the app `$app_id` (`&AppId`) to `$credentials`
-/// (`&PusherCredentials`).
+/// (`&PusherCredentials`), the secrets encrypted under `$keys` (`&Keyring`).
 macro_rules! set_pusher_credentials {
-    ($app_id:expr, $credentials:expr) => {{
+    ($app_id:expr, $credentials:expr, $keys:expr) => {{
         let app_id: &herald_core::AppId = $app_id;
         let credentials: &herald_core::model::PusherCredentials = $credentials;
+        let keys: &$crate::secrets::Keyring = $keys;
         ::sqlx::query(
             "UPDATE apps SET pusher_key = $2, pusher_secret = $3, pusher_previous_secret = $4,
                              pusher_previous_secret_until = $5
@@ -121,8 +121,16 @@ macro_rules! set_pusher_credentials {
         )
         .bind(app_id.as_str())
         .bind(&credentials.key)
-        .bind(&credentials.secret)
-        .bind(credentials.previous.as_ref().map(|p| p.secret.as_str()))
+        .bind($crate::sql::seal_app_secret(
+            keys,
+            app_id,
+            &credentials.secret,
+        ))
+        .bind($crate::sql::seal_app_previous_secret(
+            keys,
+            app_id,
+            credentials,
+        ))
         .bind(
             credentials
                 .previous
@@ -133,21 +141,147 @@ macro_rules! set_pusher_credentials {
 }
 pub(crate) use set_pusher_credentials;
 
-/// Adds the API token `$token_hash` (`&[u8]`) for `$app_id` (`Option<&str>`, `None` for the
-/// environment) named `$name`, unless it exists.
+/// An app's current Pusher secret as stored: encrypted under `keys`.
+pub(crate) fn seal_app_secret(
+    keys: &crate::secrets::Keyring,
+    app_id: &herald_core::AppId,
+    secret: &str,
+) -> String {
+    keys.seal(
+        crate::secrets::field::APP_PUSHER_SECRET,
+        app_id.as_str(),
+        secret,
+    )
+}
+
+/// An app's retired Pusher secret as stored (NULL without one): encrypted under `keys`.
+pub(crate) fn seal_app_previous_secret(
+    keys: &crate::secrets::Keyring,
+    app_id: &herald_core::AppId,
+    credentials: &herald_core::model::PusherCredentials,
+) -> Option<String> {
+    credentials.previous.as_ref().map(|previous| {
+        keys.seal(
+            crate::secrets::field::APP_PUSHER_PREVIOUS_SECRET,
+            app_id.as_str(),
+            &previous.secret,
+        )
+    })
+}
+
+// ---- API tokens ----
+
+pub(crate) const REMOVE_TOKEN: &str = "DELETE FROM api_tokens WHERE token_hash = $1";
+pub(crate) const REVOKE_TOKEN: &str = "DELETE FROM api_tokens WHERE id = $1";
+pub(crate) const FIND_TOKEN: &str = "SELECT * FROM api_tokens WHERE token_hash = $1";
+pub(crate) const GET_TOKEN: &str = "SELECT * FROM api_tokens WHERE id = $1";
+/// The start of a token listing; the caller adds the app filter and the page.
+pub(crate) const LIST_TOKENS: &str = "SELECT * FROM api_tokens WHERE 1 = 1";
+
+/// Inserts the token `$token` (`&ApiToken`) under the digest `$token_hash`; a digest already
+/// stored is kept as it is.
 macro_rules! add_token {
-    ($token_hash:expr, $app_id:expr, $name:expr) => {
+    ($token:expr, $token_hash:expr) => {{
+        let token: &$crate::ApiToken = $token;
         ::sqlx::query(
-            "INSERT INTO api_tokens (token_hash, app_id, name, created_at) VALUES ($1, $2, $3, $4)
+            "INSERT INTO api_tokens (id, token_hash, app_id, name, created_at, expires_at)
+             VALUES ($1, $2, $3, $4, $5, $6)
              ON CONFLICT (token_hash) DO NOTHING",
         )
+        .bind(token.id.as_str())
         .bind($token_hash)
-        .bind($app_id)
-        .bind($name)
-        .bind($crate::sqlite::rows::millis(::chrono::Utc::now()))
-    };
+        .bind(match &token.scope {
+            $crate::TokenScope::Environment => None,
+            $crate::TokenScope::App(app) => Some(app.as_str()),
+        })
+        .bind(&token.name)
+        .bind($crate::sqlite::rows::millis(token.created_at))
+        .bind(token.expires_at.map($crate::sqlite::rows::millis))
+    }};
 }
 pub(crate) use add_token;
+
+/// Implements [`crate::TokenStore`] for `$store`, writing through its pool `$writer` and
+/// reading through `$reader` (the same pool on PostgreSQL). Expanded in each backend's
+/// `tokens` module, whose `paginate` and `rows` it uses.
+macro_rules! token_store {
+    ($store:ty, $writer:ident, $reader:ident) => {
+        #[async_trait::async_trait]
+        impl $crate::TokenStore for $store {
+            async fn add_token(
+                &self,
+                token: &$crate::ApiToken,
+                token_hash: &[u8],
+            ) -> $crate::Result<()> {
+                $crate::sql::add_token!(token, token_hash)
+                    .execute(&self.$writer)
+                    .await?;
+                Ok(())
+            }
+
+            async fn find_token(
+                &self,
+                token_hash: &[u8],
+            ) -> $crate::Result<Option<$crate::ApiToken>> {
+                ::sqlx::query($crate::sql::FIND_TOKEN)
+                    .bind(token_hash)
+                    .fetch_optional(&self.$reader)
+                    .await?
+                    .as_ref()
+                    .map(rows::api_token)
+                    .transpose()
+            }
+
+            async fn get_token(
+                &self,
+                id: &herald_core::TokenId,
+            ) -> $crate::Result<Option<$crate::ApiToken>> {
+                ::sqlx::query($crate::sql::GET_TOKEN)
+                    .bind(id.as_str())
+                    .fetch_optional(&self.$reader)
+                    .await?
+                    .as_ref()
+                    .map(rows::api_token)
+                    .transpose()
+            }
+
+            async fn list_tokens(
+                &self,
+                page: &$crate::Page,
+                app: Option<&herald_core::AppId>,
+            ) -> $crate::Result<Vec<$crate::ApiToken>> {
+                let mut q = ::sqlx::QueryBuilder::new($crate::sql::LIST_TOKENS);
+                if let Some(app) = app {
+                    q.push(" AND app_id = ").push_bind(app.as_str());
+                }
+                paginate(&mut q, "id", page);
+                q.build()
+                    .fetch_all(&self.$reader)
+                    .await?
+                    .iter()
+                    .map(rows::api_token)
+                    .collect()
+            }
+
+            async fn revoke_token(&self, id: &herald_core::TokenId) -> $crate::Result<bool> {
+                let done = ::sqlx::query($crate::sql::REVOKE_TOKEN)
+                    .bind(id.as_str())
+                    .execute(&self.$writer)
+                    .await?;
+                Ok(done.rows_affected() > 0)
+            }
+
+            async fn remove_token(&self, token_hash: &[u8]) -> $crate::Result<bool> {
+                let done = ::sqlx::query($crate::sql::REMOVE_TOKEN)
+                    .bind(token_hash)
+                    .execute(&self.$writer)
+                    .await?;
+                Ok(done.rows_affected() > 0)
+            }
+        }
+    };
+}
+pub(crate) use token_store;
 
 // ---- endpoints ----
 
@@ -165,10 +299,12 @@ pub(crate) const INSERT_ENDPOINT: &str =
                             previous_secrets, failing_since, created_at, updated_at, format)
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)";
 
-/// Binds `$1`..`$13` of an endpoint statement, id to previous secrets, to `$query`.
+/// Binds `$1`..`$13` of an endpoint statement, id to previous secrets (encrypted under
+/// `$keys`, a `&Keyring`), to `$query`.
 macro_rules! endpoint_columns {
-    ($query:expr, $ep:expr) => {{
+    ($query:expr, $ep:expr, $keys:expr) => {{
         let ep: &herald_core::model::Endpoint = $ep;
+        let keys: &$crate::secrets::Keyring = $keys;
         $query
             .bind(ep.id.as_str())
             .bind(ep.app_id.as_str())
@@ -181,17 +317,25 @@ macro_rules! endpoint_columns {
             .bind($crate::sqlite::rows::opt_json(&ep.channels))
             .bind($crate::sqlite::rows::to_json(&ep.metadata))
             .bind($crate::sqlite::rows::to_json(&ep.headers))
-            .bind(&ep.secret)
-            .bind($crate::sqlite::rows::previous_secrets_json(ep))
+            .bind(keys.seal(
+                $crate::secrets::field::ENDPOINT_SECRET,
+                ep.id.as_str(),
+                &ep.secret,
+            ))
+            .bind(keys.seal(
+                $crate::secrets::field::ENDPOINT_PREVIOUS_SECRETS,
+                ep.id.as_str(),
+                &$crate::sqlite::rows::previous_secrets_json(ep),
+            ))
     }};
 }
 pub(crate) use endpoint_columns;
 
-/// Inserts the endpoint `$ep` (`&Endpoint`).
+/// Inserts the endpoint `$ep` (`&Endpoint`), its secrets encrypted under `$keys`.
 macro_rules! insert_endpoint {
-    ($ep:expr) => {{
+    ($ep:expr, $keys:expr) => {{
         let ep: &herald_core::model::Endpoint = $ep;
-        $crate::sql::endpoint_columns!(::sqlx::query($crate::sql::INSERT_ENDPOINT), ep)
+        $crate::sql::endpoint_columns!(::sqlx::query($crate::sql::INSERT_ENDPOINT), ep, $keys)
             .bind(ep.failing_since.map($crate::sqlite::rows::millis))
             .bind($crate::sqlite::rows::millis(ep.created_at))
             .bind($crate::sqlite::rows::millis(ep.updated_at))
@@ -203,11 +347,11 @@ pub(crate) use insert_endpoint;
 /// Binds the endpoint `$ep` (`&Endpoint`) and the `updated_at` it was read with, `$read_at`, to
 /// the backend's update statement `$sql` (which differs in how it compares the `disabled`
 /// flag): `$1` id, `$2` app id, `$3`..`$15` the columns (`$7` disabled, `$14` updated_at), `$16`
-/// the `updated_at` it must still have.
+/// the `updated_at` it must still have. The secrets are encrypted under `$keys`.
 macro_rules! update_endpoint {
-    ($sql:expr, $ep:expr, $read_at:expr) => {{
+    ($sql:expr, $ep:expr, $read_at:expr, $keys:expr) => {{
         let ep: &herald_core::model::Endpoint = $ep;
-        $crate::sql::endpoint_columns!(::sqlx::query($sql), ep)
+        $crate::sql::endpoint_columns!(::sqlx::query($sql), ep, $keys)
             .bind($crate::sqlite::rows::millis(ep.updated_at))
             .bind(ep.format.as_str())
             .bind($crate::sqlite::rows::millis($read_at))
@@ -243,17 +387,23 @@ pub(crate) const UPDATE_SOURCE: &str =
             updated_at = $12, trust_unsigned_headers = $13
      WHERE id = $1 AND app_id = $2";
 
-/// Binds `$1`..`$11` of a source statement, id to default channel, to `$query`.
+/// Binds `$1`..`$11` of a source statement, id to default channel, to `$query`; the secrets
+/// are encrypted under `$keys` (`&Keyring`).
 macro_rules! source_columns {
-    ($query:expr, $source:expr) => {{
+    ($query:expr, $source:expr, $keys:expr) => {{
         let source: &herald_core::model::IngestSource = $source;
+        let keys: &$crate::secrets::Keyring = $keys;
         $query
             .bind(source.id.as_str())
             .bind(source.app_id.as_str())
             .bind(&source.uid)
             .bind(&source.name)
             .bind(source.kind.as_str())
-            .bind($crate::sqlite::rows::to_json(&source.secrets))
+            .bind(keys.seal(
+                $crate::secrets::field::SOURCE_SECRETS,
+                source.id.as_str(),
+                &$crate::sqlite::rows::to_json(&source.secrets),
+            ))
             .bind($crate::sqlite::rows::hmac_json(source.hmac.as_ref()))
             .bind(source.tolerance_secs)
             .bind($crate::sqlite::rows::to_json(&source.event_type))
@@ -263,11 +413,11 @@ macro_rules! source_columns {
 }
 pub(crate) use source_columns;
 
-/// Inserts the source `$source` (`&IngestSource`).
+/// Inserts the source `$source` (`&IngestSource`), its secrets encrypted under `$keys`.
 macro_rules! insert_source {
-    ($source:expr) => {{
+    ($source:expr, $keys:expr) => {{
         let source: &herald_core::model::IngestSource = $source;
-        $crate::sql::source_columns!(::sqlx::query($crate::sql::INSERT_SOURCE), source)
+        $crate::sql::source_columns!(::sqlx::query($crate::sql::INSERT_SOURCE), source, $keys)
             .bind($crate::sqlite::rows::millis(source.created_at))
             .bind($crate::sqlite::rows::millis(source.updated_at))
             .bind(source.trust_unsigned_headers)
@@ -275,11 +425,12 @@ macro_rules! insert_source {
 }
 pub(crate) use insert_source;
 
-/// Updates the source `$source` (`&IngestSource`) of its app.
+/// Updates the source `$source` (`&IngestSource`) of its app, its secrets encrypted under
+/// `$keys`.
 macro_rules! update_source {
-    ($source:expr) => {{
+    ($source:expr, $keys:expr) => {{
         let source: &herald_core::model::IngestSource = $source;
-        $crate::sql::source_columns!(::sqlx::query($crate::sql::UPDATE_SOURCE), source)
+        $crate::sql::source_columns!(::sqlx::query($crate::sql::UPDATE_SOURCE), source, $keys)
             .bind($crate::sqlite::rows::millis(source.updated_at))
             .bind(source.trust_unsigned_headers)
     }};
@@ -424,7 +575,8 @@ pub(crate) use attempts_query;
 /// to domain values: `id`, `app`, `event_type`, `endpoint`, `message`, `attempt`,
 /// `ingest_source`, `ingest_event`, `delivery_state`, `offset`, `channel_position`, `history_entry`. `$code` is the type status and trigger
 /// codes decode as (`i64` on SQLite, `i32` INTEGER on PostgreSQL). The module must have
-/// `time`, `status` and `sqlx::Row` in scope.
+/// `time`, `status` and `sqlx::Row` in scope. The readers of rows holding secrets (`app`,
+/// `endpoint`, `ingest_source`) decrypt them with the store's keyring.
 macro_rules! row_readers {
     ($row:ty, $code:ty) => {
         /// Reads the id column `column` of `row` as a typed id.
@@ -451,10 +603,35 @@ macro_rules! row_readers {
             $crate::sqlite::rows::opt_from_json(column, row.try_get(column)?)
         }
 
-        pub(crate) fn app(row: &$row) -> $crate::Result<herald_core::model::App> {
-            use herald_core::model::{PusherCredentials, RetiredSecret};
-            Ok(herald_core::model::App {
+        pub(crate) fn api_token(row: &$row) -> $crate::Result<$crate::ApiToken> {
+            Ok($crate::ApiToken {
                 id: id(row, "id")?,
+                name: row.try_get("name")?,
+                scope: match row.try_get::<Option<String>, _>("app_id")? {
+                    None => $crate::TokenScope::Environment,
+                    Some(app) => $crate::TokenScope::App($crate::sqlite::rows::parse_id(
+                        "api_tokens.app_id",
+                        app,
+                    )?),
+                },
+                created_at: time(row.try_get("created_at")?)?,
+                expires_at: row
+                    .try_get::<Option<i64>, _>("expires_at")?
+                    .map(time)
+                    .transpose()?,
+            })
+        }
+
+        pub(crate) fn app(
+            row: &$row,
+            keys: &$crate::secrets::Keyring,
+        ) -> $crate::Result<herald_core::model::App> {
+            use herald_core::model::{PusherCredentials, RetiredSecret};
+            use $crate::secrets::field;
+            let app_id: herald_core::AppId = id(row, "id")?;
+            let open = |field, stored: String| keys.open(field, app_id.as_str(), &stored);
+            Ok(herald_core::model::App {
+                id: app_id.clone(),
                 uid: row.try_get("uid")?,
                 name: row.try_get("name")?,
                 throttle_rate: row.try_get("throttle_rate")?,
@@ -462,13 +639,13 @@ macro_rules! row_readers {
                 pusher: PusherCredentials {
                     app_id: row.try_get("pusher_app_id")?,
                     key: row.try_get("pusher_key")?,
-                    secret: row.try_get("pusher_secret")?,
+                    secret: open(field::APP_PUSHER_SECRET, row.try_get("pusher_secret")?)?,
                     previous: match (
                         row.try_get::<Option<String>, _>("pusher_previous_secret")?,
                         row.try_get::<Option<i64>, _>("pusher_previous_secret_until")?,
                     ) {
                         (Some(secret), Some(until)) => Some(RetiredSecret {
-                            secret,
+                            secret: open(field::APP_PUSHER_PREVIOUS_SECRET, secret)?,
                             until: time(until)?,
                         }),
                         _ => None,
@@ -487,6 +664,9 @@ macro_rules! row_readers {
                 socketio: opt_json_column::<$crate::sqlite::rows::SocketIoRow>(row, "socketio")?
                     .map(herald_core::socketio::SocketIoSettings::try_from)
                     .transpose()?,
+                payload_retention_days: row
+                    .try_get::<Option<i64>, _>("payload_retention_days")?
+                    .map(|days| u32::try_from(days).unwrap_or(u32::MAX)),
                 created_at: time(row.try_get("created_at")?)?,
                 updated_at: time(row.try_get("updated_at")?)?,
             })
@@ -510,11 +690,21 @@ macro_rules! row_readers {
         pub(crate) fn endpoint(
             row: &$row,
             prefix: &str,
+            keys: &$crate::secrets::Keyring,
         ) -> $crate::Result<herald_core::model::Endpoint> {
+            use $crate::secrets::field;
             let col = |name: &str| format!("{prefix}{name}");
-            let previous: Vec<(String, i64)> = json_column(row, &col("previous_secrets"))?;
+            let endpoint_id: herald_core::EndpointId = id(row, &col("id"))?;
+            let open = |field, column: &str| -> $crate::Result<String> {
+                let stored: String = row.try_get(col(column).as_str())?;
+                Ok(keys.open(field, endpoint_id.as_str(), &stored)?)
+            };
+            let previous: Vec<(String, i64)> = $crate::sqlite::rows::from_json(
+                &col("previous_secrets"),
+                &open(field::ENDPOINT_PREVIOUS_SECRETS, "previous_secrets")?,
+            )?;
             Ok(herald_core::model::Endpoint {
-                id: id(row, &col("id"))?,
+                id: endpoint_id.clone(),
                 app_id: id(row, &col("app_id"))?,
                 uid: row.try_get(col("uid").as_str())?,
                 url: row.try_get(col("url").as_str())?,
@@ -531,7 +721,7 @@ macro_rules! row_readers {
                 channels: opt_json_column(row, &col("channels"))?,
                 metadata: json_column(row, &col("metadata"))?,
                 headers: json_column(row, &col("headers"))?,
-                secret: row.try_get(col("secret").as_str())?,
+                secret: open(field::ENDPOINT_SECRET, "secret")?,
                 previous_secrets: previous
                     .into_iter()
                     .map(|(secret, expires)| Ok((secret, time(expires)?)))
@@ -556,6 +746,10 @@ macro_rules! row_readers {
                 tags: opt_json_column(row, "tags")?,
                 payload: payload.into(),
                 created_at: time(row.try_get("created_at")?)?,
+                payload_expires_at: row
+                    .try_get::<Option<i64>, _>("payload_expires_at")?
+                    .map(time)
+                    .transpose()?,
             })
         }
 
@@ -579,17 +773,24 @@ macro_rules! row_readers {
 
         pub(crate) fn ingest_source(
             row: &$row,
+            keys: &$crate::secrets::Keyring,
         ) -> $crate::Result<herald_core::model::IngestSource> {
             let kind: String = row.try_get("kind")?;
+            let source_id: herald_core::SourceId = id(row, "id")?;
+            let secrets = keys.open(
+                $crate::secrets::field::SOURCE_SECRETS,
+                source_id.as_str(),
+                &row.try_get::<String, _>("secrets")?,
+            )?;
             Ok(herald_core::model::IngestSource {
-                id: id(row, "id")?,
+                id: source_id.clone(),
                 app_id: id(row, "app_id")?,
                 uid: row.try_get("uid")?,
                 name: row.try_get("name")?,
                 kind: herald_core::ingest::SourceKind::parse(&kind).ok_or_else(|| {
                     $crate::StoreError::Corrupt(format!("unknown source kind {kind:?}"))
                 })?,
-                secrets: json_column(row, "secrets")?,
+                secrets: $crate::sqlite::rows::from_json("secrets", &secrets)?,
                 hmac: opt_json_column::<$crate::sqlite::rows::HmacRow>(row, "hmac")?
                     .map(herald_core::ingest::HmacScheme::from),
                 tolerance_secs: row.try_get("tolerance_secs")?,
@@ -675,3 +876,86 @@ macro_rules! row_readers {
     };
 }
 pub(crate) use row_readers;
+
+/// The census of stored secrets (`census`) and their re-encryption (`reencrypt_rows`) for a
+/// backend whose pool is `$pool`. Expanded in each backend's `secrets` module, whose imports
+/// (`Result`, `Row`, `AssertSqlSafe`, the `secrets` types) it uses.
+macro_rules! secret_rewrites {
+    ($pool:ty) => {
+        /// Counts every stored secret by what it is encrypted under.
+        pub(super) async fn census(pool: &$pool) -> Result<SecretCensus> {
+            let mut census = SecretCensus::default();
+            for table in &SECRET_TABLES {
+                let mut after = String::new();
+                loop {
+                    let rows = sqlx::query(AssertSqlSafe(table.select_page()))
+                        .bind(&after)
+                        .bind(500_i64)
+                        .fetch_all(pool)
+                        .await?;
+                    let Some(last) = rows.last() else { break };
+                    after = last.try_get("id")?;
+                    for row in &rows {
+                        for (column, _) in table.columns {
+                            if let Some(stored) = row.try_get::<Option<String>, _>(*column)? {
+                                census.count(&stored);
+                            }
+                        }
+                    }
+                }
+            }
+            Ok(census)
+        }
+
+        /// Rewrites under the current key every secret in clear and (`all`) under another key, one
+        /// transaction per `batch` rows. Each value is replaced only if it is still the one read, so a
+        /// node writing the same row meanwhile (with its own current key) wins.
+        async fn reencrypt_rows(
+            pool: &$pool,
+            keys: &Keyring,
+            all: bool,
+            batch: u32,
+        ) -> Result<Reencrypted> {
+            let mut done = Reencrypted::default();
+            for table in &SECRET_TABLES {
+                let mut after = String::new();
+                loop {
+                    let mut tx = pool.begin().await?;
+                    let rows = sqlx::query(AssertSqlSafe(table.select_page()))
+                        .bind(&after)
+                        .bind(i64::from(batch.max(1)))
+                        .fetch_all(&mut *tx)
+                        .await?;
+                    let Some(last) = rows.last() else { break };
+                    after = last.try_get("id")?;
+                    for row in &rows {
+                        let id: String = row.try_get("id")?;
+                        for (column, field) in table.columns {
+                            let Some(stored) = row.try_get::<Option<String>, _>(*column)? else {
+                                continue;
+                            };
+                            if !keys.needs_sealing(&stored, all) {
+                                continue;
+                            }
+                            let sealed = keys.seal(field, &id, &keys.open(field, &id, &stored)?);
+                            let updated = sqlx::query(AssertSqlSafe(table.update(column)))
+                                .bind(&sealed)
+                                .bind(&id)
+                                .bind(&stored)
+                                .execute(&mut *tx)
+                                .await?;
+                            if updated.rows_affected() > 0 {
+                                done.rewritten += 1;
+                            } else {
+                                done.skipped += 1;
+                            }
+                        }
+                    }
+                    tx.commit().await?;
+                }
+            }
+            Ok(done)
+        }
+    };
+}
+pub(crate) use secret_rewrites;

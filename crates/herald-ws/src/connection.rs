@@ -198,19 +198,23 @@ async fn serve(
     let close = loop {
         tokio::select! {
             biased;
-            () = &mut shutdown => break Some((close::RECONNECT, "server shutting down".to_owned())),
-            () = &mut overflow => break Some((
-                close::OVER_CAPACITY,
-                "too slow: the connection could not keep up with its events".to_owned(),
-            )),
-            () = &mut terminated => break Some(if hub.is_removed() {
-                (close::APP_DOES_NOT_EXIST, APP_DELETED.to_owned())
-            } else {
-                (close::UNAUTHORIZED, "connection terminated by the server".to_owned())
-            }),
+            () = &mut shutdown => break Some(shutting_down()),
+            () = &mut overflow => break Some(too_slow()),
+            () = &mut terminated => break Some(terminated_close(&hub)),
             frame = frames.recv() => {
                 let Some(frame) = frame else { break None };
-                if write_queued(&mut sink, frame, &mut frames).await.is_err() {
+                // A client that stops reading blocks this write once the socket buffers are
+                // full. The outbox keeps filling meanwhile, and its overflow (or a shutdown or
+                // termination) ends the wait: a stalled client is closed instead of holding
+                // its connection, its slot and its outbox forever.
+                let written = tokio::select! {
+                    biased;
+                    () = &mut shutdown => break Some(shutting_down()),
+                    () = &mut overflow => break Some(too_slow()),
+                    () = &mut terminated => break Some(terminated_close(&hub)),
+                    written = write_queued(&mut sink, frame, &mut frames) => written,
+                };
+                if written.is_err() {
                     break None;
                 }
             }
@@ -270,26 +274,70 @@ async fn serve(
     };
     session.leave_all();
     if let Some((code, reason)) = close {
-        // Flush what is queued first (an error frame explaining the close, for instance).
-        while let Ok(frame) = frames.try_recv() {
-            if sink
-                .feed(Message::Text(frame.pusher_frame().clone()))
-                .await
-                .is_err()
-            {
-                break;
+        // The close frame goes out in bounded time or not at all: a client that stopped
+        // reading would otherwise hold this task (and its socket) forever.
+        // A too-slow client gets longer: it may read again (a tab coming back), and then it
+        // should find the 4100 that tells it to back off rather than a reset. Meanwhile it has
+        // left every channel, so waiting costs its socket and this task, nothing that grows.
+        let patience = if code == close::OVER_CAPACITY {
+            SLOW_CLOSE_WRITE_TIMEOUT
+        } else {
+            CLOSE_WRITE_TIMEOUT
+        };
+        let sent = tokio::time::timeout(patience, async {
+            // Flush what is queued first (an error frame explaining the close, for instance),
+            // unless the queue is what the client could not keep up with.
+            if code != close::OVER_CAPACITY {
+                while let Ok(frame) = frames.try_recv() {
+                    sink.feed(Message::Text(frame.pusher_frame().clone()))
+                        .await?;
+                }
             }
-        }
-        let _ = sink
-            .send(Message::Close(Some(CloseFrame {
+            sink.send(Message::Close(Some(CloseFrame {
                 code,
                 reason: reason.into(),
             })))
-            .await;
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            while let Some(Ok(_)) = stream.next().await {}
+            .await
         })
         .await;
+        if matches!(sent, Ok(Ok(()))) {
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                while let Some(Ok(_)) = stream.next().await {}
+            })
+            .await;
+        } else {
+            tracing::debug!(code, "dropping a connection that took no close frame");
+        }
+    }
+}
+
+/// How long a close frame (and what is queued before it) may take to write.
+const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the 4100 close frame of a connection that could not keep up may wait for room in
+/// its socket.
+const SLOW_CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(15);
+
+fn shutting_down() -> (u16, String) {
+    (close::RECONNECT, "server shutting down".to_owned())
+}
+
+fn too_slow() -> (u16, String) {
+    tracing::info!("closing a connection that could not keep up with its events (4100)");
+    (
+        close::OVER_CAPACITY,
+        "too slow: the connection could not keep up with its events".to_owned(),
+    )
+}
+
+/// The close for a connection the hub ended: its app was deleted, or the server terminated it.
+fn terminated_close(hub: &AppHub) -> (u16, String) {
+    if hub.is_removed() {
+        (close::APP_DOES_NOT_EXIST, APP_DELETED.to_owned())
+    } else {
+        (
+            close::UNAUTHORIZED,
+            "connection terminated by the server".to_owned(),
+        )
     }
 }
 

@@ -145,6 +145,8 @@ async fn main() {
         ..herald::Config::default()
     };
     config.delivery.allow_private_targets = true;
+    // The bench measures the path, not the per-app publish limit.
+    config.api.publish_per_second_per_app = 0;
     // A PostgreSQL store (`postgres://...`) instead of SQLite in a temporary directory.
     if let Ok(url) = std::env::var("BENCH_STORE_URL") {
         config.store.url = Some(url);

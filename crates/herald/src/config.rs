@@ -42,7 +42,14 @@ pub struct Config {
     pub remove_dev_credentials: bool,
     /// Token with full access to the API. Without one (and outside `--dev`) only tokens stored
     /// in the database work, and a fresh install has none.
-    pub admin_token: Option<String>,
+    pub admin_token: Option<SecretText>,
+    /// The main key secrets at rest are encrypted under: 32 random bytes in base64
+    /// (`openssl rand -base64 32`). Unset: SQLite generates one into the data directory,
+    /// PostgreSQL into the database (both logged as a warning at every start).
+    pub main_key: Option<SecretText>,
+    /// Earlier main keys, which still decrypt during a rotation (`herald rotate-main-key`):
+    /// a list, or comma-separated in `HERALD_PREVIOUS_MAIN_KEYS`.
+    pub previous_main_keys: KeyList,
     /// Seconds in-flight requests and attempts get to finish after SIGTERM.
     pub shutdown_grace_secs: f64,
     pub store: StoreSection,
@@ -53,8 +60,38 @@ pub struct Config {
     pub socketio: SocketIoSection,
     pub ingest: IngestSection,
     pub history: HistorySection,
+    pub retention: RetentionSection,
     pub cluster: ClusterSection,
     pub broker: BrokerSection,
+    pub tls: TlsSection,
+}
+
+/// TLS on the main listener (see `tls.rs`). With `cert` and `key` set, every face is served
+/// over `https://` and `wss://`; unset, plain HTTP.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSection {
+    /// PEM file with the certificate chain, the leaf first.
+    pub cert: Option<PathBuf>,
+    /// PEM file with the certificate's private key.
+    pub key: Option<PathBuf>,
+    /// How often both files are read to see whether they changed, in milliseconds; a change
+    /// reloads the certificate (as SIGHUP does). 0: only SIGHUP reloads.
+    pub watch_interval_ms: u64,
+    /// An address for a plain-HTTP listener that serves only `/health/live` and
+    /// `/health/ready`, for load balancers that probe without TLS. Unset: none.
+    pub health_listen: Option<SocketAddr>,
+}
+
+impl Default for TlsSection {
+    fn default() -> Self {
+        Self {
+            cert: None,
+            key: None,
+            watch_interval_ms: 2000,
+            health_listen: None,
+        }
+    }
 }
 
 /// Where a cluster's publications travel between nodes (see `herald_cluster::bus`). Unset:
@@ -144,6 +181,44 @@ impl Default for HistorySection {
                 .collect(),
             max_replay: d.max_replay,
             sse_keepalive_secs: 15,
+        }
+    }
+}
+
+/// How long what Herald stores is kept (see `retention.rs` and the README's "Retention").
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionSection {
+    /// Days a message's payload is kept (an app's `retention.payloadDays` or a message's
+    /// `payloadRetentionPeriod`/`payloadRetentionHours` may say otherwise), then expunged.
+    pub payload_days: u32,
+    /// Days the attempt log is kept; messages older than this with nothing left to deliver
+    /// are deleted with their deliveries.
+    pub attempt_days: u32,
+    /// Days received requests (webhooks in) are kept, with the delivery ids that recognise
+    /// a provider's retries: at least 3 (Stripe retries for 3 days).
+    pub ingest_days: u32,
+    /// Seconds between sweeps.
+    pub sweep_interval_secs: f64,
+    /// Rows one sweep batch (one transaction) deletes at most.
+    pub batch_size: u32,
+    /// Milliseconds between two batches of a sweep, so intake gets the database in between.
+    pub batch_pause_ms: u64,
+    /// The length of a retention "day" in seconds: 86400. Only tests shorten it, to see
+    /// days of retention pass in seconds.
+    pub day_secs: f64,
+}
+
+impl Default for RetentionSection {
+    fn default() -> Self {
+        Self {
+            payload_days: 30,
+            attempt_days: 90,
+            ingest_days: 30,
+            sweep_interval_secs: 60.0,
+            batch_size: herald_store::RETENTION_BATCH,
+            batch_pause_ms: 10,
+            day_secs: 86_400.0,
         }
     }
 }
@@ -347,6 +422,10 @@ impl Default for ListenerSection {
 #[serde(default, deny_unknown_fields)]
 pub struct ApiSection {
     pub max_body_bytes: usize,
+    /// Events one app may publish through the API per second on this node (Svix messages,
+    /// Pusher triggers: one per channel named); 0: no limit.
+    pub publish_per_second_per_app: u32,
+    pub publish_burst_per_app: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -385,6 +464,8 @@ impl Default for Config {
             dev_allow_remote: false,
             remove_dev_credentials: false,
             admin_token: None,
+            main_key: None,
+            previous_main_keys: KeyList::default(),
             shutdown_grace_secs: 10.0,
             store: StoreSection::default(),
             api: ApiSection::default(),
@@ -394,16 +475,89 @@ impl Default for Config {
             socketio: SocketIoSection::default(),
             ingest: IngestSection::default(),
             history: HistorySection::default(),
+            retention: RetentionSection::default(),
             cluster: ClusterSection::default(),
             broker: BrokerSection::default(),
+            tls: TlsSection::default(),
         }
+    }
+}
+
+/// A configured secret (`admin_token`, a main key): read and written as a plain string, shown
+/// by `Debug` as `<redacted>`, so logging the configuration never writes it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SecretText(String);
+
+impl std::fmt::Debug for SecretText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl std::ops::Deref for SecretText {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for SecretText {
+    fn from(text: &str) -> Self {
+        Self(text.to_owned())
+    }
+}
+
+impl From<String> for SecretText {
+    fn from(text: String) -> Self {
+        Self(text)
+    }
+}
+
+/// `previous_main_keys`: a TOML list, or one string of comma-separated keys (as an
+/// environment variable gives it).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "KeyListForm", into = "Vec<SecretText>")]
+pub struct KeyList(pub Vec<SecretText>);
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum KeyListForm {
+    Many(Vec<String>),
+    One(String),
+}
+
+impl From<KeyListForm> for KeyList {
+    fn from(form: KeyListForm) -> Self {
+        let texts = match form {
+            KeyListForm::Many(keys) => keys,
+            KeyListForm::One(keys) => keys.split(',').map(str::to_owned).collect(),
+        };
+        Self(
+            texts
+                .into_iter()
+                .map(|k| k.trim().to_owned())
+                .filter(|k| !k.is_empty())
+                .map(SecretText)
+                .collect(),
+        )
+    }
+}
+
+impl From<KeyList> for Vec<SecretText> {
+    fn from(list: KeyList) -> Self {
+        list.0
     }
 }
 
 impl Default for ApiSection {
     fn default() -> Self {
+        let publish = herald_api::rate::PublishRates::default().per_app;
         Self {
             max_body_bytes: herald_api::ApiConfig::default().max_body_bytes,
+            publish_per_second_per_app: publish.per_second,
+            publish_burst_per_app: publish.burst,
         }
     }
 }
@@ -564,6 +718,12 @@ impl Config {
         {
             config.broker.url = None;
         }
+        // `HERALD_TLS__CERT=` (set but empty) means no TLS, as for `broker.url`.
+        for path in [&mut config.tls.cert, &mut config.tls.key] {
+            if path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+                *path = None;
+            }
+        }
         config.validate()?;
         Ok(config)
     }
@@ -575,9 +735,29 @@ impl Config {
                 self.listen
             )));
         }
+        if self.api.publish_per_second_per_app > 0
+            && self
+                .api
+                .publish_burst_per_app
+                .max(self.api.publish_per_second_per_app)
+                < herald_api::rate::LARGEST_PUBLISH
+        {
+            return Err(ConfigError::Invalid(format!(
+                "api.publish_burst_per_app ({}) must be at least {}: a Pusher trigger to {} channels spends that much at once and could never be accepted",
+                self.api.publish_burst_per_app,
+                herald_api::rate::LARGEST_PUBLISH,
+                herald_api::rate::LARGEST_PUBLISH
+            )));
+        }
         if self.dev && self.remove_dev_credentials {
             return Err(ConfigError::Invalid(
                 "--remove-dev-credentials removes what --dev creates; use one or the other".into(),
+            ));
+        }
+        self.retention_check()?;
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return Err(ConfigError::Invalid(
+                "tls.cert and tls.key go together: set both (PEM files) for TLS, or neither".into(),
             ));
         }
         let store = self.store_config()?;
@@ -740,7 +920,37 @@ impl Config {
                 "admin_token must be at least 16 characters".into(),
             ));
         }
+        self.main_keys()?;
         Ok(())
+    }
+
+    /// The configured main keys (`main_key`, then `previous_main_keys`); `None` when no main
+    /// key is configured, for the store's generated one. Errors name the setting, never the
+    /// value.
+    pub fn main_keys(&self) -> Result<Option<herald_store::secrets::Keyring>, ConfigError> {
+        use herald_store::secrets::{Keyring, MainKey};
+        let previous = self
+            .previous_main_keys
+            .0
+            .iter()
+            .enumerate()
+            .map(|(i, text)| {
+                MainKey::from_base64(text).map_err(|e| {
+                    ConfigError::Invalid(format!("previous_main_keys (key {}): {e}", i + 1))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let Some(main) = self.main_key.as_deref().filter(|k| !k.trim().is_empty()) else {
+            if previous.is_empty() {
+                return Ok(None);
+            }
+            return Err(ConfigError::Invalid(
+                "previous_main_keys are set without main_key: set the key to encrypt under as main_key (HERALD_MAIN_KEY)".into(),
+            ));
+        };
+        let main = MainKey::from_base64(main)
+            .map_err(|e| ConfigError::Invalid(format!("main_key: {e}")))?;
+        Ok(Some(Keyring::new(&main, &previous)))
     }
 
     /// The store to open: `store.url`, or SQLite in `data_dir` while it is unset; a
@@ -811,6 +1021,15 @@ impl Config {
         }
     }
 
+    pub fn publish_rates(&self) -> herald_api::rate::PublishRates {
+        herald_api::rate::PublishRates {
+            per_app: herald_api::rate::Rate {
+                per_second: self.api.publish_per_second_per_app,
+                burst: self.api.publish_burst_per_app,
+            },
+        }
+    }
+
     pub fn ingest_rates(&self) -> herald_api::rate::IngestRates {
         let i = &self.ingest;
         herald_api::rate::IngestRates {
@@ -868,7 +1087,59 @@ impl Config {
         }
     }
 
+    /// The certificate and key the main listener serves, when TLS is on.
+    pub fn tls_files(&self) -> Option<crate::tls::CertificateFiles> {
+        match (&self.tls.cert, &self.tls.key) {
+            (Some(cert), Some(key)) => Some(crate::tls::CertificateFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ => None,
+        }
+    }
+
     /// How long a node lives without a heartbeat (see [`ClusterSection`]).
+    /// The `[retention]` values that make no sense, named.
+    fn retention_check(&self) -> Result<(), ConfigError> {
+        let r = &self.retention;
+        let invalid = |message: String| Err(ConfigError::Invalid(message));
+        if r.payload_days == 0 || r.attempt_days == 0 {
+            return invalid(
+                "retention.payload_days and retention.attempt_days must be at least 1".into(),
+            );
+        }
+        if r.ingest_days < 3 {
+            return invalid(format!(
+                "retention.ingest_days ({}) must be at least 3: received requests keep the delivery ids that recognise a provider's retries, and Stripe retries for 3 days",
+                r.ingest_days
+            ));
+        }
+        if !(r.sweep_interval_secs.is_finite() && r.sweep_interval_secs > 0.0) {
+            return invalid("retention.sweep_interval_secs must be a positive number".into());
+        }
+        if !(r.day_secs.is_finite() && r.day_secs > 0.0) {
+            return invalid("retention.day_secs must be a positive number (86400)".into());
+        }
+        if r.batch_size == 0 {
+            return invalid("retention.batch_size must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The sweeper's settings (`[retention]`).
+    pub fn retention(&self) -> crate::retention::Retention {
+        let r = &self.retention;
+        crate::retention::Retention {
+            day: Duration::from_secs_f64(r.day_secs),
+            payload_days: r.payload_days,
+            attempt_days: r.attempt_days,
+            ingest_days: r.ingest_days,
+            sweep_every: Duration::from_secs_f64(r.sweep_interval_secs),
+            batch: r.batch_size,
+            pause: Duration::from_millis(r.batch_pause_ms),
+        }
+    }
+
     pub fn node_ttl(&self) -> Duration {
         Duration::from_secs(self.cluster.node_ttl_secs)
     }
@@ -952,6 +1223,27 @@ mod tests {
     }
 
     #[test]
+    fn retention_is_read_from_env_and_too_short_a_dedup_window_is_refused() {
+        figment::Jail::expect_with(|jail| {
+            let load = || Config::load(None, &Overrides::default()).map_err(|e| e.to_string());
+            let defaults = load()?.retention();
+            assert_eq!(defaults.day, Duration::from_secs(86_400));
+            assert_eq!(defaults.payload_days, 30);
+            assert_eq!(defaults.attempt_days, 90);
+            assert_eq!(defaults.ingest_days, 30);
+            jail.set_env("HERALD_RETENTION__PAYLOAD_DAYS", "7");
+            jail.set_env("HERALD_RETENTION__SWEEP_INTERVAL_SECS", "0.5");
+            let retention = load()?.retention();
+            assert_eq!(retention.payload_days, 7);
+            assert_eq!(retention.sweep_every, Duration::from_millis(500));
+            jail.set_env("HERALD_RETENTION__INGEST_DAYS", "2");
+            let err = load().expect_err("under Stripe's retry window");
+            assert!(err.contains("retention.ingest_days"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
     fn dev_allows_private_targets_and_bad_values_are_refused() {
         figment::Jail::expect_with(|jail| {
             let dev = Overrides {
@@ -970,6 +1262,56 @@ mod tests {
             let err = Config::load(Some(Path::new("typo.toml")), &Overrides::default())
                 .expect_err("unknown key in the file");
             assert!(err.to_string().contains("listn"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn tls_takes_a_cert_and_a_key_together_from_env_or_file() {
+        figment::Jail::expect_with(|jail| {
+            let load = || Config::load(None, &Overrides::default()).map_err(|e| e.to_string());
+            let config = load()?;
+            assert_eq!(config.tls_files(), None, "plain HTTP by default");
+            assert_eq!(config.tls.watch_interval_ms, 2000);
+
+            jail.set_env("HERALD_TLS__CERT", "/etc/herald/cert.pem");
+            let refused = load().expect_err("a cert without its key");
+            assert!(refused.contains("tls.key"), "{refused}");
+            jail.set_env("HERALD_TLS__KEY", "/etc/herald/key.pem");
+            jail.set_env("HERALD_TLS__WATCH_INTERVAL_MS", "500");
+            jail.set_env("HERALD_TLS__HEALTH_LISTEN", "127.0.0.1:6002");
+            let config = load()?;
+            assert_eq!(
+                config.tls_files(),
+                Some(crate::tls::CertificateFiles {
+                    cert: "/etc/herald/cert.pem".into(),
+                    key: "/etc/herald/key.pem".into(),
+                })
+            );
+            assert_eq!(config.tls.watch_interval_ms, 500);
+            assert_eq!(
+                config.tls.health_listen,
+                Some("127.0.0.1:6002".parse().expect("addr"))
+            );
+            jail.set_env("HERALD_TLS__CERT", "");
+            jail.set_env("HERALD_TLS__KEY", "");
+            assert_eq!(load()?.tls_files(), None, "empty is unset");
+
+            jail.clear_env();
+            jail.create_file(
+                "herald.toml",
+                "[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\nwatch_interval_ms = 0\n",
+            )?;
+            let config = Config::load(Some(Path::new("herald.toml")), &Overrides::default())
+                .map_err(|e| e.to_string())?;
+            assert_eq!(
+                config.tls_files().map(|f| (f.cert, f.key)),
+                Some(("c.pem".into(), "k.pem".into()))
+            );
+            jail.create_file("typo.toml", "[tls]\ncertificate = \"c.pem\"\n")?;
+            let err = Config::load(Some(Path::new("typo.toml")), &Overrides::default())
+                .expect_err("an unknown tls key");
+            assert!(err.to_string().contains("certificate"), "{err}");
             Ok(())
         });
     }
@@ -1090,6 +1432,69 @@ mod tests {
                 StoreConfig::Sqlite {
                     dir: "from-file".into()
                 }
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn main_keys_come_from_env_or_file_and_are_never_shown() {
+        use herald_store::secrets::MainKey;
+        let (a, b, c) = (
+            MainKey::generate(),
+            MainKey::generate(),
+            MainKey::generate(),
+        );
+        figment::Jail::expect_with(|jail| {
+            let load = || Config::load(None, &Overrides::default()).map_err(|e| e.to_string());
+            assert!(load()?.main_keys().map_err(|e| e.to_string())?.is_none());
+            jail.set_env("HERALD_MAIN_KEY", a.to_base64());
+            jail.set_env(
+                "HERALD_PREVIOUS_MAIN_KEYS",
+                format!("{}, {}", b.to_base64(), c.to_base64()),
+            );
+            jail.set_env("HERALD_ADMIN_TOKEN", "env-admin-token-0123");
+            let config = load()?;
+            let keys = config
+                .main_keys()
+                .map_err(|e| e.to_string())?
+                .expect("configured");
+            assert_eq!(
+                keys.key_ids().collect::<Vec<_>>(),
+                [a.id(), b.id(), c.id()],
+                "main first, then the previous ones in order"
+            );
+            let debug = format!("{config:?}");
+            for secret in [a.to_base64(), b.to_base64(), "env-admin-token-0123".into()] {
+                assert!(!debug.contains(&secret), "{debug}");
+            }
+
+            jail.set_env("HERALD_MAIN_KEY", "dG9vIHNob3J0");
+            let refused = load().expect_err("a short key");
+            assert!(
+                refused.contains("main_key") && refused.contains("32 random bytes"),
+                "{refused}"
+            );
+            assert!(!refused.contains("dG9vIHNob3J0"), "{refused}");
+            jail.set_env("HERALD_MAIN_KEY", "");
+            let refused = load().expect_err("previous keys without a main key");
+            assert!(refused.contains("without main_key"), "{refused}");
+
+            jail.clear_env();
+            jail.create_file(
+                "keys.toml",
+                &format!(
+                    "main_key = \"{}\"\nprevious_main_keys = [\"{}\"]\n",
+                    b.to_base64(),
+                    a.to_base64()
+                ),
+            )?;
+            let config = Config::load(Some(Path::new("keys.toml")), &Overrides::default())
+                .map_err(|e| e.to_string())?;
+            let keys = config.main_keys().map_err(|e| e.to_string())?;
+            assert_eq!(
+                keys.map(|k| k.key_ids().map(str::to_owned).collect::<Vec<_>>()),
+                Some(vec![b.id(), a.id()])
             );
             Ok(())
         });

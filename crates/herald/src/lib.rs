@@ -6,7 +6,9 @@
 
 pub mod config;
 pub mod listener;
+pub mod retention;
 pub mod store;
+pub mod tls;
 
 use std::{sync::Arc, time::Duration};
 
@@ -22,13 +24,14 @@ use herald_channels::{
 };
 use herald_cluster::postgres::PostgresBroker;
 use herald_core::{
+    TokenId,
     model::{App, PusherCredentials},
     socketio::{EventRule, Relay, SocketIoSettings},
     token,
 };
 use herald_delivery::{Dispatcher, WebhookClient};
 use herald_metrics::{Metrics, Registry};
-use herald_store::{Store, StoreError, TokenScope};
+use herald_store::{ApiToken, Store, StoreError, TokenScope};
 use herald_ws::connection::WsState;
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -50,12 +53,67 @@ pub async fn run(
     config: Config,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    run_with(
+        Listeners {
+            main: listener,
+            health: None,
+            tls: None,
+        },
+        config,
+        shutdown,
+    )
+    .await
+}
+
+/// The sockets [`run_with`] serves, and the main one's TLS.
+pub struct Listeners {
+    /// Every face: the APIs, WebSockets, SSE, Socket.IO, webhooks in (TLS when configured).
+    pub main: TcpListener,
+    /// The plain-HTTP health listener (`tls.health_listen`), bound by a caller that announces
+    /// its address; `None` while it is configured: bound by `run_with`.
+    pub health: Option<TcpListener>,
+    /// The certificate loaded by a caller that checked it before announcing the listener (so
+    /// the files are read once: a change in between is the watcher's); `None` while
+    /// `tls.cert` is set: loaded by `run_with`.
+    pub tls: Option<Arc<tls::ListenerTls>>,
+}
+
+/// [`run`] with the health listener given.
+pub async fn run_with(
+    listeners: Listeners,
+    config: Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let Listeners {
+        main: listener,
+        health: health_listener,
+        tls,
+    } = listeners;
+    // First: a certificate that cannot be served is a startup error naming the file, before
+    // anything opens.
+    let tls = match tls {
+        Some(loaded) => Some(loaded),
+        None => config
+            .tls_files()
+            .map(tls::ListenerTls::load)
+            .transpose()
+            .context("TLS on the main listener (tls.cert, tls.key)")?,
+    };
+    let health_listener = match (health_listener, config.tls.health_listen) {
+        (Some(bound), _) => Some(bound),
+        (None, Some(addr)) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (tls.health_listen)"))?,
+        ),
+        (None, None) => None,
+    };
     let store_config = config.store_config()?;
     let store::OpenedStore {
         store,
         properties,
         postgres,
-    } = store::open(&store_config).await?;
+    } = store::open(&store_config, config.main_keys()?).await?;
     tracing::info!(backend = properties.backend, "store: {store_config}");
     // A store owned by this process alone: anything still leased was cut off by a crash or a
     // hard stop, so deliver it again (at least once). A shared store's leases may belong to
@@ -203,13 +261,16 @@ pub async fn run(
         Some(cluster) => Arc::clone(cluster) as _,
         None => Arc::new(LocalPresence::new(Arc::clone(&hub))),
     };
-    let publisher = Arc::new(Publisher::new(
-        Arc::clone(&store),
-        broker,
-        Arc::clone(&history),
-        dispatcher.handle(),
-        Arc::clone(&metrics.publish),
-    ));
+    let publisher = Arc::new(
+        Publisher::new(
+            Arc::clone(&store),
+            broker,
+            Arc::clone(&history),
+            dispatcher.handle(),
+            Arc::clone(&metrics.publish),
+        )
+        .with_payload_retention(config.retention().payload()),
+    );
     let mut state = ApiState::new(
         Arc::clone(&store),
         dispatcher.handle(),
@@ -227,7 +288,11 @@ pub async fn run(
     ));
     state.sse = config.sse_config(&clients);
     state.ingest_limits = Arc::new(herald_api::rate::IngestLimiter::new(config.ingest_rates()));
+    state.publish_limits = Arc::new(herald_api::rate::PublishLimiter::new(
+        config.publish_rates(),
+    ));
     state.shutdown = shutdown.clone();
+    state.retention_day = config.retention().day;
     state.metrics_registry = Arc::new(registry);
     let connections = TaskTracker::new();
     let socketio = config.socketio.enabled.then(|| {
@@ -283,17 +348,52 @@ pub async fn run(
         Arc::clone(&history),
         stop_background.clone(),
     ));
+    background.spawn(retention::run(
+        Arc::clone(&store),
+        config.retention(),
+        stop_background.clone(),
+    ));
     // Stopped after the connections have closed, so it stores their vacated events too.
     background.spawn(channel_webhooks.run(publisher, stop_background.clone()));
+    if let Some(tls) = &tls {
+        background.spawn(tls::watch(
+            Arc::clone(tls),
+            Duration::from_millis(config.tls.watch_interval_ms),
+            stop_background.clone(),
+        ));
+    }
 
-    let served = listener::serve(
+    let limits = config.listener_limits();
+    let health_router = health_listener
+        .is_some()
+        .then(|| listener::health_only(router.clone()));
+    // The health listener shares the limits and metrics; it never speaks TLS.
+    let serve_health = async {
+        match (health_listener, health_router) {
+            (Some(health), Some(router)) => {
+                listener::serve(
+                    health,
+                    router,
+                    &limits,
+                    Arc::clone(&metrics.listener),
+                    None,
+                    shutdown.clone(),
+                )
+                .await
+            }
+            _ => Ok(()),
+        }
+    };
+    let serve_main = listener::serve(
         listener,
         router,
-        &config.listener_limits(),
+        &limits,
         Arc::clone(&metrics.listener),
+        tls.as_ref().map(|tls| tls.acceptor()),
         shutdown.clone(),
-    )
-    .await;
+    );
+    let (served, health_served) = tokio::join!(serve_main, serve_health);
+    let served = served.and(health_served);
     connections.close();
     connections.wait().await;
     // The connections' leaves are queued: apply them (reporting webhooks while the channel
@@ -333,7 +433,7 @@ async fn housekeeping(store: Arc<dyn Store>, history: Arc<History>, stop: Cancel
 /// Pusher credentials and keeps its data).
 async fn refuse_dev_credentials(store: &dyn Store, remove: bool) -> anyhow::Result<()> {
     let token_hash = token::hash(DEV_API_TOKEN);
-    let has_token = store.token_scope(&token_hash).await?.is_some();
+    let has_token = store.find_token(&token_hash).await?.is_some();
     let demo_app = store
         .get_app_by_pusher_key(DEV_PUSHER_KEY)
         .await?
@@ -409,6 +509,7 @@ async fn seed_dev(store: &dyn Store) -> anyhow::Result<()> {
                         webhook: false,
                     }],
                 }),
+                payload_retention_days: None,
                 created_at: now,
                 updated_at: now,
             })
@@ -418,8 +519,16 @@ async fn seed_dev(store: &dyn Store) -> anyhow::Result<()> {
             other => other?,
         }
     }
+    let now = Utc::now();
+    let dev_token = ApiToken {
+        id: TokenId::new(now),
+        name: "dev".to_owned(),
+        scope: TokenScope::Environment,
+        created_at: now,
+        expires_at: None,
+    };
     store
-        .add_token(&token::hash(DEV_API_TOKEN), &TokenScope::Environment, "dev")
+        .add_token(&dev_token, &token::hash(DEV_API_TOKEN))
         .await?;
     Ok(())
 }

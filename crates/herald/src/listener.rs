@@ -24,6 +24,10 @@
 //!   body is being read: requests without a body (WebSocket upgrades, SSE streams, most GETs)
 //!   never start one, and a long response is not a request body.
 //! - **Head size**: a request line plus headers over `max_header_bytes` gets 431.
+//! - **TLS** (when `tls.cert` is set; see `tls.rs`): the handshake runs in the connection's own
+//!   task, never in the accept loop, so a slow or silent client holds up no one else; it has
+//!   `header_read_timeout` to finish it, and the header timer starts again after it. The TLS
+//!   stream wraps the counted socket, so caps and per-address counts hold as for plain HTTP.
 
 use std::{
     collections::HashMap,
@@ -44,9 +48,10 @@ use std::{
 use axum::{
     BoxError, Router,
     body::Body,
-    extract::ConnectInfo,
+    extract::{ConnectInfo, State},
     http::{HeaderValue, StatusCode, header},
     response::Response,
+    routing::get,
 };
 use herald_metrics::{ListenerMetrics, Refusal};
 use hyper::{
@@ -62,6 +67,7 @@ use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore},
     time::Sleep,
 };
+use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower_service::Service;
 
@@ -97,12 +103,14 @@ impl Default for ListenerLimits {
 
 /// Serves `router` on `listener` until `shutdown` is cancelled, then stops accepting and waits
 /// for in-flight requests (upgraded WebSockets are out of its reach and watch `shutdown`
-/// themselves). Accepted and refused connections are counted in `metrics`.
+/// themselves). Accepted and refused connections are counted in `metrics`. With `tls`, every
+/// admitted connection does its TLS handshake first, on its own task.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: &ListenerLimits,
     metrics: Arc<ListenerMetrics>,
+    tls: Option<TlsAcceptor>,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
@@ -111,6 +119,7 @@ pub async fn serve(
         limits.trusted_proxies.clone(),
     ));
     let body_timeout = limits.body_read_timeout;
+    let handshake_timeout = limits.header_read_timeout;
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
@@ -164,11 +173,11 @@ pub async fn serve(
             continue;
         };
         metrics.connections_accepted_total.inc();
-        let io = TokioIo::new(Counted {
+        let counted = Counted {
             stream,
             _slot: slot,
             _address_slot: address_slot,
-        });
+        };
         let router = router.clone();
         let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
             request.extensions_mut().insert(ConnectInfo(peer));
@@ -192,9 +201,38 @@ pub async fn serve(
                 }
             }
         });
-        let connection = http.serve_connection(io, service).with_upgrades();
+        let http = http.clone();
+        let tls = tls.clone();
         let shutdown = shutdown.clone();
         connections.spawn(async move {
+            let io = match tls {
+                None => Io::Plain(counted),
+                Some(acceptor) => {
+                    let handshake =
+                        tokio::time::timeout(handshake_timeout, acceptor.accept(counted));
+                    let handshake = tokio::select! {
+                        handshake = handshake => handshake,
+                        // Nothing was asked yet: nothing to finish.
+                        () = shutdown.cancelled() => return,
+                    };
+                    match handshake {
+                        Ok(Ok(stream)) => Io::Tls(Box::new(stream)),
+                        // Scanners, plain HTTP sent to the TLS port, clients that distrust
+                        // the certificate: theirs to report, debug here.
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    }
+                }
+            };
+            let connection = http
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades();
             let mut connection = std::pin::pin!(connection);
             let ended = tokio::select! {
                 ended = connection.as_mut() => ended,
@@ -213,6 +251,23 @@ pub async fn serve(
     connections.close();
     connections.wait().await;
     Ok(())
+}
+
+/// `router`'s `/health/live` and `/health/ready` alone, for the plain-HTTP health listener
+/// (`tls.health_listen`): load balancers probe it without TLS, and it answers nothing else
+/// (404), so it is no way around TLS for the APIs. The same handlers answer as on the main
+/// listener.
+pub fn health_only(router: Router) -> Router {
+    async fn forward(State(router): State<Router>, request: axum::extract::Request) -> Response {
+        match router.clone().call(request).await {
+            Ok(response) => response,
+            Err(never) => match never {},
+        }
+    }
+    Router::new()
+        .route("/health/live", get(forward))
+        .route("/health/ready", get(forward))
+        .with_state(router)
 }
 
 /// The answer to a request whose body did not arrive in time, whatever the handler made of the
@@ -395,6 +450,71 @@ impl Drop for AddressSlot {
             if *count == 0 {
                 open.remove(&key);
             }
+        }
+    }
+}
+
+/// A connection's byte stream: the counted socket itself, or TLS over it.
+enum Io {
+    Plain(Counted),
+    /// Boxed: a TLS session's buffers would make every plain connection as large.
+    Tls(Box<TlsStream<Counted>>),
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }

@@ -42,6 +42,10 @@ enum Command {
         /// Let --dev listen on a non-loopback address (its credentials are public).
         #[arg(long, requires = "dev")]
         dev_allow_remote: bool,
+        /// With --dev: serve https:// and wss:// with a self-signed certificate for localhost,
+        /// 127.0.0.1 and ::1, made in the data directory on first use and reused after.
+        #[arg(long, requires = "dev")]
+        dev_tls: bool,
         /// Delete the API token a --dev run left and give the demo app new Pusher credentials,
         /// so this data directory can serve without --dev (its apps and messages are kept).
         #[arg(long, conflicts_with = "dev")]
@@ -50,6 +54,18 @@ enum Command {
     /// Bring the store's schema up to date and exit (`serve` does this at start too). On
     /// PostgreSQL, run it once before starting nodes of a new version.
     Migrate {
+        /// TOML configuration file.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Data directory of the embedded store [default: ./herald-data]; store.url, when set,
+        /// wins.
+        #[arg(long = "data", value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+    },
+    /// Re-encrypt every stored secret under the current main key (main_key /
+    /// HERALD_MAIN_KEY), reading the old ones with previous_main_keys, in small transactions
+    /// while servers run; then exit. See README, "Secrets at rest", for the procedure.
+    RotateMainKey {
         /// TOML configuration file.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
@@ -69,6 +85,8 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    let dev_tls = matches!(cli.command, Command::Serve { dev_tls: true, .. });
+    let rotate = matches!(cli.command, Command::RotateMainKey { .. });
     let (config, overrides, migrate_only) = match cli.command {
         Command::Serve {
             config,
@@ -77,6 +95,7 @@ fn main() -> ExitCode {
             dev,
             dev_allow_remote,
             remove_dev_credentials,
+            ..
         } => (
             config,
             Overrides {
@@ -88,7 +107,7 @@ fn main() -> ExitCode {
             },
             false,
         ),
-        Command::Migrate { config, data_dir } => (
+        Command::Migrate { config, data_dir } | Command::RotateMainKey { config, data_dir } => (
             config,
             Overrides {
                 data_dir,
@@ -104,6 +123,17 @@ fn main() -> ExitCode {
             return ExitCode::from(64); // EX_USAGE
         }
     };
+    let (config, dev_certificate) = match with_dev_tls(config, dev_tls) {
+        Ok(with) => with,
+        Err(DevTlsError::Usage(e)) => {
+            eprintln!("herald: {e}");
+            return ExitCode::from(64); // EX_USAGE
+        }
+        Err(DevTlsError::Failed(e)) => {
+            eprintln!("herald: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -111,10 +141,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let done = if migrate_only {
+    let done = if rotate {
+        runtime.block_on(rotate_main_key(config))
+    } else if migrate_only {
         runtime.block_on(migrate(config))
     } else {
-        runtime.block_on(serve(config))
+        runtime.block_on(serve(config, dev_certificate))
     };
     match done {
         Ok(()) => ExitCode::SUCCESS,
@@ -125,20 +157,81 @@ fn main() -> ExitCode {
     }
 }
 
+/// Re-encrypts every secret under the current main key and says what it did.
+async fn rotate_main_key(config: Config) -> anyhow::Result<()> {
+    let store_config = config.store_config()?;
+    if config.main_key.is_none() {
+        tracing::warn!(
+            "no main_key configured (HERALD_MAIN_KEY): re-encrypting under the store's generated key"
+        );
+    }
+    let (done, key) = herald::store::rotate_main_key(&store_config, config.main_keys()?).await?;
+    println!(
+        "herald: re-encrypted {} secret(s) under main key {key} ({} changed meanwhile and were already under it); every secret in {store_config} is under it now, so keys other than main_key can leave previous_main_keys",
+        done.rewritten, done.skipped
+    );
+    Ok(())
+}
+
 /// Opens the store (which migrates its schema) and closes it.
 async fn migrate(config: Config) -> anyhow::Result<()> {
     let store_config = config.store_config()?;
-    let opened = herald::store::open(&store_config).await?;
+    let opened = herald::store::open(&store_config, config.main_keys()?).await?;
     opened.store.close().await;
     println!("herald: the store ({store_config}) is up to date");
     Ok(())
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+enum DevTlsError {
+    Usage(String),
+    Failed(anyhow::Error),
+}
+
+/// `--dev-tls`: the data directory's self-signed certificate, made or found, as `tls.cert` and
+/// `tls.key`.
+fn with_dev_tls(
+    mut config: Config,
+    dev_tls: bool,
+) -> Result<(Config, Option<herald::tls::DevCertificate>), DevTlsError> {
+    if !dev_tls {
+        return Ok((config, None));
+    }
+    if config.tls_files().is_some() {
+        return Err(DevTlsError::Usage(
+            "--dev-tls makes its own certificate, but tls.cert and tls.key are set too: drop one or the other".into(),
+        ));
+    }
+    let dev = herald::tls::dev_certificate(&config.data_dir).map_err(DevTlsError::Failed)?;
+    config.tls.cert = Some(dev.files.cert.clone());
+    config.tls.key = Some(dev.files.key.clone());
+    Ok((config, Some(dev)))
+}
+
+async fn serve(
+    config: Config,
+    dev_certificate: Option<herald::tls::DevCertificate>,
+) -> anyhow::Result<()> {
+    // A certificate that cannot be served stops the start here, naming the file, before the
+    // banner tells anyone a listener is up.
+    let tls = config
+        .tls_files()
+        .map(herald::tls::ListenerTls::load)
+        .transpose()?;
+    let (http, ws) = match tls {
+        Some(_) => ("https", "wss"),
+        None => ("http", "ws"),
+    };
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
     let addr = listener.local_addr()?;
+    // Bound here rather than in `run` so that its address (port 0 too) can be announced.
+    let health = match config.tls.health_listen {
+        Some(health_addr) => Some(TcpListener::bind(health_addr).await.map_err(|e| {
+            anyhow::anyhow!("cannot listen on {health_addr} (tls.health_listen): {e}")
+        })?),
+        None => None,
+    };
     if config.admin_token.is_none() && !config.dev {
         tracing::warn!(
             "no admin token configured (HERALD_ADMIN_TOKEN): only stored API tokens can use the API"
@@ -147,13 +240,29 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     // Scripts and tests read the first line to learn the bound address. Whoever reads it may
     // close the pipe afterwards (`herald serve | head -1`): the banner is best effort and never
     // stops the server, unlike `println!`, which panics on a closed stdout.
-    let mut banner = format!("herald listening on http://{addr}\n");
+    let mut banner = format!("herald listening on {http}://{addr}\n");
+    if let Some(health) = &health {
+        banner.push_str(&format!(
+            "health checks on http://{}/health/live and /health/ready (plain HTTP)\n",
+            health.local_addr()?
+        ));
+    }
+    if let Some(dev) = &dev_certificate {
+        banner.push_str(&format!(
+            "dev TLS: {} self-signed certificate {}\n\x20 SHA-256 fingerprint {}   (curl --cacert {} https://localhost:{}/health/live)\n",
+            if dev.created { "made a" } else { "reusing the" },
+            dev.files.cert.display(),
+            dev.fingerprint,
+            dev.files.cert.display(),
+            addr.port(),
+        ));
+    }
     if config.dev {
         banner.push_str(&format!(
             "dev mode: {}, private webhook targets allowed\n\
              \x20 app uid:   {DEV_APP_UID}\n\
-             \x20 API token: {DEV_API_TOKEN}   (curl -H 'Authorization: Bearer {DEV_API_TOKEN}' http://{addr}/api/v1/app)\n\
-             \x20 Pusher:    app id {DEV_PUSHER_APP_ID}, key {DEV_PUSHER_KEY}, secret {DEV_PUSHER_SECRET}   (ws://{addr}/app/{DEV_PUSHER_KEY})\n",
+             \x20 API token: {DEV_API_TOKEN}   (curl -H 'Authorization: Bearer {DEV_API_TOKEN}' {http}://{addr}/api/v1/app)\n\
+             \x20 Pusher:    app id {DEV_PUSHER_APP_ID}, key {DEV_PUSHER_KEY}, secret {DEV_PUSHER_SECRET}   ({ws}://{addr}/app/{DEV_PUSHER_KEY})\n",
             config
                 .store_config()
                 .map_or_else(|e| e.to_string(), |s| s.to_string())
@@ -168,7 +277,16 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
-    herald::run(listener, config, shutdown).await
+    herald::run_with(
+        herald::Listeners {
+            main: listener,
+            health,
+            tls,
+        },
+        config,
+        shutdown,
+    )
+    .await
 }
 
 async fn cancel_on_signal(shutdown: CancellationToken) {

@@ -11,8 +11,9 @@ use std::{fmt, path::PathBuf, sync::Arc};
 
 use anyhow::Context;
 use herald_store::{
-    Store,
+    SecretStore, Store,
     postgres::{PostgresOptions, PostgresStore},
+    secrets::{Keyring, Reencrypted},
     sqlite::SqliteStore,
 };
 
@@ -143,11 +144,13 @@ pub struct OpenedStore {
     pub postgres: Option<Arc<PostgresStore>>,
 }
 
-/// Open (creating if needed) the store `config` names and bring its schema up to date.
-pub async fn open(config: &StoreConfig) -> anyhow::Result<OpenedStore> {
+/// Open (creating if needed) the store `config` names and bring its schema up to date. Its
+/// secrets are encrypted under `keys` (the configured main key and previous ones); `None`:
+/// under the key the store generates beside its data (see `herald_store::secrets`).
+pub async fn open(config: &StoreConfig, keys: Option<Keyring>) -> anyhow::Result<OpenedStore> {
     match config {
         StoreConfig::Sqlite { dir } => {
-            let store = SqliteStore::open(dir)
+            let store = SqliteStore::open_with_keys(dir, keys)
                 .await
                 .with_context(|| format!("opening the store in {}", dir.display()))?;
             Ok(OpenedStore {
@@ -168,7 +171,7 @@ pub async fn open(config: &StoreConfig) -> anyhow::Result<OpenedStore> {
                 ..PostgresOptions::default()
             };
             // The context names the server without the URL; sqlx's errors do not repeat it.
-            let store = PostgresStore::open(url, options)
+            let store = PostgresStore::open_with_keys(url, options, keys)
                 .await
                 .with_context(|| format!("opening the store: {config}"))?;
             let store = Arc::new(store);
@@ -183,6 +186,72 @@ pub async fn open(config: &StoreConfig) -> anyhow::Result<OpenedStore> {
             })
         }
     }
+}
+
+/// Rows of secrets re-encrypted per transaction by [`rotate_main_key`]: small, so a running
+/// server's writes wait little for each.
+const ROTATION_BATCH: u32 = 100;
+
+/// `herald rotate-main-key`: re-encrypts every secret in the store `config` names under the
+/// current main key of `keys` (those under a previous key, and any left in clear), in small
+/// transactions while servers run. Opening checks that `keys` has every key in use. Returns
+/// what was rewritten and the key everything is now under.
+pub async fn rotate_main_key(
+    config: &StoreConfig,
+    keys: Option<Keyring>,
+) -> anyhow::Result<(Reencrypted, String)> {
+    let current = keys.as_ref().map(|k| k.current_key_id().to_owned());
+    let (done, census) = match config {
+        StoreConfig::Sqlite { dir } => {
+            let store = SqliteStore::open_with_keys(dir, keys)
+                .await
+                .with_context(|| format!("opening the store in {}", dir.display()))?;
+            let done = store.reencrypt_secrets(true, ROTATION_BATCH).await;
+            let census = store.secret_census().await;
+            herald_store::StoreLifecycle::close(&store).await;
+            (done?, census?)
+        }
+        StoreConfig::Postgres {
+            url,
+            max_connections,
+        } => {
+            let options = PostgresOptions {
+                max_connections: *max_connections,
+                ..PostgresOptions::default()
+            };
+            let store = PostgresStore::open_with_keys(url, options, keys)
+                .await
+                .with_context(|| format!("opening the store: {config}"))?;
+            let done = store.reencrypt_secrets(true, ROTATION_BATCH).await;
+            let census = store.secret_census().await;
+            herald_store::StoreLifecycle::close(&store).await;
+            (done?, census?)
+        }
+    };
+    // Without a configured key the store's generated key is the current one.
+    let current = current.or_else(|| {
+        (census.by_key.len() == 1)
+            .then(|| census.by_key.keys().next().cloned())
+            .flatten()
+    });
+    let current = current.unwrap_or_else(|| "the store's generated key".to_owned());
+    let others: Vec<&String> = census.by_key.keys().filter(|id| **id != current).collect();
+    if census.plaintext > 0 || !others.is_empty() {
+        anyhow::bail!(
+            "{} secret(s) are still under another key ({}) or in clear after the rotation: a node writing under its own main key meanwhile (every node must have the new key as main_key first); run herald rotate-main-key again once they do",
+            census.plaintext
+                + others
+                    .iter()
+                    .filter_map(|id| census.by_key.get(*id))
+                    .sum::<u64>(),
+            others
+                .iter()
+                .map(|id| id.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok((done, current))
 }
 
 /// The Socket.IO face's view of apps: the store's (its cache on SQLite, the database on

@@ -43,6 +43,10 @@ pub struct ApplicationIn {
     /// update that leaves it out, like `history`.
     #[serde(default)]
     pub socketio: Option<super::wire::SocketIoWire>,
+    /// Herald's extension: `{"payloadDays": n}`, how long the app's message payloads are kept
+    /// (see the README's "Retention"). Kept by an update that leaves it out, like `history`.
+    #[serde(default)]
+    pub retention: Option<super::wire::RetentionWire>,
 }
 
 #[derive(Deserialize)]
@@ -60,6 +64,8 @@ pub struct ApplicationPatch {
     history: Option<Option<Vec<super::wire::HistoryRuleWire>>>,
     #[serde(default, deserialize_with = "super::double_option")]
     socketio: Option<Option<super::wire::SocketIoWire>>,
+    #[serde(default, deserialize_with = "super::double_option")]
+    retention: Option<Option<super::wire::RetentionWire>>,
 }
 
 #[derive(Serialize)]
@@ -77,6 +83,8 @@ pub struct ApplicationOut {
     history: Option<Vec<super::wire::HistoryRuleWire>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     socketio: Option<super::wire::SocketIoWire>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retention: Option<super::wire::RetentionWire>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
 }
@@ -114,6 +122,7 @@ impl From<App> for ApplicationOut {
             },
             history: app.history.map(super::wire::history_out),
             socketio: app.socketio.map(Into::into),
+            retention: super::wire::RetentionWire::from_days(app.payload_retention_days),
             created_at: app.created_at,
             updated_at: app.updated_at,
         }
@@ -135,6 +144,19 @@ fn validate_in(input: &ApplicationIn) -> ApiResult<()> {
     }
     check_history(&mut v, input.history.as_deref());
     check_socketio(&mut v, input.socketio.as_ref());
+    if let Some(days) = input.retention.as_ref().and_then(|r| r.payload_days) {
+        v.check(
+            &["body", "retention", "payloadDays"],
+            if (1..=super::wire::MAX_RETENTION_DAYS).contains(&days) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "payloadDays must be 1 to {}, or null for the server's default",
+                    super::wire::MAX_RETENTION_DAYS
+                ))
+            },
+        );
+    }
     v.finish()
 }
 
@@ -171,6 +193,7 @@ pub(crate) async fn create_app(state: &ApiState, input: ApplicationIn) -> ApiRes
         pusher: PusherCredentials::generate(),
         history: input.history.map(super::wire::history_in),
         socketio: input.socketio.map(Into::into),
+        payload_retention_days: input.retention.as_ref().and_then(|r| r.payload_days()),
         created_at: now,
         updated_at: now,
     };
@@ -269,6 +292,9 @@ pub async fn upsert(
             if input.socketio.is_some() {
                 app.socketio = input.socketio.map(Into::into);
             }
+            if let Some(retention) = &input.retention {
+                app.payload_retention_days = retention.payload_days();
+            }
             app.updated_at = crate::now();
             state.store.update_app(&app).await?;
             Ok((StatusCode::OK, Json(app.into())))
@@ -314,6 +340,10 @@ pub async fn patch(
     if let Some(socketio) = patch.socketio {
         app.socketio = socketio.map(Into::into);
     }
+    let retention = match patch.retention {
+        Some(retention) => retention,
+        None => super::wire::RetentionWire::from_days(app.payload_retention_days),
+    };
     validate_in(&ApplicationIn {
         name: app.name.clone(),
         uid: app.uid.clone(),
@@ -322,7 +352,9 @@ pub async fn patch(
         _rate_limit: None,
         history: app.history.clone().map(super::wire::history_out),
         socketio: app.socketio.clone().map(Into::into),
+        retention: retention.clone(),
     })?;
+    app.payload_retention_days = retention.and_then(|r| r.payload_days());
     app.updated_at = crate::now();
     state.store.update_app(&app).await?;
     Ok(Json(app.into()))

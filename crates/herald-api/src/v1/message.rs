@@ -5,6 +5,7 @@ use axum::{
     Json,
     extract::{Path, State},
     http::StatusCode,
+    response::{IntoResponse, Response},
 };
 use chrono::{DateTime, Utc};
 use herald_channels::Publish;
@@ -16,7 +17,10 @@ use herald_store::MessageQuery;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::application::{ApplicationIn, create_app};
+use super::{
+    application::{ApplicationIn, create_app},
+    wire::MAX_RETENTION_DAYS,
+};
 use crate::{
     ApiState,
     auth::Caller,
@@ -43,13 +47,16 @@ pub struct MessageIn {
     /// Svix's "create the application if it does not exist yet".
     #[serde(default)]
     application: Option<ApplicationIn>,
-    // In Svix's schema; accepted and ignored (see the README): messages are kept until the
-    // operator's retention expunges them and are not transformed. `deliverAt` is refused when
-    // it is in the future (no scheduling yet): a scheduled message must never go out early.
-    #[serde(default, rename = "payloadRetentionPeriod")]
-    _payload_retention_period: Option<i64>,
-    #[serde(default, rename = "payloadRetentionHours")]
-    _payload_retention_hours: Option<i64>,
+    /// Days this message's payload is kept (Svix's), instead of its app's or the server's
+    /// retention; exclusive with `payloadRetentionHours`.
+    #[serde(default)]
+    payload_retention_period: Option<i64>,
+    /// Hours this message's payload is kept (Svix's).
+    #[serde(default)]
+    payload_retention_hours: Option<i64>,
+    // In Svix's schema; accepted and ignored (see the README): messages are not transformed.
+    // `deliverAt` is refused when it is in the future (no scheduling yet): a scheduled message
+    // must never go out early.
     #[serde(default, rename = "transformationsParams")]
     _transformations_params: Option<serde_json::Map<String, serde_json::Value>>,
     #[serde(default, rename = "deliverAt")]
@@ -119,6 +126,41 @@ fn validate_in(input: &MessageIn) -> ApiResult<()> {
             Err("payload must be a JSON object")
         },
     );
+    let period = input.payload_retention_period;
+    let hours = input.payload_retention_hours;
+    if period.is_some() && hours.is_some() {
+        v.check(
+            &["body", "payloadRetentionHours"],
+            Err(
+                "payloadRetentionPeriod and payloadRetentionHours are mutually exclusive: give one",
+            ),
+        );
+    }
+    if let Some(days) = period {
+        v.check(
+            &["body", "payloadRetentionPeriod"],
+            if (1..=MAX_RETENTION_DAYS).contains(&days) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "payloadRetentionPeriod must be 1 to {MAX_RETENTION_DAYS} days"
+                ))
+            },
+        );
+    }
+    if let Some(hours) = hours {
+        v.check(
+            &["body", "payloadRetentionHours"],
+            if (1..=MAX_RETENTION_DAYS * 24).contains(&hours) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "payloadRetentionHours must be 1 to {} hours",
+                    MAX_RETENTION_DAYS * 24
+                ))
+            },
+        );
+    }
     if let Some(channels) = &input.channels {
         if channels.is_empty() || channels.len() > MAX_CHANNELS {
             v.check(
@@ -167,12 +209,28 @@ pub async fn create(
     Path(app_id): Path<String>,
     query: QueryParams,
     SvixJson(input): SvixJson<MessageIn>,
-) -> ApiResult<(StatusCode, Json<MessageOut>)> {
+) -> ApiResult<Response> {
     let with_content = query.bool("with_content", true)?;
     validate_in(&input)?;
     let app = app_for_create(&state, &caller, &app_id, input.application).await?;
+    if let Err(limited) = state.publish_limits.check_app(app.id.as_str(), 1) {
+        return Ok(limited.into_response());
+    }
 
     let now = crate::now();
+    // The message's own retention, in the API's days (24 hours, shorter only in tests);
+    // without one, the publisher stamps the app's or the server's.
+    let retention = match (
+        input.payload_retention_period,
+        input.payload_retention_hours,
+    ) {
+        (Some(days), _) => Some(state.retention_day.saturating_mul(clamp_u32(days))),
+        (None, Some(hours)) => Some((state.retention_day / 24).saturating_mul(clamp_u32(hours))),
+        (None, None) => None,
+    };
+    let payload_expires_at = retention.and_then(|kept| {
+        now.checked_add_signed(chrono::Duration::from_std(kept).unwrap_or(chrono::Duration::MAX))
+    });
     let message = Message {
         id: herald_core::MessageId::new(now),
         app_id: app.id.clone(),
@@ -182,6 +240,7 @@ pub async fn create(
         tags: input.tags,
         payload: bytes::Bytes::from(input.payload.get().to_owned()),
         created_at: now,
+        payload_expires_at,
     };
     state
         .publisher
@@ -190,7 +249,30 @@ pub async fn create(
     Ok((
         StatusCode::CREATED,
         Json(MessageOut::new(message, with_content)),
-    ))
+    )
+        .into_response())
+}
+
+/// Validated to 1 up to [`MAX_RETENTION_DAYS`] (times 24): always fits.
+fn clamp_u32(value: i64) -> u32 {
+    u32::try_from(value.max(0)).unwrap_or(u32::MAX)
+}
+
+/// `DELETE /api/v1/app/{app}/msg/{msg}/content` (Svix's "expunge message payload"): the
+/// payload is replaced in the store at once, deliveries pending or not (a later attempt or
+/// resend sends what is left, `{"expired": true}`); the message and its attempts stay, and
+/// reading it shows `payload: {"expired": true}`, as Svix shows an expunged payload.
+pub async fn expunge_content(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path((app_id, msg_id)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    let app = caller.app(&state, &app_id).await?;
+    if state.store.expunge_payload(&app.id, &msg_id).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found("message"))
+    }
 }
 
 pub async fn get(

@@ -6,128 +6,196 @@ mod endpoint;
 mod event_type;
 mod message;
 mod source;
+mod token;
 mod wire;
 
 pub(crate) use source::header_list;
 
-use axum::{
-    Router,
-    http::StatusCode,
-    routing::{get, post},
-};
+use axum::http::StatusCode;
 
-use crate::ApiState;
+use crate::routes::{Access, RouteTable};
 
-pub fn router() -> Router<ApiState> {
-    Router::new()
-        .route("/api/v1/health", get(health))
-        .route(
-            "/api/v1/app",
-            get(application::list).post(application::create),
+/// The management API's routes. `{app_id}` paths take a token for that app; the catalogue of
+/// event types and the tokens themselves are the environment's.
+pub(crate) fn routes() -> RouteTable {
+    use Access::{AnyToken, AppToken, EnvironmentToken, Public};
+    RouteTable::new()
+        .get("/api/v1/health", Public, health)
+        .get("/api/v1/auth/token", EnvironmentToken, token::list)
+        .post("/api/v1/auth/token", EnvironmentToken, token::create)
+        .get(
+            "/api/v1/auth/token/{token_id}",
+            EnvironmentToken,
+            token::get,
         )
-        .route(
+        .delete(
+            "/api/v1/auth/token/{token_id}",
+            EnvironmentToken,
+            token::revoke,
+        )
+        .get("/api/v1/app", AnyToken, application::list)
+        .post("/api/v1/app", EnvironmentToken, application::create)
+        .get("/api/v1/app/{app_id}", AppToken, application::get)
+        .put("/api/v1/app/{app_id}", AppToken, application::upsert)
+        .patch("/api/v1/app/{app_id}", AppToken, application::patch)
+        .delete(
             "/api/v1/app/{app_id}",
-            get(application::get)
-                .put(application::upsert)
-                .patch(application::patch)
-                .delete(application::delete),
+            EnvironmentToken,
+            application::delete,
         )
-        .route(
+        .post(
             "/api/v1/app/{app_id}/pusher/secret/rotate",
-            post(application::rotate_pusher_secret),
+            AppToken,
+            application::rotate_pusher_secret,
         )
-        .route(
-            "/api/v1/event-type",
-            get(event_type::list).post(event_type::create),
-        )
-        .route(
+        .get("/api/v1/event-type", AnyToken, event_type::list)
+        .post("/api/v1/event-type", EnvironmentToken, event_type::create)
+        .get("/api/v1/event-type/{name}", AnyToken, event_type::get)
+        .put(
             "/api/v1/event-type/{name}",
-            get(event_type::get)
-                .put(event_type::upsert)
-                .patch(event_type::patch)
-                .delete(event_type::archive),
+            EnvironmentToken,
+            event_type::upsert,
         )
-        .route(
-            "/api/v1/app/{app_id}/endpoint",
-            get(endpoint::list).post(endpoint::create),
+        .patch(
+            "/api/v1/event-type/{name}",
+            EnvironmentToken,
+            event_type::patch,
         )
-        .route(
+        .delete(
+            "/api/v1/event-type/{name}",
+            EnvironmentToken,
+            event_type::archive,
+        )
+        .get("/api/v1/app/{app_id}/endpoint", AppToken, endpoint::list)
+        .post("/api/v1/app/{app_id}/endpoint", AppToken, endpoint::create)
+        .get(
             "/api/v1/app/{app_id}/endpoint/{endpoint_id}",
-            get(endpoint::get)
-                .put(endpoint::upsert)
-                .patch(endpoint::patch)
-                .delete(endpoint::delete),
+            AppToken,
+            endpoint::get,
         )
-        .route(
+        .put(
+            "/api/v1/app/{app_id}/endpoint/{endpoint_id}",
+            AppToken,
+            endpoint::upsert,
+        )
+        .patch(
+            "/api/v1/app/{app_id}/endpoint/{endpoint_id}",
+            AppToken,
+            endpoint::patch,
+        )
+        .delete(
+            "/api/v1/app/{app_id}/endpoint/{endpoint_id}",
+            AppToken,
+            endpoint::delete,
+        )
+        .get(
             "/api/v1/app/{app_id}/endpoint/{endpoint_id}/secret",
-            get(endpoint::get_secret),
+            AppToken,
+            endpoint::get_secret,
         )
-        .route(
+        .post(
             "/api/v1/app/{app_id}/endpoint/{endpoint_id}/secret/rotate",
-            post(endpoint::rotate_secret),
+            AppToken,
+            endpoint::rotate_secret,
         )
-        .route(
+        .get(
             "/api/v1/app/{app_id}/endpoint/{endpoint_id}/headers",
-            get(endpoint::get_headers)
-                .put(endpoint::set_headers)
-                .patch(endpoint::patch_headers),
+            AppToken,
+            endpoint::get_headers,
         )
-        .route(
+        .put(
+            "/api/v1/app/{app_id}/endpoint/{endpoint_id}/headers",
+            AppToken,
+            endpoint::set_headers,
+        )
+        .patch(
+            "/api/v1/app/{app_id}/endpoint/{endpoint_id}/headers",
+            AppToken,
+            endpoint::patch_headers,
+        )
+        .post(
             "/api/v1/app/{app_id}/endpoint/{endpoint_id}/recover",
-            post(endpoint::recover),
+            AppToken,
+            endpoint::recover,
         )
-        .route(
+        .get(
             "/api/v1/app/{app_id}/endpoint/{endpoint_id}/stats",
-            get(endpoint::stats),
+            AppToken,
+            endpoint::stats,
         )
-        .route(
-            "/api/v1/app/{app_id}/msg",
-            get(message::list).post(message::create),
-        )
-        .route(
+        .get("/api/v1/app/{app_id}/msg", AppToken, message::list)
+        .post("/api/v1/app/{app_id}/msg", AppToken, message::create)
+        .get(
             "/api/v1/app/{app_id}/endpoint/{endpoint_id}/msg",
-            get(attempt::list_attempted_messages),
+            AppToken,
+            attempt::list_attempted_messages,
         )
-        .route("/api/v1/app/{app_id}/msg/{msg_id}", get(message::get))
-        .route(
+        .get("/api/v1/app/{app_id}/msg/{msg_id}", AppToken, message::get)
+        .delete(
+            "/api/v1/app/{app_id}/msg/{msg_id}/content",
+            AppToken,
+            message::expunge_content,
+        )
+        .get(
             "/api/v1/app/{app_id}/msg/{msg_id}/attempt/{attempt_id}",
-            get(attempt::get),
+            AppToken,
+            attempt::get,
         )
-        .route(
+        .get(
             "/api/v1/app/{app_id}/msg/{msg_id}/endpoint",
-            get(attempt::list_attempted_destinations),
+            AppToken,
+            attempt::list_attempted_destinations,
         )
-        .route(
+        .post(
             "/api/v1/app/{app_id}/msg/{msg_id}/endpoint/{endpoint_id}/resend",
-            post(attempt::resend),
+            AppToken,
+            attempt::resend,
         )
-        .route(
+        .get(
             "/api/v1/app/{app_id}/attempt/endpoint/{endpoint_id}",
-            get(attempt::list_by_endpoint),
+            AppToken,
+            attempt::list_by_endpoint,
         )
-        .route(
+        .get(
             "/api/v1/app/{app_id}/attempt/msg/{msg_id}",
-            get(attempt::list_by_msg),
+            AppToken,
+            attempt::list_by_msg,
         )
-        .route(
+        .get("/api/v1/app/{app_id}/ingest/source", AppToken, source::list)
+        .post(
             "/api/v1/app/{app_id}/ingest/source",
-            get(source::list).post(source::create),
+            AppToken,
+            source::create,
         )
-        .route(
+        .get(
             "/api/v1/app/{app_id}/ingest/source/{source_id}",
-            get(source::get).patch(source::patch).delete(source::delete),
+            AppToken,
+            source::get,
         )
-        .route(
+        .patch(
+            "/api/v1/app/{app_id}/ingest/source/{source_id}",
+            AppToken,
+            source::patch,
+        )
+        .delete(
+            "/api/v1/app/{app_id}/ingest/source/{source_id}",
+            AppToken,
+            source::delete,
+        )
+        .get(
             "/api/v1/app/{app_id}/ingest/source/{source_id}/event",
-            get(source::list_events),
+            AppToken,
+            source::list_events,
         )
-        .route(
+        .get(
             "/api/v1/app/{app_id}/ingest/source/{source_id}/event/{event_id}",
-            get(source::get_event),
+            AppToken,
+            source::get_event,
         )
-        .route(
+        .post(
             "/api/v1/app/{app_id}/ingest/source/{source_id}/event/{event_id}/replay",
-            post(source::replay),
+            AppToken,
+            source::replay,
         )
 }
 

@@ -48,6 +48,32 @@ pub fn history_out(rules: Vec<HistoryRule>) -> Vec<HistoryRuleWire> {
     rules.into_iter().map(HistoryRuleWire::from).collect()
 }
 
+/// Herald's extension on apps: `{"payloadDays": n}`, how long the payloads of the app's
+/// messages are kept (`null` or absent: the server's `retention.payload_days`). Read as `i64`
+/// so that a negative or huge value is a 422 naming the field rather than a parse error.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetentionWire {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_days: Option<i64>,
+}
+
+/// The most days a payload retention may name (about a hundred years).
+pub const MAX_RETENTION_DAYS: i64 = 36_500;
+
+impl RetentionWire {
+    /// `None` when it sets nothing (the server's defaults apply).
+    pub fn payload_days(&self) -> Option<u32> {
+        self.payload_days.and_then(|days| u32::try_from(days).ok())
+    }
+
+    pub fn from_days(days: Option<u32>) -> Option<Self> {
+        days.map(|days| Self {
+            payload_days: Some(i64::from(days)),
+        })
+    }
+}
+
 /// An app's Socket.IO settings: `{allowedOrigins, namespaceChannel, events}`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -1,15 +1,15 @@
-//! [`AppStore`] on PostgreSQL: apps (read from the database every time, never cached) and API
-//! token hashes.
+//! [`AppStore`] on PostgreSQL: apps, read from the database every time, never cached (API
+//! tokens are in `tokens`).
 
 use herald_core::AppId;
 use herald_core::model::App;
-use sqlx::{QueryBuilder, Row};
+use sqlx::QueryBuilder;
 
 use super::{
     PostgresStore, paginate,
     rows::{self, conflict_as, millis, to_json},
 };
-use crate::{AppStore, Page, Result, StoreError, TokenScope, sql};
+use crate::{AppStore, Page, Result, StoreError, sql};
 
 #[async_trait::async_trait]
 impl AppStore for PostgresStore {
@@ -17,8 +17,9 @@ impl AppStore for PostgresStore {
         sqlx::query(
             "INSERT INTO apps (id, uid, name, throttle_rate, metadata, created_at, updated_at,
                                pusher_app_id, pusher_key, pusher_secret, pusher_previous_secret,
-                               pusher_previous_secret_until, history_rules, socketio)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+                               pusher_previous_secret_until, history_rules, socketio,
+                               payload_retention_days)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
         )
         .bind(app.id.as_str())
         .bind(&app.uid)
@@ -29,11 +30,20 @@ impl AppStore for PostgresStore {
         .bind(millis(app.updated_at))
         .bind(app.pusher.app_id)
         .bind(&app.pusher.key)
-        .bind(&app.pusher.secret)
-        .bind(app.pusher.previous.as_ref().map(|p| p.secret.as_str()))
+        .bind(sql::seal_app_secret(
+            &self.keys,
+            &app.id,
+            &app.pusher.secret,
+        ))
+        .bind(sql::seal_app_previous_secret(
+            &self.keys,
+            &app.id,
+            &app.pusher,
+        ))
         .bind(app.pusher.previous.as_ref().map(|p| millis(p.until)))
         .bind(rows::history_rules_json(app.history.as_deref()))
         .bind(rows::socketio_json(app.socketio.as_ref()))
+        .bind(app.payload_retention_days.map(i64::from))
         .execute(&self.pool)
         .await
         .map_err(conflict_as(
@@ -47,7 +57,7 @@ impl AppStore for PostgresStore {
             .bind(id_or_uid)
             .fetch_optional(&self.pool)
             .await?
-            .map(|row| rows::app(&row))
+            .map(|row| rows::app(&row, &self.keys))
             .transpose()
     }
 
@@ -56,7 +66,7 @@ impl AppStore for PostgresStore {
             .bind(key)
             .fetch_optional(&self.pool)
             .await?
-            .map(|row| rows::app(&row))
+            .map(|row| rows::app(&row, &self.keys))
             .transpose()
     }
 
@@ -65,7 +75,7 @@ impl AppStore for PostgresStore {
             .bind(app_id)
             .fetch_optional(&self.pool)
             .await?
-            .map(|row| rows::app(&row))
+            .map(|row| rows::app(&row, &self.keys))
             .transpose()
     }
 
@@ -76,7 +86,7 @@ impl AppStore for PostgresStore {
             .fetch_all(&self.pool)
             .await?
             .iter()
-            .map(rows::app)
+            .map(|row| rows::app(row, &self.keys))
             .collect()
     }
 
@@ -96,7 +106,7 @@ impl AppStore for PostgresStore {
         app_id: &AppId,
         credentials: &herald_core::model::PusherCredentials,
     ) -> Result<()> {
-        let done = sql::set_pusher_credentials!(app_id, credentials)
+        let done = sql::set_pusher_credentials!(app_id, credentials, &self.keys)
             .execute(&self.pool)
             .await
             .map_err(conflict_as("another application has this Pusher key"))?;
@@ -107,43 +117,6 @@ impl AppStore for PostgresStore {
     }
 
     async fn delete_app(&self, id: &AppId) -> Result<bool> {
-        let done = sqlx::query(sql::DELETE_APP)
-            .bind(id.as_str())
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected() > 0)
-    }
-
-    async fn add_token(&self, token_hash: &[u8], scope: &TokenScope, name: &str) -> Result<()> {
-        let app_id = match scope {
-            TokenScope::Environment => None,
-            TokenScope::App(id) => Some(id.as_str()),
-        };
-        sql::add_token!(token_hash, app_id, name)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    async fn token_scope(&self, token_hash: &[u8]) -> Result<Option<TokenScope>> {
-        let row = sqlx::query(sql::TOKEN_SCOPE)
-            .bind(token_hash)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(match row {
-            None => None,
-            Some(row) => Some(match row.try_get::<Option<String>, _>("app_id")? {
-                None => TokenScope::Environment,
-                Some(app) => TokenScope::App(rows::parse_id("api_tokens.app_id", app)?),
-            }),
-        })
-    }
-
-    async fn remove_token(&self, token_hash: &[u8]) -> Result<bool> {
-        let done = sqlx::query(sql::REMOVE_TOKEN)
-            .bind(token_hash)
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected() > 0)
+        self.delete_app_data(id).await
     }
 }

@@ -140,7 +140,12 @@ impl AttemptStore for PostgresStore {
             .fetch_all(&self.pool)
             .await?
             .iter()
-            .map(|row| Ok((rows::endpoint(row, "")?, rows::delivery_state(row)?)))
+            .map(|row| {
+                Ok((
+                    rows::endpoint(row, "", &self.keys)?,
+                    rows::delivery_state(row)?,
+                ))
+            })
             .collect()
     }
 }

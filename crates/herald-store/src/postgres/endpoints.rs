@@ -48,7 +48,7 @@ const UPDATE_ENDPOINT: &str =
 #[async_trait::async_trait]
 impl EndpointStore for PostgresStore {
     async fn create_endpoint(&self, ep: &Endpoint) -> Result<()> {
-        sql::insert_endpoint!(ep)
+        sql::insert_endpoint!(ep, &self.keys)
             .execute(&self.pool)
             .await
             .map_err(conflict_as(UID_TAKEN))?;
@@ -61,7 +61,7 @@ impl EndpointStore for PostgresStore {
             .bind(id_or_uid)
             .fetch_optional(&self.pool)
             .await?
-            .map(|row| rows::endpoint(&row, ""))
+            .map(|row| rows::endpoint(&row, "", &self.keys))
             .transpose()
     }
 
@@ -73,13 +73,13 @@ impl EndpointStore for PostgresStore {
             .fetch_all(&self.pool)
             .await?
             .iter()
-            .map(|row| rows::endpoint(row, ""))
+            .map(|row| rows::endpoint(row, "", &self.keys))
             .collect()
     }
 
     async fn update_endpoint(&self, ep: &Endpoint, read_at: DateTime<Utc>) -> Result<()> {
         // `failing_since` is the worker's: kept, except that re-enabling clears it.
-        let done = sql::update_endpoint!(UPDATE_ENDPOINT, ep, read_at)
+        let done = sql::update_endpoint!(UPDATE_ENDPOINT, ep, read_at, &self.keys)
             .execute(&self.pool)
             .await
             .map_err(conflict_as(UID_TAKEN))?;
@@ -114,7 +114,7 @@ impl EndpointStore for PostgresStore {
             .fetch_all(&self.pool)
             .await?
             .iter()
-            .map(|row| rows::endpoint(row, ""))
+            .map(|row| rows::endpoint(row, "", &self.keys))
             .collect::<Result<Vec<_>>>()?;
         Ok(Arc::new(endpoints))
     }

@@ -129,16 +129,28 @@ impl IdempotencyStore for PostgresStore {
         max_rows: u64,
         max_bytes: u64,
     ) -> Result<u64> {
-        let mut tx = self.pool.begin().await?;
         // Old responses, and claims that expired before the cutoff (a claim's created_at is
-        // when it was made, before it expired, so the index on created_at still serves).
-        let expired = sqlx::query(
-            "DELETE FROM idempotency
-             WHERE created_at < $1 AND (status IS NOT NULL OR claimed_until < $1)",
-        )
-        .bind(millis(older_than))
-        .execute(&mut *tx)
-        .await?;
+        // when it was made, before it expired, so the index on created_at still serves): a
+        // batch per transaction, so an hour's worth never holds up the keys being written.
+        let mut expired = 0;
+        loop {
+            let done = sqlx::query(
+                "DELETE FROM idempotency WHERE seq IN (
+                     SELECT seq FROM idempotency
+                     WHERE created_at < $1 AND (status IS NOT NULL OR claimed_until < $1)
+                     LIMIT $2 FOR UPDATE SKIP LOCKED)",
+            )
+            .bind(millis(older_than))
+            .bind(i64::from(crate::RETENTION_BATCH))
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+            expired += done;
+            if done < u64::from(crate::RETENTION_BATCH) {
+                break;
+            }
+        }
+        let mut tx = self.pool.begin().await?;
         // Everything older than the newest `max_rows` responses; claims are neither counted
         // nor deleted here.
         let keep = i64::try_from(max_rows).unwrap_or(i64::MAX);
@@ -163,7 +175,7 @@ impl IdempotencyStore for PostgresStore {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(expired.rows_affected() + excess_rows.rows_affected() + excess_bytes.rows_affected())
+        Ok(expired + excess_rows.rows_affected() + excess_bytes.rows_affected())
     }
 }
 

@@ -36,7 +36,7 @@ use crate::{IngestRecorded, IngestStore, Page, Result, StoreError, sql};
 #[async_trait::async_trait]
 impl IngestStore for PostgresStore {
     async fn create_source(&self, source: &IngestSource) -> Result<()> {
-        sql::insert_source!(source)
+        sql::insert_source!(source, &self.keys)
             .execute(&self.pool)
             .await
             .map_err(conflict_as("a source with this uid already exists"))?;
@@ -50,7 +50,7 @@ impl IngestStore for PostgresStore {
             .bind(id_or_uid)
             .fetch_optional(&self.pool)
             .await?
-            .map(|row| rows::ingest_source(&row))
+            .map(|row| rows::ingest_source(&row, &self.keys))
             .transpose()
     }
 
@@ -59,7 +59,7 @@ impl IngestStore for PostgresStore {
             .bind(id)
             .fetch_optional(&self.pool)
             .await?
-            .map(|row| rows::ingest_source(&row))
+            .map(|row| rows::ingest_source(&row, &self.keys))
             .transpose()
     }
 
@@ -71,12 +71,12 @@ impl IngestStore for PostgresStore {
             .fetch_all(&self.pool)
             .await?
             .iter()
-            .map(rows::ingest_source)
+            .map(|row| rows::ingest_source(row, &self.keys))
             .collect()
     }
 
     async fn update_source(&self, source: &IngestSource) -> Result<()> {
-        let done = sql::update_source!(source)
+        let done = sql::update_source!(source, &self.keys)
             .execute(&self.pool)
             .await
             .map_err(conflict_as("a source with this uid already exists"))?;

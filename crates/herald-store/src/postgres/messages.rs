@@ -98,8 +98,8 @@ pub(super) async fn insert_message(
     let created = millis(message.created_at);
     let inserted = sqlx::query(
         "INSERT INTO messages (id, app_id, event_id, event_type, channels, tags, payload,
-                               created_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                               created_at, payload_expires_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
          ON CONFLICT DO NOTHING RETURNING id",
     )
     .bind(message.id.as_str())
@@ -110,6 +110,7 @@ pub(super) async fn insert_message(
     .bind(opt_json(&message.tags))
     .bind(message.payload.as_ref())
     .bind(created)
+    .bind(message.payload_expires_at.map(millis))
     .fetch_optional(&mut *conn)
     .await?;
     if inserted.is_none() {
@@ -325,7 +326,7 @@ impl MessageStore for PostgresStore {
                 if row.try_get::<Option<String>, _>("msg_id")?.is_none() {
                     continue;
                 }
-                let job = job(row)?;
+                let job = job(row, &self.keys)?;
                 *taken_endpoints.entry(job.endpoint.id.clone()).or_insert(0) += 1;
                 *taken_apps.entry(job.app_id.clone()).or_insert(0) += 1;
                 claimed += 1;
@@ -609,7 +610,7 @@ fn claim_statement(first_attempts: bool) -> String {
 }
 
 /// A leased row of the claim statement as a job.
-fn job(row: &PgRow) -> Result<DeliveryJob> {
+fn job(row: &PgRow, keys: &crate::secrets::Keyring) -> Result<DeliveryJob> {
     let payload: Vec<u8> = row.try_get("payload")?;
     let token: i64 = row.try_get("lease_token")?;
     Ok(DeliveryJob {
@@ -617,7 +618,7 @@ fn job(row: &PgRow) -> Result<DeliveryJob> {
         app_id: rows::id(row, "m_app_id")?,
         event_type: row.try_get("event_type")?,
         payload: payload.into(),
-        endpoint: rows::endpoint(row, "e_")?,
+        endpoint: rows::endpoint(row, "e_", keys)?,
         attempts: u32::try_from(row.try_get::<i32, _>("attempts")?).unwrap_or(u32::MAX),
         trigger: TriggerType::from_code(i64::from(row.try_get::<i32, _>("trigger_type")?)),
         lease: LeaseToken(

@@ -24,7 +24,10 @@ mod history;
 mod idempotency;
 mod ingest;
 mod messages;
+mod retention;
 mod rows;
+mod secrets;
+mod tokens;
 
 /// The channel notified when deliveries fall due now, for the dispatchers' listener.
 pub use messages::DELIVERIES_CHANNEL;
@@ -72,12 +75,28 @@ pub struct PostgresStore {
     /// Whether a commit that assigns history offsets announces them with `pg_notify` (see
     /// `history`); off when the cluster's publications travel on a bus instead.
     announce_history: std::sync::atomic::AtomicBool,
+    /// Encrypts the secrets written and decrypts those read (see `crate::secrets`).
+    keys: crate::secrets::Keyring,
 }
 
 impl PostgresStore {
     /// Connect to the database `url` names and bring its schema up to date. Errors never
-    /// repeat the URL, which may hold a password.
+    /// repeat the URL, which may hold a password. Secrets are encrypted under the key the
+    /// cluster generated into the database (see [`PostgresStore::open_with_keys`]).
     pub async fn open(url: &str, options: PostgresOptions) -> Result<Self> {
+        Self::open_with_keys(url, options, None).await
+    }
+
+    /// [`PostgresStore::open`], with secrets encrypted under `keys` (the configured main key,
+    /// and previous ones that still decrypt); `None`: under a key the first node generates
+    /// into the database itself, which protects nothing from whoever reads the database
+    /// (logged at every start). Fails if the store holds secrets under a key this node is not
+    /// given; encrypts any secret an earlier version stored in clear.
+    pub async fn open_with_keys(
+        url: &str,
+        options: PostgresOptions,
+        keys: Option<crate::secrets::Keyring>,
+    ) -> Result<Self> {
         let connect = PgConnectOptions::from_str(url)?;
         let mut pool = PgPoolOptions::new()
             .max_connections(options.max_connections.max(1))
@@ -95,9 +114,23 @@ impl PostgresStore {
         }
         let pool = pool.connect_with(connect).await?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        let census = secrets::census(&pool).await?;
+        let keys = secrets::resolve_keys(&pool, keys, &census).await?;
+        if let Some(key_ids) = census.missing_from(&keys) {
+            return Err(crate::secrets::SecretError::KeysMissing { key_ids }.into());
+        }
+        if census.plaintext > 0 {
+            // Written by a version before encryption at rest.
+            let done = secrets::reencrypt(&pool, &keys, false, 100).await?;
+            tracing::info!(
+                encrypted = done.rewritten,
+                "encrypted the secrets an earlier version stored in clear"
+            );
+        }
         Ok(Self {
             pool,
             announce_history: std::sync::atomic::AtomicBool::new(true),
+            keys,
         })
     }
 

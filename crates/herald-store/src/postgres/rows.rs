@@ -12,7 +12,7 @@ use herald_core::model::DeliveryStatus;
 use sqlx::{Row, postgres::PgRow};
 
 pub(crate) use crate::sqlite::rows::{
-    conflict_as, history_rules_json, millis, opt_json, parse_id, socketio_json, time, to_json,
+    conflict_as, history_rules_json, millis, opt_json, socketio_json, time, to_json,
 };
 use crate::{Result, StoreError};
 

@@ -1,14 +1,15 @@
-//! [`AppStore`] on SQLite: apps (looked up through the exact cache) and API token hashes.
+//! [`AppStore`] on SQLite: apps, looked up through the exact cache (API tokens are in
+//! `tokens`).
 
 use herald_core::AppId;
 use herald_core::model::App;
-use sqlx::{QueryBuilder, Row};
+use sqlx::QueryBuilder;
 
 use super::{
     SqliteStore, paginate,
     rows::{self, conflict_as, millis, to_json},
 };
-use crate::{AppStore, Page, Result, StoreError, TokenScope, sql};
+use crate::{AppStore, Page, Result, StoreError, sql};
 
 #[async_trait::async_trait]
 impl AppStore for SqliteStore {
@@ -16,8 +17,8 @@ impl AppStore for SqliteStore {
         sqlx::query(
             "INSERT INTO apps (id, uid, name, throttle_rate, metadata, created_at, updated_at,
                                pusher_app_id, pusher_key, pusher_secret, history_rules,
-                               socketio)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                               socketio, payload_retention_days)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
         )
         .bind(app.id.as_str())
         .bind(&app.uid)
@@ -28,9 +29,14 @@ impl AppStore for SqliteStore {
         .bind(millis(app.updated_at))
         .bind(app.pusher.app_id)
         .bind(&app.pusher.key)
-        .bind(&app.pusher.secret)
+        .bind(sql::seal_app_secret(
+            &self.keys,
+            &app.id,
+            &app.pusher.secret,
+        ))
         .bind(rows::history_rules_json(app.history.as_deref()))
         .bind(rows::socketio_json(app.socketio.as_ref()))
+        .bind(app.payload_retention_days.map(i64::from))
         .execute(&self.writer)
         .await
         .map_err(conflict_as(
@@ -48,7 +54,7 @@ impl AppStore for SqliteStore {
             .bind(id_or_uid)
             .fetch_optional(&self.reader)
             .await?
-            .map(|row| rows::app(&row))
+            .map(|row| rows::app(&row, &self.keys))
             .transpose()?;
         if let Some(app) = &app {
             self.cache.put_app(generation, app);
@@ -77,7 +83,7 @@ impl AppStore for SqliteStore {
             .fetch_all(&self.reader)
             .await?
             .iter()
-            .map(rows::app)
+            .map(|row| rows::app(row, &self.keys))
             .collect()
     }
 
@@ -98,7 +104,7 @@ impl AppStore for SqliteStore {
         app_id: &AppId,
         credentials: &herald_core::model::PusherCredentials,
     ) -> Result<()> {
-        let done = sql::set_pusher_credentials!(app_id, credentials)
+        let done = sql::set_pusher_credentials!(app_id, credentials, &self.keys)
             .execute(&self.writer)
             .await
             .map_err(conflict_as("another application has this Pusher key"))?;
@@ -110,44 +116,8 @@ impl AppStore for SqliteStore {
     }
 
     async fn delete_app(&self, id: &AppId) -> Result<bool> {
-        let done = sqlx::query(sql::DELETE_APP)
-            .bind(id.as_str())
-            .execute(&self.writer)
-            .await?;
+        let deleted = self.delete_app_data(id).await;
         self.cache.invalidate();
-        Ok(done.rows_affected() > 0)
-    }
-
-    async fn add_token(&self, token_hash: &[u8], scope: &TokenScope, name: &str) -> Result<()> {
-        let app_id = match scope {
-            TokenScope::Environment => None,
-            TokenScope::App(id) => Some(id.as_str()),
-        };
-        sql::add_token!(token_hash, app_id, name)
-            .execute(&self.writer)
-            .await?;
-        Ok(())
-    }
-
-    async fn remove_token(&self, token_hash: &[u8]) -> Result<bool> {
-        let done = sqlx::query(sql::REMOVE_TOKEN)
-            .bind(token_hash)
-            .execute(&self.writer)
-            .await?;
-        Ok(done.rows_affected() > 0)
-    }
-
-    async fn token_scope(&self, token_hash: &[u8]) -> Result<Option<TokenScope>> {
-        let row = sqlx::query(sql::TOKEN_SCOPE)
-            .bind(token_hash)
-            .fetch_optional(&self.reader)
-            .await?;
-        Ok(match row {
-            None => None,
-            Some(row) => Some(match row.try_get::<Option<String>, _>("app_id")? {
-                None => TokenScope::Environment,
-                Some(app) => TokenScope::App(rows::parse_id("api_tokens.app_id", app)?),
-            }),
-        })
+        deleted
     }
 }

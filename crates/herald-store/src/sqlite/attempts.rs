@@ -132,7 +132,12 @@ impl AttemptStore for SqliteStore {
             .fetch_all(&self.reader)
             .await?
             .iter()
-            .map(|row| Ok((rows::endpoint(row, "")?, rows::delivery_state(row)?)))
+            .map(|row| {
+                Ok((
+                    rows::endpoint(row, "", &self.keys)?,
+                    rows::delivery_state(row)?,
+                ))
+            })
             .collect()
     }
 }

@@ -26,7 +26,7 @@ const UPDATE_ENDPOINT: &str =
 #[async_trait::async_trait]
 impl EndpointStore for SqliteStore {
     async fn create_endpoint(&self, ep: &Endpoint) -> Result<()> {
-        sql::insert_endpoint!(ep)
+        sql::insert_endpoint!(ep, &self.keys)
             .execute(&self.writer)
             .await
             .map_err(conflict_as("an endpoint with this uid already exists"))?;
@@ -40,7 +40,7 @@ impl EndpointStore for SqliteStore {
             .bind(id_or_uid)
             .fetch_optional(&self.reader)
             .await?
-            .map(|row| rows::endpoint(&row, ""))
+            .map(|row| rows::endpoint(&row, "", &self.keys))
             .transpose()
     }
 
@@ -52,13 +52,13 @@ impl EndpointStore for SqliteStore {
             .fetch_all(&self.reader)
             .await?
             .iter()
-            .map(|row| rows::endpoint(row, ""))
+            .map(|row| rows::endpoint(row, "", &self.keys))
             .collect()
     }
 
     async fn update_endpoint(&self, ep: &Endpoint, read_at: DateTime<Utc>) -> Result<()> {
         // `failing_since` is the worker's; `$14` is only whether the update re-enables.
-        let done = sql::update_endpoint!(UPDATE_ENDPOINT, ep, read_at)
+        let done = sql::update_endpoint!(UPDATE_ENDPOINT, ep, read_at, &self.keys)
             .execute(&self.writer)
             .await
             .map_err(conflict_as("an endpoint with this uid already exists"))?;
@@ -99,7 +99,7 @@ impl EndpointStore for SqliteStore {
             .fetch_all(&self.reader)
             .await?
             .iter()
-            .map(|row| rows::endpoint(row, ""))
+            .map(|row| rows::endpoint(row, "", &self.keys))
             .collect::<Result<_>>()?;
         let endpoints = Arc::new(endpoints);
         self.cache.put_endpoints(generation, app_id, &endpoints);

@@ -134,10 +134,26 @@ impl IdempotencyStore for SqliteStore {
     ) -> Result<u64> {
         // Claims whose release was lost (the runtime ended first) would otherwise stay.
         self.claims.lock().retain(|_, until| *until >= older_than);
-        let expired = sqlx::query("DELETE FROM idempotency WHERE created_at < $1")
+        // A batch per statement, so an hour's worth never holds the writer for long. Rowids
+        // grow with insertion, so the old rows come first in rowid order.
+        let mut expired = 0;
+        loop {
+            let done = sqlx::query(
+                "DELETE FROM idempotency WHERE rowid IN (
+                     SELECT rowid FROM idempotency WHERE created_at < $1
+                     ORDER BY rowid LIMIT $2)",
+            )
             .bind(millis(older_than))
+            .bind(i64::from(crate::RETENTION_BATCH))
             .execute(&self.writer)
-            .await?;
+            .await?
+            .rows_affected();
+            expired += done;
+            if done < u64::from(crate::RETENTION_BATCH) {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
         // Rowids grow with insertion, so the newest rows are the highest: no sort needed.
         let keep = i64::try_from(max_rows).unwrap_or(i64::MAX);
         let excess_rows = sqlx::query(
@@ -159,6 +175,6 @@ impl IdempotencyStore for SqliteStore {
         .bind(budget)
         .execute(&self.writer)
         .await?;
-        Ok(expired.rows_affected() + excess_rows.rows_affected() + excess_bytes.rows_affected())
+        Ok(expired + excess_rows.rows_affected() + excess_bytes.rows_affected())
     }
 }

@@ -19,7 +19,7 @@ use crate::{IngestRecorded, IngestStore, Page, Result, StoreError, sql};
 #[async_trait::async_trait]
 impl IngestStore for SqliteStore {
     async fn create_source(&self, source: &IngestSource) -> Result<()> {
-        sql::insert_source!(source)
+        sql::insert_source!(source, &self.keys)
             .execute(&self.writer)
             .await
             .map_err(conflict_as("a source with this uid already exists"))?;
@@ -32,7 +32,7 @@ impl IngestStore for SqliteStore {
             .bind(id_or_uid)
             .fetch_optional(&self.reader)
             .await?
-            .map(|row| rows::ingest_source(&row))
+            .map(|row| rows::ingest_source(&row, &self.keys))
             .transpose()
     }
 
@@ -41,7 +41,7 @@ impl IngestStore for SqliteStore {
             .bind(id)
             .fetch_optional(&self.reader)
             .await?
-            .map(|row| rows::ingest_source(&row))
+            .map(|row| rows::ingest_source(&row, &self.keys))
             .transpose()
     }
 
@@ -53,12 +53,12 @@ impl IngestStore for SqliteStore {
             .fetch_all(&self.reader)
             .await?
             .iter()
-            .map(rows::ingest_source)
+            .map(|row| rows::ingest_source(row, &self.keys))
             .collect()
     }
 
     async fn update_source(&self, source: &IngestSource) -> Result<()> {
-        let done = sql::update_source!(source)
+        let done = sql::update_source!(source, &self.keys)
             .execute(&self.writer)
             .await
             .map_err(conflict_as("a source with this uid already exists"))?;

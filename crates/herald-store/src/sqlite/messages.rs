@@ -208,7 +208,7 @@ impl MessageStore for SqliteStore {
                     break;
                 }
                 let rowid: i64 = row.try_get("d_rowid")?;
-                let endpoint = rows::endpoint(row, "e_")?;
+                let endpoint = rows::endpoint(row, "e_", &self.keys)?;
                 if endpoint.disabled {
                     // Disabled endpoints receive nothing; the delivery stays recoverable as failed.
                     refused.push(rowid);

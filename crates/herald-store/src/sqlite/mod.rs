@@ -25,8 +25,13 @@ mod ingest;
 mod leases;
 mod messages;
 mod permissions;
+mod retention;
+mod tokens;
 // Shared with the PostgreSQL store: the JSON shapes of the text columns and the id parsing.
 pub(crate) mod rows;
+mod secrets;
+
+pub use secrets::{KEY_FILE, read_key_file};
 
 use std::{path::Path, str::FromStr, time::Duration};
 
@@ -56,12 +61,23 @@ pub struct SqliteStore {
     writes: mpsc::Sender<PendingWrite>,
     shutdown: CancellationToken,
     batcher: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Encrypts the secrets written and decrypts those read (see `crate::secrets`).
+    keys: crate::secrets::Keyring,
 }
 
 impl SqliteStore {
-    /// Open (creating if needed) the store in `dir` and bring its schema up to date.
+    /// Open (creating if needed) the store in `dir` and bring its schema up to date. Secrets
+    /// are encrypted under the main key generated into `dir` ([`KEY_FILE`]) on first use.
     pub async fn open(dir: &Path) -> Result<Self> {
-        // The database holds secrets: directory 0700, database files 0600 (unix).
+        Self::open_with_keys(dir, None).await
+    }
+
+    /// [`SqliteStore::open`], with secrets encrypted under `keys` (the configured main key,
+    /// and previous ones that still decrypt) instead of the generated key, which then only
+    /// decrypts what was written under it. Fails if the store holds secrets under a key it is
+    /// not given; encrypts any secret an earlier version stored in clear.
+    pub async fn open_with_keys(dir: &Path, keys: Option<crate::secrets::Keyring>) -> Result<Self> {
+        // The database holds everything Herald keeps: directory 0700, files 0600 (unix).
         permissions::prepare(dir, DB_FILE)?;
         let options = SqliteConnectOptions::from_str("sqlite://")?
             .filename(dir.join(DB_FILE))
@@ -70,6 +86,9 @@ impl SqliteStore {
             // Acknowledged writes must survive power loss; group commit pays for the fsyncs.
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
+            // Zero what a write frees inside the pages it writes anyway: a secret replaced
+            // (re-encrypted, rotated) leaves no copy in the page's free space, at no extra I/O.
+            .pragma("secure_delete", "fast")
             .busy_timeout(Duration::from_secs(10));
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
@@ -84,6 +103,20 @@ impl SqliteStore {
         // SQLite has made its -wal and -shm files by now, with the database file's mode.
         permissions::secure_files(dir, DB_FILE)?;
 
+        let census = secrets::census(&reader).await?;
+        let keys = secrets::resolve_keys(dir, keys, &census)?;
+        if let Some(key_ids) = census.missing_from(&keys) {
+            return Err(crate::secrets::SecretError::KeysMissing { key_ids }.into());
+        }
+        if census.plaintext > 0 {
+            // Written by a version before encryption at rest.
+            let done = secrets::reencrypt(&writer, &keys, false, 100).await?;
+            tracing::info!(
+                encrypted = done.rewritten,
+                "encrypted the secrets an earlier version stored in clear"
+            );
+        }
+
         let (writes, queue) = mpsc::channel(batch::QUEUE_DEPTH);
         let shutdown = CancellationToken::new();
         let batcher = tokio::spawn(batch::run(writer.clone(), queue, shutdown.clone()));
@@ -96,6 +129,7 @@ impl SqliteStore {
             writes,
             shutdown,
             batcher: Mutex::new(Some(batcher)),
+            keys,
         })
     }
 
@@ -115,7 +149,7 @@ impl SqliteStore {
             .bind(value)
             .fetch_optional(&self.reader)
             .await?
-            .map(|row| rows::app(&row))
+            .map(|row| rows::app(&row, &self.keys))
             .transpose()?;
         if let Some(app) = &app {
             self.cache.put_app_as(generation, &cache_key, app);
@@ -212,6 +246,7 @@ mod tests {
             tags: None,
             payload: Bytes::from_static(b"{}"),
             created_at: now,
+            payload_expires_at: None,
         }
     }
 
@@ -228,6 +263,7 @@ mod tests {
             pusher: PusherCredentials::generate(),
             history: None,
             socketio: None,
+            payload_retention_days: None,
             created_at: now,
             updated_at: now,
         };
@@ -273,6 +309,7 @@ mod tests {
             pusher: PusherCredentials::generate(),
             history: None,
             socketio: None,
+            payload_retention_days: None,
             created_at: now,
             updated_at: now,
         };
@@ -402,6 +439,7 @@ mod tests {
             pusher: PusherCredentials::generate(),
             history: None,
             socketio: None,
+            payload_retention_days: None,
             created_at: now,
             updated_at: now,
         };

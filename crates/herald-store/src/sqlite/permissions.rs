@@ -1,8 +1,9 @@
 //! Owner-only modes for the data directory and the database files.
 //!
-//! The database holds secrets in clear (app secrets, endpoint signing secrets, ingest source
-//! secrets), so the data directory is made `0700` and the database file and its `-wal`, `-shm`
-//! and `-journal` files `0600`. The modes are set explicitly, whatever the process umask (which
+//! The database holds everything Herald keeps, its secrets encrypted under a main key that
+//! may be the generated one in the same directory (`main.key`, written `0600` here), so the
+//! data directory is made `0700` and the database file and its `-wal`, `-shm` and `-journal`
+//! files `0600`. The modes are set explicitly, whatever the process umask (which
 //! a library must not change): a directory or database file the store creates gets them, and
 //! an existing database file, or a directory that already holds one (Herald's own), that
 //! others could reach has its group and other bits cleared, logged at info. An existing
@@ -31,6 +32,29 @@ pub(super) fn secure_files(dir: &Path, db_file: &str) -> io::Result<()> {
         imp::tighten(&dir.join(format!("{db_file}{suffix}")), "database file")?;
     }
     Ok(())
+}
+
+/// Writes `contents` to `path` as a new owner-only file (0600), synced to disk; `false` if
+/// the file already exists (it is then left as it is, made owner-only).
+pub(super) fn write_new_private_file(path: &Path, contents: &[u8]) -> io::Result<bool> {
+    use std::io::Write;
+    match imp::create_new_private(path) {
+        Ok(mut file) => {
+            file.write_all(contents)?;
+            file.sync_all()?;
+            Ok(true)
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            imp::tighten(path, "key file")?;
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Makes an existing file owner-only (nothing if it does not exist).
+pub(super) fn secure_file(path: &Path, what: &str) -> io::Result<()> {
+    imp::tighten(path, what)
 }
 
 #[cfg(unix)]
@@ -95,6 +119,16 @@ mod imp {
         }
     }
 
+    pub(super) fn create_new_private(path: &Path) -> io::Result<fs::File> {
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(FILE_MODE)
+            .open(path)?;
+        set_mode(path, FILE_MODE)?;
+        Ok(file)
+    }
+
     /// Clears the group and other bits of `path` if it exists and has any, saying so.
     pub(super) fn tighten(path: &Path, what: &str) -> io::Result<()> {
         let mode = match fs::metadata(path) {
@@ -144,6 +178,13 @@ mod imp {
 
     pub(super) fn tighten(_path: &Path, _what: &str) -> io::Result<()> {
         Ok(())
+    }
+
+    pub(super) fn create_new_private(path: &Path) -> io::Result<std::fs::File> {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
     }
 }
 

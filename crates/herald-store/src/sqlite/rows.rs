@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Utc};
 use herald_core::{
-    AppId, AttemptId, EndpointId, IngestEventId, MessageId, SourceId,
+    AppId, AttemptId, EndpointId, IngestEventId, MessageId, SourceId, TokenId,
     history::HistoryRule,
     ingest::{Encoding, HmacScheme},
     model::{DeliveryStatus, Endpoint},
@@ -211,7 +211,8 @@ stored_ids!(
     MessageId,
     AttemptId,
     SourceId,
-    IngestEventId
+    IngestEventId,
+    TokenId
 );
 
 /// Parses a stored id; an id without its type's prefix means the data is corrupt.

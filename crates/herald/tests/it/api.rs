@@ -1274,3 +1274,111 @@ async fn fields_svix_defines_are_accepted_even_null_or_ignored_by_herald() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn publishing_beyond_the_apps_rate_gets_429_with_retry_after_and_stores_nothing() {
+    use crate::pusher::{pusher_api, pusher_app};
+    // A budget of 100 events per app, refilled at one a second: a trigger to 100 channels
+    // spends it at once.
+    let server = TestServer::start_with(|c| {
+        c.api.publish_per_second_per_app = 1;
+        c.api.publish_burst_per_app = 100;
+    })
+    .await;
+    let (app, creds) = pusher_app(&server, "rates-publish").await;
+    let (other, _) = pusher_app(&server, "rates-publish-other").await;
+    let channels: Vec<String> = (0..100).map(|i| format!("room-{i}")).collect();
+    let trigger =
+        |channels: Vec<String>| json!({"name": "tick", "channels": channels, "data": "{}"});
+    let path = format!("/apps/{}/events", creds.id);
+    let (status, body) =
+        pusher_api(&server, &creds, "POST", &path, &[], Some(trigger(channels))).await;
+    assert_eq!(status, 200, "{body}");
+
+    // Svix messages: a refill may let one through, never more than one a second; each
+    // refusal is a 429 with Retry-After, and only what was accepted is stored.
+    let mut accepted = 0;
+    let refusal = loop {
+        let response = reqwest::Client::new()
+            .post(format!("{}/api/v1/app/{app}/msg", server.base))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&json!({"eventType": "tick", "payload": {}}))
+            .send()
+            .await
+            .expect("request");
+        match response.status().as_u16() {
+            201 => accepted += 1,
+            429 => break response,
+            other => panic!(
+                "unexpected {other}: {}",
+                response.text().await.unwrap_or_default()
+            ),
+        }
+        assert!(
+            accepted < 5,
+            "the app's budget was spent: only refills pass"
+        );
+    };
+    let retry_after = refusal
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .expect("Retry-After in seconds");
+    assert!((1..=2).contains(&retry_after), "{retry_after}");
+    let refused: Value = refusal.json().await.expect("JSON error");
+    assert_eq!(refused["code"], "rate_limited");
+    assert!(
+        refused["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("at most 1 per second")),
+        "{refused}"
+    );
+    let (_, listed) = server
+        .call(Method::GET, &format!("/api/v1/app/{app}/msg"), None)
+        .await;
+    assert_eq!(
+        listed["data"].as_array().map(Vec::len),
+        Some(accepted),
+        "a refused message is not stored"
+    );
+
+    // The Pusher HTTP API answers the same way, in its plain-text errors.
+    let (status, body) = pusher_api(
+        &server,
+        &creds,
+        "POST",
+        &path,
+        &[],
+        Some(trigger(vec!["room-0".into(); 1])),
+    )
+    .await;
+    assert!(status == 429 || status == 200, "{status} {body}");
+    if status == 200 {
+        // A refill let that one through; the next at once is refused.
+        let (status, body) = pusher_api(
+            &server,
+            &creds,
+            "POST",
+            &path,
+            &[],
+            Some(trigger(vec!["room-0".into()])),
+        )
+        .await;
+        assert_eq!(status, 429, "{body}");
+        assert!(body.contains("too many events published"), "{body}");
+    } else {
+        assert!(body.contains("too many events published"), "{body}");
+    }
+
+    // Another app has a budget of its own.
+    let (status, body) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/app/{other}/msg"),
+            Some(json!({"eventType": "tick", "payload": {}})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    server.stop().await;
+}

@@ -440,6 +440,21 @@ impl TestServer {
         value.unwrap_or(0)
     }
 
+    /// The server's data directory (SQLite's files), if this test started it.
+    pub fn data_dir(&self) -> Option<&std::path::Path> {
+        self._dir.as_ref().map(|dir| dir.path())
+    }
+
+    /// Whether the server's store is PostgreSQL.
+    pub fn on_postgres(&self) -> bool {
+        self.store_url.is_some()
+    }
+
+    /// PostgreSQL: the URL of the server's database.
+    pub fn store_url(&self) -> Option<&str> {
+        self.store_url.as_deref()
+    }
+
     /// API helpers for a server started elsewhere (a child process).
     pub fn remote(base: String) -> Self {
         Self {

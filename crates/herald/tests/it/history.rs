@@ -273,6 +273,7 @@ async fn housekeeping_purges_quiet_channels_and_channels_no_rule_keeps() {
         pusher: herald_core::model::PusherCredentials::generate(),
         history: Some(vec![rule("h-*"), rule("old-*")]),
         socketio: None,
+        payload_retention_days: None,
         created_at: now,
         updated_at: now,
     };
@@ -598,6 +599,7 @@ async fn in_process_history(dir: &std::path::Path) -> InProcess {
         pusher: herald_core::model::PusherCredentials::generate(),
         history: None,
         socketio: None,
+        payload_retention_days: None,
         created_at: now,
         updated_at: now,
     };

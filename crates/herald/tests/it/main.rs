@@ -7,9 +7,11 @@
 //! `skipped on postgres: ...` there (`harness::sqlite_only`).
 
 mod api;
+mod auth;
 mod channel_webhooks;
 mod cluster;
 mod cluster_presence;
+mod crash;
 mod delivery;
 mod harness;
 mod history;
@@ -17,7 +19,10 @@ mod ingest;
 mod listener;
 mod process;
 mod pusher;
+mod retention;
+mod secrets;
 mod socketio;
 mod sse;
 mod tidy;
+mod tls;
 mod websocket;

@@ -65,6 +65,8 @@ pub async fn spawn_herald_env(data: &Path, flags: &[&str], env: &[(&str, &str)])
         .env("HERALD_DELIVERY__RETRY_SCHEDULE_SECS", "[0.05, 0.05, 0.05]")
         .env("HERALD_DELIVERY__REQUEST_TIMEOUT_SECS", "30")
         .env("HERALD_SHUTDOWN_GRACE_SECS", "10")
+        // The crash tests publish to one app as fast as they can.
+        .env("HERALD_API__PUBLISH_PER_SECOND_PER_APP", "0")
         .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .kill_on_drop(true)

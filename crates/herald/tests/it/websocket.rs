@@ -425,6 +425,79 @@ async fn slow_consumers_are_disconnected_with_4100() {
     server.stop().await;
 }
 
+/// A client that stops reading for good: once its socket buffers and its outbox are full, the
+/// server closes it without waiting for it to read again (the write it was blocked in gives
+/// way to the overflow) and its subscription is gone, while a client reading on the same
+/// channel receives every event.
+#[tokio::test]
+async fn a_client_that_never_reads_again_is_dropped_without_waiting_for_it() {
+    let server = TestServer::start_with(|c| c.ws.outbox_frames = 64).await;
+    let (_, creds) = pusher_app(&server, "ws-stalled").await;
+    let mut stalled = Client::connect(&server, &creds.key).await;
+    stalled.subscribe("firehose", None, None).await;
+    let mut reader = Client::connect(&server, &creds.key).await;
+    reader.subscribe("firehose", None, None).await;
+    let subscriptions = || async {
+        let (status, info) = pusher_api(
+            &server,
+            &creds,
+            "GET",
+            &format!("/apps/{}/channels/firehose", creds.id),
+            &[("info", "subscription_count")],
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{info}");
+        serde_json::from_str::<Value>(&info).expect("json")["subscription_count"]
+            .as_u64()
+            .expect("subscription_count")
+    };
+    assert_eq!(subscriptions().await, 2);
+
+    // 10 KB events, ten at a time, until the stalled connection is gone (socket buffers on
+    // loopback hold a few MB; 50 MB is far more than they and the outbox can take).
+    let data = "z".repeat(10 * 1000);
+    let batch: Vec<Value> = (0..10)
+        .map(|_| json!({"name": "tick", "channel": "firehose", "data": data}))
+        .collect();
+    let path = format!("/apps/{}/batch_events", creds.id);
+    let mut batches = 0;
+    while subscriptions().await == 2 {
+        assert!(batches < 500, "the stalled connection was never closed");
+        let (status, body) = pusher_api(
+            &server,
+            &creds,
+            "POST",
+            &path,
+            &[],
+            Some(json!({"batch": batch})),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        for _ in 0..10 {
+            assert_eq!(reader.expect("tick").await["channel"], "firehose");
+        }
+        batches += 1;
+    }
+    assert_eq!(subscriptions().await, 1, "the reader is still subscribed");
+
+    // Only now does the stalled client read: what was buffered, then the end: the 4100 close
+    // frame if it fitted in the socket, else the connection's end.
+    let end = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match stalled.socket.next().await {
+                Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return None,
+            }
+        }
+    })
+    .await
+    .expect("the stalled connection ends");
+    assert!(matches!(end, None | Some(4100)), "closed with {end:?}");
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn terminate_connections_closes_a_signed_in_users_sockets() {
     let server = TestServer::start().await;

@@ -203,7 +203,8 @@ async fn insert_messages(
     let mut inserted = HashSet::with_capacity(messages.len());
     for chunk in messages.chunks(ROWS_PER_STATEMENT) {
         let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
-            "INSERT INTO messages (id, app_id, event_id, event_type, channels, tags, payload, created_at) ",
+            "INSERT INTO messages (id, app_id, event_id, event_type, channels, tags, payload, created_at, \
+             payload_expires_at) ",
         );
         q.push_values(chunk, |mut row, (_, m, _)| {
             row.push_bind(m.id.as_str())
@@ -213,7 +214,8 @@ async fn insert_messages(
                 .push_bind(opt_json(&m.channels))
                 .push_bind(opt_json(&m.tags))
                 .push_bind(m.payload.as_ref())
-                .push_bind(millis(m.created_at));
+                .push_bind(millis(m.created_at))
+                .push_bind(m.payload_expires_at.map(millis));
         });
         q.push(" ON CONFLICT DO NOTHING RETURNING id");
         for row in q.build().fetch_all(&mut *conn).await? {
