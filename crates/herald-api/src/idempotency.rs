@@ -6,12 +6,13 @@
 //! claims its key in the store (for at most [`CLAIM_FOR`]) and the response, when saved,
 //! completes the claim; one not kept (a server error, too large, the client gone) releases
 //! it. The Svix SDKs send a key with every POST and reuse it when they retry, so a retried
-//! create never creates twice.
+//! create never creates twice. A 429 is not kept either (the retry it asks for must run), and
+//! a kept answer never holds a secret ([`SecretFields`]).
 
 use std::{mem, sync::Arc, time::Duration};
 
 use axum::{
-    body::{Body, to_bytes},
+    body::{Body, Bytes, to_bytes},
     extract::{Request, State},
     http::{HeaderValue, Method, StatusCode, header},
     middleware::Next,
@@ -24,6 +25,34 @@ use herald_store::{IdempotencyClaim, Store};
 use crate::{ApiState, auth, error::ApiError};
 
 pub const KEEP_FOR: Duration = Duration::from_secs(24 * 3600);
+
+/// Put in a response's extensions by a handler whose answer carries a secret (a new API token,
+/// a Pusher secret): the copy kept for replay leaves these fields out (JSON pointers to object
+/// members), so no secret sits in the idempotency table. A replay shows the rest; the secret
+/// was shown once (a token) or is read again where the API allows (an app's Pusher secret).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SecretFields(pub &'static [&'static str]);
+
+impl SecretFields {
+    /// `response` marked so.
+    pub(crate) fn mark(self, response: impl IntoResponse) -> Response {
+        let mut response = response.into_response();
+        response.extensions_mut().insert(self);
+        response
+    }
+
+    /// `body` without the fields; `None` if it is not a JSON object.
+    fn strip(self, body: &[u8]) -> Option<Vec<u8>> {
+        let mut value: serde_json::Value = serde_json::from_slice(body).ok()?;
+        for pointer in self.0 {
+            let (parent, field) = pointer.rsplit_once('/')?;
+            if let Some(object) = value.pointer_mut(parent).and_then(|v| v.as_object_mut()) {
+                object.remove(field);
+            }
+        }
+        serde_json::to_vec(&value).ok()
+    }
+}
 /// Responses larger than this are not kept. A message create echoes its payload (up to
 /// `api.max_body_bytes`, 1 MiB by default), and the Svix SDKs retry creates with the same key,
 /// so the answer must fit.
@@ -144,7 +173,9 @@ pub async fn replay(State(state): State<ApiState>, mut request: Request, next: N
         held: true,
     };
     let response = next.run(request).await;
-    if response.status().is_server_error() {
+    // Neither a server error nor a refusal to come back later (429) answers the request: the
+    // retry the client is told to make must run, not replay the refusal.
+    if response.status().is_server_error() || response.status() == StatusCode::TOO_MANY_REQUESTS {
         claim.release().await;
         return response;
     }
@@ -158,9 +189,18 @@ pub async fn replay(State(state): State<ApiState>, mut request: Request, next: N
             return ApiError::internal(e).into_response();
         }
     };
-    if bytes.len() > MAX_STORED_BODY {
+    let kept = match parts.extensions.get::<SecretFields>() {
+        Some(fields) => fields.strip(&bytes).map(Bytes::from),
+        None => Some(bytes.clone()),
+    };
+    let Some(kept) = kept else {
+        // A marked answer that is not JSON: keep nothing rather than a secret.
+        claim.release().await;
+        return Response::from_parts(parts, Body::from(bytes));
+    };
+    if kept.len() > MAX_STORED_BODY {
         tracing::debug!(
-            bytes = bytes.len(),
+            bytes = kept.len(),
             "response too large to keep for Idempotency-Key replay"
         );
         claim.release().await;
@@ -171,7 +211,7 @@ pub async fn replay(State(state): State<ApiState>, mut request: Request, next: N
                 &claim.scope,
                 &claim.key,
                 parts.status.as_u16(),
-                &bytes,
+                &kept,
                 Utc::now(),
             )
             .await

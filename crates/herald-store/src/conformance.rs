@@ -2205,7 +2205,7 @@ async fn expired_payloads_are_expunged_in_batches_but_not_under_a_pending_delive
         .await
         .expect("pending message");
 
-    let sizes = batches(|| Box::pin(store.expire_payloads(now, crate::RETENTION_BATCH))).await;
+    let sizes = batches(|| Box::pin(store.expire_payloads(now, now, crate::RETENTION_BATCH))).await;
     assert_eq!(
         sizes,
         vec![500, 500, 200],
@@ -2233,7 +2233,7 @@ async fn expired_payloads_are_expunged_in_batches_but_not_under_a_pending_delive
     }
     assert_eq!(
         store
-            .expire_payloads(now, crate::RETENTION_BATCH)
+            .expire_payloads(now, now, crate::RETENTION_BATCH)
             .await
             .expect("again"),
         0,

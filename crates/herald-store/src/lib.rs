@@ -630,9 +630,15 @@ pub trait ChannelWebhookStore: Send + Sync + 'static {
 pub trait RetentionStore: Send + Sync + 'static {
     /// Expunges (replaces by [`herald_core::model::EXPIRED_PAYLOAD`]) up to `limit` payloads
     /// whose `payload_expires_at` is at or before `now`, of messages with no delivery still
-    /// pending or in flight (those keep their payload until their deliveries are done);
-    /// returns how many.
-    async fn expire_payloads(&self, now: DateTime<Utc>, limit: u32) -> Result<u64>;
+    /// pending or in flight (those keep their payload until their deliveries are done, and
+    /// up to `limit` of them are looked at again at `recheck_at`, so a backlog of them does not
+    /// sit in every batch's way); returns how many were expunged.
+    async fn expire_payloads(
+        &self,
+        now: DateTime<Utc>,
+        recheck_at: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<u64>;
     /// Expunges the payload of the app's message `id_or_event_id` now, whatever its
     /// deliveries; the message and its attempts stay. Whether the message exists.
     async fn expunge_payload(&self, app_id: &AppId, id_or_event_id: &str) -> Result<bool>;

@@ -878,10 +878,11 @@ macro_rules! row_readers {
 pub(crate) use row_readers;
 
 /// The census of stored secrets (`census`) and their re-encryption (`reencrypt_rows`) for a
-/// backend whose pool is `$pool`. Expanded in each backend's `secrets` module, whose imports
-/// (`Result`, `Row`, `AssertSqlSafe`, the `secrets` types) it uses.
+/// backend whose pool is `$pool`, each batch in a transaction opened with `$begin`. Expanded
+/// in each backend's `secrets` module, whose imports (`Result`, `Row`, `AssertSqlSafe`, the
+/// `secrets` types) it uses.
 macro_rules! secret_rewrites {
-    ($pool:ty) => {
+    ($pool:ty, $begin:literal) => {
         /// Counts every stored secret by what it is encrypted under.
         pub(super) async fn census(pool: &$pool) -> Result<SecretCensus> {
             let mut census = SecretCensus::default();
@@ -920,7 +921,7 @@ macro_rules! secret_rewrites {
             for table in &SECRET_TABLES {
                 let mut after = String::new();
                 loop {
-                    let mut tx = pool.begin().await?;
+                    let mut tx = pool.begin_with($begin).await?;
                     let rows = sqlx::query(AssertSqlSafe(table.select_page()))
                         .bind(&after)
                         .bind(i64::from(batch.max(1)))

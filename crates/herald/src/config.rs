@@ -735,12 +735,13 @@ impl Config {
                 self.listen
             )));
         }
+        // The burst the limiter uses: the configured one, or the rate when that is 0.
+        let publish_burst = match self.api.publish_burst_per_app {
+            0 => self.api.publish_per_second_per_app,
+            burst => burst,
+        };
         if self.api.publish_per_second_per_app > 0
-            && self
-                .api
-                .publish_burst_per_app
-                .max(self.api.publish_per_second_per_app)
-                < herald_api::rate::LARGEST_PUBLISH
+            && publish_burst < herald_api::rate::LARGEST_PUBLISH
         {
             return Err(ConfigError::Invalid(format!(
                 "api.publish_burst_per_app ({}) must be at least {}: a Pusher trigger to {} channels spends that much at once and could never be accepted",

@@ -89,10 +89,17 @@ pub async fn sweep(
         stop,
         op,
     };
+    // A payload past its time that a delivery still needs is looked at again ten sweeps on
+    // (ten minutes by default): not at every batch, and not so late that it outlives its
+    // deliveries by much.
+    let blocked_recheck = chrono::Duration::from_std(retention.sweep_every.saturating_mul(10))
+        .unwrap_or(chrono::Duration::MAX);
     let attempts_before = now - retention.days(retention.attempt_days);
     let received_before = now - retention.days(retention.ingest_days);
     Ok(Swept {
-        payloads: batches(Op::Payloads(now)).run(store).await?,
+        payloads: batches(Op::Payloads(now, now + blocked_recheck))
+            .run(store)
+            .await?,
         attempts: batches(Op::Attempts(attempts_before)).run(store).await?,
         // Messages go with their attempt log: a message is kept while its attempts are.
         messages: batches(Op::Messages(attempts_before)).run(store).await?,
@@ -102,7 +109,9 @@ pub async fn sweep(
 
 #[derive(Clone, Copy)]
 enum Op {
-    Payloads(DateTime<Utc>),
+    /// As of the first time; payloads still needed by a delivery are looked at again at the
+    /// second.
+    Payloads(DateTime<Utc>, DateTime<Utc>),
     Attempts(DateTime<Utc>),
     Messages(DateTime<Utc>),
     Received(DateTime<Utc>),
@@ -120,7 +129,9 @@ impl Batches<'_> {
         let mut total = 0;
         loop {
             let done = match self.op {
-                Op::Payloads(now) => store.expire_payloads(now, self.limit).await?,
+                Op::Payloads(now, recheck_at) => {
+                    store.expire_payloads(now, recheck_at, self.limit).await?
+                }
                 Op::Attempts(before) => store.delete_attempts_before(before, self.limit).await?,
                 Op::Messages(before) => store.delete_messages_before(before, self.limit).await?,
                 Op::Received(before) => {

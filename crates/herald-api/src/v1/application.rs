@@ -4,6 +4,7 @@ use axum::{
     Json,
     extract::{Path, State},
     http::StatusCode,
+    response::Response,
 };
 use chrono::{DateTime, Utc};
 use herald_core::{
@@ -18,6 +19,7 @@ use crate::{
     auth::Caller,
     error::{ApiError, ApiResult, Validator},
     extract::{QueryParams, SvixJson},
+    idempotency::SecretFields,
     pagination::{self, ListResponse},
 };
 
@@ -241,17 +243,21 @@ pub async fn create(
     caller: Caller,
     query: QueryParams,
     SvixJson(input): SvixJson<ApplicationIn>,
-) -> ApiResult<(StatusCode, Json<ApplicationOut>)> {
+) -> ApiResult<Response> {
     caller.require_environment()?;
     if query.bool("get_if_exists", false)?
         && let Some(uid) = &input.uid
         && let Some(existing) = caller_visible(&state, &caller, uid).await?
     {
-        return Ok((StatusCode::OK, Json(existing.into())));
+        return Ok(KEPT_WITHOUT_SECRET.mark((StatusCode::OK, Json(ApplicationOut::from(existing)))));
     }
     let app = create_app(&state, input).await?;
-    Ok((StatusCode::CREATED, Json(app.into())))
+    Ok(KEPT_WITHOUT_SECRET.mark((StatusCode::CREATED, Json(ApplicationOut::from(app)))))
 }
+
+/// A create's answer as kept for an Idempotency-Key replay: without the Pusher secret (read it
+/// again with `GET /api/v1/app/{app}`).
+const KEPT_WITHOUT_SECRET: SecretFields = SecretFields(&["/pusher/secret"]);
 
 /// The app with this id or uid if it exists and the caller may see it.
 async fn caller_visible(state: &ApiState, caller: &Caller, uid: &str) -> ApiResult<Option<App>> {
@@ -404,7 +410,7 @@ pub async fn rotate_pusher_secret(
     caller: Caller,
     Path(app_id): Path<String>,
     body: axum::body::Bytes,
-) -> ApiResult<Json<PusherSecretOut>> {
+) -> ApiResult<Response> {
     let input: PusherSecretRotateIn = if body.iter().all(u8::is_ascii_whitespace) {
         PusherSecretRotateIn::default()
     } else {
@@ -444,8 +450,9 @@ pub async fn rotate_pusher_secret(
         .store
         .set_pusher_credentials(&app.id, &credentials)
         .await?;
-    Ok(Json(PusherSecretOut {
+    // A replay (Idempotency-Key) says when the old secret stops, not the new one.
+    Ok(SecretFields(&["/secret"]).mark(Json(PusherSecretOut {
         previous_secret_valid_until: credentials.previous.map(|retired| retired.until),
         secret: credentials.secret,
-    }))
+    })))
 }

@@ -2,13 +2,14 @@
 //! expiry. Herald's own resource (Svix's server mints JWTs from its CLI instead): only an
 //! environment token may manage tokens, so an app's token can never mint itself a successor.
 //!
-//! The secret is shown once, in the answer to the create request; the store keeps only its
-//! SHA-256 digest. Revoking deletes the token: the next request that presents it is refused.
+//! The secret is shown once, in the answer to the create request (a replay of it under the
+//! same Idempotency-Key leaves it out); the store keeps only its SHA-256 digest. Revoking deletes the token: the next request that presents it is refused.
 
 use axum::{
     Json,
     extract::{Path, State},
     http::StatusCode,
+    response::Response,
 };
 use chrono::{DateTime, Utc};
 use herald_core::{TokenId, token};
@@ -20,6 +21,7 @@ use crate::{
     auth::Caller,
     error::{ApiError, ApiResult, Validator},
     extract::{QueryParams, SvixJson},
+    idempotency::SecretFields,
     pagination::{self, ListResponse},
 };
 
@@ -79,7 +81,7 @@ pub async fn create(
     State(state): State<ApiState>,
     caller: Caller,
     SvixJson(input): SvixJson<TokenIn>,
-) -> ApiResult<(StatusCode, Json<TokenCreated>)> {
+) -> ApiResult<Response> {
     caller.require_environment()?;
     let now = crate::now();
     let mut v = Validator::default();
@@ -122,13 +124,14 @@ pub async fn create(
         .add_token(&record, &token::hash(&secret))
         .await?;
     tracing::info!(token = %record.id, name = %record.name, "API token created");
-    Ok((
+    // A replay of this answer (Idempotency-Key) shows the record without the secret.
+    Ok(SecretFields(&["/token"]).mark((
         StatusCode::CREATED,
         Json(TokenCreated {
             record: record.into(),
             token: secret,
         }),
-    ))
+    )))
 }
 
 pub async fn list(

@@ -326,7 +326,17 @@ impl MessageStore for PostgresStore {
                 if row.try_get::<Option<String>, _>("msg_id")?.is_none() {
                     continue;
                 }
-                let job = job(row, &self.keys)?;
+                let job = match job(row, &self.keys) {
+                    Ok(job) => job,
+                    // One endpoint whose secret does not open (a key this node lacks, a
+                    // tampered value) must not stop every delivery behind it: it stays leased
+                    // (tried again when the lease runs out, on any node) and the claim goes on.
+                    Err(StoreError::Secret(e)) => {
+                        tracing::error!(error = %e, "a delivery's endpoint secret cannot be decrypted; skipped until its lease runs out");
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
                 *taken_endpoints.entry(job.endpoint.id.clone()).or_insert(0) += 1;
                 *taken_apps.entry(job.app_id.clone()).or_insert(0) += 1;
                 claimed += 1;

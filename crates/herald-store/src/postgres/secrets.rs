@@ -70,7 +70,7 @@ pub(super) async fn resolve_keys(
     })
 }
 
-crate::sql::secret_rewrites!(PgPool);
+crate::sql::secret_rewrites!(PgPool, "BEGIN");
 
 /// Re-encrypts what [`reencrypt_rows`] finds (see there).
 pub(super) async fn reencrypt(

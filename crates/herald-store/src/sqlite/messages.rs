@@ -208,7 +208,19 @@ impl MessageStore for SqliteStore {
                     break;
                 }
                 let rowid: i64 = row.try_get("d_rowid")?;
-                let endpoint = rows::endpoint(row, "e_", &self.keys)?;
+                let endpoint = match rows::endpoint(row, "e_", &self.keys) {
+                    Ok(endpoint) => endpoint,
+                    // One endpoint whose secret does not open (a key this node lacks, a
+                    // tampered value) must not stop every delivery behind it: its delivery
+                    // fails (recoverable once the key is back) and the claim goes on.
+                    Err(StoreError::Secret(e)) => {
+                        tracing::error!(error = %e, "a delivery's endpoint secret cannot be decrypted; the delivery is marked failed");
+                        refused.push(rowid);
+                        passed.push(rowid);
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
                 if endpoint.disabled {
                     // Disabled endpoints receive nothing; the delivery stays recoverable as failed.
                     refused.push(rowid);

@@ -36,14 +36,27 @@ pub(super) fn secure_files(dir: &Path, db_file: &str) -> io::Result<()> {
 
 /// Writes `contents` to `path` as a new owner-only file (0600), synced to disk; `false` if
 /// the file already exists (it is then left as it is, made owner-only).
+///
+/// The file appears whole or not at all: the contents go to a private temporary file first,
+/// which is then hard-linked to `path` (a link never replaces an existing file). A crash or a
+/// second process starting at the same moment cannot leave an empty or half-written file.
 pub(super) fn write_new_private_file(path: &Path, contents: &[u8]) -> io::Result<bool> {
     use std::io::Write;
-    match imp::create_new_private(path) {
-        Ok(mut file) => {
-            file.write_all(contents)?;
-            file.sync_all()?;
-            Ok(true)
-        }
+    let temporary = path.with_extension(format!(
+        "tmp-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    ));
+    let written = imp::create_new_private(&temporary).and_then(|mut file| {
+        file.write_all(contents)?;
+        file.sync_all()
+    });
+    let linked = written.and_then(|()| std::fs::hard_link(&temporary, path));
+    let _ = std::fs::remove_file(&temporary);
+    match linked {
+        Ok(()) => Ok(true),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
             imp::tighten(path, "key file")?;
             Ok(false)

@@ -88,7 +88,10 @@ fn warn_generated(path: &Path) {
     );
 }
 
-crate::sql::secret_rewrites!(SqlitePool);
+// `BEGIN IMMEDIATE`: each batch reads, then writes; a deferred transaction whose read a
+// running server's commit overtook would fail with SQLITE_BUSY_SNAPSHOT, which the busy
+// timeout does not retry, and `herald rotate-main-key` would stop halfway.
+crate::sql::secret_rewrites!(SqlitePool, "BEGIN IMMEDIATE");
 
 /// Re-encrypts what [`reencrypt_rows`] finds (see there), then empties the WAL of the values
 /// it replaced.

@@ -1382,3 +1382,99 @@ async fn publishing_beyond_the_apps_rate_gets_429_with_retry_after_and_stores_no
     assert_eq!(status, 201, "{body}");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn idempotent_replays_hold_no_secret_and_a_rate_limit_refusal_is_not_replayed() {
+    use crate::pusher::{pusher_api, pusher_app};
+    let server = TestServer::start_with(|c| {
+        c.api.publish_per_second_per_app = 1;
+        c.api.publish_burst_per_app = 100;
+    })
+    .await;
+    let post = |path: &'static str, body: Value, key: &'static str| {
+        let server = &server;
+        async move {
+            server
+                .call_as(Some(ADMIN_TOKEN), Method::POST, path, Some(body), Some(key))
+                .await
+        }
+    };
+
+    // A token create replayed: the same token, without its secret.
+    let (status, first) = post("/api/v1/auth/token", json!({"name": "ci"}), "token-1").await;
+    assert_eq!(status, 201, "{first}");
+    assert!(
+        first["token"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("hrld_"))
+    );
+    let (status, replay) = post("/api/v1/auth/token", json!({"name": "ci"}), "token-1").await;
+    assert_eq!(status, 201, "{replay}");
+    assert_eq!(replay["id"], first["id"], "a replay, not a second token");
+    assert!(replay.get("token").is_none(), "{replay}");
+
+    // An app create and a Pusher secret rotation replayed: without the Pusher secret.
+    let (status, app) = post("/api/v1/app", json!({"name": "replays"}), "app-1").await;
+    assert_eq!(status, 201, "{app}");
+    assert!(app["pusher"]["secret"].is_string());
+    let (status, replay) = post("/api/v1/app", json!({"name": "replays"}), "app-1").await;
+    assert_eq!(status, 201);
+    assert_eq!(replay["id"], app["id"]);
+    assert!(replay["pusher"].get("secret").is_none(), "{replay}");
+    assert_eq!(replay["pusher"]["key"], app["pusher"]["key"]);
+    let app_id = app["id"].as_str().expect("id").to_owned();
+    let rotate = format!("/api/v1/app/{app_id}/pusher/secret/rotate");
+    for n in 0..2 {
+        let (status, rotated) = server
+            .call_as(
+                Some(ADMIN_TOKEN),
+                Method::POST,
+                &rotate,
+                Some(json!({})),
+                Some("rotate-1"),
+            )
+            .await;
+        assert_eq!(status, 200, "{rotated}");
+        assert_eq!(rotated.get("secret").is_some(), n == 0, "{rotated}");
+    }
+
+    // A 429 is not kept: once the budget refills, the retry under the same key is accepted.
+    let (pusher_app_id, creds) = pusher_app(&server, "replays-pusher").await;
+    let channels: Vec<String> = (0..100).map(|i| format!("room-{i}")).collect();
+    let (status, body) = pusher_api(
+        &server,
+        &creds,
+        "POST",
+        &format!("/apps/{}/events", creds.id),
+        &[],
+        Some(json!({"name": "tick", "channels": channels, "data": "{}"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let path = format!("/api/v1/app/{pusher_app_id}/msg");
+    let message = json!({"eventType": "tick", "payload": {}});
+    let (status, refused) = server
+        .call_as(
+            Some(ADMIN_TOKEN),
+            Method::POST,
+            &path,
+            Some(message.clone()),
+            Some("msg-1"),
+        )
+        .await;
+    assert_eq!(status, 429, "{refused}");
+    eventually("the retry under the same key is accepted", || async {
+        let (status, _) = server
+            .call_as(
+                Some(ADMIN_TOKEN),
+                Method::POST,
+                &path,
+                Some(message.clone()),
+                Some("msg-1"),
+            )
+            .await;
+        (status == 201).then_some(())
+    })
+    .await;
+    server.stop().await;
+}
