@@ -960,3 +960,262 @@ macro_rules! secret_rewrites {
     };
 }
 pub(crate) use secret_rewrites;
+
+// ---- Retention ----
+
+/// Implements [`crate::RetentionStore`] for `$store` and adds its `delete_app_data`, writing
+/// through `$writer` and reading through `$reader`. Every batch is one statement over at most
+/// `limit` rows picked by a subquery on `$key` (SQLite's `rowid`, PostgreSQL's `id`) and
+/// ended by `$lock` (PostgreSQL's `FOR UPDATE SKIP LOCKED`, so several sweepers split the
+/// work; empty on SQLite, whose single writer needs none). `$scope_has_path` matches the kept
+/// `Idempotency-Key` scopes of an app's routes, in the backend's string functions (`$1` is
+/// the path); `$between_batches`, if given, runs between the batches of an app's deletion. Ids sort by
+/// creation time, so "older than" is a range of the primary key.
+macro_rules! retention_store {
+    (
+        $store:ty, $writer:ident, $reader:ident,
+        key: $key:literal, lock: $lock:literal, scope_has_path: $scope_has_path:literal,
+        $(between_batches: $between_batches:expr,)?
+    ) => {
+        #[async_trait::async_trait]
+        impl $crate::RetentionStore for $store {
+            async fn expire_payloads(
+                &self,
+                now: ::chrono::DateTime<::chrono::Utc>,
+                recheck_at: ::chrono::DateTime<::chrono::Utc>,
+                limit: u32,
+            ) -> $crate::Result<u64> {
+                // Deliveries pending (1) or sending (3) still need their message's payload.
+                let done = ::sqlx::query(concat!(
+                    "UPDATE messages SET payload = $1, payload_expires_at = NULL WHERE ",
+                    $key,
+                    " IN (SELECT m.",
+                    $key,
+                    " FROM messages m
+                          WHERE m.payload_expires_at <= $2
+                            AND NOT EXISTS (SELECT 1 FROM deliveries d
+                                            WHERE d.msg_id = m.id AND d.status IN (1, 3))
+                          ORDER BY m.payload_expires_at LIMIT $3 ",
+                    $lock,
+                    ")"
+                ))
+                .bind(herald_core::model::EXPIRED_PAYLOAD.as_bytes())
+                .bind($crate::sqlite::rows::millis(now))
+                .bind(i64::from(limit))
+                .execute(&self.$writer)
+                .await?;
+                // Payloads past their time whose deliveries are still under way are looked at
+                // again later, not at every batch: left at the head of the index, a long
+                // backlog of them (an endpoint down for a day) would be walked past by every
+                // statement.
+                ::sqlx::query(concat!(
+                    "UPDATE messages SET payload_expires_at = $1 WHERE ",
+                    $key,
+                    " IN (SELECT m.",
+                    $key,
+                    " FROM messages m
+                          WHERE m.payload_expires_at <= $2
+                            AND EXISTS (SELECT 1 FROM deliveries d
+                                        WHERE d.msg_id = m.id AND d.status IN (1, 3))
+                          ORDER BY m.payload_expires_at LIMIT $3 ",
+                    $lock,
+                    ")"
+                ))
+                .bind($crate::sqlite::rows::millis(recheck_at))
+                .bind($crate::sqlite::rows::millis(now))
+                .bind(i64::from(limit))
+                .execute(&self.$writer)
+                .await?;
+                Ok(done.rows_affected())
+            }
+
+            async fn expunge_payload(
+                &self,
+                app_id: &herald_core::AppId,
+                id_or_event_id: &str,
+            ) -> $crate::Result<bool> {
+                let done = ::sqlx::query(concat!(
+                    "UPDATE messages SET payload = $1, payload_expires_at = NULL WHERE ",
+                    $key,
+                    " = (SELECT ",
+                    $key,
+                    " FROM messages WHERE app_id = $2
+                         AND (id = $3 OR event_id = $3) ORDER BY id = $3 DESC LIMIT 1)"
+                ))
+                .bind(herald_core::model::EXPIRED_PAYLOAD.as_bytes())
+                .bind(app_id.as_str())
+                .bind(id_or_event_id)
+                .execute(&self.$writer)
+                .await?;
+                Ok(done.rows_affected() > 0)
+            }
+
+            async fn delete_attempts_before(
+                &self,
+                before: ::chrono::DateTime<::chrono::Utc>,
+                limit: u32,
+            ) -> $crate::Result<u64> {
+                let done = ::sqlx::query(concat!(
+                    "DELETE FROM attempts WHERE ",
+                    $key,
+                    " IN (SELECT ",
+                    $key,
+                    " FROM attempts WHERE id < $1 ORDER BY id LIMIT $2 ",
+                    $lock,
+                    ")"
+                ))
+                .bind(herald_core::id::lower_bound(
+                    herald_core::id::ATTEMPT,
+                    before,
+                ))
+                .bind(i64::from(limit))
+                .execute(&self.$writer)
+                .await?;
+                Ok(done.rows_affected())
+            }
+
+            async fn delete_messages_before(
+                &self,
+                before: ::chrono::DateTime<::chrono::Utc>,
+                limit: u32,
+            ) -> $crate::Result<u64> {
+                let done = ::sqlx::query(concat!(
+                    "DELETE FROM messages WHERE ",
+                    $key,
+                    " IN (SELECT m.",
+                    $key,
+                    " FROM messages m
+                      WHERE m.id < $1
+                        AND NOT EXISTS (SELECT 1 FROM deliveries d
+                                        WHERE d.msg_id = m.id AND d.status IN (1, 3))
+                      ORDER BY m.id LIMIT $2 ",
+                    $lock,
+                    ")"
+                ))
+                .bind(herald_core::id::lower_bound(
+                    herald_core::id::MESSAGE,
+                    before,
+                ))
+                .bind(i64::from(limit))
+                .execute(&self.$writer)
+                .await?;
+                Ok(done.rows_affected())
+            }
+
+            async fn delete_ingest_events_before(
+                &self,
+                before: ::chrono::DateTime<::chrono::Utc>,
+                limit: u32,
+            ) -> $crate::Result<u64> {
+                let done = ::sqlx::query(concat!(
+                    "DELETE FROM ingest_events WHERE ",
+                    $key,
+                    " IN (SELECT ",
+                    $key,
+                    " FROM ingest_events WHERE id < $1 ORDER BY id LIMIT $2 ",
+                    $lock,
+                    ")"
+                ))
+                .bind(herald_core::id::lower_bound(
+                    herald_core::id::INGEST_EVENT,
+                    before,
+                ))
+                .bind(i64::from(limit))
+                .execute(&self.$writer)
+                .await?;
+                Ok(done.rows_affected())
+            }
+        }
+
+        impl $store {
+            /// Empties the app's large tables a batch at a time, then deletes the app: its
+            /// endpoints, sources, channel history and positions and scoped tokens go by
+            /// cascade. Tables without a foreign key to the app (attempts, occupancy, kept
+            /// idempotent responses) are deleted here by name.
+            pub(super) async fn delete_app_data(
+                &self,
+                app_id: &herald_core::AppId,
+            ) -> $crate::Result<bool> {
+                use ::sqlx::Row as _;
+                let uid: Option<Option<String>> =
+                    ::sqlx::query("SELECT uid FROM apps WHERE id = $1")
+                        .bind(app_id.as_str())
+                        .fetch_optional(&self.$reader)
+                        .await?
+                        .map(|row| row.try_get("uid"))
+                        .transpose()?;
+                let Some(uid) = uid else {
+                    return Ok(false);
+                };
+                // Messages take their deliveries with them (cascade).
+                for delete in [
+                    concat!(
+                        "DELETE FROM attempts WHERE ",
+                        $key,
+                        " IN (SELECT ",
+                        $key,
+                        " FROM attempts WHERE app_id = $1 LIMIT $2 ",
+                        $lock,
+                        ")"
+                    ),
+                    concat!(
+                        "DELETE FROM ingest_events WHERE ",
+                        $key,
+                        " IN (SELECT ",
+                        $key,
+                        " FROM ingest_events WHERE app_id = $1 LIMIT $2 ",
+                        $lock,
+                        ")"
+                    ),
+                    concat!(
+                        "DELETE FROM messages WHERE ",
+                        $key,
+                        " IN (SELECT ",
+                        $key,
+                        " FROM messages WHERE app_id = $1 LIMIT $2 ",
+                        $lock,
+                        ")"
+                    ),
+                ] {
+                    loop {
+                        let done = ::sqlx::query(delete)
+                            .bind(app_id.as_str())
+                            .bind(i64::from($crate::RETENTION_BATCH))
+                            .execute(&self.$writer)
+                            .await?;
+                        if done.rows_affected() < u64::from($crate::RETENTION_BATCH) {
+                            break;
+                        }
+                        $($between_batches;)?
+                    }
+                }
+                ::sqlx::query("DELETE FROM channel_occupancy WHERE app_id = $1")
+                    .bind(app_id.as_str())
+                    .execute(&self.$writer)
+                    .await?;
+                // Kept `Idempotency-Key` responses of the app's routes (scopes end in the
+                // path, and a path names the app by id or uid): they may hold its payloads.
+                for name in std::iter::once(app_id.as_str()).chain(uid.as_deref()) {
+                    let path = format!(":/api/v1/app/{name}");
+                    ::sqlx::query(concat!("DELETE FROM idempotency WHERE ", $scope_has_path))
+                        .bind(&path)
+                        .execute(&self.$writer)
+                        .await?;
+                }
+                let done = ::sqlx::query($crate::sql::DELETE_APP)
+                    .bind(app_id.as_str())
+                    .execute(&self.$writer)
+                    .await?;
+                // Attempts have no key to the app: one a delivery in flight recorded after
+                // the loop above (or a row it skipped while locked) goes now, with the app
+                // gone, a handful at most.
+                ::sqlx::query("DELETE FROM attempts WHERE app_id = $1")
+                    .bind(app_id.as_str())
+                    .execute(&self.$writer)
+                    .await?;
+                Ok(done.rows_affected() > 0)
+            }
+        }
+    };
+}
+pub(crate) use retention_store;

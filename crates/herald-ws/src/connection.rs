@@ -207,15 +207,23 @@ async fn serve(
                 // full. The outbox keeps filling meanwhile, and its overflow (or a shutdown or
                 // termination) ends the wait: a stalled client is closed instead of holding
                 // its connection, its slot and its outbox forever.
-                let written = tokio::select! {
+                let write = write_queued(&mut sink, frame, &mut frames);
+                tokio::pin!(write);
+                let (written, close) = tokio::select! {
                     biased;
-                    () = &mut shutdown => break Some(shutting_down()),
                     () = &mut overflow => break Some(too_slow()),
-                    () = &mut terminated => break Some(terminated_close(&hub)),
-                    written = write_queued(&mut sink, frame, &mut frames) => written,
+                    written = &mut write => (written, None),
+                    // A shutdown or termination lets the write under way finish (in bounded
+                    // time): the frames it took from the outbox come before the close frame,
+                    // instead of leaving a gap ahead of the ones flushed with it.
+                    () = &mut shutdown => (finish(write).await, Some(shutting_down())),
+                    () = &mut terminated => (finish(write).await, Some(terminated_close(&hub))),
                 };
                 if written.is_err() {
                     break None;
+                }
+                if close.is_some() {
+                    break close;
                 }
             }
             message = stream.next() => {
@@ -343,6 +351,14 @@ fn terminated_close(hub: &AppHub) -> (u16, String) {
 
 /// Writes `first` and everything else already queued, then flushes once. A publication is
 /// written as its Pusher frame, encoded once for every connection that gets it.
+/// The end of a write under way when the connection is closing: at most
+/// [`CLOSE_WRITE_TIMEOUT`], a client that stopped reading being no reason to hold a shutdown.
+async fn finish(write: impl Future<Output = Result<(), axum::Error>>) -> Result<(), axum::Error> {
+    tokio::time::timeout(CLOSE_WRITE_TIMEOUT, write)
+        .await
+        .unwrap_or_else(|_| Err(axum::Error::new("the client took no frame before closing")))
+}
+
 async fn write_queued(
     sink: &mut Sink,
     first: Outgoing,
