@@ -203,7 +203,9 @@ pub(crate) use add_token;
 
 /// Implements [`crate::TokenStore`] for `$store`, writing through its pool `$writer` and
 /// reading through `$reader` (the same pool on PostgreSQL). Expanded in each backend's
-/// `tokens` module, whose `paginate` and `rows` it uses.
+/// `tokens` module, whose `paginate` and `rows` it uses, and whose `token_cache` (the exact
+/// cache lookups go through, if the backend has one) and `forget_tokens` (called after every
+/// token write) it calls.
 macro_rules! token_store {
     ($store:ty, $writer:ident, $reader:ident) => {
         #[async_trait::async_trait]
@@ -216,6 +218,7 @@ macro_rules! token_store {
                 $crate::sql::add_token!(token, token_hash)
                     .execute(&self.$writer)
                     .await?;
+                self.forget_tokens();
                 Ok(())
             }
 
@@ -223,13 +226,23 @@ macro_rules! token_store {
                 &self,
                 token_hash: &[u8],
             ) -> $crate::Result<Option<$crate::ApiToken>> {
-                ::sqlx::query($crate::sql::FIND_TOKEN)
+                // Every API request presents a token: a cached one costs no round trip.
+                let cache = self.token_cache();
+                if let Some(token) = cache.and_then(|c| c.token(token_hash)) {
+                    return Ok(Some(token));
+                }
+                let generation = cache.map(|c| c.generation());
+                let token = ::sqlx::query($crate::sql::FIND_TOKEN)
                     .bind(token_hash)
                     .fetch_optional(&self.$reader)
                     .await?
                     .as_ref()
                     .map(rows::api_token)
-                    .transpose()
+                    .transpose()?;
+                if let (Some(cache), Some(generation), Some(token)) = (cache, generation, &token) {
+                    cache.put_token(generation, token_hash, token);
+                }
+                Ok(token)
             }
 
             async fn get_token(
@@ -268,6 +281,7 @@ macro_rules! token_store {
                     .bind(id.as_str())
                     .execute(&self.$writer)
                     .await?;
+                self.forget_tokens();
                 Ok(done.rows_affected() > 0)
             }
 
@@ -276,6 +290,7 @@ macro_rules! token_store {
                     .bind(token_hash)
                     .execute(&self.$writer)
                     .await?;
+                self.forget_tokens();
                 Ok(done.rows_affected() > 0)
             }
         }

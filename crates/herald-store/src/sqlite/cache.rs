@@ -1,4 +1,5 @@
-//! What every new message needs to read (its app, the app's endpoints), kept in memory.
+//! What every request and new message needs to read (the API token presented, its app, the
+//! app's endpoints), kept in memory.
 //!
 //! Exact, not eventually consistent: every write that could change an entry goes through this
 //! store and calls [`Cache::invalidate`] once it has committed. A read that raced with such a
@@ -17,6 +18,8 @@ use std::{
 
 use herald_core::model::{App, Endpoint};
 
+use crate::ApiToken;
+
 #[derive(Default)]
 pub(crate) struct Cache {
     generation: AtomicU64,
@@ -31,6 +34,9 @@ struct Entries {
     /// another app's id can never shadow that app.
     apps_by_uid: HashMap<String, App>,
     endpoints: HashMap<AppId, Arc<Vec<Endpoint>>>,
+    /// Tokens found, by the digest presented. Only stored tokens get here, so the map is as
+    /// large as the token table at most; an unknown digest is looked up every time.
+    tokens: HashMap<Vec<u8>, ApiToken>,
 }
 
 impl Cache {
@@ -53,6 +59,18 @@ impl Cache {
 
     pub(crate) fn endpoints(&self, app_id: &str) -> Option<Arc<Vec<Endpoint>>> {
         self.read().endpoints.get(app_id).cloned()
+    }
+
+    pub(crate) fn token(&self, token_hash: &[u8]) -> Option<ApiToken> {
+        self.read().tokens.get(token_hash).cloned()
+    }
+
+    pub(crate) fn put_token(&self, generation: u64, token_hash: &[u8], token: &ApiToken) {
+        let mut entries = self.write();
+        if self.generation() != generation {
+            return;
+        }
+        entries.tokens.insert(token_hash.to_vec(), token.clone());
     }
 
     pub(crate) fn put_app(&self, generation: u64, app: &App) {
@@ -90,7 +108,7 @@ impl Cache {
             .insert(app_id.clone(), Arc::clone(endpoints));
     }
 
-    /// Forget everything. Writes to apps and endpoints are rare next to messages, so clearing
+    /// Forget everything. Writes to apps, endpoints and tokens are rare next to messages, so clearing
     /// all is simpler than working out which entries a write touched, and just as fast.
     pub(crate) fn invalidate(&self) {
         let mut entries = self.write();
@@ -98,6 +116,7 @@ impl Cache {
         entries.apps.clear();
         entries.apps_by_uid.clear();
         entries.endpoints.clear();
+        entries.tokens.clear();
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Entries> {

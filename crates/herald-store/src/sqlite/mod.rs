@@ -15,7 +15,7 @@
 mod apps;
 mod attempts;
 mod batch;
-mod cache;
+pub(crate) mod cache;
 mod channel_webhooks;
 mod endpoints;
 mod event_types;
