@@ -13,6 +13,13 @@
 //! generic readers would need such a bound for every column type they decode. Statements with
 //! one or two plain parameters are shared as text constants only.
 //!
+//! **A bound `LIMIT` is written `LIMIT CAST($n AS BIGINT)`**, here and in the SQLite backend.
+//! SQLite (since 3.47) reads a plain `LIMIT $n` as the integer bound at prepare time and marks
+//! the statement to be prepared again whenever `$n` is bound, which is every execution: a
+//! profile showed a fifth of a server's time re-preparing the delivery claim. A cast is not a
+//! bare parameter, so the statement is prepared once and cached. PostgreSQL reads either form
+//! the same way.
+//!
 //! What differs stays in each backend: SQLite's group-commit writes, in-memory leases and
 //! caches; PostgreSQL's row locks, advisory locks, notices and JSON casts; flags compared as
 //! `0`/`1` on SQLite and as BOOLEAN on PostgreSQL.
@@ -507,7 +514,9 @@ macro_rules! history_query {
         } else {
             " ORDER BY seq ASC"
         });
-        q.push(" LIMIT ").push_bind(i64::from(query.limit));
+        q.push(" LIMIT CAST(")
+            .push_bind(i64::from(query.limit))
+            .push(" AS BIGINT)");
         q
     }};
 }
@@ -1010,7 +1019,7 @@ macro_rules! retention_store {
                           WHERE m.payload_expires_at <= $2
                             AND NOT EXISTS (SELECT 1 FROM deliveries d
                                             WHERE d.msg_id = m.id AND d.status IN (1, 3))
-                          ORDER BY m.payload_expires_at LIMIT $3 ",
+                          ORDER BY m.payload_expires_at LIMIT CAST($3 AS BIGINT) ",
                     $lock,
                     ")"
                 ))
@@ -1032,7 +1041,7 @@ macro_rules! retention_store {
                           WHERE m.payload_expires_at <= $2
                             AND EXISTS (SELECT 1 FROM deliveries d
                                         WHERE d.msg_id = m.id AND d.status IN (1, 3))
-                          ORDER BY m.payload_expires_at LIMIT $3 ",
+                          ORDER BY m.payload_expires_at LIMIT CAST($3 AS BIGINT) ",
                     $lock,
                     ")"
                 ))
@@ -1075,7 +1084,7 @@ macro_rules! retention_store {
                     $key,
                     " IN (SELECT ",
                     $key,
-                    " FROM attempts WHERE id < $1 ORDER BY id LIMIT $2 ",
+                    " FROM attempts WHERE id < $1 ORDER BY id LIMIT CAST($2 AS BIGINT) ",
                     $lock,
                     ")"
                 ))
@@ -1103,7 +1112,7 @@ macro_rules! retention_store {
                       WHERE m.id < $1
                         AND NOT EXISTS (SELECT 1 FROM deliveries d
                                         WHERE d.msg_id = m.id AND d.status IN (1, 3))
-                      ORDER BY m.id LIMIT $2 ",
+                      ORDER BY m.id LIMIT CAST($2 AS BIGINT) ",
                     $lock,
                     ")"
                 ))
@@ -1127,7 +1136,7 @@ macro_rules! retention_store {
                     $key,
                     " IN (SELECT ",
                     $key,
-                    " FROM ingest_events WHERE id < $1 ORDER BY id LIMIT $2 ",
+                    " FROM ingest_events WHERE id < $1 ORDER BY id LIMIT CAST($2 AS BIGINT) ",
                     $lock,
                     ")"
                 ))
@@ -1169,7 +1178,7 @@ macro_rules! retention_store {
                         $key,
                         " IN (SELECT ",
                         $key,
-                        " FROM attempts WHERE app_id = $1 LIMIT $2 ",
+                        " FROM attempts WHERE app_id = $1 LIMIT CAST($2 AS BIGINT) ",
                         $lock,
                         ")"
                     ),
@@ -1178,7 +1187,7 @@ macro_rules! retention_store {
                         $key,
                         " IN (SELECT ",
                         $key,
-                        " FROM ingest_events WHERE app_id = $1 LIMIT $2 ",
+                        " FROM ingest_events WHERE app_id = $1 LIMIT CAST($2 AS BIGINT) ",
                         $lock,
                         ")"
                     ),
@@ -1187,7 +1196,7 @@ macro_rules! retention_store {
                         $key,
                         " IN (SELECT ",
                         $key,
-                        " FROM messages WHERE app_id = $1 LIMIT $2 ",
+                        " FROM messages WHERE app_id = $1 LIMIT CAST($2 AS BIGINT) ",
                         $lock,
                         ")"
                     ),

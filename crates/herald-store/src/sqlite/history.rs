@@ -132,7 +132,7 @@ impl HistoryStore for SqliteStore {
         let (app, channel) = after.map_or(("", ""), |(app, channel)| (app.as_str(), channel));
         sqlx::query(
             "SELECT app_id, channel, epoch, next_offset FROM channel_positions
-             WHERE (app_id, channel) > ($1, $2) ORDER BY app_id, channel LIMIT $3",
+             WHERE (app_id, channel) > ($1, $2) ORDER BY app_id, channel LIMIT CAST($3 AS BIGINT)",
         )
         .bind(app)
         .bind(channel)

@@ -141,7 +141,7 @@ impl IdempotencyStore for SqliteStore {
             let done = sqlx::query(
                 "DELETE FROM idempotency WHERE rowid IN (
                      SELECT rowid FROM idempotency WHERE created_at < $1
-                     ORDER BY rowid LIMIT $2)",
+                     ORDER BY rowid LIMIT CAST($2 AS BIGINT))",
             )
             .bind(millis(older_than))
             .bind(i64::from(crate::RETENTION_BATCH))

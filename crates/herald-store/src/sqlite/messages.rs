@@ -190,7 +190,7 @@ impl MessageStore for SqliteStore {
                    AND d.app_id NOT IN (SELECT value FROM json_each($4))
                    AND d.rowid NOT IN (SELECT value FROM json_each($5))
                  ORDER BY d.next_attempt_at
-                 LIMIT $6",
+                 LIMIT CAST($6 AS BIGINT)",
             )
             .bind(millis(request.now))
             .bind(request.first_attempts)

@@ -177,8 +177,11 @@ fn paginate(query: &mut QueryBuilder<Sqlite>, column: &str, page: &Page) {
         query.push_bind(iterator.clone());
     }
     let order = if page.descending { "DESC" } else { "ASC" };
-    query.push(format!(" ORDER BY {column} {order} LIMIT "));
+    // A bound limit is cast, or SQLite prepares the statement again at every execution (see
+    // the notes of `crate::sql`).
+    query.push(format!(" ORDER BY {column} {order} LIMIT CAST("));
     query.push_bind(i64::from(page.limit) + 1);
+    query.push(" AS BIGINT)");
 }
 
 #[async_trait::async_trait]
