@@ -333,51 +333,22 @@ async fn outbound(args: &Args, api: &Arc<Api>, app_id: &str) -> anyhow::Result<R
     let cpu_before = args.server_pid.and_then(cpu_seconds);
     let start = Instant::now();
     let deadline = start + Duration::from_secs(args.duration);
-    let mut senders = tokio::task::JoinSet::new();
-    for _ in 0..args.concurrency.max(1) {
-        let (api, sent, padding) = (Arc::clone(api), Arc::clone(&sent), padding.clone());
-        let path = format!("{}/api/v1/app/{app_id}/msg", api.base);
-        senders.spawn(async move {
-            let mut latencies = Vec::new();
-            while Instant::now() < deadline {
-                let n = sent.next.fetch_add(1, Ordering::Relaxed);
-                let began = Instant::now();
-                let body = json!({
-                    "eventType": format!("bench.{}", n % endpoints as u64),
-                    "payload": {"n": n, "sent": now_us(), "pad": padding},
-                });
-                let response = api
-                    .http
-                    .post(&path)
-                    .bearer_auth(&api.token)
-                    .header("content-type", "application/json")
-                    .body(body.to_string())
-                    .send()
-                    .await;
-                match response {
-                    Ok(r) if r.status().is_success() => {
-                        let _ = r.bytes().await;
-                        latencies.push(began.elapsed().as_micros() as u64);
-                        sent.accepted.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(r) => {
-                        let status = r.status();
-                        let text = r.text().await.unwrap_or_default();
-                        if sent.failed.fetch_add(1, Ordering::Relaxed) == 0 {
-                            eprintln!("message {n}: {status} {text}");
-                        }
-                    }
-                    Err(e) => {
-                        if sent.failed.fetch_add(1, Ordering::Relaxed) == 0 {
-                            eprintln!("message {n}: {e}");
-                        }
-                    }
-                }
-            }
-            sent.latencies_us.lock().expect("lock").extend(latencies);
-        });
-    }
-    while senders.join_next().await.is_some() {}
+    let path = format!("{}/api/v1/app/{app_id}/msg", api.base);
+    let request = {
+        let api = Arc::clone(api);
+        move |n: u64| {
+            let body = json!({
+                "eventType": format!("bench.{}", n % endpoints as u64),
+                "payload": {"n": n, "sent": now_us(), "pad": padding},
+            });
+            api.http
+                .post(&path)
+                .bearer_auth(&api.token)
+                .header("content-type", "application/json")
+                .body(body.to_string())
+        }
+    };
+    send_until(deadline, args.concurrency, &sent, request).await;
     let sending = start.elapsed().as_secs_f64();
     let accepted = sent.accepted.load(Ordering::Relaxed);
     let delivered_while_sending = received.delivered.load(Ordering::Relaxed);
@@ -467,6 +438,43 @@ async fn outbound(args: &Args, api: &Arc<Api>, app_id: &str) -> anyhow::Result<R
     })
 }
 
+/// Sends request `n` (numbered from 0, shared by all senders) with `concurrency` requests in
+/// flight until `deadline`, counting the accepted (2xx) and failed ones in `sent`; the first
+/// failure is printed.
+async fn send_until(
+    deadline: Instant,
+    concurrency: usize,
+    sent: &Arc<Sent>,
+    request: impl Fn(u64) -> reqwest::RequestBuilder + Clone + Send + 'static,
+) {
+    let mut senders = tokio::task::JoinSet::new();
+    for _ in 0..concurrency.max(1) {
+        let (sent, request) = (Arc::clone(sent), request.clone());
+        senders.spawn(async move {
+            let mut latencies = Vec::new();
+            while Instant::now() < deadline {
+                let n = sent.next.fetch_add(1, Ordering::Relaxed);
+                let began = Instant::now();
+                let failure = match request(n).send().await {
+                    Ok(r) if r.status().is_success() => {
+                        let _ = r.bytes().await;
+                        latencies.push(began.elapsed().as_micros() as u64);
+                        sent.accepted.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    Ok(r) => format!("{} {}", r.status(), r.text().await.unwrap_or_default()),
+                    Err(e) => e.to_string(),
+                };
+                if sent.failed.fetch_add(1, Ordering::Relaxed) == 0 {
+                    eprintln!("request {n}: {failure}");
+                }
+            }
+            sent.latencies_us.lock().expect("lock").extend(latencies);
+        });
+    }
+    while senders.join_next().await.is_some() {}
+}
+
 /// Stripe's signing secret for the bench source (Stripe HMACs with the whole `whsec_` text).
 const STRIPE_SECRET: &str = "whsec_webhookbench0000000000000000";
 
@@ -487,64 +495,30 @@ async fn inbound(args: &Args, api: &Arc<Api>, app_id: &str) -> anyhow::Result<Re
     let cpu_before = args.server_pid.and_then(cpu_seconds);
     let start = Instant::now();
     let deadline = start + Duration::from_secs(args.duration);
-    let mut senders = tokio::task::JoinSet::new();
-    for _ in 0..args.concurrency.max(1) {
-        let (api, sent, padding, url) = (
-            Arc::clone(api),
-            Arc::clone(&sent),
-            padding.clone(),
-            url.clone(),
-        );
-        senders.spawn(async move {
-            let mut latencies = Vec::new();
-            while Instant::now() < deadline {
-                let n = sent.next.fetch_add(1, Ordering::Relaxed);
-                let body = json!({
-                    "id": format!("evt_bench_{n}"),
-                    "object": "event",
-                    "type": "bench.inbound",
-                    "data": {"object": {"n": n, "pad": padding}},
-                })
-                .to_string();
-                let timestamp = now_us() / 1_000_000;
-                let mut mac =
-                    Hmac::<Sha256>::new_from_slice(STRIPE_SECRET.as_bytes()).expect("any key");
-                mac.update(format!("{timestamp}.").as_bytes());
-                mac.update(body.as_bytes());
-                let signature = hex::encode(mac.finalize().into_bytes());
-                let began = Instant::now();
-                let response = api
-                    .http
-                    .post(&url)
-                    .header("content-type", "application/json")
-                    .header("stripe-signature", format!("t={timestamp},v1={signature}"))
-                    .body(body)
-                    .send()
-                    .await;
-                match response {
-                    Ok(r) if r.status().is_success() => {
-                        let _ = r.bytes().await;
-                        latencies.push(began.elapsed().as_micros() as u64);
-                        sent.accepted.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(r) => {
-                        let status = r.status();
-                        let text = r.text().await.unwrap_or_default();
-                        if sent.failed.fetch_add(1, Ordering::Relaxed) == 0 {
-                            eprintln!("event {n}: {status} {text}");
-                        }
-                    }
-                    Err(e) => {
-                        if sent.failed.fetch_add(1, Ordering::Relaxed) == 0 {
-                            eprintln!("event {n}: {e}");
-                        }
-                    }
-                }
-            }
-            sent.latencies_us.lock().expect("lock").extend(latencies);
-        });
-    }
-    while senders.join_next().await.is_some() {}
+    let request = {
+        let api = Arc::clone(api);
+        move |n: u64| {
+            let body = json!({
+                "id": format!("evt_bench_{n}"),
+                "object": "event",
+                "type": "bench.inbound",
+                "data": {"object": {"n": n, "pad": padding}},
+            })
+            .to_string();
+            let timestamp = now_us() / 1_000_000;
+            let mut mac =
+                Hmac::<Sha256>::new_from_slice(STRIPE_SECRET.as_bytes()).expect("any key");
+            mac.update(format!("{timestamp}.").as_bytes());
+            mac.update(body.as_bytes());
+            let signature = hex::encode(mac.finalize().into_bytes());
+            api.http
+                .post(&url)
+                .header("content-type", "application/json")
+                .header("stripe-signature", format!("t={timestamp},v1={signature}"))
+                .body(body)
+        }
+    };
+    send_until(deadline, args.concurrency, &sent, request).await;
     let seconds = start.elapsed().as_secs_f64();
     let cpu = match (cpu_before, args.server_pid.and_then(cpu_seconds)) {
         (Some(before), Some(after)) => Some((after - before) / seconds),
