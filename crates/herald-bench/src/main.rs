@@ -32,6 +32,7 @@ use std::{
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use futures_util::{SinkExt, StreamExt};
+use herald_bench::{mib, now_us, rss_bytes};
 use tokio::{
     net::TcpStream,
     sync::{Semaphore, mpsc},
@@ -749,25 +750,6 @@ fn tally(
             result.first_error.get_or_insert(e.to_string());
         }
     }
-}
-
-fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or_default()
-}
-
-/// Resident memory of a process on this machine (Linux `/proc`).
-fn rss_bytes(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
-fn mib(bytes: u64) -> f64 {
-    bytes as f64 / (1024.0 * 1024.0)
 }
 
 fn ms(us: u32) -> f64 {

@@ -25,7 +25,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail};
@@ -37,6 +37,7 @@ use axum::{
     routing::post,
 };
 use clap::{Parser, ValueEnum};
+use herald_bench::{cpu_seconds, mib, now_us, rss_bytes};
 use herald_core::signing::EndpointSecret;
 use hmac::{Hmac, Mac};
 use serde::Deserialize;
@@ -111,12 +112,6 @@ struct Received {
 struct BenchPayload {
     n: u64,
     sent: u64,
-}
-
-fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
 }
 
 async fn receive(
@@ -209,27 +204,6 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
     }
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i] as f64 / 1000.0
-}
-
-/// CPU seconds (user + system) a process on this machine has used (Linux `/proc`).
-fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / 100.0)
-}
-
-fn rss_mib(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kb / 1024.0)
 }
 
 #[tokio::main]
@@ -361,7 +335,7 @@ async fn outbound(args: &Args, api: &Arc<Api>, app_id: &str) -> anyhow::Result<R
         (Some(before), Some(after)) => Some((after - before) / (sending + drained)),
         _ => None,
     };
-    let rss = args.server_pid.and_then(rss_mib);
+    let rss = args.server_pid.and_then(rss_bytes).map(mib);
     receiver.abort();
 
     let delivered = received.delivered.load(Ordering::Relaxed);
@@ -524,7 +498,7 @@ async fn inbound(args: &Args, api: &Arc<Api>, app_id: &str) -> anyhow::Result<Re
         (Some(before), Some(after)) => Some((after - before) / seconds),
         _ => None,
     };
-    let rss = args.server_pid.and_then(rss_mib);
+    let rss = args.server_pid.and_then(rss_bytes).map(mib);
     let accepted = sent.accepted.load(Ordering::Relaxed);
     let failed = sent.failed.load(Ordering::Relaxed);
     let mut latencies = std::mem::take(&mut *sent.latencies_us.lock().expect("lock"));

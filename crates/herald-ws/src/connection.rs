@@ -349,8 +349,6 @@ fn terminated_close(hub: &AppHub) -> (u16, String) {
     }
 }
 
-/// Writes `first` and everything else already queued, then flushes once. A publication is
-/// written as its Pusher frame, encoded once for every connection that gets it.
 /// The end of a write under way when the connection is closing: at most
 /// [`CLOSE_WRITE_TIMEOUT`], a client that stopped reading being no reason to hold a shutdown.
 async fn finish(write: impl Future<Output = Result<(), axum::Error>>) -> Result<(), axum::Error> {
@@ -359,6 +357,8 @@ async fn finish(write: impl Future<Output = Result<(), axum::Error>>) -> Result<
         .unwrap_or_else(|_| Err(axum::Error::new("the client took no frame before closing")))
 }
 
+/// Writes `first` and everything else already queued, then flushes once. A publication is
+/// written as its Pusher frame, encoded once for every connection that gets it.
 async fn write_queued(
     sink: &mut Sink,
     first: Outgoing,

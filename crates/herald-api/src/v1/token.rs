@@ -3,7 +3,8 @@
 //! environment token may manage tokens, so an app's token can never mint itself a successor.
 //!
 //! The secret is shown once, in the answer to the create request (a replay of it under the
-//! same Idempotency-Key leaves it out); the store keeps only its SHA-256 digest. Revoking deletes the token: the next request that presents it is refused.
+//! same Idempotency-Key leaves it out); the store keeps only its SHA-256 digest. Revoking
+//! deletes the token: the next request that presents it is refused.
 
 use axum::{
     Json,
