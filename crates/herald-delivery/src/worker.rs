@@ -1,7 +1,7 @@
 //! The delivery loop: claim due deliveries, attempt them concurrently, record the outcomes.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -15,7 +15,8 @@ use herald_core::{
 };
 use herald_metrics::DeliveryMetrics;
 use herald_store::{
-    AttemptRecord, ClaimRequest, DeliveryJob, EndpointChange, NextStep, Recorded, Store, StoreError,
+    AttemptRecord, ClaimRequest, DeliveryJob, EndpointChange, FreshDeliveries, NextStep, Recorded,
+    Store, StoreError,
 };
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use tokio::sync::{Notify, Semaphore};
@@ -76,6 +77,14 @@ struct Lane {
 struct LaneState {
     running: u32,
     waiting: u32,
+    /// Rooms granted to new deliveries being committed (see [`Handoff`]).
+    reserved: u32,
+    /// A new delivery was refused room (the lane, its endpoint or its app was full), so it went
+    /// to the queue for a claim to find. Until a claim has drained that backlog, new deliveries
+    /// of the same kind are refused too, so they cannot overtake it.
+    backlog: bool,
+    backlogged_endpoints: HashSet<EndpointId>,
+    backlogged_apps: HashSet<AppId>,
     /// Arrival order of waiting jobs, for the last tie-break.
     arrivals: u64,
     endpoints: HashMap<EndpointId, EndpointSlots>,
@@ -85,6 +94,7 @@ struct LaneState {
 struct EndpointSlots {
     app: AppId,
     running: u32,
+    reserved: u32,
     /// Waiting jobs with their arrival number, oldest first.
     waiting: VecDeque<(u64, DeliveryJob)>,
 }
@@ -93,6 +103,23 @@ struct EndpointSlots {
 struct AppSlots {
     running: u32,
     waiting: u32,
+    reserved: u32,
+}
+
+impl EndpointSlots {
+    fn held(&self) -> u32 {
+        self.running + self.waiting.len() as u32 + self.reserved
+    }
+
+    fn idle(&self) -> bool {
+        self.running == 0 && self.waiting.is_empty() && self.reserved == 0
+    }
+}
+
+impl AppSlots {
+    fn held(&self) -> u32 {
+        self.running + self.waiting + self.reserved
+    }
 }
 
 /// What the lane already holds, for the next claim.
@@ -125,18 +152,118 @@ impl Lane {
     fn claim_budget(&self) -> ClaimBudget {
         let state = self.state();
         ClaimBudget {
-            room: (self.limit * 2).saturating_sub(state.running + state.waiting),
+            room: (self.limit * 2).saturating_sub(state.running + state.waiting + state.reserved),
             endpoints: state
                 .endpoints
                 .iter()
-                .map(|(id, slots)| (id.clone(), slots.running + slots.waiting.len() as u32))
+                .map(|(id, slots)| (id.clone(), slots.held()))
                 .collect(),
             apps: state
                 .apps
                 .iter()
-                .map(|(id, slots)| (id.clone(), slots.running + slots.waiting))
+                .map(|(id, slots)| (id.clone(), slots.held()))
                 .collect(),
         }
+    }
+
+    /// Room for a new delivery of `app` to `endpoint`, within the limits a claim keeps (the
+    /// lane, the endpoint and the app each hold at most twice what they may run).
+    fn reserve(&self, app: &AppId, endpoint: &EndpointId) -> bool {
+        let mut state = self.state();
+        if state.backlog
+            || state.backlogged_endpoints.contains(endpoint)
+            || state.backlogged_apps.contains(app)
+        {
+            return false;
+        }
+        if state.running + state.waiting + state.reserved >= self.limit * 2 {
+            state.backlog = true;
+            return false;
+        }
+        if state
+            .endpoints
+            .get(endpoint)
+            .is_some_and(|slots| slots.held() >= self.per_endpoint * 2)
+        {
+            state.backlogged_endpoints.insert(endpoint.clone());
+            return false;
+        }
+        if state
+            .apps
+            .get(app)
+            .is_some_and(|slots| slots.held() >= self.per_app * 2)
+        {
+            state.backlogged_apps.insert(app.clone());
+            return false;
+        }
+        state.reserved += 1;
+        state.apps.entry(app.clone()).or_default().reserved += 1;
+        state
+            .endpoints
+            .entry(endpoint.clone())
+            .or_insert_with(|| EndpointSlots {
+                app: app.clone(),
+                running: 0,
+                reserved: 0,
+                waiting: VecDeque::new(),
+            })
+            .reserved += 1;
+        true
+    }
+
+    /// Rooms reserved for deliveries that did not commit.
+    fn give_back(&self, rooms: &[(AppId, EndpointId)]) {
+        let mut state = self.state();
+        for (app, endpoint) in rooms {
+            state.reserved = state.reserved.saturating_sub(1);
+            unreserve(&mut state, app, endpoint);
+        }
+    }
+
+    /// A claim that asked for `asked` jobs got `got`: if fewer, it found every claimable one,
+    /// so the backlog that new deliveries were held behind is gone, except for the endpoints
+    /// and apps still full (their next deliveries would go to the queue anyway).
+    fn claimed(&self, asked: u32, got: usize) {
+        if got >= asked as usize {
+            return;
+        }
+        let mut state = self.state();
+        let LaneState {
+            backlog,
+            backlogged_endpoints,
+            backlogged_apps,
+            endpoints,
+            apps,
+            ..
+        } = &mut *state;
+        *backlog = false;
+        backlogged_endpoints.retain(|id| {
+            endpoints
+                .get(id)
+                .is_some_and(|slots| slots.held() >= self.per_endpoint * 2)
+        });
+        backlogged_apps.retain(|id| {
+            apps.get(id)
+                .is_some_and(|slots| slots.held() >= self.per_app * 2)
+        });
+    }
+
+    /// Takes jobs handed over for reserved rooms: like [`Lane::admit`], their rooms become
+    /// waiting jobs.
+    fn admit_reserved(&self, jobs: Vec<DeliveryJob>) -> Vec<DeliveryJob> {
+        {
+            let mut state = self.state();
+            for job in &jobs {
+                state.reserved = state.reserved.saturating_sub(1);
+                if let Some(slots) = state.apps.get_mut(&job.app_id) {
+                    slots.reserved = slots.reserved.saturating_sub(1);
+                }
+                if let Some(slots) = state.endpoints.get_mut(&job.endpoint.id) {
+                    slots.reserved = slots.reserved.saturating_sub(1);
+                }
+            }
+        }
+        self.admit(jobs)
     }
 
     /// Takes claimed jobs; returns those that may start now, with any already waiting that now
@@ -154,6 +281,7 @@ impl Lane {
                 .or_insert_with(|| EndpointSlots {
                     app: job.app_id.clone(),
                     running: 0,
+                    reserved: 0,
                     waiting: VecDeque::new(),
                 })
                 .waiting
@@ -169,13 +297,13 @@ impl Lane {
         state.running = state.running.saturating_sub(1);
         if let Some(slots) = state.endpoints.get_mut(endpoint) {
             slots.running = slots.running.saturating_sub(1);
-            if slots.running == 0 && slots.waiting.is_empty() {
+            if slots.idle() {
                 state.endpoints.remove(endpoint);
             }
         }
         if let Some(slots) = state.apps.get_mut(app) {
             slots.running = slots.running.saturating_sub(1);
-            if slots.running == 0 && slots.waiting == 0 {
+            if slots.held() == 0 {
                 state.apps.remove(app);
             }
         }
@@ -214,6 +342,69 @@ impl Lane {
         state.running += 1;
         state.waiting -= 1;
         Some(job)
+    }
+}
+
+/// One room of `app` and `endpoint` is no longer reserved.
+fn unreserve(state: &mut LaneState, app: &str, endpoint: &str) {
+    if let Some(slots) = state.endpoints.get_mut(endpoint) {
+        slots.reserved = slots.reserved.saturating_sub(1);
+        if slots.idle() {
+            state.endpoints.remove(endpoint);
+        }
+    }
+    if let Some(slots) = state.apps.get_mut(app) {
+        slots.reserved = slots.reserved.saturating_sub(1);
+        if slots.held() == 0 {
+            state.apps.remove(app);
+        }
+    }
+}
+
+/// The first-attempt lane's side of [`FreshDeliveries`]: the store reserves room in the lane
+/// for each new delivery before its commit and hands the leased job over after it, and the job
+/// starts at once if a slot is free. No claim has to find it again in the store.
+struct Handoff {
+    /// Weak: the store holds this, and the dispatcher holds the store.
+    dispatcher: std::sync::Weak<Dispatcher>,
+    lane: Arc<Lane>,
+    tasks: TaskTracker,
+    abandon: CancellationToken,
+    /// Once shutdown is requested, new deliveries stay in the store for the next start.
+    shutdown: CancellationToken,
+    lease: Duration,
+}
+
+impl FreshDeliveries for Handoff {
+    fn reserve(&self, app: &AppId, endpoint: &EndpointId) -> bool {
+        !self.shutdown.is_cancelled() && self.lane.reserve(app, endpoint)
+    }
+
+    fn hand_over(&self, jobs: Vec<DeliveryJob>) {
+        let Some(dispatcher) = self.dispatcher.upgrade() else {
+            // Stopped: the jobs' leases run out and they are claimed after the next start.
+            return;
+        };
+        for job in self.lane.admit_reserved(jobs) {
+            self.tasks.spawn(Arc::clone(&dispatcher).attempts(
+                job,
+                Arc::clone(&self.lane),
+                self.tasks.clone(),
+                self.abandon.clone(),
+            ));
+        }
+    }
+
+    fn give_back(&self, rooms: Vec<(AppId, EndpointId)>) {
+        self.lane.give_back(&rooms);
+        if let Some(dispatcher) = self.dispatcher.upgrade() {
+            // The deliveries may be in the queue after all (committed, not leased).
+            dispatcher.handle.wake();
+        }
+    }
+
+    fn lease(&self) -> Duration {
+        self.lease
     }
 }
 
@@ -266,14 +457,25 @@ impl Dispatcher {
         // Cancelled once the grace period is over: attempts still running then are abandoned
         // without a record, so their lease brings them back after the restart.
         let abandon = CancellationToken::new();
+        me.store.hand_fresh_deliveries_to(Arc::new(Handoff {
+            dispatcher: Arc::downgrade(&me),
+            lane: Arc::clone(&lanes[0]),
+            tasks: tasks.clone(),
+            abandon: abandon.clone(),
+            shutdown: shutdown.clone(),
+            lease: me.lease(),
+        }));
         while !shutdown.is_cancelled() {
             let mut saturated_batch = false;
             let mut failed = false;
             for lane in &lanes {
                 match me.claim(lane).await {
-                    Ok(jobs) => {
+                    Ok((jobs, asked)) => {
                         saturated_batch |= jobs.len() as u32 == CLAIM_BATCH;
-                        for job in lane.admit(jobs) {
+                        let got = jobs.len();
+                        let started = lane.admit(jobs);
+                        lane.claimed(asked, got);
+                        for job in started {
                             tasks.spawn(Arc::clone(&me).attempts(
                                 job,
                                 Arc::clone(lane),
@@ -316,23 +518,31 @@ impl Dispatcher {
         }
     }
 
-    async fn claim(&self, lane: &Lane) -> Result<Vec<DeliveryJob>, StoreError> {
+    /// How long a claimed (or handed-over) job stays leased.
+    ///
+    /// Long enough for a claimed job to wait behind one running round (a request timeout),
+    /// run (another), and be drained at shutdown, with a margin; no longer, since a node that
+    /// dies holds its jobs until their leases run out. A late result after expiry is fenced by
+    /// the lease token, so a lease that runs out early costs at most a duplicate.
+    fn lease(&self) -> Duration {
+        self.config.request_timeout * 2 + self.config.shutdown_grace + LEASE_MARGIN
+    }
+
+    /// Claims what the lane has room for; returns the jobs and how many it asked for.
+    async fn claim(&self, lane: &Lane) -> Result<(Vec<DeliveryJob>, u32), StoreError> {
         let budget = lane.claim_budget();
         if budget.room == 0 {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), 0));
         }
         let now = Utc::now();
-        // Long enough for a claimed job to wait behind one running round (a request timeout),
-        // run (another), and be drained at shutdown, with a margin; no longer, since a node
-        // that dies holds its jobs until their leases run out. A late result after expiry is
-        // fenced by the lease token, so a lease that runs out early costs at most a duplicate.
-        let lease = self.config.request_timeout * 2 + self.config.shutdown_grace + LEASE_MARGIN;
+        let lease = self.lease();
+        let limit = budget.room.min(CLAIM_BATCH);
         let jobs = self
             .store
             .claim_due(&ClaimRequest {
                 now,
                 lease_until: now + lease,
-                limit: budget.room.min(CLAIM_BATCH),
+                limit,
                 first_attempts: lane.first_attempts,
                 in_flight: budget.endpoints,
                 // One round running plus one round waiting per endpoint and per app.
@@ -344,7 +554,7 @@ impl Dispatcher {
         self.metrics
             .claimed_jobs_total
             .inc_by(u64::try_from(jobs.len()).unwrap_or(u64::MAX));
-        Ok(jobs)
+        Ok((jobs, limit))
     }
 
     /// How long to wait before looking again when the last look found nothing to start. A
@@ -813,6 +1023,59 @@ mod tests {
             assert_eq!(metrics.attempts(other), 0, "{other:?}");
         }
         store.close().await;
+    }
+
+    #[test]
+    fn a_new_delivery_gets_room_within_the_limits_a_claim_keeps() {
+        // An endpoint holds twice what it may run: two rooms for ep_a0.
+        let lane = Lane::new(true, 4, 4, 1);
+        let (app, ep) = (
+            AppId::parse("app_A").expect("valid"),
+            EndpointId::parse("ep_a0").expect("valid"),
+        );
+        assert!(lane.reserve(&app, &ep));
+        assert!(lane.reserve(&app, &ep));
+        assert!(!lane.reserve(&app, &ep), "ep_a0 holds its two");
+        let budget = lane.claim_budget();
+        assert_eq!(
+            budget.endpoints.get("ep_a0"),
+            Some(&2),
+            "rooms count as held"
+        );
+        assert_eq!(budget.room, 6);
+
+        let started = lane.admit_reserved(vec![job("app_A", "ep_a0", 0), job("app_A", "ep_a0", 1)]);
+        assert_eq!(names(&started), [("app_A", "ep_a0")], "one runs, one waits");
+        assert_eq!(lane.claim_budget().endpoints.get("ep_a0"), Some(&2));
+
+        // The refused delivery went to the queue: ep_a0's next ones may not overtake it, even
+        // with room again, until a claim has found everything claimable.
+        let next = lane.next_after("app_A", "ep_a0").expect("the waiting one");
+        assert_eq!(next.msg_id, "msg_1");
+        assert!(!lane.reserve(&app, &ep), "behind the queued one");
+        lane.claimed(4, 4);
+        assert!(!lane.reserve(&app, &ep), "a full claim may have left some");
+        lane.claimed(4, 1);
+        assert!(lane.reserve(&app, &ep), "the backlog is drained");
+    }
+
+    #[test]
+    fn a_room_given_back_is_free_again() {
+        let lane = Lane::new(true, 1, 1, 1);
+        let (app, ep) = (
+            AppId::parse("app_A").expect("valid"),
+            EndpointId::parse("ep_a0").expect("valid"),
+        );
+        assert!(lane.reserve(&app, &ep));
+        assert!(lane.reserve(&app, &ep));
+        lane.give_back(&[(app.clone(), ep.clone()), (app.clone(), ep.clone())]);
+        let budget = lane.claim_budget();
+        assert_eq!(budget.room, 2);
+        assert!(
+            budget.endpoints.is_empty() && budget.apps.is_empty(),
+            "nothing held"
+        );
+        assert!(lane.reserve(&app, &ep));
     }
 
     #[test]

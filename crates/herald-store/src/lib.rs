@@ -201,6 +201,22 @@ pub struct DeliveryJob {
     pub lease: LeaseToken,
 }
 
+/// Where a store hands the first attempts of the deliveries it has just committed, already
+/// leased, so the dispatcher runs them without finding them again with a claim (see
+/// [`MessageStore::hand_fresh_deliveries_to`]). Every room `reserve` grants is either filled by
+/// a job in `hand_over` or returned by `give_back`.
+pub trait FreshDeliveries: Send + Sync + 'static {
+    /// Room for the first attempt of a new delivery of `app` to `endpoint`, granted within the
+    /// same limits a claim keeps; `false` leaves the delivery to claims.
+    fn reserve(&self, app: &AppId, endpoint: &EndpointId) -> bool;
+    /// Jobs for granted rooms, committed and leased for [`FreshDeliveries::lease`].
+    fn hand_over(&self, jobs: Vec<DeliveryJob>);
+    /// Rooms granted for deliveries that were not committed after all.
+    fn give_back(&self, rooms: Vec<(AppId, EndpointId)>);
+    /// How long a handed-over job's lease lasts: as long as a claim's.
+    fn lease(&self) -> std::time::Duration;
+}
+
 /// Names one claim of a delivery. Every claim gets a new token, so once a lease has run out
 /// and the delivery was claimed again, the old claim's token no longer matches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -413,6 +429,12 @@ pub trait MessageStore: Send + Sync + 'static {
     /// Make every leased delivery due now: after a restart nothing can still be sending.
     /// Only for stores owned by a single node.
     async fn requeue_leased(&self, now: DateTime<Utc>) -> Result<u64>;
+    /// From now on, lease the first attempts of new deliveries as they commit, where `to` has
+    /// room, and hand them to it, instead of leaving them for claims to find. A store that
+    /// cannot lease in the commit ignores this (the default): claims find everything.
+    fn hand_fresh_deliveries_to(&self, to: std::sync::Arc<dyn FreshDeliveries>) {
+        let _ = to;
+    }
 }
 
 /// The attempt log, and where each message stands with each endpoint (Svix's attempted

@@ -12,7 +12,12 @@
 //! connection, so a `reset_history` (which writes through that pool directly) commits wholly
 //! before or after a batch, never inside one.
 
-use herald_core::EndpointId;
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, OnceLock},
+};
+
+use herald_core::{AppId, EndpointId};
 use herald_core::{
     history::{NewHistoryEntry, Position},
     model::{DeliveryStatus, IngestEvent, Message},
@@ -21,22 +26,36 @@ use sqlx::{Acquire, SqliteConnection, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::rows::millis;
+use super::{
+    gate::ClaimGate,
+    leases::{DeliveryKey, Leases},
+    rows::millis,
+};
 
 mod grouped;
 
-use crate::{AttemptRecord, EndpointChange, NextStep, Result, StoreError};
+use crate::{
+    AttemptRecord, DeliveryJob, EndpointChange, FreshDeliveries, NextStep, Result, StoreError,
+};
 
 /// Largest number of writes committed together.
 const MAX_BATCH: usize = 512;
 /// Writes waiting for a commit before callers are made to wait for room.
 pub(crate) const QUEUE_DEPTH: usize = 8192;
 
+/// A new message, the endpoints it goes to, and the first attempts to hand to the dispatcher as
+/// it commits.
+pub(crate) struct NewMessage {
+    pub message: Message,
+    pub endpoint_ids: Vec<EndpointId>,
+    /// One job per delivery the dispatcher reserved room for (see `SqliteStore::new_message`):
+    /// leased in the transaction that commits the message, handed over once it has committed,
+    /// and the room given back if it does not commit.
+    pub fresh: Vec<DeliveryJob>,
+}
+
 pub(crate) enum WriteOp {
-    CreateMessage {
-        message: Message,
-        endpoint_ids: Vec<EndpointId>,
-    },
+    CreateMessage(NewMessage),
     /// Applied only if the delivery is still leased under the record's token when the batch
     /// commits; otherwise only the attempt row goes in and the write reports [`STALE_LEASE`].
     RecordAttempt {
@@ -44,24 +63,25 @@ pub(crate) enum WriteOp {
         leases: super::leases::Leases,
     },
     /// One channel history event; rides the group commit like messages do.
-    AppendHistory { entry: Box<NewHistoryEntry> },
+    AppendHistory {
+        entry: Box<NewHistoryEntry>,
+    },
     /// A verified inbound webhook and the message it became, committed together so a
     /// provider's retry is either the first delivery or a recognised duplicate, never lost.
     RecordIngest {
         event: Box<IngestEvent>,
-        message: Message,
-        endpoint_ids: Vec<EndpointId>,
+        message: NewMessage,
         history: Vec<NewHistoryEntry>,
     },
     /// A message (if any) and the channel history entries it becomes, committed together, so
     /// a crash never leaves one without the other.
     Publication {
-        message: Option<(Message, Vec<EndpointId>)>,
+        message: Option<NewMessage>,
         history: Vec<NewHistoryEntry>,
     },
     /// Channel webhook messages and the occupancy changes they report, committed together.
     ChannelEvents {
-        messages: Vec<(Message, Vec<EndpointId>)>,
+        messages: Vec<NewMessage>,
         changes: Vec<crate::OccupancyChange>,
     },
     /// The Svix SDKs send an Idempotency-Key with every POST, so this rides along with the
@@ -84,8 +104,48 @@ pub(crate) struct PendingWrite {
     pub done: oneshot::Sender<Result<Committed>>,
 }
 
+impl WriteOp {
+    /// The new messages this write stores, if it goes in.
+    fn new_messages(&self) -> &[NewMessage] {
+        match self {
+            WriteOp::CreateMessage(new) => std::slice::from_ref(new),
+            WriteOp::RecordIngest { message, .. } => std::slice::from_ref(message),
+            WriteOp::Publication {
+                message: Some(new), ..
+            } => std::slice::from_ref(new),
+            WriteOp::ChannelEvents { messages, .. } => messages,
+            _ => &[],
+        }
+    }
+
+    /// Its jobs for the dispatcher, taken out once the write has committed.
+    pub(crate) fn take_fresh(&mut self) -> Vec<DeliveryJob> {
+        match self {
+            WriteOp::CreateMessage(new)
+            | WriteOp::RecordIngest { message: new, .. }
+            | WriteOp::Publication {
+                message: Some(new), ..
+            } => std::mem::take(&mut new.fresh),
+            WriteOp::ChannelEvents { messages, .. } => messages
+                .iter_mut()
+                .flat_map(|new| std::mem::take(&mut new.fresh))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// What the group commit shares with the store.
+#[derive(Clone)]
+pub(crate) struct Shared {
+    pub leases: Leases,
+    pub gate: Arc<ClaimGate>,
+    pub fresh: Arc<OnceLock<Arc<dyn FreshDeliveries>>>,
+}
+
 pub(crate) async fn run(
     pool: SqlitePool,
+    shared: Shared,
     mut queue: mpsc::Receiver<PendingWrite>,
     shutdown: CancellationToken,
 ) {
@@ -97,7 +157,7 @@ pub(crate) async fn run(
                 // Refuse new writes but commit everything already handed to us.
                 queue.close();
                 while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
-                    commit(&pool, &mut batch).await;
+                    commit(&pool, &shared, &mut batch).await;
                 }
                 return;
             }
@@ -105,13 +165,64 @@ pub(crate) async fn run(
         if received == 0 {
             return;
         }
-        commit(&pool, &mut batch).await;
+        commit(&pool, &shared, &mut batch).await;
     }
 }
 
-async fn commit(pool: &SqlitePool, batch: &mut Vec<PendingWrite>) {
-    match apply_all(pool, batch).await {
-        Ok(outcomes) => {
+async fn commit(pool: &SqlitePool, shared: &Shared, batch: &mut Vec<PendingWrite>) {
+    let applied = apply_all(pool, shared, batch).await;
+    // Jobs of the new deliveries: handed over if their lease was taken in a commit that
+    // happened, their room given back otherwise.
+    let mut handed = Vec::new();
+    let mut given_back = Vec::new();
+    // Deliveries that went in unleased, due now: claims must find them.
+    let mut unleased: Vec<(AppId, EndpointId)> = Vec::new();
+    match &applied {
+        Ok((outcomes, leased)) => {
+            for (write, outcome) in batch.iter_mut().zip(outcomes) {
+                let fresh = write.op.take_fresh();
+                if outcome.is_err() {
+                    given_back.extend(fresh.iter().map(room));
+                    continue;
+                }
+                for new in write.op.new_messages() {
+                    unleased.extend(
+                        new.endpoint_ids
+                            .iter()
+                            .filter(|ep| !leased.contains(&(new.message.id.clone(), (*ep).clone())))
+                            .map(|ep| (new.message.app_id.clone(), ep.clone())),
+                    );
+                }
+                for job in fresh {
+                    if leased.contains(&(job.msg_id.clone(), job.endpoint.id.clone())) {
+                        handed.push(job);
+                    } else {
+                        given_back.push(room(&job));
+                    }
+                }
+            }
+        }
+        Err(_) => {
+            for write in batch.iter_mut() {
+                given_back.extend(write.op.take_fresh().iter().map(room));
+            }
+        }
+    }
+    if !unleased.is_empty() {
+        shared
+            .gate
+            .add_first_attempts(unleased.iter().map(|(app, ep)| (app, ep)));
+    }
+    if let Some(sink) = shared.fresh.get() {
+        if !given_back.is_empty() {
+            sink.give_back(given_back);
+        }
+        if !handed.is_empty() {
+            sink.hand_over(handed);
+        }
+    }
+    match applied {
+        Ok((outcomes, _)) => {
             for (write, outcome) in batch.drain(..).zip(outcomes) {
                 // The caller may have given up waiting; its write is committed regardless.
                 let _ = write.done.send(outcome);
@@ -127,12 +238,28 @@ async fn commit(pool: &SqlitePool, batch: &mut Vec<PendingWrite>) {
     }
 }
 
-async fn apply_all(pool: &SqlitePool, batch: &[PendingWrite]) -> Result<Vec<Result<Committed>>> {
+fn room(job: &DeliveryJob) -> (AppId, EndpointId) {
+    (job.app_id.clone(), job.endpoint.id.clone())
+}
+
+/// Applies the batch in one transaction and commits it, leasing (just before the commit) the
+/// new deliveries that have jobs to hand over. Returns each write's outcome and the deliveries
+/// leased.
+async fn apply_all(
+    pool: &SqlitePool,
+    shared: &Shared,
+    batch: &[PendingWrite],
+) -> Result<(Vec<Result<Committed>>, HashSet<DeliveryKey>)> {
     let mut tx = pool.begin().await?;
-    match grouped::apply(&mut tx, batch).await {
+    let mut rowids = HashMap::new();
+    match grouped::apply(&mut tx, batch, &mut rowids).await {
         Ok(outcomes) => {
-            tx.commit().await?;
-            return Ok(outcomes);
+            let leased = lease_fresh(shared, batch, &outcomes, &rowids);
+            if let Err(e) = tx.commit().await {
+                shared.leases.revoke(&leased);
+                return Err(e.into());
+            }
+            return Ok((outcomes, leased));
         }
         Err(e) => {
             // Something other than an expected conflict (say, a foreign key: the app was
@@ -146,11 +273,20 @@ async fn apply_all(pool: &SqlitePool, batch: &[PendingWrite]) -> Result<Vec<Resu
     // before it left in this transaction, so a failed write consumes none.
     let mut tx = pool.begin().await?;
     let mut outcomes = Vec::with_capacity(batch.len());
+    rowids.clear();
     for write in batch {
         let mut savepoint = tx.begin().await?;
-        match grouped::apply(&mut savepoint, std::slice::from_ref(write)).await {
+        let mut write_rowids = HashMap::new();
+        match grouped::apply(
+            &mut savepoint,
+            std::slice::from_ref(write),
+            &mut write_rowids,
+        )
+        .await
+        {
             Ok(mut outcome) => {
                 savepoint.commit().await?;
+                rowids.extend(write_rowids);
                 outcomes.push(outcome.pop().unwrap_or_else(|| Ok(Vec::new())));
             }
             Err(e) => {
@@ -159,8 +295,41 @@ async fn apply_all(pool: &SqlitePool, batch: &[PendingWrite]) -> Result<Vec<Resu
             }
         }
     }
-    tx.commit().await?;
-    Ok(outcomes)
+    let leased = lease_fresh(shared, batch, &outcomes, &rowids);
+    if let Err(e) = tx.commit().await {
+        shared.leases.revoke(&leased);
+        return Err(e.into());
+    }
+    Ok((outcomes, leased))
+}
+
+/// Leases the deliveries of the writes that went in and have a job to hand over, inside the
+/// transaction that commits them: no claim can see such a delivery before it is leased.
+fn lease_fresh(
+    shared: &Shared,
+    batch: &[PendingWrite],
+    outcomes: &[Result<Committed>],
+    rowids: &HashMap<DeliveryKey, i64>,
+) -> HashSet<DeliveryKey> {
+    let Some(sink) = shared.fresh.get() else {
+        return HashSet::new();
+    };
+    let until = chrono::Utc::now()
+        + chrono::Duration::from_std(sink.lease()).unwrap_or(chrono::Duration::MAX);
+    let leases: Vec<(DeliveryKey, i64, crate::LeaseToken)> = batch
+        .iter()
+        .zip(outcomes)
+        .filter(|(_, outcome)| outcome.is_ok())
+        .flat_map(|(write, _)| write.op.new_messages())
+        .flat_map(|new| &new.fresh)
+        .filter_map(|job| {
+            let key = (job.msg_id.clone(), job.endpoint.id.clone());
+            let rowid = *rowids.get(&key)?;
+            Some((key, rowid, job.lease))
+        })
+        .collect();
+    shared.leases.lease_new(&leases, until);
+    leases.into_iter().map(|(key, _, _)| key).collect()
 }
 
 pub(crate) const MESSAGE_CONFLICT: &str = "a message with this eventId already exists";

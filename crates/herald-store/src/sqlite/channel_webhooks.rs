@@ -15,6 +15,10 @@ impl ChannelWebhookStore for SqliteStore {
         messages: Vec<(Message, Vec<EndpointId>)>,
         changes: Vec<OccupancyChange>,
     ) -> Result<()> {
+        let messages = messages
+            .into_iter()
+            .map(|(message, targets)| self.new_message(message, targets))
+            .collect();
         self.submit(WriteOp::ChannelEvents { messages, changes })
             .await
             .map(drop)

@@ -88,8 +88,7 @@ impl IngestStore for SqliteStore {
         match self
             .submit(WriteOp::RecordIngest {
                 event: Box::new(event),
-                message,
-                endpoint_ids,
+                message: self.new_message(message, endpoint_ids),
                 history,
             })
             .await

@@ -54,15 +54,50 @@ impl Leases {
         LeaseToken(self.last_token.fetch_add(1, Ordering::Relaxed) + 1)
     }
 
-    /// Leases each job's delivery under the job's token, replacing any earlier lease.
-    pub(crate) fn take(&self, jobs: &[DeliveryJob], rowids: &[i64], until: DateTime<Utc>) {
+    /// Leases each job's delivery under the job's token until `until`, unless a lease that has
+    /// not run out by `now` holds it already, and returns the jobs it leased. A claim whose read
+    /// raced with a commit that handed the same new delivery over (leased in that commit) must
+    /// not send it a second time.
+    pub(crate) fn take(
+        &self,
+        jobs: Vec<DeliveryJob>,
+        rowids: &[i64],
+        until: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Vec<DeliveryJob> {
         let mut held = self.lock();
-        for (job, rowid) in jobs.iter().zip(rowids) {
-            held.insert(
-                (job.msg_id.clone(), job.endpoint.id.clone()),
-                (*rowid, until, job.lease),
-            );
+        jobs.into_iter()
+            .zip(rowids)
+            .filter_map(|(job, rowid)| {
+                let key = (job.msg_id.clone(), job.endpoint.id.clone());
+                if held
+                    .get(&key)
+                    .is_some_and(|(_, held_until, _)| *held_until > now)
+                {
+                    return None;
+                }
+                held.insert(key, (*rowid, until, job.lease));
+                Some(job)
+            })
+            .collect()
+    }
+
+    /// Leases new deliveries in the transaction that commits them, before any claim can see
+    /// them.
+    pub(crate) fn lease_new(
+        &self,
+        leases: &[(DeliveryKey, i64, LeaseToken)],
+        until: DateTime<Utc>,
+    ) {
+        let mut held = self.lock();
+        for (key, rowid, token) in leases {
+            held.insert(key.clone(), (*rowid, until, *token));
         }
+    }
+
+    /// When the first lease still held runs out: its delivery is claimable again from then.
+    pub(crate) fn first_expiry(&self) -> Option<DateTime<Utc>> {
+        self.lock().values().map(|(_, until, _)| *until).min()
     }
 
     /// Whether the delivery is still leased under `token`.

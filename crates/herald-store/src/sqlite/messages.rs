@@ -16,6 +16,7 @@ use sqlx::{QueryBuilder, Row};
 use super::{
     SqliteStore,
     batch::{STALE_LEASE, WriteOp},
+    gate::{MAX_QUIET, Plan, Summary},
     leases::DeliveryKey,
     paginate,
     rows::{self, millis, to_json},
@@ -28,10 +29,9 @@ use crate::{
 #[async_trait::async_trait]
 impl MessageStore for SqliteStore {
     async fn create_message(&self, message: Message, endpoint_ids: Vec<EndpointId>) -> Result<()> {
-        self.submit(WriteOp::CreateMessage {
-            message,
-            endpoint_ids,
-        })
+        self.submit(WriteOp::CreateMessage(
+            self.new_message(message, endpoint_ids),
+        ))
         .await
         .map(drop)
     }
@@ -41,6 +41,7 @@ impl MessageStore for SqliteStore {
         message: Option<(Message, Vec<EndpointId>)>,
         history: Vec<NewHistoryEntry>,
     ) -> Result<Vec<Position>> {
+        let message = message.map(|(message, targets)| self.new_message(message, targets));
         self.submit(WriteOp::Publication { message, history }).await
     }
 
@@ -115,6 +116,7 @@ impl MessageStore for SqliteStore {
         .execute(&mut *writer)
         .await?;
         self.take_back(writer, &[(msg_id.to_owned(), endpoint_id.to_owned())]);
+        self.gate.stir();
         Ok(())
     }
 
@@ -148,134 +150,28 @@ impl MessageStore for SqliteStore {
             .map(|row| Ok((rows::id(row, "msg_id")?, endpoint_id.clone())))
             .collect::<Result<Vec<DeliveryKey>>>()?;
         self.take_back(writer, &keys);
+        self.gate.stir();
         Ok(keys.len() as u64)
     }
 
     async fn claim_due(&self, request: &ClaimRequest) -> Result<Vec<DeliveryJob>> {
-        let limit = request.limit as usize;
-        // What this claim takes, on top of what the caller already holds.
-        let mut taken_endpoints: HashMap<EndpointId, u32> = HashMap::new();
-        let mut taken_apps: HashMap<AppId, u32> = HashMap::new();
-        let mut jobs = Vec::new();
-        let mut leased: Vec<i64> = Vec::new();
-        let mut refused: Vec<i64> = Vec::new();
-        let mut passed: Vec<i64> = self.leases.held(request.now);
-        for _ in 0..CLAIM_PASSES {
-            let full_endpoints = at_limit(
-                &request.in_flight,
-                &taken_endpoints,
-                request.per_endpoint_limit,
-            );
-            let full_apps = at_limit(&request.app_in_flight, &taken_apps, request.per_app_limit);
-            // Fetch more candidates than needed: some may belong to an endpoint or app that
-            // fills up.
-            let fetch = (limit - jobs.len()) * 4;
-            let candidates = sqlx::query(
-                "SELECT d.rowid AS d_rowid, d.msg_id, d.attempts, d.trigger_type,
-                        m.app_id AS m_app_id, m.event_type,
-                        m.payload, e.id AS e_id, e.app_id AS e_app_id, e.uid AS e_uid,
-                        e.url AS e_url, e.description AS e_description,
-                        e.throttle_rate AS e_throttle_rate, e.disabled AS e_disabled,
-                        e.event_types AS e_event_types, e.channels AS e_channels,
-                        e.metadata AS e_metadata, e.headers AS e_headers, e.secret AS e_secret,
-                        e.previous_secrets AS e_previous_secrets,
-                        e.failing_since AS e_failing_since, e.created_at AS e_created_at,
-                        e.updated_at AS e_updated_at, e.format AS e_format
-                 FROM deliveries d
-                 JOIN messages m ON m.id = d.msg_id
-                 JOIN endpoints e ON e.id = d.endpoint_id
-                 WHERE d.status IN (1, 3) AND d.next_attempt_at <= $1
-                   AND ((d.attempts = 0 AND d.trigger_type = 0) = $2)
-                   AND d.endpoint_id NOT IN (SELECT value FROM json_each($3))
-                   AND d.app_id NOT IN (SELECT value FROM json_each($4))
-                   AND d.rowid NOT IN (SELECT value FROM json_each($5))
-                 ORDER BY d.next_attempt_at
-                 LIMIT CAST($6 AS BIGINT)",
-            )
-            .bind(millis(request.now))
-            .bind(request.first_attempts)
-            .bind(to_json(&full_endpoints))
-            .bind(to_json(&full_apps))
-            .bind(to_json(&passed))
-            .bind(i64::try_from(fetch).unwrap_or(i64::MAX))
-            .fetch_all(&self.reader)
-            .await?;
-
-            // Rows left because their endpoint or app filled up during this pass.
-            let mut crowded_out = false;
-            for row in &candidates {
-                if jobs.len() >= limit {
-                    break;
-                }
-                let rowid: i64 = row.try_get("d_rowid")?;
-                let endpoint = match rows::endpoint(row, "e_", &self.keys) {
-                    Ok(endpoint) => endpoint,
-                    // One endpoint whose secret does not open (a key this node lacks, a
-                    // tampered value) must not stop every delivery behind it: its delivery
-                    // fails (recoverable once the key is back) and the claim goes on.
-                    Err(StoreError::Secret(e)) => {
-                        tracing::error!(error = %e, "a delivery's endpoint secret cannot be decrypted; the delivery is marked failed");
-                        refused.push(rowid);
-                        passed.push(rowid);
-                        continue;
-                    }
-                    Err(e) => return Err(e),
-                };
-                if endpoint.disabled {
-                    // Disabled endpoints receive nothing; the delivery stays recoverable as failed.
-                    refused.push(rowid);
-                    passed.push(rowid);
-                    continue;
-                }
-                let app_id: AppId = rows::id(row, "m_app_id")?;
-                let endpoint_held = request.in_flight.get(&endpoint.id).copied().unwrap_or(0)
-                    + taken_endpoints.get(&endpoint.id).copied().unwrap_or(0);
-                let app_held = request.app_in_flight.get(&app_id).copied().unwrap_or(0)
-                    + taken_apps.get(&app_id).copied().unwrap_or(0);
-                if endpoint_held >= request.per_endpoint_limit || app_held >= request.per_app_limit
-                {
-                    crowded_out = true;
-                    continue;
-                }
-                *taken_endpoints.entry(endpoint.id.clone()).or_insert(0) += 1;
-                *taken_apps.entry(app_id.clone()).or_insert(0) += 1;
-                leased.push(rowid);
-                passed.push(rowid);
-                let payload: Vec<u8> = row.try_get("payload")?;
-                jobs.push(DeliveryJob {
-                    msg_id: rows::id(row, "msg_id")?,
-                    app_id,
-                    event_type: row.try_get("event_type")?,
-                    payload: payload.into(),
-                    endpoint,
-                    attempts: u32::try_from(row.try_get::<i64, _>("attempts")?).unwrap_or(u32::MAX),
-                    trigger: TriggerType::from_code(row.try_get("trigger_type")?),
-                    lease: self.leases.new_token(),
-                });
+        // Read before anything else: a change after this point keeps the claim from leaving
+        // a summary that could have missed it.
+        let generation = self.gate.generation();
+        match self.gate.plan(request) {
+            Plan::Nothing => Ok(Vec::new()),
+            Plan::Endpoints(endpoints) => {
+                self.claim_of_endpoints(request, generation, endpoints)
+                    .await
             }
-            // Look again only if rows of endpoints or apps that filled up took candidate places
-            // that others' rows, further down the queue, could have had. The next pass leaves
-            // the full ones out in the query.
-            if !crowded_out || candidates.len() < fetch || jobs.len() >= limit {
-                break;
-            }
+            Plan::Everything => self.claim_everything(request, generation).await,
         }
-        self.leases.take(&jobs, &leased, request.lease_until);
-        if !refused.is_empty() {
-            sqlx::query(
-                "UPDATE deliveries SET status = $1, next_attempt_at = NULL, updated_at = $2
-                 WHERE rowid IN (SELECT value FROM json_each($3))",
-            )
-            .bind(DeliveryStatus::Fail as i64)
-            .bind(millis(request.now))
-            .bind(to_json(&refused))
-            .execute(&self.writer)
-            .await?;
-        }
-        Ok(jobs)
     }
 
     async fn next_due_at(&self) -> Result<Option<DateTime<Utc>>> {
+        if let Some(due) = self.gate.next_due(Utc::now()) {
+            return Ok(Some(due));
+        }
         // Leased deliveries are in flight, not waiting: counting them would make everything
         // look due already, and the dispatcher would sleep through the next real due time.
         let row = sqlx::query(
@@ -292,6 +188,7 @@ impl MessageStore for SqliteStore {
 
     async fn record_attempt(&self, record: AttemptRecord) -> Result<Recorded> {
         let changes_endpoint = record.endpoint_change == crate::EndpointChange::Disable;
+        let retries = matches!(record.next, crate::NextStep::RetryAt(_));
         let key = (
             record.attempt.msg_id.clone(),
             record.attempt.endpoint_id.clone(),
@@ -309,6 +206,11 @@ impl MessageStore for SqliteStore {
         // claimable again. On failure too, so the attempt is retried rather than stranded.
         // Only this claim's lease: a later claim's stays.
         self.leases.release(&key, token);
+        // A retry is claimable when it falls due; a delivery whose record did not apply is
+        // claimable again now its lease is gone. Either way, after the release.
+        if retries || result.is_err() {
+            self.gate.stir();
+        }
         let recorded = match result {
             Ok(_) => Recorded::Applied,
             Err(StoreError::Conflict(reason)) if reason == STALE_LEASE => {
@@ -332,7 +234,311 @@ impl MessageStore for SqliteStore {
         .bind(DeliveryStatus::Sending as i64)
         .execute(&self.writer)
         .await?;
+        self.gate.stir();
         Ok(done.rows_affected())
+    }
+
+    fn hand_fresh_deliveries_to(&self, to: std::sync::Arc<dyn crate::FreshDeliveries>) {
+        if self.fresh.set(to).is_err() {
+            tracing::warn!("new deliveries already go to a dispatcher; a second one gets none");
+        }
+    }
+}
+
+/// The start of a claim's query: the delivery, its message and its endpoint, for due
+/// deliveries of the lane (`$2`) not leased (`$3`, rowids).
+macro_rules! claim_query {
+    () => {
+        "SELECT d.rowid AS d_rowid, d.msg_id, d.attempts, d.trigger_type,
+        m.app_id AS m_app_id, m.event_type,
+        m.payload, e.id AS e_id, e.app_id AS e_app_id, e.uid AS e_uid,
+        e.url AS e_url, e.description AS e_description,
+        e.throttle_rate AS e_throttle_rate, e.disabled AS e_disabled,
+        e.event_types AS e_event_types, e.channels AS e_channels,
+        e.metadata AS e_metadata, e.headers AS e_headers, e.secret AS e_secret,
+        e.previous_secrets AS e_previous_secrets,
+        e.failing_since AS e_failing_since, e.created_at AS e_created_at,
+        e.updated_at AS e_updated_at, e.format AS e_format
+ FROM deliveries d
+ JOIN messages m ON m.id = d.msg_id
+ JOIN endpoints e ON e.id = d.endpoint_id
+ WHERE d.status IN (1, 3) AND d.next_attempt_at <= $1
+   AND ((d.attempts = 0 AND d.trigger_type = 0) = $2)
+   AND d.rowid NOT IN (SELECT value FROM json_each($3))"
+    };
+}
+
+/// One endpoint's due deliveries of a lane, earliest first: a seek on
+/// `deliveries_due_by_endpoint`.
+pub(super) const CLAIM_OF_ENDPOINT: &str = concat!(
+    claim_query!(),
+    " AND d.endpoint_id = $4
+     ORDER BY d.next_attempt_at
+     LIMIT CAST($5 AS BIGINT)"
+);
+
+/// A due delivery a claim read.
+enum Candidate {
+    Job {
+        rowid: i64,
+        job: Box<DeliveryJob>,
+    },
+    /// Its endpoint is disabled, or its secret does not open: marked failed instead.
+    Refused {
+        rowid: i64,
+    },
+}
+
+impl SqliteStore {
+    fn candidate(&self, row: &sqlx::sqlite::SqliteRow) -> Result<Candidate> {
+        let rowid: i64 = row.try_get("d_rowid")?;
+        let endpoint = match rows::endpoint(row, "e_", &self.keys) {
+            Ok(endpoint) => endpoint,
+            // One endpoint whose secret does not open (a key this node lacks, a tampered
+            // value) must not stop every delivery behind it: its delivery fails (recoverable
+            // once the key is back) and the claim goes on.
+            Err(StoreError::Secret(e)) => {
+                tracing::error!(error = %e, "a delivery's endpoint secret cannot be decrypted; the delivery is marked failed");
+                return Ok(Candidate::Refused { rowid });
+            }
+            Err(e) => return Err(e),
+        };
+        if endpoint.disabled {
+            // Disabled endpoints receive nothing; the delivery stays recoverable as failed.
+            return Ok(Candidate::Refused { rowid });
+        }
+        let payload: Vec<u8> = row.try_get("payload")?;
+        Ok(Candidate::Job {
+            rowid,
+            job: Box::new(DeliveryJob {
+                msg_id: rows::id(row, "msg_id")?,
+                app_id: rows::id(row, "m_app_id")?,
+                event_type: row.try_get("event_type")?,
+                payload: payload.into(),
+                endpoint,
+                attempts: u32::try_from(row.try_get::<i64, _>("attempts")?).unwrap_or(u32::MAX),
+                trigger: TriggerType::from_code(row.try_get("trigger_type")?),
+                lease: self.leases.new_token(),
+            }),
+        })
+    }
+
+    /// A claim over the whole queue, earliest due first, in up to [`CLAIM_PASSES`] queries.
+    /// If it took everything it could, it leaves the gate a summary of what is left.
+    async fn claim_everything(
+        &self,
+        request: &ClaimRequest,
+        generation: u64,
+    ) -> Result<Vec<DeliveryJob>> {
+        let limit = request.limit as usize;
+        // What this claim takes, on top of what the caller already holds.
+        let mut taken_endpoints: HashMap<EndpointId, u32> = HashMap::new();
+        let mut taken_apps: HashMap<AppId, u32> = HashMap::new();
+        let mut jobs = Vec::new();
+        let mut leased: Vec<i64> = Vec::new();
+        let mut refused: Vec<i64> = Vec::new();
+        let mut passed: Vec<i64> = self.leases.held(request.now);
+        // Whether every due delivery not left out was read: then what is left belongs to the
+        // endpoints and apps at their limits.
+        let mut complete = false;
+        for _ in 0..CLAIM_PASSES {
+            let full_endpoints = at_limit(
+                &request.in_flight,
+                &taken_endpoints,
+                request.per_endpoint_limit,
+            );
+            let full_apps = at_limit(&request.app_in_flight, &taken_apps, request.per_app_limit);
+            // Fetch more candidates than needed: some may belong to an endpoint or app that
+            // fills up.
+            let fetch = (limit - jobs.len()) * 4;
+            let candidates = sqlx::query(concat!(
+                claim_query!(),
+                " AND d.endpoint_id NOT IN (SELECT value FROM json_each($4))
+                  AND d.app_id NOT IN (SELECT value FROM json_each($5))
+                 ORDER BY d.next_attempt_at
+                 LIMIT CAST($6 AS BIGINT)"
+            ))
+            .bind(millis(request.now))
+            .bind(request.first_attempts)
+            .bind(to_json(&passed))
+            .bind(as_json(&full_endpoints))
+            .bind(as_json(&full_apps))
+            .bind(i64::try_from(fetch).unwrap_or(i64::MAX))
+            .fetch_all(&self.reader)
+            .await?;
+
+            // Rows left because their endpoint or app filled up during this pass.
+            let mut crowded_out = false;
+            let mut read_all = true;
+            for row in &candidates {
+                if jobs.len() >= limit {
+                    read_all = false;
+                    break;
+                }
+                let (rowid, job) = match self.candidate(row)? {
+                    Candidate::Refused { rowid } => {
+                        refused.push(rowid);
+                        passed.push(rowid);
+                        continue;
+                    }
+                    Candidate::Job { rowid, job } => (rowid, job),
+                };
+                let endpoint_held = request
+                    .in_flight
+                    .get(&job.endpoint.id)
+                    .copied()
+                    .unwrap_or(0)
+                    + taken_endpoints.get(&job.endpoint.id).copied().unwrap_or(0);
+                let app_held = request.app_in_flight.get(&job.app_id).copied().unwrap_or(0)
+                    + taken_apps.get(&job.app_id).copied().unwrap_or(0);
+                if endpoint_held >= request.per_endpoint_limit || app_held >= request.per_app_limit
+                {
+                    crowded_out = true;
+                    continue;
+                }
+                *taken_endpoints.entry(job.endpoint.id.clone()).or_insert(0) += 1;
+                *taken_apps.entry(job.app_id.clone()).or_insert(0) += 1;
+                leased.push(rowid);
+                passed.push(rowid);
+                jobs.push(*job);
+            }
+            complete = read_all && candidates.len() < fetch && jobs.len() < limit;
+            // Look again only if rows of endpoints or apps that filled up took candidate places
+            // that others' rows, further down the queue, could have had. The next pass leaves
+            // the full ones out in the query.
+            if !crowded_out || candidates.len() < fetch || jobs.len() >= limit {
+                break;
+            }
+        }
+        let jobs = self
+            .leases
+            .take(jobs, &leased, request.lease_until, request.now);
+        self.refuse(&refused, request.now).await?;
+        if complete {
+            let summary = Summary {
+                until: self.quiet_until(request.now).await?,
+                endpoints: at_limit(
+                    &request.in_flight,
+                    &taken_endpoints,
+                    request.per_endpoint_limit,
+                )
+                .into_iter()
+                .cloned()
+                .collect(),
+                apps: at_limit(&request.app_in_flight, &taken_apps, request.per_app_limit)
+                    .into_iter()
+                    .cloned()
+                    .collect(),
+            };
+            self.gate
+                .settle(generation, request.first_attempts, summary);
+        }
+        Ok(jobs)
+    }
+
+    /// A claim of the deliveries of a few endpoints only (held back before, with room now),
+    /// each an index seek: what the gate knows says nothing else is claimable.
+    async fn claim_of_endpoints(
+        &self,
+        request: &ClaimRequest,
+        generation: u64,
+        endpoints: Vec<EndpointId>,
+    ) -> Result<Vec<DeliveryJob>> {
+        let held = to_json(&self.leases.held(request.now));
+        let mut room_left = request.limit;
+        let mut jobs = Vec::new();
+        let mut leased = Vec::new();
+        let mut refused = Vec::new();
+        for endpoint_id in endpoints {
+            let endpoint_room = request
+                .per_endpoint_limit
+                .saturating_sub(request.in_flight.get(&endpoint_id).copied().unwrap_or(0));
+            let app_room = |app: &AppId| {
+                request
+                    .per_app_limit
+                    .saturating_sub(request.app_in_flight.get(app).copied().unwrap_or(0))
+            };
+            let want = endpoint_room.min(room_left);
+            if want == 0 {
+                continue;
+            }
+            let rows = sqlx::query(CLAIM_OF_ENDPOINT)
+                .bind(millis(request.now))
+                .bind(request.first_attempts)
+                .bind(&held)
+                .bind(endpoint_id.as_str())
+                .bind(i64::from(want))
+                .fetch_all(&self.reader)
+                .await?;
+            if rows.len() < want as usize {
+                // Everything it had due is taken now (or refused).
+                self.gate
+                    .drained(generation, request.first_attempts, &endpoint_id);
+            }
+            let mut taken = 0;
+            for row in &rows {
+                match self.candidate(row)? {
+                    Candidate::Refused { rowid } => refused.push(rowid),
+                    // The app's room is counted with what this claim took of it before.
+                    Candidate::Job { rowid, job }
+                        if app_room(&job.app_id)
+                            > jobs
+                                .iter()
+                                .filter(|j: &&DeliveryJob| j.app_id == job.app_id)
+                                .count() as u32 =>
+                    {
+                        leased.push(rowid);
+                        jobs.push(*job);
+                        taken += 1;
+                    }
+                    Candidate::Job { .. } => {}
+                }
+            }
+            room_left = room_left.saturating_sub(taken);
+        }
+        let jobs = self
+            .leases
+            .take(jobs, &leased, request.lease_until, request.now);
+        self.refuse(&refused, request.now).await?;
+        Ok(jobs)
+    }
+
+    /// Marks failed the deliveries a claim would not send (disabled endpoint, secret that does
+    /// not open).
+    async fn refuse(&self, refused: &[i64], now: DateTime<Utc>) -> Result<()> {
+        if refused.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "UPDATE deliveries SET status = $1, next_attempt_at = NULL, updated_at = $2
+             WHERE rowid IN (SELECT value FROM json_each($3))",
+        )
+        .bind(DeliveryStatus::Fail as i64)
+        .bind(millis(now))
+        .bind(to_json(&refused))
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    /// How long a summary made now may stand: until the next delivery falls due (a retry), the
+    /// first lease runs out, or [`MAX_QUIET`] has passed, whichever comes first.
+    async fn quiet_until(&self, now: DateTime<Utc>) -> Result<DateTime<Utc>> {
+        let next_due: Option<i64> = sqlx::query_scalar(
+            "SELECT MIN(next_attempt_at) FROM deliveries
+             WHERE status IN (1, 3) AND next_attempt_at > $1",
+        )
+        .bind(millis(now))
+        .fetch_one(&self.reader)
+        .await?;
+        let mut until = now + chrono::Duration::from_std(MAX_QUIET).unwrap_or_default();
+        if let Some(due) = next_due.map(rows::time).transpose()? {
+            until = until.min(due);
+        }
+        if let Some(expiry) = self.leases.first_expiry() {
+            until = until.min(expiry);
+        }
+        Ok(until)
     }
 }
 
@@ -369,12 +575,21 @@ fn at_limit<'a, K: std::hash::Hash + Eq + AsRef<str>>(
     held: &'a HashMap<K, u32>,
     taken: &'a HashMap<K, u32>,
     limit: u32,
-) -> Vec<&'a str> {
+) -> Vec<&'a K> {
     let count =
         |key: &K| held.get(key).copied().unwrap_or(0) + taken.get(key).copied().unwrap_or(0);
     held.keys()
         .chain(taken.keys().filter(|key| !held.contains_key(*key)))
         .filter(|key| count(key) >= limit)
-        .map(|key| key.as_ref())
         .collect()
+}
+
+/// [`at_limit`]'s keys as the JSON array a claim query leaves out.
+fn as_json<K: AsRef<str>>(keys: &[&K]) -> String {
+    to_json(
+        &keys
+            .iter()
+            .map(|key| (*key).as_ref())
+            .collect::<Vec<&str>>(),
+    )
 }

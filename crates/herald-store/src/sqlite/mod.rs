@@ -19,6 +19,9 @@ pub(crate) mod cache;
 mod channel_webhooks;
 mod endpoints;
 mod event_types;
+mod gate;
+#[cfg(test)]
+mod handoff_tests;
 mod history;
 mod idempotency;
 mod ingest;
@@ -33,9 +36,16 @@ mod secrets;
 
 pub use secrets::{KEY_FILE, read_key_file};
 
-use std::{path::Path, str::FromStr, time::Duration};
+use std::{
+    collections::HashMap,
+    path::Path,
+    str::FromStr,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
-use herald_core::model::App;
+use herald_core::EndpointId;
+use herald_core::model::{App, Endpoint, Message, TriggerType};
 use sqlx::{
     QueryBuilder, Sqlite, SqlitePool,
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
@@ -45,7 +55,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::batch::{PendingWrite, WriteOp};
 
-use crate::{Page, Result, StoreError, StoreLifecycle};
+use crate::{DeliveryJob, Page, Result, StoreError, StoreLifecycle};
 
 /// The database file inside the data directory.
 pub const DB_FILE: &str = "herald.db";
@@ -54,6 +64,11 @@ const READERS: u32 = 4;
 pub struct SqliteStore {
     cache: cache::Cache,
     leases: leases::Leases,
+    /// What is known about the claimable deliveries, to skip or narrow claims.
+    gate: Arc<gate::ClaimGate>,
+    /// Where new deliveries go as they commit, once the dispatcher has said (see
+    /// [`crate::MessageStore::hand_fresh_deliveries_to`]).
+    fresh: Arc<OnceLock<Arc<dyn crate::FreshDeliveries>>>,
     /// `Idempotency-Key`s claimed by requests still running in this process.
     claims: idempotency::Claims,
     reader: SqlitePool,
@@ -119,10 +134,22 @@ impl SqliteStore {
 
         let (writes, queue) = mpsc::channel(batch::QUEUE_DEPTH);
         let shutdown = CancellationToken::new();
-        let batcher = tokio::spawn(batch::run(writer.clone(), queue, shutdown.clone()));
+        let shared = batch::Shared {
+            leases: leases::Leases::default(),
+            gate: Arc::default(),
+            fresh: Arc::default(),
+        };
+        let batcher = tokio::spawn(batch::run(
+            writer.clone(),
+            shared.clone(),
+            queue,
+            shutdown.clone(),
+        ));
         Ok(Self {
             cache: cache::Cache::default(),
-            leases: leases::Leases::default(),
+            leases: shared.leases,
+            gate: shared.gate,
+            fresh: shared.fresh,
             claims: idempotency::Claims::default(),
             reader,
             writer,
@@ -160,11 +187,60 @@ impl SqliteStore {
     /// Hands `op` to the group commit and waits for the commit that contains it.
     async fn submit(&self, op: WriteOp) -> Result<batch::Committed> {
         let (done, outcome) = oneshot::channel();
-        self.writes
-            .send(PendingWrite { op, done })
-            .await
-            .map_err(|_| StoreError::Closed)?;
+        if let Err(mpsc::error::SendError(mut write)) =
+            self.writes.send(PendingWrite { op, done }).await
+        {
+            // Never committed: the rooms reserved for its deliveries go back.
+            let fresh = write.op.take_fresh();
+            if let (Some(sink), false) = (self.fresh.get(), fresh.is_empty()) {
+                sink.give_back(
+                    fresh
+                        .iter()
+                        .map(|job| (job.app_id.clone(), job.endpoint.id.clone()))
+                        .collect(),
+                );
+            }
+            return Err(StoreError::Closed);
+        }
         outcome.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// A new message for the group commit, with a job for each delivery the dispatcher has
+    /// room for now (see [`crate::FreshDeliveries`]). The endpoints come from the cache the
+    /// publisher has just chosen them from; one not found there (the cache was cleared
+    /// meanwhile) is left to claims, which read it from its row.
+    fn new_message(&self, message: Message, endpoint_ids: Vec<EndpointId>) -> batch::NewMessage {
+        let fresh = match (self.fresh.get(), self.cache.endpoints(&message.app_id)) {
+            (Some(sink), Some(endpoints)) if !endpoint_ids.is_empty() => {
+                let by_id: HashMap<&str, &Endpoint> =
+                    endpoints.iter().map(|e| (e.id.as_str(), e)).collect();
+                endpoint_ids
+                    .iter()
+                    .filter_map(|id| {
+                        let endpoint = *by_id.get(id.as_str())?;
+                        if endpoint.disabled || !sink.reserve(&message.app_id, id) {
+                            return None;
+                        }
+                        Some(DeliveryJob {
+                            msg_id: message.id.clone(),
+                            app_id: message.app_id.clone(),
+                            event_type: message.event_type.clone(),
+                            payload: message.payload.clone(),
+                            endpoint: endpoint.clone(),
+                            attempts: 0,
+                            trigger: TriggerType::Scheduled,
+                            lease: self.leases.new_token(),
+                        })
+                    })
+                    .collect()
+            }
+            _ => Vec::new(),
+        };
+        batch::NewMessage {
+            message,
+            endpoint_ids,
+            fresh,
+        }
     }
 }
 

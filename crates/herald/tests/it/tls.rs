@@ -778,6 +778,8 @@ async fn the_plain_health_listener_answers_health_only() {
         .to_owned();
     assert!(health.starts_with("http://127.0.0.1:"), "{health}");
 
+    // Installed here too: run alone (nextest), no other test has installed it.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let plain = reqwest::Client::new();
     for path in ["/health/live", "/health/ready"] {
         let response = plain

@@ -10,32 +10,36 @@
 //! (their entries get none): the positions of every channel the batch touches are read in one
 //! statement, offsets handed out in batch order, and the final positions written back.
 
-use herald_core::EndpointId;
 use std::collections::{HashMap, HashSet};
 
 use herald_core::{
     history::{NewHistoryEntry, Position, new_epoch},
-    model::{Message, TriggerType},
+    model::TriggerType,
 };
 use serde_json::json;
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 
 use super::{
-    Committed, INGEST_DUPLICATE, MESSAGE_CONFLICT, PendingWrite, STALE_LEASE, WriteOp,
+    Committed, INGEST_DUPLICATE, MESSAGE_CONFLICT, NewMessage, PendingWrite, STALE_LEASE, WriteOp,
     endpoint_change, next_state,
 };
 use crate::{
     AttemptRecord, OccupancyChange, Occupant, Result, StoreError,
-    sqlite::rows::{millis, opt_json, to_json},
+    sqlite::{
+        leases::DeliveryKey,
+        rows::{self, millis, opt_json, to_json},
+    },
 };
 
 /// Rows per multi-row statement; the widest row has 11 columns, far under SQLite's limit of
 /// 32,766 bound variables per statement.
 const ROWS_PER_STATEMENT: usize = 256;
 
+/// Applies `batch`; `rowids` gets the rowid of every new delivery that has a job to hand over.
 pub(super) async fn apply(
     conn: &mut SqliteConnection,
     batch: &[PendingWrite],
+    rowids: &mut HashMap<DeliveryKey, i64>,
 ) -> Result<Vec<Result<Committed>>> {
     let mut outcomes: Vec<Result<Committed>> = batch.iter().map(|_| Ok(Vec::new())).collect();
     let mut messages = Vec::new();
@@ -45,10 +49,7 @@ pub(super) async fn apply(
     let mut occupancy = Vec::new();
     for (i, write) in batch.iter().enumerate() {
         match &write.op {
-            WriteOp::CreateMessage {
-                message,
-                endpoint_ids,
-            } => messages.push((i, message, endpoint_ids.as_slice())),
+            WriteOp::CreateMessage(new) => messages.push((i, new)),
             WriteOp::RecordAttempt { record, leases } => {
                 let key = (
                     record.attempt.msg_id.clone(),
@@ -64,15 +65,14 @@ pub(super) async fn apply(
             }
             WriteOp::AppendHistory { entry } => histories.push((i, &**entry)),
             WriteOp::Publication { message, history } => {
-                if let Some((message, targets)) = message {
-                    messages.push((i, message, targets.as_slice()));
+                if let Some(new) = message {
+                    messages.push((i, new));
                 }
                 histories.extend(history.iter().map(|entry| (i, entry)));
             }
             WriteOp::RecordIngest {
                 event,
                 message,
-                endpoint_ids,
                 history,
             } => {
                 // Rare next to messages: one statement each is fine.
@@ -95,7 +95,7 @@ pub(super) async fn apply(
                 .fetch_optional(&mut *conn)
                 .await?;
                 if inserted.is_some() {
-                    messages.push((i, message, endpoint_ids.as_slice()));
+                    messages.push((i, message));
                     histories.extend(history.iter().map(|entry| (i, entry)));
                 } else {
                     outcomes[i] = Err(StoreError::Conflict(INGEST_DUPLICATE.to_owned()));
@@ -112,16 +112,13 @@ pub(super) async fn apply(
                 messages: m,
                 changes,
             } => {
-                messages.extend(
-                    m.iter()
-                        .map(|(message, targets)| (i, message, targets.as_slice())),
-                );
+                messages.extend(m.iter().map(|new| (i, new)));
                 occupancy.extend(changes);
             }
         }
     }
     if !messages.is_empty() {
-        insert_messages(conn, &messages, &mut outcomes).await?;
+        insert_messages(conn, &messages, &mut outcomes, rowids).await?;
     }
     if !attempts.is_empty() {
         record_attempts(conn, &attempts).await?;
@@ -197,8 +194,9 @@ async fn apply_occupancy(conn: &mut SqliteConnection, changes: &[&OccupancyChang
 
 async fn insert_messages(
     conn: &mut SqliteConnection,
-    messages: &[(usize, &Message, &[EndpointId])],
+    messages: &[(usize, &NewMessage)],
     outcomes: &mut [Result<Committed>],
+    rowids: &mut HashMap<DeliveryKey, i64>,
 ) -> Result<()> {
     let mut inserted = HashSet::with_capacity(messages.len());
     for chunk in messages.chunks(ROWS_PER_STATEMENT) {
@@ -206,7 +204,8 @@ async fn insert_messages(
             "INSERT INTO messages (id, app_id, event_id, event_type, channels, tags, payload, created_at, \
              payload_expires_at) ",
         );
-        q.push_values(chunk, |mut row, (_, m, _)| {
+        q.push_values(chunk, |mut row, (_, new)| {
+            let m = &new.message;
             row.push_bind(m.id.as_str())
                 .push_bind(m.app_id.as_str())
                 .push_bind(&m.event_id)
@@ -223,9 +222,11 @@ async fn insert_messages(
         }
     }
     let mut deliveries = Vec::new();
-    for (i, message, endpoint_ids) in messages {
-        if inserted.contains(message.id.as_str()) {
-            deliveries.extend(endpoint_ids.iter().map(|ep| (*message, ep)));
+    let mut handing_over = false;
+    for (i, new) in messages {
+        if inserted.contains(new.message.id.as_str()) {
+            deliveries.extend(new.endpoint_ids.iter().map(|ep| (&new.message, ep)));
+            handing_over |= !new.fresh.is_empty();
         } else {
             outcomes[*i] = Err(StoreError::Conflict(MESSAGE_CONFLICT.to_owned()));
         }
@@ -246,7 +247,18 @@ async fn insert_messages(
                 .push_bind(created)
                 .push_bind(created);
         });
-        q.build().execute(&mut *conn).await?;
+        if !handing_over {
+            q.build().execute(&mut *conn).await?;
+            continue;
+        }
+        // The rowids are what claims leave out while the deliveries are leased.
+        q.push(" RETURNING rowid, msg_id, endpoint_id");
+        for row in q.build().fetch_all(&mut *conn).await? {
+            rowids.insert(
+                (rows::id(&row, "msg_id")?, rows::id(&row, "endpoint_id")?),
+                row.try_get("rowid")?,
+            );
+        }
     }
     Ok(())
 }
