@@ -27,14 +27,16 @@ use std::{
 use herald_metrics::{ChannelMetrics, prometheus_client::metrics::counter::Counter};
 use serde::Serialize;
 use serde_json::value::RawValue;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     Frame,
     presence::{LocalChange, MembersFuture, PresenceSync},
     publication::{Outgoing, Publication},
+    queue,
 };
+
+pub use crate::queue::{Frames, TryRecvError};
 
 /// Set once, when the node joins a cluster; shared by the hub and each app's hub.
 type SharedSync = Arc<OnceLock<Arc<dyn PresenceSync>>>;
@@ -42,7 +44,8 @@ type SharedSync = Arc<OnceLock<Arc<dyn PresenceSync>>>;
 /// Where a connection's frames and publications go. Sending never waits.
 #[derive(Clone)]
 pub struct Outbox {
-    frames: mpsc::Sender<Outgoing>,
+    /// Holds no allocation while empty (see [`queue`]): most connections are idle.
+    frames: queue::Sender,
     /// Cancelled when a frame did not fit: the connection is too slow and must close.
     overflowed: CancellationToken,
     /// Counts the overflow once, in the hub's metrics (attached when the outbox subscribes).
@@ -70,20 +73,20 @@ struct OverflowCount {
 
 impl Outbox {
     /// An outbox that takes publications whole.
-    pub fn new(capacity: usize) -> (Self, mpsc::Receiver<Outgoing>, CancellationToken) {
+    pub fn new(capacity: usize) -> (Self, Frames, CancellationToken) {
         Self::taking(capacity, Takes::Publications)
     }
 
     /// An outbox that takes publications as their Pusher frames (WebSockets).
-    pub fn pusher(capacity: usize) -> (Self, mpsc::Receiver<Outgoing>, CancellationToken) {
+    pub fn pusher(capacity: usize) -> (Self, Frames, CancellationToken) {
         Self::taking(capacity, Takes::PusherFrames)
     }
 
     fn taking(
         capacity: usize,
         takes: Takes,
-    ) -> (Self, mpsc::Receiver<Outgoing>, CancellationToken) {
-        let (frames, receiver) = mpsc::channel(capacity);
+    ) -> (Self, Frames, CancellationToken) {
+        let (frames, receiver) = queue::channel(capacity);
         let overflowed = CancellationToken::new();
         (
             Self {
@@ -1187,7 +1190,7 @@ mod tests {
         )
     }
 
-    fn offsets(rx: &mut mpsc::Receiver<Outgoing>) -> Vec<String> {
+    fn offsets(rx: &mut Frames) -> Vec<String> {
         let mut seen = Vec::new();
         while let Ok(item) = rx.try_recv() {
             seen.push(match item {

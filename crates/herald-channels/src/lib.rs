@@ -28,6 +28,7 @@ pub mod presence;
 pub mod protocol;
 pub mod publication;
 pub mod publisher;
+pub mod queue;
 
 pub use hub::Hub;
 pub use protocol::Frame;

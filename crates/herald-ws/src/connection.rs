@@ -24,12 +24,12 @@ use axum::{
 use futures_util::{SinkExt, StreamExt, stream::SplitSink};
 use herald_core::{model::App, pusher};
 use herald_store::Store;
-use tokio::{sync::mpsc, time::Instant};
+use tokio::time::Instant;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     Hub, Outgoing, Publisher, WsConfig, close,
-    hub::{AppHub, Outbox},
+    hub::{AppHub, Frames, Outbox},
     limits::ClientPermit,
     protocol,
     session::{APP_DELETED, Live, Session},
@@ -362,7 +362,7 @@ async fn finish(write: impl Future<Output = Result<(), axum::Error>>) -> Result<
 async fn write_queued(
     sink: &mut Sink,
     first: Outgoing,
-    frames: &mut mpsc::Receiver<Outgoing>,
+    frames: &mut Frames,
 ) -> Result<(), axum::Error> {
     sink.feed(Message::Text(first.pusher_frame().clone()))
         .await?;
