@@ -15,7 +15,7 @@
 //! order: the cluster decides what they mean for every node, reports the channel webhooks and
 //! announces members; the hub then tells its caller nothing to announce.
 
-use herald_core::AppId;
+use herald_core::{AppId, model::App};
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{
@@ -82,10 +82,7 @@ impl Outbox {
         Self::taking(capacity, Takes::PusherFrames)
     }
 
-    fn taking(
-        capacity: usize,
-        takes: Takes,
-    ) -> (Self, Frames, CancellationToken) {
+    fn taking(capacity: usize, takes: Takes) -> (Self, Frames, CancellationToken) {
         let (frames, receiver) = queue::channel(capacity);
         let overflowed = CancellationToken::new();
         (
@@ -289,6 +286,8 @@ pub struct AppHub {
     removed: CancellationToken,
     /// The cluster's, if this node shares presence (see the module doc).
     sync: SharedSync,
+    /// The app's record as its connections last looked it up (see [`AppHub::share_app`]).
+    shared_app: Mutex<Option<Arc<App>>>,
 }
 
 #[derive(Default)]
@@ -439,6 +438,24 @@ impl AppHub {
             users: RwLock::default(),
             removed: CancellationToken::default(),
             sync: SharedSync::default(),
+            shared_app: Mutex::default(),
+        }
+    }
+
+    /// The app's record for a new connection to keep: the copy this hub's connections already
+    /// share when it is the same record, so 10,000 connections hold one app (its credentials,
+    /// history rules, metadata: about 600 bytes with its strings) instead of 10,000. A record
+    /// that differs (the app was changed since) replaces the shared one for the connections
+    /// that come next; older connections keep the one they had, as they did with their own.
+    pub fn share_app(&self, app: App) -> Arc<App> {
+        let mut shared = self.shared_app.lock().unwrap_or_else(|p| p.into_inner());
+        match &*shared {
+            Some(current) if **current == app => Arc::clone(current),
+            _ => {
+                let app = Arc::new(app);
+                *shared = Some(Arc::clone(&app));
+                app
+            }
         }
     }
 

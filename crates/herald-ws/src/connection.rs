@@ -163,15 +163,8 @@ async fn connected(sink: Sink, stream: Stream, upgraded: Box<Upgraded>) {
                 // Deleted after the key was looked up.
                 close_now(sink, stream, close::APP_DOES_NOT_EXIST, APP_DELETED).await;
             } else if hub.connect(state.config.max_connections_per_app) {
-                serve(
-                    sink,
-                    stream,
-                    Box::new(app),
-                    Arc::clone(&hub),
-                    &state,
-                    permit,
-                )
-                .await;
+                let app = hub.share_app(app);
+                serve(sink, stream, app, Arc::clone(&hub), &state, permit).await;
                 hub.disconnect();
             } else {
                 close_now(
@@ -207,12 +200,11 @@ type Stream = SplitStream<WebSocket>;
 
 /// The socket loop. Its future is what an idle connection's task holds, so what only runs
 /// now and then (a client message's handling, the close) is boxed when it runs instead of
-/// being laid out inline for the connection's whole life; the app arrives boxed for the same
-/// reason (a parameter's slot lasts as long as the future).
+/// being laid out inline for the connection's whole life.
 async fn serve(
     mut sink: Sink,
     mut stream: Stream,
-    app: Box<App>,
+    app: Arc<App>,
     hub: Arc<AppHub>,
     state: &WsState,
     permit: ClientPermit,
@@ -222,7 +214,7 @@ async fn serve(
     let socket_id = pusher::new_socket_id(&mut rand::rng());
     let terminate = hub.connection_token();
     let backend = Live {
-        app: *app,
+        app,
         store: Arc::clone(&state.store),
         publisher: Arc::clone(&state.publisher),
         client: permit,
