@@ -9,8 +9,8 @@
 //! fan-out of shared publications into each subscriber's bounded [`hub::Outbox`]; one that
 //! cannot keep up is cancelled instead of growing memory ([`queue`] is that outbox's queue,
 //! which holds no allocation while empty: most connections are idle). Every change of channel
-//! state goes to a [`hub::ChannelObserver`]. [`history::History`] is channel history: retention rules,
-//! what a resuming subscriber missed ([`history::History::recover`], merged by offset with
+//! state goes to a [`hub::ChannelObserver`]. [`history::History`] is channel history:
+//! retention rules, what a resuming subscriber missed ([`history::History::recover`], merged by offset with
 //! what the hub held for it), pages and purges. [`presence::PresenceManager`] answers
 //! occupancy and member queries. [`protocol`] builds the Pusher frames. [`limits`] counts
 //! connections and replayed history per client address, for WebSockets and SSE alike.

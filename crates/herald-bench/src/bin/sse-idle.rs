@@ -145,7 +145,8 @@ async fn open(args: &Args, source: Option<IpAddr>, channel: &str) -> anyhow::Res
     }
     let mut stream = socket.connect(server).await.context("connecting")?;
     let request = format!(
-        "GET /apps/{}/sse?channels={channel} HTTP/1.1\r\nHost: {server}\r\nAccept: text/event-stream\r\n\r\n",
+        "GET /apps/{}/sse?channels={channel} HTTP/1.1\r\nHost: {server}\r\n\
+         Accept: text/event-stream\r\n\r\n",
         args.app_id
     );
     stream
