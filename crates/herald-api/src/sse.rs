@@ -39,7 +39,7 @@ use axum::{
 use herald_channels::{
     Outgoing,
     history::Resume,
-    hub::{AppHub, Outbox},
+    hub::{AppHub, Frames, Outbox},
     limits::{ClientLimiter, ClientPermit},
 };
 use herald_core::{
@@ -47,7 +47,6 @@ use herald_core::{
     pusher::{self, ChannelKind},
 };
 use rand::Rng;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::{ApiState, pusher_api::PusherError};
@@ -321,7 +320,7 @@ impl Drop for Subscription {
 
 struct StreamState {
     first: Option<Event>,
-    frames: mpsc::Receiver<Outgoing>,
+    frames: Frames,
     overflowed: CancellationToken,
     shutdown: CancellationToken,
     positions: BTreeMap<String, (String, u64)>,

@@ -22,6 +22,7 @@
 mod socketio;
 
 use std::{
+    net::{IpAddr, SocketAddr},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -117,6 +118,11 @@ struct Args {
     /// others' latency should not suffer. Checked after the run, when they read again.
     #[arg(long, default_value_t = 0)]
     stalled: usize,
+    /// Local addresses the connections bind to before connecting, in turn (Pusher only). One
+    /// source address has about 28,000 ephemeral ports: 50,000 connections need two, e.g.
+    /// `127.0.0.2,127.0.0.3` (all of 127.0.0.0/8 is loopback on Linux).
+    #[arg(long, value_delimiter = ',')]
+    source_addresses: Vec<IpAddr>,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,10 +170,16 @@ impl Face {
         }
     }
 
-    /// Connects and subscribes to `channel`, returning once the server confirmed it.
-    async fn subscribe(&self, url: &str, channel: &str) -> anyhow::Result<Socket> {
+    /// Connects (from `source`, if given) and subscribes to `channel`, returning once the
+    /// server confirmed it.
+    async fn subscribe(
+        &self,
+        url: &str,
+        channel: &str,
+        source: Option<IpAddr>,
+    ) -> anyhow::Result<Socket> {
         match self {
-            Self::Pusher => subscribe(url, channel).await,
+            Self::Pusher => subscribe(url, channel, source).await,
             Self::SocketIo(namespace) => namespace.subscribe(url, channel).await,
         }
     }
@@ -233,9 +245,14 @@ async fn main() -> anyhow::Result<()> {
     } else {
         args.subscribe_ports.clone()
     };
+    if !args.source_addresses.is_empty() && args.protocol != Protocol::Pusher {
+        bail!("--source-addresses applies to --protocol pusher only");
+    }
     for i in 0..args.connections {
         let channel = i % args.channels;
         let url = face.url(&args, ports[i % ports.len()]);
+        let source = (!args.source_addresses.is_empty())
+            .then(|| args.source_addresses[i % args.source_addresses.len()]);
         let channel_name = format!("{}{channel}", args.channel_prefix);
         let (face, opening, ready, counters, stop) = (
             Arc::clone(&face),
@@ -246,7 +263,7 @@ async fn main() -> anyhow::Result<()> {
         );
         sockets.spawn(async move {
             let permit = opening.acquire_owned().await;
-            let socket = face.subscribe(&url, &channel_name).await;
+            let socket = face.subscribe(&url, &channel_name, source).await;
             drop(permit);
             match socket {
                 Ok(socket) => {
@@ -510,10 +527,42 @@ async fn stalled_end(mut socket: Socket) -> StalledEnd {
         .unwrap_or(StalledEnd::StillOpen)
 }
 
-/// Pusher: connects, waits for the handshake, subscribes and waits for the confirmation.
-async fn subscribe(url: &str, channel: &str) -> anyhow::Result<Socket> {
-    let (socket, _) = connect_async(url).await.context("connecting")?;
+/// Pusher: connects (bound to `source`, if given), waits for the handshake, subscribes and
+/// waits for the confirmation.
+async fn subscribe(url: &str, channel: &str, source: Option<IpAddr>) -> anyhow::Result<Socket> {
+    let socket = match source {
+        None => connect_async(url).await.context("connecting")?.0,
+        Some(source) => connect_from(url, source).await?,
+    };
     subscribe_on(socket, channel).await
+}
+
+/// Opens the WebSocket at `url` from the local address `source` (as `connect_async` would,
+/// Nagle included, after binding the socket).
+async fn connect_from(url: &str, source: IpAddr) -> anyhow::Result<Socket> {
+    let parsed = url::Url::parse(url).context("the server's URL")?;
+    let host = parsed.host_str().context("the URL names no host")?;
+    let port = parsed
+        .port_or_known_default()
+        .context("the URL names no port")?;
+    let server = tokio::net::lookup_host((host, port))
+        .await
+        .context("resolving the server")?
+        .find(|a| a.is_ipv4() == source.is_ipv4())
+        .context("the server has no address of the source address's family")?;
+    let tcp = if source.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .context("opening a socket")?;
+    tcp.bind(SocketAddr::new(source, 0))
+        .with_context(|| format!("binding to {source}"))?;
+    let stream = tcp.connect(server).await.context("connecting")?;
+    let (socket, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream))
+        .await
+        .context("the WebSocket handshake")?;
+    Ok(socket)
 }
 
 /// Pusher: on a connected socket, waits for the handshake, subscribes and waits for the

@@ -7,9 +7,10 @@
 //! hubs ([`broker::LocalBroker`] on one node). [`hub::Hub`] is the local hub: per app, who is
 //! subscribed to which channel (presence members counted per user, signed-in users), and the
 //! fan-out of shared publications into each subscriber's bounded [`hub::Outbox`]; one that
-//! cannot keep up is cancelled instead of growing memory. Every change of channel state goes
-//! to a [`hub::ChannelObserver`]. [`history::History`] is channel history: retention rules,
-//! what a resuming subscriber missed ([`history::History::recover`], merged by offset with
+//! cannot keep up is cancelled instead of growing memory ([`queue`] is that outbox's queue,
+//! which holds no allocation while empty: most connections are idle). Every change of channel
+//! state goes to a [`hub::ChannelObserver`]. [`history::History`] is channel history:
+//! retention rules, what a resuming subscriber missed ([`history::History::recover`], merged by offset with
 //! what the hub held for it), pages and purges. [`presence::PresenceManager`] answers
 //! occupancy and member queries. [`protocol`] builds the Pusher frames. [`limits`] counts
 //! connections and replayed history per client address, for WebSockets and SSE alike.
@@ -28,6 +29,7 @@ pub mod presence;
 pub mod protocol;
 pub mod publication;
 pub mod publisher;
+pub mod queue;
 
 pub use hub::Hub;
 pub use protocol::Frame;

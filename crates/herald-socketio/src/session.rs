@@ -18,7 +18,7 @@ use std::{collections::BTreeMap, sync::Arc};
 use herald_channels::{
     EventData, Frame, Outgoing, Publish, Webhook,
     history::Resume,
-    hub::{AppHub, Joining, Outbox, SubscribeError},
+    hub::{AppHub, Frames, Joining, Outbox, SubscribeError},
     limits::TokenBucket,
     presence::complete_snapshot,
     protocol,
@@ -234,7 +234,7 @@ impl Session {
     async fn run(
         mut self,
         socket: SocketRef,
-        mut frames: mpsc::Receiver<Outgoing>,
+        mut frames: Frames,
         overflowed: CancellationToken,
         mut packets: mpsc::Receiver<Packet>,
         closed: CancellationToken,

@@ -21,15 +21,18 @@ use axum::{
     response::Response,
     routing::get,
 };
-use futures_util::{SinkExt, StreamExt, stream::SplitSink};
+use futures_util::{
+    SinkExt, StreamExt,
+    stream::{SplitSink, SplitStream},
+};
 use herald_core::{model::App, pusher};
 use herald_store::Store;
-use tokio::{sync::mpsc, time::Instant};
+use tokio::time::Instant;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     Hub, Outgoing, Publisher, WsConfig, close,
-    hub::{AppHub, Outbox},
+    hub::{AppHub, Frames, Outbox},
     limits::ClientPermit,
     protocol,
     session::{APP_DELETED, Live, Session},
@@ -89,62 +92,97 @@ async fn upgrade(
         Err(refusal) => {
             let reason = refusal.message();
             return ws.on_upgrade(move |socket| {
+                let (sink, stream) = socket.split();
                 tasks.track_future(async move {
-                    close_now(socket, close::OVER_CAPACITY, &reason).await;
+                    close_now(sink, stream, close::OVER_CAPACITY, &reason).await;
                 })
             });
         }
     };
     let app = state.store.get_app_by_pusher_key(&key).await;
     let protocol = params.get("protocol").map(|p| p.parse::<u32>());
+    let upgraded = Box::new(Upgraded {
+        state,
+        app,
+        protocol,
+        key,
+        permit,
+    });
+    // Split here, in the closure, not in the task's future: an async block keeps what it
+    // captured for as long as it lives, and the whole socket would be kept inline (beside the
+    // halves that hold it) by every idle connection's task.
     ws.on_upgrade(move |socket| {
-        tasks.track_future(async move {
-            let refusal = match (&app, &protocol) {
-                (Err(e), _) => {
-                    tracing::error!(error = %e, "looking up an app key failed");
-                    Some((close::RECONNECT, "temporary server error".to_owned()))
-                }
-                (Ok(None), _) => Some((
-                    close::APP_DOES_NOT_EXIST,
-                    format!("no app has the key {key}"),
-                )),
-                (_, Some(Ok(v))) if !(5..=7).contains(v) => Some((
-                    close::UNSUPPORTED_PROTOCOL,
-                    format!("protocol version {v} is not supported (use 7)"),
-                )),
-                (_, Some(Err(_))) => Some((
-                    close::UNSUPPORTED_PROTOCOL,
-                    "protocol must be a number".to_owned(),
-                )),
-                _ => None,
-            };
-            match (refusal, app) {
-                (None, Ok(Some(app))) => {
-                    let hub = state.hub.app(&app.id);
-                    if hub.is_removed() {
-                        // Deleted after the key was looked up.
-                        close_now(socket, close::APP_DOES_NOT_EXIST, APP_DELETED).await;
-                    } else if hub.connect(state.config.max_connections_per_app) {
-                        serve(socket, app, Arc::clone(&hub), &state, permit).await;
-                        hub.disconnect();
-                    } else {
-                        close_now(
-                            socket,
-                            close::OVER_CONNECTION_QUOTA,
-                            "the app is over its connection quota",
-                        )
-                        .await;
-                    }
-                }
-                (Some((code, reason)), _) => close_now(socket, code, &reason).await,
-                (None, _) => unreachable!("no refusal means the app was found"),
-            }
-        })
+        let (sink, stream) = socket.split();
+        tasks.track_future(connected(sink, stream, upgraded))
     })
 }
 
-async fn close_now(mut socket: WebSocket, code: u16, reason: &str) {
-    let _ = socket
+/// What an upgraded connection needs from its request, boxed: axum's upgrade task keeps the
+/// closure that captured it for the connection's whole life, so inline it would be paid for
+/// by every idle connection, once in that closure and once in the connection's own future.
+struct Upgraded {
+    state: WsState,
+    app: Result<Option<App>, herald_store::StoreError>,
+    protocol: Option<Result<u32, std::num::ParseIntError>>,
+    key: String,
+    permit: ClientPermit,
+}
+
+/// An upgraded socket: refused with the close code that says why, or served until it ends.
+async fn connected(sink: Sink, stream: Stream, upgraded: Box<Upgraded>) {
+    let Upgraded {
+        state,
+        app,
+        protocol,
+        key,
+        permit,
+    } = *upgraded;
+    let refusal = match (&app, &protocol) {
+        (Err(e), _) => {
+            tracing::error!(error = %e, "looking up an app key failed");
+            Some((close::RECONNECT, "temporary server error".to_owned()))
+        }
+        (Ok(None), _) => Some((
+            close::APP_DOES_NOT_EXIST,
+            format!("no app has the key {key}"),
+        )),
+        (_, Some(Ok(v))) if !(5..=7).contains(v) => Some((
+            close::UNSUPPORTED_PROTOCOL,
+            format!("protocol version {v} is not supported (use 7)"),
+        )),
+        (_, Some(Err(_))) => Some((
+            close::UNSUPPORTED_PROTOCOL,
+            "protocol must be a number".to_owned(),
+        )),
+        _ => None,
+    };
+    match (refusal, app) {
+        (None, Ok(Some(app))) => {
+            let hub = state.hub.app(&app.id);
+            if hub.is_removed() {
+                // Deleted after the key was looked up.
+                close_now(sink, stream, close::APP_DOES_NOT_EXIST, APP_DELETED).await;
+            } else if hub.connect(state.config.max_connections_per_app) {
+                let app = hub.share_app(app);
+                serve(sink, stream, app, Arc::clone(&hub), &state, permit).await;
+                hub.disconnect();
+            } else {
+                close_now(
+                    sink,
+                    stream,
+                    close::OVER_CONNECTION_QUOTA,
+                    "the app is over its connection quota",
+                )
+                .await;
+            }
+        }
+        (Some((code, reason)), _) => close_now(sink, stream, code, &reason).await,
+        (None, _) => unreachable!("no refusal means the app was found"),
+    }
+}
+
+async fn close_now(mut sink: Sink, mut stream: Stream, code: u16, reason: &str) {
+    let _ = sink
         .send(Message::Close(Some(CloseFrame {
             code,
             reason: reason.into(),
@@ -152,16 +190,21 @@ async fn close_now(mut socket: WebSocket, code: u16, reason: &str) {
         .await;
     // Let the close handshake finish (the client answers our close frame).
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        while let Some(Ok(_)) = socket.next().await {}
+        while let Some(Ok(_)) = stream.next().await {}
     })
     .await;
 }
 
 type Sink = SplitSink<WebSocket, Message>;
+type Stream = SplitStream<WebSocket>;
 
+/// The socket loop. Its future is what an idle connection's task holds, so what only runs
+/// now and then (a client message's handling, the close) is boxed when it runs instead of
+/// being laid out inline for the connection's whole life.
 async fn serve(
-    socket: WebSocket,
-    app: App,
+    mut sink: Sink,
+    mut stream: Stream,
+    app: Arc<App>,
     hub: Arc<AppHub>,
     state: &WsState,
     permit: ClientPermit,
@@ -169,7 +212,6 @@ async fn serve(
     let config = &state.config;
     let (outbox, mut frames, overflowed) = Outbox::pusher(config.outbox_frames);
     let socket_id = pusher::new_socket_id(&mut rand::rng());
-    let (mut sink, mut stream) = socket.split();
     let terminate = hub.connection_token();
     let backend = Live {
         app,
@@ -248,7 +290,10 @@ async fn serve(
                 match message {
                     Message::Text(text) => {
                         let message = protocol::client::parse(text.as_str());
-                        if let Some(close) = session.handle(message).await {
+                        // Boxed: a message's handling (a subscribe's signature check and
+                        // history, a client event's publish) is about 1 KB of future that an
+                        // idle connection would otherwise carry (see `serve`).
+                        if let Some(close) = Box::pin(session.handle(message)).await {
                             break Some(close);
                         }
                     }
@@ -282,40 +327,53 @@ async fn serve(
     };
     session.leave_all();
     if let Some((code, reason)) = close {
-        // The close frame goes out in bounded time or not at all: a client that stopped
-        // reading would otherwise hold this task (and its socket) forever.
-        // A too-slow client gets longer: it may read again (a tab coming back), and then it
-        // should find the 4100 that tells it to back off rather than a reset. Meanwhile it has
-        // left every channel, so waiting costs its socket and this task, nothing that grows.
-        let patience = if code == close::OVER_CAPACITY {
-            SLOW_CLOSE_WRITE_TIMEOUT
-        } else {
-            CLOSE_WRITE_TIMEOUT
-        };
-        let sent = tokio::time::timeout(patience, async {
-            // Flush what is queued first (an error frame explaining the close, for instance),
-            // unless the queue is what the client could not keep up with.
-            if code != close::OVER_CAPACITY {
-                while let Ok(frame) = frames.try_recv() {
-                    sink.feed(Message::Text(frame.pusher_frame().clone()))
-                        .await?;
-                }
+        // Boxed, as a message's handling is: only a closing connection needs it.
+        Box::pin(close_with(sink, stream, frames, code, reason)).await;
+    }
+}
+
+/// Sends the close frame `code` (after what is queued, unless the queue is what the client
+/// could not keep up with), then waits a moment for the client's close.
+async fn close_with(
+    mut sink: Sink,
+    mut stream: Stream,
+    mut frames: Frames,
+    code: u16,
+    reason: String,
+) {
+    // The close frame goes out in bounded time or not at all: a client that stopped
+    // reading would otherwise hold this task (and its socket) forever.
+    // A too-slow client gets longer: it may read again (a tab coming back), and then it
+    // should find the 4100 that tells it to back off rather than a reset. Meanwhile it has
+    // left every channel, so waiting costs its socket and this task, nothing that grows.
+    let patience = if code == close::OVER_CAPACITY {
+        SLOW_CLOSE_WRITE_TIMEOUT
+    } else {
+        CLOSE_WRITE_TIMEOUT
+    };
+    let sent = tokio::time::timeout(patience, async {
+        // Flush what is queued first (an error frame explaining the close, for instance),
+        // unless the queue is what the client could not keep up with.
+        if code != close::OVER_CAPACITY {
+            while let Ok(frame) = frames.try_recv() {
+                sink.feed(Message::Text(frame.pusher_frame().clone()))
+                    .await?;
             }
-            sink.send(Message::Close(Some(CloseFrame {
-                code,
-                reason: reason.into(),
-            })))
-            .await
+        }
+        sink.send(Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        })))
+        .await
+    })
+    .await;
+    if matches!(sent, Ok(Ok(()))) {
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while let Some(Ok(_)) = stream.next().await {}
         })
         .await;
-        if matches!(sent, Ok(Ok(()))) {
-            let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                while let Some(Ok(_)) = stream.next().await {}
-            })
-            .await;
-        } else {
-            tracing::debug!(code, "dropping a connection that took no close frame");
-        }
+    } else {
+        tracing::debug!(code, "dropping a connection that took no close frame");
     }
 }
 
@@ -362,7 +420,7 @@ async fn finish(write: impl Future<Output = Result<(), axum::Error>>) -> Result<
 async fn write_queued(
     sink: &mut Sink,
     first: Outgoing,
-    frames: &mut mpsc::Receiver<Outgoing>,
+    frames: &mut Frames,
 ) -> Result<(), axum::Error> {
     sink.feed(Message::Text(first.pusher_frame().clone()))
         .await?;

@@ -91,7 +91,8 @@ pub trait Backend: Send + Sync + 'static {
 pub struct Live {
     /// The app as it was at the handshake: its id and history rules. Its Pusher credentials
     /// are not used: see [`Live::credentials`](Backend::credentials).
-    pub app: App,
+    /// Shared by the app's connections (see [`AppHub::share_app`]).
+    pub app: Arc<App>,
     pub store: Arc<dyn Store>,
     pub publisher: Arc<Publisher>,
     /// The connection's place in its address's counts, and that address's replay budget.

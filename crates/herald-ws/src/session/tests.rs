@@ -16,7 +16,6 @@ use herald_core::{
 };
 use herald_store::StoreError;
 use serde_json::{Value, json, value::RawValue};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
@@ -139,7 +138,7 @@ impl Backend for Scripted {
 /// One scripted connection.
 struct Client {
     session: Session<Scripted>,
-    frames: mpsc::Receiver<Outgoing>,
+    frames: crate::hub::Frames,
     overflowed: CancellationToken,
     socket_id: String,
 }
