@@ -123,6 +123,10 @@ struct Args {
     /// `127.0.0.2,127.0.0.3` (all of 127.0.0.0/8 is loopback on Linux).
     #[arg(long, value_delimiter = ',')]
     source_addresses: Vec<IpAddr>,
+    /// Appends the run's figures as one JSON line to this file (written for incomplete runs
+    /// too, with `"complete": false`).
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -305,15 +309,22 @@ async fn main() -> anyhow::Result<()> {
 
     // Memory per idle connection: the server's growth with every connection open and quiet.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    match (rss_before, args.server_pid.and_then(rss_bytes)) {
-        (Some(before), Some(after)) => println!(
-            "memory: server RSS {:.1} MiB -> {:.1} MiB, {:.1} KiB per idle subscribed connection",
-            mib(before),
-            mib(after),
-            after.saturating_sub(before) as f64 / 1024.0 / connected as f64
-        ),
-        _ => println!("memory: not measured (pass --server-pid of a server on this machine)"),
-    }
+    let idle_rss = args.server_pid.and_then(rss_bytes);
+    let per_connection_kib = match (rss_before, idle_rss) {
+        (Some(before), Some(after)) => {
+            let kib = after.saturating_sub(before) as f64 / 1024.0 / connected as f64;
+            println!(
+                "memory: server RSS {:.1} MiB -> {:.1} MiB, {kib:.1} KiB per idle subscribed connection",
+                mib(before),
+                mib(after),
+            );
+            Some(kib)
+        }
+        _ => {
+            println!("memory: not measured (pass --server-pid of a server on this machine)");
+            None
+        }
+    };
 
     // Slow consumers: subscribed to every channel, then silent until the run is over.
     let mut stalled = JoinSet::new();
@@ -418,20 +429,59 @@ async fn main() -> anyhow::Result<()> {
         received as f64 / (window_us as f64 / 1e6),
         counters.disconnected.load(Ordering::Acquire)
     );
-    if latencies.is_empty() {
-        println!("latency: no deliveries");
-    } else {
-        latencies.sort_unstable();
-        let at = |p: usize| latencies[(latencies.len() * p / 100).min(latencies.len() - 1)];
-        println!(
-            "latency publish->receive: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-            ms(at(50)),
-            ms(at(99)),
-            ms(latencies[latencies.len() - 1])
-        );
+    latencies.sort_unstable();
+    let at = |p: usize| {
+        let last = latencies.len().checked_sub(1)?;
+        Some(ms(latencies[(latencies.len() * p / 100).min(last)]))
+    };
+    let (p50, p99, max) = (at(50), at(99), at(100));
+    match (p50, p99, max) {
+        (Some(p50), Some(p99), Some(max)) => {
+            println!("latency publish->receive: p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms")
+        }
+        _ => println!("latency: no deliveries"),
+    }
+    let complete = received >= published.expected && published.failed == 0 && failures == 0;
+    if let Some(path) = &args.json {
+        let line = serde_json::json!({
+            "protocol": match *face { Face::Pusher => "pusher", Face::SocketIo(_) => "socketio" },
+            "connections": args.connections,
+            "subscribed": connected,
+            "connect_failures": failures,
+            "channels": args.channels,
+            "channel_prefix": args.channel_prefix,
+            "rate": args.rate,
+            "duration": args.duration,
+            "payload": args.payload,
+            "published": published.ok,
+            "publish_failures": published.failed,
+            "publish_seconds": publish_secs,
+            "published_per_sec": published.ok as f64 / publish_secs,
+            "expected": published.expected,
+            "received": received,
+            "deliveries_per_sec": received as f64 / (window_us as f64 / 1e6),
+            "closed_by_server": counters.disconnected.load(Ordering::Acquire),
+            "p50_ms": p50,
+            "p99_ms": p99,
+            "max_ms": max,
+            "server_rss_before_mib": rss_before.map(mib),
+            "server_rss_idle_mib": idle_rss.map(mib),
+            "memory_per_connection_kib": per_connection_kib,
+            "server_peak_rss_mib": args.server_pid.map(|_| mib(peak_rss.load(Ordering::Relaxed))),
+            "stalled": args.stalled,
+            "stalled_never_closed": stalled_open,
+            "complete": complete && stalled_open == 0,
+        });
+        use std::io::Write as _;
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        writeln!(file, "{line}")?;
     }
     // A run that lost events or requests is not a measurement: say so in the exit status.
-    if received < published.expected || published.failed > 0 || failures > 0 {
+    if !complete {
         bail!(
             "incomplete run: {received} of {} deliveries, {} publishes and {failures} connections failed",
             published.expected,
