@@ -470,12 +470,9 @@ impl SqliteStore {
                 .bind(i64::from(want))
                 .fetch_all(&self.reader)
                 .await?;
-            if rows.len() < want as usize {
-                // Everything it had due is taken now (or refused).
-                self.gate
-                    .drained(generation, request.first_attempts, &endpoint_id);
-            }
             let mut taken = 0;
+            // Rows its app had no room for: still claimable, so the endpoint is not drained.
+            let mut left_for_app = false;
             for row in &rows {
                 match self.candidate(row)? {
                     Candidate::Refused { rowid } => refused.push(rowid),
@@ -491,8 +488,13 @@ impl SqliteStore {
                         jobs.push(*job);
                         taken += 1;
                     }
-                    Candidate::Job { .. } => {}
+                    Candidate::Job { .. } => left_for_app = true,
                 }
+            }
+            if rows.len() < want as usize && !left_for_app {
+                // Everything it had due is taken now (or refused).
+                self.gate
+                    .drained(generation, request.first_attempts, &endpoint_id);
             }
             room_left = room_left.saturating_sub(taken);
         }
