@@ -8,20 +8,16 @@ use std::{
     },
 };
 
-use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use herald_core::{
-    AppId, EndpointId, MessageId,
-    model::{
-        App, Attempt, DeliveryStatus, Endpoint, EndpointFormat, Message, Metadata,
-        PusherCredentials, TriggerType,
-    },
+    AppId, EndpointId,
+    model::{App, Attempt, DeliveryStatus, Endpoint, TriggerType},
 };
 
 use super::{SqliteStore, gate::Plan};
 use crate::{
     AppStore, AttemptRecord, ClaimRequest, DeliveryJob, EndpointChange, EndpointStore,
-    FreshDeliveries, MessageStore, NextStep, Recorded, StoreError, StoreLifecycle,
+    FreshDeliveries, MessageStore, NextStep, Recorded, StoreError, StoreLifecycle, conformance,
 };
 
 /// Grants `rooms` reservations, then refuses; records what it is handed and given back.
@@ -62,42 +58,11 @@ struct Fixture {
 async fn fixture(endpoints: usize) -> Fixture {
     let dir = tempfile::tempdir().expect("dir");
     let store = SqliteStore::open(dir.path()).await.expect("open");
-    let now = Utc::now();
-    let app = App {
-        id: AppId::new(now),
-        uid: None,
-        name: "test".into(),
-        throttle_rate: None,
-        metadata: Metadata::new(),
-        pusher: PusherCredentials::generate(),
-        history: None,
-        socketio: None,
-        payload_retention_days: None,
-        created_at: now,
-        updated_at: now,
-    };
+    let app = conformance::app("test");
     store.create_app(&app).await.expect("app");
     let mut created = Vec::new();
     for _ in 0..endpoints {
-        let endpoint = Endpoint {
-            id: EndpointId::new(now),
-            app_id: app.id.clone(),
-            uid: None,
-            url: "https://example.com/hook".into(),
-            description: String::new(),
-            throttle_rate: None,
-            disabled: false,
-            format: EndpointFormat::StandardWebhooks,
-            event_types: None,
-            channels: None,
-            metadata: Metadata::new(),
-            headers: Default::default(),
-            secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
-            previous_secrets: vec![],
-            failing_since: None,
-            created_at: now,
-            updated_at: now,
-        };
+        let endpoint = conformance::endpoint(&app.id);
         store.create_endpoint(&endpoint).await.expect("endpoint");
         created.push(endpoint);
     }
@@ -108,21 +73,6 @@ async fn fixture(endpoints: usize) -> Fixture {
         store,
         app,
         endpoints: created,
-    }
-}
-
-fn message(app_id: &AppId, event_id: Option<&str>) -> Message {
-    let now = Utc::now();
-    Message {
-        id: MessageId::new(now),
-        app_id: app_id.clone(),
-        event_id: event_id.map(str::to_owned),
-        event_type: "t".into(),
-        channels: None,
-        tags: None,
-        payload: Bytes::from_static(b"{\"n\":1}"),
-        created_at: now,
-        payload_expires_at: None,
     }
 }
 
@@ -174,7 +124,7 @@ async fn a_new_delivery_with_room_is_handed_over_leased_and_no_claim_takes_it_ag
     });
     f.store.hand_fresh_deliveries_to(Arc::clone(&sink) as _);
     let (ep1, ep2) = (&f.endpoints[0], &f.endpoints[1]);
-    let msg = message(&f.app.id, None);
+    let msg = conformance::message(&f.app.id, None);
     f.store
         .create_message(msg.clone(), vec![ep1.id.clone(), ep2.id.clone()])
         .await
@@ -221,12 +171,18 @@ async fn a_delivery_that_does_not_commit_gives_its_room_back() {
     f.store.hand_fresh_deliveries_to(Arc::clone(&sink) as _);
     let ep = &f.endpoints[0];
     f.store
-        .create_message(message(&f.app.id, Some("once")), vec![ep.id.clone()])
+        .create_message(
+            conformance::message(&f.app.id, Some("once")),
+            vec![ep.id.clone()],
+        )
         .await
         .expect("first");
     let again = f
         .store
-        .create_message(message(&f.app.id, Some("once")), vec![ep.id.clone()])
+        .create_message(
+            conformance::message(&f.app.id, Some("once")),
+            vec![ep.id.clone()],
+        )
         .await;
     assert!(matches!(again, Err(StoreError::Conflict(_))), "{again:?}");
     assert_eq!(sink.handed.lock().expect("lock").len(), 1);
@@ -244,7 +200,7 @@ async fn once_a_claim_has_taken_all_it_could_the_next_asks_only_for_held_back_en
     let (ep1, ep2) = (&f.endpoints[0].id, &f.endpoints[1].id);
     for _ in 0..3 {
         f.store
-            .create_message(message(&f.app.id, None), vec![ep1.clone()])
+            .create_message(conformance::message(&f.app.id, None), vec![ep1.clone()])
             .await
             .expect("message");
     }
@@ -286,7 +242,7 @@ async fn once_a_claim_has_taken_all_it_could_the_next_asks_only_for_held_back_en
 
     // A new delivery to another endpoint, not handed over, must be found.
     f.store
-        .create_message(message(&f.app.id, None), vec![ep2.clone()])
+        .create_message(conformance::message(&f.app.id, None), vec![ep2.clone()])
         .await
         .expect("message");
     let at = later();
