@@ -171,47 +171,47 @@ pub(crate) async fn run(
 
 async fn commit(pool: &SqlitePool, shared: &Shared, batch: &mut Vec<PendingWrite>) {
     let applied = apply_all(pool, shared, batch).await;
-    // Jobs of the new deliveries: handed over if their lease was taken in a commit that
-    // happened, their room given back otherwise.
-    let mut handed = Vec::new();
-    let mut given_back = Vec::new();
-    // Deliveries that went in unleased, due now: claims must find them.
-    let mut unleased: Vec<(AppId, EndpointId)> = Vec::new();
-    match &applied {
-        Ok((outcomes, leased)) => {
-            for (write, outcome) in batch.iter_mut().zip(outcomes) {
-                let fresh = write.op.take_fresh();
-                if outcome.is_err() {
-                    given_back.extend(fresh.iter().map(room));
-                    continue;
-                }
-                for new in write.op.new_messages() {
-                    unleased.extend(
-                        new.endpoint_ids
-                            .iter()
-                            .filter(|ep| !leased.contains(&(new.message.id.clone(), (*ep).clone())))
-                            .map(|ep| (new.message.app_id.clone(), ep.clone())),
-                    );
-                }
-                for job in fresh {
-                    if leased.contains(&(job.msg_id.clone(), job.endpoint.id.clone())) {
-                        handed.push(job);
-                    } else {
-                        given_back.push(room(&job));
-                    }
-                }
-            }
-        }
-        Err(_) => {
-            for write in batch.iter_mut() {
-                given_back.extend(write.op.take_fresh().iter().map(room));
-            }
+    if let Ok((outcomes, missed)) = &applied {
+        // Deliveries that went in unleased are due now: claims must find them.
+        let unleased: Vec<(&AppId, &EndpointId)> = batch
+            .iter()
+            .zip(outcomes)
+            .filter(|(_, outcome)| outcome.is_ok())
+            .flat_map(|(write, _)| write.op.new_messages())
+            .flat_map(|new| {
+                without_job(new)
+                    .chain(new.fresh.iter().map(|job| &job.endpoint.id).filter(|ep| {
+                        !missed.is_empty()
+                            && missed.contains(&(new.message.id.clone(), (*ep).clone()))
+                    }))
+                    .map(|ep| (&new.message.app_id, ep))
+            })
+            .collect();
+        if !unleased.is_empty() {
+            shared.gate.add_first_attempts(unleased);
         }
     }
-    if !unleased.is_empty() {
-        shared
-            .gate
-            .add_first_attempts(unleased.iter().map(|(app, ep)| (app, ep)));
+    // Jobs of the new deliveries: handed over if leased in a commit that happened, their room
+    // given back otherwise.
+    let mut handed = Vec::new();
+    let mut given_back = Vec::new();
+    for (i, write) in batch.iter_mut().enumerate() {
+        let fresh = write.op.take_fresh();
+        for job in fresh {
+            let leased = match &applied {
+                Ok((outcomes, missed)) => {
+                    outcomes[i].is_ok()
+                        && (missed.is_empty()
+                            || !missed.contains(&(job.msg_id.clone(), job.endpoint.id.clone())))
+                }
+                Err(_) => false,
+            };
+            if leased {
+                handed.push(job);
+            } else {
+                given_back.push((job.app_id, job.endpoint.id));
+            }
+        }
     }
     if let Some(sink) = shared.fresh.get() {
         if !given_back.is_empty() {
@@ -238,13 +238,37 @@ async fn commit(pool: &SqlitePool, shared: &Shared, batch: &mut Vec<PendingWrite
     }
 }
 
-fn room(job: &DeliveryJob) -> (AppId, EndpointId) {
-    (job.app_id.clone(), job.endpoint.id.clone())
+/// The targets of `new` no job was made for (the dispatcher had no room). Jobs are made for a
+/// subsequence of the targets, in their order, so one walk pairs them.
+fn without_job(new: &NewMessage) -> impl Iterator<Item = &EndpointId> {
+    let mut jobs = new.fresh.iter().peekable();
+    new.endpoint_ids.iter().filter(move |ep| {
+        if jobs.peek().is_some_and(|job| job.endpoint.id == **ep) {
+            jobs.next();
+            false
+        } else {
+            true
+        }
+    })
+}
+
+/// The jobs of the writes that went in.
+fn fresh_of_applied<'a>(
+    batch: &'a [PendingWrite],
+    outcomes: &'a [Result<Committed>],
+) -> impl Iterator<Item = &'a DeliveryJob> {
+    batch
+        .iter()
+        .zip(outcomes)
+        .filter(|(_, outcome)| outcome.is_ok())
+        .flat_map(|(write, _)| write.op.new_messages())
+        .flat_map(|new| &new.fresh)
 }
 
 /// Applies the batch in one transaction and commits it, leasing (just before the commit) the
-/// new deliveries that have jobs to hand over. Returns each write's outcome and the deliveries
-/// leased.
+/// new deliveries that have jobs to hand over. Returns each write's outcome and the jobs whose
+/// delivery could not be leased (its rowid did not come back: never expected; it stays
+/// claimable).
 async fn apply_all(
     pool: &SqlitePool,
     shared: &Shared,
@@ -252,28 +276,38 @@ async fn apply_all(
 ) -> Result<(Vec<Result<Committed>>, HashSet<DeliveryKey>)> {
     let mut tx = pool.begin().await?;
     let mut rowids = HashMap::new();
-    match grouped::apply(&mut tx, batch, &mut rowids).await {
-        Ok(outcomes) => {
-            let leased = lease_fresh(shared, batch, &outcomes, &rowids);
-            if let Err(e) = tx.commit().await {
-                shared.leases.revoke(&leased);
-                return Err(e.into());
-            }
-            return Ok((outcomes, leased));
-        }
+    let outcomes = match grouped::apply(&mut tx, batch, &mut rowids).await {
+        Ok(outcomes) => outcomes,
         Err(e) => {
             // Something other than an expected conflict (say, a foreign key: the app was
             // deleted meanwhile). Redo the batch one write at a time so only the writes that
             // fail report an error.
             tracing::warn!(error = %e, writes = batch.len(), "grouped write failed; retrying one by one");
             tx.rollback().await?;
+            tx = pool.begin().await?;
+            rowids.clear();
+            one_by_one(&mut tx, batch, &mut rowids).await?
         }
+    };
+    let missed = lease_fresh(shared, batch, &outcomes, &rowids);
+    if let Err(e) = tx.commit().await {
+        let leased: Vec<DeliveryKey> = fresh_of_applied(batch, &outcomes)
+            .map(|job| (job.msg_id.clone(), job.endpoint.id.clone()))
+            .collect();
+        shared.leases.revoke(&leased);
+        return Err(e.into());
     }
-    // Each write alone, in order: a write's offsets are assigned from the positions the writes
-    // before it left in this transaction, so a failed write consumes none.
-    let mut tx = pool.begin().await?;
+    Ok((outcomes, missed))
+}
+
+/// Each write alone, in order, in `tx`: a write's offsets are assigned from the positions the
+/// writes before it left in this transaction, so a failed write consumes none.
+async fn one_by_one(
+    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+    batch: &[PendingWrite],
+    rowids: &mut HashMap<DeliveryKey, i64>,
+) -> Result<Vec<Result<Committed>>> {
     let mut outcomes = Vec::with_capacity(batch.len());
-    rowids.clear();
     for write in batch {
         let mut savepoint = tx.begin().await?;
         let mut write_rowids = HashMap::new();
@@ -295,41 +329,38 @@ async fn apply_all(
             }
         }
     }
-    let leased = lease_fresh(shared, batch, &outcomes, &rowids);
-    if let Err(e) = tx.commit().await {
-        shared.leases.revoke(&leased);
-        return Err(e.into());
-    }
-    Ok((outcomes, leased))
+    Ok(outcomes)
 }
 
 /// Leases the deliveries of the writes that went in and have a job to hand over, inside the
 /// transaction that commits them: no claim can see such a delivery before it is leased.
+/// Returns the jobs it could not lease.
 fn lease_fresh(
     shared: &Shared,
     batch: &[PendingWrite],
     outcomes: &[Result<Committed>],
     rowids: &HashMap<DeliveryKey, i64>,
 ) -> HashSet<DeliveryKey> {
+    let mut missed = HashSet::new();
     let Some(sink) = shared.fresh.get() else {
-        return HashSet::new();
+        return missed;
     };
     let until = chrono::Utc::now()
         + chrono::Duration::from_std(sink.lease()).unwrap_or(chrono::Duration::MAX);
-    let leases: Vec<(DeliveryKey, i64, crate::LeaseToken)> = batch
-        .iter()
-        .zip(outcomes)
-        .filter(|(_, outcome)| outcome.is_ok())
-        .flat_map(|(write, _)| write.op.new_messages())
-        .flat_map(|new| &new.fresh)
+    let leases: Vec<(DeliveryKey, i64, crate::LeaseToken)> = fresh_of_applied(batch, outcomes)
         .filter_map(|job| {
             let key = (job.msg_id.clone(), job.endpoint.id.clone());
-            let rowid = *rowids.get(&key)?;
-            Some((key, rowid, job.lease))
+            match rowids.get(&key) {
+                Some(rowid) => Some((key, *rowid, job.lease)),
+                None => {
+                    missed.insert(key);
+                    None
+                }
+            }
         })
         .collect();
-    shared.leases.lease_new(&leases, until);
-    leases.into_iter().map(|(key, _, _)| key).collect()
+    shared.leases.lease_new(leases, until);
+    missed
 }
 
 pub(crate) const MESSAGE_CONFLICT: &str = "a message with this eventId already exists";

@@ -86,12 +86,12 @@ impl Leases {
     /// them.
     pub(crate) fn lease_new(
         &self,
-        leases: &[(DeliveryKey, i64, LeaseToken)],
+        leases: Vec<(DeliveryKey, i64, LeaseToken)>,
         until: DateTime<Utc>,
     ) {
         let mut held = self.lock();
         for (key, rowid, token) in leases {
-            held.insert(key.clone(), (*rowid, until, *token));
+            held.insert(key, (rowid, until, token));
         }
     }
 

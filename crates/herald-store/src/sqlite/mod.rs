@@ -37,7 +37,6 @@ mod secrets;
 pub use secrets::{KEY_FILE, read_key_file};
 
 use std::{
-    collections::HashMap,
     path::Path,
     str::FromStr,
     sync::{Arc, OnceLock},
@@ -45,7 +44,7 @@ use std::{
 };
 
 use herald_core::EndpointId;
-use herald_core::model::{App, Endpoint, Message, TriggerType};
+use herald_core::model::{App, Message, TriggerType};
 use sqlx::{
     QueryBuilder, Sqlite, SqlitePool,
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
@@ -212,12 +211,14 @@ impl SqliteStore {
     fn new_message(&self, message: Message, endpoint_ids: Vec<EndpointId>) -> batch::NewMessage {
         let fresh = match (self.fresh.get(), self.cache.endpoints(&message.app_id)) {
             (Some(sink), Some(endpoints)) if !endpoint_ids.is_empty() => {
-                let by_id: HashMap<&str, &Endpoint> =
-                    endpoints.iter().map(|e| (e.id.as_str(), e)).collect();
+                // The publisher chose the targets from this same list, in its order, so one
+                // walk finds them. (Should the cache have been refilled in another order
+                // meanwhile, the targets it walks past are left to claims.)
+                let mut endpoints = endpoints.iter();
                 endpoint_ids
                     .iter()
                     .filter_map(|id| {
-                        let endpoint = *by_id.get(id.as_str())?;
+                        let endpoint = endpoints.find(|endpoint| endpoint.id == *id)?;
                         if endpoint.disabled || !sink.reserve(&message.app_id, id) {
                             return None;
                         }
