@@ -237,6 +237,9 @@ async fn serve(
             "no admin token configured (HERALD_ADMIN_TOKEN): only stored API tokens can use the API"
         );
     }
+    // Listened for before the banner announces the server: a SIGTERM sent as soon as the
+    // banner is read must be a clean shutdown, not the default disposition's kill.
+    let term = listen_for_term();
     // Scripts and tests read the first line to learn the bound address. Whoever reads it may
     // close the pipe afterwards (`herald serve | head -1`): the banner is best effort and never
     // stops the server, unlike `println!`, which panics on a closed stdout.
@@ -276,7 +279,7 @@ async fn serve(
             .and_then(|()| stdout.flush());
     }
     let shutdown = CancellationToken::new();
-    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    tokio::spawn(cancel_on_signal(shutdown.clone(), term));
     herald::run_with(
         herald::Listeners {
             main: listener,
@@ -289,27 +292,40 @@ async fn serve(
     .await
 }
 
-async fn cancel_on_signal(shutdown: CancellationToken) {
+#[cfg(unix)]
+type TermSignal = std::io::Result<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type TermSignal = ();
+
+/// Starts listening for SIGTERM (registered by this call, not when first awaited).
+fn listen_for_term() -> TermSignal {
+    #[cfg(unix)]
+    return tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+}
+
+async fn cancel_on_signal(shutdown: CancellationToken, term: TermSignal) {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(term) => term,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot listen for SIGTERM");
-                    let _ = ctrl_c.await;
-                    shutdown.cancel();
-                    return;
-                }
-            };
+        let mut term = match term {
+            Ok(term) => term,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                let _ = ctrl_c.await;
+                shutdown.cancel();
+                return;
+            }
+        };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
         }
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    {
+        let () = term;
+        let _ = ctrl_c.await;
+    }
     tracing::info!("shutting down");
     shutdown.cancel();
 }
