@@ -15,7 +15,8 @@
 //! occupancy and member queries. [`protocol`] builds the Pusher frames. [`limits`] counts
 //! connections and replayed history per client address, for WebSockets and SSE alike.
 //! [`channel_webhooks`] observes the hub and turns its channel events into Pusher channel
-//! webhooks, stored through the publisher.
+//! webhooks, stored through the publisher. `turns` keeps each history channel's order on this
+//! node while several of its publications share a commit.
 //!
 //! Metrics are injected, never global: the hub, the publisher and channel webhooks each take
 //! their group of `herald-metrics` handles in their constructors.
@@ -30,6 +31,7 @@ pub mod protocol;
 pub mod publication;
 pub mod publisher;
 pub mod queue;
+mod turns;
 
 pub use hub::Hub;
 pub use protocol::Frame;

@@ -21,16 +21,16 @@
 //!   Standard Webhooks endpoints whose filters match: `eventType` = the event name, `payload` =
 //!   `data` if it is a JSON object, otherwise `{"data": <data>}`, `channels` = the event's.
 //!
-//! Order: the store assigns a history channel's offsets in commit order, and this node hands
-//! one channel's publications to the broker in that order, by holding the channel's turn
-//! ([`ChannelTurns`]) from the commit to the hand-over. The turn only orders this node's
-//! hand-overs; it plays no part in recovery, which merges by offset (see `history`).
+//! Order: the store assigns a history channel's offsets in the order writes are queued to it
+//! (`MessageStore::queue_publication`), and this node hands one channel's publications to the
+//! broker in that order. A publication takes a ticket on each of its history channels, queues
+//! its write in ticket order, and hands over in ticket order ([`crate::turns`]); it holds
+//! nothing across the commit, so several publications of one channel share a group commit.
+//! Tickets only order this node's hand-overs; they play no part in recovery, which merges by
+//! offset (see `history`).
 
 use herald_core::{AppId, EndpointId};
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use herald_core::{
@@ -46,6 +46,7 @@ use crate::{
     broker::Broker,
     history::History,
     publication::{EventData, Publication},
+    turns::{ChannelTurns, Step},
 };
 
 /// What a producer publishes: an event, the channels it goes to, and the webhook message it is
@@ -365,8 +366,11 @@ impl Shared {
         } = plan;
         let wake = message.as_ref().is_some_and(|(_, t)| !t.is_empty());
 
-        // 2. One commit, holding the history channels' turns until the hand-over.
-        let _turns = self.turns.take(&app_id, &kept).await;
+        // 2. One commit. Tickets on the history channels keep this node's order on each: the
+        // write is queued, and the publication handed over, after those of every publication
+        // that took its ticket before (dropping them, as every early return does, gives up
+        // what is left: a write that failed consumed no offset).
+        let mut turns = self.turns.take(&app_id, &kept);
         let now = chrono::Utc::now();
         let entries: Vec<NewHistoryEntry> = kept
             .iter()
@@ -383,8 +387,11 @@ impl Shared {
                 except: except.clone(),
             })
             .collect();
+        turns.wait(Step::Queue).await;
         let (positions, recorded) = match (ingest, message) {
             (Some(record), Some((message, targets))) => {
+                // No two-step write for webhooks in: this one commits before it returns, and
+                // the next ticket's write queues after that.
                 match self
                     .store
                     .record_ingest(*record, message, targets, entries)
@@ -407,11 +414,16 @@ impl Shared {
                 (Vec::new(), None)
             }
             (_, message) if message.is_some() || !entries.is_empty() => {
-                (self.store.store_publication(message, entries).await?, None)
+                let commit = self.store.queue_publication(message, entries).await?;
+                // Its offsets are fixed: the next ticket's write may join the same commit.
+                turns.pass(Step::Queue);
+                (commit.await?, None)
             }
             _ => (Vec::new(), None),
         };
 
+        // (Taken already by a two-step write.)
+        turns.pass(Step::Queue);
         self.metrics.publications_total.inc();
 
         // 3. Wake delivery.
@@ -435,6 +447,7 @@ impl Shared {
                 )
             })
             .collect();
+        turns.wait(Step::HandOver).await;
         let sent = match self.broker.publish(&publications).await {
             Ok(sent) => sent,
             Err(e) => {
@@ -444,6 +457,7 @@ impl Shared {
                 0
             }
         };
+        drop(turns);
         self.metrics
             .fanout_deliveries_total
             .inc_by(u64::try_from(sent).unwrap_or(u64::MAX));
@@ -531,78 +545,6 @@ fn subscribable(channels: &[String]) -> Vec<String> {
     out
 }
 
-type Turn = Arc<tokio::sync::Mutex<()>>;
-
-/// Each history channel's turn to hand publications to the broker, so this node hands them
-/// over in the order the store assigned their offsets. A channel's entry lives while someone
-/// holds or waits for its turn, and is dropped by the last one out.
-#[derive(Default)]
-pub(crate) struct ChannelTurns {
-    turns: Mutex<HashMap<(AppId, String), Turn>>,
-}
-
-/// Held turns; released (and idle entries dropped) on drop.
-pub(crate) struct HeldTurns<'a> {
-    owner: &'a ChannelTurns,
-    app_id: AppId,
-    held: Vec<(String, Turn, tokio::sync::OwnedMutexGuard<()>)>,
-}
-
-impl ChannelTurns {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(AppId, String), Turn>> {
-        self.turns.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Takes the turns of `channels` (sorted by name, so two publications never wait for each
-    /// other crosswise).
-    pub(crate) async fn take<C: AsRef<str>, T>(
-        &self,
-        app_id: &AppId,
-        channels: &[(C, T)],
-    ) -> HeldTurns<'_> {
-        let mut held = Vec::with_capacity(channels.len());
-        for (channel, _) in channels {
-            let channel = channel.as_ref();
-            let turn = Arc::clone(
-                self.lock()
-                    .entry((app_id.to_owned(), channel.to_owned()))
-                    .or_default(),
-            );
-            let guard = Arc::clone(&turn).lock_owned().await;
-            held.push((channel.to_owned(), turn, guard));
-        }
-        HeldTurns {
-            owner: self,
-            app_id: app_id.to_owned(),
-            held,
-        }
-    }
-
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.lock().len()
-    }
-}
-
-impl Drop for HeldTurns<'_> {
-    fn drop(&mut self) {
-        if self.held.is_empty() {
-            return;
-        }
-        let mut turns = self.owner.lock();
-        for (channel, turn, guard) in self.held.drain(..) {
-            drop(guard);
-            let key = (self.app_id.clone(), channel);
-            // The map's and ours: nobody else holds or waits for it.
-            if Arc::strong_count(&turn) == 2
-                && turns.get(&key).is_some_and(|t| Arc::ptr_eq(t, &turn))
-            {
-                turns.remove(&key);
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -611,26 +553,5 @@ mod tests {
     fn subscribable_keeps_valid_names_once_in_order() {
         let names: Vec<String> = ["b", "a:x", "a", "b"].map(String::from).to_vec();
         assert_eq!(subscribable(&names), ["b", "a"]);
-    }
-
-    #[tokio::test]
-    async fn turns_are_taken_one_at_a_time_and_forgotten_when_idle() {
-        let turns = Arc::new(ChannelTurns::default());
-        let first = turns
-            .take(&AppId::parse("app_app").expect("valid"), &[("c", ())])
-            .await;
-        let waiting = {
-            let turns = Arc::clone(&turns);
-            tokio::spawn(async move {
-                let _second = turns
-                    .take(&AppId::parse("app_app").expect("valid"), &[("c", ())])
-                    .await;
-            })
-        };
-        tokio::task::yield_now().await;
-        assert!(!waiting.is_finished(), "the second waits for the first");
-        drop(first);
-        waiting.await.expect("second ran");
-        assert_eq!(turns.len(), 0, "no entry outlives its users");
     }
 }

@@ -62,6 +62,7 @@ checks!(
     offsets_are_assigned_gap_free_in_call_order,
     concurrent_publications_get_each_offset_once,
     a_conflicting_publication_consumes_no_offset,
+    queued_publications_take_offsets_in_queue_order,
     a_duplicate_delivery_assigns_no_offset,
     a_reset_changes_the_epoch_and_offsets_go_on,
     an_append_returns_the_next_position,
@@ -1512,6 +1513,68 @@ pub async fn a_conflicting_publication_consumes_no_offset(store: &dyn Store) {
             .expect("read")
             .map(|p| p.next_offset),
         Some(4)
+    );
+}
+
+/// `queue_publication` fixes a write's place before its commit: publications queued one after
+/// another, none awaited yet, take one channel's offsets in the order queued, and one in the
+/// middle that conflicts consumes none, so the ones after it close the gap.
+pub async fn queued_publications_take_offsets_in_queue_order(store: &dyn Store) {
+    let app = stored_app(store, "A").await;
+    store
+        .store_publication(Some((message(&app.id, Some("evt-taken")), vec![])), vec![])
+        .await
+        .expect("the message a later publication conflicts with");
+    let mut commits = Vec::new();
+    for n in 0..8 {
+        let event_id = (n == 3).then_some("evt-taken");
+        let commit = store
+            .queue_publication(
+                Some((message(&app.id, event_id), vec![])),
+                vec![history_entry(
+                    &app.id,
+                    "history-q",
+                    &n.to_string(),
+                    KEEP_ALL,
+                )],
+            )
+            .await;
+        commits.push((n, commit));
+    }
+    let mut committed = Vec::new();
+    for (n, commit) in commits {
+        // PostgreSQL reports the conflict as it queues (it commits there), SQLite with the
+        // commit.
+        let outcome = match commit {
+            Ok(commit) => commit.await,
+            Err(e) => Err(e),
+        };
+        if n == 3 {
+            assert!(
+                matches!(outcome, Err(StoreError::Conflict(_))),
+                "{outcome:?}"
+            );
+        } else {
+            let positions = outcome.expect("committed");
+            committed.push((positions[0].offset, n.to_string()));
+        }
+    }
+    let expected: Vec<(u64, String)> = [0, 1, 2, 4, 5, 6, 7]
+        .iter()
+        .zip(1..)
+        .map(|(n, offset)| (offset, n.to_string()))
+        .collect();
+    assert_eq!(
+        committed, expected,
+        "queue order, no gap where the conflict was"
+    );
+    assert_eq!(
+        kept(store, &app.id, "history-q")
+            .await
+            .into_iter()
+            .map(|(p, data)| (p.offset, data))
+            .collect::<Vec<_>>(),
+        expected
     );
 }
 

@@ -364,6 +364,11 @@ pub trait EndpointStore: Send + Sync + 'static {
     async fn endpoint_stats(&self, endpoint_id: &EndpointId) -> Result<EndpointStats>;
 }
 
+/// The commit of a write whose place in the commit order is already fixed
+/// ([`MessageStore::queue_publication`]).
+pub type QueuedCommit<T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T>> + Send + 'static>>;
+
 /// Messages, publications (a message with its channel history entries) and the delivery queue:
 /// first attempts queued with their message, manual attempts, claims, attempt records and the
 /// requeue after a restart.
@@ -383,6 +388,25 @@ pub trait MessageStore: Send + Sync + 'static {
         message: Option<(Message, Vec<EndpointId>)>,
         history: Vec<NewHistoryEntry>,
     ) -> Result<Vec<Position>>;
+    /// [`MessageStore::store_publication`] in two steps, for a caller that orders one
+    /// channel's publications without waiting for each commit: once this returns `Ok`, the
+    /// write's place in the commit order is fixed (its history entries' offsets will follow
+    /// those of every write queued before it returned, and precede those of every write
+    /// queued after), and the returned future resolves when it has committed, with what
+    /// `store_publication` returns. A write that then fails consumes no offset, as there.
+    ///
+    /// The default commits before returning, which keeps the promise trivially (PostgreSQL:
+    /// offsets are taken under row locks held to commit, so nothing is fixed before it).
+    /// SQLite returns once the write is in the group commit's queue, so several publications
+    /// of one channel can share a commit.
+    async fn queue_publication(
+        &self,
+        message: Option<(Message, Vec<EndpointId>)>,
+        history: Vec<NewHistoryEntry>,
+    ) -> Result<QueuedCommit<Vec<Position>>> {
+        let positions = self.store_publication(message, history).await?;
+        Ok(Box::pin(std::future::ready(Ok(positions))))
+    }
     async fn get_message(&self, app_id: &AppId, id_or_event_id: &str) -> Result<Option<Message>>;
     async fn list_messages(
         &self,

@@ -22,8 +22,8 @@ use super::{
     rows::{self, millis, to_json},
 };
 use crate::{
-    AttemptRecord, ClaimRequest, DeliveryJob, MessageQuery, MessageStore, Page, Recorded, Result,
-    StoreError, sql,
+    AttemptRecord, ClaimRequest, DeliveryJob, MessageQuery, MessageStore, Page, QueuedCommit,
+    Recorded, Result, StoreError, sql,
 };
 
 #[async_trait::async_trait]
@@ -43,6 +43,22 @@ impl MessageStore for SqliteStore {
     ) -> Result<Vec<Position>> {
         let message = message.map(|(message, targets)| self.new_message(message, targets));
         self.submit(WriteOp::Publication { message, history }).await
+    }
+
+    async fn queue_publication(
+        &self,
+        message: Option<(Message, Vec<EndpointId>)>,
+        history: Vec<NewHistoryEntry>,
+    ) -> Result<QueuedCommit<Vec<Position>>> {
+        let message = message.map(|(message, targets)| self.new_message(message, targets));
+        // In the writer's queue once this returns: its offsets are fixed relative to every
+        // other write's, though not yet assigned.
+        let outcome = self
+            .enqueue(WriteOp::Publication { message, history })
+            .await?;
+        Ok(Box::pin(async move {
+            outcome.await.map_err(|_| StoreError::Closed)?
+        }))
     }
 
     async fn get_message(&self, app_id: &AppId, id_or_event_id: &str) -> Result<Option<Message>> {

@@ -185,6 +185,15 @@ impl SqliteStore {
 
     /// Hands `op` to the group commit and waits for the commit that contains it.
     async fn submit(&self, op: WriteOp) -> Result<batch::Committed> {
+        let outcome = self.enqueue(op).await?;
+        outcome.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Hands `op` to the group commit; the receiver answers with the commit that contains it.
+    /// Once this returns, `op` is in the writer's queue: the group commit takes writes in
+    /// queue order and assigns history offsets in that order, so `op`'s come after those of
+    /// every write queued before it (`queue_publication` promises that much).
+    async fn enqueue(&self, op: WriteOp) -> Result<oneshot::Receiver<Result<batch::Committed>>> {
         let (done, outcome) = oneshot::channel();
         if let Err(mpsc::error::SendError(mut write)) =
             self.writes.send(PendingWrite { op, done }).await
@@ -201,7 +210,7 @@ impl SqliteStore {
             }
             return Err(StoreError::Closed);
         }
-        outcome.await.map_err(|_| StoreError::Closed)?
+        Ok(outcome)
     }
 
     /// A new message for the group commit, with a job for each delivery the dispatcher has

@@ -999,3 +999,229 @@ async fn a_publication_whose_producer_went_away_mid_commit_still_reaches_subscri
     assert_eq!(page.entries.len(), 1, "and it is kept");
     store.close().await;
 }
+
+/// A broker that records the (channel, offset) of every publication it is handed, in order,
+/// and fans out nowhere. It can hold its first hand-over until the store has committed every
+/// event of a channel.
+struct RecordingBroker {
+    handed: std::sync::Mutex<Vec<(String, u64)>>,
+    /// Hold the first hand-over until this channel's next offset in the store is this one.
+    hold_first_until: Option<(
+        std::sync::Arc<dyn herald_store::Store>,
+        herald_core::AppId,
+        String,
+        u64,
+    )>,
+}
+
+impl RecordingBroker {
+    fn handed(&self) -> Vec<(String, u64)> {
+        self.handed.lock().expect("not poisoned").clone()
+    }
+}
+
+#[async_trait::async_trait]
+impl herald_channels::broker::Broker for RecordingBroker {
+    async fn publish(
+        &self,
+        publications: &[std::sync::Arc<herald_channels::Publication>],
+    ) -> Result<usize, herald_channels::broker::BrokerError> {
+        let first = self.handed.lock().expect("not poisoned").is_empty();
+        if let (true, Some((store, app_id, channel, next))) = (first, &self.hold_first_until) {
+            crate::harness::eventually("every publication committed", || async {
+                let position = store
+                    .channel_position(app_id, channel)
+                    .await
+                    .expect("position");
+                position
+                    .is_some_and(|p| p.next_offset == *next)
+                    .then_some(())
+            })
+            .await;
+        }
+        self.handed.lock().expect("not poisoned").extend(
+            publications
+                .iter()
+                .filter_map(|p| Some((p.channel.clone(), p.offset()?))),
+        );
+        Ok(0)
+    }
+
+    async fn remove_app(
+        &self,
+        _: &herald_core::AppId,
+    ) -> Result<(), herald_channels::broker::BrokerError> {
+        Ok(())
+    }
+}
+
+/// A publisher over `store` and `history` that hands its publications to `broker`.
+fn publisher_to(
+    store: &std::sync::Arc<dyn herald_store::Store>,
+    history: &std::sync::Arc<herald_channels::history::History>,
+    broker: std::sync::Arc<RecordingBroker>,
+) -> std::sync::Arc<herald_channels::Publisher> {
+    use std::sync::Arc;
+
+    use herald_delivery::{DeliveryConfig, Dispatcher, WebhookClient};
+
+    let config = DeliveryConfig::default();
+    let client = WebhookClient::new(&config).expect("client");
+    let dispatcher = Dispatcher::new(Arc::clone(store), client, config, Arc::default());
+    Arc::new(herald_channels::Publisher::new(
+        Arc::clone(store),
+        broker,
+        Arc::clone(history),
+        dispatcher.handle(),
+        Arc::default(),
+    ))
+}
+
+/// Issue 15's pipelining: a history channel's publications no longer hold the channel from
+/// their commit to their hand-over. While the first one's hand-over is held, every later one
+/// commits (on SQLite, several in one group commit); the broker still gets them all in offset
+/// order, contiguous, each once, and events of another channel in the same publications keep
+/// their own order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_publications_to_one_history_channel_reach_the_broker_in_offset_order() {
+    use std::sync::Arc;
+
+    const N: u64 = 64;
+    let dir = tempfile::tempdir().expect("dir");
+    let InProcess {
+        store,
+        app,
+        history,
+        ..
+    } = in_process_history(dir.path()).await;
+    let broker = Arc::new(RecordingBroker {
+        handed: Default::default(),
+        hold_first_until: Some((
+            Arc::clone(&store),
+            app.id.clone(),
+            "history-pipe".into(),
+            N + 1,
+        )),
+    });
+    let publisher = publisher_to(&store, &history, Arc::clone(&broker));
+    let mut tasks = Vec::new();
+    for n in 0..N {
+        let (publisher, app) = (Arc::clone(&publisher), app.clone());
+        tasks.push(tokio::spawn(async move {
+            // Every fourth also goes to a second history channel.
+            let mut channels = vec!["history-pipe".to_owned()];
+            if n % 4 == 0 {
+                channels.push("history-beside".to_owned());
+            }
+            let publish =
+                herald_channels::Publish::pusher_event("note", &channels, &n.to_string(), None);
+            publisher.publish(&app, publish).await.expect("publish");
+        }));
+    }
+    for task in tasks {
+        task.await.expect("published");
+    }
+    let handed = broker.handed();
+    let on = |channel: &str| -> Vec<u64> {
+        handed
+            .iter()
+            .filter(|(c, _)| c == channel)
+            .map(|(_, offset)| *offset)
+            .collect()
+    };
+    assert_eq!(on("history-pipe"), (1..=N).collect::<Vec<_>>());
+    assert_eq!(on("history-beside"), (1..=N / 4).collect::<Vec<_>>());
+    store.close().await;
+}
+
+/// A publication whose commit fails (its `eventId` is taken) among concurrent ones to the same
+/// history channel: it consumes no offset, and the ones after it are handed over without it,
+/// in offset order, with no gap where it would have been.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_commit_among_concurrent_publications_releases_the_rest_and_leaves_no_gap() {
+    use std::sync::Arc;
+
+    use herald_channels::{Publish, PublishError};
+    use herald_store::StoreError;
+
+    const N: u64 = 48;
+    let dir = tempfile::tempdir().expect("dir");
+    let InProcess {
+        store,
+        app,
+        history,
+        ..
+    } = in_process_history(dir.path()).await;
+    let broker = Arc::new(RecordingBroker {
+        handed: Default::default(),
+        hold_first_until: None,
+    });
+    let publisher = publisher_to(&store, &history, Arc::clone(&broker));
+    let message = |event_id: &str, channels: Option<Vec<String>>| {
+        let now = chrono::Utc::now();
+        herald_core::model::Message {
+            id: herald_core::MessageId::new(now),
+            app_id: app.id.clone(),
+            event_id: Some(event_id.to_owned()),
+            event_type: "note".into(),
+            channels,
+            tags: None,
+            payload: bytes::Bytes::from_static(b"{}"),
+            created_at: now,
+            payload_expires_at: None,
+        }
+    };
+    publisher
+        .publish(&app, Publish::message(message("evt-taken", None)))
+        .await
+        .expect("the message the failing ones conflict with");
+    let failing = |n: u64| n % 5 == 2;
+    let mut tasks = Vec::new();
+    for n in 0..N {
+        let publish = if failing(n) {
+            Publish::message(message("evt-taken", Some(vec!["history-pipe".into()])))
+        } else {
+            Publish::pusher_event("note", &["history-pipe".to_owned()], &n.to_string(), None)
+        };
+        let (publisher, app) = (Arc::clone(&publisher), app.clone());
+        tasks.push(tokio::spawn(async move {
+            (n, publisher.publish(&app, publish).await)
+        }));
+    }
+    for task in tasks {
+        let (n, published) = task.await.expect("task");
+        if failing(n) {
+            assert!(
+                matches!(published, Err(PublishError::Store(StoreError::Conflict(_)))),
+                "{n}: {published:?}"
+            );
+        } else {
+            published.expect("published");
+        }
+    }
+    let committed = (0..N).filter(|n| !failing(*n)).count() as u64;
+    let handed: Vec<u64> = broker.handed().into_iter().map(|(_, o)| o).collect();
+    assert_eq!(handed, (1..=committed).collect::<Vec<_>>());
+    let kept: Vec<u64> = store
+        .history(
+            &app.id,
+            "history-pipe",
+            &herald_store::HistoryQuery {
+                after: None,
+                before: None,
+                limit: 1_000,
+                newest_first: false,
+                not_before: chrono::DateTime::UNIX_EPOCH,
+            },
+        )
+        .await
+        .expect("history")
+        .into_iter()
+        .map(|e| e.offset)
+        .collect();
+    assert_eq!(
+        kept, handed,
+        "every committed offset kept, none consumed by a failure"
+    );
+    store.close().await;
+}

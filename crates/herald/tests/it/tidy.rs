@@ -200,8 +200,9 @@ fn no_face_depends_on_another_face() {
 /// may drive the parts directly.
 #[test]
 fn no_producer_bypasses_the_publisher() {
-    const PUBLISHING_WRITES: [&str; 5] = [
+    const PUBLISHING_WRITES: [&str; 6] = [
         ".store_publication(",
+        ".queue_publication(",
         ".record_ingest(",
         ".create_message(",
         ".append_history(",
