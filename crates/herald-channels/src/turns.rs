@@ -215,7 +215,7 @@ mod tests {
     use std::{
         future::Future,
         pin::pin,
-        task::{Context, Poll, Waker},
+        task::{Context, Waker},
     };
 
     use super::*;
