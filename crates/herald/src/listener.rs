@@ -28,6 +28,10 @@
 //!   task, never in the accept loop, so a slow or silent client holds up no one else; it has
 //!   `header_read_timeout` to finish it, and the header timer starts again after it. The TLS
 //!   stream wraps the counted socket, so caps and per-address counts hold as for plain HTTP.
+//! - **Endless responses** (SSE streams, marked `herald_api::sse::Endless`): served on the raw
+//!   socket by a task of their own once the router has answered, instead of by hyper, whose
+//!   connection buffers would stay under every idle stream (see `detached`). The socket keeps
+//!   its slots; the stream ends with shutdown as the body says.
 
 use std::{
     collections::HashMap,

@@ -17,7 +17,7 @@
 //! events, keep-alives, limits and its end at shutdown) is the body's own, unchanged.
 
 use std::{
-    future::poll_fn,
+    future::{Future, poll_fn},
     io,
     pin::Pin,
     sync::{
@@ -35,9 +35,12 @@ use tokio_util::sync::CancellationToken;
 
 /// One connection's slot for a response to serve detached, and whether hyper has bytes it has
 /// not flushed yet (then the socket cannot be taken from it: they would be lost).
+///
+/// Every connection has one, and an upgraded WebSocket keeps it (hyper hands the socket
+/// wrapper that points at it to the upgrade), so it is kept small: the response is boxed.
 #[derive(Default)]
 pub(super) struct Detach {
-    parked: Mutex<Option<Response>>,
+    parked: Mutex<Option<Box<Response>>>,
     /// A write of hyper's was refused (`Pending`) since its last completed flush: hyper's
     /// write buffer may hold bytes. hyper writes its whole buffer before it flushes the socket,
     /// and flushes after every round of writing, so a completed flush means an empty buffer.
@@ -47,7 +50,7 @@ pub(super) struct Detach {
 impl Detach {
     /// Keeps `response` for the connection's task to serve (see the module documentation).
     pub(super) fn park(&self, response: Response) {
-        *self.parked.lock().unwrap_or_else(|p| p.into_inner()) = Some(response);
+        *self.parked.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(response));
     }
 
     /// The parked response, once hyper has nothing left to flush.
@@ -55,7 +58,11 @@ impl Detach {
         if self.unflushed.load(Ordering::Acquire) {
             return None;
         }
-        self.parked.lock().unwrap_or_else(|p| p.into_inner()).take()
+        self.parked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .map(|response| *response)
     }
 
     pub(super) fn wrote<T>(&self, result: &Poll<io::Result<T>>) {
@@ -80,14 +87,29 @@ const SHUTDOWN_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_WRITE_BYTES: usize = 64 * 1024;
 
 /// Serves `response` on `io` (see the module documentation) until its body ends, the client
-/// goes away or a write fails. The write buffer is freed after every write: an idle stream
-/// holds none.
-pub(super) async fn serve<S>(mut io: S, response: Response, shutdown: CancellationToken)
+/// goes away or a write fails.
+///
+/// The response is taken apart before the future is made: an async function keeps its
+/// arguments for its whole life, and the head's parts (the header map, a few hundred bytes)
+/// are not needed once the head is written.
+pub(super) fn serve<S>(
+    io: S,
+    response: Response,
+    shutdown: CancellationToken,
+) -> impl Future<Output = ()> + Send
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let (parts, body) = response.into_parts();
+    stream(io, head(&parts), body, shutdown)
+}
+
+/// Writes `out` (the head), then the body's frames as chunks. The write buffer is freed after
+/// every write: an idle stream holds none.
+async fn stream<S>(mut io: S, mut out: Vec<u8>, mut body: Body, shutdown: CancellationToken)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let (parts, mut body) = response.into_parts();
-    let mut out = head(&parts);
     loop {
         let next = poll_fn(|cx| next(cx, &mut body, &mut io, &mut out)).await;
         if let Next::End = next {
@@ -109,13 +131,14 @@ enum Next {
     Data,
     /// The body ended (after what was added to the write buffer, if anything).
     End,
-    /// The client closed its side or the socket failed: nothing more can be delivered.
+    /// The client closed its side, the socket failed or the body did: nothing more can be
+    /// delivered, and no last chunk says the stream ended well.
     ClientGone,
 }
 
 /// Adds what the body has ready to `out` as chunks; with nothing ready, watches the socket
-/// for the client's hang-up (hyper did the same: a gone client ends the stream at once, not at
-/// the next keep-alive that fails to write).
+/// for the client's hang-up, so a gone client's stream ends (and gives back its subscription
+/// and its slots) at once, not at the next keep-alive that fails to write.
 fn next(
     cx: &mut Context<'_>,
     body: &mut Body,
@@ -221,4 +244,67 @@ fn head(parts: &axum::http::response::Parts) -> Vec<u8> {
     out.extend_from_slice(httpdate::fmt_http_date(SystemTime::now()).as_bytes());
     out.extend_from_slice(b"\r\n\r\n");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::{HeaderValue, StatusCode};
+
+    fn parked() -> Detach {
+        let detach = Detach::default();
+        detach.park(Response::new(Body::empty()));
+        detach
+    }
+
+    #[test]
+    fn a_parked_response_waits_while_a_write_of_hypers_is_unflushed() {
+        let detach = parked();
+        detach.wrote::<usize>(&Poll::Pending);
+        assert!(
+            detach.take_when_flushed().is_none(),
+            "bytes may be in hyper's buffer"
+        );
+        // A flush that does not complete changes nothing; a completed one clears it.
+        detach.flushed(&Poll::Pending);
+        assert!(detach.take_when_flushed().is_none());
+        detach.wrote(&Poll::Ready(Ok(10usize)));
+        detach.flushed(&Poll::Ready(Ok(())));
+        assert!(detach.take_when_flushed().is_some());
+        assert!(detach.take_when_flushed().is_none(), "taken once");
+    }
+
+    #[test]
+    fn the_head_frames_the_body_as_chunks_and_closes_the_connection() {
+        let mut response = Response::new(Body::empty());
+        *response.status_mut() = StatusCode::OK;
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        // Framing headers from the router are not repeated: the writer sets its own.
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        let (parts, _) = response.into_parts();
+        let head = String::from_utf8(head(&parts)).expect("ASCII");
+        let lines: Vec<&str> = head.split("\r\n").collect();
+        assert_eq!(lines[0], "HTTP/1.1 200 OK");
+        assert_eq!(lines[1], "content-type: text/event-stream");
+        assert_eq!(lines[2], "transfer-encoding: chunked");
+        assert_eq!(lines[3], "connection: close");
+        assert!(lines[4].starts_with("date: "), "{head}");
+        assert!(head.ends_with("\r\n\r\n"), "{head}");
+        assert_eq!(head.matches("connection").count(), 1, "{head}");
+        assert!(!head.contains("content-length"), "{head}");
+    }
+
+    #[test]
+    fn chunks_are_sized_in_hex_and_empty_data_is_not_a_last_chunk() {
+        let mut out = Vec::new();
+        chunk(&mut out, b"");
+        assert!(out.is_empty());
+        chunk(&mut out, &[b'x'; 26]);
+        assert_eq!(out, [&b"1A\r\n"[..], &[b'x'; 26], b"\r\n"].concat());
+    }
 }
