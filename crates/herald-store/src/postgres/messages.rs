@@ -436,90 +436,43 @@ impl MessageStore for PostgresStore {
         let a = &record.attempt;
         // A token beyond BIGINT was never handed out by the sequence: no row holds it.
         let token = i64::try_from(record.lease.0).ok();
-        if record.endpoint_change == EndpointChange::Unchanged {
+        let (status, next_at) = next_state(record.next);
+        let query = sqlx::query_scalar::<_, i64>(RECORD_ATTEMPT)
+            .bind(a.id.as_str())
+            .bind(a.msg_id.as_str())
+            .bind(a.endpoint_id.as_str())
+            .bind(a.app_id.as_str())
+            .bind(&a.url)
+            .bind(a.status as i32)
+            .bind(a.response_status_code)
+            .bind(&a.response)
+            .bind(a.response_duration_ms)
+            .bind(a.trigger_type as i32)
+            .bind(millis(a.created_at))
+            .bind(status as i32)
+            .bind(next_at)
+            .bind(i32::from(a.trigger_type == TriggerType::Scheduled))
+            .bind(token);
+        let applied = if record.endpoint_change == EndpointChange::Unchanged {
             // The usual record: one statement, committed on its own (one round trip instead
-            // of four). The endpoint change below needs the fence's outcome first.
-            let (status, next_at) = next_state(record.next);
-            let applied: i64 = sqlx::query_scalar(RECORD_ATTEMPT)
-                .bind(a.id.as_str())
-                .bind(a.msg_id.as_str())
-                .bind(a.endpoint_id.as_str())
-                .bind(a.app_id.as_str())
-                .bind(&a.url)
-                .bind(a.status as i32)
-                .bind(a.response_status_code)
-                .bind(&a.response)
-                .bind(a.response_duration_ms)
-                .bind(a.trigger_type as i32)
-                .bind(millis(a.created_at))
-                .bind(status as i32)
-                .bind(next_at)
-                .bind(i32::from(a.trigger_type == TriggerType::Scheduled))
-                .bind(token)
-                .fetch_one(&self.pool)
-                .await?;
-            return Ok(if applied > 0 {
-                Recorded::Applied
-            } else {
-                Recorded::Stale
-            });
-        }
-        let mut tx = self.pool.begin().await?;
-        // The attempt happened: logged whether or not the lease still holds.
-        sqlx::query(
-            "INSERT INTO attempts (id, msg_id, endpoint_id, app_id, url, status,
-                                   response_status_code, response, response_duration_ms,
-                                   trigger_type, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-        )
-        .bind(a.id.as_str())
-        .bind(a.msg_id.as_str())
-        .bind(a.endpoint_id.as_str())
-        .bind(a.app_id.as_str())
-        .bind(&a.url)
-        .bind(a.status as i32)
-        .bind(a.response_status_code)
-        .bind(&a.response)
-        .bind(a.response_duration_ms)
-        .bind(a.trigger_type as i32)
-        .bind(millis(a.created_at))
-        .execute(&mut *tx)
-        .await?;
-        let applied = match token {
-            Some(token) => {
-                let (status, next_at) = next_state(record.next);
-                // The fence: only while the delivery is still leased under this claim's token
-                // (a later claim or a manual enqueue changed or cleared it). Releases the lease.
-                sqlx::query(
-                    "UPDATE deliveries
-                     SET status = $3, next_attempt_at = $4, attempts = attempts + $5,
-                         updated_at = $6, lease_token = NULL, leased_until = NULL
-                     WHERE msg_id = $1 AND endpoint_id = $2 AND lease_token = $7",
+            // of four).
+            query.fetch_one(&self.pool).await? > 0
+        } else {
+            // The endpoint changes only if the fence held: a transaction, to read its outcome.
+            let mut tx = self.pool.begin().await?;
+            let applied = query.fetch_one(&mut *tx).await? > 0;
+            if applied {
+                endpoint_change(
+                    &mut tx,
+                    &a.endpoint_id,
+                    record.endpoint_change,
+                    millis(a.created_at),
                 )
-                .bind(a.msg_id.as_str())
-                .bind(a.endpoint_id.as_str())
-                .bind(status as i32)
-                .bind(next_at)
-                .bind(i32::from(a.trigger_type == TriggerType::Scheduled))
-                .bind(millis(a.created_at))
-                .bind(token)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected()
-                    > 0
+                .await?;
             }
-            None => false,
+            tx.commit().await?;
+            applied
         };
-        if applied {
-            endpoint_change(
-                &mut tx,
-                &a.endpoint_id,
-                record.endpoint_change,
-                millis(a.created_at),
-            )
-            .await?;
-        }
-        tx.commit().await?;
         Ok(if applied {
             Recorded::Applied
         } else {
