@@ -18,6 +18,9 @@
 //! A stream is a long-lived connection like a WebSocket, counted against the same limits per
 //! client address (`herald_channels::limits`): beyond them, 429 with `Retry-After`. Its replay is
 //! charged to the address's replay budget.
+//!
+//! The response is marked [`Endless`]: Herald's listener writes it on the raw socket instead of
+//! keeping hyper's connection (and its 16 KiB of buffers) alive under every idle stream.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -234,8 +237,16 @@ pub async fn stream(
     let headers = response.headers_mut();
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     headers.insert("access-control-allow-origin", HeaderValue::from_static("*"));
+    response.extensions_mut().insert(Endless);
     Ok(response)
 }
+
+/// Marks a response whose body does not end by itself (an SSE stream): a listener that can
+/// serve it on the raw connection, off its HTTP machinery and that machinery's buffers, should
+/// (see `herald::listener`). The response is the same either way; without such a listener
+/// (tests calling the router directly) the HTTP server serves it as any other.
+#[derive(Debug, Clone, Copy)]
+pub struct Endless;
 
 /// Settings for SSE streams.
 #[derive(Debug, Clone)]

@@ -46,7 +46,8 @@ type SharedSync = Arc<OnceLock<Arc<dyn PresenceSync>>>;
 pub struct Outbox {
     /// Holds no allocation while empty (see [`queue`]): most connections are idle.
     frames: queue::Sender,
-    /// Cancelled when a frame did not fit: the connection is too slow and must close.
+    /// Cancelled when a frame did not fit: the connection is too slow and must close. A
+    /// WebSocket's is its closing token (see [`Outbox::pusher_closing`]).
     overflowed: CancellationToken,
     /// Counts the overflow once, in the hub's metrics (attached when the outbox subscribes).
     overflows: Arc<OverflowCount>,
@@ -82,9 +83,25 @@ impl Outbox {
         Self::taking(capacity, Takes::PusherFrames)
     }
 
+    /// A WebSocket's outbox: takes publications as their Pusher frames, and an overflow
+    /// cancels `closing`, the token the connection already watches for every other reason to
+    /// close (its termination, its app's deletion), which [`Outbox::has_overflowed`] then tells
+    /// apart. One token per connection instead of two: an idle connection holds both.
+    pub fn pusher_closing(capacity: usize, closing: CancellationToken) -> (Self, Frames) {
+        let (outbox, frames, _) = Self::with_token(capacity, Takes::PusherFrames, closing);
+        (outbox, frames)
+    }
+
     fn taking(capacity: usize, takes: Takes) -> (Self, Frames, CancellationToken) {
+        Self::with_token(capacity, takes, CancellationToken::new())
+    }
+
+    fn with_token(
+        capacity: usize,
+        takes: Takes,
+        overflowed: CancellationToken,
+    ) -> (Self, Frames, CancellationToken) {
         let (frames, receiver) = queue::channel(capacity);
-        let overflowed = CancellationToken::new();
         (
             Self {
                 frames,
@@ -95,6 +112,11 @@ impl Outbox {
             receiver,
             overflowed,
         )
+    }
+
+    /// A frame did not fit: the connection is too slow.
+    pub fn has_overflowed(&self) -> bool {
+        self.overflows.counted.load(Ordering::Acquire)
     }
 
     /// Queues `item` for the connection (see [`Outbox::send_shared`]).
@@ -124,10 +146,10 @@ impl Outbox {
     /// Marks the connection too slow: it closes itself. Only here, off the per-frame path,
     /// is the overflow counted (once per outbox).
     fn overflow(&self) {
+        // Marked before the token is cancelled: whoever the cancellation wakes reads the mark.
+        let first = !self.overflows.counted.swap(true, Ordering::AcqRel);
         self.overflowed.cancel();
-        if !self.overflows.counted.swap(true, Ordering::Relaxed)
-            && let Some(counter) = self.overflows.counter.get()
-        {
+        if first && let Some(counter) = self.overflows.counter.get() {
             counter.inc();
         }
     }

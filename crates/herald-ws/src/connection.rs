@@ -46,7 +46,8 @@ pub struct WsState {
     pub hub: Arc<Hub>,
     /// The one publish path (client events), with channel history (joins and resumption).
     pub publisher: Arc<Publisher>,
-    pub config: WsConfig,
+    /// Shared by every connection's session (one pointer each, not a copy).
+    pub config: Arc<WsConfig>,
     /// Cancelled at shutdown: every connection closes with 4200 (reconnect).
     pub shutdown: CancellationToken,
     /// Connection tasks, so shutdown can wait for them.
@@ -130,55 +131,100 @@ struct Upgraded {
 
 /// An upgraded socket: refused with the close code that says why, or served until it ends.
 async fn connected(sink: Sink, stream: Stream, upgraded: Box<Upgraded>) {
+    // Decided in a plain function, which frees the box and whatever the request left that
+    // the connection does not need: an async function keeps its locals (and a box it moved
+    // out of) for as long as it lives, that is for the connection's whole life.
+    match admit(unbox(upgraded)) {
+        Admitted::Refused(code, reason) => close_now(sink, stream, code, &reason).await,
+        Admitted::Serve(admitted) => {
+            let Serve {
+                state,
+                app,
+                hub,
+                permit,
+            } = unbox(admitted);
+            serve(sink, stream, app, Arc::clone(&hub), &state, permit).await;
+            hub.disconnect();
+        }
+    }
+}
+
+/// Moves the value out of its box and frees the box here, not at the end of the async caller.
+#[allow(
+    clippy::boxed_local,
+    reason = "taking the box is the point: it is freed here"
+)]
+fn unbox<T>(boxed: Box<T>) -> T {
+    *boxed
+}
+
+enum Admitted {
+    Refused(u16, String),
+    /// Boxed: the async caller matches on this across the connection's life, so whatever of
+    /// the enum it keeps is a pointer (the box itself is freed by [`unbox`]).
+    Serve(Box<Serve>),
+}
+
+/// What a connection that was let in is served with.
+struct Serve {
+    state: WsState,
+    app: Arc<App>,
+    /// The app's hub, which counted the connection ([`AppHub::connect`]).
+    hub: Arc<AppHub>,
+    permit: ClientPermit,
+}
+
+fn admit(upgraded: Upgraded) -> Admitted {
     let Upgraded {
         state,
         app,
         protocol,
         key,
         permit,
-    } = *upgraded;
-    let refusal = match (&app, &protocol) {
+    } = upgraded;
+    let app = match (app, protocol) {
         (Err(e), _) => {
             tracing::error!(error = %e, "looking up an app key failed");
-            Some((close::RECONNECT, "temporary server error".to_owned()))
+            return Admitted::Refused(close::RECONNECT, "temporary server error".to_owned());
         }
-        (Ok(None), _) => Some((
-            close::APP_DOES_NOT_EXIST,
-            format!("no app has the key {key}"),
-        )),
-        (_, Some(Ok(v))) if !(5..=7).contains(v) => Some((
-            close::UNSUPPORTED_PROTOCOL,
-            format!("protocol version {v} is not supported (use 7)"),
-        )),
-        (_, Some(Err(_))) => Some((
-            close::UNSUPPORTED_PROTOCOL,
-            "protocol must be a number".to_owned(),
-        )),
-        _ => None,
+        (Ok(None), _) => {
+            return Admitted::Refused(
+                close::APP_DOES_NOT_EXIST,
+                format!("no app has the key {key}"),
+            );
+        }
+        (_, Some(Ok(v))) if !(5..=7).contains(&v) => {
+            return Admitted::Refused(
+                close::UNSUPPORTED_PROTOCOL,
+                format!("protocol version {v} is not supported (use 7)"),
+            );
+        }
+        (_, Some(Err(_))) => {
+            return Admitted::Refused(
+                close::UNSUPPORTED_PROTOCOL,
+                "protocol must be a number".to_owned(),
+            );
+        }
+        (Ok(Some(app)), _) => app,
     };
-    match (refusal, app) {
-        (None, Ok(Some(app))) => {
-            let hub = state.hub.app(&app.id);
-            if hub.is_removed() {
-                // Deleted after the key was looked up.
-                close_now(sink, stream, close::APP_DOES_NOT_EXIST, APP_DELETED).await;
-            } else if hub.connect(state.config.max_connections_per_app) {
-                let app = hub.share_app(app);
-                serve(sink, stream, app, Arc::clone(&hub), &state, permit).await;
-                hub.disconnect();
-            } else {
-                close_now(
-                    sink,
-                    stream,
-                    close::OVER_CONNECTION_QUOTA,
-                    "the app is over its connection quota",
-                )
-                .await;
-            }
-        }
-        (Some((code, reason)), _) => close_now(sink, stream, code, &reason).await,
-        (None, _) => unreachable!("no refusal means the app was found"),
+    let hub = state.hub.app(&app.id);
+    if hub.is_removed() {
+        // Deleted after the key was looked up.
+        return Admitted::Refused(close::APP_DOES_NOT_EXIST, APP_DELETED.to_owned());
     }
+    if !hub.connect(state.config.max_connections_per_app) {
+        return Admitted::Refused(
+            close::OVER_CONNECTION_QUOTA,
+            "the app is over its connection quota".to_owned(),
+        );
+    }
+    let app = hub.share_app(app);
+    Admitted::Serve(Box::new(Serve {
+        state,
+        app,
+        hub,
+        permit,
+    }))
 }
 
 async fn close_now(mut sink: Sink, mut stream: Stream, code: u16, reason: &str) {
@@ -210,9 +256,12 @@ async fn serve(
     permit: ClientPermit,
 ) {
     let config = &state.config;
-    let (outbox, mut frames, overflowed) = Outbox::pusher(config.outbox_frames);
+    // Cancelled by everything that ends the connection but the server's shutdown: its
+    // termination (sign-in), its app's deletion (a child of the app's token) and its outbox
+    // overflowing. `closed_because` tells them apart.
+    let closing = hub.connection_token();
+    let (outbox, mut frames) = Outbox::pusher_closing(config.outbox_frames, closing.clone());
     let socket_id = pusher::new_socket_id(&mut rand::rng());
-    let terminate = hub.connection_token();
     let backend = Live {
         app,
         store: Arc::clone(&state.store),
@@ -222,44 +271,47 @@ async fn serve(
     let mut session = Session::new(
         backend,
         Arc::clone(&hub),
-        config,
+        Arc::clone(config),
         socket_id,
         outbox.clone(),
-        terminate.clone(),
+        closing.clone(),
     );
 
     // The futures below live across iterations: re-creating them for every frame would
-    // register and cancel a timer and lock three cancellation tokens per delivery.
+    // register and cancel a timer and lock two cancellation tokens per delivery.
     let shutdown = state.shutdown.cancelled();
-    let overflow = overflowed.cancelled();
-    let terminated = terminate.cancelled();
+    let closed = closing.cancelled();
     let mut last_heard = Instant::now();
     let mut pinged = false;
     let idle = tokio::time::sleep_until(last_heard + config.activity_timeout);
-    tokio::pin!(shutdown, overflow, terminated, idle);
+    tokio::pin!(shutdown, closed, idle);
     let close = loop {
         tokio::select! {
             biased;
             () = &mut shutdown => break Some(shutting_down()),
-            () = &mut overflow => break Some(too_slow()),
-            () = &mut terminated => break Some(terminated_close(&hub)),
+            () = &mut closed => break Some(closed_because(&outbox, &hub)),
             frame = frames.recv() => {
                 let Some(frame) = frame else { break None };
                 // A client that stops reading blocks this write once the socket buffers are
                 // full. The outbox keeps filling meanwhile, and its overflow (or a shutdown or
                 // termination) ends the wait: a stalled client is closed instead of holding
                 // its connection, its slot and its outbox forever.
-                let write = write_queued(&mut sink, frame, &mut frames);
-                tokio::pin!(write);
+                // Boxed, as a message's handling is: writing is a moment of a connection's
+                // life, and inline its future would be carried by every idle connection.
+                let mut write = Box::pin(write_queued(&mut sink, frame, &mut frames));
                 let (written, close) = tokio::select! {
                     biased;
-                    () = &mut overflow => break Some(too_slow()),
-                    written = &mut write => (written, None),
                     // A shutdown or termination lets the write under way finish (in bounded
                     // time): the frames it took from the outbox come before the close frame,
-                    // instead of leaving a gap ahead of the ones flushed with it.
-                    () = &mut shutdown => (finish(write).await, Some(shutting_down())),
-                    () = &mut terminated => (finish(write).await, Some(terminated_close(&hub))),
+                    // instead of leaving a gap ahead of the ones flushed with it. An overflow
+                    // does not: the client is not taking what is written.
+                    () = &mut closed => if outbox.has_overflowed() {
+                        break Some(too_slow());
+                    } else {
+                        (Box::pin(finish(write)).await, Some(terminated_close(&hub)))
+                    },
+                    written = &mut write => (written, None),
+                    () = &mut shutdown => (Box::pin(finish(write)).await, Some(shutting_down())),
                 };
                 if written.is_err() {
                     break None;
@@ -395,6 +447,15 @@ fn too_slow() -> (u16, String) {
     )
 }
 
+/// Why the connection's closing token was cancelled: its outbox overflowed, or the hub ended it.
+fn closed_because(outbox: &Outbox, hub: &AppHub) -> (u16, String) {
+    if outbox.has_overflowed() {
+        too_slow()
+    } else {
+        terminated_close(hub)
+    }
+}
+
 /// The close for a connection the hub ended: its app was deleted, or the server terminated it.
 fn terminated_close(hub: &AppHub) -> (u16, String) {
     if hub.is_removed() {
@@ -409,6 +470,7 @@ fn terminated_close(hub: &AppHub) -> (u16, String) {
 
 /// The end of a write under way when the connection is closing: at most
 /// [`CLOSE_WRITE_TIMEOUT`], a client that stopped reading being no reason to hold a shutdown.
+/// Boxed where it is awaited, for the reason the write is.
 async fn finish(write: impl Future<Output = Result<(), axum::Error>>) -> Result<(), axum::Error> {
     tokio::time::timeout(CLOSE_WRITE_TIMEOUT, write)
         .await

@@ -15,7 +15,7 @@
 //! Bad input gets `pusher:error` or `pusher:subscription_error` and the connection stays; only
 //! the protocol's close cases close it (a client-event rate beyond the limit, 4301).
 
-use std::{collections::HashMap, future::Future, sync::Arc};
+use std::{future::Future, sync::Arc};
 
 use herald_channels::{
     EventData, Outgoing, Publish, PublishError, Publisher, Webhook, presence::complete_snapshot,
@@ -178,11 +178,10 @@ impl Backend for Live {
 pub struct Session<B> {
     backend: Arc<B>,
     hub: Arc<AppHub>,
-    config: WsConfig,
+    config: Arc<WsConfig>,
     socket_id: String,
     outbox: Outbox,
-    /// Subscribed channels, with the presence user id for presence channels.
-    channels: HashMap<String, Option<String>>,
+    channels: Subscriptions,
     /// Set by `pusher:signin`.
     user_id: Option<String>,
     /// Cancelled to close the connection; handed to the hub at sign-in.
@@ -198,7 +197,7 @@ impl<B: Backend> Session<B> {
     pub fn new(
         backend: B,
         hub: Arc<AppHub>,
-        config: &WsConfig,
+        config: Arc<WsConfig>,
         socket_id: String,
         outbox: Outbox,
         terminate: CancellationToken,
@@ -210,10 +209,9 @@ impl<B: Backend> Session<B> {
         Self {
             backend: Arc::new(backend),
             hub,
-            config: config.clone(),
             socket_id,
             outbox,
-            channels: HashMap::new(),
+            channels: Subscriptions::default(),
             user_id: None,
             terminate,
             client_events: TokenBucket::new(
@@ -224,6 +222,7 @@ impl<B: Backend> Session<B> {
                 config.subscribes_per_second.into(),
                 config.subscribe_burst.into(),
             ),
+            config,
         }
     }
 
@@ -274,7 +273,7 @@ impl<B: Backend> Session<B> {
             self.outbox.send(refuse("InvalidChannel", e, 400));
             return;
         }
-        if self.channels.contains_key(channel) {
+        if self.channels.get(channel).is_some() {
             // Already subscribed: confirm again, as a resubscribe after a glitch expects.
             self.outbox.send(protocol::system(
                 "pusher_internal:subscription_succeeded",
@@ -491,7 +490,7 @@ impl<B: Backend> Session<B> {
 
     /// Leaves every channel and signs out: the connection is over.
     pub fn leave_all(&mut self) {
-        let channels: Vec<String> = self.channels.keys().cloned().collect();
+        let channels = self.channels.names();
         for channel in channels {
             self.leave(&channel);
         }
@@ -609,6 +608,45 @@ impl<B: Backend> Session<B> {
             ));
         }
         None
+    }
+}
+
+/// Subscribed channels, with the presence user id for presence channels. A list, not a map:
+/// most connections hold one channel, for which a `HashMap` allocated about 210 bytes and this
+/// holds 48, and the list is short (at most `max_channels_per_connection`) to look through.
+#[derive(Default)]
+struct Subscriptions(Vec<(String, Option<String>)>);
+
+impl Subscriptions {
+    fn get(&self, channel: &str) -> Option<&Option<String>> {
+        self.0.iter().find(|(c, _)| c == channel).map(|(_, m)| m)
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn insert(&mut self, channel: String, member: Option<String>) {
+        if let Some(kept) = self.0.iter_mut().find(|(c, _)| *c == channel) {
+            kept.1 = member;
+            return;
+        }
+        // One slot at a time: the usual single subscription holds room for itself alone.
+        self.0.reserve_exact(1);
+        self.0.push((channel, member));
+    }
+
+    fn remove(&mut self, channel: &str) -> Option<Option<String>> {
+        let at = self.0.iter().position(|(c, _)| c == channel)?;
+        let (_, member) = self.0.swap_remove(at);
+        if self.0.is_empty() {
+            self.0 = Vec::new();
+        }
+        Some(member)
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.0.iter().map(|(c, _)| c.clone()).collect()
     }
 }
 

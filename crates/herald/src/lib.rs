@@ -310,7 +310,7 @@ pub async fn run_with(
             store: Arc::clone(&store),
             hub,
             publisher: Arc::clone(&publisher),
-            config: config.ws_config(&clients),
+            config: Arc::new(config.ws_config(&clients)),
             // WebSocket connections are upgraded out of the HTTP server's reach: they watch the
             // shutdown token themselves and close with 4200 (reconnect) at once.
             shutdown: shutdown.clone(),

@@ -28,6 +28,10 @@
 //!   task, never in the accept loop, so a slow or silent client holds up no one else; it has
 //!   `header_read_timeout` to finish it, and the header timer starts again after it. The TLS
 //!   stream wraps the counted socket, so caps and per-address counts hold as for plain HTTP.
+//! - **Endless responses** (SSE streams, marked `herald_api::sse::Endless`): served on the raw
+//!   socket by a task of their own once the router has answered, instead of by hyper, whose
+//!   connection buffers would stay under every idle stream (see `detached`). The socket keeps
+//!   its slots; the stream ends with shutdown as the body says.
 
 use std::{
     collections::HashMap,
@@ -53,9 +57,10 @@ use axum::{
     response::Response,
     routing::get,
 };
+use herald_api::sse::Endless;
 use herald_metrics::{ListenerMetrics, Refusal};
 use hyper::{
-    Request,
+    Method, Request, Version,
     body::{Body as HttpBody, Bytes, Frame, Incoming, SizeHint},
     server::conn::http1,
 };
@@ -70,6 +75,10 @@ use tokio::{
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower_service::Service;
+
+use detached::Detach;
+
+mod detached;
 
 /// The listener's limits; see the module documentation.
 #[derive(Debug, Clone)]
@@ -179,8 +188,14 @@ pub async fn serve(
             _address_slot: address_slot,
         };
         let router = router.clone();
+        let detach = Arc::new(Detach::default());
+        let parking = Arc::clone(&detach);
         let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
             request.extensions_mut().insert(ConnectInfo(peer));
+            // Only a GET over HTTP/1.1 may be served detached (see `detached`).
+            let detachable = (request.method() == Method::GET
+                && request.version() == Version::HTTP_11)
+                .then(|| Arc::clone(&parking));
             // Only a request with a body to read gets a timer (and its flag).
             let timed_out =
                 (!request.body().is_end_stream()).then(|| Arc::new(AtomicBool::new(false)));
@@ -192,18 +207,27 @@ pub async fn serve(
             let response = router.clone().call(request);
             async move {
                 let response = response.await;
-                match timed_out {
-                    Some(flag) if flag.load(Ordering::Acquire) => {
+                match (timed_out, detachable, response) {
+                    (Some(flag), _, _) if flag.load(Ordering::Acquire) => {
                         tracing::debug!(%peer, "the request body timed out: answered 408");
                         Ok(body_timeout_response(body_timeout))
                     }
-                    _ => response,
+                    (_, Some(detach), Ok(response))
+                        if response.extensions().get::<Endless>().is_some() =>
+                    {
+                        // hyper never gets it: the connection's task takes the socket and
+                        // serves it, and drops this future with hyper's connection.
+                        detach.park(response);
+                        std::future::pending().await
+                    }
+                    (_, _, response) => response,
                 }
             }
         });
         let http = http.clone();
         let tls = tls.clone();
         let shutdown = shutdown.clone();
+        let tasks = connections.clone();
         connections.spawn(async move {
             let io = match tls {
                 None => Io::Plain(counted),
@@ -230,27 +254,70 @@ pub async fn serve(
                     }
                 }
             };
-            let connection = http
+            let io = Watched {
+                io,
+                detach: Arc::clone(&detach),
+            };
+            let mut connection = http
                 .serve_connection(TokioIo::new(io), service)
                 .with_upgrades();
-            let mut connection = std::pin::pin!(connection);
-            let ended = tokio::select! {
-                ended = connection.as_mut() => ended,
+            let driven = tokio::select! {
+                driven = drive(&mut connection, &detach) => driven,
                 () = shutdown.cancelled() => {
                     // Finish the request in flight (if any), then close.
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
+                    Pin::new(&mut connection).graceful_shutdown();
+                    drive(&mut connection, &detach).await
                 }
             };
-            if let Err(e) = ended {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
+            let response = match driven {
+                Driven::Ended(Ok(())) => return,
+                Driven::Ended(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    return;
+                }
+                Driven::Detached(response) => response,
+            };
+            // Not upgraded (a parked response is no upgrade), so the parts are there; the
+            // bytes read past the request are a pipelined request the response declines.
+            let Some(parts) = connection.into_parts() else {
+                return;
+            };
+            let Watched { io, .. } = parts.io.into_inner();
+            // On a task of its own: this one is laid out for hyper's connection (and a TLS
+            // handshake), several times what the stream needs, for the stream's whole life.
+            tasks.spawn(detached::serve(io, response, shutdown));
         });
     }
     drop(listener);
     connections.close();
     connections.wait().await;
     Ok(())
+}
+
+/// How a connection's HTTP service ended: hyper finished (or failed), or a response was parked
+/// to be served detached and hyper has nothing left to flush.
+enum Driven {
+    Ended(hyper::Result<()>),
+    Detached(Response),
+}
+
+/// Drives hyper's connection until it ends or can hand the socket over (see `detached`).
+/// The parked response is looked for after every poll of the connection: it is parked from
+/// within that poll (hyper runs the service there), and hyper's pending flush wakes it.
+async fn drive<C>(connection: &mut C, detach: &Detach) -> Driven
+where
+    C: Future<Output = hyper::Result<()>> + Unpin,
+{
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(ended) = Pin::new(&mut *connection).poll(cx) {
+            return Poll::Ready(Driven::Ended(ended));
+        }
+        match detach.take_when_flushed() {
+            Some(response) => Poll::Ready(Driven::Detached(response)),
+            None => Poll::Pending,
+        }
+    })
+    .await
 }
 
 /// `router`'s `/health/live` and `/health/ready` alone, for the plain-HTTP health listener
@@ -516,6 +583,59 @@ impl AsyncWrite for Io {
             Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
+    }
+}
+
+/// The connection's stream as hyper sees it: tells its [`Detach`] whether hyper has bytes
+/// still to flush, so the socket is never taken from hyper with some of them (see `detached`).
+struct Watched {
+    io: Io,
+    detach: Arc<Detach>,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let written = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.detach.wrote(&written);
+        written
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let written = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.detach.wrote(&written);
+        written
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let flushed = Pin::new(&mut self.io).poll_flush(cx);
+        self.detach.flushed(&flushed);
+        flushed
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

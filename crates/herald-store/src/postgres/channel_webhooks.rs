@@ -83,15 +83,17 @@ impl ChannelWebhookStore for PostgresStore {
             return Ok(());
         }
         let mut tx = self.pool.begin().await?;
+        let mut queued = false;
         for (message, targets) in &messages {
-            // Queues the message's deliveries and, if it has targets, notifies
-            // DELIVERIES_CHANNEL: delivered once on commit, however many messages notify.
-            super::messages::insert_message(&mut tx, message, targets).await?;
+            queued |= super::messages::insert_message(&mut tx, message, targets).await?;
         }
         if !changes.is_empty() {
             apply_occupancy(&mut tx, &changes).await?;
         }
         tx.commit().await?;
+        if queued {
+            self.due.committed();
+        }
         Ok(())
     }
 

@@ -134,10 +134,13 @@ impl IngestStore for PostgresStore {
                 &earlier,
             )?)));
         }
-        messages::insert_message(&mut tx, &message, &endpoint_ids).await?;
+        let queued = messages::insert_message(&mut tx, &message, &endpoint_ids).await?;
         let positions =
             history::append_entries(&mut tx, &history, self.announces_history()).await?;
         tx.commit().await?;
+        if queued {
+            self.due.committed();
+        }
         Ok(IngestRecorded::New(positions))
     }
 

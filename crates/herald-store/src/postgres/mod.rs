@@ -28,6 +28,7 @@ mod retention;
 mod rows;
 mod secrets;
 mod tokens;
+mod wake;
 
 /// The channel notified when deliveries fall due now, for the dispatchers' listener.
 pub use messages::DELIVERIES_CHANNEL;
@@ -77,6 +78,8 @@ pub struct PostgresStore {
     announce_history: std::sync::atomic::AtomicBool,
     /// Encrypts the secrets written and decrypts those read (see `crate::secrets`).
     keys: crate::secrets::Keyring,
+    /// Tells the other nodes, after the commit, that new deliveries are due (see `wake`).
+    due: std::sync::Arc<wake::DueNotifier>,
 }
 
 impl PostgresStore {
@@ -128,6 +131,7 @@ impl PostgresStore {
             );
         }
         Ok(Self {
+            due: wake::DueNotifier::new(pool.clone()),
             pool,
             announce_history: std::sync::atomic::AtomicBool::new(true),
             keys,

@@ -150,7 +150,7 @@ impl Client {
         let session = Session::new(
             backend,
             Arc::clone(hub),
-            config,
+            Arc::new(config.clone()),
             socket_id.into(),
             outbox,
             hub.connection_token(),

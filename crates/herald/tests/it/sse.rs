@@ -410,3 +410,210 @@ async fn sse_streams_count_against_the_per_address_limits_and_are_refused_with_4
     drop((stream, socket));
     server.stop().await;
 }
+
+/// A stream read off a plain TCP socket, to see the bytes Herald's listener writes when it
+/// serves the stream itself, off hyper (see `herald::listener`): the head, each chunk, the
+/// last chunk and the end of the connection.
+struct RawStream {
+    socket: tokio::net::TcpStream,
+    read: Vec<u8>,
+}
+
+impl RawStream {
+    async fn connect(server: &TestServer) -> Self {
+        let address = server.base.trim_start_matches("http://");
+        let socket = tokio::net::TcpStream::connect(address)
+            .await
+            .expect("connect");
+        Self {
+            socket,
+            read: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self, request: &str) {
+        use tokio::io::AsyncWriteExt;
+        self.socket
+            .write_all(request.as_bytes())
+            .await
+            .expect("write");
+    }
+
+    /// Reads until `read` holds `end`; returns what came before it (and drops `end`).
+    async fn until(&mut self, end: &[u8]) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        tokio::time::timeout(PATIENCE, async {
+            loop {
+                if let Some(at) = self.read.windows(end.len()).position(|w| w == end) {
+                    let taken: Vec<u8> = self.read.drain(..at + end.len()).collect();
+                    return taken[..at].to_vec();
+                }
+                let mut buf = [0u8; 4096];
+                let n = self.socket.read(&mut buf).await.expect("read");
+                assert!(n > 0, "the connection ended early: {:?}", self.text());
+                self.read.extend_from_slice(&buf[..n]);
+            }
+        })
+        .await
+        .expect("timed out reading the stream")
+    }
+
+    /// The response head, lower-cased.
+    async fn head(&mut self) -> String {
+        String::from_utf8(self.until(b"\r\n\r\n").await)
+            .expect("utf8")
+            .to_lowercase()
+    }
+
+    /// The next chunk's data (empty: the last chunk).
+    async fn chunk(&mut self) -> String {
+        let size = String::from_utf8(self.until(b"\r\n").await).expect("utf8");
+        let size = usize::from_str_radix(&size, 16).expect("a chunk size");
+        let data = self.until(b"\r\n").await;
+        assert_eq!(data.len(), size, "the chunk is as long as it says");
+        String::from_utf8(data).expect("utf8")
+    }
+
+    async fn closed(&mut self) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 64];
+        matches!(
+            tokio::time::timeout(PATIENCE, self.socket.read(&mut buf)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.read).into_owned()
+    }
+}
+
+fn stream_request(creds: &Creds, query: &str) -> String {
+    format!(
+        "GET /apps/{}/sse?{query} HTTP/1.1\r\nhost: herald\r\naccept: text/event-stream\r\n\r\n",
+        creds.id
+    )
+}
+
+#[tokio::test]
+async fn a_stream_is_written_by_the_listener_chunked_and_ends_with_the_last_chunk_at_shutdown() {
+    let server = TestServer::start_with(|c| c.history.sse_keepalive_secs = 1).await;
+    let (_, creds) = pusher_app(&server, "sse-raw").await;
+    let mut stream = RawStream::connect(&server).await;
+    stream.send(&stream_request(&creds, "channels=news")).await;
+    let head = stream.head().await;
+    assert!(head.starts_with("http/1.1 200 ok\r\n"), "{head}");
+    for line in [
+        "content-type: text/event-stream",
+        "cache-control: no-cache",
+        "x-accel-buffering: no",
+        "access-control-allow-origin: *",
+        "transfer-encoding: chunked",
+        "connection: close",
+    ] {
+        assert!(head.lines().any(|l| l == line), "{line} in {head}");
+    }
+    assert!(head.lines().any(|l| l.starts_with("date: ")), "{head}");
+    assert!(!head.contains("content-length"), "{head}");
+    let first = stream.chunk().await;
+    assert!(
+        first.contains("herald:subscription_succeeded") && first.ends_with("\n\n"),
+        "{first:?}"
+    );
+
+    publish(&server, &creds, "news", "hello").await;
+    let event = loop {
+        let chunk = stream.chunk().await;
+        if !chunk.starts_with(':') {
+            break chunk;
+        }
+    };
+    assert!(event.starts_with("data: "), "{event:?}");
+    let data: Value = serde_json::from_str(event["data: ".len()..].trim_end()).expect("JSON data");
+    assert_eq!(data["data"], "hello");
+    // Idle: keep-alive comments, each a chunk of its own.
+    assert_eq!(stream.chunk().await, ": keep-alive\n\n");
+
+    // Shutdown ends the stream as a stream: the last chunk, then the connection's end.
+    server.stop().await;
+    loop {
+        let chunk = stream.chunk().await;
+        if chunk.is_empty() {
+            break;
+        }
+        assert!(
+            chunk.starts_with(':'),
+            "only keep-alives before the end: {chunk:?}"
+        );
+    }
+    assert!(stream.closed().await, "the connection ends with the stream");
+}
+
+#[tokio::test]
+async fn a_stream_opens_on_a_kept_alive_connection_and_a_head_request_gets_only_the_head() {
+    let server = TestServer::start().await;
+    let (_, creds) = pusher_app(&server, "sse-keepalive").await;
+    let mut connection = RawStream::connect(&server).await;
+    // A HEAD is answered by hyper, with no body, and the connection stays open for more.
+    connection
+        .send(&format!(
+            "HEAD /apps/{}/sse?channels=news HTTP/1.1\r\nhost: herald\r\n\r\n",
+            creds.id
+        ))
+        .await;
+    let head = connection.head().await;
+    assert!(head.starts_with("http/1.1 200 ok\r\n"), "{head}");
+    assert!(!head.contains("connection: close"), "{head}");
+    connection
+        .send("GET /health/live HTTP/1.1\r\nhost: herald\r\n\r\n")
+        .await;
+    let head = connection.head().await;
+    assert!(head.starts_with("http/1.1 204 no content\r\n"), "{head}");
+    // The same connection now carries a stream.
+    connection
+        .send(&stream_request(&creds, "channels=news"))
+        .await;
+    let head = connection.head().await;
+    assert!(head.contains("transfer-encoding: chunked"), "{head}");
+    assert!(
+        connection
+            .chunk()
+            .await
+            .contains("herald:subscription_succeeded")
+    );
+    publish(&server, &creds, "news", "again").await;
+    assert!(connection.chunk().await.contains("again"));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_hangs_up_ends_its_stream_without_waiting_for_a_keep_alive() {
+    let server = TestServer::start_with(|c| {
+        c.ws.max_connections_per_ip = 1;
+        c.ws.connections_per_second_per_ip = 0;
+        // Far beyond the test's patience: only reading the socket can notice the hang-up.
+        c.history.sse_keepalive_secs = 3600;
+    })
+    .await;
+    let (_, creds) = pusher_app(&server, "sse-hangup").await;
+    let mut stream = RawStream::connect(&server).await;
+    stream.send(&stream_request(&creds, "channels=news")).await;
+    stream.head().await;
+    assert!(stream.chunk().await.contains("subscription_succeeded"));
+    assert_eq!(
+        request(&server, &creds, "channels=news", None)
+            .await
+            .status()
+            .as_u16(),
+        429,
+        "the address's one stream is taken"
+    );
+    drop(stream);
+    let reopened = eventually("the hung-up stream's place to be free", || async {
+        let response = request(&server, &creds, "channels=news", None).await;
+        (response.status().as_u16() == 200).then_some(response)
+    })
+    .await;
+    drop(reopened);
+    server.stop().await;
+}

@@ -210,6 +210,9 @@ fn no_producer_bypasses_the_publisher() {
     ];
     const HUB_BROADCAST: &str = ".broadcast(";
     let publisher = root().join("crates/herald-channels/src/publisher.rs");
+    // Fills a data directory no server runs on (bench/run's start-up scenario): there is no
+    // subscriber to fan out to, no broker, no dispatcher to wake.
+    let seeder = root().join("crates/herald-bench/src/bin/seed-store.rs");
     // The brokers: the in-process one, and the cluster's.
     let brokers = [
         root().join("crates/herald-channels/src/broker.rs"),
@@ -229,6 +232,10 @@ fn no_producer_bypasses_the_publisher() {
         }
     }
     assert!(files.contains(&publisher), "the publisher was read");
+    assert!(
+        files.contains(&seeder),
+        "the seeder's exemption names a file that exists"
+    );
     let mut bypasses = Vec::new();
     for file in &files {
         if file.file_name().is_some_and(|n| n == "tests.rs") {
@@ -241,7 +248,7 @@ fn no_producer_bypasses_the_publisher() {
             .unwrap_or(file)
             .display()
             .to_string();
-        if *file != publisher {
+        if *file != publisher && *file != seeder {
             for call in PUBLISHING_WRITES {
                 if code.contains(call) {
                     bypasses.push(format!("{name} calls {call}..) itself"));

@@ -339,13 +339,15 @@ async fn https_and_wss_serve_every_face_with_the_ca_trusted() {
         json!({"event": "order.paid", "channel": "orders", "data": "{\"id\":1}"})
     );
 
-    // SSE over https: the stream confirms, then carries the next event.
+    // SSE over https: the stream confirms, then carries the next event. It is served off
+    // hyper, on the TLS stream (the head the listener writes says `connection: close`).
     let mut sse = https_client(&ca)
         .get(format!("{base}/apps/{pusher_id}/sse?channels=orders"))
         .send()
         .await
         .expect("SSE over https");
     assert_eq!(sse.status(), 200);
+    assert_eq!(sse.headers()["connection"], "close");
     let mut seen = String::new();
     let mut published = false;
     tokio::time::timeout(PATIENCE, async {

@@ -216,7 +216,25 @@ async fn insert_messages(
                 .push_bind(millis(m.created_at))
                 .push_bind(m.payload_expires_at.map(millis));
         });
-        q.push(" ON CONFLICT DO NOTHING RETURNING id");
+        q.push(" ON CONFLICT DO NOTHING");
+        if chunk.iter().all(|(_, new)| new.message.event_id.is_none()) {
+            // Only an `eventId` can conflict (ids are new): every row goes in, and no row
+            // need come back over sqlx's channel to say so.
+            let done = q.build().execute(&mut *conn).await?;
+            if done.rows_affected() != chunk.len() as u64 {
+                if let [(_, _)] = chunk {
+                    // Alone (the one-by-one retry): this write is the one that conflicted.
+                    continue;
+                }
+                // Never expected; the batch is retried one write at a time, which finds it.
+                return Err(StoreError::Batch(
+                    "a new message's id was already taken".to_owned(),
+                ));
+            }
+            inserted.extend(chunk.iter().map(|(_, new)| new.message.id.to_string()));
+            continue;
+        }
+        q.push(" RETURNING id");
         for row in q.build().fetch_all(&mut *conn).await? {
             inserted.insert(row.try_get::<String, _>("id")?);
         }
