@@ -27,6 +27,7 @@ export HERALD_RETENTION__DAY_SECS="$RETENTION" HERALD_RETENTION__PAYLOAD_DAYS=1 
 # One client sends everything: lift the publish limit for the benchmark.
 export HERALD_API__PUBLISH_PER_SECOND_PER_APP=0
 if [ -n "$STORE_URL" ]; then export HERALD_STORE__URL="$STORE_URL"; fi
+: >"$data/log" # there before the first read below: the backgrounded server opens it itself
 "$BIN/herald" serve --dev --listen 127.0.0.1:0 --data "$data" >"$data/log" 2>&1 &
 pid=$!
 trap 'kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm -rf "$data"' EXIT

@@ -23,6 +23,9 @@ alone=(); with=()
 for run in $(seq 1 "$RUNS"); do
   for stalled in 0 "$STALLED"; do
     data=$(mktemp -d)
+    # The backgrounded server opens its log itself, possibly after the first read below: make it
+    # exist first, or that read fails (and `set -e` ends the script).
+    : >"$data/log"
     "$BIN/herald" serve --dev --listen 127.0.0.1:0 --data "$data" >"$data/log" 2>&1 &
     pid=$!
     port=""
