@@ -1,10 +1,10 @@
 //! [`MessageStore`] on PostgreSQL: messages and publications, and the shared delivery queue
 //! (claims with leases kept in the rows, fenced attempt records).
 //!
-//! Every write is one transaction. A message alone (`create_message`, the Svix API's) goes in
-//! with its first deliveries in one statement, [`CREATE_MESSAGE`]: one round trip, committed
-//! on its own. Other writes of messages use [`insert_message`] in their transaction (shared
-//! with ingest and channel webhooks); a publication adds its history entries in the same
+//! Every write is one transaction. A message goes in with its first deliveries in one
+//! statement, [`CREATE_MESSAGE`]: alone (`create_message`, the Svix API's) it is committed on
+//! its own, one round trip; publications, ingest and channel webhooks run it in their
+//! transaction through [`insert_message`]; a publication adds its history entries in the same
 //! transaction through `history::append_entries`. A claim is one statement
 //! per pass (see `claim_statement`); an attempt record writes the attempt row always, the
 //! delivery's next state and the endpoint change only under the claim's token: one statement
@@ -127,80 +127,53 @@ const RECORD_ATTEMPT: &str = "WITH logged AS (
      SELECT count(*) FROM moved";
 
 /// Inserts `message` and its first deliveries (one per endpoint, due at the message's creation)
-/// in the caller's transaction; returns whether it queued any, so the caller wakes the other
-/// nodes once it has committed (`DueNotifier::committed`). A message whose id or
-/// `(app_id, event_id)` exists already is the eventId [`StoreError::Conflict`], and then
-/// nothing is inserted.
+/// with [`CREATE_MESSAGE`] on `executor`: alone (committed on its own) or in the caller's
+/// transaction. A message whose id or `(app_id, event_id)` exists already is the eventId
+/// [`StoreError::Conflict`], and then nothing is inserted.
+async fn insert_with<'c>(
+    executor: impl sqlx::PgExecutor<'c>,
+    message: &Message,
+    endpoint_ids: &[EndpointId],
+) -> Result<()> {
+    let endpoints: Vec<&str> = endpoint_ids.iter().map(EndpointId::as_str).collect();
+    let inserted: i64 = sqlx::query_scalar(CREATE_MESSAGE)
+        .bind(message.id.as_str())
+        .bind(message.app_id.as_str())
+        .bind(&message.event_id)
+        .bind(&message.event_type)
+        .bind(opt_json(&message.channels))
+        .bind(opt_json(&message.tags))
+        .bind(message.payload.as_ref())
+        .bind(millis(message.created_at))
+        .bind(message.payload_expires_at.map(millis))
+        .bind(&endpoints)
+        .bind(DeliveryStatus::Pending as i32)
+        .bind(TriggerType::Scheduled as i32)
+        .fetch_one(executor)
+        .await?;
+    if inserted == 0 {
+        return Err(StoreError::Conflict(MESSAGE_CONFLICT.to_owned()));
+    }
+    Ok(())
+}
+
+/// [`insert_with`] in the caller's transaction; returns whether it queued any delivery, so the
+/// caller wakes the other nodes once it has committed (`DueNotifier::committed`).
 pub(super) async fn insert_message(
     conn: &mut sqlx::PgConnection,
     message: &Message,
     endpoint_ids: &[EndpointId],
 ) -> Result<bool> {
-    let created = millis(message.created_at);
-    let inserted = sqlx::query(
-        "INSERT INTO messages (id, app_id, event_id, event_type, channels, tags, payload,
-                               created_at, payload_expires_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-         ON CONFLICT DO NOTHING RETURNING id",
-    )
-    .bind(message.id.as_str())
-    .bind(message.app_id.as_str())
-    .bind(&message.event_id)
-    .bind(&message.event_type)
-    .bind(opt_json(&message.channels))
-    .bind(opt_json(&message.tags))
-    .bind(message.payload.as_ref())
-    .bind(created)
-    .bind(message.payload_expires_at.map(millis))
-    .fetch_optional(&mut *conn)
-    .await?;
-    if inserted.is_none() {
-        return Err(StoreError::Conflict(MESSAGE_CONFLICT.to_owned()));
-    }
-    if endpoint_ids.is_empty() {
-        return Ok(false);
-    }
-    let endpoints: Vec<&str> = endpoint_ids.iter().map(EndpointId::as_str).collect();
-    sqlx::query(
-        "INSERT INTO deliveries (msg_id, endpoint_id, app_id, status, attempts, trigger_type,
-                                 next_attempt_at, updated_at)
-         SELECT $1, e, $2, $3, 0, $4, $5, $5 FROM UNNEST($6::text[]) AS e",
-    )
-    .bind(message.id.as_str())
-    .bind(message.app_id.as_str())
-    .bind(DeliveryStatus::Pending as i32)
-    .bind(TriggerType::Scheduled as i32)
-    .bind(created)
-    .bind(&endpoints)
-    .execute(&mut *conn)
-    .await?;
-    Ok(true)
+    insert_with(&mut *conn, message, endpoint_ids).await?;
+    Ok(!endpoint_ids.is_empty())
 }
 
 #[async_trait::async_trait]
 impl MessageStore for PostgresStore {
     async fn create_message(&self, message: Message, endpoint_ids: Vec<EndpointId>) -> Result<()> {
         // One statement, committed on its own: one round trip instead of four.
-        let endpoints: Vec<&str> = endpoint_ids.iter().map(EndpointId::as_str).collect();
-        let inserted: i64 = sqlx::query_scalar(CREATE_MESSAGE)
-            .bind(message.id.as_str())
-            .bind(message.app_id.as_str())
-            .bind(&message.event_id)
-            .bind(&message.event_type)
-            .bind(opt_json(&message.channels))
-            .bind(opt_json(&message.tags))
-            .bind(message.payload.as_ref())
-            .bind(millis(message.created_at))
-            .bind(message.payload_expires_at.map(millis))
-            .bind(&endpoints)
-            .bind(DeliveryStatus::Pending as i32)
-            .bind(TriggerType::Scheduled as i32)
-            .fetch_one(&self.pool)
-            .await?;
-        if inserted == 0 {
-            return Err(StoreError::Conflict(MESSAGE_CONFLICT.to_owned()));
-        }
-        if !endpoints.is_empty() {
+        insert_with(&self.pool, &message, &endpoint_ids).await?;
+        if !endpoint_ids.is_empty() {
             self.due.committed();
         }
         Ok(())

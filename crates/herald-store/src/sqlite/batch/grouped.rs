@@ -198,8 +198,10 @@ async fn insert_messages(
     outcomes: &mut [Result<Committed>],
     rowids: &mut HashMap<DeliveryKey, i64>,
 ) -> Result<()> {
-    let mut inserted = HashSet::with_capacity(messages.len());
-    for chunk in messages.chunks(ROWS_PER_STATEMENT) {
+    // Whether each message went in (in `messages`' order); only an `eventId` conflict says no.
+    let mut went_in = vec![true; messages.len()];
+    for (at, chunk) in messages.chunks(ROWS_PER_STATEMENT).enumerate() {
+        let went_in = &mut went_in[at * ROWS_PER_STATEMENT..][..chunk.len()];
         let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
             "INSERT INTO messages (id, app_id, event_id, event_type, channels, tags, payload, created_at, \
              payload_expires_at) ",
@@ -222,8 +224,9 @@ async fn insert_messages(
             // need come back over sqlx's channel to say so.
             let done = q.build().execute(&mut *conn).await?;
             if done.rows_affected() != chunk.len() as u64 {
-                if let [(_, _)] = chunk {
+                if let [went_in] = went_in {
                     // Alone (the one-by-one retry): this write is the one that conflicted.
+                    *went_in = false;
                     continue;
                 }
                 // Never expected; the batch is retried one write at a time, which finds it.
@@ -231,18 +234,21 @@ async fn insert_messages(
                     "a new message's id was already taken".to_owned(),
                 ));
             }
-            inserted.extend(chunk.iter().map(|(_, new)| new.message.id.to_string()));
             continue;
         }
         q.push(" RETURNING id");
+        let mut inserted = HashSet::with_capacity(chunk.len());
         for row in q.build().fetch_all(&mut *conn).await? {
             inserted.insert(row.try_get::<String, _>("id")?);
+        }
+        for ((_, new), went_in) in chunk.iter().zip(went_in.iter_mut()) {
+            *went_in = inserted.contains(new.message.id.as_str());
         }
     }
     let mut deliveries = Vec::new();
     let mut handing_over = false;
-    for (i, new) in messages {
-        if inserted.contains(new.message.id.as_str()) {
+    for ((i, new), went_in) in messages.iter().zip(went_in) {
+        if went_in {
             deliveries.extend(new.endpoint_ids.iter().map(|ep| (&new.message, ep)));
             handing_over |= !new.fresh.is_empty();
         } else {
