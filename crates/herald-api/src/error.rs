@@ -39,6 +39,23 @@ impl ApiError {
         }
     }
 
+    /// The HTTP status this error answers with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Standard { status, .. } => *status,
+            Self::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        }
+    }
+
+    /// Its machine-readable code (`validation` for a validation error, which has none on the
+    /// wire).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Standard { code, .. } => code,
+            Self::Validation(_) => "validation",
+        }
+    }
+
     pub fn not_found(what: &str) -> Self {
         Self::new(
             StatusCode::NOT_FOUND,

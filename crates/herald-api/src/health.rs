@@ -4,11 +4,15 @@
 //! - `GET /health/ready`: 204 when this node can take traffic (its store answers and, in a
 //!   cluster, its broker hears the other nodes); otherwise 503 with `{"ready": false,
 //!   "store": ..., "broker": ...}` saying which part is down and why.
+//!
+//! And for the operator's Prometheus, with an environment-wide token:
+//! - `GET /metrics`: every metric this node registered (`herald-metrics`), in the OpenMetrics
+//!   text format, with the delivery queue's gauges read from the store at that moment.
 
 use axum::{
     Json,
     extract::State,
-    http::StatusCode,
+    http::{HeaderValue, StatusCode, header::CONTENT_TYPE},
     response::{IntoResponse, Response},
 };
 use serde_json::json;
@@ -50,4 +54,38 @@ pub async fn ready(State(state): State<ApiState>) -> Response {
         })),
     )
         .into_response()
+}
+
+/// What Prometheus is told the body is (`prometheus-client` writes OpenMetrics text).
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+pub async fn metrics(State(state): State<ApiState>) -> Response {
+    let now = chrono::Utc::now();
+    match tokio::time::timeout(PING_PATIENCE, state.store.due_deliveries(now)).await {
+        Ok(Ok(due)) => {
+            let queue = &state.metrics.queue;
+            queue.due.set(i64::try_from(due.count).unwrap_or(i64::MAX));
+            let age = due
+                .oldest_due_at
+                .and_then(|at| (now - at).to_std().ok())
+                .map_or(0.0, |age| age.as_secs_f64());
+            queue.oldest_due_age_seconds.set(age);
+        }
+        // The rest is still worth scraping: the queue's gauges keep their last values, and
+        // `/health/ready` is where a store that does not answer shows.
+        Ok(Err(e)) => tracing::warn!(error = %e, "metrics: the delivery queue could not be read"),
+        Err(_) => tracing::warn!("metrics: the delivery queue did not answer in time"),
+    }
+    let mut body = String::new();
+    if let Err(e) = herald_metrics::prometheus_client::encoding::text::encode(
+        &mut body,
+        &state.metrics_registry,
+    ) {
+        return crate::ApiError::internal(e).into_response();
+    }
+    let mut response = body.into_response();
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(OPENMETRICS));
+    response
 }

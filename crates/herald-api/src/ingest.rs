@@ -21,6 +21,7 @@ use herald_core::{
     ingest::{self, Request, SourceKind, template},
     model::{App, IngestEvent, IngestSource, Message},
 };
+use herald_metrics::{IngestOutcome, Limit};
 use herald_store::IngestRecorded;
 use serde::Serialize;
 use serde_json::Value;
@@ -58,18 +59,41 @@ pub async fn receive(
         .sse
         .clients
         .client_address(peer.map(|Extension(ConnectInfo(p))| p), &headers);
+    let api = &state.metrics.api;
     if let Err(limited) = state.ingest_limits.check_client(client) {
+        api.limit_hit(Limit::IngestPerAddress);
+        api.ingest(IngestOutcome::RateLimited);
         return limited.into_response();
     }
     match receive_from(&state, &source_id, &headers, body).await {
-        Ok(Answer::Limited(limited)) => limited.into_response(),
-        Ok(Answer::Ok(status, answer)) => (status, Json(answer)).into_response(),
-        Err(e) => e.into_response(),
+        Ok(Answer::Limited(limited)) => {
+            api.limit_hit(Limit::IngestPerSource);
+            api.ingest(IngestOutcome::RateLimited);
+            limited.into_response()
+        }
+        Ok(Answer::Ok(status, answer, outcome)) => {
+            api.ingest(outcome);
+            (status, Json(answer)).into_response()
+        }
+        Err(e) => {
+            api.ingest(if e.code() == INVALID_SIGNATURE {
+                IngestOutcome::InvalidSignature
+            } else if e.status().is_server_error() {
+                IngestOutcome::Failed
+            } else {
+                IngestOutcome::Rejected
+            });
+            e.into_response()
+        }
     }
 }
 
+/// The error code of a request whose signature did not verify.
+const INVALID_SIGNATURE: &str = "invalid_signature";
+
 enum Answer {
-    Ok(StatusCode, Value),
+    /// Answered, and what the request came to.
+    Ok(StatusCode, Value, IngestOutcome),
     /// Over the source's rate: nothing was verified or stored.
     Limited(Limited),
 }
@@ -118,7 +142,9 @@ async fn receive_from(
             event_type,
             channels,
         } => (delivery_id, event_type, channels),
-        Read::Challenge(answer) => return Ok(Answer::Ok(StatusCode::OK, answer)),
+        Read::Challenge(answer) => {
+            return Ok(Answer::Ok(StatusCode::OK, answer, IngestOutcome::Challenge));
+        }
     };
 
     let app = state
@@ -151,16 +177,16 @@ async fn receive_from(
         .publisher
         .publish(&app, Publish::ingest(event, message))
         .await?;
-    let answer = match published.ingest {
+    let (answer, outcome) = match published.ingest {
         Some(IngestRecorded::Duplicate(earlier)) => {
             tracing::info!(source = %source.id, delivery_id = %earlier.delivery_id,
                 "duplicate delivery acknowledged, not published again");
-            out(&earlier, true)
+            (out(&earlier, true), IngestOutcome::Duplicate)
         }
-        _ => first,
+        _ => (first, IngestOutcome::Accepted),
     };
     let answer = serde_json::to_value(answer).map_err(ApiError::internal)?;
-    Ok(Answer::Ok(StatusCode::OK, answer))
+    Ok(Answer::Ok(StatusCode::OK, answer, outcome))
 }
 
 enum Read {
@@ -189,7 +215,7 @@ fn read(source: &IngestSource, headers: &HeaderMap, body: &[u8], now_unix: i64) 
         now_unix,
         source.tolerance_secs,
     )
-    .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, "invalid_signature", e.to_string()))?;
+    .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, INVALID_SIGNATURE, e.to_string()))?;
 
     // Verified: now the body may be parsed.
     let payload: Option<Value> = serde_json::from_slice(body).ok();

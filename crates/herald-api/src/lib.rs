@@ -61,9 +61,12 @@ pub struct ApiState {
     pub publish_limits: Arc<rate::PublishLimiter>,
     /// Cancelled at shutdown: long-lived responses (SSE streams) end with it.
     pub shutdown: CancellationToken,
-    /// Every metric this node registered (see `herald-metrics`); the metrics route will
-    /// encode it. Empty until `herald::run` puts the node's registry here.
+    /// Every metric this node registered (see `herald-metrics`), which `GET /metrics`
+    /// encodes. Empty until `herald::run` puts the node's registry here.
     pub metrics_registry: Arc<herald_metrics::Registry>,
+    /// The handles registered there: the API counts its own (ingest outcomes, limits hit)
+    /// and sets the queue's gauges when scraped. Detached until `herald::run` sets them.
+    pub metrics: herald_metrics::Metrics,
     /// How long a retention day lasts (`payloadRetentionPeriod` counts them): 24 hours,
     /// shorter only in tests (`retention.day_secs`).
     pub retention_day: std::time::Duration,
@@ -117,6 +120,7 @@ impl ApiState {
             publish_limits: Arc::default(),
             shutdown: CancellationToken::new(),
             metrics_registry: Arc::default(),
+            metrics: herald_metrics::Metrics::detached(),
             retention_day: std::time::Duration::from_secs(86_400),
         }
     }
@@ -170,6 +174,9 @@ fn edge_routes() -> RouteTable {
         // For load balancers: no credentials, no secrets in the answer.
         .get("/health/live", Access::Public, health::live)
         .get("/health/ready", Access::Public, health::ready)
+        // Prometheus scrapes with `authorization: Bearer`: counts and queue depths are the
+        // operator's, not the world's.
+        .get("/metrics", Access::EnvironmentToken, health::metrics)
 }
 
 /// Every route [`router`] serves, with who may call it: the list the routers are built from.

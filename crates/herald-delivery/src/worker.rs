@@ -700,6 +700,7 @@ impl Dispatcher {
         };
 
         self.metrics.attempt(outcome_label(outcome));
+        self.metrics.attempt_status(status_code);
 
         let manual = job.trigger == TriggerType::Manual;
         let failing_for = job
@@ -1022,6 +1023,14 @@ mod tests {
         ] {
             assert_eq!(metrics.attempts(other), 0, "{other:?}");
         }
+        let by_status = |status_class| {
+            metrics
+                .attempt_statuses_total
+                .get_or_create(&herald_metrics::StatusClassLabels { status_class })
+                .get()
+        };
+        assert_eq!(by_status(herald_metrics::StatusClass::Success), 1);
+        assert_eq!(by_status(herald_metrics::StatusClass::NoResponse), 0);
         store.close().await;
     }
 

@@ -20,6 +20,11 @@
 //! | `herald_publish_failures_total` | counter | [`PublishMetrics`] |
 //! | `herald_delivery_attempts_total{outcome}` | counter | [`DeliveryMetrics`] |
 //! | `herald_delivery_claimed_jobs_total` | counter | [`DeliveryMetrics`] |
+//! | `herald_webhook_attempts_total{status_class}` | counter | [`DeliveryMetrics`] |
+//! | `herald_delivery_queue_due` | gauge | [`QueueMetrics`] |
+//! | `herald_delivery_queue_oldest_due_age_seconds` | gauge | [`QueueMetrics`] |
+//! | `herald_ingest_requests_total{outcome}` | counter | [`ApiMetrics`] |
+//! | `herald_limits_hit_total{limit}` | counter | [`ApiMetrics`] |
 //! | `herald_listener_connections_accepted_total` | counter | [`ListenerMetrics`] |
 //! | `herald_listener_connections_refused_total{reason}` | counter | [`ListenerMetrics`] |
 
@@ -29,6 +34,7 @@ use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
     metrics::{counter::Counter, family::Family, gauge::Gauge},
 };
+use std::sync::atomic::AtomicU64;
 
 pub use prometheus_client;
 pub use prometheus_client::registry::Registry;
@@ -40,6 +46,8 @@ pub struct Metrics {
     pub publish: Arc<PublishMetrics>,
     pub delivery: Arc<DeliveryMetrics>,
     pub listener: Arc<ListenerMetrics>,
+    pub queue: Arc<QueueMetrics>,
+    pub api: Arc<ApiMetrics>,
 }
 
 impl Metrics {
@@ -51,6 +59,8 @@ impl Metrics {
         metrics.publish.register(registry);
         metrics.delivery.register(registry);
         metrics.listener.register(registry);
+        metrics.queue.register(registry);
+        metrics.api.register(registry);
         metrics
     }
 
@@ -163,11 +173,70 @@ pub struct AttemptLabels {
     pub outcome: AttemptOutcome,
 }
 
+/// The class of an attempt's HTTP status, or that no response came.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StatusClass {
+    Informational,
+    Success,
+    Redirection,
+    ClientError,
+    ServerError,
+    /// Refused, timed out, a blocked address, a connection error: no status at all.
+    NoResponse,
+}
+
+impl StatusClass {
+    pub const ALL: [Self; 6] = [
+        Self::Informational,
+        Self::Success,
+        Self::Redirection,
+        Self::ClientError,
+        Self::ServerError,
+        Self::NoResponse,
+    ];
+
+    /// The class of `code` (0, or anything outside 100-599: no response).
+    pub fn of(code: i32) -> Self {
+        match code {
+            100..=199 => Self::Informational,
+            200..=299 => Self::Success,
+            300..=399 => Self::Redirection,
+            400..=499 => Self::ClientError,
+            500..=599 => Self::ServerError,
+            _ => Self::NoResponse,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Informational => "1xx",
+            Self::Success => "2xx",
+            Self::Redirection => "3xx",
+            Self::ClientError => "4xx",
+            Self::ServerError => "5xx",
+            Self::NoResponse => "none",
+        }
+    }
+}
+
+impl EncodeLabelValue for StatusClass {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct StatusClassLabels {
+    pub status_class: StatusClass,
+}
+
 /// The webhook delivery worker.
 #[derive(Debug)]
 pub struct DeliveryMetrics {
     /// Attempts made, by outcome.
     pub attempts_total: Family<AttemptLabels, Counter>,
+    /// Attempts made, by the class of the receiver's HTTP status.
+    pub attempt_statuses_total: Family<StatusClassLabels, Counter>,
     /// Deliveries claimed from the queue.
     pub claimed_jobs_total: Counter,
 }
@@ -179,8 +248,13 @@ impl Default for DeliveryMetrics {
         for outcome in AttemptOutcome::ALL {
             drop(attempts_total.get_or_create(&AttemptLabels { outcome }));
         }
+        let attempt_statuses_total = Family::<StatusClassLabels, Counter>::default();
+        for status_class in StatusClass::ALL {
+            drop(attempt_statuses_total.get_or_create(&StatusClassLabels { status_class }));
+        }
         Self {
             attempts_total,
+            attempt_statuses_total,
             claimed_jobs_total: Counter::default(),
         }
     }
@@ -191,6 +265,15 @@ impl DeliveryMetrics {
     pub fn attempt(&self, outcome: AttemptOutcome) {
         self.attempts_total
             .get_or_create(&AttemptLabels { outcome })
+            .inc();
+    }
+
+    /// Counts one attempt's response status (`0`: no response).
+    pub fn attempt_status(&self, code: i32) {
+        self.attempt_statuses_total
+            .get_or_create(&StatusClassLabels {
+                status_class: StatusClass::of(code),
+            })
             .inc();
     }
 
@@ -206,6 +289,11 @@ impl DeliveryMetrics {
             "delivery_attempts",
             "Webhook delivery attempts, by outcome",
             self.attempts_total.clone(),
+        );
+        registry.register(
+            "webhook_attempts",
+            "Webhook delivery attempts, by the class of the receiver's HTTP status (none: no response)",
+            self.attempt_statuses_total.clone(),
         );
         registry.register(
             "delivery_claimed_jobs",
@@ -290,6 +378,178 @@ impl ListenerMetrics {
     }
 }
 
+/// The webhook delivery queue, read from the store when `/metrics` is scraped (the store is
+/// the queue's truth, shared by every node of a cluster).
+#[derive(Debug, Default)]
+pub struct QueueMetrics {
+    /// Deliveries due and not finished, those being attempted included.
+    pub due: Gauge,
+    /// How long ago the earliest of them fell due, in seconds (0 with none).
+    pub oldest_due_age_seconds: Gauge<f64, AtomicU64>,
+}
+
+impl QueueMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "delivery_queue_due",
+            "Webhook deliveries due and not finished (in the whole store), those being attempted included",
+            self.due.clone(),
+        );
+        registry.register(
+            "delivery_queue_oldest_due_age_seconds",
+            "How long ago the earliest unfinished due webhook delivery fell due",
+            self.oldest_due_age_seconds.clone(),
+        );
+    }
+}
+
+/// What an inbound webhook request came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IngestOutcome {
+    /// Verified and published.
+    Accepted,
+    /// Verified, and a delivery the provider had sent before: acknowledged, not published.
+    Duplicate,
+    /// Verified: a provider's URL handshake (Slack's challenge), answered.
+    Challenge,
+    /// The signature did not verify (wrong secret, altered body, expired timestamp).
+    InvalidSignature,
+    /// Refused before verification: unknown source, unreadable or oversize body.
+    Rejected,
+    /// Over the per-address or per-source rate: not verified.
+    RateLimited,
+    /// Verified but not stored (the store failed): the provider will retry.
+    Failed,
+}
+
+impl IngestOutcome {
+    pub const ALL: [Self; 7] = [
+        Self::Accepted,
+        Self::Duplicate,
+        Self::Challenge,
+        Self::InvalidSignature,
+        Self::Rejected,
+        Self::RateLimited,
+        Self::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Accepted => "accepted",
+            Self::Duplicate => "duplicate",
+            Self::Challenge => "challenge",
+            Self::InvalidSignature => "invalid_signature",
+            Self::Rejected => "rejected",
+            Self::RateLimited => "rate_limited",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+impl EncodeLabelValue for IngestOutcome {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct IngestLabels {
+    pub outcome: IngestOutcome,
+}
+
+/// A rate limit the API enforces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Limit {
+    /// Events an app may publish through the API per second.
+    PublishPerApp,
+    /// Inbound webhook requests per client address per second.
+    IngestPerAddress,
+    /// Inbound webhook requests per source per second.
+    IngestPerSource,
+}
+
+impl Limit {
+    pub const ALL: [Self; 3] = [
+        Self::PublishPerApp,
+        Self::IngestPerAddress,
+        Self::IngestPerSource,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::PublishPerApp => "publish_per_app",
+            Self::IngestPerAddress => "ingest_per_address",
+            Self::IngestPerSource => "ingest_per_source",
+        }
+    }
+}
+
+impl EncodeLabelValue for Limit {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct LimitLabels {
+    pub limit: Limit,
+}
+
+/// The HTTP API's own doors: inbound webhooks and the request rate limits.
+#[derive(Debug)]
+pub struct ApiMetrics {
+    /// Inbound webhook requests, by what they came to.
+    pub ingest_requests_total: Family<IngestLabels, Counter>,
+    /// Requests refused with 429, by the limit they hit (connection caps: the listener's).
+    pub limits_hit_total: Family<LimitLabels, Counter>,
+}
+
+impl Default for ApiMetrics {
+    fn default() -> Self {
+        let ingest_requests_total = Family::<IngestLabels, Counter>::default();
+        for outcome in IngestOutcome::ALL {
+            drop(ingest_requests_total.get_or_create(&IngestLabels { outcome }));
+        }
+        let limits_hit_total = Family::<LimitLabels, Counter>::default();
+        for limit in Limit::ALL {
+            drop(limits_hit_total.get_or_create(&LimitLabels { limit }));
+        }
+        Self {
+            ingest_requests_total,
+            limits_hit_total,
+        }
+    }
+}
+
+impl ApiMetrics {
+    /// Counts one inbound webhook request.
+    pub fn ingest(&self, outcome: IngestOutcome) {
+        self.ingest_requests_total
+            .get_or_create(&IngestLabels { outcome })
+            .inc();
+    }
+
+    /// Counts one request refused by `limit`.
+    pub fn limit_hit(&self, limit: Limit) {
+        self.limits_hit_total
+            .get_or_create(&LimitLabels { limit })
+            .inc();
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "ingest_requests",
+            "Inbound webhook requests, by what they came to",
+            self.ingest_requests_total.clone(),
+        );
+        registry.register(
+            "limits_hit",
+            "API requests refused with 429, by the rate limit they hit",
+            self.limits_hit_total.clone(),
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use prometheus_client::encoding::text::encode;
@@ -320,6 +580,12 @@ mod tests {
             "herald_delivery_attempts_total{outcome=\"overloaded\"} 0",
             "herald_delivery_attempts_total{outcome=\"failed\"} 0",
             "herald_delivery_claimed_jobs_total 0",
+            "herald_webhook_attempts_total{status_class=\"2xx\"} 0",
+            "herald_webhook_attempts_total{status_class=\"none\"} 0",
+            "# TYPE herald_delivery_queue_due gauge",
+            "# TYPE herald_delivery_queue_oldest_due_age_seconds gauge",
+            "herald_ingest_requests_total{outcome=\"invalid_signature\"} 0",
+            "herald_limits_hit_total{limit=\"publish_per_app\"} 0",
             "herald_listener_connections_accepted_total 0",
             "herald_listener_connections_refused_total{reason=\"global_cap\"} 0",
             "herald_listener_connections_refused_total{reason=\"per_address_cap\"} 0",
@@ -336,12 +602,22 @@ mod tests {
         metrics.delivery.attempt(AttemptOutcome::Success);
         metrics.listener.refused(Refusal::PerAddressCap);
         metrics.channels.connections.inc();
+        metrics.delivery.attempt_status(503);
+        metrics.delivery.attempt_status(0);
+        metrics.api.ingest(IngestOutcome::Duplicate);
+        metrics.api.limit_hit(Limit::IngestPerSource);
+        metrics.queue.oldest_due_age_seconds.set(1.5);
         let out = text(&registry);
         for line in [
             "herald_fanout_deliveries_total 3",
             "herald_delivery_attempts_total{outcome=\"success\"} 1",
             "herald_listener_connections_refused_total{reason=\"per_address_cap\"} 1",
             "herald_connections 1",
+            "herald_webhook_attempts_total{status_class=\"5xx\"} 1",
+            "herald_webhook_attempts_total{status_class=\"none\"} 1",
+            "herald_ingest_requests_total{outcome=\"duplicate\"} 1",
+            "herald_limits_hit_total{limit=\"ingest_per_source\"} 1",
+            "herald_delivery_queue_oldest_due_age_seconds 1.5",
         ] {
             assert!(out.contains(line), "{line} missing from:\n{out}");
         }

@@ -53,6 +53,7 @@ checks!(
     a_claim_leaves_out_apps_at_their_share_and_looks_past_their_backlog,
     a_claim_leaves_out_endpoints_at_their_limit,
     a_recorded_attempt_is_logged_and_settles_the_delivery,
+    due_deliveries_count_the_unfinished_and_date_the_oldest,
     a_record_under_a_lapsed_lease_is_logged_but_leaves_the_newer_claims_state,
     a_resend_during_an_attempt_fences_the_attempts_record,
     a_recovered_delivery_is_claimed_under_a_new_lease_whose_record_applies,
@@ -709,6 +710,71 @@ pub async fn a_recorded_attempt_is_logged_and_settles_the_delivery(store: &dyn S
         "{deliveries:?}"
     );
     assert_eq!(store.next_due_at().await.expect("next due"), None);
+}
+
+/// The queue an operator watches: every due delivery not finished counts, those being
+/// attempted too, and the oldest is dated by when it fell due.
+pub async fn due_deliveries_count_the_unfinished_and_date_the_oldest(store: &dyn Store) {
+    let app = stored_app(store, "A").await;
+    let ep = endpoint(&app.id);
+    store.create_endpoint(&ep).await.expect("endpoint");
+    let before = Utc::now() - chrono::Duration::seconds(1);
+    let empty = store.due_deliveries(before).await.expect("due");
+    assert_eq!(empty, crate::DueDeliveries::default(), "nothing queued yet");
+    let first = message(&app.id, None);
+    let mut second = message(&app.id, None);
+    second.created_at = first.created_at + chrono::Duration::milliseconds(5);
+    for msg in [&first, &second] {
+        store
+            .create_message(msg.clone(), vec![ep.id.clone()])
+            .await
+            .expect("message");
+    }
+    let millis = |at: DateTime<Utc>| at.timestamp_millis();
+    let now = Utc::now() + chrono::Duration::seconds(1);
+    let due = store.due_deliveries(now).await.expect("due");
+    assert_eq!(due.count, 2);
+    assert_eq!(
+        due.oldest_due_at.map(millis),
+        Some(millis(first.created_at))
+    );
+    assert_eq!(
+        store.due_deliveries(before).await.expect("due").count,
+        0,
+        "not due before their time"
+    );
+
+    let jobs = store
+        .claim_due(&claim(now, 1, HashMap::new(), 10, HashMap::new(), 100))
+        .await
+        .expect("claim");
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(
+        store.due_deliveries(now).await.expect("due").count,
+        2,
+        "a delivery being attempted is still in the queue"
+    );
+    let (msg, rest) = if jobs[0].msg_id == first.id {
+        (&first, &second)
+    } else {
+        (&second, &first)
+    };
+    let recorded = store
+        .record_attempt(attempt_record(
+            msg,
+            &ep,
+            jobs[0].lease,
+            now,
+            TriggerType::Scheduled,
+            NextStep::Delivered,
+            EndpointChange::Unchanged,
+        ))
+        .await
+        .expect("record");
+    assert_eq!(recorded, Recorded::Applied);
+    let due = store.due_deliveries(now).await.expect("due");
+    assert_eq!(due.count, 1, "a delivered one leaves the queue");
+    assert_eq!(due.oldest_due_at.map(millis), Some(millis(rest.created_at)));
 }
 
 /// A claim whose lease ran out and whose delivery was claimed again is fenced off: its late

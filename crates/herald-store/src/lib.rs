@@ -255,6 +255,15 @@ pub enum IngestRecorded {
     Duplicate(Box<IngestEvent>),
 }
 
+/// What [`MessageStore::due_deliveries`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DueDeliveries {
+    /// Deliveries due and not finished, those being attempted included.
+    pub count: u64,
+    /// When the earliest of them fell due; `None` when there are none.
+    pub oldest_due_at: Option<DateTime<Utc>>,
+}
+
 /// What the worker learned from one attempt, recorded in one transaction.
 #[derive(Debug, Clone)]
 pub struct AttemptRecord {
@@ -445,6 +454,10 @@ pub trait MessageStore: Send + Sync + 'static {
     async fn claim_due(&self, request: &ClaimRequest) -> Result<Vec<DeliveryJob>>;
     /// When the earliest delivery that is not in flight falls due.
     async fn next_due_at(&self) -> Result<Option<DateTime<Utc>>>;
+    /// The delivery queue as an operator watches it (`/metrics`): how many deliveries are
+    /// due at `now` and not finished (those being attempted included), and when the earliest
+    /// of them fell due.
+    async fn due_deliveries(&self, now: DateTime<Utc>) -> Result<DueDeliveries>;
     /// Logs the attempt and, fenced by `record.lease`, moves the delivery to its next state and
     /// applies the endpoint change: only while the delivery is still leased under that token
     /// (a lease that has run out may count as gone; a manual enqueue ends it). Otherwise the

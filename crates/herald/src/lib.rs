@@ -294,6 +294,7 @@ pub async fn run_with(
     state.shutdown = shutdown.clone();
     state.retention_day = config.retention().day;
     state.metrics_registry = Arc::new(registry);
+    state.metrics = metrics.clone();
     let connections = TaskTracker::new();
     let socketio = config.socketio.enabled.then(|| {
         herald_socketio::Face::new(

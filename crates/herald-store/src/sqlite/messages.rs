@@ -202,6 +202,24 @@ impl MessageStore for SqliteStore {
             .transpose()
     }
 
+    async fn due_deliveries(&self, now: DateTime<Utc>) -> Result<crate::DueDeliveries> {
+        // Through the partial index `deliveries_due`, which holds exactly the unfinished ones.
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS n, MIN(next_attempt_at) AS oldest FROM deliveries
+             WHERE status IN (1, 3) AND next_attempt_at <= $1",
+        )
+        .bind(millis(now))
+        .fetch_one(&self.reader)
+        .await?;
+        Ok(crate::DueDeliveries {
+            count: u64::try_from(row.try_get::<i64, _>("n")?).unwrap_or(0),
+            oldest_due_at: row
+                .try_get::<Option<i64>, _>("oldest")?
+                .map(rows::time)
+                .transpose()?,
+        })
+    }
+
     async fn record_attempt(&self, record: AttemptRecord) -> Result<Recorded> {
         let changes_endpoint = record.endpoint_change == crate::EndpointChange::Disable;
         let retries = matches!(record.next, crate::NextStep::RetryAt(_));

@@ -17,6 +17,7 @@ mod harness;
 mod history;
 mod ingest;
 mod listener;
+mod metrics;
 mod process;
 mod pusher;
 mod retention;

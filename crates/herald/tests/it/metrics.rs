@@ -1,0 +1,187 @@
+//! `GET /metrics`: Prometheus text behind an environment-wide token, whose counters and
+//! gauges move as events flow through the webhook, ingest and queue paths.
+
+use reqwest::Method;
+use serde_json::json;
+
+use crate::{
+    harness::{ADMIN_TOKEN, Receiver, Reply, TestServer, eventually},
+    ingest::{now, post, source, stripe_header},
+};
+
+/// The scrape's status, content type and body, with `token` as the bearer (if any).
+async fn scrape_as(server: &TestServer, token: Option<&str>) -> (u16, String, String) {
+    let mut request = reqwest::Client::new().get(format!("{}/metrics", server.base));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.expect("scrape");
+    let status = response.status().as_u16();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    (status, content_type, response.text().await.expect("body"))
+}
+
+/// The value of the sample named exactly `series` (name and labels) in `text`.
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == series).then(|| value.parse::<f64>().expect("a number"))
+        })
+        .unwrap_or_else(|| panic!("{series} missing from:\n{text}"))
+}
+
+async fn scrape(server: &TestServer) -> String {
+    let (status, _, text) = scrape_as(server, Some(ADMIN_TOKEN)).await;
+    assert_eq!(status, 200, "{text}");
+    text
+}
+
+#[tokio::test]
+async fn metrics_need_an_environment_token_and_speak_openmetrics() {
+    let server = TestServer::start().await;
+    let (status, _, body) = scrape_as(&server, None).await;
+    assert_eq!(status, 401, "no token: {body}");
+    let (status, _, body) = scrape_as(&server, Some("not-a-token")).await;
+    assert_eq!(status, 401, "a wrong token: {body}");
+
+    server.create_app("scoped").await;
+    let (status, token) = server
+        .call(
+            Method::POST,
+            "/api/v1/auth/token",
+            Some(json!({"name": "one app's backend", "appId": "scoped"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{token}");
+    let scoped = token["token"].as_str().expect("token");
+    let (status, _, body) = scrape_as(&server, Some(scoped)).await;
+    assert_eq!(status, 403, "an app-scoped token: {body}");
+
+    let (status, content_type, text) = scrape_as(&server, Some(ADMIN_TOKEN)).await;
+    assert_eq!(status, 200, "{text}");
+    assert!(
+        content_type.starts_with("application/openmetrics-text"),
+        "{content_type}"
+    );
+    assert!(text.trim_end().ends_with("# EOF"), "{text}");
+    assert!(
+        text.contains("# TYPE herald_delivery_queue_due gauge"),
+        "{text}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn counters_and_gauges_move_as_events_flow() {
+    let server = TestServer::start().await;
+    let before = scrape(&server).await;
+    for series in [
+        "herald_publications_total",
+        "herald_webhook_attempts_total{status_class=\"2xx\"}",
+        "herald_webhook_attempts_total{status_class=\"5xx\"}",
+        "herald_ingest_requests_total{outcome=\"accepted\"}",
+        "herald_ingest_requests_total{outcome=\"duplicate\"}",
+        "herald_ingest_requests_total{outcome=\"invalid_signature\"}",
+        "herald_delivery_queue_due",
+    ] {
+        assert_eq!(sample(&before, series), 0.0, "{series} starts at 0");
+    }
+
+    // A message whose first attempt gets a 503 and whose retry a 200.
+    let mut receiver = Receiver::start().await;
+    receiver.script(&[Reply::Status(503)]);
+    let app = server.create_app("metered").await;
+    server
+        .create_endpoint(&app, json!({"url": receiver.url}))
+        .await;
+    server
+        .send(
+            &app,
+            json!({"eventType": "order.paid", "payload": {"id": 1}}),
+        )
+        .await;
+    receiver.next().await;
+    receiver.next().await;
+    let text = eventually("both attempts counted", || async {
+        let text = scrape(&server).await;
+        (sample(&text, "herald_webhook_attempts_total{status_class=\"2xx\"}") == 1.0)
+            .then_some(text)
+    })
+    .await;
+    assert_eq!(
+        sample(&text, "herald_webhook_attempts_total{status_class=\"5xx\"}"),
+        1.0
+    );
+    assert_eq!(
+        sample(&text, "herald_delivery_attempts_total{outcome=\"success\"}"),
+        1.0
+    );
+    assert!(sample(&text, "herald_publications_total") >= 1.0, "{text}");
+
+    // Inbound: one verified, the provider's retry of it, one with a wrong signature.
+    let secret = "whsec_metrics_secret";
+    let stripe = source(
+        &server,
+        &app,
+        json!({"kind": "stripe", "secrets": [secret]}),
+    )
+    .await;
+    let body = br#"{"id":"evt_1","object":"event","type":"charge.succeeded","data":{"object":{}}}"#;
+    for _ in 0..2 {
+        let (status, answer) = post(
+            &server,
+            &stripe,
+            &[stripe_header(secret, body, now())],
+            body,
+        )
+        .await;
+        assert_eq!(status, 200, "{answer}");
+    }
+    let (status, answer) = post(
+        &server,
+        &stripe,
+        &[stripe_header("whsec_wrong", body, now())],
+        body,
+    )
+    .await;
+    assert_eq!(status, 401, "{answer}");
+    let text = scrape(&server).await;
+    for (series, value) in [
+        ("herald_ingest_requests_total{outcome=\"accepted\"}", 1.0),
+        ("herald_ingest_requests_total{outcome=\"duplicate\"}", 1.0),
+        (
+            "herald_ingest_requests_total{outcome=\"invalid_signature\"}",
+            1.0,
+        ),
+    ] {
+        assert_eq!(sample(&text, series), value, "{series}");
+    }
+
+    // A receiver that never answers keeps a delivery in the queue, growing older.
+    let stuck = Receiver::start().await;
+    stuck.fallback(Reply::Hang);
+    let app = server.create_app("stuck").await;
+    server
+        .create_endpoint(&app, json!({"url": stuck.url}))
+        .await;
+    server
+        .send(
+            &app,
+            json!({"eventType": "order.paid", "payload": {"id": 2}}),
+        )
+        .await;
+    eventually("the stuck delivery shows in the queue, aged", || async {
+        let text = scrape(&server).await;
+        (sample(&text, "herald_delivery_queue_due") == 1.0
+            && sample(&text, "herald_delivery_queue_oldest_due_age_seconds") > 0.0)
+            .then_some(())
+    })
+    .await;
+    server.stop().await;
+}
