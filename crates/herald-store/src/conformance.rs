@@ -52,6 +52,7 @@ checks!(
     a_repeated_event_id_conflicts_once,
     a_claim_leaves_out_apps_at_their_share_and_looks_past_their_backlog,
     a_claim_leaves_out_endpoints_at_their_limit,
+    a_claim_finds_work_behind_a_full_endpoints_long_backlog,
     a_recorded_attempt_is_logged_and_settles_the_delivery,
     due_deliveries_count_the_unfinished_and_date_the_oldest,
     a_record_under_a_lapsed_lease_is_logged_but_leaves_the_newer_claims_state,
@@ -648,6 +649,77 @@ pub async fn a_claim_leaves_out_endpoints_at_their_limit(store: &dyn Store) {
         jobs.is_empty(),
         "full's rows are leased and free is at its limit: {}",
         jobs.len()
+    );
+}
+
+/// One busy endpoint at its limit with a long backlog due before another endpoint's delivery:
+/// a claim still finds the other's (and, once the busy one has room again, the busy one's
+/// earliest first). Longer than any walk of the queue a store may cut short.
+pub async fn a_claim_finds_work_behind_a_full_endpoints_long_backlog(store: &dyn Store) {
+    const BACKLOG: usize = 300;
+    let app = stored_app(store, "A").await;
+    let (busy, quiet) = (endpoint(&app.id), endpoint(&app.id));
+    store.create_endpoint(&busy).await.expect("busy");
+    store.create_endpoint(&quiet).await.expect("quiet");
+    let start = Utc::now() - chrono::Duration::seconds(10);
+    let mut first_busy = Vec::new();
+    for i in 0..BACKLOG {
+        let mut msg = message(&app.id, None);
+        msg.created_at = start + chrono::Duration::milliseconds(i64::try_from(i).expect("small"));
+        if i < 2 {
+            first_busy.push(msg.id.clone());
+        }
+        store
+            .create_message(msg, vec![busy.id.clone()])
+            .await
+            .expect("busy message");
+    }
+    let mut behind = message(&app.id, None);
+    behind.created_at = start + chrono::Duration::seconds(1);
+    store
+        .create_message(behind.clone(), vec![quiet.id.clone()])
+        .await
+        .expect("quiet message");
+    let now = Utc::now() + chrono::Duration::seconds(1);
+
+    let jobs = store
+        .claim_due(&claim(
+            now,
+            4,
+            HashMap::from([(busy.id.clone(), 8)]),
+            8,
+            HashMap::new(),
+            1000,
+        ))
+        .await
+        .expect("claim");
+    let ids: Vec<&MessageId> = jobs.iter().map(|job| &job.msg_id).collect();
+    assert_eq!(ids, [&behind.id], "busy is full: only quiet's delivery");
+
+    let mut later = message(&app.id, None);
+    later.created_at = start + chrono::Duration::seconds(2);
+    store
+        .create_message(later.clone(), vec![quiet.id.clone()])
+        .await
+        .expect("another quiet message");
+    let jobs = store
+        .claim_due(&claim(
+            now,
+            4,
+            HashMap::from([(busy.id.clone(), 6)]),
+            8,
+            HashMap::new(),
+            1000,
+        ))
+        .await
+        .expect("claim");
+    let mut ids: Vec<&MessageId> = jobs.iter().map(|job| &job.msg_id).collect();
+    ids.sort_unstable_by_key(|id| id.as_str());
+    let mut expected = vec![&first_busy[0], &first_busy[1], &later.id];
+    expected.sort_unstable_by_key(|id| id.as_str());
+    assert_eq!(
+        ids, expected,
+        "busy's two earliest, then quiet's, past busy's backlog"
     );
 }
 

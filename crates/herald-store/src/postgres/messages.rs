@@ -6,7 +6,9 @@
 //! its own, one round trip; publications, ingest and channel webhooks run it in their
 //! transaction through [`insert_message`]; a publication adds its history entries in the same
 //! transaction through `history::append_entries`. A claim is one statement
-//! per pass (see `claim_statement`); an attempt record writes the attempt row always, the
+//! per pass (see `claim_statement`; a pass walks the queue in due order, or endpoint by endpoint
+//! when that walk is crowded out, so one endpoint's backlog does not make every claim read it
+//! all); an attempt record writes the attempt row always, the
 //! delivery's next state and the endpoint change only under the claim's token: one statement
 //! ([`RECORD_ATTEMPT`]) when the endpoint does not change, else one transaction.
 //!
@@ -43,6 +45,8 @@
 //!   `(attempts = 0 AND trigger_type = 0) = first_attempts`), then set
 //!   `lease_token = nextval('delivery_lease_tokens'), leased_until = lease_until`.
 //!   Indexes: deliveries_due_first / deliveries_due_retry (next_attempt_at, partial per lane),
+//!   deliveries_due_first_by_endpoint / deliveries_due_retry_by_endpoint (endpoint_id,
+//!   next_attempt_at, the same predicates: the walk by endpoint, migration 0009),
 //!   deliveries_leased (app_id, endpoint_id, leased_until) WHERE lease_token IS NOT NULL (what
 //!   is in flight cluster-wide: each claim pass counts the live leases through it). A record
 //!   applies only `WHERE lease_token = $token` and clears lease_token and leased_until;
@@ -314,7 +318,7 @@ impl MessageStore for PostgresStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let statement = claim_statement(request.first_attempts);
+        let mut walk = Walk::InTimeOrder;
         // What this claim takes, on top of what the caller already holds.
         let mut taken_endpoints: HashMap<EndpointId, u32> = HashMap::new();
         let mut taken_apps: HashMap<AppId, u32> = HashMap::new();
@@ -328,7 +332,11 @@ impl MessageStore for PostgresStore {
             .await?;
         // Claims take turns cluster-wide, so the live leases each one counts are all there are
         // (the lock is released with the transaction's end).
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        // `enable_seqscan` off for this transaction only: every walk of the claim is meant to
+        // go through an index, and the planner, estimating an endpoint's share of the queue
+        // from the table's statistics, otherwise scans the whole table for the rows of one
+        // endpoint in a walk by endpoint (seen at 200,000 queued: 35 ms a claim).
+        sqlx::query("SELECT pg_advisory_xact_lock($1), set_config('enable_seqscan', 'off', true)")
             .bind(CLAIM_LOCK_KEY)
             .execute(&mut *tx)
             .await?;
@@ -338,7 +346,8 @@ impl MessageStore for PostgresStore {
             let wanted = limit - jobs.len();
             // More candidates than needed: some may belong to an endpoint or app that fills up.
             let fetch = wanted.saturating_mul(4);
-            let rows = sqlx::query(AssertSqlSafe(statement.as_str()))
+            let statement = claim_statement(request.first_attempts, walk);
+            let mut query = sqlx::query(AssertSqlSafe(statement.as_str()))
                 .bind(millis(request.now))
                 .bind(i64::try_from(fetch).unwrap_or(i64::MAX))
                 .bind(&endpoints.ids)
@@ -348,13 +357,19 @@ impl MessageStore for PostgresStore {
                 .bind(&apps.counts)
                 .bind(i64::from(request.per_app_limit))
                 .bind(i64::try_from(wanted).unwrap_or(i64::MAX))
-                .bind(millis(request.lease_until))
-                .fetch_all(&mut *tx)
-                .await?;
+                .bind(millis(request.lease_until));
+            if walk == Walk::InTimeOrder {
+                query = query
+                    .bind(i64::try_from(fetch.saturating_add(WALK_BEYOND)).unwrap_or(i64::MAX));
+            }
+            let rows = query.fetch_all(&mut *tx).await?;
             let (mut candidates, mut enabled, mut claimed) = (0_i64, 0_i64, 0_i64);
+            let mut walk_ended_early = false;
             for row in &rows {
                 candidates = row.try_get("n_candidates")?;
                 enabled = row.try_get("n_enabled")?;
+                walk_ended_early =
+                    row.try_get::<i64, _>("n_walked")? >= row.try_get::<i64, _>("walk_cap")?;
                 // The summary row alone (nothing leased) has no delivery columns.
                 if row.try_get::<Option<String>, _>("msg_id")?.is_none() {
                     continue;
@@ -374,6 +389,18 @@ impl MessageStore for PostgresStore {
                 *taken_apps.entry(job.app_id.clone()).or_insert(0) += 1;
                 claimed += 1;
                 jobs.push(job);
+            }
+            if jobs.len() >= limit {
+                break;
+            }
+            // The walk in time order stopped at its length with too few candidates: what it
+            // read belonged to endpoints or apps at their limit (one busy endpoint's backlog)
+            // or was in flight. Whatever else is due is further down: look endpoint by
+            // endpoint, which costs a probe per endpoint instead of a row per backlogged
+            // delivery (walking it all on every claim was the collapse PERFORMANCE.md tells).
+            if walk_ended_early && candidates < i64::try_from(fetch).unwrap_or(i64::MAX) {
+                walk = Walk::ByEndpoint;
+                continue;
             }
             // Look again only if rows of endpoints or apps that filled up took candidate places
             // that others' rows, further down the queue, could have had. The next pass leaves
@@ -486,8 +513,25 @@ impl MessageStore for PostgresStore {
 }
 
 /// Queries one claim may make: a pass whose candidates were crowded out by endpoints or apps
-/// that filled up is followed by one that leaves those out (as the SQLite store does).
+/// that filled up is followed by one that leaves those out (as the SQLite store does), and a
+/// walk in time order that ended before finding enough by one endpoint by endpoint.
 const CLAIM_PASSES: usize = 3;
+
+/// How a claim pass finds its candidates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Walk {
+    /// The lane's due deliveries in due order, leaving out endpoints and apps at their limit,
+    /// for at most the rows in flight plus the candidates wanted plus [`WALK_BEYOND`]: cheap
+    /// when the earliest due rows are claimable, which is the usual case.
+    InTimeOrder,
+    /// Endpoint by endpoint (a skip scan of `deliveries_due_*_by_endpoint`), the endpoints at
+    /// their limit skipped at the cost of one index probe each.
+    ByEndpoint,
+}
+
+/// Rows a walk in time order reads beyond the ones in flight and the candidates it wants,
+/// before it gives way to a walk by endpoint.
+const WALK_BEYOND: usize = 256;
 
 /// The key of the transaction-scoped advisory lock every claim takes first
 /// (`pg_advisory_xact_lock`), so claims run one at a time across all nodes of the database
@@ -531,7 +575,9 @@ impl Held {
 /// caller's own count (its in-flight deliveries are live leases as well: never added).
 /// `cand` locks (`SKIP LOCKED`: rows locked by a record or an enqueue are passed over) the
 /// earliest due, unleased or lease-expired rows of the lane, leaving out endpoints and apps
-/// already at their limit; of these, `by_endpoint` keeps each endpoint's first `limit - held`
+/// already at their limit, found by the pass's [`Walk`]: in due order for at most `$11` rows
+/// beyond those in flight (`walked`), or endpoint by endpoint (`endpoints_due`, a skip scan,
+/// then each endpoint's earliest due rows); of these, `by_endpoint` keeps each endpoint's first `limit - held`
 /// rows (disabled endpoints' rows go to `refused`), `by_app` each app's first `limit - held`
 /// of those, and `chosen` the earliest `$9` overall — the rows a greedy walk in due order
 /// would take, since an endpoint belongs to one app. `leased` gives each a fresh token;
@@ -540,16 +586,108 @@ impl Held {
 ///
 /// Parameters: $1 now, $2 candidates to fetch, $3/$4 endpoint ids and the caller's counts, $5
 /// per-endpoint limit, $6/$7 app ids and the caller's counts, $8 per-app limit, $9 rows
-/// wanted, $10 lease until.
-fn claim_statement(first_attempts: bool) -> String {
+/// wanted, $10 lease until, and for a walk in due order $11 the rows it reads beyond those in
+/// flight. The summary row also says how many rows that walk read and how many it could
+/// (`n_walked`, `walk_cap`): a walk that read all it could and found too few is followed by a
+/// walk by endpoint.
+fn claim_statement(first_attempts: bool, walk: Walk) -> String {
     // Literal, not a parameter, so the planner can use the lane's partial index.
     let lane = if first_attempts {
         "d.attempts = 0 AND d.trigger_type = 0"
     } else {
         "NOT (d.attempts = 0 AND d.trigger_type = 0)"
     };
+    let (candidates, walked) = match walk {
+        Walk::InTimeOrder => (
+            // The lane's earliest due rows, leased ones too: the walk stops after `$11` rows
+            // beyond what is in flight, however many of them belong to full endpoints.
+            format!(
+                "walked AS (
+                     SELECT d.msg_id, d.endpoint_id, d.app_id, d.lease_token, d.leased_until
+                     FROM deliveries d
+                     WHERE d.status IN (1, 3) AND d.next_attempt_at <= $1 AND {lane}
+                     ORDER BY d.next_attempt_at
+                     LIMIT $11 + (SELECT COALESCE(SUM(n), 0) FROM live)
+                 ),
+                 cand AS (
+                     SELECT d.msg_id, d.endpoint_id, d.app_id, d.next_attempt_at, e.disabled
+                     FROM walked w
+                     -- Each row the walk found claimable, locked by its primary key, and its
+                     -- current values checked after the lock. The `LIMIT 1` (a key names one
+                     -- row anyway) keeps the planner from pushing those checks into the lookup,
+                     -- where they made a partial index of the lane look cheaper than the key and
+                     -- each lookup scanned the endpoint's whole backlog.
+                     CROSS JOIN LATERAL (
+                         SELECT d.msg_id, d.endpoint_id, d.app_id, d.next_attempt_at, d.status,
+                                d.attempts, d.trigger_type, d.lease_token, d.leased_until
+                         FROM deliveries d
+                         WHERE d.msg_id = w.msg_id AND d.endpoint_id = w.endpoint_id
+                         LIMIT 1
+                         FOR UPDATE OF d SKIP LOCKED
+                     ) d
+                     JOIN endpoints e ON e.id = d.endpoint_id
+                     WHERE (w.lease_token IS NULL OR w.leased_until <= $1)
+                       AND w.endpoint_id <> ALL(ARRAY(SELECT id FROM endpoint_held WHERE held >= $5))
+                       AND w.app_id <> ALL(ARRAY(SELECT id FROM app_held WHERE held >= $8))
+                       AND d.status IN (1, 3) AND d.next_attempt_at <= $1 AND {lane}
+                       AND (d.lease_token IS NULL OR d.leased_until <= $1)
+                     LIMIT $2
+                 ),"
+            ),
+            "(SELECT COUNT(*) FROM walked) AS n_walked,
+             (SELECT $11 + COALESCE(SUM(n), 0) FROM live)::bigint AS walk_cap",
+        ),
+        Walk::ByEndpoint => (
+            // A skip scan over the endpoints with unfinished deliveries in the lane (one index
+            // probe each, full or not), then each endpoint with room's earliest due rows.
+            format!(
+                "endpoints_due AS (
+                     (SELECT d.endpoint_id AS id FROM deliveries d
+                      WHERE d.status IN (1, 3) AND {lane}
+                      ORDER BY d.endpoint_id LIMIT 1)
+                     UNION ALL
+                     SELECT (SELECT d.endpoint_id FROM deliveries d
+                             WHERE d.status IN (1, 3) AND {lane} AND d.endpoint_id > p.id
+                             ORDER BY d.endpoint_id LIMIT 1)
+                     FROM endpoints_due p
+                     WHERE p.id IS NOT NULL
+                 ),
+                 cand AS (
+                     SELECT d.msg_id, d.endpoint_id, d.app_id, d.next_attempt_at, e.disabled
+                     FROM endpoints_due p
+                     JOIN endpoints e ON e.id = p.id
+                     LEFT JOIN endpoint_held h ON h.id = p.id
+                     CROSS JOIN LATERAL (
+                         SELECT d.msg_id, d.endpoint_id, d.app_id, d.next_attempt_at
+                         FROM deliveries d
+                         -- The endpoint's due rows as a range of the by-endpoint index, in
+                         -- its order. Written as row comparisons, not `endpoint_id = p.id`:
+                         -- with an equality the planner may read the lane's time index in due
+                         -- order instead, filtering every row for this endpoint (it cannot know
+                         -- how much of the queue one endpoint holds), and that walk is the one
+                         -- this pass exists to avoid.
+                         WHERE (d.endpoint_id, d.next_attempt_at)
+                                   >= (p.id, (-9223372036854775808)::bigint)
+                           AND (d.endpoint_id, d.next_attempt_at) <= (p.id, $1)
+                           AND d.status IN (1, 3) AND {lane}
+                           AND (d.lease_token IS NULL OR d.leased_until <= $1)
+                         -- Due order for one endpoint, and a constant limit: the index read
+                         -- stops early. `by_endpoint` keeps only the endpoint's room.
+                         ORDER BY d.endpoint_id, d.next_attempt_at
+                         LIMIT $2
+                         FOR UPDATE OF d SKIP LOCKED
+                     ) d
+                     -- An endpoint's app is its deliveries' app: full apps are left out
+                     -- here, before their rows are read.
+                     WHERE COALESCE(h.held, 0) < $5
+                       AND e.app_id <> ALL(ARRAY(SELECT id FROM app_held WHERE held >= $8))
+                 ),"
+            ),
+            "0::bigint AS n_walked, 1::bigint AS walk_cap",
+        ),
+    };
     format!(
-        "WITH live AS (
+        "WITH RECURSIVE live AS (
              SELECT app_id, endpoint_id, COUNT(*) AS n
              FROM deliveries
              WHERE lease_token IS NOT NULL AND leased_until > $1
@@ -569,17 +707,7 @@ fn claim_statement(first_attempts: bool) -> String {
                    SELECT id, n FROM UNNEST($6::text[], $7::bigint[]) AS own(id, n)) h
              GROUP BY id
          ),
-         cand AS (
-             SELECT d.msg_id, d.endpoint_id, d.app_id, d.next_attempt_at, e.disabled
-             FROM deliveries d JOIN endpoints e ON e.id = d.endpoint_id
-             WHERE d.status IN (1, 3) AND d.next_attempt_at <= $1 AND {lane}
-               AND (d.lease_token IS NULL OR d.leased_until <= $1)
-               AND d.endpoint_id <> ALL(ARRAY(SELECT id FROM endpoint_held WHERE held >= $5))
-               AND d.app_id <> ALL(ARRAY(SELECT id FROM app_held WHERE held >= $8))
-             ORDER BY d.next_attempt_at
-             LIMIT $2
-             FOR UPDATE OF d SKIP LOCKED
-         ),
+         {candidates}
          by_endpoint AS (
              SELECT c.msg_id, c.endpoint_id, c.app_id, c.next_attempt_at,
                     row_number() OVER (PARTITION BY c.endpoint_id
@@ -620,10 +748,11 @@ fn claim_statement(first_attempts: bool) -> String {
          ),
          summary AS (
              SELECT COUNT(*) AS n_candidates,
-                    COUNT(*) FILTER (WHERE NOT disabled) AS n_enabled
+                    COUNT(*) FILTER (WHERE NOT disabled) AS n_enabled,
+                    {walked}
              FROM cand
          )
-         SELECT s.n_candidates, s.n_enabled,
+         SELECT s.n_candidates, s.n_enabled, s.n_walked, s.walk_cap,
                 j.msg_id, j.attempts, j.trigger_type, j.lease_token, j.m_app_id, j.event_type,
                 j.payload, j.e_id, j.e_app_id, j.e_uid, j.e_url, j.e_description,
                 j.e_throttle_rate, j.e_disabled, j.e_event_types, j.e_channels, j.e_metadata,
