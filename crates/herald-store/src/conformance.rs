@@ -55,6 +55,7 @@ checks!(
     a_claim_finds_work_behind_a_full_endpoints_long_backlog,
     a_recorded_attempt_is_logged_and_settles_the_delivery,
     due_deliveries_count_the_unfinished_and_date_the_oldest,
+    concurrent_records_each_report_their_own_fence,
     a_record_under_a_lapsed_lease_is_logged_but_leaves_the_newer_claims_state,
     a_resend_during_an_attempt_fences_the_attempts_record,
     a_recovered_delivery_is_claimed_under_a_new_lease_whose_record_applies,
@@ -782,6 +783,88 @@ pub async fn a_recorded_attempt_is_logged_and_settles_the_delivery(store: &dyn S
         "{deliveries:?}"
     );
     assert_eq!(store.next_due_at().await.expect("next due"), None);
+}
+
+/// Records made at once (a store may commit them together) each report their own fence: the
+/// ones under their claim's lease apply, the ones under a stale token are logged only.
+pub async fn concurrent_records_each_report_their_own_fence(store: &dyn Store) {
+    let app = stored_app(store, "A").await;
+    let ep = endpoint(&app.id);
+    store.create_endpoint(&ep).await.expect("endpoint");
+    let mut msgs = Vec::new();
+    for _ in 0..4 {
+        let msg = message(&app.id, None);
+        store
+            .create_message(msg.clone(), vec![ep.id.clone()])
+            .await
+            .expect("message");
+        msgs.push(msg);
+    }
+    let now = Utc::now() + chrono::Duration::seconds(1);
+    let jobs = store
+        .claim_due(&claim(now, 4, HashMap::new(), 10, HashMap::new(), 100))
+        .await
+        .expect("claim");
+    assert_eq!(jobs.len(), 4);
+    let record = |i: usize, stale: bool| {
+        let job = &jobs[i];
+        let msg = msgs
+            .iter()
+            .find(|m| m.id == job.msg_id)
+            .expect("a claimed message");
+        let lease = if stale {
+            LeaseToken(job.lease.0 + 1_000_000)
+        } else {
+            job.lease
+        };
+        store.record_attempt(attempt_record(
+            msg,
+            &ep,
+            lease,
+            now,
+            TriggerType::Scheduled,
+            NextStep::Delivered,
+            EndpointChange::Unchanged,
+        ))
+    };
+    let outcomes = tokio::join!(
+        record(0, false),
+        record(1, true),
+        record(2, false),
+        record(3, true)
+    );
+    let outcomes = [outcomes.0, outcomes.1, outcomes.2, outcomes.3].map(|o| o.expect("record"));
+    assert_eq!(
+        outcomes,
+        [
+            Recorded::Applied,
+            Recorded::Stale,
+            Recorded::Applied,
+            Recorded::Stale
+        ]
+    );
+    let page = first_page(true);
+    for (i, job) in jobs.iter().enumerate() {
+        let logged = store
+            .list_attempts(
+                &app.id,
+                &AttemptScope::Message(job.msg_id.clone()),
+                &AttemptQuery::default(),
+                &page,
+            )
+            .await
+            .expect("attempts");
+        assert_eq!(
+            logged.len(),
+            1,
+            "every record is logged, stale or not ({i})"
+        );
+    }
+    let due = store.due_deliveries(now).await.expect("due");
+    assert_eq!(
+        due.count, 2,
+        "the two stale records left their deliveries due"
+    );
 }
 
 /// The queue an operator watches: every due delivery not finished counts, those being
