@@ -30,6 +30,11 @@
 
 // ---- event types ----
 
+/// `MessageStore::due_deliveries`: through the partial index `deliveries_due`, which holds
+/// exactly the unfinished deliveries. `$1`: now, in milliseconds.
+pub(crate) const DUE_DELIVERIES: &str = "SELECT COUNT(*) AS n, MIN(next_attempt_at) AS oldest
+     FROM deliveries WHERE status IN (1, 3) AND next_attempt_at <= $1";
+
 pub(crate) const GET_EVENT_TYPE: &str = "SELECT * FROM event_types WHERE name = $1";
 /// The start of an event type listing; the caller adds the archived filter and the page.
 pub(crate) const LIST_EVENT_TYPES: &str = "SELECT * FROM event_types WHERE 1 = 1";

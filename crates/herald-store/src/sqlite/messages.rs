@@ -203,14 +203,10 @@ impl MessageStore for SqliteStore {
     }
 
     async fn due_deliveries(&self, now: DateTime<Utc>) -> Result<crate::DueDeliveries> {
-        // Through the partial index `deliveries_due`, which holds exactly the unfinished ones.
-        let row = sqlx::query(
-            "SELECT COUNT(*) AS n, MIN(next_attempt_at) AS oldest FROM deliveries
-             WHERE status IN (1, 3) AND next_attempt_at <= $1",
-        )
-        .bind(millis(now))
-        .fetch_one(&self.reader)
-        .await?;
+        let row = sqlx::query(crate::sql::DUE_DELIVERIES)
+            .bind(millis(now))
+            .fetch_one(&self.reader)
+            .await?;
         Ok(crate::DueDeliveries {
             count: u64::try_from(row.try_get::<i64, _>("n")?).unwrap_or(0),
             oldest_due_at: row
