@@ -146,7 +146,10 @@ pub async fn stream(
 
     let hub = state.hub.app(&app.id);
     let config = &state.sse;
-    if !hub.connect(config.max_connections_per_app) {
+    if !hub.connect(
+        config.max_connections_per_app,
+        herald_channels::Transport::Sse,
+    ) {
         return Err(fail(
             StatusCode::SERVICE_UNAVAILABLE,
             "the app is over its connection quota".into(),
@@ -325,7 +328,7 @@ impl Drop for Subscription {
         for channel in &self.channels {
             self.hub.unsubscribe(channel, &self.id);
         }
-        self.hub.disconnect();
+        self.hub.disconnect(herald_channels::Transport::Sse);
     }
 }
 

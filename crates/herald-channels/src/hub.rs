@@ -24,7 +24,7 @@ use std::{
     },
 };
 
-use herald_metrics::{ChannelMetrics, prometheus_client::metrics::counter::Counter};
+use herald_metrics::{ChannelMetrics, Transport, prometheus_client::metrics::counter::Counter};
 use serde::Serialize;
 use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
@@ -488,8 +488,8 @@ impl AppHub {
             .get()
             .map(|sync| sync.members_elsewhere(&self.app_id, channel))
     }
-    /// Counts a new connection (a WebSocket or an SSE stream) unless the app is at `limit`.
-    pub fn connect(&self, limit: u32) -> bool {
+    /// Counts a new connection over `transport` unless the app is at `limit`.
+    pub fn connect(&self, limit: u32, transport: Transport) -> bool {
         let admitted = self
             .connections
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
@@ -497,15 +497,15 @@ impl AppHub {
             })
             .is_ok();
         if admitted {
-            self.metrics.connections.inc();
+            self.metrics.connection(transport, true);
         }
         admitted
     }
 
-    /// A connection [`AppHub::connect`] admitted has closed.
-    pub fn disconnect(&self) {
+    /// A connection over `transport` that [`AppHub::connect`] admitted has closed.
+    pub fn disconnect(&self, transport: Transport) {
         self.connections.fetch_sub(1, Ordering::AcqRel);
-        self.metrics.connections.dec();
+        self.metrics.connection(transport, false);
     }
 
     pub fn connection_count(&self) -> u32 {
@@ -1351,10 +1351,17 @@ mod tests {
     #[test]
     fn connection_quota() {
         let hub = app_hub();
-        assert!(hub.connect(2) && hub.connect(2));
-        assert!(!hub.connect(2));
-        hub.disconnect();
-        assert!(hub.connect(2));
+        assert!(hub.connect(2, Transport::Pusher) && hub.connect(2, Transport::Sse));
+        assert!(!hub.connect(2, Transport::SocketIo));
+        hub.disconnect(Transport::Pusher);
+        assert!(hub.connect(2, Transport::SocketIo));
+        assert_eq!(hub.metrics.connections_over(Transport::Pusher), 0);
+        assert_eq!(hub.metrics.connections_over(Transport::Sse), 1);
+        assert_eq!(
+            hub.metrics.connections_over(Transport::SocketIo),
+            1,
+            "the refused one is not counted"
+        );
         assert_eq!(
             hub.metrics.connections.get(),
             2,

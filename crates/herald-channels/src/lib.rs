@@ -33,6 +33,7 @@ pub mod publisher;
 pub mod queue;
 mod turns;
 
+pub use herald_metrics::Transport;
 pub use hub::Hub;
 pub use protocol::Frame;
 pub use publication::{EventData, Outgoing, Publication};

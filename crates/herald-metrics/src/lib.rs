@@ -13,6 +13,7 @@
 //! | metric | type | group |
 //! |---|---|---|
 //! | `herald_connections` | gauge | [`ChannelMetrics`] |
+//! | `herald_transport_connections{transport}` | gauge | [`ChannelMetrics`] |
 //! | `herald_outbox_overflows_total` | counter | [`ChannelMetrics`] |
 //! | `herald_channel_webhook_events_dropped_total` | counter | [`ChannelMetrics`] |
 //! | `herald_publications_total` | counter | [`PublishMetrics`] |
@@ -71,24 +72,101 @@ impl Metrics {
     }
 }
 
+/// How a subscriber is connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    /// A WebSocket speaking the Pusher Channels protocol.
+    Pusher,
+    /// A Socket.IO connection.
+    SocketIo,
+    /// A Server-Sent Events stream.
+    Sse,
+}
+
+impl Transport {
+    pub const ALL: [Self; 3] = [Self::Pusher, Self::SocketIo, Self::Sse];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pusher => "pusher",
+            Self::SocketIo => "socketio",
+            Self::Sse => "sse",
+        }
+    }
+}
+
+impl EncodeLabelValue for Transport {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct TransportLabels {
+    pub transport: Transport,
+}
+
 /// The channel layer's hub: connections and slow subscribers; channel webhooks.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ChannelMetrics {
     /// Open WebSocket connections and SSE streams, counted where the app's connection quota
     /// admits and releases them.
     pub connections: Gauge,
+    /// The same, by transport.
+    pub transport_connections: Family<TransportLabels, Gauge>,
     /// Subscribers closed as too slow: their bounded outbox overflowed (each counted once).
     pub outbox_overflows_total: Counter,
     /// Channel webhook events dropped because too many were waiting to be stored.
     pub channel_webhook_events_dropped_total: Counter,
 }
 
+impl Default for ChannelMetrics {
+    fn default() -> Self {
+        let transport_connections = Family::<TransportLabels, Gauge>::default();
+        for transport in Transport::ALL {
+            drop(transport_connections.get_or_create(&TransportLabels { transport }));
+        }
+        Self {
+            connections: Gauge::default(),
+            transport_connections,
+            outbox_overflows_total: Counter::default(),
+            channel_webhook_events_dropped_total: Counter::default(),
+        }
+    }
+}
+
 impl ChannelMetrics {
+    /// A connection over `transport` opened (`opened`) or closed.
+    pub fn connection(&self, transport: Transport, opened: bool) {
+        let by_transport = self
+            .transport_connections
+            .get_or_create(&TransportLabels { transport });
+        if opened {
+            self.connections.inc();
+            by_transport.inc();
+        } else {
+            self.connections.dec();
+            by_transport.dec();
+        }
+    }
+
+    /// Connections open over `transport`.
+    pub fn connections_over(&self, transport: Transport) -> i64 {
+        self.transport_connections
+            .get_or_create(&TransportLabels { transport })
+            .get()
+    }
+
     fn register(&self, registry: &mut Registry) {
         registry.register(
             "connections",
             "Open WebSocket connections and SSE streams",
             self.connections.clone(),
+        );
+        registry.register(
+            "transport_connections",
+            "Open connections by transport: pusher (WebSocket), socketio, sse",
+            self.transport_connections.clone(),
         );
         registry.register(
             "outbox_overflows",
@@ -569,6 +647,7 @@ mod tests {
         let out = text(&registry);
         for name in [
             "# TYPE herald_connections gauge",
+            "herald_transport_connections{transport=\"socketio\"} 0",
             "# TYPE herald_outbox_overflows counter",
             "herald_outbox_overflows_total 0",
             "herald_channel_webhook_events_dropped_total 0",
@@ -601,7 +680,7 @@ mod tests {
         metrics.publish.fanout_deliveries_total.inc_by(3);
         metrics.delivery.attempt(AttemptOutcome::Success);
         metrics.listener.refused(Refusal::PerAddressCap);
-        metrics.channels.connections.inc();
+        metrics.channels.connection(Transport::Sse, true);
         metrics.delivery.attempt_status(503);
         metrics.delivery.attempt_status(0);
         metrics.api.ingest(IngestOutcome::Duplicate);
@@ -613,6 +692,8 @@ mod tests {
             "herald_delivery_attempts_total{outcome=\"success\"} 1",
             "herald_listener_connections_refused_total{reason=\"per_address_cap\"} 1",
             "herald_connections 1",
+            "herald_transport_connections{transport=\"sse\"} 1",
+            "herald_transport_connections{transport=\"pusher\"} 0",
             "herald_webhook_attempts_total{status_class=\"5xx\"} 1",
             "herald_webhook_attempts_total{status_class=\"none\"} 1",
             "herald_ingest_requests_total{outcome=\"duplicate\"} 1",

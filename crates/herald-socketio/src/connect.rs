@@ -51,7 +51,7 @@ pub(crate) struct ConnectionSlot(pub Arc<AppHub>);
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        self.0.disconnect();
+        self.0.disconnect(herald_channels::Transport::SocketIo);
     }
 }
 
@@ -141,7 +141,10 @@ async fn admit(
         Some(token) => Some(verify_token(&app, token)?),
     };
     let hub = face.hub.app(&app.id);
-    if !hub.connect(face.config.max_connections_per_app) {
+    if !hub.connect(
+        face.config.max_connections_per_app,
+        herald_channels::Transport::SocketIo,
+    ) {
         return Err(format!(
             "app `{key}` is over its connection quota ({})",
             face.config.max_connections_per_app

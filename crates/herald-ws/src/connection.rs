@@ -144,7 +144,7 @@ async fn connected(sink: Sink, stream: Stream, upgraded: Box<Upgraded>) {
                 permit,
             } = unbox(admitted);
             serve(sink, stream, app, Arc::clone(&hub), &state, permit).await;
-            hub.disconnect();
+            hub.disconnect(herald_channels::Transport::Pusher);
         }
     }
 }
@@ -212,7 +212,10 @@ fn admit(upgraded: Upgraded) -> Admitted {
         // Deleted after the key was looked up.
         return Admitted::Refused(close::APP_DOES_NOT_EXIST, APP_DELETED.to_owned());
     }
-    if !hub.connect(state.config.max_connections_per_app) {
+    if !hub.connect(
+        state.config.max_connections_per_app,
+        herald_channels::Transport::Pusher,
+    ) {
         return Admitted::Refused(
             close::OVER_CONNECTION_QUOTA,
             "the app is over its connection quota".to_owned(),

@@ -7,6 +7,7 @@ use serde_json::json;
 use crate::{
     harness::{ADMIN_TOKEN, Receiver, Reply, TestServer, eventually},
     ingest::{now, post, source, stripe_header},
+    pusher::{Client, pusher_app},
 };
 
 /// The scrape's status, content type and body, with `token` as the bearer (if any).
@@ -181,6 +182,34 @@ async fn counters_and_gauges_move_as_events_flow() {
         (sample(&text, "herald_delivery_queue_due") == 1.0
             && sample(&text, "herald_delivery_queue_oldest_due_age_seconds") > 0.0)
             .then_some(())
+    })
+    .await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn connections_are_counted_by_transport_while_open() {
+    let server = TestServer::start().await;
+    let (_, creds) = pusher_app(&server, "counted").await;
+    let pusher = "herald_transport_connections{transport=\"pusher\"}";
+    let sse = "herald_transport_connections{transport=\"sse\"}";
+    let before = scrape(&server).await;
+    assert_eq!(sample(&before, pusher), 0.0);
+
+    let client = Client::connect(&server, &creds.key).await;
+    let text = scrape(&server).await;
+    assert_eq!(
+        sample(&text, pusher),
+        1.0,
+        "the WebSocket is admitted before it is greeted"
+    );
+    assert_eq!(sample(&text, sse), 0.0);
+    assert_eq!(sample(&text, "herald_connections"), 1.0);
+
+    drop(client);
+    eventually("the closed WebSocket leaves the count", || async {
+        let text = scrape(&server).await;
+        (sample(&text, pusher) == 0.0 && sample(&text, "herald_connections") == 0.0).then_some(())
     })
     .await;
     server.stop().await;
