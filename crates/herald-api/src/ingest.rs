@@ -21,7 +21,7 @@ use herald_core::{
     ingest::{self, Request, SourceKind, template},
     model::{App, IngestEvent, IngestSource, Message},
 };
-use herald_metrics::{IngestOutcome, Limit};
+use herald_metrics::IngestOutcome;
 use herald_store::IngestRecorded;
 use serde::Serialize;
 use serde_json::Value;
@@ -61,13 +61,11 @@ pub async fn receive(
         .client_address(peer.map(|Extension(ConnectInfo(p))| p), &headers);
     let api = &state.metrics.api;
     if let Err(limited) = state.ingest_limits.check_client(client) {
-        api.limit_hit(Limit::IngestPerAddress);
         api.ingest(IngestOutcome::RateLimited);
         return limited.into_response();
     }
     match receive_from(&state, &source_id, &headers, body).await {
         Ok(Answer::Limited(limited)) => {
-            api.limit_hit(Limit::IngestPerSource);
             api.ingest(IngestOutcome::RateLimited);
             limited.into_response()
         }

@@ -91,10 +91,6 @@ fn charge(state: &ApiState, app: &App, events: usize) -> Result<(), PusherError>
         .publish_limits
         .check_app(app.id.as_str(), events)
         .map_err(|limited| {
-            state
-                .metrics
-                .api
-                .limit_hit(herald_metrics::Limit::PublishPerApp);
             let seconds = limited.retry_after_secs();
             PusherError {
                 retry_after: Some(seconds),

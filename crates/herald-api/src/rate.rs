@@ -13,7 +13,10 @@ use std::{
     hash::Hash,
     net::IpAddr,
     num::NonZeroU32,
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
     time::Duration,
 };
 
@@ -22,6 +25,8 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter, clock::Clock};
+
+use herald_metrics::{ApiMetrics, Limit};
 
 use crate::ApiError;
 
@@ -135,6 +140,8 @@ impl<K: Hash + Eq + Clone> Keyed<K> {
 pub struct IngestLimiter {
     per_ip: Option<Keyed<IpAddr>>,
     per_source: Option<Keyed<String>>,
+    /// Counts each refusal by the limit that made it (`herald_limits_hit_total`).
+    hits: Arc<ApiMetrics>,
 }
 
 impl std::fmt::Debug for IngestLimiter {
@@ -157,7 +164,14 @@ impl IngestLimiter {
         Self {
             per_ip: Keyed::new(rates.per_ip),
             per_source: Keyed::new(rates.per_source),
+            hits: Arc::default(),
         }
+    }
+
+    /// Counts refusals into the node's registered metrics instead of detached ones.
+    pub fn counting_into(mut self, hits: Arc<ApiMetrics>) -> Self {
+        self.hits = hits;
+        self
     }
 
     /// One request from `client` (its address as the per-address limits see it; `None`, as
@@ -167,6 +181,7 @@ impl IngestLimiter {
             return Ok(());
         };
         keyed.check(&ip).map_err(|retry_after| {
+            self.hits.limit_hit(Limit::IngestPerAddress);
             tracing::info!(%ip, ?retry_after, "refused a request to /ingest over its address's rate");
             Limited {
             message: format!(
@@ -185,6 +200,7 @@ impl IngestLimiter {
         keyed
             .check(&source_id.to_owned())
             .map_err(|retry_after| {
+                self.hits.limit_hit(Limit::IngestPerSource);
                 tracing::info!(source = source_id, ?retry_after, "refused a request to /ingest over its source's rate");
                 Limited {
                 message: format!(
@@ -221,6 +237,8 @@ impl Default for PublishRates {
 /// The per-app publish limit, shared by every request of a node.
 pub struct PublishLimiter {
     per_app: Option<Keyed<String>>,
+    /// Counts each refusal (`herald_limits_hit_total{limit="publish_per_app"}`).
+    hits: Arc<ApiMetrics>,
 }
 
 impl std::fmt::Debug for PublishLimiter {
@@ -241,7 +259,14 @@ impl PublishLimiter {
     pub fn new(rates: PublishRates) -> Self {
         Self {
             per_app: Keyed::new(rates.per_app),
+            hits: Arc::default(),
         }
+    }
+
+    /// Counts refusals into the node's registered metrics instead of detached ones.
+    pub fn counting_into(mut self, hits: Arc<ApiMetrics>) -> Self {
+        self.hits = hits;
+        self
     }
 
     /// `events` more publications by the app `app_id` (known to exist).
@@ -254,6 +279,7 @@ impl PublishLimiter {
         keyed
             .check_n(&app_id.to_owned(), n)
             .map_err(|retry_after| {
+                self.hits.limit_hit(Limit::PublishPerApp);
                 tracing::info!(app = app_id, events, ?retry_after, "refused a publication over its app's rate");
                 Limited {
                 message: format!(
@@ -282,9 +308,17 @@ mod tests {
         }
     }
 
+    fn hits(metrics: &ApiMetrics, limit: Limit) -> u64 {
+        metrics
+            .limits_hit_total
+            .get_or_create(&herald_metrics::LimitLabels { limit })
+            .get()
+    }
+
     #[test]
     fn each_address_and_each_source_has_its_own_burst() {
-        let limiter = IngestLimiter::new(rates(1, 1));
+        let metrics = Arc::new(ApiMetrics::default());
+        let limiter = IngestLimiter::new(rates(1, 1)).counting_into(Arc::clone(&metrics));
         let a = Some(IpAddr::from([10, 0, 0, 1]));
         let b = Some(IpAddr::from([10, 0, 0, 2]));
         assert!(limiter.check_client(a).is_ok());
@@ -306,16 +340,25 @@ mod tests {
         assert!(limiter.check_source("src_1").is_ok());
         assert!(limiter.check_source("src_1").is_err());
         assert!(limiter.check_source("src_2").is_ok());
+        assert_eq!(
+            hits(&metrics, Limit::IngestPerAddress),
+            1,
+            "each refusal counted"
+        );
+        assert_eq!(hits(&metrics, Limit::IngestPerSource), 1);
+        assert_eq!(hits(&metrics, Limit::PublishPerApp), 0);
     }
 
     #[test]
     fn each_app_has_its_own_publish_budget_counted_in_events() {
+        let metrics = Arc::new(ApiMetrics::default());
         let limiter = PublishLimiter::new(PublishRates {
             per_app: Rate {
                 per_second: 1,
                 burst: 3,
             },
-        });
+        })
+        .counting_into(Arc::clone(&metrics));
         assert!(limiter.check_app("app_a", 2).is_ok());
         let limited = limiter
             .check_app("app_a", 2)
@@ -327,6 +370,11 @@ mod tests {
         );
         assert!(limited.retry_after > Duration::ZERO);
         assert!(limiter.check_app("app_a", 1).is_ok(), "one is still left");
+        assert_eq!(
+            hits(&metrics, Limit::PublishPerApp),
+            1,
+            "the refusal counted"
+        );
         assert!(
             limiter.check_app("app_b", 3).is_ok(),
             "another app has its own"

@@ -287,10 +287,14 @@ pub async fn run_with(
         config.client_limits(),
     ));
     state.sse = config.sse_config(&clients);
-    state.ingest_limits = Arc::new(herald_api::rate::IngestLimiter::new(config.ingest_rates()));
-    state.publish_limits = Arc::new(herald_api::rate::PublishLimiter::new(
-        config.publish_rates(),
-    ));
+    state.ingest_limits = Arc::new(
+        herald_api::rate::IngestLimiter::new(config.ingest_rates())
+            .counting_into(Arc::clone(&metrics.api)),
+    );
+    state.publish_limits = Arc::new(
+        herald_api::rate::PublishLimiter::new(config.publish_rates())
+            .counting_into(Arc::clone(&metrics.api)),
+    );
     state.shutdown = shutdown.clone();
     state.retention_day = config.retention().day;
     state.metrics_registry = Arc::new(registry);

@@ -214,10 +214,6 @@ pub async fn create(
     validate_in(&input)?;
     let app = app_for_create(&state, &caller, &app_id, input.application).await?;
     if let Err(limited) = state.publish_limits.check_app(app.id.as_str(), 1) {
-        state
-            .metrics
-            .api
-            .limit_hit(herald_metrics::Limit::PublishPerApp);
         return Ok(limited.into_response());
     }
 

@@ -393,12 +393,13 @@ impl MessageStore for PostgresStore {
             if jobs.len() >= limit {
                 break;
             }
+            let short = candidates < i64::try_from(fetch).unwrap_or(i64::MAX);
             // The walk in time order stopped at its length with too few candidates: what it
             // read belonged to endpoints or apps at their limit (one busy endpoint's backlog)
             // or was in flight. Whatever else is due is further down: look endpoint by
             // endpoint, which costs a probe per endpoint instead of a row per backlogged
-            // delivery (walking it all on every claim was the collapse PERFORMANCE.md tells).
-            if walk_ended_early && candidates < i64::try_from(fetch).unwrap_or(i64::MAX) {
+            // delivery (reading it all cost 34 ms a claim at 200,000 queued: PERFORMANCE.md).
+            if walk_ended_early && short {
                 walk = Walk::ByEndpoint;
                 continue;
             }
@@ -406,10 +407,7 @@ impl MessageStore for PostgresStore {
             // that others' rows, further down the queue, could have had. The next pass leaves
             // the full ones out in the query.
             let crowded_out = enabled > claimed;
-            if !crowded_out
-                || candidates < i64::try_from(fetch).unwrap_or(i64::MAX)
-                || jobs.len() >= limit
-            {
+            if !crowded_out || short {
                 break;
             }
         }
@@ -573,8 +571,8 @@ impl Held {
 /// earliest due, unleased or lease-expired rows of the lane, leaving out endpoints and apps
 /// already at their limit, found by the pass's [`Walk`]: in due order for at most `$11` rows
 /// beyond those in flight (`walked`), or endpoint by endpoint (`endpoints_due`, a skip scan,
-/// then each endpoint's earliest due rows); of these, `by_endpoint` keeps each endpoint's first `limit - held`
-/// rows (disabled endpoints' rows go to `refused`), `by_app` each app's first `limit - held`
+/// then each endpoint's earliest due rows); of these, `by_endpoint` keeps each endpoint's
+/// first `limit - held` rows (disabled endpoints' rows go to `refused`), `by_app` each app's first `limit - held`
 /// of those, and `chosen` the earliest `$9` overall — the rows a greedy walk in due order
 /// would take, since an endpoint belongs to one app. `leased` gives each a fresh token;
 /// `refused` fails disabled endpoints' rows as the SQLite store does. The summary row
@@ -598,12 +596,15 @@ fn claim_statement(first_attempts: bool, walk: Walk) -> String {
             // The lane's earliest due rows, leased ones too: the walk stops after `$11` rows
             // beyond what is in flight, however many of them belong to full endpoints.
             format!(
-                "walked AS (
+                "walk_cap AS (
+                     SELECT ($11 + COALESCE(SUM(n), 0))::bigint AS n FROM live
+                 ),
+                 walked AS (
                      SELECT d.msg_id, d.endpoint_id, d.app_id, d.lease_token, d.leased_until
                      FROM deliveries d
                      WHERE d.status IN (1, 3) AND d.next_attempt_at <= $1 AND {lane}
                      ORDER BY d.next_attempt_at
-                     LIMIT $11 + (SELECT COALESCE(SUM(n), 0) FROM live)
+                     LIMIT (SELECT n FROM walk_cap)
                  ),
                  cand AS (
                      SELECT d.msg_id, d.endpoint_id, d.app_id, d.next_attempt_at, e.disabled
@@ -630,8 +631,7 @@ fn claim_statement(first_attempts: bool, walk: Walk) -> String {
                      LIMIT $2
                  ),"
             ),
-            "(SELECT COUNT(*) FROM walked) AS n_walked,
-             (SELECT $11 + COALESCE(SUM(n), 0) FROM live)::bigint AS walk_cap",
+            "(SELECT COUNT(*) FROM walked) AS n_walked, (SELECT n FROM walk_cap) AS walk_cap",
         ),
         Walk::ByEndpoint => (
             // A skip scan over the endpoints with unfinished deliveries in the lane (one index

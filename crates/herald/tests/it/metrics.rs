@@ -214,3 +214,57 @@ async fn connections_are_counted_by_transport_while_open() {
     .await;
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_request_over_a_rate_limit_is_counted_by_its_limit() {
+    let server = TestServer::start_with(|c| {
+        c.ingest.requests_per_second_per_source = 1;
+        c.ingest.request_burst_per_source = 1;
+    })
+    .await;
+    let app = server.create_app("limited").await;
+    let secret = "whsec_limited_secret";
+    let stripe = source(
+        &server,
+        &app,
+        json!({"kind": "stripe", "secrets": [secret]}),
+    )
+    .await;
+    let body = br#"{"id":"evt_9","object":"event","type":"charge.succeeded","data":{"object":{}}}"#;
+    let (status, answer) = post(
+        &server,
+        &stripe,
+        &[stripe_header(secret, body, now())],
+        body,
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, answer) = post(
+        &server,
+        &stripe,
+        &[stripe_header(secret, body, now())],
+        body,
+    )
+    .await;
+    assert_eq!(status, 429, "the source's burst of 1 is spent: {answer}");
+    let text = scrape(&server).await;
+    assert_eq!(
+        sample(
+            &text,
+            "herald_limits_hit_total{limit=\"ingest_per_source\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "herald_ingest_requests_total{outcome=\"rate_limited\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(&text, "herald_limits_hit_total{limit=\"publish_per_app\"}"),
+        0.0
+    );
+    server.stop().await;
+}
