@@ -54,6 +54,9 @@ pub struct ApiState {
     /// Large inbound webhooks verified at once on the blocking pool, at most one per core, so
     /// a flood of them queues instead of crowding out everything else.
     pub large_verifications: Arc<tokio::sync::Semaphore>,
+    /// Live tails (`GET /api/v1/app/{app_id}/tail`) being served, at most
+    /// [`v1::MAX_TAILS`].
+    pub tails: Arc<tokio::sync::Semaphore>,
     pub sse: sse::SseConfig,
     /// Request rates on `/ingest`, per client address and per source.
     pub ingest_limits: Arc<rate::IngestLimiter>,
@@ -115,6 +118,7 @@ impl ApiState {
             large_verifications: Arc::new(tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
             )),
+            tails: Arc::new(tokio::sync::Semaphore::new(v1::MAX_TAILS)),
             sse: sse::SseConfig::default(),
             ingest_limits: Arc::default(),
             publish_limits: Arc::default(),

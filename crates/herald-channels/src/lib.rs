@@ -31,6 +31,7 @@ pub mod protocol;
 pub mod publication;
 pub mod publisher;
 pub mod queue;
+pub mod tail;
 mod turns;
 
 pub use herald_metrics::Transport;
@@ -38,6 +39,7 @@ pub use hub::Hub;
 pub use protocol::Frame;
 pub use publication::{EventData, Outgoing, Publication};
 pub use publisher::{Publish, PublishError, Published, Publisher, Webhook};
+pub use tail::{Source, Tail, TailEvent};
 
 /// Now, at the millisecond precision the store keeps.
 pub(crate) fn now() -> chrono::DateTime<chrono::Utc> {

@@ -46,6 +46,7 @@ use crate::{
     broker::Broker,
     history::History,
     publication::{EventData, Publication},
+    tail::{Source, Tail, TailEvent},
     turns::{ChannelTurns, Step},
 };
 
@@ -115,6 +116,19 @@ pub enum Webhook {
     Ingest(Box<IngestEvent>, Message),
 }
 
+impl Webhook {
+    /// Where a publication with this webhook side came from: each producer makes one kind
+    /// (see [`Publish`]'s constructors; client events have none).
+    fn source(&self) -> Source {
+        match self {
+            Self::None => Source::Client,
+            Self::Message(_) => Source::Api,
+            Self::IfWanted => Source::Pusher,
+            Self::Ingest(..) => Source::Ingest,
+        }
+    }
+}
+
 /// What a publication did.
 #[derive(Debug)]
 pub struct Published {
@@ -179,6 +193,7 @@ struct Shared {
     turns: ChannelTurns,
     metrics: Arc<PublishMetrics>,
     payload_retention: PayloadRetention,
+    tail: Tail,
 }
 
 /// A publication whose targets are chosen, ready to commit and fan out.
@@ -194,6 +209,7 @@ struct Plan {
     except: Option<String>,
     message: Option<(Message, Vec<EndpointId>)>,
     ingest: Option<Box<IngestEvent>>,
+    source: Source,
 }
 
 impl Publisher {
@@ -213,6 +229,7 @@ impl Publisher {
                 turns: ChannelTurns::default(),
                 metrics,
                 payload_retention: PayloadRetention::default(),
+                tail: Tail::default(),
             }),
         }
     }
@@ -227,6 +244,11 @@ impl Publisher {
 
     pub fn history(&self) -> &Arc<History> {
         &self.shared.history
+    }
+
+    /// The live tail of what this node publishes.
+    pub fn tail(&self) -> &Tail {
+        &self.shared.tail
     }
 
     /// Ends a deleted app's connections and streams on every node. Call it after the app is
@@ -267,6 +289,7 @@ impl Publisher {
             except,
             webhook,
         } = publish;
+        let source = webhook.source();
         let channels = subscribable(&channels);
         let mut kept: Vec<(String, (Retention, String))> = channels
             .iter()
@@ -329,6 +352,7 @@ impl Publisher {
             except,
             message,
             ingest,
+            source,
         };
         let commits = !plan.kept.is_empty() || plan.message.is_some() || plan.ingest.is_some();
         if plan.channels.is_empty() || !commits {
@@ -363,8 +387,27 @@ impl Shared {
             except,
             message,
             ingest,
+            source,
         } = plan;
         let wake = message.as_ref().is_some_and(|(_, t)| !t.is_empty());
+        // Built before the commit takes the message, and only if someone watches.
+        let tailed = self.tail.is_watched().then(|| TailEvent {
+            app_id: app_id.clone(),
+            source,
+            event: event.clone(),
+            channels: match &message {
+                Some((message, _)) => message.channels.clone().unwrap_or_default(),
+                None => channels.clone(),
+            },
+            message_id: message.as_ref().map(|(m, _)| m.id.clone()),
+            event_id: message.as_ref().and_then(|(m, _)| m.event_id.clone()),
+            data: match &message {
+                Some((message, _)) => EventData::payload(&message.payload),
+                None => data.clone(),
+            },
+            json: message.is_some() || data.is_json(),
+            at: chrono::Utc::now(),
+        });
 
         // 2. One commit. Tickets on the history channels keep this node's order on each: the
         // write is queued, and the publication handed over, after those of every publication
@@ -424,7 +467,10 @@ impl Shared {
 
         // (Taken already by a two-step write.)
         turns.pass(Step::Queue);
-        self.metrics.publications_total.inc();
+        self.metrics.published(source);
+        if let Some(event) = tailed {
+            self.tail.offer(event);
+        }
 
         // 3. Wake delivery.
         if wake {
@@ -448,7 +494,12 @@ impl Shared {
             })
             .collect();
         turns.wait(Step::HandOver).await;
-        let sent = match self.broker.publish(&publications).await {
+        let handing = std::time::Instant::now();
+        let handed = self.broker.publish(&publications).await;
+        self.metrics
+            .broker_publish_seconds
+            .observe(handing.elapsed().as_secs_f64());
+        let sent = match handed {
             Ok(sent) => sent,
             Err(e) => {
                 // Committed: history channels' subscribers recover it by offset.

@@ -16,9 +16,12 @@
 //! | `herald_transport_connections{transport}` | gauge | [`ChannelMetrics`] |
 //! | `herald_outbox_overflows_total` | counter | [`ChannelMetrics`] |
 //! | `herald_channel_webhook_events_dropped_total` | counter | [`ChannelMetrics`] |
-//! | `herald_publications_total` | counter | [`PublishMetrics`] |
+//! | `herald_publications_total{source}` | counter | [`PublishMetrics`] |
 //! | `herald_fanout_deliveries_total` | counter | [`PublishMetrics`] |
 //! | `herald_publish_failures_total` | counter | [`PublishMetrics`] |
+//! | `herald_broker_publish_seconds` | histogram | [`PublishMetrics`] |
+//! | `herald_store_commit_seconds` | histogram | [`StoreMetrics`] |
+//! | `herald_store_commit_writes` | histogram | [`StoreMetrics`] |
 //! | `herald_delivery_attempts_total{outcome}` | counter | [`DeliveryMetrics`] |
 //! | `herald_delivery_claimed_jobs_total` | counter | [`DeliveryMetrics`] |
 //! | `herald_webhook_attempts_total{status_class}` | counter | [`DeliveryMetrics`] |
@@ -33,7 +36,12 @@ use std::sync::Arc;
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
 };
 use std::sync::atomic::AtomicU64;
 
@@ -49,6 +57,7 @@ pub struct Metrics {
     pub listener: Arc<ListenerMetrics>,
     pub queue: Arc<QueueMetrics>,
     pub api: Arc<ApiMetrics>,
+    pub store: Arc<StoreMetrics>,
 }
 
 impl Metrics {
@@ -62,6 +71,7 @@ impl Metrics {
         metrics.listener.register(registry);
         metrics.queue.register(registry);
         metrics.api.register(registry);
+        metrics.store.register(registry);
         metrics
     }
 
@@ -104,6 +114,43 @@ impl EncodeLabelValue for Transport {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct TransportLabels {
     pub transport: Transport,
+}
+
+/// Where a publication came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Source {
+    /// The Svix-shaped message API (and replays through it).
+    Api,
+    /// The Pusher HTTP API.
+    Pusher,
+    /// A verified inbound webhook (`/ingest/{source}`).
+    Ingest,
+    /// A client event sent by a WebSocket or Socket.IO client.
+    Client,
+}
+
+impl Source {
+    pub const ALL: [Self; 4] = [Self::Api, Self::Pusher, Self::Ingest, Self::Client];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Api => "api",
+            Self::Pusher => "pusher",
+            Self::Ingest => "ingest",
+            Self::Client => "client",
+        }
+    }
+}
+
+impl EncodeLabelValue for Source {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: Source,
 }
 
 /// The channel layer's hub: connections and slow subscribers; channel webhooks.
@@ -182,23 +229,56 @@ impl ChannelMetrics {
 }
 
 /// The publish path.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PublishMetrics {
     /// Publications committed (or, with nothing to store, such as a client event, accepted
-    /// for fan-out); a repeated inbound webhook publishes nothing and is not counted.
-    pub publications_total: Counter,
+    /// for fan-out), by source; a repeated inbound webhook publishes nothing and is not
+    /// counted.
+    pub publications_total: Family<SourceLabels, Counter>,
     /// Subscribers on this node a publication was handed to.
     pub fanout_deliveries_total: Counter,
     /// Publications that failed: the store failed (nothing was published), or the broker
     /// failed to fan a committed one out (history channels' subscribers recover it by offset).
     pub publish_failures_total: Counter,
+    /// How long handing a publication to the broker took: this node's fan-out and, in a
+    /// cluster, the send to the other nodes (a Redis or NATS publish, or PostgreSQL's NOTIFY).
+    pub broker_publish_seconds: Histogram,
+}
+
+impl Default for PublishMetrics {
+    fn default() -> Self {
+        let publications_total = Family::<SourceLabels, Counter>::default();
+        for source in Source::ALL {
+            drop(publications_total.get_or_create(&SourceLabels { source }));
+        }
+        Self {
+            publications_total,
+            fanout_deliveries_total: Counter::default(),
+            publish_failures_total: Counter::default(),
+            broker_publish_seconds: seconds_histogram(),
+        }
+    }
 }
 
 impl PublishMetrics {
+    /// Counts one publication from `source`.
+    pub fn published(&self, source: Source) {
+        self.publications_total
+            .get_or_create(&SourceLabels { source })
+            .inc();
+    }
+
+    /// Publications counted from `source`.
+    pub fn publications(&self, source: Source) -> u64 {
+        self.publications_total
+            .get_or_create(&SourceLabels { source })
+            .get()
+    }
+
     fn register(&self, registry: &mut Registry) {
         registry.register(
             "publications",
-            "Publications committed",
+            "Publications committed, by source",
             self.publications_total.clone(),
         );
         registry.register(
@@ -210,6 +290,11 @@ impl PublishMetrics {
             "publish_failures",
             "Publications that failed in the store or the broker",
             self.publish_failures_total.clone(),
+        );
+        registry.register(
+            "broker_publish_seconds",
+            "Time to hand a publication to the broker: local fan-out and the send to other nodes",
+            self.broker_publish_seconds.clone(),
         );
     }
 }
@@ -481,6 +566,51 @@ impl QueueMetrics {
     }
 }
 
+/// Seconds from 100 µs to about 13 s, doubling: a commit, a fan-out.
+fn seconds_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+}
+
+/// The store's commits of the hot writes (messages, publications, attempt records).
+#[derive(Debug)]
+pub struct StoreMetrics {
+    /// How long a commit took, from the store taking its writes to the commit's end.
+    pub commit_seconds: Histogram,
+    /// How many writes a commit carried: SQLite's group commit gathers the writes waiting,
+    /// PostgreSQL commits each on its own (always 1).
+    pub commit_writes: Histogram,
+}
+
+impl Default for StoreMetrics {
+    fn default() -> Self {
+        Self {
+            commit_seconds: seconds_histogram(),
+            commit_writes: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
+        }
+    }
+}
+
+impl StoreMetrics {
+    /// Records one commit of `writes` writes that took `took`.
+    pub fn commit(&self, writes: usize, took: std::time::Duration) {
+        self.commit_seconds.observe(took.as_secs_f64());
+        self.commit_writes.observe(writes as f64);
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "store_commit_seconds",
+            "Time the store took to commit a group of hot writes",
+            self.commit_seconds.clone(),
+        );
+        registry.register(
+            "store_commit_writes",
+            "Writes per store commit (SQLite groups them; PostgreSQL commits each alone)",
+            self.commit_writes.clone(),
+        );
+    }
+}
+
 /// What an inbound webhook request came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum IngestOutcome {
@@ -651,7 +781,8 @@ mod tests {
             "# TYPE herald_outbox_overflows counter",
             "herald_outbox_overflows_total 0",
             "herald_channel_webhook_events_dropped_total 0",
-            "herald_publications_total 0",
+            "herald_publications_total{source=\"api\"} 0",
+            "herald_publications_total{source=\"client\"} 0",
             "herald_fanout_deliveries_total 0",
             "herald_publish_failures_total 0",
             "herald_delivery_attempts_total{outcome=\"success\"} 0",
@@ -666,6 +797,9 @@ mod tests {
             "herald_ingest_requests_total{outcome=\"invalid_signature\"} 0",
             "herald_limits_hit_total{limit=\"publish_per_app\"} 0",
             "herald_listener_connections_accepted_total 0",
+            "# TYPE herald_store_commit_seconds histogram",
+            "# TYPE herald_store_commit_writes histogram",
+            "# TYPE herald_broker_publish_seconds histogram",
             "herald_listener_connections_refused_total{reason=\"global_cap\"} 0",
             "herald_listener_connections_refused_total{reason=\"per_address_cap\"} 0",
         ] {

@@ -55,6 +55,18 @@ pub enum StoreError {
     Secret(#[from] secrets::SecretError),
 }
 
+/// What `herald doctor` learns of a store without changing it: whether its schema is
+/// Herald's current one, and the database server's clock where there is one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inspection {
+    /// Migrations applied to the store (0 for a store not created yet).
+    pub applied_migrations: usize,
+    /// Migrations this build of Herald knows.
+    pub known_migrations: usize,
+    /// The database server's clock (PostgreSQL); SQLite has none of its own.
+    pub server_time: Option<chrono::DateTime<chrono::Utc>>,
+}
+
 impl StoreError {
     /// The database cannot be reached (refused or lost connections, a pool that timed out, a
     /// server shutting down or not yet accepting connections), as opposed to a request it
@@ -736,6 +748,9 @@ pub trait StoreLifecycle: Send + Sync + 'static {
     async fn ping(&self) -> Result<()>;
     /// Finish pending writes and close connections.
     async fn close(&self);
+    /// Records each commit of the hot writes (its duration and writes) in `metrics` from now
+    /// on; the first call wins.
+    fn observe_commits(&self, metrics: std::sync::Arc<herald_metrics::StoreMetrics>);
 }
 
 /// Everything Herald remembers: every sub-trait at once. Implement the sub-traits; the blanket

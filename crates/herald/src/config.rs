@@ -596,6 +596,14 @@ struct EnvKeys {
 const ENV_PREFIX: &str = "HERALD_";
 /// `HERALD_LOG` is the binary's log filter: expected, never configuration, not reported.
 const LOG_VARIABLE: &str = "HERALD_LOG";
+/// The variables of the commands that talk to a server (`herald send`, `listen`, ...): not
+/// configuration keys, but no mistake either.
+const CLI_VARIABLES: [&str; 4] = [
+    "HERALD_URL",
+    "HERALD_TOKEN",
+    "HERALD_CLI_CONFIG",
+    "HERALD_LISTEN_SECRET",
+];
 
 impl EnvKeys {
     /// The keys of [`Config`] as it serializes (every field is written, `None` too).
@@ -648,6 +656,7 @@ impl EnvKeys {
                     .strip_prefix(ENV_PREFIX)
                     .is_some_and(|rest| !rest.is_empty() && self.key(rest).is_none())
                     && !name.eq_ignore_ascii_case(LOG_VARIABLE)
+                    && !CLI_VARIABLES.iter().any(|v| name.eq_ignore_ascii_case(v))
             })
             .collect();
         ignored.sort();
@@ -1554,15 +1563,13 @@ mod tests {
             assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
 
             let ignored = EnvKeys::of_config().map_err(|e| e.to_string())?.ignored();
-            for name in [
-                "HERALD_CLIENT__PROFILE",
-                "HERALD_LISTN",
-                "HERALD_TOKEN",
-                "HERALD_URL",
-            ] {
+            for name in ["HERALD_CLIENT__PROFILE", "HERALD_LISTN"] {
                 assert!(ignored.iter().any(|i| i == name), "{name} in {ignored:?}");
             }
+            // The CLI's own variables are not configuration, and no mistake either.
             for read in [
+                "HERALD_TOKEN",
+                "HERALD_URL",
                 "HERALD_LOG",
                 "HERALD_ADMIN_TOKEN",
                 "HERALD_WS__TRUSTED_PROXIES",

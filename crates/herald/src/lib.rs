@@ -136,6 +136,7 @@ pub async fn run_with(
     // One registry, no global recorder: each component gets its group of handles.
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
+    store.observe_commits(Arc::clone(&metrics.store));
 
     let delivery = config.delivery_config();
     let client = WebhookClient::new(&delivery)?;

@@ -1,8 +1,11 @@
-//! `herald`: the command line. Process concerns only: flags, logging, signals, exit codes.
+//! `herald`: the command line. Process concerns here (flags, logging, signals, exit codes);
+//! the commands that talk to a running server, and `doctor`, are in `cli/`.
+
+mod cli;
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use herald::{
     Config, DEV_API_TOKEN, DEV_APP_UID, DEV_PUSHER_APP_ID, DEV_PUSHER_KEY, DEV_PUSHER_SECRET,
     config::Overrides,
@@ -74,6 +77,34 @@ enum Command {
         #[arg(long = "data", value_name = "DIR")]
         data_dir: Option<PathBuf>,
     },
+    /// Create and list apps, and show their credentials.
+    App {
+        #[command(subcommand)]
+        command: cli::app::AppCommand,
+        #[command(flatten)]
+        remote: cli::Remote,
+    },
+    /// Add, list, disable and enable webhook endpoints; rotate their secrets.
+    Endpoint {
+        #[command(subcommand)]
+        command: cli::endpoint::EndpointCommand,
+        #[command(flatten)]
+        remote: cli::Remote,
+    },
+    /// Publish an event to an app's endpoints and channels.
+    Send(cli::send::SendArgs),
+    /// Print an app's events live; with --forward-to, POST each to a local server, signed.
+    Listen(cli::listen::ListenArgs),
+    /// Resend an endpoint's failed messages since a time.
+    Replay(cli::replay::ReplayArgs),
+    /// Check the configuration, store, broker, TLS files and clock (and optionally a running
+    /// server and a webhook URL), and say what is wrong and how to fix it.
+    Doctor(cli::doctor::DoctorArgs),
+    /// Print a shell completion script: `herald completions bash > /etc/bash_completion.d/herald`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 fn main() -> ExitCode {
@@ -85,6 +116,21 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    let command = match cli.command {
+        Command::Completions { shell } => {
+            let mut command = Cli::command();
+            clap_complete::generate(shell, &mut command, "herald", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Command::App { .. }
+        | Command::Endpoint { .. }
+        | Command::Send(_)
+        | Command::Listen(_)
+        | Command::Replay(_)
+        | Command::Doctor(_) => return client(cli.command),
+        command => command,
+    };
+    let cli = Cli { command };
     let dev_tls = matches!(cli.command, Command::Serve { dev_tls: true, .. });
     let rotate = matches!(cli.command, Command::RotateMainKey { .. });
     let (config, overrides, migrate_only) = match cli.command {
@@ -115,6 +161,7 @@ fn main() -> ExitCode {
             },
             true,
         ),
+        _ => unreachable!("the client commands returned above"),
     };
     let config = match Config::load(config.as_deref(), &overrides) {
         Ok(config) => config,
@@ -148,6 +195,39 @@ fn main() -> ExitCode {
     } else {
         runtime.block_on(serve(config, dev_certificate))
     };
+    match done {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("herald: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A command that talks to a running server (or `doctor`): its own small runtime, its error
+/// in words on standard error, exit code 1 when it failed.
+fn client(command: Command) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("herald: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let done = runtime.block_on(async {
+        match command {
+            Command::App { command, remote } => cli::app::run(command, &remote).await,
+            Command::Endpoint { command, remote } => cli::endpoint::run(command, &remote).await,
+            Command::Send(args) => cli::send::run(args).await,
+            Command::Listen(args) => cli::listen::run(args).await,
+            Command::Replay(args) => cli::replay::run(args).await,
+            Command::Doctor(args) => cli::doctor::run(args).await,
+            _ => Ok(()),
+        }
+    });
     match done {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

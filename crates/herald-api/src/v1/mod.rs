@@ -6,10 +6,12 @@ mod endpoint;
 mod event_type;
 mod message;
 mod source;
+mod tail;
 mod token;
 mod wire;
 
 pub(crate) use source::header_list;
+pub use tail::MAX_TAILS;
 
 use axum::http::StatusCode;
 
@@ -125,6 +127,8 @@ pub(crate) fn routes() -> RouteTable {
         )
         .get("/api/v1/app/{app_id}/msg", AppToken, message::list)
         .post("/api/v1/app/{app_id}/msg", AppToken, message::create)
+        // What the app publishes, live (Server-Sent Events): `herald listen`, the console.
+        .get("/api/v1/app/{app_id}/tail", AppToken, tail::stream)
         .get(
             "/api/v1/app/{app_id}/endpoint/{endpoint_id}/msg",
             AppToken,

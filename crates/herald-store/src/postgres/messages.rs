@@ -176,7 +176,9 @@ pub(super) async fn insert_message(
 impl MessageStore for PostgresStore {
     async fn create_message(&self, message: Message, endpoint_ids: Vec<EndpointId>) -> Result<()> {
         // One statement, committed on its own: one round trip instead of four.
+        let started = std::time::Instant::now();
         insert_with(&self.pool, &message, &endpoint_ids).await?;
+        self.committed(started);
         if !endpoint_ids.is_empty() {
             self.due.committed();
         }
@@ -188,6 +190,7 @@ impl MessageStore for PostgresStore {
         message: Option<(Message, Vec<EndpointId>)>,
         history: Vec<NewHistoryEntry>,
     ) -> Result<Vec<Position>> {
+        let started = std::time::Instant::now();
         let mut tx = self.pool.begin().await?;
         let mut queued = false;
         if let Some((message, endpoint_ids)) = &message {
@@ -198,6 +201,7 @@ impl MessageStore for PostgresStore {
         let positions =
             super::history::append_entries(&mut tx, &history, self.announces_history()).await?;
         tx.commit().await?;
+        self.committed(started);
         if queued {
             self.due.committed();
         }
@@ -462,6 +466,7 @@ impl MessageStore for PostgresStore {
             .bind(next_at)
             .bind(i32::from(a.trigger_type == TriggerType::Scheduled))
             .bind(token);
+        let started = std::time::Instant::now();
         let applied = if record.endpoint_change == EndpointChange::Unchanged {
             // The usual record: one statement, committed on its own (one round trip instead
             // of four).
@@ -482,6 +487,7 @@ impl MessageStore for PostgresStore {
             tx.commit().await?;
             applied
         };
+        self.committed(started);
         Ok(if applied {
             Recorded::Applied
         } else {

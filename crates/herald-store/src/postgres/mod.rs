@@ -80,6 +80,8 @@ pub struct PostgresStore {
     keys: crate::secrets::Keyring,
     /// Tells the other nodes, after the commit, that new deliveries are due (see `wake`).
     due: std::sync::Arc<wake::DueNotifier>,
+    /// Where each commit of a hot write is recorded, once `observe_commits` says.
+    commits: std::sync::OnceLock<std::sync::Arc<herald_metrics::StoreMetrics>>,
 }
 
 impl PostgresStore {
@@ -135,6 +137,7 @@ impl PostgresStore {
         }
         Ok(Self {
             due: wake::DueNotifier::new(pool.clone()),
+            commits: std::sync::OnceLock::new(),
             pool,
             announce_history: std::sync::atomic::AtomicBool::new(true),
             keys,
@@ -176,6 +179,37 @@ pub fn describe_server(url: &str) -> Option<String> {
     ))
 }
 
+/// Connects to the database `url` names and reads its schema version and clock, without
+/// writing (`herald doctor`). A database Herald has not migrated yet reports 0 applied.
+pub async fn inspect(url: &str) -> Result<crate::Inspection> {
+    let known_migrations = sqlx::migrate!("./migrations/postgres").iter().count();
+    let connect = PgConnectOptions::from_str(url)?;
+    let mut connection = <sqlx::PgConnection as sqlx::Connection>::connect_with(&connect).await?;
+    let server_ms: i64 =
+        sqlx::query_scalar("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint")
+            .fetch_one(&mut connection)
+            .await?;
+    let server_time = chrono::DateTime::from_timestamp_millis(server_ms)
+        .ok_or_else(|| crate::StoreError::Corrupt(format!("server time {server_ms} ms")))?;
+    let has_table: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+        .fetch_one(&mut connection)
+        .await?;
+    let applied_migrations = if has_table {
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
+            .fetch_one(&mut connection)
+            .await?;
+        usize::try_from(count).unwrap_or(0)
+    } else {
+        0
+    };
+    sqlx::Connection::close(connection).await?;
+    Ok(crate::Inspection {
+        applied_migrations,
+        known_migrations,
+        server_time: Some(server_time),
+    })
+}
+
 /// `name` as a quoted SQL identifier: any text names exactly that schema.
 fn quote_identifier(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
@@ -205,6 +239,19 @@ impl StoreLifecycle for PostgresStore {
         // Every write commits before its call returns: nothing is pending but the connections.
         self.pool.close().await;
     }
+
+    fn observe_commits(&self, metrics: std::sync::Arc<herald_metrics::StoreMetrics>) {
+        let _ = self.commits.set(metrics);
+    }
+}
+
+impl PostgresStore {
+    /// Records one hot write's commit (each commits alone here), if metrics are observed.
+    pub(crate) fn committed(&self, started: std::time::Instant) {
+        if let Some(metrics) = self.commits.get() {
+            metrics.commit(1, started.elapsed());
+        }
+    }
 }
 
 #[cfg(test)]
@@ -217,6 +264,23 @@ mod tests {
     use crate::conformance;
 
     const URL_VAR: &str = "HERALD_TEST_POSTGRES_URL";
+
+    #[tokio::test]
+    async fn inspect_reads_the_servers_clock_and_the_schema_version() {
+        let Ok(url) = std::env::var(URL_VAR) else {
+            eprintln!("skipped: {URL_VAR} is not set");
+            return;
+        };
+        let inspection = inspect(&url).await.expect("inspect");
+        assert!(inspection.known_migrations >= 9, "{inspection:?}");
+        let skew = chrono::Utc::now() - inspection.server_time.expect("a server clock");
+        assert!(
+            skew.num_seconds().abs() < 60,
+            "the same machine's clock: {skew}"
+        );
+        let refused = inspect("postgres://nobody:wrong@127.0.0.1:1/none").await;
+        assert!(refused.is_err(), "nothing listens on port 1");
+    }
 
     /// Drops its schema (and everything in it) when dropped, even after a failed check.
     pub(super) struct SchemaGuard {

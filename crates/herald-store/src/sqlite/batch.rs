@@ -141,6 +141,7 @@ pub(crate) struct Shared {
     pub leases: Leases,
     pub gate: Arc<ClaimGate>,
     pub fresh: Arc<OnceLock<Arc<dyn FreshDeliveries>>>,
+    pub commits: Arc<OnceLock<Arc<herald_metrics::StoreMetrics>>>,
 }
 
 pub(crate) async fn run(
@@ -170,7 +171,11 @@ pub(crate) async fn run(
 }
 
 async fn commit(pool: &SqlitePool, shared: &Shared, batch: &mut Vec<PendingWrite>) {
+    let started = std::time::Instant::now();
     let applied = apply_all(pool, shared, batch).await;
+    if let Some(metrics) = shared.commits.get() {
+        metrics.commit(batch.len(), started.elapsed());
+    }
     if let Ok((outcomes, missed)) = &applied {
         // Deliveries that went in unleased are due now: claims must find them.
         let unleased: Vec<(&AppId, &EndpointId)> = batch

@@ -75,6 +75,8 @@ pub struct SqliteStore {
     writes: mpsc::Sender<PendingWrite>,
     shutdown: CancellationToken,
     batcher: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Where the group commit records each commit, once `observe_commits` says.
+    commits: Arc<OnceLock<Arc<herald_metrics::StoreMetrics>>>,
     /// Encrypts the secrets written and decrypts those read (see `crate::secrets`).
     keys: crate::secrets::Keyring,
 }
@@ -137,6 +139,7 @@ impl SqliteStore {
             leases: leases::Leases::default(),
             gate: Arc::default(),
             fresh: Arc::default(),
+            commits: Arc::default(),
         };
         let batcher = tokio::spawn(batch::run(
             writer.clone(),
@@ -155,6 +158,7 @@ impl SqliteStore {
             writes,
             shutdown,
             batcher: Mutex::new(Some(batcher)),
+            commits: shared.commits,
             keys,
         })
     }
@@ -291,6 +295,49 @@ impl StoreLifecycle for SqliteStore {
         self.writer.close().await;
         self.reader.close().await;
     }
+
+    fn observe_commits(&self, metrics: Arc<herald_metrics::StoreMetrics>) {
+        let _ = self.commits.set(metrics);
+    }
+}
+
+/// Reads the schema version of the store in `dir` without writing to it (`herald doctor`).
+/// A directory without a database reports nothing applied: `serve` creates it.
+pub async fn inspect(dir: &Path) -> Result<crate::Inspection> {
+    let known_migrations = sqlx::migrate!("./migrations/sqlite").iter().count();
+    let file = dir.join(DB_FILE);
+    if !file.exists() {
+        return Ok(crate::Inspection {
+            applied_migrations: 0,
+            known_migrations,
+            server_time: None,
+        });
+    }
+    let options = SqliteConnectOptions::new()
+        .filename(&file)
+        .read_only(true)
+        .busy_timeout(Duration::from_secs(5));
+    let mut connection =
+        <sqlx::SqliteConnection as sqlx::Connection>::connect_with(&options).await?;
+    let applied: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
+    )
+    .fetch_one(&mut connection)
+    .await?;
+    let applied_migrations = if applied == 0 {
+        0
+    } else {
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
+            .fetch_one(&mut connection)
+            .await?;
+        usize::try_from(count).unwrap_or(0)
+    };
+    sqlx::Connection::close(connection).await?;
+    Ok(crate::Inspection {
+        applied_migrations,
+        known_migrations,
+        server_time: None,
+    })
 }
 
 #[cfg(test)]
@@ -322,6 +369,24 @@ mod tests {
     #[tokio::test]
     async fn passes_the_store_conformance_suite() {
         conformance::run_all(open_in_tempdir).await;
+    }
+
+    #[tokio::test]
+    async fn inspect_reads_the_schema_version_without_creating_anything() {
+        let dir = tempfile::tempdir().expect("dir");
+        let fresh = inspect(dir.path()).await.expect("inspect an empty dir");
+        assert_eq!(fresh.applied_migrations, 0);
+        assert!(fresh.known_migrations >= 14, "{fresh:?}");
+        assert!(
+            !dir.path().join(DB_FILE).exists(),
+            "inspect created nothing"
+        );
+
+        let store = SqliteStore::open(dir.path()).await.expect("open");
+        store.close().await;
+        let migrated = inspect(dir.path()).await.expect("inspect");
+        assert_eq!(migrated.applied_migrations, migrated.known_migrations);
+        assert_eq!(migrated.server_time, None);
     }
 
     fn message(app_id: &herald_core::AppId) -> Message {

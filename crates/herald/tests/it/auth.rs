@@ -41,6 +41,14 @@ async fn send(
     }
     let response = request.send().await.expect("request");
     let status = response.status().as_u16();
+    let is_stream = response
+        .headers()
+        .get("content-type")
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    if is_stream {
+        // An admitted stream (the live tail) never ends: its status is the answer.
+        return (status, String::new());
+    }
     (status, response.text().await.expect("body"))
 }
 

@@ -13,7 +13,7 @@ use crate::harness::{Delivery, Receiver, Reply, TestServer, eventually};
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
 /// Standard Webhooks verification written out independently of Herald's signing code.
-fn signature_valid(secret: &str, d: &Delivery) -> bool {
+pub(crate) fn signature_valid(secret: &str, d: &Delivery) -> bool {
     let key = STANDARD
         .decode(secret.trim_start_matches("whsec_"))
         .expect("secret base64");

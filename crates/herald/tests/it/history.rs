@@ -648,7 +648,11 @@ async fn publishing_to_n_subscribers_counts_n_fanout_deliveries() {
     let published = publisher.publish(&app, except).await.expect("publish");
     assert_eq!(published.sent, 2);
     assert_eq!(metrics.fanout_deliveries_total.get(), 5, "3 + 2");
-    assert_eq!(metrics.publications_total.get(), 2);
+    assert_eq!(
+        metrics.publications(herald_metrics::Source::Pusher),
+        2,
+        "both came through the Pusher API"
+    );
     assert_eq!(metrics.publish_failures_total.get(), 0);
     let received: Vec<usize> = receivers
         .iter_mut()

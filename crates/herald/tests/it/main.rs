@@ -9,6 +9,7 @@
 mod api;
 mod auth;
 mod channel_webhooks;
+mod cli;
 mod cluster;
 mod cluster_presence;
 mod crash;

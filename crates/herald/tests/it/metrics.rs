@@ -83,16 +83,20 @@ async fn counters_and_gauges_move_as_events_flow() {
     let server = TestServer::start().await;
     let before = scrape(&server).await;
     for series in [
-        "herald_publications_total",
+        "herald_publications_total{source=\"api\"}",
+        "herald_publications_total{source=\"ingest\"}",
         "herald_webhook_attempts_total{status_class=\"2xx\"}",
         "herald_webhook_attempts_total{status_class=\"5xx\"}",
         "herald_ingest_requests_total{outcome=\"accepted\"}",
         "herald_ingest_requests_total{outcome=\"duplicate\"}",
         "herald_ingest_requests_total{outcome=\"invalid_signature\"}",
         "herald_delivery_queue_due",
+        "herald_broker_publish_seconds_count",
     ] {
         assert_eq!(sample(&before, series), 0.0, "{series} starts at 0");
     }
+    // Creating the app and endpoint below commits too: the histograms' starting counts.
+    let commits_before = sample(&before, "herald_store_commit_seconds_count");
 
     // A message whose first attempt gets a 503 and whose retry a 200.
     let mut receiver = Receiver::start().await;
@@ -104,7 +108,7 @@ async fn counters_and_gauges_move_as_events_flow() {
     server
         .send(
             &app,
-            json!({"eventType": "order.paid", "payload": {"id": 1}}),
+            json!({"eventType": "order.paid", "payload": {"id": 1}, "channels": ["orders"]}),
         )
         .await;
     receiver.next().await;
@@ -123,7 +127,34 @@ async fn counters_and_gauges_move_as_events_flow() {
         sample(&text, "herald_delivery_attempts_total{outcome=\"success\"}"),
         1.0
     );
-    assert!(sample(&text, "herald_publications_total") >= 1.0, "{text}");
+    assert_eq!(
+        sample(&text, "herald_publications_total{source=\"api\"}"),
+        1.0,
+        "{text}"
+    );
+    // The histograms moved: the message and both attempt records were committed (on
+    // SQLite some may share a commit), and the channel publication was handed to the broker.
+    let commits = sample(&text, "herald_store_commit_seconds_count") - commits_before;
+    assert!(commits >= 1.0, "{text}");
+    assert_eq!(
+        sample(&text, "herald_store_commit_writes_count"),
+        sample(&text, "herald_store_commit_seconds_count"),
+        "one observation of each per commit"
+    );
+    assert!(
+        sample(&text, "herald_store_commit_writes_sum")
+            >= sample(&text, "herald_store_commit_writes_count"),
+        "every commit carried a write"
+    );
+    assert!(
+        sample(&text, "herald_store_commit_seconds_sum") > 0.0,
+        "{text}"
+    );
+    assert_eq!(sample(&text, "herald_broker_publish_seconds_count"), 1.0);
+    assert_eq!(
+        sample(&text, "herald_broker_publish_seconds_bucket{le=\"+Inf\"}"),
+        1.0
+    );
 
     // Inbound: one verified, the provider's retry of it, one with a wrong signature.
     let secret = "whsec_metrics_secret";
@@ -160,6 +191,8 @@ async fn counters_and_gauges_move_as_events_flow() {
             "herald_ingest_requests_total{outcome=\"invalid_signature\"}",
             1.0,
         ),
+        // The provider's retry published nothing.
+        ("herald_publications_total{source=\"ingest\"}", 1.0),
     ] {
         assert_eq!(sample(&text, series), value, "{series}");
     }

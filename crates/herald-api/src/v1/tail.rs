@@ -1,0 +1,159 @@
+//! `GET /api/v1/app/{app_id}/tail`: the app's publications as they are committed, as
+//! Server-Sent Events. `herald listen` prints (or forwards) them; the console's live tail
+//! shows them.
+//!
+//! Each event is `event: publication` with JSON data: `source` (`api`, `pusher`, `ingest`,
+//! `client`), `event` (the event type or Pusher event name), `channels`, `messageId` and
+//! `eventId` (of the webhook message it became, if any), `data` (a message's JSON payload, an
+//! event's JSON data, or its text as a string) and `timestamp`. Filters: `event_types` and
+//! `channels` (lists; an event passes if it has one of each list given).
+//!
+//! It is a window onto this node, not a queue: it starts now (no history), shows what this
+//! node publishes (in a cluster, each node's own producers), and a watcher too slow to keep
+//! up gets `event: lagged` with `{"skipped": n}` instead of slowing the publishers. The
+//! message log (`GET .../msg`) is the durable record.
+
+use std::{convert::Infallible, sync::Arc, time::Duration};
+
+use axum::{
+    extract::{Path, State},
+    response::{
+        IntoResponse, Response,
+        sse::{Event, KeepAlive, Sse},
+    },
+};
+use herald_channels::TailEvent;
+use herald_core::AppId;
+use serde_json::{Value, json};
+use tokio::sync::{
+    OwnedSemaphorePermit,
+    broadcast::{self, error::RecvError},
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    ApiState,
+    auth::Caller,
+    error::{ApiError, ApiResult},
+    extract::QueryParams,
+};
+
+/// How many tails one node serves at once: each wakes for every publication of every app.
+pub const MAX_TAILS: usize = 64;
+
+/// What a watcher asked to see.
+struct Filter {
+    event_types: Option<Vec<String>>,
+    channels: Option<Vec<String>>,
+}
+
+impl Filter {
+    fn passes(&self, event: &TailEvent) -> bool {
+        self.event_types
+            .as_ref()
+            .is_none_or(|types| types.contains(&event.event))
+            && self
+                .channels
+                .as_ref()
+                .is_none_or(|wanted| event.channels.iter().any(|c| wanted.contains(c)))
+    }
+}
+
+pub async fn stream(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(app_id): Path<String>,
+    query: QueryParams,
+) -> ApiResult<Response> {
+    let app = caller.app(&state, &app_id).await?;
+    let filter = Filter {
+        event_types: query.list("event_types"),
+        channels: query.list("channels"),
+    };
+    let permit = Arc::clone(&state.tails).try_acquire_owned().map_err(|_| {
+        ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_tails",
+            format!(
+                "this node already serves {MAX_TAILS} live tails; close one or try another node"
+            ),
+        )
+    })?;
+    let watching = Watching {
+        events: state.publisher.tail().watch(),
+        app_id: app.id,
+        filter,
+        shutdown: state.shutdown.clone(),
+        _permit: permit,
+    };
+    let stream = futures_util::stream::unfold(watching, |mut w| async move {
+        let event = w.next().await?;
+        Some((Ok::<Event, Infallible>(event), w))
+    });
+    Ok(Sse::new(stream)
+        .keep_alive(
+            KeepAlive::new()
+                .interval(Duration::from_secs(15))
+                .text("keep-alive"),
+        )
+        .into_response())
+}
+
+/// One watcher's side of the tail.
+struct Watching {
+    events: broadcast::Receiver<Arc<TailEvent>>,
+    app_id: AppId,
+    filter: Filter,
+    shutdown: CancellationToken,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Watching {
+    /// The next event for this watcher; `None` ends the stream (shutdown).
+    async fn next(&mut self) -> Option<Event> {
+        loop {
+            let next = tokio::select! {
+                next = self.events.recv() => next,
+                () = self.shutdown.cancelled() => return None,
+            };
+            match next {
+                Ok(event) if event.app_id == self.app_id && self.filter.passes(&event) => {
+                    return Some(publication(&event));
+                }
+                Ok(_) => {}
+                Err(RecvError::Lagged(skipped)) => {
+                    return Some(
+                        Event::default()
+                            .event("lagged")
+                            .data(json!({ "skipped": skipped }).to_string()),
+                    );
+                }
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    }
+}
+
+/// The SSE event of one publication.
+fn publication(event: &TailEvent) -> Event {
+    let data = if event.json {
+        serde_json::from_str::<Value>(event.data.as_str())
+            .unwrap_or_else(|_| Value::String(event.data.as_str().to_owned()))
+    } else {
+        Value::String(event.data.as_str().to_owned())
+    };
+    let body = json!({
+        "source": event.source.as_str(),
+        "event": event.event,
+        "channels": event.channels,
+        "messageId": event.message_id.as_ref().map(ToString::to_string),
+        "eventId": event.event_id,
+        "data": data,
+        "timestamp": event.at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    });
+    let mut out = Event::default().event("publication").data(body.to_string());
+    if let Some(id) = &event.message_id {
+        out = out.id(id);
+    }
+    out
+}

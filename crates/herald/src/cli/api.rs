@@ -1,0 +1,225 @@
+//! The CLI's client of Herald's HTTP API: a bearer token, JSON in and out, the server's error
+//! told in words, and 429s waited out as the server asks.
+
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+use url::Url;
+
+/// How many times a request refused with 429 is tried again, after the `Retry-After` it gets.
+const RATE_LIMITED_RETRIES: u32 = 8;
+
+#[derive(Debug, Clone)]
+pub struct Api {
+    base: Url,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    pub fn new(server: &str, token: &str) -> anyhow::Result<Self> {
+        let base = Url::parse(server).map_err(|e| {
+            anyhow::anyhow!(
+                "--server {server:?} is not a URL ({e}); for example http://127.0.0.1:6001"
+            )
+        })?;
+        if !matches!(base.scheme(), "http" | "https") {
+            anyhow::bail!("--server {server:?} must be an http:// or https:// URL");
+        }
+        // reqwest is built without a bundled crypto provider (as in the server).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .user_agent(concat!("herald-cli/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Self {
+            base,
+            token: token.to_owned(),
+            http,
+        })
+    }
+
+    pub fn base(&self) -> &Url {
+        &self.base
+    }
+
+    /// `path` (with its query) on the server.
+    pub fn url(&self, path: &str) -> anyhow::Result<Url> {
+        self.base
+            .join(path)
+            .map_err(|e| anyhow::anyhow!("bad API path {path:?}: {e}"))
+    }
+
+    pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        self.call(Method::GET, path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+        self.call(Method::POST, path, Some(body)).await
+    }
+
+    pub async fn patch(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+        self.call(Method::PATCH, path, Some(body)).await
+    }
+
+    /// One API call; a 2xx answer's JSON (`null` for an empty body), else the server's error
+    /// in words.
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
+        let url = self.url(path)?;
+        let mut tries = 0;
+        loop {
+            let mut request = self
+                .http
+                .request(method.clone(), url.clone())
+                .bearer_auth(&self.token)
+                .timeout(Duration::from_secs(30));
+            if let Some(body) = &body {
+                request = request.json(body);
+            }
+            let response = request.send().await.map_err(|e| self.unreachable(e))?;
+            let status = response.status();
+            if status == StatusCode::TOO_MANY_REQUESTS && tries < RATE_LIMITED_RETRIES {
+                tries += 1;
+                tokio::time::sleep(retry_after(&response)).await;
+                continue;
+            }
+            let bytes = response.bytes().await.map_err(|e| self.unreachable(e))?;
+            let value: Value = if bytes.is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_slice(&bytes)
+                    .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+            };
+            if status.is_success() {
+                return Ok(value);
+            }
+            anyhow::bail!("{}", refusal(&method, path, status, &value));
+        }
+    }
+
+    /// A GET whose body is read as it comes (the live tail).
+    pub async fn open_stream(&self, path: &str) -> anyhow::Result<reqwest::Response> {
+        let response = self
+            .http
+            .get(self.url(path)?)
+            .bearer_auth(&self.token)
+            .header("accept", "text/event-stream")
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let value: Value = response.json().await.unwrap_or(Value::Null);
+        anyhow::bail!("{}", refusal(&Method::GET, path, status, &value))
+    }
+
+    /// Every item of a Svix list, page after page.
+    pub async fn list_all(&self, path: &str) -> anyhow::Result<Vec<Value>> {
+        let mut items = Vec::new();
+        let mut iterator: Option<String> = None;
+        let separator = if path.contains('?') { '&' } else { '?' };
+        loop {
+            let page_path = match &iterator {
+                Some(it) => format!("{path}{separator}limit=250&iterator={it}"),
+                None => format!("{path}{separator}limit=250"),
+            };
+            let page = self.get(&page_path).await?;
+            if let Some(data) = page.get("data").and_then(Value::as_array) {
+                items.extend(data.iter().cloned());
+            }
+            let done = page.get("done").and_then(Value::as_bool).unwrap_or(true);
+            iterator = page
+                .get("iterator")
+                .and_then(Value::as_str)
+                .map(str::to_owned);
+            if done || iterator.is_none() {
+                return Ok(items);
+            }
+        }
+    }
+
+    fn unreachable(&self, error: reqwest::Error) -> anyhow::Error {
+        let mut text = error.to_string();
+        let mut source = std::error::Error::source(&error);
+        while let Some(cause) = source {
+            text.push_str(": ");
+            text.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        anyhow::anyhow!(
+            "cannot reach Herald at {} ({text}); is it running? (`herald serve`, or pass --server)",
+            self.base
+        )
+    }
+}
+
+/// How long a 429 asks to wait (at least 50 ms, at most 10 s).
+fn retry_after(response: &reqwest::Response) -> Duration {
+    let seconds = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(1.0);
+    Duration::from_secs_f64(seconds.clamp(0.05, 10.0))
+}
+
+/// A refused call in words: the status, the server's code and detail, and what to try.
+fn refusal(method: &Method, path: &str, status: StatusCode, body: &Value) -> String {
+    let code = body.get("code").and_then(Value::as_str).unwrap_or("");
+    let detail = match body.get("detail") {
+        Some(Value::String(detail)) => detail.clone(),
+        Some(other) => other.to_string(),
+        None if body.is_string() => body.as_str().unwrap_or("").to_owned(),
+        None => String::new(),
+    };
+    let hint = match status {
+        StatusCode::UNAUTHORIZED => " (check the token: --token or HERALD_TOKEN)",
+        StatusCode::FORBIDDEN => " (this needs an environment-wide token, not an app's)",
+        _ => "",
+    };
+    let path = path.split('?').next().unwrap_or(path);
+    let mut text = format!("{method} {path}: {status}");
+    if !code.is_empty() {
+        text.push_str(&format!(" {code}"));
+    }
+    if !detail.is_empty() {
+        text.push_str(&format!(": {detail}"));
+    }
+    text.push_str(hint);
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_names_the_call_the_status_and_the_servers_words() {
+        let body = serde_json::json!({"code": "not_found", "detail": "application not found"});
+        assert_eq!(
+            refusal(
+                &Method::GET,
+                "/api/v1/app/x?limit=1",
+                StatusCode::NOT_FOUND,
+                &body
+            ),
+            "GET /api/v1/app/x: 404 Not Found not_found: application not found"
+        );
+        let text = refusal(
+            &Method::GET,
+            "/api/v1/app",
+            StatusCode::UNAUTHORIZED,
+            &Value::Null,
+        );
+        assert!(text.contains("--token or HERALD_TOKEN"), "{text}");
+    }
+}

@@ -1,0 +1,339 @@
+//! `herald listen`: print an app's events as they are published, and optionally forward each
+//! to a local server as a signed webhook, as `stripe listen --forward-to` does.
+//!
+//! It reads the server's live tail (`GET /api/v1/app/{app}/tail`, Server-Sent Events), one
+//! stream per app. The tail is a window, not a queue: events published while the stream is
+//! down are not shown (the message log keeps them), and the command says so when it
+//! reconnects.
+
+use std::{io::Write, time::Duration};
+
+use clap::Args;
+use eventsource_stream::Eventsource;
+use futures_util::StreamExt;
+use herald_core::{MessageId, signing::EndpointSecret};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use super::{Api, Remote, encode, segment};
+
+#[derive(Debug, Args)]
+pub struct ListenArgs {
+    #[command(flatten)]
+    pub remote: Remote,
+    /// Watch this app (id or uid; repeat the flag) [default: every app the token sees].
+    #[arg(long = "app", value_name = "APP")]
+    pub apps: Vec<String>,
+    /// Only events of these types (repeat the flag).
+    #[arg(long = "event-type", value_name = "TYPE")]
+    pub event_types: Vec<String>,
+    /// Only events on these channels (repeat the flag).
+    #[arg(long = "channel", value_name = "CHANNEL")]
+    pub channels: Vec<String>,
+    /// POST each event to this URL, signed as Herald signs webhooks (Standard Webhooks).
+    #[arg(long, value_name = "URL")]
+    pub forward_to: Option<url::Url>,
+    /// The secret forwarded events are signed with (`whsec_...`) [env: HERALD_LISTEN_SECRET]
+    /// [default: a new one, printed at start].
+    #[arg(long, value_name = "SECRET", requires = "forward_to")]
+    pub secret: Option<String>,
+    /// Stop after this many events.
+    #[arg(long, value_name = "N")]
+    pub count: Option<u64>,
+}
+
+/// One event off an app's tail, or what happened to the stream.
+enum Heard {
+    Event { app: String, event: Value },
+    Skipped { app: String, skipped: u64 },
+    Lost { app: String, error: String },
+}
+
+pub async fn run(args: ListenArgs) -> anyhow::Result<()> {
+    let remote = &args.remote;
+    let api = remote.connect()?;
+    let secret = match (&args.forward_to, &args.secret) {
+        (None, _) => None,
+        (Some(_), Some(secret)) => Some(EndpointSecret::parse(secret).map_err(|e| {
+            anyhow::anyhow!("--secret must be a Standard Webhooks secret (whsec_ + base64): {e}")
+        })?),
+        (Some(_), None) => match std::env::var("HERALD_LISTEN_SECRET") {
+            Ok(secret) if !secret.is_empty() => {
+                Some(EndpointSecret::parse(&secret).map_err(|e| {
+                    anyhow::anyhow!("HERALD_LISTEN_SECRET must be a whsec_ secret: {e}")
+                })?)
+            }
+            _ => Some(EndpointSecret::generate()),
+        },
+    };
+    let apps = if args.apps.is_empty() {
+        let apps = api.list_all("/api/v1/app").await?;
+        apps.iter()
+            .filter_map(|app| app.get("id").and_then(Value::as_str).map(str::to_owned))
+            .collect()
+    } else {
+        args.apps.clone()
+    };
+    if apps.is_empty() {
+        anyhow::bail!("there is no app to listen to: create one (`herald app create NAME`)");
+    }
+    let mut query = Vec::new();
+    for t in &args.event_types {
+        query.push(format!("event_types={}", encode(t)));
+    }
+    for c in &args.channels {
+        query.push(format!("channels={}", encode(c)));
+    }
+    let query = query.join("&");
+
+    // Every stream open before "ready": an event sent after it is seen.
+    let (heard, mut hearing) = mpsc::channel::<Heard>(1024);
+    for app in &apps {
+        let path = format!("/api/v1/app/{}/tail?{query}", segment("app", app)?);
+        let response = api.open_stream(&path).await?;
+        tokio::spawn(follow(
+            api.clone(),
+            app.clone(),
+            path,
+            response,
+            heard.clone(),
+        ));
+    }
+    drop(heard);
+
+    let forward = match (&args.forward_to, secret) {
+        (Some(url), Some(secret)) => {
+            eprintln!(
+                "forwarding to {url}, signed with {} (verify it as any Standard Webhooks secret)",
+                secret.serialize()
+            );
+            Some(Forward {
+                url: url.clone(),
+                secret,
+                http: reqwest::Client::builder()
+                    .timeout(Duration::from_secs(10))
+                    .build()?,
+            })
+        }
+        _ => None,
+    };
+    eprintln!(
+        "ready: listening to {} on {} (Ctrl-C to stop)",
+        apps.join(", "),
+        api.base()
+    );
+
+    let mut seen = 0u64;
+    loop {
+        if args.count.is_some_and(|count| seen >= count) {
+            return Ok(());
+        }
+        let heard = tokio::select! {
+            heard = hearing.recv() => heard,
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        };
+        match heard {
+            None => anyhow::bail!("every stream ended"),
+            Some(Heard::Event { app, event }) => {
+                seen += 1;
+                show(&app, &event, remote.json);
+                if let Some(forward) = &forward {
+                    forward.send(&event).await;
+                }
+            }
+            Some(Heard::Skipped { app, skipped }) => {
+                eprintln!(
+                    "{app}: {skipped} event(s) not shown: this listener fell behind (the message log has them)"
+                );
+            }
+            Some(Heard::Lost { app, error }) => {
+                eprintln!(
+                    "{app}: lost the stream ({error}); reconnecting. Events published meanwhile are not shown (the message log has them)"
+                );
+            }
+        }
+    }
+}
+
+/// Reads one app's tail for as long as the command runs, reconnecting when it drops.
+async fn follow(
+    api: Api,
+    app: String,
+    path: String,
+    first: reqwest::Response,
+    heard: mpsc::Sender<Heard>,
+) {
+    let mut response = Some(first);
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        let stream = match response.take() {
+            Some(stream) => stream,
+            None => match api.open_stream(&path).await {
+                Ok(stream) => {
+                    backoff = Duration::from_millis(250);
+                    stream
+                }
+                Err(e) => {
+                    let lost = Heard::Lost {
+                        app: app.clone(),
+                        error: format!("{e:#}"),
+                    };
+                    if heard.send(lost).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    continue;
+                }
+            },
+        };
+        let mut events = stream.bytes_stream().eventsource();
+        let error = loop {
+            match events.next().await {
+                Some(Ok(event)) if event.event == "publication" => {
+                    let event = match serde_json::from_str(&event.data) {
+                        Ok(event) => event,
+                        Err(e) => break format!("an event that is not JSON ({e})"),
+                    };
+                    let app = app.clone();
+                    if heard.send(Heard::Event { app, event }).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Ok(event)) if event.event == "lagged" => {
+                    let skipped = serde_json::from_str::<Value>(&event.data)
+                        .ok()
+                        .and_then(|v| v.get("skipped").and_then(Value::as_u64))
+                        .unwrap_or(0);
+                    let app = app.clone();
+                    if heard.send(Heard::Skipped { app, skipped }).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => break e.to_string(),
+                None => break "the server closed it".to_owned(),
+            }
+        };
+        let lost = Heard::Lost {
+            app: app.clone(),
+            error,
+        };
+        if heard.send(lost).await.is_err() {
+            return;
+        }
+        tokio::time::sleep(backoff).await;
+    }
+}
+
+/// One event on standard output: a line of text, or of JSON.
+fn show(app: &str, event: &Value, json: bool) {
+    let text = |name: &str| event.get(name).and_then(Value::as_str).unwrap_or("");
+    let line = if json {
+        let mut out = event.clone();
+        out["app"] = Value::String(app.to_owned());
+        out.to_string()
+    } else {
+        let channels = event
+            .get("channels")
+            .and_then(Value::as_array)
+            .map(|cs| {
+                cs.iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .unwrap_or_default();
+        let data = event.get("data").map(Value::to_string).unwrap_or_default();
+        let time = text("timestamp").get(11..23).unwrap_or("").to_owned();
+        format!(
+            "{time}  {app}  {:<6}  {}  [{channels}]  {}  {}",
+            text("source"),
+            text("event"),
+            text("messageId"),
+            shorten(&data, 120)
+        )
+    };
+    let mut stdout = std::io::stdout().lock();
+    // A closed pipe (`| head`) ends nothing but the output.
+    let _ = writeln!(stdout, "{line}").and_then(|()| stdout.flush());
+}
+
+/// Where and how events are forwarded.
+struct Forward {
+    url: url::Url,
+    secret: EndpointSecret,
+    http: reqwest::Client,
+}
+
+impl Forward {
+    /// POSTs one event as the webhook Herald would send for it, and says how it went.
+    async fn send(&self, event: &Value) {
+        let id = event.get("messageId").and_then(Value::as_str).map_or_else(
+            || MessageId::new(chrono::Utc::now()).to_string(),
+            str::to_owned,
+        );
+        let body = webhook_body(event).to_string();
+        let timestamp = chrono::Utc::now().timestamp();
+        let signature =
+            herald_core::signing::signature_header([&self.secret], &id, timestamp, body.as_bytes());
+        let started = std::time::Instant::now();
+        let sent = self
+            .http
+            .post(self.url.clone())
+            .header("content-type", "application/json")
+            .header("webhook-id", &id)
+            .header("webhook-timestamp", timestamp.to_string())
+            .header("webhook-signature", signature)
+            .body(body)
+            .send()
+            .await;
+        let took = started.elapsed().as_millis();
+        match sent {
+            Ok(response) => eprintln!("  -> {} {} ({took} ms)", self.url, response.status()),
+            Err(e) => eprintln!("  -> {} failed: {e} ({took} ms)", self.url),
+        }
+    }
+}
+
+/// The body of the webhook an event becomes: a message's payload, or (for a channel event no
+/// endpoint wanted) its data when that is a JSON object, else `{"data": ...}`, as Herald
+/// builds the message of a Pusher event.
+fn webhook_body(event: &Value) -> Value {
+    match event.get("data") {
+        Some(data @ Value::Object(_)) => data.clone(),
+        Some(Value::String(text)) => json!({ "data": text }),
+        Some(other) => json!({ "data": other.to_string() }),
+        None => json!({}),
+    }
+}
+
+fn shorten(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text.to_owned();
+    }
+    let mut out: String = text.chars().take(max).collect();
+    out.push('…');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_forwarded_body_is_the_payload_or_the_wrapped_data() {
+        let message = json!({"messageId": "msg_1", "data": {"id": 1}});
+        assert_eq!(webhook_body(&message), json!({"id": 1}));
+        let text = json!({"data": "hello"});
+        assert_eq!(webhook_body(&text), json!({"data": "hello"}));
+        let array = json!({"data": [1, 2]});
+        assert_eq!(webhook_body(&array), json!({"data": "[1,2]"}));
+    }
+
+    #[test]
+    fn long_data_is_shortened_on_a_character_boundary() {
+        assert_eq!(shorten("héllo", 3), "hél…");
+        assert_eq!(shorten("abc", 3), "abc");
+    }
+}
