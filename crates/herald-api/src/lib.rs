@@ -17,6 +17,7 @@ mod ingest;
 mod pagination;
 mod pusher_api;
 pub mod rate;
+mod request_id;
 mod routes;
 pub mod sse;
 mod v1;
@@ -36,6 +37,7 @@ use herald_store::Store;
 use tokio_util::sync::CancellationToken;
 
 pub use error::ApiError;
+pub use request_id::{REQUEST_ID, with_request_ids};
 use routes::RouteTable;
 pub use routes::{Access, Route};
 

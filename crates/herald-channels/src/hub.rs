@@ -52,6 +52,8 @@ pub struct Outbox {
     /// Counts the overflow once, in the hub's metrics (attached when the outbox subscribes).
     overflows: Arc<OverflowCount>,
     takes: Takes,
+    /// The connection's transport, for the subscriptions gauge.
+    transport: Transport,
 }
 
 /// How an outbox takes publications.
@@ -73,14 +75,19 @@ struct OverflowCount {
 }
 
 impl Outbox {
-    /// An outbox that takes publications whole.
+    /// An SSE stream's outbox: takes publications whole (tests use it as the plain kind).
     pub fn new(capacity: usize) -> (Self, Frames, CancellationToken) {
-        Self::taking(capacity, Takes::Publications)
+        Self::taking(capacity, Takes::Publications, Transport::Sse)
+    }
+
+    /// A Socket.IO connection's outbox: takes publications whole.
+    pub fn socketio(capacity: usize) -> (Self, Frames, CancellationToken) {
+        Self::taking(capacity, Takes::Publications, Transport::SocketIo)
     }
 
     /// An outbox that takes publications as their Pusher frames (WebSockets).
     pub fn pusher(capacity: usize) -> (Self, Frames, CancellationToken) {
-        Self::taking(capacity, Takes::PusherFrames)
+        Self::taking(capacity, Takes::PusherFrames, Transport::Pusher)
     }
 
     /// A WebSocket's outbox: takes publications as their Pusher frames, and an overflow
@@ -88,17 +95,23 @@ impl Outbox {
     /// close (its termination, its app's deletion), which [`Outbox::has_overflowed`] then tells
     /// apart. One token per connection instead of two: an idle connection holds both.
     pub fn pusher_closing(capacity: usize, closing: CancellationToken) -> (Self, Frames) {
-        let (outbox, frames, _) = Self::with_token(capacity, Takes::PusherFrames, closing);
+        let (outbox, frames, _) =
+            Self::with_token(capacity, Takes::PusherFrames, Transport::Pusher, closing);
         (outbox, frames)
     }
 
-    fn taking(capacity: usize, takes: Takes) -> (Self, Frames, CancellationToken) {
-        Self::with_token(capacity, takes, CancellationToken::new())
+    fn taking(
+        capacity: usize,
+        takes: Takes,
+        transport: Transport,
+    ) -> (Self, Frames, CancellationToken) {
+        Self::with_token(capacity, takes, transport, CancellationToken::new())
     }
 
     fn with_token(
         capacity: usize,
         takes: Takes,
+        transport: Transport,
         overflowed: CancellationToken,
     ) -> (Self, Frames, CancellationToken) {
         let (frames, receiver) = queue::channel(capacity);
@@ -108,6 +121,7 @@ impl Outbox {
                 overflowed: overflowed.clone(),
                 overflows: Arc::default(),
                 takes,
+                transport,
             },
             receiver,
             overflowed,
@@ -729,7 +743,7 @@ impl AppHub {
             }
         }
         outbox.count_overflows_in(&self.metrics.outbox_overflows_total);
-        entry.subscribers.insert(
+        let replaced = entry.subscribers.insert(
             socket_id.to_owned(),
             Subscriber {
                 outbox: outbox.clone(),
@@ -739,6 +753,9 @@ impl AppHub {
                 next_offset: AtomicU64::new(0),
             },
         );
+        if replaced.is_none() {
+            self.metrics.subscription(outbox.transport, true);
+        }
         Ok(outcome)
     }
 
@@ -750,6 +767,8 @@ impl AppHub {
         let Some(subscriber) = entry.subscribers.remove(socket_id) else {
             return Unsubscribed::default();
         };
+        self.metrics
+            .subscription(subscriber.outbox.transport, false);
         let mut outcome = Unsubscribed::default();
         if let Some(user_id) = subscriber.user_id
             && let Some(member) = entry.members.get_mut(&user_id)
@@ -1366,6 +1385,42 @@ mod tests {
             hub.metrics.connections.get(),
             2,
             "the refused one is not counted"
+        );
+    }
+
+    #[test]
+    fn subscriptions_are_counted_by_transport_until_each_ends() {
+        let hub = app_hub();
+        let (ws, _ws_rx, _) = Outbox::pusher(8);
+        let (sse, _sse_rx, _) = Outbox::new(8);
+        let (sio, _sio_rx, _) = Outbox::socketio(8);
+        hub.subscribe("a", "1.1", &ws, None, 10).expect("ok");
+        hub.subscribe("b", "1.1", &ws, None, 10).expect("ok");
+        hub.subscribe("a", "2.2", &sse, None, 10).expect("ok");
+        hub.subscribe("a", "3.3", &sio, None, 10).expect("ok");
+        let over = |t| hub.metrics.subscriptions_over(t);
+        assert_eq!(
+            (
+                over(Transport::Pusher),
+                over(Transport::Sse),
+                over(Transport::SocketIo)
+            ),
+            (2, 1, 1)
+        );
+        hub.unsubscribe("a", "1.1");
+        hub.unsubscribe("a", "1.1");
+        hub.unsubscribe("a", "9.9");
+        assert_eq!(over(Transport::Pusher), 1, "only a real removal counts");
+        hub.unsubscribe("b", "1.1");
+        hub.unsubscribe("a", "2.2");
+        hub.unsubscribe("a", "3.3");
+        assert_eq!(
+            (
+                over(Transport::Pusher),
+                over(Transport::Sse),
+                over(Transport::SocketIo)
+            ),
+            (0, 0, 0)
         );
     }
 

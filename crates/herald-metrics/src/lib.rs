@@ -14,6 +14,7 @@
 //! |---|---|---|
 //! | `herald_connections` | gauge | [`ChannelMetrics`] |
 //! | `herald_transport_connections{transport}` | gauge | [`ChannelMetrics`] |
+//! | `herald_subscriptions{transport}` | gauge | [`ChannelMetrics`] |
 //! | `herald_outbox_overflows_total` | counter | [`ChannelMetrics`] |
 //! | `herald_channel_webhook_events_dropped_total` | counter | [`ChannelMetrics`] |
 //! | `herald_publications_total{source}` | counter | [`PublishMetrics`] |
@@ -161,6 +162,8 @@ pub struct ChannelMetrics {
     pub connections: Gauge,
     /// The same, by transport.
     pub transport_connections: Family<TransportLabels, Gauge>,
+    /// Channel subscriptions on this node, by the transport of the connection holding them.
+    pub subscriptions: Family<TransportLabels, Gauge>,
     /// Subscribers closed as too slow: their bounded outbox overflowed (each counted once).
     pub outbox_overflows_total: Counter,
     /// Channel webhook events dropped because too many were waiting to be stored.
@@ -170,12 +173,15 @@ pub struct ChannelMetrics {
 impl Default for ChannelMetrics {
     fn default() -> Self {
         let transport_connections = Family::<TransportLabels, Gauge>::default();
+        let subscriptions = Family::<TransportLabels, Gauge>::default();
         for transport in Transport::ALL {
             drop(transport_connections.get_or_create(&TransportLabels { transport }));
+            drop(subscriptions.get_or_create(&TransportLabels { transport }));
         }
         Self {
             connections: Gauge::default(),
             transport_connections,
+            subscriptions,
             outbox_overflows_total: Counter::default(),
             channel_webhook_events_dropped_total: Counter::default(),
         }
@@ -197,6 +203,25 @@ impl ChannelMetrics {
         }
     }
 
+    /// A subscription added (or, `added` false, removed) on a connection over `transport`.
+    pub fn subscription(&self, transport: Transport, added: bool) {
+        let gauge = self
+            .subscriptions
+            .get_or_create(&TransportLabels { transport });
+        if added {
+            gauge.inc();
+        } else {
+            gauge.dec();
+        }
+    }
+
+    /// Subscriptions held over `transport`.
+    pub fn subscriptions_over(&self, transport: Transport) -> i64 {
+        self.subscriptions
+            .get_or_create(&TransportLabels { transport })
+            .get()
+    }
+
     /// Connections open over `transport`.
     pub fn connections_over(&self, transport: Transport) -> i64 {
         self.transport_connections
@@ -214,6 +239,11 @@ impl ChannelMetrics {
             "transport_connections",
             "Open connections by transport: pusher (WebSocket), socketio, sse",
             self.transport_connections.clone(),
+        );
+        registry.register(
+            "subscriptions",
+            "Channel subscriptions by the transport of their connection",
+            self.subscriptions.clone(),
         );
         registry.register(
             "outbox_overflows",

@@ -169,7 +169,7 @@ pub(crate) fn start(face: Arc<Face>, socket: SocketRef) {
         let _ = socket.disconnect();
         return;
     };
-    let (outbox, frames, overflowed) = Outbox::new(face.config.outbox_frames);
+    let (outbox, frames, overflowed) = Outbox::socketio(face.config.outbox_frames);
     let Admission {
         app,
         grant,

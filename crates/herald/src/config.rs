@@ -596,9 +596,10 @@ struct EnvKeys {
 const ENV_PREFIX: &str = "HERALD_";
 /// `HERALD_LOG` is the binary's log filter: expected, never configuration, not reported.
 const LOG_VARIABLE: &str = "HERALD_LOG";
-/// The variables of the commands that talk to a server (`herald send`, `listen`, ...): not
-/// configuration keys, but no mistake either.
-const CLI_VARIABLES: [&str; 4] = [
+/// The log format and the variables of the commands that talk to a server (`herald send`,
+/// `listen`, ...): not configuration keys, but no mistake either.
+const CLI_VARIABLES: [&str; 5] = [
+    "HERALD_LOG_FORMAT",
     "HERALD_URL",
     "HERALD_TOKEN",
     "HERALD_CLI_CONFIG",

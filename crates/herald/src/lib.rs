@@ -334,6 +334,8 @@ pub async fn run_with(
     if let Some(face) = socketio {
         router = herald_socketio::mount(router, face);
     }
+    // Outermost: every face's requests get an id and the span their log lines are in.
+    let router = herald_api::with_request_ids(router);
 
     let background = TaskTracker::new();
     let stop_background = CancellationToken::new();

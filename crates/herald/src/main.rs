@@ -22,6 +22,16 @@ use tokio_util::sync::CancellationToken;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// How log lines are written to standard error: `text`, or `json` (one object per line,
+    /// with the request's id in its span) [env: HERALD_LOG_FORMAT]. HERALD_LOG filters them.
+    #[arg(long, global = true, value_enum, env = "HERALD_LOG_FORMAT", default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -109,13 +119,20 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("HERALD_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HERALD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        // The current span (the request's, with its id) in each line; not the whole list.
+        LogFormat::Json => logs
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
     let command = match cli.command {
         Command::Completions { shell } => {
             let mut command = Cli::command();
@@ -130,7 +147,10 @@ fn main() -> ExitCode {
         | Command::Doctor(_) => return client(cli.command),
         command => command,
     };
-    let cli = Cli { command };
+    let cli = Cli {
+        command,
+        log_format: cli.log_format,
+    };
     let dev_tls = matches!(cli.command, Command::Serve { dev_tls: true, .. });
     let rotate = matches!(cli.command, Command::RotateMainKey { .. });
     let (config, overrides, migrate_only) = match cli.command {

@@ -221,7 +221,7 @@ async fn counters_and_gauges_move_as_events_flow() {
 }
 
 #[tokio::test]
-async fn connections_are_counted_by_transport_while_open() {
+async fn connections_and_subscriptions_are_counted_by_transport_while_open() {
     let server = TestServer::start().await;
     let (_, creds) = pusher_app(&server, "counted").await;
     let pusher = "herald_transport_connections{transport=\"pusher\"}";
@@ -229,7 +229,7 @@ async fn connections_are_counted_by_transport_while_open() {
     let before = scrape(&server).await;
     assert_eq!(sample(&before, pusher), 0.0);
 
-    let client = Client::connect(&server, &creds.key).await;
+    let mut client = Client::connect(&server, &creds.key).await;
     let text = scrape(&server).await;
     assert_eq!(
         sample(&text, pusher),
@@ -239,10 +239,26 @@ async fn connections_are_counted_by_transport_while_open() {
     assert_eq!(sample(&text, sse), 0.0);
     assert_eq!(sample(&text, "herald_connections"), 1.0);
 
+    let subscriptions = "herald_subscriptions{transport=\"pusher\"}";
+    assert_eq!(sample(&text, subscriptions), 0.0);
+    for channel in ["news", "sport"] {
+        let answer = client.subscribe(channel, None, None).await;
+        assert_eq!(answer["event"], "pusher_internal:subscription_succeeded");
+    }
+    let text = scrape(&server).await;
+    assert_eq!(sample(&text, subscriptions), 2.0, "{text}");
+    assert_eq!(
+        sample(&text, "herald_subscriptions{transport=\"sse\"}"),
+        0.0
+    );
+
     drop(client);
-    eventually("the closed WebSocket leaves the count", || async {
+    eventually("the closed WebSocket leaves the counts", || async {
         let text = scrape(&server).await;
-        (sample(&text, pusher) == 0.0 && sample(&text, "herald_connections") == 0.0).then_some(())
+        (sample(&text, pusher) == 0.0
+            && sample(&text, "herald_connections") == 0.0
+            && sample(&text, subscriptions) == 0.0)
+            .then_some(())
     })
     .await;
     server.stop().await;

@@ -618,3 +618,75 @@ async fn herald_migrate_brings_the_store_up_to_date_and_exits() {
     assert_eq!(status, 200);
     terminate(&mut herald.child).await;
 }
+
+#[tokio::test]
+async fn json_logs_carry_each_requests_id_which_the_response_returns() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
+        .arg("--data")
+        .arg(dir.path())
+        .envs(store_env(dir.path()).await)
+        .env("HERALD_ADMIN_TOKEN", ADMIN_TOKEN)
+        // The per-response line is at debug: it shows the span on a line of every request.
+        .env("HERALD_LOG", "info,tower_http=debug")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn herald");
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let base = tokio::time::timeout(PATIENCE, async {
+        while let Some(line) = stdout.next_line().await.expect("stdout") {
+            if let Some(url) = line.strip_prefix("herald listening on ") {
+                return url.to_owned();
+            }
+        }
+        panic!("herald exited before listening");
+    })
+    .await
+    .expect("herald started");
+
+    let http = reqwest::Client::new();
+    let given = http
+        .get(format!("{base}/api/v1/app"))
+        .bearer_auth(ADMIN_TOKEN)
+        .header("x-request-id", "trace-me-42")
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(given.status(), 200);
+    assert_eq!(given.headers()["x-request-id"], "trace-me-42");
+    let made = http
+        .get(format!("{base}/health/live"))
+        .send()
+        .await
+        .expect("answered");
+    let made = made.headers()["x-request-id"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    assert!(made.starts_with("req_"), "{made}");
+
+    // Every line is a JSON object; the request's lines carry its id in their span.
+    let mut stderr = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let found = tokio::time::timeout(PATIENCE, async {
+        let mut seen = std::collections::HashSet::new();
+        while let Some(line) = stderr.next_line().await.expect("stderr") {
+            let value: serde_json::Value = serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("a log line that is not JSON ({e}): {line}"));
+            if let Some(id) = value["span"]["request_id"].as_str() {
+                assert_eq!(value["span"]["name"], "request", "{line}");
+                seen.insert(id.to_owned());
+                if seen.contains("trace-me-42") && seen.contains(&made) {
+                    return value;
+                }
+            }
+        }
+        panic!("herald's log ended without both requests' ids");
+    })
+    .await
+    .expect("both requests logged with their ids");
+    assert!(found["span"]["path"].is_string(), "{found}");
+    child.kill().await.expect("stopped");
+}
