@@ -29,6 +29,7 @@ class Receiver:
 
     def __init__(self) -> None:
         self.verified: list[dict] = []
+        self.bodies: list[str] = []
         self.failures: list[str] = []
         self.lock = threading.Condition()
         receiver = self
@@ -47,6 +48,7 @@ class Receiver:
                 with receiver.lock:
                     if outcome[0] == "ok":
                         receiver.verified.append(outcome[1])
+                        receiver.bodies.append(body.decode())
                     else:
                         receiver.failures.append(outcome[1])
                     receiver.lock.notify_all()
@@ -101,14 +103,18 @@ def main() -> None:
         print("ok: herald listen is ready")
 
         sent = [{"order": n, "note": "paid ✓"} for n in range(EVENTS)]
-        for payload in sent:
-            herald("send", app, "order.paid", "--data", json.dumps(payload), "--channel", "orders")
+        # Spacing and key order of the producer's own: forwarded byte for byte.
+        texts = [f'{{ "order":{p["order"]},   "note": "{p["note"]}" }}' for p in sent]
+        for text in texts:
+            herald("send", app, "order.paid", "--data", text, "--channel", "orders")
         verified = receiver.wait_for(EVENTS)
         if receiver.failures:
             sys.exit(f"FAIL: {receiver.failures}")
         if sorted(verified, key=lambda p: p["order"]) != sent:
             sys.exit(f"FAIL: forwarded bodies {verified} are not the payloads sent {sent}")
-        print(f"ok: {EVENTS} forwarded events verified by standardwebhooks, bodies as sent")
+        if sorted(receiver.bodies) != sorted(texts):
+            sys.exit(f"FAIL: forwarded bytes {receiver.bodies!r} are not those sent {texts!r}")
+        print(f"ok: {EVENTS} forwarded events verified by standardwebhooks, bodies byte for byte as sent")
 
         out, _ = listen.communicate(timeout=TIMEOUT)
         if listen.returncode != 0:

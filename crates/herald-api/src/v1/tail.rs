@@ -24,7 +24,8 @@ use axum::{
 };
 use herald_channels::TailEvent;
 use herald_core::AppId;
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::{json, value::RawValue};
 use tokio::sync::{
     OwnedSemaphorePermit,
     broadcast::{self, error::RecvError},
@@ -134,24 +135,48 @@ impl Watching {
     }
 }
 
+/// One publication as a watcher reads it.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PublicationOut<'a> {
+    source: &'static str,
+    event: &'a str,
+    channels: &'a [String],
+    message_id: Option<String>,
+    event_id: Option<&'a str>,
+    data: Data<'a>,
+    timestamp: String,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Data<'a> {
+    Json(&'a RawValue),
+    Text(&'a str),
+}
+
 /// The SSE event of one publication.
 fn publication(event: &TailEvent) -> Event {
-    let data = if event.json {
-        serde_json::from_str::<Value>(event.data.as_str())
-            .unwrap_or_else(|_| Value::String(event.data.as_str().to_owned()))
-    } else {
-        Value::String(event.data.as_str().to_owned())
+    let text = event.data.as_str();
+    // JSON data goes out as its own bytes (a payload's key order and spacing kept), so what
+    // `herald listen --forward-to` sends is what the producer sent.
+    let data = match serde_json::from_str::<&RawValue>(text) {
+        Ok(raw) if event.json => Data::Json(raw),
+        _ => Data::Text(text),
     };
-    let body = json!({
-        "source": event.source.as_str(),
-        "event": event.event,
-        "channels": event.channels,
-        "messageId": event.message_id.as_ref().map(ToString::to_string),
-        "eventId": event.event_id,
-        "data": data,
-        "timestamp": event.at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-    });
-    let mut out = Event::default().event("publication").data(body.to_string());
+    let body = PublicationOut {
+        source: event.source.as_str(),
+        event: &event.event,
+        channels: &event.channels,
+        message_id: event.message_id.as_ref().map(ToString::to_string),
+        event_id: event.event_id.as_deref(),
+        data,
+        timestamp: event
+            .at
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    };
+    let body = serde_json::to_string(&body).unwrap_or_else(|_| "{}".to_owned());
+    let mut out = Event::default().event("publication").data(body);
     if let Some(id) = &event.message_id {
         out = out.id(id);
     }

@@ -44,9 +44,20 @@ pub struct ListenArgs {
 
 /// One event off an app's tail, or what happened to the stream.
 enum Heard {
-    Event { app: String, event: Value },
-    Skipped { app: String, skipped: u64 },
-    Lost { app: String, error: String },
+    /// `raw` is the event's JSON as the server sent it (its `data` bytes are the producer's).
+    Event {
+        app: String,
+        event: Value,
+        raw: String,
+    },
+    Skipped {
+        app: String,
+        skipped: u64,
+    },
+    Lost {
+        app: String,
+        error: String,
+    },
 }
 
 pub async fn run(args: ListenArgs) -> anyhow::Result<()> {
@@ -134,11 +145,11 @@ pub async fn run(args: ListenArgs) -> anyhow::Result<()> {
         };
         match heard {
             None => anyhow::bail!("every stream ended"),
-            Some(Heard::Event { app, event }) => {
+            Some(Heard::Event { app, event, raw }) => {
                 seen += 1;
                 show(&app, &event, remote.json);
                 if let Some(forward) = &forward {
-                    forward.send(&event).await;
+                    forward.send(&event, &raw).await;
                 }
             }
             Some(Heard::Skipped { app, skipped }) => {
@@ -191,12 +202,13 @@ async fn follow(
         let error = loop {
             match events.next().await {
                 Some(Ok(event)) if event.event == "publication" => {
-                    let event = match serde_json::from_str(&event.data) {
+                    let raw = event.data;
+                    let event = match serde_json::from_str(&raw) {
                         Ok(event) => event,
                         Err(e) => break format!("an event that is not JSON ({e})"),
                     };
                     let app = app.clone();
-                    if heard.send(Heard::Event { app, event }).await.is_err() {
+                    if heard.send(Heard::Event { app, event, raw }).await.is_err() {
                         return;
                     }
                 }
@@ -268,12 +280,12 @@ struct Forward {
 
 impl Forward {
     /// POSTs one event as the webhook Herald would send for it, and says how it went.
-    async fn send(&self, event: &Value) {
+    async fn send(&self, event: &Value, raw: &str) {
         let id = event.get("messageId").and_then(Value::as_str).map_or_else(
             || MessageId::new(chrono::Utc::now()).to_string(),
             str::to_owned,
         );
-        let body = webhook_body(event).to_string();
+        let body = webhook_body(raw);
         let timestamp = chrono::Utc::now().timestamp();
         let signature =
             herald_core::signing::signature_header([&self.secret], &id, timestamp, body.as_bytes());
@@ -296,15 +308,25 @@ impl Forward {
     }
 }
 
-/// The body of the webhook an event becomes: a message's payload, or (for a channel event no
-/// endpoint wanted) its data when that is a JSON object, else `{"data": ...}`, as Herald
-/// builds the message of a Pusher event.
-fn webhook_body(event: &Value) -> Value {
-    match event.get("data") {
-        Some(data @ Value::Object(_)) => data.clone(),
-        Some(Value::String(text)) => json!({ "data": text }),
-        Some(other) => json!({ "data": other.to_string() }),
-        None => json!({}),
+/// The body of the webhook an event (`raw`, the tail's JSON) becomes: a message's payload
+/// byte for byte, or (for a channel event no endpoint wanted) its data when that is a JSON
+/// object, else `{"data": ...}`, as Herald builds the message of a Pusher event.
+fn webhook_body(raw: &str) -> String {
+    #[derive(serde::Deserialize)]
+    struct Raw<'a> {
+        #[serde(borrow)]
+        data: Option<&'a serde_json::value::RawValue>,
+    }
+    let Some(data) = serde_json::from_str::<Raw<'_>>(raw)
+        .ok()
+        .and_then(|r| r.data)
+    else {
+        return "{}".to_owned();
+    };
+    match serde_json::from_str::<Value>(data.get()) {
+        Ok(Value::Object(_)) => data.get().to_owned(),
+        Ok(Value::String(text)) => json!({ "data": text }).to_string(),
+        _ => json!({ "data": data.get() }).to_string(),
     }
 }
 
@@ -323,12 +345,16 @@ mod tests {
 
     #[test]
     fn the_forwarded_body_is_the_payload_or_the_wrapped_data() {
-        let message = json!({"messageId": "msg_1", "data": {"id": 1}});
-        assert_eq!(webhook_body(&message), json!({"id": 1}));
-        let text = json!({"data": "hello"});
-        assert_eq!(webhook_body(&text), json!({"data": "hello"}));
-        let array = json!({"data": [1, 2]});
-        assert_eq!(webhook_body(&array), json!({"data": "[1,2]"}));
+        let message = r#"{"messageId":"msg_1","data":{"z": 1,  "a": [2]}}"#;
+        assert_eq!(
+            webhook_body(message),
+            r#"{"z": 1,  "a": [2]}"#,
+            "byte for byte"
+        );
+        let text = r#"{"data":"hello"}"#;
+        assert_eq!(webhook_body(text), r#"{"data":"hello"}"#);
+        let array = r#"{"data":[1, 2]}"#;
+        assert_eq!(webhook_body(array), r#"{"data":"[1, 2]"}"#);
     }
 
     #[test]

@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::{Value, value::RawValue};
 
 use super::{Remote, field, print_json, segment};
 
@@ -41,24 +42,28 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("cannot read the payload from {}: {e}", path.display()))?,
         (None, None) => "{}".to_owned(),
     };
-    let payload: Value = serde_json::from_str(&text)
+    let checked: Value = serde_json::from_str(&text)
         .map_err(|e| anyhow::anyhow!("the payload is not JSON ({e}): {}", preview(&text)))?;
-    if !payload.is_object() {
+    if !checked.is_object() {
         anyhow::bail!(
             "the payload must be a JSON object, like {{\"id\": 1}}; got {}",
             preview(&text)
         );
     }
-    let mut body = json!({ "eventType": args.event_type, "payload": payload });
-    if !args.channels.is_empty() {
-        body["channels"] = json!(args.channels);
-    }
-    if let Some(event_id) = args.event_id {
-        body["eventId"] = Value::String(event_id);
-    }
+    // Sent as written (key order and spacing kept): receivers get these bytes.
+    let payload: &RawValue = serde_json::from_str(text.trim())?;
+    let body = MessageIn {
+        event_type: &args.event_type,
+        payload,
+        channels: (!args.channels.is_empty()).then_some(&args.channels),
+        event_id: args.event_id.as_deref(),
+    };
+    let body = serde_json::to_string(&body)?;
     let api = remote.connect()?;
     let app = segment("app", &args.app)?;
-    let message = api.post(&format!("/api/v1/app/{app}/msg"), body).await?;
+    let message = api
+        .post_text(&format!("/api/v1/app/{app}/msg"), body)
+        .await?;
     if remote.json {
         print_json(&message);
     } else {
@@ -74,6 +79,18 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The message API's body.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct MessageIn<'a> {
+    event_type: &'a str,
+    payload: &'a RawValue,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    channels: Option<&'a Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event_id: Option<&'a str>,
 }
 
 fn preview(text: &str) -> String {
