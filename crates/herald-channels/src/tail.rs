@@ -6,7 +6,10 @@
 //! costs one atomic load here. Watching is for people and tools, not for delivery: webhooks and
 //! subscribers never depend on it.
 
-use std::sync::Arc;
+use std::sync::{
+    Arc,
+    atomic::{AtomicUsize, Ordering},
+};
 
 use chrono::{DateTime, Utc};
 use herald_core::{AppId, MessageId};
@@ -39,23 +42,33 @@ pub struct TailEvent {
 #[derive(Debug, Clone)]
 pub struct Tail {
     sender: broadcast::Sender<Arc<TailEvent>>,
+    /// Watchers alive: read by every publication, so an atomic rather than the broadcast's
+    /// own count, which is behind its lock.
+    watchers: Arc<AtomicUsize>,
 }
 
 impl Tail {
     /// A tail that keeps up to `capacity` events for its slowest watcher.
     pub fn new(capacity: usize) -> Self {
         let (sender, _) = broadcast::channel(capacity.max(1));
-        Self { sender }
+        Self {
+            sender,
+            watchers: Arc::default(),
+        }
     }
 
-    /// Starts watching: events committed from now on.
-    pub fn watch(&self) -> broadcast::Receiver<Arc<TailEvent>> {
-        self.sender.subscribe()
+    /// Starts watching: events committed from now on, until the watcher is dropped.
+    pub fn watch(&self) -> Watcher {
+        self.watchers.fetch_add(1, Ordering::AcqRel);
+        Watcher {
+            events: self.sender.subscribe(),
+            watchers: Arc::clone(&self.watchers),
+        }
     }
 
     /// Whether anyone watches, so a publication builds its event only then.
     pub(crate) fn is_watched(&self) -> bool {
-        self.sender.receiver_count() > 0
+        self.watchers.load(Ordering::Acquire) > 0
     }
 
     pub(crate) fn offer(&self, event: TailEvent) {
@@ -64,8 +77,55 @@ impl Tail {
     }
 }
 
+/// One watcher's receiving end; counted while it lives.
+#[derive(Debug)]
+pub struct Watcher {
+    pub events: broadcast::Receiver<Arc<TailEvent>>,
+    watchers: Arc<AtomicUsize>,
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.watchers.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 impl Default for Tail {
     fn default() -> Self {
         Self::new(1024)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event() -> TailEvent {
+        TailEvent {
+            app_id: AppId::parse("app_1").expect("valid"),
+            source: Source::Api,
+            event: "order.paid".into(),
+            channels: Vec::new(),
+            message_id: None,
+            event_id: None,
+            data: EventData::text("{}"),
+            json: true,
+            at: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn it_is_watched_while_a_watcher_lives_and_each_one_hears_the_offers() {
+        let tail = Tail::new(4);
+        assert!(!tail.is_watched());
+        let mut first = tail.watch();
+        let second = tail.watch();
+        assert!(tail.is_watched());
+        tail.offer(event());
+        assert_eq!(first.events.try_recv().expect("heard").event, "order.paid");
+        drop(second);
+        assert!(tail.is_watched(), "one is left");
+        drop(first);
+        assert!(!tail.is_watched());
     }
 }

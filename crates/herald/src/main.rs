@@ -227,6 +227,8 @@ fn main() -> ExitCode {
 /// A command that talks to a running server (or `doctor`): its own small runtime, its error
 /// in words on standard error, exit code 1 when it failed.
 fn client(command: Command) -> ExitCode {
+    // reqwest is built without a bundled crypto provider; ring, as in the server.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

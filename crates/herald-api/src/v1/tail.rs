@@ -22,14 +22,11 @@ use axum::{
         sse::{Event, KeepAlive, Sse},
     },
 };
-use herald_channels::TailEvent;
+use herald_channels::{TailEvent, tail::Watcher};
 use herald_core::AppId;
 use serde::Serialize;
 use serde_json::{json, value::RawValue};
-use tokio::sync::{
-    OwnedSemaphorePermit,
-    broadcast::{self, error::RecvError},
-};
+use tokio::sync::{OwnedSemaphorePermit, broadcast::error::RecvError};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -102,7 +99,7 @@ pub async fn stream(
 
 /// One watcher's side of the tail.
 struct Watching {
-    events: broadcast::Receiver<Arc<TailEvent>>,
+    events: Watcher,
     app_id: AppId,
     filter: Filter,
     shutdown: CancellationToken,
@@ -114,7 +111,7 @@ impl Watching {
     async fn next(&mut self) -> Option<Event> {
         loop {
             let next = tokio::select! {
-                next = self.events.recv() => next,
+                next = self.events.events.recv() => next,
                 () = self.shutdown.cancelled() => return None,
             };
             match next {

@@ -27,8 +27,6 @@ impl Api {
         if !matches!(base.scheme(), "http" | "https") {
             anyhow::bail!("--server {server:?} must be an http:// or https:// URL");
         }
-        // reqwest is built without a bundled crypto provider (as in the server).
-        let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .user_agent(concat!("herald-cli/", env!("CARGO_PKG_VERSION")))
@@ -154,16 +152,10 @@ impl Api {
     }
 
     fn unreachable(&self, error: reqwest::Error) -> anyhow::Error {
-        let mut text = error.to_string();
-        let mut source = std::error::Error::source(&error);
-        while let Some(cause) = source {
-            text.push_str(": ");
-            text.push_str(&cause.to_string());
-            source = cause.source();
-        }
         anyhow::anyhow!(
-            "cannot reach Herald at {} ({text}); is it running? (`herald serve`, or pass --server)",
-            self.base
+            "cannot reach Herald at {} ({}); is it running? (`herald serve`, or pass --server)",
+            self.base,
+            super::error_chain(&error)
         )
     }
 }

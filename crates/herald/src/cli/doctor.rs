@@ -11,7 +11,7 @@ use clap::Args;
 use herald::{Config, config::Overrides, store::StoreConfig};
 use serde::Serialize;
 
-use super::print_json;
+use super::{error_chain, print_json};
 
 /// How long one check may wait on the network.
 const PATIENCE: Duration = Duration::from_secs(5);
@@ -361,7 +361,6 @@ async fn server_clock(server: &str) -> Check {
             );
         }
     };
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let client = match reqwest::Client::builder().timeout(PATIENCE).build() {
         Ok(client) => client,
         Err(e) => return Check::fail("server", e.to_string(), "report this as a bug"),
@@ -482,7 +481,6 @@ async fn webhook_url(text: &str, policy: &herald_core::address_policy::AddressPo
             );
         }
     }
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let client = match reqwest::Client::builder()
         .timeout(PATIENCE)
         .redirect(reqwest::redirect::Policy::none())
@@ -512,15 +510,4 @@ async fn webhook_url(text: &str, policy: &herald_core::address_policy::AddressPo
             "start the receiver, or check its port and any firewall between Herald and it",
         ),
     }
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

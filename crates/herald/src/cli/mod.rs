@@ -128,6 +128,19 @@ pub fn segment<'a>(what: &str, text: &'a str) -> anyhow::Result<&'a str> {
     }
 }
 
+/// An error and its causes on one line (reqwest's own message alone says only "error sending
+/// request").
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// `text` encoded for a query string.
 pub fn encode(text: &str) -> String {
     url::form_urlencoded::byte_serialize(text.as_bytes()).collect()

@@ -2,8 +2,6 @@
 //! a summary. Each resend is the API's manual attempt (`POST .../msg/{msg}/endpoint/{ep}/resend`),
 //! logged with the message's other attempts.
 
-use std::sync::Arc;
-
 use clap::Args;
 use futures_util::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -65,11 +63,10 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> "),
     );
-    let api = Arc::new(api);
+    let api = &api;
     let results: Vec<(String, Result<(), String>)> =
         futures_util::stream::iter(failed.iter().cloned())
             .map(|msg| {
-                let api = Arc::clone(&api);
                 let bar = bar.clone();
                 async move {
                     let path = format!("/api/v1/app/{app}/msg/{msg}/endpoint/{endpoint}/resend");
