@@ -393,7 +393,17 @@ impl TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let base = format!("http://{}", listener.local_addr().expect("addr"));
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(herald::run(listener, config, shutdown.clone()));
+        // A server that stops by itself says why: a test meeting its closed port then fails
+        // with the cause in its output, not only "connection refused".
+        let run = herald::run(listener, config, shutdown.clone());
+        let name = base.clone();
+        let task = tokio::spawn(async move {
+            let ended = run.await;
+            if let Err(e) = &ended {
+                eprintln!("server {name} stopped with an error: {e:#}");
+            }
+            ended
+        });
         Self {
             base,
             http: http_client(),
