@@ -56,6 +56,18 @@ impl ApiError {
         }
     }
 
+    /// What was wrong, in the words the caller is told.
+    pub fn detail(&self) -> String {
+        match self {
+            Self::Standard { detail, .. } => detail.clone(),
+            Self::Validation(items) => items
+                .iter()
+                .map(|i| i.msg.as_str())
+                .collect::<Vec<_>>()
+                .join("; "),
+        }
+    }
+
     pub fn not_found(what: &str) -> Self {
         Self::new(
             StatusCode::NOT_FOUND,

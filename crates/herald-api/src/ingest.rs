@@ -29,6 +29,7 @@ use serde_json::Value;
 use crate::{
     ApiState,
     error::{ApiError, ApiResult},
+    ingest_log::IngestRequest,
     rate::Limited,
 };
 
@@ -64,26 +65,57 @@ pub async fn receive(
         api.ingest(IngestOutcome::RateLimited);
         return limited.into_response();
     }
-    match receive_from(&state, &source_id, &headers, body).await {
-        Ok(Answer::Limited(limited)) => {
-            api.ingest(IngestOutcome::RateLimited);
-            limited.into_response()
-        }
-        Ok(Answer::Ok(status, answer, outcome)) => {
-            api.ingest(outcome);
-            (status, Json(answer)).into_response()
-        }
-        Err(e) => {
-            api.ingest(if e.code() == INVALID_SIGNATURE {
-                IngestOutcome::InvalidSignature
-            } else if e.status().is_server_error() {
-                IngestOutcome::Failed
-            } else {
-                IngestOutcome::Rejected
-            });
-            e.into_response()
-        }
-    }
+    let (outcome, status, detail, response) =
+        match receive_from(&state, &source_id, &headers, body).await {
+            Ok(Answer::Limited(limited)) => (
+                IngestOutcome::RateLimited,
+                StatusCode::TOO_MANY_REQUESTS,
+                "over the source's request rate: not verified".to_owned(),
+                limited.into_response(),
+            ),
+            Ok(Answer::Ok(status, answer, outcome)) => {
+                let detail = match (outcome, answer["msgId"].as_str()) {
+                    (IngestOutcome::Challenge, _) => "answered the provider's URL check".to_owned(),
+                    (IngestOutcome::Duplicate, Some(msg)) => {
+                        format!("a delivery sent before, acknowledged: already published as {msg}")
+                    }
+                    (_, Some(msg)) => format!("verified and published as {msg}"),
+                    (_, None) => "verified".to_owned(),
+                };
+                (
+                    outcome,
+                    status,
+                    detail,
+                    (status, Json(answer)).into_response(),
+                )
+            }
+            Err(e) => {
+                let outcome = if e.code() == INVALID_SIGNATURE {
+                    IngestOutcome::InvalidSignature
+                } else if e.status().is_server_error() {
+                    IngestOutcome::Failed
+                } else {
+                    IngestOutcome::Rejected
+                };
+                // An unknown source has no log: made-up ids must not fill it.
+                if e.status() == StatusCode::NOT_FOUND {
+                    api.ingest(outcome);
+                    return e.into_response();
+                }
+                (outcome, e.status(), e.detail(), e.into_response())
+            }
+        };
+    api.ingest(outcome);
+    state.ingest_log.record(
+        &source_id,
+        IngestRequest {
+            received_at: crate::now(),
+            outcome,
+            status,
+            detail,
+        },
+    );
+    response
 }
 
 /// The error code of a request whose signature did not verify.

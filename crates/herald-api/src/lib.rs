@@ -9,11 +9,13 @@
 //! is the delivery worker's job.
 
 mod auth;
+mod console;
 mod error;
 mod extract;
 mod health;
 mod idempotency;
 mod ingest;
+pub mod ingest_log;
 mod pagination;
 mod pusher_api;
 pub mod rate;
@@ -60,6 +62,11 @@ pub struct ApiState {
     /// [`v1::MAX_TAILS`].
     pub tails: Arc<tokio::sync::Semaphore>,
     pub sse: sse::SseConfig,
+    /// The last requests each ingest source received, for the console (this node's only).
+    pub ingest_log: Arc<ingest_log::IngestLog>,
+    /// Whether this node's listener speaks TLS: the scheme of the links it hands out (app
+    /// portal links), unless the request came through a proxy that says otherwise.
+    pub tls: bool,
     /// Request rates on `/ingest`, per client address and per source.
     pub ingest_limits: Arc<rate::IngestLimiter>,
     /// Events each app may publish through the API (Svix messages, Pusher triggers).
@@ -122,6 +129,8 @@ impl ApiState {
             )),
             tails: Arc::new(tokio::sync::Semaphore::new(v1::MAX_TAILS)),
             sse: sse::SseConfig::default(),
+            ingest_log: Arc::default(),
+            tls: false,
             ingest_limits: Arc::default(),
             publish_limits: Arc::default(),
             shutdown: CancellationToken::new(),
@@ -187,10 +196,15 @@ fn edge_routes() -> RouteTable {
 
 /// Every route [`router`] serves, with who may call it: the list the routers are built from.
 pub fn route_list() -> Vec<Route> {
-    [v1::routes(), pusher_api::routes(), edge_routes()]
-        .into_iter()
-        .flat_map(RouteTable::into_routes)
-        .collect()
+    [
+        v1::routes(),
+        pusher_api::routes(),
+        edge_routes(),
+        console::routes(),
+    ]
+    .into_iter()
+    .flat_map(RouteTable::into_routes)
+    .collect()
 }
 
 fn routes(state: ApiState, config: &ApiConfig) -> Router {
@@ -202,6 +216,7 @@ fn routes(state: ApiState, config: &ApiConfig) -> Router {
         ))
         .merge(pusher_api::routes().into_router(&state))
         .merge(edge_routes().into_router(&state))
+        .merge(console::routes().into_router(&state))
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
         .fallback(unknown_route)
         .with_state(state)

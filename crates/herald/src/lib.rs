@@ -297,6 +297,7 @@ pub async fn run_with(
             .counting_into(Arc::clone(&metrics.api)),
     );
     state.shutdown = shutdown.clone();
+    state.tls = tls.is_some();
     state.retention_day = config.retention().day;
     state.metrics_registry = Arc::new(registry);
     state.metrics = metrics.clone();

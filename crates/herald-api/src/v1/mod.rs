@@ -2,9 +2,11 @@
 
 mod application;
 mod attempt;
+mod channel;
 mod endpoint;
 mod event_type;
 mod message;
+mod portal;
 mod source;
 mod tail;
 mod token;
@@ -34,6 +36,11 @@ pub(crate) fn routes() -> RouteTable {
             "/api/v1/auth/token/{token_id}",
             EnvironmentToken,
             token::revoke,
+        )
+        .post(
+            "/api/v1/auth/app-portal-access/{app_id}",
+            EnvironmentToken,
+            portal::create,
         )
         .get("/api/v1/app", AnyToken, application::list)
         .post("/api/v1/app", EnvironmentToken, application::create)
@@ -165,6 +172,12 @@ pub(crate) fn routes() -> RouteTable {
             AppToken,
             attempt::list_by_msg,
         )
+        .get("/api/v1/app/{app_id}/channel", AppToken, channel::list)
+        .get(
+            "/api/v1/app/{app_id}/channel/{channel}/member",
+            AppToken,
+            channel::members,
+        )
         .get("/api/v1/app/{app_id}/ingest/source", AppToken, source::list)
         .post(
             "/api/v1/app/{app_id}/ingest/source",
@@ -195,6 +208,11 @@ pub(crate) fn routes() -> RouteTable {
             "/api/v1/app/{app_id}/ingest/source/{source_id}/event/{event_id}",
             AppToken,
             source::get_event,
+        )
+        .get(
+            "/api/v1/app/{app_id}/ingest/source/{source_id}/request",
+            AppToken,
+            source::requests,
         )
         .post(
             "/api/v1/app/{app_id}/ingest/source/{source_id}/event/{event_id}/replay",

@@ -468,7 +468,49 @@ pub async fn delete(
         .store
         .delete_source(&source.app_id, &source.id)
         .await?;
+    state.ingest_log.forget(source.id.as_str());
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// One request the source received, as [`requests`] lists it.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IngestRequestOut {
+    received_at: DateTime<Utc>,
+    /// accepted, duplicate, challenge, invalid_signature, rejected, rate_limited or failed.
+    outcome: &'static str,
+    /// The status the sender was answered with.
+    status: u16,
+    /// Why it was refused, in the words the sender was told; or what it became.
+    detail: String,
+}
+
+/// The last requests the source received on this node (see `crate::ingest_log`), newest
+/// first: why a provider's deliveries fail, without reading logs. One page; nothing older is
+/// kept.
+pub async fn requests(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path((app_id, source_id)): Path<(String, String)>,
+) -> ApiResult<Json<ListResponse<IngestRequestOut>>> {
+    let source = find(&state, &caller, &app_id, &source_id).await?;
+    let data = state
+        .ingest_log
+        .recent(source.id.as_str())
+        .into_iter()
+        .map(|r| IngestRequestOut {
+            received_at: r.received_at,
+            outcome: r.outcome.as_str(),
+            status: r.status.as_u16(),
+            detail: r.detail,
+        })
+        .collect();
+    Ok(Json(ListResponse {
+        data,
+        iterator: None,
+        prev_iterator: None,
+        done: true,
+    }))
 }
 
 pub async fn list_events(

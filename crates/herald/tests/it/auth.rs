@@ -69,6 +69,7 @@ fn fill(route: &Route, app: &str, source: &str) -> String {
             "{name}" => "absent.event",
             "{channel}" => "absent-channel",
             "{user_id}" => "absent-user",
+            "{*file}" => "style.css",
             other => {
                 assert!(
                     !other.starts_with('{'),

@@ -12,6 +12,7 @@ mod channel_webhooks;
 mod cli;
 mod cluster;
 mod cluster_presence;
+mod console;
 mod crash;
 mod delivery;
 mod harness;
