@@ -101,10 +101,12 @@ def page_server(reports, files):
     return server
 
 
-def start_herald(token, port, data):
-    """`herald serve` with this admin token, on this port and data directory."""
+def start_herald(token, port, data, settings=None):
+    """`herald serve` with this admin token, on this port and data directory, and any more
+    `settings` ({HERALD_... variable: value})."""
     # Herald reads HERALD_* variables as configuration: pass only its own.
     env = {k: v for k, v in os.environ.items() if not k.startswith("HERALD_")}
+    env.update(settings or {})
     env["HERALD_ADMIN_TOKEN"] = token
     proc = subprocess.Popen(
         [HERALD_BIN, "serve", "--listen", f"127.0.0.1:{port}", "--data", data],

@@ -76,9 +76,9 @@ async function visible(page, selector, what) {
   return page.locator(selector).first();
 }
 
-async function shot(page, name) {
+async function shot(page, name, fullPage = true) {
   fs.mkdirSync(SHOTS, { recursive: true });
-  await page.screenshot({ path: path.join(SHOTS, `${name}.png`), fullPage: true });
+  await page.screenshot({ path: path.join(SHOTS, `${name}.png`), fullPage });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -497,6 +497,22 @@ async function main() {
   if (!(await expiredNotice.textContent()).includes('This link has expired or is invalid; ask for a new one.')) fail('the expired notice has other words');
   await shot(expiredPage, 'portal-expired');
   ok('a portal link made with expiry 1 shows "This link has expired or is invalid" once expired');
+
+  // The API reference renders /openapi.json: every operation, grouped by tag.
+  const reference = await briefContext.newPage();
+  watch(reference, 'API reference');
+  await reference.goto(`${base}/docs`);
+  await visible(reference, '[data-test=reference] section.card', 'the API reference');
+  const described = await until('the reference to list the operations', async () => {
+    const count = await reference.locator('[data-test=reference] section.card').count();
+    return count >= 60 ? count : 0;
+  });
+  const text = await reference.locator('[data-test=reference]').textContent();
+  for (const route of ['/api/v1/app/{app_id}/msg', '/apps/{app_id}/events', '/api/v1/auth/app-portal-access/{app_id}']) {
+    if (!text.includes(route)) fail(`the API reference does not show ${route}`);
+  }
+  await shot(reference, 'api-reference', false); // its first screen: the whole page is very long
+  ok(`the API reference at /docs renders /openapi.json (${described} operations)`);
   await briefContext.close();
 
   // Logging out forgets the token.

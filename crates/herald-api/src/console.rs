@@ -53,6 +53,11 @@ async fn file(Path(file): Path<String>, headers: HeaderMap) -> Response {
     serve(&file, &headers)
 }
 
+/// A console file by name, for pages served elsewhere (`/docs`).
+pub(crate) fn page(name: &str, headers: &HeaderMap) -> Response {
+    serve(name, headers)
+}
+
 /// One file, revalidated on each load (`no-cache` with its digest as the ETag), so a new
 /// build's pages are never mixed with an old build's scripts.
 fn serve(name: &str, headers: &HeaderMap) -> Response {

@@ -10,7 +10,7 @@ use axum::{
 use herald_store::StoreError;
 use serde::Serialize;
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct ValidationItem {
     pub loc: Vec<String>,
     pub msg: String,

@@ -23,10 +23,17 @@ use crate::ApiState;
 /// that takes longer is as good as down for them.
 const PING_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// Live: the process serves HTTP.
+#[utoipa::path(get, path = "/health/live", tag = "Health", security(()),
+    responses((status = 204, description = "Serving")))]
 pub async fn live() -> StatusCode {
     StatusCode::NO_CONTENT
 }
 
+/// Ready: the store answers and, in a cluster, the broker hears the other nodes.
+#[utoipa::path(get, path = "/health/ready", tag = "Health", security(()),
+    responses((status = 204, description = "Ready"),
+        (status = 503, description = "Not ready: which part is down and why", body = NotReady)))]
 pub async fn ready(State(state): State<ApiState>) -> Response {
     let store = match tokio::time::timeout(PING_PATIENCE, state.store.ping()).await {
         Ok(Ok(())) => None,
@@ -59,6 +66,12 @@ pub async fn ready(State(state): State<ApiState>) -> Response {
 /// What Prometheus is told the body is (`prometheus-client` writes OpenMetrics text).
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
+/// Every metric this node registered, in the OpenMetrics text format.
+#[utoipa::path(get, path = "/metrics", tag = "Health",
+    security(("bearer" = [])),
+    responses((status = 200, description = "OpenMetrics text", content_type = "application/openmetrics-text", body = String),
+        (status = 401, description = "No valid API token", body = crate::openapi::HttpError),
+        (status = 403, description = "An app's token: metrics are the environment's", body = crate::openapi::HttpError)))]
 pub async fn metrics(State(state): State<ApiState>) -> Response {
     let now = chrono::Utc::now();
     match tokio::time::timeout(PING_PATIENCE, state.store.due_deliveries(now)).await {
@@ -88,4 +101,18 @@ pub async fn metrics(State(state): State<ApiState>) -> Response {
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(OPENMETRICS));
     response
+}
+
+/// This module's part of `/openapi.json`.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(live, ready, metrics))]
+pub(crate) struct Docs;
+
+/// `/health/ready`'s 503: each part `ok` or why it is down.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[allow(dead_code)]
+struct NotReady {
+    ready: bool,
+    store: String,
+    broker: String,
 }

@@ -37,7 +37,7 @@ use crate::{
 /// pool.
 const VERIFY_INLINE_MAX_BYTES: usize = 64 * 1024;
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct IngestOut {
     id: String,
@@ -48,6 +48,18 @@ pub struct IngestOut {
     duplicate: bool,
 }
 
+/// A webhook from a provider (Stripe, GitHub, Shopify, Slack, Standard Webhooks), verified
+/// on the raw bytes with the source's secrets, then kept and published once.
+#[utoipa::path(post, path = "/ingest/{source_id}", tag = "Ingest", security(()),
+    params(("source_id" = String, Path, description = "The source's id (its ingestPath)")),
+    request_body(content = Object, description = "The provider's payload, as it sent it", content_type = "application/json"),
+    responses((status = 200, description = "Verified: published, or a repeat acknowledged (`duplicate`), or Slack's URL check answered", body = IngestAnswer),
+        (status = 400, description = "The body could not be read", body = crate::openapi::HttpError),
+        (status = 401, description = "The signature does not verify", body = crate::openapi::HttpError),
+        (status = 404, description = "No such source", body = crate::openapi::HttpError),
+        (status = 413, description = "The body is too large", body = crate::openapi::HttpError),
+        (status = 429, description = "Over the address's or source's rate: see Retry-After", body = crate::openapi::HttpError),
+        (status = 503, description = "The store is unavailable: the provider retries", body = crate::openapi::HttpError)))]
 pub async fn receive(
     State(state): State<ApiState>,
     Path(source_id): Path<String>,
@@ -327,4 +339,21 @@ pub(crate) async fn publish(state: &ApiState, app: &App, message: Message) -> Ap
         .publish(app, Publish::message(message))
         .await?;
     Ok(())
+}
+
+/// This module's part of `/openapi.json`.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(receive))]
+pub(crate) struct Docs;
+
+/// What a verified request is answered with, for `/openapi.json`.
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+enum IngestAnswer {
+    Event(IngestOut),
+    /// Slack's `url_verification`: its challenge echoed.
+    Challenge {
+        challenge: String,
+    },
 }

@@ -16,6 +16,7 @@ mod health;
 mod idempotency;
 mod ingest;
 pub mod ingest_log;
+pub mod openapi;
 mod pagination;
 mod pusher_api;
 pub mod rate;
@@ -201,6 +202,7 @@ pub fn route_list() -> Vec<Route> {
         pusher_api::routes(),
         edge_routes(),
         console::routes(),
+        openapi::routes(),
     ]
     .into_iter()
     .flat_map(RouteTable::into_routes)
@@ -217,6 +219,7 @@ fn routes(state: ApiState, config: &ApiConfig) -> Router {
         .merge(pusher_api::routes().into_router(&state))
         .merge(edge_routes().into_router(&state))
         .merge(console::routes().into_router(&state))
+        .merge(openapi::routes().into_router(&state))
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
         .fallback(unknown_route)
         .with_state(state)

@@ -8,13 +8,26 @@ use herald_store::Page;
 const DEFAULT_LIMIT: u32 = 50;
 const MAX_LIMIT: u32 = 250;
 
-#[derive(Serialize)]
+/// A page of a list, Svix's shape: `iterator` continues it, `prevIterator` walks back.
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ListResponse<T> {
     pub data: Vec<T>,
     pub iterator: Option<String>,
     pub prev_iterator: Option<String>,
     pub done: bool,
+}
+
+/// The query parameters every list takes, for the API's description (`params(ListParams)`);
+/// [`page`] reads them.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub struct ListParams {
+    /// Rows per page: 1 to 250 (50 when left out).
+    limit: Option<u32>,
+    /// Where to continue: a page's `iterator`, or its `prevIterator` to walk back.
+    iterator: Option<String>,
 }
 
 /// The page the query asks for. An iterator starting with `-` (a `prevIterator`) walks back:

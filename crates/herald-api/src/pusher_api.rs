@@ -194,7 +194,8 @@ async fn authenticate(
     Ok(app)
 }
 
-#[derive(Deserialize)]
+/// An event to trigger, Pusher's shape: `channel` or `channels`, `data` a string.
+#[derive(Deserialize, utoipa::ToSchema)]
 struct TriggerIn {
     name: String,
     data: String,
@@ -208,7 +209,7 @@ struct TriggerIn {
     info: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct BatchIn {
     batch: Vec<TriggerIn>,
 }
@@ -304,6 +305,14 @@ async fn publish(
     Ok(())
 }
 
+/// Triggers an event on up to 100 channels (Pusher's `POST /events`).
+#[utoipa::path(post, path = "/apps/{app_id}/events", tag = "Pusher", params(("app_id" = String, Path, description = "The app's Pusher app id")), request_body = TriggerIn,
+    responses((status = 200, body = docs::TriggerOut), (status = 400, description = "The request is malformed (plain text says what)", content_type = "text/plain", body = String),
+        (status = 401, description = "The signature is missing, wrong or stale", content_type = "text/plain", body = String),
+        (status = 403, description = "The key is not this app's", content_type = "text/plain", body = String),
+        (status = 404, description = "No such app", content_type = "text/plain", body = String),
+        (status = 413, description = "The event data is over 10 KB", content_type = "text/plain", body = String),
+        (status = 429, description = "Over the app's publish rate: see Retry-After", content_type = "text/plain", body = String)))]
 async fn trigger(
     State(state): State<ApiState>,
     Path(app_id): Path<String>,
@@ -324,6 +333,14 @@ async fn trigger(
     ))
 }
 
+/// Triggers up to 10 events, accepted whole or not at all.
+#[utoipa::path(post, path = "/apps/{app_id}/batch_events", tag = "Pusher", params(("app_id" = String, Path, description = "The app's Pusher app id")), request_body = BatchIn,
+    responses((status = 200, body = docs::BatchOut), (status = 400, description = "The request is malformed (plain text says what)", content_type = "text/plain", body = String),
+        (status = 401, description = "The signature is missing, wrong or stale", content_type = "text/plain", body = String),
+        (status = 403, description = "The key is not this app's", content_type = "text/plain", body = String),
+        (status = 404, description = "No such app", content_type = "text/plain", body = String),
+        (status = 413, description = "The event data is over 10 KB", content_type = "text/plain", body = String),
+        (status = 429, description = "Over the app's publish rate: see Retry-After", content_type = "text/plain", body = String)))]
 async fn trigger_batch(
     State(state): State<ApiState>,
     Path(app_id): Path<String>,
@@ -356,6 +373,16 @@ async fn trigger_batch(
     Ok(Json(json!({ "batch": results })))
 }
 
+/// Occupied channels, optionally by prefix and with user counts.
+#[utoipa::path(get, path = "/apps/{app_id}/channels", tag = "Pusher", params(("app_id" = String, Path, description = "The app's Pusher app id"),
+        ("filter_by_prefix" = Option<String>, Query, description = "Only channels starting with this"),
+        ("info" = Option<String>, Query, description = "`user_count` (with filter_by_prefix=presence-)")),
+    responses((status = 200, body = docs::ChannelsOut), (status = 400, description = "The request is malformed (plain text says what)", content_type = "text/plain", body = String),
+        (status = 401, description = "The signature is missing, wrong or stale", content_type = "text/plain", body = String),
+        (status = 403, description = "The key is not this app's", content_type = "text/plain", body = String),
+        (status = 404, description = "No such app", content_type = "text/plain", body = String),
+        (status = 413, description = "The event data is over 10 KB", content_type = "text/plain", body = String),
+        (status = 429, description = "Over the app's publish rate: see Retry-After", content_type = "text/plain", body = String)))]
 async fn channels(
     State(state): State<ApiState>,
     Path(app_id): Path<String>,
@@ -388,6 +415,15 @@ async fn channels(
     Ok(Json(json!({ "channels": list })))
 }
 
+/// One channel's state.
+#[utoipa::path(get, path = "/apps/{app_id}/channels/{channel}", tag = "Pusher", params(("app_id" = String, Path, description = "The app's Pusher app id"), ("channel" = String, Path, description = "The channel's name"),
+        ("info" = Option<String>, Query, description = "`subscription_count`, `user_count` (presence)")),
+    responses((status = 200, body = docs::ChannelOut), (status = 400, description = "The request is malformed (plain text says what)", content_type = "text/plain", body = String),
+        (status = 401, description = "The signature is missing, wrong or stale", content_type = "text/plain", body = String),
+        (status = 403, description = "The key is not this app's", content_type = "text/plain", body = String),
+        (status = 404, description = "No such app", content_type = "text/plain", body = String),
+        (status = 413, description = "The event data is over 10 KB", content_type = "text/plain", body = String),
+        (status = 429, description = "Over the app's publish rate: see Retry-After", content_type = "text/plain", body = String)))]
 async fn channel(
     State(state): State<ApiState>,
     Path((app_id, channel)): Path<(String, String)>,
@@ -424,6 +460,17 @@ const MAX_HISTORY_PAGE: u32 = 1000;
 /// offsets, `direction=backward` (newest first, the default) or `forward`, `limit` (100, at
 /// most 1000). The answer carries the channel's `epoch` and newest `offset`, so a page can be
 /// rendered and then followed live by subscribing with that position.
+#[utoipa::path(get, path = "/apps/{app_id}/channels/{channel}/history", tag = "Pusher", params(("app_id" = String, Path, description = "The app's Pusher app id"), ("channel" = String, Path, description = "The channel's name"),
+        ("after" = Option<u64>, Query, description = "Only events after this offset"),
+        ("before" = Option<u64>, Query, description = "Only events before this offset"),
+        ("limit" = Option<u32>, Query, description = "1 to 1000 (100)"),
+        ("direction" = Option<String>, Query, description = "`backward` (newest first, the default) or `forward`")),
+    responses((status = 200, body = docs::HistoryOut), (status = 400, description = "The request is malformed (plain text says what)", content_type = "text/plain", body = String),
+        (status = 401, description = "The signature is missing, wrong or stale", content_type = "text/plain", body = String),
+        (status = 403, description = "The key is not this app's", content_type = "text/plain", body = String),
+        (status = 404, description = "No such app", content_type = "text/plain", body = String),
+        (status = 413, description = "The event data is over 10 KB", content_type = "text/plain", body = String),
+        (status = 429, description = "Over the app's publish rate: see Retry-After", content_type = "text/plain", body = String)))]
 async fn history(
     State(state): State<ApiState>,
     Path((app_id, channel)): Path<(String, String)>,
@@ -485,6 +532,13 @@ async fn history(
 
 /// Herald's extension: drops a history channel's events and starts a new epoch; clients
 /// resuming with the old one are told `epoch_changed`.
+#[utoipa::path(delete, path = "/apps/{app_id}/channels/{channel}/history", tag = "Pusher", params(("app_id" = String, Path, description = "The app's Pusher app id"), ("channel" = String, Path, description = "The channel's name")),
+    responses((status = 200, body = docs::PositionOut), (status = 400, description = "The request is malformed (plain text says what)", content_type = "text/plain", body = String),
+        (status = 401, description = "The signature is missing, wrong or stale", content_type = "text/plain", body = String),
+        (status = 403, description = "The key is not this app's", content_type = "text/plain", body = String),
+        (status = 404, description = "No such app", content_type = "text/plain", body = String),
+        (status = 413, description = "The event data is over 10 KB", content_type = "text/plain", body = String),
+        (status = 429, description = "Over the app's publish rate: see Retry-After", content_type = "text/plain", body = String)))]
 async fn reset_history(
     State(state): State<ApiState>,
     Path((app_id, channel)): Path<(String, String)>,
@@ -504,6 +558,14 @@ async fn reset_history(
     ))
 }
 
+/// A presence channel's users.
+#[utoipa::path(get, path = "/apps/{app_id}/channels/{channel}/users", tag = "Pusher", params(("app_id" = String, Path, description = "The app's Pusher app id"), ("channel" = String, Path, description = "The channel's name")),
+    responses((status = 200, body = docs::UsersOut), (status = 400, description = "The request is malformed (plain text says what)", content_type = "text/plain", body = String),
+        (status = 401, description = "The signature is missing, wrong or stale", content_type = "text/plain", body = String),
+        (status = 403, description = "The key is not this app's", content_type = "text/plain", body = String),
+        (status = 404, description = "No such app", content_type = "text/plain", body = String),
+        (status = 413, description = "The event data is over 10 KB", content_type = "text/plain", body = String),
+        (status = 429, description = "Over the app's publish rate: see Retry-After", content_type = "text/plain", body = String)))]
 async fn users(
     State(state): State<ApiState>,
     Path((app_id, channel)): Path<(String, String)>,
@@ -524,6 +586,15 @@ async fn users(
     Ok(Json(json!({ "users": users })))
 }
 
+/// Closes every connection of a signed-in user (close code 4009).
+#[utoipa::path(post, path = "/apps/{app_id}/users/{user_id}/terminate_connections", tag = "Pusher",
+    params(("app_id" = String, Path, description = "The app's Pusher app id"), ("user_id" = String, Path, description = "The user's id")),
+    responses((status = 200, body = docs::EmptyOut), (status = 400, description = "The request is malformed (plain text says what)", content_type = "text/plain", body = String),
+        (status = 401, description = "The signature is missing, wrong or stale", content_type = "text/plain", body = String),
+        (status = 403, description = "The key is not this app's", content_type = "text/plain", body = String),
+        (status = 404, description = "No such app", content_type = "text/plain", body = String),
+        (status = 413, description = "The event data is over 10 KB", content_type = "text/plain", body = String),
+        (status = 429, description = "Over the app's publish rate: see Retry-After", content_type = "text/plain", body = String)))]
 async fn terminate(
     State(state): State<ApiState>,
     Path((app_id, user_id)): Path<(String, String)>,
@@ -535,4 +606,95 @@ async fn terminate(
     let closed = state.presence.terminate_user(&app.id, &user_id).await?;
     tracing::info!(user_id, closed, "terminating a user's connections");
     Ok(Json(json!({})))
+}
+
+/// This module's part of `/openapi.json`.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(
+    trigger,
+    trigger_batch,
+    channels,
+    channel,
+    history,
+    reset_history,
+    users,
+    terminate
+))]
+pub(crate) struct Docs;
+
+/// The answers' shapes, for `/openapi.json` only: the handlers build them with `json!`, as
+/// the Pusher API's loose shapes are easier to read that way.
+#[allow(dead_code)]
+mod docs {
+    use std::collections::BTreeMap;
+
+    use utoipa::ToSchema;
+
+    /// The attributes `info` asked for.
+    #[derive(ToSchema)]
+    pub struct Attributes {
+        subscription_count: Option<u64>,
+        user_count: Option<u64>,
+    }
+
+    #[derive(ToSchema)]
+    pub struct TriggerOut {
+        /// With `info`: each channel's attributes.
+        channels: Option<BTreeMap<String, Attributes>>,
+    }
+
+    #[derive(ToSchema)]
+    pub struct BatchOut {
+        batch: Vec<Attributes>,
+    }
+
+    #[derive(ToSchema)]
+    pub struct ChannelsOut {
+        channels: BTreeMap<String, Attributes>,
+    }
+
+    #[derive(ToSchema)]
+    pub struct ChannelOut {
+        occupied: bool,
+        subscription_count: Option<u64>,
+        user_count: Option<u64>,
+    }
+
+    #[derive(ToSchema)]
+    pub struct User {
+        id: String,
+    }
+
+    #[derive(ToSchema)]
+    pub struct UsersOut {
+        users: Vec<User>,
+    }
+
+    #[derive(ToSchema)]
+    pub struct HistoryEvent {
+        offset: u64,
+        event: String,
+        data: String,
+        time_ms: i64,
+    }
+
+    #[derive(ToSchema)]
+    pub struct HistoryOut {
+        channel: String,
+        epoch: Option<String>,
+        /// The newest offset (0 for an empty channel).
+        offset: u64,
+        events: Vec<HistoryEvent>,
+    }
+
+    #[derive(ToSchema)]
+    pub struct PositionOut {
+        channel: String,
+        epoch: String,
+        offset: u64,
+    }
+
+    /// `{}`.
+    #[derive(ToSchema)]
+    pub struct EmptyOut {}
 }

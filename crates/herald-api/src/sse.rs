@@ -56,6 +56,20 @@ use crate::{ApiState, pusher_api::PusherError};
 
 const MAX_CHANNELS: usize = 10;
 
+/// A channel's events as Server-Sent Events (`text/event-stream`), resumable with
+/// `Last-Event-ID` on history channels.
+#[utoipa::path(get, path = "/apps/{app_id}/sse",
+    operation_id = "sse", tag = "Channels", security(()),
+    params(("app_id" = String, Path, description = "The app's Pusher app id"),
+        ("channels" = String, Query, description = "Up to 10 channels, comma-separated"),
+        ("token" = Option<String>, Query, description = "For private channels: a token signed with the app's Pusher secret"),
+        ("retry" = Option<u64>, Query, description = "The reconnection delay to suggest, in milliseconds"),
+        ("lastEventId" = Option<String>, Query, description = "Where to resume, as Last-Event-ID")),
+    responses((status = 200, description = "The stream", content_type = "text/event-stream"),
+        (status = 400, description = "A channel is malformed or needs a WebSocket", content_type = "text/plain", body = String),
+        (status = 401, description = "A private channel's token is missing or wrong", content_type = "text/plain", body = String),
+        (status = 404, description = "No such app", content_type = "text/plain", body = String),
+        (status = 429, description = "Over the address's stream limits: see Retry-After", content_type = "text/plain", body = String)))]
 pub async fn stream(
     State(state): State<ApiState>,
     Path(app_id): Path<String>,
@@ -368,3 +382,8 @@ impl StreamState {
         event.id(position_id(&self.positions))
     }
 }
+
+/// This module's part of `/openapi.json`.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(stream))]
+pub(crate) struct Docs;

@@ -23,8 +23,13 @@ use crate::{
     pagination::{self, ListResponse},
 };
 
+/// This module's part of `/openapi.json`.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(list, create, get, upsert, patch, delete, rotate_pusher_secret))]
+pub(crate) struct Docs;
+
 /// Svix's `ApplicationIn` plus `history`; any other field is a 422 naming it.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ApplicationIn {
     pub name: String,
@@ -51,7 +56,7 @@ pub struct ApplicationIn {
     pub retention: Option<super::wire::RetentionWire>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ApplicationPatch {
     #[serde(default)]
@@ -70,7 +75,7 @@ pub struct ApplicationPatch {
     retention: Option<Option<super::wire::RetentionWire>>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ApplicationOut {
     id: String,
@@ -91,12 +96,14 @@ pub struct ApplicationOut {
     updated_at: DateTime<Utc>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct PusherOut {
     /// A string, as the Pusher SDKs take it.
     app_id: String,
     key: String,
+    /// Left out of an Idempotency-Key replay of the create's answer.
+    #[schema(required = false)]
     secret: String,
     /// Until when the secret the last rotation replaced is still accepted, if it is.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -220,6 +227,9 @@ pub(crate) async fn create_app(state: &ApiState, input: ApplicationIn) -> ApiRes
     Ok(app)
 }
 
+/// The apps the token may see (an app's token: its own).
+#[utoipa::path(get, path = "/api/v1/app", tag = "Application", params(crate::pagination::ListParams),
+    responses((status = 200, body = ListResponse<ApplicationOut>)))]
 pub async fn list(
     State(state): State<ApiState>,
     caller: Caller,
@@ -238,6 +248,10 @@ pub async fn list(
     )))
 }
 
+/// Creates an app; `get_if_exists=true` returns the one with the same uid instead.
+#[utoipa::path(post, path = "/api/v1/app", tag = "Application", request_body = ApplicationIn,
+    params(("get_if_exists" = Option<bool>, Query, description = "Return the app with this uid if it exists")),
+    responses((status = 201, body = ApplicationOut), (status = 200, description = "It existed (get_if_exists)", body = ApplicationOut)))]
 pub async fn create(
     State(state): State<ApiState>,
     caller: Caller,
@@ -271,6 +285,8 @@ async fn caller_visible(state: &ApiState, caller: &Caller, uid: &str) -> ApiResu
     }
 }
 
+#[utoipa::path(get, path = "/api/v1/app/{app_id}", tag = "Application", params(("app_id" = String, Path, description = "The app's id or uid")),
+    responses((status = 200, body = ApplicationOut)))]
 pub async fn get(
     State(state): State<ApiState>,
     caller: Caller,
@@ -279,6 +295,9 @@ pub async fn get(
     Ok(Json(caller.app(&state, &app_id).await?.into()))
 }
 
+/// Updates the app, or creates it with this uid.
+#[utoipa::path(put, path = "/api/v1/app/{app_id}", tag = "Application", params(("app_id" = String, Path, description = "The app's id or uid")), request_body = ApplicationIn,
+    responses((status = 200, body = ApplicationOut), (status = 201, description = "Created with this uid", body = ApplicationOut)))]
 pub async fn upsert(
     State(state): State<ApiState>,
     caller: Caller,
@@ -321,6 +340,8 @@ pub async fn upsert(
     }
 }
 
+#[utoipa::path(patch, path = "/api/v1/app/{app_id}", tag = "Application", params(("app_id" = String, Path, description = "The app's id or uid")), request_body = ApplicationPatch,
+    responses((status = 200, body = ApplicationOut)))]
 pub async fn patch(
     State(state): State<ApiState>,
     caller: Caller,
@@ -366,6 +387,9 @@ pub async fn patch(
     Ok(Json(app.into()))
 }
 
+/// Deletes the app with everything it owns; its connections close.
+#[utoipa::path(delete, path = "/api/v1/app/{app_id}", tag = "Application", params(("app_id" = String, Path, description = "The app's id or uid")),
+    responses((status = 204, description = "Deleted")))]
 pub async fn delete(
     State(state): State<ApiState>,
     caller: Caller,
@@ -386,7 +410,7 @@ pub async fn delete(
 const PUSHER_ROTATION_GRACE_SECS: i64 = 24 * 3600;
 const MAX_PUSHER_ROTATION_GRACE_SECS: i64 = 7 * 24 * 3600;
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PusherSecretRotateIn {
     /// The new secret; generated when absent.
@@ -396,7 +420,7 @@ pub struct PusherSecretRotateIn {
     grace_period_seconds: Option<i64>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PusherSecretOut {
     secret: String,
@@ -405,6 +429,9 @@ pub struct PusherSecretOut {
 
 /// `POST /api/v1/app/{app_id}/pusher/secret/rotate`: a new Pusher secret. Herald signs with it
 /// at once (channel webhooks); the old one keeps verifying for the grace period.
+#[utoipa::path(post, path = "/api/v1/app/{app_id}/pusher/secret/rotate", tag = "Application", params(("app_id" = String, Path, description = "The app's id or uid")),
+    request_body(content = Option<PusherSecretRotateIn>, description = "Optional: a chosen secret and grace period"),
+    responses((status = 200, body = PusherSecretOut)))]
 pub async fn rotate_pusher_secret(
     State(state): State<ApiState>,
     caller: Caller,

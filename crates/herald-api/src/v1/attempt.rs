@@ -20,18 +20,26 @@ use crate::{
     pagination::{self, ListResponse},
 };
 
-#[derive(Serialize)]
+/// Svix's `MessageAttemptOut`: one HTTP request made to an endpoint.
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MessageAttemptOut {
     id: String,
     msg_id: String,
     endpoint_id: String,
     url: String,
+    /// The response body (or why there was none).
     response: String,
+    /// The HTTP status, or 0 when no response came.
     response_status_code: i32,
     response_duration_ms: i64,
+    /// 0 success, 1 pending, 2 fail, 3 sending.
+    #[schema(maximum = 3)]
     status: u8,
+    /// `status` in words: success, pending, fail or sending.
     status_text: &'static str,
+    /// 0 scheduled, 1 manual (a resend).
+    #[schema(maximum = 1)]
     trigger_type: u8,
     timestamp: DateTime<Utc>,
 }
@@ -56,10 +64,13 @@ impl From<Attempt> for MessageAttemptOut {
 
 /// Where a delivery stands, as Svix adds it to a message (`EndpointMessageOut`) or to an
 /// endpoint (`MessageEndpointOut`).
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DeliveryStateOut {
+    /// 0 success, 1 pending, 2 fail, 3 sending.
+    #[schema(maximum = 3)]
     status: u8,
+    /// `status` in words: success, pending, fail or sending.
     status_text: &'static str,
     /// When the next attempt is due, while the delivery is pending.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -77,7 +88,7 @@ impl From<DeliveryState> for DeliveryStateOut {
 }
 
 /// Svix's `EndpointMessageOut`: a message with where it stands with one endpoint.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct EndpointMessageOut {
     #[serde(flatten)]
     message: MessageOut,
@@ -86,7 +97,7 @@ pub struct EndpointMessageOut {
 }
 
 /// Svix's `MessageEndpointOut`: an endpoint with where one message stands with it.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct MessageEndpointOut {
     #[serde(flatten)]
     endpoint: EndpointOut,
@@ -111,6 +122,9 @@ fn attempt_query(query: &QueryParams) -> ApiResult<AttemptQuery> {
 }
 
 /// `messageAttempt.get`: one attempt of the message, in the shape of the lists' items.
+#[utoipa::path(get, path = "/api/v1/app/{app_id}/msg/{msg_id}/attempt/{attempt_id}", tag = "Message Attempt",
+    params(("app_id" = String, Path, description = "The app's id or uid"), ("msg_id" = String, Path, description = "The message's id or eventId"), ("attempt_id" = String, Path, description = "The attempt's id")),
+    responses((status = 200, body = MessageAttemptOut)))]
 pub async fn get(
     State(state): State<ApiState>,
     caller: Caller,
@@ -151,6 +165,16 @@ pub async fn get(
 /// each with where it stands with the endpoint. Filters: `status` (of the delivery), `channel`,
 /// `tag`, `event_types`, `before`/`after` (the message's creation), `with_content`. Ignored:
 /// `expanded_statuses` (Herald never cancels a delivery, so there is no status 4 to expand).
+#[utoipa::path(get, path = "/api/v1/app/{app_id}/endpoint/{endpoint_id}/msg", tag = "Message Attempt",
+    params(("app_id" = String, Path, description = "The app's id or uid"), ("endpoint_id" = String, Path, description = "The endpoint's id or uid"), crate::pagination::ListParams,
+        ("status" = Option<u8>, Query, description = "Only deliveries with this status: 0 success, 1 pending, 2 fail, 3 sending", maximum = 3),
+        ("channel" = Option<String>, Query, description = "Only messages published to this channel"),
+        ("tag" = Option<String>, Query, description = "Only messages with this tag"),
+        ("event_types" = Option<Vec<String>>, Query, description = "Only these event types: repeated, or comma-separated"),
+        ("before" = Option<DateTime<Utc>>, Query, description = "Only messages created before this time (RFC 3339)"),
+        ("after" = Option<DateTime<Utc>>, Query, description = "Only messages created after this time (RFC 3339)"),
+        ("with_content" = Option<bool>, Query, description = "Include each payload (default true); false shows `{}`")),
+    responses((status = 200, body = ListResponse<EndpointMessageOut>)))]
 pub async fn list_attempted_messages(
     State(state): State<ApiState>,
     caller: Caller,
@@ -192,6 +216,9 @@ pub async fn list_attempted_messages(
 
 /// `messageAttempt.listAttemptedDestinations`: the endpoints the message was sent to, by
 /// ascending id, each with where the message stands with it.
+#[utoipa::path(get, path = "/api/v1/app/{app_id}/msg/{msg_id}/endpoint", tag = "Message Attempt",
+    params(("app_id" = String, Path, description = "The app's id or uid"), ("msg_id" = String, Path, description = "The message's id or eventId"), crate::pagination::ListParams),
+    responses((status = 200, body = ListResponse<MessageEndpointOut>)))]
 pub async fn list_attempted_destinations(
     State(state): State<ApiState>,
     caller: Caller,
@@ -220,6 +247,10 @@ pub async fn list_attempted_destinations(
     )))
 }
 
+/// `messageAttempt.listByEndpoint`: the attempts made to the endpoint, newest first.
+#[utoipa::path(get, path = "/api/v1/app/{app_id}/attempt/endpoint/{endpoint_id}", tag = "Message Attempt",
+    params(("app_id" = String, Path, description = "The app's id or uid"), ("endpoint_id" = String, Path, description = "The endpoint's id or uid"), crate::pagination::ListParams, ("status" = Option<u8>, Query, description = "Only this status: 0 success, 1 pending, 2 fail, 3 sending", maximum = 3)),
+    responses((status = 200, body = ListResponse<MessageAttemptOut>)))]
 pub async fn list_by_endpoint(
     State(state): State<ApiState>,
     caller: Caller,
@@ -252,6 +283,11 @@ pub async fn list_by_endpoint(
     )))
 }
 
+/// `messageAttempt.listByMsg`: the attempts made for the message, newest first.
+#[utoipa::path(get, path = "/api/v1/app/{app_id}/attempt/msg/{msg_id}", tag = "Message Attempt",
+    params(("app_id" = String, Path, description = "The app's id or uid"), ("msg_id" = String, Path, description = "The message's id or eventId"), crate::pagination::ListParams, ("status" = Option<u8>, Query, description = "Only this status: 0 success, 1 pending, 2 fail, 3 sending", maximum = 3),
+        ("endpoint_id" = Option<String>, Query, description = "Only attempts made to this endpoint (its id)")),
+    responses((status = 200, body = ListResponse<MessageAttemptOut>)))]
 pub async fn list_by_msg(
     State(state): State<ApiState>,
     caller: Caller,
@@ -279,6 +315,9 @@ pub async fn list_by_msg(
 }
 
 /// Queue one manual attempt of the message to the endpoint now. Manual attempts are not retried.
+#[utoipa::path(post, path = "/api/v1/app/{app_id}/msg/{msg_id}/endpoint/{endpoint_id}/resend", tag = "Message Attempt",
+    params(("app_id" = String, Path, description = "The app's id or uid"), ("msg_id" = String, Path, description = "The message's id or eventId"), ("endpoint_id" = String, Path, description = "The endpoint's id or uid")),
+    responses((status = 202, description = "Queued; the body is an empty object", body = Object)))]
 pub async fn resend(
     State(state): State<ApiState>,
     caller: Caller,
@@ -309,3 +348,15 @@ pub async fn resend(
     // The SDKs parse an (empty) object from this response.
     Ok((StatusCode::ACCEPTED, Json(serde_json::json!({}))))
 }
+
+/// This module's part of `/openapi.json`.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(
+    get,
+    list_attempted_messages,
+    list_attempted_destinations,
+    list_by_endpoint,
+    list_by_msg,
+    resend
+))]
+pub(crate) struct Docs;

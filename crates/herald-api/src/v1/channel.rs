@@ -15,7 +15,7 @@ use serde_json::Value;
 use crate::{ApiState, auth::Caller, error::ApiError, error::ApiResult, pagination::ListResponse};
 
 /// An occupied channel.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ChannelOut {
     name: String,
@@ -27,7 +27,7 @@ pub struct ChannelOut {
 }
 
 /// A presence channel's member.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct MemberOut {
     id: String,
     /// The `user_info` the member joined with; not kept cluster-wide, so `null`.
@@ -53,6 +53,12 @@ fn one_page<T>(data: Vec<T>) -> ListResponse<T> {
 }
 
 /// Occupied channels in name order; `prefix` narrows them (`presence-`).
+///
+/// One page holds them all (`done` is true, no iterator).
+#[utoipa::path(get, path = "/api/v1/app/{app_id}/channel", tag = "Channels",
+    params(("app_id" = String, Path, description = "The app's id or uid"),
+        ("prefix" = Option<String>, Query, description = "Only channels whose name starts with this")),
+    responses((status = 200, body = ListResponse<ChannelOut>)))]
 pub async fn list(
     State(state): State<ApiState>,
     caller: Caller,
@@ -78,6 +84,12 @@ pub async fn list(
 }
 
 /// A presence channel's members, in id order.
+///
+/// One page holds them all (`done` is true, no iterator).
+#[utoipa::path(get, path = "/api/v1/app/{app_id}/channel/{channel}/member", tag = "Channels",
+    params(("app_id" = String, Path, description = "The app's id or uid"),
+        ("channel" = String, Path, description = "A presence channel's name (`presence-...`)")),
+    responses((status = 200, body = ListResponse<MemberOut>)))]
 pub async fn members(
     State(state): State<ApiState>,
     caller: Caller,
@@ -104,3 +116,8 @@ pub async fn members(
             .collect(),
     )))
 }
+
+/// This module's part of `/openapi.json`.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(list, members))]
+pub(crate) struct Docs;

@@ -45,7 +45,7 @@ const RESERVED_HEADERS: &[&str] = &[
 
 /// Svix's `EndpointIn` (also `EndpointUpdate` and `EndpointUpsertIn`, its subsets) plus
 /// `format`; any other field is a 422 naming it.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EndpointIn {
     url: String,
@@ -74,13 +74,17 @@ pub struct EndpointIn {
     headers: Option<BTreeMap<String, String>>,
     /// Svix's deprecated name for `throttleRate`; accepted and ignored (see the README).
     #[serde(default, rename = "rateLimit")]
+    #[schema(deprecated)]
     _rate_limit: Option<i64>,
     /// Svix's endpoint version; accepted and ignored (see the README).
     #[serde(default, rename = "version")]
+    #[schema(deprecated)]
     _version: Option<i64>,
 }
 
-#[derive(Deserialize)]
+/// Svix's `EndpointPatch` plus `format`: only the fields given change. `null` clears `uid`,
+/// `throttleRate`, `eventTypes` and `channels`; on the other fields it changes nothing.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EndpointPatch {
     #[serde(default)]
@@ -93,8 +97,10 @@ pub struct EndpointPatch {
     throttle_rate: Option<Option<i64>>,
     #[serde(default)]
     disabled: Option<bool>,
+    /// `standard-webhooks` or `pusher`.
     #[serde(default)]
     format: Option<String>,
+    /// `filterTypes` is the field's name in older Svix SDKs.
     #[serde(
         default,
         alias = "filterTypes",
@@ -107,7 +113,7 @@ pub struct EndpointPatch {
     metadata: Option<Metadata>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EndpointOut {
     id: String,
@@ -117,6 +123,8 @@ pub struct EndpointOut {
     #[serde(skip_serializing_if = "Option::is_none")]
     throttle_rate: Option<i64>,
     disabled: bool,
+    /// `standard-webhooks` or `pusher`.
+    #[schema(value_type = String, example = "standard-webhooks")]
     format: &'static str,
     event_types: Option<Vec<String>>,
     /// Older Svix SDKs read the event-type filter under this name.
@@ -284,6 +292,12 @@ async fn find(
         .ok_or_else(|| ApiError::not_found("endpoint"))
 }
 
+/// The app's endpoints.
+#[utoipa::path(get, path = "/api/v1/app/{app_id}/endpoint", tag = "Endpoint",
+    params(("app_id" = String, Path, description = "The app's id or uid"),
+        ("order" = Option<String>, Query, description = "`descending` for newest first; ascending otherwise"),
+        crate::pagination::ListParams),
+    responses((status = 200, body = ListResponse<EndpointOut>)))]
 pub async fn list(
     State(state): State<ApiState>,
     caller: Caller,
@@ -301,6 +315,10 @@ pub async fn list(
     )))
 }
 
+/// Creates an endpoint; a signing secret is generated unless `secret` is given.
+#[utoipa::path(post, path = "/api/v1/app/{app_id}/endpoint", tag = "Endpoint",
+    params(("app_id" = String, Path, description = "The app's id or uid")), request_body = EndpointIn,
+    responses((status = 201, body = EndpointOut)))]
 pub async fn create(
     State(state): State<ApiState>,
     caller: Caller,
@@ -313,6 +331,11 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(endpoint.into())))
 }
 
+/// One endpoint.
+#[utoipa::path(get, path = "/api/v1/app/{app_id}/endpoint/{endpoint_id}", tag = "Endpoint",
+    params(("app_id" = String, Path, description = "The app's id or uid"),
+        ("endpoint_id" = String, Path, description = "The endpoint's id or uid")),
+    responses((status = 200, body = EndpointOut)))]
 pub async fn get(
     State(state): State<ApiState>,
     caller: Caller,
@@ -323,6 +346,12 @@ pub async fn get(
     ))
 }
 
+/// Replaces the endpoint, or creates it with this uid. Left-out `headers` and `format` are kept.
+#[utoipa::path(put, path = "/api/v1/app/{app_id}/endpoint/{endpoint_id}", tag = "Endpoint",
+    params(("app_id" = String, Path, description = "The app's id or uid"),
+        ("endpoint_id" = String, Path, description = "The endpoint's id or uid")), request_body = EndpointIn,
+    responses((status = 200, body = EndpointOut),
+        (status = 201, description = "Created with this uid", body = EndpointOut)))]
 pub async fn upsert(
     State(state): State<ApiState>,
     caller: Caller,
@@ -359,6 +388,11 @@ pub async fn upsert(
     Ok((StatusCode::OK, Json(endpoint.into())))
 }
 
+/// Changes the fields given.
+#[utoipa::path(patch, path = "/api/v1/app/{app_id}/endpoint/{endpoint_id}", tag = "Endpoint",
+    params(("app_id" = String, Path, description = "The app's id or uid"),
+        ("endpoint_id" = String, Path, description = "The endpoint's id or uid")), request_body = EndpointPatch,
+    responses((status = 200, body = EndpointOut)))]
 pub async fn patch(
     State(state): State<ApiState>,
     caller: Caller,
@@ -420,6 +454,11 @@ pub async fn patch(
     Ok(Json(endpoint.into()))
 }
 
+/// Deletes the endpoint.
+#[utoipa::path(delete, path = "/api/v1/app/{app_id}/endpoint/{endpoint_id}", tag = "Endpoint",
+    params(("app_id" = String, Path, description = "The app's id or uid"),
+        ("endpoint_id" = String, Path, description = "The endpoint's id or uid")),
+    responses((status = 204, description = "Deleted")))]
 pub async fn delete(
     State(state): State<ApiState>,
     caller: Caller,
@@ -433,11 +472,17 @@ pub async fn delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Serialize)]
+/// The endpoint's signing secret (`whsec_...`).
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct EndpointSecretOut {
     key: String,
 }
 
+/// The endpoint's current signing secret.
+#[utoipa::path(get, path = "/api/v1/app/{app_id}/endpoint/{endpoint_id}/secret", tag = "Endpoint",
+    params(("app_id" = String, Path, description = "The app's id or uid"),
+        ("endpoint_id" = String, Path, description = "The endpoint's id or uid")),
+    responses((status = 200, body = EndpointSecretOut)))]
 pub async fn get_secret(
     State(state): State<ApiState>,
     caller: Caller,
@@ -449,15 +494,23 @@ pub async fn get_secret(
     }))
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SecretRotateIn {
+    /// The new secret (`whsec_...`); generated when absent.
     #[serde(default)]
     key: Option<String>,
+    /// How long the old secret keeps signing too: 0 to 604800 seconds (a day when absent).
     #[serde(default)]
     grace_period_seconds: Option<i64>,
 }
 
+/// A new signing secret; the old one keeps signing too for the grace period.
+#[utoipa::path(post, path = "/api/v1/app/{app_id}/endpoint/{endpoint_id}/secret/rotate", tag = "Endpoint",
+    params(("app_id" = String, Path, description = "The app's id or uid"),
+        ("endpoint_id" = String, Path, description = "The endpoint's id or uid")),
+    request_body(content = Option<SecretRotateIn>, description = "Optional: a chosen secret and grace period"),
+    responses((status = 200, description = "The new secret", body = EndpointSecretOut)))]
 pub async fn rotate_secret(
     State(state): State<ApiState>,
     caller: Caller,
@@ -503,7 +556,7 @@ pub async fn rotate_secret(
     }))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct EndpointHeadersOut {
     headers: BTreeMap<String, String>,
     sensitive: Vec<String>,
@@ -511,7 +564,7 @@ pub struct EndpointHeadersOut {
 
 /// Svix's `EndpointHeadersIn` (PUT) and `EndpointHeadersPatchIn` (PATCH, which adds
 /// `deleteHeaders`).
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EndpointHeadersIn {
     headers: BTreeMap<String, String>,
@@ -519,6 +572,11 @@ pub struct EndpointHeadersIn {
     delete_headers: Option<Vec<String>>,
 }
 
+/// The headers sent with each delivery to the endpoint.
+#[utoipa::path(get, path = "/api/v1/app/{app_id}/endpoint/{endpoint_id}/headers", tag = "Endpoint",
+    params(("app_id" = String, Path, description = "The app's id or uid"),
+        ("endpoint_id" = String, Path, description = "The endpoint's id or uid")),
+    responses((status = 200, body = EndpointHeadersOut)))]
 pub async fn get_headers(
     State(state): State<ApiState>,
     caller: Caller,
@@ -532,6 +590,10 @@ pub async fn get_headers(
 }
 
 /// PUT replaces the endpoint's headers.
+#[utoipa::path(put, path = "/api/v1/app/{app_id}/endpoint/{endpoint_id}/headers", tag = "Endpoint",
+    params(("app_id" = String, Path, description = "The app's id or uid"),
+        ("endpoint_id" = String, Path, description = "The endpoint's id or uid")), request_body = EndpointHeadersIn,
+    responses((status = 204, description = "Replaced")))]
 pub async fn set_headers(
     State(state): State<ApiState>,
     caller: Caller,
@@ -543,6 +605,10 @@ pub async fn set_headers(
 }
 
 /// PATCH adds or overwrites the given headers and removes `deleteHeaders`.
+#[utoipa::path(patch, path = "/api/v1/app/{app_id}/endpoint/{endpoint_id}/headers", tag = "Endpoint",
+    params(("app_id" = String, Path, description = "The app's id or uid"),
+        ("endpoint_id" = String, Path, description = "The endpoint's id or uid")), request_body = EndpointHeadersIn,
+    responses((status = 204, description = "Updated")))]
 pub async fn patch_headers(
     State(state): State<ApiState>,
     caller: Caller,
@@ -575,7 +641,8 @@ async fn change_headers(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize)]
+/// Which messages to recover: those created in `[since, until)`.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RecoverIn {
     since: DateTime<Utc>,
@@ -583,17 +650,24 @@ pub struct RecoverIn {
     until: Option<DateTime<Utc>>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RecoverOut {
     id: String,
+    /// Always `finished`: the failed deliveries are queued when the call returns.
+    #[schema(value_type = String, example = "finished")]
     status: &'static str,
+    #[schema(value_type = String, example = "endpoint.recover")]
     task: &'static str,
     updated_at: DateTime<Utc>,
 }
 
 /// Re-queues every failed delivery to the endpoint of messages created in `[since, until)`.
 /// The queueing is one statement, so the task is already finished when the call returns.
+#[utoipa::path(post, path = "/api/v1/app/{app_id}/endpoint/{endpoint_id}/recover", tag = "Endpoint",
+    params(("app_id" = String, Path, description = "The app's id or uid"),
+        ("endpoint_id" = String, Path, description = "The endpoint's id or uid")), request_body = RecoverIn,
+    responses((status = 202, description = "The failed deliveries are queued again", body = RecoverOut)))]
 pub async fn recover(
     State(state): State<ApiState>,
     caller: Caller,
@@ -626,15 +700,22 @@ pub async fn recover(
     ))
 }
 
-#[derive(Serialize)]
+/// How many of the endpoint's deliveries are in each state.
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct EndpointStatsOut {
     success: i64,
     pending: i64,
     sending: i64,
     fail: i64,
+    /// Always 0: Herald does not cancel deliveries.
     canceled: i64,
 }
 
+/// Counts of the endpoint's deliveries by state.
+#[utoipa::path(get, path = "/api/v1/app/{app_id}/endpoint/{endpoint_id}/stats", tag = "Endpoint",
+    params(("app_id" = String, Path, description = "The app's id or uid"),
+        ("endpoint_id" = String, Path, description = "The endpoint's id or uid")),
+    responses((status = 200, body = EndpointStatsOut)))]
 pub async fn stats(
     State(state): State<ApiState>,
     caller: Caller,
@@ -650,3 +731,22 @@ pub async fn stats(
         canceled: 0,
     }))
 }
+
+/// This module's part of `/openapi.json`.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(
+    list,
+    create,
+    get,
+    upsert,
+    patch,
+    delete,
+    get_secret,
+    rotate_secret,
+    get_headers,
+    set_headers,
+    patch_headers,
+    recover,
+    stats
+))]
+pub(crate) struct Docs;

@@ -18,7 +18,8 @@ use crate::{
     pagination::{self, ListResponse},
 };
 
-#[derive(Deserialize)]
+/// Svix's `EventTypeIn`.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EventTypeIn {
     name: String,
@@ -27,7 +28,10 @@ pub struct EventTypeIn {
     archived: Option<bool>,
     #[serde(default)]
     deprecated: Option<bool>,
+    /// The payload's JSON Schemas (Svix keys them by version: `{"1": {...}}`): an object, or
+    /// `null`.
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     schemas: Option<Box<RawValue>>,
     #[serde(default)]
     group_name: Option<String>,
@@ -35,7 +39,8 @@ pub struct EventTypeIn {
     feature_flags: Option<Vec<String>>,
 }
 
-#[derive(Deserialize)]
+/// Svix's `EventTypeUpdate`: the name is the path's.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EventTypeUpdate {
     description: String,
@@ -43,7 +48,10 @@ pub struct EventTypeUpdate {
     archived: Option<bool>,
     #[serde(default)]
     deprecated: Option<bool>,
+    /// The payload's JSON Schemas (Svix keys them by version: `{"1": {...}}`): an object, or
+    /// `null`.
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     schemas: Option<Box<RawValue>>,
     #[serde(default)]
     group_name: Option<String>,
@@ -51,7 +59,9 @@ pub struct EventTypeUpdate {
     feature_flags: Option<Vec<String>>,
 }
 
-#[derive(Deserialize)]
+/// Svix's `EventTypePatch`: only the fields given change. `null` clears `schemas`, `groupName`
+/// and `featureFlags`; on the other fields it changes nothing.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EventTypePatch {
     #[serde(default)]
@@ -60,7 +70,9 @@ pub struct EventTypePatch {
     archived: Option<bool>,
     #[serde(default)]
     deprecated: Option<bool>,
+    /// The payload's JSON Schemas: an object, or `null` to remove them.
     #[serde(default, deserialize_with = "super::double_option")]
+    #[schema(value_type = Option<Object>)]
     schemas: Option<Option<Box<RawValue>>>,
     #[serde(default, deserialize_with = "super::double_option")]
     group_name: Option<Option<String>>,
@@ -68,16 +80,19 @@ pub struct EventTypePatch {
     feature_flags: Option<Option<Vec<String>>>,
     /// Svix's deprecated single `featureFlag`; accepted and ignored (see the README).
     #[serde(default, rename = "featureFlag")]
+    #[schema(deprecated)]
     _feature_flag: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EventTypeOut {
     name: String,
     description: String,
     archived: bool,
     deprecated: bool,
+    /// The payload's JSON Schemas, as given.
+    #[schema(value_type = Option<Object>)]
     schemas: Option<Box<RawValue>>,
     group_name: Option<String>,
     feature_flags: Option<Vec<String>>,
@@ -121,6 +136,11 @@ async fn find(state: &ApiState, name: &str) -> ApiResult<EventType> {
         .ok_or_else(|| ApiError::not_found("event type"))
 }
 
+/// The catalogue, in name order.
+#[utoipa::path(get, path = "/api/v1/event-type", tag = "Event Type",
+    params(("include_archived" = Option<bool>, Query, description = "Include archived event types (default false)"),
+        crate::pagination::ListParams),
+    responses((status = 200, body = ListResponse<EventTypeOut>)))]
 pub async fn list(
     State(state): State<ApiState>,
     _caller: Caller,
@@ -140,6 +160,9 @@ pub async fn list(
     )))
 }
 
+/// Adds an event type to the catalogue.
+#[utoipa::path(post, path = "/api/v1/event-type", tag = "Event Type", request_body = EventTypeIn,
+    responses((status = 201, body = EventTypeOut)))]
 pub async fn create(
     State(state): State<ApiState>,
     caller: Caller,
@@ -165,6 +188,9 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(et.into())))
 }
 
+/// One event type, archived or not.
+#[utoipa::path(get, path = "/api/v1/event-type/{name}", tag = "Event Type", params(("name" = String, Path, description = "The event type's name")),
+    responses((status = 200, body = EventTypeOut)))]
 pub async fn get(
     State(state): State<ApiState>,
     _caller: Caller,
@@ -173,6 +199,11 @@ pub async fn get(
     Ok(Json(find(&state, &name).await?.into()))
 }
 
+/// Replaces the event type, or creates it with this name.
+#[utoipa::path(put, path = "/api/v1/event-type/{name}", tag = "Event Type", params(("name" = String, Path, description = "The event type's name")),
+    request_body = EventTypeUpdate,
+    responses((status = 200, body = EventTypeOut),
+        (status = 201, description = "Created with this name", body = EventTypeOut)))]
 pub async fn upsert(
     State(state): State<ApiState>,
     caller: Caller,
@@ -208,6 +239,10 @@ pub async fn upsert(
     }
 }
 
+/// Changes the fields given.
+#[utoipa::path(patch, path = "/api/v1/event-type/{name}", tag = "Event Type", params(("name" = String, Path, description = "The event type's name")),
+    request_body = EventTypePatch,
+    responses((status = 200, body = EventTypeOut)))]
 pub async fn patch(
     State(state): State<ApiState>,
     caller: Caller,
@@ -240,6 +275,8 @@ pub async fn patch(
 }
 
 /// Svix archives on delete: the type stays known to old messages but leaves the catalogue.
+#[utoipa::path(delete, path = "/api/v1/event-type/{name}", tag = "Event Type", params(("name" = String, Path, description = "The event type's name")),
+    responses((status = 204, description = "Archived")))]
 pub async fn archive(
     State(state): State<ApiState>,
     caller: Caller,
@@ -252,3 +289,8 @@ pub async fn archive(
     state.store.update_event_type(&et).await?;
     Ok(StatusCode::NO_CONTENT)
 }
+
+/// This module's part of `/openapi.json`.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(list, create, get, upsert, patch, archive))]
+pub(crate) struct Docs;

@@ -32,14 +32,18 @@ use crate::{
 const MAX_CHANNELS: usize = 5;
 
 /// Svix's `MessageIn`; any other field is a 422 naming it.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MessageIn {
+    /// Your id for the event (a uid): unique per app, a repeat is a 409.
     #[serde(default)]
     event_id: Option<String>,
     event_type: String,
-    /// Kept as the exact bytes received: never parsed into a value and re-serialized.
+    /// A JSON object. Kept as the exact bytes received: never parsed into a value and
+    /// re-serialized.
+    #[schema(value_type = Object)]
     payload: Box<RawValue>,
+    /// The channels it is also published to: 1 to 5, or null.
     #[serde(default)]
     channels: Option<Vec<String>>,
     #[serde(default)]
@@ -57,18 +61,25 @@ pub struct MessageIn {
     // In Svix's schema; accepted and ignored (see the README): messages are not transformed.
     // `deliverAt` is refused when it is in the future (no scheduling yet): a scheduled message
     // must never go out early.
+    /// Accepted and ignored: messages are not transformed.
     #[serde(default, rename = "transformationsParams")]
+    #[schema(value_type = Option<Object>)]
     _transformations_params: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Must not be in the future: scheduled delivery is not supported yet.
     #[serde(default, rename = "deliverAt")]
     deliver_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
-#[derive(Serialize)]
+/// Svix's `MessageOut`.
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MessageOut {
     id: String,
     event_id: Option<String>,
     event_type: String,
+    /// The payload as received; `{}` when `with_content=false`, and `{"expired": true}` once
+    /// it was expunged or its retention ended.
+    #[schema(value_type = Object)]
     payload: Box<RawValue>,
     channels: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -203,6 +214,12 @@ async fn app_for_create(
     }
 }
 
+/// Publishes a message: stored and queued to every matching endpoint before the answer, so a
+/// 201 means it will be delivered. With `application`, an environment token creates the app
+/// first if it does not exist.
+#[utoipa::path(post, path = "/api/v1/app/{app_id}/msg", tag = "Message",
+    params(("app_id" = String, Path, description = "The app's id or uid"), ("with_content" = Option<bool>, Query, description = "Include the payload in the answer (default true); false shows `{}`")), request_body = MessageIn,
+    responses((status = 201, body = MessageOut)))]
 pub async fn create(
     State(state): State<ApiState>,
     caller: Caller,
@@ -262,6 +279,9 @@ fn clamp_u32(value: i64) -> u32 {
 /// payload is replaced in the store at once, deliveries pending or not (a later attempt or
 /// resend sends what is left, `{"expired": true}`); the message and its attempts stay, and
 /// reading it shows `payload: {"expired": true}`, as Svix shows an expunged payload.
+#[utoipa::path(delete, path = "/api/v1/app/{app_id}/msg/{msg_id}/content", tag = "Message",
+    params(("app_id" = String, Path, description = "The app's id or uid"), ("msg_id" = String, Path, description = "The message's id or eventId")),
+    responses((status = 204, description = "The payload was expunged")))]
 pub async fn expunge_content(
     State(state): State<ApiState>,
     caller: Caller,
@@ -275,6 +295,10 @@ pub async fn expunge_content(
     }
 }
 
+/// One message.
+#[utoipa::path(get, path = "/api/v1/app/{app_id}/msg/{msg_id}", tag = "Message",
+    params(("app_id" = String, Path, description = "The app's id or uid"), ("msg_id" = String, Path, description = "The message's id or eventId"), ("with_content" = Option<bool>, Query, description = "Include the payload (default true); false shows `{}`")),
+    responses((status = 200, body = MessageOut)))]
 pub async fn get(
     State(state): State<ApiState>,
     caller: Caller,
@@ -291,6 +315,14 @@ pub async fn get(
     Ok(Json(MessageOut::new(msg, with_content)))
 }
 
+/// The app's messages, newest first.
+#[utoipa::path(get, path = "/api/v1/app/{app_id}/msg", tag = "Message",
+    params(("app_id" = String, Path, description = "The app's id or uid"), crate::pagination::ListParams, ("with_content" = Option<bool>, Query, description = "Include each payload (default true); false shows `{}`"),
+        ("channel" = Option<String>, Query, description = "Only messages published to this channel"),
+        ("event_types" = Option<Vec<String>>, Query, description = "Only these event types: repeated, or comma-separated"),
+        ("before" = Option<DateTime<Utc>>, Query, description = "Only messages created before this time (RFC 3339)"),
+        ("after" = Option<DateTime<Utc>>, Query, description = "Only messages created after this time (RFC 3339)")),
+    responses((status = 200, body = ListResponse<MessageOut>)))]
 pub async fn list(
     State(state): State<ApiState>,
     caller: Caller,
@@ -314,3 +346,8 @@ pub async fn list(
         |m| MessageOut::new(m, with_content),
     )))
 }
+
+/// This module's part of `/openapi.json`.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(list, create, get, expunge_content))]
+pub(crate) struct Docs;

@@ -221,6 +221,34 @@ pub(crate) fn routes() -> RouteTable {
         )
 }
 
+/// This module's part of `/openapi.json`: every resource's `Docs`, merged.
+pub(crate) fn docs() -> utoipa::openapi::OpenApi {
+    use utoipa::OpenApi;
+    let mut doc = Docs::openapi();
+    for part in [
+        application::Docs::openapi(),
+        attempt::Docs::openapi(),
+        channel::Docs::openapi(),
+        endpoint::Docs::openapi(),
+        event_type::Docs::openapi(),
+        message::Docs::openapi(),
+        portal::Docs::openapi(),
+        source::Docs::openapi(),
+        tail::Docs::openapi(),
+        token::Docs::openapi(),
+    ] {
+        doc.merge(part);
+    }
+    doc
+}
+
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(health))]
+struct Docs;
+
+/// Svix's health check: 204 while the server answers.
+#[utoipa::path(get, path = "/api/v1/health", tag = "Health", security(()),
+    responses((status = 204, description = "Up")))]
 async fn health() -> StatusCode {
     StatusCode::NO_CONTENT
 }

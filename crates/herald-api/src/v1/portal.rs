@@ -30,10 +30,10 @@ pub const DEFAULT_EXPIRY_SECS: i64 = 3600;
 /// The longest a link may live (Svix's limit too).
 pub const MAX_EXPIRY_SECS: i64 = 7 * 24 * 3600;
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AppPortalAccessIn {
-    /// Seconds the link works for: 1 to [`MAX_EXPIRY_SECS`].
+    /// Seconds the link works for: 1 to 604800 (seven days); 3600 when absent.
     #[serde(default)]
     expiry: Option<i64>,
     /// Named in the token, so the links of one session can be found and revoked together.
@@ -48,7 +48,7 @@ pub struct AppPortalAccessIn {
     feature_flags: Option<Vec<String>>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct AppPortalAccessOut {
     /// The portal, with the token in the fragment (`#key=`).
     url: String,
@@ -56,6 +56,12 @@ pub struct AppPortalAccessOut {
     token: String,
 }
 
+/// A link to the app portal for one app's customers, with a fresh app-scoped token that
+/// expires. The link is built from the request's `Host` (and `X-Forwarded-Proto`).
+#[utoipa::path(post, path = "/api/v1/auth/app-portal-access/{app_id}", tag = "Authentication", operation_id = "app_portal_access",
+    params(("app_id" = String, Path, description = "The app's id or uid")),
+    request_body(content = Option<AppPortalAccessIn>, description = "Optional: the link's expiry and session"),
+    responses((status = 200, body = AppPortalAccessOut)))]
 pub async fn create(
     State(state): State<ApiState>,
     caller: Caller,
@@ -170,3 +176,8 @@ fn base_url(state: &ApiState, headers: &HeaderMap) -> Option<String> {
     };
     Some(format!("{scheme}://{host}"))
 }
+
+/// This module's part of `/openapi.json`.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(create))]
+pub(crate) struct Docs;

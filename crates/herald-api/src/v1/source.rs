@@ -30,31 +30,41 @@ const MAX_SECRETS: usize = 5;
 const MAX_TEMPLATES: usize = 5;
 const MAX_TOLERANCE_SECS: i64 = 24 * 3600;
 
-#[derive(Deserialize)]
+/// A new source.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SourceIn {
+    /// stripe, github, shopify, slack, standard-webhooks or hmac-sha256.
     kind: String,
+    /// 1 to 5 signing secrets (more than one during a rotation); standard-webhooks takes
+    /// `whsec_` secrets.
     secrets: Vec<String>,
     #[serde(default)]
     name: Option<String>,
     #[serde(default)]
     uid: Option<String>,
+    /// Required for hmac-sha256 sources, refused for the others.
     #[serde(default)]
     hmac: Option<HmacSchemeWire>,
+    /// How old a signed timestamp may be: 1 to 86400 seconds.
     #[serde(default)]
     tolerance_secs: Option<i64>,
+    /// Templates for the event type, tried in order (the kind's defaults when absent).
     #[serde(default)]
     event_type: Option<Vec<String>>,
+    /// Templates for the channels the event is published to.
     #[serde(default)]
     channels: Option<Vec<String>>,
     #[serde(default)]
     default_channel: Option<String>,
-    /// Let templates read headers the signature does not cover (see [`check_templates`]).
+    /// Let templates read headers (`{header:...}`), which the provider's signature does not
+    /// cover (see `check_templates`).
     #[serde(default)]
     trust_unsigned_headers: bool,
 }
 
-#[derive(Deserialize)]
+/// The fields to change; those left out stay as they are (the kind cannot change).
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SourcePatch {
     #[serde(default)]
@@ -78,12 +88,13 @@ pub struct SourcePatch {
 }
 
 /// A source as the API shows it. Secrets are write-only: only their number is shown.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SourceOut {
     id: String,
     uid: Option<String>,
     name: String,
+    /// stripe, github, shopify, slack, standard-webhooks or hmac-sha256.
     kind: &'static str,
     /// Where the provider posts: `POST {this}` on Herald's listener.
     ingest_path: String,
@@ -131,7 +142,7 @@ impl From<IngestSource> for SourceOut {
 }
 
 /// A received request: what it became, and (for one event) the raw headers and body.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct IngestEventOut {
     id: String,
@@ -141,11 +152,13 @@ pub struct IngestEventOut {
     channels: Vec<String>,
     msg_id: String,
     received_at: DateTime<Utc>,
+    /// The headers as received, in order: `[name, value]` pairs (one event only).
     #[serde(skip_serializing_if = "Option::is_none")]
     headers: Option<Vec<(String, String)>>,
-    /// The body as text, when it is UTF-8.
+    /// The body as text, when it is UTF-8 (one event only).
     #[serde(skip_serializing_if = "Option::is_none")]
     body: Option<String>,
+    /// The body, base64 (one event only).
     #[serde(skip_serializing_if = "Option::is_none")]
     body_base64: Option<String>,
 }
@@ -352,6 +365,11 @@ async fn find(
         .ok_or_else(|| ApiError::not_found("source"))
 }
 
+/// The app's ingest sources, oldest first.
+#[utoipa::path(get, path = "/api/v1/app/{app_id}/ingest/source", tag = "Ingest",
+    params(("app_id" = String, Path, description = "The app's id or uid"), crate::pagination::ListParams,
+        ("order" = Option<String>, Query, description = "`descending` for newest first")),
+    responses((status = 200, body = ListResponse<SourceOut>)))]
 pub async fn list(
     State(state): State<ApiState>,
     caller: Caller,
@@ -369,6 +387,9 @@ pub async fn list(
     )))
 }
 
+/// Creates a source: third parties then post to its `ingestPath`.
+#[utoipa::path(post, path = "/api/v1/app/{app_id}/ingest/source", tag = "Ingest", params(("app_id" = String, Path, description = "The app's id or uid")), request_body = SourceIn,
+    responses((status = 201, body = SourceOut)))]
 pub async fn create(
     State(state): State<ApiState>,
     caller: Caller,
@@ -381,6 +402,9 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(source.into())))
 }
 
+/// One source.
+#[utoipa::path(get, path = "/api/v1/app/{app_id}/ingest/source/{source_id}", tag = "Ingest", params(("app_id" = String, Path, description = "The app's id or uid"), ("source_id" = String, Path, description = "The source's id or uid")),
+    responses((status = 200, body = SourceOut)))]
 pub async fn get(
     State(state): State<ApiState>,
     caller: Caller,
@@ -391,6 +415,9 @@ pub async fn get(
     ))
 }
 
+/// Changes the fields given.
+#[utoipa::path(patch, path = "/api/v1/app/{app_id}/ingest/source/{source_id}", tag = "Ingest", params(("app_id" = String, Path, description = "The app's id or uid"), ("source_id" = String, Path, description = "The source's id or uid")), request_body = SourcePatch,
+    responses((status = 200, body = SourceOut)))]
 pub async fn patch(
     State(state): State<ApiState>,
     caller: Caller,
@@ -458,6 +485,9 @@ pub async fn patch(
     Ok(Json(source.into()))
 }
 
+/// Deletes the source.
+#[utoipa::path(delete, path = "/api/v1/app/{app_id}/ingest/source/{source_id}", tag = "Ingest", params(("app_id" = String, Path, description = "The app's id or uid"), ("source_id" = String, Path, description = "The source's id or uid")),
+    responses((status = 204, description = "Deleted")))]
 pub async fn delete(
     State(state): State<ApiState>,
     caller: Caller,
@@ -472,8 +502,8 @@ pub async fn delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// One request the source received, as [`requests`] lists it.
-#[derive(Serialize)]
+/// One request the source received (an item of its `request` list).
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct IngestRequestOut {
     received_at: DateTime<Utc>,
@@ -485,9 +515,11 @@ pub struct IngestRequestOut {
     detail: String,
 }
 
-/// The last requests the source received on this node (see `crate::ingest_log`), newest
-/// first: why a provider's deliveries fail, without reading logs. One page; nothing older is
-/// kept.
+/// The last requests the source received on this node, newest first: why a provider's
+/// deliveries fail, without reading logs. One page; nothing older is kept.
+// Kept by `crate::ingest_log`.
+#[utoipa::path(get, path = "/api/v1/app/{app_id}/ingest/source/{source_id}/request", tag = "Ingest", params(("app_id" = String, Path, description = "The app's id or uid"), ("source_id" = String, Path, description = "The source's id or uid")),
+    responses((status = 200, description = "One page, `done` always true", body = ListResponse<IngestRequestOut>)))]
 pub async fn requests(
     State(state): State<ApiState>,
     caller: Caller,
@@ -513,6 +545,11 @@ pub async fn requests(
     }))
 }
 
+/// The events the source received (without their raw headers and body), newest first.
+#[utoipa::path(get, path = "/api/v1/app/{app_id}/ingest/source/{source_id}/event", tag = "Ingest",
+    params(("app_id" = String, Path, description = "The app's id or uid"), ("source_id" = String, Path, description = "The source's id or uid"), crate::pagination::ListParams,
+        ("order" = Option<String>, Query, description = "`ascending` for oldest first")),
+    responses((status = 200, body = ListResponse<IngestEventOut>)))]
 pub async fn list_events(
     State(state): State<ApiState>,
     caller: Caller,
@@ -547,6 +584,9 @@ async fn find_event(
     Ok((source, event))
 }
 
+/// One received event, with its raw headers and body.
+#[utoipa::path(get, path = "/api/v1/app/{app_id}/ingest/source/{source_id}/event/{event_id}", tag = "Ingest", params(("app_id" = String, Path, description = "The app's id or uid"), ("source_id" = String, Path, description = "The source's id or uid"), ("event_id" = String, Path, description = "The received event's id")),
+    responses((status = 200, body = IngestEventOut)))]
 pub async fn get_event(
     State(state): State<ApiState>,
     caller: Caller,
@@ -556,7 +596,8 @@ pub async fn get_event(
     Ok(Json(IngestEventOut::new(event, true)))
 }
 
-#[derive(Serialize)]
+/// The message a replay published.
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ReplayOut {
     msg_id: String,
@@ -566,6 +607,8 @@ pub struct ReplayOut {
 
 /// Publishes a received request again, as a new message (the original was verified when it
 /// arrived): to the endpoints and channels that want it now.
+#[utoipa::path(post, path = "/api/v1/app/{app_id}/ingest/source/{source_id}/event/{event_id}/replay", tag = "Ingest", params(("app_id" = String, Path, description = "The app's id or uid"), ("source_id" = String, Path, description = "The source's id or uid"), ("event_id" = String, Path, description = "The received event's id")),
+    responses((status = 201, body = ReplayOut)))]
 pub async fn replay(
     State(state): State<ApiState>,
     caller: Caller,
@@ -600,3 +643,18 @@ pub(crate) fn header_list(headers: &axum::http::HeaderMap) -> Vec<(String, Strin
         })
         .collect()
 }
+
+/// This module's part of `/openapi.json`.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(
+    list,
+    create,
+    get,
+    patch,
+    delete,
+    list_events,
+    get_event,
+    requests,
+    replay
+))]
+pub(crate) struct Docs;

@@ -57,6 +57,18 @@ impl Filter {
     }
 }
 
+/// The app's publications as they are committed, as Server-Sent Events.
+///
+/// Each `event: publication` carries JSON: `source` (`api`, `pusher`, `ingest`, `client`),
+/// `event`, `channels`, `messageId` and `eventId` (of the webhook message it became, or
+/// `null`), `data` (the JSON payload, or the text as a string) and `timestamp`. A watcher too
+/// slow to keep up gets `event: lagged` with `{"skipped": n}`. It starts now (no history)
+/// and shows this node's publications; at most 64 tails per node (then 503).
+#[utoipa::path(get, path = "/api/v1/app/{app_id}/tail", tag = "Channels", operation_id = "tail",
+    params(("app_id" = String, Path, description = "The app's id or uid"),
+        ("event_types" = Option<Vec<String>>, Query, description = "Only these event types (repeated or comma-separated)"),
+        ("channels" = Option<Vec<String>>, Query, description = "Only publications to one of these channels (repeated or comma-separated)")),
+    responses((status = 200, description = "The stream, until the client or the server closes it", content_type = "text/event-stream")))]
 pub async fn stream(
     State(state): State<ApiState>,
     caller: Caller,
@@ -179,3 +191,8 @@ fn publication(event: &TailEvent) -> Event {
     }
     out
 }
+
+/// This module's part of `/openapi.json`.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(stream))]
+pub(crate) struct Docs;

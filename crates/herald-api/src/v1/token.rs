@@ -29,7 +29,7 @@ use crate::{
 /// Longest token name accepted, in characters.
 const MAX_NAME_CHARS: usize = 256;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TokenIn {
     /// What the token is for ("billing backend", "CI").
@@ -42,7 +42,8 @@ pub struct TokenIn {
     expires_at: Option<DateTime<Utc>>,
 }
 
-#[derive(Serialize)]
+/// A token's record (never its secret).
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TokenOut {
     id: String,
@@ -50,6 +51,7 @@ pub struct TokenOut {
     /// `null` for an environment-wide token.
     app_id: Option<String>,
     created_at: DateTime<Utc>,
+    /// `null`: it never expires.
     expires_at: Option<DateTime<Utc>>,
 }
 
@@ -69,15 +71,20 @@ impl From<ApiToken> for TokenOut {
 }
 
 /// The create answer: the token's record and, this once, its secret.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TokenCreated {
     #[serde(flatten)]
     record: TokenOut,
-    /// The bearer token itself. It cannot be read again.
+    /// The bearer token itself. It cannot be read again: a replay of the answer under the same
+    /// Idempotency-Key leaves it out.
+    #[schema(required = false)]
     token: String,
 }
 
+/// Mints a token, environment-wide or limited to one app; its secret is shown this once.
+#[utoipa::path(post, path = "/api/v1/auth/token", tag = "Authentication", request_body = TokenIn,
+    responses((status = 201, body = TokenCreated)))]
 pub async fn create(
     State(state): State<ApiState>,
     caller: Caller,
@@ -135,6 +142,12 @@ pub async fn create(
     )))
 }
 
+/// The tokens, oldest first; `appId` narrows them to one app's.
+#[utoipa::path(get, path = "/api/v1/auth/token", tag = "Authentication",
+    params(("appId" = Option<String>, Query, description = "Only this app's tokens (its id or uid)"),
+        ("app_id" = Option<String>, Query, description = "The same as `appId`, read when `appId` is absent"),
+        crate::pagination::ListParams),
+    responses((status = 200, body = ListResponse<TokenOut>)))]
 pub async fn list(
     State(state): State<ApiState>,
     caller: Caller,
@@ -155,6 +168,9 @@ pub async fn list(
     )))
 }
 
+/// One token's record.
+#[utoipa::path(get, path = "/api/v1/auth/token/{token_id}", tag = "Authentication", params(("token_id" = String, Path, description = "The token's id (`tok_...`)")),
+    responses((status = 200, body = TokenOut)))]
 pub async fn get(
     State(state): State<ApiState>,
     caller: Caller,
@@ -170,6 +186,9 @@ pub async fn get(
         .ok_or_else(|| ApiError::not_found("token"))
 }
 
+/// Revokes (deletes) the token: the next request that presents it is refused.
+#[utoipa::path(delete, path = "/api/v1/auth/token/{token_id}", tag = "Authentication", params(("token_id" = String, Path, description = "The token's id (`tok_...`)")),
+    responses((status = 204, description = "Revoked")))]
 pub async fn revoke(
     State(state): State<ApiState>,
     caller: Caller,
@@ -194,3 +213,8 @@ fn truncate_to_millis(at: DateTime<Utc>) -> DateTime<Utc> {
     use chrono::SubsecRound;
     at.trunc_subsecs(3)
 }
+
+/// This module's part of `/openapi.json`.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(list, create, get, revoke))]
+pub(crate) struct Docs;

@@ -10,7 +10,7 @@ use herald_core::{
 use serde::{Deserialize, Serialize};
 
 /// A channel history rule: `{pattern, maxEvents, maxAgeSecs}`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HistoryRuleWire {
     pattern: String,
@@ -51,7 +51,7 @@ pub fn history_out(rules: Vec<HistoryRule>) -> Vec<HistoryRuleWire> {
 /// Herald's extension on apps: `{"payloadDays": n}`, how long the payloads of the app's
 /// messages are kept (`null` or absent: the server's `retention.payload_days`). Read as `i64`
 /// so that a negative or huge value is a 422 naming the field rather than a parse error.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RetentionWire {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -75,7 +75,7 @@ impl RetentionWire {
 }
 
 /// An app's Socket.IO settings: `{allowedOrigins, namespaceChannel, events}`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SocketIoWire {
     #[serde(default)]
@@ -87,7 +87,7 @@ pub struct SocketIoWire {
 }
 
 /// `{event, relay, webhook}`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EventRuleWire {
     event: String,
@@ -96,7 +96,7 @@ pub struct EventRuleWire {
     webhook: bool,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 enum RelayWire {
     Everyone,
@@ -155,7 +155,7 @@ impl From<SocketIoSettings> for SocketIoWire {
 }
 
 /// An `hmac-sha256` source's settings: `{header, encoding, prefix, idHeader}`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HmacSchemeWire {
     header: String,
@@ -166,7 +166,7 @@ pub struct HmacSchemeWire {
     id_header: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 enum EncodingWire {
     Hex,
