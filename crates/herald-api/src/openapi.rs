@@ -195,20 +195,9 @@ impl Modify for Shared {
                     operation.security =
                         Some(vec![SecurityRequirement::new(scheme, Vec::<String>::new())]);
                 }
-            }
-            if !path.starts_with("/api/v1/") {
-                continue;
-            }
-            for operation in [
-                &mut item.get,
-                &mut item.post,
-                &mut item.put,
-                &mut item.patch,
-                &mut item.delete,
-            ]
-            .into_iter()
-            .flatten()
-            {
+                if !path.starts_with("/api/v1/") {
+                    continue;
+                }
                 let responses = &mut operation.responses.responses;
                 for (status, description, schema) in [
                     ("400", "The request could not be read", "HttpError"),

@@ -307,12 +307,7 @@ async fn publish(
 
 /// Triggers an event on up to 100 channels (Pusher's `POST /events`).
 #[utoipa::path(post, path = "/apps/{app_id}/events", tag = "Pusher", params(("app_id" = String, Path, description = "The app's Pusher app id")), request_body = TriggerIn,
-    responses((status = 200, body = docs::TriggerOut), (status = 400, description = "The request is malformed (plain text says what)", content_type = "text/plain", body = String),
-        (status = 401, description = "The signature is missing, wrong or stale", content_type = "text/plain", body = String),
-        (status = 403, description = "The key is not this app's", content_type = "text/plain", body = String),
-        (status = 404, description = "No such app", content_type = "text/plain", body = String),
-        (status = 413, description = "The event data is over 10 KB", content_type = "text/plain", body = String),
-        (status = 429, description = "Over the app's publish rate: see Retry-After", content_type = "text/plain", body = String)))]
+    responses((status = 200, body = docs::TriggerOut), docs::Refusals))]
 async fn trigger(
     State(state): State<ApiState>,
     Path(app_id): Path<String>,
@@ -335,12 +330,7 @@ async fn trigger(
 
 /// Triggers up to 10 events, accepted whole or not at all.
 #[utoipa::path(post, path = "/apps/{app_id}/batch_events", tag = "Pusher", params(("app_id" = String, Path, description = "The app's Pusher app id")), request_body = BatchIn,
-    responses((status = 200, body = docs::BatchOut), (status = 400, description = "The request is malformed (plain text says what)", content_type = "text/plain", body = String),
-        (status = 401, description = "The signature is missing, wrong or stale", content_type = "text/plain", body = String),
-        (status = 403, description = "The key is not this app's", content_type = "text/plain", body = String),
-        (status = 404, description = "No such app", content_type = "text/plain", body = String),
-        (status = 413, description = "The event data is over 10 KB", content_type = "text/plain", body = String),
-        (status = 429, description = "Over the app's publish rate: see Retry-After", content_type = "text/plain", body = String)))]
+    responses((status = 200, body = docs::BatchOut), docs::Refusals))]
 async fn trigger_batch(
     State(state): State<ApiState>,
     Path(app_id): Path<String>,
@@ -377,12 +367,7 @@ async fn trigger_batch(
 #[utoipa::path(get, path = "/apps/{app_id}/channels", tag = "Pusher", params(("app_id" = String, Path, description = "The app's Pusher app id"),
         ("filter_by_prefix" = Option<String>, Query, description = "Only channels starting with this"),
         ("info" = Option<String>, Query, description = "`user_count` (with filter_by_prefix=presence-)")),
-    responses((status = 200, body = docs::ChannelsOut), (status = 400, description = "The request is malformed (plain text says what)", content_type = "text/plain", body = String),
-        (status = 401, description = "The signature is missing, wrong or stale", content_type = "text/plain", body = String),
-        (status = 403, description = "The key is not this app's", content_type = "text/plain", body = String),
-        (status = 404, description = "No such app", content_type = "text/plain", body = String),
-        (status = 413, description = "The event data is over 10 KB", content_type = "text/plain", body = String),
-        (status = 429, description = "Over the app's publish rate: see Retry-After", content_type = "text/plain", body = String)))]
+    responses((status = 200, body = docs::ChannelsOut), docs::Refusals))]
 async fn channels(
     State(state): State<ApiState>,
     Path(app_id): Path<String>,
@@ -418,12 +403,7 @@ async fn channels(
 /// One channel's state.
 #[utoipa::path(get, path = "/apps/{app_id}/channels/{channel}", tag = "Pusher", params(("app_id" = String, Path, description = "The app's Pusher app id"), ("channel" = String, Path, description = "The channel's name"),
         ("info" = Option<String>, Query, description = "`subscription_count`, `user_count` (presence)")),
-    responses((status = 200, body = docs::ChannelOut), (status = 400, description = "The request is malformed (plain text says what)", content_type = "text/plain", body = String),
-        (status = 401, description = "The signature is missing, wrong or stale", content_type = "text/plain", body = String),
-        (status = 403, description = "The key is not this app's", content_type = "text/plain", body = String),
-        (status = 404, description = "No such app", content_type = "text/plain", body = String),
-        (status = 413, description = "The event data is over 10 KB", content_type = "text/plain", body = String),
-        (status = 429, description = "Over the app's publish rate: see Retry-After", content_type = "text/plain", body = String)))]
+    responses((status = 200, body = docs::ChannelOut), docs::Refusals))]
 async fn channel(
     State(state): State<ApiState>,
     Path((app_id, channel)): Path<(String, String)>,
@@ -465,12 +445,7 @@ const MAX_HISTORY_PAGE: u32 = 1000;
         ("before" = Option<u64>, Query, description = "Only events before this offset"),
         ("limit" = Option<u32>, Query, description = "1 to 1000 (100)"),
         ("direction" = Option<String>, Query, description = "`backward` (newest first, the default) or `forward`")),
-    responses((status = 200, body = docs::HistoryOut), (status = 400, description = "The request is malformed (plain text says what)", content_type = "text/plain", body = String),
-        (status = 401, description = "The signature is missing, wrong or stale", content_type = "text/plain", body = String),
-        (status = 403, description = "The key is not this app's", content_type = "text/plain", body = String),
-        (status = 404, description = "No such app", content_type = "text/plain", body = String),
-        (status = 413, description = "The event data is over 10 KB", content_type = "text/plain", body = String),
-        (status = 429, description = "Over the app's publish rate: see Retry-After", content_type = "text/plain", body = String)))]
+    responses((status = 200, body = docs::HistoryOut), docs::Refusals))]
 async fn history(
     State(state): State<ApiState>,
     Path((app_id, channel)): Path<(String, String)>,
@@ -533,12 +508,7 @@ async fn history(
 /// Herald's extension: drops a history channel's events and starts a new epoch; clients
 /// resuming with the old one are told `epoch_changed`.
 #[utoipa::path(delete, path = "/apps/{app_id}/channels/{channel}/history", tag = "Pusher", params(("app_id" = String, Path, description = "The app's Pusher app id"), ("channel" = String, Path, description = "The channel's name")),
-    responses((status = 200, body = docs::PositionOut), (status = 400, description = "The request is malformed (plain text says what)", content_type = "text/plain", body = String),
-        (status = 401, description = "The signature is missing, wrong or stale", content_type = "text/plain", body = String),
-        (status = 403, description = "The key is not this app's", content_type = "text/plain", body = String),
-        (status = 404, description = "No such app", content_type = "text/plain", body = String),
-        (status = 413, description = "The event data is over 10 KB", content_type = "text/plain", body = String),
-        (status = 429, description = "Over the app's publish rate: see Retry-After", content_type = "text/plain", body = String)))]
+    responses((status = 200, body = docs::PositionOut), docs::Refusals))]
 async fn reset_history(
     State(state): State<ApiState>,
     Path((app_id, channel)): Path<(String, String)>,
@@ -560,12 +530,7 @@ async fn reset_history(
 
 /// A presence channel's users.
 #[utoipa::path(get, path = "/apps/{app_id}/channels/{channel}/users", tag = "Pusher", params(("app_id" = String, Path, description = "The app's Pusher app id"), ("channel" = String, Path, description = "The channel's name")),
-    responses((status = 200, body = docs::UsersOut), (status = 400, description = "The request is malformed (plain text says what)", content_type = "text/plain", body = String),
-        (status = 401, description = "The signature is missing, wrong or stale", content_type = "text/plain", body = String),
-        (status = 403, description = "The key is not this app's", content_type = "text/plain", body = String),
-        (status = 404, description = "No such app", content_type = "text/plain", body = String),
-        (status = 413, description = "The event data is over 10 KB", content_type = "text/plain", body = String),
-        (status = 429, description = "Over the app's publish rate: see Retry-After", content_type = "text/plain", body = String)))]
+    responses((status = 200, body = docs::UsersOut), docs::Refusals))]
 async fn users(
     State(state): State<ApiState>,
     Path((app_id, channel)): Path<(String, String)>,
@@ -589,12 +554,7 @@ async fn users(
 /// Closes every connection of a signed-in user (close code 4009).
 #[utoipa::path(post, path = "/apps/{app_id}/users/{user_id}/terminate_connections", tag = "Pusher",
     params(("app_id" = String, Path, description = "The app's Pusher app id"), ("user_id" = String, Path, description = "The user's id")),
-    responses((status = 200, body = docs::EmptyOut), (status = 400, description = "The request is malformed (plain text says what)", content_type = "text/plain", body = String),
-        (status = 401, description = "The signature is missing, wrong or stale", content_type = "text/plain", body = String),
-        (status = 403, description = "The key is not this app's", content_type = "text/plain", body = String),
-        (status = 404, description = "No such app", content_type = "text/plain", body = String),
-        (status = 413, description = "The event data is over 10 KB", content_type = "text/plain", body = String),
-        (status = 429, description = "Over the app's publish rate: see Retry-After", content_type = "text/plain", body = String)))]
+    responses((status = 200, body = docs::EmptyOut), docs::Refusals))]
 async fn terminate(
     State(state): State<ApiState>,
     Path((app_id, user_id)): Path<(String, String)>,
@@ -697,4 +657,47 @@ mod docs {
     /// `{}`.
     #[derive(ToSchema)]
     pub struct EmptyOut {}
+
+    /// How every route refuses: plain text saying what was wrong, with the Pusher API's status.
+    #[derive(utoipa::IntoResponses)]
+    pub enum Refusals {
+        #[response(
+            status = 400,
+            description = "The request is malformed",
+            content_type = "text/plain"
+        )]
+        Malformed(String),
+        #[response(
+            status = 401,
+            description = "The signature is missing, wrong or stale",
+            content_type = "text/plain"
+        )]
+        Unsigned(String),
+        #[response(
+            status = 403,
+            description = "The key is not this app's",
+            content_type = "text/plain"
+        )]
+        OtherApp(String),
+        #[response(status = 404, description = "No such app", content_type = "text/plain")]
+        NoApp(String),
+        #[response(
+            status = 413,
+            description = "The event data is over 10 KB",
+            content_type = "text/plain"
+        )]
+        TooLarge(String),
+        #[response(
+            status = 429,
+            description = "Over the app's publish rate: see Retry-After",
+            content_type = "text/plain"
+        )]
+        Limited(String),
+        #[response(
+            status = 503,
+            description = "The store, broker or presence could not be reached: retry",
+            content_type = "text/plain"
+        )]
+        Unavailable(String),
+    }
 }
