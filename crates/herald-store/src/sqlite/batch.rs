@@ -22,7 +22,7 @@ use herald_core::{
     history::{NewHistoryEntry, Position},
     model::{DeliveryStatus, IngestEvent, Message},
 };
-use sqlx::{Acquire, SqliteConnection, SqlitePool};
+use sqlx::{SqliteConnection, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -32,7 +32,10 @@ use super::{
     rows::millis,
 };
 
+mod durable;
 mod grouped;
+
+pub(crate) use durable::{Durable, WalFile};
 
 use crate::{
     AttemptRecord, DeliveryJob, EndpointChange, FreshDeliveries, NextStep, Result, StoreError,
@@ -142,7 +145,23 @@ pub(crate) struct Shared {
     pub gate: Arc<ClaimGate>,
     pub fresh: Arc<OnceLock<Arc<dyn FreshDeliveries>>>,
     pub commits: Arc<OnceLock<Arc<herald_metrics::StoreMetrics>>>,
+    /// Makes the committed batches durable before their callers hear of them.
+    pub durable: Arc<dyn Durable>,
 }
+
+/// Committed batches waiting for their fsync. Bounded, so a slow disk holds the writer back
+/// instead of letting answered-to-nobody commits pile up.
+const AWAITING_SYNC: usize = 16;
+
+/// A batch the writer is done with: committed (but not yet durable), or failed.
+struct Committing {
+    batch: Vec<PendingWrite>,
+    applied: Result<Applied>,
+    started: std::time::Instant,
+}
+
+/// Each write's outcome, and the jobs whose delivery could not be leased.
+type Applied = (Vec<Result<Committed>>, HashSet<DeliveryKey>);
 
 pub(crate) async fn run(
     pool: SqlitePool,
@@ -150,6 +169,8 @@ pub(crate) async fn run(
     mut queue: mpsc::Receiver<PendingWrite>,
     shutdown: CancellationToken,
 ) {
+    let (to_sync, committed) = mpsc::channel(AWAITING_SYNC);
+    let syncer = tokio::spawn(run_syncer(shared.clone(), committed));
     let mut batch = Vec::with_capacity(MAX_BATCH);
     loop {
         let received = tokio::select! {
@@ -158,26 +179,43 @@ pub(crate) async fn run(
                 // Refuse new writes but commit everything already handed to us.
                 queue.close();
                 while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
-                    commit(&pool, &shared, &mut batch).await;
+                    let done = commit(&pool, &shared, std::mem::take(&mut batch)).await;
+                    if to_sync.send(done).await.is_err() {
+                        break;
+                    }
                 }
-                return;
+                break;
             }
         };
         if received == 0 {
+            break;
+        }
+        let done = commit(
+            &pool,
+            &shared,
+            std::mem::replace(&mut batch, Vec::with_capacity(MAX_BATCH)),
+        )
+        .await;
+        if to_sync.send(done).await.is_err() {
+            // The syncer is gone (it panicked): nobody can be answered any more.
+            tracing::error!("the store's syncer stopped; refusing writes");
             return;
         }
-        commit(&pool, &shared, &mut batch).await;
+    }
+    // Every batch committed is answered before the store reports itself closed.
+    drop(to_sync);
+    if let Err(e) = syncer.await {
+        tracing::error!(error = %e, "the store's syncer failed");
     }
 }
 
-async fn commit(pool: &SqlitePool, shared: &Shared, batch: &mut Vec<PendingWrite>) {
+/// Applies and commits `batch` (without waiting for the disk) on the writer connection.
+async fn commit(pool: &SqlitePool, shared: &Shared, batch: Vec<PendingWrite>) -> Committing {
     let started = std::time::Instant::now();
-    let applied = apply_all(pool, shared, batch).await;
-    if let Some(metrics) = shared.commits.get() {
-        metrics.commit(batch.len(), started.elapsed());
-    }
+    let applied = apply_all(pool, shared, &batch).await;
     if let Ok((outcomes, missed)) = &applied {
-        // Deliveries that went in unleased are due now: claims must find them.
+        // Deliveries that went in unleased are due now: claims must find them. (They are
+        // visible to readers from the commit on, durable or not yet.)
         let unleased: Vec<(&AppId, &EndpointId)> = batch
             .iter()
             .zip(outcomes)
@@ -195,6 +233,66 @@ async fn commit(pool: &SqlitePool, shared: &Shared, batch: &mut Vec<PendingWrite
         if !unleased.is_empty() {
             shared.gate.add_first_attempts(unleased);
         }
+    }
+    Committing {
+        batch,
+        applied,
+        started,
+    }
+}
+
+/// Makes the committed batches durable, then answers their callers, in commit order: one
+/// fsync for every batch committed while the one before ran. Once an fsync has failed, no
+/// later one can be trusted to cover what the failed one lost (the kernel may have dropped
+/// those pages and reports the error once), so every batch after it fails too.
+async fn run_syncer(shared: Shared, mut committed: mpsc::Receiver<Committing>) {
+    let mut group = Vec::with_capacity(AWAITING_SYNC);
+    let mut broken: Option<String> = None;
+    while committed.recv_many(&mut group, AWAITING_SYNC).await > 0 {
+        if broken.is_none() && group.iter().any(|done| done.applied.is_ok()) {
+            let durable = shared.durable.clone();
+            let synced = match tokio::task::spawn_blocking(move || durable.sync()).await {
+                Ok(synced) => synced.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = synced {
+                tracing::error!(error = %e, "could not fsync the store's WAL; refusing writes until restarted");
+                broken = Some(format!(
+                    "the store could not make its writes durable (fsync of the WAL failed: {e}); restart Herald"
+                ));
+            }
+        }
+        for done in group.drain(..) {
+            finish(&shared, done, broken.as_deref());
+        }
+    }
+}
+
+/// Hands the batch's new deliveries to the dispatcher (or gives their room back) and answers
+/// its callers: the outcome of each write once it is durable, or why the batch failed.
+fn finish(shared: &Shared, done: Committing, sync_failed: Option<&str>) {
+    let Committing {
+        mut batch,
+        applied,
+        started,
+    } = done;
+    let applied = match (applied, sync_failed) {
+        (Ok(_), Some(why)) => {
+            // Committed but not known durable: its leases go, so the deliveries wait for a
+            // claim like any unleased one, and its callers hear it failed.
+            let leased: Vec<DeliveryKey> = batch
+                .iter()
+                .flat_map(|write| write.op.new_messages())
+                .flat_map(|new| &new.fresh)
+                .map(|job| (job.msg_id.clone(), job.endpoint.id.clone()))
+                .collect();
+            shared.leases.revoke(&leased);
+            Err(StoreError::Batch(why.to_owned()))
+        }
+        (applied, _) => applied,
+    };
+    if let Some(metrics) = shared.commits.get() {
+        metrics.commit(batch.len(), started.elapsed());
     }
     // Jobs of the new deliveries: handed over if leased in a commit that happened, their room
     // given back otherwise.
@@ -235,7 +333,10 @@ async fn commit(pool: &SqlitePool, shared: &Shared, batch: &mut Vec<PendingWrite
         }
         Err(e) => {
             tracing::error!(error = %e, writes = batch.len(), "batched commit failed");
-            let message = e.to_string();
+            let message = match e {
+                StoreError::Batch(message) => message,
+                e => e.to_string(),
+            };
             for write in batch.drain(..) {
                 let _ = write.done.send(Err(StoreError::Batch(message.clone())));
             }
@@ -270,66 +371,105 @@ fn fresh_of_applied<'a>(
         .flat_map(|new| &new.fresh)
 }
 
+/// The group commit's transactions skip the fsync at commit: the syncer does it for them
+/// (see `durable`). Every other write on the writer connection stays durable at its own
+/// commit, so the commit sets `synchronous` back in the same round trip.
+///
+/// The transaction is SQL of our own rather than sqlx's `Transaction`, whose `COMMIT` is a
+/// round trip to the connection's thread by itself: with the setting on each side, that would
+/// be two more per batch.
+const BEGIN_WITHOUT_FSYNC: &str = "PRAGMA synchronous = NORMAL; BEGIN";
+const COMMIT_THEN_FSYNC_AGAIN: &str = "COMMIT; PRAGMA synchronous = FULL";
+const RETRY_FROM_SCRATCH: &str = "ROLLBACK; BEGIN";
+
+/// The writer connection, lent to one batch. If the batch does not end cleanly (an error, or
+/// its future dropped halfway), the connection may be inside a transaction or without its
+/// fsyncs, so it is closed rather than returned: SQLite rolls back what was open, and the pool
+/// opens a new one from its options (`synchronous = FULL`).
+struct Lent {
+    conn: sqlx::pool::PoolConnection<sqlx::Sqlite>,
+    clean: bool,
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        if !self.clean {
+            self.conn.close_on_drop();
+        }
+    }
+}
+
 /// Applies the batch in one transaction and commits it, leasing (just before the commit) the
 /// new deliveries that have jobs to hand over. Returns each write's outcome and the jobs whose
 /// delivery could not be leased (its rowid did not come back: never expected; it stays
-/// claimable).
-async fn apply_all(
-    pool: &SqlitePool,
-    shared: &Shared,
-    batch: &[PendingWrite],
-) -> Result<(Vec<Result<Committed>>, HashSet<DeliveryKey>)> {
-    let mut tx = pool.begin().await?;
+/// claimable). The commit is not yet durable: the caller hands the batch to the syncer.
+async fn apply_all(pool: &SqlitePool, shared: &Shared, batch: &[PendingWrite]) -> Result<Applied> {
+    let mut lent = Lent {
+        conn: pool.acquire().await?,
+        clean: false,
+    };
+    let conn = &mut *lent.conn;
+    sqlx::raw_sql(BEGIN_WITHOUT_FSYNC)
+        .execute(&mut *conn)
+        .await?;
     let mut rowids = HashMap::new();
-    let outcomes = match grouped::apply(&mut tx, batch, &mut rowids).await {
+    let outcomes = match grouped::apply(conn, batch, &mut rowids).await {
         Ok(outcomes) => outcomes,
         Err(e) => {
             // Something other than an expected conflict (say, a foreign key: the app was
             // deleted meanwhile). Redo the batch one write at a time so only the writes that
             // fail report an error.
             tracing::warn!(error = %e, writes = batch.len(), "grouped write failed; retrying one by one");
-            tx.rollback().await?;
-            tx = pool.begin().await?;
+            sqlx::raw_sql(RETRY_FROM_SCRATCH)
+                .execute(&mut *conn)
+                .await?;
             rowids.clear();
-            one_by_one(&mut tx, batch, &mut rowids).await?
+            one_by_one(conn, batch, &mut rowids).await?
         }
     };
     let missed = lease_fresh(shared, batch, &outcomes, &rowids);
-    if let Err(e) = tx.commit().await {
+    if let Err(e) = sqlx::raw_sql(COMMIT_THEN_FSYNC_AGAIN)
+        .execute(&mut *conn)
+        .await
+    {
+        // (Were the commit to succeed and only the setting fail, the writes are in but their
+        // callers hear they failed; they retry, which is a duplicate at worst, never a loss.)
         let leased: Vec<DeliveryKey> = fresh_of_applied(batch, &outcomes)
             .map(|job| (job.msg_id.clone(), job.endpoint.id.clone()))
             .collect();
         shared.leases.revoke(&leased);
         return Err(e.into());
     }
+    lent.clean = true;
     Ok((outcomes, missed))
 }
 
-/// Each write alone, in order, in `tx`: a write's offsets are assigned from the positions the
-/// writes before it left in this transaction, so a failed write consumes none.
+/// Each write alone, in order, in the open transaction, each in a savepoint: a write's offsets
+/// are assigned from the positions the writes before it left in this transaction, so a failed
+/// write consumes none.
 async fn one_by_one(
-    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+    conn: &mut SqliteConnection,
     batch: &[PendingWrite],
     rowids: &mut HashMap<DeliveryKey, i64>,
 ) -> Result<Vec<Result<Committed>>> {
     let mut outcomes = Vec::with_capacity(batch.len());
     for write in batch {
-        let mut savepoint = tx.begin().await?;
+        sqlx::raw_sql("SAVEPOINT one_write")
+            .execute(&mut *conn)
+            .await?;
         let mut write_rowids = HashMap::new();
-        match grouped::apply(
-            &mut savepoint,
-            std::slice::from_ref(write),
-            &mut write_rowids,
-        )
-        .await
-        {
+        match grouped::apply(conn, std::slice::from_ref(write), &mut write_rowids).await {
             Ok(mut outcome) => {
-                savepoint.commit().await?;
+                sqlx::raw_sql("RELEASE one_write")
+                    .execute(&mut *conn)
+                    .await?;
                 rowids.extend(write_rowids);
                 outcomes.push(outcome.pop().unwrap_or_else(|| Ok(Vec::new())));
             }
             Err(e) => {
-                savepoint.rollback().await?;
+                sqlx::raw_sql("ROLLBACK TO one_write; RELEASE one_write")
+                    .execute(&mut *conn)
+                    .await?;
                 outcomes.push(Err(e));
             }
         }

@@ -17,6 +17,8 @@ mod attempts;
 mod batch;
 pub(crate) mod cache;
 mod channel_webhooks;
+#[cfg(test)]
+mod durable_tests;
 mod endpoints;
 mod event_types;
 mod gate;
@@ -93,6 +95,17 @@ impl SqliteStore {
     /// decrypts what was written under it. Fails if the store holds secrets under a key it is
     /// not given; encrypts any secret an earlier version stored in clear.
     pub async fn open_with_keys(dir: &Path, keys: Option<crate::secrets::Keyring>) -> Result<Self> {
+        let wal = Arc::new(batch::WalFile::of(&dir.join(DB_FILE)));
+        Self::open_with(dir, keys, wal).await
+    }
+
+    /// [`SqliteStore::open_with_keys`], with the group commit's batches made durable by
+    /// `durable` (tests hold it back to watch what waits for it).
+    async fn open_with(
+        dir: &Path,
+        keys: Option<crate::secrets::Keyring>,
+        durable: Arc<dyn batch::Durable>,
+    ) -> Result<Self> {
         // The database holds everything Herald keeps: directory 0700, files 0600 (unix).
         permissions::prepare(dir, DB_FILE)?;
         let options = SqliteConnectOptions::from_str("sqlite://")?
@@ -109,11 +122,15 @@ impl SqliteStore {
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
+            // A connection to a local file does not go stale the way a network one can, and
+            // sqlx's check before lending it is a round trip to its thread (one per batch).
+            .test_before_acquire(false)
             .connect_with(options.clone())
             .await?;
         sqlx::migrate!("./migrations/sqlite").run(&writer).await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(READERS)
+            .test_before_acquire(false)
             .connect_with(options.read_only(true))
             .await?;
         // SQLite has made its -wal and -shm files by now, with the database file's mode.
@@ -140,6 +157,7 @@ impl SqliteStore {
             gate: Arc::default(),
             fresh: Arc::default(),
             commits: Arc::default(),
+            durable,
         };
         let batcher = tokio::spawn(batch::run(
             writer.clone(),
