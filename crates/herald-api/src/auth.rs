@@ -2,6 +2,8 @@
 //! tokens in the store may do anything; an app-scoped token may only touch its app. A token
 //! past its expiry, or revoked, opens nothing.
 
+use std::sync::Arc;
+
 use axum::{
     extract::FromRequestParts,
     http::{HeaderMap, request::Parts},
@@ -18,10 +20,10 @@ pub struct Caller {
     pub scope: TokenScope,
 }
 
-impl FromRequestParts<ApiState> for Caller {
+impl FromRequestParts<Arc<ApiState>> for Caller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> ApiResult<Self> {
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<ApiState>) -> ApiResult<Self> {
         // Middleware that ran before (idempotency) may have authenticated the request already.
         if let Some(scope) = parts.extensions.get::<TokenScope>() {
             return Ok(Self {

@@ -9,6 +9,8 @@
 //! - `GET /metrics`: every metric this node registered (`herald-metrics`), in the OpenMetrics
 //!   text format, with the delivery queue's gauges read from the store at that moment.
 
+use std::sync::Arc;
+
 use axum::{
     Json,
     extract::State,
@@ -34,7 +36,7 @@ pub async fn live() -> StatusCode {
 #[utoipa::path(get, path = "/health/ready", tag = "Health", security(()),
     responses((status = 204, description = "Ready"),
         (status = 503, description = "Not ready: which part is down and why", body = NotReady)))]
-pub async fn ready(State(state): State<ApiState>) -> Response {
+pub async fn ready(State(state): State<Arc<ApiState>>) -> Response {
     let store = match tokio::time::timeout(PING_PATIENCE, state.store.ping()).await {
         Ok(Ok(())) => None,
         Ok(Err(e)) => Some(if e.is_unavailable() {
@@ -72,7 +74,7 @@ const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=
     responses((status = 200, description = "OpenMetrics text", content_type = "application/openmetrics-text", body = String),
         (status = 401, description = "No valid API token", body = crate::openapi::HttpError),
         (status = 403, description = "An app's token: metrics are the environment's", body = crate::openapi::HttpError)))]
-pub async fn metrics(State(state): State<ApiState>) -> Response {
+pub async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
     let now = chrono::Utc::now();
     match tokio::time::timeout(PING_PATIENCE, state.store.due_deliveries(now)).await {
         Ok(Ok(due)) => {

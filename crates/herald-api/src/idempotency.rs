@@ -115,7 +115,11 @@ async fn release(store: &dyn Store, scope: &str, key: &str) {
     }
 }
 
-pub async fn replay(State(state): State<ApiState>, mut request: Request, next: Next) -> Response {
+pub async fn replay(
+    State(state): State<Arc<ApiState>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     if request.method() != Method::POST {
         return next.run(request).await;
     }

@@ -6,6 +6,8 @@
 //! same delivery id is answered 200 too, but not published again. The message then takes the
 //! same path as any other: webhook endpoints by filter, WebSocket subscribers by channel.
 
+use std::sync::Arc;
+
 use std::net::SocketAddr;
 
 use axum::{
@@ -61,7 +63,7 @@ pub struct IngestOut {
         (status = 429, description = "Over the address's or source's rate: see Retry-After", body = crate::openapi::HttpError),
         (status = 503, description = "The store is unavailable: the provider retries", body = crate::openapi::HttpError)))]
 pub async fn receive(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     Path(source_id): Path<String>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,

@@ -210,6 +210,9 @@ pub fn route_list() -> Vec<Route> {
 }
 
 fn routes(state: ApiState, config: &ApiConfig) -> Router {
+    // Shared, not copied: axum hands every extractor and middleware its own clone of the
+    // state, and a clone of `ApiState` itself is some twenty reference counts and a lock.
+    let state = Arc::new(state);
     v1::routes()
         .into_router(&state)
         .layer(middleware::from_fn_with_state(

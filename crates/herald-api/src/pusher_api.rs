@@ -3,6 +3,8 @@
 //! connections. Requests are signed the Pusher way (see `herald_core::pusher::verify_request`);
 //! errors are plain text with the status the Pusher API uses.
 
+use std::sync::Arc;
+
 use std::collections::BTreeMap;
 
 use axum::{
@@ -309,7 +311,7 @@ async fn publish(
 #[utoipa::path(post, path = "/apps/{app_id}/events", tag = "Pusher", params(("app_id" = String, Path, description = "The app's Pusher app id")), request_body = TriggerIn,
     responses((status = 200, body = docs::TriggerOut), docs::Refusals))]
 async fn trigger(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     Path(app_id): Path<String>,
     method: Method,
     uri: Uri,
@@ -332,7 +334,7 @@ async fn trigger(
 #[utoipa::path(post, path = "/apps/{app_id}/batch_events", tag = "Pusher", params(("app_id" = String, Path, description = "The app's Pusher app id")), request_body = BatchIn,
     responses((status = 200, body = docs::BatchOut), docs::Refusals))]
 async fn trigger_batch(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     Path(app_id): Path<String>,
     method: Method,
     uri: Uri,
@@ -369,7 +371,7 @@ async fn trigger_batch(
         ("info" = Option<String>, Query, description = "`user_count` (with filter_by_prefix=presence-)")),
     responses((status = 200, body = docs::ChannelsOut), docs::Refusals))]
 async fn channels(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     Path(app_id): Path<String>,
     method: Method,
     uri: Uri,
@@ -405,7 +407,7 @@ async fn channels(
         ("info" = Option<String>, Query, description = "`subscription_count`, `user_count` (presence)")),
     responses((status = 200, body = docs::ChannelOut), docs::Refusals))]
 async fn channel(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     Path((app_id, channel)): Path<(String, String)>,
     method: Method,
     uri: Uri,
@@ -447,7 +449,7 @@ const MAX_HISTORY_PAGE: u32 = 1000;
         ("direction" = Option<String>, Query, description = "`backward` (newest first, the default) or `forward`")),
     responses((status = 200, body = docs::HistoryOut), docs::Refusals))]
 async fn history(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     Path((app_id, channel)): Path<(String, String)>,
     method: Method,
     uri: Uri,
@@ -510,7 +512,7 @@ async fn history(
 #[utoipa::path(delete, path = "/apps/{app_id}/channels/{channel}/history", tag = "Pusher", params(("app_id" = String, Path, description = "The app's Pusher app id"), ("channel" = String, Path, description = "The channel's name")),
     responses((status = 200, body = docs::PositionOut), docs::Refusals))]
 async fn reset_history(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     Path((app_id, channel)): Path<(String, String)>,
     method: Method,
     uri: Uri,
@@ -532,7 +534,7 @@ async fn reset_history(
 #[utoipa::path(get, path = "/apps/{app_id}/channels/{channel}/users", tag = "Pusher", params(("app_id" = String, Path, description = "The app's Pusher app id"), ("channel" = String, Path, description = "The channel's name")),
     responses((status = 200, body = docs::UsersOut), docs::Refusals))]
 async fn users(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     Path((app_id, channel)): Path<(String, String)>,
     method: Method,
     uri: Uri,
@@ -556,7 +558,7 @@ async fn users(
     params(("app_id" = String, Path, description = "The app's Pusher app id"), ("user_id" = String, Path, description = "The user's id")),
     responses((status = 200, body = docs::EmptyOut), docs::Refusals))]
 async fn terminate(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     Path((app_id, user_id)): Path<(String, String)>,
     method: Method,
     uri: Uri,

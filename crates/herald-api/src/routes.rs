@@ -10,6 +10,8 @@
 //! validation errors. Handlers keep their own scope checks as a second line. The routes signed
 //! another way (Pusher, providers, channel tokens) check their signatures in their handlers.
 
+use std::sync::Arc;
+
 use axum::{
     Router,
     extract::{FromRequestParts, RawPathParams, Request, State},
@@ -65,7 +67,7 @@ pub struct Route {
 
 /// Builds a router and its route list together, one method at a time.
 pub(crate) struct RouteTable {
-    entries: Vec<(Route, MethodRouter<ApiState>)>,
+    entries: Vec<(Route, MethodRouter<Arc<ApiState>>)>,
 }
 
 macro_rules! methods {
@@ -73,7 +75,7 @@ macro_rules! methods {
         $(
             pub(crate) fn $name<H, T>(self, path: &'static str, access: Access, handler: H) -> Self
             where
-                H: Handler<T, ApiState>,
+                H: Handler<T, Arc<ApiState>>,
                 T: 'static,
             {
                 self.add(Method::$method, MethodFilter::$method, path, access, handler)
@@ -100,7 +102,7 @@ impl RouteTable {
         handler: H,
     ) -> Self
     where
-        H: Handler<T, ApiState>,
+        H: Handler<T, Arc<ApiState>>,
         T: 'static,
     {
         let route = Route {
@@ -118,7 +120,7 @@ impl RouteTable {
     }
 
     /// The router: each route behind the guard its access needs.
-    pub(crate) fn into_router(self, state: &ApiState) -> Router<ApiState> {
+    pub(crate) fn into_router(self, state: &Arc<ApiState>) -> Router<Arc<ApiState>> {
         self.entries
             .into_iter()
             .fold(Router::new(), |router, (route, handler)| {
@@ -142,7 +144,7 @@ impl RouteTable {
 /// app's token on another app's path (as if the app were not there, so ids cannot be probed).
 /// The scope goes into the request's extensions, where the handler's `Caller` finds it.
 async fn guard(
-    State((state, access)): State<(ApiState, Access)>,
+    State((state, access)): State<(Arc<ApiState>, Access)>,
     request: Request,
     next: Next,
 ) -> Response {

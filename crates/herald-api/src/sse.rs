@@ -71,7 +71,7 @@ const MAX_CHANNELS: usize = 10;
         (status = 404, description = "No such app", content_type = "text/plain", body = String),
         (status = 429, description = "Over the address's stream limits: see Retry-After", content_type = "text/plain", body = String)))]
 pub async fn stream(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     Path(app_id): Path<String>,
     Query(query): Query<HashMap<String, String>>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,

@@ -1,5 +1,7 @@
 //! `/api/v1/app`: applications, the tenants that own endpoints and messages.
 
+use std::sync::Arc;
+
 use axum::{
     Json,
     extract::{Path, State},
@@ -231,7 +233,7 @@ pub(crate) async fn create_app(state: &ApiState, input: ApplicationIn) -> ApiRes
 #[utoipa::path(get, path = "/api/v1/app", tag = "Application", params(crate::pagination::ListParams),
     responses((status = 200, body = ListResponse<ApplicationOut>)))]
 pub async fn list(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     query: QueryParams,
 ) -> ApiResult<Json<ListResponse<ApplicationOut>>> {
@@ -253,7 +255,7 @@ pub async fn list(
     params(("get_if_exists" = Option<bool>, Query, description = "Return the app with this uid if it exists")),
     responses((status = 201, body = ApplicationOut), (status = 200, description = "It existed (get_if_exists)", body = ApplicationOut)))]
 pub async fn create(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     query: QueryParams,
     SvixJson(input): SvixJson<ApplicationIn>,
@@ -288,7 +290,7 @@ async fn caller_visible(state: &ApiState, caller: &Caller, uid: &str) -> ApiResu
 #[utoipa::path(get, path = "/api/v1/app/{app_id}", tag = "Application", params(("app_id" = String, Path, description = "The app's id or uid")),
     responses((status = 200, body = ApplicationOut)))]
 pub async fn get(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path(app_id): Path<String>,
 ) -> ApiResult<Json<ApplicationOut>> {
@@ -299,7 +301,7 @@ pub async fn get(
 #[utoipa::path(put, path = "/api/v1/app/{app_id}", tag = "Application", params(("app_id" = String, Path, description = "The app's id or uid")), request_body = ApplicationIn,
     responses((status = 200, body = ApplicationOut), (status = 201, description = "Created with this uid", body = ApplicationOut)))]
 pub async fn upsert(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path(app_id): Path<String>,
     SvixJson(input): SvixJson<ApplicationIn>,
@@ -343,7 +345,7 @@ pub async fn upsert(
 #[utoipa::path(patch, path = "/api/v1/app/{app_id}", tag = "Application", params(("app_id" = String, Path, description = "The app's id or uid")), request_body = ApplicationPatch,
     responses((status = 200, body = ApplicationOut)))]
 pub async fn patch(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path(app_id): Path<String>,
     SvixJson(patch): SvixJson<ApplicationPatch>,
@@ -391,7 +393,7 @@ pub async fn patch(
 #[utoipa::path(delete, path = "/api/v1/app/{app_id}", tag = "Application", params(("app_id" = String, Path, description = "The app's id or uid")),
     responses((status = 204, description = "Deleted")))]
 pub async fn delete(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path(app_id): Path<String>,
 ) -> ApiResult<StatusCode> {
@@ -433,7 +435,7 @@ pub struct PusherSecretOut {
     request_body(content = Option<PusherSecretRotateIn>, description = "Optional: a chosen secret and grace period"),
     responses((status = 200, body = PusherSecretOut)))]
 pub async fn rotate_pusher_secret(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path(app_id): Path<String>,
     body: axum::body::Bytes,

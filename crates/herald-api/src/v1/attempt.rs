@@ -1,6 +1,8 @@
 //! Message attempts: the log of every HTTP request made, where each message stands with each
 //! endpoint (Svix's attempted messages and attempted destinations), and manual resends.
 
+use std::sync::Arc;
+
 use axum::{
     Json,
     extract::{Path, State},
@@ -126,7 +128,7 @@ fn attempt_query(query: &QueryParams) -> ApiResult<AttemptQuery> {
     params(("app_id" = String, Path, description = "The app's id or uid"), ("msg_id" = String, Path, description = "The message's id or eventId"), ("attempt_id" = String, Path, description = "The attempt's id")),
     responses((status = 200, body = MessageAttemptOut)))]
 pub async fn get(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path((app_id, msg_id, attempt_id)): Path<(String, String, String)>,
 ) -> ApiResult<Json<MessageAttemptOut>> {
@@ -176,7 +178,7 @@ pub async fn get(
         ("with_content" = Option<bool>, Query, description = "Include each payload (default true); false shows `{}`")),
     responses((status = 200, body = ListResponse<EndpointMessageOut>)))]
 pub async fn list_attempted_messages(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path((app_id, endpoint_id)): Path<(String, String)>,
     query: QueryParams,
@@ -220,7 +222,7 @@ pub async fn list_attempted_messages(
     params(("app_id" = String, Path, description = "The app's id or uid"), ("msg_id" = String, Path, description = "The message's id or eventId"), crate::pagination::ListParams),
     responses((status = 200, body = ListResponse<MessageEndpointOut>)))]
 pub async fn list_attempted_destinations(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path((app_id, msg_id)): Path<(String, String)>,
     query: QueryParams,
@@ -252,7 +254,7 @@ pub async fn list_attempted_destinations(
     params(("app_id" = String, Path, description = "The app's id or uid"), ("endpoint_id" = String, Path, description = "The endpoint's id or uid"), crate::pagination::ListParams, ("status" = Option<u8>, Query, description = "Only this status: 0 success, 1 pending, 2 fail, 3 sending", maximum = 3)),
     responses((status = 200, body = ListResponse<MessageAttemptOut>)))]
 pub async fn list_by_endpoint(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path((app_id, endpoint_id)): Path<(String, String)>,
     query: QueryParams,
@@ -289,7 +291,7 @@ pub async fn list_by_endpoint(
         ("endpoint_id" = Option<String>, Query, description = "Only attempts made to this endpoint (its id)")),
     responses((status = 200, body = ListResponse<MessageAttemptOut>)))]
 pub async fn list_by_msg(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path((app_id, msg_id)): Path<(String, String)>,
     query: QueryParams,
@@ -319,7 +321,7 @@ pub async fn list_by_msg(
     params(("app_id" = String, Path, description = "The app's id or uid"), ("msg_id" = String, Path, description = "The message's id or eventId"), ("endpoint_id" = String, Path, description = "The endpoint's id or uid")),
     responses((status = 202, description = "Queued; the body is an empty object", body = Object)))]
 pub async fn resend(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path((app_id, msg_id, endpoint_id)): Path<(String, String, String)>,
 ) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {

@@ -2,6 +2,8 @@
 //! console and anyone holding the app's token (the Pusher HTTP API answers the same questions
 //! to requests signed with the app's Pusher secret). Counts are the cluster's.
 
+use std::sync::Arc;
+
 use axum::{
     Json,
     extract::{Path, State},
@@ -60,7 +62,7 @@ fn one_page<T>(data: Vec<T>) -> ListResponse<T> {
         ("prefix" = Option<String>, Query, description = "Only channels whose name starts with this")),
     responses((status = 200, body = ListResponse<ChannelOut>)))]
 pub async fn list(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path(app_id): Path<String>,
     query: crate::extract::QueryParams,
@@ -91,7 +93,7 @@ pub async fn list(
         ("channel" = String, Path, description = "A presence channel's name (`presence-...`)")),
     responses((status = 200, body = ListResponse<MemberOut>)))]
 pub async fn members(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path((app_id, channel)): Path<(String, String)>,
 ) -> ApiResult<Json<ListResponse<MemberOut>>> {

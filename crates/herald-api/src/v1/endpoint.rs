@@ -1,5 +1,7 @@
 //! `/api/v1/app/{app}/endpoint`: where an app's webhooks go, with filters, headers and secrets.
 
+use std::sync::Arc;
+
 use std::collections::BTreeMap;
 
 use axum::{
@@ -299,7 +301,7 @@ async fn find(
         crate::pagination::ListParams),
     responses((status = 200, body = ListResponse<EndpointOut>)))]
 pub async fn list(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path(app_id): Path<String>,
     query: QueryParams,
@@ -320,7 +322,7 @@ pub async fn list(
     params(("app_id" = String, Path, description = "The app's id or uid")), request_body = EndpointIn,
     responses((status = 201, body = EndpointOut)))]
 pub async fn create(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path(app_id): Path<String>,
     SvixJson(input): SvixJson<EndpointIn>,
@@ -337,7 +339,7 @@ pub async fn create(
         ("endpoint_id" = String, Path, description = "The endpoint's id or uid")),
     responses((status = 200, body = EndpointOut)))]
 pub async fn get(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path((app_id, endpoint_id)): Path<(String, String)>,
 ) -> ApiResult<Json<EndpointOut>> {
@@ -353,7 +355,7 @@ pub async fn get(
     responses((status = 200, body = EndpointOut),
         (status = 201, description = "Created with this uid", body = EndpointOut)))]
 pub async fn upsert(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path((app_id, endpoint_id)): Path<(String, String)>,
     SvixJson(input): SvixJson<EndpointIn>,
@@ -394,7 +396,7 @@ pub async fn upsert(
         ("endpoint_id" = String, Path, description = "The endpoint's id or uid")), request_body = EndpointPatch,
     responses((status = 200, body = EndpointOut)))]
 pub async fn patch(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path((app_id, endpoint_id)): Path<(String, String)>,
     SvixJson(patch): SvixJson<EndpointPatch>,
@@ -460,7 +462,7 @@ pub async fn patch(
         ("endpoint_id" = String, Path, description = "The endpoint's id or uid")),
     responses((status = 204, description = "Deleted")))]
 pub async fn delete(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path((app_id, endpoint_id)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
@@ -484,7 +486,7 @@ pub struct EndpointSecretOut {
         ("endpoint_id" = String, Path, description = "The endpoint's id or uid")),
     responses((status = 200, body = EndpointSecretOut)))]
 pub async fn get_secret(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path((app_id, endpoint_id)): Path<(String, String)>,
 ) -> ApiResult<Json<EndpointSecretOut>> {
@@ -512,7 +514,7 @@ pub struct SecretRotateIn {
     request_body(content = Option<SecretRotateIn>, description = "Optional: a chosen secret and grace period"),
     responses((status = 200, description = "The new secret", body = EndpointSecretOut)))]
 pub async fn rotate_secret(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path((app_id, endpoint_id)): Path<(String, String)>,
     body: Bytes,
@@ -578,7 +580,7 @@ pub struct EndpointHeadersIn {
         ("endpoint_id" = String, Path, description = "The endpoint's id or uid")),
     responses((status = 200, body = EndpointHeadersOut)))]
 pub async fn get_headers(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path((app_id, endpoint_id)): Path<(String, String)>,
 ) -> ApiResult<Json<EndpointHeadersOut>> {
@@ -595,7 +597,7 @@ pub async fn get_headers(
         ("endpoint_id" = String, Path, description = "The endpoint's id or uid")), request_body = EndpointHeadersIn,
     responses((status = 204, description = "Replaced")))]
 pub async fn set_headers(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path((app_id, endpoint_id)): Path<(String, String)>,
     SvixJson(input): SvixJson<EndpointHeadersIn>,
@@ -610,7 +612,7 @@ pub async fn set_headers(
         ("endpoint_id" = String, Path, description = "The endpoint's id or uid")), request_body = EndpointHeadersIn,
     responses((status = 204, description = "Updated")))]
 pub async fn patch_headers(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path((app_id, endpoint_id)): Path<(String, String)>,
     SvixJson(input): SvixJson<EndpointHeadersIn>,
@@ -669,7 +671,7 @@ pub struct RecoverOut {
         ("endpoint_id" = String, Path, description = "The endpoint's id or uid")), request_body = RecoverIn,
     responses((status = 202, description = "The failed deliveries are queued again", body = RecoverOut)))]
 pub async fn recover(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path((app_id, endpoint_id)): Path<(String, String)>,
     SvixJson(input): SvixJson<RecoverIn>,
@@ -717,7 +719,7 @@ pub struct EndpointStatsOut {
         ("endpoint_id" = String, Path, description = "The endpoint's id or uid")),
     responses((status = 200, body = EndpointStatsOut)))]
 pub async fn stats(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path((app_id, endpoint_id)): Path<(String, String)>,
 ) -> ApiResult<Json<EndpointStatsOut>> {

@@ -1,5 +1,7 @@
 //! `/api/v1/event-type`: the catalogue of event types, environment-wide as in Svix.
 
+use std::sync::Arc;
+
 use axum::{
     Json,
     extract::{Path, State},
@@ -142,7 +144,7 @@ async fn find(state: &ApiState, name: &str) -> ApiResult<EventType> {
         crate::pagination::ListParams),
     responses((status = 200, body = ListResponse<EventTypeOut>)))]
 pub async fn list(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     _caller: Caller,
     query: QueryParams,
 ) -> ApiResult<Json<ListResponse<EventTypeOut>>> {
@@ -164,7 +166,7 @@ pub async fn list(
 #[utoipa::path(post, path = "/api/v1/event-type", tag = "Event Type", request_body = EventTypeIn,
     responses((status = 201, body = EventTypeOut)))]
 pub async fn create(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     SvixJson(input): SvixJson<EventTypeIn>,
 ) -> ApiResult<(StatusCode, Json<EventTypeOut>)> {
@@ -192,7 +194,7 @@ pub async fn create(
 #[utoipa::path(get, path = "/api/v1/event-type/{name}", tag = "Event Type", params(("name" = String, Path, description = "The event type's name")),
     responses((status = 200, body = EventTypeOut)))]
 pub async fn get(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     _caller: Caller,
     Path(name): Path<String>,
 ) -> ApiResult<Json<EventTypeOut>> {
@@ -205,7 +207,7 @@ pub async fn get(
     responses((status = 200, body = EventTypeOut),
         (status = 201, description = "Created with this name", body = EventTypeOut)))]
 pub async fn upsert(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path(name): Path<String>,
     SvixJson(input): SvixJson<EventTypeUpdate>,
@@ -244,7 +246,7 @@ pub async fn upsert(
     request_body = EventTypePatch,
     responses((status = 200, body = EventTypeOut)))]
 pub async fn patch(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path(name): Path<String>,
     SvixJson(patch): SvixJson<EventTypePatch>,
@@ -278,7 +280,7 @@ pub async fn patch(
 #[utoipa::path(delete, path = "/api/v1/event-type/{name}", tag = "Event Type", params(("name" = String, Path, description = "The event type's name")),
     responses((status = 204, description = "Archived")))]
 pub async fn archive(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path(name): Path<String>,
 ) -> ApiResult<StatusCode> {

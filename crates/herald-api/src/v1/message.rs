@@ -1,6 +1,8 @@
 //! `/api/v1/app/{app}/msg`: events to deliver. Creating one stores it and queues a delivery to
 //! every matching endpoint in one commit before answering, so a 201 means it will arrive.
 
+use std::sync::Arc;
+
 use axum::{
     Json,
     extract::{Path, State},
@@ -221,7 +223,7 @@ async fn app_for_create(
     params(("app_id" = String, Path, description = "The app's id or uid"), ("with_content" = Option<bool>, Query, description = "Include the payload in the answer (default true); false shows `{}`")), request_body = MessageIn,
     responses((status = 201, body = MessageOut)))]
 pub async fn create(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path(app_id): Path<String>,
     query: QueryParams,
@@ -283,7 +285,7 @@ fn clamp_u32(value: i64) -> u32 {
     params(("app_id" = String, Path, description = "The app's id or uid"), ("msg_id" = String, Path, description = "The message's id or eventId")),
     responses((status = 204, description = "The payload was expunged")))]
 pub async fn expunge_content(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path((app_id, msg_id)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
@@ -300,7 +302,7 @@ pub async fn expunge_content(
     params(("app_id" = String, Path, description = "The app's id or uid"), ("msg_id" = String, Path, description = "The message's id or eventId"), ("with_content" = Option<bool>, Query, description = "Include the payload (default true); false shows `{}`")),
     responses((status = 200, body = MessageOut)))]
 pub async fn get(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path((app_id, msg_id)): Path<(String, String)>,
     query: QueryParams,
@@ -324,7 +326,7 @@ pub async fn get(
         ("after" = Option<DateTime<Utc>>, Query, description = "Only messages created after this time (RFC 3339)")),
     responses((status = 200, body = ListResponse<MessageOut>)))]
 pub async fn list(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path(app_id): Path<String>,
     query: QueryParams,

@@ -7,6 +7,8 @@
 //! confines it to its app (another app's paths answer 404) and refuses it once expired (401),
 //! and it is listed and revocable under `/api/v1/auth/token`.
 
+use std::sync::Arc;
+
 use axum::{
     Json,
     body::Bytes,
@@ -63,7 +65,7 @@ pub struct AppPortalAccessOut {
     request_body(content = Option<AppPortalAccessIn>, description = "Optional: the link's expiry and session"),
     responses((status = 200, body = AppPortalAccessOut)))]
 pub async fn create(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path(app_id): Path<String>,
     headers: HeaderMap,

@@ -1,6 +1,8 @@
 //! `/api/v1/app/{app}/ingest/source`: where third parties post webhooks to, how Herald
 //! verifies them and how it re-publishes them; and the requests each source received.
 
+use std::sync::Arc;
+
 use axum::{
     Json,
     extract::{Path, State},
@@ -371,7 +373,7 @@ async fn find(
         ("order" = Option<String>, Query, description = "`descending` for newest first")),
     responses((status = 200, body = ListResponse<SourceOut>)))]
 pub async fn list(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path(app_id): Path<String>,
     query: QueryParams,
@@ -391,7 +393,7 @@ pub async fn list(
 #[utoipa::path(post, path = "/api/v1/app/{app_id}/ingest/source", tag = "Ingest", params(("app_id" = String, Path, description = "The app's id or uid")), request_body = SourceIn,
     responses((status = 201, body = SourceOut)))]
 pub async fn create(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path(app_id): Path<String>,
     SvixJson(input): SvixJson<SourceIn>,
@@ -406,7 +408,7 @@ pub async fn create(
 #[utoipa::path(get, path = "/api/v1/app/{app_id}/ingest/source/{source_id}", tag = "Ingest", params(("app_id" = String, Path, description = "The app's id or uid"), ("source_id" = String, Path, description = "The source's id or uid")),
     responses((status = 200, body = SourceOut)))]
 pub async fn get(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path((app_id, source_id)): Path<(String, String)>,
 ) -> ApiResult<Json<SourceOut>> {
@@ -419,7 +421,7 @@ pub async fn get(
 #[utoipa::path(patch, path = "/api/v1/app/{app_id}/ingest/source/{source_id}", tag = "Ingest", params(("app_id" = String, Path, description = "The app's id or uid"), ("source_id" = String, Path, description = "The source's id or uid")), request_body = SourcePatch,
     responses((status = 200, body = SourceOut)))]
 pub async fn patch(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path((app_id, source_id)): Path<(String, String)>,
     SvixJson(patch): SvixJson<SourcePatch>,
@@ -489,7 +491,7 @@ pub async fn patch(
 #[utoipa::path(delete, path = "/api/v1/app/{app_id}/ingest/source/{source_id}", tag = "Ingest", params(("app_id" = String, Path, description = "The app's id or uid"), ("source_id" = String, Path, description = "The source's id or uid")),
     responses((status = 204, description = "Deleted")))]
 pub async fn delete(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path((app_id, source_id)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
@@ -521,7 +523,7 @@ pub struct IngestRequestOut {
 #[utoipa::path(get, path = "/api/v1/app/{app_id}/ingest/source/{source_id}/request", tag = "Ingest", params(("app_id" = String, Path, description = "The app's id or uid"), ("source_id" = String, Path, description = "The source's id or uid")),
     responses((status = 200, description = "One page, `done` always true", body = ListResponse<IngestRequestOut>)))]
 pub async fn requests(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path((app_id, source_id)): Path<(String, String)>,
 ) -> ApiResult<Json<ListResponse<IngestRequestOut>>> {
@@ -551,7 +553,7 @@ pub async fn requests(
         ("order" = Option<String>, Query, description = "`ascending` for oldest first")),
     responses((status = 200, body = ListResponse<IngestEventOut>)))]
 pub async fn list_events(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path((app_id, source_id)): Path<(String, String)>,
     query: QueryParams,
@@ -588,7 +590,7 @@ async fn find_event(
 #[utoipa::path(get, path = "/api/v1/app/{app_id}/ingest/source/{source_id}/event/{event_id}", tag = "Ingest", params(("app_id" = String, Path, description = "The app's id or uid"), ("source_id" = String, Path, description = "The source's id or uid"), ("event_id" = String, Path, description = "The received event's id")),
     responses((status = 200, body = IngestEventOut)))]
 pub async fn get_event(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path((app_id, source_id, event_id)): Path<(String, String, String)>,
 ) -> ApiResult<Json<IngestEventOut>> {
@@ -610,7 +612,7 @@ pub struct ReplayOut {
 #[utoipa::path(post, path = "/api/v1/app/{app_id}/ingest/source/{source_id}/event/{event_id}/replay", tag = "Ingest", params(("app_id" = String, Path, description = "The app's id or uid"), ("source_id" = String, Path, description = "The source's id or uid"), ("event_id" = String, Path, description = "The received event's id")),
     responses((status = 201, body = ReplayOut)))]
 pub async fn replay(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path((app_id, source_id, event_id)): Path<(String, String, String)>,
 ) -> ApiResult<(StatusCode, Json<ReplayOut>)> {

@@ -70,7 +70,7 @@ impl Filter {
         ("channels" = Option<Vec<String>>, Query, description = "Only publications to one of these channels (repeated or comma-separated)")),
     responses((status = 200, description = "The stream, until the client or the server closes it", content_type = "text/event-stream")))]
 pub async fn stream(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path(app_id): Path<String>,
     query: QueryParams,

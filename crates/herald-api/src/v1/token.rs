@@ -6,6 +6,8 @@
 //! same Idempotency-Key leaves it out); the store keeps only its SHA-256 digest. Revoking
 //! deletes the token: the next request that presents it is refused.
 
+use std::sync::Arc;
+
 use axum::{
     Json,
     extract::{Path, State},
@@ -86,7 +88,7 @@ pub struct TokenCreated {
 #[utoipa::path(post, path = "/api/v1/auth/token", tag = "Authentication", request_body = TokenIn,
     responses((status = 201, body = TokenCreated)))]
 pub async fn create(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     SvixJson(input): SvixJson<TokenIn>,
 ) -> ApiResult<Response> {
@@ -149,7 +151,7 @@ pub async fn create(
         crate::pagination::ListParams),
     responses((status = 200, body = ListResponse<TokenOut>)))]
 pub async fn list(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     query: QueryParams,
 ) -> ApiResult<Json<ListResponse<TokenOut>>> {
@@ -172,7 +174,7 @@ pub async fn list(
 #[utoipa::path(get, path = "/api/v1/auth/token/{token_id}", tag = "Authentication", params(("token_id" = String, Path, description = "The token's id (`tok_...`)")),
     responses((status = 200, body = TokenOut)))]
 pub async fn get(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path(token_id): Path<String>,
 ) -> ApiResult<Json<TokenOut>> {
@@ -190,7 +192,7 @@ pub async fn get(
 #[utoipa::path(delete, path = "/api/v1/auth/token/{token_id}", tag = "Authentication", params(("token_id" = String, Path, description = "The token's id (`tok_...`)")),
     responses((status = 204, description = "Revoked")))]
 pub async fn revoke(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path(token_id): Path<String>,
 ) -> ApiResult<StatusCode> {
