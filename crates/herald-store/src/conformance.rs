@@ -1881,6 +1881,24 @@ pub async fn a_duplicate_delivery_assigns_no_offset(store: &dyn Store) {
         .await
         .expect("append");
     assert_eq!(appended.offset, 3);
+
+    // The same delivery twice at once (on SQLite, usually in one group commit): one goes in,
+    // with its entries at the next offsets; the other is the duplicate and takes none.
+    let (a, b) = tokio::join!(record("evt_3", "a"), record("evt_3", "b"));
+    let outcomes = [a.expect("a"), b.expect("b")];
+    let new: Vec<_> = outcomes
+        .iter()
+        .filter_map(|outcome| match outcome {
+            IngestRecorded::New(positions) => Some(positions),
+            IngestRecorded::Duplicate(_) => None,
+        })
+        .collect();
+    assert_eq!(new.len(), 1, "exactly one is new: {outcomes:?}");
+    assert_eq!(
+        new[0].iter().map(|p| p.offset).collect::<Vec<_>>(),
+        [4, 3],
+        "history-i had 3 entries, history-j 2"
+    );
 }
 
 /// A reset drops the kept events and changes the epoch, and offsets go on counting under the

@@ -2,9 +2,9 @@
 //! few statements per write. Each statement is a round trip to SQLite's connection thread, and
 //! on a busy machine those round trips, not the SQL, are what limit the rate.
 //!
-//! Unique-key conflicts (a repeated `eventId`) are expected and reported per write through
-//! `ON CONFLICT DO NOTHING RETURNING`; any other error aborts the batch and the caller falls
-//! back to applying writes one at a time.
+//! Unique-key conflicts (a repeated `eventId`, a provider's retry of an inbound webhook) are
+//! expected and reported per write through `ON CONFLICT DO NOTHING RETURNING`; any other error
+//! aborts the batch and the caller falls back to applying writes one at a time.
 //!
 //! Channel history entries get their offsets here, after conflicts and duplicates are known
 //! (their entries get none): the positions of every channel the batch touches are read in one
@@ -14,7 +14,7 @@ use std::collections::{HashMap, HashSet};
 
 use herald_core::{
     history::{NewHistoryEntry, Position, new_epoch},
-    model::TriggerType,
+    model::{IngestEvent, TriggerType},
 };
 use serde_json::json;
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
@@ -47,6 +47,8 @@ pub(super) async fn apply(
     let mut idempotent = Vec::new();
     let mut histories = Vec::new();
     let mut occupancy = Vec::new();
+    // Before the rest, so each write's messages and history entries keep their batch order.
+    let ingested = insert_ingest_events(conn, batch).await?;
     for (i, write) in batch.iter().enumerate() {
         match &write.op {
             WriteOp::CreateMessage(new) => messages.push((i, new)),
@@ -75,26 +77,7 @@ pub(super) async fn apply(
                 message,
                 history,
             } => {
-                // Rare next to messages: one statement each is fine.
-                let inserted = sqlx::query(
-                    "INSERT INTO ingest_events (id, source_id, app_id, delivery_id, headers, body,
-                                                event_type, channels, msg_id, received_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-                     ON CONFLICT (source_id, delivery_id) DO NOTHING RETURNING id",
-                )
-                .bind(event.id.as_str())
-                .bind(event.source_id.as_str())
-                .bind(event.app_id.as_str())
-                .bind(&event.delivery_id)
-                .bind(to_json(&event.headers))
-                .bind(event.body.as_ref())
-                .bind(&event.event_type)
-                .bind(to_json(&event.channels))
-                .bind(event.msg_id.as_str())
-                .bind(millis(event.received_at))
-                .fetch_optional(&mut *conn)
-                .await?;
-                if inserted.is_some() {
+                if ingested.contains(event.id.as_str()) {
                     messages.push((i, message));
                     histories.extend(history.iter().map(|entry| (i, entry)));
                 } else {
@@ -147,6 +130,46 @@ pub(super) async fn apply(
         apply_occupancy(conn, &occupancy).await?;
     }
     Ok(outcomes)
+}
+
+/// Records the batch's verified inbound webhooks; returns the ids of those that went in. A
+/// provider's retry of a delivery already recorded (or recorded earlier in this batch: rows go
+/// in in batch order) conflicts on `(source_id, delivery_id)` and does not come back.
+async fn insert_ingest_events(
+    conn: &mut SqliteConnection,
+    batch: &[PendingWrite],
+) -> Result<HashSet<String>> {
+    let events: Vec<&IngestEvent> = batch
+        .iter()
+        .filter_map(|write| match &write.op {
+            WriteOp::RecordIngest { event, .. } => Some(&**event),
+            _ => None,
+        })
+        .collect();
+    let mut inserted = HashSet::with_capacity(events.len());
+    for chunk in events.chunks(ROWS_PER_STATEMENT) {
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "INSERT INTO ingest_events (id, source_id, app_id, delivery_id, headers, body,
+                                        event_type, channels, msg_id, received_at) ",
+        );
+        q.push_values(chunk, |mut row, event| {
+            row.push_bind(event.id.as_str())
+                .push_bind(event.source_id.as_str())
+                .push_bind(event.app_id.as_str())
+                .push_bind(&event.delivery_id)
+                .push_bind(to_json(&event.headers))
+                .push_bind(event.body.as_ref())
+                .push_bind(&event.event_type)
+                .push_bind(to_json(&event.channels))
+                .push_bind(event.msg_id.as_str())
+                .push_bind(millis(event.received_at));
+        });
+        q.push(" ON CONFLICT (source_id, delivery_id) DO NOTHING RETURNING id");
+        for row in q.build().fetch_all(&mut *conn).await? {
+            inserted.insert(row.try_get::<String, _>("id")?);
+        }
+    }
+    Ok(inserted)
 }
 
 /// Applies occupancy changes in the order given: only each occupant's last change matters
