@@ -171,7 +171,7 @@ pub(crate) async fn run(
 ) {
     let (to_sync, committed) = mpsc::channel(AWAITING_SYNC);
     let syncer = tokio::spawn(run_syncer(shared.clone(), committed));
-    let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut batch = Vec::new();
     loop {
         let received = tokio::select! {
             n = queue.recv_many(&mut batch, MAX_BATCH) => n,
@@ -190,12 +190,9 @@ pub(crate) async fn run(
         if received == 0 {
             break;
         }
-        let done = commit(
-            &pool,
-            &shared,
-            std::mem::replace(&mut batch, Vec::with_capacity(MAX_BATCH)),
-        )
-        .await;
+        // The batch moves on to the syncer; the next one grows from empty (a batch is usually
+        // a few dozen writes, not `MAX_BATCH`).
+        let done = commit(&pool, &shared, std::mem::take(&mut batch)).await;
         if to_sync.send(done).await.is_err() {
             // The syncer is gone (it panicked): nobody can be answered any more.
             tracing::error!("the store's syncer stopped; refusing writes");
