@@ -274,16 +274,10 @@ fn finish(shared: &Shared, done: Committing, sync_failed: Option<&str>) {
         started,
     } = done;
     let applied = match (applied, sync_failed) {
-        (Ok(_), Some(why)) => {
+        (Ok((outcomes, _)), Some(why)) => {
             // Committed but not known durable: its leases go, so the deliveries wait for a
             // claim like any unleased one, and its callers hear it failed.
-            let leased: Vec<DeliveryKey> = batch
-                .iter()
-                .flat_map(|write| write.op.new_messages())
-                .flat_map(|new| &new.fresh)
-                .map(|job| (job.msg_id.clone(), job.endpoint.id.clone()))
-                .collect();
-            shared.leases.revoke(&leased);
+            revoke_fresh(shared, &batch, &outcomes);
             Err(StoreError::Batch(why.to_owned()))
         }
         (applied, _) => applied,
@@ -368,6 +362,15 @@ fn fresh_of_applied<'a>(
         .flat_map(|new| &new.fresh)
 }
 
+/// Takes back the leases `lease_fresh` gave the new deliveries of the writes that went in, for
+/// a batch whose commit failed or cannot be vouched for.
+fn revoke_fresh(shared: &Shared, batch: &[PendingWrite], outcomes: &[Result<Committed>]) {
+    let leased: Vec<DeliveryKey> = fresh_of_applied(batch, outcomes)
+        .map(|job| (job.msg_id.clone(), job.endpoint.id.clone()))
+        .collect();
+    shared.leases.revoke(&leased);
+}
+
 /// The group commit's transactions skip the fsync at commit: the syncer does it for them
 /// (see `durable`). Every other write on the writer connection stays durable at its own
 /// commit, so the commit sets `synchronous` back in the same round trip.
@@ -431,10 +434,7 @@ async fn apply_all(pool: &SqlitePool, shared: &Shared, batch: &[PendingWrite]) -
     {
         // (Were the commit to succeed and only the setting fail, the writes are in but their
         // callers hear they failed; they retry, which is a duplicate at worst, never a loss.)
-        let leased: Vec<DeliveryKey> = fresh_of_applied(batch, &outcomes)
-            .map(|job| (job.msg_id.clone(), job.endpoint.id.clone()))
-            .collect();
-        shared.leases.revoke(&leased);
+        revoke_fresh(shared, batch, &outcomes);
         return Err(e.into());
     }
     lent.clean = true;
