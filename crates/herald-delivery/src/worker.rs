@@ -148,6 +148,19 @@ impl Lane {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The most leases a claim may let one endpoint and one app hold: one round running plus
+    /// one round waiting each, plus this lane's attempts that ended and whose records are
+    /// still being saved. Those keep their leases until the record commits (the store counts
+    /// them), but they no longer load their endpoint or app; without them in the limit, an
+    /// endpoint's delivery rate was its leases over the record's commit latency (on a busy
+    /// PostgreSQL, about 700 a second). The lane's room still bounds what this node holds.
+    fn claim_limits(&self) -> (u32, u32) {
+        let permits = (self.limit * 4) as usize;
+        let saving =
+            u32::try_from(permits.saturating_sub(self.unsaved.available_permits())).unwrap_or(0);
+        (self.per_endpoint * 2 + saving, self.per_app * 2 + saving)
+    }
+
     /// How many more jobs to claim, and how many each endpoint and app already holds.
     fn claim_budget(&self) -> ClaimBudget {
         let state = self.state();
@@ -537,6 +550,7 @@ impl Dispatcher {
         let now = Utc::now();
         let lease = self.lease();
         let limit = budget.room.min(CLAIM_BATCH);
+        let (per_endpoint_limit, per_app_limit) = lane.claim_limits();
         let jobs = self
             .store
             .claim_due(&ClaimRequest {
@@ -545,10 +559,9 @@ impl Dispatcher {
                 limit,
                 first_attempts: lane.first_attempts,
                 in_flight: budget.endpoints,
-                // One round running plus one round waiting per endpoint and per app.
-                per_endpoint_limit: lane.per_endpoint * 2,
+                per_endpoint_limit,
                 app_in_flight: budget.apps,
-                per_app_limit: lane.per_app * 2,
+                per_app_limit,
             })
             .await?;
         self.metrics
@@ -905,6 +918,20 @@ mod tests {
             "A's claims count as held"
         );
         assert_eq!(budget.room, 16 - 11);
+    }
+
+    /// A claim holds an endpoint and an app to two rounds each, plus the records still being
+    /// saved: their leases are still in the store, but their attempts are over.
+    #[test]
+    fn records_being_saved_raise_the_claims_limits_until_they_are_saved() {
+        let lane = Lane::new(true, 8, 4, 2);
+        assert_eq!(lane.claim_limits(), (4, 8), "two rounds each");
+        let saving = Arc::clone(&lane.unsaved)
+            .try_acquire_many_owned(3)
+            .expect("permits");
+        assert_eq!(lane.claim_limits(), (7, 11), "three records being saved");
+        drop(saving);
+        assert_eq!(lane.claim_limits(), (4, 8), "saved: two rounds again");
     }
 
     #[test]
