@@ -606,8 +606,9 @@ fn seconds_histogram() -> Histogram {
 pub struct StoreMetrics {
     /// How long a commit took, from the store taking its writes to the commit's end.
     pub commit_seconds: Histogram,
-    /// How many writes a commit carried: SQLite's group commit gathers the writes waiting,
-    /// PostgreSQL commits each on its own (always 1).
+    /// How many writes a commit carried: SQLite's group commit gathers the writes waiting;
+    /// PostgreSQL groups message creates and attempt records (`postgres/batch.rs`) and
+    /// commits the rest one by one.
     pub commit_writes: Histogram,
 }
 
@@ -635,7 +636,7 @@ impl StoreMetrics {
         );
         registry.register(
             "store_commit_writes",
-            "Writes per store commit (SQLite groups them; PostgreSQL commits each alone)",
+            "Writes per store commit (SQLite groups them all; PostgreSQL groups message creates and attempt records)",
             self.commit_writes.clone(),
         );
     }

@@ -2,15 +2,17 @@
 //! (claims with leases kept in the rows, fenced attempt records).
 //!
 //! Every write is one transaction. A message goes in with its first deliveries in one
-//! statement, [`CREATE_MESSAGE`]: alone (`create_message`, the Svix API's) it is committed on
-//! its own, one round trip; publications, ingest and channel webhooks run it in their
-//! transaction through [`insert_message`]; a publication adds its history entries in the same
-//! transaction through `history::append_entries`. A claim is one statement
-//! per pass (see `claim_statement`; a pass walks the queue in due order, or endpoint by endpoint
-//! when that walk is crowded out, so one endpoint's backlog does not make every claim read it
-//! all); an attempt record writes the attempt row always, the
-//! delivery's next state and the endpoint change only under the claim's token: one statement
-//! ([`RECORD_ATTEMPT`]) when the endpoint does not change, else one transaction.
+//! statement: the Svix API's `create_message` joins the group commit of `batch` (the creates
+//! waiting go in as one statement, `batch::CREATE_MESSAGES`, or one by one with
+//! [`CREATE_MESSAGE`] if that fails); publications, ingest and channel webhooks run
+//! [`CREATE_MESSAGE`] in their transaction through [`insert_message`]; a publication adds its
+//! history entries in the same transaction through `history::append_entries`. A claim is one
+//! statement per pass (see `claim_statement`; a pass walks the queue in due order, or endpoint
+//! by endpoint when that walk is crowded out, so one endpoint's backlog does not make every
+//! claim read it all); an attempt record writes the attempt row always, the delivery's next
+//! state and the endpoint change only under the claim's token: when the endpoint does not
+//! change, grouped with the records waiting (`batch::RECORD_ATTEMPTS`, or [`RECORD_ATTEMPT`]
+//! alone), else one transaction ([`record_one`]).
 //!
 //! Limits hold cluster-wide. A claim's transaction (READ COMMITTED) first takes the advisory
 //! lock [`CLAIM_LOCK_KEY`] (`pg_advisory_xact_lock`, released at its commit), so claims on all
@@ -69,7 +71,7 @@ use herald_core::{
 use sqlx::{AssertSqlSafe, PgConnection, QueryBuilder, Row, postgres::PgRow};
 
 use super::{
-    PostgresStore, paginate,
+    PostgresStore, batch, paginate,
     rows::{self, millis, opt_json},
 };
 use crate::{
@@ -134,7 +136,7 @@ const RECORD_ATTEMPT: &str = "WITH logged AS (
 /// with [`CREATE_MESSAGE`] on `executor`: alone (committed on its own) or in the caller's
 /// transaction. A message whose id or `(app_id, event_id)` exists already is the eventId
 /// [`StoreError::Conflict`], and then nothing is inserted.
-async fn insert_with<'c>(
+pub(super) async fn insert_with<'c>(
     executor: impl sqlx::PgExecutor<'c>,
     message: &Message,
     endpoint_ids: &[EndpointId],
@@ -175,14 +177,15 @@ pub(super) async fn insert_message(
 #[async_trait::async_trait]
 impl MessageStore for PostgresStore {
     async fn create_message(&self, message: Message, endpoint_ids: Vec<EndpointId>) -> Result<()> {
-        // One statement, committed on its own: one round trip instead of four.
-        let started = std::time::Instant::now();
-        insert_with(&self.pool, &message, &endpoint_ids).await?;
-        self.committed(started);
-        if !endpoint_ids.is_empty() {
-            self.due.committed();
-        }
-        Ok(())
+        // Committed with the other creates and records waiting (see `batch`).
+        let (reply, outcome) = tokio::sync::oneshot::channel();
+        self.queue(batch::Write::Create {
+            message,
+            endpoint_ids,
+            reply,
+        })
+        .await?;
+        outcome.await.map_err(|_| batch_gone())?
     }
 
     async fn store_publication(
@@ -446,48 +449,18 @@ impl MessageStore for PostgresStore {
     }
 
     async fn record_attempt(&self, record: AttemptRecord) -> Result<Recorded> {
-        let a = &record.attempt;
-        // A token beyond BIGINT was never handed out by the sequence: no row holds it.
-        let token = i64::try_from(record.lease.0).ok();
-        let (status, next_at) = next_state(record.next);
-        let query = sqlx::query_scalar::<_, i64>(RECORD_ATTEMPT)
-            .bind(a.id.as_str())
-            .bind(a.msg_id.as_str())
-            .bind(a.endpoint_id.as_str())
-            .bind(a.app_id.as_str())
-            .bind(&a.url)
-            .bind(a.status as i32)
-            .bind(a.response_status_code)
-            .bind(&a.response)
-            .bind(a.response_duration_ms)
-            .bind(a.trigger_type as i32)
-            .bind(millis(a.created_at))
-            .bind(status as i32)
-            .bind(next_at)
-            .bind(i32::from(a.trigger_type == TriggerType::Scheduled))
-            .bind(token);
-        let started = std::time::Instant::now();
         let applied = if record.endpoint_change == EndpointChange::Unchanged {
-            // The usual record: one statement, committed on its own (one round trip instead
-            // of four).
-            query.fetch_one(&self.pool).await? > 0
+            // The usual record: committed with the other records and creates waiting (see
+            // `batch`).
+            let (reply, outcome) = tokio::sync::oneshot::channel();
+            self.queue(batch::Write::Record { record, reply }).await?;
+            outcome.await.map_err(|_| batch_gone())??
         } else {
-            // The endpoint changes only if the fence held: a transaction, to read its outcome.
-            let mut tx = self.pool.begin().await?;
-            let applied = query.fetch_one(&mut *tx).await? > 0;
-            if applied {
-                endpoint_change(
-                    &mut tx,
-                    &a.endpoint_id,
-                    record.endpoint_change,
-                    millis(a.created_at),
-                )
-                .await?;
-            }
-            tx.commit().await?;
+            let started = std::time::Instant::now();
+            let applied = record_one(&self.pool, &record).await?;
+            self.committed(started);
             applied
         };
-        self.committed(started);
         Ok(if applied {
             Recorded::Applied
         } else {
@@ -799,8 +772,56 @@ fn job(row: &PgRow, keys: &crate::secrets::Keyring) -> Result<DeliveryJob> {
     })
 }
 
+/// Writes one attempt record with [`RECORD_ATTEMPT`]: alone when the endpoint does not change
+/// (a batch's fallback), else in a transaction with the endpoint's change, applied only if the
+/// fence held. Returns whether it did.
+pub(super) async fn record_one(pool: &sqlx::PgPool, record: &AttemptRecord) -> Result<bool> {
+    let a = &record.attempt;
+    // A token beyond BIGINT was never handed out by the sequence: no row holds it.
+    let token = i64::try_from(record.lease.0).ok();
+    let (status, next_at) = next_state(record.next);
+    let query = sqlx::query_scalar::<_, i64>(RECORD_ATTEMPT)
+        .bind(a.id.as_str())
+        .bind(a.msg_id.as_str())
+        .bind(a.endpoint_id.as_str())
+        .bind(a.app_id.as_str())
+        .bind(&a.url)
+        .bind(a.status as i32)
+        .bind(a.response_status_code)
+        .bind(&a.response)
+        .bind(a.response_duration_ms)
+        .bind(a.trigger_type as i32)
+        .bind(millis(a.created_at))
+        .bind(status as i32)
+        .bind(next_at)
+        .bind(i32::from(a.trigger_type == TriggerType::Scheduled))
+        .bind(token);
+    if record.endpoint_change == EndpointChange::Unchanged {
+        return Ok(query.fetch_one(pool).await? > 0);
+    }
+    // The endpoint changes only if the fence held: a transaction, to read its outcome.
+    let mut tx = pool.begin().await?;
+    let applied = query.fetch_one(&mut *tx).await? > 0;
+    if applied {
+        endpoint_change(
+            &mut tx,
+            &a.endpoint_id,
+            record.endpoint_change,
+            millis(a.created_at),
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(applied)
+}
+
+/// The batch task dropped a write without answering: only while the runtime shuts down.
+fn batch_gone() -> StoreError {
+    StoreError::Closed
+}
+
 /// The delivery's status and due time after an attempt (as the SQLite store's).
-fn next_state(next: NextStep) -> (DeliveryStatus, Option<i64>) {
+pub(super) fn next_state(next: NextStep) -> (DeliveryStatus, Option<i64>) {
     match next {
         NextStep::Delivered => (DeliveryStatus::Success, None),
         NextStep::RetryAt(at) => (DeliveryStatus::Pending, Some(millis(at))),
@@ -842,7 +863,7 @@ async fn endpoint_change(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::{collections::HashSet, sync::Arc, time::Duration};
 
     use herald_core::model::{App, Attempt, Endpoint};
@@ -855,7 +876,7 @@ mod tests {
     const URL_VAR: &str = "HERALD_TEST_POSTGRES_URL";
 
     /// The server's URL, or `None` (the test is skipped) when it is unset.
-    fn server_url() -> Option<String> {
+    pub(in crate::postgres) fn server_url() -> Option<String> {
         let url = std::env::var(URL_VAR).ok();
         if url.is_none() {
             eprintln!("skipped: {URL_VAR} is unset (this test needs a PostgreSQL server)");
@@ -917,27 +938,36 @@ mod tests {
         }
     }
 
+    /// The record of `job`'s attempt, delivered at `at`, made under `lease`.
+    pub(in crate::postgres) fn delivered_under(
+        job: &DeliveryJob,
+        at: DateTime<Utc>,
+        lease: LeaseToken,
+    ) -> AttemptRecord {
+        AttemptRecord {
+            attempt: Attempt {
+                id: herald_core::AttemptId::new(at),
+                msg_id: job.msg_id.clone(),
+                endpoint_id: job.endpoint.id.clone(),
+                app_id: job.app_id.clone(),
+                url: job.endpoint.url.clone(),
+                status: DeliveryStatus::Success,
+                response_status_code: 200,
+                response: String::new(),
+                response_duration_ms: 5,
+                trigger_type: job.trigger,
+                created_at: at,
+            },
+            next: NextStep::Delivered,
+            endpoint_change: EndpointChange::Unchanged,
+            lease,
+        }
+    }
+
     /// Records `job`'s attempt as delivered, under its lease.
     async fn delivered(store: &PostgresStore, job: &DeliveryJob, at: DateTime<Utc>) {
         let recorded = store
-            .record_attempt(AttemptRecord {
-                attempt: Attempt {
-                    id: herald_core::AttemptId::new(at),
-                    msg_id: job.msg_id.clone(),
-                    endpoint_id: job.endpoint.id.clone(),
-                    app_id: job.app_id.clone(),
-                    url: job.endpoint.url.clone(),
-                    status: DeliveryStatus::Success,
-                    response_status_code: 200,
-                    response: String::new(),
-                    response_duration_ms: 5,
-                    trigger_type: job.trigger,
-                    created_at: at,
-                },
-                next: NextStep::Delivered,
-                endpoint_change: EndpointChange::Unchanged,
-                lease: job.lease,
-            })
+            .record_attempt(delivered_under(job, at, job.lease))
             .await
             .expect("record");
         assert_eq!(recorded, Recorded::Applied, "the lease still holds");

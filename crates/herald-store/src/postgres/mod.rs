@@ -17,6 +17,7 @@
 
 mod apps;
 mod attempts;
+mod batch;
 mod channel_webhooks;
 mod endpoints;
 mod event_types;
@@ -36,7 +37,7 @@ pub use messages::DELIVERIES_CHANNEL;
 /// What the store announces at commit, for the PostgreSQL broker.
 pub use history::{HISTORY_CHANNEL, HistoryNotice, NoticeEvent};
 
-use std::{str::FromStr, time::Duration};
+use std::{str::FromStr, sync::Arc, time::Duration};
 
 use sqlx::{
     AssertSqlSafe, Executor, PgPool, Postgres, QueryBuilder,
@@ -81,7 +82,11 @@ pub struct PostgresStore {
     /// Tells the other nodes, after the commit, that new deliveries are due (see `wake`).
     due: std::sync::Arc<wake::DueNotifier>,
     /// Where each commit of a hot write is recorded, once `observe_commits` says.
-    commits: std::sync::OnceLock<std::sync::Arc<herald_metrics::StoreMetrics>>,
+    commits: batch::CommitMetrics,
+    /// Message creates wait here for their group commit (see `batch`).
+    creates: tokio::sync::mpsc::Sender<batch::Write>,
+    /// Attempt records wait here for theirs.
+    records: tokio::sync::mpsc::Sender<batch::Write>,
 }
 
 impl PostgresStore {
@@ -135,9 +140,13 @@ impl PostgresStore {
                 "encrypted the secrets an earlier version stored in clear"
             );
         }
+        let due = wake::DueNotifier::new(pool.clone());
+        let commits = batch::CommitMetrics::default();
         Ok(Self {
-            due: wake::DueNotifier::new(pool.clone()),
-            commits: std::sync::OnceLock::new(),
+            creates: batch::start(pool.clone(), Arc::clone(&commits), Arc::clone(&due)),
+            records: batch::start(pool.clone(), Arc::clone(&commits), Arc::clone(&due)),
+            due,
+            commits,
             pool,
             announce_history: std::sync::atomic::AtomicBool::new(true),
             keys,
@@ -236,7 +245,8 @@ impl StoreLifecycle for PostgresStore {
     }
 
     async fn close(&self) {
-        // Every write commits before its call returns: nothing is pending but the connections.
+        // Every write commits before its call returns (a batched one too: its caller waits for
+        // the batch's commit): nothing is pending but the connections.
         self.pool.close().await;
     }
 
@@ -246,11 +256,23 @@ impl StoreLifecycle for PostgresStore {
 }
 
 impl PostgresStore {
-    /// Records one hot write's commit (each commits alone here), if metrics are observed.
+    /// Records the commit of a hot write that committed alone, if metrics are observed.
     pub(crate) fn committed(&self, started: std::time::Instant) {
         if let Some(metrics) = self.commits.get() {
             metrics.commit(1, started.elapsed());
         }
+    }
+
+    /// Queues `write` for its group commit (see `batch`).
+    pub(super) async fn queue(&self, write: batch::Write) -> Result<()> {
+        let queue = match write {
+            batch::Write::Create { .. } => &self.creates,
+            batch::Write::Record { .. } => &self.records,
+        };
+        queue
+            .send(write)
+            .await
+            .map_err(|_| crate::StoreError::Closed)
     }
 }
 

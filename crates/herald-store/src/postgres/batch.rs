@@ -1,0 +1,567 @@
+//! The group commit of the hot writes on PostgreSQL: message creates from the Svix API and
+//! attempt records whose endpoint does not change.
+//!
+//! Each of these was a statement committed on its own, so every message cost PostgreSQL two
+//! commits (the create and its attempt record), each a WAL flush, a round trip and a backend
+//! wake-up; at 64 creates in flight those commits filled the database's share of the CPU, and
+//! the records, outnumbered by the creates waiting for the same backends, held an endpoint's
+//! leases for 50-80 ms each, so one endpoint's delivery fell behind its intake.
+//!
+//! Now callers queue their write here, and a task takes every write waiting into a batch, in
+//! arrival order, and commits it as one statement: creates with [`CREATE_MESSAGES`], records
+//! with [`RECORD_ATTEMPTS`] (arrays unnested into rows). Creates and records have a task and a
+//! queue each (`start` is called once for each), so a record, which holds an endpoint's lease
+//! until it commits, never waits behind a crowd of creates. Each task runs up to
+//! [`BATCHES_IN_FLIGHT`] batches at once, each on a connection of its own; while they run, the
+//! next batch gathers. A caller is answered once its statement has committed, so a message is
+//! durable before its 201 as before. A write alone is a batch of one: no timer holds it back.
+//!
+//! A batch's statement fails as a whole (an endpoint deleted between the create's read and
+//! its insert breaks the deliveries' foreign key; a deadlock with a manual resend): then its
+//! writes are applied one by one with the single-write statements, so each caller gets its own
+//! outcome, exactly what it would have got unbatched.
+
+use std::{collections::HashSet, sync::Arc, time::Instant};
+
+use herald_core::{
+    EndpointId,
+    model::{DeliveryStatus, Message, TriggerType},
+};
+use sqlx::PgPool;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use super::{
+    messages::{self, MESSAGE_CONFLICT},
+    rows::{millis, opt_json},
+    wake::DueNotifier,
+};
+use crate::{AttemptRecord, Result, StoreError};
+
+/// Batches running at once, each on its own connection (the pool's other connections serve
+/// claims, reads and the transactions of publications and ingest).
+const BATCHES_IN_FLIGHT: usize = 4;
+
+/// Writes in one batch at most: bounds a statement's parameters and a batch's latency.
+const MAX_BATCH: usize = 512;
+
+/// Writes waiting for a batch at most; a caller beyond waits to queue (back-pressure).
+const QUEUE: usize = 4096;
+
+/// Every message of the batch, and its first deliveries only if the message went in (a
+/// repeated `(app_id, event_id)` goes in once, the first in the arrays; its later copies get
+/// the eventId conflict). Returns the ids inserted. The deliveries' arrays are flat: one entry
+/// per (message, endpoint).
+const CREATE_MESSAGES: &str = "WITH inserted AS (
+         INSERT INTO messages (id, app_id, event_id, event_type, channels, tags, payload,
+                               created_at, payload_expires_at)
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                              $6::text[], $7::bytea[], $8::bigint[], $9::bigint[])
+         ON CONFLICT DO NOTHING RETURNING id, app_id, created_at
+     ), queued AS (
+         INSERT INTO deliveries (msg_id, endpoint_id, app_id, status, attempts, trigger_type,
+                                 next_attempt_at, updated_at)
+         SELECT inserted.id, d.endpoint_id, inserted.app_id, $12, 0, $13,
+                inserted.created_at, inserted.created_at
+         FROM UNNEST($10::text[], $11::text[]) AS d(msg_id, endpoint_id)
+         JOIN inserted ON inserted.id = d.msg_id
+     )
+     SELECT id FROM inserted";
+
+/// Every attempt row of the batch (they happened), and each delivery's next state only while
+/// it is still leased under its record's token (the fence of `messages::RECORD_ATTEMPT`),
+/// which releases the lease. Returns the deliveries moved; a record whose delivery is not
+/// among them is stale. A delivery has one lease at a time, so no two records of a batch move
+/// the same row.
+const RECORD_ATTEMPTS: &str = "WITH logged AS (
+         INSERT INTO attempts (id, msg_id, endpoint_id, app_id, url, status,
+                               response_status_code, response, response_duration_ms,
+                               trigger_type, created_at)
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                              $6::int[], $7::int[], $8::text[], $9::bigint[], $10::int[],
+                              $11::bigint[])
+     ), moved AS (
+         UPDATE deliveries AS d
+         SET status = r.status, next_attempt_at = r.next_at, attempts = d.attempts + r.counted,
+             updated_at = r.at, lease_token = NULL, leased_until = NULL
+         FROM UNNEST($2::text[], $3::text[], $12::int[], $13::bigint[], $14::int[],
+                     $11::bigint[], $15::bigint[])
+              AS r(msg_id, endpoint_id, status, next_at, counted, at, token)
+         WHERE d.msg_id = r.msg_id AND d.endpoint_id = r.endpoint_id
+           AND d.lease_token = r.token
+         RETURNING d.msg_id, d.endpoint_id
+     )
+     SELECT msg_id, endpoint_id FROM moved";
+
+/// A write waiting for its batch, with where its outcome goes.
+pub(crate) enum Write {
+    /// `MessageStore::create_message`: `Ok` once committed, or the eventId conflict.
+    Create {
+        message: Message,
+        endpoint_ids: Vec<EndpointId>,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    /// `MessageStore::record_attempt` with `EndpointChange::Unchanged`: whether the fence held.
+    Record {
+        record: AttemptRecord,
+        reply: oneshot::Sender<Result<bool>>,
+    },
+}
+
+/// Where a batch reports its commits (the store's `observe_commits`, set once).
+pub(crate) type CommitMetrics = Arc<std::sync::OnceLock<Arc<herald_metrics::StoreMetrics>>>;
+
+/// Starts the task that batches the writes queued on the returned sender. It ends once every
+/// sender is gone and the batches it started have answered.
+pub(super) fn start(
+    pool: PgPool,
+    metrics: CommitMetrics,
+    due: Arc<DueNotifier>,
+) -> mpsc::Sender<Write> {
+    let (queue, writes) = mpsc::channel(QUEUE);
+    tokio::spawn(run(pool, writes, metrics, due));
+    queue
+}
+
+async fn run(
+    pool: PgPool,
+    mut writes: mpsc::Receiver<Write>,
+    metrics: CommitMetrics,
+    due: Arc<DueNotifier>,
+) {
+    let slots = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
+    while let Some(first) = writes.recv().await {
+        // A slot first, then the batch: while every slot is busy, writes gather in the queue
+        // and the next batch takes them all.
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+            return; // The semaphore is never closed.
+        };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match writes.try_recv() {
+                Ok(write) => batch.push(write),
+                Err(_) => break,
+            }
+        }
+        let (pool, metrics, due) = (pool.clone(), Arc::clone(&metrics), Arc::clone(&due));
+        tokio::spawn(async move {
+            apply(&pool, batch, &metrics, &due).await;
+            drop(slot);
+        });
+    }
+}
+
+/// Applies one batch: its creates and its records as a statement each, at once.
+async fn apply(pool: &PgPool, batch: Vec<Write>, metrics: &CommitMetrics, due: &Arc<DueNotifier>) {
+    let mut creates = Vec::new();
+    let mut records = Vec::new();
+    for write in batch {
+        match write {
+            Write::Create {
+                message,
+                endpoint_ids,
+                reply,
+            } => creates.push((message, endpoint_ids, reply)),
+            Write::Record { record, reply } => records.push((record, reply)),
+        }
+    }
+    tokio::join!(
+        apply_creates(pool, creates, metrics, due),
+        apply_records(pool, records, metrics),
+    );
+}
+
+type Create = (Message, Vec<EndpointId>, oneshot::Sender<Result<()>>);
+type Record = (AttemptRecord, oneshot::Sender<Result<bool>>);
+
+fn observe(metrics: &CommitMetrics, writes: usize, started: Instant) {
+    if let Some(metrics) = metrics.get() {
+        metrics.commit(writes, started.elapsed());
+    }
+}
+
+async fn apply_creates(
+    pool: &PgPool,
+    creates: Vec<Create>,
+    metrics: &CommitMetrics,
+    due: &Arc<DueNotifier>,
+) {
+    if creates.is_empty() {
+        return;
+    }
+    let started = Instant::now();
+    match insert_messages(pool, &creates).await {
+        Ok(inserted) => {
+            observe(metrics, creates.len(), started);
+            let mut queued = false;
+            for (message, endpoint_ids, reply) in creates {
+                let outcome = if inserted.contains(message.id.as_str()) {
+                    queued |= !endpoint_ids.is_empty();
+                    Ok(())
+                } else {
+                    Err(StoreError::Conflict(MESSAGE_CONFLICT.to_owned()))
+                };
+                let _ = reply.send(outcome);
+            }
+            if queued {
+                due.committed();
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, writes = creates.len(),
+                "a batch of message creates failed as a whole; applying them one by one");
+            for (message, endpoint_ids, reply) in creates {
+                let started = Instant::now();
+                let outcome = messages::insert_with(pool, &message, &endpoint_ids).await;
+                if outcome.is_ok() {
+                    observe(metrics, 1, started);
+                    if !endpoint_ids.is_empty() {
+                        due.committed();
+                    }
+                }
+                let _ = reply.send(outcome);
+            }
+        }
+    }
+}
+
+/// [`CREATE_MESSAGES`] for `creates`; returns the ids that went in.
+async fn insert_messages(pool: &PgPool, creates: &[Create]) -> Result<HashSet<String>> {
+    let n = creates.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut app_ids = Vec::with_capacity(n);
+    let mut event_ids = Vec::with_capacity(n);
+    let mut event_types = Vec::with_capacity(n);
+    let mut channels = Vec::with_capacity(n);
+    let mut tags = Vec::with_capacity(n);
+    let mut payloads: Vec<&[u8]> = Vec::with_capacity(n);
+    let mut created = Vec::with_capacity(n);
+    let mut expires = Vec::with_capacity(n);
+    let mut delivery_msgs = Vec::new();
+    let mut delivery_endpoints = Vec::new();
+    for (message, endpoint_ids, _) in creates {
+        ids.push(message.id.as_str());
+        app_ids.push(message.app_id.as_str());
+        event_ids.push(message.event_id.as_deref());
+        event_types.push(message.event_type.as_str());
+        channels.push(opt_json(&message.channels));
+        tags.push(opt_json(&message.tags));
+        payloads.push(message.payload.as_ref());
+        created.push(millis(message.created_at));
+        expires.push(message.payload_expires_at.map(millis));
+        for endpoint_id in endpoint_ids {
+            delivery_msgs.push(message.id.as_str());
+            delivery_endpoints.push(endpoint_id.as_str());
+        }
+    }
+    let inserted: Vec<String> = sqlx::query_scalar(CREATE_MESSAGES)
+        .bind(&ids)
+        .bind(&app_ids)
+        .bind(&event_ids)
+        .bind(&event_types)
+        .bind(&channels)
+        .bind(&tags)
+        .bind(&payloads)
+        .bind(&created)
+        .bind(&expires)
+        .bind(&delivery_msgs)
+        .bind(&delivery_endpoints)
+        .bind(DeliveryStatus::Pending as i32)
+        .bind(TriggerType::Scheduled as i32)
+        .fetch_all(pool)
+        .await?;
+    Ok(inserted.into_iter().collect())
+}
+
+async fn apply_records(pool: &PgPool, records: Vec<Record>, metrics: &CommitMetrics) {
+    if records.is_empty() {
+        return;
+    }
+    let started = Instant::now();
+    match record_attempts(pool, &records).await {
+        Ok(moved) => {
+            observe(metrics, records.len(), started);
+            for (record, reply) in records {
+                let a = &record.attempt;
+                let applied = moved.contains(&(
+                    a.msg_id.as_str().to_owned(),
+                    a.endpoint_id.as_str().to_owned(),
+                ));
+                let _ = reply.send(Ok(applied));
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, writes = records.len(),
+                "a batch of attempt records failed as a whole; applying them one by one");
+            for (record, reply) in records {
+                let started = Instant::now();
+                let outcome = messages::record_one(pool, &record).await;
+                if outcome.is_ok() {
+                    observe(metrics, 1, started);
+                }
+                let _ = reply.send(outcome);
+            }
+        }
+    }
+}
+
+/// [`RECORD_ATTEMPTS`] for `records`; returns the (message, endpoint) of the deliveries moved.
+async fn record_attempts(pool: &PgPool, records: &[Record]) -> Result<HashSet<(String, String)>> {
+    let n = records.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut msg_ids = Vec::with_capacity(n);
+    let mut endpoint_ids = Vec::with_capacity(n);
+    let mut app_ids = Vec::with_capacity(n);
+    let mut urls = Vec::with_capacity(n);
+    let mut statuses = Vec::with_capacity(n);
+    let mut codes = Vec::with_capacity(n);
+    let mut responses = Vec::with_capacity(n);
+    let mut durations = Vec::with_capacity(n);
+    let mut triggers = Vec::with_capacity(n);
+    let mut at = Vec::with_capacity(n);
+    let mut next_statuses = Vec::with_capacity(n);
+    let mut next_at = Vec::with_capacity(n);
+    let mut counted = Vec::with_capacity(n);
+    let mut tokens = Vec::with_capacity(n);
+    for (record, _) in records {
+        let a = &record.attempt;
+        let (status, next) = messages::next_state(record.next);
+        ids.push(a.id.as_str());
+        msg_ids.push(a.msg_id.as_str());
+        endpoint_ids.push(a.endpoint_id.as_str());
+        app_ids.push(a.app_id.as_str());
+        urls.push(a.url.as_str());
+        statuses.push(a.status as i32);
+        codes.push(a.response_status_code);
+        responses.push(a.response.as_str());
+        durations.push(a.response_duration_ms);
+        triggers.push(a.trigger_type as i32);
+        at.push(millis(a.created_at));
+        next_statuses.push(status as i32);
+        next_at.push(next);
+        counted.push(i32::from(a.trigger_type == TriggerType::Scheduled));
+        // A token beyond BIGINT was never handed out by the sequence: NULL matches no row.
+        tokens.push(i64::try_from(record.lease.0).ok());
+    }
+    let moved: Vec<(String, String)> = sqlx::query_as(RECORD_ATTEMPTS)
+        .bind(&ids)
+        .bind(&msg_ids)
+        .bind(&endpoint_ids)
+        .bind(&app_ids)
+        .bind(&urls)
+        .bind(&statuses)
+        .bind(&codes)
+        .bind(&responses)
+        .bind(&durations)
+        .bind(&triggers)
+        .bind(&at)
+        .bind(&next_statuses)
+        .bind(&next_at)
+        .bind(&counted)
+        .bind(&tokens)
+        .fetch_all(pool)
+        .await?;
+    Ok(moved.into_iter().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use chrono::Utc;
+    use herald_core::{
+        AppId,
+        model::{App, Endpoint},
+    };
+    use herald_metrics::prometheus_client::{encoding::text::encode, registry::Registry};
+
+    use super::super::{
+        PostgresStore,
+        messages::tests::{delivered_under, server_url},
+        tests::{SchemaGuard, open_in_fresh_schema},
+    };
+    use super::*;
+    use crate::{
+        ClaimRequest, EndpointStore, LeaseToken, MessageStore, Recorded, StoreLifecycle,
+        conformance,
+    };
+
+    /// A store in a fresh schema, with an app and one endpoint; `None` (the test is skipped)
+    /// without a server.
+    async fn store_with_endpoint() -> Option<(SchemaGuard, PostgresStore, App, Endpoint)> {
+        let url = server_url()?;
+        let (guard, store) = open_in_fresh_schema(url).await;
+        let app = conformance::stored_app(&store, "A").await;
+        let endpoint = conformance::endpoint(&app.id);
+        store.create_endpoint(&endpoint).await.expect("endpoint");
+        Some((guard, store, app, endpoint))
+    }
+
+    /// Commits and the writes they carried, from the store's commit metrics.
+    fn commits(registry: &Registry) -> (u64, u64) {
+        let mut text = String::new();
+        encode(&mut text, registry).expect("encode");
+        let read = |name: &str| -> u64 {
+            text.lines()
+                .find_map(|line| line.strip_prefix(name)?.trim().parse::<f64>().ok())
+                .map_or(0, |v| v as u64)
+        };
+        (
+            read("herald_store_commit_writes_count "),
+            read("herald_store_commit_writes_sum "),
+        )
+    }
+
+    fn observed(store: &PostgresStore) -> Registry {
+        let mut registry = Registry::default();
+        let metrics = herald_metrics::Metrics::new(&mut registry);
+        store.observe_commits(Arc::clone(&metrics.store));
+        registry
+    }
+
+    async fn deliveries_of(store: &PostgresStore, app_id: &AppId) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM deliveries WHERE app_id = $1")
+            .bind(app_id.as_str())
+            .fetch_one(store.pool())
+            .await
+            .expect("count")
+    }
+
+    /// Creates that arrive together commit together, and each caller still gets its own
+    /// outcome: of twenty creates with one eventId exactly one goes in (with its delivery),
+    /// the others get the eventId conflict; creates without one all go in.
+    #[tokio::test]
+    async fn creates_arriving_together_commit_together_with_their_own_outcomes() {
+        let Some((_guard, store, app, endpoint)) = store_with_endpoint().await else {
+            return;
+        };
+        let registry = observed(&store);
+        let targets = vec![endpoint.id.clone()];
+
+        let same = (0..20).map(|_| {
+            store.create_message(
+                conformance::message(&app.id, Some("order-1")),
+                targets.clone(),
+            )
+        });
+        let plain = (0..20)
+            .map(|_| store.create_message(conformance::message(&app.id, None), targets.clone()));
+        let (same, plain) = tokio::join!(
+            futures_util::future::join_all(same),
+            futures_util::future::join_all(plain)
+        );
+
+        assert_eq!(same.iter().filter(|r| r.is_ok()).count(), 1, "one goes in");
+        assert!(
+            same.iter()
+                .filter_map(|r| r.as_ref().err())
+                .all(|e| matches!(e, StoreError::Conflict(m) if m == MESSAGE_CONFLICT)),
+            "the others conflict: {same:?}"
+        );
+        assert!(plain.iter().all(Result::is_ok), "{plain:?}");
+        assert_eq!(
+            deliveries_of(&store, &app.id).await,
+            21,
+            "one delivery each"
+        );
+        let (commits, writes) = commits(&registry);
+        assert_eq!(writes, 40, "every create was counted");
+        assert!(commits < writes, "{commits} commits for {writes} creates");
+    }
+
+    /// A batch whose statement fails as a whole (here one create names an endpoint that does
+    /// not exist, so its delivery breaks the foreign key) is applied one write at a time: that
+    /// create fails alone, and the rest go in.
+    #[tokio::test]
+    async fn a_batch_that_fails_as_a_whole_is_applied_one_write_at_a_time() {
+        let Some((_guard, store, app, endpoint)) = store_with_endpoint().await else {
+            return;
+        };
+        let missing = conformance::endpoint(&app.id).id;
+
+        let creates = (0..10).map(|n| {
+            let target = if n == 4 { &missing } else { &endpoint.id };
+            store.create_message(conformance::message(&app.id, None), vec![target.clone()])
+        });
+        let outcomes = futures_util::future::join_all(creates).await;
+
+        for (n, outcome) in outcomes.iter().enumerate() {
+            assert_eq!(outcome.is_ok(), n != 4, "create {n}: {outcome:?}");
+        }
+        assert_eq!(deliveries_of(&store, &app.id).await, 9);
+    }
+
+    /// Records arriving together commit together, each fenced by its own lease: those under
+    /// the current lease move their delivery and release it, those under a wrong one are
+    /// stale and leave it leased; every attempt is logged.
+    #[tokio::test]
+    async fn records_arriving_together_are_each_fenced_by_their_own_lease() {
+        let Some((_guard, store, app, endpoint)) = store_with_endpoint().await else {
+            return;
+        };
+        let registry = observed(&store);
+        for _ in 0..10 {
+            store
+                .create_message(
+                    conformance::message(&app.id, None),
+                    vec![endpoint.id.clone()],
+                )
+                .await
+                .expect("create");
+        }
+        let now = Utc::now() + chrono::Duration::seconds(1);
+        let jobs = store
+            .claim_due(&ClaimRequest {
+                now,
+                lease_until: now + chrono::Duration::seconds(60),
+                limit: 10,
+                first_attempts: true,
+                in_flight: HashMap::new(),
+                per_endpoint_limit: 10,
+                app_in_flight: HashMap::new(),
+                per_app_limit: 10,
+            })
+            .await
+            .expect("claim");
+        assert_eq!(jobs.len(), 10);
+        let (_, writes_before) = commits(&registry);
+
+        let records = jobs.iter().enumerate().map(|(n, job)| {
+            // Odd ones were made under a lease the delivery no longer holds.
+            let lease = if n % 2 == 1 {
+                LeaseToken(job.lease.0 + 1_000_000)
+            } else {
+                job.lease
+            };
+            store.record_attempt(delivered_under(job, now, lease))
+        });
+        let recorded = futures_util::future::join_all(records).await;
+
+        for (n, outcome) in recorded.iter().enumerate() {
+            let expected = if n % 2 == 1 {
+                Recorded::Stale
+            } else {
+                Recorded::Applied
+            };
+            assert_eq!(outcome.as_ref().ok(), Some(&expected), "record {n}");
+        }
+        let (delivered, leased): (i64, i64) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE status = 0 AND lease_token IS NULL),
+                    count(*) FILTER (WHERE status <> 0 AND lease_token IS NOT NULL)
+             FROM deliveries WHERE app_id = $1",
+        )
+        .bind(app.id.as_str())
+        .fetch_one(store.pool())
+        .await
+        .expect("count");
+        assert_eq!((delivered, leased), (5, 5));
+        let logged: i64 = sqlx::query_scalar("SELECT count(*) FROM attempts WHERE app_id = $1")
+            .bind(app.id.as_str())
+            .fetch_one(store.pool())
+            .await
+            .expect("count");
+        assert_eq!(logged, 10, "every attempt is logged");
+        let (commits, writes) = commits(&registry);
+        assert_eq!(writes - writes_before, 10);
+        assert!(commits < writes, "{commits} commits for {writes} writes");
+    }
+}
