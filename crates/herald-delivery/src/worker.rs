@@ -135,7 +135,7 @@ impl Lane {
     fn new(first_attempts: bool, limit: u32, per_app: u32, per_endpoint: u32) -> Arc<Self> {
         Arc::new(Self {
             first_attempts,
-            unsaved: Arc::new(Semaphore::new((limit * 4) as usize)),
+            unsaved: Arc::new(Semaphore::new(Self::unsaved_capacity(limit))),
             limit,
             per_app,
             per_endpoint,
@@ -148,6 +148,11 @@ impl Lane {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Records the lane lets wait for the store at once: four per slot.
+    fn unsaved_capacity(limit: u32) -> usize {
+        limit as usize * 4
+    }
+
     /// The most leases a claim may let one endpoint and one app hold: one round running plus
     /// one round waiting each, plus this lane's attempts that ended and whose records are
     /// still being saved. Those keep their leases until the record commits (the store counts
@@ -155,10 +160,13 @@ impl Lane {
     /// endpoint's delivery rate was its leases over the record's commit latency (on a busy
     /// PostgreSQL, about 700 a second). The lane's room still bounds what this node holds.
     fn claim_limits(&self) -> (u32, u32) {
-        let permits = (self.limit * 4) as usize;
         let saving =
-            u32::try_from(permits.saturating_sub(self.unsaved.available_permits())).unwrap_or(0);
-        (self.per_endpoint * 2 + saving, self.per_app * 2 + saving)
+            Self::unsaved_capacity(self.limit).saturating_sub(self.unsaved.available_permits());
+        let saving = u32::try_from(saving).unwrap_or(u32::MAX);
+        (
+            (self.per_endpoint * 2).saturating_add(saving),
+            (self.per_app * 2).saturating_add(saving),
+        )
     }
 
     /// How many more jobs to claim, and how many each endpoint and app already holds.

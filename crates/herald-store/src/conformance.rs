@@ -1102,6 +1102,31 @@ async fn one_claimed_delivery(store: &dyn Store) -> ClaimedDelivery {
     }
 }
 
+/// The record of `job`'s attempt made at `at` under `lease`, its endpoint unchanged:
+/// delivered (200), or failed (500) for any other next step, as `attempt_record`.
+#[cfg(test)]
+pub(crate) fn job_record(
+    job: &crate::DeliveryJob,
+    lease: LeaseToken,
+    at: DateTime<Utc>,
+    next: NextStep,
+) -> AttemptRecord {
+    let attempt = attempt(
+        &job.msg_id,
+        &job.app_id,
+        &job.endpoint,
+        at,
+        job.trigger,
+        next,
+    );
+    AttemptRecord {
+        attempt,
+        next,
+        endpoint_change: EndpointChange::Unchanged,
+        lease,
+    }
+}
+
 fn attempt_record(
     msg: &Message,
     ep: &Endpoint,
@@ -1111,28 +1136,41 @@ fn attempt_record(
     next: NextStep,
     endpoint_change: EndpointChange,
 ) -> AttemptRecord {
-    let delivered = next == NextStep::Delivered;
     AttemptRecord {
-        attempt: Attempt {
-            id: herald_core::AttemptId::new(at),
-            msg_id: msg.id.clone(),
-            endpoint_id: ep.id.clone(),
-            app_id: msg.app_id.clone(),
-            url: ep.url.clone(),
-            status: if delivered {
-                DeliveryStatus::Success
-            } else {
-                DeliveryStatus::Fail
-            },
-            response_status_code: if delivered { 200 } else { 500 },
-            response: String::new(),
-            response_duration_ms: 5,
-            trigger_type,
-            created_at: at,
-        },
+        attempt: attempt(&msg.id, &msg.app_id, ep, at, trigger_type, next),
         next,
         endpoint_change,
         lease,
+    }
+}
+
+/// An attempt of `msg_id` to `ep` at `at`: delivered (200) if `next` says so, else failed
+/// (500).
+fn attempt(
+    msg_id: &MessageId,
+    app_id: &AppId,
+    ep: &Endpoint,
+    at: DateTime<Utc>,
+    trigger_type: TriggerType,
+    next: NextStep,
+) -> Attempt {
+    let delivered = next == NextStep::Delivered;
+    Attempt {
+        id: herald_core::AttemptId::new(at),
+        msg_id: msg_id.clone(),
+        endpoint_id: ep.id.clone(),
+        app_id: app_id.clone(),
+        url: ep.url.clone(),
+        status: if delivered {
+            DeliveryStatus::Success
+        } else {
+            DeliveryStatus::Fail
+        },
+        response_status_code: if delivered { 200 } else { 500 },
+        response: String::new(),
+        response_duration_ms: 5,
+        trigger_type,
+        created_at: at,
     }
 }
 

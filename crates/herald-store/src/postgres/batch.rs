@@ -10,7 +10,7 @@
 //! Now callers queue their write here, and a task takes every write waiting into a batch, in
 //! arrival order, and commits it as one statement: creates with [`CREATE_MESSAGES`], records
 //! with [`RECORD_ATTEMPTS`] (arrays unnested into rows). Creates and records have a task and a
-//! queue each (`start` is called once for each), so a record, which holds an endpoint's lease
+//! queue each ([`Batches`]), so a record, which holds an endpoint's lease
 //! until it commits, never waits behind a crowd of creates. Each task runs up to
 //! [`BATCHES_IN_FLIGHT`] batches at once, each on a connection of its own; while they run, the
 //! next batch gathers. A caller is answered once its statement has committed, so a message is
@@ -69,9 +69,9 @@ const CREATE_MESSAGES: &str = "WITH inserted AS (
 
 /// Every attempt row of the batch (they happened), and each delivery's next state only while
 /// it is still leased under its record's token (the fence of `messages::RECORD_ATTEMPT`),
-/// which releases the lease. Returns the deliveries moved; a record whose delivery is not
-/// among them is stale. A delivery has one lease at a time, so no two records of a batch move
-/// the same row.
+/// which releases the lease. Returns the ids of the attempts whose delivery moved; a record
+/// whose attempt is not among them is stale. A delivery has one lease at a time, so no two
+/// records of a batch move the same row.
 const RECORD_ATTEMPTS: &str = "WITH logged AS (
          INSERT INTO attempts (id, msg_id, endpoint_id, app_id, url, status,
                                response_status_code, response, response_duration_ms,
@@ -83,95 +83,124 @@ const RECORD_ATTEMPTS: &str = "WITH logged AS (
          UPDATE deliveries AS d
          SET status = r.status, next_attempt_at = r.next_at, attempts = d.attempts + r.counted,
              updated_at = r.at, lease_token = NULL, leased_until = NULL
-         FROM UNNEST($2::text[], $3::text[], $12::int[], $13::bigint[], $14::int[],
-                     $11::bigint[], $15::bigint[])
-              AS r(msg_id, endpoint_id, status, next_at, counted, at, token)
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $12::int[], $13::bigint[],
+                     $14::int[], $11::bigint[], $15::bigint[])
+              AS r(attempt_id, msg_id, endpoint_id, status, next_at, counted, at, token)
          WHERE d.msg_id = r.msg_id AND d.endpoint_id = r.endpoint_id
            AND d.lease_token = r.token
-         RETURNING d.msg_id, d.endpoint_id
+         RETURNING r.attempt_id
      )
-     SELECT msg_id, endpoint_id FROM moved";
+     SELECT attempt_id FROM moved";
 
-/// A write waiting for its batch, with where its outcome goes.
-pub(crate) enum Write {
-    /// `MessageStore::create_message`: `Ok` once committed, or the eventId conflict.
-    Create {
-        message: Message,
-        endpoint_ids: Vec<EndpointId>,
-        reply: oneshot::Sender<Result<()>>,
-    },
-    /// `MessageStore::record_attempt` with `EndpointChange::Unchanged`: whether the fence held.
-    Record {
-        record: AttemptRecord,
-        reply: oneshot::Sender<Result<bool>>,
-    },
+/// A write waiting for its batch, and where its outcome goes.
+struct Queued<W, T> {
+    write: W,
+    reply: oneshot::Sender<Result<T>>,
 }
+
+/// A message to create with its first deliveries (`MessageStore::create_message`).
+struct NewMessage {
+    message: Message,
+    endpoint_ids: Vec<EndpointId>,
+}
+
+type Create = Queued<NewMessage, ()>;
+/// An attempt record whose endpoint does not change; its outcome is whether the fence held.
+type Record = Queued<AttemptRecord, bool>;
 
 /// Where a batch reports its commits (the store's `observe_commits`, set once).
 pub(crate) type CommitMetrics = Arc<std::sync::OnceLock<Arc<herald_metrics::StoreMetrics>>>;
 
-/// Starts the task that batches the writes queued on the returned sender. It ends once every
-/// sender is gone and the batches it started have answered.
-pub(super) fn start(
-    pool: PgPool,
-    metrics: CommitMetrics,
-    due: Arc<DueNotifier>,
-) -> mpsc::Sender<Write> {
-    let (queue, writes) = mpsc::channel(QUEUE);
-    tokio::spawn(run(pool, writes, metrics, due));
-    queue
+/// The queues of the two group commits. Their tasks end once this is dropped and the batches
+/// they started have answered.
+pub(crate) struct Batches {
+    creates: mpsc::Sender<Create>,
+    records: mpsc::Sender<Record>,
 }
 
-async fn run(
-    pool: PgPool,
-    mut writes: mpsc::Receiver<Write>,
-    metrics: CommitMetrics,
-    due: Arc<DueNotifier>,
-) {
-    let slots = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
-    while let Some(first) = writes.recv().await {
-        // A slot first, then the batch: while every slot is busy, writes gather in the queue
-        // and the next batch takes them all.
-        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
-            return; // The semaphore is never closed.
+impl Batches {
+    pub(super) fn start(pool: &PgPool, metrics: &CommitMetrics, due: &Arc<DueNotifier>) -> Self {
+        let creates = {
+            let (pool, metrics, due) = (pool.clone(), Arc::clone(metrics), Arc::clone(due));
+            spawn(move |batch| {
+                apply_creates(pool.clone(), batch, Arc::clone(&metrics), Arc::clone(&due))
+            })
         };
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match writes.try_recv() {
-                Ok(write) => batch.push(write),
-                Err(_) => break,
-            }
-        }
-        let (pool, metrics, due) = (pool.clone(), Arc::clone(&metrics), Arc::clone(&due));
-        tokio::spawn(async move {
-            apply(&pool, batch, &metrics, &due).await;
-            drop(slot);
-        });
+        let records = {
+            let (pool, metrics) = (pool.clone(), Arc::clone(metrics));
+            spawn(move |batch| apply_records(pool.clone(), batch, Arc::clone(&metrics)))
+        };
+        Self { creates, records }
     }
-}
 
-/// Applies one batch: its creates and its records as a statement each, at once.
-async fn apply(pool: &PgPool, batch: Vec<Write>, metrics: &CommitMetrics, due: &Arc<DueNotifier>) {
-    let mut creates = Vec::new();
-    let mut records = Vec::new();
-    for write in batch {
-        match write {
-            Write::Create {
+    /// Creates `message` with a delivery to each of `endpoint_ids` in the next batch: `Ok`
+    /// once committed, or the eventId conflict.
+    pub(super) async fn create(
+        &self,
+        message: Message,
+        endpoint_ids: Vec<EndpointId>,
+    ) -> Result<()> {
+        submit(
+            &self.creates,
+            NewMessage {
                 message,
                 endpoint_ids,
-                reply,
-            } => creates.push((message, endpoint_ids, reply)),
-            Write::Record { record, reply } => records.push((record, reply)),
-        }
+            },
+        )
+        .await
     }
-    tokio::join!(
-        apply_creates(pool, creates, metrics, due),
-        apply_records(pool, records, metrics),
-    );
+
+    /// Writes `record` (its endpoint does not change) in the next batch; returns whether the
+    /// fence held.
+    pub(super) async fn record(&self, record: AttemptRecord) -> Result<bool> {
+        submit(&self.records, record).await
+    }
 }
 
-type Create = (Message, Vec<EndpointId>, oneshot::Sender<Result<()>>);
-type Record = (AttemptRecord, oneshot::Sender<Result<bool>>);
+async fn submit<W, T>(queue: &mpsc::Sender<Queued<W, T>>, write: W) -> Result<T> {
+    let (reply, outcome) = oneshot::channel();
+    queue
+        .send(Queued { write, reply })
+        .await
+        .map_err(|_| StoreError::Closed)?;
+    // Dropped unanswered only when the runtime shuts down under the batch.
+    outcome.await.map_err(|_| StoreError::Closed)?
+}
+
+/// Starts a task that takes the writes queued on the returned sender in batches and hands
+/// each batch to `apply`, up to [`BATCHES_IN_FLIGHT`] at once.
+fn spawn<W, T, F, A>(apply: A) -> mpsc::Sender<Queued<W, T>>
+where
+    W: Send + 'static,
+    T: Send + 'static,
+    A: Fn(Vec<Queued<W, T>>) -> F + Send + 'static,
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (queue, mut writes) = mpsc::channel::<Queued<W, T>>(QUEUE);
+    tokio::spawn(async move {
+        let slots = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
+        while let Some(first) = writes.recv().await {
+            // A slot first, then the batch: while every slot is busy, writes gather in the
+            // queue and the next batch takes them all.
+            let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+                return; // The semaphore is never closed.
+            };
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match writes.try_recv() {
+                    Ok(write) => batch.push(write),
+                    Err(_) => break,
+                }
+            }
+            let applied = apply(batch);
+            tokio::spawn(async move {
+                applied.await;
+                drop(slot);
+            });
+        }
+    });
+    queue
+}
 
 fn observe(metrics: &CommitMetrics, writes: usize, started: Instant) {
     if let Some(metrics) = metrics.get() {
@@ -180,22 +209,19 @@ fn observe(metrics: &CommitMetrics, writes: usize, started: Instant) {
 }
 
 async fn apply_creates(
-    pool: &PgPool,
+    pool: PgPool,
     creates: Vec<Create>,
-    metrics: &CommitMetrics,
-    due: &Arc<DueNotifier>,
+    metrics: CommitMetrics,
+    due: Arc<DueNotifier>,
 ) {
-    if creates.is_empty() {
-        return;
-    }
     let started = Instant::now();
-    match insert_messages(pool, &creates).await {
+    match insert_messages(&pool, &creates).await {
         Ok(inserted) => {
-            observe(metrics, creates.len(), started);
+            observe(&metrics, creates.len(), started);
             let mut queued = false;
-            for (message, endpoint_ids, reply) in creates {
-                let outcome = if inserted.contains(message.id.as_str()) {
-                    queued |= !endpoint_ids.is_empty();
+            for Queued { write, reply } in creates {
+                let outcome = if inserted.contains(write.message.id.as_str()) {
+                    queued |= !write.endpoint_ids.is_empty();
                     Ok(())
                 } else {
                     Err(StoreError::Conflict(MESSAGE_CONFLICT.to_owned()))
@@ -209,12 +235,13 @@ async fn apply_creates(
         Err(e) => {
             tracing::warn!(error = %e, writes = creates.len(),
                 "a batch of message creates failed as a whole; applying them one by one");
-            for (message, endpoint_ids, reply) in creates {
+            for Queued { write, reply } in creates {
                 let started = Instant::now();
-                let outcome = messages::insert_with(pool, &message, &endpoint_ids).await;
+                let outcome =
+                    messages::insert_with(&pool, &write.message, &write.endpoint_ids).await;
                 if outcome.is_ok() {
-                    observe(metrics, 1, started);
-                    if !endpoint_ids.is_empty() {
+                    observe(&metrics, 1, started);
+                    if !write.endpoint_ids.is_empty() {
                         due.committed();
                     }
                 }
@@ -238,7 +265,14 @@ async fn insert_messages(pool: &PgPool, creates: &[Create]) -> Result<HashSet<St
     let mut expires = Vec::with_capacity(n);
     let mut delivery_msgs = Vec::new();
     let mut delivery_endpoints = Vec::new();
-    for (message, endpoint_ids, _) in creates {
+    for Queued {
+        write: NewMessage {
+            message,
+            endpoint_ids,
+        },
+        ..
+    } in creates
+    {
         ids.push(message.id.as_str());
         app_ids.push(message.app_id.as_str());
         event_ids.push(message.event_id.as_deref());
@@ -272,31 +306,23 @@ async fn insert_messages(pool: &PgPool, creates: &[Create]) -> Result<HashSet<St
     Ok(inserted.into_iter().collect())
 }
 
-async fn apply_records(pool: &PgPool, records: Vec<Record>, metrics: &CommitMetrics) {
-    if records.is_empty() {
-        return;
-    }
+async fn apply_records(pool: PgPool, records: Vec<Record>, metrics: CommitMetrics) {
     let started = Instant::now();
-    match record_attempts(pool, &records).await {
-        Ok(moved) => {
-            observe(metrics, records.len(), started);
-            for (record, reply) in records {
-                let a = &record.attempt;
-                let applied = moved.contains(&(
-                    a.msg_id.as_str().to_owned(),
-                    a.endpoint_id.as_str().to_owned(),
-                ));
-                let _ = reply.send(Ok(applied));
+    match record_attempts(&pool, &records).await {
+        Ok(applied) => {
+            observe(&metrics, records.len(), started);
+            for Queued { write, reply } in records {
+                let _ = reply.send(Ok(applied.contains(write.attempt.id.as_str())));
             }
         }
         Err(e) => {
             tracing::warn!(error = %e, writes = records.len(),
                 "a batch of attempt records failed as a whole; applying them one by one");
-            for (record, reply) in records {
+            for Queued { write, reply } in records {
                 let started = Instant::now();
-                let outcome = messages::record_one(pool, &record).await;
+                let outcome = messages::record_one(&pool, &write).await;
                 if outcome.is_ok() {
-                    observe(metrics, 1, started);
+                    observe(&metrics, 1, started);
                 }
                 let _ = reply.send(outcome);
             }
@@ -304,8 +330,8 @@ async fn apply_records(pool: &PgPool, records: Vec<Record>, metrics: &CommitMetr
     }
 }
 
-/// [`RECORD_ATTEMPTS`] for `records`; returns the (message, endpoint) of the deliveries moved.
-async fn record_attempts(pool: &PgPool, records: &[Record]) -> Result<HashSet<(String, String)>> {
+/// [`RECORD_ATTEMPTS`] for `records`; returns the ids of the attempts whose fence held.
+async fn record_attempts(pool: &PgPool, records: &[Record]) -> Result<HashSet<String>> {
     let n = records.len();
     let mut ids = Vec::with_capacity(n);
     let mut msg_ids = Vec::with_capacity(n);
@@ -322,7 +348,7 @@ async fn record_attempts(pool: &PgPool, records: &[Record]) -> Result<HashSet<(S
     let mut next_at = Vec::with_capacity(n);
     let mut counted = Vec::with_capacity(n);
     let mut tokens = Vec::with_capacity(n);
-    for (record, _) in records {
+    for Queued { write: record, .. } in records {
         let a = &record.attempt;
         let (status, next) = messages::next_state(record.next);
         ids.push(a.id.as_str());
@@ -342,7 +368,7 @@ async fn record_attempts(pool: &PgPool, records: &[Record]) -> Result<HashSet<(S
         // A token beyond BIGINT was never handed out by the sequence: NULL matches no row.
         tokens.push(i64::try_from(record.lease.0).ok());
     }
-    let moved: Vec<(String, String)> = sqlx::query_as(RECORD_ATTEMPTS)
+    let applied: Vec<String> = sqlx::query_scalar(RECORD_ATTEMPTS)
         .bind(&ids)
         .bind(&msg_ids)
         .bind(&endpoint_ids)
@@ -360,7 +386,7 @@ async fn record_attempts(pool: &PgPool, records: &[Record]) -> Result<HashSet<(S
         .bind(&tokens)
         .fetch_all(pool)
         .await?;
-    Ok(moved.into_iter().collect())
+    Ok(applied.into_iter().collect())
 }
 
 #[cfg(test)]
@@ -376,12 +402,12 @@ mod tests {
 
     use super::super::{
         PostgresStore,
-        messages::tests::{delivered_under, server_url},
+        messages::tests::server_url,
         tests::{SchemaGuard, open_in_fresh_schema},
     };
     use super::*;
     use crate::{
-        ClaimRequest, EndpointStore, LeaseToken, MessageStore, Recorded, StoreLifecycle,
+        ClaimRequest, EndpointStore, LeaseToken, MessageStore, NextStep, Recorded, StoreLifecycle,
         conformance,
     };
 
@@ -532,7 +558,12 @@ mod tests {
             } else {
                 job.lease
             };
-            store.record_attempt(delivered_under(job, now, lease))
+            store.record_attempt(conformance::job_record(
+                job,
+                lease,
+                now,
+                NextStep::Delivered,
+            ))
         });
         let recorded = futures_util::future::join_all(records).await;
 

@@ -71,7 +71,7 @@ use herald_core::{
 use sqlx::{AssertSqlSafe, PgConnection, QueryBuilder, Row, postgres::PgRow};
 
 use super::{
-    PostgresStore, batch, paginate,
+    PostgresStore, paginate,
     rows::{self, millis, opt_json},
 };
 use crate::{
@@ -177,15 +177,8 @@ pub(super) async fn insert_message(
 #[async_trait::async_trait]
 impl MessageStore for PostgresStore {
     async fn create_message(&self, message: Message, endpoint_ids: Vec<EndpointId>) -> Result<()> {
-        // Committed with the other creates and records waiting (see `batch`).
-        let (reply, outcome) = tokio::sync::oneshot::channel();
-        self.queue(batch::Write::Create {
-            message,
-            endpoint_ids,
-            reply,
-        })
-        .await?;
-        outcome.await.map_err(|_| batch_gone())?
+        // Committed with the other creates waiting (see `batch`).
+        self.batches.create(message, endpoint_ids).await
     }
 
     async fn store_publication(
@@ -450,11 +443,8 @@ impl MessageStore for PostgresStore {
 
     async fn record_attempt(&self, record: AttemptRecord) -> Result<Recorded> {
         let applied = if record.endpoint_change == EndpointChange::Unchanged {
-            // The usual record: committed with the other records and creates waiting (see
-            // `batch`).
-            let (reply, outcome) = tokio::sync::oneshot::channel();
-            self.queue(batch::Write::Record { record, reply }).await?;
-            outcome.await.map_err(|_| batch_gone())??
+            // The usual record: committed with the other records waiting (see `batch`).
+            self.batches.record(record).await?
         } else {
             let started = std::time::Instant::now();
             let applied = record_one(&self.pool, &record).await?;
@@ -815,11 +805,6 @@ pub(super) async fn record_one(pool: &sqlx::PgPool, record: &AttemptRecord) -> R
     Ok(applied)
 }
 
-/// The batch task dropped a write without answering: only while the runtime shuts down.
-fn batch_gone() -> StoreError {
-    StoreError::Closed
-}
-
 /// The delivery's status and due time after an attempt (as the SQLite store's).
 pub(super) fn next_state(next: NextStep) -> (DeliveryStatus, Option<i64>) {
     match next {
@@ -866,7 +851,7 @@ async fn endpoint_change(
 pub(super) mod tests {
     use std::{collections::HashSet, sync::Arc, time::Duration};
 
-    use herald_core::model::{App, Attempt, Endpoint};
+    use herald_core::model::{App, Endpoint};
     use sqlx::{Connection, postgres::PgListener};
 
     use super::super::tests::{SchemaGuard, open_in_fresh_schema, open_in_schema};
@@ -938,36 +923,15 @@ pub(super) mod tests {
         }
     }
 
-    /// The record of `job`'s attempt, delivered at `at`, made under `lease`.
-    pub(in crate::postgres) fn delivered_under(
-        job: &DeliveryJob,
-        at: DateTime<Utc>,
-        lease: LeaseToken,
-    ) -> AttemptRecord {
-        AttemptRecord {
-            attempt: Attempt {
-                id: herald_core::AttemptId::new(at),
-                msg_id: job.msg_id.clone(),
-                endpoint_id: job.endpoint.id.clone(),
-                app_id: job.app_id.clone(),
-                url: job.endpoint.url.clone(),
-                status: DeliveryStatus::Success,
-                response_status_code: 200,
-                response: String::new(),
-                response_duration_ms: 5,
-                trigger_type: job.trigger,
-                created_at: at,
-            },
-            next: NextStep::Delivered,
-            endpoint_change: EndpointChange::Unchanged,
-            lease,
-        }
-    }
-
     /// Records `job`'s attempt as delivered, under its lease.
     async fn delivered(store: &PostgresStore, job: &DeliveryJob, at: DateTime<Utc>) {
         let recorded = store
-            .record_attempt(delivered_under(job, at, job.lease))
+            .record_attempt(conformance::job_record(
+                job,
+                job.lease,
+                at,
+                NextStep::Delivered,
+            ))
             .await
             .expect("record");
         assert_eq!(recorded, Recorded::Applied, "the lease still holds");

@@ -37,7 +37,7 @@ pub use messages::DELIVERIES_CHANNEL;
 /// What the store announces at commit, for the PostgreSQL broker.
 pub use history::{HISTORY_CHANNEL, HistoryNotice, NoticeEvent};
 
-use std::{str::FromStr, sync::Arc, time::Duration};
+use std::{str::FromStr, time::Duration};
 
 use sqlx::{
     AssertSqlSafe, Executor, PgPool, Postgres, QueryBuilder,
@@ -83,10 +83,8 @@ pub struct PostgresStore {
     due: std::sync::Arc<wake::DueNotifier>,
     /// Where each commit of a hot write is recorded, once `observe_commits` says.
     commits: batch::CommitMetrics,
-    /// Message creates wait here for their group commit (see `batch`).
-    creates: tokio::sync::mpsc::Sender<batch::Write>,
-    /// Attempt records wait here for theirs.
-    records: tokio::sync::mpsc::Sender<batch::Write>,
+    /// The group commits of message creates and attempt records (see `batch`).
+    batches: batch::Batches,
 }
 
 impl PostgresStore {
@@ -143,8 +141,7 @@ impl PostgresStore {
         let due = wake::DueNotifier::new(pool.clone());
         let commits = batch::CommitMetrics::default();
         Ok(Self {
-            creates: batch::start(pool.clone(), Arc::clone(&commits), Arc::clone(&due)),
-            records: batch::start(pool.clone(), Arc::clone(&commits), Arc::clone(&due)),
+            batches: batch::Batches::start(&pool, &commits, &due),
             due,
             commits,
             pool,
@@ -261,18 +258,6 @@ impl PostgresStore {
         if let Some(metrics) = self.commits.get() {
             metrics.commit(1, started.elapsed());
         }
-    }
-
-    /// Queues `write` for its group commit (see `batch`).
-    pub(super) async fn queue(&self, write: batch::Write) -> Result<()> {
-        let queue = match write {
-            batch::Write::Create { .. } => &self.creates,
-            batch::Write::Record { .. } => &self.records,
-        };
-        queue
-            .send(write)
-            .await
-            .map_err(|_| crate::StoreError::Closed)
     }
 }
 

@@ -11,13 +11,13 @@ use std::{
 use chrono::{DateTime, Utc};
 use herald_core::{
     AppId, EndpointId,
-    model::{App, Attempt, DeliveryStatus, Endpoint, TriggerType},
+    model::{App, Endpoint, TriggerType},
 };
 
 use super::{SqliteStore, gate::Plan};
 use crate::{
-    AppStore, AttemptRecord, ClaimRequest, DeliveryJob, EndpointChange, EndpointStore,
-    FreshDeliveries, MessageStore, NextStep, Recorded, StoreError, StoreLifecycle, conformance,
+    AppStore, AttemptRecord, ClaimRequest, DeliveryJob, EndpointStore, FreshDeliveries,
+    MessageStore, NextStep, Recorded, StoreError, StoreLifecycle, conformance,
 };
 
 /// Grants `rooms` reservations, then refuses; records what it is handed and given back.
@@ -90,25 +90,7 @@ fn claim(at: DateTime<Utc>, first_attempts: bool, held: &[(&EndpointId, u32)]) -
 }
 
 fn record(job: &DeliveryJob, next: NextStep) -> AttemptRecord {
-    let now = Utc::now();
-    AttemptRecord {
-        attempt: Attempt {
-            id: herald_core::AttemptId::new(now),
-            msg_id: job.msg_id.clone(),
-            endpoint_id: job.endpoint.id.clone(),
-            app_id: job.app_id.clone(),
-            url: job.endpoint.url.clone(),
-            status: DeliveryStatus::Success,
-            response_status_code: 200,
-            response: String::new(),
-            response_duration_ms: 1,
-            trigger_type: job.trigger,
-            created_at: now,
-        },
-        next,
-        endpoint_change: EndpointChange::Unchanged,
-        lease: job.lease,
-    }
+    crate::conformance::job_record(job, job.lease, Utc::now(), next)
 }
 
 fn later() -> DateTime<Utc> {
