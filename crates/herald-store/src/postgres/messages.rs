@@ -537,13 +537,14 @@ impl Held {
 /// transaction). `endpoint_held` / `app_held` take, per key, the larger of that and the
 /// caller's own count (its in-flight deliveries are live leases as well: never added).
 /// `cand` locks (`SKIP LOCKED`: rows locked by a record or an enqueue are passed over) the
-/// earliest due, unleased or lease-expired rows of the lane, leaving out endpoints and apps
-/// already at their limit, found by the pass's [`Walk`]: in due order for at most `$11` rows
-/// beyond those in flight (`walked`), or endpoint by endpoint (`endpoints_due`, a skip scan,
-/// then each endpoint's earliest due rows); of these, `by_endpoint` keeps each endpoint's
-/// first `limit - held` rows (disabled endpoints' rows go to `refused`), `by_app` each app's first `limit - held`
-/// of those, and `chosen` the earliest `$9` overall — the rows a greedy walk in due order
-/// would take, since an endpoint belongs to one app. `leased` gives each a fresh token;
+/// earliest due, unleased or lease-expired rows of the lane, no more per endpoint than its
+/// room (`limit - held`), found by the pass's [`Walk`]: in due order for at most `$11` rows
+/// beyond those in flight (`walked`, of which `in_room` keeps what fits each endpoint's room,
+/// then each app's), or endpoint by endpoint (`endpoints_due`, a skip scan, then each
+/// endpoint's earliest due rows, up to its room); of these, `by_endpoint` keeps each
+/// endpoint's first `limit - held` rows (disabled endpoints' rows go to `refused`), `by_app`
+/// each app's first `limit - held` of those, and `chosen` the earliest `$9` overall — the
+/// rows a greedy walk in due order would take, since an endpoint belongs to one app. `leased` gives each a fresh token;
 /// `refused` fails disabled endpoints' rows as the SQLite store does. The summary row
 /// (candidates, enabled candidates) comes back even when nothing is leased.
 ///
@@ -569,15 +570,43 @@ fn claim_statement(first_attempts: bool, walk: Walk) -> String {
                      SELECT ($11 + COALESCE(SUM(n), 0))::bigint AS n FROM live
                  ),
                  walked AS (
-                     SELECT d.msg_id, d.endpoint_id, d.app_id, d.lease_token, d.leased_until
+                     SELECT d.msg_id, d.endpoint_id, d.app_id, d.next_attempt_at,
+                            d.lease_token, d.leased_until
                      FROM deliveries d
                      WHERE d.status IN (1, 3) AND d.next_attempt_at <= $1 AND {lane}
                      ORDER BY d.next_attempt_at
                      LIMIT (SELECT n FROM walk_cap)
                  ),
+                 -- The walked rows a greedy walk in due order would take: claimable, and
+                 -- within their endpoint's room, then their app's. Only these are locked:
+                 -- locking every claimable row walked cost more than leasing the ones kept
+                 -- when one endpoint's backlog filled the walk (PERFORMANCE.md).
+                 endpoint_turns AS (
+                     SELECT w.msg_id, w.endpoint_id, w.app_id, w.next_attempt_at,
+                            row_number() OVER (PARTITION BY w.endpoint_id
+                                               ORDER BY w.next_attempt_at, w.msg_id) AS n
+                     FROM walked w
+                     WHERE w.lease_token IS NULL OR w.leased_until <= $1
+                 ),
+                 app_turns AS (
+                     SELECT t.msg_id, t.endpoint_id, t.app_id, t.next_attempt_at,
+                            row_number() OVER (PARTITION BY t.app_id
+                                               ORDER BY t.next_attempt_at, t.msg_id) AS n
+                     FROM endpoint_turns t
+                     LEFT JOIN endpoint_held h ON h.id = t.endpoint_id
+                     WHERE t.n <= $5::bigint - COALESCE(h.held, 0)
+                 ),
+                 in_room AS (
+                     SELECT t.msg_id, t.endpoint_id, t.app_id, t.next_attempt_at
+                     FROM app_turns t
+                     LEFT JOIN app_held h ON h.id = t.app_id
+                     WHERE t.n <= $8::bigint - COALESCE(h.held, 0)
+                     ORDER BY t.next_attempt_at, t.msg_id
+                     LIMIT $2
+                 ),
                  cand AS (
                      SELECT d.msg_id, d.endpoint_id, d.app_id, d.next_attempt_at, e.disabled
-                     FROM walked w
+                     FROM in_room w
                      -- Each row the walk found claimable, locked by its primary key, and its
                      -- current values checked after the lock. The `LIMIT 1` (a key names one
                      -- row anyway) keeps the planner from pushing those checks into the lookup,
@@ -592,10 +621,7 @@ fn claim_statement(first_attempts: bool, walk: Walk) -> String {
                          FOR UPDATE OF d SKIP LOCKED
                      ) d
                      JOIN endpoints e ON e.id = d.endpoint_id
-                     WHERE (w.lease_token IS NULL OR w.leased_until <= $1)
-                       AND w.endpoint_id <> ALL(ARRAY(SELECT id FROM endpoint_held WHERE held >= $5))
-                       AND w.app_id <> ALL(ARRAY(SELECT id FROM app_held WHERE held >= $8))
-                       AND d.status IN (1, 3) AND d.next_attempt_at <= $1 AND {lane}
+                     WHERE d.status IN (1, 3) AND d.next_attempt_at <= $1 AND {lane}
                        AND (d.lease_token IS NULL OR d.leased_until <= $1)
                      LIMIT $2
                  ),"
@@ -636,10 +662,10 @@ fn claim_statement(first_attempts: bool, walk: Walk) -> String {
                            AND (d.endpoint_id, d.next_attempt_at) <= (p.id, $1)
                            AND d.status IN (1, 3) AND {lane}
                            AND (d.lease_token IS NULL OR d.leased_until <= $1)
-                         -- Due order for one endpoint, and a constant limit: the index read
-                         -- stops early. `by_endpoint` keeps only the endpoint's room.
+                         -- Due order for one endpoint, as many as it has room for: the index
+                         -- read stops early, and no row beyond its room is locked.
                          ORDER BY d.endpoint_id, d.next_attempt_at
-                         LIMIT $2
+                         LIMIT LEAST($2, $5::bigint - COALESCE(h.held, 0))
                          FOR UPDATE OF d SKIP LOCKED
                      ) d
                      -- An endpoint's app is its deliveries' app: full apps are left out
