@@ -675,52 +675,61 @@ pub async fn a_claim_finds_work_behind_a_full_endpoints_long_backlog(store: &dyn
             .await
             .expect("busy message");
     }
-    let mut behind = message(&app.id, None);
-    behind.created_at = start + chrono::Duration::seconds(1);
-    store
-        .create_message(behind.clone(), vec![quiet.id.clone()])
-        .await
-        .expect("quiet message");
+    // A message for quiet, created `seconds` after the first of busy's backlog.
+    let quiet_message = |seconds: i64| {
+        let mut msg = message(&app.id, None);
+        msg.created_at = start + chrono::Duration::seconds(seconds);
+        let quiet_id = quiet.id.clone();
+        async move {
+            store
+                .create_message(msg.clone(), vec![quiet_id])
+                .await
+                .expect("quiet message");
+            msg.id
+        }
+    };
     let now = Utc::now() + chrono::Duration::seconds(1);
-
-    let jobs = store
-        .claim_due(&claim(
+    // What a claim of up to 4 takes, with busy holding `busy_held` against a limit of 8.
+    let claim_with_busy_holding = |busy_held: u32| {
+        let request = claim(
             now,
             4,
-            HashMap::from([(busy.id.clone(), 8)]),
+            HashMap::from([(busy.id.clone(), busy_held)]),
             8,
             HashMap::new(),
             1000,
-        ))
-        .await
-        .expect("claim");
-    let ids: Vec<&MessageId> = jobs.iter().map(|job| &job.msg_id).collect();
-    assert_eq!(ids, [&behind.id], "busy is full: only quiet's delivery");
+        );
+        async move {
+            let jobs = store.claim_due(&request).await.expect("claim");
+            let mut ids: Vec<MessageId> = jobs.into_iter().map(|job| job.msg_id).collect();
+            ids.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
+            ids
+        }
+    };
 
-    let mut later = message(&app.id, None);
-    later.created_at = start + chrono::Duration::seconds(2);
-    store
-        .create_message(later.clone(), vec![quiet.id.clone()])
-        .await
-        .expect("another quiet message");
-    let jobs = store
-        .claim_due(&claim(
-            now,
-            4,
-            HashMap::from([(busy.id.clone(), 6)]),
-            8,
-            HashMap::new(),
-            1000,
-        ))
-        .await
-        .expect("claim");
-    let mut ids: Vec<&MessageId> = jobs.iter().map(|job| &job.msg_id).collect();
-    ids.sort_unstable_by_key(|id| id.as_str());
-    let mut expected = vec![&first_busy[0], &first_busy[1], &later.id];
-    expected.sort_unstable_by_key(|id| id.as_str());
+    let behind = quiet_message(1).await;
     assert_eq!(
-        ids, expected,
+        claim_with_busy_holding(8).await,
+        [behind],
+        "busy is full: only quiet's delivery"
+    );
+
+    let later = quiet_message(2).await;
+    let mut expected = vec![first_busy[0].clone(), first_busy[1].clone(), later];
+    expected.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
+    assert_eq!(
+        claim_with_busy_holding(6).await,
+        expected,
         "busy's two earliest, then quiet's, past busy's backlog"
+    );
+
+    // A caller may hold more than the limit (its leases ran out mid-attempt): busy has no
+    // room at all, which must not keep the claim from quiet's delivery.
+    let third = quiet_message(3).await;
+    assert_eq!(
+        claim_with_busy_holding(12).await,
+        [third],
+        "busy is over its limit: only quiet's delivery"
     );
 }
 

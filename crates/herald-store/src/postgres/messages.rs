@@ -663,9 +663,11 @@ fn claim_statement(first_attempts: bool, walk: Walk) -> String {
                            AND d.status IN (1, 3) AND {lane}
                            AND (d.lease_token IS NULL OR d.leased_until <= $1)
                          -- Due order for one endpoint, as many as it has room for: the index
-                         -- read stops early, and no row beyond its room is locked.
+                         -- read stops early, and no row beyond its room is locked. (Never
+                         -- negative: a full endpoint is filtered out below, but the planner
+                         -- decides whether before or after this runs.)
                          ORDER BY d.endpoint_id, d.next_attempt_at
-                         LIMIT LEAST($2, $5::bigint - COALESCE(h.held, 0))
+                         LIMIT GREATEST(0, LEAST($2, $5::bigint - COALESCE(h.held, 0)))
                          FOR UPDATE OF d SKIP LOCKED
                      ) d
                      -- An endpoint's app is its deliveries' app: full apps are left out
