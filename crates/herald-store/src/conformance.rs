@@ -51,6 +51,7 @@ checks!(
     endpoints_resolve_within_their_app,
     a_repeated_event_id_conflicts_once,
     a_claim_leaves_out_apps_at_their_share_and_looks_past_their_backlog,
+    a_disabled_endpoints_deliveries_take_none_of_their_apps_share,
     a_claim_leaves_out_endpoints_at_their_limit,
     a_claim_finds_work_behind_a_full_endpoints_long_backlog,
     a_recorded_attempt_is_logged_and_settles_the_delivery,
@@ -601,6 +602,44 @@ pub async fn a_claim_leaves_out_apps_at_their_share_and_looks_past_their_backlog
         jobs.is_empty(),
         "B's row is leased, A is full: {}",
         jobs.len()
+    );
+}
+
+/// A disabled endpoint's due deliveries are failed, not leased, so they take none of their
+/// app's share: an enabled endpoint of the same app, due later, still gets it.
+pub async fn a_disabled_endpoints_deliveries_take_none_of_their_apps_share(store: &dyn Store) {
+    let app = stored_app(store, "A").await;
+    let mut disabled = endpoint(&app.id);
+    disabled.disabled = true;
+    let enabled = endpoint(&app.id);
+    store.create_endpoint(&disabled).await.expect("disabled");
+    store.create_endpoint(&enabled).await.expect("enabled");
+    let start = Utc::now() - chrono::Duration::seconds(10);
+    let create = async |seconds: i64, target: &Endpoint| {
+        let mut msg = message(&app.id, None);
+        msg.created_at = start + chrono::Duration::seconds(seconds);
+        store
+            .create_message(msg.clone(), vec![target.id.clone()])
+            .await
+            .expect("message");
+        msg.id
+    };
+    for seconds in 0..5 {
+        create(seconds, &disabled).await;
+    }
+    let mut expected = vec![create(6, &enabled).await, create(7, &enabled).await];
+    expected.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
+
+    let now = Utc::now() + chrono::Duration::seconds(1);
+    let jobs = store
+        .claim_due(&claim(now, 4, HashMap::new(), 100, HashMap::new(), 2))
+        .await
+        .expect("claim");
+    let mut ids: Vec<MessageId> = jobs.into_iter().map(|job| job.msg_id).collect();
+    ids.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
+    assert_eq!(
+        ids, expected,
+        "the app's share of 2 goes to the enabled endpoint's two deliveries"
     );
 }
 

@@ -403,9 +403,9 @@ impl MessageStore for PostgresStore {
                 walk = Walk::ByEndpoint;
                 continue;
             }
-            // Look again only if rows of endpoints or apps that filled up took candidate places
-            // that others' rows, further down the queue, could have had. The next pass leaves
-            // the full ones out in the query.
+            // Look again only if candidates were locked and not leased (in a walk by endpoint,
+            // rows of apps that filled up), which others' rows, further down the queue, could
+            // have been. The next pass leaves the full ones out in the query.
             let crowded_out = enabled > claimed;
             if !crowded_out || short {
                 break;
@@ -475,9 +475,11 @@ impl MessageStore for PostgresStore {
     }
 }
 
-/// Queries one claim may make: a pass whose candidates were crowded out by endpoints or apps
-/// that filled up is followed by one that leaves those out (as the SQLite store does), and a
-/// walk in time order that ended before finding enough by one endpoint by endpoint.
+/// Queries one claim may make: a walk in time order that ended before finding enough is
+/// followed by one endpoint by endpoint, and a pass whose candidates were crowded out (an app
+/// whose endpoints' rows, each within its endpoint's room, overfill the app's; a row whose
+/// endpoint secret does not open) by one that leaves the full ones out, as the SQLite store
+/// does.
 const CLAIM_PASSES: usize = 3;
 
 /// How a claim pass finds its candidates.
@@ -541,10 +543,12 @@ impl Held {
 /// room (`limit - held`), found by the pass's [`Walk`]: in due order for at most `$11` rows
 /// beyond those in flight (`walked`, of which `in_room` keeps what fits each endpoint's room,
 /// then each app's), or endpoint by endpoint (`endpoints_due`, a skip scan, then each
-/// endpoint's earliest due rows, up to its room); of these, `by_endpoint` keeps each
-/// endpoint's first `limit - held` rows (disabled endpoints' rows go to `refused`), `by_app`
-/// each app's first `limit - held` of those, and `chosen` the earliest `$9` overall — the
-/// rows a greedy walk in due order would take, since an endpoint belongs to one app. `leased` gives each a fresh token;
+/// endpoint's earliest due rows, up to its room). Disabled endpoints' rows take no room: they
+/// go to `refused`. Of the rest, `by_endpoint` keeps each endpoint's first `limit - held` rows
+/// and `by_app` each app's first `limit - held` of those (the walk in due order has applied
+/// both already; the walk by endpoint, only the endpoint's), and `chosen` the earliest `$9`
+/// overall — the rows a greedy walk in due order would take, since an endpoint belongs to one
+/// app. `leased` gives each a fresh token;
 /// `refused` fails disabled endpoints' rows as the SQLite store does. The summary row
 /// (candidates, enabled candidates) comes back even when nothing is leased.
 ///
@@ -580,34 +584,38 @@ fn claim_statement(first_attempts: bool, walk: Walk) -> String {
                  -- The walked rows a greedy walk in due order would take: claimable, and
                  -- within their endpoint's room, then their app's. Only these are locked:
                  -- locking every claimable row walked cost more than leasing the ones kept
-                 -- when one endpoint's backlog filled the walk (PERFORMANCE.md).
+                 -- when one endpoint's backlog filled the walk (PERFORMANCE.md). A disabled
+                 -- endpoint's rows are failed (`refused`), not leased, so they take no room.
                  endpoint_turns AS (
-                     SELECT w.msg_id, w.endpoint_id, w.app_id, w.next_attempt_at,
+                     SELECT w.msg_id, w.endpoint_id, w.app_id, w.next_attempt_at, e.disabled,
                             row_number() OVER (PARTITION BY w.endpoint_id
                                                ORDER BY w.next_attempt_at, w.msg_id) AS n
                      FROM walked w
+                     JOIN endpoints e ON e.id = w.endpoint_id
                      WHERE w.lease_token IS NULL OR w.leased_until <= $1
                  ),
                  app_turns AS (
-                     SELECT t.msg_id, t.endpoint_id, t.app_id, t.next_attempt_at,
-                            row_number() OVER (PARTITION BY t.app_id
+                     SELECT t.msg_id, t.endpoint_id, t.app_id, t.next_attempt_at, t.disabled,
+                            row_number() OVER (PARTITION BY t.app_id, t.disabled
                                                ORDER BY t.next_attempt_at, t.msg_id) AS n
                      FROM endpoint_turns t
                      LEFT JOIN endpoint_held h ON h.id = t.endpoint_id
-                     WHERE t.n <= $5::bigint - COALESCE(h.held, 0)
+                     WHERE t.disabled OR t.n <= $5::bigint - COALESCE(h.held, 0)
                  ),
                  in_room AS (
                      SELECT t.msg_id, t.endpoint_id, t.app_id, t.next_attempt_at
                      FROM app_turns t
                      LEFT JOIN app_held h ON h.id = t.app_id
-                     WHERE t.n <= $8::bigint - COALESCE(h.held, 0)
+                     WHERE t.disabled OR t.n <= $8::bigint - COALESCE(h.held, 0)
                      ORDER BY t.next_attempt_at, t.msg_id
                      LIMIT $2
                  ),
                  cand AS (
                      SELECT d.msg_id, d.endpoint_id, d.app_id, d.next_attempt_at, e.disabled
                      FROM in_room w
-                     -- Each row the walk found claimable, locked by its primary key, and its
+                     -- Each row kept for its room (a row another transaction holds is passed
+                     -- over, and its endpoint takes it at a later claim), locked by its
+                     -- primary key, and its
                      -- current values checked after the lock. The `LIMIT 1` (a key names one
                      -- row anyway) keeps the planner from pushing those checks into the lookup,
                      -- where they made a partial index of the lane look cheaper than the key and
@@ -662,12 +670,15 @@ fn claim_statement(first_attempts: bool, walk: Walk) -> String {
                            AND (d.endpoint_id, d.next_attempt_at) <= (p.id, $1)
                            AND d.status IN (1, 3) AND {lane}
                            AND (d.lease_token IS NULL OR d.leased_until <= $1)
-                         -- Due order for one endpoint, as many as it has room for: the index
-                         -- read stops early, and no row beyond its room is locked. (Never
+                         -- Due order for one endpoint, as many as it has room for (a disabled
+                         -- one's are failed, not leased: up to the pass's candidates): the
+                         -- index read stops early, and no row beyond its room is locked. (Never
                          -- negative: a full endpoint is filtered out below, but the planner
                          -- decides whether before or after this runs.)
                          ORDER BY d.endpoint_id, d.next_attempt_at
-                         LIMIT GREATEST(0, LEAST($2, $5::bigint - COALESCE(h.held, 0)))
+                         LIMIT CASE WHEN e.disabled THEN $2
+                                    ELSE GREATEST(0, LEAST($2, $5::bigint - COALESCE(h.held, 0)))
+                               END
                          FOR UPDATE OF d SKIP LOCKED
                      ) d
                      -- An endpoint's app is its deliveries' app: full apps are left out
