@@ -548,9 +548,9 @@ impl Held {
 /// and `by_app` each app's first `limit - held` of those (the walk in due order has applied
 /// both already; the walk by endpoint, only the endpoint's), and `chosen` the earliest `$9`
 /// overall — the rows a greedy walk in due order would take, since an endpoint belongs to one
-/// app. `leased` gives each a fresh token;
-/// `refused` fails disabled endpoints' rows as the SQLite store does. The summary row
-/// (candidates, enabled candidates) comes back even when nothing is leased.
+/// app. `leased` gives each a fresh token; `refused` fails disabled endpoints' rows as the
+/// SQLite store does. The summary row (candidates, enabled candidates) comes back even when
+/// nothing is leased.
 ///
 /// Parameters: $1 now, $2 candidates to fetch, $3/$4 endpoint ids and the caller's counts, $5
 /// per-endpoint limit, $6/$7 app ids and the caller's counts, $8 per-app limit, $9 rows
@@ -603,7 +603,7 @@ fn claim_statement(first_attempts: bool, walk: Walk) -> String {
                      WHERE t.disabled OR t.n <= $5::bigint - COALESCE(h.held, 0)
                  ),
                  in_room AS (
-                     SELECT t.msg_id, t.endpoint_id, t.app_id, t.next_attempt_at
+                     SELECT t.msg_id, t.endpoint_id, t.app_id, t.next_attempt_at, t.disabled
                      FROM app_turns t
                      LEFT JOIN app_held h ON h.id = t.app_id
                      WHERE t.disabled OR t.n <= $8::bigint - COALESCE(h.held, 0)
@@ -611,15 +611,16 @@ fn claim_statement(first_attempts: bool, walk: Walk) -> String {
                      LIMIT $2
                  ),
                  cand AS (
-                     SELECT d.msg_id, d.endpoint_id, d.app_id, d.next_attempt_at, e.disabled
+                     SELECT d.msg_id, d.endpoint_id, d.app_id, d.next_attempt_at, w.disabled
                      FROM in_room w
                      -- Each row kept for its room (a row another transaction holds is passed
                      -- over, and its endpoint takes it at a later claim), locked by its
-                     -- primary key, and its
-                     -- current values checked after the lock. The `LIMIT 1` (a key names one
-                     -- row anyway) keeps the planner from pushing those checks into the lookup,
-                     -- where they made a partial index of the lane look cheaper than the key and
-                     -- each lookup scanned the endpoint's whole backlog.
+                     -- primary key, and its current values checked after the lock (its
+                     -- endpoint's `disabled` is the one `endpoint_turns` read, in this
+                     -- statement's snapshot). The `LIMIT 1` (a key names one row anyway) keeps
+                     -- the planner from pushing those checks into the lookup, where they made a
+                     -- partial index of the lane look cheaper than the key and each lookup
+                     -- scanned the endpoint's whole backlog.
                      CROSS JOIN LATERAL (
                          SELECT d.msg_id, d.endpoint_id, d.app_id, d.next_attempt_at, d.status,
                                 d.attempts, d.trigger_type, d.lease_token, d.leased_until
@@ -628,7 +629,6 @@ fn claim_statement(first_attempts: bool, walk: Walk) -> String {
                          LIMIT 1
                          FOR UPDATE OF d SKIP LOCKED
                      ) d
-                     JOIN endpoints e ON e.id = d.endpoint_id
                      WHERE d.status IN (1, 3) AND d.next_attempt_at <= $1 AND {lane}
                        AND (d.lease_token IS NULL OR d.leased_until <= $1)
                      LIMIT $2
