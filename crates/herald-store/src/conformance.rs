@@ -60,6 +60,7 @@ checks!(
     a_record_under_a_lapsed_lease_is_logged_but_leaves_the_newer_claims_state,
     a_resend_during_an_attempt_fences_the_attempts_record,
     a_recovered_delivery_is_claimed_under_a_new_lease_whose_record_applies,
+    an_endpoints_stats_and_delivery_lists_count_each_status,
     an_endpoint_update_read_before_the_workers_disable_conflicts,
     history_appends_advance_the_position_and_trim_to_the_retention,
     a_conflicting_publication_commits_no_history,
@@ -1152,7 +1153,6 @@ async fn one_claimed_delivery(store: &dyn Store) -> ClaimedDelivery {
 
 /// The record of `job`'s attempt made at `at` under `lease`, its endpoint unchanged:
 /// delivered (200), or failed (500) for any other next step, as `attempt_record`.
-#[cfg(test)]
 pub(crate) fn job_record(
     job: &crate::DeliveryJob,
     lease: LeaseToken,
@@ -1458,6 +1458,118 @@ pub async fn a_recovered_delivery_is_claimed_under_a_new_lease_whose_record_appl
         DeliveryStatus::Success
     );
     assert_eq!(logged_attempts(store, &msg).await.len(), 3);
+}
+
+/// An endpoint's statistics count each of its deliveries once, by status (one under a live
+/// lease is sending), and its deliveries list by status; another endpoint's deliveries count
+/// for neither. Successes are kept out of SQLite's status index (migration 0015) and counted as
+/// the endpoint's total less the rest, so every status is checked beside the others.
+pub async fn an_endpoints_stats_and_delivery_lists_count_each_status(store: &dyn Store) {
+    use herald_core::model::EndpointStats;
+
+    let app = stored_app(store, "A").await;
+    let ep = endpoint(&app.id);
+    store.create_endpoint(&ep).await.expect("endpoint");
+    for _ in 0..4 {
+        store
+            .create_message(message(&app.id, None), vec![ep.id.clone()])
+            .await
+            .expect("message");
+    }
+    let now = Utc::now() + chrono::Duration::seconds(1);
+    let jobs = store
+        .claim_due(&claim(now, 3, HashMap::new(), 10, HashMap::new(), 100))
+        .await
+        .expect("claim");
+    assert_eq!(jobs.len(), 3);
+    for (job, next) in jobs.iter().zip([NextStep::Delivered, NextStep::Failed]) {
+        let recorded = store
+            .record_attempt(job_record(job, job.lease, now, next))
+            .await
+            .expect("record");
+        assert_eq!(recorded, Recorded::Applied);
+    }
+    // Made after the claim, so none of the claimed deliveries is its.
+    let other = endpoint(&app.id);
+    store.create_endpoint(&other).await.expect("other endpoint");
+    store
+        .create_message(message(&app.id, None), vec![other.id.clone()])
+        .await
+        .expect("other's message");
+
+    let stats = store.endpoint_stats(&ep.id).await.expect("stats");
+    let expected = EndpointStats {
+        success: 1,
+        pending: 1,
+        sending: 1,
+        fail: 1,
+    };
+    assert_eq!(stats, expected);
+    let others = store
+        .endpoint_stats(&other.id)
+        .await
+        .expect("other's stats");
+    assert_eq!(
+        others,
+        EndpointStats {
+            pending: 1,
+            ..EndpointStats::default()
+        }
+    );
+
+    let listed = |status: Option<DeliveryStatus>| {
+        let query = crate::DeliveryQuery {
+            status,
+            ..Default::default()
+        };
+        let (app_id, ep_id) = (app.id.clone(), ep.id.clone());
+        async move {
+            let mut ids: Vec<String> = store
+                .list_endpoint_deliveries(&app_id, &ep_id, &query, &first_page(true))
+                .await
+                .expect("list")
+                .into_iter()
+                .map(|(message, state)| {
+                    if let Some(status) = status {
+                        assert_eq!(state.status, status, "{}", message.id.as_str());
+                    }
+                    message.id.into_string()
+                })
+                .collect();
+            ids.sort();
+            ids
+        }
+    };
+    let id = |job: &crate::DeliveryJob| vec![job.msg_id.as_str().to_owned()];
+    assert_eq!(listed(Some(DeliveryStatus::Success)).await, id(&jobs[0]));
+    assert_eq!(listed(Some(DeliveryStatus::Fail)).await, id(&jobs[1]));
+    assert_eq!(listed(Some(DeliveryStatus::Sending)).await, id(&jobs[2]));
+    let pending = listed(Some(DeliveryStatus::Pending)).await;
+    assert_eq!(pending.len(), 1);
+    assert!(!jobs.iter().any(|job| job.msg_id.as_str() == pending[0]));
+    assert_eq!(listed(None).await.len(), 4);
+
+    // Recovering the failed delivery moves it from fail to pending in both.
+    let recovered = store
+        .enqueue_failed(
+            &ep.id,
+            now - chrono::Duration::minutes(1),
+            now + chrono::Duration::minutes(1),
+            now,
+        )
+        .await
+        .expect("recover");
+    assert_eq!(recovered, 1);
+    let stats = store.endpoint_stats(&ep.id).await.expect("stats");
+    assert_eq!(
+        stats,
+        EndpointStats {
+            pending: 2,
+            fail: 0,
+            ..expected
+        }
+    );
+    assert!(listed(Some(DeliveryStatus::Fail)).await.is_empty());
 }
 
 /// An endpoint update is a compare-and-set on the `updated_at` it was read with: one prepared

@@ -477,6 +477,37 @@ pub(crate) const DELETE_CHANNEL_HISTORY: &str =
     "DELETE FROM channel_history WHERE app_id = $1 AND channel = $2";
 
 /// A u64 offset as BIGINT, saturating (offsets never come near `i64::MAX`).
+/// An endpoint's statistics from the rows of its counting statement: its deliveries that have
+/// not succeeded, by status (`Some`; a pending one under a live lease given as `Sending`), and
+/// all of them (`None`). Successes are the rest: they are not indexed by status (SQLite's
+/// migration 0015, PostgreSQL's 0010).
+pub(crate) fn endpoint_stats(
+    counts: impl IntoIterator<Item = (Option<herald_core::model::DeliveryStatus>, i64)>,
+) -> crate::Result<herald_core::model::EndpointStats> {
+    use herald_core::model::{DeliveryStatus, EndpointStats};
+    let mut stats = EndpointStats::default();
+    let (mut total, mut unsettled) = (0, 0);
+    for (status, n) in counts {
+        let Some(status) = status else {
+            total += n;
+            continue;
+        };
+        unsettled += n;
+        match status {
+            DeliveryStatus::Success => {
+                return Err(crate::StoreError::Corrupt(
+                    "a success counted among the unsettled deliveries".into(),
+                ));
+            }
+            DeliveryStatus::Pending => stats.pending += n,
+            DeliveryStatus::Fail => stats.fail += n,
+            DeliveryStatus::Sending => stats.sending += n,
+        }
+    }
+    stats.success = total - unsettled;
+    Ok(stats)
+}
+
 pub(crate) fn bigint(offset: u64) -> i64 {
     i64::try_from(offset).unwrap_or(i64::MAX)
 }

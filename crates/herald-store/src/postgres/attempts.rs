@@ -11,7 +11,8 @@
 //!   and the lease columns. A delivery is in flight (reads as `Sending`) if its status is 3 or
 //!   it is pending under a live lease (`lease_token IS NOT NULL AND leased_until > now`), as
 //!   the SQLite store reads its in-memory leases. Indexes deliveries_endpoint_msg
-//!   (endpoint_id, msg_id).
+//!   (endpoint_id, msg_id) and deliveries_endpoint_unsettled (endpoint_id, status, msg_id)
+//!   `WHERE status <> 0`.
 //! - `messages` (joined for list_endpoint_deliveries) and `endpoints` (joined for
 //!   list_message_deliveries).
 
@@ -92,6 +93,11 @@ impl AttemptStore for PostgresStore {
             q.push_bind(millis(after));
         }
         if let Some(status) = query.status {
+            if status != DeliveryStatus::Success {
+                // Written out so the planner may walk deliveries_endpoint_unsettled (endpoint,
+                // status, message), which leaves out successes.
+                q.push(" AND d.status <> 0");
+            }
             match status {
                 DeliveryStatus::Pending => {
                     q.push(" AND d.status = 1 AND NOT ");
@@ -102,9 +108,11 @@ impl AttemptStore for PostgresStore {
                     leased(&mut q, now);
                     q.push("))");
                 }
-                DeliveryStatus::Success | DeliveryStatus::Fail => {
-                    q.push(" AND d.status = ");
-                    q.push_bind(status as i32);
+                DeliveryStatus::Success => {
+                    q.push(" AND d.status = 0");
+                }
+                DeliveryStatus::Fail => {
+                    q.push(" AND d.status = 2");
                 }
             }
         }

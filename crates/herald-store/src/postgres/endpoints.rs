@@ -11,8 +11,9 @@
 //!   `rows::endpoint(row, prefix)` reads them; `sql::insert_endpoint!` and
 //!   `sql::update_endpoint!` (shared with SQLite) write them.
 //! - `deliveries` (for `endpoint_stats`): endpoint_id, status INTEGER (0 success, 1 pending,
-//!   2 fail, 3 sending) and the lease columns; index deliveries_endpoint (endpoint_id, status,
-//!   updated_at).
+//!   2 fail, 3 sending) and the lease columns; indexes deliveries_endpoint_unsettled
+//!   (endpoint_id, status, msg_id) `WHERE status <> 0` (migration 0010) and
+//!   deliveries_endpoint_msg (endpoint_id, msg_id).
 //!
 //! `update_endpoint` is a compare-and-set on `updated_at`, which every write moves (the
 //! worker's disable too, in `messages.rs`: `GREATEST(updated_at + 1, now)`), so an update
@@ -120,28 +121,35 @@ impl EndpointStore for PostgresStore {
     }
 
     async fn endpoint_stats(&self, endpoint_id: &EndpointId) -> Result<EndpointStats> {
-        // A pending delivery under a live lease is in flight: it counts as sending.
+        // A pending delivery under a live lease is in flight: it counts as sending. Successes
+        // are not indexed by status (migration 0010): they are the endpoint's deliveries (the
+        // row with no status) less the others, counted in one statement so both read one
+        // snapshot. `status <> 0` is written out so the planner can use the partial index.
         let counts = sqlx::query(
             "SELECT status, (lease_token IS NOT NULL AND leased_until > $2) AS leased,
                     COUNT(*) AS n
-             FROM deliveries WHERE endpoint_id = $1 GROUP BY 1, 2",
+             FROM deliveries WHERE endpoint_id = $1 AND status <> 0 GROUP BY 1, 2
+             UNION ALL
+             SELECT NULL, FALSE, COUNT(*) FROM deliveries WHERE endpoint_id = $1",
         )
         .bind(endpoint_id.as_str())
         .bind(millis(Utc::now()))
         .fetch_all(&self.pool)
         .await?;
-        let mut stats = EndpointStats::default();
-        for row in counts {
-            let n: i64 = row.try_get("n")?;
-            let leased: bool = row.try_get("leased")?;
-            match rows::status(row.try_get("status")?)? {
-                DeliveryStatus::Success => stats.success += n,
-                DeliveryStatus::Pending if leased => stats.sending += n,
-                DeliveryStatus::Pending => stats.pending += n,
-                DeliveryStatus::Fail => stats.fail += n,
-                DeliveryStatus::Sending => stats.sending += n,
-            }
-        }
+        let counts = counts
+            .iter()
+            .map(|row| {
+                let code: Option<i32> = row.try_get("status")?;
+                let status = match code.map(rows::status).transpose()? {
+                    Some(DeliveryStatus::Pending) if row.try_get::<bool, _>("leased")? => {
+                        Some(DeliveryStatus::Sending)
+                    }
+                    status => status,
+                };
+                Ok((status, row.try_get("n")?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let stats = sql::endpoint_stats(counts)?;
         Ok(stats)
     }
 }

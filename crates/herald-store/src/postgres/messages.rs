@@ -292,7 +292,8 @@ impl MessageStore for PostgresStore {
         let done = sqlx::query(
             "UPDATE deliveries SET status = $1, trigger_type = $2, next_attempt_at = $3,
                                    updated_at = $3, lease_token = NULL, leased_until = NULL
-             WHERE endpoint_id = $4 AND status = $5 AND msg_id >= $6 AND msg_id < $7",
+             WHERE endpoint_id = $4 AND status <> 0 AND status = $5
+               AND msg_id >= $6 AND msg_id < $7",
         )
         .bind(DeliveryStatus::Pending as i32)
         .bind(TriggerType::Manual as i32)

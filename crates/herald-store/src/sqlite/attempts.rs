@@ -83,6 +83,12 @@ impl AttemptStore for SqliteStore {
                 q.push_bind(leased.clone());
                 q.push("))");
             };
+            if status != DeliveryStatus::Success {
+                // Written out so SQLite may walk deliveries_endpoint_unsettled (endpoint,
+                // status, message), which leaves out successes, instead of every delivery
+                // the endpoint ever had.
+                q.push(" AND d.status <> 0");
+            }
             match status {
                 DeliveryStatus::Pending => {
                     q.push(" AND d.status = 1 AND NOT ");
@@ -93,13 +99,17 @@ impl AttemptStore for SqliteStore {
                     leased_rows(&mut q);
                     q.push("))");
                 }
-                DeliveryStatus::Success | DeliveryStatus::Fail => {
-                    q.push(" AND d.status = ");
-                    q.push_bind(status as i64);
+                DeliveryStatus::Success => {
+                    q.push(" AND d.status = 0");
+                }
+                DeliveryStatus::Fail => {
+                    q.push(" AND d.status = 2");
                 }
             }
         }
-        paginate(&mut q, "m.id", page);
+        // Ordered by the delivery's column, not the message's equal one: SQLite then walks the
+        // endpoint's index in order instead of sorting all its deliveries for every page.
+        paginate(&mut q, "d.msg_id", page);
         q.build()
             .fetch_all(&self.reader)
             .await?

@@ -5,7 +5,7 @@ use herald_core::{AppId, EndpointId};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use herald_core::model::{DeliveryStatus, Endpoint, EndpointStats};
+use herald_core::model::{Endpoint, EndpointStats};
 use sqlx::{QueryBuilder, Row};
 
 use super::{
@@ -107,25 +107,31 @@ impl EndpointStore for SqliteStore {
     }
 
     async fn endpoint_stats(&self, endpoint_id: &EndpointId) -> Result<EndpointStats> {
+        // Successes are not indexed by status (migration 0015): they are the endpoint's
+        // deliveries (`total`, from deliveries_endpoint_msg) less the others, counted in the
+        // same statement so both read one snapshot. `status <> 0` is written out so SQLite
+        // can use the partial index deliveries_endpoint_unsettled.
         let counts = sqlx::query(
-            "SELECT status, COUNT(*) AS n FROM deliveries WHERE endpoint_id = $1 GROUP BY status",
+            "SELECT status, COUNT(*) AS n FROM deliveries
+             WHERE endpoint_id = $1 AND status <> 0 GROUP BY status
+             UNION ALL
+             SELECT NULL, COUNT(*) FROM deliveries WHERE endpoint_id = $1",
         )
         .bind(endpoint_id.as_str())
         .fetch_all(&self.reader)
         .await?;
-        let mut stats = EndpointStats::default();
+        let counts = counts
+            .iter()
+            .map(|row| {
+                let code: Option<i64> = row.try_get("status")?;
+                Ok((code.map(rows::status).transpose()?, row.try_get("n")?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut stats = sql::endpoint_stats(counts)?;
         // In-flight deliveries are pending in the table; their leases live in memory.
         let sending = self.leases.count_for(endpoint_id);
-        stats.sending = sending;
-        for row in counts {
-            let n: i64 = row.try_get("n")?;
-            match rows::status(row.try_get("status")?)? {
-                DeliveryStatus::Success => stats.success = n,
-                DeliveryStatus::Pending => stats.pending = (n - sending).max(0),
-                DeliveryStatus::Fail => stats.fail = n,
-                DeliveryStatus::Sending => stats.sending += n,
-            }
-        }
+        stats.pending = (stats.pending - sending).max(0);
+        stats.sending += sending;
         Ok(stats)
     }
 }

@@ -145,11 +145,13 @@ impl MessageStore for SqliteStore {
     ) -> Result<u64> {
         // Held until the leases are revoked: see `take_back`.
         let mut writer = self.writer.acquire().await?;
-        // Message ids sort by creation time, so a time window is an id range.
+        // Message ids sort by creation time, so a time window is an id range: a seek in
+        // deliveries_endpoint_unsettled, which `status <> 0` lets SQLite use.
         let requeued = sqlx::query(
             "UPDATE deliveries SET status = $1, trigger_type = $2, next_attempt_at = $3,
                                    updated_at = $3
-             WHERE endpoint_id = $4 AND status = $5 AND msg_id >= $6 AND msg_id < $7
+             WHERE endpoint_id = $4 AND status <> 0 AND status = $5
+               AND msg_id >= $6 AND msg_id < $7
              RETURNING msg_id",
         )
         .bind(DeliveryStatus::Pending as i64)
