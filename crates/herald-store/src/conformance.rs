@@ -73,6 +73,7 @@ checks!(
     an_append_returns_the_next_position,
     the_first_append_starts_the_channel_under_the_epoch_it_names,
     a_repeated_delivery_id_is_recorded_once,
+    a_found_source_follows_its_updates_and_deletion,
     history_rules_and_hmac_settings_round_trip,
     socketio_settings_round_trip,
     idempotency_purge_keeps_at_most_the_newest_records,
@@ -2015,6 +2016,50 @@ fn source(app_id: &AppId) -> IngestSource {
         created_at: now,
         updated_at: now,
     }
+}
+
+/// Every webhook posted to a source finds it by id (a store may keep what it found): the next
+/// find after an update sees the update (a rotated secret verifies at once), and none finds it
+/// after its deletion or its app's.
+pub async fn a_found_source_follows_its_updates_and_deletion(store: &dyn Store) {
+    // As stored: times in whole milliseconds.
+    let millis = |mut source: IngestSource| {
+        source.created_at = source.created_at.trunc_subsecs(3);
+        source.updated_at = source.updated_at.trunc_subsecs(3);
+        source
+    };
+    let app = stored_app(store, "A").await;
+    let mut stored = millis(source(&app.id));
+    store.create_source(&stored).await.expect("source");
+    let found = |id: herald_core::SourceId| async move {
+        store.find_source(id.as_str()).await.expect("find")
+    };
+    assert_eq!(found(stored.id.clone()).await.as_ref(), Some(&stored));
+    assert_eq!(
+        found(stored.id.clone()).await.as_ref(),
+        Some(&stored),
+        "found again"
+    );
+
+    stored.secrets = vec!["whsec_rotated".into(), stored.secrets[0].clone()];
+    stored.name = "Stripe, rotated".into();
+    store.update_source(&stored).await.expect("update");
+    assert_eq!(found(stored.id.clone()).await.as_ref(), Some(&stored));
+
+    assert!(
+        store
+            .delete_source(&app.id, &stored.id)
+            .await
+            .expect("delete")
+    );
+    assert_eq!(found(stored.id.clone()).await, None);
+
+    let other_app = stored_app(store, "B").await;
+    let other = millis(source(&other_app.id));
+    store.create_source(&other).await.expect("other source");
+    assert_eq!(found(other.id.clone()).await.as_ref(), Some(&other));
+    assert!(store.delete_app(&other_app.id).await.expect("delete app"));
+    assert_eq!(found(other.id.clone()).await, None, "gone with its app");
 }
 
 fn ingest_event(source: &IngestSource, delivery_id: &str, msg: &Message) -> IngestEvent {

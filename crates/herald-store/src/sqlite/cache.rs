@@ -1,5 +1,5 @@
 //! What every request and new message needs to read (the API token presented, its app, the
-//! app's endpoints), kept in memory.
+//! app's endpoints, the ingest source a webhook is posted to), kept in memory.
 //!
 //! Exact, not eventually consistent: every write that could change an entry goes through this
 //! store and calls [`Cache::invalidate`] once it has committed. A read that raced with such a
@@ -16,7 +16,7 @@ use std::{
     },
 };
 
-use herald_core::model::{App, Endpoint};
+use herald_core::model::{App, Endpoint, IngestSource};
 
 use crate::ApiToken;
 
@@ -37,6 +37,9 @@ struct Entries {
     /// Tokens found, by the digest presented. Only stored tokens get here, so the map is as
     /// large as the token table at most; an unknown digest is looked up every time.
     tokens: HashMap<Vec<u8>, ApiToken>,
+    /// Ingest sources found, by id (their secrets decrypted: a read from the store decrypts
+    /// them too). Only stored sources get here, as with tokens.
+    sources: HashMap<String, IngestSource>,
 }
 
 impl Cache {
@@ -71,6 +74,20 @@ impl Cache {
             return;
         }
         entries.tokens.insert(token_hash.to_vec(), token.clone());
+    }
+
+    pub(crate) fn source(&self, id: &str) -> Option<IngestSource> {
+        self.read().sources.get(id).cloned()
+    }
+
+    pub(crate) fn put_source(&self, generation: u64, source: &IngestSource) {
+        let mut entries = self.write();
+        if self.generation() != generation {
+            return;
+        }
+        entries
+            .sources
+            .insert(source.id.to_string(), source.clone());
     }
 
     pub(crate) fn put_app(&self, generation: u64, app: &App) {
@@ -108,7 +125,7 @@ impl Cache {
             .insert(app_id.clone(), Arc::clone(endpoints));
     }
 
-    /// Forget everything. Writes to apps, endpoints and tokens are rare next to messages, so clearing
+    /// Forget everything. Writes to apps, endpoints, tokens and sources are rare next to messages, so clearing
     /// all is simpler than working out which entries a write touched, and just as fast.
     pub(crate) fn invalidate(&self) {
         let mut entries = self.write();
@@ -117,6 +134,7 @@ impl Cache {
         entries.apps_by_uid.clear();
         entries.endpoints.clear();
         entries.tokens.clear();
+        entries.sources.clear();
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Entries> {

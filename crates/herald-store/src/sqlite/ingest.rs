@@ -36,13 +36,22 @@ impl IngestStore for SqliteStore {
             .transpose()
     }
 
+    /// Every webhook posted to a source reads it: cached (see `super::cache`), as its app is.
     async fn find_source(&self, id: &str) -> Result<Option<IngestSource>> {
-        sqlx::query(sql::FIND_SOURCE)
+        if let Some(source) = self.cache.source(id) {
+            return Ok(Some(source));
+        }
+        let generation = self.cache.generation();
+        let source = sqlx::query(sql::FIND_SOURCE)
             .bind(id)
             .fetch_optional(&self.reader)
             .await?
             .map(|row| rows::ingest_source(&row, &self.keys))
-            .transpose()
+            .transpose()?;
+        if let Some(source) = &source {
+            self.cache.put_source(generation, source);
+        }
+        Ok(source)
     }
 
     async fn list_sources(&self, app_id: &AppId, page: &Page) -> Result<Vec<IngestSource>> {
@@ -62,6 +71,7 @@ impl IngestStore for SqliteStore {
             .execute(&self.writer)
             .await
             .map_err(conflict_as("a source with this uid already exists"))?;
+        self.cache.invalidate();
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound);
         }
@@ -74,6 +84,7 @@ impl IngestStore for SqliteStore {
             .bind(id.as_str())
             .execute(&self.writer)
             .await?;
+        self.cache.invalidate();
         Ok(done.rows_affected() > 0)
     }
 
