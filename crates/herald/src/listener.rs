@@ -182,6 +182,12 @@ pub async fn serve(
             continue;
         };
         metrics.connections_accepted_total.inc();
+        // Every write is already whole (a response, or a WebSocket connection's queued frames
+        // flushed together): Nagle's algorithm would only hold the next one back until the
+        // client acknowledges the last, which its delayed ACK can take a while to do.
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(%peer, error = %e, "could not set TCP_NODELAY");
+        }
         let counted = Counted {
             stream,
             _slot: slot,
