@@ -12,18 +12,34 @@ pub struct EndpointFilter {
 
 impl EndpointFilter {
     pub fn matches(&self, event_type: &str, channels: Option<&[String]>) -> bool {
-        let type_ok = match &self.event_types {
-            Some(types) if !types.is_empty() => types.iter().any(|t| t == event_type),
-            _ => true,
-        };
-        let channel_ok = match &self.channels {
-            Some(wanted) if !wanted.is_empty() => {
-                channels.is_some_and(|have| have.iter().any(|c| wanted.contains(c)))
-            }
-            _ => true,
-        };
-        type_ok && channel_ok
+        lists_match(
+            self.event_types.as_deref(),
+            self.channels.as_deref(),
+            event_type,
+            channels,
+        )
     }
+}
+
+/// [`EndpointFilter::matches`] on borrowed lists: every message is matched against each of its
+/// app's endpoints, which should not copy the endpoints' lists to do it.
+pub fn lists_match(
+    event_types: Option<&[String]>,
+    wanted_channels: Option<&[String]>,
+    event_type: &str,
+    channels: Option<&[String]>,
+) -> bool {
+    let type_ok = match event_types {
+        Some(types) if !types.is_empty() => types.iter().any(|t| t == event_type),
+        _ => true,
+    };
+    let channel_ok = match wanted_channels {
+        Some(wanted) if !wanted.is_empty() => {
+            channels.is_some_and(|have| have.iter().any(|c| wanted.contains(c)))
+        }
+        _ => true,
+    };
+    type_ok && channel_ok
 }
 
 #[cfg(test)]

@@ -187,13 +187,6 @@ impl std::fmt::Debug for Endpoint {
 }
 
 impl Endpoint {
-    pub fn filter(&self) -> crate::EndpointFilter {
-        crate::EndpointFilter {
-            event_types: self.event_types.clone(),
-            channels: self.channels.clone(),
-        }
-    }
-
     /// Whether a delivery of this format, type and channels should go here.
     pub fn wants(
         &self,
@@ -201,7 +194,14 @@ impl Endpoint {
         event_type: &str,
         channels: Option<&[String]>,
     ) -> bool {
-        !self.disabled && self.format == format && self.filter().matches(event_type, channels)
+        !self.disabled
+            && self.format == format
+            && crate::filter::lists_match(
+                self.event_types.as_deref(),
+                self.channels.as_deref(),
+                event_type,
+                channels,
+            )
     }
 }
 
@@ -472,5 +472,62 @@ mod debug_tests {
             debug.contains(&pusher.key) && debug.contains("<redacted>"),
             "{debug}"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint(event_types: Option<&[&str]>, channels: Option<&[&str]>) -> Endpoint {
+        let list = |names: &[&str]| names.iter().map(|n| n.to_string()).collect();
+        let now = Utc::now();
+        Endpoint {
+            id: EndpointId::new(now),
+            app_id: AppId::new(now),
+            uid: None,
+            url: "https://example.com/hook".into(),
+            description: String::new(),
+            throttle_rate: None,
+            disabled: false,
+            format: EndpointFormat::StandardWebhooks,
+            event_types: event_types.map(list),
+            channels: channels.map(list),
+            metadata: Metadata::default(),
+            headers: BTreeMap::new(),
+            secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
+            previous_secrets: vec![],
+            failing_since: None,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
+    #[test]
+    fn an_endpoint_wants_what_its_lists_format_and_state_allow() {
+        let standard = EndpointFormat::StandardWebhooks;
+        let paid = ["orders".to_string()];
+        let filtered = endpoint(Some(&["invoice.paid"]), Some(&["orders"]));
+        assert!(filtered.wants(standard, "invoice.paid", Some(&paid)));
+        assert!(
+            !filtered.wants(standard, "invoice.created", Some(&paid)),
+            "other type"
+        );
+        assert!(
+            !filtered.wants(standard, "invoice.paid", None),
+            "no channel"
+        );
+        assert!(!filtered.wants(EndpointFormat::Pusher, "invoice.paid", Some(&paid)));
+
+        let open = endpoint(None, Some(&[]));
+        assert!(
+            open.wants(standard, "anything", None),
+            "no lists, no restriction"
+        );
+        let disabled = Endpoint {
+            disabled: true,
+            ..open
+        };
+        assert!(!disabled.wants(standard, "anything", None));
     }
 }
