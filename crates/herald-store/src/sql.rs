@@ -476,7 +476,6 @@ pub(crate) const FORGET_UNUSED_CHANNEL_POSITIONS: &str =
 pub(crate) const DELETE_CHANNEL_HISTORY: &str =
     "DELETE FROM channel_history WHERE app_id = $1 AND channel = $2";
 
-/// A u64 offset as BIGINT, saturating (offsets never come near `i64::MAX`).
 /// An endpoint's statistics from the rows of its counting statement: its deliveries that have
 /// not succeeded, by status (`Some`; a pending one under a live lease given as `Sending`), and
 /// all of them (`None`). Successes are the rest: they are not indexed by status (SQLite's
@@ -508,6 +507,7 @@ pub(crate) fn endpoint_stats(
     Ok(stats)
 }
 
+/// A u64 offset as BIGINT, saturating (offsets never come near `i64::MAX`).
 pub(crate) fn bigint(offset: u64) -> i64 {
     i64::try_from(offset).unwrap_or(i64::MAX)
 }

@@ -149,7 +149,6 @@ impl EndpointStore for PostgresStore {
                 Ok((status, row.try_get("n")?))
             })
             .collect::<Result<Vec<_>>>()?;
-        let stats = sql::endpoint_stats(counts)?;
-        Ok(stats)
+        sql::endpoint_stats(counts)
     }
 }

@@ -125,7 +125,8 @@ impl Cache {
             .insert(app_id.clone(), Arc::clone(endpoints));
     }
 
-    /// Forget everything. Writes to apps, endpoints, tokens and sources are rare next to messages, so clearing
+    /// Forget everything. Writes to apps, endpoints, tokens and sources are rare next to
+    /// messages, so clearing
     /// all is simpler than working out which entries a write touched, and just as fast.
     pub(crate) fn invalidate(&self) {
         let mut entries = self.write();
