@@ -69,6 +69,7 @@ checks!(
     a_conflicting_publication_consumes_no_offset,
     queued_publications_take_offsets_in_queue_order,
     a_duplicate_delivery_assigns_no_offset,
+    a_delivery_whose_message_conflicts_records_nothing,
     a_reset_changes_the_epoch_and_offsets_go_on,
     an_append_returns_the_next_position,
     the_first_append_starts_the_channel_under_the_epoch_it_names,
@@ -2074,6 +2075,63 @@ fn ingest_event(source: &IngestSource, delivery_id: &str, msg: &Message) -> Inge
         channels: vec![],
         msg_id: msg.id.clone(),
         received_at: msg.created_at,
+    }
+}
+
+/// A delivery is recorded together with its message or not at all: one whose message cannot
+/// go in (its eventId is taken) leaves no record behind, so the provider's retry is a new
+/// delivery rather than a duplicate of a record that published nothing. With and without
+/// history entries, which the stores record along different paths.
+pub async fn a_delivery_whose_message_conflicts_records_nothing(store: &dyn Store) {
+    let app = stored_app(store, "A").await;
+    let source = source(&app.id);
+    store.create_source(&source).await.expect("source");
+    store
+        .create_message(message(&app.id, Some("taken")), vec![])
+        .await
+        .expect("the message holding the eventId");
+    let entries = || vec![history_entry(&app.id, "history-c", "x", KEEP_ALL)];
+    for (delivery_id, history) in [("evt_plain", vec![]), ("evt_history", entries())] {
+        let clash = message(&app.id, Some("taken"));
+        let refused = store
+            .record_ingest(
+                ingest_event(&source, delivery_id, &clash),
+                clash,
+                vec![],
+                history.clone(),
+            )
+            .await;
+        assert!(
+            matches!(refused, Err(StoreError::Conflict(_))),
+            "{delivery_id}: {refused:?}"
+        );
+        let retry = message(&app.id, None);
+        let recorded = store
+            .record_ingest(
+                ingest_event(&source, delivery_id, &retry),
+                retry.clone(),
+                vec![],
+                history.clone(),
+            )
+            .await
+            .expect("the retry");
+        let IngestRecorded::New(positions) = recorded else {
+            panic!("{delivery_id}: the retry is a new delivery: {recorded:?}");
+        };
+        // The refused delivery took no offset either.
+        assert_eq!(
+            positions.iter().map(|p| p.offset).collect::<Vec<_>>(),
+            history.iter().map(|_| 1).collect::<Vec<_>>(),
+            "{delivery_id}"
+        );
+        assert!(
+            store
+                .get_message(&app.id, retry.id.as_str())
+                .await
+                .expect("read")
+                .is_some(),
+            "{delivery_id}: the retry's message is stored"
+        );
     }
 }
 

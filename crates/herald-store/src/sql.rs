@@ -396,6 +396,45 @@ pub(crate) const FIND_SOURCE: &str = "SELECT * FROM ingest_sources WHERE id = $1
 pub(crate) const LIST_SOURCES: &str = "SELECT * FROM ingest_sources WHERE app_id = ";
 pub(crate) const DELETE_SOURCE: &str = "DELETE FROM ingest_sources WHERE app_id = $1 AND id = $2";
 /// The request recorded earlier under a source's delivery id.
+/// Binds an inbound webhook's record, `id` to `received_at` (ten columns, in the order of
+/// the `ingest_events` inserts), to `$query`.
+macro_rules! ingest_event_columns {
+    ($query:expr, $event:expr) => {{
+        let event: &herald_core::model::IngestEvent = $event;
+        $query
+            .bind(event.id.as_str())
+            .bind(event.source_id.as_str())
+            .bind(event.app_id.as_str())
+            .bind(&event.delivery_id)
+            .bind($crate::sqlite::rows::to_json(&event.headers))
+            .bind(event.body.as_ref())
+            .bind(&event.event_type)
+            .bind($crate::sqlite::rows::to_json(&event.channels))
+            .bind(event.msg_id.as_str())
+            .bind($crate::sqlite::rows::millis(event.received_at))
+    }};
+}
+pub(crate) use ingest_event_columns;
+
+/// Binds a message, `id` to `payload_expires_at` (nine columns, in the order of the `messages`
+/// inserts), to `$query`.
+macro_rules! message_columns {
+    ($query:expr, $message:expr) => {{
+        let m: &herald_core::model::Message = $message;
+        $query
+            .bind(m.id.as_str())
+            .bind(m.app_id.as_str())
+            .bind(&m.event_id)
+            .bind(&m.event_type)
+            .bind($crate::sqlite::rows::opt_json(&m.channels))
+            .bind($crate::sqlite::rows::opt_json(&m.tags))
+            .bind(m.payload.as_ref())
+            .bind($crate::sqlite::rows::millis(m.created_at))
+            .bind(m.payload_expires_at.map($crate::sqlite::rows::millis))
+    }};
+}
+pub(crate) use message_columns;
+
 pub(crate) const EARLIER_INGEST_EVENT: &str =
     "SELECT * FROM ingest_events WHERE source_id = $1 AND delivery_id = $2";
 /// The start of a source's request listing; the caller binds the source id and adds the page.

@@ -16,20 +16,21 @@
 //! `record_ingest` inserts the event first (`ON CONFLICT (source_id, delivery_id) DO
 //! NOTHING RETURNING id`): a delivery id seen before (on any node: the unique index makes a
 //! concurrent insert of the same key wait for the first to commit or roll back) returns the
-//! earlier record and rolls back, writing nothing and consuming no offset. Otherwise the
-//! message and its deliveries (`messages::insert_message`) and the history entries
-//! (`history::append_entries`, which assigns their offsets) go in the same transaction.
+//! earlier record, writing nothing and consuming no offset. Otherwise the message and its
+//! deliveries go in with it. Without history entries that is one statement
+//! ([`RECORD_INGEST`]), committed on its own; with them, a transaction that also assigns
+//! their offsets (`history::append_entries`).
 
 use herald_core::{
     AppId, EndpointId, SourceId,
     history::NewHistoryEntry,
-    model::{IngestEvent, IngestSource, Message},
+    model::{DeliveryStatus, IngestEvent, IngestSource, Message, TriggerType},
 };
 use sqlx::QueryBuilder;
 
 use super::{
     PostgresStore, history, messages, paginate,
-    rows::{self, conflict_as, millis, to_json},
+    rows::{self, conflict_as},
 };
 use crate::{IngestRecorded, IngestStore, Page, Result, StoreError, sql};
 
@@ -102,37 +103,26 @@ impl IngestStore for PostgresStore {
         endpoint_ids: Vec<EndpointId>,
         history: Vec<NewHistoryEntry>,
     ) -> Result<IngestRecorded> {
+        if history.is_empty() {
+            return self
+                .record_ingest_alone(&event, &message, &endpoint_ids)
+                .await;
+        }
         let mut tx = self.pool.begin().await?;
-        let inserted: Option<String> = sqlx::query_scalar(
-            "INSERT INTO ingest_events (id, source_id, app_id, delivery_id, headers, body,
-                                        event_type, channels, msg_id, received_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-             ON CONFLICT (source_id, delivery_id) DO NOTHING RETURNING id",
+        let inserted: Option<String> = sql::ingest_event_columns!(
+            sqlx::query_scalar(
+                "INSERT INTO ingest_events (id, source_id, app_id, delivery_id, headers, body,
+                                            event_type, channels, msg_id, received_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                 ON CONFLICT (source_id, delivery_id) DO NOTHING RETURNING id",
+            ),
+            &event
         )
-        .bind(event.id.as_str())
-        .bind(event.source_id.as_str())
-        .bind(event.app_id.as_str())
-        .bind(&event.delivery_id)
-        .bind(to_json(&event.headers))
-        .bind(event.body.as_ref())
-        .bind(&event.event_type)
-        .bind(to_json(&event.channels))
-        .bind(event.msg_id.as_str())
-        .bind(millis(event.received_at))
         .fetch_optional(&mut *tx)
         .await?;
         if inserted.is_none() {
-            // The conflicting row is committed (the insert waited for it): this statement's
-            // snapshot, taken after, sees it.
-            let earlier = sqlx::query(sql::EARLIER_INGEST_EVENT)
-                .bind(event.source_id.as_str())
-                .bind(&event.delivery_id)
-                .fetch_one(&mut *tx)
-                .await?;
             tx.rollback().await?;
-            return Ok(IngestRecorded::Duplicate(Box::new(rows::ingest_event(
-                &earlier,
-            )?)));
+            return self.earlier(&event).await;
         }
         let queued = messages::insert_message(&mut tx, &message, &endpoint_ids).await?;
         let positions =
@@ -172,5 +162,72 @@ impl IngestStore for PostgresStore {
             .await?
             .map(|row| rows::ingest_event(&row))
             .transpose()
+    }
+}
+
+/// A verified inbound webhook without history entries, its message and the message's first
+/// deliveries, in one statement (one round trip and one commit instead of a transaction's
+/// four): the message goes in only if the event did, and the deliveries only if the message
+/// did. The message insert has no `ON CONFLICT`: were its eventId taken, the whole statement
+/// fails and records nothing, as the transaction would. The result is the number of events
+/// inserted: 0 for a delivery id the source has already received.
+const RECORD_INGEST: &str = "WITH recorded AS (
+         INSERT INTO ingest_events (id, source_id, app_id, delivery_id, headers, body,
+                                    event_type, channels, msg_id, received_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+         ON CONFLICT (source_id, delivery_id) DO NOTHING RETURNING id
+     ), inserted AS (
+         INSERT INTO messages (id, app_id, event_id, event_type, channels, tags, payload,
+                               created_at, payload_expires_at)
+         SELECT $11, $12, $13, $14, $15, $16, $17, $18, $19 FROM recorded
+         RETURNING id
+     ), queued AS (
+         INSERT INTO deliveries (msg_id, endpoint_id, app_id, status, attempts, trigger_type,
+                                 next_attempt_at, updated_at)
+         SELECT inserted.id, e, $12, $21, 0, $22, $18, $18
+         FROM inserted, UNNEST($20::text[]) AS e
+     )
+     SELECT count(*) FROM recorded";
+
+impl PostgresStore {
+    /// [`IngestStore::record_ingest`] for an event without history entries: [`RECORD_INGEST`].
+    async fn record_ingest_alone(
+        &self,
+        event: &IngestEvent,
+        message: &Message,
+        endpoint_ids: &[EndpointId],
+    ) -> Result<IngestRecorded> {
+        let endpoints: Vec<&str> = endpoint_ids.iter().map(EndpointId::as_str).collect();
+        let recorded: i64 = sql::message_columns!(
+            sql::ingest_event_columns!(sqlx::query_scalar(RECORD_INGEST), event),
+            message
+        )
+        .bind(&endpoints)
+        .bind(DeliveryStatus::Pending as i32)
+        .bind(TriggerType::Scheduled as i32)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(conflict_as(messages::MESSAGE_CONFLICT))?;
+        if recorded == 0 {
+            return self.earlier(event).await;
+        }
+        if !endpoint_ids.is_empty() {
+            self.due.committed();
+        }
+        Ok(IngestRecorded::New(Vec::new()))
+    }
+
+    /// The record of an earlier delivery with `event`'s delivery id. The conflicting row is
+    /// committed (the insert that found it waited for its transaction to end): a statement
+    /// begun after sees it.
+    async fn earlier(&self, event: &IngestEvent) -> Result<IngestRecorded> {
+        let earlier = sqlx::query(sql::EARLIER_INGEST_EVENT)
+            .bind(event.source_id.as_str())
+            .bind(&event.delivery_id)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(IngestRecorded::Duplicate(Box::new(rows::ingest_event(
+            &earlier,
+        )?)))
     }
 }

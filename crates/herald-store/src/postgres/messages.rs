@@ -72,7 +72,7 @@ use sqlx::{AssertSqlSafe, PgConnection, QueryBuilder, Row, postgres::PgRow};
 
 use super::{
     PostgresStore, paginate,
-    rows::{self, millis, opt_json},
+    rows::{self, millis},
 };
 use crate::{
     AttemptRecord, ClaimRequest, DeliveryJob, EndpointChange, LeaseToken, MessageQuery,
@@ -142,16 +142,7 @@ pub(super) async fn insert_with<'c>(
     endpoint_ids: &[EndpointId],
 ) -> Result<()> {
     let endpoints: Vec<&str> = endpoint_ids.iter().map(EndpointId::as_str).collect();
-    let inserted: i64 = sqlx::query_scalar(CREATE_MESSAGE)
-        .bind(message.id.as_str())
-        .bind(message.app_id.as_str())
-        .bind(&message.event_id)
-        .bind(&message.event_type)
-        .bind(opt_json(&message.channels))
-        .bind(opt_json(&message.tags))
-        .bind(message.payload.as_ref())
-        .bind(millis(message.created_at))
-        .bind(message.payload_expires_at.map(millis))
+    let inserted: i64 = sql::message_columns!(sqlx::query_scalar(CREATE_MESSAGE), message)
         .bind(&endpoints)
         .bind(DeliveryStatus::Pending as i32)
         .bind(TriggerType::Scheduled as i32)

@@ -102,6 +102,7 @@ pub(super) async fn apply(
     }
     if !messages.is_empty() {
         insert_messages(conn, &messages, &mut outcomes, rowids).await?;
+        unrecord_refused_ingests(conn, batch, &ingested, &outcomes).await?;
     }
     if !attempts.is_empty() {
         record_attempts(conn, &attempts).await?;
@@ -170,6 +171,36 @@ async fn insert_ingest_events(
         }
     }
     Ok(inserted)
+}
+
+/// Takes back the records of inbound webhooks whose message did not go in (its eventId was
+/// taken): a delivery is recorded with its message or not at all, so the provider's retry
+/// must not find it a duplicate. (Rare: the messages of inbound webhooks have no eventId.)
+async fn unrecord_refused_ingests(
+    conn: &mut SqliteConnection,
+    batch: &[PendingWrite],
+    ingested: &HashSet<String>,
+    outcomes: &[Result<Committed>],
+) -> Result<()> {
+    let refused: Vec<&str> = batch
+        .iter()
+        .zip(outcomes)
+        .filter_map(|(write, outcome)| match &write.op {
+            WriteOp::RecordIngest { event, .. }
+                if outcome.is_err() && ingested.contains(event.id.as_str()) =>
+            {
+                Some(event.id.as_str())
+            }
+            _ => None,
+        })
+        .collect();
+    for id in refused {
+        sqlx::query("DELETE FROM ingest_events WHERE id = $1")
+            .bind(id)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
 }
 
 /// Applies occupancy changes in the order given: only each occupant's last change matters
