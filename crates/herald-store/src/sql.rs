@@ -395,7 +395,7 @@ pub(crate) const FIND_SOURCE: &str = "SELECT * FROM ingest_sources WHERE id = $1
 /// The start of an app's source listing; the caller binds the app id and adds the page.
 pub(crate) const LIST_SOURCES: &str = "SELECT * FROM ingest_sources WHERE app_id = ";
 pub(crate) const DELETE_SOURCE: &str = "DELETE FROM ingest_sources WHERE app_id = $1 AND id = $2";
-/// The request recorded earlier under a source's delivery id.
+
 /// Binds an inbound webhook's record, `id` to `received_at` (ten columns, in the order of
 /// the `ingest_events` inserts), to `$query`.
 macro_rules! ingest_event_columns {
@@ -435,6 +435,7 @@ macro_rules! message_columns {
 }
 pub(crate) use message_columns;
 
+/// The request recorded earlier under a source's delivery id.
 pub(crate) const EARLIER_INGEST_EVENT: &str =
     "SELECT * FROM ingest_events WHERE source_id = $1 AND delivery_id = $2";
 /// The start of a source's request listing; the caller binds the source id and adds the page.
