@@ -4,42 +4,28 @@
 //! with a channel list receives only messages sharing at least one channel with it (so a message
 //! without channels skips it). No list means no restriction.
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct EndpointFilter {
-    pub event_types: Option<Vec<String>>,
-    pub channels: Option<Vec<String>>,
+/// An endpoint's lists, borrowed: every message is matched against each of its app's
+/// endpoints, which should not copy the endpoints' lists to do it (`Endpoint::filter`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EndpointFilter<'a> {
+    pub event_types: Option<&'a [String]>,
+    pub channels: Option<&'a [String]>,
 }
 
-impl EndpointFilter {
+impl EndpointFilter<'_> {
     pub fn matches(&self, event_type: &str, channels: Option<&[String]>) -> bool {
-        lists_match(
-            self.event_types.as_deref(),
-            self.channels.as_deref(),
-            event_type,
-            channels,
-        )
+        let type_ok = match self.event_types {
+            Some(types) if !types.is_empty() => types.iter().any(|t| t == event_type),
+            _ => true,
+        };
+        let channel_ok = match self.channels {
+            Some(wanted) if !wanted.is_empty() => {
+                channels.is_some_and(|have| have.iter().any(|c| wanted.contains(c)))
+            }
+            _ => true,
+        };
+        type_ok && channel_ok
     }
-}
-
-/// [`EndpointFilter::matches`] on borrowed lists: every message is matched against each of its
-/// app's endpoints, which should not copy the endpoints' lists to do it.
-pub fn lists_match(
-    event_types: Option<&[String]>,
-    wanted_channels: Option<&[String]>,
-    event_type: &str,
-    channels: Option<&[String]>,
-) -> bool {
-    let type_ok = match event_types {
-        Some(types) if !types.is_empty() => types.iter().any(|t| t == event_type),
-        _ => true,
-    };
-    let channel_ok = match wanted_channels {
-        Some(wanted) if !wanted.is_empty() => {
-            channels.is_some_and(|have| have.iter().any(|c| wanted.contains(c)))
-        }
-        _ => true,
-    };
-    type_ok && channel_ok
 }
 
 #[cfg(test)]
@@ -57,8 +43,9 @@ mod tests {
 
     #[test]
     fn event_types_restrict() {
+        let types = strings(&["invoice.paid"]);
         let f = EndpointFilter {
-            event_types: Some(strings(&["invoice.paid"])),
+            event_types: Some(&types),
             channels: None,
         };
         assert!(f.matches("invoice.paid", None));
@@ -67,9 +54,10 @@ mod tests {
 
     #[test]
     fn channels_need_an_overlap() {
+        let wanted = strings(&["project_1", "group_2"]);
         let f = EndpointFilter {
             event_types: None,
-            channels: Some(strings(&["project_1", "group_2"])),
+            channels: Some(&wanted),
         };
         assert!(f.matches("x", Some(&strings(&["group_2", "other"]))));
         assert!(!f.matches("x", Some(&strings(&["other"]))));

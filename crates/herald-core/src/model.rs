@@ -187,6 +187,14 @@ impl std::fmt::Debug for Endpoint {
 }
 
 impl Endpoint {
+    /// Its event-type and channel lists, borrowed.
+    pub fn filter(&self) -> crate::EndpointFilter<'_> {
+        crate::EndpointFilter {
+            event_types: self.event_types.as_deref(),
+            channels: self.channels.as_deref(),
+        }
+    }
+
     /// Whether a delivery of this format, type and channels should go here.
     pub fn wants(
         &self,
@@ -194,14 +202,7 @@ impl Endpoint {
         event_type: &str,
         channels: Option<&[String]>,
     ) -> bool {
-        !self.disabled
-            && self.format == format
-            && crate::filter::lists_match(
-                self.event_types.as_deref(),
-                self.channels.as_deref(),
-                event_type,
-                channels,
-            )
+        !self.disabled && self.format == format && self.filter().matches(event_type, channels)
     }
 }
 

@@ -126,8 +126,8 @@ impl Cache {
     }
 
     /// Forget everything. Writes to apps, endpoints, tokens and sources are rare next to
-    /// messages, so clearing
-    /// all is simpler than working out which entries a write touched, and just as fast.
+    /// messages, so clearing all is simpler than working out which entries a write touched,
+    /// and just as fast.
     pub(crate) fn invalidate(&self) {
         let mut entries = self.write();
         self.generation.fetch_add(1, Ordering::AcqRel);

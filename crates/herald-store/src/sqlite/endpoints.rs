@@ -109,8 +109,8 @@ impl EndpointStore for SqliteStore {
     async fn endpoint_stats(&self, endpoint_id: &EndpointId) -> Result<EndpointStats> {
         // Successes are not indexed by status (migration 0015): they are the endpoint's
         // deliveries (the row with no status, from deliveries_endpoint_msg) less the others,
-        // counted in the same statement so both read one snapshot. `status <> 0` is written out so SQLite
-        // can use the partial index deliveries_endpoint_unsettled.
+        // counted in the same statement so both read one snapshot. `status <> 0` is written
+        // out so SQLite can use the partial index deliveries_endpoint_unsettled.
         let counts = sqlx::query(
             "SELECT status, COUNT(*) AS n FROM deliveries
              WHERE endpoint_id = $1 AND status <> 0 GROUP BY status
