@@ -55,6 +55,7 @@ checks!(
     a_claim_leaves_out_endpoints_at_their_limit,
     a_claim_finds_work_behind_a_full_endpoints_long_backlog,
     a_recorded_attempt_is_logged_and_settles_the_delivery,
+    a_failing_streak_is_what_the_next_reads_of_its_endpoint_see,
     due_deliveries_count_the_unfinished_and_date_the_oldest,
     concurrent_records_each_report_their_own_fence,
     a_record_under_a_lapsed_lease_is_logged_but_leaves_the_newer_claims_state,
@@ -834,6 +835,83 @@ pub async fn a_recorded_attempt_is_logged_and_settles_the_delivery(store: &dyn S
         "{deliveries:?}"
     );
     assert_eq!(store.next_due_at().await.expect("next due"), None);
+}
+
+/// A failing streak that an attempt's record starts or ends is what the next reads of its
+/// endpoint see: the app's endpoints (which new messages' first attempts carry) and a claim.
+/// The dispatcher decides from it whether a success ends a streak and how long an endpoint has
+/// been failing, so a stale one could leave a streak running through successes and disable an
+/// endpoint that recovered.
+pub async fn a_failing_streak_is_what_the_next_reads_of_its_endpoint_see(store: &dyn Store) {
+    let ClaimedDelivery {
+        app,
+        ep,
+        msg,
+        now,
+        job,
+    } = one_claimed_delivery(store).await;
+    let failing_since = |endpoints: &[Endpoint]| {
+        let found = endpoints
+            .iter()
+            .find(|e| e.id == ep.id)
+            .expect("the endpoint");
+        found.failing_since.map(|t| t.timestamp_millis())
+    };
+    // Read before the record, as the publisher reads them for every message.
+    let before = store.app_endpoints(&app.id).await.expect("endpoints");
+    assert_eq!(failing_since(&before), None);
+
+    let retry_at = now + chrono::Duration::seconds(10);
+    let started = attempt_record(
+        &msg,
+        &ep,
+        job.lease,
+        now,
+        TriggerType::Scheduled,
+        NextStep::RetryAt(retry_at),
+        EndpointChange::StreakStarted { at: now },
+    );
+    assert_eq!(
+        store.record_attempt(started).await.expect("record"),
+        Recorded::Applied
+    );
+    let endpoints = store.app_endpoints(&app.id).await.expect("endpoints");
+    assert_eq!(
+        failing_since(&endpoints),
+        Some(now.timestamp_millis()),
+        "the app's endpoints carry the streak the record started"
+    );
+
+    let mut request = claim(retry_at, 10, HashMap::new(), 10, HashMap::new(), 100);
+    request.first_attempts = false;
+    let mut retries = store.claim_due(&request).await.expect("claim");
+    assert_eq!(retries.len(), 1, "the retry is claimed when due");
+    let retry = retries.remove(0);
+    assert_eq!(
+        retry.endpoint.failing_since.map(|t| t.timestamp_millis()),
+        Some(now.timestamp_millis()),
+        "a claimed job's endpoint carries the streak"
+    );
+
+    let ended = attempt_record(
+        &msg,
+        &ep,
+        retry.lease,
+        retry_at,
+        TriggerType::Scheduled,
+        NextStep::Delivered,
+        EndpointChange::StreakEnded,
+    );
+    assert_eq!(
+        store.record_attempt(ended).await.expect("record"),
+        Recorded::Applied
+    );
+    let endpoints = store.app_endpoints(&app.id).await.expect("endpoints");
+    assert_eq!(
+        failing_since(&endpoints),
+        None,
+        "a success ends the streak for the next reads too"
+    );
 }
 
 /// Records made at once (a store may commit them together) each report their own fence: the

@@ -219,7 +219,11 @@ impl MessageStore for SqliteStore {
     }
 
     async fn record_attempt(&self, record: AttemptRecord) -> Result<Recorded> {
-        let changes_endpoint = record.endpoint_change == crate::EndpointChange::Disable;
+        // Any change of the endpoint's row: disabling changes which endpoints a message goes
+        // to, and a failing streak's start or end is what the next first attempts (handed over
+        // with the cached endpoint) must decide from. Both are rare: a state change, not an
+        // attempt.
+        let changes_endpoint = record.endpoint_change != crate::EndpointChange::Unchanged;
         let retries = matches!(record.next, crate::NextStep::RetryAt(_));
         let key = (
             record.attempt.msg_id.clone(),
@@ -251,7 +255,6 @@ impl MessageStore for SqliteStore {
             Err(e) => return Err(e),
         };
         if changes_endpoint {
-            // Only disabling changes what message fan-out sees.
             self.cache.invalidate();
         }
         Ok(recorded)
