@@ -64,6 +64,13 @@ impl Cache {
         self.read().endpoints.get(app_id).cloned()
     }
 
+    /// One endpoint of `app_id`'s cached list, if the list is cached.
+    pub(crate) fn endpoint(&self, app_id: &str, id: &str) -> Option<Endpoint> {
+        let entries = self.read();
+        let endpoints = entries.endpoints.get(app_id)?;
+        endpoints.iter().find(|e| e.id.as_str() == id).cloned()
+    }
+
     pub(crate) fn token(&self, token_hash: &[u8]) -> Option<ApiToken> {
         self.read().tokens.get(token_hash).cloned()
     }

@@ -327,7 +327,14 @@ enum Candidate {
 impl SqliteStore {
     fn candidate(&self, row: &sqlx::sqlite::SqliteRow) -> Result<Candidate> {
         let rowid: i64 = row.try_get("d_rowid")?;
-        let endpoint = match rows::endpoint(row, "e_", &self.keys) {
+        // From the cache when it holds the endpoint's app (the publisher keeps it filled): the
+        // row's copy would be decoded and its secret decrypted for every delivery claimed. The
+        // cache is exact (every change of an endpoint's row invalidates it), so either copy is
+        // the endpoint as last committed.
+        let cached = self
+            .cache
+            .endpoint(row.try_get("e_app_id")?, row.try_get("e_id")?);
+        let endpoint = match cached.map_or_else(|| rows::endpoint(row, "e_", &self.keys), Ok) {
             Ok(endpoint) => endpoint,
             // One endpoint whose secret does not open (a key this node lacks, a tampered
             // value) must not stop every delivery behind it: its delivery fails (recoverable
