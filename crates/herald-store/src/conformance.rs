@@ -72,6 +72,7 @@ checks!(
     a_duplicate_delivery_assigns_no_offset,
     a_delivery_whose_message_conflicts_records_nothing,
     a_reset_changes_the_epoch_and_offsets_go_on,
+    offsets_go_on_past_a_batch_that_fails_and_a_deleted_apps_channels,
     an_append_returns_the_next_position,
     the_first_append_starts_the_channel_under_the_epoch_it_names,
     a_repeated_delivery_id_is_recorded_once,
@@ -2357,6 +2358,68 @@ pub async fn a_reset_changes_the_epoch_and_offsets_go_on(store: &dyn Store) {
             epoch: "first".into(),
             offset: 1
         }
+    );
+}
+
+/// A channel's offsets go on exactly, whatever fails beside its appends: an append for an app
+/// deleted meanwhile fails alone, and the other channels' next appends take the offsets after
+/// their last, even where their older events were trimmed away. (On SQLite, the failure makes
+/// its batch fall back to one write at a time, and positions the group commit may have cached
+/// must not outlive that.)
+pub async fn offsets_go_on_past_a_batch_that_fails_and_a_deleted_apps_channels(store: &dyn Store) {
+    let kept_app = stored_app(store, "A").await;
+    let gone = stored_app(store, "B").await;
+    // Keeping one event: every trim leaves only the channel's last.
+    let keep_one = Retention {
+        max_events: 1,
+        max_age: Duration::from_secs(3600),
+    };
+    let append = |app_id: &AppId, channel: &str| {
+        store.append_history(history_entry(app_id, channel, "e", keep_one))
+    };
+    for n in 1..=13 {
+        let (kept, doomed) = tokio::join!(
+            append(&kept_app.id, "history-k"),
+            append(&gone.id, "history-g"),
+        );
+        assert_eq!(kept.expect("append kept").offset, n);
+        assert_eq!(doomed.expect("append doomed").offset, n);
+    }
+    assert!(store.delete_app(&gone.id).await.expect("delete app"));
+    let fourteenth = append(&kept_app.id, "history-k").await.expect("append");
+    assert_eq!(fourteenth.offset, 14);
+    let epoch = fourteenth.epoch;
+    // Offsets 15 and 16 beside a failing append; 16 trims 15 away. (Concurrent appends to one
+    // channel may land in either order.)
+    let (first, second, doomed) = tokio::join!(
+        append(&kept_app.id, "history-k"),
+        append(&kept_app.id, "history-k"),
+        append(&gone.id, "history-g"),
+    );
+    assert!(doomed.is_err(), "an append for a deleted app fails");
+    let mut offsets = [
+        first.expect("append kept").offset,
+        second.expect("append kept").offset,
+    ];
+    offsets.sort_unstable();
+    assert_eq!(offsets, [15, 16]);
+    let next = append(&kept_app.id, "history-k").await.expect("append");
+    assert_eq!(next, Position { epoch, offset: 17 });
+    assert_eq!(
+        kept(store, &kept_app.id, "history-k")
+            .await
+            .iter()
+            .map(|(position, _)| position.offset)
+            .collect::<Vec<_>>(),
+        [16, 17]
+    );
+    assert_eq!(
+        store
+            .channel_position(&gone.id, "history-g")
+            .await
+            .expect("read"),
+        None,
+        "the deleted app's positions went with it"
     );
 }
 

@@ -118,6 +118,8 @@ impl AppStore for SqliteStore {
     async fn delete_app(&self, id: &AppId) -> Result<bool> {
         let deleted = self.delete_app_data(id).await;
         self.cache.invalidate();
+        // Its channel positions went by cascade.
+        self.positions.forget_all();
         deleted
     }
 }

@@ -34,8 +34,10 @@ use super::{
 
 mod durable;
 mod grouped;
+mod positions;
 
 pub(crate) use durable::{Durable, WalFile};
+pub(crate) use positions::PositionCache;
 
 use crate::{
     AttemptRecord, DeliveryJob, EndpointChange, FreshDeliveries, NextStep, Result, StoreError,
@@ -147,6 +149,8 @@ pub(crate) struct Shared {
     pub commits: Arc<OnceLock<Arc<herald_metrics::StoreMetrics>>>,
     /// Makes the committed batches durable before their callers hear of them.
     pub durable: Arc<dyn Durable>,
+    /// Channel positions as committed, so appends need not read them (see `positions`).
+    pub positions: Arc<PositionCache>,
 }
 
 /// Committed batches waiting for their fsync. Bounded, so a slow disk holds the writer back
@@ -413,13 +417,20 @@ async fn apply_all(pool: &SqlitePool, shared: &Shared, batch: &[PendingWrite]) -
         .execute(&mut *conn)
         .await?;
     let mut rowids = HashMap::new();
-    let outcomes = match grouped::apply(conn, batch, &mut rowids).await {
+    let mut positions = grouped::BatchPositions {
+        cache: &shared.positions,
+        written: Vec::new(),
+    };
+    let outcomes = match grouped::apply(conn, batch, &mut rowids, Some(&mut positions)).await {
         Ok(outcomes) => outcomes,
         Err(e) => {
             // Something other than an expected conflict (say, a foreign key: the app was
             // deleted meanwhile). Redo the batch one write at a time so only the writes that
-            // fail report an error.
+            // fail report an error. That reads every position from the database and leaves
+            // positions the cache cannot follow, so the cache starts again.
             tracing::warn!(error = %e, writes = batch.len(), "grouped write failed; retrying one by one");
+            shared.positions.forget_all();
+            positions.written.clear();
             sqlx::raw_sql(RETRY_FROM_SCRATCH)
                 .execute(&mut *conn)
                 .await?;
@@ -435,8 +446,11 @@ async fn apply_all(pool: &SqlitePool, shared: &Shared, batch: &[PendingWrite]) -
         // (Were the commit to succeed and only the setting fail, the writes are in but their
         // callers hear they failed; they retry, which is a duplicate at worst, never a loss.)
         revoke_fresh(shared, batch, &outcomes);
+        shared.positions.forget_all();
         return Err(e.into());
     }
+    // Still holding the connection: no other write can come between the commit and this.
+    shared.positions.remember(positions.written);
     lent.clean = true;
     Ok((outcomes, missed))
 }
@@ -455,7 +469,7 @@ async fn one_by_one(
             .execute(&mut *conn)
             .await?;
         let mut write_rowids = HashMap::new();
-        match grouped::apply(conn, std::slice::from_ref(write), &mut write_rowids).await {
+        match grouped::apply(conn, std::slice::from_ref(write), &mut write_rowids, None).await {
             Ok(mut outcome) => {
                 sqlx::raw_sql("RELEASE one_write")
                     .execute(&mut *conn)

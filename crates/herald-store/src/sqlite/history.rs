@@ -30,8 +30,11 @@ impl HistoryStore for SqliteStore {
     }
 
     async fn forget_unused_channel_positions(&self) -> Result<u64> {
+        // Holding the writer connection, so no batch runs between the emptying and the delete.
+        let mut writer = self.writer.acquire().await?;
+        self.positions.forget_all();
         let done = sqlx::query(sql::FORGET_UNUSED_CHANNEL_POSITIONS)
-            .execute(&self.writer)
+            .execute(&mut *writer)
             .await?;
         Ok(done.rows_affected())
     }
@@ -46,6 +49,9 @@ impl HistoryStore for SqliteStore {
         // wholly before or after a batch of appends, never between a batch's read of the
         // positions and its commit.
         let mut tx = self.writer.begin().await?;
+        // Holding that connection: no batch can take a position from the cache until after
+        // this commits (or fails).
+        self.positions.forget_all();
         sqlx::query(sql::DELETE_CHANNEL_HISTORY)
             .bind(app_id.as_str())
             .bind(channel)

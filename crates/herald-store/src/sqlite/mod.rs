@@ -79,6 +79,9 @@ pub struct SqliteStore {
     batcher: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Where the group commit records each commit, once `observe_commits` says.
     commits: Arc<OnceLock<Arc<herald_metrics::StoreMetrics>>>,
+    /// The group commit's channel positions: whatever else writes `channel_positions` empties
+    /// it (see `batch::positions`).
+    positions: Arc<batch::PositionCache>,
     /// Encrypts the secrets written and decrypts those read (see `crate::secrets`).
     keys: crate::secrets::Keyring,
 }
@@ -158,6 +161,7 @@ impl SqliteStore {
             fresh: Arc::default(),
             commits: Arc::default(),
             durable,
+            positions: Arc::default(),
         };
         let batcher = tokio::spawn(batch::run(
             writer.clone(),
@@ -177,6 +181,7 @@ impl SqliteStore {
             shutdown,
             batcher: Mutex::new(Some(batcher)),
             commits: shared.commits,
+            positions: shared.positions,
             keys,
         })
     }

@@ -7,8 +7,9 @@
 //! aborts the batch and the caller falls back to applying writes one at a time.
 //!
 //! Channel history entries get their offsets here, after conflicts and duplicates are known
-//! (their entries get none): the positions of every channel the batch touches are read in one
-//! statement, offsets handed out in batch order, and the final positions written back.
+//! (their entries get none): the positions of every channel the batch touches are taken from
+//! the group commit's cache (`positions`) or read in one statement, offsets handed out in batch
+//! order, and the final positions written back.
 
 use std::collections::{HashMap, HashSet};
 
@@ -22,6 +23,7 @@ use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 use super::{
     Committed, INGEST_DUPLICATE, MESSAGE_CONFLICT, NewMessage, PendingWrite, STALE_LEASE, WriteOp,
     endpoint_change, next_state,
+    positions::{ChannelKey, KnownPosition, PositionCache},
 };
 use crate::{
     AttemptRecord, OccupancyChange, Occupant, Result, StoreError,
@@ -36,10 +38,12 @@ use crate::{
 const ROWS_PER_STATEMENT: usize = 256;
 
 /// Applies `batch`; `rowids` gets the rowid of every new delivery that has a job to hand over.
+/// With `cached`, channel positions come from the cache where it has them (see `positions`).
 pub(super) async fn apply(
     conn: &mut SqliteConnection,
     batch: &[PendingWrite],
     rowids: &mut HashMap<DeliveryKey, i64>,
+    cached: Option<&mut BatchPositions<'_>>,
 ) -> Result<Vec<Result<Committed>>> {
     let mut outcomes: Vec<Result<Committed>> = batch.iter().map(|_| Ok(Vec::new())).collect();
     let mut messages = Vec::new();
@@ -119,7 +123,7 @@ pub(super) async fn apply(
         .collect();
     if !histories.is_empty() {
         let entries: Vec<&NewHistoryEntry> = histories.iter().map(|(_, entry)| *entry).collect();
-        let positions = append_histories(conn, &entries).await?;
+        let positions = append_histories(conn, &entries, cached).await?;
         // In batch order, so each write's positions come back in the order it gave its entries.
         for ((i, _), position) in histories.iter().zip(positions) {
             if let Ok(committed) = &mut outcomes[*i] {
@@ -345,10 +349,12 @@ async fn insert_messages(
 /// `TRIM_EVERY`th offset; readers apply the retention themselves meanwhile.
 const TRIM_EVERY: i64 = 16;
 
-/// A channel's position while a batch hands out its offsets.
-struct Assigning {
-    epoch: String,
-    next_offset: i64,
+/// The positions a grouped batch reads from the cache and those it leaves, for the cache to
+/// take once the batch has committed. Applying one write at a time does without: each write's
+/// savepoint may be rolled back, so it reads every position from the database.
+pub(super) struct BatchPositions<'a> {
+    pub cache: &'a PositionCache,
+    pub written: Vec<(ChannelKey, KnownPosition)>,
 }
 
 /// Assigns each entry its channel's epoch and next offset, in the order given, keeps them, moves
@@ -357,10 +363,11 @@ struct Assigning {
 ///
 /// Runs inside the batch's transaction on the single writer connection, so the positions it
 /// reads are the committed ones plus what this transaction wrote, and nothing else writes them
-/// until it commits.
+/// until it commits. With `cached`, the channels the cache knows are not read at all.
 async fn append_histories(
     conn: &mut SqliteConnection,
     entries: &[&NewHistoryEntry],
+    cached: Option<&mut BatchPositions<'_>>,
 ) -> Result<Vec<Position>> {
     // Every channel the batch touches, in first-appearance order.
     let mut channels: HashMap<(&str, &str), usize> = HashMap::new();
@@ -376,45 +383,54 @@ async fn append_histories(
         });
     }
 
-    // Their stored positions: one statement for the batch (chunked only beyond
-    // `ROWS_PER_STATEMENT` channels).
-    let mut stored: HashMap<(String, String), (String, i64)> = HashMap::with_capacity(order.len());
-    for chunk in order.chunks(ROWS_PER_STATEMENT) {
+    let mut known = match &cached {
+        Some(batch) => batch.cache.lookup(&order),
+        None => vec![None; order.len()],
+    };
+    // The positions the cache does not have: one statement for the batch (chunked only beyond
+    // `ROWS_PER_STATEMENT` channels), and none when it has them all.
+    let unknown: Vec<usize> = (0..order.len()).filter(|i| known[*i].is_none()).collect();
+    let mut stored: HashMap<ChannelKey, KnownPosition> = HashMap::new();
+    for chunk in unknown.chunks(ROWS_PER_STATEMENT) {
         let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
             "SELECT app_id, channel, epoch, next_offset FROM channel_positions
              WHERE (app_id, channel) IN (VALUES ",
         );
         let mut rows = q.separated(", ");
-        for (app_id, channel) in chunk {
+        for index in chunk {
+            let (app_id, channel) = order[*index];
             rows.push("(");
-            rows.push_bind_unseparated(*app_id);
+            rows.push_bind_unseparated(app_id);
             rows.push_unseparated(", ");
-            rows.push_bind_unseparated(*channel);
+            rows.push_bind_unseparated(channel);
             rows.push_unseparated(")");
         }
         q.push(")");
         for row in q.build().fetch_all(&mut *conn).await? {
             stored.insert(
                 (row.try_get("app_id")?, row.try_get("channel")?),
-                (row.try_get("epoch")?, row.try_get("next_offset")?),
+                KnownPosition {
+                    epoch: row.try_get("epoch")?,
+                    next_offset: row.try_get("next_offset")?,
+                },
             );
         }
     }
-    let mut assigning: Vec<Assigning> = order
-        .iter()
+    for index in unknown {
+        let (app_id, channel) = order[index];
+        known[index] = stored.remove(&(app_id.to_owned(), channel.to_owned()));
+    }
+    let mut assigning: Vec<KnownPosition> = known
+        .into_iter()
         .zip(&first_epochs)
-        .map(|((app_id, channel), first_epoch)| {
-            match stored.remove(&((*app_id).to_owned(), (*channel).to_owned())) {
-                Some((epoch, next_offset)) if next_offset >= 1 => {
-                    Ok(Assigning { epoch, next_offset })
-                }
-                Some(_) => Err(StoreError::Corrupt("next_offset".into())),
-                // First use: the epoch its subscribers were told, or a new one; offset 1.
-                None => Ok(Assigning {
-                    epoch: first_epoch.map_or_else(new_epoch, str::to_owned),
-                    next_offset: 1,
-                }),
-            }
+        .map(|(known, first_epoch)| match known {
+            Some(position) if position.next_offset >= 1 => Ok(position),
+            Some(_) => Err(StoreError::Corrupt("next_offset".into())),
+            // First use: the epoch its subscribers were told, or a new one; offset 1.
+            None => Ok(KnownPosition {
+                epoch: first_epoch.map_or_else(new_epoch, str::to_owned),
+                next_offset: 1,
+            }),
         })
         .collect::<Result<_>>()?;
 
@@ -453,7 +469,7 @@ async fn append_histories(
 
     // Each channel's position once, past its last offset. The epoch is the one read (or, for
     // a new channel, minted) above, which nothing can have changed since in this transaction.
-    let positions: Vec<((&str, &str), &Assigning)> =
+    let positions: Vec<((&str, &str), &KnownPosition)> =
         order.iter().copied().zip(&assigning).collect();
     for chunk in positions.chunks(ROWS_PER_STATEMENT) {
         let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
@@ -496,6 +512,14 @@ async fn append_histories(
         .bind(expired)
         .execute(&mut *conn)
         .await?;
+    }
+
+    if let Some(batch) = cached {
+        batch
+            .written
+            .extend(order.iter().zip(&assigning).map(|((app_id, channel), at)| {
+                (((*app_id).to_owned(), (*channel).to_owned()), at.clone())
+            }));
     }
 
     rows.iter()
