@@ -27,7 +27,10 @@
 //! time under the same locks, `DELETE ... RETURNING` deciding which sweeper reports. So a
 //! killed node's members leave once, within `node_ttl` plus a heartbeat period. Decisions count
 //! every node's rows, dead or not yet swept: a user still held by an unswept node has not left
-//! the cluster, and leaves (once) when the sweep removes its last row.
+//! the cluster, and leaves (once) when the sweep removes its last row. A node whose own round
+//! comes more than a heartbeat period late skips judging the others once: an overloaded host
+//! holds up its nodes together, and the others' overdue beats come first, so none is taken for
+//! dead for a pause it shared with its judge.
 //!
 //! **Staleness.** Membership and occupancy are exact at each transaction's commit (a change
 //! reaches the database milliseconds after the hub decided it). Subscription counts are
@@ -556,6 +559,8 @@ impl ClusterPresence {
         // or a failed transaction, or the node was taken for dead) until a reconcile succeeds.
         let mut stale = false;
         let mut heartbeat = tokio::time::interval(self.node_ttl / 3);
+        // Whether the last heartbeat round skipped its sweep (it came late).
+        let mut skipped_sweep = false;
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut flush = tokio::time::interval(FLUSH_EVERY);
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -596,12 +601,23 @@ impl ClusterPresence {
                 _ = retry.tick(), if stale => {
                     stale = !self.resync(&mut changes, &mut flushed).await;
                 }
-                _ = heartbeat.tick() => {
+                due = heartbeat.tick() => {
                     if !self.heartbeat().await {
                         stale = !self.resync(&mut changes, &mut flushed).await;
                     }
-                    if let Err(e) = self.sweep().await {
-                        tracing::warn!(node = self.node, error = %e, "presence: sweeping dead nodes failed");
+                    // A round that comes more than a period late (this node was held up, or
+                    // its beat was slow) skips judging the others once: whatever held this
+                    // node up (an overloaded host) may have held them up too, and their beats,
+                    // overdue, come within the period. The next round sweeps however late it
+                    // is, so dead nodes still go within two periods more.
+                    if due.elapsed() > self.node_ttl / 3 && !skipped_sweep {
+                        skipped_sweep = true;
+                        tracing::info!(node = self.node, late = ?due.elapsed(), "presence: this node's heartbeat came late; not sweeping other nodes this round");
+                    } else {
+                        skipped_sweep = false;
+                        if let Err(e) = self.sweep().await {
+                            tracing::warn!(node = self.node, error = %e, "presence: sweeping dead nodes failed");
+                        }
                     }
                 }
                 _ = flush.tick() => {
@@ -1199,6 +1215,160 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A record that only tells the order of heartbeats and sweeps, and holds a heartbeat
+    /// back when told to (a node held up, say by an overloaded host).
+    struct Rounds {
+        events: mpsc::UnboundedSender<&'static str>,
+        slow_beats: Mutex<Vec<Duration>>,
+    }
+
+    #[async_trait::async_trait]
+    impl PresenceRecord for Rounds {
+        async fn register(&self, _: &str) -> Result<(), ClusterPresenceError> {
+            Ok(())
+        }
+        async fn heartbeat(&self, _: &str) -> Result<bool, ClusterPresenceError> {
+            let held = self.slow_beats.lock().expect("lock").pop();
+            if let Some(held) = held {
+                tokio::time::sleep(held).await;
+            }
+            let _ = self
+                .events
+                .send(if held.is_some() { "late beat" } else { "beat" });
+            Ok(true)
+        }
+        async fn join(
+            &self,
+            _: &str,
+            _: &str,
+            _: &str,
+            _: &str,
+            _: Option<&str>,
+            _: Option<&str>,
+        ) -> Result<bool, ClusterPresenceError> {
+            Ok(true)
+        }
+        async fn leave(
+            &self,
+            _: &str,
+            _: &str,
+            _: &str,
+            _: &str,
+            _: &str,
+        ) -> Result<bool, ClusterPresenceError> {
+            Ok(true)
+        }
+        async fn occupy(
+            &self,
+            _: &str,
+            _: &str,
+            _: &str,
+            _: i64,
+        ) -> Result<bool, ClusterPresenceError> {
+            Ok(true)
+        }
+        async fn vacate(&self, _: &str, _: &str, _: &str) -> Result<bool, ClusterPresenceError> {
+            Ok(true)
+        }
+        async fn write_counts(
+            &self,
+            _: &str,
+            _: &[(String, String, i64)],
+        ) -> Result<(), ClusterPresenceError> {
+            Ok(())
+        }
+        async fn held_by(&self, _: &str) -> Result<Held, ClusterPresenceError> {
+            Ok(Held::default())
+        }
+        async fn expire_nodes(&self, _: i64) -> Result<Vec<String>, ClusterPresenceError> {
+            let _ = self.events.send("sweep");
+            Ok(Vec::new())
+        }
+        async fn forget_node(&self, _: &str) -> Result<(), ClusterPresenceError> {
+            Ok(())
+        }
+        async fn orphans(&self, _: i64) -> Result<Orphans, ClusterPresenceError> {
+            Ok(Orphans::default())
+        }
+        async fn members_elsewhere(
+            &self,
+            _: &str,
+            _: &str,
+            _: &str,
+        ) -> Result<Vec<RemoteMember>, ClusterPresenceError> {
+            Ok(Vec::new())
+        }
+        async fn counts_elsewhere(
+            &self,
+            _: &str,
+            _: &str,
+            _: &str,
+        ) -> Result<Vec<(String, i64)>, ClusterPresenceError> {
+            Ok(Vec::new())
+        }
+        async fn users_elsewhere(
+            &self,
+            _: &str,
+            _: &str,
+            _: &str,
+        ) -> Result<Vec<(String, String)>, ClusterPresenceError> {
+            Ok(Vec::new())
+        }
+        async fn member_info(
+            &self,
+            _: &str,
+            _: &str,
+            _: &str,
+        ) -> Result<Option<String>, ClusterPresenceError> {
+            Ok(None)
+        }
+        async fn announce(&self, _: Notice) -> Result<(), ClusterPresenceError> {
+            Ok(())
+        }
+    }
+
+    /// A node whose round comes more than a heartbeat period late does not judge the others in
+    /// that round (they may have been held up with it, their beats overdue), and does in the
+    /// next however late that one is: a node on an overloaded host is not taken for dead for a
+    /// pause its judge shared, and dead nodes are still swept.
+    #[tokio::test(start_paused = true)]
+    async fn a_round_that_comes_late_skips_its_sweep_once() {
+        let node_ttl = Duration::from_secs(3);
+        let period = node_ttl / 3;
+        let (events, mut seen) = mpsc::unbounded_channel();
+        let record = Arc::new(Rounds {
+            events,
+            slow_beats: Mutex::new(Vec::new()),
+        });
+        let presence = ClusterPresence::new(
+            "a".into(),
+            Arc::clone(&record) as _,
+            Arc::new(Hub::default()),
+            Arc::new(Reports::default()) as _,
+            node_ttl,
+        );
+        let stop = CancellationToken::new();
+        let running =
+            tokio::spawn(Arc::clone(&presence).run(stop.clone(), CancellationToken::new()));
+        let mut next = async || seen.recv().await.expect("an event");
+        // On time: every round beats, then sweeps.
+        for _ in 0..2 {
+            assert_eq!((next().await, next().await), ("beat", "sweep"));
+        }
+        // Two rounds in a row held up for longer than a period, then one on time.
+        record
+            .slow_beats
+            .lock()
+            .expect("lock")
+            .extend([period * 2, period + period / 2]);
+        assert_eq!(next().await, "late beat", "the first late round");
+        assert_eq!(next().await, "late beat", "no sweep in it");
+        assert_eq!(next().await, "sweep", "the second late round sweeps");
+        assert_eq!((next().await, next().await), ("beat", "sweep"));
+        stop.cancel();
+        running.await.expect("run");
     }
 
     #[derive(Default)]
