@@ -390,15 +390,20 @@ const RETRY_FROM_SCRATCH: &str = "ROLLBACK; BEGIN";
 /// its future dropped halfway), the connection may be inside a transaction or without its
 /// fsyncs, so it is closed rather than returned: SQLite rolls back what was open, and the pool
 /// opens a new one from its options (`synchronous = FULL`).
-struct Lent {
+///
+/// Such a batch may also have committed without taking its positions into the cache (its future
+/// dropped while the `COMMIT` ran), so the cache starts again too.
+struct Lent<'a> {
     conn: sqlx::pool::PoolConnection<sqlx::Sqlite>,
+    positions: &'a PositionCache,
     clean: bool,
 }
 
-impl Drop for Lent {
+impl Drop for Lent<'_> {
     fn drop(&mut self) {
         if !self.clean {
             self.conn.close_on_drop();
+            self.positions.forget_all();
         }
     }
 }
@@ -410,6 +415,7 @@ impl Drop for Lent {
 async fn apply_all(pool: &SqlitePool, shared: &Shared, batch: &[PendingWrite]) -> Result<Applied> {
     let mut lent = Lent {
         conn: pool.acquire().await?,
+        positions: &shared.positions,
         clean: false,
     };
     let conn = &mut *lent.conn;
@@ -445,8 +451,8 @@ async fn apply_all(pool: &SqlitePool, shared: &Shared, batch: &[PendingWrite]) -
     {
         // (Were the commit to succeed and only the setting fail, the writes are in but their
         // callers hear they failed; they retry, which is a duplicate at worst, never a loss.)
+        // (The connection is closed and the positions cache emptied as `lent` drops.)
         revoke_fresh(shared, batch, &outcomes);
-        shared.positions.forget_all();
         return Err(e.into());
     }
     // Still holding the connection: no other write can come between the commit and this.
