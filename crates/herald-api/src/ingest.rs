@@ -180,12 +180,13 @@ async fn receive_from(
             .await
             .map_err(ApiError::internal)??
     };
-    let (delivery_id, event_type, channels) = match verified {
+    let (delivery_id, event_type, channels, payload) = match verified {
         Read::Event {
             delivery_id,
             event_type,
             channels,
-        } => (delivery_id, event_type, channels),
+            payload,
+        } => (delivery_id, event_type, channels, payload),
         Read::Challenge(answer) => {
             return Ok(Answer::Ok(StatusCode::OK, answer, IngestOutcome::Challenge));
         }
@@ -196,7 +197,7 @@ async fn receive_from(
         .get_app(&source.app_id)
         .await?
         .ok_or_else(|| ApiError::not_found("application"))?;
-    let message = message_for(&app.id, &event_type, &channels, &body);
+    let message = message_for(&app.id, &event_type, &channels, &body, payload);
     let event = IngestEvent {
         id: herald_core::IngestEventId::new(now),
         source_id: source.id.clone(),
@@ -238,6 +239,8 @@ enum Read {
         delivery_id: String,
         event_type: String,
         channels: Vec<String>,
+        /// The body as JSON, if it is JSON: read once, for the templates and the message.
+        payload: Option<Value>,
     },
     /// Slack's handshake when the URL is registered: echo the challenge, publish nothing.
     Challenge(Value),
@@ -302,21 +305,25 @@ fn read(source: &IngestSource, headers: &HeaderMap, body: &[u8], now_unix: i64) 
         delivery_id,
         event_type,
         channels,
+        payload,
     })
 }
 
 /// The message a received body becomes: the body itself as the payload when it is a JSON
-/// object, otherwise `{"data": <the JSON value, or the body as text>}`.
+/// object, otherwise `{"data": <the JSON value, or the body as text>}`. `parsed` is the body
+/// read as JSON (`None`: it is not JSON), so a request is parsed once.
 pub(crate) fn message_for(
     app_id: &herald_core::AppId,
     event_type: &str,
     channels: &[String],
-    body: &[u8],
+    body: &Bytes,
+    parsed: Option<Value>,
 ) -> Message {
-    let payload = match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(_)) => Bytes::copy_from_slice(body),
-        Ok(other) => Bytes::from(serde_json::json!({ "data": other }).to_string()),
-        Err(_) => {
+    let payload = match parsed {
+        // The bytes as received (a clone of `Bytes` shares them), not a re-serialization.
+        Some(Value::Object(_)) => body.clone(),
+        Some(other) => Bytes::from(serde_json::json!({ "data": other }).to_string()),
+        None => {
             Bytes::from(serde_json::json!({ "data": String::from_utf8_lossy(body) }).to_string())
         }
     };
@@ -358,4 +365,35 @@ enum IngestAnswer {
     Challenge {
         challenge: String,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payload_of(body: &'static [u8]) -> Value {
+        let body = Bytes::from_static(body);
+        let parsed = serde_json::from_slice(&body).ok();
+        let app = herald_core::AppId::new(crate::now());
+        let message = message_for(&app, "bench.event", &[], &body, parsed);
+        serde_json::from_slice(&message.payload).expect("a payload is JSON")
+    }
+
+    #[test]
+    fn a_json_object_is_the_payload_as_received_and_anything_else_is_wrapped_in_data() {
+        // An object is kept byte for byte (its key order and spacing too).
+        let body = Bytes::from_static(br#"{"b": 1,  "a": [2]}"#);
+        let app = herald_core::AppId::new(crate::now());
+        let parsed = serde_json::from_slice(&body).ok();
+        let message = message_for(&app, "t", &["orders".to_owned()], &body, parsed);
+        assert_eq!(message.payload, body);
+        assert_eq!(message.channels, Some(vec!["orders".to_owned()]));
+
+        assert_eq!(payload_of(b"[1,2]"), serde_json::json!({"data": [1, 2]}));
+        assert_eq!(payload_of(b"\"text\""), serde_json::json!({"data": "text"}));
+        assert_eq!(
+            payload_of(b"token=abc&x=1"),
+            serde_json::json!({"data": "token=abc&x=1"})
+        );
+    }
 }

@@ -618,8 +618,14 @@ pub async fn replay(
 ) -> ApiResult<(StatusCode, Json<ReplayOut>)> {
     let (source, event) = find_event(&state, &caller, &app_id, &source_id, &event_id).await?;
     let app = caller.app(&state, &app_id).await?;
-    let message =
-        crate::ingest::message_for(&app.id, &event.event_type, &event.channels, &event.body);
+    let parsed = serde_json::from_slice(&event.body).ok();
+    let message = crate::ingest::message_for(
+        &app.id,
+        &event.event_type,
+        &event.channels,
+        &event.body,
+        parsed,
+    );
     let msg_id = message.id.clone();
     crate::ingest::publish(&state, &app, message).await?;
     tracing::info!(source = %source.id, event = %event.id, %msg_id, "ingest event replayed");
