@@ -371,21 +371,23 @@ enum IngestAnswer {
 mod tests {
     use super::*;
 
-    fn payload_of(body: &'static [u8]) -> Value {
+    /// The message `body` becomes, parsed as the ingest route parses it.
+    fn message_of(body: &'static [u8], channels: &[String]) -> Message {
         let body = Bytes::from_static(body);
         let parsed = serde_json::from_slice(&body).ok();
         let app = herald_core::AppId::new(crate::now());
-        let message = message_for(&app, "bench.event", &[], &body, parsed);
-        serde_json::from_slice(&message.payload).expect("a payload is JSON")
+        message_for(&app, "bench.event", channels, &body, parsed)
+    }
+
+    fn payload_of(body: &'static [u8]) -> Value {
+        serde_json::from_slice(&message_of(body, &[]).payload).expect("a payload is JSON")
     }
 
     #[test]
     fn a_json_object_is_the_payload_as_received_and_anything_else_is_wrapped_in_data() {
         // An object is kept byte for byte (its key order and spacing too).
-        let body = Bytes::from_static(br#"{"b": 1,  "a": [2]}"#);
-        let app = herald_core::AppId::new(crate::now());
-        let parsed = serde_json::from_slice(&body).ok();
-        let message = message_for(&app, "t", &["orders".to_owned()], &body, parsed);
+        let body: &[u8] = br#"{"b": 1,  "a": [2]}"#;
+        let message = message_of(body, &["orders".to_owned()]);
         assert_eq!(message.payload, body);
         assert_eq!(message.channels, Some(vec!["orders".to_owned()]));
 
