@@ -1299,7 +1299,7 @@ async fn publishing_beyond_the_apps_rate_gets_429_with_retry_after_and_stores_no
     // refusal is a 429 with Retry-After, and only what was accepted is stored.
     let mut accepted = 0;
     let refusal = loop {
-        let response = reqwest::Client::new()
+        let response = crate::harness::http_client()
             .post(format!("{}/api/v1/app/{app}/msg", server.base))
             .bearer_auth(ADMIN_TOKEN)
             .json(&json!({"eventType": "tick", "payload": {}}))

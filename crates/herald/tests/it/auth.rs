@@ -30,7 +30,7 @@ async fn send(
     credential: Credential<'_>,
 ) -> (u16, String) {
     let mut request =
-        reqwest::Client::new().request(method.clone(), format!("{}{path}", server.base));
+        crate::harness::http_client().request(method.clone(), format!("{}{path}", server.base));
     request = match credential {
         Credential::None => request,
         Credential::Malformed => request.header("authorization", format!("Basic {ADMIN_TOKEN}")),
@@ -220,7 +220,7 @@ async fn every_route_in_the_table_refuses_missing_malformed_wrong_revoked_expire
                     ),
                 ];
                 for (case, headers) in cases {
-                    let mut request = reqwest::Client::new()
+                    let mut request = crate::harness::http_client()
                         .post(format!("{}{path}", server.base))
                         .header("content-type", "application/json")
                         .body(body.to_vec());
@@ -230,7 +230,7 @@ async fn every_route_in_the_table_refuses_missing_malformed_wrong_revoked_expire
                     let response = request.send().await.expect("request");
                     assert_eq!(response.status().as_u16(), 401, "{what}, {case} signature");
                 }
-                let response = reqwest::Client::new()
+                let response = crate::harness::http_client()
                     .post(format!("{}{path}", server.base))
                     .header("content-type", "application/json")
                     .header(
@@ -326,7 +326,7 @@ async fn send_pusher(
 ) -> u16 {
     let mut url = url::Url::parse(&format!("{}{path}", server.base)).expect("url");
     url.query_pairs_mut().extend_pairs(params);
-    let mut request = reqwest::Client::new()
+    let mut request = crate::harness::http_client()
         .request(method.clone(), url)
         .header("content-type", "application/json")
         .body(body.to_owned());
@@ -348,7 +348,8 @@ async fn channel_route_refuses(
     let expires = chrono::Utc::now().timestamp() + 60;
     let channel = "private-walk";
     let status = |query: String, bearer: Option<&str>| {
-        let mut request = reqwest::Client::new().get(format!("{}{path}?{query}", server.base));
+        let mut request =
+            crate::harness::http_client().get(format!("{}{path}?{query}", server.base));
         if let Some(token) = bearer {
             request = request.bearer_auth(token);
         }

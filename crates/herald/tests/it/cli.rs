@@ -327,14 +327,14 @@ async fn the_tail_is_the_apps_alone() {
         .await;
     assert_eq!(status, 201, "{token}");
     let token = token["token"].as_str().expect("token").to_owned();
-    let refused = reqwest::Client::new()
+    let refused = crate::harness::http_client()
         .get(format!("{}/api/v1/app/{app}/tail", server.base))
         .bearer_auth(&token)
         .send()
         .await
         .expect("answered");
     assert_eq!(refused.status(), 404, "another app's token finds nothing");
-    let refused = reqwest::Client::new()
+    let refused = crate::harness::http_client()
         .get(format!("{}/api/v1/app/{app}/tail", server.base))
         .send()
         .await
@@ -361,7 +361,7 @@ async fn replay_resends_an_endpoints_thousand_failed_messages() {
     let endpoint_id = endpoint["id"].as_str().expect("id").to_owned();
     let since = chrono::Utc::now() - chrono::Duration::seconds(5);
 
-    let http = reqwest::Client::new();
+    let http = crate::harness::http_client();
     let url = format!("{}/api/v1/app/{app}/msg", server.base);
     futures_util::future::join_all((0..MESSAGES).collect::<Vec<_>>().chunks(50).map(|chunk| {
         let (http, url) = (http.clone(), url.clone());

@@ -154,7 +154,7 @@ async fn every_acknowledged_message_and_inbound_webhook_arrives_despite_five_sig
         let (live, app, ingest_path) = (Arc::clone(&live), app.clone(), ingest_path.clone());
         let (next_message, next_inbound) = (Arc::clone(&next_message), Arc::clone(&next_inbound));
         senders.push(tokio::spawn(async move {
-            let client = reqwest::Client::new();
+            let client = crate::harness::http_client();
             loop {
                 let n = next_message.fetch_add(1, Ordering::Relaxed);
                 if n < MESSAGES {

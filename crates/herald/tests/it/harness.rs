@@ -347,7 +347,7 @@ pub async fn test_store(
 }
 
 /// reqwest is built without a bundled TLS provider (see herald-delivery); install ring once.
-fn http_client() -> reqwest::Client {
+pub fn http_client() -> reqwest::Client {
     let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::new()
 }

@@ -474,7 +474,7 @@ async fn replay_per_address_stays_within_its_byte_budget_then_resumes_say_rate_l
     );
 
     // An SSE stream from the same address resuming with Last-Event-ID shares the budget.
-    let response = reqwest::Client::new()
+    let response = crate::harness::http_client()
         .get(format!(
             "{}/apps/{}/sse?channels={channel}",
             server.base, creds.id

@@ -45,7 +45,7 @@ pub(crate) async fn post(
     body: &[u8],
 ) -> (u16, Value) {
     let path = source["ingestPath"].as_str().expect("ingestPath");
-    let mut request = reqwest::Client::new()
+    let mut request = crate::harness::http_client()
         .post(format!("{}{path}", server.base))
         .header("content-type", "application/json")
         .body(body.to_vec());
@@ -455,7 +455,7 @@ async fn bad_requests_and_bad_sources_get_clear_errors() {
     let server = TestServer::start_with(|c| c.api.max_body_bytes = 4096).await;
     let (app, _) = pusher_app(&server, "bad-ingest").await;
 
-    let raw = reqwest::Client::new();
+    let raw = crate::harness::http_client();
     let unknown = raw
         .post(format!(
             "{}/ingest/src_2Z9fZ9fZ9fZ9fZ9fZ9fZ9fZ9fZ9",
@@ -857,7 +857,7 @@ async fn post_stripe(
 ) -> (u16, Option<String>, Value) {
     let path = source["ingestPath"].as_str().expect("ingestPath");
     let (name, value) = stripe_header(secret, body, now());
-    let response = reqwest::Client::new()
+    let response = crate::harness::http_client()
         .post(format!("{}{path}", server.base))
         .header("content-type", "application/json")
         .header(name, value)

@@ -12,7 +12,7 @@ use crate::{
 
 /// The scrape's status, content type and body, with `token` as the bearer (if any).
 async fn scrape_as(server: &TestServer, token: Option<&str>) -> (u16, String, String) {
-    let mut request = reqwest::Client::new().get(format!("{}/metrics", server.base));
+    let mut request = crate::harness::http_client().get(format!("{}/metrics", server.base));
     if let Some(token) = token {
         request = request.bearer_auth(token);
     }

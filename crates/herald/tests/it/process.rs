@@ -338,7 +338,7 @@ async fn a_closed_stdout_does_not_stop_the_server() {
     drop(child.stdout.take());
     let api = TestServer::remote(format!("http://127.0.0.1:{port}"));
     crate::harness::eventually("the server to answer", || async {
-        let client = reqwest::Client::new();
+        let client = crate::harness::http_client();
         let response = client
             .get(format!("{}/api/v1/health", api.base))
             .send()
@@ -647,7 +647,7 @@ async fn json_logs_carry_each_requests_id_which_the_response_returns() {
     .await
     .expect("herald started");
 
-    let http = reqwest::Client::new();
+    let http = crate::harness::http_client();
     let given = http
         .get(format!("{base}/api/v1/app"))
         .bearer_auth(ADMIN_TOKEN)

@@ -188,7 +188,7 @@ async fn send_signed(
 ) -> (u16, String) {
     let mut url = url::Url::parse(&format!("{}{path}", server.base)).expect("url");
     url.query_pairs_mut().extend_pairs(params);
-    let client = reqwest::Client::new();
+    let client = crate::harness::http_client();
     let request = match method {
         "POST" => client
             .post(url)

@@ -629,7 +629,7 @@ async fn malformed_and_oversize_packets_cost_only_their_sender() {
     big.emit("chat message", &[json!("x".repeat(20_000))]).await;
     expect_closed(&mut big.ws, "an oversize message").await;
     // Over the polling transport, an oversize body is refused with 413.
-    let http = reqwest::Client::new();
+    let http = crate::harness::http_client();
     let open = http
         .get(format!(
             "{}/socket.io/?EIO=4&transport=polling",
@@ -757,7 +757,7 @@ async fn a_reconnecting_client_recovers_what_it_missed_from_its_position() {
 #[tokio::test]
 async fn the_polling_transport_answers_cors_for_any_origin() {
     let server = TestServer::start().await;
-    let http = reqwest::Client::new();
+    let http = crate::harness::http_client();
     let preflight = http
         .request(
             Method::OPTIONS,

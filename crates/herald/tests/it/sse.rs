@@ -89,7 +89,7 @@ async fn request(
     last_id: Option<&str>,
 ) -> reqwest::Response {
     let mut request =
-        reqwest::Client::new().get(format!("{}/apps/{}/sse?{query}", server.base, creds.id));
+        crate::harness::http_client().get(format!("{}/apps/{}/sse?{query}", server.base, creds.id));
     if let Some(id) = last_id {
         request = request.header("last-event-id", id);
     }

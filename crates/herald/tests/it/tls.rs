@@ -378,7 +378,7 @@ async fn https_and_wss_serve_every_face_with_the_ca_trusted() {
     assert!(h2_only.is_err(), "h2 alone is not spoken here");
 
     // Plain HTTP to the TLS port is not served.
-    let plain = reqwest::Client::new()
+    let plain = crate::harness::http_client()
         .get(format!("{}/health/live", server.base))
         .timeout(PATIENCE)
         .send()
@@ -782,7 +782,7 @@ async fn the_plain_health_listener_answers_health_only() {
 
     // Installed here too: run alone (nextest), no other test has installed it.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let plain = reqwest::Client::new();
+    let plain = crate::harness::http_client();
     for path in ["/health/live", "/health/ready"] {
         let response = plain
             .get(format!("{health}{path}"))

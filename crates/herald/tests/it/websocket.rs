@@ -822,7 +822,7 @@ async fn deleting_an_app_closes_its_sockets_with_4001_and_relays_nothing_after()
     let mut bystander = Client::connect(&server, &kept.key).await;
     let auth = channel_auth(&kept, &bystander.socket_id, channel, None);
     bystander.subscribe(channel, Some(auth), None).await;
-    let mut sse = reqwest::Client::new()
+    let mut sse = crate::harness::http_client()
         .get(format!(
             "{}/apps/{}/sse?channels=news",
             server.base, creds.id
