@@ -36,7 +36,9 @@
 //!
 //! The same session hears [`DELIVERIES_CHANNEL`] (another node queued a delivery, so this
 //! node's dispatcher wakes and may claim it), [`CONTROL_CHANNEL`] (another node deleted an app:
-//! its connections here close too) and presence notices (see `presence`).
+//! its connections here close too), [`CONFIG_CHANNEL`] (an app, endpoint, token or source
+//! changed: this node's store cache is emptied, see [`PostgresBroker::keep_cache`]) and
+//! presence notices (see `presence`).
 
 use std::{
     sync::{
@@ -57,8 +59,8 @@ use herald_core::{
     history::{HistoryEntry, Position},
 };
 use herald_store::{
-    HistoryQuery, Store,
-    postgres::{DELIVERIES_CHANNEL, HISTORY_CHANNEL, HistoryNotice},
+    Cache, HistoryQuery, Store,
+    postgres::{CONFIG_CHANNEL, DELIVERIES_CHANNEL, HISTORY_CHANNEL, HistoryNotice},
 };
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -211,6 +213,13 @@ pub struct PostgresBroker {
     /// A send to the bus failed: history subscribers are caught up once it is back.
     missed: AtomicBool,
     presence: std::sync::OnceLock<Arc<dyn PresenceRecord>>,
+    /// The store's node cache, served only while this session hears [`CONFIG_CHANNEL`].
+    cache: std::sync::OnceLock<Arc<Cache>>,
+    /// How many LISTEN sessions have been opened (the first, then each re-opened one).
+    sessions: tokio::sync::watch::Sender<u64>,
+    /// The schema Herald's tables are in (`current_schema()` of the session): the payload of
+    /// the [`CONFIG_CHANNEL`] notices that concern this node.
+    schema: std::sync::OnceLock<String>,
 }
 
 impl PostgresBroker {
@@ -235,7 +244,38 @@ impl PostgresBroker {
             bus,
             missed: AtomicBool::new(false),
             presence: std::sync::OnceLock::new(),
+            cache: std::sync::OnceLock::new(),
+            sessions: tokio::sync::watch::Sender::new(0),
+            schema: std::sync::OnceLock::new(),
         })
+    }
+
+    /// How many LISTEN sessions this node has opened: 1 once [`PostgresBroker::listen`]
+    /// returns, and one more each time a lost session is re-opened (after its cache serves
+    /// again, before it catches up).
+    pub fn sessions_opened(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.sessions.subscribe()
+    }
+
+    /// A session listens: the cache serves again, from empty.
+    fn opened(&self) {
+        self.listening.store(true, Ordering::Relaxed);
+        self.with_cache(Cache::resume);
+        self.sessions.send_modify(|n| *n += 1);
+    }
+
+    /// Keeps the store's node cache (`PostgresStore::cache`) in step with the cluster: resumed
+    /// once the LISTEN session hears [`CONFIG_CHANNEL`], emptied on each notification there
+    /// and whenever the session was re-opened (what was notified meanwhile went unheard), and
+    /// paused while the session is lost. Call before [`PostgresBroker::listen`].
+    pub fn keep_cache(&self, cache: Arc<Cache>) {
+        let _ = self.cache.set(cache);
+    }
+
+    fn with_cache(&self, change: impl FnOnce(&Cache)) {
+        if let Some(cache) = self.cache.get() {
+            change(cache);
+        }
     }
 
     /// The bus publications travel on, if not NOTIFY.
@@ -278,7 +318,7 @@ impl PostgresBroker {
     /// [`PostgresBroker::run`].
     pub async fn listen(&self) -> Result<Session, sqlx::Error> {
         let listener = self.try_open().await?;
-        self.listening.store(true, Ordering::Relaxed);
+        self.opened();
         Ok(Session(listener))
     }
 
@@ -311,8 +351,8 @@ impl PostgresBroker {
             let Some(mut listener) = opened else {
                 return;
             };
-            self.listening.store(true, Ordering::Relaxed);
             if reconnecting {
+                self.opened();
                 tracing::info!(
                     node = self.node,
                     "broker: LISTEN session re-opened; catching up"
@@ -336,14 +376,17 @@ impl PostgresBroker {
                         Ok(Some(notification)) => {
                             self.hear(notification.channel(), notification.payload()).await;
                         }
-                        // sqlx re-opened the session already (re-listening): catch up.
+                        // The connection was lost (see `try_open`): re-opened above, after
+                        // which the cache serves again and the node catches up.
                         Ok(None) => {
-                            tracing::warn!(node = self.node, "broker: LISTEN session lost and re-opened; catching up");
-                            self.catch_up().await;
-                            (self.wake_deliveries)();
+                            self.listening.store(false, Ordering::Relaxed);
+                            self.with_cache(Cache::pause);
+                            tracing::warn!(node = self.node, "broker: LISTEN session lost; re-opening");
+                            break;
                         }
                         Err(e) => {
                             self.listening.store(false, Ordering::Relaxed);
+                            self.with_cache(Cache::pause);
                             tracing::warn!(node = self.node, error = %e, "broker: LISTEN session lost; re-opening");
                             break;
                         }
@@ -375,9 +418,19 @@ impl PostgresBroker {
     /// One attempt at a LISTEN session on every channel the broker hears.
     async fn try_open(&self) -> Result<PgListener, sqlx::Error> {
         let mut listener = PgListener::connect_with(&self.pool).await?;
+        // A lost connection is reported at once (`Ok(None)`) and re-opened by `hold_session`,
+        // which pauses the cache meanwhile; sqlx would re-open it first, unannounced.
+        listener.eager_reconnect(false);
+        if self.schema.get().is_none() {
+            let schema: String = sqlx::query_scalar("SELECT current_schema()")
+                .fetch_one(&mut listener)
+                .await?;
+            let _ = self.schema.set(schema);
+        }
         let control = [
             DELIVERIES_CHANNEL,
             CONTROL_CHANNEL,
+            CONFIG_CHANNEL,
             crate::presence::PRESENCE_CHANNEL,
         ];
         if self.bus.is_none() {
@@ -394,6 +447,13 @@ impl PostgresBroker {
             HISTORY_CHANNEL => self.hear_history(payload).await,
             PUBLICATIONS_CHANNEL => self.hear_publication(payload).await,
             CONTROL_CHANNEL => self.hear_control(payload),
+            // Another deployment's schema in the same database changes nothing here.
+            CONFIG_CHANNEL => {
+                if self.schema.get().is_none_or(|schema| schema == payload) {
+                    self.with_cache(Cache::invalidate);
+                }
+                Ok(())
+            }
             DELIVERIES_CHANNEL => {
                 (self.wake_deliveries)();
                 Ok(())
@@ -846,6 +906,116 @@ mod tests {
             by_reference: false,
         })
         .expect("encodes")
+    }
+
+    /// The ids of `app_id`'s endpoints, as `store` reads them.
+    async fn endpoints(
+        store: &herald_store::postgres::PostgresStore,
+        app_id: &AppId,
+    ) -> Vec<String> {
+        let list = store.app_endpoints(app_id).await.expect("endpoints");
+        list.iter().map(|e| e.id.to_string()).collect()
+    }
+
+    /// While a node listens, the apps' endpoint lists it reads come from its memory; another
+    /// node's change reaches them when the change's notification arrives, and a change whose
+    /// notification this node never heard (its session was lost) once the session re-opens.
+    #[tokio::test]
+    async fn the_node_cache_follows_other_nodes_changes_through_notifications_and_lost_sessions() {
+        let Some(schema) = Schema::create("node cache").await else {
+            return;
+        };
+        let name = format!("herald_cache_{}", crate::new_node_id().to_lowercase());
+        let here = Arc::new(schema.store_named(&name).await);
+        let other = schema.store().await;
+        let broker = PostgresBroker::new(
+            "here".into(),
+            here.pool().clone(),
+            Arc::new(Hub::default()),
+            Arc::clone(&here) as Arc<dyn Store>,
+            Box::new(|| {}),
+            None,
+        );
+        let mut sessions = broker.sessions_opened();
+        broker.keep_cache(here.cache());
+        // Made before the session listens, so that its notification is not heard later on.
+        let app = herald_store::conformance::stored_app(&other, "cache").await;
+        assert!(
+            !here.cache().is_serving(),
+            "paused until the session listens"
+        );
+        let session = broker.listen().await.expect("listen");
+        assert!(here.cache().is_serving());
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(Arc::clone(&broker).run(session, shutdown.clone()));
+        assert!(endpoints(&here, &app.id).await.is_empty());
+
+        // A change whose notification never comes (the trigger off for it) is not seen: the
+        // list is served from memory.
+        let admin = schema.pool().await;
+        let trigger = |on: bool| {
+            let sql = format!(
+                "ALTER TABLE endpoints {} TRIGGER endpoints_config_changed",
+                if on { "ENABLE" } else { "DISABLE" }
+            );
+            let admin = admin.clone();
+            async move {
+                sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .execute(&admin)
+                    .await
+                    .expect("alter the trigger");
+            }
+        };
+        trigger(false).await;
+        let unheard = herald_store::conformance::endpoint(&app.id);
+        other.create_endpoint(&unheard).await.expect("create");
+        trigger(true).await;
+        assert!(
+            endpoints(&here, &app.id).await.is_empty(),
+            "read from memory"
+        );
+        assert_eq!(endpoints(&other, &app.id).await, [unheard.id.to_string()]);
+
+        // A change with its notification: seen once it has arrived.
+        let heard = herald_store::conformance::endpoint(&app.id);
+        other.create_endpoint(&heard).await.expect("create");
+        let mut both = vec![unheard.id.to_string(), heard.id.to_string()];
+        both.sort();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while endpoints(&here, &app.id).await != both {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the notification empties the cache");
+
+        // Another unheard change, then the session is lost: re-opened, it serves afresh.
+        trigger(false).await;
+        other
+            .delete_endpoint(&app.id, &unheard.id)
+            .await
+            .expect("delete");
+        trigger(true).await;
+        assert_eq!(endpoints(&here, &app.id).await, both, "read from memory");
+        let cut: Vec<i32> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid)::int FROM pg_stat_activity
+             WHERE application_name = $1 AND query LIKE 'LISTEN%'",
+        )
+        .bind(&name)
+        .fetch_all(&admin)
+        .await
+        .expect("cut the session");
+        assert_eq!(cut, [1], "one LISTEN session");
+        tokio::time::timeout(Duration::from_secs(10), sessions.wait_for(|n| *n == 2))
+            .await
+            .expect("re-opened in time")
+            .expect("the broker runs");
+        assert!(here.cache().is_serving());
+        assert_eq!(endpoints(&here, &app.id).await, [heard.id.to_string()]);
+
+        shutdown.cancel();
+        running.await.expect("the broker stops");
+        schema.drop_now().await;
     }
 
     /// Two nodes' publications on one channel can cross on a bus: an offset heard before the

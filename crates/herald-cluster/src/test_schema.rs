@@ -33,6 +33,18 @@ impl Schema {
         PostgresStore::open(&self.url, options).await.expect("open")
     }
 
+    /// A store on this schema whose connections carry `application_name` (so a test can find
+    /// them in `pg_stat_activity`).
+    pub(crate) async fn store_named(&self, application_name: &str) -> PostgresStore {
+        let separator = if self.url.contains('?') { '&' } else { '?' };
+        let url = format!("{}{separator}application_name={application_name}", self.url);
+        let options = PostgresOptions {
+            schema: Some(self.name.clone()),
+            ..PostgresOptions::default()
+        };
+        PostgresStore::open(&url, options).await.expect("open")
+    }
+
     pub(crate) async fn pool(&self) -> PgPool {
         self.store().await.pool().clone()
     }

@@ -130,7 +130,9 @@ pub async fn stored_app(store: &dyn Store, name: &str) -> App {
     app
 }
 
-pub(crate) fn endpoint(app_id: &AppId) -> Endpoint {
+/// A new enabled Standard Webhooks endpoint of `app_id`, not stored (a fixture for other
+/// crates' store tests too).
+pub fn endpoint(app_id: &AppId) -> Endpoint {
     let now = Utc::now();
     Endpoint {
         id: herald_core::EndpointId::new(now),

@@ -23,12 +23,15 @@ use herald_core::model::{
     Message, TriggerType,
 };
 
+mod cache;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 pub mod postgres;
 pub mod secrets;
 mod sql;
 pub mod sqlite;
+
+pub use cache::Cache;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -193,14 +193,18 @@ pub async fn run_with(
     let cluster_pool = postgres.as_ref().map(|postgres| postgres.pool().clone());
     let postgres_broker = postgres.map(|postgres| {
         let wake = dispatcher.handle();
-        PostgresBroker::new(
+        let broker = PostgresBroker::new(
             herald_cluster::new_node_id(),
             postgres.pool().clone(),
             Arc::clone(&hub),
             Arc::clone(&store),
             Box::new(move || wake.wake()),
             bus,
-        )
+        );
+        // The store's cache of apps, endpoints, tokens and sources serves while the broker
+        // hears the other nodes' changes to them.
+        broker.keep_cache(postgres.cache());
+        broker
     });
     let broker: Arc<dyn Broker> = match &postgres_broker {
         Some(broker) => {

@@ -1,5 +1,5 @@
-//! [`AppStore`] on PostgreSQL: apps, read from the database every time, never cached (API
-//! tokens are in `tokens`).
+//! [`AppStore`] on PostgreSQL: apps, read through the node cache (see the module doc of
+//! `postgres`); API tokens are in `tokens`.
 
 use herald_core::AppId;
 use herald_core::model::App;
@@ -53,30 +53,34 @@ impl AppStore for PostgresStore {
     }
 
     async fn get_app(&self, id_or_uid: &str) -> Result<Option<App>> {
-        sqlx::query(sql::GET_APP)
+        if let Some(app) = self.cache.app(id_or_uid) {
+            return Ok(Some(app));
+        }
+        let generation = self.cache.generation();
+        let app = sqlx::query(sql::GET_APP)
             .bind(id_or_uid)
             .fetch_optional(&self.pool)
             .await?
             .map(|row| rows::app(&row, &self.keys))
-            .transpose()
+            .transpose()?;
+        if let Some(app) = &app {
+            self.cache.put_app(generation, app);
+        }
+        Ok(app)
     }
 
     async fn get_app_by_pusher_key(&self, key: &str) -> Result<Option<App>> {
-        sqlx::query(sql::APP_BY_PUSHER_KEY)
-            .bind(key)
-            .fetch_optional(&self.pool)
-            .await?
-            .map(|row| rows::app(&row, &self.keys))
-            .transpose()
+        self.cached_app(&format!("pusher-key:{key}"), sql::APP_BY_PUSHER_KEY, key)
+            .await
     }
 
     async fn get_app_by_pusher_id(&self, app_id: i64) -> Result<Option<App>> {
-        sqlx::query(sql::APP_BY_PUSHER_ID)
-            .bind(app_id)
-            .fetch_optional(&self.pool)
-            .await?
-            .map(|row| rows::app(&row, &self.keys))
-            .transpose()
+        self.cached_app(
+            &format!("pusher-id:{app_id}"),
+            sql::APP_BY_PUSHER_ID,
+            app_id,
+        )
+        .await
     }
 
     async fn list_apps(&self, page: &Page) -> Result<Vec<App>> {
@@ -95,6 +99,7 @@ impl AppStore for PostgresStore {
             .execute(&self.pool)
             .await
             .map_err(conflict_as("an application with this uid already exists"))?;
+        self.cache.invalidate();
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound);
         }
@@ -110,6 +115,7 @@ impl AppStore for PostgresStore {
             .execute(&self.pool)
             .await
             .map_err(conflict_as("another application has this Pusher key"))?;
+        self.cache.invalidate();
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound);
         }
@@ -117,6 +123,8 @@ impl AppStore for PostgresStore {
     }
 
     async fn delete_app(&self, id: &AppId) -> Result<bool> {
-        self.delete_app_data(id).await
+        let deleted = self.delete_app_data(id).await;
+        self.cache.invalidate();
+        deleted
     }
 }

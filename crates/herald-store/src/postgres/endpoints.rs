@@ -1,5 +1,5 @@
-//! [`EndpointStore`] on PostgreSQL: an app's webhook endpoints (read from the database every
-//! time, never cached) and their statistics.
+//! [`EndpointStore`] on PostgreSQL: an app's webhook endpoints (an app's list read through the
+//! node cache, see the module doc of `postgres`) and their statistics.
 //!
 //! Tables (migrations/postgres/0001_init.sql):
 //! - `endpoints`: id TEXT PK, app_id TEXT (apps, cascade), uid TEXT (UNIQUE with app_id), url,
@@ -17,8 +17,8 @@
 //!
 //! `update_endpoint` is a compare-and-set on `updated_at`, which every write moves (the
 //! worker's disable too, in `messages.rs`: `GREATEST(updated_at + 1, now)`), so an update
-//! prepared before another node's write conflicts instead of overwriting it. `app_endpoints`
-//! reads the database on every call: another node may have changed a row.
+//! prepared before another node's write conflicts instead of overwriting it. `get_endpoint` and
+//! `list_endpoints` (the API's reads, which an update compares against) read the database.
 
 use std::sync::Arc;
 
@@ -53,6 +53,7 @@ impl EndpointStore for PostgresStore {
             .execute(&self.pool)
             .await
             .map_err(conflict_as(UID_TAKEN))?;
+        self.cache.invalidate();
         Ok(())
     }
 
@@ -84,6 +85,7 @@ impl EndpointStore for PostgresStore {
             .execute(&self.pool)
             .await
             .map_err(conflict_as(UID_TAKEN))?;
+        self.cache.invalidate();
         if done.rows_affected() == 0 {
             let exists = sqlx::query(sql::ENDPOINT_EXISTS)
                 .bind(ep.id.as_str())
@@ -106,10 +108,15 @@ impl EndpointStore for PostgresStore {
             .bind(id.as_str())
             .execute(&self.pool)
             .await?;
+        self.cache.invalidate();
         Ok(done.rows_affected() > 0)
     }
 
     async fn app_endpoints(&self, app_id: &AppId) -> Result<Arc<Vec<Endpoint>>> {
+        if let Some(endpoints) = self.cache.endpoints(app_id) {
+            return Ok(endpoints);
+        }
+        let generation = self.cache.generation();
         let endpoints = sqlx::query("SELECT * FROM endpoints WHERE app_id = $1 ORDER BY id")
             .bind(app_id.as_str())
             .fetch_all(&self.pool)
@@ -117,7 +124,9 @@ impl EndpointStore for PostgresStore {
             .iter()
             .map(|row| rows::endpoint(row, "", &self.keys))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Arc::new(endpoints))
+        let endpoints = Arc::new(endpoints);
+        self.cache.put_endpoints(generation, app_id, &endpoints);
+        Ok(endpoints)
     }
 
     async fn endpoint_stats(&self, endpoint_id: &EndpointId) -> Result<EndpointStats> {

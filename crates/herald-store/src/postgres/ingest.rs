@@ -55,13 +55,22 @@ impl IngestStore for PostgresStore {
             .transpose()
     }
 
+    /// Every webhook posted to a source reads it: through the node cache, as its app is.
     async fn find_source(&self, id: &str) -> Result<Option<IngestSource>> {
-        sqlx::query(sql::FIND_SOURCE)
+        if let Some(source) = self.cache.source(id) {
+            return Ok(Some(source));
+        }
+        let generation = self.cache.generation();
+        let source = sqlx::query(sql::FIND_SOURCE)
             .bind(id)
             .fetch_optional(&self.pool)
             .await?
             .map(|row| rows::ingest_source(&row, &self.keys))
-            .transpose()
+            .transpose()?;
+        if let Some(source) = &source {
+            self.cache.put_source(generation, source);
+        }
+        Ok(source)
     }
 
     async fn list_sources(&self, app_id: &AppId, page: &Page) -> Result<Vec<IngestSource>> {
@@ -81,6 +90,7 @@ impl IngestStore for PostgresStore {
             .execute(&self.pool)
             .await
             .map_err(conflict_as("a source with this uid already exists"))?;
+        self.cache.invalidate();
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound);
         }
@@ -93,6 +103,7 @@ impl IngestStore for PostgresStore {
             .bind(id.as_str())
             .execute(&self.pool)
             .await?;
+        self.cache.invalidate();
         Ok(done.rows_affected() > 0)
     }
 

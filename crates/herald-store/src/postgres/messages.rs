@@ -439,7 +439,10 @@ impl MessageStore for PostgresStore {
             self.batches.record(record).await?
         } else {
             let started = std::time::Instant::now();
-            let applied = record_one(&self.pool, &record).await?;
+            let applied = record_one(&self.pool, &record).await;
+            // The endpoint's row changed (or may have, if the commit's outcome is unknown).
+            self.cache.invalidate();
+            let applied = applied?;
             self.committed(started);
             applied
         };

@@ -2,9 +2,13 @@
 //!
 //! One connection pool ([`PostgresOptions`]: its sizes, the acquire timeout and an optional
 //! schema); the schema comes from `migrations/postgres/`, run at every [`PostgresStore::open`].
-//! There is no in-memory cache of apps or endpoints, as the SQLite store has: every read goes to
-//! the database, since the nodes of a cluster would otherwise disagree about a row one of them
-//! changed. What SQLite keeps in its one process's memory lives in rows here: delivery leases
+//! Apps, their endpoints, API tokens and ingest sources, which every request reads, are kept in
+//! a node cache ([`crate::Cache`]) while the node's broker listens on [`CONFIG_CHANNEL`]:
+//! triggers on those tables (migration 0011) notify it in the transaction of every change, on
+//! whichever node or connection made it, and the broker empties this node's cache as the
+//! notification arrives. Without a listening broker (a lost session, a store opened on its own)
+//! every read goes to the database. What SQLite keeps in its one process's memory lives in rows
+//! here: delivery leases
 //! (`deliveries.lease_token`, `leased_until`), so a claim holds across nodes and a dead node's
 //! claims expire; channel offsets are assigned in the publishing transaction from
 //! `channel_positions` (see the migration).
@@ -36,6 +40,12 @@ pub use messages::DELIVERIES_CHANNEL;
 
 /// What the store announces at commit, for the PostgreSQL broker.
 pub use history::{HISTORY_CHANNEL, HistoryNotice, NoticeEvent};
+
+/// The channel the triggers of migration 0011 notify in every transaction that changes an
+/// app, an endpoint, an API token or an ingest source. The payload is the schema of the table
+/// changed (channels are the database's, shared by every schema). The broker that hears its
+/// own schema there empties its node's cache ([`PostgresStore::cache`]).
+pub const CONFIG_CHANNEL: &str = "herald_config";
 
 use std::{str::FromStr, time::Duration};
 
@@ -85,6 +95,9 @@ pub struct PostgresStore {
     commits: batch::CommitMetrics,
     /// The group commits of message creates and attempt records (see `batch`).
     batches: batch::Batches,
+    /// Apps, endpoints, tokens and sources as last read; paused until the broker listens on
+    /// [`CONFIG_CHANNEL`] (see the module doc).
+    cache: std::sync::Arc<crate::Cache>,
 }
 
 impl PostgresStore {
@@ -147,7 +160,41 @@ impl PostgresStore {
             pool,
             announce_history: std::sync::atomic::AtomicBool::new(true),
             keys,
+            cache: std::sync::Arc::new(crate::Cache::paused()),
         })
+    }
+
+    /// This node's cache of apps, endpoints, API tokens and ingest sources. It starts paused
+    /// (every read goes to the database); the broker resumes it once its LISTEN session hears
+    /// [`CONFIG_CHANNEL`], empties it on each notification there, and pauses it whenever the
+    /// session is lost, so it never serves what another node has changed after the
+    /// notification of that change arrived.
+    pub fn cache(&self) -> std::sync::Arc<crate::Cache> {
+        std::sync::Arc::clone(&self.cache)
+    }
+
+    /// An app looked up by `query` with `value`, remembered under `cache_key` (extra keys
+    /// contain ':', which ids and uids cannot, so they never collide with them).
+    async fn cached_app(
+        &self,
+        cache_key: &str,
+        query: &'static str,
+        value: impl for<'q> sqlx::Encode<'q, Postgres> + sqlx::Type<Postgres> + Send,
+    ) -> Result<Option<herald_core::model::App>> {
+        if let Some(app) = self.cache.app(cache_key) {
+            return Ok(Some(app));
+        }
+        let generation = self.cache.generation();
+        let app = sqlx::query(query)
+            .bind(value)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|row| rows::app(&row, &self.keys))
+            .transpose()?;
+        if let Some(app) = &app {
+            self.cache.put_app_as(generation, cache_key, app);
+        }
+        Ok(app)
     }
 
     /// Whether committed history entries are announced on `HISTORY_CHANNEL` (the PostgreSQL
@@ -368,6 +415,25 @@ mod tests {
             );
             return;
         };
+        // With the node cache serving, as on a node whose broker listens: this node's writes
+        // must reach its own reads at once, without a notification.
+        conformance::run_all(|| async {
+            let (guard, store) = open_in_fresh_schema(url.clone()).await;
+            store.cache().resume();
+            (guard, store)
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn passes_the_store_conformance_suite_with_the_cache_paused() {
+        let Ok(url) = std::env::var(URL_VAR) else {
+            eprintln!(
+                "skipped: {URL_VAR} is unset (the PostgreSQL conformance suite needs a server)"
+            );
+            return;
+        };
+        // As on a node whose LISTEN session is lost: every read goes to the database.
         conformance::run_all(|| open_in_fresh_schema(url.clone())).await;
     }
 

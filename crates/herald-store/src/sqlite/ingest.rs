@@ -36,7 +36,7 @@ impl IngestStore for SqliteStore {
             .transpose()
     }
 
-    /// Every webhook posted to a source reads it: cached (see `super::cache`), as its app is.
+    /// Every webhook posted to a source reads it: cached (see `crate::cache`), as its app is.
     async fn find_source(&self, id: &str) -> Result<Option<IngestSource>> {
         if let Some(source) = self.cache.source(id) {
             return Ok(Some(source));

@@ -15,7 +15,6 @@
 mod apps;
 mod attempts;
 mod batch;
-pub(crate) mod cache;
 mod channel_webhooks;
 #[cfg(test)]
 mod durable_tests;
@@ -63,7 +62,7 @@ pub const DB_FILE: &str = "herald.db";
 const READERS: u32 = 4;
 
 pub struct SqliteStore {
-    cache: cache::Cache,
+    cache: crate::cache::Cache,
     leases: leases::Leases,
     /// What is known about the claimable deliveries, to skip or narrow claims.
     gate: Arc<gate::ClaimGate>,
@@ -170,7 +169,7 @@ impl SqliteStore {
             shutdown.clone(),
         ));
         Ok(Self {
-            cache: cache::Cache::default(),
+            cache: crate::cache::Cache::default(),
             leases: shared.leases,
             gate: shared.gate,
             fresh: shared.fresh,

@@ -3,7 +3,8 @@
 //! request); writes go through the writer pool. The statements are shared with PostgreSQL
 //! (`sql::token_store!`).
 
-use super::{SqliteStore, cache::Cache, paginate, rows};
+use super::{SqliteStore, paginate, rows};
+use crate::cache::Cache;
 
 crate::sql::token_store!(SqliteStore, writer, reader);
 

@@ -1,18 +1,26 @@
 //! What every request and new message needs to read (the API token presented, its app, the
 //! app's endpoints, the ingest source a webhook is posted to), kept in memory.
 //!
-//! Exact, not eventually consistent: every write that could change an entry goes through this
-//! store and calls [`Cache::invalidate`] once it has committed. A read that raced with such a
-//! write must not put its stale result back, so fills carry the generation they started in and
-//! are dropped if an invalidation happened meanwhile. (A store shared by several nodes needs
-//! cross-node invalidation; that belongs to the PostgreSQL implementation.)
+//! Every write of this node that could change an entry calls [`Cache::invalidate`] once it has
+//! committed, so this node reads its own writes at once. A read that raced with such a write
+//! must not put its stale result back, so fills carry the generation they started in and are
+//! dropped if an invalidation happened meanwhile.
+//!
+//! - **SQLite**: one process owns the database, so that is all it takes: the cache is exact.
+//! - **PostgreSQL**: other nodes write too. Their commits reach this node as a notification
+//!   (`postgres::CONFIG_CHANNEL`, sent by triggers on the tables, so no write path can forget
+//!   it), which its broker's LISTEN session turns into [`Cache::invalidate`]: a change made on
+//!   another node is seen here once its notification has arrived. The cache serves only while
+//!   that session is open: it starts paused, [`Cache::resume`] when the session listens,
+//!   [`Cache::pause`] when it is lost, and is emptied when sqlx re-opens it by itself (what was
+//!   notified meanwhile was not heard).
 
 use herald_core::AppId;
 use std::{
     collections::HashMap,
     sync::{
         Arc, RwLock,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
 };
 
@@ -20,10 +28,24 @@ use herald_core::model::{App, Endpoint, IngestSource};
 
 use crate::ApiToken;
 
-#[derive(Default)]
-pub(crate) struct Cache {
+/// See the module doc. `Default` serves from the start (SQLite); [`Cache::paused`] waits for
+/// [`Cache::resume`] (PostgreSQL).
+pub struct Cache {
     generation: AtomicU64,
+    /// Whether lookups may be answered and fills kept. Changed only under the entries' write
+    /// lock, with the generation, so a fill checks both at once.
+    serving: AtomicBool,
     entries: RwLock<Entries>,
+}
+
+impl Default for Cache {
+    fn default() -> Self {
+        Self {
+            generation: AtomicU64::new(0),
+            serving: AtomicBool::new(true),
+            entries: RwLock::default(),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -43,8 +65,44 @@ struct Entries {
 }
 
 impl Cache {
+    /// A cache that answers nothing and keeps nothing until [`Cache::resume`].
+    pub fn paused() -> Self {
+        let cache = Self::default();
+        cache.serving.store(false, Ordering::Release);
+        cache
+    }
+
+    /// Stop serving and forget everything: this node can no longer hear other nodes' changes
+    /// (its LISTEN session is lost). Every lookup goes to the store until [`Cache::resume`].
+    pub fn pause(&self) {
+        self.set_serving(false);
+    }
+
+    /// Serve again, from empty: this node hears other nodes' changes from now on. A fill
+    /// started before (it may hold what an unheard change replaced) is dropped.
+    pub fn resume(&self) {
+        self.set_serving(true);
+    }
+
+    /// Whether lookups are answered from memory.
+    pub fn is_serving(&self) -> bool {
+        self.serving.load(Ordering::Acquire)
+    }
+
+    fn set_serving(&self, serving: bool) {
+        let mut entries = self.write();
+        self.serving.store(serving, Ordering::Release);
+        self.clear(&mut entries);
+    }
+
     pub(crate) fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
+    }
+
+    /// Whether a fill that started in `generation` may be kept: nothing was invalidated since,
+    /// and the cache serves. Called under the write lock.
+    fn keeps(&self, generation: u64) -> bool {
+        self.generation() == generation && self.is_serving()
     }
 
     pub(crate) fn app(&self, id_or_uid: &str) -> Option<App> {
@@ -77,7 +135,7 @@ impl Cache {
 
     pub(crate) fn put_token(&self, generation: u64, token_hash: &[u8], token: &ApiToken) {
         let mut entries = self.write();
-        if self.generation() != generation {
+        if !self.keeps(generation) {
             return;
         }
         entries.tokens.insert(token_hash.to_vec(), token.clone());
@@ -89,7 +147,7 @@ impl Cache {
 
     pub(crate) fn put_source(&self, generation: u64, source: &IngestSource) {
         let mut entries = self.write();
-        if self.generation() != generation {
+        if !self.keeps(generation) {
             return;
         }
         entries
@@ -99,7 +157,7 @@ impl Cache {
 
     pub(crate) fn put_app(&self, generation: u64, app: &App) {
         let mut entries = self.write();
-        if self.generation() != generation {
+        if !self.keeps(generation) {
             return;
         }
         entries.apps.insert(app.id.to_string(), app.clone());
@@ -111,7 +169,7 @@ impl Cache {
     /// Remembers `app` under an extra lookup key (its Pusher key or numeric id).
     pub(crate) fn put_app_as(&self, generation: u64, key: &str, app: &App) {
         let mut entries = self.write();
-        if self.generation() != generation {
+        if !self.keeps(generation) {
             return;
         }
         entries.apps.insert(key.to_owned(), app.clone());
@@ -124,7 +182,7 @@ impl Cache {
         endpoints: &Arc<Vec<Endpoint>>,
     ) {
         let mut entries = self.write();
-        if self.generation() != generation {
+        if !self.keeps(generation) {
             return;
         }
         entries
@@ -135,8 +193,12 @@ impl Cache {
     /// Forget everything. Writes to apps, endpoints, tokens and sources are rare next to
     /// messages, so clearing all is simpler than working out which entries a write touched,
     /// and just as fast.
-    pub(crate) fn invalidate(&self) {
+    pub fn invalidate(&self) {
         let mut entries = self.write();
+        self.clear(&mut entries);
+    }
+
+    fn clear(&self, entries: &mut Entries) {
         self.generation.fetch_add(1, Ordering::AcqRel);
         entries.apps.clear();
         entries.apps_by_uid.clear();
@@ -151,5 +213,50 @@ impl Cache {
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Entries> {
         self.entries.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn app() -> App {
+        crate::conformance::app("cached")
+    }
+
+    #[test]
+    fn a_fill_is_kept_only_if_nothing_was_invalidated_since_it_started() {
+        let cache = Cache::default();
+        let app = app();
+        let started = cache.generation();
+        cache.invalidate();
+        cache.put_app(started, &app);
+        assert!(
+            cache.app(app.id.as_str()).is_none(),
+            "raced an invalidation"
+        );
+        cache.put_app(cache.generation(), &app);
+        assert_eq!(cache.app(app.id.as_str()).map(|a| a.id), Some(app.id));
+    }
+
+    #[test]
+    fn a_paused_cache_keeps_nothing_and_a_resumed_one_drops_fills_begun_before() {
+        let cache = Cache::paused();
+        let app = app();
+        assert!(!cache.is_serving());
+        cache.put_app(cache.generation(), &app);
+        assert!(cache.app(app.id.as_str()).is_none(), "paused: nothing kept");
+
+        // A read that began while paused may hold what an unheard change replaced.
+        let begun_paused = cache.generation();
+        cache.resume();
+        cache.put_app(begun_paused, &app);
+        assert!(cache.app(app.id.as_str()).is_none());
+        cache.put_app(cache.generation(), &app);
+        assert!(cache.app(app.id.as_str()).is_some(), "serving");
+
+        cache.pause();
+        assert!(cache.app(app.id.as_str()).is_none(), "pausing empties it");
+        assert!(!cache.is_serving());
     }
 }
