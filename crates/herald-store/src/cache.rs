@@ -99,6 +99,27 @@ impl Cache {
         self.generation.load(Ordering::Acquire)
     }
 
+    /// A lookup through the cache: `cached` if it had the entry, else what `read` finds in the
+    /// store, handed to `keep` (one of the `put_*`) with the generation taken before the read
+    /// began, so a read that raced an invalidation is not kept. `read` is a future, so it does
+    /// not start before this takes the generation. What the store lacks is not remembered.
+    pub(crate) async fn read_through<T>(
+        &self,
+        cached: Option<T>,
+        read: impl std::future::Future<Output = crate::Result<Option<T>>>,
+        keep: impl FnOnce(&Self, u64, &T),
+    ) -> crate::Result<Option<T>> {
+        if cached.is_some() {
+            return Ok(cached);
+        }
+        let generation = self.generation();
+        let found = read.await?;
+        if let Some(value) = &found {
+            keep(self, generation, value);
+        }
+        Ok(found)
+    }
+
     /// Whether a fill that started in `generation` may be kept: nothing was invalidated since,
     /// and the cache serves. Called under the write lock.
     fn keeps(&self, generation: u64) -> bool {

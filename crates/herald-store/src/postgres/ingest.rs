@@ -32,7 +32,7 @@ use super::{
     PostgresStore, history, messages, paginate,
     rows::{self, conflict_as},
 };
-use crate::{IngestRecorded, IngestStore, Page, Result, StoreError, sql};
+use crate::{Cache, IngestRecorded, IngestStore, Page, Result, StoreError, sql};
 
 #[async_trait::async_trait]
 impl IngestStore for PostgresStore {
@@ -57,20 +57,17 @@ impl IngestStore for PostgresStore {
 
     /// Every webhook posted to a source reads it: through the node cache, as its app is.
     async fn find_source(&self, id: &str) -> Result<Option<IngestSource>> {
-        if let Some(source) = self.cache.source(id) {
-            return Ok(Some(source));
-        }
-        let generation = self.cache.generation();
-        let source = sqlx::query(sql::FIND_SOURCE)
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?
-            .map(|row| rows::ingest_source(&row, &self.keys))
-            .transpose()?;
-        if let Some(source) = &source {
-            self.cache.put_source(generation, source);
-        }
-        Ok(source)
+        let read = async {
+            sqlx::query(sql::FIND_SOURCE)
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?
+                .map(|row| rows::ingest_source(&row, &self.keys))
+                .transpose()
+        };
+        self.cache
+            .read_through(self.cache.source(id), read, Cache::put_source)
+            .await
     }
 
     async fn list_sources(&self, app_id: &AppId, page: &Page) -> Result<Vec<IngestSource>> {

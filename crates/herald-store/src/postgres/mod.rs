@@ -181,20 +181,19 @@ impl PostgresStore {
         query: &'static str,
         value: impl for<'q> sqlx::Encode<'q, Postgres> + sqlx::Type<Postgres> + Send,
     ) -> Result<Option<herald_core::model::App>> {
-        if let Some(app) = self.cache.app(cache_key) {
-            return Ok(Some(app));
-        }
-        let generation = self.cache.generation();
-        let app = sqlx::query(query)
-            .bind(value)
-            .fetch_optional(&self.pool)
-            .await?
-            .map(|row| rows::app(&row, &self.keys))
-            .transpose()?;
-        if let Some(app) = &app {
-            self.cache.put_app_as(generation, cache_key, app);
-        }
-        Ok(app)
+        let read = async {
+            sqlx::query(query)
+                .bind(value)
+                .fetch_optional(&self.pool)
+                .await?
+                .map(|row| rows::app(&row, &self.keys))
+                .transpose()
+        };
+        self.cache
+            .read_through(self.cache.app(cache_key), read, |cache, generation, app| {
+                cache.put_app_as(generation, cache_key, app);
+            })
+            .await
     }
 
     /// Whether committed history entries are announced on `HISTORY_CHANNEL` (the PostgreSQL
@@ -409,10 +408,7 @@ mod tests {
 
     #[tokio::test]
     async fn passes_the_store_conformance_suite() {
-        let Ok(url) = std::env::var(URL_VAR) else {
-            eprintln!(
-                "skipped: {URL_VAR} is unset (the PostgreSQL conformance suite needs a server)"
-            );
+        let Some(url) = messages::tests::server_url() else {
             return;
         };
         // With the node cache serving, as on a node whose broker listens: this node's writes
@@ -427,10 +423,7 @@ mod tests {
 
     #[tokio::test]
     async fn passes_the_store_conformance_suite_with_the_cache_paused() {
-        let Ok(url) = std::env::var(URL_VAR) else {
-            eprintln!(
-                "skipped: {URL_VAR} is unset (the PostgreSQL conformance suite needs a server)"
-            );
+        let Some(url) = messages::tests::server_url() else {
             return;
         };
         // As on a node whose LISTEN session is lost: every read goes to the database.

@@ -9,7 +9,7 @@ use super::{
     SqliteStore, paginate,
     rows::{self, conflict_as, millis, to_json},
 };
-use crate::{AppStore, Page, Result, StoreError, sql};
+use crate::{AppStore, Cache, Page, Result, StoreError, sql};
 
 #[async_trait::async_trait]
 impl AppStore for SqliteStore {
@@ -46,20 +46,17 @@ impl AppStore for SqliteStore {
     }
 
     async fn get_app(&self, id_or_uid: &str) -> Result<Option<App>> {
-        if let Some(app) = self.cache.app(id_or_uid) {
-            return Ok(Some(app));
-        }
-        let generation = self.cache.generation();
-        let app = sqlx::query(sql::GET_APP)
-            .bind(id_or_uid)
-            .fetch_optional(&self.reader)
-            .await?
-            .map(|row| rows::app(&row, &self.keys))
-            .transpose()?;
-        if let Some(app) = &app {
-            self.cache.put_app(generation, app);
-        }
-        Ok(app)
+        let read = async {
+            sqlx::query(sql::GET_APP)
+                .bind(id_or_uid)
+                .fetch_optional(&self.reader)
+                .await?
+                .map(|row| rows::app(&row, &self.keys))
+                .transpose()
+        };
+        self.cache
+            .read_through(self.cache.app(id_or_uid), read, Cache::put_app)
+            .await
     }
 
     async fn get_app_by_pusher_key(&self, key: &str) -> Result<Option<App>> {

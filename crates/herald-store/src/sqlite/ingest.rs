@@ -14,7 +14,7 @@ use super::{
     paginate,
     rows::{self, conflict_as},
 };
-use crate::{IngestRecorded, IngestStore, Page, Result, StoreError, sql};
+use crate::{Cache, IngestRecorded, IngestStore, Page, Result, StoreError, sql};
 
 #[async_trait::async_trait]
 impl IngestStore for SqliteStore {
@@ -38,20 +38,17 @@ impl IngestStore for SqliteStore {
 
     /// Every webhook posted to a source reads it: cached (see `crate::cache`), as its app is.
     async fn find_source(&self, id: &str) -> Result<Option<IngestSource>> {
-        if let Some(source) = self.cache.source(id) {
-            return Ok(Some(source));
-        }
-        let generation = self.cache.generation();
-        let source = sqlx::query(sql::FIND_SOURCE)
-            .bind(id)
-            .fetch_optional(&self.reader)
-            .await?
-            .map(|row| rows::ingest_source(&row, &self.keys))
-            .transpose()?;
-        if let Some(source) = &source {
-            self.cache.put_source(generation, source);
-        }
-        Ok(source)
+        let read = async {
+            sqlx::query(sql::FIND_SOURCE)
+                .bind(id)
+                .fetch_optional(&self.reader)
+                .await?
+                .map(|row| rows::ingest_source(&row, &self.keys))
+                .transpose()
+        };
+        self.cache
+            .read_through(self.cache.source(id), read, Cache::put_source)
+            .await
     }
 
     async fn list_sources(&self, app_id: &AppId, page: &Page) -> Result<Vec<IngestSource>> {

@@ -193,20 +193,23 @@ impl SqliteStore {
         query: &'static str,
         value: &str,
     ) -> Result<Option<App>> {
-        if let Some(app) = self.cache.app(&cache_key) {
-            return Ok(Some(app));
-        }
-        let generation = self.cache.generation();
-        let app = sqlx::query(query)
-            .bind(value)
-            .fetch_optional(&self.reader)
-            .await?
-            .map(|row| rows::app(&row, &self.keys))
-            .transpose()?;
-        if let Some(app) = &app {
-            self.cache.put_app_as(generation, &cache_key, app);
-        }
-        Ok(app)
+        let read = async {
+            sqlx::query(query)
+                .bind(value)
+                .fetch_optional(&self.reader)
+                .await?
+                .map(|row| rows::app(&row, &self.keys))
+                .transpose()
+        };
+        self.cache
+            .read_through(
+                self.cache.app(&cache_key),
+                read,
+                |cache, generation, app| {
+                    cache.put_app_as(generation, &cache_key, app);
+                },
+            )
+            .await
     }
 
     /// Hands `op` to the group commit and waits for the commit that contains it.
