@@ -11,9 +11,9 @@
 //!   (`postgres::CONFIG_CHANNEL`, sent by triggers on the tables, so no write path can forget
 //!   it), which its broker's LISTEN session turns into [`Cache::invalidate`]: a change made on
 //!   another node is seen here once its notification has arrived. The cache serves only while
-//!   that session is open: it starts paused, [`Cache::resume`] when the session listens,
-//!   [`Cache::pause`] when it is lost, and is emptied when sqlx re-opens it by itself (what was
-//!   notified meanwhile was not heard).
+//!   that session is open: it starts paused, [`Cache::resume`] when the session listens, and
+//!   [`Cache::pause`] the moment it is lost, until a new one listens (what was notified
+//!   meanwhile was not heard, so both empty it).
 
 use herald_core::AppId;
 use std::{
