@@ -488,12 +488,14 @@ impl Dispatcher {
         }));
         while !shutdown.is_cancelled() {
             let mut saturated_batch = false;
+            let mut claimed_any = false;
             let mut failed = false;
             for lane in &lanes {
                 match me.claim(lane).await {
                     Ok((jobs, asked)) => {
                         saturated_batch |= jobs.len() as u32 == CLAIM_BATCH;
                         let got = jobs.len();
+                        claimed_any |= got > 0;
                         let started = lane.admit(jobs);
                         lane.claimed(asked, got);
                         for job in started {
@@ -514,8 +516,13 @@ impl Dispatcher {
             if saturated_batch {
                 continue;
             }
+            // After a claim that found work, the attempts it started wake the loop as they
+            // finish, so the queue's next due time (a query, which on PostgreSQL reads every
+            // unfinished delivery) is only worth asking when the claims found nothing.
             let pause = if failed {
                 ERROR_BACKOFF
+            } else if claimed_any {
+                RECHECK
             } else {
                 me.idle_pause().await
             };

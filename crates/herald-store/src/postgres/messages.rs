@@ -8,8 +8,8 @@
 //! [`CREATE_MESSAGE`] in their transaction through [`insert_message`]; a publication adds its
 //! history entries in the same transaction through `history::append_entries`. A claim is one
 //! statement per pass (see `claim_statement`; a pass walks the queue in due order, or endpoint
-//! by endpoint when that walk is crowded out, so one endpoint's backlog does not make every
-//! claim read it all); an attempt record writes the attempt row always, the delivery's next
+//! by endpoint when that walk is crowded out and the first says a walk by endpoint could lease
+//! something, so one endpoint's backlog does not make every claim read it all); an attempt record writes the attempt row always, the delivery's next
 //! state and the endpoint change only under the claim's token: when the endpoint does not
 //! change, grouped with the records waiting (`batch::RECORD_ATTEMPTS`, or [`RECORD_ATTEMPT`]
 //! alone), else one transaction ([`record_one`]).
@@ -357,11 +357,13 @@ impl MessageStore for PostgresStore {
             let rows = query.fetch_all(&mut *tx).await?;
             let (mut candidates, mut enabled, mut claimed) = (0_i64, 0_i64, 0_i64);
             let mut walk_ended_early = false;
+            let mut room_elsewhere = false;
             for row in &rows {
                 candidates = row.try_get("n_candidates")?;
                 enabled = row.try_get("n_enabled")?;
                 walk_ended_early =
                     row.try_get::<i64, _>("n_walked")? >= row.try_get::<i64, _>("walk_cap")?;
+                room_elsewhere = row.try_get("room_elsewhere")?;
                 // The summary row alone (nothing leased) has no delivery columns.
                 if row.try_get::<Option<String>, _>("msg_id")?.is_none() {
                     continue;
@@ -391,7 +393,13 @@ impl MessageStore for PostgresStore {
             // or was in flight. Whatever else is due is further down: look endpoint by
             // endpoint, which costs a probe per endpoint instead of a row per backlogged
             // delivery (reading it all cost 34 ms a claim at 200,000 queued: PERFORMANCE.md).
+            // Only if the walk's statement found an endpoint that such a walk could still lease
+            // from: when one endpoint's backlog filled the walk and the endpoint is now full,
+            // that walk would find nothing, and was most of a busy claim's second statement.
             if walk_ended_early && short {
+                if !room_elsewhere {
+                    break;
+                }
                 walk = Walk::ByEndpoint;
                 continue;
             }
@@ -552,7 +560,7 @@ impl Held {
 /// wanted, $10 lease until, and for a walk in due order $11 the rows it reads beyond those in
 /// flight. The summary row also says how many rows that walk read and how many it could
 /// (`n_walked`, `walk_cap`): a walk that read all it could and found too few is followed by a
-/// walk by endpoint.
+/// walk by endpoint, if that walk could lease anything (`room_elsewhere`, below).
 fn claim_statement(first_attempts: bool, walk: Walk) -> String {
     // Literal, not a parameter, so the planner can use the lane's partial index.
     let lane = if first_attempts {
@@ -629,24 +637,45 @@ fn claim_statement(first_attempts: bool, walk: Walk) -> String {
                      LIMIT $2
                  ),"
             ),
-            "(SELECT COUNT(*) FROM walked) AS n_walked, (SELECT n FROM walk_cap) AS walk_cap",
+            format!(
+                "(SELECT COUNT(*) FROM walked) AS n_walked, (SELECT n FROM walk_cap) AS walk_cap,
+                 -- Whether a walk by endpoint could lease anything after this one: an endpoint
+                 -- with a claimable row in the lane that is disabled (its rows are failed) or
+                 -- has room in itself and in its app, counting what this walk chose (its
+                 -- leases are not in this statement's snapshot). Asked only when that walk
+                 -- would follow (this one read all it could and found too few), and it stops at
+                 -- the first such endpoint: the endpoints it passes over are full ones.
+                 CASE WHEN (SELECT COUNT(*) FROM walked) >= (SELECT n FROM walk_cap)
+                           AND COUNT(*) < $2
+                 THEN EXISTS (
+                     SELECT 1
+                     FROM endpoints_due p
+                     JOIN endpoints e ON e.id = p.id
+                     WHERE p.id IS NOT NULL
+                       AND (e.disabled
+                            OR (COALESCE((SELECT held FROM endpoint_held WHERE id = p.id), 0)
+                                    + (SELECT COUNT(*) FROM chosen c
+                                       WHERE c.endpoint_id = p.id) < $5
+                                AND COALESCE((SELECT held FROM app_held WHERE id = e.app_id), 0)
+                                    + (SELECT COUNT(*) FROM chosen c
+                                       JOIN endpoints ce ON ce.id = c.endpoint_id
+                                       WHERE ce.app_id = e.app_id) < $8))
+                       AND EXISTS (
+                           SELECT 1 FROM deliveries d
+                           WHERE (d.endpoint_id, d.next_attempt_at)
+                                     >= (p.id, (-9223372036854775808)::bigint)
+                             AND (d.endpoint_id, d.next_attempt_at) <= (p.id, $1)
+                             AND d.status IN (1, 3) AND {lane}
+                             AND (d.lease_token IS NULL OR d.leased_until <= $1))
+                 )
+                 ELSE FALSE END AS room_elsewhere"
+            ),
         ),
         Walk::ByEndpoint => (
-            // A skip scan over the endpoints with unfinished deliveries in the lane (one index
-            // probe each, full or not), then each endpoint with room's earliest due rows.
+            // The skip scan of `endpoints_due`, then each endpoint with room's earliest due
+            // rows.
             format!(
-                "endpoints_due AS (
-                     (SELECT d.endpoint_id AS id FROM deliveries d
-                      WHERE d.status IN (1, 3) AND {lane}
-                      ORDER BY d.endpoint_id LIMIT 1)
-                     UNION ALL
-                     SELECT (SELECT d.endpoint_id FROM deliveries d
-                             WHERE d.status IN (1, 3) AND {lane} AND d.endpoint_id > p.id
-                             ORDER BY d.endpoint_id LIMIT 1)
-                     FROM endpoints_due p
-                     WHERE p.id IS NOT NULL
-                 ),
-                 cand AS (
+                "cand AS (
                      SELECT d.msg_id, d.endpoint_id, d.app_id, d.next_attempt_at, e.disabled
                      FROM endpoints_due p
                      JOIN endpoints e ON e.id = p.id
@@ -682,7 +711,7 @@ fn claim_statement(first_attempts: bool, walk: Walk) -> String {
                        AND e.app_id <> ALL(ARRAY(SELECT id FROM app_held WHERE held >= $8))
                  ),"
             ),
-            "0::bigint AS n_walked, 1::bigint AS walk_cap",
+            "0::bigint AS n_walked, 1::bigint AS walk_cap, FALSE AS room_elsewhere".to_owned(),
         ),
     };
     format!(
@@ -705,6 +734,20 @@ fn claim_statement(first_attempts: bool, walk: Walk) -> String {
                    UNION ALL
                    SELECT id, n FROM UNNEST($6::text[], $7::bigint[]) AS own(id, n)) h
              GROUP BY id
+         ),
+         -- The endpoints with unfinished deliveries in the lane, in id order: a skip scan, one
+         -- index probe each, full or not. Read only as far as a statement reads it (a walk by
+         -- endpoint, or a walk in due order asking whether one should follow).
+         endpoints_due AS (
+             (SELECT d.endpoint_id AS id FROM deliveries d
+              WHERE d.status IN (1, 3) AND {lane}
+              ORDER BY d.endpoint_id LIMIT 1)
+             UNION ALL
+             SELECT (SELECT d.endpoint_id FROM deliveries d
+                     WHERE d.status IN (1, 3) AND {lane} AND d.endpoint_id > p.id
+                     ORDER BY d.endpoint_id LIMIT 1)
+             FROM endpoints_due p
+             WHERE p.id IS NOT NULL
          ),
          {candidates}
          by_endpoint AS (
@@ -751,7 +794,7 @@ fn claim_statement(first_attempts: bool, walk: Walk) -> String {
                     {walked}
              FROM cand
          )
-         SELECT s.n_candidates, s.n_enabled, s.n_walked, s.walk_cap,
+         SELECT s.n_candidates, s.n_enabled, s.n_walked, s.walk_cap, s.room_elsewhere,
                 j.msg_id, j.attempts, j.trigger_type, j.lease_token, j.m_app_id, j.event_type,
                 j.payload, j.e_id, j.e_app_id, j.e_uid, j.e_url, j.e_description,
                 j.e_throttle_rate, j.e_disabled, j.e_event_types, j.e_channels, j.e_metadata,
@@ -1075,6 +1118,77 @@ pub(super) mod tests {
                 delivered(&a, job, now).await;
             }
         }
+    }
+
+    /// What a walk in due order says about the walk by endpoint that may follow it: whether
+    /// it read all it could, and whether a walk by endpoint could lease anything after it.
+    /// The statement runs alone, with a claim of one row and the given limits, and is rolled
+    /// back.
+    async fn after_a_walk_in_due_order(
+        store: &PostgresStore,
+        per_endpoint_limit: i64,
+        per_app_limit: i64,
+    ) -> (bool, bool) {
+        let now = Utc::now() + chrono::Duration::seconds(1);
+        let (wanted, fetch) = (1_i64, 4_i64);
+        let mut tx = store.pool.begin().await.expect("begin");
+        let statement = claim_statement(true, Walk::InTimeOrder);
+        let rows = sqlx::query(AssertSqlSafe(statement.as_str()))
+            .bind(millis(now))
+            .bind(fetch)
+            .bind(Vec::<String>::new())
+            .bind(Vec::<i64>::new())
+            .bind(per_endpoint_limit)
+            .bind(Vec::<String>::new())
+            .bind(Vec::<i64>::new())
+            .bind(per_app_limit)
+            .bind(wanted)
+            .bind(millis(now + chrono::Duration::seconds(60)))
+            .bind(fetch + i64::try_from(WALK_BEYOND).expect("small"))
+            .fetch_all(&mut *tx)
+            .await
+            .expect("claim statement");
+        // Rolled back before anything is asserted: a transaction left open would hold its
+        // locks against the schema's drop at the end of the test.
+        tx.rollback().await.expect("rollback");
+        let row = rows.first().expect("the summary row");
+        let read_all: bool = row.get::<i64, _>("n_walked") >= row.get::<i64, _>("walk_cap");
+        (read_all, row.get("room_elsewhere"))
+    }
+
+    /// A walk in due order filled by one endpoint's backlog is followed by a walk by endpoint
+    /// only when that walk could lease something: not when the backlog's endpoint is full and
+    /// nothing else is due (most of a busy single-endpoint claim's second statement, before),
+    /// but when the endpoint still has room, or another endpoint with room has a delivery
+    /// behind the backlog, unless their app is full.
+    #[tokio::test]
+    async fn a_walk_by_endpoint_follows_only_when_it_could_lease() {
+        let Some(url) = server_url() else { return };
+        let (_guard, store) = open_in_fresh_schema(url).await;
+        let app = stored_app(&store).await;
+        let busy = stored_endpoint(&store, &app.id).await;
+        // Longer than the walk: the rows in flight (none) + 4 candidates + WALK_BEYOND.
+        queue(&store, &app.id, &[&busy], WALK_BEYOND + 10).await;
+
+        let (read_all, room_elsewhere) = after_a_walk_in_due_order(&store, 1, 100).await;
+        assert!(read_all, "the backlog is longer than the walk");
+        assert!(
+            !room_elsewhere,
+            "busy takes its one place, and nothing else is due"
+        );
+        let (_, room_elsewhere) = after_a_walk_in_due_order(&store, 2, 100).await;
+        assert!(
+            room_elsewhere,
+            "busy has a place left, for rows beyond the walk"
+        );
+
+        let quiet = stored_endpoint(&store, &app.id).await;
+        queue(&store, &app.id, &[&quiet], 1).await;
+        let (read_all, room_elsewhere) = after_a_walk_in_due_order(&store, 1, 100).await;
+        assert!(read_all);
+        assert!(room_elsewhere, "quiet's delivery is behind busy's backlog");
+        let (_, room_elsewhere) = after_a_walk_in_due_order(&store, 1, 1).await;
+        assert!(!room_elsewhere, "busy's one row fills the app, quiet's too");
     }
 
     /// Whether a notification on [`DELIVERIES_CHANNEL`] sent by a session named `sender`
