@@ -55,7 +55,7 @@ def main():
                 "--request-timeout", "30",
                 # One worker: with two, hypothesis describes its filters from two threads at
                 # once, and Python 3.11's `ast.parse` can then fail ("AST constructor recursion
-                # depth mismatch", a CPython bug fixed in 3.11.8), which crashed a CI run.
+                # depth mismatch", CPython gh-106905), which crashed a CI run.
                 "--workers", "1",
                 "--no-color",
                 # Streams never end; the browser checks cover them.
