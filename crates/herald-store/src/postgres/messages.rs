@@ -9,10 +9,11 @@
 //! history entries in the same transaction through `history::append_entries`. A claim is one
 //! statement per pass (see `claim_statement`; a pass walks the queue in due order, or endpoint
 //! by endpoint when that walk is crowded out and the first says a walk by endpoint could lease
-//! something, so one endpoint's backlog does not make every claim read it all); an attempt record writes the attempt row always, the delivery's next
-//! state and the endpoint change only under the claim's token: when the endpoint does not
-//! change, grouped with the records waiting (`batch::RECORD_ATTEMPTS`, or [`RECORD_ATTEMPT`]
-//! alone), else one transaction ([`record_one`]).
+//! something, so one endpoint's backlog does not make every claim read it all); an attempt
+//! record writes the attempt row always, the delivery's next state and the endpoint change
+//! only under the claim's token: when the endpoint does not change, grouped with the records
+//! waiting (`batch::RECORD_ATTEMPTS`, or [`RECORD_ATTEMPT`] alone), else one transaction
+//! ([`record_one`]).
 //!
 //! Limits hold cluster-wide. A claim's transaction (READ COMMITTED) first takes the advisory
 //! lock [`CLAIM_LOCK_KEY`] (`pg_advisory_xact_lock`, released at its commit), so claims on all
@@ -337,24 +338,11 @@ impl MessageStore for PostgresStore {
             let endpoints = Held::new(&request.in_flight, &taken_endpoints);
             let apps = Held::new(&request.app_in_flight, &taken_apps);
             let wanted = limit - jobs.len();
-            // More candidates than needed: some may belong to an endpoint or app that fills up.
-            let fetch = wanted.saturating_mul(4);
+            let fetch = candidates_to_fetch(wanted);
             let statement = claim_statement(request.first_attempts, walk);
-            let mut query = sqlx::query(AssertSqlSafe(statement.as_str()))
-                .bind(millis(request.now))
-                .bind(i64::try_from(fetch).unwrap_or(i64::MAX))
-                .bind(&endpoints.ids)
-                .bind(&endpoints.counts)
-                .bind(i64::from(request.per_endpoint_limit))
-                .bind(&apps.ids)
-                .bind(&apps.counts)
-                .bind(i64::from(request.per_app_limit))
-                .bind(i64::try_from(wanted).unwrap_or(i64::MAX))
-                .bind(millis(request.lease_until));
-            if walk == Walk::InTimeOrder {
-                query = query.bind(walk_length(wanted));
-            }
-            let rows = query.fetch_all(&mut *tx).await?;
+            let rows = bind_pass(&statement, walk, request, &endpoints, &apps, wanted)
+                .fetch_all(&mut *tx)
+                .await?;
             let (mut candidates, mut enabled, mut claimed) = (0_i64, 0_i64, 0_i64);
             let mut walk_ended_early = false;
             let mut room_elsewhere = false;
@@ -500,6 +488,40 @@ enum Walk {
 /// Rows a walk in time order reads beyond the ones in flight and the candidates it wants,
 /// before it gives way to a walk by endpoint.
 const WALK_BEYOND: usize = 64;
+
+/// How many candidates a pass that wants `wanted` more rows locks at most: more than needed,
+/// since some may belong to an endpoint or app that fills up.
+fn candidates_to_fetch(wanted: usize) -> usize {
+    wanted.saturating_mul(4)
+}
+
+/// A pass's statement (`claim_statement(request.first_attempts, walk)`) with its parameters
+/// bound: the request's times and limits, what each endpoint and app holds, and the rows still
+/// wanted.
+fn bind_pass<'q>(
+    statement: &'q str,
+    walk: Walk,
+    request: &ClaimRequest,
+    endpoints: &'q Held,
+    apps: &'q Held,
+    wanted: usize,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    let query = sqlx::query(AssertSqlSafe(statement))
+        .bind(millis(request.now))
+        .bind(i64::try_from(candidates_to_fetch(wanted)).unwrap_or(i64::MAX))
+        .bind(&endpoints.ids)
+        .bind(&endpoints.counts)
+        .bind(i64::from(request.per_endpoint_limit))
+        .bind(&apps.ids)
+        .bind(&apps.counts)
+        .bind(i64::from(request.per_app_limit))
+        .bind(i64::try_from(wanted).unwrap_or(i64::MAX))
+        .bind(millis(request.lease_until));
+    match walk {
+        Walk::InTimeOrder => query.bind(walk_length(wanted)),
+        Walk::ByEndpoint => query,
+    }
+}
 
 /// How many rows a walk in due order reads beyond the ones in flight, for a claim that wants
 /// `wanted` more: what it wants plus [`WALK_BEYOND`]. Every row walked is numbered per endpoint
@@ -1146,25 +1168,20 @@ pub(super) mod tests {
     /// back.
     async fn after_a_walk_in_due_order(
         store: &PostgresStore,
-        per_endpoint_limit: i64,
-        per_app_limit: i64,
+        per_endpoint_limit: u32,
+        per_app_limit: u32,
     ) -> (bool, bool) {
-        let now = Utc::now() + chrono::Duration::seconds(1);
-        let (wanted, fetch) = (1_i64, 4_i64);
+        let request = claim(
+            Utc::now() + chrono::Duration::seconds(1),
+            1,
+            per_endpoint_limit,
+            per_app_limit,
+        );
+        let nothing_held = Held::new(&request.in_flight, &HashMap::new());
         let mut tx = store.pool.begin().await.expect("begin");
-        let statement = claim_statement(true, Walk::InTimeOrder);
-        let rows = sqlx::query(AssertSqlSafe(statement.as_str()))
-            .bind(millis(now))
-            .bind(fetch)
-            .bind(Vec::<String>::new())
-            .bind(Vec::<i64>::new())
-            .bind(per_endpoint_limit)
-            .bind(Vec::<String>::new())
-            .bind(Vec::<i64>::new())
-            .bind(per_app_limit)
-            .bind(wanted)
-            .bind(millis(now + chrono::Duration::seconds(60)))
-            .bind(walk_length(1))
+        let walk = Walk::InTimeOrder;
+        let statement = claim_statement(true, walk);
+        let rows = bind_pass(&statement, walk, &request, &nothing_held, &nothing_held, 1)
             .fetch_all(&mut *tx)
             .await
             .expect("claim statement");
@@ -1221,7 +1238,6 @@ pub(super) mod tests {
     async fn walks_by_endpoint_cannot_read_a_lanes_time_index() {
         let Some(url) = server_url() else { return };
         let (_guard, store) = open_in_fresh_schema(url).await;
-        let now = Utc::now();
         let mut tx = store.pool.begin().await.expect("begin");
         sqlx::query(
             "DROP INDEX deliveries_due_first_by_endpoint, deliveries_due_retry_by_endpoint,
@@ -1235,26 +1251,21 @@ pub(super) mod tests {
             .execute(&mut *tx)
             .await
             .expect("as claims run");
+        let mut request = claim(Utc::now(), 1, 2, 8);
+        let nothing_held = Held::new(&request.in_flight, &HashMap::new());
         let mut plans = Vec::new();
         for first_attempts in [true, false] {
-            let statement = format!(
-                "EXPLAIN {}",
-                claim_statement(first_attempts, Walk::ByEndpoint)
-            );
-            let plan: Vec<String> = sqlx::query_scalar(AssertSqlSafe(statement))
-                .bind(millis(now))
-                .bind(4_i64)
-                .bind(Vec::<String>::new())
-                .bind(Vec::<i64>::new())
-                .bind(2_i64)
-                .bind(Vec::<String>::new())
-                .bind(Vec::<i64>::new())
-                .bind(8_i64)
-                .bind(1_i64)
-                .bind(millis(now + chrono::Duration::seconds(60)))
-                .fetch_all(&mut *tx)
-                .await
-                .expect("explain");
+            request.first_attempts = first_attempts;
+            let walk = Walk::ByEndpoint;
+            let statement = format!("EXPLAIN {}", claim_statement(first_attempts, walk));
+            let plan: Vec<String> =
+                bind_pass(&statement, walk, &request, &nothing_held, &nothing_held, 1)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .expect("explain")
+                    .iter()
+                    .map(|row| row.get(0))
+                    .collect();
             plans.push(plan);
         }
         tx.rollback().await.expect("rollback");
