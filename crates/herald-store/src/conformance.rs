@@ -1277,7 +1277,7 @@ fn attempt_record(
 
 /// An attempt of `msg_id` to `ep` at `at`: delivered (200) if `next` says so, else failed
 /// (500).
-fn attempt(
+pub(crate) fn attempt(
     msg_id: &MessageId,
     app_id: &AppId,
     ep: &Endpoint,
