@@ -318,17 +318,7 @@ impl MessageStore for PostgresStore {
         let mut taken_endpoints: HashMap<EndpointId, u32> = HashMap::new();
         let mut taken_apps: HashMap<AppId, u32> = HashMap::new();
         let mut jobs: Vec<DeliveryJob> = Vec::new();
-        // READ COMMITTED whatever the server's default: each statement after the lock must see
-        // the leases the previous lock holder committed, which a snapshot taken at the lock
-        // (REPEATABLE READ) would not.
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN ISOLATION LEVEL READ COMMITTED")
-            .await?;
-        sqlx::query(BEGIN_CLAIM)
-            .bind(CLAIM_LOCK_KEY)
-            .execute(&mut *tx)
-            .await?;
+        let mut tx = self.pool.begin_with(BEGIN_CLAIM).await?;
         for _ in 0..CLAIM_PASSES {
             let endpoints = Held::new(&request.in_flight, &taken_endpoints);
             let apps = Held::new(&request.app_in_flight, &taken_apps);
@@ -527,10 +517,12 @@ fn walk_length(wanted: usize) -> i64 {
 }
 
 /// The key of the transaction-scoped advisory lock every claim takes first
-/// (`pg_advisory_xact_lock`), so claims run one at a time across all nodes of the database
-/// and each counts the others' committed leases. "heraldcl" in ASCII; advisory locks belong
-/// to the database, so deployments sharing one database in different schemas take turns too.
-pub(super) const CLAIM_LOCK_KEY: i64 = 0x6865_7261_6c64_636c;
+/// (`pg_advisory_xact_lock`, in [`BEGIN_CLAIM`], which spells it in decimal), so claims run one
+/// at a time across all nodes of the database and each counts the others' committed leases.
+/// "heraldcl" in ASCII; advisory locks belong to the database, so deployments sharing one
+/// database in different schemas take turns too.
+#[cfg(test)]
+const CLAIM_LOCK_KEY: i64 = 0x6865_7261_6c64_636c;
 
 /// What the caller says its endpoints or apps hold (its in flight plus what earlier passes of
 /// this claim took), as the claim statement's array parameters. The statement takes, per key,
@@ -561,11 +553,9 @@ impl Held {
     }
 }
 
-/// A claim transaction's first statement: it takes the claim lock ([`CLAIM_LOCK_KEY`], `$1`),
-/// so claims take turns cluster-wide and the live leases each one counts are all there are
-/// (the lock is released with the transaction's end), and it sets two planner settings for
-/// this transaction only (`set_config(..., true)`), since every read of a pass is meant to be
-/// an index probe or an index read in the index's order:
+/// The planner settings of a claim's transaction (`SET LOCAL`: for it alone). Every read of a
+/// pass is meant to be an index probe or an index read in the index's order, planned once per
+/// connection:
 /// - `enable_seqscan` off: estimating an endpoint's share of the queue from the table's
 ///   statistics, the planner otherwise scans the whole table for the rows of one endpoint in
 ///   a walk by endpoint (seen at 200,000 queued: 35 ms a claim).
@@ -577,9 +567,30 @@ impl Held {
 ///   a full page removes it instead of splitting the page. A bitmap scan marks nothing, so
 ///   every claim read every lease finished since the last vacuum again, from the table: after
 ///   10 s at 1,400 deliveries a second, 36,000 entries and 2-5 ms per claim (PERFORMANCE.md).
-const BEGIN_CLAIM: &str = "SELECT pg_advisory_xact_lock($1),
-                                  set_config('enable_seqscan', 'off', true),
-                                  set_config('enable_bitmapscan', 'off', true)";
+/// - `plan_cache_mode` `force_generic_plan`: a claim's statements are prepared, and PostgreSQL
+///   planned a third of their runs again for the values at hand, 2.2-2.5 ms each (more than
+///   running the retry lane's pass). The plan does not depend on the values: the settings
+///   above and the indexes' predicates decide its shape.
+macro_rules! claim_settings {
+    () => {
+        "SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off; \
+         SET LOCAL plan_cache_mode = force_generic_plan"
+    };
+}
+
+/// [`claim_settings`], for the tests that plan a claim's statements.
+#[cfg(test)]
+const CLAIM_SETTINGS: &str = claim_settings!();
+
+/// A claim's transaction begins in one round trip: READ COMMITTED whatever the server's
+/// default (each statement after the lock must see the leases the previous lock holder
+/// committed, which a snapshot taken at the lock would not), the claim lock
+/// ([`CLAIM_LOCK_KEY`], so claims take turns cluster-wide and the live leases each one counts
+/// are all there are; released with the transaction), and [`claim_settings`].
+const BEGIN_CLAIM: &str = concat!(
+    "BEGIN ISOLATION LEVEL READ COMMITTED; SELECT pg_advisory_xact_lock(7522544515348194156); ",
+    claim_settings!()
+);
 
 /// The claim, one statement for a whole pass, run under the claim lock ([`CLAIM_LOCK_KEY`]).
 /// `live` counts what every node holds: deliveries under a lease that has not run out at `$1`
@@ -1344,8 +1355,7 @@ pub(super) mod tests {
         .execute(&mut *tx)
         .await
         .expect("drop the other indexes");
-        sqlx::query(BEGIN_CLAIM)
-            .bind(CLAIM_LOCK_KEY)
+        sqlx::raw_sql(CLAIM_SETTINGS)
             .execute(&mut *tx)
             .await
             .expect("as claims run");
@@ -1363,6 +1373,14 @@ pub(super) mod tests {
                 "a walk by endpoint reads a lane's time index: {plan:#?}"
             );
         }
+    }
+
+    /// The claim lock a claim's transaction begins with is [`CLAIM_LOCK_KEY`] (written out in
+    /// [`BEGIN_CLAIM`], a literal), with the settings the tests plan under.
+    #[test]
+    fn a_claim_begins_with_the_claim_lock_and_its_settings() {
+        assert!(BEGIN_CLAIM.contains(&format!("pg_advisory_xact_lock({CLAIM_LOCK_KEY});")));
+        assert!(BEGIN_CLAIM.ends_with(CLAIM_SETTINGS));
     }
 
     /// A claim counts the live leases (`live`) with scans that mark finished leases' entries in
@@ -1389,8 +1407,7 @@ pub(super) mod tests {
             request.lease_until,
         )
         .await;
-        sqlx::query(BEGIN_CLAIM)
-            .bind(CLAIM_LOCK_KEY)
+        sqlx::raw_sql(CLAIM_SETTINGS)
             .execute(&mut *tx)
             .await
             .expect("as claims run");
