@@ -15,11 +15,11 @@
 //! waiting (`batch::RECORD_ATTEMPTS`, or [`RECORD_ATTEMPT`] alone), else one transaction
 //! ([`record_one`]).
 //!
-//! Limits hold cluster-wide. A claim's transaction (READ COMMITTED) first takes the advisory
-//! lock [`CLAIM_LOCK_KEY`] (`pg_advisory_xact_lock`, released at its commit; [`BEGIN_CLAIM`],
-//! which also keeps the planner on index reads), so claims on all nodes take turns, and each
-//! pass's statement, with a snapshot of its own taken under the
-//! lock, sees every lease the earlier claims committed. Each pass counts the live leases
+//! Limits hold cluster-wide. A claim's transaction (READ COMMITTED) begins with
+//! [`BEGIN_CLAIM`]: it takes the claim's advisory lock (`pg_advisory_xact_lock`, released at
+//! its commit) and keeps the planner on index reads and cached plans. So claims on all nodes
+//! take turns, and each pass's statement, with a snapshot of its own taken under the lock,
+//! sees every lease the earlier claims committed. Each pass counts the live leases
 //! (`lease_token IS NOT NULL AND leased_until > now`) per endpoint and per app, and holds an
 //! endpoint or app at the larger of that count and the request's `in_flight` /
 //! `app_in_flight` (the caller's own deliveries are live leases too, so the two are not
@@ -305,7 +305,7 @@ impl MessageStore for PostgresStore {
         Ok(done.rows_affected())
     }
 
-    /// Cluster-wide: under the claim lock ([`CLAIM_LOCK_KEY`]), an endpoint or app holds the
+    /// Cluster-wide: under the claim lock ([`BEGIN_CLAIM`]), an endpoint or app holds the
     /// larger of its live leases in the database (every node's) and the request's own count,
     /// so the limits bound all nodes together, not each node alone.
     async fn claim_due(&self, request: &ClaimRequest) -> Result<Vec<DeliveryJob>> {
@@ -585,14 +585,14 @@ const CLAIM_SETTINGS: &str = claim_settings!();
 /// A claim's transaction begins in one round trip: READ COMMITTED whatever the server's
 /// default (each statement after the lock must see the leases the previous lock holder
 /// committed, which a snapshot taken at the lock would not), the claim lock
-/// ([`CLAIM_LOCK_KEY`], so claims take turns cluster-wide and the live leases each one counts
-/// are all there are; released with the transaction), and [`claim_settings`].
+/// ([`CLAIM_LOCK_KEY`] in decimal: claims take turns cluster-wide and the live leases each one
+/// counts are all there are; released with the transaction), and [`claim_settings`].
 const BEGIN_CLAIM: &str = concat!(
     "BEGIN ISOLATION LEVEL READ COMMITTED; SELECT pg_advisory_xact_lock(7522544515348194156); ",
     claim_settings!()
 );
 
-/// The claim, one statement for a whole pass, run under the claim lock ([`CLAIM_LOCK_KEY`]).
+/// The claim, one statement for a whole pass, run under the claim lock ([`BEGIN_CLAIM`]).
 /// `live` counts what every node holds: deliveries under a lease that has not run out at `$1`
 /// (the `deliveries_leased` index; this claim's earlier passes are in it too, being the same
 /// transaction). `endpoint_held` / `app_held` take, per key, the larger of that and the
