@@ -474,7 +474,7 @@ impl Shared {
 
         // 3. Wake delivery.
         if wake {
-            self.dispatcher.wake();
+            self.dispatcher.wake_first_attempts();
         }
 
         // 4. Fan out, history channels with their positions.
@@ -538,7 +538,7 @@ impl Publisher {
             .record_channel_events(messages, changes)
             .await?;
         if wake {
-            self.shared.dispatcher.wake();
+            self.shared.dispatcher.wake_first_attempts();
         }
         Ok(())
     }

@@ -60,7 +60,7 @@ use herald_core::{
 };
 use herald_store::{
     Cache, HistoryQuery, Store,
-    postgres::{CONFIG_CHANNEL, DELIVERIES_CHANNEL, HISTORY_CHANNEL, HistoryNotice},
+    postgres::{CONFIG_CHANNEL, DELIVERIES_CHANNEL, DueLanes, HISTORY_CHANNEL, HistoryNotice},
 };
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -207,7 +207,7 @@ pub struct PostgresBroker {
     store: Arc<dyn Store>,
     sequence: AtomicU64,
     listening: AtomicBool,
-    wake_deliveries: Box<dyn Fn() + Send + Sync>,
+    wake_deliveries: Box<dyn Fn(DueLanes) + Send + Sync>,
     /// Where publications travel instead of NOTIFY (Redis, NATS), if configured.
     bus: Option<Arc<dyn Bus>>,
     /// A send to the bus failed: history subscribers are caught up once it is back.
@@ -224,13 +224,14 @@ pub struct PostgresBroker {
 
 impl PostgresBroker {
     /// `pool` is the PostgreSQL store's (same database and schema); `wake_deliveries` is
-    /// called when another node queued a due delivery, and after every (re)connection.
+    /// called with the lanes concerned when a node queued a due delivery, and with
+    /// [`DueLanes::Any`] after every (re)connection.
     pub fn new(
         node: String,
         pool: PgPool,
         hub: Arc<Hub>,
         store: Arc<dyn Store>,
-        wake_deliveries: Box<dyn Fn() + Send + Sync>,
+        wake_deliveries: Box<dyn Fn(DueLanes) + Send + Sync>,
         bus: Option<Arc<dyn Bus>>,
     ) -> Arc<Self> {
         Arc::new(Self {
@@ -359,7 +360,7 @@ impl PostgresBroker {
                 );
                 self.catch_up().await;
             }
-            (self.wake_deliveries)();
+            (self.wake_deliveries)(DueLanes::Any);
             reconnecting = true;
             loop {
                 tokio::select! {
@@ -455,7 +456,7 @@ impl PostgresBroker {
                 Ok(())
             }
             DELIVERIES_CHANNEL => {
-                (self.wake_deliveries)();
+                (self.wake_deliveries)(DueLanes::of_payload(payload));
                 Ok(())
             }
             crate::presence::PRESENCE_CHANNEL => {
@@ -933,7 +934,7 @@ mod tests {
             here.pool().clone(),
             Arc::new(Hub::default()),
             Arc::clone(&here) as Arc<dyn Store>,
-            Box::new(|| {}),
+            Box::new(|_| {}),
             None,
         );
         let mut sessions = broker.sessions_opened();
@@ -1033,7 +1034,7 @@ mod tests {
             store.pool().clone(),
             Arc::clone(&hub),
             Arc::clone(&store) as Arc<dyn Store>,
-            Box::new(|| {}),
+            Box::new(|_| {}),
             None,
         );
         let app_id = herald_store::conformance::stored_app(store.as_ref(), "bus")

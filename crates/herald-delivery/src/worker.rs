@@ -37,15 +37,36 @@ const ERROR_BACKOFF: Duration = Duration::from_secs(1);
 /// Added to every delivery lease beyond the time its attempt may take (see `claim`).
 const LEASE_MARGIN: Duration = Duration::from_secs(5);
 
-/// Wakes the dispatcher when new work is queued (a message created, a resend requested).
+/// Wakes the dispatcher's lanes when work is queued for them.
+///
+/// Each lane claims in a loop of its own (see [`Dispatcher::run`]), so a wake-up goes only to
+/// the lanes the work is for: new messages' first attempts would otherwise send the retry lane
+/// to the store once per message, for nothing.
 #[derive(Clone, Default)]
 pub struct DispatcherHandle {
-    wake: Arc<Notify>,
+    first_attempts: Arc<Notify>,
+    retries: Arc<Notify>,
 }
 
 impl DispatcherHandle {
+    /// Work may be due in either lane: a resend or a recovery (manual attempts are in the
+    /// retry lane), another node's deliveries.
     pub fn wake(&self) {
-        self.wake.notify_one();
+        self.first_attempts.notify_one();
+        self.retries.notify_one();
+    }
+
+    /// New messages' first attempts were queued.
+    pub fn wake_first_attempts(&self) {
+        self.first_attempts.notify_one();
+    }
+
+    fn lane(&self, first_attempts: bool) -> &Notify {
+        if first_attempts {
+            &self.first_attempts
+        } else {
+            &self.retries
+        }
     }
 }
 
@@ -420,7 +441,7 @@ impl FreshDeliveries for Handoff {
         self.lane.give_back(&rooms);
         if let Some(dispatcher) = self.dispatcher.upgrade() {
             // The deliveries may be in the queue after all (committed, not leased).
-            dispatcher.handle.wake();
+            dispatcher.handle.wake_first_attempts();
         }
     }
 
@@ -486,52 +507,14 @@ impl Dispatcher {
             shutdown: shutdown.clone(),
             lease: me.lease(),
         }));
-        while !shutdown.is_cancelled() {
-            let mut saturated_batch = false;
-            let mut claimed_any = false;
-            let mut failed = false;
-            for lane in &lanes {
-                match me.claim(lane).await {
-                    Ok((jobs, asked)) => {
-                        saturated_batch |= jobs.len() as u32 == CLAIM_BATCH;
-                        let got = jobs.len();
-                        claimed_any |= got > 0;
-                        let started = lane.admit(jobs);
-                        lane.claimed(asked, got);
-                        for job in started {
-                            tasks.spawn(Arc::clone(&me).attempts(
-                                job,
-                                Arc::clone(lane),
-                                tasks.clone(),
-                                abandon.clone(),
-                            ));
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "claiming deliveries failed");
-                        failed = true;
-                    }
-                }
-            }
-            if saturated_batch {
-                continue;
-            }
-            // After a claim that found work, the attempts it started wake the loop as they
-            // finish, so the queue's next due time (a query, which on PostgreSQL reads every
-            // unfinished delivery) is only worth asking when the claims found nothing.
-            let pause = if failed {
-                ERROR_BACKOFF
-            } else if claimed_any {
-                RECHECK
-            } else {
-                me.idle_pause().await
-            };
-            tokio::select! {
-                () = me.handle.wake.notified() => {}
-                () = tokio::time::sleep(pause) => {}
-                () = shutdown.cancelled() => {}
-            }
-        }
+        // One loop per lane: a lane's claim never waits for the other's. On PostgreSQL a claim
+        // is a transaction of several round trips, and the first attempts of one busy endpoint
+        // waited for the retry lane's (usually empty) claim at every turn.
+        let [first_attempts, retries] = &lanes;
+        tokio::join!(
+            Arc::clone(&me).claim_loop(first_attempts, &tasks, &abandon, &shutdown),
+            Arc::clone(&me).claim_loop(retries, &tasks, &abandon, &shutdown),
+        );
         tasks.close();
         if tokio::time::timeout(me.config.shutdown_grace, tasks.wait())
             .await
@@ -543,6 +526,54 @@ impl Dispatcher {
             );
             abandon.cancel();
             tasks.wait().await;
+        }
+    }
+
+    /// Claims for `lane` and starts what it may run, until `shutdown`.
+    async fn claim_loop(
+        self: Arc<Self>,
+        lane: &Arc<Lane>,
+        tasks: &TaskTracker,
+        abandon: &CancellationToken,
+        shutdown: &CancellationToken,
+    ) {
+        let wake = self.handle.lane(lane.first_attempts);
+        while !shutdown.is_cancelled() {
+            let pause = match self.claim(lane).await {
+                Ok((jobs, asked)) => {
+                    let got = jobs.len();
+                    let started = lane.admit(jobs);
+                    lane.claimed(asked, got);
+                    for job in started {
+                        tasks.spawn(Arc::clone(&self).attempts(
+                            job,
+                            Arc::clone(lane),
+                            tasks.clone(),
+                            abandon.clone(),
+                        ));
+                    }
+                    if got as u32 == CLAIM_BATCH {
+                        continue;
+                    }
+                    // After a claim that found work, the attempts it started wake the loop as
+                    // they finish, so the lane's next due time (a query) is only worth asking
+                    // when the claim found nothing.
+                    if got > 0 {
+                        RECHECK
+                    } else {
+                        self.idle_pause(lane.first_attempts).await
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "claiming deliveries failed");
+                    ERROR_BACKOFF
+                }
+            };
+            tokio::select! {
+                () = wake.notified() => {}
+                () = tokio::time::sleep(pause) => {}
+                () = shutdown.cancelled() => {}
+            }
         }
     }
 
@@ -566,6 +597,7 @@ impl Dispatcher {
         let lease = self.lease();
         let limit = budget.room.min(CLAIM_BATCH);
         let (per_endpoint_limit, per_app_limit) = lane.claim_limits();
+        self.metrics.claim(lane.first_attempts);
         let jobs = self
             .store
             .claim_due(&ClaimRequest {
@@ -585,10 +617,10 @@ impl Dispatcher {
         Ok((jobs, limit))
     }
 
-    /// How long to wait before looking again when the last look found nothing to start. A
-    /// finishing attempt or new work wakes the loop sooner.
-    async fn idle_pause(&self) -> Duration {
-        match self.store.next_due_at().await {
+    /// How long a lane waits before looking again when its last look found nothing to start.
+    /// A finishing attempt or new work wakes it sooner.
+    async fn idle_pause(&self, first_attempts: bool) -> Duration {
+        match self.store.next_due_at(first_attempts).await {
             Ok(Some(due)) => {
                 let until_due = (due - Utc::now()).to_std().unwrap_or(Duration::ZERO);
                 until_due.clamp(RECHECK, IDLE_POLL)
@@ -627,13 +659,14 @@ impl Dispatcher {
                 return; // The semaphore is never closed; nothing to save to if it were.
             };
             let me = Arc::clone(&self);
+            let first_attempts = lane.first_attempts;
             tasks.spawn(async move {
-                me.save(record).await;
+                me.save(record, first_attempts).await;
                 drop(permit);
             });
             let next = lane.next_after(&job.app_id, &job.endpoint.id);
-            // A freed slot may let the dispatcher claim more.
-            self.handle.wake();
+            // A freed slot may let the lane claim more.
+            self.handle.lane(lane.first_attempts).notify_one();
             match next {
                 Some(next) => job = next,
                 None => return,
@@ -641,11 +674,13 @@ impl Dispatcher {
         }
     }
 
-    async fn save(&self, record: AttemptRecord) {
+    /// Saves the record of an attempt of the lane of `first_attempts`.
+    async fn save(&self, record: AttemptRecord, first_attempts: bool) {
         let (msg_id, endpoint_id) = (
             record.attempt.msg_id.clone(),
             record.attempt.endpoint_id.clone(),
         );
+        let retries = matches!(record.next, NextStep::RetryAt(_));
         match self.store.record_attempt(record).await {
             Ok(Recorded::Applied) => {}
             Ok(Recorded::Stale) => {
@@ -660,8 +695,12 @@ impl Dispatcher {
                 tracing::error!(error = %e, %msg_id, %endpoint_id, "recording an attempt failed");
             }
         }
-        // The record may have scheduled a retry sooner than the dispatcher's next look.
-        self.handle.wake();
+        // The delivery's lease ended with the record, which a claim of its lane counts; and a
+        // retry may be due sooner than the retry lane's next look.
+        self.handle.lane(first_attempts).notify_one();
+        if retries {
+            self.handle.lane(false).notify_one();
+        }
     }
 
     async fn headers(&self, job: &DeliveryJob, timestamp: i64) -> Result<HeaderMap, SendError> {

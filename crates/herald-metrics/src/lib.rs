@@ -25,6 +25,7 @@
 //! | `herald_store_commit_writes` | histogram | [`StoreMetrics`] |
 //! | `herald_delivery_attempts_total{outcome}` | counter | [`DeliveryMetrics`] |
 //! | `herald_delivery_claimed_jobs_total` | counter | [`DeliveryMetrics`] |
+//! | `herald_delivery_claims_total{lane}` | counter | [`DeliveryMetrics`] |
 //! | `herald_webhook_attempts_total{status_class}` | counter | [`DeliveryMetrics`] |
 //! | `herald_delivery_queue_due` | gauge | [`QueueMetrics`] |
 //! | `herald_delivery_queue_oldest_due_age_seconds` | gauge | [`QueueMetrics`] |
@@ -423,6 +424,44 @@ pub struct StatusClassLabels {
     pub status_class: StatusClass,
 }
 
+/// A dispatcher's claim lane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ClaimLane {
+    FirstAttempts,
+    /// Retries and manual attempts.
+    Retries,
+}
+
+impl ClaimLane {
+    pub const ALL: [Self; 2] = [Self::FirstAttempts, Self::Retries];
+
+    pub fn of(first_attempts: bool) -> Self {
+        if first_attempts {
+            Self::FirstAttempts
+        } else {
+            Self::Retries
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::FirstAttempts => "first_attempts",
+            Self::Retries => "retries",
+        }
+    }
+}
+
+impl EncodeLabelValue for ClaimLane {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ClaimLaneLabels {
+    pub lane: ClaimLane,
+}
+
 /// The webhook delivery worker.
 #[derive(Debug)]
 pub struct DeliveryMetrics {
@@ -432,6 +471,9 @@ pub struct DeliveryMetrics {
     pub attempt_statuses_total: Family<StatusClassLabels, Counter>,
     /// Deliveries claimed from the queue.
     pub claimed_jobs_total: Counter,
+    /// Claims asked of the store, by lane (each a query, on PostgreSQL a transaction): with
+    /// `claimed_jobs_total`, what a claim takes on average.
+    pub claims_total: Family<ClaimLaneLabels, Counter>,
 }
 
 impl Default for DeliveryMetrics {
@@ -445,10 +487,15 @@ impl Default for DeliveryMetrics {
         for status_class in StatusClass::ALL {
             drop(attempt_statuses_total.get_or_create(&StatusClassLabels { status_class }));
         }
+        let claims_total = Family::<ClaimLaneLabels, Counter>::default();
+        for lane in ClaimLane::ALL {
+            drop(claims_total.get_or_create(&ClaimLaneLabels { lane }));
+        }
         Self {
             attempts_total,
             attempt_statuses_total,
             claimed_jobs_total: Counter::default(),
+            claims_total,
         }
     }
 }
@@ -468,6 +515,24 @@ impl DeliveryMetrics {
                 status_class: StatusClass::of(code),
             })
             .inc();
+    }
+
+    /// Counts one claim asked of the store for a lane.
+    pub fn claim(&self, first_attempts: bool) {
+        self.claims_total
+            .get_or_create(&ClaimLaneLabels {
+                lane: ClaimLane::of(first_attempts),
+            })
+            .inc();
+    }
+
+    /// Claims asked so far for a lane.
+    pub fn claims(&self, first_attempts: bool) -> u64 {
+        self.claims_total
+            .get_or_create(&ClaimLaneLabels {
+                lane: ClaimLane::of(first_attempts),
+            })
+            .get()
     }
 
     /// Attempts so far with this outcome.
@@ -492,6 +557,11 @@ impl DeliveryMetrics {
             "delivery_claimed_jobs",
             "Webhook deliveries claimed from the queue",
             self.claimed_jobs_total.clone(),
+        );
+        registry.register(
+            "delivery_claims",
+            "Claims of due webhook deliveries asked of the store, by lane (first_attempts, retries)",
+            self.claims_total.clone(),
         );
     }
 }
@@ -821,6 +891,8 @@ mod tests {
             "herald_delivery_attempts_total{outcome=\"overloaded\"} 0",
             "herald_delivery_attempts_total{outcome=\"failed\"} 0",
             "herald_delivery_claimed_jobs_total 0",
+            "herald_delivery_claims_total{lane=\"first_attempts\"} 0",
+            "herald_delivery_claims_total{lane=\"retries\"} 0",
             "herald_webhook_attempts_total{status_class=\"2xx\"} 0",
             "herald_webhook_attempts_total{status_class=\"none\"} 0",
             "# TYPE herald_delivery_queue_due gauge",

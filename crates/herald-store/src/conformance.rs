@@ -55,6 +55,7 @@ checks!(
     a_claim_leaves_out_endpoints_at_their_limit,
     a_claim_finds_work_behind_a_full_endpoints_long_backlog,
     a_recorded_attempt_is_logged_and_settles_the_delivery,
+    each_lane_says_when_its_next_delivery_falls_due,
     a_failing_streak_is_what_the_next_reads_of_its_endpoint_see,
     due_deliveries_count_the_unfinished_and_date_the_oldest,
     concurrent_records_each_report_their_own_fence,
@@ -837,7 +838,99 @@ pub async fn a_recorded_attempt_is_logged_and_settles_the_delivery(store: &dyn S
             .all(|(e, state)| e.id == ep.id && state.status == DeliveryStatus::Success),
         "{deliveries:?}"
     );
-    assert_eq!(store.next_due_at().await.expect("next due"), None);
+    // Nothing is due in either lane: no due time, or (a store that bounds it from what its
+    // last claim saw) one still to come.
+    for first_attempts in [true, false] {
+        let due = store.next_due_at(first_attempts).await.expect("next due");
+        assert!(due.is_none_or(|due| due > Utc::now()), "{due:?}");
+    }
+}
+
+/// Each claim lane has its own next due time (a dispatcher claims each lane in its own loop
+/// and sleeps until it): deliveries in flight are not waiting, a retry is due in the retry
+/// lane only, and a delivery whose lease ran out is due again.
+pub async fn each_lane_says_when_its_next_delivery_falls_due(store: &dyn Store) {
+    let app = stored_app(store, "lanes").await;
+    let ep = endpoint(&app.id);
+    store.create_endpoint(&ep).await.expect("endpoint");
+    let (first, second) = (message(&app.id, None), message(&app.id, None));
+    for msg in [&first, &second] {
+        store
+            .create_message(msg.clone(), vec![ep.id.clone()])
+            .await
+            .expect("message");
+    }
+    let now = Utc::now() + chrono::Duration::seconds(1);
+    let jobs = store
+        .claim_due(&claim(now, 10, HashMap::new(), 10, HashMap::new(), 100))
+        .await
+        .expect("claim");
+    assert_eq!(jobs.len(), 2, "both first attempts are claimed");
+    let retry_at = now + chrono::Duration::hours(1);
+    let retried = jobs
+        .iter()
+        .find(|job| job.msg_id == first.id)
+        .expect("the first message's delivery");
+    let recorded = store
+        .record_attempt(job_record(
+            retried,
+            retried.lease,
+            now,
+            NextStep::RetryAt(retry_at),
+        ))
+        .await
+        .expect("record");
+    assert_eq!(recorded, Recorded::Applied);
+    let next_due = |first_attempts: bool| async move {
+        store
+            .next_due_at(first_attempts)
+            .await
+            .expect("next due")
+            .map(|due| due.timestamp_millis())
+    };
+    assert_eq!(
+        next_due(false).await,
+        Some(retry_at.timestamp_millis()),
+        "the retry is the retry lane's next"
+    );
+    assert_eq!(
+        next_due(true).await,
+        None,
+        "the other first attempt is in flight, and the retry is not a first attempt"
+    );
+
+    // A first attempt claimed under a lease that has run out is due again.
+    let an_hour_ago = Utc::now() - chrono::Duration::hours(1);
+    let old = Message {
+        id: herald_core::MessageId::new(an_hour_ago),
+        created_at: an_hour_ago,
+        ..message(&app.id, None)
+    };
+    store
+        .create_message(old.clone(), vec![ep.id.clone()])
+        .await
+        .expect("old message");
+    let claimed_at = an_hour_ago + chrono::Duration::minutes(10);
+    let lapsed = store
+        .claim_due(&ClaimRequest {
+            lease_until: claimed_at + chrono::Duration::minutes(10),
+            ..claim(claimed_at, 10, HashMap::new(), 10, HashMap::new(), 100)
+        })
+        .await
+        .expect("claim");
+    assert_eq!(
+        lapsed.iter().map(|job| &job.msg_id).collect::<Vec<_>>(),
+        [&old.id],
+        "only the old message was due then"
+    );
+    let due = next_due(true)
+        .await
+        .expect("the lapsed lease's delivery is due");
+    assert!(
+        (an_hour_ago.timestamp_millis()..=Utc::now().timestamp_millis()).contains(&due),
+        "due already: {due}"
+    );
+    assert_eq!(next_due(false).await, Some(retry_at.timestamp_millis()));
 }
 
 /// A failing streak that an attempt's record starts or ends is what the next reads of its
@@ -1403,11 +1496,17 @@ pub async fn a_resend_during_an_attempt_fences_the_attempts_record(store: &dyn S
     );
     assert_eq!(
         store
-            .next_due_at()
+            .next_due_at(false)
             .await
             .expect("next due")
             .map(|at| at.timestamp_millis()),
-        Some(now.timestamp_millis())
+        Some(now.timestamp_millis()),
+        "the resend is due in the retry lane"
+    );
+    assert_eq!(
+        store.next_due_at(true).await.expect("next due"),
+        None,
+        "and the first-attempt lane has nothing"
     );
 
     // The manual attempt: a new claim, in the retry lane, under a new token.

@@ -467,8 +467,9 @@ pub trait MessageStore: Send + Sync + 'static {
     /// Leases up to `request.limit` due deliveries of the request's lane, earliest due first,
     /// within the request's per-endpoint and per-app limits.
     async fn claim_due(&self, request: &ClaimRequest) -> Result<Vec<DeliveryJob>>;
-    /// When the earliest delivery that is not in flight falls due.
-    async fn next_due_at(&self) -> Result<Option<DateTime<Utc>>>;
+    /// When the earliest delivery of a lane (first attempts if `first_attempts`, else
+    /// retries and manual attempts) that is not in flight falls due.
+    async fn next_due_at(&self, first_attempts: bool) -> Result<Option<DateTime<Utc>>>;
     /// The delivery queue as an operator watches it (`/metrics`): how many deliveries are
     /// due at `now` and not finished (those being attempted included), and when the earliest
     /// of them fell due.

@@ -31,7 +31,7 @@ use herald_core::{
 };
 use herald_delivery::{Dispatcher, WebhookClient};
 use herald_metrics::{Metrics, Registry};
-use herald_store::{ApiToken, Store, StoreError, TokenScope};
+use herald_store::{ApiToken, Store, StoreError, TokenScope, postgres::DueLanes};
 use herald_ws::connection::WsState;
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -198,7 +198,10 @@ pub async fn run_with(
             postgres.pool().clone(),
             Arc::clone(&hub),
             Arc::clone(&store),
-            Box::new(move || wake.wake()),
+            Box::new(move |lanes| match lanes {
+                DueLanes::FirstAttempts => wake.wake_first_attempts(),
+                DueLanes::Any => wake.wake(),
+            }),
             bus,
         );
         // The store's cache of apps, endpoints, tokens and sources serves while the broker

@@ -36,7 +36,7 @@ mod tokens;
 mod wake;
 
 /// The channel notified when deliveries fall due now, for the dispatchers' listener.
-pub use messages::DELIVERIES_CHANNEL;
+pub use messages::{DELIVERIES_CHANNEL, DueLanes};
 
 /// What the store announces at commit, for the PostgreSQL broker.
 pub use history::{HISTORY_CHANNEL, HistoryNotice, NoticeEvent};

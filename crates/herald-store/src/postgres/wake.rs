@@ -13,13 +13,14 @@
 //! (the publisher does). A notification lost to a crash between the commit and the notify
 //! costs the other nodes at most their idle poll (the dispatcher's `IDLE_POLL`), never a
 //! delivery. Rare writes that make deliveries due (manual enqueues) still notify in their own
-//! transaction.
+//! transaction. These notifications carry the payload that says only first attempts are new
+//! (`DueLanes::FirstAttempts`), so they do not send the retry lanes to the store.
 
 use std::sync::{Arc, Mutex};
 
 use sqlx::PgPool;
 
-use super::messages::DELIVERIES_CHANNEL;
+use super::messages::{DELIVERIES_CHANNEL, FIRST_ATTEMPTS_PAYLOAD};
 
 #[derive(Default)]
 struct State {
@@ -60,8 +61,9 @@ impl DueNotifier {
         let this = Arc::clone(self);
         tokio::spawn(async move {
             loop {
-                if let Err(e) = sqlx::query("SELECT pg_notify($1, '')")
+                if let Err(e) = sqlx::query("SELECT pg_notify($1, $2)")
                     .bind(DELIVERIES_CHANNEL)
+                    .bind(FIRST_ATTEMPTS_PAYLOAD)
                     .execute(&this.pool)
                     .await
                 {

@@ -153,22 +153,23 @@ impl ClaimGate {
         }
     }
 
-    /// When the earliest claimable delivery falls due, if both lanes have a summary: now if
-    /// one holds deliveries back (they start when a slot frees, which wakes the dispatcher
-    /// anyway), else the earlier `until`.
-    pub(crate) fn next_due(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    /// When the lane's earliest claimable delivery falls due, if the lane has a summary: now
+    /// if it holds deliveries back (they start when a slot frees, which wakes the lane
+    /// anyway), else its `until`.
+    pub(crate) fn next_due(
+        &self,
+        now: DateTime<Utc>,
+        first_attempts: bool,
+    ) -> Option<DateTime<Utc>> {
         let state = self.lock();
-        let mut due: Option<DateTime<Utc>> = None;
-        for summary in &state.lanes {
-            let summary = summary.as_ref().filter(|s| now < s.until)?;
-            let at = if summary.endpoints.is_empty() && summary.apps.is_empty() {
-                summary.until
-            } else {
-                now
-            };
-            due = Some(due.map_or(at, |d| d.min(at)));
-        }
-        due
+        let summary = state.lanes[lane(first_attempts)]
+            .as_ref()
+            .filter(|s| now < s.until)?;
+        Some(if summary.endpoints.is_empty() && summary.apps.is_empty() {
+            summary.until
+        } else {
+            now
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {

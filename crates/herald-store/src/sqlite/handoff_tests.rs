@@ -258,7 +258,7 @@ async fn once_a_claim_has_taken_all_it_could_the_next_asks_only_for_held_back_en
     assert_eq!(last.len(), 1, "ep1's third message");
     assert_eq!(
         f.store
-            .next_due_at()
+            .next_due_at(false)
             .await
             .expect("next due")
             .map(|due| due.timestamp_millis()),

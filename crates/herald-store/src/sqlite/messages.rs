@@ -186,17 +186,19 @@ impl MessageStore for SqliteStore {
         }
     }
 
-    async fn next_due_at(&self) -> Result<Option<DateTime<Utc>>> {
-        if let Some(due) = self.gate.next_due(Utc::now()) {
+    async fn next_due_at(&self, first_attempts: bool) -> Result<Option<DateTime<Utc>>> {
+        if let Some(due) = self.gate.next_due(Utc::now(), first_attempts) {
             return Ok(Some(due));
         }
         // Leased deliveries are in flight, not waiting: counting them would make everything
         // look due already, and the dispatcher would sleep through the next real due time.
         let row = sqlx::query(
             "SELECT MIN(next_attempt_at) AS due FROM deliveries
-             WHERE status IN (1, 3) AND rowid NOT IN (SELECT value FROM json_each($1))",
+             WHERE status IN (1, 3) AND ((attempts = 0 AND trigger_type = 0) = $2)
+               AND rowid NOT IN (SELECT value FROM json_each($1))",
         )
         .bind(to_json(&self.leases.held(Utc::now())))
+        .bind(first_attempts)
         .fetch_one(&self.reader)
         .await?;
         row.try_get::<Option<i64>, _>("due")?

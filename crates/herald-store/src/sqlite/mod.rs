@@ -594,7 +594,7 @@ mod tests {
         assert_eq!(applied, Recorded::Applied);
         assert_eq!(
             store
-                .next_due_at()
+                .next_due_at(false)
                 .await
                 .expect("next due")
                 .map(|due| due.timestamp_millis()),

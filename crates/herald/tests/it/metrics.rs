@@ -317,3 +317,56 @@ async fn a_request_over_a_rate_limit_is_counted_by_its_limit() {
     );
     server.stop().await;
 }
+
+/// Each claim lane asks the store in a loop of its own, woken only for its own work: new
+/// messages' first attempts do not send the retry lane to the store (on PostgreSQL a claim is
+/// a transaction of several round trips, and the retry lane's empty claim at every turn of a
+/// shared loop held up the first attempts). The retry lane still looks once at start and
+/// after each idle poll, at most every 5 seconds with nothing due.
+#[tokio::test]
+async fn new_messages_wake_only_the_first_attempt_lane() {
+    let server = TestServer::start().await;
+    let mut receiver = Receiver::start().await;
+    let app = server.create_app("lanes").await;
+    server
+        .create_endpoint(&app, json!({"url": receiver.url}))
+        .await;
+    let started = std::time::Instant::now();
+    let before = scrape(&server).await;
+    const MESSAGES: usize = 40;
+    for n in 0..MESSAGES {
+        server
+            .send(
+                &app,
+                json!({"eventType": "order.paid", "payload": {"n": n}}),
+            )
+            .await;
+        receiver.next().await;
+    }
+    let text = eventually("every attempt counted", || async {
+        let text = scrape(&server).await;
+        (sample(&text, "herald_delivery_attempts_total{outcome=\"success\"}") == MESSAGES as f64)
+            .then_some(text)
+    })
+    .await;
+    let claims = |text: &str, lane: &str| {
+        sample(
+            text,
+            &format!("herald_delivery_claims_total{{lane=\"{lane}\"}}"),
+        )
+    };
+    // The scrape before may have come just before the lane's look at start, and an idle poll
+    // is due every 5 seconds.
+    let idle_polls = (started.elapsed().as_secs_f64() / 5.0).ceil();
+    let retry_claims = claims(&text, "retries") - claims(&before, "retries");
+    assert!(
+        retry_claims <= 1.0 + idle_polls,
+        "{retry_claims} retry-lane claims for {MESSAGES} new messages in {:?}",
+        started.elapsed()
+    );
+    assert!(
+        claims(&text, "first_attempts") > claims(&before, "first_attempts"),
+        "the first-attempt lane was woken: {text}"
+    );
+    server.stop().await;
+}
