@@ -422,9 +422,12 @@ impl MessageStore for PostgresStore {
         };
         let row = sqlx::query(statement)
             .bind(millis(Utc::now()))
-            .fetch_one(&self.pool)
+            .fetch_optional(&self.pool)
             .await?;
-        rows::opt_time(&row, "due")
+        match row {
+            Some(row) => rows::opt_time(&row, "due"),
+            None => Ok(None),
+        }
     }
 
     async fn due_deliveries(&self, now: DateTime<Utc>) -> Result<crate::DueDeliveries> {
@@ -475,29 +478,30 @@ impl MessageStore for PostgresStore {
     }
 }
 
-/// When the lane's earliest delivery that is not in flight falls due: the first unleased row
-/// in the lane's time index, or a delivery whose lease ran out (claimable again once due, as
-/// SQLite leaves out only its held leases). Each part is an index walk that stops early: a
-/// `MIN` over every unfinished delivery read the whole backlog (4.7-6.2 ms with one endpoint's
-/// backlog, PERFORMANCE.md). The leased rows the first part steps over are the earliest due,
-/// and there are no more of them than the nodes have in flight. `$1`: now.
+/// When the lane's earliest delivery that is not in flight falls due: the first row in the
+/// lane's time index that is unleased or whose lease ran out (claimable again once due, as
+/// SQLite leaves out only its held leases). One walk of the index in due order that stops at
+/// that row: a `MIN` over every unfinished delivery read the whole backlog (4.7-6.2 ms with one
+/// endpoint's backlog, PERFORMANCE.md), and a second walk for lapsed leases alone was planned
+/// on the lane's by-endpoint index, reading the whole lane (3.3 ms). The leased rows the walk
+/// steps over are the earliest due, no more of them than the nodes have in flight.
+///
+/// Exact when nothing is due yet. When the first such row is a lapsed lease, the answer is
+/// when its lease ran out, which is past: something is due now, if maybe since earlier. (A
+/// leased row's due time is no later than its claim, which is before its lease ends: leases
+/// are taken of due rows, and every change of a row's due time ends its lease.) `$1`: now.
 macro_rules! next_due_statement {
     ($lane:literal) => {
         concat!(
-            "SELECT LEAST(
-                 (SELECT d.next_attempt_at FROM deliveries d
-                  WHERE d.status IN (1, 3) AND ",
+            "SELECT CASE WHEN d.lease_token IS NULL THEN d.next_attempt_at
+                         ELSE GREATEST(d.next_attempt_at, d.leased_until) END AS due
+             FROM deliveries d
+             WHERE d.status IN (1, 3) AND ",
             $lane,
-            "
-                    AND d.next_attempt_at IS NOT NULL AND d.lease_token IS NULL
-                  ORDER BY d.next_attempt_at
-                  LIMIT 1),
-                 (SELECT MIN(GREATEST(d.next_attempt_at, d.leased_until)) FROM deliveries d
-                  WHERE d.lease_token IS NOT NULL AND d.leased_until <= $1
-                    AND d.status IN (1, 3) AND ",
-            $lane,
-            ")
-             ) AS due"
+            " AND d.next_attempt_at IS NOT NULL
+               AND (d.lease_token IS NULL OR d.leased_until <= $1)
+             ORDER BY d.next_attempt_at
+             LIMIT 1"
         )
     };
 }
@@ -1487,6 +1491,72 @@ pub(super) mod tests {
             assert!(
                 !plan.iter().any(|line| line.contains("Bitmap")),
                 "a claim reads an index with a bitmap scan: {plan:#?}"
+            );
+        }
+    }
+
+    /// A lane's next due time is one walk of its time index in due order that stops at the
+    /// first row not in flight, whatever the plan cache does: not a read of the whole lane
+    /// (through its by-endpoint index, then sorted or aggregated), which is what a lane holding
+    /// one endpoint's long backlog made of every look at an idle lane.
+    #[tokio::test]
+    async fn the_next_due_time_walks_the_lanes_time_index() {
+        let Some(url) = server_url() else { return };
+        let (_guard, store) = open_in_fresh_schema(url).await;
+        let app = stored_app(&store).await;
+        let endpoint = stored_endpoint(&store, &app.id).await;
+        let now = Utc::now();
+        let mut tx = store.pool.begin().await.expect("begin");
+        leased_rows(
+            &mut tx,
+            &app.id,
+            &endpoint.id,
+            20_000,
+            now,
+            now + chrono::Duration::minutes(1),
+        )
+        .await;
+        // A backlog in both lanes, behind a few hundred leases.
+        sqlx::query(
+            "UPDATE deliveries
+             SET lease_token = NULL, leased_until = NULL,
+                 attempts = CASE WHEN lease_token % 2 = 0 THEN 1 ELSE 0 END
+             WHERE lease_token > 300",
+        )
+        .execute(&mut *tx)
+        .await
+        .expect("backlog");
+        let mut plans = Vec::new();
+        for plan_cache_mode in PLAN_CACHE_MODES {
+            plan_as(&mut tx, plan_cache_mode).await;
+            for (statement, index) in [
+                (NEXT_DUE_FIRST_ATTEMPT, "deliveries_due_first"),
+                (NEXT_DUE_RETRY, "deliveries_due_retry"),
+            ] {
+                // Our own constants.
+                let plan: Vec<String> = sqlx::query(AssertSqlSafe(format!("EXPLAIN {statement}")))
+                    .bind(millis(now))
+                    .fetch_all(&mut *tx)
+                    .await
+                    .expect("explain")
+                    .iter()
+                    .map(|row| row.get(0))
+                    .collect();
+                plans.push((index, plan));
+            }
+        }
+        tx.rollback().await.expect("rollback");
+        for (index, plan) in &plans {
+            assert!(
+                plan.iter()
+                    .any(|line| line.contains(&format!("Index Scan using {index} on"))),
+                "the lane's time index, in order: {plan:#?}"
+            );
+            assert!(
+                !plan
+                    .iter()
+                    .any(|line| line.contains("Sort") || line.contains("Aggregate")),
+                "read whole: {plan:#?}"
             );
         }
     }
