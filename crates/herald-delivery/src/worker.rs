@@ -659,9 +659,8 @@ impl Dispatcher {
                 return; // The semaphore is never closed; nothing to save to if it were.
             };
             let me = Arc::clone(&self);
-            let first_attempts = lane.first_attempts;
             tasks.spawn(async move {
-                me.save(record, first_attempts).await;
+                me.save(record).await;
                 drop(permit);
             });
             let next = lane.next_after(&job.app_id, &job.endpoint.id);
@@ -674,8 +673,7 @@ impl Dispatcher {
         }
     }
 
-    /// Saves the record of an attempt of the lane of `first_attempts`.
-    async fn save(&self, record: AttemptRecord, first_attempts: bool) {
+    async fn save(&self, record: AttemptRecord) {
         let (msg_id, endpoint_id) = (
             record.attempt.msg_id.clone(),
             record.attempt.endpoint_id.clone(),
@@ -695,9 +693,11 @@ impl Dispatcher {
                 tracing::error!(error = %e, %msg_id, %endpoint_id, "recording an attempt failed");
             }
         }
-        // The delivery's lease ended with the record, which a claim of its lane counts; and a
-        // retry may be due sooner than the retry lane's next look.
-        self.handle.lane(first_attempts).notify_one();
+        // A retry may be due sooner than the retry lane's next look. A saved record frees no
+        // room for a claim of its own lane, so that lane is not woken: `claim_limits` counts
+        // records being saved, and drops by one when this one is (as does the store's count of
+        // the endpoint's leases, on a store that counts them). Waking it here made the
+        // embedded store's first-attempt lane ask for a claim more than twice per delivery.
         if retries {
             self.handle.lane(false).notify_one();
         }
