@@ -474,6 +474,9 @@ pub struct DeliveryMetrics {
     /// Claims asked of the store, by lane (each a query, on PostgreSQL a transaction): with
     /// `claimed_jobs_total`, what a claim takes on average.
     pub claims_total: Family<ClaimLaneLabels, Counter>,
+    /// `claims_total`'s two series, in `ClaimLane::ALL`'s order: a claim follows nearly every
+    /// finished attempt, so it counts without the family's lookup.
+    claims_by_lane: [Counter; 2],
 }
 
 impl Default for DeliveryMetrics {
@@ -488,14 +491,17 @@ impl Default for DeliveryMetrics {
             drop(attempt_statuses_total.get_or_create(&StatusClassLabels { status_class }));
         }
         let claims_total = Family::<ClaimLaneLabels, Counter>::default();
-        for lane in ClaimLane::ALL {
-            drop(claims_total.get_or_create(&ClaimLaneLabels { lane }));
-        }
+        let claims_by_lane = ClaimLane::ALL.map(|lane| {
+            claims_total
+                .get_or_create(&ClaimLaneLabels { lane })
+                .clone()
+        });
         Self {
             attempts_total,
             attempt_statuses_total,
             claimed_jobs_total: Counter::default(),
             claims_total,
+            claims_by_lane,
         }
     }
 }
@@ -519,20 +525,7 @@ impl DeliveryMetrics {
 
     /// Counts one claim asked of the store for a lane.
     pub fn claim(&self, first_attempts: bool) {
-        self.claims_total
-            .get_or_create(&ClaimLaneLabels {
-                lane: ClaimLane::of(first_attempts),
-            })
-            .inc();
-    }
-
-    /// Claims asked so far for a lane.
-    pub fn claims(&self, first_attempts: bool) -> u64 {
-        self.claims_total
-            .get_or_create(&ClaimLaneLabels {
-                lane: ClaimLane::of(first_attempts),
-            })
-            .get()
+        self.claims_by_lane[ClaimLane::of(first_attempts) as usize].inc();
     }
 
     /// Attempts so far with this outcome.
