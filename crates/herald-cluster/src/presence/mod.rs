@@ -22,15 +22,17 @@
 //! broker's LISTEN session, [`hear`]) sends `pusher_internal:member_added` or `member_removed`
 //! to its subscribers of the channel, the joining socket excepted.
 //!
-//! **Dead nodes.** A node whose heartbeat is older than `node_ttl` is deleted by whichever live
-//! node looks first; rows whose node has no `cluster_nodes` row are then removed one key at a
-//! time under the same locks, `DELETE ... RETURNING` deciding which sweeper reports. So a
-//! killed node's members leave once, within `node_ttl` plus a heartbeat period. Decisions count
+//! **Dead nodes.** A node whose heartbeat is older than `node_ttl` in two successive sweeps of a
+//! live node (the same heartbeat both times) is deleted by whichever live node sees that
+//! first; rows whose node has no `cluster_nodes` row are then removed one key at a time under
+//! the same locks, `DELETE ... RETURNING` deciding which sweeper reports. So a killed node's
+//! members leave once, within `node_ttl` plus two heartbeat periods. Decisions count
 //! every node's rows, dead or not yet swept: a user still held by an unswept node has not left
 //! the cluster, and leaves (once) when the sweep removes its last row. A node whose own round
 //! comes more than a heartbeat period late skips judging the others once: an overloaded host
-//! holds up its nodes together, and the others' overdue beats come first, so none is taken for
-//! dead for a pause it shared with its judge.
+//! holds up its nodes together, and the others' overdue beats come first; and a node stale in
+//! one sweep gets until the next to beat, so none is taken for dead for a pause it shared with
+//! its judge.
 //!
 //! **Staleness.** Membership and occupancy are exact at each transaction's commit (a change
 //! reaches the database milliseconds after the hub decided it). Subscription counts are
@@ -411,6 +413,14 @@ pub trait PresenceRecord: Send + Sync + 'static {
     /// What `node` holds.
     async fn held_by(&self, node: &str) -> Result<Held, ClusterPresenceError>;
 
+    /// Registered nodes whose heartbeat is older than `cutoff_millis` (Unix milliseconds),
+    /// with that heartbeat. Reads only: a sweep expires a node once two of its rounds saw it
+    /// stale with the same heartbeat (see [`ClusterPresence::sweep`]).
+    async fn stale_nodes(
+        &self,
+        cutoff_millis: i64,
+    ) -> Result<Vec<(String, i64)>, ClusterPresenceError>;
+
     /// Unregisters nodes whose heartbeat is older than `cutoff_millis` (Unix milliseconds);
     /// returns them.
     async fn expire_nodes(&self, cutoff_millis: i64) -> Result<Vec<String>, ClusterPresenceError>;
@@ -489,6 +499,8 @@ pub struct ClusterPresence {
     changes: Mutex<Option<mpsc::Receiver<Change>>>,
     overflowed: Arc<AtomicBool>,
     progress: Arc<Progress>,
+    /// Nodes this node's last sweep found stale, with the heartbeat it read (see `sweep`).
+    suspects: Mutex<HashMap<String, i64>>,
 }
 
 impl ClusterPresence {
@@ -531,6 +543,7 @@ impl ClusterPresence {
             changes: Mutex::new(Some(receiver)),
             overflowed,
             progress,
+            suspects: Mutex::new(HashMap::new()),
         })
     }
 
@@ -804,13 +817,36 @@ impl ClusterPresence {
         }
     }
 
-    /// Deletes nodes whose heartbeat is older than `node_ttl`, then removes rows whose node is
-    /// gone, each as a leave (reported once, by whichever sweeper removes the last row).
-    /// Returns how many rows it removed.
+    /// Deletes nodes whose heartbeat is older than `node_ttl` in this sweep and was so, the
+    /// same heartbeat, in this node's sweep before; then removes rows whose node is gone, each
+    /// as a leave (reported once, by whichever sweeper removes the last row). Returns how many
+    /// rows it removed.
+    ///
+    /// Why two sweeps: a node found stale may share this host and have been held up with this
+    /// node (an overloaded host, a paused VM), its overdue beat on its way. Between two sweeps
+    /// this node ran, so a node of its host ran too and beat; one whose beat is still the same
+    /// has stopped. That costs a heartbeat period more before a dead node goes.
     pub async fn sweep(&self) -> Result<usize, ClusterPresenceError> {
         let cutoff = Utc::now().timestamp_millis()
             - i64::try_from(self.node_ttl.as_millis()).unwrap_or(i64::MAX);
-        let dead = self.record.expire_nodes(cutoff).await?;
+        let stale = self.record.stale_nodes(cutoff).await?;
+        // The newest heartbeat among nodes stale in both sweeps. Expiring the nodes whose beat
+        // is no newer expires only those: any such node was older than the last sweep's
+        // cutoff then too, so it was stale in both (its beat unchanged, or it would be newer).
+        let confirmed_through = {
+            let mut suspects = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
+            let confirmed = stale
+                .iter()
+                .filter(|(node, beat)| suspects.get(node) == Some(beat))
+                .map(|(_, beat)| *beat)
+                .max();
+            *suspects = stale.into_iter().collect();
+            confirmed
+        };
+        let dead = match confirmed_through {
+            Some(beat) => self.record.expire_nodes(beat.saturating_add(1)).await?,
+            None => Vec::new(),
+        };
         for node in &dead {
             tracing::warn!(
                 node = self.node,
@@ -1282,8 +1318,11 @@ mod tests {
         async fn held_by(&self, _: &str) -> Result<Held, ClusterPresenceError> {
             Ok(Held::default())
         }
-        async fn expire_nodes(&self, _: i64) -> Result<Vec<String>, ClusterPresenceError> {
+        async fn stale_nodes(&self, _: i64) -> Result<Vec<(String, i64)>, ClusterPresenceError> {
             let _ = self.events.send("sweep");
+            Ok(Vec::new())
+        }
+        async fn expire_nodes(&self, _: i64) -> Result<Vec<String>, ClusterPresenceError> {
             Ok(Vec::new())
         }
         async fn forget_node(&self, _: &str) -> Result<(), ClusterPresenceError> {
@@ -1531,9 +1570,14 @@ mod tests {
             .await
             .expect("b");
         taken(&reports);
+        let c = node(&backend, "c", &reports).await;
         backend.age("b").await;
-        // Two sweepers at once: each row is removed, and reported, once.
-        let (one, two) = tokio::join!(a.sweep(), a.sweep());
+        // Stale in one sweep is not dead yet: b's beat may be on its way.
+        let (one, two) = tokio::join!(a.sweep(), c.sweep());
+        assert_eq!(one.expect("sweep") + two.expect("sweep"), 0);
+        assert_eq!(taken(&reports), Vec::<String>::new());
+        // Stale in a second sweep, two sweepers at once: each row is removed, and reported, once.
+        let (one, two) = tokio::join!(a.sweep(), c.sweep());
         assert!(one.expect("sweep") + two.expect("sweep") >= 3);
         assert_eq!(
             taken(&reports),
@@ -1541,11 +1585,59 @@ mod tests {
             "a still has stays and the channel"
         );
         assert_eq!(a.sweep().await.expect("sweep"), 0, "nothing left to sweep");
-        let reader = node(&backend, "c", &reports).await;
         assert_eq!(
-            reader.users(&app, "presence-x").await.expect("read"),
+            c.users(&app, "presence-x").await.expect("read"),
             ["stays"],
             "a's row is left"
+        );
+        backend.drop_now().await;
+    }
+
+    #[tokio::test]
+    async fn a_node_stale_in_one_sweep_that_beats_before_the_next_stays() {
+        if let Some(backend) = Backend::postgres("presence stale once").await {
+            stale_once(backend).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_node_stale_in_one_sweep_that_beats_before_the_next_stays_on_redis() {
+        if let Some(backend) = Backend::redis("presence stale once on redis") {
+            stale_once(backend).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_node_stale_in_one_sweep_that_beats_before_the_next_stays_on_nats() {
+        if let Some(backend) = Backend::nats("presence stale once on nats") {
+            stale_once(backend).await;
+        }
+    }
+
+    /// A node found stale by one sweep (held up, say, with its judge on one overloaded host)
+    /// that beats before the judge's next sweep is not taken for dead; one whose heartbeat is
+    /// the same stale one in two sweeps is, and its members leave once.
+    async fn stale_once(backend: Backend) {
+        let (reports, a, b) = two_nodes(&backend).await;
+        let app = AppId::parse("app_1").expect("valid");
+        let mut flushed = HashMap::new();
+        a.apply(&app, &occupied(), &mut flushed).await.expect("a");
+        b.apply(&app, &joined("u1"), &mut flushed).await.expect("b");
+        taken(&reports);
+        backend.age("b").await;
+        assert_eq!(a.sweep().await.expect("sweep"), 0, "stale once");
+        assert!(b.heartbeat().await, "b beats: it is registered");
+        assert_eq!(a.sweep().await.expect("sweep"), 0, "b beat in between");
+        assert!(b.heartbeat().await, "b was not taken for dead");
+        assert_eq!(taken(&reports), Vec::<String>::new());
+
+        backend.age("b").await;
+        assert_eq!(a.sweep().await.expect("sweep"), 0, "stale once, again");
+        assert_eq!(a.sweep().await.expect("sweep"), 1, "stale twice: u1's row");
+        assert_eq!(taken(&reports), ["member_removed u1"]);
+        assert!(
+            !b.record.heartbeat("b").await.expect("beat"),
+            "b was expired"
         );
         backend.drop_now().await;
     }

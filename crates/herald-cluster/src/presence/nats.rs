@@ -639,6 +639,19 @@ impl PresenceRecord for NatsRecord {
         Ok(held)
     }
 
+    async fn stale_nodes(
+        &self,
+        cutoff_millis: i64,
+    ) -> Result<Vec<(String, i64)>, ClusterPresenceError> {
+        Ok(self
+            .nodes()
+            .await?
+            .into_iter()
+            .filter(|(_, _, record)| !record.dead && record.beat < cutoff_millis)
+            .map(|(node, _, record)| (node, record.beat))
+            .collect())
+    }
+
     async fn expire_nodes(&self, cutoff_millis: i64) -> Result<Vec<String>, ClusterPresenceError> {
         let mut expired = Vec::new();
         for (node, revision, record) in self.nodes().await? {

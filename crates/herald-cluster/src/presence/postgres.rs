@@ -295,6 +295,18 @@ impl PresenceRecord for PostgresRecord {
         Ok(Held { members, channels })
     }
 
+    async fn stale_nodes(
+        &self,
+        cutoff_millis: i64,
+    ) -> Result<Vec<(String, i64)>, ClusterPresenceError> {
+        Ok(sqlx::query_as(
+            "SELECT node_id, heartbeat_at FROM cluster_nodes WHERE heartbeat_at < $1",
+        )
+        .bind(cutoff_millis)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     async fn expire_nodes(&self, cutoff_millis: i64) -> Result<Vec<String>, ClusterPresenceError> {
         Ok(sqlx::query_scalar(
             "DELETE FROM cluster_nodes WHERE heartbeat_at < $1 RETURNING node_id",

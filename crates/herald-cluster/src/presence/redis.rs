@@ -514,6 +514,25 @@ impl PresenceRecord for RedisRecord {
         Ok(held)
     }
 
+    async fn stale_nodes(
+        &self,
+        cutoff_millis: i64,
+    ) -> Result<Vec<(String, i64)>, ClusterPresenceError> {
+        // Scores are Unix milliseconds, exact in a double.
+        let stale: Vec<(String, f64)> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.nodes())
+            .arg("-inf")
+            .arg(format!("({cutoff_millis}"))
+            .arg("WITHSCORES")
+            .query_async(&mut self.connection())
+            .await
+            .map_err(|e| self.failed(&e))?;
+        Ok(stale
+            .into_iter()
+            .map(|(node, beat)| (node, beat as i64))
+            .collect())
+    }
+
     async fn expire_nodes(&self, cutoff_millis: i64) -> Result<Vec<String>, ClusterPresenceError> {
         EXPIRE
             .key(self.nodes())
