@@ -30,8 +30,9 @@
 
 // ---- event types ----
 
-/// `MessageStore::due_deliveries`: through the partial index `deliveries_due`, which holds
-/// exactly the unfinished deliveries. `$1`: now, in milliseconds.
+/// `MessageStore::due_deliveries` on SQLite: through the partial index `deliveries_due`, which
+/// holds exactly the unfinished deliveries (PostgreSQL reads its lanes' indexes instead).
+/// `$1`: now, in milliseconds.
 pub(crate) const DUE_DELIVERIES: &str = "SELECT COUNT(*) AS n, MIN(next_attempt_at) AS oldest
      FROM deliveries WHERE status IN (1, 3) AND next_attempt_at <= $1";
 

@@ -431,7 +431,7 @@ impl MessageStore for PostgresStore {
     }
 
     async fn due_deliveries(&self, now: DateTime<Utc>) -> Result<crate::DueDeliveries> {
-        let row = sqlx::query(crate::sql::DUE_DELIVERIES)
+        let row = sqlx::query(DUE_DELIVERIES)
             .bind(millis(now))
             .fetch_one(&self.pool)
             .await?;
@@ -477,6 +477,18 @@ impl MessageStore for PostgresStore {
         Ok(done.rows_affected())
     }
 }
+
+/// `MessageStore::due_deliveries` (the health check's count of deliveries due now, and the
+/// oldest due time), one lane's time index each: no index holds both lanes (migration 0013).
+/// `$1`: now, in milliseconds.
+const DUE_DELIVERIES: &str = "SELECT COALESCE(SUM(n), 0)::bigint AS n, MIN(oldest) AS oldest
+     FROM (SELECT COUNT(*) AS n, MIN(next_attempt_at) AS oldest FROM deliveries
+           WHERE status IN (1, 3) AND attempts = 0 AND trigger_type = 0
+             AND next_attempt_at <= $1
+           UNION ALL
+           SELECT COUNT(*), MIN(next_attempt_at) FROM deliveries
+           WHERE status IN (1, 3) AND NOT (attempts = 0 AND trigger_type = 0)
+             AND next_attempt_at <= $1) lanes";
 
 /// When the lane's earliest delivery that is not in flight falls due: the first row in the
 /// lane's time index that is unleased or whose lease ran out (claimable again once due, as
@@ -1418,7 +1430,7 @@ pub(super) mod tests {
         let mut tx = store.pool.begin().await.expect("begin");
         sqlx::query(
             "DROP INDEX deliveries_due_first_by_endpoint, deliveries_due_retry_by_endpoint,
-                        deliveries_endpoint_unsettled, deliveries_endpoint_msg, deliveries_due,
+                        deliveries_endpoint_unsettled, deliveries_endpoint_msg,
                         deliveries_leased",
         )
         .execute(&mut *tx)
@@ -1508,6 +1520,71 @@ pub(super) mod tests {
         }
     }
 
+    /// The plan, line by line, of one of our statements whose only parameter is now.
+    async fn explain_at(tx: &mut PgConnection, statement: &str, now: DateTime<Utc>) -> Vec<String> {
+        // Our own constants.
+        sqlx::query(AssertSqlSafe(format!("EXPLAIN {statement}")))
+            .bind(millis(now))
+            .fetch_all(&mut *tx)
+            .await
+            .expect("explain")
+            .iter()
+            .map(|row| row.get(0))
+            .collect()
+    }
+
+    /// The health check's count of due deliveries reads each lane's time index, with no index
+    /// of both lanes (migration 0013), and counts both lanes.
+    #[tokio::test]
+    async fn the_count_of_due_deliveries_reads_the_lanes_time_indexes() {
+        let Some(url) = server_url() else { return };
+        let (_guard, store) = open_in_fresh_schema(url).await;
+        let app = stored_app(&store).await;
+        let endpoint = stored_endpoint(&store, &app.id).await;
+        let now = Utc::now();
+        let mut tx = store.pool.begin().await.expect("begin");
+        leased_rows(&mut tx, &app.id, &endpoint.id, 20_000, now, now).await;
+        // Most deliveries done, a few hundred due in each lane.
+        sqlx::query(
+            "UPDATE deliveries
+             SET lease_token = NULL, leased_until = NULL,
+                 status = CASE WHEN lease_token <= 600 THEN 1 ELSE 0 END,
+                 next_attempt_at = CASE WHEN lease_token <= 600 THEN next_attempt_at END,
+                 attempts = CASE WHEN lease_token <= 300 THEN 1 ELSE 0 END",
+        )
+        .execute(&mut *tx)
+        .await
+        .expect("mostly done");
+        sqlx::query("ANALYZE deliveries")
+            .execute(&mut *tx)
+            .await
+            .expect("analyze");
+        let mut plans = Vec::new();
+        for plan_cache_mode in PLAN_CACHE_MODES {
+            plan_as(&mut tx, plan_cache_mode).await;
+            plans.push(explain_at(&mut tx, DUE_DELIVERIES, now).await);
+        }
+        let row = sqlx::query(DUE_DELIVERIES)
+            .bind(millis(now))
+            .fetch_one(&mut *tx)
+            .await
+            .expect("count");
+        assert_eq!(row.get::<i64, _>("n"), 600, "both lanes counted");
+        tx.rollback().await.expect("rollback");
+        for plan in &plans {
+            for index in ["deliveries_due_first", "deliveries_due_retry"] {
+                assert!(
+                    plan.iter().any(|line| line.contains(index)),
+                    "{index}: {plan:#?}"
+                );
+            }
+            assert!(
+                !plan.iter().any(|line| line.contains("Seq Scan")),
+                "no table scan: {plan:#?}"
+            );
+        }
+    }
+
     /// A lane's next due time is one walk of its time index in due order that stops at the
     /// first row not in flight, whatever the plan cache does: not a read of the whole lane
     /// (through its by-endpoint index, then sorted or aggregated), which is what a lane holding
@@ -1546,16 +1623,7 @@ pub(super) mod tests {
                 (NEXT_DUE_FIRST_ATTEMPT, "deliveries_due_first"),
                 (NEXT_DUE_RETRY, "deliveries_due_retry"),
             ] {
-                // Our own constants.
-                let plan: Vec<String> = sqlx::query(AssertSqlSafe(format!("EXPLAIN {statement}")))
-                    .bind(millis(now))
-                    .fetch_all(&mut *tx)
-                    .await
-                    .expect("explain")
-                    .iter()
-                    .map(|row| row.get(0))
-                    .collect();
-                plans.push((index, plan));
+                plans.push((index, explain_at(&mut tx, statement, now).await));
             }
         }
         tx.rollback().await.expect("rollback");
