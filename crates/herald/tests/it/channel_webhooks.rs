@@ -299,7 +299,12 @@ async fn endpoint_format_is_validated_and_kept_by_updates_that_omit_it() {
 #[tokio::test]
 async fn leaves_a_killed_process_never_reported_are_sent_after_it_restarts() {
     let dir = tempfile::tempdir().expect("dir");
-    let settings = [("HERALD_WS__WEBHOOK_DELAY_MS", "200")];
+    // On a shared store (the PostgreSQL pass) the killed node's rows leave when the new one
+    // takes it for dead: within a short TTL, not the default 15 s.
+    let settings = [
+        ("HERALD_WS__WEBHOOK_DELAY_MS", "200"),
+        ("HERALD_CLUSTER__NODE_TTL_SECS", "2"),
+    ];
     let mut first = spawn_herald_env(dir.path(), &[], &settings).await;
     let (app, creds) = pusher_app(&first.api, "hooks-crash").await;
     let mut receiver = Receiver::start().await;
