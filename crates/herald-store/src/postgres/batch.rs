@@ -90,6 +90,10 @@ const RECORD_ATTEMPTS: &str = "WITH logged AS (
          WHERE d.msg_id = r.msg_id AND d.endpoint_id = r.endpoint_id
            AND d.lease_token = r.token
          RETURNING r.attempt_id
+     ), released AS (
+         DELETE FROM delivery_leases l
+         USING UNNEST($2::text[], $3::text[], $15::bigint[]) AS r(msg_id, endpoint_id, token)
+         WHERE l.msg_id = r.msg_id AND l.endpoint_id = r.endpoint_id AND l.lease_token = r.token
      )
      SELECT attempt_id FROM moved";
 
@@ -710,6 +714,19 @@ mod tests {
         .await
         .expect("count");
         assert_eq!((delivered, leased), (5, 5));
+        // The leases the claims count: the records under their own lease released theirs,
+        // the stale ones released none.
+        let (kept, matching): (i64, i64) = sqlx::query_as(
+            "SELECT count(*), count(*) FILTER (WHERE d.lease_token = l.lease_token)
+             FROM delivery_leases l
+             JOIN deliveries d ON d.msg_id = l.msg_id AND d.endpoint_id = l.endpoint_id
+             WHERE l.app_id = $1",
+        )
+        .bind(app.id.as_str())
+        .fetch_one(store.pool())
+        .await
+        .expect("leases");
+        assert_eq!((kept, matching), (5, 5));
         let logged: i64 = sqlx::query_scalar("SELECT count(*) FROM attempts WHERE app_id = $1")
             .bind(app.id.as_str())
             .fetch_one(store.pool())

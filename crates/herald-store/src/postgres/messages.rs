@@ -20,7 +20,7 @@
 //! its commit) and keeps the planner on index reads and cached plans. So claims on all nodes
 //! take turns, and each pass's statement, with a snapshot of its own taken under the lock,
 //! sees every lease the earlier claims committed. Each pass counts the live leases
-//! (`lease_token IS NOT NULL AND leased_until > now`) per endpoint and per app, and holds an
+//! (`delivery_leases` rows with `leased_until > now`) per endpoint and per app, and holds an
 //! endpoint or app at the larger of that count and the request's `in_flight` /
 //! `app_in_flight` (the caller's own deliveries are live leases too, so the two are not
 //! added; the request's can be the larger, for a caller whose leases ran out mid-attempt).
@@ -49,16 +49,23 @@
 //!   A claim: `SELECT ... FOR UPDATE SKIP LOCKED` of due rows (`status IN (1, 3) AND
 //!   next_attempt_at <= now AND (lease_token IS NULL OR leased_until <= now)`, lane:
 //!   `(attempts = 0 AND trigger_type = 0) = first_attempts`), then set
-//!   `lease_token = nextval('delivery_lease_tokens'), leased_until = lease_until`.
+//!   `lease_token = nextval('delivery_lease_tokens'), leased_until = lease_until`, and note
+//!   the lease in `delivery_leases` (replacing a lapsed lease's row). No index names the lease
+//!   columns, so a lease is a HOT update where the page has room (fillfactor 80, migration
+//!   0014): no index entry, where it was seven.
 //!   Indexes: deliveries_due_first / deliveries_due_retry (next_attempt_at, partial per lane,
 //!   only rows with a due time: migration 0012),
 //!   deliveries_due_first_by_endpoint / deliveries_due_retry_by_endpoint (endpoint_id,
 //!   next_attempt_at, the same predicates: the walk by endpoint, migration 0009),
-//!   deliveries_leased (app_id, endpoint_id, leased_until) WHERE lease_token IS NOT NULL (what
-//!   is in flight cluster-wide: each claim pass counts the live leases through it). A record
-//!   applies only `WHERE lease_token = $token` and clears lease_token and leased_until;
-//!   enqueue_manual / enqueue_failed clear them (take back); `requeue_leased` is for
-//!   single-node stores only (a shared store's leases expire).
+//!   A record applies only `WHERE lease_token = $token`, clears lease_token and leased_until
+//!   and deletes its lease's `delivery_leases` row (same token); enqueue_manual clears them
+//!   and deletes the row (take back), as does a claim refusing a disabled endpoint's delivery;
+//!   `requeue_leased` is for single-node stores only (a shared store's leases expire).
+//! - `delivery_leases` (migration 0014): (msg_id, endpoint_id) PK and foreign key to the
+//!   delivery (cascade), app_id, lease_token, leased_until. What is in flight cluster-wide:
+//!   each claim pass counts the rows with `leased_until > now` through delivery_leases_live
+//!   (leased_until) INCLUDE (app_id, endpoint_id). A lapsed lease's row stays until its
+//!   delivery is leased again, finished or deleted, and is not counted.
 //! - `attempts` (written with each record): see attempts.rs.
 //! - `endpoints.failing_since`, `disabled`, `updated_at` (the record's endpoint change; a
 //!   disable moves updated_at: `GREATEST(updated_at + 1, $now)`).
@@ -158,6 +165,9 @@ const RECORD_ATTEMPT: &str = "WITH logged AS (
              lease_token = NULL, leased_until = NULL
          WHERE msg_id = $2 AND endpoint_id = $3 AND lease_token = $15
          RETURNING 1
+     ), released AS (
+         DELETE FROM delivery_leases
+         WHERE msg_id = $2 AND endpoint_id = $3 AND lease_token = $15
      )
      SELECT count(*) FROM moved";
 
@@ -295,6 +305,11 @@ impl MessageStore for PostgresStore {
         .bind(millis(now))
         .execute(&mut *tx)
         .await?;
+        sqlx::query("DELETE FROM delivery_leases WHERE msg_id = $1 AND endpoint_id = $2")
+            .bind(msg_id.as_str())
+            .bind(endpoint_id.as_str())
+            .execute(&mut *tx)
+            .await?;
         notify_due(&mut tx).await?;
         tx.commit().await?;
         Ok(())
@@ -465,7 +480,8 @@ impl MessageStore for PostgresStore {
         // Single-node stores only: every lease is this node's, and nothing is in flight after a
         // restart. A shared store's leases run out instead.
         let done = sqlx::query(
-            "UPDATE deliveries SET status = $1, next_attempt_at = $2, lease_token = NULL,
+            "WITH released AS (DELETE FROM delivery_leases)
+             UPDATE deliveries SET status = $1, next_attempt_at = $2, lease_token = NULL,
                                    leased_until = NULL
              WHERE lease_token IS NOT NULL OR status = $3",
         )
@@ -629,8 +645,8 @@ impl Held {
 ///   statistics, the planner otherwise scans the whole table for the rows of one endpoint in
 ///   a walk by endpoint (seen at 200,000 queued: 35 ms a claim).
 /// - `enable_bitmapscan` off: the count of live leases (`live` in `claim_statement`) reads
-///   `deliveries_leased`, where every finished lease leaves an entry until a vacuum (a record
-///   clears the row's lease in a new row version; the old version's entry stays). A plain or
+///   `delivery_leases_live`, where every finished lease leaves an entry until a vacuum (a
+///   record deletes the lease's row; its entry stays). A plain or
 ///   index-only scan that finds an entry's row version dead to every transaction marks the
 ///   entry (`LP_DEAD`): later scans step over it without reading the table, and an insert into
 ///   a full page removes it instead of splitting the page. A bitmap scan marks nothing, so
@@ -866,8 +882,8 @@ fn claim_statement(first_attempts: bool, walk: Walk) -> String {
     format!(
         "WITH RECURSIVE live AS (
              SELECT app_id, endpoint_id, COUNT(*) AS n
-             FROM deliveries
-             WHERE lease_token IS NOT NULL AND leased_until > $1
+             FROM delivery_leases
+             WHERE leased_until > $1
              GROUP BY app_id, endpoint_id
          ),
          endpoint_held AS (
@@ -929,13 +945,27 @@ fn claim_statement(first_attempts: bool, walk: Walk) -> String {
              FROM cand c
              WHERE c.disabled AND d.msg_id = c.msg_id AND d.endpoint_id = c.endpoint_id
          ),
+         refused_leases AS (
+             DELETE FROM delivery_leases l
+             USING cand c
+             WHERE c.disabled AND l.msg_id = c.msg_id AND l.endpoint_id = c.endpoint_id
+         ),
+         -- No index names the lease columns, so this is a HOT update where the page has room
+         -- (migration 0014); the lease is counted from `delivery_leases`.
          leased AS (
              UPDATE deliveries d
              SET lease_token = nextval('delivery_lease_tokens'), leased_until = $10
              FROM chosen c
              WHERE d.msg_id = c.msg_id AND d.endpoint_id = c.endpoint_id
-             RETURNING d.msg_id, d.endpoint_id, d.attempts, d.trigger_type, d.lease_token,
-                       d.next_attempt_at
+             RETURNING d.msg_id, d.endpoint_id, d.app_id, d.attempts, d.trigger_type,
+                       d.lease_token, d.next_attempt_at
+         ),
+         -- A lapsed lease taken over replaces its row.
+         noted AS (
+             INSERT INTO delivery_leases (msg_id, endpoint_id, app_id, lease_token, leased_until)
+             SELECT msg_id, endpoint_id, app_id, lease_token, $10 FROM leased
+             ON CONFLICT (msg_id, endpoint_id) DO UPDATE
+             SET lease_token = excluded.lease_token, leased_until = excluded.leased_until
          ),
          summary AS (
              SELECT COUNT(*) AS n_candidates,
@@ -1200,7 +1230,16 @@ pub(super) mod tests {
         .execute(&mut *tx)
         .await
         .expect("leased deliveries");
-        sqlx::query("ANALYZE deliveries")
+        sqlx::query(
+            "INSERT INTO delivery_leases (msg_id, endpoint_id, app_id, lease_token, leased_until)
+             SELECT msg_id, endpoint_id, app_id, lease_token, leased_until FROM deliveries
+             WHERE endpoint_id = $1 AND lease_token IS NOT NULL",
+        )
+        .bind(endpoint.as_str())
+        .execute(&mut *tx)
+        .await
+        .expect("their leases");
+        sqlx::query("ANALYZE deliveries, delivery_leases")
             .execute(&mut *tx)
             .await
             .expect("analyze");
@@ -1430,8 +1469,7 @@ pub(super) mod tests {
         let mut tx = store.pool.begin().await.expect("begin");
         sqlx::query(
             "DROP INDEX deliveries_due_first_by_endpoint, deliveries_due_retry_by_endpoint,
-                        deliveries_endpoint_unsettled, deliveries_endpoint_msg,
-                        deliveries_leased",
+                        deliveries_endpoint_unsettled, deliveries_endpoint_msg",
         )
         .execute(&mut *tx)
         .await
@@ -1466,7 +1504,7 @@ pub(super) mod tests {
     }
 
     /// A claim counts the live leases (`live`) with scans that mark finished leases' entries in
-    /// `deliveries_leased`, never a bitmap scan, which marks none (see [`BEGIN_CLAIM`]): not even
+    /// `delivery_leases_live`, never a bitmap scan, which marks none (see [`BEGIN_CLAIM`]): not even
     /// when the statistics say the index holds many live leases, as they do in a busy queue.
     /// Shown for both lanes and both walks, over 20,000 leased rows analysed in a transaction
     /// rolled back, whose lease ends are in no relation to their place in the table (as after
@@ -1510,7 +1548,8 @@ pub(super) mod tests {
         tx.rollback().await.expect("rollback");
         for plan in &plans {
             assert!(
-                plan.iter().any(|line| line.contains("deliveries_leased")),
+                plan.iter()
+                    .any(|line| line.contains("delivery_leases_live")),
                 "the live leases are counted through their index: {plan:#?}"
             );
             assert!(
@@ -1531,6 +1570,55 @@ pub(super) mod tests {
             .iter()
             .map(|row| row.get(0))
             .collect()
+    }
+
+    /// A lease is counted from `delivery_leases` until its record or a take-back removes it: a
+    /// manual attempt of a leased delivery frees its endpoint's place at once. And no index of
+    /// `deliveries` names the lease columns, so a lease stays a HOT update (migration 0014).
+    #[tokio::test]
+    async fn a_lease_holds_its_place_until_its_delivery_is_taken_back() {
+        let Some(url) = server_url() else { return };
+        let (_guard, store) = open_in_fresh_schema(url).await;
+        let app = stored_app(&store).await;
+        let endpoint = stored_endpoint(&store, &app.id).await;
+        let first = conformance::message(&app.id, None);
+        let first_id = first.id.clone();
+        for message in [first, conformance::message(&app.id, None)] {
+            store
+                .create_message(message, vec![endpoint.id.clone()])
+                .await
+                .expect("create");
+        }
+        let now = Utc::now() + chrono::Duration::seconds(1);
+        let leased = store.claim_due(&claim(now, 1, 1, 8)).await.expect("claim");
+        assert_eq!(leased.len(), 1);
+        assert_eq!(leased[0].msg_id, first_id, "the earlier message");
+        assert!(
+            store
+                .claim_due(&claim(now, 1, 1, 8))
+                .await
+                .expect("claim")
+                .is_empty(),
+            "the endpoint's one place is held"
+        );
+        store
+            .enqueue_manual(&app.id, &first_id, &endpoint.id, now)
+            .await
+            .expect("take back");
+        let next = store.claim_due(&claim(now, 1, 1, 8)).await.expect("claim");
+        assert_eq!(next.len(), 1, "the taken-back lease holds no place");
+
+        let indexes: Vec<String> = sqlx::query_scalar(
+            "SELECT indexdef FROM pg_indexes
+             WHERE tablename = 'deliveries' AND schemaname = current_schema()",
+        )
+        .fetch_all(&store.pool)
+        .await
+        .expect("indexes");
+        assert!(indexes.len() > 3, "{indexes:#?}");
+        for index in &indexes {
+            assert!(!index.contains("lease"), "{index}");
+        }
     }
 
     /// The health check's count of due deliveries reads each lane's time index, with no index

@@ -9,8 +9,8 @@
 //! notification arrives. Without a listening broker (a lost session, a store opened on its own)
 //! every read goes to the database. What SQLite keeps in its one process's memory lives in rows
 //! here: delivery leases
-//! (`deliveries.lease_token`, `leased_until`), so a claim holds across nodes and a dead node's
-//! claims expire; channel offsets are assigned in the publishing transaction from
+//! (`deliveries.lease_token`, `leased_until`, counted from `delivery_leases`), so a claim holds
+//! across nodes and a dead node's claims expire; channel offsets are assigned in the publishing transaction from
 //! `channel_positions` (see the migration).
 //!
 //! This file holds the struct, `open` and `close`, the helpers every part shares, and the test
