@@ -28,6 +28,37 @@
 //! readers of [`row_readers!`] call `time` and `status` (whose code type differs per backend)
 //! and the trait `sqlx::Row` from the module they expand in.
 
+/// How often a statement that PostgreSQL aborted to break a deadlock is run again.
+pub(crate) const DEADLOCK_RETRIES: u32 = 5;
+
+/// Runs `statement`, and again when PostgreSQL aborts it to break a deadlock (SQLSTATE
+/// `40P01`), at most [`DEADLOCK_RETRIES`] times more. Only for statements that may run again
+/// whole in their own transaction: a batch of an app's deletion, whose cascade to its
+/// deliveries locks them in another order than a batch of attempt records updating the same
+/// rows (seen under load: the deletion failed with 500 "deadlock detected"). SQLite has one
+/// writer and never reports one.
+pub(crate) async fn retrying_deadlocks<T, F, Fut>(mut statement: F) -> Result<T, sqlx::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
+{
+    let mut retries = 0;
+    loop {
+        match statement().await {
+            Err(sqlx::Error::Database(e))
+                if e.code().as_deref() == Some("40P01") && retries < DEADLOCK_RETRIES =>
+            {
+                retries += 1;
+                tracing::info!(
+                    retries,
+                    "a statement was a deadlock's victim; running it again"
+                );
+            }
+            done => return done,
+        }
+    }
+}
+
 // ---- event types ----
 
 /// `MessageStore::due_deliveries` on SQLite: through the partial index `deliveries_due`, which
@@ -1279,11 +1310,13 @@ macro_rules! retention_store {
                     ),
                 ] {
                     loop {
-                        let done = ::sqlx::query(delete)
-                            .bind(app_id.as_str())
-                            .bind(i64::from($crate::RETENTION_BATCH))
-                            .execute(&self.$writer)
-                            .await?;
+                        let done = $crate::sql::retrying_deadlocks(|| {
+                            ::sqlx::query(delete)
+                                .bind(app_id.as_str())
+                                .bind(i64::from($crate::RETENTION_BATCH))
+                                .execute(&self.$writer)
+                        })
+                        .await?;
                         if done.rows_affected() < u64::from($crate::RETENTION_BATCH) {
                             break;
                         }
@@ -1303,10 +1336,12 @@ macro_rules! retention_store {
                         .execute(&self.$writer)
                         .await?;
                 }
-                let done = ::sqlx::query($crate::sql::DELETE_APP)
-                    .bind(app_id.as_str())
-                    .execute(&self.$writer)
-                    .await?;
+                let done = $crate::sql::retrying_deadlocks(|| {
+                    ::sqlx::query($crate::sql::DELETE_APP)
+                        .bind(app_id.as_str())
+                        .execute(&self.$writer)
+                })
+                .await?;
                 // Attempts have no key to the app: one a delivery in flight recorded after
                 // the loop above (or a row it skipped while locked) goes now, with the app
                 // gone, a handful at most.

@@ -1112,7 +1112,7 @@ pub(super) mod tests {
 
     use super::super::tests::{SchemaGuard, open_in_fresh_schema, open_in_schema};
     use super::*;
-    use crate::{EndpointStore, conformance};
+    use crate::{AppStore, EndpointStore, conformance};
 
     const URL_VAR: &str = "HERALD_TEST_POSTGRES_URL";
 
@@ -1282,6 +1282,85 @@ pub(super) mod tests {
         .iter()
         .map(|row| row.get(0))
         .collect()
+    }
+
+    /// An app's deletion that PostgreSQL aborts to break a deadlock with a writer of its
+    /// deliveries (as a batch of attempt records is) runs its batch again and succeeds. Here the
+    /// other writer holds the message's second delivery while the deletion's cascade holds the
+    /// first and waits for the second, then asks for the first: the deletion, waiting longer,
+    /// is the one PostgreSQL aborts.
+    #[tokio::test]
+    async fn an_apps_deletion_outlives_a_deadlock_with_a_writer_of_its_deliveries() {
+        let Some(url) = server_url() else { return };
+        let (_guard, store) = open_in_fresh_schema(url).await;
+        let app = stored_app(&store).await;
+        let mut endpoints = [
+            stored_endpoint(&store, &app.id).await.id,
+            stored_endpoint(&store, &app.id).await.id,
+        ];
+        // The cascade deletes them in key order.
+        endpoints.sort();
+        let [first, second] = endpoints.clone();
+        let message = message(&app.id);
+        let msg_id = message.id.clone();
+        store
+            .create_message(message, endpoints.to_vec())
+            .await
+            .expect("create");
+
+        let mut writer = store.pool.begin().await.expect("begin");
+        let writer_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut *writer)
+            .await
+            .expect("pid");
+        let touch = "UPDATE deliveries SET updated_at = updated_at + 1
+                     WHERE msg_id = $1 AND endpoint_id = $2";
+        sqlx::query(touch)
+            .bind(msg_id.as_str())
+            .bind(second.as_str())
+            .execute(&mut *writer)
+            .await
+            .expect("hold the second delivery");
+        let deleting = store.delete_app(&app.id);
+        let closing_the_cycle = async {
+            // Until the deletion waits for the writer (it holds the first delivery by then).
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+                )
+                .bind(writer_pid)
+                .fetch_one(&store.pool)
+                .await
+                .expect("waiters");
+                if waiting > 0 {
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the deletion never waited"
+                );
+                tokio::task::yield_now().await;
+            }
+            sqlx::query(touch)
+                .bind(msg_id.as_str())
+                .bind(first.as_str())
+                .execute(&mut *writer)
+                .await
+                .expect("the writer gets the first delivery once the deletion is aborted");
+            writer.commit().await.expect("commit");
+        };
+        let (deleted, ()) = tokio::join!(deleting, closing_the_cycle);
+        assert!(
+            deleted.expect("the deletion ran its batch again"),
+            "deleted"
+        );
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM deliveries WHERE msg_id = $1")
+            .bind(msg_id.as_str())
+            .fetch_one(&store.pool)
+            .await
+            .expect("count");
+        assert_eq!(left, 0);
     }
 
     /// Two nodes claiming with nothing in flight of their own lease an endpoint's limit
