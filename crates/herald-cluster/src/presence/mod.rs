@@ -615,6 +615,7 @@ impl ClusterPresence {
                     stale = !self.resync(&mut changes, &mut flushed).await;
                 }
                 due = heartbeat.tick() => {
+                    let began = tokio::time::Instant::now();
                     if !self.heartbeat().await {
                         stale = !self.resync(&mut changes, &mut flushed).await;
                     }
@@ -631,6 +632,11 @@ impl ClusterPresence {
                         if let Err(e) = self.sweep().await {
                             tracing::warn!(node = self.node, error = %e, "presence: sweeping dead nodes failed");
                         }
+                    }
+                    // A round that outlasts a period delays this node's next beat: worth
+                    // knowing before the other nodes take it for dead.
+                    if began.elapsed() > self.node_ttl / 3 {
+                        tracing::warn!(node = self.node, took = ?began.elapsed(), "presence: a heartbeat round took longer than a heartbeat period");
                     }
                 }
                 _ = flush.tick() => {
@@ -799,7 +805,10 @@ impl ClusterPresence {
     /// announcing it anew.
     async fn heartbeat(&self) -> bool {
         match self.record.heartbeat(&self.node).await {
-            Ok(true) => true,
+            Ok(true) => {
+                tracing::trace!(node = self.node, "presence: heartbeat");
+                true
+            }
             Ok(false) => {
                 tracing::error!(
                     node = self.node,
@@ -830,6 +839,14 @@ impl ClusterPresence {
         let cutoff = Utc::now().timestamp_millis()
             - i64::try_from(self.node_ttl.as_millis()).unwrap_or(i64::MAX);
         let stale = self.record.stale_nodes(cutoff).await?;
+        if !stale.is_empty() {
+            tracing::debug!(
+                node = self.node,
+                cutoff,
+                ?stale,
+                "presence: nodes whose heartbeat is older than node_ttl"
+            );
+        }
         // The newest heartbeat among nodes stale in both sweeps. Expiring the nodes whose beat
         // is no newer expires only those: any such node was older than the last sweep's
         // cutoff then too, so it was stale in both (its beat unchanged, or it would be newer).
@@ -851,6 +868,7 @@ impl ClusterPresence {
             tracing::warn!(
                 node = self.node,
                 dead = node,
+                through = ?confirmed_through,
                 "presence: a node stopped heartbeating; removing its members"
             );
         }

@@ -365,6 +365,20 @@ pub struct TestServer {
     _dir: Option<tempfile::TempDir>,
 }
 
+/// The in-process servers' log filter (as `HERALD_LOG` is the binary's), e.g.
+/// `herald_cluster=debug`. Their lines go to the test's captured output, shown when it fails:
+/// a rare failure then carries its story.
+const LOG_VAR: &str = "HERALD_TEST_LOG";
+
+fn log_if_asked() {
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env(LOG_VAR) {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 impl TestServer {
     pub async fn start() -> Self {
         Self::start_with(|_| {}).await
@@ -374,6 +388,7 @@ impl TestServer {
     /// database of its own, dropped when it stops; a test that sets `data_dir` itself (to
     /// restart on the same state) gets one database per directory, shared by its servers.
     pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Self {
+        log_if_asked();
         let dir = tempfile::tempdir().expect("temp dir");
         let mut config = test_config(dir.path());
         adjust(&mut config);
