@@ -39,7 +39,8 @@
 //! the next heartbeat finds the node's key gone and the node rebuilds its entries from its hub.
 //!
 //! **Cost.** Reading an app's channels (the Pusher HTTP API's channel lists) and the sweep of
-//! a dead node's entries scan the channel keys they concern with one ordered consumer; writing
+//! a dead node's entries scan the channel keys they concern with one ordered consumer and one
+//! listing of the keys (any written during the scan are read again one by one); writing
 //! subscription counts is one compare-and-set per changed channel (16 at a time).
 
 use std::{
@@ -68,6 +69,10 @@ use super::{ClusterPresenceError, Held, Notice, NoticeKind, Orphans, PresenceRec
 /// How long connecting, each read or write, and each scan may take before the record counts
 /// as unavailable.
 const TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How long a scan's consumer may deliver nothing before the scan stops reading from it (it
+/// then reads what the consumer left out key by key; see `NatsRecord::scan`).
+const SCAN_IDLE: Duration = Duration::from_millis(100);
 
 /// How many times a change reads again after losing a compare-and-set race before it gives
 /// up (the presence task then reconciles).
@@ -295,8 +300,13 @@ impl NatsRecord {
         match tokio::time::timeout(TIMEOUT, self.kv.stream.delete_message(revision)).await {
             Ok(Ok(deleted)) => Ok(deleted),
             Ok(Err(e)) => match e.kind() {
+                // Gone already (another sweeper removed it, or a write replaced it): servers
+                // since 2.9 say so as a failed delete whose reason is "no message found".
                 stream::DeleteMessageErrorKind::JetStream(error)
-                    if error.error_code() == jetstream::ErrorCode::NO_MESSAGE_FOUND =>
+                    if error.error_code() == jetstream::ErrorCode::NO_MESSAGE_FOUND
+                        || (error.error_code()
+                            == jetstream::ErrorCode::STREAM_MESSAGE_DELETE_FAILED
+                            && error.to_string().contains("no message found")) =>
                 {
                     Ok(false)
                 }
@@ -336,53 +346,103 @@ impl NatsRecord {
         ))
     }
 
-    /// The last value of every key matching `filter` (a key with `*` or `>` wildcards), read
-    /// with one ordered consumer.
+    /// The last value of every key matching `filter` (a key with `*` or `>` wildcards): every
+    /// key that exists when the scan ends, at a revision no older than when it began.
+    ///
+    /// Read with one ordered consumer (the last message of each key), then checked against the
+    /// keys the stream holds at the end. The check is needed: a key written while the consumer
+    /// runs has its message replaced (the bucket keeps one per key), so the consumer skips the
+    /// old one and delivers the new one later, and it may report nothing pending in between; a
+    /// key removed meanwhile leaves it waiting for a message that never comes. A sweep whose
+    /// scan of the node keys missed a beating node took that node's members for orphans and
+    /// removed them. Keys the stream holds that the consumer did not deliver are read one by
+    /// one (few: those written during the scan).
     async fn scan(&self, filter: &str) -> Result<Vec<(String, u64, Bytes)>, ClusterPresenceError> {
         let prefix = self.kv.prefix.clone();
+        let subjects = format!("{prefix}{filter}");
         let scanning = async {
             let consumer = self
                 .kv
                 .stream
                 .create_consumer(OrderedConfig {
                     deliver_subject: self.client.new_inbox(),
-                    filter_subject: format!("{prefix}{filter}"),
+                    filter_subject: subjects.clone(),
                     deliver_policy: DeliverPolicy::LastPerSubject,
                     replay_policy: ReplayPolicy::Instant,
                     ..Default::default()
                 })
                 .await
                 .map_err(|e| self.failed("scanning", e))?;
-            let mut found = Vec::new();
-            // One last message per key is pending when the consumer starts: reading that many
-            // (or all there is) is the scan, however busy the keys are meanwhile.
+            // Per key, its newest message delivered: (sequence, payload), `None` for a marker.
+            let mut seen: BTreeMap<String, Option<(u64, Bytes)>> = BTreeMap::new();
+            // One last message per key is pending when the consumer starts.
             let expected = consumer.cached_info().num_pending;
-            if expected == 0 {
-                return Ok(found);
+            if expected > 0 {
+                let mut messages = consumer
+                    .messages()
+                    .await
+                    .map_err(|e| self.failed("scanning", e))?;
+                let mut received = 0_u64;
+                // The consumer's own end is not exact either way (a replaced or removed key
+                // changes what it counts as pending), so it is only where reading stops: the
+                // check below finds what it left out.
+                while let Ok(Some(message)) = tokio::time::timeout(SCAN_IDLE, messages.next()).await
+                {
+                    let message = message.map_err(|e| self.failed("scanning", e))?;
+                    let info = message.info().map_err(|e| self.failed("scanning", e))?;
+                    let (sequence, pending) = (info.stream_sequence, info.pending);
+                    let live = message
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get("KV-Operation"))
+                        .is_none();
+                    if let Some(key) = message.subject.strip_prefix(prefix.as_str()) {
+                        let newer = seen
+                            .get(key)
+                            .is_none_or(|last| last.as_ref().is_none_or(|(s, _)| *s < sequence));
+                        if newer {
+                            let value = live.then(|| (sequence, message.payload.clone()));
+                            seen.insert(key.to_owned(), value);
+                        }
+                    }
+                    received += 1;
+                    if pending == 0 || received >= expected {
+                        break;
+                    }
+                }
             }
-            let mut received = 0_u64;
-            let mut messages = consumer
-                .messages()
+            let mut keys = self
+                .kv
+                .stream
+                .info_with_subjects(&subjects)
                 .await
-                .map_err(|e| self.failed("scanning", e))?;
-            while let Some(message) = messages.next().await {
-                let message = message.map_err(|e| self.failed("scanning", e))?;
-                let info = message.info().map_err(|e| self.failed("scanning", e))?;
-                let (sequence, pending) = (info.stream_sequence, info.pending);
-                let live = message
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get("KV-Operation"))
-                    .is_none();
-                if live && let Some(key) = message.subject.strip_prefix(prefix.as_str()) {
-                    found.push((key.to_owned(), sequence, message.payload.clone()));
-                }
-                received += 1;
-                if pending == 0 || received >= expected {
-                    break;
+                .map_err(|e| self.failed("listing keys", e))?;
+            let mut missed = Vec::new();
+            while let Some(subject) = keys.next().await {
+                let (subject, _) = subject.map_err(|e| self.failed("listing keys", e))?;
+                if let Some(key) = subject.strip_prefix(prefix.as_str())
+                    && !seen.contains_key(key)
+                {
+                    missed.push(key.to_owned());
                 }
             }
-            Ok(found)
+            for key in missed {
+                let entry = self
+                    .kv
+                    .entry(&key)
+                    .await
+                    .map_err(|e| self.failed("reading", e))?;
+                let value = entry
+                    .filter(|e| e.operation == kv::Operation::Put)
+                    .map(|e| (e.revision, e.value));
+                seen.insert(key, value);
+            }
+            Ok(seen
+                .into_iter()
+                .filter_map(|(key, value)| {
+                    value.map(|(sequence, payload)| (key, sequence, payload))
+                })
+                .collect())
         };
         match tokio::time::timeout(TIMEOUT, scanning).await {
             Ok(result) => result,
@@ -846,6 +906,62 @@ mod tests {
                 .await
                 .expect("delete the test's bucket");
         }
+    }
+
+    /// A scan of the node keys while other nodes beat (each beat replaces its key's only
+    /// message) and a dead node's key is removed lists every live node, every time: a sweep
+    /// that missed one took its members for orphans and removed them (seen in CI's cluster
+    /// suite as a live node's member removed right after a dead node's).
+    #[tokio::test]
+    async fn a_scan_racing_heartbeats_and_removals_lists_every_live_node() {
+        let test = "a_scan_racing_heartbeats_and_removals_lists_every_live_node";
+        let Ok(url) = std::env::var("HERALD_TEST_NATS_URL") else {
+            eprintln!("skipped {test}: HERALD_TEST_NATS_URL is unset");
+            return;
+        };
+        let topic = format!("herald.test.{}", crate::new_node_id());
+        let record = NatsRecord::connect(&url, &topic).await.expect("connect");
+        let beating = NatsRecord::connect(&url, &topic).await.expect("connect");
+        let live = ["a", "b", "c"];
+        for node in live {
+            record.register(node).await.expect("register");
+        }
+        for round in 0..200 {
+            // A dead node's key, removed while the scan runs, as a sweep does.
+            let dead = format!("dead-{round}");
+            record.put_node(&dead, true).await.expect("a dead node");
+            let revision = record
+                .read::<Option<NodeRecord>>(&node_key(&dead))
+                .await
+                .expect("read")
+                .revision;
+            let (nodes, beats, removed) = tokio::join!(
+                record.nodes(),
+                async {
+                    for node in live {
+                        beating.heartbeat(node).await.expect("beat");
+                    }
+                },
+                beating.remove(revision),
+            );
+            let _ = (beats, removed.expect("remove"));
+            let listed: BTreeSet<String> = nodes
+                .expect("scan")
+                .into_iter()
+                .filter(|(_, _, record)| !record.dead)
+                .map(|(node, _, _)| node)
+                .collect();
+            assert_eq!(
+                listed,
+                live.iter().map(|n| n.to_string()).collect(),
+                "round {round}"
+            );
+        }
+        let client = async_nats::connect(url.as_str()).await.expect("connect");
+        jetstream::new(client)
+            .delete_stream(format!("KV_{}", bucket_name(&topic)))
+            .await
+            .expect("delete the test's bucket");
     }
 
     #[test]
