@@ -881,6 +881,14 @@ impl PresenceRecord for NatsRecord {
 mod tests {
     use super::*;
 
+    async fn delete_bucket(url: &str, topic: &str) {
+        let client = async_nats::connect(url).await.expect("connect");
+        jetstream::new(client)
+            .delete_stream(format!("KV_{}", bucket_name(topic)))
+            .await
+            .expect("delete the test's bucket");
+    }
+
     /// Nodes of a new cluster start together and race to create the bucket: every one of
     /// them opens it. (Against the server `HERALD_TEST_NATS_URL` names, with JetStream.) The
     /// losing create failed with "subjects overlap" only on a busy server (seen in CI's
@@ -900,11 +908,7 @@ mod tests {
             for record in &opened {
                 assert!(record.is_ok(), "{:?}", record.as_ref().err());
             }
-            let client = async_nats::connect(url.as_str()).await.expect("connect");
-            jetstream::new(client)
-                .delete_stream(format!("KV_{}", bucket_name(&topic)))
-                .await
-                .expect("delete the test's bucket");
+            delete_bucket(&url, &topic).await;
         }
     }
 
@@ -957,11 +961,7 @@ mod tests {
                 "round {round}"
             );
         }
-        let client = async_nats::connect(url.as_str()).await.expect("connect");
-        jetstream::new(client)
-            .delete_stream(format!("KV_{}", bucket_name(&topic)))
-            .await
-            .expect("delete the test's bucket");
+        delete_bucket(&url, &topic).await;
     }
 
     #[test]
