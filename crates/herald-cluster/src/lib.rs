@@ -27,3 +27,14 @@ mod test_schema;
 pub fn new_node_id() -> String {
     herald_core::history::new_epoch()
 }
+
+/// The NATS server of the tests that need one (`HERALD_TEST_NATS_URL`), or `None` and a line
+/// saying `test` was skipped.
+#[cfg(test)]
+pub(crate) fn test_nats_url(test: &str) -> Option<String> {
+    let url = std::env::var("HERALD_TEST_NATS_URL").ok();
+    if url.is_none() {
+        eprintln!("skipped {test}: HERALD_TEST_NATS_URL is unset");
+    }
+    url
+}

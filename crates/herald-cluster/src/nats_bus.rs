@@ -511,14 +511,6 @@ mod tests {
     /// Held (shared) by every test using the server, and alone by the one restarting it.
     static SERVER: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
-    fn server(test: &str) -> Option<String> {
-        let url = std::env::var("HERALD_TEST_NATS_URL").ok();
-        if url.is_none() {
-            eprintln!("skipped {test}: HERALD_TEST_NATS_URL is unset");
-        }
-        url
-    }
-
     fn unique_topic(test: &str) -> String {
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -543,7 +535,7 @@ mod tests {
 
     #[tokio::test]
     async fn every_node_hears_every_message_in_send_order() {
-        let Some(url) = server("every_node_hears_every_message_in_send_order") else {
+        let Some(url) = crate::test_nats_url("every_node_hears_every_message_in_send_order") else {
             return;
         };
         let _server = SERVER.read().await;
@@ -573,7 +565,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_message_over_the_server_limit_is_refused_with_both_sizes() {
-        let Some(url) = server("a_message_over_the_server_limit_is_refused_with_both_sizes") else {
+        let Some(url) =
+            crate::test_nats_url("a_message_over_the_server_limit_is_refused_with_both_sizes")
+        else {
             return;
         };
         let _server = SERVER.read().await;
@@ -640,7 +634,7 @@ mod tests {
     #[tokio::test]
     async fn after_the_server_restarts_nodes_resume_and_hear_again() {
         let test = "after_the_server_restarts_nodes_resume_and_hear_again";
-        let Some(url) = server(test) else {
+        let Some(url) = crate::test_nats_url(test) else {
             return;
         };
         let Ok(restart) = std::env::var("HERALD_TEST_NATS_RESTART") else {

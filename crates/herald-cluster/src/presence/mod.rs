@@ -1115,10 +1115,7 @@ mod tests {
 
         /// A fresh topic (and so a fresh bucket); `None` (and a line saying why) when skipped.
         fn nats(test: &str) -> Option<Self> {
-            let Ok(url) = std::env::var("HERALD_TEST_NATS_URL") else {
-                eprintln!("skipped {test}: HERALD_TEST_NATS_URL is unset");
-                return None;
-            };
+            let url = crate::test_nats_url(test)?;
             let topic = format!("herald.test.{}", crate::new_node_id());
             Some(Self::Nats { url, topic })
         }
