@@ -42,6 +42,10 @@ pub enum StoreError {
     NotFound,
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// From the SQLite group commit, which runs its statements through rusqlite
+    /// (`sqlite/batch/locked.rs`).
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("stored data is corrupt: {0}")]

@@ -1355,3 +1355,22 @@ macro_rules! retention_store {
     };
 }
 pub(crate) use retention_store;
+
+/// Trimming a channel to its retention costs a statement of its own, so both backends run it on
+/// every `TRIM_EVERY`th offset; readers apply the retention themselves meanwhile.
+pub(crate) const TRIM_EVERY: i64 = 16;
+
+/// What a channel keeps once `entry` has landed at offset `seq`: the oldest offset, and the
+/// oldest creation time (milliseconds) its retention allows.
+pub(crate) fn kept_from(entry: &herald_core::history::NewHistoryEntry, seq: i64) -> (i64, i64) {
+    let retention = entry.retention;
+    let oldest_offset = seq
+        .saturating_sub(i64::try_from(retention.max_events).unwrap_or(i64::MAX))
+        .saturating_add(1);
+    let max_age = chrono::Duration::from_std(retention.max_age).unwrap_or(chrono::Duration::MAX);
+    let oldest_time = entry
+        .created_at
+        .checked_sub_signed(max_age)
+        .map_or(i64::MIN, |t| t.timestamp_millis());
+    (oldest_offset, oldest_time)
+}

@@ -16,7 +16,7 @@
 //! offsets are gap-free and strictly increasing, and a rollback consumes none. Channels are
 //! locked in sorted order, so transactions touching several channels cannot deadlock on each
 //! other. `reset_history` takes the same row lock, so an append commits wholly before or after
-//! it. Channels are trimmed to retention on every [`TRIM_EVERY`]th offset, as SQLite does.
+//! it. Channels are trimmed to retention on every [`sql::TRIM_EVERY`]th offset, as SQLite does.
 //!
 //! Announcements: in the same transaction, every kept entry is announced on
 //! [`HISTORY_CHANNEL`] with `pg_notify` as a [`HistoryNotice`]. PostgreSQL delivers a
@@ -41,10 +41,6 @@ use super::{
     rows::{self, millis},
 };
 use crate::{HistoryQuery, HistoryStore, Result, StoreError, sql};
-
-/// Trimming a channel to its retention costs a statement of its own, so it runs on every
-/// `TRIM_EVERY`th offset; readers apply the retention themselves meanwhile (as SQLite).
-const TRIM_EVERY: i64 = 16;
 
 /// History rows per INSERT statement (9 parameters each, well under PostgreSQL's 65535).
 const ROWS_PER_STATEMENT: usize = 1000;
@@ -143,7 +139,7 @@ fn bigint(offset: u64) -> i64 {
 }
 
 /// Assigns each entry its channel's epoch and next offset, keeps them, and trims the channels
-/// whose new offsets include a multiple of [`TRIM_EVERY`]. Returns each entry's position, in
+/// whose new offsets include a multiple of [`sql::TRIM_EVERY`]. Returns each entry's position, in
 /// the order given.
 ///
 /// Must run inside a transaction on `conn`: each channel's `channel_positions` row stays locked
@@ -220,19 +216,10 @@ pub(super) async fn append_entries(
     }
 
     for (entry, seq, _) in &assigned {
-        if seq % TRIM_EVERY != 0 {
+        if seq % sql::TRIM_EVERY != 0 {
             continue;
         }
-        let retention = entry.retention;
-        let keep_from = seq
-            .saturating_sub(i64::try_from(retention.max_events).unwrap_or(i64::MAX))
-            .saturating_add(1);
-        let max_age =
-            chrono::Duration::from_std(retention.max_age).unwrap_or(chrono::Duration::MAX);
-        let expired = entry
-            .created_at
-            .checked_sub_signed(max_age)
-            .map_or(i64::MIN, millis);
+        let (keep_from, expired) = sql::kept_from(entry, *seq);
         sqlx::query(
             "DELETE FROM channel_history
              WHERE app_id = $1 AND channel = $2 AND (seq < $3 OR created_at < $4)",

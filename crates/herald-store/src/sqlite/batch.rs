@@ -22,7 +22,7 @@ use herald_core::{
     history::{NewHistoryEntry, Position},
     model::{DeliveryStatus, IngestEvent, Message},
 };
-use sqlx::{SqliteConnection, SqlitePool};
+use sqlx::SqlitePool;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -34,6 +34,7 @@ use super::{
 
 mod durable;
 mod grouped;
+mod locked;
 mod positions;
 
 pub(crate) use durable::{Durable, WalFile};
@@ -377,22 +378,18 @@ fn revoke_fresh(shared: &Shared, batch: &[PendingWrite], outcomes: &[Result<Comm
 
 /// The group commit's transactions skip the fsync at commit: the syncer does it for them
 /// (see `durable`). Every other write on the writer connection stays durable at its own
-/// commit, so the commit sets `synchronous` back in the same round trip.
-///
-/// The transaction is SQL of our own rather than sqlx's `Transaction`, whose `COMMIT` is a
-/// round trip to the connection's thread by itself: with the setting on each side, that would
-/// be two more per batch.
+/// commit, so the commit sets `synchronous` back in the same call.
 const BEGIN_WITHOUT_FSYNC: &str = "PRAGMA synchronous = NORMAL; BEGIN";
 const COMMIT_THEN_FSYNC_AGAIN: &str = "COMMIT; PRAGMA synchronous = FULL";
 const RETRY_FROM_SCRATCH: &str = "ROLLBACK; BEGIN";
 
 /// The writer connection, lent to one batch. If the batch does not end cleanly (an error, or
-/// its future dropped halfway), the connection may be inside a transaction or without its
-/// fsyncs, so it is closed rather than returned: SQLite rolls back what was open, and the pool
-/// opens a new one from its options (`synchronous = FULL`).
+/// its future dropped while it waited for the connection's lock), the connection may be inside
+/// a transaction or without its fsyncs, so it is closed rather than returned: SQLite rolls
+/// back what was open, and the pool opens a new one from its options (`synchronous = FULL`).
 ///
-/// Such a batch may also have committed without taking its positions into the cache (its future
-/// dropped while the `COMMIT` ran), so the cache starts again too.
+/// Such a batch may also have committed without taking its positions into the cache, so the
+/// cache starts again too.
 struct Lent<'a> {
     conn: sqlx::pool::PoolConnection<sqlx::Sqlite>,
     positions: &'a PositionCache,
@@ -412,22 +409,39 @@ impl Drop for Lent<'_> {
 /// new deliveries that have jobs to hand over. Returns each write's outcome and the jobs whose
 /// delivery could not be leased (its rowid did not come back: never expected; it stays
 /// claimable). The commit is not yet durable: the caller hands the batch to the syncer.
+///
+/// The statements run on this thread, on the writer's SQLite handle (see `locked`); nothing
+/// in between awaits, so a batch that has begun also ends, committed or rolled back.
 async fn apply_all(pool: &SqlitePool, shared: &Shared, batch: &[PendingWrite]) -> Result<Applied> {
     let mut lent = Lent {
         conn: pool.acquire().await?,
         positions: &shared.positions,
         clean: false,
     };
-    let conn = &mut *lent.conn;
-    sqlx::raw_sql(BEGIN_WITHOUT_FSYNC)
-        .execute(&mut *conn)
-        .await?;
+    let mut handle = lent.conn.lock_handle().await?;
+    let (applied, clean) =
+        locked::on_handle(&mut handle, |conn| apply_locked(conn, shared, batch))?;
+    drop(handle);
+    lent.clean = clean;
+    applied
+}
+
+/// `apply_all` on the handle; also says whether the connection was left clean (outside a
+/// transaction, at `synchronous = FULL`).
+fn apply_locked(
+    conn: &rusqlite::Connection,
+    shared: &Shared,
+    batch: &[PendingWrite],
+) -> (Result<Applied>, bool) {
+    if let Err(e) = conn.execute_batch(BEGIN_WITHOUT_FSYNC) {
+        return (Err(e.into()), false);
+    }
     let mut rowids = HashMap::new();
     let mut positions = grouped::BatchPositions {
         cache: &shared.positions,
         written: Vec::new(),
     };
-    let outcomes = match grouped::apply(conn, batch, &mut rowids, Some(&mut positions)).await {
+    let outcomes = match grouped::apply(conn, batch, &mut rowids, Some(&mut positions)) {
         Ok(outcomes) => outcomes,
         Err(e) => {
             // Something other than an expected conflict (say, a foreign key: the app was
@@ -437,56 +451,51 @@ async fn apply_all(pool: &SqlitePool, shared: &Shared, batch: &[PendingWrite]) -
             tracing::warn!(error = %e, writes = batch.len(), "grouped write failed; retrying one by one");
             shared.positions.forget_all();
             positions.written.clear();
-            sqlx::raw_sql(RETRY_FROM_SCRATCH)
-                .execute(&mut *conn)
-                .await?;
             rowids.clear();
-            one_by_one(conn, batch, &mut rowids).await?
+            let retried = conn
+                .execute_batch(RETRY_FROM_SCRATCH)
+                .map_err(StoreError::from)
+                .and_then(|()| one_by_one(conn, batch, &mut rowids));
+            match retried {
+                Ok(outcomes) => outcomes,
+                Err(e) => return (Err(e), false),
+            }
         }
     };
     let missed = lease_fresh(shared, batch, &outcomes, &rowids);
-    if let Err(e) = sqlx::raw_sql(COMMIT_THEN_FSYNC_AGAIN)
-        .execute(&mut *conn)
-        .await
-    {
+    if let Err(e) = conn.execute_batch(COMMIT_THEN_FSYNC_AGAIN) {
         // (Were the commit to succeed and only the setting fail, the writes are in but their
         // callers hear they failed; they retry, which is a duplicate at worst, never a loss.)
-        // (The connection is closed and the positions cache emptied as `lent` drops.)
+        // (The connection is closed and the positions cache emptied as the lent connection
+        // drops.)
         revoke_fresh(shared, batch, &outcomes);
-        return Err(e.into());
+        return (Err(e.into()), false);
     }
     // Still holding the connection: no other write can come between the commit and this.
     shared.positions.remember(positions.written);
-    lent.clean = true;
-    Ok((outcomes, missed))
+    (Ok((outcomes, missed)), true)
 }
 
 /// Each write alone, in order, in the open transaction, each in a savepoint: a write's offsets
 /// are assigned from the positions the writes before it left in this transaction, so a failed
 /// write consumes none.
-async fn one_by_one(
-    conn: &mut SqliteConnection,
+fn one_by_one(
+    conn: &rusqlite::Connection,
     batch: &[PendingWrite],
     rowids: &mut HashMap<DeliveryKey, i64>,
 ) -> Result<Vec<Result<Committed>>> {
     let mut outcomes = Vec::with_capacity(batch.len());
     for write in batch {
-        sqlx::raw_sql("SAVEPOINT one_write")
-            .execute(&mut *conn)
-            .await?;
+        conn.execute_batch("SAVEPOINT one_write")?;
         let mut write_rowids = HashMap::new();
-        match grouped::apply(conn, std::slice::from_ref(write), &mut write_rowids, None).await {
+        match grouped::apply(conn, std::slice::from_ref(write), &mut write_rowids, None) {
             Ok(mut outcome) => {
-                sqlx::raw_sql("RELEASE one_write")
-                    .execute(&mut *conn)
-                    .await?;
+                conn.execute_batch("RELEASE one_write")?;
                 rowids.extend(write_rowids);
                 outcomes.push(outcome.pop().unwrap_or_else(|| Ok(Vec::new())));
             }
             Err(e) => {
-                sqlx::raw_sql("ROLLBACK TO one_write; RELEASE one_write")
-                    .execute(&mut *conn)
-                    .await?;
+                conn.execute_batch("ROLLBACK TO one_write; RELEASE one_write")?;
                 outcomes.push(Err(e));
             }
         }
@@ -540,34 +549,30 @@ pub(crate) fn next_state(next: NextStep) -> (DeliveryStatus, Option<i64>) {
     }
 }
 
-pub(crate) async fn endpoint_change(
-    conn: &mut SqliteConnection,
+/// Applies an attempt's change to its endpoint's failure streak or state.
+pub(crate) fn endpoint_change(
+    conn: &rusqlite::Connection,
     endpoint_id: &EndpointId,
     change: EndpointChange,
     now: i64,
 ) -> Result<()> {
-    let update = match change {
+    match change {
         EndpointChange::Unchanged => return Ok(()),
-        EndpointChange::StreakEnded => sqlx::query(
-            "UPDATE endpoints SET failing_since = NULL WHERE id = $1 AND failing_since IS NOT NULL",
-        )
-        .bind(endpoint_id.as_str()),
-        EndpointChange::StreakStarted { at } => sqlx::query(
-            "UPDATE endpoints SET failing_since = $2 WHERE id = $1 AND failing_since IS NULL",
-        )
-        .bind(endpoint_id.as_str())
-        .bind(millis(at)),
-        EndpointChange::Disable => {
-            // `updated_at` must move, even within the millisecond of the last update: an API
-            // update prepared before this one compares it (`update_endpoint`).
-            sqlx::query(
-                "UPDATE endpoints SET disabled = 1, updated_at = MAX(updated_at + 1, $2)
-                 WHERE id = $1",
-            )
-            .bind(endpoint_id.as_str())
-            .bind(now)
-        }
+        EndpointChange::StreakEnded => conn.execute(
+            "UPDATE endpoints SET failing_since = NULL WHERE id = ?1 AND failing_since IS NOT NULL",
+            [endpoint_id.as_str()],
+        )?,
+        EndpointChange::StreakStarted { at } => conn.execute(
+            "UPDATE endpoints SET failing_since = ?2 WHERE id = ?1 AND failing_since IS NULL",
+            rusqlite::params![endpoint_id.as_str(), millis(at)],
+        )?,
+        // `updated_at` must move, even within the millisecond of the last update: an API
+        // update prepared before this one compares it (`update_endpoint`).
+        EndpointChange::Disable => conn.execute(
+            "UPDATE endpoints SET disabled = 1, updated_at = MAX(updated_at + 1, ?2)
+             WHERE id = ?1",
+            rusqlite::params![endpoint_id.as_str(), now],
+        )?,
     };
-    update.execute(&mut *conn).await?;
     Ok(())
 }

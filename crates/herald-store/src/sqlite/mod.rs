@@ -457,7 +457,7 @@ mod tests {
             ),
         );
         assert!(good.is_ok(), "{good:?}");
-        assert!(matches!(bad, Err(StoreError::Database(_))), "{bad:?}");
+        assert!(matches!(bad, Err(StoreError::Sqlite(_))), "{bad:?}");
         let page = Page {
             limit: 10,
             iterator: None,
@@ -469,7 +469,26 @@ mod tests {
             .await
             .expect("list");
         assert_eq!(stored.len(), 1);
+        assert_writer_is_clean(&store).await;
         store.close().await;
+    }
+
+    /// The group commit runs its statements on the writer's handle outside sqlx
+    /// (`batch/locked.rs`): whatever path a batch took, it must hand the connection back
+    /// outside a transaction and with its fsyncs on, as sqlx lent it.
+    async fn assert_writer_is_clean(store: &SqliteStore) {
+        let mut writer = store.writer.acquire().await.expect("writer");
+        let synchronous: i64 = sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(&mut *writer)
+            .await
+            .expect("synchronous");
+        assert_eq!(synchronous, 2, "the writer is back at synchronous = FULL");
+        // `BEGIN` inside an open transaction fails ("cannot start a transaction within a
+        // transaction").
+        sqlx::raw_sql("BEGIN; ROLLBACK")
+            .execute(&mut *writer)
+            .await
+            .expect("the writer is outside a transaction");
     }
 
     /// A failed delivery can still be leased for a moment (between its record's commit and the
@@ -644,12 +663,13 @@ mod tests {
         };
         let (first, bad, second) =
             tokio::join!(publish(&app.id), publish(&missing), publish(&app.id));
-        assert!(matches!(bad, Err(StoreError::Database(_))), "{bad:?}");
+        assert!(matches!(bad, Err(StoreError::Sqlite(_))), "{bad:?}");
         let (first, second) = (first.expect("first"), second.expect("second"));
         assert_eq!((first[0].offset, second[0].offset), (1, 2));
         assert_eq!(first[0].epoch, second[0].epoch);
         let next = store.append_history(entry(&app.id)).await.expect("append");
         assert_eq!(next.offset, 3);
+        assert_writer_is_clean(&store).await;
         store.close().await;
     }
 }
