@@ -60,6 +60,59 @@ fn the_domain_crate_depends_on_no_runtime_database_or_network_crate() {
     );
 }
 
+/// The workspace denies `unsafe` code; one function may opt out, the SQLite group commit's loan
+/// of the writer's handle to rusqlite (`herald-store/src/sqlite/batch/locked.rs`), whose safety
+/// argument lives beside it. Any other opt-out, or a crate that stops using the workspace's
+/// lints, is a decision for review, not an accident.
+#[test]
+fn unsafe_code_is_allowed_in_one_place_only() {
+    let mut files = Vec::new();
+    rust_files(&root().join("crates"), &mut files);
+    let opt_outs: Vec<String> = files
+        .iter()
+        .filter(|file| {
+            let text = std::fs::read_to_string(file).expect("read a source file");
+            text.contains(concat!("allow(", "unsafe_code)"))
+        })
+        .map(|file| {
+            file.strip_prefix(root())
+                .unwrap_or(file)
+                .display()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        opt_outs,
+        ["crates/herald-store/src/sqlite/batch/locked.rs"],
+        "files that opt out of the workspace's `unsafe_code = \"deny\"`"
+    );
+    let workspace = std::fs::read_to_string(root().join("Cargo.toml")).expect("read Cargo.toml");
+    assert!(
+        workspace.contains("unsafe_code = \"deny\""),
+        "the workspace denies unsafe code"
+    );
+    let mut manifests = Vec::new();
+    for entry in std::fs::read_dir(root().join("crates")).expect("read crates/") {
+        let manifest = entry.expect("a directory entry").path().join("Cargo.toml");
+        if manifest.exists() {
+            manifests.push(manifest);
+        }
+    }
+    assert!(
+        manifests.len() > 5,
+        "the crates were found: {}",
+        manifests.len()
+    );
+    for manifest in manifests {
+        let text = std::fs::read_to_string(&manifest).expect("read a manifest");
+        assert!(
+            text.contains("[lints]\nworkspace = true"),
+            "{} does not use the workspace's lints",
+            manifest.display()
+        );
+    }
+}
+
 #[test]
 fn every_source_file_says_what_it_is_for() {
     let mut files = Vec::new();
