@@ -37,3 +37,42 @@ pub(super) fn on_handle<R>(
     drop(conn);
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use sqlx::{Connection as _, SqliteConnection};
+
+    use super::on_handle;
+
+    /// What the loan leaves behind is what sqlx lent: its writes visible to sqlx, and a
+    /// connection that closes (SQLite refuses to close one with a statement left open, and sqlx
+    /// treats that as a crash).
+    #[tokio::test]
+    async fn a_loaned_handle_goes_back_to_sqlx_usable_and_closable() {
+        let mut conn = SqliteConnection::connect("sqlite::memory:")
+            .await
+            .expect("connect");
+        let mut handle = conn.lock_handle().await.expect("lock");
+        let inserted = on_handle(&mut handle, |c| {
+            c.execute_batch("CREATE TABLE t (x INTEGER)")?;
+            let mut insert = c.prepare("INSERT INTO t VALUES (?1)")?;
+            let mut n = 0;
+            for x in 0..3 {
+                n += insert.execute([x])?;
+            }
+            Ok::<_, rusqlite::Error>(n)
+        })
+        .expect("loan")
+        .expect("statements");
+        drop(handle);
+        assert_eq!(inserted, 3);
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM t")
+            .fetch_one(&mut conn)
+            .await
+            .expect("sqlx reads what the loan wrote");
+        assert_eq!(count, 3);
+        conn.close()
+            .await
+            .expect("closes: no statement of the loan is left open");
+    }
+}
