@@ -526,7 +526,7 @@ async fn first_attempts_are_not_stuck_behind_retries_of_the_same_endpoint() {
 
 #[tokio::test]
 async fn an_app_with_hanging_endpoints_cannot_take_another_apps_first_attempt_slots() {
-    // The shipped lane budgets. App A's 20 hanging endpoints could hold 20 x 16 = 320
+    // The shipped lane budgets. App A's 20 hanging endpoints could hold 20 x 32 = 640
     // attempts, more than the whole first-attempt lane; its share is a quarter of the lane.
     let defaults = herald::Config::default().delivery;
     let lane = defaults.max_in_flight as usize;
