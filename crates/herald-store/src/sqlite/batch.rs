@@ -419,23 +419,21 @@ async fn apply_all(pool: &SqlitePool, shared: &Shared, batch: &[PendingWrite]) -
         clean: false,
     };
     let mut handle = lent.conn.lock_handle().await?;
-    let (applied, clean) =
-        locked::on_handle(&mut handle, |conn| apply_locked(conn, shared, batch))?;
+    let applied = locked::on_handle(&mut handle, |conn| apply_locked(conn, shared, batch))?;
     drop(handle);
-    lent.clean = clean;
+    // A batch that failed may have left its transaction open or `synchronous` off.
+    lent.clean = applied.is_ok();
     applied
 }
 
-/// `apply_all` on the handle; also says whether the connection was left clean (outside a
-/// transaction, at `synchronous = FULL`).
+/// `apply_all` on the handle. Only a batch that succeeds leaves the connection clean (outside
+/// a transaction, at `synchronous = FULL`).
 fn apply_locked(
     conn: &rusqlite::Connection,
     shared: &Shared,
     batch: &[PendingWrite],
-) -> (Result<Applied>, bool) {
-    if let Err(e) = conn.execute_batch(BEGIN_WITHOUT_FSYNC) {
-        return (Err(e.into()), false);
-    }
+) -> Result<Applied> {
+    conn.execute_batch(BEGIN_WITHOUT_FSYNC)?;
     let mut rowids = HashMap::new();
     let mut positions = grouped::BatchPositions {
         cache: &shared.positions,
@@ -452,14 +450,8 @@ fn apply_locked(
             shared.positions.forget_all();
             positions.written.clear();
             rowids.clear();
-            let retried = conn
-                .execute_batch(RETRY_FROM_SCRATCH)
-                .map_err(StoreError::from)
-                .and_then(|()| one_by_one(conn, batch, &mut rowids));
-            match retried {
-                Ok(outcomes) => outcomes,
-                Err(e) => return (Err(e), false),
-            }
+            conn.execute_batch(RETRY_FROM_SCRATCH)?;
+            one_by_one(conn, batch, &mut rowids)?
         }
     };
     let missed = lease_fresh(shared, batch, &outcomes, &rowids);
@@ -469,11 +461,11 @@ fn apply_locked(
         // (The connection is closed and the positions cache emptied as the lent connection
         // drops.)
         revoke_fresh(shared, batch, &outcomes);
-        return (Err(e.into()), false);
+        return Err(e.into());
     }
     // Still holding the connection: no other write can come between the commit and this.
     shared.positions.remember(positions.written);
-    (Ok((outcomes, missed)), true)
+    Ok((outcomes, missed))
 }
 
 /// Each write alone, in order, in the open transaction, each in a savepoint: a write's offsets
