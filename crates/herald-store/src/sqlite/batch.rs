@@ -45,7 +45,7 @@ use crate::{
 };
 
 /// Largest number of writes committed together.
-const MAX_BATCH: usize = 512;
+pub(crate) const MAX_BATCH: usize = 512;
 /// Writes waiting for a commit before callers are made to wait for room.
 pub(crate) const QUEUE_DEPTH: usize = 8192;
 
@@ -184,8 +184,10 @@ pub(crate) async fn run(
                 // Refuse new writes but commit everything already handed to us.
                 queue.close();
                 while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
-                    let done = commit(&pool, &shared, std::mem::take(&mut batch)).await;
-                    if to_sync.send(done).await.is_err() {
+                    if commit_while_busy(&pool, &shared, &mut queue, &mut batch, &to_sync)
+                        .await
+                        .is_err()
+                    {
                         break;
                     }
                 }
@@ -195,10 +197,10 @@ pub(crate) async fn run(
         if received == 0 {
             break;
         }
-        // The batch moves on to the syncer; the next one grows from empty (a batch is usually
-        // a few dozen writes, not `MAX_BATCH`).
-        let done = commit(&pool, &shared, std::mem::take(&mut batch)).await;
-        if to_sync.send(done).await.is_err() {
+        if commit_while_busy(&pool, &shared, &mut queue, &mut batch, &to_sync)
+            .await
+            .is_err()
+        {
             // The syncer is gone (it panicked): nobody can be answered any more.
             tracing::error!("the store's syncer stopped; refusing writes");
             return;
@@ -211,10 +213,91 @@ pub(crate) async fn run(
     }
 }
 
-/// Applies and commits `batch` (without waiting for the disk) on the writer connection.
-async fn commit(pool: &SqlitePool, shared: &Shared, batch: Vec<PendingWrite>) -> Committing {
+/// How long the group commit keeps the writer connection while writes keep coming, before the
+/// connection's other users (API writes, `reset_history`) get their turn. A batch takes a
+/// millisecond or two, so a loan serves several.
+const LOAN_FOR: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// The syncer has stopped: no batch can be answered any more.
+struct SyncerGone;
+
+/// Commits `batch` on the writer connection, then whatever writes queued meanwhile, batch after
+/// batch on the same loan of the connection (one lock, statements prepared once; see `locked`)
+/// while there are any and for up to [`LOAN_FOR`]. Each batch goes to the syncer once
+/// committed (not yet durable), or failed; `batch` is left empty.
+async fn commit_while_busy(
+    pool: &SqlitePool,
+    shared: &Shared,
+    queue: &mut mpsc::Receiver<PendingWrite>,
+    batch: &mut Vec<PendingWrite>,
+    to_sync: &mpsc::Sender<Committing>,
+) -> std::result::Result<(), SyncerGone> {
+    let lent_at = std::time::Instant::now();
+    let failed = |batch: &mut Vec<PendingWrite>, e: StoreError| Committing {
+        batch: std::mem::take(batch),
+        applied: Err(e),
+        started: lent_at,
+    };
+    let mut lent = match pool.acquire().await {
+        Ok(conn) => Lent {
+            conn,
+            positions: &shared.positions,
+            clean: false,
+        },
+        Err(e) => {
+            return to_sync
+                .send(failed(batch, e.into()))
+                .await
+                .map_err(|_| SyncerGone);
+        }
+    };
+    let loan = match lent.conn.lock_handle().await {
+        Ok(handle) => locked::Loan::new(handle),
+        Err(e) => Err(e.into()),
+    };
+    // The loan's transactions skip the fsync at commit: the syncer does it for them (see
+    // `durable`).
+    let loan = loan.and_then(|loan| {
+        loan.conn().execute_batch("PRAGMA synchronous = NORMAL")?;
+        Ok(loan)
+    });
+    let loan = match loan {
+        Ok(loan) => loan,
+        Err(e) => return to_sync.send(failed(batch, e)).await.map_err(|_| SyncerGone),
+    };
+    loop {
+        let done = commit(loan.conn(), shared, std::mem::take(batch));
+        let committed = done.applied.is_ok();
+        to_sync.send(done).await.map_err(|_| SyncerGone)?;
+        if !committed {
+            // The connection may be inside a transaction: `lent` closes it.
+            return Ok(());
+        }
+        if lent_at.elapsed() >= LOAN_FOR {
+            break;
+        }
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(write) => batch.push(write),
+                Err(_) => break,
+            }
+        }
+        if batch.is_empty() {
+            break;
+        }
+    }
+    // Every other write on the writer connection stays durable at its own commit.
+    let restored = loan.conn().execute_batch("PRAGMA synchronous = FULL");
+    loan.end();
+    lent.clean = restored.is_ok();
+    // (Writes that queued after the last look wait for the next loan: `batch` is empty.)
+    Ok(())
+}
+
+/// Applies and commits `batch` (without waiting for the disk) on the lent writer connection.
+fn commit(conn: &rusqlite::Connection, shared: &Shared, batch: Vec<PendingWrite>) -> Committing {
     let started = std::time::Instant::now();
-    let applied = apply_all(pool, shared, &batch).await;
+    let applied = apply_locked(conn, shared, &batch);
     if let Ok((outcomes, missed)) = &applied {
         // Deliveries that went in unleased are due now: claims must find them. (They are
         // visible to readers from the commit on, durable or not yet.)
@@ -376,17 +459,13 @@ fn revoke_fresh(shared: &Shared, batch: &[PendingWrite], outcomes: &[Result<Comm
     shared.leases.revoke(&leased);
 }
 
-/// The group commit's transactions skip the fsync at commit: the syncer does it for them
-/// (see `durable`). Every other write on the writer connection stays durable at its own
-/// commit, so the commit sets `synchronous` back in the same call.
-const BEGIN_WITHOUT_FSYNC: &str = "PRAGMA synchronous = NORMAL; BEGIN";
-const COMMIT_THEN_FSYNC_AGAIN: &str = "COMMIT; PRAGMA synchronous = FULL";
 const RETRY_FROM_SCRATCH: &str = "ROLLBACK; BEGIN";
 
-/// The writer connection, lent to one batch. If the batch does not end cleanly (an error, or
-/// its future dropped while it waited for the connection's lock), the connection may be inside
-/// a transaction or without its fsyncs, so it is closed rather than returned: SQLite rolls
-/// back what was open, and the pool opens a new one from its options (`synchronous = FULL`).
+/// The writer connection, lent to the group commit. If a batch does not end cleanly (an error,
+/// or its future dropped while it waited for the connection's lock), the connection may be
+/// inside a transaction or without its fsyncs, so it is closed rather than returned: SQLite
+/// rolls back what was open, and the pool opens a new one from its options
+/// (`synchronous = FULL`).
 ///
 /// Such a batch may also have committed without taking its positions into the cache, so the
 /// cache starts again too.
@@ -405,35 +484,26 @@ impl Drop for Lent<'_> {
     }
 }
 
+/// Runs a statement without parameters or rows, prepared once per loan.
+fn execute_kept(conn: &rusqlite::Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([])?;
+    Ok(())
+}
+
 /// Applies the batch in one transaction and commits it, leasing (just before the commit) the
 /// new deliveries that have jobs to hand over. Returns each write's outcome and the jobs whose
 /// delivery could not be leased (its rowid did not come back: never expected; it stays
 /// claimable). The commit is not yet durable: the caller hands the batch to the syncer.
 ///
 /// The statements run on this thread, on the writer's SQLite handle (see `locked`); nothing
-/// in between awaits, so a batch that has begun also ends, committed or rolled back.
-async fn apply_all(pool: &SqlitePool, shared: &Shared, batch: &[PendingWrite]) -> Result<Applied> {
-    let mut lent = Lent {
-        conn: pool.acquire().await?,
-        positions: &shared.positions,
-        clean: false,
-    };
-    let mut handle = lent.conn.lock_handle().await?;
-    let applied = locked::on_handle(&mut handle, |conn| apply_locked(conn, shared, batch))?;
-    drop(handle);
-    // A batch that failed may have left its transaction open or `synchronous` off.
-    lent.clean = applied.is_ok();
-    applied
-}
-
-/// `apply_all` on the handle. Only a batch that succeeds leaves the connection clean (outside
-/// a transaction, at `synchronous = FULL`).
+/// in between awaits, so a batch that has begun also ends, committed or rolled back. Only a
+/// batch that succeeds leaves the connection outside a transaction.
 fn apply_locked(
     conn: &rusqlite::Connection,
     shared: &Shared,
     batch: &[PendingWrite],
 ) -> Result<Applied> {
-    conn.execute_batch(BEGIN_WITHOUT_FSYNC)?;
+    execute_kept(conn, "BEGIN")?;
     let mut rowids = HashMap::new();
     let mut positions = grouped::BatchPositions {
         cache: &shared.positions,
@@ -455,9 +525,7 @@ fn apply_locked(
         }
     };
     let missed = lease_fresh(shared, batch, &outcomes, &rowids);
-    if let Err(e) = conn.execute_batch(COMMIT_THEN_FSYNC_AGAIN) {
-        // (Were the commit to succeed and only the setting fail, the writes are in but their
-        // callers hear they failed; they retry, which is a duplicate at worst, never a loss.)
+    if let Err(e) = execute_kept(conn, "COMMIT") {
         // (The connection is closed and the positions cache emptied as the lent connection
         // drops.)
         revoke_fresh(shared, batch, &outcomes);

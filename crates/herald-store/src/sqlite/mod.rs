@@ -429,11 +429,9 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_failing_write_does_not_sink_its_batch() {
-        let (_dir, store) = open_in_tempdir().await;
+    fn test_app() -> App {
         let now = Utc::now();
-        let app = App {
+        App {
             id: herald_core::AppId::new(now),
             uid: None,
             name: "test".into(),
@@ -445,7 +443,13 @@ mod tests {
             payload_retention_days: None,
             created_at: now,
             updated_at: now,
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failing_write_does_not_sink_its_batch() {
+        let (_dir, store) = open_in_tempdir().await;
+        let app = test_app();
         store.create_app(&app).await.expect("app");
         // A message for an app that does not exist violates a foreign key: the grouped insert
         // fails and the batch is redone one write at a time.
@@ -491,6 +495,53 @@ mod tests {
             .expect("the writer is outside a transaction");
     }
 
+    /// The group commit keeps the writer connection across batches while writes keep coming
+    /// (`batch::LOAN_FOR`), but not for good: a write that needs the connection itself (here a
+    /// plain statement, as an endpoint update or `reset_history` makes) gets its turn while a
+    /// backlog of writes is still waiting, not after it, and the connection comes back clean.
+    /// (With loans that last while writes are waiting, the count below is the whole backlog.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_busy_group_commit_still_lends_the_writer_to_others() {
+        let (_dir, store) = open_in_tempdir().await;
+        let store = std::sync::Arc::new(store);
+        let app = test_app();
+        store.create_app(&app).await.expect("app");
+        // The group commit waits for the connection while a backlog builds up: a full queue
+        // (`batch::QUEUE_DEPTH`) and more writes waiting for room, so writes are waiting
+        // whenever a batch ends until the backlog has drained.
+        let held = store.writer.acquire().await.expect("writer");
+        let backlog = batch::QUEUE_DEPTH + 4 * batch::MAX_BATCH;
+        let mut writes = tokio::task::JoinSet::new();
+        for _ in 0..backlog {
+            let (store, app_id) = (store.clone(), app.id.clone());
+            writes.spawn(async move { store.create_message(message(&app_id), vec![]).await });
+        }
+        while store.writes.capacity() > 0 {
+            tokio::task::yield_now().await;
+        }
+        drop(held);
+        // The group commit has the connection now (it asked first); ask again.
+        let mut writer = store.writer.acquire().await.expect("writer");
+        let by_then: i64 = sqlx::query_scalar("SELECT count(*) FROM messages")
+            .fetch_one(&mut *writer)
+            .await
+            .expect("count");
+        drop(writer);
+        assert!(
+            by_then > 0 && by_then < backlog as i64,
+            "the connection came back after a loan, with writes still waiting \
+             ({by_then} of {backlog} committed)"
+        );
+        while let Some(done) = writes.join_next().await {
+            done.expect("task").expect("message");
+        }
+        assert_writer_is_clean(&store).await;
+        match std::sync::Arc::try_unwrap(store) {
+            Ok(store) => store.close().await,
+            Err(_) => panic!("the store is still shared"),
+        }
+    }
+
     /// A failed delivery can still be leased for a moment (between its record's commit and the
     /// lease's release); recovering it then takes it back from that lease too, so a record
     /// under the old lease is stale and the recovered delivery is claimed under a new one.
@@ -498,19 +549,7 @@ mod tests {
     async fn a_recovery_takes_the_delivery_back_from_its_lease() {
         let (_dir, store) = open_in_tempdir().await;
         let now = Utc::now();
-        let app = App {
-            id: herald_core::AppId::new(now),
-            uid: None,
-            name: "test".into(),
-            throttle_rate: None,
-            metadata: Metadata::new(),
-            pusher: PusherCredentials::generate(),
-            history: None,
-            socketio: None,
-            payload_retention_days: None,
-            created_at: now,
-            updated_at: now,
-        };
+        let app = test_app();
         store.create_app(&app).await.expect("app");
         let ep = Endpoint {
             id: herald_core::EndpointId::new(now),
@@ -628,19 +667,7 @@ mod tests {
     async fn a_failing_write_consumes_no_offset_of_its_batch() {
         let (_dir, store) = open_in_tempdir().await;
         let now = Utc::now();
-        let app = App {
-            id: herald_core::AppId::new(now),
-            uid: None,
-            name: "test".into(),
-            throttle_rate: None,
-            metadata: Metadata::new(),
-            pusher: PusherCredentials::generate(),
-            history: None,
-            socketio: None,
-            payload_retention_days: None,
-            created_at: now,
-            updated_at: now,
-        };
+        let app = test_app();
         store.create_app(&app).await.expect("app");
         let entry = |app_id: &herald_core::AppId| NewHistoryEntry {
             app_id: app_id.clone(),

@@ -151,7 +151,7 @@ fn insert_ingest_events<'a>(
     if events.is_empty() {
         return Ok(inserted);
     }
-    let mut insert = conn.prepare(
+    let mut insert = conn.prepare_cached(
         "INSERT INTO ingest_events (id, source_id, app_id, delivery_id, headers, body,
                                     event_type, channels, msg_id, received_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
@@ -201,7 +201,7 @@ fn unrecord_refused_ingests(
     if refused.is_empty() {
         return Ok(());
     }
-    let mut delete = conn.prepare("DELETE FROM ingest_events WHERE id = ?1")?;
+    let mut delete = conn.prepare_cached("DELETE FROM ingest_events WHERE id = ?1")?;
     for id in refused {
         delete.execute([id])?;
     }
@@ -218,10 +218,10 @@ fn apply_occupancy(conn: &Connection, changes: &[&OccupancyChange]) -> Result<()
             OccupancyChange::Left(who) => last.insert(who, false),
         };
     }
-    let mut enter = conn.prepare(
+    let mut enter = conn.prepare_cached(
         "INSERT OR IGNORE INTO channel_occupancy (app_id, channel, user_id) VALUES (?1, ?2, ?3)",
     )?;
-    let mut leave = conn.prepare(
+    let mut leave = conn.prepare_cached(
         "DELETE FROM channel_occupancy WHERE app_id = ?1 AND channel = ?2 AND user_id = ?3",
     )?;
     for (who, entered) in last {
@@ -247,13 +247,13 @@ fn insert_messages(
     outcomes: &mut [Result<Committed>],
     rowids: &mut HashMap<DeliveryKey, i64>,
 ) -> Result<()> {
-    let mut insert_message = conn.prepare(
+    let mut insert_message = conn.prepare_cached(
         "INSERT INTO messages (id, app_id, event_id, event_type, channels, tags, payload,
                                created_at, payload_expires_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
          ON CONFLICT DO NOTHING",
     )?;
-    let mut insert_delivery = conn.prepare(
+    let mut insert_delivery = conn.prepare_cached(
         "INSERT INTO deliveries (msg_id, endpoint_id, app_id, status, attempts, trigger_type,
                                  next_attempt_at, updated_at)
          VALUES (?1, ?2, ?3, ?4, 0, ?5, ?6, ?6)",
@@ -337,7 +337,7 @@ fn append_histories(
     };
     // The positions the cache does not have, read from the table.
     if known.iter().any(Option::is_none) {
-        let mut read = conn.prepare(
+        let mut read = conn.prepare_cached(
             "SELECT epoch, next_offset FROM channel_positions WHERE app_id = ?1 AND channel = ?2",
         )?;
         for (position, (app_id, channel)) in known.iter_mut().zip(&order) {
@@ -381,7 +381,7 @@ fn append_histories(
         .zip(&seqs)
         .map(|(entry, (seq, channel))| (*entry, *seq, assigning[*channel].epoch.as_str()))
         .collect();
-    let mut insert = conn.prepare(
+    let mut insert = conn.prepare_cached(
         "INSERT INTO channel_history (app_id, channel, seq, epoch, event, data, created_at,
                                       raw_json, user_id)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
@@ -402,7 +402,7 @@ fn append_histories(
 
     // Each channel's position once, past its last offset. The epoch is the one read (or, for
     // a new channel, minted) above, which nothing can have changed since in this transaction.
-    let mut write_position = conn.prepare(
+    let mut write_position = conn.prepare_cached(
         "INSERT INTO channel_positions (app_id, channel, epoch, next_offset)
          VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT (app_id, channel) DO UPDATE SET epoch = excluded.epoch,
@@ -417,7 +417,7 @@ fn append_histories(
         .filter(|(_, seq, _)| seq % sql::TRIM_EVERY == 0)
         .peekable();
     if trims.peek().is_some() {
-        let mut trim = conn.prepare(
+        let mut trim = conn.prepare_cached(
             "DELETE FROM channel_history
              WHERE app_id = ?1 AND channel = ?2 AND (seq < ?3 OR created_at < ?4)",
         )?;
@@ -454,7 +454,7 @@ fn append_histories(
 /// Logs every attempt; moves to its next state only the deliveries of records whose lease is
 /// `current`, and applies only their endpoint changes.
 fn record_attempts(conn: &Connection, records: &[(&AttemptRecord, bool)]) -> Result<()> {
-    let mut insert = conn.prepare(
+    let mut insert = conn.prepare_cached(
         "INSERT INTO attempts (id, msg_id, endpoint_id, app_id, url, status, response_status_code,
                                response, response_duration_ms, trigger_type, created_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
@@ -484,7 +484,7 @@ fn record_attempts(conn: &Connection, records: &[(&AttemptRecord, bool)]) -> Res
     if current.peek().is_none() {
         return Ok(());
     }
-    let mut update = conn.prepare(
+    let mut update = conn.prepare_cached(
         "UPDATE deliveries
          SET status = ?3, next_attempt_at = ?4, attempts = attempts + ?5, updated_at = ?6
          WHERE msg_id = ?1 AND endpoint_id = ?2",
@@ -514,7 +514,7 @@ fn record_attempts(conn: &Connection, records: &[(&AttemptRecord, bool)]) -> Res
 type IdempotentRow<'a> = (&'a str, &'a str, u16, &'a [u8], i64);
 
 fn save_idempotent(conn: &Connection, rows: &[IdempotentRow<'_>]) -> Result<()> {
-    let mut insert = conn.prepare(
+    let mut insert = conn.prepare_cached(
         "INSERT INTO idempotency (scope, key, status, body, created_at)
          VALUES (?1, ?2, ?3, ?4, ?5)
          ON CONFLICT (scope, key) DO NOTHING",
