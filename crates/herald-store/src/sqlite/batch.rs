@@ -184,10 +184,10 @@ pub(crate) async fn run(
                 // Refuse new writes but commit everything already handed to us.
                 queue.close();
                 while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
-                    if commit_while_busy(&pool, &shared, &mut queue, &mut batch, &to_sync)
-                        .await
-                        .is_err()
-                    {
+                    let committed = commit_while_busy(
+                        &pool, &shared, &mut queue, &mut batch, &to_sync, &shutdown,
+                    );
+                    if committed.await.is_err() {
                         break;
                     }
                 }
@@ -197,7 +197,7 @@ pub(crate) async fn run(
         if received == 0 {
             break;
         }
-        if commit_while_busy(&pool, &shared, &mut queue, &mut batch, &to_sync)
+        if commit_while_busy(&pool, &shared, &mut queue, &mut batch, &to_sync, &shutdown)
             .await
             .is_err()
         {
@@ -213,24 +213,25 @@ pub(crate) async fn run(
     }
 }
 
-/// How long the group commit keeps the writer connection while writes keep coming, before the
+/// How long the group commit keeps the writer connection once it has it, before the
 /// connection's other users (API writes, `reset_history`) get their turn. A batch takes a
-/// millisecond or two, so a loan serves several.
+/// millisecond or two, so under load a loan serves several.
 const LOAN_FOR: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// The syncer has stopped: no batch can be answered any more.
 struct SyncerGone;
 
-/// Commits `batch` on the writer connection, then whatever writes queued meanwhile, batch after
+/// Commits `batch` on the writer connection, then the writes that come meanwhile, batch after
 /// batch on the same loan of the connection (one lock, statements prepared once; see `locked`)
-/// while there are any and for up to [`LOAN_FOR`]. Each batch goes to the syncer once
-/// committed (not yet durable), or failed; `batch` is left empty.
+/// for up to [`LOAN_FOR`] or until shutdown. Each batch goes to the syncer once committed (not
+/// yet durable), or failed; `batch` is left empty.
 async fn commit_while_busy(
     pool: &SqlitePool,
     shared: &Shared,
     queue: &mut mpsc::Receiver<PendingWrite>,
     batch: &mut Vec<PendingWrite>,
     to_sync: &mpsc::Sender<Committing>,
+    shutdown: &CancellationToken,
 ) -> std::result::Result<(), SyncerGone> {
     let lent_at = std::time::Instant::now();
     let failed = |batch: &mut Vec<PendingWrite>, e: StoreError| Committing {
@@ -273,17 +274,30 @@ async fn commit_while_busy(
             // The connection may be inside a transaction: `lent` closes it.
             return Ok(());
         }
-        if lent_at.elapsed() >= LOAN_FOR {
+        let left = LOAN_FOR.saturating_sub(lent_at.elapsed());
+        if left.is_zero() {
             break;
         }
+        // The writes already waiting, or the next to come while the loan lasts: under a
+        // steady load the queue is often empty for a moment between batches (their callers
+        // are waiting for the fsync), and the next write is better served on this loan.
+        let more = tokio::select! {
+            received = tokio::time::timeout(left, queue.recv_many(batch, MAX_BATCH)) => {
+                received.unwrap_or(0)
+            }
+            () = shutdown.cancelled() => 0,
+        };
+        if more == 0 {
+            break;
+        }
+        // Let the tasks that are ready to write queue their writes too before this batch
+        // commits: one commit for many is what keeps a commit's cost per write low.
+        tokio::task::yield_now().await;
         while batch.len() < MAX_BATCH {
             match queue.try_recv() {
                 Ok(write) => batch.push(write),
                 Err(_) => break,
             }
-        }
-        if batch.is_empty() {
-            break;
         }
     }
     // Every other write on the writer connection stays durable at its own commit.
