@@ -282,6 +282,8 @@ async fn commit_while_busy(
         // steady load the queue is often empty for a moment between batches (their callers
         // are waiting for the fsync), and the next write is better served on this loan.
         let more = tokio::select! {
+            // Writes first: once shut down, those still queued are committed on this loan.
+            biased;
             received = tokio::time::timeout(left, queue.recv_many(batch, MAX_BATCH)) => {
                 received.unwrap_or(0)
             }

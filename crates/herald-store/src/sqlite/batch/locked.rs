@@ -8,8 +8,8 @@
 //! (PERFORMANCE.md, "A group commit's time, phase by phase" and "History channels ... where
 //! the time goes"). Here the group commit takes the connection's lock (`lock_handle`: one
 //! round trip), runs every statement itself through rusqlite, and keeps the lock, and the
-//! statements it prepared, for the batches that follow while writes keep coming (see
-//! `batch::run`), then gives it back.
+//! statements it prepared, for the batches that come in the next few milliseconds (see
+//! `batch::commit_while_busy`), then gives it back.
 //!
 //! It stays the one writer connection of the pool, so everything that relies on a single
 //! writer (the positions cache, leases checked before a commit) still holds.
