@@ -218,6 +218,12 @@ pub(crate) async fn run(
 /// millisecond or two, so under load a loan serves several.
 const LOAN_FOR: std::time::Duration = std::time::Duration::from_millis(10);
 
+/// How many times a loan lets the runtime's other ready tasks run before it takes its next
+/// batch. Each turn lets more writers queue; two gave a quarter fewer commits than one for the
+/// same history load, and less CPU per write, without a longer create at 16 in flight
+/// (PERFORMANCE.md, "One loan of the writer connection for many batches").
+const YIELDS_BEFORE_A_BATCH: usize = 2;
+
 /// The syncer has stopped: no batch can be answered any more.
 struct SyncerGone;
 
@@ -294,7 +300,9 @@ async fn commit_while_busy(
         }
         // Let the tasks that are ready to write queue their writes too before this batch
         // commits: one commit for many is what keeps a commit's cost per write low.
-        tokio::task::yield_now().await;
+        for _ in 0..YIELDS_BEFORE_A_BATCH {
+            tokio::task::yield_now().await;
+        }
         while batch.len() < MAX_BATCH {
             match queue.try_recv() {
                 Ok(write) => batch.push(write),
