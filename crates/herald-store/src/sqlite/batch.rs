@@ -258,17 +258,14 @@ async fn commit_while_busy(
                 .map_err(|_| SyncerGone);
         }
     };
-    let loan = match lent.conn.lock_handle().await {
-        Ok(handle) => locked::Loan::new(handle),
-        Err(e) => Err(e.into()),
-    };
-    // The loan's transactions skip the fsync at commit: the syncer does it for them (see
-    // `durable`).
-    let loan = loan.and_then(|loan| {
+    let loan = async {
+        let loan = locked::Loan::new(lent.conn.lock_handle().await?)?;
+        // The loan's transactions skip the fsync at commit: the syncer does it for them (see
+        // `durable`).
         loan.conn().execute_batch("PRAGMA synchronous = NORMAL")?;
-        Ok(loan)
-    });
-    let loan = match loan {
+        Ok::<_, StoreError>(loan)
+    };
+    let loan = match loan.await {
         Ok(loan) => loan,
         Err(e) => return to_sync.send(failed(batch, e)).await.map_err(|_| SyncerGone),
     };
@@ -312,7 +309,8 @@ async fn commit_while_busy(
     }
     // Every other write on the writer connection stays durable at its own commit.
     let restored = loan.conn().execute_batch("PRAGMA synchronous = FULL");
-    loan.end();
+    // Its statements are finalized and the lock given back before the connection goes back.
+    drop(loan);
     lent.clean = restored.is_ok();
     // (Writes that queued after the last look wait for the next loan: `batch` is empty.)
     Ok(())

@@ -26,10 +26,10 @@ const STATEMENTS_KEPT: usize = 32;
 /// The writer connection's SQLite handle, lent by sqlx to rusqlite for as long as this lives.
 ///
 /// Statements prepared through [`Loan::conn`] (`prepare_cached` keeps them) are finalized when
-/// the loan drops, before sqlx has the handle back: sqlx closes its connections with
+/// the loan drops (which ends it), before sqlx has the handle back: sqlx closes its connections with
 /// `sqlite3_close`, which fails on a statement left open.
 pub(super) struct Loan<'c> {
-    // Declared before `handle`, so it drops first: its statements are finalized while the
+    // Declared before `_lock`, so it drops first: its statements are finalized while the
     // lock is still held.
     conn: Connection,
     _lock: LockedSqliteHandle<'c>,
@@ -56,13 +56,6 @@ impl<'c> Loan<'c> {
     pub(super) fn conn(&self) -> &Connection {
         &self.conn
     }
-
-    /// Ends the loan: finalizes its statements and gives the lock back.
-    pub(super) fn end(self) {
-        let Self { conn, _lock } = self;
-        drop(conn);
-        drop(_lock);
-    }
 }
 
 #[cfg(test)]
@@ -81,8 +74,7 @@ mod tests {
 
     /// What a loan leaves behind is what sqlx lent: its writes visible to sqlx, and a
     /// connection that closes (SQLite refuses to close one with a statement left open, and sqlx
-    /// treats that as a crash), whether the loan ended or was dropped, and with the statements
-    /// it kept for its later batches.
+    /// treats that as a crash), with the statements each loan kept for its later batches.
     #[tokio::test]
     async fn a_loaned_handle_goes_back_to_sqlx_usable_and_closable() {
         let mut conn = SqliteConnection::connect("sqlite::memory:")
@@ -96,7 +88,6 @@ mod tests {
             let loan = Loan::new(conn.lock_handle().await.expect("lock")).expect("loan");
             // Two batches on one loan: the second runs the statement the first kept.
             assert_eq!(insert_three(&loan) + insert_three(&loan), 6);
-            // Dropped, not ended: a loan given up halfway finalizes its statements too.
         }
         let count: i64 = sqlx::query_scalar("SELECT count(*) FROM t")
             .fetch_one(&mut conn)
@@ -105,7 +96,7 @@ mod tests {
         assert_eq!(count, 6);
         let loan = Loan::new(conn.lock_handle().await.expect("lock")).expect("loan");
         assert_eq!(insert_three(&loan), 3);
-        loan.end();
+        drop(loan);
         conn.close()
             .await
             .expect("closes: no statement of the loans is left open");
