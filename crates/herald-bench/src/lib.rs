@@ -1,7 +1,11 @@
 //! What the load clients share: the clock they stamp events with and what they read of the
 //! server's process on this machine (Linux `/proc`).
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::{
+    io::Write as _,
+    path::Path,
+    time::{SystemTime, UNIX_EPOCH},
+};
 
 /// Microseconds since the epoch: events carry it, receivers subtract it (the server and the
 /// client share this machine's clock).
@@ -32,4 +36,41 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
 
 pub fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// The server's memory per idle connection: its growth from `before` to now (`pid`'s RSS),
+/// over `count` connections, printed as the `memory:` line with `what` naming them. Returns
+/// the RSS now and the KiB per connection; neither without a server on this machine.
+pub fn idle_memory(
+    pid: Option<u32>,
+    before: Option<u64>,
+    count: u64,
+    what: &str,
+) -> (Option<u64>, Option<f64>) {
+    let now = pid.and_then(rss_bytes);
+    let per_connection_kib = match (before, now) {
+        (Some(before), Some(after)) => {
+            let kib = after.saturating_sub(before) as f64 / 1024.0 / count.max(1) as f64;
+            println!(
+                "memory: server RSS {:.1} MiB -> {:.1} MiB, {kib:.1} KiB per {what}",
+                mib(before),
+                mib(after),
+            );
+            Some(kib)
+        }
+        _ => {
+            println!("memory: not measured (pass --server-pid of a server on this machine)");
+            None
+        }
+    };
+    (now, per_connection_kib)
+}
+
+/// Appends `figures` to `path` as one line of JSON: `bench/run` reads the last line back.
+pub fn append_json_line(path: &Path, figures: &serde_json::Value) -> std::io::Result<()> {
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    writeln!(file, "{figures}")
 }

@@ -33,7 +33,7 @@ use std::{
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use futures_util::{SinkExt, StreamExt};
-use herald_bench::{mib, now_us, rss_bytes};
+use herald_bench::{append_json_line, idle_memory, mib, now_us, rss_bytes};
 use tokio::{
     net::TcpStream,
     sync::{Semaphore, mpsc},
@@ -309,22 +309,12 @@ async fn main() -> anyhow::Result<()> {
 
     // Memory per idle connection: the server's growth with every connection open and quiet.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let idle_rss = args.server_pid.and_then(rss_bytes);
-    let per_connection_kib = match (rss_before, idle_rss) {
-        (Some(before), Some(after)) => {
-            let kib = after.saturating_sub(before) as f64 / 1024.0 / connected as f64;
-            println!(
-                "memory: server RSS {:.1} MiB -> {:.1} MiB, {kib:.1} KiB per idle subscribed connection",
-                mib(before),
-                mib(after),
-            );
-            Some(kib)
-        }
-        _ => {
-            println!("memory: not measured (pass --server-pid of a server on this machine)");
-            None
-        }
-    };
+    let (idle_rss, per_connection_kib) = idle_memory(
+        args.server_pid,
+        rss_before,
+        connected,
+        "idle subscribed connection",
+    );
 
     // Slow consumers: subscribed to every channel, then silent until the run is over.
     let mut stalled = JoinSet::new();
@@ -472,13 +462,7 @@ async fn main() -> anyhow::Result<()> {
             "stalled_never_closed": stalled_open,
             "complete": complete && stalled_open == 0,
         });
-        use std::io::Write as _;
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        writeln!(file, "{line}")?;
+        append_json_line(path, &line).with_context(|| format!("writing {}", path.display()))?;
     }
     // A run that lost events or requests is not a measurement: say so in the exit status.
     if !complete {
@@ -608,6 +592,11 @@ async fn connect_from(url: &str, source: IpAddr) -> anyhow::Result<Socket> {
     .context("opening a socket")?;
     tcp.bind(SocketAddr::new(source, 0))
         .with_context(|| format!("binding to {source}"))?;
+    // Closed with a reset, not a FIN: a port taken by `bind` stays taken while its connection
+    // is in TIME_WAIT (a minute), on every address for `connect`'s own choice of port, so
+    // tens of thousands of them would leave the next run (ours or another client's) short of
+    // ports. The server has been measured by the time this client closes anything.
+    tcp.set_zero_linger().context("setting SO_LINGER")?;
     let stream = tcp.connect(server).await.context("connecting")?;
     let (socket, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream))
         .await

@@ -37,7 +37,7 @@ use axum::{
     routing::post,
 };
 use clap::{Parser, ValueEnum};
-use herald_bench::{cpu_seconds, mib, now_us, rss_bytes};
+use herald_bench::{append_json_line, cpu_seconds, mib, now_us, rss_bytes};
 use herald_core::signing::EndpointSecret;
 use hmac::{Hmac, Mac};
 use serde::Deserialize;
@@ -240,12 +240,8 @@ async fn main() -> anyhow::Result<()> {
     let report = outcome?;
     println!("{}", report.line);
     if let Some(path) = &args.json {
-        use std::io::Write as _;
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)?;
-        writeln!(file, "{}", report.json)?;
+        append_json_line(path, &report.json)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(failure) = report.failure {
         bail!(failure);

@@ -2,7 +2,8 @@
 //! for each one's `herald:subscription_succeeded`, and reports the server's memory per idle
 //! stream (its RSS growth with every stream open and quiet), as `pusher-bench --server-pid`
 //! does for WebSockets. The streams are read (and discarded) until the hold ends, so the
-//! server's keep-alive comments never back up.
+//! server's keep-alive comments never back up. A run in which any stream failed to open, or
+//! ended while held, exits non-zero: its figure would be divided over the wrong count.
 //!
 //! Plain HTTP/1.1 over tokio's sockets, no HTTP client: one request per connection, nothing
 //! else is needed to hold a stream open.
@@ -15,7 +16,7 @@ use std::{
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use herald_bench::{mib, rss_bytes};
+use herald_bench::{append_json_line, idle_memory, mib, rss_bytes};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpSocket, TcpStream},
@@ -54,6 +55,9 @@ struct Args {
     /// Seconds to hold the streams open after measuring.
     #[arg(long, default_value_t = 0)]
     hold: u64,
+    /// Append the figures to this file as one JSON line (what `bench/run` reads).
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
 }
 
 #[tokio::main]
@@ -110,21 +114,41 @@ async fn main() -> anyhow::Result<()> {
         });
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    match (rss_before, args.server_pid.and_then(rss_bytes)) {
-        (Some(before), Some(after)) => println!(
-            "memory: server RSS {:.1} MiB -> {:.1} MiB, {:.1} KiB per idle SSE stream",
-            mib(before),
-            mib(after),
-            after.saturating_sub(before) as f64 / 1024.0 / open_streams as f64
-        ),
-        _ => println!("memory: not measured (pass --server-pid of a server on this machine)"),
-    }
+    let (idle_rss, per_stream_kib) = idle_memory(
+        args.server_pid,
+        rss_before,
+        open_streams as u64,
+        "idle SSE stream",
+    );
     tokio::time::sleep(Duration::from_secs(args.hold)).await;
     // A reader that returned saw its stream end.
     while readers.try_join_next().is_some() {}
     let still_open = readers.len();
     println!("held: {still_open} of {open_streams} streams still open");
     readers.abort_all();
+    let failed = args.connections - open_streams;
+    if let Some(path) = &args.json {
+        let line = serde_json::json!({
+            "connections": args.connections,
+            "channels": args.channels,
+            "opened": open_streams,
+            "failed": failed,
+            "still_open": still_open,
+            "server_rss_before_mib": rss_before.map(mib),
+            "server_rss_idle_mib": idle_rss.map(mib),
+            "memory_per_stream_kib": per_stream_kib,
+        });
+        append_json_line(path, &line).with_context(|| format!("writing {}", path.display()))?;
+    }
+    // Memory divided over fewer streams than asked, or streams the server ended while they
+    // were held, is not the figure asked for: say so in the exit status.
+    if failed > 0 || still_open < open_streams {
+        bail!(
+            "incomplete run: {failed} of {} streams failed to open, {} ended while held",
+            args.connections,
+            open_streams - still_open
+        );
+    }
     Ok(())
 }
 
@@ -142,6 +166,9 @@ async fn open(args: &Args, source: Option<IpAddr>, channel: &str) -> anyhow::Res
         socket
             .bind(SocketAddr::new(source, 0))
             .with_context(|| format!("binding to {source}"))?;
+        // Closed with a reset: a bound port in TIME_WAIT stays taken for a minute (see
+        // pusher-bench's `connect_from`).
+        socket.set_zero_linger().context("setting SO_LINGER")?;
     }
     let mut stream = socket.connect(server).await.context("connecting")?;
     let request = format!(
