@@ -1,5 +1,6 @@
-//! What the load clients share: the clock they stamp events with and what they read of the
-//! server's process on this machine (Linux `/proc`).
+//! What the load clients share: the clock they stamp events with, what they read of the
+//! server's process on this machine (Linux `/proc`), the `memory:` line they print and the
+//! `--json` line they write.
 
 use std::{
     io::Write as _,
@@ -40,7 +41,8 @@ pub fn mib(bytes: u64) -> f64 {
 
 /// The server's memory per idle connection: its growth from `before` to now (`pid`'s RSS),
 /// over `count` connections, printed as the `memory:` line with `what` naming them. Returns
-/// the RSS now and the KiB per connection; neither without a server on this machine.
+/// the RSS now and the KiB per connection: no RSS without a server on this machine, no KiB
+/// without one or without connections.
 pub fn idle_memory(
     pid: Option<u32>,
     before: Option<u64>,
@@ -49,8 +51,12 @@ pub fn idle_memory(
 ) -> (Option<u64>, Option<f64>) {
     let now = pid.and_then(rss_bytes);
     let per_connection_kib = match (before, now) {
+        (Some(_), Some(_)) if count == 0 => {
+            println!("memory: not measured (no connection open)");
+            None
+        }
         (Some(before), Some(after)) => {
-            let kib = after.saturating_sub(before) as f64 / 1024.0 / count.max(1) as f64;
+            let kib = after.saturating_sub(before) as f64 / 1024.0 / count as f64;
             println!(
                 "memory: server RSS {:.1} MiB -> {:.1} MiB, {kib:.1} KiB per {what}",
                 mib(before),
