@@ -26,8 +26,8 @@ const STATEMENTS_KEPT: usize = 32;
 /// The writer connection's SQLite handle, lent by sqlx to rusqlite for as long as this lives.
 ///
 /// Statements prepared through [`Loan::conn`] (`prepare_cached` keeps them) are finalized when
-/// the loan drops (which ends it), before sqlx has the handle back: sqlx closes its connections with
-/// `sqlite3_close`, which fails on a statement left open.
+/// the loan drops (dropping it is how a loan ends), before sqlx has the handle back: sqlx
+/// closes its connections with `sqlite3_close`, which fails on a statement left open.
 pub(super) struct Loan<'c> {
     // Declared before `_lock`, so it drops first: its statements are finalized while the
     // lock is still held.
