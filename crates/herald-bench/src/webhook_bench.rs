@@ -86,6 +86,49 @@ struct Args {
     /// Appends the run's figures as one JSON line to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// The providers' delivery ids the inbound requests carry (the source de-duplicates on
+    /// them).
+    #[arg(long, value_enum, default_value_t = DeliveryIds::Ordered)]
+    delivery_ids: DeliveryIds,
+}
+
+/// How the inbound requests' delivery ids follow one another: in the order they are sent, or
+/// in no order at all. Herald keeps a unique index of each source's delivery ids, and a new id
+/// lands next to the last one or on a page of its own.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum DeliveryIds {
+    /// `evt_bench_N`, growing with each request (within each number of digits), as ids that
+    /// start with their time do (the KSUIDs of Svix's and Herald's `webhook-id`).
+    Ordered,
+    /// Random-looking UUIDs, as GitHub's `X-GitHub-Delivery` and Shopify's
+    /// `X-Shopify-Webhook-Id` are: each request's is unique, and each falls anywhere.
+    Uuid,
+}
+
+impl DeliveryIds {
+    /// The `n`th request's delivery id.
+    fn nth(self, n: u64) -> String {
+        match self {
+            Self::Ordered => format!("evt_bench_{n}"),
+            Self::Uuid => {
+                // splitmix64's finalizer spreads `n` over the leading groups, which decide
+                // where the id sorts; the last group is `n` itself, so no two requests share
+                // an id.
+                let mut z = n.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                z ^= z >> 31;
+                format!(
+                    "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+                    z >> 32,
+                    (z >> 16) & 0xffff,
+                    z & 0xfff,
+                    0x8000 | (((z >> 12) & 0xf) << 8) | (z >> 56),
+                    n & 0xffff_ffff_ffff
+                )
+            }
+        }
+    }
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -465,11 +508,12 @@ async fn inbound(args: &Args, api: &Arc<Api>, app_id: &str) -> anyhow::Result<Re
     let cpu_before = args.server_pid.and_then(cpu_seconds);
     let start = Instant::now();
     let deadline = start + Duration::from_secs(args.duration);
+    let delivery_ids = args.delivery_ids;
     let request = {
         let api = Arc::clone(api);
         move |n: u64| {
             let body = json!({
-                "id": format!("evt_bench_{n}"),
+                "id": delivery_ids.nth(n),
                 "object": "event",
                 "type": "bench.inbound",
                 "data": {"object": {"n": n, "pad": padding}},
@@ -535,4 +579,42 @@ async fn inbound(args: &Args, api: &Arc<Api>, app_id: &str) -> anyhow::Result<Re
         json,
         failure,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uuid_delivery_ids_are_distinct_version_4_uuids_in_no_order() {
+        let ids: Vec<String> = (0..100_000).map(|n| DeliveryIds::Uuid.nth(n)).collect();
+        assert_eq!(
+            ids.iter().collect::<HashSet<_>>().len(),
+            ids.len(),
+            "distinct"
+        );
+        for id in &ids {
+            let groups: Vec<&str> = id.split('-').collect();
+            let lengths: Vec<usize> = groups.iter().map(|g| g.len()).collect();
+            assert_eq!(lengths, [8, 4, 4, 4, 12], "{id}");
+            assert!(groups[2].starts_with('4'), "version 4: {id}");
+            assert!(
+                matches!(&groups[3][..1], "8" | "9" | "a" | "b"),
+                "variant: {id}"
+            );
+        }
+        let ascending = ids.windows(2).filter(|pair| pair[0] < pair[1]).count();
+        assert!(
+            (40_000..60_000).contains(&ascending),
+            "about half of the neighbours ascend, not all: {ascending}"
+        );
+    }
+
+    #[test]
+    fn ordered_delivery_ids_grow_within_a_number_of_digits() {
+        let ids: Vec<String> = (10_000..99_999)
+            .map(|n| DeliveryIds::Ordered.nth(n))
+            .collect();
+        assert!(ids.windows(2).all(|pair| pair[0] < pair[1]));
+    }
 }
