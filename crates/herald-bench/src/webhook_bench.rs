@@ -100,8 +100,8 @@ enum DeliveryIds {
     /// `evt_bench_N`, growing with each request (within each number of digits), as ids that
     /// start with their time do (the KSUIDs of Svix's and Herald's `webhook-id`).
     Ordered,
-    /// Random-looking UUIDs, as GitHub's `X-GitHub-Delivery` and Shopify's
-    /// `X-Shopify-Webhook-Id` are: each request's is unique, and each falls anywhere.
+    /// Random-looking UUIDs: each request's is unique, and each falls anywhere, as the keys
+    /// of GitHub, Shopify and HMAC sources do (the body's SHA-256).
     Uuid,
 }
 
