@@ -109,6 +109,10 @@ struct Args {
     /// Publish requests in flight at once.
     #[arg(long, default_value_t = 32)]
     publish_concurrency: usize,
+    /// Events per publish request: 1 sends each through `/events`; 2 to 10 (Pusher's limit)
+    /// send them together through `/batch_events`, each to the next channel in turn.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=10))]
+    batch: u16,
     /// The server's process id on this machine, to report its memory per idle connection and
     /// its peak while publishing.
     #[arg(long)]
@@ -222,7 +226,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let face = Arc::new(Face::new(&args));
     println!(
-        "pusher-bench: {} connections{} over {} channels; {} events/s for {} s with {}-byte data; server {}:{}",
+        "pusher-bench: {} connections{} over {} channels; {} events/s for {} s with {}-byte data{}; server {}:{}",
         args.connections,
         match &*face {
             Face::Pusher => String::new(),
@@ -232,6 +236,11 @@ async fn main() -> anyhow::Result<()> {
         args.rate,
         args.duration,
         args.payload,
+        if args.batch > 1 {
+            format!(", {} per publish request", args.batch)
+        } else {
+            String::new()
+        },
         args.host,
         args.port
     );
@@ -443,6 +452,7 @@ async fn main() -> anyhow::Result<()> {
             "rate": args.rate,
             "duration": args.duration,
             "payload": args.payload,
+            "batch": args.batch,
             "published": published.ok,
             "publish_failures": published.failed,
             "publish_seconds": publish_secs,
@@ -711,6 +721,8 @@ struct Publisher {
     http: reqwest::Client,
     url: String,
     path: String,
+    /// Through `/batch_events` (`--batch` above 1).
+    batched: bool,
 }
 
 #[derive(Default)]
@@ -728,7 +740,9 @@ impl Publisher {
         // reqwest is built with rustls but no bundled crypto provider; plain HTTP needs none,
         // but the client builder insists on one being installed.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let path = format!("/apps/{}/events", args.app_id);
+        let batched = args.batch > 1;
+        let endpoint = if batched { "batch_events" } else { "events" };
+        let path = format!("/apps/{}/{endpoint}", args.app_id);
         Ok(Self {
             http: reqwest::Client::builder()
                 .pool_max_idle_per_host(args.publish_concurrency)
@@ -736,13 +750,19 @@ impl Publisher {
                 .context("building the HTTP client")?,
             url: format!("http://{}:{}{path}", args.host, args.port),
             path,
+            batched,
         })
     }
 
+    /// Publishes `rate * duration` events, `batch` to a request, paced to `rate` events a
+    /// second with at most `publish_concurrency` requests in flight. Event `n` goes to channel
+    /// `n % channels`.
     async fn run(self, args: &Args, subscribers: &[u64]) -> Published {
         let this = Arc::new(self);
         let in_flight = Arc::new(Semaphore::new(args.publish_concurrency.max(1)));
-        let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(args.rate)));
+        let batch = u64::from(args.batch);
+        let mut ticks =
+            tokio::time::interval(Duration::from_secs_f64(batch as f64 / f64::from(args.rate)));
         let total = u64::from(args.rate) * args.duration;
         let padding = "x".repeat(args.payload);
         let mut requests = JoinSet::new();
@@ -750,19 +770,23 @@ impl Publisher {
             first_publish_us: now_us(),
             ..Published::default()
         };
-        for n in 0..total {
+        for first in (0..total).step_by(batch as usize) {
             ticks.tick().await;
-            let index = (n % subscribers.len() as u64) as usize;
+            let channels: Vec<usize> = (first..total.min(first + batch))
+                .map(|n| (n % subscribers.len() as u64) as usize)
+                .collect();
             let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
                 break;
             };
             let this = Arc::clone(&this);
             let (padding, secret, key) = (padding.clone(), args.secret.clone(), args.key.clone());
-            let channel_name = format!("{}{index}", args.channel_prefix);
+            let prefix = args.channel_prefix.clone();
             requests.spawn(async move {
-                let outcome = this.publish(&key, &secret, &channel_name, &padding).await;
+                let outcome = this
+                    .publish(&key, &secret, &prefix, &channels, &padding)
+                    .await;
                 drop(permit);
-                (index, outcome)
+                (channels, outcome)
             });
             while let Some(done) = requests.try_join_next() {
                 tally(&mut result, subscribers, done);
@@ -774,18 +798,27 @@ impl Publisher {
         result
     }
 
+    /// One request: the event to `channels[0]` through `/events`, or one event to each of
+    /// `channels` through `/batch_events`.
     async fn publish(
         &self,
         key: &str,
         secret: &str,
-        channel: &str,
+        prefix: &str,
+        channels: &[usize],
         padding: &str,
     ) -> Result<(), String> {
-        let body = serde_json::json!({
-            "name": EVENT,
-            "channel": channel,
-            "data": format!("{}:{padding}", now_us()),
-        })
+        let event = |index: &usize| {
+            serde_json::json!({
+                "name": EVENT,
+                "channel": format!("{prefix}{index}"),
+                "data": format!("{}:{padding}", now_us()),
+            })
+        };
+        let body = match channels {
+            [only] if !self.batched => event(only),
+            _ => serde_json::json!({ "batch": channels.iter().map(event).collect::<Vec<_>>() }),
+        }
         .to_string();
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -819,18 +852,20 @@ impl Publisher {
     }
 }
 
+/// Counts one request's events as published (and the deliveries they should cause) or failed;
+/// a request whose task panicked counts as one failed event.
 fn tally(
     result: &mut Published,
     subscribers: &[u64],
-    done: Result<(usize, Result<(), String>), tokio::task::JoinError>,
+    done: Result<(Vec<usize>, Result<(), String>), tokio::task::JoinError>,
 ) {
     match done {
-        Ok((channel, Ok(()))) => {
-            result.ok += 1;
-            result.expected += subscribers[channel];
+        Ok((channels, Ok(()))) => {
+            result.ok += channels.len() as u64;
+            result.expected += channels.iter().map(|&c| subscribers[c]).sum::<u64>();
         }
-        Ok((_, Err(e))) => {
-            result.failed += 1;
+        Ok((channels, Err(e))) => {
+            result.failed += channels.len() as u64;
             result.first_error.get_or_insert(e);
         }
         Err(e) => {
