@@ -65,6 +65,7 @@ checks!(
     an_endpoints_stats_and_delivery_lists_count_each_status,
     an_endpoint_update_read_before_the_workers_disable_conflicts,
     history_appends_advance_the_position_and_trim_to_the_retention,
+    history_trims_delete_the_entries_past_their_age,
     a_conflicting_publication_commits_no_history,
     offsets_are_assigned_gap_free_in_call_order,
     concurrent_publications_get_each_offset_once,
@@ -1955,6 +1956,39 @@ pub async fn history_appends_advance_the_position_and_trim_to_the_retention(stor
             .expect("oldest"),
         Some(30)
     );
+}
+
+/// The trim at every `TRIM_EVERY`th offset deletes the entries older than the retention's age
+/// (not only those past its count) and keeps the rest.
+pub async fn history_trims_delete_the_entries_past_their_age(store: &dyn Store) {
+    let app = stored_app(store, "A").await;
+    let retention = Retention {
+        max_events: 1000,
+        max_age: Duration::from_secs(3600),
+    };
+    let two_hours_ago = Utc::now() - chrono::Duration::hours(2);
+    for n in 1..=16 {
+        let mut entry = history_entry(&app.id, "history-aged", &n.to_string(), retention);
+        if n <= 5 {
+            entry.created_at = two_hours_ago;
+        }
+        let position = store.append_history(entry).await.expect("append");
+        assert_eq!(position.offset, n);
+    }
+    assert_eq!(
+        store
+            .oldest_history_offset(&app.id, "history-aged", DateTime::<Utc>::MIN_UTC)
+            .await
+            .expect("oldest"),
+        Some(6),
+        "the trim at offset 16 deleted the five entries past the age limit"
+    );
+    let offsets: Vec<u64> = kept(store, &app.id, "history-aged")
+        .await
+        .iter()
+        .map(|(position, _)| position.offset)
+        .collect();
+    assert_eq!(offsets, (6..=16).collect::<Vec<u64>>());
 }
 
 /// A publication whose message conflicts (`eventId`) commits none of its history entries; one

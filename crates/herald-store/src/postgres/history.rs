@@ -220,9 +220,15 @@ pub(super) async fn append_entries(
             continue;
         }
         let (keep_from, expired) = sql::kept_from(entry, *seq);
+        // Bounded by `seq` (see the SQLite group commit's trim): past the count, or before the
+        // first entry still young enough, so the scan stops at what it deletes.
         sqlx::query(
             "DELETE FROM channel_history
-             WHERE app_id = $1 AND channel = $2 AND (seq < $3 OR created_at < $4)",
+             WHERE app_id = $1 AND channel = $2
+               AND seq < GREATEST($3, COALESCE((SELECT seq FROM channel_history
+                                                WHERE app_id = $1 AND channel = $2
+                                                  AND created_at >= $4
+                                                ORDER BY seq LIMIT 1), $3))",
         )
         .bind(entry.app_id.as_str())
         .bind(&entry.channel)

@@ -417,9 +417,19 @@ fn append_histories(
         .filter(|(_, seq, _)| seq % sql::TRIM_EVERY == 0)
         .peekable();
     if trims.peek().is_some() {
+        // Past the count, or before the channel's first entry still young enough. Not
+        // `seq < ?3 OR created_at < ?4`: with the OR, SQLite cannot bound `seq` and walks every
+        // entry the channel keeps (a thousand by default) at each trim (PERFORMANCE.md,
+        // "History trims that walk only what they delete"). Entries come in offset order, so
+        // the expired ones are the oldest; an older one behind a younger (a clock stepped
+        // back) waits for a later trim, and reads apply the retention meanwhile.
         let mut trim = conn.prepare_cached(
             "DELETE FROM channel_history
-             WHERE app_id = ?1 AND channel = ?2 AND (seq < ?3 OR created_at < ?4)",
+             WHERE app_id = ?1 AND channel = ?2
+               AND seq < max(?3, coalesce((SELECT seq FROM channel_history
+                                           WHERE app_id = ?1 AND channel = ?2
+                                             AND created_at >= ?4
+                                           ORDER BY seq LIMIT 1), ?3))",
         )?;
         for (entry, seq, _) in trims {
             let (keep_from, expired) = sql::kept_from(entry, *seq);
