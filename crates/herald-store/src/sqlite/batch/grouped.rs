@@ -422,7 +422,8 @@ fn append_histories(
         // entry the channel keeps (a thousand by default) at each trim (PERFORMANCE.md,
         // "History trims that walk only what they delete"). Entries come in offset order, so
         // the expired ones are the oldest; an older one behind a younger (a clock stepped
-        // back) waits for a later trim, and reads apply the retention meanwhile.
+        // back) is left to `History::purge`, whose trim deletes by age exactly, and reads
+        // apply the retention meanwhile.
         let mut trim = conn.prepare_cached(
             "DELETE FROM channel_history
              WHERE app_id = ?1 AND channel = ?2
