@@ -83,7 +83,13 @@ pub struct ApiState {
     /// How long a retention day lasts (`payloadRetentionPeriod` counts them): 24 hours,
     /// shorter only in tests (`retention.day_secs`).
     pub retention_day: std::time::Duration,
+    /// Told of each app this node creates or changes through the API, once the store has it:
+    /// the Socket.IO face opens the app's namespaces (`herald_socketio::Face::open_app`).
+    pub app_saved: Option<AppSaved>,
 }
+
+/// See [`ApiState::app_saved`].
+pub type AppSaved = Arc<dyn Fn(&herald_core::model::App) + Send + Sync>;
 
 /// The channel layer as the API uses it.
 pub struct Channels {
@@ -138,6 +144,7 @@ impl ApiState {
             metrics_registry: Arc::default(),
             metrics: herald_metrics::Metrics::detached(),
             retention_day: std::time::Duration::from_secs(86_400),
+            app_saved: None,
         }
     }
 }

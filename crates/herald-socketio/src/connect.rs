@@ -72,7 +72,9 @@ struct PositionWire {
     offset: u64,
 }
 
-pub(crate) fn register(io: &SocketIo, face: &Arc<Face>) {
+/// Registers the connect handler: for every app (`/{app}`, a dynamic namespace, created at
+/// its first CONNECT) or, given `path`, for one app's key (see [`Face::open_app`] for why).
+pub(crate) fn register(io: &SocketIo, face: &Arc<Face>, path: Option<String>) {
     let admit_face = Arc::clone(face);
     let connect_face = Arc::clone(face);
     let admit = move |socket: SocketRef, TryData(auth): TryData<Auth>| {
@@ -83,9 +85,14 @@ pub(crate) fn register(io: &SocketIo, face: &Arc<Face>) {
         let face = Arc::clone(&connect_face);
         async move { session::start(face, socket) }
     };
-    // `{*app}` would also take `/a/b`; one segment is an app's uid or id.
-    if let Err(e) = io.dyn_ns("/{app}", connected.with(admit)) {
-        tracing::error!(error = %e, "registering the Socket.IO namespaces failed");
+    match path {
+        Some(path) => io.ns(path, connected.with(admit)),
+        // `{*app}` would also take `/a/b`; one segment is an app's uid or id.
+        None => {
+            if let Err(e) = io.dyn_ns("/{app}", connected.with(admit)) {
+                tracing::error!(error = %e, "registering the Socket.IO namespaces failed");
+            }
+        }
     }
 }
 

@@ -45,6 +45,7 @@ macro_rules! checks {
 
 checks!(
     apps_resolve_by_id_uid_and_pusher_ids,
+    socketio_app_keys_name_the_apps_with_socketio_settings,
     an_exact_id_wins_over_a_uid_equal_to_it,
     token_scopes_round_trip,
     event_type_names_are_unique,
@@ -286,6 +287,48 @@ fn claim(
 
 /// An app is found by its id, its uid, its Pusher key and its numeric Pusher id, and is gone
 /// after its deletion.
+pub async fn socketio_app_keys_name_the_apps_with_socketio_settings(store: &dyn Store) {
+    let with_uid = App {
+        uid: Some("chat".into()),
+        socketio: Some(herald_core::socketio::SocketIoSettings::default()),
+        ..app("with uid")
+    };
+    let without_uid = App {
+        socketio: Some(herald_core::socketio::SocketIoSettings::default()),
+        ..app("without uid")
+    };
+    let plain = App {
+        uid: Some("webhooks-only".into()),
+        ..app("no settings")
+    };
+    for app in [&with_uid, &without_uid, &plain] {
+        store.create_app(app).await.expect("create");
+    }
+    let mut keys = store.socketio_app_keys().await.expect("keys");
+    keys.sort();
+    let mut expected = vec![
+        with_uid.id.to_string(),
+        "chat".to_owned(),
+        without_uid.id.to_string(),
+    ];
+    expected.sort();
+    assert_eq!(
+        keys, expected,
+        "ids and uids of the apps with Socket.IO settings only"
+    );
+
+    // Settings removed: the app is no longer named.
+    let cleared = App {
+        socketio: None,
+        ..with_uid.clone()
+    };
+    store.update_app(&cleared).await.expect("update");
+    assert_eq!(
+        store.socketio_app_keys().await.expect("keys"),
+        [without_uid.id.to_string()]
+    );
+}
+
 pub async fn apps_resolve_by_id_uid_and_pusher_ids(store: &dyn Store) {
     let app = App {
         uid: Some("my-app".into()),

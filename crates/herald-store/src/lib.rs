@@ -327,6 +327,9 @@ pub trait AppStore: Send + Sync + 'static {
     /// The app whose numeric Pusher app id is `app_id` (the Pusher HTTP API's `/apps/{id}`).
     async fn get_app_by_pusher_id(&self, app_id: i64) -> Result<Option<App>>;
     async fn list_apps(&self, page: &Page) -> Result<Vec<App>>;
+    /// The ids and uids of every app with Socket.IO settings: the namespaces the Socket.IO
+    /// face opens before it listens (read without the apps' secrets).
+    async fn socketio_app_keys(&self) -> Result<Vec<String>>;
     async fn update_app(&self, app: &App) -> Result<()>;
     /// Replaces an app's Pusher key and secrets, the retired one included (its numeric id
     /// stays).

@@ -127,6 +127,8 @@ pub(crate) const APP_BY_PUSHER_ID: &str = "SELECT * FROM apps WHERE pusher_app_i
 /// The start of an app listing; the caller adds the page.
 pub(crate) const LIST_APPS: &str = "SELECT * FROM apps WHERE 1 = 1";
 pub(crate) const DELETE_APP: &str = "DELETE FROM apps WHERE id = $1";
+pub(crate) const SOCKETIO_APP_KEYS: &str =
+    "SELECT id, uid FROM apps WHERE socketio IS NOT NULL ORDER BY id";
 
 /// Updates the app `$app` (`&App`): uid, name, throttle rate, metadata, history rules and
 /// Socket.IO settings.

@@ -319,6 +319,10 @@ pub async fn run_with(
             connections.clone(),
         )
     });
+    if let Some(face) = &socketio {
+        let face = Arc::clone(face);
+        state.app_saved = Some(Arc::new(move |app| face.open_app(app)));
+    }
     let websockets = herald_ws::connection::router(
         WsState {
             store: Arc::clone(&store),
@@ -340,7 +344,14 @@ pub async fn run_with(
     )
     .merge(websockets);
     if let Some(face) = socketio {
-        router = herald_socketio::mount(router, face);
+        router = herald_socketio::mount(router, Arc::clone(&face));
+        // Before serving: the namespaces of the apps this node knows exist before a
+        // reconnect herd arrives (`Face::open_app` says why).
+        let keys = store
+            .socketio_app_keys()
+            .await
+            .context("reading the apps with Socket.IO settings")?;
+        face.open_keys(keys.iter().map(String::as_str));
     }
     // Outermost: every face's requests get an id and the span their log lines are in.
     let router = herald_api::with_request_ids(router);

@@ -222,11 +222,22 @@ pub(crate) async fn create_app(state: &ApiState, input: ApplicationIn) -> ApiRes
             {
                 app.pusher = PusherCredentials::generate();
             }
-            other => return other.map(|()| app).map_err(Into::into),
+            other => {
+                other?;
+                return Ok(saved(state, app));
+            }
         }
     }
     state.store.create_app(&app).await?;
-    Ok(app)
+    Ok(saved(state, app))
+}
+
+/// An app the store now has, told to whoever listens ([`ApiState::app_saved`]).
+fn saved(state: &ApiState, app: App) -> App {
+    if let Some(listener) = &state.app_saved {
+        listener(&app);
+    }
+    app
 }
 
 /// The apps the token may see (an app's token: its own).
@@ -324,7 +335,7 @@ pub async fn upsert(
             }
             app.updated_at = crate::now();
             state.store.update_app(&app).await?;
-            Ok((StatusCode::OK, Json(app.into())))
+            Ok((StatusCode::OK, Json(saved(&state, app).into())))
         }
         Err(ApiError::Standard {
             status: StatusCode::NOT_FOUND,
@@ -386,7 +397,7 @@ pub async fn patch(
     app.payload_retention_days = retention.and_then(|r| r.payload_days());
     app.updated_at = crate::now();
     state.store.update_app(&app).await?;
-    Ok(Json(app.into()))
+    Ok(Json(saved(&state, app).into()))
 }
 
 /// Deletes the app with everything it owns; its connections close.

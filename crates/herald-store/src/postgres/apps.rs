@@ -91,6 +91,16 @@ impl AppStore for PostgresStore {
             .collect()
     }
 
+    async fn socketio_app_keys(&self) -> Result<Vec<String>> {
+        let rows: Vec<(String, Option<String>)> = sqlx::query_as(sql::SOCKETIO_APP_KEYS)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .flat_map(|(id, uid)| std::iter::once(id).chain(uid))
+            .collect())
+    }
+
     async fn update_app(&self, app: &App) -> Result<()> {
         let done = sql::update_app!(app)
             .execute(&self.pool)

@@ -106,7 +106,11 @@ impl Sio {
         auth: Option<Value>,
         origin: Option<&str>,
     ) -> Connected {
-        let mut ws = open_ws(server, origin).await;
+        Self::connect_on(open_ws(server, origin).await, ns, auth).await
+    }
+
+    /// CONNECT on an open Engine.IO session.
+    async fn connect_on(mut ws: Ws, ns: &str, auth: Option<Value>) -> Connected {
         let auth = auth.map(|a| a.to_string()).unwrap_or_default();
         ws.send(Message::text(format!("40/{ns},{auth}")))
             .await
@@ -893,6 +897,64 @@ async fn an_event_sent_right_after_the_connect_answer_is_handled() {
         let ack = sio.emit_ack("join", &[json!(format!("room-{i}"))]).await;
         assert_eq!(ack["ok"], true, "{ack}");
     }
+    server.stop().await;
+}
+
+/// Each app met by a herd of sockets (by uid, or by id with `by_id`), one app after the
+/// other: the herd's Engine.IO sessions open first, then all its CONNECTs are sent at once,
+/// and each socket must join a room. A socket left in a namespace that another first CONNECT
+/// replaced would have its transport closed at its join (see `Face::open_app`).
+async fn herd_joins(server: &TestServer, apps: &[(String, String)], by_id: bool) {
+    const HERD: usize = 16;
+    let mut joined = Vec::new();
+    for (uid, id) in apps {
+        let ns = if by_id { id } else { uid };
+        let together = std::sync::Arc::new(tokio::sync::Barrier::new(HERD));
+        let mut herd = tokio::task::JoinSet::new();
+        for i in 0..HERD {
+            let ws = open_ws(server, None).await;
+            let (ns, together) = (ns.clone(), std::sync::Arc::clone(&together));
+            herd.spawn(async move {
+                together.wait().await;
+                let mut sio = Sio::connect_on(ws, &ns, None).await.expect("herd connect");
+                sio.join(json!(format!("room-{i}"))).await;
+                sio
+            });
+        }
+        while let Some(sio) = herd.join_next().await {
+            joined.push(sio.expect("a herd socket failed to connect and join"));
+        }
+    }
+    assert_eq!(joined.len(), apps.len() * HERD);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_herds_on_new_apps_and_after_a_restart_all_join() {
+    const HERDS: usize = 25;
+    let dir = tempfile::tempdir().expect("dir");
+    let data_dir = dir.path().to_owned();
+    let unlimited = |c: &mut herald::Config| {
+        c.data_dir = data_dir.clone();
+        c.ws.max_connections_per_ip = 0;
+        c.ws.connections_per_second_per_ip = 0;
+        c.listener.max_connections_per_ip = 0;
+    };
+    let server = TestServer::start_with(unlimited).await;
+    let mut apps = Vec::new();
+    for n in 0..HERDS {
+        let uid = format!("herd-{n}");
+        let (id, _) = socketio_app(&server, &uid, json!({})).await;
+        apps.push((uid, id));
+    }
+    // Apps created through this node's API: their namespaces open with them.
+    herd_joins(&server, &apps, false).await;
+    server.stop().await;
+
+    // A restart: every client reconnects at once, to namespaces the node opens before it
+    // listens.
+    let server = TestServer::start_with(unlimited).await;
+    herd_joins(&server, &apps, true).await;
+    herd_joins(&server, &apps, false).await;
     server.stop().await;
 }
 
