@@ -83,13 +83,16 @@ pub struct ApiState {
     /// How long a retention day lasts (`payloadRetentionPeriod` counts them): 24 hours,
     /// shorter only in tests (`retention.day_secs`).
     pub retention_day: std::time::Duration,
-    /// Told of each app this node creates or changes through the API, once the store has it:
-    /// the Socket.IO face opens the app's namespaces (`herald_socketio::Face::open_app`).
-    pub app_saved: Option<AppSaved>,
+    /// Told of each app this node creates, changes or deletes through the API, once the store
+    /// has the change: the Socket.IO face opens or closes the app's namespaces.
+    pub app_listener: Option<Arc<dyn AppListener>>,
 }
 
-/// See [`ApiState::app_saved`].
-pub type AppSaved = Arc<dyn Fn(&herald_core::model::App) + Send + Sync>;
+/// Hears of the apps the API creates, changes and deletes ([`ApiState::app_listener`]).
+pub trait AppListener: Send + Sync + 'static {
+    fn saved(&self, app: &herald_core::model::App);
+    fn deleted(&self, app: &herald_core::model::App);
+}
 
 /// The channel layer as the API uses it.
 pub struct Channels {
@@ -144,7 +147,7 @@ impl ApiState {
             metrics_registry: Arc::default(),
             metrics: herald_metrics::Metrics::detached(),
             retention_day: std::time::Duration::from_secs(86_400),
-            app_saved: None,
+            app_listener: None,
         }
     }
 }

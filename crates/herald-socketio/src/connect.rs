@@ -118,11 +118,16 @@ async fn admit(
         Ok(Some(app)) => app,
         Ok(None) => {
             // A dynamic namespace stays once matched: drop it, so made-up names cost nothing;
-            // but never one with sockets (an app whose uid just changed keeps its clients).
+            // but never one with sockets (an app whose uid just changed keeps its clients),
+            // nor once the app exists (its namespace may be the one `Face::open_app` just
+            // opened).
             if let Some(io) = face.io.get() {
-                let (io, namespace) = (io.clone(), namespace.clone());
+                let (io, face, key) = (io.clone(), Arc::clone(face), key.to_owned());
                 tokio::spawn(async move {
-                    if io.of(&namespace).is_some_and(|ns| ns.sockets().is_empty()) {
+                    let namespace = format!("/{key}");
+                    if matches!(face.apps.find(&key).await, Ok(None))
+                        && io.of(&namespace).is_some_and(|ns| ns.sockets().is_empty())
+                    {
                         io.delete_ns(&namespace);
                     }
                 });

@@ -176,6 +176,17 @@ impl Face {
         }
     }
 
+    /// Closes a deleted app's namespaces on this node (any socket left in them is
+    /// disconnected), so they cost nothing more; a later CONNECT gets "unknown app".
+    pub fn close_app(&self, app: &App) {
+        let Some(io) = self.io.get() else {
+            return;
+        };
+        for key in app.uid.iter().map(String::as_str).chain([app.id.as_str()]) {
+            io.delete_ns(format!("/{key}"));
+        }
+    }
+
     /// Opens the namespaces of these app keys (uids or ids), as [`Face::open_app`] does;
     /// nothing before [`mount`].
     pub fn open_keys<'a>(self: &Arc<Self>, keys: impl IntoIterator<Item = &'a str>) {

@@ -320,8 +320,7 @@ pub async fn run_with(
         )
     });
     if let Some(face) = &socketio {
-        let face = Arc::clone(face);
-        state.app_saved = Some(Arc::new(move |app| face.open_app(app)));
+        state.app_listener = Some(Arc::new(SocketIoApps(Arc::clone(face))));
     }
     let websockets = herald_ws::connection::router(
         WsState {
@@ -503,6 +502,19 @@ async fn refuse_dev_credentials(store: &dyn Store, remove: bool) -> anyhow::Resu
             "gave the --dev demo app new Pusher credentials (read them from the app API)");
     }
     Ok(())
+}
+
+/// The Socket.IO face hears of the apps this node's API saves and deletes.
+struct SocketIoApps(Arc<herald_socketio::Face>);
+
+impl herald_api::AppListener for SocketIoApps {
+    fn saved(&self, app: &App) {
+        self.0.open_app(app);
+    }
+
+    fn deleted(&self, app: &App) {
+        self.0.close_app(app);
+    }
 }
 
 /// `--dev`: the demo app and an environment-wide token, created once. Nodes of one cluster

@@ -232,10 +232,10 @@ pub(crate) async fn create_app(state: &ApiState, input: ApplicationIn) -> ApiRes
     Ok(saved(state, app))
 }
 
-/// An app the store now has, told to whoever listens ([`ApiState::app_saved`]).
+/// An app the store now has, told to whoever listens ([`ApiState::app_listener`]).
 fn saved(state: &ApiState, app: App) -> App {
-    if let Some(listener) = &state.app_saved {
-        listener(&app);
+    if let Some(listener) = &state.app_listener {
+        listener.saved(&app);
     }
     app
 }
@@ -414,6 +414,9 @@ pub async fn delete(
     // After the store: a connection that arrives later finds no app (4001) or a closed hub,
     // on every node.
     state.publisher.remove_app(&app.id).await;
+    if let Some(listener) = &state.app_listener {
+        listener.deleted(&app);
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 

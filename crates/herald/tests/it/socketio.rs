@@ -955,6 +955,19 @@ async fn reconnect_herds_on_new_apps_and_after_a_restart_all_join() {
     let server = TestServer::start_with(unlimited).await;
     herd_joins(&server, &apps, true).await;
     herd_joins(&server, &apps, false).await;
+
+    // A deleted app's namespaces close; one created again under the same uid opens anew.
+    let (uid, old_id) = apps.swap_remove(0);
+    let (status, _) = server
+        .call(Method::DELETE, &format!("/api/v1/app/{uid}"), None)
+        .await;
+    assert_eq!(status, 204);
+    for key in [&uid, &old_id] {
+        let refusal = Sio::connect(&server, key, None).await.refusal();
+        assert!(refusal.contains("unknown app"), "{key}: {refusal}");
+    }
+    let (id, _) = socketio_app(&server, &uid, json!({})).await;
+    herd_joins(&server, &[(uid, id)], false).await;
     server.stop().await;
 }
 
