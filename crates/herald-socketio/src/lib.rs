@@ -176,14 +176,19 @@ impl Face {
         }
     }
 
-    /// Closes a deleted app's namespaces on this node (any socket left in them is
-    /// disconnected), so they cost nothing more; a later CONNECT gets "unknown app".
+    /// Closes a deleted app's empty namespaces on this node, so they cost nothing more. One
+    /// that still has sockets is left: each socket's session tells its client (a namespace
+    /// DISCONNECT) as the app's hub closes, which a forced close here could overtake, dropping
+    /// the socket untold; the refusal of a later CONNECT to it ("unknown app") removes it.
     pub fn close_app(&self, app: &App) {
         let Some(io) = self.io.get() else {
             return;
         };
         for key in app.uid.iter().map(String::as_str).chain([app.id.as_str()]) {
-            io.delete_ns(format!("/{key}"));
+            let path = format!("/{key}");
+            if io.of(&path).is_some_and(|ns| ns.sockets().is_empty()) {
+                io.delete_ns(path);
+            }
         }
     }
 

@@ -956,12 +956,17 @@ async fn reconnect_herds_on_new_apps_and_after_a_restart_all_join() {
     herd_joins(&server, &apps, true).await;
     herd_joins(&server, &apps, false).await;
 
-    // A deleted app's namespaces close; one created again under the same uid opens anew.
+    // A deleted app's namespaces close (a socket still in one is disconnected from it); one
+    // created again under the same uid opens anew.
     let (uid, old_id) = apps.swap_remove(0);
+    let mut live = Sio::connect(&server, &uid, None).await.expect("live");
+    live.join(json!("room-live")).await;
     let (status, _) = server
         .call(Method::DELETE, &format!("/api/v1/app/{uid}"), None)
         .await;
     assert_eq!(status, 204);
+    let disconnect = format!("41/{uid}");
+    while !live.read_text().await.starts_with(&disconnect) {}
     for key in [&uid, &old_id] {
         let refusal = Sio::connect(&server, key, None).await.refusal();
         assert!(refusal.contains("unknown app"), "{key}: {refusal}");
