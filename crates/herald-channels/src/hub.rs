@@ -263,6 +263,11 @@ impl Hub {
         }
     }
 
+    /// This node's channel metrics, for the faces that count what they hold.
+    pub fn metrics(&self) -> &ChannelMetrics {
+        &self.metrics
+    }
+
     /// Shares this node's presence and occupancy with a cluster from now on (before the node
     /// serves: changes made earlier were not shared). Returns false if it already shares.
     pub fn share_presence(&self, sync: Arc<dyn PresenceSync>) -> bool {

@@ -220,6 +220,8 @@ pub struct PostgresBroker {
     /// The schema Herald's tables are in (`current_schema()` of the session): the payload of
     /// the [`CONFIG_CHANNEL`] notices that concern this node.
     schema: std::sync::OnceLock<String>,
+    /// Told when the configuration may have changed ([`PostgresBroker::on_config_change`]).
+    config_changed: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl PostgresBroker {
@@ -248,6 +250,7 @@ impl PostgresBroker {
             cache: std::sync::OnceLock::new(),
             sessions: tokio::sync::watch::Sender::new(0),
             schema: std::sync::OnceLock::new(),
+            config_changed: std::sync::OnceLock::new(),
         })
     }
 
@@ -262,7 +265,22 @@ impl PostgresBroker {
     fn opened(&self) {
         self.listening.store(true, Ordering::Relaxed);
         self.with_cache(Cache::resume);
+        self.config_may_have_changed();
         self.sessions.send_modify(|n| *n += 1);
+    }
+
+    /// Calls `hook` whenever the cluster's configuration (apps, endpoints, tokens, sources)
+    /// may have changed on another node: at each [`CONFIG_CHANNEL`] notice, and when a session
+    /// opens (what was notified while none listened went unheard). It must return at once:
+    /// it runs on the LISTEN session's loop. Call before [`PostgresBroker::listen`].
+    pub fn on_config_change(&self, hook: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.config_changed.set(hook);
+    }
+
+    fn config_may_have_changed(&self) {
+        if let Some(hook) = self.config_changed.get() {
+            hook();
+        }
     }
 
     /// Keeps the store's node cache (`PostgresStore::cache`) in step with the cluster: resumed
@@ -452,6 +470,7 @@ impl PostgresBroker {
             CONFIG_CHANNEL => {
                 if self.schema.get().is_none_or(|schema| schema == payload) {
                     self.with_cache(Cache::invalidate);
+                    self.config_may_have_changed();
                 }
                 Ok(())
             }

@@ -169,6 +169,9 @@ pub struct ChannelMetrics {
     pub outbox_overflows_total: Counter,
     /// Channel webhook events dropped because too many were waiting to be stored.
     pub channel_webhook_events_dropped_total: Counter,
+    /// Socket.IO namespaces this node holds open ahead of their clients (`herald_socketio`'s
+    /// `Face::open_app`): two per app with Socket.IO settings, one with no uid.
+    pub socketio_namespaces: Gauge,
 }
 
 impl Default for ChannelMetrics {
@@ -185,6 +188,7 @@ impl Default for ChannelMetrics {
             subscriptions,
             outbox_overflows_total: Counter::default(),
             channel_webhook_events_dropped_total: Counter::default(),
+            socketio_namespaces: Gauge::default(),
         }
     }
 }
@@ -255,6 +259,11 @@ impl ChannelMetrics {
             "channel_webhook_events_dropped",
             "Channel webhook events dropped: too many were waiting to be stored",
             self.channel_webhook_events_dropped_total.clone(),
+        );
+        registry.register(
+            "socketio_namespaces",
+            "Socket.IO namespaces held open ahead of their clients (apps with Socket.IO settings)",
+            self.socketio_namespaces.clone(),
         );
     }
 }
@@ -875,6 +884,7 @@ mod tests {
             "# TYPE herald_outbox_overflows counter",
             "herald_outbox_overflows_total 0",
             "herald_channel_webhook_events_dropped_total 0",
+            "herald_socketio_namespaces 0",
             "herald_publications_total{source=\"api\"} 0",
             "herald_publications_total{source=\"client\"} 0",
             "herald_fanout_deliveries_total 0",

@@ -124,11 +124,8 @@ async fn admit(
             if let Some(io) = face.io.get() {
                 let (io, face, key) = (io.clone(), Arc::clone(face), key.to_owned());
                 tokio::spawn(async move {
-                    let namespace = format!("/{key}");
-                    if matches!(face.apps.find(&key).await, Ok(None))
-                        && io.of(&namespace).is_some_and(|ns| ns.sockets().is_empty())
-                    {
-                        io.delete_ns(&namespace);
+                    if matches!(face.apps.find(&key).await, Ok(None)) {
+                        face.forget_if_empty(&io, &format!("/{key}"));
                     }
                 });
             }

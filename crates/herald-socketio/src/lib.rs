@@ -25,7 +25,11 @@ mod connect;
 mod session;
 pub mod token;
 
-use std::{sync::Arc, sync::OnceLock, time::Duration};
+use std::{
+    collections::HashSet,
+    sync::{Arc, Mutex, OnceLock},
+    time::Duration,
+};
 
 use herald_channels::{Hub, Publisher, limits::ClientLimiter};
 use herald_core::model::App;
@@ -126,6 +130,9 @@ pub struct Face {
     /// Each socket's task, so shutdown can wait for them.
     pub tasks: TaskTracker,
     io: OnceLock<SocketIo>,
+    /// The namespace paths held open by [`Face::open_keys`] (counted in the channel metrics'
+    /// `socketio_namespaces`).
+    held: Mutex<HashSet<String>>,
 }
 
 impl Face {
@@ -145,6 +152,7 @@ impl Face {
             shutdown,
             tasks,
             io: OnceLock::new(),
+            held: Mutex::default(),
         })
     }
 }
@@ -185,10 +193,30 @@ impl Face {
             return;
         };
         for key in app.uid.iter().map(String::as_str).chain([app.id.as_str()]) {
-            let path = format!("/{key}");
-            if io.of(&path).is_some_and(|ns| ns.sockets().is_empty()) {
+            self.forget_if_empty(io, &format!("/{key}"));
+        }
+    }
+
+    /// Removes the namespace at `path` if no socket is in it.
+    pub(crate) fn forget_if_empty(&self, io: &SocketIo, path: &str) {
+        self.count_held(|held| {
+            let empty = io.of(path).is_some_and(|ns| ns.sockets().is_empty());
+            if empty {
                 io.delete_ns(path);
             }
+            empty && held.remove(path)
+        });
+    }
+
+    /// Changes the held paths under their lock; `change` says whether it changed them, and
+    /// the gauge follows.
+    fn count_held(&self, change: impl FnOnce(&mut HashSet<String>) -> bool) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if change(&mut held) {
+            self.hub
+                .metrics()
+                .socketio_namespaces
+                .set(i64::try_from(held.len()).unwrap_or(i64::MAX));
         }
     }
 
@@ -198,12 +226,19 @@ impl Face {
         let Some(io) = self.io.get() else {
             return;
         };
-        for key in keys {
-            let path = format!("/{key}");
-            if io.of(&path).is_none() {
-                connect::register(io, self, Some(path));
+        // Under the lock: two callers (this node's API, the cluster's notices) never both
+        // find a key missing and both register it, the second replacing the first.
+        self.count_held(|held| {
+            let before = held.len();
+            for key in keys {
+                let path = format!("/{key}");
+                if io.of(&path).is_none() {
+                    connect::register(io, self, Some(path.clone()));
+                    held.insert(path);
+                }
             }
-        }
+            held.len() != before
+        });
     }
 }
 

@@ -342,6 +342,7 @@ pub async fn run_with(
         },
     )
     .merge(websockets);
+    let mut held_open = None;
     if let Some(face) = socketio {
         router = herald_socketio::mount(router, Arc::clone(&face));
         // Before serving: the namespaces of the apps this node knows exist before a
@@ -351,6 +352,7 @@ pub async fn run_with(
             .await
             .context("reading the apps with Socket.IO settings")?;
         face.open_keys(keys.iter().map(String::as_str));
+        held_open = Some(face);
     }
     // Outermost: every face's requests get an id and the span their log lines are in.
     let router = herald_api::with_request_ids(router);
@@ -359,6 +361,18 @@ pub async fn run_with(
     let stop_background = CancellationToken::new();
     background.spawn(dispatcher.run(stop_background.clone()));
     if let Some(broker) = postgres_broker {
+        if let Some(face) = held_open {
+            // Apps created or changed on other nodes get their namespaces here too.
+            let changed = Arc::new(tokio::sync::Notify::new());
+            let notify = Arc::clone(&changed);
+            broker.on_config_change(Box::new(move || notify.notify_one()));
+            background.spawn(follow_socketio_apps(
+                Arc::clone(&store),
+                face,
+                changed,
+                stop_background.clone(),
+            ));
+        }
         // Before serving: a client this node admits must hear what other nodes publish.
         let session = broker
             .listen()
@@ -502,6 +516,28 @@ async fn refuse_dev_credentials(store: &dyn Store, remove: bool) -> anyhow::Resu
             "gave the --dev demo app new Pusher credentials (read them from the app API)");
     }
     Ok(())
+}
+
+/// Opens the Socket.IO namespaces of apps created or changed on other nodes of the cluster,
+/// each time the broker says the configuration may have changed (`changed` keeps one wake-up
+/// while a read runs, so a burst of changes costs a read or two).
+async fn follow_socketio_apps(
+    store: Arc<dyn Store>,
+    face: Arc<herald_socketio::Face>,
+    changed: Arc<tokio::sync::Notify>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = changed.notified() => {}
+            () = stop.cancelled() => return,
+        }
+        match store.socketio_app_keys().await {
+            Ok(keys) => face.open_keys(keys.iter().map(String::as_str)),
+            Err(e) => tracing::warn!(error = %e,
+                "reading the apps with Socket.IO settings failed: their namespaces open at their first CONNECT"),
+        }
+    }
 }
 
 /// The Socket.IO face hears of the apps this node's API saves and deletes.

@@ -28,7 +28,7 @@ async fn scrape_as(server: &TestServer, token: Option<&str>) -> (u16, String, St
 }
 
 /// The value of the sample named exactly `series` (name and labels) in `text`.
-fn sample(text: &str, series: &str) -> f64 {
+pub(crate) fn sample(text: &str, series: &str) -> f64 {
     text.lines()
         .find_map(|line| {
             let (name, value) = line.rsplit_once(' ')?;
@@ -37,7 +37,7 @@ fn sample(text: &str, series: &str) -> f64 {
         .unwrap_or_else(|| panic!("{series} missing from:\n{text}"))
 }
 
-async fn scrape(server: &TestServer) -> String {
+pub(crate) async fn scrape(server: &TestServer) -> String {
     let (status, _, text) = scrape_as(server, Some(ADMIN_TOKEN)).await;
     assert_eq!(status, 200, "{text}");
     text

@@ -15,7 +15,7 @@ use tokio_tungstenite::{
 };
 
 use crate::{
-    harness::{PATIENCE, Receiver, TestServer},
+    harness::{PATIENCE, Receiver, TestServer, eventually},
     pusher::{self, Creds},
 };
 
@@ -883,6 +883,30 @@ async fn socketio_clients_on_two_nodes_of_a_cluster_share_rooms_and_presence() {
     b.emit_ack("chat message", &[json!("hi from 2")]).await;
     assert_eq!(a.expect("chat message").await.args[0], json!("hi from 2"));
     drop((a, b));
+    cluster.stop().await;
+}
+
+/// An app created on one node of a cluster has its namespaces held open on the others too
+/// (they hear the configuration change), so a herd of first CONNECTs there all join.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_created_on_one_node_is_held_open_on_every_node() {
+    let Some(cluster) =
+        crate::cluster::Cluster::start("an_app_created_on_one_node_is_held_open_on_every_node", 2)
+            .await
+    else {
+        return;
+    };
+    let (one, two) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let held = |text: &str| crate::metrics::sample(text, "herald_socketio_namespaces");
+    assert_eq!(held(&crate::metrics::scrape(two).await), 0.0);
+    let (id, _) = socketio_app(one, "everywhere", json!({})).await;
+    eventually("node 2 to hold the new app's uid and id open", || async {
+        (held(&crate::metrics::scrape(two).await) == 2.0).then_some(())
+    })
+    .await;
+    let apps = [("everywhere".to_owned(), id)];
+    herd_joins(two, &apps, false).await;
+    herd_joins(two, &apps, true).await;
     cluster.stop().await;
 }
 
