@@ -159,25 +159,25 @@ impl Face {
 
 impl Face {
     /// Opens the namespaces (`/{uid}` and `/{id}`) of an app that has Socket.IO settings
-    /// before its clients connect; a key already open is left as it is. Call it whenever an
-    /// app is created or changed, and [`Face::open_keys`] at start-up.
+    /// before its clients connect; a key already open is left as it is. Call it whenever this
+    /// node's API creates or changes an app, and [`Face::open_keys`] at start-up and when
+    /// another node of a cluster may have changed apps.
     ///
     /// Why: an app's namespace could be left for its first CONNECT to create (the dynamic
-    /// `/{app}` stays for apps this node has not opened, such as one created on another node
-    /// of a cluster), but socketioxide (0.18) checks for an existing namespace and inserts the
-    /// new one without a lock between the two. Two first CONNECTs on two threads each create
-    /// one, and the second insert replaces the first: the sockets the first one admitted get
-    /// answers, but every packet they send is routed to the namespace that replaced it, which
-    /// does not know them, and their transport is closed (Engine.IO CLOSE) at their first
-    /// `join`. A reconnect herd on a node that just started hits exactly this (socket.io
-    /// fixed the same race in its 4.3.2), so the namespaces of the apps a node knows exist
-    /// before it listens.
+    /// `/{app}` stays for the apps not opened here), but socketioxide (0.18) checks for an
+    /// existing namespace and inserts the new one without a lock between the two. Two first
+    /// CONNECTs on two threads each create one, and the second insert replaces the first: the
+    /// sockets the first one admitted get answers, but every packet they send is routed to
+    /// the namespace that replaced it, which does not know them, and their transport is
+    /// closed (Engine.IO CLOSE) at their first `join`. A reconnect herd on a node that just
+    /// started hits exactly this (socket.io fixed the same race in its 4.3.2), so the
+    /// namespaces of the apps a node knows exist before it listens.
     ///
     /// Only apps with `socketio` settings: an open namespace costs memory whether or not a
     /// socket ever uses it (1.7 KiB per app with a uid, and ~2 µs of start-up, measured over
-    /// 5,000 apps), and a browser client needs `allowedOrigins` anyway. Another app's namespace is created by its
-    /// first CONNECT, as before; a socket caught by the race there is closed at its first
-    /// packet, and socket.io-client reconnects by itself.
+    /// 5,000 apps), and a browser client needs `allowedOrigins` anyway. Another app's
+    /// namespace is created by its first CONNECT, as before; a socket caught by the race there
+    /// is closed at its first packet, and socket.io-client reconnects by itself.
     pub fn open_app(self: &Arc<Self>, app: &App) {
         if app.socketio.is_some() {
             self.open_keys(app.uid.iter().map(String::as_str).chain([app.id.as_str()]));
