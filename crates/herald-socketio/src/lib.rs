@@ -155,9 +155,7 @@ impl Face {
             held: Mutex::default(),
         })
     }
-}
 
-impl Face {
     /// Opens the namespaces (`/{uid}` and `/{id}`) of an app that has Socket.IO settings
     /// before its clients connect; a key already open is left as it is. Call it whenever this
     /// node's API creates or changes an app, and [`Face::open_keys`] at start-up and when
@@ -180,7 +178,7 @@ impl Face {
     /// is closed at its first packet, and socket.io-client reconnects by itself.
     pub fn open_app(self: &Arc<Self>, app: &App) {
         if app.socketio.is_some() {
-            self.open_keys(app.uid.iter().map(String::as_str).chain([app.id.as_str()]));
+            self.open_keys(keys(app));
         }
     }
 
@@ -192,7 +190,7 @@ impl Face {
         let Some(io) = self.io.get() else {
             return;
         };
-        for key in app.uid.iter().map(String::as_str).chain([app.id.as_str()]) {
+        for key in keys(app) {
             self.forget_if_empty(io, &format!("/{key}"));
         }
     }
@@ -240,6 +238,11 @@ impl Face {
             held.len() != before
         });
     }
+}
+
+/// The keys a client may name an app's namespace by: its uid, if it has one, and its id.
+fn keys(app: &App) -> impl Iterator<Item = &str> {
+    app.uid.iter().map(String::as_str).chain([app.id.as_str()])
 }
 
 /// Mounts Socket.IO at [`PATH`] in front of `router`, which keeps every other path.
