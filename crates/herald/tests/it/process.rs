@@ -619,17 +619,19 @@ async fn herald_migrate_brings_the_store_up_to_date_and_exits() {
     terminate(&mut herald.child).await;
 }
 
-#[tokio::test]
-async fn json_logs_carry_each_requests_id_which_the_response_returns() {
-    let dir = tempfile::tempdir().expect("dir");
+/// `herald serve` on `data` with `args`, logging a line per response (at debug, so each
+/// request's span shows on a line of its own) to a piped stderr; returns it once it listens,
+/// with its base URL.
+async fn serve_with_request_logs(data: &Path, args: &[&str]) -> (Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(args)
         .arg("--data")
-        .arg(dir.path())
-        .envs(store_env(dir.path()).await)
+        .arg(data)
+        .envs(store_env(data).await)
         .env("HERALD_ADMIN_TOKEN", ADMIN_TOKEN)
-        // The per-response line is at debug: it shows the span on a line of every request.
         .env("HERALD_LOG", "info,tower_http=debug")
+        .env_remove("NO_COLOR")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -646,6 +648,13 @@ async fn json_logs_carry_each_requests_id_which_the_response_returns() {
     })
     .await
     .expect("herald started");
+    (child, base)
+}
+
+#[tokio::test]
+async fn json_logs_carry_each_requests_id_which_the_response_returns() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (mut child, base) = serve_with_request_logs(dir.path(), &["--log-format", "json"]).await;
 
     let http = crate::harness::http_client();
     let given = http
@@ -688,5 +697,42 @@ async fn json_logs_carry_each_requests_id_which_the_response_returns() {
     .await
     .expect("both requests logged with their ids");
     assert!(found["span"]["path"].is_string(), "{found}");
+    child.kill().await.expect("stopped");
+}
+
+/// Text logs written to a pipe (a file, a journal, a container's log) are plain text: no
+/// terminal colour codes around the level, the target or the request span's fields.
+#[tokio::test]
+async fn text_logs_to_a_pipe_carry_no_colour_codes() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (mut child, base) = serve_with_request_logs(dir.path(), &[]).await;
+    let answered = crate::harness::http_client()
+        .get(format!("{base}/health/live"))
+        .header("x-request-id", "plain-text-7")
+        .send()
+        .await
+        .expect("answered");
+    assert!(answered.status().is_success(), "{}", answered.status());
+
+    let mut stderr = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let request_line = tokio::time::timeout(PATIENCE, async {
+        while let Some(line) = stderr.next_line().await.expect("stderr") {
+            assert!(
+                !line.contains('\u{1b}'),
+                "a colour code in a piped log line: {line:?}"
+            );
+            if line.contains("plain-text-7") {
+                return line;
+            }
+        }
+        panic!("herald's log ended without the request's line");
+    })
+    .await
+    .expect("the request was logged");
+    assert!(
+        request_line
+            .contains(r#"request{request_id="plain-text-7" method=GET path="/health/live"}"#),
+        "{request_line}"
+    );
     child.kill().await.expect("stopped");
 }
