@@ -11,7 +11,7 @@
 //! [`ChannelObserver`] while the channel lock is held, so the observer sees them in the order
 //! they happened even when many connections race. A hub that shares presence with other nodes
 //! ([`Hub::share_presence`]) hands occupancy and membership changes to its
-//! [`PresenceSync`](crate::presence::PresenceSync) instead, under the same lock and in the same
+//! [`PresenceSync`] instead, under the same lock and in the same
 //! order: the cluster decides what they mean for every node, reports the channel webhooks and
 //! announces members; the hub then tells its caller nothing to announce.
 

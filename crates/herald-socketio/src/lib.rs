@@ -18,7 +18,7 @@
 //!   ([`binary`] turns `$binary` values into attachments and back).
 //!
 //! The face reaches apps through the [`Apps`] seam and publishes through the
-//! [`Publisher`](herald_channels::Publisher); it never touches the store or the Pusher face.
+//! [`Publisher`]; it never touches the store or the Pusher face.
 
 pub mod binary;
 mod connect;

@@ -670,7 +670,7 @@ const CLAIM_SETTINGS: &str = claim_settings!();
 /// A claim's transaction begins in one round trip: READ COMMITTED whatever the server's
 /// default (each statement after the lock must see the leases the previous lock holder
 /// committed, which a snapshot taken at the lock would not), the claim lock
-/// ([`CLAIM_LOCK_KEY`] in decimal: claims take turns cluster-wide and the live leases each one
+/// (`CLAIM_LOCK_KEY` in decimal: claims take turns cluster-wide and the live leases each one
 /// counts are all there are; released with the transaction), `synchronous_commit` off, and
 /// [`claim_settings`].
 ///
