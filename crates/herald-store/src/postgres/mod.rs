@@ -14,10 +14,10 @@
 //! `channel_positions` (see the migration).
 //!
 //! This file holds the struct, `open` and `close`, the helpers every part shares, and the test
-//! that runs the conformance suite (`crate::conformance`) against a throwaway schema of the server named by
-//! `HERALD_TEST_POSTGRES_URL`; each store sub-trait is implemented in its own file (`apps.rs`,
-//! `event_types.rs`, `endpoints.rs`, `messages.rs`, `attempts.rs`, `history.rs`, `ingest.rs`,
-//! `idempotency.rs`, `channel_webhooks.rs`).
+//! that runs the conformance suite (`crate::conformance`) against a throwaway schema of the
+//! server named by `HERALD_TEST_POSTGRES_URL`; each store sub-trait is implemented in its own
+//! file (`apps.rs`, `event_types.rs`, `endpoints.rs`, `messages.rs`, `attempts.rs`,
+//! `history.rs`, `ingest.rs`, `idempotency.rs`, `channel_webhooks.rs`).
 
 mod apps;
 mod attempts;

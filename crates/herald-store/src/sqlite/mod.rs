@@ -9,8 +9,8 @@
 //! This file holds the struct, `open` and `close`, and the helpers every part shares; each
 //! store sub-trait is implemented in its own file (`apps.rs`, `event_types.rs`,
 //! `endpoints.rs`, `messages.rs`, `attempts.rs`, `history.rs`, `ingest.rs`, `idempotency.rs`,
-//! `channel_webhooks.rs`). The tests run the conformance suite (`crate::conformance`) against a store in a
-//! temporary directory, plus the checks that only concern SQLite.
+//! `channel_webhooks.rs`). The tests run the conformance suite (`crate::conformance`) against
+//! a store in a temporary directory, plus the checks that only concern SQLite.
 
 mod apps;
 mod attempts;
