@@ -220,8 +220,20 @@ fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, PusherError> {
     serde_json::from_slice(body).map_err(|e| bad(format!("invalid JSON body: {e}")))
 }
 
-/// Validates one event and returns its channels.
-fn check_event(event: &TriggerIn) -> Result<Vec<String>, PusherError> {
+/// The `info` attributes a trigger may ask for.
+const INFO_ATTRIBUTES: [&str; 2] = ["subscription_count", "user_count"];
+
+/// How an event names its channels: a trigger takes `channel` or `channels`, a batch event
+/// one `channel` (Pusher's batch shape, whose answer has one set of attributes per event).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Channels {
+    OneOrMany,
+    One,
+}
+
+/// Validates one event and returns its channels. Everything a trigger can refuse is checked
+/// here, before anything is charged or published: a refused trigger publishes nothing.
+fn check_event(event: &TriggerIn, shape: Channels) -> Result<Vec<String>, PusherError> {
     if event.name.is_empty() || event.name.len() > MAX_EVENT_NAME {
         return Err(bad(format!(
             "event name must be 1 to {MAX_EVENT_NAME} characters"
@@ -237,6 +249,9 @@ fn check_event(event: &TriggerIn) -> Result<Vec<String>, PusherError> {
         ));
     }
     let channels = match (&event.channels, &event.channel) {
+        (Some(_), None) if shape == Channels::One => {
+            return Err(bad("a batch event names one channel, as `channel`"));
+        }
         (Some(list), None) => list.clone(),
         (None, Some(one)) => vec![one.clone()],
         _ => return Err(bad("give either channels or channel")),
@@ -252,7 +267,39 @@ fn check_event(event: &TriggerIn) -> Result<Vec<String>, PusherError> {
     {
         return Err(bad(format!("invalid socket_id {socket_id:?}")));
     }
+    check_info(event.info.as_deref(), &channels)?;
     Ok(channels)
+}
+
+/// Refuses an `info` list naming an unknown attribute, or `user_count` for a channel that is
+/// not a presence channel.
+fn check_info(info: Option<&str>, channels: &[String]) -> Result<(), PusherError> {
+    for attribute in info_attributes(info) {
+        if !INFO_ATTRIBUTES.contains(&attribute) {
+            return Err(bad(format!(
+                "unknown info attribute {attribute:?}; known: {}",
+                INFO_ATTRIBUTES.join(", ")
+            )));
+        }
+        if attribute == "user_count"
+            && let Some(channel) = channels
+                .iter()
+                .find(|c| ChannelKind::of(c) != ChannelKind::Presence)
+        {
+            return Err(bad(format!(
+                "user_count is only available for presence channels, and {channel} is not one"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The attributes an `info` list names (comma-separated, blanks ignored).
+fn info_attributes(info: Option<&str>) -> impl Iterator<Item = &str> {
+    info.unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
 }
 
 /// The `info` attributes asked for, for each channel.
@@ -262,10 +309,11 @@ async fn channel_attributes(
     channels: &[String],
     info: Option<&str>,
 ) -> Result<Option<Value>, PusherError> {
-    let Some(info) = info.filter(|i| !i.is_empty()) else {
+    if info_attributes(info).next().is_none() {
         return Ok(None);
-    };
-    let wants = |attr: &str| info.split(',').any(|a| a.trim() == attr);
+    }
+    // `check_info` has refused unknown attributes and `user_count` off presence channels.
+    let wants = |attr: &str| info_attributes(info).any(|a| a == attr);
     let mut out = serde_json::Map::new();
     for channel in channels {
         let current = state
@@ -281,9 +329,6 @@ async fn channel_attributes(
             );
         }
         if wants("user_count") {
-            if ChannelKind::of(channel) != ChannelKind::Presence {
-                return Err(bad("user_count is only available for presence channels"));
-            }
             attrs.insert("user_count".into(), json!(current.user_count.unwrap_or(0)));
         }
         out.insert(channel.clone(), Value::Object(attrs));
@@ -319,7 +364,7 @@ async fn trigger(
 ) -> Result<Json<Value>, PusherError> {
     let app = authenticate(&state, &app_id, &method, &uri, &body).await?;
     let event: TriggerIn = parse(&body)?;
-    let channels = check_event(&event)?;
+    let channels = check_event(&event, Channels::OneOrMany)?;
     charge(&state, &app, channels.len())?;
     publish(&state, &app, &event, &channels).await?;
     Ok(Json(
@@ -349,7 +394,7 @@ async fn trigger_batch(
     let checked: Vec<Vec<String>> = batch
         .batch
         .iter()
-        .map(check_event)
+        .map(|event| check_event(event, Channels::One))
         .collect::<Result<_, _>>()?;
     charge(&state, &app, checked.iter().map(Vec::len).sum())?;
     let mut results = Vec::with_capacity(checked.len());
@@ -415,6 +460,8 @@ async fn channel(
     let app = authenticate(&state, &app_id, &method, &uri, &[]).await?;
     pusher::validate_channel_name(&channel).map_err(bad)?;
     let info: BTreeMap<String, String> = query_pairs(&uri).collect();
+    let info = info.get("info").map(String::as_str);
+    check_info(info, std::slice::from_ref(&channel))?;
     let current = state
         .presence
         .channel_info(&app.id, &channel)
@@ -426,7 +473,7 @@ async fn channel(
         &state,
         &app,
         std::slice::from_ref(&channel),
-        info.get("info").map(String::as_str),
+        info,
     )
     .await?
         && let Some(Value::Object(attrs)) = attrs.get(&channel)

@@ -29,6 +29,8 @@ pub enum InboundError {
     NotAnEvent,
     #[error("binary attachment {0} is missing")]
     MissingAttachment(u64),
+    #[error("binary attachment {0} has more than one placeholder; each attachment goes in one place")]
+    RepeatedAttachment(u64),
 }
 
 /// Reads an event packet's payload (`["name", args...]`) and its attachments.
@@ -58,9 +60,10 @@ pub fn read_event(
             let Some(Value::String(event)) = items.next() else {
                 return Err(InboundError::NotAnEvent);
             };
+            let mut placed = vec![false; attachments.len()];
             let args = items
                 .map(|mut arg| {
-                    fill_placeholders(&mut arg, attachments)?;
+                    fill_placeholders(&mut arg, attachments, &mut placed)?;
                     // A `Value` always serializes.
                     Ok(serde_json::value::to_raw_value(&arg).unwrap_or_default())
                 })
@@ -71,26 +74,38 @@ pub fn read_event(
 }
 
 /// Replaces each `{"_placeholder": true, "num": n}` with `{"$binary": base64(attachment n)}`.
-fn fill_placeholders(value: &mut Value, attachments: &VecDeque<Bytes>) -> Result<(), InboundError> {
+///
+/// Each attachment fills one placeholder at most (`placed` marks those used), as a Socket.IO
+/// encoder writes them: a placeholder is a copy of its attachment here, so a packet naming one
+/// attachment a thousand times would otherwise grow a thousandfold in memory before any size
+/// limit sees it.
+fn fill_placeholders(
+    value: &mut Value,
+    attachments: &VecDeque<Bytes>,
+    placed: &mut [bool],
+) -> Result<(), InboundError> {
     match value {
         Value::Object(map)
             if map.get("_placeholder") == Some(&Value::Bool(true)) && map.len() == 2 =>
         {
             let num = map.get("num").and_then(Value::as_u64).unwrap_or(u64::MAX);
-            let bytes = usize::try_from(num)
+            let index = usize::try_from(num)
                 .ok()
-                .and_then(|n| attachments.get(n))
+                .filter(|&n| n < attachments.len())
                 .ok_or(InboundError::MissingAttachment(num))?;
-            *value = serde_json::json!({ BINARY_KEY: STANDARD.encode(bytes) });
+            if std::mem::replace(&mut placed[index], true) {
+                return Err(InboundError::RepeatedAttachment(num));
+            }
+            *value = serde_json::json!({ BINARY_KEY: STANDARD.encode(&attachments[index]) });
         }
         Value::Object(map) => {
             for item in map.values_mut() {
-                fill_placeholders(item, attachments)?;
+                fill_placeholders(item, attachments, placed)?;
             }
         }
         Value::Array(items) => {
             for item in items {
-                fill_placeholders(item, attachments)?;
+                fill_placeholders(item, attachments, placed)?;
             }
         }
         _ => {}
@@ -222,5 +237,32 @@ mod tests {
             read_event(r#"["f",{"_placeholder":true,"num":3}]"#, Some(&attachments)).err(),
             Some(InboundError::MissingAttachment(3))
         );
+    }
+
+    #[test]
+    fn an_attachment_named_by_more_than_one_placeholder_is_refused() {
+        // Each placeholder would be a copy of the attachment: a packet of placeholders all
+        // naming one large attachment must not multiply it in memory.
+        let attachments = VecDeque::from([Bytes::from(vec![7u8; 1024])]);
+        let placeholder = r#"{"_placeholder":true,"num":0}"#;
+        let many = format!(r#"["f",[{}]]"#, vec![placeholder; 1000].join(","));
+        assert_eq!(
+            read_event(&many, Some(&attachments)).err(),
+            Some(InboundError::RepeatedAttachment(0))
+        );
+        let across_arguments = format!(r#"["f",{placeholder},{placeholder}]"#);
+        assert_eq!(
+            read_event(&across_arguments, Some(&attachments)).err(),
+            Some(InboundError::RepeatedAttachment(0))
+        );
+        // Two attachments, one placeholder each, in any order: accepted.
+        let two = VecDeque::from([Bytes::from_static(b"a"), Bytes::from_static(b"b")]);
+        let inbound = read_event(
+            r#"["f",{"_placeholder":true,"num":1},[{"_placeholder":true,"num":0}]]"#,
+            Some(&two),
+        )
+        .expect("each attachment placed once");
+        assert_eq!(inbound.args[0].get(), r#"{"$binary":"Yg=="}"#);
+        assert_eq!(inbound.args[1].get(), r#"[{"$binary":"YQ=="}]"#);
     }
 }

@@ -9,6 +9,7 @@ use axum::{
     body::Bytes,
     extract::{Path, State},
     http::{HeaderName, HeaderValue, StatusCode},
+    response::Response,
 };
 use chrono::{DateTime, Duration, Utc};
 use herald_core::{
@@ -23,6 +24,7 @@ use crate::{
     auth::Caller,
     error::{ApiError, ApiResult, Validator},
     extract::{QueryParams, SvixJson, parse_json},
+    idempotency::SecretFields,
     pagination::{self, ListResponse},
 };
 
@@ -518,7 +520,7 @@ pub async fn rotate_secret(
     caller: Caller,
     Path((app_id, endpoint_id)): Path<(String, String)>,
     body: Bytes,
-) -> ApiResult<Json<EndpointSecretOut>> {
+) -> ApiResult<Response> {
     let input: SecretRotateIn = if body.iter().all(u8::is_ascii_whitespace) {
         SecretRotateIn::default()
     } else {
@@ -553,9 +555,10 @@ pub async fn rotate_secret(
     }
     endpoint.updated_at = now;
     state.store.update_endpoint(&endpoint, read_at).await?;
-    Ok(Json(EndpointSecretOut {
+    // The new secret is read again through `GET .../secret`, never from the idempotency table.
+    Ok(SecretFields(&["/key"]).mark(Json(EndpointSecretOut {
         key: endpoint.secret,
-    }))
+    })))
 }
 
 #[derive(Serialize, utoipa::ToSchema)]

@@ -14,6 +14,7 @@ use axum::{
     body::Bytes,
     extract::{Path, State},
     http::{HeaderMap, StatusCode, header},
+    response::Response,
 };
 use chrono::Duration;
 use herald_core::{TokenId, token};
@@ -25,6 +26,7 @@ use crate::{
     auth::Caller,
     error::{ApiResult, Validator},
     extract::parse_json,
+    idempotency::SecretFields,
 };
 
 /// How long a link opens the portal when the request does not say.
@@ -70,7 +72,7 @@ pub async fn create(
     Path(app_id): Path<String>,
     headers: HeaderMap,
     body: Bytes,
-) -> ApiResult<(StatusCode, Json<AppPortalAccessOut>)> {
+) -> ApiResult<Response> {
     caller.require_environment()?;
     // Svix's SDKs send `{}`; a bare POST with no body asks for the defaults too.
     let input: AppPortalAccessIn = if body.iter().all(u8::is_ascii_whitespace) {
@@ -146,13 +148,14 @@ pub async fn create(
         .await?;
     tracing::info!(app = %app.id, token = %record.id, expiry, "app portal link created");
     let base = base.unwrap_or_default();
-    Ok((
+    // A live app token, in both fields: the idempotency table keeps neither.
+    Ok(SecretFields(&["/url", "/token"]).mark((
         StatusCode::OK,
         Json(AppPortalAccessOut {
             url: format!("{base}/console/portal#key={secret}"),
             token: secret,
         }),
-    ))
+    )))
 }
 
 /// This server as the caller reached it: the Host header, with the scheme a proxy reports

@@ -32,9 +32,10 @@ const MAX_SECRETS: usize = 5;
 const MAX_TEMPLATES: usize = 5;
 const MAX_TOLERANCE_SECS: i64 = 24 * 3600;
 
-/// A new source.
+/// A new source. Unknown fields are refused: a misspelt setting silently left out would
+/// change what is verified.
 #[derive(Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SourceIn {
     /// stripe, github, shopify, slack, standard-webhooks or hmac-sha256.
     kind: String,
@@ -65,9 +66,10 @@ pub struct SourceIn {
     trust_unsigned_headers: bool,
 }
 
-/// The fields to change; those left out stay as they are (the kind cannot change).
+/// The fields to change; those left out stay as they are (the kind cannot change). Unknown
+/// fields are refused: a misspelt `secrets` would leave the old secrets verifying.
 #[derive(Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SourcePatch {
     #[serde(default)]
     secrets: Option<Vec<String>>,

@@ -334,6 +334,54 @@ async fn idempotency_key_replays_and_event_id_conflicts() {
     server.stop().await;
 }
 
+/// Answers that carry a secret (a rotated endpoint secret, an app portal link with its live
+/// token) are kept for an `Idempotency-Key` replay without it: the replay, read back from the
+/// idempotency table, shows the rest of the answer and no secret.
+#[tokio::test]
+async fn a_replayed_answer_never_holds_the_secret_it_first_carried() {
+    let server = TestServer::start().await;
+    let app = server.create_app("idem-secrets").await;
+    let endpoint = server
+        .create_endpoint(&app, json!({"url": "https://example.com/hook"}))
+        .await;
+    let endpoint = endpoint["id"].as_str().expect("id");
+    let rotate = format!("/api/v1/app/{app}/endpoint/{endpoint}/secret/rotate");
+    let call = |path: String, key: &'static str| {
+        let server = &server;
+        async move {
+            server
+                .call_as(Some(ADMIN_TOKEN), Method::POST, &path, Some(json!({})), Some(key))
+                .await
+        }
+    };
+
+    let (status, first) = call(rotate.clone(), "rotate-1").await;
+    assert_eq!(status, 200, "{first}");
+    let secret = first["key"].as_str().expect("the new secret").to_owned();
+    assert!(secret.starts_with("whsec_"));
+    let (status, replayed) = call(rotate, "rotate-1").await;
+    assert_eq!(status, 200, "{replayed}");
+    assert_eq!(replayed, json!({}), "the replay leaves the secret out");
+    let (_, current) = server
+        .call(
+            Method::GET,
+            &format!("/api/v1/app/{app}/endpoint/{endpoint}/secret"),
+            None,
+        )
+        .await;
+    assert_eq!(current["key"], secret, "the secret is read where the API allows");
+
+    let portal = format!("/api/v1/auth/app-portal-access/{app}");
+    let (status, first) = call(portal.clone(), "portal-1").await;
+    assert_eq!(status, 200, "{first}");
+    assert!(first["token"].as_str().is_some_and(|t| t.starts_with("hrld_")));
+    assert!(first["url"].as_str().is_some_and(|u| u.contains("#key=hrld_")));
+    let (status, replayed) = call(portal, "portal-1").await;
+    assert_eq!(status, 200, "{replayed}");
+    assert_eq!(replayed, json!({}), "neither the token nor the link is kept");
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn endpoint_headers_put_replaces_patch_merges_reserved_refused() {
     let server = TestServer::start().await;

@@ -777,7 +777,7 @@ async fn an_hmac_sources_id_header_deduplicates_when_the_source_trusts_it() {
     server.stop().await;
 }
 
-/// Issue 10, wire formats at the edge: a source's `hmac` settings and an app's history rules
+/// Issue 10, wire formats at the edge: a source, its `hmac` settings and an app's history rules
 /// are Herald's own input shapes, so a field they do not know is refused with a 422 that names
 /// it (on create and on update), rather than dropped; known fields keep their shapes.
 #[tokio::test]
@@ -818,6 +818,32 @@ async fn unknown_fields_in_hmac_settings_and_history_rules_are_refused_by_name()
         )
         .await;
     refused(status, &body, "idHeadr");
+
+    // The source's own fields too: a misspelt `secrets` must not leave the old ones verifying.
+    let (status, body) = server
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/app/{app}/ingest/source/{id}"),
+            Some(json!({"secret": ["rotated"]})),
+        )
+        .await;
+    refused(status, &body, "secret");
+    let (status, body) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/app/{app}/ingest/source"),
+            Some(json!({"kind": "stripe", "secrets": ["s"], "toleranceSeconds": 30})),
+        )
+        .await;
+    refused(status, &body, "toleranceSeconds");
+    let (status, body) = server
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/app/{app}/ingest/source/{id}"),
+            Some(json!({"kind": "github"})),
+        )
+        .await;
+    refused(status, &body, "kind");
 
     let rule = json!({"pattern": "chat-*", "maxEvents": 10, "maxAgeSecs": 60, "maxBytes": 5});
     let (status, body) = server

@@ -350,6 +350,81 @@ async fn http_api_refuses_bad_signatures_unknown_apps_and_oversize_data() {
     server.stop().await;
 }
 
+/// Every refusal a trigger can meet comes before it publishes: a 400 leaves the subscribers
+/// with nothing (the next event they see is the one published after it), and a batch with one
+/// bad event publishes none of the others.
+#[tokio::test]
+async fn a_refused_trigger_or_batch_publishes_nothing() {
+    let server = TestServer::start().await;
+    let (_, creds) = pusher_app(&server, "ws-refused").await;
+    let mut client = Client::connect(&server, &creds.key).await;
+    client.subscribe("news", None, None).await;
+
+    let (status, body) = trigger(
+        &server,
+        &creds,
+        json!({"name": "early", "channel": "news", "data": "1", "info": "user_count"}),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(body.contains("presence"), "{body}");
+    let (status, body) = trigger(
+        &server,
+        &creds,
+        json!({"name": "early", "channel": "news", "data": "1", "info": "member_count"}),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(body.contains("unknown info attribute"), "{body}");
+    let batch_path = format!("/apps/{}/batch_events", creds.id);
+    for (bad, why) in [
+        (
+            json!({"name": "b", "channel": "news", "data": "2", "info": "user_count"}),
+            "presence",
+        ),
+        (
+            json!({"name": "b", "channels": ["news", "other"], "data": "2"}),
+            "one channel",
+        ),
+    ] {
+        let (status, body) = pusher_api(
+            &server,
+            &creds,
+            "POST",
+            &batch_path,
+            &[],
+            Some(json!({"batch": [{"name": "early", "channel": "news", "data": "1"}, bad]})),
+        )
+        .await;
+        assert_eq!(status, 400, "{body}");
+        assert!(body.contains(why), "{body}");
+    }
+    let (status, body) = pusher_api(
+        &server,
+        &creds,
+        "GET",
+        &format!("/apps/{}/channels/news", creds.id),
+        &[("info", "user_count")],
+        None,
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+
+    let (status, _) = trigger(
+        &server,
+        &creds,
+        json!({"name": "after", "channel": "news", "data": "3"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        client.next().await["event"],
+        "after",
+        "nothing refused was published"
+    );
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn one_event_stream_between_webhooks_and_websockets() {
     let server = TestServer::start().await;
