@@ -469,13 +469,8 @@ async fn channel(
         .unwrap_or_default();
     let mut out = serde_json::Map::new();
     out.insert("occupied".into(), json!(current.subscription_count > 0));
-    if let Some(attrs) = channel_attributes(
-        &state,
-        &app,
-        std::slice::from_ref(&channel),
-        info,
-    )
-    .await?
+    if let Some(attrs) =
+        channel_attributes(&state, &app, std::slice::from_ref(&channel), info).await?
         && let Some(Value::Object(attrs)) = attrs.get(&channel)
     {
         out.extend(attrs.clone());

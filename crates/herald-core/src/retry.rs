@@ -96,16 +96,31 @@ impl RetryPolicy {
         let Some(&base) = self.schedule.get(attempt as usize) else {
             return RetryDecision::GiveUp;
         };
-        let mut delay = self.jittered(base, rng);
+        let delay = self.jittered(base, rng);
+        let mut floor = Duration::ZERO;
         if matches!(outcome, AttemptOutcome::Overloaded { .. }) {
-            delay = delay.max(self.overload_penalty);
+            floor = self.overload_penalty;
         }
         if let Some(requested) = retry_after {
             // Honour the receiver's wish to wait longer, within bounds; never retry sooner
             // than the schedule says.
-            delay = delay.max(requested.min(self.retry_after_max.max(base)));
+            floor = floor.max(requested.min(self.retry_after_max.max(base)));
+        }
+        if floor > delay {
+            // Spread above the floor, as the schedule's delays are spread around theirs: a
+            // receiver that timed out ten thousand attempts in one second must not get ten
+            // thousand retries in one second a minute later, as it recovers.
+            return RetryDecision::RetryIn(self.spread_above(floor, rng));
         }
         RetryDecision::RetryIn(delay)
+    }
+
+    /// `floor`, made longer by up to the jitter's fraction of it.
+    fn spread_above(&self, floor: Duration, rng: &mut impl Rng) -> Duration {
+        if self.jitter <= 0.0 {
+            return floor;
+        }
+        floor.mul_f64(rng.random_range(1.0..=(1.0 + self.jitter)))
     }
 
     fn jittered(&self, base: Duration, rng: &mut impl Rng) -> Duration {
@@ -166,6 +181,43 @@ mod tests {
             policy.decide(FAIL, 0, true, NOT_LONG, &mut rng),
             RetryDecision::GiveUp
         );
+    }
+
+    /// A minimum delay (the overload penalty, a `Retry-After`) is spread above itself by the
+    /// jitter, so retries of many attempts that failed together do not all fall due together.
+    #[test]
+    fn delays_held_at_a_floor_are_spread_above_it() {
+        let policy = RetryPolicy::default();
+        let mut rng = rng();
+        for outcome in [
+            AttemptOutcome::Overloaded { retry_after: None },
+            AttemptOutcome::Failed {
+                retry_after: Some(Duration::from_secs(60)),
+            },
+        ] {
+            let delays: Vec<Duration> = (0..50)
+                .map(
+                    |_| match policy.decide(outcome, 0, false, NOT_LONG, &mut rng) {
+                        RetryDecision::RetryIn(d) => d,
+                        other => panic!("{other:?}"),
+                    },
+                )
+                .collect();
+            let (min, max) = (delays.iter().min(), delays.iter().max());
+            assert!(
+                min >= Some(&Duration::from_secs(60)),
+                "never before the floor: {min:?}"
+            );
+            assert!(
+                max <= Some(&Duration::from_secs(72)),
+                "within a fifth: {max:?}"
+            );
+            assert!(
+                max.zip(min)
+                    .is_some_and(|(max, min)| *max - *min > Duration::from_secs(5)),
+                "spread, not all at one instant: {min:?} to {max:?}"
+            );
+        }
     }
 
     #[test]

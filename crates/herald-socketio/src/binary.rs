@@ -29,7 +29,9 @@ pub enum InboundError {
     NotAnEvent,
     #[error("binary attachment {0} is missing")]
     MissingAttachment(u64),
-    #[error("binary attachment {0} has more than one placeholder; each attachment goes in one place")]
+    #[error(
+        "binary attachment {0} has more than one placeholder; each attachment goes in one place"
+    )]
     RepeatedAttachment(u64),
 }
 

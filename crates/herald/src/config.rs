@@ -129,6 +129,8 @@ pub struct ClusterSection {
 /// Bounds of `cluster.node_ttl_secs`: a heartbeat every third of a second at least, and a dead
 /// node's members gone within the hour at most.
 const NODE_TTL_SECS: std::ops::RangeInclusive<u64> = 1..=3600;
+/// The longest any `[retention]` setting keeps anything: a century, as the API's `payloadDays`.
+const MAX_RETENTION_DAYS: u32 = 36_500;
 
 impl Default for ClusterSection {
     fn default() -> Self {
@@ -706,7 +708,8 @@ impl Config {
         let keys = EnvKeys::of_config()?;
         let ignored = keys.ignored();
         if !ignored.is_empty() {
-            tracing::info!(
+            // `warn`, not `info`: a misspelt top-level name must show under any filter.
+            tracing::warn!(
                 variables = %ignored.join(", "),
                 "ignoring HERALD_* environment variables that are not configuration keys"
             );
@@ -766,6 +769,7 @@ impl Config {
             ));
         }
         self.retention_check()?;
+        self.bounds_check()?;
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return Err(ConfigError::Invalid(
                 "tls.cert and tls.key go together: set both (PEM files) for TLS, or neither".into(),
@@ -837,10 +841,9 @@ impl Config {
             ("listener.body_read_timeout_secs", l.body_read_timeout_secs),
         ];
         for (name, value) in listener_timeouts {
-            // Bounded too: a Duration cannot hold every finite f64.
-            if !(value.is_finite() && value > 0.0 && value <= 1e9) {
+            if !(value.is_finite() && value > 0.0) {
                 return Err(ConfigError::Invalid(format!(
-                    "{name} must be a positive number of seconds (at most 1e9)"
+                    "{name} must be a positive number of seconds"
                 )));
             }
         }
@@ -1109,6 +1112,101 @@ impl Config {
         }
     }
 
+    /// Upper bounds on every time and count that becomes a `Duration`, an instant, a date or a
+    /// semaphore: past them the arithmetic overflows (a panic after the banner, or in a task
+    /// that then stops for good) rather than meaning "forever". A billion seconds is 31 years.
+    fn bounds_check(&self) -> Result<(), ConfigError> {
+        const MAX_SECS: f64 = 1e9;
+        const MAX_WHOLE_SECS: u64 = 1_000_000_000;
+        const MAX_MS: u64 = 1_000 * MAX_WHOLE_SECS;
+        let d = &self.delivery;
+        let r = &self.retention;
+        let l = &self.listener;
+        let fractional = [
+            ("shutdown_grace_secs", self.shutdown_grace_secs),
+            ("delivery.request_timeout_secs", d.request_timeout_secs),
+            ("delivery.connect_timeout_secs", d.connect_timeout_secs),
+            ("delivery.disable_after_secs", d.disable_after_secs),
+            ("delivery.overload_penalty_secs", d.overload_penalty_secs),
+            ("delivery.retry_after_max_secs", d.retry_after_max_secs),
+            ("retention.sweep_interval_secs", r.sweep_interval_secs),
+            (
+                "listener.header_read_timeout_secs",
+                l.header_read_timeout_secs,
+            ),
+            ("listener.body_read_timeout_secs", l.body_read_timeout_secs),
+        ]
+        .into_iter()
+        .chain(
+            d.retry_schedule_secs
+                .iter()
+                .map(|&s| ("delivery.retry_schedule_secs", s)),
+        );
+        for (name, value) in fractional {
+            if value > MAX_SECS {
+                return Err(ConfigError::Invalid(format!(
+                    "{name} ({value}) must be at most {MAX_SECS:e} seconds"
+                )));
+            }
+        }
+        let whole = [
+            ("ws.activity_timeout_secs", self.ws.activity_timeout_secs),
+            ("ws.pong_timeout_secs", self.ws.pong_timeout_secs),
+            (
+                "history.sse_keepalive_secs",
+                self.history.sse_keepalive_secs,
+            ),
+        ];
+        for (name, value) in whole {
+            if value > MAX_WHOLE_SECS {
+                return Err(ConfigError::Invalid(format!(
+                    "{name} ({value}) must be at most {MAX_WHOLE_SECS} seconds"
+                )));
+            }
+        }
+        let millis = [
+            ("tls.watch_interval_ms", self.tls.watch_interval_ms),
+            ("retention.batch_pause_ms", r.batch_pause_ms),
+            ("socketio.ping_interval_ms", self.socketio.ping_interval_ms),
+            ("socketio.ping_timeout_ms", self.socketio.ping_timeout_ms),
+            ("ws.webhook_delay_ms", self.ws.webhook_delay_ms),
+        ];
+        for (name, value) in millis {
+            if value > MAX_MS {
+                return Err(ConfigError::Invalid(format!(
+                    "{name} ({value}) must be at most {MAX_MS} milliseconds"
+                )));
+            }
+        }
+        // A retention day is a day or shorter (tests and soaks shorten it), and a century of
+        // days is the longest anything is kept, as the API's `payloadDays` allows.
+        if r.day_secs > 86_400.0 {
+            return Err(ConfigError::Invalid(format!(
+                "retention.day_secs ({}) must be at most 86400",
+                r.day_secs
+            )));
+        }
+        for (name, days) in [
+            ("retention.payload_days", r.payload_days),
+            ("retention.attempt_days", r.attempt_days),
+            ("retention.ingest_days", r.ingest_days),
+        ] {
+            if days > MAX_RETENTION_DAYS {
+                return Err(ConfigError::Invalid(format!(
+                    "{name} ({days}) must be at most {MAX_RETENTION_DAYS} (a century)"
+                )));
+            }
+        }
+        if l.max_connections > tokio::sync::Semaphore::MAX_PERMITS {
+            return Err(ConfigError::Invalid(format!(
+                "listener.max_connections ({}) must be at most {}",
+                l.max_connections,
+                tokio::sync::Semaphore::MAX_PERMITS
+            )));
+        }
+        Ok(())
+    }
+
     /// How long a node lives without a heartbeat (see [`ClusterSection`]).
     /// The `[retention]` values that make no sense, named.
     fn retention_check(&self) -> Result<(), ConfigError> {
@@ -1250,6 +1348,79 @@ mod tests {
             jail.set_env("HERALD_RETENTION__INGEST_DAYS", "2");
             let err = load().expect_err("under Stripe's retry window");
             assert!(err.contains("retention.ingest_days"), "{err}");
+            Ok(())
+        });
+    }
+
+    /// Each of these once passed `validate` and then panicked: at start-up after the banner
+    /// (`Duration::from_secs_f64`), in the dispatcher's claim loop or an attempt's retry date
+    /// (`now + lease`, `now + delay`), in the retention sweeper (`now - days`), or in tokio's
+    /// semaphore. Each is now refused by name, and the largest allowed value still loads.
+    #[test]
+    fn times_and_counts_past_what_the_arithmetic_holds_are_refused_by_name() {
+        figment::Jail::expect_with(|jail| {
+            let load = || Config::load(None, &Overrides::default()).map_err(|e| e.to_string());
+            let too_large = [
+                (
+                    "HERALD_SHUTDOWN_GRACE_SECS",
+                    "100000000000000000000.0",
+                    "shutdown_grace_secs",
+                ),
+                (
+                    "HERALD_DELIVERY__RETRY_AFTER_MAX_SECS",
+                    "10000000000000.0",
+                    "delivery.retry_after_max_secs",
+                ),
+                (
+                    "HERALD_DELIVERY__REQUEST_TIMEOUT_SECS",
+                    "10000000000000.0",
+                    "delivery.request_timeout_secs",
+                ),
+                (
+                    "HERALD_DELIVERY__RETRY_SCHEDULE_SECS",
+                    "[5, 10000000000000000000.0]",
+                    "delivery.retry_schedule_secs",
+                ),
+                (
+                    "HERALD_RETENTION__INGEST_DAYS",
+                    "4294967295",
+                    "retention.ingest_days",
+                ),
+                (
+                    "HERALD_RETENTION__ATTEMPT_DAYS",
+                    "999999999",
+                    "retention.attempt_days",
+                ),
+                (
+                    "HERALD_RETENTION__DAY_SECS",
+                    "100000.0",
+                    "retention.day_secs",
+                ),
+                (
+                    "HERALD_WS__ACTIVITY_TIMEOUT_SECS",
+                    "18446744073709551615",
+                    "ws.activity_timeout_secs",
+                ),
+                (
+                    "HERALD_LISTENER__MAX_CONNECTIONS",
+                    "18446744073709551615",
+                    "listener.max_connections",
+                ),
+            ];
+            for (variable, value, named) in too_large {
+                jail.set_env(variable, value);
+                let err = load().expect_err(variable);
+                assert!(err.contains(named), "{variable}={value}: {err}");
+                jail.clear_env();
+            }
+            jail.set_env("HERALD_SHUTDOWN_GRACE_SECS", "1000000000.0");
+            jail.set_env("HERALD_RETENTION__INGEST_DAYS", "36500");
+            let config = load()?;
+            // What panicked before: every duration built, every date computed.
+            let delivery = config.delivery_config();
+            assert_eq!(delivery.shutdown_grace, Duration::from_secs(1_000_000_000));
+            let now = chrono::Utc::now();
+            assert!(config.retention().days_before(now, 36_500) < now);
             Ok(())
         });
     }

@@ -34,6 +34,13 @@ impl Retention {
         chrono::Duration::from_std(self.day.saturating_mul(days)).unwrap_or(chrono::Duration::MAX)
     }
 
+    /// `days` retention days before `now`, checked: a date past chrono's range panics, and
+    /// the sweeper would stop for good (the configuration bounds the days as well).
+    pub fn days_before(&self, now: DateTime<Utc>, days: u32) -> DateTime<Utc> {
+        now.checked_sub_signed(self.days(days))
+            .unwrap_or(DateTime::<Utc>::MIN_UTC)
+    }
+
     /// What the publisher stamps messages with.
     pub fn payload(&self) -> herald_channels::publisher::PayloadRetention {
         herald_channels::publisher::PayloadRetention {
@@ -94,12 +101,13 @@ pub async fn sweep(
     // deliveries by much.
     let blocked_recheck = chrono::Duration::from_std(retention.sweep_every.saturating_mul(10))
         .unwrap_or(chrono::Duration::MAX);
-    let attempts_before = now - retention.days(retention.attempt_days);
-    let received_before = now - retention.days(retention.ingest_days);
+    let attempts_before = retention.days_before(now, retention.attempt_days);
+    let received_before = retention.days_before(now, retention.ingest_days);
+    let recheck_at = now
+        .checked_add_signed(blocked_recheck)
+        .unwrap_or(DateTime::<Utc>::MAX_UTC);
     Ok(Swept {
-        payloads: batches(Op::Payloads(now, now + blocked_recheck))
-            .run(store)
-            .await?,
+        payloads: batches(Op::Payloads(now, recheck_at)).run(store).await?,
         attempts: batches(Op::Attempts(attempts_before)).run(store).await?,
         // Messages go with their attempt log: a message is kept while its attempts are.
         messages: batches(Op::Messages(attempts_before)).run(store).await?,

@@ -350,7 +350,13 @@ async fn a_replayed_answer_never_holds_the_secret_it_first_carried() {
         let server = &server;
         async move {
             server
-                .call_as(Some(ADMIN_TOKEN), Method::POST, &path, Some(json!({})), Some(key))
+                .call_as(
+                    Some(ADMIN_TOKEN),
+                    Method::POST,
+                    &path,
+                    Some(json!({})),
+                    Some(key),
+                )
                 .await
         }
     };
@@ -369,16 +375,31 @@ async fn a_replayed_answer_never_holds_the_secret_it_first_carried() {
             None,
         )
         .await;
-    assert_eq!(current["key"], secret, "the secret is read where the API allows");
+    assert_eq!(
+        current["key"], secret,
+        "the secret is read where the API allows"
+    );
 
     let portal = format!("/api/v1/auth/app-portal-access/{app}");
     let (status, first) = call(portal.clone(), "portal-1").await;
     assert_eq!(status, 200, "{first}");
-    assert!(first["token"].as_str().is_some_and(|t| t.starts_with("hrld_")));
-    assert!(first["url"].as_str().is_some_and(|u| u.contains("#key=hrld_")));
+    assert!(
+        first["token"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("hrld_"))
+    );
+    assert!(
+        first["url"]
+            .as_str()
+            .is_some_and(|u| u.contains("#key=hrld_"))
+    );
     let (status, replayed) = call(portal, "portal-1").await;
     assert_eq!(status, 200, "{replayed}");
-    assert_eq!(replayed, json!({}), "neither the token nor the link is kept");
+    assert_eq!(
+        replayed,
+        json!({}),
+        "neither the token nor the link is kept"
+    );
     server.stop().await;
 }
 
