@@ -244,10 +244,14 @@ impl Session {
         for grant in &self.grants {
             initial.extend(grant.rooms.iter().cloned());
         }
+        let mut gone = false;
         for room in initial {
-            // A socket gone before its task started joins nothing (no member_added for it).
+            // A socket gone before (or while) its rooms are joined joins no more of them, and
+            // leaves those it joined below, as any socket does: a `return` here once left them
+            // in the hub for good (a presence member never removed).
             if closed.is_cancelled() {
-                return;
+                gone = true;
+                break;
             }
             let resume = self.positions.remove(&room);
             if let Err(refusal) = self.join(&room, resume.as_ref()).await {
@@ -258,7 +262,7 @@ impl Session {
             }
         }
         let hub = Arc::clone(&self.hub);
-        loop {
+        while !gone {
             tokio::select! {
                 biased;
                 () = closed.cancelled() => break,
@@ -296,6 +300,7 @@ impl Session {
                 }
             }
         }
+        // Every way out of the loops above comes here, so every joined room is left.
         let rooms: Vec<String> = self.rooms.keys().cloned().collect();
         for room in rooms {
             self.leave(&room);
@@ -452,7 +457,12 @@ impl Session {
                     format!("the socket is user {current}; the token given is for {given}"),
                 ));
             }
-            self.grants.push(grant);
+            keep_grant(
+                &mut self.grants,
+                grant,
+                chrono::Utc::now().timestamp(),
+                self.face.config.max_rooms_per_socket,
+            );
         }
         let resume = args
             .position
@@ -751,6 +761,34 @@ impl Session {
 }
 
 /// Takes one token from a socket's `bucket` (none: no limit), or refuses with `rate_limited`.
+/// Keeps `grant` among a socket's grants, which stay bounded however many joins name a token:
+/// expired grants go (all but the first that names a user, which says who the socket is for
+/// as long as it lives), a grant that adds nothing to one kept is not kept, and past `cap`
+/// the oldest grant that names no user makes room.
+fn keep_grant(grants: &mut Vec<Grant>, grant: Grant, now: i64, cap: usize) {
+    let identity = grants.iter().position(|g| g.user_id.is_some());
+    let mut index = 0;
+    grants.retain(|g| {
+        let keep = g.expires_at > now || Some(index) == identity;
+        index += 1;
+        keep
+    });
+    let covered = grants.iter().any(|kept| {
+        kept.expires_at >= grant.expires_at
+            && (grant.user_id.is_none() || kept.user_id == grant.user_id)
+            && grant.rooms.iter().all(|room| kept.rooms.contains(room))
+    });
+    if covered {
+        return;
+    }
+    if grants.len() >= cap.max(1)
+        && let Some(oldest) = grants.iter().position(|g| g.user_id.is_none())
+    {
+        grants.remove(oldest);
+    }
+    grants.push(grant);
+}
+
 fn charge(
     bucket: &mut Option<TokenBucket>,
     what: &str,
@@ -851,5 +889,45 @@ fn translate(frame: &Frame) -> Option<(&'static str, Value)> {
             json!({"room": room, "user_id": data["user_id"]}),
         )),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grant(user: Option<&str>, rooms: &[&str], expires_at: i64) -> Grant {
+        Grant {
+            user_id: user.map(str::to_owned),
+            user_info: None,
+            rooms: rooms.iter().map(|r| (*r).to_owned()).collect(),
+            expires_at,
+        }
+    }
+
+    #[test]
+    fn a_socket_keeps_a_bounded_set_of_grants_however_often_it_joins() {
+        let mut grants = vec![grant(Some("u1"), &["presence-a"], 100)];
+        // The same token, a thousand joins: kept once.
+        for _ in 0..1000 {
+            keep_grant(&mut grants, grant(None, &["private-a"], 200), 50, 10);
+        }
+        assert_eq!(grants.len(), 2, "one grant per token, not per join");
+        // Distinct tokens past the cap: the oldest that names no user makes room.
+        for n in 0..20 {
+            let room = format!("private-{n}");
+            keep_grant(&mut grants, grant(None, &[&room], 200), 50, 10);
+        }
+        assert_eq!(grants.len(), 10);
+        assert_eq!(
+            grants[0].user_id.as_deref(),
+            Some("u1"),
+            "who the socket is stays"
+        );
+        assert!(grants.iter().any(|g| g.rooms == ["private-19"]));
+        // Once expired, grants go, except the one that says who the socket is.
+        keep_grant(&mut grants, grant(None, &["private-late"], 900), 300, 10);
+        let rooms: Vec<&str> = grants.iter().map(|g| g.rooms[0].as_str()).collect();
+        assert_eq!(rooms, ["presence-a", "private-late"]);
     }
 }

@@ -231,13 +231,25 @@ fn admit(upgraded: Upgraded) -> Admitted {
     }))
 }
 
+/// A close frame's reason is at most 123 bytes (RFC 6455, 5.5: a control frame's payload is
+/// at most 125, two of them the code). Ours can name what the client sent (an app key from
+/// the URL), so they are cut at a character; a longer frame is a protocol error that browsers
+/// report as 1006, hiding the code from the client.
+const MAX_CLOSE_REASON: usize = 123;
+
+fn close_frame(code: u16, reason: &str) -> Message {
+    let mut end = reason.len().min(MAX_CLOSE_REASON);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: reason[..end].into(),
+    }))
+}
+
 async fn close_now(mut sink: Sink, mut stream: Stream, code: u16, reason: &str) {
-    let _ = sink
-        .send(Message::Close(Some(CloseFrame {
-            code,
-            reason: reason.into(),
-        })))
-        .await;
+    let _ = sink.send(close_frame(code, reason)).await;
     // Let the close handshake finish (the client answers our close frame).
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         while let Some(Ok(_)) = stream.next().await {}
@@ -473,11 +485,7 @@ async fn send_close(mut sink: Sink, mut frames: Frames, code: u16, reason: Strin
                     .await?;
             }
         }
-        sink.send(Message::Close(Some(CloseFrame {
-            code,
-            reason: reason.into(),
-        })))
-        .await
+        sink.send(close_frame(code, &reason)).await
     })
     .await;
     let sent = matches!(sent, Ok(Ok(())));
@@ -549,4 +557,24 @@ async fn write_queued(
             .await?;
     }
     sink.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_reasons_fit_a_control_frame_and_are_cut_at_a_character() {
+        for reason in ["short".to_owned(), "é".repeat(100), "k".repeat(200)] {
+            let Message::Close(Some(frame)) = close_frame(4001, &reason) else {
+                panic!("a close frame");
+            };
+            assert!(frame.reason.len() <= MAX_CLOSE_REASON);
+            assert!(reason.starts_with(frame.reason.as_str()));
+            assert_eq!(
+                frame.reason.len(),
+                reason.len().min(122 + usize::from(reason.is_ascii()))
+            );
+        }
+    }
 }

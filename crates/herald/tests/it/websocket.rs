@@ -32,6 +32,18 @@ async fn handshake_ping_and_unknown_app() {
         Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, CloseCode::from(4001)),
         other => panic!("expected close 4001, got {other:?}"),
     }
+    // A key long enough that the reason naming it would pass a close frame's 123 bytes: the
+    // reason is cut (at a character), so the client still reads 4001 rather than a broken
+    // frame (a browser reports 1006, and pusher-js would reconnect forever).
+    let long_key = "k".repeat(110);
+    let mut stranger = open(&server, &long_key).await;
+    match stranger.next().await {
+        Some(Ok(Message::Close(Some(frame)))) => {
+            assert_eq!(frame.code, CloseCode::from(4001));
+            assert!(frame.reason.len() <= 123, "{}", frame.reason.len());
+        }
+        other => panic!("expected close 4001, got {other:?}"),
+    }
     server.stop().await;
 }
 
