@@ -262,41 +262,44 @@ impl Session {
             }
         }
         let hub = Arc::clone(&self.hub);
-        while !gone {
-            tokio::select! {
-                biased;
-                () = closed.cancelled() => break,
-                // `mount` closes the transports; the rooms are left here, at once.
-                () = self.face.shutdown.cancelled() => break,
-                () = overflowed.cancelled() => {
-                    self.too_slow(&socket, &closed).await;
-                    break;
-                }
-                () = hub.removed() => {
-                    disconnect(&socket, &closed).await;
-                    break;
-                }
-                item = frames.recv() => {
-                    let Some(item) = item else { break };
-                    let mut written = self.write(&socket, &item);
-                    // Whatever else is queued, without another turn of the select.
-                    while written == Written::Yes
-                        && let Ok(item) = frames.try_recv()
-                    {
-                        written = self.write(&socket, &item);
+        // Serves the socket, unless it went while its rooms were joined.
+        if !gone {
+            loop {
+                tokio::select! {
+                    biased;
+                    () = closed.cancelled() => break,
+                    // `mount` closes the transports; the rooms are left here, at once.
+                    () = self.face.shutdown.cancelled() => break,
+                    () = overflowed.cancelled() => {
+                        self.too_slow(&socket, &closed).await;
+                        break;
                     }
-                    match written {
-                        Written::Yes => {}
-                        Written::Gone => break,
-                        Written::Full => {
-                            self.too_slow(&socket, &closed).await;
-                            break;
+                    () = hub.removed() => {
+                        disconnect(&socket, &closed).await;
+                        break;
+                    }
+                    item = frames.recv() => {
+                        let Some(item) = item else { break };
+                        let mut written = self.write(&socket, &item);
+                        // Whatever else is queued, without another turn of the select.
+                        while written == Written::Yes
+                            && let Ok(item) = frames.try_recv()
+                        {
+                            written = self.write(&socket, &item);
+                        }
+                        match written {
+                            Written::Yes => {}
+                            Written::Gone => break,
+                            Written::Full => {
+                                self.too_slow(&socket, &closed).await;
+                                break;
+                            }
                         }
                     }
-                }
-                packet = packets.recv() => {
-                    let Some(packet) = packet else { break };
-                    self.handle(&socket, packet).await;
+                    packet = packets.recv() => {
+                        let Some(packet) = packet else { break };
+                        self.handle(&socket, packet).await;
+                    }
                 }
             }
         }

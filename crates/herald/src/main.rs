@@ -328,6 +328,14 @@ async fn serve(
     config: Config,
     dev_certificate: Option<herald::tls::DevCertificate>,
 ) -> anyhow::Result<()> {
+    // One server per SQLite data directory, held until `serve` returns (the store is closed
+    // by then): a second would send the same deliveries (`ServingLock`).
+    let _serving = match config.store_config()? {
+        herald::store::StoreConfig::Sqlite { dir } => {
+            Some(herald_store::sqlite::ServingLock::acquire(&dir)?)
+        }
+        herald::store::StoreConfig::Postgres { .. } => None,
+    };
     // A certificate that cannot be served stops the start here, naming the file, before the
     // banner tells anyone a listener is up.
     let tls = config

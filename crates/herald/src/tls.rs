@@ -456,7 +456,13 @@ pub fn dev_certificate(data_dir: &Path) -> anyhow::Result<DevCertificate> {
             created: false,
         });
     }
-    std::fs::create_dir_all(data_dir)
+    // Owner-only, as the store creates it (this may run first, before the store opens).
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder
+        .create(data_dir)
         .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
     let key = rcgen::KeyPair::generate().context("generating the dev TLS key")?;
     let mut params = rcgen::CertificateParams::new(vec![

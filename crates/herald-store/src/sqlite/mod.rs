@@ -30,12 +30,14 @@ mod leases;
 mod messages;
 mod permissions;
 mod retention;
+mod serving;
 mod tokens;
 // Shared with the PostgreSQL store: the JSON shapes of the text columns and the id parsing.
 pub(crate) mod rows;
 mod secrets;
 
 pub use secrets::{KEY_FILE, read_key_file};
+pub use serving::{LOCK_FILE, ServingLock, ServingLockError};
 
 use std::{
     path::Path,
@@ -121,6 +123,10 @@ impl SqliteStore {
             // (re-encrypted, rotated) leaves no copy in the page's free space, at no extra I/O.
             .pragma("secure_delete", "fast")
             .busy_timeout(Duration::from_secs(10));
+        // Held until the schema is migrated and the readers are open: a new database's first
+        // connection switches it to WAL, which another process's connection at that moment
+        // fails on at once ("database is locked"), and sqlx's migrator takes no lock of its own.
+        let migrating = serving::lock_for_migration(dir).await?;
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
@@ -135,6 +141,7 @@ impl SqliteStore {
             .test_before_acquire(false)
             .connect_with(options.read_only(true))
             .await?;
+        drop(migrating);
         // SQLite has made its -wal and -shm files by now, with the database file's mode.
         permissions::secure_files(dir, DB_FILE)?;
 

@@ -25,6 +25,12 @@ pub(super) fn prepare(dir: &Path, db_file: &str) -> io::Result<()> {
     secure_files(dir, db_file)
 }
 
+/// Creates `dir` (and its parents) owner-only if missing, as [`prepare`] does, without the
+/// database file (for the serving lock, taken before the store is opened).
+pub(super) fn prepare_data_dir(dir: &Path) -> io::Result<()> {
+    imp::prepare_dir(dir, &dir.join(super::DB_FILE))
+}
+
 /// Makes the database file and whichever of its side files exist owner-only.
 pub(super) fn secure_files(dir: &Path, db_file: &str) -> io::Result<()> {
     imp::tighten(&dir.join(db_file), "database file")?;

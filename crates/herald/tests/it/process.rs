@@ -590,6 +590,57 @@ async fn herald_serves_from_postgresql_and_keeps_its_data_across_restarts() {
     db.drop_now().await;
 }
 
+/// A second `herald serve` on a SQLite data directory that one already serves refuses to start
+/// and names the process that holds it (the leases that keep a delivery from going out twice
+/// live in the serving process); `herald migrate` still runs beside the server, and once the
+/// first has stopped the directory can be served again.
+#[tokio::test]
+async fn a_second_server_on_one_sqlite_directory_refuses_to_start() {
+    let dir = tempfile::tempdir().expect("dir");
+    let sqlite = format!("sqlite://{}", dir.path().display());
+    let on_sqlite = [
+        ("HERALD_STORE__URL", sqlite.as_str()),
+        ("HERALD_BROKER__URL", ""),
+    ];
+    let mut first = spawn_herald_env(dir.path(), &[], &on_sqlite).await;
+    let second = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(dir.path())
+        .envs(on_sqlite)
+        .env("HERALD_ADMIN_TOKEN", ADMIN_TOKEN)
+        .output()
+        .await
+        .expect("run a second herald serve");
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "the second server must not start");
+    assert!(
+        stderr.contains("another Herald process")
+            && stderr.contains(&format!("pid {}", first.child.id().expect("pid"))),
+        "{stderr}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&second.stdout).contains("herald listening"),
+        "no banner from the refused server"
+    );
+    let migrate = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["migrate", "--data"])
+        .arg(dir.path())
+        .envs(on_sqlite)
+        .output()
+        .await
+        .expect("run herald migrate");
+    assert!(
+        migrate.status.success(),
+        "migrate runs beside a server: {}",
+        String::from_utf8_lossy(&migrate.stderr)
+    );
+    let (status, _) = first.api.call(Method::GET, "/api/v1/app", None).await;
+    assert_eq!(status, 200, "the first server serves on");
+    terminate(&mut first.child).await;
+    let mut again = spawn_herald_env(dir.path(), &[], &on_sqlite).await;
+    terminate(&mut again.child).await;
+}
+
 /// `herald migrate` brings the store's schema up to date and exits, naming the store; a server
 /// started on it afterwards finds nothing to do.
 #[tokio::test]
