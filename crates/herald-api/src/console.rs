@@ -25,7 +25,7 @@ use crate::{
 struct Files;
 
 /// Same origin only; WebSockets (the debug view's Pusher connection) to this host.
-const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; connect-src 'self' ws: wss:; \
+const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; connect-src 'self'; \
      img-src 'self' data:; style-src 'self'; script-src 'self'; frame-ancestors 'none'; \
      base-uri 'none'; form-action 'self'";
 

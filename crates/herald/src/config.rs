@@ -997,6 +997,7 @@ impl Config {
             header_read_timeout: Duration::from_secs_f64(l.header_read_timeout_secs),
             body_read_timeout: Duration::from_secs_f64(l.body_read_timeout_secs),
             max_header_bytes: l.max_header_bytes,
+            drain_timeout: Duration::from_secs_f64(self.shutdown_grace_secs),
         }
     }
 

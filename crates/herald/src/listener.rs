@@ -91,6 +91,10 @@ pub struct ListenerLimits {
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
     pub max_header_bytes: usize,
+    /// How long a connection's request in flight at shutdown may take to finish (the
+    /// configuration's `shutdown_grace_secs`): a client that stopped reading its response
+    /// must not hold the server's exit.
+    pub drain_timeout: Duration,
 }
 
 impl Default for ListenerLimits {
@@ -106,6 +110,7 @@ impl Default for ListenerLimits {
             // The whole body: at the default 1 MiB body limit, at least ~35 KB/s.
             body_read_timeout: Duration::from_secs(30),
             max_header_bytes: 32 * 1024,
+            drain_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -128,6 +133,7 @@ pub async fn serve(
         limits.trusted_proxies.clone(),
     ));
     let body_timeout = limits.body_read_timeout;
+    let drain_timeout = limits.drain_timeout;
     let handshake_timeout = limits.header_read_timeout;
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -270,9 +276,16 @@ pub async fn serve(
             let driven = tokio::select! {
                 driven = drive(&mut connection, &detach) => driven,
                 () = shutdown.cancelled() => {
-                    // Finish the request in flight (if any), then close.
+                    // Finish the request in flight (if any), then close; within the drain
+                    // timeout, as hyper has no write timeout of its own.
                     Pin::new(&mut connection).graceful_shutdown();
-                    drive(&mut connection, &detach).await
+                    match tokio::time::timeout(drain_timeout, drive(&mut connection, &detach)).await {
+                        Ok(driven) => driven,
+                        Err(_) => {
+                            tracing::debug!(%peer, "dropping a connection whose response did not finish within the shutdown grace");
+                            return;
+                        }
+                    }
                 }
             };
             let response = match driven {

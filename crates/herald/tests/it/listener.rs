@@ -58,6 +58,80 @@ async fn read_to_close(stream: &mut (impl AsyncRead + Unpin)) -> Vec<u8> {
     received
 }
 
+/// A client that pipelines requests for large responses and never reads them holds its
+/// connection's response half-written (hyper has no write timeout). At shutdown that
+/// connection gets `shutdown_grace_secs` to finish, then is dropped: the server stops, where
+/// it once waited for the client forever.
+#[tokio::test]
+async fn a_client_that_stops_reading_does_not_hold_the_shutdown() {
+    let server = TestServer::start_with(|c| c.shutdown_grace_secs = 0.5).await;
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket
+        .set_recv_buffer_size(4096)
+        .expect("a small receive buffer");
+    let mut stalled = socket
+        .connect(addr(&server).parse().expect("address"))
+        .await
+        .expect("connect");
+    // About 9 MB of responses asked for, more than loopback's socket buffers hold.
+    let request = b"GET /console/console.js HTTP/1.1\r\nHost: herald\r\n\r\n";
+    for _ in 0..300 {
+        stalled.write_all(request).await.expect("write");
+    }
+    // The first response has begun.
+    let mut first = [0u8; 12];
+    stalled.read_exact(&mut first).await.expect("read");
+    assert_eq!(&first, b"HTTP/1.1 200");
+    // Shutdown comes once the server's side is stuck: its unsent bytes no longer grow (the
+    // kernel's send buffer is full, and the response being written waits for the client).
+    let ports = (
+        server_port(&server),
+        stalled.local_addr().expect("local address").port(),
+    );
+    let mut last = 0;
+    eventually("the server's writes to block", || {
+        let unsent = unsent_bytes(ports.0, ports.1);
+        let stuck = unsent > 0 && unsent == last;
+        last = unsent;
+        async move { stuck.then_some(()) }
+    })
+    .await;
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), server.stop())
+        .await
+        .expect("the server stops although a client never reads its responses");
+    eprintln!("stopped in {:?}", started.elapsed());
+    drop(stalled);
+}
+
+fn server_port(server: &TestServer) -> u16 {
+    addr(server)
+        .rsplit_once(':')
+        .and_then(|(_, port)| port.parse().ok())
+        .expect("the server's port")
+}
+
+/// The bytes the server's end of a loopback connection (from `server_port` to `client_port`)
+/// holds unsent, from /proc/net/tcp's `tx_queue` (the test server runs in this process).
+fn unsent_bytes(server_port: u16, client_port: u16) -> u64 {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
+    let local = format!(":{server_port:04X}");
+    let remote = format!(":{client_port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (local_address, remote_address, queues) =
+                (fields.get(1)?, fields.get(2)?, fields.get(4)?);
+            (local_address.ends_with(&local) && remote_address.ends_with(&remote))
+                .then(|| u64::from_str_radix(queues.split(':').next()?, 16).ok())
+                .flatten()
+        })
+        .next()
+        .unwrap_or(0)
+}
+
 /// The review's slowloris: 50 sockets that send half a request head stayed open 95 s. Now
 /// each is closed once the header read timeout passes, and so is a kept-alive socket that
 /// sends nothing after its first response.
