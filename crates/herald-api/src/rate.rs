@@ -180,7 +180,9 @@ impl IngestLimiter {
         let (Some(keyed), Some(ip)) = (&self.per_ip, client) else {
             return Ok(());
         };
-        keyed.check(&ip).map_err(|retry_after| {
+        // Counted by /64 on IPv6, as every per-address limit is: one holder rotates through
+        // its /64's addresses at will.
+        keyed.check(&herald_channels::limits::address_key(ip)).map_err(|retry_after| {
             self.hits.limit_hit(Limit::IngestPerAddress);
             tracing::info!(%ip, ?retry_after, "refused a request to /ingest over its address's rate");
             Limited {
@@ -313,6 +315,21 @@ mod tests {
             .limits_hit_total
             .get_or_create(&herald_metrics::LimitLabels { limit })
             .get()
+    }
+
+    /// IPv6 clients are counted by their /64, as every per-address limit counts them: the
+    /// addresses of one /64 share a burst, another /64 has its own.
+    #[test]
+    fn ipv6_addresses_of_one_64_share_one_burst() {
+        let limiter = IngestLimiter::new(rates(1, 1));
+        let at = |ip: &str| Some(ip.parse::<IpAddr>().expect("ip"));
+        assert!(limiter.check_client(at("2001:db8::1")).is_ok());
+        assert!(limiter.check_client(at("2001:db8::2")).is_ok());
+        assert!(
+            limiter.check_client(at("2001:db8::3:4")).is_err(),
+            "a third address of the same /64 is over the burst"
+        );
+        assert!(limiter.check_client(at("2001:db8:0:1::1")).is_ok());
     }
 
     #[test]

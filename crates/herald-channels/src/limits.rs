@@ -300,7 +300,7 @@ impl ClientLimiter {
         let Some(ip) = client.filter(|_| self.limits.any()) else {
             return Ok(ClientPermit::unlimited());
         };
-        let key = key(ip);
+        let key = address_key(ip);
         let mut table = self.lock();
         table.since_sweep += 1;
         if table.since_sweep >= SWEEP_EVERY {
@@ -347,8 +347,10 @@ impl ClientLimiter {
     }
 }
 
-/// IPv4 as is, IPv6 by its /64.
-fn key(ip: IpAddr) -> IpAddr {
+/// The key every per-address limit counts a client under: IPv4 as is, IPv6 by its /64 (one
+/// subscriber line's usual allocation, which its holder can rotate through at will). The
+/// listener, the WebSocket and SSE limiter and `/ingest`'s rate all use it.
+pub fn address_key(ip: IpAddr) -> IpAddr {
     match ip.to_canonical() {
         IpAddr::V6(v6) => {
             let prefix = u128::from(v6) & (u128::MAX << 64);
@@ -580,7 +582,7 @@ mod tests {
         // IPv4-mapped peers are IPv4; IPv6 counts per /64.
         assert_eq!(client("::ffff:198.51.100.7", &[]), ip("198.51.100.7"));
         assert_eq!(
-            key("2001:db8:1:2:3:4:5:6".parse().expect("ip")),
+            address_key("2001:db8:1:2:3:4:5:6".parse().expect("ip")),
             "2001:db8:1:2::".parse::<IpAddr>().expect("ip")
         );
         assert_eq!(limiter.client_address(None, &headers(&[])), None);

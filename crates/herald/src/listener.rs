@@ -39,7 +39,7 @@ use std::{
     fmt,
     future::Future,
     io,
-    net::{IpAddr, Ipv6Addr},
+    net::IpAddr,
     pin::Pin,
     sync::{
         Arc, Mutex, MutexGuard,
@@ -494,7 +494,7 @@ impl PerAddress {
         if self.max == 0 || self.trusted_proxies.iter().any(|net| net.contains(&peer)) {
             return Some(AddressSlot { held: None });
         }
-        let key = address_key(peer);
+        let key = herald_channels::limits::address_key(peer);
         let mut open = self.lock();
         let count = open.entry(key).or_insert(0);
         if *count >= self.max {
@@ -509,14 +509,6 @@ impl PerAddress {
     #[cfg(test)]
     fn tracked(&self) -> usize {
         self.lock().len()
-    }
-}
-
-/// IPv4 as is, IPv6 by its /64 (one subscriber line's usual allocation).
-fn address_key(ip: IpAddr) -> IpAddr {
-    match ip.to_canonical() {
-        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & (u128::MAX << 64))),
-        v4 => v4,
     }
 }
 
