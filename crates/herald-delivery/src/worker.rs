@@ -110,6 +110,8 @@ struct LaneState {
     arrivals: u64,
     endpoints: HashMap<EndpointId, EndpointSlots>,
     apps: HashMap<AppId, AppSlots>,
+    /// Attempts over whose records are still being saved, per endpoint (see [`Saving`]).
+    saving_endpoints: HashMap<EndpointId, u32>,
 }
 
 struct EndpointSlots {
@@ -143,6 +145,25 @@ impl AppSlots {
     }
 }
 
+/// An attempt's record being saved, told to claims under its endpoint (see
+/// [`Lane::claim_limits`]) until dropped.
+struct Saving {
+    lane: Arc<Lane>,
+    endpoint: EndpointId,
+}
+
+impl Drop for Saving {
+    fn drop(&mut self) {
+        let mut state = self.lane.state();
+        if let Some(n) = state.saving_endpoints.get_mut(&self.endpoint) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                state.saving_endpoints.remove(&self.endpoint);
+            }
+        }
+    }
+}
+
 /// What the lane already holds, for the next claim.
 struct ClaimBudget {
     /// How many more jobs the lane takes.
@@ -150,6 +171,8 @@ struct ClaimBudget {
     /// Jobs held (running or waiting) per endpoint and per app.
     endpoints: HashMap<EndpointId, u32>,
     apps: HashMap<AppId, u32>,
+    /// Records being saved per endpoint.
+    saving_endpoints: HashMap<EndpointId, u32>,
 }
 
 impl Lane {
@@ -174,20 +197,33 @@ impl Lane {
         limit as usize * 4
     }
 
-    /// The most leases a claim may let one endpoint and one app hold: one round running plus
-    /// one round waiting each, plus this lane's attempts that ended and whose records are
-    /// still being saved. Those keep their leases until the record commits (the store counts
-    /// them), but they no longer load their endpoint or app; without them in the limit, an
-    /// endpoint's delivery rate was its leases over the record's commit latency (on a busy
-    /// PostgreSQL, about 700 a second). The lane's room still bounds what this node holds.
+    /// The most deliveries a claim may let one endpoint and one app hold: one round running
+    /// plus one round waiting each, so that a claimed job starts within a round's time and its
+    /// lease (two rounds and a margin) outlives its wait.
+    ///
+    /// Attempts that ended and whose records are still being saved keep their leases until the
+    /// record commits, but they no longer load their endpoint or app: the claim is told them
+    /// per endpoint and per app ([`ClaimBudget`]), and a store that counts leases leaves them
+    /// out. (Without that, an endpoint's delivery rate was its leases over the record's commit
+    /// latency: on a busy PostgreSQL, about 700 a second. Raising every endpoint's limit by the
+    /// whole lane's records being saved, as this once did, let a slow endpoint hold rounds of
+    /// jobs that waited past their leases and were then sent again.)
     fn claim_limits(&self) -> (u32, u32) {
-        let saving =
-            Self::unsaved_capacity(self.limit).saturating_sub(self.unsaved.available_permits());
-        let saving = u32::try_from(saving).unwrap_or(u32::MAX);
-        (
-            (self.per_endpoint * 2).saturating_add(saving),
-            (self.per_app * 2).saturating_add(saving),
-        )
+        (self.per_endpoint * 2, self.per_app * 2)
+    }
+
+    /// Counts an attempt's record to `endpoint` as being saved until the returned guard is
+    /// dropped.
+    fn saving(self: &Arc<Self>, endpoint: &EndpointId) -> Saving {
+        *self
+            .state()
+            .saving_endpoints
+            .entry(endpoint.clone())
+            .or_insert(0) += 1;
+        Saving {
+            lane: Arc::clone(self),
+            endpoint: endpoint.clone(),
+        }
     }
 
     /// How many more jobs to claim, and how many each endpoint and app already holds.
@@ -205,6 +241,7 @@ impl Lane {
                 .iter()
                 .map(|(id, slots)| (id.clone(), slots.held()))
                 .collect(),
+            saving_endpoints: state.saving_endpoints.clone(),
         }
     }
 
@@ -609,6 +646,7 @@ impl Dispatcher {
                 per_endpoint_limit,
                 app_in_flight: budget.apps,
                 per_app_limit,
+                saving: budget.saving_endpoints,
             })
             .await?;
         self.metrics
@@ -658,10 +696,11 @@ impl Dispatcher {
             let Ok(permit) = permit else {
                 return; // The semaphore is never closed; nothing to save to if it were.
             };
+            let saving = lane.saving(&job.endpoint.id);
             let me = Arc::clone(&self);
             tasks.spawn(async move {
                 me.save(record).await;
-                drop(permit);
+                drop((saving, permit));
             });
             let next = lane.next_after(&job.app_id, &job.endpoint.id);
             // A freed slot may let the lane claim more.
@@ -974,18 +1013,29 @@ mod tests {
         assert_eq!(budget.room, 16 - 11);
     }
 
-    /// A claim holds an endpoint and an app to two rounds each, plus the records still being
-    /// saved: their leases are still in the store, but their attempts are over.
+    /// A claim holds an endpoint and an app to two rounds each, whatever the lane is saving;
+    /// records being saved are told to the claim by their own endpoint (their leases are still
+    /// in the store, but their attempts are over), and forgotten once saved.
     #[test]
-    fn records_being_saved_raise_the_claims_limits_until_they_are_saved() {
-        let lane = Lane::new(true, 8, 4, 2);
-        assert_eq!(lane.claim_limits(), (4, 8), "two rounds each");
-        let saving = Arc::clone(&lane.unsaved)
-            .try_acquire_many_owned(3)
-            .expect("permits");
-        assert_eq!(lane.claim_limits(), (7, 11), "three records being saved");
-        drop(saving);
-        assert_eq!(lane.claim_limits(), (4, 8), "saved: two rounds again");
+    fn records_being_saved_are_counted_by_their_own_endpoint() {
+        let lane = Lane::new(true, 256, 64, 32);
+        let (a, b) = (
+            EndpointId::parse("ep_a").expect("id"),
+            EndpointId::parse("ep_b").expect("id"),
+        );
+        let guards: Vec<Saving> = (0..100).map(|_| lane.saving(&a)).collect();
+        let other = lane.saving(&b);
+        assert_eq!(
+            lane.claim_limits(),
+            (64, 128),
+            "101 records being saved raise no endpoint's limit"
+        );
+        let budget = lane.claim_budget();
+        assert_eq!(budget.saving_endpoints.get(&a), Some(&100));
+        assert_eq!(budget.saving_endpoints.get(&b), Some(&1));
+        drop(guards);
+        drop(other);
+        assert!(lane.claim_budget().saving_endpoints.is_empty());
     }
 
     #[test]

@@ -54,6 +54,7 @@ checks!(
     a_claim_leaves_out_apps_at_their_share_and_looks_past_their_backlog,
     a_disabled_endpoints_deliveries_take_none_of_their_apps_share,
     a_claim_leaves_out_endpoints_at_their_limit,
+    records_being_saved_do_not_count_against_their_endpoints_limit,
     a_claim_finds_work_behind_a_full_endpoints_long_backlog,
     a_recorded_attempt_is_logged_and_settles_the_delivery,
     each_lane_says_when_its_next_delivery_falls_due,
@@ -282,6 +283,7 @@ fn claim(
         per_endpoint_limit,
         app_in_flight,
         per_app_limit,
+        saving: HashMap::new(),
     }
 }
 
@@ -741,6 +743,44 @@ pub async fn a_claim_leaves_out_endpoints_at_their_limit(store: &dyn Store) {
         jobs.is_empty(),
         "full's rows are leased and free is at its limit: {}",
         jobs.len()
+    );
+}
+
+/// Deliveries whose attempts are over and whose records the caller is still saving keep their
+/// leases, but a claim that is told of them (`saving`) leaves them out of their endpoint's
+/// count: the endpoint gets its whole limit of new deliveries, and no more.
+pub async fn records_being_saved_do_not_count_against_their_endpoints_limit(store: &dyn Store) {
+    let app = stored_app(store, "A").await;
+    let target = endpoint(&app.id);
+    store.create_endpoint(&target).await.expect("endpoint");
+    for _ in 0..6 {
+        store
+            .create_message(message(&app.id, None), vec![target.id.clone()])
+            .await
+            .expect("m");
+    }
+    let now = Utc::now() + chrono::Duration::seconds(1);
+    let first = store
+        .claim_due(&claim(now, 10, HashMap::new(), 2, HashMap::new(), 100))
+        .await
+        .expect("claim");
+    assert_eq!(first.len(), 2, "the endpoint's limit");
+    // Both attempts are over; their records are being saved, their leases still live.
+    let request = ClaimRequest {
+        saving: HashMap::from([(target.id.clone(), 2)]),
+        ..claim(now, 10, HashMap::new(), 2, HashMap::new(), 100)
+    };
+    let second = store.claim_due(&request).await.expect("claim");
+    assert_eq!(
+        second.len(),
+        2,
+        "the records being saved leave room for two more, and only two"
+    );
+    assert!(
+        second
+            .iter()
+            .all(|j| first.iter().all(|f| f.msg_id != j.msg_id)),
+        "leased deliveries are not claimed again"
     );
 }
 

@@ -203,6 +203,12 @@ pub struct ClaimRequest {
     /// no more.
     pub app_in_flight: std::collections::HashMap<AppId, u32>,
     pub per_app_limit: u32,
+    /// The caller's deliveries whose attempts are over and whose records are still being
+    /// saved, per endpoint. They keep their leases until the record commits but no longer
+    /// load their endpoint or app: a store that counts live leases leaves these out, from the
+    /// endpoint's count and so from its app's (the counts in `in_flight` and `app_in_flight`
+    /// never include them).
+    pub saving: std::collections::HashMap<EndpointId, u32>,
 }
 
 /// A claimed delivery, with everything needed to make the HTTP request.

@@ -674,6 +674,7 @@ mod tests {
                 per_endpoint_limit: 10,
                 app_in_flight: HashMap::new(),
                 per_app_limit: 10,
+                saving: Default::default(),
             })
             .await
             .expect("claim");

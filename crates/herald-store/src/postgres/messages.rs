@@ -20,7 +20,8 @@
 //! its commit) and keeps the planner on index reads and cached plans. So claims on all nodes
 //! take turns, and each pass's statement, with a snapshot of its own taken under the lock,
 //! sees every lease the earlier claims committed. Each pass counts the live leases
-//! (`delivery_leases` rows with `leased_until > now`) per endpoint and per app, and holds an
+//! (`delivery_leases` rows with `leased_until > now`) per endpoint and per app, less the
+//! caller's records being saved (`saving`: attempts that are over), and holds an
 //! endpoint or app at the larger of that count and the request's `in_flight` /
 //! `app_in_flight` (the caller's own deliveries are live leases too, so the two are not
 //! added; the request's can be the larger, for a caller whose leases ran out mid-attempt).
@@ -359,6 +360,7 @@ impl MessageStore for PostgresStore {
         let mut taken_endpoints: HashMap<EndpointId, u32> = HashMap::new();
         let mut taken_apps: HashMap<AppId, u32> = HashMap::new();
         let mut jobs: Vec<DeliveryJob> = Vec::new();
+        let saving = Held::new(&request.saving, &HashMap::new());
         let mut tx = self.pool.begin_with(BEGIN_CLAIM).await?;
         for _ in 0..CLAIM_PASSES {
             let endpoints = Held::new(&request.in_flight, &taken_endpoints);
@@ -366,9 +368,11 @@ impl MessageStore for PostgresStore {
             let wanted = limit - jobs.len();
             let fetch = candidates_to_fetch(wanted);
             let statement = claim_statement(request.first_attempts, walk);
-            let rows = bind_pass(&statement, walk, request, &endpoints, &apps, wanted)
-                .fetch_all(&mut *tx)
-                .await?;
+            let rows = bind_pass(
+                &statement, walk, request, &endpoints, &apps, &saving, wanted,
+            )
+            .fetch_all(&mut *tx)
+            .await?;
             let (mut candidates, mut enabled, mut claimed) = (0_i64, 0_i64, 0_i64);
             let mut walk_ended_early = false;
             let mut room_elsewhere = false;
@@ -574,6 +578,7 @@ fn bind_pass<'q>(
     request: &ClaimRequest,
     endpoints: &'q Held,
     apps: &'q Held,
+    saving: &'q Held,
     wanted: usize,
 ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
     let query = sqlx::query(AssertSqlSafe(statement))
@@ -586,7 +591,9 @@ fn bind_pass<'q>(
         .bind(&apps.counts)
         .bind(i64::from(request.per_app_limit))
         .bind(i64::try_from(wanted).unwrap_or(i64::MAX))
-        .bind(millis(request.lease_until));
+        .bind(millis(request.lease_until))
+        .bind(&saving.ids)
+        .bind(&saving.counts);
     match walk {
         Walk::InTimeOrder => query.bind(walk_length(wanted)),
         Walk::ByEndpoint => query,
@@ -696,7 +703,7 @@ const BEGIN_CLAIM: &str = concat!(
 /// caller's own count (its in-flight deliveries are live leases as well: never added).
 /// `cand` locks (`SKIP LOCKED`: rows locked by a record or an enqueue are passed over) the
 /// earliest due, unleased or lease-expired rows of the lane, no more per endpoint than its
-/// room (`limit - held`), found by the pass's [`Walk`]: in due order for at most `$11` rows
+/// room (`limit - held`), found by the pass's [`Walk`]: in due order for at most `$13` rows
 /// beyond those in flight (`walked`, of which `in_room` keeps what fits each endpoint's room,
 /// then each app's), or endpoint by endpoint (`endpoints_due`, a skip scan, then each
 /// endpoint's earliest due rows, up to its room). Disabled endpoints' rows take no room: they
@@ -710,8 +717,9 @@ const BEGIN_CLAIM: &str = concat!(
 ///
 /// Parameters: $1 now, $2 candidates to fetch, $3/$4 endpoint ids and the caller's counts, $5
 /// per-endpoint limit, $6/$7 app ids and the caller's counts, $8 per-app limit, $9 rows
-/// wanted, $10 lease until, and for a walk in due order $11 the rows it reads beyond those in
-/// flight. The summary row also says how many rows that walk read and how many it could
+/// wanted, $10 lease until, $11/$12 endpoint ids and the caller's records being saved (their
+/// leases are left out of `live`), and for a walk in due order $13 the rows it reads beyond
+/// those in flight. The summary row also says how many rows that walk read and how many it could
 /// (`n_walked`, `walk_cap`): a walk that read all it could and found too few is followed by a
 /// walk by endpoint, if that walk could lease anything (`room_elsewhere`, below).
 fn claim_statement(first_attempts: bool, walk: Walk) -> String {
@@ -723,11 +731,11 @@ fn claim_statement(first_attempts: bool, walk: Walk) -> String {
     };
     let (candidates, walked) = match walk {
         Walk::InTimeOrder => (
-            // The lane's earliest due rows, leased ones too: the walk stops after `$11` rows
+            // The lane's earliest due rows, leased ones too: the walk stops after `$13` rows
             // beyond what is in flight, however many of them belong to full endpoints.
             format!(
                 "walk_cap AS (
-                     SELECT ($11 + COALESCE(SUM(n), 0))::bigint AS n FROM live
+                     SELECT ($13 + COALESCE(SUM(n), 0))::bigint AS n FROM live
                  ),
                  walked AS (
                      SELECT d.msg_id, d.endpoint_id, d.app_id, d.next_attempt_at,
@@ -881,10 +889,12 @@ fn claim_statement(first_attempts: bool, walk: Walk) -> String {
     };
     format!(
         "WITH RECURSIVE live AS (
-             SELECT app_id, endpoint_id, COUNT(*) AS n
-             FROM delivery_leases
-             WHERE leased_until > $1
-             GROUP BY app_id, endpoint_id
+             SELECT l.app_id, l.endpoint_id, GREATEST(0, l.n - COALESCE(s.n, 0)) AS n
+             FROM (SELECT app_id, endpoint_id, COUNT(*) AS n
+                   FROM delivery_leases
+                   WHERE leased_until > $1
+                   GROUP BY app_id, endpoint_id) l
+             LEFT JOIN UNNEST($11::text[], $12::bigint[]) AS s(id, n) ON s.id = l.endpoint_id
          ),
          endpoint_held AS (
              SELECT id, MAX(n) AS held
@@ -1176,6 +1186,7 @@ pub(super) mod tests {
             per_endpoint_limit,
             app_in_flight: HashMap::new(),
             per_app_limit,
+            saving: Default::default(),
         }
     }
 
@@ -1272,6 +1283,7 @@ pub(super) mod tests {
             &statement,
             walk,
             request,
+            &nothing_held,
             &nothing_held,
             &nothing_held,
             wanted,
@@ -1521,10 +1533,18 @@ pub(super) mod tests {
         let mut tx = store.pool.begin().await.expect("begin");
         let walk = Walk::InTimeOrder;
         let statement = claim_statement(true, walk);
-        let rows = bind_pass(&statement, walk, &request, &nothing_held, &nothing_held, 1)
-            .fetch_all(&mut *tx)
-            .await
-            .expect("claim statement");
+        let rows = bind_pass(
+            &statement,
+            walk,
+            &request,
+            &nothing_held,
+            &nothing_held,
+            &nothing_held,
+            1,
+        )
+        .fetch_all(&mut *tx)
+        .await
+        .expect("claim statement");
         // Rolled back before anything is asserted: a transaction left open would hold its
         // locks against the schema's drop at the end of the test.
         tx.rollback().await.expect("rollback");

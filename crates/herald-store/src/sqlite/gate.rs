@@ -205,6 +205,7 @@ mod tests {
                 .map(|(a, n)| (app(a), *n))
                 .collect::<HashMap<_, _>>(),
             per_app_limit: 4,
+            saving: Default::default(),
         }
     }
 

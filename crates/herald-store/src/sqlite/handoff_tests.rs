@@ -86,6 +86,7 @@ fn claim(at: DateTime<Utc>, first_attempts: bool, held: &[(&EndpointId, u32)]) -
         per_endpoint_limit: 1,
         app_in_flight: HashMap::new(),
         per_app_limit: 100,
+        saving: Default::default(),
     }
 }
 

@@ -593,6 +593,7 @@ mod tests {
             per_endpoint_limit: 10,
             app_in_flight: HashMap::new(),
             per_app_limit: 100,
+            saving: Default::default(),
         };
         let first = store.claim_due(&request(true)).await.expect("claim");
         assert_eq!(first.len(), 1);
