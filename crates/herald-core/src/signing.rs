@@ -25,11 +25,21 @@ pub enum SecretError {
     BadLength(usize),
 }
 
-/// An endpoint's signing secret, kept as its decoded key bytes.
-#[derive(Clone, PartialEq, Eq)]
+/// An endpoint's signing secret, kept as its decoded key bytes. Two secrets compare in
+/// constant time.
+#[derive(Clone)]
 pub struct EndpointSecret {
     key: Vec<u8>,
 }
+
+impl PartialEq for EndpointSecret {
+    fn eq(&self, other: &Self) -> bool {
+        use subtle::ConstantTimeEq;
+        self.key.ct_eq(&other.key).into()
+    }
+}
+
+impl Eq for EndpointSecret {}
 
 impl std::fmt::Debug for EndpointSecret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

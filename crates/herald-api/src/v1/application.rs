@@ -38,7 +38,7 @@ pub struct ApplicationIn {
     #[serde(default)]
     pub uid: Option<String>,
     #[serde(default)]
-    pub throttle_rate: Option<i64>,
+    pub throttle_rate: Option<u16>,
     #[serde(default)]
     pub metadata: Option<Metadata>,
     /// Svix's deprecated name for `throttleRate`; accepted and ignored (see the README).
@@ -66,7 +66,7 @@ pub struct ApplicationPatch {
     #[serde(default, deserialize_with = "super::double_option")]
     uid: Option<Option<String>>,
     #[serde(default, deserialize_with = "super::double_option")]
-    throttle_rate: Option<Option<i64>>,
+    throttle_rate: Option<Option<u16>>,
     #[serde(default)]
     metadata: Option<Metadata>,
     #[serde(default, deserialize_with = "super::double_option")]
@@ -199,7 +199,7 @@ pub(crate) async fn create_app(state: &ApiState, input: ApplicationIn) -> ApiRes
         id: herald_core::AppId::new(now),
         uid: input.uid,
         name: input.name,
-        throttle_rate: input.throttle_rate,
+        throttle_rate: input.throttle_rate.map(i64::from),
         metadata: input.metadata.unwrap_or_default(),
         pusher: PusherCredentials::generate(),
         history: input.history.map(super::wire::history_in),
@@ -322,7 +322,7 @@ pub async fn upsert(
             validate_in(&input)?;
             app.name = input.name;
             app.uid = input.uid;
-            app.throttle_rate = input.throttle_rate;
+            app.throttle_rate = input.throttle_rate.map(i64::from);
             app.metadata = input.metadata.unwrap_or_default();
             if input.history.is_some() {
                 app.history = input.history.map(super::wire::history_in);
@@ -369,7 +369,7 @@ pub async fn patch(
         app.uid = uid;
     }
     if let Some(rate) = patch.throttle_rate {
-        app.throttle_rate = rate;
+        app.throttle_rate = rate.map(i64::from);
     }
     if let Some(metadata) = patch.metadata {
         app.metadata = metadata;

@@ -58,7 +58,7 @@ pub struct EndpointIn {
     #[serde(default)]
     uid: Option<String>,
     #[serde(default)]
-    throttle_rate: Option<i64>,
+    throttle_rate: Option<u16>,
     #[serde(default)]
     disabled: Option<bool>,
     /// Herald's extension: `standard-webhooks` (default) or `pusher` (channel webhooks).
@@ -98,7 +98,7 @@ pub struct EndpointPatch {
     #[serde(default, deserialize_with = "super::double_option")]
     uid: Option<Option<String>>,
     #[serde(default, deserialize_with = "super::double_option")]
-    throttle_rate: Option<Option<i64>>,
+    throttle_rate: Option<Option<u16>>,
     #[serde(default)]
     disabled: Option<bool>,
     /// `standard-webhooks` or `pusher`.
@@ -211,8 +211,12 @@ fn check_format(v: &mut Validator, format: Option<&str>) -> EndpointFormat {
 }
 
 fn check_headers(v: &mut Validator, headers: &BTreeMap<String, String>) {
+    let mut seen = std::collections::HashSet::new();
     for (name, value) in headers {
-        let result = if HeaderName::from_bytes(name.as_bytes()).is_err() {
+        let result = if !seen.insert(name.to_ascii_lowercase()) {
+            // Header names are case-insensitive: two spellings of one would both be sent.
+            Err(format!("{name} is given twice (header names ignore case)"))
+        } else if HeaderName::from_bytes(name.as_bytes()).is_err() {
             Err(format!("{name:?} is not a valid header name"))
         } else if RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
             Err(format!("{name} is set by Herald and cannot be overridden"))
@@ -267,7 +271,7 @@ fn new_endpoint(app: &App, input: EndpointIn) -> ApiResult<Endpoint> {
         uid: input.uid,
         url: input.url,
         description: input.description.unwrap_or_default(),
-        throttle_rate: input.throttle_rate,
+        throttle_rate: input.throttle_rate.map(i64::from),
         disabled: input.disabled.unwrap_or(false),
         format,
         event_types: non_empty(input.event_types),
@@ -376,10 +380,21 @@ pub async fn upsert(
     if let Some(format) = validate_in(&input)? {
         endpoint.format = format;
     }
+    // An existing endpoint's secret changes only through a rotation, which keeps the old one
+    // signing for a grace period; a PUT that names another is refused rather than ignored. The
+    // same secret (a PUT of the whole object as read) is accepted.
+    if let Some(given) = &input.secret
+        && EndpointSecret::parse(given).ok() != EndpointSecret::parse(&endpoint.secret).ok()
+    {
+        return Err(ApiError::invalid(
+            &["body", "secret"],
+            "an existing endpoint's secret changes through POST .../secret/rotate, which keeps the old secret signing for a grace period",
+        ));
+    }
     endpoint.url = input.url;
     endpoint.description = input.description.unwrap_or_default();
     endpoint.uid = input.uid;
-    endpoint.throttle_rate = input.throttle_rate;
+    endpoint.throttle_rate = input.throttle_rate.map(i64::from);
     endpoint.disabled = input.disabled.unwrap_or(false);
     endpoint.event_types = non_empty(input.event_types);
     endpoint.channels = non_empty(input.channels);
@@ -435,7 +450,7 @@ pub async fn patch(
         endpoint.uid = uid;
     }
     if let Some(rate) = patch.throttle_rate {
-        endpoint.throttle_rate = rate;
+        endpoint.throttle_rate = rate.map(i64::from);
     }
     if let Some(disabled) = patch.disabled {
         if endpoint.disabled && !disabled {
@@ -637,8 +652,17 @@ async fn change_headers(
     if replace {
         endpoint.headers.clear();
     }
-    for name in input.delete_headers.unwrap_or_default() {
-        endpoint.headers.remove(&name);
+    // Header names ignore case: a delete, or a new value, replaces the header however it was
+    // spelt when stored.
+    for name in input
+        .delete_headers
+        .unwrap_or_default()
+        .iter()
+        .chain(input.headers.keys())
+    {
+        endpoint
+            .headers
+            .retain(|stored, _| !stored.eq_ignore_ascii_case(name));
     }
     endpoint.headers.extend(input.headers);
     endpoint.updated_at = crate::now();

@@ -194,11 +194,16 @@ pub fn parse_since(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> 
         'd' => 86_400,
         _ => 0,
     };
-    match number.parse::<i64>() {
-        Ok(n) if seconds_per > 0 && n >= 0 => {
-            Ok(chrono::Utc::now() - chrono::Duration::seconds(n.saturating_mul(seconds_per)))
-        }
-        _ => Err(format!(
+    // Checked: an age past what a date can hold is refused, not a panic.
+    let at = number
+        .parse::<i64>()
+        .ok()
+        .filter(|n| seconds_per > 0 && *n >= 0)
+        .and_then(|n| chrono::Duration::try_seconds(n.checked_mul(seconds_per)?))
+        .and_then(|age| chrono::Utc::now().checked_sub_signed(age));
+    match at {
+        Some(at) => Ok(at),
+        None => Err(format!(
             "{text:?} is neither an RFC 3339 time (2026-12-01T10:00:00Z) nor an age such as 90s, 15m, 2h or 7d"
         )),
     }
@@ -214,7 +219,16 @@ mod tests {
         assert_eq!(at.to_rfc3339(), "2026-12-01T10:00:00+00:00");
         let age = chrono::Utc::now() - parse_since("2h").expect("age");
         assert!((age.num_seconds() - 7_200).abs() <= 5, "{age}");
-        for bad in ["", "h", "2w", "-3m", "yesterday"] {
+        for bad in [
+            "",
+            "h",
+            "2w",
+            "-3m",
+            "yesterday",
+            "99999999999999d",
+            "200000000d",
+            "9223372036854775807s",
+        ] {
             assert!(parse_since(bad).is_err(), "{bad}");
         }
     }

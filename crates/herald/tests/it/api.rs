@@ -454,6 +454,77 @@ async fn endpoint_headers_put_replaces_patch_merges_reserved_refused() {
             .unwrap_or("")
             .contains("set by Herald")
     );
+
+    // Header names ignore case: a delete or a new value reaches the header however it was
+    // spelt, and one request may not name a header twice.
+    let (status, _) = server
+        .call(
+            Method::PATCH,
+            &path,
+            Some(json!({"headers": {"x-c": "30"}, "deleteHeaders": ["x-d"]})),
+        )
+        .await;
+    assert_eq!(status, 204);
+    let (_, got) = server.call(Method::GET, &path, None).await;
+    assert_eq!(got["headers"], json!({"x-c": "30"}));
+    let (status, body) = server
+        .call(
+            Method::PUT,
+            &path,
+            Some(json!({"headers": {"X-E": "1", "x-e": "2"}})),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body.to_string().contains("twice"), "{body}");
+
+    // An existing endpoint's secret changes through a rotation: a PUT naming another secret is
+    // refused, one repeating the current secret is accepted.
+    let endpoint_path = format!(
+        "/api/v1/app/{app}/endpoint/{}",
+        ep["id"].as_str().expect("id")
+    );
+    let (_, current) = server
+        .call(Method::GET, &format!("{endpoint_path}/secret"), None)
+        .await;
+    let other = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let (status, body) = server
+        .call(
+            Method::PUT,
+            &endpoint_path,
+            Some(json!({"url": "https://example.com/hook", "secret": other})),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body.to_string().contains("secret/rotate"), "{body}");
+    let (status, body) = server
+        .call(
+            Method::PUT,
+            &endpoint_path,
+            Some(json!({"url": "https://example.com/hook", "secret": current["key"]})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    // `throttleRate` is Svix's u16: out of range is refused, in range kept and returned.
+    for rate in [-1, 70_000] {
+        let (status, body) = server
+            .call(
+                Method::POST,
+                &format!("/api/v1/app/{app}/endpoint"),
+                Some(json!({"url": "https://example.com/t", "throttleRate": rate})),
+            )
+            .await;
+        assert_eq!(status, 422, "{rate}: {body}");
+        assert!(body.to_string().contains("throttleRate"), "{body}");
+    }
+    let (status, body) = server
+        .call(
+            Method::PATCH,
+            &endpoint_path,
+            Some(json!({"throttleRate": 5})),
+        )
+        .await;
+    assert_eq!((status, &body["throttleRate"]), (200, &json!(5)), "{body}");
     server.stop().await;
 }
 
