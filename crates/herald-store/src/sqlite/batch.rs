@@ -152,6 +152,9 @@ pub(crate) struct Shared {
     pub durable: Arc<dyn Durable>,
     /// Channel positions as committed, so appends need not read them (see `positions`).
     pub positions: Arc<PositionCache>,
+    /// Set by the syncer once an fsync has failed, with the reason every later write is
+    /// refused for: from then on the writer applies nothing (see [`run_syncer`]).
+    pub broken: Arc<OnceLock<String>>,
 }
 
 /// Committed batches waiting for their fsync. Bounded, so a slow disk holds the writer back
@@ -319,6 +322,15 @@ async fn commit_while_busy(
 /// Applies and commits `batch` (without waiting for the disk) on the lent writer connection.
 fn commit(conn: &rusqlite::Connection, shared: &Shared, batch: Vec<PendingWrite>) -> Committing {
     let started = std::time::Instant::now();
+    if let Some(why) = shared.broken.get() {
+        // Nothing is applied once the disk has lost a write: a write committed now would be
+        // visible (claimed, delivered, given offsets) while its caller hears it failed.
+        return Committing {
+            batch,
+            applied: Err(StoreError::Batch(why.clone())),
+            started,
+        };
+    }
     let applied = apply_locked(conn, shared, &batch);
     if let Ok((outcomes, missed)) = &applied {
         // Deliveries that went in unleased are due now: claims must find them. (They are
@@ -354,9 +366,8 @@ fn commit(conn: &rusqlite::Connection, shared: &Shared, batch: Vec<PendingWrite>
 /// those pages and reports the error once), so every batch after it fails too.
 async fn run_syncer(shared: Shared, mut committed: mpsc::Receiver<Committing>) {
     let mut group = Vec::with_capacity(AWAITING_SYNC);
-    let mut broken: Option<String> = None;
     while committed.recv_many(&mut group, AWAITING_SYNC).await > 0 {
-        if broken.is_none() && group.iter().any(|done| done.applied.is_ok()) {
+        if shared.broken.get().is_none() && group.iter().any(|done| done.applied.is_ok()) {
             let durable = shared.durable.clone();
             let synced = match tokio::task::spawn_blocking(move || durable.sync()).await {
                 Ok(synced) => synced.map_err(|e| e.to_string()),
@@ -364,11 +375,12 @@ async fn run_syncer(shared: Shared, mut committed: mpsc::Receiver<Committing>) {
             };
             if let Err(e) = synced {
                 tracing::error!(error = %e, "could not fsync the store's WAL; refusing writes until restarted");
-                broken = Some(format!(
+                let _ = shared.broken.set(format!(
                     "the store could not make its writes durable (fsync of the WAL failed: {e}); restart Herald"
                 ));
             }
         }
+        let broken = shared.broken.get().cloned();
         for done in group.drain(..) {
             finish(&shared, done, broken.as_deref());
         }

@@ -159,8 +159,10 @@ async fn a_failed_fsync_fails_its_writes_and_every_later_one() {
         "{why}"
     );
 
-    // No later fsync could vouch for what the failed one lost: later writes fail without one.
-    let (_, second_task) = f.create();
+    // No later fsync could vouch for what the failed one lost: later writes fail without one,
+    // and are not applied either (a refused write that readers, claims and the dispatcher
+    // could see would be delivered while its caller was told it failed, and retried by them).
+    let (second, second_task) = f.create();
     let refused = second_task
         .await
         .expect("task")
@@ -169,5 +171,13 @@ async fn a_failed_fsync_fails_its_writes_and_every_later_one() {
     assert!(
         f.entered.try_recv().is_err(),
         "no fsync is attempted after one failed"
+    );
+    assert!(
+        f.store
+            .get_message(&f.app.id, second.id.as_str())
+            .await
+            .expect("read")
+            .is_none(),
+        "a write refused after the failure is not in the store"
     );
 }

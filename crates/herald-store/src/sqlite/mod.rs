@@ -130,6 +130,11 @@ impl SqliteStore {
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
+            // Never recycled: the writer is what keeps the WAL file in place between commits
+            // (the last connection to close checkpoints and removes it), and its handle is lent
+            // to the group commit for its prepared statements.
+            .max_lifetime(None)
+            .idle_timeout(None)
             // A connection to a local file does not go stale the way a network one can, and
             // sqlx's check before lending it is a round trip to its thread (one per batch).
             .test_before_acquire(false)
@@ -168,6 +173,7 @@ impl SqliteStore {
             commits: Arc::default(),
             durable,
             positions: Arc::default(),
+            broken: Arc::default(),
         };
         let batcher = tokio::spawn(batch::run(
             writer.clone(),
