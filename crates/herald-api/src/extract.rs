@@ -37,10 +37,36 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for SvixJson<T> {
     }
 }
 
+/// Whether JSON text holds the escape `\u0000` (a NUL in a string; raw control characters are
+/// not valid JSON): escapes are read pairwise, so an escaped backslash followed by `u0000` is
+/// not one.
+fn holds_escaped_nul(bytes: &[u8]) -> bool {
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' {
+            if bytes.get(i + 1..i + 6) == Some(b"u0000".as_slice()) {
+                return true;
+            }
+            i += 2;
+        } else {
+            i += 1;
+        }
+    }
+    false
+}
+
 /// Parses a JSON body in one pass. A value of the wrong shape is a 422 whose `loc` is the full
 /// path to the offending field (`["body", "application", "uid"]`, `["body", "channels", "2"]`),
 /// tracked by `serde_path_to_error` as it deserializes: nothing is parsed twice.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
+    if holds_escaped_nul(bytes) {
+        // The stores keep text without NUL (PostgreSQL's text and JSONB refuse it), so a body
+        // that holds one is refused here, on either store, rather than failing as a 500.
+        return Err(ApiError::invalid(
+            &["body"],
+            "strings may not contain NUL (\\u0000)",
+        ));
+    }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut de)
         .map_err(|e| json_error(e.inner(), Some(e.path())))?;
@@ -200,5 +226,32 @@ impl QueryParams {
                     })
             })
             .transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_nul_escape_is_found_and_an_escaped_backslash_before_u0000_is_not_one() {
+        assert!(holds_escaped_nul(br#"{"name":"a\u0000b"}"#));
+        assert!(
+            holds_escaped_nul(br#"["\\\u0000"]"#),
+            "a backslash, then a NUL"
+        );
+        assert!(
+            !holds_escaped_nul(br#"{"name":"a\\u0000b"}"#),
+            "backslash, u0000"
+        );
+        assert!(
+            !holds_escaped_nul(br#"{"name":"\u0001"}"#),
+            "another control character"
+        );
+        assert!(!holds_escaped_nul(br#"{"name":"plain"}"#));
+        assert!(!holds_escaped_nul(b"\\"), "a trailing backslash");
+        let refused =
+            parse_json::<serde_json::Value>(br#"{"name":"a\u0000"}"#).expect_err("refused");
+        assert_eq!(refused.status(), StatusCode::UNPROCESSABLE_ENTITY);
     }
 }

@@ -160,6 +160,30 @@ pub fn router(state: ApiState, config: &ApiConfig) -> Router {
     Router::new()
         .fallback_service(routes)
         .layer(middleware::map_request(trim_api_trailing_slash))
+        .layer(middleware::from_fn(refuse_nul_in_url))
+}
+
+/// A URL whose path or query holds a NUL byte (`%00`) is refused with 400 before anything
+/// looks at it: no id, name or query value may contain one, and PostgreSQL refuses NUL in
+/// text, which would otherwise surface as a 500 (and, under `/ingest`, be logged against a
+/// made-up source).
+async fn refuse_nul_in_url(
+    request: axum::extract::Request,
+    next: middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let holds_nul = request
+        .uri()
+        .path_and_query()
+        .is_some_and(|pq| pq.as_str().as_bytes().windows(3).any(|w| w == b"%00"));
+    if holds_nul {
+        return ApiError::bad_request(
+            "invalid_url",
+            "the URL holds a NUL byte (%00), which no id, name or query value may contain",
+        )
+        .into_response();
+    }
+    next.run(request).await
 }
 
 /// `/api/v1/...` with one trailing slash becomes the path without it (query kept); anything

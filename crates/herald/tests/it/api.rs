@@ -334,6 +334,47 @@ async fn idempotency_key_replays_and_event_id_conflicts() {
     server.stop().await;
 }
 
+/// NUL cannot be stored as text (PostgreSQL refuses it), so it is refused at the edge on both
+/// stores: in a URL (`%00`) with 400 before any lookup, in a JSON string (`\u0000`) with 422.
+/// Before, each was a 500 on PostgreSQL, and an ingest path with one was logged against a
+/// made-up source.
+#[tokio::test]
+async fn nul_in_a_url_or_a_json_string_is_refused_at_the_edge() {
+    let server = TestServer::start().await;
+    let app = server.create_app("nul").await;
+    for path in [
+        "/api/v1/app/%00".to_owned(),
+        format!("/api/v1/app/{app}/msg?iterator=%00"),
+        format!("/api/v1/app/{app}/msg?event_types=a%00b"),
+    ] {
+        let (status, body) = server.call(Method::GET, &path, None).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert_eq!(body["code"], "invalid_url", "{body}");
+    }
+    let ingest = crate::harness::http_client()
+        .post(format!(
+            "{}/ingest/src_%00aaaaaaaaaaaaaaaaaaaaaaaaaa",
+            server.base
+        ))
+        .body("{}")
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(ingest.status().as_u16(), 400);
+    for (path, body) in [
+        ("/api/v1/app".to_owned(), json!({"name": "a\u{0}b"})),
+        (
+            format!("/api/v1/app/{app}/msg"),
+            json!({"eventType": "a.b", "payload": {}, "tags": ["t\u{0}"]}),
+        ),
+    ] {
+        let (status, answer) = server.call(Method::POST, &path, Some(body)).await;
+        assert_eq!(status, 422, "{path}: {answer}");
+        assert!(answer.to_string().contains("NUL"), "{answer}");
+    }
+    server.stop().await;
+}
+
 /// Answers that carry a secret (a rotated endpoint secret, an app portal link with its live
 /// token) are kept for an `Idempotency-Key` replay without it: the replay, read back from the
 /// idempotency table, shows the rest of the answer and no secret.
