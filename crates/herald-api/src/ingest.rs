@@ -79,8 +79,26 @@ pub async fn receive(
         api.ingest(IngestOutcome::RateLimited);
         return limited.into_response();
     }
+    // The source first: only a source that exists has a log, so made-up ids (with bodies
+    // that cannot be read, or while the store fails) can neither fill it nor evict the logs
+    // of real sources.
+    let found = match id::has_prefix(&source_id, id::SOURCE) {
+        true => state.store.find_source(&source_id).await,
+        false => Ok(None),
+    };
+    let source = match found {
+        Ok(Some(source)) => source,
+        Ok(None) => {
+            api.ingest(IngestOutcome::Rejected);
+            return ApiError::not_found("source").into_response();
+        }
+        Err(e) => {
+            api.ingest(IngestOutcome::Failed);
+            return ApiError::from(e).into_response();
+        }
+    };
     let (outcome, status, detail, response) =
-        match receive_from(&state, &source_id, &headers, body).await {
+        match receive_from(&state, source, &headers, body).await {
             Ok(Answer::Limited(limited)) => (
                 IngestOutcome::RateLimited,
                 StatusCode::TOO_MANY_REQUESTS,
@@ -111,11 +129,6 @@ pub async fn receive(
                 } else {
                     IngestOutcome::Rejected
                 };
-                // An unknown source has no log: made-up ids must not fill it.
-                if e.status() == StatusCode::NOT_FOUND {
-                    api.ingest(outcome);
-                    return e.into_response();
-                }
                 (outcome, e.status(), e.detail(), e.into_response())
             }
         };
@@ -144,22 +157,22 @@ enum Answer {
 
 async fn receive_from(
     state: &ApiState,
-    source_id: &str,
+    source: IngestSource,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Answer> {
     let body = body.map_err(|e| {
+        let code = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            "payload_too_large"
+        } else {
+            "invalid_body"
+        };
         ApiError::new(
             e.status(),
-            "payload_too_large",
+            code,
             format!("the request body could not be read: {}", e.body_text()),
         )
     })?;
-    let source = match id::has_prefix(source_id, id::SOURCE) {
-        true => state.store.find_source(source_id).await?,
-        false => None,
-    }
-    .ok_or_else(|| ApiError::not_found("source"))?;
     // Before the signature is hashed: a flood to one source costs a lookup each, no more.
     if let Err(limited) = state.ingest_limits.check_source(source.id.as_str()) {
         return Ok(Answer::Limited(limited));

@@ -471,6 +471,32 @@ async fn bad_requests_and_bad_sources_get_clear_errors() {
     let big = vec![b'x'; 5000];
     let (status, too_big) = post(&server, &src, &[], &big).await;
     assert_eq!(status, 413, "{too_big}");
+    assert_eq!(too_big["code"], "payload_too_large", "{too_big}");
+    // A made-up source is looked up before its body is read: 404, whatever the body, so made-up
+    // ids never get a request log (they once filled it and evicted real sources' logs).
+    let made_up = raw
+        .post(format!(
+            "{}/ingest/src_2Z9fZ9fZ9fZ9fZ9fZ9fZ9fZ9fZ8",
+            server.base
+        ))
+        .body(big.clone())
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(made_up.status().as_u16(), 404);
+    // The real source's log has its own request, refused as too large.
+    let (status, log) = server
+        .call(
+            Method::GET,
+            &format!(
+                "/api/v1/app/{app}/ingest/source/{}/request",
+                src["id"].as_str().expect("id")
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{log}");
+    assert_eq!(log["data"][0]["status"], 413, "{log}");
 
     for (bad, loc) in [
         (json!({"kind": "paypal", "secrets": ["s"]}), "kind"),
