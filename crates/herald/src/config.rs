@@ -596,6 +596,18 @@ struct EnvKeys {
 
 /// Every variable with this prefix is considered; only those naming a key are read.
 const ENV_PREFIX: &str = "HERALD_";
+
+/// Variables (without the prefix) whose values are text however they look, with their keys.
+const TEXT_VARIABLES: [(&str, &str); 8] = [
+    ("ADMIN_TOKEN", "admin_token"),
+    ("MAIN_KEY", "main_key"),
+    ("DATA_DIR", "data_dir"),
+    ("STORE__URL", "store.url"),
+    ("BROKER__URL", "broker.url"),
+    ("BROKER__TOPIC", "broker.topic"),
+    ("TLS__CERT", "tls.cert"),
+    ("TLS__KEY", "tls.key"),
+];
 /// `HERALD_LOG` is the binary's log filter: expected, never configuration, not reported.
 const LOG_VARIABLE: &str = "HERALD_LOG";
 /// The log format and the variables of the commands that talk to a server (`herald send`,
@@ -714,8 +726,16 @@ impl Config {
                 "ignoring HERALD_* environment variables that are not configuration keys"
             );
         }
+        let mut figment = figment.merge(keys.provider());
+        // figment reads an environment value as a number when it looks like one; these keys
+        // are text whatever they look like (a token of digits, a directory named 2024), so
+        // their variables are taken as written, and a type error can never quote a secret.
+        for (variable, key) in TEXT_VARIABLES {
+            if let Ok(value) = std::env::var(format!("{ENV_PREFIX}{variable}")) {
+                figment = figment.merge(Serialized::default(key, value));
+            }
+        }
         let mut config: Config = figment
-            .merge(keys.provider())
             .merge(Serialized::defaults(overrides))
             .extract()
             .map_err(Box::new)?;
@@ -1422,6 +1442,22 @@ mod tests {
             assert_eq!(delivery.shutdown_grace, Duration::from_secs(1_000_000_000));
             let now = chrono::Utc::now();
             assert!(config.retention().days_before(now, 36_500) < now);
+            Ok(())
+        });
+    }
+
+    /// A token of digits is a token, not a number figment refuses (and quotes in its error,
+    /// printed at start); a directory named like a year is a directory.
+    #[test]
+    fn text_settings_given_as_digits_stay_text() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("HERALD_ADMIN_TOKEN", "1234567890123456");
+            jail.set_env("HERALD_DATA_DIR", "2024");
+            jail.set_env("HERALD_BROKER__TOPIC", "1");
+            let config = Config::load(None, &Overrides::default()).map_err(|e| e.to_string())?;
+            assert_eq!(config.admin_token.as_deref(), Some("1234567890123456"));
+            assert_eq!(config.data_dir, PathBuf::from("2024"));
+            assert_eq!(config.broker.topic, "1");
             Ok(())
         });
     }
