@@ -365,6 +365,14 @@ async fn serve(
     // Listened for before the banner announces the server: a SIGTERM sent as soon as the
     // banner is read must be a clean shutdown, not the default disposition's kill.
     let term = listen_for_term();
+    // With TLS, SIGHUP reloads the certificate; its watcher starts once the store is open,
+    // seconds later on a busy PostgreSQL. Registered here, a SIGHUP meanwhile (a renewal hook
+    // during a restart) no longer kills the server; the watcher's first poll still loads new
+    // files. (tokio's handler, once installed, stays for the process.)
+    #[cfg(unix)]
+    let _early_hangup = tls
+        .is_some()
+        .then(|| tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()));
     // Scripts and tests read the first line to learn the bound address. Whoever reads it may
     // close the pipe afterwards (`herald serve | head -1`): the banner is best effort and never
     // stops the server, unlike `println!`, which panics on a closed stdout.

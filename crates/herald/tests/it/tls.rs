@@ -584,6 +584,25 @@ impl TlsProcess {
     }
 }
 
+/// A SIGHUP sent as soon as the banner is read (before the certificate watcher runs, while
+/// the store opens) does not kill a TLS server: it goes on serving.
+#[tokio::test]
+async fn a_sighup_right_after_the_banner_does_not_kill_a_tls_server() {
+    let data = tempfile::tempdir().expect("dir");
+    let ca = TestCa::new("Herald test CA");
+    let files = CertFiles::new(&ca.leaf("early"));
+    let mut herald = spawn_tls(data.path(), &[], &files.env(), 1).await;
+    herald.signal("-HUP").await;
+    let api = Api::new(&herald.base(), &ca);
+    let (status, body) = api.call(reqwest::Method::GET, "/api/v1/app", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        herald.child.try_wait().expect("status").is_none(),
+        "still running after the SIGHUP"
+    );
+    herald.stop().await;
+}
+
 #[tokio::test]
 async fn sighup_swaps_the_certificate_for_new_connections_while_open_ones_keep_working() {
     let data = tempfile::tempdir().expect("dir");
