@@ -112,6 +112,13 @@ const CATCH_UP_LIMIT: u32 = 1000;
 /// How often a node whose send to the bus failed checks whether it is back, to catch up.
 const RETRY_MISSED: Duration = Duration::from_secs(1);
 
+/// How often the LISTEN session is asked a `SELECT 1`, and how long its answer may take. Its
+/// connection otherwise only receives: one that died without a reset (a NAT or firewall
+/// dropping it, a partition) would never say so, and the node would hear no other node's
+/// changes until restarted, its cache serving what they replaced.
+const KEEPALIVE_EVERY: Duration = Duration::from_secs(15);
+const KEEPALIVE_PATIENCE: Duration = Duration::from_secs(10);
+
 /// Waits between attempts to re-open the LISTEN session: doubling from the first to the last.
 const RECONNECT_FIRST: Duration = Duration::from_millis(100);
 const RECONNECT_LAST: Duration = Duration::from_secs(5);
@@ -222,6 +229,8 @@ pub struct PostgresBroker {
     schema: std::sync::OnceLock<String>,
     /// Told when the configuration may have changed ([`PostgresBroker::on_config_change`]).
     config_changed: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
+    /// How often the session is checked, and how long a check may take ([`KEEPALIVE_EVERY`]).
+    keepalive: (Duration, Duration),
 }
 
 impl PostgresBroker {
@@ -251,7 +260,17 @@ impl PostgresBroker {
             sessions: tokio::sync::watch::Sender::new(0),
             schema: std::sync::OnceLock::new(),
             config_changed: std::sync::OnceLock::new(),
+            keepalive: (KEEPALIVE_EVERY, KEEPALIVE_PATIENCE),
         })
+    }
+
+    /// This broker with its session checked every `every`, each check given `patience`.
+    #[cfg(test)]
+    fn with_keepalive(mut self: Arc<Self>, every: Duration, patience: Duration) -> Arc<Self> {
+        if let Some(broker) = Arc::get_mut(&mut self) {
+            broker.keepalive = (every, patience);
+        }
+        self
     }
 
     /// How many LISTEN sessions this node has opened: 1 once [`PostgresBroker::listen`]
@@ -361,6 +380,7 @@ impl PostgresBroker {
         let mut reconnecting = false;
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (every, patience) = self.keepalive;
         let mut first = Some(first.0);
         loop {
             let opened = match first.take() {
@@ -380,10 +400,15 @@ impl PostgresBroker {
             }
             (self.wake_deliveries)(DueLanes::Any);
             reconnecting = true;
+            let mut keepalive =
+                tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
+                let mut check = false;
                 tokio::select! {
                     () = shutdown.cancelled() => return,
                     _ = sweep.tick() => self.sweep().await,
+                    _ = keepalive.tick() => check = true,
                     _ = retry.tick(), if self.missed.load(Ordering::Relaxed)
                         && self.bus.as_ref().is_some_and(|bus| bus.is_connected()) =>
                     {
@@ -411,6 +436,23 @@ impl PostgresBroker {
                         }
                     },
                 }
+                if check {
+                    let answered = tokio::time::timeout(
+                        patience,
+                        sqlx::query("SELECT 1").execute(&mut listener),
+                    )
+                    .await;
+                    if !matches!(answered, Ok(Ok(_))) {
+                        self.listening.store(false, Ordering::Relaxed);
+                        self.with_cache(Cache::pause);
+                        tracing::warn!(
+                            node = self.node,
+                            ?patience,
+                            "broker: LISTEN session did not answer its check; re-opening"
+                        );
+                        break;
+                    }
+                }
             }
         }
     }
@@ -420,10 +462,15 @@ impl PostgresBroker {
     async fn open(&self, shutdown: &CancellationToken) -> Option<PgListener> {
         let mut wait = RECONNECT_FIRST;
         loop {
-            match self.try_open().await {
-                Ok(listener) => return Some(listener),
-                Err(e) => {
+            // Bounded: a connection that hangs without an error (as the lost one did) is
+            // given up and tried again.
+            match tokio::time::timeout(self.keepalive.1, self.try_open()).await {
+                Ok(Ok(listener)) => return Some(listener),
+                Ok(Err(e)) => {
                     tracing::warn!(node = self.node, error = %e, retry_in = ?wait, "broker: cannot open the LISTEN session");
+                }
+                Err(_) => {
+                    tracing::warn!(node = self.node, retry_in = ?wait, "broker: opening the LISTEN session did not finish in time");
                 }
             }
             tokio::select! {
@@ -1035,6 +1082,116 @@ mod tests {
 
         shutdown.cancel();
         running.await.expect("the broker stops");
+        schema.drop_now().await;
+    }
+
+    /// A TCP proxy whose connections open so far can be frozen: bytes stop flowing both ways
+    /// and the sockets stay open, as with a connection a NAT or firewall dropped without a
+    /// reset. Connections opened after a freeze flow.
+    struct Freezer {
+        addr: std::net::SocketAddr,
+        /// Connections accepted so far (each is numbered in order).
+        opened: Arc<AtomicU64>,
+        /// Connections numbered below this are frozen.
+        frozen_below: Arc<AtomicU64>,
+    }
+
+    impl Freezer {
+        async fn to(upstream: String) -> Self {
+            use tokio::net::{TcpListener, TcpStream};
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let frozen_below = Arc::new(AtomicU64::new(0));
+            let opened = Arc::new(AtomicU64::new(0));
+            let (frozen, count) = (Arc::clone(&frozen_below), Arc::clone(&opened));
+            tokio::spawn(async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    let Ok(server) = TcpStream::connect(&upstream).await else {
+                        continue;
+                    };
+                    let number = count.fetch_add(1, Ordering::SeqCst);
+                    let (client_read, client_write) = client.into_split();
+                    let (server_read, server_write) = server.into_split();
+                    tokio::spawn(pump(client_read, server_write, number, Arc::clone(&frozen)));
+                    tokio::spawn(pump(server_read, client_write, number, Arc::clone(&frozen)));
+                }
+            });
+            Self {
+                addr,
+                opened,
+                frozen_below,
+            }
+        }
+
+        fn freeze_open_connections(&self) {
+            self.frozen_below
+                .store(self.opened.load(Ordering::SeqCst), Ordering::SeqCst);
+        }
+    }
+
+    async fn pump(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        number: u64,
+        frozen_below: Arc<AtomicU64>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buffer = vec![0; 16 * 1024];
+        loop {
+            let read = match from.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(read) => read,
+            };
+            if number < frozen_below.load(Ordering::SeqCst) {
+                // Frozen: nothing more goes through, and nothing is closed.
+                let _held = (from, to);
+                std::future::pending::<()>().await;
+                return;
+            }
+            if to.write_all(&buffer[..read]).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// A LISTEN session whose connection stops answering without being closed is found out by
+    /// its keepalive check and re-opened; before, it waited forever, and the node heard no
+    /// other node's changes until restarted.
+    #[tokio::test]
+    async fn a_listen_session_that_stops_answering_is_reopened() {
+        let Some(schema) = Schema::create("silent LISTEN session").await else {
+            return;
+        };
+        let proxy = Freezer::to(schema.server()).await;
+        // The LISTEN session's pool, through the proxy, holds nothing else: the session is
+        // the one connection the freeze below silences.
+        let through_proxy = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(2)
+            .connect(&schema.url_via(&proxy.addr.to_string()))
+            .await
+            .expect("connect through the proxy");
+        let direct = Arc::new(schema.store().await);
+        let broker = PostgresBroker::new(
+            "here".into(),
+            through_proxy,
+            Arc::new(Hub::default()),
+            Arc::clone(&direct) as Arc<dyn Store>,
+            Box::new(|_| {}),
+            None,
+        )
+        .with_keepalive(Duration::from_millis(200), Duration::from_millis(300));
+        let mut sessions = broker.sessions_opened();
+        let session = broker.listen().await.expect("listen");
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(Arc::clone(&broker).run(session, shutdown.clone()));
+        // Every connection made so far, the LISTEN session's among them, goes silent.
+        proxy.freeze_open_connections();
+        tokio::time::timeout(Duration::from_secs(10), sessions.wait_for(|n| *n >= 2))
+            .await
+            .expect("the silent session was found out and re-opened")
+            .expect("the broker runs");
+        shutdown.cancel();
+        running.abort();
         schema.drop_now().await;
     }
 

@@ -45,6 +45,32 @@ impl Schema {
         PostgresStore::open(&url, options).await.expect("open")
     }
 
+    /// The URL of this schema's server reached at `host_port` instead (a proxy in front).
+    pub(crate) fn url_via(&self, host_port: &str) -> String {
+        let (scheme, rest) = self.url.split_once("://").expect("a URL");
+        let (credentials, server) = match rest.split_once('@') {
+            Some((credentials, server)) => (format!("{credentials}@"), server),
+            None => (String::new(), rest),
+        };
+        let path = server.split_once('/').map_or("", |(_, path)| path);
+        format!("{scheme}://{credentials}{host_port}/{path}")
+    }
+
+    /// The server's `host:port`, as the URL names it.
+    pub(crate) fn server(&self) -> String {
+        let rest = self
+            .url
+            .split_once("://")
+            .map_or(self.url.as_str(), |(_, r)| r);
+        let server = rest.rsplit_once('@').map_or(rest, |(_, s)| s);
+        let host_port = server.split(['/', '?']).next().unwrap_or(server);
+        if host_port.contains(':') {
+            host_port.to_owned()
+        } else {
+            format!("{host_port}:5432")
+        }
+    }
+
     pub(crate) async fn pool(&self) -> PgPool {
         self.store().await.pool().clone()
     }
