@@ -25,6 +25,52 @@ use crate::ApiState;
 /// that takes longer is as good as down for them.
 const PING_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// How long one ping's answer serves `/health/ready`: anyone may call it, and probes call it
+/// every few seconds, so a flood of them costs one database round trip a second.
+const READY_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The store's last answer to a readiness ping, and when it came (`None`: ready). Requests
+/// take turns: while one pings, the others wait for its answer instead of pinging too.
+#[derive(Default)]
+pub struct StoreReadiness {
+    last: tokio::sync::Mutex<Option<(tokio::time::Instant, Option<String>)>>,
+}
+
+impl StoreReadiness {
+    /// Why the store is not ready (`None`: it is), from `ping` at most once per [`READY_FOR`].
+    async fn check<F, Fut>(&self, ping: F) -> Option<String>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Option<String>>,
+    {
+        let mut last = self.last.lock().await;
+        if let Some((at, answer)) = last.as_ref()
+            && at.elapsed() < READY_FOR
+        {
+            return answer.clone();
+        }
+        let answer = ping().await;
+        *last = Some((tokio::time::Instant::now(), answer.clone()));
+        answer
+    }
+}
+
+/// Why `store` is not ready, from one ping (`None`: it answered).
+async fn ping_store(store: &dyn herald_store::Store) -> Option<String> {
+    match tokio::time::timeout(PING_PATIENCE, store.ping()).await {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(if e.is_unavailable() {
+            "the database cannot be reached".to_owned()
+        } else {
+            format!("the store does not answer: {e}")
+        }),
+        Err(_) => Some(format!(
+            "the database did not answer within {} s",
+            PING_PATIENCE.as_secs()
+        )),
+    }
+}
+
 /// Live: the process serves HTTP.
 #[utoipa::path(get, path = "/health/live", tag = "Health", security(()),
     responses((status = 204, description = "Serving")))]
@@ -37,18 +83,10 @@ pub async fn live() -> StatusCode {
     responses((status = 204, description = "Ready"),
         (status = 503, description = "Not ready: which part is down and why", body = NotReady)))]
 pub async fn ready(State(state): State<Arc<ApiState>>) -> Response {
-    let store = match tokio::time::timeout(PING_PATIENCE, state.store.ping()).await {
-        Ok(Ok(())) => None,
-        Ok(Err(e)) => Some(if e.is_unavailable() {
-            "the database cannot be reached".to_owned()
-        } else {
-            format!("the store does not answer: {e}")
-        }),
-        Err(_) => Some(format!(
-            "the database did not answer within {} s",
-            PING_PATIENCE.as_secs()
-        )),
-    };
+    let store = state
+        .readiness
+        .check(|| ping_store(state.store.as_ref()))
+        .await;
     let broker = (!state.publisher.broker_ready())
         .then_some("the broker's link to the other nodes is down; reconnecting");
     if store.is_none() && broker.is_none() {
@@ -117,4 +155,41 @@ struct NotReady {
     ready: bool,
     store: String,
     broker: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+
+    /// Readiness asks the store once a second however many probes come, concurrent ones
+    /// included, and a failure is reported until a later ping says otherwise.
+    #[tokio::test(start_paused = true)]
+    async fn the_store_is_pinged_at_most_once_a_second_for_readiness() {
+        let readiness = StoreReadiness::default();
+        let pings = AtomicU32::new(0);
+        let ping = |answer: Option<&'static str>| {
+            let pings = &pings;
+            move || async move {
+                pings.fetch_add(1, Ordering::SeqCst);
+                answer.map(str::to_owned)
+            }
+        };
+        let answers =
+            futures_util::future::join_all((0..100).map(|_| readiness.check(ping(Some("down")))))
+                .await;
+        assert!(answers.iter().all(|a| a.as_deref() == Some("down")));
+        assert_eq!(
+            pings.load(Ordering::SeqCst),
+            1,
+            "a hundred probes, one ping"
+        );
+        tokio::time::advance(std::time::Duration::from_millis(500)).await;
+        assert_eq!(readiness.check(ping(None)).await.as_deref(), Some("down"));
+        assert_eq!(pings.load(Ordering::SeqCst), 1, "within the second");
+        tokio::time::advance(READY_FOR).await;
+        assert_eq!(readiness.check(ping(None)).await, None, "asked again");
+        assert_eq!(pings.load(Ordering::SeqCst), 2);
+    }
 }

@@ -86,6 +86,8 @@ pub struct ApiState {
     /// Told of each app this node creates, changes or deletes through the API, once the store
     /// has the change: the Socket.IO face opens or closes the app's namespaces.
     pub app_listener: Option<Arc<dyn AppListener>>,
+    /// The store's last answer to `/health/ready` (see `health::ready`).
+    pub readiness: Arc<health::StoreReadiness>,
 }
 
 /// Hears of the apps the API creates, changes and deletes ([`ApiState::app_listener`]).
@@ -148,6 +150,7 @@ impl ApiState {
             metrics: herald_metrics::Metrics::detached(),
             retention_day: std::time::Duration::from_secs(86_400),
             app_listener: None,
+            readiness: Arc::default(),
         }
     }
 }

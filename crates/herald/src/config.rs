@@ -97,7 +97,7 @@ impl Default for TlsSection {
 /// Where a cluster's publications travel between nodes (see `herald_cluster::bus`). Unset:
 /// PostgreSQL's LISTEN/NOTIFY. Needs the PostgreSQL store, which stays the durable store,
 /// delivery queue and presence record.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BrokerSection {
     /// `redis://[:PASSWORD@]HOST:PORT[/DB]` or `nats://[USER:PASSWORD@]HOST:PORT` (TLS to the
@@ -106,6 +106,19 @@ pub struct BrokerSection {
     /// The Redis channel or NATS subject every node of this cluster publishes to and hears:
     /// clusters sharing one Redis or NATS name different topics.
     pub topic: String,
+}
+
+/// The URL's credentials left out, as in every log line that names it.
+impl std::fmt::Debug for BrokerSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerSection")
+            .field(
+                "url",
+                &self.url.as_deref().map(herald_cluster::bus::redacted),
+            )
+            .field("topic", &self.topic)
+            .finish()
+    }
 }
 
 impl Default for BrokerSection {
@@ -141,7 +154,7 @@ impl Default for ClusterSection {
 }
 
 /// Where Herald keeps its state (see `store.rs`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreSection {
     /// `sqlite://DIR` (or `sqlite:DIR`), or `postgres://USER:PASSWORD@HOST:PORT/DATABASE`.
@@ -149,6 +162,19 @@ pub struct StoreSection {
     pub url: Option<String>,
     /// PostgreSQL: connections this node's pool opens at most (SQLite ignores it).
     pub max_connections: u32,
+}
+
+/// The URL's credentials left out, as in every log line that names it.
+impl std::fmt::Debug for StoreSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreSection")
+            .field(
+                "url",
+                &self.url.as_deref().map(herald_cluster::bus::redacted),
+            )
+            .field("max_connections", &self.max_connections)
+            .finish()
+    }
 }
 
 impl Default for StoreSection {
@@ -1442,6 +1468,29 @@ mod tests {
             assert_eq!(delivery.shutdown_grace, Duration::from_secs(1_000_000_000));
             let now = chrono::Utc::now();
             assert!(config.retention().days_before(now, 36_500) < now);
+            Ok(())
+        });
+    }
+
+    /// The store's and the broker's URLs show in the configuration's `Debug` without their
+    /// passwords, as in every log line that names them.
+    #[test]
+    fn the_configurations_debug_leaves_out_url_passwords() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("HERALD_STORE__URL", "postgres://u:store-password@db/herald");
+            jail.set_env("HERALD_BROKER__URL", "redis://:broker-password@cache:6379");
+            let config = Config::load(None, &Overrides::default()).map_err(|e| e.to_string())?;
+            let debug = format!("{config:?}");
+            assert!(!debug.contains("store-password"), "{debug}");
+            assert!(!debug.contains("broker-password"), "{debug}");
+            assert!(
+                debug.contains("postgres://db/herald"),
+                "the server shows: {debug}"
+            );
+            assert!(
+                debug.contains("redis://cache:6379"),
+                "the server shows: {debug}"
+            );
             Ok(())
         });
     }

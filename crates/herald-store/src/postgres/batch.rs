@@ -237,6 +237,15 @@ async fn apply_creates(
                 due.committed();
             }
         }
+        Err(e) if e.is_unavailable() => {
+            // One by one would wait for the database once per write (a connection timeout
+            // each): every caller hears now that it is unreachable, and nothing was stored.
+            tracing::warn!(error = %e, writes = creates.len(),
+                "a batch of message creates failed: the database is unreachable");
+            for Queued { reply, .. } in creates {
+                let _ = reply.send(Err(unreachable_like(&e)));
+            }
+        }
         Err(e) => {
             tracing::warn!(error = %e, writes = creates.len(),
                 "a batch of message creates failed as a whole; applying them one by one");
@@ -254,6 +263,15 @@ async fn apply_creates(
             }
         }
     }
+}
+
+/// An error for one caller of a batch that failed with `e`, an unreachable database: one of
+/// the same kind (the API answers 503 `store_unavailable`), with `e`'s words.
+fn unreachable_like(e: &StoreError) -> StoreError {
+    StoreError::Database(sqlx::Error::Io(std::io::Error::new(
+        std::io::ErrorKind::NotConnected,
+        e.to_string(),
+    )))
 }
 
 /// [`CREATE_MESSAGES`] for `creates`; returns the ids that went in.
@@ -318,6 +336,13 @@ async fn apply_records(pool: PgPool, records: Vec<Record>, metrics: CommitMetric
             observe(&metrics, records.len(), started);
             for Queued { write, reply } in records {
                 let _ = reply.send(Ok(applied.contains(write.attempt.id.as_str())));
+            }
+        }
+        Err(e) if e.is_unavailable() => {
+            tracing::warn!(error = %e, writes = records.len(),
+                "a batch of attempt records failed: the database is unreachable");
+            for Queued { reply, .. } in records {
+                let _ = reply.send(Err(unreachable_like(&e)));
             }
         }
         Err(e) => {
@@ -621,6 +646,20 @@ mod tests {
         let (commits, writes) = commits(&registry);
         assert_eq!(writes, 40, "every create was counted");
         assert!(commits < writes, "{commits} commits for {writes} creates");
+    }
+
+    /// Each caller of a batch that failed because the database is unreachable hears an error
+    /// of that kind (a 503 at the API, which the caller retries), with the batch's words.
+    #[test]
+    fn callers_of_a_batch_the_database_could_not_take_hear_it_is_unreachable() {
+        let batch_error = StoreError::Database(sqlx::Error::PoolTimedOut);
+        assert!(batch_error.is_unavailable());
+        let each = unreachable_like(&batch_error);
+        assert!(each.is_unavailable(), "{each}");
+        assert!(
+            each.to_string().contains(&batch_error.to_string()),
+            "{each}"
+        );
     }
 
     /// A batch whose statement fails as a whole (here one create names an endpoint that does
