@@ -733,10 +733,11 @@ impl Dispatcher {
             }
         }
         // A retry may be due sooner than the retry lane's next look. A saved record frees no
-        // room for a claim of its own lane, so that lane is not woken: `claim_limits` counts
-        // records being saved, and drops by one when this one is (as does the store's count of
-        // the endpoint's leases, on a store that counts them). Waking it here made the
-        // embedded store's first-attempt lane ask for a claim more than twice per delivery.
+        // room for a claim of its own lane, so that lane is not woken: a claim is told of the
+        // records being saved per endpoint (`Lane::saving`), which drops by one when this one
+        // is (as does the store's count of the endpoint's leases, on a store that counts
+        // them). Waking it here made the embedded store's first-attempt lane ask for a claim
+        // more than twice per delivery.
         if retries {
             self.handle.lane(false).notify_one();
         }
