@@ -93,6 +93,16 @@ struct ControlNotice {
         skip_serializing_if = "Option::is_none"
     )]
     removed_app: Option<String>,
+    /// The sending node's history publications could not go out on the bus: every node catches
+    /// its history subscribers up from the store once its own bus link is up (the other nodes
+    /// hear those publications from the bus only, so they would otherwise wait for the
+    /// channel's next one).
+    #[serde(
+        rename = "catch_up",
+        default,
+        skip_serializing_if = "std::ops::Not::not"
+    )]
+    catch_up: bool,
 }
 
 /// A notification payload must be shorter than 8,000 bytes.
@@ -729,6 +739,10 @@ impl PostgresBroker {
             let app_id = AppId::parse(&app_id).map_err(|e| format!("app id: {e}"))?;
             self.hub.remove_app(&app_id);
         }
+        if notice.catch_up {
+            // Caught up at the next retry tick at which this node's bus link is up.
+            self.missed.store(true, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -846,6 +860,32 @@ fn encode<T: Serialize>(value: &T) -> Result<String, BrokerError> {
     serde_json::to_string(value).map_err(|e| BrokerError::Unavailable(format!("encoding: {e}")))
 }
 
+impl PostgresBroker {
+    /// Tells every node, through PostgreSQL (which carries control notices whatever the bus),
+    /// to catch its history subscribers up from the store ([`ControlNotice::catch_up`]). Best
+    /// effort: with PostgreSQL unreachable too, the publication failed anyway.
+    async fn tell_others_to_catch_up(&self) {
+        let notice = ControlNotice {
+            node: self.node.clone(),
+            removed_app: None,
+            catch_up: true,
+        };
+        let sent = match encode(&notice) {
+            Ok(notice) => sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(CONTROL_CHANNEL)
+                .bind(notice)
+                .execute(&self.pool)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = sent {
+            tracing::warn!(node = self.node, error = %e, "broker: could not ask the other nodes to catch up");
+        }
+    }
+}
+
 fn unavailable(e: sqlx::Error) -> BrokerError {
     BrokerError::Unavailable(format!("PostgreSQL: {e}"))
 }
@@ -857,6 +897,7 @@ impl Broker for PostgresBroker {
         let notice = encode(&ControlNotice {
             node: self.node.clone(),
             removed_app: Some(app_id.as_str().to_owned()),
+            catch_up: false,
         })?;
         sqlx::query("SELECT pg_notify($1, $2)")
             .bind(CONTROL_CHANNEL)
@@ -879,6 +920,9 @@ impl Broker for PostgresBroker {
             }
             if let Err(e) = bus.send(messages).await {
                 self.missed.store(true, Ordering::Relaxed);
+                if publications.iter().any(|p| p.position.is_some()) {
+                    self.tell_others_to_catch_up().await;
+                }
                 return Err(BrokerError::Unavailable(e.to_string()));
             }
             return Ok(sent);
@@ -1082,6 +1126,100 @@ mod tests {
 
         shutdown.cancel();
         running.await.expect("the broker stops");
+        schema.drop_now().await;
+    }
+
+    /// A bus that refuses every send, or takes them and delivers nothing.
+    struct TestBus {
+        refuses: bool,
+    }
+
+    #[async_trait::async_trait]
+    impl crate::bus::Bus for TestBus {
+        fn engine(&self) -> &'static str {
+            "test"
+        }
+
+        async fn send(&self, _messages: Vec<bytes::Bytes>) -> Result<(), crate::bus::BusError> {
+            if self.refuses {
+                return Err(crate::bus::BusError::Unavailable {
+                    engine: "test",
+                    reason: "refused by the test".into(),
+                });
+            }
+            Ok(())
+        }
+
+        fn max_message_bytes(&self) -> usize {
+            1 << 20
+        }
+
+        fn is_connected(&self) -> bool {
+            true
+        }
+
+        async fn run(
+            self: Arc<Self>,
+            _hearing: Arc<dyn crate::bus::Hearing>,
+            shutdown: CancellationToken,
+        ) {
+            shutdown.cancelled().await;
+        }
+    }
+
+    /// A node whose history publication could not go out on the bus tells the other nodes,
+    /// through PostgreSQL, to catch their history subscribers up from the store: they hear
+    /// such publications from the bus only, and would otherwise wait for the channel's next.
+    #[tokio::test]
+    async fn a_history_publication_the_bus_refused_makes_every_node_catch_up() {
+        let Some(schema) = Schema::create("bus send refused").await else {
+            return;
+        };
+        let store = Arc::new(schema.store().await);
+        let node = |name: &str, refuses: bool| {
+            PostgresBroker::new(
+                name.into(),
+                store.pool().clone(),
+                Arc::new(Hub::default()),
+                Arc::clone(&store) as Arc<dyn Store>,
+                Box::new(|_| {}),
+                Some(Arc::new(TestBus { refuses }) as Arc<dyn crate::bus::Bus>),
+            )
+        };
+        let (sender, other) = (node("sender", true), node("other", false));
+        let session = other.listen().await.expect("listen");
+        let shutdown = CancellationToken::new();
+        // Its retry tick would catch up and clear the flag: watch the notice's effect alone.
+        let heard = Arc::clone(&other);
+        let hearing = tokio::spawn(async move {
+            let Session(mut listener) = session;
+            while let Ok(notification) = listener.recv().await {
+                heard
+                    .hear(notification.channel(), notification.payload())
+                    .await;
+                if heard.missed.load(Ordering::Relaxed) {
+                    return;
+                }
+            }
+        });
+        let app_id = herald_store::conformance::stored_app(store.as_ref(), "bus")
+            .await
+            .id;
+        let kept = Arc::new(
+            Publication::new(&app_id, "history-c", "note", EventData::text("n1")).with_position(
+                Some(Position {
+                    epoch: "e1".into(),
+                    offset: 1,
+                }),
+            ),
+        );
+        assert!(sender.publish(&[kept]).await.is_err(), "the bus refused it");
+        tokio::time::timeout(Duration::from_secs(10), hearing)
+            .await
+            .expect("the other node was told to catch up")
+            .expect("hearing");
+        assert!(other.missed.load(Ordering::Relaxed));
+        shutdown.cancel();
         schema.drop_now().await;
     }
 
