@@ -940,6 +940,26 @@ impl Config {
                 "ws timeouts, message size, outbox, client event rate, webhook_max_pending, history.max_replay and history.sse_keepalive_secs must be at least 1".into(),
             ));
         }
+        // These have no "no limit" meaning: 0 would refuse every connection, subscription or
+        // request body rather than turn the limit off, so it is refused here by name.
+        let at_least_one = [
+            (
+                "ws.max_connections_per_app",
+                u64::from(w.max_connections_per_app),
+            ),
+            (
+                "ws.max_channels_per_connection",
+                w.max_channels_per_connection as u64,
+            ),
+            (
+                "socketio.max_connections_per_app",
+                u64::from(self.socketio.max_connections_per_app),
+            ),
+            ("api.max_body_bytes", self.api.max_body_bytes as u64),
+        ];
+        if let Some((name, _)) = at_least_one.iter().find(|(_, value)| *value == 0) {
+            return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
+        }
         if self.delivery.per_app_in_flight == Some(0) {
             return Err(ConfigError::Invalid(
                 "delivery.per_app_in_flight must be at least 1 (leave it unset for the default)"
@@ -1458,6 +1478,17 @@ mod tests {
                 jail.set_env(variable, value);
                 let err = load().expect_err(variable);
                 assert!(err.contains(named), "{variable}={value}: {err}");
+                jail.clear_env();
+            }
+            for variable in [
+                "HERALD_WS__MAX_CONNECTIONS_PER_APP",
+                "HERALD_WS__MAX_CHANNELS_PER_CONNECTION",
+                "HERALD_SOCKETIO__MAX_CONNECTIONS_PER_APP",
+                "HERALD_API__MAX_BODY_BYTES",
+            ] {
+                jail.set_env(variable, "0");
+                let err = load().expect_err(variable);
+                assert!(err.contains("must be at least 1"), "{variable}: {err}");
                 jail.clear_env();
             }
             jail.set_env("HERALD_SHUTDOWN_GRACE_SECS", "1000000000.0");
