@@ -544,7 +544,10 @@ impl Session {
             .then(|| self.hub.members_elsewhere(room))
             .flatten();
         let max_members = self.face.config.max_presence_members;
-        let subscribed = if retention.is_some() || elsewhere.is_some() {
+        // A presence join is held like a history join, on one node too, so its snapshot goes
+        // out before any member notice sent after it was taken (see herald-ws's `join`).
+        let presence = joining.is_some();
+        let subscribed = if retention.is_some() || presence {
             self.hub
                 .subscribe_joining(room, &self.id, &self.outbox, joining, max_members)
         } else {
@@ -563,7 +566,7 @@ impl Session {
         self.rooms
             .insert(room.to_owned(), member.as_ref().map(|(id, _)| id.clone()));
         let mut confirmation = subscribed.presence.unwrap_or_else(|| json!({}));
-        let held = elsewhere.is_some();
+        let held = presence;
         if let Some(elsewhere) = elsewhere {
             complete_snapshot(&self.hub, room, &self.id, &mut confirmation, elsewhere).await;
         }

@@ -363,9 +363,10 @@ impl<B: Backend> Session<B> {
 
     /// Adds the subscription to the hub and queues its confirmation; on a history channel,
     /// with the history status and the missed events, merged with what was broadcast while
-    /// they were read (see `herald_channels::history`). On a presence channel of a node in a
-    /// cluster, the snapshot adds the members other nodes hold, read while the subscriber's
-    /// frames are held the same way, so no `member_added` overtakes the confirmation.
+    /// they were read (see `herald_channels::history`). On a presence channel the subscriber's
+    /// frames are held the same way until the confirmation is queued under the channel lock,
+    /// so no member notice overtakes the snapshot; in a cluster the snapshot adds the members
+    /// other nodes hold, read meanwhile.
     async fn join(
         &mut self,
         channel: &str,
@@ -379,7 +380,12 @@ impl<B: Backend> Session<B> {
         } else {
             None
         };
-        let subscribed = if retention.is_some() || elsewhere.is_some() {
+        // A presence join is held like a history join, on one node too: the confirmation (its
+        // snapshot) then goes out under the channel lock, before any member notice sent after
+        // the snapshot was taken, which pusher-js would otherwise apply and then overwrite
+        // with the snapshot (a member shown who left, or not shown who came).
+        let presence = joining.is_some();
+        let subscribed = if retention.is_some() || presence {
             self.hub.subscribe_joining(
                 channel,
                 &self.socket_id,
@@ -409,7 +415,7 @@ impl<B: Backend> Session<B> {
             }
         };
         let mut confirmation = subscribed.presence.unwrap_or_else(|| json!({}));
-        let held_for_presence = elsewhere.is_some();
+        let held_for_presence = presence;
         if let Some(elsewhere) = elsewhere {
             complete_snapshot(
                 &self.hub,
