@@ -441,9 +441,9 @@ pub struct Subscribed {
     pub occupied: bool,
     /// Presence: the `{"presence": {...}}` snapshot for `subscription_succeeded`.
     pub presence: Option<serde_json::Value>,
-    /// Presence: this user was not in the channel before, and the caller announces it
-    /// (`member_added` to the other subscribers). Always false when the hub shares presence
-    /// with a cluster, which announces members itself.
+    /// Presence: this user was not in the channel before; the hub has announced it
+    /// (`member_added` to the other subscribers, under the channel lock). Always false when
+    /// the hub shares presence with a cluster, which announces members itself.
     pub member_added: bool,
 }
 
@@ -451,8 +451,9 @@ pub struct Subscribed {
 pub struct Unsubscribed {
     /// The last subscriber left: the channel is vacated.
     pub vacated: bool,
-    /// Presence: the user's last socket left, and the caller announces it (never set when
-    /// the hub shares presence with a cluster, which announces members itself).
+    /// Presence: the user's last socket left; the hub has announced it (`member_removed` to
+    /// the remaining subscribers, under the channel lock). Never set when the hub shares
+    /// presence with a cluster, which announces members itself.
     pub member_removed: Option<String>,
 }
 
@@ -689,7 +690,8 @@ impl AppHub {
             ..Subscribed::default()
         };
         let user_id = joining.as_ref().map(|j| j.user_id.clone());
-        let mut joined_info = None;
+        // A new member's info, for the cluster's record or the local announcement.
+        let mut added_info = None;
         if let Some(joining) = joining {
             let already = entry.members.contains_key(&joining.user_id);
             if !already && entry.members.len() >= max_members {
@@ -698,8 +700,8 @@ impl AppHub {
                 }
                 return Err(SubscribeError::PresenceFull(max_members));
             }
-            if !already && self.sync.get().is_some() {
-                joined_info = joining.info.as_ref().map(|i| i.get().to_owned());
+            if !already {
+                added_info = joining.info.as_ref().map(|i| i.get().to_owned());
             }
             let member = entry.members.entry(joining.user_id).or_insert(Member {
                 info: joining.info,
@@ -726,7 +728,7 @@ impl AppHub {
                     LocalChange::Joined {
                         channel: channel.to_owned(),
                         user_id: user_id.clone(),
-                        info: joined_info,
+                        info: added_info.clone(),
                         socket_id: socket_id.to_owned(),
                     },
                 );
@@ -745,6 +747,10 @@ impl AppHub {
                     channel: channel.to_owned(),
                     user_id: user_id.clone(),
                 });
+                // Announced to the others here, under the channel lock, so that no removal of
+                // the same user (its other connection leaving) can be announced after it.
+                let frame = crate::protocol::member_added(channel, user_id, added_info.as_deref());
+                fan_out(entry, &Outgoing::Frame(frame), Some(socket_id), None);
             }
         }
         outbox.count_overflows_in(&self.metrics.outbox_overflows_total);
@@ -794,6 +800,9 @@ impl AppHub {
                         channel: channel.to_owned(),
                         user_id: user_id.clone(),
                     });
+                    // Under the channel lock, as the addition is (see `add_subscriber`).
+                    let frame = crate::protocol::member_removed(channel, &user_id);
+                    fan_out(entry, &Outgoing::Frame(frame), None, None);
                     outcome.member_removed = Some(user_id);
                 }
             }

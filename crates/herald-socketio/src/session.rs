@@ -604,12 +604,7 @@ impl Session {
                 }
             }
         }
-        if subscribed.member_added
-            && let Some((user_id, info)) = &member
-        {
-            let frame = protocol::member_added(room, user_id, info.as_deref());
-            self.hub.notify(room, &frame, Some(&self.id));
-        }
+        // A new member was announced by the hub, under the channel lock.
         Ok(subscribed_body(room, &confirmation))
     }
 
@@ -637,11 +632,8 @@ impl Session {
         if self.rooms.remove(room).is_none() {
             return;
         }
-        let left = self.hub.unsubscribe(room, &self.id);
-        if let Some(user_id) = left.member_removed {
-            let frame = protocol::member_removed(room, &user_id);
-            self.hub.notify(room, &frame, None);
-        }
+        // A member's last socket leaving is announced by the hub, under the channel lock.
+        self.hub.unsubscribe(room, &self.id);
     }
 
     /// Any other event: the app's rules decide.

@@ -473,12 +473,7 @@ impl<B: Backend> Session<B> {
                 }
             },
         }
-        if subscribed.member_added
-            && let Some((user_id, info)) = &member
-        {
-            let frame = protocol::member_added(channel, user_id, info.as_deref());
-            self.hub.notify(channel, &frame, Some(&self.socket_id));
-        }
+        // A new member was announced by the hub, under the channel lock.
         self.channels
             .insert(channel.to_owned(), member.map(|(user_id, _)| user_id));
     }
@@ -487,11 +482,8 @@ impl<B: Backend> Session<B> {
         if self.channels.remove(channel).is_none() {
             return;
         }
-        let left = self.hub.unsubscribe(channel, &self.socket_id);
-        if let Some(user_id) = left.member_removed {
-            let frame = protocol::member_removed(channel, &user_id);
-            self.hub.notify(channel, &frame, None);
-        }
+        // A member's last socket leaving is announced by the hub, under the channel lock.
+        self.hub.unsubscribe(channel, &self.socket_id);
     }
 
     /// Leaves every channel and signs out: the connection is over.
