@@ -424,9 +424,8 @@ async fn channels(
     let app = authenticate(&state, &app_id, &method, &uri, &[]).await?;
     let query: BTreeMap<String, String> = query_pairs(&uri).collect();
     let prefix = query.get("filter_by_prefix").map_or("", String::as_str);
-    let user_count = query
-        .get("info")
-        .is_some_and(|i| i.split(',').any(|a| a.trim() == "user_count"));
+    let user_count =
+        info_attributes(query.get("info").map(String::as_str)).any(|a| a == "user_count");
     if user_count && !prefix.starts_with("presence-") {
         return Err(bad("info=user_count needs filter_by_prefix=presence-"));
     }

@@ -9,11 +9,12 @@
 //!
 //! Changes of channel state (occupied, vacated, members, client events) are reported to a
 //! [`ChannelObserver`] while the channel lock is held, so the observer sees them in the order
-//! they happened even when many connections race. A hub that shares presence with other nodes
-//! ([`Hub::share_presence`]) hands occupancy and membership changes to its [`PresenceSync`]
-//! instead, under the same lock and in the same order: the cluster decides what they mean for
-//! every node, reports the channel webhooks and announces members; the hub then tells its
-//! caller nothing to announce.
+//! they happened even when many connections race; presence members are announced to the
+//! channel's subscribers (`member_added`, `member_removed`) under the same lock, for the same
+//! reason. A hub that shares presence with other nodes ([`Hub::share_presence`]) hands
+//! occupancy and membership changes to its [`PresenceSync`] instead, under the same lock and
+//! in the same order: the cluster decides what they mean for every node, reports the channel
+//! webhooks and announces members; the hub then announces nothing itself.
 
 use herald_core::{AppId, model::App};
 use std::{

@@ -861,26 +861,28 @@ fn encode<T: Serialize>(value: &T) -> Result<String, BrokerError> {
 }
 
 impl PostgresBroker {
-    /// Tells every node, through PostgreSQL (which carries control notices whatever the bus),
-    /// to catch its history subscribers up from the store ([`ControlNotice::catch_up`]). Best
-    /// effort: with PostgreSQL unreachable too, the publication failed anyway.
+    /// Sends `notice` to every node on [`CONTROL_CHANNEL`] (PostgreSQL carries control notices
+    /// whatever the bus).
+    async fn notify_control(&self, notice: ControlNotice) -> Result<(), BrokerError> {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(CONTROL_CHANNEL)
+            .bind(encode(&notice)?)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// Tells every node to catch its history subscribers up from the store
+    /// ([`ControlNotice::catch_up`]). Best effort: with PostgreSQL unreachable too, the
+    /// publication failed anyway.
     async fn tell_others_to_catch_up(&self) {
         let notice = ControlNotice {
             node: self.node.clone(),
             removed_app: None,
             catch_up: true,
         };
-        let sent = match encode(&notice) {
-            Ok(notice) => sqlx::query("SELECT pg_notify($1, $2)")
-                .bind(CONTROL_CHANNEL)
-                .bind(notice)
-                .execute(&self.pool)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        if let Err(e) = sent {
+        if let Err(e) = self.notify_control(notice).await {
             tracing::warn!(node = self.node, error = %e, "broker: could not ask the other nodes to catch up");
         }
     }
@@ -894,18 +896,12 @@ fn unavailable(e: sqlx::Error) -> BrokerError {
 impl Broker for PostgresBroker {
     async fn remove_app(&self, app_id: &AppId) -> Result<(), BrokerError> {
         self.hub.remove_app(app_id);
-        let notice = encode(&ControlNotice {
+        self.notify_control(ControlNotice {
             node: self.node.clone(),
             removed_app: Some(app_id.as_str().to_owned()),
             catch_up: false,
-        })?;
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(CONTROL_CHANNEL)
-            .bind(notice)
-            .execute(&self.pool)
-            .await
-            .map_err(unavailable)?;
-        Ok(())
+        })
+        .await
     }
 
     fn is_ready(&self) -> bool {
@@ -1188,7 +1184,6 @@ mod tests {
         };
         let (sender, other) = (node("sender", true), node("other", false));
         let session = other.listen().await.expect("listen");
-        let shutdown = CancellationToken::new();
         // Its retry tick would catch up and clear the flag: watch the notice's effect alone.
         let heard = Arc::clone(&other);
         let hearing = tokio::spawn(async move {
@@ -1219,7 +1214,6 @@ mod tests {
             .expect("the other node was told to catch up")
             .expect("hearing");
         assert!(other.missed.load(Ordering::Relaxed));
-        shutdown.cancel();
         schema.drop_now().await;
     }
 

@@ -244,26 +244,23 @@ impl Session {
         for grant in &self.grants {
             initial.extend(grant.rooms.iter().cloned());
         }
-        let mut gone = false;
-        for room in initial {
-            // A socket gone before (or while) its rooms are joined joins no more of them, and
-            // leaves those it joined below, as any socket does: a `return` here once left them
-            // in the hub for good (a presence member never removed).
-            if closed.is_cancelled() {
-                gone = true;
-                break;
-            }
-            let resume = self.positions.remove(&room);
-            if let Err(refusal) = self.join(&room, resume.as_ref()).await {
-                let _ = socket.emit(
+        'serve: {
+            for room in initial {
+                // A socket gone before (or while) its rooms are joined joins no more of them, and
+                // leaves those it joined below, as any socket does: a `return` here once left them
+                // in the hub for good (a presence member never removed).
+                if closed.is_cancelled() {
+                    break 'serve;
+                }
+                let resume = self.positions.remove(&room);
+                if let Err(refusal) = self.join(&room, resume.as_ref()).await {
+                    let _ = socket.emit(
                     "herald:error",
                     &json!({"event": "join", "room": room, "code": refusal.code, "message": refusal.message}),
                 );
+                }
             }
-        }
-        let hub = Arc::clone(&self.hub);
-        // Serves the socket, unless it went while its rooms were joined.
-        if !gone {
+            let hub = Arc::clone(&self.hub);
             loop {
                 tokio::select! {
                     biased;
@@ -566,12 +563,11 @@ impl Session {
         self.rooms
             .insert(room.to_owned(), member.as_ref().map(|(id, _)| id.clone()));
         let mut confirmation = subscribed.presence.unwrap_or_else(|| json!({}));
-        let held = presence;
         if let Some(elsewhere) = elsewhere {
             complete_snapshot(&self.hub, room, &self.id, &mut confirmation, elsewhere).await;
         }
         match retention {
-            None if held => {
+            None if presence => {
                 let confirmed = confirmation_frame(room, &confirmation);
                 self.hub
                     .go_live(room, &self.id, 0, |outbox| outbox.send(confirmed));

@@ -415,7 +415,6 @@ impl<B: Backend> Session<B> {
             }
         };
         let mut confirmation = subscribed.presence.unwrap_or_else(|| json!({}));
-        let held_for_presence = presence;
         if let Some(elsewhere) = elsewhere {
             complete_snapshot(
                 &self.hub,
@@ -427,7 +426,7 @@ impl<B: Backend> Session<B> {
             .await;
         }
         match retention {
-            None if held_for_presence => {
+            None if presence => {
                 let confirmed = protocol::system(
                     "pusher_internal:subscription_succeeded",
                     Some(channel),
