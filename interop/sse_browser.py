@@ -13,6 +13,7 @@ Exits non-zero, naming the check, on any mismatch.
 import hashlib
 import hmac
 import json
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -111,6 +112,9 @@ def main():
         herald.kill()
         herald.wait()
         pages.shutdown()
+        # The store and Chromium's profile are throwaway; left behind, every run kept them.
+        for path in (data, profile):
+            shutil.rmtree(path, ignore_errors=True)
     print(f"sse browser interop: all {checks.passed} checks passed")
 
 

@@ -20,6 +20,7 @@ import base64
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -233,7 +234,7 @@ def main():
     )
     reports = Reports()
     pages = browser_harness.page_server(reports, {"/": (PAGE.encode(), "text/html")})
-    profile = tempfile.mkdtemp(prefix="chromium-")
+    profile = tempfile.mkdtemp(prefix="chromium-", dir=work)
     browser = None
     try:
         base = banner[0].removeprefix("herald listening on ")
@@ -262,7 +263,7 @@ def main():
         # what lets the real one through.
         refusals = Reports("the page without the pinned keys")
         refusing_pages = browser_harness.page_server(refusals, {"/": (PAGE.encode(), "text/html")})
-        untrusting = chromium(page(refusing_pages), tempfile.mkdtemp(prefix="chromium-"), [])
+        untrusting = chromium(page(refusing_pages), tempfile.mkdtemp(prefix="chromium-", dir=work), [])
         try:
             refusals.wait_for("the EventSource to fail", lambda items: [r for r in items if "error" in r])
             assert not hello(refusals.ordered()), refusals.ordered()
@@ -338,6 +339,9 @@ def main():
             herald.kill()
             herald.wait()
         pages.shutdown()
+        # Certificates, stores and Chromium's profiles all live under `work`; left behind,
+        # every run kept them.
+        shutil.rmtree(work, ignore_errors=True)
     print(f"tls interop: all {checks.passed} checks passed")
 
 
