@@ -113,7 +113,7 @@ const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=
         (status = 401, description = "No valid API token", body = crate::openapi::HttpError),
         (status = 403, description = "An app's token: metrics are the environment's", body = crate::openapi::HttpError)))]
 pub async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
-    let now = chrono::Utc::now();
+    let now = state.store.clock().now();
     match tokio::time::timeout(PING_PATIENCE, state.store.due_deliveries(now)).await {
         Ok(Ok(due)) => {
             let queue = &state.metrics.queue;

@@ -59,8 +59,10 @@ use herald_core::{
     history::{HistoryEntry, Position},
 };
 use herald_store::{
-    Cache, HistoryQuery, Store,
-    postgres::{CONFIG_CHANNEL, DELIVERIES_CHANNEL, DueLanes, HISTORY_CHANNEL, HistoryNotice},
+    Cache, ClusterClock, HistoryQuery, Store,
+    postgres::{
+        CONFIG_CHANNEL, DELIVERIES_CHANNEL, DueLanes, HISTORY_CHANNEL, HistoryNotice, read_clock,
+    },
 };
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -122,10 +124,11 @@ const CATCH_UP_LIMIT: u32 = 1000;
 /// How often a node whose send to the bus failed checks whether it is back, to catch up.
 const RETRY_MISSED: Duration = Duration::from_secs(1);
 
-/// How often the LISTEN session is asked a `SELECT 1`, and how long its answer may take. Its
-/// connection otherwise only receives: one that died without a reset (a NAT or firewall
-/// dropping it, a partition) would never say so, and the node would hear no other node's
-/// changes until restarted, its cache serving what they replaced.
+/// How often the LISTEN session is asked the database's time, and how long its answer may
+/// take. Its connection otherwise only receives: one that died without a reset (a NAT or
+/// firewall dropping it, a partition) would never say so, and the node would hear no other
+/// node's changes until restarted, its cache serving what they replaced. The answer measures
+/// the store's clock again (see `herald_store::ClusterClock`).
 const KEEPALIVE_EVERY: Duration = Duration::from_secs(15);
 const KEEPALIVE_PATIENCE: Duration = Duration::from_secs(10);
 
@@ -241,6 +244,9 @@ pub struct PostgresBroker {
     config_changed: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
     /// How often the session is checked, and how long a check may take ([`KEEPALIVE_EVERY`]).
     keepalive: (Duration, Duration),
+    /// The store's clock, which each check of the session measures again, and in which the
+    /// large publications' rows are dated and swept.
+    clock: ClusterClock,
 }
 
 impl PostgresBroker {
@@ -259,7 +265,6 @@ impl PostgresBroker {
             node,
             pool,
             hub,
-            store,
             sequence: AtomicU64::new(0),
             listening: AtomicBool::new(false),
             wake_deliveries,
@@ -271,6 +276,8 @@ impl PostgresBroker {
             schema: std::sync::OnceLock::new(),
             config_changed: std::sync::OnceLock::new(),
             keepalive: (KEEPALIVE_EVERY, KEEPALIVE_PATIENCE),
+            clock: store.clock(),
+            store,
         })
     }
 
@@ -447,11 +454,9 @@ impl PostgresBroker {
                     },
                 }
                 if check {
-                    let answered = tokio::time::timeout(
-                        patience,
-                        sqlx::query("SELECT 1").execute(&mut listener),
-                    )
-                    .await;
+                    let answered =
+                        tokio::time::timeout(patience, read_clock(&mut listener, &self.clock))
+                            .await;
                     if !matches!(answered, Ok(Ok(_))) {
                         self.listening.store(false, Ordering::Relaxed);
                         self.with_cache(Cache::pause);
@@ -816,7 +821,8 @@ impl PostgresBroker {
 
     /// Deletes large publications' rows older than [`PAYLOAD_KEEP`].
     async fn sweep(&self) {
-        let before = Utc::now() - chrono::Duration::from_std(PAYLOAD_KEEP).unwrap_or_default();
+        let before =
+            self.clock.now() - chrono::Duration::from_std(PAYLOAD_KEEP).unwrap_or_default();
         if let Err(e) = sqlx::query("DELETE FROM broker_payloads WHERE created_at < $1")
             .bind(before.timestamp_millis())
             .execute(&self.pool)
@@ -846,7 +852,7 @@ impl PostgresBroker {
             "INSERT INTO broker_payloads (body, created_at) VALUES ($1, $2) RETURNING id",
         )
         .bind(body)
-        .bind(Utc::now().timestamp_millis())
+        .bind(self.clock.now().timestamp_millis())
         .fetch_one(&self.pool)
         .await
         .map_err(unavailable)?;

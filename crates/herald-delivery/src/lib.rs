@@ -8,6 +8,7 @@
 //! resolution. Every attempt's outcome goes back to the store as one record.
 
 pub mod client;
+pub mod pace;
 mod worker;
 
 use std::time::Duration;

@@ -15,14 +15,26 @@ use herald_core::{
 };
 use herald_metrics::DeliveryMetrics;
 use herald_store::{
-    AttemptRecord, ClaimRequest, DeliveryJob, EndpointChange, FreshDeliveries, NextStep, Recorded,
-    Store, StoreError,
+    AttemptRecord, ClaimRequest, ClusterClock, DeliveryJob, EndpointChange, FreshDeliveries,
+    NextStep, Recorded, Store, StoreError,
 };
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{DeliveryConfig, WebhookClient, client::SendError};
+use crate::{
+    DeliveryConfig, WebhookClient,
+    client::SendError,
+    pace::{Pacer, pace_of},
+};
+
+/// When a delivery may go, by its endpoint's pace (see [`Dispatcher::pace`]).
+enum Paced {
+    Now,
+    At(tokio::time::Instant),
+    /// Not within its lease: not sent.
+    TooLate,
+}
 
 /// Claims per store round trip, per lane.
 const CLAIM_BATCH: u32 = 128;
@@ -91,6 +103,9 @@ struct Lane {
     per_app: u32,
     /// Attempts running at once to one endpoint.
     per_endpoint: u32,
+    /// The paces of endpoints with a `throttleRate`, shared by both lanes: a paced endpoint
+    /// is held to fewer deliveries than `per_endpoint` allows (see [`Lane::endpoint_cap`]).
+    pacer: Arc<Pacer>,
     state: Mutex<LaneState>,
 }
 
@@ -176,15 +191,35 @@ struct ClaimBudget {
 }
 
 impl Lane {
+    #[cfg(test)]
     fn new(first_attempts: bool, limit: u32, per_app: u32, per_endpoint: u32) -> Arc<Self> {
+        Self::pacing(first_attempts, limit, per_app, per_endpoint, Arc::default())
+    }
+
+    fn pacing(
+        first_attempts: bool,
+        limit: u32,
+        per_app: u32,
+        per_endpoint: u32,
+        pacer: Arc<Pacer>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             first_attempts,
             unsaved: Arc::new(Semaphore::new(Self::unsaved_capacity(limit))),
             limit,
             per_app,
             per_endpoint,
+            pacer,
             state: Mutex::new(LaneState::default()),
         })
+    }
+
+    /// The most deliveries `endpoint` may hold in this lane (running, waiting and reserved):
+    /// two rounds of `per_endpoint`, or, for an endpoint paced lately, what its rate sends in
+    /// a few seconds ([`Pacer::claim_cap`]), so that its deliveries do not wait for their
+    /// turns past their leases.
+    fn endpoint_cap(&self, endpoint: &EndpointId) -> u32 {
+        self.pacer.claim_cap(endpoint, self.per_endpoint * 2)
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, LaneState> {
@@ -229,13 +264,20 @@ impl Lane {
     /// How many more jobs to claim, and how many each endpoint and app already holds.
     fn claim_budget(&self) -> ClaimBudget {
         let state = self.state();
+        let mut endpoints: HashMap<EndpointId, u32> = state
+            .endpoints
+            .iter()
+            .map(|(id, slots)| (id.clone(), slots.held()))
+            .collect();
+        // A paced endpoint is told to the claim as holding what it may not take beyond its
+        // cap: the claim's per-endpoint limit is the same for every endpoint.
+        let limit = self.per_endpoint * 2;
+        for (endpoint, cap) in self.pacer.caps(limit) {
+            *endpoints.entry(endpoint).or_insert(0) += limit - cap;
+        }
         ClaimBudget {
             room: (self.limit * 2).saturating_sub(state.running + state.waiting + state.reserved),
-            endpoints: state
-                .endpoints
-                .iter()
-                .map(|(id, slots)| (id.clone(), slots.held()))
-                .collect(),
+            endpoints,
             apps: state
                 .apps
                 .iter()
@@ -259,11 +301,8 @@ impl Lane {
             state.backlog = true;
             return false;
         }
-        if state
-            .endpoints
-            .get(endpoint)
-            .is_some_and(|slots| slots.held() >= self.per_endpoint * 2)
-        {
+        let held = state.endpoints.get(endpoint).map_or(0, EndpointSlots::held);
+        if held >= self.endpoint_cap(endpoint) {
             state.backlogged_endpoints.insert(endpoint.clone());
             return false;
         }
@@ -319,7 +358,7 @@ impl Lane {
         backlogged_endpoints.retain(|id| {
             endpoints
                 .get(id)
-                .is_some_and(|slots| slots.held() >= self.per_endpoint * 2)
+                .is_some_and(|slots| slots.held() >= self.endpoint_cap(id))
         });
         backlogged_apps.retain(|id| {
             apps.get(id)
@@ -489,10 +528,15 @@ impl FreshDeliveries for Handoff {
 
 pub struct Dispatcher {
     store: Arc<dyn Store>,
+    /// The store's clock (the database's, on a shared one): leases, due times and attempt
+    /// times are compared across nodes in it.
+    clock: ClusterClock,
     client: WebhookClient,
     config: DeliveryConfig,
     handle: DispatcherHandle,
     metrics: Arc<DeliveryMetrics>,
+    /// Spaces the attempts to endpoints with a `throttleRate` (see [`crate::pace`]).
+    pacer: Arc<Pacer>,
 }
 
 impl Dispatcher {
@@ -503,11 +547,13 @@ impl Dispatcher {
         metrics: Arc<DeliveryMetrics>,
     ) -> Self {
         Self {
+            clock: store.clock(),
             store,
             client,
             config,
             handle: DispatcherHandle::default(),
             metrics,
+            pacer: Arc::default(),
         }
     }
 
@@ -521,11 +567,12 @@ impl Dispatcher {
         let me = Arc::new(self);
         let lane = |first_attempts: bool, limit: u32| {
             let per_app = me.config.per_app_limit(limit);
-            Lane::new(
+            Lane::pacing(
                 first_attempts,
                 limit,
                 per_app,
                 me.config.per_endpoint_in_flight,
+                Arc::clone(&me.pacer),
             )
         };
         let lanes = [
@@ -630,7 +677,7 @@ impl Dispatcher {
         if budget.room == 0 {
             return Ok((Vec::new(), 0));
         }
-        let now = Utc::now();
+        let now = self.clock.now();
         let lease = self.lease();
         let limit = budget.room.min(CLAIM_BATCH);
         let (per_endpoint_limit, per_app_limit) = lane.claim_limits();
@@ -660,7 +707,7 @@ impl Dispatcher {
     async fn idle_pause(&self, first_attempts: bool) -> Duration {
         match self.store.next_due_at(first_attempts).await {
             Ok(Some(due)) => {
-                let until_due = (due - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+                let until_due = (due - self.clock.now()).to_std().unwrap_or(Duration::ZERO);
                 until_due.clamp(RECHECK, IDLE_POLL)
             }
             Ok(None) => IDLE_POLL,
@@ -683,31 +730,66 @@ impl Dispatcher {
         abandon: CancellationToken,
     ) {
         loop {
-            let sent = async {
-                let record = self.send(&job).await;
-                let permit = Arc::clone(&lane.unsaved).acquire_owned().await;
-                (record, permit)
+            let turn = match self.pace(&job) {
+                Paced::Now => true,
+                Paced::At(at) => tokio::select! {
+                    () = tokio::time::sleep_until(at) => true,
+                    () = abandon.cancelled() => return,
+                },
+                Paced::TooLate => false,
             };
-            let (record, permit) = tokio::select! {
-                sent = sent => sent,
-                // Shutdown's grace period is over: leave the rest to the next start.
-                () = abandon.cancelled() => return,
-            };
-            let Ok(permit) = permit else {
-                return; // The semaphore is never closed; nothing to save to if it were.
-            };
-            let saving = lane.saving(&job.endpoint.id);
-            let me = Arc::clone(&self);
-            tasks.spawn(async move {
-                me.save(record).await;
-                drop((saving, permit));
-            });
+            if turn {
+                let sent = async {
+                    let record = self.send(&job).await;
+                    let permit = Arc::clone(&lane.unsaved).acquire_owned().await;
+                    (record, permit)
+                };
+                let (record, permit) = tokio::select! {
+                    sent = sent => sent,
+                    // Shutdown's grace period is over: leave the rest to the next start.
+                    () = abandon.cancelled() => return,
+                };
+                let Ok(permit) = permit else {
+                    return; // The semaphore is never closed; nothing to save to if it were.
+                };
+                let saving = lane.saving(&job.endpoint.id);
+                let me = Arc::clone(&self);
+                tasks.spawn(async move {
+                    me.save(record).await;
+                    drop((saving, permit));
+                });
+            }
             let next = lane.next_after(&job.app_id, &job.endpoint.id);
             // A freed slot may let the lane claim more.
             self.handle.lane(lane.first_attempts).notify_one();
             match next {
                 Some(next) => job = next,
                 None => return,
+            }
+        }
+    }
+
+    /// When `job` may go: its endpoint's `throttleRate` spaces this node's attempts to it. A
+    /// job whose turn comes later than it may wait is not sent: its lease, which must outlive
+    /// the attempt, would run out first, and another claim could send it again meanwhile. It
+    /// stays leased until then, unrecorded, and is claimed again afterwards, by which time the
+    /// claims hold its endpoint to what its rate sends ([`Lane::endpoint_cap`]). What a job may
+    /// wait is the part of its lease no round of attempts uses ([`Dispatcher::lease`]): the
+    /// shutdown grace and the margin.
+    fn pace(&self, job: &DeliveryJob) -> Paced {
+        let Some(rate) = pace_of(job.endpoint.throttle_rate) else {
+            return Paced::Now;
+        };
+        let now = tokio::time::Instant::now();
+        let latest = now + self.config.shutdown_grace + LEASE_MARGIN;
+        match self.pacer.reserve(&job.endpoint.id, rate, now, latest) {
+            Some(at) if at <= now => Paced::Now,
+            Some(at) => Paced::At(at),
+            None => {
+                self.metrics.paced_past_lease();
+                tracing::debug!(msg_id = %job.msg_id, endpoint_id = %job.endpoint.id, rate,
+                    "the endpoint's throttleRate gives this delivery no turn within its lease; left for a later claim");
+                Paced::TooLate
             }
         }
     }
@@ -763,7 +845,7 @@ impl Dispatcher {
     }
 
     async fn send(&self, job: &DeliveryJob) -> AttemptRecord {
-        let now = Utc::now();
+        let now = self.clock.now();
         let started = Instant::now();
         let result = match self.headers(job, now.timestamp()).await {
             Ok(headers) => {
@@ -1226,5 +1308,41 @@ mod tests {
         assert_eq!(names(&started), [("app_A", "ep_a0")]);
         let next = lane.next_after("app_A", "ep_a0").expect("A's other job");
         assert_eq!(names(&[next]), [("app_A", "ep_a1")]);
+    }
+
+    /// An endpoint paced lately is held to what its rate sends in a few seconds, by claims
+    /// (told it holds the rest of its limit) and by new deliveries handed over at commit;
+    /// other endpoints keep two rounds.
+    #[tokio::test(start_paused = true)]
+    async fn a_paced_endpoint_is_held_to_a_few_seconds_of_its_rate() {
+        let pacer = Arc::new(Pacer::default());
+        let lane = Lane::pacing(true, 256, 64, 32, Arc::clone(&pacer));
+        let (app, paced, free) = (
+            AppId::parse("app_A").expect("valid"),
+            EndpointId::parse("ep_paced").expect("valid"),
+            EndpointId::parse("ep_free").expect("valid"),
+        );
+        let now = tokio::time::Instant::now();
+        pacer.reserve(&paced, 1, now, now + Duration::from_secs(60));
+        let budget = lane.claim_budget();
+        assert_eq!(
+            budget.endpoints.get(&paced),
+            Some(&(64 - 5)),
+            "1 a second: 5 of its 64 left to claim"
+        );
+        assert_eq!(budget.endpoints.get(&free), None);
+        for n in 0..5 {
+            assert!(lane.reserve(&app, &paced), "room {n} of 5");
+        }
+        assert!(!lane.reserve(&app, &paced), "the sixth waits in the queue");
+        assert!(
+            lane.reserve(&app, &free),
+            "another endpoint is not held back"
+        );
+        assert_eq!(
+            lane.claim_budget().endpoints.get(&paced),
+            Some(&64),
+            "five held: nothing more to claim"
+        );
     }
 }

@@ -486,6 +486,9 @@ pub struct DeliveryMetrics {
     /// `claims_total`'s two series, in `ClaimLane::ALL`'s order: a claim follows nearly every
     /// finished attempt, so it counts without the family's lookup.
     claims_by_lane: [Counter; 2],
+    /// Claimed deliveries not sent because their endpoint's `throttleRate` gave them no turn
+    /// within their lease: claimed again once it runs out.
+    pub paced_past_lease_total: Counter,
 }
 
 impl Default for DeliveryMetrics {
@@ -511,6 +514,7 @@ impl Default for DeliveryMetrics {
             claimed_jobs_total: Counter::default(),
             claims_total,
             claims_by_lane,
+            paced_past_lease_total: Counter::default(),
         }
     }
 }
@@ -530,6 +534,11 @@ impl DeliveryMetrics {
                 status_class: StatusClass::of(code),
             })
             .inc();
+    }
+
+    /// Counts one claimed delivery left unsent by its endpoint's pace.
+    pub fn paced_past_lease(&self) {
+        self.paced_past_lease_total.inc();
     }
 
     /// Counts one claim asked of the store for a lane.
@@ -564,6 +573,11 @@ impl DeliveryMetrics {
             "delivery_claims",
             "Claims of due webhook deliveries asked of the store, by lane (first_attempts, retries)",
             self.claims_total.clone(),
+        );
+        registry.register(
+            "delivery_paced_past_lease",
+            "Claimed webhook deliveries not sent because their endpoint's throttleRate gave them no turn within their lease (claimed again later)",
+            self.paced_past_lease_total.clone(),
         );
     }
 }

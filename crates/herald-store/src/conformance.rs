@@ -1185,7 +1185,10 @@ pub async fn due_deliveries_count_the_unfinished_and_date_the_oldest(store: &dyn
     let before = Utc::now() - chrono::Duration::seconds(1);
     let empty = store.due_deliveries(before).await.expect("due");
     assert_eq!(empty, crate::DueDeliveries::default(), "nothing queued yet");
-    let first = message(&app.id, None);
+    // Both created in the past, so each falls due at its creation (one created in the future
+    // falls due at once on PostgreSQL: `first_attempt_due`).
+    let mut first = message(&app.id, None);
+    first.created_at -= chrono::Duration::milliseconds(500);
     let mut second = message(&app.id, None);
     second.created_at = first.created_at + chrono::Duration::milliseconds(5);
     for msg in [&first, &second] {

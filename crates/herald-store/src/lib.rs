@@ -24,6 +24,7 @@ use herald_core::model::{
 };
 
 mod cache;
+mod clock;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 pub mod postgres;
@@ -32,6 +33,7 @@ mod sql;
 pub mod sqlite;
 
 pub use cache::Cache;
+pub use clock::ClusterClock;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -768,6 +770,12 @@ pub trait StoreLifecycle: Send + Sync + 'static {
     /// Records each commit of the hot writes (its duration and writes) in `metrics` from now
     /// on; the first call wins.
     fn observe_commits(&self, metrics: std::sync::Arc<herald_metrics::StoreMetrics>);
+    /// The time every node sharing this store reads for what they compare with each other
+    /// (delivery leases, due times, presence heartbeats): the shared database's clock on
+    /// PostgreSQL, this node's own on a store no other node shares (see [`ClusterClock`]).
+    fn clock(&self) -> ClusterClock {
+        ClusterClock::default()
+    }
 }
 
 /// Everything Herald remembers: every sub-trait at once. Implement the sub-traits; the blanket

@@ -254,6 +254,7 @@ pub async fn run_with(
                 Arc::clone(&hub),
                 Arc::clone(&channel_webhooks) as _,
                 config.node_ttl(),
+                store.clock(),
             );
             cluster
                 .register()

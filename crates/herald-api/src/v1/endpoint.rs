@@ -704,6 +704,8 @@ pub async fn recover(
     SvixJson(input): SvixJson<RecoverIn>,
 ) -> ApiResult<(StatusCode, Json<RecoverOut>)> {
     let endpoint = find(&state, &caller, &app_id, &endpoint_id).await?;
+    // Message ids carry their node's creation time: the window is read on this node's clock;
+    // the requeued deliveries fall due on the cluster's (the store's clock, as claims read).
     let now = crate::now();
     let until = input.until.unwrap_or(now + Duration::seconds(1));
     if until <= input.since {
@@ -714,7 +716,7 @@ pub async fn recover(
     }
     let queued = state
         .store
-        .enqueue_failed(&endpoint.id, input.since, until, now)
+        .enqueue_failed(&endpoint.id, input.since, until, state.store.clock().now())
         .await?;
     tracing::info!(endpoint_id = %endpoint.id, queued, "recovering failed messages");
     state.dispatcher.wake();

@@ -63,7 +63,6 @@ use std::{
     time::Duration,
 };
 
-use chrono::Utc;
 use herald_channels::{
     Hub,
     hub::{ChannelEvent, ChannelInfo, ChannelObserver},
@@ -73,6 +72,7 @@ use herald_channels::{
     protocol,
 };
 use herald_core::AppId;
+use herald_store::ClusterClock;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -355,11 +355,13 @@ pub struct Orphans {
 /// sent with it, so every node hears each once.
 #[async_trait::async_trait]
 pub trait PresenceRecord: Send + Sync + 'static {
-    /// Records `node` as alive now.
-    async fn register(&self, node: &str) -> Result<(), ClusterPresenceError>;
+    /// Records `node` as alive, with heartbeat `beat` (the cluster's time now, in
+    /// milliseconds: see [`ClusterPresence`]'s clock).
+    async fn register(&self, node: &str, beat: i64) -> Result<(), ClusterPresenceError>;
 
-    /// Renews `node`'s heartbeat; `false` if it was not registered (taken for dead).
-    async fn heartbeat(&self, node: &str) -> Result<bool, ClusterPresenceError>;
+    /// Renews `node`'s heartbeat to `beat` (as for `register`); `false` if it was not
+    /// registered (taken for dead).
+    async fn heartbeat(&self, node: &str, beat: i64) -> Result<bool, ClusterPresenceError>;
 
     /// `node` holds `user_id` in `channel`. `true` if that made the user a member of the
     /// cluster (no node held it, this one included); then `member_added` has been announced,
@@ -496,6 +498,10 @@ pub struct ClusterPresence {
     /// Where this node reports the channel webhooks it decided (the `ChannelWebhooks`).
     webhooks: Arc<dyn ChannelObserver>,
     node_ttl: Duration,
+    /// The time heartbeats are written and judged in: the store's clock, which every node
+    /// reads alike (see `herald_store::ClusterClock`). A node's own clock running behind the
+    /// others' by `node_ttl` made it look dead to them, its members removed while connected.
+    clock: ClusterClock,
     changes: Mutex<Option<mpsc::Receiver<Change>>>,
     overflowed: Arc<AtomicBool>,
     progress: Arc<Progress>,
@@ -505,15 +511,17 @@ pub struct ClusterPresence {
 
 impl ClusterPresence {
     /// `record` holds the cluster's entries; `webhooks` gets the channel webhooks this node
-    /// decides. Makes `hub` hand its presence and occupancy changes here.
+    /// decides; heartbeats are in `clock`'s time (the store's). Makes `hub` hand its presence
+    /// and occupancy changes here.
     pub fn new(
         node: String,
         record: Arc<dyn PresenceRecord>,
         hub: Arc<Hub>,
         webhooks: Arc<dyn ChannelObserver>,
         node_ttl: Duration,
+        clock: ClusterClock,
     ) -> Arc<Self> {
-        Self::with_capacity(node, record, hub, webhooks, node_ttl, QUEUE_CAPACITY)
+        Self::with_capacity(node, record, hub, webhooks, node_ttl, clock, QUEUE_CAPACITY)
     }
 
     fn with_capacity(
@@ -522,6 +530,7 @@ impl ClusterPresence {
         hub: Arc<Hub>,
         webhooks: Arc<dyn ChannelObserver>,
         node_ttl: Duration,
+        clock: ClusterClock,
         capacity: usize,
     ) -> Arc<Self> {
         let (sender, receiver) = mpsc::channel(capacity);
@@ -540,6 +549,7 @@ impl ClusterPresence {
             hub,
             webhooks,
             node_ttl,
+            clock,
             changes: Mutex::new(Some(receiver)),
             overflowed,
             progress,
@@ -554,7 +564,9 @@ impl ClusterPresence {
 
     /// Registers this node; its other entries would be swept without it.
     pub async fn register(&self) -> Result<(), ClusterPresenceError> {
-        self.record.register(&self.node).await
+        self.record
+            .register(&self.node, self.clock.now().timestamp_millis())
+            .await
     }
 
     /// Applies this node's changes in order, heartbeats and sweeps dead nodes every third of
@@ -804,7 +816,11 @@ impl ClusterPresence {
     /// swept as leaves, so it registers again and the reconcile writes what its hub holds,
     /// announcing it anew.
     async fn heartbeat(&self) -> bool {
-        match self.record.heartbeat(&self.node).await {
+        match self
+            .record
+            .heartbeat(&self.node, self.clock.now().timestamp_millis())
+            .await
+        {
             Ok(true) => {
                 tracing::trace!(node = self.node, "presence: heartbeat");
                 true
@@ -836,7 +852,7 @@ impl ClusterPresence {
     /// this node ran, so a node of its host ran too and beat; one whose beat is still the same
     /// has stopped. That costs a heartbeat period more before a dead node goes.
     pub async fn sweep(&self) -> Result<usize, ClusterPresenceError> {
-        let cutoff = Utc::now().timestamp_millis()
+        let cutoff = self.clock.now().timestamp_millis()
             - i64::try_from(self.node_ttl.as_millis()).unwrap_or(i64::MAX);
         let stale = self.record.stale_nodes(cutoff).await?;
         if !stale.is_empty() {
@@ -1084,6 +1100,8 @@ mod tests {
     //! on NATS a bucket, of its own). The tests that hold for every record run once per record,
     //! each skipped when its server is not named.
 
+    use chrono::Utc;
+
     use super::*;
     use crate::test_schema::Schema;
     use sqlx::PgPool;
@@ -1277,10 +1295,10 @@ mod tests {
 
     #[async_trait::async_trait]
     impl PresenceRecord for Rounds {
-        async fn register(&self, _: &str) -> Result<(), ClusterPresenceError> {
+        async fn register(&self, _: &str, _: i64) -> Result<(), ClusterPresenceError> {
             Ok(())
         }
-        async fn heartbeat(&self, _: &str) -> Result<bool, ClusterPresenceError> {
+        async fn heartbeat(&self, _: &str, _: i64) -> Result<bool, ClusterPresenceError> {
             let held = self.slow_beats.lock().expect("lock").pop();
             if let Some(held) = held {
                 tokio::time::sleep(held).await;
@@ -1402,6 +1420,7 @@ mod tests {
             Arc::new(Hub::default()),
             Arc::new(Reports::default()) as _,
             node_ttl,
+            ClusterClock::default(),
         );
         let stop = CancellationToken::new();
         let running =
@@ -1436,12 +1455,23 @@ mod tests {
     }
 
     async fn node(backend: &Backend, name: &str, reports: &Arc<Reports>) -> Arc<ClusterPresence> {
+        node_reading(backend, name, reports, ClusterClock::default()).await
+    }
+
+    /// A node whose heartbeats are in `clock`'s time.
+    async fn node_reading(
+        backend: &Backend,
+        name: &str,
+        reports: &Arc<Reports>,
+        clock: ClusterClock,
+    ) -> Arc<ClusterPresence> {
         let presence = ClusterPresence::new(
             name.into(),
             backend.record().await,
             Arc::new(Hub::default()),
             Arc::clone(reports) as _,
             Duration::from_secs(15),
+            clock,
         );
         presence.register().await.expect("register");
         presence
@@ -1465,6 +1495,12 @@ mod tests {
 
     fn occupied() -> LocalChange {
         LocalChange::Occupied {
+            channel: "presence-x".into(),
+        }
+    }
+
+    fn vacated() -> LocalChange {
+        LocalChange::Vacated {
             channel: "presence-x".into(),
         }
     }
@@ -1608,6 +1644,71 @@ mod tests {
         backend.drop_now().await;
     }
 
+    /// Now, as a heartbeat of a node whose clock is right.
+    fn beat_now() -> i64 {
+        Utc::now().timestamp_millis()
+    }
+
+    #[tokio::test]
+    async fn a_node_whose_clock_runs_behind_beats_in_the_clusters_time() {
+        if let Some(backend) = Backend::postgres("presence clock behind").await {
+            clock_behind(backend).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_node_whose_clock_runs_behind_beats_in_the_clusters_time_on_redis() {
+        if let Some(backend) = Backend::redis("presence clock behind on redis") {
+            clock_behind(backend).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_node_whose_clock_runs_behind_beats_in_the_clusters_time_on_nats() {
+        if let Some(backend) = Backend::nats("presence clock behind on nats") {
+            clock_behind(backend).await;
+        }
+    }
+
+    /// A node whose own clock runs two minutes behind (far past `node_ttl`, 15 s) beats in the
+    /// cluster's time once its clock is measured against the reference: the others' sweeps
+    /// keep it and its members. Unmeasured, its beats were two minutes old as written, and two
+    /// sweeps removed its members while it was connected.
+    async fn clock_behind(backend: Backend) {
+        fn two_minutes_behind() -> chrono::DateTime<Utc> {
+            Utc::now() - chrono::TimeDelta::minutes(2)
+        }
+        let app = AppId::parse("app_1").expect("valid");
+        let mut flushed = HashMap::new();
+        for measured in [true, false] {
+            let clock = ClusterClock::reading(two_minutes_behind);
+            if measured {
+                // The reference (the database, in a deployment) is this machine's clock here.
+                clock.observe(clock.local_now(), Utc::now(), clock.local_now());
+            }
+            let reports = Arc::new(Reports::default());
+            let a = node(&backend, "a", &reports).await;
+            let b = node_reading(&backend, "b", &reports, clock).await;
+            a.apply(&app, &occupied(), &mut flushed).await.expect("a");
+            b.apply(&app, &joined("u1"), &mut flushed).await.expect("b");
+            taken(&reports);
+            assert!(b.heartbeat().await, "b beats");
+            let swept = a.sweep().await.expect("sweep") + a.sweep().await.expect("sweep");
+            if measured {
+                assert_eq!(swept, 0, "b's beats are current in the cluster's time");
+                assert_eq!(taken(&reports), Vec::<String>::new());
+                // Leave nothing for the unmeasured round: b leaves, and a vacates.
+                b.apply(&app, &left("u1"), &mut flushed).await.expect("b");
+                a.apply(&app, &vacated(), &mut flushed).await.expect("a");
+                taken(&reports);
+            } else {
+                assert_eq!(swept, 1, "b's beats were two minutes old as written");
+                assert_eq!(taken(&reports), ["member_removed u1"]);
+            }
+        }
+        backend.drop_now().await;
+    }
+
     #[tokio::test]
     async fn a_node_stale_in_one_sweep_that_beats_before_the_next_stays() {
         if let Some(backend) = Backend::postgres("presence stale once").await {
@@ -1651,7 +1752,7 @@ mod tests {
         assert_eq!(a.sweep().await.expect("sweep"), 1, "stale twice: u1's row");
         assert_eq!(taken(&reports), ["member_removed u1"]);
         assert!(
-            !b.record.heartbeat("b").await.expect("beat"),
+            !b.record.heartbeat("b", beat_now()).await.expect("beat"),
             "b was expired"
         );
         backend.drop_now().await;
@@ -1700,7 +1801,7 @@ mod tests {
         };
         let record = backend.record().await;
         let (app, channel) = ("app_1", "presence-a.b");
-        record.register("a").await.expect("register");
+        record.register("a", beat_now()).await.expect("register");
         assert!(record.occupy("a", app, channel, 1).await.expect("occupy"));
         assert!(
             record
@@ -1735,11 +1836,14 @@ mod tests {
             .await
             .expect("lose the bucket");
         assert!(
-            !record.heartbeat("a").await.expect("heartbeat"),
+            !record.heartbeat("a", beat_now()).await.expect("heartbeat"),
             "a lost bucket holds nobody"
         );
-        record.register("a").await.expect("register again");
-        assert!(record.heartbeat("a").await.expect("heartbeat"));
+        record
+            .register("a", beat_now())
+            .await
+            .expect("register again");
+        assert!(record.heartbeat("a", beat_now()).await.expect("heartbeat"));
         assert!(
             record
                 .join("a", app, channel, "u1", None, None)
@@ -1898,6 +2002,7 @@ mod tests {
             Arc::clone(&hub),
             Arc::clone(&reports) as _,
             Duration::from_secs(15),
+            ClusterClock::default(),
             capacity,
         );
         a.register().await.expect("register");

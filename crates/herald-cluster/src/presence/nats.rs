@@ -59,7 +59,6 @@ use async_nats::{
 };
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use bytes::Bytes;
-use chrono::Utc;
 use futures_util::StreamExt;
 use herald_channels::presence::RemoteMember;
 use serde::{Deserialize, Serialize};
@@ -522,12 +521,14 @@ impl NatsRecord {
         }
     }
 
-    /// Writes `node`'s record as of now, whatever was there.
-    async fn put_node(&self, node: &str, dead: bool) -> Result<(), ClusterPresenceError> {
-        let record = NodeRecord {
-            beat: Utc::now().timestamp_millis(),
-            dead,
-        };
+    /// Writes `node`'s record with heartbeat `beat`, whatever was there.
+    async fn put_node(
+        &self,
+        node: &str,
+        dead: bool,
+        beat: i64,
+    ) -> Result<(), ClusterPresenceError> {
+        let record = NodeRecord { beat, dead };
         let bytes = Bytes::from(serde_json::to_vec(&record).map_err(|e| self.failed(node, e))?);
         self.within("writing a node", self.kv.put(node_key(node), bytes))
             .await
@@ -537,11 +538,11 @@ impl NatsRecord {
 
 #[async_trait::async_trait]
 impl PresenceRecord for NatsRecord {
-    async fn register(&self, node: &str) -> Result<(), ClusterPresenceError> {
-        self.put_node(node, false).await
+    async fn register(&self, node: &str, beat: i64) -> Result<(), ClusterPresenceError> {
+        self.put_node(node, false, beat).await
     }
 
-    async fn heartbeat(&self, node: &str) -> Result<bool, ClusterPresenceError> {
+    async fn heartbeat(&self, node: &str, beat: i64) -> Result<bool, ClusterPresenceError> {
         let key = node_key(node);
         for _ in 0..ATTEMPTS {
             let Versioned { revision, value } = match self.read::<Option<NodeRecord>>(&key).await {
@@ -554,10 +555,7 @@ impl PresenceRecord for NatsRecord {
             if value.is_none_or(|record| record.dead) {
                 return Ok(false);
             }
-            let beat = NodeRecord {
-                beat: Utc::now().timestamp_millis(),
-                dead: false,
-            };
+            let beat = NodeRecord { beat, dead: false };
             if self.write(&key, &beat, revision).await? {
                 return Ok(true);
             }
@@ -731,7 +729,8 @@ impl PresenceRecord for NatsRecord {
     }
 
     async fn forget_node(&self, node: &str) -> Result<(), ClusterPresenceError> {
-        self.put_node(node, true).await
+        // A dead node's heartbeat is never read again (sweeps skip dead records).
+        self.put_node(node, true, 0).await
     }
 
     async fn orphans(&self, limit: i64) -> Result<Orphans, ClusterPresenceError> {
@@ -881,6 +880,11 @@ impl PresenceRecord for NatsRecord {
 mod tests {
     use super::*;
 
+    /// A heartbeat now, on this machine's clock.
+    fn now() -> i64 {
+        chrono::Utc::now().timestamp_millis()
+    }
+
     async fn delete_bucket(url: &str, topic: &str) {
         let client = async_nats::connect(url).await.expect("connect");
         jetstream::new(client)
@@ -926,12 +930,15 @@ mod tests {
         let beating = NatsRecord::connect(&url, &topic).await.expect("connect");
         let live = ["a", "b", "c"];
         for node in live {
-            record.register(node).await.expect("register");
+            record.register(node, now()).await.expect("register");
         }
         for round in 0..200 {
             // A dead node's key, removed while the scan runs, as a sweep does.
             let dead = format!("dead-{round}");
-            record.put_node(&dead, true).await.expect("a dead node");
+            record
+                .put_node(&dead, true, now())
+                .await
+                .expect("a dead node");
             let revision = record
                 .read::<Option<NodeRecord>>(&node_key(&dead))
                 .await
@@ -941,7 +948,7 @@ mod tests {
                 record.nodes(),
                 async {
                     for node in live {
-                        beating.heartbeat(node).await.expect("beat");
+                        beating.heartbeat(node, now()).await.expect("beat");
                     }
                 },
                 beating.remove(revision),

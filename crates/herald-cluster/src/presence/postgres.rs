@@ -96,23 +96,22 @@ async fn member_elsewhere(
 
 #[async_trait::async_trait]
 impl PresenceRecord for PostgresRecord {
-    async fn register(&self, node: &str) -> Result<(), ClusterPresenceError> {
-        let now = Utc::now().timestamp_millis();
+    async fn register(&self, node: &str, beat: i64) -> Result<(), ClusterPresenceError> {
         sqlx::query(
             "INSERT INTO cluster_nodes (node_id, started_at, heartbeat_at) VALUES ($1, $2, $2)
              ON CONFLICT (node_id) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at",
         )
         .bind(node)
-        .bind(now)
+        .bind(beat)
         .execute(&self.pool)
         .await?;
         Ok(())
     }
 
-    async fn heartbeat(&self, node: &str) -> Result<bool, ClusterPresenceError> {
+    async fn heartbeat(&self, node: &str, beat: i64) -> Result<bool, ClusterPresenceError> {
         let renewed = sqlx::query("UPDATE cluster_nodes SET heartbeat_at = $2 WHERE node_id = $1")
             .bind(node)
-            .bind(Utc::now().timestamp_millis())
+            .bind(beat)
             .execute(&self.pool)
             .await?;
         Ok(renewed.rows_affected() > 0)

@@ -43,7 +43,6 @@
 
 use std::{collections::HashSet, sync::LazyLock, time::Duration};
 
-use chrono::Utc;
 use herald_channels::presence::RemoteMember;
 use redis::{
     Client, Script,
@@ -358,22 +357,22 @@ fn parse_entry(entry: &str) -> Option<Entry> {
 
 #[async_trait::async_trait]
 impl PresenceRecord for RedisRecord {
-    async fn register(&self, node: &str) -> Result<(), ClusterPresenceError> {
+    async fn register(&self, node: &str, beat: i64) -> Result<(), ClusterPresenceError> {
         REGISTER
             .key(self.nodes())
             .key(self.known())
             .arg(node)
-            .arg(Utc::now().timestamp_millis())
+            .arg(beat)
             .invoke_async::<()>(&mut self.connection())
             .await
             .map_err(|e| self.failed(&e))
     }
 
-    async fn heartbeat(&self, node: &str) -> Result<bool, ClusterPresenceError> {
+    async fn heartbeat(&self, node: &str, beat: i64) -> Result<bool, ClusterPresenceError> {
         HEARTBEAT
             .key(self.nodes())
             .arg(node)
-            .arg(Utc::now().timestamp_millis())
+            .arg(beat)
             .invoke_async(&mut self.connection())
             .await
             .map_err(|e| self.failed(&e))

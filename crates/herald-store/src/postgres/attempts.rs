@@ -16,7 +16,6 @@
 //! - `messages` (joined for list_endpoint_deliveries) and `endpoints` (joined for
 //!   list_message_deliveries).
 
-use chrono::Utc;
 use herald_core::{
     AppId, EndpointId, MessageId,
     model::{Attempt, DeliveryStatus, Endpoint, Message},
@@ -57,7 +56,7 @@ impl AttemptStore for PostgresStore {
         query: &DeliveryQuery,
         page: &Page,
     ) -> Result<Vec<(Message, DeliveryState)>> {
-        let now = millis(Utc::now());
+        let now = millis(self.clock.now());
         let mut q = QueryBuilder::new(
             "SELECT m.*, d.status AS d_status, d.next_attempt_at AS d_next_attempt_at, ",
         );
@@ -134,7 +133,7 @@ impl AttemptStore for PostgresStore {
         let mut q = QueryBuilder::new(
             "SELECT e.*, d.status AS d_status, d.next_attempt_at AS d_next_attempt_at, ",
         );
-        leased(&mut q, millis(Utc::now()));
+        leased(&mut q, millis(self.clock.now()));
         q.push(
             " AS d_leased
              FROM deliveries d JOIN endpoints e ON e.id = d.endpoint_id

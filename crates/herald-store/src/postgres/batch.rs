@@ -52,7 +52,8 @@ const QUEUE: usize = 4096;
 /// repeated `(app_id, event_id)` goes in once, the first in the arrays; its later copies get
 /// the eventId conflict). Returns the ids inserted. The deliveries' arrays are flat: one entry
 /// per (message, endpoint).
-const CREATE_MESSAGES: &str = "WITH inserted AS (
+const CREATE_MESSAGES: &str = concat!(
+    "WITH inserted AS (
          INSERT INTO messages (id, app_id, event_id, event_type, channels, tags, payload,
                                created_at, payload_expires_at)
          SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
@@ -61,12 +62,14 @@ const CREATE_MESSAGES: &str = "WITH inserted AS (
      ), queued AS (
          INSERT INTO deliveries (msg_id, endpoint_id, app_id, status, attempts, trigger_type,
                                  next_attempt_at, updated_at)
-         SELECT inserted.id, d.endpoint_id, inserted.app_id, $12, 0, $13,
-                inserted.created_at, inserted.created_at
+         SELECT inserted.id, d.endpoint_id, inserted.app_id, $12, 0, $13, ",
+    first_attempt_due!("inserted.created_at"),
+    ", inserted.created_at
          FROM UNNEST($10::text[], $11::text[]) AS d(msg_id, endpoint_id)
          JOIN inserted ON inserted.id = d.msg_id
      )
-     SELECT id FROM inserted";
+     SELECT id FROM inserted"
+);
 
 /// Every attempt row of the batch (they happened), and each delivery's next state only while
 /// it is still leased under its record's token (the fence of `messages::RECORD_ATTEMPT`),

@@ -142,7 +142,7 @@ impl EndpointStore for PostgresStore {
              SELECT NULL, FALSE, COUNT(*) FROM deliveries WHERE endpoint_id = $1",
         )
         .bind(endpoint_id.as_str())
-        .bind(millis(Utc::now()))
+        .bind(millis(self.clock.now()))
         .fetch_all(&self.pool)
         .await?;
         let counts = counts

@@ -179,7 +179,8 @@ impl IngestStore for PostgresStore {
 /// did. The message insert has no `ON CONFLICT`: were its eventId taken, the whole statement
 /// fails and records nothing, as the transaction would. The result is the number of events
 /// inserted: 0 for a delivery id the source has already received.
-const RECORD_INGEST: &str = "WITH recorded AS (
+const RECORD_INGEST: &str = concat!(
+    "WITH recorded AS (
          INSERT INTO ingest_events (id, source_id, app_id, delivery_id, headers, body,
                                     event_type, channels, msg_id, received_at)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
@@ -192,10 +193,13 @@ const RECORD_INGEST: &str = "WITH recorded AS (
      ), queued AS (
          INSERT INTO deliveries (msg_id, endpoint_id, app_id, status, attempts, trigger_type,
                                  next_attempt_at, updated_at)
-         SELECT inserted.id, e, $12, $21, 0, $22, $18, $18
+         SELECT inserted.id, e, $12, $21, 0, $22, ",
+    first_attempt_due!("$18"),
+    ", $18
          FROM inserted, UNNEST($20::text[]) AS e
      )
-     SELECT count(*) FROM recorded";
+     SELECT count(*) FROM recorded"
+);
 
 impl PostgresStore {
     /// [`IngestStore::record_ingest`] for an event without history entries: [`RECORD_INGEST`].

@@ -135,10 +135,11 @@ async fn notify_due(conn: &mut PgConnection) -> Result<()> {
 }
 
 /// A message and its first deliveries (one per endpoint in `$10`, due at the message's
-/// creation) in one statement: the deliveries are inserted only if the message was (a
+/// creation, or now by the database's clock if earlier: `first_attempt_due`) in one statement: the deliveries are inserted only if the message was (a
 /// data-modifying `WITH` runs whether or not it is read), and the result is the number of
 /// messages inserted, 0 for a repeated `(app_id, event_id)`.
-const CREATE_MESSAGE: &str = "WITH inserted AS (
+const CREATE_MESSAGE: &str = concat!(
+    "WITH inserted AS (
          INSERT INTO messages (id, app_id, event_id, event_type, channels, tags, payload,
                                created_at, payload_expires_at)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
@@ -146,10 +147,13 @@ const CREATE_MESSAGE: &str = "WITH inserted AS (
      ), queued AS (
          INSERT INTO deliveries (msg_id, endpoint_id, app_id, status, attempts, trigger_type,
                                  next_attempt_at, updated_at)
-         SELECT inserted.id, e, $2, $11, 0, $12, $8, $8
+         SELECT inserted.id, e, $2, $11, 0, $12, ",
+    first_attempt_due!("$8"),
+    ", $8
          FROM inserted, UNNEST($10::text[]) AS e
      )
-     SELECT count(*) FROM inserted";
+     SELECT count(*) FROM inserted"
+);
 
 /// An attempt record whose endpoint does not change, in one statement: the attempt row always
 /// (it happened), and the delivery's next state only while it is still leased under the
@@ -440,7 +444,7 @@ impl MessageStore for PostgresStore {
             NEXT_DUE_RETRY
         };
         let row = sqlx::query(statement)
-            .bind(millis(Utc::now()))
+            .bind(millis(self.clock.now()))
             .fetch_optional(&self.pool)
             .await?;
         match row {
@@ -1122,7 +1126,7 @@ pub(super) mod tests {
 
     use super::super::tests::{SchemaGuard, open_in_fresh_schema, open_in_schema};
     use super::*;
-    use crate::{AppStore, EndpointStore, conformance};
+    use crate::{AppStore, EndpointStore, StoreLifecycle, conformance};
 
     const URL_VAR: &str = "HERALD_TEST_POSTGRES_URL";
 
@@ -1466,6 +1470,52 @@ pub(super) mod tests {
             a.claim_due(&own).await.expect("claim on a").is_empty(),
             "a holds 2 and b 1: the app is at its limit"
         );
+    }
+
+    /// Nodes compare leases and due times in the database's time, whatever their own clocks
+    /// say. Node b's clock runs two minutes ahead, past the lease (a minute here, 45 s in a
+    /// deployment): the message it creates is due at once for node a, and a's lease is live
+    /// for b. Read on b's own clock, b took the delivery a was still sending.
+    #[tokio::test]
+    async fn a_node_whose_clock_runs_ahead_neither_takes_live_leases_nor_delays_its_messages() {
+        fn two_minutes_ahead() -> DateTime<Utc> {
+            Utc::now() + chrono::Duration::minutes(2)
+        }
+        let Some(url) = server_url() else { return };
+        let (_guard, a, b) = two_nodes(&url).await;
+        let b = b
+            .reading_local_clock(two_minutes_ahead)
+            .await
+            .expect("measure b's clock");
+        let off = (b.clock().now() - Utc::now()).abs();
+        assert!(
+            off < chrono::Duration::seconds(1),
+            "b reads the database's time: {off}"
+        );
+        let app = stored_app(&a).await;
+        let ep = stored_endpoint(&a, &app.id).await;
+        // Created on b, stamped with b's own clock, as its API does.
+        let mut created = message(&app.id);
+        created.created_at = b.clock().local_now();
+        b.create_message(created, vec![ep.id.clone()])
+            .await
+            .expect("create on b");
+
+        let on_a = a
+            .claim_due(&claim(a.clock().now(), 10, 10, 10))
+            .await
+            .expect("claim on a");
+        assert_eq!(on_a.len(), 1, "due at once, not once b's lead has passed");
+        let on_b = b
+            .claim_due(&claim(b.clock().now(), 10, 10, 10))
+            .await
+            .expect("claim on b");
+        assert!(on_b.is_empty(), "a's lease is live in the database's time");
+        let stolen = b
+            .claim_due(&claim(b.clock().local_now(), 10, 10, 10))
+            .await
+            .expect("claim on b's own clock");
+        assert_eq!(stolen.len(), 1, "b's own clock is past a's lease");
     }
 
     /// Many claims at once from both nodes, round after round: together they never lease

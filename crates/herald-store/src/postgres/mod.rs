@@ -19,6 +19,21 @@
 //! file (`apps.rs`, `event_types.rs`, `endpoints.rs`, `messages.rs`, `attempts.rs`,
 //! `history.rs`, `ingest.rs`, `idempotency.rs`, `channel_webhooks.rs`).
 
+/// When a message's first attempts fall due, as SQL over its `created_at` (milliseconds):
+/// then, or now by the database's clock if that is earlier. `created_at` is the creating
+/// node's clock; claims read the cluster's (the database's, see `crate::ClusterClock`), so a
+/// node whose clock runs ahead would otherwise queue deliveries no claim finds due until its
+/// clock's lead has passed.
+macro_rules! first_attempt_due {
+    ($created_at:literal) => {
+        concat!(
+            "LEAST(",
+            $created_at,
+            ", (extract(epoch FROM statement_timestamp()) * 1000)::bigint)"
+        )
+    };
+}
+
 mod apps;
 mod attempts;
 mod batch;
@@ -98,6 +113,10 @@ pub struct PostgresStore {
     /// Apps, endpoints, tokens and sources as last read; paused until the broker listens on
     /// [`CONFIG_CHANNEL`] (see the module doc).
     cache: std::sync::Arc<crate::Cache>,
+    /// The database's clock as this node reads it: what leases, due times and heartbeats are
+    /// compared in (see [`crate::ClusterClock`]). Measured at open; the broker's session
+    /// checks measure it again.
+    clock: crate::ClusterClock,
 }
 
 impl PostgresStore {
@@ -151,9 +170,12 @@ impl PostgresStore {
                 "encrypted the secrets an earlier version stored in clear"
             );
         }
+        let clock = crate::ClusterClock::default();
+        read_clock(&pool, &clock).await?;
         let due = wake::DueNotifier::new(pool.clone());
         let commits = batch::CommitMetrics::default();
         Ok(Self {
+            clock,
             batches: batch::Batches::start(&pool, &commits, &due),
             due,
             commits,
@@ -162,6 +184,18 @@ impl PostgresStore {
             keys,
             cache: std::sync::Arc::new(crate::Cache::paused()),
         })
+    }
+
+    /// This store as a node whose own clock reads `local` would open it: measured against
+    /// the database's clock again, as at open. For the tests of what the measurement corrects.
+    #[cfg(any(test, feature = "conformance"))]
+    pub async fn reading_local_clock(
+        mut self,
+        local: fn() -> chrono::DateTime<chrono::Utc>,
+    ) -> Result<Self> {
+        self.clock = crate::ClusterClock::reading(local);
+        read_clock(&self.pool, &self.clock).await?;
+        Ok(self)
     }
 
     /// This node's cache of apps, endpoints, API tokens and ingest sources. It starts paused
@@ -296,6 +330,28 @@ impl StoreLifecycle for PostgresStore {
     fn observe_commits(&self, metrics: std::sync::Arc<herald_metrics::StoreMetrics>) {
         let _ = self.commits.set(metrics);
     }
+
+    fn clock(&self) -> crate::ClusterClock {
+        self.clock.clone()
+    }
+}
+
+/// Measures `clock` against the database's clock: one round trip on `executor` (see
+/// [`crate::ClusterClock::observe`]).
+pub async fn read_clock<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    clock: &crate::ClusterClock,
+) -> Result<()> {
+    let sent = clock.local_now();
+    let micros: i64 =
+        sqlx::query_scalar("SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint")
+            .fetch_one(executor)
+            .await?;
+    let received = clock.local_now();
+    let reference = chrono::DateTime::from_timestamp_micros(micros)
+        .ok_or_else(|| crate::StoreError::Corrupt(format!("server time {micros} µs")))?;
+    clock.observe(sent, reference, received);
+    Ok(())
 }
 
 impl PostgresStore {

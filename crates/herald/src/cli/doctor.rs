@@ -15,8 +15,10 @@ use super::{error_chain, print_json};
 
 /// How long one check may wait on the network.
 const PATIENCE: Duration = Duration::from_secs(5);
-/// Clocks further apart than this get a warning: leases, retries and the Standard Webhooks
-/// timestamp (which receivers accept within 5 minutes) all read the clock.
+/// Clocks further apart than this get a warning. Nodes compare leases, due times and
+/// heartbeats in the database's time (`herald_store::ClusterClock`), whatever their own clocks
+/// say; but messages' times and ids read this machine's clock, and deliveries' Standard
+/// Webhooks timestamps the database's, which receivers accept within 5 minutes of theirs.
 const SKEW_WARNING_SECS: f64 = 2.0;
 const SKEW_FAILURE_SECS: f64 = 60.0;
 

@@ -422,6 +422,40 @@ async fn rotated_secret_keeps_signing_during_the_grace_period() {
     server.stop().await;
 }
 
+/// An endpoint's `throttleRate` spaces its deliveries: at 2 a second, six messages sent at once
+/// go as a burst of two, then one every half second, each once.
+#[tokio::test]
+async fn throttle_rate_spaces_an_endpoints_deliveries() {
+    let server = TestServer::start().await;
+    let mut receiver = Receiver::start().await;
+    let app = server.create_app("paced").await;
+    server
+        .create_endpoint(&app, json!({"url": receiver.url, "throttleRate": 2}))
+        .await;
+    let started = std::time::Instant::now();
+    for n in 0..6 {
+        server
+            .send(&app, json!({"eventType": "x", "payload": {"n": n}}))
+            .await;
+    }
+    let mut ids = BTreeSet::new();
+    for _ in 0..6 {
+        let delivery = receiver.next().await;
+        assert!(
+            ids.insert(delivery.header("webhook-id").to_owned()),
+            "each message once"
+        );
+    }
+    // The sixth's turn is 2 s after the first's, which came after `started`. (A lower bound
+    // only: a busy machine may be later, never earlier.)
+    let span = started.elapsed();
+    assert!(
+        span >= std::time::Duration::from_millis(1990),
+        "six at 2 a second, after a burst of 2, take 2 s: {span:?}"
+    );
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn first_attempts_are_not_stuck_behind_a_slow_endpoint() {
     let server = TestServer::start_with(|c| {

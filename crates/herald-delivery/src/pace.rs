@@ -1,0 +1,227 @@
+//! Endpoint pacing: an endpoint's `throttleRate` (messages per second) spaces the attempts this
+//! node sends it.
+//!
+//! Each attempt reserves its own send time before it goes (GCRA, the generic cell rate
+//! algorithm, in its "virtual scheduling" form): a burst of one second's worth may go at once
+//! after a quiet spell, then one every `1 / rate` seconds. Reserving ahead is what lets the
+//! endpoint's concurrent attempts wait each for its own turn, in order, without polling; a
+//! limiter that only answers "may this go now?" (`governor`, used for the API's request rates)
+//! would have them all retry together. Times are tokio's, so the tests run on a paused clock.
+//!
+//! A reservation is refused when its turn is further off than the caller may wait: a claimed
+//! delivery is leased for a bounded time, and one sent after its lease ran out could be sent
+//! twice (another claim may have taken it). The dispatcher also claims no more of a paced
+//! endpoint's deliveries than its rate sends in [`PACED_AHEAD`] (see [`Pacer::claim_cap`]).
+
+use std::{collections::HashMap, sync::Mutex, time::Duration};
+
+use herald_core::EndpointId;
+use tokio::time::Instant;
+
+/// How far ahead of its rate a paced endpoint's deliveries are claimed: at most this many
+/// seconds' worth at a time, so the last of them goes well within its lease.
+pub const PACED_AHEAD: Duration = Duration::from_secs(5);
+
+/// Endpoints whose pace is forgotten once idle this long (their next attempt starts a burst
+/// again, as it would anyway): keeps the table to the endpoints paced lately.
+const FORGET_AFTER: Duration = Duration::from_secs(60);
+
+/// Forget idle endpoints every this many reservations.
+const SWEEP_EVERY: u32 = 1024;
+
+/// One endpoint's schedule.
+#[derive(Debug, Clone, Copy)]
+struct Pace {
+    /// Messages per second.
+    rate: u16,
+    /// The theoretical arrival time: when the next attempt would go were no burst allowed.
+    due: Instant,
+}
+
+impl Pace {
+    fn interval(rate: u16) -> Duration {
+        Duration::from_secs(1) / u32::from(rate.max(1))
+    }
+
+    /// How far ahead of `due` an attempt may go: a burst of one second's worth (`rate`
+    /// attempts, the first at `due` and `rate - 1` more ahead of their turn).
+    fn tolerance(rate: u16) -> Duration {
+        Self::interval(rate) * u32::from(rate.max(1) - 1)
+    }
+}
+
+/// The pace of every endpoint this node has sent paced attempts to lately.
+#[derive(Debug, Default)]
+pub struct Pacer {
+    state: Mutex<PacerState>,
+}
+
+#[derive(Debug, Default)]
+struct PacerState {
+    paces: HashMap<EndpointId, Pace>,
+    reservations: u32,
+}
+
+/// Whether an endpoint is paced: a `throttleRate` of 0 (or none) sets no pace.
+pub fn pace_of(throttle_rate: Option<i64>) -> Option<u16> {
+    throttle_rate
+        .and_then(|rate| u16::try_from(rate).ok())
+        .filter(|rate| *rate > 0)
+}
+
+impl Pacer {
+    fn state(&self) -> std::sync::MutexGuard<'_, PacerState> {
+        // Every update is a few arithmetic operations that cannot panic midway.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reserves the next turn of `endpoint`, paced at `rate` a second, for an attempt that may
+    /// wait until `latest`: when it may go (now or later), or `None` if its turn comes after
+    /// `latest` (nothing is reserved then).
+    pub fn reserve(
+        &self,
+        endpoint: &EndpointId,
+        rate: u16,
+        now: Instant,
+        latest: Instant,
+    ) -> Option<Instant> {
+        let mut state = self.state();
+        state.reservations = state.reservations.wrapping_add(1);
+        if state.reservations.is_multiple_of(SWEEP_EVERY) {
+            state.paces.retain(|_, pace| pace.due + FORGET_AFTER > now);
+        }
+        let pace = state
+            .paces
+            .entry(endpoint.clone())
+            .or_insert(Pace { rate, due: now });
+        // A changed rate applies from this attempt on.
+        pace.rate = rate;
+        let due = pace.due.max(now);
+        let at = due
+            .checked_sub(Pace::tolerance(rate))
+            .map_or(now, |earliest| earliest.max(now));
+        if at > latest {
+            return None;
+        }
+        pace.due = due + Pace::interval(rate);
+        Some(at)
+    }
+
+    /// The most deliveries of `endpoint` a claim may let the dispatcher hold (`limit`: what it
+    /// lets any endpoint hold), if the endpoint was paced lately: what its rate sends in
+    /// [`PACED_AHEAD`], at least one. An endpoint not paced yet gets `limit`: its first
+    /// attempts tell its pace, and any that would wait past their lease are left for a later
+    /// claim.
+    pub fn claim_cap(&self, endpoint: &EndpointId, limit: u32) -> u32 {
+        self.state()
+            .paces
+            .get(endpoint)
+            .map_or(limit, |pace| cap(pace.rate, limit))
+    }
+
+    /// The endpoints paced lately, with their caps under `limit` (see [`Pacer::claim_cap`]).
+    pub fn caps(&self, limit: u32) -> Vec<(EndpointId, u32)> {
+        self.state()
+            .paces
+            .iter()
+            .map(|(endpoint, pace)| (endpoint.clone(), cap(pace.rate, limit)))
+            .collect()
+    }
+}
+
+/// What `rate` sends in [`PACED_AHEAD`], within 1 and `limit`.
+fn cap(rate: u16, limit: u32) -> u32 {
+    let ahead = u32::try_from(PACED_AHEAD.as_secs()).unwrap_or(u32::MAX);
+    u32::from(rate).saturating_mul(ahead).clamp(1, limit.max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint(n: u32) -> EndpointId {
+        EndpointId::parse(format!("ep_{n}")).expect("an endpoint id")
+    }
+
+    #[test]
+    fn no_rate_or_zero_sets_no_pace() {
+        assert_eq!(pace_of(None), None);
+        assert_eq!(pace_of(Some(0)), None);
+        assert_eq!(pace_of(Some(5)), Some(5));
+        assert_eq!(
+            pace_of(Some(70_000)),
+            None,
+            "outside Svix's range: never stored"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_of_one_seconds_worth_goes_at_once_then_one_per_interval() {
+        let pacer = Pacer::default();
+        let ep = endpoint(1);
+        let now = Instant::now();
+        let far = now + Duration::from_secs(60);
+        let turns: Vec<Duration> = (0..7)
+            .map(|_| pacer.reserve(&ep, 4, now, far).expect("a turn") - now)
+            .collect();
+        let ms = Duration::from_millis;
+        assert_eq!(
+            turns,
+            [ms(0), ms(0), ms(0), ms(0), ms(250), ms(500), ms(750)],
+            "4 at once, then every 250 ms"
+        );
+        // After a quiet spell of a second and more, a burst again.
+        let later = now + Duration::from_secs(3);
+        let turn = pacer.reserve(&ep, 4, later, later + Duration::from_secs(60));
+        assert_eq!(turn, Some(later));
+        // Another endpoint has its own pace.
+        assert_eq!(pacer.reserve(&endpoint(2), 1, now, far), Some(now));
+        assert_eq!(
+            pacer.reserve(&endpoint(2), 1, now, far),
+            Some(now + Duration::from_secs(1))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_turn_past_the_latest_is_refused_and_reserves_nothing() {
+        let pacer = Pacer::default();
+        let ep = endpoint(1);
+        let now = Instant::now();
+        let latest = now + Duration::from_millis(1500);
+        assert_eq!(pacer.reserve(&ep, 1, now, latest), Some(now));
+        assert_eq!(
+            pacer.reserve(&ep, 1, now, latest),
+            Some(now + Duration::from_secs(1))
+        );
+        assert_eq!(pacer.reserve(&ep, 1, now, latest), None, "2 s is too late");
+        assert_eq!(
+            pacer.reserve(&ep, 1, now, latest),
+            None,
+            "still 2 s: nothing taken"
+        );
+        let waited = now + Duration::from_secs(1);
+        assert_eq!(
+            pacer.reserve(&ep, 1, waited, waited + Duration::from_secs(5)),
+            Some(now + Duration::from_secs(2))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn claims_hold_a_paced_endpoint_to_what_its_rate_sends_in_a_few_seconds() {
+        let pacer = Pacer::default();
+        let now = Instant::now();
+        let far = now + Duration::from_secs(60);
+        assert_eq!(pacer.claim_cap(&endpoint(1), 64), 64, "not paced yet");
+        pacer.reserve(&endpoint(1), 2, now, far);
+        pacer.reserve(&endpoint(2), 100, now, far);
+        assert_eq!(pacer.claim_cap(&endpoint(1), 64), 10, "2 a second for 5 s");
+        assert_eq!(
+            pacer.claim_cap(&endpoint(2), 64),
+            64,
+            "never above the limit"
+        );
+        let mut caps = pacer.caps(64);
+        caps.sort();
+        assert_eq!(caps, [(endpoint(1), 10), (endpoint(2), 64)]);
+    }
+}
