@@ -18,7 +18,6 @@ use axum::{
     middleware::Next,
     response::{IntoResponse, Response},
 };
-use chrono::Utc;
 use herald_core::token;
 use herald_store::{IdempotencyClaim, Store};
 
@@ -153,7 +152,8 @@ pub async fn replay(
         token::hex(&token::hash(&auth)),
         request.uri().path()
     );
-    let now = Utc::now();
+    // Claims are compared across nodes: in the cluster's time (the store's clock).
+    let now = state.store.clock().now();
     let claim_until = now + chrono::Duration::from_std(CLAIM_FOR).unwrap_or_default();
     // One store call decides: replay a kept response, refuse a repeat of a running request
     // (on any node sharing the store), or run this one under a claim.
@@ -216,7 +216,7 @@ pub async fn replay(
                 &claim.key,
                 parts.status.as_u16(),
                 &kept,
-                Utc::now(),
+                state.store.clock().now(),
             )
             .await
         {
@@ -255,7 +255,7 @@ fn stored_response(status: u16, body: Vec<u8>) -> Response {
 
 /// Forget keys older than [`KEEP_FOR`], and the oldest beyond [`MAX_KEPT`]; run periodically.
 pub async fn purge_expired(store: &dyn Store) {
-    let cutoff = Utc::now() - chrono::Duration::from_std(KEEP_FOR).unwrap_or_default();
+    let cutoff = store.clock().now() - chrono::Duration::from_std(KEEP_FOR).unwrap_or_default();
     match store
         .purge_idempotency(cutoff, MAX_KEPT, MAX_KEPT_BYTES)
         .await
@@ -268,6 +268,7 @@ pub async fn purge_expired(store: &dyn Store) {
 
 #[cfg(test)]
 mod tests {
+    use chrono::Utc;
     use herald_store::sqlite::SqliteStore;
 
     use super::*;

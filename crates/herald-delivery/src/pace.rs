@@ -10,24 +10,31 @@
 //!
 //! A reservation is refused when its turn is further off than the caller may wait: a claimed
 //! delivery is leased for a bounded time, and one sent after its lease ran out could be sent
-//! twice (another claim may have taken it). The dispatcher also claims no more of a paced
-//! endpoint's deliveries than its rate sends in [`PACED_AHEAD`] (see [`Pacer::claim_cap`]).
+//! twice (another claim may have taken it). Each of the dispatcher's two lanes also holds no
+//! more of a paced endpoint's deliveries than its rate sends in [`PACED_AHEAD_PER_LANE`] (see
+//! [`Pacer::claim_cap`]), so turns stay a few seconds ahead.
 
-use std::{collections::HashMap, sync::Mutex, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{
+        Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use herald_core::EndpointId;
 use tokio::time::Instant;
 
-/// How far ahead of its rate a paced endpoint's deliveries are claimed: at most this many
-/// seconds' worth at a time, so the last of them goes well within its lease.
-pub const PACED_AHEAD: Duration = Duration::from_secs(5);
+/// How far ahead of its rate each lane holds a paced endpoint's deliveries: at most this many
+/// seconds' worth at a time (both lanes together, twice that), so the last of them goes well
+/// within its lease.
+pub const PACED_AHEAD_PER_LANE: Duration = Duration::from_secs(2);
 
 /// Endpoints whose pace is forgotten once idle this long (their next attempt starts a burst
-/// again, as it would anyway): keeps the table to the endpoints paced lately.
+/// again, as it would anyway): keeps the table to the endpoints paced lately, and lets a
+/// deleted endpoint's entry go.
 const FORGET_AFTER: Duration = Duration::from_secs(60);
-
-/// Forget idle endpoints every this many reservations.
-const SWEEP_EVERY: u32 = 1024;
 
 /// One endpoint's schedule.
 #[derive(Debug, Clone, Copy)]
@@ -48,18 +55,20 @@ impl Pace {
     fn tolerance(rate: u16) -> Duration {
         Self::interval(rate) * u32::from(rate.max(1) - 1)
     }
+
+    /// No attempt has had a turn for [`FORGET_AFTER`].
+    fn idle(&self, now: Instant) -> bool {
+        self.due + FORGET_AFTER <= now
+    }
 }
 
 /// The pace of every endpoint this node has sent paced attempts to lately.
 #[derive(Debug, Default)]
 pub struct Pacer {
-    state: Mutex<PacerState>,
-}
-
-#[derive(Debug, Default)]
-struct PacerState {
-    paces: HashMap<EndpointId, Pace>,
-    reservations: u32,
+    paces: Mutex<HashMap<EndpointId, Pace>>,
+    /// How many endpoints `paces` holds, read without the lock: most deployments pace no
+    /// endpoint, and every unpaced attempt asks to forget its endpoint's pace.
+    len: AtomicUsize,
 }
 
 /// Whether an endpoint is paced: a `throttleRate` of 0 (or none) sets no pace.
@@ -69,15 +78,21 @@ pub fn pace_of(throttle_rate: Option<i64>) -> Option<u16> {
         .filter(|rate| *rate > 0)
 }
 
+/// What `rate` sends in [`PACED_AHEAD_PER_LANE`], within 1 and `limit`.
+fn cap(rate: u16, limit: u32) -> u32 {
+    let ahead = u32::try_from(PACED_AHEAD_PER_LANE.as_secs()).unwrap_or(u32::MAX);
+    u32::from(rate).saturating_mul(ahead).clamp(1, limit.max(1))
+}
+
 impl Pacer {
-    fn state(&self) -> std::sync::MutexGuard<'_, PacerState> {
+    fn paces(&self) -> std::sync::MutexGuard<'_, HashMap<EndpointId, Pace>> {
         // Every update is a few arithmetic operations that cannot panic midway.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.paces.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Reserves the next turn of `endpoint`, paced at `rate` a second, for an attempt that may
     /// wait until `latest`: when it may go (now or later), or `None` if its turn comes after
-    /// `latest` (nothing is reserved then).
+    /// `latest` (nothing is reserved then). A changed rate applies from this attempt on.
     pub fn reserve(
         &self,
         endpoint: &EndpointId,
@@ -85,54 +100,67 @@ impl Pacer {
         now: Instant,
         latest: Instant,
     ) -> Option<Instant> {
-        let mut state = self.state();
-        state.reservations = state.reservations.wrapping_add(1);
-        if state.reservations.is_multiple_of(SWEEP_EVERY) {
-            state.paces.retain(|_, pace| pace.due + FORGET_AFTER > now);
-        }
-        let pace = state
-            .paces
-            .entry(endpoint.clone())
-            .or_insert(Pace { rate, due: now });
-        // A changed rate applies from this attempt on.
-        pace.rate = rate;
-        let due = pace.due.max(now);
+        let mut paces = self.paces();
+        let due = paces
+            .get(endpoint)
+            .filter(|pace| !pace.idle(now))
+            .map_or(now, |pace| pace.due.max(now));
         let at = due
             .checked_sub(Pace::tolerance(rate))
             .map_or(now, |earliest| earliest.max(now));
         if at > latest {
             return None;
         }
-        pace.due = due + Pace::interval(rate);
+        paces.insert(
+            endpoint.clone(),
+            Pace {
+                rate,
+                due: due + Pace::interval(rate),
+            },
+        );
+        self.len.store(paces.len(), Ordering::Relaxed);
         Some(at)
     }
 
-    /// The most deliveries of `endpoint` a claim may let the dispatcher hold (`limit`: what it
-    /// lets any endpoint hold), if the endpoint was paced lately: what its rate sends in
-    /// [`PACED_AHEAD`], at least one. An endpoint not paced yet gets `limit`: its first
-    /// attempts tell its pace, and any that would wait past their lease are left for a later
-    /// claim.
-    pub fn claim_cap(&self, endpoint: &EndpointId, limit: u32) -> u32 {
-        self.state()
-            .paces
+    /// `endpoint` is not paced (any more): its deliveries are held to the usual limit again.
+    pub fn forget(&self, endpoint: &EndpointId) {
+        if self.len.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let mut paces = self.paces();
+        paces.remove(endpoint);
+        self.len.store(paces.len(), Ordering::Relaxed);
+    }
+
+    /// The most deliveries of `endpoint` one lane may hold (`limit`: what it lets any endpoint
+    /// hold), if the endpoint was paced lately: what its rate sends in
+    /// [`PACED_AHEAD_PER_LANE`], at least one. An endpoint not paced lately gets `limit`: its
+    /// first attempts tell its pace, and any that would wait past their lease are left for a
+    /// later claim.
+    pub fn claim_cap(&self, endpoint: &EndpointId, limit: u32, now: Instant) -> u32 {
+        if self.len.load(Ordering::Relaxed) == 0 {
+            return limit;
+        }
+        self.paces()
             .get(endpoint)
+            .filter(|pace| !pace.idle(now))
             .map_or(limit, |pace| cap(pace.rate, limit))
     }
 
-    /// The endpoints paced lately, with their caps under `limit` (see [`Pacer::claim_cap`]).
-    pub fn caps(&self, limit: u32) -> Vec<(EndpointId, u32)> {
-        self.state()
-            .paces
+    /// The endpoints paced lately, with their caps under `limit` (see [`Pacer::claim_cap`]);
+    /// forgets those idle for [`FORGET_AFTER`].
+    pub fn caps(&self, limit: u32, now: Instant) -> Vec<(EndpointId, u32)> {
+        if self.len.load(Ordering::Relaxed) == 0 {
+            return Vec::new();
+        }
+        let mut paces = self.paces();
+        paces.retain(|_, pace| !pace.idle(now));
+        self.len.store(paces.len(), Ordering::Relaxed);
+        paces
             .iter()
             .map(|(endpoint, pace)| (endpoint.clone(), cap(pace.rate, limit)))
             .collect()
     }
-}
-
-/// What `rate` sends in [`PACED_AHEAD`], within 1 and `limit`.
-fn cap(rate: u16, limit: u32) -> u32 {
-    let ahead = u32::try_from(PACED_AHEAD.as_secs()).unwrap_or(u32::MAX);
-    u32::from(rate).saturating_mul(ahead).clamp(1, limit.max(1))
 }
 
 #[cfg(test)]
@@ -211,17 +239,31 @@ mod tests {
         let pacer = Pacer::default();
         let now = Instant::now();
         let far = now + Duration::from_secs(60);
-        assert_eq!(pacer.claim_cap(&endpoint(1), 64), 64, "not paced yet");
+        assert_eq!(pacer.claim_cap(&endpoint(1), 64, now), 64, "not paced yet");
         pacer.reserve(&endpoint(1), 2, now, far);
         pacer.reserve(&endpoint(2), 100, now, far);
-        assert_eq!(pacer.claim_cap(&endpoint(1), 64), 10, "2 a second for 5 s");
         assert_eq!(
-            pacer.claim_cap(&endpoint(2), 64),
+            pacer.claim_cap(&endpoint(1), 64, now),
+            4,
+            "2 a second for 2 s"
+        );
+        assert_eq!(
+            pacer.claim_cap(&endpoint(2), 64, now),
             64,
             "never above the limit"
         );
-        let mut caps = pacer.caps(64);
+        let mut caps = pacer.caps(64, now);
         caps.sort();
-        assert_eq!(caps, [(endpoint(1), 10), (endpoint(2), 64)]);
+        assert_eq!(caps, [(endpoint(1), 4), (endpoint(2), 64)]);
+
+        // A throttleRate removed: the endpoint is held to the usual limit at once.
+        pacer.forget(&endpoint(2));
+        assert_eq!(pacer.caps(64, now), [(endpoint(1), 4)]);
+        assert_eq!(pacer.claim_cap(&endpoint(2), 64, now), 64);
+        // Idle for a minute (a deleted endpoint, say): forgotten.
+        let later = now + FORGET_AFTER + Duration::from_secs(1);
+        assert_eq!(pacer.claim_cap(&endpoint(1), 64, later), 64);
+        assert!(pacer.caps(64, later).is_empty());
+        assert_eq!(pacer.len.load(Ordering::Relaxed), 0);
     }
 }

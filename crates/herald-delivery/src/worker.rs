@@ -16,7 +16,7 @@ use herald_core::{
 use herald_metrics::DeliveryMetrics;
 use herald_store::{
     AttemptRecord, ClaimRequest, ClusterClock, DeliveryJob, EndpointChange, FreshDeliveries,
-    NextStep, Recorded, Store, StoreError,
+    LeaseToken, NextStep, Recorded, Store, StoreError,
 };
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use tokio::sync::{Notify, Semaphore};
@@ -106,6 +106,9 @@ struct Lane {
     /// The paces of endpoints with a `throttleRate`, shared by both lanes: a paced endpoint
     /// is held to fewer deliveries than `per_endpoint` allows (see [`Lane::endpoint_cap`]).
     pacer: Arc<Pacer>,
+    /// When each admitted job's lease runs out, by its token, until the job starts (see
+    /// [`Lane::leased`]).
+    lease_ends: Mutex<HashMap<LeaseToken, tokio::time::Instant>>,
     state: Mutex<LaneState>,
 }
 
@@ -210,8 +213,26 @@ impl Lane {
             per_app,
             per_endpoint,
             pacer,
+            lease_ends: Mutex::new(HashMap::new()),
             state: Mutex::new(LaneState::default()),
         })
+    }
+
+    /// Notes that `jobs`, about to be admitted, are leased until `ends` (on this node's
+    /// monotonic clock: no later than the store's lease, which was taken before).
+    fn leased(&self, jobs: &[DeliveryJob], ends: tokio::time::Instant) {
+        let mut lease_ends = self.lease_ends.lock().unwrap_or_else(|p| p.into_inner());
+        for job in jobs {
+            lease_ends.insert(job.lease, ends);
+        }
+    }
+
+    /// When `job`'s lease runs out, as noted by [`Lane::leased`]; forgotten as it starts.
+    fn lease_end(&self, job: &DeliveryJob) -> Option<tokio::time::Instant> {
+        self.lease_ends
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&job.lease)
     }
 
     /// The most deliveries `endpoint` may hold in this lane (running, waiting and reserved):
@@ -219,7 +240,8 @@ impl Lane {
     /// a few seconds ([`Pacer::claim_cap`]), so that its deliveries do not wait for their
     /// turns past their leases.
     fn endpoint_cap(&self, endpoint: &EndpointId) -> u32 {
-        self.pacer.claim_cap(endpoint, self.per_endpoint * 2)
+        self.pacer
+            .claim_cap(endpoint, self.per_endpoint * 2, tokio::time::Instant::now())
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, LaneState> {
@@ -272,7 +294,7 @@ impl Lane {
         // A paced endpoint is told to the claim as holding what it may not take beyond its
         // cap: the claim's per-endpoint limit is the same for every endpoint.
         let limit = self.per_endpoint * 2;
-        for (endpoint, cap) in self.pacer.caps(limit) {
+        for (endpoint, cap) in self.pacer.caps(limit, tokio::time::Instant::now()) {
             *endpoints.entry(endpoint).or_insert(0) += limit - cap;
         }
         ClaimBudget {
@@ -503,6 +525,11 @@ impl FreshDeliveries for Handoff {
             // Stopped: the jobs' leases run out and they are claimed after the next start.
             return;
         };
+        // Leased in the commit that just returned, for `lease` from before it.
+        self.lane.leased(
+            &jobs,
+            tokio::time::Instant::now() + self.lease - LEASE_MARGIN,
+        );
         for job in self.lane.admit_reserved(jobs) {
             self.tasks.spawn(Arc::clone(&dispatcher).attempts(
                 job,
@@ -623,8 +650,11 @@ impl Dispatcher {
     ) {
         let wake = self.handle.lane(lane.first_attempts);
         while !shutdown.is_cancelled() {
+            // The store leases from a time no earlier than this.
+            let claiming = tokio::time::Instant::now();
             let pause = match self.claim(lane).await {
                 Ok((jobs, asked)) => {
+                    lane.leased(&jobs, claiming + self.lease());
                     let got = jobs.len();
                     let started = lane.admit(jobs);
                     lane.claimed(asked, got);
@@ -730,7 +760,7 @@ impl Dispatcher {
         abandon: CancellationToken,
     ) {
         loop {
-            let turn = match self.pace(&job) {
+            let turn = match self.pace(&job, lane.lease_end(&job)) {
                 Paced::Now => true,
                 Paced::At(at) => tokio::select! {
                     () = tokio::time::sleep_until(at) => true,
@@ -769,19 +799,30 @@ impl Dispatcher {
         }
     }
 
-    /// When `job` may go: its endpoint's `throttleRate` spaces this node's attempts to it. A
-    /// job whose turn comes later than it may wait is not sent: its lease, which must outlive
-    /// the attempt, would run out first, and another claim could send it again meanwhile. It
-    /// stays leased until then, unrecorded, and is claimed again afterwards, by which time the
-    /// claims hold its endpoint to what its rate sends ([`Lane::endpoint_cap`]). What a job may
-    /// wait is the part of its lease no round of attempts uses ([`Dispatcher::lease`]): the
-    /// shutdown grace and the margin.
-    fn pace(&self, job: &DeliveryJob) -> Paced {
-        let Some(rate) = pace_of(job.endpoint.throttle_rate) else {
-            return Paced::Now;
-        };
+    /// When `job`, leased until `lease_end`, may go: its endpoint's `throttleRate` spaces this
+    /// node's attempts to it. A job may start until a request timeout before its lease ends;
+    /// one whose turn comes later is not sent, since the lease would run out during the
+    /// attempt and another claim could send it again meanwhile. It stays leased, unrecorded,
+    /// and is claimed again once the lease runs out, by which time the lanes hold its endpoint
+    /// to what its rate sends ([`Lane::endpoint_cap`]). The same holds for any job that waited
+    /// that long for a slot, paced or not (the claims' limits are meant to prevent it).
+    fn pace(&self, job: &DeliveryJob, lease_end: Option<tokio::time::Instant>) -> Paced {
         let now = tokio::time::Instant::now();
-        let latest = now + self.config.shutdown_grace + LEASE_MARGIN;
+        // The attempt must end within the lease: it may start a request timeout before.
+        let latest = lease_end
+            .map_or(now + self.lease(), |end| end)
+            .checked_sub(self.config.request_timeout)
+            .unwrap_or(now);
+        let Some(rate) = pace_of(job.endpoint.throttle_rate) else {
+            self.pacer.forget(&job.endpoint.id);
+            return if now <= latest {
+                Paced::Now
+            } else {
+                tracing::warn!(msg_id = %job.msg_id, endpoint_id = %job.endpoint.id,
+                    "a delivery waited in the dispatcher past the start of its lease's last attempt; left for a later claim");
+                Paced::TooLate
+            };
+        };
         match self.pacer.reserve(&job.endpoint.id, rate, now, latest) {
             Some(at) if at <= now => Paced::Now,
             Some(at) => Paced::At(at),
@@ -825,9 +866,14 @@ impl Dispatcher {
         }
     }
 
-    async fn headers(&self, job: &DeliveryJob, timestamp: i64) -> Result<HeaderMap, SendError> {
+    /// The request's headers for an attempt at `now` (the cluster's time).
+    async fn headers(
+        &self,
+        job: &DeliveryJob,
+        now: chrono::DateTime<Utc>,
+    ) -> Result<HeaderMap, SendError> {
         match job.endpoint.format {
-            EndpointFormat::StandardWebhooks => Ok(signed_headers(job, timestamp)),
+            EndpointFormat::StandardWebhooks => Ok(signed_headers(job, now)),
             EndpointFormat::Pusher => {
                 // Served from the store's cache; read per attempt so a rotated secret applies.
                 let app = match self.store.get_app(&job.app_id).await {
@@ -847,7 +893,7 @@ impl Dispatcher {
     async fn send(&self, job: &DeliveryJob) -> AttemptRecord {
         let now = self.clock.now();
         let started = Instant::now();
-        let result = match self.headers(job, now.timestamp()).await {
+        let result = match self.headers(job, now).await {
             Ok(headers) => {
                 self.client
                     .post(&job.endpoint.url, headers, job.payload.clone())
@@ -1003,9 +1049,11 @@ fn pusher_headers(job: &DeliveryJob, credentials: &PusherCredentials) -> HeaderM
 
 /// The Standard Webhooks headers plus the endpoint's own. The signature covers the payload
 /// bytes exactly as stored, which are exactly the bytes sent.
-fn signed_headers(job: &DeliveryJob, timestamp: i64) -> HeaderMap {
+/// Signed at `now` (the cluster's time), by every secret live then: rotated secrets expire
+/// at times set in the cluster's time too.
+fn signed_headers(job: &DeliveryJob, now: chrono::DateTime<Utc>) -> HeaderMap {
     let mut headers = custom_headers(job);
-    let now = Utc::now();
+    let timestamp = now.timestamp();
     let mut secrets = Vec::with_capacity(1 + job.endpoint.previous_secrets.len());
     secrets.extend(EndpointSecret::parse(&job.endpoint.secret).ok());
     secrets.extend(
@@ -1327,14 +1375,14 @@ mod tests {
         let budget = lane.claim_budget();
         assert_eq!(
             budget.endpoints.get(&paced),
-            Some(&(64 - 5)),
-            "1 a second: 5 of its 64 left to claim"
+            Some(&(64 - 2)),
+            "1 a second: 2 of its 64 left to claim"
         );
         assert_eq!(budget.endpoints.get(&free), None);
-        for n in 0..5 {
-            assert!(lane.reserve(&app, &paced), "room {n} of 5");
+        for n in 0..2 {
+            assert!(lane.reserve(&app, &paced), "room {n} of 2");
         }
-        assert!(!lane.reserve(&app, &paced), "the sixth waits in the queue");
+        assert!(!lane.reserve(&app, &paced), "the third waits in the queue");
         assert!(
             lane.reserve(&app, &free),
             "another endpoint is not held back"
@@ -1342,7 +1390,55 @@ mod tests {
         assert_eq!(
             lane.claim_budget().endpoints.get(&paced),
             Some(&64),
-            "five held: nothing more to claim"
+            "two held: nothing more to claim"
         );
+    }
+
+    /// A paced delivery goes at its turn if that comes a request timeout before its lease
+    /// ends, and is left unsent otherwise; so is an unpaced one that waited that long. A
+    /// throttleRate removed stops holding its endpoint back.
+    #[tokio::test]
+    async fn a_delivery_starts_only_while_its_attempt_can_end_within_its_lease() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store: Arc<dyn Store> = Arc::new(
+            herald_store::sqlite::SqliteStore::open(dir.path())
+                .await
+                .expect("store"),
+        );
+        let config = DeliveryConfig::default();
+        let timeout = config.request_timeout;
+        let client = WebhookClient::new(&config).expect("client");
+        let metrics = Arc::new(DeliveryMetrics::default());
+        let dispatcher = Dispatcher::new(store, client, config, Arc::clone(&metrics));
+        // Paused once the store is open (its pool's timeouts would fire on a paused clock):
+        // every reading of the clock below is the same instant.
+        tokio::time::pause();
+        let mut paced = job("app_A", "ep_paced", 1);
+        paced.endpoint.throttle_rate = Some(1);
+        let now = tokio::time::Instant::now();
+        let end = now + timeout + Duration::from_millis(2500);
+        // A burst of one, then one a second: turns at 0, 1 s, 2 s; the last start is 2.5 s.
+        assert!(matches!(dispatcher.pace(&paced, Some(end)), Paced::Now));
+        assert!(
+            matches!(dispatcher.pace(&paced, Some(end)), Paced::At(at) if at == now + Duration::from_secs(1))
+        );
+        assert!(
+            matches!(dispatcher.pace(&paced, Some(end)), Paced::At(at) if at == now + Duration::from_secs(2))
+        );
+        assert!(matches!(dispatcher.pace(&paced, Some(end)), Paced::TooLate));
+        assert_eq!(metrics.paced_past_lease_total.get(), 1);
+        assert_eq!(dispatcher.pacer.claim_cap(&paced.endpoint.id, 64, now), 2);
+
+        let unpaced = job("app_A", "ep_free", 2);
+        assert!(matches!(dispatcher.pace(&unpaced, Some(end)), Paced::Now));
+        let spent = now + timeout - Duration::from_millis(1);
+        assert!(matches!(
+            dispatcher.pace(&unpaced, Some(spent)),
+            Paced::TooLate
+        ));
+
+        paced.endpoint.throttle_rate = None;
+        assert!(matches!(dispatcher.pace(&paced, Some(end)), Paced::Now));
+        assert_eq!(dispatcher.pacer.claim_cap(&paced.endpoint.id, 64, now), 64);
     }
 }

@@ -8,31 +8,45 @@
 //! running behind looks dead to the others (its members removed while connected).
 //!
 //! So every such time comes from one reference, the shared database's clock, as seen from this
-//! node: [`ClusterClock`] keeps how far the database's clock is ahead of this node's, measured
-//! at start and again with every check of the cluster's LISTEN session (every 15 s), and adds
-//! it to the local clock. One round trip's uncertainty remains (half of it, at most), far below
-//! the margins of leases and TTLs. A single-node store is its own reference: the offset stays 0.
+//! node: [`ClusterClock`] keeps the reference's reading and the moment of this node's
+//! monotonic clock it was taken at, measured at start and again with every check of the
+//! cluster's LISTEN session (every 15 s), and counts on from there. A step of this node's
+//! wall clock (NTP correcting it) therefore moves nothing. A reading is taken as made halfway
+//! through its round trip, so its error is at most half the round trip; one whose round trip
+//! took longer than [`SLOW_ROUND_TRIP`] is not kept while a better one is. A single-node store
+//! is its own reference: it is never measured and reads this node's clock.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeDelta, Utc};
 
+/// A measurement whose round trip took longer than this is kept only if there is no other.
+pub const SLOW_ROUND_TRIP: Duration = Duration::from_secs(1);
+
 /// This node's reading of the cluster's time (see the module doc). Cheap to clone: clones share
-/// one offset, so a measurement taken anywhere (the store at start, the broker's session
+/// one reading, so a measurement taken anywhere (the store at start, the broker's session
 /// checks) moves every reader.
 #[derive(Clone)]
 pub struct ClusterClock {
-    /// How far the reference clock is ahead of this node's, in microseconds.
-    ahead_micros: Arc<AtomicI64>,
-    /// This node's clock: `Utc::now`, or a clock set wrong on purpose in the tests.
+    reading: Arc<Mutex<Option<Reading>>>,
+    /// This node's wall clock, until a reading is taken: `Utc::now`, or a clock set wrong on
+    /// purpose in the tests.
     local: fn() -> DateTime<Utc>,
+}
+
+/// The reference read `reference` at `at` on this node's monotonic clock.
+#[derive(Debug, Clone, Copy)]
+struct Reading {
+    reference: DateTime<Utc>,
+    at: Instant,
+    round_trip: Duration,
 }
 
 impl Default for ClusterClock {
     fn default() -> Self {
         Self {
-            ahead_micros: Arc::new(AtomicI64::new(0)),
+            reading: Arc::new(Mutex::new(None)),
             local: Utc::now,
         }
     }
@@ -41,14 +55,14 @@ impl Default for ClusterClock {
 impl std::fmt::Debug for ClusterClock {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClusterClock")
-            .field("offset", &self.offset())
+            .field("ahead_of_this_node", &self.ahead())
             .finish_non_exhaustive()
     }
 }
 
 impl ClusterClock {
-    /// A clock that reads `local` for this node's time: a node whose own clock is wrong, in the
-    /// tests of what the offset corrects.
+    /// A clock that reads `local` for this node's wall clock: a node whose own clock is wrong,
+    /// in the tests of what a measurement corrects.
     #[cfg(any(test, feature = "conformance"))]
     pub fn reading(local: fn() -> DateTime<Utc>) -> Self {
         Self {
@@ -57,29 +71,48 @@ impl ClusterClock {
         }
     }
 
-    /// The cluster's time now.
-    pub fn now(&self) -> DateTime<Utc> {
-        (self.local)() + self.offset()
+    fn last(&self) -> Option<Reading> {
+        *self.reading.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// This node's own clock, unadjusted: for measuring against the reference.
+    /// The cluster's time now: the last reading, counted on by this node's monotonic clock;
+    /// this node's wall clock before any.
+    pub fn now(&self) -> DateTime<Utc> {
+        match self.last() {
+            Some(reading) => {
+                let since = TimeDelta::from_std(reading.at.elapsed()).unwrap_or(TimeDelta::MAX);
+                reading.reference + since
+            }
+            None => self.local_now(),
+        }
+    }
+
+    /// This node's own wall clock, unadjusted.
     pub fn local_now(&self) -> DateTime<Utc> {
         (self.local)()
     }
 
-    /// How far the reference clock is ahead of this node's (negative: behind).
-    pub fn offset(&self) -> TimeDelta {
-        TimeDelta::microseconds(self.ahead_micros.load(Ordering::Relaxed))
+    /// How far the cluster's time is ahead of this node's wall clock (negative: behind).
+    pub fn ahead(&self) -> TimeDelta {
+        self.now() - self.local_now()
     }
 
-    /// Takes one measurement: the reference read `reference` at some moment between
-    /// `sent` and `received` (this node's [`local_now`](Self::local_now) before and after the
-    /// round trip). The reading is taken as made halfway, which is off by at most half the
-    /// round trip.
-    pub fn observe(&self, sent: DateTime<Utc>, reference: DateTime<Utc>, received: DateTime<Utc>) {
-        let halfway = sent + (received - sent) / 2;
-        let ahead = (reference - halfway).num_microseconds().unwrap_or(0);
-        self.ahead_micros.store(ahead, Ordering::Relaxed);
+    /// Takes one measurement: the reference read `reference` at some moment between `sent`
+    /// and `received`, this node's monotonic clock before and after the round trip. It is
+    /// taken as made halfway; one slower than [`SLOW_ROUND_TRIP`] replaces only a reading
+    /// that was slower still.
+    pub fn observe(&self, sent: Instant, reference: DateTime<Utc>, received: Instant) {
+        let round_trip = received.saturating_duration_since(sent);
+        let mut reading = self.reading.lock().unwrap_or_else(|p| p.into_inner());
+        if round_trip > SLOW_ROUND_TRIP && reading.is_some_and(|last| last.round_trip <= round_trip)
+        {
+            return;
+        }
+        *reading = Some(Reading {
+            reference,
+            at: sent + round_trip / 2,
+            round_trip,
+        });
     }
 }
 
@@ -91,27 +124,50 @@ mod tests {
         DateTime::from_timestamp(seconds, 0).expect("a valid time")
     }
 
+    /// Within `slack` of `expected`.
+    fn near(read: DateTime<Utc>, expected: DateTime<Utc>, slack: TimeDelta) -> bool {
+        (read - expected).abs() <= slack
+    }
+
     #[test]
-    fn a_fresh_clock_is_the_local_one() {
+    fn an_unmeasured_clock_is_the_local_one() {
         let clock = ClusterClock::default();
-        assert_eq!(clock.offset(), TimeDelta::zero());
         let (before, read, after) = (Utc::now(), clock.now(), Utc::now());
         assert!(before <= read && read <= after);
     }
 
     #[test]
-    fn a_measurement_is_taken_as_made_halfway_through_the_round_trip() {
+    fn a_reading_counts_on_from_halfway_through_its_round_trip() {
         let clock = ClusterClock::default();
-        // Sent at 100, answered at 104: the reference read 160 at about 102.
-        clock.observe(at(100), at(160), at(104));
-        assert_eq!(clock.offset(), TimeDelta::seconds(58));
-        // Behind, the next time: a measurement replaces the last.
-        clock.observe(at(100), at(90), at(100));
-        assert_eq!(clock.offset(), TimeDelta::seconds(-10));
+        let sent = Instant::now() - Duration::from_secs(4);
+        // Answered now, 4 s later: the reference read 160 s at about 2 s ago.
+        clock.observe(sent, at(160), sent + Duration::from_secs(4));
+        assert!(near(clock.now(), at(162), TimeDelta::milliseconds(200)));
+        // A quicker round trip replaces it, whatever it says.
+        let sent = Instant::now();
+        clock.observe(sent, at(90), sent);
+        assert!(near(clock.now(), at(90), TimeDelta::milliseconds(200)));
     }
 
     #[test]
-    fn clones_share_their_measurements_and_a_wrong_local_clock_is_corrected() {
+    fn a_slow_round_trip_does_not_replace_a_quick_one() {
+        let clock = ClusterClock::default();
+        let sent = Instant::now();
+        clock.observe(sent, at(1_000), sent + Duration::from_millis(2));
+        let slow = Instant::now() - Duration::from_secs(8);
+        clock.observe(slow, at(5_000), slow + Duration::from_secs(8));
+        assert!(
+            near(clock.now(), at(1_000), TimeDelta::milliseconds(200)),
+            "kept"
+        );
+        // With nothing better, a slow one is kept.
+        let fresh = ClusterClock::default();
+        fresh.observe(slow, at(5_000), slow + Duration::from_secs(8));
+        assert!(near(fresh.now(), at(5_004), TimeDelta::milliseconds(200)));
+    }
+
+    #[test]
+    fn clones_share_their_readings_and_a_wrong_local_clock_is_corrected() {
         fn two_minutes_ahead() -> DateTime<Utc> {
             Utc::now() + TimeDelta::minutes(2)
         }
@@ -121,13 +177,16 @@ mod tests {
             reader.now() - Utc::now() > TimeDelta::seconds(110),
             "not measured yet"
         );
-        let sent = clock.local_now();
-        let reference = Utc::now();
-        clock.observe(sent, reference, clock.local_now());
-        let error = (reader.now() - Utc::now()).abs();
+        let sent = Instant::now();
+        clock.observe(sent, Utc::now(), Instant::now());
         assert!(
-            error < TimeDelta::seconds(1),
-            "corrected to the reference: {error}"
+            near(reader.now(), Utc::now(), TimeDelta::seconds(1)),
+            "corrected"
+        );
+        let ahead = reader.ahead();
+        assert!(
+            near(at(0) - ahead, at(120), TimeDelta::seconds(1)),
+            "{ahead}"
         );
     }
 }

@@ -558,17 +558,18 @@ pub async fn rotate_secret(
         }
         None => EndpointSecret::generate().serialize(),
     };
-    let now = crate::now();
+    // Old secrets expire in the cluster's time, the time deliveries are signed at.
+    let cluster_now = state.store.clock().now();
     let old = std::mem::replace(&mut endpoint.secret, new_secret);
     endpoint
         .previous_secrets
-        .retain(|(_, expires)| *expires > now);
+        .retain(|(_, expires)| *expires > cluster_now);
     if grace > 0 {
         endpoint
             .previous_secrets
-            .push((old, now + Duration::seconds(grace)));
+            .push((old, cluster_now + Duration::seconds(grace)));
     }
-    endpoint.updated_at = now;
+    endpoint.updated_at = crate::now();
     state.store.update_endpoint(&endpoint, read_at).await?;
     // The new secret is read again through `GET .../secret`, never from the idempotency table.
     Ok(SecretFields(&["/key"]).mark(Json(EndpointSecretOut {

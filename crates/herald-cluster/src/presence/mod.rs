@@ -1684,7 +1684,8 @@ mod tests {
             let clock = ClusterClock::reading(two_minutes_behind);
             if measured {
                 // The reference (the database, in a deployment) is this machine's clock here.
-                clock.observe(clock.local_now(), Utc::now(), clock.local_now());
+                let sent = std::time::Instant::now();
+                clock.observe(sent, Utc::now(), std::time::Instant::now());
             }
             let reports = Arc::new(Reports::default());
             let a = node(&backend, "a", &reports).await;

@@ -342,12 +342,12 @@ pub async fn read_clock<'e>(
     executor: impl sqlx::PgExecutor<'e>,
     clock: &crate::ClusterClock,
 ) -> Result<()> {
-    let sent = clock.local_now();
+    let sent = std::time::Instant::now();
     let micros: i64 =
         sqlx::query_scalar("SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint")
             .fetch_one(executor)
             .await?;
-    let received = clock.local_now();
+    let received = std::time::Instant::now();
     let reference = chrono::DateTime::from_timestamp_micros(micros)
         .ok_or_else(|| crate::StoreError::Corrupt(format!("server time {micros} µs")))?;
     clock.observe(sent, reference, received);
