@@ -60,6 +60,21 @@ impl Pace {
     fn idle(&self, now: Instant) -> bool {
         self.due + FORGET_AFTER <= now
     }
+
+    /// What one lane may hold of this endpoint's deliveries (see [`Pacer::claim_cap`]).
+    fn lane_cap(&self, limit: u32, now: Instant) -> u32 {
+        let next_turn = self
+            .due
+            .checked_sub(Self::tolerance(self.rate))
+            .unwrap_or(now);
+        if next_turn > now + PACED_AHEAD_PER_LANE * 2 {
+            // Turns were handed out further ahead than both lanes may hold (a first claim
+            // that did not know the pace yet): nothing more until they come closer, or every
+            // delivery claimed meanwhile would find no turn within its lease.
+            return 0;
+        }
+        cap(self.rate, limit)
+    }
 }
 
 /// The pace of every endpoint this node has sent paced attempts to lately.
@@ -134,9 +149,9 @@ impl Pacer {
 
     /// The most deliveries of `endpoint` one lane may hold (`limit`: what it lets any endpoint
     /// hold), if the endpoint was paced lately: what its rate sends in
-    /// [`PACED_AHEAD_PER_LANE`], at least one. An endpoint not paced lately gets `limit`: its
-    /// first attempts tell its pace, and any that would wait past their lease are left for a
-    /// later claim.
+    /// [`PACED_AHEAD_PER_LANE`], at least one; none while its next turn is further off than
+    /// both lanes' share. An endpoint not paced lately gets `limit`: its first attempts tell
+    /// its pace, and any that would wait past their lease are left for a later claim.
     pub fn claim_cap(&self, endpoint: &EndpointId, limit: u32, now: Instant) -> u32 {
         if self.len.load(Ordering::Relaxed) == 0 {
             return limit;
@@ -144,7 +159,7 @@ impl Pacer {
         self.paces()
             .get(endpoint)
             .filter(|pace| !pace.idle(now))
-            .map_or(limit, |pace| cap(pace.rate, limit))
+            .map_or(limit, |pace| pace.lane_cap(limit, now))
     }
 
     /// The endpoints paced lately, with their caps under `limit` (see [`Pacer::claim_cap`]);
@@ -158,7 +173,7 @@ impl Pacer {
         self.len.store(paces.len(), Ordering::Relaxed);
         paces
             .iter()
-            .map(|(endpoint, pace)| (endpoint.clone(), cap(pace.rate, limit)))
+            .map(|(endpoint, pace)| (endpoint.clone(), pace.lane_cap(limit, now)))
             .collect()
     }
 }
@@ -260,6 +275,15 @@ mod tests {
         pacer.forget(&endpoint(2));
         assert_eq!(pacer.caps(64, now), [(endpoint(1), 4)]);
         assert_eq!(pacer.claim_cap(&endpoint(2), 64, now), 64);
+        // Turns handed out 10 s ahead (a first claim of 11 at 1 a second): nothing more is
+        // held until the next turn is within 4 s.
+        for _ in 0..11 {
+            pacer.reserve(&endpoint(3), 1, now, far);
+        }
+        assert_eq!(pacer.claim_cap(&endpoint(3), 64, now), 0);
+        let closer = now + Duration::from_secs(7);
+        assert_eq!(pacer.claim_cap(&endpoint(3), 64, closer), 2);
+        pacer.forget(&endpoint(3));
         // Idle for a minute (a deleted endpoint, say): forgotten.
         let later = now + FORGET_AFTER + Duration::from_secs(1);
         assert_eq!(pacer.claim_cap(&endpoint(1), 64, later), 64);
