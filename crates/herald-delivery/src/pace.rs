@@ -82,7 +82,7 @@ impl Pace {
 pub struct Pacer {
     paces: Mutex<HashMap<EndpointId, Pace>>,
     /// How many endpoints `paces` holds, read without the lock: most deployments pace no
-    /// endpoint, and every unpaced attempt asks to forget its endpoint's pace.
+    /// endpoint, and every claim asks for the caps.
     len: AtomicUsize,
 }
 
@@ -103,6 +103,11 @@ impl Pacer {
     fn paces(&self) -> std::sync::MutexGuard<'_, HashMap<EndpointId, Pace>> {
         // Every update is a few arithmetic operations that cannot panic midway.
         self.paces.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// No endpoint was paced lately.
+    pub fn is_empty(&self) -> bool {
+        self.len.load(Ordering::Relaxed) == 0
     }
 
     /// Reserves the next turn of `endpoint`, paced at `rate` a second, for an attempt that may
@@ -135,16 +140,6 @@ impl Pacer {
         );
         self.len.store(paces.len(), Ordering::Relaxed);
         Some(at)
-    }
-
-    /// `endpoint` is not paced (any more): its deliveries are held to the usual limit again.
-    pub fn forget(&self, endpoint: &EndpointId) {
-        if self.len.load(Ordering::Relaxed) == 0 {
-            return;
-        }
-        let mut paces = self.paces();
-        paces.remove(endpoint);
-        self.len.store(paces.len(), Ordering::Relaxed);
     }
 
     /// The most deliveries of `endpoint` one lane may hold (`limit`: what it lets any endpoint
@@ -271,10 +266,6 @@ mod tests {
         caps.sort();
         assert_eq!(caps, [(endpoint(1), 4), (endpoint(2), 64)]);
 
-        // A throttleRate removed: the endpoint is held to the usual limit at once.
-        pacer.forget(&endpoint(2));
-        assert_eq!(pacer.caps(64, now), [(endpoint(1), 4)]);
-        assert_eq!(pacer.claim_cap(&endpoint(2), 64, now), 64);
         // Turns handed out 10 s ahead (a first claim of 11 at 1 a second): nothing more is
         // held until the next turn is within 4 s.
         for _ in 0..11 {
@@ -283,9 +274,9 @@ mod tests {
         assert_eq!(pacer.claim_cap(&endpoint(3), 64, now), 0);
         let closer = now + Duration::from_secs(7);
         assert_eq!(pacer.claim_cap(&endpoint(3), 64, closer), 2);
-        pacer.forget(&endpoint(3));
-        // Idle for a minute (a deleted endpoint, say): forgotten.
-        let later = now + FORGET_AFTER + Duration::from_secs(1);
+        // A minute after its last turn (a throttleRate removed, a deleted endpoint):
+        // forgotten, and held to the usual limit again.
+        let later = now + Duration::from_secs(11) + FORGET_AFTER;
         assert_eq!(pacer.claim_cap(&endpoint(1), 64, later), 64);
         assert!(pacer.caps(64, later).is_empty());
         assert_eq!(pacer.len.load(Ordering::Relaxed), 0);

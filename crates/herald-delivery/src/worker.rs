@@ -44,6 +44,9 @@ const IDLE_POLL: Duration = Duration::from_secs(5);
 /// either it fell due just after the claim, or every due endpoint is at its limit (then a
 /// finishing attempt usually wakes the loop first). Short, so neither case waits long.
 const RECHECK: Duration = Duration::from_millis(25);
+/// [`RECHECK`] while some endpoint is paced: its due deliveries may be held back for seconds
+/// by their turns, and no finishing attempt says when they come.
+const PACED_RECHECK: Duration = Duration::from_millis(250);
 /// Pause after a store error, so a broken database does not become a busy loop.
 const ERROR_BACKOFF: Duration = Duration::from_secs(1);
 /// Added to every delivery lease beyond the time its attempt may take (see `claim`).
@@ -218,8 +221,11 @@ impl Lane {
         })
     }
 
-    /// Notes that `jobs`, about to be admitted, are leased until `ends` (on this node's
-    /// monotonic clock: no later than the store's lease, which was taken before).
+    /// Notes that `jobs`, about to be admitted, are leased until `ends`, on this node's
+    /// monotonic clock: no later than the store's lease, which was taken from a time no
+    /// earlier than the caller's. (The store's leases are in the cluster's time, which on
+    /// PostgreSQL counts on monotonically too; SQLite's read the wall clock, so a step of it
+    /// forward ends them early, as it always has.)
     fn leased(&self, jobs: &[DeliveryJob], ends: tokio::time::Instant) {
         let mut lease_ends = self.lease_ends.lock().unwrap_or_else(|p| p.into_inner());
         for job in jobs {
@@ -520,15 +526,16 @@ impl FreshDeliveries for Handoff {
         !self.shutdown.is_cancelled() && self.lane.reserve(app, endpoint)
     }
 
-    fn hand_over(&self, jobs: Vec<DeliveryJob>) {
+    fn hand_over(&self, jobs: Vec<DeliveryJob>, leased_from: std::time::Instant) {
         let Some(dispatcher) = self.dispatcher.upgrade() else {
             // Stopped: the jobs' leases run out and they are claimed after the next start.
             return;
         };
-        // Leased in the commit that just returned, for `lease` from before it.
+        // Leased in the commit that just returned, for `lease` from no earlier than its start
+        // (an fsync that stalled since does not make the lease look longer than it is).
         self.lane.leased(
             &jobs,
-            tokio::time::Instant::now() + self.lease - LEASE_MARGIN,
+            tokio::time::Instant::from_std(leased_from) + self.lease,
         );
         for job in self.lane.admit_reserved(jobs) {
             self.tasks.spawn(Arc::clone(&dispatcher).attempts(
@@ -738,7 +745,16 @@ impl Dispatcher {
         match self.store.next_due_at(first_attempts).await {
             Ok(Some(due)) => {
                 let until_due = (due - self.clock.now()).to_std().unwrap_or(Duration::ZERO);
-                until_due.clamp(RECHECK, IDLE_POLL)
+                // Due now but not claimed: fell due just after the claim, or held back by a
+                // limit, which finishing attempts lift (and wake the lane), or by a pace, which
+                // only time lifts: with endpoints paced, look again less often (a claim on
+                // PostgreSQL is a transaction under the cluster's claim lock).
+                let recheck = if self.pacer.is_empty() {
+                    RECHECK
+                } else {
+                    PACED_RECHECK
+                };
+                until_due.clamp(recheck, IDLE_POLL)
             }
             Ok(None) => IDLE_POLL,
             Err(e) => {
@@ -808,13 +824,17 @@ impl Dispatcher {
     /// that long for a slot, paced or not (the claims' limits are meant to prevent it).
     fn pace(&self, job: &DeliveryJob, lease_end: Option<tokio::time::Instant>) -> Paced {
         let now = tokio::time::Instant::now();
-        // The attempt must end within the lease: it may start a request timeout before.
+        // The attempt must end, and its record be on its way, within the lease: it may start a
+        // request timeout and a margin before (the margin also covers two nodes' readings of
+        // the cluster's time, each off by at most half a round trip).
         let latest = lease_end
             .map_or(now + self.lease(), |end| end)
-            .checked_sub(self.config.request_timeout)
+            .checked_sub(self.config.request_timeout + LEASE_MARGIN)
             .unwrap_or(now);
+        // An unpaced job leaves its endpoint's pace alone: jobs claimed before a throttleRate
+        // was set would otherwise restart its burst; a pace no job reserves from ends after a
+        // minute (`pace::FORGET_AFTER`).
         let Some(rate) = pace_of(job.endpoint.throttle_rate) else {
-            self.pacer.forget(&job.endpoint.id);
             return if now <= latest {
                 Paced::Now
             } else {
@@ -1394,9 +1414,8 @@ mod tests {
         );
     }
 
-    /// A paced delivery goes at its turn if that comes a request timeout before its lease
-    /// ends, and is left unsent otherwise; so is an unpaced one that waited that long. A
-    /// throttleRate removed stops holding its endpoint back.
+    /// A paced delivery goes at its turn if that comes a request timeout and a margin before
+    /// its lease ends, and is left unsent otherwise; so is an unpaced one that waited that long.
     #[tokio::test]
     async fn a_delivery_starts_only_while_its_attempt_can_end_within_its_lease() {
         let dir = tempfile::tempdir().expect("dir");
@@ -1416,7 +1435,7 @@ mod tests {
         let mut paced = job("app_A", "ep_paced", 1);
         paced.endpoint.throttle_rate = Some(1);
         let now = tokio::time::Instant::now();
-        let end = now + timeout + Duration::from_millis(2500);
+        let end = now + timeout + LEASE_MARGIN + Duration::from_millis(2500);
         // A burst of one, then one a second: turns at 0, 1 s, 2 s; the last start is 2.5 s.
         assert!(matches!(dispatcher.pace(&paced, Some(end)), Paced::Now));
         assert!(
@@ -1431,14 +1450,15 @@ mod tests {
 
         let unpaced = job("app_A", "ep_free", 2);
         assert!(matches!(dispatcher.pace(&unpaced, Some(end)), Paced::Now));
-        let spent = now + timeout - Duration::from_millis(1);
+        let spent = now + timeout + LEASE_MARGIN - Duration::from_millis(1);
         assert!(matches!(
             dispatcher.pace(&unpaced, Some(spent)),
             Paced::TooLate
         ));
 
+        // A job claimed before the pace was set neither waits nor restarts the burst.
         paced.endpoint.throttle_rate = None;
         assert!(matches!(dispatcher.pace(&paced, Some(end)), Paced::Now));
-        assert_eq!(dispatcher.pacer.claim_cap(&paced.endpoint.id, 64, now), 64);
+        assert_eq!(dispatcher.pacer.claim_cap(&paced.endpoint.id, 64, now), 2);
     }
 }

@@ -236,8 +236,9 @@ pub trait FreshDeliveries: Send + Sync + 'static {
     /// Room for the first attempt of a new delivery of `app` to `endpoint`, granted within the
     /// same limits a claim keeps; `false` leaves the delivery to claims.
     fn reserve(&self, app: &AppId, endpoint: &EndpointId) -> bool;
-    /// Jobs for granted rooms, committed and leased for [`FreshDeliveries::lease`].
-    fn hand_over(&self, jobs: Vec<DeliveryJob>);
+    /// Jobs for granted rooms, committed and leased for [`FreshDeliveries::lease`] from no
+    /// earlier than `leased_from` (the start of the commit that leased them).
+    fn hand_over(&self, jobs: Vec<DeliveryJob>, leased_from: std::time::Instant);
     /// Rooms granted for deliveries that were not committed after all.
     fn give_back(&self, rooms: Vec<(AppId, EndpointId)>);
     /// How long a handed-over job's lease lasts: as long as a claim's.

@@ -434,7 +434,7 @@ fn finish(shared: &Shared, done: Committing, sync_failed: Option<&str>) {
             sink.give_back(given_back);
         }
         if !handed.is_empty() {
-            sink.hand_over(handed);
+            sink.hand_over(handed, started);
         }
     }
     match applied {

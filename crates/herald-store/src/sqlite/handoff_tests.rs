@@ -35,7 +35,7 @@ impl FreshDeliveries for Sink {
             .is_ok()
     }
 
-    fn hand_over(&self, jobs: Vec<DeliveryJob>) {
+    fn hand_over(&self, jobs: Vec<DeliveryJob>, _leased_from: std::time::Instant) {
         self.handed.lock().expect("lock").extend(jobs);
     }
 
