@@ -148,7 +148,7 @@ impl Pacer {
     /// both lanes' share. An endpoint not paced lately gets `limit`: its first attempts tell
     /// its pace, and any that would wait past their lease are left for a later claim.
     pub fn claim_cap(&self, endpoint: &EndpointId, limit: u32, now: Instant) -> u32 {
-        if self.len.load(Ordering::Relaxed) == 0 {
+        if self.is_empty() {
             return limit;
         }
         self.paces()
@@ -160,7 +160,7 @@ impl Pacer {
     /// The endpoints paced lately, with their caps under `limit` (see [`Pacer::claim_cap`]);
     /// forgets those idle for [`FORGET_AFTER`].
     pub fn caps(&self, limit: u32, now: Instant) -> Vec<(EndpointId, u32)> {
-        if self.len.load(Ordering::Relaxed) == 0 {
+        if self.is_empty() {
             return Vec::new();
         }
         let mut paces = self.paces();

@@ -828,7 +828,7 @@ impl Dispatcher {
         // request timeout and a margin before (the margin also covers two nodes' readings of
         // the cluster's time, each off by at most half a round trip).
         let latest = lease_end
-            .map_or(now + self.lease(), |end| end)
+            .unwrap_or(now + self.lease())
             .checked_sub(self.config.request_timeout + LEASE_MARGIN)
             .unwrap_or(now);
         // An unpaced job leaves its endpoint's pace alone: jobs claimed before a throttleRate

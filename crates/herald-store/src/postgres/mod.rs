@@ -271,12 +271,7 @@ pub async fn inspect(url: &str) -> Result<crate::Inspection> {
     let known_migrations = sqlx::migrate!("./migrations/postgres").iter().count();
     let connect = PgConnectOptions::from_str(url)?;
     let mut connection = <sqlx::PgConnection as sqlx::Connection>::connect_with(&connect).await?;
-    let server_ms: i64 =
-        sqlx::query_scalar("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint")
-            .fetch_one(&mut connection)
-            .await?;
-    let server_time = chrono::DateTime::from_timestamp_millis(server_ms)
-        .ok_or_else(|| crate::StoreError::Corrupt(format!("server time {server_ms} ms")))?;
+    let server_time = server_time(&mut connection).await?;
     let has_table: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
         .fetch_one(&mut connection)
         .await?;
@@ -343,15 +338,21 @@ pub async fn read_clock<'e>(
     clock: &crate::ClusterClock,
 ) -> Result<()> {
     let sent = std::time::Instant::now();
+    let reference = server_time(executor).await?;
+    clock.observe(sent, reference, std::time::Instant::now());
+    Ok(())
+}
+
+/// The database server's clock now (`clock_timestamp()`, to the microsecond).
+async fn server_time<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+) -> Result<chrono::DateTime<chrono::Utc>> {
     let micros: i64 =
         sqlx::query_scalar("SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint")
             .fetch_one(executor)
             .await?;
-    let received = std::time::Instant::now();
-    let reference = chrono::DateTime::from_timestamp_micros(micros)
-        .ok_or_else(|| crate::StoreError::Corrupt(format!("server time {micros} µs")))?;
-    clock.observe(sent, reference, received);
-    Ok(())
+    chrono::DateTime::from_timestamp_micros(micros)
+        .ok_or_else(|| crate::StoreError::Corrupt(format!("server time {micros} µs")))
 }
 
 impl PostgresStore {
