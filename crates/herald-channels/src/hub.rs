@@ -622,6 +622,22 @@ impl AppHub {
         true
     }
 
+    /// A presence subscriber subscribes again (a client that lost track of its subscription):
+    /// what is sent to it is held from now on, as for a new join, and the channel's members
+    /// here are returned as a fresh snapshot, for the confirmation [`AppHub::go_live`] then
+    /// queues ahead of what was held. Membership is unchanged: the member is already counted
+    /// and announced. `None` (and nothing held) if `socket_id` is not a member of `channel`.
+    pub fn rejoin(&self, channel: &str, socket_id: &str) -> Option<serde_json::Value> {
+        let mut channels = write(&self.channels);
+        let entry = channels.get_mut(channel)?;
+        let subscriber = entry.subscribers.get_mut(socket_id)?;
+        subscriber.user_id.as_ref()?;
+        if subscriber.joining.is_none() {
+            subscriber.joining = Some(Box::default());
+        }
+        Some(presence_snapshot(&entry.members))
+    }
+
     /// Presence shared across nodes: the members a joining subscriber's snapshot lists (call
     /// it before [`AppHub::go_live`]); member notices are then sent to it only where they
     /// change that list.
@@ -1018,6 +1034,56 @@ mod tests {
         assert_eq!(last.member_removed.as_deref(), Some("u1"));
         assert!(last.vacated);
         assert_eq!(hub.channel_info("presence-room"), None);
+    }
+
+    /// A member subscribing again gets a fresh snapshot, and a notice decided after it was
+    /// taken reaches the member after the confirmation, not before it (pusher-js would apply
+    /// it, then overwrite it with the snapshot).
+    #[test]
+    fn a_member_subscribing_again_gets_a_snapshot_ahead_of_later_notices() {
+        let hub = app_hub();
+        let (a, mut rx, _) = Outbox::new(16);
+        let (b, _rb, _) = Outbox::new(16);
+        let (public, _rp, _) = Outbox::new(16);
+        hub.subscribe("presence-room", "1.1", &a, joining("u1"), 10)
+            .expect("ok");
+        hub.subscribe("presence-room", "2.2", &b, joining("u2"), 10)
+            .expect("ok");
+        hub.subscribe("public", "1.1", &public, None, 10)
+            .expect("ok");
+        let _ = offsets(&mut rx);
+
+        let snapshot = hub.rejoin("presence-room", "1.1").expect("a member");
+        assert_eq!(snapshot["presence"]["ids"], serde_json::json!(["u1", "u2"]));
+        assert_eq!(
+            hub.unsubscribe("presence-room", "2.2")
+                .member_removed
+                .as_deref(),
+            Some("u2")
+        );
+        assert!(
+            offsets(&mut rx).is_empty(),
+            "held until the confirmation is queued"
+        );
+        assert!(hub.go_live("presence-room", "1.1", 0, |o| {
+            o.send(Frame::from_static("snapshot"))
+        }));
+        let frames = offsets(&mut rx);
+        assert_eq!(frames.len(), 2, "{frames:?}");
+        assert_eq!(frames[0], "snapshot");
+        assert!(frames[1].contains("member_removed"), "{frames:?}");
+        assert_eq!(
+            hub.users("presence-room"),
+            ["u1"],
+            "membership unchanged by the rejoin"
+        );
+
+        assert_eq!(
+            hub.rejoin("public", "1.1"),
+            None,
+            "not a presence subscription"
+        );
+        assert_eq!(hub.rejoin("presence-room", "9.9"), None, "not subscribed");
     }
 
     #[test]

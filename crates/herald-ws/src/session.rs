@@ -274,7 +274,13 @@ impl<B: Backend> Session<B> {
             return;
         }
         if self.channels.get(channel).is_some() {
-            // Already subscribed: confirm again, as a resubscribe after a glitch expects.
+            // Already subscribed: confirm again, as a resubscribe after a glitch expects. A
+            // presence channel's confirmation carries its members, as a first one does:
+            // pusher-js reads them from it (`{}` throws in its members' update).
+            if let Some(snapshot) = self.hub.rejoin(channel, &self.socket_id) {
+                self.confirm_members_again(channel, snapshot).await;
+                return;
+            }
             self.outbox.send(protocol::system(
                 "pusher_internal:subscription_succeeded",
                 Some(channel),
@@ -359,6 +365,30 @@ impl<B: Backend> Session<B> {
         });
         self.join(channel, joining, member, request.resume.as_ref())
             .await;
+    }
+
+    /// Confirms a presence subscription again with `snapshot`, this node's members, which
+    /// [`AppHub::rejoin`] took as it began holding the subscriber's frames: in a cluster the
+    /// other nodes' members are added, and the confirmation is queued under the channel lock
+    /// ahead of what was held, as for a new join (see [`Session::join`]).
+    async fn confirm_members_again(&mut self, channel: &str, mut snapshot: serde_json::Value) {
+        if let Some(elsewhere) = self.hub.members_elsewhere(channel) {
+            complete_snapshot(
+                &self.hub,
+                channel,
+                &self.socket_id,
+                &mut snapshot,
+                elsewhere,
+            )
+            .await;
+        }
+        let confirmed = protocol::system(
+            "pusher_internal:subscription_succeeded",
+            Some(channel),
+            &snapshot,
+        );
+        self.hub
+            .go_live(channel, &self.socket_id, 0, |outbox| outbox.send(confirmed));
     }
 
     /// Adds the subscription to the hub and queues its confirmation; on a history channel,

@@ -163,6 +163,14 @@ async fn members_on_different_nodes_see_each_other_join_and_leave_once() {
     once(&mut alice, "added", "carol").await;
     once(&mut bob, "added", "carol").await;
 
+    // Alice subscribes again on node 2: the confirmation lists the other nodes' members too,
+    // and she is still told, once, when one of them leaves.
+    assert_eq!(
+        join(&mut alice, &creds, channel, "alice").await,
+        ["alice", "bob", "carol"],
+        "subscribing again lists the whole cluster's members"
+    );
+
     drop(bob);
     once(&mut alice, "removed", "bob").await;
     once(&mut carol, "removed", "bob").await;

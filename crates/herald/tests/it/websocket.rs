@@ -151,6 +151,19 @@ async fn presence_members_join_and_leave_once_per_user() {
         json!({"user_id": "bob", "user_info": {"name": "Bob"}})
     );
 
+    // Alice subscribes again on the same connection: confirmed with the members, as a first
+    // subscription is (pusher-js reads them from it), and still one member to the others.
+    let auth = channel_auth(&creds, &alice.socket_id, channel, Some(alice_data));
+    let again = alice.subscribe(channel, Some(auth), Some(alice_data)).await;
+    assert_eq!(
+        again["event"], "pusher_internal:subscription_succeeded",
+        "{again}"
+    );
+    let snapshot: Value =
+        serde_json::from_str(again["data"].as_str().expect("string")).expect("json");
+    assert_eq!(snapshot["presence"]["ids"], json!(["alice", "bob"]));
+    assert_eq!(snapshot["presence"]["hash"]["bob"]["name"], "Bob");
+
     // Bob on a second tab: no second member_added.
     let mut bob2 = Client::connect(&server, &creds.key).await;
     let auth = channel_auth(&creds, &bob2.socket_id, channel, Some(bob_data));
