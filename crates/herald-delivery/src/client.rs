@@ -31,7 +31,9 @@ pub enum SendError {
     Dns(String),
     #[error("request failed: {0}")]
     Request(String),
-    /// The request could not be built: nothing was sent.
+    /// Nothing was sent, for a reason of this server's: the request could not be built (its
+    /// credentials unreadable), or the connection could not be opened for want of this
+    /// server's own resources. The endpoint had no part in it and is not charged for it.
     #[error("not sent: {0}")]
     NotSent(String),
 }
@@ -142,8 +144,34 @@ impl WebhookClient {
         if error.is_timeout() {
             return SendError::TimedOut(self.timeout);
         }
+        if let Some(what) = shortage(&error) {
+            return SendError::NotSent(format!(
+                "this server is out of {what}: {}",
+                error_chain(&error)
+            ));
+        }
         SendError::Request(error_chain(&error))
     }
+}
+
+/// What this server ran out of, if that is why `error` happened: a connection it could not
+/// open for want of its own file descriptors, local ports, socket buffers or memory, which
+/// says nothing of the endpoint.
+fn shortage(error: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    let io = find_cause::<std::io::Error>(error)?;
+    match io.kind() {
+        std::io::ErrorKind::AddrNotAvailable => return Some("local ports"),
+        std::io::ErrorKind::OutOfMemory => return Some("memory"),
+        _ => {}
+    }
+    // EMFILE and ENFILE have no stable ErrorKind.
+    #[cfg(target_os = "linux")]
+    match io.raw_os_error() {
+        Some(23 | 24) => return Some("file descriptors"),
+        Some(105) => return Some("socket buffers"),
+        _ => {}
+    }
+    None
 }
 
 /// `Retry-After` as delay-seconds or an HTTP date.
@@ -246,6 +274,34 @@ mod tests {
             Some(Duration::ZERO)
         );
         assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    /// An error as reqwest reports a failed connect: the OS error a few causes down.
+    #[derive(Debug, thiserror::Error)]
+    #[error("client error (Connect)")]
+    struct Connect(#[source] std::io::Error);
+
+    #[test]
+    fn shortages_of_this_servers_own_resources_are_told_apart_from_the_endpoints_failures() {
+        let shortage_of = |code: i32| shortage(&Connect(std::io::Error::from_raw_os_error(code)));
+        #[cfg(target_os = "linux")]
+        {
+            assert_eq!(shortage_of(24), Some("file descriptors"), "EMFILE");
+            assert_eq!(shortage_of(23), Some("file descriptors"), "ENFILE");
+            assert_eq!(shortage_of(99), Some("local ports"), "EADDRNOTAVAIL");
+            assert_eq!(shortage_of(105), Some("socket buffers"), "ENOBUFS");
+            assert_eq!(shortage_of(111), None, "ECONNREFUSED is the endpoint's");
+            assert_eq!(shortage_of(113), None, "EHOSTUNREACH is the endpoint's");
+        }
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert_eq!(shortage(&Connect(refused)), None);
+        assert_eq!(
+            shortage(&DnsError {
+                host: "x".into(),
+                reason: "none".into()
+            }),
+            None
+        );
     }
 
     #[tokio::test]

@@ -786,24 +786,27 @@ impl Dispatcher {
             };
             if turn {
                 let sent = async {
-                    let record = self.send(&job).await;
+                    let record = self.send(&job).await?;
                     let permit = Arc::clone(&lane.unsaved).acquire_owned().await;
-                    (record, permit)
+                    Some((record, permit))
                 };
-                let (record, permit) = tokio::select! {
+                let sent = tokio::select! {
                     sent = sent => sent,
                     // Shutdown's grace period is over: leave the rest to the next start.
                     () = abandon.cancelled() => return,
                 };
-                let Ok(permit) = permit else {
-                    return; // The semaphore is never closed; nothing to save to if it were.
-                };
-                let saving = lane.saving(&job.endpoint.id);
-                let me = Arc::clone(&self);
-                tasks.spawn(async move {
-                    me.save(record).await;
-                    drop((saving, permit));
-                });
+                // `None`: not sent, for a reason of this server's; left leased, unrecorded.
+                if let Some((record, permit)) = sent {
+                    let Ok(permit) = permit else {
+                        return; // The semaphore is never closed; nothing to save to if it were.
+                    };
+                    let saving = lane.saving(&job.endpoint.id);
+                    let me = Arc::clone(&self);
+                    tasks.spawn(async move {
+                        me.save(record).await;
+                        drop((saving, permit));
+                    });
+                }
             }
             let next = lane.next_after(&job.app_id, &job.endpoint.id);
             // A freed slot may let the lane claim more.
@@ -910,7 +913,13 @@ impl Dispatcher {
         }
     }
 
-    async fn send(&self, job: &DeliveryJob) -> AttemptRecord {
+    /// Makes `job`'s attempt; returns its record, or `None` when nothing was sent for a
+    /// reason of this server's ([`SendError::NotSent`]: its store unreadable, or out of file
+    /// descriptors or local ports). Such a job is not charged to its endpoint: no attempt is
+    /// recorded, its retry schedule and the endpoint's failure streak stay as they were, and
+    /// it stays leased, so it is claimed again once the lease runs out (the lease is the
+    /// back-off: this server's trouble is seldom over in the seconds of a first retry).
+    async fn send(&self, job: &DeliveryJob) -> Option<AttemptRecord> {
         let now = self.clock.now();
         let started = Instant::now();
         let result = match self.headers(job, now).await {
@@ -921,6 +930,12 @@ impl Dispatcher {
             }
             Err(e) => Err(e),
         };
+        if let Err(SendError::NotSent(reason)) = &result {
+            self.metrics.not_sent();
+            tracing::warn!(msg_id = %job.msg_id, endpoint_id = %job.endpoint.id, reason,
+                "a delivery was not sent for a reason of this server's, not its endpoint's; left unrecorded and attempted again once its lease runs out");
+            return None;
+        }
         let duration_ms = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
 
         let (outcome, status_code, response) = match &result {
@@ -988,7 +1003,7 @@ impl Dispatcher {
         };
         tracing::debug!(msg_id = %job.msg_id, endpoint_id = %job.endpoint.id, status_code,
             ?decision, "attempt finished");
-        AttemptRecord {
+        Some(AttemptRecord {
             attempt: Attempt {
                 id: herald_core::AttemptId::new(now),
                 msg_id: job.msg_id.clone(),
@@ -1005,7 +1020,7 @@ impl Dispatcher {
             next,
             endpoint_change,
             lease: job.lease,
-        }
+        })
     }
 }
 
@@ -1238,6 +1253,14 @@ mod tests {
         assert!(budget.apps.is_empty() && budget.endpoints.is_empty());
     }
 
+    async fn sqlite_store(dir: &tempfile::TempDir) -> Arc<dyn Store> {
+        Arc::new(
+            herald_store::sqlite::SqliteStore::open(dir.path())
+                .await
+                .expect("store"),
+        )
+    }
+
     /// Answers one request with `200 OK` once its body has arrived.
     async fn answer_one_with_200(listener: tokio::net::TcpListener) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1276,11 +1299,7 @@ mod tests {
         let server = tokio::spawn(answer_one_with_200(listener));
 
         let dir = tempfile::tempdir().expect("dir");
-        let store: Arc<dyn Store> = Arc::new(
-            herald_store::sqlite::SqliteStore::open(dir.path())
-                .await
-                .expect("store"),
-        );
+        let store = sqlite_store(&dir).await;
         let config = DeliveryConfig {
             addresses: herald_core::AddressPolicy {
                 allow_private: true,
@@ -1294,7 +1313,7 @@ mod tests {
         let mut job = job("app_A", "ep_1", 1);
         job.endpoint.url = url;
 
-        let record = dispatcher.send(&job).await;
+        let record = dispatcher.send(&job).await.expect("sent");
         server.await.expect("the receiver answered");
         assert_eq!(record.attempt.status, DeliveryStatus::Success);
         assert_eq!(metrics.attempts(herald_metrics::AttemptOutcome::Success), 1);
@@ -1314,6 +1333,28 @@ mod tests {
         assert_eq!(by_status(herald_metrics::StatusClass::Success), 1);
         assert_eq!(by_status(herald_metrics::StatusClass::NoResponse), 0);
         store.close().await;
+    }
+
+    /// A delivery this server cannot send for a reason of its own (here its store, closed,
+    /// cannot give the app's Pusher credentials) is not charged to its endpoint: no attempt
+    /// is recorded or counted, and the job stays leased for a later claim.
+    #[tokio::test]
+    async fn a_delivery_this_server_cannot_send_is_not_charged_to_its_endpoint() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = sqlite_store(&dir).await;
+        let config = DeliveryConfig::default();
+        let client = WebhookClient::new(&config).expect("client");
+        let metrics = Arc::new(DeliveryMetrics::default());
+        let dispatcher = Dispatcher::new(Arc::clone(&store), client, config, Arc::clone(&metrics));
+        let mut job = job("app_A", "ep_1", 1);
+        job.endpoint.format = EndpointFormat::Pusher;
+        store.close().await;
+
+        assert!(dispatcher.send(&job).await.is_none(), "nothing to record");
+        assert_eq!(metrics.not_sent_total.get(), 1);
+        for outcome in herald_metrics::AttemptOutcome::ALL {
+            assert_eq!(metrics.attempts(outcome), 0, "{outcome:?}");
+        }
     }
 
     #[test]
@@ -1419,11 +1460,7 @@ mod tests {
     #[tokio::test]
     async fn a_delivery_starts_only_while_its_attempt_can_end_within_its_lease() {
         let dir = tempfile::tempdir().expect("dir");
-        let store: Arc<dyn Store> = Arc::new(
-            herald_store::sqlite::SqliteStore::open(dir.path())
-                .await
-                .expect("store"),
-        );
+        let store = sqlite_store(&dir).await;
         let config = DeliveryConfig::default();
         let timeout = config.request_timeout;
         let client = WebhookClient::new(&config).expect("client");

@@ -489,6 +489,10 @@ pub struct DeliveryMetrics {
     /// Claimed deliveries not sent because their endpoint's `throttleRate` gave them no turn
     /// within their lease: claimed again once it runs out.
     pub paced_past_lease_total: Counter,
+    /// Claimed deliveries not sent for a reason of this server's (its store unreadable, out of
+    /// file descriptors or local ports): not charged to the endpoint, claimed again once their
+    /// leases run out.
+    pub not_sent_total: Counter,
 }
 
 impl Default for DeliveryMetrics {
@@ -515,6 +519,7 @@ impl Default for DeliveryMetrics {
             claims_total,
             claims_by_lane,
             paced_past_lease_total: Counter::default(),
+            not_sent_total: Counter::default(),
         }
     }
 }
@@ -539,6 +544,11 @@ impl DeliveryMetrics {
     /// Counts one claimed delivery left unsent by its endpoint's pace.
     pub fn paced_past_lease(&self) {
         self.paced_past_lease_total.inc();
+    }
+
+    /// Counts one claimed delivery this server could not send for a reason of its own.
+    pub fn not_sent(&self) {
+        self.not_sent_total.inc();
     }
 
     /// Counts one claim asked of the store for a lane.
@@ -578,6 +588,11 @@ impl DeliveryMetrics {
             "delivery_paced_past_lease",
             "Claimed webhook deliveries not sent because their endpoint's throttleRate gave them no turn within their lease (claimed again later)",
             self.paced_past_lease_total.clone(),
+        );
+        registry.register(
+            "delivery_not_sent",
+            "Claimed webhook deliveries not sent for a reason of this server's (its store unreadable, out of file descriptors or local ports): not charged to the endpoint, claimed again once their leases run out",
+            self.not_sent_total.clone(),
         );
     }
 }
