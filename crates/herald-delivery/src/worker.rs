@@ -51,6 +51,9 @@ const PACED_RECHECK: Duration = Duration::from_millis(250);
 const ERROR_BACKOFF: Duration = Duration::from_secs(1);
 /// Added to every delivery lease beyond the time its attempt may take (see `claim`).
 const LEASE_MARGIN: Duration = Duration::from_secs(5);
+/// A paced delivery whose turn is further off than this gives its slot up meanwhile (see
+/// [`Lane::park`]); a shorter wait keeps the slot, as a parked delivery costs a task.
+const PARK_BEYOND: Duration = Duration::from_millis(50);
 
 /// Wakes the dispatcher's lanes when work is queued for them.
 ///
@@ -112,6 +115,8 @@ struct Lane {
     /// When each admitted job's lease runs out, by its token, until the job starts (see
     /// [`Lane::leased`]).
     lease_ends: Mutex<HashMap<LeaseToken, tokio::time::Instant>>,
+    /// Parked jobs, by token: their turns are reserved, so they go when they next start.
+    turns: Mutex<HashSet<LeaseToken>>,
     state: Mutex<LaneState>,
 }
 
@@ -119,6 +124,8 @@ struct Lane {
 struct LaneState {
     running: u32,
     waiting: u32,
+    /// Jobs waiting for their endpoint's turn without a slot (see [`Lane::park`]).
+    parked: u32,
     /// Rooms granted to new deliveries being committed (see [`Handoff`]).
     reserved: u32,
     /// A new delivery was refused room (the lane, its endpoint or its app was full), so it went
@@ -139,6 +146,7 @@ struct EndpointSlots {
     app: AppId,
     running: u32,
     reserved: u32,
+    parked: u32,
     /// Waiting jobs with their arrival number, oldest first.
     waiting: VecDeque<(u64, DeliveryJob)>,
 }
@@ -148,21 +156,32 @@ struct AppSlots {
     running: u32,
     waiting: u32,
     reserved: u32,
+    parked: u32,
 }
 
 impl EndpointSlots {
+    fn new(app: &AppId) -> Self {
+        Self {
+            app: app.clone(),
+            running: 0,
+            reserved: 0,
+            parked: 0,
+            waiting: VecDeque::new(),
+        }
+    }
+
     fn held(&self) -> u32 {
-        self.running + self.waiting.len() as u32 + self.reserved
+        self.running + self.waiting.len() as u32 + self.reserved + self.parked
     }
 
     fn idle(&self) -> bool {
-        self.running == 0 && self.waiting.is_empty() && self.reserved == 0
+        self.held() == 0
     }
 }
 
 impl AppSlots {
     fn held(&self) -> u32 {
-        self.running + self.waiting + self.reserved
+        self.running + self.waiting + self.reserved + self.parked
     }
 }
 
@@ -217,6 +236,7 @@ impl Lane {
             per_endpoint,
             pacer,
             lease_ends: Mutex::new(HashMap::new()),
+            turns: Mutex::new(HashSet::new()),
             state: Mutex::new(LaneState::default()),
         })
     }
@@ -304,7 +324,7 @@ impl Lane {
             *endpoints.entry(endpoint).or_insert(0) += limit - cap;
         }
         ClaimBudget {
-            room: (self.limit * 2).saturating_sub(state.running + state.waiting + state.reserved),
+            room: (self.limit * 2).saturating_sub(state.held()),
             endpoints,
             apps: state
                 .apps
@@ -325,7 +345,7 @@ impl Lane {
         {
             return false;
         }
-        if state.running + state.waiting + state.reserved >= self.limit * 2 {
+        if state.held() >= self.limit * 2 {
             state.backlog = true;
             return false;
         }
@@ -347,12 +367,7 @@ impl Lane {
         state
             .endpoints
             .entry(endpoint.clone())
-            .or_insert_with(|| EndpointSlots {
-                app: app.clone(),
-                running: 0,
-                reserved: 0,
-                waiting: VecDeque::new(),
-            })
+            .or_insert_with(|| EndpointSlots::new(app))
             .reserved += 1;
         true
     }
@@ -424,16 +439,61 @@ impl Lane {
             state
                 .endpoints
                 .entry(job.endpoint.id.clone())
-                .or_insert_with(|| EndpointSlots {
-                    app: job.app_id.clone(),
-                    running: 0,
-                    reserved: 0,
-                    waiting: VecDeque::new(),
-                })
+                .or_insert_with(|| EndpointSlots::new(&job.app_id))
                 .waiting
                 .push_back((arrival, job));
         }
         std::iter::from_fn(|| self.start_next(&mut state)).collect()
+    }
+
+    /// `job`, running, waits for its endpoint's turn (reserved for it) without its slot, which
+    /// the caller then gives up with [`Lane::next_after`] as if the attempt had ended: the
+    /// turns of an app's slowly paced endpoints would otherwise fill its share of the lane and
+    /// hold its other endpoints back. The job still counts as held by its endpoint, its app and
+    /// the lane, so claims take no more than before; `lease_end` is noted again for its start.
+    fn park(&self, job: &DeliveryJob, lease_end: Option<tokio::time::Instant>) {
+        if let Some(end) = lease_end {
+            self.leased(std::slice::from_ref(job), end);
+        }
+        self.turns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(job.lease);
+        let mut state = self.state();
+        state.parked += 1;
+        state.apps.entry(job.app_id.clone()).or_default().parked += 1;
+        state
+            .endpoints
+            .entry(job.endpoint.id.clone())
+            .or_insert_with(|| EndpointSlots::new(&job.app_id))
+            .parked += 1;
+    }
+
+    /// A parked job's turn has come: it waits for a slot ahead of its endpoint's other jobs.
+    /// Returns the job to start now, if a slot is free (it or another that fits better).
+    fn unpark(&self, job: DeliveryJob) -> Option<DeliveryJob> {
+        let mut state = self.state();
+        state.parked = state.parked.saturating_sub(1);
+        state.waiting += 1;
+        let app = state.apps.entry(job.app_id.clone()).or_default();
+        app.parked = app.parked.saturating_sub(1);
+        app.waiting += 1;
+        let slots = state
+            .endpoints
+            .entry(job.endpoint.id.clone())
+            .or_insert_with(|| EndpointSlots::new(&job.app_id));
+        slots.parked = slots.parked.saturating_sub(1);
+        // Arrival 0: ahead of jobs that have no turn yet, at every tie-break.
+        slots.waiting.push_front((0, job));
+        self.start_next(&mut state)
+    }
+
+    /// Whether `job` was parked, its turn reserved; forgotten as it is asked.
+    fn take_turn(&self, job: &DeliveryJob) -> bool {
+        self.turns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&job.lease)
     }
 
     /// An attempt of `app` to `endpoint` ended. Its slot goes to the waiting job that fits
@@ -488,6 +548,13 @@ impl Lane {
         state.running += 1;
         state.waiting -= 1;
         Some(job)
+    }
+}
+
+impl LaneState {
+    /// Jobs the lane holds: running, waiting for a slot or a turn, and rooms reserved.
+    fn held(&self) -> u32 {
+        self.running + self.waiting + self.reserved + self.parked
     }
 }
 
@@ -776,12 +843,28 @@ impl Dispatcher {
         abandon: CancellationToken,
     ) {
         loop {
-            let turn = match self.pace(&job, lane.lease_end(&job)) {
+            let lease_end = lane.lease_end(&job);
+            let has_turn = pace_of(job.endpoint.throttle_rate).is_some() && lane.take_turn(&job);
+            let turn = match self.pace(&job, lease_end, has_turn) {
                 Paced::Now => true,
-                Paced::At(at) => tokio::select! {
-                    () = tokio::time::sleep_until(at) => true,
-                    () = abandon.cancelled() => return,
-                },
+                Paced::At(at) if at <= tokio::time::Instant::now() + PARK_BEYOND => {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(at) => true,
+                        () = abandon.cancelled() => return,
+                    }
+                }
+                Paced::At(at) => {
+                    let (app, endpoint) = (job.app_id.clone(), job.endpoint.id.clone());
+                    lane.park(&job, lease_end);
+                    self.wait_for_turn(job, at, &lane, &tasks, &abandon);
+                    match lane.next_after(&app, &endpoint) {
+                        Some(next) => {
+                            job = next;
+                            continue;
+                        }
+                        None => return,
+                    }
+                }
                 Paced::TooLate => false,
             };
             if turn {
@@ -818,14 +901,49 @@ impl Dispatcher {
         }
     }
 
+    /// Waits, off any slot, for a parked job's turn at `at`, then queues it for a slot and
+    /// starts what that lets start. Abandoned at the end of shutdown's grace period, the job
+    /// keeps its lease, as an abandoned attempt does.
+    fn wait_for_turn(
+        self: &Arc<Self>,
+        job: DeliveryJob,
+        at: tokio::time::Instant,
+        lane: &Arc<Lane>,
+        tasks: &TaskTracker,
+        abandon: &CancellationToken,
+    ) {
+        let (me, lane, tracker, abandon) = (
+            Arc::clone(self),
+            Arc::clone(lane),
+            tasks.clone(),
+            abandon.clone(),
+        );
+        tasks.spawn(async move {
+            tokio::select! {
+                () = tokio::time::sleep_until(at) => {}
+                () = abandon.cancelled() => return,
+            }
+            if let Some(start) = lane.unpark(job) {
+                let attempts = me.attempts(start, Arc::clone(&lane), tracker.clone(), abandon);
+                tracker.spawn(attempts);
+            }
+        });
+    }
+
     /// When `job`, leased until `lease_end`, may go: its endpoint's `throttleRate` spaces this
     /// node's attempts to it. A job may start until a request timeout before its lease ends;
     /// one whose turn comes later is not sent, since the lease would run out during the
     /// attempt and another claim could send it again meanwhile. It stays leased, unrecorded,
     /// and is claimed again once the lease runs out, by which time the lanes hold its endpoint
     /// to what its rate sends ([`Lane::endpoint_cap`]). The same holds for any job that waited
-    /// that long for a slot, paced or not (the claims' limits are meant to prevent it).
-    fn pace(&self, job: &DeliveryJob, lease_end: Option<tokio::time::Instant>) -> Paced {
+    /// that long for a slot, paced or not (the claims' limits are meant to prevent it). A job
+    /// that `has_turn` (parked until it came) goes now, within the same bound.
+    fn pace(
+        &self,
+        job: &DeliveryJob,
+        lease_end: Option<tokio::time::Instant>,
+        has_turn: bool,
+    ) -> Paced {
         let now = tokio::time::Instant::now();
         // The attempt must end, and its record be on its way, within the lease: it may start a
         // request timeout and a margin before (the margin also covers two nodes' readings of
@@ -837,7 +955,7 @@ impl Dispatcher {
         // An unpaced job leaves its endpoint's pace alone: jobs claimed before a throttleRate
         // was set would otherwise restart its burst; a pace no job reserves from ends after a
         // minute (`pace::FORGET_AFTER`).
-        let Some(rate) = pace_of(job.endpoint.throttle_rate) else {
+        let Some(rate) = pace_of(job.endpoint.throttle_rate).filter(|_| !has_turn) else {
             return if now <= latest {
                 Paced::Now
             } else {
@@ -1419,6 +1537,45 @@ mod tests {
         assert_eq!(names(&[next]), [("app_A", "ep_a1")]);
     }
 
+    /// A job waiting for its endpoint's turn gives up its slot, so its app's other endpoints
+    /// run meanwhile, but it still counts for claims; when its turn comes it goes first, with
+    /// the turn it reserved.
+    #[test]
+    fn a_parked_job_frees_its_slot_and_still_counts_for_claims() {
+        let lane = Lane::new(true, 8, 1, 4);
+        let started = lane.admit(vec![
+            job("app_A", "ep_paced", 0),
+            job("app_A", "ep_free", 1),
+        ]);
+        assert_eq!(
+            names(&started),
+            [("app_A", "ep_paced")],
+            "the app's share is one"
+        );
+        let parked = started.into_iter().next().expect("one");
+        lane.park(&parked, None);
+        let next = lane
+            .next_after("app_A", "ep_paced")
+            .expect("the slot goes to the app's other endpoint");
+        assert_eq!(names(&[next]), [("app_A", "ep_free")]);
+        let budget = lane.claim_budget();
+        assert_eq!(budget.room, 16 - 2, "the parked job is held");
+        assert_eq!(budget.endpoints.get(&parked.endpoint.id), Some(&1));
+        assert_eq!(budget.apps.get(&parked.app_id), Some(&2));
+
+        assert!(lane.unpark(parked).is_none(), "the app's slot is taken");
+        let after = lane
+            .next_after("app_A", "ep_free")
+            .expect("the job whose turn came");
+        assert_eq!(names(std::slice::from_ref(&after)), [("app_A", "ep_paced")]);
+        assert!(lane.take_turn(&after), "its turn is reserved");
+        assert!(!lane.take_turn(&after), "once");
+        assert!(lane.next_after("app_A", "ep_paced").is_none());
+        let budget = lane.claim_budget();
+        assert_eq!(budget.room, 16, "nothing held");
+        assert!(budget.endpoints.is_empty() && budget.apps.is_empty());
+    }
+
     /// An endpoint paced lately is held to what its rate sends in a few seconds, by claims
     /// (told it holds the rest of its limit) and by new deliveries handed over at commit;
     /// other endpoints keep two rounds.
@@ -1474,28 +1631,40 @@ mod tests {
         let now = tokio::time::Instant::now();
         let end = now + timeout + LEASE_MARGIN + Duration::from_millis(2500);
         // A burst of one, then one a second: turns at 0, 1 s, 2 s; the last start is 2.5 s.
-        assert!(matches!(dispatcher.pace(&paced, Some(end)), Paced::Now));
+        assert!(matches!(
+            dispatcher.pace(&paced, Some(end), false),
+            Paced::Now
+        ));
         assert!(
-            matches!(dispatcher.pace(&paced, Some(end)), Paced::At(at) if at == now + Duration::from_secs(1))
+            matches!(dispatcher.pace(&paced, Some(end), false), Paced::At(at) if at == now + Duration::from_secs(1))
         );
         assert!(
-            matches!(dispatcher.pace(&paced, Some(end)), Paced::At(at) if at == now + Duration::from_secs(2))
+            matches!(dispatcher.pace(&paced, Some(end), false), Paced::At(at) if at == now + Duration::from_secs(2))
         );
-        assert!(matches!(dispatcher.pace(&paced, Some(end)), Paced::TooLate));
+        assert!(matches!(
+            dispatcher.pace(&paced, Some(end), false),
+            Paced::TooLate
+        ));
         assert_eq!(metrics.paced_past_lease_total.get(), 1);
         assert_eq!(dispatcher.pacer.claim_cap(&paced.endpoint.id, 64, now), 2);
 
         let unpaced = job("app_A", "ep_free", 2);
-        assert!(matches!(dispatcher.pace(&unpaced, Some(end)), Paced::Now));
+        assert!(matches!(
+            dispatcher.pace(&unpaced, Some(end), false),
+            Paced::Now
+        ));
         let spent = now + timeout + LEASE_MARGIN - Duration::from_millis(1);
         assert!(matches!(
-            dispatcher.pace(&unpaced, Some(spent)),
+            dispatcher.pace(&unpaced, Some(spent), false),
             Paced::TooLate
         ));
 
         // A job claimed before the pace was set neither waits nor restarts the burst.
         paced.endpoint.throttle_rate = None;
-        assert!(matches!(dispatcher.pace(&paced, Some(end)), Paced::Now));
+        assert!(matches!(
+            dispatcher.pace(&paced, Some(end), false),
+            Paced::Now
+        ));
         assert_eq!(dispatcher.pacer.claim_cap(&paced.endpoint.id, 64, now), 2);
     }
 }

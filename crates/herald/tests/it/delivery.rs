@@ -458,6 +458,45 @@ async fn throttle_rate_spaces_an_endpoints_deliveries() {
     server.stop().await;
 }
 
+/// Deliveries waiting for a paced endpoint's turn hold no slot: with an app share of one
+/// attempt at a time, the app's other endpoint is delivered before the paced one's third turn
+/// (2 s in), where waiting in the slot kept it behind every turn.
+#[tokio::test]
+async fn deliveries_waiting_for_their_turn_leave_the_apps_slots_to_its_other_endpoints() {
+    let server = TestServer::start_with(|c| c.delivery.per_app_in_flight = Some(1)).await;
+    let mut paced = Receiver::start().await;
+    let mut free = Receiver::start().await;
+    let app = server.create_app("paced-and-free").await;
+    server
+        .create_endpoint(
+            &app,
+            json!({"url": paced.url, "throttleRate": 1, "eventTypes": ["slow"]}),
+        )
+        .await;
+    server
+        .create_endpoint(&app, json!({"url": free.url, "eventTypes": ["fast"]}))
+        .await;
+    for n in 0..3 {
+        server
+            .send(&app, json!({"eventType": "slow", "payload": {"n": n}}))
+            .await;
+    }
+    assert!(paced.next().await.succeeded(), "the first goes at once");
+    server
+        .send(&app, json!({"eventType": "fast", "payload": {}}))
+        .await;
+    assert!(free.next().await.succeeded());
+    let meanwhile = paced.drain().len();
+    assert!(
+        meanwhile <= 1,
+        "{meanwhile} paced deliveries came before the free endpoint's: it waited for their turns"
+    );
+    for _ in meanwhile..2 {
+        assert!(paced.next().await.succeeded(), "the rest at their turns");
+    }
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn first_attempts_are_not_stuck_behind_a_slow_endpoint() {
     let server = TestServer::start_with(|c| {
