@@ -458,6 +458,54 @@ async fn throttle_rate_spaces_an_endpoints_deliveries() {
     server.stop().await;
 }
 
+/// A delivery whose turn comes too late for its lease (a first claim does not know its
+/// endpoint's pace) is not sent but left leased, and sent once its lease has run out and it
+/// is claimed again: nothing lost, nothing twice. With a 1 s request timeout a lease lasts
+/// about 7 s and an attempt may start until about 1 s in: at 1 a second the first two go at
+/// 0 and 1 s, the last two after the lease.
+#[tokio::test]
+async fn a_paced_delivery_with_no_turn_within_its_lease_goes_once_after_it() {
+    let server = TestServer::start_with(|c| {
+        c.delivery.request_timeout_secs = 1.0;
+        c.shutdown_grace_secs = 0.1;
+    })
+    .await;
+    let mut receiver = Receiver::start().await;
+    let app = server.create_app("paced-past-lease").await;
+    server
+        .create_endpoint(&app, json!({"url": receiver.url, "throttleRate": 1}))
+        .await;
+    let started = std::time::Instant::now();
+    for n in 0..4 {
+        server
+            .send(&app, json!({"eventType": "x", "payload": {"n": n}}))
+            .await;
+    }
+    let mut ids = BTreeSet::new();
+    let mut arrivals = Vec::new();
+    for _ in 0..4 {
+        let delivery = receiver.next().await;
+        assert!(
+            ids.insert(delivery.header("webhook-id").to_owned()),
+            "each message once"
+        );
+        arrivals.push(started.elapsed());
+    }
+    // The last had no turn within its first lease (its turn, 3 s in, was past the 1 s it
+    // could start by): it came after that lease ran out, about 7 s in.
+    assert!(
+        arrivals[3] >= std::time::Duration::from_secs(5),
+        "{arrivals:?}"
+    );
+    let metrics = crate::metrics::scrape(&server).await;
+    assert!(
+        crate::metrics::sample(&metrics, "herald_delivery_paced_past_lease_total") >= 2.0,
+        "the last two were left for a later claim"
+    );
+    assert!(receiver.drain().is_empty(), "nothing more");
+    server.stop().await;
+}
+
 /// Deliveries waiting for a paced endpoint's turn hold no slot: with an app share of one
 /// attempt at a time, the app's other endpoint is delivered before the paced one's third turn
 /// (2 s in), where waiting in the slot kept it behind every turn.
