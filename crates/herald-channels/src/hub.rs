@@ -676,14 +676,14 @@ impl AppHub {
         &self.app_id
     }
 
-    /// Where a catch-up of `channel` must start for this node's live subscribers to miss
-    /// nothing: the oldest newest-offset among them (those still joining read the store
-    /// themselves). `None` if no live subscriber has an offset yet.
+    /// Where a catch-up of `channel` must start for this node's subscribers to miss nothing:
+    /// the oldest newest-offset among those that have one. A new subscriber has none until it
+    /// goes live (it reads the store itself); one that subscribes again ([`AppHub::rejoin`])
+    /// keeps its own and is counted while its frames are held. `None` if none has an offset.
     pub fn catch_up_from(&self, channel: &str) -> Option<u64> {
         read(&self.channels).get(channel).and_then(|c| {
             c.subscribers
                 .values()
-                .filter(|s| s.joining.is_none())
                 .map(|s| s.next_offset.load(Ordering::Relaxed))
                 .filter(|&next| next > 0)
                 .min()
@@ -1084,6 +1084,21 @@ mod tests {
             "not a presence subscription"
         );
         assert_eq!(hub.rejoin("presence-room", "9.9"), None, "not subscribed");
+    }
+
+    /// A history subscriber that subscribes again still counts for catch-ups while its frames
+    /// are held: a catch-up (after a broker message out of order, or a lost link) must not
+    /// start past what it has, or a later offset would go out first and the missing one be
+    /// dropped as one it had.
+    #[test]
+    fn a_subscriber_subscribing_again_still_counts_for_catch_ups() {
+        let hub = app_hub();
+        let (outbox, _rx, _) = Outbox::new(16);
+        hub.subscribe_joining("presence-history-c", "1.1", &outbox, joining("u1"), 10)
+            .expect("ok");
+        assert!(hub.go_live("presence-history-c", "1.1", 5, |_| {}));
+        assert!(hub.rejoin("presence-history-c", "1.1").is_some());
+        assert_eq!(hub.catch_up_from("presence-history-c"), Some(5));
     }
 
     #[test]
