@@ -31,11 +31,16 @@ pub enum SendError {
     Dns(String),
     #[error("request failed: {0}")]
     Request(String),
-    /// Nothing was sent, for a reason of this server's: the request could not be built (its
-    /// credentials unreadable), or the connection could not be opened for want of this
-    /// server's own resources. The endpoint had no part in it and is not charged for it.
+    /// Nothing was sent, for a passing reason of this server's: the store unreachable for the
+    /// request's credentials, or a connection not opened for want of this server's own
+    /// resources. The endpoint had no part in it and is not charged for it.
     #[error("not sent: {0}")]
     NotSent(String),
+    /// Nothing was sent, for a lasting reason: the request cannot be built (its app is gone,
+    /// or its stored Pusher secret cannot be read). A failed attempt like any other, so the
+    /// delivery's schedule ends rather than waiting on something that will not change.
+    #[error("not sent: {0}")]
+    Unbuildable(String),
 }
 
 #[derive(Debug, Clone)]
@@ -138,31 +143,34 @@ impl WebhookClient {
         if let Some(blocked) = find_cause::<BlockedAddress>(&error) {
             return SendError::Blocked(blocked.clone());
         }
+        // Before the look-up's own failure: resolving a name needs descriptors too. Only while
+        // connecting: a request that failed later may have reached the endpoint.
+        if error.is_connect()
+            && let Some(what) = shortage(&error)
+        {
+            return SendError::NotSent(format!(
+                "this server is out of {what}: {}",
+                error_chain(&error)
+            ));
+        }
         if let Some(dns) = find_cause::<DnsError>(&error) {
             return SendError::Dns(dns.to_string());
         }
         if error.is_timeout() {
             return SendError::TimedOut(self.timeout);
         }
-        if let Some(what) = shortage(&error) {
-            return SendError::NotSent(format!(
-                "this server is out of {what}: {}",
-                error_chain(&error)
-            ));
-        }
         SendError::Request(error_chain(&error))
     }
 }
 
 /// What this server ran out of, if that is why `error` happened: a connection it could not
-/// open for want of its own file descriptors, local ports, socket buffers or memory, which
-/// says nothing of the endpoint.
+/// open for want of its own file descriptors, socket buffers or memory, which says nothing of
+/// the endpoint. (Not EADDRNOTAVAIL: besides a node out of local ports, it is what every
+/// connection to an IPv6-only endpoint gets on a node without IPv6, which never passes.)
 fn shortage(error: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
     let io = find_cause::<std::io::Error>(error)?;
-    match io.kind() {
-        std::io::ErrorKind::AddrNotAvailable => return Some("local ports"),
-        std::io::ErrorKind::OutOfMemory => return Some("memory"),
-        _ => {}
+    if io.kind() == std::io::ErrorKind::OutOfMemory {
+        return Some("memory");
     }
     // EMFILE and ENFILE have no stable ErrorKind.
     #[cfg(target_os = "linux")]
@@ -214,11 +222,27 @@ fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// The error of opening a file, if this process cannot open one for want of descriptors
+/// (EMFILE, ENFILE): asked after a failed look-up, whose own error cannot say so.
+fn out_of_descriptors() -> Option<std::io::Error> {
+    #[cfg(unix)]
+    if let Err(e) = std::fs::File::open("/dev/null")
+        && matches!(e.raw_os_error(), Some(23 | 24))
+    {
+        return Some(e);
+    }
+    None
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("{host}: {reason}")]
 struct DnsError {
     host: String,
     reason: String,
+    /// The look-up's own error, kept so that a shortage of this server's (no descriptor for
+    /// the resolver) is told apart from a name that does not resolve.
+    #[source]
+    cause: Option<std::io::Error>,
 }
 
 struct PolicyResolver {
@@ -235,6 +259,9 @@ impl Resolve for PolicyResolver {
                 .map_err(|e| DnsError {
                     host: host.clone(),
                     reason: e.to_string(),
+                    // glibc reports a process out of descriptors as a name that does not
+                    // exist (it could open neither /etc/hosts nor a socket to the server).
+                    cause: Some(out_of_descriptors().unwrap_or(e)),
                 })?
                 .collect();
             let mut refused = None;
@@ -254,6 +281,7 @@ impl Resolve for PolicyResolver {
                     None => Box::new(DnsError {
                         host,
                         reason: "no addresses".into(),
+                        cause: None,
                     }),
                 });
             }
@@ -288,20 +316,36 @@ mod tests {
         {
             assert_eq!(shortage_of(24), Some("file descriptors"), "EMFILE");
             assert_eq!(shortage_of(23), Some("file descriptors"), "ENFILE");
-            assert_eq!(shortage_of(99), Some("local ports"), "EADDRNOTAVAIL");
+            assert_eq!(
+                shortage_of(99),
+                None,
+                "EADDRNOTAVAIL: also an IPv6 endpoint, no IPv6"
+            );
             assert_eq!(shortage_of(105), Some("socket buffers"), "ENOBUFS");
             assert_eq!(shortage_of(111), None, "ECONNREFUSED is the endpoint's");
             assert_eq!(shortage_of(113), None, "EHOSTUNREACH is the endpoint's");
         }
         let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
         assert_eq!(shortage(&Connect(refused)), None);
-        assert_eq!(
-            shortage(&DnsError {
-                host: "x".into(),
-                reason: "none".into()
-            }),
-            None
-        );
+        let unknown = DnsError {
+            host: "x.invalid".into(),
+            reason: "failed to lookup address information".into(),
+            cause: Some(std::io::Error::other("Name or service not known")),
+        };
+        assert_eq!(shortage(&unknown), None, "a name that does not resolve");
+        #[cfg(target_os = "linux")]
+        {
+            let starved = DnsError {
+                host: "example.com".into(),
+                reason: "Too many open files".into(),
+                cause: Some(std::io::Error::from_raw_os_error(24)),
+            };
+            assert_eq!(
+                shortage(&starved),
+                Some("file descriptors"),
+                "the resolver had no descriptor"
+            );
+        }
     }
 
     #[tokio::test]

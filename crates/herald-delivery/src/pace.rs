@@ -93,6 +93,11 @@ pub fn pace_of(throttle_rate: Option<i64>) -> Option<u16> {
         .filter(|rate| *rate > 0)
 }
 
+/// The time between two turns at `rate` a second.
+pub fn interval(rate: u16) -> Duration {
+    Pace::interval(rate)
+}
+
 /// What `rate` sends in [`PACED_AHEAD_PER_LANE`], within 1 and `limit`.
 fn cap(rate: u16, limit: u32) -> u32 {
     let ahead = u32::try_from(PACED_AHEAD_PER_LANE.as_secs()).unwrap_or(u32::MAX);

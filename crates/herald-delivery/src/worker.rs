@@ -25,7 +25,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     DeliveryConfig, WebhookClient,
     client::SendError,
-    pace::{Pacer, pace_of},
+    pace::{self, Pacer, pace_of},
 };
 
 /// When a delivery may go, by its endpoint's pace (see [`Dispatcher::pace`]).
@@ -54,6 +54,9 @@ const LEASE_MARGIN: Duration = Duration::from_secs(5);
 /// A paced delivery whose turn is further off than this gives its slot up meanwhile (see
 /// [`Lane::park`]); a shorter wait keeps the slot, as a parked delivery costs a task.
 const PARK_BEYOND: Duration = Duration::from_millis(50);
+/// The arrival number of a waiting job whose turn came (see [`Lane::unpark`]); admitted jobs
+/// are numbered from 1.
+const WITH_TURN: u64 = 0;
 
 /// Wakes the dispatcher's lanes when work is queued for them.
 ///
@@ -115,8 +118,8 @@ struct Lane {
     /// When each admitted job's lease runs out, by its token, until the job starts (see
     /// [`Lane::leased`]).
     lease_ends: Mutex<HashMap<LeaseToken, tokio::time::Instant>>,
-    /// Parked jobs, by token: their turns are reserved, so they go when they next start.
-    turns: Mutex<HashSet<LeaseToken>>,
+    /// Parked jobs' turns, by token: reserved, so they go when they next start.
+    turns: Mutex<HashMap<LeaseToken, tokio::time::Instant>>,
     state: Mutex<LaneState>,
 }
 
@@ -236,7 +239,7 @@ impl Lane {
             per_endpoint,
             pacer,
             lease_ends: Mutex::new(HashMap::new()),
-            turns: Mutex::new(HashSet::new()),
+            turns: Mutex::new(HashMap::new()),
             state: Mutex::new(LaneState::default()),
         })
     }
@@ -432,8 +435,9 @@ impl Lane {
     fn admit(&self, jobs: Vec<DeliveryJob>) -> Vec<DeliveryJob> {
         let mut state = self.state();
         for job in jobs {
-            let arrival = state.arrivals;
+            // From 1: 0 is `WITH_TURN`.
             state.arrivals += 1;
+            let arrival = state.arrivals;
             state.waiting += 1;
             state.apps.entry(job.app_id.clone()).or_default().waiting += 1;
             state
@@ -446,19 +450,25 @@ impl Lane {
         std::iter::from_fn(|| self.start_next(&mut state)).collect()
     }
 
-    /// `job`, running, waits for its endpoint's turn (reserved for it) without its slot, which
-    /// the caller then gives up with [`Lane::next_after`] as if the attempt had ended: the
-    /// turns of an app's slowly paced endpoints would otherwise fill its share of the lane and
-    /// hold its other endpoints back. The job still counts as held by its endpoint, its app and
-    /// the lane, so claims take no more than before; `lease_end` is noted again for its start.
-    fn park(&self, job: &DeliveryJob, lease_end: Option<tokio::time::Instant>) {
+    /// `job`, running, waits for its endpoint's `turn` (reserved for it) without its slot,
+    /// which the caller then gives up with [`Lane::next_after`] as if the attempt had ended:
+    /// the turns of an app's slowly paced endpoints would otherwise fill its share of the lane
+    /// and hold its other endpoints back. The job still counts as held by its endpoint, its app
+    /// and the lane, so claims take no more than before; `lease_end` is noted again for its
+    /// start.
+    fn park(
+        &self,
+        job: &DeliveryJob,
+        turn: tokio::time::Instant,
+        lease_end: Option<tokio::time::Instant>,
+    ) {
         if let Some(end) = lease_end {
             self.leased(std::slice::from_ref(job), end);
         }
         self.turns
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(job.lease);
+            .insert(job.lease, turn);
         let mut state = self.state();
         state.parked += 1;
         state.apps.entry(job.app_id.clone()).or_default().parked += 1;
@@ -469,8 +479,9 @@ impl Lane {
             .parked += 1;
     }
 
-    /// A parked job's turn has come: it waits for a slot ahead of its endpoint's other jobs.
-    /// Returns the job to start now, if a slot is free (it or another that fits better).
+    /// A parked job's turn has come: it waits for a slot ahead of every job without a turn
+    /// (behind those of its endpoint whose turns came before). Returns the job to start now,
+    /// if a slot is free (it, or another whose turn came).
     fn unpark(&self, job: DeliveryJob) -> Option<DeliveryJob> {
         let mut state = self.state();
         state.parked = state.parked.saturating_sub(1);
@@ -483,13 +494,17 @@ impl Lane {
             .entry(job.endpoint.id.clone())
             .or_insert_with(|| EndpointSlots::new(&job.app_id));
         slots.parked = slots.parked.saturating_sub(1);
-        // Arrival 0: ahead of jobs that have no turn yet, at every tie-break.
-        slots.waiting.push_front((0, job));
+        let behind = slots
+            .waiting
+            .iter()
+            .take_while(|(arrival, _)| *arrival == WITH_TURN)
+            .count();
+        slots.waiting.insert(behind, (WITH_TURN, job));
         self.start_next(&mut state)
     }
 
-    /// Whether `job` was parked, its turn reserved; forgotten as it is asked.
-    fn take_turn(&self, job: &DeliveryJob) -> bool {
+    /// The turn `job` was parked with, if it was; forgotten as it is asked.
+    fn take_turn(&self, job: &DeliveryJob) -> Option<tokio::time::Instant> {
         self.turns
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -516,9 +531,10 @@ impl Lane {
         self.start_next(&mut state)
     }
 
-    /// Starts the waiting job that fits best, if one fits: fewest running for its app, then for
-    /// its endpoint, then the longest waiting. Looks at each endpoint with waiting jobs once;
-    /// there are at most as many as the lane holds jobs.
+    /// Starts the waiting job that fits best, if one fits: one whose turn came (parked until
+    /// then, see [`Lane::park`]), then fewest running for its app, then for its endpoint, then
+    /// the longest waiting. Looks at each endpoint with waiting jobs once; there are at most as
+    /// many as the lane holds jobs.
     fn start_next(&self, state: &mut LaneState) -> Option<DeliveryJob> {
         if state.waiting == 0 || state.running >= self.limit {
             return None;
@@ -532,7 +548,7 @@ impl Lane {
                 let (arrival, _) = slots.waiting.front()?;
                 let app_running = apps.get(&slots.app).map_or(0, |a| a.running);
                 (slots.running < self.per_endpoint && app_running < self.per_app).then_some((
-                    (app_running, slots.running, *arrival),
+                    (*arrival != WITH_TURN, app_running, slots.running, *arrival),
                     id,
                     &slots.app,
                 ))
@@ -844,8 +860,9 @@ impl Dispatcher {
     ) {
         loop {
             let lease_end = lane.lease_end(&job);
-            let has_turn = pace_of(job.endpoint.throttle_rate).is_some() && lane.take_turn(&job);
-            let turn = match self.pace(&job, lease_end, has_turn) {
+            let parked_turn =
+                pace_of(job.endpoint.throttle_rate).and_then(|_| lane.take_turn(&job));
+            let turn = match self.pace(&job, lease_end, parked_turn) {
                 Paced::Now => true,
                 Paced::At(at) if at <= tokio::time::Instant::now() + PARK_BEYOND => {
                     tokio::select! {
@@ -855,7 +872,7 @@ impl Dispatcher {
                 }
                 Paced::At(at) => {
                     let (app, endpoint) = (job.app_id.clone(), job.endpoint.id.clone());
-                    lane.park(&job, lease_end);
+                    lane.park(&job, at, lease_end);
                     self.wait_for_turn(job, at, &lane, &tasks, &abandon);
                     match lane.next_after(&app, &endpoint) {
                         Some(next) => {
@@ -869,16 +886,25 @@ impl Dispatcher {
             };
             if turn {
                 let sent = async {
-                    let record = self.send(&job).await?;
-                    let permit = Arc::clone(&lane.unsaved).acquire_owned().await;
-                    Some((record, permit))
+                    match self.send(&job).await {
+                        Ok(record) => {
+                            Some((record, Arc::clone(&lane.unsaved).acquire_owned().await))
+                        }
+                        // Not sent, for a reason of this server's: left leased, unrecorded.
+                        // The slot waits before its next job, which would most likely fail
+                        // the same way: a lane in trouble tries at most a slot's worth a
+                        // second, rather than leasing its whole queue at once.
+                        Err(_) => {
+                            tokio::time::sleep(ERROR_BACKOFF).await;
+                            None
+                        }
+                    }
                 };
                 let sent = tokio::select! {
                     sent = sent => sent,
                     // Shutdown's grace period is over: leave the rest to the next start.
                     () = abandon.cancelled() => return,
                 };
-                // `None`: not sent, for a reason of this server's; left leased, unrecorded.
                 if let Some((record, permit)) = sent {
                     let Ok(permit) = permit else {
                         return; // The semaphore is never closed; nothing to save to if it were.
@@ -937,12 +963,14 @@ impl Dispatcher {
     /// and is claimed again once the lease runs out, by which time the lanes hold its endpoint
     /// to what its rate sends ([`Lane::endpoint_cap`]). The same holds for any job that waited
     /// that long for a slot, paced or not (the claims' limits are meant to prevent it). A job
-    /// that `has_turn` (parked until it came) goes now, within the same bound.
+    /// parked until its `parked_turn` goes now, within the same bound, unless it then waited
+    /// for a slot past the turn after it: it takes a new turn then, rather than go out
+    /// together with that turn's job.
     fn pace(
         &self,
         job: &DeliveryJob,
         lease_end: Option<tokio::time::Instant>,
-        has_turn: bool,
+        parked_turn: Option<tokio::time::Instant>,
     ) -> Paced {
         let now = tokio::time::Instant::now();
         // The attempt must end, and its record be on its way, within the lease: it may start a
@@ -955,7 +983,11 @@ impl Dispatcher {
         // An unpaced job leaves its endpoint's pace alone: jobs claimed before a throttleRate
         // was set would otherwise restart its burst; a pace no job reserves from ends after a
         // minute (`pace::FORGET_AFTER`).
-        let Some(rate) = pace_of(job.endpoint.throttle_rate).filter(|_| !has_turn) else {
+        let rate = pace_of(job.endpoint.throttle_rate);
+        let turn_kept = parked_turn
+            .zip(rate)
+            .is_some_and(|(turn, rate)| now <= turn + pace::interval(rate));
+        let Some(rate) = rate.filter(|_| !turn_kept) else {
             return if now <= latest {
                 Paced::Now
             } else {
@@ -1019,9 +1051,16 @@ impl Dispatcher {
                 // Served from the store's cache; read per attempt so a rotated secret applies.
                 let app = match self.store.get_app(&job.app_id).await {
                     Ok(Some(app)) => app,
-                    Ok(None) => return Err(SendError::NotSent("the app no longer exists".into())),
-                    Err(e) => {
+                    Ok(None) => {
+                        return Err(SendError::Unbuildable("the app no longer exists".into()));
+                    }
+                    Err(e) if e.is_unavailable() => {
                         return Err(SendError::NotSent(format!(
+                            "could not read the app's Pusher credentials: {e}"
+                        )));
+                    }
+                    Err(e) => {
+                        return Err(SendError::Unbuildable(format!(
                             "could not read the app's Pusher credentials: {e}"
                         )));
                     }
@@ -1031,13 +1070,13 @@ impl Dispatcher {
         }
     }
 
-    /// Makes `job`'s attempt; returns its record, or `None` when nothing was sent for a
-    /// reason of this server's ([`SendError::NotSent`]: its store unreadable, or out of file
-    /// descriptors or local ports). Such a job is not charged to its endpoint: no attempt is
-    /// recorded, its retry schedule and the endpoint's failure streak stay as they were, and
-    /// it stays leased, so it is claimed again once the lease runs out (the lease is the
-    /// back-off: this server's trouble is seldom over in the seconds of a first retry).
-    async fn send(&self, job: &DeliveryJob) -> Option<AttemptRecord> {
+    /// Makes `job`'s attempt; returns its record, or why nothing was sent for a passing reason
+    /// of this server's ([`SendError::NotSent`]: its store unreachable, or out of file
+    /// descriptors). Such a job is not charged to its endpoint: no attempt is recorded, its
+    /// retry schedule and the endpoint's failure streak stay as they were, and it stays
+    /// leased, so it is claimed again once the lease runs out (the lease is the back-off:
+    /// this server's trouble is seldom over in the seconds of a first retry).
+    async fn send(&self, job: &DeliveryJob) -> Result<AttemptRecord, String> {
         let now = self.clock.now();
         let started = Instant::now();
         let result = match self.headers(job, now).await {
@@ -1048,11 +1087,11 @@ impl Dispatcher {
             }
             Err(e) => Err(e),
         };
-        if let Err(SendError::NotSent(reason)) = &result {
+        if let Err(SendError::NotSent(reason)) = result {
             self.metrics.not_sent();
             tracing::warn!(msg_id = %job.msg_id, endpoint_id = %job.endpoint.id, reason,
                 "a delivery was not sent for a reason of this server's, not its endpoint's; left unrecorded and attempted again once its lease runs out");
-            return None;
+            return Err(reason);
         }
         let duration_ms = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
 
@@ -1121,7 +1160,7 @@ impl Dispatcher {
         };
         tracing::debug!(msg_id = %job.msg_id, endpoint_id = %job.endpoint.id, status_code,
             ?decision, "attempt finished");
-        Some(AttemptRecord {
+        Ok(AttemptRecord {
             attempt: Attempt {
                 id: herald_core::AttemptId::new(now),
                 msg_id: job.msg_id.clone(),
@@ -1453,9 +1492,10 @@ mod tests {
         store.close().await;
     }
 
-    /// A delivery this server cannot send for a reason of its own (here its store, closed,
-    /// cannot give the app's Pusher credentials) is not charged to its endpoint: no attempt
-    /// is recorded or counted, and the job stays leased for a later claim.
+    /// A delivery this server cannot send for a passing reason of its own (here its store,
+    /// closed, cannot give the app's Pusher credentials) is not charged to its endpoint: no
+    /// attempt is recorded or counted, and the job stays leased for a later claim. One that
+    /// can never be sent (its app is gone) is a failed attempt, so its schedule ends.
     #[tokio::test]
     async fn a_delivery_this_server_cannot_send_is_not_charged_to_its_endpoint() {
         let dir = tempfile::tempdir().expect("dir");
@@ -1466,13 +1506,31 @@ mod tests {
         let dispatcher = Dispatcher::new(Arc::clone(&store), client, config, Arc::clone(&metrics));
         let mut job = job("app_A", "ep_1", 1);
         job.endpoint.format = EndpointFormat::Pusher;
-        store.close().await;
 
-        assert!(dispatcher.send(&job).await.is_none(), "nothing to record");
+        let lasting = dispatcher.send(&job).await.expect("a failed attempt");
+        assert_eq!(lasting.attempt.status, DeliveryStatus::Fail);
+        assert!(
+            lasting
+                .attempt
+                .response
+                .contains("the app no longer exists"),
+            "{}",
+            lasting.attempt.response
+        );
+        assert_eq!(metrics.attempts(herald_metrics::AttemptOutcome::Failed), 1);
+
+        store.close().await;
+        let reason = dispatcher.send(&job).await.expect_err("nothing to record");
+        assert!(
+            reason.contains("could not read the app's Pusher credentials"),
+            "{reason}"
+        );
         assert_eq!(metrics.not_sent_total.get(), 1);
-        for outcome in herald_metrics::AttemptOutcome::ALL {
-            assert_eq!(metrics.attempts(outcome), 0, "{outcome:?}");
-        }
+        assert_eq!(
+            metrics.attempts(herald_metrics::AttemptOutcome::Failed),
+            1,
+            "no attempt counted for it"
+        );
     }
 
     #[test]
@@ -1553,7 +1611,7 @@ mod tests {
             "the app's share is one"
         );
         let parked = started.into_iter().next().expect("one");
-        lane.park(&parked, None);
+        lane.park(&parked, tokio::time::Instant::now(), None);
         let next = lane
             .next_after("app_A", "ep_paced")
             .expect("the slot goes to the app's other endpoint");
@@ -1568,12 +1626,41 @@ mod tests {
             .next_after("app_A", "ep_free")
             .expect("the job whose turn came");
         assert_eq!(names(std::slice::from_ref(&after)), [("app_A", "ep_paced")]);
-        assert!(lane.take_turn(&after), "its turn is reserved");
-        assert!(!lane.take_turn(&after), "once");
+        assert!(lane.take_turn(&after).is_some(), "its turn is reserved");
+        assert!(lane.take_turn(&after).is_none(), "once");
         assert!(lane.next_after("app_A", "ep_paced").is_none());
         let budget = lane.claim_budget();
         assert_eq!(budget.room, 16, "nothing held");
         assert!(budget.endpoints.is_empty() && budget.apps.is_empty());
+    }
+
+    /// A job whose turn came starts before jobs without one, even of an app running fewer.
+    #[test]
+    fn a_job_whose_turn_came_starts_before_jobs_without_one() {
+        let lane = Lane::new(true, 2, 2, 4);
+        let started = lane.admit(vec![job("app_A", "ep_x", 0), job("app_A", "ep_y", 1)]);
+        assert_eq!(started.len(), 2);
+        let parked = started
+            .into_iter()
+            .find(|j| j.endpoint.id.as_str() == "ep_x")
+            .expect("ep_x started");
+        lane.park(&parked, tokio::time::Instant::now(), None);
+        assert!(lane.next_after("app_A", "ep_x").is_none());
+        assert_eq!(
+            names(&lane.admit(vec![job("app_B", "ep_b", 2)])),
+            [("app_B", "ep_b")]
+        );
+        assert!(
+            lane.admit(vec![job("app_C", "ep_c", 3)]).is_empty(),
+            "the lane is full"
+        );
+        assert!(lane.unpark(parked).is_none(), "the lane is full");
+        let next = lane.next_after("app_B", "ep_b").expect("a freed slot");
+        assert_eq!(
+            names(std::slice::from_ref(&next)),
+            [("app_A", "ep_x")],
+            "its turn came: ahead of app C's job, though app A runs one more"
+        );
     }
 
     /// An endpoint paced lately is held to what its rate sends in a few seconds, by claims
@@ -1632,17 +1719,17 @@ mod tests {
         let end = now + timeout + LEASE_MARGIN + Duration::from_millis(2500);
         // A burst of one, then one a second: turns at 0, 1 s, 2 s; the last start is 2.5 s.
         assert!(matches!(
-            dispatcher.pace(&paced, Some(end), false),
+            dispatcher.pace(&paced, Some(end), None),
             Paced::Now
         ));
         assert!(
-            matches!(dispatcher.pace(&paced, Some(end), false), Paced::At(at) if at == now + Duration::from_secs(1))
+            matches!(dispatcher.pace(&paced, Some(end), None), Paced::At(at) if at == now + Duration::from_secs(1))
         );
         assert!(
-            matches!(dispatcher.pace(&paced, Some(end), false), Paced::At(at) if at == now + Duration::from_secs(2))
+            matches!(dispatcher.pace(&paced, Some(end), None), Paced::At(at) if at == now + Duration::from_secs(2))
         );
         assert!(matches!(
-            dispatcher.pace(&paced, Some(end), false),
+            dispatcher.pace(&paced, Some(end), None),
             Paced::TooLate
         ));
         assert_eq!(metrics.paced_past_lease_total.get(), 1);
@@ -1650,19 +1737,38 @@ mod tests {
 
         let unpaced = job("app_A", "ep_free", 2);
         assert!(matches!(
-            dispatcher.pace(&unpaced, Some(end), false),
+            dispatcher.pace(&unpaced, Some(end), None),
             Paced::Now
         ));
         let spent = now + timeout + LEASE_MARGIN - Duration::from_millis(1);
         assert!(matches!(
-            dispatcher.pace(&unpaced, Some(spent), false),
+            dispatcher.pace(&unpaced, Some(spent), None),
             Paced::TooLate
         ));
+
+        // A parked job whose turn came goes now; one that then waited for a slot past the turn
+        // after it takes a new turn.
+        let mut other = job("app_A", "ep_other", 3);
+        other.endpoint.throttle_rate = Some(1);
+        assert!(matches!(
+            dispatcher.pace(&other, Some(end), Some(now)),
+            Paced::Now
+        ));
+        assert!(matches!(
+            dispatcher.pace(&other, Some(end), None),
+            Paced::Now
+        ));
+        let late = now
+            .checked_sub(Duration::from_secs(2))
+            .expect("a past instant");
+        assert!(
+            matches!(dispatcher.pace(&other, Some(end), Some(late)), Paced::At(at) if at == now + Duration::from_secs(1))
+        );
 
         // A job claimed before the pace was set neither waits nor restarts the burst.
         paced.endpoint.throttle_rate = None;
         assert!(matches!(
-            dispatcher.pace(&paced, Some(end), false),
+            dispatcher.pace(&paced, Some(end), None),
             Paced::Now
         ));
         assert_eq!(dispatcher.pacer.claim_cap(&paced.endpoint.id, 64, now), 2);

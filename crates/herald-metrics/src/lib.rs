@@ -489,9 +489,9 @@ pub struct DeliveryMetrics {
     /// Claimed deliveries not sent because their endpoint's `throttleRate` gave them no turn
     /// within their lease: claimed again once it runs out.
     pub paced_past_lease_total: Counter,
-    /// Claimed deliveries not sent for a reason of this server's (its store unreadable, out of
-    /// file descriptors or local ports): not charged to the endpoint, claimed again once their
-    /// leases run out.
+    /// Claimed deliveries not sent for a passing reason of this server's (its store
+    /// unreachable, out of file descriptors): not charged to the endpoint, claimed again once
+    /// their leases run out.
     pub not_sent_total: Counter,
 }
 
@@ -591,7 +591,7 @@ impl DeliveryMetrics {
         );
         registry.register(
             "delivery_not_sent",
-            "Claimed webhook deliveries not sent for a reason of this server's (its store unreadable, out of file descriptors or local ports): not charged to the endpoint, claimed again once their leases run out",
+            "Claimed webhook deliveries not sent for a passing reason of this server's (its store unreachable, out of file descriptors): not charged to the endpoint, claimed again once their leases run out",
             self.not_sent_total.clone(),
         );
     }
