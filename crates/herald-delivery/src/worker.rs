@@ -654,6 +654,9 @@ pub struct Dispatcher {
     metrics: Arc<DeliveryMetrics>,
     /// Spaces the attempts to endpoints with a `throttleRate` (see [`crate::pace`]).
     pacer: Arc<Pacer>,
+    /// Cancelled when shutdown is requested (see [`Dispatcher::run`]): from then on no attempt
+    /// starts, and jobs not yet started keep their leases for the next start or another node.
+    stopping: CancellationToken,
 }
 
 impl Dispatcher {
@@ -671,6 +674,7 @@ impl Dispatcher {
             handle: DispatcherHandle::default(),
             metrics,
             pacer: Arc::default(),
+            stopping: CancellationToken::new(),
         }
     }
 
@@ -680,7 +684,11 @@ impl Dispatcher {
 
     /// Deliver until `shutdown`, then give in-flight attempts `shutdown_grace` to finish.
     /// Attempts cut off by the grace period keep their lease and are retried after a restart.
-    pub async fn run(self, shutdown: CancellationToken) {
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        // Attempts that started before shutdown run on within the grace period; none starts
+        // after it (one that did was likely cut off by the grace period's end, and sent again
+        // after the restart).
+        self.stopping = shutdown.clone();
         let me = Arc::new(self);
         let lane = |first_attempts: bool, limit: u32| {
             let per_app = me.config.per_app_limit(limit);
@@ -859,6 +867,9 @@ impl Dispatcher {
         abandon: CancellationToken,
     ) {
         loop {
+            if self.stopping.is_cancelled() {
+                return; // Left leased: see `stopping`.
+            }
             let lease_end = lane.lease_end(&job);
             let parked_turn =
                 pace_of(job.endpoint.throttle_rate).and_then(|_| lane.take_turn(&job));
@@ -885,8 +896,9 @@ impl Dispatcher {
                 Paced::TooLate => false,
             };
             if turn {
+                let start_by = self.start_by(lease_end, tokio::time::Instant::now());
                 let sent = async {
-                    match self.send(&job).await {
+                    match self.send(&job, start_by).await {
                         Ok(record) => {
                             Some((record, Arc::clone(&lane.unsaved).acquire_owned().await))
                         }
@@ -928,8 +940,8 @@ impl Dispatcher {
     }
 
     /// Waits, off any slot, for a parked job's turn at `at`, then queues it for a slot and
-    /// starts what that lets start. Abandoned at the end of shutdown's grace period, the job
-    /// keeps its lease, as an abandoned attempt does.
+    /// starts what that lets start. Dropped once shutdown is requested, the job keeps its
+    /// lease, as a job not started does.
     fn wait_for_turn(
         self: &Arc<Self>,
         job: DeliveryJob,
@@ -947,7 +959,7 @@ impl Dispatcher {
         tasks.spawn(async move {
             tokio::select! {
                 () = tokio::time::sleep_until(at) => {}
-                () = abandon.cancelled() => return,
+                () = me.stopping.cancelled() => return,
             }
             if let Some(start) = lane.unpark(job) {
                 let attempts = me.attempts(start, Arc::clone(&lane), tracker.clone(), abandon);
@@ -973,13 +985,7 @@ impl Dispatcher {
         parked_turn: Option<tokio::time::Instant>,
     ) -> Paced {
         let now = tokio::time::Instant::now();
-        // The attempt must end, and its record be on its way, within the lease: it may start a
-        // request timeout and a margin before (the margin also covers two nodes' readings of
-        // the cluster's time, each off by at most half a round trip).
-        let latest = lease_end
-            .unwrap_or(now + self.lease())
-            .checked_sub(self.config.request_timeout + LEASE_MARGIN)
-            .unwrap_or(now);
+        let latest = self.start_by(lease_end, now);
         // An unpaced job leaves its endpoint's pace alone: jobs claimed before a throttleRate
         // was set would otherwise restart its burst; a pace no job reserves from ends after a
         // minute (`pace::FORGET_AFTER`).
@@ -1070,16 +1076,40 @@ impl Dispatcher {
         }
     }
 
+    /// The latest an attempt of a job leased until `lease_end` may start (`now` with a full
+    /// lease if none was noted): the attempt must end, and its record be on its way, within the
+    /// lease, so it may start a request timeout and a margin before (the margin also covers
+    /// two nodes' readings of the cluster's time, each off by at most half a round trip).
+    fn start_by(
+        &self,
+        lease_end: Option<tokio::time::Instant>,
+        now: tokio::time::Instant,
+    ) -> tokio::time::Instant {
+        lease_end
+            .unwrap_or(now + self.lease())
+            .checked_sub(self.config.request_timeout + LEASE_MARGIN)
+            .unwrap_or(now)
+    }
+
     /// Makes `job`'s attempt; returns its record, or why nothing was sent for a passing reason
     /// of this server's ([`SendError::NotSent`]: its store unreachable, or out of file
     /// descriptors). Such a job is not charged to its endpoint: no attempt is recorded, its
     /// retry schedule and the endpoint's failure streak stay as they were, and it stays
     /// leased, so it is claimed again once the lease runs out (the lease is the back-off:
     /// this server's trouble is seldom over in the seconds of a first retry).
-    async fn send(&self, job: &DeliveryJob) -> Result<AttemptRecord, String> {
+    /// The request leaves only until `start_by` ([`Dispatcher::start_by`]): reading the
+    /// app's credentials for it may have taken long.
+    async fn send(
+        &self,
+        job: &DeliveryJob,
+        start_by: tokio::time::Instant,
+    ) -> Result<AttemptRecord, String> {
         let now = self.clock.now();
         let started = Instant::now();
         let result = match self.headers(job, now).await {
+            Ok(_) if tokio::time::Instant::now() > start_by => Err(SendError::NotSent(
+                "reading the request's credentials took so long that the attempt could outlast its lease".into(),
+            )),
             Ok(headers) => {
                 self.client
                     .post(&job.endpoint.url, headers, job.payload.clone())
@@ -1145,13 +1175,22 @@ impl Dispatcher {
                 (NextStep::Delivered, EndpointChange::StreakEnded)
             }
             RetryDecision::Delivered => (NextStep::Delivered, EndpointChange::Unchanged),
-            RetryDecision::RetryIn(delay) => {
-                (NextStep::RetryAt(now + delay), streak(streak_running, now))
-            }
+            // Counted from the attempt's end: a receiver that took its time to fail still gets
+            // the whole delay before the next attempt.
+            RetryDecision::RetryIn(delay) => (
+                NextStep::RetryAt(now + started.elapsed() + delay),
+                streak(streak_running, now),
+            ),
             RetryDecision::GiveUp => (NextStep::Failed, streak(streak_running, now)),
             RetryDecision::DisableEndpoint => {
                 tracing::warn!(endpoint_id = %job.endpoint.id, status_code, "disabling endpoint");
-                (NextStep::Failed, EndpointChange::Disable)
+                // 410 Gone disables at once; a streak only if no success has ended it
+                // since this job's copy of the endpoint was read.
+                let streak_since = match outcome {
+                    AttemptOutcome::Gone => None,
+                    _ => job.endpoint.failing_since,
+                };
+                (NextStep::Failed, EndpointChange::Disable { streak_since })
             }
         };
         let status = match next {
@@ -1410,6 +1449,17 @@ mod tests {
         assert!(budget.apps.is_empty() && budget.endpoints.is_empty());
     }
 
+    /// The defaults, with receivers on this machine allowed.
+    fn to_local_receivers() -> DeliveryConfig {
+        DeliveryConfig {
+            addresses: herald_core::AddressPolicy {
+                allow_private: true,
+                ..Default::default()
+            },
+            ..DeliveryConfig::default()
+        }
+    }
+
     async fn sqlite_store(dir: &tempfile::TempDir) -> Arc<dyn Store> {
         Arc::new(
             herald_store::sqlite::SqliteStore::open(dir.path())
@@ -1457,20 +1507,17 @@ mod tests {
 
         let dir = tempfile::tempdir().expect("dir");
         let store = sqlite_store(&dir).await;
-        let config = DeliveryConfig {
-            addresses: herald_core::AddressPolicy {
-                allow_private: true,
-                ..Default::default()
-            },
-            ..DeliveryConfig::default()
-        };
+        let config = to_local_receivers();
         let client = WebhookClient::new(&config).expect("client");
         let metrics = Arc::new(DeliveryMetrics::default());
         let dispatcher = Dispatcher::new(Arc::clone(&store), client, config, Arc::clone(&metrics));
         let mut job = job("app_A", "ep_1", 1);
         job.endpoint.url = url;
 
-        let record = dispatcher.send(&job).await.expect("sent");
+        let record = dispatcher
+            .send(&job, tokio::time::Instant::now() + Duration::from_secs(60))
+            .await
+            .expect("sent");
         server.await.expect("the receiver answered");
         assert_eq!(record.attempt.status, DeliveryStatus::Success);
         assert_eq!(metrics.attempts(herald_metrics::AttemptOutcome::Success), 1);
@@ -1507,7 +1554,10 @@ mod tests {
         let mut job = job("app_A", "ep_1", 1);
         job.endpoint.format = EndpointFormat::Pusher;
 
-        let lasting = dispatcher.send(&job).await.expect("a failed attempt");
+        let lasting = dispatcher
+            .send(&job, tokio::time::Instant::now() + Duration::from_secs(60))
+            .await
+            .expect("a failed attempt");
         assert_eq!(lasting.attempt.status, DeliveryStatus::Fail);
         assert!(
             lasting
@@ -1520,7 +1570,10 @@ mod tests {
         assert_eq!(metrics.attempts(herald_metrics::AttemptOutcome::Failed), 1);
 
         store.close().await;
-        let reason = dispatcher.send(&job).await.expect_err("nothing to record");
+        let reason = dispatcher
+            .send(&job, tokio::time::Instant::now() + Duration::from_secs(60))
+            .await
+            .expect_err("nothing to record");
         assert!(
             reason.contains("could not read the app's Pusher credentials"),
             "{reason}"
@@ -1530,6 +1583,45 @@ mod tests {
             metrics.attempts(herald_metrics::AttemptOutcome::Failed),
             1,
             "no attempt counted for it"
+        );
+    }
+
+    /// Once shutdown is requested no attempt starts (one cut off by the grace period's end
+    /// would be sent again after the restart): a job not started keeps its lease.
+    #[tokio::test]
+    async fn no_attempt_starts_once_shutdown_is_requested() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let dir = tempfile::tempdir().expect("dir");
+        let config = to_local_receivers();
+        let client = WebhookClient::new(&config).expect("client");
+        let metrics = Arc::new(DeliveryMetrics::default());
+        let dispatcher = Dispatcher::new(
+            sqlite_store(&dir).await,
+            client,
+            config,
+            Arc::clone(&metrics),
+        );
+        dispatcher.stopping.cancel();
+        let lane = Lane::new(true, 4, 4, 4);
+        let mut job = job("app_A", "ep_1", 1);
+        job.endpoint.url = format!("http://{}/hook", listener.local_addr().expect("addr"));
+        let started = lane.admit(vec![job]).pop().expect("room");
+        let tasks = TaskTracker::new();
+        Arc::new(dispatcher)
+            .attempts(started, lane, tasks.clone(), CancellationToken::new())
+            .await;
+        tasks.close();
+        tasks.wait().await;
+        for outcome in herald_metrics::AttemptOutcome::ALL {
+            assert_eq!(metrics.attempts(outcome), 0, "{outcome:?}");
+        }
+        assert!(
+            tokio::time::timeout(Duration::ZERO, listener.accept())
+                .await
+                .is_err(),
+            "nothing connected"
         );
     }
 

@@ -66,6 +66,7 @@ checks!(
     a_recovered_delivery_is_claimed_under_a_new_lease_whose_record_applies,
     an_endpoints_stats_and_delivery_lists_count_each_status,
     an_endpoint_update_read_before_the_workers_disable_conflicts,
+    a_disable_for_a_streak_that_ended_meanwhile_leaves_the_endpoint_enabled,
     history_appends_advance_the_position_and_trim_to_the_retention,
     history_trims_delete_the_entries_past_their_age,
     a_conflicting_publication_commits_no_history,
@@ -750,15 +751,7 @@ pub async fn a_claim_leaves_out_endpoints_at_their_limit(store: &dyn Store) {
 /// leases, but a claim that is told of them (`saving`) leaves them out of their endpoint's
 /// count: the endpoint gets its whole limit of new deliveries, and no more.
 pub async fn records_being_saved_do_not_count_against_their_endpoints_limit(store: &dyn Store) {
-    let app = stored_app(store, "A").await;
-    let target = endpoint(&app.id);
-    store.create_endpoint(&target).await.expect("endpoint");
-    for _ in 0..6 {
-        store
-            .create_message(message(&app.id, None), vec![target.id.clone()])
-            .await
-            .expect("m");
-    }
+    let (_, target) = endpoint_with_messages(store, 6).await;
     let now = Utc::now() + chrono::Duration::seconds(1);
     let first = store
         .claim_due(&claim(now, 10, HashMap::new(), 2, HashMap::new(), 100))
@@ -1341,7 +1334,7 @@ pub async fn a_record_under_a_lapsed_lease_is_logged_but_leaves_the_newer_claims
             first.lease,
             later,
             NextStep::Failed,
-            EndpointChange::Disable,
+            EndpointChange::Disable { streak_since: None },
         ))
         .await
         .expect("stale record");
@@ -1388,6 +1381,20 @@ struct ClaimedDelivery {
     msg: Message,
     now: DateTime<Utc>,
     job: crate::DeliveryJob,
+}
+
+/// An app with one endpoint and `messages` messages to it, none claimed yet.
+async fn endpoint_with_messages(store: &dyn Store, messages: usize) -> (App, Endpoint) {
+    let app = stored_app(store, "A").await;
+    let ep = endpoint(&app.id);
+    store.create_endpoint(&ep).await.expect("endpoint");
+    for _ in 0..messages {
+        store
+            .create_message(message(&app.id, None), vec![ep.id.clone()])
+            .await
+            .expect("message");
+    }
+    (app, ep)
 }
 
 async fn one_claimed_delivery(store: &dyn Store) -> ClaimedDelivery {
@@ -1548,7 +1555,7 @@ pub async fn a_resend_during_an_attempt_fences_the_attempts_record(store: &dyn S
         now,
         TriggerType::Scheduled,
         NextStep::Failed,
-        EndpointChange::Disable,
+        EndpointChange::Disable { streak_since: None },
     );
     let recorded = store
         .record_attempt(given_up.clone())
@@ -1841,6 +1848,103 @@ pub async fn an_endpoints_stats_and_delivery_lists_count_each_status(store: &dyn
     assert!(listed(Some(DeliveryStatus::Fail)).await.is_empty());
 }
 
+/// Attempts in flight together read the endpoint's streak when they were claimed: one that
+/// decides to disable the endpoint for a streak a success has ended meanwhile, or that a new
+/// streak has replaced, leaves it enabled; one whose streak still stands, or a 410 Gone,
+/// disables it.
+pub async fn a_disable_for_a_streak_that_ended_meanwhile_leaves_the_endpoint_enabled(
+    store: &dyn Store,
+) {
+    let (app, ep) = endpoint_with_messages(store, 5).await;
+    let now = Utc::now() + chrono::Duration::seconds(1);
+    let jobs = store
+        .claim_due(&claim(now, 10, HashMap::new(), 10, HashMap::new(), 100))
+        .await
+        .expect("claim");
+    assert_eq!(jobs.len(), 5, "every delivery in flight at once");
+    let first_streak = now - chrono::Duration::days(6);
+    let second_streak = now - chrono::Duration::days(1);
+    let disabled = || async {
+        store
+            .get_endpoint(&app.id, &ep.id)
+            .await
+            .expect("read")
+            .expect("endpoint")
+            .disabled
+    };
+    let apply = |job: &crate::DeliveryJob, next: NextStep, change: EndpointChange| {
+        let msg = Message {
+            id: job.msg_id.clone(),
+            ..message(&app.id, None)
+        };
+        store.record_attempt(attempt_record(
+            &msg,
+            &ep,
+            job.lease,
+            now,
+            TriggerType::Scheduled,
+            next,
+            change,
+        ))
+    };
+    let since = |at: DateTime<Utc>| EndpointChange::Disable {
+        streak_since: Some(at),
+    };
+    let outcomes = [
+        (
+            NextStep::RetryAt(now),
+            EndpointChange::StreakStarted { at: first_streak },
+        ),
+        (NextStep::Delivered, EndpointChange::StreakEnded),
+        (NextStep::Failed, since(first_streak)),
+    ];
+    for (job, (next, change)) in jobs.iter().zip(outcomes) {
+        assert_eq!(
+            apply(job, next, change).await.expect("record"),
+            Recorded::Applied
+        );
+    }
+    assert!(!disabled().await, "the streak it was failing for had ended");
+
+    let outcomes = [
+        (
+            NextStep::RetryAt(now),
+            EndpointChange::StreakStarted { at: second_streak },
+        ),
+        (NextStep::Failed, since(first_streak)),
+    ];
+    for (job, (next, change)) in jobs[3..].iter().zip(outcomes) {
+        assert_eq!(
+            apply(job, next, change).await.expect("record"),
+            Recorded::Applied
+        );
+    }
+    assert!(
+        !disabled().await,
+        "a newer streak is not the one it was failing for"
+    );
+
+    let mut request = claim(now, 10, HashMap::new(), 10, HashMap::new(), 100);
+    request.first_attempts = false;
+    let retry = store
+        .claim_due(&request)
+        .await
+        .expect("claim")
+        .into_iter()
+        .next()
+        .expect("a retry due");
+    assert_eq!(
+        apply(&retry, NextStep::Failed, since(second_streak))
+            .await
+            .expect("record"),
+        Recorded::Applied
+    );
+    assert!(
+        disabled().await,
+        "failing since the streak that still stands"
+    );
+}
+
 /// An endpoint update is a compare-and-set on the `updated_at` it was read with: one prepared
 /// before the worker disabled the endpoint conflicts instead of re-enabling it, and one
 /// prepared before the worker started a failure streak keeps the streak. Read again, it goes in.
@@ -1866,7 +1970,12 @@ pub async fn an_endpoint_update_read_before_the_workers_disable_conflicts(store:
             NextStep::RetryAt(now),
             EndpointChange::StreakStarted { at: now },
         ),
-        (NextStep::Failed, EndpointChange::Disable),
+        (
+            NextStep::Failed,
+            EndpointChange::Disable {
+                streak_since: Some(now),
+            },
+        ),
     ] {
         let mut request = claim(now, 10, HashMap::new(), 10, HashMap::new(), 100);
         request.first_attempts = next != NextStep::Failed;
@@ -1894,7 +2003,7 @@ pub async fn an_endpoint_update_read_before_the_workers_disable_conflicts(store:
             .await
             .expect("record");
         assert_eq!(recorded, Recorded::Applied);
-        if change != EndpointChange::Disable {
+        if !matches!(change, EndpointChange::Disable { .. }) {
             // A streak alone leaves `updated_at`: an update read before it still goes in and
             // keeps the streak.
             let mut early = read.clone();

@@ -318,10 +318,13 @@ pub enum EndpointChange {
     /// A success ends the endpoint's failing streak.
     StreakEnded,
     /// A failure starts a failing streak.
-    StreakStarted {
-        at: DateTime<Utc>,
-    },
-    Disable,
+    StreakStarted { at: DateTime<Utc> },
+    /// The endpoint is disabled: at once if `streak_since` is `None` (410 Gone), otherwise for
+    /// failing since then, as the attempt's copy of the endpoint said, and only if its stored
+    /// streak still began by then: a success may have ended it while this attempt was in
+    /// flight (an endpoint that came back after days must not be disabled by a failure that
+    /// overlapped its first successes).
+    Disable { streak_since: Option<DateTime<Utc>> },
 }
 
 /// Apps with their Pusher credentials, and the API tokens that open them.

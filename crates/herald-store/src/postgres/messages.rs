@@ -1102,15 +1102,16 @@ async fn endpoint_change(
         )
         .bind(endpoint_id.as_str())
         .bind(millis(at)),
-        EndpointChange::Disable => {
+        EndpointChange::Disable { streak_since } => {
             // `updated_at` must move, even within the millisecond of the last update: an API
             // update prepared before this one compares it (`update_endpoint`).
             sqlx::query(
                 "UPDATE endpoints SET disabled = TRUE, updated_at = GREATEST(updated_at + 1, $2)
-                 WHERE id = $1",
+                 WHERE id = $1 AND ($3::BIGINT IS NULL OR failing_since <= $3)",
             )
             .bind(endpoint_id.as_str())
             .bind(now)
+            .bind(streak_since.map(millis))
         }
     };
     update.execute(&mut *conn).await?;

@@ -58,6 +58,25 @@ pub(crate) struct NewMessage {
     /// leased in the transaction that commits the message, handed over once it has committed,
     /// and the room given back if it does not commit.
     pub fresh: Vec<DeliveryJob>,
+    /// Where the rooms of `fresh` go back if the message is dropped with them still here.
+    pub sink: Option<Arc<dyn FreshDeliveries>>,
+}
+
+/// A new message dropped before the group commit took its jobs (its write refused by a closed
+/// queue, or its caller cancelled while it waited for room in the queue, as a request whose
+/// client went away is) gives their rooms back; without this they stayed reserved for good,
+/// and an endpoint whose rooms had all leaked got no more deliveries until a restart.
+impl Drop for NewMessage {
+    fn drop(&mut self) {
+        if let (Some(sink), false) = (&self.sink, self.fresh.is_empty()) {
+            sink.give_back(
+                self.fresh
+                    .iter()
+                    .map(|job| (job.app_id.clone(), job.endpoint.id.clone()))
+                    .collect(),
+            );
+        }
+    }
 }
 
 pub(crate) enum WriteOp {
@@ -662,10 +681,10 @@ pub(crate) fn endpoint_change(
         )?,
         // `updated_at` must move, even within the millisecond of the last update: an API
         // update prepared before this one compares it (`update_endpoint`).
-        EndpointChange::Disable => conn.execute(
+        EndpointChange::Disable { streak_since } => conn.execute(
             "UPDATE endpoints SET disabled = 1, updated_at = MAX(updated_at + 1, ?2)
-             WHERE id = ?1",
-            rusqlite::params![endpoint_id.as_str(), now],
+             WHERE id = ?1 AND (?3 IS NULL OR failing_since <= ?3)",
+            rusqlite::params![endpoint_id.as_str(), now, streak_since.map(millis)],
         )?,
     };
     Ok(())

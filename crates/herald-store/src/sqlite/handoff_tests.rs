@@ -177,6 +177,28 @@ async fn a_delivery_that_does_not_commit_gives_its_room_back() {
     f.store.close().await;
 }
 
+/// A new message dropped before the group commit takes it (its caller cancelled while it
+/// waited for room in the writer's queue, as a request whose client went away is) gives the
+/// rooms reserved for its deliveries back.
+#[tokio::test]
+async fn a_new_message_dropped_before_it_is_queued_gives_its_rooms_back() {
+    let f = fixture(2).await;
+    let sink = Arc::new(Sink {
+        rooms: AtomicU32::new(10),
+        ..Sink::default()
+    });
+    f.store.hand_fresh_deliveries_to(Arc::clone(&sink) as _);
+    let targets: Vec<EndpointId> = f.endpoints.iter().map(|e| e.id.clone()).collect();
+    let new = f
+        .store
+        .new_message(conformance::message(&f.app.id, None), targets);
+    assert_eq!(new.fresh.len(), 2, "a room for each delivery");
+    drop(new);
+    assert_eq!(sink.given_back.lock().expect("lock").len(), 2);
+    assert!(sink.handed.lock().expect("lock").is_empty());
+    f.store.close().await;
+}
+
 #[tokio::test]
 async fn once_a_claim_has_taken_all_it_could_the_next_asks_only_for_held_back_endpoints() {
     let f = fixture(2).await;

@@ -237,19 +237,9 @@ impl SqliteStore {
     /// every write queued before it (`queue_publication` promises that much).
     async fn enqueue(&self, op: WriteOp) -> Result<oneshot::Receiver<Result<batch::Committed>>> {
         let (done, outcome) = oneshot::channel();
-        if let Err(mpsc::error::SendError(mut write)) =
-            self.writes.send(PendingWrite { op, done }).await
-        {
-            // Never committed: the rooms reserved for its deliveries go back.
-            let fresh = write.op.take_fresh();
-            if let (Some(sink), false) = (self.fresh.get(), fresh.is_empty()) {
-                sink.give_back(
-                    fresh
-                        .iter()
-                        .map(|job| (job.app_id.clone(), job.endpoint.id.clone()))
-                        .collect(),
-                );
-            }
+        // Refused, or cancelled while it waits for room: the write is dropped, and a new
+        // message gives its deliveries' rooms back as it goes (`batch::NewMessage`'s drop).
+        if self.writes.send(PendingWrite { op, done }).await.is_err() {
             return Err(StoreError::Closed);
         }
         Ok(outcome)
@@ -292,6 +282,7 @@ impl SqliteStore {
             message,
             endpoint_ids,
             fresh,
+            sink: self.fresh.get().cloned(),
         }
     }
 }
