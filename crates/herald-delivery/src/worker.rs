@@ -878,7 +878,7 @@ impl Dispatcher {
                 Paced::At(at) if at <= tokio::time::Instant::now() + PARK_BEYOND => {
                     tokio::select! {
                         () = tokio::time::sleep_until(at) => true,
-                        () = abandon.cancelled() => return,
+                        () = self.stopping.cancelled() => return,
                     }
                 }
                 Paced::At(at) => {
@@ -907,7 +907,10 @@ impl Dispatcher {
                         // the same way: a lane in trouble tries at most a slot's worth a
                         // second, rather than leasing its whole queue at once.
                         Err(_) => {
-                            tokio::time::sleep(ERROR_BACKOFF).await;
+                            tokio::select! {
+                                () = tokio::time::sleep(ERROR_BACKOFF) => {}
+                                () = self.stopping.cancelled() => {}
+                            }
                             None
                         }
                     }
@@ -992,7 +995,7 @@ impl Dispatcher {
         let rate = pace_of(job.endpoint.throttle_rate);
         let turn_kept = parked_turn
             .zip(rate)
-            .is_some_and(|(turn, rate)| now <= turn + pace::interval(rate));
+            .is_some_and(|(turn, rate)| now <= turn + pace::interval(rate).max(PARK_BEYOND));
         let Some(rate) = rate.filter(|_| !turn_kept) else {
             return if now <= latest {
                 Paced::Now
@@ -1060,13 +1063,16 @@ impl Dispatcher {
                     Ok(None) => {
                         return Err(SendError::Unbuildable("the app no longer exists".into()));
                     }
-                    Err(e) if e.is_unavailable() => {
-                        return Err(SendError::NotSent(format!(
+                    // Stored data that cannot be read will not be readable later.
+                    Err(e @ StoreError::Corrupt(_)) => {
+                        return Err(SendError::Unbuildable(format!(
                             "could not read the app's Pusher credentials: {e}"
                         )));
                     }
+                    // The store unreachable or busy, or a key missing from the configuration:
+                    // this server's to fix, not the endpoint's.
                     Err(e) => {
-                        return Err(SendError::Unbuildable(format!(
+                        return Err(SendError::NotSent(format!(
                             "could not read the app's Pusher credentials: {e}"
                         )));
                     }
@@ -1110,6 +1116,11 @@ impl Dispatcher {
             Ok(_) if tokio::time::Instant::now() > start_by => Err(SendError::NotSent(
                 "reading the request's credentials took so long that the attempt could outlast its lease".into(),
             )),
+            // Shutdown came while the credentials were read: left leased, as any job not
+            // started by then.
+            Ok(_) if self.stopping.is_cancelled() => {
+                Err(SendError::NotSent("shutting down".into()))
+            }
             Ok(headers) => {
                 self.client
                     .post(&job.endpoint.url, headers, job.payload.clone())
@@ -1160,16 +1171,31 @@ impl Dispatcher {
         self.metrics.attempt_status(status_code);
 
         let manual = job.trigger == TriggerType::Manual;
-        let failing_for = job
-            .endpoint
-            .failing_since
-            .and_then(|since| (now - since).to_std().ok())
-            .unwrap_or(Duration::ZERO);
-        let decision =
+        let decide = |failing_since: Option<chrono::DateTime<Utc>>| {
+            let failing_for = failing_since
+                .and_then(|since| (now - since).to_std().ok())
+                .unwrap_or(Duration::ZERO);
             self.config
                 .retry
-                .decide(outcome, job.attempts, manual, failing_for, &mut rand::rng());
-        let streak_running = job.endpoint.failing_since.is_some();
+                .decide(outcome, job.attempts, manual, failing_for, &mut rand::rng())
+        };
+        let mut failing_since = job.endpoint.failing_since;
+        let mut decision = decide(failing_since);
+        if decision == RetryDecision::DisableEndpoint && outcome != AttemptOutcome::Gone {
+            // Decided on the endpoint as it was claimed: attempts in flight together may have
+            // ended its streak since (it came back). Read again before disabling; the store
+            // checks once more as it applies the disable (`EndpointChange::Disable`).
+            if let Ok(Some(now_stored)) = self
+                .store
+                .get_endpoint(&job.app_id, job.endpoint.id.as_str())
+                .await
+                && now_stored.failing_since != failing_since
+            {
+                failing_since = now_stored.failing_since;
+                decision = decide(failing_since);
+            }
+        }
+        let streak_running = failing_since.is_some();
         let (next, endpoint_change) = match decision {
             RetryDecision::Delivered if streak_running => {
                 (NextStep::Delivered, EndpointChange::StreakEnded)
@@ -1188,7 +1214,7 @@ impl Dispatcher {
                 // since this job's copy of the endpoint was read.
                 let streak_since = match outcome {
                     AttemptOutcome::Gone => None,
-                    _ => job.endpoint.failing_since,
+                    _ => failing_since,
                 };
                 (NextStep::Failed, EndpointChange::Disable { streak_since })
             }
@@ -1470,6 +1496,11 @@ mod tests {
 
     /// Answers one request with `200 OK` once its body has arrived.
     async fn answer_one_with_200(listener: tokio::net::TcpListener) {
+        answer_one(listener, "200 OK").await;
+    }
+
+    /// Answers one request with `status` (as `200 OK`) once its body has arrived.
+    async fn answer_one(listener: tokio::net::TcpListener, status: &str) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
         let (mut socket, _) = listener.accept().await.expect("a request");
@@ -1491,10 +1522,52 @@ mod tests {
                 }
             }
         }
-        socket
-            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+        let answer = format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+        socket.write_all(answer.as_bytes()).await.expect("write");
+    }
+
+    /// A failure that would disable its endpoint for a streak (failing for 5 days, as the job
+    /// was claimed) looks at the endpoint again first: a success in flight alongside ended
+    /// the streak, so this failure is retried on its schedule and starts a new streak instead.
+    #[tokio::test]
+    async fn a_failure_does_not_disable_an_endpoint_whose_streak_has_ended_since_its_claim() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
-            .expect("write");
+            .expect("bind");
+        let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
+        let server = tokio::spawn(answer_one(listener, "500 Internal Server Error"));
+        let dir = tempfile::tempdir().expect("dir");
+        let store = sqlite_store(&dir).await;
+        let app = herald_store::conformance::stored_app(store.as_ref(), "back").await;
+        let mut endpoint = herald_store::conformance::endpoint(&app.id);
+        endpoint.url = url;
+        store.create_endpoint(&endpoint).await.expect("endpoint");
+        let dispatcher = Dispatcher::new(
+            Arc::clone(&store),
+            WebhookClient::new(&to_local_receivers()).expect("client"),
+            to_local_receivers(),
+            Arc::default(),
+        );
+        let mut job = job(app.id.as_str(), endpoint.id.as_str(), 1);
+        job.endpoint = endpoint;
+        job.endpoint.failing_since = Some(Utc::now() - chrono::Duration::days(6));
+
+        let record = dispatcher
+            .send(&job, tokio::time::Instant::now() + Duration::from_secs(60))
+            .await
+            .expect("sent");
+        server.await.expect("the receiver answered");
+        assert!(
+            matches!(record.next, NextStep::RetryAt(_)),
+            "{:?}",
+            record.next
+        );
+        assert!(
+            matches!(record.endpoint_change, EndpointChange::StreakStarted { .. }),
+            "{:?}",
+            record.endpoint_change
+        );
+        store.close().await;
     }
 
     #[tokio::test]

@@ -1943,6 +1943,41 @@ pub async fn a_disable_for_a_streak_that_ended_meanwhile_leaves_the_endpoint_ena
         disabled().await,
         "failing since the streak that still stands"
     );
+
+    // 410 Gone disables at once, with no streak at all.
+    let gone = endpoint(&app.id);
+    store.create_endpoint(&gone).await.expect("endpoint");
+    let msg = message(&app.id, None);
+    store
+        .create_message(msg.clone(), vec![gone.id.clone()])
+        .await
+        .expect("message");
+    let job = store
+        .claim_due(&claim(now, 10, HashMap::new(), 10, HashMap::new(), 100))
+        .await
+        .expect("claim")
+        .into_iter()
+        .find(|job| job.endpoint.id == gone.id)
+        .expect("its delivery");
+    let record = attempt_record(
+        &msg,
+        &gone,
+        job.lease,
+        now,
+        TriggerType::Scheduled,
+        NextStep::Failed,
+        EndpointChange::Disable { streak_since: None },
+    );
+    assert_eq!(
+        store.record_attempt(record).await.expect("record"),
+        Recorded::Applied
+    );
+    let stored = store
+        .get_endpoint(&app.id, &gone.id)
+        .await
+        .expect("read")
+        .expect("endpoint");
+    assert!(stored.disabled, "gone");
 }
 
 /// An endpoint update is a compare-and-set on the `updated_at` it was read with: one prepared
