@@ -115,12 +115,19 @@ struct Lane {
     /// The paces of endpoints with a `throttleRate`, shared by both lanes: a paced endpoint
     /// is held to fewer deliveries than `per_endpoint` allows (see [`Lane::endpoint_cap`]).
     pacer: Arc<Pacer>,
-    /// When each admitted job's lease runs out, by its token, until the job starts (see
-    /// [`Lane::leased`]).
-    lease_ends: Mutex<HashMap<LeaseToken, tokio::time::Instant>>,
-    /// Parked jobs' turns, by token: reserved, so they go when they next start.
-    turns: Mutex<HashMap<LeaseToken, tokio::time::Instant>>,
+    /// What is noted of each admitted job, by its token, until the job starts (see
+    /// [`Lane::noted`]).
+    notes: Mutex<HashMap<LeaseToken, Noted>>,
     state: Mutex<LaneState>,
+}
+
+/// What a lane notes of a job it holds, for when the job starts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Noted {
+    /// When its lease runs out, on this node's monotonic clock (see [`Lane::leased`]).
+    lease_end: Option<tokio::time::Instant>,
+    /// Its endpoint's turn, reserved for it while it was parked (see [`Lane::park`]).
+    turn: Option<tokio::time::Instant>,
 }
 
 #[derive(Default)]
@@ -238,8 +245,7 @@ impl Lane {
             per_app,
             per_endpoint,
             pacer,
-            lease_ends: Mutex::new(HashMap::new()),
-            turns: Mutex::new(HashMap::new()),
+            notes: Mutex::new(HashMap::new()),
             state: Mutex::new(LaneState::default()),
         })
     }
@@ -250,18 +256,26 @@ impl Lane {
     /// PostgreSQL counts on monotonically too; SQLite's read the wall clock, so a step of it
     /// forward ends them early, as it always has.)
     fn leased(&self, jobs: &[DeliveryJob], ends: tokio::time::Instant) {
-        let mut lease_ends = self.lease_ends.lock().unwrap_or_else(|p| p.into_inner());
+        let mut notes = self.notes();
         for job in jobs {
-            lease_ends.insert(job.lease, ends);
+            notes.insert(
+                job.lease,
+                Noted {
+                    lease_end: Some(ends),
+                    turn: None,
+                },
+            );
         }
     }
 
-    /// When `job`'s lease runs out, as noted by [`Lane::leased`]; forgotten as it starts.
-    fn lease_end(&self, job: &DeliveryJob) -> Option<tokio::time::Instant> {
-        self.lease_ends
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&job.lease)
+    /// What was noted of `job` ([`Lane::leased`], [`Lane::park`]); forgotten as it starts.
+    fn noted(&self, job: &DeliveryJob) -> Noted {
+        self.notes().remove(&job.lease).unwrap_or_default()
+    }
+
+    fn notes(&self) -> std::sync::MutexGuard<'_, HashMap<LeaseToken, Noted>> {
+        // Inserts and removals only, which cannot panic midway.
+        self.notes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The most deliveries `endpoint` may hold in this lane (running, waiting and reserved):
@@ -454,21 +468,21 @@ impl Lane {
     /// which the caller then gives up with [`Lane::next_after`] as if the attempt had ended:
     /// the turns of an app's slowly paced endpoints would otherwise fill its share of the lane
     /// and hold its other endpoints back. The job still counts as held by its endpoint, its app
-    /// and the lane, so claims take no more than before; `lease_end` is noted again for its
-    /// start.
+    /// and the lane, so claims take no more than before; `lease_end` and the turn are noted
+    /// for its start.
     fn park(
         &self,
         job: &DeliveryJob,
         turn: tokio::time::Instant,
         lease_end: Option<tokio::time::Instant>,
     ) {
-        if let Some(end) = lease_end {
-            self.leased(std::slice::from_ref(job), end);
-        }
-        self.turns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(job.lease, turn);
+        self.notes().insert(
+            job.lease,
+            Noted {
+                lease_end,
+                turn: Some(turn),
+            },
+        );
         let mut state = self.state();
         state.parked += 1;
         state.apps.entry(job.app_id.clone()).or_default().parked += 1;
@@ -501,14 +515,6 @@ impl Lane {
             .count();
         slots.waiting.insert(behind, (WITH_TURN, job));
         self.start_next(&mut state)
-    }
-
-    /// The turn `job` was parked with, if it was; forgotten as it is asked.
-    fn take_turn(&self, job: &DeliveryJob) -> Option<tokio::time::Instant> {
-        self.turns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&job.lease)
     }
 
     /// An attempt of `app` to `endpoint` ended. Its slot goes to the waiting job that fits
@@ -870,10 +876,12 @@ impl Dispatcher {
             if self.stopping.is_cancelled() {
                 return; // Left leased: see `stopping`.
             }
-            let lease_end = lane.lease_end(&job);
-            let parked_turn =
-                pace_of(job.endpoint.throttle_rate).and_then(|_| lane.take_turn(&job));
-            let turn = match self.pace(&job, lease_end, parked_turn) {
+            let Noted {
+                lease_end,
+                turn: parked_turn,
+            } = lane.noted(&job);
+            let start_by = self.start_by(lease_end, tokio::time::Instant::now());
+            let turn = match self.pace(&job, start_by, parked_turn) {
                 Paced::Now => true,
                 Paced::At(at) if at <= tokio::time::Instant::now() + PARK_BEYOND => {
                     tokio::select! {
@@ -896,7 +904,6 @@ impl Dispatcher {
                 Paced::TooLate => false,
             };
             if turn {
-                let start_by = self.start_by(lease_end, tokio::time::Instant::now());
                 let sent = async {
                     match self.send(&job, start_by).await {
                         Ok(record) => {
@@ -971,7 +978,8 @@ impl Dispatcher {
         });
     }
 
-    /// When `job`, leased until `lease_end`, may go: its endpoint's `throttleRate` spaces this
+    /// When `job`, which may start until `latest` ([`Dispatcher::start_by`]), may go: its
+    /// endpoint's `throttleRate` spaces this
     /// node's attempts to it. A job may start until a request timeout before its lease ends;
     /// one whose turn comes later is not sent, since the lease would run out during the
     /// attempt and another claim could send it again meanwhile. It stays leased, unrecorded,
@@ -984,11 +992,10 @@ impl Dispatcher {
     fn pace(
         &self,
         job: &DeliveryJob,
-        lease_end: Option<tokio::time::Instant>,
+        latest: tokio::time::Instant,
         parked_turn: Option<tokio::time::Instant>,
     ) -> Paced {
         let now = tokio::time::Instant::now();
-        let latest = self.start_by(lease_end, now);
         // An unpaced job leaves its endpoint's pace alone: jobs claimed before a throttleRate
         // was set would otherwise restart its burst; a pace no job reserves from ends after a
         // minute (`pace::FORGET_AFTER`).
@@ -1103,6 +1110,7 @@ impl Dispatcher {
     /// retry schedule and the endpoint's failure streak stay as they were, and it stays
     /// leased, so it is claimed again once the lease runs out (the lease is the back-off:
     /// this server's trouble is seldom over in the seconds of a first retry).
+    ///
     /// The request leaves only until `start_by` ([`Dispatcher::start_by`]): reading the
     /// app's credentials for it may have taken long.
     async fn send(
@@ -1791,8 +1799,8 @@ mod tests {
             .next_after("app_A", "ep_free")
             .expect("the job whose turn came");
         assert_eq!(names(std::slice::from_ref(&after)), [("app_A", "ep_paced")]);
-        assert!(lane.take_turn(&after).is_some(), "its turn is reserved");
-        assert!(lane.take_turn(&after).is_none(), "once");
+        assert!(lane.noted(&after).turn.is_some(), "its turn is reserved");
+        assert!(lane.noted(&after).turn.is_none(), "once");
         assert!(lane.next_after("app_A", "ep_paced").is_none());
         let budget = lane.claim_budget();
         assert_eq!(budget.room, 16, "nothing held");
@@ -1884,17 +1892,17 @@ mod tests {
         let end = now + timeout + LEASE_MARGIN + Duration::from_millis(2500);
         // A burst of one, then one a second: turns at 0, 1 s, 2 s; the last start is 2.5 s.
         assert!(matches!(
-            dispatcher.pace(&paced, Some(end), None),
+            dispatcher.pace(&paced, dispatcher.start_by(Some(end), now), None),
             Paced::Now
         ));
         assert!(
-            matches!(dispatcher.pace(&paced, Some(end), None), Paced::At(at) if at == now + Duration::from_secs(1))
+            matches!(dispatcher.pace(&paced, dispatcher.start_by(Some(end), now), None), Paced::At(at) if at == now + Duration::from_secs(1))
         );
         assert!(
-            matches!(dispatcher.pace(&paced, Some(end), None), Paced::At(at) if at == now + Duration::from_secs(2))
+            matches!(dispatcher.pace(&paced, dispatcher.start_by(Some(end), now), None), Paced::At(at) if at == now + Duration::from_secs(2))
         );
         assert!(matches!(
-            dispatcher.pace(&paced, Some(end), None),
+            dispatcher.pace(&paced, dispatcher.start_by(Some(end), now), None),
             Paced::TooLate
         ));
         assert_eq!(metrics.paced_past_lease_total.get(), 1);
@@ -1902,12 +1910,12 @@ mod tests {
 
         let unpaced = job("app_A", "ep_free", 2);
         assert!(matches!(
-            dispatcher.pace(&unpaced, Some(end), None),
+            dispatcher.pace(&unpaced, dispatcher.start_by(Some(end), now), None),
             Paced::Now
         ));
         let spent = now + timeout + LEASE_MARGIN - Duration::from_millis(1);
         assert!(matches!(
-            dispatcher.pace(&unpaced, Some(spent), None),
+            dispatcher.pace(&unpaced, dispatcher.start_by(Some(spent), now), None),
             Paced::TooLate
         ));
 
@@ -1916,24 +1924,24 @@ mod tests {
         let mut other = job("app_A", "ep_other", 3);
         other.endpoint.throttle_rate = Some(1);
         assert!(matches!(
-            dispatcher.pace(&other, Some(end), Some(now)),
+            dispatcher.pace(&other, dispatcher.start_by(Some(end), now), Some(now)),
             Paced::Now
         ));
         assert!(matches!(
-            dispatcher.pace(&other, Some(end), None),
+            dispatcher.pace(&other, dispatcher.start_by(Some(end), now), None),
             Paced::Now
         ));
         let late = now
             .checked_sub(Duration::from_secs(2))
             .expect("a past instant");
         assert!(
-            matches!(dispatcher.pace(&other, Some(end), Some(late)), Paced::At(at) if at == now + Duration::from_secs(1))
+            matches!(dispatcher.pace(&other, dispatcher.start_by(Some(end), now), Some(late)), Paced::At(at) if at == now + Duration::from_secs(1))
         );
 
         // A job claimed before the pace was set neither waits nor restarts the burst.
         paced.endpoint.throttle_rate = None;
         assert!(matches!(
-            dispatcher.pace(&paced, Some(end), None),
+            dispatcher.pace(&paced, dispatcher.start_by(Some(end), now), None),
             Paced::Now
         ));
         assert_eq!(dispatcher.pacer.claim_cap(&paced.endpoint.id, 64, now), 2);
