@@ -28,6 +28,16 @@ use crate::{
     pace::{self, Pacer, pace_of},
 };
 
+/// Why a job's attempt was not made (see [`Dispatcher::send`]).
+#[derive(Debug)]
+enum Unsent {
+    /// Shutdown came first: the job's lease is let go at once (see [`Dispatcher::leave`]).
+    Stopping,
+    /// A passing reason of this server's (its store unreachable, out of file descriptors):
+    /// the job stays leased, and its lease is the back-off.
+    Trouble(String),
+}
+
 /// When a delivery may go, by its endpoint's pace (see [`Dispatcher::pace`]).
 enum Paced {
     Now,
@@ -537,6 +547,29 @@ impl Lane {
         self.start_next(&mut state)
     }
 
+    /// Takes every job waiting for a slot out of the lane: shutdown came, so none will start
+    /// (see [`Dispatcher::leave`]).
+    fn take_waiting(&self) -> Vec<DeliveryJob> {
+        let mut state = self.state();
+        let LaneState {
+            endpoints,
+            apps,
+            waiting,
+            ..
+        } = &mut *state;
+        let mut taken = Vec::with_capacity(*waiting as usize);
+        endpoints.retain(|_, slots| {
+            if let Some(app) = apps.get_mut(&slots.app) {
+                app.waiting = app.waiting.saturating_sub(slots.waiting.len() as u32);
+            }
+            taken.extend(slots.waiting.drain(..).map(|(_, job)| job));
+            !slots.idle()
+        });
+        apps.retain(|_, app| app.held() > 0);
+        *waiting = 0;
+        taken
+    }
+
     /// Starts the waiting job that fits best, if one fits: one whose turn came (parked until
     /// then, see [`Lane::park`]), then fewest running for its app, then for its endpoint, then
     /// the longest waiting. Looks at each endpoint with waiting jobs once; there are at most as
@@ -661,8 +694,12 @@ pub struct Dispatcher {
     /// Spaces the attempts to endpoints with a `throttleRate` (see [`crate::pace`]).
     pacer: Arc<Pacer>,
     /// Cancelled when shutdown is requested (see [`Dispatcher::run`]): from then on no attempt
-    /// starts, and jobs not yet started keep their leases for the next start or another node.
+    /// starts, and jobs not yet started are let go ([`Dispatcher::leave`]).
     stopping: CancellationToken,
+    /// Jobs not attempted because shutdown came, until `run` lets go of their leases.
+    left: Mutex<Vec<DeliveryJob>>,
+    /// Told when a job is added to `left`.
+    job_left: Notify,
 }
 
 impl Dispatcher {
@@ -681,6 +718,8 @@ impl Dispatcher {
             metrics,
             pacer: Arc::default(),
             stopping: CancellationToken::new(),
+            left: Mutex::default(),
+            job_left: Notify::new(),
         }
     }
 
@@ -689,7 +728,9 @@ impl Dispatcher {
     }
 
     /// Deliver until `shutdown`, then give in-flight attempts `shutdown_grace` to finish.
-    /// Attempts cut off by the grace period keep their lease and are retried after a restart.
+    /// Attempts cut off by the grace period keep their lease and are retried after a restart
+    /// (or by another node) once it runs out: they may have reached their endpoints. Jobs not
+    /// started by then are let go at once instead ([`Dispatcher::leave`]).
     pub async fn run(mut self, shutdown: CancellationToken) {
         // Attempts that started before shutdown run on within the grace period; none starts
         // after it (one that did was likely cut off by the grace period's end, and sent again
@@ -731,16 +772,58 @@ impl Dispatcher {
             Arc::clone(&me).claim_loop(retries, &tasks, &abandon, &shutdown),
         );
         tasks.close();
-        if tokio::time::timeout(me.config.shutdown_grace, tasks.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                in_flight = tasks.len(),
-                "shutdown grace period over; unfinished attempts will be retried after restart"
-            );
-            abandon.cancel();
-            tasks.wait().await;
+        let grace = tokio::time::sleep(me.config.shutdown_grace);
+        tokio::pin!(grace);
+        loop {
+            me.let_go(&lanes).await;
+            tokio::select! {
+                () = tasks.wait() => break,
+                () = me.job_left.notified() => {}
+                () = &mut grace => {
+                    tracing::warn!(
+                        in_flight = tasks.len(),
+                        "shutdown grace period over; unfinished attempts will be retried after restart"
+                    );
+                    abandon.cancel();
+                    tasks.wait().await;
+                    break;
+                }
+            }
+        }
+        me.let_go(&lanes).await;
+    }
+
+    /// `job`, claimed, is not attempted because shutdown came: its lease is let go (by
+    /// [`Dispatcher::let_go`]), so another node or the next start takes it at once rather than
+    /// when the lease runs out, which may be a minute on a store shared by several nodes.
+    fn leave(&self, job: DeliveryJob) {
+        self.left
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(job);
+        self.job_left.notify_one();
+    }
+
+    /// Lets go of the leases of the jobs left since the last call and of those still waiting
+    /// in the lanes for a slot, which no attempt will take now.
+    async fn let_go(&self, lanes: &[Arc<Lane>]) {
+        let mut jobs = std::mem::take(&mut *self.left.lock().unwrap_or_else(|p| p.into_inner()));
+        for lane in lanes {
+            jobs.extend(lane.take_waiting());
+        }
+        if jobs.is_empty() {
+            return;
+        }
+        match self.store.release_unattempted(&jobs).await {
+            Ok(released) => tracing::info!(
+                released,
+                "shutting down: deliveries claimed but not attempted are let go for the next start or another node"
+            ),
+            Err(e) => tracing::warn!(
+                error = %e,
+                jobs = jobs.len(),
+                "shutting down: could not let go of deliveries claimed but not attempted; they are claimable again when their leases run out"
+            ),
         }
     }
 
@@ -874,7 +957,8 @@ impl Dispatcher {
     ) {
         loop {
             if self.stopping.is_cancelled() {
-                return; // Left leased: see `stopping`.
+                self.leave(job);
+                return;
             }
             let Noted {
                 lease_end,
@@ -886,7 +970,10 @@ impl Dispatcher {
                 Paced::At(at) if at <= tokio::time::Instant::now() + PARK_BEYOND => {
                     tokio::select! {
                         () = tokio::time::sleep_until(at) => true,
-                        () = self.stopping.cancelled() => return,
+                        () = self.stopping.cancelled() => {
+                            self.leave(job);
+                            return;
+                        }
                     }
                 }
                 Paced::At(at) => {
@@ -906,19 +993,23 @@ impl Dispatcher {
             if turn {
                 let sent = async {
                     match self.send(&job, start_by).await {
-                        Ok(record) => {
-                            Some((record, Arc::clone(&lane.unsaved).acquire_owned().await))
-                        }
+                        Ok(record) => Ok(Some((
+                            record,
+                            Arc::clone(&lane.unsaved).acquire_owned().await,
+                        ))),
+                        Err(Unsent::Stopping) => Err(Unsent::Stopping),
                         // Not sent, for a reason of this server's: left leased, unrecorded.
                         // The slot waits before its next job, which would most likely fail
                         // the same way: a lane in trouble tries at most a slot's worth a
                         // second, rather than leasing its whole queue at once.
-                        Err(_) => {
+                        Err(Unsent::Trouble(reason)) => {
+                            tracing::warn!(msg_id = %job.msg_id, endpoint_id = %job.endpoint.id, reason,
+                                "a delivery was not sent for a reason of this server's, not its endpoint's; left unrecorded and attempted again once its lease runs out");
                             tokio::select! {
                                 () = tokio::time::sleep(ERROR_BACKOFF) => {}
                                 () = self.stopping.cancelled() => {}
                             }
-                            None
+                            Ok(None)
                         }
                     }
                 };
@@ -926,6 +1017,10 @@ impl Dispatcher {
                     sent = sent => sent,
                     // Shutdown's grace period is over: leave the rest to the next start.
                     () = abandon.cancelled() => return,
+                };
+                let Ok(sent) = sent else {
+                    self.leave(job);
+                    return;
                 };
                 if let Some((record, permit)) = sent {
                     let Ok(permit) = permit else {
@@ -950,8 +1045,8 @@ impl Dispatcher {
     }
 
     /// Waits, off any slot, for a parked job's turn at `at`, then queues it for a slot and
-    /// starts what that lets start. Dropped once shutdown is requested, the job keeps its
-    /// lease, as a job not started does.
+    /// starts what that lets start. Once shutdown is requested, the job is let go, as any job
+    /// not started is.
     fn wait_for_turn(
         self: &Arc<Self>,
         job: DeliveryJob,
@@ -969,7 +1064,10 @@ impl Dispatcher {
         tasks.spawn(async move {
             tokio::select! {
                 () = tokio::time::sleep_until(at) => {}
-                () = me.stopping.cancelled() => return,
+                () = me.stopping.cancelled() => {
+                    me.leave(job);
+                    return;
+                }
             }
             if let Some(start) = lane.unpark(job) {
                 let attempts = me.attempts(start, Arc::clone(&lane), tracker.clone(), abandon);
@@ -1117,18 +1215,16 @@ impl Dispatcher {
         &self,
         job: &DeliveryJob,
         start_by: tokio::time::Instant,
-    ) -> Result<AttemptRecord, String> {
+    ) -> Result<AttemptRecord, Unsent> {
         let now = self.clock.now();
         let started = Instant::now();
         let result = match self.headers(job, now).await {
+            // Shutdown came while the credentials were read: let go, as any job not started
+            // by then.
+            _ if self.stopping.is_cancelled() => return Err(Unsent::Stopping),
             Ok(_) if tokio::time::Instant::now() > start_by => Err(SendError::NotSent(
                 "reading the request's credentials took so long that the attempt could outlast its lease".into(),
             )),
-            // Shutdown came while the credentials were read: left leased, as any job not
-            // started by then.
-            Ok(_) if self.stopping.is_cancelled() => {
-                Err(SendError::NotSent("shutting down".into()))
-            }
             Ok(headers) => {
                 self.client
                     .post(&job.endpoint.url, headers, job.payload.clone())
@@ -1138,9 +1234,7 @@ impl Dispatcher {
         };
         if let Err(SendError::NotSent(reason)) = result {
             self.metrics.not_sent();
-            tracing::warn!(msg_id = %job.msg_id, endpoint_id = %job.endpoint.id, reason,
-                "a delivery was not sent for a reason of this server's, not its endpoint's; left unrecorded and attempted again once its lease runs out");
-            return Err(reason);
+            return Err(Unsent::Trouble(reason));
         }
         let duration_ms = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
 
@@ -1651,10 +1745,12 @@ mod tests {
         assert_eq!(metrics.attempts(herald_metrics::AttemptOutcome::Failed), 1);
 
         store.close().await;
-        let reason = dispatcher
+        let Err(Unsent::Trouble(reason)) = dispatcher
             .send(&job, tokio::time::Instant::now() + Duration::from_secs(60))
             .await
-            .expect_err("nothing to record");
+        else {
+            panic!("nothing to record, for a reason of this server's");
+        };
         assert!(
             reason.contains("could not read the app's Pusher credentials"),
             "{reason}"
@@ -1668,7 +1764,8 @@ mod tests {
     }
 
     /// Once shutdown is requested no attempt starts (one cut off by the grace period's end
-    /// would be sent again after the restart): a job not started keeps its lease.
+    /// would be sent again after the restart): a job not started is left for its lease to be
+    /// let go.
     #[tokio::test]
     async fn no_attempt_starts_once_shutdown_is_requested() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -1690,11 +1787,14 @@ mod tests {
         job.endpoint.url = format!("http://{}/hook", listener.local_addr().expect("addr"));
         let started = lane.admit(vec![job]).pop().expect("room");
         let tasks = TaskTracker::new();
-        Arc::new(dispatcher)
+        let dispatcher = Arc::new(dispatcher);
+        Arc::clone(&dispatcher)
             .attempts(started, lane, tasks.clone(), CancellationToken::new())
             .await;
         tasks.close();
         tasks.wait().await;
+        let left = dispatcher.left.lock().expect("left").clone();
+        assert_eq!(names(&left), [("app_A", "ep_1")], "left to be let go");
         for outcome in herald_metrics::AttemptOutcome::ALL {
             assert_eq!(metrics.attempts(outcome), 0, "{outcome:?}");
         }
@@ -1704,6 +1804,76 @@ mod tests {
                 .is_err(),
             "nothing connected"
         );
+    }
+
+    /// At shutdown, the deliveries a dispatcher claimed but did not start are let go: a claim
+    /// right after (another node's, or the next start's) finds them, rather than waiting for
+    /// their leases to run out. The attempt cut off by the grace period stays leased: it may
+    /// have reached its endpoint.
+    #[tokio::test]
+    async fn deliveries_claimed_but_not_started_at_shutdown_are_claimable_at_once() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = sqlite_store(&dir).await;
+        let app = herald_store::conformance::stored_app(store.as_ref(), "stopping").await;
+        let mut endpoint = herald_store::conformance::endpoint(&app.id);
+        // Accepts and never answers: the first attempt is in flight until the grace ends.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        endpoint.url = format!("http://{}/hook", listener.local_addr().expect("addr"));
+        store.create_endpoint(&endpoint).await.expect("endpoint");
+        for n in 0..3 {
+            let now = Utc::now();
+            let message = herald_core::model::Message {
+                id: MessageId::new(now),
+                app_id: app.id.clone(),
+                event_id: Some(format!("stopping-{n}")),
+                event_type: "t".into(),
+                channels: None,
+                tags: None,
+                payload: bytes::Bytes::from_static(b"{}"),
+                created_at: now,
+                payload_expires_at: None,
+            };
+            store
+                .create_message(message, vec![endpoint.id.clone()])
+                .await
+                .expect("message");
+        }
+        let config = DeliveryConfig {
+            per_endpoint_in_flight: 1,
+            shutdown_grace: Duration::from_millis(200),
+            ..to_local_receivers()
+        };
+        let client = WebhookClient::new(&config).expect("client");
+        let dispatcher = Dispatcher::new(Arc::clone(&store), client, config, Arc::default());
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(dispatcher.run(shutdown.clone()));
+        let (_in_flight, _) = listener.accept().await.expect("the first attempt");
+        shutdown.cancel();
+        running.await.expect("the dispatcher stops");
+
+        let now = Utc::now() + chrono::Duration::seconds(1);
+        let claimed = store
+            .claim_due(&ClaimRequest {
+                now,
+                lease_until: now + chrono::Duration::seconds(60),
+                limit: 10,
+                first_attempts: true,
+                in_flight: HashMap::new(),
+                per_endpoint_limit: 10,
+                app_in_flight: HashMap::new(),
+                per_app_limit: 10,
+                saving: HashMap::new(),
+            })
+            .await
+            .expect("claim");
+        assert_eq!(
+            claimed.len(),
+            2,
+            "the one that waited for the endpoint's slot (let go) and the one never claimed, not the one cut off"
+        );
+        store.close().await;
     }
 
     #[test]

@@ -62,6 +62,7 @@ checks!(
     due_deliveries_count_the_unfinished_and_date_the_oldest,
     concurrent_records_each_report_their_own_fence,
     a_record_under_a_lapsed_lease_is_logged_but_leaves_the_newer_claims_state,
+    a_released_claim_is_claimable_at_once_and_a_stale_release_keeps_the_newer_lease,
     a_resend_during_an_attempt_fences_the_attempts_record,
     a_recovered_delivery_is_claimed_under_a_new_lease_whose_record_applies,
     an_endpoints_stats_and_delivery_lists_count_each_status,
@@ -1235,6 +1236,59 @@ pub async fn due_deliveries_count_the_unfinished_and_date_the_oldest(store: &dyn
     let due = store.due_deliveries(now).await.expect("due");
     assert_eq!(due.count, 1, "a delivered one leaves the queue");
     assert_eq!(due.oldest_due_at.map(millis), Some(millis(rest.created_at)));
+}
+
+/// A stopping node lets go of the claims it never attempted: the delivery is claimable again
+/// at once, as the first attempt it still is. A release under a token that no longer holds the
+/// delivery (claimed again since) leaves the newer lease alone.
+pub async fn a_released_claim_is_claimable_at_once_and_a_stale_release_keeps_the_newer_lease(
+    store: &dyn Store,
+) {
+    let ClaimedDelivery {
+        app,
+        msg,
+        now,
+        job: first,
+        ..
+    } = one_claimed_delivery(store).await;
+    let claim_now = || claim(now, 10, HashMap::new(), 10, HashMap::new(), 100);
+    let held = store.claim_due(&claim_now()).await.expect("claim");
+    assert!(held.is_empty(), "the lease holds the delivery");
+
+    let released = store
+        .release_unattempted(std::slice::from_ref(&first))
+        .await
+        .expect("release");
+    assert_eq!(released, 1);
+    let due = store.due_deliveries(now).await.expect("due");
+    assert_eq!(due.count, 1, "still due, not finished");
+    let second = store.claim_due(&claim_now()).await.expect("claim again");
+    assert_eq!(
+        second.len(),
+        1,
+        "claimable at once, not when the lease runs out"
+    );
+    assert_ne!(second[0].lease, first.lease, "each claim has its own token");
+    assert_eq!(second[0].attempts, 0, "no attempt was counted");
+    assert_eq!(second[0].msg_id, msg.id);
+
+    let stale = store
+        .release_unattempted(std::slice::from_ref(&first))
+        .await
+        .expect("stale release");
+    assert_eq!(stale, 0, "the first token no longer holds the delivery");
+    let still_held = store.claim_due(&claim_now()).await.expect("claim");
+    assert!(still_held.is_empty(), "the newer claim's lease stands");
+    let deliveries = store
+        .list_message_deliveries(&app.id, &msg.id, &first_page(false))
+        .await
+        .expect("deliveries");
+    assert_eq!(deliveries.len(), 1);
+    assert_eq!(deliveries[0].1.status, DeliveryStatus::Sending);
+    assert!(
+        store.release_unattempted(&[]).await.expect("nothing") == 0,
+        "releasing nothing is a no-op"
+    );
 }
 
 /// A claim whose lease ran out and whose delivery was claimed again is fenced off: its late

@@ -498,6 +498,12 @@ pub trait MessageStore: Send + Sync + 'static {
     /// (a lease that has run out may count as gone; a manual enqueue ends it). Otherwise the
     /// attempt is logged all the same and [`Recorded::Stale`] returned. Releases the lease (only if it is still this one).
     async fn record_attempt(&self, record: AttemptRecord) -> Result<Recorded>;
+    /// Ends the leases of claimed jobs that were never attempted (their node is stopping), so
+    /// their deliveries are claimable at once, by any node, rather than when the leases run
+    /// out. Each only while its delivery is still leased under the job's token: a later claim
+    /// or a resend that took it meanwhile keeps it. The deliveries' state and due times stay
+    /// as they were. Returns how many leases ended.
+    async fn release_unattempted(&self, jobs: &[DeliveryJob]) -> Result<u64>;
     /// Make every leased delivery due now: after a restart nothing can still be sending.
     /// Only for stores owned by a single node.
     async fn requeue_leased(&self, now: DateTime<Utc>) -> Result<u64>;

@@ -60,7 +60,8 @@
 //!   next_attempt_at, the same predicates: the walk by endpoint, migration 0009),
 //!   A record applies only `WHERE lease_token = $token`, clears lease_token and leased_until
 //!   and deletes its lease's `delivery_leases` row (same token); enqueue_manual clears them
-//!   and deletes the row (take back), as does a claim refusing a disabled endpoint's delivery;
+//!   and deletes the row (take back), as does a claim refusing a disabled endpoint's delivery,
+//!   and `release_unattempted` (a stopping node's claims never attempted, fenced on the token);
 //!   `requeue_leased` is for single-node stores only (a shared store's leases expire).
 //! - `delivery_leases` (migration 0014): (msg_id, endpoint_id) PK and foreign key to the
 //!   delivery (cascade), app_id, lease_token, leased_until. What is in flight cluster-wide:
@@ -482,6 +483,44 @@ impl MessageStore for PostgresStore {
         } else {
             Recorded::Stale
         })
+    }
+
+    async fn release_unattempted(&self, jobs: &[DeliveryJob]) -> Result<u64> {
+        if jobs.is_empty() {
+            return Ok(0);
+        }
+        let msg_ids: Vec<&str> = jobs.iter().map(|job| job.msg_id.as_str()).collect();
+        let endpoint_ids: Vec<&str> = jobs.iter().map(|job| job.endpoint.id.as_str()).collect();
+        // A token beyond BIGINT was never handed out by the sequence: NULL matches no row.
+        let tokens: Vec<Option<i64>> = jobs
+            .iter()
+            .map(|job| i64::try_from(job.lease.0).ok())
+            .collect();
+        // Fenced on the token, as a record is: a delivery taken back or claimed again since
+        // keeps its newer lease. Other nodes' dispatchers are woken to claim what was let go.
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query(
+            "WITH released AS (
+                 DELETE FROM delivery_leases l
+                 USING UNNEST($1::text[], $2::text[], $3::bigint[]) AS r(msg_id, endpoint_id, token)
+                 WHERE l.msg_id = r.msg_id AND l.endpoint_id = r.endpoint_id
+                   AND l.lease_token = r.token
+             )
+             UPDATE deliveries AS d SET lease_token = NULL, leased_until = NULL
+             FROM UNNEST($1::text[], $2::text[], $3::bigint[]) AS r(msg_id, endpoint_id, token)
+             WHERE d.msg_id = r.msg_id AND d.endpoint_id = r.endpoint_id
+               AND d.lease_token = r.token",
+        )
+        .bind(&msg_ids)
+        .bind(&endpoint_ids)
+        .bind(&tokens)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() > 0 {
+            notify_due(&mut tx).await?;
+        }
+        tx.commit().await?;
+        Ok(done.rows_affected())
     }
 
     async fn requeue_leased(&self, now: DateTime<Utc>) -> Result<u64> {

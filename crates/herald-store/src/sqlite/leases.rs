@@ -107,12 +107,15 @@ impl Leases {
             .is_some_and(|(_, _, held)| *held == token)
     }
 
-    /// Ends the lease if it is still the one named by `token` (a later claim's lease stays).
-    pub(crate) fn release(&self, key: &DeliveryKey, token: LeaseToken) {
+    /// Ends the lease if it is still the one named by `token` (a later claim's lease stays);
+    /// returns whether it did.
+    pub(crate) fn release(&self, key: &DeliveryKey, token: LeaseToken) -> bool {
         let mut held = self.lock();
-        if held.get(key).is_some_and(|(_, _, held)| *held == token) {
+        let holds = held.get(key).is_some_and(|(_, _, held)| *held == token);
+        if holds {
             held.remove(key);
         }
+        holds
     }
 
     /// Ends the leases of these deliveries, whichever claims hold them: their in-flight

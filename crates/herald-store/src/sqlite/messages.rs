@@ -262,6 +262,22 @@ impl MessageStore for SqliteStore {
         Ok(recorded)
     }
 
+    async fn release_unattempted(&self, jobs: &[DeliveryJob]) -> Result<u64> {
+        // Leases live in memory (see `leases`): releasing one is all it takes, and the rows'
+        // `pending` state and due times are what they were at the claim.
+        let released = jobs
+            .iter()
+            .filter(|job| {
+                self.leases
+                    .release(&(job.msg_id.clone(), job.endpoint.id.clone()), job.lease)
+            })
+            .count();
+        if released > 0 {
+            self.gate.stir();
+        }
+        Ok(released as u64)
+    }
+
     async fn requeue_leased(&self, now: DateTime<Utc>) -> Result<u64> {
         let done = sqlx::query(
             "UPDATE deliveries SET status = $1, next_attempt_at = $2 WHERE status = $3",
