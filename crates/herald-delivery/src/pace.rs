@@ -1,5 +1,7 @@
-//! Endpoint pacing: an endpoint's `throttleRate` (messages per second) spaces the attempts this
-//! node sends it.
+//! Endpoint pacing: an endpoint's `throttleRate` (messages per second) spaces the attempts sent
+//! to it. A store shared by several nodes keeps the turns (`MessageStore::reserve_turn`, the same
+//! algorithm in one statement), so the rate holds for the cluster; this pacer then only follows
+//! them for the claim caps ([`Pacer::follow`]). On a store of one node it keeps the turns itself.
 //!
 //! Each attempt reserves its own send time before it goes (GCRA, the generic cell rate
 //! algorithm, in its "virtual scheduling" form): a burst of one second's worth may go at once
@@ -145,6 +147,22 @@ impl Pacer {
         );
         self.len.store(paces.len(), Ordering::Relaxed);
         Some(at)
+    }
+
+    /// Notes a turn at `at` that a store shared by several nodes reserved for `endpoint`
+    /// (the cluster's pace, see `MessageStore::reserve_turn`), so that this node's claim caps
+    /// follow the cluster's turns: the next turn is at least one interval after it.
+    pub fn follow(&self, endpoint: &EndpointId, rate: u16, at: Instant) {
+        let due = at + Pace::tolerance(rate) + Pace::interval(rate);
+        let mut paces = self.paces();
+        paces
+            .entry(endpoint.clone())
+            .and_modify(|pace| {
+                pace.rate = rate;
+                pace.due = pace.due.max(due);
+            })
+            .or_insert(Pace { rate, due });
+        self.len.store(paces.len(), Ordering::Relaxed);
     }
 
     /// The most deliveries of `endpoint` one lane may hold (`limit`: what it lets any endpoint

@@ -16,7 +16,7 @@ use herald_core::{
 use herald_metrics::DeliveryMetrics;
 use herald_store::{
     AttemptRecord, ClaimRequest, ClusterClock, DeliveryJob, EndpointChange, FreshDeliveries,
-    LeaseToken, NextStep, Recorded, Store, StoreError,
+    LeaseToken, NextStep, Recorded, Store, StoreError, Turn,
 };
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use tokio::sync::{Notify, Semaphore};
@@ -44,6 +44,9 @@ enum Paced {
     At(tokio::time::Instant),
     /// Not within its lease: not sent.
     TooLate,
+    /// The store keeping the cluster's turns could not be asked: not sent, for a reason of
+    /// this server's (see [`Unsent::Trouble`]).
+    Trouble(String),
 }
 
 /// Claims per store round trip, per lane.
@@ -965,7 +968,7 @@ impl Dispatcher {
                 turn: parked_turn,
             } = lane.noted(&job);
             let start_by = self.start_by(lease_end, tokio::time::Instant::now());
-            let turn = match self.pace(&job, start_by, parked_turn) {
+            let turn = match self.pace(&job, start_by, parked_turn).await {
                 Paced::Now => true,
                 Paced::At(at) if at <= tokio::time::Instant::now() + PARK_BEYOND => {
                     tokio::select! {
@@ -989,6 +992,10 @@ impl Dispatcher {
                     }
                 }
                 Paced::TooLate => false,
+                Paced::Trouble(reason) => {
+                    self.back_off(&job, &reason).await;
+                    false
+                }
             };
             if turn {
                 let sent = async {
@@ -998,17 +1005,8 @@ impl Dispatcher {
                             Arc::clone(&lane.unsaved).acquire_owned().await,
                         ))),
                         Err(Unsent::Stopping) => Err(Unsent::Stopping),
-                        // Not sent, for a reason of this server's: left leased, unrecorded.
-                        // The slot waits before its next job, which would most likely fail
-                        // the same way: a lane in trouble tries at most a slot's worth a
-                        // second, rather than leasing its whole queue at once.
                         Err(Unsent::Trouble(reason)) => {
-                            tracing::warn!(msg_id = %job.msg_id, endpoint_id = %job.endpoint.id, reason,
-                                "a delivery was not sent for a reason of this server's, not its endpoint's; left unrecorded and attempted again once its lease runs out");
-                            tokio::select! {
-                                () = tokio::time::sleep(ERROR_BACKOFF) => {}
-                                () = self.stopping.cancelled() => {}
-                            }
+                            self.back_off(&job, &reason).await;
                             Ok(None)
                         }
                     }
@@ -1041,6 +1039,19 @@ impl Dispatcher {
                 Some(next) => job = next,
                 None => return,
             }
+        }
+    }
+
+    /// `job` was not sent for a passing reason of this server's: it is left leased and
+    /// unrecorded (its lease is the back-off), and the slot waits before its next job, which
+    /// would most likely fail the same way: a lane in trouble tries at most a slot's worth a
+    /// second, rather than leasing its whole queue at once.
+    async fn back_off(&self, job: &DeliveryJob, reason: &str) {
+        tracing::warn!(msg_id = %job.msg_id, endpoint_id = %job.endpoint.id, reason,
+            "a delivery was not sent for a reason of this server's, not its endpoint's; left unrecorded and attempted again once its lease runs out");
+        tokio::select! {
+            () = tokio::time::sleep(ERROR_BACKOFF) => {}
+            () = self.stopping.cancelled() => {}
         }
     }
 
@@ -1077,8 +1088,7 @@ impl Dispatcher {
     }
 
     /// When `job`, which may start until `latest` ([`Dispatcher::start_by`]), may go: its
-    /// endpoint's `throttleRate` spaces this
-    /// node's attempts to it. A job may start until a request timeout before its lease ends;
+    /// endpoint's `throttleRate` spaces the attempts to it ([`Dispatcher::reserve_turn`]). A job may start until a request timeout before its lease ends;
     /// one whose turn comes later is not sent, since the lease would run out during the
     /// attempt and another claim could send it again meanwhile. It stays leased, unrecorded,
     /// and is claimed again once the lease runs out, by which time the lanes hold its endpoint
@@ -1087,7 +1097,7 @@ impl Dispatcher {
     /// parked until its `parked_turn` goes now, within the same bound, unless it then waited
     /// for a slot past the turn after it: it takes a new turn then, rather than go out
     /// together with that turn's job.
-    fn pace(
+    async fn pace(
         &self,
         job: &DeliveryJob,
         latest: tokio::time::Instant,
@@ -1110,16 +1120,55 @@ impl Dispatcher {
                 Paced::TooLate
             };
         };
-        match self.pacer.reserve(&job.endpoint.id, rate, now, latest) {
-            Some(at) if at <= now => Paced::Now,
-            Some(at) => Paced::At(at),
-            None => {
+        match self.reserve_turn(&job.endpoint.id, rate, now, latest).await {
+            Err(e) => {
+                self.metrics.not_sent();
+                Paced::Trouble(format!("could not reserve the endpoint's turn: {e}"))
+            }
+            Ok(Some(at)) if at <= now => Paced::Now,
+            Ok(Some(at)) => Paced::At(at),
+            Ok(None) => {
                 self.metrics.paced_past_lease();
                 tracing::debug!(msg_id = %job.msg_id, endpoint_id = %job.endpoint.id, rate,
                     "the endpoint's throttleRate gives this delivery no turn within its lease; left for a later claim");
                 Paced::TooLate
             }
         }
+    }
+
+    /// Reserves the next turn of `endpoint`, paced at `rate`, for an attempt that may start
+    /// until `latest`: when it may go, or `None` if its turn comes later (nothing is reserved
+    /// then). A store shared by several nodes keeps the turns, so the rate holds for the
+    /// cluster, and this node's pacer only follows them for its claim caps; a store of one
+    /// node leaves them to this node's pacer.
+    async fn reserve_turn(
+        &self,
+        endpoint: &EndpointId,
+        rate: u16,
+        now: tokio::time::Instant,
+        latest: tokio::time::Instant,
+    ) -> Result<Option<tokio::time::Instant>, StoreError> {
+        let cluster_now = self.clock.now();
+        let ahead = chrono::Duration::from_std(latest.saturating_duration_since(now))
+            .unwrap_or(chrono::Duration::MAX);
+        let cluster_latest = cluster_now
+            .checked_add_signed(ahead)
+            .unwrap_or(chrono::DateTime::<Utc>::MAX_UTC);
+        Ok(
+            match self
+                .store
+                .reserve_turn(endpoint, rate, cluster_now, cluster_latest)
+                .await?
+            {
+                Turn::NotKept => self.pacer.reserve(endpoint, rate, now, latest),
+                Turn::TooLate => None,
+                Turn::At(at) => {
+                    let at = now + (at - cluster_now).to_std().unwrap_or(Duration::ZERO);
+                    self.pacer.follow(endpoint, rate, at);
+                    Some(at)
+                }
+            },
+        )
     }
 
     async fn save(&self, record: AttemptRecord) {
@@ -2062,17 +2111,21 @@ mod tests {
         let end = now + timeout + LEASE_MARGIN + Duration::from_millis(2500);
         // A burst of one, then one a second: turns at 0, 1 s, 2 s; the last start is 2.5 s.
         assert!(matches!(
-            dispatcher.pace(&paced, dispatcher.start_by(Some(end), now), None),
+            dispatcher
+                .pace(&paced, dispatcher.start_by(Some(end), now), None)
+                .await,
             Paced::Now
         ));
         assert!(
-            matches!(dispatcher.pace(&paced, dispatcher.start_by(Some(end), now), None), Paced::At(at) if at == now + Duration::from_secs(1))
+            matches!(dispatcher.pace(&paced, dispatcher.start_by(Some(end), now), None).await, Paced::At(at) if at == now + Duration::from_secs(1))
         );
         assert!(
-            matches!(dispatcher.pace(&paced, dispatcher.start_by(Some(end), now), None), Paced::At(at) if at == now + Duration::from_secs(2))
+            matches!(dispatcher.pace(&paced, dispatcher.start_by(Some(end), now), None).await, Paced::At(at) if at == now + Duration::from_secs(2))
         );
         assert!(matches!(
-            dispatcher.pace(&paced, dispatcher.start_by(Some(end), now), None),
+            dispatcher
+                .pace(&paced, dispatcher.start_by(Some(end), now), None)
+                .await,
             Paced::TooLate
         ));
         assert_eq!(metrics.paced_past_lease_total.get(), 1);
@@ -2080,12 +2133,16 @@ mod tests {
 
         let unpaced = job("app_A", "ep_free", 2);
         assert!(matches!(
-            dispatcher.pace(&unpaced, dispatcher.start_by(Some(end), now), None),
+            dispatcher
+                .pace(&unpaced, dispatcher.start_by(Some(end), now), None)
+                .await,
             Paced::Now
         ));
         let spent = now + timeout + LEASE_MARGIN - Duration::from_millis(1);
         assert!(matches!(
-            dispatcher.pace(&unpaced, dispatcher.start_by(Some(spent), now), None),
+            dispatcher
+                .pace(&unpaced, dispatcher.start_by(Some(spent), now), None)
+                .await,
             Paced::TooLate
         ));
 
@@ -2094,24 +2151,30 @@ mod tests {
         let mut other = job("app_A", "ep_other", 3);
         other.endpoint.throttle_rate = Some(1);
         assert!(matches!(
-            dispatcher.pace(&other, dispatcher.start_by(Some(end), now), Some(now)),
+            dispatcher
+                .pace(&other, dispatcher.start_by(Some(end), now), Some(now))
+                .await,
             Paced::Now
         ));
         assert!(matches!(
-            dispatcher.pace(&other, dispatcher.start_by(Some(end), now), None),
+            dispatcher
+                .pace(&other, dispatcher.start_by(Some(end), now), None)
+                .await,
             Paced::Now
         ));
         let late = now
             .checked_sub(Duration::from_secs(2))
             .expect("a past instant");
         assert!(
-            matches!(dispatcher.pace(&other, dispatcher.start_by(Some(end), now), Some(late)), Paced::At(at) if at == now + Duration::from_secs(1))
+            matches!(dispatcher.pace(&other, dispatcher.start_by(Some(end), now), Some(late)).await, Paced::At(at) if at == now + Duration::from_secs(1))
         );
 
         // A job claimed before the pace was set neither waits nor restarts the burst.
         paced.endpoint.throttle_rate = None;
         assert!(matches!(
-            dispatcher.pace(&paced, dispatcher.start_by(Some(end), now), None),
+            dispatcher
+                .pace(&paced, dispatcher.start_by(Some(end), now), None)
+                .await,
             Paced::Now
         ));
         assert_eq!(dispatcher.pacer.claim_cap(&paced.endpoint.id, 64, now), 2);

@@ -250,6 +250,18 @@ pub trait FreshDeliveries: Send + Sync + 'static {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct LeaseToken(pub u64);
 
+/// An endpoint's next `throttleRate` turn (see [`MessageStore::reserve_turn`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Turn {
+    /// Reserved: the attempt may start at this time (the store's), now or later.
+    At(DateTime<Utc>),
+    /// The endpoint's next turn comes after the latest start asked for: nothing is reserved.
+    TooLate,
+    /// This store keeps no turns: it belongs to one node, whose dispatcher paces its own
+    /// attempts.
+    NotKept,
+}
+
 /// What became of an attempt record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[must_use]
@@ -504,6 +516,23 @@ pub trait MessageStore: Send + Sync + 'static {
     /// or a resend that took it meanwhile keeps it. The deliveries' state and due times stay
     /// as they were. Returns how many leases ended.
     async fn release_unattempted(&self, jobs: &[DeliveryJob]) -> Result<u64>;
+    /// Reserves the next turn of `endpoint`, paced at `rate` attempts a second, for an
+    /// attempt that may start until `latest`, at `now` (both the store's time): GCRA, the
+    /// generic cell rate algorithm, as the dispatcher's own pacer (`herald_delivery::pace`) —
+    /// after a quiet spell a second's worth may go at once, then one every `1 / rate`
+    /// seconds; a changed rate applies from this reservation on. A store shared by several
+    /// nodes keeps the turns, so an endpoint's rate holds for the whole cluster; a store of
+    /// one node answers [`Turn::NotKept`] (the default) and leaves pacing to its dispatcher.
+    async fn reserve_turn(
+        &self,
+        endpoint: &EndpointId,
+        rate: u16,
+        now: DateTime<Utc>,
+        latest: DateTime<Utc>,
+    ) -> Result<Turn> {
+        let _ = (endpoint, rate, now, latest);
+        Ok(Turn::NotKept)
+    }
     /// Make every leased delivery due now: after a restart nothing can still be sending.
     /// Only for stores owned by a single node.
     async fn requeue_leased(&self, now: DateTime<Utc>) -> Result<u64>;

@@ -485,6 +485,16 @@ impl MessageStore for PostgresStore {
         })
     }
 
+    async fn reserve_turn(
+        &self,
+        endpoint: &EndpointId,
+        rate: u16,
+        now: DateTime<Utc>,
+        latest: DateTime<Utc>,
+    ) -> Result<crate::Turn> {
+        super::paces::reserve_turn(&self.pool, endpoint, rate, now, latest).await
+    }
+
     async fn release_unattempted(&self, jobs: &[DeliveryJob]) -> Result<u64> {
         if jobs.is_empty() {
             return Ok(0);
@@ -1481,6 +1491,47 @@ pub(super) mod tests {
         let again_on_b = b.claim_due(&request).await.expect("claim on b");
         assert_eq!(again_on_b.len(), 1, "a's record freed a place for b");
         assert!(a.claim_due(&request).await.expect("claim on a").is_empty());
+    }
+
+    /// An endpoint's `throttleRate` is one pace for the cluster: turns reserved on either node
+    /// follow one another (before, each node paced its own attempts, so two nodes sent twice
+    /// the rate). At 4 a second: a burst of 4, then one every 250 ms, whichever node asks.
+    #[tokio::test]
+    async fn two_nodes_take_an_endpoints_turns_from_one_pace() {
+        let Some(url) = server_url() else { return };
+        let (_guard, a, b) = two_nodes(&url).await;
+        let app = stored_app(&a).await;
+        let ep = stored_endpoint(&a, &app.id).await;
+        // Turns are kept in microseconds.
+        let now = DateTime::from_timestamp_micros(Utc::now().timestamp_micros()).expect("now");
+        let ms = chrono::Duration::milliseconds;
+        let far = now + ms(10_000);
+        let mut turns = Vec::new();
+        for node in [&a, &b, &a, &b, &a, &b, &b] {
+            turns.push(node.reserve_turn(&ep.id, 4, now, far).await.expect("turn"));
+        }
+        let expected: Vec<_> = [0, 0, 0, 0, 250, 500, 750]
+            .into_iter()
+            .map(|after| crate::Turn::At(now + ms(after)))
+            .collect();
+        assert_eq!(turns, expected);
+        // A turn past the latest start is refused on either node, and reserves nothing.
+        let soon = now + ms(900);
+        assert_eq!(
+            a.reserve_turn(&ep.id, 4, now, soon).await.expect("turn"),
+            crate::Turn::TooLate
+        );
+        assert_eq!(
+            b.reserve_turn(&ep.id, 4, now, far).await.expect("turn"),
+            crate::Turn::At(now + ms(1000))
+        );
+        // Deleting the endpoint deletes its pace.
+        a.delete_endpoint(&app.id, &ep.id).await.expect("delete");
+        let paces: i64 = sqlx::query_scalar("SELECT count(*) FROM endpoint_paces")
+            .fetch_one(&a.pool)
+            .await
+            .expect("count");
+        assert_eq!(paces, 0);
     }
 
     /// The per-app limit holds across nodes and over the app's endpoints.

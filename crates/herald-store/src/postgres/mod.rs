@@ -44,6 +44,7 @@ mod history;
 mod idempotency;
 mod ingest;
 mod messages;
+mod paces;
 mod retention;
 mod rows;
 mod secrets;

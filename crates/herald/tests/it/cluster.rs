@@ -828,3 +828,65 @@ async fn a_broker_restart_during_a_steady_publish_stream_leaves_every_history_cl
     }
     cluster.stop().await;
 }
+
+/// An endpoint's `throttleRate` is one pace for the cluster, not one per node. Deliveries a
+/// second node takes over go on from the turns the first reserved, rather than starting a burst
+/// of their own (as they did when each node paced its own attempts, so that N nodes could send
+/// N times the rate). At 4 a second: a burst of four, then one every quarter second, over
+/// both nodes.
+#[tokio::test]
+async fn an_endpoints_throttle_rate_holds_across_the_nodes_that_deliver_to_it() {
+    let Some(mut cluster) = Cluster::start("an endpoint's throttle rate across nodes", 1).await
+    else {
+        return;
+    };
+    let mut receiver = Receiver::start().await;
+    let first = cluster.nodes.remove(0);
+    let app = first.create_app("paced-cluster").await;
+    first
+        .create_endpoint(&app, json!({"url": receiver.url, "throttleRate": 4}))
+        .await;
+    let started = std::time::Instant::now();
+    for n in 0..12 {
+        first
+            .send(&app, json!({"eventType": "x", "payload": {"n": n}}))
+            .await;
+    }
+    let mut ids = HashSet::new();
+    let mut arrivals = Vec::new();
+    let mut take = |delivery: crate::harness::Delivery| {
+        assert!(
+            ids.insert(delivery.header("webhook-id").to_owned()),
+            "each message once"
+        );
+        arrivals.push(started.elapsed());
+    };
+    // The burst and the next turn's delivery come from the first node; it then stops, letting
+    // go of the deliveries it held for later turns.
+    for _ in 0..5 {
+        take(receiver.next().await);
+    }
+    first.stop().await;
+    let db = &cluster.db;
+    let second = TestServer::start_with(|c| {
+        c.store.url = Some(db.url.clone());
+        join_cluster_broker(c, &db.name);
+    })
+    .await;
+    for _ in 5..12 {
+        take(receiver.next().await);
+    }
+    // The n-th delivery's turn (from 0) is n - 3 quarter seconds after the first's, which
+    // came after `started`: it reached the receiver no earlier. (Lower bounds only: a busy
+    // machine may be later, never earlier.) A burst of the second node's own would bring the
+    // sixth to the ninth in together, as soon as it started.
+    for (n, arrived) in arrivals.iter().enumerate() {
+        let turn = Duration::from_millis(250) * u32::try_from(n.saturating_sub(3)).unwrap_or(0);
+        assert!(
+            *arrived + Duration::from_millis(10) >= turn,
+            "delivery {n} at {arrived:?}, before its turn at {turn:?}: {arrivals:?}"
+        );
+    }
+    second.stop().await;
+    cluster.stop().await;
+}
