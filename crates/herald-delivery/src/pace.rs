@@ -149,19 +149,12 @@ impl Pacer {
         Some(at)
     }
 
-    /// Notes a turn at `at` that a store shared by several nodes reserved for `endpoint`
-    /// (the cluster's pace, see `MessageStore::reserve_turn`), so that this node's claim caps
-    /// follow the cluster's turns: the next turn is at least one interval after it.
-    pub fn follow(&self, endpoint: &EndpointId, rate: u16, at: Instant) {
-        let due = at + Pace::tolerance(rate) + Pace::interval(rate);
+    /// Notes `endpoint`'s theoretical arrival time `due` as a store shared by several nodes
+    /// keeps it (the cluster's pace, see `MessageStore::reserve_turn`), so that this node's
+    /// claim caps follow the cluster's turns.
+    pub fn follow(&self, endpoint: &EndpointId, rate: u16, due: Instant) {
         let mut paces = self.paces();
-        paces
-            .entry(endpoint.clone())
-            .and_modify(|pace| {
-                pace.rate = rate;
-                pace.due = pace.due.max(due);
-            })
-            .or_insert(Pace { rate, due });
+        paces.insert(endpoint.clone(), Pace { rate, due });
         self.len.store(paces.len(), Ordering::Relaxed);
     }
 
@@ -303,5 +296,25 @@ mod tests {
         assert_eq!(pacer.claim_cap(&endpoint(1), 64, later), 64);
         assert!(pacer.caps(64, later).is_empty());
         assert_eq!(pacer.len.load(Ordering::Relaxed), 0);
+    }
+
+    /// Turns a store keeps for the cluster (reserved on other nodes too) hold this node's
+    /// claims as its own turns would: nothing while the cluster's next turn is more than 4 s
+    /// off, what the rate sends in 2 s once it is closer.
+    #[tokio::test(start_paused = true)]
+    async fn claims_follow_the_turns_the_cluster_reserved() {
+        let pacer = Pacer::default();
+        let now = Instant::now();
+        // At 1 a second (no burst), the cluster's next turn 10 s off.
+        pacer.follow(&endpoint(1), 1, now + Duration::from_secs(10));
+        assert!(!pacer.is_empty());
+        assert_eq!(pacer.claim_cap(&endpoint(1), 64, now), 0);
+        assert_eq!(
+            pacer.claim_cap(&endpoint(1), 64, now + Duration::from_secs(7)),
+            2
+        );
+        // The store's word replaces what this node noted before.
+        pacer.follow(&endpoint(1), 1, now + Duration::from_secs(1));
+        assert_eq!(pacer.claim_cap(&endpoint(1), 64, now), 2);
     }
 }

@@ -64,6 +64,9 @@ const PACED_RECHECK: Duration = Duration::from_millis(250);
 const ERROR_BACKOFF: Duration = Duration::from_secs(1);
 /// Added to every delivery lease beyond the time its attempt may take (see `claim`).
 const LEASE_MARGIN: Duration = Duration::from_secs(5);
+/// How long shutdown waits at least for the store to let go of jobs not started (see
+/// [`Dispatcher::let_go`]), even once the grace period is over.
+const LET_GO_PATIENCE: Duration = Duration::from_secs(1);
 /// A paced delivery whose turn is further off than this gives its slot up meanwhile (see
 /// [`Lane::park`]); a shorter wait keeps the slot, as a parked delivery costs a task.
 const PARK_BEYOND: Duration = Duration::from_millis(50);
@@ -775,10 +778,11 @@ impl Dispatcher {
             Arc::clone(&me).claim_loop(retries, &tasks, &abandon, &shutdown),
         );
         tasks.close();
-        let grace = tokio::time::sleep(me.config.shutdown_grace);
+        let grace_end = tokio::time::Instant::now() + me.config.shutdown_grace;
+        let grace = tokio::time::sleep_until(grace_end);
         tokio::pin!(grace);
         loop {
-            me.let_go(&lanes).await;
+            me.let_go(&lanes, grace_end).await;
             tokio::select! {
                 () = tasks.wait() => break,
                 () = me.job_left.notified() => {}
@@ -793,7 +797,7 @@ impl Dispatcher {
                 }
             }
         }
-        me.let_go(&lanes).await;
+        me.let_go(&lanes, grace_end).await;
     }
 
     /// `job`, claimed, is not attempted because shutdown came: its lease is let go (by
@@ -808,8 +812,10 @@ impl Dispatcher {
     }
 
     /// Lets go of the leases of the jobs left since the last call and of those still waiting
-    /// in the lanes for a slot, which no attempt will take now.
-    async fn let_go(&self, lanes: &[Arc<Lane>]) {
+    /// in the lanes for a slot, which no attempt will take now. A slow store is given until
+    /// `grace_end` (at least [`LET_GO_PATIENCE`]): shutdown waits no longer for it, and jobs
+    /// it did not let go are claimable again when their leases run out.
+    async fn let_go(&self, lanes: &[Arc<Lane>], grace_end: tokio::time::Instant) {
         let mut jobs = std::mem::take(&mut *self.left.lock().unwrap_or_else(|p| p.into_inner()));
         for lane in lanes {
             jobs.extend(lane.take_waiting());
@@ -817,17 +823,24 @@ impl Dispatcher {
         if jobs.is_empty() {
             return;
         }
-        match self.store.release_unattempted(&jobs).await {
-            Ok(released) => tracing::info!(
-                released,
-                "shutting down: deliveries claimed but not attempted are let go for the next start or another node"
-            ),
-            Err(e) => tracing::warn!(
-                error = %e,
-                jobs = jobs.len(),
-                "shutting down: could not let go of deliveries claimed but not attempted; they are claimable again when their leases run out"
-            ),
-        }
+        let until = grace_end.max(tokio::time::Instant::now() + LET_GO_PATIENCE);
+        let released = tokio::time::timeout_at(until, self.store.release_unattempted(&jobs)).await;
+        let failure = match released {
+            Ok(Ok(released)) => {
+                tracing::info!(
+                    released,
+                    "shutting down: deliveries claimed but not attempted are let go for the next start or another node"
+                );
+                return;
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "the store did not answer in time".to_owned(),
+        };
+        tracing::warn!(
+            error = failure,
+            jobs = jobs.len(),
+            "shutting down: could not let go of deliveries claimed but not attempted; they are claimable again when their leases run out"
+        );
     }
 
     /// Claims for `lane` and starts what it may run, until `shutdown`.
@@ -968,7 +981,17 @@ impl Dispatcher {
                 turn: parked_turn,
             } = lane.noted(&job);
             let start_by = self.start_by(lease_end, tokio::time::Instant::now());
-            let turn = match self.pace(&job, start_by, parked_turn).await {
+            // Asking a store that keeps the cluster's turns is a round trip: shutdown does not
+            // wait for it.
+            let paced = tokio::select! {
+                paced = self.pace(&job, start_by, parked_turn) => Some(paced),
+                () = self.stopping.cancelled() => None,
+            };
+            let Some(paced) = paced else {
+                self.leave(job);
+                return;
+            };
+            let turn = match paced {
                 Paced::Now => true,
                 Paced::At(at) if at <= tokio::time::Instant::now() + PARK_BEYOND => {
                     tokio::select! {
@@ -1148,12 +1171,18 @@ impl Dispatcher {
         now: tokio::time::Instant,
         latest: tokio::time::Instant,
     ) -> Result<Option<tokio::time::Instant>, StoreError> {
+        if latest < now {
+            return Ok(None);
+        }
         let cluster_now = self.clock.now();
         let ahead = chrono::Duration::from_std(latest.saturating_duration_since(now))
             .unwrap_or(chrono::Duration::MAX);
         let cluster_latest = cluster_now
             .checked_add_signed(ahead)
             .unwrap_or(chrono::DateTime::<Utc>::MAX_UTC);
+        // The store's times on this node's clock.
+        let local =
+            |at: chrono::DateTime<Utc>| now + (at - cluster_now).to_std().unwrap_or_default();
         Ok(
             match self
                 .store
@@ -1161,11 +1190,15 @@ impl Dispatcher {
                 .await?
             {
                 Turn::NotKept => self.pacer.reserve(endpoint, rate, now, latest),
-                Turn::TooLate => None,
-                Turn::At(at) => {
-                    let at = now + (at - cluster_now).to_std().unwrap_or(Duration::ZERO);
-                    self.pacer.follow(endpoint, rate, at);
-                    Some(at)
+                Turn::TooLate { due } => {
+                    if let Some(due) = due {
+                        self.pacer.follow(endpoint, rate, local(due));
+                    }
+                    None
+                }
+                Turn::At { at, due } => {
+                    self.pacer.follow(endpoint, rate, local(due));
+                    Some(local(at))
                 }
             },
         )

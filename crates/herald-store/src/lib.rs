@@ -253,10 +253,16 @@ pub struct LeaseToken(pub u64);
 /// An endpoint's next `throttleRate` turn (see [`MessageStore::reserve_turn`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Turn {
-    /// Reserved: the attempt may start at this time (the store's), now or later.
-    At(DateTime<Utc>),
+    /// Reserved: the attempt may start `at` (the store's time), now or later. `due` is the
+    /// endpoint's theoretical arrival time after this reservation (GCRA): its next turn is a
+    /// burst's tolerance before it, or now if later.
+    At {
+        at: DateTime<Utc>,
+        due: DateTime<Utc>,
+    },
     /// The endpoint's next turn comes after the latest start asked for: nothing is reserved.
-    TooLate,
+    /// `due` is the endpoint's theoretical arrival time, if known.
+    TooLate { due: Option<DateTime<Utc>> },
     /// This store keeps no turns: it belongs to one node, whose dispatcher paces its own
     /// attempts.
     NotKept,

@@ -507,30 +507,34 @@ impl MessageStore for PostgresStore {
             .map(|job| i64::try_from(job.lease.0).ok())
             .collect();
         // Fenced on the token, as a record is: a delivery taken back or claimed again since
-        // keeps its newer lease. Other nodes' dispatchers are woken to claim what was let go.
+        // keeps its newer lease. The delivery's row is locked before its lease's row, as a
+        // claim locks them, so the two cannot deadlock. Other nodes' dispatchers are woken to
+        // claim what was let go.
         let mut tx = self.pool.begin().await?;
-        let done = sqlx::query(
+        let released: i64 = sqlx::query_scalar(
             "WITH released AS (
-                 DELETE FROM delivery_leases l
-                 USING UNNEST($1::text[], $2::text[], $3::bigint[]) AS r(msg_id, endpoint_id, token)
+                 UPDATE deliveries AS d SET lease_token = NULL, leased_until = NULL
+                 FROM UNNEST($1::text[], $2::text[], $3::bigint[]) AS r(msg_id, endpoint_id, token)
+                 WHERE d.msg_id = r.msg_id AND d.endpoint_id = r.endpoint_id
+                   AND d.lease_token = r.token
+                 RETURNING d.msg_id, d.endpoint_id, r.token
+             ), gone AS (
+                 DELETE FROM delivery_leases l USING released r
                  WHERE l.msg_id = r.msg_id AND l.endpoint_id = r.endpoint_id
                    AND l.lease_token = r.token
              )
-             UPDATE deliveries AS d SET lease_token = NULL, leased_until = NULL
-             FROM UNNEST($1::text[], $2::text[], $3::bigint[]) AS r(msg_id, endpoint_id, token)
-             WHERE d.msg_id = r.msg_id AND d.endpoint_id = r.endpoint_id
-               AND d.lease_token = r.token",
+             SELECT count(*) FROM released",
         )
         .bind(&msg_ids)
         .bind(&endpoint_ids)
         .bind(&tokens)
-        .execute(&mut *tx)
+        .fetch_one(&mut *tx)
         .await?;
-        if done.rows_affected() > 0 {
+        if released > 0 {
             notify_due(&mut tx).await?;
         }
         tx.commit().await?;
-        Ok(done.rows_affected())
+        Ok(u64::try_from(released).unwrap_or(0))
     }
 
     async fn requeue_leased(&self, now: DateTime<Utc>) -> Result<u64> {
@@ -1502,36 +1506,61 @@ pub(super) mod tests {
         let (_guard, a, b) = two_nodes(&url).await;
         let app = stored_app(&a).await;
         let ep = stored_endpoint(&a, &app.id).await;
-        // Turns are kept in microseconds.
-        let now = DateTime::from_timestamp_micros(Utc::now().timestamp_micros()).expect("now");
+        // Turns are kept in nanoseconds, as chrono's times.
+        let now = Utc::now();
         let ms = chrono::Duration::milliseconds;
         let far = now + ms(10_000);
         let mut turns = Vec::new();
         for node in [&a, &b, &a, &b, &a, &b, &b] {
             turns.push(node.reserve_turn(&ep.id, 4, now, far).await.expect("turn"));
         }
-        let expected: Vec<_> = [0, 0, 0, 0, 250, 500, 750]
+        // Each reservation's `due` is its theoretical time plus an interval; the burst's
+        // tolerance (three intervals) lets the first four go at once.
+        let expected: Vec<_> = [(0, 250), (0, 500), (0, 750), (0, 1000)]
             .into_iter()
-            .map(|after| crate::Turn::At(now + ms(after)))
+            .chain([(250, 1250), (500, 1500), (750, 1750)])
+            .map(|(at, due)| crate::Turn::At {
+                at: now + ms(at),
+                due: now + ms(due),
+            })
             .collect();
         assert_eq!(turns, expected);
         // A turn past the latest start is refused on either node, and reserves nothing.
         let soon = now + ms(900);
         assert_eq!(
             a.reserve_turn(&ep.id, 4, now, soon).await.expect("turn"),
-            crate::Turn::TooLate
+            crate::Turn::TooLate {
+                due: Some(now + ms(1750))
+            }
         );
         assert_eq!(
             b.reserve_turn(&ep.id, 4, now, far).await.expect("turn"),
-            crate::Turn::At(now + ms(1000))
+            crate::Turn::At {
+                at: now + ms(1000),
+                due: now + ms(2000)
+            }
         );
+        // At Svix's highest rate turns are 15,260 ns apart (15,259.03, rounded up): never over the rate.
+        let fast = stored_endpoint(&a, &app.id).await;
+        let mut last = None;
+        for _ in 0..16 {
+            last = Some(
+                a.reserve_turn(&fast.id, 65_535, now, far)
+                    .await
+                    .expect("turn"),
+            );
+        }
+        let Some(crate::Turn::At { due, .. }) = last else {
+            panic!("a turn: {last:?}")
+        };
+        assert_eq!(due - now, chrono::Duration::nanoseconds(15_260 * 16));
         // Deleting the endpoint deletes its pace.
         a.delete_endpoint(&app.id, &ep.id).await.expect("delete");
-        let paces: i64 = sqlx::query_scalar("SELECT count(*) FROM endpoint_paces")
-            .fetch_one(&a.pool)
+        let paces: Vec<String> = sqlx::query_scalar("SELECT endpoint_id FROM endpoint_paces")
+            .fetch_all(&a.pool)
             .await
-            .expect("count");
-        assert_eq!(paces, 0);
+            .expect("paces");
+        assert_eq!(paces, [fast.id.as_str()]);
     }
 
     /// The per-app limit holds across nodes and over the app's endpoints.
