@@ -12,9 +12,11 @@
 //!
 //! A reservation is refused when its turn is further off than the caller may wait: a claimed
 //! delivery is leased for a bounded time, and one sent after its lease ran out could be sent
-//! twice (another claim may have taken it). Each of the dispatcher's two lanes also holds no
-//! more of a paced endpoint's deliveries than its rate sends in [`PACED_AHEAD_PER_LANE`] (see
-//! [`Pacer::claim_cap`]), so turns stay a few seconds ahead.
+//! twice (another claim may have taken it); the dispatcher lets such a delivery go for a later
+//! claim. Each of the dispatcher's two lanes also holds no more of a paced endpoint's
+//! deliveries than its rate sends in [`PACED_AHEAD_PER_LANE`], and none while the endpoint's
+//! next turn is further off than its deliveries may wait (see [`Pacer::claim_cap`]), so turns
+//! stay a few seconds ahead and a delivery let go is not claimed again before its turn is near.
 
 use std::{
     collections::HashMap,
@@ -63,13 +65,14 @@ impl Pace {
         self.due + FORGET_AFTER <= now
     }
 
-    /// What one lane may hold of this endpoint's deliveries (see [`Pacer::claim_cap`]).
-    fn lane_cap(&self, limit: u32, now: Instant) -> u32 {
+    /// What one lane may hold of this endpoint's deliveries (see [`Pacer::claim_cap`]), with
+    /// turns handed out `ahead` at most.
+    fn lane_cap(&self, limit: u32, now: Instant, ahead: Duration) -> u32 {
         let next_turn = self
             .due
             .checked_sub(Self::tolerance(self.rate))
             .unwrap_or(now);
-        if next_turn > now + PACED_AHEAD_PER_LANE * 2 {
+        if next_turn > now + ahead {
             // Turns were handed out further ahead than both lanes may hold (a first claim
             // that did not know the pace yet): nothing more until they come closer, or every
             // delivery claimed meanwhile would find no turn within its lease.
@@ -80,12 +83,21 @@ impl Pace {
 }
 
 /// The pace of every endpoint this node has sent paced attempts to lately.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Pacer {
     paces: Mutex<HashMap<EndpointId, Pace>>,
     /// How many endpoints `paces` holds, read without the lock: most deployments pace no
     /// endpoint, and every claim asks for the caps.
     len: AtomicUsize,
+    /// The lanes claim none of an endpoint's deliveries while its next turn is further off
+    /// than this (see [`Pacer::claim_cap`]).
+    ahead: Duration,
+}
+
+impl Default for Pacer {
+    fn default() -> Self {
+        Self::holding_turns_within(PACED_AHEAD_PER_LANE * 2)
+    }
 }
 
 /// Whether an endpoint is paced: a `throttleRate` of 0 (or none) sets no pace.
@@ -107,6 +119,17 @@ fn cap(rate: u16, limit: u32) -> u32 {
 }
 
 impl Pacer {
+    /// A pacer whose lanes claim an endpoint's deliveries only while its next turn is within
+    /// `window` (and at most `2 × PACED_AHEAD_PER_LANE`): a delivery claimed then must find its
+    /// turn before its lease's latest start, `window` after the claim.
+    pub fn holding_turns_within(window: Duration) -> Self {
+        Self {
+            paces: Mutex::default(),
+            len: AtomicUsize::default(),
+            ahead: window.min(PACED_AHEAD_PER_LANE * 2),
+        }
+    }
+
     fn paces(&self) -> std::sync::MutexGuard<'_, HashMap<EndpointId, Pace>> {
         // Every update is a few arithmetic operations that cannot panic midway.
         self.paces.lock().unwrap_or_else(|p| p.into_inner())
@@ -161,8 +184,10 @@ impl Pacer {
     /// The most deliveries of `endpoint` one lane may hold (`limit`: what it lets any endpoint
     /// hold), if the endpoint was paced lately: what its rate sends in
     /// [`PACED_AHEAD_PER_LANE`], at least one; none while its next turn is further off than
-    /// both lanes' share. An endpoint not paced lately gets `limit`: its first attempts tell
-    /// its pace, and any that would wait past their lease are left for a later claim.
+    /// both lanes' share, or than a claimed delivery may wait for it
+    /// ([`Pacer::holding_turns_within`]). An endpoint not paced lately gets `limit`: its first
+    /// attempts tell its pace, and any that would wait past their lease are let go for a later
+    /// claim.
     pub fn claim_cap(&self, endpoint: &EndpointId, limit: u32, now: Instant) -> u32 {
         if self.is_empty() {
             return limit;
@@ -170,7 +195,7 @@ impl Pacer {
         self.paces()
             .get(endpoint)
             .filter(|pace| !pace.idle(now))
-            .map_or(limit, |pace| pace.lane_cap(limit, now))
+            .map_or(limit, |pace| pace.lane_cap(limit, now, self.ahead))
     }
 
     /// The endpoints paced lately, with their caps under `limit` (see [`Pacer::claim_cap`]);
@@ -184,7 +209,7 @@ impl Pacer {
         self.len.store(paces.len(), Ordering::Relaxed);
         paces
             .iter()
-            .map(|(endpoint, pace)| (endpoint.clone(), pace.lane_cap(limit, now)))
+            .map(|(endpoint, pace)| (endpoint.clone(), pace.lane_cap(limit, now, self.ahead)))
             .collect()
     }
 }

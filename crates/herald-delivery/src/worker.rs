@@ -715,6 +715,10 @@ impl Dispatcher {
         config: DeliveryConfig,
         metrics: Arc<DeliveryMetrics>,
     ) -> Self {
+        // A job claimed under the caps must find its turn before the latest start its lease
+        // allows, a request timeout and the shutdown's grace after the claim (see `start_by`);
+        // else it would be let go and claimed again, and again.
+        let pacer = Pacer::holding_turns_within(config.request_timeout + config.shutdown_grace);
         Self {
             clock: store.clock(),
             store,
@@ -722,7 +726,7 @@ impl Dispatcher {
             config,
             handle: DispatcherHandle::default(),
             metrics,
-            pacer: Arc::default(),
+            pacer: Arc::new(pacer),
             stopping: CancellationToken::new(),
             left: Mutex::default(),
             job_left: Notify::new(),
@@ -776,13 +780,14 @@ impl Dispatcher {
         tokio::join!(
             Arc::clone(&me).claim_loop(first_attempts, &tasks, &abandon, &shutdown),
             Arc::clone(&me).claim_loop(retries, &tasks, &abandon, &shutdown),
+            me.release_loop(&shutdown),
         );
         tasks.close();
         let grace_end = tokio::time::Instant::now() + me.config.shutdown_grace;
         let grace = tokio::time::sleep_until(grace_end);
         tokio::pin!(grace);
         loop {
-            me.let_go(&lanes, grace_end).await;
+            me.let_go(&lanes, Some(grace_end)).await;
             tokio::select! {
                 () = tasks.wait() => break,
                 () = me.job_left.notified() => {}
@@ -797,12 +802,13 @@ impl Dispatcher {
                 }
             }
         }
-        me.let_go(&lanes, grace_end).await;
+        me.let_go(&lanes, Some(grace_end)).await;
     }
 
-    /// `job`, claimed, is not attempted because shutdown came: its lease is let go (by
-    /// [`Dispatcher::let_go`]), so another node or the next start takes it at once rather than
-    /// when the lease runs out, which may be a minute on a store shared by several nodes.
+    /// `job`, claimed, is not attempted: shutdown came, or its turn (or a slot) came too late
+    /// for its lease. Its lease is let go (by [`Dispatcher::let_go`]), so a later claim, this
+    /// node's or another's or the next start's, takes it as soon as it may go rather than when
+    /// the lease runs out, which may be a minute.
     fn leave(&self, job: DeliveryJob) {
         self.left
             .lock()
@@ -811,11 +817,22 @@ impl Dispatcher {
         self.job_left.notify_one();
     }
 
+    /// Until shutdown, lets go of the jobs left for a later claim ([`Dispatcher::leave`]) as
+    /// they come, several at a time when they come together.
+    async fn release_loop(&self, shutdown: &CancellationToken) {
+        loop {
+            tokio::select! {
+                () = self.job_left.notified() => self.let_go(&[], None).await,
+                () = shutdown.cancelled() => return,
+            }
+        }
+    }
+
     /// Lets go of the leases of the jobs left since the last call and of those still waiting
-    /// in the lanes for a slot, which no attempt will take now. A slow store is given until
-    /// `grace_end` (at least [`LET_GO_PATIENCE`]): shutdown waits no longer for it, and jobs
-    /// it did not let go are claimable again when their leases run out.
-    async fn let_go(&self, lanes: &[Arc<Lane>], grace_end: tokio::time::Instant) {
+    /// in `lanes` for a slot (at shutdown, when no attempt will take them). At shutdown a slow
+    /// store is given until `grace_end` (at least [`LET_GO_PATIENCE`]), and no longer. Jobs not
+    /// let go are claimable again when their leases run out.
+    async fn let_go(&self, lanes: &[Arc<Lane>], grace_end: Option<tokio::time::Instant>) {
         let mut jobs = std::mem::take(&mut *self.left.lock().unwrap_or_else(|p| p.into_inner()));
         for lane in lanes {
             jobs.extend(lane.take_waiting());
@@ -823,14 +840,29 @@ impl Dispatcher {
         if jobs.is_empty() {
             return;
         }
-        let until = grace_end.max(tokio::time::Instant::now() + LET_GO_PATIENCE);
-        let released = tokio::time::timeout_at(until, self.store.release_unattempted(&jobs)).await;
+        let releasing = self.store.release_unattempted(&jobs);
+        let released = match grace_end {
+            Some(grace_end) => {
+                let until = grace_end.max(tokio::time::Instant::now() + LET_GO_PATIENCE);
+                tokio::time::timeout_at(until, releasing).await
+            }
+            None => Ok(releasing.await),
+        };
         let failure = match released {
-            Ok(Ok(released)) => {
+            Ok(Ok(released)) if grace_end.is_some() => {
                 tracing::info!(
                     released,
                     "shutting down: deliveries claimed but not attempted are let go for the next start or another node"
                 );
+                return;
+            }
+            Ok(Ok(released)) => {
+                tracing::debug!(
+                    released,
+                    "deliveries claimed but not attempted in time for their leases are let go for a later claim"
+                );
+                // A shared store tells every node; the embedded one tells nobody.
+                self.handle.wake();
                 return;
             }
             Ok(Err(e)) => e.to_string(),
@@ -839,7 +871,7 @@ impl Dispatcher {
         tracing::warn!(
             error = failure,
             jobs = jobs.len(),
-            "shutting down: could not let go of deliveries claimed but not attempted; they are claimable again when their leases run out"
+            "could not let go of deliveries claimed but not attempted; they are claimable again when their leases run out"
         );
     }
 
@@ -1014,7 +1046,20 @@ impl Dispatcher {
                         None => return,
                     }
                 }
-                Paced::TooLate => false,
+                Paced::TooLate => {
+                    // Let go for a later claim, which the lanes make once the endpoint's
+                    // turns come close enough (see `Lane::endpoint_cap`).
+                    let (app, endpoint) = (job.app_id.clone(), job.endpoint.id.clone());
+                    self.leave(job);
+                    self.handle.lane(lane.first_attempts).notify_one();
+                    match lane.next_after(&app, &endpoint) {
+                        Some(next) => {
+                            job = next;
+                            continue;
+                        }
+                        None => return,
+                    }
+                }
                 Paced::Trouble(reason) => {
                     self.back_off(&job, &reason).await;
                     false
@@ -1111,11 +1156,12 @@ impl Dispatcher {
     }
 
     /// When `job`, which may start until `latest` ([`Dispatcher::start_by`]), may go: its
-    /// endpoint's `throttleRate` spaces the attempts to it ([`Dispatcher::reserve_turn`]). A job may start until a request timeout before its lease ends;
-    /// one whose turn comes later is not sent, since the lease would run out during the
-    /// attempt and another claim could send it again meanwhile. It stays leased, unrecorded,
-    /// and is claimed again once the lease runs out, by which time the lanes hold its endpoint
-    /// to what its rate sends ([`Lane::endpoint_cap`]). The same holds for any job that waited
+    /// endpoint's `throttleRate` spaces the attempts to it ([`Dispatcher::reserve_turn`]). A
+    /// job may start until a request timeout before its lease ends; one whose turn comes later
+    /// is not sent, since the lease would run out during the attempt and another claim could
+    /// send it again meanwhile. It is let go, unrecorded ([`Dispatcher::leave`]), and claimed
+    /// again once its turn is near: the lanes claim none of its endpoint's deliveries before
+    /// ([`Lane::endpoint_cap`]). The same holds for any job that waited
     /// that long for a slot, paced or not (the claims' limits are meant to prevent it). A job
     /// parked until its `parked_turn` goes now, within the same bound, unless it then waited
     /// for a slot past the turn after it: it takes a new turn then, rather than go out
@@ -2121,6 +2167,65 @@ mod tests {
             lane.claim_budget().endpoints.get(&paced),
             Some(&64),
             "two held: nothing more to claim"
+        );
+    }
+
+    /// A paced job whose turn comes after the latest start its lease allows is not sent but
+    /// let go for a later claim, and the slot moves on to the next job.
+    #[tokio::test]
+    async fn a_job_with_no_turn_within_its_lease_is_let_go_for_a_later_claim() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let dir = tempfile::tempdir().expect("dir");
+        let config = to_local_receivers();
+        let timeout = config.request_timeout;
+        let client = WebhookClient::new(&config).expect("client");
+        let metrics = Arc::new(DeliveryMetrics::default());
+        let dispatcher = Arc::new(Dispatcher::new(
+            sqlite_store(&dir).await,
+            client,
+            config,
+            Arc::clone(&metrics),
+        ));
+        let mut paced = job("app_A", "ep_1", 1);
+        paced.endpoint.throttle_rate = Some(1);
+        paced.endpoint.url = format!("http://{}/hook", listener.local_addr().expect("addr"));
+        // Two turns taken at 1 a second: this job's would be 2 s off, and its lease lets it
+        // start only within 1 s.
+        let now = tokio::time::Instant::now();
+        for _ in 0..2 {
+            dispatcher
+                .pacer
+                .reserve(&paced.endpoint.id, 1, now, now + Duration::from_secs(60));
+        }
+        let lane = Lane::new(true, 4, 4, 4);
+        lane.leased(
+            std::slice::from_ref(&paced),
+            now + timeout + LEASE_MARGIN + Duration::from_secs(1),
+        );
+        let started = lane.admit(vec![paced]).pop().expect("room");
+        let tasks = TaskTracker::new();
+        Arc::clone(&dispatcher)
+            .attempts(
+                started,
+                Arc::clone(&lane),
+                tasks.clone(),
+                CancellationToken::new(),
+            )
+            .await;
+        let left = dispatcher.left.lock().expect("left").clone();
+        assert_eq!(names(&left), [("app_A", "ep_1")], "let go");
+        assert_eq!(metrics.paced_past_lease_total.get(), 1);
+        assert!(
+            lane.claim_budget().endpoints.is_empty(),
+            "the lane holds nothing of it"
+        );
+        assert!(
+            tokio::time::timeout(Duration::ZERO, listener.accept())
+                .await
+                .is_err(),
+            "nothing sent"
         );
     }
 

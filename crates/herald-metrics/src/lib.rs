@@ -586,7 +586,7 @@ impl DeliveryMetrics {
         );
         registry.register(
             "delivery_paced_past_lease",
-            "Claimed webhook deliveries not sent because their endpoint's throttleRate gave them no turn within their lease (claimed again later)",
+            "Claimed webhook deliveries not sent because their endpoint's throttleRate gave them no turn within their lease (let go, and claimed again once their turn is near)",
             self.paced_past_lease_total.clone(),
         );
         registry.register(
