@@ -65,9 +65,9 @@ impl Pace {
         self.due + FORGET_AFTER <= now
     }
 
-    /// What one lane may hold of this endpoint's deliveries (see [`Pacer::claim_cap`]), with
-    /// turns handed out `ahead` at most.
-    fn lane_cap(&self, limit: u32, now: Instant, ahead: Duration) -> u32 {
+    /// What one lane may hold of this endpoint's deliveries (see [`Pacer::claim_cap`]): what
+    /// the rate sends in `share`, and nothing while the next turn is further off than `ahead`.
+    fn lane_cap(&self, limit: u32, now: Instant, Window { share, ahead }: Window) -> u32 {
         let next_turn = self
             .due
             .checked_sub(Self::tolerance(self.rate))
@@ -78,8 +78,17 @@ impl Pace {
             // delivery claimed meanwhile would find no turn within its lease.
             return 0;
         }
-        cap(self.rate, limit)
+        cap(self.rate, limit, share)
     }
+}
+
+/// How far ahead the lanes hold a paced endpoint's deliveries (see [`Pacer::claim_cap`]).
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    /// Each lane holds what the rate sends in this.
+    share: Duration,
+    /// The lanes claim nothing while the endpoint's next turn is further off than this.
+    ahead: Duration,
 }
 
 /// The pace of every endpoint this node has sent paced attempts to lately.
@@ -89,14 +98,14 @@ pub struct Pacer {
     /// How many endpoints `paces` holds, read without the lock: most deployments pace no
     /// endpoint, and every claim asks for the caps.
     len: AtomicUsize,
-    /// The lanes claim none of an endpoint's deliveries while its next turn is further off
-    /// than this (see [`Pacer::claim_cap`]).
-    ahead: Duration,
+    /// How far ahead the lanes hold an endpoint's deliveries (see [`Pacer::claim_cap`]).
+    window: Window,
 }
 
 impl Default for Pacer {
+    /// Holds 2 s of each paced endpoint per lane, while its next turn is within 4 s.
     fn default() -> Self {
-        Self::holding_turns_within(PACED_AHEAD_PER_LANE * 2)
+        Self::holding_turns_within(Duration::MAX)
     }
 }
 
@@ -113,20 +122,32 @@ pub fn interval(rate: u16) -> Duration {
 }
 
 /// What `rate` sends in [`PACED_AHEAD_PER_LANE`], within 1 and `limit`.
-fn cap(rate: u16, limit: u32) -> u32 {
-    let ahead = u32::try_from(PACED_AHEAD_PER_LANE.as_secs()).unwrap_or(u32::MAX);
-    u32::from(rate).saturating_mul(ahead).clamp(1, limit.max(1))
+fn cap(rate: u16, limit: u32, share: Duration) -> u32 {
+    let sends = (f64::from(rate) * share.as_secs_f64()).floor();
+    // In range: `rate` is at most 65,535 and `share` at most a few seconds.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let sends = sends as u32;
+    sends.clamp(1, limit.max(1))
 }
 
 impl Pacer {
-    /// A pacer whose lanes claim an endpoint's deliveries only while its next turn is within
-    /// `window` (and at most `2 × PACED_AHEAD_PER_LANE`): a delivery claimed then must find its
-    /// turn before its lease's latest start, `window` after the claim.
+    /// A pacer whose lanes hold an endpoint's deliveries so that each finds its turn within
+    /// `window` of its claim (the latest start its lease allows): each lane what the rate
+    /// sends in a quarter of it (at most [`PACED_AHEAD_PER_LANE`]), claimed only while the
+    /// next turn is within what is left of it after both lanes' shares (at most
+    /// `2 × PACED_AHEAD_PER_LANE`). With a window of 8 s or more, 2 s per lane while the next
+    /// turn is within 4 s.
     pub fn holding_turns_within(window: Duration) -> Self {
+        let share = (window / 4).min(PACED_AHEAD_PER_LANE);
         Self {
             paces: Mutex::default(),
             len: AtomicUsize::default(),
-            ahead: window.min(PACED_AHEAD_PER_LANE * 2),
+            window: Window {
+                share,
+                ahead: window
+                    .saturating_sub(share * 2)
+                    .min(PACED_AHEAD_PER_LANE * 2),
+            },
         }
     }
 
@@ -174,10 +195,18 @@ impl Pacer {
 
     /// Notes `endpoint`'s theoretical arrival time `due` as a store shared by several nodes
     /// keeps it (the cluster's pace, see `MessageStore::reserve_turn`), so that this node's
-    /// claim caps follow the cluster's turns.
+    /// claim caps follow the cluster's turns. The stored `due` never moves back (a reset after
+    /// a quiet spell starts from now, later than it), so an older reading, from a reservation
+    /// that answered out of order or a refusal's snapshot, does not replace a newer one.
     pub fn follow(&self, endpoint: &EndpointId, rate: u16, due: Instant) {
         let mut paces = self.paces();
-        paces.insert(endpoint.clone(), Pace { rate, due });
+        paces
+            .entry(endpoint.clone())
+            .and_modify(|pace| {
+                pace.rate = rate;
+                pace.due = pace.due.max(due);
+            })
+            .or_insert(Pace { rate, due });
         self.len.store(paces.len(), Ordering::Relaxed);
     }
 
@@ -195,7 +224,7 @@ impl Pacer {
         self.paces()
             .get(endpoint)
             .filter(|pace| !pace.idle(now))
-            .map_or(limit, |pace| pace.lane_cap(limit, now, self.ahead))
+            .map_or(limit, |pace| pace.lane_cap(limit, now, self.window))
     }
 
     /// The endpoints paced lately, with their caps under `limit` (see [`Pacer::claim_cap`]);
@@ -209,7 +238,7 @@ impl Pacer {
         self.len.store(paces.len(), Ordering::Relaxed);
         paces
             .iter()
-            .map(|(endpoint, pace)| (endpoint.clone(), pace.lane_cap(limit, now, self.ahead)))
+            .map(|(endpoint, pace)| (endpoint.clone(), pace.lane_cap(limit, now, self.window)))
             .collect()
     }
 }
@@ -338,8 +367,36 @@ mod tests {
             pacer.claim_cap(&endpoint(1), 64, now + Duration::from_secs(7)),
             2
         );
-        // The store's word replaces what this node noted before.
+        // An older reading (a reservation that answered out of order) changes nothing.
         pacer.follow(&endpoint(1), 1, now + Duration::from_secs(1));
+        assert_eq!(pacer.claim_cap(&endpoint(1), 64, now), 0);
+    }
+
+    /// When a claimed delivery may wait less than the usual 8 s for its turn (short request
+    /// timeouts and grace), the lanes hold less and claim only nearer turns, so what they claim
+    /// still finds its turn in time rather than being let go and claimed again in a loop. A
+    /// window of 1.1 s: each lane holds what the rate sends in 275 ms, claimed while the next
+    /// turn is within 550 ms; both lanes' last turn then comes within 1.1 s.
+    #[tokio::test(start_paused = true)]
+    async fn a_short_lease_window_holds_less_and_nearer_turns() {
+        let pacer = Pacer::holding_turns_within(Duration::from_millis(1100));
+        let now = Instant::now();
+        let far = now + Duration::from_secs(60);
+        // At 10 a second: a burst of 10, then one every 100 ms.
+        for _ in 0..14 {
+            pacer.reserve(&endpoint(1), 10, now, far);
+        }
+        // The next turn is 500 ms off: within 550 ms.
         assert_eq!(pacer.claim_cap(&endpoint(1), 64, now), 2);
+        pacer.reserve(&endpoint(1), 10, now, far);
+        assert_eq!(pacer.claim_cap(&endpoint(1), 64, now), 0, "600 ms off");
+        assert_eq!(
+            pacer.claim_cap(&endpoint(1), 64, now + Duration::from_millis(50)),
+            2
+        );
+        // The defaults (a window of 25 s): as before.
+        let usual = Pacer::holding_turns_within(Duration::from_secs(25));
+        usual.reserve(&endpoint(1), 10, now, far);
+        assert_eq!(usual.claim_cap(&endpoint(1), 64, now), 20);
     }
 }

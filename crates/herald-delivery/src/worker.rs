@@ -702,7 +702,8 @@ pub struct Dispatcher {
     /// Cancelled when shutdown is requested (see [`Dispatcher::run`]): from then on no attempt
     /// starts, and jobs not yet started are let go ([`Dispatcher::leave`]).
     stopping: CancellationToken,
-    /// Jobs not attempted because shutdown came, until `run` lets go of their leases.
+    /// Jobs claimed but not attempted (see [`Dispatcher::leave`]), until their leases are let
+    /// go.
     left: Mutex<Vec<DeliveryJob>>,
     /// Told when a job is added to `left`.
     job_left: Notify,
@@ -787,7 +788,7 @@ impl Dispatcher {
         let grace = tokio::time::sleep_until(grace_end);
         tokio::pin!(grace);
         loop {
-            me.let_go(&lanes, Some(grace_end)).await;
+            me.let_go(&lanes, grace_end).await;
             tokio::select! {
                 () = tasks.wait() => break,
                 () = me.job_left.notified() => {}
@@ -802,7 +803,7 @@ impl Dispatcher {
                 }
             }
         }
-        me.let_go(&lanes, Some(grace_end)).await;
+        me.let_go(&lanes, grace_end).await;
     }
 
     /// `job`, claimed, is not attempted: shutdown came, or its turn (or a slot) came too late
@@ -818,29 +819,56 @@ impl Dispatcher {
     }
 
     /// Until shutdown, lets go of the jobs left for a later claim ([`Dispatcher::leave`]) as
-    /// they come, several at a time when they come together.
+    /// they come, several at a time when they come together. Shutdown does not wait for a
+    /// release under way: its jobs go back to `left`, for shutdown's own.
     async fn release_loop(&self, shutdown: &CancellationToken) {
         loop {
             tokio::select! {
-                () = self.job_left.notified() => self.let_go(&[], None).await,
+                () = self.job_left.notified() => {}
                 () = shutdown.cancelled() => return,
+            }
+            let jobs = self.take_left(&[]);
+            if jobs.is_empty() {
+                continue;
+            }
+            let stopped = tokio::select! {
+                () = self.release(&jobs, None) => false,
+                () = shutdown.cancelled() => true,
+            };
+            if stopped {
+                self.left
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend(jobs);
+                return;
             }
         }
     }
 
-    /// Lets go of the leases of the jobs left since the last call and of those still waiting
-    /// in `lanes` for a slot (at shutdown, when no attempt will take them). At shutdown a slow
-    /// store is given until `grace_end` (at least [`LET_GO_PATIENCE`]), and no longer. Jobs not
-    /// let go are claimable again when their leases run out.
-    async fn let_go(&self, lanes: &[Arc<Lane>], grace_end: Option<tokio::time::Instant>) {
+    /// The jobs left since the last call, and those waiting in `lanes` for a slot (at
+    /// shutdown, when no attempt will take them).
+    fn take_left(&self, lanes: &[Arc<Lane>]) -> Vec<DeliveryJob> {
         let mut jobs = std::mem::take(&mut *self.left.lock().unwrap_or_else(|p| p.into_inner()));
         for lane in lanes {
             jobs.extend(lane.take_waiting());
         }
+        jobs
+    }
+
+    /// Lets go of the leases of the jobs [`Dispatcher::take_left`] takes, at shutdown.
+    async fn let_go(&self, lanes: &[Arc<Lane>], grace_end: tokio::time::Instant) {
+        let jobs = self.take_left(lanes);
+        self.release(&jobs, Some(grace_end)).await;
+    }
+
+    /// Lets go of the leases of `jobs`. At shutdown a slow store is given until `grace_end`
+    /// (at least [`LET_GO_PATIENCE`]), and no longer. Jobs not let go are claimable again when
+    /// their leases run out.
+    async fn release(&self, jobs: &[DeliveryJob], grace_end: Option<tokio::time::Instant>) {
         if jobs.is_empty() {
             return;
         }
-        let releasing = self.store.release_unattempted(&jobs);
+        let releasing = self.store.release_unattempted(jobs);
         let released = match grace_end {
             Some(grace_end) => {
                 let until = grace_end.max(tokio::time::Instant::now() + LET_GO_PATIENCE);
@@ -1731,9 +1759,15 @@ mod tests {
 
     /// Answers one request with `status` (as `200 OK`) once its body has arrived.
     async fn answer_one(listener: tokio::net::TcpListener, status: &str) {
+        let (socket, _) = listener.accept().await.expect("a request");
+        answer(socket, status).await;
+    }
+
+    /// Reads one request from `socket` and answers it with `status`; returns the request's
+    /// head and body, lowercased.
+    async fn answer(mut socket: tokio::net::TcpStream, status: &str) -> String {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-        let (mut socket, _) = listener.accept().await.expect("a request");
         let mut seen = Vec::new();
         let mut buf = [0u8; 4096];
         loop {
@@ -1754,6 +1788,29 @@ mod tests {
         }
         let answer = format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
         socket.write_all(answer.as_bytes()).await.expect("write");
+        String::from_utf8_lossy(&seen).to_ascii_lowercase()
+    }
+
+    /// Stores `n` messages to `endpoint` of `app`, each with a delivery due now.
+    async fn queue_messages(store: &dyn Store, app: &AppId, endpoint: &EndpointId, n: usize) {
+        for n in 0..n {
+            let now = Utc::now();
+            let message = herald_core::model::Message {
+                id: MessageId::new(now),
+                app_id: app.clone(),
+                event_id: Some(format!("queued-{n}")),
+                event_type: "t".into(),
+                channels: None,
+                tags: None,
+                payload: bytes::Bytes::from_static(b"{}"),
+                created_at: now,
+                payload_expires_at: None,
+            };
+            store
+                .create_message(message, vec![endpoint.clone()])
+                .await
+                .expect("message");
+        }
     }
 
     /// A failure that would disable its endpoint for a streak (failing for 5 days, as the job
@@ -1950,24 +2007,7 @@ mod tests {
             .expect("bind");
         endpoint.url = format!("http://{}/hook", listener.local_addr().expect("addr"));
         store.create_endpoint(&endpoint).await.expect("endpoint");
-        for n in 0..3 {
-            let now = Utc::now();
-            let message = herald_core::model::Message {
-                id: MessageId::new(now),
-                app_id: app.id.clone(),
-                event_id: Some(format!("stopping-{n}")),
-                event_type: "t".into(),
-                channels: None,
-                tags: None,
-                payload: bytes::Bytes::from_static(b"{}"),
-                created_at: now,
-                payload_expires_at: None,
-            };
-            store
-                .create_message(message, vec![endpoint.id.clone()])
-                .await
-                .expect("message");
-        }
+        queue_messages(store.as_ref(), &app.id, &endpoint.id, 3).await;
         let config = DeliveryConfig {
             per_endpoint_in_flight: 1,
             shutdown_grace: Duration::from_millis(200),
@@ -2227,6 +2267,74 @@ mod tests {
                 .is_err(),
             "nothing sent"
         );
+    }
+
+    /// A paced delivery claimed before its endpoint's pace was known, whose turn comes after
+    /// the latest start its lease allows, is let go at once, claimed again once its turn is
+    /// near, and sent once, at its turn: here the third of three at 1 a second, with 1 s
+    /// request timeouts (a lease of about 7 s that lets an attempt start until 1.1 s after
+    /// the claim). When such a delivery stayed leased, it went after its lease, 7 s in.
+    #[tokio::test]
+    async fn a_delivery_let_go_for_its_lease_is_claimed_again_and_sent_once_at_its_turn() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let dir = tempfile::tempdir().expect("dir");
+        let store = sqlite_store(&dir).await;
+        let app = herald_store::conformance::stored_app(store.as_ref(), "paced").await;
+        let mut endpoint = herald_store::conformance::endpoint(&app.id);
+        endpoint.throttle_rate = Some(1);
+        endpoint.url = format!("http://{}/hook", listener.local_addr().expect("addr"));
+        store.create_endpoint(&endpoint).await.expect("endpoint");
+        // Queued before the dispatcher runs: its first claim takes all three.
+        queue_messages(store.as_ref(), &app.id, &endpoint.id, 3).await;
+        let config = DeliveryConfig {
+            request_timeout: Duration::from_secs(1),
+            shutdown_grace: Duration::from_millis(100),
+            ..to_local_receivers()
+        };
+        let client = WebhookClient::new(&config).expect("client");
+        let metrics = Arc::new(DeliveryMetrics::default());
+        let dispatcher = Dispatcher::new(Arc::clone(&store), client, config, Arc::clone(&metrics));
+        let shutdown = CancellationToken::new();
+        let started = std::time::Instant::now();
+        let running = tokio::spawn(dispatcher.run(shutdown.clone()));
+
+        let mut ids = HashSet::new();
+        let mut arrivals = Vec::new();
+        for _ in 0..3 {
+            let (socket, _) = tokio::time::timeout(Duration::from_secs(20), listener.accept())
+                .await
+                .expect("a delivery within 20 s")
+                .expect("accept");
+            let request = answer(socket, "200 OK").await;
+            let id = request
+                .lines()
+                .find_map(|line| line.strip_prefix("webhook-id:"))
+                .map(|id| id.trim().to_owned())
+                .expect("a webhook-id");
+            assert!(ids.insert(id), "each message once");
+            arrivals.push(started.elapsed());
+        }
+        assert!(
+            metrics.paced_past_lease_total.get() >= 1,
+            "the third had no turn within its first lease"
+        );
+        // Turns at 0, 1 and 2 s after the first attempt, which came after `started`.
+        assert!(
+            arrivals[2] + Duration::from_millis(10) >= Duration::from_secs(2),
+            "{arrivals:?}"
+        );
+        assert!(arrivals[2] < Duration::from_secs(6), "{arrivals:?}");
+        shutdown.cancel();
+        running.await.expect("the dispatcher stops");
+        assert!(
+            tokio::time::timeout(Duration::ZERO, listener.accept())
+                .await
+                .is_err(),
+            "nothing more"
+        );
+        store.close().await;
     }
 
     /// A paced delivery goes at its turn if that comes a request timeout and a margin before

@@ -462,10 +462,12 @@ async fn throttle_rate_spaces_an_endpoints_deliveries() {
 /// its turn. With a 1 s request timeout a lease lasts about 7 s and an attempt may start until
 /// about 1.1 s after its claim; at 1 a second the four go at 0, 1, 2 and 3 s. A delivery
 /// claimed before its endpoint's pace was known whose turn comes too late for its lease is let
-/// go (`herald_delivery_paced_past_lease_total`; on its own in
-/// `worker::tests::a_job_with_no_turn_within_its_lease_is_let_go_for_a_later_claim`) and claimed
-/// again once its turn is near, and the lanes claim no more of the endpoint until then. (When
-/// such a delivery was left leased, the last two came after the lease, 7 s in.)
+/// go (`herald_delivery_paced_past_lease_total`) and claimed again once its turn is near, and
+/// the lanes claim no more of the endpoint until then; whether that happens here depends on how
+/// the four are claimed, so the dispatcher's own tests show it for certain
+/// (`worker::tests::a_job_with_no_turn_within_its_lease_is_let_go_for_a_later_claim`,
+/// `worker::tests::a_delivery_let_go_for_its_lease_is_claimed_again_and_sent_once_at_its_turn`).
+/// (When such a delivery was left leased, the last two came after the lease, 7 s in.)
 #[tokio::test]
 async fn with_short_leases_a_paced_endpoints_deliveries_go_once_each_at_their_turns() {
     let server = TestServer::start_with(|c| {
