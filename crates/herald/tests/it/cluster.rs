@@ -890,3 +890,61 @@ async fn an_endpoints_throttle_rate_holds_across_the_nodes_that_deliver_to_it() 
     second.stop().await;
     cluster.stop().await;
 }
+
+/// The same with both nodes delivering at once: with one delivery in flight per endpoint (two
+/// leased across the cluster), the nodes take the endpoint's deliveries in turns as each
+/// finishes, and each node's own burst would have let eight go in the first moments. At 4 a
+/// second, the n-th delivery (from 0) comes no sooner than n - 3 quarter seconds in.
+#[tokio::test]
+async fn an_endpoints_throttle_rate_holds_while_two_nodes_deliver_to_it_at_once() {
+    let Some(cluster) = Cluster::start_with(
+        "an endpoint's throttle rate with two nodes delivering",
+        2,
+        |c| c.delivery.per_endpoint_in_flight = 1,
+    )
+    .await
+    else {
+        return;
+    };
+    let mut receiver = Receiver::start().await;
+    let first = &cluster.nodes[0];
+    let app = first.create_app("paced-two-nodes").await;
+    first
+        .create_endpoint(&app, json!({"url": receiver.url, "throttleRate": 4}))
+        .await;
+    let started = std::time::Instant::now();
+    for n in 0..12 {
+        first
+            .send(&app, json!({"eventType": "x", "payload": {"n": n}}))
+            .await;
+    }
+    let mut ids = HashSet::new();
+    let mut arrivals = Vec::new();
+    for _ in 0..12 {
+        let delivery = receiver.next().await;
+        assert!(
+            ids.insert(delivery.header("webhook-id").to_owned()),
+            "each message once"
+        );
+        arrivals.push(started.elapsed());
+    }
+    for (n, arrived) in arrivals.iter().enumerate() {
+        let turn = Duration::from_millis(250) * u32::try_from(n.saturating_sub(3)).unwrap_or(0);
+        assert!(
+            *arrived + Duration::from_millis(10) >= turn,
+            "delivery {n} at {arrived:?}, before its turn at {turn:?}: {arrivals:?}"
+        );
+    }
+    // Which node sent how many: both, as a rule (not asserted: the claims decide).
+    let mut sent = Vec::new();
+    for node in &cluster.nodes {
+        let text = crate::metrics::scrape(node).await;
+        sent.push(crate::metrics::sample(
+            &text,
+            "herald_delivery_attempts_total{outcome=\"success\"}",
+        ));
+    }
+    eprintln!("deliveries sent by each node: {sent:?}");
+    assert_eq!(sent.iter().sum::<f64>(), 12.0, "{sent:?}");
+    cluster.stop().await;
+}
