@@ -47,6 +47,8 @@ enum Paced {
     /// The store keeping the cluster's turns could not be asked: not sent, for a reason of
     /// this server's (see [`Unsent::Trouble`]).
     Trouble(String),
+    /// Shutdown came while the turn was being reserved: let go.
+    Stopping,
 }
 
 /// Claims per store round trip, per lane.
@@ -1041,17 +1043,7 @@ impl Dispatcher {
                 turn: parked_turn,
             } = lane.noted(&job);
             let start_by = self.start_by(lease_end, tokio::time::Instant::now());
-            // Asking a store that keeps the cluster's turns is a round trip: shutdown does not
-            // wait for it.
-            let paced = tokio::select! {
-                paced = self.pace(&job, start_by, parked_turn) => Some(paced),
-                () = self.stopping.cancelled() => None,
-            };
-            let Some(paced) = paced else {
-                self.leave(job);
-                return;
-            };
-            let turn = match paced {
+            let turn = match self.pace(&job, start_by, parked_turn).await {
                 Paced::Now => true,
                 Paced::At(at) if at <= tokio::time::Instant::now() + PARK_BEYOND => {
                     tokio::select! {
@@ -1074,19 +1066,21 @@ impl Dispatcher {
                         None => return,
                     }
                 }
+                Paced::Stopping => {
+                    self.leave(job);
+                    return;
+                }
                 Paced::TooLate => {
                     // Let go for a later claim, which the lanes make once the endpoint's
                     // turns come close enough (see `Lane::endpoint_cap`).
                     let (app, endpoint) = (job.app_id.clone(), job.endpoint.id.clone());
                     self.leave(job);
                     self.handle.lane(lane.first_attempts).notify_one();
-                    match lane.next_after(&app, &endpoint) {
-                        Some(next) => {
-                            job = next;
-                            continue;
-                        }
-                        None => return,
-                    }
+                    let Some(next) = lane.next_after(&app, &endpoint) else {
+                        return;
+                    };
+                    job = next;
+                    continue;
                 }
                 Paced::Trouble(reason) => {
                     self.back_off(&job, &reason).await;
@@ -1213,11 +1207,17 @@ impl Dispatcher {
                 Paced::Now
             } else {
                 tracing::warn!(msg_id = %job.msg_id, endpoint_id = %job.endpoint.id,
-                    "a delivery waited in the dispatcher past the start of its lease's last attempt; left for a later claim");
+                    "a delivery waited in the dispatcher past the start of its lease's last attempt; let go for a later claim");
                 Paced::TooLate
             };
         };
-        match self.reserve_turn(&job.endpoint.id, rate, now, latest).await {
+        // Asking a store that keeps the cluster's turns is a round trip: shutdown does not wait
+        // for it.
+        let reserved = tokio::select! {
+            reserved = self.reserve_turn(&job.endpoint.id, rate, now, latest) => reserved,
+            () = self.stopping.cancelled() => return Paced::Stopping,
+        };
+        match reserved {
             Err(e) => {
                 self.metrics.not_sent();
                 Paced::Trouble(format!("could not reserve the endpoint's turn: {e}"))
@@ -1227,7 +1227,7 @@ impl Dispatcher {
             Ok(None) => {
                 self.metrics.paced_past_lease();
                 tracing::debug!(msg_id = %job.msg_id, endpoint_id = %job.endpoint.id, rate,
-                    "the endpoint's throttleRate gives this delivery no turn within its lease; left for a later claim");
+                    "the endpoint's throttleRate gives this delivery no turn within its lease; let go for a later claim");
                 Paced::TooLate
             }
         }
@@ -1744,6 +1744,27 @@ mod tests {
         }
     }
 
+    /// A dispatcher on `store` with `config`, and its metrics.
+    fn dispatcher_on(
+        store: Arc<dyn Store>,
+        config: DeliveryConfig,
+    ) -> (Dispatcher, Arc<DeliveryMetrics>) {
+        let client = WebhookClient::new(&config).expect("client");
+        let metrics = Arc::new(DeliveryMetrics::default());
+        let dispatcher = Dispatcher::new(store, client, config, Arc::clone(&metrics));
+        (dispatcher, metrics)
+    }
+
+    /// Asserts that nothing connected to `listener` (`what`: what that shows).
+    async fn assert_unvisited(listener: &tokio::net::TcpListener, what: &str) {
+        assert!(
+            tokio::time::timeout(Duration::ZERO, listener.accept())
+                .await
+                .is_err(),
+            "{what}"
+        );
+    }
+
     async fn sqlite_store(dir: &tempfile::TempDir) -> Arc<dyn Store> {
         Arc::new(
             herald_store::sqlite::SqliteStore::open(dir.path())
@@ -1829,12 +1850,7 @@ mod tests {
         let mut endpoint = herald_store::conformance::endpoint(&app.id);
         endpoint.url = url;
         store.create_endpoint(&endpoint).await.expect("endpoint");
-        let dispatcher = Dispatcher::new(
-            Arc::clone(&store),
-            WebhookClient::new(&to_local_receivers()).expect("client"),
-            to_local_receivers(),
-            Arc::default(),
-        );
+        let (dispatcher, _) = dispatcher_on(Arc::clone(&store), to_local_receivers());
         let mut job = job(app.id.as_str(), endpoint.id.as_str(), 1);
         job.endpoint = endpoint;
         job.endpoint.failing_since = Some(Utc::now() - chrono::Duration::days(6));
@@ -1867,10 +1883,7 @@ mod tests {
 
         let dir = tempfile::tempdir().expect("dir");
         let store = sqlite_store(&dir).await;
-        let config = to_local_receivers();
-        let client = WebhookClient::new(&config).expect("client");
-        let metrics = Arc::new(DeliveryMetrics::default());
-        let dispatcher = Dispatcher::new(Arc::clone(&store), client, config, Arc::clone(&metrics));
+        let (dispatcher, metrics) = dispatcher_on(Arc::clone(&store), to_local_receivers());
         let mut job = job("app_A", "ep_1", 1);
         job.endpoint.url = url;
 
@@ -1907,10 +1920,7 @@ mod tests {
     async fn a_delivery_this_server_cannot_send_is_not_charged_to_its_endpoint() {
         let dir = tempfile::tempdir().expect("dir");
         let store = sqlite_store(&dir).await;
-        let config = DeliveryConfig::default();
-        let client = WebhookClient::new(&config).expect("client");
-        let metrics = Arc::new(DeliveryMetrics::default());
-        let dispatcher = Dispatcher::new(Arc::clone(&store), client, config, Arc::clone(&metrics));
+        let (dispatcher, metrics) = dispatcher_on(Arc::clone(&store), DeliveryConfig::default());
         let mut job = job("app_A", "ep_1", 1);
         job.endpoint.format = EndpointFormat::Pusher;
 
@@ -1957,15 +1967,7 @@ mod tests {
             .await
             .expect("bind");
         let dir = tempfile::tempdir().expect("dir");
-        let config = to_local_receivers();
-        let client = WebhookClient::new(&config).expect("client");
-        let metrics = Arc::new(DeliveryMetrics::default());
-        let dispatcher = Dispatcher::new(
-            sqlite_store(&dir).await,
-            client,
-            config,
-            Arc::clone(&metrics),
-        );
+        let (dispatcher, metrics) = dispatcher_on(sqlite_store(&dir).await, to_local_receivers());
         dispatcher.stopping.cancel();
         let lane = Lane::new(true, 4, 4, 4);
         let mut job = job("app_A", "ep_1", 1);
@@ -1983,12 +1985,7 @@ mod tests {
         for outcome in herald_metrics::AttemptOutcome::ALL {
             assert_eq!(metrics.attempts(outcome), 0, "{outcome:?}");
         }
-        assert!(
-            tokio::time::timeout(Duration::ZERO, listener.accept())
-                .await
-                .is_err(),
-            "nothing connected"
-        );
+        assert_unvisited(&listener, "nothing connected").await;
     }
 
     /// At shutdown, the deliveries a dispatcher claimed but did not start are let go: a claim
@@ -2013,8 +2010,7 @@ mod tests {
             shutdown_grace: Duration::from_millis(200),
             ..to_local_receivers()
         };
-        let client = WebhookClient::new(&config).expect("client");
-        let dispatcher = Dispatcher::new(Arc::clone(&store), client, config, Arc::default());
+        let (dispatcher, _) = dispatcher_on(Arc::clone(&store), config);
         let shutdown = CancellationToken::new();
         let running = tokio::spawn(dispatcher.run(shutdown.clone()));
         let (_in_flight, _) = listener.accept().await.expect("the first attempt");
@@ -2211,7 +2207,7 @@ mod tests {
     }
 
     /// A paced job whose turn comes after the latest start its lease allows is not sent but
-    /// let go for a later claim, and the slot moves on to the next job.
+    /// let go for a later claim, and frees its slot.
     #[tokio::test]
     async fn a_job_with_no_turn_within_its_lease_is_let_go_for_a_later_claim() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -2220,14 +2216,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let config = to_local_receivers();
         let timeout = config.request_timeout;
-        let client = WebhookClient::new(&config).expect("client");
-        let metrics = Arc::new(DeliveryMetrics::default());
-        let dispatcher = Arc::new(Dispatcher::new(
-            sqlite_store(&dir).await,
-            client,
-            config,
-            Arc::clone(&metrics),
-        ));
+        let (dispatcher, metrics) = dispatcher_on(sqlite_store(&dir).await, config);
+        let dispatcher = Arc::new(dispatcher);
         let mut paced = job("app_A", "ep_1", 1);
         paced.endpoint.throttle_rate = Some(1);
         paced.endpoint.url = format!("http://{}/hook", listener.local_addr().expect("addr"));
@@ -2261,12 +2251,7 @@ mod tests {
             lane.claim_budget().endpoints.is_empty(),
             "the lane holds nothing of it"
         );
-        assert!(
-            tokio::time::timeout(Duration::ZERO, listener.accept())
-                .await
-                .is_err(),
-            "nothing sent"
-        );
+        assert_unvisited(&listener, "nothing sent").await;
     }
 
     /// A paced delivery claimed before its endpoint's pace was known, whose turn comes after
@@ -2293,9 +2278,7 @@ mod tests {
             shutdown_grace: Duration::from_millis(100),
             ..to_local_receivers()
         };
-        let client = WebhookClient::new(&config).expect("client");
-        let metrics = Arc::new(DeliveryMetrics::default());
-        let dispatcher = Dispatcher::new(Arc::clone(&store), client, config, Arc::clone(&metrics));
+        let (dispatcher, metrics) = dispatcher_on(Arc::clone(&store), config);
         let shutdown = CancellationToken::new();
         let started = std::time::Instant::now();
         let running = tokio::spawn(dispatcher.run(shutdown.clone()));
@@ -2328,12 +2311,7 @@ mod tests {
         assert!(arrivals[2] < Duration::from_secs(6), "{arrivals:?}");
         shutdown.cancel();
         running.await.expect("the dispatcher stops");
-        assert!(
-            tokio::time::timeout(Duration::ZERO, listener.accept())
-                .await
-                .is_err(),
-            "nothing more"
-        );
+        assert_unvisited(&listener, "nothing more").await;
         store.close().await;
     }
 
@@ -2345,9 +2323,7 @@ mod tests {
         let store = sqlite_store(&dir).await;
         let config = DeliveryConfig::default();
         let timeout = config.request_timeout;
-        let client = WebhookClient::new(&config).expect("client");
-        let metrics = Arc::new(DeliveryMetrics::default());
-        let dispatcher = Dispatcher::new(store, client, config, Arc::clone(&metrics));
+        let (dispatcher, metrics) = dispatcher_on(store, config);
         // Paused once the store is open (its pool's timeouts would fire on a paused clock):
         // every reading of the clock below is the same instant.
         tokio::time::pause();

@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 
 use crate::{
     cluster_presence::{join as join_presence, until_users},
+    delivery::{arrivals_once_each, assert_no_sooner_than_their_turns, send_to_a_paced_endpoint},
     harness::{
         Backend, Receiver, Reply, TestBroker, TestServer, ThrowawayDatabase, backend,
         join_cluster_broker, test_broker,
@@ -843,29 +844,11 @@ async fn an_endpoints_throttle_rate_holds_across_the_nodes_that_deliver_to_it() 
     let mut receiver = Receiver::start().await;
     let first = cluster.nodes.remove(0);
     let app = first.create_app("paced-cluster").await;
-    first
-        .create_endpoint(&app, json!({"url": receiver.url, "throttleRate": 4}))
-        .await;
-    let started = std::time::Instant::now();
-    for n in 0..12 {
-        first
-            .send(&app, json!({"eventType": "x", "payload": {"n": n}}))
-            .await;
-    }
-    let mut ids = HashSet::new();
-    let mut arrivals = Vec::new();
-    let mut take = |delivery: crate::harness::Delivery| {
-        assert!(
-            ids.insert(delivery.header("webhook-id").to_owned()),
-            "each message once"
-        );
-        arrivals.push(started.elapsed());
-    };
+    let started = send_to_a_paced_endpoint(&first, &app, &receiver, 4, 12).await;
+    let mut seen = HashSet::new();
     // The burst and the next turn's delivery come from the first node; it then stops, letting
     // go of the deliveries it held for later turns.
-    for _ in 0..5 {
-        take(receiver.next().await);
-    }
+    let mut arrivals = arrivals_once_each(&mut receiver, &mut seen, 5, started).await;
     first.stop().await;
     let db = &cluster.db;
     let second = TestServer::start_with(|c| {
@@ -873,20 +856,10 @@ async fn an_endpoints_throttle_rate_holds_across_the_nodes_that_deliver_to_it() 
         join_cluster_broker(c, &db.name);
     })
     .await;
-    for _ in 5..12 {
-        take(receiver.next().await);
-    }
-    // The n-th delivery's turn (from 0) is n - 3 quarter seconds after the first's, which
-    // came after `started`: it reached the receiver no earlier. (Lower bounds only: a busy
-    // machine may be later, never earlier.) A burst of the second node's own would bring the
-    // sixth to the ninth in together, as soon as it started.
-    for (n, arrived) in arrivals.iter().enumerate() {
-        let turn = Duration::from_millis(250) * u32::try_from(n.saturating_sub(3)).unwrap_or(0);
-        assert!(
-            *arrived + Duration::from_millis(10) >= turn,
-            "delivery {n} at {arrived:?}, before its turn at {turn:?}: {arrivals:?}"
-        );
-    }
+    arrivals.extend(arrivals_once_each(&mut receiver, &mut seen, 7, started).await);
+    // A burst of the second node's own would bring the sixth to the ninth in together, as
+    // soon as it started.
+    assert_no_sooner_than_their_turns(&arrivals, 4);
     second.stop().await;
     cluster.stop().await;
 }
@@ -907,34 +880,10 @@ async fn an_endpoints_throttle_rate_holds_while_two_nodes_deliver_to_it_at_once(
         return;
     };
     let mut receiver = Receiver::start().await;
-    let first = &cluster.nodes[0];
-    let app = first.create_app("paced-two-nodes").await;
-    first
-        .create_endpoint(&app, json!({"url": receiver.url, "throttleRate": 4}))
-        .await;
-    let started = std::time::Instant::now();
-    for n in 0..12 {
-        first
-            .send(&app, json!({"eventType": "x", "payload": {"n": n}}))
-            .await;
-    }
-    let mut ids = HashSet::new();
-    let mut arrivals = Vec::new();
-    for _ in 0..12 {
-        let delivery = receiver.next().await;
-        assert!(
-            ids.insert(delivery.header("webhook-id").to_owned()),
-            "each message once"
-        );
-        arrivals.push(started.elapsed());
-    }
-    for (n, arrived) in arrivals.iter().enumerate() {
-        let turn = Duration::from_millis(250) * u32::try_from(n.saturating_sub(3)).unwrap_or(0);
-        assert!(
-            *arrived + Duration::from_millis(10) >= turn,
-            "delivery {n} at {arrived:?}, before its turn at {turn:?}: {arrivals:?}"
-        );
-    }
+    let app = cluster.nodes[0].create_app("paced-two-nodes").await;
+    let started = send_to_a_paced_endpoint(&cluster.nodes[0], &app, &receiver, 4, 12).await;
+    let arrivals = arrivals_once_each(&mut receiver, &mut HashSet::new(), 12, started).await;
+    assert_no_sooner_than_their_turns(&arrivals, 4);
     // Which node sent how many: both, as a rule (not asserted: the claims decide).
     let mut sent = Vec::new();
     for node in &cluster.nodes {

@@ -1,6 +1,9 @@
 //! Outbound webhooks against a real local receiver.
 
-use std::collections::BTreeSet;
+use std::{
+    collections::{BTreeSet, HashSet},
+    time::{Duration, Instant},
+};
 
 use base64::{Engine, engine::general_purpose::STANDARD};
 use hmac::{Hmac, Mac};
@@ -422,6 +425,60 @@ async fn rotated_secret_keeps_signing_during_the_grace_period() {
     server.stop().await;
 }
 
+/// Gives `app` on `node` an endpoint that sends to `receiver`, paced at `rate` a second, and
+/// sends it `count` messages at once; returns when the sending began, before the first turn.
+pub(crate) async fn send_to_a_paced_endpoint(
+    node: &TestServer,
+    app: &str,
+    receiver: &Receiver,
+    rate: u32,
+    count: usize,
+) -> Instant {
+    node.create_endpoint(app, json!({"url": receiver.url, "throttleRate": rate}))
+        .await;
+    let started = Instant::now();
+    for n in 0..count {
+        node.send(app, json!({"eventType": "x", "payload": {"n": n}}))
+            .await;
+    }
+    started
+}
+
+/// The next `count` deliveries at `receiver`, each of a message not in `seen` (which keeps
+/// them): how long after `started` each arrived.
+pub(crate) async fn arrivals_once_each(
+    receiver: &mut Receiver,
+    seen: &mut HashSet<String>,
+    count: usize,
+    started: Instant,
+) -> Vec<Duration> {
+    let mut arrivals = Vec::with_capacity(count);
+    for _ in 0..count {
+        let delivery = receiver.next().await;
+        assert!(
+            seen.insert(delivery.header("webhook-id").to_owned()),
+            "each message once"
+        );
+        arrivals.push(started.elapsed());
+    }
+    arrivals
+}
+
+/// Asserts that the n-th of `arrivals` (from 0, counted from before the first turn) came no
+/// sooner than its turn at `rate` a second: a burst of `rate`, then one every `1 / rate`
+/// seconds. Lower bounds only: a busy machine may be later, never earlier.
+pub(crate) fn assert_no_sooner_than_their_turns(arrivals: &[Duration], rate: u32) {
+    let interval = Duration::from_secs(1) / rate;
+    for (n, arrived) in arrivals.iter().enumerate() {
+        let after_the_burst = n.saturating_sub(rate.saturating_sub(1) as usize);
+        let turn = interval * u32::try_from(after_the_burst).unwrap_or(u32::MAX);
+        assert!(
+            *arrived + Duration::from_millis(10) >= turn,
+            "delivery {n} at {arrived:?}, before its turn at {turn:?}: {arrivals:?}"
+        );
+    }
+}
+
 /// An endpoint's `throttleRate` spaces its deliveries: at 2 a second, six messages sent at once
 /// go as a burst of two, then one every half second, each once.
 #[tokio::test]
@@ -429,32 +486,9 @@ async fn throttle_rate_spaces_an_endpoints_deliveries() {
     let server = TestServer::start().await;
     let mut receiver = Receiver::start().await;
     let app = server.create_app("paced").await;
-    server
-        .create_endpoint(&app, json!({"url": receiver.url, "throttleRate": 2}))
-        .await;
-    let started = std::time::Instant::now();
-    for n in 0..6 {
-        server
-            .send(&app, json!({"eventType": "x", "payload": {"n": n}}))
-            .await;
-    }
-    let mut ids = BTreeSet::new();
-    for n in 0..6u32 {
-        let delivery = receiver.next().await;
-        assert!(
-            ids.insert(delivery.header("webhook-id").to_owned()),
-            "each message once"
-        );
-        // The n-th delivery's turn is (n - 1) half seconds after the first's, which came
-        // after `started`; it reached the receiver no earlier. (Lower bounds only: a busy
-        // machine may be later, never earlier.)
-        let turn = std::time::Duration::from_millis(500) * n.saturating_sub(1);
-        let arrived = started.elapsed();
-        assert!(
-            arrived + std::time::Duration::from_millis(10) >= turn,
-            "delivery {n} at {arrived:?}, before its turn at {turn:?}"
-        );
-    }
+    let started = send_to_a_paced_endpoint(&server, &app, &receiver, 2, 6).await;
+    let arrivals = arrivals_once_each(&mut receiver, &mut HashSet::new(), 6, started).await;
+    assert_no_sooner_than_their_turns(&arrivals, 2);
     server.stop().await;
 }
 
@@ -477,38 +511,12 @@ async fn with_short_leases_a_paced_endpoints_deliveries_go_once_each_at_their_tu
     .await;
     let mut receiver = Receiver::start().await;
     let app = server.create_app("paced-past-lease").await;
-    server
-        .create_endpoint(&app, json!({"url": receiver.url, "throttleRate": 1}))
-        .await;
-    let started = std::time::Instant::now();
-    for n in 0..4 {
-        server
-            .send(&app, json!({"eventType": "x", "payload": {"n": n}}))
-            .await;
-    }
-    let mut ids = BTreeSet::new();
-    let mut arrivals = Vec::new();
-    for _ in 0..4 {
-        let delivery = receiver.next().await;
-        assert!(
-            ids.insert(delivery.header("webhook-id").to_owned()),
-            "each message once"
-        );
-        arrivals.push(started.elapsed());
-    }
+    let started = send_to_a_paced_endpoint(&server, &app, &receiver, 1, 4).await;
+    let arrivals = arrivals_once_each(&mut receiver, &mut HashSet::new(), 4, started).await;
     // The last's turn, 3 s in, was past the 1.1 s its first lease let it start by: it came
     // at its turn, well before that lease ran out (7 s in; the bound leaves a busy machine 3 s).
-    for (n, arrived) in arrivals.iter().enumerate() {
-        let turn = std::time::Duration::from_secs(u64::try_from(n).unwrap_or(u64::MAX));
-        assert!(
-            *arrived + std::time::Duration::from_millis(10) >= turn,
-            "delivery {n} before its turn: {arrivals:?}"
-        );
-    }
-    assert!(
-        arrivals[3] < std::time::Duration::from_secs(6),
-        "{arrivals:?}"
-    );
+    assert_no_sooner_than_their_turns(&arrivals, 1);
+    assert!(arrivals[3] < Duration::from_secs(6), "{arrivals:?}");
     assert!(receiver.drain().is_empty(), "nothing more");
     server.stop().await;
 }
