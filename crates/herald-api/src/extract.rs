@@ -22,44 +22,48 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for SvixJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "payload_too_large",
-                    "request body is larger than api.max_body_bytes",
-                )
-            } else {
-                ApiError::bad_request("invalid_body", rejection.body_text())
-            }
-        })?;
+        let bytes = body_bytes(req, state).await?;
         parse_json(&bytes).map(SvixJson)
     }
 }
 
-/// Whether JSON text holds the escape `\u0000` (a NUL in a string; raw control characters are
-/// not valid JSON): escapes are read pairwise, so an escaped backslash followed by `u0000` is
-/// not one.
-fn holds_escaped_nul(bytes: &[u8]) -> bool {
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' {
-            if bytes.get(i + 1..i + 6) == Some(b"u0000".as_slice()) {
-                return true;
-            }
-            i += 2;
-        } else {
-            i += 1;
+/// An optional JSON body, as [`SvixJson`]: no body (or only whitespace) is `T::default()`, as
+/// Svix's SDKs send `{}` and a bare POST asks for the defaults too.
+pub struct OptionalSvixJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for OptionalSvixJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = body_bytes(req, state).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(OptionalSvixJson(T::default()));
         }
+        parse_json(&bytes).map(OptionalSvixJson)
     }
-    false
+}
+
+/// The request's body, within `api.max_body_bytes`; beyond it a 413 in the APIs' error shape
+/// (axum's own rejection is plain text).
+async fn body_bytes<S: Send + Sync>(req: Request, state: &S) -> ApiResult<Bytes> {
+    Bytes::from_request(req, state).await.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "request body is larger than api.max_body_bytes",
+            )
+        } else {
+            ApiError::bad_request("invalid_body", rejection.body_text())
+        }
+    })
 }
 
 /// Parses a JSON body in one pass. A value of the wrong shape is a 422 whose `loc` is the full
 /// path to the offending field (`["body", "application", "uid"]`, `["body", "channels", "2"]`),
 /// tracked by `serde_path_to_error` as it deserializes: nothing is parsed twice.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
-    if holds_escaped_nul(bytes) {
+    if herald_core::validate::json_holds_escaped_nul(bytes) {
         // The stores keep text without NUL (PostgreSQL's text and JSONB refuse it), so a body
         // that holds one is refused here, on either store, rather than failing as a 500.
         return Err(ApiError::invalid(
@@ -234,22 +238,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_nul_escape_is_found_and_an_escaped_backslash_before_u0000_is_not_one() {
-        assert!(holds_escaped_nul(br#"{"name":"a\u0000b"}"#));
-        assert!(
-            holds_escaped_nul(br#"["\\\u0000"]"#),
-            "a backslash, then a NUL"
-        );
-        assert!(
-            !holds_escaped_nul(br#"{"name":"a\\u0000b"}"#),
-            "backslash, u0000"
-        );
-        assert!(
-            !holds_escaped_nul(br#"{"name":"\u0001"}"#),
-            "another control character"
-        );
-        assert!(!holds_escaped_nul(br#"{"name":"plain"}"#));
-        assert!(!holds_escaped_nul(b"\\"), "a trailing backslash");
+    fn a_body_holding_a_nul_escape_is_a_422() {
         let refused =
             parse_json::<serde_json::Value>(br#"{"name":"a\u0000"}"#).expect_err("refused");
         assert_eq!(refused.status(), StatusCode::UNPROCESSABLE_ENTITY);

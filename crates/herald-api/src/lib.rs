@@ -261,8 +261,23 @@ fn routes(state: ApiState, config: &ApiConfig) -> Router {
         .merge(console::routes().into_router(&state))
         .merge(openapi::routes().into_router(&state))
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
+        // After every route is registered: it is set on the routes there are.
+        .method_not_allowed_fallback(method_not_allowed)
         .fallback(unknown_route)
         .with_state(state)
+}
+
+/// A known path asked with a method it does not take: 405 in the APIs' error shape (axum adds
+/// the `Allow` header).
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!(
+            "{} does not take {method}; the Allow header lists the methods it takes",
+            uri.path()
+        ),
+    )
 }
 
 async fn unknown_route(method: Method, uri: Uri) -> ApiError {

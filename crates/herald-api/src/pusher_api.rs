@@ -196,8 +196,11 @@ async fn authenticate(
     Ok(app)
 }
 
-/// An event to trigger, Pusher's shape: `channel` or `channels`, `data` a string.
+/// An event to trigger, Pusher's shape: `channel` or `channels`, `data` a string. Any other
+/// field is refused (400), as a misspelt `socket_id` would otherwise silently send the event
+/// back to its sender.
 #[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 struct TriggerIn {
     name: String,
     data: String,
@@ -212,6 +215,7 @@ struct TriggerIn {
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 struct BatchIn {
     batch: Vec<TriggerIn>,
 }
@@ -238,6 +242,11 @@ fn check_event(event: &TriggerIn, shape: Channels) -> Result<Vec<String>, Pusher
         return Err(bad(format!(
             "event name must be 1 to {MAX_EVENT_NAME} characters"
         )));
+    }
+    // The stores keep text without NUL (PostgreSQL's text refuses it): refused here, on
+    // either store, rather than failing as a 500 when a history channel keeps the event.
+    if event.name.contains('\0') || event.data.contains('\0') {
+        return Err(bad("event name and data may not contain NUL (\\u0000)"));
     }
     if event.data.len() > MAX_DATA_BYTES {
         return Err(PusherError::new(

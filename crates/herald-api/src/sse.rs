@@ -220,6 +220,9 @@ pub async fn stream(
     if !positions.is_empty() {
         first = first.id(position_id(&positions));
     }
+    let endless = Endless {
+        too_slow: overflowed.clone(),
+    };
     let state = StreamState {
         first: Some(first),
         frames,
@@ -254,7 +257,7 @@ pub async fn stream(
     let headers = response.headers_mut();
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     headers.insert("access-control-allow-origin", HeaderValue::from_static("*"));
-    response.extensions_mut().insert(Endless);
+    response.extensions_mut().insert(endless);
     Ok(response)
 }
 
@@ -262,8 +265,13 @@ pub async fn stream(
 /// serve it on the raw connection, off its HTTP machinery and that machinery's buffers, should
 /// (see `herald::listener`). The response is the same either way; without such a listener
 /// (tests calling the router directly) the HTTP server serves it as any other.
-#[derive(Debug, Clone, Copy)]
-pub struct Endless;
+#[derive(Debug, Clone)]
+pub struct Endless {
+    /// Cancelled when the stream's outbox overflows: its client is too slow. A writer blocked
+    /// on a client that stopped reading never polls the body again, so the body cannot end
+    /// the stream itself; the writer gives up on this (its subscription and slots go with it).
+    pub too_slow: CancellationToken,
+}
 
 /// Settings for SSE streams.
 #[derive(Debug, Clone)]

@@ -131,8 +131,16 @@ pub fn timestamp_of(value: &str, prefix: &str) -> Option<DateTime<Utc>> {
 }
 
 /// The smallest id with `prefix` made at `at`: a cursor for "everything since `at`".
+///
+/// An id holds its time as 32 bits of seconds since the KSUID epoch (2014-05-13), so it can
+/// name 2014-05-13 to 2150 only; a time outside is held to that range (no id was made before
+/// it), where the id's own arithmetic would wrap it around (1970 became 2106, and a window
+/// from then matched nothing).
 pub fn lower_bound(prefix: &str, at: DateTime<Utc>) -> String {
-    let ksuid = KsuidMs::from_millis(Some(at.timestamp_millis()), Some(&[0u8; 15]));
+    const FIRST_MS: i64 = svix_ksuid::KSUID_EPOCH * 1_000;
+    const LAST_MS: i64 = (svix_ksuid::KSUID_EPOCH + u32::MAX as i64) * 1_000 + 999;
+    let millis = at.timestamp_millis().clamp(FIRST_MS, LAST_MS);
+    let ksuid = KsuidMs::from_millis(Some(millis), Some(&[0u8; 15]));
     format!("{prefix}{ksuid}")
 }
 
@@ -396,6 +404,32 @@ mod tests {
         );
         assert!(lower_bound(ENDPOINT, t0) <= id);
     }
+
+    /// Times an id cannot hold are held to the range it can: a window from 1970 or to 2200
+    /// still holds today's ids, where the ids' own arithmetic wrapped such times around.
+    #[test]
+    fn bounds_outside_the_ids_range_hold_to_it() {
+        let id = new_id(ENDPOINT, Utc::now());
+        let at = |s: &str| s.parse::<DateTime<Utc>>().expect("a time");
+        for early in [
+            "1970-01-01T00:00:00Z",
+            "1900-06-01T00:00:00Z",
+            "2014-05-13T00:00:00Z",
+        ] {
+            let bound = lower_bound(ENDPOINT, at(early));
+            assert!(bound <= id, "{early}: {bound} > {id}");
+            assert_eq!(
+                bound,
+                lower_bound(ENDPOINT, at("2014-05-13T16:53:20Z")),
+                "{early}"
+            );
+        }
+        for late in ["2106-03-01T00:00:00Z", "2200-01-01T00:00:00Z"] {
+            let bound = lower_bound(ENDPOINT, at(late));
+            assert!(bound > id, "{late}: {bound} <= {id}");
+        }
+    }
+
     #[test]
     fn typed_ids_check_their_prefix() {
         let t0 = Utc::now();

@@ -55,6 +55,25 @@ pub fn channel(value: &str) -> Result<(), &'static str> {
     }
 }
 
+/// Whether JSON text holds the escape `\u0000` (a NUL in a string; raw control characters are
+/// not valid JSON): escapes are read pairwise, so an escaped backslash followed by `u0000` is
+/// not one. The stores keep text without NUL (PostgreSQL's text and JSONB refuse it), so
+/// input holding one is refused where it comes in, on either store, rather than failing there.
+pub fn json_holds_escaped_nul(bytes: &[u8]) -> bool {
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' {
+            if bytes.get(i + 1..i + 6) == Some(b"u0000".as_slice()) {
+                return true;
+            }
+            i += 2;
+        } else {
+            i += 1;
+        }
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,5 +115,24 @@ mod tests {
             CHANNEL_RULE.contains(&format!(" {MAX_CHANNEL_NAME} ")),
             "{CHANNEL_RULE}"
         );
+    }
+
+    #[test]
+    fn a_nul_escape_is_found_and_an_escaped_backslash_before_u0000_is_not_one() {
+        assert!(json_holds_escaped_nul(br#"{"name":"a\u0000b"}"#));
+        assert!(
+            json_holds_escaped_nul(br#"["\\\u0000"]"#),
+            "a backslash, then a NUL"
+        );
+        assert!(
+            !json_holds_escaped_nul(br#"{"name":"a\\u0000b"}"#),
+            "backslash, u0000"
+        );
+        assert!(
+            !json_holds_escaped_nul(br#"{"name":"\u0001"}"#),
+            "another control character"
+        );
+        assert!(!json_holds_escaped_nul(br#"{"name":"plain"}"#));
+        assert!(!json_holds_escaped_nul(b"\\"), "a trailing backslash");
     }
 }

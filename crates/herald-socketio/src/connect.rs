@@ -72,6 +72,38 @@ struct PositionWire {
     offset: u64,
 }
 
+/// The longest epoch a position may name: Herald's are 16 hex digits; a longer one can match
+/// no channel's.
+const MAX_EPOCH_CHARS: usize = 64;
+
+/// The handshake's positions are kept until their rooms are joined, for the socket's life: no
+/// more of them than it may join rooms, each a room it could join and an epoch Herald could
+/// have given.
+fn check_positions(
+    positions: &HashMap<String, PositionWire>,
+    max_rooms: usize,
+) -> Result<(), String> {
+    if positions.len() > max_rooms {
+        return Err(format!(
+            "invalid auth: `positions` names {} rooms; a socket joins at most {max_rooms}",
+            positions.len()
+        ));
+    }
+    for (room, position) in positions {
+        if let Err(rule) = herald_core::validate::channel(room) {
+            return Err(format!(
+                "invalid auth: `positions` names a room that is not a valid name: {rule}"
+            ));
+        }
+        if position.epoch.chars().count() > MAX_EPOCH_CHARS {
+            return Err(format!(
+                "invalid auth: the epoch of room `{room}` in `positions` is longer than {MAX_EPOCH_CHARS} characters"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Registers the connect handler: for every app (`/{app}`, a dynamic namespace, created at
 /// its first CONNECT) or, given `path`, for one app's key (see [`Face::open_app`] for why).
 pub(crate) fn register(io: &SocketIo, face: &Arc<Face>, path: Option<String>) {
@@ -145,6 +177,7 @@ async fn admit(
         }
     }
     let auth = auth.map_err(|e| format!("invalid auth: {e}"))?;
+    check_positions(&auth.positions, face.config.max_rooms_per_socket)?;
     let grant = match &auth.token {
         None => None,
         Some(token) => Some(verify_token(&app, token)?),
@@ -266,4 +299,44 @@ fn allow_origin(headers: &mut axum::http::HeaderMap, origin: Option<HeaderValue>
         origin.unwrap_or(HeaderValue::from_static("*")),
     );
     headers.insert(header::VARY, HeaderValue::from_static("origin"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn positions<'a>(
+        rooms: impl IntoIterator<Item = (String, &'a str)>,
+    ) -> HashMap<String, PositionWire> {
+        rooms
+            .into_iter()
+            .map(|(room, epoch)| {
+                let epoch = epoch.to_owned();
+                (room, PositionWire { epoch, offset: 1 })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn handshake_positions_are_bounded_by_the_rooms_a_socket_may_join() {
+        let rooms = |n: usize| (0..n).map(|i| (format!("history-{i}"), "0123456789abcdef"));
+        assert!(check_positions(&positions(rooms(3)), 3).is_ok());
+        let refused = check_positions(&positions(rooms(4)), 3).expect_err("one too many");
+        assert!(
+            refused.contains("names 4 rooms; a socket joins at most 3"),
+            "{refused}"
+        );
+
+        let long_name = "x".repeat(herald_core::validate::MAX_CHANNEL_NAME + 1);
+        let refused = check_positions(&positions([(long_name, "e")]), 3).expect_err("name");
+        assert!(refused.contains("not a valid name"), "{refused}");
+
+        let long_epoch = "e".repeat(MAX_EPOCH_CHARS + 1);
+        let refused = check_positions(
+            &positions([("history-a".to_owned(), long_epoch.as_str())]),
+            3,
+        )
+        .expect_err("epoch");
+        assert!(refused.contains("longer than 64 characters"), "{refused}");
+    }
 }

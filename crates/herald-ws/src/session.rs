@@ -620,19 +620,22 @@ impl<B: Backend> Session<B> {
             socket_id: self.socket_id.clone(),
             user_id: member.clone(),
         };
-        // Reported for `client_event` webhooks, then published: kept first on a history
-        // channel, and never echoed to the sender.
-        self.hub.report_client_event(channel, report);
-        if let Err(e) = self
+        // Published (kept first on a history channel, never echoed to the sender), then
+        // reported for `client_event` webhooks: an event that could not be published is not
+        // reported, so the client's retry is reported once.
+        match self
             .backend
             .publish_client_event(channel, event, data, member.as_deref(), &self.socket_id)
             .await
         {
-            tracing::error!(error = %e, channel, "publishing a client event failed");
-            self.outbox.send(protocol::error(
-                &format!("client event on {channel} could not be published; try again"),
-                None,
-            ));
+            Ok(()) => self.hub.report_client_event(channel, report),
+            Err(e) => {
+                tracing::error!(error = %e, channel, "publishing a client event failed");
+                self.outbox.send(protocol::error(
+                    &format!("client event on {channel} could not be published; try again"),
+                    None,
+                ));
+            }
         }
         None
     }

@@ -452,13 +452,8 @@ pub async fn rotate_pusher_secret(
     State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path(app_id): Path<String>,
-    body: axum::body::Bytes,
+    crate::extract::OptionalSvixJson(input): crate::extract::OptionalSvixJson<PusherSecretRotateIn>,
 ) -> ApiResult<Response> {
-    let input: PusherSecretRotateIn = if body.iter().all(u8::is_ascii_whitespace) {
-        PusherSecretRotateIn::default()
-    } else {
-        crate::extract::parse_json(&body)?
-    };
     let grace = input
         .grace_period_seconds
         .unwrap_or(PUSHER_ROTATION_GRACE_SECS);

@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 
 use axum::{
     Json,
-    body::Bytes,
     extract::{Path, State},
     http::{HeaderName, HeaderValue, StatusCode},
     response::Response,
@@ -23,7 +22,7 @@ use crate::{
     ApiState,
     auth::Caller,
     error::{ApiError, ApiResult, Validator},
-    extract::{QueryParams, SvixJson, parse_json},
+    extract::{OptionalSvixJson, QueryParams, SvixJson},
     idempotency::SecretFields,
     pagination::{self, ListResponse},
 };
@@ -534,13 +533,8 @@ pub async fn rotate_secret(
     State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path((app_id, endpoint_id)): Path<(String, String)>,
-    body: Bytes,
+    OptionalSvixJson(input): OptionalSvixJson<SecretRotateIn>,
 ) -> ApiResult<Response> {
-    let input: SecretRotateIn = if body.iter().all(u8::is_ascii_whitespace) {
-        SecretRotateIn::default()
-    } else {
-        parse_json(&body)?
-    };
     let grace = input.grace_period_seconds.unwrap_or(ROTATION_GRACE_SECS);
     if !(0..=MAX_ROTATION_GRACE_SECS).contains(&grace) {
         return Err(ApiError::invalid(

@@ -11,7 +11,6 @@ use std::sync::Arc;
 
 use axum::{
     Json,
-    body::Bytes,
     extract::{Path, State},
     http::{HeaderMap, StatusCode, header},
     response::Response,
@@ -25,7 +24,7 @@ use crate::{
     ApiState,
     auth::Caller,
     error::{ApiResult, Validator},
-    extract::parse_json,
+    extract::OptionalSvixJson,
     idempotency::SecretFields,
 };
 
@@ -71,15 +70,9 @@ pub async fn create(
     caller: Caller,
     Path(app_id): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    OptionalSvixJson(input): OptionalSvixJson<AppPortalAccessIn>,
 ) -> ApiResult<Response> {
     caller.require_environment()?;
-    // Svix's SDKs send `{}`; a bare POST with no body asks for the defaults too.
-    let input: AppPortalAccessIn = if body.iter().all(u8::is_ascii_whitespace) {
-        AppPortalAccessIn::default()
-    } else {
-        parse_json(&body)?
-    };
     let mut v = Validator::default();
     let expiry = input.expiry.unwrap_or(DEFAULT_EXPIRY_SECS);
     v.check(

@@ -7,6 +7,7 @@
 //! (`channel_data`) and a sign-in (`user_data`) is signed as text, so it stays text here until
 //! the signature is checked; [`presence_member`] and [`signed_in_user`] read it afterwards.
 
+use herald_core::validate;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -99,6 +100,9 @@ struct ChannelData {
     user_info: Option<Box<RawValue>>,
 }
 
+/// The longest client event name, as for events published through the HTTP API (Pusher's).
+pub const MAX_CLIENT_EVENT_NAME: usize = 200;
+
 /// Reads one client text message.
 pub fn parse(text: &str) -> ClientMessage {
     let message: Incoming = match serde_json::from_str(text) {
@@ -139,6 +143,26 @@ pub fn parse(text: &str) -> ClientMessage {
             },
             Err(e) => malformed("pusher:signin", e),
         },
+        name if name.starts_with("client-") && name.len() > MAX_CLIENT_EVENT_NAME => {
+            ClientMessage::Malformed {
+                reason: format!(
+                    "invalid client event: its name is {} bytes; the limit is {MAX_CLIENT_EVENT_NAME}",
+                    name.len()
+                ),
+            }
+        }
+        // The stores keep text without NUL (PostgreSQL's text and JSONB refuse it): such an
+        // event could never be kept on a history channel nor in a `client_event` webhook, so
+        // it is refused as what it is.
+        name if name.starts_with("client-")
+            && (name.contains('\0')
+                || data.is_some_and(|d| validate::json_holds_escaped_nul(d.get().as_bytes()))) =>
+        {
+            ClientMessage::Malformed {
+                reason: "invalid client event: its name and data may not contain NUL (\\u0000)"
+                    .into(),
+            }
+        }
         name if name.starts_with("client-") => ClientMessage::ClientEvent {
             event: message.event,
             channel: message.channel,
@@ -212,6 +236,25 @@ mod tests {
             ClientMessage::Malformed { reason } => reason,
             other => panic!("expected Malformed, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn client_events_with_a_nul_or_an_overlong_name_are_malformed() {
+        let nul_name = malformed(r#"{"event":"client-a\u0000","channel":"private-a","data":{}}"#);
+        assert!(nul_name.contains("may not contain NUL"), "{nul_name}");
+        let nul_data =
+            malformed(r#"{"event":"client-a","channel":"private-a","data":{"t":"x\u0000"}}"#);
+        assert!(nul_data.contains("may not contain NUL"), "{nul_data}");
+        let long = format!(
+            r#"{{"event":"client-{}","channel":"private-a","data":{{}}}}"#,
+            "a".repeat(MAX_CLIENT_EVENT_NAME)
+        );
+        assert!(malformed(&long).contains("the limit is 200"));
+        // An escaped backslash before `u0000` is no NUL.
+        assert!(matches!(
+            parse(r#"{"event":"client-a","channel":"private-a","data":{"t":"\\u0000"}}"#),
+            ClientMessage::ClientEvent { .. }
+        ));
     }
 
     #[test]

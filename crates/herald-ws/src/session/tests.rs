@@ -34,6 +34,8 @@ struct Scripted {
     published_meanwhile: Vec<u64>,
     /// Client events kept in history: (channel, event, data).
     kept: Mutex<Vec<(String, String, String)>>,
+    /// Client events fail to publish (the store refused them).
+    refuse_publish: bool,
     /// Set by [`Client::open`].
     hub: Mutex<Option<Arc<AppHub>>>,
 }
@@ -66,6 +68,7 @@ impl Scripted {
             replay: Vec::new(),
             published_meanwhile: Vec::new(),
             kept: Mutex::default(),
+            refuse_publish: false,
             hub: Mutex::default(),
         }
     }
@@ -112,6 +115,11 @@ impl Backend for Scripted {
         user_id: Option<&str>,
         sender: &str,
     ) -> Result<(), PublishError> {
+        if self.refuse_publish {
+            return Err(PublishError::Store(StoreError::Conflict(
+                "the store refused the write".into(),
+            )));
+        }
         let position = self.retention(channel).map(|_| {
             let mut kept = self.kept.lock().expect("lock");
             kept.push((channel.into(), event.into(), data.get().into()));
@@ -571,6 +579,67 @@ async fn client_events_on_a_history_channel_are_kept_then_relayed_with_their_pos
         (relayed["data"].clone(), relayed["offset"].clone()),
         (json!("hi"), json!(1))
     );
+}
+
+/// Records the channel events a hub reports.
+#[derive(Default)]
+struct Reported(Mutex<Vec<herald_channels::hub::ChannelEvent>>);
+
+impl herald_channels::hub::ChannelObserver for Reported {
+    fn observe(&self, _app_id: &AppId, event: herald_channels::hub::ChannelEvent) {
+        self.0.lock().expect("lock").push(event);
+    }
+}
+
+/// A client event is reported for `client_event` webhooks only once it is published: one the
+/// store refused reaches no subscriber and no webhook, so the client's retry is reported once.
+#[tokio::test(start_paused = true)]
+async fn a_client_event_that_could_not_be_published_is_not_reported() {
+    let reported = Arc::new(Reported::default());
+    let hub = Hub::new(
+        Arc::clone(&reported) as Arc<dyn herald_channels::hub::ChannelObserver>,
+        Arc::default(),
+    )
+    .app(&AppId::parse("app_1").expect("valid"));
+    let config = WsConfig::default();
+    let refusing = Scripted {
+        refuse_publish: true,
+        ..Scripted::new()
+    };
+    let mut failing = Client::open(&hub, "1.1", &config, refusing);
+    let mut working = Client::open(&hub, "2.2", &config, Scripted::new());
+    for c in [&mut failing, &mut working] {
+        c.send(&subscribe_signed(c, "private-history-chat", None))
+            .await;
+        c.received();
+    }
+    let client_events = || {
+        reported
+            .0
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|e| matches!(e, herald_channels::hub::ChannelEvent::ClientEvent { .. }))
+            .count()
+    };
+    failing
+        .send(&client_event("private-history-chat", r#""lost?""#))
+        .await;
+    let told = failing.only();
+    assert_eq!(told["event"], "pusher:error", "{told}");
+    assert!(
+        told["data"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("could not be published; try again")),
+        "{told}"
+    );
+    assert_eq!(client_events(), 0, "not reported");
+    assert!(working.received().is_empty(), "not relayed");
+
+    working
+        .send(&client_event("private-history-chat", r#""kept""#))
+        .await;
+    assert_eq!(client_events(), 1, "a published one is reported");
 }
 
 #[tokio::test(start_paused = true)]

@@ -14,7 +14,10 @@
 //! Narrow by design: only a GET over HTTP/1.1 (HEAD must get no body, HTTP/1.0 no chunks),
 //! only a marked response. The response says `connection: close`: the connection ends with the
 //! stream, as it would have in practice anyway. Everything above the bytes (the stream's
-//! events, keep-alives, limits and its end at shutdown) is the body's own, unchanged.
+//! events, keep-alives, limits and its end at shutdown) is the body's own, unchanged, but for
+//! one thing only the writer can see: a client that stopped reading blocks the write, the body
+//! is not polled, and its outbox overflow would go unnoticed; the writer gives up on it
+//! (`Endless::too_slow`).
 
 use std::{
     future::{Future, poll_fn},
@@ -29,6 +32,7 @@ use std::{
 };
 
 use axum::{body::Body, http::header, response::Response};
+use herald_api::sse::Endless;
 use hyper::body::Body as HttpBody;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::sync::CancellationToken;
@@ -101,12 +105,30 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let (parts, body) = response.into_parts();
-    stream(io, head(&parts), body, shutdown)
+    let ends = Ends {
+        shutdown,
+        too_slow: parts
+            .extensions
+            .get::<Endless>()
+            .map(|endless| endless.too_slow.clone())
+            .unwrap_or_default(),
+    };
+    stream(io, head(&parts), body, ends)
+}
+
+/// What ends a stream from outside its body.
+struct Ends {
+    /// The server is stopping: a write gets [`SHUTDOWN_WRITE_TIMEOUT`] more.
+    shutdown: CancellationToken,
+    /// The stream's outbox overflowed (see [`Endless`]): a write still blocked is abandoned
+    /// and the connection closed, so a client that stopped reading gives back its
+    /// subscription, its slots and what its outbox held.
+    too_slow: CancellationToken,
 }
 
 /// Writes `out` (the head), then the body's frames as chunks. The write buffer is freed after
 /// every write: an idle stream holds none.
-async fn stream<S>(mut io: S, mut out: Vec<u8>, mut body: Body, shutdown: CancellationToken)
+async fn stream<S>(mut io: S, mut out: Vec<u8>, mut body: Body, ends: Ends)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -115,7 +137,7 @@ where
         if let Next::End = next {
             out.extend_from_slice(b"0\r\n\r\n");
         }
-        if matches!(next, Next::ClientGone) || write(&mut io, &out, &shutdown).await.is_err() {
+        if matches!(next, Next::ClientGone) || write(&mut io, &out, &ends).await.is_err() {
             return;
         }
         out = Vec::new();
@@ -189,12 +211,8 @@ fn chunk(out: &mut Vec<u8>, data: &[u8]) {
 }
 
 /// Writes and flushes `out`; once the server is shutting down, for at most
-/// [`SHUTDOWN_WRITE_TIMEOUT`] more.
-async fn write(
-    io: &mut (impl AsyncWrite + Unpin),
-    out: &[u8],
-    shutdown: &CancellationToken,
-) -> io::Result<()> {
+/// [`SHUTDOWN_WRITE_TIMEOUT`] more; not at all once the stream is too slow.
+async fn write(io: &mut (impl AsyncWrite + Unpin), out: &[u8], ends: &Ends) -> io::Result<()> {
     let write = async {
         io.write_all(out).await?;
         io.flush().await
@@ -202,9 +220,13 @@ async fn write(
     tokio::pin!(write);
     tokio::select! {
         written = &mut write => written,
-        () = shutdown.cancelled() => tokio::time::timeout(SHUTDOWN_WRITE_TIMEOUT, write)
-            .await
-            .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into())),
+        () = ends.too_slow.cancelled() => Err(io::Error::other("the client fell too far behind")),
+        () = ends.shutdown.cancelled() => tokio::select! {
+            written = tokio::time::timeout(SHUTDOWN_WRITE_TIMEOUT, write) => {
+                written.unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+            }
+            () = ends.too_slow.cancelled() => Err(io::Error::other("the client fell too far behind")),
+        },
     }
 }
 
@@ -297,6 +319,27 @@ mod tests {
         assert!(head.ends_with("\r\n\r\n"), "{head}");
         assert_eq!(head.matches("connection").count(), 1, "{head}");
         assert!(!head.contains("content-length"), "{head}");
+    }
+
+    /// A client that stopped reading blocks the write for good; the stream's overflow ends it.
+    #[tokio::test]
+    async fn a_write_blocked_on_a_client_that_stopped_reading_gives_way_to_the_overflow() {
+        // The client's end is kept but never read: 64 bytes fit, the rest waits.
+        let (mut server, _client) = tokio::io::duplex(64);
+        let ends = Ends {
+            shutdown: CancellationToken::new(),
+            too_slow: CancellationToken::new(),
+        };
+        let out = vec![b'x'; 4096];
+        let write = write(&mut server, &out, &ends);
+        tokio::pin!(write);
+        assert!(
+            futures_util::FutureExt::now_or_never(&mut write).is_none(),
+            "blocked on the client"
+        );
+        ends.too_slow.cancel();
+        let written = write.await;
+        assert!(written.is_err(), "{written:?}");
     }
 
     #[test]

@@ -134,6 +134,28 @@ async fn oversized_bodies_are_refused_with_413() {
         .await;
     assert_eq!(status, 413, "{body}");
     assert_eq!(body["code"], "payload_too_large");
+    // The routes whose body is optional answer in the same shape, not axum's plain text.
+    let (status, endpoint) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/app/{app}/endpoint"),
+            Some(json!({"url": "https://example.com/hook"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{endpoint}");
+    let endpoint = endpoint["id"].as_str().expect("id");
+    let oversized = json!({"gracePeriodSeconds": 0, "padding": "a".repeat(4096)});
+    for path in [
+        format!("/api/v1/app/{app}/pusher/secret/rotate"),
+        format!("/api/v1/app/{app}/endpoint/{endpoint}/secret/rotate"),
+        format!("/api/v1/auth/app-portal-access/{app}"),
+    ] {
+        let (status, body) = server
+            .call(Method::POST, &path, Some(oversized.clone()))
+            .await;
+        assert_eq!(status, 413, "{path}: {body}");
+        assert_eq!(body["code"], "payload_too_large", "{path}: {body}");
+    }
     server.stop().await;
 }
 
@@ -1091,6 +1113,38 @@ async fn api_paths_with_one_trailing_slash_are_served_as_without_it() {
     let (status, body) = server.call(Method::GET, "/api/v1/app//", None).await;
     assert_eq!(status, 404, "{body}");
     assert_eq!(body["detail"], "no route for GET /api/v1/app//");
+    server.stop().await;
+}
+
+/// A known path asked with a method it does not take is a 405 in the APIs' error shape, with
+/// the methods it takes in `Allow`, on the Svix and the Pusher API alike.
+#[tokio::test]
+async fn a_method_a_route_does_not_take_is_a_405_that_says_so() {
+    let server = TestServer::start().await;
+    for (method, path) in [
+        (reqwest::Method::DELETE, "/api/v1/app"),
+        (reqwest::Method::PATCH, "/apps/1/events"),
+    ] {
+        let response = crate::harness::http_client()
+            .request(method.clone(), format!("{}{path}", server.base))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status().as_u16(), 405, "{method} {path}");
+        let allow = response
+            .headers()
+            .get("allow")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        assert!(allow.contains("POST"), "{method} {path}: Allow: {allow}");
+        let body: Value = response.json().await.expect("a JSON body");
+        assert_eq!(body["code"], "method_not_allowed", "{body}");
+        assert_eq!(
+            body["detail"],
+            format!("{path} does not take {method}; the Allow header lists the methods it takes")
+        );
+    }
     server.stop().await;
 }
 

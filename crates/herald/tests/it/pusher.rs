@@ -251,6 +251,45 @@ async fn http_api_refuses_auth_timestamps_at_the_ends_of_i64_without_panicking()
     server.stop().await;
 }
 
+/// A trigger whose name or data holds NUL is a 400 that says so on either store (PostgreSQL's
+/// text refuses NUL: on a history channel it was a 500), and a field Pusher's API does not have
+/// is a 400 naming it, not ignored (a misspelt `socket_id` sent the event back to its sender).
+#[tokio::test]
+async fn http_api_refuses_nul_in_events_and_fields_it_does_not_know() {
+    let server = TestServer::start().await;
+    let (_, creds) = pusher_app(&server, "pusher-nul").await;
+    for body in [
+        json!({"name": "e", "channel": "history-chat", "data": "a\u{0}b"}),
+        json!({"name": "e\u{0}", "channel": "chat", "data": "x"}),
+    ] {
+        let (status, answer) = trigger(&server, &creds, body).await;
+        assert_eq!(status, 400, "{answer}");
+        assert!(answer.contains("may not contain NUL"), "{answer}");
+    }
+    let (status, answer) = trigger(
+        &server,
+        &creds,
+        json!({"name": "e", "channel": "chat", "data": "x", "socketid": "1.2"}),
+    )
+    .await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer.contains("unknown field `socketid`"), "{answer}");
+    let path = format!("/apps/{}/batch_events", creds.id);
+    let batch = json!({"batch": [{"name": "e", "channel": "chat", "data": "x"}], "extra": 1});
+    let (status, answer) = pusher_api(&server, &creds, "POST", &path, &[], Some(batch)).await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer.contains("unknown field `extra`"), "{answer}");
+    // Nothing was kept from the refused triggers; a good one goes through.
+    let (status, answer) = trigger(
+        &server,
+        &creds,
+        json!({"name": "e", "channel": "history-chat", "data": "fine"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    server.stop().await;
+}
+
 /// The review's finding: a Pusher app secret could not be rotated. Now a rotation gives a new
 /// secret that Herald signs with at once, while the old one keeps verifying the backend's
 /// requests and channel auths for the grace period; without a grace it stops at once.
