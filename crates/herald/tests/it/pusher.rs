@@ -207,6 +207,43 @@ pub async fn trigger(server: &TestServer, creds: &Creds, body: Value) -> (u16, S
     pusher_api(server, creds, "POST", &path, &[], Some(body)).await
 }
 
+/// The channel's `subscription_count`, through the HTTP API (WebSockets and SSE streams).
+pub async fn subscription_count(server: &TestServer, creds: &Creds, channel: &str) -> u64 {
+    let (status, info) = pusher_api(
+        server,
+        creds,
+        "GET",
+        &format!("/apps/{}/channels/{channel}", creds.id),
+        &[("info", "subscription_count")],
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{info}");
+    serde_json::from_str::<Value>(&info).expect("json")["subscription_count"]
+        .as_u64()
+        .expect("subscription_count")
+}
+
+/// Publishes ten events of 10 KB (`tick`) on `channel` in one batch: what fills a stalled
+/// reader's socket buffers and outbox fastest.
+pub async fn publish_ten_large_events(server: &TestServer, creds: &Creds, channel: &str) {
+    let data = "z".repeat(10 * 1000);
+    let batch: Vec<Value> = (0..10)
+        .map(|_| json!({"name": "tick", "channel": channel, "data": data}))
+        .collect();
+    let path = format!("/apps/{}/batch_events", creds.id);
+    let (status, body) = pusher_api(
+        server,
+        creds,
+        "POST",
+        &path,
+        &[],
+        Some(json!({"batch": batch})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+}
+
 #[tokio::test]
 async fn http_api_refuses_auth_timestamps_at_the_ends_of_i64_without_panicking() {
     let server = TestServer::start().await;

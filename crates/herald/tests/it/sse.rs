@@ -624,6 +624,7 @@ async fn a_client_that_hangs_up_ends_its_stream_without_waiting_for_a_keep_alive
 /// write is blocked, so only the writer can see the overflow).
 #[tokio::test]
 async fn a_stream_whose_client_stopped_reading_ends_once_its_outbox_overflows() {
+    use crate::pusher::{publish_ten_large_events, subscription_count};
     let server = TestServer::start_with(|c| c.ws.outbox_frames = 16).await;
     let (_, creds) = pusher_app(&server, "sse-stalled").await;
     let mut stalled = RawStream::connect(&server).await;
@@ -632,43 +633,14 @@ async fn a_stream_whose_client_stopped_reading_ends_once_its_outbox_overflows() 
         .await;
     stalled.head().await;
     assert!(stalled.chunk().await.contains("subscription_succeeded"));
-    let subscriptions = || async {
-        let (status, info) = crate::pusher::pusher_api(
-            &server,
-            &creds,
-            "GET",
-            &format!("/apps/{}/channels/firehose", creds.id),
-            &[("info", "subscription_count")],
-            None,
-        )
-        .await;
-        assert_eq!(status, 200, "{info}");
-        serde_json::from_str::<Value>(&info).expect("json")["subscription_count"]
-            .as_u64()
-            .expect("subscription_count")
-    };
-    assert_eq!(subscriptions().await, 1);
+    assert_eq!(subscription_count(&server, &creds, "firehose").await, 1);
 
-    // 10 KB events, ten at a time, until the stream is gone: socket buffers on loopback hold a
-    // few MB, 50 MB is far more than they and the outbox can take.
-    let data = "z".repeat(10 * 1000);
-    let batch: Vec<Value> = (0..10)
-        .map(|_| json!({"name": "tick", "channel": "firehose", "data": data}))
-        .collect();
-    let path = format!("/apps/{}/batch_events", creds.id);
+    // Until the stream is gone: socket buffers on loopback hold a few MB, 50 MB is far more
+    // than they and the outbox can take.
     let mut batches = 0;
-    while subscriptions().await == 1 {
+    while subscription_count(&server, &creds, "firehose").await == 1 {
         assert!(batches < 500, "the stalled stream was never ended");
-        let (status, body) = crate::pusher::pusher_api(
-            &server,
-            &creds,
-            "POST",
-            &path,
-            &[],
-            Some(json!({"batch": batch})),
-        )
-        .await;
-        assert_eq!(status, 200, "{body}");
+        publish_ten_large_events(&server, &creds, "firehose").await;
         batches += 1;
     }
     // Reading now finds what was buffered, then the connection's end.

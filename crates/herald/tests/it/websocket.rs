@@ -531,49 +531,22 @@ async fn slow_consumers_are_disconnected_with_4100() {
 /// channel receives every event.
 #[tokio::test]
 async fn a_client_that_never_reads_again_is_dropped_without_waiting_for_it() {
+    use crate::pusher::{publish_ten_large_events, subscription_count};
     let server = TestServer::start_with(|c| c.ws.outbox_frames = 64).await;
     let (_, creds) = pusher_app(&server, "ws-stalled").await;
     let mut stalled = Client::connect(&server, &creds.key).await;
     stalled.subscribe("firehose", None, None).await;
     let mut reader = Client::connect(&server, &creds.key).await;
     reader.subscribe("firehose", None, None).await;
-    let subscriptions = || async {
-        let (status, info) = pusher_api(
-            &server,
-            &creds,
-            "GET",
-            &format!("/apps/{}/channels/firehose", creds.id),
-            &[("info", "subscription_count")],
-            None,
-        )
-        .await;
-        assert_eq!(status, 200, "{info}");
-        serde_json::from_str::<Value>(&info).expect("json")["subscription_count"]
-            .as_u64()
-            .expect("subscription_count")
-    };
+    let subscriptions = || subscription_count(&server, &creds, "firehose");
     assert_eq!(subscriptions().await, 2);
 
-    // 10 KB events, ten at a time, until the stalled connection is gone (socket buffers on
-    // loopback hold a few MB; 50 MB is far more than they and the outbox can take).
-    let data = "z".repeat(10 * 1000);
-    let batch: Vec<Value> = (0..10)
-        .map(|_| json!({"name": "tick", "channel": "firehose", "data": data}))
-        .collect();
-    let path = format!("/apps/{}/batch_events", creds.id);
+    // Until the stalled connection is gone (socket buffers on loopback hold a few MB; 50 MB is
+    // far more than they and the outbox can take).
     let mut batches = 0;
     while subscriptions().await == 2 {
         assert!(batches < 500, "the stalled connection was never closed");
-        let (status, body) = pusher_api(
-            &server,
-            &creds,
-            "POST",
-            &path,
-            &[],
-            Some(json!({"batch": batch})),
-        )
-        .await;
-        assert_eq!(status, 200, "{body}");
+        publish_ten_large_events(&server, &creds, "firehose").await;
         for _ in 0..10 {
             assert_eq!(reader.expect("tick").await["channel"], "firehose");
         }
