@@ -77,7 +77,7 @@ impl Caller {
     pub fn require_environment(&self) -> ApiResult<()> {
         match self.scope {
             TokenScope::Environment => Ok(()),
-            TokenScope::App(_) => Err(ApiError::forbidden(
+            TokenScope::App(_) | TokenScope::Portal(_) => Err(ApiError::forbidden(
                 "this token is limited to one application",
             )),
         }
@@ -91,10 +91,8 @@ impl Caller {
             .get_app(id_or_uid)
             .await?
             .ok_or_else(|| ApiError::not_found("application"))?;
-        match &self.scope {
-            TokenScope::App(allowed) if *allowed != app.id => {
-                Err(ApiError::not_found("application"))
-            }
+        match self.scope.app() {
+            Some(allowed) if *allowed != app.id => Err(ApiError::not_found("application")),
             _ => Ok(app),
         }
     }

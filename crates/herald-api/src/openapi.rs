@@ -299,7 +299,10 @@ mod tests {
             let op = &value["paths"][route.path][&method];
             let security = op["security"].to_string();
             let expected = match route.access {
-                Access::AnyToken | Access::AppToken | Access::EnvironmentToken => "bearer",
+                Access::AnyToken
+                | Access::AppToken
+                | Access::AppAdmin
+                | Access::EnvironmentToken => "bearer",
                 Access::PusherSignature => "pusher",
                 Access::Public | Access::ProviderSignature | Access::ChannelToken => "{}",
             };

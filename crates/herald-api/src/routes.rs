@@ -33,8 +33,13 @@ pub enum Access {
     /// A bearer token of either scope; an app-scoped token sees only its own app there.
     AnyToken,
     /// A bearer token for the app the path names (`{app_id}`): environment-wide, or scoped to
-    /// that app. Another app's token finds nothing (404), so ids cannot be probed.
+    /// that app (an app portal link's token included). Another app's token finds nothing
+    /// (404), so ids cannot be probed.
     AppToken,
+    /// As [`Access::AppToken`], but not an app portal link's token (403): the app's own
+    /// settings and secrets, its ingest sources, channels and live tail, which are its
+    /// backend's, not its customers'.
+    AppAdmin,
     /// An environment-wide bearer token only; an app-scoped one is refused with 403.
     EnvironmentToken,
     /// The Pusher HTTP API's request signature, made with the key and secret of the app the
@@ -51,7 +56,7 @@ impl Access {
     pub fn takes_bearer_token(self) -> bool {
         matches!(
             self,
-            Self::AnyToken | Self::AppToken | Self::EnvironmentToken
+            Self::AnyToken | Self::AppToken | Self::AppAdmin | Self::EnvironmentToken
         )
     }
 }
@@ -161,14 +166,21 @@ async fn check(state: &ApiState, access: Access, request: Request) -> Result<Req
         Some(scope) => scope.clone(),
         None => auth::authenticate(&parts.headers, state).await?,
     };
-    if let TokenScope::App(allowed) = &scope {
+    if let TokenScope::Portal(_) = &scope
+        && access == Access::AppAdmin
+    {
+        return Err(ApiError::forbidden(
+            "an app portal link's token manages the app's endpoints and messages only",
+        ));
+    }
+    if let Some(allowed) = scope.app() {
         match access {
             Access::EnvironmentToken => {
                 return Err(ApiError::forbidden(
                     "this token is limited to one application",
                 ));
             }
-            Access::AppToken => {
+            Access::AppToken | Access::AppAdmin => {
                 let params = RawPathParams::from_request_parts(&mut parts, state)
                     .await
                     .map_err(|_| ApiError::not_found("application"))?;

@@ -406,8 +406,9 @@ pub async fn an_exact_id_wins_over_a_uid_equal_to_it(store: &dyn Store) {
     assert_eq!(found.id, b.id, "A read first, B looked up by id");
 }
 
-/// A token reads back as it was added, by its digest and by its id, in lists (all, or one
-/// app's), until it is revoked; a digest added twice keeps its first token.
+/// A token reads back as it was added (an app portal link's with its own scope), by its digest
+/// and by its id, in lists (all, or one app's), until it is revoked; a digest added twice keeps
+/// its first token.
 pub async fn token_scopes_round_trip(store: &dyn Store) {
     let app = stored_app(store, "A").await;
     let now = Utc::now().trunc_subsecs(3);
@@ -430,6 +431,24 @@ pub async fn token_scopes_round_trip(store: &dyn Store) {
         .await
         .expect("add");
     store.add_token(&scoped, b"app-hash").await.expect("add");
+    // An app portal link's token keeps its narrower scope.
+    let portal = ApiToken {
+        id: TokenId::new(now),
+        name: "app portal".to_owned(),
+        scope: TokenScope::Portal(app.id.clone()),
+        created_at: now,
+        expires_at: Some(now + chrono::Duration::hours(1)),
+    };
+    store.add_token(&portal, b"portal-hash").await.expect("add");
+    assert_eq!(
+        store.find_token(b"portal-hash").await.expect("read"),
+        Some(portal.clone())
+    );
+    assert_eq!(
+        store.get_token(&portal.id).await.expect("read"),
+        Some(portal.clone())
+    );
+    assert!(store.revoke_token(&portal.id).await.expect("revoke"));
     let again = ApiToken {
         id: TokenId::new(now),
         name: "again".to_owned(),

@@ -165,6 +165,20 @@ pub enum OccupancyChange {
 pub enum TokenScope {
     Environment,
     App(AppId),
+    /// An app portal link's token: limited to one app, and within it to what the app's own
+    /// customers manage (its endpoints, messages and attempts), not the app's settings,
+    /// secrets, sources, channels or live tail.
+    Portal(AppId),
+}
+
+impl TokenScope {
+    /// The one app the token is limited to, if it is.
+    pub fn app(&self) -> Option<&AppId> {
+        match self {
+            Self::Environment => None,
+            Self::App(app) | Self::Portal(app) => Some(app),
+        }
+    }
 }
 
 /// An API token as the store keeps it: everything but the secret, which only its creator saw.

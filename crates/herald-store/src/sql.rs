@@ -230,19 +230,17 @@ macro_rules! add_token {
     ($token:expr, $token_hash:expr) => {{
         let token: &$crate::ApiToken = $token;
         ::sqlx::query(
-            "INSERT INTO api_tokens (id, token_hash, app_id, name, created_at, expires_at)
-             VALUES ($1, $2, $3, $4, $5, $6)
+            "INSERT INTO api_tokens (id, token_hash, app_id, name, created_at, expires_at, portal)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
              ON CONFLICT (token_hash) DO NOTHING",
         )
         .bind(token.id.as_str())
         .bind($token_hash)
-        .bind(match &token.scope {
-            $crate::TokenScope::Environment => None,
-            $crate::TokenScope::App(app) => Some(app.as_str()),
-        })
+        .bind(token.scope.app().map(|app| app.as_str()))
         .bind(&token.name)
         .bind($crate::sqlite::rows::millis(token.created_at))
         .bind(token.expires_at.map($crate::sqlite::rows::millis))
+        .bind(matches!(token.scope, $crate::TokenScope::Portal(_)))
     }};
 }
 pub(crate) use add_token;
@@ -743,10 +741,14 @@ macro_rules! row_readers {
                 name: row.try_get("name")?,
                 scope: match row.try_get::<Option<String>, _>("app_id")? {
                     None => $crate::TokenScope::Environment,
-                    Some(app) => $crate::TokenScope::App($crate::sqlite::rows::parse_id(
-                        "api_tokens.app_id",
-                        app,
-                    )?),
+                    Some(app) => {
+                        let app = $crate::sqlite::rows::parse_id("api_tokens.app_id", app)?;
+                        if row.try_get::<bool, _>("portal")? {
+                            $crate::TokenScope::Portal(app)
+                        } else {
+                            $crate::TokenScope::App(app)
+                        }
+                    }
                 },
                 created_at: time(row.try_get("created_at")?)?,
                 expires_at: row

@@ -104,12 +104,25 @@ struct PusherOut {
     /// A string, as the Pusher SDKs take it.
     app_id: String,
     key: String,
-    /// Left out of an Idempotency-Key replay of the create's answer.
+    /// Left out of an Idempotency-Key replay of the create's answer, and of what an app portal
+    /// link's token reads (the app's customers must not sign as its backend).
     #[schema(required = false)]
-    secret: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    secret: Option<String>,
     /// Until when the secret the last rotation replaced is still accepted, if it is.
     #[serde(skip_serializing_if = "Option::is_none")]
     previous_secret_valid_until: Option<DateTime<Utc>>,
+}
+
+impl ApplicationOut {
+    /// The app as `scope` may read it: an app portal link's token gets no Pusher secret.
+    fn shown_to(app: App, scope: &herald_store::TokenScope) -> Self {
+        let mut out = Self::from(app);
+        if matches!(scope, herald_store::TokenScope::Portal(_)) {
+            out.pusher.secret = None;
+        }
+        out
+    }
 }
 
 impl From<App> for ApplicationOut {
@@ -129,7 +142,7 @@ impl From<App> for ApplicationOut {
                     .map(|retired| retired.until)
                     .filter(|until| *until > Utc::now()),
                 key: app.pusher.key,
-                secret: app.pusher.secret,
+                secret: Some(app.pusher.secret),
             },
             history: app.history.map(super::wire::history_out),
             socketio: app.socketio.map(Into::into),
@@ -249,15 +262,15 @@ pub async fn list(
     query: QueryParams,
 ) -> ApiResult<Json<ListResponse<ApplicationOut>>> {
     let page = pagination::page(&query, false)?;
-    let apps = match &caller.scope {
-        herald_store::TokenScope::Environment => state.store.list_apps(&page).await?,
-        herald_store::TokenScope::App(id) => state.store.get_app(id).await?.into_iter().collect(),
+    let apps = match caller.scope.app() {
+        None => state.store.list_apps(&page).await?,
+        Some(id) => state.store.get_app(id).await?.into_iter().collect(),
     };
     Ok(Json(pagination::list(
         apps,
         &page,
         |a| a.id.to_string(),
-        ApplicationOut::from,
+        |app| ApplicationOut::shown_to(app, &caller.scope),
     )))
 }
 
@@ -305,7 +318,8 @@ pub async fn get(
     caller: Caller,
     Path(app_id): Path<String>,
 ) -> ApiResult<Json<ApplicationOut>> {
-    Ok(Json(caller.app(&state, &app_id).await?.into()))
+    let app = caller.app(&state, &app_id).await?;
+    Ok(Json(ApplicationOut::shown_to(app, &caller.scope)))
 }
 
 /// Updates the app, or creates it with this uid.

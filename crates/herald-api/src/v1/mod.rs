@@ -22,7 +22,7 @@ use crate::routes::{Access, RouteTable};
 /// The management API's routes. `{app_id}` paths take a token for that app; the catalogue of
 /// event types and the tokens themselves are the environment's.
 pub(crate) fn routes() -> RouteTable {
-    use Access::{AnyToken, AppToken, EnvironmentToken, Public};
+    use Access::{AnyToken, AppAdmin, AppToken, EnvironmentToken, Public};
     RouteTable::new()
         .get("/api/v1/health", Public, health)
         .get("/api/v1/auth/token", EnvironmentToken, token::list)
@@ -45,8 +45,8 @@ pub(crate) fn routes() -> RouteTable {
         .get("/api/v1/app", AnyToken, application::list)
         .post("/api/v1/app", EnvironmentToken, application::create)
         .get("/api/v1/app/{app_id}", AppToken, application::get)
-        .put("/api/v1/app/{app_id}", AppToken, application::upsert)
-        .patch("/api/v1/app/{app_id}", AppToken, application::patch)
+        .put("/api/v1/app/{app_id}", AppAdmin, application::upsert)
+        .patch("/api/v1/app/{app_id}", AppAdmin, application::patch)
         .delete(
             "/api/v1/app/{app_id}",
             EnvironmentToken,
@@ -54,7 +54,7 @@ pub(crate) fn routes() -> RouteTable {
         )
         .post(
             "/api/v1/app/{app_id}/pusher/secret/rotate",
-            AppToken,
+            AppAdmin,
             application::rotate_pusher_secret,
         )
         .get("/api/v1/event-type", AnyToken, event_type::list)
@@ -135,7 +135,7 @@ pub(crate) fn routes() -> RouteTable {
         .get("/api/v1/app/{app_id}/msg", AppToken, message::list)
         .post("/api/v1/app/{app_id}/msg", AppToken, message::create)
         // What the app publishes, live (Server-Sent Events): `herald listen`, the console.
-        .get("/api/v1/app/{app_id}/tail", AppToken, tail::stream)
+        .get("/api/v1/app/{app_id}/tail", AppAdmin, tail::stream)
         .get(
             "/api/v1/app/{app_id}/endpoint/{endpoint_id}/msg",
             AppToken,
@@ -144,7 +144,7 @@ pub(crate) fn routes() -> RouteTable {
         .get("/api/v1/app/{app_id}/msg/{msg_id}", AppToken, message::get)
         .delete(
             "/api/v1/app/{app_id}/msg/{msg_id}/content",
-            AppToken,
+            AppAdmin,
             message::expunge_content,
         )
         .get(
@@ -172,51 +172,51 @@ pub(crate) fn routes() -> RouteTable {
             AppToken,
             attempt::list_by_msg,
         )
-        .get("/api/v1/app/{app_id}/channel", AppToken, channel::list)
+        .get("/api/v1/app/{app_id}/channel", AppAdmin, channel::list)
         .get(
             "/api/v1/app/{app_id}/channel/{channel}/member",
-            AppToken,
+            AppAdmin,
             channel::members,
         )
-        .get("/api/v1/app/{app_id}/ingest/source", AppToken, source::list)
+        .get("/api/v1/app/{app_id}/ingest/source", AppAdmin, source::list)
         .post(
             "/api/v1/app/{app_id}/ingest/source",
-            AppToken,
+            AppAdmin,
             source::create,
         )
         .get(
             "/api/v1/app/{app_id}/ingest/source/{source_id}",
-            AppToken,
+            AppAdmin,
             source::get,
         )
         .patch(
             "/api/v1/app/{app_id}/ingest/source/{source_id}",
-            AppToken,
+            AppAdmin,
             source::patch,
         )
         .delete(
             "/api/v1/app/{app_id}/ingest/source/{source_id}",
-            AppToken,
+            AppAdmin,
             source::delete,
         )
         .get(
             "/api/v1/app/{app_id}/ingest/source/{source_id}/event",
-            AppToken,
+            AppAdmin,
             source::list_events,
         )
         .get(
             "/api/v1/app/{app_id}/ingest/source/{source_id}/event/{event_id}",
-            AppToken,
+            AppAdmin,
             source::get_event,
         )
         .get(
             "/api/v1/app/{app_id}/ingest/source/{source_id}/request",
-            AppToken,
+            AppAdmin,
             source::requests,
         )
         .post(
             "/api/v1/app/{app_id}/ingest/source/{source_id}/event/{event_id}/replay",
-            AppToken,
+            AppAdmin,
             source::replay,
         )
 }

@@ -130,7 +130,7 @@ pub async fn create(
             Some(session) => format!("app portal (session {session})"),
             None => "app portal".to_owned(),
         },
-        scope: TokenScope::App(app.id.clone()),
+        scope: TokenScope::Portal(app.id.clone()),
         created_at: now,
         expires_at: Some(now + Duration::seconds(expiry)),
     };

@@ -52,6 +52,8 @@ pub struct TokenOut {
     name: String,
     /// `null` for an environment-wide token.
     app_id: Option<String>,
+    /// An app portal link's token: its app's endpoints, messages and attempts only.
+    portal: bool,
     created_at: DateTime<Utc>,
     /// `null`: it never expires.
     expires_at: Option<DateTime<Utc>>,
@@ -62,10 +64,8 @@ impl From<ApiToken> for TokenOut {
         Self {
             id: token.id.into_string(),
             name: token.name,
-            app_id: match token.scope {
-                TokenScope::Environment => None,
-                TokenScope::App(app) => Some(app.into_string()),
-            },
+            portal: matches!(token.scope, TokenScope::Portal(_)),
+            app_id: token.scope.app().map(|app| app.to_string()),
             created_at: token.created_at,
             expires_at: token.expires_at,
         }

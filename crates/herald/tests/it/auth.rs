@@ -116,6 +116,16 @@ async fn every_route_in_the_table_refuses_missing_malformed_wrong_revoked_expire
 
     let (token_a, _) = mint(&server, json!({"name": "app A", "appId": app_a})).await;
     let (token_b, _) = mint(&server, json!({"name": "app B", "appId": app_b})).await;
+    // An app portal link's token for app A: its endpoints and messages, not the app's own.
+    let (status, link) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/auth/app-portal-access/{app_a}"),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, 200, "{link}");
+    let portal = link["token"].as_str().expect("token").to_owned();
     let (revoked, revoked_id) = mint(&server, json!({"name": "to revoke"})).await;
     let (status, _) = server
         .call(
@@ -154,7 +164,7 @@ async fn every_route_in_the_table_refuses_missing_malformed_wrong_revoked_expire
         let what = format!("{} {}", route.method, route.path);
         let method = &route.method;
         match route.access {
-            Access::AnyToken | Access::AppToken | Access::EnvironmentToken => {
+            Access::AnyToken | Access::AppToken | Access::AppAdmin | Access::EnvironmentToken => {
                 let path = fill(route, &app_a, &source_id);
                 for (credential, expected) in [
                     (Credential::None, "missing Authorization header"),
@@ -171,7 +181,7 @@ async fn every_route_in_the_table_refuses_missing_malformed_wrong_revoked_expire
                 let (status, body) =
                     send(&server, method, &path, Credential::Bearer(&token_b)).await;
                 match route.access {
-                    Access::AppToken => assert!(
+                    Access::AppToken | Access::AppAdmin => assert!(
                         (status == 404 && body.contains("application not found")) || status == 403,
                         "{what} with another app's token: {status} {body}"
                     ),
@@ -182,6 +192,20 @@ async fn every_route_in_the_table_refuses_missing_malformed_wrong_revoked_expire
                         status != 401 && status != 403,
                         "{what} is open to any token: {status} {body}"
                     ),
+                }
+                // The portal link's token: refused on the app's own routes and the
+                // environment's, before anything is read or changed.
+                if matches!(route.access, Access::AppAdmin | Access::EnvironmentToken) {
+                    let (status, body) =
+                        send(&server, method, &path, Credential::Bearer(&portal)).await;
+                    assert_eq!(status, 403, "{what} with a portal link's token: {body}");
+                } else if *method == Method::GET {
+                    let (status, body) =
+                        send(&server, method, &path, Credential::Bearer(&portal)).await;
+                    assert!(
+                        status != 401 && status != 403 && !body.contains("application not found"),
+                        "{what} with a portal link's token: {status} {body}"
+                    );
                 }
                 // The right credentials pass the door (whatever the made-up ids then find).
                 // Reads only, so the walk changes nothing: an app's own token on its reads, the

@@ -100,6 +100,62 @@ async fn an_app_portal_link_reaches_its_app_alone_and_expires() {
         .map(|a| a["id"].as_str().expect("id"))
         .collect();
     assert_eq!(ids, [shop.as_str()], "the portal sees its own app only");
+    // Not its Pusher secret (with it, a customer could sign channel auths and publish as the
+    // app's backend), nor the app's own settings, sources, channels or live tail.
+    let pusher = &apps["data"][0]["pusher"];
+    assert!(pusher["key"].is_string(), "{pusher}");
+    assert!(pusher.get("secret").is_none(), "{pusher}");
+    let (status, app) = as_portal(Method::GET, format!("/api/v1/app/{shop}"), None).await;
+    assert_eq!(status, 200, "{app}");
+    assert!(app["pusher"].get("secret").is_none(), "{app}");
+    let (_, app) = server
+        .call(Method::GET, &format!("/api/v1/app/{shop}"), None)
+        .await;
+    assert!(
+        app["pusher"]["secret"].is_string(),
+        "the backend's token reads it: {app}"
+    );
+    for (method, path, body) in [
+        (
+            Method::PATCH,
+            format!("/api/v1/app/{shop}"),
+            json!({"name": "mine"}),
+        ),
+        (
+            Method::POST,
+            format!("/api/v1/app/{shop}/pusher/secret/rotate"),
+            json!({"gracePeriodSeconds": 0}),
+        ),
+        (
+            Method::POST,
+            format!("/api/v1/app/{shop}/ingest/source"),
+            json!({"name": "s", "kind": "github", "secrets": ["x"]}),
+        ),
+        (
+            Method::GET,
+            format!("/api/v1/app/{shop}/channel"),
+            json!({}),
+        ),
+        (Method::GET, format!("/api/v1/app/{shop}/tail"), json!({})),
+    ] {
+        let (status, answer) = as_portal(method, path.clone(), Some(body)).await;
+        assert_eq!(status, 403, "{path}: {answer}");
+        assert!(
+            answer["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("endpoints and messages only")),
+            "{path}: {answer}"
+        );
+    }
+    let (_, tokens) = server.call(Method::GET, "/api/v1/auth/token", None).await;
+    assert!(
+        tokens["data"]
+            .as_array()
+            .expect("tokens")
+            .iter()
+            .any(|t| t["portal"] == true && t["appId"] == shop),
+        "listed as a portal link's token: {tokens}"
+    );
     let (status, _) = as_portal(
         Method::POST,
         format!("/api/v1/app/{shop}/endpoint"),
