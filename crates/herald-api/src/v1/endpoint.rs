@@ -571,6 +571,7 @@ pub async fn rotate_secret(
     })))
 }
 
+/// Svix's shape: the headers' values, but for the sensitive ones, which are named only.
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct EndpointHeadersOut {
     headers: BTreeMap<String, String>,
@@ -598,10 +599,33 @@ pub async fn get_headers(
     Path((app_id, endpoint_id)): Path<(String, String)>,
 ) -> ApiResult<Json<EndpointHeadersOut>> {
     let endpoint = find(&state, &caller, &app_id, &endpoint_id).await?;
-    Ok(Json(EndpointHeadersOut {
-        headers: endpoint.headers,
-        sensitive: Vec::new(),
-    }))
+    Ok(Json(EndpointHeadersOut::redacted(endpoint.headers)))
+}
+
+/// Headers that carry credentials, as Svix names them: their values are never read back (an
+/// app portal link's customer, or anyone holding an app's token, would otherwise read the
+/// receiver's credentials), only their names, in `sensitive`. They are still sent.
+const SENSITIVE_HEADERS: [&str; 5] = [
+    "authorization",
+    "proxy-authorization",
+    "x-auth-token",
+    "www-authenticate",
+    "proxy-authenticate",
+];
+
+impl EndpointHeadersOut {
+    fn redacted(headers: BTreeMap<String, String>) -> Self {
+        let (sensitive, headers): (BTreeMap<_, _>, BTreeMap<_, _>) =
+            headers.into_iter().partition(|(name, _)| {
+                SENSITIVE_HEADERS
+                    .iter()
+                    .any(|sensitive| name.eq_ignore_ascii_case(sensitive))
+            });
+        Self {
+            headers,
+            sensitive: sensitive.into_keys().collect(),
+        }
+    }
 }
 
 /// PUT replaces the endpoint's headers.

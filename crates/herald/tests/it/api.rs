@@ -466,6 +466,46 @@ async fn a_replayed_answer_never_holds_the_secret_it_first_carried() {
     server.stop().await;
 }
 
+/// Headers that carry the receiver's credentials are sent with every delivery but never read
+/// back: `GET .../headers` names them in `sensitive`, as Svix does, and leaves their values out.
+#[tokio::test]
+async fn credential_headers_are_sent_but_read_back_by_name_only() {
+    let server = TestServer::start().await;
+    let mut receiver = Receiver::start().await;
+    let app = server.create_app("sensitive-headers").await;
+    let ep = server
+        .create_endpoint(
+            &app,
+            json!({"url": receiver.url, "headers": {
+                "Authorization": "Bearer receiver-s3cret",
+                "x-auth-token": "t0ken",
+                "X-Plain": "1",
+            }}),
+        )
+        .await;
+    let path = format!(
+        "/api/v1/app/{app}/endpoint/{}/headers",
+        ep["id"].as_str().expect("id")
+    );
+    let (status, got) = server.call(Method::GET, &path, None).await;
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(got["headers"], json!({"X-Plain": "1"}));
+    assert_eq!(got["sensitive"], json!(["Authorization", "x-auth-token"]));
+    assert!(!got.to_string().contains("s3cret"), "{got}");
+
+    server
+        .send(
+            &app,
+            json!({"eventType": "order.paid", "payload": {"id": 1}}),
+        )
+        .await;
+    let delivery = receiver.next().await;
+    assert_eq!(delivery.header("authorization"), "Bearer receiver-s3cret");
+    assert_eq!(delivery.header("x-auth-token"), "t0ken");
+    assert_eq!(delivery.header("x-plain"), "1");
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn endpoint_headers_put_replaces_patch_merges_reserved_refused() {
     let server = TestServer::start().await;
