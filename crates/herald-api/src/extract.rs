@@ -98,14 +98,31 @@ fn json_error(e: &serde_json::Error, path: Option<&Path>) -> ApiError {
                     ),
                     kind: "value_error.extra".to_owned(),
                 }]),
-                None => ApiError::Validation(vec![ValidationItem {
-                    loc,
-                    msg: match dotted {
-                        Some(dotted) => format!("{dotted}: {e}"),
-                        None => e.to_string(),
-                    },
-                    kind: "value_error".to_owned(),
-                }]),
+                None => match missing_field(e) {
+                    // serde reports a missing field at its parent: locate the field itself,
+                    // as Svix does (`["body", "eventType"]`, `value_error.missing`).
+                    Some(field) => {
+                        let mut loc = loc;
+                        loc.push(field.clone());
+                        let dotted = match dotted {
+                            Some(parent) => format!("{parent}.{field}"),
+                            None => field,
+                        };
+                        ApiError::Validation(vec![ValidationItem {
+                            loc,
+                            msg: format!("field required: `{dotted}`"),
+                            kind: "value_error.missing".to_owned(),
+                        }])
+                    }
+                    None => ApiError::Validation(vec![ValidationItem {
+                        loc,
+                        msg: match dotted {
+                            Some(dotted) => format!("{dotted}: {e}"),
+                            None => e.to_string(),
+                        },
+                        kind: "value_error".to_owned(),
+                    }]),
+                },
             }
         }
         Category::Syntax | Category::Eof | Category::Io => ApiError::bad_request(
@@ -146,6 +163,14 @@ fn location(path: Option<&Path>) -> (Vec<String>, Option<String>) {
 fn unknown_field(e: &serde_json::Error) -> Option<String> {
     let message = e.to_string();
     let rest = message.strip_prefix("unknown field `")?;
+    let end = rest.find('`')?;
+    Some(rest[..end].to_owned())
+}
+
+/// The field a type missed, read from serde's message ("missing field `name`").
+fn missing_field(e: &serde_json::Error) -> Option<String> {
+    let message = e.to_string();
+    let rest = message.strip_prefix("missing field `")?;
     let end = rest.find('`')?;
     Some(rest[..end].to_owned())
 }
@@ -236,6 +261,37 @@ impl QueryParams {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A missing field is located at the field, not its parent, as Svix does.
+    #[test]
+    fn a_missing_field_is_located_at_the_field() {
+        #[derive(serde::Deserialize, Debug)]
+        #[allow(dead_code)]
+        #[serde(rename_all = "camelCase")]
+        struct Inner {
+            uid: String,
+        }
+        #[derive(serde::Deserialize, Debug)]
+        #[allow(dead_code)]
+        #[serde(rename_all = "camelCase")]
+        struct Outer {
+            event_type: String,
+            application: Option<Inner>,
+        }
+        let item = |e: ApiError| match e {
+            ApiError::Validation(mut items) if items.len() == 1 => items.remove(0),
+            other => panic!("expected one validation item, got {other:?}"),
+        };
+        let top = item(parse_json::<Outer>(br#"{"application": null}"#).expect_err("missing"));
+        assert_eq!(top.loc, ["body", "eventType"]);
+        assert_eq!(top.kind, "value_error.missing");
+        assert_eq!(top.msg, "field required: `eventType`");
+        let nested = item(
+            parse_json::<Outer>(br#"{"eventType": "a", "application": {}}"#).expect_err("missing"),
+        );
+        assert_eq!(nested.loc, ["body", "application", "uid"]);
+        assert_eq!(nested.msg, "field required: `application.uid`");
+    }
 
     #[test]
     fn a_body_holding_a_nul_escape_is_a_422() {

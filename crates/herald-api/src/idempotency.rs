@@ -122,18 +122,25 @@ pub async fn replay(
     if request.method() != Method::POST {
         return next.run(request).await;
     }
-    let Some(key) = header_str(&request, "idempotency-key") else {
-        return next.run(request).await;
+    let key = match request.headers().get("idempotency-key") {
+        None => return next.run(request).await,
+        // Present but unusable: refused, never run unprotected (its retry would run twice).
+        Some(value) => match value.to_str() {
+            Ok(key) if !key.is_empty() => key.to_owned(),
+            Ok(_) => return invalid_key("Idempotency-Key is empty").into_response(),
+            Err(_) => {
+                return invalid_key(
+                    "Idempotency-Key must be visible ASCII characters (letters, digits, punctuation)",
+                )
+                .into_response();
+            }
+        },
     };
     if key.len() > MAX_KEY_LEN {
-        return ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_idempotency_key",
-            format!(
-                "Idempotency-Key is {} bytes; at most {MAX_KEY_LEN} are accepted",
-                key.len()
-            ),
-        )
+        return invalid_key(&format!(
+            "Idempotency-Key is {} bytes; at most {MAX_KEY_LEN} are accepted",
+            key.len()
+        ))
         .into_response();
     }
     // Authenticate before anything is read or stored, so only callers with a valid token can
@@ -229,6 +236,10 @@ pub async fn replay(
         }
     }
     Response::from_parts(parts, Body::from(bytes))
+}
+
+fn invalid_key(detail: &str) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "invalid_idempotency_key", detail)
 }
 
 fn header_str(request: &Request, name: &str) -> Option<String> {

@@ -685,6 +685,34 @@ async fn anonymous_requests_store_no_idempotency_records_and_long_keys_are_refus
         "{refused}"
     );
 
+    // A key that is there but unusable is refused, not dropped (the request would then run
+    // unprotected, and its retry twice).
+    for (key, expected) in [
+        (&b""[..], "is empty"),
+        ("clé-1".as_bytes(), "visible ASCII"),
+    ] {
+        let response = crate::harness::http_client()
+            .post(format!("{}{path}", server.base))
+            .bearer_auth(ADMIN_TOKEN)
+            .header(
+                "idempotency-key",
+                reqwest::header::HeaderValue::from_bytes(key).expect("a header value"),
+            )
+            .json(&body)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status().as_u16(), 400);
+        let refused: Value = response.json().await.expect("json");
+        assert_eq!(refused["code"], "invalid_idempotency_key", "{refused}");
+        assert!(
+            refused["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains(expected)),
+            "{refused}"
+        );
+    }
+
     let key = "k".repeat(255);
     let (s1, first) = server
         .call_as(
@@ -1407,7 +1435,7 @@ async fn a_wrong_type_in_an_array_or_nested_object_names_its_full_path() {
     let msg = refused["detail"][0]["msg"].as_str().unwrap_or("");
     assert!(msg.starts_with("channels[2]: invalid type"), "{refused}");
 
-    // A missing field of a nested object is located at that object.
+    // A missing field of a nested object is located at the field, as Svix does.
     let (status, refused) = server
         .call(
             Method::POST,
@@ -1418,11 +1446,17 @@ async fn a_wrong_type_in_an_array_or_nested_object_names_its_full_path() {
     assert_eq!(status, 422, "{refused}");
     assert_eq!(
         refused["detail"][0]["loc"],
-        json!(["body", "application"]),
+        json!(["body", "application", "name"]),
         "{refused}"
     );
-    let msg = refused["detail"][0]["msg"].as_str().unwrap_or("");
-    assert!(msg.contains("missing field `name`"), "{refused}");
+    assert_eq!(
+        refused["detail"][0]["type"], "value_error.missing",
+        "{refused}"
+    );
+    assert_eq!(
+        refused["detail"][0]["msg"], "field required: `application.name`",
+        "{refused}"
+    );
 
     // A bad value in an ingest source's nested settings.
     let (status, refused) = server
