@@ -136,6 +136,20 @@ pub struct Page {
     pub entries: Vec<HistoryEntry>,
 }
 
+/// The most a page of history holds, in its events' data, names and user ids: a page stops
+/// once it reaches this. An event may be as large as an API message (1 MiB by default), so a
+/// thousand of them would be a gigabyte read, copied and serialized for one request.
+pub const MAX_PAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// How many events a page reads first, before their sizes are known: at most this many
+/// events' worth over [`MAX_PAGE_BYTES`].
+const FIRST_PAGE_READ: u32 = 4;
+
+/// What an event weighs in a page.
+fn entry_bytes(entry: &HistoryEntry) -> usize {
+    entry.data.len() + entry.event.len() + entry.user_id.as_ref().map_or(0, String::len)
+}
+
 impl History {
     pub fn new(store: Arc<dyn Store>, config: HistoryConfig) -> Self {
         Self { store, config }
@@ -294,7 +308,9 @@ impl History {
         Ok(Some(position))
     }
 
-    /// A page of the channel's history, and its position.
+    /// A page of the channel's history, and its position: at most `limit` events, and no
+    /// more than [`MAX_PAGE_BYTES`] of them (at least one), read a few at a time, so a page of
+    /// large events is never read whole; the caller pages on from its last offset.
     pub async fn page(
         &self,
         app: &App,
@@ -311,25 +327,48 @@ impl History {
         let floor = position
             .as_ref()
             .map_or(0, |p| kept_after(p.next_offset - 1, retention));
-        let after = match after {
-            Some(after) => Some(after.max(floor)),
-            None if floor > 0 => Some(floor),
-            None => None,
+        let mut query = HistoryQuery {
+            after: match after {
+                Some(after) => Some(after.max(floor)),
+                None if floor > 0 => Some(floor),
+                None => None,
+            },
+            before,
+            limit: 0,
+            newest_first,
+            not_before: not_before(retention),
         };
-        let entries = self
-            .store
-            .history(
-                &app.id,
-                channel,
-                &HistoryQuery {
-                    after,
-                    before,
-                    limit,
-                    newest_first,
-                    not_before: not_before(retention),
-                },
-            )
-            .await?;
+        // Read a few at first; once their sizes are known, as many as the rest of the budget
+        // holds at that size.
+        let mut entries: Vec<HistoryEntry> = Vec::new();
+        let mut bytes = 0usize;
+        let mut read_next = FIRST_PAGE_READ;
+        while entries.len() < limit as usize && bytes < MAX_PAGE_BYTES {
+            query.limit = read_next.min(limit - entries.len() as u32);
+            let read = self.store.history(&app.id, channel, &query).await?;
+            let full = read.len() == query.limit as usize;
+            for entry in read {
+                if bytes >= MAX_PAGE_BYTES {
+                    break;
+                }
+                bytes += entry_bytes(&entry);
+                entries.push(entry);
+            }
+            let Some(last) = entries.last() else { break };
+            if !full {
+                break;
+            }
+            // The next read goes on past the last event kept.
+            if newest_first {
+                query.before = Some(last.offset);
+            } else {
+                query.after = Some(last.offset);
+            }
+            let average = (bytes / entries.len()).max(1);
+            read_next = u32::try_from(MAX_PAGE_BYTES.saturating_sub(bytes) / average)
+                .unwrap_or(u32::MAX)
+                .max(1);
+        }
         Ok(Some(Page { position, entries }))
     }
 }

@@ -615,6 +615,60 @@ async fn in_process_history(dir: &std::path::Path) -> InProcess {
     }
 }
 
+/// A page of history stops once its events reach `MAX_PAGE_BYTES` (holding at least one), in
+/// either direction, so a page of large events is never read or answered whole; the next page
+/// goes on from its last offset and nothing is skipped.
+#[tokio::test]
+async fn a_history_page_stops_at_its_byte_budget_and_the_next_goes_on_from_it() {
+    use herald_channels::history::MAX_PAGE_BYTES;
+
+    let dir = tempfile::tempdir().expect("dir");
+    let InProcess {
+        store,
+        app,
+        history,
+        publisher,
+        ..
+    } = in_process_history(dir.path()).await;
+    // Three of these reach the budget.
+    let large = "x".repeat(MAX_PAGE_BYTES / 3 + 1);
+    for _ in 0..7 {
+        publish_note(&publisher, &app, "history-large", &large).await;
+    }
+    publish_note(&publisher, &app, "history-large", "small").await;
+    let offsets = |after: Option<u64>, newest_first: bool| {
+        let (history, app) = (&history, &app);
+        async move {
+            history
+                .page(app, "history-large", after, None, 100, newest_first)
+                .await
+                .expect("page")
+                .expect("a history channel")
+                .entries
+                .iter()
+                .map(|e| e.offset)
+                .collect::<Vec<u64>>()
+        }
+    };
+    assert_eq!(offsets(None, false).await, [1, 2, 3]);
+    assert_eq!(offsets(Some(3), false).await, [4, 5, 6]);
+    assert_eq!(offsets(Some(6), false).await, [7, 8]);
+    assert_eq!(offsets(Some(8), false).await, Vec::<u64>::new());
+    assert_eq!(offsets(None, true).await, [8, 7, 6, 5], "newest first");
+    // Small events fill a page up to its limit.
+    for n in 0..40 {
+        publish_note(&publisher, &app, "history-small", &n.to_string()).await;
+    }
+    let page = history
+        .page(&app, "history-small", None, None, 30, false)
+        .await
+        .expect("page")
+        .expect("a history channel");
+    let offsets: Vec<u64> = page.entries.iter().map(|e| e.offset).collect();
+    assert_eq!(offsets, (1..=30).collect::<Vec<u64>>());
+    store.close().await;
+}
+
 /// The publish metrics count what the publisher did: one publication handed to each of a
 /// channel's N subscribers on this node adds N fan-out deliveries (the socket it excepts
 /// gets nothing and is not counted).
