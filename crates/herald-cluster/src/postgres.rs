@@ -230,7 +230,9 @@ pub struct PostgresBroker {
     wake_deliveries: Box<dyn Fn(DueLanes) + Send + Sync>,
     /// Where publications travel instead of NOTIFY (Redis, NATS), if configured.
     bus: Option<Arc<dyn Bus>>,
-    /// A send to the bus failed: history subscribers are caught up once it is back.
+    /// A send to the bus failed, or a history event heard could not be handed on: history
+    /// subscribers are caught up from the store at the next retry tick (once the bus, if
+    /// any, is back).
     missed: AtomicBool,
     presence: std::sync::OnceLock<Arc<dyn PresenceRecord>>,
     /// The store's node cache, served only while this session hears [`CONFIG_CHANNEL`].
@@ -427,10 +429,10 @@ impl PostgresBroker {
                     _ = sweep.tick() => self.sweep().await,
                     _ = keepalive.tick() => check = true,
                     _ = retry.tick(), if self.missed.load(Ordering::Relaxed)
-                        && self.bus.as_ref().is_some_and(|bus| bus.is_connected()) =>
+                        && self.bus.as_ref().is_none_or(|bus| bus.is_connected()) =>
                     {
                         self.missed.store(false, Ordering::Relaxed);
-                        tracing::info!(node = self.node, "broker: catching up what could not be sent to the bus");
+                        tracing::info!(node = self.node, "broker: catching up history events that could not be sent or handed on");
                         self.catch_up().await;
                     }
                     received = listener.try_recv() => match received {
@@ -548,6 +550,11 @@ impl PostgresBroker {
         };
         if let Err(e) = heard {
             tracing::warn!(node = self.node, channel, error = %e, "broker: a notification could not be handed on");
+            if channel == HISTORY_CHANNEL {
+                // Read from the store at the next retry tick, not lost until the channel's
+                // next event (or for good, if it was the last).
+                self.missed.store(true, Ordering::Relaxed);
+            }
         }
     }
 
@@ -562,6 +569,9 @@ impl PostgresBroker {
         if app.channel_info(&notice.channel).is_none() {
             return Ok(());
         }
+        // Offsets an earlier notice failed to hand on come first, from the store.
+        self.hear_ordered(&app, &notice.channel, notice.offset)
+            .await?;
         let entry = match notice.entry() {
             Some(entry) => entry,
             None => self
@@ -969,6 +979,9 @@ impl Hearing for PostgresBroker {
     async fn message(&self, payload: Bytes) {
         if let Err(e) = self.hear_bus(&payload).await {
             tracing::warn!(node = self.node, error = %e, "broker: a bus message could not be handed on");
+            // It may have been a history event: caught up from the store at the next retry
+            // tick, not held until the channel's next event.
+            self.missed.store(true, Ordering::Relaxed);
         }
     }
 
@@ -1330,6 +1343,79 @@ mod tests {
             .expect("the broker runs");
         shutdown.cancel();
         running.abort();
+        schema.drop_now().await;
+    }
+
+    /// Without a bus, history events come by NOTIFY. One that could not be handed on (here a
+    /// notice that does not decode; in life, an entry by reference whose read failed) marks
+    /// the node to catch up from the store, and the channel's next event brings it first, in
+    /// order: it is neither lost nor left for the subscriber to find by its offsets.
+    #[tokio::test]
+    async fn a_history_notice_not_handed_on_is_caught_up_and_comes_before_the_next() {
+        let Some(schema) = Schema::create("history notice not handed on").await else {
+            return;
+        };
+        let store = Arc::new(schema.store().await);
+        let hub = Arc::new(Hub::default());
+        let broker = PostgresBroker::new(
+            "this".into(),
+            store.pool().clone(),
+            Arc::clone(&hub),
+            Arc::clone(&store) as Arc<dyn Store>,
+            Box::new(|_| {}),
+            None,
+        );
+        let app_id = herald_store::conformance::stored_app(store.as_ref(), "notify")
+            .await
+            .id;
+        let mut positions = Vec::new();
+        for n in 1..=3 {
+            positions.push(
+                store
+                    .append_history(entry(&app_id, n))
+                    .await
+                    .expect("append"),
+            );
+        }
+        let app = hub.app(&app_id);
+        let (outbox, mut frames, _) = Outbox::new(16);
+        app.subscribe_joining("history-c", "1.1", &outbox, None, 10)
+            .expect("subscribed");
+        assert!(app.go_live("history-c", "1.1", 1, |_| {}), "has offset 1");
+
+        broker.hear(HISTORY_CHANNEL, "{not a notice").await;
+        assert!(
+            broker.missed.load(Ordering::Relaxed),
+            "marked to catch up at the next retry tick"
+        );
+        assert!(frames.try_recv().is_err(), "nothing handed on yet");
+
+        let third = herald_store::postgres::HistoryNotice {
+            app_id: app_id.as_str().to_owned(),
+            channel: "history-c".into(),
+            epoch: positions[2].epoch.clone(),
+            offset: positions[2].offset,
+            except: None,
+            event: Some(herald_store::postgres::NoticeEvent {
+                name: "note".into(),
+                data: "n3".into(),
+                raw_json: false,
+                user_id: None,
+                created_at: Utc::now().timestamp_millis(),
+            }),
+        };
+        let payload = serde_json::to_string(&third).expect("json");
+        broker.hear(HISTORY_CHANNEL, &payload).await;
+        let mut heard = Vec::new();
+        while let Ok(item) = frames.try_recv() {
+            if let Outgoing::Publication(p) = item {
+                heard.push((p.offset(), p.data.as_str().to_owned()));
+            }
+        }
+        assert_eq!(
+            heard,
+            [(Some(2), "n2".to_owned()), (Some(3), "n3".to_owned())]
+        );
         schema.drop_now().await;
     }
 
