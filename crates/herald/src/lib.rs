@@ -40,6 +40,74 @@ pub use config::Config;
 
 pub const DEV_APP_UID: &str = "demo";
 pub const DEV_API_TOKEN: &str = "demo-token";
+
+/// Under `--dev` (on loopback, without `--dev-allow-remote`), a request is served only if its
+/// `Host` is a loopback name or address and its `Origin`, if any, is too. The demo token and
+/// secret are public, so a web page the developer happens to open elsewhere must not reach
+/// the server: by rebinding its own name to 127.0.0.1 (its requests then carry its `Host`), or
+/// by a cross-site request (which carries its `Origin`). 403 otherwise, saying why.
+async fn dev_loopback_only(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::{http::header, response::IntoResponse};
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .map(|v| v.to_str().unwrap_or_default());
+    let origin = request
+        .headers()
+        .get(header::ORIGIN)
+        .map(|v| v.to_str().unwrap_or_default());
+    let refused = match (host, origin) {
+        (Some(host), _) if !is_loopback_authority(host) => Some(format!("Host {host:?}")),
+        (_, Some(origin)) if !loopback_origin(origin) => Some(format!("Origin {origin:?}")),
+        _ => None,
+    };
+    match refused {
+        None => next.run(request).await,
+        Some(what) => (
+            axum::http::StatusCode::FORBIDDEN,
+            axum::Json(serde_json::json!({
+                "code": "not_loopback",
+                "detail": format!(
+                    "herald serve --dev answers pages and clients on this machine only, and this request's {what} is not a loopback name or address; use localhost or 127.0.0.1, or start with --dev-allow-remote"
+                ),
+            })),
+        )
+            .into_response(),
+    }
+}
+
+/// `localhost`, `*.localhost`, or a loopback address, with or without a port.
+fn is_loopback_authority(authority: &str) -> bool {
+    let host = match authority.strip_prefix('[') {
+        // [::1]:port
+        Some(rest) => rest.split(']').next().unwrap_or_default(),
+        None => authority
+            .rsplit_once(':')
+            .map_or(authority, |(host, port)| {
+                if port.chars().all(|c| c.is_ascii_digit()) {
+                    host
+                } else {
+                    authority
+                }
+            }),
+    };
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    host == "localhost"
+        || host.ends_with(".localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback())
+}
+
+/// An `Origin` of a page on this machine: `scheme://` and a loopback authority.
+fn loopback_origin(origin: &str) -> bool {
+    origin
+        .split_once("://")
+        .is_some_and(|(_, authority)| is_loopback_authority(authority))
+}
 pub const DEV_PUSHER_APP_ID: i64 = 1;
 pub const DEV_PUSHER_KEY: &str = "demo-key";
 pub const DEV_PUSHER_SECRET: &str = "demo-secret";
@@ -355,6 +423,10 @@ pub async fn run_with(
         face.open_keys(keys.iter().map(String::as_str));
         held_open = Some(face);
     }
+    // `--dev`'s credentials are public: on loopback, only what loopback pages send.
+    if config.dev && !config.dev_allow_remote {
+        router = router.layer(axum::middleware::from_fn(dev_loopback_only));
+    }
     // Outermost: every face's requests get an id and the span their log lines are in.
     let router = herald_api::with_request_ids(router);
 
@@ -613,6 +685,36 @@ async fn seed_dev(store: &dyn Store) -> anyhow::Result<()> {
 mod tests {
     use super::*;
     use herald_store::prelude::*;
+
+    #[test]
+    fn dev_serves_loopback_hosts_and_origins_only() {
+        for host in [
+            "localhost",
+            "localhost:6001",
+            "LOCALHOST.:6001",
+            "app.localhost:3000",
+            "127.0.0.1:6001",
+            "127.8.9.10",
+            "[::1]:6001",
+            "[::ffff:127.0.0.1]:6001",
+        ] {
+            assert!(is_loopback_authority(host), "{host}");
+        }
+        for host in [
+            "evil.example",
+            "evil.example:6001",
+            "localhost.evil.example",
+            "10.0.0.1:6001",
+            "[2001:db8::1]:6001",
+            "",
+        ] {
+            assert!(!is_loopback_authority(host), "{host}");
+        }
+        assert!(loopback_origin("http://localhost:5173"));
+        assert!(loopback_origin("https://127.0.0.1:8080"));
+        assert!(!loopback_origin("https://evil.example"));
+        assert!(!loopback_origin("null"), "a file or sandboxed page");
+    }
 
     /// Two nodes starting together with `--dev` on one fresh database both seed: neither
     /// fails, and there is one demo app.

@@ -55,6 +55,56 @@ async fn dev_mode_creates_demo_app_and_token_once() {
     }
 }
 
+/// `--dev`'s credentials are public: a page elsewhere must not reach the server by rebinding
+/// its name to 127.0.0.1 (its Host) or by a cross-site request (its Origin); loopback pages
+/// and clients are served as before.
+#[tokio::test]
+async fn dev_mode_serves_loopback_hosts_and_origins_only() {
+    let server = TestServer::start_with(|c| {
+        c.dev = true;
+        c.admin_token = None;
+    })
+    .await;
+    let get = |host: Option<&'static str>, origin: Option<&'static str>| {
+        let server = &server;
+        async move {
+            let mut request = crate::harness::http_client()
+                .get(format!("{}/api/v1/app", server.base))
+                .bearer_auth("demo-token");
+            if let Some(host) = host {
+                request = request.header("host", host);
+            }
+            if let Some(origin) = origin {
+                request = request.header("origin", origin);
+            }
+            let response = request.send().await.expect("request");
+            let status = response.status().as_u16();
+            (status, response.text().await.expect("body"))
+        }
+    };
+    assert_eq!(get(None, None).await.0, 200);
+    assert_eq!(
+        get(Some("localhost:6001"), Some("http://localhost:5173"))
+            .await
+            .0,
+        200
+    );
+    let (status, body) = get(Some("rebound.example:6001"), None).await;
+    assert_eq!(status, 403, "{body}");
+    let body: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(body["code"], "not_loopback");
+    assert!(
+        body["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("Host \"rebound.example:6001\"")),
+        "{body}"
+    );
+    let (status, body) = get(None, Some("https://elsewhere.example")).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("--dev-allow-remote"), "{body}");
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn bad_input_gets_svix_status_codes_and_a_clear_message() {
     let server = TestServer::start().await;
