@@ -57,6 +57,11 @@ pub struct ChannelWebhookConfig {
     pub max_pending: usize,
 }
 
+/// The most one app's events may take of `max_pending` (see [`Pending::per_app`]).
+fn per_app_cap(config: &ChannelWebhookConfig) -> usize {
+    (config.max_pending / 2).max(1)
+}
+
 impl Default for ChannelWebhookConfig {
     fn default() -> Self {
         Self {
@@ -83,6 +88,10 @@ struct Pending {
     delayed: BTreeMap<(Instant, u64), (AppId, ChannelEvent)>,
     /// Where each delayed event sits in `delayed`, so a rejoin can cancel it.
     delayed_at: HashMap<DelayKey, (Instant, u64)>,
+    /// How many of the waiting events (ready and delayed) are each app's: one app may hold
+    /// at most half of `max_pending`, so its clients (anyone with its public key can occupy
+    /// and vacate channels) cannot crowd every other app's events out.
+    per_app: HashMap<AppId, usize>,
     sequence: u64,
     dropped: u64,
 }
@@ -147,10 +156,13 @@ impl Pending {
         {
             return false;
         }
-        if self.ready.len() + self.delayed.len() >= config.max_pending {
+        if self.ready.len() + self.delayed.len() >= config.max_pending
+            || self.per_app.get(app_id).copied().unwrap_or(0) >= per_app_cap(config)
+        {
             self.dropped += 1;
             return false;
         }
+        self.count_in(app_id);
         if matches!(
             event,
             ChannelEvent::Vacated { .. } | ChannelEvent::MemberRemoved { .. }
@@ -166,18 +178,54 @@ impl Pending {
     fn cancel(&mut self, key: &DelayKey) -> bool {
         match self.delayed_at.remove(key) {
             Some(slot) => {
-                self.delayed.remove(&slot);
+                if self.delayed.remove(&slot).is_some() {
+                    self.count_out(&key.app_id);
+                }
                 true
             }
             None => false,
         }
     }
 
+    fn count_in(&mut self, app_id: &AppId) {
+        *self.per_app.entry(app_id.clone()).or_insert(0) += 1;
+    }
+
+    /// An event left the queue (stored, cancelled or replaced); the app's entry goes at zero.
+    fn count_out(&mut self, app_id: &AppId) {
+        if let Some(count) = self.per_app.get_mut(app_id) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                self.per_app.remove(app_id);
+            }
+        }
+    }
+
+    /// Takes the ready events, as no longer waiting.
+    fn take_ready(&mut self) -> Vec<(AppId, ChannelEvent)> {
+        let ready = std::mem::take(&mut self.ready);
+        for (app_id, _) in &ready {
+            self.count_out(app_id);
+        }
+        ready
+    }
+
+    /// Puts events that could not be stored back in front of the newer ones, in order.
+    fn put_back(&mut self, unsent: Vec<(AppId, ChannelEvent)>) {
+        for (app_id, _) in &unsent {
+            self.count_in(app_id);
+        }
+        let newer = std::mem::replace(&mut self.ready, unsent);
+        self.ready.extend(newer);
+    }
+
     fn delay(&mut self, key: DelayKey, event: ChannelEvent, due: Instant) {
         self.sequence += 1;
         let slot = (due, self.sequence);
-        if let Some(old) = self.delayed_at.insert(key.clone(), slot) {
-            self.delayed.remove(&old);
+        if let Some(old) = self.delayed_at.insert(key.clone(), slot)
+            && self.delayed.remove(&old).is_some()
+        {
+            self.count_out(&key.app_id);
         }
         self.delayed.insert(slot, (key.app_id, event));
     }
@@ -246,6 +294,7 @@ impl ChannelWebhooks {
                     channel: occupant.channel.clone(),
                 },
             };
+            pending.count_in(&occupant.app_id);
             if self.config.delay.is_zero() {
                 pending.ready.push((occupant.app_id, event));
             } else {
@@ -272,7 +321,7 @@ impl ChannelWebhooks {
                 pending.release_due((!stopping).then(|| Instant::now() + COALESCE));
                 let next_due = pending.delayed.first_key_value().map(|(k, _)| k.0);
                 (
-                    std::mem::take(&mut pending.ready),
+                    pending.take_ready(),
                     next_due,
                     std::mem::take(&mut pending.dropped),
                 )
@@ -287,11 +336,7 @@ impl ChannelWebhooks {
             if !batch.is_empty() {
                 if let Err(unsent) = self.store_batch(&publisher, batch).await {
                     // Put them back in front, keeping their order, and try again shortly.
-                    {
-                        let mut pending = self.lock();
-                        let newer = std::mem::replace(&mut pending.ready, unsent);
-                        pending.ready.extend(newer);
-                    }
+                    self.lock().put_back(unsent);
                     if stopping {
                         tracing::error!("channel webhook events could not be stored at shutdown");
                         return;
@@ -617,9 +662,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn waiting_events_delayed_ones_included_are_bounded() {
         let (mut pending, config) = (Pending::default(), config(3));
+        // Three apps, each within its share: the bound on all is what holds.
         for n in 0..6 {
             pending.accept(
-                &AppId::parse("app_a").expect("valid"),
+                &AppId::parse(format!("app_{}", n % 3)).expect("valid"),
                 vacated(&format!("room-{n}")),
                 &config,
                 Instant::now(),
@@ -635,7 +681,7 @@ mod tests {
         let mut direct = Pending::default();
         for n in 0..4 {
             direct.accept(
-                &AppId::parse("app_a").expect("valid"),
+                &AppId::parse(format!("app_{n}")).expect("valid"),
                 vacated(&format!("room-{n}")),
                 &zero,
                 Instant::now(),
@@ -646,6 +692,45 @@ mod tests {
             (3, 1),
             "no delay: ready at once"
         );
+    }
+
+    /// One app holds at most half of what may wait: its clients (anyone with its public key
+    /// can occupy and vacate channels) cannot crowd the other apps' events out. What leaves
+    /// the queue (stored, cancelled) gives its app room again.
+    #[tokio::test(start_paused = true)]
+    async fn one_app_holds_at_most_half_of_what_may_wait() {
+        let (mut pending, config) = (Pending::default(), config(8));
+        let (noisy, quiet) = (
+            AppId::parse("app_noisy").expect("valid"),
+            AppId::parse("app_quiet").expect("valid"),
+        );
+        let now = Instant::now();
+        for n in 0..10 {
+            pending.accept(&noisy, vacated(&format!("churn-{n}")), &config, now);
+        }
+        assert_eq!((pending.delayed.len(), pending.dropped), (4, 6));
+        for n in 0..4 {
+            assert!(
+                pending.accept(
+                    &quiet,
+                    member(true, "presence-x", &format!("u{n}")),
+                    &config,
+                    now
+                ),
+                "the other app's events still fit"
+            );
+        }
+        // A rejoin cancels a waiting leave: its app has room for one more.
+        assert!(!pending.accept(&noisy, occupied("churn-0"), &config, now));
+        assert!(pending.accept(&noisy, vacated("churn-9"), &config, now));
+        assert!(!pending.accept(&noisy, vacated("churn-10"), &config, now));
+        // Stored events give their app's room back; events put back after a failed store
+        // take it again.
+        let taken = pending.take_ready();
+        assert_eq!(taken.len(), 4, "the quiet app's joins");
+        assert_eq!(pending.per_app.get(&quiet), None);
+        pending.put_back(taken);
+        assert_eq!(pending.per_app.get(&quiet), Some(&4));
     }
 
     #[tokio::test]
@@ -660,7 +745,7 @@ mod tests {
         let webhooks = ChannelWebhooks::new(Arc::clone(&store), config(2), Arc::clone(&metrics));
         for n in 0..5 {
             webhooks.observe(
-                &AppId::parse("app_a").expect("valid"),
+                &AppId::parse(format!("app_{n}")).expect("valid"),
                 occupied(&format!("room-{n}")),
             );
         }

@@ -349,13 +349,14 @@ async fn leaves_a_killed_process_never_reported_are_sent_after_it_restarts() {
 
 /// The review's finding: leaves waiting out the rejoin delay did not count against
 /// `ws.webhook_max_pending`, so memory was not bounded by it. Now six channels vacated at once
-/// with room for three waiting events keep three (the rest are dropped and logged), and the
-/// three dropped leaves stay recorded as occupied, so a restart still reports them.
+/// with room for three of the app's waiting events (half of the six that may wait, an app's
+/// share) keep three (the rest are dropped and logged), and the three dropped leaves stay
+/// recorded as occupied, so a restart still reports them.
 #[tokio::test]
 async fn delayed_leaves_count_against_the_pending_limit() {
     let server = TestServer::start_with(|c| {
         c.ws.webhook_delay_ms = DELAY_MS;
-        c.ws.webhook_max_pending = 3;
+        c.ws.webhook_max_pending = 6;
     })
     .await;
     let (app, creds) = pusher_app(&server, "hooks-bounded").await;
