@@ -35,7 +35,15 @@ pub struct ListParams {
 pub fn page(query: &QueryParams, descending: bool) -> ApiResult<Page> {
     let limit = match query.int("limit")? {
         None => DEFAULT_LIMIT,
-        Some(n) if n >= 1 => u32::try_from(n).unwrap_or(MAX_LIMIT).min(MAX_LIMIT),
+        Some(n) if (1..=i64::from(MAX_LIMIT)).contains(&n) => u32::try_from(n).unwrap_or(MAX_LIMIT),
+        // As Svix's server: refused, not cut to the cap (a caller asking for more would take
+        // a short page for the end of the list).
+        Some(n) if n > i64::from(MAX_LIMIT) => {
+            return Err(crate::error::ApiError::invalid(
+                &["query", "limit"],
+                &format!("Given limit must not exceed {MAX_LIMIT}"),
+            ));
+        }
         Some(_) => {
             return Err(crate::error::ApiError::invalid(
                 &["query", "limit"],
@@ -53,6 +61,20 @@ pub fn page(query: &QueryParams, descending: bool) -> ApiResult<Page> {
         descending,
         backwards: query.str("iterator").is_some_and(|it| it.starts_with('-')),
     })
+}
+
+/// Whether a list is read newest first: Svix's `order` (`ascending` or `descending`; anything
+/// else is a 422, never read as the default), or `descending_by_default` when it is left out.
+pub fn descending(query: &QueryParams, descending_by_default: bool) -> ApiResult<bool> {
+    match query.str("order") {
+        None => Ok(descending_by_default),
+        Some("ascending") => Ok(false),
+        Some("descending") => Ok(true),
+        Some(other) => Err(crate::error::ApiError::invalid(
+            &["query", "order"],
+            &format!("order must be ascending or descending, not {other:?}"),
+        )),
+    }
 }
 
 /// Builds the response from the store's `limit + 1` rows; `cursor` gives each item's key.

@@ -254,14 +254,15 @@ fn saved(state: &ApiState, app: App) -> App {
 }
 
 /// The apps the token may see (an app's token: its own).
-#[utoipa::path(get, path = "/api/v1/app", tag = "Application", params(crate::pagination::ListParams),
+#[utoipa::path(get, path = "/api/v1/app", tag = "Application", params(crate::pagination::ListParams,
+        ("order" = Option<String>, Query, description = "`ascending` (the default) or `descending`")),
     responses((status = 200, body = ListResponse<ApplicationOut>)))]
 pub async fn list(
     State(state): State<Arc<ApiState>>,
     caller: Caller,
     query: QueryParams,
 ) -> ApiResult<Json<ListResponse<ApplicationOut>>> {
-    let page = pagination::page(&query, false)?;
+    let page = pagination::page(&query, pagination::descending(&query, false)?)?;
     let apps = match caller.scope.app() {
         None => state.store.list_apps(&page).await?,
         Some(id) => state.store.get_app(id).await?.into_iter().collect(),

@@ -312,7 +312,7 @@ pub async fn list(
     query: QueryParams,
 ) -> ApiResult<Json<ListResponse<EndpointOut>>> {
     let app = caller.app(&state, &app_id).await?;
-    let page = pagination::page(&query, query.str("order") == Some("descending"))?;
+    let page = pagination::page(&query, pagination::descending(&query, false)?)?;
     let rows = state.store.list_endpoints(&app.id, &page).await?;
     Ok(Json(pagination::list(
         rows,

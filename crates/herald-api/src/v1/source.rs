@@ -381,7 +381,7 @@ pub async fn list(
     query: QueryParams,
 ) -> ApiResult<Json<ListResponse<SourceOut>>> {
     let app = caller.app(&state, &app_id).await?;
-    let page = pagination::page(&query, query.str("order") == Some("descending"))?;
+    let page = pagination::page(&query, pagination::descending(&query, false)?)?;
     let rows = state.store.list_sources(&app.id, &page).await?;
     Ok(Json(pagination::list(
         rows,
@@ -562,7 +562,7 @@ pub async fn list_events(
 ) -> ApiResult<Json<ListResponse<IngestEventOut>>> {
     let source = find(&state, &caller, &app_id, &source_id).await?;
     // Newest first, as message lists are.
-    let page = pagination::page(&query, query.str("order") != Some("ascending"))?;
+    let page = pagination::page(&query, pagination::descending(&query, true)?)?;
     let rows = state.store.list_ingest_events(&source.id, &page).await?;
     Ok(Json(pagination::list(
         rows,

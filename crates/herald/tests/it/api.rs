@@ -105,6 +105,56 @@ async fn dev_mode_serves_loopback_hosts_and_origins_only() {
     server.stop().await;
 }
 
+/// Lists take Svix's `order` where Svix's SDKs send it, and refuse a value that is neither
+/// order or a `limit` over 250 with a 422 naming the parameter, as Svix's server does, rather
+/// than reading them as the default or cutting them to the cap.
+#[tokio::test]
+async fn list_order_and_limit_are_read_as_svix_reads_them() {
+    let server = TestServer::start().await;
+    let mut made = Vec::new();
+    for uid in ["order-a", "order-b", "order-c"] {
+        made.push(server.create_app(uid).await);
+    }
+    let ids = |page: &Value| -> Vec<String> {
+        page["data"]
+            .as_array()
+            .expect("data")
+            .iter()
+            .map(|a| a["id"].as_str().expect("id").to_owned())
+            .collect()
+    };
+    let ascending = ids(&get_ok(&server, "/api/v1/app").await);
+    assert_eq!(ascending, made);
+    let mut descending = ids(&get_ok(&server, "/api/v1/app?order=descending").await);
+    descending.reverse();
+    assert_eq!(descending, made, "newest first");
+    let app = &made[0];
+    for path in [
+        "/api/v1/app?order=desc".to_owned(),
+        format!("/api/v1/app/{app}/endpoint?order=newest"),
+        "/api/v1/app?limit=251".to_owned(),
+        format!("/api/v1/app/{app}/msg?limit=1000"),
+    ] {
+        let (status, body) = server.call(Method::GET, &path, None).await;
+        assert_eq!(status, 422, "{path}: {body}");
+        let param = if path.contains("order") {
+            "order"
+        } else {
+            "limit"
+        };
+        assert_eq!(
+            body["detail"][0]["loc"],
+            json!(["query", param]),
+            "{path}: {body}"
+        );
+    }
+    let (status, body) = server
+        .call(Method::GET, "/api/v1/app?limit=250", None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn bad_input_gets_svix_status_codes_and_a_clear_message() {
     let server = TestServer::start().await;
