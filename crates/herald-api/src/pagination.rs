@@ -41,7 +41,7 @@ pub fn page(query: &QueryParams, descending: bool) -> ApiResult<Page> {
         Some(n) if n > i64::from(MAX_LIMIT) => {
             return Err(crate::error::ApiError::invalid(
                 &["query", "limit"],
-                &format!("Given limit must not exceed {MAX_LIMIT}"),
+                format!("Given limit must not exceed {MAX_LIMIT}"),
             ));
         }
         Some(_) => {
@@ -72,7 +72,7 @@ pub fn descending(query: &QueryParams, descending_by_default: bool) -> ApiResult
         Some("descending") => Ok(true),
         Some(other) => Err(crate::error::ApiError::invalid(
             &["query", "order"],
-            &format!("order must be ascending or descending, not {other:?}"),
+            format!("order must be ascending or descending, not {other:?}"),
         )),
     }
 }
