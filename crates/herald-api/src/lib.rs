@@ -60,8 +60,8 @@ pub struct ApiState {
     /// a flood of them queues instead of crowding out everything else.
     pub large_verifications: Arc<tokio::sync::Semaphore>,
     /// Live tails (`GET /api/v1/app/{app_id}/tail`) being served, at most
-    /// [`v1::MAX_TAILS`].
-    pub tails: Arc<tokio::sync::Semaphore>,
+    /// [`v1::MAX_TAILS`], [`v1::MAX_TAILS_PER_APP`] of them one app's.
+    pub tails: Arc<v1::Tails>,
     pub sse: sse::SseConfig,
     /// The last requests each ingest source received, for the console (this node's only).
     pub ingest_log: Arc<ingest_log::IngestLog>,
@@ -139,7 +139,7 @@ impl ApiState {
             large_verifications: Arc::new(tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
             )),
-            tails: Arc::new(tokio::sync::Semaphore::new(v1::MAX_TAILS)),
+            tails: Arc::default(),
             sse: sse::SseConfig::default(),
             ingest_log: Arc::default(),
             tls: false,

@@ -13,7 +13,12 @@
 //! up gets `event: lagged` with `{"skipped": n}` instead of slowing the publishers. The
 //! message log (`GET .../msg`) is the durable record.
 
-use std::{convert::Infallible, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use axum::{
     extract::{Path, State},
@@ -26,7 +31,7 @@ use herald_channels::{TailEvent, tail::Watcher};
 use herald_core::AppId;
 use serde::Serialize;
 use serde_json::{json, value::RawValue};
-use tokio::sync::{OwnedSemaphorePermit, broadcast::error::RecvError};
+use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -38,6 +43,69 @@ use crate::{
 
 /// How many tails one node serves at once: each wakes for every publication of every app.
 pub const MAX_TAILS: usize = 64;
+
+/// How many of them one app's callers may hold, so one app cannot take them all.
+pub const MAX_TAILS_PER_APP: usize = 8;
+
+/// The tails a node serves, in all and per app.
+#[derive(Default)]
+pub struct Tails {
+    open: Mutex<(usize, HashMap<AppId, usize>)>,
+}
+
+/// A served tail's place, given back when its stream ends.
+struct TailSlot {
+    tails: Arc<Tails>,
+    app_id: AppId,
+}
+
+impl Tails {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, HashMap<AppId, usize>)> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A place for one more tail of `app_id`, or 503 `too_many_tails` saying which bound.
+    fn admit(self: &Arc<Self>, app_id: &AppId) -> ApiResult<TailSlot> {
+        let mut open = self.lock();
+        let refused = |detail: String| {
+            ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_tails",
+                detail,
+            )
+        };
+        if open.0 >= MAX_TAILS {
+            return Err(refused(format!(
+                "this node already serves {MAX_TAILS} live tails; close one or try another node"
+            )));
+        }
+        let of_app = open.1.entry(app_id.clone()).or_insert(0);
+        if *of_app >= MAX_TAILS_PER_APP {
+            return Err(refused(format!(
+                "this app already has {MAX_TAILS_PER_APP} live tails on this node; close one"
+            )));
+        }
+        *of_app += 1;
+        open.0 += 1;
+        Ok(TailSlot {
+            tails: Arc::clone(self),
+            app_id: app_id.clone(),
+        })
+    }
+}
+
+impl Drop for TailSlot {
+    fn drop(&mut self) {
+        let mut open = self.tails.lock();
+        open.0 = open.0.saturating_sub(1);
+        if let Some(of_app) = open.1.get_mut(&self.app_id) {
+            *of_app = of_app.saturating_sub(1);
+            if *of_app == 0 {
+                open.1.remove(&self.app_id);
+            }
+        }
+    }
+}
 
 /// What a watcher asked to see.
 struct Filter {
@@ -63,7 +131,8 @@ impl Filter {
 /// `event`, `channels`, `messageId` and `eventId` (of the webhook message it became, or
 /// `null`), `data` (the JSON payload, or the text as a string) and `timestamp`. A watcher too
 /// slow to keep up gets `event: lagged` with `{"skipped": n}`. It starts now (no history)
-/// and shows this node's publications; at most 64 tails per node (then 503).
+/// and shows this node's publications; at most 64 tails per node, 8 of them one app's (then
+/// 503).
 #[utoipa::path(get, path = "/api/v1/app/{app_id}/tail", tag = "Channels", operation_id = "tail",
     params(("app_id" = String, Path, description = "The app's id or uid"),
         ("event_types" = Option<Vec<String>>, Query, description = "Only these event types (repeated or comma-separated)"),
@@ -80,21 +149,13 @@ pub async fn stream(
         event_types: query.list("event_types"),
         channels: query.list("channels"),
     };
-    let permit = Arc::clone(&state.tails).try_acquire_owned().map_err(|_| {
-        ApiError::new(
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            "too_many_tails",
-            format!(
-                "this node already serves {MAX_TAILS} live tails; close one or try another node"
-            ),
-        )
-    })?;
+    let slot = state.tails.admit(&app.id)?;
     let watching = Watching {
         events: state.publisher.tail().watch(),
         app_id: app.id,
         filter,
         shutdown: state.shutdown.clone(),
-        _permit: permit,
+        _slot: slot,
     };
     let stream = futures_util::stream::unfold(watching, |mut w| async move {
         let event = w.next().await?;
@@ -115,7 +176,7 @@ struct Watching {
     app_id: AppId,
     filter: Filter,
     shutdown: CancellationToken,
-    _permit: OwnedSemaphorePermit,
+    _slot: TailSlot,
 }
 
 impl Watching {
@@ -196,3 +257,47 @@ fn publication(event: &TailEvent) -> Event {
 #[derive(utoipa::OpenApi)]
 #[openapi(paths(stream))]
 pub(crate) struct Docs;
+
+#[cfg(test)]
+mod tail_slot_tests {
+    use super::*;
+
+    fn app(n: usize) -> AppId {
+        AppId::parse(format!("app_{n}")).expect("valid")
+    }
+
+    /// One app holds at most `MAX_TAILS_PER_APP` of a node's tails, so its callers cannot take
+    /// all `MAX_TAILS`; a closed tail gives its place back.
+    #[test]
+    fn an_app_holds_a_share_of_the_nodes_tails() {
+        let tails = Arc::new(Tails::default());
+        let mut held: Vec<TailSlot> = (0..MAX_TAILS_PER_APP)
+            .map(|_| tails.admit(&app(0)).expect("within the app's share"))
+            .collect();
+        let refused = tails.admit(&app(0)).err().expect("over the app's share");
+        assert_eq!(refused.code(), "too_many_tails");
+        assert!(
+            refused.detail().contains("this app already has 8"),
+            "{refused:?}"
+        );
+        held.pop();
+        held.push(tails.admit(&app(0)).expect("a place was given back"));
+        // Other apps fill the node up to its bound.
+        for n in 1.. {
+            match tails.admit(&app(n % 100 + 1)) {
+                Ok(slot) => held.push(slot),
+                Err(refused) => {
+                    assert!(
+                        refused.detail().contains("node already serves 64"),
+                        "{refused:?}"
+                    );
+                    break;
+                }
+            }
+        }
+        assert_eq!(held.len(), MAX_TAILS);
+        drop(held);
+        assert_eq!(tails.lock().0, 0);
+        assert!(tails.lock().1.is_empty(), "an app's count goes at zero");
+    }
+}
