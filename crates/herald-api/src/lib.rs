@@ -60,7 +60,7 @@ pub struct ApiState {
     /// a flood of them queues instead of crowding out everything else.
     pub large_verifications: Arc<tokio::sync::Semaphore>,
     /// Live tails (`GET /api/v1/app/{app_id}/tail`) being served, at most
-    /// [`v1::MAX_TAILS`], [`v1::MAX_TAILS_PER_APP`] of them one app's.
+    /// 64 on the node, 8 of them one app's (`v1/tail.rs`).
     pub tails: Arc<v1::Tails>,
     pub sse: sse::SseConfig,
     /// The last requests each ingest source received, for the console (this node's only).

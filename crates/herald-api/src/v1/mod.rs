@@ -13,7 +13,7 @@ mod token;
 mod wire;
 
 pub(crate) use source::header_list;
-pub use tail::{MAX_TAILS, MAX_TAILS_PER_APP, Tails};
+pub use tail::Tails;
 
 use axum::http::StatusCode;
 
