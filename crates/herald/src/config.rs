@@ -431,6 +431,9 @@ pub struct ListenerSection {
     pub body_read_timeout_secs: f64,
     /// The largest request line plus headers, in bytes (431 beyond).
     pub max_header_bytes: usize,
+    /// Bytes of request bodies being read at once, over every connection (503 beyond). At
+    /// least `api.max_body_bytes`.
+    pub max_body_bytes_reading: usize,
 }
 
 impl Default for ListenerSection {
@@ -442,6 +445,7 @@ impl Default for ListenerSection {
             header_read_timeout_secs: d.header_read_timeout.as_secs_f64(),
             body_read_timeout_secs: d.body_read_timeout.as_secs_f64(),
             max_header_bytes: d.max_header_bytes,
+            max_body_bytes_reading: d.max_body_bytes_reading,
         }
     }
 }
@@ -898,6 +902,13 @@ impl Config {
                 "listener.max_connections must be at least 1 and listener.max_header_bytes at least 1024".into(),
             ));
         }
+        // A body the API takes must fit in the budget, or it could never be read.
+        if self.listener.max_body_bytes_reading < self.api.max_body_bytes {
+            return Err(ConfigError::Invalid(format!(
+                "listener.max_body_bytes_reading ({}) must be at least api.max_body_bytes ({})",
+                self.listener.max_body_bytes_reading, self.api.max_body_bytes
+            )));
+        }
         let non_negative = [
             ("delivery.overload_penalty_secs", d.overload_penalty_secs),
             ("delivery.retry_after_max_secs", d.retry_after_max_secs),
@@ -1063,6 +1074,7 @@ impl Config {
             header_read_timeout: Duration::from_secs_f64(l.header_read_timeout_secs),
             body_read_timeout: Duration::from_secs_f64(l.body_read_timeout_secs),
             max_header_bytes: l.max_header_bytes,
+            max_body_bytes_reading: l.max_body_bytes_reading,
             drain_timeout: Duration::from_secs_f64(self.shutdown_grace_secs),
         }
     }
@@ -1548,6 +1560,17 @@ mod tests {
             assert!(err.to_string().contains("retry_jitter"), "{err}");
 
             jail.set_env("HERALD_DELIVERY__RETRY_JITTER", "0.2");
+            // A body the API takes must fit in the listener's reading budget.
+            jail.set_env("HERALD_LISTENER__MAX_BODY_BYTES_READING", "1000");
+            let err = Config::load(None, &Overrides::default()).expect_err("budget below a body");
+            assert!(
+                err.to_string().contains(
+                    "listener.max_body_bytes_reading (1000) must be at least api.max_body_bytes"
+                ),
+                "{err}"
+            );
+            jail.set_env("HERALD_API__MAX_BODY_BYTES", "1000");
+            Config::load(None, &Overrides::default()).map_err(|e| e.to_string())?;
             jail.create_file("typo.toml", "listn = \"127.0.0.1:7000\"")?;
             let err = Config::load(Some(Path::new("typo.toml")), &Overrides::default())
                 .expect_err("unknown key in the file");

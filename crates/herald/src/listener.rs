@@ -43,7 +43,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex, MutexGuard,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicU8, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
@@ -92,6 +92,9 @@ pub struct ListenerLimits {
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
     pub max_header_bytes: usize,
+    /// Bytes of request bodies being read at once, over every connection: a body that would
+    /// take more is refused with 503 (see [`TimedBody`]).
+    pub max_body_bytes_reading: usize,
     /// How long a connection's request in flight at shutdown may take to finish (the
     /// configuration's `shutdown_grace_secs`): a client that stopped reading its response
     /// must not hold the server's exit.
@@ -111,6 +114,9 @@ impl Default for ListenerLimits {
             // The whole body: at the default 1 MiB body limit, at least ~35 KB/s.
             body_read_timeout: Duration::from_secs(30),
             max_header_bytes: 32 * 1024,
+            // 256 bodies of the default 1 MiB API limit at once; every connection at the
+            // 25,000 cap sending a 1 MiB body slowly would otherwise hold 25 GiB.
+            max_body_bytes_reading: 256 * 1024 * 1024,
             drain_timeout: Duration::from_secs(10),
         }
     }
@@ -134,6 +140,9 @@ pub async fn serve(
         limits.trusted_proxies.clone(),
     ));
     let body_timeout = limits.body_read_timeout;
+    let body_budget = Arc::new(Semaphore::new(
+        limits.max_body_bytes_reading.min(Semaphore::MAX_PERMITS),
+    ));
     let drain_timeout = limits.drain_timeout;
     let handshake_timeout = limits.header_read_timeout;
     let mut http = http1::Builder::new();
@@ -201,6 +210,7 @@ pub async fn serve(
             _address_slot: address_slot,
         };
         let router = router.clone();
+        let body_budget = Arc::clone(&body_budget);
         let detach = Arc::new(Detach::default());
         let parking = Arc::clone(&detach);
         let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
@@ -209,21 +219,32 @@ pub async fn serve(
             let detachable = (request.method() == Method::GET
                 && request.version() == Version::HTTP_11)
                 .then(|| Arc::clone(&parking));
-            // Only a request with a body to read gets a timer (and its flag).
-            let timed_out =
-                (!request.body().is_end_stream()).then(|| Arc::new(AtomicBool::new(false)));
-            let request = request.map(|body| match &timed_out {
-                Some(flag) => Body::new(TimedBody::new(body, body_timeout, Arc::clone(flag))),
+            // Only a request with a body to read gets a timer, a share of the budget, and the
+            // flag that says why reading it failed.
+            let failed =
+                (!request.body().is_end_stream()).then(|| Arc::new(BodyFailure::default()));
+            let request = request.map(|body| match &failed {
+                Some(flag) => Body::new(TimedBody::new(
+                    body,
+                    body_timeout,
+                    Arc::clone(&body_budget),
+                    Arc::clone(flag),
+                )),
                 None => Body::new(body),
             });
             // A router clone is a reference count; each request gets its own.
             let response = router.clone().call(request);
             async move {
                 let response = response.await;
-                match (timed_out, detachable, response) {
-                    (Some(flag), _, _) if flag.load(Ordering::Acquire) => {
+                let failure = failed.as_ref().map_or(BodyFailure::NONE, |f| f.get());
+                match (failure, detachable, response) {
+                    (BodyFailure::TIMED_OUT, _, _) => {
                         tracing::debug!(%peer, "the request body timed out: answered 408");
                         Ok(body_timeout_response(body_timeout))
+                    }
+                    (BodyFailure::OVER_BUDGET, _, _) => {
+                        tracing::warn!(%peer, "a request body was refused: the server is reading as many bytes of bodies as listener.max_body_bytes_reading allows; answered 503");
+                        Ok(body_budget_response())
                     }
                     (_, Some(detach), Ok(response))
                         if response.extensions().get::<Endless>().is_some() =>
@@ -382,6 +403,42 @@ const COPY_CHUNKS_BELOW: usize = 8 * 1024;
 /// Copied chunks are handed on together once they hold this much (or the body ends).
 const COPIED_CHUNK: usize = 16 * 1024;
 
+/// Reading a request body was refused for want of budget: 503 in the APIs' error shape, retry
+/// soon, and the connection closed (the rest of the body is never read).
+fn body_budget_response() -> Response {
+    let body = r#"{"code":"busy","detail":"the server is reading as many request bodies as it may at once; retry shortly"}"#;
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+/// Why reading a request body failed, set by [`TimedBody`] for the service to answer.
+#[derive(Default)]
+struct BodyFailure(AtomicU8);
+
+impl BodyFailure {
+    const NONE: u8 = 0;
+    /// 408: it did not arrive within the body read timeout.
+    const TIMED_OUT: u8 = 1;
+    /// 503: the server is reading all the bodies it may at once.
+    const OVER_BUDGET: u8 = 2;
+
+    fn set(&self, why: u8) {
+        self.0.store(why, Ordering::Release);
+    }
+
+    fn get(&self) -> u8 {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
 /// A request body whose reading fails once `timeout` has passed since the first read, unless it
 /// has ended by then. The timer exists only between the first read and the end of the body.
 ///
@@ -393,14 +450,22 @@ const COPIED_CHUNK: usize = 16 * 1024;
 /// its slice dropped at once; what is held is then the body's own length (chunks of at least
 /// [`COPY_CHUNKS_BELOW`] are handed on as they are: at most twice their length). A whole body
 /// that comes in one read, nearly every one, is handed on as it is.
+///
+/// And it reads within a budget shared by every connection (`listener.max_body_bytes_reading`):
+/// each data frame takes its length from it until the body is dropped (once its extractor has
+/// collected it), and a frame the budget cannot cover fails the body (503), so slow senders
+/// cannot make the server hold more than that in bodies they have not finished sending.
 struct TimedBody<B> {
     inner: B,
     timeout: Duration,
     deadline: Option<Pin<Box<Sleep>>>,
     /// The body ended (or failed): no timer any more.
     done: bool,
-    /// Set when the deadline passed, for the service to answer 408.
-    timed_out: Arc<AtomicBool>,
+    /// Set when the deadline passed (408) or the budget ran out (503), for the service.
+    failure: Arc<BodyFailure>,
+    /// The shared budget of bytes being read, and this body's share of it so far.
+    budget: Arc<Semaphore>,
+    reading: Option<OwnedSemaphorePermit>,
     /// Short chunks copied and not yet handed on.
     held: BytesMut,
     /// A frame that came after held data (trailers), handed on after it.
@@ -410,13 +475,15 @@ struct TimedBody<B> {
 }
 
 impl<B> TimedBody<B> {
-    fn new(inner: B, timeout: Duration, timed_out: Arc<AtomicBool>) -> Self {
+    fn new(inner: B, timeout: Duration, budget: Arc<Semaphore>, failure: Arc<BodyFailure>) -> Self {
         Self {
             inner,
             timeout,
             deadline: None,
             done: false,
-            timed_out,
+            failure,
+            budget,
+            reading: None,
             held: BytesMut::new(),
             after_held: None,
             ended: false,
@@ -426,6 +493,29 @@ impl<B> TimedBody<B> {
     fn finish(&mut self) {
         self.done = true;
         self.deadline = None;
+    }
+
+    /// Takes `bytes` more of the budget for this body, or fails it.
+    fn take_budget(&mut self, bytes: usize) -> Result<(), BoxError> {
+        let Ok(bytes) = u32::try_from(bytes) else {
+            return Err(self.over_budget());
+        };
+        match Arc::clone(&self.budget).try_acquire_many_owned(bytes) {
+            Ok(permit) => {
+                match &mut self.reading {
+                    Some(reading) => reading.merge(permit),
+                    None => self.reading = Some(permit),
+                }
+                Ok(())
+            }
+            Err(_) => Err(self.over_budget()),
+        }
+    }
+
+    fn over_budget(&mut self) -> BoxError {
+        self.finish();
+        self.failure.set(BodyFailure::OVER_BUDGET);
+        BodyOverBudget.into()
     }
 
     /// What is held, as one frame.
@@ -450,6 +540,18 @@ impl fmt::Display for BodyTimedOut {
 
 impl StdError for BodyTimedOut {}
 
+/// Reading a request body failed: the server reads all the bodies it may at once.
+#[derive(Debug)]
+struct BodyOverBudget;
+
+impl fmt::Display for BodyOverBudget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the server is reading as many request bodies as it may at once")
+    }
+}
+
+impl StdError for BodyOverBudget {}
+
 impl<B> HttpBody for TimedBody<B>
 where
     B: HttpBody<Data = Bytes> + Unpin,
@@ -463,8 +565,12 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        if this.timed_out.load(Ordering::Relaxed) {
-            return Poll::Ready(Some(Err(BodyTimedOut(this.timeout).into())));
+        match this.failure.get() {
+            BodyFailure::TIMED_OUT => {
+                return Poll::Ready(Some(Err(BodyTimedOut(this.timeout).into())));
+            }
+            BodyFailure::OVER_BUDGET => return Poll::Ready(Some(Err(BodyOverBudget.into()))),
+            _ => {}
         }
         if let Some(frame) = this.after_held.take() {
             return Poll::Ready(Some(Ok(frame)));
@@ -497,7 +603,7 @@ where
                             .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
                         if deadline.as_mut().poll(cx).is_ready() {
                             this.deadline = None;
-                            this.timed_out.store(true, Ordering::Release);
+                            this.failure.set(BodyFailure::TIMED_OUT);
                             return Poll::Ready(Some(Err(BodyTimedOut(timeout).into())));
                         }
                     }
@@ -509,7 +615,12 @@ where
                 this.finish();
             }
             let data = match frame.into_data() {
-                Ok(data) => data,
+                Ok(data) => {
+                    if let Err(refused) = this.take_budget(data.len()) {
+                        return Poll::Ready(Some(Err(refused)));
+                    }
+                    data
+                }
                 // Trailers: after whatever is held.
                 Err(frame) if this.held.is_empty() => return Poll::Ready(Some(Ok(frame))),
                 Err(frame) => {
@@ -848,7 +959,7 @@ mod tests {
         let mut trailers = axum::http::HeaderMap::new();
         trailers.insert("x-end", HeaderValue::from_static("1"));
         chunks.push_back(Some(Frame::trailers(trailers)));
-        let mut body = TimedBody::new(Trickle(chunks), Duration::from_secs(30), Arc::default());
+        let (mut body, _) = timed(Trickle(chunks), Duration::from_secs(30), 1 << 20);
         let frames = read_all(&mut body).await;
         // Every read's bytes were let go of as they came: the frames handed on own copies.
         assert_eq!(
@@ -877,10 +988,10 @@ mod tests {
     #[tokio::test]
     async fn a_body_in_one_read_and_large_reads_are_handed_on_as_they_are() {
         let whole = Bytes::from_static(b"{\"a\":1}");
-        let mut body = TimedBody::new(
+        let (mut body, _) = timed(
             Trickle(VecDeque::from([Some(Frame::data(whole.clone()))])),
             Duration::from_secs(30),
-            Arc::default(),
+            1 << 20,
         );
         let frames = read_all(&mut body).await;
         assert_eq!(frames.len(), 1);
@@ -889,14 +1000,14 @@ mod tests {
 
         let large = Bytes::from(vec![b'y'; COPY_CHUNKS_BELOW]);
         let small = Bytes::from_static(b"zz");
-        let mut body = TimedBody::new(
+        let (mut body, _) = timed(
             Trickle(VecDeque::from([
                 Some(Frame::data(large.clone())),
                 None,
                 Some(Frame::data(small)),
             ])),
             Duration::from_secs(30),
-            Arc::default(),
+            1 << 20,
         );
         let data: Vec<Bytes> = read_all(&mut body)
             .await
@@ -975,6 +1086,58 @@ mod tests {
         }
     }
 
+    /// A body with `timeout` and a budget of `budget` bytes, and its failure flag.
+    fn timed<B>(inner: B, timeout: Duration, budget: usize) -> (TimedBody<B>, Arc<BodyFailure>) {
+        let failure = Arc::new(BodyFailure::default());
+        let body = TimedBody::new(
+            inner,
+            timeout,
+            Arc::new(Semaphore::new(budget)),
+            Arc::clone(&failure),
+        );
+        (body, failure)
+    }
+
+    /// Bodies being read share one budget: a frame it cannot cover fails its body (flagged
+    /// for a 503), and a body dropped once collected gives its share back.
+    #[tokio::test]
+    async fn bodies_being_read_share_one_budget() {
+        let budget = Arc::new(Semaphore::new(10 * 1024));
+        let body = |chunks: Vec<Option<Frame<Bytes>>>| {
+            let failure = Arc::new(BodyFailure::default());
+            let body = TimedBody::new(
+                Trickle(VecDeque::from(chunks)),
+                Duration::from_secs(30),
+                Arc::clone(&budget),
+                Arc::clone(&failure),
+            );
+            (body, failure)
+        };
+        let chunk = |n: usize| Some(Frame::data(Bytes::from(vec![b'a'; n])));
+        // The first takes 8 KiB and is not yet whole.
+        let (mut first, first_failure) = body(vec![chunk(8 * 1024), None, chunk(8 * 1024)]);
+        let frame = next_frame(&mut first)
+            .await
+            .expect("a frame")
+            .expect("data");
+        assert_eq!(frame.into_data().expect("data").len(), 8 * 1024);
+        assert_eq!(budget.available_permits(), 2 * 1024);
+        // The second cannot have 4 KiB more.
+        let (mut second, second_failure) = body(vec![chunk(4 * 1024)]);
+        let refused = next_frame(&mut second)
+            .await
+            .expect("a frame")
+            .expect_err("over the budget");
+        assert!(refused.is::<BodyOverBudget>(), "{refused}");
+        assert_eq!(second_failure.get(), BodyFailure::OVER_BUDGET);
+        assert_eq!(first_failure.get(), BodyFailure::NONE);
+        // Once the first is dropped, its share is free again.
+        drop(first);
+        assert_eq!(budget.available_permits(), 10 * 1024);
+        let (mut third, _) = body(vec![chunk(4 * 1024)]);
+        assert!(next_frame(&mut third).await.expect("a frame").is_ok());
+    }
+
     async fn next_frame<B: HttpBody + Unpin>(
         body: &mut B,
     ) -> Option<Result<Frame<B::Data>, B::Error>> {
@@ -983,8 +1146,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_body_that_does_not_arrive_in_time_fails_and_is_flagged() {
-        let flag = Arc::new(AtomicBool::new(false));
-        let mut body = TimedBody::new(Silent, Duration::from_secs(30), Arc::clone(&flag));
+        let (mut body, flag) = timed(Silent, Duration::from_secs(30), 1024);
         assert!(body.deadline.is_none(), "no timer before the first read");
         let started = tokio::time::Instant::now();
         let error = next_frame(&mut body)
@@ -993,25 +1155,20 @@ mod tests {
             .expect_err("timed out");
         assert_eq!(started.elapsed(), Duration::from_secs(30));
         assert!(error.is::<BodyTimedOut>(), "{error}");
-        assert!(flag.load(Ordering::Acquire));
+        assert_eq!(flag.get(), BodyFailure::TIMED_OUT);
         assert!(next_frame(&mut body).await.expect("a frame").is_err());
     }
 
     #[tokio::test(start_paused = true)]
     async fn bodies_that_are_empty_or_complete_hold_no_timer() {
-        let flag = Arc::new(AtomicBool::new(false));
-        let mut empty = TimedBody::new(Body::empty(), Duration::from_secs(1), Arc::clone(&flag));
+        let (mut empty, _) = timed(Body::empty(), Duration::from_secs(1), 1024);
         assert!(next_frame(&mut empty).await.is_none());
         assert!(
             empty.deadline.is_none(),
             "an empty body never starts a timer"
         );
 
-        let mut full = TimedBody::new(
-            Body::from("{\"a\":1}"),
-            Duration::from_secs(1),
-            Arc::clone(&flag),
-        );
+        let (mut full, flag) = timed(Body::from("{\"a\":1}"), Duration::from_secs(1), 1024);
         let frame = next_frame(&mut full).await.expect("a frame").expect("data");
         assert_eq!(frame.into_data().expect("data"), Bytes::from("{\"a\":1}"));
         assert!(
@@ -1020,6 +1177,6 @@ mod tests {
         );
         tokio::time::advance(Duration::from_secs(5)).await;
         assert!(next_frame(&mut full).await.is_none());
-        assert!(!flag.load(Ordering::Acquire));
+        assert_eq!(flag.get(), BodyFailure::NONE);
     }
 }

@@ -10,6 +10,8 @@ use tokio::{
     net::{TcpSocket, TcpStream},
 };
 
+use reqwest::Method;
+
 use crate::{
     harness::{ADMIN_TOKEN, PATIENCE, TestServer, eventually},
     pusher::{Client, pusher_app, trigger},
@@ -354,5 +356,82 @@ async fn a_trickled_body_is_answered_408_and_closed_within_the_body_timeout() {
     .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(subscriber.next().await["event"], "after");
+    server.stop().await;
+}
+
+/// Bodies being read share one budget (`listener.max_body_bytes_reading`): while one client
+/// holds most of it with a body it has not finished sending, another's body that does not fit
+/// is answered 503 `busy` with `Retry-After` and its connection closed; once the first body
+/// is whole, its share is free again.
+#[tokio::test]
+async fn bodies_beyond_the_reading_budget_are_answered_503_until_it_frees() {
+    let server = TestServer::start_with(|c| {
+        c.api.max_body_bytes = 64 * 1024;
+        c.listener.max_body_bytes_reading = 64 * 1024;
+    })
+    .await;
+    let post = |length: usize| {
+        format!(
+            "POST /api/v1/app HTTP/1.1\r\nHost: herald\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {length}\r\n\r\n"
+        )
+    };
+    // 60 KiB of a 61 KiB body, and the rest held back.
+    let first = TcpStream::connect(addr(&server)).await.expect("connect");
+    let (mut first_reader, mut first_writer) = first.into_split();
+    let mut body = format!(
+        "{{\"name\": \"budget\", \"uid\": \"budget\"}}{}",
+        " ".repeat(61 * 1024)
+    );
+    body.truncate(61 * 1024);
+    first_writer
+        .write_all(post(body.len()).as_bytes())
+        .await
+        .expect("write");
+    first_writer
+        .write_all(&body.as_bytes()[..60 * 1024])
+        .await
+        .expect("write");
+    // Another body of 6 KiB does not fit beside it. (Request and body in one read of the
+    // server's: nothing is left unread when it closes, which would reset the connection.)
+    let refused = eventually("the budget to be taken", || async {
+        let second = TcpStream::connect(addr(&server)).await.expect("connect");
+        let (mut reader, mut writer) = second.into_split();
+        let request = format!("{}{}", post(6 * 1024), " ".repeat(6 * 1024));
+        writer.write_all(request.as_bytes()).await.ok()?;
+        let answer = read_to_close(&mut reader).await;
+        answer.starts_with(b"HTTP/1.1 503").then_some(answer)
+    })
+    .await;
+    let text = String::from_utf8_lossy(&refused).to_ascii_lowercase();
+    assert!(text.contains("\"code\":\"busy\""), "{text}");
+    assert!(text.contains("retry-after: 1"), "{text}");
+    assert!(text.contains("connection: close"), "{text}");
+    // The first body, finished, is read and answered.
+    first_writer
+        .write_all(&body.as_bytes()[60 * 1024..])
+        .await
+        .expect("write");
+    let mut answer = vec![0u8; 12];
+    tokio::io::AsyncReadExt::read_exact(&mut first_reader, &mut answer)
+        .await
+        .expect("an answer");
+    assert_eq!(
+        &answer,
+        b"HTTP/1.1 201",
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    // Its share is free again.
+    let (status, body) = server
+        .call(
+            Method::POST,
+            "/api/v1/app",
+            Some(json!({"name": "after", "padding": "x"})),
+        )
+        .await;
+    assert_eq!(
+        status, 422,
+        "read and judged, not refused for want of budget: {body}"
+    );
     server.stop().await;
 }
