@@ -382,12 +382,35 @@ pub fn health_only(router: Router) -> Router {
 /// failed read (axum's extractors would say 400): 408 in the APIs' error shape, and the
 /// connection closed (the rest of the body is never read).
 fn body_timeout_response(timeout: Duration) -> Response {
-    let body = format!(
-        r#"{{"code":"request_timeout","detail":"the request body did not arrive within {} s"}}"#,
-        timeout.as_secs_f64()
+    body_failure_response(
+        StatusCode::REQUEST_TIMEOUT,
+        "request_timeout",
+        &format!(
+            "the request body did not arrive within {} s",
+            timeout.as_secs_f64()
+        ),
+    )
+}
+
+/// Reading a request body was refused for want of budget: 503 in the APIs' error shape, retry
+/// in a second, and the connection closed (the rest of the body is never read).
+fn body_budget_response() -> Response {
+    let mut response = body_failure_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "busy",
+        "the server is reading as many request bodies as it may at once; retry shortly",
     );
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
+}
+
+/// `{"code", "detail"}` with `status`, and the connection closed.
+fn body_failure_response(status: StatusCode, code: &str, detail: &str) -> Response {
+    let body = serde_json::json!({"code": code, "detail": detail}).to_string();
     let mut response = Response::new(Body::from(body));
-    *response.status_mut() = StatusCode::REQUEST_TIMEOUT;
+    *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
@@ -402,22 +425,6 @@ const COPY_CHUNKS_BELOW: usize = 8 * 1024;
 
 /// Copied chunks are handed on together once they hold this much (or the body ends).
 const COPIED_CHUNK: usize = 16 * 1024;
-
-/// Reading a request body was refused for want of budget: 503 in the APIs' error shape, retry
-/// soon, and the connection closed (the rest of the body is never read).
-fn body_budget_response() -> Response {
-    let body = r#"{"code":"busy","detail":"the server is reading as many request bodies as it may at once; retry shortly"}"#;
-    let mut response = Response::new(Body::from(body));
-    *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
-    response
-}
 
 /// Why reading a request body failed, set by [`TimedBody`] for the service to answer.
 #[derive(Default)]
