@@ -336,11 +336,21 @@ impl ChannelWebhooks {
             if !batch.is_empty() {
                 if let Err(unsent) = self.store_batch(&publisher, batch).await {
                     // Put them back in front, keeping their order, and try again shortly.
-                    self.lock().put_back(unsent);
                     if stopping {
-                        tracing::error!("channel webhook events could not be stored at shutdown");
+                        // Nothing will store them now: counted as dropped, with how many.
+                        // Leaves stay recorded as occupied (the next start reports them);
+                        // joins and client events are lost.
+                        let lost = unsent.len();
+                        self.metrics
+                            .channel_webhook_events_dropped_total
+                            .inc_by(u64::try_from(lost).unwrap_or(u64::MAX));
+                        tracing::error!(
+                            lost,
+                            "channel webhook events could not be stored at shutdown; leaves are reported again at the next start"
+                        );
                         return;
                     }
+                    self.lock().put_back(unsent);
                     tokio::select! {
                         () = tokio::time::sleep(ERROR_BACKOFF) => {}
                         () = stop.cancelled() => {}

@@ -5,7 +5,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::{
-    harness::{Receiver, Reply, TestServer, eventually},
+    harness::{PATIENCE, Receiver, Reply, TestServer, eventually},
     process::spawn_herald_env,
     pusher::{Client, Creds, channel_auth, pusher_app},
 };
@@ -426,4 +426,48 @@ async fn occupancy_is_recorded_only_for_apps_with_channel_webhooks() {
         "only the app with channel webhooks recorded its channel"
     );
     server.stop().await;
+}
+
+/// Channel webhook events the store cannot take at shutdown are counted as dropped (how many),
+/// not lost without a trace: `herald_channel_webhook_events_dropped_total` says so.
+#[tokio::test]
+async fn events_the_store_refuses_at_shutdown_are_counted_as_dropped() {
+    use std::sync::Arc;
+
+    use herald_channels::{
+        channel_webhooks::{ChannelWebhookConfig, ChannelWebhooks},
+        history::{History, HistoryConfig},
+        hub::{ChannelEvent, ChannelObserver},
+    };
+
+    let dir = tempfile::tempdir().expect("dir");
+    let (store, _db) = crate::harness::test_store(dir.path()).await;
+    let history = Arc::new(History::new(Arc::clone(&store), HistoryConfig::default()));
+    let publisher = crate::history::publisher_over(&store, &history);
+    let metrics = Arc::new(herald_metrics::ChannelMetrics::default());
+    let webhooks = Arc::new(ChannelWebhooks::new(
+        Arc::clone(&store),
+        ChannelWebhookConfig {
+            delay: std::time::Duration::ZERO,
+            max_pending: 100,
+        },
+        Arc::clone(&metrics),
+    ));
+    let app_id = herald_core::AppId::parse("app_shutdown").expect("valid");
+    for channel in ["a", "b"] {
+        webhooks.observe(
+            &app_id,
+            ChannelEvent::Occupied {
+                channel: channel.into(),
+            },
+        );
+    }
+    // The store is gone before the last batch is stored.
+    store.close().await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    stop.cancel();
+    tokio::time::timeout(PATIENCE, Arc::clone(&webhooks).run(publisher, stop))
+        .await
+        .expect("run returns at shutdown");
+    assert_eq!(metrics.channel_webhook_events_dropped_total.get(), 2);
 }

@@ -551,7 +551,7 @@ fn publisher_with_metrics(
     (Arc::new(publisher), hub)
 }
 
-fn publisher_over(
+pub(crate) fn publisher_over(
     store: &std::sync::Arc<dyn herald_store::Store>,
     history: &std::sync::Arc<herald_channels::history::History>,
 ) -> std::sync::Arc<herald_channels::Publisher> {
