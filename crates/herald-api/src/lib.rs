@@ -186,7 +186,45 @@ async fn refuse_nul_in_url(
         )
         .into_response();
     }
+    // Path parameters are text: a path that does not decode to UTF-8 gets the same shape here,
+    // not axum's plain-text rejection from whichever extractor meets it first.
+    if !percent_decodes_to_utf8(request.uri().path()) {
+        return ApiError::bad_request(
+            "invalid_url",
+            "the URL's path does not percent-decode to UTF-8 text",
+        )
+        .into_response();
+    }
     next.run(request).await
+}
+
+/// Whether `path` percent-decodes to UTF-8 (a `%` not followed by two hex digits stays as it
+/// is, as axum leaves it).
+fn percent_decodes_to_utf8(path: &str) -> bool {
+    if !path.contains('%') {
+        return true;
+    }
+    let bytes = path.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| char::from(b).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(high), Some(low)) => {
+                decoded.push(u8::try_from(high * 16 + low).unwrap_or(0));
+                i += 3;
+            }
+            (byte, _, _) => {
+                decoded.push(byte);
+                i += 1;
+            }
+        }
+    }
+    std::str::from_utf8(&decoded).is_ok()
 }
 
 /// `/api/v1/...` with one trailing slash becomes the path without it (query kept); anything

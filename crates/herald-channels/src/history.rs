@@ -145,6 +145,10 @@ pub const MAX_PAGE_BYTES: usize = 4 * 1024 * 1024;
 /// events' worth over [`MAX_PAGE_BYTES`].
 const FIRST_PAGE_READ: u32 = 4;
 
+/// How many events a page reads at once at most, whatever the sizes so far: a read of small
+/// events may be followed by large ones, so one read holds at most this many of them.
+const MAX_PAGE_READ: u32 = 64;
+
 /// What an event weighs in a page.
 fn entry_bytes(entry: &HistoryEntry) -> usize {
     entry.data.len() + entry.event.len() + entry.user_id.as_ref().map_or(0, String::len)
@@ -309,8 +313,8 @@ impl History {
     }
 
     /// A page of the channel's history, and its position: at most `limit` events, and no
-    /// more than [`MAX_PAGE_BYTES`] of them (at least one), read a few at a time, so a page of
-    /// large events is never read whole; the caller pages on from its last offset.
+    /// more than [`MAX_PAGE_BYTES`] of them (at least one), read a few dozen at most at a time,
+    /// so a page of large events is never read whole; the caller pages on from its last offset.
     pub async fn page(
         &self,
         app: &App,
@@ -364,10 +368,12 @@ impl History {
             } else {
                 query.after = Some(last.offset);
             }
+            // As many as the rest of the budget holds at the size seen so far, but never more
+            // than a few dozen at once: small events first say nothing of the next ones.
             let average = (bytes / entries.len()).max(1);
             read_next = u32::try_from(MAX_PAGE_BYTES.saturating_sub(bytes) / average)
                 .unwrap_or(u32::MAX)
-                .max(1);
+                .clamp(1, MAX_PAGE_READ);
         }
         Ok(Some(Page { position, entries }))
     }

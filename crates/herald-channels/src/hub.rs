@@ -400,6 +400,17 @@ impl Subscriber {
         self.outbox.send(frame.clone());
     }
 
+    /// A publication this subscriber must not get (its own): its offset still counts as seen,
+    /// so a catch-up from this node's subscribers' offsets ([`AppHub::catch_up_from`]), which
+    /// reads the store and knows no `except`, never sends it back to its sender.
+    fn pass_over(&self, offset: Option<u64>) {
+        if self.joining.is_none()
+            && let Some(offset) = offset
+        {
+            self.next_offset.fetch_max(offset + 1, Ordering::Relaxed);
+        }
+    }
+
     fn send(&self, item: &Outgoing, offset: Option<u64>) {
         let Some(held) = &self.joining else {
             if let Some(offset) = offset
@@ -956,7 +967,9 @@ impl AppHub {
 fn fan_out(channel: &Channel, item: &Outgoing, except: Option<&str>, offset: Option<u64>) -> usize {
     let mut sent = 0;
     for (socket_id, subscriber) in &channel.subscribers {
-        if Some(socket_id.as_str()) != except {
+        if Some(socket_id.as_str()) == except {
+            subscriber.pass_over(offset);
+        } else {
             subscriber.send(item, offset);
             sent += 1;
         }
@@ -1415,6 +1428,45 @@ mod tests {
         );
         assert_eq!(hub.catch_up_from("history-c"), Some(7));
         assert_eq!(hub.catch_up_from("other"), None);
+    }
+
+    /// A subscriber's own publication (its `except`) is not sent to it but counts as seen: a
+    /// catch-up from the store, which knows no `except`, starts past it and never echoes it
+    /// back to its sender.
+    #[test]
+    fn a_publication_passed_over_for_its_sender_counts_as_seen_for_catch_ups() {
+        let hub = app_hub();
+        let (sender_outbox, mut sender, _) = Outbox::new(16);
+        let (other_outbox, mut other, _) = Outbox::new(16);
+        for (socket, outbox) in [("1.1", &sender_outbox), ("2.2", &other_outbox)] {
+            hub.subscribe_joining("history-c", socket, outbox, None, 10)
+                .expect("subscribed");
+            assert!(hub.go_live("history-c", socket, 4, |_| {}));
+        }
+        let own = Arc::new(
+            Publication::new(
+                &AppId::parse("app_1").expect("valid"),
+                "history-c",
+                "ev",
+                crate::publication::EventData::text("d"),
+            )
+            .with_position(Some(herald_core::history::Position {
+                epoch: "e".into(),
+                offset: 5,
+            }))
+            .except(Some("1.1".into())),
+        );
+        assert_eq!(hub.broadcast(&own), 1);
+        assert_eq!(offsets(&mut other), ["5"]);
+        assert!(offsets(&mut sender).is_empty(), "not echoed");
+        assert_eq!(
+            hub.catch_up_from("history-c"),
+            Some(5),
+            "nothing before 6 is missing for anyone"
+        );
+        // The same offset read again from the store (no `except`) is not sent to the sender.
+        hub.broadcast(&published("history-c", Some(5)));
+        assert!(offsets(&mut sender).is_empty());
     }
 
     #[test]

@@ -979,9 +979,15 @@ impl Hearing for PostgresBroker {
     async fn message(&self, payload: Bytes) {
         if let Err(e) = self.hear_bus(&payload).await {
             tracing::warn!(node = self.node, error = %e, "broker: a bus message could not be handed on");
-            // It may have been a history event: caught up from the store at the next retry
-            // tick, not held until the channel's next event.
-            self.missed.store(true, Ordering::Relaxed);
+            // A history event (or what may have been one): caught up from the store at the next
+            // retry tick, not held until the channel's next event. Presence notices and
+            // publications without an offset have nothing to catch up.
+            let maybe_history = !payload.starts_with(PRESENCE_NOTICE_MARK)
+                && serde_json::from_slice::<BusMessage>(&payload)
+                    .map_or(true, |message| message.offset.is_some());
+            if maybe_history {
+                self.missed.store(true, Ordering::Relaxed);
+            }
         }
     }
 

@@ -143,6 +143,8 @@ pub async fn serve(
     let body_budget = Arc::new(Semaphore::new(
         limits.max_body_bytes_reading.min(Semaphore::MAX_PERMITS),
     ));
+    // Bodies refused for want of budget, for the log.
+    let over_budget = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let drain_timeout = limits.drain_timeout;
     let handshake_timeout = limits.header_read_timeout;
     let mut http = http1::Builder::new();
@@ -211,6 +213,7 @@ pub async fn serve(
         };
         let router = router.clone();
         let body_budget = Arc::clone(&body_budget);
+        let over_budget = Arc::clone(&over_budget);
         let detach = Arc::new(Detach::default());
         let parking = Arc::clone(&detach);
         let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
@@ -234,6 +237,8 @@ pub async fn serve(
             });
             // A router clone is a reference count; each request gets its own.
             let response = router.clone().call(request);
+            // Only a request with a body can be refused for want of budget.
+            let over_budget = failed.as_ref().map(|_| Arc::clone(&over_budget));
             async move {
                 let response = response.await;
                 let failure = failed.as_ref().map_or(BodyFailure::NONE, |f| f.get());
@@ -243,7 +248,14 @@ pub async fn serve(
                         Ok(body_timeout_response(body_timeout))
                     }
                     (BodyFailure::OVER_BUDGET, _, _) => {
-                        tracing::warn!(%peer, "a request body was refused: the server is reading as many bytes of bodies as listener.max_body_bytes_reading allows; answered 503");
+                        // Once per power of two, so the flood this guards against does not
+                        // flood the log too.
+                        let refused = over_budget
+                            .as_ref()
+                            .map_or(1, |count| count.fetch_add(1, Ordering::Relaxed) + 1);
+                        if refused.is_power_of_two() {
+                            tracing::warn!(%peer, refused, "request bodies refused: the server is reading as many bytes of bodies as listener.max_body_bytes_reading allows; answered 503");
+                        }
                         Ok(body_budget_response())
                     }
                     (_, Some(detach), Ok(response))

@@ -231,6 +231,15 @@ pub async fn create(
 ) -> ApiResult<Response> {
     let with_content = query.bool("with_content", true)?;
     validate_in(&input)?;
+    // A message's channels go live to the app's channel subscribers, as if the app's backend
+    // had published them: not something an app portal link's customer may do.
+    if matches!(caller.scope, herald_store::TokenScope::Portal(_))
+        && input.channels.as_ref().is_some_and(|c| !c.is_empty())
+    {
+        return Err(crate::error::ApiError::forbidden(
+            "an app portal link's token sends messages to endpoints only: `channels` publish to the app's channel subscribers, which is its backend's to do",
+        ));
+    }
     let app = app_for_create(&state, &caller, &app_id, input.application).await?;
     if let Err(limited) = state.publish_limits.check_app(app.id.as_str(), 1) {
         return Ok(limited.into_response());

@@ -473,6 +473,23 @@ async fn nul_in_a_url_or_a_json_string_is_refused_at_the_edge() {
         assert_eq!(status, 400, "{path}: {body}");
         assert_eq!(body["code"], "invalid_url", "{body}");
     }
+    // A path that does not decode to UTF-8 gets the same shape, not axum's plain text.
+    for path in ["/api/v1/app/%FF", "/ingest/%C3%28"] {
+        let response = crate::harness::http_client()
+            .get(format!("{}{path}", server.base))
+            .bearer_auth(crate::harness::ADMIN_TOKEN)
+            .send()
+            .await
+            .expect("get");
+        assert_eq!(response.status().as_u16(), 400, "{path}");
+        let body: Value = response.json().await.expect("a JSON body");
+        assert_eq!(body["code"], "invalid_url", "{path}: {body}");
+    }
+    // A `%` that escapes nothing, and escaped UTF-8, are paths like any other.
+    let (status, body) = server
+        .call(Method::GET, "/api/v1/app/100%25-%C3%A9", None)
+        .await;
+    assert_eq!(status, 404, "{body}");
     let ingest = crate::harness::http_client()
         .post(format!(
             "{}/ingest/src_%00aaaaaaaaaaaaaaaaaaaaaaaaaa",

@@ -137,16 +137,29 @@ async fn an_app_portal_link_reaches_its_app_alone_and_expires() {
             json!({}),
         ),
         (Method::GET, format!("/api/v1/app/{shop}/tail"), json!({})),
+        (
+            Method::POST,
+            format!("/api/v1/app/{shop}/msg"),
+            json!({"eventType": "order.shipped", "payload": {}, "channels": ["private-user-42"]}),
+        ),
     ] {
         let (status, answer) = as_portal(method, path.clone(), Some(body)).await;
         assert_eq!(status, 403, "{path}: {answer}");
         assert!(
-            answer["detail"]
-                .as_str()
-                .is_some_and(|d| d.contains("endpoints and messages only")),
+            answer["detail"].as_str().is_some_and(
+                |d| d.contains("endpoints and messages only") || d.contains("endpoints only")
+            ),
             "{path}: {answer}"
         );
     }
+    // A message to its endpoints, as the portal's "send an example" makes, is its to send.
+    let (status, sent) = as_portal(
+        Method::POST,
+        format!("/api/v1/app/{shop}/msg"),
+        Some(json!({"eventType": "order.shipped", "payload": {"example": true}})),
+    )
+    .await;
+    assert_eq!(status, 201, "{sent}");
     let (status, _) = as_portal(
         Method::POST,
         format!("/api/v1/app/{shop}/endpoint"),

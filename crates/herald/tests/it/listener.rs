@@ -426,7 +426,8 @@ async fn bodies_beyond_the_reading_budget_are_answered_503_until_it_frees() {
         .call(
             Method::POST,
             "/api/v1/app",
-            Some(json!({"name": "after", "padding": "x"})),
+            // 8 KiB: more than was left beside the first body, so only its freed share fits.
+            Some(json!({"name": "after", "padding": "x".repeat(8 * 1024)})),
         )
         .await;
     assert_eq!(
