@@ -1352,15 +1352,17 @@ mod tests {
         schema.drop_now().await;
     }
 
-    /// Without a bus, history events come by NOTIFY. One that could not be handed on (here a
-    /// notice that does not decode; in life, an entry by reference whose read failed) marks
-    /// the node to catch up from the store, and the channel's next event brings it first, in
-    /// order: it is neither lost nor left for the subscriber to find by its offsets.
-    #[tokio::test]
-    async fn a_history_notice_not_handed_on_is_caught_up_and_comes_before_the_next() {
-        let Some(schema) = Schema::create("history notice not handed on").await else {
-            return;
-        };
+    /// A node without a bus over `schema`, whose store keeps offsets 1 to `kept` of
+    /// `history-c` (data `n1`, `n2`, ...), and one subscriber of it on this node that has seen
+    /// offset 1.
+    struct OneSubscriber {
+        broker: Arc<PostgresBroker>,
+        app_id: AppId,
+        positions: Vec<Position>,
+        frames: herald_channels::hub::Frames,
+    }
+
+    async fn one_subscriber(schema: &Schema, kept: u64) -> OneSubscriber {
         let store = Arc::new(schema.store().await);
         let hub = Arc::new(Hub::default());
         let broker = PostgresBroker::new(
@@ -1371,23 +1373,53 @@ mod tests {
             Box::new(|_| {}),
             None,
         );
-        let app_id = herald_store::conformance::stored_app(store.as_ref(), "notify")
+        let app_id = herald_store::conformance::stored_app(store.as_ref(), "history")
             .await
             .id;
         let mut positions = Vec::new();
-        for n in 1..=3 {
-            positions.push(
-                store
-                    .append_history(entry(&app_id, n))
-                    .await
-                    .expect("append"),
-            );
+        for n in 1..=kept {
+            let position = store.append_history(entry(&app_id, n)).await;
+            positions.push(position.expect("append"));
         }
         let app = hub.app(&app_id);
-        let (outbox, mut frames, _) = Outbox::new(16);
+        let (outbox, frames, _) = Outbox::new(16);
         app.subscribe_joining("history-c", "1.1", &outbox, None, 10)
             .expect("subscribed");
         assert!(app.go_live("history-c", "1.1", 1, |_| {}), "has offset 1");
+        OneSubscriber {
+            broker,
+            app_id,
+            positions,
+            frames,
+        }
+    }
+
+    /// The publications a subscriber got since the last call: offsets and data.
+    fn heard(frames: &mut herald_channels::hub::Frames) -> Vec<(Option<u64>, String)> {
+        let mut heard = Vec::new();
+        while let Ok(item) = frames.try_recv() {
+            if let Outgoing::Publication(p) = item {
+                heard.push((p.offset(), p.data.as_str().to_owned()));
+            }
+        }
+        heard
+    }
+
+    /// Without a bus, history events come by NOTIFY. One that could not be handed on (here a
+    /// notice that does not decode; in life, an entry by reference whose read failed) marks
+    /// the node to catch up from the store, and the channel's next event brings it first, in
+    /// order: it is neither lost nor left for the subscriber to find by its offsets.
+    #[tokio::test]
+    async fn a_history_notice_not_handed_on_is_caught_up_and_comes_before_the_next() {
+        let Some(schema) = Schema::create("history notice not handed on").await else {
+            return;
+        };
+        let OneSubscriber {
+            broker,
+            app_id,
+            positions,
+            mut frames,
+        } = one_subscriber(&schema, 3).await;
 
         broker.hear(HISTORY_CHANNEL, "{not a notice").await;
         assert!(
@@ -1412,14 +1444,8 @@ mod tests {
         };
         let payload = serde_json::to_string(&third).expect("json");
         broker.hear(HISTORY_CHANNEL, &payload).await;
-        let mut heard = Vec::new();
-        while let Ok(item) = frames.try_recv() {
-            if let Outgoing::Publication(p) = item {
-                heard.push((p.offset(), p.data.as_str().to_owned()));
-            }
-        }
         assert_eq!(
-            heard,
+            heard(&mut frames),
             [(Some(2), "n2".to_owned()), (Some(3), "n3".to_owned())]
         );
         schema.drop_now().await;
@@ -1433,29 +1459,12 @@ mod tests {
         let Some(schema) = Schema::create("bus offsets in order").await else {
             return;
         };
-        let store = Arc::new(schema.store().await);
-        let hub = Arc::new(Hub::default());
-        let broker = PostgresBroker::new(
-            "this".into(),
-            store.pool().clone(),
-            Arc::clone(&hub),
-            Arc::clone(&store) as Arc<dyn Store>,
-            Box::new(|_| {}),
-            None,
-        );
-        let app_id = herald_store::conformance::stored_app(store.as_ref(), "bus")
-            .await
-            .id;
-        let mut positions = Vec::new();
-        for n in 1..=5 {
-            let position = store.append_history(entry(&app_id, n)).await;
-            positions.push(position.expect("append"));
-        }
-        let app = hub.app(&app_id);
-        let (outbox, mut frames, _) = Outbox::new(16);
-        app.subscribe_joining("history-c", "1.1", &outbox, None, 10)
-            .expect("subscribed");
-        assert!(app.go_live("history-c", "1.1", 1, |_| {}), "has offset 1");
+        let OneSubscriber {
+            broker,
+            app_id,
+            positions,
+            mut frames,
+        } = one_subscriber(&schema, 5).await;
 
         for n in [4, 2, 3, 5] {
             let index = usize::try_from(n - 1).expect("small");
@@ -1464,14 +1473,8 @@ mod tests {
                 .await
                 .expect("heard");
         }
-        let mut heard = Vec::new();
-        while let Ok(item) = frames.try_recv() {
-            if let Outgoing::Publication(p) = item {
-                heard.push((p.offset(), p.data.as_str().to_owned()));
-            }
-        }
         assert_eq!(
-            heard,
+            heard(&mut frames),
             [
                 (Some(2), "n2".to_owned()),
                 (Some(3), "n3".to_owned()),
