@@ -35,6 +35,7 @@ def main():
             "HERALD_API__PUBLISH_PER_SECOND_PER_APP": "0",
             "HERALD_INGEST__REQUESTS_PER_SECOND_PER_IP": "0",
             "HERALD_INGEST__REQUESTS_PER_SECOND_PER_SOURCE": "0",
+            "HERALD_API__AUTH_FAILURES_PER_SECOND_PER_IP": "0",
         })
         try:
             with urllib.request.urlopen(base + "/openapi.json") as response:

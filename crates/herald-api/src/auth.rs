@@ -2,11 +2,11 @@
 //! tokens in the store may do anything; an app-scoped token may only touch its app. A token
 //! past its expiry, or revoked, opens nothing.
 
-use std::sync::Arc;
+use std::{net::IpAddr, net::SocketAddr, sync::Arc};
 
 use axum::{
-    extract::FromRequestParts,
-    http::{HeaderMap, request::Parts},
+    extract::{ConnectInfo, FromRequestParts},
+    http::{Extensions, HeaderMap, request::Parts},
 };
 use herald_core::{model::App, token};
 use herald_store::TokenScope;
@@ -30,13 +30,51 @@ impl FromRequestParts<Arc<ApiState>> for Caller {
                 scope: scope.clone(),
             });
         }
-        let scope = authenticate(&parts.headers, state).await?;
+        let scope = authenticate(&parts.headers, &parts.extensions, state).await?;
         Ok(Self { scope })
     }
 }
 
-/// The scope of the bearer token in `headers`, or why there is none.
-pub(crate) async fn authenticate(headers: &HeaderMap, state: &ApiState) -> ApiResult<TokenScope> {
+/// The address a request came from, as the per-address limits count it: the peer, or the
+/// client a trusted proxy names (`ws.trusted_proxies`). `None` for a router called without the
+/// listener's connection info (tests), which no per-address limit applies to.
+pub(crate) fn client_address(
+    state: &ApiState,
+    extensions: &Extensions,
+    headers: &HeaderMap,
+) -> Option<IpAddr> {
+    let peer = extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(peer)| *peer);
+    state.sse.clients.client_address(peer, headers)
+}
+
+/// The client address of a request, for handlers (see [`client_address`]).
+pub(crate) struct ClientAddress(pub Option<IpAddr>);
+
+impl FromRequestParts<Arc<ApiState>> for ClientAddress {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<ApiState>,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Self(client_address(
+            state,
+            &parts.extensions,
+            &parts.headers,
+        )))
+    }
+}
+
+/// The scope of the bearer token in `headers`, or why there is none. A client address that
+/// has failed too often is refused (429) before its token is looked up; every token not found,
+/// or expired, counts against its address ([`crate::rate::AuthFailureLimiter`]).
+pub(crate) async fn authenticate(
+    headers: &HeaderMap,
+    extensions: &Extensions,
+    state: &ApiState,
+) -> ApiResult<TokenScope> {
     let header = headers
         .get(axum::http::header::AUTHORIZATION)
         .ok_or_else(|| {
@@ -58,12 +96,16 @@ pub(crate) async fn authenticate(headers: &HeaderMap, state: &ApiState) -> ApiRe
     {
         return Ok(TokenScope::Environment);
     }
-    let token = state
-        .store
-        .find_token(&token_hash)
-        .await?
-        .ok_or_else(|| ApiError::unauthorized("invalid API token (unknown or revoked)"))?;
+    let client = client_address(state, extensions, headers);
+    state.auth_failures.check(client)?;
+    let Some(token) = state.store.find_token(&token_hash).await? else {
+        state.auth_failures.failed(client);
+        return Err(ApiError::unauthorized(
+            "invalid API token (unknown or revoked)",
+        ));
+    };
     if token.expired(chrono::Utc::now()) {
+        state.auth_failures.failed(client);
         return Err(ApiError::unauthorized(format!(
             "API token {} expired",
             token.id

@@ -26,6 +26,11 @@ pub enum ApiError {
         detail: String,
     },
     Validation(Vec<ValidationItem>),
+    /// 429 `rate_limited` with `Retry-After` (whole seconds, at least 1).
+    RateLimited {
+        detail: String,
+        retry_after_secs: u64,
+    },
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
@@ -44,6 +49,7 @@ impl ApiError {
         match self {
             Self::Standard { status, .. } => *status,
             Self::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -53,13 +59,14 @@ impl ApiError {
         match self {
             Self::Standard { code, .. } => code,
             Self::Validation(_) => "validation",
+            Self::RateLimited { .. } => "rate_limited",
         }
     }
 
     /// What was wrong, in the words the caller is told.
     pub fn detail(&self) -> String {
         match self {
-            Self::Standard { detail, .. } => detail.clone(),
+            Self::Standard { detail, .. } | Self::RateLimited { detail, .. } => detail.clone(),
             Self::Validation(items) => items
                 .iter()
                 .map(|i| i.msg.as_str())
@@ -188,6 +195,21 @@ impl IntoResponse for ApiError {
             Self::Validation(items) => (
                 StatusCode::UNPROCESSABLE_ENTITY,
                 Json(Validation { detail: items }),
+            )
+                .into_response(),
+            Self::RateLimited {
+                detail,
+                retry_after_secs,
+            } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(
+                    axum::http::header::RETRY_AFTER,
+                    axum::http::HeaderValue::from(*retry_after_secs),
+                )],
+                Json(Standard {
+                    code: "rate_limited",
+                    detail,
+                }),
             )
                 .into_response(),
         }

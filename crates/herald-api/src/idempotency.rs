@@ -145,7 +145,7 @@ pub async fn replay(
     }
     // Authenticate before anything is read or stored, so only callers with a valid token can
     // put rows in the table; the handler reuses the result instead of checking again.
-    match auth::authenticate(request.headers(), &state).await {
+    match auth::authenticate(request.headers(), request.extensions(), &state).await {
         Ok(scope) => {
             request.extensions_mut().insert(scope);
         }

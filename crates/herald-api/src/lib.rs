@@ -72,6 +72,9 @@ pub struct ApiState {
     pub ingest_limits: Arc<rate::IngestLimiter>,
     /// Events each app may publish through the API (Svix messages, Pusher triggers).
     pub publish_limits: Arc<rate::PublishLimiter>,
+    /// Failed authentications each client address may make before its credentials are
+    /// refused unread for a moment (API tokens and Pusher signatures).
+    pub auth_failures: Arc<rate::AuthFailureLimiter>,
     /// Cancelled at shutdown: long-lived responses (SSE streams) end with it.
     pub shutdown: CancellationToken,
     /// Every metric this node registered (see `herald-metrics`), which `GET /metrics`
@@ -145,6 +148,7 @@ impl ApiState {
             tls: false,
             ingest_limits: Arc::default(),
             publish_limits: Arc::default(),
+            auth_failures: Arc::default(),
             shutdown: CancellationToken::new(),
             metrics_registry: Arc::default(),
             metrics: herald_metrics::Metrics::detached(),

@@ -25,6 +25,7 @@ use herald_channels::Publish;
 
 use crate::{
     ApiState,
+    auth::ClientAddress,
     routes::{Access, RouteTable},
 };
 
@@ -105,6 +106,13 @@ impl From<crate::ApiError> for PusherError {
     fn from(e: crate::ApiError) -> Self {
         match e {
             crate::ApiError::Standard { status, detail, .. } => Self::new(status, detail),
+            crate::ApiError::RateLimited {
+                detail,
+                retry_after_secs,
+            } => Self {
+                retry_after: Some(retry_after_secs),
+                ..Self::new(StatusCode::TOO_MANY_REQUESTS, detail)
+            },
             crate::ApiError::Validation(items) => Self::new(
                 StatusCode::BAD_REQUEST,
                 items
@@ -166,14 +174,26 @@ pub(crate) async fn find_app(state: &ApiState, app_id: &str) -> Result<App, Push
 }
 
 /// Finds the app by its numeric id and checks the request's signature against its secret.
+/// A client address that has failed too often is refused (429) before the app is looked up;
+/// an unknown app or a wrong signature counts against its address
+/// ([`crate::rate::AuthFailureLimiter`]).
 async fn authenticate(
     state: &ApiState,
+    client: Option<std::net::IpAddr>,
     app_id: &str,
     method: &Method,
     uri: &Uri,
     body: &[u8],
 ) -> Result<App, PusherError> {
-    let app = find_app(state, app_id).await?;
+    state
+        .auth_failures
+        .check(client)
+        .map_err(crate::ApiError::from)?;
+    let app = find_app(state, app_id).await.inspect_err(|refused| {
+        if refused.status == StatusCode::NOT_FOUND {
+            state.auth_failures.failed(client);
+        }
+    })?;
     let params: Vec<(String, String)> = query_pairs(uri).collect();
     let now = chrono::Utc::now();
     pusher::with_any_secret(&app.pusher, now, |secret| {
@@ -188,6 +208,7 @@ async fn authenticate(
         )
     })
     .map_err(|e| {
+        state.auth_failures.failed(client);
         PusherError::new(
             StatusCode::UNAUTHORIZED,
             format!("authentication failed: {e}"),
@@ -368,10 +389,11 @@ async fn trigger(
     State(state): State<Arc<ApiState>>,
     Path(app_id): Path<String>,
     method: Method,
+    ClientAddress(client): ClientAddress,
     uri: Uri,
     body: Bytes,
 ) -> Result<Json<Value>, PusherError> {
-    let app = authenticate(&state, &app_id, &method, &uri, &body).await?;
+    let app = authenticate(&state, client, &app_id, &method, &uri, &body).await?;
     let event: TriggerIn = parse(&body)?;
     let channels = check_event(&event, Channels::OneOrMany)?;
     charge(&state, &app, channels.len())?;
@@ -391,10 +413,11 @@ async fn trigger_batch(
     State(state): State<Arc<ApiState>>,
     Path(app_id): Path<String>,
     method: Method,
+    ClientAddress(client): ClientAddress,
     uri: Uri,
     body: Bytes,
 ) -> Result<Json<Value>, PusherError> {
-    let app = authenticate(&state, &app_id, &method, &uri, &body).await?;
+    let app = authenticate(&state, client, &app_id, &method, &uri, &body).await?;
     let batch: BatchIn = parse(&body)?;
     if batch.batch.is_empty() || batch.batch.len() > MAX_BATCH {
         return Err(bad(format!("a batch holds 1 to {MAX_BATCH} events")));
@@ -428,9 +451,10 @@ async fn channels(
     State(state): State<Arc<ApiState>>,
     Path(app_id): Path<String>,
     method: Method,
+    ClientAddress(client): ClientAddress,
     uri: Uri,
 ) -> Result<Json<Value>, PusherError> {
-    let app = authenticate(&state, &app_id, &method, &uri, &[]).await?;
+    let app = authenticate(&state, client, &app_id, &method, &uri, &[]).await?;
     let query: BTreeMap<String, String> = query_pairs(&uri).collect();
     let prefix = query.get("filter_by_prefix").map_or("", String::as_str);
     let user_count =
@@ -463,9 +487,10 @@ async fn channel(
     State(state): State<Arc<ApiState>>,
     Path((app_id, channel)): Path<(String, String)>,
     method: Method,
+    ClientAddress(client): ClientAddress,
     uri: Uri,
 ) -> Result<Json<Value>, PusherError> {
-    let app = authenticate(&state, &app_id, &method, &uri, &[]).await?;
+    let app = authenticate(&state, client, &app_id, &method, &uri, &[]).await?;
     pusher::validate_channel_name(&channel).map_err(bad)?;
     let info: BTreeMap<String, String> = query_pairs(&uri).collect();
     let info = info.get("info").map(String::as_str);
@@ -502,9 +527,10 @@ async fn history(
     State(state): State<Arc<ApiState>>,
     Path((app_id, channel)): Path<(String, String)>,
     method: Method,
+    ClientAddress(client): ClientAddress,
     uri: Uri,
 ) -> Result<Json<Value>, PusherError> {
-    let app = authenticate(&state, &app_id, &method, &uri, &[]).await?;
+    let app = authenticate(&state, client, &app_id, &method, &uri, &[]).await?;
     pusher::validate_channel_name(&channel).map_err(bad)?;
     let query: BTreeMap<String, String> = query_pairs(&uri).collect();
     let offset = |name: &str| -> Result<Option<u64>, PusherError> {
@@ -565,9 +591,10 @@ async fn reset_history(
     State(state): State<Arc<ApiState>>,
     Path((app_id, channel)): Path<(String, String)>,
     method: Method,
+    ClientAddress(client): ClientAddress,
     uri: Uri,
 ) -> Result<Json<Value>, PusherError> {
-    let app = authenticate(&state, &app_id, &method, &uri, &[]).await?;
+    let app = authenticate(&state, client, &app_id, &method, &uri, &[]).await?;
     pusher::validate_channel_name(&channel).map_err(bad)?;
     let position = state
         .publisher
@@ -587,9 +614,10 @@ async fn users(
     State(state): State<Arc<ApiState>>,
     Path((app_id, channel)): Path<(String, String)>,
     method: Method,
+    ClientAddress(client): ClientAddress,
     uri: Uri,
 ) -> Result<Json<Value>, PusherError> {
-    let app = authenticate(&state, &app_id, &method, &uri, &[]).await?;
+    let app = authenticate(&state, client, &app_id, &method, &uri, &[]).await?;
     if ChannelKind::of(&channel) != ChannelKind::Presence {
         return Err(bad("users are only listed for presence channels"));
     }
@@ -611,10 +639,11 @@ async fn terminate(
     State(state): State<Arc<ApiState>>,
     Path((app_id, user_id)): Path<(String, String)>,
     method: Method,
+    ClientAddress(client): ClientAddress,
     uri: Uri,
     body: Bytes,
 ) -> Result<Json<Value>, PusherError> {
-    let app = authenticate(&state, &app_id, &method, &uri, &body).await?;
+    let app = authenticate(&state, client, &app_id, &method, &uri, &body).await?;
     let closed = state.presence.terminate_user(&app.id, &user_id).await?;
     tracing::info!(user_id, closed, "terminating a user's connections");
     Ok(Json(json!({})))
@@ -741,7 +770,7 @@ mod docs {
         TooLarge(String),
         #[response(
             status = 429,
-            description = "Over the app's publish rate: see Retry-After",
+            description = "Over the app's publish rate, or the client address failed authentication too often: see Retry-After",
             content_type = "text/plain"
         )]
         Limited(String),

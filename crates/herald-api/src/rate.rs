@@ -1,8 +1,10 @@
 //! Request rates. On `POST /ingest/{source}`, the one route anyone may call: per client
 //! address (checked before anything is looked up) and per source (checked before the signature
 //! is hashed). On the publishing routes (Svix messages, Pusher triggers): events per app, so
-//! one tenant cannot take a node's whole intake. Beyond any, 429 with `Retry-After`, and the
-//! sender retries later; nothing was stored.
+//! one tenant cannot take a node's whole intake. On every route that takes credentials (API
+//! tokens, Pusher signatures): failed authentications per client address, since each costs a
+//! store lookup that no cache can answer. Beyond any, 429 with `Retry-After`, and the sender
+//! retries later; nothing was stored.
 //!
 //! Each limit is a keyed GCRA limiter (`governor`); keys idle long enough to be full again are
 //! forgotten every few thousand checks, and beyond [`MAX_KEYS`] at once, so the table stays
@@ -10,20 +12,18 @@
 //! the source is known to exist).
 
 use std::{
+    collections::HashMap,
     hash::Hash,
     net::IpAddr,
     num::NonZeroU32,
     sync::{
-        Arc,
-        atomic::{AtomicU32, Ordering},
+        Arc, Mutex,
+        atomic::{AtomicU32, AtomicUsize, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
-use axum::{
-    http::{HeaderValue, StatusCode, header::RETRY_AFTER},
-    response::{IntoResponse, Response},
-};
+use axum::response::{IntoResponse, Response};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter, clock::Clock};
 
 use herald_metrics::{ApiMetrics, Limit};
@@ -79,16 +79,18 @@ impl Limited {
 }
 
 /// 429 `rate_limited` in the management API's error shape, with `Retry-After`.
+impl From<Limited> for ApiError {
+    fn from(limited: Limited) -> Self {
+        Self::RateLimited {
+            retry_after_secs: limited.retry_after_secs(),
+            detail: limited.message,
+        }
+    }
+}
+
 impl IntoResponse for Limited {
     fn into_response(self) -> Response {
-        let seconds = self.retry_after_secs();
-        let mut response =
-            ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", self.message)
-                .into_response();
-        response
-            .headers_mut()
-            .insert(RETRY_AFTER, HeaderValue::from(seconds));
-        response
+        ApiError::from(self).into_response()
     }
 }
 
@@ -293,6 +295,145 @@ impl PublishLimiter {
     }
 }
 
+/// Failed authentications one client address may make (an unknown, revoked or expired API
+/// token; an unknown Pusher app; a wrong Pusher signature).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuthFailureRates {
+    pub per_ip: Rate,
+}
+
+impl Default for AuthFailureRates {
+    /// Ten a second, fifty at once: far more than a client with a mistyped token makes before
+    /// its operator notices, far fewer lookups than a guesser would like.
+    fn default() -> Self {
+        Self {
+            per_ip: Rate {
+                per_second: 10,
+                burst: 50,
+            },
+        }
+    }
+}
+
+/// Counts failed authentications per client address (IPv6: per /64). An address that has
+/// spent its failures is refused with 429 on every credentialed route until its next one is
+/// due, before its credentials are looked up: an unknown token is not in any cache, so without
+/// this each guess would cost the store a lookup (on PostgreSQL, a pool connection).
+///
+/// Only failures are counted, so a client whose credentials are good is never slowed; it is
+/// refused only while it shares an address with one that keeps failing (behind the same NAT,
+/// or a reverse proxy not listed in `ws.trusted_proxies`). The operator's admin token is
+/// compared before this check and always passes.
+pub struct AuthFailureLimiter {
+    per_ip: Option<Keyed<IpAddr>>,
+    /// Addresses out of failures, with when their next one is due. Kept to [`MAX_KEYS`];
+    /// [`Self::refusing_any`] saves every request the lock while it is empty.
+    refusing: Mutex<HashMap<IpAddr, Instant>>,
+    refusing_any: AtomicUsize,
+    hits: Arc<ApiMetrics>,
+}
+
+impl std::fmt::Debug for AuthFailureLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthFailureLimiter")
+            .field("per_ip", &self.per_ip.as_ref().map(|k| k.rate))
+            .finish()
+    }
+}
+
+impl Default for AuthFailureLimiter {
+    fn default() -> Self {
+        Self::new(AuthFailureRates::default())
+    }
+}
+
+impl AuthFailureLimiter {
+    pub fn new(rates: AuthFailureRates) -> Self {
+        Self {
+            per_ip: Keyed::new(rates.per_ip),
+            refusing: Mutex::default(),
+            refusing_any: AtomicUsize::new(0),
+            hits: Arc::default(),
+        }
+    }
+
+    /// Counts refusals into the node's registered metrics instead of detached ones.
+    pub fn counting_into(mut self, hits: Arc<ApiMetrics>) -> Self {
+        self.hits = hits;
+        self
+    }
+
+    /// Whether `client` may present credentials now (`None`, as for a test harness without a
+    /// peer address, always may).
+    pub fn check(&self, client: Option<IpAddr>) -> Result<(), Limited> {
+        self.check_at(client, Instant::now())
+    }
+
+    fn check_at(&self, client: Option<IpAddr>, now: Instant) -> Result<(), Limited> {
+        let (Some(keyed), Some(ip)) = (&self.per_ip, client) else {
+            return Ok(());
+        };
+        if self.refusing_any.load(Ordering::Acquire) == 0 {
+            return Ok(());
+        }
+        let key = herald_channels::limits::address_key(ip);
+        let mut refusing = self.lock();
+        let Some(&until) = refusing.get(&key) else {
+            return Ok(());
+        };
+        if until <= now {
+            refusing.remove(&key);
+            self.refusing_any.store(refusing.len(), Ordering::Release);
+            return Ok(());
+        }
+        drop(refusing);
+        self.hits.limit_hit(Limit::AuthFailuresPerAddress);
+        Err(Limited {
+            message: format!(
+                "too many failed authentications from this address: at most {} per second (bursts of {}); check the credentials and retry later",
+                keyed.rate.per_second, keyed.rate.burst
+            ),
+            retry_after: until - now,
+        })
+    }
+
+    /// Counts one failed authentication by `client`; once its failures are spent, its next
+    /// requests are refused until another is due.
+    pub fn failed(&self, client: Option<IpAddr>) {
+        self.failed_at(client, Instant::now());
+    }
+
+    fn failed_at(&self, client: Option<IpAddr>, now: Instant) {
+        let (Some(keyed), Some(ip)) = (&self.per_ip, client) else {
+            return;
+        };
+        let key = herald_channels::limits::address_key(ip);
+        let Err(wait) = keyed.check(&key) else {
+            return;
+        };
+        let mut refusing = self.lock();
+        if refusing.len() >= MAX_KEYS {
+            refusing.retain(|_, until| *until > now);
+        }
+        if refusing.len() >= MAX_KEYS {
+            // As many addresses failing at once as the table holds: this one goes on being
+            // looked up (and counted) rather than the table growing without bound.
+            return;
+        }
+        if refusing.insert(key, now + wait).is_none() {
+            tracing::info!(%ip, ?wait, "refusing credentials from an address that failed authentication too often");
+        }
+        self.refusing_any.store(refusing.len(), Ordering::Release);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Instant>> {
+        // Nothing can panic while the lock is held: a poisoned map is still a valid one.
+        self.refusing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -407,6 +548,72 @@ mod tests {
             },
         });
         assert!(off.check_app("app_a", 1_000_000).is_ok());
+    }
+
+    fn auth_failures(per_second: u32, burst: u32) -> AuthFailureLimiter {
+        AuthFailureLimiter::new(AuthFailureRates {
+            per_ip: Rate { per_second, burst },
+        })
+    }
+
+    #[test]
+    fn an_address_out_of_failed_authentications_is_refused_until_its_next_is_due() {
+        let metrics = Arc::new(ApiMetrics::default());
+        let limiter = auth_failures(1, 2).counting_into(Arc::clone(&metrics));
+        let a = Some(IpAddr::from([10, 0, 0, 1]));
+        let b = Some(IpAddr::from([10, 0, 0, 2]));
+        let now = Instant::now();
+        limiter.failed_at(a, now);
+        limiter.failed_at(a, now);
+        assert!(
+            limiter.check_at(a, now).is_ok(),
+            "two failures are within the burst"
+        );
+        limiter.failed_at(a, now);
+        let refused = limiter
+            .check_at(a, now)
+            .expect_err("a third failure at once spends the burst");
+        assert!(
+            refused.retry_after > Duration::ZERO && refused.retry_after <= Duration::from_secs(1),
+            "{:?}",
+            refused.retry_after
+        );
+        assert!(
+            refused.message.contains(
+                "too many failed authentications from this address: at most 1 per second"
+            ),
+            "{}",
+            refused.message
+        );
+        assert!(limiter.check_at(b, now).is_ok(), "another address is not");
+        assert_eq!(hits(&metrics, Limit::AuthFailuresPerAddress), 1);
+        assert!(
+            limiter.check_at(a, now + refused.retry_after).is_ok(),
+            "once its next failure is due, the address may try again"
+        );
+        assert!(
+            limiter.check_at(a, now).is_ok(),
+            "and the refusal is forgotten"
+        );
+        assert_eq!(limiter.refusing_any.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn failed_authentications_are_counted_by_64_on_ipv6_and_off_at_zero() {
+        let limiter = auth_failures(1, 1);
+        let at = |ip: &str| Some(ip.parse::<IpAddr>().expect("ip"));
+        let now = Instant::now();
+        limiter.failed_at(at("2001:db8::1"), now);
+        limiter.failed_at(at("2001:db8::2"), now);
+        assert!(limiter.check_at(at("2001:db8::3"), now).is_err());
+        assert!(limiter.check_at(at("2001:db8:0:1::1"), now).is_ok());
+        assert!(limiter.check_at(None, now).is_ok(), "no address, no limit");
+
+        let off = auth_failures(0, 0);
+        for _ in 0..100 {
+            off.failed_at(at("2001:db8::1"), now);
+        }
+        assert!(off.check_at(at("2001:db8::1"), now).is_ok());
     }
 
     #[test]

@@ -164,7 +164,7 @@ async fn check(state: &ApiState, access: Access, request: Request) -> Result<Req
     let scope = match parts.extensions.get::<TokenScope>() {
         // The idempotency middleware authenticated the request already.
         Some(scope) => scope.clone(),
-        None => auth::authenticate(&parts.headers, state).await?,
+        None => auth::authenticate(&parts.headers, &parts.extensions, state).await?,
     };
     if let TokenScope::Portal(_) = &scope
         && access == Access::AppAdmin

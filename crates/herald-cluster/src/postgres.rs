@@ -58,6 +58,7 @@ use herald_core::{
     AppId,
     history::{HistoryEntry, Position},
 };
+use herald_metrics::{ClusterMetrics, NoticeVia};
 use herald_store::{
     Cache, ClusterClock, HistoryQuery, Store,
     postgres::{
@@ -249,12 +250,15 @@ pub struct PostgresBroker {
     /// The store's clock, which each check of the session measures again, and in which the
     /// large publications' rows are dated and swept.
     clock: ClusterClock,
+    /// The link's health, for `/metrics` (registered by `herald::run`).
+    metrics: Arc<ClusterMetrics>,
 }
 
 impl PostgresBroker {
     /// `pool` is the PostgreSQL store's (same database and schema); `wake_deliveries` is
     /// called with the lanes concerned when a node queued a due delivery, and with
-    /// [`DueLanes::Any`] after every (re)connection.
+    /// [`DueLanes::Any`] after every (re)connection. What happens to the link is counted in
+    /// `metrics`.
     pub fn new(
         node: String,
         pool: PgPool,
@@ -262,7 +266,11 @@ impl PostgresBroker {
         store: Arc<dyn Store>,
         wake_deliveries: Box<dyn Fn(DueLanes) + Send + Sync>,
         bus: Option<Arc<dyn Bus>>,
+        metrics: Arc<ClusterMetrics>,
     ) -> Arc<Self> {
+        metrics.bus_connected.set(i64::from(
+            bus.as_ref().is_some_and(|bus| bus.is_connected()),
+        ));
         Arc::new(Self {
             node,
             pool,
@@ -280,6 +288,7 @@ impl PostgresBroker {
             keepalive: (KEEPALIVE_EVERY, KEEPALIVE_PATIENCE),
             clock: store.clock(),
             store,
+            metrics,
         })
     }
 
@@ -302,6 +311,8 @@ impl PostgresBroker {
     /// A session listens: the cache serves again, from empty.
     fn opened(&self) {
         self.listening.store(true, Ordering::Relaxed);
+        self.metrics.listening.set(1);
+        self.metrics.listen_sessions_opened_total.inc();
         self.with_cache(Cache::resume);
         self.config_may_have_changed();
         self.sessions.send_modify(|n| *n += 1);
@@ -442,14 +453,12 @@ impl PostgresBroker {
                         // The connection was lost (see `try_open`): re-opened above, after
                         // which the cache serves again and the node catches up.
                         Ok(None) => {
-                            self.listening.store(false, Ordering::Relaxed);
-                            self.with_cache(Cache::pause);
+                            self.lost();
                             tracing::warn!(node = self.node, "broker: LISTEN session lost; re-opening");
                             break;
                         }
                         Err(e) => {
-                            self.listening.store(false, Ordering::Relaxed);
-                            self.with_cache(Cache::pause);
+                            self.lost();
                             tracing::warn!(node = self.node, error = %e, "broker: LISTEN session lost; re-opening");
                             break;
                         }
@@ -459,9 +468,9 @@ impl PostgresBroker {
                     let answered =
                         tokio::time::timeout(patience, read_clock(&mut listener, &self.clock))
                             .await;
+                    self.note_bus();
                     if !matches!(answered, Ok(Ok(_))) {
-                        self.listening.store(false, Ordering::Relaxed);
-                        self.with_cache(Cache::pause);
+                        self.lost();
                         tracing::warn!(
                             node = self.node,
                             ?patience,
@@ -471,6 +480,24 @@ impl PostgresBroker {
                     }
                 }
             }
+        }
+    }
+
+    /// The session is gone: nothing from the other nodes is heard, and the cache, which
+    /// could no longer hear their changes, pauses until a new session listens.
+    fn lost(&self) {
+        self.listening.store(false, Ordering::Relaxed);
+        self.metrics.listening.set(0);
+        self.metrics.listen_sessions_lost_total.inc();
+        self.with_cache(Cache::pause);
+    }
+
+    /// Sets the bus's gauge from what the bus says now.
+    fn note_bus(&self) {
+        if let Some(bus) = &self.bus {
+            self.metrics
+                .bus_connected
+                .set(i64::from(bus.is_connected()));
         }
     }
 
@@ -549,6 +576,7 @@ impl PostgresBroker {
             _ => Ok(()),
         };
         if let Err(e) = heard {
+            self.metrics.notice_failed(NoticeVia::Notify);
             tracing::warn!(node = self.node, channel, error = %e, "broker: a notification could not be handed on");
             if channel == HISTORY_CHANNEL {
                 // Read from the store at the next retry tick, not lost until the channel's
@@ -826,6 +854,7 @@ impl PostgresBroker {
                 }
             }
         }
+        self.metrics.caught_up(handed);
         handed
     }
 
@@ -932,6 +961,8 @@ impl Broker for PostgresBroker {
             }
             if let Err(e) = bus.send(messages).await {
                 self.missed.store(true, Ordering::Relaxed);
+                self.metrics.bus_sends_failed_total.inc();
+                self.note_bus();
                 if publications.iter().any(|p| p.position.is_some()) {
                     self.tell_others_to_catch_up().await;
                 }
@@ -978,6 +1009,7 @@ impl Broker for PostgresBroker {
 impl Hearing for PostgresBroker {
     async fn message(&self, payload: Bytes) {
         if let Err(e) = self.hear_bus(&payload).await {
+            self.metrics.notice_failed(NoticeVia::Bus);
             tracing::warn!(node = self.node, error = %e, "broker: a bus message could not be handed on");
             // A history event (or what may have been one): caught up from the store at the next
             // retry tick, not held until the channel's next event. Presence notices and
@@ -992,6 +1024,7 @@ impl Hearing for PostgresBroker {
     }
 
     async fn resumed(&self) {
+        self.note_bus();
         self.catch_up().await;
     }
 }
@@ -1060,6 +1093,7 @@ mod tests {
         let name = format!("herald_cache_{}", crate::new_node_id().to_lowercase());
         let here = Arc::new(schema.store_named(&name).await);
         let other = schema.store().await;
+        let metrics = Arc::new(ClusterMetrics::default());
         let broker = PostgresBroker::new(
             "here".into(),
             here.pool().clone(),
@@ -1067,6 +1101,7 @@ mod tests {
             Arc::clone(&here) as Arc<dyn Store>,
             Box::new(|_| {}),
             None,
+            Arc::clone(&metrics),
         );
         let mut sessions = broker.sessions_opened();
         broker.keep_cache(here.cache());
@@ -1144,6 +1179,24 @@ mod tests {
             .expect("the broker runs");
         assert!(here.cache().is_serving());
         assert_eq!(endpoints(&here, &app.id).await, [heard.id.to_string()]);
+        // What an operator sees of it: two sessions opened, one lost, listening again, and
+        // the catch-up that follows the re-open.
+        assert_eq!(metrics.listen_sessions_opened_total.get(), 2);
+        assert_eq!(metrics.listen_sessions_lost_total.get(), 1);
+        assert_eq!(metrics.listening.get(), 1);
+        assert_eq!(metrics.bus_connected.get(), 0, "no bus");
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while metrics.catch_ups_total.get() == 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the re-open's catch-up is counted");
+        assert_eq!(
+            metrics.caught_up_events_total.get(),
+            0,
+            "nobody to catch up"
+        );
 
         shutdown.cancel();
         running.await.expect("the broker stops");
@@ -1205,6 +1258,7 @@ mod tests {
                 Arc::clone(&store) as Arc<dyn Store>,
                 Box::new(|_| {}),
                 Some(Arc::new(TestBus { refuses }) as Arc<dyn crate::bus::Bus>),
+                Arc::default(),
             )
         };
         let (sender, other) = (node("sender", true), node("other", false));
@@ -1234,6 +1288,12 @@ mod tests {
             ),
         );
         assert!(sender.publish(&[kept]).await.is_err(), "the bus refused it");
+        assert_eq!(sender.metrics.bus_sends_failed_total.get(), 1, "counted");
+        assert_eq!(
+            sender.metrics.bus_connected.get(),
+            1,
+            "the bus says it is connected: a refused send is not a lost link"
+        );
         tokio::time::timeout(Duration::from_secs(10), hearing)
             .await
             .expect("the other node was told to catch up")
@@ -1335,6 +1395,7 @@ mod tests {
             Arc::clone(&direct) as Arc<dyn Store>,
             Box::new(|_| {}),
             None,
+            Arc::default(),
         )
         .with_keepalive(Duration::from_millis(200), Duration::from_millis(300));
         let mut sessions = broker.sessions_opened();
@@ -1347,6 +1408,10 @@ mod tests {
             .await
             .expect("the silent session was found out and re-opened")
             .expect("the broker runs");
+        assert!(
+            broker.metrics.listen_sessions_lost_total.get() >= 1,
+            "the silent session counted as lost"
+        );
         shutdown.cancel();
         running.abort();
         schema.drop_now().await;
@@ -1372,6 +1437,7 @@ mod tests {
             Arc::clone(&store) as Arc<dyn Store>,
             Box::new(|_| {}),
             None,
+            Arc::default(),
         );
         let app_id = herald_store::conformance::stored_app(store.as_ref(), "history")
             .await
@@ -1426,6 +1492,15 @@ mod tests {
             broker.missed.load(Ordering::Relaxed),
             "marked to catch up at the next retry tick"
         );
+        let failed = |via| {
+            broker
+                .metrics
+                .notices_failed_total
+                .get_or_create(&herald_metrics::NoticeLabels { via })
+                .get()
+        };
+        assert_eq!(failed(NoticeVia::Notify), 1, "counted");
+        assert_eq!(failed(NoticeVia::Bus), 0);
         assert!(frames.try_recv().is_err(), "nothing handed on yet");
 
         let third = herald_store::postgres::HistoryNotice {

@@ -33,6 +33,17 @@
 //! | `herald_limits_hit_total{limit}` | counter | [`ApiMetrics`] |
 //! | `herald_listener_connections_accepted_total` | counter | [`ListenerMetrics`] |
 //! | `herald_listener_connections_refused_total{reason}` | counter | [`ListenerMetrics`] |
+//! | `herald_cluster_listening` | gauge | [`ClusterMetrics`] |
+//! | `herald_cluster_bus_connected` | gauge | [`ClusterMetrics`] |
+//! | `herald_cluster_listen_sessions_opened_total` | counter | [`ClusterMetrics`] |
+//! | `herald_cluster_listen_sessions_lost_total` | counter | [`ClusterMetrics`] |
+//! | `herald_cluster_notices_failed_total{via}` | counter | [`ClusterMetrics`] |
+//! | `herald_cluster_bus_sends_failed_total` | counter | [`ClusterMetrics`] |
+//! | `herald_cluster_catch_ups_total` | counter | [`ClusterMetrics`] |
+//! | `herald_cluster_caught_up_events_total` | counter | [`ClusterMetrics`] |
+//!
+//! The cluster group is registered only on a node that runs as part of a cluster (on the
+//! PostgreSQL store): [`ClusterMetrics::register`].
 
 use std::sync::Arc;
 
@@ -60,6 +71,8 @@ pub struct Metrics {
     pub queue: Arc<QueueMetrics>,
     pub api: Arc<ApiMetrics>,
     pub store: Arc<StoreMetrics>,
+    /// Registered by `herald::run` only on a clustered node (see [`ClusterMetrics::register`]).
+    pub cluster: Arc<ClusterMetrics>,
 }
 
 impl Metrics {
@@ -743,6 +756,144 @@ impl StoreMetrics {
     }
 }
 
+/// How a notice from another node arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum NoticeVia {
+    /// A PostgreSQL notification on the LISTEN session.
+    Notify,
+    /// A message on the bus (Redis or NATS).
+    Bus,
+}
+
+impl NoticeVia {
+    pub const ALL: [Self; 2] = [Self::Notify, Self::Bus];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Notify => "notify",
+            Self::Bus => "bus",
+        }
+    }
+}
+
+impl EncodeLabelValue for NoticeVia {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct NoticeLabels {
+    pub via: NoticeVia,
+}
+
+/// A node's link to the rest of its cluster: the PostgreSQL LISTEN session it hears other
+/// nodes' notices on, the bus if one carries publications, and the catch-ups from the store
+/// that make up for what either lost. What an operator alerts on: `listening` or
+/// `bus_connected` at 0 for long, sessions lost again and again, notices failing.
+#[derive(Debug)]
+pub struct ClusterMetrics {
+    /// 1 while the LISTEN session is open (this node hears the others and its cache serves).
+    pub listening: Gauge,
+    /// 1 while the bus is connected; 0 while it is lost, and on a node without one.
+    pub bus_connected: Gauge,
+    /// LISTEN sessions opened: the first, then one per re-open after a loss.
+    pub listen_sessions_opened_total: Counter,
+    /// LISTEN sessions lost: closed, failed, or silent past their check.
+    pub listen_sessions_lost_total: Counter,
+    /// Notices heard that could not be handed on to this node's subscribers (history events
+    /// among them are caught up from the store), by how they came.
+    pub notices_failed_total: Family<NoticeLabels, Counter>,
+    /// Sends of publications the bus refused (history ones are caught up by every node).
+    pub bus_sends_failed_total: Counter,
+    /// Catch-ups of history subscribers from the store: after a re-opened session or bus, or
+    /// a history event that was not sent or not handed on.
+    pub catch_ups_total: Counter,
+    /// History events those catch-ups handed on.
+    pub caught_up_events_total: Counter,
+}
+
+impl Default for ClusterMetrics {
+    fn default() -> Self {
+        let notices_failed_total = Family::<NoticeLabels, Counter>::default();
+        for via in NoticeVia::ALL {
+            drop(notices_failed_total.get_or_create(&NoticeLabels { via }));
+        }
+        Self {
+            listening: Gauge::default(),
+            bus_connected: Gauge::default(),
+            listen_sessions_opened_total: Counter::default(),
+            listen_sessions_lost_total: Counter::default(),
+            notices_failed_total,
+            bus_sends_failed_total: Counter::default(),
+            catch_ups_total: Counter::default(),
+            caught_up_events_total: Counter::default(),
+        }
+    }
+}
+
+impl ClusterMetrics {
+    /// Counts one notice that could not be handed on.
+    pub fn notice_failed(&self, via: NoticeVia) {
+        self.notices_failed_total
+            .get_or_create(&NoticeLabels { via })
+            .inc();
+    }
+
+    /// Counts one catch-up that handed on `events` events.
+    pub fn caught_up(&self, events: usize) {
+        self.catch_ups_total.inc();
+        self.caught_up_events_total
+            .inc_by(u64::try_from(events).unwrap_or(u64::MAX));
+    }
+
+    /// Registers the group in `registry`, under the prefix `herald` (as [`Metrics::new`] does
+    /// the others): only a clustered node has these.
+    pub fn register(&self, registry: &mut Registry) {
+        let registry = registry.sub_registry_with_prefix("herald");
+        registry.register(
+            "cluster_listening",
+            "1 while this node's PostgreSQL LISTEN session is open (it hears the other nodes)",
+            self.listening.clone(),
+        );
+        registry.register(
+            "cluster_bus_connected",
+            "1 while the bus (Redis or NATS) is connected; 0 while lost or without one",
+            self.bus_connected.clone(),
+        );
+        registry.register(
+            "cluster_listen_sessions_opened",
+            "LISTEN sessions opened: the first, then one per re-open after a loss",
+            self.listen_sessions_opened_total.clone(),
+        );
+        registry.register(
+            "cluster_listen_sessions_lost",
+            "LISTEN sessions lost (closed, failed, or silent past their check)",
+            self.listen_sessions_lost_total.clone(),
+        );
+        registry.register(
+            "cluster_notices_failed",
+            "Notices from other nodes that could not be handed on here, by how they came",
+            self.notices_failed_total.clone(),
+        );
+        registry.register(
+            "cluster_bus_sends_failed",
+            "Sends of publications the bus refused",
+            self.bus_sends_failed_total.clone(),
+        );
+        registry.register(
+            "cluster_catch_ups",
+            "Catch-ups of history subscribers from the store",
+            self.catch_ups_total.clone(),
+        );
+        registry.register(
+            "cluster_caught_up_events",
+            "History events handed on by catch-ups",
+            self.caught_up_events_total.clone(),
+        );
+    }
+}
+
 /// What an inbound webhook request came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum IngestOutcome {
@@ -806,13 +957,17 @@ pub enum Limit {
     IngestPerAddress,
     /// Inbound webhook requests per source per second.
     IngestPerSource,
+    /// Failed authentications (unknown or expired API tokens, unknown Pusher apps, wrong
+    /// Pusher signatures) per client address per second.
+    AuthFailuresPerAddress,
 }
 
 impl Limit {
-    pub const ALL: [Self; 3] = [
+    pub const ALL: [Self; 4] = [
         Self::PublishPerApp,
         Self::IngestPerAddress,
         Self::IngestPerSource,
+        Self::AuthFailuresPerAddress,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -820,6 +975,7 @@ impl Limit {
             Self::PublishPerApp => "publish_per_app",
             Self::IngestPerAddress => "ingest_per_address",
             Self::IngestPerSource => "ingest_per_source",
+            Self::AuthFailuresPerAddress => "auth_failures_per_address",
         }
     }
 }
@@ -937,6 +1093,36 @@ mod tests {
             "# TYPE herald_broker_publish_seconds histogram",
             "herald_listener_connections_refused_total{reason=\"global_cap\"} 0",
             "herald_listener_connections_refused_total{reason=\"per_address_cap\"} 0",
+            "herald_limits_hit_total{limit=\"auth_failures_per_address\"} 0",
+        ] {
+            assert!(out.contains(name), "{name} missing from:\n{out}");
+        }
+        assert!(
+            !out.contains("herald_cluster_"),
+            "the cluster's group is registered apart: {out}"
+        );
+    }
+
+    #[test]
+    fn the_cluster_group_registers_under_the_herald_prefix_and_counts() {
+        let mut registry = Registry::default();
+        let metrics = Metrics::new(&mut registry);
+        metrics.cluster.register(&mut registry);
+        metrics.cluster.listening.set(1);
+        metrics.cluster.notice_failed(NoticeVia::Bus);
+        metrics.cluster.caught_up(3);
+        let out = text(&registry);
+        for name in [
+            "herald_cluster_listening 1",
+            "herald_cluster_bus_connected 0",
+            "herald_cluster_listen_sessions_opened_total 0",
+            "herald_cluster_listen_sessions_lost_total 0",
+            "herald_cluster_notices_failed_total{via=\"notify\"} 0",
+            "herald_cluster_notices_failed_total{via=\"bus\"} 1",
+            "herald_cluster_bus_sends_failed_total 0",
+            "herald_cluster_catch_ups_total 1",
+            "herald_cluster_caught_up_events_total 3",
+            "herald_connections 0",
         ] {
             assert!(out.contains(name), "{name} missing from:\n{out}");
         }

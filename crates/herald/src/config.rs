@@ -458,6 +458,11 @@ pub struct ApiSection {
     /// Pusher triggers: one per channel named); 0: no limit.
     pub publish_per_second_per_app: u32,
     pub publish_burst_per_app: u32,
+    /// Failed authentications (unknown, revoked or expired API tokens; unknown Pusher apps,
+    /// wrong Pusher signatures) one client address may make per second, and at once; beyond,
+    /// its credentials are refused with 429 before they are looked up. 0: no limit.
+    pub auth_failures_per_second_per_ip: u32,
+    pub auth_failure_burst_per_ip: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -586,10 +591,13 @@ impl From<KeyList> for Vec<SecretText> {
 impl Default for ApiSection {
     fn default() -> Self {
         let publish = herald_api::rate::PublishRates::default().per_app;
+        let auth_failures = herald_api::rate::AuthFailureRates::default().per_ip;
         Self {
             max_body_bytes: herald_api::ApiConfig::default().max_body_bytes,
             publish_per_second_per_app: publish.per_second,
             publish_burst_per_app: publish.burst,
+            auth_failures_per_second_per_ip: auth_failures.per_second,
+            auth_failure_burst_per_ip: auth_failures.burst,
         }
     }
 }
@@ -1119,6 +1127,15 @@ impl Config {
             per_app: herald_api::rate::Rate {
                 per_second: self.api.publish_per_second_per_app,
                 burst: self.api.publish_burst_per_app,
+            },
+        }
+    }
+
+    pub fn auth_failure_rates(&self) -> herald_api::rate::AuthFailureRates {
+        herald_api::rate::AuthFailureRates {
+            per_ip: herald_api::rate::Rate {
+                per_second: self.api.auth_failures_per_second_per_ip,
+                burst: self.api.auth_failure_burst_per_ip,
             },
         }
     }

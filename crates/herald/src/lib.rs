@@ -258,6 +258,10 @@ pub async fn run_with(
         // Publications travel on the bus: nobody listens for the store's announcements.
         postgres.announce_history(false);
     }
+    if postgres.is_some() {
+        // Only a node that can be part of a cluster has a link to count.
+        metrics.cluster.register(&mut registry);
+    }
     let cluster_pool = postgres.as_ref().map(|postgres| postgres.pool().clone());
     let postgres_broker = postgres.map(|postgres| {
         let wake = dispatcher.handle();
@@ -271,6 +275,7 @@ pub async fn run_with(
                 DueLanes::Any => wake.wake(),
             }),
             bus,
+            Arc::clone(&metrics.cluster),
         );
         // The store's cache of apps, endpoints, tokens and sources serves while the broker
         // hears the other nodes' changes to them.
@@ -370,6 +375,10 @@ pub async fn run_with(
     );
     state.publish_limits = Arc::new(
         herald_api::rate::PublishLimiter::new(config.publish_rates())
+            .counting_into(Arc::clone(&metrics.api)),
+    );
+    state.auth_failures = Arc::new(
+        herald_api::rate::AuthFailureLimiter::new(config.auth_failure_rates())
             .counting_into(Arc::clone(&metrics.api)),
     );
     state.shutdown = shutdown.clone();

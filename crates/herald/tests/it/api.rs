@@ -769,7 +769,8 @@ async fn anonymous_requests_store_no_idempotency_records_and_long_keys_are_refus
                 Some(&key),
             )
             .await;
-        assert_eq!(status, 401, "{refused}");
+        // Past the address's burst of failures, refused unread (429) rather than looked up.
+        assert!(status == 401 || status == 429, "{status} {refused}");
     }
     let (status, refused) = server
         .call_as(None, Method::POST, &path, Some(body.clone()), Some("anon"))

@@ -102,7 +102,9 @@ fn refused_as_unauthenticated(what: &str, (status, body): &(u16, String)) {
 #[tokio::test]
 async fn every_route_in_the_table_refuses_missing_malformed_wrong_revoked_expired_and_other_app_credentials()
  {
-    let server = TestServer::start().await;
+    // The walk fails authentication hundreds of times from one address: the limit on that
+    // is tested on its own (below).
+    let server = TestServer::start_with(|c| c.api.auth_failures_per_second_per_ip = 0).await;
     let (app_a, creds_a) = pusher_app(&server, "auth-walk-a").await;
     let (app_b, creds_b) = pusher_app(&server, "auth-walk-b").await;
     let stripe_secret = "whsec_auth_walk_secret";
@@ -287,6 +289,116 @@ async fn every_route_in_the_table_refuses_missing_malformed_wrong_revoked_expire
         walked += 1;
     }
     assert_eq!(walked, routes.len());
+    server.stop().await;
+}
+
+/// An address that keeps failing authentication (unknown tokens, wrong Pusher signatures) is
+/// refused with 429 on every credentialed route, its credentials unread, until its next
+/// failure is due; the admin token still passes, and so does everyone once the wait is over.
+#[tokio::test]
+async fn an_address_that_keeps_failing_authentication_is_refused_until_its_next_failure_is_due() {
+    let server = TestServer::start_with(|c| {
+        c.api.auth_failures_per_second_per_ip = 1;
+        c.api.auth_failure_burst_per_ip = 3;
+    })
+    .await;
+    let (app, creds) = pusher_app(&server, "auth-failures").await;
+    let (token, _) = mint(&server, json!({"name": "good", "appId": app})).await;
+    let bearer = |token: &str| {
+        crate::harness::http_client()
+            .get(format!("{}/api/v1/app/{app}", server.base))
+            .bearer_auth(token)
+            .send()
+    };
+    // The burst of three, and a fourth that spends what the second brought: each is looked
+    // up and answered 401.
+    for attempt in 0..4 {
+        let response = bearer("hrld_guessed").await.expect("request");
+        assert_eq!(response.status().as_u16(), 401, "guess {attempt}");
+    }
+    let refused = bearer(&token).await.expect("request");
+    assert_eq!(
+        refused.status().as_u16(),
+        429,
+        "the address is out of failures: even a good token waits"
+    );
+    assert_eq!(
+        refused.headers().get("retry-after").map(|v| v.as_bytes()),
+        Some(&b"1"[..])
+    );
+    let body: Value = refused.json().await.expect("json");
+    assert_eq!(body["code"], "rate_limited", "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("too many failed authentications from this address")),
+        "{body}"
+    );
+    let signed_path = format!("/apps/{}/channels", creds.id);
+    // A GET of the app's channels, signed with `secret`: its status.
+    let channels_signed_with = |secret: &str| {
+        let params = herald_core::pusher::sign_request(
+            &creds.key,
+            secret,
+            "GET",
+            &signed_path,
+            &[],
+            b"",
+            chrono::Utc::now().timestamp(),
+        );
+        let (server, path) = (&server, &signed_path);
+        async move { send_pusher(server, &Method::GET, path, &params, "", None).await }
+    };
+    let secret = creds.secret.as_str();
+    assert_eq!(
+        channels_signed_with(secret).await,
+        429,
+        "Pusher signatures wait too"
+    );
+    let (status, _) = server.call(Method::GET, "/api/v1/app", None).await;
+    assert_eq!(status, 200, "the admin token is compared first and passes");
+
+    eventually("the address may present credentials again", || async {
+        let response = bearer(&token).await.expect("request");
+        (response.status().as_u16() == 200).then_some(())
+    })
+    .await;
+    // Wrong Pusher signatures count as failures too: more than a burst of them, and the
+    // address is refused again.
+    for _ in 0..4 {
+        let status = channels_signed_with("not-the-secret").await;
+        assert!(status == 401 || status == 429, "{status}");
+        if status == 429 {
+            break;
+        }
+    }
+    assert_eq!(
+        channels_signed_with(secret).await,
+        429,
+        "refused after wrong signatures"
+    );
+    eventually("the Pusher API opens again", || async {
+        (channels_signed_with(secret).await == 200).then_some(())
+    })
+    .await;
+
+    let metrics = crate::harness::http_client()
+        .get(format!("{}/metrics", server.base))
+        .bearer_auth(crate::harness::ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("body");
+    let refusals: u64 = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("herald_limits_hit_total{limit=\"auth_failures_per_address\"} ")
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the refusals are counted");
+    assert!(refusals >= 2, "{refusals} refusals counted");
     server.stop().await;
 }
 

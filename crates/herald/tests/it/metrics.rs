@@ -75,6 +75,20 @@ async fn metrics_need_an_environment_token_and_speak_openmetrics() {
         text.contains("# TYPE herald_delivery_queue_due gauge"),
         "{text}"
     );
+    // The cluster's link is counted only where there is one: on PostgreSQL, listening.
+    if server.on_postgres() {
+        assert_eq!(sample(&text, "herald_cluster_listening"), 1.0, "{text}");
+        assert_eq!(
+            sample(&text, "herald_cluster_listen_sessions_opened_total"),
+            1.0
+        );
+        assert_eq!(
+            sample(&text, "herald_cluster_notices_failed_total{via=\"notify\"}"),
+            0.0
+        );
+    } else {
+        assert!(!text.contains("herald_cluster_"), "{text}");
+    }
     server.stop().await;
 }
 
