@@ -1,4 +1,5 @@
-//! Secrets at rest: endpoint signing secrets, ingest source secrets and apps' Pusher secrets are
+//! Secrets at rest: endpoint signing secrets, the headers endpoints send (which often carry
+//! credentials: `Authorization`, API keys), ingest source secrets and apps' Pusher secrets are
 //! stored encrypted under a main key, and decrypted inside the store, so nothing above it ever
 //! sees a ciphertext.
 //!
@@ -17,7 +18,8 @@
 //! A value without the `hk1.` prefix is a secret stored in clear by a version before this one:
 //! it reads as it is, and [`crate::SecretStore::reencrypt_secrets`] (run by every store at
 //! open for such values, and by `herald rotate-main-key`) encrypts it. The prefix cannot be
-//! mistaken for such a value: lists were stored as JSON (`[`...), endpoint secrets start with
+//! mistaken for such a value: lists and header maps were stored as JSON (`[`..., `{`...),
+//! endpoint secrets start with
 //! `whsec_`, and generated Pusher secrets are hex; only a Pusher secret an operator chose to
 //! begin with `hk1.` would be read as a ciphertext (and refused as malformed).
 
@@ -49,6 +51,7 @@ pub(crate) mod field {
     pub(crate) const APP_PUSHER_PREVIOUS_SECRET: &str = "app.pusher_previous_secret";
     pub(crate) const ENDPOINT_SECRET: &str = "endpoint.secret";
     pub(crate) const ENDPOINT_PREVIOUS_SECRETS: &str = "endpoint.previous_secrets";
+    pub(crate) const ENDPOINT_HEADERS: &str = "endpoint.headers";
     pub(crate) const SOURCE_SECRETS: &str = "source.secrets";
 }
 
@@ -74,6 +77,7 @@ pub(crate) const SECRET_TABLES: [SecretTable; 3] = [
         columns: &[
             ("secret", field::ENDPOINT_SECRET),
             ("previous_secrets", field::ENDPOINT_PREVIOUS_SECRETS),
+            ("headers", field::ENDPOINT_HEADERS),
         ],
     },
     SecretTable {

@@ -375,7 +375,11 @@ macro_rules! endpoint_columns {
             .bind($crate::sqlite::rows::opt_json(&ep.event_types))
             .bind($crate::sqlite::rows::opt_json(&ep.channels))
             .bind($crate::sqlite::rows::to_json(&ep.metadata))
-            .bind($crate::sqlite::rows::to_json(&ep.headers))
+            .bind(keys.seal(
+                $crate::secrets::field::ENDPOINT_HEADERS,
+                ep.id.as_str(),
+                &$crate::sqlite::rows::to_json(&ep.headers),
+            ))
             .bind(keys.seal(
                 $crate::secrets::field::ENDPOINT_SECRET,
                 ep.id.as_str(),
@@ -856,7 +860,10 @@ macro_rules! row_readers {
                 event_types: opt_json_column(row, &col("event_types"))?,
                 channels: opt_json_column(row, &col("channels"))?,
                 metadata: json_column(row, &col("metadata"))?,
-                headers: json_column(row, &col("headers"))?,
+                headers: $crate::sqlite::rows::from_json(
+                    &col("headers"),
+                    &open(field::ENDPOINT_HEADERS, "headers")?,
+                )?,
                 secret: open(field::ENDPOINT_SECRET, "secret")?,
                 previous_secrets: previous
                     .into_iter()

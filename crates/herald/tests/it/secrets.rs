@@ -33,6 +33,10 @@ fn endpoint_secret() -> String {
     format!("whsec_{}", STANDARD.encode(key))
 }
 
+/// The stored values [`write_secrets`] leaves encrypted: the app's two Pusher secrets, the
+/// endpoint's secret, its retired secrets and its headers, and the source's secrets.
+const SECRET_VALUES: u64 = 6;
+
 /// The secrets one test wrote through the API, each known to the test.
 struct Written {
     app: String,
@@ -41,6 +45,8 @@ struct Written {
     endpoint: String,
     /// The endpoint's secrets: the current one and the one it retired.
     endpoint_secrets: [String; 2],
+    /// The credential the endpoint sends in a header of its own (`X-Api-Key`).
+    endpoint_header: String,
     source: Value,
     source_secret: String,
 }
@@ -54,6 +60,7 @@ impl Written {
             needles.push(secret.trim_start_matches("whsec_").to_owned());
         }
         needles.push(self.source_secret.clone());
+        needles.push(self.endpoint_header.clone());
         needles
     }
 }
@@ -74,8 +81,13 @@ async fn write_secrets(server: &TestServer, uid: &str, url: &str) -> Written {
         assert_eq!(status, 200, "{body}");
     }
     let endpoint_secrets = [endpoint_secret(), endpoint_secret()];
+    let endpoint_header = format!("key-{}", random_hex(16));
     let endpoint = server
-        .create_endpoint(&app, json!({"url": url, "secret": endpoint_secrets[1]}))
+        .create_endpoint(
+            &app,
+            json!({"url": url, "secret": endpoint_secrets[1],
+                   "headers": {"x-api-key": endpoint_header}}),
+        )
         .await["id"]
         .as_str()
         .expect("endpoint id")
@@ -100,6 +112,7 @@ async fn write_secrets(server: &TestServer, uid: &str, url: &str) -> Written {
         pusher,
         endpoint,
         endpoint_secrets,
+        endpoint_header,
         source,
         source_secret,
     }
@@ -125,6 +138,21 @@ async fn assert_readable(server: &TestServer, written: &Written) {
         .await;
     assert_eq!(status, 200, "{secret}");
     assert_eq!(secret["key"], written.endpoint_secrets[0].as_str());
+    let (status, headers) = server
+        .call(
+            Method::GET,
+            &format!(
+                "/api/v1/app/{}/endpoint/{}/headers",
+                written.app, written.endpoint
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{headers}");
+    assert_eq!(
+        headers["headers"]["x-api-key"],
+        written.endpoint_header.as_str()
+    );
     let body = format!(
         r#"{{"id":"evt_{}","type":"payment_intent.succeeded","data":{{"object":{{}}}}}}"#,
         random_hex(8)
@@ -149,6 +177,7 @@ async fn stored_values(dir: &Path) -> Vec<String> {
          UNION ALL SELECT pusher_previous_secret FROM apps WHERE pusher_previous_secret IS NOT NULL
          UNION ALL SELECT secret FROM endpoints
          UNION ALL SELECT previous_secrets FROM endpoints
+         UNION ALL SELECT headers FROM endpoints
          UNION ALL SELECT secrets FROM ingest_sources";
     match store_url(dir).await {
         Some(url) => {
@@ -283,7 +312,7 @@ async fn no_secret_is_stored_in_clear() {
     assert!(!raw.is_empty());
     assert_absent(&raw, &written.needles());
     let values = stored_values(dir.path()).await;
-    assert_eq!(values.len(), 5, "{values:?}");
+    assert_eq!(values.len() as u64, SECRET_VALUES, "{values:?}");
     for value in &values {
         assert!(value.starts_with("hk1."), "{value}");
     }
@@ -336,7 +365,7 @@ async fn a_rotation_moves_every_secret_to_the_new_key() {
             .await
             .expect("rotate");
     assert_eq!(key, b.id());
-    assert_eq!(done.rewritten + done.skipped, 5, "{done:?}");
+    assert_eq!(done.rewritten + done.skipped, SECRET_VALUES, "{done:?}");
     assert_readable(&rotating, &written).await;
     rotating.stop().await;
 
@@ -369,7 +398,7 @@ async fn a_configured_key_takes_over_from_the_generated_one() {
     let (done, id) = herald::store::rotate_main_key(&config, Some(Keyring::new(&key, &[])))
         .await
         .expect("rotate");
-    assert_eq!((done.rewritten, id), (5, key.id()));
+    assert_eq!((done.rewritten, id), (SECRET_VALUES, key.id()));
     for value in stored_values(dir.path()).await {
         assert!(value.starts_with(&format!("hk1.{}.", key.id())), "{value}");
     }
@@ -408,7 +437,8 @@ async fn the_rotate_main_key_command_rotates_while_a_server_runs() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stdout}\n{stderr}");
     assert!(
-        stdout.contains(&b.id()) && stdout.contains("re-encrypted 5 secret(s)"),
+        stdout.contains(&b.id())
+            && stdout.contains(&format!("re-encrypted {SECRET_VALUES} secret(s)")),
         "{stdout}"
     );
     assert_readable(&running, &written).await;
@@ -442,10 +472,11 @@ async fn secrets_stored_in_clear_are_read_and_encrypted_at_start() {
     .await;
     execute(
         dir.path(),
-        "UPDATE endpoints SET secret = $1, previous_secrets = $2",
+        "UPDATE endpoints SET secret = $1, previous_secrets = $2, headers = $3",
         &[
             &written.endpoint_secrets[0],
             &json!([[written.endpoint_secrets[1], expires]]).to_string(),
+            &json!({"x-api-key": written.endpoint_header}).to_string(),
         ],
     )
     .await;
@@ -475,6 +506,11 @@ async fn secrets_stored_in_clear_are_read_and_encrypted_at_start() {
     assert_eq!(
         delivery.header("webhook-signature").matches("v1,").count(),
         2
+    );
+    assert_eq!(
+        delivery.header("x-api-key"),
+        written.endpoint_header,
+        "the header read in clear is sent"
     );
     server.stop().await;
     // Only the columns are checked: SQLite may keep the old bytes in pages it has freed.
