@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     Frame,
-    presence::{LocalChange, MembersFuture, PresenceSync},
+    presence::{LocalChange, MembersFuture, PresenceSync, RemoteMember},
     publication::{Outgoing, Publication},
     queue,
 };
@@ -682,6 +682,56 @@ impl AppHub {
         }
     }
 
+    /// Presence shared across nodes, once member notices may have been missed (this node's
+    /// link to the others was lost and is back): brings what each live subscriber of
+    /// `channel` here was told to the cluster's members now, this node's own and `elsewhere`
+    /// (the other nodes', read after the link came back). A subscriber gets `member_added` for
+    /// each member it was not told of and `member_removed` for each it was told of that is
+    /// gone; notices heard after that read apply on top as usual. Subscribers still joining are
+    /// left alone (their snapshot is being read). Returns how many notices were sent.
+    pub fn resync_members(&self, channel: &str, elsewhere: &[RemoteMember]) -> usize {
+        let channels = read(&self.channels);
+        let Some(entry) = channels.get(channel) else {
+            return 0;
+        };
+        let mut now: BTreeMap<&str, Option<&str>> = entry
+            .members
+            .iter()
+            .map(|(id, m)| (id.as_str(), m.info.as_deref().map(RawValue::get)))
+            .collect();
+        for (id, info) in elsewhere {
+            now.entry(id.as_str()).or_insert(info.as_deref());
+        }
+        let mut sent = 0;
+        for subscriber in entry.subscribers.values() {
+            let (None, Some(known)) = (&subscriber.joining, &subscriber.members) else {
+                continue;
+            };
+            let mut known = known.lock().unwrap_or_else(|p| p.into_inner());
+            let gone: Vec<String> = known
+                .iter()
+                .filter(|id| !now.contains_key(id.as_str()))
+                .cloned()
+                .collect();
+            for id in gone {
+                known.remove(&id);
+                subscriber
+                    .outbox
+                    .send(crate::protocol::member_removed(channel, &id));
+                sent += 1;
+            }
+            for (id, info) in &now {
+                if known.insert((*id).to_owned()) {
+                    subscriber
+                        .outbox
+                        .send(crate::protocol::member_added(channel, id, *info));
+                    sent += 1;
+                }
+            }
+        }
+        sent
+    }
+
     /// The app's id.
     pub fn app_id(&self) -> &AppId {
         &self.app_id
@@ -1257,6 +1307,61 @@ mod tests {
             offsets(&mut rx),
             ["snapshot", "added carol", "removed alice"],
             "each change of this subscriber's view once"
+        );
+    }
+
+    /// After a lost link, each live subscriber is brought to the cluster's members: told of
+    /// those it missed, told of those gone, and nothing it knows already; a subscriber still
+    /// joining is left to its snapshot.
+    #[test]
+    fn a_resync_tells_each_subscriber_what_it_missed_and_nothing_it_knows() {
+        let shared = Hub::new(
+            Arc::new(Recorder::default()) as Arc<dyn ChannelObserver>,
+            Arc::default(),
+        );
+        assert!(shared.share_presence(Arc::new(Changes::default()) as _));
+        let hub = shared.app(&AppId::parse("app_1").expect("valid"));
+        let (outbox, mut rx, _) = Outbox::new(16);
+        hub.subscribe_joining("presence-x", "1.1", &outbox, joining("bob"), 10)
+            .expect("subscribed");
+        hub.know_members("presence-x", "1.1", vec!["alice".into(), "bob".into()]);
+        assert!(hub.go_live("presence-x", "1.1", 0, |_| {}));
+        let (joining_outbox, mut joining_rx, _) = Outbox::new(16);
+        hub.subscribe_joining("presence-x", "2.2", &joining_outbox, joining("zoe"), 10)
+            .expect("subscribed");
+
+        // The cluster now: bob and zoe (this node's), carol elsewhere; alice left meanwhile.
+        let sent = hub.resync_members("presence-x", &[("carol".into(), Some(r#"{"n":1}"#.into()))]);
+        let frames: Vec<String> = std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|item| match item {
+                Outgoing::Frame(frame) => String::from_utf8_lossy(frame.as_ref()).into_owned(),
+                Outgoing::Publication(_) => panic!("a publication"),
+            })
+            .collect();
+        assert_eq!(frames.len(), 3, "{frames:?}");
+        assert!(
+            frames[0].contains("member_removed") && frames[0].contains("alice"),
+            "{frames:?}"
+        );
+        assert!(
+            frames[1].contains("member_added")
+                && frames[1].contains("carol")
+                && frames[1].contains(r#"\"n\":1"#),
+            "{frames:?}"
+        );
+        assert!(
+            frames[2].contains("member_added") && frames[2].contains("zoe"),
+            "this node's own member, whose notice it missed too: {frames:?}"
+        );
+        assert_eq!(sent, 3, "bob is known to it already: not repeated");
+        assert!(
+            joining_rx.try_recv().is_err(),
+            "the joining subscriber is left alone"
+        );
+        assert_eq!(
+            hub.resync_members("presence-x", &[("carol".into(), None)]),
+            0,
+            "a second resync finds nothing to tell"
         );
     }
 

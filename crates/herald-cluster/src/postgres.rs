@@ -427,6 +427,7 @@ impl PostgresBroker {
                     "broker: LISTEN session re-opened; catching up"
                 );
                 self.catch_up().await;
+                self.resync_presence().await;
             }
             (self.wake_deliveries)(DueLanes::Any);
             reconnecting = true;
@@ -858,6 +859,22 @@ impl PostgresBroker {
         handed
     }
 
+    /// After a lost link: this node's presence subscribers are told the member notices they
+    /// missed ([`crate::presence::resync`]).
+    async fn resync_presence(&self) {
+        let sent = crate::presence::resync(&self.hub).await;
+        if sent > 0 {
+            tracing::info!(
+                node = self.node,
+                sent,
+                "broker: presence subscribers told of member changes they missed"
+            );
+        }
+        self.metrics
+            .presence_resync_notices_total
+            .inc_by(u64::try_from(sent).unwrap_or(u64::MAX));
+    }
+
     /// Deletes large publications' rows older than [`PAYLOAD_KEEP`].
     async fn sweep(&self) {
         let before =
@@ -1026,6 +1043,7 @@ impl Hearing for PostgresBroker {
     async fn resumed(&self) {
         self.note_bus();
         self.catch_up().await;
+        self.resync_presence().await;
     }
 }
 
@@ -1299,6 +1317,107 @@ mod tests {
             .expect("the other node was told to catch up")
             .expect("hearing");
         assert!(other.missed.load(Ordering::Relaxed));
+        schema.drop_now().await;
+    }
+
+    struct NoWebhooks;
+
+    impl herald_channels::hub::ChannelObserver for NoWebhooks {
+        fn observe(&self, _: &AppId, _: herald_channels::hub::ChannelEvent) {}
+    }
+
+    /// A node whose link came back ([`Hearing::resumed`], as after a bus outage; a re-opened
+    /// LISTEN session does the same) tells its presence subscribers of the member changes it
+    /// did not hear, and counts them.
+    #[tokio::test]
+    async fn a_link_that_comes_back_tells_presence_subscribers_what_they_missed() {
+        use crate::presence::{ClusterPresence, postgres::PostgresRecord};
+        use herald_channels::presence::PresenceManager;
+        let Some(schema) = Schema::create("presence after a lost link").await else {
+            return;
+        };
+        let store = Arc::new(schema.store().await);
+        let record: Arc<dyn crate::presence::PresenceRecord> =
+            Arc::new(PostgresRecord::new(store.pool().clone()));
+        let presence_on = |node: &str, hub: &Arc<Hub>| {
+            ClusterPresence::new(
+                node.into(),
+                Arc::clone(&record),
+                Arc::clone(hub),
+                Arc::new(NoWebhooks) as _,
+                Duration::from_secs(15),
+                store.clock(),
+            )
+        };
+        let hub = Arc::new(Hub::default());
+        let here = presence_on("here", &hub);
+        let there_hub = Arc::new(Hub::default());
+        let there = presence_on("there", &there_hub);
+        here.register().await.expect("register");
+        there.register().await.expect("register");
+        let stop = CancellationToken::new();
+        let runs = [
+            tokio::spawn(Arc::clone(&here).run(stop.clone(), CancellationToken::new())),
+            tokio::spawn(Arc::clone(&there).run(stop.clone(), CancellationToken::new())),
+        ];
+        let metrics = Arc::new(ClusterMetrics::default());
+        let broker = PostgresBroker::new(
+            "here".into(),
+            store.pool().clone(),
+            Arc::clone(&hub),
+            Arc::clone(&store) as Arc<dyn Store>,
+            Box::new(|_| {}),
+            None,
+            Arc::clone(&metrics),
+        );
+
+        let app_id = AppId::parse("app_1").expect("valid");
+        let (outbox, mut frames, _) = Outbox::new(16);
+        let app = hub.app(&app_id);
+        let joining = |user: &str| herald_channels::hub::Joining {
+            user_id: user.into(),
+            info: None,
+        };
+        app.subscribe_joining("presence-x", "1.1", &outbox, Some(joining("u1")), 10)
+            .expect("subscribed");
+        app.know_members("presence-x", "1.1", vec!["u1".into()]);
+        assert!(app.go_live("presence-x", "1.1", 0, |_| {}));
+        // u2 joins on the other node while this one hears nothing (no session runs here).
+        let (other_outbox, _other_frames, _) = Outbox::new(16);
+        there_hub
+            .app(&app_id)
+            .subscribe("presence-x", "2.2", &other_outbox, Some(joining("u2")), 10)
+            .expect("subscribed");
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !here
+                .users(&app_id, "presence-x")
+                .await
+                .is_ok_and(|users| users.contains(&"u2".to_owned()))
+            {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the other node records u2");
+
+        Hearing::resumed(broker.as_ref()).await;
+        let told: Vec<String> = std::iter::from_fn(|| frames.try_recv().ok())
+            .filter_map(|item| match item {
+                Outgoing::Frame(frame) => {
+                    Some(String::from_utf8_lossy(frame.as_ref()).into_owned())
+                }
+                Outgoing::Publication(_) => None,
+            })
+            .collect();
+        assert!(
+            told.len() == 1 && told[0].contains("member_added") && told[0].contains("u2"),
+            "{told:?}"
+        );
+        assert_eq!(metrics.presence_resync_notices_total.get(), 1);
+        stop.cancel();
+        for run in runs {
+            run.await.expect("stopped");
+        }
         schema.drop_now().await;
     }
 

@@ -41,6 +41,7 @@
 //! | `herald_cluster_bus_sends_failed_total` | counter | [`ClusterMetrics`] |
 //! | `herald_cluster_catch_ups_total` | counter | [`ClusterMetrics`] |
 //! | `herald_cluster_caught_up_events_total` | counter | [`ClusterMetrics`] |
+//! | `herald_cluster_presence_resync_notices_total` | counter | [`ClusterMetrics`] |
 //!
 //! The cluster group is registered only on a node that runs as part of a cluster (on the
 //! PostgreSQL store): [`ClusterMetrics::register`].
@@ -811,6 +812,9 @@ pub struct ClusterMetrics {
     pub catch_ups_total: Counter,
     /// History events those catch-ups handed on.
     pub caught_up_events_total: Counter,
+    /// Presence notices (`member_added`, `member_removed`) sent to this node's subscribers by
+    /// resyncs after a lost link: the ones they missed.
+    pub presence_resync_notices_total: Counter,
 }
 
 impl Default for ClusterMetrics {
@@ -828,6 +832,7 @@ impl Default for ClusterMetrics {
             bus_sends_failed_total: Counter::default(),
             catch_ups_total: Counter::default(),
             caught_up_events_total: Counter::default(),
+            presence_resync_notices_total: Counter::default(),
         }
     }
 }
@@ -890,6 +895,11 @@ impl ClusterMetrics {
             "cluster_caught_up_events",
             "History events handed on by catch-ups",
             self.caught_up_events_total.clone(),
+        );
+        registry.register(
+            "cluster_presence_resync_notices",
+            "Presence notices this node's subscribers missed, sent by resyncs after a lost link",
+            self.presence_resync_notices_total.clone(),
         );
     }
 }
@@ -1122,6 +1132,7 @@ mod tests {
             "herald_cluster_bus_sends_failed_total 0",
             "herald_cluster_catch_ups_total 1",
             "herald_cluster_caught_up_events_total 3",
+            "herald_cluster_presence_resync_notices_total 0",
             "herald_connections 0",
         ] {
             assert!(out.contains(name), "{name} missing from:\n{out}");

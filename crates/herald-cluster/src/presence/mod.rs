@@ -49,10 +49,16 @@
 //! the queue, is reported once. The same reconcile re-registers a node that was taken for
 //! dead.
 //!
+//! **Notices missed.** A node whose link to the others was lost (its LISTEN session, or the
+//! bus that carries notices) hears nothing meanwhile. When the link is back, the broker calls
+//! [`resync`]: each presence channel's members are read and the node's subscribers told what
+//! they missed, before anything newer is heard.
+//!
 //! **Known limits.** The channel webhooks' anti-flap delay cancels a leave and rejoin reported
 //! by one node; a user who leaves on one node and rejoins on another within the delay gets
 //! `member_removed` after `member_added` at the receiver. While a reconcile is pending (the
-//! database unreachable), other nodes see this node's members as they were.
+//! database unreachable), other nodes see this node's members as they were. A
+//! `terminate_connections` notice a node missed is not replayed to it.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
@@ -279,6 +285,31 @@ pub async fn hear(
         }
     }
     Ok(())
+}
+
+/// After this node's link to the others was lost and is back (its LISTEN session re-opened,
+/// its bus re-subscribed), member notices sent meanwhile were not heard: every presence
+/// channel with subscribers here is read from the record and its subscribers are told what
+/// they missed ([`herald_channels::hub::AppHub::resync_members`]). Call it before hearing
+/// anything newer, so notices sent after the read apply on top. A channel whose members
+/// cannot be read is left as it is (logged). Returns how many notices were sent.
+pub async fn resync(hub: &Hub) -> usize {
+    let mut sent = 0;
+    for app in hub.apps() {
+        for (channel, _) in app.channels("presence-") {
+            // `None`: this hub shares no presence with a cluster; its notices are its own.
+            let Some(elsewhere) = app.members_elsewhere(&channel) else {
+                return sent;
+            };
+            match elsewhere.await {
+                Ok(members) => sent += app.resync_members(&channel, &members),
+                Err(e) => {
+                    tracing::warn!(channel, error = %e, "presence: reading the members after a lost link failed; the channel's subscribers catch up as members change");
+                }
+            }
+        }
+    }
+    sent
 }
 
 /// What a hub hands on: queued for [`ClusterPresence::run`], in order.
@@ -1581,6 +1612,92 @@ mod tests {
         assert_eq!(taken(&reports), Vec::<String>::new(), "u1 is still on b");
         b.apply(&app, &left("u1"), &mut flushed).await.expect("b");
         assert_eq!(taken(&reports), ["member_removed u1"]);
+        backend.drop_now().await;
+    }
+
+    #[tokio::test]
+    async fn a_resync_tells_subscribers_the_member_changes_they_missed() {
+        if let Some(backend) = Backend::postgres("presence resync").await {
+            a_resync_after_missed_notices(backend).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_resync_tells_subscribers_the_member_changes_they_missed_on_redis() {
+        if let Some(backend) = Backend::redis("presence resync on redis") {
+            a_resync_after_missed_notices(backend).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_resync_tells_subscribers_the_member_changes_they_missed_on_nats() {
+        if let Some(backend) = Backend::nats("presence resync on nats") {
+            a_resync_after_missed_notices(backend).await;
+        }
+    }
+
+    /// Node a hears nothing here (no listener runs): node b's member changes reach a's
+    /// subscriber only through the resync a runs once its link is back, once each.
+    async fn a_resync_after_missed_notices(backend: Backend) {
+        let (_reports, a, b) = two_nodes(&backend).await;
+        // Node a records its own changes, as it does in life (a read of the others' members
+        // waits for what it queued before).
+        let (stop, abandon) = (CancellationToken::new(), CancellationToken::new());
+        let running = tokio::spawn(Arc::clone(&a).run(stop.clone(), abandon));
+        let app_id = AppId::parse("app_1").expect("valid");
+        let app = a.hub.app(&app_id);
+        let (outbox, mut frames, _) = herald_channels::hub::Outbox::new(16);
+        let joining = herald_channels::hub::Joining {
+            user_id: "u1".into(),
+            info: serde_json::value::RawValue::from_string(r#"{"name":"u1"}"#.into()).ok(),
+        };
+        app.subscribe_joining("presence-x", "1.1", &outbox, Some(joining), 10)
+            .expect("subscribed");
+        app.know_members("presence-x", "1.1", vec!["u1".into()]);
+        assert!(app.go_live("presence-x", "1.1", 0, |_| {}));
+        let mut told = || -> Vec<String> {
+            std::iter::from_fn(|| frames.try_recv().ok())
+                .map(|item| match item {
+                    herald_channels::Outgoing::Frame(frame) => {
+                        String::from_utf8_lossy(frame.as_ref()).into_owned()
+                    }
+                    herald_channels::Outgoing::Publication(_) => panic!("a publication"),
+                })
+                .collect()
+        };
+
+        let mut flushed = HashMap::new();
+        b.apply(&app_id, &occupied(), &mut flushed)
+            .await
+            .expect("b");
+        b.apply(&app_id, &joined("u2"), &mut flushed)
+            .await
+            .expect("b");
+        assert!(told().is_empty(), "the notice was not heard");
+        assert_eq!(resync(&a.hub).await, 1);
+        let added = told();
+        assert_eq!(added.len(), 1, "{added:?}");
+        assert!(
+            added[0].contains("member_added")
+                && added[0].contains("u2")
+                && added[0].contains("name"),
+            "with its user_info: {added:?}"
+        );
+
+        b.apply(&app_id, &left("u2"), &mut flushed)
+            .await
+            .expect("b");
+        assert_eq!(resync(&a.hub).await, 1);
+        let removed = told();
+        assert!(
+            removed.len() == 1
+                && removed[0].contains("member_removed")
+                && removed[0].contains("u2"),
+            "{removed:?}"
+        );
+        assert_eq!(resync(&a.hub).await, 0, "nothing more was missed");
+        stop.cancel();
+        running.await.expect("stopped");
         backend.drop_now().await;
     }
 
