@@ -160,10 +160,10 @@ export class Api {
     return this.get(`/api/v1/app/${enc(app)}/ingest/source/${enc(source)}/event`, { limit: 20 });
   }
   listChannels(app) {
-    return this.get(`/api/v1/app/${enc(app)}/channel`);
+    return this.get(`/api/v1/app/${enc(app)}/channel`, { limit: 250 });
   }
   channelMembers(app, channel) {
-    return this.get(`/api/v1/app/${enc(app)}/channel/${enc(channel)}/member`);
+    return this.get(`/api/v1/app/${enc(app)}/channel/${enc(channel)}/member`, { limit: 250 });
   }
   portalAccess(app, body) {
     return this.post(`/api/v1/auth/app-portal-access/${enc(app)}`, body);

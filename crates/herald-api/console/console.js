@@ -390,7 +390,8 @@ const channels = {
   async refresh() {
     const page = await state.api.listChannels(state.appId);
     const list = page.data || [];
-    $('channels-updated').textContent = `${list.length} occupied channel${list.length === 1 ? '' : 's'} across the cluster · updated ${fmtTime(new Date())}, refreshed every 2 s.`;
+    const shown = page.done === false ? `The first ${list.length} occupied channels (by name)` : `${list.length} occupied channel${list.length === 1 ? '' : 's'}`;
+    $('channels-updated').textContent = `${shown} across the cluster · updated ${fmtTime(new Date())}, refreshed every 2 s.`;
     if (!list.length) {
       fill($('channel-rows'), h('tr', null, h('td', { colspan: 3, class: 'muted', 'data-test': 'channels-empty' }, 'No occupied channels.')));
     } else {
@@ -423,9 +424,12 @@ const channels = {
   async renderMembers(occupied) {
     const name = this.selected;
     let members;
+    let more = false;
     let error = null;
     try {
-      members = (await state.api.channelMembers(state.appId, name)).data || [];
+      const page = await state.api.channelMembers(state.appId, name);
+      members = page.data || [];
+      more = page.done === false;
     } catch (e) {
       error = e;
     }
@@ -445,6 +449,7 @@ const channels = {
                   h('td', null, h('code', null, m.id)),
                   h('td', null, m.info === null || m.info === undefined ? h('span', { class: 'muted' }, '–') : h('code', { class: 'small' }, JSON.stringify(m.info)))))))
           : h('p', { class: 'muted', 'data-test': 'members-empty' }, 'No members.'),
+      more ? h('p', { class: 'muted small', 'data-test': 'members-more' }, `The first ${members.length} members (by id) are shown.`) : null,
       h('p', { class: 'muted small' }, `Members refreshed every 2 s · ${fmtTime(new Date())}`),
     );
   },

@@ -14,7 +14,15 @@ use herald_core::pusher::{self, ChannelKind};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::{ApiState, auth::Caller, error::ApiError, error::ApiResult, pagination::ListResponse};
+use crate::{
+    ApiState,
+    auth::Caller,
+    error::ApiError,
+    error::ApiResult,
+    extract::QueryParams,
+    pagination::{self, ListParams, ListResponse},
+};
+use herald_store::Page;
 
 /// An occupied channel.
 #[derive(Serialize, utoipa::ToSchema)]
@@ -45,29 +53,49 @@ fn unavailable(e: PresenceError) -> ApiError {
     )
 }
 
-fn one_page<T>(data: Vec<T>) -> ListResponse<T> {
-    ListResponse {
-        data,
-        iterator: None,
-        prev_iterator: None,
-        done: true,
+/// One page of `items` (in name order, as `name` reads it), as Svix pages its lists: the
+/// iterator is the name of a page's last item, a `prevIterator` (`-` and the first's name)
+/// walks back. Channels and members are read whole from the hub or the presence record; the
+/// page bounds the answer, not the read.
+fn page_by_name<T: Serialize>(
+    mut items: Vec<T>,
+    name: impl Fn(&T) -> &str,
+    page: &Page,
+) -> ListResponse<T> {
+    if page.descending {
+        items.reverse();
     }
+    let beyond = |item: &T| {
+        page.iterator
+            .as_deref()
+            .is_none_or(|it| match page.descending {
+                true => name(item) < it,
+                false => name(item) > it,
+            })
+    };
+    let rows: Vec<T> = items
+        .into_iter()
+        .filter(beyond)
+        .take(page.limit as usize + 1)
+        .collect();
+    pagination::list(rows, page, |item| name(item).to_owned(), |item| item)
 }
 
-/// Occupied channels in name order; `prefix` narrows them (`presence-`).
-///
-/// One page holds them all (`done` is true, no iterator).
+/// Occupied channels in name order; `prefix` narrows them (`presence-`). Paged as every
+/// list is (`limit`, 50 by default, at most 250; `iterator`).
 #[utoipa::path(get, path = "/api/v1/app/{app_id}/channel", tag = "Channels",
     params(("app_id" = String, Path, description = "The app's id or uid"),
-        ("prefix" = Option<String>, Query, description = "Only channels whose name starts with this")),
+        ("prefix" = Option<String>, Query, description = "Only channels whose name starts with this"),
+        ListParams),
     responses((status = 200, body = ListResponse<ChannelOut>)))]
 pub async fn list(
     State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path(app_id): Path<String>,
-    query: crate::extract::QueryParams,
+    query: QueryParams,
 ) -> ApiResult<Json<ListResponse<ChannelOut>>> {
     let app = caller.app(&state, &app_id).await?;
+    let page = pagination::page(&query, false)?;
     let prefix = query.str("prefix").unwrap_or("");
     let mut channels: Vec<ChannelOut> = state
         .presence
@@ -82,22 +110,24 @@ pub async fn list(
         })
         .collect();
     channels.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(Json(one_page(channels)))
+    Ok(Json(page_by_name(channels, |c| &c.name, &page)))
 }
 
-/// A presence channel's members, in id order.
-///
-/// One page holds them all (`done` is true, no iterator).
+/// A presence channel's members, in id order. Paged as every list is (`limit`, 50 by
+/// default, at most 250; `iterator`).
 #[utoipa::path(get, path = "/api/v1/app/{app_id}/channel/{channel}/member", tag = "Channels",
     params(("app_id" = String, Path, description = "The app's id or uid"),
-        ("channel" = String, Path, description = "A presence channel's name (`presence-...`)")),
+        ("channel" = String, Path, description = "A presence channel's name (`presence-...`)"),
+        ListParams),
     responses((status = 200, body = ListResponse<MemberOut>)))]
 pub async fn members(
     State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path((app_id, channel)): Path<(String, String)>,
+    query: QueryParams,
 ) -> ApiResult<Json<ListResponse<MemberOut>>> {
     let app = caller.app(&state, &app_id).await?;
+    let page = pagination::page(&query, false)?;
     pusher::validate_channel_name(&channel)
         .map_err(|e| ApiError::invalid(&["path", "channel"], e.to_string()))?;
     if ChannelKind::of(&channel) != ChannelKind::Presence {
@@ -112,11 +142,11 @@ pub async fn members(
         .await
         .map_err(unavailable)?;
     ids.sort();
-    Ok(Json(one_page(
-        ids.into_iter()
-            .map(|id| MemberOut { id, info: None })
-            .collect(),
-    )))
+    let members = ids
+        .into_iter()
+        .map(|id| MemberOut { id, info: None })
+        .collect();
+    Ok(Json(page_by_name(members, |m| &m.id, &page)))
 }
 
 /// This module's part of `/openapi.json`.

@@ -287,6 +287,48 @@ async fn live_channels_and_presence_members_are_listed_for_the_apps_token() {
         )
         .await;
     assert_eq!(presence["data"].as_array().map(Vec::len), Some(1));
+    // Paged as every list is: by name, an iterator forward and a prevIterator back.
+    let listed = |query: &'static str| {
+        let (server, app) = (&server, &app);
+        async move {
+            let (status, page) = server
+                .call(
+                    Method::GET,
+                    &format!("/api/v1/app/{app}/channel?{query}"),
+                    None,
+                )
+                .await;
+            assert_eq!(status, 200, "{query}: {page}");
+            let names: Vec<&str> = page["data"]
+                .as_array()
+                .expect("data")
+                .iter()
+                .filter_map(|c| c["name"].as_str())
+                .collect();
+            (
+                names.join(","),
+                page["done"].clone(),
+                page["iterator"].clone(),
+            )
+        }
+    };
+    assert_eq!(
+        listed("limit=1").await,
+        ("news".into(), json!(false), json!("news"))
+    );
+    assert_eq!(
+        listed("limit=1&iterator=news").await,
+        ("presence-room".into(), json!(true), json!("presence-room"))
+    );
+    assert_eq!(listed("limit=1&iterator=-presence-room").await.0, "news");
+    let (status, refused) = server
+        .call(
+            Method::GET,
+            &format!("/api/v1/app/{app}/channel?limit=251"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 422, "{refused}");
     let (status, members) = server
         .call(
             Method::GET,
@@ -298,6 +340,28 @@ async fn live_channels_and_presence_members_are_listed_for_the_apps_token() {
     assert_eq!(
         members["data"],
         json!([{"id": "alice", "info": null}, {"id": "bob", "info": null}])
+    );
+    let (_, first) = server
+        .call(
+            Method::GET,
+            &format!("/api/v1/app/{app}/channel/presence-room/member?limit=1"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (&first["data"], &first["done"]),
+        (&json!([{"id": "alice", "info": null}]), &json!(false))
+    );
+    let (_, second) = server
+        .call(
+            Method::GET,
+            &format!("/api/v1/app/{app}/channel/presence-room/member?limit=1&iterator=alice"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (&second["data"], &second["done"]),
+        (&json!([{"id": "bob", "info": null}]), &json!(true))
     );
     let (status, refused) = server
         .call(
