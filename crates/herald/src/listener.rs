@@ -218,10 +218,15 @@ pub async fn serve(
         let parking = Arc::clone(&detach);
         let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
             request.extensions_mut().insert(ConnectInfo(peer));
-            // Only a GET over HTTP/1.1 may be served detached (see `detached`).
-            let detachable = (request.method() == Method::GET
-                && request.version() == Version::HTTP_11)
-                .then(|| Arc::clone(&parking));
+            // Only a GET over HTTP/1.1 or HTTP/1.0 may be served detached (see `detached`).
+            let framing = match request.version() {
+                Version::HTTP_11 => Some(detached::Framing::Chunked),
+                Version::HTTP_10 => Some(detached::Framing::UntilClose),
+                _ => None,
+            };
+            let detachable = framing
+                .filter(|_| request.method() == Method::GET)
+                .map(|framing| (Arc::clone(&parking), framing));
             // Only a request with a body to read gets a timer, a share of the budget, and the
             // flag that says why reading it failed.
             let failed =
@@ -258,11 +263,12 @@ pub async fn serve(
                         }
                         Ok(body_budget_response())
                     }
-                    (_, Some(detach), Ok(response))
+                    (_, Some((detach, framing)), Ok(mut response))
                         if response.extensions().get::<Endless>().is_some() =>
                     {
                         // hyper never gets it: the connection's task takes the socket and
                         // serves it, and drops this future with hyper's connection.
+                        response.extensions_mut().insert(framing);
                         detach.park(response);
                         std::future::pending().await
                     }

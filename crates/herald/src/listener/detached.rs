@@ -9,10 +9,12 @@
 //! [`Detach`] slot instead of handing it to hyper, and the connection's task, once hyper has
 //! flushed everything it had written before, takes the socket back out of hyper
 //! (`into_parts`) and serves the parked response here: the head as hyper would write it, then
-//! the body as HTTP/1.1 chunks, then the last chunk when the body ends.
+//! the body as HTTP/1.1 chunks, then the last chunk when the body ends. An HTTP/1.0 client
+//! knows no chunks: its body is written as it is and ends with the connection
+//! ([`Framing::UntilClose`]).
 //!
-//! Narrow by design: only a GET over HTTP/1.1 (HEAD must get no body, HTTP/1.0 no chunks),
-//! only a marked response. The response says `connection: close`: the connection ends with the
+//! Narrow by design: only a GET (HEAD must get no body) over HTTP/1.1 or HTTP/1.0, only a
+//! marked response. The response says `connection: close`: the connection ends with the
 //! stream, as it would have in practice anyway. Everything above the bytes (the stream's
 //! events, keep-alives, limits and its end at shutdown) is the body's own, unchanged, but for
 //! one thing only the writer can see: a client that stopped reading blocks the write, the body
@@ -82,6 +84,17 @@ impl Detach {
     }
 }
 
+/// How a detached body is delimited, from the request's HTTP version. Put in the parked
+/// response's extensions by the listener; a response without it is chunked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(super) enum Framing {
+    /// HTTP/1.1: chunks, and the last chunk at the end.
+    #[default]
+    Chunked,
+    /// HTTP/1.0: the bytes as they are; the end is the connection's.
+    UntilClose,
+}
+
 /// How long the rest of a write may take once the server is shutting down: a client that
 /// stopped reading is no reason to hold the shutdown.
 const SHUTDOWN_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -105,6 +118,11 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let (parts, body) = response.into_parts();
+    let framing = parts
+        .extensions
+        .get::<Framing>()
+        .copied()
+        .unwrap_or_default();
     let ends = Ends {
         shutdown,
         too_slow: parts
@@ -113,7 +131,7 @@ where
             .map(|endless| endless.too_slow.clone())
             .unwrap_or_default(),
     };
-    stream(io, head(&parts), body, ends)
+    stream(io, head(&parts, framing), body, framing, ends)
 }
 
 /// What ends a stream from outside its body.
@@ -126,15 +144,15 @@ struct Ends {
     too_slow: CancellationToken,
 }
 
-/// Writes `out` (the head), then the body's frames as chunks. The write buffer is freed after
-/// every write: an idle stream holds none.
-async fn stream<S>(mut io: S, mut out: Vec<u8>, mut body: Body, ends: Ends)
+/// Writes `out` (the head), then the body's frames as `framing` says. The write buffer is
+/// freed after every write: an idle stream holds none.
+async fn stream<S>(mut io: S, mut out: Vec<u8>, mut body: Body, framing: Framing, ends: Ends)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     loop {
-        let next = poll_fn(|cx| next(cx, &mut body, &mut io, &mut out)).await;
-        if let Next::End = next {
+        let next = poll_fn(|cx| next(cx, &mut body, &mut io, &mut out, framing)).await;
+        if let (Next::End, Framing::Chunked) = (&next, framing) {
             out.extend_from_slice(b"0\r\n\r\n");
         }
         if matches!(next, Next::ClientGone) || write(&mut io, &out, &ends).await.is_err() {
@@ -158,7 +176,7 @@ enum Next {
     ClientGone,
 }
 
-/// Adds what the body has ready to `out` as chunks; with nothing ready, watches the socket
+/// Adds what the body has ready to `out` (as chunks, if so framed); with nothing ready, watches the socket
 /// for the client's hang-up, so a gone client's stream ends (and gives back its subscription
 /// and its slots) at once, not at the next keep-alive that fails to write.
 fn next(
@@ -166,12 +184,16 @@ fn next(
     body: &mut Body,
     io: &mut (impl AsyncRead + Unpin),
     out: &mut Vec<u8>,
+    framing: Framing,
 ) -> Poll<Next> {
     while out.len() < MAX_WRITE_BYTES {
         match Pin::new(&mut *body).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Ok(data) = frame.into_data() {
-                    chunk(out, &data);
+                    match framing {
+                        Framing::Chunked => chunk(out, &data),
+                        Framing::UntilClose => out.extend_from_slice(&data),
+                    }
                 }
             }
             Poll::Ready(Some(Err(e))) => {
@@ -230,11 +252,16 @@ async fn write(io: &mut (impl AsyncWrite + Unpin), out: &[u8], ends: &Ends) -> i
     }
 }
 
-/// The response head as hyper writes it for a body of unknown length on HTTP/1.1 (chunked,
-/// with a `date`), and `connection: close`.
-fn head(parts: &axum::http::response::Parts) -> Vec<u8> {
+/// The response head as hyper writes it for a body of unknown length (chunked on HTTP/1.1;
+/// for HTTP/1.0, no framing header: the body ends with the connection), with a `date` and
+/// `connection: close`.
+fn head(parts: &axum::http::response::Parts, framing: Framing) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
-    out.extend_from_slice(b"HTTP/1.1 ");
+    // As hyper answers: in the request's version.
+    out.extend_from_slice(match framing {
+        Framing::Chunked => b"HTTP/1.1 ",
+        Framing::UntilClose => b"HTTP/1.0 ",
+    });
     out.extend_from_slice(parts.status.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(
@@ -262,7 +289,10 @@ fn head(parts: &axum::http::response::Parts) -> Vec<u8> {
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    out.extend_from_slice(b"transfer-encoding: chunked\r\nconnection: close\r\ndate: ");
+    if framing == Framing::Chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    out.extend_from_slice(b"connection: close\r\ndate: ");
     out.extend_from_slice(httpdate::fmt_http_date(SystemTime::now()).as_bytes());
     out.extend_from_slice(b"\r\n\r\n");
     out
@@ -309,7 +339,7 @@ mod tests {
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
         headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
         let (parts, _) = response.into_parts();
-        let head = String::from_utf8(head(&parts)).expect("ASCII");
+        let head = String::from_utf8(head(&parts, Framing::Chunked)).expect("ASCII");
         let lines: Vec<&str> = head.split("\r\n").collect();
         assert_eq!(lines[0], "HTTP/1.1 200 OK");
         assert_eq!(lines[1], "content-type: text/event-stream");
@@ -319,6 +349,41 @@ mod tests {
         assert!(head.ends_with("\r\n\r\n"), "{head}");
         assert_eq!(head.matches("connection").count(), 1, "{head}");
         assert!(!head.contains("content-length"), "{head}");
+    }
+
+    /// An HTTP/1.0 client knows no chunks: the head says nothing of framing, the body goes
+    /// out as it is, and its end is the connection's, with no last chunk.
+    #[tokio::test]
+    async fn an_http_1_0_stream_is_written_unframed_and_ends_with_the_connection() {
+        let mut response = Response::new(Body::from("data: one\n\n"));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        let (parts, body) = response.into_parts();
+        let head = head(&parts, Framing::UntilClose);
+        let text = String::from_utf8(head.clone()).expect("ASCII");
+        assert!(text.starts_with("HTTP/1.0 200 OK\r\n"), "{text}");
+        assert!(!text.contains("transfer-encoding"), "{text}");
+        assert!(text.contains("connection: close\r\n"), "{text}");
+
+        let (server, mut client) = tokio::io::duplex(4096);
+        let ends = Ends {
+            shutdown: CancellationToken::new(),
+            too_slow: CancellationToken::new(),
+        };
+        stream(server, head.clone(), body, Framing::UntilClose, ends).await;
+        let mut received = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut client, &mut received)
+            .await
+            .expect("read");
+        let mut expected = head;
+        expected.extend_from_slice(b"data: one\n\n");
+        assert_eq!(
+            String::from_utf8_lossy(&received),
+            String::from_utf8_lossy(&expected),
+            "the body as it is, then the end of the connection"
+        );
     }
 
     /// A client that stopped reading blocks the write for good; the stream's overflow ends it.

@@ -624,15 +624,36 @@ async fn a_client_that_hangs_up_ends_its_stream_without_waiting_for_a_keep_alive
 /// write is blocked, so only the writer can see the overflow).
 #[tokio::test]
 async fn a_stream_whose_client_stopped_reading_ends_once_its_outbox_overflows() {
+    stalled_stream_ends("HTTP/1.1").await;
+}
+
+/// The same over HTTP/1.0, whose stream the listener writes unframed (no chunks), ending with
+/// the connection.
+#[tokio::test]
+async fn an_http_1_0_stream_whose_client_stopped_reading_ends_once_its_outbox_overflows() {
+    stalled_stream_ends("HTTP/1.0").await;
+}
+
+async fn stalled_stream_ends(version: &str) {
     use crate::pusher::{publish_ten_large_events, subscription_count};
     let server = TestServer::start_with(|c| c.ws.outbox_frames = 16).await;
     let (_, creds) = pusher_app(&server, "sse-stalled").await;
     let mut stalled = RawStream::connect(&server).await;
-    stalled
-        .send(&stream_request(&creds, "channels=firehose"))
-        .await;
-    stalled.head().await;
-    assert!(stalled.chunk().await.contains("subscription_succeeded"));
+    let request = stream_request(&creds, "channels=firehose").replace("HTTP/1.1", version);
+    stalled.send(&request).await;
+    let head = stalled.head().await;
+    assert!(
+        head.starts_with(&format!("{} 200 ok", version.to_lowercase())),
+        "{head}"
+    );
+    assert!(head.contains("connection: close"), "{head}");
+    assert_eq!(
+        head.contains("transfer-encoding: chunked"),
+        version == "HTTP/1.1",
+        "chunks for HTTP/1.1 only: {head}"
+    );
+    let first = String::from_utf8(stalled.until(b"\n\n").await).expect("utf8");
+    assert!(first.contains("subscription_succeeded"), "{first}");
     assert_eq!(subscription_count(&server, &creds, "firehose").await, 1);
 
     // Until the stream is gone: socket buffers on loopback hold a few MB, 50 MB is far more
