@@ -411,7 +411,8 @@ const channels = {
           h('td', { 'data-test': 'channel-users' }, ch.userCount === undefined || ch.userCount === null ? h('span', { class: 'muted' }, '–') : String(ch.userCount)));
       }));
     }
-    if (this.selected) await this.renderMembers(list.some((ch) => ch.name === this.selected));
+    // Past the first page, a channel not listed may still be occupied.
+    if (this.selected) await this.renderMembers(page.done === false || list.some((ch) => ch.name === this.selected));
   },
 
   open(name) {

@@ -682,6 +682,26 @@ impl AppHub {
         }
     }
 
+    /// Of `ids` (members other nodes hold in `channel`), those that some live subscriber here
+    /// was not told of: what a resync must announce, so only their `user_info` is read.
+    pub fn members_untold(&self, channel: &str, ids: &[String]) -> Vec<String> {
+        let channels = read(&self.channels);
+        let Some(entry) = channels.get(channel) else {
+            return Vec::new();
+        };
+        let told: Vec<_> = entry
+            .subscribers
+            .values()
+            .filter(|s| s.joining.is_none())
+            .filter_map(|s| s.members.as_ref())
+            .map(|known| known.lock().unwrap_or_else(|p| p.into_inner()))
+            .collect();
+        ids.iter()
+            .filter(|id| told.iter().any(|known| !known.contains(*id)))
+            .cloned()
+            .collect()
+    }
+
     /// Presence shared across nodes, once member notices may have been missed (this node's
     /// link to the others was lost and is back): brings what each live subscriber of
     /// `channel` here was told to the cluster's members now, this node's own and `elsewhere`

@@ -427,7 +427,11 @@ impl PostgresBroker {
                     "broker: LISTEN session re-opened; catching up"
                 );
                 self.catch_up().await;
-                self.resync_presence().await;
+                // Presence notices travel on the bus when there is one: its own resume
+                // resyncs them, in its order.
+                if self.bus.is_none() {
+                    self.resync_presence().await;
+                }
             }
             (self.wake_deliveries)(DueLanes::Any);
             reconnecting = true;
@@ -862,7 +866,8 @@ impl PostgresBroker {
     /// After a lost link: this node's presence subscribers are told the member notices they
     /// missed ([`crate::presence::resync`]).
     async fn resync_presence(&self) {
-        let sent = crate::presence::resync(&self.hub).await;
+        let record = self.presence_record();
+        let sent = crate::presence::resync(&self.hub, record.as_ref(), &self.node).await;
         if sent > 0 {
             tracing::info!(
                 node = self.node,
@@ -1100,6 +1105,20 @@ mod tests {
         list.iter().map(|e| e.id.to_string()).collect()
     }
 
+    /// Ends the LISTEN session of the store opened as `name` (`Schema::store_named`) from the
+    /// server's side, as a restart or a dropped connection would.
+    async fn cut_listen_session(schema: &Schema, name: &str) {
+        let cut: Vec<i32> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid)::int FROM pg_stat_activity
+             WHERE application_name = $1 AND query LIKE 'LISTEN%'",
+        )
+        .bind(name)
+        .fetch_all(&schema.pool().await)
+        .await
+        .expect("cut the session");
+        assert_eq!(cut, [1], "one LISTEN session");
+    }
+
     /// While a node listens, the apps' endpoint lists it reads come from its memory; another
     /// node's change reaches them when the change's notification arrives, and a change whose
     /// notification this node never heard (its session was lost) once the session re-opens.
@@ -1182,15 +1201,7 @@ mod tests {
             .expect("delete");
         trigger(true).await;
         assert_eq!(endpoints(&here, &app.id).await, both, "read from memory");
-        let cut: Vec<i32> = sqlx::query_scalar(
-            "SELECT pg_terminate_backend(pid)::int FROM pg_stat_activity
-             WHERE application_name = $1 AND query LIKE 'LISTEN%'",
-        )
-        .bind(&name)
-        .fetch_all(&admin)
-        .await
-        .expect("cut the session");
-        assert_eq!(cut, [1], "one LISTEN session");
+        cut_listen_session(&schema, &name).await;
         tokio::time::timeout(Duration::from_secs(10), sessions.wait_for(|n| *n == 2))
             .await
             .expect("re-opened in time")
@@ -1326,17 +1337,20 @@ mod tests {
         fn observe(&self, _: &AppId, _: herald_channels::hub::ChannelEvent) {}
     }
 
-    /// A node whose link came back ([`Hearing::resumed`], as after a bus outage; a re-opened
-    /// LISTEN session does the same) tells its presence subscribers of the member changes it
-    /// did not hear, and counts them.
-    #[tokio::test]
-    async fn a_link_that_comes_back_tells_presence_subscribers_what_they_missed() {
+    /// Two nodes' presence over one PostgreSQL record: `here` (its hub the broker's, with one
+    /// presence subscriber, u1, told of u1 alone) and `there`, where u2 has joined without
+    /// `here` hearing of it (nothing of `here` listened yet).
+    struct MissedJoin {
+        hub: Arc<Hub>,
+        frames: herald_channels::hub::Frames,
+        stop: CancellationToken,
+        runs: Vec<tokio::task::JoinHandle<()>>,
+        _there_hub: Arc<Hub>,
+    }
+
+    async fn missed_join(store: &Arc<herald_store::postgres::PostgresStore>) -> MissedJoin {
         use crate::presence::{ClusterPresence, postgres::PostgresRecord};
         use herald_channels::presence::PresenceManager;
-        let Some(schema) = Schema::create("presence after a lost link").await else {
-            return;
-        };
-        let store = Arc::new(schema.store().await);
         let record: Arc<dyn crate::presence::PresenceRecord> =
             Arc::new(PostgresRecord::new(store.pool().clone()));
         let presence_on = |node: &str, hub: &Arc<Hub>| {
@@ -1356,33 +1370,23 @@ mod tests {
         here.register().await.expect("register");
         there.register().await.expect("register");
         let stop = CancellationToken::new();
-        let runs = [
+        let runs = vec![
             tokio::spawn(Arc::clone(&here).run(stop.clone(), CancellationToken::new())),
             tokio::spawn(Arc::clone(&there).run(stop.clone(), CancellationToken::new())),
         ];
-        let metrics = Arc::new(ClusterMetrics::default());
-        let broker = PostgresBroker::new(
-            "here".into(),
-            store.pool().clone(),
-            Arc::clone(&hub),
-            Arc::clone(&store) as Arc<dyn Store>,
-            Box::new(|_| {}),
-            None,
-            Arc::clone(&metrics),
-        );
-
-        let app_id = AppId::parse("app_1").expect("valid");
-        let (outbox, mut frames, _) = Outbox::new(16);
+        // An app of its own: NOTIFY channels are the database's, not the schema's, and other
+        // tests' nodes announce members of their apps in the same database.
+        let app_id = AppId::new(Utc::now());
+        let (outbox, frames, _) = Outbox::new(16);
         let app = hub.app(&app_id);
         let joining = |user: &str| herald_channels::hub::Joining {
             user_id: user.into(),
-            info: None,
+            info: serde_json::value::RawValue::from_string(format!(r#"{{"name":"{user}"}}"#)).ok(),
         };
         app.subscribe_joining("presence-x", "1.1", &outbox, Some(joining("u1")), 10)
             .expect("subscribed");
         app.know_members("presence-x", "1.1", vec!["u1".into()]);
         assert!(app.go_live("presence-x", "1.1", 0, |_| {}));
-        // u2 joins on the other node while this one hears nothing (no session runs here).
         let (other_outbox, _other_frames, _) = Outbox::new(16);
         there_hub
             .app(&app_id)
@@ -1399,25 +1403,115 @@ mod tests {
         })
         .await
         .expect("the other node records u2");
-
-        Hearing::resumed(broker.as_ref()).await;
-        let told: Vec<String> = std::iter::from_fn(|| frames.try_recv().ok())
-            .filter_map(|item| match item {
-                Outgoing::Frame(frame) => {
-                    Some(String::from_utf8_lossy(frame.as_ref()).into_owned())
-                }
-                Outgoing::Publication(_) => None,
-            })
-            .collect();
-        assert!(
-            told.len() == 1 && told[0].contains("member_added") && told[0].contains("u2"),
-            "{told:?}"
-        );
-        assert_eq!(metrics.presence_resync_notices_total.get(), 1);
-        stop.cancel();
-        for run in runs {
-            run.await.expect("stopped");
+        MissedJoin {
+            hub,
+            frames,
+            stop,
+            runs,
+            _there_hub: there_hub,
         }
+    }
+
+    impl MissedJoin {
+        /// The broker of node `here`, over `bus` if any, and what it counts.
+        fn broker(
+            &self,
+            store: &Arc<herald_store::postgres::PostgresStore>,
+            bus: Option<Arc<dyn crate::bus::Bus>>,
+        ) -> (Arc<PostgresBroker>, Arc<ClusterMetrics>) {
+            let metrics = Arc::new(ClusterMetrics::default());
+            let broker = PostgresBroker::new(
+                "here".into(),
+                store.pool().clone(),
+                Arc::clone(&self.hub),
+                Arc::clone(store) as Arc<dyn Store>,
+                Box::new(|_| {}),
+                bus,
+                Arc::clone(&metrics),
+            );
+            (broker, metrics)
+        }
+
+        /// The frames the subscriber got since the last call.
+        fn told(&mut self) -> Vec<String> {
+            std::iter::from_fn(|| self.frames.try_recv().ok())
+                .filter_map(|item| match item {
+                    Outgoing::Frame(frame) => {
+                        Some(String::from_utf8_lossy(frame.as_ref()).into_owned())
+                    }
+                    Outgoing::Publication(_) => None,
+                })
+                .collect()
+        }
+
+        async fn stop(self) {
+            self.stop.cancel();
+            for run in self.runs {
+                run.await.expect("stopped");
+            }
+        }
+    }
+
+    fn is_u2_added(told: &[String]) -> bool {
+        told.len() == 1
+            && told[0].contains("member_added")
+            && told[0].contains("u2")
+            && told[0].contains("name")
+    }
+
+    /// A node on a bus, whose bus came back ([`Hearing::resumed`]): its presence subscribers
+    /// are told of the member changes they missed, with the user_info, and counted.
+    #[tokio::test]
+    async fn a_bus_that_comes_back_tells_presence_subscribers_what_they_missed() {
+        let Some(schema) = Schema::create("presence after a bus outage").await else {
+            return;
+        };
+        let store = Arc::new(schema.store().await);
+        let mut missed = missed_join(&store).await;
+        let bus = Arc::new(TestBus { refuses: false }) as Arc<dyn crate::bus::Bus>;
+        let (broker, metrics) = missed.broker(&store, Some(bus));
+        assert!(missed.told().is_empty());
+        Hearing::resumed(broker.as_ref()).await;
+        let told = missed.told();
+        assert!(is_u2_added(&told), "{told:?}");
+        assert_eq!(metrics.presence_resync_notices_total.get(), 1);
+        missed.stop().await;
+        schema.drop_now().await;
+    }
+
+    /// A node without a bus, whose LISTEN session is lost and re-opened: the same, from the
+    /// session's own loop.
+    #[tokio::test]
+    async fn a_listen_session_that_comes_back_tells_presence_subscribers_what_they_missed() {
+        let Some(schema) = Schema::create("presence after a lost session").await else {
+            return;
+        };
+        let name = format!("herald_resync_{}", crate::new_node_id().to_lowercase());
+        let store = Arc::new(schema.store_named(&name).await);
+        let mut missed = missed_join(&store).await;
+        let (broker, metrics) = missed.broker(&store, None);
+        let mut sessions = broker.sessions_opened();
+        let session = broker.listen().await.expect("listen");
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(Arc::clone(&broker).run(session, shutdown.clone()));
+        assert!(missed.told().is_empty(), "a first session resyncs nothing");
+        cut_listen_session(&schema, &name).await;
+        tokio::time::timeout(Duration::from_secs(10), sessions.wait_for(|n| *n == 2))
+            .await
+            .expect("re-opened in time")
+            .expect("the broker runs");
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while metrics.presence_resync_notices_total.get() == 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the re-open's resync is counted");
+        let told = missed.told();
+        assert!(is_u2_added(&told), "{told:?}");
+        shutdown.cancel();
+        running.await.expect("the broker stopped");
+        missed.stop().await;
         schema.drop_now().await;
     }
 

@@ -54,32 +54,48 @@ fn unavailable(e: PresenceError) -> ApiError {
 }
 
 /// One page of `items` (in name order, as `name` reads it), as Svix pages its lists: the
-/// iterator is the name of a page's last item, a `prevIterator` (`-` and the first's name)
-/// walks back. Channels and members are read whole from the hub or the presence record; the
-/// page bounds the answer, not the read.
+/// iterator is [`CURSOR`] and the name of a page's last item, a `prevIterator` (`-`, then the
+/// same of its first) walks back. The mark keeps a name that starts with `-` (channel names and
+/// user ids may) from reading as a walk back. Channels and members are read whole from the
+/// hub or the presence record; the page bounds the answer, not the read.
 fn page_by_name<T: Serialize>(
     mut items: Vec<T>,
     name: impl Fn(&T) -> &str,
     page: &Page,
-) -> ListResponse<T> {
+) -> ApiResult<ListResponse<T>> {
+    let after = match page.iterator.as_deref() {
+        None => None,
+        Some(iterator) => Some(iterator.strip_prefix(CURSOR).ok_or_else(|| {
+            ApiError::invalid(
+                &["query", "iterator"],
+                "not an iterator of this list (pass a page's `iterator` or `prevIterator` as it is)",
+            )
+        })?),
+    };
     if page.descending {
         items.reverse();
     }
     let beyond = |item: &T| {
-        page.iterator
-            .as_deref()
-            .is_none_or(|it| match page.descending {
-                true => name(item) < it,
-                false => name(item) > it,
-            })
+        after.is_none_or(|after| match page.descending {
+            true => name(item) < after,
+            false => name(item) > after,
+        })
     };
     let rows: Vec<T> = items
         .into_iter()
         .filter(beyond)
         .take(page.limit as usize + 1)
         .collect();
-    pagination::list(rows, page, |item| name(item).to_owned(), |item| item)
+    Ok(pagination::list(
+        rows,
+        page,
+        |item| format!("{CURSOR}{}", name(item)),
+        |item| item,
+    ))
 }
+
+/// What a channel or member list's iterators start with (see [`page_by_name`]).
+const CURSOR: char = '.';
 
 /// Occupied channels in name order; `prefix` narrows them (`presence-`). Paged as every
 /// list is (`limit`, 50 by default, at most 250; `iterator`).
@@ -110,7 +126,7 @@ pub async fn list(
         })
         .collect();
     channels.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(Json(page_by_name(channels, |c| &c.name, &page)))
+    Ok(Json(page_by_name(channels, |c| &c.name, &page)?))
 }
 
 /// A presence channel's members, in id order. Paged as every list is (`limit`, 50 by
@@ -146,10 +162,52 @@ pub async fn members(
         .into_iter()
         .map(|id| MemberOut { id, info: None })
         .collect();
-    Ok(Json(page_by_name(members, |m| &m.id, &page)))
+    Ok(Json(page_by_name(members, |m| &m.id, &page)?))
 }
 
 /// This module's part of `/openapi.json`.
 #[derive(utoipa::OpenApi)]
 #[openapi(paths(list, members))]
 pub(crate) struct Docs;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page(limit: u32, iterator: Option<&str>) -> Page {
+        let backwards = iterator.is_some_and(|it| it.starts_with('-'));
+        Page {
+            limit,
+            iterator: iterator.map(|it| it.trim_start_matches('-').to_owned()),
+            descending: backwards,
+            backwards,
+        }
+    }
+
+    fn names(list: &ListResponse<String>) -> Vec<&str> {
+        list.data.iter().map(String::as_str).collect()
+    }
+
+    /// Names that start with `-` page forward like any other: their iterators are marked, so
+    /// none reads as a walk back (which would serve the same page for ever).
+    #[test]
+    fn names_starting_with_a_dash_page_forward_and_back() {
+        let items = || vec!["-a".to_owned(), "-b".to_owned(), "c".to_owned()];
+        let first = page_by_name(items(), |n| n, &page(1, None)).expect("page");
+        assert_eq!((names(&first), first.done), (vec!["-a"], false));
+        let iterator = first.iterator.clone().expect("iterator");
+        assert_eq!(iterator, ".-a");
+        let second = page_by_name(items(), |n| n, &page(1, Some(&iterator))).expect("page");
+        assert_eq!((names(&second), second.done), (vec!["-b"], false));
+        let third =
+            page_by_name(items(), |n| n, &page(1, second.iterator.as_deref())).expect("page");
+        assert_eq!((names(&third), third.done), (vec!["c"], true));
+        let back =
+            page_by_name(items(), |n| n, &page(1, third.prev_iterator.as_deref())).expect("page");
+        assert_eq!(names(&back), ["-b"], "walking back from c");
+        assert!(
+            page_by_name(items(), |n| n, &page(1, Some("-a"))).is_err(),
+            "an unmarked iterator is refused, not guessed at"
+        );
+    }
+}

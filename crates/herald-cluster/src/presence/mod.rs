@@ -287,29 +287,77 @@ pub async fn hear(
     Ok(())
 }
 
+/// How long a resync may take in all: it runs on the link's own task, which hears nothing
+/// else meanwhile.
+const RESYNC_PATIENCE: Duration = Duration::from_secs(5);
+
 /// After this node's link to the others was lost and is back (its LISTEN session re-opened,
 /// its bus re-subscribed), member notices sent meanwhile were not heard: every presence
-/// channel with subscribers here is read from the record and its subscribers are told what
-/// they missed ([`herald_channels::hub::AppHub::resync_members`]). Call it before hearing
-/// anything newer, so notices sent after the read apply on top. A channel whose members
-/// cannot be read is left as it is (logged). Returns how many notices were sent.
-pub async fn resync(hub: &Hub) -> usize {
-    let mut sent = 0;
+/// channel with subscribers here is compared with `record` (the other nodes' members, one
+/// read per app; the `user_info` of those some subscriber lacks) and its subscribers are told
+/// what they missed ([`herald_channels::hub::AppHub::resync_members`]). The link's task calls
+/// it before it hears anything more on that link, so notices heard after the read apply on
+/// top. An app whose members cannot be read is left as it is (logged); the whole resync gives
+/// up after [`RESYNC_PATIENCE`]. Returns how many notices were sent.
+pub async fn resync(hub: &Hub, record: &dyn PresenceRecord, node: &str) -> usize {
+    let sent = std::sync::atomic::AtomicUsize::new(0);
+    if tokio::time::timeout(RESYNC_PATIENCE, resync_apps(hub, record, node, &sent))
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            node,
+            patience = ?RESYNC_PATIENCE,
+            "presence: the resync after a lost link did not finish in time; the rest of the channels' subscribers catch up as members change"
+        );
+    }
+    sent.into_inner()
+}
+
+async fn resync_apps(
+    hub: &Hub,
+    record: &dyn PresenceRecord,
+    node: &str,
+    sent: &std::sync::atomic::AtomicUsize,
+) {
     for app in hub.apps() {
-        for (channel, _) in app.channels("presence-") {
-            // `None`: this hub shares no presence with a cluster; its notices are its own.
-            let Some(elsewhere) = app.members_elsewhere(&channel) else {
-                return sent;
-            };
-            match elsewhere.await {
-                Ok(members) => sent += app.resync_members(&channel, &members),
-                Err(e) => {
-                    tracing::warn!(channel, error = %e, "presence: reading the members after a lost link failed; the channel's subscribers catch up as members change");
-                }
+        let channels = app.channels("presence-");
+        if channels.is_empty() {
+            continue;
+        }
+        let app_id = app.app_id().as_str();
+        let pairs = match record.users_elsewhere(node, app_id, "presence-").await {
+            Ok(pairs) => pairs,
+            Err(e) => {
+                tracing::warn!(node, app = app_id, error = %e, "presence: reading the members after a lost link failed; the app's subscribers catch up as members change");
+                continue;
             }
+        };
+        let mut by_channel: HashMap<String, Vec<String>> = HashMap::new();
+        for (channel, user_id) in pairs {
+            by_channel.entry(channel).or_default().push(user_id);
+        }
+        for (channel, _) in channels {
+            let ids = by_channel.remove(&channel).unwrap_or_default();
+            let untold: HashSet<String> = app.members_untold(&channel, &ids).into_iter().collect();
+            let mut elsewhere: Vec<RemoteMember> = Vec::with_capacity(ids.len());
+            for user_id in ids {
+                let info = match untold.contains(&user_id) {
+                    true => record
+                        .member_info(app_id, &channel, &user_id)
+                        .await
+                        .unwrap_or_else(|e| {
+                            tracing::warn!(node, channel, error = %e, "presence: a missed member's user_info could not be read; it is announced without");
+                            None
+                        }),
+                    false => None,
+                };
+                elsewhere.push((user_id, info));
+            }
+            let told = app.resync_members(&channel, &elsewhere);
+            sent.fetch_add(told, Ordering::Relaxed);
         }
     }
-    sent
 }
 
 /// What a hub hands on: queued for [`ClusterPresence::run`], in order.
@@ -1674,7 +1722,7 @@ mod tests {
             .await
             .expect("b");
         assert!(told().is_empty(), "the notice was not heard");
-        assert_eq!(resync(&a.hub).await, 1);
+        assert_eq!(resync(&a.hub, a.record.as_ref(), &a.node).await, 1);
         let added = told();
         assert_eq!(added.len(), 1, "{added:?}");
         assert!(
@@ -1687,7 +1735,7 @@ mod tests {
         b.apply(&app_id, &left("u2"), &mut flushed)
             .await
             .expect("b");
-        assert_eq!(resync(&a.hub).await, 1);
+        assert_eq!(resync(&a.hub, a.record.as_ref(), &a.node).await, 1);
         let removed = told();
         assert!(
             removed.len() == 1
@@ -1695,7 +1743,11 @@ mod tests {
                 && removed[0].contains("u2"),
             "{removed:?}"
         );
-        assert_eq!(resync(&a.hub).await, 0, "nothing more was missed");
+        assert_eq!(
+            resync(&a.hub, a.record.as_ref(), &a.node).await,
+            0,
+            "nothing more was missed"
+        );
         stop.cancel();
         running.await.expect("stopped");
         backend.drop_now().await;

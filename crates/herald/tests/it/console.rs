@@ -314,21 +314,23 @@ async fn live_channels_and_presence_members_are_listed_for_the_apps_token() {
     };
     assert_eq!(
         listed("limit=1").await,
-        ("news".into(), json!(false), json!("news"))
+        ("news".into(), json!(false), json!(".news"))
     );
     assert_eq!(
-        listed("limit=1&iterator=news").await,
-        ("presence-room".into(), json!(true), json!("presence-room"))
+        listed("limit=1&iterator=.news").await,
+        ("presence-room".into(), json!(true), json!(".presence-room"))
     );
-    assert_eq!(listed("limit=1&iterator=-presence-room").await.0, "news");
-    let (status, refused) = server
-        .call(
-            Method::GET,
-            &format!("/api/v1/app/{app}/channel?limit=251"),
-            None,
-        )
-        .await;
-    assert_eq!(status, 422, "{refused}");
+    assert_eq!(listed("limit=1&iterator=-.presence-room").await.0, "news");
+    for query in ["limit=251", "iterator=news"] {
+        let (status, refused) = server
+            .call(
+                Method::GET,
+                &format!("/api/v1/app/{app}/channel?{query}"),
+                None,
+            )
+            .await;
+        assert_eq!(status, 422, "{query}: {refused}");
+    }
     let (status, members) = server
         .call(
             Method::GET,
@@ -355,7 +357,7 @@ async fn live_channels_and_presence_members_are_listed_for_the_apps_token() {
     let (_, second) = server
         .call(
             Method::GET,
-            &format!("/api/v1/app/{app}/channel/presence-room/member?limit=1&iterator=alice"),
+            &format!("/api/v1/app/{app}/channel/presence-room/member?limit=1&iterator=.alice"),
             None,
         )
         .await;
