@@ -67,9 +67,9 @@ impl FromRequestParts<Arc<ApiState>> for ClientAddress {
     }
 }
 
-/// The scope of the bearer token in `headers`, or why there is none. A client address that
-/// has failed too often is refused (429) before its token is looked up; every token not found,
-/// or expired, counts against its address ([`crate::rate::AuthFailureLimiter`]).
+/// The scope of the bearer token in `headers`, or why there is none. A token no cache holds is
+/// looked up only if its client address has not failed too often (429 otherwise); every token
+/// not found, or expired, counts against its address ([`crate::rate::AuthFailureLimiter`]).
 pub(crate) async fn authenticate(
     headers: &HeaderMap,
     extensions: &Extensions,
@@ -96,16 +96,24 @@ pub(crate) async fn authenticate(
     {
         return Ok(TokenScope::Environment);
     }
+    // A token this node holds in memory costs nothing to check; any other is looked up, which
+    // an address that keeps failing pays for first.
     let client = client_address(state, extensions, headers);
-    state.auth_failures.check(client)?;
-    let Some(token) = state.store.find_token(&token_hash).await? else {
-        state.auth_failures.failed(client);
-        return Err(ApiError::unauthorized(
-            "invalid API token (unknown or revoked)",
-        ));
+    let now = chrono::Utc::now();
+    let token = match state.store.cached_token(&token_hash) {
+        Some(token) => Some(token),
+        None => {
+            let attempt = state.auth_failures.begin(client)?;
+            let found = state.store.find_token(&token_hash).await?;
+            if found.as_ref().is_none_or(|token| token.expired(now)) {
+                state.auth_failures.failed(client, attempt);
+            }
+            found
+        }
     };
-    if token.expired(chrono::Utc::now()) {
-        state.auth_failures.failed(client);
+    let token =
+        token.ok_or_else(|| ApiError::unauthorized("invalid API token (unknown or revoked)"))?;
+    if token.expired(now) {
         return Err(ApiError::unauthorized(format!(
             "API token {} expired",
             token.id

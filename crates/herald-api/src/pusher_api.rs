@@ -174,9 +174,9 @@ pub(crate) async fn find_app(state: &ApiState, app_id: &str) -> Result<App, Push
 }
 
 /// Finds the app by its numeric id and checks the request's signature against its secret.
-/// A client address that has failed too often is refused (429) before the app is looked up;
-/// an unknown app or a wrong signature counts against its address
-/// ([`crate::rate::AuthFailureLimiter`]).
+/// A client address that has failed too often is refused (429) before the app is looked up,
+/// and one that failed lately pays for the lookup first; an unknown app or a wrong signature
+/// counts against its address ([`crate::rate::AuthFailureLimiter`]).
 async fn authenticate(
     state: &ApiState,
     client: Option<std::net::IpAddr>,
@@ -185,13 +185,13 @@ async fn authenticate(
     uri: &Uri,
     body: &[u8],
 ) -> Result<App, PusherError> {
-    state
+    let attempt = state
         .auth_failures
-        .check(client)
+        .begin(client)
         .map_err(crate::ApiError::from)?;
     let app = find_app(state, app_id).await.inspect_err(|refused| {
         if refused.status == StatusCode::NOT_FOUND {
-            state.auth_failures.failed(client);
+            state.auth_failures.failed(client, attempt);
         }
     })?;
     let params: Vec<(String, String)> = query_pairs(uri).collect();
@@ -208,7 +208,7 @@ async fn authenticate(
         )
     })
     .map_err(|e| {
-        state.auth_failures.failed(client);
+        state.auth_failures.failed(client, attempt);
         PusherError::new(
             StatusCode::UNAUTHORIZED,
             format!("authentication failed: {e}"),

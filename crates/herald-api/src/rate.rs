@@ -24,7 +24,12 @@ use std::{
 };
 
 use axum::response::{IntoResponse, Response};
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter, clock::Clock};
+use governor::{
+    Quota, RateLimiter,
+    clock::{Clock, DefaultClock},
+    middleware::NoOpMiddleware,
+    state::keyed::DefaultKeyedStateStore,
+};
 
 use herald_metrics::{ApiMetrics, Limit};
 
@@ -65,7 +70,7 @@ impl Default for IngestRates {
 }
 
 /// A request over a limit: what it was, and when to come back.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 pub struct Limited {
     pub message: String,
     pub retry_after: Duration,
@@ -94,20 +99,38 @@ impl IntoResponse for Limited {
     }
 }
 
-struct Keyed<K: Hash + Eq + Clone> {
-    limiter: DefaultKeyedRateLimiter<K>,
+struct Keyed<K: Hash + Eq + Clone, C: Clock = DefaultClock> {
+    limiter: RateLimiter<K, DefaultKeyedStateStore<K>, C, NoOpMiddleware<C::Instant>>,
     rate: Rate,
     checks: AtomicU32,
+    /// The check count at the last sweep: a table over [`MAX_KEYS`] is swept again only
+    /// [`SWEEP_FULL_EVERY`] checks later, not at every check.
+    swept_at: AtomicU32,
+    clock: C,
 }
+
+/// Checks between two sweeps of a table that stays over [`MAX_KEYS`] (every key recent).
+const SWEEP_FULL_EVERY: u32 = 1024;
 
 impl<K: Hash + Eq + Clone> Keyed<K> {
     fn new(rate: Rate) -> Option<Self> {
+        Self::with_clock(rate, DefaultClock::default())
+    }
+}
+
+impl<K: Hash + Eq + Clone, C: Clock + Clone> Keyed<K, C> {
+    fn with_clock(rate: Rate, clock: C) -> Option<Self> {
         let per_second = NonZeroU32::new(rate.per_second)?;
         let burst = NonZeroU32::new(rate.burst).unwrap_or(per_second);
         Some(Self {
-            limiter: RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst)),
+            limiter: RateLimiter::dashmap_with_clock(
+                Quota::per_second(per_second).allow_burst(burst),
+                clock.clone(),
+            ),
             rate,
             checks: AtomicU32::new(0),
+            swept_at: AtomicU32::new(0),
+            clock,
         })
     }
 
@@ -119,20 +142,17 @@ impl<K: Hash + Eq + Clone> Keyed<K> {
     /// `Ok` if `key` may spend `n` now; otherwise how long until it may (a second, for more
     /// than a whole burst, which the configuration keeps above any one request's count).
     fn check_n(&self, key: &K, n: NonZeroU32) -> Result<(), Duration> {
-        if self
-            .checks
-            .fetch_add(1, Ordering::Relaxed)
-            .is_multiple_of(SWEEP_EVERY)
-            || self.limiter.len() > MAX_KEYS
-        {
+        let checks = self.checks.fetch_add(1, Ordering::Relaxed);
+        let full = self.limiter.len() > MAX_KEYS
+            && checks.wrapping_sub(self.swept_at.load(Ordering::Relaxed)) >= SWEEP_FULL_EVERY;
+        if checks.is_multiple_of(SWEEP_EVERY) || full {
+            self.swept_at.store(checks, Ordering::Relaxed);
             self.limiter.retain_recent();
             self.limiter.shrink_to_fit();
         }
         match self.limiter.check_key_n(key, n) {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(not_until)) => {
-                Err(not_until.wait_time_from(governor::clock::DefaultClock::default().now()))
-            }
+            Ok(Err(not_until)) => Err(not_until.wait_time_from(self.clock.now())),
             Err(_more_than_a_burst) => Err(Duration::from_secs(1)),
         }
     }
@@ -315,25 +335,57 @@ impl Default for AuthFailureRates {
     }
 }
 
-/// Counts failed authentications per client address (IPv6: per /64). An address that has
-/// spent its failures is refused with 429 on every credentialed route until its next one is
-/// due, before its credentials are looked up: an unknown token is not in any cache, so without
-/// this each guess would cost the store a lookup (on PostgreSQL, a pool connection).
+/// How long an address stays a suspect after its last failed authentication: meanwhile each
+/// of its credentials that no cache answers spends its budget before it is looked up.
+pub const SUSPECT_FOR: Duration = Duration::from_secs(60);
+
+/// How often, at most, the table of suspects is swept when full.
+const PRUNE_EVERY: Duration = Duration::from_secs(1);
+
+/// Counts failed authentications per client address (IPv6: per /64), so that guessing
+/// credentials cannot cost the store a lookup each: an unknown token is in no cache.
 ///
-/// Only failures are counted, so a client whose credentials are good is never slowed; it is
-/// refused only while it shares an address with one that keeps failing (behind the same NAT,
-/// or a reverse proxy not listed in `ws.trusted_proxies`). The operator's admin token is
-/// compared before this check and always passes.
-pub struct AuthFailureLimiter {
-    per_ip: Option<Keyed<IpAddr>>,
-    /// Addresses out of failures, with when their next one is due. Kept to [`MAX_KEYS`];
-    /// [`Self::refusing_any`] saves every request the lock while it is empty.
-    refusing: Mutex<HashMap<IpAddr, Instant>>,
-    refusing_any: AtomicUsize,
+/// - An address that never failed is never slowed.
+/// - One that failed is a *suspect* for [`SUSPECT_FOR`]: each of its lookups that no cache
+///   answers spends one of its failures first ([`AuthFailureLimiter::begin`]), so many
+///   guesses sent at once cannot all reach the store before the first is counted.
+/// - One that has spent its failures is refused with 429 until its next one is due, before
+///   anything is looked up.
+///
+/// A client whose credentials are good and cached pays nothing; it is refused only while it
+/// shares an address with a guesser (behind the same NAT, or a reverse proxy not listed in
+/// `ws.trusted_proxies`). The operator's admin token is compared before any of this and always
+/// passes.
+pub struct AuthFailureLimiter<C: Clock = DefaultClock> {
+    per_ip: Option<Keyed<IpAddr, C>>,
+    /// Suspect addresses. Kept to [`MAX_KEYS`], swept at most every [`PRUNE_EVERY`];
+    /// [`Self::suspects_any`] saves every request the lock while there are none.
+    suspects: Mutex<Suspects>,
+    suspects_any: AtomicUsize,
     hits: Arc<ApiMetrics>,
 }
 
-impl std::fmt::Debug for AuthFailureLimiter {
+#[derive(Default)]
+struct Suspects {
+    by_address: HashMap<IpAddr, Suspect>,
+    pruned: Option<Instant>,
+}
+
+struct Suspect {
+    last_failure: Instant,
+    /// Set once its failures are spent: refused until then.
+    refused_until: Option<Instant>,
+}
+
+/// One authentication under way: whether it has paid for its lookup already
+/// ([`AuthFailureLimiter::begin`]), so a failure is not charged twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub struct Attempt {
+    paid: bool,
+}
+
+impl<C: Clock> std::fmt::Debug for AuthFailureLimiter<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AuthFailureLimiter")
             .field("per_ip", &self.per_ip.as_ref().map(|k| k.rate))
@@ -349,10 +401,17 @@ impl Default for AuthFailureLimiter {
 
 impl AuthFailureLimiter {
     pub fn new(rates: AuthFailureRates) -> Self {
+        Self::with_clock(rates, DefaultClock::default())
+    }
+}
+
+impl<C: Clock + Clone> AuthFailureLimiter<C> {
+    /// Budgets kept in `clock`'s time (tests move it by hand).
+    fn with_clock(rates: AuthFailureRates, clock: C) -> Self {
         Self {
-            per_ip: Keyed::new(rates.per_ip),
-            refusing: Mutex::default(),
-            refusing_any: AtomicUsize::new(0),
+            per_ip: Keyed::with_clock(rates.per_ip, clock),
+            suspects: Mutex::default(),
+            suspects_any: AtomicUsize::new(0),
             hits: Arc::default(),
         }
     }
@@ -363,72 +422,112 @@ impl AuthFailureLimiter {
         self
     }
 
-    /// Whether `client` may present credentials now (`None`, as for a test harness without a
-    /// peer address, always may).
-    pub fn check(&self, client: Option<IpAddr>) -> Result<(), Limited> {
-        self.check_at(client, Instant::now())
+    /// Before credentials from `client` that no cache answers are looked up: refused if the
+    /// address has spent its failures; a suspect pays for the lookup now. `None` (a test
+    /// harness without a peer address) always may.
+    pub fn begin(&self, client: Option<IpAddr>) -> Result<Attempt, Limited> {
+        self.begin_at(client, Instant::now())
     }
 
-    fn check_at(&self, client: Option<IpAddr>, now: Instant) -> Result<(), Limited> {
+    fn begin_at(&self, client: Option<IpAddr>, now: Instant) -> Result<Attempt, Limited> {
+        const FREE: Attempt = Attempt { paid: false };
         let (Some(keyed), Some(ip)) = (&self.per_ip, client) else {
-            return Ok(());
+            return Ok(FREE);
         };
-        if self.refusing_any.load(Ordering::Acquire) == 0 {
-            return Ok(());
+        if self.suspects_any.load(Ordering::Acquire) == 0 {
+            return Ok(FREE);
         }
         let key = herald_channels::limits::address_key(ip);
-        let mut refusing = self.lock();
-        let Some(&until) = refusing.get(&key) else {
-            return Ok(());
+        let mut suspects = self.lock();
+        let Some(suspect) = suspects.by_address.get_mut(&key) else {
+            return Ok(FREE);
         };
-        if until <= now {
-            refusing.remove(&key);
-            self.refusing_any.store(refusing.len(), Ordering::Release);
-            return Ok(());
+        if let Some(until) = suspect.refused_until {
+            if until > now {
+                drop(suspects);
+                return Err(self.refusal(keyed, until - now));
+            }
+            suspect.refused_until = None;
         }
-        drop(refusing);
+        if now.saturating_duration_since(suspect.last_failure) >= SUSPECT_FOR {
+            suspects.by_address.remove(&key);
+            self.suspects_any
+                .store(suspects.by_address.len(), Ordering::Release);
+            return Ok(FREE);
+        }
+        match keyed.check(&key) {
+            Ok(()) => Ok(Attempt { paid: true }),
+            Err(wait) => {
+                suspect.refused_until = Some(now + wait);
+                drop(suspects);
+                Err(self.refusal(keyed, wait))
+            }
+        }
+    }
+
+    fn refusal(&self, keyed: &Keyed<IpAddr, C>, wait: Duration) -> Limited {
         self.hits.limit_hit(Limit::AuthFailuresPerAddress);
-        Err(Limited {
+        Limited {
             message: format!(
                 "too many failed authentications from this address: at most {} per second (bursts of {}); check the credentials and retry later",
                 keyed.rate.per_second, keyed.rate.burst
             ),
-            retry_after: until - now,
-        })
+            retry_after: wait,
+        }
     }
 
-    /// Counts one failed authentication by `client`; once its failures are spent, its next
-    /// requests are refused until another is due.
-    pub fn failed(&self, client: Option<IpAddr>) {
-        self.failed_at(client, Instant::now());
+    /// The credentials of `attempt` were wrong (unknown, revoked, expired; an unknown Pusher
+    /// app, a wrong signature): counted against `client`, which is a suspect from now on.
+    pub fn failed(&self, client: Option<IpAddr>, attempt: Attempt) {
+        self.failed_at(client, attempt, Instant::now());
     }
 
-    fn failed_at(&self, client: Option<IpAddr>, now: Instant) {
+    fn failed_at(&self, client: Option<IpAddr>, attempt: Attempt, now: Instant) {
         let (Some(keyed), Some(ip)) = (&self.per_ip, client) else {
             return;
         };
         let key = herald_channels::limits::address_key(ip);
-        let Err(wait) = keyed.check(&key) else {
-            return;
+        // Paid for already if it was a suspect's; otherwise it pays now.
+        let spent = match attempt.paid {
+            true => None,
+            false => keyed.check(&key).err(),
         };
-        let mut refusing = self.lock();
-        if refusing.len() >= MAX_KEYS {
-            refusing.retain(|_, until| *until > now);
+        let mut suspects = self.lock();
+        if !suspects.by_address.contains_key(&key) && suspects.by_address.len() >= MAX_KEYS {
+            if suspects
+                .pruned
+                .is_none_or(|at| now.saturating_duration_since(at) >= PRUNE_EVERY)
+            {
+                suspects.pruned = Some(now);
+                suspects.by_address.retain(|_, s| {
+                    now.saturating_duration_since(s.last_failure) < SUSPECT_FOR
+                        || s.refused_until.is_some_and(|until| until > now)
+                });
+            }
+            if suspects.by_address.len() >= MAX_KEYS {
+                // As many addresses failing at once as the table holds: this one is counted
+                // by its bucket alone rather than the table growing without bound.
+                return;
+            }
         }
-        if refusing.len() >= MAX_KEYS {
-            // As many addresses failing at once as the table holds: this one goes on being
-            // looked up (and counted) rather than the table growing without bound.
-            return;
-        }
-        if refusing.insert(key, now + wait).is_none() {
+        let suspect = suspects.by_address.entry(key).or_insert(Suspect {
+            last_failure: now,
+            refused_until: None,
+        });
+        suspect.last_failure = now;
+        if let Some(wait) = spent
+            && suspect.refused_until.is_none()
+        {
+            suspect.refused_until = Some(now + wait);
             tracing::info!(%ip, ?wait, "refusing credentials from an address that failed authentication too often");
         }
-        self.refusing_any.store(refusing.len(), Ordering::Release);
+        self.suspects_any
+            .store(suspects.by_address.len(), Ordering::Release);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Instant>> {
-        // Nothing can panic while the lock is held: a poisoned map is still a valid one.
-        self.refusing
+    fn lock(&self) -> std::sync::MutexGuard<'_, Suspects> {
+        // Nothing can panic while the lock is held: a poisoned table is still a valid one.
+        self.suspects
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -550,28 +649,38 @@ mod tests {
         assert!(off.check_app("app_a", 1_000_000).is_ok());
     }
 
-    fn auth_failures(per_second: u32, burst: u32) -> AuthFailureLimiter {
-        AuthFailureLimiter::new(AuthFailureRates {
-            per_ip: Rate { per_second, burst },
-        })
+    use governor::clock::FakeRelativeClock;
+
+    /// A limiter whose budgets follow `clock`, which a test moves along with the instants it
+    /// passes.
+    fn auth_failures(
+        per_second: u32,
+        burst: u32,
+        clock: &FakeRelativeClock,
+    ) -> AuthFailureLimiter<FakeRelativeClock> {
+        AuthFailureLimiter::with_clock(
+            AuthFailureRates {
+                per_ip: Rate { per_second, burst },
+            },
+            clock.clone(),
+        )
     }
+
+    const FREE: Attempt = Attempt { paid: false };
 
     #[test]
     fn an_address_out_of_failed_authentications_is_refused_until_its_next_is_due() {
         let metrics = Arc::new(ApiMetrics::default());
-        let limiter = auth_failures(1, 2).counting_into(Arc::clone(&metrics));
+        let clock = FakeRelativeClock::default();
+        let limiter = auth_failures(1, 2, &clock).counting_into(Arc::clone(&metrics));
         let a = Some(IpAddr::from([10, 0, 0, 1]));
         let b = Some(IpAddr::from([10, 0, 0, 2]));
         let now = Instant::now();
-        limiter.failed_at(a, now);
-        limiter.failed_at(a, now);
-        assert!(
-            limiter.check_at(a, now).is_ok(),
-            "two failures are within the burst"
-        );
-        limiter.failed_at(a, now);
+        limiter.failed_at(a, FREE, now);
+        limiter.failed_at(a, FREE, now);
+        limiter.failed_at(a, FREE, now);
         let refused = limiter
-            .check_at(a, now)
+            .begin_at(a, now)
             .expect_err("a third failure at once spends the burst");
         assert!(
             refused.retry_after > Duration::ZERO && refused.retry_after <= Duration::from_secs(1),
@@ -585,35 +694,75 @@ mod tests {
             "{}",
             refused.message
         );
-        assert!(limiter.check_at(b, now).is_ok(), "another address is not");
+        assert_eq!(
+            limiter.begin_at(b, now),
+            Ok(FREE),
+            "another address is not a suspect"
+        );
         assert_eq!(hits(&metrics, Limit::AuthFailuresPerAddress), 1);
-        assert!(
-            limiter.check_at(a, now + refused.retry_after).is_ok(),
-            "once its next failure is due, the address may try again"
+        clock.advance(refused.retry_after);
+        let due = now + refused.retry_after;
+        assert_eq!(
+            limiter.begin_at(a, due).map_err(|l| l.message),
+            Ok(Attempt { paid: true }),
+            "once its next failure is due, the address may try again, paying first"
         );
-        assert!(
-            limiter.check_at(a, now).is_ok(),
-            "and the refusal is forgotten"
+    }
+
+    /// Many guesses at once from a suspect cannot all reach the store: each pays before its
+    /// lookup, and those beyond the burst are refused unread.
+    #[test]
+    fn a_suspect_pays_for_each_lookup_before_it_is_made() {
+        let clock = FakeRelativeClock::default();
+        let limiter = auth_failures(1, 3, &clock);
+        let a = Some(IpAddr::from([10, 0, 0, 1]));
+        let now = Instant::now();
+        for _ in 0..100 {
+            assert_eq!(limiter.begin_at(a, now), Ok(FREE), "not a suspect yet");
+        }
+        limiter.failed_at(a, FREE, now);
+        let paid: Vec<bool> = (0..5).map(|_| limiter.begin_at(a, now).is_ok()).collect();
+        assert_eq!(
+            paid,
+            [true, true, false, false, false],
+            "two left of the burst"
         );
-        assert_eq!(limiter.refusing_any.load(Ordering::Acquire), 0);
+        // What it paid for is not charged again when it fails.
+        clock.advance(Duration::from_secs(2));
+        let later = now + Duration::from_secs(2);
+        let attempt = limiter
+            .begin_at(a, later)
+            .expect("a second's worth came back");
+        assert_eq!(attempt, Attempt { paid: true });
+        limiter.failed_at(a, attempt, later);
+        assert!(limiter.begin_at(a, later).is_ok(), "one more came back");
+        // A minute without failures and it is no suspect any more.
+        let quiet = later + SUSPECT_FOR;
+        assert_eq!(limiter.begin_at(a, quiet), Ok(FREE));
+        assert_eq!(limiter.suspects_any.load(Ordering::Acquire), 0);
     }
 
     #[test]
     fn failed_authentications_are_counted_by_64_on_ipv6_and_off_at_zero() {
-        let limiter = auth_failures(1, 1);
+        let clock = FakeRelativeClock::default();
+        let limiter = auth_failures(1, 1, &clock);
         let at = |ip: &str| Some(ip.parse::<IpAddr>().expect("ip"));
         let now = Instant::now();
-        limiter.failed_at(at("2001:db8::1"), now);
-        limiter.failed_at(at("2001:db8::2"), now);
-        assert!(limiter.check_at(at("2001:db8::3"), now).is_err());
-        assert!(limiter.check_at(at("2001:db8:0:1::1"), now).is_ok());
-        assert!(limiter.check_at(None, now).is_ok(), "no address, no limit");
+        limiter.failed_at(at("2001:db8::1"), FREE, now);
+        limiter.failed_at(at("2001:db8::2"), FREE, now);
+        assert!(limiter.begin_at(at("2001:db8::3"), now).is_err());
+        assert_eq!(limiter.begin_at(at("2001:db8:0:1::1"), now), Ok(FREE));
+        assert_eq!(
+            limiter.begin_at(None, now),
+            Ok(FREE),
+            "no address, no limit"
+        );
 
-        let off = auth_failures(0, 0);
+        let off = auth_failures(0, 0, &clock);
         for _ in 0..100 {
-            off.failed_at(at("2001:db8::1"), now);
+            off.failed_at(at("2001:db8::1"), FREE, now);
         }
-        assert!(off.check_at(at("2001:db8::1"), now).is_ok());
+        assert_eq!(off.begin_at(at("2001:db8::1"), now), Ok(FREE));
     }
 
     #[test]

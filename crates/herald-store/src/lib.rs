@@ -399,6 +399,12 @@ pub trait TokenStore: Send + Sync + 'static {
     /// The token whose digest is `token_hash`, expired or not (the caller tells the two apart,
     /// to say which it was).
     async fn find_token(&self, token_hash: &[u8]) -> Result<Option<ApiToken>>;
+    /// The token whose digest is `token_hash` if this node holds it in memory, answered
+    /// without a round trip; `None` says nothing of the store. The API uses it to tell a
+    /// known token from a guess before it pays for a lookup.
+    fn cached_token(&self, _token_hash: &[u8]) -> Option<ApiToken> {
+        None
+    }
     async fn get_token(&self, id: &TokenId) -> Result<Option<ApiToken>>;
     /// Tokens by id (so by creation time), all of them or those scoped to `app`.
     async fn list_tokens(&self, page: &Page, app: Option<&AppId>) -> Result<Vec<ApiToken>>;

@@ -289,6 +289,10 @@ macro_rules! token_store {
                 Ok(token)
             }
 
+            fn cached_token(&self, token_hash: &[u8]) -> Option<$crate::ApiToken> {
+                self.token_cache().and_then(|c| c.token(token_hash))
+            }
+
             async fn get_token(
                 &self,
                 id: &herald_core::TokenId,
