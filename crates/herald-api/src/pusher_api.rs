@@ -175,8 +175,8 @@ pub(crate) async fn find_app(state: &ApiState, app_id: &str) -> Result<App, Push
 
 /// Finds the app by its numeric id and checks the request's signature against its secret.
 /// A client address that has failed too often is refused (429) before the app is looked up,
-/// and one that failed lately pays for the lookup first; an unknown app or a wrong signature
-/// counts against its address ([`crate::rate::AuthFailureLimiter`]).
+/// and one that failed lately pays first for a lookup no cache answers; an unknown app or a
+/// wrong signature counts against its address ([`crate::rate::AuthFailureLimiter`]).
 async fn authenticate(
     state: &ApiState,
     client: Option<std::net::IpAddr>,
@@ -185,15 +185,25 @@ async fn authenticate(
     uri: &Uri,
     body: &[u8],
 ) -> Result<App, PusherError> {
-    let attempt = state
-        .auth_failures
-        .begin(client)
-        .map_err(crate::ApiError::from)?;
-    let app = find_app(state, app_id).await.inspect_err(|refused| {
-        if refused.status == StatusCode::NOT_FOUND {
-            state.auth_failures.failed(client, attempt);
-        }
-    })?;
+    // An app this node holds in memory costs nothing to find (a suspect address still counts
+    // as refused while it is); any other is looked up, which a suspect pays for first.
+    let cached = app_id
+        .parse()
+        .ok()
+        .and_then(|numeric| state.store.cached_app_by_pusher_id(numeric));
+    let attempt = match &cached {
+        Some(_) => state.auth_failures.refusing(client),
+        None => state.auth_failures.begin(client),
+    }
+    .map_err(crate::ApiError::from)?;
+    let app = match cached {
+        Some(app) => app,
+        None => find_app(state, app_id).await.inspect_err(|refused| {
+            if refused.status == StatusCode::NOT_FOUND {
+                state.auth_failures.failed(client, attempt);
+            }
+        })?,
+    };
     let params: Vec<(String, String)> = query_pairs(uri).collect();
     let now = chrono::Utc::now();
     pusher::with_any_secret(&app.pusher, now, |secret| {

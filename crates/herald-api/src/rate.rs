@@ -429,6 +429,33 @@ impl<C: Clock + Clone> AuthFailureLimiter<C> {
         self.begin_at(client, Instant::now())
     }
 
+    /// Before credentials from `client` that cost no lookup (a cached app's signature) are
+    /// checked: refused while the address has spent its failures, and nothing paid.
+    pub fn refusing(&self, client: Option<IpAddr>) -> Result<Attempt, Limited> {
+        self.refusing_at(client, Instant::now())
+    }
+
+    fn refusing_at(&self, client: Option<IpAddr>, now: Instant) -> Result<Attempt, Limited> {
+        const FREE: Attempt = Attempt { paid: false };
+        let (Some(keyed), Some(ip)) = (&self.per_ip, client) else {
+            return Ok(FREE);
+        };
+        if self.suspects_any.load(Ordering::Acquire) == 0 {
+            return Ok(FREE);
+        }
+        let key = herald_channels::limits::address_key(ip);
+        let until = self
+            .lock()
+            .by_address
+            .get(&key)
+            .and_then(|s| s.refused_until)
+            .filter(|until| *until > now);
+        match until {
+            Some(until) => Err(self.refusal(keyed, until - now)),
+            None => Ok(FREE),
+        }
+    }
+
     fn begin_at(&self, client: Option<IpAddr>, now: Instant) -> Result<Attempt, Limited> {
         const FREE: Attempt = Attempt { paid: false };
         let (Some(keyed), Some(ip)) = (&self.per_ip, client) else {
@@ -740,6 +767,30 @@ mod tests {
         let quiet = later + SUSPECT_FOR;
         assert_eq!(limiter.begin_at(a, quiet), Ok(FREE));
         assert_eq!(limiter.suspects_any.load(Ordering::Acquire), 0);
+    }
+
+    /// Credentials that cost no lookup are refused while the address is, and pay nothing.
+    #[test]
+    fn a_check_that_costs_no_lookup_is_refused_while_the_address_is_and_pays_nothing() {
+        let clock = FakeRelativeClock::default();
+        let limiter = auth_failures(1, 2, &clock);
+        let a = Some(IpAddr::from([10, 0, 0, 1]));
+        let now = Instant::now();
+        limiter.failed_at(a, FREE, now);
+        for _ in 0..10 {
+            assert_eq!(
+                limiter.refusing_at(a, now),
+                Ok(FREE),
+                "a suspect, not refused"
+            );
+        }
+        assert!(
+            limiter.begin_at(a, now).is_ok(),
+            "the burst's second is still there"
+        );
+        limiter.failed_at(a, Attempt { paid: true }, now);
+        assert!(limiter.begin_at(a, now).is_err(), "now spent");
+        assert!(limiter.refusing_at(a, now).is_err(), "and refused");
     }
 
     #[test]

@@ -370,6 +370,11 @@ pub trait AppStore: Send + Sync + 'static {
     async fn get_app_by_pusher_key(&self, key: &str) -> Result<Option<App>>;
     /// The app whose numeric Pusher app id is `app_id` (the Pusher HTTP API's `/apps/{id}`).
     async fn get_app_by_pusher_id(&self, app_id: i64) -> Result<Option<App>>;
+    /// The same if this node holds it in memory, answered without a round trip; `None` says
+    /// nothing of the store (see [`TokenStore::cached_token`]).
+    fn cached_app_by_pusher_id(&self, _app_id: i64) -> Option<App> {
+        None
+    }
     async fn list_apps(&self, page: &Page) -> Result<Vec<App>>;
     /// The ids and uids of every app with Socket.IO settings: the namespaces the Socket.IO
     /// face opens before it listens (read without the apps' secrets).

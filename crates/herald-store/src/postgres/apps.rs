@@ -71,6 +71,10 @@ impl AppStore for PostgresStore {
             .await
     }
 
+    fn cached_app_by_pusher_id(&self, app_id: i64) -> Option<App> {
+        self.cache.app(&format!("pusher-id:{app_id}"))
+    }
+
     async fn get_app_by_pusher_id(&self, app_id: i64) -> Result<Option<App>> {
         self.cached_app(
             &format!("pusher-id:{app_id}"),
