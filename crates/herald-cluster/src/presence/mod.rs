@@ -51,8 +51,8 @@
 //!
 //! **Notices missed.** A node whose link to the others was lost (its LISTEN session, or the
 //! bus that carries notices) hears nothing meanwhile. When the link is back, the broker calls
-//! [`resync`]: each presence channel's members are read and the node's subscribers told what
-//! they missed, before anything newer is heard.
+//! [`resync`] on the link's task: each presence channel's members are read and the node's
+//! subscribers told what they missed.
 //!
 //! **Known limits.** The channel webhooks' anti-flap delay cancels a leave and rejoin reported
 //! by one node; a user who leaves on one node and rejoins on another within the delay gets
@@ -296,8 +296,9 @@ const RESYNC_PATIENCE: Duration = Duration::from_secs(5);
 /// channel with subscribers here is compared with `record` (the other nodes' members, one
 /// read per app; the `user_info` of those some subscriber lacks) and its subscribers are told
 /// what they missed ([`herald_channels::hub::AppHub::resync_members`]). The link's task calls
-/// it before it hears anything more on that link, so notices heard after the read apply on
-/// top. An app whose members cannot be read is left as it is (logged); the whole resync gives
+/// it once the link is back, on that task: notices heard after the read apply on top of it,
+/// and those heard before it (NATS hands on what arrives while its subscription is being
+/// confirmed) are reflected in it. An app whose members cannot be read is left as it is (logged); the whole resync gives
 /// up after [`RESYNC_PATIENCE`]. Returns how many notices were sent.
 pub async fn resync(hub: &Hub, record: &dyn PresenceRecord, node: &str) -> usize {
     let sent = std::sync::atomic::AtomicUsize::new(0);
