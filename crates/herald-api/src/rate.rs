@@ -18,7 +18,7 @@ use std::{
     num::NonZeroU32,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU32, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -362,6 +362,8 @@ pub struct AuthFailureLimiter<C: Clock = DefaultClock> {
     /// [`Self::suspects_any`] saves every request the lock while there are none.
     suspects: Mutex<Suspects>,
     suspects_any: AtomicUsize,
+    /// The table is full of recent suspects: addresses it cannot take pay like suspects.
+    saturated: AtomicBool,
     hits: Arc<ApiMetrics>,
 }
 
@@ -412,6 +414,7 @@ impl<C: Clock + Clone> AuthFailureLimiter<C> {
             per_ip: Keyed::with_clock(rates.per_ip, clock),
             suspects: Mutex::default(),
             suspects_any: AtomicUsize::new(0),
+            saturated: AtomicBool::new(false),
             hits: Arc::default(),
         }
     }
@@ -461,32 +464,44 @@ impl<C: Clock + Clone> AuthFailureLimiter<C> {
         let (Some(keyed), Some(ip)) = (&self.per_ip, client) else {
             return Ok(FREE);
         };
-        if self.suspects_any.load(Ordering::Acquire) == 0 {
+        let saturated = self.saturated.load(Ordering::Acquire);
+        if self.suspects_any.load(Ordering::Acquire) == 0 && !saturated {
             return Ok(FREE);
         }
         let key = herald_channels::limits::address_key(ip);
-        let mut suspects = self.lock();
-        let Some(suspect) = suspects.by_address.get_mut(&key) else {
-            return Ok(FREE);
-        };
-        if let Some(until) = suspect.refused_until {
-            if until > now {
-                drop(suspects);
-                return Err(self.refusal(keyed, until - now));
+        {
+            let mut suspects = self.lock();
+            match suspects.by_address.get_mut(&key) {
+                // While the table is full, an address it could not take pays like a suspect
+                // (until a sweep finds room: the attack is over).
+                None if saturated => {
+                    if self.prune(&mut suspects, now) {
+                        return Ok(FREE);
+                    }
+                }
+                None => return Ok(FREE),
+                Some(suspect) => {
+                    if let Some(until) = suspect.refused_until.filter(|until| *until > now) {
+                        drop(suspects);
+                        return Err(self.refusal(keyed, until - now));
+                    }
+                    suspect.refused_until = None;
+                    if now.saturating_duration_since(suspect.last_failure) >= SUSPECT_FOR {
+                        suspects.by_address.remove(&key);
+                        self.suspects_any
+                            .store(suspects.by_address.len(), Ordering::Release);
+                        return Ok(FREE);
+                    }
+                }
             }
-            suspect.refused_until = None;
         }
-        if now.saturating_duration_since(suspect.last_failure) >= SUSPECT_FOR {
-            suspects.by_address.remove(&key);
-            self.suspects_any
-                .store(suspects.by_address.len(), Ordering::Release);
-            return Ok(FREE);
-        }
+        // Outside the table's lock: a check may sweep the bucket table.
         match keyed.check(&key) {
             Ok(()) => Ok(Attempt { paid: true }),
             Err(wait) => {
-                suspect.refused_until = Some(now + wait);
-                drop(suspects);
+                if let Some(suspect) = self.lock().by_address.get_mut(&key) {
+                    suspect.refused_until = Some(now + wait);
+                }
                 Err(self.refusal(keyed, wait))
             }
         }
@@ -520,22 +535,14 @@ impl<C: Clock + Clone> AuthFailureLimiter<C> {
             false => keyed.check(&key).err(),
         };
         let mut suspects = self.lock();
-        if !suspects.by_address.contains_key(&key) && suspects.by_address.len() >= MAX_KEYS {
-            if suspects
-                .pruned
-                .is_none_or(|at| now.saturating_duration_since(at) >= PRUNE_EVERY)
-            {
-                suspects.pruned = Some(now);
-                suspects.by_address.retain(|_, s| {
-                    now.saturating_duration_since(s.last_failure) < SUSPECT_FOR
-                        || s.refused_until.is_some_and(|until| until > now)
-                });
-            }
-            if suspects.by_address.len() >= MAX_KEYS {
-                // As many addresses failing at once as the table holds: this one is counted
-                // by its bucket alone rather than the table growing without bound.
-                return;
-            }
+        // As many addresses failing at once as the table holds: rather than the table growing
+        // without bound, every address it cannot take pays before its lookups (see `begin`)
+        // until it has room again.
+        if !suspects.by_address.contains_key(&key)
+            && suspects.by_address.len() >= MAX_KEYS
+            && !self.prune(&mut suspects, now)
+        {
+            return;
         }
         let suspect = suspects.by_address.entry(key).or_insert(Suspect {
             last_failure: now,
@@ -543,13 +550,33 @@ impl<C: Clock + Clone> AuthFailureLimiter<C> {
         });
         suspect.last_failure = now;
         if let Some(wait) = spent
-            && suspect.refused_until.is_none()
+            && suspect.refused_until.is_none_or(|until| until <= now)
         {
             suspect.refused_until = Some(now + wait);
             tracing::info!(%ip, ?wait, "refusing credentials from an address that failed authentication too often");
         }
         self.suspects_any
             .store(suspects.by_address.len(), Ordering::Release);
+    }
+
+    /// Forgets the suspects that are no longer (at most every [`PRUNE_EVERY`]); whether the
+    /// table has room now. Marks it saturated or not.
+    fn prune(&self, suspects: &mut Suspects, now: Instant) -> bool {
+        if suspects
+            .pruned
+            .is_none_or(|at| now.saturating_duration_since(at) >= PRUNE_EVERY)
+        {
+            suspects.pruned = Some(now);
+            suspects.by_address.retain(|_, s| {
+                now.saturating_duration_since(s.last_failure) < SUSPECT_FOR
+                    || s.refused_until.is_some_and(|until| until > now)
+            });
+            self.suspects_any
+                .store(suspects.by_address.len(), Ordering::Release);
+        }
+        let room = suspects.by_address.len() < MAX_KEYS;
+        self.saturated.store(!room, Ordering::Release);
+        room
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Suspects> {
@@ -791,6 +818,69 @@ mod tests {
         limiter.failed_at(a, Attempt { paid: true }, now);
         assert!(limiter.begin_at(a, now).is_err(), "now spent");
         assert!(limiter.refusing_at(a, now).is_err(), "and refused");
+    }
+
+    /// An address whose refusal ran out while it sent only credentials that cost no lookup
+    /// is refused again once it spends its failures again.
+    #[test]
+    fn a_refusal_that_ran_out_is_renewed_by_the_next_spent_failures() {
+        let clock = FakeRelativeClock::default();
+        let limiter = auth_failures(1, 1, &clock);
+        let a = Some(IpAddr::from([10, 0, 0, 1]));
+        let now = Instant::now();
+        limiter.failed_at(a, FREE, now);
+        limiter.failed_at(a, FREE, now);
+        let refused = limiter.refusing_at(a, now).expect_err("refused");
+        clock.advance(refused.retry_after);
+        let later = now + refused.retry_after;
+        assert_eq!(
+            limiter.refusing_at(a, later),
+            Ok(FREE),
+            "the refusal ran out"
+        );
+        limiter.failed_at(a, FREE, later);
+        limiter.failed_at(a, FREE, later);
+        assert!(
+            limiter.refusing_at(a, later).is_err(),
+            "refused again, though nothing cleared the old refusal"
+        );
+    }
+
+    /// A table full of recent suspects takes no more; an address it cannot take pays before
+    /// each lookup instead, and is refused once its bucket is empty.
+    #[test]
+    fn an_address_the_full_table_cannot_take_pays_like_a_suspect() {
+        let clock = FakeRelativeClock::default();
+        let limiter = auth_failures(1, 2, &clock);
+        let now = Instant::now();
+        {
+            let mut suspects = limiter.lock();
+            for n in 0..MAX_KEYS as u32 {
+                suspects.by_address.insert(
+                    IpAddr::from(n.to_be_bytes()),
+                    Suspect {
+                        last_failure: now,
+                        refused_until: None,
+                    },
+                );
+            }
+        }
+        let newcomer = Some(IpAddr::from([250, 0, 0, 1]));
+        limiter.failed_at(newcomer, FREE, now);
+        assert_eq!(limiter.lock().by_address.len(), MAX_KEYS, "not taken");
+        assert_eq!(
+            limiter.begin_at(newcomer, now),
+            Ok(Attempt { paid: true }),
+            "pays the burst's second"
+        );
+        assert!(limiter.begin_at(newcomer, now).is_err(), "then refused");
+        let over = now + SUSPECT_FOR;
+        assert_eq!(
+            limiter.begin_at(Some(IpAddr::from([250, 0, 0, 2])), over),
+            Ok(FREE),
+            "once the suspects are stale, a sweep makes room and nobody else pays"
+        );
+        assert!(!limiter.saturated.load(Ordering::Acquire));
     }
 
     #[test]

@@ -682,6 +682,28 @@ impl AppHub {
         }
     }
 
+    /// The departures half of [`AppHub::resync_members`], which needs no `user_info`: each
+    /// live subscriber of `channel` is told `member_removed` for each member it was told of
+    /// that neither this node nor `elsewhere` (the other nodes' member ids) holds. A resync
+    /// sends these for every channel first, so a resync cut short still removes who left.
+    pub fn resync_departures(&self, channel: &str, elsewhere: &[String]) -> usize {
+        let channels = read(&self.channels);
+        let Some(entry) = channels.get(channel) else {
+            return 0;
+        };
+        let present =
+            |id: &str| entry.members.contains_key(id) || elsewhere.iter().any(|e| e == id);
+        let mut sent = 0;
+        for subscriber in entry.subscribers.values() {
+            let (None, Some(known)) = (&subscriber.joining, &subscriber.members) else {
+                continue;
+            };
+            let mut known = known.lock().unwrap_or_else(|p| p.into_inner());
+            sent += tell_departures(&mut known, &subscriber.outbox, channel, present);
+        }
+        sent
+    }
+
     /// Of `ids` (members other nodes hold in `channel`), those that some live subscriber here
     /// was not told of: what a resync must announce, so only their `user_info` is read.
     pub fn members_untold(&self, channel: &str, ids: &[String]) -> Vec<String> {
@@ -728,18 +750,9 @@ impl AppHub {
                 continue;
             };
             let mut known = known.lock().unwrap_or_else(|p| p.into_inner());
-            let gone: Vec<String> = known
-                .iter()
-                .filter(|id| !now.contains_key(id.as_str()))
-                .cloned()
-                .collect();
-            for id in gone {
-                known.remove(&id);
-                subscriber
-                    .outbox
-                    .send(crate::protocol::member_removed(channel, &id));
-                sent += 1;
-            }
+            sent += tell_departures(&mut known, &subscriber.outbox, channel, |id| {
+                now.contains_key(id)
+            });
             for (id, info) in &now {
                 if known.insert((*id).to_owned()) {
                     subscriber
@@ -1055,6 +1068,22 @@ fn info(channel: &Channel) -> ChannelInfo {
     }
 }
 
+/// Tells a subscriber who knew `known` of `channel`'s members `member_removed` for each that
+/// `present` says is gone, and forgets them; how many.
+fn tell_departures(
+    known: &mut std::collections::HashSet<String>,
+    outbox: &Outbox,
+    channel: &str,
+    present: impl Fn(&str) -> bool,
+) -> usize {
+    let gone: Vec<String> = known.iter().filter(|id| !present(id)).cloned().collect();
+    for id in &gone {
+        known.remove(id);
+        outbox.send(crate::protocol::member_removed(channel, id));
+    }
+    gone.len()
+}
+
 fn presence_snapshot(members: &BTreeMap<String, Member>) -> serde_json::Value {
     let ids: Vec<&String> = members.keys().collect();
     let hash: serde_json::Map<String, serde_json::Value> = members
@@ -1351,7 +1380,10 @@ mod tests {
             .expect("subscribed");
 
         // The cluster now: bob and zoe (this node's), carol elsewhere; alice left meanwhile.
-        let sent = hub.resync_members("presence-x", &[("carol".into(), Some(r#"{"n":1}"#.into()))]);
+        let departed = hub.resync_departures("presence-x", &["carol".to_owned()]);
+        assert_eq!(departed, 1, "alice, who needs no user_info read");
+        let carol = [("carol".to_owned(), Some(r#"{"n":1}"#.to_owned()))];
+        let sent = departed + hub.resync_members("presence-x", &carol);
         let frames: Vec<String> = std::iter::from_fn(|| rx.try_recv().ok())
             .map(|item| match item {
                 Outgoing::Frame(frame) => String::from_utf8_lossy(frame.as_ref()).into_owned(),

@@ -427,9 +427,9 @@ impl PostgresBroker {
                     "broker: LISTEN session re-opened; catching up"
                 );
                 self.catch_up().await;
-                // Presence notices travel on the bus when there is one: its own resume
-                // resyncs them, in its order.
-                if self.bus.is_none() {
+                // Only if presence notices come by NOTIFY: a presence record on the bus's
+                // engine sends them on the bus, whose own resume resyncs them.
+                if self.presence.get().is_none() {
                     self.resync_presence().await;
                 }
             }
@@ -1048,7 +1048,10 @@ impl Hearing for PostgresBroker {
     async fn resumed(&self) {
         self.note_bus();
         self.catch_up().await;
-        self.resync_presence().await;
+        // Only if presence notices ride the bus (a record on its engine).
+        if self.presence.get().is_some() {
+            self.resync_presence().await;
+        }
     }
 }
 
@@ -1470,6 +1473,11 @@ mod tests {
         let mut missed = missed_join(&store).await;
         let bus = Arc::new(TestBus { refuses: false }) as Arc<dyn crate::bus::Bus>;
         let (broker, metrics) = missed.broker(&store, Some(bus));
+        // As a record on the bus's engine is (its notices ride the bus): here, the same
+        // PostgreSQL rows.
+        broker.record_presence_in(Arc::new(crate::presence::postgres::PostgresRecord::new(
+            store.pool().clone(),
+        )));
         assert!(missed.told().is_empty());
         Hearing::resumed(broker.as_ref()).await;
         let told = missed.told();

@@ -321,6 +321,9 @@ async fn resync_apps(
     node: &str,
     sent: &std::sync::atomic::AtomicUsize,
 ) {
+    // First who left, everywhere: that needs no more reads, so a resync cut short by its
+    // patience still removes members who will never change again.
+    let mut read = Vec::new();
     for app in hub.apps() {
         let channels = app.channels("presence-");
         if channels.is_empty() {
@@ -338,6 +341,15 @@ async fn resync_apps(
         for (channel, user_id) in pairs {
             by_channel.entry(channel).or_default().push(user_id);
         }
+        for (channel, _) in &channels {
+            let ids = by_channel.get(channel).map_or(&[][..], Vec::as_slice);
+            sent.fetch_add(app.resync_departures(channel, ids), Ordering::Relaxed);
+        }
+        read.push((app, channels, by_channel));
+    }
+    // Then who joined, with the user_info of those some subscriber lacks.
+    for (app, channels, mut by_channel) in read {
+        let app_id = app.app_id().as_str();
         for (channel, _) in channels {
             let ids = by_channel.remove(&channel).unwrap_or_default();
             let untold: HashSet<String> = app.members_untold(&channel, &ids).into_iter().collect();
@@ -355,8 +367,7 @@ async fn resync_apps(
                 };
                 elsewhere.push((user_id, info));
             }
-            let told = app.resync_members(&channel, &elsewhere);
-            sent.fetch_add(told, Ordering::Relaxed);
+            sent.fetch_add(app.resync_members(&channel, &elsewhere), Ordering::Relaxed);
         }
     }
 }
