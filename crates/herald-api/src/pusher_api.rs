@@ -93,13 +93,7 @@ fn charge(state: &ApiState, app: &App, events: usize) -> Result<(), PusherError>
     state
         .publish_limits
         .check_app(app.id.as_str(), events)
-        .map_err(|limited| {
-            let seconds = limited.retry_after_secs();
-            PusherError {
-                retry_after: Some(seconds),
-                ..PusherError::new(StatusCode::TOO_MANY_REQUESTS, limited.message)
-            }
-        })
+        .map_err(|limited| crate::ApiError::from(limited).into())
 }
 
 impl From<crate::ApiError> for PusherError {

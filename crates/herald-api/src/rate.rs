@@ -387,6 +387,11 @@ pub struct Attempt {
     paid: bool,
 }
 
+impl Attempt {
+    /// Nothing paid yet: a failure pays when it is counted.
+    const FREE: Self = Self { paid: false };
+}
+
 impl<C: Clock> std::fmt::Debug for AuthFailureLimiter<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AuthFailureLimiter")
@@ -439,12 +444,11 @@ impl<C: Clock + Clone> AuthFailureLimiter<C> {
     }
 
     fn refusing_at(&self, client: Option<IpAddr>, now: Instant) -> Result<Attempt, Limited> {
-        const FREE: Attempt = Attempt { paid: false };
         let (Some(keyed), Some(ip)) = (&self.per_ip, client) else {
-            return Ok(FREE);
+            return Ok(Attempt::FREE);
         };
         if self.suspects_any.load(Ordering::Acquire) == 0 {
-            return Ok(FREE);
+            return Ok(Attempt::FREE);
         }
         let key = herald_channels::limits::address_key(ip);
         let until = self
@@ -455,18 +459,17 @@ impl<C: Clock + Clone> AuthFailureLimiter<C> {
             .filter(|until| *until > now);
         match until {
             Some(until) => Err(self.refusal(keyed, until - now)),
-            None => Ok(FREE),
+            None => Ok(Attempt::FREE),
         }
     }
 
     fn begin_at(&self, client: Option<IpAddr>, now: Instant) -> Result<Attempt, Limited> {
-        const FREE: Attempt = Attempt { paid: false };
         let (Some(keyed), Some(ip)) = (&self.per_ip, client) else {
-            return Ok(FREE);
+            return Ok(Attempt::FREE);
         };
         let saturated = self.saturated.load(Ordering::Acquire);
         if self.suspects_any.load(Ordering::Acquire) == 0 && !saturated {
-            return Ok(FREE);
+            return Ok(Attempt::FREE);
         }
         let key = herald_channels::limits::address_key(ip);
         {
@@ -476,10 +479,10 @@ impl<C: Clock + Clone> AuthFailureLimiter<C> {
                 // (until a sweep finds room: the attack is over).
                 None if saturated => {
                     if self.prune(&mut suspects, now) {
-                        return Ok(FREE);
+                        return Ok(Attempt::FREE);
                     }
                 }
-                None => return Ok(FREE),
+                None => return Ok(Attempt::FREE),
                 Some(suspect) => {
                     if let Some(until) = suspect.refused_until.filter(|until| *until > now) {
                         drop(suspects);
@@ -490,7 +493,7 @@ impl<C: Clock + Clone> AuthFailureLimiter<C> {
                         suspects.by_address.remove(&key);
                         self.suspects_any
                             .store(suspects.by_address.len(), Ordering::Release);
-                        return Ok(FREE);
+                        return Ok(Attempt::FREE);
                     }
                 }
             }
@@ -720,7 +723,7 @@ mod tests {
         )
     }
 
-    const FREE: Attempt = Attempt { paid: false };
+    const FREE: Attempt = Attempt::FREE;
 
     #[test]
     fn an_address_out_of_failed_authentications_is_refused_until_its_next_is_due() {
@@ -750,7 +753,7 @@ mod tests {
         );
         assert_eq!(
             limiter.begin_at(b, now),
-            Ok(FREE),
+            Ok(Attempt::FREE),
             "another address is not a suspect"
         );
         assert_eq!(hits(&metrics, Limit::AuthFailuresPerAddress), 1);
@@ -772,7 +775,11 @@ mod tests {
         let a = Some(IpAddr::from([10, 0, 0, 1]));
         let now = Instant::now();
         for _ in 0..100 {
-            assert_eq!(limiter.begin_at(a, now), Ok(FREE), "not a suspect yet");
+            assert_eq!(
+                limiter.begin_at(a, now),
+                Ok(Attempt::FREE),
+                "not a suspect yet"
+            );
         }
         limiter.failed_at(a, FREE, now);
         let paid: Vec<bool> = (0..5).map(|_| limiter.begin_at(a, now).is_ok()).collect();
@@ -792,7 +799,7 @@ mod tests {
         assert!(limiter.begin_at(a, later).is_ok(), "one more came back");
         // A minute without failures and it is no suspect any more.
         let quiet = later + SUSPECT_FOR;
-        assert_eq!(limiter.begin_at(a, quiet), Ok(FREE));
+        assert_eq!(limiter.begin_at(a, quiet), Ok(Attempt::FREE));
         assert_eq!(limiter.suspects_any.load(Ordering::Acquire), 0);
     }
 
@@ -807,7 +814,7 @@ mod tests {
         for _ in 0..10 {
             assert_eq!(
                 limiter.refusing_at(a, now),
-                Ok(FREE),
+                Ok(Attempt::FREE),
                 "a suspect, not refused"
             );
         }
@@ -835,7 +842,7 @@ mod tests {
         let later = now + refused.retry_after;
         assert_eq!(
             limiter.refusing_at(a, later),
-            Ok(FREE),
+            Ok(Attempt::FREE),
             "the refusal ran out"
         );
         limiter.failed_at(a, FREE, later);
@@ -877,7 +884,7 @@ mod tests {
         let over = now + SUSPECT_FOR;
         assert_eq!(
             limiter.begin_at(Some(IpAddr::from([250, 0, 0, 2])), over),
-            Ok(FREE),
+            Ok(Attempt::FREE),
             "once the suspects are stale, a sweep makes room and nobody else pays"
         );
         assert!(!limiter.saturated.load(Ordering::Acquire));
@@ -892,10 +899,13 @@ mod tests {
         limiter.failed_at(at("2001:db8::1"), FREE, now);
         limiter.failed_at(at("2001:db8::2"), FREE, now);
         assert!(limiter.begin_at(at("2001:db8::3"), now).is_err());
-        assert_eq!(limiter.begin_at(at("2001:db8:0:1::1"), now), Ok(FREE));
+        assert_eq!(
+            limiter.begin_at(at("2001:db8:0:1::1"), now),
+            Ok(Attempt::FREE)
+        );
         assert_eq!(
             limiter.begin_at(None, now),
-            Ok(FREE),
+            Ok(Attempt::FREE),
             "no address, no limit"
         );
 
@@ -903,7 +913,7 @@ mod tests {
         for _ in 0..100 {
             off.failed_at(at("2001:db8::1"), FREE, now);
         }
-        assert_eq!(off.begin_at(at("2001:db8::1"), now), Ok(FREE));
+        assert_eq!(off.begin_at(at("2001:db8::1"), now), Ok(Attempt::FREE));
     }
 
     #[test]
