@@ -167,20 +167,16 @@ pub(crate) async fn find_app(state: &ApiState, app_id: &str) -> Result<App, Push
         .ok_or_else(unknown)
 }
 
-/// Finds the app by its numeric id and checks the request's signature against its secret.
-/// A client address that has failed too often is refused (429) before the app is looked up,
-/// and one that failed lately pays first for a lookup no cache answers; an unknown app or a
-/// wrong signature counts against its address ([`crate::rate::AuthFailureLimiter`]).
-async fn authenticate(
+/// Finds the app by its numeric id for a request from `client` that will prove it knows the
+/// app's secret: refused (429) if the address has failed too often; an app this node holds in
+/// memory costs nothing to find, any other is looked up, which a suspect address pays for
+/// first; an unknown app counts against the address. The [`crate::rate::Attempt`] is for
+/// counting the secret's check if it fails.
+pub(crate) async fn find_app_counted(
     state: &ApiState,
     client: Option<std::net::IpAddr>,
     app_id: &str,
-    method: &Method,
-    uri: &Uri,
-    body: &[u8],
-) -> Result<App, PusherError> {
-    // An app this node holds in memory costs nothing to find (a suspect address still counts
-    // as refused while it is); any other is looked up, which a suspect pays for first.
+) -> Result<(App, crate::rate::Attempt), PusherError> {
     let cached = app_id
         .parse()
         .ok()
@@ -198,6 +194,22 @@ async fn authenticate(
             }
         })?,
     };
+    Ok((app, attempt))
+}
+
+/// Finds the app by its numeric id and checks the request's signature against its secret.
+/// A client address that has failed too often is refused (429) before the app is looked up,
+/// and one that failed lately pays first for a lookup no cache answers; an unknown app or a
+/// wrong signature counts against its address ([`crate::rate::AuthFailureLimiter`]).
+async fn authenticate(
+    state: &ApiState,
+    client: Option<std::net::IpAddr>,
+    app_id: &str,
+    method: &Method,
+    uri: &Uri,
+    body: &[u8],
+) -> Result<App, PusherError> {
+    let (app, attempt) = find_app_counted(state, client, app_id).await?;
     let params: Vec<(String, String)> = query_pairs(uri).collect();
     let now = chrono::Utc::now();
     pusher::with_any_secret(&app.pusher, now, |secret| {

@@ -69,7 +69,7 @@ const MAX_CHANNELS: usize = 10;
         (status = 400, description = "A channel is malformed or needs a WebSocket", content_type = "text/plain", body = String),
         (status = 401, description = "A private channel's token is missing or wrong", content_type = "text/plain", body = String),
         (status = 404, description = "No such app", content_type = "text/plain", body = String),
-        (status = 429, description = "Over the address's stream limits: see Retry-After", content_type = "text/plain", body = String)))]
+        (status = 429, description = "Over the address's stream limits, or it failed authentication too often: see Retry-After", content_type = "text/plain", body = String)))]
 pub async fn stream(
     State(state): State<Arc<ApiState>>,
     Path(app_id): Path<String>,
@@ -95,7 +95,9 @@ pub async fn stream(
             return Ok(response);
         }
     };
-    let app = crate::pusher_api::find_app(&state, &app_id).await?;
+    // An unknown app or a wrong token counts against the address, as on the Pusher HTTP API.
+    let client = state.sse.clients.client_address(peer, &headers);
+    let (app, attempt) = crate::pusher_api::find_app_counted(&state, client, &app_id).await?;
 
     let listed = query
         .get("channels")
@@ -134,7 +136,10 @@ pub async fn stream(
         pusher::with_any_secret(&app.pusher, now, |secret| {
             pusher::verify_sse_token(secret, listed, token, now.timestamp())
         })
-        .map_err(|e| fail(StatusCode::UNAUTHORIZED, e.to_string()))?;
+        .map_err(|e| {
+            state.auth_failures.failed(client, attempt);
+            fail(StatusCode::UNAUTHORIZED, e.to_string())
+        })?;
     }
     let retry = match query.get("retry") {
         Some(ms) => Some(

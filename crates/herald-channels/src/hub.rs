@@ -994,6 +994,19 @@ impl AppHub {
         list
     }
 
+    /// Adds this node's occupied channels and presence members to `into`, in one read.
+    pub fn add_occupancy(&self, into: &mut crate::presence::Occupancy) {
+        for (name, channel) in read(&self.channels).iter() {
+            into.channels.insert(name.clone());
+            into.members.extend(
+                channel
+                    .members
+                    .keys()
+                    .map(|user_id| (name.clone(), user_id.clone())),
+            );
+        }
+    }
+
     /// User ids in a presence channel.
     pub fn users(&self, channel: &str) -> Vec<String> {
         read(&self.channels)

@@ -32,7 +32,10 @@
 //! comes more than a heartbeat period late skips judging the others once: an overloaded host
 //! holds up its nodes together, and the others' overdue beats come first; and a node stale in
 //! one sweep gets until the next to beat, so none is taken for dead for a pause it shared with
-//! its judge.
+//! its judge. A leave the dead node had decided but not yet reported as a channel webhook
+//! (held for the anti-flap delay) has no row left to sweep; the live nodes' audit of reported
+//! occupancy (`herald_channels::channel_webhooks::ChannelWebhooks::audit`, which reads
+//! [`PresenceManager::occupancy`] here) reports it.
 //!
 //! **Staleness.** Membership and occupancy are exact at each transaction's commit (a change
 //! reaches the database milliseconds after the hub decided it). Subscription counts are
@@ -73,7 +76,8 @@ use herald_channels::{
     Hub,
     hub::{ChannelEvent, ChannelInfo, ChannelObserver},
     presence::{
-        LocalChange, MembersFuture, PresenceError, PresenceManager, PresenceSync, RemoteMember,
+        LocalChange, MembersFuture, Occupancy, PresenceError, PresenceManager, PresenceSync,
+        RemoteMember,
     },
     protocol,
 };
@@ -1181,6 +1185,24 @@ impl PresenceManager for ClusterPresence {
         self.record.announce(notice).await?;
         Ok(closed)
     }
+
+    async fn occupancy(&self, app_id: &AppId) -> Result<Occupancy, PresenceError> {
+        // Other nodes' rows, then this node's hub: a change of this node's that is still
+        // queued is in the hub already.
+        let mut occupancy = Occupancy::default();
+        occupancy
+            .channels
+            .extend(self.counts_elsewhere(app_id, "").await?.into_keys());
+        for (channel, users) in self.users_elsewhere(app_id, "").await? {
+            occupancy
+                .members
+                .extend(users.into_iter().map(|user| (channel.clone(), user)));
+        }
+        if let Some(app) = self.hub.existing(app_id) {
+            app.add_occupancy(&mut occupancy);
+        }
+        Ok(occupancy)
+    }
 }
 
 #[cfg(test)]
@@ -1667,6 +1689,15 @@ mod tests {
             .expect("read");
         others.sort();
         assert_eq!(others, [("u1".into(), Some(r#"{"name":"u1"}"#.into()))]);
+        let member = |user: &str| ("presence-x".to_owned(), user.to_owned());
+        assert_eq!(
+            a.occupancy(&app).await.expect("read"),
+            Occupancy {
+                channels: ["presence-x".to_owned()].into(),
+                members: [member("u1"), member("u2")].into(),
+            },
+            "every node's channels and members, for the channel webhooks' audit"
+        );
 
         a.apply(&app, &left("u1"), &mut flushed).await.expect("a");
         assert_eq!(taken(&reports), Vec::<String>::new(), "u1 is still on b");

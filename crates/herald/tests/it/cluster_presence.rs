@@ -484,3 +484,90 @@ async fn a_node_killed_with_sigkill_has_its_members_removed_once_within_the_ttl(
     drop(alice);
     cluster.stop().await;
 }
+
+/// A leave a node decided and then died before reporting (killed within the anti-flap delay)
+/// is reported by the nodes that remain, once their audit of the reported occupancy has found
+/// it held by nobody twice in a row.
+#[tokio::test]
+async fn a_leave_whose_node_was_killed_within_the_delay_is_reported_by_the_others() {
+    let (ttl, delay_ms) = (2_u64, 2_000_u64);
+    // Two nodes remain, and both audit: one reports the leave.
+    let Some(cluster) = start("cluster presence leave killed", 2, |c| {
+        c.cluster.node_ttl_secs = ttl;
+        c.ws.webhook_delay_ms = delay_ms;
+    })
+    .await
+    else {
+        return;
+    };
+    let survivor = &cluster.nodes[0];
+    let (app, creds) = pusher_app(survivor, "cluster-leave-killed").await;
+    let mut receiver = Receiver::start().await;
+    survivor
+        .create_endpoint(
+            &app,
+            json!({"url": receiver.url, "format": "pusher", "eventTypes": [
+                "channel_occupied", "channel_vacated", "member_added", "member_removed"
+            ]}),
+        )
+        .await;
+    let channel = "presence-leave-killed";
+    let mut watcher = Client::connect(survivor, &creds.key).await;
+    join(&mut watcher, &creds, channel, "watcher").await;
+
+    let dir = tempfile::tempdir().expect("dir");
+    let (ttl_env, delay_env) = (ttl.to_string(), delay_ms.to_string());
+    let mut doomed = spawn_herald_env(
+        dir.path(),
+        &[],
+        &[
+            ("HERALD_STORE__URL", cluster.db.url.as_str()),
+            ("HERALD_CLUSTER__NODE_TTL_SECS", ttl_env.as_str()),
+            ("HERALD_WS__WEBHOOK_DELAY_MS", delay_env.as_str()),
+        ],
+    )
+    .await;
+    let mut alice = Client::connect(&doomed.api, &creds.key).await;
+    join(&mut alice, &creds, channel, "alice").await;
+    once(&mut watcher, "added", "alice").await;
+    let joined = webhook_events(&mut receiver, 3).await;
+    assert_eq!(
+        names(&joined),
+        [
+            "channel_occupied",
+            "member_added alice",
+            "member_added watcher"
+        ],
+        "{joined:?}"
+    );
+
+    // Alice leaves; the doomed node decides it (the watcher is told at once) and holds the
+    // webhook for the delay, and is killed before the delay is out.
+    drop(alice);
+    let event = watcher.expect("pusher_internal:member_removed").await;
+    doomed.child.start_kill().expect("SIGKILL");
+    let killed = tokio::time::Instant::now();
+    doomed.child.wait().await.expect("killed");
+    assert!(
+        killed.elapsed() < Duration::from_millis(delay_ms),
+        "killed within the delay"
+    );
+    assert!(
+        event["data"].as_str().expect("data").contains("alice"),
+        "{event}"
+    );
+
+    let delivery = receiver.next_within(Duration::from_secs(40)).await;
+    let body: Value = serde_json::from_slice(&delivery.body).expect("JSON body");
+    let mut left: Vec<Value> = body["events"].as_array().expect("events").clone();
+    // Once: the other node, which audits too, finds it released (wait out its next audit).
+    let period = Duration::from_secs(ttl).max(Duration::from_millis(2 * delay_ms + 1_000));
+    tokio::time::sleep(period + Duration::from_millis(500)).await;
+    for delivery in receiver.drain() {
+        let body: Value = serde_json::from_slice(&delivery.body).expect("JSON body");
+        left.extend(body["events"].as_array().expect("events").iter().cloned());
+    }
+    assert_eq!(names(&left), ["member_removed alice"], "{left:?}");
+    drop(watcher);
+    cluster.stop().await;
+}

@@ -679,3 +679,67 @@ async fn stalled_stream_ends(version: &str) {
     assert!(end.is_ok(), "the stalled stream's connection ends");
     server.stop().await;
 }
+
+/// Wrong private-channel tokens and unknown apps count against the client's address, as on
+/// the Pusher HTTP API: beyond the burst, streams are refused with 429 and `Retry-After`
+/// before anything is looked up, API requests from the address too, until a failure is due.
+#[tokio::test]
+async fn an_address_that_keeps_failing_stream_authentication_is_refused_for_a_while() {
+    let server = TestServer::start_with(|c| {
+        c.api.auth_failures_per_second_per_ip = 1;
+        c.api.auth_failure_burst_per_ip = 3;
+    })
+    .await;
+    let (_, creds) = pusher_app(&server, "sse-auth-failures").await;
+    let status = |r: reqwest::Response| r.status().as_u16();
+    let expires = chrono::Utc::now().timestamp() + 60;
+    let forged = herald_core::pusher::sse_token("not-the-secret", "private-inbox", expires);
+    let wrong_token = format!("channels=private-inbox&token={forged}");
+    for attempt in 0..2 {
+        let refused = request(&server, &creds, &wrong_token, None).await;
+        assert_eq!(status(refused), 401, "wrong token {attempt}");
+    }
+    let unknown = Creds {
+        id: "987654321".into(),
+        ..creds.clone()
+    };
+    assert_eq!(
+        status(request(&server, &unknown, "channels=news", None).await),
+        404,
+        "an unknown app is the third failure"
+    );
+    assert_eq!(
+        status(request(&server, &unknown, "channels=news", None).await),
+        429,
+        "the burst is spent: a fourth lookup is refused before it is made"
+    );
+    let refused = request(&server, &creds, "channels=news", None).await;
+    assert_eq!(refused.status().as_u16(), 429, "even a public stream waits");
+    assert_eq!(
+        refused.headers().get("retry-after").map(|v| v.as_bytes()),
+        Some(&b"1"[..])
+    );
+    assert!(
+        refused
+            .text()
+            .await
+            .expect("body")
+            .contains("too many failed authentications from this address"),
+        "says why"
+    );
+    let (status_code, _) = crate::pusher::pusher_api(
+        &server,
+        &creds,
+        "GET",
+        &format!("/apps/{}/channels", creds.id),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(status_code, 429, "the address's API requests wait too");
+    eventually("the address may open streams again", || async {
+        let response = request(&server, &creds, "channels=news", None).await;
+        (response.status().as_u16() == 200).then_some(())
+    })
+    .await;
+}
