@@ -28,6 +28,7 @@ use std::{
 use herald_metrics::{ChannelMetrics, Transport, prometheus_client::metrics::counter::Counter};
 use serde::Serialize;
 use serde_json::value::RawValue;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -322,8 +323,10 @@ pub struct AppHub {
     metrics: Arc<ChannelMetrics>,
     connections: AtomicU32,
     channels: RwLock<HashMap<String, Channel>>,
-    /// Signed-in users' connections, for `terminate_connections`.
-    users: RwLock<HashMap<String, HashMap<String, CancellationToken>>>,
+    /// Signed-in users' connections, for `terminate_connections`: each connection's token and
+    /// when it signed in (a termination this node hears late applies only to connections
+    /// signed in before it: [`AppHub::terminate_user_signed_in_before`]).
+    users: RwLock<HashMap<String, HashMap<String, SignedIn>>>,
     /// Cancelled when the app is deleted; every connection's token is a child of it.
     removed: CancellationToken,
     /// The cluster's, if this node shares presence (see the module doc).
@@ -331,6 +334,9 @@ pub struct AppHub {
     /// The app's record as its connections last looked it up (see [`AppHub::share_app`]).
     shared_app: Mutex<Option<Arc<App>>>,
 }
+
+/// A signed-in connection: its token (cancelled to close it) and when it signed in.
+type SignedIn = (CancellationToken, Instant);
 
 #[derive(Default)]
 struct Channel {
@@ -1033,7 +1039,7 @@ impl AppHub {
         write(&self.users)
             .entry(user_id.to_owned())
             .or_default()
-            .insert(socket_id.to_owned(), terminate);
+            .insert(socket_id.to_owned(), (terminate, Instant::now()));
     }
 
     pub fn sign_out(&self, user_id: &str, socket_id: &str) {
@@ -1048,14 +1054,25 @@ impl AppHub {
 
     /// Closes every connection signed in as `user_id`; returns how many.
     pub fn terminate_user(&self, user_id: &str) -> usize {
+        self.terminate_user_signed_in_before(user_id, None)
+    }
+
+    /// Closes the connections signed in as `user_id` before `before` (all of them with
+    /// `None`); returns how many. A termination applied late (a node that did not hear it
+    /// when it was sent) leaves the user's newer sign-ins alone.
+    pub fn terminate_user_signed_in_before(&self, user_id: &str, before: Option<Instant>) -> usize {
         let users = read(&self.users);
         let Some(sockets) = users.get(user_id) else {
             return 0;
         };
-        for token in sockets.values() {
-            token.cancel();
+        let mut closed = 0;
+        for (token, signed_in) in sockets.values() {
+            if before.is_none_or(|before| *signed_in < before) {
+                token.cancel();
+                closed += 1;
+            }
         }
-        sockets.len()
+        closed
     }
 }
 
@@ -1480,6 +1497,34 @@ mod tests {
             ]
         );
         assert!(app_hub().members_elsewhere("presence-x").is_none());
+    }
+
+    /// A termination applied late closes the user's connections that signed in before it,
+    /// not those that signed in since.
+    #[tokio::test(start_paused = true)]
+    async fn a_late_termination_closes_only_the_sign_ins_before_it() {
+        let hub = Hub::default();
+        let app = hub.app(&AppId::parse("app_1").expect("valid"));
+        let (before, since, other_user) = (
+            app.connection_token(),
+            app.connection_token(),
+            app.connection_token(),
+        );
+        app.sign_in("u1", "1.1", before.clone());
+        app.sign_in("u2", "1.3", other_user.clone());
+        tokio::time::advance(std::time::Duration::from_secs(1)).await;
+        let terminated_at = Instant::now();
+        tokio::time::advance(std::time::Duration::from_secs(1)).await;
+        app.sign_in("u1", "1.2", since.clone());
+        assert_eq!(
+            app.terminate_user_signed_in_before("u1", Some(terminated_at)),
+            1
+        );
+        assert!(before.is_cancelled(), "signed in before the termination");
+        assert!(!since.is_cancelled(), "signed in after it");
+        assert!(!other_user.is_cancelled(), "another user");
+        assert_eq!(app.terminate_user("u1"), 2, "at once: every sign-in");
+        assert!(since.is_cancelled());
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod nats_bus;
 pub mod postgres;
 pub mod presence;
 pub mod redis_bus;
+pub mod terminations;
 #[cfg(test)]
 mod test_schema;
 

@@ -878,6 +878,18 @@ impl PostgresBroker {
         self.metrics
             .presence_resync_notices_total
             .inc_by(u64::try_from(sent).unwrap_or(u64::MAX));
+        // Terminations travel with the presence notices: those sent meanwhile were missed too.
+        match crate::terminations::replay(&self.pool, &self.hub, &self.clock).await {
+            Ok(0) => {}
+            Ok(closed) => tracing::info!(
+                node = self.node,
+                closed,
+                "broker: connections closed by terminate_connections sent while this node's link was down"
+            ),
+            Err(e) => {
+                tracing::warn!(node = self.node, error = %e, "broker: reading the terminations kept for nodes that missed them failed")
+            }
+        }
     }
 
     /// Deletes large publications' rows older than [`PAYLOAD_KEEP`].
@@ -1484,6 +1496,55 @@ mod tests {
         assert!(is_u2_added(&told), "{told:?}");
         assert_eq!(metrics.presence_resync_notices_total.get(), 1);
         missed.stop().await;
+        schema.drop_now().await;
+    }
+
+    /// A node whose link came back applies the `terminate_connections` sent meanwhile (kept
+    /// in the database by the node that was asked) to the user's connections that signed in
+    /// before it, and leaves those that signed in since alone.
+    #[tokio::test]
+    async fn a_link_that_comes_back_applies_the_terminations_it_missed() {
+        let Some(schema) = Schema::create("terminations after a bus outage").await else {
+            return;
+        };
+        let store = Arc::new(schema.store().await);
+        let hub = Arc::new(Hub::default());
+        let broker = PostgresBroker::new(
+            "here".into(),
+            store.pool().clone(),
+            Arc::clone(&hub),
+            Arc::clone(&store) as Arc<dyn Store>,
+            Box::new(|_| {}),
+            Some(Arc::new(TestBus { refuses: false }) as Arc<dyn crate::bus::Bus>),
+            Arc::new(ClusterMetrics::default()),
+        );
+        broker.record_presence_in(Arc::new(crate::presence::postgres::PostgresRecord::new(
+            store.pool().clone(),
+        )));
+        let app_id = AppId::new(Utc::now());
+        let app = hub.app(&app_id);
+        let (before, since, other) = (
+            app.connection_token(),
+            app.connection_token(),
+            app.connection_token(),
+        );
+        app.sign_in("u1", "1.1", before.clone());
+        app.sign_in("u2", "1.3", other.clone());
+        // The termination falls between the two sign-ins: the clock has to move on (a
+        // termination applies to what signed in before it, to the millisecond).
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let at = store.clock().now().timestamp_millis();
+        crate::terminations::remember(store.pool(), app_id.as_str(), "u1", at)
+            .await
+            .expect("kept");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        app.sign_in("u1", "1.2", since.clone());
+        assert!(!before.is_cancelled(), "nothing heard yet");
+
+        Hearing::resumed(broker.as_ref()).await;
+        assert!(before.is_cancelled(), "signed in before the termination");
+        assert!(!since.is_cancelled(), "signed in after it");
+        assert!(!other.is_cancelled(), "another user");
         schema.drop_now().await;
     }
 

@@ -318,7 +318,7 @@ pub async fn run_with(
                     record
                 }
                 None => Arc::new(herald_cluster::presence::postgres::PostgresRecord::new(
-                    pool,
+                    pool.clone(),
                 )),
             };
             let cluster = herald_cluster::presence::ClusterPresence::new(
@@ -329,6 +329,7 @@ pub async fn run_with(
                 config.node_ttl(),
                 store.clock(),
             );
+            cluster.keep_terminations_in(pool.clone());
             cluster
                 .register()
                 .await

@@ -55,13 +55,16 @@
 //! **Notices missed.** A node whose link to the others was lost (its LISTEN session, or the
 //! bus that carries notices) hears nothing meanwhile. When the link is back, the broker calls
 //! [`resync`] on the link's task: each presence channel's members are read and the node's
-//! subscribers told what they missed.
+//! subscribers told what they missed; then the terminations kept meanwhile are applied
+//! ([`crate::terminations::replay`]).
 //!
 //! **Known limits.** The channel webhooks' anti-flap delay cancels a leave and rejoin reported
 //! by one node; a user who leaves on one node and rejoins on another within the delay gets
 //! `member_removed` after `member_added` at the receiver. While a reconcile is pending (the
 //! database unreachable), other nodes see this node's members as they were. A
-//! `terminate_connections` notice a node missed is not replayed to it.
+//! `terminate_connections` notice a node missed is applied when its link is back, from the
+//! copy kept in the database ([`crate::terminations`]), if the link was down less than
+//! [`crate::terminations::KEPT_FOR`].
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
@@ -602,6 +605,9 @@ pub struct ClusterPresence {
     progress: Arc<Progress>,
     /// Nodes this node's last sweep found stale, with the heartbeat it read (see `sweep`).
     suspects: Mutex<HashMap<String, i64>>,
+    /// Where this node's `terminate_connections` are kept for nodes that miss the notice
+    /// ([`crate::terminations`]): the PostgreSQL store's pool.
+    terminations: std::sync::OnceLock<sqlx::PgPool>,
 }
 
 impl ClusterPresence {
@@ -649,7 +655,14 @@ impl ClusterPresence {
             overflowed,
             progress,
             suspects: Mutex::new(HashMap::new()),
+            terminations: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Keeps this node's `terminate_connections` in `pool` (the PostgreSQL store's), so a
+    /// node that did not hear one applies it once its link is back ([`crate::terminations`]).
+    pub fn keep_terminations_in(&self, pool: sqlx::PgPool) {
+        let _ = self.terminations.set(pool);
     }
 
     /// This node's id.
@@ -1169,8 +1182,16 @@ impl PresenceManager for ClusterPresence {
     }
 
     /// Closes the user's connections here at once and asks every other node to (a notice
-    /// each hears); returns how many closed here.
+    /// each hears); returns how many closed here. The termination is kept for nodes that do
+    /// not hear the notice ([`crate::terminations`]): failing to keep it is logged, as the
+    /// nodes that hear the notice still apply it.
     async fn terminate_user(&self, app_id: &AppId, user_id: &str) -> Result<usize, PresenceError> {
+        let at = self.clock.now().timestamp_millis();
+        if let Some(pool) = self.terminations.get()
+            && let Err(e) = crate::terminations::remember(pool, app_id.as_str(), user_id, at).await
+        {
+            tracing::warn!(node = self.node, error = %e, "presence: keeping a termination for nodes that miss its notice failed");
+        }
         let closed = self
             .hub
             .existing(app_id)
@@ -1630,6 +1651,34 @@ mod tests {
         let a = node(backend, "a", &reports).await;
         let b = node(backend, "b", &reports).await;
         (reports, a, b)
+    }
+
+    /// `terminate_connections` on a node is kept in the database, for the nodes that miss
+    /// its notice (see [`crate::terminations`]).
+    #[tokio::test]
+    async fn a_termination_is_kept_for_nodes_that_miss_its_notice() {
+        let Some(backend) = Backend::postgres("presence termination kept").await else {
+            return;
+        };
+        let reports = Arc::new(Reports::default());
+        let a = node(&backend, "a", &reports).await;
+        a.keep_terminations_in(backend.pool().clone());
+        let app = AppId::parse("app_1").expect("valid");
+        let asked = Utc::now().timestamp_millis();
+        a.terminate_user(&app, "u1").await.expect("terminate");
+        let kept = crate::terminations::kept(backend.pool(), Utc::now().timestamp_millis())
+            .await
+            .expect("read");
+        assert_eq!(kept.len(), 1, "{kept:?}");
+        assert_eq!(
+            (kept[0].app_id.as_str(), kept[0].user_id.as_str()),
+            ("app_1", "u1")
+        );
+        assert!(
+            (kept[0].terminated_at - asked).abs() < 5_000,
+            "dated in the cluster's time: {kept:?}"
+        );
+        backend.drop_now().await;
     }
 
     #[tokio::test]
