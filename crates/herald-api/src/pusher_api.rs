@@ -167,21 +167,25 @@ pub(crate) async fn find_app(state: &ApiState, app_id: &str) -> Result<App, Push
         .ok_or_else(unknown)
 }
 
-/// Finds the app by its numeric id for a request from `client` that will prove it knows the
-/// app's secret: refused (429) if the address has failed too often; an app this node holds in
+/// Finds the app by its numeric id for a request from `client`: an app this node holds in
 /// memory costs nothing to find, any other is looked up, which a suspect address pays for
-/// first; an unknown app counts against the address. The [`crate::rate::Attempt`] is for
-/// counting the secret's check if it fails.
+/// first, and an unknown app counts against the address. A request that will prove it knows
+/// the app's secret (`checks_secret`) is refused (429) while the address has failed too often,
+/// even for a cached app; one that proves nothing (a public SSE stream) is not, as long as no
+/// lookup is needed. The [`crate::rate::Attempt`] is for counting the secret's check if it
+/// fails.
 pub(crate) async fn find_app_counted(
     state: &ApiState,
     client: Option<std::net::IpAddr>,
     app_id: &str,
+    checks_secret: bool,
 ) -> Result<(App, crate::rate::Attempt), PusherError> {
     let cached = app_id
         .parse()
         .ok()
         .and_then(|numeric| state.store.cached_app_by_pusher_id(numeric));
     let attempt = match &cached {
+        Some(_) if !checks_secret => Ok(crate::rate::Attempt::FREE),
         Some(_) => state.auth_failures.refusing(client),
         None => state.auth_failures.begin(client),
     }
@@ -209,7 +213,7 @@ async fn authenticate(
     uri: &Uri,
     body: &[u8],
 ) -> Result<App, PusherError> {
-    let (app, attempt) = find_app_counted(state, client, app_id).await?;
+    let (app, attempt) = find_app_counted(state, client, app_id, true).await?;
     let params: Vec<(String, String)> = query_pairs(uri).collect();
     let now = chrono::Utc::now();
     pusher::with_any_secret(&app.pusher, now, |secret| {

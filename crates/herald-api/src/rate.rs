@@ -389,7 +389,7 @@ pub struct Attempt {
 
 impl Attempt {
     /// Nothing paid yet: a failure pays when it is counted.
-    const FREE: Self = Self { paid: false };
+    pub(crate) const FREE: Self = Self { paid: false };
 }
 
 impl<C: Clock> std::fmt::Debug for AuthFailureLimiter<C> {

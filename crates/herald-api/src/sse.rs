@@ -95,9 +95,6 @@ pub async fn stream(
             return Ok(response);
         }
     };
-    // An unknown app or a wrong token counts against the address, as on the Pusher HTTP API.
-    let client = state.sse.clients.client_address(peer, &headers);
-    let (app, attempt) = crate::pusher_api::find_app_counted(&state, client, &app_id).await?;
 
     let listed = query
         .get("channels")
@@ -122,10 +119,14 @@ pub async fn stream(
             format!("channels must name 1 to {MAX_CHANNELS} channels, comma-separated"),
         ));
     }
-    if channels
+    // An unknown app or a wrong token counts against the address, as on the Pusher HTTP API.
+    let private = channels
         .iter()
-        .any(|c| ChannelKind::of(c) != ChannelKind::Public)
-    {
+        .any(|c| ChannelKind::of(c) != ChannelKind::Public);
+    let client = state.sse.clients.client_address(peer, &headers);
+    let (app, attempt) =
+        crate::pusher_api::find_app_counted(&state, client, &app_id, private).await?;
+    if private {
         let token = query.get("token").ok_or_else(|| {
             fail(
                 StatusCode::UNAUTHORIZED,
@@ -137,7 +138,15 @@ pub async fn stream(
             pusher::verify_sse_token(secret, listed, token, now.timestamp())
         })
         .map_err(|e| {
-            state.auth_failures.failed(client, attempt);
+            // Only a token the secret did not sign is a guess: an expired one is a page left
+            // open past its token (EventSource reconnects with the URL it was given), which
+            // must not get the address refused.
+            if matches!(
+                e,
+                pusher::SseTokenError::BadSignature | pusher::SseTokenError::Malformed
+            ) {
+                state.auth_failures.failed(client, attempt);
+            }
             fail(StatusCode::UNAUTHORIZED, e.to_string())
         })?;
     }

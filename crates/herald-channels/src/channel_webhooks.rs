@@ -17,21 +17,16 @@
 //! never reported, and the channel is empty after the restart, so the receiver's view stays
 //! consistent; client events not yet stored are lost, like the relay of a client event to a
 //! socket that closes. Everything waiting counts against `max_pending`, delayed leaves too.
-//!
-//! In a cluster a node that dies does not come back to report its leaves, and the record is
-//! shared: so every node audits the record against who holds what on every node
-//! ([`ChannelWebhooks::audit`]), and reports what nobody holds, once.
 
 use herald_core::{AppId, EndpointId};
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, HashMap},
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use crate::{
     hub::{ChannelEvent, ChannelObserver},
-    presence::{PresenceError, PresenceManager},
     publisher::Publisher,
 };
 use bytes::Bytes;
@@ -290,7 +285,15 @@ impl ChannelWebhooks {
         }
         let count = total.min(room);
         for occupant in members.into_iter().chain(channels).take(count) {
-            let event = leave_of(&occupant);
+            let event = match occupant.user_id.clone() {
+                Some(user_id) => ChannelEvent::MemberRemoved {
+                    channel: occupant.channel.clone(),
+                    user_id,
+                },
+                None => ChannelEvent::Vacated {
+                    channel: occupant.channel.clone(),
+                },
+            };
             pending.count_in(&occupant.app_id);
             if self.config.delay.is_zero() {
                 pending.ready.push((occupant.app_id, event));
@@ -494,152 +497,6 @@ impl ChannelWebhooks {
 }
 
 type ChannelWrites = (Vec<(Message, Vec<EndpointId>)>, Vec<OccupancyChange>);
-
-/// The event that reports `occupant` as gone: `member_removed`, or the channel's
-/// `channel_vacated`.
-fn leave_of(occupant: &Occupant) -> ChannelEvent {
-    let channel = occupant.channel.clone();
-    match occupant.user_id.clone() {
-        Some(user_id) => ChannelEvent::MemberRemoved { channel, user_id },
-        None => ChannelEvent::Vacated { channel },
-    }
-}
-
-/// Why an audit of reported occupancy could not run; the next one tries again.
-#[derive(Debug, thiserror::Error)]
-pub enum AuditError {
-    #[error("reading or releasing the record of reported occupancy: {0}")]
-    Store(#[from] herald_store::StoreError),
-    #[error("reading who holds the reported channels: {0}")]
-    Presence(#[from] PresenceError),
-}
-
-/// How often a node audits the record of reported occupancy, at least: far longer than a
-/// leave waits to be reported (`delay`), so a leave decided just before one audit is stored
-/// before the next ([`ChannelWebhooks::audit`] reports what two audits in a row found).
-pub fn audit_period(delay: Duration, node_ttl: Duration) -> Duration {
-    node_ttl.max(delay * 2 + Duration::from_secs(1))
-}
-
-impl ChannelWebhooks {
-    /// Finds leaves nobody reported, and reports them. The record of reported occupancy says
-    /// who was reported as in each channel and not yet as out; a node that decided a leave
-    /// and then died within the anti-flap delay (or dropped it: `max_pending`) leaves a row
-    /// there that no node holds. An occupant the record lists and no node holds (`presence`
-    /// answers for every node), in this audit and the one before (`unheld_before`, kept by
-    /// the caller between audits), with no event of its own waiting here, is released from
-    /// the record (only the node whose release deleted the row reports it, so several nodes
-    /// auditing one store report each leave once) and reported at once: members before their
-    /// channel, as they would have left. Returns how many leaves it reported.
-    ///
-    /// Two audits in a row because a node reports a leave `delay` after deciding it: one audit
-    /// may fall in between, and [`audit_period`] puts the next well after.
-    pub async fn audit(
-        &self,
-        presence: &dyn PresenceManager,
-        unheld_before: &mut HashSet<Occupant>,
-    ) -> Result<usize, AuditError> {
-        let recorded = self.store.occupants().await?;
-        let mut by_app: BTreeMap<AppId, Vec<Occupant>> = BTreeMap::new();
-        for occupant in recorded {
-            by_app
-                .entry(occupant.app_id.clone())
-                .or_default()
-                .push(occupant);
-        }
-        let mut unheld = HashSet::new();
-        for (app_id, occupants) in by_app {
-            let held = presence.occupancy(&app_id).await?;
-            unheld.extend(occupants.into_iter().filter(|o| match &o.user_id {
-                None => !held.channels.contains(&o.channel),
-                Some(user_id) => !held.members.contains(&(o.channel.clone(), user_id.clone())),
-            }));
-        }
-        let mut due: Vec<Occupant> = {
-            let pending = self.lock();
-            let waiting_here = |o: &Occupant| {
-                let key = DelayKey::new(&o.app_id, &o.channel, o.user_id.as_deref());
-                pending.delayed_at.contains_key(&key)
-                    || pending.ready.iter().any(|(app_id, event)| {
-                        DelayKey::new(app_id, event.channel(), event.user_id()) == key
-                    })
-            };
-            unheld
-                .iter()
-                .filter(|o| unheld_before.contains(*o) && !waiting_here(o))
-                .cloned()
-                .collect()
-        };
-        // Members first, then channels; only as many as may wait, so each one released is
-        // queued (the rest stay recorded for a later audit).
-        due.sort_by(|a, b| {
-            (a.user_id.is_none(), &a.app_id, &a.channel, &a.user_id).cmp(&(
-                b.user_id.is_none(),
-                &b.app_id,
-                &b.channel,
-                &b.user_id,
-            ))
-        });
-        let room = self.config.max_pending.saturating_sub({
-            let pending = self.lock();
-            pending.ready.len() + pending.delayed.len()
-        });
-        due.truncate(room);
-        let released = self.store.release_occupants(&due).await?;
-        for occupant in &due {
-            unheld.remove(occupant);
-        }
-        *unheld_before = unheld;
-        if released.is_empty() {
-            return Ok(0);
-        }
-        {
-            let mut pending = self.lock();
-            for occupant in released
-                .iter()
-                .filter(|o| o.user_id.is_some())
-                .chain(released.iter().filter(|o| o.user_id.is_none()))
-            {
-                pending.count_in(&occupant.app_id);
-                pending
-                    .ready
-                    .push((occupant.app_id.clone(), leave_of(occupant)));
-            }
-        }
-        self.metrics
-            .channel_webhook_leaves_recovered_total
-            .inc_by(u64::try_from(released.len()).unwrap_or(u64::MAX));
-        self.wake.notify_one();
-        Ok(released.len())
-    }
-
-    /// Audits the record of reported occupancy every `every` until `stop` (see
-    /// [`ChannelWebhooks::audit`]).
-    pub async fn run_audits(
-        self: Arc<Self>,
-        presence: Arc<dyn PresenceManager>,
-        every: Duration,
-        stop: CancellationToken,
-    ) {
-        let mut unheld = HashSet::new();
-        let mut ticks = tokio::time::interval(every);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                () = stop.cancelled() => return,
-                _ = ticks.tick() => {}
-            }
-            match self.audit(presence.as_ref(), &mut unheld).await {
-                Ok(0) => {}
-                Ok(reported) => tracing::warn!(
-                    reported,
-                    "reporting channel leaves no node reported (a node stopped or dropped them before it could)"
-                ),
-                Err(e) => tracing::warn!(error = %e, "auditing reported channel occupancy failed"),
-            }
-        }
-    }
-}
 
 /// The occupancy change an event reports, if any (client events report none).
 fn occupancy_change(app_id: &AppId, event: &ChannelEvent) -> Option<OccupancyChange> {
@@ -904,155 +761,6 @@ mod tests {
         }
         assert_eq!(metrics.channel_webhook_events_dropped_total.get(), 3);
         assert_eq!(webhooks.lock().ready.len(), 2);
-        store.close().await;
-    }
-
-    /// Who holds what, as a fake cluster says: set by the test between audits.
-    struct Held(Mutex<crate::presence::Occupancy>);
-
-    #[async_trait::async_trait]
-    impl PresenceManager for Held {
-        async fn channel_info(
-            &self,
-            _: &AppId,
-            _: &str,
-        ) -> Result<Option<crate::hub::ChannelInfo>, PresenceError> {
-            Err(PresenceError::Unavailable("not read by the audit".into()))
-        }
-        async fn channels(
-            &self,
-            _: &AppId,
-            _: &str,
-        ) -> Result<Vec<(String, crate::hub::ChannelInfo)>, PresenceError> {
-            Err(PresenceError::Unavailable("not read by the audit".into()))
-        }
-        async fn users(&self, _: &AppId, _: &str) -> Result<Vec<String>, PresenceError> {
-            Err(PresenceError::Unavailable("not read by the audit".into()))
-        }
-        async fn terminate_user(&self, _: &AppId, _: &str) -> Result<usize, PresenceError> {
-            Err(PresenceError::Unavailable("not read by the audit".into()))
-        }
-        async fn occupancy(&self, _: &AppId) -> Result<crate::presence::Occupancy, PresenceError> {
-            Ok(self.0.lock().expect("lock").clone())
-        }
-    }
-
-    fn held(channels: &[&str], members: &[(&str, &str)]) -> crate::presence::Occupancy {
-        crate::presence::Occupancy {
-            channels: channels.iter().map(|c| (*c).to_owned()).collect(),
-            members: members
-                .iter()
-                .map(|(c, u)| ((*c).to_owned(), (*u).to_owned()))
-                .collect(),
-        }
-    }
-
-    /// A leave decided by a node that stopped within the delay (its row still in the record,
-    /// held by nobody) is reported once two audits in a row found it; what is held again, or
-    /// waiting here to be reported, is not; another node auditing the same store finds the
-    /// row gone and reports nothing.
-    #[tokio::test]
-    async fn the_audit_reports_leaves_nobody_reported_once_two_audits_found_them() {
-        let dir = tempfile::tempdir().expect("dir");
-        let store: Arc<dyn Store> = Arc::new(
-            herald_store::sqlite::SqliteStore::open(dir.path())
-                .await
-                .expect("store"),
-        );
-        let app = AppId::parse("app_audit").expect("valid");
-        let who = |channel: &str, user: Option<&str>| Occupant {
-            app_id: app.clone(),
-            channel: channel.into(),
-            user_id: user.map(str::to_owned),
-        };
-        let recorded = [
-            who("presence-room", None),
-            who("presence-room", Some("stays")),
-            who("presence-room", Some("gone")),
-            who("presence-room", Some("back")),
-            who("presence-room", Some("leaving-here")),
-            who("presence-empty", None),
-            who("presence-empty", Some("last")),
-        ];
-        store
-            .record_channel_events(
-                vec![],
-                recorded
-                    .iter()
-                    .cloned()
-                    .map(OccupancyChange::Entered)
-                    .collect(),
-            )
-            .await
-            .expect("record");
-        let presence = Held(Mutex::new(held(
-            &["presence-room"],
-            &[("presence-room", "stays")],
-        )));
-        let metrics = Arc::new(ChannelMetrics::default());
-        let webhooks = ChannelWebhooks::new(Arc::clone(&store), config(100), Arc::clone(&metrics));
-        // This node decided this leave itself: it waits out the delay here.
-        webhooks.observe(&app, member(false, "presence-room", "leaving-here"));
-
-        let mut unheld = HashSet::new();
-        assert_eq!(
-            webhooks.audit(&presence, &mut unheld).await.expect("audit"),
-            0
-        );
-        assert_eq!(store.occupants().await.expect("read").len(), recorded.len());
-        assert!(
-            webhooks.lock().ready.is_empty(),
-            "nothing reported on one audit"
-        );
-
-        // "back" rejoined between the audits.
-        *presence.0.lock().expect("lock") = held(
-            &["presence-room"],
-            &[("presence-room", "stays"), ("presence-room", "back")],
-        );
-        assert_eq!(
-            webhooks.audit(&presence, &mut unheld).await.expect("audit"),
-            3
-        );
-        let reported: Vec<String> = webhooks
-            .lock()
-            .ready
-            .iter()
-            .map(|(_, e)| format!("{} {} {}", e.name(), e.channel(), e.user_id().unwrap_or("")))
-            .collect();
-        assert_eq!(
-            reported,
-            [
-                "member_removed presence-empty last",
-                "member_removed presence-room gone",
-                "channel_vacated presence-empty ",
-            ],
-            "members before their channel; not the held, the returned or the waiting"
-        );
-        let mut left = store.occupants().await.expect("read");
-        left.sort_by(|x, y| (&x.channel, &x.user_id).cmp(&(&y.channel, &y.user_id)));
-        assert_eq!(
-            left,
-            [
-                who("presence-room", None),
-                who("presence-room", Some("back")),
-                who("presence-room", Some("leaving-here")),
-                who("presence-room", Some("stays")),
-            ]
-        );
-        assert_eq!(metrics.channel_webhook_leaves_recovered_total.get(), 3);
-
-        // Another node that saw the same rows unheld twice finds them released already.
-        let other = ChannelWebhooks::new(Arc::clone(&store), config(100), Arc::default());
-        let mut seen = [
-            who("presence-room", Some("gone")),
-            who("presence-empty", Some("last")),
-            who("presence-empty", None),
-        ]
-        .into_iter()
-        .collect();
-        assert_eq!(other.audit(&presence, &mut seen).await.expect("audit"), 0);
-        assert!(other.lock().ready.is_empty(), "each leave reported once");
         store.close().await;
     }
 }

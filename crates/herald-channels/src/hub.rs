@@ -1000,19 +1000,6 @@ impl AppHub {
         list
     }
 
-    /// Adds this node's occupied channels and presence members to `into`, in one read.
-    pub fn add_occupancy(&self, into: &mut crate::presence::Occupancy) {
-        for (name, channel) in read(&self.channels).iter() {
-            into.channels.insert(name.clone());
-            into.members.extend(
-                channel
-                    .members
-                    .keys()
-                    .map(|user_id| (name.clone(), user_id.clone())),
-            );
-        }
-    }
-
     /// User ids in a presence channel.
     pub fn users(&self, channel: &str) -> Vec<String> {
         read(&self.channels)
@@ -1034,12 +1021,16 @@ impl AppHub {
             .unwrap_or_default()
     }
 
-    /// Registers a signed-in connection; `terminate` is cancelled to close it.
+    /// Registers a signed-in connection; `terminate` is cancelled to close it. A connection
+    /// that signs in again as the same user keeps its first sign-in time: a termination
+    /// between the two still applies to it.
     pub fn sign_in(&self, user_id: &str, socket_id: &str, terminate: CancellationToken) {
         write(&self.users)
             .entry(user_id.to_owned())
             .or_default()
-            .insert(socket_id.to_owned(), (terminate, Instant::now()));
+            .entry(socket_id.to_owned())
+            .and_modify(|(token, _)| *token = terminate.clone())
+            .or_insert_with(|| (terminate, Instant::now()));
     }
 
     pub fn sign_out(&self, user_id: &str, socket_id: &str) {
@@ -1516,6 +1507,8 @@ mod tests {
         let terminated_at = Instant::now();
         tokio::time::advance(std::time::Duration::from_secs(1)).await;
         app.sign_in("u1", "1.2", since.clone());
+        // Signing in again keeps the first time: the termination still applies to it.
+        app.sign_in("u1", "1.1", before.clone());
         assert_eq!(
             app.terminate_user_signed_in_before("u1", Some(terminated_at)),
             1

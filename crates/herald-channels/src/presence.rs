@@ -16,7 +16,7 @@
 //! nodes hold, for a presence subscriber's snapshot. One node has none: nothing changes there.
 
 use herald_core::AppId;
-use std::{collections::HashSet, future::Future, pin::Pin, sync::Arc};
+use std::{future::Future, pin::Pin, sync::Arc};
 
 use crate::{Hub, hub::ChannelInfo};
 
@@ -47,17 +47,6 @@ pub trait PresenceManager: Send + Sync + 'static {
     async fn users(&self, app_id: &AppId, channel: &str) -> Result<Vec<String>, PresenceError>;
     /// Closes every connection signed in as `user_id`; returns how many.
     async fn terminate_user(&self, app_id: &AppId, user_id: &str) -> Result<usize, PresenceError>;
-    /// Every occupied channel of the app and every presence member, on every node: what the
-    /// channel webhooks' audit holds its record of reported occupancy against
-    /// ([`crate::channel_webhooks::ChannelWebhooks::audit`]).
-    async fn occupancy(&self, app_id: &AppId) -> Result<Occupancy, PresenceError>;
-}
-
-/// An app's occupied channels and presence members (channel, user id).
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Occupancy {
-    pub channels: HashSet<String>,
-    pub members: HashSet<(String, String)>,
 }
 
 /// A change of this node's channel state, as the hub decided it under its channel lock.
@@ -186,14 +175,6 @@ impl PresenceManager for LocalPresence {
 
     async fn terminate_user(&self, app_id: &AppId, user_id: &str) -> Result<usize, PresenceError> {
         Ok(self.hub.app(app_id).terminate_user(user_id))
-    }
-
-    async fn occupancy(&self, app_id: &AppId) -> Result<Occupancy, PresenceError> {
-        let mut occupancy = Occupancy::default();
-        if let Some(app) = self.hub.existing(app_id) {
-            app.add_occupancy(&mut occupancy);
-        }
-        Ok(occupancy)
     }
 }
 

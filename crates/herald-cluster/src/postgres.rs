@@ -43,7 +43,7 @@
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -131,6 +131,13 @@ const RETRY_MISSED: Duration = Duration::from_secs(1);
 /// node's changes until restarted, its cache serving what they replaced. The answer measures
 /// the store's clock again (see `herald_store::ClusterClock`).
 const KEEPALIVE_EVERY: Duration = Duration::from_secs(15);
+
+/// How long applying the terminations missed while a link was down may take at a time; the
+/// link's task hears nothing else meanwhile. Past it, it is tried again at the next retry tick.
+const REPLAY_PATIENCE: Duration = Duration::from_secs(5);
+
+/// `terminations_from` when no missed terminations are waiting to be applied.
+const NO_TERMINATIONS_DUE: i64 = i64::MIN;
 const KEEPALIVE_PATIENCE: Duration = Duration::from_secs(10);
 
 /// Waits between attempts to re-open the LISTEN session: doubling from the first to the last.
@@ -252,6 +259,13 @@ pub struct PostgresBroker {
     clock: ClusterClock,
     /// The link's health, for `/metrics` (registered by `herald::run`).
     metrics: Arc<ClusterMetrics>,
+    /// When this node's links were last known to work (the cluster's Unix milliseconds; 0
+    /// before the first check): the LISTEN session answered its check and the bus, if any,
+    /// was connected. Terminations from a little before it on may have been missed.
+    links_good_at: AtomicI64,
+    /// Terminations missed while a link was down are still to be applied, from this time on
+    /// (see [`PostgresBroker::replay_terminations`]); [`NO_TERMINATIONS_DUE`] when none are.
+    terminations_from: AtomicI64,
 }
 
 impl PostgresBroker {
@@ -289,6 +303,8 @@ impl PostgresBroker {
             clock: store.clock(),
             store,
             metrics,
+            links_good_at: AtomicI64::new(0),
+            terminations_from: AtomicI64::new(NO_TERMINATIONS_DUE),
         })
     }
 
@@ -310,6 +326,10 @@ impl PostgresBroker {
 
     /// A session listens: the cache serves again, from empty.
     fn opened(&self) {
+        if self.links_good_at.load(Ordering::Relaxed) == 0 {
+            self.links_good_at
+                .store(self.clock.now().timestamp_millis(), Ordering::Relaxed);
+        }
         self.listening.store(true, Ordering::Relaxed);
         self.metrics.listening.set(1);
         self.metrics.listen_sessions_opened_total.inc();
@@ -444,12 +464,15 @@ impl PostgresBroker {
                     () = shutdown.cancelled() => return,
                     _ = sweep.tick() => self.sweep().await,
                     _ = keepalive.tick() => check = true,
-                    _ = retry.tick(), if self.missed.load(Ordering::Relaxed)
+                    _ = retry.tick(), if (self.missed.load(Ordering::Relaxed)
+                        || self.terminations_from.load(Ordering::Relaxed) != NO_TERMINATIONS_DUE)
                         && self.bus.as_ref().is_none_or(|bus| bus.is_connected()) =>
                     {
-                        self.missed.store(false, Ordering::Relaxed);
-                        tracing::info!(node = self.node, "broker: catching up history events that could not be sent or handed on");
-                        self.catch_up().await;
+                        if self.missed.swap(false, Ordering::Relaxed) {
+                            tracing::info!(node = self.node, "broker: catching up history events that could not be sent or handed on");
+                            self.catch_up().await;
+                        }
+                        self.replay_terminations().await;
                     }
                     received = listener.try_recv() => match received {
                         Ok(Some(notification)) => {
@@ -474,6 +497,12 @@ impl PostgresBroker {
                         tokio::time::timeout(patience, read_clock(&mut listener, &self.clock))
                             .await;
                     self.note_bus();
+                    if matches!(answered, Ok(Ok(_)))
+                        && self.bus.as_ref().is_none_or(|bus| bus.is_connected())
+                    {
+                        self.links_good_at
+                            .store(self.clock.now().timestamp_millis(), Ordering::Relaxed);
+                    }
                     if !matches!(answered, Ok(Ok(_))) {
                         self.lost();
                         tracing::warn!(
@@ -878,16 +907,65 @@ impl PostgresBroker {
         self.metrics
             .presence_resync_notices_total
             .inc_by(u64::try_from(sent).unwrap_or(u64::MAX));
-        // Terminations travel with the presence notices: those sent meanwhile were missed too.
-        match crate::terminations::replay(&self.pool, &self.hub, &self.clock).await {
-            Ok(0) => {}
-            Ok(closed) => tracing::info!(
-                node = self.node,
-                closed,
-                "broker: connections closed by terminate_connections sent while this node's link was down"
+        // Terminations travel with the presence notices: those sent meanwhile were missed
+        // too. From a check period before the links were last known good (a bus that dropped
+        // and came back between two checks looked connected at both), less the second by
+        // which nodes' readings of the cluster's time may differ.
+        let from = match self.links_good_at.load(Ordering::Relaxed) {
+            0 => 0,
+            good_at => good_at.saturating_sub(
+                i64::try_from((self.keepalive.0 + Duration::from_secs(2)).as_millis())
+                    .unwrap_or(i64::MAX),
             ),
-            Err(e) => {
-                tracing::warn!(node = self.node, error = %e, "broker: reading the terminations kept for nodes that missed them failed")
+        };
+        // An earlier start asked for and not yet applied stays.
+        let _ = self
+            .terminations_from
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |due| {
+                Some(if due == NO_TERMINATIONS_DUE {
+                    from
+                } else {
+                    due.min(from)
+                })
+            });
+        self.replay_terminations().await;
+    }
+
+    /// Applies the terminations kept from `terminations_from` on ([`crate::terminations`]),
+    /// if any are due; one that fails (the database slow or away) is tried again at the next
+    /// retry tick.
+    async fn replay_terminations(&self) {
+        let from = self.terminations_from.load(Ordering::Relaxed);
+        if from == NO_TERMINATIONS_DUE {
+            return;
+        }
+        let replayed = tokio::time::timeout(
+            REPLAY_PATIENCE,
+            crate::terminations::replay(&self.pool, &self.hub, &self.clock, from),
+        )
+        .await;
+        match replayed {
+            Ok(Ok(closed)) => {
+                // Unless a later loss asked for an earlier start meanwhile.
+                let _ = self.terminations_from.compare_exchange(
+                    from,
+                    NO_TERMINATIONS_DUE,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+                if closed > 0 {
+                    tracing::info!(
+                        node = self.node,
+                        closed,
+                        "broker: connections closed by terminate_connections sent while this node's link was down"
+                    );
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(node = self.node, error = %e, "broker: reading the terminations this node may have missed failed; trying again shortly")
+            }
+            Err(_) => {
+                tracing::warn!(node = self.node, patience = ?REPLAY_PATIENCE, "broker: reading the terminations this node may have missed took too long; trying again shortly")
             }
         }
     }
@@ -1549,7 +1627,7 @@ mod tests {
     }
 
     /// A node without a bus, whose LISTEN session is lost and re-opened: the same, from the
-    /// session's own loop.
+    /// session's own loop, and the terminations sent meanwhile are applied.
     #[tokio::test]
     async fn a_listen_session_that_comes_back_tells_presence_subscribers_what_they_missed() {
         let Some(schema) = Schema::create("presence after a lost session").await else {
@@ -1564,6 +1642,22 @@ mod tests {
         let shutdown = CancellationToken::new();
         let running = tokio::spawn(Arc::clone(&broker).run(session, shutdown.clone()));
         assert!(missed.told().is_empty(), "a first session resyncs nothing");
+        // A signed-in user whose termination this node will not hear: kept by the node asked.
+        let terminated = AppId::new(Utc::now());
+        let connection = missed.hub.app(&terminated).connection_token();
+        missed
+            .hub
+            .app(&terminated)
+            .sign_in("u9", "9.9", connection.clone());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        crate::terminations::remember(
+            store.pool(),
+            terminated.as_str(),
+            "u9",
+            store.clock().now().timestamp_millis(),
+        )
+        .await
+        .expect("kept");
         cut_listen_session(&schema, &name).await;
         tokio::time::timeout(Duration::from_secs(10), sessions.wait_for(|n| *n == 2))
             .await
@@ -1578,6 +1672,13 @@ mod tests {
         .expect("the re-open's resync is counted");
         let told = missed.told();
         assert!(is_u2_added(&told), "{told:?}");
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !connection.is_cancelled() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the missed termination is applied after the re-open");
         shutdown.cancel();
         running.await.expect("the broker stopped");
         missed.stop().await;

@@ -17,7 +17,6 @@
 //! | `herald_subscriptions{transport}` | gauge | [`ChannelMetrics`] |
 //! | `herald_outbox_overflows_total` | counter | [`ChannelMetrics`] |
 //! | `herald_channel_webhook_events_dropped_total` | counter | [`ChannelMetrics`] |
-//! | `herald_channel_webhook_leaves_recovered_total` | counter | [`ChannelMetrics`] |
 //! | `herald_publications_total{source}` | counter | [`PublishMetrics`] |
 //! | `herald_fanout_deliveries_total` | counter | [`PublishMetrics`] |
 //! | `herald_publish_failures_total` | counter | [`PublishMetrics`] |
@@ -184,9 +183,6 @@ pub struct ChannelMetrics {
     pub outbox_overflows_total: Counter,
     /// Channel webhook events dropped because too many were waiting to be stored.
     pub channel_webhook_events_dropped_total: Counter,
-    /// Channel leaves the audit of reported occupancy found unreported (their node stopped or
-    /// dropped them) and reported.
-    pub channel_webhook_leaves_recovered_total: Counter,
     /// Socket.IO namespaces this node holds open ahead of their clients (`herald_socketio`'s
     /// `Face::open_app`): two per app with Socket.IO settings, one with no uid.
     pub socketio_namespaces: Gauge,
@@ -206,7 +202,6 @@ impl Default for ChannelMetrics {
             subscriptions,
             outbox_overflows_total: Counter::default(),
             channel_webhook_events_dropped_total: Counter::default(),
-            channel_webhook_leaves_recovered_total: Counter::default(),
             socketio_namespaces: Gauge::default(),
         }
     }
@@ -278,11 +273,6 @@ impl ChannelMetrics {
             "channel_webhook_events_dropped",
             "Channel webhook events dropped: too many were waiting to be stored",
             self.channel_webhook_events_dropped_total.clone(),
-        );
-        registry.register(
-            "channel_webhook_leaves_recovered",
-            "Channel leaves (member_removed, channel_vacated) no node reported, found by the audit of reported occupancy and reported",
-            self.channel_webhook_leaves_recovered_total.clone(),
         );
         registry.register(
             "socketio_namespaces",
@@ -1089,7 +1079,6 @@ mod tests {
             "# TYPE herald_outbox_overflows counter",
             "herald_outbox_overflows_total 0",
             "herald_channel_webhook_events_dropped_total 0",
-            "herald_channel_webhook_leaves_recovered_total 0",
             "herald_socketio_namespaces 0",
             "herald_publications_total{source=\"api\"} 0",
             "herald_publications_total{source=\"client\"} 0",

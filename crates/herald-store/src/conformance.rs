@@ -88,7 +88,6 @@ checks!(
     idempotency_purge_keeps_at_most_the_newest_records,
     an_idempotency_key_is_claimed_once_until_saved_released_or_expired,
     occupancy_changes_collapse_to_the_last,
-    released_occupants_are_claimed_once,
     expired_payloads_are_expunged_in_batches_but_not_under_a_pending_delivery,
     old_messages_are_deleted_in_batches_but_not_while_a_delivery_is_pending,
     an_expunge_names_the_message_by_id_or_event_id,
@@ -3320,63 +3319,6 @@ pub async fn occupancy_changes_collapse_to_the_last(store: &dyn Store) {
     assert_eq!(
         found,
         [occupant("a", None), occupant("presence-c", Some("u1"))]
-    );
-}
-
-/// Releasing occupants deletes their rows and returns only those that were there: of two
-/// claims on one occupant, one gets it.
-pub async fn released_occupants_are_claimed_once(store: &dyn Store) {
-    let app = stored_app(store, "A").await;
-    let occupant = |channel: &str, user: Option<&str>| Occupant {
-        app_id: app.id.clone(),
-        channel: channel.into(),
-        user_id: user.map(str::to_owned),
-    };
-    store
-        .record_channel_events(
-            vec![],
-            vec![
-                OccupancyChange::Entered(occupant("presence-a", None)),
-                OccupancyChange::Entered(occupant("presence-a", Some("u1"))),
-                OccupancyChange::Entered(occupant("presence-a", Some("u2"))),
-                OccupancyChange::Entered(occupant("b", None)),
-            ],
-        )
-        .await
-        .expect("record");
-    let wanted = [
-        occupant("presence-a", Some("u1")),
-        occupant("presence-a", None),
-        occupant("never-there", None),
-    ];
-    let (first, second) = tokio::join!(
-        store.release_occupants(&wanted),
-        store.release_occupants(&wanted)
-    );
-    let mut claimed = first.expect("release");
-    claimed.extend(second.expect("release"));
-    claimed.sort_by(|x, y| (&x.channel, &x.user_id).cmp(&(&y.channel, &y.user_id)));
-    assert_eq!(
-        claimed,
-        [
-            occupant("presence-a", None),
-            occupant("presence-a", Some("u1"))
-        ],
-        "each occupant that was there claimed once, by one of the two"
-    );
-    let mut found = store.occupants().await.expect("read");
-    found.sort_by(|x, y| (&x.channel, &x.user_id).cmp(&(&y.channel, &y.user_id)));
-    assert_eq!(
-        found,
-        [occupant("b", None), occupant("presence-a", Some("u2"))]
-    );
-    assert!(
-        store
-            .release_occupants(&[])
-            .await
-            .expect("release")
-            .is_empty(),
-        "nothing asked, nothing claimed"
     );
 }
 

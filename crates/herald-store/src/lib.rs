@@ -780,10 +780,6 @@ pub trait ChannelWebhookStore: Send + Sync + 'static {
     /// Every recorded occupant. At start, before any connection, these are what the previous
     /// run left without reporting their leave.
     async fn occupants(&self) -> Result<Vec<Occupant>>;
-    /// Deletes these occupants' rows; returns those it deleted. Whoever deletes a row reports
-    /// its leave, so when several nodes audit one store (see `herald_channels`'
-    /// `ChannelWebhooks::audit`), each leave is claimed by one of them.
-    async fn release_occupants(&self, occupants: &[Occupant]) -> Result<Vec<Occupant>>;
 }
 
 /// Retention: what the sweeper expunges and deletes, one bounded batch per call, so intake

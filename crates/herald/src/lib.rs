@@ -344,7 +344,6 @@ pub async fn run_with(
         Some(cluster) => Arc::clone(cluster) as _,
         None => Arc::new(LocalPresence::new(Arc::clone(&hub))),
     };
-    let audited_presence = Arc::clone(&presence);
     let publisher = Arc::new(
         Publisher::new(
             Arc::clone(&store),
@@ -475,16 +474,6 @@ pub async fn run_with(
     background.spawn(retention::run(
         Arc::clone(&store),
         config.retention(),
-        stop_background.clone(),
-    ));
-    // Leaves no node reported (one stopped within the anti-flap delay), found by comparing
-    // the record of reported occupancy with who holds what.
-    background.spawn(Arc::clone(&channel_webhooks).run_audits(
-        audited_presence,
-        herald_channels::channel_webhooks::audit_period(
-            config.channel_webhook_config().delay,
-            config.node_ttl(),
-        ),
         stop_background.clone(),
     ));
     // Stopped after the connections have closed, so it stores their vacated events too.

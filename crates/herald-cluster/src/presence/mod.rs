@@ -32,10 +32,7 @@
 //! comes more than a heartbeat period late skips judging the others once: an overloaded host
 //! holds up its nodes together, and the others' overdue beats come first; and a node stale in
 //! one sweep gets until the next to beat, so none is taken for dead for a pause it shared with
-//! its judge. A leave the dead node had decided but not yet reported as a channel webhook
-//! (held for the anti-flap delay) has no row left to sweep; the live nodes' audit of reported
-//! occupancy (`herald_channels::channel_webhooks::ChannelWebhooks::audit`, which reads
-//! [`PresenceManager::occupancy`] here) reports it.
+//! its judge.
 //!
 //! **Staleness.** Membership and occupancy are exact at each transaction's commit (a change
 //! reaches the database milliseconds after the hub decided it). Subscription counts are
@@ -79,8 +76,7 @@ use herald_channels::{
     Hub,
     hub::{ChannelEvent, ChannelInfo, ChannelObserver},
     presence::{
-        LocalChange, MembersFuture, Occupancy, PresenceError, PresenceManager, PresenceSync,
-        RemoteMember,
+        LocalChange, MembersFuture, PresenceError, PresenceManager, PresenceSync, RemoteMember,
     },
     protocol,
 };
@@ -1187,15 +1183,20 @@ impl PresenceManager for ClusterPresence {
     /// nodes that hear the notice still apply it.
     async fn terminate_user(&self, app_id: &AppId, user_id: &str) -> Result<usize, PresenceError> {
         let at = self.clock.now().timestamp_millis();
-        if let Some(pool) = self.terminations.get()
-            && let Err(e) = crate::terminations::remember(pool, app_id.as_str(), user_id, at).await
-        {
-            tracing::warn!(node = self.node, error = %e, "presence: keeping a termination for nodes that miss its notice failed");
-        }
         let closed = self
             .hub
             .existing(app_id)
             .map_or(0, |app| app.terminate_user(user_id));
+        if let Some(pool) = self.terminations.get() {
+            let kept = tokio::time::timeout(
+                crate::terminations::KEEP_PATIENCE,
+                crate::terminations::remember(pool, app_id.as_str(), user_id, at),
+            )
+            .await;
+            if !matches!(kept, Ok(Ok(()))) {
+                tracing::warn!(node = self.node, outcome = ?kept, "presence: keeping a termination for nodes that miss its notice failed; the nodes that hear the notice still apply it");
+            }
+        }
         let notice = Notice::member(
             NoticeKind::Terminate,
             &self.node,
@@ -1205,24 +1206,6 @@ impl PresenceManager for ClusterPresence {
         );
         self.record.announce(notice).await?;
         Ok(closed)
-    }
-
-    async fn occupancy(&self, app_id: &AppId) -> Result<Occupancy, PresenceError> {
-        // Other nodes' rows, then this node's hub: a change of this node's that is still
-        // queued is in the hub already.
-        let mut occupancy = Occupancy::default();
-        occupancy
-            .channels
-            .extend(self.counts_elsewhere(app_id, "").await?.into_keys());
-        for (channel, users) in self.users_elsewhere(app_id, "").await? {
-            occupancy
-                .members
-                .extend(users.into_iter().map(|user| (channel.clone(), user)));
-        }
-        if let Some(app) = self.hub.existing(app_id) {
-            app.add_occupancy(&mut occupancy);
-        }
-        Ok(occupancy)
     }
 }
 
@@ -1661,22 +1644,31 @@ mod tests {
             return;
         };
         let reports = Arc::new(Reports::default());
-        let a = node(&backend, "a", &reports).await;
+        // This node reads the cluster's time an hour behind its wall clock (a reading that
+        // never met the database's is its own clock's: here, one an hour slow).
+        let slow = ClusterClock::reading(|| Utc::now() - chrono::TimeDelta::hours(1));
+        let a = node_reading(&backend, "a", &reports, slow).await;
         a.keep_terminations_in(backend.pool().clone());
         let app = AppId::parse("app_1").expect("valid");
-        let asked = Utc::now().timestamp_millis();
+        let asked = Utc::now() - chrono::TimeDelta::hours(1);
         a.terminate_user(&app, "u1").await.expect("terminate");
-        let kept = crate::terminations::kept(backend.pool(), Utc::now().timestamp_millis())
-            .await
-            .expect("read");
-        assert_eq!(kept.len(), 1, "{kept:?}");
+        a.terminate_user(&app, "u1").await.expect("terminate again");
+        let kept = crate::terminations::kept(
+            backend.pool(),
+            &["app_1".to_owned()],
+            0,
+            asked.timestamp_millis(),
+        )
+        .await
+        .expect("read");
+        assert_eq!(kept.len(), 1, "one row per user, the latest: {kept:?}");
         assert_eq!(
             (kept[0].app_id.as_str(), kept[0].user_id.as_str()),
             ("app_1", "u1")
         );
         assert!(
-            (kept[0].terminated_at - asked).abs() < 5_000,
-            "dated in the cluster's time: {kept:?}"
+            (kept[0].terminated_at - asked.timestamp_millis()).abs() < 5_000,
+            "dated in the cluster's time, not the wall clock's: {kept:?}"
         );
         backend.drop_now().await;
     }
@@ -1738,15 +1730,6 @@ mod tests {
             .expect("read");
         others.sort();
         assert_eq!(others, [("u1".into(), Some(r#"{"name":"u1"}"#.into()))]);
-        let member = |user: &str| ("presence-x".to_owned(), user.to_owned());
-        assert_eq!(
-            a.occupancy(&app).await.expect("read"),
-            Occupancy {
-                channels: ["presence-x".to_owned()].into(),
-                members: [member("u1"), member("u2")].into(),
-            },
-            "every node's channels and members, for the channel webhooks' audit"
-        );
 
         a.apply(&app, &left("u1"), &mut flushed).await.expect("a");
         assert_eq!(taken(&reports), Vec::<String>::new(), "u1 is still on b");

@@ -53,33 +53,23 @@ async fn apply_occupancy(conn: &mut PgConnection, changes: &[OccupancyChange]) -
         q.build().execute(&mut *conn).await?;
     }
     for chunk in left.chunks(ROWS_PER_STATEMENT) {
-        let keys: Vec<OccupantKey<'_>> = chunk.iter().map(|(key, _)| *key).collect();
-        delete_rows(&keys).build().execute(&mut *conn).await?;
+        let mut q: QueryBuilder<Postgres> = QueryBuilder::new(
+            "DELETE FROM channel_occupancy WHERE (app_id, channel, user_id) IN (VALUES ",
+        );
+        let mut values = q.separated(", ");
+        for ((app_id, channel, user_id), _) in chunk {
+            values.push("(");
+            values.push_bind_unseparated(*app_id);
+            values.push_unseparated(", ");
+            values.push_bind_unseparated(*channel);
+            values.push_unseparated(", ");
+            values.push_bind_unseparated(*user_id);
+            values.push_unseparated(")");
+        }
+        q.push(")");
+        q.build().execute(&mut *conn).await?;
     }
     Ok(())
-}
-
-/// An occupant's row key: (app_id, channel, user_id, '' for the channel itself).
-type OccupantKey<'a> = (&'a str, &'a str, &'a str);
-
-/// `DELETE` of these rows (at most [`ROWS_PER_STATEMENT`]), to run as is or with `RETURNING`
-/// pushed after it.
-fn delete_rows(keys: &[OccupantKey<'_>]) -> QueryBuilder<Postgres> {
-    let mut q: QueryBuilder<Postgres> = QueryBuilder::new(
-        "DELETE FROM channel_occupancy WHERE (app_id, channel, user_id) IN (VALUES ",
-    );
-    let mut values = q.separated(", ");
-    for (app_id, channel, user_id) in keys {
-        values.push("(");
-        values.push_bind_unseparated(*app_id);
-        values.push_unseparated(", ");
-        values.push_bind_unseparated(*channel);
-        values.push_unseparated(", ");
-        values.push_bind_unseparated(*user_id);
-        values.push_unseparated(")");
-    }
-    q.push(")");
-    q
 }
 
 #[async_trait::async_trait]
@@ -115,42 +105,14 @@ impl ChannelWebhookStore for PostgresStore {
         .fetch_all(&self.pool)
         .await?
         .iter()
-        .map(occupant)
+        .map(|row| {
+            let user_id: String = row.try_get("user_id")?;
+            Ok(Occupant {
+                app_id: rows::id(row, "app_id")?,
+                channel: row.try_get("channel")?,
+                user_id: (!user_id.is_empty()).then_some(user_id),
+            })
+        })
         .collect()
     }
-
-    async fn release_occupants(&self, occupants: &[Occupant]) -> Result<Vec<Occupant>> {
-        // In key order, as `apply_occupancy` locks rows, so two nodes' statements cannot
-        // deadlock; a row another statement deleted first is simply not returned.
-        let mut keys: Vec<OccupantKey<'_>> = occupants
-            .iter()
-            .map(|o| {
-                (
-                    o.app_id.as_str(),
-                    o.channel.as_str(),
-                    o.user_id.as_deref().unwrap_or(""),
-                )
-            })
-            .collect();
-        keys.sort_unstable();
-        keys.dedup();
-        let mut released = Vec::new();
-        for chunk in keys.chunks(ROWS_PER_STATEMENT) {
-            let mut q = delete_rows(chunk);
-            q.push(" RETURNING app_id, channel, user_id");
-            for row in q.build().fetch_all(&self.pool).await? {
-                released.push(occupant(&row)?);
-            }
-        }
-        Ok(released)
-    }
-}
-
-fn occupant(row: &sqlx::postgres::PgRow) -> Result<Occupant> {
-    let user_id: String = row.try_get("user_id")?;
-    Ok(Occupant {
-        app_id: rows::id(row, "app_id")?,
-        channel: row.try_get("channel")?,
-        user_id: (!user_id.is_empty()).then_some(user_id),
-    })
 }

@@ -39,30 +39,4 @@ impl ChannelWebhookStore for SqliteStore {
             })
             .collect()
     }
-
-    async fn release_occupants(&self, occupants: &[Occupant]) -> Result<Vec<Occupant>> {
-        if occupants.is_empty() {
-            return Ok(Vec::new());
-        }
-        // One transaction on the writer's pool: SQLite serialises it with the group commit's,
-        // so a row the group commit deleted first is simply not returned.
-        let mut tx = self.writer.begin().await?;
-        let mut released = Vec::new();
-        for who in occupants {
-            let deleted = sqlx::query(
-                "DELETE FROM channel_occupancy WHERE app_id = ?1 AND channel = ?2 AND user_id = ?3
-                 RETURNING 1",
-            )
-            .bind(who.app_id.as_str())
-            .bind(&who.channel)
-            .bind(who.user_id.as_deref().unwrap_or(""))
-            .fetch_optional(&mut *tx)
-            .await?;
-            if deleted.is_some() {
-                released.push(who.clone());
-            }
-        }
-        tx.commit().await?;
-        Ok(released)
-    }
 }

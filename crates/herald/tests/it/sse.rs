@@ -680,9 +680,11 @@ async fn stalled_stream_ends(version: &str) {
     server.stop().await;
 }
 
-/// Wrong private-channel tokens and unknown apps count against the client's address, as on
-/// the Pusher HTTP API: beyond the burst, streams are refused with 429 and `Retry-After`
-/// before anything is looked up, API requests from the address too, until a failure is due.
+/// Wrongly signed private-channel tokens and unknown apps count against the client's address,
+/// as on the Pusher HTTP API (expired tokens do not): beyond the burst, private streams and
+/// lookups of apps this node does not hold are refused with 429 and `Retry-After` before
+/// anything is looked up, API requests from the address too, until a failure is due; public
+/// streams of an app it holds are served.
 #[tokio::test]
 async fn an_address_that_keeps_failing_stream_authentication_is_refused_for_a_while() {
     let server = TestServer::start_with(|c| {
@@ -695,6 +697,18 @@ async fn an_address_that_keeps_failing_stream_authentication_is_refused_for_a_wh
     let expires = chrono::Utc::now().timestamp() + 60;
     let forged = herald_core::pusher::sse_token("not-the-secret", "private-inbox", expires);
     let wrong_token = format!("channels=private-inbox&token={forged}");
+    // An expired token the secret signed is a page left open, not a guess: never counted.
+    let expired = herald_core::pusher::sse_token(&creds.secret, "private-inbox", expires - 3600);
+    for _ in 0..5 {
+        let late = request(
+            &server,
+            &creds,
+            &format!("channels=private-inbox&token={expired}"),
+            None,
+        )
+        .await;
+        assert_eq!(status(late), 401, "expired, and not counted");
+    }
     for attempt in 0..2 {
         let refused = request(&server, &creds, &wrong_token, None).await;
         assert_eq!(status(refused), 401, "wrong token {attempt}");
@@ -713,8 +727,10 @@ async fn an_address_that_keeps_failing_stream_authentication_is_refused_for_a_wh
         429,
         "the burst is spent: a fourth lookup is refused before it is made"
     );
-    let refused = request(&server, &creds, "channels=news", None).await;
-    assert_eq!(refused.status().as_u16(), 429, "even a public stream waits");
+    let good = herald_core::pusher::sse_token(&creds.secret, "private-inbox", expires);
+    let good_token = format!("channels=private-inbox&token={good}");
+    let refused = request(&server, &creds, &good_token, None).await;
+    assert_eq!(refused.status().as_u16(), 429, "even a good token waits");
     assert_eq!(
         refused.headers().get("retry-after").map(|v| v.as_bytes()),
         Some(&b"1"[..])
@@ -737,8 +753,11 @@ async fn an_address_that_keeps_failing_stream_authentication_is_refused_for_a_wh
     )
     .await;
     assert_eq!(status_code, 429, "the address's API requests wait too");
-    eventually("the address may open streams again", || async {
-        let response = request(&server, &creds, "channels=news", None).await;
+    // A public stream of an app this node holds proves nothing and costs no lookup: served.
+    let public = request(&server, &creds, "channels=news", None).await;
+    assert_eq!(status(public), 200, "public streams are not refused");
+    eventually("the address may open private streams again", || async {
+        let response = request(&server, &creds, &good_token, None).await;
         (response.status().as_u16() == 200).then_some(())
     })
     .await;
