@@ -125,8 +125,23 @@ async function main() {
   const signedIn = new Promise((resolve) =>
     carol.connection.bind("message", (m) => m.event === "pusher:signin_success" && resolve()),
   );
+  // pusher-js subscribes to the user's own channel as soon as it is signed in.
+  const ownChannel = new Promise((resolve) =>
+    carol.connection.bind(
+      "message",
+      (m) =>
+        m.event === "pusher_internal:subscription_succeeded" &&
+        m.channel === "#server-to-user-carol" &&
+        resolve(),
+    ),
+  );
   carol.signin();
   await signedIn;
+  await ownChannel;
+  const gift = new Promise((resolve) => carol.user.bind("gift", resolve));
+  await server.sendToUser("carol", "gift", { n: 1 });
+  assert.deepEqual(await gift, { n: 1 });
+  ok("signin subscribes pusher-js to the user's channel, and sendToUser reaches it (user.bind)");
   const terminated = next(carol.connection, "error", "the termination close");
   await server.terminateUserConnections("carol");
   const closeError = await terminated;

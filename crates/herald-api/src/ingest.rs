@@ -151,7 +151,7 @@ const INVALID_SIGNATURE: &str = "invalid_signature";
 enum Answer {
     /// Answered, and what the request came to.
     Ok(StatusCode, Value, IngestOutcome),
-    /// Over the source's rate: nothing was verified or stored.
+    /// Over the source's rate: verified, but nothing was stored.
     Limited(Limited),
 }
 
@@ -173,10 +173,6 @@ async fn receive_from(
             format!("the request body could not be read: {}", e.body_text()),
         )
     })?;
-    // Before the signature is hashed: a flood to one source costs a lookup each, no more.
-    if let Err(limited) = state.ingest_limits.check_source(source.id.as_str()) {
-        return Ok(Answer::Limited(limited));
-    }
     let now = crate::now();
     let verified = if body.len() <= VERIFY_INLINE_MAX_BYTES {
         read(&source, headers, &body, now.timestamp())?
@@ -204,6 +200,12 @@ async fn receive_from(
             return Ok(Answer::Ok(StatusCode::OK, answer, IngestOutcome::Challenge));
         }
     };
+    // Only deliveries that verified spend the source's budget: requests with a wrong
+    // signature, however many, cannot get the provider's own deliveries refused. What they
+    // cost (a hash of a bounded body) is bounded per client address, before any of this.
+    if let Err(limited) = state.ingest_limits.check_source(source.id.as_str()) {
+        return Ok(Answer::Limited(limited));
+    }
 
     let app = state
         .store

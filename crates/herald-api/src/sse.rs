@@ -103,11 +103,20 @@ pub async fn stream(
     let mut channels: Vec<String> = Vec::new();
     for channel in listed.split(',').filter(|c| !c.is_empty()) {
         pusher::validate_channel_name(channel).map_err(|e| fail(StatusCode::BAD_REQUEST, e))?;
-        if ChannelKind::of(channel) == ChannelKind::Presence {
-            return Err(fail(
-                StatusCode::BAD_REQUEST,
-                format!("{channel}: presence channels need a WebSocket connection"),
-            ));
+        match ChannelKind::of(channel) {
+            ChannelKind::Presence => {
+                return Err(fail(
+                    StatusCode::BAD_REQUEST,
+                    format!("{channel}: presence channels need a WebSocket connection"),
+                ));
+            }
+            ChannelKind::User => {
+                return Err(fail(
+                    StatusCode::BAD_REQUEST,
+                    format!("{channel}: a user's channel needs a signed-in WebSocket connection"),
+                ));
+            }
+            _ => {}
         }
         if !channels.iter().any(|c| c == channel) {
             channels.push(channel.to_owned());

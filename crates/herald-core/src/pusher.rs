@@ -27,11 +27,16 @@ pub enum ChannelKind {
     PrivateEncrypted,
     /// `presence-`: signature over `socket_id:channel:channel_data`, with a member list.
     Presence,
+    /// `#server-to-user-<id>`: a signed-in user's own channel, which only that user's
+    /// WebSocket connections (after `pusher:signin`) may subscribe to.
+    User,
 }
 
 impl ChannelKind {
     pub fn of(channel: &str) -> Self {
-        if channel.starts_with("private-encrypted-") {
+        if channel.starts_with(crate::validate::USER_CHANNEL_PREFIX) {
+            Self::User
+        } else if channel.starts_with("private-encrypted-") {
             Self::PrivateEncrypted
         } else if channel.starts_with("private-") {
             Self::Private
@@ -403,6 +408,8 @@ mod tests {
         assert!(ChannelKind::Presence.allows_client_events());
         assert!(!ChannelKind::PrivateEncrypted.allows_client_events());
         assert!(!ChannelKind::Public.needs_auth());
+        assert_eq!(ChannelKind::of("#server-to-user-u1"), ChannelKind::User);
+        assert!(ChannelKind::User.needs_auth() && !ChannelKind::User.allows_client_events());
     }
 
     #[test]
@@ -410,7 +417,8 @@ mod tests {
         assert!(validate_channel_name("private-order-42;x=1@a,b.c").is_ok());
         assert!(validate_channel_name("").is_err());
         assert!(validate_channel_name("has space").is_err());
-        assert!(validate_channel_name("#server-to-user-1").is_err());
+        assert!(validate_channel_name("#server-to-user-1").is_ok());
+        assert!(validate_channel_name("#server-1").is_err());
         assert!(validate_channel_name(&"a".repeat(165)).is_err());
         assert!(validate_channel_name(&"a".repeat(164)).is_ok());
         assert_eq!(

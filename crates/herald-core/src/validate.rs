@@ -38,17 +38,21 @@ pub fn event_type_name(value: &str) -> Result<(), &'static str> {
 pub const MAX_CHANNEL_NAME: usize = 164;
 
 /// What [`channel`] answers for any name it refuses.
-pub const CHANNEL_RULE: &str =
-    "a channel name must be 1 to 164 characters of letters, digits and _ - = @ , . ;";
+pub const CHANNEL_RULE: &str = "a channel name must be 1 to 164 characters of letters, digits and _ - = @ , . ; (or #server-to-user- and a user id of those)";
+
+/// The prefix of a signed-in user's own channel, Pusher's: `#server-to-user-<user id>`. What
+/// the server sends there (the server SDKs' `sendToUser`) reaches that user's connections.
+pub const USER_CHANNEL_PREFIX: &str = "#server-to-user-";
 
 /// The one channel-name rule, Pusher's: 1 to [`MAX_CHANNEL_NAME`] characters of
-/// `[A-Za-z0-9_\-=@,.;]`. Every channel a name can arrive by (a message's `channels`, an
-/// endpoint's `channels` filter, a source's default channel and rendered templates, a
-/// WebSocket or SSE subscription, the Pusher HTTP API) is checked here, so a name accepted
-/// anywhere can be subscribed to (`#`, kept for Pusher's `#server-to-user-`, and `:` are not
-/// in the set).
+/// `[A-Za-z0-9_\-=@,.;]`, or [`USER_CHANNEL_PREFIX`] and a user id of those. Every channel a
+/// name can arrive by (a message's `channels`, an endpoint's `channels` filter, a source's
+/// default channel and rendered templates, a WebSocket or SSE subscription, the Pusher HTTP
+/// API) is checked here, so a name accepted anywhere can be subscribed to (`#` only in the
+/// user channels' prefix; `:` never).
 pub fn channel(value: &str) -> Result<(), &'static str> {
-    if id_like(value, MAX_CHANNEL_NAME, &['=', '@', ',', ';']) {
+    let name = value.strip_prefix(USER_CHANNEL_PREFIX).unwrap_or(value);
+    if value.len() <= MAX_CHANNEL_NAME && id_like(name, MAX_CHANNEL_NAME, &['=', '@', ',', ';']) {
         Ok(())
     } else {
         Err(CHANNEL_RULE)
@@ -95,12 +99,30 @@ mod tests {
     fn channel_names_follow_pushers_rule() {
         assert_eq!(channel("private-order-42;x=1@a,b.c_D"), Ok(()));
         assert_eq!(channel(&"a".repeat(MAX_CHANNEL_NAME)), Ok(()));
+        assert_eq!(channel("#server-to-user-u1@example.com"), Ok(()));
+        assert_eq!(
+            channel(&format!(
+                "#server-to-user-{}",
+                "u".repeat(MAX_CHANNEL_NAME - 16)
+            )),
+            Ok(())
+        );
+        assert_eq!(
+            channel(&format!(
+                "#server-to-user-{}",
+                "u".repeat(MAX_CHANNEL_NAME - 15)
+            )),
+            Err(CHANNEL_RULE),
+            "the prefix counts in the length"
+        );
         for refused in [
             "",
             "a:b",
             "private-order:42",
             "has space",
-            "#server-to-user-1",
+            "#server-to-user-",
+            "#server-to-user-a#b",
+            "#other-1",
             "caf\u{e9}",
             "a/b",
             "a*",

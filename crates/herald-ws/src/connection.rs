@@ -312,6 +312,8 @@ async fn serve(
     let closed = closing.cancelled();
     let mut last_heard = Instant::now();
     let mut pinged = false;
+    // The client closed: its close frame is answered once the stream is read again.
+    let mut client_closed = false;
     let idle = tokio::time::sleep_until(last_heard + config.activity_timeout);
     tokio::pin!(shutdown, closed, idle);
     let close = loop {
@@ -357,7 +359,10 @@ async fn serve(
                         "binary frames are not supported; send JSON text",
                         None,
                     )),
-                    Message::Close(_) => break None,
+                    Message::Close(_) => {
+                        client_closed = true;
+                        break None;
+                    }
                     // Pings are answered by the WebSocket layer; both count as activity.
                     Message::Ping(_) | Message::Pong(_) => {}
                 }
@@ -383,20 +388,23 @@ async fn serve(
     };
     session.leave_all();
     // Boxed, as a message's handling is: only a closing connection needs it.
-    Box::pin(end(close, end_writer, writer, stream)).await;
+    Box::pin(end(close, end_writer, writer, stream, client_closed)).await;
 }
 
 /// Hands the writer the connection's end and waits for it; once a close frame went out, waits
-/// a moment for the client's close.
+/// a moment for the client's close. A client that closed first gets its close frame answered:
+/// the transport queues the reply and sends it at the next read, so the stream is read until it
+/// ends (without that, the client saw the connection drop, 1006, not its own close).
 async fn end(
     close: Ending,
     end_writer: oneshot::Sender<Ending>,
     writer: JoinHandle<bool>,
     mut stream: Stream,
+    client_closed: bool,
 ) {
     // The writer may have stopped meanwhile (the client gone); then there is no one to tell.
     let _ = end_writer.send(close);
-    if matches!(writer.await, Ok(true)) {
+    if matches!(writer.await, Ok(true)) || client_closed {
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
             while let Some(Ok(_)) = stream.next().await {}
         })

@@ -303,7 +303,21 @@ impl<B: Backend> Session<B> {
         let channel_data = (kind == ChannelKind::Presence)
             .then_some(request.channel_data.as_deref())
             .flatten();
-        if kind.needs_auth() {
+        if kind == ChannelKind::User {
+            // The user's own channel needs no signature: `pusher:signin` proved who it is
+            // (pusher-js subscribes to it, with an empty auth, right after signing in).
+            let own = channel
+                .strip_prefix(herald_core::validate::USER_CHANNEL_PREFIX)
+                .is_some_and(|user| self.user_id.as_deref() == Some(user));
+            if !own {
+                self.outbox.send(refuse(
+                    "AuthError",
+                    format!("{channel} is a user's own channel: sign in as that user (pusher:signin) to subscribe"),
+                    403,
+                ));
+                return;
+            }
+        } else if kind.needs_auth() {
             let Some(auth) = request.auth.as_deref() else {
                 self.outbox.send(refuse(
                     "AuthError",

@@ -119,6 +119,21 @@ pub enum Encoding {
     Base64,
 }
 
+/// What [`VerifyError::Stale`] says: how old the timestamp is, or how far ahead (a sender
+/// whose clock runs ahead of the server's).
+fn stale_message(age: i64, tolerance: i64) -> String {
+    if age < 0 {
+        format!(
+            "timestamp is {} s in the future by the server's clock; at most {tolerance} s is accepted (check the sender's clock)",
+            age.unsigned_abs()
+        )
+    } else {
+        format!(
+            "timestamp is {age} s old by the server's clock; at most {tolerance} s is accepted (stale or replayed request)"
+        )
+    }
+}
+
 /// Why a request was refused; the message names what failed, never a secret.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum VerifyError {
@@ -126,9 +141,7 @@ pub enum VerifyError {
     MissingHeader(String),
     #[error("malformed {header} header: {reason}")]
     Malformed { header: String, reason: String },
-    #[error(
-        "timestamp is {age} s from the server's time; at most {tolerance} s is accepted (stale or replayed request)"
-    )]
+    #[error("{}", stale_message(*age, *tolerance))]
     Stale { age: i64, tolerance: i64 },
     #[error("signature does not match the body with any of the source's {secrets} secret(s)")]
     NoMatch { secrets: usize },
@@ -326,14 +339,22 @@ pub fn delivery_id(
         SourceKind::HmacSha256 => trusted.and_then(|t| t.id_header).and_then(from_header),
         SourceKind::Github | SourceKind::Shopify => None,
     };
-    id.filter(|id| !id.is_empty() && id.len() <= 256)
-        .unwrap_or_else(|| {
-            let hash = hex::encode(Sha256::digest(request.body));
-            match trusted {
-                Some(t) => format!("sha256:{hash}:{}", t.event_type),
-                None => format!("sha256:{hash}"),
-            }
-        })
+    // An id longer than the key's column is stored by its hash: two deliveries with long ids
+    // and one body are still two.
+    let id = id.filter(|id| !id.is_empty()).map(|id| {
+        if id.len() <= 256 {
+            id
+        } else {
+            format!("id-sha256:{}", hex::encode(Sha256::digest(id.as_bytes())))
+        }
+    });
+    id.unwrap_or_else(|| {
+        let hash = hex::encode(Sha256::digest(request.body));
+        match trusted {
+            Some(t) => format!("sha256:{hash}:{}", t.event_type),
+            None => format!("sha256:{hash}"),
+        }
+    })
 }
 
 /// What a source that trusts unsigned headers read from them, for [`delivery_id`].

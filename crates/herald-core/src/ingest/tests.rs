@@ -302,6 +302,30 @@ fn delivery_ids_come_from_signed_content_only() {
         delivery_id(SourceKind::StandardWebhooks, &svix_request, None, None),
         "msg_signed_by_svix"
     );
+    // Ids longer than the key's column are kept by their hash: two long ids, one body, two
+    // deliveries.
+    let (long_a, long_b) = ("a".repeat(300), "b".repeat(300));
+    let long_id = |id: &str| {
+        let headers = |name: &str| match name {
+            "webhook-id" => Some(id),
+            "webhook-signature" => Some("v1,AAAA"),
+            _ => None,
+        };
+        let request = Request {
+            header: &headers,
+            body: BODY,
+        };
+        delivery_id(SourceKind::StandardWebhooks, &request, None, None)
+    };
+    let (first, second) = (long_id(&long_a), long_id(&long_b));
+    assert_ne!(first, second, "two long ids are two deliveries");
+    assert_eq!(
+        first,
+        format!(
+            "id-sha256:{}",
+            hex::encode(Sha256::digest(long_a.as_bytes()))
+        )
+    );
     let body_hash = format!("sha256:{}", hex::encode(Sha256::digest(BODY)));
     for kind in [
         SourceKind::Github,

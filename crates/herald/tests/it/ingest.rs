@@ -974,7 +974,7 @@ async fn requests_beyond_the_rate_per_address_or_per_source_get_429_with_retry_a
     assert_eq!(events["data"].as_array().map(Vec::len), Some(3), "{events}");
     server.stop().await;
 
-    // Per source: each source has its own burst of 2.
+    // Per source: each source has its own burst of 2, of verified deliveries.
     let server = TestServer::start_with(|c| {
         c.ingest.requests_per_second_per_ip = 0;
         c.ingest.requests_per_second_per_source = 1;
@@ -994,6 +994,13 @@ async fn requests_beyond_the_rate_per_address_or_per_source_get_429_with_retry_a
         json!({"kind": "stripe", "secrets": [secret]}),
     )
     .await;
+    // Requests with a wrong signature, however many, spend nothing of the source's budget:
+    // they cannot get the provider's own deliveries refused.
+    for i in 0..5 {
+        let (status, _, body) =
+            post_stripe(&server, &busy, "whsec_forged", event(100 + i).as_bytes()).await;
+        assert_eq!(status, 401, "{body}");
+    }
     for i in 0..2 {
         let (status, _, body) = post_stripe(&server, &busy, secret, event(i).as_bytes()).await;
         assert_eq!(status, 200, "{body}");

@@ -47,6 +47,40 @@ async fn handshake_ping_and_unknown_app() {
     server.stop().await;
 }
 
+/// A client that closes gets its close frame answered with its own code, as RFC 6455 asks: a
+/// browser reports that close (`wasClean`), not a dropped connection (1006).
+#[tokio::test]
+async fn a_client_that_closes_gets_its_close_frame_answered() {
+    let server = TestServer::start().await;
+    let (_, creds) = pusher_app(&server, "ws-close-reply").await;
+    let mut client = Client::connect(&server, &creds.key).await;
+    client.subscribe("news", None, None).await;
+    client
+        .socket
+        .send(Message::Close(Some(
+            tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                code: CloseCode::Normal,
+                reason: "bye".into(),
+            },
+        )))
+        .await
+        .expect("close sent");
+    let reply = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match client.socket.next().await {
+                Some(Ok(Message::Close(frame))) => break Some(frame),
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => break None,
+            }
+        }
+    })
+    .await
+    .expect("answered in time");
+    let frame = reply.expect("a close frame back, not a dropped connection");
+    assert_eq!(frame.map(|f| f.code), Some(CloseCode::Normal));
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn public_channel_receives_triggered_events_except_the_excluded_socket() {
     let server = TestServer::start().await;
@@ -571,12 +605,9 @@ async fn a_client_that_never_reads_again_is_dropped_without_waiting_for_it() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn terminate_connections_closes_a_signed_in_users_sockets() {
-    let server = TestServer::start().await;
-    let (_, creds) = pusher_app(&server, "ws-terminate").await;
-    let mut client = Client::connect(&server, &creds.key).await;
-    let user_data = r#"{"id":"u-9"}"#;
+/// Signs `client` in as `user_id` (`pusher:signin`, signed with the app's secret).
+async fn sign_in(client: &mut Client, creds: &Creds, user_id: &str) {
+    let user_data = json!({"id": user_id}).to_string();
     let auth = format!(
         "{}:{}",
         creds.key,
@@ -589,6 +620,55 @@ async fn terminate_connections_closes_a_signed_in_users_sockets() {
         .send(json!({"event": "pusher:signin", "data": {"auth": auth, "user_data": user_data}}))
         .await;
     assert_eq!(client.next().await["event"], "pusher:signin_success");
+}
+
+/// A signed-in user's own channel, `#server-to-user-<id>`: pusher-js subscribes to it with an
+/// empty auth right after `pusher:signin`, and what the server SDKs' `sendToUser` triggers there
+/// reaches that user's connections. Nobody else may subscribe to it.
+#[tokio::test]
+async fn a_signed_in_user_subscribes_to_its_own_channel_and_receives_what_is_sent_to_it() {
+    let server = TestServer::start().await;
+    let (_, creds) = pusher_app(&server, "ws-user-channel").await;
+    let mut client = Client::connect(&server, &creds.key).await;
+    let mut other = Client::connect(&server, &creds.key).await;
+    let own = "#server-to-user-u-7";
+    let refused = other.subscribe(own, Some(String::new()), None).await;
+    assert_eq!(refused["event"], "pusher:subscription_error", "{refused}");
+    assert_eq!(refused["data"]["status"], 403, "not signed in: {refused}");
+
+    sign_in(&mut client, &creds, "u-7").await;
+    let ok = client.subscribe(own, Some(String::new()), None).await;
+    assert_eq!(
+        ok["event"], "pusher_internal:subscription_succeeded",
+        "{ok}"
+    );
+    let someone_else = client
+        .subscribe("#server-to-user-u-8", Some(String::new()), None)
+        .await;
+    assert_eq!(
+        someone_else["data"]["status"], 403,
+        "another user's channel: {someone_else}"
+    );
+
+    let (status, body) = trigger(
+        &server,
+        &creds,
+        json!({"name": "order-shipped", "channel": own, "data": "{\"id\":1}"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let event = client.next().await;
+    assert_eq!(event["event"], "order-shipped", "{event}");
+    assert_eq!(event["channel"], own, "{event}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn terminate_connections_closes_a_signed_in_users_sockets() {
+    let server = TestServer::start().await;
+    let (_, creds) = pusher_app(&server, "ws-terminate").await;
+    let mut client = Client::connect(&server, &creds.key).await;
+    sign_in(&mut client, &creds, "u-9").await;
     let path = format!("/apps/{}/users/u-9/terminate_connections", creds.id);
     let (status, _) = pusher_api(&server, &creds, "POST", &path, &[], Some(json!({}))).await;
     assert_eq!(status, 200);
