@@ -165,11 +165,19 @@ def main() -> None:
     check(stats.success == 10 and stats.fail == 0, f"endpoint stats count 10 successes ({stats})")
 
     attempts = svix.message_attempt.list_by_endpoint(
-        app.id, endpoint.id, MessageAttemptListByEndpointOptions(limit=5)
+        app.id, endpoint.id, MessageAttemptListByEndpointOptions(limit=5, with_content=True)
     )
     check(len(attempts.data) == 5 and not attempts.done, "attempts paginate (limit 5 of 10)")
     check(all(a.response_status_code == 200 for a in attempts.data), "attempts record status 200")
     check(all(a.response == "ok" for a in attempts.data), "attempts record the response body")
+    # The SDK asks for no content by default (with_content=false): the bodies are left out.
+    bare = svix.message_attempt.list_by_endpoint(
+        app.id, endpoint.id, MessageAttemptListByEndpointOptions(limit=5)
+    )
+    check(
+        len(bare.data) == 5 and all(a.response == "" for a in bare.data),
+        "attempts listed without content leave the response body out (the SDK's default)",
+    )
     by_msg = svix.message_attempt.list_by_msg(app.id, sent[0])
     check(len(by_msg.data) == 1 and by_msg.data[0].endpoint_id == endpoint.id, "attempts by message")
 

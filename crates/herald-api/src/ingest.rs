@@ -102,7 +102,7 @@ pub async fn receive(
             Ok(Answer::Limited(limited)) => (
                 IngestOutcome::RateLimited,
                 StatusCode::TOO_MANY_REQUESTS,
-                "over the source's request rate: not verified".to_owned(),
+                "over the source's rate of verified deliveries: verified, not stored".to_owned(),
                 limited.into_response(),
             ),
             Ok(Answer::Ok(status, answer, outcome)) => {
@@ -181,9 +181,8 @@ async fn receive_from(
         // sender's large requests cannot stall every other connection.
         let _slot = state
             .large_verifications
-            .acquire()
-            .await
-            .map_err(ApiError::internal)?;
+            .acquire(source.id.as_str())
+            .await?;
         let (source, headers, body) = (source.clone(), headers.clone(), body.clone());
         tokio::task::spawn_blocking(move || read(&source, &headers, &body, now.timestamp()))
             .await
@@ -412,5 +411,141 @@ mod tests {
             payload_of(b"token=abc&x=1"),
             serde_json::json!({"data": "token=abc&x=1"})
         );
+    }
+}
+
+/// The blocking pool's slots for verifying large inbound bodies: one per core, and at most half
+/// of them (at least one) for any one source, so requests to one source's URL (forged ones
+/// included: they are hashed before anything else can tell them apart) cannot hold every
+/// other source's large deliveries back. A request waits at most [`LARGE_VERIFY_PATIENCE`] for
+/// a slot.
+pub struct LargeVerifications {
+    slots: tokio::sync::Semaphore,
+    per_source_max: usize,
+    per_source: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+}
+
+/// How long a large body waits for a slot to be verified in before it is refused (503).
+pub const LARGE_VERIFY_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// One source's slot, given back when dropped.
+pub struct LargeSlot<'a> {
+    _permit: tokio::sync::SemaphorePermit<'a>,
+    _counted: Counted<'a>,
+}
+
+impl LargeVerifications {
+    pub fn new(slots: usize) -> Self {
+        let slots = slots.max(1);
+        Self {
+            slots: tokio::sync::Semaphore::new(slots),
+            per_source_max: (slots / 2).max(1),
+            per_source: std::sync::Mutex::default(),
+        }
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, usize>> {
+        // A map of counts whose updates cannot panic halfway: recover from poisoning.
+        self.per_source.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A slot to verify one large body of `source` in: 429 while the source holds its share
+    /// already, 503 if no slot frees within [`LARGE_VERIFY_PATIENCE`].
+    pub async fn acquire(&self, source: &str) -> ApiResult<LargeSlot<'_>> {
+        {
+            let mut held = self.held();
+            let count = held.entry(source.to_owned()).or_insert(0);
+            if *count >= self.per_source_max {
+                return Err(ApiError::RateLimited {
+                    detail: format!(
+                        "this source has {} large requests being verified already; retry shortly",
+                        self.per_source_max
+                    ),
+                    retry_after_secs: 1,
+                });
+            }
+            *count += 1;
+        }
+        // Counted from here on: the guard gives the count back whatever happens next.
+        let counted = Counted {
+            owner: self,
+            source: source.to_owned(),
+        };
+        let permit = match tokio::time::timeout(LARGE_VERIFY_PATIENCE, self.slots.acquire()).await {
+            Ok(Ok(permit)) => permit,
+            Ok(Err(closed)) => return Err(ApiError::internal(closed)),
+            Err(_) => {
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "verification_busy",
+                    "every slot for verifying large requests stayed busy; retry shortly",
+                ));
+            }
+        };
+        Ok(LargeSlot {
+            _permit: permit,
+            _counted: counted,
+        })
+    }
+
+    fn give_back(&self, source: &str) {
+        let mut held = self.held();
+        if let Some(count) = held.get_mut(source) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                held.remove(source);
+            }
+        }
+    }
+}
+
+/// A source's count of large verifications, given back when dropped (by its slot, or by a
+/// wait for a slot that ended early).
+struct Counted<'a> {
+    owner: &'a LargeVerifications,
+    source: String,
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.owner.give_back(&self.source);
+    }
+}
+
+#[cfg(test)]
+mod large_verification_tests {
+    use super::*;
+
+    /// One source takes at most half of the slots; others still get theirs; a wait for a
+    /// slot ends with 503 after its patience; a slot given back is taken again.
+    #[tokio::test(start_paused = true)]
+    async fn one_source_takes_at_most_half_the_large_verification_slots() {
+        let slots = LargeVerifications::new(4);
+        let first = slots.acquire("src_a").await.expect("a slot");
+        let second = slots.acquire("src_a").await.expect("a second slot");
+        let refused = slots
+            .acquire("src_a")
+            .await
+            .err()
+            .expect("a third is over the source's share");
+        assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+        let _b1 = slots.acquire("src_b").await.expect("another source's slot");
+        let _b2 = slots.acquire("src_b").await.expect("and its second");
+        // Every slot is taken: a third source waits, then is refused.
+        let busy = slots
+            .acquire("src_c")
+            .await
+            .err()
+            .expect("no slot freed within the patience");
+        assert_eq!(busy.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(busy.code(), "verification_busy");
+        assert!(
+            !slots.held().contains_key("src_c"),
+            "a wait that ended gives its count back"
+        );
+        drop(first);
+        let _c = slots.acquire("src_c").await.expect("a freed slot");
+        drop(second);
+        let _a = slots.acquire("src_a").await.expect("src_a has room again");
     }
 }

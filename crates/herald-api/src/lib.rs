@@ -56,9 +56,10 @@ pub struct ApiState {
     pub presence: Arc<dyn PresenceManager>,
     /// Digest of the operator's admin token, if one is configured.
     pub admin_token_hash: Option<TokenHash>,
-    /// Large inbound webhooks verified at once on the blocking pool, at most one per core, so
-    /// a flood of them queues instead of crowding out everything else.
-    pub large_verifications: Arc<tokio::sync::Semaphore>,
+    /// Large inbound webhooks verified at once on the blocking pool, at most one per core and
+    /// half of them for one source, so a flood of them queues (for a while) instead of crowding
+    /// out everything else.
+    pub large_verifications: Arc<ingest::LargeVerifications>,
     /// Live tails (`GET /api/v1/app/{app_id}/tail`) being served, at most
     /// 64 on the node, 8 of them one app's (`v1/tail.rs`).
     pub tails: Arc<v1::Tails>,
@@ -139,7 +140,7 @@ impl ApiState {
             publisher,
             presence,
             admin_token_hash,
-            large_verifications: Arc::new(tokio::sync::Semaphore::new(
+            large_verifications: Arc::new(ingest::LargeVerifications::new(
                 std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
             )),
             tails: Arc::default(),

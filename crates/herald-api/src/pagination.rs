@@ -63,6 +63,31 @@ pub fn page(query: &QueryParams, descending: bool) -> ApiResult<Page> {
     })
 }
 
+/// What the iterators of lists keyed by a name start with: names (channels, user ids, event
+/// types) may begin with `-`, which a bare iterator would read as a walk back.
+pub const NAME_CURSOR: char = '.';
+
+/// The iterator of a page `name` ends on (see [`NAME_CURSOR`]).
+pub fn name_cursor(name: &str) -> String {
+    format!("{NAME_CURSOR}{name}")
+}
+
+/// The name a list keyed by names resumes after: the page's iterator without its
+/// [`NAME_CURSOR`] (422 for an iterator this list did not give).
+pub fn resumed_name(page: &Page) -> ApiResult<Option<&str>> {
+    page.iterator
+        .as_deref()
+        .map(|iterator| {
+            iterator.strip_prefix(NAME_CURSOR).ok_or_else(|| {
+                crate::error::ApiError::invalid(
+                    &["query", "iterator"],
+                    "not an iterator of this list (pass a page's `iterator` or `prevIterator` as it is)",
+                )
+            })
+        })
+        .transpose()
+}
+
 /// Whether a list is read newest first: Svix's `order` (`ascending` or `descending`; anything
 /// else is a 422, never read as the default), or `descending_by_default` when it is left out.
 pub fn descending(query: &QueryParams, descending_by_default: bool) -> ApiResult<bool> {

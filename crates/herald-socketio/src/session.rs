@@ -687,14 +687,18 @@ impl Session {
             Relay::Everyone => (vec![namespace], None),
             Relay::Others => (vec![namespace], Some(self.id.clone())),
             Relay::Rooms => {
-                // Not into end-to-end encrypted rooms: their subscribers expect ciphertext
-                // (Pusher allows no client events there either).
+                // Not into end-to-end encrypted rooms: their subscribers expect ciphertext;
+                // nor into users' channels, whose subscribers take what arrives as the
+                // server's (Pusher allows no client events in either).
                 let rooms: Vec<String> = self
                     .rooms
                     .keys()
                     .filter(|room| {
                         **room != namespace
-                            && ChannelKind::of(room) != ChannelKind::PrivateEncrypted
+                            && !matches!(
+                                ChannelKind::of(room),
+                                ChannelKind::PrivateEncrypted | ChannelKind::User
+                            )
                     })
                     .cloned()
                     .collect();

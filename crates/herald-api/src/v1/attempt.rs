@@ -116,11 +116,50 @@ fn status_param(query: &QueryParams) -> ApiResult<Option<DeliveryStatus>> {
     }
 }
 
-fn attempt_query(query: &QueryParams) -> ApiResult<AttemptQuery> {
-    Ok(AttemptQuery {
-        status: status_param(query)?,
-        endpoint_id: query.str("endpoint_id").map(str::to_owned),
-    })
+/// Svix's attempt-list filters that Herald does not apply: asked for, they are refused (422)
+/// rather than ignored, which would answer every attempt as if it matched.
+const UNSUPPORTED_FILTERS: &[&str] = &[
+    "before",
+    "after",
+    "channel",
+    "tag",
+    "event_types",
+    "status_code_class",
+    "with_msg",
+];
+
+/// The list's filters (`endpoint_id` is read by the list that takes it), and whether the
+/// attempts come with their response bodies (`with_content`, true unless `false`).
+fn attempt_query(query: &QueryParams) -> ApiResult<(AttemptQuery, bool)> {
+    if let Some(name) = UNSUPPORTED_FILTERS
+        .iter()
+        .find(|name| query.str(name).is_some())
+    {
+        return Err(ApiError::invalid(
+            &["query", name],
+            format!(
+                "Herald does not filter attempts by {name}; the filters are status and, by message, endpoint_id"
+            ),
+        ));
+    }
+    Ok((
+        AttemptQuery {
+            status: status_param(query)?,
+            endpoint_id: None,
+        },
+        query.bool("with_content", true)?,
+    ))
+}
+
+/// The attempt as a list shows it: without its response body when `with_content` is false.
+fn listed(with_content: bool) -> impl Fn(herald_core::model::Attempt) -> MessageAttemptOut {
+    move |record| {
+        let mut out = MessageAttemptOut::from(record);
+        if !with_content {
+            out.response = String::new();
+        }
+        out
+    }
 }
 
 /// `messageAttempt.get`: one attempt of the message, in the shape of the lists' items.
@@ -266,8 +305,7 @@ pub async fn list_by_endpoint(
         .await?
         .ok_or_else(|| ApiError::not_found("endpoint"))?;
     let page = pagination::page(&query, true)?;
-    let mut filter = attempt_query(&query)?;
-    filter.endpoint_id = None;
+    let (filter, with_content) = attempt_query(&query)?;
     let rows = state
         .store
         .list_attempts(
@@ -281,14 +319,15 @@ pub async fn list_by_endpoint(
         rows,
         &page,
         |a| a.id.to_string(),
-        MessageAttemptOut::from,
+        listed(with_content),
     )))
 }
 
 /// `messageAttempt.listByMsg`: the attempts made for the message, newest first.
 #[utoipa::path(get, path = "/api/v1/app/{app_id}/attempt/msg/{msg_id}", tag = "Message Attempt",
     params(("app_id" = String, Path, description = "The app's id or uid"), ("msg_id" = String, Path, description = "The message's id or eventId"), crate::pagination::ListParams, ("status" = Option<u8>, Query, description = "Only this status: 0 success, 1 pending, 2 fail, 3 sending", maximum = 3),
-        ("endpoint_id" = Option<String>, Query, description = "Only attempts made to this endpoint (its id)")),
+        ("endpoint_id" = Option<String>, Query, description = "Only attempts made to this endpoint (its id or uid)"),
+        ("with_content" = Option<bool>, Query, description = "Whether each attempt carries its response body (true by default)")),
     responses((status = 200, body = ListResponse<MessageAttemptOut>)))]
 pub async fn list_by_msg(
     State(state): State<Arc<ApiState>>,
@@ -303,7 +342,16 @@ pub async fn list_by_msg(
         .await?
         .ok_or_else(|| ApiError::not_found("message"))?;
     let page = pagination::page(&query, true)?;
-    let filter = attempt_query(&query)?;
+    let (mut filter, with_content) = attempt_query(&query)?;
+    // An endpoint's id or uid, as everywhere an endpoint is named.
+    if let Some(endpoint) = query.str("endpoint_id") {
+        let endpoint = state
+            .store
+            .get_endpoint(&app.id, endpoint)
+            .await?
+            .ok_or_else(|| ApiError::not_found("endpoint"))?;
+        filter.endpoint_id = Some(endpoint.id.to_string());
+    }
     let rows = state
         .store
         .list_attempts(&app.id, &AttemptScope::Message(msg.id), &filter, &page)
@@ -312,7 +360,7 @@ pub async fn list_by_msg(
         rows,
         &page,
         |a| a.id.to_string(),
-        MessageAttemptOut::from,
+        listed(with_content),
     )))
 }
 

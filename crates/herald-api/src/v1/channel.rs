@@ -54,7 +54,7 @@ fn unavailable(e: PresenceError) -> ApiError {
 }
 
 /// One page of `items` (in name order, as `name` reads it), as Svix pages its lists: the
-/// iterator is [`CURSOR`] and the name of a page's last item, a `prevIterator` (`-`, then the
+/// iterator is [`pagination::NAME_CURSOR`] and the name of a page's last item, a `prevIterator` (`-`, then the
 /// same of its first) walks back. The mark keeps a name that starts with `-` (channel names and
 /// user ids may) from reading as a walk back. Channels and members are read whole from the
 /// hub or the presence record; the page bounds the answer, not the read.
@@ -63,15 +63,7 @@ fn page_by_name<T: Serialize>(
     name: impl Fn(&T) -> &str,
     page: &Page,
 ) -> ApiResult<ListResponse<T>> {
-    let after = match page.iterator.as_deref() {
-        None => None,
-        Some(iterator) => Some(iterator.strip_prefix(CURSOR).ok_or_else(|| {
-            ApiError::invalid(
-                &["query", "iterator"],
-                "not an iterator of this list (pass a page's `iterator` or `prevIterator` as it is)",
-            )
-        })?),
-    };
+    let after = pagination::resumed_name(page)?;
     if page.descending {
         items.reverse();
     }
@@ -89,13 +81,10 @@ fn page_by_name<T: Serialize>(
     Ok(pagination::list(
         rows,
         page,
-        |item| format!("{CURSOR}{}", name(item)),
+        |item| pagination::name_cursor(name(item)),
         |item| item,
     ))
 }
-
-/// What a channel or member list's iterators start with (see [`page_by_name`]).
-const CURSOR: char = '.';
 
 /// Occupied channels in name order; `prefix` narrows them (`presence-`). Paged as every
 /// list is (`limit`, 50 by default, at most 250; `iterator`).

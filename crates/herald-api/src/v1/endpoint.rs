@@ -31,6 +31,9 @@ use crate::{
 /// dropping a delivery; `gracePeriodSeconds` may choose up to a week.
 const ROTATION_GRACE_SECS: i64 = 24 * 3600;
 const MAX_ROTATION_GRACE_SECS: i64 = 7 * 24 * 3600;
+/// Earlier secrets that may still sign an endpoint's deliveries at once (each adds a
+/// signature to every delivery's `webhook-signature` header).
+const MAX_PREVIOUS_SECRETS: usize = 5;
 const MAX_CHANNELS: usize = 10;
 /// Headers Herald sets itself; an endpoint may not override them.
 const RESERVED_HEADERS: &[&str] = &[
@@ -558,6 +561,17 @@ pub async fn rotate_secret(
     endpoint
         .previous_secrets
         .retain(|(_, expires)| *expires > cluster_now);
+    // Every live secret signs every delivery: without a bound, repeated rotations would grow
+    // the signature header past what receivers' servers accept.
+    if grace > 0 && endpoint.previous_secrets.len() >= MAX_PREVIOUS_SECRETS {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "limit_reached",
+            format!(
+                "the endpoint has {MAX_PREVIOUS_SECRETS} earlier secrets still signing; wait for one to expire, or rotate with gracePeriodSeconds 0"
+            ),
+        ));
+    }
     if grace > 0 {
         endpoint
             .previous_secrets

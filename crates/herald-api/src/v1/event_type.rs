@@ -148,8 +148,11 @@ pub async fn list(
     _caller: Caller,
     query: QueryParams,
 ) -> ApiResult<Json<ListResponse<EventTypeOut>>> {
-    let page = pagination::page(&query, false)?;
+    let mut page = pagination::page(&query, false)?;
     let include_archived = query.bool("include_archived", false)?;
+    // Iterators are marked names: an event type may begin with `-`, which a bare iterator
+    // would read as a walk back.
+    page.iterator = pagination::resumed_name(&page)?.map(str::to_owned);
     let rows = state
         .store
         .list_event_types(&page, include_archived)
@@ -157,7 +160,7 @@ pub async fn list(
     Ok(Json(pagination::list(
         rows,
         &page,
-        |e| e.name.clone(),
+        |e| pagination::name_cursor(&e.name),
         EventTypeOut::from,
     )))
 }

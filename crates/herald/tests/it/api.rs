@@ -1052,6 +1052,89 @@ async fn get_ok(server: &TestServer, path: &str) -> Value {
     body
 }
 
+/// Event types whose names begin with `-` page forward and back like any other (an iterator
+/// is a marked name, never read as a walk back); an unmarked iterator is a 422.
+#[tokio::test]
+async fn event_types_page_through_names_that_begin_with_a_dash() {
+    let server = TestServer::start().await;
+    for name in ["-internal", "-other", "invoice.paid"] {
+        let (status, body) = server
+            .call(
+                Method::POST,
+                "/api/v1/event-type",
+                Some(json!({"name": name, "description": name})),
+            )
+            .await;
+        assert_eq!(status, 201, "{name}: {body}");
+    }
+    let mut seen = Vec::new();
+    let mut iterator: Option<String> = None;
+    let mut last = Value::Null;
+    for _ in 0..4 {
+        let path = match &iterator {
+            None => "/api/v1/event-type?limit=1".to_owned(),
+            Some(it) => format!("/api/v1/event-type?limit=1&iterator={it}"),
+        };
+        last = get_ok(&server, &path).await;
+        seen.extend(
+            last["data"]
+                .as_array()
+                .expect("data")
+                .iter()
+                .map(|e| e["name"].as_str().expect("name").to_owned()),
+        );
+        if last["done"] == true {
+            break;
+        }
+        iterator = last["iterator"].as_str().map(str::to_owned);
+    }
+    assert_eq!(seen, ["-internal", "-other", "invoice.paid"], "{last}");
+    let back = last["prevIterator"].as_str().expect("prevIterator");
+    let previous = get_ok(
+        &server,
+        &format!("/api/v1/event-type?limit=1&iterator={back}"),
+    )
+    .await;
+    assert_eq!(previous["data"][0]["name"], "-other", "{previous}");
+    let (status, body) = server
+        .call(Method::GET, "/api/v1/event-type?iterator=-internal", None)
+        .await;
+    assert_eq!(status, 422, "an iterator this list did not give: {body}");
+}
+
+/// Every live earlier secret signs every delivery: at most five may, and a sixth rotation
+/// with a grace period is refused (`limit_reached`) until one expires; one without is not.
+#[tokio::test]
+async fn rotations_keep_at_most_five_earlier_secrets_signing() {
+    let server = TestServer::start().await;
+    let app = server.create_app("rotations").await;
+    let endpoint = server
+        .create_endpoint(&app, json!({"url": "https://example.com/hook"}))
+        .await;
+    let rotate = format!(
+        "/api/v1/app/{app}/endpoint/{}/secret/rotate",
+        endpoint["id"].as_str().expect("id")
+    );
+    for n in 0..5 {
+        let (status, body) = server.call(Method::POST, &rotate, Some(json!({}))).await;
+        assert_eq!(status, 200, "rotation {n}: {body}");
+    }
+    let (status, body) = server.call(Method::POST, &rotate, Some(json!({}))).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["code"], "limit_reached", "{body}");
+    let (status, body) = server
+        .call(
+            Method::POST,
+            &rotate,
+            Some(json!({"gracePeriodSeconds": 0})),
+        )
+        .await;
+    assert_eq!(
+        status, 200,
+        "without a grace period nothing is added: {body}"
+    );
+}
+
 #[tokio::test]
 async fn svix_attempt_routes_get_one_attempt_and_list_attempted_messages_and_destinations() {
     // A failed first attempt is retried an hour later: long enough to see it pending.
@@ -1125,6 +1208,48 @@ async fn svix_attempt_routes_get_one_attempt_and_list_attempted_messages_and_des
         )
         .await;
         assert_eq!(&by_event_id, attempt);
+    }
+    // Filtered by endpoint, named by its id or its uid; an unknown endpoint is a 404.
+    let by_msg = format!("/api/v1/app/{app}/attempt/msg/{paid}");
+    for named in [ep_ok, "ok"] {
+        let only = get_ok(&server, &format!("{by_msg}?endpoint_id={named}")).await;
+        assert_eq!(only["data"].as_array().map(Vec::len), Some(1), "{only}");
+        assert_eq!(only["data"][0]["endpointId"], ep_ok, "{only}");
+    }
+    let (status, body) = server
+        .call(Method::GET, &format!("{by_msg}?endpoint_id=nope"), None)
+        .await;
+    assert_eq!(status, 404, "{body}");
+    // `with_content=false` leaves the response bodies out.
+    let bare = get_ok(&server, &format!("{by_msg}?with_content=false")).await;
+    assert!(
+        bare["data"]
+            .as_array()
+            .expect("attempts")
+            .iter()
+            .all(|a| a["response"] == ""),
+        "{bare}"
+    );
+    assert_ne!(
+        listed["data"][0]["response"], "",
+        "bodies by default: {listed}"
+    );
+    // A Svix filter Herald does not apply is refused, not ignored.
+    for filter in [
+        "before=2030-01-01T00:00:00Z",
+        "status_code_class=500",
+        "event_types=a",
+    ] {
+        let (status, body) = server
+            .call(Method::GET, &format!("{by_msg}?{filter}"), None)
+            .await;
+        assert_eq!(status, 422, "{filter}: {body}");
+        assert!(
+            body["detail"][0]["msg"]
+                .as_str()
+                .is_some_and(|m| m.contains("does not filter attempts")),
+            "{filter}: {body}"
+        );
     }
     let other_attempt = get_ok(&server, &format!("/api/v1/app/{app}/attempt/msg/{shipped}")).await;
     let other_attempt = other_attempt["data"][0]["id"].as_str().expect("id");

@@ -1053,7 +1053,7 @@ async fn clients_cannot_relay_reserved_names_switch_users_or_outrun_their_join_b
     let (_, creds) = socketio_app(&server, "guarded", rules).await;
     let alice = token(
         &creds,
-        json!({"sub": "alice", "rooms": ["private-a", "private-encrypted-e"]}),
+        json!({"sub": "alice", "rooms": ["private-a", "private-encrypted-e", "#server-to-user-alice"]}),
     );
     let mut sio = Sio::connect(&server, "guarded", Some(json!({"token": alice})))
         .await
@@ -1073,7 +1073,8 @@ async fn clients_cannot_relay_reserved_names_switch_users_or_outrun_their_join_b
         .emit_ack("join", &[json!({"room": "private-b", "token": bob})])
         .await;
     assert_eq!(refused["error"]["code"], "forbidden", "{refused}");
-    // `rooms` never relays into an end-to-end encrypted room.
+    // `rooms` never relays into an end-to-end encrypted room, nor into a user's channel
+    // (what arrives there is the server's own, as `pusher.user.bind` trusts).
     sio.emit_ack("leave", &[json!("private-a")]).await;
     let refused = sio.emit_ack("note", &[json!(1)]).await;
     assert_eq!(refused["error"]["code"], "no_room", "{refused}");
