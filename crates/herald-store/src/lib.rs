@@ -141,6 +141,13 @@ pub enum AttemptScope {
 pub struct AttemptQuery {
     pub status: Option<DeliveryStatus>,
     pub endpoint_id: Option<String>,
+    /// Only attempts made before this time (strictly).
+    pub before: Option<DateTime<Utc>>,
+    /// Only attempts made after this time (strictly).
+    pub after: Option<DateTime<Utc>>,
+    /// Only attempts whose response status is in this class: 100, 200, 300, 400 or 500 for
+    /// that hundred, 0 for attempts that got no response (Svix's `status_code_class`).
+    pub status_code_class: Option<u16>,
 }
 
 /// A channel's occupancy as channel webhooks reported it: the channel itself (`user_id` is

@@ -704,6 +704,26 @@ macro_rules! attempts_query {
             q.push(" AND status = ");
             q.push_bind(status as $code);
         }
+        if let Some(before) = query.before {
+            q.push(" AND created_at < ")
+                .push_bind($crate::sqlite::rows::millis(before));
+        }
+        if let Some(after) = query.after {
+            q.push(" AND created_at > ")
+                .push_bind($crate::sqlite::rows::millis(after));
+        }
+        match query.status_code_class {
+            None => {}
+            Some(0) => {
+                q.push(" AND response_status_code = 0");
+            }
+            Some(class) => {
+                q.push(" AND response_status_code >= ")
+                    .push_bind(i32::from(class));
+                q.push(" AND response_status_code < ")
+                    .push_bind(i32::from(class) + 100);
+            }
+        }
         q
     }};
 }

@@ -118,15 +118,7 @@ fn status_param(query: &QueryParams) -> ApiResult<Option<DeliveryStatus>> {
 
 /// Svix's attempt-list filters that Herald does not apply: asked for, they are refused (422)
 /// rather than ignored, which would answer every attempt as if it matched.
-const UNSUPPORTED_FILTERS: &[&str] = &[
-    "before",
-    "after",
-    "channel",
-    "tag",
-    "event_types",
-    "status_code_class",
-    "with_msg",
-];
+const UNSUPPORTED_FILTERS: &[&str] = &["channel", "tag", "event_types", "with_msg"];
 
 /// The list's filters (`endpoint_id` is read by the list that takes it), and whether the
 /// attempts come with their response bodies (`with_content`, true unless `false`).
@@ -138,14 +130,27 @@ fn attempt_query(query: &QueryParams) -> ApiResult<(AttemptQuery, bool)> {
         return Err(ApiError::invalid(
             &["query", name],
             format!(
-                "Herald does not filter attempts by {name}; the filters are status and, by message, endpoint_id"
+                "Herald does not filter attempts by {name}; the filters are status, status_code_class, before, after and, by message, endpoint_id"
             ),
         ));
     }
+    let status_code_class = match query.int("status_code_class")? {
+        None => None,
+        Some(class @ (0 | 100 | 200 | 300 | 400 | 500)) => u16::try_from(class).ok(),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                &["query", "status_code_class"],
+                "status_code_class must be 0 (no response), 100, 200, 300, 400 or 500",
+            ));
+        }
+    };
     Ok((
         AttemptQuery {
             status: status_param(query)?,
             endpoint_id: None,
+            before: query.time("before")?,
+            after: query.time("after")?,
+            status_code_class,
         },
         query.bool("with_content", true)?,
     ))
@@ -290,7 +295,11 @@ pub async fn list_attempted_destinations(
 
 /// `messageAttempt.listByEndpoint`: the attempts made to the endpoint, newest first.
 #[utoipa::path(get, path = "/api/v1/app/{app_id}/attempt/endpoint/{endpoint_id}", tag = "Message Attempt",
-    params(("app_id" = String, Path, description = "The app's id or uid"), ("endpoint_id" = String, Path, description = "The endpoint's id or uid"), crate::pagination::ListParams, ("status" = Option<u8>, Query, description = "Only this status: 0 success, 1 pending, 2 fail, 3 sending", maximum = 3)),
+    params(("app_id" = String, Path, description = "The app's id or uid"), ("endpoint_id" = String, Path, description = "The endpoint's id or uid"), crate::pagination::ListParams, ("status" = Option<u8>, Query, description = "Only this status: 0 success, 1 pending, 2 fail, 3 sending", maximum = 3),
+        ("before" = Option<DateTime<Utc>>, Query, description = "Only attempts made before this time (RFC 3339)"),
+        ("after" = Option<DateTime<Utc>>, Query, description = "Only attempts made after this time (RFC 3339)"),
+        ("status_code_class" = Option<u16>, Query, description = "Only attempts whose response status is in this class: 100, 200, 300, 400, 500, or 0 for no response"),
+        ("with_content" = Option<bool>, Query, description = "Whether each attempt carries its response body (true by default)")),
     responses((status = 200, body = ListResponse<MessageAttemptOut>)))]
 pub async fn list_by_endpoint(
     State(state): State<Arc<ApiState>>,
@@ -327,6 +336,9 @@ pub async fn list_by_endpoint(
 #[utoipa::path(get, path = "/api/v1/app/{app_id}/attempt/msg/{msg_id}", tag = "Message Attempt",
     params(("app_id" = String, Path, description = "The app's id or uid"), ("msg_id" = String, Path, description = "The message's id or eventId"), crate::pagination::ListParams, ("status" = Option<u8>, Query, description = "Only this status: 0 success, 1 pending, 2 fail, 3 sending", maximum = 3),
         ("endpoint_id" = Option<String>, Query, description = "Only attempts made to this endpoint (its id or uid)"),
+        ("before" = Option<DateTime<Utc>>, Query, description = "Only attempts made before this time (RFC 3339)"),
+        ("after" = Option<DateTime<Utc>>, Query, description = "Only attempts made after this time (RFC 3339)"),
+        ("status_code_class" = Option<u16>, Query, description = "Only attempts whose response status is in this class: 100, 200, 300, 400, 500, or 0 for no response"),
         ("with_content" = Option<bool>, Query, description = "Whether each attempt carries its response body (true by default)")),
     responses((status = 200, body = ListResponse<MessageAttemptOut>)))]
 pub async fn list_by_msg(

@@ -1234,12 +1234,28 @@ async fn svix_attempt_routes_get_one_attempt_and_list_attempted_messages_and_des
         listed["data"][0]["response"], "",
         "bodies by default: {listed}"
     );
+    // Filtered by time and by the response's status class.
+    let count = |list: &Value| list["data"].as_array().map_or(0, Vec::len);
+    let later = get_ok(&server, &format!("{by_msg}?after=2030-01-01T00:00:00Z")).await;
+    assert_eq!(count(&later), 0, "{later}");
+    let earlier = get_ok(&server, &format!("{by_msg}?before=2030-01-01T00:00:00Z")).await;
+    assert_eq!(count(&earlier), 2, "{earlier}");
+    let ok_class = get_ok(&server, &format!("{by_msg}?status_code_class=200")).await;
+    assert_eq!(count(&ok_class), 1, "{ok_class}");
+    assert_eq!(ok_class["data"][0]["endpointId"], ep_ok, "{ok_class}");
+    let server_errors = get_ok(&server, &format!("{by_msg}?status_code_class=500")).await;
+    assert_eq!(count(&server_errors), 1, "{server_errors}");
+    assert_eq!(server_errors["data"][0]["responseStatusCode"], 500);
+    let (status, body) = server
+        .call(
+            Method::GET,
+            &format!("{by_msg}?status_code_class=250"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
     // A Svix filter Herald does not apply is refused, not ignored.
-    for filter in [
-        "before=2030-01-01T00:00:00Z",
-        "status_code_class=500",
-        "event_types=a",
-    ] {
+    for filter in ["channel=shop", "tag=vip", "event_types=a"] {
         let (status, body) = server
             .call(Method::GET, &format!("{by_msg}?{filter}"), None)
             .await;
