@@ -124,6 +124,8 @@ pub async fn receive(
             Err(e) => {
                 let outcome = if e.code() == INVALID_SIGNATURE {
                     IngestOutcome::InvalidSignature
+                } else if e.status() == StatusCode::TOO_MANY_REQUESTS {
+                    IngestOutcome::RateLimited
                 } else if e.status().is_server_error() {
                     IngestOutcome::Failed
                 } else {
@@ -179,14 +181,19 @@ async fn receive_from(
     } else {
         // Hashing a large body takes milliseconds: keep it off the async workers, so one
         // sender's large requests cannot stall every other connection.
-        let _slot = state
+        let slot = state
             .large_verifications
             .acquire(source.id.as_str())
             .await?;
         let (source, headers, body) = (source.clone(), headers.clone(), body.clone());
-        tokio::task::spawn_blocking(move || read(&source, &headers, &body, now.timestamp()))
-            .await
-            .map_err(ApiError::internal)??
+        // The slot goes with the hashing: a request whose client hangs up meanwhile does not
+        // give it back before the blocking task is done.
+        tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            read(&source, &headers, &body, now.timestamp())
+        })
+        .await
+        .map_err(ApiError::internal)??
     };
     let (delivery_id, event_type, channels, payload) = match verified {
         Read::Event {
@@ -414,13 +421,13 @@ mod tests {
     }
 }
 
-/// The blocking pool's slots for verifying large inbound bodies: one per core, and at most half
-/// of them (at least one) for any one source, so requests to one source's URL (forged ones
-/// included: they are hashed before anything else can tell them apart) cannot hold every
-/// other source's large deliveries back. A request waits at most [`LARGE_VERIFY_PATIENCE`] for
-/// a slot.
+/// The blocking pool's slots for verifying large inbound bodies: one per core (at least two).
+/// A source may queue (up to [`LARGE_VERIFY_PATIENCE`]) for at most half of them; beyond its
+/// half it takes only a slot that is free at once, else 429. So requests to one source's URL
+/// (forged ones included: they are hashed before anything can tell them apart) cannot keep
+/// other sources' large deliveries waiting, while a source alone may use every slot.
 pub struct LargeVerifications {
-    slots: tokio::sync::Semaphore,
+    slots: Arc<tokio::sync::Semaphore>,
     per_source_max: usize,
     per_source: std::sync::Mutex<std::collections::HashMap<String, usize>>,
 }
@@ -428,17 +435,17 @@ pub struct LargeVerifications {
 /// How long a large body waits for a slot to be verified in before it is refused (503).
 pub const LARGE_VERIFY_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// One source's slot, given back when dropped.
-pub struct LargeSlot<'a> {
-    _permit: tokio::sync::SemaphorePermit<'a>,
-    _counted: Counted<'a>,
+/// One source's slot, given back when dropped: held by the blocking task that hashes.
+pub struct LargeSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    _counted: Counted,
 }
 
 impl LargeVerifications {
     pub fn new(slots: usize) -> Self {
-        let slots = slots.max(1);
+        let slots = slots.max(2);
         Self {
-            slots: tokio::sync::Semaphore::new(slots),
+            slots: Arc::new(tokio::sync::Semaphore::new(slots)),
             per_source_max: (slots / 2).max(1),
             per_source: std::sync::Mutex::default(),
         }
@@ -449,37 +456,47 @@ impl LargeVerifications {
         self.per_source.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A slot to verify one large body of `source` in: 429 while the source holds its share
-    /// already, 503 if no slot frees within [`LARGE_VERIFY_PATIENCE`].
-    pub async fn acquire(&self, source: &str) -> ApiResult<LargeSlot<'_>> {
-        {
+    /// A slot to verify one large body of `source` in: beyond the source's share only a free
+    /// one (429 if none is), within it the next to free (503 if none does within
+    /// [`LARGE_VERIFY_PATIENCE`]).
+    pub async fn acquire(self: &Arc<Self>, source: &str) -> ApiResult<LargeSlot> {
+        let over_share = {
             let mut held = self.held();
             let count = held.entry(source.to_owned()).or_insert(0);
-            if *count >= self.per_source_max {
-                return Err(ApiError::RateLimited {
+            *count += 1;
+            *count > self.per_source_max
+        };
+        // Counted from here on: the guard gives the count back whatever happens next.
+        let counted = Counted {
+            owner: Arc::clone(self),
+            source: source.to_owned(),
+        };
+        let permit = if over_share {
+            Arc::clone(&self.slots).try_acquire_owned().map_err(|_| {
+                ApiError::RateLimited {
                     detail: format!(
-                        "this source has {} large requests being verified already; retry shortly",
+                        "this source has {} large requests being verified already and no slot is free; retry shortly",
                         self.per_source_max
                     ),
                     retry_after_secs: 1,
-                });
-            }
-            *count += 1;
-        }
-        // Counted from here on: the guard gives the count back whatever happens next.
-        let counted = Counted {
-            owner: self,
-            source: source.to_owned(),
-        };
-        let permit = match tokio::time::timeout(LARGE_VERIFY_PATIENCE, self.slots.acquire()).await {
-            Ok(Ok(permit)) => permit,
-            Ok(Err(closed)) => return Err(ApiError::internal(closed)),
-            Err(_) => {
-                return Err(ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "verification_busy",
-                    "every slot for verifying large requests stayed busy; retry shortly",
-                ));
+                }
+            })?
+        } else {
+            match tokio::time::timeout(
+                LARGE_VERIFY_PATIENCE,
+                Arc::clone(&self.slots).acquire_owned(),
+            )
+            .await
+            {
+                Ok(Ok(permit)) => permit,
+                Ok(Err(closed)) => return Err(ApiError::internal(closed)),
+                Err(_) => {
+                    return Err(ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "verification_busy",
+                        "every slot for verifying large requests stayed busy; retry shortly",
+                    ));
+                }
             }
         };
         Ok(LargeSlot {
@@ -501,12 +518,12 @@ impl LargeVerifications {
 
 /// A source's count of large verifications, given back when dropped (by its slot, or by a
 /// wait for a slot that ended early).
-struct Counted<'a> {
-    owner: &'a LargeVerifications,
+struct Counted {
+    owner: Arc<LargeVerifications>,
     source: String,
 }
 
-impl Drop for Counted<'_> {
+impl Drop for Counted {
     fn drop(&mut self) {
         self.owner.give_back(&self.source);
     }
@@ -516,22 +533,26 @@ impl Drop for Counted<'_> {
 mod large_verification_tests {
     use super::*;
 
-    /// One source takes at most half of the slots; others still get theirs; a wait for a
-    /// slot ends with 503 after its patience; a slot given back is taken again.
+    /// A source queues for at most half of the slots; beyond it, it takes a free slot or gets
+    /// 429; others still get theirs; a wait ends with 503 after its patience; a slot given
+    /// back is taken again.
     #[tokio::test(start_paused = true)]
     async fn one_source_takes_at_most_half_the_large_verification_slots() {
-        let slots = LargeVerifications::new(4);
+        let slots = Arc::new(LargeVerifications::new(4));
         let first = slots.acquire("src_a").await.expect("a slot");
         let second = slots.acquire("src_a").await.expect("a second slot");
+        let third = slots
+            .acquire("src_a")
+            .await
+            .expect("beyond its share, a free slot is taken");
+        let _b = slots.acquire("src_b").await.expect("another source's slot");
         let refused = slots
             .acquire("src_a")
             .await
             .err()
-            .expect("a third is over the source's share");
+            .expect("beyond its share with no slot free");
         assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
-        let _b1 = slots.acquire("src_b").await.expect("another source's slot");
-        let _b2 = slots.acquire("src_b").await.expect("and its second");
-        // Every slot is taken: a third source waits, then is refused.
+        // Every slot is taken: a source within its share waits, then is refused.
         let busy = slots
             .acquire("src_c")
             .await
@@ -543,9 +564,19 @@ mod large_verification_tests {
             !slots.held().contains_key("src_c"),
             "a wait that ended gives its count back"
         );
-        drop(first);
+        drop(third);
         let _c = slots.acquire("src_c").await.expect("a freed slot");
-        drop(second);
+        drop((first, second));
         let _a = slots.acquire("src_a").await.expect("src_a has room again");
+        assert_eq!(slots.held().get("src_a"), Some(&1));
+    }
+
+    /// Two slots at least, so one source's second large delivery is not refused on a small
+    /// machine while nothing else is verifying.
+    #[tokio::test(start_paused = true)]
+    async fn a_one_core_machine_still_has_two_slots() {
+        let slots = Arc::new(LargeVerifications::new(1));
+        let _first = slots.acquire("src_a").await.expect("a slot");
+        let _second = slots.acquire("src_a").await.expect("the free second slot");
     }
 }

@@ -118,20 +118,28 @@ fn status_param(query: &QueryParams) -> ApiResult<Option<DeliveryStatus>> {
 
 /// Svix's attempt-list filters that Herald does not apply: asked for, they are refused (422)
 /// rather than ignored, which would answer every attempt as if it matched.
-const UNSUPPORTED_FILTERS: &[&str] = &["channel", "tag", "event_types", "with_msg"];
+const UNSUPPORTED_FILTERS: &[&str] = &["channel", "tag", "event_types"];
 
 /// The list's filters (`endpoint_id` is read by the list that takes it), and whether the
 /// attempts come with their response bodies (`with_content`, true unless `false`).
 fn attempt_query(query: &QueryParams) -> ApiResult<(AttemptQuery, bool)> {
+    // Empty values are no filter (an SDK may send `event_types=` for an empty list).
     if let Some(name) = UNSUPPORTED_FILTERS
         .iter()
-        .find(|name| query.str(name).is_some())
+        .find(|name| query.str(name).is_some_and(|value| !value.is_empty()))
     {
         return Err(ApiError::invalid(
             &["query", name],
             format!(
                 "Herald does not filter attempts by {name}; the filters are status, status_code_class, before, after and, by message, endpoint_id"
             ),
+        ));
+    }
+    // Older SDKs send `with_msg=false` on every call: only asking for the message is refused.
+    if query.bool("with_msg", false)? {
+        return Err(ApiError::invalid(
+            &["query", "with_msg"],
+            "Herald does not include the message in attempts; read it with GET .../msg/{msg_id}",
         ));
     }
     let status_code_class = match query.int("status_code_class")? {

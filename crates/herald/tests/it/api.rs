@@ -1254,8 +1254,17 @@ async fn svix_attempt_routes_get_one_attempt_and_list_attempted_messages_and_des
         )
         .await;
     assert_eq!(status, 422, "{body}");
+    let no_response = get_ok(&server, &format!("{by_msg}?status_code_class=0")).await;
+    assert_eq!(
+        count(&no_response),
+        0,
+        "every attempt got a response: {no_response}"
+    );
+    // What older SDKs send on every call is no filter: `with_msg=false`, an empty list.
+    let as_sent = get_ok(&server, &format!("{by_msg}?with_msg=false&event_types=")).await;
+    assert_eq!(count(&as_sent), 2, "{as_sent}");
     // A Svix filter Herald does not apply is refused, not ignored.
-    for filter in ["channel=shop", "tag=vip", "event_types=a"] {
+    for filter in ["channel=shop", "tag=vip", "event_types=a", "with_msg=true"] {
         let (status, body) = server
             .call(Method::GET, &format!("{by_msg}?{filter}"), None)
             .await;
@@ -1263,7 +1272,7 @@ async fn svix_attempt_routes_get_one_attempt_and_list_attempted_messages_and_des
         assert!(
             body["detail"][0]["msg"]
                 .as_str()
-                .is_some_and(|m| m.contains("does not filter attempts")),
+                .is_some_and(|m| m.contains("Herald does not")),
             "{filter}: {body}"
         );
     }
