@@ -103,20 +103,13 @@ pub async fn stream(
     let mut channels: Vec<String> = Vec::new();
     for channel in listed.split(',').filter(|c| !c.is_empty()) {
         pusher::validate_channel_name(channel).map_err(|e| fail(StatusCode::BAD_REQUEST, e))?;
-        match ChannelKind::of(channel) {
-            ChannelKind::Presence => {
-                return Err(fail(
-                    StatusCode::BAD_REQUEST,
-                    format!("{channel}: presence channels need a WebSocket connection"),
-                ));
-            }
-            ChannelKind::User => {
-                return Err(fail(
-                    StatusCode::BAD_REQUEST,
-                    format!("{channel}: a user's channel needs a signed-in WebSocket connection"),
-                ));
-            }
-            _ => {}
+        let needs_websocket = match ChannelKind::of(channel) {
+            ChannelKind::Presence => Some("presence channels need a WebSocket connection"),
+            ChannelKind::User => Some("a user's channel needs a signed-in WebSocket connection"),
+            _ => None,
+        };
+        if let Some(why) = needs_websocket {
+            return Err(fail(StatusCode::BAD_REQUEST, format!("{channel}: {why}")));
         }
         if !channels.iter().any(|c| c == channel) {
             channels.push(channel.to_owned());

@@ -131,6 +131,7 @@ const RETRY_MISSED: Duration = Duration::from_secs(1);
 /// node's changes until restarted, its cache serving what they replaced. The answer measures
 /// the store's clock again (see `herald_store::ClusterClock`).
 const KEEPALIVE_EVERY: Duration = Duration::from_secs(15);
+const KEEPALIVE_PATIENCE: Duration = Duration::from_secs(10);
 
 /// How long applying the terminations missed while a link was down may take at a time; the
 /// link's task hears nothing else meanwhile. Past it, it is tried again at the next retry tick.
@@ -138,7 +139,6 @@ const REPLAY_PATIENCE: Duration = Duration::from_secs(5);
 
 /// `terminations_from` when no missed terminations are waiting to be applied.
 const NO_TERMINATIONS_DUE: i64 = i64::MIN;
-const KEEPALIVE_PATIENCE: Duration = Duration::from_secs(10);
 
 /// Waits between attempts to re-open the LISTEN session: doubling from the first to the last.
 const RECONNECT_FIRST: Duration = Duration::from_millis(100);
@@ -497,13 +497,12 @@ impl PostgresBroker {
                         tokio::time::timeout(patience, read_clock(&mut listener, &self.clock))
                             .await;
                     self.note_bus();
-                    if matches!(answered, Ok(Ok(_)))
-                        && self.bus.as_ref().is_none_or(|bus| bus.is_connected())
-                    {
+                    let answered = matches!(answered, Ok(Ok(_)));
+                    if answered && self.bus.as_ref().is_none_or(|bus| bus.is_connected()) {
                         self.links_good_at
                             .store(self.clock.now().timestamp_millis(), Ordering::Relaxed);
                     }
-                    if !matches!(answered, Ok(Ok(_))) {
+                    if !answered {
                         self.lost();
                         tracing::warn!(
                             node = self.node,
