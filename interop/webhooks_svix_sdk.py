@@ -178,6 +178,22 @@ def main() -> None:
         len(bare.data) == 5 and all(a.response == "" for a in bare.data),
         "attempts listed without content leave the response body out (the SDK's default)",
     )
+    # Filters by the message, and the message itself (without its payload) on request.
+    with_msg = svix.message_attempt.list_by_endpoint(
+        app.id,
+        endpoint.id,
+        MessageAttemptListByEndpointOptions(channel="billing", with_msg=True),
+    )
+    check(
+        len(with_msg.data) == 10
+        and all(a.msg is not None and a.msg.id == a.msg_id for a in with_msg.data)
+        and all(a.msg.event_type == f"invoice.paid.{suffix}" for a in with_msg.data),
+        "attempts filtered by channel carry their messages with with_msg",
+    )
+    elsewhere = svix.message_attempt.list_by_endpoint(
+        app.id, endpoint.id, MessageAttemptListByEndpointOptions(channel="elsewhere")
+    )
+    check(len(elsewhere.data) == 0 and elsewhere.done, "attempts of another channel: none")
     by_msg = svix.message_attempt.list_by_msg(app.id, sent[0])
     check(len(by_msg.data) == 1 and by_msg.data[0].endpoint_id == endpoint.id, "attempts by message")
 

@@ -123,12 +123,31 @@ pub struct Page {
     pub backwards: bool,
 }
 
+/// Filters on messages; each one set narrows the list, and an empty query matches every
+/// message.
 #[derive(Debug, Clone, Default)]
 pub struct MessageQuery {
+    /// Only messages published to this channel.
     pub channel: Option<String>,
+    /// Only messages carrying this tag.
+    pub tag: Option<String>,
+    /// Only messages of these event types (an empty list matches none).
     pub event_types: Option<Vec<String>>,
+    /// Only messages created before this time (strictly).
     pub before: Option<DateTime<Utc>>,
+    /// Only messages created after this time (strictly).
     pub after: Option<DateTime<Utc>>,
+}
+
+impl MessageQuery {
+    /// Whether no filter is set.
+    pub fn is_empty(&self) -> bool {
+        self.channel.is_none()
+            && self.tag.is_none()
+            && self.event_types.is_none()
+            && self.before.is_none()
+            && self.after.is_none()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -148,6 +167,8 @@ pub struct AttemptQuery {
     /// Only attempts whose response status is in this class: 100, 200, 300, 400 or 500 for
     /// that hundred, 0 for attempts that got no response (Svix's `status_code_class`).
     pub status_code_class: Option<u16>,
+    /// Only attempts of messages that match this (Svix's `channel`, `tag`, `event_types`).
+    pub message: MessageQuery,
 }
 
 /// A channel's occupancy as channel webhooks reported it: the channel itself (`user_id` is
@@ -501,6 +522,9 @@ pub trait MessageStore: Send + Sync + 'static {
         Ok(Box::pin(std::future::ready(Ok(positions))))
     }
     async fn get_message(&self, app_id: &AppId, id_or_event_id: &str) -> Result<Option<Message>>;
+    /// The app's messages with these ids (not event ids), in no order; ids it does not hold
+    /// are left out.
+    async fn get_messages(&self, app_id: &AppId, ids: &[MessageId]) -> Result<Vec<Message>>;
     async fn list_messages(
         &self,
         app_id: &AppId,
@@ -914,10 +938,9 @@ pub struct DeliveryState {
     pub next_attempt: Option<DateTime<Utc>>,
 }
 
-/// Filters on an endpoint's deliveries: the messages' fields, a message tag, the status.
+/// Filters on an endpoint's deliveries: the messages', and the delivery's status.
 #[derive(Debug, Clone, Default)]
 pub struct DeliveryQuery {
     pub message: MessageQuery,
-    pub tag: Option<String>,
     pub status: Option<DeliveryStatus>,
 }

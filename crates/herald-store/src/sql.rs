@@ -680,9 +680,10 @@ pub(crate) const LIST_MESSAGES: &str = "SELECT * FROM messages WHERE app_id = ";
 
 /// A `QueryBuilder` reading the attempts of `$app_id` (`&AppId`) in `$scope`
 /// (`&AttemptScope`) that `$query` (`&AttemptQuery`) asks for, before the page; `$code` is the
-/// type status codes bind as (`i64` on SQLite, `i32` on PostgreSQL).
+/// type status codes bind as (`i64` on SQLite, `i32` on PostgreSQL), and `$message_filters` the
+/// backend's `push_message_filters(q, table, &MessageQuery)`.
 macro_rules! attempts_query {
-    ($app_id:expr, $scope:expr, $query:expr, $code:ty) => {{
+    ($app_id:expr, $scope:expr, $query:expr, $code:ty, $message_filters:path) => {{
         let query: &$crate::AttemptQuery = $query;
         let mut q = ::sqlx::QueryBuilder::new("SELECT * FROM attempts WHERE app_id = ");
         q.push_bind($app_id.to_string());
@@ -723,6 +724,13 @@ macro_rules! attempts_query {
                 q.push(" AND response_status_code < ")
                     .push_bind(i32::from(class) + 100);
             }
+        }
+        if !query.message.is_empty() {
+            // Correlated, so each attempt the page walks costs one lookup of its message by
+            // key, however many messages the app has.
+            q.push(" AND EXISTS (SELECT 1 FROM messages m WHERE m.id = attempts.msg_id");
+            $message_filters(&mut q, "m", &query.message);
+            q.push(")");
         }
         q
     }};

@@ -1,7 +1,7 @@
 //! Message attempts: the log of every HTTP request made, where each message stands with each
 //! endpoint (Svix's attempted messages and attempted destinations), and manual resends.
 
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
 
 use axum::{
     Json,
@@ -9,11 +9,15 @@ use axum::{
     http::StatusCode,
 };
 use chrono::{DateTime, Utc};
-use herald_core::model::{Attempt, DeliveryStatus};
+use herald_core::model::{Attempt, DeliveryStatus, Message};
+use herald_core::{AppId, MessageId};
 use herald_store::{AttemptQuery, AttemptScope, DeliveryQuery, DeliveryState, MessageQuery, Page};
 use serde::Serialize;
 
-use super::{endpoint::EndpointOut, message::MessageOut};
+use super::{
+    endpoint::EndpointOut,
+    message::{MessageOut, message_query},
+};
 use crate::{
     ApiState,
     auth::Caller,
@@ -44,6 +48,10 @@ pub struct MessageAttemptOut {
     #[schema(maximum = 1)]
     trigger_type: u8,
     timestamp: DateTime<Utc>,
+    /// The message attempted, without its payload (`{}`), when the list was asked
+    /// `with_msg=true` and the message is still kept.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    msg: Option<MessageOut>,
 }
 
 impl From<Attempt> for MessageAttemptOut {
@@ -60,6 +68,7 @@ impl From<Attempt> for MessageAttemptOut {
             status_text: a.status.text(),
             trigger_type: a.trigger_type as u8,
             timestamp: a.created_at,
+            msg: None,
         }
     }
 }
@@ -116,32 +125,17 @@ fn status_param(query: &QueryParams) -> ApiResult<Option<DeliveryStatus>> {
     }
 }
 
-/// Svix's attempt-list filters that Herald does not apply: asked for, they are refused (422)
-/// rather than ignored, which would answer every attempt as if it matched.
-const UNSUPPORTED_FILTERS: &[&str] = &["channel", "tag", "event_types"];
+/// How an attempt list shows each attempt: with its response body (`with_content`, true
+/// unless `false`) and with the message it attempted (`with_msg`, false unless `true`).
+#[derive(Clone, Copy)]
+struct Shown {
+    with_content: bool,
+    with_msg: bool,
+}
 
-/// The list's filters (`endpoint_id` is read by the list that takes it), and whether the
-/// attempts come with their response bodies (`with_content`, true unless `false`).
-fn attempt_query(query: &QueryParams) -> ApiResult<(AttemptQuery, bool)> {
-    // Empty values are no filter (an SDK may send `event_types=` for an empty list).
-    if let Some(name) = UNSUPPORTED_FILTERS
-        .iter()
-        .find(|name| query.str(name).is_some_and(|value| !value.is_empty()))
-    {
-        return Err(ApiError::invalid(
-            &["query", name],
-            format!(
-                "Herald does not filter attempts by {name}; the filters are status, status_code_class, before, after and, by message, endpoint_id"
-            ),
-        ));
-    }
-    // Older SDKs send `with_msg=false` on every call: only asking for the message is refused.
-    if query.bool("with_msg", false)? {
-        return Err(ApiError::invalid(
-            &["query", "with_msg"],
-            "Herald does not include the message in attempts; read it with GET .../msg/{msg_id}",
-        ));
-    }
+/// The list's filters (`endpoint_id` is read by the list that takes it) and how it shows its
+/// attempts.
+fn attempt_query(query: &QueryParams) -> ApiResult<(AttemptQuery, Shown)> {
     let status_code_class = match query.int("status_code_class")? {
         None => None,
         Some(class @ (0 | 100 | 200 | 300 | 400 | 500)) => u16::try_from(class).ok(),
@@ -152,6 +146,12 @@ fn attempt_query(query: &QueryParams) -> ApiResult<(AttemptQuery, bool)> {
             ));
         }
     };
+    // `before` and `after` bound the attempt's time here, not its message's.
+    let message = MessageQuery {
+        before: None,
+        after: None,
+        ..message_query(query)?
+    };
     Ok((
         AttemptQuery {
             status: status_param(query)?,
@@ -159,20 +159,60 @@ fn attempt_query(query: &QueryParams) -> ApiResult<(AttemptQuery, bool)> {
             before: query.time("before")?,
             after: query.time("after")?,
             status_code_class,
+            message,
         },
-        query.bool("with_content", true)?,
+        Shown {
+            with_content: query.bool("with_content", true)?,
+            with_msg: query.bool("with_msg", false)?,
+        },
     ))
 }
 
-/// The attempt as a list shows it: without its response body when `with_content` is false.
-fn listed(with_content: bool) -> impl Fn(herald_core::model::Attempt) -> MessageAttemptOut {
-    move |record| {
-        let mut out = MessageAttemptOut::from(record);
-        if !with_content {
-            out.response = String::new();
+/// A page of attempts as the list shows them. With `with_msg`, the messages are read in one
+/// query (`known` is one already read) and shown without their payloads, as Svix shows them;
+/// an attempt whose message retention has since removed comes without one.
+async fn attempts_out(
+    state: &ApiState,
+    app_id: &AppId,
+    rows: Vec<Attempt>,
+    page: &Page,
+    shown: Shown,
+    known: Option<Message>,
+) -> ApiResult<ListResponse<MessageAttemptOut>> {
+    let mut messages: HashMap<MessageId, Message> = HashMap::new();
+    if shown.with_msg {
+        if let Some(msg) = known {
+            messages.insert(msg.id.clone(), msg);
         }
-        out
+        let mut wanted: Vec<MessageId> = rows
+            .iter()
+            .filter(|a| !messages.contains_key(&a.msg_id))
+            .map(|a| a.msg_id.clone())
+            .collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        if !wanted.is_empty() {
+            for msg in state.store.get_messages(app_id, &wanted).await? {
+                messages.insert(msg.id.clone(), msg);
+            }
+        }
     }
+    Ok(pagination::list(
+        rows,
+        page,
+        |a| a.id.to_string(),
+        |record| {
+            let msg = messages
+                .get(&record.msg_id)
+                .map(|m| MessageOut::new(m.clone(), false));
+            let mut out = MessageAttemptOut::from(record);
+            if !shown.with_content {
+                out.response = String::new();
+            }
+            out.msg = msg;
+            out
+        },
+    ))
 }
 
 /// `messageAttempt.get`: one attempt of the message, in the shape of the lists' items.
@@ -244,13 +284,7 @@ pub async fn list_attempted_messages(
     let page = pagination::page(&query, true)?;
     let with_content = query.bool("with_content", true)?;
     let filter = DeliveryQuery {
-        message: MessageQuery {
-            channel: query.str("channel").map(str::to_owned),
-            event_types: query.list("event_types"),
-            before: query.time("before")?,
-            after: query.time("after")?,
-        },
-        tag: query.str("tag").map(str::to_owned),
+        message: message_query(&query)?,
         status: status_param(&query)?,
     };
     let rows = state
@@ -307,7 +341,11 @@ pub async fn list_attempted_destinations(
         ("before" = Option<DateTime<Utc>>, Query, description = "Only attempts made before this time (RFC 3339)"),
         ("after" = Option<DateTime<Utc>>, Query, description = "Only attempts made after this time (RFC 3339)"),
         ("status_code_class" = Option<u16>, Query, description = "Only attempts whose response status is in this class: 100, 200, 300, 400, 500, or 0 for no response"),
-        ("with_content" = Option<bool>, Query, description = "Whether each attempt carries its response body (true by default)")),
+        ("channel" = Option<String>, Query, description = "Only attempts of messages published to this channel"),
+        ("tag" = Option<String>, Query, description = "Only attempts of messages with this tag"),
+        ("event_types" = Option<Vec<String>>, Query, description = "Only attempts of messages of these event types: repeated, or comma-separated"),
+        ("with_content" = Option<bool>, Query, description = "Whether each attempt carries its response body (true by default)"),
+        ("with_msg" = Option<bool>, Query, description = "Whether each attempt carries its message, without the payload (false by default)")),
     responses((status = 200, body = ListResponse<MessageAttemptOut>)))]
 pub async fn list_by_endpoint(
     State(state): State<Arc<ApiState>>,
@@ -322,7 +360,7 @@ pub async fn list_by_endpoint(
         .await?
         .ok_or_else(|| ApiError::not_found("endpoint"))?;
     let page = pagination::page(&query, true)?;
-    let (filter, with_content) = attempt_query(&query)?;
+    let (filter, shown) = attempt_query(&query)?;
     let rows = state
         .store
         .list_attempts(
@@ -332,12 +370,9 @@ pub async fn list_by_endpoint(
             &page,
         )
         .await?;
-    Ok(Json(pagination::list(
-        rows,
-        &page,
-        |a| a.id.to_string(),
-        listed(with_content),
-    )))
+    Ok(Json(
+        attempts_out(&state, &app.id, rows, &page, shown, None).await?,
+    ))
 }
 
 /// `messageAttempt.listByMsg`: the attempts made for the message, newest first.
@@ -347,7 +382,11 @@ pub async fn list_by_endpoint(
         ("before" = Option<DateTime<Utc>>, Query, description = "Only attempts made before this time (RFC 3339)"),
         ("after" = Option<DateTime<Utc>>, Query, description = "Only attempts made after this time (RFC 3339)"),
         ("status_code_class" = Option<u16>, Query, description = "Only attempts whose response status is in this class: 100, 200, 300, 400, 500, or 0 for no response"),
-        ("with_content" = Option<bool>, Query, description = "Whether each attempt carries its response body (true by default)")),
+        ("channel" = Option<String>, Query, description = "Only attempts of messages published to this channel"),
+        ("tag" = Option<String>, Query, description = "Only attempts of messages with this tag"),
+        ("event_types" = Option<Vec<String>>, Query, description = "Only attempts of messages of these event types: repeated, or comma-separated"),
+        ("with_content" = Option<bool>, Query, description = "Whether each attempt carries its response body (true by default)"),
+        ("with_msg" = Option<bool>, Query, description = "Whether each attempt carries its message, without the payload (false by default)")),
     responses((status = 200, body = ListResponse<MessageAttemptOut>)))]
 pub async fn list_by_msg(
     State(state): State<Arc<ApiState>>,
@@ -362,7 +401,7 @@ pub async fn list_by_msg(
         .await?
         .ok_or_else(|| ApiError::not_found("message"))?;
     let page = pagination::page(&query, true)?;
-    let (mut filter, with_content) = attempt_query(&query)?;
+    let (mut filter, shown) = attempt_query(&query)?;
     // An endpoint's id or uid, as everywhere an endpoint is named.
     if let Some(endpoint) = query.str("endpoint_id") {
         let endpoint = state
@@ -374,14 +413,16 @@ pub async fn list_by_msg(
     }
     let rows = state
         .store
-        .list_attempts(&app.id, &AttemptScope::Message(msg.id), &filter, &page)
+        .list_attempts(
+            &app.id,
+            &AttemptScope::Message(msg.id.clone()),
+            &filter,
+            &page,
+        )
         .await?;
-    Ok(Json(pagination::list(
-        rows,
-        &page,
-        |a| a.id.to_string(),
-        listed(with_content),
-    )))
+    Ok(Json(
+        attempts_out(&state, &app.id, rows, &page, shown, Some(msg)).await?,
+    ))
 }
 
 /// Queue one manual attempt of the message to the endpoint now. Manual attempts are not retried.

@@ -330,6 +330,7 @@ pub async fn get(
 #[utoipa::path(get, path = "/api/v1/app/{app_id}/msg", tag = "Message",
     params(("app_id" = String, Path, description = "The app's id or uid"), crate::pagination::ListParams, ("with_content" = Option<bool>, Query, description = "Include each payload (default true); false shows `{}`"),
         ("channel" = Option<String>, Query, description = "Only messages published to this channel"),
+        ("tag" = Option<String>, Query, description = "Only messages with this tag"),
         ("event_types" = Option<Vec<String>>, Query, description = "Only these event types: repeated, or comma-separated"),
         ("before" = Option<DateTime<Utc>>, Query, description = "Only messages created before this time (RFC 3339)"),
         ("after" = Option<DateTime<Utc>>, Query, description = "Only messages created after this time (RFC 3339)")),
@@ -343,12 +344,7 @@ pub async fn list(
     let app = caller.app(&state, &app_id).await?;
     let page = pagination::page(&query, true)?;
     let with_content = query.bool("with_content", true)?;
-    let filter = MessageQuery {
-        channel: query.str("channel").map(str::to_owned),
-        event_types: query.list("event_types"),
-        before: query.time("before")?,
-        after: query.time("after")?,
-    };
+    let filter = message_query(&query)?;
     let rows = state.store.list_messages(&app.id, &page, &filter).await?;
     Ok(Json(pagination::list(
         rows,
@@ -356,6 +352,25 @@ pub async fn list(
         |m| m.id.to_string(),
         |m| MessageOut::new(m, with_content),
     )))
+}
+
+/// The message filters Svix's lists take: `channel`, `tag`, `event_types` (repeated or
+/// comma-separated), and `before`/`after` (the message's creation). An empty value is no
+/// filter: an SDK may send `event_types=` for an empty list.
+pub(crate) fn message_query(query: &QueryParams) -> ApiResult<MessageQuery> {
+    let text = |name| {
+        query
+            .str(name)
+            .filter(|value| !value.is_empty())
+            .map(str::to_owned)
+    };
+    Ok(MessageQuery {
+        channel: text("channel"),
+        tag: text("tag"),
+        event_types: query.list("event_types").filter(|types| !types.is_empty()),
+        before: query.time("before")?,
+        after: query.time("after")?,
+    })
 }
 
 /// This module's part of `/openapi.json`.

@@ -39,7 +39,13 @@ impl AttemptStore for PostgresStore {
         query: &AttemptQuery,
         page: &Page,
     ) -> Result<Vec<Attempt>> {
-        let mut q = sql::attempts_query!(app_id, scope, query, i32);
+        let mut q = sql::attempts_query!(
+            app_id,
+            scope,
+            query,
+            i32,
+            super::messages::push_message_filters
+        );
         paginate(&mut q, "id", page);
         q.build()
             .fetch_all(&self.pool)
@@ -69,28 +75,7 @@ impl AttemptStore for PostgresStore {
         q.push_bind(app_id.to_string());
         q.push(" AND d.endpoint_id = ");
         q.push_bind(endpoint_id.to_string());
-        let filter = &query.message;
-        if let Some(channel) = &filter.channel {
-            q.push(" AND m.channels::jsonb ? ");
-            q.push_bind(channel.clone());
-        }
-        if let Some(tag) = &query.tag {
-            q.push(" AND m.tags::jsonb ? ");
-            q.push_bind(tag.clone());
-        }
-        if let Some(types) = &filter.event_types {
-            q.push(" AND m.event_type = ANY(");
-            q.push_bind(types.clone());
-            q.push(")");
-        }
-        if let Some(before) = filter.before {
-            q.push(" AND m.created_at < ");
-            q.push_bind(millis(before));
-        }
-        if let Some(after) = filter.after {
-            q.push(" AND m.created_at > ");
-            q.push_bind(millis(after));
-        }
+        super::messages::push_message_filters(&mut q, "m", &query.message);
         if let Some(status) = query.status {
             if status != DeliveryStatus::Success {
                 // Written out so the planner may walk deliveries_endpoint_unsettled (endpoint,

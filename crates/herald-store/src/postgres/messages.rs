@@ -82,7 +82,7 @@ use herald_core::{
     id,
     model::{DeliveryStatus, Message, TriggerType},
 };
-use sqlx::{AssertSqlSafe, PgConnection, QueryBuilder, Row, postgres::PgRow};
+use sqlx::{AssertSqlSafe, PgConnection, Postgres, QueryBuilder, Row, postgres::PgRow};
 
 use super::{
     PostgresStore, paginate,
@@ -250,6 +250,18 @@ impl MessageStore for PostgresStore {
             .transpose()
     }
 
+    async fn get_messages(&self, app_id: &AppId, ids: &[MessageId]) -> Result<Vec<Message>> {
+        let ids: Vec<&str> = ids.iter().map(MessageId::as_str).collect();
+        sqlx::query("SELECT * FROM messages WHERE app_id = $1 AND id = ANY($2)")
+            .bind(app_id.as_str())
+            .bind(ids)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(rows::message)
+            .collect()
+    }
+
     async fn list_messages(
         &self,
         app_id: &AppId,
@@ -258,23 +270,7 @@ impl MessageStore for PostgresStore {
     ) -> Result<Vec<Message>> {
         let mut q = QueryBuilder::new(sql::LIST_MESSAGES);
         q.push_bind(app_id.to_string());
-        if let Some(channel) = &query.channel {
-            q.push(" AND channels::jsonb ? ");
-            q.push_bind(channel.clone());
-        }
-        if let Some(types) = &query.event_types {
-            q.push(" AND event_type = ANY(");
-            q.push_bind(types.clone());
-            q.push(")");
-        }
-        if let Some(before) = query.before {
-            q.push(" AND created_at < ");
-            q.push_bind(millis(before));
-        }
-        if let Some(after) = query.after {
-            q.push(" AND created_at > ");
-            q.push_bind(millis(after));
-        }
+        push_message_filters(&mut q, "messages", query);
         paginate(&mut q, "id", page);
         q.build()
             .fetch_all(&self.pool)
@@ -1169,6 +1165,35 @@ async fn endpoint_change(
     };
     update.execute(&mut *conn).await?;
     Ok(())
+}
+
+/// Adds to `q` the terms of `filter` on the messages of the table or alias `table`.
+pub(super) fn push_message_filters(
+    q: &mut QueryBuilder<Postgres>,
+    table: &str,
+    filter: &MessageQuery,
+) {
+    if let Some(channel) = &filter.channel {
+        q.push(format_args!(" AND {table}.channels::jsonb ? "));
+        q.push_bind(channel.clone());
+    }
+    if let Some(tag) = &filter.tag {
+        q.push(format_args!(" AND {table}.tags::jsonb ? "));
+        q.push_bind(tag.clone());
+    }
+    if let Some(types) = &filter.event_types {
+        q.push(format_args!(" AND {table}.event_type = ANY("));
+        q.push_bind(types.clone());
+        q.push(")");
+    }
+    if let Some(before) = filter.before {
+        q.push(format_args!(" AND {table}.created_at < "));
+        q.push_bind(millis(before));
+    }
+    if let Some(after) = filter.after {
+        q.push(format_args!(" AND {table}.created_at > "));
+        q.push_bind(millis(after));
+    }
 }
 
 #[cfg(test)]

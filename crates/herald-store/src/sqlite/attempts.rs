@@ -7,7 +7,7 @@ use sqlx::{QueryBuilder, Sqlite};
 
 use super::{
     SqliteStore, paginate,
-    rows::{self, millis, to_json},
+    rows::{self, to_json},
 };
 use crate::{AttemptQuery, AttemptScope, AttemptStore, Page, Result, sql};
 use crate::{DeliveryQuery, DeliveryState};
@@ -21,7 +21,13 @@ impl AttemptStore for SqliteStore {
         query: &AttemptQuery,
         page: &Page,
     ) -> Result<Vec<Attempt>> {
-        let mut q = sql::attempts_query!(app_id, scope, query, i64);
+        let mut q = sql::attempts_query!(
+            app_id,
+            scope,
+            query,
+            i64,
+            super::messages::push_message_filters
+        );
         paginate(&mut q, "id", page);
         q.build()
             .fetch_all(&self.reader)
@@ -53,30 +59,7 @@ impl AttemptStore for SqliteStore {
         q.push_bind(app_id.to_string());
         q.push(" AND d.endpoint_id = ");
         q.push_bind(endpoint_id.to_string());
-        let filter = &query.message;
-        if let Some(channel) = &filter.channel {
-            q.push(" AND EXISTS (SELECT 1 FROM json_each(m.channels) WHERE value = ");
-            q.push_bind(channel.clone());
-            q.push(")");
-        }
-        if let Some(tag) = &query.tag {
-            q.push(" AND EXISTS (SELECT 1 FROM json_each(m.tags) WHERE value = ");
-            q.push_bind(tag.clone());
-            q.push(")");
-        }
-        if let Some(types) = &filter.event_types {
-            q.push(" AND m.event_type IN (SELECT value FROM json_each(");
-            q.push_bind(to_json(types));
-            q.push("))");
-        }
-        if let Some(before) = filter.before {
-            q.push(" AND m.created_at < ");
-            q.push_bind(millis(before));
-        }
-        if let Some(after) = filter.after {
-            q.push(" AND m.created_at > ");
-            q.push_bind(millis(after));
-        }
+        super::messages::push_message_filters(&mut q, "m", &query.message);
         if let Some(status) = query.status {
             let leased_rows = |q: &mut QueryBuilder<Sqlite>| {
                 q.push("d.rowid IN (SELECT value FROM json_each(");

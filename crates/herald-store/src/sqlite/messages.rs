@@ -11,7 +11,7 @@ use herald_core::{
     id,
     model::{DeliveryStatus, Message, TriggerType},
 };
-use sqlx::{QueryBuilder, Row};
+use sqlx::{QueryBuilder, Row, Sqlite};
 
 use super::{
     SqliteStore,
@@ -71,6 +71,21 @@ impl MessageStore for SqliteStore {
             .transpose()
     }
 
+    async fn get_messages(&self, app_id: &AppId, ids: &[MessageId]) -> Result<Vec<Message>> {
+        let ids: Vec<&str> = ids.iter().map(MessageId::as_str).collect();
+        sqlx::query(
+            "SELECT * FROM messages WHERE app_id = $1
+             AND id IN (SELECT value FROM json_each($2))",
+        )
+        .bind(app_id.as_str())
+        .bind(to_json(&ids))
+        .fetch_all(&self.reader)
+        .await?
+        .iter()
+        .map(rows::message)
+        .collect()
+    }
+
     async fn list_messages(
         &self,
         app_id: &AppId,
@@ -79,24 +94,7 @@ impl MessageStore for SqliteStore {
     ) -> Result<Vec<Message>> {
         let mut q = QueryBuilder::new(sql::LIST_MESSAGES);
         q.push_bind(app_id.to_string());
-        if let Some(channel) = &query.channel {
-            q.push(" AND EXISTS (SELECT 1 FROM json_each(messages.channels) WHERE value = ");
-            q.push_bind(channel.clone());
-            q.push(")");
-        }
-        if let Some(types) = &query.event_types {
-            q.push(" AND event_type IN (SELECT value FROM json_each(");
-            q.push_bind(to_json(types));
-            q.push("))");
-        }
-        if let Some(before) = query.before {
-            q.push(" AND created_at < ");
-            q.push_bind(millis(before));
-        }
-        if let Some(after) = query.after {
-            q.push(" AND created_at > ");
-            q.push_bind(millis(after));
-        }
+        push_message_filters(&mut q, "messages", query);
         paginate(&mut q, "id", page);
         q.build()
             .fetch_all(&self.reader)
@@ -654,4 +652,41 @@ fn as_json<K: AsRef<str>>(keys: &[&K]) -> String {
             .map(|key| (*key).as_ref())
             .collect::<Vec<&str>>(),
     )
+}
+
+/// Adds to `q` the terms of `filter` on the messages of the table or alias `table`.
+pub(super) fn push_message_filters(
+    q: &mut QueryBuilder<Sqlite>,
+    table: &str,
+    filter: &MessageQuery,
+) {
+    if let Some(channel) = &filter.channel {
+        q.push(format_args!(
+            " AND EXISTS (SELECT 1 FROM json_each({table}.channels) WHERE value = "
+        ));
+        q.push_bind(channel.clone());
+        q.push(")");
+    }
+    if let Some(tag) = &filter.tag {
+        q.push(format_args!(
+            " AND EXISTS (SELECT 1 FROM json_each({table}.tags) WHERE value = "
+        ));
+        q.push_bind(tag.clone());
+        q.push(")");
+    }
+    if let Some(types) = &filter.event_types {
+        q.push(format_args!(
+            " AND {table}.event_type IN (SELECT value FROM json_each("
+        ));
+        q.push_bind(to_json(types));
+        q.push("))");
+    }
+    if let Some(before) = filter.before {
+        q.push(format_args!(" AND {table}.created_at < "));
+        q.push_bind(millis(before));
+    }
+    if let Some(after) = filter.after {
+        q.push(format_args!(" AND {table}.created_at > "));
+        q.push_bind(millis(after));
+    }
 }
