@@ -194,6 +194,10 @@ pub async fn stream(
     let mut positions: BTreeMap<String, (String, u64)> = BTreeMap::new();
     let mut statuses = serde_json::Map::new();
     let history = state.publisher.history();
+    // Every channel's replay is queued before the stream is read: together they take at most
+    // three quarters of the outbox (the rest is for what is published meanwhile); a channel
+    // whose replay would not fit is answered `too_many_missed`, as if over `max_replay`.
+    let mut replay_room = (config.outbox_frames - config.outbox_frames / 4) as u64;
     for channel in &channels {
         let Some(retention) = history.retention(&app, channel) else {
             subscription.add(channel, &outbox, false);
@@ -204,8 +208,9 @@ pub async fn stream(
         subscription.add(channel, &outbox, true);
         let resume = resumes.get(channel.as_str());
         let joined = history
-            .recover(&app, channel, retention, resume, &permit)
+            .recover_at_most(&app, channel, retention, resume, &permit, replay_room)
             .await?;
+        replay_room = replay_room.saturating_sub(joined.replay.len() as u64);
         let start = match (&joined.recovery, resume) {
             (Some(Recovery::Complete { .. }), Some(resume)) => resume.offset,
             // The replay budget refused it for now: a reconnect asks for it again.

@@ -214,6 +214,30 @@ impl History {
         resume: Option<&Resume>,
         budget: &dyn ReplayBudget,
     ) -> Result<Joined, StoreError> {
+        self.recover_at_most(
+            app,
+            channel,
+            retention,
+            resume,
+            budget,
+            self.config.max_replay,
+        )
+        .await
+    }
+
+    /// [`History::recover`] replaying at most `max_replay` events (never more than the
+    /// configured `max_replay`): more missed is `too_many_missed`. For a subscriber that joins
+    /// several channels before anything is written to it, so their replays together fit its
+    /// outbox.
+    pub async fn recover_at_most(
+        &self,
+        app: &App,
+        channel: &str,
+        retention: Retention,
+        resume: Option<&Resume>,
+        budget: &dyn ReplayBudget,
+        max_replay: u64,
+    ) -> Result<Joined, StoreError> {
         let position = self.position(app, channel).await?;
         let newest = position.next_offset - 1;
         let mut joined = Joined {
@@ -238,7 +262,7 @@ impl History {
             oldest,
             &resume.epoch,
             resume.offset,
-            self.config.max_replay,
+            max_replay.min(self.config.max_replay),
         );
         let missed = match recovery {
             Recovery::Complete { missed } if missed > 0 => missed,

@@ -37,6 +37,10 @@ pub fn event_type_name(value: &str) -> Result<(), &'static str> {
 /// Longest channel name: Pusher's documented limit, prefixes (`private-`, `presence-`) counted.
 pub const MAX_CHANNEL_NAME: usize = 164;
 
+/// The longest name of an event a client sends (a Pusher client event, a relayed Socket.IO
+/// event), in bytes.
+pub const MAX_CLIENT_EVENT_NAME: usize = 200;
+
 /// What [`channel`] answers for any name it refuses.
 pub const CHANNEL_RULE: &str = "a channel name must be 1 to 164 characters of letters, digits and _ - = @ , . ; (or #server-to-user- and a user id of those)";
 

@@ -87,7 +87,8 @@ impl MessageHandler<LocalAdapter, ()> for Inbound {
                 "rate_limited",
                 "too many events waiting to be published; slow down",
             );
-            reply(&s, packet.ack, &event_name(&packet.value), Err(refusal));
+            let name = event_name(&packet.value);
+            reply(&s, packet.ack, shown_name(&name), Err(refusal));
         }
         // Closed: the socket is going away, and its events with it.
     }
@@ -179,7 +180,9 @@ pub(crate) fn start(face: Arc<Face>, socket: SocketRef) {
         listening: Listening { packets, closed },
     } = admission;
     let settings = app.socketio.clone().unwrap_or_default();
-    let id = format!("sio.{}", socket.id);
+    // The Engine.IO session's id, which every namespace socket of the session shares, and the
+    // namespace: one session may join an app by its uid and by its id, two sockets of one hub.
+    let id = format!("sio.{}{}", socket.id, socket.ns());
     let events = TokenBucket::limit(
         u64::from(face.config.events_per_second),
         u64::from(face.config.event_burst),
@@ -259,6 +262,26 @@ impl Session {
                     &json!({"event": "join", "room": room, "code": refusal.code, "message": refusal.message}),
                 );
                 }
+                // Each room's confirmation and replay go out before the next room is joined,
+                // so several rooms' replays need not fit the outbox together.
+                if overflowed.is_cancelled() {
+                    self.too_slow(&socket, &closed).await;
+                    break 'serve;
+                }
+                let mut written = Written::Yes;
+                while written == Written::Yes
+                    && let Ok(item) = frames.try_recv()
+                {
+                    written = self.write(&socket, &item);
+                }
+                match written {
+                    Written::Yes => {}
+                    Written::Gone => break 'serve,
+                    Written::Full => {
+                        self.too_slow(&socket, &closed).await;
+                        break 'serve;
+                    }
+                }
             }
             let hub = Arc::clone(&self.hub);
             loop {
@@ -321,6 +344,17 @@ impl Session {
     /// Writes one item into the socket's send buffer.
     fn write(&self, socket: &SocketRef, item: &Outgoing) -> Written {
         let sent = match item {
+            // socket.io-client would run its own handlers (or Herald's) for these names.
+            Outgoing::Publication(publication)
+                if socketio::is_reserved_name(&publication.event) =>
+            {
+                tracing::debug!(
+                    event = %publication.event,
+                    channel = %publication.channel,
+                    "an event with a name reserved on Socket.IO is not sent to Socket.IO sockets"
+                );
+                Ok(())
+            }
             Outgoing::Publication(publication) => {
                 let meta = Meta {
                     channel: &publication.channel,
@@ -366,8 +400,9 @@ impl Session {
                 return;
             }
         };
-        let event = inbound.event.clone();
-        let outcome = match event.as_str() {
+        // Echoed in a refusal: no longer than any event name that is taken.
+        let event = shown_name(&inbound.event).to_owned();
+        let outcome = match inbound.event.as_str() {
             "join" => self.join_event(inbound.args).await,
             "leave" => self.leave_event(inbound.args),
             _ => self.relay(inbound.event, inbound.args).await,
@@ -574,8 +609,11 @@ impl Session {
             }
             None => self.outbox.send(confirmation_frame(room, &confirmation)),
             Some(retention) => {
+                // No more than the outbox holds after the confirmation (more is
+                // `too_many_missed`, whatever `history.max_replay` allows).
+                let max_replay = self.outbox.capacity().saturating_sub(1) as u64;
                 match history
-                    .recover(&self.app, room, retention, resume, &self.permit)
+                    .recover_at_most(&self.app, room, retention, resume, &self.permit, max_replay)
                     .await
                 {
                     Ok(joined) => {
@@ -638,6 +676,37 @@ impl Session {
         event: String,
         mut args: Vec<Box<RawValue>>,
     ) -> Result<Value, Refusal> {
+        // Every event costs, refused or not: a refusal is answered too.
+        let config = &self.face.config;
+        charge(
+            &mut self.events,
+            "events",
+            config.events_per_second,
+            config.event_burst,
+        )?;
+        if event.len() > validate::MAX_CLIENT_EVENT_NAME {
+            return Err(refuse(
+                "invalid_event",
+                format!(
+                    "an event's name is at most {} bytes; this one is {}",
+                    validate::MAX_CLIENT_EVENT_NAME,
+                    event.len()
+                ),
+            ));
+        }
+        // The stores keep text without NUL (PostgreSQL's text and JSONB refuse it): such an
+        // event could be kept neither in a history room nor in a webhook. (socketioxide closes
+        // a session whose event name holds any escape, so the name's check is a backstop.)
+        if event.contains('\0')
+            || args
+                .iter()
+                .any(|arg| validate::json_holds_escaped_nul(arg.get().as_bytes()))
+        {
+            return Err(refuse(
+                "invalid_event",
+                "an event's name and data may not contain NUL (\\u0000)",
+            ));
+        }
         let Some(rule) = self.settings.rule_for(&event).cloned() else {
             return Err(refuse(
                 "unknown_event",
@@ -666,13 +735,6 @@ impl Session {
                 "a relayed event carries one argument (put several in an object or array)",
             ));
         }
-        let config = &self.face.config;
-        charge(
-            &mut self.events,
-            "events",
-            config.events_per_second,
-            config.event_burst,
-        )?;
         if rule.webhook && validate::event_type_name(&event).is_err() {
             return Err(refuse(
                 "invalid_event_type",
@@ -756,6 +818,15 @@ impl Session {
             }
         }
     }
+}
+
+/// An event's name as a refusal repeats it: cut to the longest name an event may have.
+fn shown_name(name: &str) -> &str {
+    let mut end = name.len().min(validate::MAX_CLIENT_EVENT_NAME);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    &name[..end]
 }
 
 /// Takes one token from a socket's `bucket` (none: no limit), or refuses with `rate_limited`.

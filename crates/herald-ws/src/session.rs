@@ -65,14 +65,15 @@ pub trait Backend: Send + Sync + 'static {
     /// The channel's retention, if it keeps history.
     fn retention(&self, channel: &str) -> Option<Retention>;
 
-    /// Where a history channel stands and what `resume` missed (see
-    /// [`History::recover`](crate::history::History::recover)); the subscriber is already in
-    /// the hub, its broadcasts held.
+    /// Where a history channel stands and what `resume` missed, at most `max_replay` events
+    /// (see [`History::recover_at_most`](crate::history::History::recover_at_most)); the
+    /// subscriber is already in the hub, its broadcasts held.
     fn recover(
         &self,
         channel: &str,
         retention: Retention,
         resume: Option<&Resume>,
+        max_replay: u64,
     ) -> impl Future<Output = Result<Joined, StoreError>> + Send;
 
     /// Publishes a client event through the one publish path: kept first on a history
@@ -138,16 +139,18 @@ impl Backend for Live {
         channel: &str,
         retention: Retention,
         resume: Option<&Resume>,
+        max_replay: u64,
     ) -> Result<Joined, StoreError> {
         // Boxed, here and below: a future is as large as the largest one it awaits inline,
         // and the connection task holds its session's for as long as the connection lives,
         // idle or not. Joins and client events are rare next to that, so they pay for a box.
-        Box::pin(self.publisher.history().recover(
+        Box::pin(self.publisher.history().recover_at_most(
             &self.app,
             channel,
             retention,
             resume,
             &self.client,
+            max_replay,
         ))
         .await
     }
@@ -484,7 +487,18 @@ impl<B: Backend> Session<B> {
                 Some(channel),
                 &confirmation,
             )),
-            Some(retention) => match self.backend.recover(channel, retention, resume).await {
+            // The replay goes into the outbox whole, after the confirmation: no more than
+            // fits (more is `too_many_missed`, whatever `history.max_replay` allows).
+            Some(retention) => match self
+                .backend
+                .recover(
+                    channel,
+                    retention,
+                    resume,
+                    self.outbox.capacity().saturating_sub(1) as u64,
+                )
+                .await
+            {
                 Ok(joined) => {
                     confirmation["history"] = joined.status();
                     let confirmed = protocol::system(

@@ -101,7 +101,7 @@ struct ChannelData {
 }
 
 /// The longest client event name, as for events published through the HTTP API (Pusher's).
-pub const MAX_CLIENT_EVENT_NAME: usize = 200;
+pub use herald_core::validate::MAX_CLIENT_EVENT_NAME;
 
 /// Reads one client text message.
 pub fn parse(text: &str) -> ClientMessage {

@@ -91,6 +91,7 @@ impl Backend for Scripted {
         channel: &str,
         _retention: Retention,
         resume: Option<&Resume>,
+        _max_replay: u64,
     ) -> Result<Joined, StoreError> {
         let hub = self.hub.lock().expect("lock").clone().expect("opened");
         for offset in &self.published_meanwhile {

@@ -332,6 +332,30 @@ fn chat_rules() -> Value {
     })
 }
 
+/// [`chat_rules`], and any other event relayed to everyone.
+fn chat_rules_relaying_any_event() -> Value {
+    let mut rules = chat_rules();
+    rules["events"]
+        .as_array_mut()
+        .expect("rules")
+        .push(json!({"event": "*", "relay": "everyone"}));
+    rules
+}
+
+/// Triggers `name` on `channel` through the Pusher HTTP API, with `{}` as its data.
+async fn trigger_empty(server: &TestServer, creds: &Creds, name: &str, channel: &str) {
+    let (status, body) = pusher::pusher_api(
+        server,
+        creds,
+        "POST",
+        &format!("/apps/{}/events", creds.id),
+        &[],
+        Some(json!({"name": name, "channel": channel, "data": "{}"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{name}: {body}");
+}
+
 #[tokio::test]
 async fn the_chat_example_relays_to_everyone_in_order_and_follows_each_rule() {
     let server = TestServer::start().await;
@@ -1045,12 +1069,7 @@ async fn clients_cannot_relay_reserved_names_switch_users_or_outrun_their_join_b
         c.socketio.join_burst = 3;
     })
     .await;
-    let mut rules = chat_rules();
-    rules["events"]
-        .as_array_mut()
-        .expect("rules")
-        .push(json!({"event": "*", "relay": "everyone"}));
-    let (_, creds) = socketio_app(&server, "guarded", rules).await;
+    let (_, creds) = socketio_app(&server, "guarded", chat_rules_relaying_any_event()).await;
     let alice = token(
         &creds,
         json!({"sub": "alice", "rooms": ["private-a", "private-encrypted-e", "#server-to-user-alice"]}),
@@ -1110,6 +1129,180 @@ async fn a_grant_stops_authorizing_rooms_when_its_token_expires() {
             "the grant never expired"
         );
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn refused_events_cost_their_sender_and_malformed_names_and_data_are_refused() {
+    let server = TestServer::start_with(|c| {
+        c.socketio.events_per_second = 1;
+        c.socketio.event_burst = 4;
+    })
+    .await;
+    socketio_app(&server, "strict", chat_rules_relaying_any_event()).await;
+    let mut sio = Sio::connect(&server, "strict", None).await.expect("sio");
+    // Too long, or with NUL in the name or the data: nothing a store could keep.
+    let long = "n".repeat(herald_core::validate::MAX_CLIENT_EVENT_NAME + 1);
+    let refused = sio.emit_ack(&long, &[json!(1)]).await;
+    assert_eq!(refused["error"]["code"], "invalid_event", "{refused}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("at most 200 bytes")),
+        "{refused}"
+    );
+    // (A name with NUL never gets this far: socketioxide closes the session on any escape in
+    // an event's name.)
+    let refused = sio.emit_ack("fine", &[json!({"text": "a\u{0}b"})]).await;
+    assert_eq!(refused["error"]["code"], "invalid_event", "{refused}");
+    // Refused by the rules: still charged, so the budget of 4 is spent after two more.
+    for name in ["secret", "disconnect"] {
+        let refused = sio.emit_ack(name, &[json!(1)]).await;
+        assert_eq!(refused["error"]["code"], "refused", "{name}: {refused}");
+    }
+    let limited = sio.emit_ack("fine", &[json!(1)]).await;
+    assert_eq!(limited["error"]["code"], "rate_limited", "{limited}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn events_the_server_publishes_under_socketio_reserved_names_are_not_sent_to_sockets() {
+    let server = TestServer::start().await;
+    let (_, creds) = socketio_app(&server, "reserved", chat_rules()).await;
+    let mut sio = Sio::connect(&server, "reserved", None).await.expect("sio");
+    sio.expect("herald:subscribed").await;
+    for name in ["disconnect", "connect_error", "herald:subscribed", "after"] {
+        trigger_empty(&server, &creds, name, "socket.io").await;
+    }
+    // In order: only `after` arrives.
+    loop {
+        if let Some(event) = sio.events.pop_front() {
+            assert_eq!(event.name, "after", "{:?}", event.args);
+            break;
+        }
+        sio.read_packet().await;
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn one_engine_io_session_in_an_app_by_uid_and_by_id_gets_each_event_on_both() {
+    let server = TestServer::start().await;
+    let (app_id, creds) = socketio_app(&server, "twice", chat_rules()).await;
+    let mut ws = open_ws(&server, None).await;
+    for ns in ["twice", app_id.as_str()] {
+        ws.send(Message::text(format!("40/{ns},")))
+            .await
+            .expect("send CONNECT");
+    }
+    // Both CONNECTs answered, and both sockets in the namespace channel.
+    let mut connected = 0;
+    let mut subscribed = 0;
+    while connected < 2 || subscribed < 2 {
+        let text = next_text(&mut ws).await;
+        if text == "2" {
+            ws.send(Message::text("3")).await.expect("pong");
+        } else if text.starts_with("40/") {
+            connected += 1;
+        } else if text.contains("herald:subscribed") {
+            subscribed += 1;
+        }
+    }
+    trigger_empty(&server, &creds, "hello", "socket.io").await;
+    let mut heard = std::collections::BTreeSet::new();
+    while heard.len() < 2 {
+        let text = next_text(&mut ws).await;
+        if text == "2" {
+            ws.send(Message::text("3")).await.expect("pong");
+            continue;
+        }
+        if text.contains("\"hello\"") {
+            let ns = text
+                .strip_prefix("42/")
+                .and_then(|rest| rest.split_once(','))
+                .map(|(ns, _)| ns.to_owned())
+                .expect("an event packet");
+            assert!(heard.insert(ns.clone()), "{ns} heard twice");
+        }
+    }
+    assert_eq!(
+        heard,
+        ["twice".to_owned(), app_id].into_iter().collect(),
+        "each namespace's socket gets the event"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_connect_that_recovers_several_rooms_gets_every_replay_though_they_outgrow_the_outbox() {
+    // An outbox of 16 frames; three rooms of 6 missed events and their confirmations are 21.
+    let server = TestServer::start_with(|c| c.socketio.outbox_frames = 16).await;
+    let (_, creds) = socketio_app(&server, "replays", chat_rules()).await;
+    let rooms = ["history-a", "history-b", "history-c"];
+    let grant = || token(&creds, json!({"rooms": rooms}));
+    let mut reader = Sio::connect(&server, "replays", Some(json!({"token": grant()})))
+        .await
+        .expect("reader");
+    let mut positions = serde_json::Map::new();
+    while positions.len() < rooms.len() {
+        let subscribed = reader.expect("herald:subscribed").await.args[0].clone();
+        if let Some(history) = subscribed.get("history") {
+            let room = subscribed["room"].as_str().expect("room").to_owned();
+            positions.insert(
+                room,
+                json!({"epoch": history["epoch"], "offset": history["offset"]}),
+            );
+        }
+    }
+    drop(reader);
+    let mut writer = Sio::connect(&server, "replays", Some(json!({"token": grant()})))
+        .await
+        .expect("writer");
+    for n in 0..6 {
+        let ack = writer.emit_ack("note", &[json!(n)]).await;
+        assert_eq!(ack["ok"], true, "{ack}");
+    }
+    let mut reader = Sio::connect(
+        &server,
+        "replays",
+        Some(json!({"token": grant(), "positions": positions})),
+    )
+    .await
+    .expect("reader again");
+    let mut recovered = 0;
+    let mut notes: std::collections::BTreeMap<String, Vec<Value>> = Default::default();
+    while recovered < rooms.len() || notes.values().map(Vec::len).sum::<usize>() < 18 {
+        reader.read_packet().await;
+        while let Some(event) = reader.events.pop_front() {
+            match event.name.as_str() {
+                "herald:subscribed" if event.args[0].get("history").is_some() => {
+                    assert_eq!(
+                        event.args[0]["history"]["recovered"], true,
+                        "{:?}",
+                        event.args
+                    );
+                    recovered += 1;
+                }
+                "note" => notes
+                    .entry(
+                        event.args[1]["channel"]
+                            .as_str()
+                            .expect("channel")
+                            .to_owned(),
+                    )
+                    .or_default()
+                    .push(event.args[0].clone()),
+                _ => {}
+            }
+        }
+    }
+    for room in rooms {
+        assert_eq!(
+            notes[room],
+            (0..6).map(|n| json!(n)).collect::<Vec<_>>(),
+            "{room}"
+        );
     }
     server.stop().await;
 }

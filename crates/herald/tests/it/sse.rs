@@ -278,6 +278,54 @@ async fn a_resumption_the_replay_budget_refuses_keeps_its_position_in_the_first_
 }
 
 #[tokio::test]
+async fn replays_that_would_not_fit_the_outbox_together_are_answered_too_many_missed() {
+    // An outbox of 16: the replays of one stream take at most 12 frames together.
+    let server = TestServer::start_with(|c| c.ws.outbox_frames = 16).await;
+    let (_, creds) = pusher_app(&server, "sse-replay-room").await;
+    let query = "channels=history-a,history-b";
+    let mut stream = SseClient::open(&server, &creds, query, None).await;
+    let (_, hello) = stream.data().await;
+    let epoch = |channel: &str| {
+        hello["data"][channel]["epoch"]
+            .as_str()
+            .expect("epoch")
+            .to_owned()
+    };
+    let (epoch_a, epoch_b) = (epoch("history-a"), epoch("history-b"));
+    drop(stream);
+    for i in 0..8 {
+        publish(&server, &creds, "history-a", &format!("a{i}")).await;
+        publish(&server, &creds, "history-b", &format!("b{i}")).await;
+    }
+
+    // 8 + 8 missed: history-a is replayed, history-b would overflow the outbox.
+    let from_start = format!("history-a:{epoch_a}:0|history-b:{epoch_b}:0");
+    let mut resumed = SseClient::open(&server, &creds, query, Some(&from_start)).await;
+    let (_, hello) = resumed.data().await;
+    assert_eq!(hello["data"]["history-a"]["recovered"], true, "{hello}");
+    assert_eq!(hello["data"]["history-a"]["missed"], 8, "{hello}");
+    assert_eq!(hello["data"]["history-b"]["recovered"], false, "{hello}");
+    assert_eq!(
+        hello["data"]["history-b"]["reason"], "too_many_missed",
+        "{hello}"
+    );
+    for i in 0..8 {
+        let (_, event) = resumed.data().await;
+        assert_eq!(event["channel"], "history-a", "{event}");
+        assert_eq!(event["data"], format!("a{i}"), "{event}");
+    }
+    // The stream is live on both channels, not ended by an overflow.
+    publish(&server, &creds, "history-b", "live").await;
+    let (_, event) = resumed.data().await;
+    assert_eq!(
+        (&event["channel"], &event["data"]),
+        (&json!("history-b"), &json!("live"))
+    );
+    drop(resumed);
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn private_channels_need_a_signed_token_and_bad_requests_are_refused() {
     let server = TestServer::start().await;
     let (_, creds) = pusher_app(&server, "sse-private").await;
