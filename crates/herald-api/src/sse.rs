@@ -219,11 +219,15 @@ pub async fn stream(
         };
         positions.insert(channel.clone(), (joined.epoch.clone(), start));
         statuses.insert(channel.clone(), joined.status());
-        hub.go_live(channel, &subscription.id, joined.offset, |outbox| {
-            for publication in joined.replay {
-                outbox.send(Outgoing::Publication(publication));
-            }
-        });
+        hub.go_live_in_order(
+            channel,
+            &subscription.id,
+            joined.offset,
+            |_| {},
+            joined.replay,
+            |after, before| history.between(&app.id, channel, after, before),
+        )
+        .await?;
     }
 
     let mut first = Event::default().data(

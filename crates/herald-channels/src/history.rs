@@ -89,6 +89,40 @@ pub trait ReplayBudget: Sync {
     fn try_charge(&self, bytes: u64) -> bool;
 }
 
+/// The most events [`History::between`] reads at once. A gap is the few publications of other
+/// nodes that a bus delivered after a later one; a larger one is read in several turns.
+pub const MAX_GAP_READ: u64 = 1000;
+
+/// The kept events of `channel` between `after` and `before` (both exclusive), oldest first,
+/// at most `limit`, whatever their age: offsets a node must hand on before a later one.
+pub async fn kept_between(
+    store: &dyn Store,
+    app_id: &AppId,
+    channel: &str,
+    after: u64,
+    before: u64,
+    limit: u64,
+) -> Result<Vec<Arc<Publication>>, StoreError> {
+    let missing = before.saturating_sub(after).saturating_sub(1);
+    let entries = store
+        .history(
+            app_id,
+            channel,
+            &HistoryQuery {
+                after: Some(after),
+                before: Some(before),
+                limit: u32::try_from(missing.min(limit)).unwrap_or(u32::MAX),
+                newest_first: false,
+                not_before: chrono::DateTime::<Utc>::MIN_UTC,
+            },
+        )
+        .await?;
+    Ok(entries
+        .iter()
+        .map(|e| Arc::new(Publication::from_history(e)))
+        .collect())
+}
+
 /// The `reason` of a recovery the replay budget refused.
 pub const RATE_LIMITED: &str = "rate_limited";
 
@@ -316,6 +350,27 @@ impl History {
             joined.recovery = Some(Recovery::Impossible(Unrecoverable::OffsetTooOld));
         }
         Ok(joined)
+    }
+
+    /// The kept events of `channel` between `after` and `before` (both exclusive), oldest
+    /// first, at most [`MAX_GAP_READ`]: what the publications held for a joining subscriber
+    /// skipped (see [`AppHub::go_live_in_order`](crate::hub::AppHub::go_live_in_order)).
+    pub async fn between(
+        &self,
+        app_id: &AppId,
+        channel: &str,
+        after: u64,
+        before: u64,
+    ) -> Result<Vec<Arc<Publication>>, StoreError> {
+        kept_between(
+            self.store.as_ref(),
+            app_id,
+            channel,
+            after,
+            before,
+            MAX_GAP_READ,
+        )
+        .await
     }
 
     /// Drops the channel's kept events and starts a new epoch (offsets go on counting), so

@@ -365,6 +365,43 @@ struct Subscriber {
 }
 
 /// What is held for a joining subscriber.
+/// How many times [`AppHub::go_live_in_order`] reads offsets missing between a replay and
+/// the publications held, before it goes live without them.
+pub const MAX_GAP_READS: usize = 4;
+
+/// What [`AppHub::go_live_unless_gap`] did.
+enum GoLive {
+    Live,
+    Gone,
+    /// Nothing: the held publications skip offsets from `newest + 1` to `before - 1`.
+    Gap {
+        before: u64,
+    },
+}
+
+/// The first offset held after a gap above `newest`, if the publications held skip one.
+fn first_gap(held: &Mutex<Vec<Held>>, newest: u64) -> Option<u64> {
+    let held = held.lock().unwrap_or_else(|p| p.into_inner());
+    let mut offsets: Vec<u64> = held
+        .iter()
+        .filter_map(|item| match item {
+            Held::Item(Outgoing::Publication(p)) => p.offset(),
+            _ => None,
+        })
+        .filter(|&offset| offset > newest)
+        .collect();
+    offsets.sort_unstable();
+    offsets.dedup();
+    let mut next = newest + 1;
+    for offset in offsets {
+        if offset > next {
+            return Some(offset);
+        }
+        next = offset + 1;
+    }
+    None
+}
+
 enum Held {
     Item(Outgoing),
     /// A member notice from the cluster, filtered against the snapshot when it goes live.
@@ -606,13 +643,87 @@ impl AppHub {
         newest: u64,
         first: impl FnOnce(&Outbox),
     ) -> bool {
+        matches!(
+            self.go_live_unless_gap(channel, socket_id, newest, false, first),
+            GoLive::Live
+        )
+    }
+
+    /// [`AppHub::go_live`] for a history channel, where the publications held for the
+    /// subscriber must follow `newest` without a gap: publications of one channel committed on
+    /// different nodes may come over the bus in either order, and a subscriber still joining
+    /// has no offset for [`AppHub::catch_up_from`] to fill from. Then `replay` (read up to
+    /// `newest`) is queued after `prefix`, and what was held after it. If the held
+    /// publications skip an offset, the offsets missing are read with `read(after, before)`
+    /// (both exclusive; committed, since a later one was), added to the replay, and it tries
+    /// again. After [`MAX_GAP_READS`] reads that leave a gap (its events trimmed meanwhile),
+    /// it goes live anyway, and logs it. Returns false if the subscriber is gone.
+    pub async fn go_live_in_order<E, Read>(
+        &self,
+        channel: &str,
+        socket_id: &str,
+        mut newest: u64,
+        prefix: impl Fn(&Outbox),
+        mut replay: Vec<Arc<Publication>>,
+        mut read: impl FnMut(u64, u64) -> Read,
+    ) -> Result<bool, E>
+    where
+        Read: std::future::Future<Output = Result<Vec<Arc<Publication>>, E>>,
+    {
+        for attempt in 0..=MAX_GAP_READS {
+            let first = |outbox: &Outbox| {
+                prefix(outbox);
+                for publication in std::mem::take(&mut replay) {
+                    outbox.send(Outgoing::Publication(publication));
+                }
+            };
+            let check = attempt < MAX_GAP_READS;
+            let before = match self.go_live_unless_gap(channel, socket_id, newest, check, first) {
+                GoLive::Live => return Ok(true),
+                GoLive::Gone => return Ok(false),
+                GoLive::Gap { before } => before,
+            };
+            let found = read(newest, before).await?;
+            match found.last().and_then(|p| p.offset()) {
+                Some(last) if found.first().and_then(|p| p.offset()) == Some(newest + 1) => {
+                    newest = last;
+                    replay.extend(found);
+                }
+                _ => {
+                    tracing::warn!(
+                        channel,
+                        after = newest,
+                        before,
+                        "offsets a joining subscriber missed are no longer kept; it goes live without them"
+                    );
+                    newest = before - 1;
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    fn go_live_unless_gap(
+        &self,
+        channel: &str,
+        socket_id: &str,
+        newest: u64,
+        check_gaps: bool,
+        first: impl FnOnce(&Outbox),
+    ) -> GoLive {
         let mut channels = write(&self.channels);
         let Some(subscriber) = channels
             .get_mut(channel)
             .and_then(|c| c.subscribers.get_mut(socket_id))
         else {
-            return false;
+            return GoLive::Gone;
         };
+        if check_gaps
+            && let Some(held) = &subscriber.joining
+            && let Some(before) = first_gap(held, newest)
+        {
+            return GoLive::Gap { before };
+        }
         first(&subscriber.outbox);
         subscriber
             .next_offset
@@ -636,7 +747,7 @@ impl AppHub {
                 }
             }
         }
-        true
+        GoLive::Live
     }
 
     /// A presence subscriber subscribes again (a client that lost track of its subscription):
@@ -1574,6 +1685,82 @@ mod tests {
             });
         }
         seen
+    }
+
+    /// Another node's 5 came over the bus before this node heard its 4 (and before its 3 and
+    /// 4 were in the replay, read up to 2): the join reads 3 and 4 before going live, and the
+    /// late 4 is then a duplicate.
+    #[tokio::test]
+    async fn a_joining_subscriber_whose_held_publications_skip_offsets_reads_them_first() {
+        let hub = app_hub();
+        let (outbox, mut rx, overflowed) = Outbox::new(16);
+        hub.subscribe_joining("history-c", "1.1", &outbox, None, 10)
+            .expect("subscribed");
+        assert_eq!(hub.broadcast(&published("history-c", Some(5))), 1);
+        let mut reads = Vec::new();
+        let live = hub
+            .go_live_in_order(
+                "history-c",
+                "1.1",
+                2,
+                |outbox| outbox.send(Frame::from_static("ok")),
+                vec![published("history-c", Some(2))],
+                |after, before| {
+                    reads.push((after, before));
+                    let found = (after + 1..before)
+                        .map(|offset| published("history-c", Some(offset)))
+                        .collect();
+                    std::future::ready(Ok::<_, std::convert::Infallible>(found))
+                },
+            )
+            .await;
+        assert_eq!(live, Ok(true));
+        assert_eq!(reads, [(2, 5)]);
+        // The late 4 reaches the subscriber's filter, which passes over it.
+        hub.broadcast(&published("history-c", Some(4)));
+        hub.broadcast(&published("history-c", Some(6)));
+        assert_eq!(offsets(&mut rx), ["ok", "2", "3", "4", "5", "6"]);
+        assert!(!overflowed.is_cancelled());
+    }
+
+    /// The offsets skipped are no longer kept: after a few reads it goes live without them
+    /// rather than hold the subscriber for good.
+    #[tokio::test]
+    async fn a_gap_that_cannot_be_read_does_not_hold_the_subscriber() {
+        let hub = app_hub();
+        let (outbox, mut rx, _overflowed) = Outbox::new(16);
+        hub.subscribe_joining("history-c", "1.1", &outbox, None, 10)
+            .expect("subscribed");
+        assert_eq!(hub.broadcast(&published("history-c", Some(9))), 1);
+        let mut reads = 0;
+        let live = hub
+            .go_live_in_order(
+                "history-c",
+                "1.1",
+                2,
+                |_| {},
+                Vec::new(),
+                |_, _| {
+                    reads += 1;
+                    std::future::ready(Ok::<_, std::convert::Infallible>(Vec::new()))
+                },
+            )
+            .await;
+        assert_eq!(live, Ok(true));
+        assert_eq!(reads, 1);
+        assert_eq!(offsets(&mut rx), ["9"]);
+        // A subscriber gone meanwhile is not made live.
+        let gone = hub
+            .go_live_in_order(
+                "history-c",
+                "9.9",
+                0,
+                |_| {},
+                Vec::new(),
+                |_, _| std::future::ready(Ok::<_, std::convert::Infallible>(Vec::new())),
+            )
+            .await;
+        assert_eq!(gone, Ok(false));
     }
 
     #[test]

@@ -710,24 +710,18 @@ impl PostgresBroker {
         if offset <= from.saturating_add(1) {
             return Ok(());
         }
-        let missing = u32::try_from(offset - from - 1).unwrap_or(u32::MAX);
-        let entries = self
-            .store
-            .history(
-                app.app_id(),
-                channel,
-                &HistoryQuery {
-                    after: Some(from),
-                    before: Some(offset),
-                    limit: missing.min(CATCH_UP_LIMIT),
-                    newest_first: false,
-                    not_before: chrono::DateTime::<Utc>::MIN_UTC,
-                },
-            )
-            .await
-            .map_err(|e| format!("reading offsets {from}..{offset} of {channel}: {e}"))?;
-        for entry in &entries {
-            app.broadcast(&Arc::new(Publication::from_history(entry)));
+        let publications = herald_channels::history::kept_between(
+            self.store.as_ref(),
+            app.app_id(),
+            channel,
+            from,
+            offset,
+            u64::from(CATCH_UP_LIMIT),
+        )
+        .await
+        .map_err(|e| format!("reading offsets {from}..{offset} of {channel}: {e}"))?;
+        for publication in &publications {
+            app.broadcast(publication);
         }
         Ok(())
     }

@@ -620,12 +620,26 @@ impl Session {
                         confirmation["history"] = joined.status();
                         let confirmed = confirmation_frame(room, &confirmation);
                         let (offset, replay) = (joined.offset, joined.replay);
-                        self.hub.go_live(room, &self.id, offset, |outbox| {
-                            outbox.send(confirmed);
-                            for publication in replay {
-                                outbox.send(Outgoing::Publication(publication));
-                            }
-                        });
+                        let app_id = &self.app.id;
+                        let live = self
+                            .hub
+                            .go_live_in_order(
+                                room,
+                                &self.id,
+                                offset,
+                                |outbox| outbox.send(confirmed.clone()),
+                                replay,
+                                |after, before| history.between(app_id, room, after, before),
+                            )
+                            .await;
+                        if let Err(e) = live {
+                            tracing::error!(error = %e, room, "reading channel history failed");
+                            self.leave(room);
+                            return Err(refuse(
+                                "unavailable",
+                                "the room's history could not be read; try again",
+                            ));
+                        }
                     }
                     Err(e) => {
                         tracing::error!(error = %e, room, "reading channel history failed");

@@ -18,7 +18,7 @@
 use std::{future::Future, sync::Arc};
 
 use herald_channels::{
-    EventData, Outgoing, Publish, PublishError, Publisher, Webhook, presence::complete_snapshot,
+    EventData, Publication, Publish, PublishError, Publisher, Webhook, presence::complete_snapshot,
 };
 use herald_core::{
     history::Retention,
@@ -75,6 +75,15 @@ pub trait Backend: Send + Sync + 'static {
         resume: Option<&Resume>,
         max_replay: u64,
     ) -> impl Future<Output = Result<Joined, StoreError>> + Send;
+
+    /// The kept events of a history channel between `after` and `before` (both exclusive),
+    /// oldest first (see [`History::between`](crate::history::History::between)).
+    fn history_between(
+        &self,
+        channel: &str,
+        after: u64,
+        before: u64,
+    ) -> impl Future<Output = Result<Vec<Arc<Publication>>, StoreError>> + Send;
 
     /// Publishes a client event through the one publish path: kept first on a history
     /// channel, then relayed to the channel's other subscribers.
@@ -152,6 +161,20 @@ impl Backend for Live {
             &self.client,
             max_replay,
         ))
+        .await
+    }
+
+    async fn history_between(
+        &self,
+        channel: &str,
+        after: u64,
+        before: u64,
+    ) -> Result<Vec<Arc<Publication>>, StoreError> {
+        Box::pin(
+            self.publisher
+                .history()
+                .between(&self.app.id, channel, after, before),
+        )
         .await
     }
 
@@ -489,33 +512,38 @@ impl<B: Backend> Session<B> {
             )),
             // The replay goes into the outbox whole, after the confirmation: no more than
             // fits (more is `too_many_missed`, whatever `history.max_replay` allows).
-            Some(retention) => match self
-                .backend
-                .recover(
-                    channel,
-                    retention,
-                    resume,
-                    self.outbox.capacity().saturating_sub(1) as u64,
-                )
-                .await
-            {
-                Ok(joined) => {
-                    confirmation["history"] = joined.status();
-                    let confirmed = protocol::system(
-                        "pusher_internal:subscription_succeeded",
-                        Some(channel),
-                        &confirmation,
-                    );
-                    let Joined { offset, replay, .. } = joined;
-                    self.hub
-                        .go_live(channel, &self.socket_id, offset, |outbox| {
-                            outbox.send(confirmed);
-                            for publication in replay {
-                                outbox.send(Outgoing::Publication(publication));
-                            }
-                        });
-                }
-                Err(e) => {
+            Some(retention) => {
+                // The replay goes into the outbox whole, after the confirmation: no more than
+                // fits (more is `too_many_missed`, whatever `history.max_replay` allows).
+                let max_replay = self.outbox.capacity().saturating_sub(1) as u64;
+                let joined = self
+                    .backend
+                    .recover(channel, retention, resume, max_replay)
+                    .await;
+                let live = match joined {
+                    Ok(joined) => {
+                        confirmation["history"] = joined.status();
+                        let confirmed = protocol::system(
+                            "pusher_internal:subscription_succeeded",
+                            Some(channel),
+                            &confirmation,
+                        );
+                        let Joined { offset, replay, .. } = joined;
+                        let backend = &self.backend;
+                        self.hub
+                            .go_live_in_order(
+                                channel,
+                                &self.socket_id,
+                                offset,
+                                |outbox| outbox.send(confirmed.clone()),
+                                replay,
+                                |after, before| backend.history_between(channel, after, before),
+                            )
+                            .await
+                    }
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = live {
                     tracing::error!(error = %e, channel, "reading channel history failed");
                     self.channels
                         .insert(channel.to_owned(), member.map(|(user_id, _)| user_id));
@@ -528,7 +556,7 @@ impl<B: Backend> Session<B> {
                     ));
                     return;
                 }
-            },
+            }
         }
         // A new member was announced by the hub, under the channel lock.
         self.channels

@@ -86,6 +86,15 @@ impl Backend for Scripted {
         })
     }
 
+    async fn history_between(
+        &self,
+        _channel: &str,
+        _after: u64,
+        _before: u64,
+    ) -> Result<Vec<Arc<Publication>>, StoreError> {
+        Ok(Vec::new())
+    }
+
     async fn recover(
         &self,
         channel: &str,

@@ -869,6 +869,98 @@ async fn the_seam_between_join_and_publish_is_exact_under_races() {
     store.close().await;
 }
 
+/// Over a bus, another node's publication may come before an earlier one of a third node: a
+/// subscriber still joining (the only one on its node, so no catch-up covers it) reads the
+/// offsets its held publications skip from the store before going live, and gets nothing
+/// twice when the late one arrives.
+#[tokio::test]
+async fn a_join_reads_from_the_store_the_offsets_its_held_publications_skip() {
+    use std::sync::Arc;
+
+    use herald_channels::{Outgoing, Publication, hub::Outbox, limits::ClientPermit};
+    use herald_core::history::{HistoryEntry, NewHistoryEntry};
+
+    let dir = tempfile::tempdir().expect("dir");
+    let InProcess {
+        store,
+        app,
+        history,
+        publisher,
+        hub,
+    } = in_process_history(dir.path()).await;
+    let channel = "history-bus";
+    publish_note(&publisher, &app, channel, "1").await;
+    let app_hub = hub.app(&app.id);
+    let (outbox, mut frames, overflowed) = Outbox::new(16);
+    app_hub
+        .subscribe_joining(channel, "1.1", &outbox, None, 10)
+        .expect("subscribed");
+    let retention = history.retention(&app, channel).expect("history");
+    let joined = history
+        .recover(&app, channel, retention, None, &ClientPermit::unlimited())
+        .await
+        .expect("recover");
+    assert_eq!(joined.offset, 1);
+    // Two other nodes commit 2 and 3; this node hears 3 first.
+    let mut heard = Vec::new();
+    for data in ["2", "3"] {
+        let position = store
+            .append_history(NewHistoryEntry {
+                app_id: app.id.clone(),
+                channel: channel.to_owned(),
+                event: "note".into(),
+                data: data.into(),
+                raw_json: false,
+                user_id: None,
+                created_at: chrono::Utc::now(),
+                retention,
+                first_epoch: None,
+                except: None,
+            })
+            .await
+            .expect("append");
+        heard.push(Arc::new(Publication::from_history(&HistoryEntry {
+            app_id: app.id.clone(),
+            channel: channel.to_owned(),
+            epoch: position.epoch,
+            offset: position.offset,
+            event: "note".into(),
+            data: data.into(),
+            raw_json: false,
+            user_id: None,
+            created_at: chrono::Utc::now(),
+        })));
+    }
+    app_hub.broadcast(&heard[1]);
+    let live = app_hub
+        .go_live_in_order(
+            channel,
+            "1.1",
+            joined.offset,
+            |_| {},
+            joined.replay,
+            |after, before| history.between(&app.id, channel, after, before),
+        )
+        .await
+        .expect("the store is read");
+    assert!(live);
+    app_hub.broadcast(&heard[0]);
+    let mut received = Vec::new();
+    while let Ok(Outgoing::Publication(p)) = frames.try_recv() {
+        received.push((
+            p.offset().expect("a position"),
+            p.json_data().get().to_owned(),
+        ));
+    }
+    assert_eq!(
+        received,
+        [(2, "2".to_owned()), (3, "3".to_owned())],
+        "2 read from the store, then 3 as held, and the late 2 not again"
+    );
+    assert!(!overflowed.is_cancelled());
+    store.close().await;
+}
+
 /// The store prices a range of history in bytes (data, event names, user ids as kept) without
 /// reading it out.
 #[tokio::test]
