@@ -172,7 +172,14 @@ pub async fn stream(
         .and_then(|v| v.to_str().ok())
         .or_else(|| query.get("lastEventId").map(String::as_str))
         .unwrap_or_default();
-    let resumes = parse_positions(last_event_id);
+    let resumes = parse_positions(last_event_id).ok_or_else(|| {
+        fail(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "Last-Event-ID {last_event_id:?} is not a stream position: channel:epoch:offset, joined by |, as the stream's ids are"
+            ),
+        )
+    })?;
 
     let hub = state.hub.app(&app.id);
     let config = &state.sse;
@@ -198,6 +205,7 @@ pub async fn stream(
     // three quarters of the outbox (the rest is for what is published meanwhile); a channel
     // whose replay would not fit is answered `too_many_missed`, as if over `max_replay`.
     let mut replay_room = (config.outbox_frames - config.outbox_frames / 4) as u64;
+    let mut ask_again = false;
     for channel in &channels {
         let Some(retention) = history.retention(&app, channel) else {
             subscription.add(channel, &outbox, false);
@@ -219,6 +227,14 @@ pub async fn stream(
         };
         positions.insert(channel.clone(), (joined.epoch.clone(), start));
         statuses.insert(channel.clone(), joined.status());
+        if joined.rate_limited && resume.is_some() {
+            // Not followed by this stream: a live event would move its id past what it still
+            // has to get. The stream ends once what it queued is sent, and the browser asks
+            // again (after its retry delay) from the position kept.
+            subscription.remove(channel);
+            ask_again = true;
+            continue;
+        }
         hub.go_live_in_order(
             channel,
             &subscription.id,
@@ -254,12 +270,18 @@ pub async fn stream(
         overflowed,
         shutdown: state.shutdown.clone(),
         positions,
+        ends_when_drained: ask_again,
         _subscription: subscription,
         _permit: permit,
     };
     let events = futures_util::stream::unfold(state, |mut st| async move {
         if let Some(first) = st.first.take() {
             return Some((Ok::<Event, Infallible>(first), st));
+        }
+        if st.ends_when_drained {
+            let frame = st.frames.try_recv().ok()?;
+            let event = st.event(&frame);
+            return Some((Ok(event), st));
         }
         let frame = tokio::select! {
             frame = st.frames.recv() => frame?,
@@ -329,12 +351,19 @@ fn position_id(positions: &BTreeMap<String, (String, u64)>) -> String {
         .join("|")
 }
 
-/// The positions of a [`position_id`].
-fn parse_positions(id: &str) -> HashMap<&str, Resume> {
+/// The positions of a [`position_id`] (none for an empty id); `None` if any part is not one,
+/// since a resume silently dropped would be a fresh start the client does not know of.
+fn parse_positions(id: &str) -> Option<HashMap<&str, Resume>> {
+    if id.is_empty() {
+        return Some(HashMap::new());
+    }
     id.split('|')
-        .filter_map(|part| {
+        .map(|part| {
             let mut fields = part.splitn(3, ':');
             let (channel, epoch, offset) = (fields.next()?, fields.next()?, fields.next()?);
+            if channel.is_empty() || epoch.is_empty() {
+                return None;
+            }
             Some((
                 channel,
                 Resume {
@@ -368,6 +397,12 @@ impl Subscription {
             self.channels.push(channel.to_owned());
         }
     }
+
+    /// Unsubscribes from one channel (what was held for it goes too).
+    fn remove(&mut self, channel: &str) {
+        self.channels.retain(|c| c != channel);
+        self.hub.unsubscribe(channel, &self.id);
+    }
 }
 
 impl Drop for Subscription {
@@ -385,6 +420,9 @@ struct StreamState {
     overflowed: CancellationToken,
     shutdown: CancellationToken,
     positions: BTreeMap<String, (String, u64)>,
+    /// A channel's replay was refused for now: the stream ends once what was queued before it
+    /// started is sent, so the browser reconnects and asks again.
+    ends_when_drained: bool,
     _subscription: Subscription,
     /// The stream's place in its address's counts, released when the stream ends.
     _permit: ClientPermit,

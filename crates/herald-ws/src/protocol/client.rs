@@ -121,15 +121,27 @@ pub fn parse(text: &str) -> ClientMessage {
         "pusher:ping" => ClientMessage::Ping,
         "pusher:pong" => ClientMessage::Pong,
         "pusher:subscribe" => match parse_data::<SubscribeData>(data) {
-            Ok(d) => ClientMessage::Subscribe(Subscribe {
-                channel: d.channel,
-                auth: d.auth,
-                channel_data: d.channel_data,
-                resume: match (d.epoch, d.offset) {
+            Ok(d) => {
+                let resume = match (d.epoch, d.offset) {
                     (Some(epoch), Some(offset)) => Some(Resume { epoch, offset }),
-                    _ => None,
-                },
-            }),
+                    (None, None) => None,
+                    // Half a position is no position: answered, not read as a fresh subscribe
+                    // that would leave the client believing it resumed.
+                    _ => {
+                        return malformed(
+                            "pusher:subscribe",
+                            "epoch and offset resume a history channel together; give both or neither"
+                                .into(),
+                        );
+                    }
+                };
+                ClientMessage::Subscribe(Subscribe {
+                    channel: d.channel,
+                    auth: d.auth,
+                    channel_data: d.channel_data,
+                    resume,
+                })
+            }
             Err(e) => malformed("pusher:subscribe", e),
         },
         "pusher:unsubscribe" => match parse_data::<UnsubscribeData>(data) {
@@ -299,7 +311,7 @@ mod tests {
     }
 
     #[test]
-    fn subscribe_resumes_only_with_both_epoch_and_offset() {
+    fn subscribe_resumes_with_both_epoch_and_offset_and_half_a_position_is_malformed() {
         let ClientMessage::Subscribe(s) =
             parse(r#"{"event":"pusher:subscribe","data":{"channel":"h","epoch":"e1","offset":4}}"#)
         else {
@@ -307,12 +319,15 @@ mod tests {
         };
         let resume = s.resume.expect("resume");
         assert_eq!((resume.epoch.as_str(), resume.offset), ("e1", 4));
-        let ClientMessage::Subscribe(s) =
-            parse(r#"{"event":"pusher:subscribe","data":{"channel":"h","offset":4}}"#)
-        else {
-            panic!("expected Subscribe");
-        };
-        assert!(s.resume.is_none());
+        for half in [
+            r#"{"event":"pusher:subscribe","data":{"channel":"h","offset":4}}"#,
+            r#"{"event":"pusher:subscribe","data":{"channel":"h","epoch":"e1"}}"#,
+        ] {
+            assert!(
+                malformed(half).contains("epoch and offset resume a history channel together"),
+                "{half}"
+            );
+        }
     }
 
     #[test]

@@ -68,6 +68,26 @@ impl SseClient {
         .expect("timed out waiting for an SSE event")
     }
 
+    /// Whether the stream ends with no further event (comments aside).
+    async fn ends(&mut self) -> bool {
+        tokio::time::timeout(PATIENCE, async {
+            loop {
+                if self.buffer.contains("data:") {
+                    return false;
+                }
+                match self.response.chunk().await {
+                    Ok(Some(chunk)) => self
+                        .buffer
+                        .push_str(std::str::from_utf8(&chunk).expect("utf8")),
+                    Ok(None) => return true,
+                    Err(_) => return true,
+                }
+            }
+        })
+        .await
+        .expect("timed out waiting for the stream to end")
+    }
+
     /// The next event that is not a comment, as JSON.
     async fn data(&mut self) -> (Option<String>, Value) {
         loop {
@@ -273,7 +293,23 @@ async fn a_resumption_the_replay_budget_refuses_keeps_its_position_in_the_first_
         "{hello}"
     );
     assert_eq!(id, Some(from_start));
+    // The stream ends there, so the browser does ask again; a live event on the channel meanwhile
+    // would have moved the id past what is still missed.
+    assert!(refused.ends().await, "the refused stream ends");
     drop(refused);
+
+    // An id that is not a stream position is refused, not read as a fresh start.
+    for bad in [
+        "history-big",
+        "history-big:e:x",
+        "history-big::1",
+        "history-big:e:1|junk",
+    ] {
+        let response = request(&server, &creds, query, Some(bad)).await;
+        assert_eq!(response.status().as_u16(), 400, "{bad}");
+        let text = response.text().await.expect("text");
+        assert!(text.contains("is not a stream position"), "{bad}: {text}");
+    }
     server.stop().await;
 }
 
