@@ -194,7 +194,11 @@ async fn admit(
     }
     let admission = Admission {
         slot: ConnectionSlot(hub),
-        listening: session::listen(socket, face.config.inbound_queue),
+        listening: session::listen(
+            socket,
+            face.config.inbound_queue,
+            usize::try_from(face.config.max_payload_bytes).unwrap_or(usize::MAX),
+        ),
         app,
         grant,
         positions: auth

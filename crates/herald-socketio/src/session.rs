@@ -13,7 +13,13 @@
 //! frames from the channel layer and are sent as `herald:subscribed`,
 //! `herald:member_added` and `herald:member_removed`.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
 
 use herald_channels::{
     EventData, Frame, Outgoing, Publish, Webhook,
@@ -66,12 +72,72 @@ fn refuse(code: &'static str, message: impl Into<String>) -> Refusal {
 struct Packet {
     value: PacketValue,
     ack: Option<AckSender>,
+    /// Its bytes, counted against the socket's queue until it is handled and dropped.
+    _charge: InboundCharge,
+}
+
+/// The bytes of the packets a socket has queued and not yet handled. The queue is bounded in
+/// packets (`inbound_queue`) and, here, in bytes: otherwise a socket could hold that many
+/// packets of the largest size the transport allows while its task waits on the store.
+struct InboundBytes {
+    queued: AtomicUsize,
+    max: usize,
+}
+
+impl InboundBytes {
+    fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            queued: AtomicUsize::new(0),
+            max,
+        })
+    }
+
+    /// Counts `size` bytes in if they fit under the bound, or if none are counted (a packet
+    /// as large as the transport allows always gets in alone).
+    fn try_take(self: &Arc<Self>, size: usize) -> Option<InboundCharge> {
+        self.queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |queued| {
+                (queued == 0 || queued.saturating_add(size) <= self.max)
+                    .then(|| queued.saturating_add(size))
+            })
+            .ok()?;
+        Some(InboundCharge {
+            bytes: Arc::clone(self),
+            size,
+        })
+    }
+}
+
+/// A packet's bytes in [`InboundBytes`], given back when it is dropped.
+struct InboundCharge {
+    bytes: Arc<InboundBytes>,
+    size: usize,
+}
+
+impl Drop for InboundCharge {
+    fn drop(&mut self) {
+        self.bytes.queued.fetch_sub(self.size, Ordering::AcqRel);
+    }
+}
+
+/// What a packet holds: its text and its binary attachments.
+fn packet_bytes(value: &PacketValue) -> usize {
+    match value {
+        PacketValue::Str(text, attachments) => {
+            text.len()
+                + attachments
+                    .as_ref()
+                    .map_or(0, |a| a.iter().map(bytes::Bytes::len).sum())
+        }
+        PacketValue::Bytes(bytes) => bytes.len(),
+    }
 }
 
 /// The socket's one message handler: queues, in arrival order (see the module doc).
 #[derive(Clone)]
 struct Inbound {
     queue: mpsc::Sender<Packet>,
+    bytes: Arc<InboundBytes>,
 }
 
 impl MessageHandler<LocalAdapter, ()> for Inbound {
@@ -80,15 +146,24 @@ impl MessageHandler<LocalAdapter, ()> for Inbound {
             Some(_) => AckSender::from_message_parts(&s, &mut v, &ack_id).ok(),
             None => None,
         };
-        if let Err(mpsc::error::TrySendError::Full(packet)) =
-            self.queue.try_send(Packet { value: v, ack })
-        {
+        let too_many = |value: &PacketValue, ack| {
             let refusal = refuse(
                 "rate_limited",
                 "too many events waiting to be published; slow down",
             );
-            let name = event_name(&packet.value);
-            reply(&s, packet.ack, shown_name(&name), Err(refusal));
+            let name = event_name(value);
+            reply(&s, ack, shown_name(&name), Err(refusal));
+        };
+        let Some(charge) = self.bytes.try_take(packet_bytes(&v)) else {
+            too_many(&v, ack);
+            return;
+        };
+        if let Err(mpsc::error::TrySendError::Full(packet)) = self.queue.try_send(Packet {
+            value: v,
+            ack,
+            _charge: charge,
+        }) {
+            too_many(&packet.value, packet.ack);
         }
         // Closed: the socket is going away, and its events with it.
     }
@@ -151,9 +226,14 @@ pub(crate) struct Listening {
     closed: CancellationToken,
 }
 
-pub(crate) fn listen(socket: &SocketRef, capacity: usize) -> Listening {
+/// Queues what the socket sends for its task: at most `capacity` packets, and at most
+/// `max_bytes` of them unless one alone is larger.
+pub(crate) fn listen(socket: &SocketRef, capacity: usize, max_bytes: usize) -> Listening {
     let (queue, packets) = mpsc::channel(capacity);
-    socket.on_fallback(Inbound { queue });
+    socket.on_fallback(Inbound {
+        queue,
+        bytes: InboundBytes::new(max_bytes),
+    });
     let closed = CancellationToken::new();
     let on_close = closed.clone();
     socket.on_disconnect(async move || on_close.cancel());
@@ -388,7 +468,7 @@ impl Session {
     }
 
     async fn handle(&mut self, socket: &SocketRef, packet: Packet) {
-        let Packet { value, ack } = packet;
+        let Packet { value, ack, .. } = packet;
         let inbound = value
             .as_str()
             .ok_or(binary::InboundError::NotAnEvent)
@@ -978,6 +1058,23 @@ fn translate(frame: &Frame) -> Option<(&'static str, Value)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn queued_packets_are_bounded_in_bytes_but_one_alone_always_fits() {
+        let bytes = InboundBytes::new(100);
+        let first = bytes.try_take(60).expect("fits");
+        let second = bytes.try_take(40).expect("fits exactly");
+        assert!(bytes.try_take(1).is_none(), "over the bound");
+        drop(first);
+        let third = bytes.try_take(60).expect("room again once one is handled");
+        drop((second, third));
+        assert_eq!(bytes.queued.load(Ordering::Acquire), 0);
+        // Larger than the bound, alone: in; then nothing more until it is handled.
+        let large = bytes.try_take(250).expect("alone");
+        assert!(bytes.try_take(1).is_none());
+        drop(large);
+        assert!(bytes.try_take(1).is_some());
+    }
 
     fn grant(user: Option<&str>, rooms: &[&str], expires_at: i64) -> Grant {
         Grant {
