@@ -122,6 +122,10 @@ const SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// missed more has a gap, which its client detects by offset and resumes from.
 const CATCH_UP_LIMIT: u32 = 1000;
 
+/// How many events a catch-up reads at a time, handing each read on before the next: entries
+/// may be as large as an API message, and a thousand of them need not be in memory at once.
+const CATCH_UP_READ: u32 = 50;
+
 /// How often a node whose send to the bus failed checks whether it is back, to catch up.
 const RETRY_MISSED: Duration = Duration::from_secs(1);
 
@@ -851,32 +855,41 @@ impl PostgresBroker {
         let mut handed = 0;
         for app in self.hub.apps() {
             for (channel, _) in app.channels("") {
-                let Some(from) = app.catch_up_from(&channel) else {
+                let Some(mut from) = app.catch_up_from(&channel) else {
                     continue;
                 };
-                let entries = self
-                    .store
-                    .history(
-                        app.app_id(),
-                        &channel,
-                        &HistoryQuery {
-                            after: Some(from),
-                            before: None,
-                            limit: CATCH_UP_LIMIT,
-                            newest_first: false,
-                            not_before: chrono::DateTime::<Utc>::MIN_UTC,
-                        },
-                    )
-                    .await;
-                match entries {
-                    Ok(entries) => {
-                        for entry in &entries {
-                            app.broadcast(&Arc::new(Publication::from_history(entry)));
+                let mut read = 0;
+                while read < CATCH_UP_LIMIT {
+                    let limit = CATCH_UP_READ.min(CATCH_UP_LIMIT - read);
+                    let entries = self
+                        .store
+                        .history(
+                            app.app_id(),
+                            &channel,
+                            &HistoryQuery {
+                                after: Some(from),
+                                before: None,
+                                limit,
+                                newest_first: false,
+                                not_before: chrono::DateTime::<Utc>::MIN_UTC,
+                            },
+                        )
+                        .await;
+                    let entries = match entries {
+                        Ok(entries) => entries,
+                        Err(e) => {
+                            tracing::warn!(node = self.node, channel, error = %e, "broker: catching up a channel failed; its subscribers recover on resubscribing");
+                            break;
                         }
-                        handed += entries.len();
+                    };
+                    for entry in &entries {
+                        app.broadcast(&Arc::new(Publication::from_history(entry)));
                     }
-                    Err(e) => {
-                        tracing::warn!(node = self.node, channel, error = %e, "broker: catching up a channel failed; its subscribers recover on resubscribing");
+                    handed += entries.len();
+                    read += u32::try_from(entries.len()).unwrap_or(u32::MAX);
+                    match entries.last() {
+                        Some(last) if entries.len() == limit as usize => from = last.offset,
+                        _ => break,
                     }
                 }
             }
@@ -1414,6 +1427,50 @@ mod tests {
             .expect("the other node was told to catch up")
             .expect("hearing");
         assert!(other.missed.load(Ordering::Relaxed));
+        schema.drop_now().await;
+    }
+
+    /// A catch-up reads a few dozen events at a time and hands each read on before the next:
+    /// more than one read's worth arrive whole and in order.
+    #[tokio::test]
+    async fn a_catch_up_longer_than_one_read_hands_on_every_event_in_order() {
+        let Some(schema) = Schema::create("catch up in reads").await else {
+            return;
+        };
+        let store = Arc::new(schema.store().await);
+        let hub = Arc::new(Hub::default());
+        let broker = PostgresBroker::new(
+            "catching".into(),
+            store.pool().clone(),
+            Arc::clone(&hub),
+            Arc::clone(&store) as Arc<dyn Store>,
+            Box::new(|_| {}),
+            None,
+            Arc::default(),
+        );
+        let app_id = herald_store::conformance::stored_app(store.as_ref(), "catch")
+            .await
+            .id;
+        let app = hub.app(&app_id);
+        let (outbox, mut frames, overflowed) = Outbox::new(256);
+        app.subscribe_joining("history-c", "1.1", &outbox, None, 10)
+            .expect("subscribed");
+        assert!(
+            app.go_live("history-c", "1.1", 0, |_| {}),
+            "live from offset 0"
+        );
+        // Within the 100 events `entry` keeps.
+        let missed = u64::from(CATCH_UP_READ) + 7;
+        for n in 1..=missed {
+            store.append_history(entry(&app_id, n)).await.expect("kept");
+        }
+        assert_eq!(broker.catch_up().await, missed as usize);
+        let mut offsets = Vec::new();
+        while let Ok(Outgoing::Publication(p)) = frames.try_recv() {
+            offsets.push(p.offset().expect("a position"));
+        }
+        assert_eq!(offsets, (1..=missed).collect::<Vec<_>>());
+        assert!(!overflowed.is_cancelled());
         schema.drop_now().await;
     }
 
