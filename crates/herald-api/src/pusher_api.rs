@@ -216,24 +216,36 @@ async fn authenticate(
     let (app, attempt) = find_app_counted(state, client, app_id, true).await?;
     let params: Vec<(String, String)> = query_pairs(uri).collect();
     let now = chrono::Utc::now();
-    pusher::with_any_secret(&app.pusher, now, |secret| {
-        pusher::verify_request(
-            &app.pusher.key,
-            secret,
-            method.as_str(),
-            uri.path(),
-            &params,
-            body,
-            now.timestamp(),
+    let verify = |path: &str| {
+        pusher::with_any_secret(&app.pusher, now, |secret| {
+            pusher::verify_request(
+                &app.pusher.key,
+                secret,
+                method.as_str(),
+                path,
+                &params,
+                body,
+                now.timestamp(),
+            )
+        })
+    };
+    // The SDKs sign the path as they were given it, and their HTTP clients may then encode
+    // it (Python's requests and PHP's Guzzle send `auth0|123` as `auth0%7C123`): the path as
+    // received, then decoded.
+    verify(uri.path())
+        .or_else(
+            |refusal| match percent_encoding::percent_decode_str(uri.path()).decode_utf8() {
+                Ok(decoded) if decoded != uri.path() => verify(&decoded).map_err(|_| refusal),
+                _ => Err(refusal),
+            },
         )
-    })
-    .map_err(|e| {
-        state.auth_failures.failed(client, attempt);
-        PusherError::new(
-            StatusCode::UNAUTHORIZED,
-            format!("authentication failed: {e}"),
-        )
-    })?;
+        .map_err(|e| {
+            state.auth_failures.failed(client, attempt);
+            PusherError::new(
+                StatusCode::UNAUTHORIZED,
+                format!("authentication failed: {e}"),
+            )
+        })?;
     Ok(app)
 }
 
@@ -279,7 +291,8 @@ enum Channels {
 /// Validates one event and returns its channels. Everything a trigger can refuse is checked
 /// here, before anything is charged or published: a refused trigger publishes nothing.
 fn check_event(event: &TriggerIn, shape: Channels) -> Result<Vec<String>, PusherError> {
-    if event.name.is_empty() || event.name.len() > MAX_EVENT_NAME {
+    // In characters, as the SDKs count them.
+    if event.name.is_empty() || event.name.chars().count() > MAX_EVENT_NAME {
         return Err(bad(format!(
             "event name must be 1 to {MAX_EVENT_NAME} characters"
         )));
@@ -418,12 +431,31 @@ async fn trigger(
     let channels = check_event(&event, Channels::OneOrMany)?;
     charge(&state, &app, channels.len())?;
     publish(&state, &app, &event, &channels).await?;
+    // Published: a failure to read the attributes now must not say otherwise (the SDK would
+    // retry, and the event go out twice).
     Ok(Json(
-        match channel_attributes(&state, &app, &channels, event.info.as_deref()).await? {
+        match attributes_after_publishing(&state, &app, &channels, event.info.as_deref()).await {
             Some(channels) => json!({ "channels": channels }),
             None => json!({}),
         },
     ))
+}
+
+/// [`channel_attributes`] once the event is published: a failure is logged, and the
+/// attributes left out.
+async fn attributes_after_publishing(
+    state: &ApiState,
+    app: &App,
+    channels: &[String],
+    info: Option<&str>,
+) -> Option<Value> {
+    match channel_attributes(state, app, channels, info).await {
+        Ok(attributes) => attributes,
+        Err(e) => {
+            tracing::warn!(app_id = %app.id, error = %e.message, "reading the channels' attributes after publishing failed; the answer leaves them out");
+            None
+        }
+    }
 }
 
 /// Triggers up to 10 events, accepted whole or not at all.
@@ -450,11 +482,25 @@ async fn trigger_batch(
         .collect::<Result<_, _>>()?;
     charge(&state, &app, checked.iter().map(Vec::len).sum())?;
     let mut results = Vec::with_capacity(checked.len());
-    for (event, channels) in batch.batch.iter().zip(&checked) {
-        publish(&state, &app, event, channels).await?;
+    for (published, (event, channels)) in batch.batch.iter().zip(&checked).enumerate() {
+        if let Err(e) = publish(&state, &app, event, channels).await {
+            // The events before this one went out: say so, since a retry sends them again.
+            return Err(if published == 0 {
+                e
+            } else {
+                PusherError::new(
+                    e.status,
+                    format!(
+                        "the batch's first {published} of {} events were published; the rest were not: {}",
+                        checked.len(),
+                        e.message
+                    ),
+                )
+            });
+        }
         // A batch event has one channel; its attributes are reported flat.
-        let attributes = channel_attributes(&state, &app, channels, event.info.as_deref())
-            .await?
+        let attributes = attributes_after_publishing(&state, &app, channels, event.info.as_deref())
+            .await
             .and_then(|by_channel| by_channel.get(&channels[0]).cloned())
             .unwrap_or_else(|| json!({}));
         results.push(attributes);
@@ -477,8 +523,15 @@ async fn channels(
     let app = authenticate(&state, client, &app_id, &method, &uri, &[]).await?;
     let query: BTreeMap<String, String> = query_pairs(&uri).collect();
     let prefix = query.get("filter_by_prefix").map_or("", String::as_str);
-    let user_count =
-        info_attributes(query.get("info").map(String::as_str)).any(|a| a == "user_count");
+    let mut user_count = false;
+    for attribute in info_attributes(query.get("info").map(String::as_str)) {
+        if attribute != "user_count" {
+            return Err(bad(format!(
+                "unknown info attribute {attribute:?} for the channel list; known: user_count"
+            )));
+        }
+        user_count = true;
+    }
     if user_count && !prefix.starts_with("presence-") {
         return Err(bad("info=user_count needs filter_by_prefix=presence-"));
     }

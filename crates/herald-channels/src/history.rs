@@ -416,7 +416,14 @@ impl History {
                 None if floor > 0 => Some(floor),
                 None => None,
             },
-            before,
+            // Nothing past the position the page reports: an event committed between the two
+            // reads would be in the page and, since the client subscribes from that position,
+            // replayed to it a second time.
+            before: Some(
+                before
+                    .unwrap_or(u64::MAX)
+                    .min(position.as_ref().map_or(1, |p| p.next_offset)),
+            ),
             limit: 0,
             newest_first,
             not_before: not_before(retention),

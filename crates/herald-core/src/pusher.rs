@@ -272,7 +272,12 @@ pub fn verify_request(
     if !signature_matches(secret, &request_string(method, path, params), signature) {
         return Err(RequestAuthError::BadSignature);
     }
-    if !body.is_empty() && get("body_md5")? != hex::encode(Md5::digest(body)) {
+    // A body needs its hash; a hash signed for a body needs that body, empty or not (a
+    // signed POST replayed without its body is not the request that was signed).
+    let md5_given = params
+        .iter()
+        .any(|(name, _)| name.eq_ignore_ascii_case("body_md5"));
+    if (!body.is_empty() || md5_given) && get("body_md5")? != hex::encode(Md5::digest(body)) {
         return Err(RequestAuthError::BodyMd5);
     }
     Ok(())
@@ -528,6 +533,11 @@ mod tests {
         );
         assert_eq!(
             check(&api_params(good), b"{}", now),
+            Err(RequestAuthError::BodyMd5)
+        );
+        // The signed request replayed without its body is not the request that was signed.
+        assert_eq!(
+            check(&api_params(good), b"", now),
             Err(RequestAuthError::BodyMd5)
         );
         assert_eq!(

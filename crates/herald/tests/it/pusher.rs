@@ -178,6 +178,28 @@ pub async fn pusher_api(
     send_signed(server, method, path, &params, body).await
 }
 
+/// [`pusher_api`] with the request signed over `signed_path` and sent to `sent_path`: an SDK
+/// signs the path it was given, and its HTTP client may percent-encode it on the way.
+pub async fn pusher_api_sent_as(
+    server: &TestServer,
+    creds: &Creds,
+    signed_path: &str,
+    sent_path: &str,
+    body: Value,
+) -> (u16, String) {
+    let body = body.to_string();
+    let params = herald_core::pusher::sign_request(
+        &creds.key,
+        &creds.secret,
+        "POST",
+        signed_path,
+        &[],
+        body.as_bytes(),
+        chrono::Utc::now().timestamp(),
+    );
+    send_signed(server, "POST", sent_path, &params, body).await
+}
+
 /// Sends a Pusher HTTP API request with these query parameters, exactly as given.
 async fn send_signed(
     server: &TestServer,

@@ -435,6 +435,33 @@ async fn a_refused_trigger_or_batch_publishes_nothing() {
     .await;
     assert_eq!(status, 400);
     assert!(body.contains("unknown info attribute"), "{body}");
+    // Event names are counted in characters, as the SDKs count them.
+    let (status, body) = trigger(
+        &server,
+        &creds,
+        json!({"name": "名".repeat(200), "channel": "elsewhere", "data": "1"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = trigger(
+        &server,
+        &creds,
+        json!({"name": "名".repeat(201), "channel": "elsewhere", "data": "1"}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    // The channel list knows user_count only.
+    let (status, body) = pusher_api(
+        &server,
+        &creds,
+        "GET",
+        &format!("/apps/{}/channels", creds.id),
+        &[("info", "subscription_count")],
+        None,
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("unknown info attribute"), "{body}");
     let batch_path = format!("/apps/{}/batch_events", creds.id);
     for (bad, why) in [
         (
@@ -672,6 +699,21 @@ async fn terminate_connections_closes_a_signed_in_users_sockets() {
     let path = format!("/apps/{}/users/u-9/terminate_connections", creds.id);
     let (status, _) = pusher_api(&server, &creds, "POST", &path, &[], Some(json!({}))).await;
     assert_eq!(status, 200);
+    assert_eq!(client.closed().await, 4009);
+
+    // A user id the SDK's HTTP client percent-encodes (Python's requests, PHP's Guzzle): the
+    // SDK signed it as given.
+    let mut client = Client::connect(&server, &creds.key).await;
+    sign_in(&mut client, &creds, "auth0|123").await;
+    let (status, body) = crate::pusher::pusher_api_sent_as(
+        &server,
+        &creds,
+        &format!("/apps/{}/users/auth0|123/terminate_connections", creds.id),
+        &format!("/apps/{}/users/auth0%7C123/terminate_connections", creds.id),
+        json!({}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
     assert_eq!(client.closed().await, 4009);
     server.stop().await;
 }
