@@ -81,15 +81,39 @@ pub async fn connect(url: &str, topic: &str) -> Result<Arc<dyn Bus>, BusError> {
 }
 
 /// `url` without its credentials, for logs and errors: `scheme://host:port/...` (each of a
-/// comma-separated list of servers).
+/// comma-separated list of servers). A password may hold `,` (Redis allows it): a part with no
+/// scheme that ends a server's credentials (it holds the `@`) belongs to that server.
 pub fn redacted(url: &str) -> String {
-    url.split(',')
-        .map(|one| match one.trim().split_once("://") {
-            Some((scheme, rest)) => {
-                let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
-                format!("{scheme}://{host}")
+    let mut servers: Vec<String> = Vec::new();
+    for part in url.split(',') {
+        let part = part.trim();
+        match servers.last_mut() {
+            Some(server)
+                if !part.contains("://")
+                    && part.contains('@')
+                    && !server
+                        .split_once("://")
+                        .is_some_and(|(_, r)| r.contains('@')) =>
+            {
+                server.push(',');
+                server.push_str(part);
             }
-            None => "(not a URL)".to_owned(),
+            _ => servers.push(part.to_owned()),
+        }
+    }
+    servers
+        .iter()
+        .map(|server| {
+            let (scheme, rest) = match server.split_once("://") {
+                Some((scheme, rest)) => (Some(scheme), rest),
+                None => (None, server.as_str()),
+            };
+            let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+            match scheme {
+                Some(scheme) => format!("{scheme}://{host}"),
+                None if servers.len() > 1 => host.to_owned(),
+                None => "(not a URL)".to_owned(),
+            }
         })
         .collect::<Vec<_>>()
         .join(",")
@@ -112,6 +136,16 @@ mod tests {
             "nats://h1:4222,nats://h2:4222"
         );
         assert_eq!(redacted("secret"), "(not a URL)");
+        // Redis allows `,` in a password: none of it shows.
+        assert_eq!(
+            redacted("redis://:pa,ss@127.0.0.1:6379"),
+            "redis://127.0.0.1:6379"
+        );
+        assert_eq!(
+            redacted("nats://u:p,w@h1:4222,nats://h2:4222"),
+            "nats://h1:4222,nats://h2:4222"
+        );
+        assert_eq!(redacted("nats://h1:4222,h2:4222"), "nats://h1:4222,h2:4222");
     }
 
     #[tokio::test]

@@ -1067,6 +1067,13 @@ impl Config {
             max_connections, ..
         } = &mut config
         {
+            // The cluster's LISTEN session holds one of the pool's connections for the
+            // node's life: with one, nothing else could ever run.
+            if self.store.max_connections < 2 {
+                return Err(ConfigError::Invalid(
+                    "store.max_connections must be at least 2 with PostgreSQL: the node's LISTEN session holds one connection for good".into(),
+                ));
+            }
             *max_connections = self.store.max_connections;
         }
         Ok(config)
@@ -1734,6 +1741,9 @@ mod tests {
                 },
                 "store.max_connections sizes the pool"
             );
+            jail.set_env("HERALD_STORE__MAX_CONNECTIONS", "1");
+            let err = load(&Overrides::default()).expect_err("LISTEN would hold the only one");
+            assert!(err.contains("at least 2 with PostgreSQL"), "{err}");
             jail.set_env("HERALD_STORE__MAX_CONNECTIONS", "0");
             let err = load(&Overrides::default()).expect_err("an empty pool");
             assert!(

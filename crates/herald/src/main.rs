@@ -453,12 +453,23 @@ async fn cancel_on_signal(shutdown: CancellationToken, term: TermSignal) {
             _ = ctrl_c => {}
             _ = term.recv() => {}
         }
+        tracing::info!("shutting down (a second signal exits at once)");
+        shutdown.cancel();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
     }
     #[cfg(not(unix))]
     {
         let () = term;
         let _ = ctrl_c.await;
+        tracing::info!("shutting down (a second signal exits at once)");
+        shutdown.cancel();
+        let _ = tokio::signal::ctrl_c().await;
     }
-    tracing::info!("shutting down");
-    shutdown.cancel();
+    // The operator asked twice: what the drain had not finished is recovered at the next
+    // start (leases expire, SQLite re-queues leased deliveries).
+    tracing::warn!("a second signal: exiting without finishing the shutdown");
+    std::process::exit(130);
 }

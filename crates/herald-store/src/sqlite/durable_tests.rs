@@ -11,7 +11,7 @@ use herald_core::model::{App, Endpoint};
 use tokio::sync::mpsc;
 
 use super::{SqliteStore, batch::Durable};
-use crate::{AppStore, EndpointStore, MessageStore, StoreError, conformance};
+use crate::{AppStore, EndpointStore, MessageStore, StoreError, StoreLifecycle, conformance};
 
 /// An fsync that waits for the test to say how it ends, and tells the test it has begun.
 struct HeldSync {
@@ -180,4 +180,7 @@ async fn a_failed_fsync_fails_its_writes_and_every_later_one() {
             .is_none(),
         "a write refused after the failure is not in the store"
     );
+    // Readiness says so, though reads still work: only a restart recovers.
+    let unready = f.store.ping().await.expect_err("not ready");
+    assert!(unready.to_string().contains("restart Herald"), "{unready}");
 }

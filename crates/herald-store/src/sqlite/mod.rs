@@ -85,6 +85,8 @@ pub struct SqliteStore {
     positions: Arc<batch::PositionCache>,
     /// Encrypts the secrets written and decrypts those read (see `crate::secrets`).
     keys: crate::secrets::Keyring,
+    /// Set once an fsync failed: every write is refused until a restart (see `batch`).
+    broken: Arc<OnceLock<String>>,
 }
 
 impl SqliteStore {
@@ -195,6 +197,7 @@ impl SqliteStore {
             commits: shared.commits,
             positions: shared.positions,
             keys,
+            broken: shared.broken,
         })
     }
 
@@ -308,6 +311,20 @@ impl StoreLifecycle for SqliteStore {
     async fn ping(&self) -> Result<()> {
         if self.shutdown.is_cancelled() {
             return Err(StoreError::Closed);
+        }
+        // A store that refuses every write until a restart is not ready, however well it
+        // reads: readiness is what tells the load balancer and the orchestrator.
+        if let Some(why) = self.broken.get() {
+            return Err(StoreError::Batch(why.clone()));
+        }
+        if self
+            .batcher
+            .try_lock()
+            .is_ok_and(|task| task.as_ref().is_some_and(|t| t.is_finished()))
+        {
+            return Err(StoreError::Batch(
+                "the group commit has stopped; restart Herald".into(),
+            ));
         }
         sqlx::query("SELECT 1").execute(&self.reader).await?;
         Ok(())

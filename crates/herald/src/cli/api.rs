@@ -167,6 +167,8 @@ fn retry_after(response: &reqwest::Response) -> Duration {
         .get("retry-after")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<f64>().ok())
+        // `NaN` and infinities parse too; the clamp would keep NaN, which no Duration holds.
+        .filter(|seconds| seconds.is_finite())
         .unwrap_or(1.0);
     Duration::from_secs_f64(seconds.clamp(0.05, 10.0))
 }
