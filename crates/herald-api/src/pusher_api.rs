@@ -411,7 +411,17 @@ async fn publish(
         &event.data,
         event.socket_id.as_deref(),
     );
-    state.publisher.publish(app, publish).await?;
+    let published = state.publisher.publish(app, publish).await?;
+    // Pusher's trigger promises delivery to every subscriber, not only this node's: a caller
+    // told may send it again (this node's subscribers would then get it twice).
+    if let Some(why) = published.not_elsewhere {
+        return Err(PusherError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the event reached this node's subscribers only: the cluster's other nodes could not be told ({why}); sending it again may deliver it twice here"
+            ),
+        ));
+    }
     Ok(())
 }
 

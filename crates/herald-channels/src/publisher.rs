@@ -137,6 +137,10 @@ pub struct Published {
     pub ingest: Option<IngestRecorded>,
     /// Subscribers the event was handed to on this node.
     pub sent: usize,
+    /// Why the broker could not hand the event on to the cluster's other nodes, when one of
+    /// its channels keeps no history: their subscribers did not get it, and nothing will
+    /// catch them up (history channels' are caught up by offset).
+    pub not_elsewhere: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -448,6 +452,7 @@ impl Shared {
                         return Ok(Published {
                             ingest: Some(duplicate),
                             sent: 0,
+                            not_elsewhere: None,
                         });
                     }
                 }
@@ -499,13 +504,15 @@ impl Shared {
         self.metrics
             .broker_publish_seconds
             .observe(handing.elapsed().as_secs_f64());
-        let sent = match handed {
-            Ok(sent) => sent,
+        let (sent, not_elsewhere) = match handed {
+            Ok(sent) => (sent, None),
             Err(e) => {
-                // Committed: history channels' subscribers recover it by offset.
+                // Committed: history channels' subscribers recover it by offset; the others'
+                // cannot, and the caller is told.
                 tracing::error!(error = %e, %app_id, event, "handing a publication to the broker failed");
                 self.metrics.publish_failures_total.inc();
-                0
+                let unrecoverable = publications.iter().any(|p| p.position.is_none());
+                (0, unrecoverable.then(|| e.to_string()))
             }
         };
         drop(turns);
@@ -515,6 +522,7 @@ impl Shared {
         Ok(Published {
             ingest: recorded,
             sent,
+            not_elsewhere,
         })
     }
 }

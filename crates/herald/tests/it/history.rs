@@ -1162,6 +1162,8 @@ struct RecordingBroker {
         String,
         u64,
     )>,
+    /// Refuse every hand-over, as a broker that cannot reach the other nodes.
+    refuses: bool,
 }
 
 impl RecordingBroker {
@@ -1176,6 +1178,11 @@ impl herald_channels::broker::Broker for RecordingBroker {
         &self,
         publications: &[std::sync::Arc<herald_channels::Publication>],
     ) -> Result<usize, herald_channels::broker::BrokerError> {
+        if self.refuses {
+            return Err(herald_channels::broker::BrokerError::Unavailable(
+                "the bus is down".into(),
+            ));
+        }
         let first = self.handed.lock().expect("not poisoned").is_empty();
         if let (true, Some((store, app_id, channel, next))) = (first, &self.hold_first_until) {
             crate::harness::eventually("every publication committed", || async {
@@ -1227,6 +1234,54 @@ fn publisher_to(
     ))
 }
 
+/// A broker that cannot reach the other nodes: an event on a channel without history is
+/// reported as reaching this node only, since nothing would catch the other nodes up; one on a
+/// history channel is not (they catch up by offset).
+#[tokio::test]
+async fn a_publication_the_broker_could_not_hand_on_says_so_unless_history_catches_it_up() {
+    use std::sync::Arc;
+
+    use herald_channels::Publish;
+
+    let dir = tempfile::tempdir().expect("dir");
+    let InProcess {
+        store,
+        app,
+        history,
+        ..
+    } = in_process_history(dir.path()).await;
+    let broker = Arc::new(RecordingBroker {
+        handed: Default::default(),
+        hold_first_until: None,
+        refuses: true,
+    });
+    let publisher = publisher_to(&store, &history, broker);
+    let plain = publisher
+        .publish(
+            &app,
+            Publish::pusher_event("note", &["news".into()], "1", None),
+        )
+        .await
+        .expect("committed and published here");
+    assert!(
+        plain
+            .not_elsewhere
+            .as_deref()
+            .is_some_and(|why| why.contains("the bus is down")),
+        "{:?}",
+        plain.not_elsewhere
+    );
+    let kept = publisher
+        .publish(
+            &app,
+            Publish::pusher_event("note", &["history-kept".into()], "1", None),
+        )
+        .await
+        .expect("committed");
+    assert!(kept.not_elsewhere.is_none(), "{:?}", kept.not_elsewhere);
+    store.close().await;
+}
+
 /// Issue 15's pipelining: a history channel's publications no longer hold the channel from
 /// their commit to their hand-over. While the first one's hand-over is held, every later one
 /// commits (on SQLite, several in one group commit); the broker still gets them all in offset
@@ -1252,6 +1307,7 @@ async fn concurrent_publications_to_one_history_channel_reach_the_broker_in_offs
             "history-pipe".into(),
             N + 1,
         )),
+        refuses: false,
     });
     let publisher = publisher_to(&store, &history, Arc::clone(&broker));
     let mut tasks = Vec::new();
@@ -1305,6 +1361,7 @@ async fn a_failed_commit_among_concurrent_publications_releases_the_rest_and_lea
     let broker = Arc::new(RecordingBroker {
         handed: Default::default(),
         hold_first_until: None,
+        refuses: false,
     });
     let publisher = publisher_to(&store, &history, Arc::clone(&broker));
     let message = |event_id: &str, channels: Option<Vec<String>>| {
