@@ -442,7 +442,6 @@ pub async fn run_with(
 
     let background = TaskTracker::new();
     let stop_background = CancellationToken::new();
-    background.spawn(dispatcher.run(stop_background.clone()));
     if let Some(broker) = postgres_broker {
         if let Some(face) = held_open {
             // Apps created or changed on other nodes get their namespaces here too.
@@ -463,6 +462,9 @@ pub async fn run_with(
             .context("opening the broker's LISTEN session on PostgreSQL")?;
         background.spawn(broker.run(session, stop_background.clone()));
     }
+    // After the last step that may fail: a start that fails must not leave attempts running
+    // (and leases held) in a process about to exit without its shutdown.
+    background.spawn(dispatcher.run(stop_background.clone()));
     let stop_presence = CancellationToken::new();
     let presence_task = cluster_presence
         .map(|cluster| tokio::spawn(cluster.run(stop_presence.clone(), abandon_presence.clone())));
