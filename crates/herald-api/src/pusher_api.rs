@@ -404,7 +404,7 @@ async fn publish(
     app: &App,
     event: &TriggerIn,
     channels: &[String],
-) -> Result<(), PusherError> {
+) -> Result<Option<String>, PusherError> {
     let publish = Publish::pusher_event(
         &event.name,
         channels,
@@ -412,17 +412,18 @@ async fn publish(
         event.socket_id.as_deref(),
     );
     let published = state.publisher.publish(app, publish).await?;
-    // Pusher's trigger promises delivery to every subscriber, not only this node's: a caller
-    // told may send it again (this node's subscribers would then get it twice).
-    if let Some(why) = published.not_elsewhere {
-        return Err(PusherError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "the event reached this node's subscribers only: the cluster's other nodes could not be told ({why}); sending it again may deliver it twice here"
-            ),
-        ));
-    }
-    Ok(())
+    Ok(published.not_elsewhere)
+}
+
+/// Pusher's trigger promises delivery to every subscriber, not only this node's: a caller told
+/// may send it again (this node's subscribers would then get it twice).
+fn reached_this_node_only(why: &str) -> PusherError {
+    PusherError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!(
+            "the event reached this node's subscribers only: the cluster's other nodes could not be told ({why}); sending it again may deliver it twice here"
+        ),
+    )
 }
 
 /// Triggers an event on up to 100 channels (Pusher's `POST /events`).
@@ -440,7 +441,9 @@ async fn trigger(
     let event: TriggerIn = parse(&body)?;
     let channels = check_event(&event, Channels::OneOrMany)?;
     charge(&state, &app, channels.len())?;
-    publish(&state, &app, &event, &channels).await?;
+    if let Some(why) = publish(&state, &app, &event, &channels).await? {
+        return Err(reached_this_node_only(&why));
+    }
     // Published: a failure to read the attributes now must not say otherwise (the SDK would
     // retry, and the event go out twice).
     Ok(Json(
@@ -493,20 +496,26 @@ async fn trigger_batch(
     charge(&state, &app, checked.iter().map(Vec::len).sum())?;
     let mut results = Vec::with_capacity(checked.len());
     for (published, (event, channels)) in batch.batch.iter().zip(&checked).enumerate() {
-        if let Err(e) = publish(&state, &app, event, channels).await {
-            // The events before this one went out: say so, since a retry sends them again.
-            return Err(if published == 0 {
+        // The events before this one went out: say so, since a retry sends them again.
+        let sent_before = |e: PusherError, sent: usize| {
+            if sent == 0 {
                 e
             } else {
                 PusherError::new(
                     e.status,
                     format!(
-                        "the batch's first {published} of {} events were published; the rest were not: {}",
+                        "the batch's first {sent} of {} events were published; the rest were not: {}",
                         checked.len(),
                         e.message
                     ),
                 )
-            });
+            }
+        };
+        match publish(&state, &app, event, channels).await {
+            Ok(None) => {}
+            // This one went out here too.
+            Ok(Some(why)) => return Err(sent_before(reached_this_node_only(&why), published)),
+            Err(e) => return Err(sent_before(e, published)),
         }
         // A batch event has one channel; its attributes are reported flat.
         let attributes = attributes_after_publishing(&state, &app, channels, event.info.as_deref())

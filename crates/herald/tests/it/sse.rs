@@ -265,12 +265,12 @@ async fn a_stream_dropped_before_its_first_channel_event_resumes_from_the_first_
 async fn a_resumption_the_replay_budget_refuses_keeps_its_position_in_the_first_events_id() {
     let server = TestServer::start_with(|c| {
         c.ws.replay_bytes_per_second_per_ip = 1;
-        c.ws.replay_burst_bytes_per_ip = 1_500;
+        c.ws.replay_burst_bytes_per_ip = 4_000;
     })
     .await;
     let (_, creds) = pusher_app(&server, "sse-refused-resume").await;
     let padding = "x".repeat(1000);
-    for _ in 0..3 {
+    for _ in 0..6 {
         publish(&server, &creds, "history-big", &padding).await;
     }
     let query = "channels=history-big";
@@ -280,19 +280,37 @@ async fn a_resumption_the_replay_budget_refuses_keeps_its_position_in_the_first_
         .as_str()
         .expect("epoch")
         .to_owned();
-    assert_eq!(id, Some(format!("history-big:{epoch}:3")));
+    assert_eq!(id, Some(format!("history-big:{epoch}:6")));
     drop(stream);
 
-    // Three 1 KB events do not fit the 1.5 KB budget: refused, and the id still says offset 0,
-    // so the browser's next reconnect asks for them again instead of skipping them.
+    // Six 1 KB events are more than the 4 KB budget could ever pay: refused for good,
+    // `too_many_missed`, and the stream follows the channel from its newest event rather than
+    // ending and asking again for ever. (The pricing costs 1 KB of the budget.)
     let from_start = format!("history-big:{epoch}:0");
-    let mut refused = SseClient::open(&server, &creds, query, Some(&from_start)).await;
+    let mut too_many = SseClient::open(&server, &creds, query, Some(&from_start)).await;
+    let (id, hello) = too_many.data().await;
+    assert_eq!(
+        hello["data"]["history-big"]["reason"], "too_many_missed",
+        "{hello}"
+    );
+    assert_eq!(id, Some(format!("history-big:{epoch}:6")));
+    publish(&server, &creds, "history-big", "live").await;
+    let (id, event) = too_many.data().await;
+    assert_eq!(event["data"], "live", "{event}");
+    assert_eq!(id, Some(format!("history-big:{epoch}:7")));
+    drop(too_many);
+
+    // Four events (3 KB) could be paid, but not now, with 1 KB of the budget left after the
+    // pricing: refused for now, and the id still says offset 3, so the browser's next reconnect
+    // asks for them again instead of skipping them.
+    let from_three = format!("history-big:{epoch}:3");
+    let mut refused = SseClient::open(&server, &creds, query, Some(&from_three)).await;
     let (id, hello) = refused.data().await;
     assert_eq!(
         hello["data"]["history-big"]["reason"], "rate_limited",
         "{hello}"
     );
-    assert_eq!(id, Some(from_start));
+    assert_eq!(id, Some(from_three));
     // The stream ends there, so the browser does ask again; a live event on the channel meanwhile
     // would have moved the id past what is still missed.
     assert!(refused.ends().await, "the refused stream ends");
