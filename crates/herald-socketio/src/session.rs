@@ -348,19 +348,8 @@ impl Session {
                     self.too_slow(&socket, &closed).await;
                     break 'serve;
                 }
-                let mut written = Written::Yes;
-                while written == Written::Yes
-                    && let Ok(item) = frames.try_recv()
-                {
-                    written = self.write(&socket, &item);
-                }
-                match written {
-                    Written::Yes => {}
-                    Written::Gone => break 'serve,
-                    Written::Full => {
-                        self.too_slow(&socket, &closed).await;
-                        break 'serve;
-                    }
+                if !self.write_queued(&socket, &mut frames, None, &closed).await {
+                    break 'serve;
                 }
             }
             let hub = Arc::clone(&self.hub);
@@ -380,20 +369,8 @@ impl Session {
                     }
                     item = frames.recv() => {
                         let Some(item) = item else { break };
-                        let mut written = self.write(&socket, &item);
-                        // Whatever else is queued, without another turn of the select.
-                        while written == Written::Yes
-                            && let Ok(item) = frames.try_recv()
-                        {
-                            written = self.write(&socket, &item);
-                        }
-                        match written {
-                            Written::Yes => {}
-                            Written::Gone => break,
-                            Written::Full => {
-                                self.too_slow(&socket, &closed).await;
-                                break;
-                            }
+                        if !self.write_queued(&socket, &mut frames, Some(item), &closed).await {
+                            break;
                         }
                     }
                     packet = packets.recv() => {
@@ -419,6 +396,31 @@ impl Session {
             &json!({"code": "too_slow", "message": "the socket fell too far behind its events and is disconnected; connect again (socket.connect())"}),
         );
         disconnect(socket, closed).await;
+    }
+
+    /// Writes `first`, then whatever else is queued, without waiting for more. False once the
+    /// socket is gone, or too slow (then told and disconnected).
+    async fn write_queued(
+        &self,
+        socket: &SocketRef,
+        frames: &mut Frames,
+        first: Option<Outgoing>,
+        closed: &CancellationToken,
+    ) -> bool {
+        let mut written = first.map_or(Written::Yes, |item| self.write(socket, &item));
+        while written == Written::Yes
+            && let Ok(item) = frames.try_recv()
+        {
+            written = self.write(socket, &item);
+        }
+        match written {
+            Written::Yes => true,
+            Written::Gone => false,
+            Written::Full => {
+                self.too_slow(socket, closed).await;
+                false
+            }
+        }
     }
 
     /// Writes one item into the socket's send buffer.
@@ -692,43 +694,34 @@ impl Session {
                 // No more than the outbox holds after the confirmation (more is
                 // `too_many_missed`, whatever `history.max_replay` allows).
                 let max_replay = self.outbox.capacity().saturating_sub(1) as u64;
-                match history
+                let joined = history
                     .recover_at_most(&self.app, room, retention, resume, &self.permit, max_replay)
-                    .await
-                {
+                    .await;
+                let live = match joined {
                     Ok(joined) => {
                         confirmation["history"] = joined.status();
                         let confirmed = confirmation_frame(room, &confirmation);
-                        let (offset, replay) = (joined.offset, joined.replay);
                         let app_id = &self.app.id;
-                        let live = self
-                            .hub
+                        self.hub
                             .go_live_in_order(
                                 room,
                                 &self.id,
-                                offset,
+                                joined.offset,
                                 |outbox| outbox.send(confirmed.clone()),
-                                replay,
+                                joined.replay,
                                 |after, before| history.between(app_id, room, after, before),
                             )
-                            .await;
-                        if let Err(e) = live {
-                            tracing::error!(error = %e, room, "reading channel history failed");
-                            self.leave(room);
-                            return Err(refuse(
-                                "unavailable",
-                                "the room's history could not be read; try again",
-                            ));
-                        }
+                            .await
                     }
-                    Err(e) => {
-                        tracing::error!(error = %e, room, "reading channel history failed");
-                        self.leave(room);
-                        return Err(refuse(
-                            "unavailable",
-                            "the room's history could not be read; try again",
-                        ));
-                    }
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = live {
+                    tracing::error!(error = %e, room, "reading channel history failed");
+                    self.leave(room);
+                    return Err(refuse(
+                        "unavailable",
+                        "the room's history could not be read; try again",
+                    ));
                 }
             }
         }
