@@ -488,6 +488,101 @@ mod tests {
         conformance::run_all(|| open_in_fresh_schema(url.clone())).await;
     }
 
+    /// Ids sort by time in byte order only. On a database whose default collation is not byte
+    /// order (ICU's en-US here, as on many hosted databases), every id column still compares
+    /// bytewise: otherwise retention's `id < <a time's lower bound>` deletes young rows.
+    #[tokio::test]
+    async fn id_columns_compare_bytewise_whatever_the_databases_collation() {
+        use crate::{MessageStore, RetentionStore};
+        use chrono::Utc;
+        use herald_core::model::Message;
+        let Some(url) = messages::tests::server_url() else {
+            return;
+        };
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let database = format!("herald_test_icu_{}_{nanos}", std::process::id());
+        let mut admin = sqlx::PgConnection::connect(&url).await.expect("connect");
+        admin
+            .execute(AssertSqlSafe(format!(
+                "CREATE DATABASE {} TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'",
+                quote_identifier(&database)
+            )))
+            .await
+            .expect("create a database collating by ICU's en-US");
+        let (server, _) = url.rsplit_once('/').expect("a URL naming a database");
+        let store =
+            PostgresStore::open(&format!("{server}/{database}"), PostgresOptions::default())
+                .await
+                .expect("open and migrate");
+        let by_default: bool = sqlx::query_scalar("SELECT 'msg_3Jb' < 'msg_3JK'")
+            .fetch_one(store.pool())
+            .await
+            .expect("compare");
+        assert!(by_default, "the database's own collation is not byte order");
+        let not_bytewise: Vec<String> = sqlx::query_scalar(
+            r"SELECT table_name || '.' || column_name FROM information_schema.columns
+             WHERE table_schema = current_schema() AND data_type = 'text'
+               AND (column_name = 'id' OR column_name LIKE '%\_id')
+               AND table_name NOT LIKE '\_sqlx%'
+               AND collation_name IS DISTINCT FROM 'C'",
+        )
+        .fetch_all(store.pool())
+        .await
+        .expect("columns");
+        assert_eq!(not_bytewise, Vec::<String>::new());
+        // Retention: a message younger than the cutoff whose id the database's own collation
+        // would put below the cutoff's lower bound (a lowercase letter against an uppercase
+        // one a few hours on) is kept.
+        let cutoff = Utc::now();
+        let bound = herald_core::id::lower_bound("msg", cutoff);
+        let mut young = None;
+        for hours in 1..=24 * 60 {
+            let at = cutoff + chrono::Duration::hours(hours);
+            let id = herald_core::MessageId::new(at);
+            let below: bool = sqlx::query_scalar("SELECT $1::text < $2::text")
+                .bind(id.as_str())
+                .bind(&bound)
+                .fetch_one(store.pool())
+                .await
+                .expect("compare");
+            if below {
+                young = Some((id, at));
+                break;
+            }
+        }
+        let (id, at) = young.expect("within 60 days an id collates below the cutoff's bound");
+        let app = conformance::stored_app(&store, "collation").await;
+        let message = Message {
+            id: id.clone(),
+            created_at: at,
+            ..conformance::message(&app.id, None)
+        };
+        store.create_message(message, vec![]).await.expect("create");
+        let deleted = store
+            .delete_messages_before(cutoff, crate::RETENTION_BATCH)
+            .await
+            .expect("retention");
+        assert_eq!(deleted, 0, "{id}, created after the cutoff, is kept");
+        assert!(
+            store
+                .get_message(&app.id, id.as_str())
+                .await
+                .expect("read")
+                .is_some()
+        );
+        store.close().await;
+        admin
+            .execute(AssertSqlSafe(format!(
+                "DROP DATABASE {} WITH (FORCE)",
+                quote_identifier(&database)
+            )))
+            .await
+            .expect("drop the database");
+    }
+
     #[test]
     fn a_server_is_described_without_its_credentials() {
         let described = describe_server("postgres://herald:secret@db.internal:5433/herald");
