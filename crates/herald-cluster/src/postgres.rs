@@ -451,6 +451,7 @@ impl PostgresBroker {
                     "broker: LISTEN session re-opened; catching up"
                 );
                 self.catch_up().await;
+                self.close_apps_deleted_meanwhile().await;
                 // Only if presence notices come by NOTIFY: a presence record on the bus's
                 // engine sends them on the bus, whose own resume resyncs them.
                 if self.presence.get().is_none() {
@@ -802,6 +803,28 @@ impl PostgresBroker {
         Ok(entries.into_iter().next())
     }
 
+    /// Closes the connections of this node's apps that were deleted on another node while
+    /// this node's LISTEN session was down: the notice that would have closed them went
+    /// unheard, and nothing else would (a connection re-reads its app only to authorize a
+    /// private channel or a sign-in).
+    async fn close_apps_deleted_meanwhile(&self) {
+        for app in self.hub.apps() {
+            if app.is_removed() {
+                continue;
+            }
+            match self.store.get_app(app.app_id().as_str()).await {
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    tracing::info!(node = self.node, app = %app.app_id(),
+                        "broker: an app deleted while the LISTEN session was down: closing its connections");
+                    self.hub.remove_app(app.app_id());
+                }
+                Err(e) => tracing::warn!(node = self.node, app = %app.app_id(), error = %e,
+                    "broker: could not check whether an app still exists"),
+            }
+        }
+    }
+
     /// Another node's instruction.
     fn hear_control(&self, payload: &str) -> Result<(), String> {
         let notice: ControlNotice =
@@ -1129,13 +1152,14 @@ impl Hearing for PostgresBroker {
         if let Err(e) = self.hear_bus(&payload).await {
             self.metrics.notice_failed(NoticeVia::Bus);
             tracing::warn!(node = self.node, error = %e, "broker: a bus message could not be handed on");
-            // A history event (or what may have been one): caught up from the store at the next
-            // retry tick, not held until the channel's next event. Presence notices and
-            // publications without an offset have nothing to catch up.
-            let maybe_history = !payload.starts_with(PRESENCE_NOTICE_MARK)
+            // A history event: caught up from the store at the next retry tick, not held until
+            // the channel's next event. Presence notices and publications without an offset
+            // have nothing to catch up, and neither has a message that is not Herald's (the
+            // topic may be shared): catching up for each would read every history channel.
+            let history = !payload.starts_with(PRESENCE_NOTICE_MARK)
                 && serde_json::from_slice::<BusMessage>(&payload)
-                    .map_or(true, |message| message.offset.is_some());
-            if maybe_history {
+                    .is_ok_and(|message| message.offset.is_some());
+            if history {
                 self.missed.store(true, Ordering::Relaxed);
             }
         }
@@ -1430,6 +1454,43 @@ mod tests {
         schema.drop_now().await;
     }
 
+    /// A broker for `hub` on `store` that hears other nodes by NOTIFY alone.
+    fn broker_without_bus(
+        node: &str,
+        store: &Arc<herald_store::postgres::PostgresStore>,
+        hub: &Arc<Hub>,
+    ) -> Arc<PostgresBroker> {
+        PostgresBroker::new(
+            node.into(),
+            store.pool().clone(),
+            Arc::clone(hub),
+            Arc::clone(store) as Arc<dyn Store>,
+            Box::new(|_| {}),
+            None,
+            Arc::default(),
+        )
+    }
+
+    /// An app deleted on another node while this node's LISTEN session was down (its notice
+    /// unheard) has its connections here closed when the session is back; other apps' stay.
+    #[tokio::test]
+    async fn an_app_deleted_while_the_session_was_down_is_closed_when_it_is_back() {
+        let Some(schema) = Schema::create("app deleted while not listening").await else {
+            return;
+        };
+        let store = Arc::new(schema.store().await);
+        let hub = Arc::new(Hub::default());
+        let broker = broker_without_bus("node", &store, &hub);
+        let kept = herald_store::conformance::stored_app(store.as_ref(), "kept").await;
+        let deleted = herald_store::conformance::stored_app(store.as_ref(), "deleted").await;
+        let (kept_hub, deleted_hub) = (hub.app(&kept.id), hub.app(&deleted.id));
+        assert!(store.delete_app(&deleted.id).await.expect("delete"));
+        broker.close_apps_deleted_meanwhile().await;
+        assert!(deleted_hub.is_removed(), "its connections are told 4001");
+        assert!(!kept_hub.is_removed());
+        schema.drop_now().await;
+    }
+
     /// A catch-up reads a few dozen events at a time and hands each read on before the next:
     /// more than one read's worth arrive whole and in order.
     #[tokio::test]
@@ -1439,15 +1500,7 @@ mod tests {
         };
         let store = Arc::new(schema.store().await);
         let hub = Arc::new(Hub::default());
-        let broker = PostgresBroker::new(
-            "catching".into(),
-            store.pool().clone(),
-            Arc::clone(&hub),
-            Arc::clone(&store) as Arc<dyn Store>,
-            Box::new(|_| {}),
-            None,
-            Arc::default(),
-        );
+        let broker = broker_without_bus("catching", &store, &hub);
         let app_id = herald_store::conformance::stored_app(store.as_ref(), "catch")
             .await
             .id;
@@ -1863,15 +1916,7 @@ mod tests {
     async fn one_subscriber(schema: &Schema, kept: u64) -> OneSubscriber {
         let store = Arc::new(schema.store().await);
         let hub = Arc::new(Hub::default());
-        let broker = PostgresBroker::new(
-            "this".into(),
-            store.pool().clone(),
-            Arc::clone(&hub),
-            Arc::clone(&store) as Arc<dyn Store>,
-            Box::new(|_| {}),
-            None,
-            Arc::default(),
-        );
+        let broker = broker_without_bus("this", &store, &hub);
         let app_id = herald_store::conformance::stored_app(store.as_ref(), "history")
             .await
             .id;
@@ -1920,6 +1965,12 @@ mod tests {
             mut frames,
         } = one_subscriber(&schema, 3).await;
 
+        // A message on the bus's topic that is not Herald's is counted, not caught up for.
+        Hearing::message(broker.as_ref(), Bytes::from_static(b"{not herald's")).await;
+        assert!(
+            !broker.missed.load(Ordering::Relaxed),
+            "a foreign bus message has nothing to catch up"
+        );
         broker.hear(HISTORY_CHANNEL, "{not a notice").await;
         assert!(
             broker.missed.load(Ordering::Relaxed),
@@ -1933,7 +1984,11 @@ mod tests {
                 .get()
         };
         assert_eq!(failed(NoticeVia::Notify), 1, "counted");
-        assert_eq!(failed(NoticeVia::Bus), 0);
+        assert_eq!(
+            failed(NoticeVia::Bus),
+            1,
+            "the foreign bus message, counted"
+        );
         assert!(frames.try_recv().is_err(), "nothing handed on yet");
 
         let third = herald_store::postgres::HistoryNotice {

@@ -194,16 +194,29 @@ impl Bus for RedisBus {
                 limit: MAX_MESSAGE_BYTES,
             });
         }
+        // While the subscribed connection is lost, Redis is taken for down: refused at once,
+        // as the NATS bus refuses while not connected, rather than each publication waiting
+        // out the connection manager's reconnects (seconds each, with the publishing
+        // channel's turn held meanwhile). The publisher counts the refusal as missed.
+        if !self.subscribed.load(Ordering::Relaxed) {
+            return Err(BusError::Unavailable {
+                engine: ENGINE,
+                reason: format!("{}: the link is down (resubscribing)", self.url),
+            });
+        }
         // One pipeline: sent together on the manager's connection, in this order.
         let mut pipeline = redis::pipe();
         for message in &messages {
             pipeline.publish(&self.topic, message.as_ref()).ignore();
         }
         let mut sender = self.sender.clone();
-        pipeline
-            .query_async::<()>(&mut sender)
-            .await
-            .map_err(|e| unavailable(&self.url, &e))
+        match tokio::time::timeout(TIMEOUT, pipeline.query_async::<()>(&mut sender)).await {
+            Ok(sent) => sent.map_err(|e| unavailable(&self.url, &e)),
+            Err(_) => Err(BusError::Unavailable {
+                engine: ENGINE,
+                reason: format!("{}: no answer within {TIMEOUT:?}", self.url),
+            }),
+        }
     }
 
     fn max_message_bytes(&self) -> usize {
@@ -307,6 +320,84 @@ mod tests {
                 got.push(next(heard).await);
             }
             assert_eq!(got, sent);
+        }
+    }
+
+    /// A TCP relay to Redis that can be cut, as a Redis going away would cut it.
+    struct Relay {
+        url: String,
+        tasks: tokio::task::JoinSet<()>,
+    }
+
+    impl Relay {
+        async fn to(url: &str) -> Self {
+            let upstream = url::Url::parse(url).expect("url");
+            let upstream = format!(
+                "{}:{}",
+                upstream.host_str().expect("host"),
+                upstream.port().unwrap_or(6379)
+            );
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let port = listener.local_addr().expect("addr").port();
+            let mut tasks = tokio::task::JoinSet::new();
+            tasks.spawn(async move {
+                let mut pipes = tokio::task::JoinSet::new();
+                while let Ok((mut client, _)) = listener.accept().await {
+                    let upstream = upstream.clone();
+                    pipes.spawn(async move {
+                        if let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await {
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                        }
+                    });
+                }
+            });
+            Self {
+                url: format!("redis://127.0.0.1:{port}"),
+                tasks,
+            }
+        }
+
+        /// Closes every relayed connection and stops listening.
+        fn cut(&mut self) {
+            self.tasks.abort_all();
+        }
+    }
+
+    #[tokio::test]
+    async fn while_the_link_is_down_a_send_is_refused_at_once() {
+        let Some(url) = server("redis bus refused while down") else {
+            return;
+        };
+        let mut relay = Relay::to(&url).await;
+        let bus = RedisBus::connect(&relay.url, &topic()).await.expect("bus");
+        let mut heard = listening(&bus).await;
+        bus.send(vec![Bytes::from_static(b"up")])
+            .await
+            .expect("sent while up");
+        assert_eq!(next(&mut heard).await, Bytes::from_static(b"up"));
+        relay.cut();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while bus.is_connected() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the lost subscription was noticed"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for _ in 0..5 {
+            let started = tokio::time::Instant::now();
+            let refused = bus
+                .send(vec![Bytes::from_static(b"down")])
+                .await
+                .expect_err("the link is down");
+            assert!(refused.to_string().contains("link is down"), "{refused}");
+            assert!(
+                started.elapsed() < Duration::from_millis(100),
+                "refused at once, not after reconnects: {:?}",
+                started.elapsed()
+            );
         }
     }
 
