@@ -8,7 +8,10 @@ use axum::{
     extract::{ConnectInfo, FromRequestParts},
     http::{Extensions, HeaderMap, request::Parts},
 };
-use herald_core::{model::App, token};
+use herald_core::{
+    model::{App, Endpoint, EndpointFormat, Message},
+    token,
+};
 use herald_store::TokenScope;
 
 use crate::{
@@ -145,5 +148,55 @@ impl Caller {
             Some(allowed) if *allowed != app.id => Err(ApiError::not_found("application")),
             _ => Ok(app),
         }
+    }
+
+    /// An app portal link's token: the app's customers, managing their own endpoints.
+    pub fn is_portal(&self) -> bool {
+        matches!(self.scope, TokenScope::Portal(_))
+    }
+
+    /// Whether this caller may see the endpoint. The app's `pusher`-format endpoints receive
+    /// its channel webhooks (every channel's occupancy, presence members and client events,
+    /// signed with the app's Pusher secret): its backend's, not its customers', so a portal
+    /// link neither sees nor changes them.
+    pub fn sees_endpoint(&self, endpoint: &Endpoint) -> bool {
+        !(self.is_portal() && endpoint.format == EndpointFormat::Pusher)
+    }
+
+    /// The event type of the messages this caller may not see: a portal link does not see
+    /// the channel webhook messages its hidden endpoints receive.
+    pub fn hidden_event_type(&self) -> Option<&'static str> {
+        self.is_portal()
+            .then_some(herald_channels::channel_webhooks::EVENT_TYPE)
+    }
+
+    /// Whether this caller may see the message ([`Self::hidden_event_type`]).
+    pub fn sees_message(&self, message: &Message) -> bool {
+        self.hidden_event_type() != Some(message.event_type.as_str())
+    }
+
+    /// The app's endpoint named by id or uid, if this caller may see it (404 otherwise).
+    pub async fn endpoint(
+        &self,
+        state: &ApiState,
+        app: &App,
+        id_or_uid: &str,
+    ) -> ApiResult<Endpoint> {
+        state
+            .store
+            .get_endpoint(&app.id, id_or_uid)
+            .await?
+            .filter(|endpoint| self.sees_endpoint(endpoint))
+            .ok_or_else(|| ApiError::not_found("endpoint"))
+    }
+
+    /// The app's message named by id or event id, if this caller may see it (404 otherwise).
+    pub async fn message(&self, state: &ApiState, app: &App, id: &str) -> ApiResult<Message> {
+        state
+            .store
+            .get_message(&app.id, id)
+            .await?
+            .filter(|message| self.sees_message(message))
+            .ok_or_else(|| ApiError::not_found("message"))
     }
 }

@@ -62,7 +62,9 @@ async fn ping_store(store: &dyn herald_store::Store) -> Option<String> {
         Ok(Err(e)) => Some(if e.is_unavailable() {
             "the database cannot be reached".to_owned()
         } else {
-            format!("the store does not answer: {e}")
+            // The route is public: the error's text (paths, SQL) goes to the log only.
+            tracing::error!(error = %e, "the readiness check's store ping failed");
+            "the store does not answer (the server's log says why)".to_owned()
         }),
         Err(_) => Some(format!(
             "the database did not answer within {} s",

@@ -1,4 +1,4 @@
-//! `Idempotency-Key` on POST: the first response (if not a server error) is stored and replayed
+//! `Idempotency-Key` on POST: the first successful (2xx) response is stored and replayed
 //! verbatim for the same key, caller and path for 24 hours. Only authenticated callers' answers
 //! are kept: the token is checked before anything is stored, keys are at most 255 bytes, kept
 //! bodies at most 2 MiB, and the table at most [`MAX_KEPT`] rows and [`MAX_KEPT_BYTES`]. A repeat that arrives while the
@@ -6,8 +6,8 @@
 //! claims its key in the store (for at most [`CLAIM_FOR`]) and the response, when saved,
 //! completes the claim; one not kept (a server error, too large, the client gone) releases
 //! it. The Svix SDKs send a key with every POST and reuse it when they retry, so a retried
-//! create never creates twice. A 429 is not kept either (the retry it asks for must run), and
-//! a kept answer never holds a secret ([`SecretFields`]).
+//! create never creates twice. A refusal (4xx) is not kept: nothing was written, and its
+//! retry runs again. A kept answer never holds a secret ([`SecretFields`]).
 
 use std::{mem, sync::Arc, time::Duration};
 
@@ -184,9 +184,11 @@ pub async fn replay(
         held: true,
     };
     let response = next.run(request).await;
-    // Neither a server error nor a refusal to come back later (429) answers the request: the
-    // retry the client is told to make must run, not replay the refusal.
-    if response.status().is_server_error() || response.status() == StatusCode::TOO_MANY_REQUESTS {
+    // Only a success is kept. A refusal changed nothing (Herald validates, authorizes and
+    // checks limits before it writes), so its retry may as well run again, as Stripe does for
+    // a request that failed validation; a server error or a 429 asks for that retry. Keeping
+    // refusals would let a token fill the table with answers from routes it may not use.
+    if !response.status().is_success() {
         claim.release().await;
         return response;
     }

@@ -18,6 +18,18 @@ pub struct ListResponse<T> {
     pub done: bool,
 }
 
+impl<T> ListResponse<T> {
+    /// The same page with each item converted.
+    pub fn map<U>(self, convert: impl FnMut(T) -> U) -> ListResponse<U> {
+        ListResponse {
+            data: self.data.into_iter().map(convert).collect(),
+            iterator: self.iterator,
+            prev_iterator: self.prev_iterator,
+            done: self.done,
+        }
+    }
+}
+
 /// The query parameters every list takes, for the API's description (`params(ListParams)`);
 /// [`page`] reads them.
 #[derive(utoipa::IntoParams)]
@@ -103,7 +115,7 @@ pub fn descending(query: &QueryParams, descending_by_default: bool) -> ApiResult
 }
 
 /// Builds the response from the store's `limit + 1` rows; `cursor` gives each item's key.
-pub fn list<T, U: Serialize>(
+pub fn list<T, U>(
     mut rows: Vec<T>,
     page: &Page,
     cursor: impl Fn(&T) -> String,

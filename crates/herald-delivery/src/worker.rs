@@ -1523,9 +1523,19 @@ fn streak(running: bool, now: chrono::DateTime<Utc>) -> EndpointChange {
     }
 }
 
+/// The attempt's recorded `response` when no HTTP answer came. A refused address is named by
+/// its kind only: the attempt log is read by app tokens and app portal links, which must not
+/// learn what internal names resolve to (the address goes to the debug log).
 fn result_text(result: &Result<crate::client::Response, SendError>) -> String {
     match result {
         Ok(_) => String::new(),
+        Err(SendError::Blocked(blocked)) => {
+            tracing::debug!(address = %blocked.addr, kind = %blocked.kind, "refused a non-public webhook target");
+            format!(
+                "refused: the target's address is {}; outbound webhooks to it are refused (allow it with delivery.allow_private_targets or delivery.allowed_subnets)",
+                blocked.kind
+            )
+        }
         Err(e) => e.to_string(),
     }
 }

@@ -137,6 +137,9 @@ pub struct MessageQuery {
     pub before: Option<DateTime<Utc>>,
     /// Only messages created after this time (strictly).
     pub after: Option<DateTime<Utc>>,
+    /// No messages of this event type (an app portal link does not see the app's channel
+    /// webhooks).
+    pub except_event_type: Option<String>,
 }
 
 impl MessageQuery {
@@ -147,6 +150,7 @@ impl MessageQuery {
             && self.event_types.is_none()
             && self.before.is_none()
             && self.after.is_none()
+            && self.except_event_type.is_none()
     }
 }
 

@@ -225,11 +225,7 @@ pub async fn get(
     Path((app_id, msg_id, attempt_id)): Path<(String, String, String)>,
 ) -> ApiResult<Json<MessageAttemptOut>> {
     let app = caller.app(&state, &app_id).await?;
-    let msg = state
-        .store
-        .get_message(&app.id, &msg_id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("message"))?;
+    let msg = caller.message(&state, &app, &msg_id).await?;
     // The message's attempts newest first, starting just above `attempt_id`: no attempt id
     // extends another (they are all `atmpt_` and a fixed-length KSUID), so the first row is
     // the attempt itself if the message has it.
@@ -276,11 +272,7 @@ pub async fn list_attempted_messages(
     query: QueryParams,
 ) -> ApiResult<Json<ListResponse<EndpointMessageOut>>> {
     let app = caller.app(&state, &app_id).await?;
-    let endpoint = state
-        .store
-        .get_endpoint(&app.id, &endpoint_id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("endpoint"))?;
+    let endpoint = caller.endpoint(&state, &app, &endpoint_id).await?;
     let page = pagination::page(&query, true)?;
     let with_content = query.bool("with_content", true)?;
     let filter = DeliveryQuery {
@@ -314,11 +306,7 @@ pub async fn list_attempted_destinations(
     query: QueryParams,
 ) -> ApiResult<Json<ListResponse<MessageEndpointOut>>> {
     let app = caller.app(&state, &app_id).await?;
-    let msg = state
-        .store
-        .get_message(&app.id, &msg_id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("message"))?;
+    let msg = caller.message(&state, &app, &msg_id).await?;
     let page = pagination::page(&query, false)?;
     let rows = state
         .store
@@ -354,11 +342,7 @@ pub async fn list_by_endpoint(
     query: QueryParams,
 ) -> ApiResult<Json<ListResponse<MessageAttemptOut>>> {
     let app = caller.app(&state, &app_id).await?;
-    let endpoint = state
-        .store
-        .get_endpoint(&app.id, &endpoint_id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("endpoint"))?;
+    let endpoint = caller.endpoint(&state, &app, &endpoint_id).await?;
     let page = pagination::page(&query, true)?;
     let (filter, shown) = attempt_query(&query)?;
     let rows = state
@@ -395,20 +379,12 @@ pub async fn list_by_msg(
     query: QueryParams,
 ) -> ApiResult<Json<ListResponse<MessageAttemptOut>>> {
     let app = caller.app(&state, &app_id).await?;
-    let msg = state
-        .store
-        .get_message(&app.id, &msg_id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("message"))?;
+    let msg = caller.message(&state, &app, &msg_id).await?;
     let page = pagination::page(&query, true)?;
     let (mut filter, shown) = attempt_query(&query)?;
     // An endpoint's id or uid, as everywhere an endpoint is named.
     if let Some(endpoint) = query.str("endpoint_id") {
-        let endpoint = state
-            .store
-            .get_endpoint(&app.id, endpoint)
-            .await?
-            .ok_or_else(|| ApiError::not_found("endpoint"))?;
+        let endpoint = caller.endpoint(&state, &app, endpoint).await?;
         filter.endpoint_id = Some(endpoint.id.to_string());
     }
     let rows = state
@@ -435,16 +411,8 @@ pub async fn resend(
     Path((app_id, msg_id, endpoint_id)): Path<(String, String, String)>,
 ) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
     let app = caller.app(&state, &app_id).await?;
-    let msg = state
-        .store
-        .get_message(&app.id, &msg_id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("message"))?;
-    let endpoint = state
-        .store
-        .get_endpoint(&app.id, &endpoint_id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("endpoint"))?;
+    let msg = caller.message(&state, &app, &msg_id).await?;
+    let endpoint = caller.endpoint(&state, &app, &endpoint_id).await?;
     if endpoint.disabled {
         return Err(ApiError::bad_request(
             "endpoint_disabled",

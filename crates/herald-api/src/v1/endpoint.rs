@@ -295,11 +295,18 @@ async fn find(
     endpoint_id: &str,
 ) -> ApiResult<Endpoint> {
     let app = caller.app(state, app_id).await?;
-    state
-        .store
-        .get_endpoint(&app.id, endpoint_id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("endpoint"))
+    caller.endpoint(state, &app, endpoint_id).await
+}
+
+/// A portal link may not make an endpoint of the `pusher` format, which receives the app's
+/// channel webhooks signed with its Pusher secret ([`Caller::sees_endpoint`]).
+fn check_format_allowed(caller: &Caller, format: Option<EndpointFormat>) -> ApiResult<()> {
+    if caller.is_portal() && format == Some(EndpointFormat::Pusher) {
+        return Err(ApiError::forbidden(
+            "an app portal link cannot manage pusher-format endpoints: they receive the app's channel webhooks, signed with its Pusher secret, which are its backend's",
+        ));
+    }
+    Ok(())
 }
 
 /// The app's endpoints.
@@ -317,12 +324,11 @@ pub async fn list(
     let app = caller.app(&state, &app_id).await?;
     let page = pagination::page(&query, pagination::descending(&query, false)?)?;
     let rows = state.store.list_endpoints(&app.id, &page).await?;
-    Ok(Json(pagination::list(
-        rows,
-        &page,
-        |e| e.id.to_string(),
-        EndpointOut::from,
-    )))
+    // Paged over every endpoint, then thinned: a page a portal link reads may come out short
+    // of `limit` but is never the end unless `done` says so.
+    let mut list = pagination::list(rows, &page, |e| e.id.to_string(), |e| e);
+    list.data.retain(|e| caller.sees_endpoint(e));
+    Ok(Json(list.map(EndpointOut::from)))
 }
 
 /// Creates an endpoint; a signing secret is generated unless `secret` is given.
@@ -337,6 +343,7 @@ pub async fn create(
 ) -> ApiResult<(StatusCode, Json<EndpointOut>)> {
     let app = caller.app(&state, &app_id).await?;
     let endpoint = new_endpoint(&app, input)?;
+    check_format_allowed(&caller, Some(endpoint.format))?;
     state.store.create_endpoint(&endpoint).await?;
     Ok((StatusCode::CREATED, Json(endpoint.into())))
 }
@@ -375,11 +382,14 @@ pub async fn upsert(
             ..input
         };
         let endpoint = new_endpoint(&app, input)?;
+        check_format_allowed(&caller, Some(endpoint.format))?;
         state.store.create_endpoint(&endpoint).await?;
         return Ok((StatusCode::CREATED, Json(endpoint.into())));
     };
+    check_format_allowed(&caller, Some(endpoint.format))?;
     let read_at = endpoint.updated_at;
     if let Some(format) = validate_in(&input)? {
+        check_format_allowed(&caller, Some(format))?;
         endpoint.format = format;
     }
     // An existing endpoint's secret changes only through a rotation, which keeps the old one
@@ -393,6 +403,7 @@ pub async fn upsert(
             "an existing endpoint's secret changes through POST .../secret/rotate, which keeps the old secret signing for a grace period",
         ));
     }
+    drop_credentials_on_origin_change(&endpoint.url, &input.url, &mut endpoint.headers);
     endpoint.url = input.url;
     endpoint.description = input.description.unwrap_or_default();
     endpoint.uid = input.uid;
@@ -439,7 +450,9 @@ pub async fn patch(
         patch.channels.as_ref().and_then(Option::as_ref),
     );
     v.finish()?;
+    check_format_allowed(&caller, format)?;
     if let Some(url) = patch.url {
+        drop_credentials_on_origin_change(&endpoint.url, &url, &mut endpoint.headers);
         endpoint.url = url;
     }
     if let Some(format) = format {
@@ -616,25 +629,44 @@ pub async fn get_headers(
     Ok(Json(EndpointHeadersOut::redacted(endpoint.headers)))
 }
 
-/// Headers that carry credentials, as Svix names them: their values are never read back (an
-/// app portal link's customer, or anyone holding an app's token, would otherwise read the
-/// receiver's credentials), only their names, in `sensitive`. They are still sent.
-const SENSITIVE_HEADERS: [&str; 5] = [
+/// Headers that carry credentials: Svix's five, and the common API-key and cookie headers.
+/// Their values are never read back (an app portal link's customer, or anyone holding an
+/// app's token, would otherwise read the receiver's credentials), only their names, in
+/// `sensitive`. They are sent, but only to the origin they were set for
+/// ([`drop_credentials_on_origin_change`]).
+const SENSITIVE_HEADERS: [&str; 8] = [
     "authorization",
     "proxy-authorization",
     "x-auth-token",
     "www-authenticate",
     "proxy-authenticate",
+    "x-api-key",
+    "api-key",
+    "cookie",
 ];
+
+fn is_sensitive(name: &str) -> bool {
+    SENSITIVE_HEADERS
+        .iter()
+        .any(|sensitive| name.eq_ignore_ascii_case(sensitive))
+}
+
+/// A URL moved to another origin (scheme, host or port) loses the endpoint's credential
+/// headers, as a browser drops `Authorization` on a cross-origin redirect: they were set for
+/// the receiver at the old origin, and whoever may change the URL may not read them back, so
+/// keeping them would hand them to whatever the new URL names. Both URLs were checked.
+fn drop_credentials_on_origin_change(old: &str, new: &str, headers: &mut BTreeMap<String, String>) {
+    let origin = |url: &str| url::Url::parse(url).map(|u| u.origin());
+    if origin(old) != origin(new) {
+        headers.retain(|name, _| !is_sensitive(name));
+    }
+}
 
 impl EndpointHeadersOut {
     fn redacted(headers: BTreeMap<String, String>) -> Self {
-        let (sensitive, headers): (BTreeMap<_, _>, BTreeMap<_, _>) =
-            headers.into_iter().partition(|(name, _)| {
-                SENSITIVE_HEADERS
-                    .iter()
-                    .any(|sensitive| name.eq_ignore_ascii_case(sensitive))
-            });
+        let (sensitive, headers): (BTreeMap<_, _>, BTreeMap<_, _>) = headers
+            .into_iter()
+            .partition(|(name, _)| is_sensitive(name));
         Self {
             headers,
             sensitive: sensitive.into_keys().collect(),

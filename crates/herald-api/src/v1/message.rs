@@ -318,11 +318,7 @@ pub async fn get(
 ) -> ApiResult<Json<MessageOut>> {
     let with_content = query.bool("with_content", true)?;
     let app = caller.app(&state, &app_id).await?;
-    let msg = state
-        .store
-        .get_message(&app.id, &msg_id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("message"))?;
+    let msg = caller.message(&state, &app, &msg_id).await?;
     Ok(Json(MessageOut::new(msg, with_content)))
 }
 
@@ -344,7 +340,10 @@ pub async fn list(
     let app = caller.app(&state, &app_id).await?;
     let page = pagination::page(&query, true)?;
     let with_content = query.bool("with_content", true)?;
-    let filter = message_query(&query)?;
+    let filter = MessageQuery {
+        except_event_type: caller.hidden_event_type().map(str::to_owned),
+        ..message_query(&query)?
+    };
     let rows = state.store.list_messages(&app.id, &page, &filter).await?;
     Ok(Json(pagination::list(
         rows,
@@ -370,6 +369,7 @@ pub(crate) fn message_query(query: &QueryParams) -> ApiResult<MessageQuery> {
         event_types: query.list("event_types").filter(|types| !types.is_empty()),
         before: query.time("before")?,
         after: query.time("after")?,
+        except_event_type: None,
     })
 }
 

@@ -689,4 +689,8 @@ pub(super) fn push_message_filters(
         q.push(format_args!(" AND {table}.created_at > "));
         q.push_bind(millis(after));
     }
+    if let Some(except) = &filter.except_event_type {
+        q.push(format_args!(" AND {table}.event_type <> "));
+        q.push_bind(except.clone());
+    }
 }

@@ -620,6 +620,46 @@ async fn credential_headers_are_sent_but_read_back_by_name_only() {
     assert_eq!(delivery.header("authorization"), "Bearer receiver-s3cret");
     assert_eq!(delivery.header("x-auth-token"), "t0ken");
     assert_eq!(delivery.header("x-plain"), "1");
+
+    // Whoever may change the URL may not read the credentials: moved to another path of the
+    // same origin they are kept, moved to another origin they are dropped.
+    let endpoint = format!(
+        "/api/v1/app/{app}/endpoint/{}",
+        ep["id"].as_str().expect("id")
+    );
+    let same_origin = format!("{}/elsewhere", receiver.url.trim_end_matches('/'));
+    let (status, body) = server
+        .call(Method::PATCH, &endpoint, Some(json!({"url": same_origin})))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (_, got) = server.call(Method::GET, &path, None).await;
+    assert_eq!(got["sensitive"], json!(["Authorization", "x-auth-token"]));
+    let mut elsewhere = Receiver::start().await;
+    let (status, body) = server
+        .call(
+            Method::PATCH,
+            &endpoint,
+            Some(json!({"url": elsewhere.url})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (_, got) = server.call(Method::GET, &path, None).await;
+    assert_eq!(got["headers"], json!({"X-Plain": "1"}));
+    assert_eq!(got["sensitive"], json!([]));
+    server
+        .send(
+            &app,
+            json!({"eventType": "order.paid", "payload": {"id": 2}}),
+        )
+        .await;
+    let delivery = elsewhere.next().await;
+    assert!(
+        delivery.headers.get("authorization").is_none(),
+        "{:?}",
+        delivery.headers
+    );
+    assert!(delivery.headers.get("x-auth-token").is_none());
+    assert_eq!(delivery.header("x-plain"), "1");
     server.stop().await;
 }
 
@@ -783,6 +823,34 @@ async fn anonymous_requests_store_no_idempotency_records_and_long_keys_are_refus
         0,
         "answers to unauthenticated callers are not kept"
     );
+    // A refusal is not kept either: nothing was written, so its retry runs again.
+    let (status, refused) = server
+        .call_as(
+            Some(ADMIN_TOKEN),
+            Method::POST,
+            &path,
+            Some(json!({"eventType": "order.created"})),
+            Some("refused-then-fixed"),
+        )
+        .await;
+    assert_eq!(status, 422, "{refused}");
+    assert_eq!(
+        server
+            .store_scalar("SELECT COUNT(*) FROM idempotency")
+            .await,
+        0,
+        "a refusal is not kept"
+    );
+    let (status, created) = server
+        .call_as(
+            Some(ADMIN_TOKEN),
+            Method::POST,
+            &path,
+            Some(body.clone()),
+            Some("refused-then-fixed"),
+        )
+        .await;
+    assert_eq!(status, 201, "the retry ran: {created}");
 
     let (status, refused) = server
         .call_as(
@@ -856,7 +924,8 @@ async fn anonymous_requests_store_no_idempotency_records_and_long_keys_are_refus
         server
             .store_scalar("SELECT COUNT(*) FROM idempotency")
             .await,
-        1
+        2,
+        "the fixed retry's answer and this one"
     );
     server.stop().await;
 }
@@ -2113,5 +2182,142 @@ async fn idempotent_replays_hold_no_secret_and_a_rate_limit_refusal_is_not_repla
         (status == 201).then_some(())
     })
     .await;
+    server.stop().await;
+}
+
+/// An app's `pusher`-format endpoints receive its channel webhooks (every channel's members
+/// and client events, signed with its Pusher secret): its backend's. An app portal link's
+/// token neither sees them nor their messages, and cannot make one.
+#[tokio::test]
+async fn an_app_portal_link_neither_sees_nor_makes_pusher_endpoints_or_their_messages() {
+    let server = TestServer::start().await;
+    let app = server.create_app("portal-pusher").await;
+    let backends = server
+        .create_endpoint(
+            &app,
+            json!({"url": "https://backend.example/pusher", "format": "pusher", "uid": "backend"}),
+        )
+        .await;
+    let backends = backends["id"].as_str().expect("id").to_owned();
+    let customers = server
+        .create_endpoint(&app, json!({"url": "https://customer.example/hook"}))
+        .await;
+    let customers = customers["id"].as_str().expect("id").to_owned();
+    let channel_webhook = server
+        .send(
+            &app,
+            json!({"eventType": "pusher.channel_webhook", "payload": {"events": []}}),
+        )
+        .await;
+    let channel_webhook = channel_webhook["id"].as_str().expect("id").to_owned();
+    let order = server
+        .send(
+            &app,
+            json!({"eventType": "order.paid", "payload": {"id": 1}}),
+        )
+        .await;
+    let order = order["id"].as_str().expect("id").to_owned();
+
+    let (status, link) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/auth/app-portal-access/{app}"),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, 200, "{link}");
+    let portal = link["token"].as_str().expect("token").to_owned();
+    let as_portal = |method: Method, path: String, body: Option<Value>| {
+        let portal = portal.clone();
+        let server = &server;
+        async move {
+            server
+                .call_as(Some(&portal), method, &path, body, None)
+                .await
+        }
+    };
+    let ids = |list: &Value| -> Vec<String> {
+        list["data"]
+            .as_array()
+            .expect("data")
+            .iter()
+            .map(|item| item["id"].as_str().expect("id").to_owned())
+            .collect()
+    };
+
+    // Endpoints: the backend's is not there for the portal.
+    let endpoints = format!("/api/v1/app/{app}/endpoint");
+    let (status, list) = as_portal(Method::GET, endpoints.clone(), None).await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(ids(&list), [customers.as_str()]);
+    let (_, all) = server.call(Method::GET, &endpoints, None).await;
+    assert_eq!(ids(&all).len(), 2, "the admin sees both: {all}");
+    for (method, path, body) in [
+        (Method::GET, format!("{endpoints}/{backends}"), None),
+        (Method::GET, format!("{endpoints}/backend/secret"), None),
+        (
+            Method::PATCH,
+            format!("{endpoints}/{backends}"),
+            Some(json!({"url": "https://attacker.example/"})),
+        ),
+        (Method::DELETE, format!("{endpoints}/{backends}"), None),
+        (
+            Method::GET,
+            format!("/api/v1/app/{app}/attempt/endpoint/{backends}"),
+            None,
+        ),
+    ] {
+        let what = format!("{method} {path}");
+        let (status, body) = as_portal(method, path, body).await;
+        assert_eq!(status, 404, "{what}: {body}");
+    }
+    for (method, path, body) in [
+        (
+            Method::POST,
+            endpoints.clone(),
+            json!({"url": "https://attacker.example/", "format": "pusher"}),
+        ),
+        (
+            Method::PATCH,
+            format!("{endpoints}/{customers}"),
+            json!({"format": "pusher"}),
+        ),
+        (
+            Method::PUT,
+            format!("{endpoints}/backend"),
+            json!({"url": "https://attacker.example/"}),
+        ),
+    ] {
+        let what = format!("{method} {path}");
+        let (status, body) = as_portal(method, path, Some(body)).await;
+        assert_eq!(status, 403, "{what}: {body}");
+        assert!(
+            body["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("pusher-format")),
+            "{what}: {body}"
+        );
+    }
+    let (_, still) = server
+        .call(Method::GET, &format!("{endpoints}/{backends}"), None)
+        .await;
+    assert_eq!(still["url"], "https://backend.example/pusher");
+
+    // Messages: the channel webhooks are not there for the portal either.
+    let messages = format!("/api/v1/app/{app}/msg");
+    let (status, list) = as_portal(Method::GET, messages.clone(), None).await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(ids(&list), [order.as_str()]);
+    let (_, all) = server.call(Method::GET, &messages, None).await;
+    assert_eq!(ids(&all), [order.clone(), channel_webhook.clone()]);
+    for path in [
+        format!("{messages}/{channel_webhook}"),
+        format!("/api/v1/app/{app}/attempt/msg/{channel_webhook}"),
+    ] {
+        let (status, body) = as_portal(Method::GET, path.clone(), None).await;
+        assert_eq!(status, 404, "{path}: {body}");
+    }
+    let (status, body) = as_portal(Method::GET, format!("{messages}/{order}"), None).await;
+    assert_eq!(status, 200, "{body}");
     server.stop().await;
 }

@@ -370,6 +370,7 @@ async fn private_targets_are_refused_unless_allowed() {
         assert_eq!(log[0]["responseStatusCode"], 0);
         let why = log[0]["response"].as_str().expect("response");
         assert!(why.contains("refused") && why.contains("loopback"), "{why}");
+        assert!(!why.contains("127.0.0.1"), "the address is not told: {why}");
     }
     assert!(
         receiver.drain().is_empty(),
