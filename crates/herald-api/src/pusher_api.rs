@@ -145,6 +145,21 @@ fn query_pairs(uri: &Uri) -> impl Iterator<Item = (String, String)> + '_ {
         .flat_map(|q| url::form_urlencoded::parse(q.as_bytes()).into_owned())
 }
 
+/// The request's query parameters by name. A name given twice (`info=a&info=b`) is refused
+/// rather than one of its values silently winning.
+fn query_map(uri: &Uri) -> Result<BTreeMap<String, String>, PusherError> {
+    let mut map = BTreeMap::new();
+    for (name, value) in query_pairs(uri) {
+        if map.contains_key(&name) {
+            return Err(bad(format!(
+                "{name} is given more than once; give it once (info takes a comma-separated list)"
+            )));
+        }
+        map.insert(name, value);
+    }
+    Ok(map)
+}
+
 fn keeps_no_history(channel: &str) -> PusherError {
     PusherError::new(
         StatusCode::NOT_FOUND,
@@ -540,7 +555,7 @@ async fn channels(
     uri: Uri,
 ) -> Result<Json<Value>, PusherError> {
     let app = authenticate(&state, client, &app_id, &method, &uri, &[]).await?;
-    let query: BTreeMap<String, String> = query_pairs(&uri).collect();
+    let query = query_map(&uri)?;
     let prefix = query.get("filter_by_prefix").map_or("", String::as_str);
     let mut user_count = false;
     for attribute in info_attributes(query.get("info").map(String::as_str)) {
@@ -584,7 +599,7 @@ async fn channel(
 ) -> Result<Json<Value>, PusherError> {
     let app = authenticate(&state, client, &app_id, &method, &uri, &[]).await?;
     pusher::validate_channel_name(&channel).map_err(bad)?;
-    let info: BTreeMap<String, String> = query_pairs(&uri).collect();
+    let info = query_map(&uri)?;
     let info = info.get("info").map(String::as_str);
     check_info(info, std::slice::from_ref(&channel))?;
     let current = state
@@ -624,7 +639,7 @@ async fn history(
 ) -> Result<Json<Value>, PusherError> {
     let app = authenticate(&state, client, &app_id, &method, &uri, &[]).await?;
     pusher::validate_channel_name(&channel).map_err(bad)?;
-    let query: BTreeMap<String, String> = query_pairs(&uri).collect();
+    let query = query_map(&uri)?;
     let offset = |name: &str| -> Result<Option<u64>, PusherError> {
         query
             .get(name)

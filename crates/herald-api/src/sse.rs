@@ -10,7 +10,8 @@
 //! is the position the stream starts from (the newest offset, or the one resumed from), so a
 //! client that drops before any channel event still resumes without a gap.
 //!
-//! Public channels need no credentials; private ones need `token` (see
+//! Channels are named by `channels=a,b`, or by one `channel=` each for names holding a comma
+//! ([`StreamQuery`]). Public channels need no credentials; private ones need `token` (see
 //! `herald_core::pusher::sse_token`); presence channels need a WebSocket. Responses are
 //! unbuffered (`X-Accel-Buffering: no`), keep-alive comments flow while idle, and any origin
 //! may read the stream (no cookies are involved).
@@ -32,7 +33,7 @@ use std::{
 
 use axum::{
     Extension,
-    extract::{ConnectInfo, Path, Query, State},
+    extract::{ConnectInfo, Path, RawQuery, State},
     http::{HeaderMap, HeaderValue, StatusCode, header::RETRY_AFTER},
     response::{
         IntoResponse, Response,
@@ -61,7 +62,8 @@ const MAX_CHANNELS: usize = 10;
 #[utoipa::path(get, path = "/apps/{app_id}/sse",
     operation_id = "sse", tag = "Channels", security(()),
     params(("app_id" = String, Path, description = "The app's Pusher app id"),
-        ("channels" = String, Query, description = "Up to 10 channels, comma-separated"),
+        ("channels" = Option<String>, Query, description = "Up to 10 channels, comma-separated"),
+        ("channel" = Option<Vec<String>>, Query, description = "Instead of channels: one channel per parameter, repeated (for names holding a comma)"),
         ("token" = Option<String>, Query, description = "For private channels: a token signed with the app's Pusher secret"),
         ("retry" = Option<u64>, Query, description = "The reconnection delay to suggest, in milliseconds"),
         ("lastEventId" = Option<String>, Query, description = "Where to resume, as Last-Event-ID")),
@@ -73,7 +75,7 @@ const MAX_CHANNELS: usize = 10;
 pub async fn stream(
     State(state): State<Arc<ApiState>>,
     Path(app_id): Path<String>,
-    Query(query): Query<HashMap<String, String>>,
+    RawQuery(raw_query): RawQuery,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
 ) -> Result<Response, PusherError> {
@@ -96,12 +98,10 @@ pub async fn stream(
         }
     };
 
-    let listed = query
-        .get("channels")
-        .map(String::as_str)
-        .unwrap_or_default();
+    let query = StreamQuery::parse(raw_query.as_deref().unwrap_or_default())
+        .map_err(|e| fail(StatusCode::BAD_REQUEST, e))?;
     let mut channels: Vec<String> = Vec::new();
-    for channel in listed.split(',').filter(|c| !c.is_empty()) {
+    for channel in query.channels() {
         pusher::validate_channel_name(channel).map_err(|e| fail(StatusCode::BAD_REQUEST, e))?;
         let needs_websocket = match ChannelKind::of(channel) {
             ChannelKind::Presence => Some("presence channels need a WebSocket connection"),
@@ -118,7 +118,9 @@ pub async fn stream(
     if channels.is_empty() || channels.len() > MAX_CHANNELS {
         return Err(fail(
             StatusCode::BAD_REQUEST,
-            format!("channels must name 1 to {MAX_CHANNELS} channels, comma-separated"),
+            format!(
+                "channels must name 1 to {MAX_CHANNELS} channels, comma-separated (or one per channel= parameter)"
+            ),
         ));
     }
     // An unknown app or a wrong token counts against the address, as on the Pusher HTTP API.
@@ -129,7 +131,7 @@ pub async fn stream(
     let (app, attempt) =
         crate::pusher_api::find_app_counted(&state, client, &app_id, private).await?;
     if private {
-        let token = query.get("token").ok_or_else(|| {
+        let token = query.token.as_deref().ok_or_else(|| {
             fail(
                 StatusCode::UNAUTHORIZED,
                 "private channels need a token (see the README: SSE)".into(),
@@ -137,7 +139,7 @@ pub async fn stream(
         })?;
         let now = chrono::Utc::now();
         pusher::with_any_secret(&app.pusher, now, |secret| {
-            pusher::verify_sse_token(secret, listed, token, now.timestamp())
+            pusher::verify_sse_token(secret, &query.signed_list(), token, now.timestamp())
         })
         .map_err(|e| {
             // Only a token the secret did not sign is a guess: an expired one is a page left
@@ -152,7 +154,7 @@ pub async fn stream(
             fail(StatusCode::UNAUTHORIZED, e.to_string())
         })?;
     }
-    let retry = match query.get("retry") {
+    let retry = match &query.retry {
         Some(ms) => Some(
             ms.parse::<u64>()
                 .ok()
@@ -170,7 +172,7 @@ pub async fn stream(
     let last_event_id = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
-        .or_else(|| query.get("lastEventId").map(String::as_str))
+        .or(query.last_event_id.as_deref())
         .unwrap_or_default();
     let resumes = parse_positions(last_event_id).ok_or_else(|| {
         fail(
@@ -353,6 +355,66 @@ fn position_id(positions: &BTreeMap<String, (String, u64)>) -> String {
 
 /// The positions of a [`position_id`] (none for an empty id); `None` if any part is not one,
 /// since a resume silently dropped would be a fresh start the client does not know of.
+/// The stream's query parameters. Channels come either as `channels=a,b` (comma-separated, as
+/// most clients will write them) or as one `channel=` per channel, so that a channel whose name
+/// holds a comma (Pusher's rules allow one) can be streamed too. A parameter given twice is
+/// refused rather than one value silently winning; parameters Herald does not read (a cache
+/// buster, say) are left alone, as browsers and EventSource polyfills add them.
+#[derive(Debug, Default, PartialEq)]
+struct StreamQuery {
+    /// `channels=`, as sent (decoded).
+    listed: Option<String>,
+    /// Each `channel=`, in order.
+    each: Vec<String>,
+    token: Option<String>,
+    retry: Option<String>,
+    last_event_id: Option<String>,
+}
+
+impl StreamQuery {
+    fn parse(raw: &str) -> Result<Self, String> {
+        let mut query = Self::default();
+        for (key, value) in url::form_urlencoded::parse(raw.as_bytes()) {
+            let slot = match key.as_ref() {
+                "channel" => {
+                    query.each.push(value.into_owned());
+                    continue;
+                }
+                "channels" => &mut query.listed,
+                "token" => &mut query.token,
+                "retry" => &mut query.retry,
+                "lastEventId" => &mut query.last_event_id,
+                _ => continue,
+            };
+            if slot.replace(value.into_owned()).is_some() {
+                return Err(format!("{key} is given more than once"));
+            }
+        }
+        if query.listed.is_some() && !query.each.is_empty() {
+            return Err("name the channels with channels= or with channel=, not both".into());
+        }
+        Ok(query)
+    }
+
+    /// The channels asked for, in order (duplicates included; empty names skipped).
+    fn channels(&self) -> impl Iterator<Item = &str> {
+        let listed = self.listed.as_deref().unwrap_or_default().split(',');
+        let each = self.each.iter().map(String::as_str);
+        listed.chain(each).filter(|c| !c.is_empty())
+    }
+
+    /// What a private stream's token signs: the `channels` value as sent, or the `channel`
+    /// values each followed by a newline. No channel name holds a newline (the names are
+    /// checked before the token), so a token minted for the one channel `a,b` cannot pass for
+    /// one for the two channels `a` and `b`.
+    fn signed_list(&self) -> String {
+        match &self.listed {
+            Some(listed) => listed.clone(),
+            None => self.each.iter().map(|name| format!("{name}\n")).collect(),
+        }
+    }
+}
+
 fn parse_positions(id: &str) -> Option<HashMap<&str, Resume>> {
     if id.is_empty() {
         return Some(HashMap::new());
@@ -458,3 +520,46 @@ impl StreamState {
 #[derive(utoipa::OpenApi)]
 #[openapi(paths(stream))]
 pub(crate) struct Docs;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channels_come_comma_separated_or_one_per_parameter() {
+        let listed = StreamQuery::parse("channels=a%2Cb,c&retry=500").expect("valid");
+        assert_eq!(listed.channels().collect::<Vec<_>>(), ["a", "b", "c"]);
+        assert_eq!(listed.signed_list(), "a,b,c");
+        assert_eq!(listed.retry.as_deref(), Some("500"));
+
+        let each = StreamQuery::parse("channel=orders%2C2024&channel=c&_=17").expect("valid");
+        assert_eq!(each.channels().collect::<Vec<_>>(), ["orders,2024", "c"]);
+        assert_eq!(each.signed_list(), "orders,2024\nc\n");
+        let one_channel = StreamQuery::parse("channel=a%2Cb").expect("valid");
+        let two_channels = StreamQuery::parse("channels=a,b").expect("valid");
+        assert_ne!(
+            one_channel.signed_list(),
+            two_channels.signed_list(),
+            "the one channel a,b signs differently from the channels a and b"
+        );
+    }
+
+    #[test]
+    fn a_parameter_given_twice_or_both_channel_forms_are_refused() {
+        for (query, says) in [
+            ("channels=a&channels=b", "channels is given more than once"),
+            (
+                "channels=a&token=1&token=2",
+                "token is given more than once",
+            ),
+            (
+                "lastEventId=a&lastEventId=b",
+                "lastEventId is given more than once",
+            ),
+            ("channels=a&channel=b", "not both"),
+        ] {
+            let refused = StreamQuery::parse(query).expect_err(query);
+            assert!(refused.contains(says), "{query}: {refused}");
+        }
+    }
+}

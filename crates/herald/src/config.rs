@@ -1079,6 +1079,15 @@ impl Config {
         Ok(config)
     }
 
+    /// How long a shutdown may take in all before the process exits without finishing it:
+    /// the HTTP drain and the in-flight attempts each get `shutdown_grace_secs`, and 5 s more
+    /// cover applying the closed connections' presence changes and closing the store. With the
+    /// default grace that is 25 s, inside the 30 s Kubernetes and systemd give before SIGKILL,
+    /// so the process says what it left rather than being killed without a word.
+    pub fn shutdown_deadline(&self) -> Duration {
+        Duration::from_secs_f64(2.0 * self.shutdown_grace_secs + 5.0)
+    }
+
     pub fn listener_limits(&self) -> crate::listener::ListenerLimits {
         let l = &self.listener;
         crate::listener::ListenerLimits {

@@ -412,7 +412,11 @@ async fn serve(
             .and_then(|()| stdout.flush());
     }
     let shutdown = CancellationToken::new();
-    tokio::spawn(cancel_on_signal(shutdown.clone(), term));
+    tokio::spawn(cancel_on_signal(
+        shutdown.clone(),
+        term,
+        config.shutdown_deadline(),
+    ));
     herald::run_with(
         herald::Listeners {
             main: listener,
@@ -436,10 +440,16 @@ fn listen_for_term() -> TermSignal {
     return tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
 }
 
-async fn cancel_on_signal(shutdown: CancellationToken, term: TermSignal) {
+/// Cancels `shutdown` at the first SIGTERM or Ctrl-C, then exits at once at a second one
+/// (130), or once the shutdown has run past `deadline` (1).
+async fn cancel_on_signal(
+    shutdown: CancellationToken,
+    term: TermSignal,
+    deadline: std::time::Duration,
+) {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
-    {
+    let second_signal = {
         let mut term = match term {
             Ok(term) => term,
             Err(e) => {
@@ -453,23 +463,79 @@ async fn cancel_on_signal(shutdown: CancellationToken, term: TermSignal) {
             _ = ctrl_c => {}
             _ = term.recv() => {}
         }
-        tracing::info!("shutting down (a second signal exits at once)");
-        shutdown.cancel();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+        async move {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
         }
-    }
+    };
     #[cfg(not(unix))]
-    {
+    let second_signal = {
         let () = term;
         let _ = ctrl_c.await;
-        tracing::info!("shutting down (a second signal exits at once)");
-        shutdown.cancel();
-        let _ = tokio::signal::ctrl_c().await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    };
+    tracing::info!(
+        deadline_secs = deadline.as_secs_f64(),
+        "shutting down (a second signal exits at once)"
+    );
+    shutdown.cancel();
+    // What the drain had not finished is recovered at the next start either way (leases
+    // expire, SQLite re-queues leased deliveries).
+    match shutdown_cut_short(second_signal, deadline).await {
+        CutShort::SecondSignal => {
+            tracing::warn!("a second signal: exiting without finishing the shutdown");
+            std::process::exit(130);
+        }
+        CutShort::Deadline => {
+            tracing::error!(
+                deadline_secs = deadline.as_secs_f64(),
+                "the shutdown did not finish within its deadline (2 x shutdown_grace_secs + 5 s): exiting without finishing it"
+            );
+            std::process::exit(1);
+        }
     }
-    // The operator asked twice: what the drain had not finished is recovered at the next
-    // start (leases expire, SQLite re-queues leased deliveries).
-    tracing::warn!("a second signal: exiting without finishing the shutdown");
-    std::process::exit(130);
+}
+
+/// Why a shutdown under way is cut short.
+#[derive(Debug, PartialEq, Eq)]
+enum CutShort {
+    SecondSignal,
+    Deadline,
+}
+
+/// Waits for a second signal or the shutdown's deadline, whichever comes first. (A shutdown
+/// that finishes returns from `main` before either.)
+async fn shutdown_cut_short(
+    second_signal: impl std::future::Future<Output = ()>,
+    deadline: std::time::Duration,
+) -> CutShort {
+    tokio::select! {
+        () = second_signal => CutShort::SecondSignal,
+        () = tokio::time::sleep(deadline) => CutShort::Deadline,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shutdown_is_cut_short_at_its_deadline_or_a_second_signal() {
+        let started = tokio::time::Instant::now();
+        let cut = shutdown_cut_short(std::future::pending(), Duration::from_secs(25)).await;
+        assert_eq!(cut, CutShort::Deadline);
+        assert_eq!(started.elapsed(), Duration::from_secs(25));
+
+        let second = tokio::time::sleep(Duration::from_secs(3));
+        let started = tokio::time::Instant::now();
+        let cut = shutdown_cut_short(second, Duration::from_secs(25)).await;
+        assert_eq!(cut, CutShort::SecondSignal);
+        assert_eq!(started.elapsed(), Duration::from_secs(3));
+    }
 }

@@ -431,10 +431,56 @@ async fn private_channels_need_a_signed_token_and_bad_requests_are_refused() {
         status(request(&server, &creds, "channels=", None).await),
         400
     );
+    assert_eq!(
+        status(request(&server, &creds, "channels=a&channels=b", None).await),
+        400,
+        "a parameter given twice"
+    );
     let unknown = reqwest::get(format!("{}/apps/99/sse?channels=a", server.base))
         .await
         .expect("request");
     assert_eq!(status(unknown), 404);
+    drop(stream);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_channel_whose_name_holds_a_comma_streams_when_named_by_channel() {
+    let server = TestServer::start().await;
+    let (_, creds) = pusher_app(&server, "sse-comma").await;
+    let expires = chrono::Utc::now().timestamp() + 60;
+    let channel = "private-orders,2024";
+    // The token of the `channel=` form signs each name followed by a newline.
+    let two_channels = herald_core::pusher::sse_token(&creds.secret, channel, expires);
+    let refused = request(
+        &server,
+        &creds,
+        &format!("channel=private-orders%2C2024&token={two_channels}"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        refused.status().as_u16(),
+        401,
+        "a token for the channels private-orders and 2024 is not one for private-orders,2024"
+    );
+    let token =
+        herald_core::pusher::sse_token(&creds.secret, &format!("{channel}\nnews\n"), expires);
+    let mut stream = SseClient::open(
+        &server,
+        &creds,
+        &format!("channel=private-orders%2C2024&channel=news&token={token}"),
+        None,
+    )
+    .await;
+    let (_, first) = stream.data().await;
+    assert_eq!(first["event"], "herald:subscription_succeeded");
+    publish(&server, &creds, channel, "paid").await;
+    let (_, event) = stream.data().await;
+    assert_eq!(
+        (event["channel"].as_str(), event["data"].as_str()),
+        (Some(channel), Some("paid"))
+    );
     drop(stream);
     server.stop().await;
 }

@@ -462,6 +462,18 @@ async fn a_refused_trigger_or_batch_publishes_nothing() {
     .await;
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("unknown info attribute"), "{body}");
+    // A parameter given twice is refused rather than one value winning.
+    let (status, body) = pusher_api(
+        &server,
+        &creds,
+        "GET",
+        &format!("/apps/{}/channels/news", creds.id),
+        &[("info", "subscription_count"), ("info", "user_count")],
+        None,
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("info is given more than once"), "{body}");
     let batch_path = format!("/apps/{}/batch_events", creds.id);
     for (bad, why) in [
         (
