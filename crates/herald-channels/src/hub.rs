@@ -366,10 +366,19 @@ struct Subscriber {
 
 /// What is held for a joining subscriber.
 /// What a joining subscriber gets first: `prefix` (its confirmation), then the replay.
-fn queue_first(outbox: &Outbox, prefix: &impl Fn(&Outbox), replay: &mut Vec<Arc<Publication>>) {
+/// Queues `prefix`, then the replay, leaving out what the subscriber itself published (its
+/// `except`, which the store keeps with each event).
+fn queue_first(
+    outbox: &Outbox,
+    socket_id: &str,
+    prefix: &impl Fn(&Outbox),
+    replay: &mut Vec<Arc<Publication>>,
+) {
     prefix(outbox);
     for publication in std::mem::take(replay) {
-        outbox.send(Outgoing::Publication(publication));
+        if publication.except.as_deref() != Some(socket_id) {
+            outbox.send(Outgoing::Publication(publication));
+        }
     }
 }
 
@@ -455,8 +464,8 @@ impl Subscriber {
     }
 
     /// A publication this subscriber must not get (its own): its offset still counts as seen,
-    /// so a catch-up from this node's subscribers' offsets ([`AppHub::catch_up_from`]), which
-    /// reads the store and knows no `except`, never sends it back to its sender.
+    /// so a catch-up from this node's subscribers' offsets ([`AppHub::catch_up_from`]) starts
+    /// past it.
     fn pass_over(&self, offset: Option<u64>) {
         let Some(offset) = offset else { return };
         match &self.joining {
@@ -464,7 +473,7 @@ impl Subscriber {
                 self.next_offset.fetch_max(offset + 1, Ordering::Relaxed);
             }
             // Noted among what is held, so that going live counts it as seen, and its offset
-            // is no gap to fill from the store (which keeps no `except`).
+            // is no gap to fill from the store.
             Some(held) => {
                 let mut held = held.lock().unwrap_or_else(|p| p.into_inner());
                 if held.len() >= self.outbox.capacity() {
@@ -693,7 +702,7 @@ impl AppHub {
         Read: std::future::Future<Output = Result<Vec<Arc<Publication>>, E>>,
     {
         for attempt in 0..=MAX_GAP_READS {
-            let first = |outbox: &Outbox| queue_first(outbox, &prefix, &mut replay);
+            let first = |outbox: &Outbox| queue_first(outbox, socket_id, &prefix, &mut replay);
             let before = match self.go_live_unless_gap(channel, socket_id, newest, true, first) {
                 GoLive::Live => return Ok(true),
                 GoLive::Gone => return Ok(false),
@@ -706,7 +715,7 @@ impl AppHub {
                     before,
                     "the publications held for a joining subscriber still skip offsets after {MAX_GAP_READS} reads; it goes live without them"
                 );
-                let first = |outbox: &Outbox| queue_first(outbox, &prefix, &mut replay);
+                let first = |outbox: &Outbox| queue_first(outbox, socket_id, &prefix, &mut replay);
                 let live = self.go_live_unless_gap(channel, socket_id, newest, false, first);
                 return Ok(matches!(live, GoLive::Live));
             }
@@ -1910,8 +1919,8 @@ mod tests {
     }
 
     /// A subscriber's own publication (its `except`) is not sent to it but counts as seen: a
-    /// catch-up from the store, which knows no `except`, starts past it and never echoes it
-    /// back to its sender.
+    /// catch-up from this node's offsets starts past it and never reads it back for its
+    /// sender.
     #[test]
     fn a_publication_passed_over_for_its_sender_counts_as_seen_for_catch_ups() {
         let hub = app_hub();
@@ -1943,7 +1952,7 @@ mod tests {
             Some(5),
             "nothing before 6 is missing for anyone"
         );
-        // The same offset read again from the store (no `except`) is not sent to the sender.
+        // The same offset heard again without its `except` is not sent to the sender.
         hub.broadcast(&published("history-c", Some(5)));
         assert!(offsets(&mut sender).is_empty());
     }

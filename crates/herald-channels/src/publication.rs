@@ -131,6 +131,7 @@ impl Publication {
         };
         Self::new(&entry.app_id, &entry.channel, &entry.event, data)
             .with_user(entry.user_id.clone())
+            .except(entry.except.clone())
             .with_position(Some(Position {
                 epoch: entry.epoch.clone(),
                 offset: entry.offset,
@@ -326,8 +327,14 @@ mod tests {
             raw_json: true,
             user_id: Some("u1".into()),
             created_at: chrono::Utc::now(),
+            except: Some("1.1".into()),
         };
         let replayed = Publication::from_history(&entry);
+        assert_eq!(
+            replayed.except.as_deref(),
+            Some("1.1"),
+            "its sender is left out when it is read back"
+        );
         assert_eq!(
             replayed.pusher_frame().as_str(),
             r#"{"event":"client-x","channel":"private-history-c","data":{ "t" : 1 },"user_id":"u1","epoch":"e","offset":2}"#

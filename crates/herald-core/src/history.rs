@@ -101,6 +101,10 @@ pub struct HistoryEntry {
     /// The sender's user id, for client events on presence channels.
     pub user_id: Option<String>,
     pub created_at: DateTime<Utc>,
+    /// The socket that must not receive the event live ([`NewHistoryEntry::except`]), kept so
+    /// that an event read back from the store for a live subscriber (a node's catch-up, a
+    /// gap filled at a join) still leaves its sender out.
+    pub except: Option<String>,
 }
 
 /// An event to append to a channel's history. The store assigns its epoch and offset in the
@@ -122,8 +126,8 @@ pub struct NewHistoryEntry {
     /// its subscribers were told before its first event. `None`: a new random one.
     pub first_epoch: Option<String>,
     /// A socket that must not receive the event live (a client event's sender, a Pusher
-    /// trigger's `socket_id`). Not kept: a store shared by several nodes announces it with the
-    /// entry, so the node that holds the socket leaves it out.
+    /// trigger's `socket_id`). Kept with the entry, and announced with it by a store shared by
+    /// several nodes, so whichever node holds the socket leaves it out.
     pub except: Option<String>,
 }
 

@@ -69,6 +69,7 @@ checks!(
     an_endpoint_update_read_before_the_workers_disable_conflicts,
     a_disable_for_a_streak_that_ended_meanwhile_leaves_the_endpoint_enabled,
     history_appends_advance_the_position_and_trim_to_the_retention,
+    history_keeps_the_socket_each_event_must_not_reach,
     history_trims_delete_the_entries_past_their_age,
     a_conflicting_publication_commits_no_history,
     offsets_are_assigned_gap_free_in_call_order,
@@ -2189,6 +2190,29 @@ pub async fn an_endpoint_update_read_before_the_workers_disable_conflicts(store:
 
 /// Appends advance the channel's position and trim it to its retention; concurrent appends to
 /// different channels do not disturb each other's order.
+/// An event's `except` (its sender) is kept with it, so one read back for live subscribers
+/// still leaves its sender out.
+pub async fn history_keeps_the_socket_each_event_must_not_reach(store: &dyn Store) {
+    let app = stored_app(store, "except").await;
+    for except in [Some("1.1"), None] {
+        store
+            .append_history(NewHistoryEntry {
+                except: except.map(str::to_owned),
+                ..history_entry(&app.id, "history-x", "x", KEEP_ALL)
+            })
+            .await
+            .expect("append");
+    }
+    let kept: Vec<Option<String>> = store
+        .history(&app.id, "history-x", &all_history())
+        .await
+        .expect("history")
+        .into_iter()
+        .map(|e| e.except)
+        .collect();
+    assert_eq!(kept, [Some("1.1".to_owned()), None]);
+}
+
 pub async fn history_appends_advance_the_position_and_trim_to_the_retention(store: &dyn Store) {
     let app = stored_app(store, "A").await;
     let retention = Retention {

@@ -1046,6 +1046,7 @@ macro_rules! row_readers {
                 raw_json: row.try_get("raw_json")?,
                 user_id: row.try_get("user_id")?,
                 created_at: time(row.try_get("created_at")?)?,
+                except: row.try_get("except_subscriber")?,
             })
         }
     };

@@ -4,7 +4,7 @@
 //! Schema (migrations/postgres/0001_init.sql):
 //! - `channel_history`: (app_id, channel, seq) PK, app_id TEXT (apps, cascade), channel TEXT,
 //!   seq BIGINT (the offset), epoch TEXT, event TEXT, data TEXT, created_at BIGINT millis,
-//!   raw_json BOOLEAN, user_id TEXT NULL. `rows::history_entry` reads them.
+//!   raw_json BOOLEAN, user_id TEXT NULL, except_subscriber TEXT NULL. `rows::history_entry` reads them.
 //! - `channel_positions`: (app_id, channel) PK, epoch TEXT, next_offset BIGINT.
 //!
 //! Offsets: [`append_entries`] runs inside the caller's transaction (an append, a publication,
@@ -129,6 +129,7 @@ impl HistoryNotice {
             raw_json: event.raw_json,
             user_id: event.user_id.clone(),
             created_at: rows::time(event.created_at).ok()?,
+            except: self.except.clone(),
         })
     }
 }
@@ -199,7 +200,7 @@ pub(super) async fn append_entries(
     for chunk in assigned.chunks(ROWS_PER_STATEMENT) {
         let mut q: QueryBuilder<Postgres> = QueryBuilder::new(
             "INSERT INTO channel_history (app_id, channel, seq, epoch, event, data, created_at,
-                                          raw_json, user_id) ",
+                                          raw_json, user_id, except_subscriber) ",
         );
         q.push_values(chunk, |mut row, (e, seq, epoch)| {
             row.push_bind(e.app_id.as_str())
@@ -210,7 +211,8 @@ pub(super) async fn append_entries(
                 .push_bind(&e.data)
                 .push_bind(millis(e.created_at))
                 .push_bind(e.raw_json)
-                .push_bind(&e.user_id);
+                .push_bind(&e.user_id)
+                .push_bind(&e.except);
         });
         q.build().execute(&mut *conn).await?;
     }

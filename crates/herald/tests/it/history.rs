@@ -929,6 +929,7 @@ async fn a_join_reads_from_the_store_the_offsets_its_held_publications_skip() {
             raw_json: false,
             user_id: None,
             created_at: chrono::Utc::now(),
+            except: None,
         })));
     }
     app_hub.broadcast(&heard[1]);

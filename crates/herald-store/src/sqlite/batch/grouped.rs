@@ -383,8 +383,8 @@ fn append_histories(
         .collect();
     let mut insert = conn.prepare_cached(
         "INSERT INTO channel_history (app_id, channel, seq, epoch, event, data, created_at,
-                                      raw_json, user_id)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                                      raw_json, user_id, except_subscriber)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
     )?;
     for (e, seq, epoch) in &rows {
         insert.execute(params![
@@ -397,6 +397,7 @@ fn append_histories(
             millis(e.created_at),
             e.raw_json,
             e.user_id,
+            e.except,
         ])?;
     }
 
