@@ -87,6 +87,10 @@ pub struct ApiState {
     /// How long a retention day lasts (`payloadRetentionPeriod` counts them): 24 hours,
     /// shorter only in tests (`retention.day_secs`).
     pub retention_day: std::time::Duration,
+    /// Endpoints one app may have (`api.max_endpoints_per_app`; 0: no limit). Every message
+    /// writes a delivery row per endpoint that wants it, so an app token making endpoints
+    /// without bound would make each of its messages as costly as it liked.
+    pub max_endpoints_per_app: usize,
     /// Told of each app this node creates, changes or deletes through the API, once the store
     /// has the change: the Socket.IO face opens or closes the app's namespaces.
     pub app_listener: Option<Arc<dyn AppListener>>,
@@ -106,6 +110,9 @@ pub struct Channels {
     pub publisher: Arc<Publisher>,
     pub presence: Arc<dyn PresenceManager>,
 }
+
+/// [`ApiState::max_endpoints_per_app`] unless configured.
+pub const DEFAULT_MAX_ENDPOINTS_PER_APP: usize = 1_000;
 
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
@@ -154,6 +161,7 @@ impl ApiState {
             metrics_registry: Arc::default(),
             metrics: herald_metrics::Metrics::detached(),
             retention_day: std::time::Duration::from_secs(86_400),
+            max_endpoints_per_app: DEFAULT_MAX_ENDPOINTS_PER_APP,
             app_listener: None,
             readiness: Arc::default(),
         }

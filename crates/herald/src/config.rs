@@ -463,6 +463,8 @@ pub struct ApiSection {
     /// its credentials are refused with 429 before they are looked up. 0: no limit.
     pub auth_failures_per_second_per_ip: u32,
     pub auth_failure_burst_per_ip: u32,
+    /// Endpoints one app may have; 0: no limit.
+    pub max_endpoints_per_app: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -598,6 +600,7 @@ impl Default for ApiSection {
             publish_burst_per_app: publish.burst,
             auth_failures_per_second_per_ip: auth_failures.per_second,
             auth_failure_burst_per_ip: auth_failures.burst,
+            max_endpoints_per_app: herald_api::DEFAULT_MAX_ENDPOINTS_PER_APP,
         }
     }
 }

@@ -385,6 +385,7 @@ pub async fn run_with(
     state.shutdown = shutdown.clone();
     state.tls = tls.is_some();
     state.retention_day = config.retention().day;
+    state.max_endpoints_per_app = config.api.max_endpoints_per_app;
     state.metrics_registry = Arc::new(registry);
     state.metrics = metrics.clone();
     let connections = TaskTracker::new();

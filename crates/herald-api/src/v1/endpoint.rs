@@ -298,6 +298,22 @@ async fn find(
     caller.endpoint(state, &app, endpoint_id).await
 }
 
+/// Refuses an endpoint beyond the app's [`ApiState::max_endpoints_per_app`]. Read from the
+/// node's cache of the app's endpoints, so two creates at once may both pass at the limit.
+async fn check_room_for_endpoint(state: &ApiState, app: &App) -> ApiResult<()> {
+    let limit = state.max_endpoints_per_app;
+    if limit > 0 && state.store.app_endpoints(&app.id).await?.len() >= limit {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "limit_reached",
+            format!(
+                "the app has {limit} endpoints, as many as one app may have (api.max_endpoints_per_app); delete one first"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// A portal link may not make an endpoint of the `pusher` format, which receives the app's
 /// channel webhooks signed with its Pusher secret ([`Caller::sees_endpoint`]).
 fn check_format_allowed(caller: &Caller, format: Option<EndpointFormat>) -> ApiResult<()> {
@@ -344,6 +360,7 @@ pub async fn create(
     let app = caller.app(&state, &app_id).await?;
     let endpoint = new_endpoint(&app, input)?;
     check_format_allowed(&caller, Some(endpoint.format))?;
+    check_room_for_endpoint(&state, &app).await?;
     state.store.create_endpoint(&endpoint).await?;
     Ok((StatusCode::CREATED, Json(endpoint.into())))
 }
@@ -383,6 +400,7 @@ pub async fn upsert(
         };
         let endpoint = new_endpoint(&app, input)?;
         check_format_allowed(&caller, Some(endpoint.format))?;
+        check_room_for_endpoint(&state, &app).await?;
         state.store.create_endpoint(&endpoint).await?;
         return Ok((StatusCode::CREATED, Json(endpoint.into())));
     };

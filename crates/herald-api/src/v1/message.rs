@@ -233,11 +233,16 @@ pub async fn create(
     validate_in(&input)?;
     // A message's channels go live to the app's channel subscribers, as if the app's backend
     // had published them: not something an app portal link's customer may do.
-    if matches!(caller.scope, herald_store::TokenScope::Portal(_))
-        && input.channels.as_ref().is_some_and(|c| !c.is_empty())
-    {
+    if caller.is_portal() && input.channels.as_ref().is_some_and(|c| !c.is_empty()) {
         return Err(crate::error::ApiError::forbidden(
             "an app portal link's token sends messages to endpoints only: `channels` publish to the app's channel subscribers, which is its backend's to do",
+        ));
+    }
+    // An eventId is unique in the app: one a portal link's customer could choose would
+    // refuse (409) the backend's own message of that id, and its channel publications.
+    if caller.is_portal() && input.event_id.is_some() {
+        return Err(crate::error::ApiError::forbidden(
+            "an app portal link's token cannot give eventId: event ids are unique in the app, and choosing them is its backend's",
         ));
     }
     let app = app_for_create(&state, &caller, &app_id, input.application).await?;

@@ -2321,3 +2321,63 @@ async fn an_app_portal_link_neither_sees_nor_makes_pusher_endpoints_or_their_mes
     assert_eq!(status, 200, "{body}");
     server.stop().await;
 }
+
+/// Every message writes a delivery per endpoint that wants it: an app's endpoints are
+/// bounded (`api.max_endpoints_per_app`), by POST and by a PUT that would create one.
+#[tokio::test]
+async fn an_app_has_at_most_its_limit_of_endpoints() {
+    let server = TestServer::start_with(|c| c.api.max_endpoints_per_app = 2).await;
+    let app = server.create_app("endpoint-limit").await;
+    let first = server
+        .create_endpoint(&app, json!({"url": "https://example.com/1"}))
+        .await;
+    server
+        .create_endpoint(&app, json!({"url": "https://example.com/2"}))
+        .await;
+    let endpoints = format!("/api/v1/app/{app}/endpoint");
+    for (method, path) in [
+        (Method::POST, endpoints.clone()),
+        (Method::PUT, format!("{endpoints}/third")),
+    ] {
+        let (status, refused) = server
+            .call(
+                method.clone(),
+                &path,
+                Some(json!({"url": "https://example.com/3"})),
+            )
+            .await;
+        assert_eq!(status, 400, "{method} {path}: {refused}");
+        assert_eq!(refused["code"], "limit_reached", "{refused}");
+        assert!(
+            refused["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("api.max_endpoints_per_app")),
+            "{refused}"
+        );
+    }
+    let (status, _) = server
+        .call(
+            Method::PUT,
+            &format!("{endpoints}/{}", first["id"].as_str().expect("id")),
+            Some(json!({"url": "https://example.com/1b"})),
+        )
+        .await;
+    assert_eq!(status, 200, "changing an endpoint is not making one");
+    let (status, _) = server
+        .call(
+            Method::DELETE,
+            &format!("{endpoints}/{}", first["id"].as_str().expect("id")),
+            None,
+        )
+        .await;
+    assert_eq!(status, 204);
+    let (status, body) = server
+        .call(
+            Method::POST,
+            &endpoints,
+            Some(json!({"url": "https://example.com/3"})),
+        )
+        .await;
+    assert_eq!(status, 201, "room again: {body}");
+    server.stop().await;
+}

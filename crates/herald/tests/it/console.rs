@@ -142,13 +142,21 @@ async fn an_app_portal_link_reaches_its_app_alone_and_expires() {
             format!("/api/v1/app/{shop}/msg"),
             json!({"eventType": "order.shipped", "payload": {}, "channels": ["private-user-42"]}),
         ),
+        // An eventId it chose would refuse (409) the backend's own message of that id.
+        (
+            Method::POST,
+            format!("/api/v1/app/{shop}/msg"),
+            json!({"eventType": "order.shipped", "payload": {}, "eventId": "order-1234-paid"}),
+        ),
     ] {
         let (status, answer) = as_portal(method, path.clone(), Some(body)).await;
         assert_eq!(status, 403, "{path}: {answer}");
         assert!(
-            answer["detail"].as_str().is_some_and(
-                |d| d.contains("endpoints and messages only") || d.contains("endpoints only")
-            ),
+            answer["detail"].as_str().is_some_and(|d| {
+                d.contains("endpoints and messages only")
+                    || d.contains("endpoints only")
+                    || d.contains("cannot give eventId")
+            }),
             "{path}: {answer}"
         );
     }
