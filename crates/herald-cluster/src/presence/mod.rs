@@ -690,6 +690,8 @@ impl ClusterPresence {
         let mut heartbeat = tokio::time::interval(self.node_ttl / 3);
         // Whether the last heartbeat round skipped its sweep (it came late).
         let mut skipped_sweep = false;
+        // Whether this node registered again lately, so its rows are checked at the next beat.
+        let mut recheck = false;
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut flush = tokio::time::interval(FLUSH_EVERY);
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -724,16 +726,28 @@ impl ClusterPresence {
                             }
                         };
                     if stale {
-                        stale = !self.resync(&mut changes, &mut flushed).await;
+                        stale = self.resync(&mut changes, &mut flushed).await.is_none();
                     }
                 }
                 _ = retry.tick(), if stale => {
-                    stale = !self.resync(&mut changes, &mut flushed).await;
+                    stale = self.resync(&mut changes, &mut flushed).await.is_none();
                 }
                 due = heartbeat.tick() => {
                     let began = tokio::time::Instant::now();
                     if !self.heartbeat().await {
-                        stale = !self.resync(&mut changes, &mut flushed).await;
+                        stale = self.resync(&mut changes, &mut flushed).await.is_none();
+                        // A sweep that read this node's rows as a dead node's before it
+                        // registered again may still be removing them, after the reconcile
+                        // above: reconcile again at each beat until one finds nothing to repair.
+                        recheck = true;
+                    } else if recheck && !stale {
+                        recheck = match self.resync(&mut changes, &mut flushed).await {
+                            Some(repaired) => repaired > 0,
+                            None => {
+                                stale = true;
+                                true
+                            }
+                        };
                     }
                     // A round that comes more than a period late (this node was held up, or
                     // its beat was slow) skips judging the others once: whatever held this
@@ -764,13 +778,17 @@ impl ClusterPresence {
         }
     }
 
-    /// Discards what is queued and reconciles this node's rows with its hub; whether that
-    /// succeeded (if not, the caller tries again after [`RECONCILE_RETRY`]).
+    /// Discards what is queued and reconciles this node's rows with its hub; how many rows it
+    /// repaired, or `None` if it failed (the caller tries again after [`RECONCILE_RETRY`]).
     ///
     /// Order matters: the overflow mark is cleared first, then the queue emptied, then the hub
     /// read. Every discarded change happened before the read, so the read reflects it; a change
     /// lost to a full queue after the mark was cleared marks it again.
-    async fn resync(&self, changes: &mut mpsc::Receiver<Change>, flushed: &mut Flushed) -> bool {
+    async fn resync(
+        &self,
+        changes: &mut mpsc::Receiver<Change>,
+        flushed: &mut Flushed,
+    ) -> Option<usize> {
         self.overflowed.store(false, Ordering::Release);
         // Every change numbered so far is in the hub as it is read below.
         let through = self.progress.queued();
@@ -787,11 +805,11 @@ impl ClusterPresence {
                     repaired,
                     "presence: this node's rows were reconciled with its hub"
                 );
-                true
+                Some(repaired)
             }
             Err(e) => {
                 tracing::warn!(node = self.node, error = %e, "presence: reconciling this node's rows failed; retrying");
-                false
+                None
             }
         }
     }
@@ -2317,7 +2335,10 @@ mod tests {
         let mut queue = a.changes.lock().expect("lock").take().expect("queue");
         assert!(a.overflowed.load(Ordering::Acquire), "4 of 15 changes fit");
 
-        assert!(a.resync(&mut queue, &mut flushed).await, "reconciled");
+        assert!(
+            a.resync(&mut queue, &mut flushed).await.is_some(),
+            "reconciled"
+        );
         assert!(queue.try_recv().is_err(), "what was queued is discarded");
         let mut expected: Vec<String> = (3..10).map(|i| format!("member_added u{i}")).collect();
         expected.extend([
@@ -2403,6 +2424,46 @@ mod tests {
             assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// A node taken for dead registers again and reconciles; a sweep that read its rows as a
+    /// dead node's before that may remove them after the reconcile. The node reconciles again
+    /// at its next beats until one repairs nothing, so its members come back.
+    #[tokio::test]
+    async fn rows_a_late_sweep_removes_after_a_node_registered_again_come_back() {
+        let Some(backend) = Backend::postgres("presence late sweep").await else {
+            return;
+        };
+        let (_reports, hub, a) = node_with_hub(&backend, QUEUE_CAPACITY).await;
+        let record = backend.record().await;
+        let app = AppId::parse("app_1").expect("valid");
+        subscribe(&hub, &app, "presence-x", Some("u1"), "1.1");
+        let (stop, abandon) = (CancellationToken::new(), CancellationToken::new());
+        let task = tokio::spawn(Arc::clone(&a).run(stop.clone(), abandon));
+        let held = || async { record.held_by("a").await.expect("held").members.len() };
+        until("the member is recorded", || async { held().await == 1 }).await;
+        // Taken for dead: its node row is gone, so its next beat registers it again.
+        record.forget_node("a").await.expect("forget");
+        until("registered again", || async {
+            let nodes = record.stale_nodes(i64::MAX).await.expect("nodes");
+            nodes.iter().any(|(node, _)| node == "a")
+        })
+        .await;
+        // The sweep that read its rows as orphans before that removes them only now.
+        assert!(
+            record
+                .leave("a", "sweeper", app.as_str(), "presence-x", "u1")
+                .await
+                .expect("leave")
+        );
+        assert_eq!(held().await, 0);
+        until("the next beat's reconcile restores the member", || async {
+            held().await == 1
+        })
+        .await;
+        stop.cancel();
+        task.await.expect("stopped");
+        backend.drop_now().await;
     }
 
     /// A change the database refuses is not dropped: the running node reconciles once the
