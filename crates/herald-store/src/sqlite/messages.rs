@@ -468,10 +468,12 @@ impl SqliteStore {
                 break;
             }
         }
+        // Refused first: if that fails, nothing is leased in memory for a claim that returns
+        // an error (its jobs would wait for their leases to run out).
+        self.refuse(&refused, request.now).await?;
         let jobs = self
             .leases
             .take(jobs, &leased, request.lease_until, request.now);
-        self.refuse(&refused, request.now).await?;
         if complete {
             let summary = Summary {
                 until: self.quiet_until(request.now).await?,
@@ -556,22 +558,24 @@ impl SqliteStore {
             }
             room_left = room_left.saturating_sub(taken);
         }
+        self.refuse(&refused, request.now).await?;
         let jobs = self
             .leases
             .take(jobs, &leased, request.lease_until, request.now);
-        self.refuse(&refused, request.now).await?;
         Ok(jobs)
     }
 
-    /// Marks failed the deliveries a claim would not send (disabled endpoint, secret that does
-    /// not open).
-    async fn refuse(&self, refused: &[i64], now: DateTime<Utc>) -> Result<()> {
+    /// Marks failed the deliveries a claim made at `now` would not send (disabled endpoint,
+    /// secret that does not open), unless one changed since the claim read it: a delivery
+    /// resent meanwhile (its endpoint enabled again) is the resend's, and stays due.
+    pub(super) async fn refuse(&self, refused: &[i64], now: DateTime<Utc>) -> Result<()> {
         if refused.is_empty() {
             return Ok(());
         }
         sqlx::query(
             "UPDATE deliveries SET status = $1, next_attempt_at = NULL, updated_at = $2
-             WHERE rowid IN (SELECT value FROM json_each($3))",
+             WHERE rowid IN (SELECT value FROM json_each($3))
+               AND status IN (1, 3) AND updated_at <= $2",
         )
         .bind(DeliveryStatus::Fail as i64)
         .bind(millis(now))

@@ -566,6 +566,52 @@ mod tests {
     /// A failed delivery can still be leased for a moment (between its record's commit and the
     /// lease's release); recovering it then takes it back from that lease too, so a record
     /// under the old lease is stale and the recovered delivery is claimed under a new one.
+    /// A claim marks failed the deliveries of a disabled endpoint it read; a delivery resent
+    /// after that read (the endpoint enabled again) is the resend's and stays due.
+    #[tokio::test]
+    async fn a_refusal_leaves_a_delivery_resent_since_the_claim_read_it() {
+        let (_dir, store) = open_in_tempdir().await;
+        let now = Utc::now();
+        let app = test_app();
+        store.create_app(&app).await.expect("app");
+        let ep = conformance::endpoint(&app.id);
+        store.create_endpoint(&ep).await.expect("endpoint");
+        let msg = message(&app.id);
+        store
+            .create_message(msg.clone(), vec![ep.id.clone()])
+            .await
+            .expect("message");
+        let rowid: i64 = sqlx::query_scalar("SELECT rowid FROM deliveries")
+            .fetch_one(&store.reader)
+            .await
+            .expect("rowid");
+        let status = || async {
+            sqlx::query_scalar::<_, i64>("SELECT status FROM deliveries")
+                .fetch_one(&store.reader)
+                .await
+                .expect("status")
+        };
+        let (claimed_at, resent_at) = (
+            now + chrono::Duration::seconds(1),
+            now + chrono::Duration::seconds(2),
+        );
+        store
+            .enqueue_manual(&app.id, &msg.id, &ep.id, resent_at)
+            .await
+            .expect("resend");
+        store.refuse(&[rowid], claimed_at).await.expect("refuse");
+        assert_eq!(
+            status().await,
+            DeliveryStatus::Pending as i64,
+            "resent after the claim read it"
+        );
+        store
+            .refuse(&[rowid], resent_at + chrono::Duration::seconds(1))
+            .await
+            .expect("refuse");
+        assert_eq!(status().await, DeliveryStatus::Fail as i64);
+    }
+
     #[tokio::test]
     async fn a_recovery_takes_the_delivery_back_from_its_lease() {
         let (_dir, store) = open_in_tempdir().await;
