@@ -1458,6 +1458,46 @@ struct ClaimedDelivery {
 }
 
 /// An app with one endpoint and `messages` messages to it, none claimed yet.
+/// `enqueue_failed` works in batches of [`crate::RETENTION_BATCH`]: more failed deliveries
+/// than two batches are all requeued, and counted once. `fail_all` marks every delivery
+/// failed, in the backend's own SQL (no trait method does that in bulk).
+pub(crate) async fn a_recovery_larger_than_a_batch_requeues_every_failed_delivery<F>(
+    store: &dyn Store,
+    fail_all: impl FnOnce() -> F,
+) where
+    F: Future<Output = ()>,
+{
+    let app = stored_app(store, "recover in batches").await;
+    let ep = endpoint(&app.id);
+    store.create_endpoint(&ep).await.expect("endpoint");
+    let count = crate::RETENTION_BATCH as usize * 2 + 100;
+    for _ in 0..count / 100 {
+        let writes = (0..100)
+            .map(|_| {
+                Box::pin(store.create_message(message(&app.id, None), vec![ep.id.clone()]))
+                    as Pin<Box<dyn Future<Output = crate::Result<()>> + Send + '_>>
+            })
+            .collect();
+        for result in join_all(writes).await {
+            result.expect("create message");
+        }
+    }
+    fail_all().await;
+    let now = Utc::now();
+    let recovered = store
+        .enqueue_failed(
+            &ep.id,
+            now - chrono::Duration::hours(1),
+            now + chrono::Duration::hours(1),
+            now,
+        )
+        .await
+        .expect("recover");
+    assert_eq!(recovered, count as u64);
+    let stats = store.endpoint_stats(&ep.id).await.expect("stats");
+    assert_eq!((stats.pending, stats.fail), (count as i64, 0));
+}
+
 async fn endpoint_with_messages(store: &dyn Store, messages: usize) -> (App, Endpoint) {
     let app = stored_app(store, "A").await;
     let ep = endpoint(&app.id);

@@ -324,28 +324,42 @@ impl MessageStore for PostgresStore {
         until: DateTime<Utc>,
         now: DateTime<Utc>,
     ) -> Result<u64> {
-        // Message ids sort by creation time, so a time window is an id range.
-        let mut tx = self.pool.begin().await?;
-        let done = sqlx::query(
-            "UPDATE deliveries SET status = $1, trigger_type = $2, next_attempt_at = $3,
-                                   updated_at = $3, lease_token = NULL, leased_until = NULL
-             WHERE endpoint_id = $4 AND status <> 0 AND status = $5
-               AND msg_id >= $6 AND msg_id < $7",
-        )
-        .bind(DeliveryStatus::Pending as i32)
-        .bind(TriggerType::Manual as i32)
-        .bind(millis(now))
-        .bind(endpoint_id.as_str())
-        .bind(DeliveryStatus::Fail as i32)
-        .bind(id::lower_bound(id::MESSAGE, since))
-        .bind(id::lower_bound(id::MESSAGE, until))
-        .execute(&mut *tx)
-        .await?;
-        if done.rows_affected() > 0 {
-            notify_due(&mut tx).await?;
+        // Message ids sort by creation time, so a time window is an id range. In batches, each
+        // its own transaction: a recovery of a long outage can be millions of rows, which one
+        // transaction would hold row locks on (and the claims wait for) until it ended. A row
+        // requeued is no longer failed, so each batch finds the next ones.
+        let mut requeued_total = 0_u64;
+        loop {
+            let mut tx = self.pool.begin().await?;
+            let done = sqlx::query(
+                "UPDATE deliveries SET status = $1, trigger_type = $2, next_attempt_at = $3,
+                                       updated_at = $3, lease_token = NULL, leased_until = NULL
+                 WHERE endpoint_id = $4 AND status = $5 AND msg_id IN (
+                     SELECT msg_id FROM deliveries
+                     WHERE endpoint_id = $4 AND status <> 0 AND status = $5
+                       AND msg_id >= $6 AND msg_id < $7
+                     LIMIT $8
+                     FOR UPDATE)",
+            )
+            .bind(DeliveryStatus::Pending as i32)
+            .bind(TriggerType::Manual as i32)
+            .bind(millis(now))
+            .bind(endpoint_id.as_str())
+            .bind(DeliveryStatus::Fail as i32)
+            .bind(id::lower_bound(id::MESSAGE, since))
+            .bind(id::lower_bound(id::MESSAGE, until))
+            .bind(i64::from(crate::RETENTION_BATCH))
+            .execute(&mut *tx)
+            .await?;
+            if done.rows_affected() > 0 {
+                notify_due(&mut tx).await?;
+            }
+            tx.commit().await?;
+            requeued_total += done.rows_affected();
+            if done.rows_affected() < u64::from(crate::RETENTION_BATCH) {
+                return Ok(requeued_total);
+            }
         }
-        tx.commit().await?;
-        Ok(done.rows_affected())
     }
 
     /// Cluster-wide: under the claim lock ([`BEGIN_CLAIM`]), an endpoint or app holds the

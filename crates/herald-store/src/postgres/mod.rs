@@ -480,6 +480,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_recovery_larger_than_a_batch_requeues_every_failed_delivery() {
+        let Some(url) = messages::tests::server_url() else {
+            return;
+        };
+        let (_guard, store) = open_in_fresh_schema(url).await;
+        conformance::a_recovery_larger_than_a_batch_requeues_every_failed_delivery(
+            &store,
+            || async {
+                sqlx::query("UPDATE deliveries SET status = $1, next_attempt_at = NULL")
+                    .bind(herald_core::model::DeliveryStatus::Fail as i32)
+                    .execute(store.pool())
+                    .await
+                    .expect("fail them");
+            },
+        )
+        .await;
+        store.close().await;
+    }
+
+    #[tokio::test]
     async fn passes_the_store_conformance_suite_with_the_cache_paused() {
         let Some(url) = messages::tests::server_url() else {
             return;

@@ -141,33 +141,47 @@ impl MessageStore for SqliteStore {
         until: DateTime<Utc>,
         now: DateTime<Utc>,
     ) -> Result<u64> {
-        // Held until the leases are revoked: see `take_back`.
-        let mut writer = self.writer.acquire().await?;
-        // Message ids sort by creation time, so a time window is an id range: a seek in
-        // deliveries_endpoint_unsettled, which `status <> 0` lets SQLite use.
-        let requeued = sqlx::query(
-            "UPDATE deliveries SET status = $1, trigger_type = $2, next_attempt_at = $3,
-                                   updated_at = $3
-             WHERE endpoint_id = $4 AND status <> 0 AND status = $5
-               AND msg_id >= $6 AND msg_id < $7
-             RETURNING msg_id",
-        )
-        .bind(DeliveryStatus::Pending as i64)
-        .bind(TriggerType::Manual as i64)
-        .bind(millis(now))
-        .bind(endpoint_id.as_str())
-        .bind(DeliveryStatus::Fail as i64)
-        .bind(id::lower_bound(id::MESSAGE, since))
-        .bind(id::lower_bound(id::MESSAGE, until))
-        .fetch_all(&mut *writer)
-        .await?;
-        let keys = requeued
-            .iter()
-            .map(|row| Ok((rows::id(row, "msg_id")?, endpoint_id.clone())))
-            .collect::<Result<Vec<DeliveryKey>>>()?;
-        self.take_back(writer, &keys);
-        self.gate.stir();
-        Ok(keys.len() as u64)
+        // In batches, each its own statement on the writer, which other writes (the group
+        // commit's above all) take in between: a recovery of a long outage can be millions of
+        // rows. A row requeued is no longer failed, so each batch finds the next ones.
+        let mut requeued_total = 0_u64;
+        loop {
+            // Held until the leases are revoked: see `take_back`.
+            let mut writer = self.writer.acquire().await?;
+            // Message ids sort by creation time, so a time window is an id range: a seek in
+            // deliveries_endpoint_unsettled, which `status <> 0` lets SQLite use.
+            let requeued = sqlx::query(
+                "UPDATE deliveries SET status = $1, trigger_type = $2, next_attempt_at = $3,
+                                       updated_at = $3
+                 WHERE rowid IN (
+                     SELECT rowid FROM deliveries
+                     WHERE endpoint_id = $4 AND status <> 0 AND status = $5
+                       AND msg_id >= $6 AND msg_id < $7
+                     LIMIT $8)
+                 RETURNING msg_id",
+            )
+            .bind(DeliveryStatus::Pending as i64)
+            .bind(TriggerType::Manual as i64)
+            .bind(millis(now))
+            .bind(endpoint_id.as_str())
+            .bind(DeliveryStatus::Fail as i64)
+            .bind(id::lower_bound(id::MESSAGE, since))
+            .bind(id::lower_bound(id::MESSAGE, until))
+            .bind(i64::from(crate::RETENTION_BATCH))
+            .fetch_all(&mut *writer)
+            .await?;
+            let keys = requeued
+                .iter()
+                .map(|row| Ok((rows::id(row, "msg_id")?, endpoint_id.clone())))
+                .collect::<Result<Vec<DeliveryKey>>>()?;
+            self.take_back(writer, &keys);
+            self.gate.stir();
+            requeued_total += keys.len() as u64;
+            if keys.len() < crate::RETENTION_BATCH as usize {
+                return Ok(requeued_total);
+            }
+            tokio::task::yield_now().await;
+        }
     }
 
     async fn claim_due(&self, request: &ClaimRequest) -> Result<Vec<DeliveryJob>> {

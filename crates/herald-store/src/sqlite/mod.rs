@@ -566,6 +566,22 @@ mod tests {
     /// A failed delivery can still be leased for a moment (between its record's commit and the
     /// lease's release); recovering it then takes it back from that lease too, so a record
     /// under the old lease is stale and the recovered delivery is claimed under a new one.
+    #[tokio::test]
+    async fn a_recovery_larger_than_a_batch_requeues_every_failed_delivery() {
+        let (_dir, store) = open_in_tempdir().await;
+        conformance::a_recovery_larger_than_a_batch_requeues_every_failed_delivery(
+            &store,
+            || async {
+                sqlx::query("UPDATE deliveries SET status = $1, next_attempt_at = NULL")
+                    .bind(DeliveryStatus::Fail as i64)
+                    .execute(&store.writer)
+                    .await
+                    .expect("fail them");
+            },
+        )
+        .await;
+    }
+
     /// A claim marks failed the deliveries of a disabled endpoint it read; a delivery resent
     /// after that read (the endpoint enabled again) is the resend's and stays due.
     #[tokio::test]
