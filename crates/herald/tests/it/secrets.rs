@@ -45,7 +45,8 @@ struct Written {
     endpoint: String,
     /// The endpoint's secrets: the current one and the one it retired.
     endpoint_secrets: [String; 2],
-    /// The credential the endpoint sends in a header of its own (`X-Api-Key`).
+    /// What the endpoint sends in a header of its own (`X-Partner-Ref`: not one of the
+    /// credential headers, which are never read back).
     endpoint_header: String,
     source: Value,
     source_secret: String,
@@ -86,7 +87,7 @@ async fn write_secrets(server: &TestServer, uid: &str, url: &str) -> Written {
         .create_endpoint(
             &app,
             json!({"url": url, "secret": endpoint_secrets[1],
-                   "headers": {"x-api-key": endpoint_header}}),
+                   "headers": {"x-partner-ref": endpoint_header}}),
         )
         .await["id"]
         .as_str()
@@ -150,7 +151,7 @@ async fn assert_readable(server: &TestServer, written: &Written) {
         .await;
     assert_eq!(status, 200, "{headers}");
     assert_eq!(
-        headers["headers"]["x-api-key"],
+        headers["headers"]["x-partner-ref"],
         written.endpoint_header.as_str()
     );
     let body = format!(
@@ -476,7 +477,7 @@ async fn secrets_stored_in_clear_are_read_and_encrypted_at_start() {
         &[
             &written.endpoint_secrets[0],
             &json!([[written.endpoint_secrets[1], expires]]).to_string(),
-            &json!({"x-api-key": written.endpoint_header}).to_string(),
+            &json!({"x-partner-ref": written.endpoint_header}).to_string(),
         ],
     )
     .await;
@@ -508,7 +509,7 @@ async fn secrets_stored_in_clear_are_read_and_encrypted_at_start() {
         2
     );
     assert_eq!(
-        delivery.header("x-api-key"),
+        delivery.header("x-partner-ref"),
         written.endpoint_header,
         "the header read in clear is sent"
     );
