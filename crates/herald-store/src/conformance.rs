@@ -1461,7 +1461,7 @@ struct ClaimedDelivery {
 /// `enqueue_failed` works in batches of [`crate::RETENTION_BATCH`]: more failed deliveries
 /// than two batches are all requeued, and counted once. `fail_all` marks every delivery
 /// failed, in the backend's own SQL (no trait method does that in bulk).
-pub(crate) async fn a_recovery_larger_than_a_batch_requeues_every_failed_delivery<F>(
+pub async fn a_recovery_larger_than_a_batch_requeues_every_failed_delivery<F>(
     store: &dyn Store,
     fail_all: impl FnOnce() -> F,
 ) where

@@ -551,6 +551,29 @@ pub trait PresenceRecord: Send + Sync + 'static {
         prefix: &str,
     ) -> Result<Vec<(String, String)>, ClusterPresenceError>;
 
+    /// Other nodes' subscription count (`None`: none there) and presence members of exactly
+    /// `channel`. By default from the prefix reads; an engine whose prefix reads scan every
+    /// channel of the app (NATS) reads the one channel's record instead.
+    async fn channel_elsewhere(
+        &self,
+        node: &str,
+        app: &str,
+        channel: &str,
+    ) -> Result<(Option<i64>, Vec<String>), ClusterPresenceError> {
+        let count = self
+            .counts_elsewhere(node, app, channel)
+            .await?
+            .into_iter()
+            .find_map(|(c, n)| (c == channel).then_some(n));
+        let users = self
+            .users_elsewhere(node, app, channel)
+            .await?
+            .into_iter()
+            .filter_map(|(c, user)| (c == channel).then_some(user))
+            .collect();
+        Ok((count, users))
+    }
+
     /// A member's `user_info`, for a notice that carried it by reference.
     async fn member_info(
         &self,
@@ -1110,8 +1133,27 @@ impl ClusterPresence {
         prefix: &str,
         exact: bool,
     ) -> Result<Vec<(String, ChannelInfo)>, ClusterPresenceError> {
-        let mut counts = self.counts_elsewhere(app_id, prefix).await?;
-        let mut users = self.users_elsewhere(app_id, prefix).await?;
+        let (mut counts, mut users) = if exact {
+            let (count, members) = read_again_once(|| {
+                self.record
+                    .channel_elsewhere(&self.node, app_id.as_str(), prefix)
+            })
+            .await?;
+            let counts: BTreeMap<String, usize> = count
+                .map(|n| (prefix.to_owned(), usize::try_from(n).unwrap_or(0)))
+                .into_iter()
+                .collect();
+            let mut users: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+            if !members.is_empty() {
+                users.insert(prefix.to_owned(), members.into_iter().collect());
+            }
+            (counts, users)
+        } else {
+            (
+                self.counts_elsewhere(app_id, prefix).await?,
+                self.users_elsewhere(app_id, prefix).await?,
+            )
+        };
         if let Some(app) = self.hub.existing(app_id) {
             for (channel, info) in app.channels(prefix) {
                 *counts.entry(channel.clone()).or_default() += info.subscription_count;
@@ -2222,6 +2264,21 @@ mod tests {
         assert_eq!(
             b.counts_elsewhere("z", app, "c").await.expect("read"),
             [("ch".to_owned(), 7)]
+        );
+        // One channel's read agrees with the prefix reads.
+        let (count, users) = b.channel_elsewhere("z", app, "ch").await.expect("read");
+        assert_eq!(count, Some(7));
+        let by_prefix: Vec<String> = b
+            .users_elsewhere("z", app, "ch")
+            .await
+            .expect("read")
+            .into_iter()
+            .filter_map(|(channel, user)| (channel == "ch").then_some(user))
+            .collect();
+        assert_eq!(users, by_prefix);
+        assert_eq!(
+            b.channel_elsewhere("z", app, "never").await.expect("read"),
+            (None, Vec::new())
         );
         assert!(!a.vacate("a", app, "ch").await.expect("vacate"));
         assert!(!a.vacate("a", app, "ch").await.expect("vacate"));

@@ -852,6 +852,33 @@ impl PresenceRecord for NatsRecord {
         Ok(users)
     }
 
+    /// One key's read, where the prefix reads scan every channel record of the app.
+    async fn channel_elsewhere(
+        &self,
+        node: &str,
+        app: &str,
+        channel: &str,
+    ) -> Result<(Option<i64>, Vec<String>), ClusterPresenceError> {
+        let record = self
+            .read::<ChannelRecord>(&channel_key(app, channel))
+            .await?
+            .value;
+        let others: Vec<i64> = record
+            .occupants
+            .iter()
+            .filter(|(n, _)| *n != node)
+            .map(|(_, count)| *count)
+            .collect();
+        let count = (!others.is_empty()).then(|| others.iter().sum());
+        let users = record
+            .members
+            .into_iter()
+            .filter(|(_, member)| member.nodes.iter().any(|n| n != node))
+            .map(|(user, _)| user)
+            .collect();
+        Ok((count, users))
+    }
+
     async fn member_info(
         &self,
         app: &str,
