@@ -21,7 +21,10 @@
 use herald_core::{AppId, EndpointId};
 use std::{
     collections::{BTreeMap, HashMap},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -78,6 +81,9 @@ pub struct ChannelWebhooks {
     config: ChannelWebhookConfig,
     /// Counts dropped events as they are dropped (the log reports them per batch).
     metrics: Arc<ChannelMetrics>,
+    /// Whether this store's occupancy is reported as left at the next start ([`Self::recover`]
+    /// ran: one node on its own store), so a graceful stop may leave its waiting leaves to it.
+    next_start_reports_leaves: AtomicBool,
 }
 
 #[derive(Default)]
@@ -256,6 +262,7 @@ impl ChannelWebhooks {
             store,
             config,
             metrics,
+            next_start_reports_leaves: AtomicBool::new(false),
         }
     }
 
@@ -265,6 +272,9 @@ impl ChannelWebhooks {
     /// so clients that reconnect at once cancel them and nothing flaps.
     pub async fn recover(&self) -> Result<usize, herald_store::StoreError> {
         let occupants = self.store.occupants().await?;
+        // The next start will too: a graceful stop may leave its waiting leaves to it.
+        self.next_start_reports_leaves
+            .store(true, Ordering::Relaxed);
         let due = Instant::now() + self.config.delay;
         let mut pending = self.lock();
         // Members leave before their channel is vacated, as they would have.
@@ -318,7 +328,27 @@ impl ChannelWebhooks {
             let stopping = stop.is_cancelled();
             let (batch, next_due, dropped) = {
                 let mut pending = self.lock();
-                pending.release_due((!stopping).then(|| Instant::now() + COALESCE));
+                // Never before their time: a rejoin until then cancels a leave.
+                if !stopping {
+                    pending.release_due(Some(Instant::now()));
+                } else if self.next_start_reports_leaves.load(Ordering::Relaxed) {
+                    // A graceful stop closed the connections just now, and their clients
+                    // reconnect to the next start: the leaves still waiting stay recorded as
+                    // occupancy, which that start reports after the same delay (`recover`),
+                    // so a client back within it cancels them. Sent now, every channel and
+                    // member would leave and rejoin at every restart.
+                    let kept = pending.delayed.len();
+                    pending.delayed.clear();
+                    pending.delayed_at.clear();
+                    if kept > 0 {
+                        tracing::info!(
+                            kept,
+                            "channel leaves still within their delay are left for the next start to report"
+                        );
+                    }
+                } else {
+                    pending.release_due(None);
+                }
                 let next_due = pending.delayed.first_key_value().map(|(k, _)| k.0);
                 (
                     pending.take_ready(),

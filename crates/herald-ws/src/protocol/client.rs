@@ -203,12 +203,18 @@ fn parse_data<T: for<'de> Deserialize<'de>>(data: Option<&RawValue>) -> Result<T
 pub fn presence_member(channel_data: &str, max_user_info_bytes: usize) -> Result<Joining, String> {
     let data: ChannelData = serde_json::from_str(channel_data)
         .map_err(|e| format!("channel_data is not valid member JSON: {e}"))?;
+    // No control characters: the id is stored as text (the occupancy behind channel
+    // webhooks, a cluster's presence record), and PostgreSQL refuses NUL in text.
     let user_id = match data.user_id {
-        serde_json::Value::String(s) if !s.is_empty() && s.len() <= 128 => s,
+        serde_json::Value::String(s)
+            if !s.is_empty() && s.len() <= 128 && !s.chars().any(char::is_control) =>
+        {
+            s
+        }
         serde_json::Value::Number(n) => n.to_string(),
         _ => {
             return Err(
-                "channel_data.user_id must be a string of 1 to 128 characters or a number".into(),
+                "channel_data.user_id must be a string of 1 to 128 characters, none a control character, or a number".into(),
             );
         }
     };
@@ -400,6 +406,11 @@ mod tests {
         );
         assert!(presence_member(r#"{"user_id":""}"#, 100).is_err());
         assert!(presence_member(r#"{"user_id":true}"#, 100).is_err());
+        // Stored as text, where PostgreSQL refuses NUL.
+        let Err(refused) = presence_member(r#"{"user_id":"a\u0000b"}"#, 100) else {
+            panic!("a NUL in the user id is refused")
+        };
+        assert!(refused.contains("control character"), "{refused}");
         assert!(
             presence_member("nope", 100)
                 .err()
