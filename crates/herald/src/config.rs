@@ -1022,6 +1022,17 @@ impl Config {
                 "admin_token must be at least 16 characters".into(),
             ));
         }
+        // A token no client can send (a secret file's trailing newline, a space) would start
+        // cleanly and then refuse every admin call, counting them against the caller's address.
+        if self
+            .admin_token
+            .as_deref()
+            .is_some_and(|t| t.chars().any(|c| c.is_control() || c.is_whitespace()))
+        {
+            return Err(ConfigError::Invalid(
+                "admin_token holds whitespace or a control character (a trailing newline from a secret file?), which no Authorization header can carry".into(),
+            ));
+        }
         self.main_keys()?;
         Ok(())
     }
@@ -1561,6 +1572,19 @@ mod tests {
                 debug.contains("redis://cache:6379"),
                 "the server shows: {debug}"
             );
+            Ok(())
+        });
+    }
+
+    /// A secret file's trailing newline is refused at start, not found at the first admin call.
+    #[test]
+    fn an_admin_token_no_header_can_carry_is_refused() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("HERALD_ADMIN_TOKEN", "0123456789abcdef\n");
+            let err = Config::load(None, &Overrides::default())
+                .map(|_| ())
+                .expect_err("a trailing newline");
+            assert!(err.to_string().contains("trailing newline"), "{err}");
             Ok(())
         });
     }

@@ -128,8 +128,20 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("HERALD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // A filter that does not parse is said, once logging runs, rather than silently
+    // replaced by `info`.
+    let (filter, unparsed) = match std::env::var("HERALD_LOG") {
+        Ok(text) => match tracing_subscriber::EnvFilter::try_new(&text) {
+            Ok(filter) => (filter, None),
+            Err(e) => (
+                tracing_subscriber::EnvFilter::new("info"),
+                Some(format!(
+                    "HERALD_LOG={text:?} is not a log filter ({e}); logging at info"
+                )),
+            ),
+        },
+        Err(_) => (tracing_subscriber::EnvFilter::new("info"), None),
+    };
     // Colours only for a person at a terminal: a pipe, a file or a journal gets plain text
     // (and no time spent colouring each request's span). NO_COLOR (no-color.org) turns them
     // off there too.
@@ -147,6 +159,9 @@ fn main() -> ExitCode {
             .with_current_span(true)
             .with_span_list(false)
             .init(),
+    }
+    if let Some(warning) = unparsed {
+        tracing::warn!("{warning}");
     }
     let command = match cli.command {
         Command::Completions { shell } => {

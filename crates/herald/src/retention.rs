@@ -11,7 +11,7 @@
 use std::{sync::Arc, time::Duration};
 
 use chrono::{DateTime, Utc};
-use herald_store::{Store, StoreError};
+use herald_store::{RetentionStore, Store, StoreError};
 use tokio_util::sync::CancellationToken;
 
 /// The sweeper's settings (`[retention]` in the configuration).
@@ -82,9 +82,11 @@ pub async fn run(store: Arc<dyn Store>, retention: Retention, stop: Cancellation
     }
 }
 
-/// One sweep as of `now`: every kind, batch after batch until a batch comes back short.
+/// One sweep as of `now`: every kind, batch after batch until a batch comes back short. A kind
+/// that fails does not hold up the others (a delete that keeps failing would otherwise stop
+/// every later kind for good); the first failure is returned once all have run.
 pub async fn sweep(
-    store: &dyn Store,
+    store: &dyn RetentionStore,
     retention: &Retention,
     now: DateTime<Utc>,
     stop: &CancellationToken,
@@ -106,13 +108,46 @@ pub async fn sweep(
     let recheck_at = now
         .checked_add_signed(blocked_recheck)
         .unwrap_or(DateTime::<Utc>::MAX_UTC);
-    Ok(Swept {
-        payloads: batches(Op::Payloads(now, recheck_at)).run(store).await?,
-        attempts: batches(Op::Attempts(attempts_before)).run(store).await?,
+    let mut failed = None;
+    let swept = Swept {
+        payloads: counted(
+            batches(Op::Payloads(now, recheck_at)).run(store).await,
+            &mut failed,
+        ),
+        attempts: counted(
+            batches(Op::Attempts(attempts_before)).run(store).await,
+            &mut failed,
+        ),
         // Messages go with their attempt log: a message is kept while its attempts are.
-        messages: batches(Op::Messages(attempts_before)).run(store).await?,
-        received: batches(Op::Received(received_before)).run(store).await?,
-    })
+        messages: counted(
+            batches(Op::Messages(attempts_before)).run(store).await,
+            &mut failed,
+        ),
+        received: counted(
+            batches(Op::Received(received_before)).run(store).await,
+            &mut failed,
+        ),
+    };
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(swept),
+    }
+}
+
+/// What one kind's batches did: the count, or 0 with the error kept in `failed` (the first)
+/// or logged (any later one).
+fn counted(result: Result<u64, StoreError>, failed: &mut Option<StoreError>) -> u64 {
+    match result {
+        Ok(done) => done,
+        Err(e) if failed.is_none() => {
+            *failed = Some(e);
+            0
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "retention sweep: another kind failed too");
+            0
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -133,7 +168,7 @@ struct Batches<'a> {
 }
 
 impl Batches<'_> {
-    async fn run(self, store: &dyn Store) -> Result<u64, StoreError> {
+    async fn run(self, store: &dyn RetentionStore) -> Result<u64, StoreError> {
         let mut total = 0;
         loop {
             let done = match self.op {
@@ -155,5 +190,85 @@ impl Batches<'_> {
             }
             tokio::time::sleep(self.pause).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use herald_core::AppId;
+
+    use super::*;
+
+    /// A store whose payload expunge always fails, recording the other kinds' calls.
+    #[derive(Default)]
+    struct PayloadsFail(Mutex<Vec<&'static str>>);
+
+    impl PayloadsFail {
+        fn called(&self, kind: &'static str) -> Result<u64, StoreError> {
+            self.0.lock().expect("lock").push(kind);
+            Ok(0)
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl RetentionStore for PayloadsFail {
+        async fn expire_payloads(
+            &self,
+            _: DateTime<Utc>,
+            _: DateTime<Utc>,
+            _: u32,
+        ) -> Result<u64, StoreError> {
+            Err(StoreError::Corrupt("statement timeout".into()))
+        }
+        async fn expunge_payload(&self, _: &AppId, _: &str) -> Result<bool, StoreError> {
+            Ok(false)
+        }
+        async fn delete_attempts_before(
+            &self,
+            _: DateTime<Utc>,
+            _: u32,
+        ) -> Result<u64, StoreError> {
+            self.called("attempts")
+        }
+        async fn delete_messages_before(
+            &self,
+            _: DateTime<Utc>,
+            _: u32,
+        ) -> Result<u64, StoreError> {
+            self.called("messages")
+        }
+        async fn delete_ingest_events_before(
+            &self,
+            _: DateTime<Utc>,
+            _: u32,
+        ) -> Result<u64, StoreError> {
+            self.called("received")
+        }
+    }
+
+    #[tokio::test]
+    async fn a_kind_that_keeps_failing_does_not_hold_up_the_others() {
+        let store = PayloadsFail::default();
+        let retention = Retention {
+            day: Duration::from_secs(86_400),
+            payload_days: 30,
+            attempt_days: 90,
+            ingest_days: 30,
+            sweep_every: Duration::from_secs(60),
+            batch: 500,
+            pause: Duration::ZERO,
+        };
+        let swept = sweep(&store, &retention, Utc::now(), &CancellationToken::new()).await;
+        assert!(
+            matches!(swept, Err(StoreError::Corrupt(_))),
+            "the failure is reported: {swept:?}"
+        );
+        assert_eq!(
+            *store.0.lock().expect("lock"),
+            ["attempts", "messages", "received"],
+            "every other kind still ran"
+        );
     }
 }

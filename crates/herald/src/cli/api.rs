@@ -42,11 +42,11 @@ impl Api {
         &self.base
     }
 
-    /// `path` (with its query) on the server.
+    /// `path` (with its query) under the server's URL, keeping the URL's own path (Herald behind a proxy at
+    /// `https://tools.example.com/herald`): joined as is, `/api/v1/...` would replace it and
+    /// send the token to whatever serves the host's root.
     pub fn url(&self, path: &str) -> anyhow::Result<Url> {
-        self.base
-            .join(path)
-            .map_err(|e| anyhow::anyhow!("bad API path {path:?}: {e}"))
+        under(&self.base, path).map_err(|e| anyhow::anyhow!("bad API path {path:?}: {e}"))
     }
 
     pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
@@ -199,6 +199,15 @@ fn refusal(method: &Method, path: &str, status: StatusCode, body: &Value) -> Str
     text
 }
 
+/// `path` (absolute or not) under `base`'s own path.
+pub fn under(base: &Url, path: &str) -> Result<Url, url::ParseError> {
+    let mut base = base.clone();
+    if !base.path().ends_with('/') {
+        base.set_path(&format!("{}/", base.path()));
+    }
+    base.join(path.trim_start_matches('/'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -222,5 +231,31 @@ mod tests {
             &Value::Null,
         );
         assert!(text.contains("--token or HERALD_TOKEN"), "{text}");
+    }
+
+    /// A server behind a proxy under a path keeps it: the token goes to Herald, not to
+    /// whatever serves the host's root.
+    #[test]
+    fn paths_are_under_the_servers_own_path() {
+        for (server, expected) in [
+            ("http://h:6001", "http://h:6001/api/v1/app?limit=1"),
+            (
+                "https://tools.example.com/herald",
+                "https://tools.example.com/herald/api/v1/app?limit=1",
+            ),
+            (
+                "https://tools.example.com/herald/",
+                "https://tools.example.com/herald/api/v1/app?limit=1",
+            ),
+        ] {
+            let base = Url::parse(server).expect("valid");
+            assert_eq!(
+                under(&base, "/api/v1/app?limit=1")
+                    .expect("joined")
+                    .as_str(),
+                expected,
+                "{server}"
+            );
+        }
     }
 }

@@ -353,16 +353,18 @@ fn tls(config: &Config) -> Check {
 
 /// A running Herald answers, and its clock (its `Date` header) agrees with this machine's.
 async fn server_clock(server: &str) -> Check {
-    let url = match url::Url::parse(server).and_then(|base| base.join("/health/live")) {
-        Ok(url) => url,
-        Err(e) => {
-            return Check::fail(
-                "server",
-                format!("{server:?} is not a URL ({e})"),
-                "pass --server http://HOST:PORT",
-            );
-        }
-    };
+    // Under the server URL's own path, as the API's calls are.
+    let url =
+        match url::Url::parse(server).and_then(|base| super::api::under(&base, "/health/live")) {
+            Ok(url) => url,
+            Err(e) => {
+                return Check::fail(
+                    "server",
+                    format!("{server:?} is not a URL ({e})"),
+                    "pass --server http://HOST:PORT",
+                );
+            }
+        };
     let client = match reqwest::Client::builder().timeout(PATIENCE).build() {
         Ok(client) => client,
         Err(e) => return Check::fail("server", e.to_string(), "report this as a bug"),

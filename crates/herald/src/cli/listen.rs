@@ -135,13 +135,17 @@ pub async fn run(args: ListenArgs) -> anyhow::Result<()> {
     );
 
     let mut seen = 0u64;
+    // One Ctrl-C listener for the whole run: one made per turn would miss a Ctrl-C pressed
+    // while an event is printed or forwarded (tokio drops a signal nobody waits for).
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
     loop {
         if args.count.is_some_and(|count| seen >= count) {
             return Ok(());
         }
         let heard = tokio::select! {
             heard = hearing.recv() => heard,
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = &mut ctrl_c => return Ok(()),
         };
         match heard {
             None => anyhow::bail!("every stream ended"),
@@ -149,7 +153,10 @@ pub async fn run(args: ListenArgs) -> anyhow::Result<()> {
                 seen += 1;
                 show(&app, &event, remote.json);
                 if let Some(forward) = &forward {
-                    forward.send(&event, &raw).await;
+                    tokio::select! {
+                        () = forward.send(&event, &raw) => {}
+                        _ = &mut ctrl_c => return Ok(()),
+                    }
                 }
             }
             Some(Heard::Skipped { app, skipped }) => {
@@ -165,6 +172,10 @@ pub async fn run(args: ListenArgs) -> anyhow::Result<()> {
         }
     }
 }
+
+/// How long a tail may stay silent before it is taken for lost: three of the server's
+/// keep-alives (15 s apart).
+const SILENT_FOR: Duration = Duration::from_secs(45);
 
 /// Reads one app's tail for as long as the command runs, reconnecting when it drops.
 async fn follow(
@@ -200,7 +211,15 @@ async fn follow(
         };
         let mut events = stream.bytes_stream().eventsource();
         let error = loop {
-            match events.next().await {
+            // The server sends a keep-alive while idle: a stream silent for much longer is
+            // half-open (a network change, a dropped VPN) and would never say so.
+            let Ok(next) = tokio::time::timeout(SILENT_FOR, events.next()).await else {
+                break format!(
+                    "nothing, not even a keep-alive, for {} s",
+                    SILENT_FOR.as_secs()
+                );
+            };
+            match next {
                 Some(Ok(event)) if event.event == "publication" => {
                     let raw = event.data;
                     let event = match serde_json::from_str(&raw) {
