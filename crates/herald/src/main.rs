@@ -361,6 +361,8 @@ async fn serve(
         Some(_) => ("https", "wss"),
         None => ("http", "ws"),
     };
+    #[cfg(unix)]
+    raise_open_file_limit(&config);
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
@@ -442,6 +444,68 @@ async fn serve(
         shutdown,
     )
     .await
+}
+
+/// Raises the soft open-file limit to the hard one, as servers with many sockets do (systemd
+/// and Docker commonly start a process with a soft limit of 1024 under a far higher hard one,
+/// and `listener.max_connections` is 25,000), and warns when what the configuration allows at
+/// once still does not fit: beyond the limit, accepts, outbound webhooks and store connections
+/// fail with "too many open files".
+#[cfg(unix)]
+fn raise_open_file_limit(config: &Config) {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let soft = match raised_soft_limit(limit.current, limit.maximum) {
+        Some(raised) => {
+            let wanted = rustix::process::Rlimit {
+                current: Some(raised),
+                maximum: limit.maximum,
+            };
+            match setrlimit(Resource::Nofile, wanted) {
+                Ok(()) => {
+                    tracing::info!(from = ?limit.current, to = raised, "raised the open-file limit to its hard limit");
+                    Some(raised)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not raise the open-file limit");
+                    limit.current
+                }
+            }
+        }
+        None => limit.current,
+    };
+    let d = &config.delivery;
+    // Connections, outbound webhooks in flight, the store's pool, and some room for the
+    // rest (files, the broker, the health listener).
+    let wanted = [
+        u64::try_from(config.listener.max_connections).unwrap_or(u64::MAX),
+        u64::from(d.max_in_flight),
+        u64::from(d.max_retries_in_flight),
+        u64::from(config.store.max_connections),
+        64,
+    ]
+    .into_iter()
+    .fold(0_u64, u64::saturating_add);
+    if let Some(soft) = soft
+        && soft < wanted
+    {
+        tracing::warn!(
+            open_file_limit = soft,
+            wanted,
+            "the open-file limit is below what the configuration allows at once (listener.max_connections, delivery.max_in_flight and max_retries_in_flight, store.max_connections): beyond it connections are refused; raise it (LimitNOFILE= in a systemd unit, ulimit -n) or lower those"
+        );
+    }
+}
+
+/// The soft open-file limit to set: the hard one, when the soft one is lower (`None`:
+/// unlimited).
+fn raised_soft_limit(soft: Option<u64>, hard: Option<u64>) -> Option<u64> {
+    match (soft, hard) {
+        (Some(soft), Some(hard)) if soft < hard => Some(hard),
+        // An unlimited hard limit: as high as the kernel takes for one process.
+        (Some(soft), None) => Some(soft.max(1 << 20)).filter(|raised| *raised > soft),
+        _ => None,
+    }
 }
 
 #[cfg(unix)]
@@ -539,6 +603,14 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn the_soft_open_file_limit_is_raised_to_the_hard_one() {
+        assert_eq!(raised_soft_limit(Some(1024), Some(524_288)), Some(524_288));
+        assert_eq!(raised_soft_limit(Some(20_000), Some(20_000)), None);
+        assert_eq!(raised_soft_limit(None, None), None, "unlimited already");
+        assert_eq!(raised_soft_limit(Some(1024), None), Some(1 << 20));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_shutdown_is_cut_short_at_its_deadline_or_a_second_signal() {

@@ -787,3 +787,49 @@ async fn text_logs_to_a_pipe_carry_no_colour_codes() {
     );
     child.kill().await.expect("stopped");
 }
+
+/// A process started with a low soft open-file limit (systemd and Docker commonly give 1024
+/// under a far higher hard limit) raises it to the hard limit, or the listener's connection
+/// cap could never be reached: accepts would fail first with "too many open files".
+#[tokio::test]
+async fn serve_raises_the_soft_open_file_limit_to_the_hard_one() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut child = Command::new("sh")
+        .args(["-c", "ulimit -Sn 512 && exec \"$0\" \"$@\""])
+        .arg(env!("CARGO_BIN_EXE_herald"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(dir.path())
+        .envs(store_env(dir.path()).await)
+        .env("HERALD_ADMIN_TOKEN", ADMIN_TOKEN)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn herald under sh");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    tokio::time::timeout(PATIENCE, async {
+        while let Some(line) = lines.next_line().await.expect("read stdout") {
+            if line.starts_with("herald listening on ") {
+                return;
+            }
+        }
+        panic!("herald exited before listening");
+    })
+    .await
+    .expect("herald did not start");
+    // `exec` made the shell's process herald's.
+    let pid = child.id().expect("running");
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let open_files: Vec<&str> = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .expect("the open-file limit")
+        .split_whitespace()
+        .skip(3)
+        .take(2)
+        .collect();
+    assert_eq!(open_files.len(), 2, "{limits}");
+    assert_ne!(open_files[0], "512", "raised: {limits}");
+    assert_eq!(open_files[0], open_files[1], "to the hard limit: {limits}");
+    child.kill().await.expect("kill");
+}
