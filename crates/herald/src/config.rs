@@ -429,6 +429,9 @@ pub struct ListenerSection {
     /// Seconds a request's whole body has to arrive once the server starts reading it (408
     /// and the connection closed beyond).
     pub body_read_timeout_secs: f64,
+    /// Seconds a write to a client may make no progress (it reads nothing) before its
+    /// connection is closed.
+    pub write_timeout_secs: f64,
     /// The largest request line plus headers, in bytes (431 beyond).
     pub max_header_bytes: usize,
     /// Bytes of request bodies being read at once, over every connection (503 beyond). At
@@ -444,6 +447,7 @@ impl Default for ListenerSection {
             max_connections_per_ip: d.max_connections_per_ip,
             header_read_timeout_secs: d.header_read_timeout.as_secs_f64(),
             body_read_timeout_secs: d.body_read_timeout.as_secs_f64(),
+            write_timeout_secs: d.write_timeout.as_secs_f64(),
             max_header_bytes: d.max_header_bytes,
             max_body_bytes_reading: d.max_body_bytes_reading,
         }
@@ -900,6 +904,7 @@ impl Config {
                 l.header_read_timeout_secs,
             ),
             ("listener.body_read_timeout_secs", l.body_read_timeout_secs),
+            ("listener.write_timeout_secs", l.write_timeout_secs),
         ];
         for (name, value) in listener_timeouts {
             if !(value.is_finite() && value > 0.0) {
@@ -1111,6 +1116,7 @@ impl Config {
             trusted_proxies: self.ws.trusted_proxies.clone(),
             header_read_timeout: Duration::from_secs_f64(l.header_read_timeout_secs),
             body_read_timeout: Duration::from_secs_f64(l.body_read_timeout_secs),
+            write_timeout: Duration::from_secs_f64(l.write_timeout_secs),
             max_header_bytes: l.max_header_bytes,
             max_body_bytes_reading: l.max_body_bytes_reading,
             drain_timeout: Duration::from_secs_f64(self.shutdown_grace_secs),
@@ -1260,6 +1266,7 @@ impl Config {
                 l.header_read_timeout_secs,
             ),
             ("listener.body_read_timeout_secs", l.body_read_timeout_secs),
+            ("listener.write_timeout_secs", l.write_timeout_secs),
         ]
         .into_iter()
         .chain(

@@ -23,6 +23,9 @@
 //!   fails, the request is answered 408 and the connection is closed. The timer runs only while a
 //!   body is being read: requests without a body (WebSocket upgrades, SSE streams, most GETs)
 //!   never start one, and a long response is not a request body.
+//! - **Write timeout**: a write to the client that makes no progress for `write_timeout` (the
+//!   client reads nothing: pipelined requests whose answers it never reads, a WebSocket it
+//!   stopped reading) fails, and the connection is closed ([`WriteStall`]).
 //! - **Head size**: a request line plus headers over `max_header_bytes` gets 431.
 //! - **TLS** (when `tls.cert` is set; see `tls.rs`): the handshake runs in the connection's own
 //!   task, never in the accept loop, so a slow or silent client holds up no one else; it has
@@ -91,6 +94,9 @@ pub struct ListenerLimits {
     pub trusted_proxies: Vec<IpNet>,
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
+    /// How long a write to the client may make no progress (the client reads nothing) before
+    /// the connection is closed.
+    pub write_timeout: Duration,
     pub max_header_bytes: usize,
     /// Bytes of request bodies being read at once, over every connection: a body that would
     /// take more is refused with 503 (see [`TimedBody`]).
@@ -113,6 +119,7 @@ impl Default for ListenerLimits {
             header_read_timeout: Duration::from_secs(10),
             // The whole body: at the default 1 MiB body limit, at least ~35 KB/s.
             body_read_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(30),
             max_header_bytes: 32 * 1024,
             // 256 bodies of the default 1 MiB API limit at once; every connection at the
             // 25,000 cap sending a 1 MiB body slowly would otherwise hold 25 GiB.
@@ -146,6 +153,7 @@ pub async fn serve(
     // Bodies refused for want of budget, for the log.
     let over_budget = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let drain_timeout = limits.drain_timeout;
+    let write_timeout = limits.write_timeout;
     let handshake_timeout = limits.header_read_timeout;
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -309,6 +317,7 @@ pub async fn serve(
             let io = Watched {
                 io,
                 detach: Arc::clone(&detach),
+                stall: WriteStall::new(write_timeout),
             };
             let mut connection = http
                 .serve_connection(TokioIo::new(io), service)
@@ -814,10 +823,64 @@ impl AsyncWrite for Io {
 }
 
 /// The connection's stream as hyper sees it: tells its [`Detach`] whether hyper has bytes
-/// still to flush, so the socket is never taken from hyper with some of them (see `detached`).
+/// still to flush, so the socket is never taken from hyper with some of them (see `detached`),
+/// and fails a write that makes no progress for the write timeout ([`WriteStall`]).
 struct Watched {
     io: Io,
     detach: Arc<Detach>,
+    stall: WriteStall,
+}
+
+/// A deadline on writes that make no progress. hyper has no write timeout, and the header
+/// timer runs only while a request head is read: a client that sends requests (pipelined, or
+/// over a WebSocket) and reads none of the answers would otherwise hold its connection, its
+/// slots and the kernel's buffers until shutdown. The timer starts when a write or flush
+/// cannot proceed and stops at the next that does; its allocation is made only for a
+/// connection whose writes ever wait.
+struct WriteStall {
+    timeout: Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    waiting: bool,
+}
+
+impl WriteStall {
+    fn new(timeout: Duration) -> Self {
+        Self {
+            timeout,
+            timer: None,
+            waiting: false,
+        }
+    }
+
+    /// Passes `result` on, but past the deadline of a wait it is part of, a `TimedOut` error.
+    fn check<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        result: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if result.is_ready() {
+            self.waiting = false;
+            return result;
+        }
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if !self.waiting {
+            timer.as_mut().reset(deadline);
+            self.waiting = true;
+        }
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "the client read nothing for {:?} (listener.write_timeout_secs)",
+                    self.timeout
+                ),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
 }
 
 impl AsyncRead for Watched {
@@ -838,7 +901,7 @@ impl AsyncWrite for Watched {
     ) -> Poll<io::Result<usize>> {
         let written = Pin::new(&mut self.io).poll_write(cx, buf);
         self.detach.wrote(&written);
-        written
+        self.stall.check(cx, written)
     }
 
     fn poll_write_vectored(
@@ -848,7 +911,7 @@ impl AsyncWrite for Watched {
     ) -> Poll<io::Result<usize>> {
         let written = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
         self.detach.wrote(&written);
-        written
+        self.stall.check(cx, written)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -858,7 +921,7 @@ impl AsyncWrite for Watched {
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let flushed = Pin::new(&mut self.io).poll_flush(cx);
         self.detach.flushed(&flushed);
-        flushed
+        self.stall.check(cx, flushed)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -106,6 +106,66 @@ async fn a_client_that_stops_reading_does_not_hold_the_shutdown() {
     drop(stalled);
 }
 
+/// A client that pipelines requests for large responses and reads none of them is cut off once
+/// the server's writes have made no progress for `listener.write_timeout_secs`, well before
+/// shutdown: before, it held its connection, its slots and the kernel's buffers until then.
+#[tokio::test]
+async fn a_client_that_reads_nothing_is_closed_after_the_write_timeout() {
+    let server = TestServer::start_with(|c| c.listener.write_timeout_secs = 1.0).await;
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket
+        .set_recv_buffer_size(4096)
+        .expect("a small receive buffer");
+    let mut stalled = socket
+        .connect(addr(&server).parse().expect("address"))
+        .await
+        .expect("connect");
+    let request = b"GET /console/console.js HTTP/1.1\r\nHost: herald\r\n\r\n";
+    for _ in 0..300 {
+        stalled.write_all(request).await.expect("write");
+    }
+    let ports = (
+        server_port(&server),
+        stalled.local_addr().expect("local address").port(),
+    );
+    // The server closes its end without the client reading a byte: its socket leaves
+    // ESTABLISHED (or, reset for the requests it never read, the table).
+    eventually("the server to close the stalled connection", || {
+        let state = tcp_state(ports.0, ports.1);
+        async move { (state != Some(ESTABLISHED)).then_some(()) }
+    })
+    .await;
+    let received = read_to_close(&mut stalled).await;
+    let answered = received
+        .windows(12)
+        .filter(|window| *window == b"HTTP/1.1 200")
+        .count();
+    assert!(
+        answered < 300,
+        "cut off before every response was written: {answered} began"
+    );
+    server.stop().await;
+}
+
+/// `/proc/net/tcp`'s state of an established connection.
+const ESTABLISHED: u8 = 0x01;
+
+/// The TCP state of the server's end of a loopback connection (from `server_port` to
+/// `client_port`), from /proc/net/tcp (the test server runs in this process).
+fn tcp_state(server_port: u16, client_port: u16) -> Option<u8> {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
+    let local = format!(":{server_port:04X}");
+    let remote = format!(":{client_port:04X}");
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (local_address, remote_address, state) =
+            (fields.get(1)?, fields.get(2)?, fields.get(3)?);
+        (local_address.ends_with(&local) && remote_address.ends_with(&remote))
+            .then(|| u8::from_str_radix(state, 16).ok())
+            .flatten()
+    })
+}
+
 fn server_port(server: &TestServer) -> u16 {
     addr(server)
         .rsplit_once(':')
