@@ -88,6 +88,14 @@ pub async fn run(args: ListenArgs) -> anyhow::Result<()> {
     if apps.is_empty() {
         anyhow::bail!("there is no app to listen to: create one (`herald app create NAME`)");
     }
+    // One tail per app, and a node serves 64 at most (`MAX_TAILS`): every app of a large
+    // install would take the tails of the console and of other listeners, or fail.
+    if args.apps.is_empty() && apps.len() > MAX_APPS_UNNAMED {
+        anyhow::bail!(
+            "there are {} apps: listening to every one would take as many of the server's live tails (64 at most); name the ones to listen to with --app",
+            apps.len()
+        );
+    }
     let mut query = Vec::new();
     for t in &args.event_types {
         query.push(format!("event_types={}", encode(t)));
@@ -172,6 +180,9 @@ pub async fn run(args: ListenArgs) -> anyhow::Result<()> {
         }
     }
 }
+
+/// The most apps `herald listen` follows when none is named: a quarter of a node's tails.
+const MAX_APPS_UNNAMED: usize = 16;
 
 /// How long a tail may stay silent before it is taken for lost: three of the server's
 /// keep-alives (15 s apart).

@@ -313,6 +313,20 @@ async fn listen_prints_the_apps_events_and_forwards_them_signed() {
     server.stop().await;
 }
 
+/// Each app listened to takes one of the node's 64 live tails: without --app, more than 16 apps
+/// are refused with a word on how to name them, rather than taking the console's tails.
+#[tokio::test]
+async fn listen_without_apps_named_refuses_a_large_install() {
+    let server = TestServer::start().await;
+    for n in 0..17 {
+        server.create_app(&format!("many-{n}")).await;
+    }
+    let (ok, _, err) = run(herald(&server), &["listen"]).await;
+    assert!(!ok, "refused");
+    assert!(err.contains("17 apps") && err.contains("--app"), "{err}");
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn the_tail_is_the_apps_alone() {
     let server = TestServer::start().await;
