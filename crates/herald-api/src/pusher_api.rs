@@ -145,17 +145,22 @@ fn query_pairs(uri: &Uri) -> impl Iterator<Item = (String, String)> + '_ {
         .flat_map(|q| url::form_urlencoded::parse(q.as_bytes()).into_owned())
 }
 
-/// The request's query parameters by name. A name given twice (`info=a&info=b`) is refused
-/// rather than one of its values silently winning.
+/// The request's query parameters by name. `info` given more than once is one list
+/// (`info=a&info=b` is `info=a,b`, as a query encoder may write an array); any other name given
+/// twice is refused rather than one of its values silently winning.
 fn query_map(uri: &Uri) -> Result<BTreeMap<String, String>, PusherError> {
-    let mut map = BTreeMap::new();
+    let mut map: BTreeMap<String, String> = BTreeMap::new();
     for (name, value) in query_pairs(uri) {
-        if map.contains_key(&name) {
-            return Err(bad(format!(
-                "{name} is given more than once; give it once (info takes a comma-separated list)"
-            )));
+        match map.get_mut(&name) {
+            Some(listed) if name == "info" => {
+                listed.push(',');
+                listed.push_str(&value);
+            }
+            Some(_) => return Err(bad(format!("{name} is given more than once; give it once"))),
+            None => {
+                map.insert(name, value);
+            }
         }
-        map.insert(name, value);
     }
     Ok(map)
 }

@@ -353,8 +353,6 @@ fn position_id(positions: &BTreeMap<String, (String, u64)>) -> String {
         .join("|")
 }
 
-/// The positions of a [`position_id`] (none for an empty id); `None` if any part is not one,
-/// since a resume silently dropped would be a fresh start the client does not know of.
 /// The stream's query parameters. Channels come either as `channels=a,b` (comma-separated, as
 /// most clients will write them) or as one `channel=` per channel, so that a channel whose name
 /// holds a comma (Pusher's rules allow one) can be streamed too. A parameter given twice is
@@ -415,6 +413,8 @@ impl StreamQuery {
     }
 }
 
+/// The positions of a [`position_id`] (none for an empty id); `None` if any part is not one,
+/// since a resume silently dropped would be a fresh start the client does not know of.
 fn parse_positions(id: &str) -> Option<HashMap<&str, Resume>> {
     if id.is_empty() {
         return Some(HashMap::new());

@@ -393,7 +393,9 @@ impl ChannelWebhooks {
             }
             let sleep = async {
                 match next_due {
-                    Some(due) => tokio::time::sleep_until(due).await,
+                    // Leaves falling due within the next 100 ms go with the first (a user's
+                    // last leave and the channel's vacancy): late by that at most, never early.
+                    Some(due) => tokio::time::sleep_until(due + COALESCE).await,
                     None => std::future::pending().await,
                 }
             };

@@ -451,7 +451,10 @@ impl PostgresBroker {
                     "broker: LISTEN session re-opened; catching up"
                 );
                 self.catch_up().await;
-                self.close_apps_deleted_meanwhile().await;
+                // Off the session's loop: one read per app this node serves, which the
+                // notices queued meanwhile need not wait for.
+                let broker = Arc::clone(&self);
+                tokio::spawn(async move { broker.close_apps_deleted_meanwhile().await });
                 // Only if presence notices come by NOTIFY: a presence record on the bus's
                 // engine sends them on the bus, whose own resume resyncs them.
                 if self.presence.get().is_none() {

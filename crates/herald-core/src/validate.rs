@@ -54,6 +54,19 @@ pub const USER_CHANNEL_PREFIX: &str = "#server-to-user-";
 /// default channel and rendered templates, a WebSocket or SSE subscription, the Pusher HTTP
 /// API) is checked here, so a name accepted anywhere can be subscribed to (`#` only in the
 /// user channels' prefix; `:` never).
+/// A presence member's user id, on every face: 1 to 128 bytes, none a control character. It is
+/// stored as text (channel occupancy for the channel webhooks, a cluster's presence record),
+/// and PostgreSQL refuses NUL in text: one such id would fail every batch it rides in.
+pub fn user_id(value: &str) -> Result<(), &'static str> {
+    if value.is_empty() || value.len() > 128 {
+        return Err("must be 1 to 128 characters");
+    }
+    if value.chars().any(char::is_control) {
+        return Err("must not hold a control character");
+    }
+    Ok(())
+}
+
 pub fn channel(value: &str) -> Result<(), &'static str> {
     let name = value.strip_prefix(USER_CHANNEL_PREFIX).unwrap_or(value);
     if value.len() <= MAX_CHANNEL_NAME && id_like(name, MAX_CHANNEL_NAME, &['=', '@', ',', ';']) {

@@ -99,6 +99,11 @@ pub fn verify(token: &str, secret: &str, now: i64) -> Result<Grant, TokenError> 
     {
         return Err(TokenError::Claims("info must be a JSON object".into()));
     }
+    if let Some(sub) = &claims.sub
+        && let Err(why) = herald_core::validate::user_id(sub)
+    {
+        return Err(TokenError::Claims(format!("sub {why}")));
+    }
     Ok(Grant {
         user_id: claims.sub,
         user_info: claims.info,
@@ -170,6 +175,12 @@ mod tests {
         assert!(matches!(
             verify(&no_exp, "secret", NOW),
             Err(TokenError::Claims(_))
+        ));
+        // A presence user id is stored as text, where PostgreSQL refuses NUL.
+        let nul_sub = sign("secret", &json!({"exp": NOW + 60, "sub": "a\u{0}b"}));
+        assert!(matches!(
+            verify(&nul_sub, "secret", NOW),
+            Err(TokenError::Claims(why)) if why.contains("control character")
         ));
         let tampered = {
             let mut parts: Vec<String> = token.split('.').map(str::to_owned).collect();

@@ -1457,7 +1457,6 @@ struct ClaimedDelivery {
     job: crate::DeliveryJob,
 }
 
-/// An app with one endpoint and `messages` messages to it, none claimed yet.
 /// `enqueue_failed` works in batches of [`crate::RETENTION_BATCH`]: more failed deliveries
 /// than two batches are all requeued, and counted once. `fail_all` marks every delivery
 /// failed, in the backend's own SQL (no trait method does that in bulk).
@@ -1498,6 +1497,7 @@ pub async fn a_recovery_larger_than_a_batch_requeues_every_failed_delivery<F>(
     assert_eq!((stats.pending, stats.fail), (count as i64, 0));
 }
 
+/// An app with one endpoint and `messages` messages to it, none claimed yet.
 async fn endpoint_with_messages(store: &dyn Store, messages: usize) -> (App, Endpoint) {
     let app = stored_app(store, "A").await;
     let ep = endpoint(&app.id);

@@ -1032,10 +1032,10 @@ impl Config {
         if self
             .admin_token
             .as_deref()
-            .is_some_and(|t| t.chars().any(|c| c.is_control() || c.is_whitespace()))
+            .is_some_and(|t| t.trim() != t || t.chars().any(char::is_control))
         {
             return Err(ConfigError::Invalid(
-                "admin_token holds whitespace or a control character (a trailing newline from a secret file?), which no Authorization header can carry".into(),
+                "admin_token starts or ends with whitespace, or holds a control character (a trailing newline from a secret file?), which no Authorization header carries".into(),
             ));
         }
         self.main_keys()?;

@@ -99,6 +99,10 @@ pub mod nats;
 pub mod postgres;
 pub mod redis;
 
+/// Beats after registering again at which a node reconciles once more (see
+/// `ClusterPresence::run`): a node_ttl's worth, the beat being a third of it.
+const RECHECK_BEATS: u32 = 3;
+
 /// Rows one sweep removes at most (the next heartbeat goes on).
 const SWEEP_LIMIT: i64 = 1_000;
 
@@ -713,8 +717,8 @@ impl ClusterPresence {
         let mut heartbeat = tokio::time::interval(self.node_ttl / 3);
         // Whether the last heartbeat round skipped its sweep (it came late).
         let mut skipped_sweep = false;
-        // Whether this node registered again lately, so its rows are checked at the next beat.
-        let mut recheck = false;
+        // Beats at which this node, registered again lately, checks its rows once more.
+        let mut recheck = 0_u32;
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut flush = tokio::time::interval(FLUSH_EVERY);
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -761,16 +765,17 @@ impl ClusterPresence {
                         stale = self.resync(&mut changes, &mut flushed).await.is_none();
                         // A sweep that read this node's rows as a dead node's before it
                         // registered again may still be removing them, after the reconcile
-                        // above: reconcile again at each beat until one finds nothing to repair.
-                        recheck = true;
-                    } else if recheck && !stale {
-                        recheck = match self.resync(&mut changes, &mut flushed).await {
-                            Some(repaired) => repaired > 0,
-                            None => {
-                                stale = true;
-                                true
-                            }
-                        };
+                        // above: reconcile again at the next beats, until one finds nothing to
+                        // repair, for a node_ttl at most (on a busy node the queue's discarded
+                        // changes count as repairs too).
+                        recheck = RECHECK_BEATS;
+                    } else if recheck > 0 && !stale {
+                        recheck -= 1;
+                        match self.resync(&mut changes, &mut flushed).await {
+                            Some(0) => recheck = 0,
+                            Some(_) => {}
+                            None => stale = true,
+                        }
                     }
                     // A round that comes more than a period late (this node was held up, or
                     // its beat was slow) skips judging the others once: whatever held this

@@ -5,8 +5,9 @@
 -- not byte order (en_US.UTF-8, or ICU's, in the usual Docker images and hosted databases,
 -- where 'msg_3Jb' < 'msg_3JK'): there, retention would delete young rows and `recover` would
 -- requeue the wrong ones. Every id column, and every column holding an id, compares
--- bytewise from here on, whatever the database's default. (Each ALTER rebuilds the indexes
--- on its column: on a large store this migration takes a while, once.)
+-- bytewise from here on, whatever the database's default. Each ALTER rewrites its table and
+-- rebuilds its indexes under an exclusive lock, all in this migration's one transaction: on a
+-- large store stop every node, start one to migrate, then the rest (README: Upgrading).
 DO $$
 DECLARE
     col record;
@@ -18,7 +19,13 @@ BEGIN
           ON t.table_schema = c.table_schema AND t.table_name = c.table_name
         WHERE c.table_schema = current_schema()
           AND t.table_type = 'BASE TABLE'
-          AND c.table_name NOT LIKE '\_sqlx%'
+          -- Herald's tables only: the schema may hold others'.
+          AND c.table_name IN (
+              'apps', 'api_tokens', 'event_types', 'endpoints', 'messages', 'deliveries',
+              'attempts', 'idempotency', 'ingest_sources', 'ingest_events', 'channel_history',
+              'channel_positions', 'channel_occupancy', 'cluster_nodes',
+              'cluster_presence_members', 'cluster_channel_occupancy', 'delivery_leases',
+              'endpoint_paces', 'cluster_terminations')
           AND c.data_type = 'text'
           AND (c.column_name = 'id' OR c.column_name LIKE '%\_id')
           AND c.collation_name IS DISTINCT FROM 'C'

@@ -326,38 +326,44 @@ impl MessageStore for PostgresStore {
     ) -> Result<u64> {
         // Message ids sort by creation time, so a time window is an id range. In batches, each
         // its own transaction: a recovery of a long outage can be millions of rows, which one
-        // transaction would hold row locks on (and the claims wait for) until it ended. A row
-        // requeued is no longer failed, so each batch finds the next ones.
+        // transaction would hold row locks on (and the claims wait for) until it ended. Paged
+        // by message id, so a row this recovery requeued that has failed again meanwhile (any
+        // node may attempt it between two batches) is not requeued twice.
         let mut requeued_total = 0_u64;
+        let mut after = id::lower_bound(id::MESSAGE, since);
         loop {
             let mut tx = self.pool.begin().await?;
-            let done = sqlx::query(
+            let requeued: Vec<String> = sqlx::query_scalar(
                 "UPDATE deliveries SET status = $1, trigger_type = $2, next_attempt_at = $3,
                                        updated_at = $3, lease_token = NULL, leased_until = NULL
                  WHERE endpoint_id = $4 AND status = $5 AND msg_id IN (
                      SELECT msg_id FROM deliveries
                      WHERE endpoint_id = $4 AND status <> 0 AND status = $5
-                       AND msg_id >= $6 AND msg_id < $7
+                       AND msg_id > $6 AND msg_id < $7
+                     ORDER BY msg_id
                      LIMIT $8
-                     FOR UPDATE)",
+                     FOR UPDATE)
+                 RETURNING msg_id",
             )
             .bind(DeliveryStatus::Pending as i32)
             .bind(TriggerType::Manual as i32)
             .bind(millis(now))
             .bind(endpoint_id.as_str())
             .bind(DeliveryStatus::Fail as i32)
-            .bind(id::lower_bound(id::MESSAGE, since))
+            .bind(&after)
             .bind(id::lower_bound(id::MESSAGE, until))
             .bind(i64::from(crate::RETENTION_BATCH))
-            .execute(&mut *tx)
+            .fetch_all(&mut *tx)
             .await?;
-            if done.rows_affected() > 0 {
+            if !requeued.is_empty() {
                 notify_due(&mut tx).await?;
             }
             tx.commit().await?;
-            requeued_total += done.rows_affected();
-            if done.rows_affected() < u64::from(crate::RETENTION_BATCH) {
-                return Ok(requeued_total);
+            requeued_total += requeued.len() as u64;
+            let full = requeued.len() >= crate::RETENTION_BATCH as usize;
+            match requeued.into_iter().max() {
+                Some(last) if full => after = last,
+                _ => return Ok(requeued_total),
             }
         }
     }

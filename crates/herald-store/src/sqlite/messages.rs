@@ -143,8 +143,10 @@ impl MessageStore for SqliteStore {
     ) -> Result<u64> {
         // In batches, each its own statement on the writer, which other writes (the group
         // commit's above all) take in between: a recovery of a long outage can be millions of
-        // rows. A row requeued is no longer failed, so each batch finds the next ones.
+        // rows. Paged by message id, so a row this recovery requeued that has failed again
+        // meanwhile (an attempt between two batches) is not requeued twice.
         let mut requeued_total = 0_u64;
+        let mut after = id::lower_bound(id::MESSAGE, since);
         loop {
             // Held until the leases are revoked: see `take_back`.
             let mut writer = self.writer.acquire().await?;
@@ -156,7 +158,8 @@ impl MessageStore for SqliteStore {
                  WHERE rowid IN (
                      SELECT rowid FROM deliveries
                      WHERE endpoint_id = $4 AND status <> 0 AND status = $5
-                       AND msg_id >= $6 AND msg_id < $7
+                       AND msg_id > $6 AND msg_id < $7
+                     ORDER BY msg_id
                      LIMIT $8)
                  RETURNING msg_id",
             )
@@ -165,7 +168,7 @@ impl MessageStore for SqliteStore {
             .bind(millis(now))
             .bind(endpoint_id.as_str())
             .bind(DeliveryStatus::Fail as i64)
-            .bind(id::lower_bound(id::MESSAGE, since))
+            .bind(&after)
             .bind(id::lower_bound(id::MESSAGE, until))
             .bind(i64::from(crate::RETENTION_BATCH))
             .fetch_all(&mut *writer)
@@ -174,6 +177,9 @@ impl MessageStore for SqliteStore {
                 .iter()
                 .map(|row| Ok((rows::id(row, "msg_id")?, endpoint_id.clone())))
                 .collect::<Result<Vec<DeliveryKey>>>()?;
+            if let Some(last) = keys.iter().map(|(msg_id, _)| msg_id.as_str()).max() {
+                after = last.to_owned();
+            }
             self.take_back(writer, &keys);
             self.gate.stir();
             requeued_total += keys.len() as u64;

@@ -563,9 +563,6 @@ mod tests {
         }
     }
 
-    /// A failed delivery can still be leased for a moment (between its record's commit and the
-    /// lease's release); recovering it then takes it back from that lease too, so a record
-    /// under the old lease is stale and the recovered delivery is claimed under a new one.
     #[tokio::test]
     async fn a_recovery_larger_than_a_batch_requeues_every_failed_delivery() {
         let (_dir, store) = open_in_tempdir().await;
@@ -628,6 +625,9 @@ mod tests {
         assert_eq!(status().await, DeliveryStatus::Fail as i64);
     }
 
+    /// A failed delivery can still be leased for a moment (between its record's commit and the
+    /// lease's release); recovering it then takes it back from that lease too, so a record
+    /// under the old lease is stale and the recovered delivery is claimed under a new one.
     #[tokio::test]
     async fn a_recovery_takes_the_delivery_back_from_its_lease() {
         let (_dir, store) = open_in_tempdir().await;

@@ -203,14 +203,8 @@ fn parse_data<T: for<'de> Deserialize<'de>>(data: Option<&RawValue>) -> Result<T
 pub fn presence_member(channel_data: &str, max_user_info_bytes: usize) -> Result<Joining, String> {
     let data: ChannelData = serde_json::from_str(channel_data)
         .map_err(|e| format!("channel_data is not valid member JSON: {e}"))?;
-    // No control characters: the id is stored as text (the occupancy behind channel
-    // webhooks, a cluster's presence record), and PostgreSQL refuses NUL in text.
     let user_id = match data.user_id {
-        serde_json::Value::String(s)
-            if !s.is_empty() && s.len() <= 128 && !s.chars().any(char::is_control) =>
-        {
-            s
-        }
+        serde_json::Value::String(s) if herald_core::validate::user_id(&s).is_ok() => s,
         serde_json::Value::Number(n) => n.to_string(),
         _ => {
             return Err(

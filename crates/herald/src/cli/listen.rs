@@ -6,7 +6,7 @@
 //! down are not shown (the message log keeps them), and the command says so when it
 //! reconnects.
 
-use std::{io::Write, time::Duration};
+use std::{io::Write, sync::Arc, time::Duration};
 
 use clap::Args;
 use eventsource_stream::Eventsource;
@@ -220,15 +220,30 @@ async fn follow(
                 }
             },
         };
-        let mut events = stream.bytes_stream().eventsource();
+        // The server sends a keep-alive comment while idle, which the event parser swallows:
+        // the bytes say whether the stream is alive. One silent for much longer is half-open
+        // (a network change, a dropped VPN) and would never say so.
+        let heard_at = Arc::new(std::sync::Mutex::new(tokio::time::Instant::now()));
+        let seen = Arc::clone(&heard_at);
+        let mut events = stream
+            .bytes_stream()
+            .inspect(move |_| {
+                *seen.lock().unwrap_or_else(|p| p.into_inner()) = tokio::time::Instant::now();
+            })
+            .eventsource();
         let error = loop {
-            // The server sends a keep-alive while idle: a stream silent for much longer is
-            // half-open (a network change, a dropped VPN) and would never say so.
-            let Ok(next) = tokio::time::timeout(SILENT_FOR, events.next()).await else {
-                break format!(
-                    "nothing, not even a keep-alive, for {} s",
-                    SILENT_FOR.as_secs()
-                );
+            let next = match tokio::time::timeout(SILENT_FOR, events.next()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    let silent = heard_at.lock().unwrap_or_else(|p| p.into_inner()).elapsed();
+                    if silent < SILENT_FOR {
+                        continue;
+                    }
+                    break format!(
+                        "nothing, not even a keep-alive, for {} s",
+                        SILENT_FOR.as_secs()
+                    );
+                }
             };
             match next {
                 Some(Ok(event)) if event.event == "publication" => {
