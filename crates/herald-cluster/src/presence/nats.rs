@@ -106,6 +106,20 @@ impl ChannelRecord {
     fn is_empty(&self) -> bool {
         self.members.is_empty() && self.occupants.is_empty()
     }
+
+    /// Other nodes' subscriptions to the channel, if any other node has one.
+    fn count_elsewhere(&self, node: &str) -> Option<i64> {
+        let mut others = self.occupants.iter().filter(|(n, _)| *n != node).peekable();
+        others.peek()?;
+        Some(others.map(|(_, count)| *count).sum())
+    }
+
+    /// The members some other node holds, with their info.
+    fn members_elsewhere(self, node: &str) -> impl Iterator<Item = (String, Member)> {
+        self.members
+            .into_iter()
+            .filter(move |(_, member)| member.nodes.iter().any(|n| n != node))
+    }
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
@@ -800,9 +814,7 @@ impl PresenceRecord for NatsRecord {
             .await?
             .value;
         Ok(record
-            .members
-            .into_iter()
-            .filter(|(_, member)| member.nodes.iter().any(|n| n != node))
+            .members_elsewhere(node)
             .map(|(user, member)| (user, member.info))
             .collect())
     }
@@ -819,15 +831,7 @@ impl PresenceRecord for NatsRecord {
             .await?
             .into_iter()
             .filter(|(_, channel, _)| channel.starts_with(prefix))
-            .filter_map(|(_, channel, record)| {
-                let others: Vec<i64> = record
-                    .occupants
-                    .iter()
-                    .filter(|(n, _)| *n != node)
-                    .map(|(_, count)| *count)
-                    .collect();
-                (!others.is_empty()).then(|| (channel, others.iter().sum()))
-            })
+            .filter_map(|(_, channel, record)| Some((channel, record.count_elsewhere(node)?)))
             .collect())
     }
 
@@ -843,11 +847,11 @@ impl PresenceRecord for NatsRecord {
             if !channel.starts_with(prefix) {
                 continue;
             }
-            for (user, member) in record.members {
-                if member.nodes.iter().any(|n| n != node) {
-                    users.push((channel.clone(), user));
-                }
-            }
+            users.extend(
+                record
+                    .members_elsewhere(node)
+                    .map(|(user, _)| (channel.clone(), user)),
+            );
         }
         Ok(users)
     }
@@ -863,17 +867,9 @@ impl PresenceRecord for NatsRecord {
             .read::<ChannelRecord>(&channel_key(app, channel))
             .await?
             .value;
-        let others: Vec<i64> = record
-            .occupants
-            .iter()
-            .filter(|(n, _)| *n != node)
-            .map(|(_, count)| *count)
-            .collect();
-        let count = (!others.is_empty()).then(|| others.iter().sum());
+        let count = record.count_elsewhere(node);
         let users = record
-            .members
-            .into_iter()
-            .filter(|(_, member)| member.nodes.iter().any(|n| n != node))
+            .members_elsewhere(node)
             .map(|(user, _)| user)
             .collect();
         Ok((count, users))
