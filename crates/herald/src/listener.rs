@@ -862,14 +862,18 @@ impl WriteStall {
             self.waiting = false;
             return result;
         }
-        let deadline = tokio::time::Instant::now() + self.timeout;
-        let timer = self
-            .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        // The clock is read once per wait, not at every poll of it.
         if !self.waiting {
-            timer.as_mut().reset(deadline);
+            let deadline = tokio::time::Instant::now() + self.timeout;
+            match &mut self.timer {
+                Some(timer) => timer.as_mut().reset(deadline),
+                None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
             self.waiting = true;
         }
+        let Some(timer) = self.timer.as_mut() else {
+            return result;
+        };
         match timer.as_mut().poll(cx) {
             Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
