@@ -437,6 +437,10 @@ pub struct ListenerSection {
     /// Bytes of request bodies being read at once, over every connection (503 beyond). At
     /// least `api.max_body_bytes`.
     pub max_body_bytes_reading: usize,
+    /// The share of that budget one client address (IPv6: one /64) may hold (429 beyond; 0:
+    /// no share of its own). At least `api.max_body_bytes`. Peers in `ws.trusted_proxies`
+    /// are not held to it.
+    pub max_body_bytes_reading_per_ip: usize,
 }
 
 impl Default for ListenerSection {
@@ -450,6 +454,7 @@ impl Default for ListenerSection {
             write_timeout_secs: d.write_timeout.as_secs_f64(),
             max_header_bytes: d.max_header_bytes,
             max_body_bytes_reading: d.max_body_bytes_reading,
+            max_body_bytes_reading_per_ip: d.max_body_bytes_reading_per_ip,
         }
     }
 }
@@ -925,6 +930,13 @@ impl Config {
                 self.listener.max_body_bytes_reading, self.api.max_body_bytes
             )));
         }
+        let per_ip = self.listener.max_body_bytes_reading_per_ip;
+        if per_ip != 0 && per_ip < self.api.max_body_bytes {
+            return Err(ConfigError::Invalid(format!(
+                "listener.max_body_bytes_reading_per_ip ({per_ip}) must be 0 or at least api.max_body_bytes ({})",
+                self.api.max_body_bytes
+            )));
+        }
         let non_negative = [
             ("delivery.overload_penalty_secs", d.overload_penalty_secs),
             ("delivery.retry_after_max_secs", d.retry_after_max_secs),
@@ -1119,6 +1131,7 @@ impl Config {
             write_timeout: Duration::from_secs_f64(l.write_timeout_secs),
             max_header_bytes: l.max_header_bytes,
             max_body_bytes_reading: l.max_body_bytes_reading,
+            max_body_bytes_reading_per_ip: l.max_body_bytes_reading_per_ip,
             drain_timeout: Duration::from_secs_f64(self.shutdown_grace_secs),
         }
     }
@@ -1637,6 +1650,17 @@ mod tests {
                 "{err}"
             );
             jail.set_env("HERALD_API__MAX_BODY_BYTES", "1000");
+            Config::load(None, &Overrides::default()).map_err(|e| e.to_string())?;
+            // So must it fit in one address's share.
+            jail.set_env("HERALD_LISTENER__MAX_BODY_BYTES_READING_PER_IP", "999");
+            let err = Config::load(None, &Overrides::default()).expect_err("share below a body");
+            assert!(
+                err.to_string().contains(
+                    "listener.max_body_bytes_reading_per_ip (999) must be 0 or at least api.max_body_bytes (1000)"
+                ),
+                "{err}"
+            );
+            jail.set_env("HERALD_LISTENER__MAX_BODY_BYTES_READING_PER_IP", "0");
             Config::load(None, &Overrides::default()).map_err(|e| e.to_string())?;
             jail.create_file("typo.toml", "listn = \"127.0.0.1:7000\"")?;
             let err = Config::load(Some(Path::new("typo.toml")), &Overrides::default())

@@ -23,6 +23,10 @@
 //!   fails, the request is answered 408 and the connection is closed. The timer runs only while a
 //!   body is being read: requests without a body (WebSocket upgrades, SSE streams, most GETs)
 //!   never start one, and a long response is not a request body.
+//! - **Body budget**: bodies being read hold their bytes of a node-wide budget
+//!   (`max_body_bytes_reading`, 503 beyond) and of their client address's share of it
+//!   (`max_body_bytes_reading_per_ip`, 429 beyond; kept in the per-address table), until each is
+//!   collected; see [`TimedBody`].
 //! - **Write timeout**: a write to the client that makes no progress for `write_timeout` (the
 //!   client reads nothing: pipelined requests whose answers it never reads, a WebSocket it
 //!   stopped reading) fails, and the connection is closed ([`WriteStall`]).
@@ -46,7 +50,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex, MutexGuard,
-        atomic::{AtomicU8, Ordering},
+        atomic::{AtomicU8, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
@@ -101,6 +105,10 @@ pub struct ListenerLimits {
     /// Bytes of request bodies being read at once, over every connection: a body that would
     /// take more is refused with 503 (see [`TimedBody`]).
     pub max_body_bytes_reading: usize,
+    /// The share of that budget one client address (IPv6: one /64) may hold; a body that
+    /// would take more is refused with 429 (0: no share of its own). Peers in
+    /// `trusted_proxies` are not held to it.
+    pub max_body_bytes_reading_per_ip: usize,
     /// How long a connection's request in flight at shutdown may take to finish (the
     /// configuration's `shutdown_grace_secs`): a client that stopped reading its response
     /// must not hold the server's exit.
@@ -124,6 +132,10 @@ impl Default for ListenerLimits {
             // 256 bodies of the default 1 MiB API limit at once; every connection at the
             // 25,000 cap sending a 1 MiB body slowly would otherwise hold 25 GiB.
             max_body_bytes_reading: 256 * 1024 * 1024,
+            // An eighth, as for connections: one address sending slow bodies on its 2,000
+            // connections could otherwise hold the whole budget and have every other client's
+            // bodies refused.
+            max_body_bytes_reading_per_ip: 32 * 1024 * 1024,
             drain_timeout: Duration::from_secs(10),
         }
     }
@@ -144,6 +156,7 @@ pub async fn serve(
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let per_address = Arc::new(PerAddress::new(
         limits.max_connections_per_ip,
+        limits.max_body_bytes_reading_per_ip,
         limits.trusted_proxies.clone(),
     ));
     let body_timeout = limits.body_read_timeout;
@@ -214,13 +227,17 @@ pub async fn serve(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(%peer, error = %e, "could not set TCP_NODELAY");
         }
+        let address_bodies = address_slot.bodies();
         let counted = Counted {
             stream,
             _slot: slot,
             _address_slot: address_slot,
         };
         let router = router.clone();
-        let body_budget = Arc::clone(&body_budget);
+        let body_budget = BodyBudget {
+            node: Arc::clone(&body_budget),
+            address: address_bodies,
+        };
         let over_budget = Arc::clone(&over_budget);
         let detach = Arc::new(Detach::default());
         let parking = Arc::clone(&detach);
@@ -243,7 +260,7 @@ pub async fn serve(
                 Some(flag) => Body::new(TimedBody::new(
                     body,
                     body_timeout,
-                    Arc::clone(&body_budget),
+                    body_budget.clone(),
                     Arc::clone(flag),
                 )),
                 None => Body::new(body),
@@ -270,6 +287,10 @@ pub async fn serve(
                             tracing::warn!(%peer, refused, "request bodies refused: the server is reading as many bytes of bodies as listener.max_body_bytes_reading allows; answered 503");
                         }
                         Ok(body_budget_response())
+                    }
+                    (BodyFailure::ADDRESS_OVER_BUDGET, _, _) => {
+                        tracing::debug!(%peer, "a request body refused: its address is reading as many bytes of bodies as listener.max_body_bytes_reading_per_ip allows; answered 429");
+                        Ok(address_body_budget_response())
                     }
                     (_, Some((detach, framing)), Ok(mut response))
                         if response.extensions().get::<Endless>().is_some() =>
@@ -433,6 +454,20 @@ fn body_budget_response() -> Response {
     response
 }
 
+/// Reading a request body was refused because its client's address holds its whole share of
+/// the budget: 429 in the APIs' error shape, retry in a second, and the connection closed.
+fn address_body_budget_response() -> Response {
+    let mut response = body_failure_response(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        "this client address is sending as many request bodies at once as it may; retry once they are sent",
+    );
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
+}
+
 /// `{"code", "detail"}` with `status`, and the connection closed.
 fn body_failure_response(status: StatusCode, code: &str, detail: &str) -> Response {
     let body = serde_json::json!({"code": code, "detail": detail}).to_string();
@@ -463,6 +498,8 @@ impl BodyFailure {
     const TIMED_OUT: u8 = 1;
     /// 503: the server is reading all the bodies it may at once.
     const OVER_BUDGET: u8 = 2;
+    /// 429: the client's address holds its whole share of that budget.
+    const ADDRESS_OVER_BUDGET: u8 = 3;
 
     fn set(&self, why: u8) {
         self.0.store(why, Ordering::Release);
@@ -488,7 +525,10 @@ impl BodyFailure {
 /// And it reads within a budget shared by every connection (`listener.max_body_bytes_reading`):
 /// each data frame takes its length from it until the body is dropped (once its extractor has
 /// collected it), and a frame the budget cannot cover fails the body (503), so slow senders
-/// cannot make the server hold more than that in bodies they have not finished sending.
+/// cannot make the server hold more than that in bodies they have not finished sending. The
+/// frame takes its length from its client address's share too
+/// (`listener.max_body_bytes_reading_per_ip`, 429 beyond), so that one address sending slow
+/// bodies cannot hold the whole budget and have everyone else's refused.
 struct TimedBody<B> {
     inner: B,
     timeout: Duration,
@@ -498,8 +538,10 @@ struct TimedBody<B> {
     /// Set when the deadline passed (408) or the budget ran out (503), for the service.
     failure: Arc<BodyFailure>,
     /// The shared budget of bytes being read, and this body's share of it so far.
-    budget: Arc<Semaphore>,
+    budget: BodyBudget,
     reading: Option<OwnedSemaphorePermit>,
+    /// Bytes this body holds of its address's share, given back when it is dropped.
+    address_reading: usize,
     /// Short chunks copied and not yet handed on.
     held: BytesMut,
     /// A frame that came after held data (trailers), handed on after it.
@@ -509,7 +551,7 @@ struct TimedBody<B> {
 }
 
 impl<B> TimedBody<B> {
-    fn new(inner: B, timeout: Duration, budget: Arc<Semaphore>, failure: Arc<BodyFailure>) -> Self {
+    fn new(inner: B, timeout: Duration, budget: BodyBudget, failure: Arc<BodyFailure>) -> Self {
         Self {
             inner,
             timeout,
@@ -518,6 +560,7 @@ impl<B> TimedBody<B> {
             failure,
             budget,
             reading: None,
+            address_reading: 0,
             held: BytesMut::new(),
             after_held: None,
             ended: false,
@@ -531,10 +574,18 @@ impl<B> TimedBody<B> {
 
     /// Takes `bytes` more of the budget for this body, or fails it.
     fn take_budget(&mut self, bytes: usize) -> Result<(), BoxError> {
-        let Ok(bytes) = u32::try_from(bytes) else {
-            return Err(self.over_budget());
+        let Ok(permits) = u32::try_from(bytes) else {
+            return Err(self.over_budget(BodyFailure::OVER_BUDGET));
         };
-        match Arc::clone(&self.budget).try_acquire_many_owned(bytes) {
+        // The address's share first: a client over its own share is told so (429), not that
+        // the server is busy.
+        if let Some(address) = &self.budget.address {
+            if !address.take(bytes) {
+                return Err(self.over_budget(BodyFailure::ADDRESS_OVER_BUDGET));
+            }
+            self.address_reading += bytes;
+        }
+        match Arc::clone(&self.budget.node).try_acquire_many_owned(permits) {
             Ok(permit) => {
                 match &mut self.reading {
                     Some(reading) => reading.merge(permit),
@@ -542,19 +593,67 @@ impl<B> TimedBody<B> {
                 }
                 Ok(())
             }
-            Err(_) => Err(self.over_budget()),
+            Err(_) => Err(self.over_budget(BodyFailure::OVER_BUDGET)),
         }
     }
 
-    fn over_budget(&mut self) -> BoxError {
+    /// Fails the body for want of budget (`why`: the node's or the address's), giving back
+    /// its address's share at once: its connection is closing.
+    fn over_budget(&mut self, why: u8) -> BoxError {
         self.finish();
-        self.failure.set(BodyFailure::OVER_BUDGET);
+        self.failure.set(why);
+        self.give_back_address_share();
         BodyOverBudget.into()
     }
 
     /// What is held, as one frame.
     fn take_held(&mut self) -> Frame<Bytes> {
         Frame::data(self.held.split().freeze())
+    }
+
+    fn give_back_address_share(&mut self) {
+        if let Some(address) = &self.budget.address {
+            address.give_back(std::mem::take(&mut self.address_reading));
+        }
+    }
+}
+
+impl<B> Drop for TimedBody<B> {
+    fn drop(&mut self) {
+        self.give_back_address_share();
+    }
+}
+
+/// The budgets a request body reads within: the node's, and its client address's share
+/// (`None` for an address not held to one).
+#[derive(Clone)]
+struct BodyBudget {
+    node: Arc<Semaphore>,
+    address: Option<Arc<AddressBodies>>,
+}
+
+/// Bytes of request bodies one client address is reading, against its share.
+struct AddressBodies {
+    max: usize,
+    reading: AtomicUsize,
+}
+
+impl AddressBodies {
+    /// Takes `bytes` of the share, or nothing if they do not fit.
+    fn take(&self, bytes: usize) -> bool {
+        self.reading
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |reading| {
+                reading
+                    .checked_add(bytes)
+                    .filter(|&after| after <= self.max)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self, bytes: usize) {
+        if bytes > 0 {
+            self.reading.fetch_sub(bytes, Ordering::AcqRel);
+        }
     }
 }
 
@@ -693,41 +792,60 @@ where
     }
 }
 
-/// Open sockets per client address; see the module documentation.
+/// Open sockets and request bodies being read, per client address; see the module
+/// documentation.
 struct PerAddress {
+    /// Sockets one address may hold (0: no limit).
     max: usize,
+    /// Bytes of bodies one address may be reading (0: no share of its own).
+    max_body_bytes: usize,
     trusted_proxies: Vec<IpNet>,
-    open: Mutex<HashMap<IpAddr, usize>>,
+    open: Mutex<HashMap<IpAddr, AddressUse>>,
+}
+
+/// What one address holds: its sockets, and the bodies they are reading.
+struct AddressUse {
+    sockets: usize,
+    bodies: Arc<AddressBodies>,
 }
 
 impl PerAddress {
-    fn new(max: usize, trusted_proxies: Vec<IpNet>) -> Self {
+    fn new(max: usize, max_body_bytes: usize, trusted_proxies: Vec<IpNet>) -> Self {
         Self {
             max,
+            max_body_bytes,
             trusted_proxies,
             open: Mutex::new(HashMap::new()),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<IpAddr, usize>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<IpAddr, AddressUse>> {
         self.open.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Counts a socket from `peer`, or `None` if its address holds `max` already.
     fn admit(self: &Arc<Self>, peer: IpAddr) -> Option<AddressSlot> {
         let peer = peer.to_canonical();
-        if self.max == 0 || self.trusted_proxies.iter().any(|net| net.contains(&peer)) {
+        let untracked = self.max == 0 && self.max_body_bytes == 0;
+        if untracked || self.trusted_proxies.iter().any(|net| net.contains(&peer)) {
             return Some(AddressSlot { held: None });
         }
         let key = herald_channels::limits::address_key(peer);
         let mut open = self.lock();
-        let count = open.entry(key).or_insert(0);
-        if *count >= self.max {
+        let used = open.entry(key).or_insert_with(|| AddressUse {
+            sockets: 0,
+            bodies: Arc::new(AddressBodies {
+                max: self.max_body_bytes,
+                reading: AtomicUsize::new(0),
+            }),
+        });
+        if self.max > 0 && used.sockets >= self.max {
             return None;
         }
-        *count += 1;
+        used.sockets += 1;
+        let bodies = (self.max_body_bytes > 0).then(|| Arc::clone(&used.bodies));
         Some(AddressSlot {
-            held: Some((Arc::clone(self), key)),
+            held: Some((Arc::clone(self), key, bodies)),
         })
     }
 
@@ -737,20 +855,30 @@ impl PerAddress {
     }
 }
 
-/// One socket's place in its address's count, released when dropped.
+/// One socket's place in its address's count, released when dropped, and its address's share
+/// of the body budget (`None` for an address held to none).
 struct AddressSlot {
-    held: Option<(Arc<PerAddress>, IpAddr)>,
+    held: Option<(Arc<PerAddress>, IpAddr, Option<Arc<AddressBodies>>)>,
+}
+
+impl AddressSlot {
+    /// The address's share of the body budget, for the connection's request bodies. A body
+    /// outliving every socket of its address keeps the share it took (the entry goes, its
+    /// counter with the last holder).
+    fn bodies(&self) -> Option<Arc<AddressBodies>> {
+        self.held.as_ref().and_then(|(_, _, bodies)| bodies.clone())
+    }
 }
 
 impl Drop for AddressSlot {
     fn drop(&mut self) {
-        let Some((per_address, key)) = self.held.take() else {
+        let Some((per_address, key, _)) = self.held.take() else {
             return;
         };
         let mut open = per_address.lock();
-        if let Some(count) = open.get_mut(&key) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
+        if let Some(used) = open.get_mut(&key) {
+            used.sockets = used.sockets.saturating_sub(1);
+            if used.sockets == 0 {
                 open.remove(&key);
             }
         }
@@ -1121,7 +1249,11 @@ mod tests {
 
     #[test]
     fn sockets_are_counted_per_address_and_forgotten_at_zero() {
-        let per_address = Arc::new(PerAddress::new(2, vec!["10.0.0.0/8".parse().expect("net")]));
+        let per_address = Arc::new(PerAddress::new(
+            2,
+            0,
+            vec!["10.0.0.0/8".parse().expect("net")],
+        ));
         let a = per_address.admit(ip("192.0.2.1")).expect("first");
         let b = per_address.admit(ip("192.0.2.1")).expect("second");
         assert!(per_address.admit(ip("192.0.2.1")).is_none(), "third");
@@ -1156,7 +1288,7 @@ mod tests {
             .map(|_| per_address.admit(ip("10.1.2.3")).expect("a trusted proxy"))
             .collect();
         assert_eq!(proxied.len(), 5);
-        let unlimited = Arc::new(PerAddress::new(0, Vec::new()));
+        let unlimited = Arc::new(PerAddress::new(0, 0, Vec::new()));
         let many: Vec<_> = (0..5)
             .map(|_| unlimited.admit(ip("192.0.2.1")).expect("no limit"))
             .collect();
@@ -1184,7 +1316,10 @@ mod tests {
         let body = TimedBody::new(
             inner,
             timeout,
-            Arc::new(Semaphore::new(budget)),
+            BodyBudget {
+                node: Arc::new(Semaphore::new(budget)),
+                address: None,
+            },
             Arc::clone(&failure),
         );
         (body, failure)
@@ -1200,7 +1335,10 @@ mod tests {
             let body = TimedBody::new(
                 Trickle(VecDeque::from(chunks)),
                 Duration::from_secs(30),
-                Arc::clone(&budget),
+                BodyBudget {
+                    node: Arc::clone(&budget),
+                    address: None,
+                },
                 Arc::clone(&failure),
             );
             (body, failure)
@@ -1228,6 +1366,84 @@ mod tests {
         assert_eq!(budget.available_permits(), 10 * 1024);
         let (mut third, _) = body(vec![chunk(4 * 1024)]);
         assert!(next_frame(&mut third).await.expect("a frame").is_ok());
+    }
+
+    /// One address holds at most its share of the body budget: a frame beyond it fails its
+    /// body (flagged for a 429) while another address's body still reads; the share comes
+    /// back when the body is dropped, and a body that failed gives its share back at once.
+    /// Trusted proxies are held to no share.
+    #[tokio::test]
+    async fn one_address_reads_at_most_its_share_of_the_body_budget() {
+        let per_address = Arc::new(PerAddress::new(
+            0,
+            10 * 1024,
+            vec!["10.0.0.0/8".parse().expect("net")],
+        ));
+        let node = Arc::new(Semaphore::new(1024 * 1024));
+        let body = |slot: &AddressSlot, chunks: Vec<Option<Frame<Bytes>>>| {
+            let failure = Arc::new(BodyFailure::default());
+            let body = TimedBody::new(
+                Trickle(VecDeque::from(chunks)),
+                Duration::from_secs(30),
+                BodyBudget {
+                    node: Arc::clone(&node),
+                    address: slot.bodies(),
+                },
+                Arc::clone(&failure),
+            );
+            (body, failure)
+        };
+        let chunk = |n: usize| Some(Frame::data(Bytes::from(vec![b'a'; n])));
+        let one = per_address.admit(ip("192.0.2.1")).expect("admitted");
+        let same = per_address.admit(ip("192.0.2.1")).expect("admitted");
+        let other = per_address.admit(ip("192.0.2.2")).expect("admitted");
+        let proxy = per_address.admit(ip("10.0.0.1")).expect("admitted");
+
+        let (mut first, _) = body(&one, vec![chunk(8 * 1024), None, chunk(1024)]);
+        assert!(next_frame(&mut first).await.expect("a frame").is_ok());
+        // The same address, on another socket, cannot have 4 KiB more...
+        let (mut second, second_failure) = body(&same, vec![chunk(4 * 1024)]);
+        let refused = next_frame(&mut second)
+            .await
+            .expect("a frame")
+            .expect_err("over the address's share");
+        assert!(refused.is::<BodyOverBudget>(), "{refused}");
+        assert_eq!(second_failure.get(), BodyFailure::ADDRESS_OVER_BUDGET);
+        assert_eq!(
+            node.available_permits(),
+            1024 * 1024 - 8 * 1024,
+            "a refused frame takes nothing of the node's budget"
+        );
+        // ...while another address, and a trusted proxy beyond any share, still read.
+        let (mut others, _) = body(&other, vec![chunk(8 * 1024)]);
+        assert!(next_frame(&mut others).await.expect("a frame").is_ok());
+        let (mut proxied, _) = body(&proxy, vec![chunk(64 * 1024)]);
+        assert!(next_frame(&mut proxied).await.expect("a frame").is_ok());
+        // Dropped, the first body gives the address its share back.
+        drop(first);
+        let (mut third, third_failure) = body(&same, vec![chunk(9 * 1024)]);
+        assert!(next_frame(&mut third).await.expect("a frame").is_ok());
+        assert_eq!(third_failure.get(), BodyFailure::NONE);
+        // A body refused after taking part of the share gives that part back at once.
+        let (mut greedy, greedy_failure) = body(&one, vec![chunk(1024), None, chunk(1024)]);
+        let refused = next_frame(&mut greedy)
+            .await
+            .expect("a frame")
+            .expect_err("its second KiB is over the share");
+        assert!(refused.is::<BodyOverBudget>(), "{refused}");
+        assert_eq!(greedy_failure.get(), BodyFailure::ADDRESS_OVER_BUDGET);
+        let reading = || {
+            one.bodies()
+                .expect("a share")
+                .reading
+                .load(Ordering::Acquire)
+        };
+        assert_eq!(reading(), 9 * 1024, "the third body's alone");
+        drop(third);
+        assert_eq!(reading(), 0);
+        drop(greedy);
+        assert_eq!(reading(), 0);
+        assert!(proxy.bodies().is_none(), "a trusted proxy holds no share");
     }
 
     async fn next_frame<B: HttpBody + Unpin>(

@@ -213,20 +213,28 @@ async fn half_sent_heads_and_idle_keep_alive_sockets_are_closed_after_the_header
     for stream in &mut slow {
         read_to_close(stream).await;
     }
-    eprintln!(
-        "50 half-sent heads all closed after {:?}",
-        started.elapsed()
+    // Closed by the timeout, not at once (nor by the test's patience, which read_to_close
+    // would have failed on).
+    let closed_after = started.elapsed();
+    assert!(
+        closed_after >= Duration::from_millis(500),
+        "50 half-sent heads closed after {closed_after:?}, before the header timeout"
     );
 
+    // A kept-alive socket: answered, then closed once it has sent nothing for the timeout.
     let mut idle = TcpStream::connect(addr(&server)).await.expect("connect");
     idle.write_all(b"GET /api/v1/health HTTP/1.1\r\nHost: herald\r\n\r\n")
         .await
         .expect("write");
-    let answered = read_to_close(&mut idle).await;
+    let mut head = [0u8; 12];
+    idle.read_exact(&mut head).await.expect("an answer");
+    assert_eq!(&head, b"HTTP/1.1 204", "{}", String::from_utf8_lossy(&head));
+    let answered_at = Instant::now();
+    read_to_close(&mut idle).await;
+    let idle_for = answered_at.elapsed();
     assert!(
-        answered.starts_with(b"HTTP/1.1 204"),
-        "{}",
-        String::from_utf8_lossy(&answered)
+        idle_for >= Duration::from_millis(400),
+        "an idle kept-alive socket closed after {idle_for:?}, before the header timeout"
     );
     server.stop().await;
 }
@@ -419,6 +427,32 @@ async fn a_trickled_body_is_answered_408_and_closed_within_the_body_timeout() {
     server.stop().await;
 }
 
+/// The head of an admin `POST /api/v1/app` whose body is `length` bytes, closing after it.
+fn post(length: usize) -> String {
+    format!(
+        "POST /api/v1/app HTTP/1.1\r\nHost: herald\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {length}\r\n\r\n"
+    )
+}
+
+/// Sends the head and 60 KiB of a 61 KiB body creating the app `name`, and holds the rest
+/// back; returns the whole body, for the test to finish sending.
+async fn start_slow_app_create(writer: &mut (impl AsyncWriteExt + Unpin), name: &str) -> String {
+    let mut body = format!(
+        "{{\"name\": \"{name}\", \"uid\": \"{name}\"}}{}",
+        " ".repeat(61 * 1024)
+    );
+    body.truncate(61 * 1024);
+    writer
+        .write_all(post(body.len()).as_bytes())
+        .await
+        .expect("write");
+    writer
+        .write_all(&body.as_bytes()[..60 * 1024])
+        .await
+        .expect("write");
+    body
+}
+
 /// Bodies being read share one budget (`listener.max_body_bytes_reading`): while one client
 /// holds most of it with a body it has not finished sending, another's body that does not fit
 /// is answered 503 `busy` with `Retry-After` and its connection closed; once the first body
@@ -430,27 +464,10 @@ async fn bodies_beyond_the_reading_budget_are_answered_503_until_it_frees() {
         c.listener.max_body_bytes_reading = 64 * 1024;
     })
     .await;
-    let post = |length: usize| {
-        format!(
-            "POST /api/v1/app HTTP/1.1\r\nHost: herald\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {length}\r\n\r\n"
-        )
-    };
     // 60 KiB of a 61 KiB body, and the rest held back.
     let first = TcpStream::connect(addr(&server)).await.expect("connect");
     let (mut first_reader, mut first_writer) = first.into_split();
-    let mut body = format!(
-        "{{\"name\": \"budget\", \"uid\": \"budget\"}}{}",
-        " ".repeat(61 * 1024)
-    );
-    body.truncate(61 * 1024);
-    first_writer
-        .write_all(post(body.len()).as_bytes())
-        .await
-        .expect("write");
-    first_writer
-        .write_all(&body.as_bytes()[..60 * 1024])
-        .await
-        .expect("write");
+    let body = start_slow_app_create(&mut first_writer, "budget").await;
     // Another body of 6 KiB does not fit beside it. (Request and body in one read of the
     // server's: nothing is left unread when it closes, which would reset the connection.)
     let refused = eventually("the budget to be taken", || async {
@@ -493,6 +510,57 @@ async fn bodies_beyond_the_reading_budget_are_answered_503_until_it_frees() {
     assert_eq!(
         status, 422,
         "read and judged, not refused for want of budget: {body}"
+    );
+    server.stop().await;
+}
+
+/// One client address holds at most its share of the body budget
+/// (`listener.max_body_bytes_reading_per_ip`): while it sends a body slowly, its next body that
+/// does not fit beside it is answered 429 `rate_limited` with `Retry-After` and its connection
+/// closed, while another address's body of the same size is read and answered.
+#[tokio::test]
+async fn one_address_sending_slow_bodies_cannot_have_everyone_elses_refused() {
+    let server = TestServer::start_with(|c| {
+        c.api.max_body_bytes = 64 * 1024;
+        c.listener.max_body_bytes_reading_per_ip = 64 * 1024;
+    })
+    .await;
+    // From 127.0.0.1: 60 KiB of a 61 KiB body, and the rest held back.
+    let first = connect_from("127.0.0.1", &server).await;
+    let (mut first_reader, mut first_writer) = first.into_split();
+    let body = start_slow_app_create(&mut first_writer, "share").await;
+    // The same address's next body of 6 KiB is over its share...
+    let request = format!("{}{}", post(6 * 1024), " ".repeat(6 * 1024));
+    let refused = eventually("the address's share to be taken", || async {
+        let mut second = connect_from("127.0.0.1", &server).await;
+        second.write_all(request.as_bytes()).await.ok()?;
+        let answer = read_to_close(&mut second).await;
+        answer.starts_with(b"HTTP/1.1 429").then_some(answer)
+    })
+    .await;
+    let text = String::from_utf8_lossy(&refused).to_ascii_lowercase();
+    assert!(text.contains("\"code\":\"rate_limited\""), "{text}");
+    assert!(text.contains("retry-after: 1"), "{text}");
+    assert!(text.contains("connection: close"), "{text}");
+    // ...while another address's is read and judged (not JSON: 400).
+    let mut other = connect_from("127.0.0.2", &server).await;
+    other.write_all(request.as_bytes()).await.expect("write");
+    let answer = read_to_close(&mut other).await;
+    assert!(
+        answer.starts_with(b"HTTP/1.1 400"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    // The first body, finished, is read and answered.
+    first_writer
+        .write_all(&body.as_bytes()[60 * 1024..])
+        .await
+        .expect("write");
+    let answer = read_to_close(&mut first_reader).await;
+    assert!(
+        answer.starts_with(b"HTTP/1.1 201"),
+        "{}",
+        String::from_utf8_lossy(&answer)
     );
     server.stop().await;
 }
