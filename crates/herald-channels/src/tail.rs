@@ -5,6 +5,10 @@
 //! it missed (`Lagged`) instead of slowing publishers down, and with no watcher a publication
 //! costs one atomic load here. Watching is for people and tools, not for delivery: webhooks and
 //! subscribers never depend on it.
+//!
+//! What it holds is bounded in bytes too: an event keeps its data only up to
+//! [`MAX_TAIL_DATA_BYTES`] (larger data is left out and its size said), so the events a slow
+//! watcher has not read yet hold at most `capacity` times that, whatever the payloads.
 
 use std::sync::{
     Arc,
@@ -19,6 +23,20 @@ pub use herald_metrics::Source;
 
 use crate::publication::EventData;
 
+impl TailEvent {
+    /// `data` as the tail keeps it: itself, or `None` beyond [`MAX_TAIL_DATA_BYTES`]; and its
+    /// length.
+    pub(crate) fn bounded(data: EventData) -> (Option<EventData>, usize) {
+        let bytes = data.as_str().len();
+        ((bytes <= MAX_TAIL_DATA_BYTES).then_some(data), bytes)
+    }
+}
+
+/// Data larger than this is left out of the tail's event ([`TailEvent::data`] is `None`), its
+/// size kept: the ring's 1,024 events then hold 64 MiB of data at most, where payloads of the
+/// API's 1 MiB could hold a GiB for a watcher that reads nothing.
+pub const MAX_TAIL_DATA_BYTES: usize = 64 * 1024;
+
 /// One committed publication, as a watcher sees it.
 #[derive(Debug)]
 pub struct TailEvent {
@@ -31,8 +49,11 @@ pub struct TailEvent {
     pub message_id: Option<MessageId>,
     /// The message's `eventId`, when its producer gave one.
     pub event_id: Option<String>,
-    /// A message's JSON payload, or the event's data as sent.
-    pub data: EventData,
+    /// A message's JSON payload, or the event's data as sent; `None` when it is larger than
+    /// [`MAX_TAIL_DATA_BYTES`] (the message log has a message's payload).
+    pub data: Option<EventData>,
+    /// The data's length in bytes, whether or not it is kept.
+    pub data_bytes: usize,
     /// Whether `data` is JSON (a message's payload always is).
     pub json: bool,
     pub at: DateTime<Utc>,
@@ -108,10 +129,26 @@ mod tests {
             channels: Vec::new(),
             message_id: None,
             event_id: None,
-            data: EventData::text("{}"),
+            data: Some(EventData::text("{}")),
+            data_bytes: 2,
             json: true,
             at: Utc::now(),
         }
+    }
+
+    /// Data up to the bound is kept; larger data is left out, its length kept.
+    #[test]
+    fn data_over_the_bound_is_left_out_and_its_length_kept() {
+        let (kept, bytes) = TailEvent::bounded(EventData::text("x".repeat(MAX_TAIL_DATA_BYTES)));
+        assert_eq!(bytes, MAX_TAIL_DATA_BYTES);
+        assert_eq!(
+            kept.expect("kept at the bound").as_str().len(),
+            MAX_TAIL_DATA_BYTES
+        );
+        let (left_out, bytes) =
+            TailEvent::bounded(EventData::text("x".repeat(MAX_TAIL_DATA_BYTES + 1)));
+        assert!(left_out.is_none());
+        assert_eq!(bytes, MAX_TAIL_DATA_BYTES + 1);
     }
 
     #[test]

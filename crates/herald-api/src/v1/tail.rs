@@ -5,7 +5,9 @@
 //! Each event is `event: publication` with JSON data: `source` (`api`, `pusher`, `ingest`,
 //! `client`), `event` (the event type or Pusher event name), `channels`, `messageId` and
 //! `eventId` (of the webhook message it became, if any), `data` (a message's JSON payload, an
-//! event's JSON data, or its text as a string) and `timestamp`. Filters: `event_types` and
+//! event's JSON data, or its text as a string) and `timestamp`. Data over 64 KiB is left out
+//! (`data` absent, `dataOmittedBytes` its length): the tail keeps what slow watchers have not
+//! read in memory, and the message log has every message's payload. Filters: `event_types` and
 //! `channels` (lists; an event passes if it has one of each list given).
 //!
 //! It is a window onto this node, not a queue: it starts now (no history), shows what this
@@ -214,7 +216,11 @@ struct PublicationOut<'a> {
     channels: &'a [String],
     message_id: Option<String>,
     event_id: Option<&'a str>,
-    data: Data<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<Data<'a>>,
+    /// The data's length when it is too large for the tail and left out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_omitted_bytes: Option<usize>,
     timestamp: String,
 }
 
@@ -227,13 +233,15 @@ enum Data<'a> {
 
 /// The SSE event of one publication.
 fn publication(event: &TailEvent) -> Event {
-    let text = event.data.as_str();
     // JSON data goes out as its own bytes (a payload's key order and spacing kept), so what
     // `herald listen --forward-to` sends is what the producer sent.
-    let data = match serde_json::from_str::<&RawValue>(text) {
-        Ok(raw) if event.json => Data::Json(raw),
-        _ => Data::Text(text),
-    };
+    let data = event.data.as_ref().map(|data| {
+        let text = data.as_str();
+        match serde_json::from_str::<&RawValue>(text) {
+            Ok(raw) if event.json => Data::Json(raw),
+            _ => Data::Text(text),
+        }
+    });
     let body = PublicationOut {
         source: event.source.as_str(),
         event: &event.event,
@@ -241,6 +249,7 @@ fn publication(event: &TailEvent) -> Event {
         message_id: event.message_id.as_ref().map(ToString::to_string),
         event_id: event.event_id.as_deref(),
         data,
+        data_omitted_bytes: event.data.is_none().then_some(event.data_bytes),
         timestamp: event
             .at
             .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),

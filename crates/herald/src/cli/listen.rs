@@ -162,7 +162,7 @@ pub async fn run(args: ListenArgs) -> anyhow::Result<()> {
                 show(&app, &event, remote.json);
                 if let Some(forward) = &forward {
                     tokio::select! {
-                        () = forward.send(&event, &raw) => {}
+                        () = forward.send(&api, &app, &event, &raw) => {}
                         _ = &mut ctrl_c => return Ok(()),
                     }
                 }
@@ -301,7 +301,11 @@ fn show(app: &str, event: &Value, json: bool) {
                     .join(",")
             })
             .unwrap_or_default();
-        let data = event.get("data").map(Value::to_string).unwrap_or_default();
+        let data = match (event.get("data"), event.get("dataOmittedBytes")) {
+            (Some(data), _) => data.to_string(),
+            (None, Some(bytes)) => format!("({bytes} bytes of data: too large for the live tail)"),
+            (None, None) => String::new(),
+        };
         let time = text("timestamp").get(11..23).unwrap_or("").to_owned();
         format!(
             "{time}  {app}  {:<6}  {}  [{channels}]  {}  {}",
@@ -324,13 +328,33 @@ struct Forward {
 }
 
 impl Forward {
-    /// POSTs one event as the webhook Herald would send for it, and says how it went.
-    async fn send(&self, event: &Value, raw: &str) {
-        let id = event.get("messageId").and_then(Value::as_str).map_or_else(
+    /// POSTs one event as the webhook Herald would send for it, and says how it went. Data the
+    /// tail left out (too large) is read from the message log, where the event became a
+    /// message; an event that became none is not forwarded, and that is said.
+    async fn send(&self, api: &Api, app: &str, event: &Value, raw: &str) {
+        let message_id = event.get("messageId").and_then(Value::as_str);
+        let body = match (event.get("dataOmittedBytes"), message_id) {
+            (None, _) => webhook_body(raw),
+            (Some(_), Some(message_id)) => match full_payload(api, app, message_id).await {
+                Ok(body) => body,
+                Err(e) => {
+                    eprintln!(
+                        "  -> not forwarded: reading message {message_id}'s payload failed: {e:#}"
+                    );
+                    return;
+                }
+            },
+            (Some(bytes), None) => {
+                eprintln!(
+                    "  -> not forwarded: its data ({bytes} bytes) is too large for the live tail, and it became no message to read it from"
+                );
+                return;
+            }
+        };
+        let id = message_id.map_or_else(
             || MessageId::new(chrono::Utc::now()).to_string(),
             str::to_owned,
         );
-        let body = webhook_body(raw);
         let timestamp = chrono::Utc::now().timestamp();
         let signature =
             herald_core::signing::signature_header([&self.secret], &id, timestamp, body.as_bytes());
@@ -350,6 +374,20 @@ impl Forward {
             Ok(response) => eprintln!("  -> {} {} ({took} ms)", self.url, response.status()),
             Err(e) => eprintln!("  -> {} failed: {e} ({took} ms)", self.url),
         }
+    }
+}
+
+/// A message's payload from the message log, for an event whose data the tail left out.
+async fn full_payload(api: &Api, app: &str, message_id: &str) -> anyhow::Result<String> {
+    let path = format!(
+        "/api/v1/app/{}/msg/{}",
+        segment("app", app)?,
+        segment("message", message_id)?
+    );
+    let message = api.get(&path).await?;
+    match message.get("payload") {
+        Some(payload) if payload.is_object() => Ok(payload.to_string()),
+        _ => anyhow::bail!("the message has no payload (it expired, or was deleted)"),
     }
 }
 

@@ -236,7 +236,7 @@ async fn listen_prints_the_apps_events_and_forwards_them_signed() {
             "--secret",
             secret,
             "--count",
-            "2",
+            "3",
             "--json",
         ])
         .stdout(Stdio::piped())
@@ -280,6 +280,12 @@ async fn listen_prints_the_apps_events_and_forwards_them_signed() {
             json!({"eventType": "order.paid", "payload": {"n": 2}}),
         )
         .await;
+    // Data over 64 KiB is left out of the tail, its size said; forwarding reads the payload
+    // from the message log.
+    let large = json!({"n": 3, "padding": "x".repeat(70 * 1024)});
+    server
+        .send(&app, json!({"eventType": "order.paid", "payload": large}))
+        .await;
 
     let output = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
         .await
@@ -290,13 +296,19 @@ async fn listen_prints_the_apps_events_and_forwards_them_signed() {
         .lines()
         .map(|l| serde_json::from_str(l).expect("a JSON line"))
         .collect();
-    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines.len(), 3, "{lines:?}");
     assert_eq!(lines[0]["messageId"], first["id"]);
     assert_eq!(lines[0]["event"], "order.paid");
     assert_eq!(lines[0]["source"], "api");
     assert_eq!(lines[0]["channels"], json!(["orders"]));
     assert_eq!(lines[0]["data"], json!({"n": 1}));
     assert_eq!(lines[1]["data"], json!({"n": 2}));
+    assert!(lines[2].get("data").is_none(), "{}", lines[2]);
+    assert_eq!(
+        lines[2]["dataOmittedBytes"],
+        json!(large.to_string().len()),
+        "the left-out data's length"
+    );
 
     for n in 1..=2 {
         let delivery = forwarded.next().await;
@@ -310,6 +322,13 @@ async fn listen_prints_the_apps_events_and_forwards_them_signed() {
         );
         assert!(delivery.header("webhook-id").starts_with("msg_"));
     }
+    let delivery = forwarded.next().await;
+    assert!(signature_valid(secret, &delivery), "the large event signed");
+    assert_eq!(
+        serde_json::from_slice::<Value>(&delivery.body).expect("json"),
+        large,
+        "forwarded whole, from the message log"
+    );
     server.stop().await;
 }
 
