@@ -6,7 +6,6 @@ Used by sse_browser.py and socketio_browser.py, which sit next to this file.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -30,12 +29,6 @@ class Checks:
     def ok(self, what):
         self.passed += 1
         print(f"ok: {what}", flush=True)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Reports:
@@ -102,8 +95,10 @@ def page_server(reports, files):
 
 
 def start_herald(token, port, data, settings=None):
-    """`herald serve` with this admin token, on this port and data directory, and any more
-    `settings` ({HERALD_... variable: value})."""
+    """`herald serve` with this admin token, on this port (0: one the system picks, so no other
+    process can take it between a pick and the bind) and data directory, and any more
+    `settings` ({HERALD_... variable: value}). The process's `port` and `base` say where it
+    listens, from its banner."""
     # Herald reads HERALD_* variables as configuration: pass only its own.
     env = {k: v for k, v in os.environ.items() if not k.startswith("HERALD_")}
     env.update(settings or {})
@@ -119,6 +114,8 @@ def start_herald(token, port, data, settings=None):
     if not line.startswith("herald listening on"):
         proc.kill()
         raise AssertionError(f"herald did not start: {line!r} {proc.stderr.read()}")
+    proc.base = line.split()[-1]
+    proc.port = int(proc.base.rsplit(":", 1)[1])
     # Keep draining its output so a chatty server never blocks on a full pipe.
     for stream in (proc.stdout, proc.stderr):
         threading.Thread(target=lambda s=stream: [None for _ in s], daemon=True).start()

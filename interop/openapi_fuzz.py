@@ -17,7 +17,7 @@ import urllib.request
 from openapi_spec_validator import validate
 
 sys.path.insert(0, os.path.dirname(__file__))
-from browser_harness import Checks, free_port, start_herald  # noqa: E402
+from browser_harness import Checks, start_herald  # noqa: E402
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "20"))
 BUDGET_SECS = int(os.environ.get("FUZZ_SECONDS", "300"))
@@ -27,16 +27,15 @@ SCHEMATHESIS = os.path.join(os.path.dirname(sys.executable), "schemathesis")
 def main():
     checks = Checks()
     token = "fuzz-admin-token-" + secrets.token_hex(8)
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as data:
         # Rate limits off: the fuzzer should reach the handlers, not the limiter.
-        herald = start_herald(token, port, data, {
+        herald = start_herald(token, 0, data, {
             "HERALD_API__PUBLISH_PER_SECOND_PER_APP": "0",
             "HERALD_INGEST__REQUESTS_PER_SECOND_PER_IP": "0",
             "HERALD_INGEST__REQUESTS_PER_SECOND_PER_SOURCE": "0",
             "HERALD_API__AUTH_FAILURES_PER_SECOND_PER_IP": "0",
         })
+        base = herald.base
         try:
             with urllib.request.urlopen(base + "/openapi.json") as response:
                 spec = json.load(response)

@@ -27,7 +27,7 @@ import urllib.request
 from pathlib import Path
 
 import browser_harness
-from browser_harness import CHROMIUM, Checks, Reports, call, free_port, run, start_herald
+from browser_harness import CHROMIUM, Checks, Reports, call, run, start_herald
 
 NODE = os.environ.get("NODE", "node")
 ROOT = Path(__file__).resolve().parent.parent
@@ -102,11 +102,10 @@ def page_url(pages, base, namespace, token, **extra):
 def main():
     if not BUNDLE.exists():
         raise AssertionError(f"{BUNDLE} is missing: run `npm ci` in interop/socketio first")
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
     data = tempfile.mkdtemp(prefix="herald-socketio-")
     profiles = [tempfile.mkdtemp(prefix="chromium-") for _ in range(2)]
-    herald = start_herald(TOKEN, port, data)
+    herald = start_herald(TOKEN, 0, data)
+    base = herald.base
     allowed_reports, refused_reports = Reports("the page"), Reports("the page on the other origin")
     allowed_pages, refused_pages = page_server(allowed_reports), page_server(refused_reports)
     allowed_origin = f"http://127.0.0.1:{allowed_pages.server_port}"

@@ -21,7 +21,7 @@ import time
 import urllib.request
 
 import browser_harness
-from browser_harness import CHROMIUM, PATIENCE, Checks, Reports, call, free_port, run, start_herald
+from browser_harness import CHROMIUM, PATIENCE, Checks, Reports, call, run, start_herald
 
 TOKEN = "sse-browser-admin-token-0123456789"
 CHANNEL = "history-ticker"
@@ -62,11 +62,11 @@ def trigger(base, creds, n):
 
 
 def main():
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
     data = tempfile.mkdtemp(prefix="herald-sse-")
     profile = tempfile.mkdtemp(prefix="chromium-")
-    herald = start_herald(TOKEN, port, data)
+    herald = start_herald(TOKEN, 0, data)
+    # The restart below takes the same port again: the browser reconnects to it.
+    port, base = herald.port, herald.base
     reports = Reports()
     pages = page_server(reports)
     browser = None

@@ -32,7 +32,7 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import browser_harness
-from browser_harness import CHROMIUM, HERALD_BIN, PATIENCE, Checks, Reports, free_port, run
+from browser_harness import CHROMIUM, HERALD_BIN, PATIENCE, Checks, Reports, run
 
 TOKEN = "tls-interop-admin-token-0123456789"
 CHANNEL = "ticker"
@@ -218,9 +218,8 @@ def main():
         with open(source, "rb") as f, open(target, "wb") as g:
             g.write(f.read())
 
-    port = free_port()
     herald, banner = start_herald(
-        ["--listen", f"127.0.0.1:{port}", "--data", os.path.join(work, "data")],
+        ["--listen", "127.0.0.1:0", "--data", os.path.join(work, "data")],
         {
             "HERALD_ADMIN_TOKEN": TOKEN,
             "HERALD_DELIVERY__ALLOW_PRIVATE_TARGETS": "true",
@@ -238,7 +237,8 @@ def main():
     browser = None
     try:
         base = banner[0].removeprefix("herald listening on ")
-        assert base == f"https://127.0.0.1:{port}", banner
+        assert base.startswith("https://127.0.0.1:"), banner
+        port = int(base.rsplit(":", 1)[1])
         health = banner[1].removeprefix("health checks on ").split()[0].removesuffix("/health/live")
         assert health.startswith("http://127.0.0.1:"), banner
         assert http_status(f"{health}/health/live") == 204

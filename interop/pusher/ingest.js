@@ -96,9 +96,11 @@ async function main() {
   const verified = new Webhook(endpointSecret).verify(delivered.rawBody, delivered.headers);
   assert.equal(verified.data.object.metadata.order_id, "42");
   assert.equal(delivered.rawBody, payload, "the bytes Stripe sent");
+  const settleBy = Date.now() + 20_000;
   for (;;) {
     const stats = (await api("GET", `/api/v1/app/${app.id}/endpoint/${endpoint.id}/stats`)).body;
     if (stats.pending === 0 && stats.sending === 0) break;
+    if (Date.now() > settleBy) throw new Error(`the endpoint's deliveries did not settle within 20 s: ${JSON.stringify(stats)}`);
     await new Promise((r) => setTimeout(r, 50));
   }
   assert.equal(backend.received.length, 1);

@@ -309,13 +309,13 @@ mod tests {
         assert_eq!(claim().await.expect("claim"), IdempotencyClaim::InProgress);
         drop(held);
         // The release runs on a task of its own.
-        let mut outcome = IdempotencyClaim::InProgress;
-        for _ in 0..100 {
+        // Given 20 s, as the integration suite's patience: a busy machine's SQLite write can
+        // take a while, and the release is awaited, not timed.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let mut outcome = claim().await.expect("claim");
+        while outcome == IdempotencyClaim::InProgress && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
             outcome = claim().await.expect("claim");
-            if outcome != IdempotencyClaim::InProgress {
-                break;
-            }
         }
         store.close().await;
         let _ = std::fs::remove_dir_all(&dir);

@@ -35,7 +35,7 @@ pub fn new_node_id() -> String {
 pub(crate) fn test_nats_url(test: &str) -> Option<String> {
     let url = std::env::var("HERALD_TEST_NATS_URL").ok();
     if url.is_none() {
-        eprintln!("skipped {test}: HERALD_TEST_NATS_URL is unset");
+        herald_test_support::skip!("{test}: HERALD_TEST_NATS_URL is unset");
     }
     url
 }

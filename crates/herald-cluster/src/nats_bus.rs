@@ -638,7 +638,7 @@ mod tests {
             return;
         };
         let Ok(restart) = std::env::var("HERALD_TEST_NATS_RESTART") else {
-            eprintln!("skipped {test}: HERALD_TEST_NATS_RESTART is unset");
+            herald_test_support::skip!("{test}: HERALD_TEST_NATS_RESTART is unset");
             return;
         };
         let _server = SERVER.write().await;

@@ -12,7 +12,7 @@ impl Schema {
     /// `None` (and a line saying why) when `HERALD_TEST_POSTGRES_URL` is unset.
     pub(crate) async fn create(test: &str) -> Option<Self> {
         let Ok(url) = std::env::var("HERALD_TEST_POSTGRES_URL") else {
-            eprintln!("skipped {test}: HERALD_TEST_POSTGRES_URL is unset");
+            herald_test_support::skip!("{test}: HERALD_TEST_POSTGRES_URL is unset");
             return None;
         };
         let name = format!("cluster_{}", crate::new_node_id().to_lowercase());

@@ -1306,7 +1306,7 @@ mod tests {
         /// A fresh topic; `None` (and a line saying why) when skipped.
         fn redis(test: &str) -> Option<Self> {
             let Ok(url) = std::env::var("HERALD_TEST_REDIS_URL") else {
-                eprintln!("skipped {test}: HERALD_TEST_REDIS_URL is unset");
+                herald_test_support::skip!("{test}: HERALD_TEST_REDIS_URL is unset");
                 return None;
             };
             let topic = format!("herald.test.{}", crate::new_node_id());

@@ -603,7 +603,7 @@ mod tests {
     #[tokio::test]
     async fn a_store_can_commit_history_without_announcing_it() {
         let Ok(url) = std::env::var(URL_VAR) else {
-            eprintln!("skipped: {URL_VAR} is unset (the announcement test needs a server)");
+            herald_test_support::skip!("{URL_VAR} is unset (the announcement test needs a server)");
             return;
         };
         with_schema(&url, "quiet", announcing_can_be_turned_off).await;
@@ -643,7 +643,9 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn two_nodes_get_each_offset_of_a_channel_once() {
         let Ok(url) = std::env::var(URL_VAR) else {
-            eprintln!("skipped: {URL_VAR} is unset (the two-node history test needs a server)");
+            herald_test_support::skip!(
+                "{URL_VAR} is unset (the two-node history test needs a server)"
+            );
             return;
         };
         with_schema(&url, "nodes", two_nodes_publish_concurrently).await;

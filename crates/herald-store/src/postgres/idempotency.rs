@@ -195,7 +195,7 @@ mod tests {
     #[tokio::test]
     async fn two_nodes_see_each_others_idempotency_claims() {
         let Ok(url) = std::env::var(URL_VAR) else {
-            eprintln!("skipped: {URL_VAR} is unset (this test needs a PostgreSQL server)");
+            herald_test_support::skip!("{URL_VAR} is unset (this test needs a PostgreSQL server)");
             return;
         };
         let schema = format!(

@@ -1237,7 +1237,7 @@ pub(super) mod tests {
     pub(in crate::postgres) fn server_url() -> Option<String> {
         let url = std::env::var(URL_VAR).ok();
         if url.is_none() {
-            eprintln!("skipped: {URL_VAR} is unset (this test needs a PostgreSQL server)");
+            herald_test_support::skip!("{URL_VAR} is unset (this test needs a PostgreSQL server)");
         }
         url
     }

@@ -379,7 +379,7 @@ mod tests {
     #[tokio::test]
     async fn inspect_reads_the_servers_clock_and_the_schema_version() {
         let Ok(url) = std::env::var(URL_VAR) else {
-            eprintln!("skipped: {URL_VAR} is not set");
+            herald_test_support::skip!("{URL_VAR} is not set");
             return;
         };
         let inspection = inspect(&url).await.expect("inspect");

@@ -364,8 +364,8 @@ async fn a_client_back_within_the_delay_after_a_graceful_restart_neither_leaves_
     };
     let first = start().await;
     if first.on_postgres() {
-        eprintln!(
-            "skipped on PostgreSQL: a node of a cluster reports its leaves when it stops (the others keep no record of its clients to report them later)"
+        herald_test_support::skip!(
+            "on PostgreSQL: a node of a cluster reports its leaves when it stops (the others keep no record of its clients to report them later)"
         );
         first.stop().await;
         return;

@@ -42,8 +42,8 @@ impl Cluster {
         adjust: impl Fn(&mut herald::Config),
     ) -> Option<Self> {
         if backend() != Backend::Postgres {
-            eprintln!(
-                "skipped {test}: cluster tests run in the PostgreSQL pass (HERALD_TEST_STORE=postgres and HERALD_TEST_POSTGRES_URL)"
+            herald_test_support::skip!(
+                "{test}: cluster tests run in the PostgreSQL pass (HERALD_TEST_STORE=postgres and HERALD_TEST_POSTGRES_URL)"
             );
             return None;
         }
@@ -255,8 +255,8 @@ async fn a_client_moving_between_nodes_resumes_exactly_while_another_node_publis
 #[tokio::test]
 async fn a_node_killed_with_pending_deliveries_has_every_one_finished_by_the_others() {
     if backend() != Backend::Postgres {
-        eprintln!(
-            "skipped a node killed with pending deliveries: cluster tests run in the PostgreSQL pass"
+        herald_test_support::skip!(
+            "a node killed with pending deliveries: cluster tests run in the PostgreSQL pass"
         );
         return;
     }
@@ -458,8 +458,8 @@ async fn deleting_an_app_on_one_node_closes_its_sockets_on_every_node() {
 async fn a_postgresql_restart_loses_nothing_acknowledged_and_the_cluster_recovers_by_itself() {
     const RESTART: &str = "HERALD_TEST_PG_RESTART";
     let Ok(restart) = std::env::var(RESTART) else {
-        eprintln!(
-            "skipped a PostgreSQL restart: {RESTART} is unset (.ci/run sets it and runs this test alone, after the suites, since a restart cuts every test's sessions)"
+        herald_test_support::skip!(
+            "a PostgreSQL restart: {RESTART} is unset (.ci/run sets it and runs this test alone, after the suites, since a restart cuts every test's sessions)"
         );
         return;
     };
@@ -610,14 +610,14 @@ async fn a_broker_restart_during_a_steady_publish_stream_leaves_every_history_cl
     let test = "a broker restart";
     let broker = test_broker();
     if broker == TestBroker::Postgres {
-        eprintln!(
-            "skipped {test}: it restarts a bus's server, and HERALD_TEST_BROKER is postgres (or unset); set it to redis or nats"
+        herald_test_support::skip!(
+            "{test}: it restarts a bus's server, and HERALD_TEST_BROKER is postgres (or unset); set it to redis or nats"
         );
         return;
     }
     let Ok(restart) = std::env::var(RESTART) else {
-        eprintln!(
-            "skipped {test}: {RESTART} is unset (.ci/run sets it to a command that restarts the {} server and runs this test alone, after the suites, since a restart cuts every test's links)",
+        herald_test_support::skip!(
+            "{test}: {RESTART} is unset (.ci/run sets it to a command that restarts the {} server and runs this test alone, after the suites, since a restart cuts every test's links)",
             broker.name()
         );
         return;

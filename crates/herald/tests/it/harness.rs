@@ -47,7 +47,7 @@ pub fn backend() -> Backend {
 pub fn sqlite_only(why: &str) -> bool {
     let skip = backend() == Backend::Postgres;
     if skip {
-        eprintln!("skipped on postgres: {why}");
+        herald_test_support::skip!("on postgres: {why}");
     }
     skip
 }
@@ -181,7 +181,9 @@ impl ThrowawayDatabase {
     /// that need PostgreSQL whatever the suite's backend.
     pub async fn create_if_configured(test: &str) -> Option<Self> {
         if std::env::var(POSTGRES_URL_VAR).is_err() {
-            eprintln!("skipped {test}: {POSTGRES_URL_VAR} is unset (it needs a PostgreSQL server)");
+            herald_test_support::skip!(
+                "{test}: {POSTGRES_URL_VAR} is unset (it needs a PostgreSQL server)"
+            );
             return None;
         }
         Some(Self::create().await)

@@ -1108,20 +1108,26 @@ async fn clients_cannot_relay_reserved_names_switch_users_or_outrun_their_join_b
 async fn a_grant_stops_authorizing_rooms_when_its_token_expires() {
     let server = TestServer::start().await;
     let (_, creds) = socketio_app(&server, "expiring", chat_rules()).await;
-    let short = token(
-        &creds,
-        json!({"exp": chrono::Utc::now().timestamp() + 2, "rooms": ["private-short"]}),
-    );
+    // Five seconds: time for the first join below even on a busy machine.
+    let expires = chrono::Utc::now().timestamp() + 5;
+    let short = token(&creds, json!({"exp": expires, "rooms": ["private-short"]}));
     let mut sio = Sio::connect(&server, "expiring", Some(json!({"token": short})))
         .await
         .expect("connect");
-    // Rejoining works while the token lives, and is refused once it has expired.
+    // The grant authorizes the room while the token lives (`join` asserts it was joined)...
+    sio.join(json!("private-short")).await;
+    // ...and rejoining is refused once it has expired, not before.
     let deadline = std::time::Instant::now() + PATIENCE;
     loop {
-        sio.emit_ack("leave", &[json!("private-short")]).await;
+        let left = sio.emit_ack("leave", &[json!("private-short")]).await;
+        assert_eq!(left["ok"], true, "{left}");
         let joined = sio.emit_ack("join", &[json!("private-short")]).await;
         if joined["ok"] == false {
             assert_eq!(joined["error"]["code"], "forbidden", "{joined}");
+            assert!(
+                chrono::Utc::now().timestamp() >= expires,
+                "refused before the token expired: {joined}"
+            );
             break;
         }
         assert!(
