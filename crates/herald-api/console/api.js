@@ -101,9 +101,23 @@ export class Api {
     return this.request('PATCH', path, { body });
   }
 
+  // Every page of a list, following Svix's iterator: an app may have 1,000 endpoints, and the
+  // console shows whole lists. Bounded at `maxPages` of 250 (`done` false when cut short).
+  async listAll(path, maxPages = 40) {
+    const data = [];
+    let iterator = null;
+    for (let n = 0; n < maxPages; n += 1) {
+      const page = await this.get(path, iterator ? { limit: 250, iterator } : { limit: 250 });
+      data.push(...(page.data || []));
+      if (page.done || !page.iterator) return { data, done: true };
+      iterator = page.iterator;
+    }
+    return { data, done: false };
+  }
+
   // Resources.
   listApps() {
-    return this.get('/api/v1/app', { limit: 250 });
+    return this.listAll('/api/v1/app');
   }
   getApp(app) {
     return this.get(`/api/v1/app/${enc(app)}`);
@@ -112,10 +126,10 @@ export class Api {
     return this.post('/api/v1/app', body);
   }
   listEventTypes() {
-    return this.get('/api/v1/event-type', { limit: 250 });
+    return this.listAll('/api/v1/event-type');
   }
   listEndpoints(app) {
-    return this.get(`/api/v1/app/${enc(app)}/endpoint`, { limit: 250 });
+    return this.listAll(`/api/v1/app/${enc(app)}/endpoint`);
   }
   createEndpoint(app, body) {
     return this.post(`/api/v1/app/${enc(app)}/endpoint`, body);
@@ -151,7 +165,7 @@ export class Api {
     return this.post(`/api/v1/app/${enc(app)}/msg/${enc(msg)}/endpoint/${enc(ep)}/resend`);
   }
   listSources(app) {
-    return this.get(`/api/v1/app/${enc(app)}/ingest/source`, { limit: 250 });
+    return this.listAll(`/api/v1/app/${enc(app)}/ingest/source`);
   }
   sourceRequests(app, source) {
     return this.get(`/api/v1/app/${enc(app)}/ingest/source/${enc(source)}/request`);

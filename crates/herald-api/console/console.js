@@ -540,7 +540,9 @@ const tail = {
     for (const { name, data, at } of items) {
       let row;
       if (name === 'publication' && data && typeof data === 'object') {
-        const text = typeof data.data === 'string' ? data.data : JSON.stringify(data.data);
+        const text = data.data === undefined
+          ? `(${data.dataOmittedBytes} bytes of data: too large for the live tail; the message log has it)`
+          : typeof data.data === 'string' ? data.data : JSON.stringify(data.data);
         row = h('li', {
           class: 'feed-item',
           'data-test': 'tail-event',
@@ -620,8 +622,11 @@ const debug = {
     if (this.socket) return this.socket;
     const key = state.app && state.app.pusher && state.app.pusher.key;
     if (!key) throw new Error('this app has no Pusher key');
-    this.socket = new PusherSocket(key, {
+    const socket = new PusherSocket(key, {
       onState: (what, detail) => {
+        // A socket closed by `reset` says so after its successor is open: only the current
+        // socket speaks for the page.
+        if (this.socket !== socket) return;
         const el = $('debug-socket');
         el.dataset.state = what;
         el.className = `status status-${what === 'connected' ? 'live' : what === 'connecting' ? 'connecting' : 'error'}`;
@@ -630,6 +635,7 @@ const debug = {
       },
       onEvent: (event) => this.arrived(event),
     });
+    this.socket = socket;
     return this.socket;
   },
 

@@ -113,7 +113,9 @@ const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=
     security(("bearer" = [])),
     responses((status = 200, description = "OpenMetrics text", content_type = "application/openmetrics-text", body = String),
         (status = 401, description = "No valid API token", body = crate::openapi::HttpError),
-        (status = 403, description = "An app's token: metrics are the environment's", body = crate::openapi::HttpError)))]
+        (status = 403, description = "An app's token: metrics are the environment's", body = crate::openapi::HttpError),
+        (status = 429, description = "The address failed authentication too often: see Retry-After", body = crate::openapi::HttpError),
+        (status = 500, description = "The metrics could not be encoded", body = crate::openapi::HttpError)))]
 pub async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
     let now = state.store.clock().now();
     match tokio::time::timeout(PING_PATIENCE, state.store.due_deliveries(now)).await {

@@ -30,7 +30,7 @@ use std::sync::Arc;
 use axum::{
     Router,
     extract::DefaultBodyLimit,
-    http::{Method, Uri},
+    http::{HeaderValue, Method, Uri, header},
     middleware,
 };
 use herald_channels::{Hub, Publisher, presence::PresenceManager};
@@ -38,6 +38,7 @@ use herald_core::token::TokenHash;
 use herald_delivery::DispatcherHandle;
 use herald_store::Store;
 use tokio_util::sync::CancellationToken;
+use tower_http::set_header::SetResponseHeaderLayer;
 
 pub use error::ApiError;
 pub use request_id::{REQUEST_ID, with_request_ids};
@@ -177,6 +178,12 @@ pub fn router(state: ApiState, config: &ApiConfig) -> Router {
         .fallback_service(routes)
         .layer(middleware::map_request(trim_api_trailing_slash))
         .layer(middleware::from_fn(refuse_nul_in_url))
+        // No answer is to be read as another type than it says: an error's text/plain that
+        // echoes what the caller sent stays text.
+        .layer(SetResponseHeaderLayer::overriding(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        ))
 }
 
 /// A URL whose path or query holds a NUL byte (`%00`) is refused with 400 before anything
@@ -306,6 +313,13 @@ fn routes(state: ApiState, config: &ApiConfig) -> Router {
         .layer(middleware::from_fn_with_state(
             state.clone(),
             idempotency::replay,
+        ))
+        // Management answers carry secrets (an app's Pusher secret, an endpoint's signing
+        // secret, a new token) and are the caller's alone: no cache, shared or private, keeps
+        // them, whatever client asked.
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
         ))
         .merge(pusher_api::routes().into_router(&state))
         .merge(edge_routes().into_router(&state))

@@ -198,6 +198,13 @@ impl Modify for Shared {
                 if !path.starts_with("/api/v1/") {
                     continue;
                 }
+                // An operation open to anyone (`security(())`, the health check) has no token
+                // to refuse.
+                let public = operation.security.as_ref().is_some_and(|requirements| {
+                    requirements
+                        .iter()
+                        .all(|requirement| *requirement == SecurityRequirement::default())
+                });
                 let responses = &mut operation.responses.responses;
                 for (status, description, schema) in [
                     ("400", "The request could not be read", "HttpError"),
@@ -210,6 +217,9 @@ impl Modify for Shared {
                     ("429", "Over a rate limit: see Retry-After", "HttpError"),
                     ("503", "The store is unavailable: retry", "HttpError"),
                 ] {
+                    if public && matches!(status, "401" | "403") {
+                        continue;
+                    }
                     responses
                         .entry(status.to_owned())
                         .or_insert_with(|| error(description, schema));
@@ -312,6 +322,17 @@ mod tests {
                 route.method,
                 route.path
             );
+            // A route open to anyone has no token to refuse: no 401 or 403 is described.
+            if route.access == Access::Public {
+                for status in ["401", "403"] {
+                    assert!(
+                        op["responses"][status].is_null(),
+                        "{} {}: a public route describes {status}",
+                        route.method,
+                        route.path
+                    );
+                }
+            }
         }
     }
 }

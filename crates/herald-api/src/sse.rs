@@ -71,7 +71,8 @@ const MAX_CHANNELS: usize = 10;
         (status = 400, description = "A channel is malformed or needs a WebSocket", content_type = "text/plain", body = String),
         (status = 401, description = "A private channel's token is missing or wrong", content_type = "text/plain", body = String),
         (status = 404, description = "No such app", content_type = "text/plain", body = String),
-        (status = 429, description = "Over the address's stream limits, or it failed authentication too often: see Retry-After", content_type = "text/plain", body = String)))]
+        (status = 429, description = "Over the address's stream limits, or it failed authentication too often: see Retry-After", content_type = "text/plain", body = String),
+        (status = 503, description = "The app is over its connection quota, or the store did not answer: retry", content_type = "text/plain", body = String)))]
 pub async fn stream(
     State(state): State<Arc<ApiState>>,
     Path(app_id): Path<String>,

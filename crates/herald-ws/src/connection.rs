@@ -141,11 +141,11 @@ async fn connected(sink: Sink, stream: Stream, upgraded: Box<Upgraded>) {
             let Serve {
                 state,
                 app,
-                hub,
+                counted,
                 permit,
             } = unbox(admitted);
-            serve(sink, stream, app, Arc::clone(&hub), &state, permit).await;
-            hub.disconnect(herald_channels::Transport::Pusher);
+            serve(sink, stream, app, Arc::clone(&counted.0), &state, permit).await;
+            drop(counted);
         }
     }
 }
@@ -171,8 +171,19 @@ struct Serve {
     state: WsState,
     app: Arc<App>,
     /// The app's hub, which counted the connection ([`AppHub::connect`]).
-    hub: Arc<AppHub>,
+    counted: CountedConnection,
     permit: ClientPermit,
+}
+
+/// A connection counted by its app's hub, given back when dropped: when the connection ends,
+/// and also if its task is dropped or unwinds, so the app's quota and the connection gauges
+/// never keep a connection that is gone.
+struct CountedConnection(Arc<AppHub>);
+
+impl Drop for CountedConnection {
+    fn drop(&mut self) {
+        self.0.disconnect(herald_channels::Transport::Pusher);
+    }
 }
 
 fn admit(upgraded: Upgraded) -> Admitted {
@@ -226,7 +237,7 @@ fn admit(upgraded: Upgraded) -> Admitted {
     Admitted::Serve(Box::new(Serve {
         state,
         app,
-        hub,
+        counted: CountedConnection(hub),
         permit,
     }))
 }

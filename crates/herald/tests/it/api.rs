@@ -2381,3 +2381,45 @@ async fn an_app_has_at_most_its_limit_of_endpoints() {
     assert_eq!(status, 201, "room again: {body}");
     server.stop().await;
 }
+
+/// No answer is sniffed as another type than it says (an error's text echoing the caller's
+/// input stays text), and no management answer, which may carry a secret, is kept by a cache.
+#[tokio::test]
+async fn answers_are_never_sniffed_and_management_answers_never_cached() {
+    let server = TestServer::start().await;
+    let http = reqwest::Client::new();
+    let app = server.create_app("headers").await;
+    let management = http
+        .get(format!("{}/api/v1/app/{app}", server.base))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(management.status(), 200);
+    let headers = management.headers();
+    assert_eq!(headers["cache-control"], "no-store");
+    assert_eq!(headers["x-content-type-options"], "nosniff");
+    // A refusal too.
+    let refused = http
+        .get(format!("{}/api/v1/app/{app}", server.base))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(refused.status(), 401);
+    assert_eq!(refused.headers()["cache-control"], "no-store");
+    // The other faces' answers are not sniffed either.
+    for path in ["/health/live", "/apps/1/sse?channel=%20", "/no-such-route"] {
+        let answer = http
+            .get(format!("{}{path}", server.base))
+            .send()
+            .await
+            .expect("answered");
+        assert_eq!(
+            answer.headers()["x-content-type-options"],
+            "nosniff",
+            "{path}: {}",
+            answer.status()
+        );
+    }
+    server.stop().await;
+}
