@@ -25,7 +25,9 @@
 //!   refused as outside global unicast.
 //!
 //! An operator can allow refused addresses with `allow_private` or `allowed_subnets`; a subnet
-//! is matched against the address as resolved (an IPv6 form is not matched by an IPv4 subnet).
+//! is matched against the address as resolved, an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`)
+//! as the IPv4 address it maps (so `10.0.0.0/8` allows `::ffff:10.1.2.3`, and a subnet written
+//! in the mapped form matches nothing).
 
 use std::borrow::Cow;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};

@@ -115,19 +115,26 @@ impl RetryPolicy {
         RetryDecision::RetryIn(delay)
     }
 
+    /// The jitter as a fraction that keeps every factor positive and finite: the
+    /// configuration allows `[0, 1)`, and a policy built otherwise (NaN, 1 or more) must not
+    /// panic in `Duration::mul_f64` or the range sampling.
+    fn jitter(&self) -> Option<f64> {
+        (self.jitter > 0.0 && self.jitter.is_finite()).then(|| self.jitter.min(0.99))
+    }
+
     /// `floor`, made longer by up to the jitter's fraction of it.
     fn spread_above(&self, floor: Duration, rng: &mut impl Rng) -> Duration {
-        if self.jitter <= 0.0 {
+        let Some(jitter) = self.jitter() else {
             return floor;
-        }
-        floor.mul_f64(rng.random_range(1.0..=(1.0 + self.jitter)))
+        };
+        floor.mul_f64(rng.random_range(1.0..=(1.0 + jitter)))
     }
 
     fn jittered(&self, base: Duration, rng: &mut impl Rng) -> Duration {
-        if self.jitter <= 0.0 {
+        let Some(jitter) = self.jitter() else {
             return base;
-        }
-        let factor = rng.random_range((1.0 - self.jitter)..=(1.0 + self.jitter));
+        };
+        let factor = rng.random_range((1.0 - jitter)..=(1.0 + jitter));
         base.mul_f64(factor)
     }
 }
@@ -163,6 +170,25 @@ mod tests {
             policy.decide(FAIL, 7, false, NOT_LONG, &mut rng),
             RetryDecision::GiveUp
         );
+    }
+
+    /// A policy built with a jitter the configuration would refuse (NaN, 1 or more) still
+    /// decides, with positive delays, rather than panic.
+    #[test]
+    fn a_jitter_out_of_range_never_panics() {
+        let mut rng = rng();
+        for jitter in [f64::NAN, 1.0, 5.0, f64::INFINITY] {
+            let policy = RetryPolicy {
+                jitter,
+                ..RetryPolicy::default()
+            };
+            for n in 0..3 {
+                match policy.decide(FAIL, n, false, NOT_LONG, &mut rng) {
+                    RetryDecision::RetryIn(d) => assert!(d > Duration::ZERO, "{jitter}: {d:?}"),
+                    other => panic!("{jitter}: {other:?}"),
+                }
+            }
+        }
     }
 
     #[test]

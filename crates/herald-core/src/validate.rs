@@ -20,7 +20,7 @@ pub fn uid(value: &str) -> Result<(), &'static str> {
         .any(|prefix| value.starts_with(prefix))
     {
         return Err(
-            "must not start with an id prefix (app_, ep_, msg_, atmpt_, qtask_, src_, inev_): ids and uids are looked up in the same place",
+            "must not start with an id prefix (app_, ep_, msg_, atmpt_, qtask_, src_, inev_, tok_): ids and uids are looked up in the same place",
         );
     }
     Ok(())
@@ -48,12 +48,6 @@ pub const CHANNEL_RULE: &str = "a channel name must be 1 to 164 characters of le
 /// the server sends there (the server SDKs' `sendToUser`) reaches that user's connections.
 pub const USER_CHANNEL_PREFIX: &str = "#server-to-user-";
 
-/// The one channel-name rule, Pusher's: 1 to [`MAX_CHANNEL_NAME`] characters of
-/// `[A-Za-z0-9_\-=@,.;]`, or [`USER_CHANNEL_PREFIX`] and a user id of those. Every channel a
-/// name can arrive by (a message's `channels`, an endpoint's `channels` filter, a source's
-/// default channel and rendered templates, a WebSocket or SSE subscription, the Pusher HTTP
-/// API) is checked here, so a name accepted anywhere can be subscribed to (`#` only in the
-/// user channels' prefix; `:` never).
 /// A presence member's user id, on every face: 1 to 128 bytes, none a control character. It is
 /// stored as text (channel occupancy for the channel webhooks, a cluster's presence record),
 /// and PostgreSQL refuses NUL in text: one such id would fail every batch it rides in.
@@ -67,6 +61,12 @@ pub fn user_id(value: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// The one channel-name rule, Pusher's: 1 to [`MAX_CHANNEL_NAME`] characters of
+/// `[A-Za-z0-9_\-=@,.;]`, or [`USER_CHANNEL_PREFIX`] and a user id of those. Every channel a
+/// name can arrive by (a message's `channels`, an endpoint's `channels` filter, a source's
+/// default channel and rendered templates, a WebSocket or SSE subscription, the Pusher HTTP
+/// API) is checked here, so a name accepted anywhere can be subscribed to (`#` only in the
+/// user channels' prefix; `:` never).
 pub fn channel(value: &str) -> Result<(), &'static str> {
     let name = value.strip_prefix(USER_CHANNEL_PREFIX).unwrap_or(value);
     if value.len() <= MAX_CHANNEL_NAME && id_like(name, MAX_CHANNEL_NAME, &['=', '@', ',', ';']) {

@@ -260,11 +260,13 @@ pub fn verify(
             let prefix = standard_header_prefix(request);
             let id = request.required(&format!("{prefix}-id"))?;
             let ts_name = format!("{prefix}-timestamp");
-            let timestamp: i64 = request
-                .required(&ts_name)?
-                .trim()
-                .parse()
-                .map_err(|_| malformed(&ts_name, "not a Unix time"))?;
+            // Written as a number is (as Stripe's `t`): it is signed formatted again.
+            let ts_text = request.required(&ts_name)?.trim();
+            let timestamp: i64 = ts_text
+                .parse::<i64>()
+                .ok()
+                .filter(|parsed| parsed.to_string() == ts_text)
+                .ok_or_else(|| malformed(&ts_name, "not a Unix time (digits, no leading zero)"))?;
             let sig_name = format!("{prefix}-signature");
             let signatures = standard_signatures(&sig_name, request.signature(&sig_name)?)?;
             fresh(timestamp)?;
@@ -383,23 +385,37 @@ fn malformed(header: &str, reason: &str) -> VerifyError {
     }
 }
 
-/// `t=<unix>,v1=<hex>,v1=<hex>,v0=...`: the timestamp and every `v1` signature.
+/// `t=<unix>,v1=<hex>,v1=<hex>,v0=...`: the timestamp and every `v1` signature that could
+/// match (64 hex digits); others cannot, and are skipped as Stripe's libraries skip them, so one
+/// garbled entry does not hide a good one beside it. The timestamp must be written as a number
+/// is (no sign, no leading zero): it is signed as it is formatted again, so `+1700000000` or
+/// `01700000000` would otherwise verify a header the sender never sent.
 fn parse_stripe(header: &str) -> Result<(i64, Vec<Vec<u8>>), VerifyError> {
     let name = "Stripe-Signature";
     let mut timestamp = None;
     let mut signatures = Vec::new();
+    let mut v1_entries = 0;
     for part in header.split(',') {
         match part.trim().split_once('=') {
             Some(("t", t)) => {
                 timestamp = Some(
-                    t.parse()
-                        .map_err(|_| malformed(name, "t is not a Unix time"))?,
+                    t.parse::<i64>()
+                        .ok()
+                        .filter(|parsed| parsed.to_string() == t)
+                        .ok_or_else(|| {
+                            malformed(name, "t is not a Unix time (digits, no leading zero)")
+                        })?,
                 );
             }
             Some(("v1", sig)) => {
-                signatures.push(hex::decode(sig).map_err(|_| malformed(name, "v1 is not hex"))?);
-                if signatures.len() > MAX_SIGNATURES {
+                v1_entries += 1;
+                if v1_entries > MAX_SIGNATURES {
                     return Err(too_many_signatures(name));
+                }
+                if let Ok(sig) = hex::decode(sig)
+                    && sig.len() == MAC_LEN
+                {
+                    signatures.push(sig);
                 }
             }
             _ => {}
@@ -407,7 +423,10 @@ fn parse_stripe(header: &str) -> Result<(i64, Vec<Vec<u8>>), VerifyError> {
     }
     let timestamp = timestamp.ok_or_else(|| malformed(name, "no t= timestamp"))?;
     if signatures.is_empty() {
-        return Err(malformed(name, "no v1= signature"));
+        return Err(malformed(
+            name,
+            "no v1= signature of 64 hex digits (an HMAC-SHA256)",
+        ));
     }
     Ok((timestamp, signatures))
 }

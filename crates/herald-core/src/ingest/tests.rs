@@ -376,16 +376,56 @@ fn malformed_headers_say_what_is_wrong() {
         kind: SourceKind::Stripe,
         hmac: None,
         secret: "s",
-        headers: vec![("Stripe-Signature", "v1=zz".into())],
+        headers: vec![("Stripe-Signature", format!("t={NOW},v1=zz"))],
         body: BODY,
     };
     assert_eq!(
         case.check(&["s"], BODY, NOW),
         Err(VerifyError::Malformed {
             header: "Stripe-Signature".into(),
-            reason: "v1 is not hex".into()
+            reason: "no v1= signature of 64 hex digits (an HMAC-SHA256)".into()
         })
     );
+}
+
+/// A garbled `v1` entry beside a good one does not hide it (Stripe's libraries skip what
+/// cannot match), and a timestamp that is not plain digits is refused: it is signed as it is
+/// formatted again, so `+<t>` or `0<t>` would verify a header the sender never sent.
+#[test]
+fn stripe_entries_that_cannot_match_are_skipped_and_timestamps_are_digits() {
+    const GOOD: &str = "22d8dc182f5c588077683bd378368e29765bfe5df2560112b4f28fef120f0e31";
+    let case = |header: String| Case {
+        kind: SourceKind::Stripe,
+        hmac: None,
+        secret: "whsec_test_secret",
+        headers: vec![("Stripe-Signature", header)],
+        body: BODY,
+    };
+    let beside = case(format!("t={NOW},v1=zz,v1=00,v1={GOOD}"));
+    assert_eq!(beside.check(&[beside.secret], BODY, NOW), Ok(()));
+    for t in [
+        format!("+{NOW}"),
+        format!("0{NOW}"),
+        format!(" {NOW}x"),
+        String::new(),
+    ] {
+        let refused = case(format!("t={t},v1={GOOD}"));
+        assert_eq!(
+            refused.check(&[refused.secret], BODY, NOW),
+            Err(VerifyError::Malformed {
+                header: "Stripe-Signature".into(),
+                reason: "t is not a Unix time (digits, no leading zero)".into()
+            }),
+            "t={t}"
+        );
+    }
+    // So with a Standard Webhooks timestamp.
+    let mut standard = standard_case("v1,AAAA".into());
+    standard.headers[1].1 = format!("+{NOW}");
+    assert!(matches!(
+        standard.check(&[standard.secret], BODY, NOW),
+        Err(VerifyError::Malformed { reason, .. }) if reason.contains("no leading zero")
+    ));
 }
 
 /// A Standard Webhooks request at `NOW` with `entries` as its signature header.
