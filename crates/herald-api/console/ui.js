@@ -199,10 +199,10 @@ export class Poller {
     const soon = this.again;
     this.again = false;
     // A poll that took long (an app with many endpoints asks two things of each) waits four
-    // times as long before the next, so one open page keeps its load on the server below a
-    // fifth of what it could ask.
+    // times as long before the next, up to 30 s, so one open page keeps its load on the
+    // server below a fifth of what it could ask.
     const took = performance.now() - started;
-    this.schedule(soon ? 0 : Math.max(this.ms, 4 * took));
+    this.schedule(soon ? 0 : Math.max(this.ms, Math.min(4 * took, 30_000)));
   }
 }
 

@@ -11,11 +11,17 @@ use std::{fmt, io::Write};
 /// can count and list the skipped tests.
 pub const SKIP_LOG_VAR: &str = "HERALD_TEST_SKIP_LOG";
 
-/// Says that a test of module `module` was skipped and why (`SKIPPED module: why` on the
-/// process's standard error, which the harness does not capture), and notes it in
-/// [`SKIP_LOG_VAR`]'s file when set.
+/// Says that a test was skipped and why (`SKIPPED test: why` on the process's standard error,
+/// which the harness does not capture), and notes it in [`SKIP_LOG_VAR`]'s file when set. The
+/// test is named by its thread, which the harness names after it (`module` where it does not),
+/// so a runner can count tests, not lines: one test may skip several backends.
 pub fn skipped(module: &str, why: fmt::Arguments<'_>) {
-    let line = format!("SKIPPED {module}: {why}\n");
+    let thread = std::thread::current();
+    let test = thread
+        .name()
+        .filter(|name| *name != "main")
+        .unwrap_or(module);
+    let line = format!("SKIPPED {test}: {why}\n");
     // Written to the handle, not through `eprint!`, which the harness captures.
     let _ = std::io::stderr().lock().write_all(line.as_bytes());
     if let Some(path) = std::env::var_os(SKIP_LOG_VAR) {

@@ -438,8 +438,8 @@ pub struct ListenerSection {
     /// least `api.max_body_bytes`.
     pub max_body_bytes_reading: usize,
     /// The share of that budget one client address (IPv6: one /64) may hold (429 beyond; 0:
-    /// no share of its own). At least `api.max_body_bytes`. Peers in `ws.trusted_proxies`
-    /// are not held to it.
+    /// no share of its own), raised to twice `api.max_body_bytes` when below. Peers in
+    /// `ws.trusted_proxies` are not held to it.
     pub max_body_bytes_reading_per_ip: usize,
 }
 
@@ -930,13 +930,6 @@ impl Config {
                 self.listener.max_body_bytes_reading, self.api.max_body_bytes
             )));
         }
-        let per_ip = self.listener.max_body_bytes_reading_per_ip;
-        if per_ip != 0 && per_ip < self.api.max_body_bytes {
-            return Err(ConfigError::Invalid(format!(
-                "listener.max_body_bytes_reading_per_ip ({per_ip}) must be 0 or at least api.max_body_bytes ({})",
-                self.api.max_body_bytes
-            )));
-        }
         let non_negative = [
             ("delivery.overload_penalty_secs", d.overload_penalty_secs),
             ("delivery.retry_after_max_secs", d.retry_after_max_secs),
@@ -1131,7 +1124,13 @@ impl Config {
             write_timeout: Duration::from_secs_f64(l.write_timeout_secs),
             max_header_bytes: l.max_header_bytes,
             max_body_bytes_reading: l.max_body_bytes_reading,
-            max_body_bytes_reading_per_ip: l.max_body_bytes_reading_per_ip,
+            // At least two bodies the API takes: one body over `api.max_body_bytes` is told
+            // 413 by the API before its address's share runs out, and an upgrade that raised
+            // the body limit past the share's default still starts.
+            max_body_bytes_reading_per_ip: match l.max_body_bytes_reading_per_ip {
+                0 => 0,
+                share => share.max(self.api.max_body_bytes.saturating_mul(2)),
+            },
             drain_timeout: Duration::from_secs_f64(self.shutdown_grace_secs),
         }
     }
@@ -1651,17 +1650,14 @@ mod tests {
             );
             jail.set_env("HERALD_API__MAX_BODY_BYTES", "1000");
             Config::load(None, &Overrides::default()).map_err(|e| e.to_string())?;
-            // So must it fit in one address's share.
+            // One address's share is raised to two bodies the API takes, so that a body
+            // over the size limit is told 413, not 429 for the share it would take.
             jail.set_env("HERALD_LISTENER__MAX_BODY_BYTES_READING_PER_IP", "999");
-            let err = Config::load(None, &Overrides::default()).expect_err("share below a body");
-            assert!(
-                err.to_string().contains(
-                    "listener.max_body_bytes_reading_per_ip (999) must be 0 or at least api.max_body_bytes (1000)"
-                ),
-                "{err}"
-            );
+            let config = Config::load(None, &Overrides::default()).map_err(|e| e.to_string())?;
+            assert_eq!(config.listener_limits().max_body_bytes_reading_per_ip, 2000);
             jail.set_env("HERALD_LISTENER__MAX_BODY_BYTES_READING_PER_IP", "0");
-            Config::load(None, &Overrides::default()).map_err(|e| e.to_string())?;
+            let config = Config::load(None, &Overrides::default()).map_err(|e| e.to_string())?;
+            assert_eq!(config.listener_limits().max_body_bytes_reading_per_ip, 0);
             jail.create_file("typo.toml", "listn = \"127.0.0.1:7000\"")?;
             let err = Config::load(Some(Path::new("typo.toml")), &Overrides::default())
                 .expect_err("unknown key in the file");

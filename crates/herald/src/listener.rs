@@ -702,7 +702,9 @@ where
             BodyFailure::TIMED_OUT => {
                 return Poll::Ready(Some(Err(BodyTimedOut(this.timeout).into())));
             }
-            BodyFailure::OVER_BUDGET => return Poll::Ready(Some(Err(BodyOverBudget.into()))),
+            BodyFailure::OVER_BUDGET | BodyFailure::ADDRESS_OVER_BUDGET => {
+                return Poll::Ready(Some(Err(BodyOverBudget.into())));
+            }
             _ => {}
         }
         if let Some(frame) = this.after_held.take() {

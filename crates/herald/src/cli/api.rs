@@ -53,6 +53,11 @@ impl Api {
         self.call(Method::GET, path, None).await
     }
 
+    /// A GET's 2xx answer as its bytes, for JSON to be read without re-encoding it.
+    pub async fn get_bytes(&self, path: &str) -> anyhow::Result<bytes::Bytes> {
+        self.call_bytes(Method::GET, path, None).await
+    }
+
     pub async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
         self.call(Method::POST, path, Some(body.to_string())).await
     }
@@ -74,6 +79,17 @@ impl Api {
         path: &str,
         body: Option<String>,
     ) -> anyhow::Result<Value> {
+        let bytes = self.call_bytes(method, path, body).await?;
+        Ok(json_or_text(&bytes))
+    }
+
+    /// [`Self::call`]'s answer as its bytes.
+    async fn call_bytes(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<String>,
+    ) -> anyhow::Result<bytes::Bytes> {
         let url = self.url(path)?;
         let mut tries = 0;
         loop {
@@ -95,16 +111,10 @@ impl Api {
                 continue;
             }
             let bytes = response.bytes().await.map_err(|e| self.unreachable(e))?;
-            let value: Value = if bytes.is_empty() {
-                Value::Null
-            } else {
-                serde_json::from_slice(&bytes)
-                    .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
-            };
             if status.is_success() {
-                return Ok(value);
+                return Ok(bytes);
             }
-            anyhow::bail!("{}", refusal(&method, path, status, &value));
+            anyhow::bail!("{}", refusal(&method, path, status, &json_or_text(&bytes)));
         }
     }
 
@@ -197,6 +207,16 @@ fn refusal(method: &Method, path: &str, status: StatusCode, body: &Value) -> Str
     }
     text.push_str(hint);
     text
+}
+
+/// An answer's JSON (`null` for an empty body), or its text as a JSON string.
+fn json_or_text(bytes: &[u8]) -> Value {
+    if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(bytes).into_owned()))
+    }
 }
 
 /// `path` (absolute or not) under `base`'s own path.

@@ -377,18 +377,29 @@ impl Forward {
     }
 }
 
-/// A message's payload from the message log, for an event whose data the tail left out.
+/// A message's payload from the message log, byte for byte as the server keeps it, for an
+/// event whose data the tail left out.
 async fn full_payload(api: &Api, app: &str, message_id: &str) -> anyhow::Result<String> {
+    #[derive(serde::Deserialize)]
+    struct Message<'a> {
+        #[serde(borrow)]
+        payload: &'a serde_json::value::RawValue,
+    }
     let path = format!(
         "/api/v1/app/{}/msg/{}",
         segment("app", app)?,
         segment("message", message_id)?
     );
-    let message = api.get(&path).await?;
-    match message.get("payload") {
-        Some(payload) if payload.is_object() => Ok(payload.to_string()),
-        _ => anyhow::bail!("the message has no payload (it expired, or was deleted)"),
+    let bytes = api.get_bytes(&path).await?;
+    let message: Message<'_> = serde_json::from_slice(&bytes)
+        .map_err(|e| anyhow::anyhow!("the message's JSON could not be read: {e}"))?;
+    // An expunged payload reads as `{"expired": true}`, which is not what was published.
+    if serde_json::from_str::<Value>(message.payload.get())
+        .is_ok_and(|payload| payload == json!({"expired": true}))
+    {
+        anyhow::bail!("its payload has expired (payload retention)");
     }
+    Ok(message.payload.get().to_owned())
 }
 
 /// The body of the webhook an event (`raw`, the tail's JSON) becomes: a message's payload

@@ -325,9 +325,9 @@ async fn listen_prints_the_apps_events_and_forwards_them_signed() {
     let delivery = forwarded.next().await;
     assert!(signature_valid(secret, &delivery), "the large event signed");
     assert_eq!(
-        serde_json::from_slice::<Value>(&delivery.body).expect("json"),
-        large,
-        "forwarded whole, from the message log"
+        String::from_utf8_lossy(&delivery.body),
+        large.to_string(),
+        "forwarded whole and byte for byte, from the message log"
     );
     server.stop().await;
 }

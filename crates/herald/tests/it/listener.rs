@@ -434,20 +434,24 @@ fn post(length: usize) -> String {
     )
 }
 
-/// Sends the head and 60 KiB of a 61 KiB body creating the app `name`, and holds the rest
-/// back; returns the whole body, for the test to finish sending.
-async fn start_slow_app_create(writer: &mut (impl AsyncWriteExt + Unpin), name: &str) -> String {
+/// Sends the head and all but the last KiB of a `kib` KiB body creating the app `name`, and
+/// holds that KiB back; returns the whole body, for the test to finish sending.
+async fn start_slow_app_create(
+    writer: &mut (impl AsyncWriteExt + Unpin),
+    name: &str,
+    kib: usize,
+) -> String {
     let mut body = format!(
         "{{\"name\": \"{name}\", \"uid\": \"{name}\"}}{}",
-        " ".repeat(61 * 1024)
+        " ".repeat(kib * 1024)
     );
-    body.truncate(61 * 1024);
+    body.truncate(kib * 1024);
     writer
         .write_all(post(body.len()).as_bytes())
         .await
         .expect("write");
     writer
-        .write_all(&body.as_bytes()[..60 * 1024])
+        .write_all(&body.as_bytes()[..(kib - 1) * 1024])
         .await
         .expect("write");
     body
@@ -467,7 +471,7 @@ async fn bodies_beyond_the_reading_budget_are_answered_503_until_it_frees() {
     // 60 KiB of a 61 KiB body, and the rest held back.
     let first = TcpStream::connect(addr(&server)).await.expect("connect");
     let (mut first_reader, mut first_writer) = first.into_split();
-    let body = start_slow_app_create(&mut first_writer, "budget").await;
+    let body = start_slow_app_create(&mut first_writer, "budget", 61).await;
     // Another body of 6 KiB does not fit beside it. (Request and body in one read of the
     // server's: nothing is left unread when it closes, which would reset the connection.)
     let refused = eventually("the budget to be taken", || async {
@@ -515,20 +519,25 @@ async fn bodies_beyond_the_reading_budget_are_answered_503_until_it_frees() {
 }
 
 /// One client address holds at most its share of the body budget
-/// (`listener.max_body_bytes_reading_per_ip`): while it sends a body slowly, its next body that
-/// does not fit beside it is answered 429 `rate_limited` with `Retry-After` and its connection
-/// closed, while another address's body of the same size is read and answered.
+/// (`listener.max_body_bytes_reading_per_ip`, here 64 KiB, two bodies of the API's 32 KiB
+/// limit): while it sends two bodies slowly, its next body that does not fit beside them is
+/// answered 429 `rate_limited` with `Retry-After` and its connection closed, while another
+/// address's body of the same size is read and answered.
 #[tokio::test]
 async fn one_address_sending_slow_bodies_cannot_have_everyone_elses_refused() {
     let server = TestServer::start_with(|c| {
-        c.api.max_body_bytes = 64 * 1024;
+        c.api.max_body_bytes = 32 * 1024;
         c.listener.max_body_bytes_reading_per_ip = 64 * 1024;
     })
     .await;
-    // From 127.0.0.1: 60 KiB of a 61 KiB body, and the rest held back.
-    let first = connect_from("127.0.0.1", &server).await;
-    let (mut first_reader, mut first_writer) = first.into_split();
-    let body = start_slow_app_create(&mut first_writer, "share").await;
+    // From 127.0.0.1: two bodies of 31 KiB, each sent but its last KiB.
+    let mut slow = Vec::new();
+    for name in ["share-1", "share-2"] {
+        let stream = connect_from("127.0.0.1", &server).await;
+        let (reader, mut writer) = stream.into_split();
+        let body = start_slow_app_create(&mut writer, name, 31).await;
+        slow.push((reader, writer, body));
+    }
     // The same address's next body of 6 KiB is over its share...
     let request = format!("{}{}", post(6 * 1024), " ".repeat(6 * 1024));
     let refused = eventually("the address's share to be taken", || async {
@@ -551,16 +560,18 @@ async fn one_address_sending_slow_bodies_cannot_have_everyone_elses_refused() {
         "{}",
         String::from_utf8_lossy(&answer)
     );
-    // The first body, finished, is read and answered.
-    first_writer
-        .write_all(&body.as_bytes()[60 * 1024..])
-        .await
-        .expect("write");
-    let answer = read_to_close(&mut first_reader).await;
-    assert!(
-        answer.starts_with(b"HTTP/1.1 201"),
-        "{}",
-        String::from_utf8_lossy(&answer)
-    );
+    // The slow bodies, finished, are read and answered.
+    for (mut reader, mut writer, body) in slow {
+        writer
+            .write_all(&body.as_bytes()[30 * 1024..])
+            .await
+            .expect("write");
+        let answer = read_to_close(&mut reader).await;
+        assert!(
+            answer.starts_with(b"HTTP/1.1 201"),
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
     server.stop().await;
 }
