@@ -663,7 +663,7 @@ const SENSITIVE_HEADERS: [&str; 8] = [
     "cookie",
 ];
 
-fn is_sensitive(name: &str) -> bool {
+pub(crate) fn is_sensitive(name: &str) -> bool {
     SENSITIVE_HEADERS
         .iter()
         .any(|sensitive| name.eq_ignore_ascii_case(sensitive))

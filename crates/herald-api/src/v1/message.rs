@@ -60,13 +60,15 @@ pub struct MessageIn {
     /// Hours this message's payload is kept (Svix's).
     #[serde(default)]
     payload_retention_hours: Option<i64>,
-    // In Svix's schema; accepted and ignored (see the README): messages are not transformed.
-    // `deliverAt` is refused when it is in the future (no scheduling yet): a scheduled message
-    // must never go out early.
-    /// Accepted and ignored: messages are not transformed.
+    // In Svix's schema. Messages are not transformed, but `rawPayload` is the payload as the
+    // producer serialized it: the SDKs' raw-payload helpers (and the Java and Kotlin SDKs on
+    // every create) send the body there with `payload` empty. `deliverAt` is refused when it
+    // is in the future (no scheduling yet): a scheduled message must never go out early.
+    /// `rawPayload` (a string): the payload, serialized, used instead of `payload` and kept
+    /// byte for byte; it must be a JSON object. Anything else in it is accepted and ignored.
     #[serde(default, rename = "transformationsParams")]
     #[schema(value_type = Option<Object>)]
-    _transformations_params: Option<serde_json::Map<String, serde_json::Value>>,
+    transformations_params: Option<serde_json::Map<String, serde_json::Value>>,
     /// Must not be in the future: scheduled delivery is not supported yet.
     #[serde(default, rename = "deliverAt")]
     deliver_at: Option<chrono::DateTime<chrono::Utc>>,
@@ -206,14 +208,58 @@ async fn app_for_create(
             let Some(input) = application else {
                 unreachable!("guarded by is_some")
             };
+            // The app is made under the path's name, as Svix checks: one made under another
+            // uid would hold a message the path does not name, and every retry would 409.
+            if input.uid.as_deref().is_some_and(|uid| uid != app_id) {
+                let mut v = Validator::default();
+                v.check(
+                    &["body", "application", "uid"],
+                    Err(format!(
+                        "application.uid must be the app named in the path ({app_id}), or left out"
+                    )),
+                );
+                v.finish()?;
+            }
             let input = ApplicationIn {
-                uid: input.uid.or(Some(app_id.to_owned())),
+                uid: Some(app_id.to_owned()),
                 ..input
             };
             create_app(state, input).await
         }
         Err(e) => Err(e),
     }
+}
+
+/// `transformationsParams.rawPayload`, when given, becomes the payload (as Svix's server reads
+/// it): a string holding the payload as serialized, kept byte for byte. Herald delivers JSON,
+/// so it must hold a JSON object; `payload` beside it is whatever the SDK put there (`{}` or
+/// `""`) and is replaced.
+fn take_raw_payload(input: &mut MessageIn) -> ApiResult<()> {
+    const LOC: &[&str] = &["body", "transformationsParams", "rawPayload"];
+    let Some(raw) = input
+        .transformations_params
+        .as_mut()
+        .and_then(|params| params.remove("rawPayload"))
+    else {
+        return Ok(());
+    };
+    let mut v = Validator::default();
+    match raw {
+        serde_json::Value::String(text) => match serde_json::from_str::<Box<RawValue>>(&text) {
+            Ok(payload) => input.payload = payload,
+            Err(e) => v.check(
+                LOC,
+                Err(format!(
+                    "rawPayload must hold JSON (Herald delivers JSON payloads): {e}"
+                )),
+            ),
+        },
+        _ => v.check(
+            LOC,
+            Err("rawPayload must be a string: the payload, serialized".to_owned()),
+        ),
+    }
+    v.finish()
 }
 
 /// Publishes a message: stored and queued to every matching endpoint before the answer, so a
@@ -230,6 +276,8 @@ pub async fn create(
     SvixJson(input): SvixJson<MessageIn>,
 ) -> ApiResult<Response> {
     let with_content = query.bool("with_content", true)?;
+    let mut input = input;
+    take_raw_payload(&mut input)?;
     validate_in(&input)?;
     // A message's channels go live to the app's channel subscribers, as if the app's backend
     // had published them: not something an app portal link's customer may do.

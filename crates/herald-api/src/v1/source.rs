@@ -641,15 +641,24 @@ pub async fn replay(
     ))
 }
 
-/// Keeps the headers as received, in order (values that are not text become lossy text).
+/// What a received request's credential header keeps instead of its value.
+pub(crate) const CREDENTIAL_NOT_KEPT: &str = "(a credential: not kept)";
+
+/// Keeps the headers as received, in order (values that are not text become lossy text),
+/// except the values of credential headers (`Authorization`, `Cookie`, API keys: the
+/// endpoints' sensitive list), which a sender or a proxy in front may add: the received
+/// request is stored in clear and read back by anyone with the app's token. Their names stay;
+/// no provider signs with them, and a replay republishes the stored event, not the request.
 pub(crate) fn header_list(headers: &axum::http::HeaderMap) -> Vec<(String, String)> {
     headers
         .iter()
         .map(|(name, value)| {
-            (
-                name.as_str().to_owned(),
-                String::from_utf8_lossy(value.as_bytes()).into_owned(),
-            )
+            let value = if super::endpoint::is_sensitive(name.as_str()) {
+                CREDENTIAL_NOT_KEPT.to_owned()
+            } else {
+                String::from_utf8_lossy(value.as_bytes()).into_owned()
+            };
+            (name.as_str().to_owned(), value)
         })
         .collect()
 }

@@ -14,16 +14,22 @@
 //! node publishes (in a cluster, each node's own producers), and a watcher too slow to keep
 //! up gets `event: lagged` with `{"skipped": n}` instead of slowing the publishers. The
 //! message log (`GET .../msg`) is the durable record.
+//!
+//! The stream lives only as long as its token: the token is checked again every
+//! [`RECHECK_TOKEN`], and a token revoked or expired meanwhile ends the stream.
 
 use std::{
     collections::HashMap,
     convert::Infallible,
+    net::SocketAddr,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use axum::{
-    extract::{Path, State},
+    Extension,
+    extract::{ConnectInfo, Path, State},
+    http::{Extensions, HeaderMap},
     response::{
         IntoResponse, Response,
         sse::{Event, KeepAlive, Sse},
@@ -42,6 +48,10 @@ use crate::{
     error::{ApiError, ApiResult},
     extract::QueryParams,
 };
+
+/// How often a tail checks that its token still holds (an in-memory check for a token the node
+/// caches, which a revocation clears).
+pub const RECHECK_TOKEN: Duration = Duration::from_secs(5);
 
 /// How many tails one node serves at once: each wakes for every publication of every app.
 pub const MAX_TAILS: usize = 64;
@@ -145,6 +155,8 @@ pub async fn stream(
     caller: Caller,
     Path(app_id): Path<String>,
     query: QueryParams,
+    headers: HeaderMap,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
 ) -> ApiResult<Response> {
     let app = caller.app(&state, &app_id).await?;
     let filter = Filter {
@@ -152,11 +164,25 @@ pub async fn stream(
         channels: query.list("channels"),
     };
     let slot = state.tails.admit(&app.id)?;
+    // What the token is checked again with: its header, and the peer for the auth limiter.
+    let mut credentials = Extensions::new();
+    if let Some(Extension(peer)) = peer {
+        credentials.insert(peer);
+    }
+    let mut recheck = tokio::time::interval(RECHECK_TOKEN);
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    recheck.reset();
     let watching = Watching {
         events: state.publisher.tail().watch(),
         app_id: app.id,
         filter,
         shutdown: state.shutdown.clone(),
+        token: Recheck {
+            headers,
+            extensions: credentials,
+            every: recheck,
+            state: Arc::clone(&state),
+        },
         _slot: slot,
     };
     let stream = futures_util::stream::unfold(watching, |mut w| async move {
@@ -178,7 +204,28 @@ struct Watching {
     app_id: AppId,
     filter: Filter,
     shutdown: CancellationToken,
+    token: Recheck,
     _slot: TailSlot,
+}
+
+/// The tail's token, checked again on a timer.
+struct Recheck {
+    headers: HeaderMap,
+    extensions: Extensions,
+    every: tokio::time::Interval,
+    state: Arc<ApiState>,
+}
+
+impl Recheck {
+    /// Whether the token no longer authenticates (revoked, expired): the stream ends. A check
+    /// the store could not answer keeps the stream, as a request then is refused with 503,
+    /// not 401.
+    async fn revoked(&self) -> bool {
+        matches!(
+            crate::auth::authenticate(&self.headers, &self.extensions, &self.state).await,
+            Err(refused) if refused.status() == axum::http::StatusCode::UNAUTHORIZED
+        )
+    }
 }
 
 impl Watching {
@@ -188,6 +235,14 @@ impl Watching {
             let next = tokio::select! {
                 next = self.events.events.recv() => next,
                 () = self.shutdown.cancelled() => return None,
+                _ = self.token.every.tick() => {
+                    // Run to its end, not raced against the next event: a busy tail would
+                    // otherwise drop every check that has to ask the store.
+                    if self.token.revoked().await {
+                        return None;
+                    }
+                    continue;
+                }
             };
             match next {
                 Ok(event) if event.app_id == self.app_id && self.filter.passes(&event) => {

@@ -851,6 +851,15 @@ async fn anonymous_requests_store_no_idempotency_records_and_long_keys_are_refus
         )
         .await;
     assert_eq!(status, 201, "the retry ran: {created}");
+    // The admin token's record is scoped by name, not by the token's unsalted digest, which
+    // anyone with the database could test guesses of the operator's token against.
+    assert_eq!(
+        server
+            .store_scalar("SELECT COUNT(*) FROM idempotency WHERE scope LIKE 'admin:%'")
+            .await,
+        1,
+        "the admin token's answer is kept under `admin`"
+    );
 
     let (status, refused) = server
         .call_as(
@@ -2421,5 +2430,97 @@ async fn answers_are_never_sniffed_and_management_answers_never_cached() {
             answer.status()
         );
     }
+    server.stop().await;
+}
+
+/// The Svix SDKs' raw payloads (`messageInRaw`, and the Java and Kotlin SDKs on every create)
+/// send the body as `transformationsParams.rawPayload` with `payload` empty: that string is
+/// the payload, delivered byte for byte; one that is not JSON, or not a string, is a 422 that
+/// names it.
+#[tokio::test]
+async fn a_raw_payload_is_the_message_payload_byte_for_byte() {
+    let server = TestServer::start().await;
+    let mut receiver = Receiver::start().await;
+    let app = server.create_app("raw-payload").await;
+    server
+        .create_endpoint(&app, json!({"url": receiver.url}))
+        .await;
+    let raw = r#"{"b": 2,   "a": [1, 2.50]}"#;
+    let (status, created) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/app/{app}/msg"),
+            Some(json!({
+                "eventType": "order.paid",
+                "payload": "",
+                "transformationsParams": {"rawPayload": raw},
+            })),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["payload"], json!({"b": 2, "a": [1, 2.50]}));
+    let delivery = receiver.next().await;
+    assert_eq!(String::from_utf8_lossy(&delivery.body), raw);
+
+    for (raw, says) in [
+        (json!("not json"), "must hold JSON"),
+        (json!("[1, 2]"), "payload must be a JSON object"),
+        (json!({"a": 1}), "must be a string"),
+    ] {
+        let (status, refused) = server
+            .call(
+                Method::POST,
+                &format!("/api/v1/app/{app}/msg"),
+                Some(json!({
+                    "eventType": "order.paid",
+                    "payload": {},
+                    "transformationsParams": {"rawPayload": raw},
+                })),
+            )
+            .await;
+        assert_eq!(status, 422, "{raw}: {refused}");
+        assert!(refused.to_string().contains(says), "{raw}: {refused}");
+    }
+    server.stop().await;
+}
+
+/// A message whose `application` creates its app makes it under the path's name (`uid` left
+/// out, or the same): one named otherwise is a 422, as Svix checks, not an app the path does
+/// not name holding the message.
+#[tokio::test]
+async fn a_message_creates_its_app_under_the_paths_name_only() {
+    let server = TestServer::start().await;
+    let (status, refused) = server
+        .call(
+            Method::POST,
+            "/api/v1/app/shop-a/msg",
+            Some(json!({"eventType": "a.b", "payload": {}, "application": {"name": "A", "uid": "shop-b"}})),
+        )
+        .await;
+    assert_eq!(status, 422, "{refused}");
+    assert_eq!(
+        refused["detail"][0]["loc"],
+        json!(["body", "application", "uid"]),
+        "{refused}"
+    );
+    for uid in ["shop-a", "shop-b"] {
+        let (status, _) = server
+            .call(Method::GET, &format!("/api/v1/app/{uid}"), None)
+            .await;
+        assert_eq!(status, 404, "{uid}: no app was made");
+    }
+    for application in [json!({"name": "A"}), json!({"name": "A", "uid": "shop-a"})] {
+        let (status, created) = server
+            .call(
+                Method::POST,
+                "/api/v1/app/shop-a/msg",
+                Some(json!({"eventType": "a.b", "payload": {}, "application": application})),
+            )
+            .await;
+        assert_eq!(status, 201, "{created}");
+    }
+    let (status, app) = server.call(Method::GET, "/api/v1/app/shop-a", None).await;
+    assert_eq!(status, 200, "{app}");
+    assert_eq!(app["uid"], "shop-a");
     server.stop().await;
 }

@@ -376,6 +376,52 @@ async fn the_tail_is_the_apps_alone() {
     server.stop().await;
 }
 
+/// A tail lives only as long as its token: revoked while the stream is open, the token's
+/// stream ends at the next check (every 5 s), rather than showing the app's publications for
+/// as long as the connection lasts.
+#[tokio::test]
+async fn a_tail_ends_when_its_token_is_revoked() {
+    let server = TestServer::start().await;
+    let app = server.create_app("tail-revoked").await;
+    let (status, token) = server
+        .call(
+            Method::POST,
+            "/api/v1/auth/token",
+            Some(json!({"name": "watcher", "appId": app})),
+        )
+        .await;
+    assert_eq!(status, 201, "{token}");
+    let secret = token["token"].as_str().expect("token").to_owned();
+    let mut stream = crate::harness::http_client()
+        .get(format!("{}/api/v1/app/{app}/tail", server.base))
+        .bearer_auth(&secret)
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(stream.status(), 200);
+    let (status, _) = server
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/auth/token/{}", token["id"].as_str().expect("id")),
+            None,
+        )
+        .await;
+    assert_eq!(status, 204);
+    let revoked = std::time::Instant::now();
+    // Read until the server ends the stream (keep-alives and events before that are fine).
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Ok(Some(_)) = stream.chunk().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream outlived its token by 20 s");
+    assert!(
+        revoked.elapsed() < Duration::from_secs(15),
+        "ended {:?} after the revocation",
+        revoked.elapsed()
+    );
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn replay_resends_an_endpoints_thousand_failed_messages() {
     const MESSAGES: usize = 1_000;

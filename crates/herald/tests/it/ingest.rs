@@ -395,6 +395,8 @@ async fn raw_requests_are_kept_and_can_be_replayed() {
         ("x-hub-signature-256", sig),
         ("x-github-event", "issues".to_owned()),
         ("x-github-delivery", "72d3162e".to_owned()),
+        // A credential a proxy in front adds: received, but its value is not kept.
+        ("authorization", "Bearer proxy-credential-9f2".to_owned()),
     ];
     let (status, received) = post(&server, &src, &headers, body).await;
     assert_eq!(status, 200, "{received}");
@@ -425,6 +427,11 @@ async fn raw_requests_are_kept_and_can_be_replayed() {
     assert!(
         headers.contains(&json!(["x-github-event", "issues"]))
             && headers.contains(&json!(["x-github-delivery", "72d3162e"])),
+        "{kept}"
+    );
+    assert!(
+        headers.contains(&json!(["authorization", "(a credential: not kept)"]))
+            && !kept.to_string().contains("proxy-credential-9f2"),
         "{kept}"
     );
 
