@@ -273,7 +273,7 @@ pub async fn list_attempted_messages(
 ) -> ApiResult<Json<ListResponse<EndpointMessageOut>>> {
     let app = caller.app(&state, &app_id).await?;
     let endpoint = caller.endpoint(&state, &app, &endpoint_id).await?;
-    let page = pagination::page(&query, true)?;
+    let page = pagination::starting_after(pagination::page(&query, true)?, &query);
     let with_content = query.bool("with_content", true)?;
     let filter = DeliveryQuery {
         message: message_query(&query)?,
@@ -343,7 +343,7 @@ pub async fn list_by_endpoint(
 ) -> ApiResult<Json<ListResponse<MessageAttemptOut>>> {
     let app = caller.app(&state, &app_id).await?;
     let endpoint = caller.endpoint(&state, &app, &endpoint_id).await?;
-    let page = pagination::page(&query, true)?;
+    let page = pagination::starting_after(pagination::page(&query, true)?, &query);
     let (filter, shown) = attempt_query(&query)?;
     let rows = state
         .store
@@ -380,7 +380,7 @@ pub async fn list_by_msg(
 ) -> ApiResult<Json<ListResponse<MessageAttemptOut>>> {
     let app = caller.app(&state, &app_id).await?;
     let msg = caller.message(&state, &app, &msg_id).await?;
-    let page = pagination::page(&query, true)?;
+    let page = pagination::starting_after(pagination::page(&query, true)?, &query);
     let (mut filter, shown) = attempt_query(&query)?;
     // An endpoint's id or uid, as everywhere an endpoint is named.
     if let Some(endpoint) = query.str("endpoint_id") {
@@ -417,6 +417,17 @@ pub async fn resend(
         return Err(ApiError::bad_request(
             "endpoint_disabled",
             "the endpoint is disabled; enable it before resending",
+        ));
+    }
+    // As Svix's server: a payload expunged, or past its retention, is not sent again as
+    // `{"expired":true}` by hand.
+    let now = state.store.clock().now();
+    if msg.payload.as_ref() == herald_core::model::EXPIRED_PAYLOAD.as_bytes()
+        || msg.payload_expires_at.is_some_and(|at| at <= now)
+    {
+        return Err(ApiError::bad_request(
+            "missing_payload",
+            "the message's payload has expired or was expunged: there is nothing to resend",
         ));
     }
     state

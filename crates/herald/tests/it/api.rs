@@ -2524,3 +2524,61 @@ async fn a_message_creates_its_app_under_the_paths_name_only() {
     assert_eq!(app["uid"], "shop-a");
     server.stop().await;
 }
+
+/// `after` alone, as Svix reads it: the page is the `limit` messages right after that time
+/// (shown newest first), and its `prevIterator` walks on towards the present, so a poller
+/// that asks for what came after its last look misses nothing; `before` or an iterator keep
+/// the newest-first walk.
+#[tokio::test]
+async fn after_alone_starts_the_page_right_after_that_time() {
+    let server = TestServer::start().await;
+    let app = server.create_app("after-window").await;
+    let since = chrono::Utc::now() - chrono::Duration::seconds(1);
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        let sent = server
+            .send(
+                &app,
+                json!({"eventType": "order.paid", "payload": {"n": n}}),
+            )
+            .await;
+        ids.push(sent["id"].as_str().expect("id").to_owned());
+    }
+    let after = since.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let page_ids = |page: &Value| -> Vec<String> {
+        page["data"]
+            .as_array()
+            .expect("data")
+            .iter()
+            .map(|m| m["id"].as_str().expect("id").to_owned())
+            .collect()
+    };
+    let path = format!("/api/v1/app/{app}/msg?limit=2&after={}", urlencode(&after));
+    let (status, first) = server.call(Method::GET, &path, None).await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(
+        page_ids(&first),
+        [ids[1].clone(), ids[0].clone()],
+        "{first}"
+    );
+    let prev = first["prevIterator"].as_str().expect("prevIterator");
+    let (status, next) = server
+        .call(
+            Method::GET,
+            &format!("{path}&iterator={}", urlencode(prev)),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{next}");
+    assert_eq!(page_ids(&next), [ids[3].clone(), ids[2].clone()], "{next}");
+    // Without `after`, the newest first.
+    let (_, newest) = server
+        .call(Method::GET, &format!("/api/v1/app/{app}/msg?limit=2"), None)
+        .await;
+    assert_eq!(page_ids(&newest), [ids[4].clone(), ids[3].clone()]);
+    server.stop().await;
+}
+
+fn urlencode(text: &str) -> String {
+    url::form_urlencoded::byte_serialize(text.as_bytes()).collect()
+}

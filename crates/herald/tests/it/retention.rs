@@ -297,6 +297,19 @@ async fn expunging_a_message_s_content_removes_the_payload_from_the_store() {
         Some(1),
         "the attempt log stays"
     );
+    // Nothing is left to resend by hand (Svix's `missing_payload`).
+    let (status, refused) = server
+        .call(
+            Method::POST,
+            &format!(
+                "/api/v1/app/{app}/msg/{msg}/endpoint/{}/resend",
+                endpoint["id"].as_str().expect("id")
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(status, 400, "{refused}");
+    assert_eq!(refused["code"], "missing_payload", "{refused}");
 
     let (status, body) = server
         .call(
