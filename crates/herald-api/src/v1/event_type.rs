@@ -165,7 +165,8 @@ pub async fn list(
     )))
 }
 
-/// Adds an event type to the catalogue.
+/// Adds an event type to the catalogue. A name archived before is brought back with the new
+/// fields (201), as Svix's server does; a name in the catalogue is a 409 `event_type_exists`.
 #[utoipa::path(post, path = "/api/v1/event-type", tag = "Event Type", request_body = EventTypeIn,
     responses((status = 201, body = EventTypeOut)))]
 pub async fn create(
@@ -189,8 +190,27 @@ pub async fn create(
         created_at: now,
         updated_at: now,
     };
-    state.store.create_event_type(&et).await?;
-    Ok((StatusCode::CREATED, Json(et.into())))
+    match state.store.create_event_type(&et).await {
+        Ok(()) => Ok((StatusCode::CREATED, Json(et.into()))),
+        Err(herald_store::StoreError::Conflict(_)) => {
+            match state.store.get_event_type(&et.name).await? {
+                Some(archived) if archived.archived => {
+                    let et = EventType {
+                        created_at: archived.created_at,
+                        ..et
+                    };
+                    state.store.update_event_type(&et).await?;
+                    Ok((StatusCode::CREATED, Json(et.into())))
+                }
+                _ => Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "event_type_exists",
+                    format!("an event type named {} already exists", et.name),
+                )),
+            }
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// One event type, archived or not.
@@ -280,14 +300,24 @@ pub async fn patch(
 }
 
 /// Svix archives on delete: the type stays known to old messages but leaves the catalogue.
-#[utoipa::path(delete, path = "/api/v1/event-type/{name}", tag = "Event Type", params(("name" = String, Path, description = "The event type's name")),
+/// Svix's `expunge=true` (delete for good) is not supported: asked for, it is a 422 rather
+/// than an archive the caller did not ask for.
+#[utoipa::path(delete, path = "/api/v1/event-type/{name}", tag = "Event Type", params(("name" = String, Path, description = "The event type's name"),
+        ("expunge" = Option<bool>, Query, description = "Not supported: true is a 422 (the type is archived, never deleted)")),
     responses((status = 204, description = "Archived")))]
 pub async fn archive(
     State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path(name): Path<String>,
+    query: QueryParams,
 ) -> ApiResult<StatusCode> {
     caller.require_environment()?;
+    if query.bool("expunge", false)? {
+        return Err(ApiError::invalid(
+            &["query", "expunge"],
+            "expunge is not supported: DELETE archives the event type, which stays known to the messages of that type",
+        ));
+    }
     let mut et = find(&state, &name).await?;
     et.archived = true;
     et.updated_at = crate::now();

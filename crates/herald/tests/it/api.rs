@@ -386,7 +386,7 @@ async fn event_types_crud_and_archive() {
         .await;
     assert_eq!(status, 201, "{et}");
     assert_eq!(et["schemas"]["1"]["type"], "object");
-    let (status, _) = server
+    let (status, dup) = server
         .call(
             Method::POST,
             "/api/v1/event-type",
@@ -394,6 +394,18 @@ async fn event_types_crud_and_archive() {
         )
         .await;
     assert_eq!(status, 409);
+    assert_eq!(dup["code"], "event_type_exists", "{dup}");
+    let (status, refused) = server
+        .call(
+            Method::DELETE,
+            "/api/v1/event-type/invoice.paid?expunge=true",
+            None,
+        )
+        .await;
+    assert_eq!(
+        status, 422,
+        "expunge is refused, not read as archive: {refused}"
+    );
     let (status, _) = server
         .call(Method::DELETE, "/api/v1/event-type/invoice.paid", None)
         .await;
@@ -408,6 +420,20 @@ async fn event_types_crud_and_archive() {
         )
         .await;
     assert_eq!(list["data"][0]["archived"], true);
+    // Created again once archived, as Svix's server does: back in the catalogue, new fields.
+    let (status, back) = server
+        .call(
+            Method::POST,
+            "/api/v1/event-type",
+            Some(json!({"name": "invoice.paid", "description": "paid again"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{back}");
+    assert_eq!(back["archived"], false, "{back}");
+    assert_eq!(back["description"], "paid again", "{back}");
+    assert_eq!(back["createdAt"], et["createdAt"], "the same event type");
+    let (_, list) = server.call(Method::GET, "/api/v1/event-type", None).await;
+    assert_eq!(list["data"].as_array().map(Vec::len), Some(1), "{list}");
     server.stop().await;
 }
 
