@@ -302,6 +302,12 @@ async fn rotate_main_key(config: Config) -> anyhow::Result<()> {
         "herald: re-encrypted {} secret(s) under main key {key} ({} changed meanwhile and were already under it); every secret in {store_config} is under it now, so keys other than main_key can leave previous_main_keys",
         done.rewritten, done.skipped
     );
+    if config.main_key.is_some() {
+        // The generated key decrypts nothing any more, but still sits beside the data.
+        println!(
+            "herald: if Herald generated a key before main_key was configured (main.key in the data directory, or the generated_main_key row on PostgreSQL), it decrypts nothing now: delete it"
+        );
+    }
     Ok(())
 }
 

@@ -433,7 +433,7 @@ pub async fn upsert(
     if let Some(headers) = input.headers {
         endpoint.headers = headers;
     }
-    endpoint.updated_at = crate::now();
+    endpoint.updated_at = next_version(read_at);
     state.store.update_endpoint(&endpoint, read_at).await?;
     Ok((StatusCode::OK, Json(endpoint.into())))
 }
@@ -501,7 +501,7 @@ pub async fn patch(
     if let Some(metadata) = patch.metadata {
         endpoint.metadata = metadata;
     }
-    endpoint.updated_at = crate::now();
+    endpoint.updated_at = next_version(read_at);
     state.store.update_endpoint(&endpoint, read_at).await?;
     Ok(Json(endpoint.into()))
 }
@@ -608,7 +608,7 @@ pub async fn rotate_secret(
             .previous_secrets
             .push((old, cluster_now + Duration::seconds(grace)));
     }
-    endpoint.updated_at = crate::now();
+    endpoint.updated_at = next_version(read_at);
     state.store.update_endpoint(&endpoint, read_at).await?;
     // The new secret is read again through `GET .../secret`, never from the idempotency table.
     Ok(SecretFields(&["/key"]).mark(Json(EndpointSecretOut {
@@ -645,6 +645,14 @@ pub async fn get_headers(
 ) -> ApiResult<Json<EndpointHeadersOut>> {
     let endpoint = find(&state, &caller, &app_id, &endpoint_id).await?;
     Ok(Json(EndpointHeadersOut::redacted(endpoint.headers)))
+}
+
+/// The `updated_at` a change read at `read_at` writes: now, but always after `read_at`. The
+/// store updates only a row still at `read_at` (the compare-and-set that keeps a concurrent
+/// change from being overwritten), so a change in the same millisecond as the one it raced,
+/// or made on a node whose clock lags, must still move the row past what the other read.
+fn next_version(read_at: DateTime<Utc>) -> DateTime<Utc> {
+    crate::now().max(read_at + Duration::milliseconds(1))
 }
 
 /// Headers that carry credentials: Svix's five, and the common API-key and cookie headers.
@@ -748,7 +756,7 @@ async fn change_headers(
             .retain(|stored, _| !stored.eq_ignore_ascii_case(name));
     }
     endpoint.headers.extend(input.headers);
-    endpoint.updated_at = crate::now();
+    endpoint.updated_at = next_version(read_at);
     state.store.update_endpoint(&endpoint, read_at).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -864,3 +872,23 @@ pub async fn stats(
     stats
 ))]
 pub(crate) struct Docs;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A change always moves the row past the version it read, even when that version is in
+    /// this node's future (a lagging clock, or the same millisecond), so the compare-and-set
+    /// that follows it refuses whatever read the same version.
+    #[test]
+    fn a_change_moves_the_row_past_the_version_it_read() {
+        let ahead = crate::now() + Duration::seconds(5);
+        assert_eq!(next_version(ahead), ahead + Duration::milliseconds(1));
+        let behind = crate::now() - Duration::hours(1);
+        let next = next_version(behind);
+        assert!(
+            next > behind + Duration::minutes(59),
+            "{next} after {behind}"
+        );
+    }
+}

@@ -35,7 +35,18 @@ pub(super) async fn resolve_keys(
 ) -> Result<Keyring> {
     let generated = generated_key(pool).await?;
     Ok(match (configured, generated) {
-        (Some(keys), Some(generated)) => keys.with_previous(&generated),
+        (Some(keys), Some(generated)) => {
+            // Still readable by whoever reads the database, which holds their key: say so at
+            // every start until the rotation has moved them.
+            let under_generated = census.by_key.get(&generated.id()).copied().unwrap_or(0);
+            if under_generated > 0 && generated.id() != keys.current_key_id() {
+                tracing::warn!(
+                    secrets = under_generated,
+                    "main key configured, but secrets are still encrypted under the key the cluster generated and keeps in the database (generated_main_key): run herald rotate-main-key, then delete that row"
+                );
+            }
+            keys.with_previous(&generated)
+        }
         (Some(keys), None) => keys,
         (None, generated) => {
             let generated = match generated {

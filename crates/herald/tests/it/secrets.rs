@@ -439,7 +439,8 @@ async fn the_rotate_main_key_command_rotates_while_a_server_runs() {
     assert!(output.status.success(), "{stdout}\n{stderr}");
     assert!(
         stdout.contains(&b.id())
-            && stdout.contains(&format!("re-encrypted {SECRET_VALUES} secret(s)")),
+            && stdout.contains(&format!("re-encrypted {SECRET_VALUES} secret(s)"))
+            && stdout.contains("it decrypts nothing now: delete it"),
         "{stdout}"
     );
     assert_readable(&running, &written).await;
