@@ -273,7 +273,7 @@ pub async fn list_attempted_messages(
 ) -> ApiResult<Json<ListResponse<EndpointMessageOut>>> {
     let app = caller.app(&state, &app_id).await?;
     let endpoint = caller.endpoint(&state, &app, &endpoint_id).await?;
-    let page = pagination::starting_after(pagination::page(&query, true)?, &query);
+    let page = pagination::page(&query, true)?;
     let with_content = query.bool("with_content", true)?;
     let filter = DeliveryQuery {
         message: message_query(&query)?,
@@ -343,7 +343,7 @@ pub async fn list_by_endpoint(
 ) -> ApiResult<Json<ListResponse<MessageAttemptOut>>> {
     let app = caller.app(&state, &app_id).await?;
     let endpoint = caller.endpoint(&state, &app, &endpoint_id).await?;
-    let page = pagination::starting_after(pagination::page(&query, true)?, &query);
+    let page = pagination::page(&query, true)?;
     let (filter, shown) = attempt_query(&query)?;
     let rows = state
         .store
@@ -380,7 +380,7 @@ pub async fn list_by_msg(
 ) -> ApiResult<Json<ListResponse<MessageAttemptOut>>> {
     let app = caller.app(&state, &app_id).await?;
     let msg = caller.message(&state, &app, &msg_id).await?;
-    let page = pagination::starting_after(pagination::page(&query, true)?, &query);
+    let page = pagination::page(&query, true)?;
     let (mut filter, shown) = attempt_query(&query)?;
     // An endpoint's id or uid, as everywhere an endpoint is named.
     if let Some(endpoint) = query.str("endpoint_id") {

@@ -217,13 +217,14 @@ struct Recheck {
 }
 
 impl Recheck {
-    /// Whether the token no longer authenticates (revoked, expired): the stream ends. A check
-    /// the store could not answer keeps the stream, as a request then is refused with 503,
-    /// not 401.
+    /// Whether the token no longer authenticates: the stream ends. Any refusal ends it (401
+    /// for a token revoked or expired, and 429 too: an address could otherwise fail on
+    /// purpose until its checks are refused unread, and keep a revoked token's stream), except
+    /// a store that could not answer (503), which says nothing about the token.
     async fn revoked(&self) -> bool {
         matches!(
             crate::auth::authenticate(&self.headers, &self.extensions, &self.state).await,
-            Err(refused) if refused.status() == axum::http::StatusCode::UNAUTHORIZED
+            Err(refused) if refused.status() != axum::http::StatusCode::SERVICE_UNAVAILABLE
         )
     }
 }

@@ -378,10 +378,15 @@ async fn the_tail_is_the_apps_alone() {
 
 /// A tail lives only as long as its token: revoked while the stream is open, the token's
 /// stream ends at the next check (every 5 s), rather than showing the app's publications for
-/// as long as the connection lasts.
+/// as long as the connection lasts; even from an address that failed authentication until
+/// its checks are refused unread (429), which would otherwise keep the stream.
 #[tokio::test]
 async fn a_tail_ends_when_its_token_is_revoked() {
-    let server = TestServer::start().await;
+    let server = TestServer::start_with(|c| {
+        c.api.auth_failures_per_second_per_ip = 1;
+        c.api.auth_failure_burst_per_ip = 2;
+    })
+    .await;
     let app = server.create_app("tail-revoked").await;
     let (status, token) = server
         .call(
@@ -399,6 +404,19 @@ async fn a_tail_ends_when_its_token_is_revoked() {
         .await
         .expect("answered");
     assert_eq!(stream.status(), 200);
+    // The address keeps failing, so its token checks are refused unread (429) from now on.
+    let hammered = format!("{}/api/v1/app/{app}/msg", server.base);
+    let hammer = tokio::spawn(async move {
+        let client = crate::harness::http_client();
+        loop {
+            let _ = client
+                .get(&hammered)
+                .bearer_auth("not-a-token")
+                .send()
+                .await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
     let (status, _) = server
         .call(
             Method::DELETE,
@@ -413,6 +431,7 @@ async fn a_tail_ends_when_its_token_is_revoked() {
         while let Ok(Some(_)) = stream.chunk().await {}
     })
     .await;
+    hammer.abort();
     assert!(ended.is_ok(), "the stream outlived its token by 20 s");
     assert!(
         revoked.elapsed() < Duration::from_secs(15),
