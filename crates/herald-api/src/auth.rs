@@ -70,6 +70,15 @@ impl FromRequestParts<Arc<ApiState>> for ClientAddress {
     }
 }
 
+/// The token an `Authorization` header's value presents (`Bearer <token>`), if any.
+pub(crate) fn bearer_token(header: &str) -> Option<&str> {
+    header
+        .strip_prefix("Bearer ")
+        .or_else(|| header.strip_prefix("bearer "))
+        .map(str::trim)
+        .filter(|token| !token.is_empty())
+}
+
 /// The scope of the bearer token in `headers`, or why there is none. A token no cache holds is
 /// looked up only if its client address has not failed too often (429 otherwise); every token
 /// not found, or expired, counts against its address ([`crate::rate::AuthFailureLimiter`]).
@@ -83,16 +92,10 @@ pub(crate) async fn authenticate(
         .ok_or_else(|| {
             ApiError::unauthorized("missing Authorization header (expected `Bearer <token>`)")
         })?;
-    let presented = header
-        .to_str()
-        .ok()
-        .and_then(|h| {
-            h.strip_prefix("Bearer ")
-                .or_else(|| h.strip_prefix("bearer "))
-        })
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .ok_or_else(|| ApiError::unauthorized("Authorization header must be `Bearer <token>`"))?;
+    let presented =
+        header.to_str().ok().and_then(bearer_token).ok_or_else(|| {
+            ApiError::unauthorized("Authorization header must be `Bearer <token>`")
+        })?;
     let token_hash = token::hash(presented);
     if let Some(admin) = &state.admin_token_hash
         && token::equal(admin, &token_hash)

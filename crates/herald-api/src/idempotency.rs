@@ -154,17 +154,14 @@ pub async fn replay(
     let Some(auth) = header_str(&request, header::AUTHORIZATION.as_str()) else {
         return next.run(request).await;
     };
-    // The caller's part of the scope: a digest of its header, except for the admin token,
-    // which the operator chooses (16 characters will do) and whose unsalted digest stored
-    // here would let anyone with the database guess it offline. API tokens are 256 random
-    // bits, whose digests the token table keeps anyway.
-    let presented = auth
-        .strip_prefix("Bearer ")
-        .or_else(|| auth.strip_prefix("bearer "))
-        .map_or(auth.as_str(), str::trim);
+    // The caller's part of the scope: its token's digest, except for the admin token, which
+    // the operator chooses (16 characters will do) and whose unsalted digest stored here would
+    // let anyone with the database guess it offline. API tokens are 256 random bits, whose
+    // digests the token table keeps anyway.
+    let digest = token::hash(auth::bearer_token(&auth).unwrap_or(&auth));
     let caller = match &state.admin_token_hash {
-        Some(admin) if token::equal(admin, &token::hash(presented)) => "admin".to_owned(),
-        _ => token::hex(&token::hash(&auth)),
+        Some(admin) if token::equal(admin, &digest) => "admin".to_owned(),
+        _ => token::hex(&digest),
     };
     let scope = format!("{caller}:{}", request.uri().path());
     // Claims are compared across nodes: in the cluster's time (the store's clock).

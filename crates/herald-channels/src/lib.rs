@@ -39,7 +39,7 @@ pub use hub::Hub;
 pub use protocol::Frame;
 pub use publication::{EventData, Outgoing, Publication};
 pub use publisher::{Publish, PublishError, Published, Publisher, Webhook};
-pub use tail::{Source, Tail, TailEvent};
+pub use tail::{Source, Tail, TailData, TailEvent};
 
 /// Now, at the millisecond precision the store keeps.
 pub(crate) fn now() -> chrono::DateTime<chrono::Utc> {

@@ -46,7 +46,7 @@ use crate::{
     broker::Broker,
     history::History,
     publication::{EventData, Publication},
-    tail::{Source, Tail, TailEvent},
+    tail::{Source, Tail, TailData, TailEvent},
     turns::{ChannelTurns, Step},
 };
 
@@ -395,26 +395,22 @@ impl Shared {
         } = plan;
         let wake = message.as_ref().is_some_and(|(_, t)| !t.is_empty());
         // Built before the commit takes the message, and only if someone watches.
-        let tailed = self.tail.is_watched().then(|| {
-            let (tail_data, data_bytes) = TailEvent::bounded(match &message {
+        let tailed = self.tail.is_watched().then(|| TailEvent {
+            app_id: app_id.clone(),
+            source,
+            event: event.clone(),
+            channels: match &message {
+                Some((message, _)) => message.channels.clone().unwrap_or_default(),
+                None => channels.clone(),
+            },
+            message_id: message.as_ref().map(|(m, _)| m.id.clone()),
+            event_id: message.as_ref().and_then(|(m, _)| m.event_id.clone()),
+            data: TailData::bounded(match &message {
                 Some((message, _)) => EventData::payload(&message.payload),
                 None => data.clone(),
-            });
-            TailEvent {
-                app_id: app_id.clone(),
-                source,
-                event: event.clone(),
-                channels: match &message {
-                    Some((message, _)) => message.channels.clone().unwrap_or_default(),
-                    None => channels.clone(),
-                },
-                message_id: message.as_ref().map(|(m, _)| m.id.clone()),
-                event_id: message.as_ref().and_then(|(m, _)| m.event_id.clone()),
-                data: tail_data,
-                data_bytes,
-                json: message.is_some() || data.is_json(),
-                at: chrono::Utc::now(),
-            }
+            }),
+            json: message.is_some() || data.is_json(),
+            at: chrono::Utc::now(),
         });
 
         // 2. One commit. Tickets on the history channels keep this node's order on each: the

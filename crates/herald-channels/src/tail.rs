@@ -23,19 +23,31 @@ pub use herald_metrics::Source;
 
 use crate::publication::EventData;
 
-impl TailEvent {
-    /// `data` as the tail keeps it: itself, or `None` beyond [`MAX_TAIL_DATA_BYTES`]; and its
-    /// length.
-    pub(crate) fn bounded(data: EventData) -> (Option<EventData>, usize) {
-        let bytes = data.as_str().len();
-        ((bytes <= MAX_TAIL_DATA_BYTES).then_some(data), bytes)
-    }
+/// Data larger than this is left out of the tail's event ([`TailData::LeftOut`]), its size
+/// kept: the ring's 1,024 events then hold 64 MiB of data at most, where payloads of the API's
+/// 1 MiB could hold a GiB for a watcher that reads nothing.
+pub const MAX_TAIL_DATA_BYTES: usize = 64 * 1024;
+
+/// A tailed event's data, as the tail keeps it.
+#[derive(Debug)]
+pub enum TailData {
+    Kept(EventData),
+    /// Larger than [`MAX_TAIL_DATA_BYTES`]: only its length (the message log has a message's
+    /// payload).
+    LeftOut {
+        bytes: usize,
+    },
 }
 
-/// Data larger than this is left out of the tail's event ([`TailEvent::data`] is `None`), its
-/// size kept: the ring's 1,024 events then hold 64 MiB of data at most, where payloads of the
-/// API's 1 MiB could hold a GiB for a watcher that reads nothing.
-pub const MAX_TAIL_DATA_BYTES: usize = 64 * 1024;
+impl TailData {
+    /// `data` kept, or left out beyond [`MAX_TAIL_DATA_BYTES`].
+    pub(crate) fn bounded(data: EventData) -> Self {
+        match data.as_str().len() {
+            bytes if bytes > MAX_TAIL_DATA_BYTES => Self::LeftOut { bytes },
+            _ => Self::Kept(data),
+        }
+    }
+}
 
 /// One committed publication, as a watcher sees it.
 #[derive(Debug)]
@@ -49,11 +61,9 @@ pub struct TailEvent {
     pub message_id: Option<MessageId>,
     /// The message's `eventId`, when its producer gave one.
     pub event_id: Option<String>,
-    /// A message's JSON payload, or the event's data as sent; `None` when it is larger than
-    /// [`MAX_TAIL_DATA_BYTES`] (the message log has a message's payload).
-    pub data: Option<EventData>,
-    /// The data's length in bytes, whether or not it is kept.
-    pub data_bytes: usize,
+    /// A message's JSON payload, or the event's data as sent (left out when larger than
+    /// [`MAX_TAIL_DATA_BYTES`]).
+    pub data: TailData,
     /// Whether `data` is JSON (a message's payload always is).
     pub json: bool,
     pub at: DateTime<Utc>,
@@ -129,8 +139,7 @@ mod tests {
             channels: Vec::new(),
             message_id: None,
             event_id: None,
-            data: Some(EventData::text("{}")),
-            data_bytes: 2,
+            data: TailData::Kept(EventData::text("{}")),
             json: true,
             at: Utc::now(),
         }
@@ -139,16 +148,14 @@ mod tests {
     /// Data up to the bound is kept; larger data is left out, its length kept.
     #[test]
     fn data_over_the_bound_is_left_out_and_its_length_kept() {
-        let (kept, bytes) = TailEvent::bounded(EventData::text("x".repeat(MAX_TAIL_DATA_BYTES)));
-        assert_eq!(bytes, MAX_TAIL_DATA_BYTES);
-        assert_eq!(
-            kept.expect("kept at the bound").as_str().len(),
-            MAX_TAIL_DATA_BYTES
-        );
-        let (left_out, bytes) =
-            TailEvent::bounded(EventData::text("x".repeat(MAX_TAIL_DATA_BYTES + 1)));
-        assert!(left_out.is_none());
-        assert_eq!(bytes, MAX_TAIL_DATA_BYTES + 1);
+        match TailData::bounded(EventData::text("x".repeat(MAX_TAIL_DATA_BYTES))) {
+            TailData::Kept(kept) => assert_eq!(kept.as_str().len(), MAX_TAIL_DATA_BYTES),
+            left_out => panic!("not kept at the bound: {left_out:?}"),
+        }
+        match TailData::bounded(EventData::text("x".repeat(MAX_TAIL_DATA_BYTES + 1))) {
+            TailData::LeftOut { bytes } => assert_eq!(bytes, MAX_TAIL_DATA_BYTES + 1),
+            kept => panic!("kept beyond the bound: {kept:?}"),
+        }
     }
 
     #[test]

@@ -206,7 +206,7 @@ pub async fn serve(
             continue;
         };
         // After the global slot, so every counted socket holds one (the table's bound).
-        let Some(address_slot) = per_address.admit(peer.ip()) else {
+        let Some((address_slot, address_bodies)) = per_address.admit(peer.ip()) else {
             metrics.refused(Refusal::PerAddressCap);
             refused_per_address += 1;
             if refused_per_address.is_power_of_two() {
@@ -227,7 +227,6 @@ pub async fn serve(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(%peer, error = %e, "could not set TCP_NODELAY");
         }
-        let address_bodies = address_slot.bodies();
         let counted = Counted {
             stream,
             _slot: slot,
@@ -443,25 +442,25 @@ fn body_timeout_response(timeout: Duration) -> Response {
 /// Reading a request body was refused for want of budget: 503 in the APIs' error shape, retry
 /// in a second, and the connection closed (the rest of the body is never read).
 fn body_budget_response() -> Response {
-    let mut response = body_failure_response(
+    retry_in_a_second(body_failure_response(
         StatusCode::SERVICE_UNAVAILABLE,
         "busy",
         "the server is reading as many request bodies as it may at once; retry shortly",
-    );
-    response
-        .headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    response
+    ))
 }
 
 /// Reading a request body was refused because its client's address holds its whole share of
 /// the budget: 429 in the APIs' error shape, retry in a second, and the connection closed.
 fn address_body_budget_response() -> Response {
-    let mut response = body_failure_response(
+    retry_in_a_second(body_failure_response(
         StatusCode::TOO_MANY_REQUESTS,
         "rate_limited",
         "this client address is sending as many request bodies at once as it may; retry once they are sent",
-    );
+    ))
+}
+
+/// `response` with `Retry-After: 1`: a budget frees as the bodies holding it are read.
+fn retry_in_a_second(mut response: Response) -> Response {
     response
         .headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -805,10 +804,11 @@ struct PerAddress {
     open: Mutex<HashMap<IpAddr, AddressUse>>,
 }
 
-/// What one address holds: its sockets, and the bodies they are reading.
+/// What one address holds: its sockets, and the bodies they are reading (`None` without a
+/// share of the body budget).
 struct AddressUse {
     sockets: usize,
-    bodies: Arc<AddressBodies>,
+    bodies: Option<Arc<AddressBodies>>,
 }
 
 impl PerAddress {
@@ -825,30 +825,35 @@ impl PerAddress {
         self.open.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Counts a socket from `peer`, or `None` if its address holds `max` already.
-    fn admit(self: &Arc<Self>, peer: IpAddr) -> Option<AddressSlot> {
+    /// Counts a socket from `peer`, or `None` if its address holds `max` already; with the
+    /// socket's place, its address's share of the body budget (`None` for an address held to
+    /// none), for the connection's request bodies. A body outliving every socket of its address
+    /// keeps the share it took: the entry goes, its counter with the last holder.
+    fn admit(self: &Arc<Self>, peer: IpAddr) -> Option<(AddressSlot, Option<Arc<AddressBodies>>)> {
         let peer = peer.to_canonical();
         let untracked = self.max == 0 && self.max_body_bytes == 0;
         if untracked || self.trusted_proxies.iter().any(|net| net.contains(&peer)) {
-            return Some(AddressSlot { held: None });
+            return Some((AddressSlot { held: None }, None));
         }
         let key = herald_channels::limits::address_key(peer);
         let mut open = self.lock();
         let used = open.entry(key).or_insert_with(|| AddressUse {
             sockets: 0,
-            bodies: Arc::new(AddressBodies {
-                max: self.max_body_bytes,
-                reading: AtomicUsize::new(0),
+            bodies: (self.max_body_bytes > 0).then(|| {
+                Arc::new(AddressBodies {
+                    max: self.max_body_bytes,
+                    reading: AtomicUsize::new(0),
+                })
             }),
         });
         if self.max > 0 && used.sockets >= self.max {
             return None;
         }
         used.sockets += 1;
-        let bodies = (self.max_body_bytes > 0).then(|| Arc::clone(&used.bodies));
-        Some(AddressSlot {
-            held: Some((Arc::clone(self), key, bodies)),
-        })
+        let slot = AddressSlot {
+            held: Some((Arc::clone(self), key)),
+        };
+        Some((slot, used.bodies.clone()))
     }
 
     #[cfg(test)]
@@ -857,24 +862,14 @@ impl PerAddress {
     }
 }
 
-/// One socket's place in its address's count, released when dropped, and its address's share
-/// of the body budget (`None` for an address held to none).
+/// One socket's place in its address's count, released when dropped.
 struct AddressSlot {
-    held: Option<(Arc<PerAddress>, IpAddr, Option<Arc<AddressBodies>>)>,
-}
-
-impl AddressSlot {
-    /// The address's share of the body budget, for the connection's request bodies. A body
-    /// outliving every socket of its address keeps the share it took (the entry goes, its
-    /// counter with the last holder).
-    fn bodies(&self) -> Option<Arc<AddressBodies>> {
-        self.held.as_ref().and_then(|(_, _, bodies)| bodies.clone())
-    }
+    held: Option<(Arc<PerAddress>, IpAddr)>,
 }
 
 impl Drop for AddressSlot {
     fn drop(&mut self) {
-        let Some((per_address, key, _)) = self.held.take() else {
+        let Some((per_address, key)) = self.held.take() else {
             return;
         };
         let mut open = per_address.lock();
@@ -1382,14 +1377,15 @@ mod tests {
             vec!["10.0.0.0/8".parse().expect("net")],
         ));
         let node = Arc::new(Semaphore::new(1024 * 1024));
-        let body = |slot: &AddressSlot, chunks: Vec<Option<Frame<Bytes>>>| {
+        type Admitted = (AddressSlot, Option<Arc<AddressBodies>>);
+        let body = |(_, share): &Admitted, chunks: Vec<Option<Frame<Bytes>>>| {
             let failure = Arc::new(BodyFailure::default());
             let body = TimedBody::new(
                 Trickle(VecDeque::from(chunks)),
                 Duration::from_secs(30),
                 BodyBudget {
                     node: Arc::clone(&node),
-                    address: slot.bodies(),
+                    address: share.clone(),
                 },
                 Arc::clone(&failure),
             );
@@ -1435,7 +1431,8 @@ mod tests {
         assert!(refused.is::<BodyOverBudget>(), "{refused}");
         assert_eq!(greedy_failure.get(), BodyFailure::ADDRESS_OVER_BUDGET);
         let reading = || {
-            one.bodies()
+            one.1
+                .as_ref()
                 .expect("a share")
                 .reading
                 .load(Ordering::Acquire)
@@ -1445,7 +1442,7 @@ mod tests {
         assert_eq!(reading(), 0);
         drop(greedy);
         assert_eq!(reading(), 0);
-        assert!(proxy.bodies().is_none(), "a trusted proxy holds no share");
+        assert!(proxy.1.is_none(), "a trusted proxy holds no share");
     }
 
     async fn next_frame<B: HttpBody + Unpin>(

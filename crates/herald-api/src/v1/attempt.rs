@@ -432,7 +432,7 @@ pub async fn resend(
     }
     state
         .store
-        .enqueue_manual(&app.id, &msg.id, &endpoint.id, state.store.clock().now())
+        .enqueue_manual(&app.id, &msg.id, &endpoint.id, now)
         .await?;
     state.dispatcher.wake();
     // The SDKs parse an (empty) object from this response.

@@ -211,14 +211,12 @@ async fn app_for_create(
             // The app is made under the path's name, as Svix checks: one made under another
             // uid would hold a message the path does not name, and every retry would 409.
             if input.uid.as_deref().is_some_and(|uid| uid != app_id) {
-                let mut v = Validator::default();
-                v.check(
+                return Err(ApiError::invalid(
                     &["body", "application", "uid"],
-                    Err(format!(
+                    format!(
                         "application.uid must be the app named in the path ({app_id}), or left out"
-                    )),
-                );
-                v.finish()?;
+                    ),
+                ));
             }
             let input = ApplicationIn {
                 uid: Some(app_id.to_owned()),
@@ -243,23 +241,19 @@ fn take_raw_payload(input: &mut MessageIn) -> ApiResult<()> {
     else {
         return Ok(());
     };
-    let mut v = Validator::default();
-    match raw {
-        serde_json::Value::String(text) => match serde_json::from_str::<Box<RawValue>>(&text) {
-            Ok(payload) => input.payload = payload,
-            Err(e) => v.check(
-                LOC,
-                Err(format!(
-                    "rawPayload must hold JSON (Herald delivers JSON payloads): {e}"
-                )),
-            ),
-        },
-        _ => v.check(
+    let serde_json::Value::String(text) = raw else {
+        return Err(ApiError::invalid(
             LOC,
-            Err("rawPayload must be a string: the payload, serialized".to_owned()),
-        ),
-    }
-    v.finish()
+            "rawPayload must be a string: the payload, serialized",
+        ));
+    };
+    input.payload = serde_json::from_str::<Box<RawValue>>(&text).map_err(|e| {
+        ApiError::invalid(
+            LOC,
+            format!("rawPayload must hold JSON (Herald delivers JSON payloads): {e}"),
+        )
+    })?;
+    Ok(())
 }
 
 /// Publishes a message: stored and queued to every matching endpoint before the answer, so a
@@ -273,10 +267,9 @@ pub async fn create(
     caller: Caller,
     Path(app_id): Path<String>,
     query: QueryParams,
-    SvixJson(input): SvixJson<MessageIn>,
+    SvixJson(mut input): SvixJson<MessageIn>,
 ) -> ApiResult<Response> {
     let with_content = query.bool("with_content", true)?;
-    let mut input = input;
     take_raw_payload(&mut input)?;
     validate_in(&input)?;
     // A message's channels go live to the app's channel subscribers, as if the app's backend

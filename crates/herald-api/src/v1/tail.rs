@@ -35,7 +35,7 @@ use axum::{
         sse::{Event, KeepAlive, Sse},
     },
 };
-use herald_channels::{TailEvent, tail::Watcher};
+use herald_channels::{TailData, TailEvent, tail::Watcher};
 use herald_core::AppId;
 use serde::Serialize;
 use serde_json::{json, value::RawValue};
@@ -291,13 +291,17 @@ enum Data<'a> {
 fn publication(event: &TailEvent) -> Event {
     // JSON data goes out as its own bytes (a payload's key order and spacing kept), so what
     // `herald listen --forward-to` sends is what the producer sent.
-    let data = event.data.as_ref().map(|data| {
-        let text = data.as_str();
-        match serde_json::from_str::<&RawValue>(text) {
-            Ok(raw) if event.json => Data::Json(raw),
-            _ => Data::Text(text),
+    let (data, data_omitted_bytes) = match &event.data {
+        TailData::Kept(data) => {
+            let text = data.as_str();
+            let data = match serde_json::from_str::<&RawValue>(text) {
+                Ok(raw) if event.json => Data::Json(raw),
+                _ => Data::Text(text),
+            };
+            (Some(data), None)
         }
-    });
+        TailData::LeftOut { bytes } => (None, Some(*bytes)),
+    };
     let body = PublicationOut {
         source: event.source.as_str(),
         event: &event.event,
@@ -305,7 +309,7 @@ fn publication(event: &TailEvent) -> Event {
         message_id: event.message_id.as_ref().map(ToString::to_string),
         event_id: event.event_id.as_deref(),
         data,
-        data_omitted_bytes: event.data.is_none().then_some(event.data_bytes),
+        data_omitted_bytes,
         timestamp: event
             .at
             .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),

@@ -260,12 +260,7 @@ pub fn verify(
             let prefix = standard_header_prefix(request);
             let id = request.required(&format!("{prefix}-id"))?;
             let ts_name = format!("{prefix}-timestamp");
-            // Written as a number is (as Stripe's `t`): it is signed formatted again.
-            let ts_text = request.required(&ts_name)?.trim();
-            let timestamp: i64 = ts_text
-                .parse::<i64>()
-                .ok()
-                .filter(|parsed| parsed.to_string() == ts_text)
+            let timestamp = signed_unix_time(request.required(&ts_name)?.trim())
                 .ok_or_else(|| malformed(&ts_name, "not a Unix time (digits, no leading zero)"))?;
             let sig_name = format!("{prefix}-signature");
             let signatures = standard_signatures(&sig_name, request.signature(&sig_name)?)?;
@@ -385,11 +380,22 @@ fn malformed(header: &str, reason: &str) -> VerifyError {
     }
 }
 
+/// A signed timestamp, only as a number is written (an optional `-`, no `+`, no leading zero):
+/// the schemes that sign one sign it as it is formatted again, so `+1700000000` or
+/// `01700000000` would otherwise verify a header the sender never sent.
+fn signed_unix_time(text: &str) -> Option<i64> {
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    let canonical = !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && (digits == "0" || !digits.starts_with('0'))
+        && text != "-0";
+    canonical.then(|| text.parse().ok()).flatten()
+}
+
 /// `t=<unix>,v1=<hex>,v1=<hex>,v0=...`: the timestamp and every `v1` signature that could
 /// match (64 hex digits); others cannot, and are skipped as Stripe's libraries skip them, so one
-/// garbled entry does not hide a good one beside it. The timestamp must be written as a number
-/// is (no sign, no leading zero): it is signed as it is formatted again, so `+1700000000` or
-/// `01700000000` would otherwise verify a header the sender never sent.
+/// garbled entry does not hide a good one beside it. The timestamp is read by
+/// [`signed_unix_time`].
 fn parse_stripe(header: &str) -> Result<(i64, Vec<Vec<u8>>), VerifyError> {
     let name = "Stripe-Signature";
     let mut timestamp = None;
@@ -398,14 +404,9 @@ fn parse_stripe(header: &str) -> Result<(i64, Vec<Vec<u8>>), VerifyError> {
     for part in header.split(',') {
         match part.trim().split_once('=') {
             Some(("t", t)) => {
-                timestamp = Some(
-                    t.parse::<i64>()
-                        .ok()
-                        .filter(|parsed| parsed.to_string() == t)
-                        .ok_or_else(|| {
-                            malformed(name, "t is not a Unix time (digits, no leading zero)")
-                        })?,
-                );
+                timestamp = Some(signed_unix_time(t).ok_or_else(|| {
+                    malformed(name, "t is not a Unix time (digits, no leading zero)")
+                })?);
             }
             Some(("v1", sig)) => {
                 v1_entries += 1;
