@@ -16,9 +16,11 @@ from datetime import datetime, timedelta, timezone
 
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from svix.api import (
+    AppPortalAccessIn,
     ApplicationIn,
     EndpointIn,
     EndpointSecretRotateIn,
+    EventExampleIn,
     EventTypeIn,
     MessageIn,
     MessageStatus,
@@ -26,6 +28,7 @@ from svix.api import (
     Svix,
     SvixOptions,
 )
+from svix.api.endpoint import EndpointGetStatsOptions
 from svix.api.message import MessageGetOptions, MessageListOptions
 from svix.api.message_attempt import (
     MessageAttemptListAttemptedDestinationsOptions,
@@ -108,7 +111,11 @@ def main() -> None:
     check(svix.application.get(app.uid).id == app.id, "application get by uid")
 
     svix.event_type.create(
-        EventTypeIn(name=f"invoice.paid.{suffix}", description="An invoice was paid")
+        EventTypeIn(
+            name=f"invoice.paid.{suffix}",
+            description="An invoice was paid",
+            schemas={"1": {"type": "object", "examples": [{"invoice": 99, "example": True}]}},
+        )
     )
     check(
         any(et.name == f"invoice.paid.{suffix}" for et in svix.event_type.list().data),
@@ -163,6 +170,17 @@ def main() -> None:
             break
         time.sleep(0.05)
     check(stats.success == 10 and stats.fail == 0, f"endpoint stats count 10 successes ({stats})")
+    hour = timedelta(hours=1)
+    window = svix.endpoint.get_stats(
+        app.id,
+        endpoint.id,
+        EndpointGetStatsOptions(since=datetime.now(timezone.utc) - hour, until=datetime.now(timezone.utc) + hour),
+    )
+    check(window.success == 10, f"endpoint stats within since/until count the 10 ({window})")
+    later = svix.endpoint.get_stats(
+        app.id, endpoint.id, EndpointGetStatsOptions(since=datetime.now(timezone.utc) + hour)
+    )
+    check(later.success == 0, f"endpoint stats since a later time count none ({later})")
 
     attempts = svix.message_attempt.list_by_endpoint(
         app.id, endpoint.id, MessageAttemptListByEndpointOptions(limit=5, with_content=True)
@@ -291,6 +309,25 @@ def main() -> None:
         RecoverIn(since=datetime.now(timezone.utc) - timedelta(hours=1)),
     )
     check(recovered.task == "endpoint.recover", "recover returns a background task")
+
+    example = svix.endpoint.send_example(
+        app.id, endpoint.id, EventExampleIn(event_type=f"invoice.paid.{suffix}")
+    )
+    got = receiver.wait_for(len(sent) + 2)
+    check(
+        got[-1]["id"] == example.id and got[-1]["payload"] == {"invoice": 99, "example": True},
+        "send_example delivers the event type's schema example",
+    )
+
+    portal = svix.authentication.app_portal_access(app.id, AppPortalAccessIn())
+    customer = Svix(portal.token, SvixOptions(server_url=url))
+    check(len(customer.endpoint.list(app.id).data) == 1, "the portal token reads the app")
+    customer.authentication.logout()
+    try:
+        customer.endpoint.list(app.id)
+        check(False, "a logged-out token is refused")
+    except HttpError as e:
+        check(e.status_code == 401, f"a logged-out token is 401 ({e})")
 
     try:
         svix.application.get("no-such-app")

@@ -90,6 +90,9 @@ export class MessagesView {
     } else if (window) {
       query.after = new Date(Date.now() - Number(window) * 1000).toISOString();
     }
+    // `after` alone reads from that time on (Svix's paging); the log shows the newest of the
+    // window, so it is closed a day ahead (past any clock difference with the server).
+    if (query.after && !query.before) query.before = new Date(Date.now() + 86_400_000).toISOString();
     return query;
   }
 

@@ -312,7 +312,8 @@ mod tests {
                 Access::AnyToken
                 | Access::AppToken
                 | Access::AppAdmin
-                | Access::EnvironmentToken => "bearer",
+                | Access::EnvironmentToken
+                | Access::AppScopedToken => "bearer",
                 Access::PusherSignature => "pusher",
                 Access::Public | Access::ProviderSignature | Access::ChannelToken => "{}",
             };

@@ -75,6 +75,20 @@ pub fn page(query: &QueryParams, descending: bool) -> ApiResult<Page> {
     })
 }
 
+/// Svix's reading of a time window given by `after` alone (no `before`, no iterator) on a list
+/// read newest first: the page is the `limit` rows right after that time, still shown newest
+/// first, and its `prevIterator` walks on towards the present. Read newest first, it would be
+/// the newest `limit` rows, and a poller asking for what came after its last look would skip
+/// whatever lay between.
+pub fn starting_after(mut page: Page, query: &QueryParams) -> Page {
+    let given = |name: &str| query.str(name).is_some_and(|value| !value.is_empty());
+    if page.descending && page.iterator.is_none() && !given("before") && given("after") {
+        page.descending = false;
+        page.backwards = true;
+    }
+    page
+}
+
 /// What the iterators of lists keyed by a name start with: names (channels, user ids, event
 /// types) may begin with `-`, which a bare iterator would read as a walk back.
 pub const NAME_CURSOR: char = '.';

@@ -42,6 +42,9 @@ pub enum Access {
     AppAdmin,
     /// An environment-wide bearer token only; an app-scoped one is refused with 403.
     EnvironmentToken,
+    /// An app-scoped bearer token only (an app's, or an app portal link's): what it asks for
+    /// is about the token itself (logging it out). An environment-wide one is refused (403).
+    AppScopedToken,
     /// The Pusher HTTP API's request signature, made with the key and secret of the app the
     /// path names.
     PusherSignature,
@@ -56,7 +59,11 @@ impl Access {
     pub fn takes_bearer_token(self) -> bool {
         matches!(
             self,
-            Self::AnyToken | Self::AppToken | Self::AppAdmin | Self::EnvironmentToken
+            Self::AnyToken
+                | Self::AppToken
+                | Self::AppAdmin
+                | Self::EnvironmentToken
+                | Self::AppScopedToken
         )
     }
 }
@@ -171,6 +178,11 @@ async fn check(state: &ApiState, access: Access, request: Request) -> Result<Req
     {
         return Err(ApiError::forbidden(
             "an app portal link's token manages the app's endpoints and messages only",
+        ));
+    }
+    if access == Access::AppScopedToken && scope.app().is_none() {
+        return Err(ApiError::forbidden(
+            "only an app-scoped token may do this; an environment token is revoked with DELETE /api/v1/auth/token/{token_id}",
         ));
     }
     if let Some(allowed) = scope.app() {

@@ -79,6 +79,15 @@ impl Publish {
         }
     }
 
+    /// An example message, sent only to `endpoint` (see [`Webhook::Example`]).
+    pub fn example(message: Message, endpoint: EndpointId) -> Self {
+        let mut publish = Self::message(message);
+        if let Webhook::Message(message) = std::mem::replace(&mut publish.webhook, Webhook::None) {
+            publish.webhook = Webhook::Example(message, endpoint);
+        }
+        publish
+    }
+
     /// A verified inbound webhook and the message it becomes.
     pub fn ingest(record: IngestEvent, message: Message) -> Self {
         let mut publish = Self::message(message);
@@ -114,6 +123,9 @@ pub enum Webhook {
     /// A verified inbound webhook and the message it becomes, recorded together; a delivery
     /// the provider sent before publishes nothing.
     Ingest(Box<IngestEvent>, Message),
+    /// This message, to the one endpoint if its filters want it (Svix's "send example"): a
+    /// test of that endpoint, which the app's other endpoints do not receive.
+    Example(Message, EndpointId),
 }
 
 impl Webhook {
@@ -122,7 +134,7 @@ impl Webhook {
     fn source(&self) -> Source {
         match self {
             Self::None => Source::Client,
-            Self::Message(_) => Source::Api,
+            Self::Message(_) | Self::Example(..) => Source::Api,
             Self::IfWanted => Source::Pusher,
             Self::Ingest(..) => Source::Ingest,
         }
@@ -315,6 +327,14 @@ impl Publisher {
                     .shared
                     .targets(app, &message.event_type, message.channels.as_deref())
                     .await?;
+                (Some((message, targets)), None)
+            }
+            Webhook::Example(message, endpoint) => {
+                let mut targets = self
+                    .shared
+                    .targets(app, &message.event_type, message.channels.as_deref())
+                    .await?;
+                targets.retain(|id| *id == endpoint);
                 (Some((message, targets)), None)
             }
             Webhook::IfWanted => {

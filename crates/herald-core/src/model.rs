@@ -104,6 +104,19 @@ impl PusherCredentials {
         Self::generate().secret
     }
 
+    /// These credentials after a rotation to `secret`: the current secret keeps verifying
+    /// until `previous_until` when there is one (a grace), and is dropped at once otherwise.
+    pub fn rotated(self, secret: String, previous_until: Option<DateTime<Utc>>) -> Self {
+        Self {
+            previous: previous_until.map(|until| RetiredSecret {
+                secret: self.secret,
+                until,
+            }),
+            secret,
+            ..self
+        }
+    }
+
     /// The secrets that verify what backends and clients sign at `now`: the current one, then
     /// the one it replaced while its grace lasts. (Herald signs with the current one only.)
     pub fn verifying_secrets(&self, now: DateTime<Utc>) -> impl Iterator<Item = &str> {

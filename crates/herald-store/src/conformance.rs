@@ -30,7 +30,8 @@ use herald_core::{
 use crate::{
     ApiToken, AttemptQuery, AttemptRecord, AttemptScope, ClaimRequest, ENDPOINT_CHANGED,
     EndpointChange, HistoryQuery, IdempotencyClaim, IngestRecorded, LeaseToken, MessageQuery,
-    NextStep, OccupancyChange, Occupant, Page, Recorded, Store, StoreError, TokenScope,
+    NextStep, OccupancyChange, Occupant, Page, Recorded, StatsWindow, Store, StoreError,
+    TokenScope,
 };
 
 /// One check: a future over a fresh store.
@@ -93,6 +94,7 @@ checks!(
     old_messages_are_deleted_in_batches_but_not_while_a_delivery_is_pending,
     an_expunge_names_the_message_by_id_or_event_id,
     deleting_an_app_deletes_its_messages_in_batches_and_no_other_app_s,
+    concurrent_pusher_rotations_each_retire_the_secret_they_replace,
 );
 
 /// Runs every check, each against a new store from `factory`, and closes it afterwards. The
@@ -371,6 +373,56 @@ pub async fn apps_resolve_by_id_uid_and_pusher_ids(store: &dyn Store) {
     assert!(!store.delete_app(&app.id).await.expect("delete again"));
     assert!(store.get_app(&app.id).await.expect("read").is_none());
     assert!(store.get_app("my-app").await.expect("read").is_none());
+}
+
+/// Rotations close together each retire the secret stored when they write: every rotation's
+/// previous secret is a different one (the app's first, or another rotation's), so none is
+/// lost, and the last one written is the app's.
+pub async fn concurrent_pusher_rotations_each_retire_the_secret_they_replace(store: &dyn Store) {
+    let app = stored_app(store, "A").await;
+    let until = Utc::now().trunc_subsecs(3) + chrono::Duration::hours(1);
+    let secrets: Vec<String> = (0..8).map(|n| format!("rotated-secret-{n:02}")).collect();
+    let rotated = join_all(
+        secrets
+            .iter()
+            .map(|secret| store.rotate_pusher_secret(&app.id, secret, Some(until)))
+            .collect(),
+    )
+    .await
+    .into_iter()
+    .map(|done| done.expect("rotated"))
+    .collect::<Vec<_>>();
+    let mut retired: Vec<&str> = rotated
+        .iter()
+        .map(|c| c.previous.as_ref().expect("a grace").secret.as_str())
+        .collect();
+    retired.sort_unstable();
+    let mut expected: Vec<&str> = std::iter::once(app.pusher.secret.as_str())
+        .chain(secrets.iter().map(String::as_str))
+        .collect();
+    // One chain: the first secret and every rotation's but the last are each retired once.
+    let stored = store.get_app(&app.id).await.expect("read").expect("found");
+    expected.retain(|secret| *secret != stored.pusher.secret);
+    expected.sort_unstable();
+    assert_eq!(retired, expected);
+    let last = rotated
+        .iter()
+        .find(|c| c.secret == stored.pusher.secret)
+        .expect("the stored secret is a rotation's");
+    assert_eq!(stored.pusher, *last);
+    // Without a grace, the replaced secret stops at once.
+    let dropped = store
+        .rotate_pusher_secret(&app.id, "rotated-secret-final", None)
+        .await
+        .expect("rotated");
+    assert_eq!(dropped.previous, None);
+    assert_eq!(dropped.key, app.pusher.key);
+    assert!(matches!(
+        store
+            .rotate_pusher_secret(&herald_core::AppId::new(Utc::now()), "s", None)
+            .await,
+        Err(StoreError::NotFound)
+    ));
 }
 
 /// An exact id wins over another app's uid equal to it, whichever is read first (a store that
@@ -1493,7 +1545,10 @@ pub async fn a_recovery_larger_than_a_batch_requeues_every_failed_delivery<F>(
         .await
         .expect("recover");
     assert_eq!(recovered, count as u64);
-    let stats = store.endpoint_stats(&ep.id).await.expect("stats");
+    let stats = store
+        .endpoint_stats(&ep.id, &StatsWindow::default())
+        .await
+        .expect("stats");
     assert_eq!((stats.pending, stats.fail), (count as i64, 0));
 }
 
@@ -1887,7 +1942,10 @@ pub async fn an_endpoints_stats_and_delivery_lists_count_each_status(store: &dyn
         .await
         .expect("other's message");
 
-    let stats = store.endpoint_stats(&ep.id).await.expect("stats");
+    let stats = store
+        .endpoint_stats(&ep.id, &StatsWindow::default())
+        .await
+        .expect("stats");
     let expected = EndpointStats {
         success: 1,
         pending: 1,
@@ -1896,7 +1954,7 @@ pub async fn an_endpoints_stats_and_delivery_lists_count_each_status(store: &dyn
     };
     assert_eq!(stats, expected);
     let others = store
-        .endpoint_stats(&other.id)
+        .endpoint_stats(&other.id, &StatsWindow::default())
         .await
         .expect("other's stats");
     assert_eq!(
@@ -1906,6 +1964,24 @@ pub async fn an_endpoints_stats_and_delivery_lists_count_each_status(store: &dyn
             ..EndpointStats::default()
         }
     );
+    // A window counts the deliveries of the messages created in it, leased ones included:
+    // every message above was made before `now`.
+    let window = |since, until| StatsWindow { since, until };
+    for (range, counted) in [
+        (window(None, Some(now)), expected),
+        (
+            window(Some(now - chrono::Duration::hours(1)), None),
+            expected,
+        ),
+        (window(Some(now), None), EndpointStats::default()),
+        (
+            window(None, Some(now - chrono::Duration::hours(1))),
+            EndpointStats::default(),
+        ),
+    ] {
+        let stats = store.endpoint_stats(&ep.id, &range).await.expect("stats");
+        assert_eq!(stats, counted, "{range:?}");
+    }
 
     let listed = |status: Option<DeliveryStatus>| {
         let query = crate::DeliveryQuery {
@@ -1950,7 +2026,10 @@ pub async fn an_endpoints_stats_and_delivery_lists_count_each_status(store: &dyn
         .await
         .expect("recover");
     assert_eq!(recovered, 1);
-    let stats = store.endpoint_stats(&ep.id).await.expect("stats");
+    let stats = store
+        .endpoint_stats(&ep.id, &StatsWindow::default())
+        .await
+        .expect("stats");
     assert_eq!(
         stats,
         EndpointStats {

@@ -108,6 +108,37 @@ impl StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// Which deliveries an endpoint's statistics count: those of the messages created at or after
+/// `since` and before `until`; every one when neither is given.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StatsWindow {
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+}
+
+impl StatsWindow {
+    /// The window as a range of message ids, `[from, to)`: an id starts with its time.
+    pub(crate) fn message_ids(&self) -> (String, String) {
+        use herald_core::id::{MESSAGE, lower_bound};
+        let from = self
+            .since
+            .map(|at| lower_bound(MESSAGE, at))
+            .unwrap_or_default();
+        // After the prefix, an id holds base-62 digits only, all below `~`.
+        let to = self
+            .until
+            .map_or_else(|| format!("{MESSAGE}~"), |at| lower_bound(MESSAGE, at));
+        (from, to)
+    }
+}
+
+/// What an attempt's logged response reads once expunged, as Svix's server writes it.
+pub const EXPUNGED_RESPONSE: &str = "EXPUNGED";
+
+/// How many times [`AppStore::rotate_pusher_secret`] reads the app again when another change
+/// of its secret came between its read and its write.
+pub const PUSHER_ROTATION_ATTEMPTS: usize = 16;
+
 /// The `Conflict` of an [`EndpointStore::update_endpoint`] whose copy is out of date.
 pub const ENDPOINT_CHANGED: &str = "the endpoint changed meanwhile; read it again";
 
@@ -419,6 +450,18 @@ pub trait AppStore: Send + Sync + 'static {
         app_id: &AppId,
         credentials: &herald_core::model::PusherCredentials,
     ) -> Result<()>;
+    /// Makes `secret` the app's Pusher secret, the one it replaces verifying until
+    /// `previous_until` (dropped at once without it), and returns the credentials as stored.
+    /// The secret replaced is the one stored when the change is written (a compare-and-set,
+    /// retried), never an older one read earlier: of two rotations close together, the later
+    /// keeps the earlier's secret as its previous one. `Conflict` if the secret kept changing
+    /// for [`PUSHER_ROTATION_ATTEMPTS`] reads; `NotFound` without the app.
+    async fn rotate_pusher_secret(
+        &self,
+        app_id: &AppId,
+        secret: &str,
+        previous_until: Option<DateTime<Utc>>,
+    ) -> Result<herald_core::model::PusherCredentials>;
     /// Deletes the app and everything it owns: endpoints, messages with their deliveries and
     /// attempts, sources with their received requests, channel history and occupancy, and
     /// the API tokens scoped to it. The large tables are emptied first, [`RETENTION_BATCH`]
@@ -479,7 +522,12 @@ pub trait EndpointStore: Send + Sync + 'static {
     /// Every endpoint of the app, for matching a new message against the filters. Called for
     /// every new message, so implementations may serve it from a cache they keep exact.
     async fn app_endpoints(&self, app_id: &AppId) -> Result<std::sync::Arc<Vec<Endpoint>>>;
-    async fn endpoint_stats(&self, endpoint_id: &EndpointId) -> Result<EndpointStats>;
+    /// The endpoint's deliveries by status, of the messages created within `window`.
+    async fn endpoint_stats(
+        &self,
+        endpoint_id: &EndpointId,
+        window: &StatsWindow,
+    ) -> Result<EndpointStats>;
 }
 
 /// The commit of a write whose place in the commit order is already fixed
@@ -837,6 +885,15 @@ pub trait RetentionStore: Send + Sync + 'static {
     /// Expunges the payload of the app's message `id_or_event_id` now, whatever its
     /// deliveries; the message and its attempts stay. Whether the message exists.
     async fn expunge_payload(&self, app_id: &AppId, id_or_event_id: &str) -> Result<bool>;
+    /// Replaces the response body logged for the message's attempt `attempt_id` with
+    /// [`EXPUNGED_RESPONSE`] (Svix's "expunge attempt content"); the attempt stays. Whether
+    /// the app's message has that attempt.
+    async fn expunge_attempt_response(
+        &self,
+        app_id: &AppId,
+        msg_id: &MessageId,
+        attempt_id: &str,
+    ) -> Result<bool>;
     /// Deletes up to `limit` logged attempts made before `before`; returns how many.
     async fn delete_attempts_before(&self, before: DateTime<Utc>, limit: u32) -> Result<u64>;
     /// Deletes up to `limit` messages created before `before` that have no delivery pending

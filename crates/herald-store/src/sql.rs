@@ -154,16 +154,20 @@ macro_rules! update_app {
 pub(crate) use update_app;
 
 /// Sets the Pusher key and secrets of the app `$app_id` (`&AppId`) to `$credentials`
-/// (`&PusherCredentials`), the secrets encrypted under `$keys` (`&Keyring`).
+/// (`&PusherCredentials`), the secrets encrypted under `$keys` (`&Keyring`). Given
+/// `$replacing` (`Option<&str>`, the stored, sealed secret that was read), it is a
+/// compare-and-set: the row changes only while its secret is still that one, so a rotation
+/// never overwrites one it did not see.
 macro_rules! set_pusher_credentials {
-    ($app_id:expr, $credentials:expr, $keys:expr) => {{
+    ($app_id:expr, $credentials:expr, $keys:expr, $replacing:expr) => {{
         let app_id: &herald_core::AppId = $app_id;
         let credentials: &herald_core::model::PusherCredentials = $credentials;
         let keys: &$crate::secrets::Keyring = $keys;
+        let replacing: Option<&str> = $replacing;
         ::sqlx::query(
             "UPDATE apps SET pusher_key = $2, pusher_secret = $3, pusher_previous_secret = $4,
                              pusher_previous_secret_until = $5
-             WHERE id = $1",
+             WHERE id = $1 AND ($6 IS NULL OR pusher_secret = $6)",
         )
         .bind(app_id.as_str())
         .bind(&credentials.key)
@@ -183,9 +187,47 @@ macro_rules! set_pusher_credentials {
                 .as_ref()
                 .map(|p| $crate::sqlite::rows::millis(p.until)),
         )
+        .bind(replacing)
     }};
 }
 pub(crate) use set_pusher_credentials;
+
+/// [`crate::AppStore::rotate_pusher_secret`] on `$store` (a SQL store, with `keys` and
+/// `cache`), reading from `$reader` and writing to `$writer` (pools).
+macro_rules! rotate_pusher_secret {
+    ($store:expr, $reader:expr, $writer:expr, $app_id:expr, $secret:expr, $previous_until:expr) => {{
+        let app_id: &herald_core::AppId = $app_id;
+        let secret: &str = $secret;
+        let previous_until: Option<chrono::DateTime<chrono::Utc>> = $previous_until;
+        let mut rotation = Err($crate::StoreError::Conflict(
+            "the app's Pusher secret kept changing while this rotation read it; try again".into(),
+        ));
+        for _ in 0..$crate::PUSHER_ROTATION_ATTEMPTS {
+            // Read here, not through the node cache: the compare-and-set below wants the row
+            // as it is, and a rotation on another node leaves the cache behind it.
+            let row = ::sqlx::query($crate::sql::GET_APP)
+                .bind(app_id.as_str())
+                .fetch_optional($reader)
+                .await?
+                .ok_or($crate::StoreError::NotFound)?;
+            let sealed: String = ::sqlx::Row::try_get(&row, "pusher_secret")?;
+            let rotated = rows::app(&row, &$store.keys)?
+                .pusher
+                .rotated(secret.to_owned(), previous_until);
+            let done =
+                $crate::sql::set_pusher_credentials!(app_id, &rotated, &$store.keys, Some(&sealed))
+                    .execute($writer)
+                    .await?;
+            $store.cache.invalidate();
+            if done.rows_affected() == 1 {
+                rotation = Ok(rotated);
+                break;
+            }
+        }
+        rotation
+    }};
+}
+pub(crate) use rotate_pusher_secret;
 
 /// An app's current Pusher secret as stored: encrypted under `keys`.
 pub(crate) fn seal_app_secret(
@@ -1221,6 +1263,25 @@ macro_rules! retention_store {
                 .bind(herald_core::model::EXPIRED_PAYLOAD.as_bytes())
                 .bind(app_id.as_str())
                 .bind(id_or_event_id)
+                .execute(&self.$writer)
+                .await?;
+                Ok(done.rows_affected() > 0)
+            }
+
+            async fn expunge_attempt_response(
+                &self,
+                app_id: &herald_core::AppId,
+                msg_id: &herald_core::MessageId,
+                attempt_id: &str,
+            ) -> $crate::Result<bool> {
+                let done = ::sqlx::query(
+                    "UPDATE attempts SET response = $1
+                     WHERE id = $2 AND msg_id = $3 AND app_id = $4",
+                )
+                .bind($crate::EXPUNGED_RESPONSE)
+                .bind(attempt_id)
+                .bind(msg_id.as_str())
+                .bind(app_id.as_str())
                 .execute(&self.$writer)
                 .await?;
                 Ok(done.rows_affected() > 0)

@@ -225,6 +225,14 @@ mod tests {
         async fn expunge_payload(&self, _: &AppId, _: &str) -> Result<bool, StoreError> {
             Ok(false)
         }
+        async fn expunge_attempt_response(
+            &self,
+            _: &AppId,
+            _: &herald_core::MessageId,
+            _: &str,
+        ) -> Result<bool, StoreError> {
+            Ok(false)
+        }
         async fn delete_attempts_before(
             &self,
             _: DateTime<Utc>,

@@ -487,21 +487,15 @@ pub async fn rotate_pusher_secret(
         ));
     }
     let app = caller.app(&state, &app_id).await?;
-    let now = crate::now();
-    let mut credentials = app.pusher.clone();
-    let old = std::mem::replace(
-        &mut credentials.secret,
-        input
-            .secret
-            .unwrap_or_else(PusherCredentials::generate_secret),
-    );
-    credentials.previous = (grace > 0).then(|| herald_core::model::RetiredSecret {
-        secret: old,
-        until: now + chrono::Duration::seconds(grace),
-    });
-    state
+    let secret = input
+        .secret
+        .unwrap_or_else(PusherCredentials::generate_secret);
+    let previous_until = (grace > 0).then(|| crate::now() + chrono::Duration::seconds(grace));
+    // The store retires the secret stored when it writes, not the one in `app` (read through
+    // the node cache, perhaps before another rotation).
+    let credentials = state
         .store
-        .set_pusher_credentials(&app.id, &credentials)
+        .rotate_pusher_secret(&app.id, &secret, previous_until)
         .await?;
     // A replay (Idempotency-Key) says when the old secret stops, not the new one.
     Ok(SecretFields(&["/secret"]).mark(Json(PusherSecretOut {

@@ -273,7 +273,7 @@ pub async fn list_attempted_messages(
 ) -> ApiResult<Json<ListResponse<EndpointMessageOut>>> {
     let app = caller.app(&state, &app_id).await?;
     let endpoint = caller.endpoint(&state, &app, &endpoint_id).await?;
-    let page = pagination::page(&query, true)?;
+    let page = pagination::starting_after(pagination::page(&query, true)?, &query);
     let with_content = query.bool("with_content", true)?;
     let filter = DeliveryQuery {
         message: message_query(&query)?,
@@ -343,7 +343,7 @@ pub async fn list_by_endpoint(
 ) -> ApiResult<Json<ListResponse<MessageAttemptOut>>> {
     let app = caller.app(&state, &app_id).await?;
     let endpoint = caller.endpoint(&state, &app, &endpoint_id).await?;
-    let page = pagination::page(&query, true)?;
+    let page = pagination::starting_after(pagination::page(&query, true)?, &query);
     let (filter, shown) = attempt_query(&query)?;
     let rows = state
         .store
@@ -378,13 +378,80 @@ pub async fn list_by_msg(
     Path((app_id, msg_id)): Path<(String, String)>,
     query: QueryParams,
 ) -> ApiResult<Json<ListResponse<MessageAttemptOut>>> {
-    let app = caller.app(&state, &app_id).await?;
-    let msg = caller.message(&state, &app, &msg_id).await?;
-    let page = pagination::page(&query, true)?;
-    let (mut filter, shown) = attempt_query(&query)?;
-    // An endpoint's id or uid, as everywhere an endpoint is named.
-    if let Some(endpoint) = query.str("endpoint_id") {
-        let endpoint = caller.endpoint(&state, &app, endpoint).await?;
+    let endpoint = query.str("endpoint_id").map(str::to_owned);
+    attempts_of_message(
+        &state,
+        &caller,
+        &app_id,
+        &msg_id,
+        endpoint.as_deref(),
+        &query,
+    )
+    .await
+}
+
+/// Svix's deprecated `messageAttempt.list` (the v1 SDKs' `listAttemptsByMsg` before it): the
+/// message's attempts, as `attempt/msg/{msg_id}` lists them.
+#[utoipa::path(get, path = "/api/v1/app/{app_id}/msg/{msg_id}/attempt", tag = "Message Attempt", operation_id = "list_attempts_of_message_deprecated",
+    params(("app_id" = String, Path, description = "The app's id or uid"), ("msg_id" = String, Path, description = "The message's id or eventId"), crate::pagination::ListParams, ("status" = Option<u8>, Query, description = "Only this status: 0 success, 1 pending, 2 fail, 3 sending", maximum = 3),
+        ("endpoint_id" = Option<String>, Query, description = "Only attempts made to this endpoint (its id or uid)"),
+        ("before" = Option<DateTime<Utc>>, Query, description = "Only attempts made before this time (RFC 3339)"),
+        ("after" = Option<DateTime<Utc>>, Query, description = "Only attempts made after this time (RFC 3339)")),
+    responses((status = 200, body = ListResponse<MessageAttemptOut>)))]
+pub async fn list_by_msg_deprecated(
+    state: State<Arc<ApiState>>,
+    caller: Caller,
+    path: Path<(String, String)>,
+    query: QueryParams,
+) -> ApiResult<Json<ListResponse<MessageAttemptOut>>> {
+    list_by_msg(state, caller, path, query).await
+}
+
+/// Svix's deprecated `messageAttempt.listAttemptsForEndpoint`: the message's attempts made
+/// to one endpoint, as `attempt/msg/{msg_id}?endpoint_id=` lists them.
+#[utoipa::path(get, path = "/api/v1/app/{app_id}/msg/{msg_id}/endpoint/{endpoint_id}/attempt", tag = "Message Attempt", operation_id = "list_attempts_for_endpoint_deprecated",
+    params(("app_id" = String, Path, description = "The app's id or uid"), ("msg_id" = String, Path, description = "The message's id or eventId"), ("endpoint_id" = String, Path, description = "The endpoint's id or uid"), crate::pagination::ListParams, ("status" = Option<u8>, Query, description = "Only this status: 0 success, 1 pending, 2 fail, 3 sending", maximum = 3),
+        ("before" = Option<DateTime<Utc>>, Query, description = "Only attempts made before this time (RFC 3339)"),
+        ("after" = Option<DateTime<Utc>>, Query, description = "Only attempts made after this time (RFC 3339)")),
+    responses((status = 200, body = ListResponse<MessageAttemptOut>)))]
+pub async fn list_by_msg_and_endpoint(
+    State(state): State<Arc<ApiState>>,
+    caller: Caller,
+    Path((app_id, msg_id, endpoint_id)): Path<(String, String, String)>,
+    query: QueryParams,
+) -> ApiResult<Json<ListResponse<MessageAttemptOut>>> {
+    if query.str("endpoint_id").is_some() {
+        return Err(ApiError::invalid(
+            &["query", "endpoint_id"],
+            "the path names the endpoint; leave endpoint_id out",
+        ));
+    }
+    attempts_of_message(
+        &state,
+        &caller,
+        &app_id,
+        &msg_id,
+        Some(&endpoint_id),
+        &query,
+    )
+    .await
+}
+
+/// The attempts made for a message, to one endpoint (its id or uid) or to all.
+async fn attempts_of_message(
+    state: &Arc<ApiState>,
+    caller: &Caller,
+    app_id: &str,
+    msg_id: &str,
+    endpoint: Option<&str>,
+    query: &QueryParams,
+) -> ApiResult<Json<ListResponse<MessageAttemptOut>>> {
+    let app = caller.app(state, app_id).await?;
+    let msg = caller.message(state, &app, msg_id).await?;
+    let page = pagination::starting_after(pagination::page(query, true)?, query);
+    let (mut filter, shown) = attempt_query(query)?;
+    if let Some(endpoint) = endpoint {
+        let endpoint = caller.endpoint(state, &app, endpoint).await?;
         filter.endpoint_id = Some(endpoint.id.to_string());
     }
     let rows = state
@@ -397,8 +464,31 @@ pub async fn list_by_msg(
         )
         .await?;
     Ok(Json(
-        attempts_out(&state, &app.id, rows, &page, shown, Some(msg)).await?,
+        attempts_out(state, &app.id, rows, &page, shown, Some(msg)).await?,
     ))
+}
+
+/// Svix's `messageAttempt.expungeContent`: the attempt's logged response body is replaced by
+/// `EXPUNGED` (an endpoint answered with something sensitive); the attempt stays.
+#[utoipa::path(delete, path = "/api/v1/app/{app_id}/msg/{msg_id}/attempt/{attempt_id}/content", tag = "Message Attempt",
+    params(("app_id" = String, Path, description = "The app's id or uid"), ("msg_id" = String, Path, description = "The message's id or eventId"), ("attempt_id" = String, Path, description = "The attempt's id")),
+    responses((status = 204, description = "The response body was expunged")))]
+pub async fn expunge_content(
+    State(state): State<Arc<ApiState>>,
+    caller: Caller,
+    Path((app_id, msg_id, attempt_id)): Path<(String, String, String)>,
+) -> ApiResult<StatusCode> {
+    let app = caller.app(&state, &app_id).await?;
+    let msg = caller.message(&state, &app, &msg_id).await?;
+    if state
+        .store
+        .expunge_attempt_response(&app.id, &msg.id, &attempt_id)
+        .await?
+    {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found("attempt"))
+    }
 }
 
 /// Queue one manual attempt of the message to the endpoint now. Manual attempts are not retried.
@@ -447,6 +537,9 @@ pub async fn resend(
     list_attempted_destinations,
     list_by_endpoint,
     list_by_msg,
+    list_by_msg_deprecated,
+    list_by_msg_and_endpoint,
+    expunge_content,
     resend
 ))]
 pub(crate) struct Docs;

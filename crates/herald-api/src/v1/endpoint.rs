@@ -8,7 +8,7 @@ use axum::{
     Json,
     extract::{Path, State},
     http::{HeaderName, HeaderValue, StatusCode},
-    response::Response,
+    response::{IntoResponse, Response},
 };
 use chrono::{DateTime, Duration, Utc};
 use herald_core::{
@@ -833,18 +833,34 @@ pub struct EndpointStatsOut {
     canceled: i64,
 }
 
-/// Counts of the endpoint's deliveries by state.
+/// Counts of the endpoint's deliveries by state: every one, or those of the messages created
+/// within `since` and `until`.
 #[utoipa::path(get, path = "/api/v1/app/{app_id}/endpoint/{endpoint_id}/stats", tag = "Endpoint",
     params(("app_id" = String, Path, description = "The app's id or uid"),
-        ("endpoint_id" = String, Path, description = "The endpoint's id or uid")),
+        ("endpoint_id" = String, Path, description = "The endpoint's id or uid"),
+        ("since" = Option<DateTime<Utc>>, Query, description = "Only deliveries of messages created at or after this time (RFC 3339)"),
+        ("until" = Option<DateTime<Utc>>, Query, description = "Only deliveries of messages created before this time (RFC 3339)")),
     responses((status = 200, body = EndpointStatsOut)))]
 pub async fn stats(
     State(state): State<Arc<ApiState>>,
     caller: Caller,
     Path((app_id, endpoint_id)): Path<(String, String)>,
+    query: QueryParams,
 ) -> ApiResult<Json<EndpointStatsOut>> {
+    let window = herald_store::StatsWindow {
+        since: query.time("since")?,
+        until: query.time("until")?,
+    };
+    if let (Some(since), Some(until)) = (window.since, window.until)
+        && since > until
+    {
+        return Err(ApiError::bad_request(
+            "invalid_range",
+            "'since' must not be after 'until'",
+        ));
+    }
     let endpoint = find(&state, &caller, &app_id, &endpoint_id).await?;
-    let stats = state.store.endpoint_stats(&endpoint.id).await?;
+    let stats = state.store.endpoint_stats(&endpoint.id, &window).await?;
     Ok(Json(EndpointStatsOut {
         success: stats.success,
         pending: stats.pending,
@@ -852,6 +868,87 @@ pub async fn stats(
         fail: stats.fail,
         canceled: 0,
     }))
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EventExampleIn {
+    /// The event type whose example to send: its schema's first example (`schemas["1"]
+    /// .examples[0]`), or `svix.ping` for `{"success": true}`.
+    event_type: String,
+}
+
+/// The event type Svix's "send example" sends without a schema: a ping.
+const PING_EVENT_TYPE: &str = "svix.ping";
+
+/// Svix's `endpoint.sendExample`: a message with the event type's example payload, sent to
+/// this endpoint only (if its filters want the type), to test it. The message is stored and
+/// logged as any other; the answer is it without its payload, as Svix's.
+#[utoipa::path(post, path = "/api/v1/app/{app_id}/endpoint/{endpoint_id}/send-example", tag = "Endpoint",
+    params(("app_id" = String, Path, description = "The app's id or uid"),
+        ("endpoint_id" = String, Path, description = "The endpoint's id or uid")),
+    request_body = EventExampleIn,
+    responses((status = 200, body = crate::v1::message::MessageOut)))]
+pub async fn send_example(
+    State(state): State<Arc<ApiState>>,
+    caller: Caller,
+    Path((app_id, endpoint_id)): Path<(String, String)>,
+    SvixJson(input): SvixJson<EventExampleIn>,
+) -> ApiResult<Response> {
+    let app = caller.app(&state, &app_id).await?;
+    let endpoint = caller.endpoint(&state, &app, &endpoint_id).await?;
+    let payload = if input.event_type == PING_EVENT_TYPE {
+        r#"{"success":true}"#.to_owned()
+    } else {
+        let event_type = match state.store.get_event_type(&input.event_type).await? {
+            Some(found)
+                if !found.archived && caller.hidden_event_type() != Some(found.name.as_str()) =>
+            {
+                found
+            }
+            _ => return Err(ApiError::not_found("event type")),
+        };
+        example_payload(event_type.schemas.as_deref()).ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_scheme",
+                format!(
+                    "Unable to generate example message from event-type schema: {} has no JSON object at schemas[\"1\"].examples[0]",
+                    event_type.name
+                ),
+            )
+        })?
+    };
+    if let Err(limited) = state.publish_limits.check_app(app.id.as_str(), 1) {
+        return Ok(limited.into_response());
+    }
+    let now = crate::now();
+    let message = herald_core::model::Message {
+        id: herald_core::MessageId::new(now),
+        app_id: app.id.clone(),
+        event_id: None,
+        event_type: input.event_type,
+        channels: None,
+        tags: None,
+        payload: bytes::Bytes::from(payload),
+        created_at: now,
+        payload_expires_at: None,
+    };
+    state
+        .publisher
+        .publish(
+            &app,
+            herald_channels::Publish::example(message.clone(), endpoint.id),
+        )
+        .await?;
+    Ok(Json(crate::v1::message::MessageOut::new(message, false)).into_response())
+}
+
+/// The first example of an event type's version-1 schema, as JSON text, if it is an object
+/// (Herald's payloads are JSON objects).
+fn example_payload(schemas: Option<&str>) -> Option<String> {
+    let schemas: serde_json::Value = serde_json::from_str(schemas?).ok()?;
+    let example = schemas.get("1")?.get("examples")?.get(0)?;
+    example.is_object().then(|| example.to_string())
 }
 
 /// This module's part of `/openapi.json`.
@@ -863,6 +960,7 @@ pub async fn stats(
     upsert,
     patch,
     delete,
+    send_example,
     get_secret,
     rotate_secret,
     get_headers,

@@ -384,7 +384,7 @@ pub async fn list(
     query: QueryParams,
 ) -> ApiResult<Json<ListResponse<MessageOut>>> {
     let app = caller.app(&state, &app_id).await?;
-    let page = pagination::page(&query, true)?;
+    let page = pagination::starting_after(pagination::page(&query, true)?, &query);
     let with_content = query.bool("with_content", true)?;
     let filter = MessageQuery {
         except_event_type: caller.hidden_event_type().map(str::to_owned),

@@ -22,7 +22,7 @@ use crate::routes::{Access, RouteTable};
 /// The management API's routes. `{app_id}` paths take a token for that app; the catalogue of
 /// event types and the tokens themselves are the environment's.
 pub(crate) fn routes() -> RouteTable {
-    use Access::{AnyToken, AppAdmin, AppToken, EnvironmentToken, Public};
+    use Access::{AnyToken, AppAdmin, AppScopedToken, AppToken, EnvironmentToken, Public};
     RouteTable::new()
         .get("/api/v1/health", Public, health)
         .get("/api/v1/auth/token", EnvironmentToken, token::list)
@@ -37,10 +37,16 @@ pub(crate) fn routes() -> RouteTable {
             EnvironmentToken,
             token::revoke,
         )
+        .post("/api/v1/auth/logout", AppScopedToken, token::logout)
         .post(
             "/api/v1/auth/app-portal-access/{app_id}",
             EnvironmentToken,
             portal::create,
+        )
+        .post(
+            "/api/v1/auth/dashboard-access/{app_id}",
+            EnvironmentToken,
+            portal::dashboard_access,
         )
         .get("/api/v1/app", AnyToken, application::list)
         .post("/api/v1/app", EnvironmentToken, application::create)
@@ -127,6 +133,11 @@ pub(crate) fn routes() -> RouteTable {
             AppToken,
             endpoint::recover,
         )
+        .post(
+            "/api/v1/app/{app_id}/endpoint/{endpoint_id}/send-example",
+            AppToken,
+            endpoint::send_example,
+        )
         .get(
             "/api/v1/app/{app_id}/endpoint/{endpoint_id}/stats",
             AppToken,
@@ -152,10 +163,25 @@ pub(crate) fn routes() -> RouteTable {
             AppToken,
             attempt::get,
         )
+        .delete(
+            "/api/v1/app/{app_id}/msg/{msg_id}/attempt/{attempt_id}/content",
+            AppAdmin,
+            attempt::expunge_content,
+        )
         .get(
             "/api/v1/app/{app_id}/msg/{msg_id}/endpoint",
             AppToken,
             attempt::list_attempted_destinations,
+        )
+        .get(
+            "/api/v1/app/{app_id}/msg/{msg_id}/attempt",
+            AppToken,
+            attempt::list_by_msg_deprecated,
+        )
+        .get(
+            "/api/v1/app/{app_id}/msg/{msg_id}/endpoint/{endpoint_id}/attempt",
+            AppToken,
+            attempt::list_by_msg_and_endpoint,
         )
         .post(
             "/api/v1/app/{app_id}/msg/{msg_id}/endpoint/{endpoint_id}/resend",

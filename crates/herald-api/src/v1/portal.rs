@@ -151,6 +151,22 @@ pub async fn create(
     )))
 }
 
+/// Svix's deprecated `authentication.dashboardAccess`, which older SDKs still call: the same
+/// link as `app-portal-access` (Svix's takes no body; the same optional one is read here).
+#[utoipa::path(post, path = "/api/v1/auth/dashboard-access/{app_id}", tag = "Authentication", operation_id = "dashboard_access",
+    params(("app_id" = String, Path, description = "The app's id or uid")),
+    request_body(content = Option<AppPortalAccessIn>, description = "Optional: the link's expiry and session"),
+    responses((status = 200, body = AppPortalAccessOut)))]
+pub async fn dashboard_access(
+    state: State<Arc<ApiState>>,
+    caller: Caller,
+    app_id: Path<String>,
+    headers: HeaderMap,
+    input: OptionalSvixJson<AppPortalAccessIn>,
+) -> ApiResult<Response> {
+    create(state, caller, app_id, headers, input).await
+}
+
 /// This server as the caller reached it: the Host header, with the scheme a proxy reports
 /// (`X-Forwarded-Proto`) or the listener's own. `None` for a missing or odd Host.
 fn base_url(state: &ApiState, headers: &HeaderMap) -> Option<String> {
@@ -177,5 +193,5 @@ fn base_url(state: &ApiState, headers: &HeaderMap) -> Option<String> {
 
 /// This module's part of `/openapi.json`.
 #[derive(utoipa::OpenApi)]
-#[openapi(paths(create))]
+#[openapi(paths(create, dashboard_access))]
 pub(crate) struct Docs;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use axum::{
     Json,
     extract::{Path, State},
-    http::StatusCode,
+    http::{HeaderMap, StatusCode},
     response::Response,
 };
 use chrono::{DateTime, Utc};
@@ -205,6 +205,28 @@ pub async fn revoke(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Svix's `authentication.logout`: the app-scoped token that signs the request (an app
+/// portal link's, typically) stops working. An environment token is refused (403): revoking
+/// one is `DELETE /api/v1/auth/token/{token_id}`, by a token that stays.
+#[utoipa::path(post, path = "/api/v1/auth/logout", tag = "Authentication", operation_id = "logout",
+    responses((status = 204, description = "The token is revoked")))]
+pub async fn logout(
+    State(state): State<Arc<ApiState>>,
+    caller: Caller,
+    headers: HeaderMap,
+) -> ApiResult<StatusCode> {
+    // The route takes app-scoped tokens only (`Access::AppScopedToken`), and authentication
+    // read the same header, so it holds one.
+    let presented = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(crate::auth::bearer_token)
+        .ok_or_else(|| ApiError::unauthorized("Authorization header must be `Bearer <token>`"))?;
+    state.store.remove_token(&token::hash(presented)).await?;
+    tracing::info!(app = ?caller.scope.app(), "API token logged out");
+    Ok(StatusCode::NO_CONTENT)
+}
+
 /// A token id, or 404: an id without the `tok_` prefix names no token.
 fn parse_id(id: String) -> ApiResult<TokenId> {
     TokenId::parse(id).map_err(|_| ApiError::not_found("token"))
@@ -218,5 +240,5 @@ fn truncate_to_millis(at: DateTime<Utc>) -> DateTime<Utc> {
 
 /// This module's part of `/openapi.json`.
 #[derive(utoipa::OpenApi)]
-#[openapi(paths(list, create, get, revoke))]
+#[openapi(paths(list, create, get, revoke, logout))]
 pub(crate) struct Docs;

@@ -129,7 +129,12 @@ impl EndpointStore for PostgresStore {
         Ok(endpoints)
     }
 
-    async fn endpoint_stats(&self, endpoint_id: &EndpointId) -> Result<EndpointStats> {
+    async fn endpoint_stats(
+        &self,
+        endpoint_id: &EndpointId,
+        window: &crate::StatsWindow,
+    ) -> Result<EndpointStats> {
+        let (from, to) = window.message_ids();
         // A pending delivery under a live lease is in flight: it counts as sending. Successes
         // are not indexed by status (migration 0010): they are the endpoint's deliveries (the
         // row with no status) less the others, counted in one statement so both read one
@@ -137,12 +142,17 @@ impl EndpointStore for PostgresStore {
         let counts = sqlx::query(
             "SELECT status, (lease_token IS NOT NULL AND leased_until > $2) AS leased,
                     COUNT(*) AS n
-             FROM deliveries WHERE endpoint_id = $1 AND status <> 0 GROUP BY 1, 2
+             FROM deliveries
+             WHERE endpoint_id = $1 AND status <> 0 AND msg_id >= $3 AND msg_id < $4
+             GROUP BY 1, 2
              UNION ALL
-             SELECT NULL, FALSE, COUNT(*) FROM deliveries WHERE endpoint_id = $1",
+             SELECT NULL, FALSE, COUNT(*) FROM deliveries
+             WHERE endpoint_id = $1 AND msg_id >= $3 AND msg_id < $4",
         )
         .bind(endpoint_id.as_str())
         .bind(millis(self.clock.now()))
+        .bind(&from)
+        .bind(&to)
         .fetch_all(&self.pool)
         .await?;
         let counts = counts

@@ -2,7 +2,7 @@
 //! `tokens`).
 
 use herald_core::AppId;
-use herald_core::model::App;
+use herald_core::model::{App, PusherCredentials};
 use sqlx::QueryBuilder;
 
 use super::{
@@ -115,7 +115,7 @@ impl AppStore for SqliteStore {
         app_id: &AppId,
         credentials: &herald_core::model::PusherCredentials,
     ) -> Result<()> {
-        let done = sql::set_pusher_credentials!(app_id, credentials, &self.keys)
+        let done = sql::set_pusher_credentials!(app_id, credentials, &self.keys, None)
             .execute(&self.writer)
             .await
             .map_err(conflict_as("another application has this Pusher key"))?;
@@ -124,6 +124,22 @@ impl AppStore for SqliteStore {
             return Err(StoreError::NotFound);
         }
         Ok(())
+    }
+
+    async fn rotate_pusher_secret(
+        &self,
+        app_id: &AppId,
+        secret: &str,
+        previous_until: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> Result<PusherCredentials> {
+        sql::rotate_pusher_secret!(
+            self,
+            &self.reader,
+            &self.writer,
+            app_id,
+            secret,
+            previous_until
+        )
     }
 
     async fn delete_app(&self, id: &AppId) -> Result<bool> {

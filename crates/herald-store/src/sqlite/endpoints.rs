@@ -106,18 +106,27 @@ impl EndpointStore for SqliteStore {
         Ok(endpoints)
     }
 
-    async fn endpoint_stats(&self, endpoint_id: &EndpointId) -> Result<EndpointStats> {
+    async fn endpoint_stats(
+        &self,
+        endpoint_id: &EndpointId,
+        window: &crate::StatsWindow,
+    ) -> Result<EndpointStats> {
+        let (from, to) = window.message_ids();
         // Successes are not indexed by status (migration 0015): they are the endpoint's
         // deliveries (the row with no status, from deliveries_endpoint_msg) less the others,
         // counted in the same statement so both read one snapshot. `status <> 0` is written
         // out so SQLite can use the partial index deliveries_endpoint_unsettled.
         let counts = sqlx::query(
             "SELECT status, COUNT(*) AS n FROM deliveries
-             WHERE endpoint_id = $1 AND status <> 0 GROUP BY status
+             WHERE endpoint_id = $1 AND status <> 0 AND msg_id >= $2 AND msg_id < $3
+             GROUP BY status
              UNION ALL
-             SELECT NULL, COUNT(*) FROM deliveries WHERE endpoint_id = $1",
+             SELECT NULL, COUNT(*) FROM deliveries
+             WHERE endpoint_id = $1 AND msg_id >= $2 AND msg_id < $3",
         )
         .bind(endpoint_id.as_str())
+        .bind(&from)
+        .bind(&to)
         .fetch_all(&self.reader)
         .await?;
         let counts = counts
@@ -129,7 +138,7 @@ impl EndpointStore for SqliteStore {
             .collect::<Result<Vec<_>>>()?;
         let mut stats = sql::endpoint_stats(counts)?;
         // In-flight deliveries are pending in the table; their leases live in memory.
-        let sending = self.leases.count_for(endpoint_id);
+        let sending = self.leases.count_for(endpoint_id, &from, &to);
         stats.pending = (stats.pending - sending).max(0);
         stats.sending += sending;
         Ok(stats)

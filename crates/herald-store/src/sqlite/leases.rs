@@ -127,10 +127,11 @@ impl Leases {
         }
     }
 
-    pub(crate) fn count_for(&self, endpoint_id: &str) -> i64 {
+    /// The endpoint's deliveries held, of messages whose ids are in `[from, to)`.
+    pub(crate) fn count_for(&self, endpoint_id: &str, from: &str, to: &str) -> i64 {
         self.lock()
             .keys()
-            .filter(|(_, endpoint)| endpoint == endpoint_id)
+            .filter(|(msg, endpoint)| endpoint == endpoint_id && (from..to).contains(&msg.as_str()))
             .count() as i64
     }
 

@@ -43,13 +43,19 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
         "/api/v1/app/{app}/endpoint/{endpoint}/msg?status={FAILED}&with_content=false&after={}",
         encode(&since)
     );
-    if let Some(until) = args.until {
-        let until = until.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-        path.push_str(&format!("&before={}", encode(&until)));
-    }
-    let failed: Vec<String> = api
-        .list_all(&path)
-        .await?
+    // Resent oldest first. `after` alone walks forward from that time (`prevIterator`); with
+    // `before` too, the list reads newest first and is turned round.
+    let listed = match args.until {
+        None => api.list_all_after(&path).await?,
+        Some(until) => {
+            let until = until.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+            path.push_str(&format!("&before={}", encode(&until)));
+            let mut newest_first = api.list_all(&path).await?;
+            newest_first.reverse();
+            newest_first
+        }
+    };
+    let failed: Vec<String> = listed
         .iter()
         .filter_map(|m| m.get("id").and_then(Value::as_str).map(str::to_owned))
         .collect();

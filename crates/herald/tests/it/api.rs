@@ -2550,3 +2550,414 @@ async fn a_message_creates_its_app_under_the_paths_name_only() {
     assert_eq!(app["uid"], "shop-a");
     server.stop().await;
 }
+
+/// `after` alone, as Svix reads it: the page is the `limit` messages right after that time
+/// (shown newest first), and its `prevIterator` walks on towards the present, so a poller
+/// that asks for what came after its last look misses nothing; `before` or an iterator keep
+/// the newest-first walk.
+#[tokio::test]
+async fn after_alone_starts_the_page_right_after_that_time() {
+    let server = TestServer::start().await;
+    let app = server.create_app("after-window").await;
+    let since = chrono::Utc::now() - chrono::Duration::seconds(1);
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        let sent = server
+            .send(
+                &app,
+                json!({"eventType": "order.paid", "payload": {"n": n}}),
+            )
+            .await;
+        ids.push(sent["id"].as_str().expect("id").to_owned());
+    }
+    let after = since.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let page_ids = |page: &Value| -> Vec<String> {
+        page["data"]
+            .as_array()
+            .expect("data")
+            .iter()
+            .map(|m| m["id"].as_str().expect("id").to_owned())
+            .collect()
+    };
+    let path = format!("/api/v1/app/{app}/msg?limit=2&after={}", urlencode(&after));
+    let (status, first) = server.call(Method::GET, &path, None).await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(
+        page_ids(&first),
+        [ids[1].clone(), ids[0].clone()],
+        "{first}"
+    );
+    let prev = first["prevIterator"].as_str().expect("prevIterator");
+    let (status, next) = server
+        .call(
+            Method::GET,
+            &format!("{path}&iterator={}", urlencode(prev)),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{next}");
+    assert_eq!(page_ids(&next), [ids[3].clone(), ids[2].clone()], "{next}");
+    assert_eq!(next["done"], false, "{next}");
+    let prev = next["prevIterator"].as_str().expect("prevIterator");
+    let (status, last) = server
+        .call(
+            Method::GET,
+            &format!("{path}&iterator={}", urlencode(prev)),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{last}");
+    assert_eq!(page_ids(&last), [ids[4].clone()], "{last}");
+    assert_eq!(last["done"], true, "{last}");
+    // Without `after`, the newest first.
+    let (_, newest) = server
+        .call(Method::GET, &format!("/api/v1/app/{app}/msg?limit=2"), None)
+        .await;
+    assert_eq!(page_ids(&newest), [ids[4].clone(), ids[3].clone()]);
+    server.stop().await;
+}
+
+fn urlencode(text: &str) -> String {
+    url::form_urlencoded::byte_serialize(text.as_bytes()).collect()
+}
+
+/// Svix's `endpoint.sendExample`: the event type's first schema example (or a ping), sent to
+/// that endpoint only and answered without its payload; an event type without an example is
+/// 400 `invalid_scheme`, an unknown one 404.
+#[tokio::test]
+async fn an_example_goes_to_its_endpoint_only() {
+    let server = TestServer::start().await;
+    let app = server.create_app("example-app").await;
+    let mut tested = Receiver::start().await;
+    let mut other = Receiver::start().await;
+    let endpoint = server
+        .create_endpoint(&app, json!({"url": tested.url, "uid": "tested"}))
+        .await;
+    let other_endpoint = server
+        .create_endpoint(&app, json!({"url": other.url}))
+        .await;
+    let (status, _) = server
+        .call(
+            Method::POST,
+            "/api/v1/event-type",
+            Some(json!({
+                "name": "order.paid",
+                "description": "An order was paid",
+                "schemas": {"1": {"type": "object", "examples": [{"order": 7, "paid": true}]}},
+            })),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let (status, _) = server
+        .call(
+            Method::POST,
+            "/api/v1/event-type",
+            Some(json!({"name": "order.bare", "description": "No schema"})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let path = format!("/api/v1/app/{app}/endpoint/tested/send-example");
+
+    let (status, sent) = server
+        .call(
+            Method::POST,
+            &path,
+            Some(json!({"eventType": "order.paid"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{sent}");
+    assert_eq!(sent["eventType"], "order.paid");
+    assert_eq!(sent["payload"], json!({}), "{sent}");
+    let delivery = tested.next().await;
+    let body: Value = serde_json::from_slice(&delivery.body).expect("JSON");
+    assert_eq!(body, json!({"order": 7, "paid": true}));
+    assert_eq!(
+        delivery.header("webhook-id"),
+        sent["id"].as_str().expect("id")
+    );
+
+    let (status, ping) = server
+        .call(Method::POST, &path, Some(json!({"eventType": "svix.ping"})))
+        .await;
+    assert_eq!(status, 200, "{ping}");
+    let delivery = tested.next().await;
+    let body: Value = serde_json::from_slice(&delivery.body).expect("JSON");
+    assert_eq!(body, json!({"success": true}));
+
+    // Both were stored and attempted to the tested endpoint alone.
+    for msg in [&sent, &ping] {
+        let msg = msg["id"].as_str().expect("id");
+        let (status, destinations) = server
+            .call(
+                Method::GET,
+                &format!("/api/v1/app/{app}/msg/{msg}/endpoint"),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "{destinations}");
+        let ids: Vec<&Value> = destinations["data"]
+            .as_array()
+            .expect("data")
+            .iter()
+            .map(|d| &d["id"])
+            .collect();
+        assert_eq!(ids, [&endpoint["id"]], "{destinations}");
+    }
+    server.settled(&app, "tested").await;
+    let quiet = server
+        .stats(&app, other_endpoint["id"].as_str().expect("id"))
+        .await;
+    assert_eq!(
+        (&quiet["success"], &quiet["pending"], &quiet["fail"]),
+        (&json!(0), &json!(0), &json!(0)),
+        "{quiet}"
+    );
+    assert!(other.drain().is_empty());
+
+    for (body, status, code) in [
+        (json!({"eventType": "order.bare"}), 400, "invalid_scheme"),
+        (json!({"eventType": "order.unknown"}), 404, "not_found"),
+        (
+            json!({"eventType": "order.paid", "payload": {}}),
+            422,
+            "validation",
+        ),
+    ] {
+        let (got, error) = server.call(Method::POST, &path, Some(body.clone())).await;
+        assert_eq!(got, status, "{body}: {error}");
+        if status != 422 {
+            assert_eq!(error["code"], code, "{error}");
+        }
+    }
+    server.stop().await;
+}
+
+/// The attempt lists Svix deprecated, which older SDKs still call: a message's attempts, all
+/// or to one endpoint (named by the path), as `attempt/msg/{msg_id}` lists them.
+#[tokio::test]
+async fn the_deprecated_attempt_lists_list_a_messages_attempts() {
+    let server = TestServer::start().await;
+    let app = server.create_app("old-lists").await;
+    let mut first = Receiver::start().await;
+    let mut second = Receiver::start().await;
+    let one = server
+        .create_endpoint(&app, json!({"url": first.url, "uid": "one"}))
+        .await;
+    let two = server
+        .create_endpoint(&app, json!({"url": second.url}))
+        .await;
+    let msg = server
+        .send(
+            &app,
+            json!({"eventType": "order.paid", "payload": {"n": 1}}),
+        )
+        .await;
+    let msg = msg["id"].as_str().expect("id");
+    first.next().await;
+    second.next().await;
+    let endpoints_of = |list: &Value| -> Vec<Value> {
+        let mut ids: Vec<Value> = list["data"]
+            .as_array()
+            .expect("data")
+            .iter()
+            .map(|a| a["endpointId"].clone())
+            .collect();
+        ids.sort_by_key(|id| id.to_string());
+        ids
+    };
+    let mut both = vec![one["id"].clone(), two["id"].clone()];
+    both.sort_by_key(|id| id.to_string());
+    let all = eventually("both attempts logged", || async {
+        let (status, list) = server
+            .call(
+                Method::GET,
+                &format!("/api/v1/app/{app}/msg/{msg}/attempt"),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "{list}");
+        (list["data"].as_array().map(Vec::len) == Some(2)).then_some(list)
+    })
+    .await;
+    assert_eq!(endpoints_of(&all), both);
+    assert_eq!(all["data"][0]["msgId"], msg);
+    let (status, current) = server
+        .call(
+            Method::GET,
+            &format!("/api/v1/app/{app}/attempt/msg/{msg}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(current["data"], all["data"], "the same list as attempt/msg");
+    let (status, to_one) = server
+        .call(
+            Method::GET,
+            &format!("/api/v1/app/{app}/msg/{msg}/endpoint/one/attempt"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{to_one}");
+    assert_eq!(endpoints_of(&to_one), [one["id"].clone()]);
+    let (status, error) = server
+        .call(
+            Method::GET,
+            &format!("/api/v1/app/{app}/msg/{msg}/endpoint/one/attempt?endpoint_id=one"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 422, "{error}");
+    let (status, _) = server
+        .call(
+            Method::GET,
+            &format!("/api/v1/app/{app}/msg/{msg}/endpoint/ep_missing/attempt"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 404);
+
+    // Svix's attempt content expunge: that attempt's response reads `EXPUNGED`, the other's
+    // is kept, and an attempt of another message (or none) is 404.
+    let expunged = to_one["data"][0]["id"].as_str().expect("id");
+    let content = format!("/api/v1/app/{app}/msg/{msg}/attempt/{expunged}/content");
+    let (status, body) = server.call(Method::DELETE, &content, None).await;
+    assert_eq!(status, 204, "{body}");
+    let (_, after) = server
+        .call(
+            Method::GET,
+            &format!("/api/v1/app/{app}/msg/{msg}/attempt?with_content=true"),
+            None,
+        )
+        .await;
+    for attempt in after["data"].as_array().expect("data") {
+        let expected = if attempt["id"] == expunged {
+            json!("EXPUNGED")
+        } else {
+            all["data"]
+                .as_array()
+                .expect("data")
+                .iter()
+                .find(|a| a["id"] == attempt["id"])
+                .expect("listed before")["response"]
+                .clone()
+        };
+        assert_eq!(attempt["response"], expected, "{attempt}");
+    }
+    let other = server
+        .send(
+            &app,
+            json!({"eventType": "order.paid", "payload": {"n": 2}}),
+        )
+        .await;
+    let other = other["id"].as_str().expect("id");
+    for path in [
+        format!("/api/v1/app/{app}/msg/{other}/attempt/{expunged}/content"),
+        format!("/api/v1/app/{app}/msg/{msg}/attempt/atmpt_missing/content"),
+    ] {
+        let (status, error) = server.call(Method::DELETE, &path, None).await;
+        assert_eq!(status, 404, "{path}: {error}");
+    }
+    server.stop().await;
+}
+
+/// `auth/logout` ends the app-scoped token that signs it (a portal link's, from the deprecated
+/// `dashboard-access` here); an environment token cannot log out.
+#[tokio::test]
+async fn logout_ends_the_app_token_that_signs_it() {
+    let server = TestServer::start().await;
+    let app = server.create_app("logout-app").await;
+    let (status, link) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/auth/dashboard-access/{app}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{link}");
+    let token = link["token"].as_str().expect("token").to_owned();
+    assert!(
+        link["url"]
+            .as_str()
+            .expect("url")
+            .ends_with(&format!("/console/portal#key={token}")),
+        "{link}"
+    );
+    let read = format!("/api/v1/app/{app}/endpoint");
+    let (status, _) = server
+        .call_as(Some(&token), Method::GET, &read, None, None)
+        .await;
+    assert_eq!(status, 200, "the link's token works");
+    let (status, error) = server.call(Method::POST, "/api/v1/auth/logout", None).await;
+    assert_eq!(status, 403, "{error}");
+    let (status, body) = server
+        .call_as(
+            Some(&token),
+            Method::POST,
+            "/api/v1/auth/logout",
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(status, 204, "{body}");
+    let (status, _) = server
+        .call_as(Some(&token), Method::GET, &read, None, None)
+        .await;
+    assert_eq!(status, 401, "a logged-out token opens nothing");
+    let (status, _) = server.call(Method::GET, &read, None).await;
+    assert_eq!(status, 200, "the admin token still works");
+    server.stop().await;
+}
+
+/// Endpoint stats take Svix's `since` and `until`: the deliveries of the messages created
+/// within them; `since` after `until` is 400 `invalid_range`, a bad time a 422.
+#[tokio::test]
+async fn endpoint_stats_count_the_window_asked_for() {
+    let server = TestServer::start().await;
+    let app = server.create_app("stats-window").await;
+    let mut receiver = Receiver::start().await;
+    server
+        .create_endpoint(&app, json!({"url": receiver.url, "uid": "counted"}))
+        .await;
+    let before = chrono::Utc::now() - chrono::Duration::seconds(1);
+    for n in 0..3 {
+        server
+            .send(
+                &app,
+                json!({"eventType": "order.paid", "payload": {"n": n}}),
+            )
+            .await;
+        receiver.next().await;
+    }
+    server.settled(&app, "counted").await;
+    let after = chrono::Utc::now() + chrono::Duration::seconds(1);
+    let at = |t: chrono::DateTime<chrono::Utc>| {
+        urlencode(&t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+    };
+    let stats = format!("/api/v1/app/{app}/endpoint/counted/stats");
+    for (query, success) in [
+        (String::new(), 3),
+        (format!("?since={}", at(before)), 3),
+        (format!("?since={}&until={}", at(before), at(after)), 3),
+        (format!("?since={}", at(after)), 0),
+        (format!("?until={}", at(before)), 0),
+    ] {
+        let (status, counted) = server
+            .call(Method::GET, &format!("{stats}{query}"), None)
+            .await;
+        assert_eq!(status, 200, "{query}: {counted}");
+        assert_eq!(counted["success"], success, "{query}: {counted}");
+    }
+    let (status, error) = server
+        .call(
+            Method::GET,
+            &format!("{stats}?since={}&until={}", at(after), at(before)),
+            None,
+        )
+        .await;
+    assert_eq!((status, &error["code"]), (400, &json!("invalid_range")));
+    let (status, _) = server
+        .call(Method::GET, &format!("{stats}?since=yesterday"), None)
+        .await;
+    assert_eq!(status, 422);
+    server.stop().await;
+}

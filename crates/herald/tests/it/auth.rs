@@ -166,7 +166,11 @@ async fn every_route_in_the_table_refuses_missing_malformed_wrong_revoked_expire
         let what = format!("{} {}", route.method, route.path);
         let method = &route.method;
         match route.access {
-            Access::AnyToken | Access::AppToken | Access::AppAdmin | Access::EnvironmentToken => {
+            Access::AnyToken
+            | Access::AppToken
+            | Access::AppAdmin
+            | Access::EnvironmentToken
+            | Access::AppScopedToken => {
                 let path = fill(route, &app_a, &source_id);
                 for (credential, expected) in [
                     (Credential::None, "missing Authorization header"),
@@ -178,6 +182,15 @@ async fn every_route_in_the_table_refuses_missing_malformed_wrong_revoked_expire
                     let answer = send(&server, method, &path, credential).await;
                     refused_as_unauthenticated(&what, &answer);
                     assert!(answer.1.contains(expected), "{what}: {}", answer.1);
+                }
+                if route.access == Access::AppScopedToken {
+                    // About the token itself (a logout): any app-scoped token passes, and
+                    // would end itself, so the walk checks only that the admin's is refused.
+                    let (status, body) =
+                        send(&server, method, &path, Credential::Bearer(ADMIN_TOKEN)).await;
+                    assert_eq!(status, 403, "{what} with the admin token: {body}");
+                    walked += 1;
+                    continue;
                 }
                 // Another app's token: the app in the path is not there for it.
                 let (status, body) =
