@@ -720,6 +720,31 @@ pub(crate) const GET_MESSAGE: &str = "SELECT * FROM messages WHERE app_id = $1 \
 /// the page.
 pub(crate) const LIST_MESSAGES: &str = "SELECT * FROM messages WHERE app_id = ";
 
+/// Adds to `q` a bound on `column`, an id column with `prefix` whose ids are made at the row's
+/// `created_at`, for a time window (`after`, `before`). Ids sort by time, so the bound lets the
+/// read start at the window in the id index rather than walk it from one end; the exact
+/// `created_at` terms stay beside it. A second of slack on each side keeps the bound loose
+/// (ids hold time in steps of 1/256 s).
+pub(crate) fn push_id_window<DB: ::sqlx::Database>(
+    q: &mut ::sqlx::QueryBuilder<DB>,
+    column: &str,
+    prefix: &str,
+    after: Option<chrono::DateTime<chrono::Utc>>,
+    before: Option<chrono::DateTime<chrono::Utc>>,
+) where
+    String: for<'q> ::sqlx::Encode<'q, DB> + ::sqlx::Type<DB>,
+{
+    let slack = chrono::Duration::seconds(1);
+    if let Some(after) = after {
+        q.push(format_args!(" AND {column} >= "));
+        q.push_bind(herald_core::id::lower_bound(prefix, after - slack));
+    }
+    if let Some(before) = before {
+        q.push(format_args!(" AND {column} < "));
+        q.push_bind(herald_core::id::lower_bound(prefix, before + slack));
+    }
+}
+
 /// A `QueryBuilder` reading the attempts of `$app_id` (`&AppId`) in `$scope`
 /// (`&AttemptScope`) that `$query` (`&AttemptQuery`) asks for, before the page; `$code` is the
 /// type status codes bind as (`i64` on SQLite, `i32` on PostgreSQL), and `$message_filters` the
@@ -755,6 +780,13 @@ macro_rules! attempts_query {
             q.push(" AND created_at > ")
                 .push_bind($crate::sqlite::rows::millis(after));
         }
+        $crate::sql::push_id_window(
+            &mut q,
+            "id",
+            herald_core::id::ATTEMPT,
+            query.after,
+            query.before,
+        );
         match query.status_code_class {
             None => {}
             Some(0) => {

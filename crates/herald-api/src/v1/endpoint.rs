@@ -873,9 +873,12 @@ pub async fn stats(
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EventExampleIn {
-    /// The event type whose example to send: its schema's first example (`schemas["1"]
-    /// .examples[0]`), or `svix.ping` for `{"success": true}`.
+    /// The event type whose example to send: an example of its schema (`schemas["1"]
+    /// .examples`), or `svix.ping` for `{"success": true}`.
     event_type: String,
+    /// Which of the schema's examples, from 0 (the first, when left out).
+    #[serde(default)]
+    example_index: Option<usize>,
 }
 
 /// The event type Svix's "send example" sends without a schema: a ping.
@@ -908,11 +911,12 @@ pub async fn send_example(
             }
             _ => return Err(ApiError::not_found("event type")),
         };
-        example_payload(event_type.schemas.as_deref()).ok_or_else(|| {
+        let index = input.example_index.unwrap_or(0);
+        example_payload(event_type.schemas.as_deref(), index).ok_or_else(|| {
             ApiError::bad_request(
                 "invalid_scheme",
                 format!(
-                    "Unable to generate example message from event-type schema: {} has no JSON object at schemas[\"1\"].examples[0]",
+                    "Unable to generate example message from event-type schema: {} has no JSON object at schemas[\"1\"].examples[{index}]",
                     event_type.name
                 ),
             )
@@ -943,11 +947,11 @@ pub async fn send_example(
     Ok(Json(crate::v1::message::MessageOut::new(message, false)).into_response())
 }
 
-/// The first example of an event type's version-1 schema, as JSON text, if it is an object
+/// Example `index` of an event type's version-1 schema, as JSON text, if it is an object
 /// (Herald's payloads are JSON objects).
-fn example_payload(schemas: Option<&str>) -> Option<String> {
+fn example_payload(schemas: Option<&str>, index: usize) -> Option<String> {
     let schemas: serde_json::Value = serde_json::from_str(schemas?).ok()?;
-    let example = schemas.get("1")?.get("examples")?.get(0)?;
+    let example = schemas.get("1")?.get("examples")?.get(index)?;
     example.is_object().then(|| example.to_string())
 }
 

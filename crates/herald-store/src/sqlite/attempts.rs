@@ -60,6 +60,13 @@ impl AttemptStore for SqliteStore {
         q.push(" AND d.endpoint_id = ");
         q.push_bind(endpoint_id.to_string());
         super::messages::push_message_filters(&mut q, "m", &query.message);
+        sql::push_id_window(
+            &mut q,
+            "d.msg_id",
+            herald_core::id::MESSAGE,
+            query.message.after,
+            query.message.before,
+        );
         if let Some(status) = query.status {
             let leased_rows = |q: &mut QueryBuilder<Sqlite>| {
                 q.push("d.rowid IN (SELECT value FROM json_each(");

@@ -95,6 +95,13 @@ impl MessageStore for SqliteStore {
         let mut q = QueryBuilder::new(sql::LIST_MESSAGES);
         q.push_bind(app_id.to_string());
         push_message_filters(&mut q, "messages", query);
+        sql::push_id_window(
+            &mut q,
+            "id",
+            herald_core::id::MESSAGE,
+            query.after,
+            query.before,
+        );
         paginate(&mut q, "id", page);
         q.build()
             .fetch_all(&self.reader)

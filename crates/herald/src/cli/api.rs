@@ -136,19 +136,8 @@ impl Api {
         anyhow::bail!("{}", refusal(&Method::GET, path, status, &value))
     }
 
-    /// Every item of a Svix list, page after page, in the list's order (following `iterator`).
+    /// Every item of a Svix list, page after page (following `iterator`).
     pub async fn list_all(&self, path: &str) -> anyhow::Result<Vec<Value>> {
-        self.walk(path, Walk::Iterator).await
-    }
-
-    /// Every item of a time-ordered list asked for with `after` alone, oldest first. Svix's
-    /// servers read such a list from that time on: each page holds the rows right after the
-    /// previous one (shown newest first) and its `prevIterator` leads on towards the present.
-    pub async fn list_all_after(&self, path: &str) -> anyhow::Result<Vec<Value>> {
-        self.walk(path, Walk::PrevIterator).await
-    }
-
-    async fn walk(&self, path: &str, walk: Walk) -> anyhow::Result<Vec<Value>> {
         let mut items = Vec::new();
         let mut iterator: Option<String> = None;
         let separator = if path.contains('?') { '&' } else { '?' };
@@ -159,17 +148,13 @@ impl Api {
             };
             let page = self.get(&page_path).await?;
             if let Some(data) = page.get("data").and_then(Value::as_array) {
-                match walk {
-                    Walk::Iterator => items.extend(data.iter().cloned()),
-                    Walk::PrevIterator => items.extend(data.iter().rev().cloned()),
-                }
+                items.extend(data.iter().cloned());
             }
             let done = page.get("done").and_then(Value::as_bool).unwrap_or(true);
-            let key = match walk {
-                Walk::Iterator => "iterator",
-                Walk::PrevIterator => "prevIterator",
-            };
-            iterator = page.get(key).and_then(Value::as_str).map(str::to_owned);
+            iterator = page
+                .get("iterator")
+                .and_then(Value::as_str)
+                .map(str::to_owned);
             if done || iterator.is_none() {
                 return Ok(items);
             }
@@ -183,13 +168,6 @@ impl Api {
             super::error_chain(&error)
         )
     }
-}
-
-/// Which of a page's iterators leads to the next one.
-#[derive(Clone, Copy)]
-enum Walk {
-    Iterator,
-    PrevIterator,
 }
 
 /// How long a 429 asks to wait (at least 50 ms, at most 10 s).

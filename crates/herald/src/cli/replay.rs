@@ -43,18 +43,17 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
         "/api/v1/app/{app}/endpoint/{endpoint}/msg?status={FAILED}&with_content=false&after={}",
         encode(&since)
     );
-    // Resent oldest first. `after` alone walks forward from that time (`prevIterator`); with
-    // `before` too, the list reads newest first and is turned round.
-    let listed = match args.until {
-        None => api.list_all_after(&path).await?,
-        Some(until) => {
-            let until = until.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-            path.push_str(&format!("&before={}", encode(&until)));
-            let mut newest_first = api.list_all(&path).await?;
-            newest_first.reverse();
-            newest_first
-        }
-    };
+    // Always closed at both ends: with `after` alone, Svix's server (and Herald's) pages from
+    // that time on with `prevIterator`, older Herald servers from the newest with `iterator`.
+    // Closed, every version reads newest first and walks `iterator`; by default a day ahead of
+    // now, past any clock difference with the server. Resent oldest first.
+    let until = args
+        .until
+        .unwrap_or_else(|| chrono::Utc::now() + chrono::Duration::days(1))
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    path.push_str(&format!("&before={}", encode(&until)));
+    let mut listed = api.list_all(&path).await?;
+    listed.reverse();
     let failed: Vec<String> = listed
         .iter()
         .filter_map(|m| m.get("id").and_then(Value::as_str).map(str::to_owned))

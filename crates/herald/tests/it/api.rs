@@ -2551,69 +2551,152 @@ async fn a_message_creates_its_app_under_the_paths_name_only() {
     server.stop().await;
 }
 
-/// `after` alone, as Svix reads it: the page is the `limit` messages right after that time
-/// (shown newest first), and its `prevIterator` walks on towards the present, so a poller
-/// that asks for what came after its last look misses nothing; `before` or an iterator keep
+/// `after` alone, as Svix reads it: the page is the `limit` rows right after that time (shown
+/// newest first), and its `prevIterator` walks on towards the present, on the message list and
+/// the attempt lists; rows from before the time are never shown; `before` or an iterator keep
 /// the newest-first walk.
 #[tokio::test]
 async fn after_alone_starts_the_page_right_after_that_time() {
     let server = TestServer::start().await;
     let app = server.create_app("after-window").await;
-    let since = chrono::Utc::now() - chrono::Duration::seconds(1);
-    let mut ids = Vec::new();
-    for n in 0..5 {
+    let mut receiver = Receiver::start().await;
+    let endpoint = server
+        .create_endpoint(&app, json!({"url": receiver.url, "uid": "polled"}))
+        .await;
+    let endpoint = endpoint["id"].as_str().expect("id").to_owned();
+    let attempts_made = |count: usize| {
+        let (server, app, endpoint) = (&server, &app, &endpoint);
+        async move {
+            eventually("the attempts logged", || async {
+                let (_, list) = server
+                    .call(
+                        Method::GET,
+                        &format!("/api/v1/app/{app}/attempt/endpoint/{endpoint}?limit=250"),
+                        None,
+                    )
+                    .await;
+                let data = list["data"].as_array().expect("data").clone();
+                (data.len() == count).then_some(data)
+            })
+            .await
+        }
+    };
+    let mut send = async |n: usize| {
         let sent = server
             .send(
                 &app,
                 json!({"eventType": "order.paid", "payload": {"n": n}}),
             )
             .await;
-        ids.push(sent["id"].as_str().expect("id").to_owned());
+        receiver.next().await;
+        sent
+    };
+    // Two before the time (their attempts too), five after.
+    let mut since = chrono::DateTime::<chrono::Utc>::MIN_UTC;
+    for n in 0..2 {
+        let sent = send(n).await;
+        since = since.max(
+            sent["timestamp"]
+                .as_str()
+                .expect("timestamp")
+                .parse()
+                .expect("time"),
+        );
     }
+    for attempt in attempts_made(2).await {
+        since = since.max(
+            attempt["timestamp"]
+                .as_str()
+                .expect("timestamp")
+                .parse()
+                .expect("time"),
+        );
+    }
+    while chrono::Utc::now() <= since + chrono::Duration::milliseconds(1) {
+        tokio::task::yield_now().await;
+    }
+    let mut ids = Vec::new();
+    for n in 2..7 {
+        ids.push(send(n).await["id"].as_str().expect("id").to_owned());
+    }
+    let later_attempts = attempts_made(7).await.len() - 2;
+    assert_eq!(later_attempts, 5);
     let after = since.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-    let page_ids = |page: &Value| -> Vec<String> {
+
+    let field = |page: &Value, name: &str| -> Vec<String> {
         page["data"]
             .as_array()
             .expect("data")
             .iter()
-            .map(|m| m["id"].as_str().expect("id").to_owned())
+            .map(|row| row[name].as_str().expect(name).to_owned())
             .collect()
     };
-    let path = format!("/api/v1/app/{app}/msg?limit=2&after={}", urlencode(&after));
-    let (status, first) = server.call(Method::GET, &path, None).await;
-    assert_eq!(status, 200, "{first}");
+    // Walks `path` (with `after` alone) by `prevIterator` to the end: each page's rows.
+    let walk = |path: String| {
+        let server = &server;
+        async move {
+            let mut pages = Vec::new();
+            let mut next = path.clone();
+            loop {
+                let (status, page) = server.call(Method::GET, &next, None).await;
+                assert_eq!(status, 200, "{page}");
+                let done = page["done"] == true;
+                let prev = page["prevIterator"].as_str().map(str::to_owned);
+                pages.push(page);
+                match (done, prev) {
+                    (false, Some(prev)) => next = format!("{path}&iterator={}", urlencode(&prev)),
+                    _ => return pages,
+                }
+            }
+        }
+    };
+
+    let messages = walk(format!(
+        "/api/v1/app/{app}/msg?limit=2&after={}",
+        urlencode(&after)
+    ))
+    .await;
+    let pages: Vec<Vec<String>> = messages.iter().map(|page| field(page, "id")).collect();
     assert_eq!(
-        page_ids(&first),
-        [ids[1].clone(), ids[0].clone()],
-        "{first}"
+        pages,
+        [
+            vec![ids[1].clone(), ids[0].clone()],
+            vec![ids[3].clone(), ids[2].clone()],
+            vec![ids[4].clone()],
+        ]
     );
-    let prev = first["prevIterator"].as_str().expect("prevIterator");
-    let (status, next) = server
-        .call(
-            Method::GET,
-            &format!("{path}&iterator={}", urlencode(prev)),
-            None,
-        )
-        .await;
-    assert_eq!(status, 200, "{next}");
-    assert_eq!(page_ids(&next), [ids[3].clone(), ids[2].clone()], "{next}");
-    assert_eq!(next["done"], false, "{next}");
-    let prev = next["prevIterator"].as_str().expect("prevIterator");
-    let (status, last) = server
-        .call(
-            Method::GET,
-            &format!("{path}&iterator={}", urlencode(prev)),
-            None,
-        )
-        .await;
-    assert_eq!(status, 200, "{last}");
-    assert_eq!(page_ids(&last), [ids[4].clone()], "{last}");
-    assert_eq!(last["done"], true, "{last}");
+    assert_eq!(messages[0]["done"], false);
+    assert_eq!(messages[0]["iterator"], json!(ids[0]), "the page's oldest");
+
+    for list in [
+        format!("/api/v1/app/{app}/attempt/endpoint/polled?limit=2"),
+        format!("/api/v1/app/{app}/endpoint/polled/msg?limit=2"),
+    ] {
+        let pages = walk(format!("{list}&after={}", urlencode(&after))).await;
+        let key = if list.contains("/attempt/") {
+            "msgId"
+        } else {
+            "id"
+        };
+        let mut seen: Vec<String> = pages.iter().flat_map(|page| field(page, key)).collect();
+        assert_eq!(pages.len(), 3, "{list}: {pages:?}");
+        seen.sort();
+        let mut later = ids.clone();
+        later.sort();
+        assert_eq!(seen, later, "{list}: the five after the time, once each");
+        // Oldest first from page to page: every row of a page is older than the next page's.
+        let times: Vec<Vec<String>> = pages.iter().map(|p| field(p, "timestamp")).collect();
+        for pair in times.windows(2) {
+            let newest = pair[0].iter().max().expect("rows");
+            assert!(pair[1].iter().all(|t| t >= newest), "{list}: {times:?}");
+        }
+    }
+
     // Without `after`, the newest first.
     let (_, newest) = server
         .call(Method::GET, &format!("/api/v1/app/{app}/msg?limit=2"), None)
         .await;
-    assert_eq!(page_ids(&newest), [ids[4].clone(), ids[3].clone()]);
+    assert_eq!(field(&newest, "id"), [ids[4].clone(), ids[3].clone()]);
     server.stop().await;
 }
 
@@ -2643,7 +2726,7 @@ async fn an_example_goes_to_its_endpoint_only() {
             Some(json!({
                 "name": "order.paid",
                 "description": "An order was paid",
-                "schemas": {"1": {"type": "object", "examples": [{"order": 7, "paid": true}]}},
+                "schemas": {"1": {"type": "object", "examples": [{"order": 7, "paid": true}, {"order": 8}]}},
             })),
         )
         .await;
@@ -2684,6 +2767,19 @@ async fn an_example_goes_to_its_endpoint_only() {
     let body: Value = serde_json::from_slice(&delivery.body).expect("JSON");
     assert_eq!(body, json!({"success": true}));
 
+    // Svix's exampleIndex picks another example.
+    let (status, second) = server
+        .call(
+            Method::POST,
+            &path,
+            Some(json!({"eventType": "order.paid", "exampleIndex": 1})),
+        )
+        .await;
+    assert_eq!(status, 200, "{second}");
+    let delivery = tested.next().await;
+    let body: Value = serde_json::from_slice(&delivery.body).expect("JSON");
+    assert_eq!(body, json!({"order": 8}));
+
     // Both were stored and attempted to the tested endpoint alone.
     for msg in [&sent, &ping] {
         let msg = msg["id"].as_str().expect("id");
@@ -2703,6 +2799,32 @@ async fn an_example_goes_to_its_endpoint_only() {
             .collect();
         assert_eq!(ids, [&endpoint["id"]], "{destinations}");
     }
+    // An endpoint whose filters do not want the type gets nothing, though the message is kept.
+    server
+        .create_endpoint(
+            &app,
+            json!({"url": tested.url, "uid": "elsewhere", "filterTypes": ["order.shipped"]}),
+        )
+        .await;
+    let (status, unwanted) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/app/{app}/endpoint/elsewhere/send-example"),
+            Some(json!({"eventType": "order.paid"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{unwanted}");
+    let (_, destinations) = server
+        .call(
+            Method::GET,
+            &format!(
+                "/api/v1/app/{app}/msg/{}/endpoint",
+                unwanted["id"].as_str().expect("id")
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(destinations["data"], json!([]), "{destinations}");
     server.settled(&app, "tested").await;
     let quiet = server
         .stats(&app, other_endpoint["id"].as_str().expect("id"))
@@ -2716,6 +2838,11 @@ async fn an_example_goes_to_its_endpoint_only() {
 
     for (body, status, code) in [
         (json!({"eventType": "order.bare"}), 400, "invalid_scheme"),
+        (
+            json!({"eventType": "order.paid", "exampleIndex": 2}),
+            400,
+            "invalid_scheme",
+        ),
         (json!({"eventType": "order.unknown"}), 404, "not_found"),
         (
             json!({"eventType": "order.paid", "payload": {}}),
@@ -2905,6 +3032,24 @@ async fn logout_ends_the_app_token_that_signs_it() {
     assert_eq!(status, 401, "a logged-out token opens nothing");
     let (status, _) = server.call(Method::GET, &read, None).await;
     assert_eq!(status, 200, "the admin token still works");
+    // An app's own token logs out too.
+    let (status, minted) = server
+        .call(
+            Method::POST,
+            "/api/v1/auth/token",
+            Some(json!({"name": "backend", "appId": app})),
+        )
+        .await;
+    assert_eq!(status, 201, "{minted}");
+    let token = minted["token"].as_str().expect("token");
+    let (status, _) = server
+        .call_as(Some(token), Method::POST, "/api/v1/auth/logout", None, None)
+        .await;
+    assert_eq!(status, 204);
+    let (status, _) = server
+        .call_as(Some(token), Method::GET, &read, None, None)
+        .await;
+    assert_eq!(status, 401);
     server.stop().await;
 }
 
@@ -2919,20 +3064,33 @@ async fn endpoint_stats_count_the_window_asked_for() {
         .create_endpoint(&app, json!({"url": receiver.url, "uid": "counted"}))
         .await;
     let before = chrono::Utc::now() - chrono::Duration::seconds(1);
+    let mut sent_at = Vec::new();
     for n in 0..3 {
-        server
+        let sent = server
             .send(
                 &app,
                 json!({"eventType": "order.paid", "payload": {"n": n}}),
             )
             .await;
         receiver.next().await;
+        let at: chrono::DateTime<chrono::Utc> = sent["timestamp"]
+            .as_str()
+            .expect("timestamp")
+            .parse()
+            .expect("time");
+        sent_at.push(at);
+        // Ids hold time in steps of 1/256 s: messages 10 ms apart fall in different steps.
+        while chrono::Utc::now() <= at + chrono::Duration::milliseconds(10) {
+            tokio::task::yield_now().await;
+        }
     }
     server.settled(&app, "counted").await;
     let after = chrono::Utc::now() + chrono::Duration::seconds(1);
     let at = |t: chrono::DateTime<chrono::Utc>| {
         urlencode(&t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
     };
+    let second = sent_at[1] - chrono::Duration::milliseconds(1);
+    let third = sent_at[2] - chrono::Duration::milliseconds(1);
     let stats = format!("/api/v1/app/{app}/endpoint/counted/stats");
     for (query, success) in [
         (String::new(), 3),
@@ -2940,6 +3098,10 @@ async fn endpoint_stats_count_the_window_asked_for() {
         (format!("?since={}&until={}", at(before), at(after)), 3),
         (format!("?since={}", at(after)), 0),
         (format!("?until={}", at(before)), 0),
+        // Cutting through them: from the second on, and before it.
+        (format!("?since={}", at(second)), 2),
+        (format!("?until={}", at(second)), 1),
+        (format!("?since={}&until={}", at(second), at(third)), 1),
     ] {
         let (status, counted) = server
             .call(Method::GET, &format!("{stats}{query}"), None)

@@ -518,6 +518,14 @@ async fn with_short_leases_a_paced_endpoints_deliveries_go_once_each_at_their_tu
     // at its turn, well before that lease ran out (7 s in; the bound leaves a busy machine 3 s).
     assert_no_sooner_than_their_turns(&arrivals, 1);
     assert!(arrivals[3] < Duration::from_secs(6), "{arrivals:?}");
+    // Settled, each delivery recorded its success and none can be claimed again: one attempt
+    // each in the log (a delivery sent twice under two leases would have logged two).
+    let (_, endpoints) = server
+        .call(Method::GET, &format!("/api/v1/app/{app}/endpoint"), None)
+        .await;
+    let endpoint = endpoints["data"][0]["id"].as_str().expect("the endpoint");
+    server.settled(&app, endpoint).await;
+    assert_eq!(attempts(&server, &app, endpoint).await.len(), 4);
     assert!(receiver.drain().is_empty(), "nothing more");
     server.stop().await;
 }
