@@ -30,7 +30,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use chrono::Datelike;
+use chrono::{DateTime, Datelike, Utc};
 use rustls::{
     ServerConfig,
     crypto::CryptoProvider,
@@ -179,9 +179,111 @@ impl CertificateFiles {
 
     /// Reads and checks both files, as a load does; the leaf's SHA-256 fingerprint.
     pub fn check(&self) -> Result<String, TlsError> {
+        Ok(self.inspect(Utc::now())?.0)
+    }
+
+    /// Reads and checks both files, as a load does; the leaf's SHA-256 fingerprint, and its
+    /// dates at `now` when they can be read.
+    pub fn inspect(
+        &self,
+        now: DateTime<Utc>,
+    ) -> Result<(String, Option<CertificateDates>), TlsError> {
         let provider = provider();
         let certified = self.parse(&self.read()?, &provider)?;
-        Ok(leaf_fingerprint(&certified))
+        let dates = certified
+            .cert
+            .first()
+            .and_then(|leaf| CertificateDates::of(leaf, now));
+        Ok((leaf_fingerprint(&certified), dates))
+    }
+}
+
+/// How long before its end a certificate's coming expiry is logged as a warning.
+pub const EXPIRY_WARNING: chrono::Duration = chrono::Duration::days(14);
+
+/// What a served certificate's validity dates say at a moment: clients refuse a certificate
+/// outside them, so Herald says so when it loads one (it serves it all the same: a
+/// certificate renewed late must still load without a restart) and `herald doctor` checks it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertificateDates {
+    /// Valid, for longer than [`EXPIRY_WARNING`].
+    Valid {
+        not_after: DateTime<Utc>,
+    },
+    /// Valid, but ending within [`EXPIRY_WARNING`].
+    EndingSoon {
+        not_after: DateTime<Utc>,
+    },
+    Expired {
+        not_after: DateTime<Utc>,
+    },
+    NotYetValid {
+        not_before: DateTime<Utc>,
+    },
+}
+
+impl CertificateDates {
+    /// The leaf certificate's dates at `now`; `None` if its DER does not parse as X.509 (rustls
+    /// loads it all the same).
+    pub fn of(leaf: &CertificateDer<'_>, now: DateTime<Utc>) -> Option<Self> {
+        use x509_cert::der::Decode;
+        let certificate = x509_cert::Certificate::from_der(leaf.as_ref()).ok()?;
+        let validity = &certificate.tbs_certificate.validity;
+        let at = |time: x509_cert::time::Time| {
+            DateTime::from_timestamp(i64::try_from(time.to_unix_duration().as_secs()).ok()?, 0)
+        };
+        let (not_before, not_after) = (at(validity.not_before)?, at(validity.not_after)?);
+        Some(if now < not_before {
+            Self::NotYetValid { not_before }
+        } else if now > not_after {
+            Self::Expired { not_after }
+        } else if not_after - now < EXPIRY_WARNING {
+            Self::EndingSoon { not_after }
+        } else {
+            Self::Valid { not_after }
+        })
+    }
+
+    /// What is wrong, in words; `None` while it is valid for longer than [`EXPIRY_WARNING`].
+    pub fn problem(&self) -> Option<String> {
+        let day = |at: &DateTime<Utc>| at.format("%Y-%m-%d %H:%M UTC").to_string();
+        match self {
+            Self::Valid { .. } => None,
+            Self::EndingSoon { not_after } => Some(format!(
+                "the certificate expires on {}: renew it before clients refuse it",
+                day(not_after)
+            )),
+            Self::Expired { not_after } => Some(format!(
+                "the certificate expired on {}: clients refuse it",
+                day(not_after)
+            )),
+            Self::NotYetValid { not_before } => Some(format!(
+                "the certificate is not valid until {}: clients refuse it until then",
+                day(not_before)
+            )),
+        }
+    }
+
+    /// Whether clients refuse the certificate now.
+    pub fn refused(&self) -> bool {
+        matches!(self, Self::Expired { .. } | Self::NotYetValid { .. })
+    }
+}
+
+/// Logs what a certificate just loaded has wrong with its dates, if anything.
+fn log_dates(files: &CertificateFiles, certified: &CertifiedKey) {
+    let Some(leaf) = certified.cert.first() else {
+        return;
+    };
+    let Some(dates) = CertificateDates::of(leaf, Utc::now()) else {
+        return;
+    };
+    if let Some(problem) = dates.problem() {
+        if dates.refused() {
+            tracing::error!(cert = %files.cert.display(), "{problem}");
+        } else {
+            tracing::warn!(cert = %files.cert.display(), "{problem}");
+        }
     }
 }
 
@@ -285,6 +387,7 @@ impl ListenerTls {
             fingerprint = %leaf_fingerprint(&certified),
             "TLS on: serving this certificate"
         );
+        log_dates(&files, &certified);
         let resolver = Arc::new(Resolver {
             current: ArcSwap::from_pointee(certified),
         });
@@ -340,6 +443,7 @@ impl ListenerTls {
         match parsed {
             Ok(certified) => {
                 let fingerprint = leaf_fingerprint(&certified);
+                log_dates(&self.files, &certified);
                 self.resolver.current.store(Arc::new(certified));
                 Reload::Reloaded { fingerprint }
             }
@@ -449,7 +553,15 @@ pub fn dev_certificate(data_dir: &Path) -> anyhow::Result<DevCertificate> {
         .ok()
         .and_then(|modified| modified.elapsed().ok())
         .is_some_and(|age| age < DEV_CERT_RENEW_AFTER);
-    if fresh_enough && let Ok(fingerprint) = files.check() {
+    // Reused while it loads and stays valid for a while yet (its dates, where they can be read).
+    let reusable = files
+        .inspect(Utc::now())
+        .ok()
+        .and_then(|(fingerprint, dates)| match dates {
+            Some(CertificateDates::Valid { .. }) | None => Some(fingerprint),
+            Some(_) => None,
+        });
+    if fresh_enough && let Some(fingerprint) = reusable {
         return Ok(DevCertificate {
             files,
             fingerprint,
@@ -545,6 +657,107 @@ mod tests {
     fn write(files: &CertificateFiles, (cert, key): &(String, String)) {
         std::fs::write(&files.key, key).expect("key");
         std::fs::write(&files.cert, cert).expect("cert");
+    }
+
+    /// A self-signed certificate valid from `from` to `until` (whole days), as PEM, and its key.
+    fn dated(from: chrono::NaiveDate, until: chrono::NaiveDate) -> (String, String) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params =
+            rcgen::CertificateParams::new(vec!["dated.test".to_owned()]).expect("params");
+        params.not_before = rcgen::date_time_ymd(from.year(), month(from), day(from));
+        params.not_after = rcgen::date_time_ymd(until.year(), month(until), day(until));
+        let cert = params.self_signed(&key).expect("certificate");
+        (cert.pem(), key.serialize_pem())
+    }
+
+    #[test]
+    fn a_certificates_dates_are_read_and_judged() {
+        let dir = tempfile::tempdir().expect("dir");
+        let files = CertificateFiles {
+            cert: dir.path().join("c.pem"),
+            key: dir.path().join("k.pem"),
+        };
+        let today = Utc::now().date_naive();
+        let days = |n: i64| {
+            if n >= 0 {
+                today + chrono::Days::new(n.unsigned_abs())
+            } else {
+                today - chrono::Days::new(n.unsigned_abs())
+            }
+        };
+        let midnight =
+            |date: chrono::NaiveDate| date.and_hms_opt(0, 0, 0).expect("midnight").and_utc();
+        for ((from, until), expected) in [
+            (
+                (-1, 90),
+                CertificateDates::Valid {
+                    not_after: midnight(days(90)),
+                },
+            ),
+            (
+                (-30, 5),
+                CertificateDates::EndingSoon {
+                    not_after: midnight(days(5)),
+                },
+            ),
+            (
+                (-30, -2),
+                CertificateDates::Expired {
+                    not_after: midnight(days(-2)),
+                },
+            ),
+            (
+                (3, 90),
+                CertificateDates::NotYetValid {
+                    not_before: midnight(days(3)),
+                },
+            ),
+        ] {
+            write(&files, &dated(days(from), days(until)));
+            let (_, dates) = files.inspect(Utc::now()).expect("loads whatever its dates");
+            assert_eq!(dates, Some(expected), "{from}..{until}");
+        }
+        // In words, with the date that matters; refused when clients refuse it.
+        let words = |dates: CertificateDates| (dates.problem(), dates.refused());
+        let on = |n: i64| days(n).format("%Y-%m-%d").to_string();
+        assert_eq!(
+            words(CertificateDates::Valid {
+                not_after: midnight(days(90))
+            }),
+            (None, false)
+        );
+        for (dates, says, refused) in [
+            (
+                CertificateDates::EndingSoon {
+                    not_after: midnight(days(5)),
+                },
+                format!("expires on {}", on(5)),
+                false,
+            ),
+            (
+                CertificateDates::Expired {
+                    not_after: midnight(days(-2)),
+                },
+                format!("expired on {}", on(-2)),
+                true,
+            ),
+            (
+                CertificateDates::NotYetValid {
+                    not_before: midnight(days(3)),
+                },
+                format!("not valid until {}", on(3)),
+                true,
+            ),
+        ] {
+            let (problem, is_refused) = words(dates);
+            let problem = problem.expect("a problem");
+            assert!(problem.contains(&says), "{problem}");
+            assert_eq!(is_refused, refused, "{problem}");
+        }
+        // A load serves a certificate outside its dates all the same (a late renewal must
+        // still load without a restart); the log says what is wrong with it.
+        write(&files, &dated(days(-30), days(-2)));
+        assert!(ListenerTls::load(files.clone()).is_ok());
     }
 
     #[test]

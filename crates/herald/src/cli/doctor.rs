@@ -338,12 +338,33 @@ fn tls(config: &Config) -> Check {
         );
     };
     let shown = format!("{} and {}", files.cert.display(), files.key.display());
-    match herald::tls::ListenerTls::load(files) {
-        Ok(_) => Check::ok(
+    let dates = match files.inspect(chrono::Utc::now()) {
+        Ok((_, dates)) => dates,
+        Err(e) => {
+            return Check::fail(
+                "tls",
+                format!("{shown}: {e}"),
+                "point tls.cert at the PEM certificate chain (leaf first) and tls.key at its private key, readable by Herald",
+            );
+        }
+    };
+    let renew = "put a renewed certificate in tls.cert and its key in tls.key (Herald reloads them without a restart)";
+    match (herald::tls::ListenerTls::load(files), dates) {
+        (Ok(_), Some(dates)) if dates.refused() => Check::fail(
+            "tls",
+            format!("{shown}: {}", dates.problem().unwrap_or_default()),
+            renew,
+        ),
+        (Ok(_), Some(dates)) if dates.problem().is_some() => Check::warn(
+            "tls",
+            format!("{shown}: {}", dates.problem().unwrap_or_default()),
+            renew,
+        ),
+        (Ok(_), _) => Check::ok(
             "tls",
             format!("{shown}: certificate and key load and match"),
         ),
-        Err(e) => Check::fail(
+        (Err(e), _) => Check::fail(
             "tls",
             format!("{shown}: {e}"),
             "point tls.cert at the PEM certificate chain (leaf first) and tls.key at its private key, readable by Herald",

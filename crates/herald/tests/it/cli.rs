@@ -619,6 +619,50 @@ async fn doctor_checks_a_node_and_says_what_is_wrong() {
         out.contains("FAIL  url") && out.contains("start the receiver"),
         "{out}"
     );
+
+    // A certificate past its end fails the TLS check, naming the date; one ending within two
+    // weeks warns.
+    let key = rcgen::KeyPair::generate().expect("key");
+    std::fs::write(dir.path().join("key.pem"), key.serialize_pem()).expect("write");
+    // Midnight UTC `days` from today, as rcgen takes a certificate's dates.
+    let time_from = |days: i64| {
+        use chrono::Datelike;
+        let date = chrono::Utc::now().date_naive() + chrono::Duration::days(days);
+        let small = |n: u32| u8::try_from(n).expect("a month or a day");
+        rcgen::date_time_ymd(date.year(), small(date.month()), small(date.day()))
+    };
+    for (days_left, verdict, says) in [(-2_i64, "FAIL", "expired on"), (5, "warn", "expires on")] {
+        let mut params =
+            rcgen::CertificateParams::new(vec!["localhost".to_owned()]).expect("params");
+        params.not_before = time_from(-30);
+        params.not_after = time_from(days_left);
+        let cert = params.self_signed(&key).expect("certificate");
+        std::fs::write(dir.path().join("cert.pem"), cert.pem()).expect("write");
+        std::fs::write(
+            &config,
+            format!(
+                "[tls]\ncert = {:?}\nkey = {:?}\n",
+                dir.path().join("cert.pem"),
+                dir.path().join("key.pem")
+            ),
+        )
+        .expect("write");
+        let (_, out, _) = run(
+            herald(&server),
+            &[
+                "doctor",
+                "--config",
+                config.to_str().expect("utf-8"),
+                "--data",
+                fresh.to_str().expect("utf-8"),
+            ],
+        )
+        .await;
+        assert!(
+            out.contains(&format!("{verdict}  tls")) && out.contains(says),
+            "{out}"
+        );
+    }
     server.stop().await;
 }
 
