@@ -51,6 +51,9 @@ const MAX_EVENTS_PER_WEBHOOK: usize = 100;
 const COALESCE: Duration = Duration::from_millis(100);
 /// Pause after a store error before trying the batch again.
 const ERROR_BACKOFF: Duration = Duration::from_secs(1);
+/// How many times in a row the store may refuse one app's events while it stores other apps'
+/// before they are dropped (and counted): such events would otherwise be retried without end.
+const MAX_REFUSALS: u32 = 5;
 
 #[derive(Debug, Clone)]
 pub struct ChannelWebhookConfig {
@@ -100,6 +103,9 @@ struct Pending {
     per_app: HashMap<AppId, usize>,
     sequence: u64,
     dropped: u64,
+    /// Apps whose events the store refused while it stored other apps' events, and how many
+    /// times in a row ([`ChannelWebhooks::isolate`]).
+    refusals: HashMap<AppId, u32>,
 }
 
 /// A delayed event's identity: the channel, and the user for `member_removed`.
@@ -364,7 +370,23 @@ impl ChannelWebhooks {
                 );
             }
             if !batch.is_empty() {
-                if let Err(unsent) = self.store_batch(&publisher, batch).await {
+                let stored = match self.store_batch(&publisher, batch).await {
+                    Ok(()) => Ok(()),
+                    // One app's events the store keeps refusing must not hold up every app's;
+                    // a store that does not answer at all is simply tried again.
+                    Err(unsent) if self.store.ping().await.is_err() => Err(unsent),
+                    Err(unsent) => {
+                        let unsent = self
+                            .isolate(unsent, |part| self.store_batch(&publisher, part))
+                            .await;
+                        if unsent.is_empty() {
+                            Ok(())
+                        } else {
+                            Err(unsent)
+                        }
+                    }
+                };
+                if let Err(unsent) = stored {
                     // Put them back in front, keeping their order, and try again shortly.
                     if stopping {
                         // Nothing will store them now: counted as dropped, with how many.
@@ -412,6 +434,69 @@ impl ChannelWebhooks {
                 () = stop.cancelled() => {}
             }
         }
+    }
+
+    /// After the store refused a batch: stores each app's events on their own (with `store`),
+    /// and returns those it refused again, in order. When it refuses every app's, the store is
+    /// the trouble (down, say) and they all wait for the next try. When it takes some, an app
+    /// whose events it refuses is counted, and after [`MAX_REFUSALS`] refusals in a row its
+    /// events are dropped, counted and logged, rather than retried without end.
+    async fn isolate<F, Fut>(
+        &self,
+        unsent: Vec<(AppId, ChannelEvent)>,
+        store: F,
+    ) -> Vec<(AppId, ChannelEvent)>
+    where
+        F: Fn(Vec<(AppId, ChannelEvent)>) -> Fut,
+        Fut: std::future::Future<Output = Result<(), Vec<(AppId, ChannelEvent)>>>,
+    {
+        let mut by_app: Vec<(AppId, Vec<(AppId, ChannelEvent)>)> = Vec::new();
+        for (app_id, event) in unsent {
+            match by_app.iter_mut().find(|(app, _)| *app == app_id) {
+                Some((_, events)) => events.push((app_id, event)),
+                None => by_app.push((app_id.clone(), vec![(app_id, event)])),
+            }
+        }
+        if by_app.len() < 2 {
+            return by_app.into_iter().flat_map(|(_, events)| events).collect();
+        }
+        let apps = by_app.len();
+        let mut refused = Vec::new();
+        let mut stored = Vec::new();
+        for (app_id, events) in by_app {
+            match store(events).await {
+                Ok(()) => stored.push(app_id),
+                Err(events) => refused.push((app_id, events)),
+            }
+        }
+        if refused.len() == apps {
+            return refused.into_iter().flat_map(|(_, events)| events).collect();
+        }
+        let mut kept = Vec::new();
+        let mut pending = self.lock();
+        for app_id in stored {
+            pending.refusals.remove(&app_id);
+        }
+        for (app_id, events) in refused {
+            let refusals = pending.refusals.entry(app_id.clone()).or_insert(0);
+            *refusals += 1;
+            if *refusals < MAX_REFUSALS {
+                kept.extend(events);
+                continue;
+            }
+            pending.refusals.remove(&app_id);
+            let lost = events.len();
+            self.metrics
+                .channel_webhook_events_dropped_total
+                .inc_by(u64::try_from(lost).unwrap_or(u64::MAX));
+            tracing::error!(
+                app = %app_id,
+                lost,
+                refusals = MAX_REFUSALS,
+                "channel webhook events dropped: the store refused them every time while it stored other apps' events"
+            );
+        }
+        kept
     }
 
     /// Stores the batch's messages (one per app and group of endpoints wanting the same
@@ -775,8 +860,16 @@ mod tests {
         assert_eq!(pending.per_app.get(&quiet), Some(&4));
     }
 
-    #[tokio::test]
-    async fn dropped_events_are_counted_as_they_are_dropped() {
+    /// Channel webhooks waiting on a throwaway SQLite store (kept while the directory is),
+    /// with at most `max_pending` events.
+    async fn on_a_store(
+        max_pending: usize,
+    ) -> (
+        tempfile::TempDir,
+        Arc<dyn Store>,
+        Arc<ChannelMetrics>,
+        ChannelWebhooks,
+    ) {
         let dir = tempfile::tempdir().expect("dir");
         let store: Arc<dyn Store> = Arc::new(
             herald_store::sqlite::SqliteStore::open(dir.path())
@@ -784,7 +877,83 @@ mod tests {
                 .expect("store"),
         );
         let metrics = Arc::new(ChannelMetrics::default());
-        let webhooks = ChannelWebhooks::new(Arc::clone(&store), config(2), Arc::clone(&metrics));
+        let webhooks = ChannelWebhooks::new(
+            Arc::clone(&store),
+            config(max_pending),
+            Arc::clone(&metrics),
+        );
+        (dir, store, metrics, webhooks)
+    }
+
+    /// A store that refuses one app's events every time, and takes the others'.
+    fn refusing(
+        poison: &AppId,
+        stored: &Mutex<Vec<String>>,
+        batch: Vec<(AppId, ChannelEvent)>,
+    ) -> std::future::Ready<Result<(), Vec<(AppId, ChannelEvent)>>> {
+        if batch.iter().any(|(app, _)| app == poison) {
+            return std::future::ready(Err(batch));
+        }
+        stored.lock().expect("lock").extend(names(&batch));
+        std::future::ready(Ok(()))
+    }
+
+    #[tokio::test]
+    async fn an_app_whose_events_the_store_keeps_refusing_holds_up_no_other() {
+        let (_dir, store, metrics, webhooks) = on_a_store(100).await;
+        let poison = AppId::parse("app_poison").expect("valid");
+        let good = AppId::parse("app_good").expect("valid");
+        let stored = Mutex::new(Vec::new());
+        let mut unsent = Vec::new();
+        for round in 1..=MAX_REFUSALS {
+            let batch: Vec<_> = unsent
+                .into_iter()
+                .chain([
+                    (poison.clone(), occupied(&format!("bad-{round}"))),
+                    (good.clone(), occupied(&format!("good-{round}"))),
+                ])
+                .collect();
+            unsent = webhooks
+                .isolate(batch, |part| refusing(&poison, &stored, part))
+                .await;
+            if round < MAX_REFUSALS {
+                // The good app's event is stored; the poison app's wait, in order.
+                assert_eq!(names(&unsent).len(), usize::try_from(round).expect("small"));
+                assert!(unsent.iter().all(|(app, _)| *app == poison));
+                assert_eq!(metrics.channel_webhook_events_dropped_total.get(), 0);
+            }
+        }
+        // Refused every time while another app's went in: dropped and counted.
+        assert!(unsent.is_empty(), "{:?}", names(&unsent));
+        assert_eq!(
+            metrics.channel_webhook_events_dropped_total.get(),
+            u64::from(MAX_REFUSALS)
+        );
+        assert_eq!(
+            stored.lock().expect("lock").len(),
+            usize::try_from(MAX_REFUSALS).expect("small")
+        );
+        // A store refusing everything (down) drops nothing, however often.
+        let everything = AppId::parse("app_other").expect("valid");
+        let down = |batch: Vec<(AppId, ChannelEvent)>| std::future::ready(Err(batch));
+        let mut waiting = vec![
+            (everything.clone(), occupied("a")),
+            (good.clone(), occupied("b")),
+        ];
+        for _ in 0..MAX_REFUSALS * 2 {
+            waiting = webhooks.isolate(waiting, down).await;
+        }
+        assert_eq!(names(&waiting).len(), 2);
+        assert_eq!(
+            metrics.channel_webhook_events_dropped_total.get(),
+            u64::from(MAX_REFUSALS)
+        );
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn dropped_events_are_counted_as_they_are_dropped() {
+        let (_dir, store, metrics, webhooks) = on_a_store(2).await;
         for n in 0..5 {
             webhooks.observe(
                 &AppId::parse(format!("app_{n}")).expect("valid"),

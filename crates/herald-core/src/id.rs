@@ -98,7 +98,7 @@ struct InTick {
 
 impl InTick {
     fn order(&mut self, mut fresh: [u8; 20]) -> [u8; 20] {
-        // The first 5 bytes are the time (seconds, then 1/256 s).
+        // The first 5 bytes are the time (seconds, then steps of 4 ms).
         if fresh[..5] == self.last[..5] && fresh <= self.last {
             fresh = self.last;
             increment(&mut fresh);
@@ -341,7 +341,7 @@ mod tests {
     fn ids_sort_by_creation_time() {
         let t0 = Utc::now();
         let a = new_id(MESSAGE, t0);
-        // KsuidMs keeps time in 1/256 s steps (about 4 ms).
+        // KsuidMs keeps time in steps of 4 ms.
         let b = new_id(MESSAGE, t0 + Duration::milliseconds(8));
         let c = new_id(MESSAGE, t0 + Duration::seconds(3600));
         assert!(a < b && b < c, "{a} {b} {c}");

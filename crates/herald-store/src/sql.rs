@@ -724,7 +724,7 @@ pub(crate) const LIST_MESSAGES: &str = "SELECT * FROM messages WHERE app_id = ";
 /// `created_at`, for a time window (`after`, `before`). Ids sort by time, so the bound lets the
 /// read start at the window in the id index rather than walk it from one end; the exact
 /// `created_at` terms stay beside it. A second of slack on each side keeps the bound loose
-/// (ids hold time in steps of 1/256 s).
+/// (ids hold time in steps of 4 ms).
 pub(crate) fn push_id_window<DB: ::sqlx::Database>(
     q: &mut ::sqlx::QueryBuilder<DB>,
     column: &str,

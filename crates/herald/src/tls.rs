@@ -270,21 +270,32 @@ impl CertificateDates {
     }
 }
 
-/// Logs what a certificate just loaded has wrong with its dates, if anything.
-fn log_dates(files: &CertificateFiles, certified: &CertifiedKey) {
-    let Some(leaf) = certified.cert.first() else {
-        return;
-    };
-    let Some(dates) = CertificateDates::of(leaf, Utc::now()) else {
-        return;
-    };
-    if let Some(problem) = dates.problem() {
-        if dates.refused() {
-            tracing::error!(cert = %files.cert.display(), "{problem}");
-        } else {
-            tracing::warn!(cert = %files.cert.display(), "{problem}");
-        }
+/// What to say of a served certificate's dates: its state (for telling a change), and the
+/// words and level, when there is something to say.
+fn dates_notice(
+    certified: &CertifiedKey,
+    now: DateTime<Utc>,
+) -> (DatesState, Option<(String, bool)>) {
+    match certified.cert.first().map(|leaf| CertificateDates::of(leaf, now)) {
+        Some(Some(dates)) => (
+            DatesState::Read(std::mem::discriminant(&dates)),
+            dates.problem().map(|problem| (problem, dates.refused())),
+        ),
+        _ => (
+            DatesState::Unreadable,
+            Some((
+                "the certificate's validity dates could not be read (not strict DER?): they are not checked".to_owned(),
+                false,
+            )),
+        ),
     }
+}
+
+/// A served certificate's dates as last judged: a notice is logged when this changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DatesState {
+    Read(std::mem::Discriminant<CertificateDates>),
+    Unreadable,
 }
 
 /// A PEM error in words: pki-types prints the markers it wanted as byte arrays.
@@ -356,6 +367,9 @@ pub struct ListenerTls {
     acceptor: TlsAcceptor,
     /// What the last look at the files found: polling acts only on a change.
     seen: Mutex<Seen>,
+    /// The served certificate's dates as last judged ([`ListenerTls::judge_dates`]), with
+    /// its fingerprint: one notice per state, not one per look.
+    dates: Mutex<Option<(String, DatesState)>>,
 }
 
 /// The files as last seen.
@@ -387,7 +401,6 @@ impl ListenerTls {
             fingerprint = %leaf_fingerprint(&certified),
             "TLS on: serving this certificate"
         );
-        log_dates(&files, &certified);
         let resolver = Arc::new(Resolver {
             current: ArcSwap::from_pointee(certified),
         });
@@ -406,7 +419,33 @@ impl ListenerTls {
                 contents,
                 unreadable: None,
             }),
+            dates: Mutex::new(None),
         }))
+        .inspect(|tls| {
+            tls.judge_dates(Utc::now());
+        })
+    }
+
+    /// Logs what is wrong with the served certificate's dates at `now` (expired, not yet
+    /// valid, ending within [`EXPIRY_WARNING`], unreadable), once per certificate and state:
+    /// at load, at each reload, and at each look of the watcher, so a certificate that runs
+    /// out while Herald serves it is reported as it does. Returns what it logged.
+    pub fn judge_dates(&self, now: DateTime<Utc>) -> Option<String> {
+        let certified = self.resolver.current.load();
+        let fingerprint = leaf_fingerprint(&certified);
+        let (state, notice) = dates_notice(&certified, now);
+        let mut last = self.dates.lock().unwrap_or_else(|p| p.into_inner());
+        if last.as_ref() == Some(&(fingerprint.clone(), state)) {
+            return None;
+        }
+        *last = Some((fingerprint, state));
+        let (problem, refused) = notice?;
+        if refused {
+            tracing::error!(cert = %self.files.cert.display(), "{problem}");
+        } else {
+            tracing::warn!(cert = %self.files.cert.display(), "{problem}");
+        }
+        Some(problem)
     }
 
     pub fn acceptor(&self) -> TlsAcceptor {
@@ -443,7 +482,6 @@ impl ListenerTls {
         match parsed {
             Ok(certified) => {
                 let fingerprint = leaf_fingerprint(&certified);
-                log_dates(&self.files, &certified);
                 self.resolver.current.store(Arc::new(certified));
                 Reload::Reloaded { fingerprint }
             }
@@ -480,7 +518,8 @@ impl ListenerTls {
 }
 
 /// Reloads `tls` on SIGHUP (always) and when its files change (polled every `interval`; zero:
-/// never), until `stop`.
+/// never), and looks at the served certificate's dates after each and at least hourly
+/// ([`ListenerTls::judge_dates`]), until `stop`.
 pub async fn watch(tls: Arc<ListenerTls>, interval: Duration, stop: CancellationToken) {
     #[cfg(unix)]
     let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
@@ -490,6 +529,8 @@ pub async fn watch(tls: Arc<ListenerTls>, interval: Duration, stop: Cancellation
             None
         }
     };
+    let mut dates = tokio::time::interval(DATES_LOOK_EVERY);
+    dates.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ticks = (!interval.is_zero()).then(|| {
         let mut ticks = tokio::time::interval(interval);
         // A slow disk must not make polls pile up.
@@ -516,9 +557,16 @@ pub async fn watch(tls: Arc<ListenerTls>, interval: Duration, stop: Cancellation
             () = stop.cancelled() => return,
             Some(()) = hangup_received => tls.reload_logged(true, "SIGHUP").await,
             _ = tick => tls.reload_logged(false, "file change").await,
+            _ = dates.tick() => {}
         }
+        // Whatever woke it: a certificate loaded, or one served for a while, may have
+        // crossed into another state of its dates.
+        tls.judge_dates(Utc::now());
     }
 }
+
+/// How often the watcher looks at the served certificate's dates, files changed or not.
+const DATES_LOOK_EVERY: Duration = Duration::from_secs(3600);
 
 /// The certificate `--dev-tls` made (or found) in the data directory.
 #[derive(Debug, Clone)]
@@ -758,6 +806,45 @@ mod tests {
         // still load without a restart); the log says what is wrong with it.
         write(&files, &dated(days(-30), days(-2)));
         assert!(ListenerTls::load(files.clone()).is_ok());
+    }
+
+    #[test]
+    fn a_served_certificate_is_judged_again_as_time_passes_once_per_state() {
+        let dir = tempfile::tempdir().expect("dir");
+        let files = CertificateFiles {
+            cert: dir.path().join("c.pem"),
+            key: dir.path().join("k.pem"),
+        };
+        let today = Utc::now().date_naive();
+        write(
+            &files,
+            &dated(today - chrono::Days::new(1), today + chrono::Days::new(60)),
+        );
+        let tls = ListenerTls::load(files.clone()).expect("loads");
+        let now = Utc::now();
+        assert_eq!(
+            tls.judge_dates(now),
+            None,
+            "valid for 60 days: nothing to say"
+        );
+        // Fifty days on, nobody renewed it: a warning, once.
+        let later = now + chrono::Duration::days(50);
+        let said = tls.judge_dates(later).expect("a warning");
+        assert!(said.contains("expires on"), "{said}");
+        assert_eq!(
+            tls.judge_dates(later + chrono::Duration::hours(1)),
+            None,
+            "said once"
+        );
+        // Past its end: said again, as an expiry.
+        let said = tls
+            .judge_dates(now + chrono::Duration::days(61))
+            .expect("an error");
+        assert!(said.contains("expired on"), "{said}");
+        // A renewal loads, and the new certificate is judged afresh.
+        write(&files, &pair("renewed.test"));
+        assert!(matches!(tls.reload(false), Reload::Reloaded { .. }));
+        assert_eq!(tls.judge_dates(now), None);
     }
 
     #[test]

@@ -138,6 +138,16 @@ impl Api {
 
     /// Every item of a Svix list, page after page (following `iterator`).
     pub async fn list_all(&self, path: &str) -> anyhow::Result<Vec<Value>> {
+        self.list_while(path, |_| true).await
+    }
+
+    /// The items of a Svix list, page after page (following `iterator`), up to the first that
+    /// `keep` refuses: for a list read newest first, everything since a time.
+    pub async fn list_while(
+        &self,
+        path: &str,
+        keep: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Vec<Value>> {
         let mut items = Vec::new();
         let mut iterator: Option<String> = None;
         let separator = if path.contains('?') { '&' } else { '?' };
@@ -147,8 +157,16 @@ impl Api {
                 None => format!("{path}{separator}limit=250"),
             };
             let page = self.get(&page_path).await?;
-            if let Some(data) = page.get("data").and_then(Value::as_array) {
-                items.extend(data.iter().cloned());
+            for item in page
+                .get("data")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                if !keep(item) {
+                    return Ok(items);
+                }
+                items.push(item.clone());
             }
             let done = page.get("done").and_then(Value::as_bool).unwrap_or(true);
             iterator = page

@@ -331,6 +331,8 @@ async fn broker(config: &Config) -> Check {
 }
 
 fn tls(config: &Config) -> Check {
+    use herald::tls::CertificateDates;
+
     let Some(files) = config.tls_files() else {
         return Check::skip(
             "tls",
@@ -338,33 +340,33 @@ fn tls(config: &Config) -> Check {
         );
     };
     let shown = format!("{} and {}", files.cert.display(), files.key.display());
-    let dates = match files.inspect(chrono::Utc::now()) {
-        Ok((_, dates)) => dates,
-        Err(e) => {
-            return Check::fail(
-                "tls",
-                format!("{shown}: {e}"),
-                "point tls.cert at the PEM certificate chain (leaf first) and tls.key at its private key, readable by Herald",
-            );
-        }
-    };
     let renew = "put a renewed certificate in tls.cert and its key in tls.key (Herald reloads them without a restart)";
-    match (herald::tls::ListenerTls::load(files), dates) {
-        (Ok(_), Some(dates)) if dates.refused() => Check::fail(
+    // One read of the files: the same checks as a load (PEM, a usable key that belongs to
+    // the leaf), and the leaf's dates.
+    match files.inspect(chrono::Utc::now()) {
+        Ok((_, Some(CertificateDates::Valid { not_after }))) => Check::ok(
             "tls",
-            format!("{shown}: {}", dates.problem().unwrap_or_default()),
-            renew,
+            format!(
+                "{shown}: certificate and key load and match; valid until {}",
+                not_after.format("%Y-%m-%d")
+            ),
         ),
-        (Ok(_), Some(dates)) if dates.problem().is_some() => Check::warn(
+        Ok((_, Some(dates))) => {
+            let found = format!("{shown}: {}", dates.problem().unwrap_or_default());
+            if dates.refused() {
+                Check::fail("tls", found, renew)
+            } else {
+                Check::warn("tls", found, renew)
+            }
+        }
+        Ok((_, None)) => Check::warn(
             "tls",
-            format!("{shown}: {}", dates.problem().unwrap_or_default()),
-            renew,
+            format!(
+                "{shown}: certificate and key load and match, but the certificate's validity dates could not be read"
+            ),
+            "check the certificate's dates with `openssl x509 -noout -dates -in` the file",
         ),
-        (Ok(_), _) => Check::ok(
-            "tls",
-            format!("{shown}: certificate and key load and match"),
-        ),
-        (Err(e), _) => Check::fail(
+        Err(e) => Check::fail(
             "tls",
             format!("{shown}: {e}"),
             "point tls.cert at the PEM certificate chain (leaf first) and tls.key at its private key, readable by Herald",

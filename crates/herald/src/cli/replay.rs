@@ -20,7 +20,7 @@ pub struct ReplayArgs {
     /// Messages created since: RFC 3339, or an age such as 30m, 6h or 2d.
     #[arg(long, value_parser = parse_since)]
     pub since: chrono::DateTime<chrono::Utc>,
-    /// Messages created before (RFC 3339 or an age) [default: now].
+    /// Messages created before (RFC 3339 or an age) [default: no end].
     #[arg(long, value_parser = parse_since)]
     pub until: Option<chrono::DateTime<chrono::Utc>>,
     /// Resends in flight at once.
@@ -46,13 +46,21 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
     // Always closed at both ends: with `after` alone, Svix's server (and Herald's) pages from
     // that time on with `prevIterator`, older Herald servers from the newest with `iterator`.
     // Closed, every version reads newest first and walks `iterator`; by default a day ahead of
-    // now, past any clock difference with the server. Resent oldest first.
+    // now, past any clock difference with the server. Svix's server then drops `after`, so the
+    // walk itself stops at the first message from before `--since`. Resent oldest first.
     let until = args
         .until
         .unwrap_or_else(|| chrono::Utc::now() + chrono::Duration::days(1))
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     path.push_str(&format!("&before={}", encode(&until)));
-    let mut listed = api.list_all(&path).await?;
+    let after_since = |message: &Value| {
+        message
+            .get("timestamp")
+            .and_then(Value::as_str)
+            .and_then(|at| chrono::DateTime::parse_from_rfc3339(at).ok())
+            .is_none_or(|at| at > args.since)
+    };
+    let mut listed = api.list_while(&path, after_since).await?;
     listed.reverse();
     let failed: Vec<String> = listed
         .iter()

@@ -2589,12 +2589,23 @@ async fn after_alone_starts_the_page_right_after_that_time() {
             )
             .await;
         receiver.next().await;
+        // Each message in a millisecond (and an id step) of its own.
+        let at: chrono::DateTime<chrono::Utc> = sent["timestamp"]
+            .as_str()
+            .expect("timestamp")
+            .parse()
+            .expect("time");
+        while chrono::Utc::now() <= at + chrono::Duration::milliseconds(5) {
+            tokio::task::yield_now().await;
+        }
         sent
     };
     // Two before the time (their attempts too), five after.
     let mut since = chrono::DateTime::<chrono::Utc>::MIN_UTC;
+    let mut early = Vec::new();
     for n in 0..2 {
         let sent = send(n).await;
+        early.push(sent["id"].as_str().expect("id").to_owned());
         since = since.max(
             sent["timestamp"]
                 .as_str()
@@ -2691,6 +2702,33 @@ async fn after_alone_starts_the_page_right_after_that_time() {
             assert!(pair[1].iter().all(|t| t >= newest), "{list}: {times:?}");
         }
     }
+
+    // `before` close to the rows (the id window's other edge): the four made before the
+    // third later one, newest first.
+    let (_, third) = server
+        .call(
+            Method::GET,
+            &format!("/api/v1/app/{app}/msg/{}", ids[2]),
+            None,
+        )
+        .await;
+    let before = third["timestamp"].as_str().expect("timestamp");
+    let (_, older) = server
+        .call(
+            Method::GET,
+            &format!("/api/v1/app/{app}/msg?before={}", urlencode(before)),
+            None,
+        )
+        .await;
+    assert_eq!(
+        field(&older, "id"),
+        [
+            ids[1].clone(),
+            ids[0].clone(),
+            early[1].clone(),
+            early[0].clone()
+        ]
+    );
 
     // Without `after`, the newest first.
     let (_, newest) = server
@@ -3079,7 +3117,7 @@ async fn endpoint_stats_count_the_window_asked_for() {
             .parse()
             .expect("time");
         sent_at.push(at);
-        // Ids hold time in steps of 1/256 s: messages 10 ms apart fall in different steps.
+        // Ids hold time in steps of 4 ms: messages 10 ms apart fall in different steps.
         while chrono::Utc::now() <= at + chrono::Duration::milliseconds(10) {
             tokio::task::yield_now().await;
         }
