@@ -126,6 +126,14 @@ impl DelayKey {
     }
 }
 
+/// Events the store did not take, and whether it refused the data itself (a constraint, a
+/// value it cannot hold: the same write fails again) rather than failing to answer.
+#[derive(Debug)]
+struct Refused {
+    events: Vec<(AppId, ChannelEvent)>,
+    permanent: bool,
+}
+
 #[derive(Serialize)]
 struct Body<'a> {
     time_ms: i64,
@@ -209,6 +217,15 @@ impl Pending {
             *count = count.saturating_sub(1);
             if *count == 0 {
                 self.per_app.remove(app_id);
+            }
+        }
+    }
+
+    /// The store took these apps' events: their refusals in a row start again from none.
+    fn stored(&mut self, apps: &[AppId]) {
+        if !self.refusals.is_empty() {
+            for app_id in apps {
+                self.refusals.remove(app_id);
             }
         }
     }
@@ -370,14 +387,23 @@ impl ChannelWebhooks {
                 );
             }
             if !batch.is_empty() {
+                let apps: Vec<AppId> = {
+                    let mut apps: Vec<AppId> = batch.iter().map(|(app, _)| app.clone()).collect();
+                    apps.sort_unstable();
+                    apps.dedup();
+                    apps
+                };
                 let stored = match self.store_batch(&publisher, batch).await {
-                    Ok(()) => Ok(()),
+                    Ok(()) => {
+                        self.lock().stored(&apps);
+                        Ok(())
+                    }
                     // One app's events the store keeps refusing must not hold up every app's;
                     // a store that does not answer at all is simply tried again.
-                    Err(unsent) if self.store.ping().await.is_err() => Err(unsent),
-                    Err(unsent) => {
+                    Err(refused) if self.store.ping().await.is_err() => Err(refused.events),
+                    Err(refused) => {
                         let unsent = self
-                            .isolate(unsent, |part| self.store_batch(&publisher, part))
+                            .isolate(refused.events, |part| self.store_batch(&publisher, part))
                             .await;
                         if unsent.is_empty() {
                             Ok(())
@@ -439,7 +465,8 @@ impl ChannelWebhooks {
     /// After the store refused a batch: stores each app's events on their own (with `store`),
     /// and returns those it refused again, in order. When it refuses every app's, the store is
     /// the trouble (down, say) and they all wait for the next try. When it takes some, an app
-    /// whose events it refuses is counted, and after [`MAX_REFUSALS`] refusals in a row its
+    /// whose data it refuses as such ([`Refused::permanent`]: a constraint, a value it cannot
+    /// hold, not a timeout) is counted, and after [`MAX_REFUSALS`] such refusals in a row its
     /// events are dropped, counted and logged, rather than retried without end.
     async fn isolate<F, Fut>(
         &self,
@@ -448,7 +475,7 @@ impl ChannelWebhooks {
     ) -> Vec<(AppId, ChannelEvent)>
     where
         F: Fn(Vec<(AppId, ChannelEvent)>) -> Fut,
-        Fut: std::future::Future<Output = Result<(), Vec<(AppId, ChannelEvent)>>>,
+        Fut: std::future::Future<Output = Result<(), Refused>>,
     {
         let mut by_app: Vec<(AppId, Vec<(AppId, ChannelEvent)>)> = Vec::new();
         for (app_id, event) in unsent {
@@ -466,18 +493,23 @@ impl ChannelWebhooks {
         for (app_id, events) in by_app {
             match store(events).await {
                 Ok(()) => stored.push(app_id),
-                Err(events) => refused.push((app_id, events)),
+                Err(why) => refused.push((app_id, why)),
             }
         }
         if refused.len() == apps {
-            return refused.into_iter().flat_map(|(_, events)| events).collect();
+            return refused
+                .into_iter()
+                .flat_map(|(_, why)| why.events)
+                .collect();
         }
         let mut kept = Vec::new();
         let mut pending = self.lock();
-        for app_id in stored {
-            pending.refusals.remove(&app_id);
-        }
-        for (app_id, events) in refused {
+        pending.stored(&stored);
+        for (app_id, Refused { events, permanent }) in refused {
+            if !permanent {
+                kept.extend(events);
+                continue;
+            }
             let refusals = pending.refusals.entry(app_id.clone()).or_insert(0);
             *refusals += 1;
             if *refusals < MAX_REFUSALS {
@@ -506,7 +538,7 @@ impl ChannelWebhooks {
         &self,
         publisher: &Publisher,
         batch: Vec<(AppId, ChannelEvent)>,
-    ) -> Result<(), Vec<(AppId, ChannelEvent)>> {
+    ) -> Result<(), Refused> {
         match self.messages_and_changes(&batch).await {
             Ok((messages, changes)) if messages.is_empty() && changes.is_empty() => Ok(()),
             Ok((messages, changes)) => {
@@ -514,13 +546,21 @@ impl ChannelWebhooks {
                     Ok(()) => Ok(()),
                     Err(e) => {
                         tracing::error!(error = %e, "storing channel webhooks failed");
-                        Err(batch)
+                        let permanent =
+                            matches!(&e, crate::PublishError::Store(e) if e.refuses_the_data());
+                        Err(Refused {
+                            events: batch,
+                            permanent,
+                        })
                     }
                 }
             }
             Err(e) => {
                 tracing::error!(error = %e, "reading endpoints for channel webhooks failed");
-                Err(batch)
+                Err(Refused {
+                    events: batch,
+                    permanent: false,
+                })
             }
         }
     }
@@ -885,14 +925,19 @@ mod tests {
         (dir, store, metrics, webhooks)
     }
 
-    /// A store that refuses one app's events every time, and takes the others'.
+    /// A store that refuses one app's events every time (as data it refuses, or as a
+    /// failure that may pass: `permanent`), and takes the others'.
     fn refusing(
         poison: &AppId,
+        permanent: bool,
         stored: &Mutex<Vec<String>>,
         batch: Vec<(AppId, ChannelEvent)>,
-    ) -> std::future::Ready<Result<(), Vec<(AppId, ChannelEvent)>>> {
+    ) -> std::future::Ready<Result<(), Refused>> {
         if batch.iter().any(|(app, _)| app == poison) {
-            return std::future::ready(Err(batch));
+            return std::future::ready(Err(Refused {
+                events: batch,
+                permanent,
+            }));
         }
         stored.lock().expect("lock").extend(names(&batch));
         std::future::ready(Ok(()))
@@ -914,7 +959,7 @@ mod tests {
                 ])
                 .collect();
             unsent = webhooks
-                .isolate(batch, |part| refusing(&poison, &stored, part))
+                .isolate(batch, |part| refusing(&poison, true, &stored, part))
                 .await;
             if round < MAX_REFUSALS {
                 // The good app's event is stored; the poison app's wait, in order.
@@ -933,9 +978,41 @@ mod tests {
             stored.lock().expect("lock").len(),
             usize::try_from(MAX_REFUSALS).expect("small")
         );
+        // A failure that may pass (a timeout, say) is never counted, however often.
+        let mut waiting = vec![(poison.clone(), occupied("slow"))];
+        for _ in 0..MAX_REFUSALS * 2 {
+            waiting.push((good.clone(), occupied("good")));
+            waiting = webhooks
+                .isolate(waiting, |part| refusing(&poison, false, &stored, part))
+                .await;
+        }
+        assert_eq!(names(&waiting), ["app_poison/channel_occupied/slow"]);
+        // A success starts the count again: refusals must come in a row.
+        let round = || {
+            vec![
+                (poison.clone(), occupied("late")),
+                (good.clone(), occupied("g")),
+            ]
+        };
+        for _ in 0..MAX_REFUSALS - 1 {
+            let kept = webhooks
+                .isolate(round(), |part| refusing(&poison, true, &stored, part))
+                .await;
+            assert_eq!(kept.len(), 1);
+        }
+        webhooks.lock().stored(std::slice::from_ref(&poison));
+        let kept = webhooks
+            .isolate(round(), |part| refusing(&poison, true, &stored, part))
+            .await;
+        assert_eq!(kept.len(), 1, "counted from one again after a success");
         // A store refusing everything (down) drops nothing, however often.
         let everything = AppId::parse("app_other").expect("valid");
-        let down = |batch: Vec<(AppId, ChannelEvent)>| std::future::ready(Err(batch));
+        let down = |batch: Vec<(AppId, ChannelEvent)>| {
+            std::future::ready(Err(Refused {
+                events: batch,
+                permanent: true,
+            }))
+        };
         let mut waiting = vec![
             (everything.clone(), occupied("a")),
             (good.clone(), occupied("b")),

@@ -106,6 +106,42 @@ impl StoreError {
     }
 }
 
+impl StoreError {
+    /// The database refused what was written (a constraint it breaks, a value it cannot take,
+    /// data it reads as corrupt): the same write would be refused again, whenever it is tried.
+    /// Timeouts, lost connections, I/O errors and conflicts between transactions are not:
+    /// they may pass on the next try.
+    pub fn refuses_the_data(&self) -> bool {
+        use sqlx::error::ErrorKind;
+        match self {
+            Self::Conflict(_) | Self::Corrupt(_) => true,
+            Self::Database(sqlx::Error::Encode(_)) => true,
+            Self::Database(sqlx::Error::Database(db)) => {
+                // PostgreSQL's SQLSTATE classes 22 (data exception) and 23 (integrity
+                // constraint); SQLite's codes are numbers of another scheme.
+                let postgres_refused = db
+                    .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                    .is_some_and(|pg| {
+                        let code = pg.code();
+                        code.starts_with("22") || code.starts_with("23")
+                    });
+                postgres_refused
+                    || matches!(
+                        db.kind(),
+                        ErrorKind::UniqueViolation
+                            | ErrorKind::ForeignKeyViolation
+                            | ErrorKind::NotNullViolation
+                            | ErrorKind::CheckViolation
+                    )
+            }
+            Self::Sqlite(rusqlite::Error::SqliteFailure(error, _)) => {
+                error.code == rusqlite::ErrorCode::ConstraintViolation
+            }
+            _ => false,
+        }
+    }
+}
+
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// Which deliveries an endpoint's statistics count: those of the messages created at or after

@@ -464,6 +464,31 @@ mod tests {
         PostgresStore::open(url, options).await.expect("open")
     }
 
+    /// A constraint, or a value PostgreSQL cannot hold (SQLSTATE classes 23 and 22), is data
+    /// it refuses; a pool that timed out is not.
+    #[tokio::test]
+    async fn a_constraint_or_a_bad_value_is_data_refused() {
+        let Some(url) = messages::tests::server_url() else {
+            return;
+        };
+        let (_guard, store) = open_in_fresh_schema(url).await;
+        let app = conformance::stored_app(&store, "A").await;
+        let unique = sqlx::query("INSERT INTO apps (id) VALUES ($1)")
+            .bind(app.id.as_str())
+            .execute(&store.pool)
+            .await
+            .expect_err("the same key, or a NOT NULL column left out");
+        assert!(crate::StoreError::from(unique).refuses_the_data());
+        let nul = sqlx::query("SELECT $1::text")
+            .bind("a\u{0}b")
+            .execute(&store.pool)
+            .await
+            .expect_err("PostgreSQL text holds no NUL");
+        assert!(crate::StoreError::from(nul).refuses_the_data());
+        assert!(!crate::StoreError::Database(sqlx::Error::PoolTimedOut).refuses_the_data());
+        store.close().await;
+    }
+
     #[tokio::test]
     async fn passes_the_store_conformance_suite() {
         let Some(url) = messages::tests::server_url() else {

@@ -417,6 +417,30 @@ mod tests {
         conformance::run_all(open_in_tempdir).await;
     }
 
+    /// A constraint the database enforces is data it refuses (the same write fails again); a
+    /// pool that timed out, a closed store or a failed batch may pass on the next try.
+    #[tokio::test]
+    async fn a_constraint_is_data_refused_and_a_timeout_is_not() {
+        let (_dir, store) = open_in_tempdir().await;
+        let app = conformance::stored_app(&store, "A").await;
+        let again = store.create_app(&app).await.expect_err("the same id twice");
+        assert!(again.refuses_the_data(), "{again:?}");
+        let unique = sqlx::query("INSERT INTO apps (id) VALUES ($1)")
+            .bind(app.id.as_str())
+            .execute(&store.writer)
+            .await
+            .expect_err("a NOT NULL column left out, or the same key");
+        assert!(StoreError::from(unique).refuses_the_data());
+        for passing in [
+            StoreError::Database(sqlx::Error::PoolTimedOut),
+            StoreError::Closed,
+            StoreError::Batch("disk I/O error".into()),
+        ] {
+            assert!(!passing.refuses_the_data(), "{passing:?}");
+        }
+        store.close().await;
+    }
+
     #[tokio::test]
     async fn inspect_reads_the_schema_version_without_creating_anything() {
         let dir = tempfile::tempdir().expect("dir");

@@ -53,14 +53,21 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| chrono::Utc::now() + chrono::Duration::days(1))
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     path.push_str(&format!("&before={}", encode(&until)));
-    let after_since = |message: &Value| {
+    let created = |message: &Value| {
         message
             .get("timestamp")
             .and_then(Value::as_str)
             .and_then(|at| chrono::DateTime::parse_from_rfc3339(at).ok())
-            .is_none_or(|at| at > args.since)
     };
-    let mut listed = api.list_while(&path, after_since).await?;
+    // Ids order messages by time only to within a few milliseconds (and a cluster's nodes by
+    // their clocks), so the walk goes a second past `--since` and the list is then cut exactly.
+    let slack = args.since - chrono::Duration::seconds(1);
+    let mut listed = api
+        .list_while(&path, |message| {
+            created(message).is_none_or(|at| at > slack)
+        })
+        .await?;
+    listed.retain(|message| created(message).is_none_or(|at| at > args.since));
     listed.reverse();
     let failed: Vec<String> = listed
         .iter()
