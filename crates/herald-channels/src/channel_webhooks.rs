@@ -387,15 +387,14 @@ impl ChannelWebhooks {
                 );
             }
             if !batch.is_empty() {
-                let apps: Vec<AppId> = {
-                    let mut apps: Vec<AppId> = batch.iter().map(|(app, _)| app.clone()).collect();
-                    apps.sort_unstable();
-                    apps.dedup();
-                    apps
-                };
+                // Only while some app's refusals are being counted: its success resets them.
+                let counted: Option<Vec<AppId>> = (!self.lock().refusals.is_empty())
+                    .then(|| batch.iter().map(|(app, _)| app.clone()).collect());
                 let stored = match self.store_batch(&publisher, batch).await {
                     Ok(()) => {
-                        self.lock().stored(&apps);
+                        if let Some(apps) = counted {
+                            self.lock().stored(&apps);
+                        }
                         Ok(())
                     }
                     // One app's events the store keeps refusing must not hold up every app's;
@@ -403,7 +402,7 @@ impl ChannelWebhooks {
                     Err(refused) if self.store.ping().await.is_err() => Err(refused.events),
                     Err(refused) => {
                         let unsent = self
-                            .isolate(refused.events, |part| self.store_batch(&publisher, part))
+                            .isolate(refused, |part| self.store_batch(&publisher, part))
                             .await;
                         if unsent.is_empty() {
                             Ok(())
@@ -462,45 +461,42 @@ impl ChannelWebhooks {
         }
     }
 
-    /// After the store refused a batch: stores each app's events on their own (with `store`),
-    /// and returns those it refused again, in order. When it refuses every app's, the store is
-    /// the trouble (down, say) and they all wait for the next try. When it takes some, an app
-    /// whose data it refuses as such ([`Refused::permanent`]: a constraint, a value it cannot
-    /// hold, not a timeout) is counted, and after [`MAX_REFUSALS`] such refusals in a row its
-    /// events are dropped, counted and logged, rather than retried without end.
-    async fn isolate<F, Fut>(
-        &self,
-        unsent: Vec<(AppId, ChannelEvent)>,
-        store: F,
-    ) -> Vec<(AppId, ChannelEvent)>
+    /// After the store refused a batch while it answers (a ping): stores each app's events on
+    /// their own (with `store`), and returns those it refused again, in order. An app whose
+    /// data it refuses as such ([`Refused::permanent`]: a constraint, a value it cannot hold;
+    /// never a timeout or a lost connection, which only wait for the next try) is counted, and
+    /// after [`MAX_REFUSALS`] such refusals in a row its events are dropped, counted and
+    /// logged, rather than retried without end.
+    async fn isolate<F, Fut>(&self, batch: Refused, store: F) -> Vec<(AppId, ChannelEvent)>
     where
         F: Fn(Vec<(AppId, ChannelEvent)>) -> Fut,
         Fut: std::future::Future<Output = Result<(), Refused>>,
     {
         let mut by_app: Vec<(AppId, Vec<(AppId, ChannelEvent)>)> = Vec::new();
-        for (app_id, event) in unsent {
+        for (app_id, event) in batch.events {
             match by_app.iter_mut().find(|(app, _)| *app == app_id) {
                 Some((_, events)) => events.push((app_id, event)),
                 None => by_app.push((app_id.clone(), vec![(app_id, event)])),
             }
         }
-        if by_app.len() < 2 {
-            return by_app.into_iter().flat_map(|(_, events)| events).collect();
-        }
-        let apps = by_app.len();
         let mut refused = Vec::new();
         let mut stored = Vec::new();
+        if by_app.len() == 1 {
+            // One app's alone: the refusal just made is its own.
+            let (app_id, events) = by_app.remove(0);
+            refused.push((
+                app_id,
+                Refused {
+                    events,
+                    permanent: batch.permanent,
+                },
+            ));
+        }
         for (app_id, events) in by_app {
             match store(events).await {
                 Ok(()) => stored.push(app_id),
                 Err(why) => refused.push((app_id, why)),
             }
-        }
-        if refused.len() == apps {
-            return refused
-                .into_iter()
-                .flat_map(|(_, why)| why.events)
-                .collect();
         }
         let mut kept = Vec::new();
         let mut pending = self.lock();
@@ -525,7 +521,7 @@ impl ChannelWebhooks {
                 app = %app_id,
                 lost,
                 refusals = MAX_REFUSALS,
-                "channel webhook events dropped: the store refused them every time while it stored other apps' events"
+                "channel webhook events dropped: the store refused their data every time"
             );
         }
         kept
@@ -943,6 +939,11 @@ mod tests {
         std::future::ready(Ok(()))
     }
 
+    /// A batch as the run loop hands it over after the store refused it whole.
+    fn refused(events: Vec<(AppId, ChannelEvent)>, permanent: bool) -> Refused {
+        Refused { events, permanent }
+    }
+
     #[tokio::test]
     async fn an_app_whose_events_the_store_keeps_refusing_holds_up_no_other() {
         let (_dir, store, metrics, webhooks) = on_a_store(100).await;
@@ -959,16 +960,20 @@ mod tests {
                 ])
                 .collect();
             unsent = webhooks
-                .isolate(batch, |part| refusing(&poison, true, &stored, part))
+                .isolate(refused(batch, true), |part| {
+                    refusing(&poison, true, &stored, part)
+                })
                 .await;
             if round < MAX_REFUSALS {
                 // The good app's event is stored; the poison app's wait, in order.
-                assert_eq!(names(&unsent).len(), usize::try_from(round).expect("small"));
-                assert!(unsent.iter().all(|(app, _)| *app == poison));
+                let waiting: Vec<String> = (1..=round)
+                    .map(|n| format!("app_poison/channel_occupied/bad-{n}"))
+                    .collect();
+                assert_eq!(names(&unsent), waiting);
                 assert_eq!(metrics.channel_webhook_events_dropped_total.get(), 0);
             }
         }
-        // Refused every time while another app's went in: dropped and counted.
+        // Its data refused every time: dropped and counted; the other app's all stored.
         assert!(unsent.is_empty(), "{:?}", names(&unsent));
         assert_eq!(
             metrics.channel_webhook_events_dropped_total.get(),
@@ -978,15 +983,41 @@ mod tests {
             stored.lock().expect("lock").len(),
             usize::try_from(MAX_REFUSALS).expect("small")
         );
+
+        // One app alone, its data refused: counted from the refusal of the batch itself.
+        let mut waiting = Vec::new();
+        for round in 1..=MAX_REFUSALS {
+            waiting.push((poison.clone(), occupied(&format!("alone-{round}"))));
+            waiting = webhooks
+                .isolate(refused(waiting, true), |_| async {
+                    unreachable!("one app's batch is not tried again at once")
+                })
+                .await;
+        }
+        assert!(waiting.is_empty());
+        let dropped = 2 * u64::from(MAX_REFUSALS);
+        assert_eq!(metrics.channel_webhook_events_dropped_total.get(), dropped);
+
         // A failure that may pass (a timeout, say) is never counted, however often.
         let mut waiting = vec![(poison.clone(), occupied("slow"))];
         for _ in 0..MAX_REFUSALS * 2 {
             waiting.push((good.clone(), occupied("good")));
             waiting = webhooks
-                .isolate(waiting, |part| refusing(&poison, false, &stored, part))
+                .isolate(refused(waiting, false), |part| {
+                    refusing(&poison, false, &stored, part)
+                })
                 .await;
         }
         assert_eq!(names(&waiting), ["app_poison/channel_occupied/slow"]);
+        for _ in 0..MAX_REFUSALS * 2 {
+            waiting = webhooks
+                .isolate(refused(waiting, false), |_| async {
+                    unreachable!("one app's batch is not tried again at once")
+                })
+                .await;
+        }
+        assert_eq!(waiting.len(), 1);
+
         // A success starts the count again: refusals must come in a row.
         let round = || {
             vec![
@@ -996,35 +1027,20 @@ mod tests {
         };
         for _ in 0..MAX_REFUSALS - 1 {
             let kept = webhooks
-                .isolate(round(), |part| refusing(&poison, true, &stored, part))
+                .isolate(refused(round(), true), |part| {
+                    refusing(&poison, true, &stored, part)
+                })
                 .await;
             assert_eq!(kept.len(), 1);
         }
         webhooks.lock().stored(std::slice::from_ref(&poison));
         let kept = webhooks
-            .isolate(round(), |part| refusing(&poison, true, &stored, part))
+            .isolate(refused(round(), true), |part| {
+                refusing(&poison, true, &stored, part)
+            })
             .await;
         assert_eq!(kept.len(), 1, "counted from one again after a success");
-        // A store refusing everything (down) drops nothing, however often.
-        let everything = AppId::parse("app_other").expect("valid");
-        let down = |batch: Vec<(AppId, ChannelEvent)>| {
-            std::future::ready(Err(Refused {
-                events: batch,
-                permanent: true,
-            }))
-        };
-        let mut waiting = vec![
-            (everything.clone(), occupied("a")),
-            (good.clone(), occupied("b")),
-        ];
-        for _ in 0..MAX_REFUSALS * 2 {
-            waiting = webhooks.isolate(waiting, down).await;
-        }
-        assert_eq!(names(&waiting).len(), 2);
-        assert_eq!(
-            metrics.channel_webhook_events_dropped_total.get(),
-            u64::from(MAX_REFUSALS)
-        );
+        assert_eq!(metrics.channel_webhook_events_dropped_total.get(), dropped);
         store.close().await;
     }
 

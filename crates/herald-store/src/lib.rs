@@ -114,7 +114,8 @@ impl StoreError {
     pub fn refuses_the_data(&self) -> bool {
         use sqlx::error::ErrorKind;
         match self {
-            Self::Conflict(_) | Self::Corrupt(_) => true,
+            // Not `Conflict`: some are races between transactions that pass when read again.
+            Self::Corrupt(_) => true,
             Self::Database(sqlx::Error::Encode(_)) => true,
             Self::Database(sqlx::Error::Database(db)) => {
                 // PostgreSQL's SQLSTATE classes 22 (data exception) and 23 (integrity
