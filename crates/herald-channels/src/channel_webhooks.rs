@@ -51,8 +51,9 @@ const MAX_EVENTS_PER_WEBHOOK: usize = 100;
 const COALESCE: Duration = Duration::from_millis(100);
 /// Pause after a store error before trying the batch again.
 const ERROR_BACKOFF: Duration = Duration::from_secs(1);
-/// How many times in a row the store may refuse one app's events while it stores other apps'
-/// before they are dropped (and counted): such events would otherwise be retried without end.
+/// How many times in a row the store may refuse one app's data (as such: a constraint, a value
+/// it cannot hold) before its waiting events are dropped and counted: they would otherwise be
+/// retried without end.
 const MAX_REFUSALS: u32 = 5;
 
 #[derive(Debug, Clone)]
@@ -103,8 +104,8 @@ struct Pending {
     per_app: HashMap<AppId, usize>,
     sequence: u64,
     dropped: u64,
-    /// Apps whose events the store refused while it stored other apps' events, and how many
-    /// times in a row ([`ChannelWebhooks::isolate`]).
+    /// Apps whose data the store refused, and how many times in a row
+    /// ([`ChannelWebhooks::isolate`]); a stored batch of the app takes it out.
     refusals: HashMap<AppId, u32>,
 }
 
@@ -349,7 +350,7 @@ impl ChannelWebhooks {
     pub async fn run(self: Arc<Self>, publisher: Arc<Publisher>, stop: CancellationToken) {
         loop {
             let stopping = stop.is_cancelled();
-            let (batch, next_due, dropped) = {
+            let (batch, next_due, dropped, counted) = {
                 let mut pending = self.lock();
                 // Never before their time: a rejoin until then cancels a leave.
                 if !stopping {
@@ -373,10 +374,15 @@ impl ChannelWebhooks {
                     pending.release_due(None);
                 }
                 let next_due = pending.delayed.first_key_value().map(|(k, _)| k.0);
+                let batch = pending.take_ready();
+                // Only while some app's refusals are being counted: a success resets them.
+                let counted: Option<Vec<AppId>> = (!pending.refusals.is_empty())
+                    .then(|| batch.iter().map(|(app, _)| app.clone()).collect());
                 (
-                    pending.take_ready(),
+                    batch,
                     next_due,
                     std::mem::take(&mut pending.dropped),
+                    counted,
                 )
             };
             if dropped > 0 {
@@ -387,9 +393,6 @@ impl ChannelWebhooks {
                 );
             }
             if !batch.is_empty() {
-                // Only while some app's refusals are being counted: its success resets them.
-                let counted: Option<Vec<AppId>> = (!self.lock().refusals.is_empty())
-                    .then(|| batch.iter().map(|(app, _)| app.clone()).collect());
                 let stored = match self.store_batch(&publisher, batch).await {
                     Ok(()) => {
                         if let Some(apps) = counted {

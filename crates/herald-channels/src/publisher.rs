@@ -81,18 +81,21 @@ impl Publish {
 
     /// An example message, sent only to `endpoint` (see [`Webhook::Example`]).
     pub fn example(message: Message, endpoint: EndpointId) -> Self {
-        let mut publish = Self::message(message);
-        if let Webhook::Message(message) = std::mem::replace(&mut publish.webhook, Webhook::None) {
-            publish.webhook = Webhook::Example(message, endpoint);
-        }
-        publish
+        Self::message_as(message, |message| Webhook::Example(message, endpoint))
     }
 
     /// A verified inbound webhook and the message it becomes.
     pub fn ingest(record: IngestEvent, message: Message) -> Self {
+        Self::message_as(message, |message| {
+            Webhook::Ingest(Box::new(record), message)
+        })
+    }
+
+    /// [`Self::message`] with another webhook side, made from the message by `webhook`.
+    fn message_as(message: Message, webhook: impl FnOnce(Message) -> Webhook) -> Self {
         let mut publish = Self::message(message);
         if let Webhook::Message(message) = std::mem::replace(&mut publish.webhook, Webhook::None) {
-            publish.webhook = Webhook::Ingest(Box::new(record), message);
+            publish.webhook = webhook(message);
         }
         publish
     }

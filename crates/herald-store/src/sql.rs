@@ -748,7 +748,7 @@ pub(crate) fn push_id_window<DB: ::sqlx::Database>(
 /// A `QueryBuilder` reading the attempts of `$app_id` (`&AppId`) in `$scope`
 /// (`&AttemptScope`) that `$query` (`&AttemptQuery`) asks for, before the page; `$code` is the
 /// type status codes bind as (`i64` on SQLite, `i32` on PostgreSQL), and `$message_filters` the
-/// backend's `push_message_filters(q, table, &MessageQuery)`.
+/// backend's `push_message_filters(q, table, id_column, &MessageQuery)`.
 macro_rules! attempts_query {
     ($app_id:expr, $scope:expr, $query:expr, $code:ty, $message_filters:path) => {{
         let query: &$crate::AttemptQuery = $query;
@@ -803,7 +803,7 @@ macro_rules! attempts_query {
             // Correlated, so each attempt the page walks costs one lookup of its message by
             // key, however many messages the app has.
             q.push(" AND EXISTS (SELECT 1 FROM messages m WHERE m.id = attempts.msg_id");
-            $message_filters(&mut q, "m", &query.message);
+            $message_filters(&mut q, "m", "m.id", &query.message);
             q.push(")");
         }
         q

@@ -177,11 +177,6 @@ impl CertificateFiles {
         }
     }
 
-    /// Reads and checks both files, as a load does; the leaf's SHA-256 fingerprint.
-    pub fn check(&self) -> Result<String, TlsError> {
-        Ok(self.inspect(Utc::now())?.0)
-    }
-
     /// Reads and checks both files, as a load does; the leaf's SHA-256 fingerprint, and its
     /// dates at `now` when they can be read.
     pub fn inspect(

@@ -75,16 +75,9 @@ impl AttemptStore for PostgresStore {
         q.push_bind(app_id.to_string());
         q.push(" AND d.endpoint_id = ");
         q.push_bind(endpoint_id.to_string());
-        super::messages::push_message_filters(&mut q, "m", &query.message);
-        // On the deliveries' column: the planner carries equalities across the join, not
-        // ranges, and it is `deliveries_endpoint_msg` the read walks.
-        sql::push_id_window(
-            &mut q,
-            "d.msg_id",
-            herald_core::id::MESSAGE,
-            query.message.after,
-            query.message.before,
-        );
+        // The window bounds the deliveries' column: the planner carries equalities across the
+        // join, not ranges, and it is `deliveries_endpoint_msg` the read walks.
+        super::messages::push_message_filters(&mut q, "m", "d.msg_id", &query.message);
         if let Some(status) = query.status {
             if status != DeliveryStatus::Success {
                 // Written out so the planner may walk deliveries_endpoint_unsettled (endpoint,

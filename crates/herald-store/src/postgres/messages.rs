@@ -270,14 +270,7 @@ impl MessageStore for PostgresStore {
     ) -> Result<Vec<Message>> {
         let mut q = QueryBuilder::new(sql::LIST_MESSAGES);
         q.push_bind(app_id.to_string());
-        push_message_filters(&mut q, "messages", query);
-        sql::push_id_window(
-            &mut q,
-            "id",
-            herald_core::id::MESSAGE,
-            query.after,
-            query.before,
-        );
+        push_message_filters(&mut q, "messages", "id", query);
         paginate(&mut q, "id", page);
         q.build()
             .fetch_all(&self.pool)
@@ -1194,10 +1187,12 @@ async fn endpoint_change(
     Ok(())
 }
 
-/// Adds to `q` the terms of `filter` on the messages of the table or alias `table`.
+/// Adds to `q` the terms of `filter` on the messages of the table or alias `table`; a time
+/// window also bounds `id_column`, the message ids the read walks ([`sql::push_id_window`]).
 pub(super) fn push_message_filters(
     q: &mut QueryBuilder<Postgres>,
     table: &str,
+    id_column: &str,
     filter: &MessageQuery,
 ) {
     if let Some(channel) = &filter.channel {
@@ -1221,6 +1216,13 @@ pub(super) fn push_message_filters(
         q.push(format_args!(" AND {table}.created_at > "));
         q.push_bind(millis(after));
     }
+    sql::push_id_window(
+        q,
+        id_column,
+        herald_core::id::MESSAGE,
+        filter.after,
+        filter.before,
+    );
     if let Some(except) = &filter.except_event_type {
         q.push(format_args!(" AND {table}.event_type <> "));
         q.push_bind(except.clone());
