@@ -1087,6 +1087,19 @@ impl Dispatcher {
                     false
                 }
             };
+            if turn && !self.current(&mut job).await {
+                // Disabled (a 410 to a job before it, say) or deleted since its claim: not
+                // sent. Let go, so the next claim settles it as claims do (a disabled
+                // endpoint's delivery fails, recoverable), and go on with the lane.
+                let (app, endpoint) = (job.app_id.clone(), job.endpoint.id.clone());
+                self.leave(job);
+                self.handle.lane(lane.first_attempts).notify_one();
+                let Some(next) = lane.next_after(&app, &endpoint) else {
+                    return;
+                };
+                job = next;
+                continue;
+            }
             if turn {
                 let sent = async {
                     match self.send(&job, start_by).await {
@@ -1129,6 +1142,45 @@ impl Dispatcher {
                 Some(next) => job = next,
                 None => return,
             }
+        }
+    }
+
+    /// Brings the job's copy of its endpoint up to date from this node's endpoint cache just
+    /// before the send: a job can wait in its lane for up to a lease after its claim, while
+    /// the endpoint is disabled (a 410 to a job ahead of it), deleted, or given a new URL,
+    /// secret or headers through the API. `false` when it is no longer to be sent to. If the
+    /// store cannot say, the job goes as claimed.
+    async fn current(&self, job: &mut DeliveryJob) -> bool {
+        let endpoints = match self.store.app_endpoints(&job.app_id).await {
+            Ok(endpoints) => endpoints,
+            Err(e) => {
+                tracing::debug!(error = %e, endpoint_id = %job.endpoint.id, "could not look at the endpoint again before sending; sending as claimed");
+                return true;
+            }
+        };
+        let Some(now) = endpoints.iter().find(|e| e.id == job.endpoint.id) else {
+            return false;
+        };
+        if now.disabled {
+            return false;
+        }
+        if now.updated_at != job.endpoint.updated_at
+            || now.failing_since != job.endpoint.failing_since
+        {
+            job.endpoint = now.clone();
+        }
+        true
+    }
+
+    /// Whether this node's endpoint cache shows `job`'s endpoint failing, where the job's
+    /// copy (read at the claim, or just before the send) did not.
+    async fn streak_began_meanwhile(&self, job: &DeliveryJob) -> bool {
+        match self.store.app_endpoints(&job.app_id).await {
+            Ok(endpoints) => endpoints
+                .iter()
+                .find(|e| e.id == job.endpoint.id)
+                .is_some_and(|e| e.failing_since.is_some()),
+            Err(_) => false,
         }
     }
 
@@ -1407,11 +1459,7 @@ impl Dispatcher {
                         retry_after: resp.retry_after,
                     },
                 };
-                (
-                    outcome,
-                    i32::from(code),
-                    String::from_utf8_lossy(&resp.body).into_owned(),
-                )
+                (outcome, i32::from(code), response_text(&resp.body))
             }
             Err(SendError::TimedOut(_)) => (
                 AttemptOutcome::Overloaded { retry_after: None },
@@ -1453,7 +1501,10 @@ impl Dispatcher {
                 decision = decide(failing_since);
             }
         }
-        let streak_running = failing_since.is_some();
+        // A success ends a streak that another job's failure began while this one was in
+        // flight, which this job's copy of the endpoint (read before) cannot show.
+        let streak_running = failing_since.is_some()
+            || (decision == RetryDecision::Delivered && self.streak_began_meanwhile(job).await);
         let (next, endpoint_change) = match decision {
             RetryDecision::Delivered if streak_running => {
                 (NextStep::Delivered, EndpointChange::StreakEnded)
@@ -1526,6 +1577,18 @@ fn streak(running: bool, now: chrono::DateTime<Utc>) -> EndpointChange {
 /// The attempt's recorded `response` when no HTTP answer came. A refused address is named by
 /// its kind only: the attempt log is read by app tokens and app portal links, which must not
 /// learn what internal names resolve to (the address goes to the debug log).
+/// A receiver's response body as the attempt log keeps it: text, with what is not UTF-8 and
+/// any NUL replaced by U+FFFD. PostgreSQL's text refuses NUL, and an attempt that cannot be
+/// recorded is never counted: its delivery would be sent again at each lease's end, forever.
+fn response_text(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    if text.contains('\0') {
+        text.replace('\0', "\u{FFFD}")
+    } else {
+        text.into_owned()
+    }
+}
+
 fn result_text(result: &Result<crate::client::Response, SendError>) -> String {
     match result {
         Ok(_) => String::new(),
@@ -1880,6 +1943,127 @@ mod tests {
             "{:?}",
             record.endpoint_change
         );
+        store.close().await;
+    }
+
+    /// A job waiting in its lane takes its endpoint as it is now, just before the send: a new
+    /// URL is where it goes, and an endpoint disabled or deleted since the claim gets nothing.
+    #[tokio::test]
+    async fn a_job_is_sent_to_its_endpoint_as_it_is_now() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = sqlite_store(&dir).await;
+        let app = herald_store::conformance::stored_app(store.as_ref(), "moving").await;
+        let mut endpoint = herald_store::conformance::endpoint(&app.id);
+        endpoint.url = "https://old.example/hook".into();
+        store.create_endpoint(&endpoint).await.expect("endpoint");
+        let (dispatcher, _) = dispatcher_on(Arc::clone(&store), to_local_receivers());
+        let mut job = job(app.id.as_str(), endpoint.id.as_str(), 1);
+        job.endpoint = endpoint.clone();
+
+        assert!(dispatcher.current(&mut job).await);
+        assert_eq!(job.endpoint.url, "https://old.example/hook");
+
+        let change = |endpoint: &mut herald_core::model::Endpoint| {
+            let read_at = endpoint.updated_at;
+            endpoint.updated_at = read_at + chrono::Duration::milliseconds(1);
+            read_at
+        };
+        endpoint.url = "https://new.example/hook".into();
+        let read_at = change(&mut endpoint);
+        store
+            .update_endpoint(&endpoint, read_at)
+            .await
+            .expect("moved");
+        assert!(dispatcher.current(&mut job).await);
+        assert_eq!(
+            job.endpoint.url, "https://new.example/hook",
+            "sent where it is now"
+        );
+
+        endpoint.disabled = true;
+        let read_at = change(&mut endpoint);
+        store
+            .update_endpoint(&endpoint, read_at)
+            .await
+            .expect("disabled");
+        assert!(
+            !dispatcher.current(&mut job).await,
+            "disabled since the claim"
+        );
+
+        endpoint.disabled = false;
+        let read_at = change(&mut endpoint);
+        store
+            .update_endpoint(&endpoint, read_at)
+            .await
+            .expect("enabled");
+        assert!(dispatcher.current(&mut job).await);
+        store
+            .delete_endpoint(&app.id, &endpoint.id)
+            .await
+            .expect("deleted");
+        assert!(
+            !dispatcher.current(&mut job).await,
+            "deleted since the claim"
+        );
+        store.close().await;
+    }
+
+    /// Two jobs of one endpoint in flight together: one fails and begins a failing streak,
+    /// then the other succeeds. Its copy of the endpoint, read before, shows no streak, yet
+    /// its success ends the one begun meanwhile.
+    #[tokio::test]
+    async fn a_success_ends_a_streak_begun_while_it_was_in_flight() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
+        let dir = tempfile::tempdir().expect("dir");
+        let store = sqlite_store(&dir).await;
+        let app = herald_store::conformance::stored_app(store.as_ref(), "flaky").await;
+        let mut endpoint = herald_store::conformance::endpoint(&app.id);
+        endpoint.url = url;
+        store.create_endpoint(&endpoint).await.expect("endpoint");
+        queue_messages(store.as_ref(), &app.id, &endpoint.id, 2).await;
+        let now = Utc::now() + chrono::Duration::seconds(1);
+        let mut jobs = store
+            .claim_due(&herald_store::conformance::claim(
+                now,
+                10,
+                HashMap::new(),
+                10,
+                HashMap::new(),
+                10,
+            ))
+            .await
+            .expect("claim");
+        assert_eq!(jobs.len(), 2);
+        let (failed, succeeding) = (jobs.remove(0), jobs.remove(0));
+        assert_eq!(succeeding.endpoint.failing_since, None);
+        let mut record = herald_store::conformance::job_record(
+            &failed,
+            failed.lease,
+            now,
+            NextStep::RetryAt(now + chrono::Duration::seconds(5)),
+        );
+        record.endpoint_change = EndpointChange::StreakStarted { at: now };
+        assert_eq!(
+            store.record_attempt(record).await.expect("the failure"),
+            herald_store::Recorded::Applied
+        );
+
+        let server = tokio::spawn(answer_one_with_200(listener));
+        let (dispatcher, _) = dispatcher_on(Arc::clone(&store), to_local_receivers());
+        let record = dispatcher
+            .send(
+                &succeeding,
+                tokio::time::Instant::now() + Duration::from_secs(60),
+            )
+            .await
+            .expect("sent");
+        server.await.expect("the receiver answered");
+        assert_eq!(record.next, NextStep::Delivered);
+        assert_eq!(record.endpoint_change, EndpointChange::StreakEnded);
         store.close().await;
     }
 

@@ -65,6 +65,7 @@ checks!(
     a_record_under_a_lapsed_lease_is_logged_but_leaves_the_newer_claims_state,
     a_released_claim_is_claimable_at_once_and_a_stale_release_keeps_the_newer_lease,
     a_resend_during_an_attempt_fences_the_attempts_record,
+    a_resend_while_a_retry_waits_keeps_the_schedule,
     a_recovered_delivery_is_claimed_under_a_new_lease_whose_record_applies,
     an_endpoints_stats_and_delivery_lists_count_each_status,
     an_endpoint_update_read_before_the_workers_disable_conflicts,
@@ -271,7 +272,9 @@ fn first_page(descending: bool) -> Page {
     }
 }
 
-fn claim(
+/// A claim at `now` (leases of a minute) of up to `limit` deliveries in the first-attempt lane,
+/// with these endpoints' and apps' attempts in flight and their limits.
+pub fn claim(
     now: DateTime<Utc>,
     limit: u32,
     in_flight: HashMap<EndpointId, u32>,
@@ -1592,7 +1595,7 @@ async fn one_claimed_delivery(store: &dyn Store) -> ClaimedDelivery {
 
 /// The record of `job`'s attempt made at `at` under `lease`, its endpoint unchanged:
 /// delivered (200), or failed (500) for any other next step, as `attempt_record`.
-pub(crate) fn job_record(
+pub fn job_record(
     job: &crate::DeliveryJob,
     lease: LeaseToken,
     at: DateTime<Utc>,
@@ -1690,7 +1693,7 @@ async fn logged_attempts(store: &dyn Store, msg: &Message) -> HashSet<String> {
 
 /// A resend takes the delivery back from the attempt in flight: that attempt's record, however
 /// final, is logged but fenced off (it changes neither the delivery nor the endpoint), and the
-/// manual attempt the API asked for is claimed under a new lease whose record applies.
+/// attempt the API asked for is claimed under a new lease whose record applies.
 pub async fn a_resend_during_an_attempt_fences_the_attempts_record(store: &dyn Store) {
     let ClaimedDelivery {
         app,
@@ -1757,38 +1760,41 @@ pub async fn a_resend_during_an_attempt_fences_the_attempts_record(store: &dyn S
         !stored.disabled,
         "a fenced record does not disable the endpoint"
     );
+    // Resent during its first attempt, it is still that first attempt, on its schedule.
     assert_eq!(
         store
-            .next_due_at(false)
+            .next_due_at(true)
             .await
             .expect("next due")
             .map(|at| at.timestamp_millis()),
         Some(now.timestamp_millis()),
-        "the resend is due in the retry lane"
+        "the resend is due in the first-attempt lane"
     );
     assert_eq!(
-        store.next_due_at(true).await.expect("next due"),
+        store.next_due_at(false).await.expect("next due"),
         None,
-        "and the first-attempt lane has nothing"
+        "and the retry lane has nothing"
     );
 
-    // The manual attempt: a new claim, in the retry lane, under a new token.
+    // The resent attempt: a new claim under a new token.
     let manual = store
-        .claim_due(&ClaimRequest {
-            first_attempts: false,
-            ..claim(now, 10, HashMap::new(), 10, HashMap::new(), 100)
-        })
+        .claim_due(&claim(now, 10, HashMap::new(), 10, HashMap::new(), 100))
         .await
         .expect("manual claim");
     assert_eq!(manual.len(), 1, "the resend is claimable");
-    assert_eq!(manual[0].trigger, TriggerType::Manual);
+    assert_eq!(
+        manual[0].trigger,
+        TriggerType::Scheduled,
+        "resent while on its schedule, it stays on it"
+    );
+    assert_eq!(manual[0].attempts, 0);
     assert_ne!(manual[0].lease, in_flight.lease, "a new lease");
     let delivered = attempt_record(
         &msg,
         &ep,
         manual[0].lease,
         now,
-        TriggerType::Manual,
+        TriggerType::Scheduled,
         NextStep::Delivered,
         EndpointChange::Unchanged,
     );
@@ -1808,6 +1814,91 @@ pub async fn a_resend_during_an_attempt_fences_the_attempts_record(store: &dyn S
             delivered.attempt.id.into_string()
         ])
     );
+}
+
+/// A resend of a delivery waiting for its next retry brings that retry forward: it is claimed
+/// at once as the schedule's next attempt (scheduled, with the attempts made so far), so a
+/// failure goes on with the schedule rather than ending it. Once the schedule is over, a
+/// resend is one manual attempt.
+pub async fn a_resend_while_a_retry_waits_keeps_the_schedule(store: &dyn Store) {
+    let ClaimedDelivery {
+        app,
+        ep,
+        msg,
+        now,
+        job,
+    } = one_claimed_delivery(store).await;
+    let retry_lane = || ClaimRequest {
+        first_attempts: false,
+        ..claim(now, 10, HashMap::new(), 10, HashMap::new(), 100)
+    };
+    let failed = attempt_record(
+        &msg,
+        &ep,
+        job.lease,
+        now,
+        TriggerType::Scheduled,
+        NextStep::RetryAt(now + chrono::Duration::hours(1)),
+        EndpointChange::Unchanged,
+    );
+    assert_eq!(
+        store.record_attempt(failed).await.expect("record"),
+        Recorded::Applied
+    );
+    assert!(
+        store
+            .claim_due(&retry_lane())
+            .await
+            .expect("claim")
+            .is_empty(),
+        "the retry waits an hour"
+    );
+
+    store
+        .enqueue_manual(&app.id, &msg.id, &ep.id, now)
+        .await
+        .expect("resend");
+    let state = delivery_state(store, &msg, &ep).await;
+    assert_eq!(state.status, DeliveryStatus::Pending);
+    assert_eq!(
+        state.next_attempt.map(|at| at.timestamp_millis()),
+        Some(now.timestamp_millis()),
+        "brought forward to now"
+    );
+    let resent = store.claim_due(&retry_lane()).await.expect("claim");
+    assert_eq!(resent.len(), 1);
+    assert_eq!(
+        resent[0].trigger,
+        TriggerType::Scheduled,
+        "still on its schedule"
+    );
+    assert_eq!(resent[0].attempts, 1, "with the attempt made before");
+
+    // The schedule gives up on it; a resend now is a manual attempt.
+    let given_up = attempt_record(
+        &msg,
+        &ep,
+        resent[0].lease,
+        now,
+        TriggerType::Scheduled,
+        NextStep::Failed,
+        EndpointChange::Unchanged,
+    );
+    assert_eq!(
+        store.record_attempt(given_up).await.expect("record"),
+        Recorded::Applied
+    );
+    assert_eq!(
+        delivery_state(store, &msg, &ep).await.status,
+        DeliveryStatus::Fail
+    );
+    store
+        .enqueue_manual(&app.id, &msg.id, &ep.id, now)
+        .await
+        .expect("resend");
+    let manual = store.claim_due(&retry_lane()).await.expect("claim");
+    assert_eq!(manual.len(), 1);
+    assert_eq!(manual[0].trigger, TriggerType::Manual);
 }
 
 /// Recovering an endpoint's failed deliveries queues each for a manual attempt, claimed under a

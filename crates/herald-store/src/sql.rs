@@ -64,6 +64,18 @@ where
 /// `MessageStore::due_deliveries` on SQLite: through the partial index `deliveries_due`, which
 /// holds exactly the unfinished deliveries (PostgreSQL reads its lanes' indexes instead).
 /// `$1`: now, in milliseconds.
+/// What a resend makes of a delivery's trigger (`ON CONFLICT` of its upsert): a delivery
+/// still on its retry schedule (pending or in flight, scheduled) stays on it, its next attempt
+/// brought forward to now, and the schedule carries on after it if that fails; any other
+/// becomes manual (one attempt, never retried). Before, a resend while a retry waited gave up
+/// the schedule's remaining attempts with the first failure.
+macro_rules! resend_trigger {
+    () => {
+        "CASE WHEN deliveries.status IN (1, 3) AND deliveries.trigger_type = 0 \
+         THEN deliveries.trigger_type ELSE excluded.trigger_type END"
+    };
+}
+pub(crate) use resend_trigger;
 pub(crate) const DUE_DELIVERIES: &str = "SELECT COUNT(*) AS n, MIN(next_attempt_at) AS oldest
      FROM deliveries WHERE status IN (1, 3) AND next_attempt_at <= $1";
 

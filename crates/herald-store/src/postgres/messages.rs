@@ -290,15 +290,17 @@ impl MessageStore for PostgresStore {
         // Clearing the lease takes the delivery back from any claim holding it: that claim's
         // record, fenced on its token, is then stale (the row lock orders the two).
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
+        sqlx::query(concat!(
             "INSERT INTO deliveries (msg_id, endpoint_id, app_id, status, attempts, trigger_type,
                                      next_attempt_at, updated_at)
              VALUES ($1, $2, $3, $4, 0, $5, $6, $6)
              ON CONFLICT (msg_id, endpoint_id) DO UPDATE
-             SET status = excluded.status, trigger_type = excluded.trigger_type,
+             SET status = excluded.status, trigger_type = ",
+            sql::resend_trigger!(),
+            ",
                  next_attempt_at = excluded.next_attempt_at, updated_at = excluded.updated_at,
-                 lease_token = NULL, leased_until = NULL",
-        )
+                 lease_token = NULL, leased_until = NULL"
+        ))
         .bind(msg_id.as_str())
         .bind(endpoint_id.as_str())
         .bind(app_id.as_str())

@@ -113,14 +113,16 @@ impl MessageStore for SqliteStore {
     ) -> Result<()> {
         // Held until the lease is revoked: see `take_back`.
         let mut writer = self.writer.acquire().await?;
-        sqlx::query(
+        sqlx::query(concat!(
             "INSERT INTO deliveries (msg_id, endpoint_id, app_id, status, attempts, trigger_type,
                                      next_attempt_at, updated_at)
              VALUES ($1, $2, $3, $4, 0, $5, $6, $6)
              ON CONFLICT (msg_id, endpoint_id) DO UPDATE
-             SET status = excluded.status, trigger_type = excluded.trigger_type,
-                 next_attempt_at = excluded.next_attempt_at, updated_at = excluded.updated_at",
-        )
+             SET status = excluded.status, trigger_type = ",
+            sql::resend_trigger!(),
+            ",
+                 next_attempt_at = excluded.next_attempt_at, updated_at = excluded.updated_at"
+        ))
         .bind(msg_id.as_str())
         .bind(endpoint_id.as_str())
         .bind(app_id.as_str())

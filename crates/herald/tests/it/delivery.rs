@@ -221,6 +221,33 @@ async fn gives_up_after_the_schedule_then_recover_and_resend_deliver() {
     server.stop().await;
 }
 
+/// A receiver's answer is logged as text: bytes that are not UTF-8, and NUL, which
+/// PostgreSQL's text refuses, read as U+FFFD. The attempt is recorded once and the delivery
+/// counted, rather than its record refused and the message sent again at each lease's end.
+#[tokio::test]
+async fn a_response_body_with_nul_and_bad_utf8_is_logged_once() {
+    let server = TestServer::start().await;
+    let mut receiver = Receiver::start().await;
+    receiver.fallback(Reply::Body(200, b"ok\0done\xff"));
+    let app = server.create_app("nul-reply").await;
+    let ep = server
+        .create_endpoint(&app, json!({"url": receiver.url}))
+        .await;
+    let ep_id = ep["id"].as_str().expect("id");
+    server
+        .send(&app, json!({"eventType": "x", "payload": {}}))
+        .await;
+    assert!(receiver.next().await.succeeded());
+    let stats = server.settled(&app, ep_id).await;
+    assert_eq!(stats["success"], 1, "{stats}");
+    let log = attempts(&server, &app, ep_id).await;
+    assert_eq!(log.len(), 1, "{log:?}");
+    assert_eq!(log[0]["response"], "ok\u{FFFD}done\u{FFFD}");
+    assert_eq!(log[0]["responseStatusCode"], 200);
+    assert!(receiver.drain().is_empty(), "sent once");
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn gone_disables_the_endpoint() {
     let server = TestServer::start().await;

@@ -660,6 +660,8 @@ pub enum Reply {
     RetryAfter(u16, u64),
     /// Never answer (until the client gives up or dies).
     Hang,
+    /// A status with this body.
+    Body(u16, &'static [u8]),
 }
 
 #[derive(Debug, Clone)]
@@ -679,7 +681,10 @@ impl Delivery {
     }
 
     pub fn succeeded(&self) -> bool {
-        matches!(self.reply, Reply::Status(200..=299))
+        matches!(
+            self.reply,
+            Reply::Status(200..=299) | Reply::Body(200..=299, _)
+        )
     }
 }
 
@@ -807,5 +812,6 @@ async fn receive(
             (code(c), [("retry-after", secs.to_string())], "slow down").into_response()
         }
         Reply::Hang => std::future::pending().await,
+        Reply::Body(c, body) => (code(c), body).into_response(),
     }
 }
