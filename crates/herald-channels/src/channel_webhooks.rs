@@ -55,6 +55,8 @@ const ERROR_BACKOFF: Duration = Duration::from_secs(1);
 /// it cannot hold) before its waiting events are dropped and counted: they would otherwise be
 /// retried without end.
 const MAX_REFUSALS: u32 = 5;
+/// How many times the events still waiting at shutdown are tried before they are dropped.
+const TRIES_WHILE_STOPPING: u32 = 3;
 
 #[derive(Debug, Clone)]
 pub struct ChannelWebhookConfig {
@@ -348,6 +350,19 @@ impl ChannelWebhooks {
     /// Stores batches as they come, through the publisher, until `stop`; then stores
     /// everything still waiting, delayed events included, and returns.
     pub async fn run(self: Arc<Self>, publisher: Arc<Publisher>, stop: CancellationToken) {
+        self.run_with(|batch| self.store_batch(&publisher, batch), stop)
+            .await;
+    }
+
+    /// [`Self::run`], storing each batch with `store`.
+    async fn run_with<F, Fut>(&self, store: F, stop: CancellationToken)
+    where
+        F: Fn(Vec<(AppId, ChannelEvent)>) -> Fut,
+        Fut: std::future::Future<Output = Result<(), Refused>>,
+    {
+        // Failed tries since the stop: a store that fails just then (a failover, a restart
+        // of its own) gets a few more, [`ERROR_BACKOFF`] apart, before what waits is lost.
+        let mut failed_while_stopping = 0;
         loop {
             let stopping = stop.is_cancelled();
             let (batch, next_due, dropped, counted) = {
@@ -393,7 +408,7 @@ impl ChannelWebhooks {
                 );
             }
             if !batch.is_empty() {
-                let stored = match self.store_batch(&publisher, batch).await {
+                let stored = match store(batch).await {
                     Ok(()) => {
                         if let Some(apps) = counted {
                             self.lock().stored(&apps);
@@ -404,9 +419,7 @@ impl ChannelWebhooks {
                     // a store that does not answer at all is simply tried again.
                     Err(refused) if self.store.ping().await.is_err() => Err(refused.events),
                     Err(refused) => {
-                        let unsent = self
-                            .isolate(refused, |part| self.store_batch(&publisher, part))
-                            .await;
+                        let unsent = self.isolate(refused, &store).await;
                         if unsent.is_empty() {
                             Ok(())
                         } else {
@@ -415,21 +428,28 @@ impl ChannelWebhooks {
                     }
                 };
                 if let Err(unsent) = stored {
-                    // Put them back in front, keeping their order, and try again shortly.
                     if stopping {
-                        // Nothing will store them now: counted as dropped, with how many.
-                        // Leaves stay recorded as occupied (the next start reports them);
-                        // joins and client events are lost.
-                        let lost = unsent.len();
-                        self.metrics
-                            .channel_webhook_events_dropped_total
-                            .inc_by(u64::try_from(lost).unwrap_or(u64::MAX));
-                        tracing::error!(
-                            lost,
-                            "channel webhook events could not be stored at shutdown; leaves are reported again at the next start"
-                        );
-                        return;
+                        failed_while_stopping += 1;
+                        if failed_while_stopping >= TRIES_WHILE_STOPPING {
+                            // Nothing will store them now: counted as dropped, with how many.
+                            // Leaves stay recorded as occupied (the next start reports them);
+                            // joins and client events are lost.
+                            let lost = unsent.len();
+                            self.metrics
+                                .channel_webhook_events_dropped_total
+                                .inc_by(u64::try_from(lost).unwrap_or(u64::MAX));
+                            tracing::error!(
+                                lost,
+                                tries = TRIES_WHILE_STOPPING,
+                                "channel webhook events could not be stored at shutdown; leaves are reported again at the next start"
+                            );
+                            return;
+                        }
+                        self.lock().put_back(unsent);
+                        tokio::time::sleep(ERROR_BACKOFF).await;
+                        continue;
                     }
+                    // Put them back in front, keeping their order, and try again shortly.
                     self.lock().put_back(unsent);
                     tokio::select! {
                         () = tokio::time::sleep(ERROR_BACKOFF) => {}
@@ -468,8 +488,9 @@ impl ChannelWebhooks {
     /// their own (with `store`), and returns those it refused again, in order. An app whose
     /// data it refuses as such ([`Refused::permanent`]: a constraint, a value it cannot hold;
     /// never a timeout or a lost connection, which only wait for the next try) is counted, and
-    /// after [`MAX_REFUSALS`] such refusals in a row its events are dropped, counted and
-    /// logged, rather than retried without end.
+    /// after [`MAX_REFUSALS`] such refusals in a row its events are tried one by one
+    /// ([`Self::narrow`]): those the store refuses alone are dropped, counted and logged rather
+    /// than retried without end, and the rest are stored.
     async fn isolate<F, Fut>(&self, batch: Refused, store: F) -> Vec<(AppId, ChannelEvent)>
     where
         F: Fn(Vec<(AppId, ChannelEvent)>) -> Fut,
@@ -502,32 +523,79 @@ impl ChannelWebhooks {
             }
         }
         let mut kept = Vec::new();
-        let mut pending = self.lock();
-        pending.stored(&stored);
-        for (app_id, Refused { events, permanent }) in refused {
-            if !permanent {
-                kept.extend(events);
-                continue;
+        let mut narrowed = Vec::new();
+        {
+            let mut pending = self.lock();
+            pending.stored(&stored);
+            for (app_id, Refused { events, permanent }) in refused {
+                if !permanent {
+                    kept.extend(events);
+                    continue;
+                }
+                let refusals = pending.refusals.entry(app_id.clone()).or_insert(0);
+                *refusals += 1;
+                if *refusals < MAX_REFUSALS {
+                    kept.extend(events);
+                    continue;
+                }
+                pending.refusals.remove(&app_id);
+                narrowed.push((app_id, events));
             }
-            let refusals = pending.refusals.entry(app_id.clone()).or_insert(0);
-            *refusals += 1;
-            if *refusals < MAX_REFUSALS {
-                kept.extend(events);
-                continue;
-            }
-            pending.refusals.remove(&app_id);
-            let lost = events.len();
-            self.metrics
-                .channel_webhook_events_dropped_total
-                .inc_by(u64::try_from(lost).unwrap_or(u64::MAX));
-            tracing::error!(
-                app = %app_id,
-                lost,
-                refusals = MAX_REFUSALS,
-                "channel webhook events dropped: the store refused their data every time"
-            );
+        }
+        for (app_id, events) in narrowed {
+            kept.extend(self.narrow(&app_id, events, &store).await);
         }
         kept
+    }
+
+    /// Tries an app's events one by one, in order, once the store refused their data
+    /// [`MAX_REFUSALS`] times in a row: the one it refuses alone is dropped (counted and
+    /// logged), so the app's good events waiting behind it are stored, not dropped with it.
+    /// Returns the events still to try when the store stops answering halfway.
+    async fn narrow<F, Fut>(
+        &self,
+        app_id: &AppId,
+        events: Vec<(AppId, ChannelEvent)>,
+        store: &F,
+    ) -> Vec<(AppId, ChannelEvent)>
+    where
+        F: Fn(Vec<(AppId, ChannelEvent)>) -> Fut,
+        Fut: std::future::Future<Output = Result<(), Refused>>,
+    {
+        let mut lost = 0_usize;
+        let mut events = events.into_iter();
+        let mut unsent = Vec::new();
+        while let Some(event) = events.next() {
+            match store(vec![event]).await {
+                Ok(()) => {}
+                Err(Refused {
+                    events: mut one,
+                    permanent: false,
+                }) => {
+                    // Not the data: keep it and what follows, in order, for the next try.
+                    unsent.append(&mut one);
+                    unsent.extend(events.by_ref());
+                }
+                Err(Refused {
+                    events: one,
+                    permanent: true,
+                }) => {
+                    lost += one.len();
+                    if let Some((_, event)) = one.first() {
+                        tracing::error!(
+                            app = %app_id,
+                            event = event.name(),
+                            channel = event.channel(),
+                            "channel webhook event dropped: the store refused its data every time"
+                        );
+                    }
+                }
+            }
+        }
+        self.metrics
+            .channel_webhook_events_dropped_total
+            .inc_by(u64::try_from(lost).unwrap_or(u64::MAX));
+        unsent
     }
 
     /// Stores the batch's messages (one per app and group of endpoints wanting the same
@@ -987,17 +1055,22 @@ mod tests {
             usize::try_from(MAX_REFUSALS).expect("small")
         );
 
-        // One app alone, its data refused: counted from the refusal of the batch itself.
+        // One app alone, its data refused: counted from the refusal of the batch itself (not
+        // tried again at once), then its events are tried one by one, each refused alone too.
         let mut waiting = Vec::new();
+        let tries = Mutex::new(0_u32);
         for round in 1..=MAX_REFUSALS {
             waiting.push((poison.clone(), occupied(&format!("alone-{round}"))));
             waiting = webhooks
-                .isolate(refused(waiting, true), |_| async {
-                    unreachable!("one app's batch is not tried again at once")
+                .isolate(refused(waiting, true), |part| {
+                    assert_eq!(part.len(), 1, "tried one by one");
+                    *tries.lock().expect("lock") += 1;
+                    refusing(&poison, true, &stored, part)
                 })
                 .await;
         }
         assert!(waiting.is_empty());
+        assert_eq!(*tries.lock().expect("lock"), MAX_REFUSALS);
         let dropped = 2 * u64::from(MAX_REFUSALS);
         assert_eq!(metrics.channel_webhook_events_dropped_total.get(), dropped);
 
@@ -1045,6 +1118,156 @@ mod tests {
         assert_eq!(kept.len(), 1, "counted from one again after a success");
         assert_eq!(metrics.channel_webhook_events_dropped_total.get(), dropped);
         store.close().await;
+    }
+
+    /// A store that refuses, alone or in any batch, the events on channel `bad` as data it
+    /// cannot take and those on `slow` as a failure that may pass, and takes the rest.
+    fn refusing_channels(
+        stored: &Mutex<Vec<String>>,
+        batch: Vec<(AppId, ChannelEvent)>,
+    ) -> std::future::Ready<Result<(), Refused>> {
+        let has = |channel: &str| batch.iter().any(|(_, event)| event.channel() == channel);
+        if has("bad") || has("slow") {
+            let permanent = !has("slow");
+            return std::future::ready(Err(Refused {
+                events: batch,
+                permanent,
+            }));
+        }
+        stored.lock().expect("lock").extend(names(&batch));
+        std::future::ready(Ok(()))
+    }
+
+    #[tokio::test]
+    async fn only_the_event_the_store_refuses_alone_is_dropped() {
+        let (_dir, store, metrics, webhooks) = on_a_store(100).await;
+        let app = AppId::parse("app_mixed").expect("valid");
+        let stored = Mutex::new(Vec::new());
+        let mut waiting = vec![
+            (app.clone(), occupied("good-a")),
+            (app.clone(), occupied("bad")),
+            (app.clone(), vacated("good-b")),
+        ];
+        for round in 1..=MAX_REFUSALS {
+            waiting = webhooks
+                .isolate(refused(waiting, true), |part| {
+                    refusing_channels(&stored, part)
+                })
+                .await;
+            if round < MAX_REFUSALS {
+                assert_eq!(
+                    waiting.len(),
+                    3,
+                    "all wait, in order, until the last refusal"
+                );
+                assert!(stored.lock().expect("lock").is_empty());
+            }
+        }
+        // The app's good events, before and behind the bad one, are stored in order.
+        assert!(waiting.is_empty(), "{:?}", names(&waiting));
+        assert_eq!(
+            *stored.lock().expect("lock"),
+            [
+                "app_mixed/channel_occupied/good-a",
+                "app_mixed/channel_vacated/good-b"
+            ]
+        );
+        assert_eq!(metrics.channel_webhook_events_dropped_total.get(), 1);
+
+        // A failure that may pass, met while trying one by one, stops the pass: that event
+        // and those behind it wait for the next try, in order; nothing more is dropped.
+        stored.lock().expect("lock").clear();
+        let mut waiting = vec![
+            (app.clone(), occupied("good-c")),
+            (app.clone(), occupied("bad")),
+            (app.clone(), occupied("slow")),
+            (app.clone(), occupied("good-d")),
+        ];
+        for _ in 1..=MAX_REFUSALS {
+            waiting = webhooks
+                .isolate(refused(waiting, true), |part| {
+                    refusing_channels(&stored, part)
+                })
+                .await;
+        }
+        assert_eq!(
+            names(&waiting),
+            [
+                "app_mixed/channel_occupied/slow",
+                "app_mixed/channel_occupied/good-d"
+            ]
+        );
+        assert_eq!(
+            *stored.lock().expect("lock"),
+            ["app_mixed/channel_occupied/good-c"]
+        );
+        assert_eq!(metrics.channel_webhook_events_dropped_total.get(), 2);
+        store.close().await;
+    }
+
+    /// A store that fails (not for the data) `failures` times, then takes every batch.
+    fn failing_then_taking<'a>(
+        failures: u32,
+        tries: &'a Mutex<u32>,
+        stored: &'a Mutex<Vec<String>>,
+    ) -> impl Fn(Vec<(AppId, ChannelEvent)>) -> std::future::Ready<Result<(), Refused>> + 'a {
+        move |batch| {
+            let mut tried = tries.lock().expect("lock");
+            *tried += 1;
+            if *tried <= failures {
+                return std::future::ready(Err(Refused {
+                    events: batch,
+                    permanent: false,
+                }));
+            }
+            stored.lock().expect("lock").extend(names(&batch));
+            std::future::ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn events_waiting_at_shutdown_get_a_few_tries_before_they_are_dropped() {
+        let (_dir, store, metrics, webhooks) = on_a_store(100).await;
+        // Closed, its ping fails at once (no pool to wait for on the paused clock), so each
+        // failed try is put back whole; `store` below stands for it.
+        store.close().await;
+        tokio::time::pause();
+        let app = AppId::parse("app_a").expect("valid");
+        let stopped = CancellationToken::new();
+        stopped.cancel();
+
+        // The store fails twice just as the node stops, then answers: nothing is lost.
+        webhooks.observe(&app, occupied("room"));
+        let (tries, stored) = (Mutex::new(0), Mutex::new(Vec::new()));
+        webhooks
+            .run_with(failing_then_taking(2, &tries, &stored), stopped.clone())
+            .await;
+        assert_eq!(*tries.lock().expect("lock"), 3);
+        assert_eq!(
+            *stored.lock().expect("lock"),
+            ["app_a/channel_occupied/room"]
+        );
+        assert_eq!(metrics.channel_webhook_events_dropped_total.get(), 0);
+
+        // A store that never answers: tried a bounded number of times, a backoff apart, then
+        // what waits is dropped and counted, and the stop goes on.
+        webhooks.observe(&app, occupied("hall"));
+        webhooks.observe(&app, occupied("lobby"));
+        let (tries, stored) = (Mutex::new(0), Mutex::new(Vec::new()));
+        let started = Instant::now();
+        webhooks
+            .run_with(failing_then_taking(u32::MAX, &tries, &stored), stopped)
+            .await;
+        assert_eq!(*tries.lock().expect("lock"), TRIES_WHILE_STOPPING);
+        let waited = started.elapsed();
+        assert!(
+            waited >= ERROR_BACKOFF * (TRIES_WHILE_STOPPING - 1)
+                && waited < ERROR_BACKOFF * TRIES_WHILE_STOPPING,
+            "a backoff between tries: {waited:?}"
+        );
+        assert!(stored.lock().expect("lock").is_empty());
+        assert_eq!(metrics.channel_webhook_events_dropped_total.get(), 2);
+        assert!(webhooks.lock().ready.is_empty());
     }
 
     #[tokio::test]
