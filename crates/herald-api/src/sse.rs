@@ -115,6 +115,11 @@ pub async fn stream(
         if !channels.iter().any(|c| c == channel) {
             channels.push(channel.to_owned());
         }
+        if channels.len() > MAX_CHANNELS {
+            // Refused as soon as it is too many: thousands of names in one query must not
+            // cost a comparison of each with every other.
+            break;
+        }
     }
     if channels.is_empty() || channels.len() > MAX_CHANNELS {
         return Err(fail(
@@ -170,9 +175,19 @@ pub async fn stream(
         ),
         None => None,
     };
-    let last_event_id = headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
+    // The header (an EventSource reconnecting) before the query (a first connection resuming
+    // from a position the page kept); an empty header is none.
+    let header = match headers.get("last-event-id").map(HeaderValue::to_str) {
+        None | Some(Ok("")) => None,
+        Some(Ok(id)) => Some(id),
+        Some(Err(_)) => {
+            return Err(fail(
+                StatusCode::BAD_REQUEST,
+                "Last-Event-ID holds bytes that are not visible ASCII, so it is not a stream position: channel:epoch:offset, joined by |, as the stream's ids are".into(),
+            ));
+        }
+    };
+    let last_event_id = header
         .or(query.last_event_id.as_deref())
         .unwrap_or_default();
     let resumes = parse_positions(last_event_id).ok_or_else(|| {
@@ -282,6 +297,11 @@ pub async fn stream(
             return Some((Ok::<Event, Infallible>(first), st));
         }
         if st.ends_when_drained {
+            // Ends at an overflow (or a shutdown) as a following stream does: the frames after
+            // a dropped one would move the client's id past it.
+            if st.overflowed.is_cancelled() || st.shutdown.is_cancelled() {
+                return None;
+            }
             let frame = st.frames.try_recv().ok()?;
             let event = st.event(&frame);
             return Some((Ok(event), st));

@@ -283,23 +283,53 @@ pub fn verify_request(
     Ok(())
 }
 
-/// Runs `check` with the app's current secret, then with the one it replaced while its
-/// rotation grace lasts: accepted if either accepts, otherwise the current secret's refusal.
-pub fn with_any_secret<E>(
+/// A refusal of a signed thing that says whether the secret tried is not the one that signed
+/// it, so that [`with_any_secret`] can report what is wrong with it under the secret that did.
+pub trait SecretRefusal {
+    /// The signature does not match with the secret tried.
+    fn wrong_secret(&self) -> bool;
+}
+
+impl SecretRefusal for SseTokenError {
+    fn wrong_secret(&self) -> bool {
+        matches!(self, Self::BadSignature)
+    }
+}
+
+impl SecretRefusal for AuthError {
+    fn wrong_secret(&self) -> bool {
+        matches!(self, Self::BadSignature)
+    }
+}
+
+impl SecretRefusal for RequestAuthError {
+    fn wrong_secret(&self) -> bool {
+        matches!(self, Self::BadSignature)
+    }
+}
+
+/// Runs `check` with the app's current secret, then with the ones it replaced while their
+/// rotation grace lasts: accepted if one accepts. Otherwise the refusal under the secret that
+/// signed it, if one did (a token signed with a retired secret that has expired is refused
+/// as expired, not as a bad signature, which counts as a guess), else the current secret's.
+pub fn with_any_secret<E: SecretRefusal>(
     credentials: &crate::model::PusherCredentials,
     now: chrono::DateTime<chrono::Utc>,
     check: impl Fn(&str) -> Result<(), E>,
 ) -> Result<(), E> {
     let refusal = match check(&credentials.secret) {
         Ok(()) => return Ok(()),
+        // Signed with the current secret (or refused before any signature was looked at):
+        // no other secret can do better.
+        Err(refusal) if !refusal.wrong_secret() => return Err(refusal),
         Err(refusal) => refusal,
     };
-    if credentials
-        .verifying_secrets(now)
-        .skip(1)
-        .any(|retired| check(retired).is_ok())
-    {
-        return Ok(());
+    for retired in credentials.verifying_secrets(now).skip(1) {
+        match check(retired) {
+            Ok(()) => return Ok(()),
+            Err(signed_by_it) if !signed_by_it.wrong_secret() => return Err(signed_by_it),
+            Err(_) => {}
+        }
     }
     Err(refusal)
 }
@@ -360,30 +390,32 @@ mod tests {
             secret: "old-secret".into(),
             until: now + chrono::Duration::seconds(60),
         });
-        let accepts = |wanted: &'static str| {
-            move |secret: &str| {
-                if secret == wanted {
-                    Ok(())
-                } else {
-                    Err(secret.to_owned())
-                }
-            }
+        let t = now.timestamp();
+        let verify = |token: &str, at: chrono::DateTime<chrono::Utc>| {
+            with_any_secret(&credentials, at, |secret| {
+                verify_sse_token(secret, "news", token, at.timestamp())
+            })
         };
-        let current = credentials.secret.clone();
+        let by_old = sse_token("old-secret", "news", t + 30);
+        assert_eq!(verify(&by_old, now), Ok(()));
         assert_eq!(
-            with_any_secret(&credentials, now, |s| accepts("old-secret")(s)),
-            Ok(())
+            verify(&by_old, now + chrono::Duration::seconds(61)),
+            Err(SseTokenError::BadSignature),
+            "the retired secret's time is over: it signs nothing"
         );
         assert_eq!(
-            with_any_secret(&credentials, now + chrono::Duration::seconds(61), |s| {
-                accepts("old-secret")(s)
-            }),
-            Err(current.clone()),
-            "expired: refused with the current secret's refusal"
+            verify(&sse_token("neither", "news", t + 30), now),
+            Err(SseTokenError::BadSignature)
+        );
+        // Signed with the retired secret, within its time, but expired: refused as expired
+        // (which does not count as a guess), not as the current secret's bad signature.
+        assert_eq!(
+            verify(&sse_token("old-secret", "news", t - 5), now),
+            Err(SseTokenError::Expired(5))
         );
         assert_eq!(
-            with_any_secret(&credentials, now, |s| accepts("neither")(s)),
-            Err(current)
+            verify(&sse_token(&credentials.secret, "news", t - 5), now),
+            Err(SseTokenError::Expired(5))
         );
     }
 

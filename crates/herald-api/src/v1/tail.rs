@@ -29,7 +29,7 @@ use std::{
 use axum::{
     Extension,
     extract::{ConnectInfo, Path, State},
-    http::{Extensions, HeaderMap},
+    http::{Extensions, HeaderMap, HeaderValue},
     response::{
         IntoResponse, Response,
         sse::{Event, KeepAlive, Sse},
@@ -189,13 +189,19 @@ pub async fn stream(
         let event = w.next().await?;
         Some((Ok::<Event, Infallible>(event), w))
     });
-    Ok(Sse::new(stream)
+    let mut response = Sse::new(stream)
         .keep_alive(
             KeepAlive::new()
                 .interval(Duration::from_secs(15))
                 .text("keep-alive"),
         )
-        .into_response())
+        .into_response();
+    // A proxy that buffers responses (nginx by default) would hold the keep-alives back, and
+    // `herald listen` takes 45 s of silence for a lost stream.
+    response
+        .headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(response)
 }
 
 /// One watcher's side of the tail.

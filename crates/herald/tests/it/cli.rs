@@ -404,6 +404,11 @@ async fn a_tail_ends_when_its_token_is_revoked() {
         .await
         .expect("answered");
     assert_eq!(stream.status(), 200);
+    assert_eq!(
+        stream.headers()["x-accel-buffering"],
+        "no",
+        "a buffering proxy would hold the keep-alives back"
+    );
     // The address keeps failing, so its token checks are refused unread (429) from now on.
     let hammered = format!("{}/api/v1/app/{app}/msg", server.base);
     let hammer = tokio::spawn(async move {

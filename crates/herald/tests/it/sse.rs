@@ -328,6 +328,19 @@ async fn a_resumption_the_replay_budget_refuses_keeps_its_position_in_the_first_
         let text = response.text().await.expect("text");
         assert!(text.contains("is not a stream position"), "{bad}: {text}");
     }
+    // Nor is a header that is not visible ASCII, rather than read as none.
+    let response = crate::harness::http_client()
+        .get(format!("{}/apps/{}/sse?{query}", server.base, creds.id))
+        .header(
+            "last-event-id",
+            reqwest::header::HeaderValue::from_bytes(b"history-big:\xe9:1").expect("obs-text"),
+        )
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status().as_u16(), 400);
+    let text = response.text().await.expect("text");
+    assert!(text.contains("not visible ASCII"), "{text}");
     server.stop().await;
 }
 
@@ -436,6 +449,20 @@ async fn private_channels_need_a_signed_token_and_bad_requests_are_refused() {
         400,
         "a parameter given twice"
     );
+    // At most 10 channels, however many names are given (thousands are refused at the 11th).
+    for count in [11, 3_000] {
+        let names: Vec<String> = (0..count).map(|n| format!("c{n}")).collect();
+        let response = request(
+            &server,
+            &creds,
+            &format!("channels={}", names.join(",")),
+            None,
+        )
+        .await;
+        assert_eq!(response.status().as_u16(), 400, "{count} channels");
+        let text = response.text().await.expect("text");
+        assert!(text.contains("1 to 10 channels"), "{text}");
+    }
     let unknown = reqwest::get(format!("{}/apps/99/sse?channels=a", server.base))
         .await
         .expect("request");
