@@ -260,7 +260,7 @@ fn check_templates(v: &mut Validator, field: &str, templates: &[String], trust_h
     }
     for t in templates {
         v.check(&["body", field], template::validate(t));
-        if !trust_headers && t.contains("{header:") {
+        if !trust_headers && template::reads_headers(t) {
             v.check(
                 &["body", field],
                 Err(format!(
@@ -310,11 +310,14 @@ fn new_source(app_id: &herald_core::AppId, input: SourceIn) -> ApiResult<IngestS
             )),
         );
     }
-    let kind = kind.unwrap_or(SourceKind::HmacSha256);
-    check_secrets(&mut v, kind, &input.secrets);
     let trust = input.trust_unsigned_headers;
     let hmac = input.hmac.map(HmacScheme::from);
-    check_hmac(&mut v, kind, hmac.as_ref(), trust);
+    // A kind's own checks only for a known kind: an unknown one is the one error to report.
+    if let Some(kind) = kind {
+        check_secrets(&mut v, kind, &input.secrets);
+        check_hmac(&mut v, kind, hmac.as_ref(), trust);
+    }
+    let kind = kind.unwrap_or(SourceKind::HmacSha256);
     check_templates(
         &mut v,
         "eventType",

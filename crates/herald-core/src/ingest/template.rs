@@ -52,6 +52,12 @@ fn parse(template: &str) -> Result<Vec<Part<'_>>, String> {
     Ok(parts)
 }
 
+/// Whether the template has a `{header:...}` placeholder (spaces inside the braces
+/// included, as it is read).
+pub fn reads_headers(template: &str) -> bool {
+    parse(template).is_ok_and(|parts| parts.iter().any(|part| matches!(part, Part::Header(_))))
+}
+
 /// Checks a template's syntax.
 pub fn validate(template: &str) -> Result<(), String> {
     if template.is_empty() || template.len() > 512 {
@@ -185,6 +191,21 @@ mod tests {
         assert!(validate("{header:x-a}").is_ok());
         for bad in ["", "{", "a}", "{}", "{a{b}}", "{header:}"] {
             assert!(validate(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn a_header_placeholder_is_found_as_it_is_read() {
+        for reads in [
+            "{header:x-a}",
+            "{ header:x-a}",
+            "a-{\theader:x}-b",
+            "{header: x }",
+        ] {
+            assert!(reads_headers(reads), "{reads:?} reads a header");
+        }
+        for other in ["{id}", "header:x", "{headers}", "{", "{header:}"] {
+            assert!(!reads_headers(other), "{other:?} reads no header");
         }
     }
 

@@ -326,6 +326,12 @@ fn delivery_ids_come_from_signed_content_only() {
             hex::encode(Sha256::digest(long_a.as_bytes()))
         )
     );
+    // An id holding NUL, which PostgreSQL's text refuses, is kept by its hash too.
+    let with_nul: Value = serde_json::from_str(r#"{"id": "evt_\u0000x"}"#).expect("json");
+    assert_eq!(
+        delivery_id(SourceKind::Stripe, &request, Some(&with_nul), None),
+        format!("id-sha256:{}", hex::encode(Sha256::digest(b"evt_\0x")))
+    );
     let body_hash = format!("sha256:{}", hex::encode(Sha256::digest(BODY)));
     for kind in [
         SourceKind::Github,

@@ -521,6 +521,11 @@ async fn bad_requests_and_bad_sources_get_clear_errors() {
             json!({"kind": "github", "secrets": ["s"], "defaultChannel": "bad channel"}),
             "defaultChannel",
         ),
+        // A header placeholder with spaces inside its braces reads a header all the same.
+        (
+            json!({"kind": "github", "secrets": ["s"], "eventType": ["{ header:x-github-event}"]}),
+            "eventType",
+        ),
     ] {
         let (status, error) = server
             .call(
@@ -531,6 +536,8 @@ async fn bad_requests_and_bad_sources_get_clear_errors() {
             .await;
         assert_eq!(status, 422, "{error}");
         assert_eq!(error["detail"][0]["loc"], json!(["body", loc]), "{error}");
+        // One error, the one that is there: an unknown kind is not also checked as another.
+        assert_eq!(error["detail"].as_array().map(Vec::len), Some(1), "{error}");
     }
 
     // Secrets are write-only.
