@@ -325,10 +325,10 @@ fn check_format_allowed(caller: &Caller, format: Option<EndpointFormat>) -> ApiR
     Ok(())
 }
 
-/// The app's endpoints.
+/// The app's endpoints, newest first unless `order=ascending` (Svix's default order).
 #[utoipa::path(get, path = "/api/v1/app/{app_id}/endpoint", tag = "Endpoint",
     params(("app_id" = String, Path, description = "The app's id or uid"),
-        ("order" = Option<String>, Query, description = "`descending` for newest first; ascending otherwise"),
+        ("order" = Option<String>, Query, description = "`ascending` for oldest first; newest first (`descending`) otherwise, as Svix's server"),
         crate::pagination::ListParams),
     responses((status = 200, body = ListResponse<EndpointOut>)))]
 pub async fn list(
@@ -338,7 +338,7 @@ pub async fn list(
     query: QueryParams,
 ) -> ApiResult<Json<ListResponse<EndpointOut>>> {
     let app = caller.app(&state, &app_id).await?;
-    let page = pagination::page(&query, pagination::descending(&query, false)?)?;
+    let page = pagination::page(&query, pagination::descending(&query, true)?)?;
     let rows = state.store.list_endpoints(&app.id, &page).await?;
     // Paged over every endpoint, then thinned: a page a portal link reads may come out short
     // of `limit` but is never the end unless `done` says so.

@@ -138,9 +138,12 @@ async fn find(state: &ApiState, name: &str) -> ApiResult<EventType> {
         .ok_or_else(|| ApiError::not_found("event type"))
 }
 
-/// The catalogue, in name order.
+/// The catalogue, in name order. `with_content=false` leaves each type's `schemas` out (shown
+/// as `null`, as Svix's server shows them); unlike Svix's, which leaves them out unless asked,
+/// Herald shows them unless asked not to, so a caller that never sends it loses nothing.
 #[utoipa::path(get, path = "/api/v1/event-type", tag = "Event Type",
     params(("include_archived" = Option<bool>, Query, description = "Include archived event types (default false)"),
+        ("with_content" = Option<bool>, Query, description = "Include each type's schemas (default true); false shows `schemas: null`"),
         crate::pagination::ListParams),
     responses((status = 200, body = ListResponse<EventTypeOut>)))]
 pub async fn list(
@@ -150,6 +153,7 @@ pub async fn list(
 ) -> ApiResult<Json<ListResponse<EventTypeOut>>> {
     let mut page = pagination::page(&query, false)?;
     let include_archived = query.bool("include_archived", false)?;
+    let with_content = query.bool("with_content", true)?;
     // Iterators are marked names: an event type may begin with `-`, which a bare iterator
     // would read as a walk back.
     page.iterator = pagination::resumed_name(&page)?.map(str::to_owned);
@@ -161,7 +165,13 @@ pub async fn list(
         rows,
         &page,
         |e| pagination::name_cursor(&e.name),
-        EventTypeOut::from,
+        |e| {
+            let mut shown = EventTypeOut::from(e);
+            if !with_content {
+                shown.schemas = None;
+            }
+            shown
+        },
     )))
 }
 

@@ -129,6 +129,32 @@ async fn list_order_and_limit_are_read_as_svix_reads_them() {
     descending.reverse();
     assert_eq!(descending, made, "newest first");
     let app = &made[0];
+    // Endpoints, as in Svix's server, list newest first unless asked otherwise, and their
+    // iterator walks on in the order asked.
+    let mut endpoints = Vec::new();
+    for n in 0..3 {
+        let made = server
+            .create_endpoint(app, json!({"url": format!("https://example.com/{n}")}))
+            .await;
+        endpoints.push(made["id"].as_str().expect("id").to_owned());
+    }
+    let listed = format!("/api/v1/app/{app}/endpoint");
+    let first = get_ok(&server, &format!("{listed}?limit=2")).await;
+    let second = get_ok(
+        &server,
+        &format!(
+            "{listed}?limit=2&iterator={}",
+            first["iterator"].as_str().expect("iterator")
+        ),
+    )
+    .await;
+    let mut newest_first = ids(&first);
+    newest_first.extend(ids(&second));
+    assert_eq!(second["done"], true, "{second}");
+    newest_first.reverse();
+    assert_eq!(newest_first, endpoints, "endpoints newest first by default");
+    let oldest_first = ids(&get_ok(&server, &format!("{listed}?order=ascending")).await);
+    assert_eq!(oldest_first, endpoints);
     for path in [
         "/api/v1/app?order=desc".to_owned(),
         format!("/api/v1/app/{app}/endpoint?order=newest"),
@@ -412,6 +438,24 @@ async fn event_types_crud_and_archive() {
     assert_eq!(status, 204);
     let (_, list) = server.call(Method::GET, "/api/v1/event-type", None).await;
     assert_eq!(list["data"].as_array().map(Vec::len), Some(0));
+    // The list shows each type's schemas unless `with_content=false` (then null, as Svix's).
+    for (query, schemas) in [
+        ("include_archived=true", json!({"1": {"type": "object"}})),
+        (
+            "include_archived=true&with_content=true",
+            json!({"1": {"type": "object"}}),
+        ),
+        ("include_archived=true&with_content=false", Value::Null),
+    ] {
+        let list = get_ok(&server, &format!("/api/v1/event-type?{query}")).await;
+        let item = &list["data"][0];
+        assert_eq!(item["name"], "invoice.paid", "{query}: {list}");
+        assert_eq!(
+            item.get("schemas"),
+            Some(&schemas),
+            "{query}: shown as asked: {list}"
+        );
+    }
     let (_, list) = server
         .call(
             Method::GET,
