@@ -79,6 +79,8 @@ pub mod close {
     pub const OVER_CAPACITY: u16 = 4100;
     pub const RECONNECT: u16 = 4200;
     pub const PONG_NOT_RECEIVED: u16 = 4201;
+    /// Pusher's "client event rejected due to rate limit": sent as a `pusher:error` code with
+    /// the connection kept, never as a close (pusher-js never reconnects after one from 4300).
     pub const CLIENT_EVENT_RATE_LIMIT: u16 = 4301;
     /// WebSocket's own "protocol error" (RFC 6455): a malformed or forbidden frame.
     pub const PROTOCOL_ERROR: u16 = 1002;

@@ -638,13 +638,17 @@ impl<B: Backend> Session<B> {
         data: Option<&RawValue>,
     ) -> Option<Close> {
         if !self.client_events.try_take(1.0) {
-            return Some((
-                close::CLIENT_EVENT_RATE_LIMIT,
-                format!(
-                    "client event rate limit of {} per second exceeded",
+            // Dropped with `pusher:error` 4301, as Pusher-compatible servers answer; the
+            // connection stays. A close with 4301 would be final for pusher-js, which treats
+            // every close code from 4300 as a refusal and never reconnects.
+            self.outbox.send(protocol::error(
+                &format!(
+                    "client event rejected: more than {} per second",
                     self.config.client_events_per_second
                 ),
+                Some(close::CLIENT_EVENT_RATE_LIMIT),
             ));
+            return None;
         }
         let Some(channel) = channel.as_deref() else {
             self.outbox

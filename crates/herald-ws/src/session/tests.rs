@@ -653,7 +653,7 @@ async fn a_client_event_that_could_not_be_published_is_not_reported() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn client_events_beyond_the_rate_close_with_4301() {
+async fn client_events_beyond_the_rate_are_dropped_with_error_4301() {
     let config = WsConfig {
         client_events_per_second: 2,
         ..WsConfig::default()
@@ -665,13 +665,15 @@ async fn client_events_beyond_the_rate_close_with_4301() {
     client.received();
     assert_eq!(client.send(&client_event("private-a", "1")).await, None);
     assert_eq!(client.send(&client_event("private-a", "2")).await, None);
-    let close = client.send(&client_event("private-a", "3")).await;
+    let refused = client.send(&client_event("private-a", "3")).await;
+    assert_eq!(refused, None, "the connection stays");
+    let told = client.received();
+    assert_eq!(told.len(), 1, "{told:?}");
+    assert_eq!(told[0]["event"], "pusher:error");
+    assert_eq!(told[0]["data"]["code"], close::CLIENT_EVENT_RATE_LIMIT);
     assert_eq!(
-        close,
-        Some((
-            close::CLIENT_EVENT_RATE_LIMIT,
-            "client event rate limit of 2 per second exceeded".to_owned()
-        ))
+        told[0]["data"]["message"],
+        "client event rejected: more than 2 per second"
     );
     tokio::time::advance(Duration::from_millis(500)).await;
     assert_eq!(client.send(&client_event("private-a", "4")).await, None);

@@ -280,11 +280,39 @@ async fn client_events_reach_others_but_not_the_sender_and_are_rate_limited() {
     let refused = a.next().await;
     assert_eq!(refused["event"], "pusher:error", "{refused}");
 
-    for _ in 0..10 {
-        a.send(json!({"event": "client-spam", "channel": channel, "data": {}}))
+    // Beyond the rate, each is dropped with `pusher:error` 4301 and the connection stays (a
+    // close from 4300 up would be final for pusher-js).
+    for n in 0..10 {
+        a.send(json!({"event": "client-spam", "channel": channel, "data": {"n": n}}))
             .await;
     }
-    assert_eq!(a.closed().await, 4301);
+    // Each client gets its answers in order: a ping's pong comes after everything before it.
+    a.send(json!({"event": "pusher:ping", "data": {}})).await;
+    let mut refused = 0;
+    loop {
+        let told = a.next().await;
+        if told["event"] == "pusher:pong" {
+            break;
+        }
+        assert_eq!(told["event"], "pusher:error", "{told}");
+        assert_eq!(told["data"]["code"], 4301, "{told}");
+        refused += 1;
+    }
+    b.send(json!({"event": "pusher:ping", "data": {}})).await;
+    let mut relayed = 0;
+    loop {
+        let got = b.next().await;
+        if got["event"] == "pusher:pong" {
+            break;
+        }
+        assert_eq!(got["event"], "client-spam", "{got}");
+        relayed += 1;
+    }
+    assert_eq!(relayed + refused, 10, "each relayed or refused");
+    assert!(
+        refused >= 5,
+        "3 a second: most of a burst of 10 is refused ({refused})"
+    );
     server.stop().await;
 }
 
