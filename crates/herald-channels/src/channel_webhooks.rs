@@ -55,6 +55,9 @@ const ERROR_BACKOFF: Duration = Duration::from_secs(1);
 /// it cannot hold) before its waiting events are dropped and counted: they would otherwise be
 /// retried without end.
 const MAX_REFUSALS: u32 = 5;
+/// Events tried one by one in one pass of [`ChannelWebhooks::narrow`]: one app's waiting events
+/// may be tens of thousands, and the loop stores no other app's meanwhile.
+const NARROW_PER_PASS: usize = 100;
 /// How many times the events still waiting at shutdown are tried before they are dropped.
 const TRIES_WHILE_STOPPING: u32 = 3;
 
@@ -551,7 +554,8 @@ impl ChannelWebhooks {
     /// Tries an app's events one by one, in order, once the store refused their data
     /// [`MAX_REFUSALS`] times in a row: the one it refuses alone is dropped (counted and
     /// logged), so the app's good events waiting behind it are stored, not dropped with it.
-    /// Returns the events still to try when the store stops answering halfway.
+    /// At most [`NARROW_PER_PASS`] of them a pass. Returns the events still to try: those
+    /// past that bound, or from where the store stopped answering.
     async fn narrow<F, Fut>(
         &self,
         app_id: &AppId,
@@ -565,7 +569,18 @@ impl ChannelWebhooks {
         let mut lost = 0_usize;
         let mut events = events.into_iter();
         let mut unsent = Vec::new();
+        let mut tried = 0;
         while let Some(event) = events.next() {
+            if tried == NARROW_PER_PASS {
+                // The rest at the next pass, which the next refusal of them starts.
+                unsent.push(event);
+                unsent.extend(events.by_ref());
+                self.lock()
+                    .refusals
+                    .insert(app_id.clone(), MAX_REFUSALS - 1);
+                break;
+            }
+            tried += 1;
             match store(vec![event]).await {
                 Ok(()) => {}
                 Err(Refused {
@@ -1202,6 +1217,37 @@ mod tests {
             ["app_mixed/channel_occupied/good-c"]
         );
         assert_eq!(metrics.channel_webhook_events_dropped_total.get(), 2);
+
+        // Many waiting: a pass tries at most NARROW_PER_PASS one by one, and the next refusal
+        // of the rest goes on with them at once.
+        stored.lock().expect("lock").clear();
+        let mut waiting: Vec<_> = (0..NARROW_PER_PASS + 50)
+            .map(|n| {
+                let channel = if n == NARROW_PER_PASS + 20 {
+                    "bad".to_owned()
+                } else {
+                    format!("c{n}")
+                };
+                (app.clone(), occupied(&channel))
+            })
+            .collect();
+        for _ in 1..=MAX_REFUSALS {
+            waiting = webhooks
+                .isolate(refused(waiting, true), |part| {
+                    refusing_channels(&stored, part)
+                })
+                .await;
+        }
+        assert_eq!(waiting.len(), 50, "the rest wait for the next pass");
+        assert_eq!(stored.lock().expect("lock").len(), NARROW_PER_PASS);
+        waiting = webhooks
+            .isolate(refused(waiting, true), |part| {
+                refusing_channels(&stored, part)
+            })
+            .await;
+        assert!(waiting.is_empty(), "{:?}", names(&waiting));
+        assert_eq!(stored.lock().expect("lock").len(), NARROW_PER_PASS + 49);
+        assert_eq!(metrics.channel_webhook_events_dropped_total.get(), 3);
         store.close().await;
     }
 

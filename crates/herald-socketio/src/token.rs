@@ -57,13 +57,13 @@ struct Claims {
     rooms: Vec<String>,
 }
 
-/// Checks `token` against `secret` at `now` (seconds since the epoch).
 impl herald_core::pusher::SecretRefusal for TokenError {
     fn wrong_secret(&self) -> bool {
         matches!(self, Self::BadSignature)
     }
 }
 
+/// Checks `token` against `secret` at `now` (seconds since the epoch).
 pub fn verify(token: &str, secret: &str, now: i64) -> Result<Grant, TokenError> {
     let mut parts = token.split('.');
     let (Some(header), Some(claims), Some(signature), None) =
