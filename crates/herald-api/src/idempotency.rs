@@ -188,7 +188,29 @@ pub async fn replay(
         key,
         held: true,
     };
-    let response = next.run(request).await;
+    run_detached(claim, next.run(request)).await
+}
+
+/// [`run_claimed`] on a task of its own: a client that goes away drops the caller's future,
+/// but a request whose write went in must still keep its answer for the retry, or the retry
+/// would run again (a second message).
+async fn run_detached(
+    claim: Claim,
+    handled: impl std::future::Future<Output = Response> + Send + 'static,
+) -> Response {
+    match tokio::spawn(run_claimed(claim, handled)).await {
+        Ok(response) => response,
+        Err(e) => ApiError::internal(e).into_response(),
+    }
+}
+
+/// Runs a request that holds its key's claim, and keeps its answer for replays (a success)
+/// or releases the claim (anything else).
+async fn run_claimed(
+    claim: Claim,
+    handled: impl std::future::Future<Output = Response> + Send,
+) -> Response {
+    let response = handled.await;
     // Only a success is kept. A refusal changed nothing (Herald validates, authorizes and
     // checks limits before it writes), so its retry may as well run again, as Stripe does for
     // a request that failed validation; a server error or a 429 asks for that retry. Keeping
@@ -223,14 +245,14 @@ pub async fn replay(
         );
         claim.release().await;
     } else {
-        match state
+        match claim
             .store
             .save_idempotent_response(
                 &claim.scope,
                 &claim.key,
                 parts.status.as_u16(),
                 &kept,
-                state.store.clock().now(),
+                claim.store.clock().now(),
             )
             .await
         {
@@ -291,39 +313,100 @@ mod tests {
 
     use super::*;
 
-    /// A request whose future is dropped (its client went away) leaves no claim behind: the
-    /// next request with the key runs instead of getting 409 until the claim expires.
-    #[tokio::test]
-    async fn a_dropped_request_releases_its_claim() {
+    /// A store in a fresh directory, and a claim held there on the key `scope`/`key`.
+    async fn claimed() -> (std::path::PathBuf, Arc<dyn Store>, Claim) {
         let dir = std::env::temp_dir().join(format!(
             "herald-idempotency-{}-{}",
             std::process::id(),
-            Utc::now().timestamp_micros()
+            Utc::now().timestamp_nanos_opt().unwrap_or_default()
         ));
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir).await.expect("open"));
-        let now = Utc::now();
-        let until = now + chrono::Duration::from_std(CLAIM_FOR).expect("a duration");
-        let claim = || store.claim_idempotency_key("scope", "key", now, until);
-        assert_eq!(claim().await.expect("claim"), IdempotencyClaim::Claimed);
+        assert_eq!(
+            claim_again(store.as_ref()).await.expect("claim"),
+            IdempotencyClaim::Claimed
+        );
         let held = Claim {
             store: Arc::clone(&store),
             scope: "scope".into(),
             key: "key".into(),
             held: true,
         };
-        assert_eq!(claim().await.expect("claim"), IdempotencyClaim::InProgress);
-        drop(held);
-        // The release runs on a task of its own.
-        // Given 20 s, as the integration suite's patience: a busy machine's SQLite write can
-        // take a while, and the release is awaited, not timed.
+        (dir, store, held)
+    }
+
+    /// What a request with the key finds once the claim held is no longer in progress.
+    /// Given 20 s, as the integration suite's patience: a busy machine's SQLite write can take
+    /// a while, and the release or save is awaited, not timed.
+    async fn once_settled(store: &dyn Store) -> IdempotencyClaim {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        let mut outcome = claim().await.expect("claim");
+        let mut outcome = claim_again(store).await.expect("claim");
         while outcome == IdempotencyClaim::InProgress && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
-            outcome = claim().await.expect("claim");
+            outcome = claim_again(store).await.expect("claim");
         }
+        outcome
+    }
+
+    /// What a request with the key `scope`/`key` finds now.
+    async fn claim_again(store: &dyn Store) -> herald_store::Result<IdempotencyClaim> {
+        let now = Utc::now();
+        let until = now + chrono::Duration::from_std(CLAIM_FOR).expect("a duration");
+        store
+            .claim_idempotency_key("scope", "key", now, until)
+            .await
+    }
+
+    /// A request whose future is dropped (its client went away) leaves no claim behind: the
+    /// next request with the key runs instead of getting 409 until the claim expires.
+    #[tokio::test]
+    async fn a_dropped_request_releases_its_claim() {
+        let (dir, store, held) = claimed().await;
+        assert_eq!(
+            claim_again(store.as_ref()).await.expect("claim"),
+            IdempotencyClaim::InProgress
+        );
+        drop(held);
+        // The release runs on a task of its own.
+        let outcome = once_settled(store.as_ref()).await;
         store.close().await;
         let _ = std::fs::remove_dir_all(&dir);
         assert_eq!(outcome, IdempotencyClaim::Claimed);
+    }
+
+    /// A client that goes away while its request runs drops the middleware's future, but the
+    /// request goes on to its end and its answer is kept: the retry is a replay, not a second
+    /// run (a second message).
+    #[tokio::test]
+    async fn a_request_whose_client_went_away_keeps_its_answer() {
+        let (dir, store, held) = claimed().await;
+        let (written, write) = (
+            Arc::new(tokio::sync::Notify::new()),
+            Arc::new(tokio::sync::Notify::new()),
+        );
+        let handler = {
+            let (written, write) = (Arc::clone(&written), Arc::clone(&write));
+            async move {
+                // The handler's write goes in, then its answer takes a while.
+                written.notify_one();
+                write.notified().await;
+                (StatusCode::CREATED, "{\"id\":\"msg_1\"}").into_response()
+            }
+        };
+        let request = tokio::spawn(run_detached(held, handler));
+        written.notified().await;
+        request.abort();
+        assert!(request.await.is_err(), "the client's side was dropped");
+        write.notify_one();
+
+        let outcome = once_settled(store.as_ref()).await;
+        store.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(
+            outcome,
+            IdempotencyClaim::Done {
+                status: 201,
+                body: b"{\"id\":\"msg_1\"}".to_vec()
+            }
+        );
     }
 }

@@ -1087,7 +1087,20 @@ impl Dispatcher {
                     false
                 }
             };
-            if turn && !self.current(&mut job).await {
+            let current = if turn {
+                // Given way to a shutdown, as the pacing and the send are.
+                tokio::select! {
+                    current = self.current(&mut job) => Some(current),
+                    () = self.stopping.cancelled() => None,
+                }
+            } else {
+                Some(true)
+            };
+            let Some(current) = current else {
+                self.leave(job);
+                return;
+            };
+            if !current {
                 // Disabled (a 410 to a job before it, say) or deleted since its claim: not
                 // sent. Let go, so the next claim settles it as claims do (a disabled
                 // endpoint's delivery fails, recoverable), and go on with the lane.
@@ -1148,19 +1161,34 @@ impl Dispatcher {
     /// Brings the job's copy of its endpoint up to date from this node's endpoint cache just
     /// before the send: a job can wait in its lane for up to a lease after its claim, while
     /// the endpoint is disabled (a 410 to a job ahead of it), deleted, or given a new URL,
-    /// secret or headers through the API. `false` when it is no longer to be sent to. If the
-    /// store cannot say, the job goes as claimed.
+    /// secret or headers through the API. `false` when it is no longer to be sent to. The job
+    /// goes as claimed when the cache cannot say: paused, or holding an older copy than the
+    /// claim read (a change made on another node, not yet heard of here).
     async fn current(&self, job: &mut DeliveryJob) -> bool {
-        let endpoints = match self.store.app_endpoints(&job.app_id).await {
-            Ok(endpoints) => endpoints,
+        let endpoints = match self.store.cached_app_endpoints(&job.app_id).await {
+            Ok(Some(endpoints)) => endpoints,
+            Ok(None) => return true,
             Err(e) => {
                 tracing::debug!(error = %e, endpoint_id = %job.endpoint.id, "could not look at the endpoint again before sending; sending as claimed");
                 return true;
             }
         };
         let Some(now) = endpoints.iter().find(|e| e.id == job.endpoint.id) else {
-            return false;
+            // Not in the app's list: deleted, or made on another node whose notice has not
+            // come yet (the claim just found it). Only the store can tell.
+            return match self
+                .store
+                .get_endpoint(&job.app_id, job.endpoint.id.as_str())
+                .await
+            {
+                Ok(None) => false,
+                Ok(Some(stored)) => !stored.disabled,
+                Err(_) => true,
+            };
         };
+        if now.updated_at < job.endpoint.updated_at {
+            return true;
+        }
         if now.disabled {
             return false;
         }
@@ -1172,15 +1200,22 @@ impl Dispatcher {
         true
     }
 
-    /// Whether this node's endpoint cache shows `job`'s endpoint failing, where the job's
-    /// copy (read at the claim, or just before the send) did not.
-    async fn streak_began_meanwhile(&self, job: &DeliveryJob) -> bool {
-        match self.store.app_endpoints(&job.app_id).await {
-            Ok(endpoints) => endpoints
+    /// Whether this node's endpoint cache shows `job`'s endpoint failing since before
+    /// `answered_at` (when this attempt's success came), where the job's copy (read at the
+    /// claim, or just before the send) did not: another job's failure began a streak while
+    /// this one was in flight. A streak begun after the success is not this success's to end.
+    async fn streak_began_meanwhile(
+        &self,
+        job: &DeliveryJob,
+        answered_at: chrono::DateTime<Utc>,
+    ) -> bool {
+        match self.store.cached_app_endpoints(&job.app_id).await {
+            Ok(Some(endpoints)) => endpoints
                 .iter()
                 .find(|e| e.id == job.endpoint.id)
-                .is_some_and(|e| e.failing_since.is_some()),
-            Err(_) => false,
+                .and_then(|e| e.failing_since)
+                .is_some_and(|since| since <= answered_at),
+            _ => false,
         }
     }
 
@@ -1503,8 +1538,10 @@ impl Dispatcher {
         }
         // A success ends a streak that another job's failure began while this one was in
         // flight, which this job's copy of the endpoint (read before) cannot show.
+        let answered_at = now + chrono::Duration::milliseconds(duration_ms);
         let streak_running = failing_since.is_some()
-            || (decision == RetryDecision::Delivered && self.streak_began_meanwhile(job).await);
+            || (decision == RetryDecision::Delivered
+                && self.streak_began_meanwhile(job, answered_at).await);
         let (next, endpoint_change) = match decision {
             RetryDecision::Delivered if streak_running => {
                 (NextStep::Delivered, EndpointChange::StreakEnded)
@@ -1525,7 +1562,27 @@ impl Dispatcher {
                     AttemptOutcome::Gone => None,
                     _ => failing_since,
                 };
-                (NextStep::Failed, EndpointChange::Disable { streak_since })
+                // Should the store find that streak ended meanwhile, the delivery goes on with
+                // its schedule, as if the endpoint had no streak.
+                let retry_at = streak_since.and_then(|_| {
+                    match self.config.retry.decide(
+                        outcome,
+                        job.attempts,
+                        manual,
+                        Duration::ZERO,
+                        &mut rand::rng(),
+                    ) {
+                        RetryDecision::RetryIn(delay) => Some(now + started.elapsed() + delay),
+                        _ => None,
+                    }
+                });
+                (
+                    NextStep::Failed,
+                    EndpointChange::Disable {
+                        streak_since,
+                        retry_at,
+                    },
+                )
             }
         };
         let status = match next {
@@ -1574,9 +1631,6 @@ fn streak(running: bool, now: chrono::DateTime<Utc>) -> EndpointChange {
     }
 }
 
-/// The attempt's recorded `response` when no HTTP answer came. A refused address is named by
-/// its kind only: the attempt log is read by app tokens and app portal links, which must not
-/// learn what internal names resolve to (the address goes to the debug log).
 /// A receiver's response body as the attempt log keeps it: text, with what is not UTF-8 and
 /// any NUL replaced by U+FFFD. PostgreSQL's text refuses NUL, and an attempt that cannot be
 /// recorded is never counted: its delivery would be sent again at each lease's end, forever.
@@ -1589,6 +1643,9 @@ fn response_text(body: &[u8]) -> String {
     }
 }
 
+/// The attempt's recorded `response` when no HTTP answer came. A refused address is named by
+/// its kind only: the attempt log is read by app tokens and app portal links, which must not
+/// learn what internal names resolve to (the address goes to the debug log).
 fn result_text(result: &Result<crate::client::Response, SendError>) -> String {
     match result {
         Ok(_) => String::new(),
@@ -2046,7 +2103,7 @@ mod tests {
             now,
             NextStep::RetryAt(now + chrono::Duration::seconds(5)),
         );
-        record.endpoint_change = EndpointChange::StreakStarted { at: now };
+        record.endpoint_change = EndpointChange::StreakStarted { at: Utc::now() };
         assert_eq!(
             store.record_attempt(record).await.expect("the failure"),
             herald_store::Recorded::Applied

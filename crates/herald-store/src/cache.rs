@@ -219,6 +219,14 @@ impl Cache {
         self.clear(&mut entries);
     }
 
+    /// Forget the tokens only (one was removed): the rest stays, so revocations, rare as they
+    /// are, cost no other entry. Fills of any kind started before are dropped.
+    pub fn forget_tokens(&self) {
+        let mut entries = self.write();
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        entries.tokens.clear();
+    }
+
     fn clear(&self, entries: &mut Entries) {
         self.generation.fetch_add(1, Ordering::AcqRel);
         entries.apps.clear();

@@ -49,6 +49,7 @@ checks!(
     socketio_app_keys_name_the_apps_with_socketio_settings,
     an_exact_id_wins_over_a_uid_equal_to_it,
     token_scopes_round_trip,
+    expired_tokens_are_purged,
     event_type_names_are_unique,
     endpoints_resolve_within_their_app,
     a_repeated_event_id_conflicts_once,
@@ -559,6 +560,51 @@ pub async fn token_scopes_round_trip(store: &dyn Store) {
     assert_eq!(
         store.find_token(b"environment-hash").await.expect("read"),
         None
+    );
+}
+
+/// Tokens that expired before the time given are deleted; those expired since, and those that
+/// never expire, stay.
+pub async fn expired_tokens_are_purged(store: &dyn Store) {
+    let now = Utc::now().trunc_subsecs(3);
+    let token = |name: &str, expires_at| ApiToken {
+        id: TokenId::new(now),
+        name: name.to_owned(),
+        scope: TokenScope::Environment,
+        created_at: now - chrono::Duration::days(60),
+        expires_at,
+    };
+    let long_gone = token("long gone", Some(now - chrono::Duration::days(31)));
+    let lately = token("lately", Some(now - chrono::Duration::days(1)));
+    let lasting = token("lasting", None);
+    for (t, hash) in [
+        (&long_gone, b"long-gone".as_slice()),
+        (&lately, b"lately"),
+        (&lasting, b"lasting"),
+    ] {
+        store.add_token(t, hash).await.expect("add");
+    }
+    // Read once, so a cache holds it.
+    assert!(
+        store
+            .find_token(b"long-gone")
+            .await
+            .expect("read")
+            .is_some()
+    );
+    let purged = store
+        .purge_expired_tokens(now - chrono::Duration::days(30))
+        .await
+        .expect("purge");
+    assert_eq!(purged, 1);
+    assert_eq!(store.find_token(b"long-gone").await.expect("read"), None);
+    assert_eq!(
+        store.find_token(b"lately").await.expect("read"),
+        Some(lately)
+    );
+    assert_eq!(
+        store.find_token(b"lasting").await.expect("read"),
+        Some(lasting)
     );
 }
 
@@ -1463,7 +1509,10 @@ pub async fn a_record_under_a_lapsed_lease_is_logged_but_leaves_the_newer_claims
             first.lease,
             later,
             NextStep::Failed,
-            EndpointChange::Disable { streak_since: None },
+            EndpointChange::Disable {
+                streak_since: None,
+                retry_at: None,
+            },
         ))
         .await
         .expect("stale record");
@@ -1727,7 +1776,10 @@ pub async fn a_resend_during_an_attempt_fences_the_attempts_record(store: &dyn S
         now,
         TriggerType::Scheduled,
         NextStep::Failed,
-        EndpointChange::Disable { streak_since: None },
+        EndpointChange::Disable {
+            streak_since: None,
+            retry_at: None,
+        },
     );
     let recorded = store
         .record_attempt(given_up.clone())
@@ -1746,10 +1798,10 @@ pub async fn a_resend_during_an_attempt_fences_the_attempts_record(store: &dyn S
     );
     let state = delivery_state(store, &msg, &ep).await;
     assert_eq!(state.status, DeliveryStatus::Pending, "not failed");
-    assert_eq!(
-        state.next_attempt.map(|at| at.timestamp_millis()),
-        Some(now.timestamp_millis()),
-        "the resend is still due"
+    assert!(
+        state.next_attempt.is_some_and(|at| at <= now),
+        "the resend is still due, no later than it was: {:?}",
+        state.next_attempt
     );
     let stored = store
         .get_endpoint(&app.id, &ep.id)
@@ -1762,12 +1814,8 @@ pub async fn a_resend_during_an_attempt_fences_the_attempts_record(store: &dyn S
     );
     // Resent during its first attempt, it is still that first attempt, on its schedule.
     assert_eq!(
-        store
-            .next_due_at(true)
-            .await
-            .expect("next due")
-            .map(|at| at.timestamp_millis()),
-        Some(now.timestamp_millis()),
+        store.next_due_at(true).await.expect("next due"),
+        state.next_attempt,
         "the resend is due in the first-attempt lane"
     );
     assert_eq!(
@@ -2171,8 +2219,11 @@ pub async fn a_disable_for_a_streak_that_ended_meanwhile_leaves_the_endpoint_ena
             change,
         ))
     };
+    // Were the disable declined, the delivery would be retried in an hour.
+    let retry_at = now + chrono::Duration::hours(1);
     let since = |at: DateTime<Utc>| EndpointChange::Disable {
         streak_since: Some(at),
+        retry_at: Some(retry_at),
     };
     let outcomes = [
         (
@@ -2189,6 +2240,19 @@ pub async fn a_disable_for_a_streak_that_ended_meanwhile_leaves_the_endpoint_ena
         );
     }
     assert!(!disabled().await, "the streak it was failing for had ended");
+    let declined = Message {
+        id: jobs[2].msg_id.clone(),
+        ..message(&app.id, None)
+    };
+    let state = delivery_state(store, &declined, &ep).await;
+    assert_eq!(
+        (
+            state.status,
+            state.next_attempt.map(|at| at.timestamp_millis())
+        ),
+        (DeliveryStatus::Pending, Some(retry_at.timestamp_millis())),
+        "the failure whose disable was declined is retried on its schedule"
+    );
 
     let outcomes = [
         (
@@ -2250,7 +2314,10 @@ pub async fn a_disable_for_a_streak_that_ended_meanwhile_leaves_the_endpoint_ena
         now,
         TriggerType::Scheduled,
         NextStep::Failed,
-        EndpointChange::Disable { streak_since: None },
+        EndpointChange::Disable {
+            streak_since: None,
+            retry_at: None,
+        },
     );
     assert_eq!(
         store.record_attempt(record).await.expect("record"),
@@ -2293,6 +2360,7 @@ pub async fn an_endpoint_update_read_before_the_workers_disable_conflicts(store:
             NextStep::Failed,
             EndpointChange::Disable {
                 streak_since: Some(now),
+                retry_at: None,
             },
         ),
     ] {

@@ -455,8 +455,13 @@ pub enum EndpointChange {
     /// failing since then, as the attempt's copy of the endpoint said, and only if its stored
     /// streak still began by then: a success may have ended it while this attempt was in
     /// flight (an endpoint that came back after days must not be disabled by a failure that
-    /// overlapped its first successes).
-    Disable { streak_since: Option<DateTime<Utc>> },
+    /// overlapped its first successes). When that check declines, the delivery is not failed
+    /// but retried at `retry_at`, its schedule's next attempt (`None`: the schedule is over,
+    /// so it fails either way).
+    Disable {
+        streak_since: Option<DateTime<Utc>>,
+        retry_at: Option<DateTime<Utc>>,
+    },
 }
 
 /// Apps with their Pusher credentials, and the API tokens that open them.
@@ -530,6 +535,10 @@ pub trait TokenStore: Send + Sync + 'static {
     async fn revoke_token(&self, id: &TokenId) -> Result<bool>;
     /// Forgets the token with this digest; whether it existed.
     async fn remove_token(&self, token_hash: &[u8]) -> Result<bool>;
+    /// Deletes the tokens that expired before `before`; how many. Expired tokens are kept for
+    /// a while after, so a request presenting one is told it expired rather than that it is
+    /// unknown (a guess), but not for ever: an app portal link mints one per page view.
+    async fn purge_expired_tokens(&self, before: DateTime<Utc>) -> Result<u64>;
 }
 
 /// Event types: environment-wide, as in Svix.
@@ -559,6 +568,13 @@ pub trait EndpointStore: Send + Sync + 'static {
     /// Every endpoint of the app, for matching a new message against the filters. Called for
     /// every new message, so implementations may serve it from a cache they keep exact.
     async fn app_endpoints(&self, app_id: &AppId) -> Result<std::sync::Arc<Vec<Endpoint>>>;
+    /// [`EndpointStore::app_endpoints`] while this node's cache serves (read into it if need
+    /// be), else `None`: for a look before each delivery, which must not cost a database read
+    /// per delivery while the cache is paused (PostgreSQL without its notifications).
+    async fn cached_app_endpoints(
+        &self,
+        app_id: &AppId,
+    ) -> Result<Option<std::sync::Arc<Vec<Endpoint>>>>;
     /// The endpoint's deliveries by status, of the messages created within `window`.
     async fn endpoint_stats(
         &self,
@@ -622,7 +638,9 @@ pub trait MessageStore: Send + Sync + 'static {
     ) -> Result<Vec<Message>>;
 
     // Delivery queue
-    /// Queue a manual attempt now (resend), whatever the delivery's state.
+    /// Queue an attempt now (resend), whatever the delivery's state: a delivery still on its
+    /// retry schedule stays on it, its next attempt due now (or sooner, if it already was);
+    /// any other gets one manual attempt.
     ///
     /// Takes the delivery back from any claim that holds it, atomically with the change: the
     /// record of an attempt in flight under that claim is then [`Recorded::Stale`] (logged, but

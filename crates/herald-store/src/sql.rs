@@ -61,21 +61,34 @@ where
 
 // ---- event types ----
 
+/// What a resend makes of a delivery (the `SET` of its upsert's `ON CONFLICT`; `$least` is
+/// the backend's two-argument minimum, `MIN` or `LEAST`): a delivery still on its retry
+/// schedule (pending or in flight, scheduled) stays on it, its next attempt brought forward to
+/// now (or kept, if already due: it keeps its place among the due ones), and the schedule
+/// carries on after it if that fails; any other becomes manual (one attempt, never retried)
+/// due now. Before, a resend while a retry waited gave up the schedule's remaining attempts
+/// with the first failure.
+macro_rules! resend_set {
+    ($least:literal) => {
+        concat!(
+            "status = excluded.status,
+             trigger_type = CASE WHEN deliveries.status IN (1, 3) AND deliveries.trigger_type = 0
+                 THEN deliveries.trigger_type ELSE excluded.trigger_type END,
+             next_attempt_at = CASE WHEN deliveries.status IN (1, 3) AND deliveries.trigger_type = 0
+                 THEN ",
+            $least,
+            "(COALESCE(deliveries.next_attempt_at, excluded.next_attempt_at),
+                          excluded.next_attempt_at)
+                 ELSE excluded.next_attempt_at END,
+             updated_at = excluded.updated_at"
+        )
+    };
+}
+pub(crate) use resend_set;
+
 /// `MessageStore::due_deliveries` on SQLite: through the partial index `deliveries_due`, which
 /// holds exactly the unfinished deliveries (PostgreSQL reads its lanes' indexes instead).
 /// `$1`: now, in milliseconds.
-/// What a resend makes of a delivery's trigger (`ON CONFLICT` of its upsert): a delivery
-/// still on its retry schedule (pending or in flight, scheduled) stays on it, its next attempt
-/// brought forward to now, and the schedule carries on after it if that fails; any other
-/// becomes manual (one attempt, never retried). Before, a resend while a retry waited gave up
-/// the schedule's remaining attempts with the first failure.
-macro_rules! resend_trigger {
-    () => {
-        "CASE WHEN deliveries.status IN (1, 3) AND deliveries.trigger_type = 0 \
-         THEN deliveries.trigger_type ELSE excluded.trigger_type END"
-    };
-}
-pub(crate) use resend_trigger;
 pub(crate) const DUE_DELIVERIES: &str = "SELECT COUNT(*) AS n, MIN(next_attempt_at) AS oldest
      FROM deliveries WHERE status IN (1, 3) AND next_attempt_at <= $1";
 
@@ -272,6 +285,9 @@ pub(crate) fn seal_app_previous_secret(
 // ---- API tokens ----
 
 pub(crate) const REMOVE_TOKEN: &str = "DELETE FROM api_tokens WHERE token_hash = $1";
+/// Tokens that expired before `$1` (milliseconds).
+pub(crate) const PURGE_EXPIRED_TOKENS: &str =
+    "DELETE FROM api_tokens WHERE expires_at IS NOT NULL AND expires_at < $1";
 pub(crate) const REVOKE_TOKEN: &str = "DELETE FROM api_tokens WHERE id = $1";
 pub(crate) const FIND_TOKEN: &str = "SELECT * FROM api_tokens WHERE token_hash = $1";
 pub(crate) const GET_TOKEN: &str = "SELECT * FROM api_tokens WHERE id = $1";
@@ -303,7 +319,9 @@ pub(crate) use add_token;
 /// reading through `$reader` (the same pool on PostgreSQL). Expanded in each backend's
 /// `tokens` module, whose `paginate` and `rows` it uses, and whose `token_cache` (the exact
 /// cache lookups go through, if the backend has one) and `forget_tokens` (called after every
-/// token write) it calls.
+/// token removal) it calls. Adding a token forgets nothing: only tokens found are cached, so
+/// no cached entry can stand for a digest not yet stored, and a node minting portal links
+/// for every page view must not empty its cache each time.
 macro_rules! token_store {
     ($store:ty, $writer:ident, $reader:ident) => {
         #[async_trait::async_trait]
@@ -316,8 +334,21 @@ macro_rules! token_store {
                 $crate::sql::add_token!(token, token_hash)
                     .execute(&self.$writer)
                     .await?;
-                self.forget_tokens();
                 Ok(())
+            }
+
+            async fn purge_expired_tokens(
+                &self,
+                before: chrono::DateTime<chrono::Utc>,
+            ) -> $crate::Result<u64> {
+                let done = ::sqlx::query($crate::sql::PURGE_EXPIRED_TOKENS)
+                    .bind($crate::sqlite::rows::millis(before))
+                    .execute(&self.$writer)
+                    .await?;
+                if done.rows_affected() > 0 {
+                    self.forget_tokens();
+                }
+                Ok(done.rows_affected())
             }
 
             async fn find_token(

@@ -113,6 +113,8 @@ pub const DEV_PUSHER_KEY: &str = "demo-key";
 pub const DEV_PUSHER_SECRET: &str = "demo-secret";
 
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(3600);
+/// How long an expired API token is kept (see `housekeeping`).
+const EXPIRED_TOKENS_KEPT_DAYS: i64 = 30;
 
 /// Serve until `shutdown` is cancelled, then drain: stop accepting, finish in-flight requests,
 /// give in-flight webhook attempts the grace period, flush the store.
@@ -542,6 +544,14 @@ pub async fn run_with(
 async fn housekeeping(store: Arc<dyn Store>, history: Arc<History>, stop: CancellationToken) {
     loop {
         herald_api::purge_idempotency_keys(store.as_ref()).await;
+        // Kept a month past their end, so a page left open with an expired portal link is
+        // told it expired (not counted as a guess); then deleted.
+        let expired_before = chrono::Utc::now() - chrono::Duration::days(EXPIRED_TOKENS_KEPT_DAYS);
+        match store.purge_expired_tokens(expired_before).await {
+            Ok(0) => {}
+            Ok(deleted) => tracing::info!(deleted, "API tokens expired a month ago deleted"),
+            Err(e) => tracing::error!(error = %e, "purging expired API tokens failed"),
+        }
         match history.purge().await {
             Ok(0) => {}
             Ok(deleted) => tracing::info!(deleted, "channel history past retention deleted"),

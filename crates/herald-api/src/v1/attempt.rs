@@ -44,7 +44,8 @@ pub struct MessageAttemptOut {
     status: u8,
     /// `status` in words: success, pending, fail or sending.
     status_text: &'static str,
-    /// 0 scheduled, 1 manual (a resend).
+    /// 0 scheduled, 1 manual (a resend or recovery of a delivery whose schedule was over; a
+    /// resend while it is still on its schedule is that schedule's next attempt).
     #[schema(maximum = 1)]
     trigger_type: u8,
     timestamp: DateTime<Utc>,
@@ -491,7 +492,9 @@ pub async fn expunge_content(
     }
 }
 
-/// Queue one manual attempt of the message to the endpoint now. Manual attempts are not retried.
+/// Send the message to the endpoint again now. A delivery still on its retry schedule has its
+/// next attempt brought forward, and the schedule carries on after it if it fails; otherwise
+/// one manual attempt, not retried.
 #[utoipa::path(post, path = "/api/v1/app/{app_id}/msg/{msg_id}/endpoint/{endpoint_id}/resend", tag = "Message Attempt",
     params(("app_id" = String, Path, description = "The app's id or uid"), ("msg_id" = String, Path, description = "The message's id or eventId"), ("endpoint_id" = String, Path, description = "The endpoint's id or uid")),
     responses((status = 202, description = "Queued; the body is an empty object", body = Object)))]

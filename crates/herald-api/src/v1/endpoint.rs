@@ -404,6 +404,11 @@ pub async fn upsert(
         state.store.create_endpoint(&endpoint).await?;
         return Ok((StatusCode::CREATED, Json(endpoint.into())));
     };
+    // One the caller may not see (an app portal link and a pusher-format endpoint) is not there
+    // for it, as on GET, PATCH and DELETE: a 403 here would tell it that it exists.
+    if !caller.sees_endpoint(&endpoint) {
+        return Err(ApiError::not_found("endpoint"));
+    }
     check_format_allowed(&caller, Some(endpoint.format))?;
     let read_at = endpoint.updated_at;
     if let Some(format) = validate_in(&input)? {

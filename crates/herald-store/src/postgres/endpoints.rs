@@ -112,6 +112,13 @@ impl EndpointStore for PostgresStore {
         Ok(done.rows_affected() > 0)
     }
 
+    async fn cached_app_endpoints(&self, app_id: &AppId) -> Result<Option<Arc<Vec<Endpoint>>>> {
+        if !self.cache.is_serving() {
+            return Ok(None);
+        }
+        self.app_endpoints(app_id).await.map(Some)
+    }
+
     async fn app_endpoints(&self, app_id: &AppId) -> Result<Arc<Vec<Endpoint>>> {
         if let Some(endpoints) = self.cache.endpoints(app_id) {
             return Ok(endpoints);

@@ -294,12 +294,9 @@ impl MessageStore for PostgresStore {
             "INSERT INTO deliveries (msg_id, endpoint_id, app_id, status, attempts, trigger_type,
                                      next_attempt_at, updated_at)
              VALUES ($1, $2, $3, $4, 0, $5, $6, $6)
-             ON CONFLICT (msg_id, endpoint_id) DO UPDATE
-             SET status = excluded.status, trigger_type = ",
-            sql::resend_trigger!(),
-            ",
-                 next_attempt_at = excluded.next_attempt_at, updated_at = excluded.updated_at,
-                 lease_token = NULL, leased_until = NULL"
+             ON CONFLICT (msg_id, endpoint_id) DO UPDATE SET ",
+            sql::resend_set!("LEAST"),
+            ", lease_token = NULL, leased_until = NULL"
         ))
         .bind(msg_id.as_str())
         .bind(endpoint_id.as_str())
@@ -1136,6 +1133,7 @@ pub(super) async fn record_one(pool: &sqlx::PgPool, record: &AttemptRecord) -> R
     if applied {
         endpoint_change(
             &mut tx,
+            &a.msg_id,
             &a.endpoint_id,
             record.endpoint_change,
             millis(a.created_at),
@@ -1155,9 +1153,11 @@ pub(super) fn next_state(next: NextStep) -> (DeliveryStatus, Option<i64>) {
     }
 }
 
-/// Applies an applied record's change to the endpoint, in its transaction.
+/// Applies an applied record's change to the endpoint, in its transaction, after the record
+/// has set `msg_id`'s delivery to the endpoint.
 async fn endpoint_change(
     conn: &mut PgConnection,
+    msg_id: &MessageId,
     endpoint_id: &EndpointId,
     change: EndpointChange,
     now: i64,
@@ -1173,16 +1173,34 @@ async fn endpoint_change(
         )
         .bind(endpoint_id.as_str())
         .bind(millis(at)),
-        EndpointChange::Disable { streak_since } => {
+        EndpointChange::Disable {
+            streak_since,
+            retry_at,
+        } => {
             // `updated_at` must move, even within the millisecond of the last update: an API
             // update prepared before this one compares it (`update_endpoint`).
-            sqlx::query(
+            let disabled = sqlx::query(
                 "UPDATE endpoints SET disabled = TRUE, updated_at = GREATEST(updated_at + 1, $2)
                  WHERE id = $1 AND ($3::BIGINT IS NULL OR failing_since <= $3)",
             )
             .bind(endpoint_id.as_str())
             .bind(now)
             .bind(streak_since.map(millis))
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+            // Declined (the streak ended meanwhile): the delivery goes on with its schedule.
+            match retry_at {
+                Some(at) if disabled == 0 => sqlx::query(
+                    "UPDATE deliveries SET status = $3, next_attempt_at = $4
+                     WHERE msg_id = $1 AND endpoint_id = $2",
+                )
+                .bind(msg_id.as_str())
+                .bind(endpoint_id.as_str())
+                .bind(DeliveryStatus::Pending as i32)
+                .bind(millis(at)),
+                _ => return Ok(()),
+            }
         }
     };
     update.execute(&mut *conn).await?;

@@ -13,6 +13,6 @@ impl PostgresStore {
     }
 
     fn forget_tokens(&self) {
-        self.cache.invalidate();
+        self.cache.forget_tokens();
     }
 }

@@ -17,7 +17,7 @@ use std::{
     sync::{Arc, OnceLock},
 };
 
-use herald_core::{AppId, EndpointId};
+use herald_core::{AppId, EndpointId, MessageId};
 use herald_core::{
     history::{NewHistoryEntry, Position},
     model::{DeliveryStatus, IngestEvent, Message},
@@ -662,30 +662,56 @@ pub(crate) fn next_state(next: NextStep) -> (DeliveryStatus, Option<i64>) {
     }
 }
 
-/// Applies an attempt's change to its endpoint's failure streak or state.
+/// Applies an attempt's change to its endpoint's failure streak or state, after the record
+/// has set `msg_id`'s delivery to the endpoint.
 pub(crate) fn endpoint_change(
     conn: &rusqlite::Connection,
+    msg_id: &MessageId,
     endpoint_id: &EndpointId,
     change: EndpointChange,
     now: i64,
 ) -> Result<()> {
     match change {
-        EndpointChange::Unchanged => return Ok(()),
-        EndpointChange::StreakEnded => conn.execute(
-            "UPDATE endpoints SET failing_since = NULL WHERE id = ?1 AND failing_since IS NOT NULL",
-            [endpoint_id.as_str()],
-        )?,
-        EndpointChange::StreakStarted { at } => conn.execute(
-            "UPDATE endpoints SET failing_since = ?2 WHERE id = ?1 AND failing_since IS NULL",
-            rusqlite::params![endpoint_id.as_str(), millis(at)],
-        )?,
+        EndpointChange::Unchanged => {}
+        EndpointChange::StreakEnded => {
+            conn.execute(
+                "UPDATE endpoints SET failing_since = NULL WHERE id = ?1 AND failing_since IS NOT NULL",
+                [endpoint_id.as_str()],
+            )?;
+        }
+        EndpointChange::StreakStarted { at } => {
+            conn.execute(
+                "UPDATE endpoints SET failing_since = ?2 WHERE id = ?1 AND failing_since IS NULL",
+                rusqlite::params![endpoint_id.as_str(), millis(at)],
+            )?;
+        }
         // `updated_at` must move, even within the millisecond of the last update: an API
         // update prepared before this one compares it (`update_endpoint`).
-        EndpointChange::Disable { streak_since } => conn.execute(
-            "UPDATE endpoints SET disabled = 1, updated_at = MAX(updated_at + 1, ?2)
-             WHERE id = ?1 AND (?3 IS NULL OR failing_since <= ?3)",
-            rusqlite::params![endpoint_id.as_str(), now, streak_since.map(millis)],
-        )?,
-    };
+        EndpointChange::Disable {
+            streak_since,
+            retry_at,
+        } => {
+            let disabled = conn.execute(
+                "UPDATE endpoints SET disabled = 1, updated_at = MAX(updated_at + 1, ?2)
+                 WHERE id = ?1 AND (?3 IS NULL OR failing_since <= ?3)",
+                rusqlite::params![endpoint_id.as_str(), now, streak_since.map(millis)],
+            )?;
+            // Declined (the streak ended meanwhile): the delivery goes on with its schedule.
+            if disabled == 0
+                && let Some(at) = retry_at
+            {
+                conn.execute(
+                    "UPDATE deliveries SET status = ?3, next_attempt_at = ?4
+                     WHERE msg_id = ?1 AND endpoint_id = ?2",
+                    rusqlite::params![
+                        msg_id.as_str(),
+                        endpoint_id.as_str(),
+                        DeliveryStatus::Pending as i64,
+                        millis(at)
+                    ],
+                )?;
+            }
+        }
+    }
     Ok(())
 }

@@ -89,6 +89,11 @@ impl EndpointStore for SqliteStore {
         Ok(done.rows_affected() > 0)
     }
 
+    async fn cached_app_endpoints(&self, app_id: &AppId) -> Result<Option<Arc<Vec<Endpoint>>>> {
+        // One process owns the database: the cache always serves, and is exact.
+        self.app_endpoints(app_id).await.map(Some)
+    }
+
     async fn app_endpoints(&self, app_id: &AppId) -> Result<std::sync::Arc<Vec<Endpoint>>> {
         if let Some(endpoints) = self.cache.endpoints(app_id) {
             return Ok(endpoints);

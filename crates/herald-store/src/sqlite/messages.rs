@@ -117,11 +117,8 @@ impl MessageStore for SqliteStore {
             "INSERT INTO deliveries (msg_id, endpoint_id, app_id, status, attempts, trigger_type,
                                      next_attempt_at, updated_at)
              VALUES ($1, $2, $3, $4, 0, $5, $6, $6)
-             ON CONFLICT (msg_id, endpoint_id) DO UPDATE
-             SET status = excluded.status, trigger_type = ",
-            sql::resend_trigger!(),
-            ",
-                 next_attempt_at = excluded.next_attempt_at, updated_at = excluded.updated_at"
+             ON CONFLICT (msg_id, endpoint_id) DO UPDATE SET ",
+            sql::resend_set!("MIN")
         ))
         .bind(msg_id.as_str())
         .bind(endpoint_id.as_str())
@@ -246,7 +243,14 @@ impl MessageStore for SqliteStore {
         // with the cached endpoint) must decide from. Both are rare: a state change, not an
         // attempt.
         let changes_endpoint = record.endpoint_change != crate::EndpointChange::Unchanged;
-        let retries = matches!(record.next, crate::NextStep::RetryAt(_));
+        let retries = matches!(record.next, crate::NextStep::RetryAt(_))
+            || matches!(
+                record.endpoint_change,
+                crate::EndpointChange::Disable {
+                    retry_at: Some(_),
+                    ..
+                }
+            );
         let key = (
             record.attempt.msg_id.clone(),
             record.attempt.endpoint_id.clone(),

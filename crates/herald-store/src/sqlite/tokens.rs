@@ -14,6 +14,6 @@ impl SqliteStore {
     }
 
     fn forget_tokens(&self) {
-        self.cache.invalidate();
+        self.cache.forget_tokens();
     }
 }

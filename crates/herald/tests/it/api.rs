@@ -2345,6 +2345,12 @@ async fn an_app_portal_link_neither_sees_nor_makes_pusher_endpoints_or_their_mes
             format!("/api/v1/app/{app}/attempt/endpoint/{backends}"),
             None,
         ),
+        // A PUT by its uid neither changes it nor says it exists.
+        (
+            Method::PUT,
+            format!("{endpoints}/backend"),
+            Some(json!({"url": "https://attacker.example/"})),
+        ),
     ] {
         let what = format!("{method} {path}");
         let (status, body) = as_portal(method, path, body).await;
@@ -2360,11 +2366,6 @@ async fn an_app_portal_link_neither_sees_nor_makes_pusher_endpoints_or_their_mes
             Method::PATCH,
             format!("{endpoints}/{customers}"),
             json!({"format": "pusher"}),
-        ),
-        (
-            Method::PUT,
-            format!("{endpoints}/backend"),
-            json!({"url": "https://attacker.example/"}),
         ),
     ] {
         let what = format!("{method} {path}");

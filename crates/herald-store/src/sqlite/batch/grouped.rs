@@ -515,6 +515,7 @@ fn record_attempts(conn: &Connection, records: &[(&AttemptRecord, bool)]) -> Res
         // Changes to an endpoint's failure streak are rare (a state change, not an attempt).
         endpoint_change(
             conn,
+            &a.msg_id,
             &a.endpoint_id,
             record.endpoint_change,
             millis(a.created_at),
