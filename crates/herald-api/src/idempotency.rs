@@ -198,7 +198,9 @@ async fn run_detached(
     claim: Claim,
     handled: impl std::future::Future<Output = Response> + Send + 'static,
 ) -> Response {
-    match tokio::spawn(run_claimed(claim, handled)).await {
+    // In the request's span, so what it logs still carries its request id.
+    let handled = tracing::Instrument::in_current_span(run_claimed(claim, handled));
+    match tokio::spawn(handled).await {
         Ok(response) => response,
         Err(e) => ApiError::internal(e).into_response(),
     }

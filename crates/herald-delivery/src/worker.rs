@@ -1182,7 +1182,13 @@ impl Dispatcher {
                 .await
             {
                 Ok(None) => false,
-                Ok(Some(stored)) => !stored.disabled,
+                Ok(Some(stored)) if stored.disabled => false,
+                Ok(Some(stored)) => {
+                    if stored.updated_at > job.endpoint.updated_at {
+                        job.endpoint = stored;
+                    }
+                    true
+                }
                 Err(_) => true,
             };
         };
@@ -1370,7 +1376,15 @@ impl Dispatcher {
             record.attempt.msg_id.clone(),
             record.attempt.endpoint_id.clone(),
         );
-        let retries = matches!(record.next, NextStep::RetryAt(_));
+        // A disable the store may decline retries at `retry_at` instead.
+        let retries = matches!(record.next, NextStep::RetryAt(_))
+            || matches!(
+                record.endpoint_change,
+                EndpointChange::Disable {
+                    retry_at: Some(_),
+                    ..
+                }
+            );
         match self.store.record_attempt(record).await {
             Ok(Recorded::Applied) => {}
             Ok(Recorded::Stale) => {

@@ -584,6 +584,15 @@ pub async fn expired_tokens_are_purged(store: &dyn Store) {
     ] {
         store.add_token(t, hash).await.expect("add");
     }
+    // More than one statement's batch of them.
+    let batch = usize::try_from(crate::sql::TOKEN_PURGE_BATCH).expect("small");
+    for n in 0..batch + 5 {
+        let old = token("old", Some(now - chrono::Duration::days(40)));
+        store
+            .add_token(&old, format!("old-{n}").as_bytes())
+            .await
+            .expect("add");
+    }
     // Read once, so a cache holds it.
     assert!(
         store
@@ -596,7 +605,8 @@ pub async fn expired_tokens_are_purged(store: &dyn Store) {
         .purge_expired_tokens(now - chrono::Duration::days(30))
         .await
         .expect("purge");
-    assert_eq!(purged, 1);
+    assert_eq!(purged, u64::try_from(batch + 6).expect("small"));
+    assert_eq!(store.find_token(b"old-0").await.expect("read"), None);
     assert_eq!(store.find_token(b"long-gone").await.expect("read"), None);
     assert_eq!(
         store.find_token(b"lately").await.expect("read"),

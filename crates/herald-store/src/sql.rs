@@ -285,9 +285,14 @@ pub(crate) fn seal_app_previous_secret(
 // ---- API tokens ----
 
 pub(crate) const REMOVE_TOKEN: &str = "DELETE FROM api_tokens WHERE token_hash = $1";
-/// Tokens that expired before `$1` (milliseconds).
-pub(crate) const PURGE_EXPIRED_TOKENS: &str =
-    "DELETE FROM api_tokens WHERE expires_at IS NOT NULL AND expires_at < $1";
+/// Up to `$2` tokens that expired before `$1` (milliseconds), through the partial index
+/// `api_tokens_expiry`.
+pub(crate) const PURGE_EXPIRED_TOKENS: &str = "DELETE FROM api_tokens WHERE id IN \
+     (SELECT id FROM api_tokens WHERE expires_at IS NOT NULL AND expires_at < $1 \
+     LIMIT CAST($2 AS BIGINT))";
+/// Expired tokens deleted per statement: a backlog of portal links' tokens (one per page
+/// view) must not hold the writer, which message intake waits for, in one long delete.
+pub(crate) const TOKEN_PURGE_BATCH: i64 = 1_000;
 pub(crate) const REVOKE_TOKEN: &str = "DELETE FROM api_tokens WHERE id = $1";
 pub(crate) const FIND_TOKEN: &str = "SELECT * FROM api_tokens WHERE token_hash = $1";
 pub(crate) const GET_TOKEN: &str = "SELECT * FROM api_tokens WHERE id = $1";
@@ -341,14 +346,25 @@ macro_rules! token_store {
                 &self,
                 before: chrono::DateTime<chrono::Utc>,
             ) -> $crate::Result<u64> {
-                let done = ::sqlx::query($crate::sql::PURGE_EXPIRED_TOKENS)
-                    .bind($crate::sqlite::rows::millis(before))
-                    .execute(&self.$writer)
-                    .await?;
-                if done.rows_affected() > 0 {
+                let mut deleted = 0;
+                loop {
+                    let done = ::sqlx::query($crate::sql::PURGE_EXPIRED_TOKENS)
+                        .bind($crate::sqlite::rows::millis(before))
+                        .bind($crate::sql::TOKEN_PURGE_BATCH)
+                        .execute(&self.$writer)
+                        .await?
+                        .rows_affected();
+                    deleted += done;
+                    if done < $crate::sql::TOKEN_PURGE_BATCH.unsigned_abs() {
+                        break;
+                    }
+                    // Other writes go between two batches.
+                    tokio::task::yield_now().await;
+                }
+                if deleted > 0 {
                     self.forget_tokens();
                 }
-                Ok(done.rows_affected())
+                Ok(deleted)
             }
 
             async fn find_token(

@@ -12,8 +12,9 @@
 //! [`Live`] is the one the server uses; the tests script one, and with a real hub and outbox
 //! they run transcripts (client messages in, server frames out) with no sockets.
 //!
-//! Bad input gets `pusher:error` or `pusher:subscription_error` and the connection stays; only
-//! the protocol's close cases close it (a client-event rate beyond the limit, 4301).
+//! Bad input gets `pusher:error` or `pusher:subscription_error` and the connection stays (a
+//! client-event rate beyond the limit too: `pusher:error` 4301); only the protocol's close
+//! cases close it.
 
 use std::{future::Future, sync::Arc};
 
