@@ -75,6 +75,8 @@ struct Claim {
     store: Arc<dyn Store>,
     scope: String,
     key: String,
+    /// When the claim ends: it names this request's claim, so a release frees only that.
+    until: chrono::DateTime<chrono::Utc>,
     held: bool,
 }
 
@@ -87,7 +89,7 @@ impl Claim {
     /// The request ended without a response worth keeping: the next one with the key runs.
     async fn release(mut self) {
         self.held = false;
-        release(self.store.as_ref(), &self.scope, &self.key).await;
+        release(self.store.as_ref(), &self.scope, &self.key, self.until).await;
     }
 }
 
@@ -102,13 +104,17 @@ impl Drop for Claim {
             return;
         };
         let store = Arc::clone(&self.store);
-        let (scope, key) = (mem::take(&mut self.scope), mem::take(&mut self.key));
-        runtime.spawn(async move { release(store.as_ref(), &scope, &key).await });
+        let (scope, key, until) = (
+            mem::take(&mut self.scope),
+            mem::take(&mut self.key),
+            self.until,
+        );
+        runtime.spawn(async move { release(store.as_ref(), &scope, &key, until).await });
     }
 }
 
-async fn release(store: &dyn Store, scope: &str, key: &str) {
-    if let Err(e) = store.release_idempotency_key(scope, key).await {
+async fn release(store: &dyn Store, scope: &str, key: &str, until: chrono::DateTime<chrono::Utc>) {
+    if let Err(e) = store.release_idempotency_key(scope, key, until).await {
         // Only a repeat is affected: it gets 409 until the claim expires.
         tracing::warn!(error = %e, "could not release an Idempotency-Key claim");
     }
@@ -186,6 +192,7 @@ pub async fn replay(
         store: Arc::clone(&state.store),
         scope,
         key,
+        until: claim_until,
         held: true,
     };
     run_detached(claim, next.run(request)).await
@@ -323,14 +330,20 @@ mod tests {
             Utc::now().timestamp_nanos_opt().unwrap_or_default()
         ));
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir).await.expect("open"));
+        let now = Utc::now();
+        let until = now + chrono::Duration::from_std(CLAIM_FOR).expect("a duration");
         assert_eq!(
-            claim_again(store.as_ref()).await.expect("claim"),
+            store
+                .claim_idempotency_key("scope", "key", now, until)
+                .await
+                .expect("claim"),
             IdempotencyClaim::Claimed
         );
         let held = Claim {
             store: Arc::clone(&store),
             scope: "scope".into(),
             key: "key".into(),
+            until,
             held: true,
         };
         (dir, store, held)

@@ -3513,7 +3513,7 @@ pub async fn an_idempotency_key_is_claimed_once_until_saved_released_or_expired(
         .await
         .expect("save again");
     store
-        .release_idempotency_key("scope", "k")
+        .release_idempotency_key("scope", "k", now + minute)
         .await
         .expect("release");
     assert_eq!(claimed(claim("k", now).await), done);
@@ -3525,14 +3525,14 @@ pub async fn an_idempotency_key_is_claimed_once_until_saved_released_or_expired(
     // Released: claimable again, and then in progress again.
     assert_eq!(claimed(claim("r", now).await), IdempotencyClaim::Claimed);
     store
-        .release_idempotency_key("scope", "r")
+        .release_idempotency_key("scope", "r", now + minute)
         .await
         .expect("release");
     assert_eq!(claimed(claim("r", now).await), IdempotencyClaim::Claimed);
     assert_eq!(claimed(claim("r", now).await), IdempotencyClaim::InProgress);
     // Releasing a key nobody claimed does nothing.
     store
-        .release_idempotency_key("scope", "never")
+        .release_idempotency_key("scope", "never", now + minute)
         .await
         .expect("release an unclaimed key");
 
@@ -3544,6 +3544,12 @@ pub async fn an_idempotency_key_is_claimed_once_until_saved_released_or_expired(
     );
     let later = now + minute;
     assert_eq!(claimed(claim("e", later).await), IdempotencyClaim::Claimed);
+    // The request that outlived its claim ends and releases: only its own claim, so the
+    // key stays with the request that took it over.
+    store
+        .release_idempotency_key("scope", "e", now + minute)
+        .await
+        .expect("a late release");
     assert_eq!(
         claimed(claim("e", later).await),
         IdempotencyClaim::InProgress

@@ -851,9 +851,9 @@ pub trait IngestStore: Send + Sync + 'static {
 /// [`release_idempotency_key`](Self::release_idempotency_key) forgets the claim (the request
 /// ended without a response worth keeping), so the next request with the key runs. A claim
 /// is seen by every node sharing the store. A claim whose `claim_until` has passed (its node
-/// died mid-request) is taken over by the next claim. Saving and releasing act on the key, not
-/// on one claimant: they do not check whose claim it is, so a claim must last longer than the
-/// request it covers.
+/// died mid-request) is taken over by the next claim. Releasing acts on the releaser's own
+/// claim only (named by its `claim_until`): a request that outlived its claim, taken over
+/// meanwhile, must not free the key under the request that took it over.
 #[async_trait::async_trait]
 pub trait IdempotencyStore: Send + Sync + 'static {
     /// The response kept for `key` in `scope`, if one was saved; never a claim in progress.
@@ -869,10 +869,16 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         now: DateTime<Utc>,
         claim_until: DateTime<Utc>,
     ) -> Result<IdempotencyClaim>;
-    /// Forgets the claim on `key` in `scope`, for a request that ended without a response
-    /// worth keeping (a server error, one too large to keep, a dropped request). A kept
-    /// response stays; releasing a key that is not claimed does nothing.
-    async fn release_idempotency_key(&self, scope: &str, key: &str) -> Result<()>;
+    /// Forgets the claim on `key` in `scope` made until `claimed_until`, for a request that
+    /// ended without a response worth keeping (a server error, one too large to keep, a
+    /// dropped request). A kept response stays; releasing a key that is not claimed, or
+    /// claimed by another request since (a takeover), does nothing.
+    async fn release_idempotency_key(
+        &self,
+        scope: &str,
+        key: &str,
+        claimed_until: DateTime<Utc>,
+    ) -> Result<()>;
     /// Keeps `status` and `body` for `key` in `scope`, completing its claim if there is one
     /// (a claim is not required). The first response saved stays: saving again changes nothing.
     async fn save_idempotent_response(

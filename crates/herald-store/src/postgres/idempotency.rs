@@ -85,13 +85,23 @@ impl IdempotencyStore for PostgresStore {
         Ok(IdempotencyClaim::InProgress)
     }
 
-    async fn release_idempotency_key(&self, scope: &str, key: &str) -> Result<()> {
-        // Only a claim: a saved response stays.
-        sqlx::query("DELETE FROM idempotency WHERE scope = $1 AND key = $2 AND status IS NULL")
-            .bind(scope)
-            .bind(key)
-            .execute(&self.pool)
-            .await?;
+    async fn release_idempotency_key(
+        &self,
+        scope: &str,
+        key: &str,
+        claimed_until: DateTime<Utc>,
+    ) -> Result<()> {
+        // Only this request's claim (a saved response stays, and so does a claim that took
+        // the key over after this one expired).
+        sqlx::query(
+            "DELETE FROM idempotency WHERE scope = $1 AND key = $2 AND status IS NULL
+             AND claimed_until = $3",
+        )
+        .bind(scope)
+        .bind(key)
+        .bind(millis(claimed_until))
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -244,7 +254,7 @@ mod tests {
             seen.push(claim(&b, "k", now, until).await?);
             seen.push(claim(&b, "other", now, until).await?);
             seen.push(claim(&a, "other", now, until).await?);
-            b.release_idempotency_key("scope", "other").await?;
+            b.release_idempotency_key("scope", "other", until).await?;
             seen.push(claim(&a, "other", now, until).await?);
             Ok::<_, StoreError>((seen, replayed_early))
         }

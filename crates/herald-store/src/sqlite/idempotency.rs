@@ -99,8 +99,18 @@ impl IdempotencyStore for SqliteStore {
         })
     }
 
-    async fn release_idempotency_key(&self, scope: &str, key: &str) -> Result<()> {
-        self.claims.lock().remove(&claim_id(scope, key));
+    async fn release_idempotency_key(
+        &self,
+        scope: &str,
+        key: &str,
+        claimed_until: DateTime<Utc>,
+    ) -> Result<()> {
+        let id = claim_id(scope, key);
+        let mut claims = self.claims.lock();
+        // Only this request's claim, not one that took the key over after it expired.
+        if claims.get(&id) == Some(&claimed_until) {
+            claims.remove(&id);
+        }
         Ok(())
     }
 
