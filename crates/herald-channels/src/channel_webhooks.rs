@@ -52,8 +52,9 @@ const COALESCE: Duration = Duration::from_millis(100);
 /// Pause after a store error before trying the batch again.
 const ERROR_BACKOFF: Duration = Duration::from_secs(1);
 /// How many times in a row the store may refuse one app's data (as such: a constraint, a value
-/// it cannot hold) before its waiting events are dropped and counted: they would otherwise be
-/// retried without end.
+/// it cannot hold) before its waiting events are tried one by one, and those it refuses alone
+/// dropped and counted ([`ChannelWebhooks::narrow`]): they would otherwise be retried without
+/// end.
 const MAX_REFUSALS: u32 = 5;
 /// Events tried one by one in one pass of [`ChannelWebhooks::narrow`]: one app's waiting events
 /// may be tens of thousands, and the loop stores no other app's meanwhile.

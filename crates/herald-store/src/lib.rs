@@ -537,7 +537,7 @@ pub trait TokenStore: Send + Sync + 'static {
     async fn remove_token(&self, token_hash: &[u8]) -> Result<bool>;
     /// Deletes the tokens that expired before `before`; how many. Expired tokens are kept for
     /// a while after, so a request presenting one is told it expired rather than that it is
-    /// unknown (a guess), but not for ever: an app portal link mints one per page view.
+    /// unknown, but not for ever: an app portal link mints one per page view.
     async fn purge_expired_tokens(&self, before: DateTime<Utc>) -> Result<u64>;
 }
 
@@ -853,7 +853,9 @@ pub trait IngestStore: Send + Sync + 'static {
 /// is seen by every node sharing the store. A claim whose `claim_until` has passed (its node
 /// died mid-request) is taken over by the next claim. Releasing acts on the releaser's own
 /// claim only (named by its `claim_until`): a request that outlived its claim, taken over
-/// meanwhile, must not free the key under the request that took it over.
+/// meanwhile, must not free the key under the request that took it over. Saving acts on the
+/// key (the first response saved is the one replayed), so a claim should still last longer
+/// than the request it covers.
 #[async_trait::async_trait]
 pub trait IdempotencyStore: Send + Sync + 'static {
     /// The response kept for `key` in `scope`, if one was saved; never a claim in progress.

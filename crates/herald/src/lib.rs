@@ -545,7 +545,7 @@ async fn housekeeping(store: Arc<dyn Store>, history: Arc<History>, stop: Cancel
     loop {
         herald_api::purge_idempotency_keys(store.as_ref()).await;
         // Kept a month past their end, so a page left open with an expired portal link is
-        // told it expired (not counted as a guess); then deleted.
+        // told it expired rather than that its token is unknown; then deleted.
         let expired_before = chrono::Utc::now() - chrono::Duration::days(EXPIRED_TOKENS_KEPT_DAYS);
         match store.purge_expired_tokens(expired_before).await {
             Ok(0) => {}
