@@ -1578,17 +1578,9 @@ impl Dispatcher {
                 };
                 // Should the store find that streak ended meanwhile, the delivery goes on with
                 // its schedule, as if the endpoint had no streak.
-                let retry_at = streak_since.and_then(|_| {
-                    match self.config.retry.decide(
-                        outcome,
-                        job.attempts,
-                        manual,
-                        Duration::ZERO,
-                        &mut rand::rng(),
-                    ) {
-                        RetryDecision::RetryIn(delay) => Some(now + started.elapsed() + delay),
-                        _ => None,
-                    }
+                let retry_at = streak_since.and_then(|_| match decide(None) {
+                    RetryDecision::RetryIn(delay) => Some(now + started.elapsed() + delay),
+                    _ => None,
                 });
                 (
                     NextStep::Failed,

@@ -105,12 +105,8 @@ impl IdempotencyStore for SqliteStore {
         key: &str,
         claimed_until: DateTime<Utc>,
     ) -> Result<()> {
-        let id = claim_id(scope, key);
-        let mut claims = self.claims.lock();
         // Only this request's claim, not one that took the key over after it expired.
-        if claims.get(&id) == Some(&claimed_until) {
-            claims.remove(&id);
-        }
+        self.claims.remove_own(&claim_id(scope, key), claimed_until);
         Ok(())
     }
 
