@@ -182,6 +182,31 @@ async function main() {
   hooks.server.close();
   ok(`channel webhooks (occupied, member_added/removed, client_event, vacated) verified by pusher.webhook().isValid() (${hooks.received.length} requests)`);
 
+  // Subscribes beyond the rate (ws.subscribes_per_second, bursts of ws.subscribe_burst: 10 and
+  // 100 by default) wait their turn. Refused, they would stay pending in pusher-js for the
+  // connection's life: it sends no second subscribe for a pending channel.
+  const busy = await createApp();
+  const busyServer = serverSdk(busy.pusher);
+  const dave = await connect(busy.pusher, busyServer, "dave");
+  const burst = Array.from({ length: 100 }, (_, i) => `burst-${i}`);
+  await Promise.all(burst.map((name) => subscribed(dave, name)));
+  for (const name of burst) dave.unsubscribe(name);
+  const refusals = [];
+  const beyond = Array.from({ length: 20 }, (_, i) => `beyond-${i}`);
+  const confirmed = beyond.map((name) => {
+    const channel = dave.subscribe(name);
+    channel.bind("pusher:subscription_error", (e) => refusals.push({ name, e }));
+    return next(channel, "pusher:subscription_succeeded", `subscription to ${name}`);
+  });
+  await Promise.all(confirmed);
+  assert.deepEqual(refusals, [], "no subscribe was refused");
+  const last = dave.channel(beyond[beyond.length - 1]);
+  got = next(last, "hello", "an event on the last channel to be confirmed");
+  await busyServer.trigger(last.name, "hello", { n: 1 });
+  assert.deepEqual(await got, { n: 1 });
+  dave.disconnect();
+  ok("20 subscribes beyond the burst wait their turn: pusher-js ends with every channel subscribed");
+
   console.log(`pusher interop: all ${passed} checks passed`);
 }
 

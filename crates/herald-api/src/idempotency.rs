@@ -20,6 +20,7 @@ use axum::{
 };
 use herald_core::token;
 use herald_store::{IdempotencyClaim, Store};
+use tokio_util::task::TaskTracker;
 
 use crate::{ApiState, auth, error::ApiError};
 
@@ -195,19 +196,22 @@ pub async fn replay(
         until: claim_until,
         held: true,
     };
-    run_detached(claim, next.run(request)).await
+    run_detached(&state.detached, claim, next.run(request)).await
 }
 
 /// [`run_claimed`] on a task of its own: a client that goes away drops the caller's future,
 /// but a request whose write went in must still keep its answer for the retry, or the retry
-/// would run again (a second message).
+/// would run again (a second message). The task is in `tasks`, which the shutdown waits for
+/// before it closes the store (otherwise the answer could not be kept, and the key would stay
+/// claimed for the claim's minute).
 async fn run_detached(
+    tasks: &TaskTracker,
     claim: Claim,
     handled: impl std::future::Future<Output = Response> + Send + 'static,
 ) -> Response {
     // In the request's span, so what it logs still carries its request id.
     let handled = tracing::Instrument::in_current_span(run_claimed(claim, handled));
-    match tokio::spawn(handled).await {
+    match tasks.spawn(handled).await {
         Ok(response) => response,
         Err(e) => ApiError::internal(e).into_response(),
     }
@@ -390,7 +394,8 @@ mod tests {
 
     /// A client that goes away while its request runs drops the middleware's future, but the
     /// request goes on to its end and its answer is kept: the retry is a replay, not a second
-    /// run (a second message).
+    /// run (a second message). The shutdown's wait for the detached tasks covers it, so the
+    /// answer is kept before the store closes.
     #[tokio::test]
     async fn a_request_whose_client_went_away_keeps_its_answer() {
         let (dir, store, held) = claimed().await;
@@ -407,13 +412,21 @@ mod tests {
                 (StatusCode::CREATED, "{\"id\":\"msg_1\"}").into_response()
             }
         };
-        let request = tokio::spawn(run_detached(held, handler));
+        let tasks = TaskTracker::new();
+        let request = tokio::spawn({
+            let tasks = tasks.clone();
+            async move { run_detached(&tasks, held, handler).await }
+        });
         written.notified().await;
         request.abort();
         assert!(request.await.is_err(), "the client's side was dropped");
+        assert_eq!(tasks.len(), 1, "the request still runs, tracked");
         write.notify_one();
+        // As the shutdown does before it closes the store.
+        tasks.close();
+        tasks.wait().await;
 
-        let outcome = once_settled(store.as_ref()).await;
+        let outcome = claim_again(store.as_ref()).await.expect("claim");
         store.close().await;
         let _ = std::fs::remove_dir_all(&dir);
         assert_eq!(

@@ -37,7 +37,7 @@ use herald_channels::{Hub, Publisher, presence::PresenceManager};
 use herald_core::token::TokenHash;
 use herald_delivery::DispatcherHandle;
 use herald_store::Store;
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower_http::set_header::SetResponseHeaderLayer;
 
 pub use error::ApiError;
@@ -79,6 +79,9 @@ pub struct ApiState {
     pub auth_failures: Arc<rate::AuthFailureLimiter>,
     /// Cancelled at shutdown: long-lived responses (SSE streams) end with it.
     pub shutdown: CancellationToken,
+    /// Work a request leaves running after its client went away (an `Idempotency-Key`
+    /// request keeping its answer): the shutdown waits for it before closing the store.
+    pub detached: TaskTracker,
     /// Every metric this node registered (see `herald-metrics`), which `GET /metrics`
     /// encodes. Empty until `herald::run` puts the node's registry here.
     pub metrics_registry: Arc<herald_metrics::Registry>,
@@ -159,6 +162,7 @@ impl ApiState {
             publish_limits: Arc::default(),
             auth_failures: Arc::default(),
             shutdown: CancellationToken::new(),
+            detached: TaskTracker::new(),
             metrics_registry: Arc::default(),
             metrics: herald_metrics::Metrics::detached(),
             retention_day: std::time::Duration::from_secs(86_400),

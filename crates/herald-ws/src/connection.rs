@@ -365,6 +365,12 @@ async fn serve(
                         if let Some(close) = Box::pin(session.handle(message)).await {
                             break Some(close);
                         }
+                        // A subscribe it deferred wakes the idle timer, which runs it.
+                        if let Some(due) = session.next_deferred()
+                            && due < idle.deadline()
+                        {
+                            idle.as_mut().reset(due);
+                        }
                     }
                     Message::Binary(_) => outbox.send(protocol::error(
                         "binary frames are not supported; send JSON text",
@@ -378,22 +384,27 @@ async fn serve(
                     Message::Ping(_) | Message::Pong(_) => {}
                 }
             }
+            // Also the deferred subscribes' timer: one timer is what an idle connection carries.
             () = &mut idle => {
+                if session.next_deferred().is_some_and(|due| due <= Instant::now()) {
+                    Box::pin(session.run_deferred()).await;
+                }
                 let deadline = if pinged {
                     last_heard + config.activity_timeout + config.pong_timeout
                 } else {
                     last_heard + config.activity_timeout
                 };
-                if Instant::now() < deadline {
-                    // Heard from the client since the timer was set.
-                    idle.as_mut().reset(deadline);
+                let next = if Instant::now() < deadline {
+                    // Heard from the client since the timer was set, or woken for a subscribe.
+                    deadline
                 } else if pinged {
                     break Some((close::PONG_NOT_RECEIVED, "pong reply not received".to_owned()));
                 } else {
                     pinged = true;
                     outbox.send(protocol::ping());
-                    idle.as_mut().reset(last_heard + config.activity_timeout + config.pong_timeout);
-                }
+                    last_heard + config.activity_timeout + config.pong_timeout
+                };
+                idle.as_mut().reset(session.next_deferred().map_or(next, |due| due.min(next)));
             }
         }
     };

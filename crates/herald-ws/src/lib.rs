@@ -38,8 +38,9 @@ pub struct WsConfig {
     pub client_events_per_second: u32,
     /// Frames waiting to be written to one connection before it counts as too slow (4100).
     pub outbox_frames: usize,
-    /// Subscribes one connection may send per second on average (0: no limit); beyond,
-    /// `pusher:subscription_error` with status 429 and the connection stays...
+    /// Subscribes one connection may send per second on average (0: no limit); beyond, they
+    /// wait their turn (429 once the waiting and subscribed reach
+    /// `max_channels_per_connection`)...
     pub subscribes_per_second: u32,
     /// ...and at once.
     pub subscribe_burst: u32,

@@ -15,8 +15,17 @@
 //! Bad input gets `pusher:error` or `pusher:subscription_error` and the connection stays (a
 //! client-event rate beyond the limit too: `pusher:error` 4301); only the protocol's close
 //! cases close it.
+//!
+//! A subscribe is never refused for a passing reason. pusher-js keeps a channel pending from
+//! its subscribe until the confirmation and sends no other subscribe for it meanwhile (a
+//! `pusher:subscription_error` from the server does not end the wait), so a refusal the client
+//! could have retried would leave the channel dead until the connection drops. A subscribe
+//! beyond the subscribe rate waits for its turn, and one the store could not serve (the app's
+//! credentials or the channel's history unreadable) is told so and tried again with backoff;
+//! both are [`Deferred`], and the connection's loop runs them when due
+//! ([`Session::next_deferred`], [`Session::run_deferred`]).
 
-use std::{future::Future, sync::Arc};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use herald_channels::{
     EventData, Publication, Publish, PublishError, Publisher, Webhook, presence::complete_snapshot,
@@ -28,6 +37,7 @@ use herald_core::{
 };
 use herald_store::{Store, StoreError};
 use serde_json::{json, value::RawValue};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -56,6 +66,28 @@ pub struct Unavailable {
     pub status: u16,
     /// The code of the `pusher:error` a sign-in gets.
     pub close: Option<u16>,
+}
+
+impl Unavailable {
+    /// Whether it may pass (the store failed), rather than say no (the app is gone).
+    fn may_pass(&self) -> bool {
+        self.status >= 500
+    }
+}
+
+/// The first wait before a subscribe the store could not serve is tried again; it doubles
+/// with each failure, up to [`RETRY_AT_MOST`].
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+/// The longest wait between tries of a subscribe the store could not serve.
+const RETRY_AT_MOST: Duration = Duration::from_secs(30);
+
+/// A subscribe the session answers later.
+struct Deferred {
+    request: Subscribe,
+    /// When it is run: it then takes a subscribe token like any other, or waits for one.
+    due: Instant,
+    /// How many times the store could not serve it (0: it waits for the subscribe rate).
+    failures: u32,
 }
 
 /// A session's side effects beyond the hub: the store and channel history.
@@ -132,7 +164,7 @@ impl Backend for Live {
                 tracing::error!(error = %e, app_id = %self.app.id, "reading the app's credentials failed");
                 Err(Unavailable {
                     kind: "ServerError",
-                    message: "the app's credentials could not be read; try again",
+                    message: "the app's credentials could not be read",
                     status: 503,
                     close: None,
                 })
@@ -217,6 +249,9 @@ pub struct Session<B> {
     client_events: TokenBucket,
     /// Subscribes allowed (`None`: no limit).
     subscribes: Option<TokenBucket>,
+    /// Subscribes answered later, in the order they came. With the subscriptions, never more
+    /// than `max_channels_per_connection`.
+    deferred: Vec<Deferred>,
 }
 
 impl<B: Backend> Session<B> {
@@ -249,8 +284,81 @@ impl<B: Backend> Session<B> {
                 config.subscribes_per_second.into(),
                 config.subscribe_burst.into(),
             ),
+            deferred: Vec::new(),
             config,
         }
+    }
+
+    /// When the first deferred subscribe is due, if there is one.
+    pub fn next_deferred(&self) -> Option<Instant> {
+        self.deferred.iter().map(|d| d.due).min()
+    }
+
+    /// Runs the deferred subscribes that are due, in the order they came.
+    pub async fn run_deferred(&mut self) {
+        let now = Instant::now();
+        let due: Vec<Deferred> = self.deferred.extract_if(.., |d| d.due <= now).collect();
+        for deferred in due {
+            // A failure taken up again waits for the rate like a new subscribe.
+            if let Some(wait) = self.subscribe_wait() {
+                self.deferred.push(Deferred {
+                    due: now + wait,
+                    ..deferred
+                });
+                continue;
+            }
+            self.subscribe_now(deferred.request, deferred.failures)
+                .await;
+        }
+    }
+
+    /// Takes a subscribe token, or says how long until one is there.
+    fn subscribe_wait(&mut self) -> Option<Duration> {
+        let bucket = self.subscribes.as_mut()?;
+        if bucket.try_take(1.0) {
+            None
+        } else {
+            Some(bucket.time_until(1.0).max(Duration::from_millis(1)))
+        }
+    }
+
+    /// Whether a subscribe waits for the rate already: a new one then queues behind it
+    /// rather than overtake it.
+    fn waiting_for_rate(&self) -> bool {
+        self.deferred.iter().any(|d| d.failures == 0)
+    }
+
+    /// Tells the client the store could not serve the subscribe (as `kind`, `status`), then
+    /// defers it: tried again after a wait that doubles with each failure, with jitter, so the
+    /// connections of a node that lost its store do not all come back at once.
+    fn retry_later(
+        &mut self,
+        request: Subscribe,
+        failures: u32,
+        kind: &str,
+        message: &str,
+        status: u16,
+    ) {
+        let failures = failures + 1;
+        let wait = RETRY_FIRST
+            .saturating_mul(1 << (failures - 1).min(5))
+            .min(RETRY_AT_MOST);
+        let wait = wait.mul_f64(rand::random_range(0.5..=1.0));
+        // Told once: pusher-js emits it to the channel's `pusher:subscription_error` handlers
+        // and keeps the channel pending until the confirmation comes.
+        if failures == 1 {
+            self.outbox.send(protocol::subscription_error(
+                &request.channel,
+                kind,
+                &format!("{message}; the subscribe is tried again until it succeeds"),
+                status,
+            ));
+        }
+        self.deferred.push(Deferred {
+            request,
+            due: Instant::now() + wait,
+            failures,
+        });
     }
 
     /// Handles one client message; returns a close code if the connection must end.
@@ -278,24 +386,56 @@ impl<B: Backend> Session<B> {
     }
 
     async fn subscribe(&mut self, request: Subscribe) {
+        // Sent again while it waits: it is answered once, as sent last.
+        if let Some(waiting) = self
+            .deferred
+            .iter_mut()
+            .find(|d| d.request.channel == request.channel)
+        {
+            waiting.request = request;
+            return;
+        }
+        // Every subscribe counts, valid or not: each may read the channel's position. Beyond
+        // the rate it waits for its turn, unless the connection already has as many waiting
+        // and subscribed as it may have channels (a client subscribing in a loop).
+        let wait = if self.waiting_for_rate() {
+            self.subscribes
+                .as_mut()
+                .map(|bucket| bucket.time_until(1.0).max(Duration::from_millis(1)))
+        } else {
+            self.subscribe_wait()
+        };
+        if let Some(wait) = wait {
+            if self.channels.len() + self.deferred.len() >= self.config.max_channels_per_connection
+            {
+                self.outbox.send(protocol::subscription_error(
+                    &request.channel,
+                    "RateLimited",
+                    &format!(
+                        "too many subscribes: at most {} per second (bursts of {}); try again later",
+                        self.config.subscribes_per_second, self.config.subscribe_burst
+                    ),
+                    429,
+                ));
+                return;
+            }
+            self.deferred.push(Deferred {
+                request,
+                due: Instant::now() + wait,
+                failures: 0,
+            });
+            return;
+        }
+        self.subscribe_now(request, 0).await;
+    }
+
+    /// Answers a subscribe that took its turn; `failures` is how many times the store could
+    /// not serve it before.
+    async fn subscribe_now(&mut self, request: Subscribe, failures: u32) {
         let channel = request.channel.as_str();
         let refuse = |kind: &str, message: String, status: u16| {
             protocol::subscription_error(channel, kind, &message, status)
         };
-        // Every subscribe counts, valid or not: each may read the channel's position.
-        if let Some(bucket) = &mut self.subscribes
-            && !bucket.try_take(1.0)
-        {
-            self.outbox.send(refuse(
-                "RateLimited",
-                format!(
-                    "too many subscribes: at most {} per second (bursts of {}); try again later",
-                    self.config.subscribes_per_second, self.config.subscribe_burst
-                ),
-                429,
-            ));
-            return;
-        }
         if let Err(e) = pusher::validate_channel_name(channel) {
             self.outbox.send(refuse("InvalidChannel", e, 400));
             return;
@@ -315,7 +455,7 @@ impl<B: Backend> Session<B> {
             ));
             return;
         }
-        if self.channels.len() >= self.config.max_channels_per_connection {
+        if self.channels.len() + self.deferred.len() >= self.config.max_channels_per_connection {
             self.outbox.send(refuse(
                 "LimitReached",
                 format!(
@@ -363,6 +503,16 @@ impl<B: Backend> Session<B> {
             }
             let credentials = match self.backend.credentials().await {
                 Ok(credentials) => credentials,
+                Err(unavailable) if unavailable.may_pass() => {
+                    self.retry_later(
+                        request,
+                        failures,
+                        unavailable.kind,
+                        unavailable.message,
+                        unavailable.status,
+                    );
+                    return;
+                }
                 Err(unavailable) => {
                     self.outbox.send(refuse(
                         unavailable.kind,
@@ -404,8 +554,18 @@ impl<B: Backend> Session<B> {
                 j.info.as_ref().map(|i| i.get().to_owned()),
             )
         });
-        self.join(channel, joining, member, request.resume.as_ref())
-            .await;
+        if !self
+            .join(channel, joining, member, request.resume.as_ref())
+            .await
+        {
+            self.retry_later(
+                request,
+                failures,
+                "HistoryUnavailable",
+                "the channel's history could not be read",
+                503,
+            );
+        }
     }
 
     /// Confirms a presence subscription again with `snapshot`, this node's members, which
@@ -438,13 +598,16 @@ impl<B: Backend> Session<B> {
     /// frames are held the same way until the confirmation is queued under the channel lock,
     /// so no member notice overtakes the snapshot; in a cluster the snapshot adds the members
     /// other nodes hold, read meanwhile.
+    ///
+    /// Returns false, subscribed to nothing, if the channel's history could not be read.
+    #[must_use]
     async fn join(
         &mut self,
         channel: &str,
         joining: Option<Joining>,
         member: Option<(String, Option<String>)>,
         resume: Option<&Resume>,
-    ) {
+    ) -> bool {
         let retention = self.backend.retention(channel);
         let elsewhere = if joining.is_some() {
             self.hub.members_elsewhere(channel)
@@ -482,7 +645,7 @@ impl<B: Backend> Session<B> {
                     &format!("the presence channel is full ({max} members)"),
                     403,
                 ));
-                return;
+                return true;
             }
         };
         let mut confirmation = subscribed.presence.unwrap_or_else(|| json!({}));
@@ -549,22 +712,20 @@ impl<B: Backend> Session<B> {
                     self.channels
                         .insert(channel.to_owned(), member.map(|(user_id, _)| user_id));
                     self.leave(channel);
-                    self.outbox.send(protocol::subscription_error(
-                        channel,
-                        "HistoryUnavailable",
-                        "the channel's history could not be read; try again",
-                        503,
-                    ));
-                    return;
+                    return false;
                 }
             }
         }
         // A new member was announced by the hub, under the channel lock.
         self.channels
             .insert(channel.to_owned(), member.map(|(user_id, _)| user_id));
+        true
     }
 
     fn leave(&mut self, channel: &str) {
+        // One still waiting is never answered (pusher-js unsubscribes from a pending channel
+        // only once it is confirmed, so this comes from other clients).
+        self.deferred.retain(|d| d.request.channel != channel);
         if self.channels.remove(channel).is_none() {
             return;
         }
@@ -574,6 +735,7 @@ impl<B: Backend> Session<B> {
 
     /// Leaves every channel and signs out: the connection is over.
     pub fn leave_all(&mut self) {
+        self.deferred.clear();
         let channels = self.channels.names();
         for channel in channels {
             self.leave(&channel);
@@ -587,8 +749,13 @@ impl<B: Backend> Session<B> {
         let credentials = match self.backend.credentials().await {
             Ok(credentials) => credentials,
             Err(unavailable) => {
+                let again = if unavailable.may_pass() {
+                    "; try again"
+                } else {
+                    ""
+                };
                 self.outbox.send(protocol::error(
-                    &format!("sign-in refused: {}", unavailable.message),
+                    &format!("sign-in refused: {}{again}", unavailable.message),
                     unavailable.close,
                 ));
                 return;

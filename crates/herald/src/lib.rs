@@ -391,6 +391,8 @@ pub async fn run_with(
     state.metrics_registry = Arc::new(registry);
     state.metrics = metrics.clone();
     let connections = TaskTracker::new();
+    // Waited for with the connections, before the store closes.
+    state.detached = connections.clone();
     let socketio = config.socketio.enabled.then(|| {
         herald_socketio::Face::new(
             Arc::new(store::StoreApps(Arc::clone(&store))),

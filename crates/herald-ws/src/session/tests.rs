@@ -4,7 +4,10 @@
 
 use herald_core::AppId;
 use std::{
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
     time::Duration,
 };
 
@@ -36,6 +39,8 @@ struct Scripted {
     kept: Mutex<Vec<(String, String, String)>>,
     /// Client events fail to publish (the store refused them).
     refuse_publish: bool,
+    /// How many reads of the store (credentials, history) fail before they succeed.
+    failing_reads: AtomicU32,
     /// Set by [`Client::open`].
     hub: Mutex<Option<Arc<AppHub>>>,
 }
@@ -69,13 +74,31 @@ impl Scripted {
             published_meanwhile: Vec::new(),
             kept: Mutex::default(),
             refuse_publish: false,
+            failing_reads: AtomicU32::new(0),
             hub: Mutex::default(),
         }
     }
 }
 
+impl Scripted {
+    /// Whether this read fails, as the store's would in an outage.
+    fn read_fails(&self) -> bool {
+        self.failing_reads
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+    }
+}
+
 impl Backend for Scripted {
     async fn credentials(&self) -> Result<PusherCredentials, Unavailable> {
+        if self.read_fails() {
+            return Err(Unavailable {
+                kind: "ServerError",
+                message: "the app's credentials could not be read",
+                status: 503,
+                close: None,
+            });
+        }
         self.credentials.clone()
     }
 
@@ -102,6 +125,9 @@ impl Backend for Scripted {
         resume: Option<&Resume>,
         _max_replay: u64,
     ) -> Result<Joined, StoreError> {
+        if self.read_fails() {
+            return Err(StoreError::Batch("the store is down".into()));
+        }
         let hub = self.hub.lock().expect("lock").clone().expect("opened");
         for offset in &self.published_meanwhile {
             hub.broadcast(&published(channel, "meanwhile", *offset));
@@ -183,6 +209,17 @@ impl Client {
 
     async fn send(&mut self, text: &str) -> Option<Close> {
         self.session.handle(parse(text)).await
+    }
+
+    /// Moves the clock to the first deferred subscribe and runs what is due then, as the
+    /// connection's loop does; false if nothing waits.
+    async fn run_next_deferred(&mut self) -> bool {
+        let Some(due) = self.session.next_deferred() else {
+            return false;
+        };
+        tokio::time::advance(due.saturating_duration_since(tokio::time::Instant::now())).await;
+        self.session.run_deferred().await;
+        true
     }
 
     /// The frames queued since the last call, as JSON with double-encoded `data` decoded.
@@ -390,14 +427,14 @@ async fn a_bad_signature_is_refused_and_the_right_one_accepted() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn unreadable_credentials_refuse_with_their_status_and_the_connection_stays() {
+async fn a_deleted_apps_credentials_refuse_and_the_connection_stays() {
     let hub = Hub::default().app(&AppId::parse("app_1").expect("valid"));
     let backend = Scripted {
         credentials: Err(Unavailable {
-            kind: "ServerError",
-            message: "the app's credentials could not be read; try again",
-            status: 503,
-            close: None,
+            kind: "AuthError",
+            message: APP_DELETED,
+            status: 401,
+            close: Some(close::APP_DOES_NOT_EXIST),
         }),
         ..Scripted::new()
     };
@@ -405,12 +442,105 @@ async fn unreadable_credentials_refuse_with_their_status_and_the_connection_stay
     client.received();
     let subscribe = subscribe_signed(&client, "private-a", None);
     assert_eq!(client.send(&subscribe).await, None);
-    assert_subscription_error(&client.only(), "private-a", "ServerError", 503);
+    assert_subscription_error(&client.only(), "private-a", "AuthError", 401);
+    assert_eq!(client.session.next_deferred(), None, "not tried again");
     let signin = json!({"event": "pusher:signin", "data": {"auth": "k:s", "user_data": "{}"}});
     assert_eq!(client.send(&signin.to_string()).await, None);
     let error = client.only();
     assert_eq!(error["event"], "pusher:error");
-    assert_eq!(error["data"]["code"], Value::Null);
+    assert_eq!(error["data"]["code"], close::APP_DOES_NOT_EXIST);
+    assert_eq!(
+        error["data"]["message"],
+        "sign-in refused: the app was deleted"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_subscribe_the_store_could_not_serve_is_told_once_and_tried_until_it_succeeds() {
+    let hub = Hub::default().app(&AppId::parse("app_1").expect("valid"));
+    let backend = Scripted {
+        failing_reads: AtomicU32::new(3),
+        ..Scripted::new()
+    };
+    let mut client = Client::open(&hub, "1.1", &WsConfig::default(), backend);
+    client.received();
+    let signed = subscribe_signed(&client, "private-a", None);
+    let started = tokio::time::Instant::now();
+    assert_eq!(client.send(&signed).await, None);
+    let refused = client.only();
+    assert_subscription_error(&refused, "private-a", "ServerError", 503);
+    assert_eq!(
+        refused["data"]["error"],
+        "the app's credentials could not be read; the subscribe is tried again until it succeeds"
+    );
+    // Two more failures, answered by nothing (pusher-js still waits), each wait longer.
+    let mut waits = Vec::new();
+    for _ in 0..2 {
+        let before = tokio::time::Instant::now();
+        assert!(client.run_next_deferred().await);
+        waits.push(before.elapsed());
+        assert!(client.received().is_empty());
+        assert!(!hub.is_subscribed("private-a", "1.1"));
+    }
+    assert!(client.run_next_deferred().await);
+    assert_eq!(client.events(), ["pusher_internal:subscription_succeeded"]);
+    assert!(hub.is_subscribed("private-a", "1.1"));
+    assert_eq!(client.session.next_deferred(), None);
+    // With jitter, each wait is half to all of 1 s, 2 s, 4 s.
+    assert!(
+        waits[0] >= Duration::from_millis(500) && waits[0] <= Duration::from_secs(1),
+        "{waits:?}"
+    );
+    assert!(
+        waits[1] >= Duration::from_secs(1) && waits[1] <= Duration::from_secs(2),
+        "{waits:?}"
+    );
+    assert!(
+        started.elapsed() <= Duration::from_secs(7),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // A history channel whose history could not be read: subscribed to nothing meanwhile.
+    let backend = Scripted {
+        failing_reads: AtomicU32::new(1),
+        ..Scripted::new()
+    };
+    let mut client = Client::open(&hub, "2.2", &WsConfig::default(), backend);
+    client.received();
+    client.send(&subscribe("history-a")).await;
+    assert_subscription_error(&client.only(), "history-a", "HistoryUnavailable", 503);
+    assert!(!hub.is_subscribed("history-a", "2.2"));
+    assert!(client.run_next_deferred().await);
+    let confirmed = client.only();
+    assert_eq!(confirmed["event"], "pusher_internal:subscription_succeeded");
+    assert_eq!(confirmed["channel"], "history-a");
+    assert!(hub.is_subscribed("history-a", "2.2"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deferred_subscribe_is_dropped_by_an_unsubscribe_and_answered_once_if_sent_again() {
+    let hub = Hub::default().app(&AppId::parse("app_1").expect("valid"));
+    let backend = Scripted {
+        failing_reads: AtomicU32::new(2),
+        ..Scripted::new()
+    };
+    let mut client = Client::open(&hub, "1.1", &WsConfig::default(), backend);
+    client.received();
+    client.send(&subscribe("history-a")).await;
+    client.send(&subscribe("history-b")).await;
+    assert_eq!(client.received().len(), 2, "each told once");
+    client
+        .send(r#"{"event":"pusher:unsubscribe","data":{"channel":"history-a"}}"#)
+        .await;
+    client.send(&subscribe("history-b")).await;
+    assert!(client.received().is_empty());
+    while client.run_next_deferred().await {}
+    let frames = client.received();
+    assert_eq!(frames.len(), 1, "{frames:?}");
+    assert_eq!(frames[0]["channel"], "history-b");
+    assert!(!hub.is_subscribed("history-a", "1.1"));
+    assert!(hub.is_subscribed("history-b", "1.1"));
 }
 
 #[tokio::test(start_paused = true)]
@@ -483,26 +613,43 @@ async fn too_many_channels_is_limit_reached_400() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn subscribes_beyond_the_burst_get_429_until_the_bucket_refills() {
+async fn subscribes_beyond_the_burst_wait_their_turn_in_order_and_a_flood_gets_429() {
     let config = WsConfig {
         subscribes_per_second: 2,
         subscribe_burst: 3,
+        max_channels_per_connection: 6,
         ..WsConfig::default()
     };
     let (hub, mut client) = setup(&config);
     for channel in ["a", "b", "c", "d"] {
         client.send(&subscribe(channel)).await;
     }
-    let frames = client.received();
-    assert_eq!(frames.len(), 4);
-    assert_subscription_error(&frames[3], "d", "RateLimited", 429);
-    // Invalid subscribes count too.
+    assert_eq!(client.received().len(), 3, "d waits");
+    // Invalid subscribes count too, and queue behind.
     client.send(&subscribe("has space")).await;
-    assert_subscription_error(&client.only(), "has space", "RateLimited", 429);
-    tokio::time::advance(Duration::from_millis(500)).await;
-    client.send(&subscribe("d")).await;
-    assert_eq!(client.events(), ["pusher_internal:subscription_succeeded"]);
+    // Subscribed and waiting, the connection is at its 6 channels: a flood is refused.
+    client.send(&subscribe("e")).await;
+    assert!(client.received().is_empty());
+    client.send(&subscribe("f")).await;
+    assert_subscription_error(&client.only(), "f", "RateLimited", 429);
+
+    let started = tokio::time::Instant::now();
+    assert!(client.run_next_deferred().await);
+    assert_eq!(
+        started.elapsed(),
+        Duration::from_millis(500),
+        "a token every 500 ms"
+    );
+    let confirmed = client.only();
+    assert_eq!(confirmed["event"], "pusher_internal:subscription_succeeded");
+    assert_eq!(confirmed["channel"], "d");
     assert!(hub.is_subscribed("d", "1.1"));
+    assert!(client.run_next_deferred().await);
+    assert_subscription_error(&client.only(), "has space", "InvalidChannel", 400);
+    assert!(client.run_next_deferred().await);
+    assert_eq!(client.only()["channel"], "e");
+    assert_eq!(started.elapsed(), Duration::from_millis(1500));
+    assert!(!client.run_next_deferred().await);
 }
 
 #[tokio::test(start_paused = true)]

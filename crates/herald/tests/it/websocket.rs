@@ -1366,50 +1366,62 @@ async fn an_untrusted_peers_forwarded_for_is_ignored() {
 }
 
 #[tokio::test]
-async fn subscribes_over_the_rate_get_429_and_the_connection_stays() {
-    // Anonymous subscribes to distinct public channels were used to hammer the store.
+async fn subscribes_over_the_rate_wait_their_turn_and_a_flood_gets_429() {
+    // Anonymous subscribes to distinct public channels were used to hammer the store. Beyond
+    // the rate a subscribe waits (pusher-js, refused, would keep the channel pending for the
+    // connection's life); beyond the channels a connection may have, waiting and subscribed
+    // together, it is refused.
     let server = TestServer::start_with(|c| {
-        c.ws.subscribes_per_second = 1;
+        c.ws.subscribes_per_second = 4;
         c.ws.subscribe_burst = 5;
+        c.ws.max_channels_per_connection = 8;
     })
     .await;
     let (_, creds) = pusher_app(&server, "subscribe-rate").await;
     let mut client = Client::connect(&server, &creds.key).await;
     let started = std::time::Instant::now();
-    let (mut subscribed, mut limited) = (Vec::new(), 0);
-    for n in 0..20 {
-        let channel = format!("history-spam-{n}");
-        let answer = client.subscribe(&channel, None, None).await;
+    let channels: Vec<String> = (0..12).map(|n| format!("history-spam-{n}")).collect();
+    for channel in &channels {
+        client
+            .send(json!({"event": "pusher:subscribe", "data": {"channel": channel}}))
+            .await;
+    }
+    let (mut subscribed, mut limited) = (Vec::new(), Vec::new());
+    while subscribed.len() + limited.len() < channels.len() {
+        let answer = client.next().await;
+        let channel = answer["channel"].as_str().expect("a channel").to_owned();
         match answer["event"].as_str() {
             Some("pusher_internal:subscription_succeeded") => subscribed.push(channel),
             Some("pusher:subscription_error") => {
-                assert_eq!(answer["channel"], channel.as_str(), "{answer}");
-                assert_eq!(answer["data"]["status"], 429, "{answer}");
-                assert_eq!(answer["data"]["type"], "RateLimited", "{answer}");
-                let error = answer["data"]["error"].as_str().expect("error");
+                let data = &answer["data"];
+                assert_eq!(data["status"], 429, "{answer}");
+                assert_eq!(data["type"], "RateLimited", "{answer}");
+                let error = data["error"].as_str().expect("error");
                 assert!(error.contains("too many subscribes"), "{error}");
-                limited += 1;
+                limited.push(channel);
             }
             _ => panic!("unexpected answer {answer}"),
         }
     }
-    let allowed = 5 + started.elapsed().as_secs() as usize + 1;
+    // Five at once, three in their turn (a token every 250 ms), in the order sent; the four
+    // beyond are refused at once.
+    assert_eq!(subscribed, channels[..8], "confirmed in order");
+    assert_eq!(limited, channels[8..], "refused");
     assert!(
-        subscribed.len() <= allowed,
-        "{} of 20 subscribed, at most {allowed} allowed",
-        subscribed.len()
+        started.elapsed() >= std::time::Duration::from_millis(700),
+        "the third waiting subscribe was answered after {:?}",
+        started.elapsed()
     );
-    assert!(limited >= 20 - allowed, "{limited} refused");
 
     // The connection stays and its subscriptions work.
     let (status, _) = trigger(
         &server,
         &creds,
-        json!({"name": "still-here", "channel": subscribed[0], "data": "{}"}),
+        json!({"name": "still-here", "channel": subscribed[7], "data": "{}"}),
     )
     .await;
     assert_eq!(status, 200);
     let event = client.expect("still-here").await;
-    assert_eq!(event["channel"], subscribed[0].as_str());
+    assert_eq!(event["channel"], subscribed[7].as_str());
     server.stop().await;
 }
