@@ -8,8 +8,9 @@
 //! **Rows per node.** Each node writes only what it knows: a `cluster_presence_members` row
 //! per (channel, user) with at least one of its sockets in, a `cluster_channel_occupancy` row
 //! per channel it has subscribers in (with its subscription count), and its `cluster_nodes`
-//! row, whose heartbeat it renews every third of `node_ttl`. A member or a channel is in the
-//! cluster while any node has a row for it.
+//! row, whose heartbeat it renews every third of `node_ttl` on a task of its own, so a node
+//! busy with its changes still beats. A member or a channel is in the cluster while any node
+//! has a row for it.
 //!
 //! **Who decides.** The hub decides on this node (a user's first socket in, last out; a
 //! channel's first subscriber, last) under its channel lock and queues the change here; one
@@ -83,8 +84,8 @@ use herald_channels::{
 use herald_core::AppId;
 use herald_store::ClusterClock;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::{Notify, mpsc};
+use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
 
 /// The NOTIFY channel of presence notices (members added and removed, users terminated).
 pub const PRESENCE_CHANNEL: &str = "herald_presence";
@@ -700,26 +701,32 @@ impl ClusterPresence {
             .await
     }
 
-    /// Applies this node's changes in order, heartbeats and sweeps dead nodes every third of
-    /// `node_ttl`, and flushes subscription counts every [`FLUSH_EVERY`], until `stop` (then
-    /// applies what is queued and leaves the cluster: this node's remaining rows are removed
-    /// as leaves) or `abandon` (then it stops at once, as a killed node would, and the other
-    /// nodes sweep its rows).
+    /// Applies this node's changes in order, sweeps dead nodes every third of `node_ttl`
+    /// (and heartbeats as often, on a task of its own: see [`ClusterPresence::beat`]), and
+    /// flushes subscription counts every [`FLUSH_EVERY`], until `stop` (then applies what is
+    /// queued and leaves the cluster: this node's remaining rows are removed as leaves) or
+    /// `abandon` (then it stops at once, as a killed node would, and the other nodes sweep its
+    /// rows).
     pub async fn run(self: Arc<Self>, stop: CancellationToken, abandon: CancellationToken) {
         let Some(mut changes) = self.changes.lock().ok().and_then(|mut c| c.take()) else {
             tracing::error!(node = self.node, "presence: run was started twice");
             return;
         };
+        let taken_for_dead = Arc::new(Notify::new());
+        // Aborted when this returns (a killed node beats no more).
+        let mut beats = AbortOnDropHandle::new(tokio::spawn(
+            Arc::clone(&self).beat(Arc::clone(&taken_for_dead)),
+        ));
         let mut flushed = Flushed::new();
         // Whether this node's rows may differ from its hub (a change was lost to a full queue
         // or a failed transaction, or the node was taken for dead) until a reconcile succeeds.
         let mut stale = false;
-        let mut heartbeat = tokio::time::interval(self.node_ttl / 3);
-        // Whether the last heartbeat round skipped its sweep (it came late).
+        let mut rounds = tokio::time::interval(self.node_ttl / 3);
+        // Whether the last round skipped its sweep (it came late).
         let mut skipped_sweep = false;
-        // Beats at which this node, registered again lately, checks its rows once more.
+        // Rounds at which this node, registered again lately, checks its rows once more.
         let mut recheck = 0_u32;
-        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut flush = tokio::time::interval(FLUSH_EVERY);
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut retry = tokio::time::interval(RECONCILE_RETRY);
@@ -729,6 +736,9 @@ impl ClusterPresence {
                 biased;
                 () = abandon.cancelled() => return,
                 () = stop.cancelled() => {
+                    // No beat after the leave: it would register the node again.
+                    beats.abort();
+                    let _ = (&mut beats).await;
                     // What is still queued or stale is removed by the leave's sweep: the
                     // connections have closed, so the hub is empty.
                     while !stale && let Ok((app_id, change, number)) = changes.try_recv() {
@@ -739,6 +749,17 @@ impl ClusterPresence {
                     }
                     self.leave().await;
                     return;
+                }
+                () = taken_for_dead.notified() => {
+                    stale = self.resync(&mut changes, &mut flushed).await.is_none();
+                    // A sweep that read this node's rows as a dead node's before it
+                    // registered again may still be removing them, after the reconcile
+                    // above: reconcile again at the next rounds, until one finds nothing to
+                    // repair, for a node_ttl at most (on a busy node the queue's discarded
+                    // changes count as repairs too). The first of them a period from now,
+                    // not at a round already due: the late sweep is what it looks for.
+                    recheck = RECHECK_BEATS;
+                    rounds.reset();
                 }
                 Some((app_id, change, number)) = changes.recv(), if !stale => {
                     stale = self.overflowed.load(Ordering::Acquire)
@@ -759,17 +780,9 @@ impl ClusterPresence {
                 _ = retry.tick(), if stale => {
                     stale = self.resync(&mut changes, &mut flushed).await.is_none();
                 }
-                due = heartbeat.tick() => {
+                due = rounds.tick() => {
                     let began = tokio::time::Instant::now();
-                    if !self.heartbeat().await {
-                        stale = self.resync(&mut changes, &mut flushed).await.is_none();
-                        // A sweep that read this node's rows as a dead node's before it
-                        // registered again may still be removing them, after the reconcile
-                        // above: reconcile again at the next beats, until one finds nothing to
-                        // repair, for a node_ttl at most (on a busy node the queue's discarded
-                        // changes count as repairs too).
-                        recheck = RECHECK_BEATS;
-                    } else if recheck > 0 && !stale {
+                    if recheck > 0 && !stale {
                         recheck -= 1;
                         match self.resync(&mut changes, &mut flushed).await {
                             Some(0) => recheck = 0,
@@ -778,23 +791,21 @@ impl ClusterPresence {
                         }
                     }
                     // A round that comes more than a period late (this node was held up, or
-                    // its beat was slow) skips judging the others once: whatever held this
+                    // busy with its changes) skips judging the others once: whatever held this
                     // node up (an overloaded host) may have held them up too, and their beats,
                     // overdue, come within the period. The next round sweeps however late it
                     // is, so dead nodes still go within two periods more.
                     if due.elapsed() > self.node_ttl / 3 && !skipped_sweep {
                         skipped_sweep = true;
-                        tracing::info!(node = self.node, late = ?due.elapsed(), "presence: this node's heartbeat came late; not sweeping other nodes this round");
+                        tracing::info!(node = self.node, late = ?due.elapsed(), "presence: this node's sweep round came late; not sweeping other nodes this round");
                     } else {
                         skipped_sweep = false;
                         if let Err(e) = self.sweep().await {
                             tracing::warn!(node = self.node, error = %e, "presence: sweeping dead nodes failed");
                         }
                     }
-                    // A round that outlasts a period delays this node's next beat: worth
-                    // knowing before the other nodes take it for dead.
                     if began.elapsed() > self.node_ttl / 3 {
-                        tracing::warn!(node = self.node, took = ?began.elapsed(), "presence: a heartbeat round took longer than a heartbeat period");
+                        tracing::warn!(node = self.node, took = ?began.elapsed(), "presence: a sweep round took longer than a heartbeat period");
                     }
                 }
                 _ = flush.tick() => {
@@ -959,6 +970,30 @@ impl ClusterPresence {
             self.webhooks.observe(app_id, event);
         }
         Ok(())
+    }
+
+    /// Heartbeats every third of `node_ttl` until aborted, on a task of its own, whatever
+    /// [`ClusterPresence::run`] is doing: a node applying a long queue of changes (a herd of
+    /// clients reconnecting to it) or reconciling thousands of rows is alive, and with its
+    /// beat queued behind that work the other nodes took it for dead and swept its members,
+    /// announced as leaves, while their clients were still connected. Tells `taken_for_dead`
+    /// when a beat found this node gone (it registered again), for `run` to reconcile.
+    async fn beat(self: Arc<Self>, taken_for_dead: Arc<Notify>) {
+        let period = self.node_ttl / 3;
+        let mut every = tokio::time::interval(period);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            let began = tokio::time::Instant::now();
+            if !self.heartbeat().await {
+                taken_for_dead.notify_one();
+            }
+            // A slow beat delays the next: worth knowing before the other nodes take this one
+            // for dead.
+            if began.elapsed() > period {
+                tracing::warn!(node = self.node, took = ?began.elapsed(), "presence: a heartbeat took longer than a heartbeat period");
+            }
+        }
     }
 
     /// Renews this node's heartbeat; `false` if this node's rows must be reconciled: a node
@@ -1468,11 +1503,11 @@ mod tests {
         }
     }
 
-    /// A record that only tells the order of heartbeats and sweeps, and holds a heartbeat
-    /// back when told to (a node held up, say by an overloaded host).
+    /// A record that only tells the order of heartbeats, sweeps and occupancy changes, and
+    /// holds a change back when told to (a slow database, a node with a long queue).
     struct Rounds {
         events: mpsc::UnboundedSender<&'static str>,
-        slow_beats: Mutex<Vec<Duration>>,
+        slow_changes: Mutex<Vec<Duration>>,
     }
 
     #[async_trait::async_trait]
@@ -1481,13 +1516,7 @@ mod tests {
             Ok(())
         }
         async fn heartbeat(&self, _: &str, _: i64) -> Result<bool, ClusterPresenceError> {
-            let held = self.slow_beats.lock().expect("lock").pop();
-            if let Some(held) = held {
-                tokio::time::sleep(held).await;
-            }
-            let _ = self
-                .events
-                .send(if held.is_some() { "late beat" } else { "beat" });
+            let _ = self.events.send("beat");
             Ok(true)
         }
         async fn join(
@@ -1518,6 +1547,11 @@ mod tests {
             _: &str,
             _: i64,
         ) -> Result<bool, ClusterPresenceError> {
+            let held = self.slow_changes.lock().expect("lock").pop();
+            if let Some(held) = held {
+                tokio::time::sleep(held).await;
+            }
+            let _ = self.events.send("occupy");
             Ok(true)
         }
         async fn vacate(&self, _: &str, _: &str, _: &str) -> Result<bool, ClusterPresenceError> {
@@ -1583,45 +1617,114 @@ mod tests {
         }
     }
 
-    /// A node whose round comes more than a heartbeat period late does not judge the others in
-    /// that round (they may have been held up with it, their beats overdue), and does in the
-    /// next however late that one is: a node on an overloaded host is not taken for dead for a
-    /// pause its judge shared, and dead nodes are still swept.
-    #[tokio::test(start_paused = true)]
-    async fn a_round_that_comes_late_skips_its_sweep_once() {
-        let node_ttl = Duration::from_secs(3);
-        let period = node_ttl / 3;
-        let (events, mut seen) = mpsc::unbounded_channel();
+    /// Node "a" over a [`Rounds`] record with a `node_ttl` of 3 s, running; its hub, the
+    /// record, the events it tells and the token that stops it.
+    fn node_over_rounds() -> (
+        Arc<Hub>,
+        Arc<Rounds>,
+        mpsc::UnboundedReceiver<&'static str>,
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let (events, seen) = mpsc::unbounded_channel();
         let record = Arc::new(Rounds {
             events,
-            slow_beats: Mutex::new(Vec::new()),
+            slow_changes: Mutex::new(Vec::new()),
         });
+        let hub = Arc::new(Hub::default());
         let presence = ClusterPresence::new(
             "a".into(),
             Arc::clone(&record) as _,
-            Arc::new(Hub::default()),
+            Arc::clone(&hub),
             Arc::new(Reports::default()) as _,
-            node_ttl,
+            Duration::from_secs(3),
             ClusterClock::default(),
         );
         let stop = CancellationToken::new();
-        let running =
-            tokio::spawn(Arc::clone(&presence).run(stop.clone(), CancellationToken::new()));
-        let mut next = async || seen.recv().await.expect("an event");
-        // On time: every round beats, then sweeps.
+        let running = tokio::spawn(presence.run(stop.clone(), CancellationToken::new()));
+        (hub, record, seen, stop, running)
+    }
+
+    /// A node whose round comes more than a heartbeat period late (here: busy with slow
+    /// changes) does not judge the others in that round (they may have been held up with it,
+    /// their beats overdue), and does in the next however late that one is: a node on an
+    /// overloaded host is not taken for dead for a pause its judge shared, and dead nodes are
+    /// still swept.
+    #[tokio::test(start_paused = true)]
+    async fn a_round_that_comes_late_skips_its_sweep_once() {
+        let period = Duration::from_secs(1);
+        let (hub, record, mut seen, stop, running) = node_over_rounds();
+        let app = AppId::parse("app_1").expect("valid");
+        // The rounds' events; beats run on a task of their own and are left out here.
+        let mut next = async || loop {
+            match seen.recv().await.expect("an event") {
+                "beat" => continue,
+                event => return event,
+            }
+        };
+        // On time: every round sweeps.
         for _ in 0..2 {
-            assert_eq!((next().await, next().await), ("beat", "sweep"));
+            assert_eq!(next().await, "sweep");
         }
-        // Two rounds in a row held up for longer than a period, then one on time.
+        // A change that holds the node up past its next round: that round, late, skips.
         record
-            .slow_beats
+            .slow_changes
             .lock()
             .expect("lock")
-            .extend([period * 2, period + period / 2]);
-        assert_eq!(next().await, "late beat", "the first late round");
-        assert_eq!(next().await, "late beat", "no sweep in it");
+            .push(period * 2 + period / 2);
+        subscribe(&hub, &app, "c1", None, "1.1");
+        assert_eq!(next().await, "occupy");
+        // Another, after the skipped round: the round after it is late too, and sweeps.
+        record
+            .slow_changes
+            .lock()
+            .expect("lock")
+            .push(period * 2 + period / 2);
+        subscribe(&hub, &app, "c2", None, "1.2");
+        assert_eq!(next().await, "occupy", "no sweep in the first late round");
         assert_eq!(next().await, "sweep", "the second late round sweeps");
-        assert_eq!((next().await, next().await), ("beat", "sweep"));
+        assert_eq!(next().await, "sweep", "then on time");
+        stop.cancel();
+        running.await.expect("run");
+    }
+
+    /// A node busy applying a long queue of changes (a herd of clients reconnecting to it)
+    /// still beats every period: with its beat queued behind the changes, the other nodes took
+    /// it for dead and swept its members while their clients were still connected.
+    #[tokio::test(start_paused = true)]
+    async fn a_node_busy_with_its_changes_still_beats() {
+        let (hub, record, mut seen, stop, running) = node_over_rounds();
+        let app = AppId::parse("app_1").expect("valid");
+        record
+            .slow_changes
+            .lock()
+            .expect("lock")
+            .extend([Duration::from_secs(1); 10]);
+        for n in 0..10 {
+            subscribe(&hub, &app, &format!("c{n}"), None, &format!("1.{n}"));
+        }
+        // From the first change's end to the last's: nine seconds of nothing but changes.
+        let mut beats = None;
+        let mut occupied = 0;
+        while occupied < 10 {
+            match seen.recv().await.expect("an event") {
+                "occupy" => {
+                    occupied += 1;
+                    beats.get_or_insert(0);
+                }
+                "beat" => {
+                    if let Some(beats) = beats.as_mut() {
+                        *beats += 1;
+                    }
+                }
+                _ => {}
+            }
+        }
+        let beats = beats.expect("changes applied");
+        assert!(
+            beats >= 8,
+            "{beats} beats in the nine seconds the node spent on its changes"
+        );
         stop.cancel();
         running.await.expect("run");
     }
@@ -2551,8 +2654,22 @@ mod tests {
         subscribe(&hub, &app, "presence-x", Some("u1"), "1.1");
         let (stop, abandon) = (CancellationToken::new(), CancellationToken::new());
         let task = tokio::spawn(Arc::clone(&a).run(stop.clone(), abandon));
-        // The queued changes go first; a heartbeat after them shows they were tried.
-        until("a heartbeat after the failed changes", || async {
+        // The channel's occupancy is written, then its member's join is tried and fails.
+        until("the occupancy written", || async {
+            reports
+                .0
+                .lock()
+                .expect("lock")
+                .contains(&"channel_occupied -".to_owned())
+        })
+        .await;
+        // Beats run on a task of their own: one that begins after the occupancy was written
+        // shows the join, tried at once after it, had its turn.
+        sqlx::query("UPDATE cluster_nodes SET heartbeat_at = 0")
+            .execute(&pool)
+            .await
+            .expect("reset the beat");
+        until("a heartbeat after the failed join", || async {
             let beat: i64 = sqlx::query_scalar("SELECT heartbeat_at FROM cluster_nodes")
                 .fetch_one(&pool)
                 .await
@@ -2560,8 +2677,9 @@ mod tests {
             beat > 0
         })
         .await;
-        assert!(
-            !taken(&reports).contains(&"member_added u1".to_owned()),
+        assert_eq!(
+            taken(&reports),
+            ["channel_occupied -"],
             "the join could not be written"
         );
         sqlx::query("ALTER TABLE away RENAME TO cluster_presence_members")
