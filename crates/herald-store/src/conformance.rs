@@ -68,6 +68,7 @@ checks!(
     a_resend_during_an_attempt_fences_the_attempts_record,
     a_resend_while_a_retry_waits_keeps_the_schedule,
     a_recovered_delivery_is_claimed_under_a_new_lease_whose_record_applies,
+    a_recovery_leaves_failed_the_messages_whose_payload_expired,
     an_endpoints_stats_and_delivery_lists_count_each_status,
     an_endpoint_update_read_before_the_workers_disable_conflicts,
     a_disable_for_a_streak_that_ended_meanwhile_leaves_the_endpoint_enabled,
@@ -1957,6 +1958,66 @@ pub async fn a_resend_while_a_retry_waits_keeps_the_schedule(store: &dyn Store) 
     let manual = store.claim_due(&retry_lane()).await.expect("claim");
     assert_eq!(manual.len(), 1);
     assert_eq!(manual[0].trigger, TriggerType::Manual);
+}
+
+/// Recovering an endpoint's failed deliveries leaves failed those whose message's payload was
+/// expunged or is past its time: a retry never sends `{"expired":true}` (a resend by hand is
+/// refused with `missing_payload` for the same reason).
+pub async fn a_recovery_leaves_failed_the_messages_whose_payload_expired(store: &dyn Store) {
+    let ClaimedDelivery {
+        app,
+        ep,
+        msg,
+        now,
+        job,
+    } = one_claimed_delivery(store).await;
+    let failed = store
+        .record_attempt(job_record(&job, job.lease, now, NextStep::Failed))
+        .await
+        .expect("record");
+    assert_eq!(failed, Recorded::Applied);
+    assert!(
+        store
+            .expunge_payload(&app.id, msg.id.as_str())
+            .await
+            .expect("expunge")
+    );
+    // Another message to the endpoint, failed too, whose payload is still there.
+    let kept = message(&app.id, None);
+    store
+        .create_message(kept.clone(), vec![ep.id.clone()])
+        .await
+        .expect("message");
+    let later = now + chrono::Duration::seconds(1);
+    let jobs = store
+        .claim_due(&claim(later, 10, HashMap::new(), 10, HashMap::new(), 100))
+        .await
+        .expect("claim");
+    assert_eq!(jobs.len(), 1);
+    let failed = store
+        .record_attempt(job_record(&jobs[0], jobs[0].lease, later, NextStep::Failed))
+        .await
+        .expect("record");
+    assert_eq!(failed, Recorded::Applied);
+
+    let recovered = store
+        .enqueue_failed(
+            &ep.id,
+            msg.created_at - chrono::Duration::seconds(1),
+            later + chrono::Duration::seconds(1),
+            later,
+        )
+        .await
+        .expect("recover");
+    assert_eq!(recovered, 1, "only the message with its payload");
+    assert_eq!(
+        delivery_state(store, &msg, &ep).await.status,
+        DeliveryStatus::Fail
+    );
+    assert_eq!(
+        delivery_state(store, &kept, &ep).await.status,
+        DeliveryStatus::Pending
+    );
 }
 
 /// Recovering an endpoint's failed deliveries queues each for a manual attempt, claimed under a

@@ -339,6 +339,9 @@ impl MessageStore for PostgresStore {
                      SELECT msg_id FROM deliveries
                      WHERE endpoint_id = $4 AND status <> 0 AND status = $5
                        AND msg_id > $6 AND msg_id < $7
+                       AND NOT EXISTS (SELECT 1 FROM messages m
+                                       WHERE m.id = deliveries.msg_id
+                                         AND (m.payload = $9 OR m.payload_expires_at <= $3))
                      ORDER BY msg_id
                      LIMIT $8
                      FOR UPDATE)
@@ -352,6 +355,7 @@ impl MessageStore for PostgresStore {
             .bind(&after)
             .bind(id::lower_bound(id::MESSAGE, until))
             .bind(i64::from(crate::RETENTION_BATCH))
+            .bind(herald_core::model::EXPIRED_PAYLOAD.as_bytes())
             .fetch_all(&mut *tx)
             .await?;
             if !requeued.is_empty() {

@@ -150,7 +150,8 @@ impl MessageStore for SqliteStore {
             // Held until the leases are revoked: see `take_back`.
             let mut writer = self.writer.acquire().await?;
             // Message ids sort by creation time, so a time window is an id range: a seek in
-            // deliveries_endpoint_unsettled, which `status <> 0` lets SQLite use.
+            // deliveries_endpoint_unsettled, which `status <> 0` lets SQLite use. A message
+            // whose payload expired stays failed: a retry never sends `{"expired":true}`.
             let requeued = sqlx::query(
                 "UPDATE deliveries SET status = $1, trigger_type = $2, next_attempt_at = $3,
                                        updated_at = $3
@@ -158,6 +159,9 @@ impl MessageStore for SqliteStore {
                      SELECT rowid FROM deliveries
                      WHERE endpoint_id = $4 AND status <> 0 AND status = $5
                        AND msg_id > $6 AND msg_id < $7
+                       AND NOT EXISTS (SELECT 1 FROM messages m
+                                       WHERE m.id = deliveries.msg_id
+                                         AND (m.payload = $9 OR m.payload_expires_at <= $3))
                      ORDER BY msg_id
                      LIMIT $8)
                  RETURNING msg_id",
@@ -170,6 +174,7 @@ impl MessageStore for SqliteStore {
             .bind(&after)
             .bind(id::lower_bound(id::MESSAGE, until))
             .bind(i64::from(crate::RETENTION_BATCH))
+            .bind(herald_core::model::EXPIRED_PAYLOAD.as_bytes())
             .fetch_all(&mut *writer)
             .await?;
             let keys = requeued
