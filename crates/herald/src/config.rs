@@ -801,6 +801,16 @@ impl Config {
         {
             config.broker.url = None;
         }
+        // `HERALD_MAIN_KEY=` (set but empty) means no main key, as everything that reads it
+        // takes it: `rotate-main-key` told apart "none" and "some" by the field alone, and with
+        // an empty one advised deleting the generated key that then held every secret.
+        if config
+            .main_key
+            .as_deref()
+            .is_some_and(|key| key.trim().is_empty())
+        {
+            config.main_key = None;
+        }
         // `HERALD_TLS__CERT=` (set but empty) means no TLS, as for `broker.url`.
         for path in [&mut config.tls.cert, &mut config.tls.key] {
             if path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
@@ -1851,6 +1861,9 @@ mod tests {
         figment::Jail::expect_with(|jail| {
             let load = || Config::load(None, &Overrides::default()).map_err(|e| e.to_string());
             assert!(load()?.main_keys().map_err(|e| e.to_string())?.is_none());
+            // Set but empty (a compose file's `${MAIN_KEY}` unset) is no key, for every reader.
+            jail.set_env("HERALD_MAIN_KEY", " ");
+            assert!(load()?.main_key.is_none(), "a blank main_key is none");
             jail.set_env("HERALD_MAIN_KEY", a.to_base64());
             jail.set_env(
                 "HERALD_PREVIOUS_MAIN_KEYS",

@@ -10,6 +10,24 @@ use url::Url;
 /// How many times a request refused with 429 is tried again, after the `Retry-After` it gets.
 const RATE_LIMITED_RETRIES: u32 = 8;
 
+/// The server's refusal of a stream: its status and what it said, in words.
+#[derive(Debug, thiserror::Error)]
+#[error("{text}")]
+pub struct StreamRefused {
+    pub status: StatusCode,
+    text: String,
+}
+
+impl StreamRefused {
+    /// Whether asking again cannot help: the token is refused or the app is gone.
+    pub fn is_final(&self) -> bool {
+        matches!(
+            self.status,
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::NOT_FOUND
+        )
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Api {
     base: Url,
@@ -133,7 +151,11 @@ impl Api {
             return Ok(response);
         }
         let value: Value = response.json().await.unwrap_or(Value::Null);
-        anyhow::bail!("{}", refusal(&Method::GET, path, status, &value))
+        Err(StreamRefused {
+            status,
+            text: refusal(&Method::GET, path, status, &value),
+        }
+        .into())
     }
 
     /// Every item of a Svix list, page after page (following `iterator`).

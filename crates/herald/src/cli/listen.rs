@@ -58,23 +58,35 @@ enum Heard {
         app: String,
         error: String,
     },
+    /// The server refused the stream for good (the token, or the app deleted).
+    Refused {
+        app: String,
+        error: String,
+    },
 }
 
 pub async fn run(args: ListenArgs) -> anyhow::Result<()> {
     let remote = &args.remote;
     let api = remote.connect()?;
-    let secret = match (&args.forward_to, &args.secret) {
-        (None, _) => None,
-        (Some(_), Some(secret)) => Some(EndpointSecret::parse(secret).map_err(|e| {
-            anyhow::anyhow!("--secret must be a Standard Webhooks secret (whsec_ + base64): {e}")
-        })?),
+    // The secret forwarded events are signed with, and whether Herald made it up.
+    let (secret, generated_secret) = match (&args.forward_to, &args.secret) {
+        (None, _) => (None, false),
+        (Some(_), Some(secret)) => (
+            Some(EndpointSecret::parse(secret).map_err(|e| {
+                anyhow::anyhow!(
+                    "--secret must be a Standard Webhooks secret (whsec_ + base64): {e}"
+                )
+            })?),
+            false,
+        ),
         (Some(_), None) => match std::env::var("HERALD_LISTEN_SECRET") {
-            Ok(secret) if !secret.is_empty() => {
+            Ok(secret) if !secret.is_empty() => (
                 Some(EndpointSecret::parse(&secret).map_err(|e| {
                     anyhow::anyhow!("HERALD_LISTEN_SECRET must be a whsec_ secret: {e}")
-                })?)
-            }
-            _ => Some(EndpointSecret::generate()),
+                })?),
+                false,
+            ),
+            _ => (Some(EndpointSecret::generate()), true),
         },
     };
     let apps = if args.apps.is_empty() {
@@ -122,10 +134,15 @@ pub async fn run(args: ListenArgs) -> anyhow::Result<()> {
 
     let forward = match (&args.forward_to, secret) {
         (Some(url), Some(secret)) => {
-            eprintln!(
-                "forwarding to {url}, signed with {} (verify it as any Standard Webhooks secret)",
-                secret.serialize()
-            );
+            // A secret the user gave is not printed: it would end up in terminal and CI logs.
+            if generated_secret {
+                eprintln!(
+                    "forwarding to {url}, signed with {} (verify it as any Standard Webhooks secret)",
+                    secret.serialize()
+                );
+            } else {
+                eprintln!("forwarding to {url}, signed with the secret given");
+            }
             Some(Forward {
                 url: url.clone(),
                 secret,
@@ -177,6 +194,11 @@ pub async fn run(args: ListenArgs) -> anyhow::Result<()> {
                     "{app}: lost the stream ({error}); reconnecting. Events published meanwhile are not shown (the message log has them)"
                 );
             }
+            // Asking again would be refused again, every 10 s for ever: a script waiting for
+            // `--count` events gets an exit code instead.
+            Some(Heard::Refused { app, error }) => {
+                anyhow::bail!("{app}: the stream was refused ({error}); not reconnecting")
+            }
         }
     }
 }
@@ -207,11 +229,22 @@ async fn follow(
                     stream
                 }
                 Err(e) => {
-                    let lost = Heard::Lost {
-                        app: app.clone(),
-                        error: format!("{e:#}"),
+                    let error = format!("{e:#}");
+                    let refused = e
+                        .downcast_ref::<super::api::StreamRefused>()
+                        .is_some_and(super::api::StreamRefused::is_final);
+                    let lost = if refused {
+                        Heard::Refused {
+                            app: app.clone(),
+                            error,
+                        }
+                    } else {
+                        Heard::Lost {
+                            app: app.clone(),
+                            error,
+                        }
                     };
-                    if heard.send(lost).await.is_err() {
+                    if heard.send(lost).await.is_err() || refused {
                         return;
                     }
                     tokio::time::sleep(backoff).await;

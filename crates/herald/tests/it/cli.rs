@@ -243,17 +243,26 @@ async fn listen_prints_the_apps_events_and_forwards_them_signed() {
         .stderr(Stdio::piped());
     let mut child = listen.spawn().expect("listen runs");
     let mut stderr = BufReader::new(child.stderr.take().expect("stderr")).lines();
-    let ready = tokio::time::timeout(Duration::from_secs(30), async {
+    let said = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut said = Vec::new();
         while let Some(line) = stderr.next_line().await.expect("stderr line") {
-            if line.starts_with("ready:") {
-                return line;
+            said.push(line);
+            if said.last().is_some_and(|l| l.starts_with("ready:")) {
+                return said;
             }
         }
-        panic!("listen ended before it was ready");
+        panic!("listen ended before it was ready: {said:?}");
     })
     .await
     .expect("ready within 30 s");
-    assert!(ready.contains("listened"), "{ready}");
+    assert!(
+        said.last().is_some_and(|ready| ready.contains("listened")),
+        "{said:?}"
+    );
+    assert!(
+        !said.iter().any(|line| line.contains(secret)),
+        "a secret the user gave is not printed: {said:?}"
+    );
 
     // Another app's event, and another type, are not shown; then two that are.
     server
@@ -329,6 +338,62 @@ async fn listen_prints_the_apps_events_and_forwards_them_signed() {
         large.to_string(),
         "forwarded whole and byte for byte, from the message log"
     );
+    server.stop().await;
+}
+
+/// A stream the server refuses for good (its token revoked) ends `listen` with an error, where
+/// it used to ask again every 10 s for ever.
+#[tokio::test]
+async fn listen_stops_with_an_error_when_its_token_is_refused() {
+    let server = TestServer::start().await;
+    let app = server.create_app("listen-revoked").await;
+    let (status, token) = server
+        .call(
+            Method::POST,
+            "/api/v1/auth/token",
+            Some(json!({"name": "listener", "appId": app})),
+        )
+        .await;
+    assert_eq!(status, 201, "{token}");
+    let mut listen = herald(&server);
+    listen
+        .env("HERALD_TOKEN", token["token"].as_str().expect("token"))
+        .args(["listen", "--app", &app, "--count", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = listen.spawn().expect("listen runs");
+    let mut stderr = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = stderr.next_line().await.expect("stderr line") {
+            if line.starts_with("ready:") {
+                return;
+            }
+        }
+        panic!("listen ended before it was ready");
+    })
+    .await
+    .expect("ready within 30 s");
+    let (status, _) = server
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/auth/token/{}", token["id"].as_str().expect("id")),
+            None,
+        )
+        .await;
+    assert_eq!(status, 204);
+    // The tail ends within its token recheck (5 s); the reconnect is refused with 401.
+    let mut said = Vec::new();
+    let status = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = stderr.next_line().await.expect("stderr line") {
+            said.push(line);
+        }
+        child.wait().await.expect("listen's status")
+    })
+    .await
+    .expect("listen stopped within 30 s of the revocation");
+    assert!(!status.success(), "{said:?}");
+    let last = said.last().expect("a last word");
+    assert!(last.contains("refused") && last.contains("401"), "{said:?}");
     server.stop().await;
 }
 
