@@ -920,7 +920,9 @@ fn shown_name(name: &str) -> &str {
 /// Keeps `grant` among a socket's grants, which stay bounded however many joins name a token:
 /// expired grants go (all but the first that names a user, which says who the socket is for
 /// as long as it lives), a grant that adds nothing to one kept is not kept, and past `cap`
-/// the oldest grant that names no user makes room.
+/// the oldest grant but that first one makes room. (Tokens minted per join, each expiring
+/// later than the last, are never covered: past the cap, grants naming the user must make
+/// room too, or a long-lived socket kept one per join for a day.)
 fn keep_grant(grants: &mut Vec<Grant>, grant: Grant, now: i64, cap: usize) {
     let identity = grants.iter().position(|g| g.user_id.is_some());
     let mut index = 0;
@@ -937,8 +939,9 @@ fn keep_grant(grants: &mut Vec<Grant>, grant: Grant, now: i64, cap: usize) {
     if covered {
         return;
     }
+    let identity = grants.iter().position(|g| g.user_id.is_some());
     if grants.len() >= cap.max(1)
-        && let Some(oldest) = grants.iter().position(|g| g.user_id.is_none())
+        && let Some(oldest) = (0..grants.len()).find(|&at| Some(at) != identity)
     {
         grants.remove(oldest);
     }
@@ -1102,5 +1105,18 @@ mod tests {
         keep_grant(&mut grants, grant(None, &["private-late"], 900), 300, 10);
         let rooms: Vec<&str> = grants.iter().map(|g| g.rooms[0].as_str()).collect();
         assert_eq!(rooms, ["presence-a", "private-late"]);
+        // A fresh token for the user at every join, each expiring a second later than the
+        // last: never covered, and still bounded.
+        for n in 0..1000 {
+            keep_grant(
+                &mut grants,
+                grant(Some("u1"), &["presence-a", "private-b"], 1000 + n),
+                300,
+                10,
+            );
+        }
+        assert_eq!(grants.len(), 10);
+        assert_eq!(grants[0].rooms, ["presence-a"], "who the socket is stays");
+        assert_eq!(grants[9].expires_at, 1999, "the newest is kept");
     }
 }
