@@ -472,15 +472,21 @@ impl PostgresBroker {
                     () = shutdown.cancelled() => return,
                     _ = sweep.tick() => self.sweep().await,
                     _ = keepalive.tick() => check = true,
-                    _ = retry.tick(), if (self.missed.load(Ordering::Relaxed)
-                        || self.terminations_from.load(Ordering::Relaxed) != NO_TERMINATIONS_DUE)
-                        && self.bus.as_ref().is_none_or(|bus| bus.is_connected()) =>
-                    {
-                        if self.missed.swap(false, Ordering::Relaxed) {
-                            tracing::info!(node = self.node, "broker: catching up history events that could not be sent or handed on");
-                            self.catch_up().await;
+                    // Always polled, the flags read when it ticks: as a branch condition
+                    // they were read when the select began, so a flag the bus's side set
+                    // meanwhile (a history event it could not hand on, a replay that failed
+                    // in its resume) waited for the next keep-alive, 15 s, not a second.
+                    _ = retry.tick() => {
+                        if (self.missed.load(Ordering::Relaxed)
+                            || self.terminations_from.load(Ordering::Relaxed) != NO_TERMINATIONS_DUE)
+                            && self.bus.as_ref().is_none_or(|bus| bus.is_connected())
+                        {
+                            if self.missed.swap(false, Ordering::Relaxed) {
+                                tracing::info!(node = self.node, "broker: catching up history events that could not be sent or handed on");
+                                self.catch_up().await;
+                            }
+                            self.replay_terminations().await;
                         }
-                        self.replay_terminations().await;
                     }
                     received = listener.try_recv() => match received {
                         Ok(Some(notification)) => {

@@ -3766,7 +3766,19 @@ async fn expired_payloads_are_expunged_in_batches_but_not_under_a_pending_delive
         .await
         .expect("pending message");
 
-    let sizes = batches(|| Box::pin(store.expire_payloads(now, now, crate::RETENTION_BATCH))).await;
+    let sizes = batches(|| {
+        Box::pin(async {
+            let done = store
+                .expire_payloads(now, now, crate::RETENTION_BATCH)
+                .await?;
+            assert_eq!(
+                done.set_aside, 1,
+                "the pending delivery's payload is set aside"
+            );
+            Ok(done.expunged)
+        })
+    })
+    .await;
     assert_eq!(
         sizes,
         vec![500, 500, 200],
@@ -3796,7 +3808,8 @@ async fn expired_payloads_are_expunged_in_batches_but_not_under_a_pending_delive
         store
             .expire_payloads(now, now, crate::RETENTION_BATCH)
             .await
-            .expect("again"),
+            .expect("again")
+            .expunged,
         0,
         "idempotent"
     );

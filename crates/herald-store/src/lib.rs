@@ -928,6 +928,22 @@ pub trait ChannelWebhookStore: Send + Sync + 'static {
     async fn occupants(&self) -> Result<Vec<Occupant>>;
 }
 
+/// What one [`RetentionStore::expire_payloads`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExpiredPayloads {
+    /// Payloads expunged.
+    pub expunged: u64,
+    /// Payloads past their time set aside until the recheck, their deliveries under way.
+    pub set_aside: u64,
+}
+
+impl ExpiredPayloads {
+    /// Whether either statement did a whole batch of `limit`: there may be more of it.
+    pub fn full(&self, limit: u32) -> bool {
+        self.expunged >= u64::from(limit) || self.set_aside >= u64::from(limit)
+    }
+}
+
 /// Retention: what the sweeper expunges and deletes, one bounded batch per call, so intake
 /// never waits behind a long delete; and the expunge the API asks for. Every call is
 /// idempotent and takes only rows no other sweeper holds (PostgreSQL: `SKIP LOCKED`), so
@@ -938,13 +954,13 @@ pub trait RetentionStore: Send + Sync + 'static {
     /// whose `payload_expires_at` is at or before `now`, of messages with no delivery still
     /// pending or in flight (those keep their payload until their deliveries are done, and
     /// up to `limit` of them are looked at again at `recheck_at`, so a backlog of them does not
-    /// sit in every batch's way); returns how many were expunged.
+    /// sit in every batch's way); returns how many were expunged and set aside.
     async fn expire_payloads(
         &self,
         now: DateTime<Utc>,
         recheck_at: DateTime<Utc>,
         limit: u32,
-    ) -> Result<u64>;
+    ) -> Result<ExpiredPayloads>;
     /// Expunges the payload of the app's message `id_or_event_id` now, whatever its
     /// deliveries; the message and its attempts stay. Whether the message exists.
     async fn expunge_payload(&self, app_id: &AppId, id_or_event_id: &str) -> Result<bool>;

@@ -1293,7 +1293,7 @@ macro_rules! retention_store {
                 now: ::chrono::DateTime<::chrono::Utc>,
                 recheck_at: ::chrono::DateTime<::chrono::Utc>,
                 limit: u32,
-            ) -> $crate::Result<u64> {
+            ) -> $crate::Result<$crate::ExpiredPayloads> {
                 // Deliveries pending (1) or sending (3) still need their message's payload.
                 let done = ::sqlx::query(concat!(
                     "UPDATE messages SET payload = $1, payload_expires_at = NULL WHERE ",
@@ -1317,7 +1317,7 @@ macro_rules! retention_store {
                 // again later, not at every batch: left at the head of the index, a long
                 // backlog of them (an endpoint down for a day) would be walked past by every
                 // statement.
-                ::sqlx::query(concat!(
+                let set_aside = ::sqlx::query(concat!(
                     "UPDATE messages SET payload_expires_at = $1 WHERE ",
                     $key,
                     " IN (SELECT m.",
@@ -1335,7 +1335,10 @@ macro_rules! retention_store {
                 .bind(i64::from(limit))
                 .execute(&self.$writer)
                 .await?;
-                Ok(done.rows_affected())
+                Ok($crate::ExpiredPayloads {
+                    expunged: done.rows_affected(),
+                    set_aside: set_aside.rows_affected(),
+                })
             }
 
             async fn expunge_payload(

@@ -171,21 +171,32 @@ impl Batches<'_> {
     async fn run(self, store: &dyn RetentionStore) -> Result<u64, StoreError> {
         let mut total = 0;
         loop {
-            let done = match self.op {
+            let (done, full) = match self.op {
+                // Payloads set aside (their deliveries under way) count as work: a backlog of
+                // them left at the head of the expiry index would be walked past by every
+                // expunge until the next sweep set aside 500 more.
                 Op::Payloads(now, recheck_at) => {
-                    store.expire_payloads(now, recheck_at, self.limit).await?
+                    let expired = store.expire_payloads(now, recheck_at, self.limit).await?;
+                    (expired.expunged, expired.full(self.limit))
                 }
-                Op::Attempts(before) => store.delete_attempts_before(before, self.limit).await?,
-                Op::Messages(before) => store.delete_messages_before(before, self.limit).await?,
+                Op::Attempts(before) => {
+                    let done = store.delete_attempts_before(before, self.limit).await?;
+                    (done, done >= u64::from(self.limit))
+                }
+                Op::Messages(before) => {
+                    let done = store.delete_messages_before(before, self.limit).await?;
+                    (done, done >= u64::from(self.limit))
+                }
                 Op::Received(before) => {
-                    store
+                    let done = store
                         .delete_ingest_events_before(before, self.limit)
-                        .await?
+                        .await?;
+                    (done, done >= u64::from(self.limit))
                 }
             };
             total += done;
             // A short batch means nothing is left (or what is left is held by another node).
-            if done < u64::from(self.limit) || self.stop.is_cancelled() {
+            if !full || self.stop.is_cancelled() {
                 return Ok(total);
             }
             tokio::time::sleep(self.pause).await;
@@ -198,29 +209,38 @@ mod tests {
     use std::sync::Mutex;
 
     use herald_core::AppId;
+    use herald_store::ExpiredPayloads;
 
     use super::*;
 
-    /// A store whose payload expunge always fails, recording the other kinds' calls.
+    /// A store whose payload expunges answer as scripted (then fail), recording every call.
     #[derive(Default)]
-    struct PayloadsFail(Mutex<Vec<&'static str>>);
+    struct Scripted {
+        payloads: Mutex<Vec<ExpiredPayloads>>,
+        calls: Mutex<Vec<&'static str>>,
+    }
 
-    impl PayloadsFail {
+    impl Scripted {
         fn called(&self, kind: &'static str) -> Result<u64, StoreError> {
-            self.0.lock().expect("lock").push(kind);
+            self.calls.lock().expect("lock").push(kind);
             Ok(0)
         }
     }
 
     #[async_trait::async_trait]
-    impl RetentionStore for PayloadsFail {
+    impl RetentionStore for Scripted {
         async fn expire_payloads(
             &self,
             _: DateTime<Utc>,
             _: DateTime<Utc>,
             _: u32,
-        ) -> Result<u64, StoreError> {
-            Err(StoreError::Corrupt("statement timeout".into()))
+        ) -> Result<ExpiredPayloads, StoreError> {
+            self.calls.lock().expect("lock").push("payloads");
+            let mut payloads = self.payloads.lock().expect("lock");
+            if payloads.is_empty() {
+                return Err(StoreError::Corrupt("statement timeout".into()));
+            }
+            Ok(payloads.remove(0))
         }
         async fn expunge_payload(&self, _: &AppId, _: &str) -> Result<bool, StoreError> {
             Ok(false)
@@ -256,10 +276,8 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_kind_that_keeps_failing_does_not_hold_up_the_others() {
-        let store = PayloadsFail::default();
-        let retention = Retention {
+    fn retention() -> Retention {
+        Retention {
             day: Duration::from_secs(86_400),
             payload_days: 30,
             attempt_days: 90,
@@ -267,16 +285,47 @@ mod tests {
             sweep_every: Duration::from_secs(60),
             batch: 500,
             pause: Duration::ZERO,
-        };
-        let swept = sweep(&store, &retention, Utc::now(), &CancellationToken::new()).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_kind_that_keeps_failing_does_not_hold_up_the_others() {
+        let store = Scripted::default();
+        let swept = sweep(&store, &retention(), Utc::now(), &CancellationToken::new()).await;
         assert!(
             matches!(swept, Err(StoreError::Corrupt(_))),
             "the failure is reported: {swept:?}"
         );
         assert_eq!(
-            *store.0.lock().expect("lock"),
-            ["attempts", "messages", "received"],
+            *store.calls.lock().expect("lock"),
+            ["payloads", "attempts", "messages", "received"],
             "every other kind still ran"
         );
+    }
+
+    /// A batch that set aside a whole batch of payloads (their deliveries under way) is
+    /// followed by another, though it expunged none: the backlog is set aside in one sweep,
+    /// not 500 a sweep while every expunge walks past the rest.
+    #[tokio::test]
+    async fn payloads_set_aside_count_as_a_batch_done() {
+        let store = Scripted::default();
+        store.payloads.lock().expect("lock").extend([
+            ExpiredPayloads {
+                expunged: 0,
+                set_aside: 500,
+            },
+            ExpiredPayloads {
+                expunged: 3,
+                set_aside: 0,
+            },
+        ]);
+        let batches = Batches {
+            limit: 500,
+            pause: Duration::ZERO,
+            stop: &CancellationToken::new(),
+            op: Op::Payloads(Utc::now(), Utc::now()),
+        };
+        assert_eq!(batches.run(&store).await.expect("run"), 3, "expunged");
+        assert_eq!(*store.calls.lock().expect("lock"), ["payloads", "payloads"]);
     }
 }
