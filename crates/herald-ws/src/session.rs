@@ -554,6 +554,26 @@ impl<B: Backend> Session<B> {
                 j.info.as_ref().map(|i| i.get().to_owned()),
             )
         });
+        // A retry after the history could not be read looks first, before joining: a join
+        // that fails again is undone, and on a presence channel the other members would see
+        // this member come and go at every retry (webhooks, cluster rows too).
+        if failures > 0
+            && let Some(retention) = self.backend.retention(channel)
+            && self
+                .backend
+                .recover(channel, retention, None, 0)
+                .await
+                .is_err()
+        {
+            self.retry_later(
+                request,
+                failures,
+                "HistoryUnavailable",
+                "the channel's history could not be read",
+                503,
+            );
+            return;
+        }
         if !self
             .join(channel, joining, member, request.resume.as_ref())
             .await

@@ -41,6 +41,8 @@ struct Scripted {
     refuse_publish: bool,
     /// How many reads of the store (credentials, history) fail before they succeed.
     failing_reads: AtomicU32,
+    /// How many reads of history alone fail before they succeed.
+    failing_history: AtomicU32,
     /// Set by [`Client::open`].
     hub: Mutex<Option<Arc<AppHub>>>,
 }
@@ -75,6 +77,7 @@ impl Scripted {
             kept: Mutex::default(),
             refuse_publish: false,
             failing_reads: AtomicU32::new(0),
+            failing_history: AtomicU32::new(0),
             hub: Mutex::default(),
         }
     }
@@ -125,7 +128,11 @@ impl Backend for Scripted {
         resume: Option<&Resume>,
         _max_replay: u64,
     ) -> Result<Joined, StoreError> {
-        if self.read_fails() {
+        let history_fails = self
+            .failing_history
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok();
+        if self.read_fails() || history_fails {
             return Err(StoreError::Batch("the store is down".into()));
         }
         let hub = self.hub.lock().expect("lock").clone().expect("opened");
@@ -516,6 +523,43 @@ async fn a_subscribe_the_store_could_not_serve_is_told_once_and_tried_until_it_s
     assert_eq!(confirmed["event"], "pusher_internal:subscription_succeeded");
     assert_eq!(confirmed["channel"], "history-a");
     assert!(hub.is_subscribed("history-a", "2.2"));
+}
+
+/// A presence member whose history channel could not be read is seen to come and go once,
+/// not at every retry: a retry reads the history before it joins.
+#[tokio::test(start_paused = true)]
+async fn a_retried_presence_join_is_announced_to_the_others_once() {
+    let hub = Hub::default().app(&AppId::parse("app_1").expect("valid"));
+    let channel = "presence-history-a";
+    let mut other = Client::open(&hub, "2.2", &WsConfig::default(), Scripted::new());
+    other.received();
+    let data = r#"{"user_id":"u2"}"#;
+    other
+        .send(&subscribe_signed(&other, channel, Some(data)))
+        .await;
+    assert_eq!(other.events(), ["pusher_internal:subscription_succeeded"]);
+    let backend = Scripted {
+        failing_history: AtomicU32::new(3),
+        ..Scripted::new()
+    };
+    let mut client = Client::open(&hub, "1.1", &WsConfig::default(), backend);
+    client.received();
+    let data = r#"{"user_id":"u1"}"#;
+    client
+        .send(&subscribe_signed(&client, channel, Some(data)))
+        .await;
+    assert_subscription_error(&client.only(), channel, "HistoryUnavailable", 503);
+    while client.run_next_deferred().await {}
+    assert_eq!(client.events(), ["pusher_internal:subscription_succeeded"]);
+    assert_eq!(
+        other.events(),
+        [
+            "pusher_internal:member_added",
+            "pusher_internal:member_removed",
+            "pusher_internal:member_added"
+        ],
+        "the first join, undone, then the one that held; none for the two retries between"
+    );
 }
 
 #[tokio::test(start_paused = true)]
