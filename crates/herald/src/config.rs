@@ -1343,11 +1343,32 @@ impl Config {
                 )));
             }
         }
-        if l.max_connections > tokio::sync::Semaphore::MAX_PERMITS {
+        // Both become semaphores' permits (Socket.IO's send buffer is a bounded channel), which
+        // panic past this at every connection.
+        for (name, value) in [
+            ("listener.max_connections", l.max_connections),
+            ("socketio.outbox_frames", self.socketio.outbox_frames),
+        ] {
+            if value > tokio::sync::Semaphore::MAX_PERMITS {
+                return Err(ConfigError::Invalid(format!(
+                    "{name} ({value}) must be at most {}",
+                    tokio::sync::Semaphore::MAX_PERMITS
+                )));
+            }
+        }
+        // engine.io-client arms one timer of pingInterval + pingTimeout, and browsers and Node
+        // fire a timer past 2^31 - 1 ms at once: every client would time out after its
+        // handshake and reconnect in a loop.
+        const MAX_CLIENT_TIMER_MS: u64 = i32::MAX as u64;
+        let socketio = &self.socketio;
+        if socketio
+            .ping_interval_ms
+            .saturating_add(socketio.ping_timeout_ms)
+            > MAX_CLIENT_TIMER_MS
+        {
             return Err(ConfigError::Invalid(format!(
-                "listener.max_connections ({}) must be at most {}",
-                l.max_connections,
-                tokio::sync::Semaphore::MAX_PERMITS
+                "socketio.ping_interval_ms + socketio.ping_timeout_ms ({} + {}) must be at most {MAX_CLIENT_TIMER_MS} (about 24.8 days): Socket.IO clients time out at once past it",
+                socketio.ping_interval_ms, socketio.ping_timeout_ms
             )));
         }
         Ok(())
@@ -1369,11 +1390,17 @@ impl Config {
                 r.ingest_days
             ));
         }
-        if !(r.sweep_interval_secs.is_finite() && r.sweep_interval_secs > 0.0) {
-            return invalid("retention.sweep_interval_secs must be a positive number".into());
+        // At least a millisecond: a smaller one is a zero `Duration`, which made every day end
+        // at once (everything deleted at each sweep) or the sweeper loop without a pause.
+        if !(r.sweep_interval_secs.is_finite() && r.sweep_interval_secs >= 0.001) {
+            return invalid(
+                "retention.sweep_interval_secs must be a number of seconds, at least 0.001".into(),
+            );
         }
-        if !(r.day_secs.is_finite() && r.day_secs > 0.0) {
-            return invalid("retention.day_secs must be a positive number (86400)".into());
+        if !(r.day_secs.is_finite() && r.day_secs >= 0.001) {
+            return invalid(
+                "retention.day_secs must be a number of seconds, at least 0.001 (86400)".into(),
+            );
         }
         if r.batch_size == 0 {
             return invalid("retention.batch_size must be at least 1".into());
@@ -1551,6 +1578,26 @@ mod tests {
                     "HERALD_LISTENER__MAX_CONNECTIONS",
                     "18446744073709551615",
                     "listener.max_connections",
+                ),
+                (
+                    "HERALD_SOCKETIO__OUTBOX_FRAMES",
+                    "18446744073709551615",
+                    "socketio.outbox_frames",
+                ),
+                (
+                    "HERALD_SOCKETIO__PING_INTERVAL_MS",
+                    "2147480000",
+                    "socketio.ping_interval_ms + socketio.ping_timeout_ms",
+                ),
+                (
+                    "HERALD_RETENTION__DAY_SECS",
+                    "0.0000000001",
+                    "retention.day_secs",
+                ),
+                (
+                    "HERALD_RETENTION__SWEEP_INTERVAL_SECS",
+                    "0.0000000001",
+                    "retention.sweep_interval_secs",
                 ),
             ];
             for (variable, value, named) in too_large {

@@ -121,14 +121,20 @@ impl Api {
                     .header("content-type", "application/json")
                     .body(body.clone());
             }
-            let response = request.send().await.map_err(|e| self.unreachable(e))?;
+            let response = request
+                .send()
+                .await
+                .map_err(|e| self.unanswered(&method, e))?;
             let status = response.status();
             if status == StatusCode::TOO_MANY_REQUESTS && tries < RATE_LIMITED_RETRIES {
                 tries += 1;
                 tokio::time::sleep(retry_after(&response)).await;
                 continue;
             }
-            let bytes = response.bytes().await.map_err(|e| self.unreachable(e))?;
+            let bytes = response
+                .bytes()
+                .await
+                .map_err(|e| self.unanswered(&method, e))?;
             if status.is_success() {
                 return Ok(bytes);
             }
@@ -199,6 +205,20 @@ impl Api {
                 return Ok(items);
             }
         }
+    }
+
+    /// A request that got no whole answer. One that could not connect was never sent; any
+    /// other (a timeout, an answer cut off) may have been applied, which a user about to run
+    /// a POST again (a second message) must be told rather than "is it running?".
+    fn unanswered(&self, method: &Method, error: reqwest::Error) -> anyhow::Error {
+        if error.is_connect() || error.is_builder() || *method == Method::GET {
+            return self.unreachable(error);
+        }
+        anyhow::anyhow!(
+            "Herald at {} took the {method} but no whole answer came back ({}): it may have been applied; check before running it again",
+            self.base,
+            super::error_chain(&error)
+        )
     }
 
     fn unreachable(&self, error: reqwest::Error) -> anyhow::Error {

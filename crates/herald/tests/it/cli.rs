@@ -341,6 +341,59 @@ async fn listen_prints_the_apps_events_and_forwards_them_signed() {
     server.stop().await;
 }
 
+/// A POST whose answer is cut off may have been applied: the user is told so, not asked
+/// whether the server is running (which invites running `herald send` again: a second
+/// message).
+#[tokio::test]
+async fn a_post_whose_answer_was_cut_off_is_said_to_have_maybe_been_applied() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("address"));
+    // Takes the request whole, then answers a 201 whose body stops short.
+    let server = tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.expect("accept");
+        let mut request = Vec::new();
+        let mut buffer = [0_u8; 4096];
+        loop {
+            let read = socket.read(&mut buffer).await.expect("read");
+            request.extend_from_slice(&buffer[..read]);
+            let text = String::from_utf8_lossy(&request);
+            if let Some(head) = text.find("\r\n\r\n") {
+                let length = text[..head]
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().to_owned())
+                    })
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .unwrap_or(0);
+                if request.len() >= head + 4 + length || read == 0 {
+                    break;
+                }
+            }
+        }
+        socket
+            .write_all(b"HTTP/1.1 201 Created\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"id\"")
+            .await
+            .expect("write");
+    });
+    let mut command = Command::new(env!("CARGO_BIN_EXE_herald"));
+    command
+        .env("HERALD_URL", &url)
+        .env("HERALD_TOKEN", ADMIN_TOKEN)
+        .env("HERALD_CLI_CONFIG", "")
+        .env("XDG_CONFIG_HOME", "/nonexistent")
+        .kill_on_drop(true);
+    let (ok, _, err) = run(command, &["send", "shop", "order.paid"]).await;
+    server.await.expect("served");
+    assert!(!ok);
+    assert!(err.contains("may have been applied"), "{err}");
+    assert!(!err.contains("is it running"), "{err}");
+}
+
 /// A stream the server refuses for good (its token revoked) ends `listen` with an error, where
 /// it used to ask again every 10 s for ever.
 #[tokio::test]
