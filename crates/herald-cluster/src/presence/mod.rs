@@ -909,10 +909,21 @@ impl ClusterPresence {
                 changes.push((app_id, LocalChange::Vacated { channel }));
             }
         }
+        // Every change is tried, and the first failure reported after them (the caller tries
+        // the reconcile again): one that fails every time (a NATS record past the server's
+        // max_payload) must not hold back the joins and leaves behind it, or users who left
+        // stay members across the cluster for as long as it fails.
+        let mut failed = None;
         for (app_id, change) in &changes {
-            self.apply(app_id, change, flushed).await?;
+            if let Err(e) = self.apply(app_id, change, flushed).await {
+                tracing::warn!(node = self.node, error = %e, ?change, "presence: a change of the reconcile failed; the others go on");
+                failed.get_or_insert(e);
+            }
         }
-        Ok(changes.len())
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(changes.len()),
+        }
     }
 
     /// One change of this node, decided for the cluster (see the module doc).
@@ -1508,6 +1519,10 @@ mod tests {
     struct Rounds {
         events: mpsc::UnboundedSender<&'static str>,
         slow_changes: Mutex<Vec<Duration>>,
+        /// What the record says the node holds.
+        held: Mutex<Held>,
+        /// A user whose join fails every time.
+        refused_user: Option<&'static str>,
     }
 
     #[async_trait::async_trait]
@@ -1524,10 +1539,17 @@ mod tests {
             _: &str,
             _: &str,
             _: &str,
-            _: &str,
+            user_id: &str,
             _: Option<&str>,
             _: Option<&str>,
         ) -> Result<bool, ClusterPresenceError> {
+            if self.refused_user == Some(user_id) {
+                let _ = self.events.send("join refused");
+                return Err(ClusterPresenceError::Record(
+                    "maximum payload exceeded".into(),
+                ));
+            }
+            let _ = self.events.send("join");
             Ok(true)
         }
         async fn leave(
@@ -1538,6 +1560,7 @@ mod tests {
             _: &str,
             _: &str,
         ) -> Result<bool, ClusterPresenceError> {
+            let _ = self.events.send("leave");
             Ok(true)
         }
         async fn occupy(
@@ -1565,7 +1588,11 @@ mod tests {
             Ok(())
         }
         async fn held_by(&self, _: &str) -> Result<Held, ClusterPresenceError> {
-            Ok(Held::default())
+            let held = self.held.lock().expect("lock");
+            Ok(Held {
+                members: held.members.clone(),
+                channels: held.channels.clone(),
+            })
         }
         async fn stale_nodes(&self, _: i64) -> Result<Vec<(String, i64)>, ClusterPresenceError> {
             let _ = self.events.send("sweep");
@@ -1626,11 +1653,32 @@ mod tests {
         CancellationToken,
         tokio::task::JoinHandle<()>,
     ) {
+        node_over(Rounds::new)
+    }
+
+    impl Rounds {
+        fn new(events: mpsc::UnboundedSender<&'static str>) -> Self {
+            Self {
+                events,
+                slow_changes: Mutex::new(Vec::new()),
+                held: Mutex::new(Held::default()),
+                refused_user: None,
+            }
+        }
+    }
+
+    /// Node "a" over the record `make` builds, as [`node_over_rounds`].
+    fn node_over(
+        make: impl FnOnce(mpsc::UnboundedSender<&'static str>) -> Rounds,
+    ) -> (
+        Arc<Hub>,
+        Arc<Rounds>,
+        mpsc::UnboundedReceiver<&'static str>,
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+    ) {
         let (events, seen) = mpsc::unbounded_channel();
-        let record = Arc::new(Rounds {
-            events,
-            slow_changes: Mutex::new(Vec::new()),
-        });
+        let record = Arc::new(make(events));
         let hub = Arc::new(Hub::default());
         let presence = ClusterPresence::new(
             "a".into(),
@@ -1684,6 +1732,46 @@ mod tests {
         assert_eq!(next().await, "occupy", "no sweep in the first late round");
         assert_eq!(next().await, "sweep", "the second late round sweeps");
         assert_eq!(next().await, "sweep", "then on time");
+        stop.cancel();
+        running.await.expect("run");
+    }
+
+    /// A change that fails every time (a NATS record past the server's max_payload) leaves the
+    /// node reconciling, and each reconcile still applies the changes behind it: here a member
+    /// the record holds but the hub does not leaves, though another's join keeps failing.
+    #[tokio::test(start_paused = true)]
+    async fn a_change_that_always_fails_holds_back_none_behind_it() {
+        let app = AppId::parse("app_1").expect("valid");
+        let (hub, _record, mut seen, stop, running) = node_over(|events| {
+            let mut held = Held::default();
+            held.members.insert((
+                app.as_str().to_owned(),
+                "presence-x".to_owned(),
+                "gone".to_owned(),
+            ));
+            held.channels
+                .insert((app.as_str().to_owned(), "presence-x".to_owned()));
+            Rounds {
+                held: Mutex::new(held),
+                refused_user: Some("u1"),
+                ..Rounds::new(events)
+            }
+        });
+        subscribe(&hub, &app, "presence-x", Some("u1"), "1.1");
+        // The queued join fails, then the reconcile tries it again and goes on to the leave
+        // of the member the hub no longer has.
+        let mut events = Vec::new();
+        while !events.contains(&"leave") {
+            match seen.recv().await.expect("an event") {
+                "beat" | "sweep" => {}
+                event => events.push(event),
+            }
+            assert!(events.len() < 20, "no leave: {events:?}");
+        }
+        assert!(
+            events.iter().filter(|e| **e == "join refused").count() >= 2,
+            "the reconcile tried the join again: {events:?}"
+        );
         stop.cancel();
         running.await.expect("run");
     }
