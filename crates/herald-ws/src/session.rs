@@ -557,7 +557,7 @@ impl<B: Backend> Session<B> {
         // A retry after the history could not be read looks first, before joining: a join
         // that fails again is undone, and on a presence channel the other members would see
         // this member come and go at every retry (webhooks, cluster rows too).
-        if failures > 0
+        let unreadable = if failures > 0
             && let Some(retention) = self.backend.retention(channel)
             && self
                 .backend
@@ -565,19 +565,13 @@ impl<B: Backend> Session<B> {
                 .await
                 .is_err()
         {
-            self.retry_later(
-                request,
-                failures,
-                "HistoryUnavailable",
-                "the channel's history could not be read",
-                503,
-            );
-            return;
-        }
-        if !self
-            .join(channel, joining, member, request.resume.as_ref())
-            .await
-        {
+            true
+        } else {
+            !self
+                .join(channel, joining, member, request.resume.as_ref())
+                .await
+        };
+        if unreadable {
             self.retry_later(
                 request,
                 failures,
