@@ -16,7 +16,8 @@
 //! message log (`GET .../msg`) is the durable record.
 //!
 //! The stream lives only as long as its token: the token is checked again every
-//! [`RECHECK_TOKEN`], and a token revoked or expired meanwhile ends the stream.
+//! [`RECHECK_TOKEN`], and a token revoked or expired meanwhile ends the stream, as does the
+//! app's deletion.
 
 use std::{
     collections::HashMap,
@@ -236,6 +237,17 @@ impl Recheck {
 }
 
 impl Watching {
+    /// Whether the app was deleted: its tail ends, as an app token's does when the deletion
+    /// takes the token with it (an admin token's tail of a deleted app otherwise held one of
+    /// the node's tails, silent, until its client left). A store that could not answer says
+    /// nothing about it. The store's app cache is exact, so this is a lookup, not a query.
+    async fn app_deleted(&self) -> bool {
+        matches!(
+            self.token.state.store.get_app(self.app_id.as_str()).await,
+            Ok(None)
+        )
+    }
+
     /// The next event for this watcher; `None` ends the stream (shutdown).
     async fn next(&mut self) -> Option<Event> {
         loop {
@@ -245,7 +257,7 @@ impl Watching {
                 _ = self.token.every.tick() => {
                     // Run to its end, not raced against the next event: a busy tail would
                     // otherwise drop every check that has to ask the store.
-                    if self.token.revoked().await {
+                    if self.token.revoked().await || self.app_deleted().await {
                         return None;
                     }
                     continue;

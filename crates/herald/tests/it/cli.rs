@@ -394,8 +394,8 @@ async fn a_post_whose_answer_was_cut_off_is_said_to_have_maybe_been_applied() {
     assert!(!err.contains("is it running"), "{err}");
 }
 
-/// A stream the server refuses for good (its token revoked) ends `listen` with an error, where
-/// it used to ask again every 10 s for ever.
+/// A stream the server refuses for good (its token revoked, its app deleted) ends `listen`
+/// with an error, where it used to ask again every 10 s for ever.
 #[tokio::test]
 async fn listen_stops_with_an_error_when_its_token_is_refused() {
     let server = TestServer::start().await;
@@ -447,6 +447,43 @@ async fn listen_stops_with_an_error_when_its_token_is_refused() {
     assert!(!status.success(), "{said:?}");
     let last = said.last().expect("a last word");
     assert!(last.contains("refused") && last.contains("401"), "{said:?}");
+
+    // With the admin token, which outlives any app: the app's deletion ends the tail (within
+    // its recheck), and the reconnect is refused with 404.
+    let app = server.create_app("listen-deleted").await;
+    let mut listen = herald(&server);
+    listen
+        .args(["listen", "--app", &app, "--count", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = listen.spawn().expect("listen runs");
+    let mut stderr = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = stderr.next_line().await.expect("stderr line") {
+            if line.starts_with("ready:") {
+                return;
+            }
+        }
+        panic!("listen ended before it was ready");
+    })
+    .await
+    .expect("ready within 30 s");
+    let (status, _) = server
+        .call(Method::DELETE, &format!("/api/v1/app/{app}"), None)
+        .await;
+    assert_eq!(status, 204);
+    let mut said = Vec::new();
+    let status = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = stderr.next_line().await.expect("stderr line") {
+            said.push(line);
+        }
+        child.wait().await.expect("listen's status")
+    })
+    .await
+    .expect("listen stopped within 30 s of the deletion");
+    assert!(!status.success(), "{said:?}");
+    let last = said.last().expect("a last word");
+    assert!(last.contains("refused") && last.contains("404"), "{said:?}");
     server.stop().await;
 }
 
