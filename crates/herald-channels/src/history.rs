@@ -478,7 +478,10 @@ impl History {
 impl History {
     /// Deletes what every history channel keeps beyond its retention, including channels
     /// that went quiet (appends trim only the channel they write to) and channels no rule
-    /// matches any more. Returns how many events were deleted.
+    /// matches any more. Returns how many events were deleted. A channel whose trim fails is
+    /// logged and passed over, and the first such failure is returned once every channel was
+    /// tried: one that keeps failing (a statement timeout on a huge channel) must not leave
+    /// every channel after it untrimmed, hour after hour.
     pub async fn purge(&self) -> Result<u64, StoreError> {
         const PAGE: u32 = 500;
         let unused = self.store.forget_unused_channel_positions().await?;
@@ -489,6 +492,7 @@ impl History {
             );
         }
         let mut deleted = 0;
+        let mut failed = None;
         let mut after: Option<(AppId, String)> = None;
         loop {
             let page = self
@@ -496,7 +500,7 @@ impl History {
                 .history_channels(after.as_ref().map(|(a, c)| (a, c.as_str())), PAGE)
                 .await?;
             for (app_id, channel, position) in &page {
-                let Some(app) = self.store.get_app(app_id).await? else {
+                let Some(app) = self.store.get_app(app_id.as_str()).await? else {
                     continue;
                 };
                 let newest = position.next_offset - 1;
@@ -504,17 +508,28 @@ impl History {
                     Some(retention) => (kept_after(newest, retention), not_before(retention)),
                     None => (newest, Utc::now()),
                 };
-                deleted += self
+                match self
                     .store
                     .trim_history(app_id, channel, up_to, not_before)
-                    .await?;
+                    .await
+                {
+                    Ok(trimmed) => deleted += trimmed,
+                    Err(e) => {
+                        tracing::warn!(error = %e, %app_id, channel, "trimming a history channel failed; the purge goes on");
+                        failed.get_or_insert(e);
+                    }
+                }
             }
             match page.last() {
                 Some((app_id, channel, _)) if page.len() == PAGE as usize => {
                     after = Some((app_id.clone(), channel.clone()));
                 }
-                _ => return Ok(deleted),
+                _ => break,
             }
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(deleted),
         }
     }
 }

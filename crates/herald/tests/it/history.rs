@@ -249,34 +249,111 @@ async fn impossible_resumptions_are_reported_with_the_current_position() {
     server.stop().await;
 }
 
+/// A rule keeping the last 2 events of `pattern` for an hour.
+fn rule(pattern: &str) -> herald_core::history::HistoryRule {
+    herald_core::history::HistoryRule {
+        pattern: pattern.into(),
+        max_events: 2,
+        max_age_secs: 3600,
+    }
+}
+
+/// An app `id` keeping history by `rules`.
+fn app_keeping(id: &str, rules: Vec<herald_core::history::HistoryRule>) -> herald_core::model::App {
+    let now = chrono::Utc::now();
+    herald_core::model::App {
+        id: herald_core::AppId::parse(id).expect("valid"),
+        uid: None,
+        name: id.into(),
+        throttle_rate: None,
+        metadata: Default::default(),
+        pusher: herald_core::model::PusherCredentials::generate(),
+        history: Some(rules),
+        socketio: None,
+        payload_retention_days: None,
+        created_at: now,
+        updated_at: now,
+    }
+}
+
+/// A channel whose trim fails every time (here a trigger refuses its deletes) is passed over:
+/// the channels after it are still purged, and the failure is reported.
+#[tokio::test]
+async fn a_channel_whose_trim_fails_holds_back_none_after_it() {
+    use std::sync::Arc;
+
+    use herald_channels::history::{History, HistoryConfig};
+
+    let dir = tempfile::tempdir().expect("dir");
+    let (store, db) = crate::harness::test_store(dir.path()).await;
+    let now = chrono::Utc::now();
+    let app = app_keeping("app_trim", vec![rule("h-*")]);
+    store.create_app(&app).await.expect("app");
+    let history = Arc::new(History::new(Arc::clone(&store), HistoryConfig::default()));
+    let publisher = publisher_over(&store, &history);
+    for channel in ["h-a", "h-bad", "h-z"] {
+        for n in 1..=5 {
+            publish_note(&publisher, &app, channel, &n.to_string()).await;
+        }
+    }
+    // The store refuses to delete anything of h-bad, as a statement timeout would each hour.
+    match &db {
+        None => {
+            let url = format!(
+                "sqlite://{}",
+                dir.path().join(herald_store::sqlite::DB_FILE).display()
+            );
+            let pool = sqlx::SqlitePool::connect(&url).await.expect("sqlite");
+            sqlx::query(
+                "CREATE TRIGGER refuse_trim BEFORE DELETE ON channel_history
+                 WHEN old.channel = 'h-bad'
+                 BEGIN SELECT RAISE(ABORT, 'refused'); END",
+            )
+            .execute(&pool)
+            .await
+            .expect("trigger");
+            pool.close().await;
+        }
+        Some(db) => {
+            let pool = sqlx::PgPool::connect(&db.url).await.expect("postgres");
+            for statement in [
+                "CREATE FUNCTION refuse_trim() RETURNS trigger LANGUAGE plpgsql
+                 AS $$ BEGIN RAISE EXCEPTION 'refused'; END $$",
+                "CREATE TRIGGER refuse_trim BEFORE DELETE ON channel_history FOR EACH ROW
+                 WHEN (OLD.channel = 'h-bad') EXECUTE FUNCTION refuse_trim()",
+            ] {
+                sqlx::query(statement)
+                    .execute(&pool)
+                    .await
+                    .expect("trigger");
+            }
+            pool.close().await;
+        }
+    }
+    assert!(history.purge().await.is_err(), "the failure is reported");
+    // What the store keeps (a page would show the last two of each whatever is kept): h-bad
+    // its five, and the channel after it trimmed all the same.
+    let mut oldest = Vec::new();
+    for channel in ["h-a", "h-bad", "h-z"] {
+        let kept_from = store
+            .oldest_history_offset(&app.id, channel, now - chrono::Duration::days(1))
+            .await
+            .expect("oldest");
+        oldest.push(kept_from);
+    }
+    assert_eq!(oldest, [Some(4), Some(1), Some(4)]);
+    store.close().await;
+}
+
 #[tokio::test]
 async fn housekeeping_purges_quiet_channels_and_channels_no_rule_keeps() {
     use std::sync::Arc;
 
     use herald_channels::history::{History, HistoryConfig};
-    use herald_core::{history::HistoryRule, model::App};
 
     let dir = tempfile::tempdir().expect("dir");
     let (store, _db) = crate::harness::test_store(dir.path()).await;
-    let now = chrono::Utc::now();
-    let rule = |pattern: &str| HistoryRule {
-        pattern: pattern.into(),
-        max_events: 2,
-        max_age_secs: 3600,
-    };
-    let mut app = App {
-        id: herald_core::AppId::parse("app_purge").expect("valid"),
-        uid: None,
-        name: "purge".into(),
-        throttle_rate: None,
-        metadata: Default::default(),
-        pusher: herald_core::model::PusherCredentials::generate(),
-        history: Some(vec![rule("h-*"), rule("old-*")]),
-        socketio: None,
-        payload_retention_days: None,
-        created_at: now,
-        updated_at: now,
-    };
+    let mut app = app_keeping("app_purge", vec![rule("h-*"), rule("old-*")]);
     store.create_app(&app).await.expect("app");
     let history = Arc::new(History::new(Arc::clone(&store), HistoryConfig::default()));
     let publisher = publisher_over(&store, &history);
