@@ -300,7 +300,7 @@ impl<B: Backend> Session<B> {
         let due: Vec<Deferred> = self.deferred.extract_if(.., |d| d.due <= now).collect();
         for deferred in due {
             // A failure taken up again waits for the rate like a new subscribe.
-            if let Some(wait) = self.subscribe_wait() {
+            if let Some(wait) = self.subscribe_wait(false) {
                 self.deferred.push(Deferred {
                     due: now + wait,
                     ..deferred
@@ -312,14 +312,14 @@ impl<B: Backend> Session<B> {
         }
     }
 
-    /// Takes a subscribe token, or says how long until one is there.
-    fn subscribe_wait(&mut self) -> Option<Duration> {
+    /// Takes a subscribe token, unless others wait for one first (`behind_others`), or says
+    /// how long until one is there; `None` without a limit.
+    fn subscribe_wait(&mut self, behind_others: bool) -> Option<Duration> {
         let bucket = self.subscribes.as_mut()?;
-        if bucket.try_take(1.0) {
-            None
-        } else {
-            Some(bucket.time_until(1.0).max(Duration::from_millis(1)))
+        if !behind_others && bucket.try_take(1.0) {
+            return None;
         }
+        Some(bucket.time_until(1.0).max(Duration::from_millis(1)))
     }
 
     /// Whether a subscribe waits for the rate already: a new one then queues behind it
@@ -398,14 +398,8 @@ impl<B: Backend> Session<B> {
         // Every subscribe counts, valid or not: each may read the channel's position. Beyond
         // the rate it waits for its turn, unless the connection already has as many waiting
         // and subscribed as it may have channels (a client subscribing in a loop).
-        let wait = if self.waiting_for_rate() {
-            self.subscribes
-                .as_mut()
-                .map(|bucket| bucket.time_until(1.0).max(Duration::from_millis(1)))
-        } else {
-            self.subscribe_wait()
-        };
-        if let Some(wait) = wait {
+        let behind_others = self.waiting_for_rate();
+        if let Some(wait) = self.subscribe_wait(behind_others) {
             if self.channels.len() + self.deferred.len() >= self.config.max_channels_per_connection
             {
                 self.outbox.send(protocol::subscription_error(

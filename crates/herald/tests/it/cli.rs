@@ -394,6 +394,48 @@ async fn a_post_whose_answer_was_cut_off_is_said_to_have_maybe_been_applied() {
     assert!(!err.contains("is it running"), "{err}");
 }
 
+/// `listen` started from `command`, once it said it is ready: the child and the rest of
+/// its standard error.
+async fn listening(
+    mut command: Command,
+) -> (
+    tokio::process::Child,
+    tokio::io::Lines<BufReader<tokio::process::ChildStderr>>,
+) {
+    command.stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = command.spawn().expect("listen runs");
+    let mut stderr = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = stderr.next_line().await.expect("stderr line") {
+            if line.starts_with("ready:") {
+                return;
+            }
+        }
+        panic!("listen ended before it was ready");
+    })
+    .await
+    .expect("ready within 30 s");
+    (child, stderr)
+}
+
+/// The last line `listen` says before it ends on its own, within 30 s, with a failure.
+async fn last_word_of_failed(
+    mut child: tokio::process::Child,
+    mut stderr: tokio::io::Lines<BufReader<tokio::process::ChildStderr>>,
+) -> String {
+    let mut said = Vec::new();
+    let status = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = stderr.next_line().await.expect("stderr line") {
+            said.push(line);
+        }
+        child.wait().await.expect("listen's status")
+    })
+    .await
+    .expect("listen stopped within 30 s");
+    assert!(!status.success(), "{said:?}");
+    said.pop().expect("a last word")
+}
+
 /// A stream the server refuses for good (its token revoked, its app deleted) ends `listen`
 /// with an error, where it used to ask again every 10 s for ever.
 #[tokio::test]
@@ -411,21 +453,8 @@ async fn listen_stops_with_an_error_when_its_token_is_refused() {
     let mut listen = herald(&server);
     listen
         .env("HERALD_TOKEN", token["token"].as_str().expect("token"))
-        .args(["listen", "--app", &app, "--count", "1"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut child = listen.spawn().expect("listen runs");
-    let mut stderr = BufReader::new(child.stderr.take().expect("stderr")).lines();
-    tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(line) = stderr.next_line().await.expect("stderr line") {
-            if line.starts_with("ready:") {
-                return;
-            }
-        }
-        panic!("listen ended before it was ready");
-    })
-    .await
-    .expect("ready within 30 s");
+        .args(["listen", "--app", &app, "--count", "1"]);
+    let (child, stderr) = listening(listen).await;
     let (status, _) = server
         .call(
             Method::DELETE,
@@ -435,55 +464,21 @@ async fn listen_stops_with_an_error_when_its_token_is_refused() {
         .await;
     assert_eq!(status, 204);
     // The tail ends within its token recheck (5 s); the reconnect is refused with 401.
-    let mut said = Vec::new();
-    let status = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(line) = stderr.next_line().await.expect("stderr line") {
-            said.push(line);
-        }
-        child.wait().await.expect("listen's status")
-    })
-    .await
-    .expect("listen stopped within 30 s of the revocation");
-    assert!(!status.success(), "{said:?}");
-    let last = said.last().expect("a last word");
-    assert!(last.contains("refused") && last.contains("401"), "{said:?}");
+    let last = last_word_of_failed(child, stderr).await;
+    assert!(last.contains("refused") && last.contains("401"), "{last}");
 
     // With the admin token, which outlives any app: the app's deletion ends the tail (within
     // its recheck), and the reconnect is refused with 404.
     let app = server.create_app("listen-deleted").await;
     let mut listen = herald(&server);
-    listen
-        .args(["listen", "--app", &app, "--count", "1"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut child = listen.spawn().expect("listen runs");
-    let mut stderr = BufReader::new(child.stderr.take().expect("stderr")).lines();
-    tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(line) = stderr.next_line().await.expect("stderr line") {
-            if line.starts_with("ready:") {
-                return;
-            }
-        }
-        panic!("listen ended before it was ready");
-    })
-    .await
-    .expect("ready within 30 s");
+    listen.args(["listen", "--app", &app, "--count", "1"]);
+    let (child, stderr) = listening(listen).await;
     let (status, _) = server
         .call(Method::DELETE, &format!("/api/v1/app/{app}"), None)
         .await;
     assert_eq!(status, 204);
-    let mut said = Vec::new();
-    let status = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(line) = stderr.next_line().await.expect("stderr line") {
-            said.push(line);
-        }
-        child.wait().await.expect("listen's status")
-    })
-    .await
-    .expect("listen stopped within 30 s of the deletion");
-    assert!(!status.success(), "{said:?}");
-    let last = said.last().expect("a last word");
-    assert!(last.contains("refused") && last.contains("404"), "{said:?}");
+    let last = last_word_of_failed(child, stderr).await;
+    assert!(last.contains("refused") && last.contains("404"), "{last}");
     server.stop().await;
 }
 
