@@ -356,12 +356,46 @@ struct Subscriber {
     /// then each member notice it was sent). Another node's notice can arrive after a snapshot
     /// that already reflects it; this keeps each subscriber's view free of repeats (a
     /// `member_added` for a member it has, a `member_removed` for one it never had).
-    members: Option<Box<Mutex<std::collections::HashSet<String>>>>,
+    members: Option<Box<Mutex<Told>>>,
     /// History channels: the offset after the newest this subscriber has (from its replay, or
     /// handed to it since); 0 until it goes live. A publication below it is one it has,
     /// arriving late (a broker brings an event to a node some time after its commit, and a
     /// subscriber that joined meanwhile read it from the store), and is not sent again.
     next_offset: AtomicU64,
+}
+
+/// What a presence subscriber in a cluster was told of (see `Subscriber::members`).
+#[derive(Default)]
+struct Told {
+    ids: std::collections::HashSet<String>,
+    /// While a repair of its snapshot reads the other nodes' members
+    /// ([`AppHub::begin_repair`]): the members a notice was about meanwhile, which the read
+    /// may predate, so the repair leaves them as the notices left them. A resync takes it
+    /// (`None` again): the repair's read may predate the resync's, and is read again.
+    repairing: Option<std::collections::HashSet<String>>,
+}
+
+/// What [`AppHub::begin_repair`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Repair {
+    /// The subscriber is marked: read the other nodes' members, then
+    /// [`AppHub::finish_repair`].
+    Begun,
+    /// Not now: the subscriber is still joining, or a repair of it is under way.
+    NotYet,
+    /// The subscriber has left the channel, or is not a presence subscriber in a cluster.
+    Gone,
+}
+
+/// What [`AppHub::finish_repair`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Repaired {
+    /// The subscriber was told this many member changes.
+    Told(usize),
+    /// A resync passed meanwhile (its read may be newer): nothing was applied; read again.
+    Superseded,
+    /// The subscriber has left the channel.
+    Gone,
 }
 
 /// What is held for a joining subscriber.
@@ -449,12 +483,15 @@ impl Subscriber {
             }
             return;
         }
-        if let Some(members) = &self.members {
-            let mut members = members.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(told) = &self.members {
+            let mut told = told.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(noticed) = &mut told.repairing {
+                noticed.insert(user_id.to_owned());
+            }
             let changed = if added {
-                members.insert(user_id.to_owned())
+                told.ids.insert(user_id.to_owned())
             } else {
-                members.remove(user_id)
+                told.ids.remove(user_id)
             };
             if !changed {
                 return;
@@ -813,7 +850,83 @@ impl AppHub {
             .get_mut(channel)
             .and_then(|c| c.subscribers.get_mut(socket_id))
         {
-            subscriber.members = Some(Box::new(Mutex::new(ids.into_iter().collect())));
+            subscriber.members = Some(Box::new(Mutex::new(Told {
+                ids: ids.into_iter().collect(),
+                repairing: None,
+            })));
+        }
+    }
+
+    /// Presence shared across nodes, for a subscriber whose snapshot lacks the other nodes'
+    /// members (reading them failed; see [`crate::presence::complete_snapshot`]): from now
+    /// on the member notices it is sent are noted, until [`AppHub::finish_repair`] applies a
+    /// read of the other nodes' members made after this call.
+    pub fn begin_repair(&self, channel: &str, socket_id: &str) -> Repair {
+        let channels = read(&self.channels);
+        let Some(subscriber) = channels
+            .get(channel)
+            .and_then(|c| c.subscribers.get(socket_id))
+        else {
+            return Repair::Gone;
+        };
+        let Some(told) = &subscriber.members else {
+            return match subscriber.joining {
+                Some(_) => Repair::NotYet,
+                None => Repair::Gone,
+            };
+        };
+        let mut told = told.lock().unwrap_or_else(|p| p.into_inner());
+        if subscriber.joining.is_some() || told.repairing.is_some() {
+            return Repair::NotYet;
+        }
+        told.repairing = Some(Default::default());
+        Repair::Begun
+    }
+
+    /// Ends a repair [`AppHub::begin_repair`] began: the subscriber is brought to this node's
+    /// members and `elsewhere` (the other nodes', read since), as a resync would, except for
+    /// the members a notice was about meanwhile, which stay as the notices left them.
+    pub fn finish_repair(
+        &self,
+        channel: &str,
+        socket_id: &str,
+        elsewhere: &[RemoteMember],
+    ) -> Repaired {
+        let channels = read(&self.channels);
+        let Some(entry) = channels.get(channel) else {
+            return Repaired::Gone;
+        };
+        let Some(told) = entry
+            .subscribers
+            .get(socket_id)
+            .and_then(|s| Some((s, s.members.as_ref()?)))
+        else {
+            return Repaired::Gone;
+        };
+        let (subscriber, told) = told;
+        let mut told = told.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(noticed) = told.repairing.take() else {
+            return Repaired::Superseded;
+        };
+        let now = members_now(entry, elsewhere);
+        Repaired::Told(bring_up_to_date(
+            &mut told.ids,
+            &subscriber.outbox,
+            channel,
+            &now,
+            |id| noticed.contains(id),
+        ))
+    }
+
+    /// Ends a repair whose read failed, noting nothing more (begin it again to retry).
+    pub fn abandon_repair(&self, channel: &str, socket_id: &str) {
+        let channels = read(&self.channels);
+        if let Some(told) = channels
+            .get(channel)
+            .and_then(|c| c.subscribers.get(socket_id))
+            .and_then(|s| s.members.as_ref())
+        {
+            told.lock().unwrap_or_else(|p| p.into_inner()).repairing = None;
         }
     }
 
@@ -854,7 +967,9 @@ impl AppHub {
                 continue;
             };
             let mut known = known.lock().unwrap_or_else(|p| p.into_inner());
-            sent += tell_departures(&mut known, &subscriber.outbox, channel, present);
+            // A repair's read may predate what this tells: it reads again.
+            known.repairing = None;
+            sent += tell_departures(&mut known.ids, &subscriber.outbox, channel, present);
         }
         sent
     }
@@ -874,7 +989,7 @@ impl AppHub {
             .map(|known| known.lock().unwrap_or_else(|p| p.into_inner()))
             .collect();
         ids.iter()
-            .filter(|id| told.iter().any(|known| !known.contains(*id)))
+            .filter(|id| told.iter().any(|known| !known.ids.contains(*id)))
             .cloned()
             .collect()
     }
@@ -891,31 +1006,16 @@ impl AppHub {
         let Some(entry) = channels.get(channel) else {
             return 0;
         };
-        let mut now: BTreeMap<&str, Option<&str>> = entry
-            .members
-            .iter()
-            .map(|(id, m)| (id.as_str(), m.info.as_deref().map(RawValue::get)))
-            .collect();
-        for (id, info) in elsewhere {
-            now.entry(id.as_str()).or_insert(info.as_deref());
-        }
+        let now = members_now(entry, elsewhere);
         let mut sent = 0;
         for subscriber in entry.subscribers.values() {
             let (None, Some(known)) = (&subscriber.joining, &subscriber.members) else {
                 continue;
             };
             let mut known = known.lock().unwrap_or_else(|p| p.into_inner());
-            sent += tell_departures(&mut known, &subscriber.outbox, channel, |id| {
-                now.contains_key(id)
-            });
-            for (id, info) in &now {
-                if known.insert((*id).to_owned()) {
-                    subscriber
-                        .outbox
-                        .send(crate::protocol::member_added(channel, id, *info));
-                    sent += 1;
-                }
-            }
+            // A repair's read may predate this one: it reads again.
+            known.repairing = None;
+            sent += bring_up_to_date(&mut known.ids, &subscriber.outbox, channel, &now, |_| false);
         }
         sent
     }
@@ -1254,6 +1354,45 @@ fn tell_departures(
     gone.len()
 }
 
+/// A presence channel's members across the cluster: this node's and `elsewhere` (the other
+/// nodes'), each with its `user_info` as JSON text (this node's where both have it).
+fn members_now<'a>(
+    entry: &'a Channel,
+    elsewhere: &'a [RemoteMember],
+) -> BTreeMap<&'a str, Option<&'a str>> {
+    let mut now: BTreeMap<&str, Option<&str>> = entry
+        .members
+        .iter()
+        .map(|(id, m)| (id.as_str(), m.info.as_deref().map(RawValue::get)))
+        .collect();
+    for (id, info) in elsewhere {
+        now.entry(id.as_str()).or_insert(info.as_deref());
+    }
+    now
+}
+
+/// Tells a subscriber who knew `known` of `channel`'s members what differs from `now`:
+/// `member_removed` for each it knew that is gone, `member_added` for each it lacks; members
+/// for which `settled` is true are left as they are. Returns how many notices it sent.
+fn bring_up_to_date(
+    known: &mut std::collections::HashSet<String>,
+    outbox: &Outbox,
+    channel: &str,
+    now: &BTreeMap<&str, Option<&str>>,
+    settled: impl Fn(&str) -> bool,
+) -> usize {
+    let mut sent = tell_departures(known, outbox, channel, |id| {
+        now.contains_key(id) || settled(id)
+    });
+    for (id, info) in now {
+        if !settled(id) && known.insert((*id).to_owned()) {
+            outbox.send(crate::protocol::member_added(channel, id, *info));
+            sent += 1;
+        }
+    }
+    sent
+}
+
 fn presence_snapshot(members: &BTreeMap<String, Member>) -> serde_json::Value {
     let ids: Vec<&String> = members.keys().collect();
     let hash: serde_json::Map<String, serde_json::Value> = members
@@ -1584,6 +1723,79 @@ mod tests {
             hub.resync_members("presence-x", &[("carol".into(), None)]),
             0,
             "a second resync finds nothing to tell"
+        );
+    }
+
+    /// A subscriber whose snapshot lacked the other nodes' members is told what it lacks once
+    /// they are read, except about members a notice told it of during the read (the read may
+    /// predate the notice); a resync during the read supersedes it.
+    #[test]
+    fn a_repair_tells_what_the_snapshot_lacked_and_keeps_what_notices_said_meanwhile() {
+        let hub = app_hub();
+        let (outbox, mut rx, _) = Outbox::new(16);
+        hub.subscribe_joining("presence-x", "1.1", &outbox, joining("bob"), 10)
+            .expect("subscribed");
+        hub.know_members("presence-x", "1.1", vec!["bob".into(), "erin".into()]);
+        assert_eq!(
+            hub.begin_repair("presence-x", "1.1"),
+            Repair::NotYet,
+            "still joining"
+        );
+        assert!(hub.go_live("presence-x", "1.1", 0, |_| {}));
+        assert_eq!(hub.begin_repair("presence-x", "1.1"), Repair::Begun);
+        assert_eq!(
+            hub.begin_repair("presence-x", "1.1"),
+            Repair::NotYet,
+            "one repair at a time"
+        );
+        // While the other nodes are read: carol leaves (the subscriber never knew her), dave
+        // comes.
+        let added = |user: &str| Frame::from(format!("added {user}"));
+        let removed = |user: &str| Frame::from(format!("removed {user}"));
+        hub.member_notice("presence-x", "carol", false, &removed("carol"), None);
+        hub.member_notice("presence-x", "dave", true, &added("dave"), None);
+        // The read, made before carol left: alice, carol, dave; erin, known, is gone.
+        let read = ["alice", "carol", "dave"].map(|id| (id.to_owned(), None));
+        assert_eq!(
+            hub.finish_repair("presence-x", "1.1", &read),
+            Repaired::Told(2)
+        );
+        let frames = offsets(&mut rx);
+        assert_eq!(frames.len(), 3, "{frames:?}");
+        assert_eq!(frames[0], "added dave");
+        assert!(
+            frames[1].contains("member_removed") && frames[1].contains("erin"),
+            "{frames:?}"
+        );
+        assert!(
+            frames[2].contains("member_added") && frames[2].contains("alice"),
+            "carol, whose leaving came during the read, is not added: {frames:?}"
+        );
+        hub.member_notice("presence-x", "alice", true, &added("alice"), None);
+        assert!(rx.try_recv().is_err(), "alice is known now");
+
+        assert_eq!(hub.begin_repair("presence-x", "1.1"), Repair::Begun);
+        assert_eq!(
+            hub.resync_members("presence-x", &[]),
+            2,
+            "alice and dave left"
+        );
+        assert_eq!(
+            hub.finish_repair("presence-x", "1.1", &read),
+            Repaired::Superseded,
+            "a read that may predate the resync's is not applied"
+        );
+        assert_eq!(
+            hub.begin_repair("presence-x", "1.1"),
+            Repair::Begun,
+            "and may be made again"
+        );
+        hub.abandon_repair("presence-x", "1.1");
+        hub.unsubscribe("presence-x", "1.1");
+        assert_eq!(hub.begin_repair("presence-x", "1.1"), Repair::Gone);
+        assert_eq!(
+            hub.finish_repair("presence-x", "1.1", &read),
+            Repaired::Gone
         );
     }
 

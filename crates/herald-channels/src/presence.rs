@@ -16,7 +16,7 @@
 //! nodes hold, for a presence subscriber's snapshot. One node has none: nothing changes there.
 
 use herald_core::AppId;
-use std::{future::Future, pin::Pin, sync::Arc};
+use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 
 use crate::{Hub, hub::ChannelInfo};
 
@@ -114,19 +114,26 @@ pub fn merge_snapshot(snapshot: &mut serde_json::Value, others: Vec<RemoteMember
 /// Completes a joining presence subscriber's `{"presence": ...}` snapshot with the members
 /// other nodes hold (`elsewhere`, from [`AppHub::members_elsewhere`](crate::hub::AppHub)),
 /// then tells the hub which members it lists, so member notices that crossed the snapshot are
-/// not repeated to it. If the other nodes cannot be read, this node's members still are, and
-/// the others arrive as they change.
+/// not repeated to it.
+///
+/// If the other nodes cannot be read, the snapshot lists this node's members, and the
+/// subscriber is told of the others (`member_added`) once a read succeeds: a task reads them
+/// again after [`REPAIR_FIRST_WAIT`], then after waits doubling up to [`REPAIR_LAST_WAIT`],
+/// until one succeeds or the subscriber has left (see [`repair_snapshot`]). Refusing the
+/// subscribe instead would announce the member to the others, then its leaving, at each try.
 pub async fn complete_snapshot(
-    hub: &crate::hub::AppHub,
+    hub: &Arc<crate::hub::AppHub>,
     channel: &str,
     socket_id: &str,
     snapshot: &mut serde_json::Value,
     elsewhere: MembersFuture,
 ) {
+    let mut repair = false;
     match elsewhere.await {
         Ok(others) => merge_snapshot(snapshot, others),
         Err(e) => {
-            tracing::warn!(error = %e, channel, "reading other nodes' presence members failed");
+            tracing::warn!(error = %e, channel, "reading other nodes' presence members failed; the subscriber is told of them once they can be read");
+            repair = true;
         }
     }
     let listed = snapshot["presence"]["ids"]
@@ -138,6 +145,60 @@ pub async fn complete_snapshot(
         })
         .unwrap_or_default();
     hub.know_members(channel, socket_id, listed);
+    if repair {
+        tokio::spawn(repair_snapshot(
+            Arc::clone(hub),
+            channel.to_owned(),
+            socket_id.to_owned(),
+        ));
+    }
+}
+
+/// How long after a snapshot that lacks the other nodes' members they are read again.
+pub const REPAIR_FIRST_WAIT: Duration = Duration::from_secs(1);
+/// The longest wait between two reads of a repair.
+pub const REPAIR_LAST_WAIT: Duration = Duration::from_secs(30);
+
+/// Tells a presence subscriber whose snapshot lacks the other nodes' members
+/// ([`complete_snapshot`]) what it lacks: reads them again after a wait (doubling after each
+/// failure, with jitter, so a node's subscribers do not all read at once), until a read
+/// succeeds and is applied ([`AppHub::finish_repair`](crate::hub::AppHub::finish_repair)) or
+/// the subscriber has left the channel.
+pub async fn repair_snapshot(hub: Arc<crate::hub::AppHub>, channel: String, socket_id: String) {
+    use crate::hub::{Repair, Repaired};
+    let mut wait = REPAIR_FIRST_WAIT;
+    loop {
+        tokio::time::sleep(wait.mul_f64(rand::random_range(0.5..=1.0))).await;
+        match hub.begin_repair(&channel, &socket_id) {
+            Repair::Begun => {}
+            Repair::NotYet => continue,
+            Repair::Gone => return,
+        }
+        let Some(read) = hub.members_elsewhere(&channel) else {
+            hub.abandon_repair(&channel, &socket_id);
+            return;
+        };
+        match read.await {
+            Ok(others) => match hub.finish_repair(&channel, &socket_id, &others) {
+                Repaired::Told(sent) => {
+                    tracing::info!(
+                        channel,
+                        socket_id,
+                        sent,
+                        "a presence subscriber was told of the other nodes' members its snapshot lacked"
+                    );
+                    return;
+                }
+                Repaired::Superseded => wait = REPAIR_FIRST_WAIT,
+                Repaired::Gone => return,
+            },
+            Err(e) => {
+                hub.abandon_repair(&channel, &socket_id);
+                wait = (wait * 2).min(REPAIR_LAST_WAIT);
+                tracing::debug!(error = %e, channel, socket_id, retry_in = ?wait, "reading other nodes' presence members failed again");
+            }
+        }
+    }
 }
 
 /// One node: the answers are this process's hub's.
@@ -233,6 +294,105 @@ mod tests {
             1
         );
         assert!(token.is_cancelled());
+    }
+
+    /// Reads other nodes' members (alice) unless `down`, counting the reads.
+    #[derive(Default)]
+    struct Flaky {
+        down: std::sync::atomic::AtomicBool,
+        reads: std::sync::atomic::AtomicUsize,
+    }
+
+    impl PresenceSync for Flaky {
+        fn changed(&self, _: &AppId, _: LocalChange) {}
+        fn members_elsewhere(&self, _: &AppId, _: &str) -> MembersFuture {
+            use std::sync::atomic::Ordering::SeqCst;
+            self.reads.fetch_add(1, SeqCst);
+            let down = self.down.load(SeqCst);
+            Box::pin(async move {
+                match down {
+                    true => Err(PresenceError::Unavailable("the record is down".into())),
+                    false => Ok(vec![("alice".to_owned(), Some(r#"{"n":1}"#.to_owned()))]),
+                }
+            })
+        }
+    }
+
+    /// Joins `socket_id` as `user` and completes its snapshot as a session does; returns the
+    /// snapshot's member ids and the subscriber's frames.
+    async fn join(
+        app: &Arc<crate::hub::AppHub>,
+        socket_id: &str,
+        user: &str,
+    ) -> (serde_json::Value, crate::hub::Frames) {
+        let (outbox, rx, _) = Outbox::new(16);
+        let joining = Joining {
+            user_id: user.into(),
+            info: None,
+        };
+        let subscribed = app
+            .subscribe_joining("presence-x", socket_id, &outbox, Some(joining), 10)
+            .expect("subscribed");
+        let mut snapshot = subscribed.presence.expect("a snapshot");
+        let elsewhere = app.members_elsewhere("presence-x").expect("shared");
+        complete_snapshot(app, "presence-x", socket_id, &mut snapshot, elsewhere).await;
+        assert!(app.go_live("presence-x", socket_id, 0, |_| {}));
+        (snapshot["presence"]["ids"].clone(), rx)
+    }
+
+    /// A snapshot taken while the other nodes' members could not be read lists this node's;
+    /// the subscriber is told of the others once a read succeeds, and the reads stop when it
+    /// leaves.
+    #[tokio::test(start_paused = true)]
+    async fn a_snapshot_that_lacked_the_other_nodes_is_completed_once_they_can_be_read() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let flaky = Arc::new(Flaky::default());
+        let hub = Hub::default();
+        assert!(hub.share_presence(Arc::clone(&flaky) as _));
+        let app = hub.app(&AppId::parse("app_1").expect("valid"));
+
+        flaky.down.store(true, SeqCst);
+        let (ids, mut rx) = join(&app, "1.1", "bob").await;
+        assert_eq!(ids, serde_json::json!(["bob"]), "this node's members");
+        // Down for about 6 s more: the reads after 1 s and 2 s fail at most.
+        tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+        assert!(rx.try_recv().is_err(), "nothing told while the read fails");
+        let failed = flaky.reads.load(SeqCst);
+        assert!((2..=5).contains(&failed), "{failed} reads");
+        flaky.down.store(false, SeqCst);
+        tokio::time::sleep(REPAIR_LAST_WAIT).await;
+        let told: Vec<String> = std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|item| match item {
+                crate::Outgoing::Frame(f) => f.as_str().to_owned(),
+                crate::Outgoing::Publication(_) => panic!("a publication"),
+            })
+            .collect();
+        assert_eq!(told.len(), 1, "{told:?}");
+        assert!(
+            told[0].contains("member_added")
+                && told[0].contains("alice")
+                && told[0].contains(r#"\"n\":1"#),
+            "{told:?}"
+        );
+        let done = flaky.reads.load(SeqCst);
+        assert_eq!(done, failed + 1, "one read more, which succeeded");
+        tokio::time::sleep(REPAIR_LAST_WAIT * 4).await;
+        assert_eq!(flaky.reads.load(SeqCst), done, "no read after the repair");
+
+        flaky.down.store(true, SeqCst);
+        let (ids, _rx) = join(&app, "2.2", "carol").await;
+        assert_eq!(ids, serde_json::json!(["bob", "carol"]));
+        tokio::time::sleep(REPAIR_LAST_WAIT).await;
+        assert!(flaky.reads.load(SeqCst) > done + 1, "read again while down");
+        app.unsubscribe("presence-x", "2.2");
+        tokio::time::sleep(REPAIR_LAST_WAIT).await;
+        let after_leaving = flaky.reads.load(SeqCst);
+        tokio::time::sleep(REPAIR_LAST_WAIT * 4).await;
+        assert_eq!(
+            flaky.reads.load(SeqCst),
+            after_leaving,
+            "no read once the subscriber has left"
+        );
     }
 
     #[test]
