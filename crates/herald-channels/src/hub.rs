@@ -333,6 +333,8 @@ pub struct AppHub {
     sync: SharedSync,
     /// The app's record as its connections last looked it up (see [`AppHub::share_app`]).
     shared_app: Mutex<Option<Arc<App>>>,
+    /// How many resyncs of its presence subscribers are under way ([`AppHub::resyncing`]).
+    resyncing: AtomicU32,
 }
 
 /// A signed-in connection: its token (cancelled to close it) and when it signed in.
@@ -368,12 +370,19 @@ struct Subscriber {
 #[derive(Default)]
 struct Told {
     ids: std::collections::HashSet<String>,
-    /// While a repair of its snapshot reads the other nodes' members
-    /// ([`AppHub::begin_repair`]): the members a notice was about meanwhile, which the read
-    /// may predate, so the repair leaves them as the notices left them. A resync takes it
-    /// (`None` again): the repair's read may predate the resync's, and is read again.
-    repairing: Option<std::collections::HashSet<String>>,
+    /// A snapshot that lacked the other nodes' members: its repair's ticket (see
+    /// [`AppHub::know_members_but_others`]). A new snapshot (the subscriber subscribed again)
+    /// replaces this `Told`, and the ticket with it, so one repair at most serves it.
+    repair: Option<u64>,
+    /// While that repair reads the other nodes' members ([`AppHub::begin_repair`]): the
+    /// members a notice was about meanwhile, which the read may predate, so the repair leaves
+    /// them as the notices left them. A resync takes it (`None` again): the repair's read may
+    /// predate the resync's, and is read again.
+    noticed: Option<std::collections::HashSet<String>>,
 }
+
+/// Numbers the repairs of snapshots ([`AppHub::know_members_but_others`]).
+static REPAIR_TICKETS: AtomicU64 = AtomicU64::new(1);
 
 /// What [`AppHub::begin_repair`] found.
 #[derive(Debug, PartialEq, Eq)]
@@ -381,10 +390,19 @@ pub enum Repair {
     /// The subscriber is marked: read the other nodes' members, then
     /// [`AppHub::finish_repair`].
     Begun,
-    /// Not now: the subscriber is still joining, or a repair of it is under way.
+    /// Not now: the subscriber is joining again, or a resync is under way.
     NotYet,
-    /// The subscriber has left the channel, or is not a presence subscriber in a cluster.
+    /// The subscriber has left the channel, or has a newer snapshot.
     Gone,
+}
+
+/// Held while a resync of an app's presence subscribers runs ([`AppHub::resyncing`]).
+pub struct ResyncGuard(Arc<AppHub>);
+
+impl Drop for ResyncGuard {
+    fn drop(&mut self) {
+        self.0.resyncing.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// What [`AppHub::finish_repair`] did.
@@ -392,9 +410,10 @@ pub enum Repair {
 pub enum Repaired {
     /// The subscriber was told this many member changes.
     Told(usize),
-    /// A resync passed meanwhile (its read may be newer): nothing was applied; read again.
+    /// A resync passed meanwhile (its read may be newer), or the subscriber is joining
+    /// again: nothing was applied; read again.
     Superseded,
-    /// The subscriber has left the channel.
+    /// The subscriber has left the channel, or has a newer snapshot.
     Gone,
 }
 
@@ -485,7 +504,7 @@ impl Subscriber {
         }
         if let Some(told) = &self.members {
             let mut told = told.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(noticed) = &mut told.repairing {
+            if let Some(noticed) = &mut told.noticed {
                 noticed.insert(user_id.to_owned());
             }
             let changed = if added {
@@ -604,6 +623,7 @@ impl AppHub {
             removed: CancellationToken::default(),
             sync: SharedSync::default(),
             shared_app: Mutex::default(),
+            resyncing: AtomicU32::new(0),
         }
     }
 
@@ -845,23 +865,45 @@ impl AppHub {
     /// it before [`AppHub::go_live`]); member notices are then sent to it only where they
     /// change that list.
     pub fn know_members(&self, channel: &str, socket_id: &str, ids: Vec<String>) {
-        let mut channels = write(&self.channels);
-        if let Some(subscriber) = channels
-            .get_mut(channel)
-            .and_then(|c| c.subscribers.get_mut(socket_id))
-        {
-            subscriber.members = Some(Box::new(Mutex::new(Told {
-                ids: ids.into_iter().collect(),
-                repairing: None,
-            })));
-        }
+        self.told(channel, socket_id, ids, None);
     }
 
-    /// Presence shared across nodes, for a subscriber whose snapshot lacks the other nodes'
-    /// members (reading them failed; see [`crate::presence::complete_snapshot`]): from now
-    /// on the member notices it is sent are noted, until [`AppHub::finish_repair`] applies a
-    /// read of the other nodes' members made after this call.
-    pub fn begin_repair(&self, channel: &str, socket_id: &str) -> Repair {
+    /// [`AppHub::know_members`] for a snapshot that lacks the other nodes' members (reading
+    /// them failed): returns the ticket of its repair ([`AppHub::begin_repair`]), `None` if
+    /// the subscriber has left.
+    pub fn know_members_but_others(
+        &self,
+        channel: &str,
+        socket_id: &str,
+        ids: Vec<String>,
+    ) -> Option<u64> {
+        let ticket = REPAIR_TICKETS.fetch_add(1, Ordering::Relaxed);
+        self.told(channel, socket_id, ids, Some(ticket))
+            .then_some(ticket)
+    }
+
+    fn told(&self, channel: &str, socket_id: &str, ids: Vec<String>, repair: Option<u64>) -> bool {
+        let mut channels = write(&self.channels);
+        let Some(subscriber) = channels
+            .get_mut(channel)
+            .and_then(|c| c.subscribers.get_mut(socket_id))
+        else {
+            return false;
+        };
+        subscriber.members = Some(Box::new(Mutex::new(Told {
+            ids: ids.into_iter().collect(),
+            repair,
+            noticed: None,
+        })));
+        true
+    }
+
+    /// The repair `ticket` of a subscriber's snapshot (see
+    /// [`AppHub::know_members_but_others`]) begins a read of the other nodes' members: from
+    /// now on the member notices it is sent are noted, until [`AppHub::finish_repair`] applies
+    /// a read made after this call. `Gone` once the subscriber has left or has a newer
+    /// snapshot.
+    pub fn begin_repair(&self, channel: &str, socket_id: &str, ticket: u64) -> Repair {
         let channels = read(&self.channels);
         let Some(subscriber) = channels
             .get(channel)
@@ -870,16 +912,18 @@ impl AppHub {
             return Repair::Gone;
         };
         let Some(told) = &subscriber.members else {
-            return match subscriber.joining {
-                Some(_) => Repair::NotYet,
-                None => Repair::Gone,
-            };
+            return Repair::Gone;
         };
         let mut told = told.lock().unwrap_or_else(|p| p.into_inner());
-        if subscriber.joining.is_some() || told.repairing.is_some() {
+        if told.repair != Some(ticket) {
+            return Repair::Gone;
+        }
+        // Still joining (subscribing again), or a resync is bringing it up to date: the
+        // read could cross either.
+        if subscriber.joining.is_some() || self.resyncing.load(Ordering::Acquire) > 0 {
             return Repair::NotYet;
         }
-        told.repairing = Some(Default::default());
+        told.noticed = Some(Default::default());
         Repair::Begun
     }
 
@@ -890,6 +934,7 @@ impl AppHub {
         &self,
         channel: &str,
         socket_id: &str,
+        ticket: u64,
         elsewhere: &[RemoteMember],
     ) -> Repaired {
         let channels = read(&self.channels);
@@ -905,9 +950,16 @@ impl AppHub {
         };
         let (subscriber, told) = told;
         let mut told = told.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(noticed) = told.repairing.take() else {
+        if told.repair != Some(ticket) {
+            return Repaired::Gone;
+        }
+        let noticed = told.noticed.take();
+        let Some(noticed) = noticed.filter(|_| {
+            subscriber.joining.is_none() && self.resyncing.load(Ordering::Acquire) == 0
+        }) else {
             return Repaired::Superseded;
         };
+        told.repair = None;
         let now = members_now(entry, elsewhere);
         Repaired::Told(bring_up_to_date(
             &mut told.ids,
@@ -918,16 +970,27 @@ impl AppHub {
         ))
     }
 
-    /// Ends a repair whose read failed, noting nothing more (begin it again to retry).
-    pub fn abandon_repair(&self, channel: &str, socket_id: &str) {
+    /// Ends a read of a repair that failed, noting nothing more (begin it again to retry).
+    pub fn abandon_repair(&self, channel: &str, socket_id: &str, ticket: u64) {
         let channels = read(&self.channels);
         if let Some(told) = channels
             .get(channel)
             .and_then(|c| c.subscribers.get(socket_id))
             .and_then(|s| s.members.as_ref())
         {
-            told.lock().unwrap_or_else(|p| p.into_inner()).repairing = None;
+            let mut told = told.lock().unwrap_or_else(|p| p.into_inner());
+            if told.repair == Some(ticket) {
+                told.noticed = None;
+            }
         }
+    }
+
+    /// Marks a resync of this app's presence subscribers under way until the guard drops: no
+    /// repair of a snapshot begins or is applied meanwhile, since the resync applies reads
+    /// made at its start, which a repair's could be newer than.
+    pub fn resyncing(self: &Arc<Self>) -> ResyncGuard {
+        self.resyncing.fetch_add(1, Ordering::AcqRel);
+        ResyncGuard(Arc::clone(self))
     }
 
     /// A member notice from the cluster (`member_added` / `member_removed`): to every
@@ -968,7 +1031,7 @@ impl AppHub {
             };
             let mut known = known.lock().unwrap_or_else(|p| p.into_inner());
             // A repair's read may predate what this tells: it reads again.
-            known.repairing = None;
+            known.noticed = None;
             sent += tell_departures(&mut known.ids, &subscriber.outbox, channel, present);
         }
         sent
@@ -1014,7 +1077,7 @@ impl AppHub {
             };
             let mut known = known.lock().unwrap_or_else(|p| p.into_inner());
             // A repair's read may predate this one: it reads again.
-            known.repairing = None;
+            known.noticed = None;
             sent += bring_up_to_date(&mut known.ids, &subscriber.outbox, channel, &now, |_| false);
         }
         sent
@@ -1728,73 +1791,91 @@ mod tests {
 
     /// A subscriber whose snapshot lacked the other nodes' members is told what it lacks once
     /// they are read, except about members a notice told it of during the read (the read may
-    /// predate the notice); a resync during the read supersedes it.
+    /// predate the notice); a resync during the read supersedes it, and a new snapshot ends it.
     #[test]
     fn a_repair_tells_what_the_snapshot_lacked_and_keeps_what_notices_said_meanwhile() {
-        let hub = app_hub();
+        let hub = Arc::new(app_hub());
         let (outbox, mut rx, _) = Outbox::new(16);
         hub.subscribe_joining("presence-x", "1.1", &outbox, joining("bob"), 10)
             .expect("subscribed");
-        hub.know_members("presence-x", "1.1", vec!["bob".into(), "erin".into()]);
+        let ticket = hub
+            .know_members_but_others("presence-x", "1.1", vec!["bob".into(), "erin".into()])
+            .expect("a subscriber");
         assert_eq!(
-            hub.begin_repair("presence-x", "1.1"),
+            hub.begin_repair("presence-x", "1.1", ticket),
             Repair::NotYet,
             "still joining"
         );
         assert!(hub.go_live("presence-x", "1.1", 0, |_| {}));
-        assert_eq!(hub.begin_repair("presence-x", "1.1"), Repair::Begun);
-        assert_eq!(
-            hub.begin_repair("presence-x", "1.1"),
-            Repair::NotYet,
-            "one repair at a time"
-        );
+        assert_eq!(hub.begin_repair("presence-x", "1.1", ticket), Repair::Begun);
         // While the other nodes are read: carol leaves (the subscriber never knew her), dave
-        // comes.
+        // and frank come.
         let added = |user: &str| Frame::from(format!("added {user}"));
         let removed = |user: &str| Frame::from(format!("removed {user}"));
         hub.member_notice("presence-x", "carol", false, &removed("carol"), None);
         hub.member_notice("presence-x", "dave", true, &added("dave"), None);
-        // The read, made before carol left: alice, carol, dave; erin, known, is gone.
+        hub.member_notice("presence-x", "frank", true, &added("frank"), None);
+        // The read, made before carol left and frank came: alice, carol, dave; erin, known,
+        // is gone.
         let read = ["alice", "carol", "dave"].map(|id| (id.to_owned(), None));
         assert_eq!(
-            hub.finish_repair("presence-x", "1.1", &read),
+            hub.finish_repair("presence-x", "1.1", ticket, &read),
             Repaired::Told(2)
         );
         let frames = offsets(&mut rx);
-        assert_eq!(frames.len(), 3, "{frames:?}");
-        assert_eq!(frames[0], "added dave");
+        assert_eq!(frames.len(), 4, "{frames:?}");
+        assert_eq!(frames[..2], ["added dave", "added frank"]);
         assert!(
-            frames[1].contains("member_removed") && frames[1].contains("erin"),
-            "{frames:?}"
+            frames[2].contains("member_removed") && frames[2].contains("erin"),
+            "frank, whose coming was told during the read, is not removed: {frames:?}"
         );
         assert!(
-            frames[2].contains("member_added") && frames[2].contains("alice"),
-            "carol, whose leaving came during the read, is not added: {frames:?}"
+            frames[3].contains("member_added") && frames[3].contains("alice"),
+            "carol, whose leaving was told during the read, is not added: {frames:?}"
         );
         hub.member_notice("presence-x", "alice", true, &added("alice"), None);
         assert!(rx.try_recv().is_err(), "alice is known now");
+        assert_eq!(
+            hub.begin_repair("presence-x", "1.1", ticket),
+            Repair::Gone,
+            "a repair is done once applied"
+        );
 
-        assert_eq!(hub.begin_repair("presence-x", "1.1"), Repair::Begun);
-        assert_eq!(
-            hub.resync_members("presence-x", &[]),
-            2,
-            "alice and dave left"
-        );
-        assert_eq!(
-            hub.finish_repair("presence-x", "1.1", &read),
-            Repaired::Superseded,
-            "a read that may predate the resync's is not applied"
-        );
-        assert_eq!(
-            hub.begin_repair("presence-x", "1.1"),
-            Repair::Begun,
-            "and may be made again"
-        );
-        hub.abandon_repair("presence-x", "1.1");
+        // A resync supersedes a read under way, on either of its halves, and holds back
+        // repairs while it runs.
+        let ticket = hub
+            .know_members_but_others("presence-x", "1.1", vec!["bob".into()])
+            .expect("a subscriber");
+        for half in 0..2 {
+            assert_eq!(hub.begin_repair("presence-x", "1.1", ticket), Repair::Begun);
+            let resyncing = hub.resyncing();
+            match half {
+                0 => hub.resync_departures("presence-x", &[]),
+                _ => hub.resync_members("presence-x", &[]),
+            };
+            assert_eq!(
+                hub.finish_repair("presence-x", "1.1", ticket, &read),
+                Repaired::Superseded,
+                "a read that may predate the resync's is not applied"
+            );
+            assert_eq!(
+                hub.begin_repair("presence-x", "1.1", ticket),
+                Repair::NotYet
+            );
+            drop(resyncing);
+        }
+        assert_eq!(hub.begin_repair("presence-x", "1.1", ticket), Repair::Begun);
+        hub.abandon_repair("presence-x", "1.1", ticket);
+        // A new snapshot (the client subscribed again) ends the repair of the old one.
+        hub.know_members("presence-x", "1.1", vec!["bob".into()]);
+        assert_eq!(hub.begin_repair("presence-x", "1.1", ticket), Repair::Gone);
+        let ticket = hub
+            .know_members_but_others("presence-x", "1.1", vec!["bob".into()])
+            .expect("a subscriber");
         hub.unsubscribe("presence-x", "1.1");
-        assert_eq!(hub.begin_repair("presence-x", "1.1"), Repair::Gone);
+        assert_eq!(hub.begin_repair("presence-x", "1.1", ticket), Repair::Gone);
         assert_eq!(
-            hub.finish_repair("presence-x", "1.1", &read),
+            hub.finish_repair("presence-x", "1.1", ticket, &read),
             Repaired::Gone
         );
     }

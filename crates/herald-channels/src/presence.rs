@@ -144,12 +144,14 @@ pub async fn complete_snapshot(
                 .collect()
         })
         .unwrap_or_default();
-    hub.know_members(channel, socket_id, listed);
-    if repair {
+    if !repair {
+        hub.know_members(channel, socket_id, listed);
+    } else if let Some(ticket) = hub.know_members_but_others(channel, socket_id, listed) {
         tokio::spawn(repair_snapshot(
             Arc::clone(hub),
             channel.to_owned(),
             socket_id.to_owned(),
+            ticket,
         ));
     }
 }
@@ -162,26 +164,35 @@ pub const REPAIR_LAST_WAIT: Duration = Duration::from_secs(30);
 /// Tells a presence subscriber whose snapshot lacks the other nodes' members
 /// ([`complete_snapshot`]) what it lacks: reads them again after a wait (doubling after each
 /// failure, with jitter, so a node's subscribers do not all read at once), until a read
-/// succeeds and is applied ([`AppHub::finish_repair`](crate::hub::AppHub::finish_repair)) or
-/// the subscriber has left the channel.
-pub async fn repair_snapshot(hub: Arc<crate::hub::AppHub>, channel: String, socket_id: String) {
+/// succeeds and is applied ([`AppHub::finish_repair`](crate::hub::AppHub::finish_repair)), or
+/// the subscriber has left the channel or has a newer snapshot (subscribing again), which
+/// ends `ticket`.
+pub async fn repair_snapshot(
+    hub: Arc<crate::hub::AppHub>,
+    channel: String,
+    socket_id: String,
+    ticket: u64,
+) {
     use crate::hub::{Repair, Repaired};
     let mut wait = REPAIR_FIRST_WAIT;
     loop {
         tokio::time::sleep(wait.mul_f64(rand::random_range(0.5..=1.0))).await;
-        match hub.begin_repair(&channel, &socket_id) {
+        match hub.begin_repair(&channel, &socket_id, ticket) {
             Repair::Begun => {}
-            Repair::NotYet => continue,
+            Repair::NotYet => {
+                wait = (wait * 2).min(REPAIR_LAST_WAIT);
+                continue;
+            }
             Repair::Gone => return,
         }
         let Some(read) = hub.members_elsewhere(&channel) else {
-            hub.abandon_repair(&channel, &socket_id);
+            hub.abandon_repair(&channel, &socket_id, ticket);
             return;
         };
         match read.await {
-            Ok(others) => match hub.finish_repair(&channel, &socket_id, &others) {
+            Ok(others) => match hub.finish_repair(&channel, &socket_id, ticket, &others) {
                 Repaired::Told(sent) => {
-                    tracing::info!(
+                    tracing::debug!(
                         channel,
                         socket_id,
                         sent,
@@ -193,9 +204,9 @@ pub async fn repair_snapshot(hub: Arc<crate::hub::AppHub>, channel: String, sock
                 Repaired::Gone => return,
             },
             Err(e) => {
-                hub.abandon_repair(&channel, &socket_id);
+                hub.abandon_repair(&channel, &socket_id, ticket);
                 wait = (wait * 2).min(REPAIR_LAST_WAIT);
-                tracing::debug!(error = %e, channel, socket_id, retry_in = ?wait, "reading other nodes' presence members failed again");
+                tracing::debug!(error = %e, channel, socket_id, "reading other nodes' presence members failed again");
             }
         }
     }

@@ -329,10 +329,14 @@ async fn resync_apps(
     node: &str,
     sent: &std::sync::atomic::AtomicUsize,
 ) {
+    // No repair of a snapshot applies a read of its own while this applies older ones (held
+    // until this returns or its patience runs out).
+    let apps = hub.apps();
+    let _resyncing: Vec<_> = apps.iter().map(|app| app.resyncing()).collect();
     // First who left, everywhere: that needs no more reads, so a resync cut short by its
     // patience still removes members who will never change again.
     let mut read = Vec::new();
-    for app in hub.apps() {
+    for app in apps {
         let channels = app.channels("presence-");
         if channels.is_empty() {
             continue;
