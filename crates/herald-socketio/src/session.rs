@@ -152,7 +152,9 @@ impl MessageHandler<LocalAdapter, ()> for Inbound {
                 "too many events waiting to be published; slow down",
             );
             let name = event_name(value);
-            reply(&s, ack, shown_name(&name), Err(refusal));
+            // Refused, so nothing was published: a client that gets no answer (its send
+            // buffer is full too) may send the event again without doubling it.
+            let _ = reply(&s, ack, shown_name(&name), Err(refusal));
         };
         let Some(charge) = self.bytes.try_take(packet_bytes(&v)) else {
             too_many(&v, ack);
@@ -184,13 +186,15 @@ fn event_name(value: &PacketValue) -> String {
         .unwrap_or_default()
 }
 
-/// Answers an event: through its ack, else (a refusal) as `herald:error`.
+/// Answers an event: through its ack, else (a refusal) as `herald:error`. `Full` if the
+/// answer did not fit the socket's send buffer: the socket session must then treat the socket
+/// as too slow, since a client waiting for an ack that never comes may send its event again.
 fn reply(
     socket: &Socket<LocalAdapter>,
     ack: Option<AckSender>,
     event: &str,
     outcome: Result<Value, Refusal>,
-) {
+) -> Written {
     let body = match &outcome {
         Ok(extra) => {
             let mut body = json!({"ok": true});
@@ -203,17 +207,25 @@ fn reply(
             json!({"ok": false, "error": {"code": refusal.code, "message": refusal.message}})
         }
     };
-    match (ack, outcome) {
-        (Some(ack), _) => {
-            let _ = ack.send(&body);
+    written(match (ack, outcome) {
+        (Some(ack), _) => ack.send(&body),
+        (None, Err(refusal)) => socket.emit(
+            "herald:error",
+            &json!({"event": event, "code": refusal.code, "message": refusal.message}),
+        ),
+        (None, Ok(_)) => Ok(()),
+    })
+}
+
+/// What became of a write into a socket's send buffer.
+fn written(sent: Result<(), SendError>) -> Written {
+    match sent {
+        Ok(()) => Written::Yes,
+        Err(SendError::Socket(SocketError::InternalChannelFull)) => Written::Full,
+        Err(e) => {
+            tracing::debug!(error = %e, "a Socket.IO socket could not take a packet");
+            Written::Gone
         }
-        (None, Err(refusal)) => {
-            let _ = socket.emit(
-                "herald:error",
-                &json!({"event": event, "code": refusal.code, "message": refusal.message}),
-            );
-        }
-        (None, Ok(_)) => {}
     }
 }
 
@@ -336,15 +348,16 @@ impl Session {
                     break 'serve;
                 }
                 let resume = self.positions.remove(&room);
+                let mut told = Written::Yes;
                 if let Err(refusal) = self.join(&room, resume.as_ref()).await {
-                    let _ = socket.emit(
-                    "herald:error",
-                    &json!({"event": "join", "room": room, "code": refusal.code, "message": refusal.message}),
-                );
+                    told = written(socket.emit(
+                        "herald:error",
+                        &json!({"event": "join", "room": room, "code": refusal.code, "message": refusal.message}),
+                    ));
                 }
                 // Each room's confirmation and replay go out before the next room is joined,
                 // so several rooms' replays need not fit the outbox together.
-                if overflowed.is_cancelled() {
+                if overflowed.is_cancelled() || told == Written::Full {
                     self.too_slow(&socket, &closed).await;
                     break 'serve;
                 }
@@ -375,7 +388,17 @@ impl Session {
                     }
                     packet = packets.recv() => {
                         let Some(packet) = packet else { break };
-                        self.handle(&socket, packet).await;
+                        match self.handle(&socket, packet).await {
+                            Written::Yes => {}
+                            Written::Gone => break,
+                            // An ack lost to a full buffer would leave the client waiting, and
+                            // one that retries would publish its event twice: it is told it
+                            // was disconnected instead, as for any socket too slow.
+                            Written::Full => {
+                                self.too_slow(&socket, &closed).await;
+                                break;
+                            }
+                        }
                     }
                 }
             }
@@ -459,17 +482,11 @@ impl Session {
                 None => Ok(()),
             },
         };
-        match sent {
-            Ok(()) => Written::Yes,
-            Err(SendError::Socket(SocketError::InternalChannelFull)) => Written::Full,
-            Err(e) => {
-                tracing::debug!(error = %e, socket = %self.id, "a Socket.IO socket could not take an event");
-                Written::Gone
-            }
-        }
+        written(sent)
     }
 
-    async fn handle(&mut self, socket: &SocketRef, packet: Packet) {
+    /// Handles one packet the socket sent and answers it (see [`reply`]).
+    async fn handle(&mut self, socket: &SocketRef, packet: Packet) -> Written {
         let Packet { value, ack, .. } = packet;
         let inbound = value
             .as_str()
@@ -478,8 +495,7 @@ impl Session {
         let inbound = match inbound {
             Ok(inbound) => inbound,
             Err(e) => {
-                reply(socket, ack, "", Err(refuse("invalid_event", e.to_string())));
-                return;
+                return reply(socket, ack, "", Err(refuse("invalid_event", e.to_string())));
             }
         };
         // Echoed in a refusal: no longer than any event name that is taken.
@@ -489,7 +505,7 @@ impl Session {
             "leave" => self.leave_event(inbound.args),
             _ => self.relay(inbound.event, inbound.args).await,
         };
-        reply(socket, ack, &event, outcome);
+        reply(socket, ack, &event, outcome)
     }
 
     /// `join`: `"room"` or `{room, token}`.

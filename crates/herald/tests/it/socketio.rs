@@ -1312,3 +1312,120 @@ async fn a_connect_that_recovers_several_rooms_gets_every_replay_though_they_out
     }
     server.stop().await;
 }
+
+/// An Engine.IO session on the polling transport (socket.io-client's default start): the
+/// server's packets wait in the socket's send buffer until the client's next GET.
+struct Polling {
+    http: reqwest::Client,
+    url: String,
+}
+
+impl Polling {
+    async fn open(server: &TestServer) -> Self {
+        let http = crate::harness::http_client();
+        let base = format!("{}/socket.io/?EIO=4&transport=polling", server.base);
+        let open = http.get(&base).send().await.expect("handshake");
+        assert_eq!(open.status(), 200);
+        let text = open.text().await.expect("handshake body");
+        let handshake: Value =
+            serde_json::from_str(text.strip_prefix('0').expect("an OPEN packet")).expect("JSON");
+        let sid = handshake["sid"].as_str().expect("sid");
+        Self {
+            http,
+            url: format!("{base}&sid={sid}"),
+        }
+    }
+
+    /// Sends one packet; false if the session is gone.
+    async fn post(&self, packet: &str) -> bool {
+        let answer = self
+            .http
+            .post(&self.url)
+            .body(packet.to_owned())
+            .send()
+            .await
+            .expect("POST");
+        answer.status() == 200
+    }
+
+    /// What the server has sent since the last GET (waiting for at least one packet),
+    /// answering its pings (the next is `ping_interval` away); `None` once the session is
+    /// gone.
+    async fn get(&self) -> Option<Vec<String>> {
+        let answer = tokio::time::timeout(PATIENCE, self.http.get(&self.url).send())
+            .await
+            .expect("a GET answered in time")
+            .expect("GET");
+        if answer.status() != 200 {
+            return None;
+        }
+        let text = answer.text().await.expect("GET body");
+        let mut packets = Vec::new();
+        for packet in text.split('\u{1e}') {
+            match packet {
+                "2" => assert!(self.post("3").await, "pong"),
+                _ => packets.push(packet.to_owned()),
+            }
+        }
+        Some(packets)
+    }
+}
+
+/// A socket whose send buffer is full when an event it sent is answered: the answer (its
+/// ack) cannot be dropped while the socket goes on, since a client waiting for it would send
+/// the event again. The socket is disconnected as too slow instead, as when a broadcast finds
+/// the buffer full.
+#[tokio::test]
+async fn an_answer_that_finds_the_send_buffer_full_is_not_lost_while_the_socket_goes_on() {
+    let server = TestServer::start_with(|c| c.socketio.outbox_frames = 4).await;
+    let (_, creds) = socketio_app(&server, "full", chat_rules()).await;
+    let client = Polling::open(&server).await;
+    assert!(client.post("40/full,").await, "CONNECT");
+    // The CONNECT answer and the namespace channel's confirmation: the buffer is empty after.
+    let mut seen = Vec::new();
+    while !seen
+        .iter()
+        .any(|p: &String| p.contains("herald:subscribed"))
+    {
+        seen.extend(client.get().await.expect("the session"));
+    }
+    assert!(seen[0].starts_with("40/full,"), "{seen:?}");
+    // Four events fill the buffer (4 frames), with no GET to drain it; the socket's task
+    // writes them before it handles the packet posted after.
+    for n in 0..4 {
+        trigger_empty(&server, &creds, &format!("fill{n}"), "socket.io").await;
+    }
+    assert!(client.post(r#"42/full,7["leave","nowhere"]"#).await);
+    // What follows: the ack, or the socket disconnected; never a later ack without it.
+    let (mut answered, mut disconnected, mut fills) = (false, false, 0);
+    let mut next_asked = false;
+    'reading: loop {
+        let Some(packets) = client.get().await else {
+            disconnected = true;
+            break;
+        };
+        for packet in packets {
+            if packet.starts_with(r#"42/full,["fill"#) {
+                fills += 1;
+            } else if packet.starts_with("43/full,7") {
+                answered = true;
+            } else if packet.starts_with("43/full,8") {
+                assert!(answered, "ack 8 came, and ack 7 never did");
+                break 'reading;
+            } else if packet.starts_with("41/full") || packet == "1" {
+                disconnected = true;
+                break 'reading;
+            }
+        }
+        if !next_asked {
+            next_asked = true;
+            if !client.post(r#"42/full,8["leave","nowhere"]"#).await {
+                disconnected = true;
+                break;
+            }
+        }
+    }
+    assert_eq!(fills, 4, "the events in the buffer are still sent");
+    assert!(answered || disconnected);
+    server.stop().await;
+}
