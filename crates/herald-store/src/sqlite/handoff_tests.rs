@@ -322,3 +322,51 @@ async fn a_claim_of_one_endpoint_seeks_its_index() {
     );
     f.store.close().await;
 }
+
+/// An attempt whose record the store could not write (a full disk, a failed fsync) keeps its
+/// lease until it runs out: the delivery is not claimed, and sent, again at once, over and
+/// over for as long as records fail.
+#[tokio::test]
+async fn a_delivery_whose_record_failed_stays_leased_until_the_lease_runs_out() {
+    let f = fixture(1).await;
+    let msg = conformance::message(&f.app.id, None);
+    f.store
+        .create_message(msg, vec![f.endpoints[0].id.clone()])
+        .await
+        .expect("message");
+    let at = later();
+    let claimed = f
+        .store
+        .claim_due(&claim(at, true, &[]))
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len(), 1);
+    sqlx::query(
+        "CREATE TRIGGER refuse_attempts BEFORE INSERT ON attempts
+         BEGIN SELECT RAISE(ABORT, 'the disk is full'); END",
+    )
+    .execute(&f.store.writer)
+    .await
+    .expect("trigger");
+    let failed = f
+        .store
+        .record_attempt(record(&claimed[0], NextStep::RetryAt(at)))
+        .await;
+    assert!(failed.is_err(), "{failed:?}");
+    assert!(
+        f.store
+            .claim_due(&claim(at, true, &[]))
+            .await
+            .expect("claim")
+            .is_empty(),
+        "still leased"
+    );
+    // The claim leased it for 60 s: a claim after that takes it again.
+    let again = f
+        .store
+        .claim_due(&claim(at + chrono::Duration::seconds(61), true, &[]))
+        .await
+        .expect("claim");
+    assert_eq!(again.len(), 1, "claimable once the lease ran out");
+    f.store.close().await;
+}

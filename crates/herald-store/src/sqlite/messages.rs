@@ -270,13 +270,17 @@ impl MessageStore for SqliteStore {
             })
             .await;
         // Released after the commit: the delivery's new state is visible before it is
-        // claimable again. On failure too, so the attempt is retried rather than stranded.
-        // Only this claim's lease: a later claim's stays.
-        self.leases.release(&key, token);
-        // A retry is claimable when it falls due; a delivery whose record did not apply is
-        // claimable again now its lease is gone. Either way, after the release.
-        if retries || result.is_err() {
-            self.gate.stir();
+        // claimable again. Only this claim's lease: a later claim's stays. A record that did
+        // not apply keeps it until it runs out, as on PostgreSQL: the attempt is then made
+        // again, a lease later. Released at once, the delivery was claimed and sent again at
+        // once, and again, for as long as records failed (a full disk, a failed fsync), with
+        // its attempts never counted, so it never reached the retry schedule or gave up.
+        if result.is_ok() {
+            self.leases.release(&key, token);
+            // A retry is claimable when it falls due: after the release.
+            if retries {
+                self.gate.stir();
+            }
         }
         let recorded = match result {
             Ok(_) => Recorded::Applied,
