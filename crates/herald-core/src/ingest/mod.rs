@@ -257,6 +257,15 @@ pub fn verify(
             .ok_or(no_match)
         }
         SourceKind::StandardWebhooks => {
+            // Named as the standard names it, not as the fallback: a sender whose
+            // `webhook-signature` a proxy stripped is not sent looking for `svix-id`.
+            if (request.header)("webhook-signature").is_none()
+                && (request.header)("svix-signature").is_none()
+            {
+                return Err(VerifyError::MissingHeader(
+                    "webhook-signature (or svix-signature)".into(),
+                ));
+            }
             let prefix = standard_header_prefix(request);
             let id = request.required(&format!("{prefix}-id"))?;
             let ts_name = format!("{prefix}-timestamp");

@@ -95,6 +95,26 @@ impl Case {
             ),
             "{kind}: missing header named"
         );
+        if self.kind == SourceKind::StandardWebhooks {
+            // Every header but the signature: the one missing is named, as the standard
+            // names it.
+            let unsigned = Case {
+                headers: self
+                    .headers
+                    .iter()
+                    .filter(|(name, _)| !name.ends_with("-signature"))
+                    .cloned()
+                    .collect(),
+                ..self.clone_shape()
+            };
+            assert_eq!(
+                unsigned
+                    .check(&[self.secret], self.body, NOW)
+                    .map_err(|e| e.to_string()),
+                Err("missing header webhook-signature (or svix-signature)".to_owned()),
+                "{kind}: the missing signature named"
+            );
+        }
     }
 
     fn clone_shape(&self) -> Case {
