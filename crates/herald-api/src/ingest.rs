@@ -39,7 +39,55 @@ use crate::{
 /// pool.
 const VERIFY_INLINE_MAX_BYTES: usize = 64 * 1024;
 
-#[derive(Serialize, utoipa::ToSchema)]
+/// How many recorded deliveries [`RecentDeliveries`] remembers, and for how long.
+const RECENT_CAPACITY: usize = 8192;
+const RECENT_FOR: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// The deliveries this node recorded lately, by (source, delivery id), with their answers. A
+/// provider's retry, or a replay of a captured request (GitHub, Shopify and `hmac-sha256`
+/// sign no time, so one verifies for ever), is answered from here as the duplicate it is
+/// without spending the source's budget, which is for new deliveries: replays of a genuine
+/// request cannot get the provider's new ones refused. Bounded ([`RECENT_CAPACITY`], least
+/// recently used out first) and short-lived ([`RECENT_FOR`], far less than the store keeps
+/// delivery ids, 3 days at least), so an answer from here is one the store would give. Filled
+/// only once the store has answered (the delivery durable).
+#[derive(Default)]
+pub struct RecentDeliveries(std::sync::Mutex<Option<Recent>>);
+
+/// (source id, delivery id) → when it was recorded, and its answer as a duplicate.
+type Recent = hashlink::LruCache<(String, String), (std::time::Instant, IngestOut)>;
+
+impl RecentDeliveries {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Recent>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The answer to `delivery_id` from `source_id`, if this node recorded it lately.
+    fn get(&self, source_id: &str, delivery_id: &str) -> Option<IngestOut> {
+        let mut recent = self.lock();
+        let recent = recent.as_mut()?;
+        let key = (source_id.to_owned(), delivery_id.to_owned());
+        match recent.get(&key) {
+            Some((at, answer)) if at.elapsed() < RECENT_FOR => Some(answer.clone()),
+            Some(_) => {
+                recent.remove(&key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn insert(&self, source_id: &str, delivery_id: &str, answer: IngestOut) {
+        self.lock()
+            .get_or_insert_with(|| hashlink::LruCache::new(RECENT_CAPACITY))
+            .insert(
+                (source_id.to_owned(), delivery_id.to_owned()),
+                (std::time::Instant::now(), answer),
+            );
+    }
+}
+
+#[derive(Clone, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct IngestOut {
     id: String,
@@ -206,7 +254,17 @@ async fn receive_from(
             return Ok(Answer::Ok(StatusCode::OK, answer, IngestOutcome::Challenge));
         }
     };
-    // Only deliveries that verified spend the source's budget: requests with a wrong
+    // A delivery recorded lately is answered as the duplicate it is, spending nothing.
+    if let Some(earlier) = state
+        .recent_deliveries
+        .get(source.id.as_str(), &delivery_id)
+    {
+        tracing::info!(source = %source.id, %delivery_id,
+            "duplicate delivery acknowledged, not published again");
+        let answer = serde_json::to_value(earlier).map_err(ApiError::internal)?;
+        return Ok(Answer::Ok(StatusCode::OK, answer, IngestOutcome::Duplicate));
+    }
+    // Only new deliveries that verified spend the source's budget: requests with a wrong
     // signature, however many, cannot get the provider's own deliveries refused. What they
     // cost (a hash of a bounded body) is bounded per client address, before any of this.
     if let Err(limited) = state.ingest_limits.check_source(source.id.as_str()) {
@@ -219,6 +277,7 @@ async fn receive_from(
         .await?
         .ok_or_else(|| ApiError::not_found("application"))?;
     let message = message_for(&app.id, &event_type, &channels, &body, payload);
+    let recent_key = delivery_id.clone();
     let event = IngestEvent {
         id: herald_core::IngestEventId::new(now),
         source_id: source.id.clone(),
@@ -251,6 +310,14 @@ async fn receive_from(
         }
         _ => (first, IngestOutcome::Accepted),
     };
+    state.recent_deliveries.insert(
+        source.id.as_str(),
+        &recent_key,
+        IngestOut {
+            duplicate: true,
+            ..answer.clone()
+        },
+    );
     let answer = serde_json::to_value(answer).map_err(ApiError::internal)?;
     Ok(Answer::Ok(StatusCode::OK, answer, outcome))
 }

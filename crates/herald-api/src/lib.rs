@@ -72,6 +72,8 @@ pub struct ApiState {
     pub tls: bool,
     /// Request rates on `/ingest`, per client address and per source.
     pub ingest_limits: Arc<rate::IngestLimiter>,
+    /// The deliveries `/ingest` recorded lately: their retries and replays spend no budget.
+    pub recent_deliveries: Arc<ingest::RecentDeliveries>,
     /// Events each app may publish through the API (Svix messages, Pusher triggers).
     pub publish_limits: Arc<rate::PublishLimiter>,
     /// Failed authentications each client address may make before its credentials are
@@ -159,6 +161,7 @@ impl ApiState {
             ingest_log: Arc::default(),
             tls: false,
             ingest_limits: Arc::default(),
+            recent_deliveries: Arc::default(),
             publish_limits: Arc::default(),
             auth_failures: Arc::default(),
             shutdown: CancellationToken::new(),

@@ -1031,5 +1031,15 @@ async fn requests_beyond_the_rate_per_address_or_per_source_get_429_with_retry_a
     assert!(retry_after.is_some());
     let (status, _, body) = post_stripe(&server, &quiet, secret, event(3).as_bytes()).await;
     assert_eq!(status, 200, "another source is not held back: {body}");
+    // Retries (or replays) of a delivery recorded lately spend nothing either: the quiet
+    // source's one delivery sent many times, and its next new delivery is still taken.
+    for _ in 0..5 {
+        let (status, _, body) = post_stripe(&server, &quiet, secret, event(3).as_bytes()).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["duplicate"], true, "{body}");
+    }
+    let (status, _, body) = post_stripe(&server, &quiet, secret, event(4).as_bytes()).await;
+    assert_eq!(status, 200, "a new delivery after the replays: {body}");
+    assert_eq!(body["duplicate"], false, "{body}");
     server.stop().await;
 }

@@ -302,6 +302,9 @@ async fn a_request_over_a_rate_limit_is_counted_by_its_limit() {
     )
     .await;
     assert_eq!(status, 200, "{answer}");
+    // Another delivery: a retry of the first would be answered as a duplicate, uncharged.
+    let body =
+        br#"{"id":"evt_10","object":"event","type":"charge.succeeded","data":{"object":{}}}"#;
     let (status, answer) = post(
         &server,
         &stripe,
