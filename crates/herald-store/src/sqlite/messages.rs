@@ -430,6 +430,8 @@ impl SqliteStore {
         let mut jobs = Vec::new();
         let mut leased: Vec<i64> = Vec::new();
         let mut refused: Vec<i64> = Vec::new();
+        // Before the read: a delivery released after this is not taken (see `leases`).
+        let mark = self.leases.mark();
         let mut passed: Vec<i64> = self.leases.held(request.now);
         // Whether every due delivery not left out was read: then what is left belongs to the
         // endpoints and apps at their limits.
@@ -508,7 +510,7 @@ impl SqliteStore {
         self.refuse(&refused, request.now).await?;
         let jobs = self
             .leases
-            .take(jobs, &leased, request.lease_until, request.now);
+            .take(jobs, &leased, request.lease_until, request.now, &mark);
         if complete {
             let summary = Summary {
                 until: self.quiet_until(request.now).await?,
@@ -539,6 +541,8 @@ impl SqliteStore {
         generation: u64,
         endpoints: Vec<EndpointId>,
     ) -> Result<Vec<DeliveryJob>> {
+        // Before the read: a delivery released after this is not taken (see `leases`).
+        let mark = self.leases.mark();
         let held = to_json(&self.leases.held(request.now));
         let mut room_left = request.limit;
         let mut jobs = Vec::new();
@@ -596,7 +600,7 @@ impl SqliteStore {
         self.refuse(&refused, request.now).await?;
         let jobs = self
             .leases
-            .take(jobs, &leased, request.lease_until, request.now);
+            .take(jobs, &leased, request.lease_until, request.now, &mark);
         Ok(jobs)
     }
 
