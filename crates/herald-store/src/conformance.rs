@@ -96,6 +96,7 @@ checks!(
     expired_payloads_are_expunged_in_batches_but_not_under_a_pending_delivery,
     old_messages_are_deleted_in_batches_but_not_while_a_delivery_is_pending,
     an_expunge_names_the_message_by_id_or_event_id,
+    an_expunge_fails_the_deliveries_still_to_be_made,
     deleting_an_app_deletes_its_messages_in_batches_and_no_other_app_s,
     concurrent_pusher_rotations_each_retire_the_secret_they_replace,
 );
@@ -3914,6 +3915,87 @@ async fn an_expunge_names_the_message_by_id_or_event_id(store: &dyn Store) {
             .expect("kept");
         assert_eq!(m.payload.as_ref(), EXPIRED_PAYLOAD.as_bytes());
     }
+}
+
+/// A payload expunged by hand is not sent again: the message's deliveries still to be made
+/// (a retry waiting, an attempt in flight) fail, and the one in flight records a stale
+/// attempt; a delivery made already stays as it was.
+async fn an_expunge_fails_the_deliveries_still_to_be_made(store: &dyn Store) {
+    let app = stored_app(store, "expunged").await;
+    let endpoints: Vec<Endpoint> = (0..3).map(|_| endpoint(&app.id)).collect();
+    for ep in &endpoints {
+        store.create_endpoint(ep).await.expect("endpoint");
+    }
+    let msg = message(&app.id, None);
+    store
+        .create_message(
+            msg.clone(),
+            endpoints.iter().map(|ep| ep.id.clone()).collect(),
+        )
+        .await
+        .expect("message");
+    let now = Utc::now() + chrono::Duration::seconds(1);
+    let jobs = store
+        .claim_due(&claim(now, 10, HashMap::new(), 10, HashMap::new(), 100))
+        .await
+        .expect("claim");
+    assert_eq!(jobs.len(), 3);
+    let job_of = |ep: &Endpoint| {
+        jobs.iter()
+            .find(|job| job.endpoint.id == ep.id)
+            .expect("a job per endpoint")
+    };
+    let (delivered, retrying, in_flight) = (
+        job_of(&endpoints[0]),
+        job_of(&endpoints[1]),
+        job_of(&endpoints[2]),
+    );
+    for (job, next) in [
+        (delivered, NextStep::Delivered),
+        (retrying, NextStep::RetryAt(now)),
+    ] {
+        let recorded = store
+            .record_attempt(job_record(job, job.lease, now, next))
+            .await
+            .expect("record");
+        assert_eq!(recorded, Recorded::Applied);
+    }
+    assert!(
+        store
+            .expunge_payload(&app.id, msg.id.as_str())
+            .await
+            .expect("expunge")
+    );
+    let recorded = store
+        .record_attempt(job_record(
+            in_flight,
+            in_flight.lease,
+            now,
+            NextStep::RetryAt(now),
+        ))
+        .await
+        .expect("record");
+    assert_eq!(recorded, Recorded::Stale, "taken back from its claim");
+    let later = now + chrono::Duration::minutes(10);
+    for first_attempts in [true, false] {
+        let due = store
+            .claim_due(&ClaimRequest {
+                first_attempts,
+                ..claim(later, 10, HashMap::new(), 10, HashMap::new(), 100)
+            })
+            .await
+            .expect("claim");
+        assert!(due.is_empty(), "nothing of it is sent again: {due:?}");
+    }
+    let mut statuses = Vec::new();
+    for ep in &endpoints {
+        let stats = store
+            .endpoint_stats(&ep.id, &StatsWindow::default())
+            .await
+            .expect("stats");
+        statuses.push((stats.success, stats.pending, stats.fail));
+    }
+    assert_eq!(statuses, [(1, 0, 0), (0, 0, 1), (0, 0, 1)]);
 }
 
 async fn deleting_an_app_deletes_its_messages_in_batches_and_no_other_app_s(store: &dyn Store) {

@@ -961,8 +961,10 @@ pub trait RetentionStore: Send + Sync + 'static {
         recheck_at: DateTime<Utc>,
         limit: u32,
     ) -> Result<ExpiredPayloads>;
-    /// Expunges the payload of the app's message `id_or_event_id` now, whatever its
-    /// deliveries; the message and its attempts stay. Whether the message exists.
+    /// Expunges the payload of the app's message `id_or_event_id` now; the message and its
+    /// attempts stay. Its deliveries still to be made fail, taken back from any claim holding
+    /// them (an attempt in flight is logged, its record stale): a retry never sends
+    /// `{"expired":true}`. Whether the message exists.
     async fn expunge_payload(&self, app_id: &AppId, id_or_event_id: &str) -> Result<bool>;
     /// Replaces the response body logged for the message's attempt `attempt_id` with
     /// [`EXPUNGED_RESPONSE`] (Svix's "expunge attempt content"); the attempt stays. Whether

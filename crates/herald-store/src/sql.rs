@@ -1346,20 +1346,9 @@ macro_rules! retention_store {
                 app_id: &herald_core::AppId,
                 id_or_event_id: &str,
             ) -> $crate::Result<bool> {
-                let done = ::sqlx::query(concat!(
-                    "UPDATE messages SET payload = $1, payload_expires_at = NULL WHERE ",
-                    $key,
-                    " = (SELECT ",
-                    $key,
-                    " FROM messages WHERE app_id = $2
-                         AND (id = $3 OR event_id = $3) ORDER BY id = $3 DESC LIMIT 1)"
-                ))
-                .bind(herald_core::model::EXPIRED_PAYLOAD.as_bytes())
-                .bind(app_id.as_str())
-                .bind(id_or_event_id)
-                .execute(&self.$writer)
-                .await?;
-                Ok(done.rows_affected() > 0)
+                // With its deliveries still to be made: the store's own statements.
+                self.expunge_payload_and_fail_deliveries(app_id, id_or_event_id)
+                    .await
             }
 
             async fn expunge_attempt_response(

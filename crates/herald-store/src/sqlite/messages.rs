@@ -662,7 +662,11 @@ impl SqliteStore {
     /// overwrite the manual request. A claim whose read began before the enqueue committed, of
     /// a delivery not leased then, may still take it after the revocation: its attempt starts
     /// after the enqueue committed, so it is the resend, and its record applies.
-    fn take_back(&self, writer: sqlx::pool::PoolConnection<sqlx::Sqlite>, keys: &[DeliveryKey]) {
+    pub(super) fn take_back(
+        &self,
+        writer: sqlx::pool::PoolConnection<sqlx::Sqlite>,
+        keys: &[DeliveryKey],
+    ) {
         self.leases.revoke(keys);
         drop(writer);
     }
