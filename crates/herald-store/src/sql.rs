@@ -1280,6 +1280,14 @@ pub(crate) use secret_rewrites;
 /// `Idempotency-Key` scopes of an app's routes, in the backend's string functions (`$1` is
 /// the path); `$between_batches`, if given, runs between the batches of an app's deletion. Ids sort by
 /// creation time, so "older than" is a range of the primary key.
+/// `RetentionStore::expunge_payload`'s message: `$1` the expired payload, `$2` the app, `$3`
+/// the message's id or `eventId` (the id wins). Returns the message's id.
+pub(crate) const EXPUNGE_PAYLOAD: &str =
+    "UPDATE messages SET payload = $1, payload_expires_at = NULL
+     WHERE id = (SELECT id FROM messages WHERE app_id = $2
+                   AND (id = $3 OR event_id = $3) ORDER BY id = $3 DESC LIMIT 1)
+     RETURNING id";
+
 macro_rules! retention_store {
     (
         $store:ty, $writer:ident, $reader:ident,

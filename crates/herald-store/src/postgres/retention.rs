@@ -20,17 +20,12 @@ impl PostgresStore {
         id_or_event_id: &str,
     ) -> crate::Result<bool> {
         let mut tx = self.pool.begin().await?;
-        let msg_id: Option<String> = sqlx::query_scalar(
-            "UPDATE messages SET payload = $1, payload_expires_at = NULL
-             WHERE id = (SELECT id FROM messages WHERE app_id = $2
-                           AND (id = $3 OR event_id = $3) ORDER BY id = $3 DESC LIMIT 1)
-             RETURNING id",
-        )
-        .bind(herald_core::model::EXPIRED_PAYLOAD.as_bytes())
-        .bind(app_id.as_str())
-        .bind(id_or_event_id)
-        .fetch_optional(&mut *tx)
-        .await?;
+        let msg_id: Option<String> = sqlx::query_scalar(crate::sql::EXPUNGE_PAYLOAD)
+            .bind(herald_core::model::EXPIRED_PAYLOAD.as_bytes())
+            .bind(app_id.as_str())
+            .bind(id_or_event_id)
+            .fetch_optional(&mut *tx)
+            .await?;
         let Some(msg_id) = msg_id else {
             return Ok(false);
         };

@@ -26,17 +26,12 @@ impl SqliteStore {
     ) -> crate::Result<bool> {
         let mut writer = self.writer.acquire().await?;
         let mut tx = writer.begin().await?;
-        let expunged = sqlx::query(
-            "UPDATE messages SET payload = $1, payload_expires_at = NULL
-             WHERE rowid = (SELECT rowid FROM messages WHERE app_id = $2
-                              AND (id = $3 OR event_id = $3) ORDER BY id = $3 DESC LIMIT 1)
-             RETURNING id",
-        )
-        .bind(herald_core::model::EXPIRED_PAYLOAD.as_bytes())
-        .bind(app_id.as_str())
-        .bind(id_or_event_id)
-        .fetch_optional(&mut *tx)
-        .await?;
+        let expunged = sqlx::query(crate::sql::EXPUNGE_PAYLOAD)
+            .bind(herald_core::model::EXPIRED_PAYLOAD.as_bytes())
+            .bind(app_id.as_str())
+            .bind(id_or_event_id)
+            .fetch_optional(&mut *tx)
+            .await?;
         let Some(expunged) = expunged else {
             return Ok(false);
         };
