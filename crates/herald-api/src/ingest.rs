@@ -39,9 +39,12 @@ use crate::{
 /// pool.
 const VERIFY_INLINE_MAX_BYTES: usize = 64 * 1024;
 
-/// How many recorded deliveries [`RecentDeliveries`] remembers, and for how long.
+/// How many recorded deliveries [`RecentDeliveries`] remembers, and for how long (at most:
+/// never longer than the store keeps delivery ids, `retention.ingest_days` of at least 3
+/// retention days).
 const RECENT_CAPACITY: usize = 8192;
 const RECENT_FOR: std::time::Duration = std::time::Duration::from_secs(3600);
+const INGEST_DAYS_AT_LEAST: u32 = 3;
 
 /// The deliveries this node recorded lately, by (source, delivery id), with their answers. A
 /// provider's retry, or a replay of a captured request (GitHub, Shopify and `hmac-sha256`
@@ -62,13 +65,19 @@ impl RecentDeliveries {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The answer to `delivery_id` from `source_id`, if this node recorded it lately.
-    fn get(&self, source_id: &str, delivery_id: &str) -> Option<IngestOut> {
+    /// The answer to `delivery_id` from `source_id`, if this node recorded it in the last
+    /// `fresh_for`.
+    fn get(
+        &self,
+        source_id: &str,
+        delivery_id: &str,
+        fresh_for: std::time::Duration,
+    ) -> Option<IngestOut> {
         let mut recent = self.lock();
         let recent = recent.as_mut()?;
         let key = (source_id.to_owned(), delivery_id.to_owned());
         match recent.get(&key) {
-            Some((at, answer)) if at.elapsed() < RECENT_FOR => Some(answer.clone()),
+            Some((at, answer)) if at.elapsed() < fresh_for => Some(answer.clone()),
             Some(_) => {
                 recent.remove(&key);
                 None
@@ -255,9 +264,11 @@ async fn receive_from(
         }
     };
     // A delivery recorded lately is answered as the duplicate it is, spending nothing.
+    // Never longer than the store keeps delivery ids (a retention day is shorter in tests).
+    let fresh_for = RECENT_FOR.min(state.retention_day * INGEST_DAYS_AT_LEAST);
     if let Some(earlier) = state
         .recent_deliveries
-        .get(source.id.as_str(), &delivery_id)
+        .get(source.id.as_str(), &delivery_id, fresh_for)
     {
         tracing::info!(source = %source.id, %delivery_id,
             "duplicate delivery acknowledged, not published again");

@@ -511,6 +511,7 @@ impl SqliteStore {
         let jobs = self
             .leases
             .take(jobs, &leased, request.lease_until, request.now, &mark);
+        drop(mark);
         if complete {
             let summary = Summary {
                 until: self.quiet_until(request.now).await?,

@@ -238,6 +238,17 @@ async fn attempts_old_messages_and_received_requests_are_deleted_after_their_ret
         (count("ingest_events").await == 0).then_some(())
     })
     .await;
+    // Its delivery id is forgotten with it, by the node's recent deliveries too: sent again,
+    // it is a new delivery.
+    let (status, answer) = post(
+        &server,
+        &src,
+        &[stripe_header(secret, body, crate::ingest::now())],
+        body,
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["duplicate"], false, "{answer}");
     // The endpoint and the source are configuration: kept.
     assert_eq!(count("endpoints").await, 1);
     assert_eq!(count("ingest_sources").await, 1);
