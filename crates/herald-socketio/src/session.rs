@@ -138,6 +138,9 @@ fn packet_bytes(value: &PacketValue) -> usize {
 struct Inbound {
     queue: mpsc::Sender<Packet>,
     bytes: Arc<InboundBytes>,
+    /// Cancelled when a refusal answered here did not fit the send buffer: the socket's task
+    /// then treats the socket as too slow, as for an answer of its own (see [`reply`]).
+    answer_lost: CancellationToken,
 }
 
 impl MessageHandler<LocalAdapter, ()> for Inbound {
@@ -152,9 +155,9 @@ impl MessageHandler<LocalAdapter, ()> for Inbound {
                 "too many events waiting to be published; slow down",
             );
             let name = event_name(value);
-            // Refused, so nothing was published: a client that gets no answer (its send
-            // buffer is full too) may send the event again without doubling it.
-            let _ = reply(&s, ack, shown_name(&name), Err(refusal));
+            if reply(&s, ack, shown_name(&name), Err(refusal)) == Written::Full {
+                self.answer_lost.cancel();
+            }
         };
         let Some(charge) = self.bytes.try_take(packet_bytes(&v)) else {
             too_many(&v, ack);
@@ -236,20 +239,27 @@ fn written(sent: Result<(), SendError>) -> Written {
 pub(crate) struct Listening {
     packets: mpsc::Receiver<Packet>,
     closed: CancellationToken,
+    answer_lost: CancellationToken,
 }
 
 /// Queues what the socket sends for its task: at most `capacity` packets, and at most
 /// `max_bytes` of them unless one alone is larger.
 pub(crate) fn listen(socket: &SocketRef, capacity: usize, max_bytes: usize) -> Listening {
     let (queue, packets) = mpsc::channel(capacity);
+    let answer_lost = CancellationToken::new();
     socket.on_fallback(Inbound {
         queue,
         bytes: InboundBytes::new(max_bytes),
+        answer_lost: answer_lost.clone(),
     });
     let closed = CancellationToken::new();
     let on_close = closed.clone();
     socket.on_disconnect(async move || on_close.cancel());
-    Listening { packets, closed }
+    Listening {
+        packets,
+        closed,
+        answer_lost,
+    }
 }
 
 /// Starts the socket's task (the namespace's connect handler).
@@ -269,7 +279,12 @@ pub(crate) fn start(face: Arc<Face>, socket: SocketRef) {
         positions,
         permit,
         slot,
-        listening: Listening { packets, closed },
+        listening:
+            Listening {
+                packets,
+                closed,
+                answer_lost,
+            },
     } = admission;
     let settings = app.socketio.clone().unwrap_or_default();
     // The Engine.IO session's id, which every namespace socket of the session shares, and the
@@ -299,7 +314,7 @@ pub(crate) fn start(face: Arc<Face>, socket: SocketRef) {
         _slot: slot,
     };
     face.tasks
-        .spawn(session.run(socket, frames, overflowed, packets, closed));
+        .spawn(session.run(socket, frames, overflowed, packets, closed, answer_lost));
 }
 
 struct Session {
@@ -333,6 +348,7 @@ impl Session {
         overflowed: CancellationToken,
         mut packets: mpsc::Receiver<Packet>,
         closed: CancellationToken,
+        answer_lost: CancellationToken,
     ) {
         // The namespace channel, then the token's rooms, before any event the socket sent.
         let mut initial = vec![self.settings.namespace_channel().to_owned()];
@@ -373,6 +389,11 @@ impl Session {
                     // `mount` closes the transports; the rooms are left here, at once.
                     () = self.face.shutdown.cancelled() => break,
                     () = overflowed.cancelled() => {
+                        self.too_slow(&socket, &closed).await;
+                        break;
+                    }
+                    // A refusal the message handler answered did not fit.
+                    () = answer_lost.cancelled() => {
                         self.too_slow(&socket, &closed).await;
                         break;
                     }
