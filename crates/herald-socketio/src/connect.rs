@@ -183,6 +183,11 @@ async fn admit(
         Some(token) => Some(verify_token(&app, token)?),
     };
     let hub = face.hub.app(&app.id);
+    if hub.is_removed() {
+        // Deleted after it was looked up: as the WebSocket face, not admitted to join rooms
+        // its socket would be disconnected from at once.
+        return Err(format!("app `{key}` was deleted"));
+    }
     if !hub.connect(
         face.config.max_connections_per_app,
         herald_channels::Transport::SocketIo,
