@@ -1392,7 +1392,7 @@ impl Dispatcher {
                 // again), or a resend took the delivery back: the attempt is logged, and the
                 // newer claim or the resend decides the delivery's state.
                 tracing::info!(%msg_id, %endpoint_id,
-                    "the attempt lost its lease (expired, or taken back by a resend); logged without changing the delivery");
+                    "the attempt lost its lease (expired, or taken back by a resend or an expunge); logged without changing the delivery");
             }
             Err(e) => {
                 // The delivery is attempted again once its lease runs out.

@@ -1272,14 +1272,6 @@ pub(crate) use secret_rewrites;
 
 // ---- Retention ----
 
-/// Implements [`crate::RetentionStore`] for `$store` and adds its `delete_app_data`, writing
-/// through `$writer` and reading through `$reader`. Every batch is one statement over at most
-/// `limit` rows picked by a subquery on `$key` (SQLite's `rowid`, PostgreSQL's `id`) and
-/// ended by `$lock` (PostgreSQL's `FOR UPDATE SKIP LOCKED`, so several sweepers split the
-/// work; empty on SQLite, whose single writer needs none). `$scope_has_path` matches the kept
-/// `Idempotency-Key` scopes of an app's routes, in the backend's string functions (`$1` is
-/// the path); `$between_batches`, if given, runs between the batches of an app's deletion. Ids sort by
-/// creation time, so "older than" is a range of the primary key.
 /// `RetentionStore::expunge_payload`'s message: `$1` the expired payload, `$2` the app, `$3`
 /// the message's id or `eventId` (the id wins). Returns the message's id.
 pub(crate) const EXPUNGE_PAYLOAD: &str =
@@ -1288,6 +1280,14 @@ pub(crate) const EXPUNGE_PAYLOAD: &str =
                    AND (id = $3 OR event_id = $3) ORDER BY id = $3 DESC LIMIT 1)
      RETURNING id";
 
+/// Implements [`crate::RetentionStore`] for `$store` and adds its `delete_app_data`, writing
+/// through `$writer` and reading through `$reader`. Every batch is one statement over at most
+/// `limit` rows picked by a subquery on `$key` (SQLite's `rowid`, PostgreSQL's `id`) and
+/// ended by `$lock` (PostgreSQL's `FOR UPDATE SKIP LOCKED`, so several sweepers split the
+/// work; empty on SQLite, whose single writer needs none). `$scope_has_path` matches the kept
+/// `Idempotency-Key` scopes of an app's routes, in the backend's string functions (`$1` is
+/// the path); `$between_batches`, if given, runs between the batches of an app's deletion. Ids sort by
+/// creation time, so "older than" is a range of the primary key.
 macro_rules! retention_store {
     (
         $store:ty, $writer:ident, $reader:ident,

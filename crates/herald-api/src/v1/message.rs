@@ -333,9 +333,10 @@ fn clamp_u32(value: i64) -> u32 {
 }
 
 /// `DELETE /api/v1/app/{app}/msg/{msg}/content` (Svix's "expunge message payload"): the
-/// payload is replaced in the store at once, deliveries pending or not (a later attempt or
-/// resend sends what is left, `{"expired": true}`); the message and its attempts stay, and
-/// reading it shows `payload: {"expired": true}`, as Svix shows an expunged payload.
+/// payload is replaced in the store at once, and the message's deliveries still to be made
+/// fail (an attempt already claimed sends what it was claimed with; a resend is refused);
+/// the message and its attempts stay, and reading it shows `payload: {"expired": true}`, as
+/// Svix shows an expunged payload.
 #[utoipa::path(delete, path = "/api/v1/app/{app_id}/msg/{msg_id}/content", tag = "Message",
     params(("app_id" = String, Path, description = "The app's id or uid"), ("msg_id" = String, Path, description = "The message's id or eventId")),
     responses((status = 204, description = "The payload was expunged")))]

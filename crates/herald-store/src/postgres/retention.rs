@@ -19,6 +19,12 @@ impl PostgresStore {
         app_id: &AppId,
         id_or_event_id: &str,
     ) -> crate::Result<bool> {
+        // Its deliveries are locked together, in another order than a batch of attempt
+        // records may lock two of them: run again if it was a deadlock's victim.
+        Ok(crate::sql::retrying_deadlocks(|| self.expunge_once(app_id, id_or_event_id)).await?)
+    }
+
+    async fn expunge_once(&self, app_id: &AppId, id_or_event_id: &str) -> sqlx::Result<bool> {
         let mut tx = self.pool.begin().await?;
         let msg_id: Option<String> = sqlx::query_scalar(crate::sql::EXPUNGE_PAYLOAD)
             .bind(herald_core::model::EXPIRED_PAYLOAD.as_bytes())
@@ -29,19 +35,24 @@ impl PostgresStore {
         let Some(msg_id) = msg_id else {
             return Ok(false);
         };
-        // The delivery's row is locked before its lease's row, as a claim locks them.
+        // The delivery's rows are locked before their leases' rows, as a claim locks them. The
+        // leases go in a statement of their own: one a claim committed while this waited for
+        // its delivery's row is not in the first statement's snapshot.
         sqlx::query(
-            "WITH failed AS (
-                 UPDATE deliveries SET status = $1, next_attempt_at = NULL, updated_at = $2,
-                                       lease_token = NULL, leased_until = NULL
-                 WHERE msg_id = $3 AND status IN (1, 3)
-                 RETURNING msg_id, endpoint_id
-             )
-             DELETE FROM delivery_leases l USING failed f
-             WHERE l.msg_id = f.msg_id AND l.endpoint_id = f.endpoint_id",
+            "UPDATE deliveries SET status = $1, next_attempt_at = NULL, updated_at = $2,
+                                   lease_token = NULL, leased_until = NULL
+             WHERE msg_id = $3 AND status IN (1, 3)",
         )
         .bind(DeliveryStatus::Fail as i32)
         .bind(millis(chrono::Utc::now()))
+        .bind(&msg_id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "DELETE FROM delivery_leases l USING deliveries d
+             WHERE l.msg_id = $1 AND d.msg_id = l.msg_id AND d.endpoint_id = l.endpoint_id
+               AND d.lease_token IS NULL",
+        )
         .bind(&msg_id)
         .execute(&mut *tx)
         .await?;

@@ -191,10 +191,18 @@ impl Leases {
 
     /// Ends the leases of these deliveries, whichever claims hold them: their in-flight
     /// attempts' records become stale, and the next claim leases them under a new token.
+    ///
+    /// A claim under way takes none of them either, leased or not: its read may predate the
+    /// change that revoked them (an expunge failed them; a resend is claimed again next).
     pub(crate) fn revoke<'a>(&self, keys: impl IntoIterator<Item = &'a DeliveryKey>) {
         let mut state = self.lock();
+        state.releases += 1;
+        let (release, remember) = (state.releases, !state.claims.is_empty());
         for key in keys {
             state.held.remove(key);
+            if remember {
+                state.released.insert(key.clone(), release);
+            }
         }
     }
 
@@ -258,6 +266,32 @@ mod tests {
         drop(mark);
         let taken = leases.take(vec![claimed], &[7], until, now, &leases.mark());
         assert_eq!(taken.len(), 1);
+    }
+
+    /// A delivery taken back (a resend, an expunge) while a claim is under way is not taken
+    /// by that claim, leased before or not: the claim's read may predate the change.
+    #[test]
+    fn a_claim_does_not_take_a_delivery_taken_back_since_it_began() {
+        let leases = Leases::default();
+        let now = Utc::now();
+        let until = now + chrono::Duration::seconds(60);
+        let due = job(&leases);
+        let key = (due.msg_id.clone(), due.endpoint.id.clone());
+        let mark = leases.mark();
+        leases.revoke([&key]);
+        assert!(
+            leases
+                .take(vec![due.clone()], &[7], until, now, &mark)
+                .is_empty()
+        );
+        drop(mark);
+        assert_eq!(
+            leases
+                .take(vec![due], &[7], until, now, &leases.mark())
+                .len(),
+            1,
+            "a claim that began after it takes it"
+        );
     }
 
     /// Releases are remembered only while a claim that began before them is under way.

@@ -660,9 +660,9 @@ impl SqliteStore {
     /// and the enqueue's row change then overwrites it) or wholly after the revocation (the
     /// record is stale). Revoking before the commit instead would let a claim lease the
     /// delivery from its row as it was before the enqueue, and that claim's record would then
-    /// overwrite the manual request. A claim whose read began before the enqueue committed, of
-    /// a delivery not leased then, may still take it after the revocation: its attempt starts
-    /// after the enqueue committed, so it is the resend, and its record applies.
+    /// overwrite the manual request. A claim whose read began before the enqueue committed does
+    /// not take the delivery, leased then or not (its read may predate the change: an expunge
+    /// fails the delivery); the next claim takes a resend.
     pub(super) fn take_back(
         &self,
         writer: sqlx::pool::PoolConnection<sqlx::Sqlite>,

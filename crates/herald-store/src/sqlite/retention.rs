@@ -1,8 +1,9 @@
 //! [`crate::RetentionStore`] on SQLite, and the batched deletion of an app's data
 //! (`sql::retention_store!`, shared with PostgreSQL).
 //!
-//! Each call is one statement on the writer connection, over at most `limit` rows found by an
-//! index, so the group commit waits at most one short batch, and queued writes get the
+//! Each sweep call is one statement on the writer connection, over at most `limit` rows found
+//! by an index (an expunge by hand is one short transaction of two), so the group commit waits
+//! at most one short batch, and queued writes get the
 //! connection between the batches of an app's deletion. Freed pages are reused by later rows:
 //! at a steady rate the file stops growing (see the README's "Retention").
 
@@ -46,11 +47,12 @@ impl SqliteStore {
         .bind(msg_id.as_str())
         .fetch_all(&mut *tx)
         .await?;
-        tx.commit().await?;
+        // Read before the commit: once committed, the leases must be taken back.
         let keys = failed
             .iter()
             .map(|row| Ok((msg_id.clone(), rows::id(row, "endpoint_id")?)))
             .collect::<crate::Result<Vec<DeliveryKey>>>()?;
+        tx.commit().await?;
         self.take_back(writer, &keys);
         Ok(true)
     }
