@@ -1088,7 +1088,12 @@ impl ClusterPresence {
                 "presence: a node stopped heartbeating; removing its members"
             );
         }
-        let orphans = self.record.orphans(SWEEP_LIMIT).await?;
+        let mut orphans = self.record.orphans(SWEEP_LIMIT).await?;
+        // Never this node's own rows: it is alive, and its beat (on a task of its own, which
+        // may register it again at this very moment) then reconciles them. Swept here, its
+        // members were announced as leaving and then joining again.
+        orphans.members.retain(|(node, ..)| *node != self.node);
+        orphans.channels.retain(|(node, ..)| *node != self.node);
         let removed = orphans.members.len() + orphans.channels.len();
         for (node, app, channel, user_id) in orphans.members {
             if self
@@ -2681,6 +2686,30 @@ mod tests {
             assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// A node never sweeps its own rows as orphans, though its node row is gone (it was taken
+    /// for dead): it is alive, and its next beat registers it again. Swept, its members were
+    /// announced as leaving, then joining again.
+    #[tokio::test]
+    async fn a_node_taken_for_dead_does_not_sweep_its_own_rows() {
+        let Some(backend) = Backend::postgres("presence own rows").await else {
+            return;
+        };
+        let (_reports, hub, a) = node_with_hub(&backend, QUEUE_CAPACITY).await;
+        let record = backend.record().await;
+        let app = AppId::parse("app_1").expect("valid");
+        subscribe(&hub, &app, "presence-x", Some("u1"), "1.1");
+        assert!(
+            a.resync(&mut mpsc::channel(1).1, &mut Flushed::new())
+                .await
+                .is_some()
+        );
+        assert_eq!(record.held_by("a").await.expect("held").members.len(), 1);
+        record.forget_node("a").await.expect("forget");
+        assert_eq!(a.sweep().await.expect("sweep"), 0, "nothing of its own");
+        assert_eq!(record.held_by("a").await.expect("held").members.len(), 1);
+        backend.drop_now().await;
     }
 
     /// A node taken for dead registers again and reconciles; a sweep that read its rows as a
