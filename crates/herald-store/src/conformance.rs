@@ -69,6 +69,7 @@ checks!(
     a_resend_while_a_retry_waits_keeps_the_schedule,
     a_recovered_delivery_is_claimed_under_a_new_lease_whose_record_applies,
     a_recovery_leaves_failed_the_messages_whose_payload_expired,
+    a_resend_queues_nothing_for_a_message_without_its_payload,
     an_endpoints_stats_and_delivery_lists_count_each_status,
     an_endpoint_update_read_before_the_workers_disable_conflicts,
     a_disable_for_a_streak_that_ended_meanwhile_leaves_the_endpoint_enabled,
@@ -1654,6 +1655,25 @@ async fn one_claimed_delivery(store: &dyn Store) -> ClaimedDelivery {
     }
 }
 
+/// [`one_claimed_delivery`], whose attempt failed for good, then its message's payload
+/// expunged.
+async fn one_failed_delivery_expunged(store: &dyn Store) -> ClaimedDelivery {
+    let claimed = one_claimed_delivery(store).await;
+    let job = &claimed.job;
+    let failed = store
+        .record_attempt(job_record(job, job.lease, claimed.now, NextStep::Failed))
+        .await
+        .expect("record");
+    assert_eq!(failed, Recorded::Applied);
+    assert!(
+        store
+            .expunge_payload(&claimed.app.id, claimed.msg.id.as_str())
+            .await
+            .expect("expunge")
+    );
+    claimed
+}
+
 /// The record of `job`'s attempt made at `at` under `lease`, its endpoint unchanged:
 /// delivered (200), or failed (500) for any other next step, as `attempt_record`.
 pub fn job_record(
@@ -1966,23 +1986,8 @@ pub async fn a_resend_while_a_retry_waits_keeps_the_schedule(store: &dyn Store) 
 /// refused with `missing_payload` for the same reason).
 pub async fn a_recovery_leaves_failed_the_messages_whose_payload_expired(store: &dyn Store) {
     let ClaimedDelivery {
-        app,
-        ep,
-        msg,
-        now,
-        job,
-    } = one_claimed_delivery(store).await;
-    let failed = store
-        .record_attempt(job_record(&job, job.lease, now, NextStep::Failed))
-        .await
-        .expect("record");
-    assert_eq!(failed, Recorded::Applied);
-    assert!(
-        store
-            .expunge_payload(&app.id, msg.id.as_str())
-            .await
-            .expect("expunge")
-    );
+        app, ep, msg, now, ..
+    } = one_failed_delivery_expunged(store).await;
     // Another message to the endpoint, failed too, whose payload is still there.
     let kept = message(&app.id, None);
     store
@@ -2018,6 +2023,82 @@ pub async fn a_recovery_leaves_failed_the_messages_whose_payload_expired(store: 
     assert_eq!(
         delivery_state(store, &kept, &ep).await.status,
         DeliveryStatus::Pending
+    );
+}
+
+/// A resend of a message whose payload was expunged, or is past its retention, or of a message
+/// gone, queues nothing and says so: the store checks in the statement that queues, so the API
+/// refuses it (`missing_payload`) even when the expunge committed after it read the message.
+pub async fn a_resend_queues_nothing_for_a_message_without_its_payload(store: &dyn Store) {
+    let ClaimedDelivery {
+        app, ep, msg, now, ..
+    } = one_failed_delivery_expunged(store).await;
+    assert!(
+        !store
+            .enqueue_manual(&app.id, &msg.id, &ep.id, now)
+            .await
+            .expect("resend"),
+        "an expunged payload is not sent again"
+    );
+    assert_eq!(
+        delivery_state(store, &msg, &ep).await.status,
+        DeliveryStatus::Fail
+    );
+
+    // Past its retention, its deliveries done (the sweep has not expunged it yet).
+    let past = Message {
+        payload_expires_at: Some(now - chrono::Duration::seconds(1)),
+        ..message(&app.id, None)
+    };
+    store
+        .create_message(past.clone(), Vec::new())
+        .await
+        .expect("message");
+    let kept = message(&app.id, None);
+    store
+        .create_message(kept.clone(), Vec::new())
+        .await
+        .expect("message");
+    let other_app = stored_app(store, "B").await;
+    for (who, msg_id, app_id) in [
+        ("past its retention", &past.id, &app.id),
+        ("in another app", &kept.id, &other_app.id),
+        ("unknown", &MessageId::new(now), &app.id),
+    ] {
+        assert!(
+            !store
+                .enqueue_manual(app_id, msg_id, &ep.id, now)
+                .await
+                .expect("resend"),
+            "a message {who} is not sent"
+        );
+    }
+    assert!(
+        store
+            .enqueue_manual(&app.id, &kept.id, &ep.id, now)
+            .await
+            .expect("resend"),
+        "a message with its payload is queued"
+    );
+    // Manual attempts are claimed in the retry lane.
+    let jobs = store
+        .claim_due(&ClaimRequest {
+            first_attempts: false,
+            ..claim(
+                now + chrono::Duration::seconds(1),
+                10,
+                HashMap::new(),
+                10,
+                HashMap::new(),
+                100,
+            )
+        })
+        .await
+        .expect("claim");
+    assert_eq!(
+        jobs.iter().map(|job| &job.msg_id).collect::<Vec<_>>(),
+        [&kept.id],
+        "only the message with its payload is due"
     );
 }
 

@@ -647,13 +647,18 @@ pub trait MessageStore: Send + Sync + 'static {
     /// changing neither the delivery nor the endpoint), so it cannot overwrite the manual
     /// request; the next claim leases the delivery under a new token and its record applies.
     /// A record that committed before the enqueue is overwritten by it.
+    ///
+    /// Queues nothing and returns `false` when the message is gone, or its payload was
+    /// expunged or is past its retention: checked in the same statement (on PostgreSQL under
+    /// a share lock of the message's row), so an expunge that commits meanwhile cannot have
+    /// its failed delivery queued again to send `{"expired":true}`.
     async fn enqueue_manual(
         &self,
         app_id: &AppId,
         msg_id: &MessageId,
         endpoint_id: &EndpointId,
         now: DateTime<Utc>,
-    ) -> Result<()>;
+    ) -> Result<bool>;
     /// Queue a manual attempt for every failed delivery to the endpoint in `[since, until)`.
     /// Like [`MessageStore::enqueue_manual`], takes each of them back from any claim holding
     /// it. Returns how many were queued.

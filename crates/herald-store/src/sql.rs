@@ -86,6 +86,27 @@ macro_rules! resend_set {
 }
 pub(crate) use resend_set;
 
+/// The start of a resend's upsert (`resend_set!` follows): `$1` the message, `$2` the
+/// endpoint, `$3` the app, `$4` pending, `$5` manual, `$6` now, `$7` the expired payload.
+/// It inserts (or updates) only while the message has a payload to send, read in the same
+/// statement, and `$lock` ends that read: PostgreSQL's `FOR SHARE`, empty on SQLite (one
+/// writer, no row locks). The `WHERE` also ends the `SELECT` before SQLite parses
+/// `ON CONFLICT`, which it would otherwise take for a join's.
+macro_rules! resend_insert {
+    ($lock:literal) => {
+        concat!(
+            "INSERT INTO deliveries (msg_id, endpoint_id, app_id, status, attempts, trigger_type,
+                                     next_attempt_at, updated_at)
+             SELECT m.id, $2, $3, $4, 0, $5, $6, $6 FROM messages m
+             WHERE m.id = $1 AND m.app_id = $3 AND m.payload <> $7
+               AND (m.payload_expires_at IS NULL OR m.payload_expires_at > $6) ",
+            $lock,
+            " ON CONFLICT (msg_id, endpoint_id) DO UPDATE SET "
+        )
+    };
+}
+pub(crate) use resend_insert;
+
 /// `MessageStore::due_deliveries` on SQLite: through the partial index `deliveries_due`, which
 /// holds exactly the unfinished deliveries (PostgreSQL reads its lanes' indexes instead).
 /// `$1`: now, in milliseconds.

@@ -513,20 +513,19 @@ pub async fn resend(
         ));
     }
     // As Svix's server: a payload expunged, or past its retention, is not sent again as
-    // `{"expired":true}` by hand.
+    // `{"expired":true}` by hand. The store checks it in the statement that queues the
+    // attempt, so an expunge that commits after the message was read above still counts.
     let now = state.store.clock().now();
-    if msg.payload.as_ref() == herald_core::model::EXPIRED_PAYLOAD.as_bytes()
-        || msg.payload_expires_at.is_some_and(|at| at <= now)
+    if !state
+        .store
+        .enqueue_manual(&app.id, &msg.id, &endpoint.id, now)
+        .await?
     {
         return Err(ApiError::bad_request(
             "missing_payload",
             "the message's payload has expired or was expunged: there is nothing to resend",
         ));
     }
-    state
-        .store
-        .enqueue_manual(&app.id, &msg.id, &endpoint.id, now)
-        .await?;
     state.dispatcher.wake();
     // The SDKs parse an (empty) object from this response.
     Ok((StatusCode::ACCEPTED, Json(serde_json::json!({}))))

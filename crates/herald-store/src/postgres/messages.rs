@@ -286,17 +286,16 @@ impl MessageStore for PostgresStore {
         msg_id: &MessageId,
         endpoint_id: &EndpointId,
         now: DateTime<Utc>,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         // Clearing the lease takes the delivery back from any claim holding it: that claim's
-        // record, fenced on its token, is then stale (the row lock orders the two).
+        // record, fenced on its token, is then stale (the row lock orders the two). The
+        // message's row is share-locked before the delivery's, in the order an expunge locks
+        // them: an expunge under way is waited for, and its payload then seen.
         let mut tx = self.pool.begin().await?;
-        sqlx::query(concat!(
-            "INSERT INTO deliveries (msg_id, endpoint_id, app_id, status, attempts, trigger_type,
-                                     next_attempt_at, updated_at)
-             VALUES ($1, $2, $3, $4, 0, $5, $6, $6)
-             ON CONFLICT (msg_id, endpoint_id) DO UPDATE SET ",
+        let queued = sqlx::query(concat!(
+            sql::resend_insert!("FOR SHARE"),
             sql::resend_set!("LEAST"),
-            ", lease_token = NULL, leased_until = NULL"
+            ", lease_token = NULL, leased_until = NULL RETURNING msg_id"
         ))
         .bind(msg_id.as_str())
         .bind(endpoint_id.as_str())
@@ -304,8 +303,13 @@ impl MessageStore for PostgresStore {
         .bind(DeliveryStatus::Pending as i32)
         .bind(TriggerType::Manual as i32)
         .bind(millis(now))
-        .execute(&mut *tx)
-        .await?;
+        .bind(herald_core::model::EXPIRED_PAYLOAD.as_bytes())
+        .fetch_optional(&mut *tx)
+        .await?
+        .is_some();
+        if !queued {
+            return Ok(false);
+        }
         sqlx::query("DELETE FROM delivery_leases WHERE msg_id = $1 AND endpoint_id = $2")
             .bind(msg_id.as_str())
             .bind(endpoint_id.as_str())
@@ -313,7 +317,7 @@ impl MessageStore for PostgresStore {
             .await?;
         notify_due(&mut tx).await?;
         tx.commit().await?;
-        Ok(())
+        Ok(true)
     }
 
     async fn enqueue_failed(
@@ -1948,6 +1952,83 @@ pub(super) mod tests {
         // Our own constants.
         let explain = sqlx::query(AssertSqlSafe(format!("EXPLAIN {statement}"))).bind(millis(now));
         plan_lines(tx, explain).await
+    }
+
+    /// A resend that reads the message while an expunge of its payload is under way waits for
+    /// it (the share lock on the message's row) and then queues nothing: the delivery the
+    /// expunge leaves failed is not queued again to send `{"expired":true}`.
+    #[tokio::test]
+    async fn a_resend_waits_for_an_expunge_under_way_and_queues_nothing() {
+        let Some(url) = server_url() else { return };
+        let (_guard, store) = open_in_fresh_schema(url).await;
+        let app = stored_app(&store).await;
+        let endpoint = stored_endpoint(&store, &app.id).await;
+        let msg = message(&app.id);
+        store
+            .create_message(msg.clone(), vec![endpoint.id.clone()])
+            .await
+            .expect("create");
+        let now = Utc::now() + chrono::Duration::seconds(1);
+        let jobs = store.claim_due(&claim(now, 1, 1, 8)).await.expect("claim");
+        assert_eq!(jobs.len(), 1);
+        let failed = conformance::job_record(&jobs[0], jobs[0].lease, now, NextStep::Failed);
+        assert_eq!(
+            store.record_attempt(failed).await.expect("record"),
+            Recorded::Applied
+        );
+
+        // The expunge's first statement, its transaction left open.
+        let mut expunge = store.pool.begin().await.expect("begin");
+        let expunging: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut *expunge)
+            .await
+            .expect("pid");
+        let expunged: Option<String> = sqlx::query_scalar(crate::sql::EXPUNGE_PAYLOAD)
+            .bind(herald_core::model::EXPIRED_PAYLOAD.as_bytes())
+            .bind(app.id.as_str())
+            .bind(msg.id.as_str())
+            .fetch_optional(&mut *expunge)
+            .await
+            .expect("expunge");
+        assert_eq!(expunged.as_deref(), Some(msg.id.as_str()));
+
+        let watcher = &store.pool;
+        let (queued, ()) = tokio::join!(
+            store.enqueue_manual(&app.id, &msg.id, &endpoint.id, now),
+            async move {
+                // Commit once the resend waits on the expunge, or after 10 s if it never does
+                // (it then ran on the payload it read before, and the assertion below fails).
+                for _ in 0..1000 {
+                    let waiting: i64 = sqlx::query_scalar(
+                        "SELECT count(*) FROM pg_stat_activity
+                         WHERE $1 = ANY(pg_blocking_pids(pid))",
+                    )
+                    .bind(expunging)
+                    .fetch_one(watcher)
+                    .await
+                    .expect("blocked");
+                    if waiting > 0 {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                expunge.commit().await.expect("commit");
+            }
+        );
+        assert!(!queued.expect("resend"), "nothing to resend");
+        let later = now + chrono::Duration::minutes(1);
+        let retry_lane = ClaimRequest {
+            first_attempts: false,
+            ..claim(later, 1, 1, 8)
+        };
+        assert!(
+            store
+                .claim_due(&retry_lane)
+                .await
+                .expect("claim")
+                .is_empty(),
+            "the failed delivery stays failed"
+        );
     }
 
     /// A lease is counted from `delivery_leases` until its record or a take-back removes it: a

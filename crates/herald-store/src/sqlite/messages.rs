@@ -110,15 +110,13 @@ impl MessageStore for SqliteStore {
         msg_id: &MessageId,
         endpoint_id: &EndpointId,
         now: DateTime<Utc>,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         // Held until the lease is revoked: see `take_back`.
         let mut writer = self.writer.acquire().await?;
-        sqlx::query(concat!(
-            "INSERT INTO deliveries (msg_id, endpoint_id, app_id, status, attempts, trigger_type,
-                                     next_attempt_at, updated_at)
-             VALUES ($1, $2, $3, $4, 0, $5, $6, $6)
-             ON CONFLICT (msg_id, endpoint_id) DO UPDATE SET ",
-            sql::resend_set!("MIN")
+        let queued = sqlx::query(concat!(
+            sql::resend_insert!(""),
+            sql::resend_set!("MIN"),
+            " RETURNING msg_id"
         ))
         .bind(msg_id.as_str())
         .bind(endpoint_id.as_str())
@@ -126,11 +124,15 @@ impl MessageStore for SqliteStore {
         .bind(DeliveryStatus::Pending as i64)
         .bind(TriggerType::Manual as i64)
         .bind(millis(now))
-        .execute(&mut *writer)
-        .await?;
-        self.take_back(writer, &[(msg_id.to_owned(), endpoint_id.to_owned())]);
-        self.gate.stir();
-        Ok(())
+        .bind(herald_core::model::EXPIRED_PAYLOAD.as_bytes())
+        .fetch_optional(&mut *writer)
+        .await?
+        .is_some();
+        if queued {
+            self.take_back(writer, &[(msg_id.to_owned(), endpoint_id.to_owned())]);
+            self.gate.stir();
+        }
+        Ok(queued)
     }
 
     async fn enqueue_failed(
