@@ -36,6 +36,9 @@ enum Unsent {
     /// A passing reason of this server's (its store unreachable, out of file descriptors):
     /// the job stays leased, and its lease is the back-off.
     Trouble(String),
+    /// Its start came too late for its lease (reading its credentials took long): let go at
+    /// once for a later claim, as a job whose turn comes too late ([`Paced::TooLate`]).
+    TooLate,
 }
 
 /// When a delivery may go, by its endpoint's pace (see [`Dispatcher::pace`]).
@@ -820,6 +823,15 @@ impl Dispatcher {
         self.job_left.notify_one();
     }
 
+    /// Leaves `job` for a later claim ([`Dispatcher::leave`]) while this task goes on with its
+    /// lane: wakes the lane's claims (a freed slot) and returns the lane's next job for it.
+    fn leave_for_later(&self, job: DeliveryJob, lane: &Lane) -> Option<DeliveryJob> {
+        let (app, endpoint) = (job.app_id.clone(), job.endpoint.id.clone());
+        self.leave(job);
+        self.handle.lane(lane.first_attempts).notify_one();
+        lane.next_after(&app, &endpoint)
+    }
+
     /// Until shutdown, lets go of the jobs left for a later claim ([`Dispatcher::leave`]) as
     /// they come, several at a time when they come together. Shutdown does not wait for a
     /// release under way: its jobs go back to `left`, for shutdown's own.
@@ -1073,10 +1085,7 @@ impl Dispatcher {
                 Paced::TooLate => {
                     // Let go for a later claim, which the lanes make once the endpoint's
                     // turns come close enough (see `Lane::endpoint_cap`).
-                    let (app, endpoint) = (job.app_id.clone(), job.endpoint.id.clone());
-                    self.leave(job);
-                    self.handle.lane(lane.first_attempts).notify_one();
-                    let Some(next) = lane.next_after(&app, &endpoint) else {
+                    let Some(next) = self.leave_for_later(job, &lane) else {
                         return;
                     };
                     job = next;
@@ -1104,10 +1113,7 @@ impl Dispatcher {
                 // Disabled (a 410 to a job before it, say) or deleted since its claim: not
                 // sent. Let go, so the next claim settles it as claims do (a disabled
                 // endpoint's delivery fails, recoverable), and go on with the lane.
-                let (app, endpoint) = (job.app_id.clone(), job.endpoint.id.clone());
-                self.leave(job);
-                self.handle.lane(lane.first_attempts).notify_one();
-                let Some(next) = lane.next_after(&app, &endpoint) else {
+                let Some(next) = self.leave_for_later(job, &lane) else {
                     return;
                 };
                 job = next;
@@ -1120,7 +1126,7 @@ impl Dispatcher {
                             record,
                             Arc::clone(&lane.unsaved).acquire_owned().await,
                         ))),
-                        Err(Unsent::Stopping) => Err(Unsent::Stopping),
+                        Err(unsent @ (Unsent::Stopping | Unsent::TooLate)) => Err(unsent),
                         Err(Unsent::Trouble(reason)) => {
                             self.back_off(&job, &reason).await;
                             Ok(None)
@@ -1132,9 +1138,19 @@ impl Dispatcher {
                     // Shutdown's grace period is over: leave the rest to the next start.
                     () = abandon.cancelled() => return,
                 };
-                let Ok(sent) = sent else {
-                    self.leave(job);
-                    return;
+                let sent = match sent {
+                    Ok(sent) => sent,
+                    Err(Unsent::TooLate) => {
+                        let Some(next) = self.leave_for_later(job, &lane) else {
+                            return;
+                        };
+                        job = next;
+                        continue;
+                    }
+                    Err(_) => {
+                        self.leave(job);
+                        return;
+                    }
                 };
                 if let Some((record, permit)) = sent {
                     let Ok(permit) = permit else {
@@ -1479,9 +1495,11 @@ impl Dispatcher {
             // Shutdown came while the credentials were read: let go, as any job not started
             // by then.
             _ if self.stopping.is_cancelled() => return Err(Unsent::Stopping),
-            Ok(_) if tokio::time::Instant::now() > start_by => Err(SendError::NotSent(
-                "reading the request's credentials took so long that the attempt could outlast its lease".into(),
-            )),
+            Ok(_) if tokio::time::Instant::now() > start_by => {
+                tracing::warn!(msg_id = %job.msg_id, endpoint_id = %job.endpoint.id,
+                    "reading the request's credentials took so long that the attempt could outlast its lease; let go for a later claim");
+                return Err(Unsent::TooLate);
+            }
             Ok(headers) => {
                 self.client
                     .post(&job.endpoint.url, headers, job.payload.clone())
@@ -2213,6 +2231,30 @@ mod tests {
             1,
             "no attempt counted for it"
         );
+    }
+
+    /// An attempt whose start, once its credentials are read, is past the latest its lease
+    /// allows is not made, and is let go for a later claim at once (`Unsent::TooLate`), as a
+    /// job whose turn comes too late: before, it stayed leased until the lease ran out, up to
+    /// a minute, as for this server's trouble. Nothing is sent, recorded or counted.
+    #[tokio::test]
+    async fn an_attempt_that_can_no_longer_start_in_time_is_let_go_unsent() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let dir = tempfile::tempdir().expect("dir");
+        let (dispatcher, metrics) = dispatcher_on(sqlite_store(&dir).await, to_local_receivers());
+        let mut job = job("app_A", "ep_1", 1);
+        job.endpoint.url = format!("http://{}/hook", listener.local_addr().expect("addr"));
+        let past = tokio::time::Instant::now() - Duration::from_millis(1);
+        let Err(Unsent::TooLate) = dispatcher.send(&job, past).await else {
+            panic!("not sent: too late for its lease");
+        };
+        assert_eq!(metrics.not_sent_total.get(), 0, "not this server's trouble");
+        for outcome in herald_metrics::AttemptOutcome::ALL {
+            assert_eq!(metrics.attempts(outcome), 0, "{outcome:?}");
+        }
+        assert_unvisited(&listener, "nothing connected").await;
     }
 
     /// Once shutdown is requested no attempt starts (one cut off by the grace period's end
