@@ -149,18 +149,7 @@ async fn admit(
     let app = match face.apps.find(key).await {
         Ok(Some(app)) => app,
         Ok(None) => {
-            // A dynamic namespace stays once matched: drop it, so made-up names cost nothing;
-            // but never one with sockets (an app whose uid just changed keeps its clients),
-            // nor once the app exists (its namespace may be the one `Face::open_app` just
-            // opened).
-            if let Some(io) = face.io.get() {
-                let (io, face, key) = (io.clone(), Arc::clone(face), key.to_owned());
-                tokio::spawn(async move {
-                    if matches!(face.apps.find(&key).await, Ok(None)) {
-                        face.forget_if_empty(&io, &format!("/{key}"));
-                    }
-                });
-            }
+            forget_namespace_unless_an_app(face, key);
             return Err(format!(
                 "unknown app `{key}`: the namespace is an app's uid or id"
             ));
@@ -186,6 +175,7 @@ async fn admit(
     if hub.is_removed() {
         // Deleted after it was looked up: as the WebSocket face, not admitted to join rooms
         // its socket would be disconnected from at once.
+        forget_namespace_unless_an_app(face, key);
         return Err(format!("app `{key}` was deleted"));
     }
     if !hub.connect(
@@ -225,6 +215,21 @@ async fn admit(
         .extensions
         .insert(Admitted(Arc::new(Mutex::new(Some(admission)))));
     Ok(())
+}
+
+/// A dynamic namespace stays once matched: after a CONNECT refused because `key` names no app
+/// (or a deleted one), drop it, so made-up names cost nothing; but never one with sockets (an
+/// app whose uid just changed keeps its clients), nor once an app has the key (its namespace
+/// may be the one `Face::open_app` just opened).
+fn forget_namespace_unless_an_app(face: &Arc<Face>, key: &str) {
+    if let Some(io) = face.io.get() {
+        let (io, face, key) = (io.clone(), Arc::clone(face), key.to_owned());
+        tokio::spawn(async move {
+            if matches!(face.apps.find(&key).await, Ok(None)) {
+                face.forget_if_empty(&io, &format!("/{key}"));
+            }
+        });
+    }
 }
 
 /// Checks a token against the app's Pusher secret (and a rotated-out one in its grace).
