@@ -10,13 +10,21 @@
 //! for absent subscribers): the broker catches its history channels up from the store when
 //! [`Hearing::resumed`] is called.
 //!
+//! What this node hears waits for its turn in a bounded queue ([`HEAR_QUEUE`] messages, as
+//! many as async-nats keeps for a subscription). redis-rs reads its pub/sub connection into a
+//! queue of its own without a bound, so the bus drains that one as fast as Redis sends and
+//! bounds its own: when handing messages on falls behind (a slow store read, a presence
+//! record's writes), those that do not fit are dropped and counted, and once the queue is
+//! handed on the node catches up ([`Hearing::resumed`]), as after a lost link and as the NATS
+//! bus does for a slow consumer.
+//!
 //! Redis Cluster is configuration: classic pub/sub is broadcast to every node of a Redis
 //! Cluster, so pointing `broker.url` at any one of its nodes works. Sentinel is not supported.
 
 use std::{
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -48,6 +56,9 @@ const PING_TIMEOUT: Duration = Duration::from_secs(3);
 const RECONNECT_FIRST: Duration = Duration::from_millis(100);
 const RECONNECT_LAST: Duration = Duration::from_secs(5);
 
+/// How many heard messages may wait to be handed on (see the module doc).
+const HEAR_QUEUE: usize = 64 * 1024;
+
 /// A subscribed connection, split into its command half (pings) and its messages.
 struct Subscription {
     sink: PubSubSink,
@@ -62,6 +73,10 @@ pub struct RedisBus {
     sender: ConnectionManager,
     subscribed: AtomicBool,
     first: Mutex<Option<Subscription>>,
+    /// [`HEAR_QUEUE`], smaller in tests.
+    hear_queue: usize,
+    /// Messages heard that did not fit the queue, since the start.
+    dropped: AtomicU64,
 }
 
 impl RedisBus {
@@ -88,6 +103,8 @@ impl RedisBus {
             sender,
             subscribed: AtomicBool::new(false),
             first: Mutex::new(None),
+            hear_queue: HEAR_QUEUE,
+            dropped: AtomicU64::new(0),
         };
         let subscription = bus.subscribe().await?;
         bus.subscribed.store(true, Ordering::Relaxed);
@@ -134,11 +151,49 @@ impl RedisBus {
         }
     }
 
-    /// Hands on what `subscription` hears until it is lost (`true`) or `shutdown` (`false`).
+    /// Hands on what `subscription` hears until it is lost (`true`, once what it heard before
+    /// is handed on) or `shutdown` (`false`).
     async fn hear(
         &self,
         subscription: &mut Subscription,
         hearing: &dyn Hearing,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let (queue, mut heard) = tokio::sync::mpsc::channel::<Bytes>(self.hear_queue);
+        // Set when a message is dropped; the catch-up comes once the queue is empty, after the
+        // messages heard before the drop.
+        let missed = AtomicBool::new(false);
+        let reading = async {
+            let lost = self.read(subscription, &queue, &missed, shutdown).await;
+            drop(queue);
+            lost
+        };
+        let handing_on = async {
+            while let Some(message) = heard.recv().await {
+                hearing.message(message).await;
+                if heard.is_empty() && missed.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(
+                        engine = ENGINE,
+                        dropped_since_start = self.dropped.load(Ordering::Relaxed),
+                        "broker: this node fell behind what it heard and dropped messages; catching up"
+                    );
+                    hearing.resumed().await;
+                }
+            }
+        };
+        tokio::select! {
+            (lost, ()) = async { tokio::join!(reading, handing_on) } => lost,
+            () = shutdown.cancelled() => false,
+        }
+    }
+
+    /// Reads `subscription` into `queue` until it is lost (`true`) or `shutdown` (`false`),
+    /// pinging it; a message that does not fit is dropped and counted, and `missed` set.
+    async fn read(
+        &self,
+        subscription: &mut Subscription,
+        queue: &tokio::sync::mpsc::Sender<Bytes>,
+        missed: &AtomicBool,
         shutdown: &CancellationToken,
     ) -> bool {
         let mut ping = tokio::time::interval(PING_EVERY);
@@ -149,7 +204,11 @@ impl RedisBus {
                 () = shutdown.cancelled() => return false,
                 message = subscription.messages.next() => match message {
                     Some(message) => {
-                        hearing.message(Bytes::copy_from_slice(message.get_payload_bytes())).await;
+                        let payload = Bytes::copy_from_slice(message.get_payload_bytes());
+                        if queue.try_send(payload).is_err() {
+                            self.dropped.fetch_add(1, Ordering::Relaxed);
+                            missed.store(true, Ordering::Relaxed);
+                        }
                     }
                     None => {
                         tracing::warn!(engine = ENGINE, url = self.url, "broker: the subscribed connection was closed");
@@ -321,6 +380,89 @@ mod tests {
             }
             assert_eq!(got, sent);
         }
+    }
+
+    /// What a node is told, in order: each message, and `None` for each catch-up.
+    struct Slow {
+        told: mpsc::UnboundedSender<Option<Bytes>>,
+        /// Told when the first message comes, which is handed on only once this has a permit.
+        entered: tokio::sync::Notify,
+        first: tokio::sync::Semaphore,
+        started: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait::async_trait]
+    impl Hearing for Slow {
+        async fn message(&self, payload: Bytes) {
+            if !self.started.swap(true, Ordering::Relaxed) {
+                self.entered.notify_one();
+                let _ = self.first.acquire().await.expect("open");
+            }
+            let _ = self.told.send(Some(payload));
+        }
+        async fn resumed(&self) {
+            let _ = self.told.send(None);
+        }
+    }
+
+    /// A node that hands messages on more slowly than it hears them keeps at most its queue's
+    /// worth waiting: the rest are dropped and counted, and once what waited is handed on the
+    /// node catches up (the store has what a history channel missed), then goes on hearing.
+    #[tokio::test]
+    async fn a_node_that_falls_behind_drops_what_does_not_fit_and_catches_up() {
+        let Some(url) = server("redis bus bounded queue") else {
+            return;
+        };
+        let mut bus = RedisBus::connect(&url, &topic()).await.expect("bus");
+        Arc::get_mut(&mut bus).expect("not shared yet").hear_queue = 4;
+        let (told, mut heard) = mpsc::unbounded_channel();
+        let slow = Arc::new(Slow {
+            told,
+            entered: tokio::sync::Notify::new(),
+            first: tokio::sync::Semaphore::new(0),
+            started: std::sync::atomic::AtomicBool::new(false),
+        });
+        tokio::spawn(Arc::clone(&bus).run(
+            Arc::clone(&slow) as Arc<dyn Hearing>,
+            CancellationToken::new(),
+        ));
+        let sent: Vec<Bytes> = (0..20).map(|n| Bytes::from(format!("m{n}"))).collect();
+        bus.send(sent[..1].to_vec()).await.expect("send");
+        tokio::time::timeout(Duration::from_secs(10), slow.entered.notified())
+            .await
+            .expect("the first is being handed on");
+        bus.send(sent[1..].to_vec()).await.expect("send");
+        // The first is being handed on and four wait: fifteen do not fit.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while bus.dropped.load(Ordering::Relaxed) < 15 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "dropped {} of the 15 that do not fit",
+                bus.dropped.load(Ordering::Relaxed)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        slow.first.add_permits(1);
+        let mut got = Vec::new();
+        for _ in 0..6 {
+            let told = tokio::time::timeout(Duration::from_secs(10), heard.recv())
+                .await
+                .expect("told within 10 s")
+                .expect("open");
+            got.push(told);
+        }
+        let expected: Vec<Option<Bytes>> =
+            sent[..5].iter().cloned().map(Some).chain([None]).collect();
+        assert_eq!(got, expected, "what fitted, then one catch-up");
+        assert_eq!(bus.dropped.load(Ordering::Relaxed), 15);
+        bus.send(vec![Bytes::from_static(b"after")])
+            .await
+            .expect("send");
+        let after = tokio::time::timeout(Duration::from_secs(10), heard.recv())
+            .await
+            .expect("told within 10 s")
+            .expect("open");
+        assert_eq!(after, Some(Bytes::from_static(b"after")), "and hears on");
     }
 
     /// A TCP relay to Redis that can be cut, as a Redis going away would cut it.
