@@ -143,6 +143,13 @@ impl Outbox {
     /// Queues what this outbox takes of a shared item: a frame-taking outbox gets the
     /// publication's frame without the publication's reference count being touched.
     fn send_shared(&self, item: &Outgoing) {
+        // Nothing after an item dropped: the connection closes, and an item sent past the gap
+        // would move its client's position (an SSE id, a history offset) beyond what it
+        // missed, so its resume would skip it. Room made by the client reading meanwhile
+        // does not reopen the outbox.
+        if self.has_overflowed() {
+            return;
+        }
         let item = match (self.takes, item) {
             (Takes::PusherFrames, Outgoing::Publication(p)) => {
                 Outgoing::Frame(p.pusher_frame().clone())
@@ -2351,6 +2358,32 @@ mod tests {
             ),
             (0, 0, 0)
         );
+    }
+
+    /// Once an item did not fit, nothing more is queued, though the reader makes room: what
+    /// followed the gap would carry a position past it, and the client's resume from there
+    /// would never get what was dropped.
+    #[test]
+    fn an_outbox_queues_nothing_after_an_item_it_dropped() {
+        let (outbox, mut frames, overflowed) = Outbox::new(2);
+        for n in 1..=3 {
+            outbox.send(Frame::from(format!("e{n}")));
+        }
+        assert!(overflowed.is_cancelled(), "the third did not fit");
+        let first = frames.try_recv().expect("the first");
+        outbox.send(Frame::from_static("e4"));
+        let mut rest = Vec::new();
+        while let Ok(item) = frames.try_recv() {
+            rest.push(item);
+        }
+        let texts = |items: &[Outgoing]| -> Vec<String> {
+            items
+                .iter()
+                .map(|item| item.pusher_frame().as_str().to_owned())
+                .collect()
+        };
+        assert_eq!(texts(&[first]), ["e1"]);
+        assert_eq!(texts(&rest), ["e2"], "nothing after the gap");
     }
 
     #[test]
