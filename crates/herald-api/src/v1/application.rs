@@ -41,9 +41,11 @@ pub struct ApplicationIn {
     pub throttle_rate: Option<u16>,
     #[serde(default)]
     pub metadata: Option<Metadata>,
-    /// Svix's deprecated name for `throttleRate`; accepted and ignored (see the README).
-    #[serde(default, rename = "rateLimit")]
-    pub _rate_limit: Option<i64>,
+    /// Svix's deprecated name for `throttleRate` (older SDKs know only this one); as Svix,
+    /// `throttleRate` wins when both are given.
+    #[serde(default)]
+    #[schema(deprecated)]
+    pub rate_limit: Option<u16>,
     /// Herald's extension: which channels keep history (`None`: the server's defaults). An
     /// update that leaves it out keeps it, as Svix SDKs do not know the field.
     #[serde(default)]
@@ -67,6 +69,10 @@ pub struct ApplicationPatch {
     uid: Option<Option<String>>,
     #[serde(default, deserialize_with = "super::double_option")]
     throttle_rate: Option<Option<u16>>,
+    /// Svix's deprecated name for `throttleRate`; `throttleRate` wins when both are given.
+    #[serde(default, deserialize_with = "super::double_option")]
+    #[schema(deprecated)]
+    rate_limit: Option<Option<u16>>,
     #[serde(default)]
     metadata: Option<Metadata>,
     #[serde(default, deserialize_with = "super::double_option")]
@@ -85,6 +91,10 @@ pub struct ApplicationOut {
     name: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     throttle_rate: Option<i64>,
+    /// The same as `throttleRate`, under the name older Svix SDKs read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(deprecated)]
+    rate_limit: Option<i64>,
     metadata: Metadata,
     /// Credentials for Pusher-protocol clients and server SDKs (ignored by the Svix SDKs).
     pusher: PusherOut,
@@ -132,6 +142,7 @@ impl From<App> for ApplicationOut {
             uid: app.uid,
             name: app.name,
             throttle_rate: app.throttle_rate,
+            rate_limit: app.throttle_rate,
             metadata: app.metadata,
             pusher: PusherOut {
                 app_id: app.pusher.app_id.to_string(),
@@ -212,7 +223,7 @@ pub(crate) async fn create_app(state: &ApiState, input: ApplicationIn) -> ApiRes
         id: herald_core::AppId::new(now),
         uid: input.uid,
         name: input.name,
-        throttle_rate: input.throttle_rate.map(i64::from),
+        throttle_rate: input.throttle_rate.or(input.rate_limit).map(i64::from),
         metadata: input.metadata.unwrap_or_default(),
         pusher: PusherCredentials::generate(),
         history: input.history.map(super::wire::history_in),
@@ -286,6 +297,8 @@ pub async fn create(
     SvixJson(input): SvixJson<ApplicationIn>,
 ) -> ApiResult<Response> {
     caller.require_environment()?;
+    // Before the lookup: a uid that is not one (an app's id, say) must not find that app.
+    validate_in(&input)?;
     if query.bool("get_if_exists", false)?
         && let Some(uid) = &input.uid
         && let Some(existing) = caller_visible(&state, &caller, uid).await?
@@ -337,7 +350,7 @@ pub async fn upsert(
             validate_in(&input)?;
             app.name = input.name;
             app.uid = input.uid;
-            app.throttle_rate = input.throttle_rate.map(i64::from);
+            app.throttle_rate = input.throttle_rate.or(input.rate_limit).map(i64::from);
             app.metadata = input.metadata.unwrap_or_default();
             if input.history.is_some() {
                 app.history = input.history.map(super::wire::history_in);
@@ -383,7 +396,7 @@ pub async fn patch(
     if let Some(uid) = patch.uid {
         app.uid = uid;
     }
-    if let Some(rate) = patch.throttle_rate {
+    if let Some(rate) = patch.throttle_rate.or(patch.rate_limit) {
         app.throttle_rate = rate.map(i64::from);
     }
     if let Some(metadata) = patch.metadata {
@@ -404,7 +417,7 @@ pub async fn patch(
         uid: app.uid.clone(),
         throttle_rate: None,
         metadata: None,
-        _rate_limit: None,
+        rate_limit: None,
         history: app.history.clone().map(super::wire::history_out),
         socketio: app.socketio.clone().map(Into::into),
         retention: retention.clone(),

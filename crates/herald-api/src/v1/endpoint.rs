@@ -78,10 +78,11 @@ pub struct EndpointIn {
     metadata: Option<Metadata>,
     #[serde(default)]
     headers: Option<BTreeMap<String, String>>,
-    /// Svix's deprecated name for `throttleRate`; accepted and ignored (see the README).
-    #[serde(default, rename = "rateLimit")]
+    /// Svix's deprecated name for `throttleRate` (older SDKs know only this one); as Svix,
+    /// `throttleRate` wins when both are given.
+    #[serde(default)]
     #[schema(deprecated)]
-    _rate_limit: Option<i64>,
+    rate_limit: Option<u16>,
     /// Svix's endpoint version; accepted and ignored (see the README).
     #[serde(default, rename = "version")]
     #[schema(deprecated)]
@@ -101,6 +102,10 @@ pub struct EndpointPatch {
     uid: Option<Option<String>>,
     #[serde(default, deserialize_with = "super::double_option")]
     throttle_rate: Option<Option<u16>>,
+    /// Svix's deprecated name for `throttleRate`; `throttleRate` wins when both are given.
+    #[serde(default, deserialize_with = "super::double_option")]
+    #[schema(deprecated)]
+    rate_limit: Option<Option<u16>>,
     #[serde(default)]
     disabled: Option<bool>,
     /// `standard-webhooks` or `pusher`.
@@ -128,6 +133,10 @@ pub struct EndpointOut {
     description: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     throttle_rate: Option<i64>,
+    /// The same as `throttleRate`, under the name older Svix SDKs read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(deprecated)]
+    rate_limit: Option<i64>,
     disabled: bool,
     /// `standard-webhooks` or `pusher`.
     #[schema(value_type = String, example = "standard-webhooks")]
@@ -151,6 +160,7 @@ impl From<Endpoint> for EndpointOut {
             url: ep.url,
             description: ep.description,
             throttle_rate: ep.throttle_rate,
+            rate_limit: ep.throttle_rate,
             disabled: ep.disabled,
             format: ep.format.as_str(),
             filter_types: ep.event_types.clone(),
@@ -273,7 +283,7 @@ fn new_endpoint(app: &App, input: EndpointIn) -> ApiResult<Endpoint> {
         uid: input.uid,
         url: input.url,
         description: input.description.unwrap_or_default(),
-        throttle_rate: input.throttle_rate.map(i64::from),
+        throttle_rate: input.throttle_rate.or(input.rate_limit).map(i64::from),
         disabled: input.disabled.unwrap_or(false),
         format,
         event_types: non_empty(input.event_types),
@@ -430,7 +440,7 @@ pub async fn upsert(
     endpoint.url = input.url;
     endpoint.description = input.description.unwrap_or_default();
     endpoint.uid = input.uid;
-    endpoint.throttle_rate = input.throttle_rate.map(i64::from);
+    endpoint.throttle_rate = input.throttle_rate.or(input.rate_limit).map(i64::from);
     endpoint.disabled = input.disabled.unwrap_or(false);
     endpoint.event_types = non_empty(input.event_types);
     endpoint.channels = non_empty(input.channels);
@@ -487,7 +497,7 @@ pub async fn patch(
     if let Some(uid) = patch.uid {
         endpoint.uid = uid;
     }
-    if let Some(rate) = patch.throttle_rate {
+    if let Some(rate) = patch.throttle_rate.or(patch.rate_limit) {
         endpoint.throttle_rate = rate.map(i64::from);
     }
     if let Some(disabled) = patch.disabled {

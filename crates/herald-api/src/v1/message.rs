@@ -222,7 +222,20 @@ async fn app_for_create(
                 uid: Some(app_id.to_owned()),
                 ..input
             };
-            create_app(state, input).await
+            match create_app(state, input).await {
+                // Another request made it since the lookup (a burst of first messages to a
+                // new app): the message goes to that one, as Svix's SDKs retry no 409.
+                Err(
+                    conflict @ ApiError::Standard {
+                        status: StatusCode::CONFLICT,
+                        ..
+                    },
+                ) => match caller.app(state, app_id).await {
+                    Ok(app) => Ok(app),
+                    Err(_) => Err(conflict),
+                },
+                made => made,
+            }
         }
         Err(e) => Err(e),
     }

@@ -285,6 +285,43 @@ async fn oversized_bodies_are_refused_with_413() {
     server.stop().await;
 }
 
+/// A burst of first messages to an app that does not exist yet, each with its `application`:
+/// one makes the app, and every message is accepted into it (Svix's SDKs retry no 409).
+#[tokio::test]
+async fn concurrent_first_messages_to_a_new_app_all_go_to_the_one_app_made() {
+    let server = TestServer::start().await;
+    let send = |n: u32| {
+        server.call(
+            Method::POST,
+            "/api/v1/app/tenant-x/msg",
+            Some(json!({"eventType": "a.b", "payload": {"n": n}, "application": {"name": "T"}})),
+        )
+    };
+    let answers = futures_util::future::join_all((0..5).map(send)).await;
+    for (status, body) in &answers {
+        assert_eq!(*status, 201, "{body}");
+    }
+    let (status, apps) = server.call(Method::GET, "/api/v1/app", None).await;
+    assert_eq!(status, 200, "{apps}");
+    let made: Vec<&Value> = apps["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .filter(|app| app["uid"] == "tenant-x")
+        .collect();
+    assert_eq!(made.len(), 1, "{apps}");
+    let (status, messages) = server
+        .call(Method::GET, "/api/v1/app/tenant-x/msg", None)
+        .await;
+    assert_eq!(status, 200, "{messages}");
+    assert_eq!(
+        messages["data"].as_array().map(Vec::len),
+        Some(5),
+        "{messages}"
+    );
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn get_or_create_upsert_patch_and_delete_applications() {
     let server = TestServer::start().await;
@@ -301,6 +338,16 @@ async fn get_or_create_upsert_patch_and_delete_applications() {
         .await;
     assert_eq!((s1, s2), (201, 200));
     assert_eq!(a1["id"], a2["id"]);
+    // A uid that is not one is refused before the lookup: it would find the app with that id.
+    let (status, body) = server
+        .call(
+            Method::POST,
+            "/api/v1/app?get_if_exists=true",
+            Some(json!({"name": "B", "uid": a1["id"]})),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["detail"][0]["loc"], json!(["body", "uid"]), "{body}");
     let pusher_id = a1["pusher"]["appId"].as_str().expect("pusher app id");
     assert!(
         pusher_id.len() == 7 && pusher_id.parse::<u32>().is_ok(),
@@ -1960,6 +2007,83 @@ async fn a_wrong_type_in_an_array_or_nested_object_names_its_full_path() {
 }
 
 #[tokio::test]
+async fn rate_limit_is_the_older_svix_name_of_throttle_rate() {
+    let server = TestServer::start().await;
+    let rates =
+        |body: &serde_json::Value| (body["throttleRate"].clone(), body["rateLimit"].clone());
+    let (status, app) = server
+        .call(
+            Method::POST,
+            "/api/v1/app",
+            Some(json!({"name": "old sdk", "rateLimit": 10})),
+        )
+        .await;
+    assert_eq!(status, 201, "{app}");
+    assert_eq!(rates(&app), (json!(10), json!(10)), "{app}");
+    let app = app["id"].as_str().expect("id").to_owned();
+    for (patch, expected) in [
+        (json!({"rateLimit": 3}), json!(3)),
+        (json!({"rateLimit": 4, "throttleRate": 6}), json!(6)),
+        (json!({"rateLimit": null}), json!(null)),
+    ] {
+        let (status, body) = server
+            .call(
+                Method::PATCH,
+                &format!("/api/v1/app/{app}"),
+                Some(patch.clone()),
+            )
+            .await;
+        assert_eq!(status, 200, "{patch}: {body}");
+        assert_eq!(
+            rates(&body),
+            (expected.clone(), expected),
+            "{patch}: {body}"
+        );
+    }
+
+    let (status, ep) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/app/{app}/endpoint"),
+            Some(json!({"url": "https://example.com/hook", "rateLimit": 5, "version": 1})),
+        )
+        .await;
+    assert_eq!(status, 201, "{ep}");
+    assert_eq!(rates(&ep), (json!(5), json!(5)), "{ep}");
+    let path = format!(
+        "/api/v1/app/{app}/endpoint/{}",
+        ep["id"].as_str().expect("id")
+    );
+    let (status, body) = server
+        .call(Method::PATCH, &path, Some(json!({"rateLimit": 7})))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(rates(&body), (json!(7), json!(7)), "{body}");
+    let (status, body) = server
+        .call(
+            Method::PUT,
+            &path,
+            Some(json!({"url": "https://example.com/hook", "rateLimit": 2, "throttleRate": 9})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        rates(&body),
+        (json!(9), json!(9)),
+        "throttleRate wins: {body}"
+    );
+    let (status, body) = server
+        .call(Method::PATCH, &path, Some(json!({"rateLimit": null})))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(rates(&body), (json!(null), json!(null)), "{body}");
+    let (status, body) = server
+        .call(Method::PATCH, &path, Some(json!({"rateLimit": 70000})))
+        .await;
+    assert_eq!(status, 422, "over a u16, as throttleRate: {body}");
+}
+
+#[tokio::test]
 async fn fields_svix_defines_are_accepted_even_null_or_ignored_by_herald() {
     let server = TestServer::start().await;
     // Every optional field of Svix's schema, null, as SDKs that send unset fields do.
@@ -1972,7 +2096,6 @@ async fn fields_svix_defines_are_accepted_even_null_or_ignored_by_herald() {
         .await;
     assert_eq!(status, 201, "{app}");
     let app = app["id"].as_str().expect("id").to_owned();
-    // Fields Herald does not act on are accepted with values.
     let (status, body) = server
         .call(
             Method::PUT,
