@@ -138,12 +138,13 @@ async fn find(state: &ApiState, name: &str) -> ApiResult<EventType> {
         .ok_or_else(|| ApiError::not_found("event type"))
 }
 
-/// The catalogue, in name order. `with_content=false` leaves each type's `schemas` out (shown
+/// The catalogue, in name order (`order=descending`: the other way). `with_content=false` leaves each type's `schemas` out (shown
 /// as `null`, as Svix's server shows them); unlike Svix's, which leaves them out unless asked,
 /// Herald shows them unless asked not to, so a caller that never sends it loses nothing.
 #[utoipa::path(get, path = "/api/v1/event-type", tag = "Event Type",
     params(("include_archived" = Option<bool>, Query, description = "Include archived event types (default false)"),
         ("with_content" = Option<bool>, Query, description = "Include each type's schemas (default true); false shows `schemas: null`"),
+        ("order" = Option<String>, Query, description = "`ascending` (the default) or `descending`, by name"),
         crate::pagination::ListParams),
     responses((status = 200, body = ListResponse<EventTypeOut>)))]
 pub async fn list(
@@ -151,7 +152,7 @@ pub async fn list(
     _caller: Caller,
     query: QueryParams,
 ) -> ApiResult<Json<ListResponse<EventTypeOut>>> {
-    let mut page = pagination::page(&query, false)?;
+    let mut page = pagination::page(&query, pagination::descending(&query, false)?)?;
     let include_archived = query.bool("include_archived", false)?;
     let with_content = query.bool("with_content", true)?;
     // Iterators are marked names: an event type may begin with `-`, which a bare iterator

@@ -1295,6 +1295,29 @@ async fn event_types_page_through_names_that_begin_with_a_dash() {
         .call(Method::GET, "/api/v1/event-type?iterator=-internal", None)
         .await;
     assert_eq!(status, 422, "an iterator this list did not give: {body}");
+
+    // `order=descending` walks the names the other way, page by page.
+    let first = get_ok(&server, "/api/v1/event-type?order=descending&limit=2").await;
+    let names = |page: &Value| -> Vec<String> {
+        page["data"]
+            .as_array()
+            .expect("data")
+            .iter()
+            .map(|e| e["name"].as_str().expect("name").to_owned())
+            .collect()
+    };
+    assert_eq!(names(&first), ["invoice.paid", "-other"], "{first}");
+    let it = first["iterator"].as_str().expect("iterator");
+    let rest = get_ok(
+        &server,
+        &format!("/api/v1/event-type?order=descending&limit=2&iterator={it}"),
+    )
+    .await;
+    assert_eq!(names(&rest), ["-internal"], "{rest}");
+    let (status, body) = server
+        .call(Method::GET, "/api/v1/event-type?order=sideways", None)
+        .await;
+    assert_eq!(status, 422, "{body}");
 }
 
 /// Every live earlier secret signs every delivery: at most five may, and a sixth rotation
