@@ -47,6 +47,7 @@ macro_rules! checks {
 checks!(
     apps_resolve_by_id_uid_and_pusher_ids,
     socketio_app_keys_name_the_apps_with_socketio_settings,
+    an_app_update_from_an_out_of_date_copy_is_refused,
     an_exact_id_wins_over_a_uid_equal_to_it,
     token_scopes_round_trip,
     expired_tokens_are_purged,
@@ -120,6 +121,67 @@ where
 }
 
 /// Fixtures, shared with the backends' own tests.
+/// Two changes of an app prepared from one read (two PATCHes of different fields, or one made
+/// on a node whose cached copy is behind): the first goes in, the second is refused
+/// (`APP_CHANGED`) rather than putting back what the first changed; read again, it goes in.
+async fn an_app_update_from_an_out_of_date_copy_is_refused(store: &dyn Store) {
+    let made = stored_app(store, "A").await;
+    let read = store
+        .get_app(made.id.as_str())
+        .await
+        .expect("read")
+        .expect("app");
+    let later = read.updated_at + chrono::Duration::seconds(1);
+    let renamed = App {
+        name: "renamed".into(),
+        updated_at: later,
+        ..read.clone()
+    };
+    store
+        .update_app(&renamed, read.updated_at)
+        .await
+        .expect("the first change");
+    let mut tagged = read.clone();
+    tagged.metadata.insert("tier".into(), "gold".into());
+    tagged.updated_at = later;
+    let refused = store.update_app(&tagged, read.updated_at).await;
+    assert!(
+        matches!(&refused, Err(StoreError::Conflict(why)) if why == crate::APP_CHANGED),
+        "{refused:?}"
+    );
+    let stored = store
+        .get_app(made.id.as_str())
+        .await
+        .expect("read")
+        .expect("app");
+    assert_eq!(stored.name, "renamed", "the first change stands");
+    assert!(stored.metadata.is_empty());
+
+    let mut again = stored.clone();
+    again.metadata.insert("tier".into(), "gold".into());
+    again.updated_at = later + chrono::Duration::seconds(1);
+    store
+        .update_app(&again, stored.updated_at)
+        .await
+        .expect("read again, it goes in");
+    let stored = store
+        .get_app(made.id.as_str())
+        .await
+        .expect("read")
+        .expect("app");
+    assert_eq!(
+        (
+            stored.name.as_str(),
+            stored.metadata.get("tier").map(String::as_str)
+        ),
+        ("renamed", Some("gold"))
+    );
+
+    assert!(store.delete_app(&made.id).await.expect("delete"));
+    let gone = store.update_app(&again, again.updated_at).await;
+    assert!(matches!(gone, Err(StoreError::NotFound)), "{gone:?}");
+}
+
 pub(crate) fn app(name: &str) -> App {
     let now = Utc::now();
     App {
@@ -336,7 +398,10 @@ pub async fn socketio_app_keys_name_the_apps_with_socketio_settings(store: &dyn 
         socketio: None,
         ..with_uid.clone()
     };
-    store.update_app(&cleared).await.expect("update");
+    store
+        .update_app(&cleared, cleared.updated_at)
+        .await
+        .expect("update");
     assert_eq!(
         store.socketio_app_keys().await.expect("keys"),
         [without_uid.id.to_string()]
@@ -3490,7 +3555,10 @@ pub async fn socketio_settings_round_trip(store: &dyn Store) {
     assert_eq!(read(store, &app.id).await, app.socketio);
     for settings in [Some(SocketIoSettings::default()), None] {
         app.socketio = settings;
-        store.update_app(&app).await.expect("update app");
+        store
+            .update_app(&app, app.updated_at)
+            .await
+            .expect("update app");
         assert_eq!(read(store, &app.id).await, app.socketio);
     }
 }
@@ -3523,7 +3591,10 @@ pub async fn history_rules_and_hmac_settings_round_trip(store: &dyn Store) {
         None,
     ] {
         app.history = history;
-        store.update_app(&app).await.expect("update app");
+        store
+            .update_app(&app, app.updated_at)
+            .await
+            .expect("update app");
         assert_eq!(read(store, &app.id).await, app.history);
     }
 

@@ -176,6 +176,9 @@ pub const EXPUNGED_RESPONSE: &str = "EXPUNGED";
 /// of its secret came between its read and its write.
 pub const PUSHER_ROTATION_ATTEMPTS: usize = 16;
 
+/// The `Conflict` of an [`AppStore::update_app`] whose copy is out of date.
+pub const APP_CHANGED: &str = "the application changed meanwhile; read it again";
+
 /// The `Conflict` of an [`EndpointStore::update_endpoint`] whose copy is out of date.
 pub const ENDPOINT_CHANGED: &str = "the endpoint changed meanwhile; read it again";
 
@@ -484,7 +487,12 @@ pub trait AppStore: Send + Sync + 'static {
     /// The ids and uids of every app with Socket.IO settings: the namespaces the Socket.IO
     /// face opens before it listens (read without the apps' secrets).
     async fn socketio_app_keys(&self) -> Result<Vec<String>>;
-    async fn update_app(&self, app: &App) -> Result<()>;
+    /// Writes the app's settings (not its Pusher credentials), compare-and-set: only if its
+    /// stored `updated_at` is still `read_at`, the `updated_at` of the copy the caller changed;
+    /// otherwise nothing is written and the result is `Conflict` ([`APP_CHANGED`]). So two
+    /// patches of different fields, or a patch made on a node whose cached copy is behind,
+    /// never put back what another change set.
+    async fn update_app(&self, app: &App, read_at: DateTime<Utc>) -> Result<()>;
     /// Replaces an app's Pusher key and secrets, the retired one included (its numeric id
     /// stays).
     async fn set_pusher_credentials(

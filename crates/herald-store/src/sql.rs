@@ -179,12 +179,12 @@ pub(crate) const SOCKETIO_APP_KEYS: &str =
 /// Updates the app `$app` (`&App`): uid, name, throttle rate, metadata, history rules and
 /// Socket.IO settings.
 macro_rules! update_app {
-    ($app:expr) => {{
+    ($app:expr, $read_at:expr) => {{
         let app: &herald_core::model::App = $app;
         ::sqlx::query(
             "UPDATE apps SET uid = $2, name = $3, throttle_rate = $4, metadata = $5, updated_at = $6,
                     history_rules = $7, socketio = $8, payload_retention_days = $9
-             WHERE id = $1",
+             WHERE id = $1 AND updated_at = $10",
         )
         .bind(app.id.as_str())
         .bind(&app.uid)
@@ -195,9 +195,12 @@ macro_rules! update_app {
         .bind($crate::sqlite::rows::history_rules_json(app.history.as_deref()))
         .bind($crate::sqlite::rows::socketio_json(app.socketio.as_ref()))
         .bind(app.payload_retention_days.map(i64::from))
+        .bind($crate::sqlite::rows::millis($read_at))
     }};
 }
 pub(crate) use update_app;
+
+pub(crate) const APP_EXISTS: &str = "SELECT 1 FROM apps WHERE id = $1";
 
 /// Sets the Pusher key and secrets of the app `$app_id` (`&AppId`) to `$credentials`
 /// (`&PusherCredentials`), the secrets encrypted under `$keys` (`&Keyring`). Given

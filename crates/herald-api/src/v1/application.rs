@@ -361,8 +361,9 @@ pub async fn upsert(
             if let Some(retention) = &input.retention {
                 app.payload_retention_days = retention.payload_days();
             }
-            app.updated_at = crate::now();
-            state.store.update_app(&app).await?;
+            let read_at = app.updated_at;
+            app.updated_at = super::next_version(read_at);
+            state.store.update_app(&app, read_at).await?;
             Ok((StatusCode::OK, Json(saved(&state, app).into())))
         }
         Err(ApiError::Standard {
@@ -390,6 +391,7 @@ pub async fn patch(
     SvixJson(patch): SvixJson<ApplicationPatch>,
 ) -> ApiResult<Json<ApplicationOut>> {
     let mut app = caller.app(&state, &app_id).await?;
+    let read_at = app.updated_at;
     if let Some(name) = patch.name {
         app.name = name;
     }
@@ -423,8 +425,8 @@ pub async fn patch(
         retention: retention.clone(),
     })?;
     app.payload_retention_days = retention.and_then(|r| r.payload_days());
-    app.updated_at = crate::now();
-    state.store.update_app(&app).await?;
+    app.updated_at = super::next_version(read_at);
+    state.store.update_app(&app, read_at).await?;
     Ok(Json(saved(&state, app).into()))
 }
 

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use std::collections::BTreeMap;
 
+use super::next_version;
 use axum::{
     Json,
     extract::{Path, State},
@@ -660,14 +661,6 @@ pub async fn get_headers(
 ) -> ApiResult<Json<EndpointHeadersOut>> {
     let endpoint = find(&state, &caller, &app_id, &endpoint_id).await?;
     Ok(Json(EndpointHeadersOut::redacted(endpoint.headers)))
-}
-
-/// The `updated_at` a change read at `read_at` writes: now, but always after `read_at`. The
-/// store updates only a row still at `read_at` (the compare-and-set that keeps a concurrent
-/// change from being overwritten), so a change in the same millisecond as the one it raced,
-/// or made on a node whose clock lags, must still move the row past what the other read.
-fn next_version(read_at: DateTime<Utc>) -> DateTime<Utc> {
-    crate::now().max(read_at + Duration::milliseconds(1))
 }
 
 /// Headers that carry credentials: Svix's five, and the common API-key and cookie headers.

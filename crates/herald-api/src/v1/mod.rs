@@ -280,6 +280,15 @@ async fn health() -> StatusCode {
 }
 
 /// Serde helper: distinguishes a field set to `null` from one left out (PATCH semantics).
+/// The `updated_at` a change read at `read_at` writes: now, but always after `read_at`. The
+/// store updates an app or endpoint only while its row is still at `read_at` (the
+/// compare-and-set that keeps a concurrent change from being overwritten), so a change in the
+/// same millisecond as the one it raced, or made on a node whose clock lags, must still move
+/// the row past what the other read.
+fn next_version(read_at: chrono::DateTime<chrono::Utc>) -> chrono::DateTime<chrono::Utc> {
+    crate::now().max(read_at + chrono::Duration::milliseconds(1))
+}
+
 fn double_option<'de, D, T>(de: D) -> Result<Option<Option<T>>, D::Error>
 where
     D: serde::Deserializer<'de>,

@@ -105,14 +105,23 @@ impl AppStore for PostgresStore {
             .collect())
     }
 
-    async fn update_app(&self, app: &App) -> Result<()> {
-        let done = sql::update_app!(app)
+    async fn update_app(&self, app: &App, read_at: chrono::DateTime<chrono::Utc>) -> Result<()> {
+        let done = sql::update_app!(app, read_at)
             .execute(&self.pool)
             .await
             .map_err(conflict_as("an application with this uid already exists"))?;
         self.cache.invalidate();
         if done.rows_affected() == 0 {
-            return Err(StoreError::NotFound);
+            let exists = sqlx::query(sql::APP_EXISTS)
+                .bind(app.id.as_str())
+                .fetch_optional(&self.pool)
+                .await?
+                .is_some();
+            return Err(if exists {
+                StoreError::Conflict(crate::APP_CHANGED.to_owned())
+            } else {
+                StoreError::NotFound
+            });
         }
         Ok(())
     }

@@ -365,7 +365,10 @@ async fn housekeeping_purges_quiet_channels_and_channels_no_rule_keeps() {
     }
     // The app stops keeping old-*.
     app.history = Some(vec![rule("h-*")]);
-    store.update_app(&app).await.expect("update");
+    store
+        .update_app(&app, app.updated_at)
+        .await
+        .expect("update");
 
     assert_eq!(history.purge().await.expect("purge"), 3 + 3);
     let kept = history
