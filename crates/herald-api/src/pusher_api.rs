@@ -21,7 +21,7 @@ use herald_core::{
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use herald_channels::Publish;
+use herald_channels::{Publish, hub::ChannelInfo};
 
 use crate::{
     ApiState,
@@ -223,8 +223,8 @@ pub(crate) async fn find_app_counted(
 
 /// Finds the app by its numeric id and checks the request's signature against its secret.
 /// A client address that has failed too often is refused (429) before the app is looked up,
-/// and one that failed lately pays first for a lookup no cache answers; an unknown app or a
-/// wrong signature counts against its address ([`crate::rate::AuthFailureLimiter`]).
+/// and one that failed lately pays first for a lookup no cache answers; an unknown app, key or
+/// a wrong signature counts against its address ([`crate::rate::AuthFailureLimiter`]).
 async fn authenticate(
     state: &ApiState,
     client: Option<std::net::IpAddr>,
@@ -260,7 +260,16 @@ async fn authenticate(
             },
         )
         .map_err(|e| {
-            state.auth_failures.failed(client, attempt);
+            // Only what could be a guess counts: a wrong key or signature. A body whose hash
+            // does not match was signed with the secret (its hash is checked after the
+            // signature), and an expired or malformed request tried no secret: a backend
+            // with a skewed clock is not taken for someone guessing (as on SSE).
+            if matches!(
+                e,
+                pusher::RequestAuthError::BadSignature | pusher::RequestAuthError::UnknownKey
+            ) {
+                state.auth_failures.failed(client, attempt);
+            }
             PusherError::new(
                 StatusCode::UNAUTHORIZED,
                 format!("authentication failed: {e}"),
@@ -395,8 +404,6 @@ async fn channel_attributes(
     if info_attributes(info).next().is_none() {
         return Ok(None);
     }
-    // `check_info` has refused unknown attributes and `user_count` off presence channels.
-    let wants = |attr: &str| info_attributes(info).any(|a| a == attr);
     let mut out = serde_json::Map::new();
     for channel in channels {
         let current = state
@@ -404,19 +411,26 @@ async fn channel_attributes(
             .channel_info(&app.id, channel)
             .await?
             .unwrap_or_default();
-        let mut attrs = serde_json::Map::new();
-        if wants("subscription_count") {
-            attrs.insert(
-                "subscription_count".into(),
-                json!(current.subscription_count),
-            );
-        }
-        if wants("user_count") {
-            attrs.insert("user_count".into(), json!(current.user_count.unwrap_or(0)));
-        }
-        out.insert(channel.clone(), Value::Object(attrs));
+        out.insert(channel.clone(), Value::Object(attributes(&current, info)));
     }
     Ok(Some(Value::Object(out)))
+}
+
+/// The attributes `info` asks for, of a channel as `current` counts it (`check_info` has
+/// refused unknown attributes and `user_count` off presence channels).
+fn attributes(current: &ChannelInfo, info: Option<&str>) -> serde_json::Map<String, Value> {
+    let wants = |attr: &str| info_attributes(info).any(|a| a == attr);
+    let mut attrs = serde_json::Map::new();
+    if wants("subscription_count") {
+        attrs.insert(
+            "subscription_count".into(),
+            json!(current.subscription_count),
+        );
+    }
+    if wants("user_count") {
+        attrs.insert("user_count".into(), json!(current.user_count.unwrap_or(0)));
+    }
+    attrs
 }
 
 async fn publish(
@@ -612,14 +626,10 @@ async fn channel(
         .channel_info(&app.id, &channel)
         .await?
         .unwrap_or_default();
+    // One reading for `occupied` and the counts, so they agree.
     let mut out = serde_json::Map::new();
     out.insert("occupied".into(), json!(current.subscription_count > 0));
-    if let Some(attrs) =
-        channel_attributes(&state, &app, std::slice::from_ref(&channel), info).await?
-        && let Some(Value::Object(attrs)) = attrs.get(&channel)
-    {
-        out.extend(attrs.clone());
-    }
+    out.extend(attributes(&current, info));
     Ok(Json(Value::Object(out)))
 }
 
@@ -730,6 +740,7 @@ async fn users(
     uri: Uri,
 ) -> Result<Json<Value>, PusherError> {
     let app = authenticate(&state, client, &app_id, &method, &uri, &[]).await?;
+    pusher::validate_channel_name(&channel).map_err(bad)?;
     if ChannelKind::of(&channel) != ChannelKind::Presence {
         return Err(bad("users are only listed for presence channels"));
     }
@@ -862,16 +873,10 @@ mod docs {
         Malformed(String),
         #[response(
             status = 401,
-            description = "The signature is missing, wrong or stale",
+            description = "The signature is missing, wrong or stale, or the key is not this app's",
             content_type = "text/plain"
         )]
         Unsigned(String),
-        #[response(
-            status = 403,
-            description = "The key is not this app's",
-            content_type = "text/plain"
-        )]
-        OtherApp(String),
         #[response(status = 404, description = "No such app", content_type = "text/plain")]
         NoApp(String),
         #[response(

@@ -317,6 +317,59 @@ async fn an_address_that_keeps_failing_authentication_is_refused_until_its_next_
     .await;
     let (app, creds) = pusher_app(&server, "auth-failures").await;
     let (token, _) = mint(&server, json!({"name": "good", "appId": app})).await;
+    // Refusals that guess nothing are not counted: requests signed with the secret but stale
+    // (a backend with a skewed clock), and a body that is not the one signed (its hash is
+    // checked after the signature). More of them than the burst, and a good one still passes.
+    let channels = format!("/apps/{}/channels", creds.id);
+    let stale = herald_core::pusher::sign_request(
+        &creds.key,
+        &creds.secret,
+        "GET",
+        &channels,
+        &[],
+        b"",
+        chrono::Utc::now().timestamp() - 700,
+    );
+    let events = format!("/apps/{}/events", creds.id);
+    let signed_body = json!({"name": "e", "channel": "c", "data": "{}"}).to_string();
+    let other_body = json!({"name": "e", "channel": "c", "data": "{\"x\":1}"}).to_string();
+    let body_signed = herald_core::pusher::sign_request(
+        &creds.key,
+        &creds.secret,
+        "POST",
+        &events,
+        &[],
+        signed_body.as_bytes(),
+        chrono::Utc::now().timestamp(),
+    );
+    for _ in 0..3 {
+        let status = send_pusher(&server, &Method::GET, &channels, &stale, "", None).await;
+        assert_eq!(status, 401, "stale");
+        let status = send_pusher(
+            &server,
+            &Method::POST,
+            &events,
+            &body_signed,
+            &other_body,
+            None,
+        )
+        .await;
+        assert_eq!(status, 401, "another body");
+    }
+    let fresh = herald_core::pusher::sign_request(
+        &creds.key,
+        &creds.secret,
+        "GET",
+        &channels,
+        &[],
+        b"",
+        chrono::Utc::now().timestamp(),
+    );
+    assert_eq!(
+        send_pusher(&server, &Method::GET, &channels, &fresh, "", None).await,
+        200,
+        "none of them was counted"
+    );
     let bearer = |token: &str| {
         crate::harness::http_client()
             .get(format!("{}/api/v1/app/{app}", server.base))

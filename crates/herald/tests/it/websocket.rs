@@ -224,6 +224,10 @@ async fn presence_members_join_and_leave_once_per_user() {
         serde_json::from_str::<Value>(&users).expect("json"),
         json!({"users": [{"id": "alice"}, {"id": "bob"}]})
     );
+    // A name no channel can have is refused, as `GET .../channels/{channel}` refuses it.
+    let bad_name = format!("/apps/{}/channels/presence-a%20b/users", creds.id);
+    let (status, refused) = pusher_api(&server, &creds, "GET", &bad_name, &[], None).await;
+    assert_eq!(status, 400, "{refused}");
 
     drop(bob2);
     drop(bob);
