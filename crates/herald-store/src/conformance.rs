@@ -48,6 +48,7 @@ checks!(
     apps_resolve_by_id_uid_and_pusher_ids,
     socketio_app_keys_name_the_apps_with_socketio_settings,
     an_app_update_from_an_out_of_date_copy_is_refused,
+    what_is_made_under_a_deleted_app_is_not_found,
     an_exact_id_wins_over_a_uid_equal_to_it,
     token_scopes_round_trip,
     expired_tokens_are_purged,
@@ -121,6 +122,25 @@ where
 }
 
 /// Fixtures, shared with the backends' own tests.
+/// An endpoint, source or message made under an app deleted since it was looked up (the API
+/// checks the app first, then writes) is `NotFound`, a 404 the client understands, not a
+/// database error answered 500.
+async fn what_is_made_under_a_deleted_app_is_not_found(store: &dyn Store) {
+    let gone = stored_app(store, "gone").await;
+    assert!(store.delete_app(&gone.id).await.expect("delete"));
+    let endpoint = store.create_endpoint(&endpoint(&gone.id)).await;
+    assert!(
+        matches!(endpoint, Err(StoreError::NotFound)),
+        "{endpoint:?}"
+    );
+    let source = store.create_source(&source(&gone.id)).await;
+    assert!(matches!(source, Err(StoreError::NotFound)), "{source:?}");
+    let message = store
+        .create_message(message(&gone.id, None), Vec::new())
+        .await;
+    assert!(matches!(message, Err(StoreError::NotFound)), "{message:?}");
+}
+
 /// Two changes of an app prepared from one read (two PATCHes of different fields, or one made
 /// on a node whose cached copy is behind): the first goes in, the second is refused
 /// (`APP_CHANGED`) rather than putting back what the first changed; read again, it goes in.

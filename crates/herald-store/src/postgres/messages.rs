@@ -214,7 +214,10 @@ pub(super) async fn insert_message(
 impl MessageStore for PostgresStore {
     async fn create_message(&self, message: Message, endpoint_ids: Vec<EndpointId>) -> Result<()> {
         // Committed with the other creates waiting (see `batch`).
-        self.batches.create(message, endpoint_ids).await
+        self.batches
+            .create(message, endpoint_ids)
+            .await
+            .map_err(StoreError::parent_gone_as_not_found)
     }
 
     async fn store_publication(

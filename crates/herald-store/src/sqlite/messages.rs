@@ -34,6 +34,7 @@ impl MessageStore for SqliteStore {
         ))
         .await
         .map(drop)
+        .map_err(StoreError::parent_gone_as_not_found)
     }
 
     async fn store_publication(

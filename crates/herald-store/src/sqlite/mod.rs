@@ -512,7 +512,7 @@ mod tests {
             ),
         );
         assert!(good.is_ok(), "{good:?}");
-        assert!(matches!(bad, Err(StoreError::Sqlite(_))), "{bad:?}");
+        assert!(matches!(bad, Err(StoreError::NotFound)), "{bad:?}");
         let page = Page {
             limit: 10,
             iterator: None,
