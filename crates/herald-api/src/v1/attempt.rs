@@ -136,7 +136,7 @@ struct Shown {
 
 /// The list's filters (`endpoint_id` is read by the list that takes it) and how it shows its
 /// attempts.
-fn attempt_query(query: &QueryParams) -> ApiResult<(AttemptQuery, Shown)> {
+fn attempt_query(query: &QueryParams, caller: &Caller) -> ApiResult<(AttemptQuery, Shown)> {
     let status_code_class = match query.int("status_code_class")? {
         None => None,
         Some(class @ (0 | 100 | 200 | 300 | 400 | 500)) => u16::try_from(class).ok(),
@@ -151,7 +151,7 @@ fn attempt_query(query: &QueryParams) -> ApiResult<(AttemptQuery, Shown)> {
     let message = MessageQuery {
         before: None,
         after: None,
-        ..message_query(query)?
+        ..message_query(query, caller)?
     };
     Ok((
         AttemptQuery {
@@ -277,7 +277,7 @@ pub async fn list_attempted_messages(
     let page = pagination::starting_after(pagination::page(&query, true)?, &query);
     let with_content = query.bool("with_content", true)?;
     let filter = DeliveryQuery {
-        message: message_query(&query)?,
+        message: message_query(&query, &caller)?,
         status: status_param(&query)?,
     };
     let rows = state
@@ -345,7 +345,7 @@ pub async fn list_by_endpoint(
     let app = caller.app(&state, &app_id).await?;
     let endpoint = caller.endpoint(&state, &app, &endpoint_id).await?;
     let page = pagination::starting_after(pagination::page(&query, true)?, &query);
-    let (filter, shown) = attempt_query(&query)?;
+    let (filter, shown) = attempt_query(&query, &caller)?;
     let rows = state
         .store
         .list_attempts(
@@ -450,7 +450,7 @@ async fn attempts_of_message(
     let app = caller.app(state, app_id).await?;
     let msg = caller.message(state, &app, msg_id).await?;
     let page = pagination::starting_after(pagination::page(query, true)?, query);
-    let (mut filter, shown) = attempt_query(query)?;
+    let (mut filter, shown) = attempt_query(query, caller)?;
     if let Some(endpoint) = endpoint {
         let endpoint = caller.endpoint(state, &app, endpoint).await?;
         filter.endpoint_id = Some(endpoint.id.to_string());
@@ -510,6 +510,20 @@ pub async fn resend(
         return Err(ApiError::bad_request(
             "endpoint_disabled",
             "the endpoint is disabled; enable it before resending",
+        ));
+    }
+    // A `pusher` endpoint gets the app's channel webhooks, signed with its Pusher secret, and
+    // nothing else; a Standard Webhooks endpoint never gets them. Resending across would sign
+    // any message as a channel webhook (or hand a channel webhook to the wrong receiver).
+    let channel_webhook = msg.event_type == herald_channels::channel_webhooks::EVENT_TYPE;
+    if channel_webhook != (endpoint.format == herald_core::model::EndpointFormat::Pusher) {
+        return Err(ApiError::bad_request(
+            "wrong_format",
+            if channel_webhook {
+                "a channel webhook goes only to the app's pusher-format endpoints"
+            } else {
+                "a pusher-format endpoint gets only the app's channel webhooks"
+            },
         ));
     }
     // As Svix's server: a payload expunged, or past its retention, is not sent again as

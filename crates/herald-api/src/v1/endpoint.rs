@@ -182,6 +182,14 @@ fn check_url(v: &mut Validator, url: &str) {
             u.scheme()
         )),
         Ok(u) if u.host().is_none() => Err("URL must have a host".to_owned()),
+        // The HTTP client would send them as an `Authorization` header, yet a URL is shown
+        // back to every token that reads the endpoint (an app portal's too), logged with
+        // its attempts and stored in clear: credentials go in `headers`, which are kept
+        // encrypted and never shown.
+        Ok(u) if !u.username().is_empty() || u.password().is_some() => Err(
+            "URL must not hold credentials (user:password@): put them in the endpoint's headers (Authorization), which are kept encrypted and never shown back"
+                .to_owned(),
+        ),
         Ok(_) => Ok(()),
         Err(e) => Err(format!("not a valid URL: {e}")),
     };

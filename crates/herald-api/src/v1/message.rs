@@ -292,6 +292,14 @@ pub async fn create(
             "an app portal link's token sends messages to endpoints only: `channels` publish to the app's channel subscribers, which is its backend's to do",
         ));
     }
+    // The type of the app's channel webhooks, which go to its backend signed with its Pusher
+    // secret: a message of it the customer wrote would be one resend away from that.
+    if caller.hidden_event_type() == Some(input.event_type.as_str()) {
+        return Err(crate::error::ApiError::forbidden(format!(
+            "an app portal link's token cannot send {}: that type is the app's channel webhooks, its backend's",
+            input.event_type
+        )));
+    }
     // An eventId is unique in the app: one a portal link's customer could choose would
     // refuse (409) the backend's own message of that id, and its channel publications.
     if caller.is_portal() && input.event_id.is_some() {
@@ -400,10 +408,7 @@ pub async fn list(
     let app = caller.app(&state, &app_id).await?;
     let page = pagination::starting_after(pagination::page(&query, true)?, &query);
     let with_content = query.bool("with_content", true)?;
-    let filter = MessageQuery {
-        except_event_type: caller.hidden_event_type().map(str::to_owned),
-        ..message_query(&query)?
-    };
+    let filter = message_query(&query, &caller)?;
     let rows = state.store.list_messages(&app.id, &page, &filter).await?;
     Ok(Json(pagination::list(
         rows,
@@ -415,8 +420,9 @@ pub async fn list(
 
 /// The message filters Svix's lists take: `channel`, `tag`, `event_types` (repeated or
 /// comma-separated), and `before`/`after` (the message's creation). An empty value is no
-/// filter: an SDK may send `event_types=` for an empty list.
-pub(crate) fn message_query(query: &QueryParams) -> ApiResult<MessageQuery> {
+/// filter: an SDK may send `event_types=` for an empty list. The messages `caller` may not
+/// see are left out of every list ([`Caller::hidden_event_type`]).
+pub(crate) fn message_query(query: &QueryParams, caller: &Caller) -> ApiResult<MessageQuery> {
     let text = |name| {
         query
             .str(name)
@@ -429,7 +435,7 @@ pub(crate) fn message_query(query: &QueryParams) -> ApiResult<MessageQuery> {
         event_types: query.list("event_types").filter(|types| !types.is_empty()),
         before: query.time("before")?,
         after: query.time("after")?,
-        except_event_type: None,
+        except_event_type: caller.hidden_event_type().map(str::to_owned),
     })
 }
 

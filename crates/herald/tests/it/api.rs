@@ -230,6 +230,38 @@ async fn bad_input_gets_svix_status_codes_and_a_clear_message() {
     assert_eq!(status, 422, "{body}");
     assert_eq!(body["detail"].as_array().map(Vec::len), Some(2), "{body}");
 
+    // Credentials in a URL would be shown back to every reader of the endpoint and logged
+    // with its attempts: refused on create and on patch, pointing at `headers`.
+    let (status, body) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/app/{app}/endpoint"),
+            Some(json!({"url": "https://user:s3cret@example.com/hook"})),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["detail"][0]["loc"], json!(["body", "url"]), "{body}");
+    assert!(
+        body["detail"][0]["msg"]
+            .as_str()
+            .is_some_and(|m| m.contains("headers")),
+        "{body}"
+    );
+    let made = server
+        .create_endpoint(&app, json!({"url": "https://example.com/hook"}))
+        .await;
+    let (status, body) = server
+        .call(
+            Method::PATCH,
+            &format!(
+                "/api/v1/app/{app}/endpoint/{}",
+                made["id"].as_str().expect("id")
+            ),
+            Some(json!({"url": "https://token@example.com/hook"})),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+
     let (status, body) = server
         .call(Method::GET, "/api/v1/app/missing-app", None)
         .await;
@@ -2545,6 +2577,47 @@ async fn an_app_portal_link_neither_sees_nor_makes_pusher_endpoints_or_their_mes
     }
     let (status, body) = as_portal(Method::GET, format!("{messages}/{order}"), None).await;
     assert_eq!(status, 200, "{body}");
+    // The customer's endpoint got both (it filters nothing): its list of messages leaves the
+    // channel webhook out for the portal, as every list does.
+    let delivered = format!("{endpoints}/{customers}/msg");
+    let (status, list) = as_portal(Method::GET, delivered.clone(), None).await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(ids(&list), [order.as_str()], "{list}");
+    let (_, all) = server.call(Method::GET, &delivered, None).await;
+    assert_eq!(ids(&all).len(), 2, "the admin sees both: {all}");
+    // Nor can it write one: a resend would sign it with the app's Pusher secret.
+    let (status, body) = as_portal(
+        Method::POST,
+        messages.clone(),
+        Some(json!({"eventType": "pusher.channel_webhook", "payload": {"events": []}})),
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+
+    // A resend never crosses formats, whoever asks: a pusher endpoint gets only channel
+    // webhooks (signed with the Pusher secret), a Standard one never gets them.
+    for (msg, endpoint) in [(&order, &backends), (&channel_webhook, &customers)] {
+        let (status, body) = server
+            .call(
+                Method::POST,
+                &format!("{messages}/{msg}/endpoint/{endpoint}/resend"),
+                None,
+            )
+            .await;
+        assert_eq!(status, 400, "{msg} to {endpoint}: {body}");
+        assert_eq!(body["code"], "wrong_format", "{body}");
+    }
+    let (status, body) = server
+        .call(
+            Method::POST,
+            &format!("{messages}/{channel_webhook}/endpoint/{backends}/resend"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        status, 202,
+        "a channel webhook to a pusher endpoint: {body}"
+    );
     server.stop().await;
 }
 
