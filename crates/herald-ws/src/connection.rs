@@ -197,7 +197,14 @@ fn admit(upgraded: Upgraded) -> Admitted {
     let app = match (app, protocol) {
         (Err(e), _) => {
             tracing::error!(error = %e, "looking up an app key failed");
-            return Admitted::Refused(close::RECONNECT, "temporary server error".to_owned());
+            // 4100, not 4200: pusher-js reconnects at once after a 42xx, and after a 41xx only
+            // once it has backed off, which is what a store that cannot answer needs, rather
+            // than every client of the app asking again in a tight loop.
+            return Admitted::Refused(
+                close::OVER_CAPACITY,
+                "temporary server error (the store cannot be read); reconnect after a pause"
+                    .to_owned(),
+            );
         }
         (Ok(None), _) => {
             return Admitted::Refused(

@@ -81,12 +81,33 @@ const RETRY_FIRST: Duration = Duration::from_secs(1);
 /// The longest wait between tries of a subscribe the store could not serve.
 const RETRY_AT_MOST: Duration = Duration::from_secs(30);
 
+/// How long a request the store could not serve for the `failures`th time waits: doubling
+/// from [`RETRY_FIRST`] up to [`RETRY_AT_MOST`], with jitter, so the connections of a node
+/// that lost its store do not all come back at once.
+fn retry_wait(failures: u32) -> Duration {
+    RETRY_FIRST
+        .saturating_mul(1 << failures.saturating_sub(1).min(5))
+        .min(RETRY_AT_MOST)
+        .mul_f64(rand::random_range(0.5..=1.0))
+}
+
 /// A subscribe the session answers later.
 struct Deferred {
     request: Subscribe,
     /// When it is run: it then takes a subscribe token like any other, or waits for one.
     due: Instant,
     /// How many times the store could not serve it (0: it waits for the subscribe rate).
+    failures: u32,
+}
+
+/// A sign-in the store could not serve (the app's credentials unreadable), tried again when
+/// due: pusher-js sends `pusher:signin` once per connection, so a refusal it could have
+/// retried would leave the connection signed out (no `#server-to-user-` channel, nothing sent
+/// to the user reaches it) until it drops.
+struct DeferredSignIn {
+    auth: String,
+    user_data: String,
+    due: Instant,
     failures: u32,
 }
 
@@ -132,8 +153,9 @@ pub trait Backend: Send + Sync + 'static {
 
 /// The server's [`Backend`]: the store and the [`Publisher`] (with its channel history).
 pub struct Live {
-    /// The app as it was at the handshake: its id and history rules. Its Pusher credentials
-    /// are not used: see [`Live::credentials`](Backend::credentials).
+    /// The app as it was at the handshake: its id, and the history rules its subscribes
+    /// follow (a client event reads the app again). Its Pusher credentials are not used: see
+    /// [`Live::credentials`](Backend::credentials).
     /// Shared by the app's connections (see [`AppHub::share_app`]).
     pub app: Arc<App>,
     pub store: Arc<dyn Store>,
@@ -227,7 +249,19 @@ impl Backend for Live {
             except: Some(sender.to_owned()),
             webhook: Webhook::None,
         };
-        Box::pin(self.publisher.publish(&self.app, publish))
+        // The app as it is now (a map lookup in the store's cache): its history rules decide
+        // whether the event is kept, and a socket may stay open for days across a change of
+        // them, which the API's publications of the same channel follow at once.
+        let current = match self.store.get_app(&self.app.id).await {
+            Ok(Some(app)) => Some(app),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::debug!(error = %e, app_id = %self.app.id, "could not read the app again for a client event; its handshake's copy decides");
+                None
+            }
+        };
+        let app = current.as_ref().unwrap_or(&self.app);
+        Box::pin(self.publisher.publish(app, publish))
             .await
             .map(drop)
     }
@@ -252,6 +286,8 @@ pub struct Session<B> {
     /// Subscribes answered later, in the order they came. With the subscriptions, never more
     /// than `max_channels_per_connection`.
     deferred: Vec<Deferred>,
+    /// The sign-in answered later, if any (boxed: rare, and every connection holds the field).
+    deferred_sign_in: Option<Box<DeferredSignIn>>,
 }
 
 impl<B: Backend> Session<B> {
@@ -285,18 +321,30 @@ impl<B: Backend> Session<B> {
                 config.subscribe_burst.into(),
             ),
             deferred: Vec::new(),
+            deferred_sign_in: None,
             config,
         }
     }
 
     /// When the first deferred subscribe is due, if there is one.
     pub fn next_deferred(&self) -> Option<Instant> {
-        self.deferred.iter().map(|d| d.due).min()
+        let sign_in = self.deferred_sign_in.as_ref().map(|s| s.due);
+        self.deferred.iter().map(|d| d.due).chain(sign_in).min()
     }
 
-    /// Runs the deferred subscribes that are due, in the order they came.
+    /// Runs the deferred sign-in and subscribes that are due, the subscribes in the order they
+    /// came.
     pub async fn run_deferred(&mut self) {
         let now = Instant::now();
+        if let Some(sign_in) = self.deferred_sign_in.take_if(|s| s.due <= now) {
+            let DeferredSignIn {
+                auth,
+                user_data,
+                failures,
+                ..
+            } = *sign_in;
+            self.sign_in(&auth, user_data, failures).await;
+        }
         let due: Vec<Deferred> = self.deferred.extract_if(.., |d| d.due <= now).collect();
         for deferred in due {
             // A failure taken up again waits for the rate like a new subscribe.
@@ -340,10 +388,7 @@ impl<B: Backend> Session<B> {
         status: u16,
     ) {
         let failures = failures + 1;
-        let wait = RETRY_FIRST
-            .saturating_mul(1 << (failures - 1).min(5))
-            .min(RETRY_AT_MOST);
-        let wait = wait.mul_f64(rand::random_range(0.5..=1.0));
+        let wait = retry_wait(failures);
         // Told once: pusher-js emits it to the channel's `pusher:subscription_error` handlers
         // and keeps the channel pending until the confirmation comes.
         if failures == 1 {
@@ -369,7 +414,11 @@ impl<B: Backend> Session<B> {
             ClientMessage::Pong => {}
             ClientMessage::Subscribe(request) => self.subscribe(request).await,
             ClientMessage::Unsubscribe { channel } => self.leave(&channel),
-            ClientMessage::Signin { auth, user_data } => self.sign_in(&auth, user_data).await,
+            ClientMessage::Signin { auth, user_data } => {
+                // The latest sign-in is the one to answer.
+                self.deferred_sign_in = None;
+                self.sign_in(&auth, user_data, 0).await;
+            }
             ClientMessage::ClientEvent {
                 event,
                 channel,
@@ -744,6 +793,7 @@ impl<B: Backend> Session<B> {
     /// Leaves every channel and signs out: the connection is over.
     pub fn leave_all(&mut self) {
         self.deferred.clear();
+        self.deferred_sign_in = None;
         let channels = self.channels.names();
         for channel in channels {
             self.leave(&channel);
@@ -753,17 +803,33 @@ impl<B: Backend> Session<B> {
         }
     }
 
-    async fn sign_in(&mut self, auth: &str, user_data: String) {
+    /// Signs the connection in; `failures` is how many times the store could not serve this
+    /// sign-in before (it is then tried again later, and told once).
+    async fn sign_in(&mut self, auth: &str, user_data: String, failures: u32) {
         let credentials = match self.backend.credentials().await {
             Ok(credentials) => credentials,
+            Err(unavailable) if unavailable.may_pass() => {
+                if failures == 0 {
+                    self.outbox.send(protocol::error(
+                        &format!(
+                            "sign-in delayed: {}; it is tried again until it succeeds",
+                            unavailable.message
+                        ),
+                        unavailable.close,
+                    ));
+                }
+                let failures = failures + 1;
+                self.deferred_sign_in = Some(Box::new(DeferredSignIn {
+                    auth: auth.to_owned(),
+                    user_data,
+                    due: Instant::now() + retry_wait(failures),
+                    failures,
+                }));
+                return;
+            }
             Err(unavailable) => {
-                let again = if unavailable.may_pass() {
-                    "; try again"
-                } else {
-                    ""
-                };
                 self.outbox.send(protocol::error(
-                    &format!("sign-in refused: {}{again}", unavailable.message),
+                    &format!("sign-in refused: {}", unavailable.message),
                     unavailable.close,
                 ));
                 return;
@@ -813,19 +879,6 @@ impl<B: Backend> Session<B> {
         channel: Option<String>,
         data: Option<&RawValue>,
     ) -> Option<Close> {
-        if !self.client_events.try_take(1.0) {
-            // Dropped with `pusher:error` 4301, as Pusher-compatible servers answer; the
-            // connection stays. A close with 4301 would be final for pusher-js, which treats
-            // every close code from 4300 as a refusal and never reconnects.
-            self.outbox.send(protocol::error(
-                &format!(
-                    "client event rejected: more than {} per second",
-                    self.config.client_events_per_second
-                ),
-                Some(close::CLIENT_EVENT_RATE_LIMIT),
-            ));
-            return None;
-        }
         let Some(channel) = channel.as_deref() else {
             self.outbox
                 .send(protocol::error("client events need a channel", None));
@@ -842,6 +895,22 @@ impl<B: Backend> Session<B> {
             self.outbox.send(protocol::error(
                 &format!("client event refused: {channel} is not a private or presence channel"),
                 None,
+            ));
+            return None;
+        }
+        // Charged only for an event that would be relayed: pusher-js sends client events
+        // before `subscription_succeeded` (Echo's whisper right after join), and those refused
+        // as not subscribed must not spend the allowance of the ones that follow.
+        if !self.client_events.try_take(1.0) {
+            // Dropped with `pusher:error` 4301, as Pusher-compatible servers answer; the
+            // connection stays. A close with 4301 would be final for pusher-js, which treats
+            // every close code from 4300 as a refusal and never reconnects.
+            self.outbox.send(protocol::error(
+                &format!(
+                    "client event rejected: more than {} per second",
+                    self.config.client_events_per_second
+                ),
+                Some(close::CLIENT_EVENT_RATE_LIMIT),
             ));
             return None;
         }

@@ -850,6 +850,18 @@ async fn client_events_beyond_the_rate_are_dropped_with_error_4301() {
         ..WsConfig::default()
     };
     let (_hub, mut client) = setup(&config);
+    // Refused events (pusher-js sends whispers before the subscription is confirmed) spend
+    // none of the allowance.
+    for _ in 0..3 {
+        client.send(&client_event("private-a", "early")).await;
+        client.send(&client_event("public-a", "not private")).await;
+    }
+    let refused = client.received();
+    assert_eq!(refused.len(), 6, "{refused:?}");
+    assert!(
+        refused.iter().all(|f| f["data"]["code"].is_null()),
+        "none for the rate: {refused:?}"
+    );
     client
         .send(&subscribe_signed(&client, "private-a", None))
         .await;
@@ -950,6 +962,39 @@ async fn sign_in_needs_a_valid_signature_and_keeps_one_user() {
     client.send(&signin(r#"{"name":"no id"}"#, SECRET)).await;
     assert_eq!(client.only()["data"]["code"], close::UNAUTHORIZED);
     assert_eq!(hub.terminate_user("u1"), 1);
+}
+
+/// pusher-js sends `pusher:signin` once per connection: one the store could not serve is
+/// told once and tried again until it succeeds, or the connection would stay signed out.
+#[tokio::test(start_paused = true)]
+async fn a_sign_in_the_store_could_not_serve_is_told_once_and_tried_until_it_succeeds() {
+    let hub = Hub::default().app(&AppId::parse("app_1").expect("valid"));
+    let backend = Scripted {
+        failing_reads: AtomicU32::new(2),
+        ..Scripted::new()
+    };
+    let mut client = Client::open(&hub, "1.1", &WsConfig::default(), backend);
+    client.received();
+    let user_data = r#"{"id":"u1"}"#;
+    let auth = format!(
+        "{KEY}:{}",
+        pusher::sign(SECRET, &format!("1.1::user::{user_data}"))
+    );
+    let signin = json!({"event": "pusher:signin", "data": {"auth": auth, "user_data": user_data}});
+    assert_eq!(client.send(&signin.to_string()).await, None);
+    let told = client.only();
+    assert_eq!(told["event"], "pusher:error");
+    assert_eq!(
+        told["data"]["message"],
+        "sign-in delayed: the app's credentials could not be read; it is tried again until it succeeds"
+    );
+    assert!(client.run_next_deferred().await, "tried again");
+    assert!(client.received().is_empty(), "told once");
+    assert_eq!(hub.terminate_user("u1"), 0);
+    assert!(client.run_next_deferred().await, "and again");
+    assert_eq!(client.events(), ["pusher:signin_success"]);
+    assert_eq!(client.session.next_deferred(), None);
+    assert_eq!(hub.terminate_user("u1"), 1, "signed in");
 }
 
 #[tokio::test(start_paused = true)]

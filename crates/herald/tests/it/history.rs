@@ -451,6 +451,42 @@ async fn client_events_on_history_channels_are_kept_and_replayed_with_their_send
     server.stop().await;
 }
 
+/// A socket may stay open for days: a history rule added meanwhile applies to the client
+/// events it sends, as it does to the API's publications of the same channel.
+#[tokio::test]
+async fn client_events_follow_history_rules_changed_while_their_socket_is_open() {
+    let server = TestServer::start().await;
+    let (app, creds) = pusher_app(&server, "rules-change").await;
+    let channel = "private-chat-1";
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        let mut client = Client::connect(&server, &creds.key).await;
+        let auth = channel_auth(&creds, &client.socket_id, channel, None);
+        let status = join_with(&mut client, json!({"channel": channel, "auth": auth}), None).await;
+        assert!(status.is_null(), "not a history channel yet: {status}");
+        clients.push(client);
+    }
+    let (status, body) = server
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/app/{app}"),
+            Some(json!({"history": [{"pattern": "private-chat-*", "maxEvents": 100, "maxAgeSecs": 3600}]})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let [mut sender, mut receiver] = <[Client; 2]>::try_from(clients).ok().expect("two");
+    sender
+        .send(json!({"event": "client-typing", "channel": channel, "data": {"who": "bob"}}))
+        .await;
+    let heard = receiver.expect("client-typing").await;
+    assert_eq!(heard["offset"], 1, "kept, with its position: {heard}");
+    let path = format!("/apps/{}/channels/{channel}/history", creds.id);
+    let (_, page) = crate::pusher::pusher_api(&server, &creds, "GET", &path, &[], None).await;
+    let page: Value = serde_json::from_str(&page).expect("json");
+    assert_eq!(page["offset"], 1, "{page}");
+    server.stop().await;
+}
+
 /// The review's attack: anonymous subscribes to distinct public `history-*` channels each
 /// wrote a permanent, fsynced `channel_positions` row (10,000 in 5.7 s). Now a position is
 /// stored by a channel's first event, so subscribing writes nothing.
