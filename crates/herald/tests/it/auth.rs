@@ -320,28 +320,24 @@ async fn an_address_that_keeps_failing_authentication_is_refused_until_its_next_
     // Refusals that guess nothing are not counted: requests signed with the secret but stale
     // (a backend with a skewed clock), and a body that is not the one signed (its hash is
     // checked after the signature). More of them than the burst, and a good one still passes.
+    // Signed with the secret: `method` of `path` with `body`, `ago` seconds ago.
+    let signed = |method: &str, path: &str, body: &str, ago: i64| {
+        herald_core::pusher::sign_request(
+            &creds.key,
+            &creds.secret,
+            method,
+            path,
+            &[],
+            body.as_bytes(),
+            chrono::Utc::now().timestamp() - ago,
+        )
+    };
     let channels = format!("/apps/{}/channels", creds.id);
-    let stale = herald_core::pusher::sign_request(
-        &creds.key,
-        &creds.secret,
-        "GET",
-        &channels,
-        &[],
-        b"",
-        chrono::Utc::now().timestamp() - 700,
-    );
+    let stale = signed("GET", &channels, "", 700);
     let events = format!("/apps/{}/events", creds.id);
     let signed_body = json!({"name": "e", "channel": "c", "data": "{}"}).to_string();
     let other_body = json!({"name": "e", "channel": "c", "data": "{\"x\":1}"}).to_string();
-    let body_signed = herald_core::pusher::sign_request(
-        &creds.key,
-        &creds.secret,
-        "POST",
-        &events,
-        &[],
-        signed_body.as_bytes(),
-        chrono::Utc::now().timestamp(),
-    );
+    let body_signed = signed("POST", &events, &signed_body, 0);
     for _ in 0..3 {
         let status = send_pusher(&server, &Method::GET, &channels, &stale, "", None).await;
         assert_eq!(status, 401, "stale");
@@ -356,15 +352,7 @@ async fn an_address_that_keeps_failing_authentication_is_refused_until_its_next_
         .await;
         assert_eq!(status, 401, "another body");
     }
-    let fresh = herald_core::pusher::sign_request(
-        &creds.key,
-        &creds.secret,
-        "GET",
-        &channels,
-        &[],
-        b"",
-        chrono::Utc::now().timestamp(),
-    );
+    let fresh = signed("GET", &channels, "", 0);
     assert_eq!(
         send_pusher(&server, &Method::GET, &channels, &fresh, "", None).await,
         200,
