@@ -165,6 +165,11 @@ impl RedisBus {
         let missed = AtomicBool::new(false);
         let reading = async {
             let lost = self.read(subscription, &queue, &missed, shutdown).await;
+            if lost {
+                // Down from now on (readiness, sends refused at once), not once the messages
+                // heard before are handed on.
+                self.subscribed.store(false, Ordering::Relaxed);
+            }
             drop(queue);
             lost
         };

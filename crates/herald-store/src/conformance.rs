@@ -124,21 +124,41 @@ where
 /// Fixtures, shared with the backends' own tests.
 /// An endpoint, source or message made under an app deleted since it was looked up (the API
 /// checks the app first, then writes) is `NotFound`, a 404 the client understands, not a
-/// database error answered 500.
+/// database error answered 500; a message whose endpoint went meanwhile is not.
 async fn what_is_made_under_a_deleted_app_is_not_found(store: &dyn Store) {
     let gone = stored_app(store, "gone").await;
     assert!(store.delete_app(&gone.id).await.expect("delete"));
-    let endpoint = store.create_endpoint(&endpoint(&gone.id)).await;
-    assert!(
-        matches!(endpoint, Err(StoreError::NotFound)),
-        "{endpoint:?}"
-    );
-    let source = store.create_source(&source(&gone.id)).await;
-    assert!(matches!(source, Err(StoreError::NotFound)), "{source:?}");
-    let message = store
+    let made = store.create_endpoint(&endpoint(&gone.id)).await;
+    assert!(matches!(made, Err(StoreError::NotFound)), "{made:?}");
+    let made = store.create_source(&source(&gone.id)).await;
+    assert!(matches!(made, Err(StoreError::NotFound)), "{made:?}");
+    let made = store
         .create_message(message(&gone.id, None), Vec::new())
         .await;
-    assert!(matches!(message, Err(StoreError::NotFound)), "{message:?}");
+    assert!(matches!(made, Err(StoreError::NotFound)), "{made:?}");
+
+    // An endpoint deleted since the targets were read, in an app still there: not
+    // `NotFound` (a 404 the SDKs would not retry, losing the message), the error it was.
+    let kept = stored_app(store, "kept").await;
+    let gone_endpoint = endpoint(&kept.id);
+    store
+        .create_endpoint(&gone_endpoint)
+        .await
+        .expect("endpoint");
+    assert!(
+        store
+            .delete_endpoint(&kept.id, &gone_endpoint.id)
+            .await
+            .expect("delete")
+    );
+    let made = store
+        .create_message(message(&kept.id, None), vec![gone_endpoint.id.clone()])
+        .await;
+    assert!(
+        made.as_ref()
+            .is_err_and(|e| !matches!(e, StoreError::NotFound)),
+        "{made:?}"
+    );
 }
 
 /// Two changes of an app prepared from one read (two PATCHes of different fields, or one made

@@ -107,17 +107,16 @@ impl StoreError {
 }
 
 impl StoreError {
-    /// A write that broke a foreign key: what it belongs to (its app) was deleted since the
-    /// caller looked it up, so it is `NotFound`, as if looked up after.
-    pub(crate) fn parent_gone_as_not_found(self) -> Self {
-        let gone = match &self {
+    /// A write that broke a foreign key (sqlx's, or the SQLite group commit's): something it
+    /// refers to was deleted since the caller read it, its app or one of its endpoints.
+    pub(crate) fn is_foreign_key_violation(&self) -> bool {
+        match self {
             Self::Database(sqlx::Error::Database(db)) => db.is_foreign_key_violation(),
             Self::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => {
                 e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_FOREIGNKEY
             }
             _ => false,
-        };
-        if gone { Self::NotFound } else { self }
+        }
     }
 
     /// The database refused what was written (a constraint it breaks, a value it cannot take,

@@ -49,10 +49,13 @@ const UPDATE_ENDPOINT: &str =
 #[async_trait::async_trait]
 impl EndpointStore for PostgresStore {
     async fn create_endpoint(&self, ep: &Endpoint) -> Result<()> {
-        sql::insert_endpoint!(ep, &self.keys)
+        let created = sql::insert_endpoint!(ep, &self.keys)
             .execute(&self.pool)
             .await
-            .map_err(conflict_as(UID_TAKEN))?;
+            .map_err(conflict_as(UID_TAKEN));
+        if let Err(e) = created {
+            return Err(self.unless_app_gone(&ep.app_id, e).await);
+        }
         self.cache.invalidate();
         Ok(())
     }

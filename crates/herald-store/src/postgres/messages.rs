@@ -213,11 +213,12 @@ pub(super) async fn insert_message(
 #[async_trait::async_trait]
 impl MessageStore for PostgresStore {
     async fn create_message(&self, message: Message, endpoint_ids: Vec<EndpointId>) -> Result<()> {
+        let app_id = message.app_id.clone();
         // Committed with the other creates waiting (see `batch`).
-        self.batches
-            .create(message, endpoint_ids)
-            .await
-            .map_err(StoreError::parent_gone_as_not_found)
+        match self.batches.create(message, endpoint_ids).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.unless_app_gone(&app_id, e).await),
+        }
     }
 
     async fn store_publication(

@@ -26,10 +26,13 @@ const UPDATE_ENDPOINT: &str =
 #[async_trait::async_trait]
 impl EndpointStore for SqliteStore {
     async fn create_endpoint(&self, ep: &Endpoint) -> Result<()> {
-        sql::insert_endpoint!(ep, &self.keys)
+        let created = sql::insert_endpoint!(ep, &self.keys)
             .execute(&self.writer)
             .await
-            .map_err(conflict_as("an endpoint with this uid already exists"))?;
+            .map_err(conflict_as("an endpoint with this uid already exists"));
+        if let Err(e) = created {
+            return Err(self.unless_app_gone(&ep.app_id, e).await);
+        }
         self.cache.invalidate();
         Ok(())
     }

@@ -19,11 +19,14 @@ use crate::{Cache, IngestRecorded, IngestStore, Page, Result, StoreError, sql};
 #[async_trait::async_trait]
 impl IngestStore for SqliteStore {
     async fn create_source(&self, source: &IngestSource) -> Result<()> {
-        sql::insert_source!(source, &self.keys)
+        let created = sql::insert_source!(source, &self.keys)
             .execute(&self.writer)
             .await
-            .map_err(conflict_as("a source with this uid already exists"))?;
-        Ok(())
+            .map_err(conflict_as("a source with this uid already exists"));
+        match created {
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.unless_app_gone(&source.app_id, e).await),
+        }
     }
 
     async fn get_source(&self, app_id: &AppId, id_or_uid: &str) -> Result<Option<IngestSource>> {

@@ -29,12 +29,16 @@ use crate::{
 #[async_trait::async_trait]
 impl MessageStore for SqliteStore {
     async fn create_message(&self, message: Message, endpoint_ids: Vec<EndpointId>) -> Result<()> {
-        self.submit(WriteOp::CreateMessage(
-            self.new_message(message, endpoint_ids),
-        ))
-        .await
-        .map(drop)
-        .map_err(StoreError::parent_gone_as_not_found)
+        let app_id = message.app_id.clone();
+        match self
+            .submit(WriteOp::CreateMessage(
+                self.new_message(message, endpoint_ids),
+            ))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.unless_app_gone(&app_id, e).await),
+        }
     }
 
     async fn store_publication(

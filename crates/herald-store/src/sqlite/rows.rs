@@ -235,14 +235,13 @@ pub(crate) fn status(code: i64) -> Result<DeliveryStatus> {
 
 crate::sql::row_readers!(SqliteRow, i64);
 
-/// Maps a unique-constraint violation to `Conflict` with `what`, and a foreign key's to
-/// `NotFound` ([`StoreError::parent_gone_as_not_found`]).
+/// Maps a unique-constraint violation to `Conflict` with `what`.
 pub(crate) fn conflict_as(what: &str) -> impl FnOnce(sqlx::Error) -> StoreError + '_ {
     move |e| match &e {
         sqlx::Error::Database(db) if db.is_unique_violation() => {
             StoreError::Conflict(what.to_owned())
         }
-        _ => StoreError::Database(e).parent_gone_as_not_found(),
+        _ => StoreError::Database(e),
     }
 }
 
