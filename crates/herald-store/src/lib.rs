@@ -106,6 +106,25 @@ impl StoreError {
     }
 }
 
+/// `e`, a create's failure under `app_id`, as the caller should see it: `NotFound` when it
+/// broke a foreign key because the app was deleted since the caller looked it up (a 404, not
+/// a 500 the SDKs retry into one). A foreign key broken otherwise (a message's endpoint
+/// deleted meanwhile: sent again, it picks the endpoints there are now) stays the error it
+/// was, and so does one whose app a node's cache still holds (its retry is told 404).
+pub(crate) async fn unless_app_gone<S: AppStore + ?Sized>(
+    store: &S,
+    app_id: &AppId,
+    e: StoreError,
+) -> StoreError {
+    if !e.is_foreign_key_violation() {
+        return e;
+    }
+    match store.get_app(app_id.as_str()).await {
+        Ok(None) => StoreError::NotFound,
+        Ok(Some(_)) | Err(_) => e,
+    }
+}
+
 impl StoreError {
     /// A write that broke a foreign key (sqlx's, or the SQLite group commit's): something it
     /// refers to was deleted since the caller read it, its app or one of its endpoints.

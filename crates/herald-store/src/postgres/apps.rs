@@ -11,27 +11,6 @@ use super::{
 };
 use crate::{AppStore, Cache, Page, Result, StoreError, sql};
 
-impl PostgresStore {
-    /// `e`, a create's failure under `app_id`, as the caller should see it: `NotFound` when
-    /// it broke a foreign key because the app was deleted since the caller looked it up (a
-    /// 404, not a 500 the SDKs retry into one). A foreign key broken otherwise (a message's
-    /// endpoint deleted meanwhile: sent again, it picks the endpoints there are now) stays
-    /// the error it was.
-    pub(super) async fn unless_app_gone(&self, app_id: &AppId, e: StoreError) -> StoreError {
-        if !e.is_foreign_key_violation() {
-            return e;
-        }
-        match sqlx::query(sql::APP_EXISTS)
-            .bind(app_id.as_str())
-            .fetch_optional(&self.pool)
-            .await
-        {
-            Ok(None) => StoreError::NotFound,
-            Ok(Some(_)) | Err(_) => e,
-        }
-    }
-}
-
 #[async_trait::async_trait]
 impl AppStore for PostgresStore {
     async fn create_app(&self, app: &App) -> Result<()> {

@@ -54,7 +54,7 @@ impl EndpointStore for PostgresStore {
             .await
             .map_err(conflict_as(UID_TAKEN));
         if let Err(e) = created {
-            return Err(self.unless_app_gone(&ep.app_id, e).await);
+            return Err(crate::unless_app_gone(self, &ep.app_id, e).await);
         }
         self.cache.invalidate();
         Ok(())

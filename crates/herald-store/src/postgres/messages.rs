@@ -217,7 +217,7 @@ impl MessageStore for PostgresStore {
         // Committed with the other creates waiting (see `batch`).
         match self.batches.create(message, endpoint_ids).await {
             Ok(()) => Ok(()),
-            Err(e) => Err(self.unless_app_gone(&app_id, e).await),
+            Err(e) => Err(crate::unless_app_gone(self, &app_id, e).await),
         }
     }
 

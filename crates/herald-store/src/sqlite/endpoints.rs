@@ -31,7 +31,7 @@ impl EndpointStore for SqliteStore {
             .await
             .map_err(conflict_as("an endpoint with this uid already exists"));
         if let Err(e) = created {
-            return Err(self.unless_app_gone(&ep.app_id, e).await);
+            return Err(crate::unless_app_gone(self, &ep.app_id, e).await);
         }
         self.cache.invalidate();
         Ok(())

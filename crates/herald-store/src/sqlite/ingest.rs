@@ -25,7 +25,7 @@ impl IngestStore for SqliteStore {
             .map_err(conflict_as("a source with this uid already exists"));
         match created {
             Ok(_) => Ok(()),
-            Err(e) => Err(self.unless_app_gone(&source.app_id, e).await),
+            Err(e) => Err(crate::unless_app_gone(self, &source.app_id, e).await),
         }
     }
 

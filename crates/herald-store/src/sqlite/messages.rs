@@ -37,7 +37,7 @@ impl MessageStore for SqliteStore {
             .await
         {
             Ok(_) => Ok(()),
-            Err(e) => Err(self.unless_app_gone(&app_id, e).await),
+            Err(e) => Err(crate::unless_app_gone(self, &app_id, e).await),
         }
     }
 
