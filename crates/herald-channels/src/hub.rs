@@ -461,11 +461,7 @@ fn first_gap(held: &Mutex<Vec<Held>>, newest: u64) -> Option<u64> {
     let held = held.lock().unwrap_or_else(|p| p.into_inner());
     let mut offsets: Vec<u64> = held
         .iter()
-        .filter_map(|item| match item {
-            Held::Item(Outgoing::Publication(p)) => p.offset(),
-            Held::PassedOver(offset) => Some(*offset),
-            _ => None,
-        })
+        .filter_map(Held::offset)
         .filter(|&offset| offset > newest)
         .collect();
     offsets.sort_unstable();
@@ -490,6 +486,48 @@ enum Held {
         added: bool,
         frame: Frame,
     },
+}
+
+impl Held {
+    /// The channel offset this stands at, if it is a publication of a history channel.
+    fn offset(&self) -> Option<u64> {
+        match self {
+            Held::Item(Outgoing::Publication(p)) => p.offset(),
+            Held::PassedOver(offset) => Some(*offset),
+            _ => None,
+        }
+    }
+}
+
+/// What was held for a joining subscriber, its publications put in offset order. Over a bus,
+/// two nodes' publications of one channel may be heard out of order; sent as heard, the
+/// higher offset would move the subscriber's duplicate filter past the lower, which would
+/// then be dropped, though it is no gap (see [`first_gap`]). Each publication takes one of
+/// the places publications held, so what has no offset (member notices, frames) keeps its
+/// place among them.
+fn in_offset_order(held: Vec<Held>) -> Vec<Held> {
+    let places: Vec<usize> = (0..held.len())
+        .filter(|&i| held[i].offset().is_some())
+        .collect();
+    let mut sorted = places.clone();
+    // Stable: a publication and its passed-over twin keep their order.
+    sorted.sort_by_key(|&i| held[i].offset());
+    if sorted == places {
+        return held;
+    }
+    let mut items: Vec<Option<Held>> = held.into_iter().map(Some).collect();
+    let mut publications = sorted.into_iter();
+    let mut next_place = places.iter().peekable();
+    let mut ordered = Vec::with_capacity(items.len());
+    for i in 0..items.len() {
+        let from = if next_place.next_if(|&&place| place == i).is_some() {
+            publications.next().unwrap_or(i)
+        } else {
+            i
+        };
+        ordered.extend(items[from].take());
+    }
+    ordered
 }
 
 impl Subscriber {
@@ -830,7 +868,7 @@ impl AppHub {
             .next_offset
             .fetch_max(newest + 1, Ordering::Relaxed);
         if let Some(held) = subscriber.joining.take() {
-            let held = held.into_inner().unwrap_or_else(|p| p.into_inner());
+            let held = in_offset_order(held.into_inner().unwrap_or_else(|p| p.into_inner()));
             for item in held {
                 match item {
                     Held::PassedOver(offset) => subscriber.pass_over(Some(offset)),
@@ -2058,6 +2096,35 @@ mod tests {
         hub.broadcast(&published("history-c", Some(4)));
         hub.broadcast(&published("history-c", Some(6)));
         assert_eq!(offsets(&mut rx), ["ok", "2", "3", "4", "5", "6"]);
+        assert!(!overflowed.is_cancelled());
+    }
+
+    /// Over a bus, two nodes' publications may be heard out of order while a subscriber joins:
+    /// the lower offset, heard after the higher, is sent before it rather than dropped as a
+    /// duplicate; what has no offset keeps its place.
+    #[tokio::test]
+    async fn a_joining_subscribers_publications_heard_out_of_order_go_out_in_order() {
+        let hub = app_hub();
+        let (outbox, mut rx, overflowed) = Outbox::new(16);
+        hub.subscribe_joining("history-c", "1.1", &outbox, None, 10)
+            .expect("subscribed");
+        hub.broadcast(&published("history-c", Some(7)));
+        hub.broadcast(&published("history-c", None));
+        hub.broadcast(&published("history-c", Some(6)));
+        let live = hub
+            .go_live_in_order(
+                "history-c",
+                "1.1",
+                5,
+                |outbox| outbox.send(Frame::from_static("ok")),
+                Vec::new(),
+                |_, _| -> std::future::Ready<Result<Vec<Arc<Publication>>, ()>> {
+                    panic!("no gap to read")
+                },
+            )
+            .await;
+        assert_eq!(live, Ok(true));
+        assert_eq!(offsets(&mut rx), ["ok", "6", "live", "7"]);
         assert!(!overflowed.is_cancelled());
     }
 
