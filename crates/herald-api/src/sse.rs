@@ -220,9 +220,12 @@ pub async fn stream(
     let mut statuses = serde_json::Map::new();
     let history = state.publisher.history();
     // Every channel's replay is queued before the stream is read: together they take at most
-    // three quarters of the outbox (the rest is for what is published meanwhile); a channel
-    // whose replay would not fit is answered `too_many_missed`, as if over `max_replay`.
-    let mut replay_room = (config.outbox_frames - config.outbox_frames / 4) as u64;
+    // three quarters of the outbox (the rest is for what is published meanwhile). A channel
+    // whose replay would not fit even alone is answered `too_many_missed`, as if over
+    // `max_replay`; one that would fit alone, but not beside the replays queued before it, is
+    // asked for again, as the replay budget's refusal is: the next stream has the room.
+    let whole_room = (config.outbox_frames - config.outbox_frames / 4) as u64;
+    let mut replay_room = whole_room;
     let mut ask_again = false;
     for channel in &channels {
         let Some(retention) = history.retention(&app, channel) else {
@@ -233,9 +236,16 @@ pub async fn stream(
         // `herald_channels::history`).
         subscription.add(channel, &outbox, true);
         let resume = resumes.get(channel.as_str());
-        let joined = history
+        let mut joined = history
             .recover_at_most(&app, channel, retention, resume, &permit, replay_room)
             .await?;
+        if joined
+            .missed_beyond_room
+            .is_some_and(|missed| missed <= whole_room)
+        {
+            joined.recovery = None;
+            joined.rate_limited = true;
+        }
         replay_room = replay_room.saturating_sub(joined.replay.len() as u64);
         let start = match (&joined.recovery, resume) {
             (Some(Recovery::Complete { .. }), Some(resume)) => resume.offset,

@@ -142,6 +142,11 @@ pub struct Joined {
     /// The events could be replayed but the replay budget refused them: the status says
     /// `recovered: false` with the reason `rate_limited`.
     pub rate_limited: bool,
+    /// How many events were missed when that is `too_many_missed` only for the `max_replay`
+    /// the caller passed to [`History::recover_at_most`], within the configured
+    /// `history.max_replay`: a caller whose room was taken by other channels' replays may ask
+    /// again once they are sent.
+    pub missed_beyond_room: Option<u64>,
 }
 
 impl Joined {
@@ -284,6 +289,7 @@ impl History {
             recovery: None,
             replay: Vec::new(),
             rate_limited: false,
+            missed_beyond_room: None,
         };
         let Some(resume) = resume else {
             return Ok(joined);
@@ -305,6 +311,17 @@ impl History {
         let missed = match recovery {
             Recovery::Complete { missed } if missed > 0 => missed,
             _ => {
+                if recovery == Recovery::Impossible(Unrecoverable::TooMany)
+                    && let Recovery::Complete { missed } = history::recovery(
+                        &position,
+                        oldest,
+                        &resume.epoch,
+                        resume.offset,
+                        self.config.max_replay,
+                    )
+                {
+                    joined.missed_beyond_room = Some(missed);
+                }
                 joined.recovery = Some(recovery);
                 return Ok(joined);
             }

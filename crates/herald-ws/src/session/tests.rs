@@ -147,6 +147,7 @@ impl Backend for Scripted {
             }),
             replay: self.replay.clone(),
             rate_limited: false,
+            missed_beyond_room: None,
         })
     }
 

@@ -345,7 +345,8 @@ async fn a_resumption_the_replay_budget_refuses_keeps_its_position_in_the_first_
 }
 
 #[tokio::test]
-async fn replays_that_would_not_fit_the_outbox_together_are_answered_too_many_missed() {
+async fn a_replay_that_fits_only_alone_is_asked_for_again_and_one_too_long_alone_is_too_many_missed()
+ {
     // An outbox of 16: the replays of one stream take at most 12 frames together.
     let server = TestServer::start_with(|c| c.ws.outbox_frames = 16).await;
     let (_, creds) = pusher_app(&server, "sse-replay-room").await;
@@ -365,7 +366,9 @@ async fn replays_that_would_not_fit_the_outbox_together_are_answered_too_many_mi
         publish(&server, &creds, "history-b", &format!("b{i}")).await;
     }
 
-    // 8 + 8 missed: history-a is replayed, history-b would overflow the outbox.
+    // 8 + 8 missed: history-a is replayed; history-b fits alone but not beside it, so it is
+    // asked for again (`rate_limited`), its position kept, and the stream ends once a's replay
+    // is sent.
     let from_start = format!("history-a:{epoch_a}:0|history-b:{epoch_b}:0");
     let mut resumed = SseClient::open(&server, &creds, query, Some(&from_start)).await;
     let (_, hello) = resumed.data().await;
@@ -373,22 +376,65 @@ async fn replays_that_would_not_fit_the_outbox_together_are_answered_too_many_mi
     assert_eq!(hello["data"]["history-a"]["missed"], 8, "{hello}");
     assert_eq!(hello["data"]["history-b"]["recovered"], false, "{hello}");
     assert_eq!(
+        hello["data"]["history-b"]["reason"], "rate_limited",
+        "{hello}"
+    );
+    let mut last_id = None;
+    for i in 0..8 {
+        let (id, event) = resumed.data().await;
+        assert_eq!(event["channel"], "history-a", "{event}");
+        assert_eq!(event["data"], format!("a{i}"), "{event}");
+        last_id = id;
+    }
+    let last_id = last_id.expect("replayed events carry ids");
+    assert_eq!(
+        last_id,
+        format!("history-a:{epoch_a}:8|history-b:{epoch_b}:0")
+    );
+    assert!(
+        resumed.ends().await,
+        "the stream ends so the browser asks again"
+    );
+
+    // The browser's reconnect gets history-b's replay, the room now free, and stays live.
+    let mut again = SseClient::open(&server, &creds, query, Some(&last_id)).await;
+    let (_, hello) = again.data().await;
+    assert_eq!(hello["data"]["history-a"]["missed"], 0, "{hello}");
+    assert_eq!(hello["data"]["history-b"]["recovered"], true, "{hello}");
+    assert_eq!(hello["data"]["history-b"]["missed"], 8, "{hello}");
+    for i in 0..8 {
+        let (_, event) = again.data().await;
+        assert_eq!(event["channel"], "history-b", "{event}");
+        assert_eq!(event["data"], format!("b{i}"), "{event}");
+    }
+    publish(&server, &creds, "history-a", "live").await;
+    let (last_id, event) = again.data().await;
+    assert_eq!(
+        (&event["channel"], &event["data"]),
+        (&json!("history-a"), &json!("live"))
+    );
+    let last_id = last_id.expect("an id");
+    drop(again);
+
+    // 13 missed on one channel would not fit even alone: `too_many_missed`, and the stream
+    // follows the channel live rather than ending and asking again for ever.
+    for i in 0..13 {
+        publish(&server, &creds, "history-b", &format!("more{i}")).await;
+    }
+    let mut too_many = SseClient::open(&server, &creds, query, Some(&last_id)).await;
+    let (_, hello) = too_many.data().await;
+    assert_eq!(hello["data"]["history-a"]["missed"], 0, "{hello}");
+    assert_eq!(
         hello["data"]["history-b"]["reason"], "too_many_missed",
         "{hello}"
     );
-    for i in 0..8 {
-        let (_, event) = resumed.data().await;
-        assert_eq!(event["channel"], "history-a", "{event}");
-        assert_eq!(event["data"], format!("a{i}"), "{event}");
-    }
-    // The stream is live on both channels, not ended by an overflow.
     publish(&server, &creds, "history-b", "live").await;
-    let (_, event) = resumed.data().await;
+    let (_, event) = too_many.data().await;
     assert_eq!(
         (&event["channel"], &event["data"]),
         (&json!("history-b"), &json!("live"))
     );
-    drop(resumed);
+    drop(too_many);
     server.stop().await;
 }
 
