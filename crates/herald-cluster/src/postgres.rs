@@ -882,9 +882,12 @@ impl PostgresBroker {
 
     /// After a lost LISTEN session: each history channel with live subscribers here gets, in
     /// order, what was kept after the oldest position among them (each subscriber drops what it
-    /// has). Returns how many events were handed on.
+    /// has). Returns how many events were handed on. A channel whose read fails is caught up
+    /// again at the next retry tick (`missed` is set): its live subscribers have no reason to
+    /// subscribe again, and the channel may never publish again to fill the gap.
     pub async fn catch_up(&self) -> usize {
         let mut handed = 0;
+        let mut failed = 0;
         for app in self.hub.apps() {
             for (channel, _) in app.channels("") {
                 let Some(mut from) = app.catch_up_from(&channel) else {
@@ -910,7 +913,10 @@ impl PostgresBroker {
                     let entries = match entries {
                         Ok(entries) => entries,
                         Err(e) => {
-                            tracing::warn!(node = self.node, channel, error = %e, "broker: catching up a channel failed; its subscribers recover on resubscribing");
+                            if failed == 0 {
+                                tracing::warn!(node = self.node, channel, error = %e, "broker: catching up a channel failed; tried again in {RETRY_MISSED:?}");
+                            }
+                            failed += 1;
                             break;
                         }
                     };
@@ -925,6 +931,9 @@ impl PostgresBroker {
                     }
                 }
             }
+        }
+        if failed > 0 {
+            self.missed.store(true, Ordering::Relaxed);
         }
         self.metrics.caught_up(handed);
         handed
@@ -1533,6 +1542,59 @@ mod tests {
         }
         assert_eq!(offsets, (1..=missed).collect::<Vec<_>>());
         assert!(!overflowed.is_cancelled());
+        schema.drop_now().await;
+    }
+
+    /// A catch-up the store could not serve is not given up: the next retry tick (which
+    /// catches up when `missed` is set) hands on what the live subscriber missed, though the
+    /// channel publishes nothing more.
+    #[tokio::test]
+    async fn a_catch_up_the_store_could_not_serve_is_tried_again() {
+        let Some(schema) = Schema::create("catch up fails").await else {
+            return;
+        };
+        let store = Arc::new(schema.store().await);
+        let hub = Arc::new(Hub::default());
+        let broker = broker_without_bus("catching", &store, &hub);
+        let app_id = herald_store::conformance::stored_app(store.as_ref(), "catch")
+            .await
+            .id;
+        let app = hub.app(&app_id);
+        let (outbox, mut frames, _overflowed) = Outbox::new(16);
+        app.subscribe_joining("history-c", "1.1", &outbox, None, 10)
+            .expect("subscribed");
+        assert!(app.go_live("history-c", "1.1", 0, |_| {}));
+        for n in 1..=3 {
+            store.append_history(entry(&app_id, n)).await.expect("kept");
+        }
+        // The history cannot be read for now (a privilege is checked when a statement runs).
+        let history_read = |grant: bool| {
+            let pool = store.pool().clone();
+            async move {
+                let statement = if grant {
+                    "GRANT SELECT ON channel_history TO CURRENT_USER"
+                } else {
+                    "REVOKE SELECT ON channel_history FROM CURRENT_USER"
+                };
+                sqlx::query(statement)
+                    .execute(&pool)
+                    .await
+                    .expect("privilege");
+            }
+        };
+        history_read(false).await;
+        assert_eq!(broker.catch_up().await, 0);
+        assert!(broker.missed.load(Ordering::Relaxed), "tried again");
+        history_read(true).await;
+        // What the retry tick does.
+        assert!(broker.missed.swap(false, Ordering::Relaxed));
+        assert_eq!(broker.catch_up().await, 3);
+        assert!(!broker.missed.load(Ordering::Relaxed), "nothing left");
+        let mut offsets = Vec::new();
+        while let Ok(Outgoing::Publication(p)) = frames.try_recv() {
+            offsets.push(p.offset().expect("a position"));
+        }
+        assert_eq!(offsets, [1, 2, 3]);
         schema.drop_now().await;
     }
 
