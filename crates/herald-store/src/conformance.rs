@@ -48,6 +48,7 @@ checks!(
     apps_resolve_by_id_uid_and_pusher_ids,
     socketio_app_keys_name_the_apps_with_socketio_settings,
     an_app_update_from_an_out_of_date_copy_is_refused,
+    a_source_update_from_an_out_of_date_copy_is_refused,
     what_is_made_under_a_deleted_app_is_not_found,
     an_exact_id_wins_over_a_uid_equal_to_it,
     token_scopes_round_trip,
@@ -3096,6 +3097,78 @@ fn source(app_id: &AppId) -> IngestSource {
     }
 }
 
+/// Two changes of a source prepared from one read (one removing a leaked secret, one setting
+/// its channels): the first goes in, the second is refused (`SOURCE_CHANGED`) rather than
+/// putting the leaked secret back; read again, it goes in. A deleted source is `NotFound`.
+async fn a_source_update_from_an_out_of_date_copy_is_refused(store: &dyn Store) {
+    let app = stored_app(store, "A").await;
+    let made = source(&app.id);
+    store.create_source(&made).await.expect("source");
+    let read = store
+        .get_source(&app.id, made.id.as_str())
+        .await
+        .expect("read")
+        .expect("source");
+    let later = read.updated_at + chrono::Duration::milliseconds(1);
+    let rotated = IngestSource {
+        secrets: vec!["whsec_new".into()],
+        updated_at: later,
+        ..read.clone()
+    };
+    store
+        .update_source(&rotated, read.updated_at)
+        .await
+        .expect("the first change");
+    let routed = IngestSource {
+        channels: vec!["orders".into()],
+        updated_at: later,
+        ..read.clone()
+    };
+    let refused = store.update_source(&routed, read.updated_at).await;
+    assert!(
+        matches!(&refused, Err(StoreError::Conflict(why)) if why == crate::SOURCE_CHANGED),
+        "{refused:?}"
+    );
+    let stored = store
+        .get_source(&app.id, made.id.as_str())
+        .await
+        .expect("read")
+        .expect("source");
+    assert_eq!(stored.secrets, ["whsec_new"], "the leaked secret stays out");
+    assert!(stored.channels.is_empty());
+
+    let again = IngestSource {
+        channels: vec!["orders".into()],
+        updated_at: later + chrono::Duration::milliseconds(1),
+        ..stored.clone()
+    };
+    store
+        .update_source(&again, stored.updated_at)
+        .await
+        .expect("read again, it goes in");
+    let stored = store
+        .get_source(&app.id, made.id.as_str())
+        .await
+        .expect("read")
+        .expect("source");
+    assert_eq!(
+        (stored.secrets.as_slice(), stored.channels.as_slice()),
+        (
+            ["whsec_new".to_owned()].as_slice(),
+            ["orders".to_owned()].as_slice()
+        )
+    );
+
+    assert!(
+        store
+            .delete_source(&app.id, &made.id)
+            .await
+            .expect("delete")
+    );
+    let gone = store.update_source(&again, stored.updated_at).await;
+    assert!(matches!(gone, Err(StoreError::NotFound)), "{gone:?}");
+}
+
 /// Every webhook posted to a source finds it by id (a store may keep what it found): the next
 /// find after an update sees the update (a rotated secret verifies at once), and none finds it
 /// after its deletion or its app's.
@@ -3121,7 +3194,9 @@ pub async fn a_found_source_follows_its_updates_and_deletion(store: &dyn Store) 
 
     stored.secrets = vec!["whsec_rotated".into(), stored.secrets[0].clone()];
     stored.name = "Stripe, rotated".into();
-    store.update_source(&stored).await.expect("update");
+    let read_at = stored.updated_at;
+    stored.updated_at = read_at + chrono::Duration::milliseconds(1);
+    store.update_source(&stored, read_at).await.expect("update");
     assert_eq!(found(stored.id.clone()).await.as_ref(), Some(&stored));
 
     assert!(
@@ -3670,7 +3745,12 @@ pub async fn history_rules_and_hmac_settings_round_trip(store: &dyn Store) {
     };
     for hmac in [Some(plain), None] {
         source.hmac = hmac;
-        store.update_source(&source).await.expect("update source");
+        let read_at = source.updated_at;
+        source.updated_at = read_at + chrono::Duration::milliseconds(1);
+        store
+            .update_source(&source, read_at)
+            .await
+            .expect("update source");
         assert_eq!(read_hmac(store, &app.id, &source.id).await, source.hmac);
     }
 }

@@ -213,6 +213,9 @@ pub const APP_CHANGED: &str = "the application changed meanwhile; read it again"
 /// The `Conflict` of an [`EndpointStore::update_endpoint`] whose copy is out of date.
 pub const ENDPOINT_CHANGED: &str = "the endpoint changed meanwhile; read it again";
 
+/// The `Conflict` of an [`IngestStore::update_source`] whose copy is out of date.
+pub const SOURCE_CHANGED: &str = "the source changed meanwhile; read it again";
+
 /// A page request in Svix's style: the iterator is the last id of the previous page.
 #[derive(Debug, Clone)]
 pub struct Page {
@@ -863,7 +866,12 @@ pub trait IngestStore: Send + Sync + 'static {
     /// By id alone: the public ingest route names only the source.
     async fn find_source(&self, id: &str) -> Result<Option<IngestSource>>;
     async fn list_sources(&self, app_id: &AppId, page: &Page) -> Result<Vec<IngestSource>>;
-    async fn update_source(&self, source: &IngestSource) -> Result<()>;
+    /// Writes `source` only while its stored `updated_at` is still `read_at`, the one of the
+    /// copy it was made from; otherwise nothing is written and the result is `Conflict`
+    /// ([`SOURCE_CHANGED`]), or `NotFound` if it is gone. So of two changes made from one read
+    /// (two PATCHes, one removing a leaked secret) the second cannot put back what the first
+    /// changed.
+    async fn update_source(&self, source: &IngestSource, read_at: DateTime<Utc>) -> Result<()>;
     async fn delete_source(&self, app_id: &AppId, id: &SourceId) -> Result<bool>;
     /// Records a verified inbound webhook with the message it becomes (with its deliveries)
     /// and that message's channel history entries, in one commit, the store assigning the

@@ -617,7 +617,9 @@ pub(crate) const UPDATE_SOURCE: &str =
     "UPDATE ingest_sources SET uid = $3, name = $4, kind = $5, secrets = $6, hmac = $7,
             tolerance_secs = $8, event_type = $9, channels = $10, default_channel = $11,
             updated_at = $12, trust_unsigned_headers = $13
-     WHERE id = $1 AND app_id = $2";
+     WHERE id = $1 AND app_id = $2 AND updated_at = $14";
+/// Whether the source `$1` of the app `$2` exists (after an update that wrote nothing).
+pub(crate) const SOURCE_EXISTS: &str = "SELECT 1 FROM ingest_sources WHERE id = $1 AND app_id = $2";
 
 /// Binds `$1`..`$11` of a source statement, id to default channel, to `$query`; the secrets
 /// are encrypted under `$keys` (`&Keyring`).
@@ -658,13 +660,14 @@ macro_rules! insert_source {
 pub(crate) use insert_source;
 
 /// Updates the source `$source` (`&IngestSource`) of its app, its secrets encrypted under
-/// `$keys`.
+/// `$keys`, if it was last written at `$read_at`.
 macro_rules! update_source {
-    ($source:expr, $keys:expr) => {{
+    ($source:expr, $keys:expr, $read_at:expr) => {{
         let source: &herald_core::model::IngestSource = $source;
         $crate::sql::source_columns!(::sqlx::query($crate::sql::UPDATE_SOURCE), source, $keys)
             .bind($crate::sqlite::rows::millis(source.updated_at))
             .bind(source.trust_unsigned_headers)
+            .bind($crate::sqlite::rows::millis($read_at))
     }};
 }
 pub(crate) use update_source;

@@ -432,6 +432,7 @@ pub async fn patch(
     SvixJson(patch): SvixJson<SourcePatch>,
 ) -> ApiResult<Json<SourceOut>> {
     let mut source = find(&state, &caller, &app_id, &source_id).await?;
+    let read_at = source.updated_at;
     let mut v = Validator::default();
     if let Some(secrets) = &patch.secrets {
         check_secrets(&mut v, source.kind, secrets);
@@ -487,8 +488,8 @@ pub async fn patch(
     if let Some(trust) = patch.trust_unsigned_headers {
         source.trust_unsigned_headers = trust;
     }
-    source.updated_at = crate::now();
-    state.store.update_source(&source).await?;
+    source.updated_at = super::next_version(read_at);
+    state.store.update_source(&source, read_at).await?;
     Ok(Json(source.into()))
 }
 

@@ -66,14 +66,28 @@ impl IngestStore for SqliteStore {
             .collect()
     }
 
-    async fn update_source(&self, source: &IngestSource) -> Result<()> {
-        let done = sql::update_source!(source, &self.keys)
+    async fn update_source(
+        &self,
+        source: &IngestSource,
+        read_at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<()> {
+        let done = sql::update_source!(source, &self.keys, read_at)
             .execute(&self.writer)
             .await
             .map_err(conflict_as("a source with this uid already exists"))?;
         self.cache.invalidate();
         if done.rows_affected() == 0 {
-            return Err(StoreError::NotFound);
+            let exists = sqlx::query(sql::SOURCE_EXISTS)
+                .bind(source.id.as_str())
+                .bind(source.app_id.as_str())
+                .fetch_optional(&self.writer)
+                .await?
+                .is_some();
+            return Err(if exists {
+                StoreError::Conflict(crate::SOURCE_CHANGED.to_owned())
+            } else {
+                StoreError::NotFound
+            });
         }
         Ok(())
     }
