@@ -931,7 +931,19 @@ impl Session {
                 Webhook::None
             },
         };
-        match self.face.publisher.publish(&self.app, publish).await {
+        // The app as it is now (a map lookup in the store's cache): its history rules decide
+        // whether the event is kept, and a socket may stay open for days across a change of
+        // them, which the API's publications to the same room follow at once. (The relay
+        // rules are the handshake's: see the README.)
+        let current = match self.face.apps.find(self.app.id.as_str()).await {
+            Ok(app) => app,
+            Err(e) => {
+                tracing::debug!(error = %e, app_id = %self.app.id, "could not read the app again for a relayed event; its handshake's copy decides");
+                None
+            }
+        };
+        let app = current.as_ref().unwrap_or(&self.app);
+        match self.face.publisher.publish(app, publish).await {
             Ok(_) => Ok(json!({})),
             Err(e) => {
                 tracing::warn!(error = %e, app_id = %self.app.id, "publishing a Socket.IO event failed");

@@ -782,6 +782,37 @@ async fn a_reconnecting_client_recovers_what_it_missed_from_its_position() {
     server.stop().await;
 }
 
+/// A socket opened before the app's history rules changed relays by the rules as they are
+/// now, as the API's publications to the same room do: its events are kept, with positions.
+#[tokio::test]
+async fn relayed_events_follow_history_rules_changed_while_their_socket_is_open() {
+    let server = TestServer::start().await;
+    let (app, _) = socketio_app(&server, "rules-change", chat_rules()).await;
+    let mut writer = Sio::connect(&server, "rules-change", None)
+        .await
+        .expect("writer");
+    writer.join(json!("chat-1")).await;
+    let mut reader = Sio::connect(&server, "rules-change", None)
+        .await
+        .expect("reader");
+    reader.join(json!("chat-1")).await;
+    writer.emit_ack("note", &[json!(1)]).await;
+    let meta = reader.expect("note").await.args[1].clone();
+    assert!(meta.get("offset").is_none(), "not kept yet: {meta}");
+    let (status, body) = server
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/app/{app}"),
+            Some(json!({"history": [{"pattern": "chat-*", "maxEvents": 100, "maxAgeSecs": 3600}]})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    writer.emit_ack("note", &[json!(2)]).await;
+    let meta = reader.expect("note").await.args[1].clone();
+    assert_eq!(meta["offset"], 1, "kept, with its position: {meta}");
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn the_polling_transport_answers_cors_for_any_origin() {
     let server = TestServer::start().await;
