@@ -8,6 +8,12 @@ fn id_like(value: &str, max: usize, extra: &[char]) -> bool {
         })
 }
 
+/// Whether `value` could name an app: an id Herald mints or a uid ([`uid`]'s characters and
+/// length, the rules since the first release). A key that cannot is refused before any lookup.
+pub fn could_be_app_key(value: &str) -> bool {
+    id_like(value, 256, &[])
+}
+
 /// `uid` of applications, endpoints and sources, and a message's `eventId`. Anything that could
 /// be read as an id Herald minted (`app_...`, `ep_...`, `msg_...`) is refused: lookups accept an
 /// id or a uid in one place, and a uid equal to another resource's id would misroute.

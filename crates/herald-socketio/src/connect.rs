@@ -135,17 +135,37 @@ async fn admit(
 ) -> Result<(), String> {
     let namespace = socket.ns().to_owned();
     let key = namespace.trim_start_matches('/');
-    // The address's limits first: a refused client costs no lookup.
+    // socketioxide made the namespace when the CONNECT matched `/{app}`, before this runs, and
+    // keeps it after a refusal: every refusal that may not name an app drops it again, or
+    // made-up names, many to a session, would each keep one for good.
+    if !herald_core::validate::could_be_app_key(key) {
+        // No app can have it: dropped without a lookup.
+        if let Some(io) = face.io.get() {
+            face.forget_if_empty(io, &namespace);
+        }
+        let shown: String = key.chars().take(64).collect();
+        return Err(format!(
+            "unknown app `{shown}`: the namespace is an app's uid or id, 1 to 256 letters, digits, '-', '_' or '.'"
+        ));
+    }
+    // The address's limits first: a refused client costs no lookup (but its namespace does).
     let parts = socket.req_parts();
     let peer = parts
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map(|ConnectInfo(peer)| *peer);
-    let permit = face
-        .config
-        .clients
-        .admit_request(peer, &parts.headers, "Socket.IO connection")
-        .map_err(|refusal| refusal.message())?;
+    let permit =
+        match face
+            .config
+            .clients
+            .admit_request(peer, &parts.headers, "Socket.IO connection")
+        {
+            Ok(permit) => permit,
+            Err(refusal) => {
+                forget_namespace_unless_an_app(face, key);
+                return Err(refusal.message());
+            }
+        };
     let app = match face.apps.find(key).await {
         Ok(Some(app)) => app,
         Ok(None) => {
@@ -154,7 +174,10 @@ async fn admit(
                 "unknown app `{key}`: the namespace is an app's uid or id"
             ));
         }
-        Err(e) => return Err(e.to_string()),
+        Err(e) => {
+            forget_namespace_unless_an_app(face, key);
+            return Err(e.to_string());
+        }
     };
     let settings = app.socketio.clone().unwrap_or_default();
     if let Some(origin) = parts.headers.get(header::ORIGIN) {
@@ -217,10 +240,12 @@ async fn admit(
     Ok(())
 }
 
-/// A dynamic namespace stays once matched: after a CONNECT refused because `key` names no app
-/// (or a deleted one), drop it, so made-up names cost nothing; but never one with sockets (an
-/// app whose uid just changed keeps its clients), nor once an app has the key (its namespace
-/// may be the one `Face::open_app` just opened).
+/// A dynamic namespace stays once matched: after a CONNECT refused before the app was found
+/// (the address's limits, the store), or because `key` names no app (or a deleted one), drop
+/// it, so made-up names cost nothing; but never one with sockets (an app whose uid just
+/// changed keeps its clients), nor one an app has the key of (its namespace may be the one
+/// `Face::open_app` just opened, or hold a socket still connecting). If the lookup fails, it
+/// stays: one per key, until a later refusal of that key drops it.
 fn forget_namespace_unless_an_app(face: &Arc<Face>, key: &str) {
     if let Some(io) = face.io.get() {
         let (io, face, key) = (io.clone(), Arc::clone(face), key.to_owned());

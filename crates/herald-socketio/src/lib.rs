@@ -197,6 +197,10 @@ impl Face {
 
     /// Removes the namespace at `path` if no socket is in it.
     pub(crate) fn forget_if_empty(&self, io: &SocketIo, path: &str) {
+        if path == "/" {
+            // The main namespace is socketioxide's own (no app is `/`).
+            return;
+        }
         self.count_held(|held| {
             let empty = io.of(path).is_some_and(|ns| ns.sockets().is_empty());
             if empty {

@@ -587,6 +587,15 @@ async fn bad_handshakes_get_a_connect_error_saying_why() {
 
     let unknown = Sio::connect(&server, "no-such-app", None).await.refusal();
     assert!(unknown.contains("unknown app"), "{unknown}");
+    // A key no app can have is refused before any lookup, saying what a key is (and its
+    // namespace is dropped at once, rather than kept for good).
+    for key in ["x".repeat(257), "no~such~app".to_owned()] {
+        let refusal = Sio::connect(&server, &key, None).await.refusal();
+        assert!(
+            refusal.contains("1 to 256 letters, digits, '-', '_' or '.'"),
+            "{key}: {refusal}"
+        );
+    }
     let expired = token(&creds, json!({"exp": chrono::Utc::now().timestamp() - 5}));
     let message = Sio::connect(&server, "strict", Some(json!({"token": expired})))
         .await
