@@ -444,7 +444,9 @@ fn parse_stripe(header: &str) -> Result<(i64, Vec<Vec<u8>>), VerifyError> {
 
 /// `v1,<base64>` entries of a Standard Webhooks signature header, decoded. Entries of other
 /// versions are skipped (the spec lets senders add them); `v1` entries that are not base64 of
-/// 32 bytes cannot match and are skipped without hashing anything.
+/// 32 bytes cannot match and are skipped without hashing anything. A header left with none is
+/// malformed, not a mismatch: the sender's scheme is wrong (`v1a`, Ed25519, or `v1=`), and
+/// blaming the secrets would send its operator rotating them.
 fn standard_signatures(name: &str, header: &str) -> Result<Vec<Vec<u8>>, VerifyError> {
     let entries: Vec<&str> = header.split(' ').filter(|e| !e.is_empty()).collect();
     if entries.len() > MAX_SIGNATURES {
@@ -452,13 +454,20 @@ fn standard_signatures(name: &str, header: &str) -> Result<Vec<Vec<u8>>, VerifyE
     }
     // Base64 of 32 bytes is 44 characters; check before decoding.
     let b64_len = MAC_LEN.div_ceil(3) * 4;
-    Ok(entries
+    let signatures: Vec<Vec<u8>> = entries
         .into_iter()
         .filter_map(|entry| entry.strip_prefix("v1,"))
         .filter(|sig| sig.len() == b64_len)
         .filter_map(|sig| STANDARD.decode(sig).ok())
         .filter(|sig| sig.len() == MAC_LEN)
-        .collect())
+        .collect();
+    if signatures.is_empty() {
+        return Err(malformed(
+            name,
+            "no v1,<signature> entry of base64 of 32 bytes (an HMAC-SHA256); v1a (Ed25519) is not supported",
+        ));
+    }
+    Ok(signatures)
 }
 
 fn too_many_signatures(name: &str) -> VerifyError {
