@@ -192,6 +192,10 @@ pub async fn receive(
             }
         };
     api.ingest(outcome);
+    if status == StatusCode::NOT_FOUND {
+        // The source was deleted meanwhile: its log went with it, and is not begun again.
+        return response;
+    }
     state.ingest_log.record(
         &source_id,
         IngestRequest {
@@ -312,7 +316,14 @@ async fn receive_from(
     let published = state
         .publisher
         .publish(&app, Publish::ingest(event, message))
-        .await?;
+        .await
+        .map_err(|e| match e {
+            // Deleted since it was found: as the sender's retry will be told.
+            herald_channels::PublishError::Store(herald_store::StoreError::NotFound) => {
+                ApiError::not_found("source")
+            }
+            e => e.into(),
+        })?;
     let (answer, outcome) = match published.ingest {
         Some(IngestRecorded::Duplicate(earlier)) => {
             tracing::info!(source = %source.id, delivery_id = %earlier.delivery_id,

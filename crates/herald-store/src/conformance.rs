@@ -86,6 +86,7 @@ checks!(
     queued_publications_take_offsets_in_queue_order,
     a_duplicate_delivery_assigns_no_offset,
     a_delivery_whose_message_conflicts_records_nothing,
+    a_delivery_to_a_source_deleted_meanwhile_is_not_found,
     a_reset_changes_the_epoch_and_offsets_go_on,
     offsets_go_on_past_a_batch_that_fails_and_a_deleted_apps_channels,
     an_append_returns_the_next_position,
@@ -3283,6 +3284,45 @@ pub async fn a_delivery_whose_message_conflicts_records_nothing(store: &dyn Stor
                 .expect("read")
                 .is_some(),
             "{delivery_id}: the retry's message is stored"
+        );
+    }
+}
+
+/// A delivery recorded for a source deleted since the request found it (with and without
+/// history entries, the stores' two paths) is `NotFound`, as the sender's retry will be, not
+/// a database error answered 500; nothing of it is stored.
+pub async fn a_delivery_to_a_source_deleted_meanwhile_is_not_found(store: &dyn Store) {
+    let app = stored_app(store, "A").await;
+    let source = source(&app.id);
+    store.create_source(&source).await.expect("source");
+    assert!(
+        store
+            .delete_source(&app.id, &source.id)
+            .await
+            .expect("delete")
+    );
+    let entries = || vec![history_entry(&app.id, "history-c", "x", KEEP_ALL)];
+    for (delivery_id, history) in [("evt_plain", vec![]), ("evt_history", entries())] {
+        let msg = message(&app.id, None);
+        let refused = store
+            .record_ingest(
+                ingest_event(&source, delivery_id, &msg),
+                msg.clone(),
+                vec![],
+                history,
+            )
+            .await;
+        assert!(
+            matches!(refused, Err(StoreError::NotFound)),
+            "{delivery_id}: {refused:?}"
+        );
+        assert!(
+            store
+                .get_message(&app.id, msg.id.as_str())
+                .await
+                .expect("read")
+                .is_none(),
+            "{delivery_id}: its message is not stored"
         );
     }
 }

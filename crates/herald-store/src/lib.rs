@@ -125,6 +125,24 @@ pub(crate) async fn unless_app_gone<S: AppStore + ?Sized>(
     }
 }
 
+/// [`unless_app_gone`] for a request recorded by an ingest source deleted since it was looked
+/// up (the public route finds the source, verifies, then writes): `NotFound`, answered 404 as
+/// the sender's retry will be, rather than a 500 logged as the server's fault.
+pub(crate) async fn unless_source_gone<S: IngestStore + ?Sized>(
+    store: &S,
+    app_id: &AppId,
+    source_id: &SourceId,
+    e: StoreError,
+) -> StoreError {
+    if !e.is_foreign_key_violation() {
+        return e;
+    }
+    match store.get_source(app_id, source_id.as_str()).await {
+        Ok(None) => StoreError::NotFound,
+        Ok(Some(_)) | Err(_) => e,
+    }
+}
+
 impl StoreError {
     /// A write that broke a foreign key (sqlx's, or the SQLite group commit's): something it
     /// refers to was deleted since the caller read it, its app or one of its endpoints.

@@ -128,35 +128,14 @@ impl IngestStore for PostgresStore {
         endpoint_ids: Vec<EndpointId>,
         history: Vec<NewHistoryEntry>,
     ) -> Result<IngestRecorded> {
-        if history.is_empty() {
-            return self
-                .record_ingest_alone(&event, &message, &endpoint_ids)
-                .await;
+        let (app_id, source_id) = (event.app_id.clone(), event.source_id.clone());
+        match self
+            .record_ingest_now(event, message, endpoint_ids, history)
+            .await
+        {
+            Err(e) => Err(crate::unless_source_gone(self, &app_id, &source_id, e).await),
+            recorded => recorded,
         }
-        let mut tx = self.pool.begin().await?;
-        let inserted: Option<String> = sql::ingest_event_columns!(
-            sqlx::query_scalar(
-                "INSERT INTO ingest_events (id, source_id, app_id, delivery_id, headers, body,
-                                            event_type, channels, msg_id, received_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-                 ON CONFLICT (source_id, delivery_id) DO NOTHING RETURNING id",
-            ),
-            &event
-        )
-        .fetch_optional(&mut *tx)
-        .await?;
-        if inserted.is_none() {
-            tx.rollback().await?;
-            return self.earlier(&event).await;
-        }
-        let queued = messages::insert_message(&mut tx, &message, &endpoint_ids).await?;
-        let positions =
-            history::append_entries(&mut tx, &history, self.announces_history()).await?;
-        tx.commit().await?;
-        if queued {
-            self.due.committed();
-        }
-        Ok(IngestRecorded::New(positions))
     }
 
     async fn list_ingest_events(
@@ -219,6 +198,46 @@ const RECORD_INGEST: &str = concat!(
 );
 
 impl PostgresStore {
+    /// [`IngestStore::record_ingest`]: the request, its message and its history entries in
+    /// one transaction (the request alone in one statement when nothing is kept).
+    async fn record_ingest_now(
+        &self,
+        event: IngestEvent,
+        message: Message,
+        endpoint_ids: Vec<EndpointId>,
+        history: Vec<NewHistoryEntry>,
+    ) -> Result<IngestRecorded> {
+        if history.is_empty() {
+            return self
+                .record_ingest_alone(&event, &message, &endpoint_ids)
+                .await;
+        }
+        let mut tx = self.pool.begin().await?;
+        let inserted: Option<String> = sql::ingest_event_columns!(
+            sqlx::query_scalar(
+                "INSERT INTO ingest_events (id, source_id, app_id, delivery_id, headers, body,
+                                            event_type, channels, msg_id, received_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                 ON CONFLICT (source_id, delivery_id) DO NOTHING RETURNING id",
+            ),
+            &event
+        )
+        .fetch_optional(&mut *tx)
+        .await?;
+        if inserted.is_none() {
+            tx.rollback().await?;
+            return self.earlier(&event).await;
+        }
+        let queued = messages::insert_message(&mut tx, &message, &endpoint_ids).await?;
+        let positions =
+            history::append_entries(&mut tx, &history, self.announces_history()).await?;
+        tx.commit().await?;
+        if queued {
+            self.due.committed();
+        }
+        Ok(IngestRecorded::New(positions))
+    }
+
     /// [`IngestStore::record_ingest`] for an event without history entries: [`RECORD_INGEST`].
     async fn record_ingest_alone(
         &self,

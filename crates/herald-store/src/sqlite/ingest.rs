@@ -110,6 +110,7 @@ impl IngestStore for SqliteStore {
         history: Vec<NewHistoryEntry>,
     ) -> Result<IngestRecorded> {
         let (source_id, delivery_id) = (event.source_id.clone(), event.delivery_id.clone());
+        let app_id = event.app_id.clone();
         match self
             .submit(WriteOp::RecordIngest {
                 event: Box::new(event),
@@ -129,7 +130,7 @@ impl IngestStore for SqliteStore {
                     &earlier,
                 )?)))
             }
-            Err(e) => Err(e),
+            Err(e) => Err(crate::unless_source_gone(self, &app_id, &source_id, e).await),
         }
     }
 
