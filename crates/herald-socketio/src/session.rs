@@ -366,6 +366,10 @@ impl Session {
                 let resume = self.positions.remove(&room);
                 let mut told = Written::Yes;
                 if let Err(refusal) = self.join(&room, resume.as_ref()).await {
+                    // Kept for the join that succeeds (after a token, a retry).
+                    if let Some(resume) = resume {
+                        self.positions.insert(room.clone(), resume);
+                    }
                     told = written(socket.emit(
                         "herald:error",
                         &json!({"event": "join", "room": room, "code": refusal.code, "message": refusal.message}),
@@ -618,14 +622,27 @@ impl Session {
                 self.face.config.max_rooms_per_socket,
             );
         }
+        let handshake = if args.position.is_none() {
+            self.positions.remove(&args.room)
+        } else {
+            None
+        };
         let resume = args
             .position
             .map(|p| Resume {
                 epoch: p.epoch,
                 offset: p.offset,
             })
-            .or_else(|| self.positions.remove(&args.room));
-        self.join(&args.room, resume.as_ref()).await
+            .or_else(|| handshake.clone());
+        let joined = self.join(&args.room, resume.as_ref()).await;
+        // A refused join (a private room before its token, the history unreadable) does not
+        // spend the handshake's position: the join that succeeds still resumes from it.
+        if joined.is_err()
+            && let Some(handshake) = handshake
+        {
+            self.positions.insert(args.room, handshake);
+        }
+        joined
     }
 
     /// Joins `room` (resuming after `resume` on a history channel); the status is also sent

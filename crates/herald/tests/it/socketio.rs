@@ -791,6 +791,46 @@ async fn a_reconnecting_client_recovers_what_it_missed_from_its_position() {
     server.stop().await;
 }
 
+/// A join refused for want of its token does not spend the handshake's position: the join
+/// with the token still replays what the socket missed.
+#[tokio::test]
+async fn a_refused_join_keeps_the_handshakes_position_for_the_join_that_succeeds() {
+    let server = TestServer::start().await;
+    let (_, creds) = socketio_app(&server, "keep-position", chat_rules()).await;
+    let room = "private-history-notes";
+    let grant = token(&creds, json!({"rooms": [room]}));
+    let mut reader = Sio::connect(&server, "keep-position", None)
+        .await
+        .expect("reader");
+    let joined = reader
+        .join(json!({"room": room, "token": grant.clone()}))
+        .await;
+    let epoch = joined["history"]["epoch"].clone();
+    trigger_empty(&server, &creds, "n1", room).await;
+    let seen = reader.expect("n1").await.args[1].clone();
+    assert_eq!(seen["offset"], 1, "{seen}");
+    drop(reader);
+    trigger_empty(&server, &creds, "n2", room).await;
+    trigger_empty(&server, &creds, "n3", room).await;
+
+    let positions = json!({room: {"epoch": epoch, "offset": 1}});
+    let mut reader = Sio::connect(
+        &server,
+        "keep-position",
+        Some(json!({"positions": positions})),
+    )
+    .await
+    .expect("reader again");
+    let refused = reader.emit_ack("join", &[json!(room)]).await;
+    assert_eq!(refused["error"]["code"], "forbidden", "{refused}");
+    let joined = reader.join(json!({"room": room, "token": grant})).await;
+    assert_eq!(joined["history"]["recovered"], true, "{joined}");
+    assert_eq!(joined["history"]["missed"], 2, "{joined}");
+    reader.expect("n2").await;
+    reader.expect("n3").await;
+    server.stop().await;
+}
+
 /// A socket opened before the app's history rules changed relays by the rules as they are
 /// now, as the API's publications to the same room do: its events are kept, with positions.
 #[tokio::test]
