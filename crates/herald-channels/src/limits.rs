@@ -291,17 +291,39 @@ impl ClientLimiter {
         headers: &HeaderMap,
         what: &'static str,
     ) -> Result<ClientPermit, Refusal> {
+        self.admit_request_charging(peer, headers, what, true)
+    }
+
+    /// [`ClientLimiter::admit_request`], charging the address's connection rate only if
+    /// `charge_rate`: a connection whose transport was charged already (Socket.IO's first
+    /// namespace of an Engine.IO session) is counted, but a reconnect costs one, not two.
+    pub fn admit_request_charging(
+        self: &Arc<Self>,
+        peer: Option<SocketAddr>,
+        headers: &HeaderMap,
+        what: &'static str,
+        charge_rate: bool,
+    ) -> Result<ClientPermit, Refusal> {
         let address = self.client_address(peer, headers);
-        self.admit(address).inspect_err(|refusal| {
-            tracing::debug!(
-                ?address,
-                ?refusal,
-                "refused a {what} over its address's limits"
-            );
-        })
+        self.admit_charging(address, charge_rate)
+            .inspect_err(|refusal| {
+                tracing::debug!(
+                    ?address,
+                    ?refusal,
+                    "refused a {what} over its address's limits"
+                );
+            })
     }
 
     pub fn admit(self: &Arc<Self>, client: Option<IpAddr>) -> Result<ClientPermit, Refusal> {
+        self.admit_charging(client, true)
+    }
+
+    fn admit_charging(
+        self: &Arc<Self>,
+        client: Option<IpAddr>,
+        charge_rate: bool,
+    ) -> Result<ClientPermit, Refusal> {
         let Some(ip) = client.filter(|_| self.limits.any()) else {
             return Ok(ClientPermit::unlimited());
         };
@@ -336,7 +358,8 @@ impl ClientLimiter {
         if max > 0 && client.open >= max {
             return Err(Refusal::TooManyOpen(max));
         }
-        if let Some(bucket) = &mut client.connects
+        if charge_rate
+            && let Some(bucket) = &mut client.connects
             && !bucket.try_take(1.0)
         {
             return Err(Refusal::TooFast(bucket.time_until(1.0)));

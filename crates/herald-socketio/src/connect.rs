@@ -13,7 +13,12 @@
 //! origin the app does not allow can open an Engine.IO session, which carries nothing, but its
 //! namespace CONNECT is refused.
 
-use std::{collections::HashMap, net::SocketAddr, sync::Arc, sync::Mutex};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::atomic::{AtomicBool, Ordering},
+    sync::{Arc, Mutex},
+};
 
 use axum::{
     body::Body,
@@ -154,18 +159,25 @@ async fn admit(
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map(|ConnectInfo(peer)| *peer);
-    let permit =
-        match face
-            .config
-            .clients
-            .admit_request(peer, &parts.headers, "Socket.IO connection")
-        {
-            Ok(permit) => permit,
-            Err(refusal) => {
-                forget_namespace_unless_an_app(face, key);
-                return Err(refusal.message());
-            }
-        };
+    // The first namespace of a session `front` charged is not charged again: a reconnect
+    // costs the address one connection, as a WebSocket's does, not two. (A refusal here is a
+    // `connect_error`, after which socket.io-client does not reconnect by itself.)
+    let charged = parts
+        .extensions
+        .get::<SessionCharged>()
+        .is_some_and(|charged| charged.0.swap(false, Ordering::AcqRel));
+    let permit = match face.config.clients.admit_request_charging(
+        peer,
+        &parts.headers,
+        "Socket.IO connection",
+        !charged,
+    ) {
+        Ok(permit) => permit,
+        Err(refusal) => {
+            forget_namespace_unless_an_app(face, key);
+            return Err(refusal.message());
+        }
+    };
     let app = match face.apps.find(key).await {
         Ok(Some(app)) => app,
         Ok(None) => {
@@ -268,10 +280,20 @@ pub(crate) fn verify_token(app: &App, token: &str) -> Result<token::Grant, Strin
     grant.into_inner().ok_or_else(|| "invalid token".to_owned())
 }
 
+/// A new Engine.IO session's request was charged to its address's connection rate; its first
+/// namespace connection is not charged again (see `admit`). socketioxide keeps the request's
+/// extensions with the session.
+#[derive(Clone)]
+struct SessionCharged(Arc<AtomicBool>);
+
 /// In front of `/socket.io/`: CORS for any origin, without credentials (see the module doc),
 /// and a new Engine.IO session (a request without `sid`) charged to its address's connection
 /// rate, so one client cannot open sessions without bound (429 beyond).
-pub(crate) async fn front(State(face): State<Arc<Face>>, request: Request, next: Next) -> Response {
+pub(crate) async fn front(
+    State(face): State<Arc<Face>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     if !request.uri().path().starts_with(crate::PATH) {
         return next.run(request).await;
     }
@@ -306,6 +328,9 @@ pub(crate) async fn front(State(face): State<Arc<Face>>, request: Request, next:
             );
             return response;
         }
+        request
+            .extensions_mut()
+            .insert(SessionCharged(Arc::new(AtomicBool::new(true))));
     }
     let origin = request.headers().get(header::ORIGIN).cloned();
     if request.method() == Method::OPTIONS {

@@ -791,6 +791,30 @@ async fn a_reconnecting_client_recovers_what_it_missed_from_its_position() {
     server.stop().await;
 }
 
+/// A socket.io-client connection (an Engine.IO session and its first namespace) costs its
+/// address one connection of the rate, as a WebSocket does: charged twice, half of a burst of
+/// reconnects behind one address got a `connect_error`, after which socket.io-client does not
+/// reconnect by itself.
+#[tokio::test]
+async fn a_connection_costs_its_address_one_connection_of_the_rate() {
+    const BURST: u32 = 4;
+    let server = TestServer::start_with(|c| {
+        c.ws.connections_per_second_per_ip = 1;
+        c.ws.connection_burst_per_ip = BURST;
+    })
+    .await;
+    socketio_app(&server, "herd", json!({})).await;
+    let mut sockets = Vec::new();
+    for n in 0..BURST {
+        match Sio::connect(&server, "herd", None).await {
+            Connected::Yes(socket) => sockets.push(socket),
+            Connected::Refused(why) => panic!("connection {n} was refused: {why}"),
+        }
+    }
+    assert_eq!(sockets.len(), BURST as usize);
+    server.stop().await;
+}
+
 /// A join refused for want of its token does not spend the handshake's position: the join
 /// with the token still replays what the socket missed.
 #[tokio::test]
