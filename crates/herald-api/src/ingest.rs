@@ -349,8 +349,8 @@ enum Read {
         delivery_id: String,
         event_type: String,
         channels: Vec<String>,
-        /// The body as JSON, if it is JSON: read once, for the templates and the message.
-        payload: Option<Value>,
+        /// The body read once, for the templates and the message.
+        payload: Parsed,
     },
     /// Slack's handshake when the URL is registered: echo the challenge, publish nothing.
     Challenge(Value),
@@ -375,9 +375,10 @@ fn read(source: &IngestSource, headers: &HeaderMap, body: &[u8], now_unix: i64) 
     .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, INVALID_SIGNATURE, e.to_string()))?;
 
     // Verified: now the body may be parsed.
-    let payload: Option<Value> = serde_json::from_slice(body).ok();
+    let parsed = Parsed::of(lookup("content-type"), body);
+    let payload = parsed.value();
     if source.kind == SourceKind::Slack
-        && let Some(p) = &payload
+        && let Some(p) = payload
         && p["type"] == "url_verification"
     {
         return Ok(Read::Challenge(
@@ -391,21 +392,21 @@ fn read(source: &IngestSource, headers: &HeaderMap, body: &[u8], now_unix: i64) 
         .kind
         .default_event_type(source.trust_unsigned_headers);
     let event_type = if source.event_type.is_empty() {
-        template::event_type(default_event_type, payload.as_ref(), &template_headers)
+        template::event_type(default_event_type, payload, &template_headers)
     } else {
-        template::event_type(&source.event_type, payload.as_ref(), &template_headers)
+        template::event_type(&source.event_type, payload, &template_headers)
     }
     .unwrap_or_else(|| source.kind.as_str().to_owned());
     let channels = template::channels(
         &source.channels,
         source.default_channel.as_deref(),
-        payload.as_ref(),
+        payload,
         &template_headers,
     );
     let delivery_id = ingest::delivery_id(
         source.kind,
         &request,
-        payload.as_ref(),
+        payload,
         trusted.then(|| ingest::Trusted {
             event_type: &event_type,
             id_header: source.hmac.as_ref().and_then(|h| h.id_header.as_deref()),
@@ -415,25 +416,86 @@ fn read(source: &IngestSource, headers: &HeaderMap, body: &[u8], now_unix: i64) 
         delivery_id,
         event_type,
         channels,
-        payload,
+        payload: parsed,
     })
 }
 
+/// A received body, read once after it verified.
+pub(crate) enum Parsed {
+    /// JSON (as most providers send).
+    Json(Value),
+    /// A form (`application/x-www-form-urlencoded`): GitHub's default content type, and Slack's
+    /// for interactivity and slash commands. Its `payload` field when that is the only one and
+    /// holds a JSON object (GitHub, Slack's interactivity); otherwise an object of its fields
+    /// (a field given more than once: an array of its values, in order).
+    Form(Value),
+    /// Neither.
+    Opaque,
+}
+
+impl Parsed {
+    pub(crate) fn of(content_type: Option<&str>, body: &[u8]) -> Self {
+        let essence = content_type
+            .and_then(|t| t.split(';').next())
+            .map(str::trim);
+        if essence.is_some_and(|e| e.eq_ignore_ascii_case("application/x-www-form-urlencoded")) {
+            return Self::Form(form_payload(body));
+        }
+        match serde_json::from_slice(body) {
+            Ok(value) => Self::Json(value),
+            Err(_) => Self::Opaque,
+        }
+    }
+
+    /// What templates read: the JSON, or the form's payload.
+    pub(crate) fn value(&self) -> Option<&Value> {
+        match self {
+            Self::Json(value) | Self::Form(value) => Some(value),
+            Self::Opaque => None,
+        }
+    }
+}
+
+fn form_payload(body: &[u8]) -> Value {
+    let fields: Vec<(String, String)> = url::form_urlencoded::parse(body).into_owned().collect();
+    if let [(name, value)] = fields.as_slice()
+        && name == "payload"
+        && let Ok(json @ Value::Object(_)) = serde_json::from_str::<Value>(value)
+    {
+        return json;
+    }
+    let mut object = serde_json::Map::new();
+    for (name, value) in fields {
+        match object.get_mut(&name) {
+            Some(Value::Array(values)) => values.push(Value::String(value)),
+            Some(first) => {
+                let first = first.take();
+                object.insert(name, Value::Array(vec![first, Value::String(value)]));
+            }
+            None => {
+                object.insert(name, Value::String(value));
+            }
+        }
+    }
+    Value::Object(object)
+}
+
 /// The message a received body becomes: the body itself as the payload when it is a JSON
-/// object, otherwise `{"data": <the JSON value, or the body as text>}`. `parsed` is the body
-/// read as JSON (`None`: it is not JSON), so a request is parsed once.
+/// object; a form's payload ([`Parsed::Form`]) as JSON; otherwise `{"data": <the JSON value,
+/// or the body as text>}`. `parsed` is the body as read once.
 pub(crate) fn message_for(
     app_id: &herald_core::AppId,
     event_type: &str,
     channels: &[String],
     body: &Bytes,
-    parsed: Option<Value>,
+    parsed: Parsed,
 ) -> Message {
     let payload = match parsed {
         // The bytes as received (a clone of `Bytes` shares them), not a re-serialization.
-        Some(Value::Object(_)) => body.clone(),
-        Some(other) => Bytes::from(serde_json::json!({ "data": other }).to_string()),
-        None => {
+        Parsed::Json(Value::Object(_)) => body.clone(),
+        Parsed::Json(other) => Bytes::from(serde_json::json!({ "data": other }).to_string()),
+        Parsed::Form(payload) => Bytes::from(payload.to_string()),
+        Parsed::Opaque => {
             Bytes::from(serde_json::json!({ "data": String::from_utf8_lossy(body) }).to_string())
         }
     };
@@ -483,10 +545,48 @@ mod tests {
 
     /// The message `body` becomes, parsed as the ingest route parses it.
     fn message_of(body: &'static [u8], channels: &[String]) -> Message {
+        message_typed(None, body, channels)
+    }
+
+    fn message_typed(
+        content_type: Option<&str>,
+        body: &'static [u8],
+        channels: &[String],
+    ) -> Message {
         let body = Bytes::from_static(body);
-        let parsed = serde_json::from_slice(&body).ok();
+        let parsed = Parsed::of(content_type, &body);
         let app = herald_core::AppId::new(crate::now());
         message_for(&app, "bench.event", channels, &body, parsed)
+    }
+
+    /// GitHub's default content type and Slack's interactivity send the JSON as a `payload`
+    /// form field; Slack's slash commands send plain fields. Templates and the message read
+    /// them as JSON.
+    #[test]
+    fn a_form_body_is_read_as_its_payload_field_or_its_fields() {
+        let form = Some("application/x-www-form-urlencoded; charset=utf-8");
+        let github = b"payload=%7B%22action%22%3A%22opened%22%2C%22repository%22%3A%7B%22full_name%22%3A%22o%2Fr%22%7D%7D";
+        let parsed = Parsed::of(form, github);
+        assert_eq!(
+            parsed.value(),
+            Some(&serde_json::json!({"action": "opened", "repository": {"full_name": "o/r"}}))
+        );
+        let payload: Value =
+            serde_json::from_slice(&message_typed(form, github, &[]).payload).expect("JSON");
+        assert_eq!(payload["action"], "opened");
+
+        let slash = b"command=%2Fdeploy&text=api+now&user_id=U1&text=again";
+        let payload: Value =
+            serde_json::from_slice(&message_typed(form, slash, &[]).payload).expect("JSON");
+        assert_eq!(
+            payload,
+            serde_json::json!({"command": "/deploy", "text": ["api now", "again"], "user_id": "U1"})
+        );
+        // A `payload` field that is not a JSON object is a field like any other.
+        assert_eq!(
+            Parsed::of(form, b"payload=plain").value(),
+            Some(&serde_json::json!({"payload": "plain"}))
+        );
     }
 
     fn payload_of(body: &'static [u8]) -> Value {

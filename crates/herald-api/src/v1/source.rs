@@ -624,7 +624,12 @@ pub async fn replay(
 ) -> ApiResult<(StatusCode, Json<ReplayOut>)> {
     let (source, event) = find_event(&state, &caller, &app_id, &source_id, &event_id).await?;
     let app = caller.app(&state, &app_id).await?;
-    let parsed = serde_json::from_slice(&event.body).ok();
+    let content_type = event
+        .headers
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case("content-type"))
+        .map(|(_, value)| value.as_str());
+    let parsed = crate::ingest::Parsed::of(content_type, &event.body);
     let message = crate::ingest::message_for(
         &app.id,
         &event.event_type,

@@ -47,8 +47,13 @@ pub(crate) async fn post(
     let path = source["ingestPath"].as_str().expect("ingestPath");
     let mut request = crate::harness::http_client()
         .post(format!("{}{path}", server.base))
-        .header("content-type", "application/json")
         .body(body.to_vec());
+    if !headers
+        .iter()
+        .any(|(name, _)| name.eq_ignore_ascii_case("content-type"))
+    {
+        request = request.header("content-type", "application/json");
+    }
     for (name, value) in headers {
         request = request.header(*name, value);
     }
@@ -454,6 +459,64 @@ async fn raw_requests_are_kept_and_can_be_replayed() {
             .then_some(())
     })
     .await;
+    server.stop().await;
+}
+
+/// GitHub's default content type is a form whose `payload` field holds the JSON: its event
+/// type, channel templates and the message read that JSON, as they do a JSON body, and a
+/// replay reads it again the same way.
+#[tokio::test]
+async fn a_github_delivery_sent_as_a_form_is_read_as_its_json_payload() {
+    let server = TestServer::start().await;
+    let (app, _) = pusher_app(&server, "github-form").await;
+    let mut backend = Receiver::start().await;
+    server
+        .create_endpoint(&app, json!({"url": backend.url}))
+        .await;
+    let src = source(
+        &server,
+        &app,
+        json!({"kind": "github", "secrets": ["s3cret"], "trustUnsignedHeaders": true,
+               "channels": ["repo-{repository.name}"]}),
+    )
+    .await;
+    let json_payload = r#"{"action":"opened","issue":{"number":7},"repository":{"name":"herald"}}"#;
+    let body: String = url::form_urlencoded::Serializer::new(String::new())
+        .append_pair("payload", json_payload)
+        .finish();
+    let sig = format!(
+        "sha256={}",
+        hex::encode(hmac_bytes(b"s3cret", body.as_bytes()))
+    );
+    let headers = [
+        (
+            "content-type",
+            "application/x-www-form-urlencoded".to_owned(),
+        ),
+        ("x-hub-signature-256", sig),
+        ("x-github-event", "issues".to_owned()),
+        ("x-github-delivery", "72d3162f".to_owned()),
+    ];
+    let (status, received) = post(&server, &src, &headers, body.as_bytes()).await;
+    assert_eq!(status, 200, "{received}");
+    assert_eq!(received["eventType"], "issues.opened");
+    assert_eq!(received["channels"], json!(["repo-herald"]));
+    let delivered: Value =
+        serde_json::from_slice(&backend.next().await.body).expect("a JSON delivery");
+    assert_eq!(
+        delivered,
+        serde_json::from_str::<Value>(json_payload).expect("json")
+    );
+
+    let replay = format!(
+        "/api/v1/app/{app}/ingest/source/{}/event/{}/replay",
+        src["id"].as_str().expect("id"),
+        received["id"].as_str().expect("id")
+    );
+    let (status, replayed) = server.call(Method::POST, &replay, None).await;
+    assert_eq!(status, 201, "{replayed}");
+    let again: Value = serde_json::from_slice(&backend.next().await.body).expect("JSON");
+    assert_eq!(again, delivered);
     server.stop().await;
 }
 
