@@ -1,6 +1,7 @@
 //! Request rates. On `POST /ingest/{source}`, the one route anyone may call: per client
-//! address (checked before anything is looked up) and per source (checked before the signature
-//! is hashed). On the publishing routes (Svix messages, Pusher triggers): events per app, so
+//! address (checked before anything is looked up) and per source (checked once the signature
+//! verified and the delivery is not a recent duplicate, so forged requests cannot spend the
+//! provider's budget). On the publishing routes (Svix messages, Pusher triggers): events per app, so
 //! one tenant cannot take a node's whole intake. On every route that takes credentials (API
 //! tokens, Pusher signatures): failed authentications per client address, since each costs a
 //! store lookup that no cache can answer. Beyond any, 429 with `Retry-After`, and the sender
