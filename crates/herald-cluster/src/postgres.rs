@@ -711,7 +711,9 @@ impl PostgresBroker {
 
     /// Before `offset` of a history channel goes to this node's subscribers: if they need
     /// earlier offsets, those were committed before it (see the module doc) and are read from
-    /// the store and handed on first, in order.
+    /// the store and handed on first, in order: a few dozen at a time, each read handed on
+    /// before the next (events may be as large as an API message, and a node that fell
+    /// behind may find hundreds missing), at most [`CATCH_UP_LIMIT`] in all.
     async fn hear_ordered(
         &self,
         app: &herald_channels::hub::AppHub,
@@ -721,21 +723,28 @@ impl PostgresBroker {
         let Some(from) = app.catch_up_from(channel) else {
             return Ok(());
         };
-        if offset <= from.saturating_add(1) {
-            return Ok(());
-        }
-        let publications = herald_channels::history::kept_between(
-            self.store.as_ref(),
-            app.app_id(),
-            channel,
-            from,
-            offset,
-            u64::from(CATCH_UP_LIMIT),
-        )
-        .await
-        .map_err(|e| format!("reading offsets {from}..{offset} of {channel}: {e}"))?;
-        for publication in &publications {
-            app.broadcast(publication);
+        let mut after = from;
+        let mut handed = 0;
+        while offset > after.saturating_add(1) && handed < CATCH_UP_LIMIT {
+            let limit = CATCH_UP_READ.min(CATCH_UP_LIMIT - handed);
+            let publications = herald_channels::history::kept_between(
+                self.store.as_ref(),
+                app.app_id(),
+                channel,
+                after,
+                offset,
+                u64::from(limit),
+            )
+            .await
+            .map_err(|e| format!("reading offsets {after}..{offset} of {channel}: {e}"))?;
+            for publication in &publications {
+                app.broadcast(publication);
+            }
+            handed += u32::try_from(publications.len()).unwrap_or(u32::MAX);
+            match publications.last().and_then(|p| p.offset()) {
+                Some(last) if publications.len() == limit as usize => after = last,
+                _ => break,
+            }
         }
         Ok(())
     }
@@ -2122,6 +2131,45 @@ mod tests {
             heard(&mut frames),
             [(Some(2), "n2".to_owned()), (Some(3), "n3".to_owned())]
         );
+        schema.drop_now().await;
+    }
+
+    /// A gap longer than one read is filled a read at a time, every event in order before the
+    /// one heard.
+    #[tokio::test]
+    async fn a_gap_longer_than_one_read_is_filled_in_order_before_the_offset_heard() {
+        let Some(schema) = Schema::create("bus gap in reads").await else {
+            return;
+        };
+        let store = Arc::new(schema.store().await);
+        let hub = Arc::new(Hub::default());
+        let broker = broker_without_bus("this", &store, &hub);
+        let app_id = herald_store::conformance::stored_app(store.as_ref(), "history")
+            .await
+            .id;
+        let newest = u64::from(CATCH_UP_READ) * 2 + 3;
+        let mut positions = Vec::new();
+        for n in 1..=newest {
+            positions.push(
+                store
+                    .append_history(entry(&app_id, n))
+                    .await
+                    .expect("append"),
+            );
+        }
+        let app = hub.app(&app_id);
+        let (outbox, mut frames, overflowed) = Outbox::new(256);
+        app.subscribe_joining("history-c", "1.1", &outbox, None, 10)
+            .expect("subscribed");
+        assert!(app.go_live("history-c", "1.1", 1, |_| {}), "has offset 1");
+        let last = usize::try_from(newest - 1).expect("small");
+        broker
+            .hear_bus(&message(&app_id, &positions[last], newest))
+            .await
+            .expect("heard");
+        let offsets: Vec<Option<u64>> = heard(&mut frames).into_iter().map(|(o, _)| o).collect();
+        assert_eq!(offsets, (2..=newest).map(Some).collect::<Vec<_>>());
+        assert!(!overflowed.is_cancelled());
         schema.drop_now().await;
     }
 
