@@ -311,6 +311,8 @@ pub(crate) fn start(face: Arc<Face>, socket: SocketRef) {
         positions,
         events,
         permit,
+        signed_in: None,
+        terminate: CancellationToken::new(),
         _slot: slot,
     };
     face.tasks
@@ -337,6 +339,11 @@ struct Session {
     /// Joins and leaves (each may read history and announce a presence member).
     joins: Option<TokenBucket>,
     permit: herald_channels::limits::ClientPermit,
+    /// The user the socket is registered as in the hub (its first grant naming one), so the
+    /// Pusher HTTP API's `terminate_connections` closes it as it closes a signed-in WebSocket.
+    signed_in: Option<String>,
+    /// Cancelled by `terminate_connections` for that user.
+    terminate: CancellationToken,
     _slot: ConnectionSlot,
 }
 
@@ -350,6 +357,7 @@ impl Session {
         closed: CancellationToken,
         answer_lost: CancellationToken,
     ) {
+        self.sign_in();
         // The namespace channel, then the token's rooms, before any event the socket sent.
         let mut initial = vec![self.settings.namespace_channel().to_owned()];
         for grant in &self.grants {
@@ -386,10 +394,21 @@ impl Session {
                 }
             }
             let hub = Arc::clone(&self.hub);
+            let terminate = self.terminate.clone();
             loop {
                 tokio::select! {
                     biased;
                     () = closed.cancelled() => break,
+                    // As Pusher's 4009: socket.io-client does not reconnect after a server
+                    // disconnect.
+                    () = terminate.cancelled() => {
+                        let _ = socket.emit(
+                            "herald:error",
+                            &json!({"code": "terminated", "message": "the app terminated this user's connections"}),
+                        );
+                        disconnect(&socket, &closed).await;
+                        break;
+                    }
                     // `mount` closes the transports; the rooms are left here, at once.
                     () = self.face.shutdown.cancelled() => break,
                     () = overflowed.cancelled() => {
@@ -432,6 +451,21 @@ impl Session {
         let rooms: Vec<String> = self.rooms.keys().cloned().collect();
         for room in rooms {
             self.leave(&room);
+        }
+        if let Some(user_id) = self.signed_in.take() {
+            self.hub.sign_out(&user_id, &self.id);
+        }
+    }
+
+    /// Registers the socket as its user, once one of its grants names one (at connect, or
+    /// with a later join's token).
+    fn sign_in(&mut self) {
+        if self.signed_in.is_some() {
+            return;
+        }
+        if let Some(user_id) = self.user().and_then(|g| g.user_id.clone()) {
+            self.hub.sign_in(&user_id, &self.id, self.terminate.clone());
+            self.signed_in = Some(user_id);
         }
     }
 
@@ -621,6 +655,7 @@ impl Session {
                 chrono::Utc::now().timestamp(),
                 self.face.config.max_rooms_per_socket,
             );
+            self.sign_in();
         }
         let handshake = if args.position.is_none() {
             self.positions.remove(&args.room)

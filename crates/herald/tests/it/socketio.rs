@@ -815,6 +815,45 @@ async fn a_connection_costs_its_address_one_connection_of_the_rate() {
     server.stop().await;
 }
 
+/// `terminate_connections` (the Pusher HTTP API's ban) closes a user's Socket.IO sockets as
+/// it closes their signed-in WebSockets: told why, then disconnected; other users stay.
+#[tokio::test]
+async fn terminate_connections_disconnects_the_users_sockets() {
+    let server = TestServer::start().await;
+    let (_, creds) = socketio_app(&server, "ban", chat_rules()).await;
+    let banned = token(&creds, json!({"sub": "u1"}));
+    let mut a = Sio::connect(&server, "ban", Some(json!({"token": banned})))
+        .await
+        .expect("u1");
+    a.expect("herald:subscribed").await;
+    let other = token(&creds, json!({"sub": "u2"}));
+    let mut b = Sio::connect(&server, "ban", Some(json!({"token": other})))
+        .await
+        .expect("u2");
+    b.expect("herald:subscribed").await;
+    // A user named by a later join's token counts too.
+    let mut c = Sio::connect(&server, "ban", None).await.expect("anonymous");
+    c.expect("herald:subscribed").await;
+    let late = token(&creds, json!({"sub": "u1", "rooms": ["private-x"]}));
+    c.join(json!({"room": "private-x", "token": late})).await;
+
+    let path = format!("/apps/{}/users/u1/terminate_connections", creds.id);
+    let (status, body) =
+        pusher::pusher_api(&server, &creds, "POST", &path, &[], Some(json!({}))).await;
+    assert_eq!(status, 200, "{body}");
+    for socket in [&mut a, &mut c] {
+        let told = socket.expect("herald:error").await;
+        assert_eq!(told.args[0]["code"], "terminated", "{:?}", told.args);
+        let disconnect = "41/ban";
+        while !socket.read_text().await.starts_with(disconnect) {}
+    }
+    assert_eq!(
+        b.emit_ack("typing", &[json!({"who": "b"})]).await,
+        json!({"ok": true})
+    );
+    server.stop().await;
+}
+
 /// A join refused for want of its token does not spend the handshake's position: the join
 /// with the token still replays what the socket missed.
 #[tokio::test]
