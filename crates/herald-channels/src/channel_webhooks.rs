@@ -20,7 +20,7 @@
 
 use herald_core::{AppId, EndpointId};
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -110,6 +110,10 @@ struct Pending {
     per_app: HashMap<AppId, usize>,
     sequence: u64,
     dropped: u64,
+    /// Joins (`channel_occupied`, `member_added`) dropped for want of room: their leave is
+    /// dropped too, so the receiver never gets a `channel_vacated` or `member_removed` for a
+    /// channel or member it was not told of. At most `max_pending` are remembered.
+    dropped_joins: HashSet<DelayKey>,
     /// Apps whose data the store refused, and how many times in a row
     /// ([`ChannelWebhooks::isolate`]); a stored batch of the app takes it out.
     refusals: HashMap<AppId, u32>,
@@ -176,18 +180,32 @@ impl Pending {
         now: Instant,
     ) -> bool {
         let key = || DelayKey::new(app_id, event.channel(), event.user_id());
-        if matches!(
+        let join = matches!(
             event,
             ChannelEvent::Occupied { .. } | ChannelEvent::MemberAdded { .. }
-        ) && self.cancel(&key())
-        {
+        );
+        let leave = matches!(
+            event,
+            ChannelEvent::Vacated { .. } | ChannelEvent::MemberRemoved { .. }
+        );
+        if join && self.cancel(&key()) {
+            return false;
+        }
+        if leave && !self.dropped_joins.is_empty() && self.dropped_joins.remove(&key()) {
+            self.dropped += 1;
             return false;
         }
         if self.ready.len() + self.delayed.len() >= config.max_pending
             || self.per_app.get(app_id).copied().unwrap_or(0) >= per_app_cap(config)
         {
             self.dropped += 1;
+            if join && self.dropped_joins.len() < config.max_pending {
+                self.dropped_joins.insert(key());
+            }
             return false;
+        }
+        if join && !self.dropped_joins.is_empty() {
+            self.dropped_joins.remove(&key());
         }
         self.count_in(app_id);
         if matches!(
@@ -981,6 +999,38 @@ mod tests {
         assert_eq!(pending.per_app.get(&quiet), None);
         pending.put_back(taken);
         assert_eq!(pending.per_app.get(&quiet), Some(&4));
+    }
+
+    /// A join dropped for want of room takes its leave with it: the receiver is never told a
+    /// channel was vacated (or a member removed) that it was not told was occupied (added).
+    /// A join that fits again later is reported, and so is its leave.
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_join_takes_its_leave_with_it() {
+        let (mut pending, config) = (Pending::default(), config(4));
+        let app = AppId::parse("app_full").expect("valid");
+        let now = Instant::now();
+        for n in 0..2 {
+            assert!(pending.accept(&app, occupied(&format!("filler-{n}")), &config, now));
+        }
+        assert!(
+            !pending.accept(&app, occupied("x"), &config, now),
+            "at its share"
+        );
+        assert!(!pending.accept(&app, member(true, "presence-y", "u1"), &config, now));
+        assert_eq!(pending.dropped, 2);
+        let _stored = pending.take_ready();
+        assert!(
+            !pending.accept(&app, vacated("x"), &config, now),
+            "paired with the drop"
+        );
+        assert!(!pending.accept(&app, member(false, "presence-y", "u1"), &config, now));
+        assert_eq!(pending.dropped, 4);
+        assert!(pending.delayed.is_empty() && pending.dropped_joins.is_empty());
+        // Occupied again, with room: reported, and its leave is too.
+        assert!(pending.accept(&app, occupied("x"), &config, now));
+        let _stored = pending.take_ready();
+        assert!(pending.accept(&app, vacated("x"), &config, now));
+        assert_eq!(pending.delayed.len(), 1);
     }
 
     /// Channel webhooks waiting on a throwaway SQLite store (kept while the directory is),
