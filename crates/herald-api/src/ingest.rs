@@ -439,6 +439,11 @@ impl Parsed {
             .and_then(|t| t.split(';').next())
             .map(str::trim);
         if essence.is_some_and(|e| e.eq_ignore_ascii_case("application/x-www-form-urlencoded")) {
+            // A JSON object sent under the form type (`curl -d` without a content type, PHP's
+            // curl with a string body) is JSON: no form field starts with `{`.
+            if let Ok(json @ Value::Object(_)) = serde_json::from_slice::<Value>(body) {
+                return Self::Json(json);
+            }
             return Self::Form(form_payload(body));
         }
         match serde_json::from_slice(body) {
@@ -586,6 +591,14 @@ mod tests {
         assert_eq!(
             Parsed::of(form, b"payload=plain").value(),
             Some(&serde_json::json!({"payload": "plain"}))
+        );
+        // A JSON object sent under the form type (`curl -d '{...}'`) is read as JSON, and
+        // kept byte for byte.
+        let json = br#"{"type": "a+b%20"}"#;
+        assert_eq!(message_typed(form, json, &[]).payload, json.as_slice());
+        assert_eq!(
+            Parsed::of(form, json).value(),
+            Some(&serde_json::json!({"type": "a+b%20"}))
         );
     }
 
