@@ -227,7 +227,23 @@ pub async fn stream(
     let whole_room = (config.outbox_frames - config.outbox_frames / 4) as u64;
     let mut replay_room = whole_room;
     let mut ask_again = false;
+    // The largest backlog first: each stream then clears the largest, so a channel asked for
+    // again is not pushed out for ever by channels named before it that miss a little more
+    // during each reconnect.
+    let mut backlogs = Vec::with_capacity(channels.len());
     for channel in &channels {
+        let backlog = match (
+            history.retention(&app, channel),
+            resumes.get(channel.as_str()),
+        ) {
+            (Some(_), Some(resume)) => history.backlog(&app, channel, resume).await?,
+            _ => 0,
+        };
+        backlogs.push(backlog);
+    }
+    let mut order: Vec<usize> = (0..channels.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(backlogs[i]));
+    for channel in order.into_iter().map(|i| &channels[i]) {
         let Some(retention) = history.retention(&app, channel) else {
             subscription.add(channel, &outbox, false);
             continue;

@@ -232,6 +232,26 @@ impl History {
     }
 
     /// The channel's position as the store has it, or its fresh one.
+    /// How many events a subscriber resuming at `resume` has missed, as the channel stands now
+    /// (0 in another epoch, or ahead): the order in which a stream of several channels hands
+    /// out its replay room, the largest backlog first.
+    pub async fn backlog(
+        &self,
+        app: &App,
+        channel: &str,
+        resume: &Resume,
+    ) -> Result<u64, StoreError> {
+        let position = self.position(app, channel).await?;
+        Ok(if position.epoch == resume.epoch {
+            position
+                .next_offset
+                .saturating_sub(1)
+                .saturating_sub(resume.offset)
+        } else {
+            0
+        })
+    }
+
     async fn position(&self, app: &App, channel: &str) -> Result<ChannelPosition, StoreError> {
         Ok(match self.store.channel_position(&app.id, channel).await? {
             Some(position) => position,
