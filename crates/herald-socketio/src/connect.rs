@@ -2,11 +2,12 @@
 //!
 //! The namespace CONNECT is where Herald knows the app, so every check happens there, in
 //! order, and a refusal is a `connect_error` whose `message` says what was wrong:
-//! 1. the app (`/{uid or id}`): "unknown app";
-//! 2. a browser's `Origin` against the app's `allowedOrigins`;
-//! 3. the client address's limits (shared with WebSockets and SSE);
-//! 4. the handshake's `auth` (`token`, `positions`; any other field is refused);
-//! 5. the app's connection quota.
+//! 1. the key's form (`/{uid or id}`: no app can have another): "unknown app";
+//! 2. the client address's limits (shared with WebSockets and SSE);
+//! 3. the app: "unknown app";
+//! 4. a browser's `Origin` against the app's `allowedOrigins`;
+//! 5. the handshake's `auth` (`token`, `positions`; any other field is refused);
+//! 6. the app's connection quota.
 //!
 //! The HTTP requests of the polling transport carry no app, so `/socket.io/` answers CORS for
 //! any origin, without credentials (Herald sets no cookies and reads none): a page from an
@@ -258,16 +259,37 @@ async fn admit(
 /// changed keeps its clients), nor one an app has the key of (its namespace may be the one
 /// `Face::open_app` just opened, or hold a socket still connecting). If the lookup fails, it
 /// stays: one per key, until a later refusal of that key drops it.
+///
+/// The lookups are bounded ([`MAX_FORGET_LOOKUPS`] at once, one per key): a client over its
+/// limits, sending CONNECTs to made-up keys as fast as it can upload, must not turn each into
+/// a task and a query. Beyond the bound a namespace stays until a later refusal of its key.
 fn forget_namespace_unless_an_app(face: &Arc<Face>, key: &str) {
-    if let Some(io) = face.io.get() {
-        let (io, face, key) = (io.clone(), Arc::clone(face), key.to_owned());
-        tokio::spawn(async move {
-            if matches!(face.apps.find(&key).await, Ok(None)) {
-                face.forget_if_empty(&io, &format!("/{key}"));
-            }
-        });
+    let Some(io) = face.io.get() else {
+        return;
+    };
+    let Ok(permit) = Arc::clone(&face.forget_lookups).try_acquire_owned() else {
+        tracing::debug!(
+            key,
+            "too many namespace lookups under way; the namespace stays for now"
+        );
+        return;
+    };
+    if !face.forgetting(key, true) {
+        return;
     }
+    let (io, face, key) = (io.clone(), Arc::clone(face), key.to_owned());
+    tokio::spawn(async move {
+        if matches!(face.apps.find(&key).await, Ok(None)) {
+            face.forget_if_empty(&io, &format!("/{key}"));
+        }
+        face.forgetting(&key, false);
+        drop(permit);
+    });
 }
+
+/// How many namespace lookups after refused CONNECTs may run at once (see
+/// [`forget_namespace_unless_an_app`]).
+pub(crate) const MAX_FORGET_LOOKUPS: usize = 32;
 
 /// Checks a token against the app's Pusher secret (and a rotated-out one in its grace).
 pub(crate) fn verify_token(app: &App, token: &str) -> Result<token::Grant, String> {

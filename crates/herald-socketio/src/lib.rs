@@ -133,6 +133,9 @@ pub struct Face {
     /// The namespace paths held open by [`Face::open_keys`] (counted in the channel metrics'
     /// `socketio_namespaces`).
     held: Mutex<HashSet<String>>,
+    /// Lookups under way of keys whose CONNECT was refused (`connect::forget_namespace_unless_an_app`).
+    forget_lookups: Arc<tokio::sync::Semaphore>,
+    forgetting_keys: Mutex<HashSet<String>>,
 }
 
 impl Face {
@@ -153,7 +156,23 @@ impl Face {
             tasks,
             io: OnceLock::new(),
             held: Mutex::default(),
+            forget_lookups: Arc::new(tokio::sync::Semaphore::new(connect::MAX_FORGET_LOOKUPS)),
+            forgetting_keys: Mutex::default(),
         })
+    }
+
+    /// Marks `key` as being looked up after a refused CONNECT (`start`), or no longer; false
+    /// if a lookup of it is under way already.
+    pub(crate) fn forgetting(&self, key: &str, start: bool) -> bool {
+        let mut keys = self
+            .forgetting_keys
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if start {
+            keys.insert(key.to_owned())
+        } else {
+            keys.remove(key)
+        }
     }
 
     /// Opens the namespaces (`/{uid}` and `/{id}`) of an app that has Socket.IO settings
