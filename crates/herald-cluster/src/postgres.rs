@@ -128,6 +128,8 @@ const CATCH_UP_READ: u32 = 50;
 
 /// How often a node whose send to the bus failed checks whether it is back, to catch up.
 const RETRY_MISSED: Duration = Duration::from_secs(1);
+/// The longest wait between catch-ups that keep failing.
+const MAX_CATCH_UP_WAIT: Duration = Duration::from_secs(30);
 
 /// How often the LISTEN session is asked the database's time, and how long its answer may
 /// take. Its connection otherwise only receives: one that died without a reset (a NAT or
@@ -246,6 +248,10 @@ pub struct PostgresBroker {
     /// subscribers are caught up from the store at the next retry tick (once the bus, if
     /// any, is back).
     missed: AtomicBool,
+    /// Catch-ups that failed in a row, and when the retry tick may try again: each failure
+    /// doubles the wait from [`RETRY_MISSED`] up to [`MAX_CATCH_UP_WAIT`], since every try
+    /// reads each occupied history channel from a store that is failing.
+    catch_up_failures: std::sync::Mutex<(u32, Option<tokio::time::Instant>)>,
     presence: std::sync::OnceLock<Arc<dyn PresenceRecord>>,
     /// The store's node cache, served only while this session hears [`CONFIG_CHANNEL`].
     cache: std::sync::OnceLock<Arc<Cache>>,
@@ -298,6 +304,7 @@ impl PostgresBroker {
             wake_deliveries,
             bus,
             missed: AtomicBool::new(false),
+            catch_up_failures: std::sync::Mutex::new((0, None)),
             presence: std::sync::OnceLock::new(),
             cache: std::sync::OnceLock::new(),
             sessions: tokio::sync::watch::Sender::new(0),
@@ -481,7 +488,7 @@ impl PostgresBroker {
                             || self.terminations_from.load(Ordering::Relaxed) != NO_TERMINATIONS_DUE)
                             && self.bus.as_ref().is_none_or(|bus| bus.is_connected())
                         {
-                            if self.missed.swap(false, Ordering::Relaxed) {
+                            if self.catch_up_due() && self.missed.swap(false, Ordering::Relaxed) {
                                 tracing::info!(node = self.node, "broker: catching up history events that could not be sent or handed on");
                                 self.catch_up().await;
                             }
@@ -923,7 +930,7 @@ impl PostgresBroker {
                         Ok(entries) => entries,
                         Err(e) => {
                             if failed == 0 {
-                                tracing::warn!(node = self.node, channel, error = %e, "broker: catching up a channel failed; tried again in {RETRY_MISSED:?}");
+                                tracing::warn!(node = self.node, channel, error = %e, "broker: catching up a channel failed; tried again after a wait that doubles while it fails (at most {MAX_CATCH_UP_WAIT:?})");
                             }
                             failed += 1;
                             break;
@@ -941,11 +948,39 @@ impl PostgresBroker {
                 }
             }
         }
+        {
+            let mut failures = self
+                .catch_up_failures
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            *failures = if failed > 0 {
+                let wait = RETRY_MISSED
+                    .saturating_mul(1 << failures.0.min(5))
+                    .min(MAX_CATCH_UP_WAIT);
+                (
+                    failures.0.saturating_add(1),
+                    Some(tokio::time::Instant::now() + wait),
+                )
+            } else {
+                (0, None)
+            };
+        }
         if failed > 0 {
             self.missed.store(true, Ordering::Relaxed);
         }
         self.metrics.caught_up(handed);
         handed
+    }
+
+    /// Whether the retry tick may catch up now (see `catch_up_failures`).
+    fn catch_up_due(&self) -> bool {
+        let failures = self
+            .catch_up_failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        failures
+            .1
+            .is_none_or(|not_before| tokio::time::Instant::now() >= not_before)
     }
 
     /// After a lost link: this node's presence subscribers are told the member notices they
@@ -1594,11 +1629,23 @@ mod tests {
         history_read(false).await;
         assert_eq!(broker.catch_up().await, 0);
         assert!(broker.missed.load(Ordering::Relaxed), "tried again");
+        // Not at the next tick: the wait doubles while the store fails.
+        assert!(!broker.catch_up_due());
+        assert_eq!(broker.catch_up().await, 0);
+        assert_eq!(
+            broker.catch_up_failures.lock().expect("lock").0,
+            2,
+            "two failures in a row"
+        );
         history_read(true).await;
-        // What the retry tick does.
+        // What the retry tick does once the wait is over.
         assert!(broker.missed.swap(false, Ordering::Relaxed));
         assert_eq!(broker.catch_up().await, 3);
         assert!(!broker.missed.load(Ordering::Relaxed), "nothing left");
+        assert!(
+            broker.catch_up_due(),
+            "no wait after a catch-up that worked"
+        );
         let mut offsets = Vec::new();
         while let Ok(Outgoing::Publication(p)) = frames.try_recv() {
             offsets.push(p.offset().expect("a position"));
