@@ -1560,20 +1560,14 @@ mod tests {
         let Some(schema) = Schema::create("catch up in reads").await else {
             return;
         };
-        let store = Arc::new(schema.store().await);
-        let hub = Arc::new(Hub::default());
-        let broker = broker_without_bus("catching", &store, &hub);
-        let app_id = herald_store::conformance::stored_app(store.as_ref(), "catch")
-            .await
-            .id;
-        let app = hub.app(&app_id);
-        let (outbox, mut frames, overflowed) = Outbox::new(256);
-        app.subscribe_joining("history-c", "1.1", &outbox, None, 10)
-            .expect("subscribed");
-        assert!(
-            app.go_live("history-c", "1.1", 0, |_| {}),
-            "live from offset 0"
-        );
+        let OneSubscriber {
+            store,
+            broker,
+            app_id,
+            mut frames,
+            overflowed,
+            ..
+        } = subscriber_at(&schema, 0, 256, 0).await;
         // Within the 100 events `entry` keeps.
         let missed = u64::from(CATCH_UP_READ) + 7;
         for n in 1..=missed {
@@ -1597,17 +1591,13 @@ mod tests {
         let Some(schema) = Schema::create("catch up fails").await else {
             return;
         };
-        let store = Arc::new(schema.store().await);
-        let hub = Arc::new(Hub::default());
-        let broker = broker_without_bus("catching", &store, &hub);
-        let app_id = herald_store::conformance::stored_app(store.as_ref(), "catch")
-            .await
-            .id;
-        let app = hub.app(&app_id);
-        let (outbox, mut frames, _overflowed) = Outbox::new(16);
-        app.subscribe_joining("history-c", "1.1", &outbox, None, 10)
-            .expect("subscribed");
-        assert!(app.go_live("history-c", "1.1", 0, |_| {}));
+        let OneSubscriber {
+            store,
+            broker,
+            app_id,
+            mut frames,
+            ..
+        } = subscriber_at(&schema, 0, 16, 0).await;
         for n in 1..=3 {
             store.append_history(entry(&app_id, n)).await.expect("kept");
         }
@@ -2034,13 +2024,27 @@ mod tests {
     /// `history-c` (data `n1`, `n2`, ...), and one subscriber of it on this node that has seen
     /// offset 1.
     struct OneSubscriber {
+        store: Arc<herald_store::postgres::PostgresStore>,
         broker: Arc<PostgresBroker>,
         app_id: AppId,
         positions: Vec<Position>,
         frames: herald_channels::hub::Frames,
+        overflowed: CancellationToken,
     }
 
+    /// A broker without a bus, `kept` events of `history-c` in its store, and one live
+    /// subscriber of it that has offset 1.
     async fn one_subscriber(schema: &Schema, kept: u64) -> OneSubscriber {
+        subscriber_at(schema, kept, 16, 1).await
+    }
+
+    /// [`one_subscriber`] with an outbox of `outbox_frames` that has offset `has` (0: none).
+    async fn subscriber_at(
+        schema: &Schema,
+        kept: u64,
+        outbox_frames: usize,
+        has: u64,
+    ) -> OneSubscriber {
         let store = Arc::new(schema.store().await);
         let hub = Arc::new(Hub::default());
         let broker = broker_without_bus("this", &store, &hub);
@@ -2053,15 +2057,17 @@ mod tests {
             positions.push(position.expect("append"));
         }
         let app = hub.app(&app_id);
-        let (outbox, frames, _) = Outbox::new(16);
+        let (outbox, frames, overflowed) = Outbox::new(outbox_frames);
         app.subscribe_joining("history-c", "1.1", &outbox, None, 10)
             .expect("subscribed");
-        assert!(app.go_live("history-c", "1.1", 1, |_| {}), "has offset 1");
+        assert!(app.go_live("history-c", "1.1", has, |_| {}), "live");
         OneSubscriber {
+            store,
             broker,
             app_id,
             positions,
             frames,
+            overflowed,
         }
     }
 
@@ -2090,6 +2096,7 @@ mod tests {
             app_id,
             mut positions,
             mut frames,
+            ..
         } = one_subscriber(&schema, 1).await;
         let store = schema.store().await;
         let own = NewHistoryEntry {
@@ -2130,6 +2137,7 @@ mod tests {
             app_id,
             positions,
             mut frames,
+            ..
         } = one_subscriber(&schema, 3).await;
 
         // A message on the bus's topic that is not Herald's is counted, not caught up for.
@@ -2188,27 +2196,15 @@ mod tests {
         let Some(schema) = Schema::create("bus gap in reads").await else {
             return;
         };
-        let store = Arc::new(schema.store().await);
-        let hub = Arc::new(Hub::default());
-        let broker = broker_without_bus("this", &store, &hub);
-        let app_id = herald_store::conformance::stored_app(store.as_ref(), "history")
-            .await
-            .id;
         let newest = u64::from(CATCH_UP_READ) * 2 + 3;
-        let mut positions = Vec::new();
-        for n in 1..=newest {
-            positions.push(
-                store
-                    .append_history(entry(&app_id, n))
-                    .await
-                    .expect("append"),
-            );
-        }
-        let app = hub.app(&app_id);
-        let (outbox, mut frames, overflowed) = Outbox::new(256);
-        app.subscribe_joining("history-c", "1.1", &outbox, None, 10)
-            .expect("subscribed");
-        assert!(app.go_live("history-c", "1.1", 1, |_| {}), "has offset 1");
+        let OneSubscriber {
+            broker,
+            app_id,
+            positions,
+            mut frames,
+            overflowed,
+            ..
+        } = subscriber_at(&schema, newest, 256, 1).await;
         let last = usize::try_from(newest - 1).expect("small");
         broker
             .hear_bus(&message(&app_id, &positions[last], newest))
@@ -2233,6 +2229,7 @@ mod tests {
             app_id,
             positions,
             mut frames,
+            ..
         } = one_subscriber(&schema, 5).await;
 
         for n in [4, 2, 3, 5] {
