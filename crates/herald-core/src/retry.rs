@@ -41,7 +41,8 @@ pub struct RetryPolicy {
     pub overload_penalty: Duration,
     /// Longest delay a `Retry-After` header can impose.
     pub retry_after_max: Duration,
-    /// An endpoint failing for this long without one success is disabled.
+    /// An endpoint failing for this long without one success is disabled when a message's
+    /// last attempt fails (a failure with retries left is retried, as Svix does).
     pub disable_after: Duration,
 }
 
@@ -87,13 +88,16 @@ impl RetryPolicy {
                 retry_after
             }
         };
-        if failing_for >= self.disable_after {
-            return RetryDecision::DisableEndpoint;
-        }
-        if manual {
-            return RetryDecision::GiveUp;
-        }
-        let Some(&base) = self.schedule.get(attempt as usize) else {
+        // Only a message's last attempt (a manual one is the only one) disables: an endpoint
+        // quiet since an old streak, its receiver fixed meanwhile, is not disabled by one
+        // failure that its retries would see through.
+        let next = (!manual)
+            .then(|| self.schedule.get(attempt as usize))
+            .flatten();
+        let Some(&base) = next else {
+            if failing_for >= self.disable_after {
+                return RetryDecision::DisableEndpoint;
+            }
             return RetryDecision::GiveUp;
         };
         let delay = self.jittered(base, rng);
@@ -281,13 +285,29 @@ mod tests {
         );
     }
 
+    /// An endpoint failing for 5 days is disabled when a message's last attempt fails (or a
+    /// manual one); a failure with retries left is retried, however long the streak.
     #[test]
-    fn long_failing_endpoint_is_disabled() {
+    fn long_failing_endpoint_is_disabled_at_a_messages_last_attempt() {
         let policy = RetryPolicy::default();
         let five_days = Duration::from_secs(5 * 86400);
+        let last = u32::try_from(policy.schedule.len()).expect("short");
         assert_eq!(
-            policy.decide(FAIL, 2, false, five_days, &mut rng()),
+            policy.decide(FAIL, last, false, five_days, &mut rng()),
             RetryDecision::DisableEndpoint
+        );
+        assert_eq!(
+            policy.decide(FAIL, 0, true, five_days, &mut rng()),
+            RetryDecision::DisableEndpoint,
+            "a manual attempt has no retries"
+        );
+        assert!(matches!(
+            policy.decide(FAIL, 0, false, five_days * 2, &mut rng()),
+            RetryDecision::RetryIn(_)
+        ));
+        assert_eq!(
+            policy.decide(FAIL, last, false, NOT_LONG, &mut rng()),
+            RetryDecision::GiveUp
         );
     }
 }

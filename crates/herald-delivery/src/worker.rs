@@ -1988,9 +1988,10 @@ mod tests {
         }
     }
 
-    /// A failure that would disable its endpoint for a streak (failing for 5 days, as the job
-    /// was claimed) looks at the endpoint again first: a success in flight alongside ended
-    /// the streak, so this failure is retried on its schedule and starts a new streak instead.
+    /// A failure that would disable its endpoint for a streak (a message's last attempt, the
+    /// endpoint failing for 5 days as the job was claimed) looks at the endpoint again first:
+    /// a success in flight alongside ended the streak, so this failure only fails its message
+    /// and starts a new streak.
     #[tokio::test]
     async fn a_failure_does_not_disable_an_endpoint_whose_streak_has_ended_since_its_claim() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -2008,6 +2009,51 @@ mod tests {
         let mut job = job(app.id.as_str(), endpoint.id.as_str(), 1);
         job.endpoint = endpoint;
         job.endpoint.failing_since = Some(Utc::now() - chrono::Duration::days(6));
+        job.attempts = u32::try_from(herald_core::retry::RetryPolicy::default().schedule.len())
+            .expect("short");
+
+        let record = dispatcher
+            .send(&job, tokio::time::Instant::now() + Duration::from_secs(60))
+            .await
+            .expect("sent");
+        server.await.expect("the receiver answered");
+        assert!(matches!(record.next, NextStep::Failed), "{:?}", record.next);
+        assert!(
+            matches!(record.endpoint_change, EndpointChange::StreakStarted { .. }),
+            "{:?}",
+            record.endpoint_change
+        );
+        store.close().await;
+    }
+
+    /// An endpoint whose streak began 6 days ago and which got no message since (its receiver
+    /// fixed meanwhile) is not disabled by one failure with retries left: the failure is
+    /// retried on its schedule, as Svix retries it.
+    #[tokio::test]
+    async fn a_failure_with_retries_left_never_disables_however_old_the_streak() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
+        let server = tokio::spawn(answer_one(listener, "502 Bad Gateway"));
+        let dir = tempfile::tempdir().expect("dir");
+        let store = sqlite_store(&dir).await;
+        let app = herald_store::conformance::stored_app(store.as_ref(), "quiet").await;
+        let mut endpoint = herald_store::conformance::endpoint(&app.id);
+        endpoint.url = url;
+        endpoint.failing_since = Some(Utc::now() - chrono::Duration::days(6));
+        store.create_endpoint(&endpoint).await.expect("endpoint");
+        let (dispatcher, _) = dispatcher_on(Arc::clone(&store), to_local_receivers());
+        let mut job = job(app.id.as_str(), endpoint.id.as_str(), 1);
+        job.endpoint = store
+            .get_endpoint(&app.id, endpoint.id.as_str())
+            .await
+            .expect("read")
+            .expect("endpoint");
+        assert!(
+            job.endpoint.failing_since.is_some(),
+            "the old streak is stored"
+        );
 
         let record = dispatcher
             .send(&job, tokio::time::Instant::now() + Duration::from_secs(60))
@@ -2020,7 +2066,7 @@ mod tests {
             record.next
         );
         assert!(
-            matches!(record.endpoint_change, EndpointChange::StreakStarted { .. }),
+            matches!(record.endpoint_change, EndpointChange::Unchanged),
             "{:?}",
             record.endpoint_change
         );
