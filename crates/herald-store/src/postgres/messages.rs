@@ -336,14 +336,17 @@ impl MessageStore for PostgresStore {
         // transaction would hold row locks on (and the claims wait for) until it ended. Paged
         // by message id, so a row this recovery requeued that has failed again meanwhile (any
         // node may attempt it between two batches) is not requeued twice.
+        //
+        // The messages are locked (shared) before their deliveries are changed, in the order
+        // an expunge takes them: a recovery meeting an expunge under way waits for it and then
+        // sees the payload gone, rather than requeueing a delivery the expunge left failed (it
+        // would send a signed `{"expired":true}`), as a resend does (`resend_insert`).
         let mut requeued_total = 0_u64;
         let mut after = id::lower_bound(id::MESSAGE, since);
         loop {
             let mut tx = self.pool.begin().await?;
-            let requeued: Vec<String> = sqlx::query_scalar(
-                "UPDATE deliveries SET status = $1, trigger_type = $2, next_attempt_at = $3,
-                                       updated_at = $3, lease_token = NULL, leased_until = NULL
-                 WHERE endpoint_id = $4 AND status = $5 AND msg_id IN (
+            let (last, scanned, requeued): (Option<String>, i64, i64) = sqlx::query_as(
+                "WITH candidates AS (
                      SELECT msg_id FROM deliveries
                      WHERE endpoint_id = $4 AND status <> 0 AND status = $5
                        AND msg_id > $6 AND msg_id < $7
@@ -352,8 +355,22 @@ impl MessageStore for PostgresStore {
                                          AND (m.payload = $9 OR m.payload_expires_at <= $3))
                      ORDER BY msg_id
                      LIMIT $8
-                     FOR UPDATE)
-                 RETURNING msg_id",
+                 ), kept AS (
+                     SELECT m.id FROM messages m
+                     WHERE m.id IN (SELECT msg_id FROM candidates)
+                       AND m.payload <> $9
+                       AND (m.payload_expires_at IS NULL OR m.payload_expires_at > $3)
+                     ORDER BY m.id
+                     FOR SHARE
+                 ), requeued AS (
+                     UPDATE deliveries SET status = $1, trigger_type = $2, next_attempt_at = $3,
+                                           updated_at = $3, lease_token = NULL, leased_until = NULL
+                     WHERE endpoint_id = $4 AND status = $5 AND msg_id IN (SELECT id FROM kept)
+                     RETURNING msg_id
+                 )
+                 SELECT (SELECT MAX(msg_id) FROM candidates),
+                        (SELECT COUNT(*) FROM candidates),
+                        (SELECT COUNT(*) FROM requeued)",
             )
             .bind(DeliveryStatus::Pending as i32)
             .bind(TriggerType::Manual as i32)
@@ -364,15 +381,15 @@ impl MessageStore for PostgresStore {
             .bind(id::lower_bound(id::MESSAGE, until))
             .bind(i64::from(crate::RETENTION_BATCH))
             .bind(herald_core::model::EXPIRED_PAYLOAD.as_bytes())
-            .fetch_all(&mut *tx)
+            .fetch_one(&mut *tx)
             .await?;
-            if !requeued.is_empty() {
+            if requeued > 0 {
                 notify_due(&mut tx).await?;
             }
             tx.commit().await?;
-            requeued_total += requeued.len() as u64;
-            let full = requeued.len() >= crate::RETENTION_BATCH as usize;
-            match requeued.into_iter().max() {
+            requeued_total += u64::try_from(requeued).unwrap_or(0);
+            let full = scanned >= i64::from(crate::RETENTION_BATCH);
+            match last {
                 Some(last) if full => after = last,
                 _ => return Ok(requeued_total),
             }
@@ -2033,6 +2050,83 @@ pub(super) mod tests {
                 .is_empty(),
             "the failed delivery stays failed"
         );
+    }
+
+    /// A recovery that meets an expunge of a message's payload under way waits for it (the
+    /// share lock on the message's row, taken before its delivery's) and then requeues
+    /// nothing: the delivery the expunge leaves failed is not queued to send
+    /// `{"expired":true}`.
+    #[tokio::test]
+    async fn a_recovery_waits_for_an_expunge_under_way_and_requeues_nothing() {
+        let Some(url) = server_url() else { return };
+        let (_guard, store) = open_in_fresh_schema(url).await;
+        let app = stored_app(&store).await;
+        let endpoint = stored_endpoint(&store, &app.id).await;
+        let msg = message(&app.id);
+        store
+            .create_message(msg.clone(), vec![endpoint.id.clone()])
+            .await
+            .expect("create");
+        let now = Utc::now() + chrono::Duration::seconds(1);
+        let jobs = store.claim_due(&claim(now, 1, 1, 8)).await.expect("claim");
+        assert_eq!(jobs.len(), 1);
+        let failed = conformance::job_record(&jobs[0], jobs[0].lease, now, NextStep::Failed);
+        assert_eq!(
+            store.record_attempt(failed).await.expect("record"),
+            Recorded::Applied
+        );
+
+        let mut expunge = store.pool.begin().await.expect("begin");
+        let expunging: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut *expunge)
+            .await
+            .expect("pid");
+        let expunged: Option<String> = sqlx::query_scalar(crate::sql::EXPUNGE_PAYLOAD)
+            .bind(herald_core::model::EXPIRED_PAYLOAD.as_bytes())
+            .bind(app.id.as_str())
+            .bind(msg.id.as_str())
+            .fetch_optional(&mut *expunge)
+            .await
+            .expect("expunge");
+        assert_eq!(expunged.as_deref(), Some(msg.id.as_str()));
+
+        let watcher = &store.pool;
+        let since = msg.created_at - chrono::Duration::seconds(1);
+        let until = now + chrono::Duration::seconds(1);
+        let (requeued, ()) = tokio::join!(
+            store.enqueue_failed(&endpoint.id, since, until, now),
+            async move {
+                // Commit once the recovery waits on the expunge, or after 10 s if it never
+                // does (it then requeued on the payload it read before: the assertion fails).
+                for _ in 0..1000 {
+                    let waiting: i64 = sqlx::query_scalar(
+                        "SELECT count(*) FROM pg_stat_activity
+                         WHERE $1 = ANY(pg_blocking_pids(pid))",
+                    )
+                    .bind(expunging)
+                    .fetch_one(watcher)
+                    .await
+                    .expect("blocked");
+                    if waiting > 0 {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                expunge.commit().await.expect("commit");
+            }
+        );
+        assert_eq!(requeued.expect("recover"), 0, "nothing to recover");
+        let later = now + chrono::Duration::minutes(1);
+        for first_attempts in [true, false] {
+            let lane = ClaimRequest {
+                first_attempts,
+                ..claim(later, 1, 1, 8)
+            };
+            assert!(
+                store.claim_due(&lane).await.expect("claim").is_empty(),
+                "the failed delivery stays failed"
+            );
+        }
     }
 
     /// A lease is counted from `delivery_leases` until its record or a take-back removes it: a
