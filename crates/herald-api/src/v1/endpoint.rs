@@ -811,6 +811,13 @@ pub async fn recover(
     SvixJson(input): SvixJson<RecoverIn>,
 ) -> ApiResult<(StatusCode, Json<RecoverOut>)> {
     let endpoint = find(&state, &caller, &app_id, &endpoint_id).await?;
+    if endpoint.disabled {
+        // What it queued would be failed again by the next claim, the task saying `finished`.
+        return Err(ApiError::bad_request(
+            "endpoint_disabled",
+            "the endpoint is disabled; enable it before recovering",
+        ));
+    }
     // Message ids carry their node's creation time: the window is read on this node's clock;
     // the requeued deliveries fall due on the cluster's (the store's clock, as claims read).
     let now = crate::now();

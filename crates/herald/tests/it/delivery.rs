@@ -278,6 +278,17 @@ async fn gone_disables_the_endpoint() {
     let stats = server.settled(&app, ep_id).await;
     assert_eq!(stats["fail"], 1);
     assert!(receiver.drain().is_empty());
+    // Nor can it recover: what it queued would fail again at once. Said, as a resend is.
+    let since = chrono::Utc::now() - chrono::Duration::minutes(1);
+    let (status, refused) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/app/{app}/endpoint/{ep_id}/recover"),
+            Some(json!({"since": since})),
+        )
+        .await;
+    assert_eq!(status, 400, "{refused}");
+    assert_eq!(refused["code"], "endpoint_disabled", "{refused}");
     server.stop().await;
 }
 
