@@ -88,13 +88,15 @@ impl RetryPolicy {
                 retry_after
             }
         };
-        // Only a message's last attempt (a manual one is the only one) disables: an endpoint
-        // quiet since an old streak, its receiver fixed meanwhile, is not disabled by one
-        // failure that its retries would see through.
-        let next = (!manual)
-            .then(|| self.schedule.get(attempt as usize))
-            .flatten();
-        let Some(&base) = next else {
+        // Only a message's last scheduled attempt disables: an endpoint quiet since an old
+        // streak, its receiver fixed meanwhile, is not disabled by one failure that its
+        // retries would see through. Nor by a manual attempt (a resend, a recovery's), which
+        // has no retries: an operator recovering after an outage must not have one blip
+        // disable the endpoint and fail everything recovered.
+        if manual {
+            return RetryDecision::GiveUp;
+        }
+        let Some(&base) = self.schedule.get(attempt as usize) else {
             if failing_for >= self.disable_after {
                 return RetryDecision::DisableEndpoint;
             }
@@ -285,8 +287,9 @@ mod tests {
         );
     }
 
-    /// An endpoint failing for 5 days is disabled when a message's last attempt fails (or a
-    /// manual one); a failure with retries left is retried, however long the streak.
+    /// An endpoint failing for 5 days is disabled when a message's last scheduled attempt
+    /// fails; a failure with retries left is retried, and a manual one gives up, however
+    /// long the streak.
     #[test]
     fn long_failing_endpoint_is_disabled_at_a_messages_last_attempt() {
         let policy = RetryPolicy::default();
@@ -298,8 +301,8 @@ mod tests {
         );
         assert_eq!(
             policy.decide(FAIL, 0, true, five_days, &mut rng()),
-            RetryDecision::DisableEndpoint,
-            "a manual attempt has no retries"
+            RetryDecision::GiveUp,
+            "a manual attempt (a recovery's) does not disable"
         );
         assert!(matches!(
             policy.decide(FAIL, 0, false, five_days * 2, &mut rng()),

@@ -1595,7 +1595,8 @@ impl Dispatcher {
                     _ => failing_since,
                 };
                 // Should the store find that streak ended meanwhile, the delivery goes on with
-                // its schedule, as if the endpoint had no streak.
+                // its schedule, as if the endpoint had no streak: none is left when a streak
+                // disables (only a message's last attempt does), so it is failed.
                 let retry_at = streak_since.and_then(|_| match decide(None) {
                     RetryDecision::RetryIn(delay) => Some(now + started.elapsed() + delay),
                     _ => None,
