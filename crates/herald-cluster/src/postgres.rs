@@ -898,13 +898,14 @@ impl PostgresBroker {
 
     /// After a lost LISTEN session: each history channel with live subscribers here gets, in
     /// order, what was kept after the oldest position among them (each subscriber drops what it
-    /// has). Returns how many events were handed on. A channel whose read fails is caught up
-    /// again at the next retry tick (`missed` is set): its live subscribers have no reason to
-    /// subscribe again, and the channel may never publish again to fill the gap.
+    /// has). Returns how many events were handed on. A read that fails ends the pass, and the
+    /// whole catch-up is tried again later (`missed` is set; see `catch_up_failures`): the
+    /// live subscribers have no reason to subscribe again, and a channel may never publish
+    /// again to fill the gap.
     pub async fn catch_up(&self) -> usize {
         let mut handed = 0;
         let mut failed = 0;
-        for app in self.hub.apps() {
+        'pass: for app in self.hub.apps() {
             for (channel, _) in app.channels("") {
                 let Some(mut from) = app.catch_up_from(&channel) else {
                     continue;
@@ -929,11 +930,14 @@ impl PostgresBroker {
                     let entries = match entries {
                         Ok(entries) => entries,
                         Err(e) => {
+                            // The rest of the pass waits too: the store is failing, and this
+                            // runs inside the LISTEN loop, whose notices would wait for a read
+                            // of every other channel.
                             if failed == 0 {
                                 tracing::warn!(node = self.node, channel, error = %e, "broker: catching up a channel failed; tried again after a wait that doubles while it fails (at most {MAX_CATCH_UP_WAIT:?})");
                             }
                             failed += 1;
-                            break;
+                            break 'pass;
                         }
                     };
                     for entry in &entries {
