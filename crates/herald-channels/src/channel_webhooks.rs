@@ -112,8 +112,14 @@ struct Pending {
     dropped: u64,
     /// Joins (`channel_occupied`, `member_added`) dropped for want of room: their leave is
     /// dropped too, so the receiver never gets a `channel_vacated` or `member_removed` for a
-    /// channel or member it was not told of. At most `max_pending` are remembered.
+    /// channel or member it was not told of. At most `max_pending` are remembered; only when
+    /// `pair_drops`.
     dropped_joins: HashSet<DelayKey>,
+    /// One node on its own store ([`ChannelWebhooks::recover`] ran), which observes every
+    /// join and leave of its channels. In a cluster a channel's join and its leave may be
+    /// observed on two nodes, and a join dropped on one would wrongly drop a later, real
+    /// leave on it.
+    pair_drops: bool,
     /// Apps whose data the store refused, and how many times in a row
     /// ([`ChannelWebhooks::isolate`]); a stored batch of the app takes it out.
     refusals: HashMap<AppId, u32>,
@@ -199,7 +205,7 @@ impl Pending {
             || self.per_app.get(app_id).copied().unwrap_or(0) >= per_app_cap(config)
         {
             self.dropped += 1;
-            if join && self.dropped_joins.len() < config.max_pending {
+            if join && self.pair_drops && self.dropped_joins.len() < config.max_pending {
                 self.dropped_joins.insert(key());
             }
             return false;
@@ -325,6 +331,7 @@ impl ChannelWebhooks {
             .store(true, Ordering::Relaxed);
         let due = Instant::now() + self.config.delay;
         let mut pending = self.lock();
+        pending.pair_drops = true;
         // Members leave before their channel is vacated, as they would have.
         let (members, channels): (Vec<_>, Vec<_>) =
             occupants.into_iter().partition(|o| o.user_id.is_some());
@@ -1007,6 +1014,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_dropped_join_takes_its_leave_with_it() {
         let (mut pending, config) = (Pending::default(), config(4));
+        pending.pair_drops = true;
         let app = AppId::parse("app_full").expect("valid");
         let now = Instant::now();
         for n in 0..2 {
