@@ -1975,15 +1975,47 @@ pub(super) mod tests {
         plan_lines(tx, explain).await
     }
 
-    /// A resend that reads the message while an expunge of its payload is under way waits for
-    /// it (the share lock on the message's row) and then queues nothing: the delivery the
-    /// expunge leaves failed is not queued again to send `{"expired":true}`.
-    #[tokio::test]
-    async fn a_resend_waits_for_an_expunge_under_way_and_queues_nothing() {
-        let Some(url) = server_url() else { return };
-        let (_guard, store) = open_in_fresh_schema(url).await;
-        let app = stored_app(&store).await;
-        let endpoint = stored_endpoint(&store, &app.id).await;
+    /// A message whose one delivery failed, and an expunge of its payload under way: its first
+    /// statement run, its transaction left open.
+    struct ExpungeUnderWay {
+        app: herald_core::model::App,
+        endpoint: herald_core::model::Endpoint,
+        msg: herald_core::model::Message,
+        now: DateTime<Utc>,
+        expunge: OpenExpunge,
+    }
+
+    struct OpenExpunge {
+        tx: sqlx::Transaction<'static, sqlx::Postgres>,
+        pid: i32,
+    }
+
+    impl OpenExpunge {
+        /// Commits once another session waits on this one, or after 10 s if none ever does
+        /// (the other statement then ran on the payload it read before, which the caller's
+        /// assertions catch).
+        async fn commit_once_waited_for(self, watcher: &sqlx::PgPool) {
+            for _ in 0..1000 {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE $1 = ANY(pg_blocking_pids(pid))",
+                )
+                .bind(self.pid)
+                .fetch_one(watcher)
+                .await
+                .expect("blocked");
+                if waiting > 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            self.tx.commit().await.expect("commit");
+        }
+    }
+
+    async fn expunge_under_way(store: &PostgresStore) -> ExpungeUnderWay {
+        let app = stored_app(store).await;
+        let endpoint = stored_endpoint(store, &app.id).await;
         let msg = message(&app.id);
         store
             .create_message(msg.clone(), vec![endpoint.id.clone()])
@@ -1998,43 +2030,45 @@ pub(super) mod tests {
             Recorded::Applied
         );
 
-        // The expunge's first statement, its transaction left open.
-        let mut expunge = store.pool.begin().await.expect("begin");
-        let expunging: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-            .fetch_one(&mut *expunge)
+        let mut tx = store.pool.begin().await.expect("begin");
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut *tx)
             .await
             .expect("pid");
         let expunged: Option<String> = sqlx::query_scalar(crate::sql::EXPUNGE_PAYLOAD)
             .bind(herald_core::model::EXPIRED_PAYLOAD.as_bytes())
             .bind(app.id.as_str())
             .bind(msg.id.as_str())
-            .fetch_optional(&mut *expunge)
+            .fetch_optional(&mut *tx)
             .await
             .expect("expunge");
         assert_eq!(expunged.as_deref(), Some(msg.id.as_str()));
+        ExpungeUnderWay {
+            app,
+            endpoint,
+            msg,
+            now,
+            expunge: OpenExpunge { tx, pid },
+        }
+    }
 
-        let watcher = &store.pool;
+    /// A resend that reads the message while an expunge of its payload is under way waits for
+    /// it (the share lock on the message's row) and then queues nothing: the delivery the
+    /// expunge leaves failed is not queued again to send `{"expired":true}`.
+    #[tokio::test]
+    async fn a_resend_waits_for_an_expunge_under_way_and_queues_nothing() {
+        let Some(url) = server_url() else { return };
+        let (_guard, store) = open_in_fresh_schema(url).await;
+        let ExpungeUnderWay {
+            app,
+            endpoint,
+            msg,
+            now,
+            expunge,
+        } = expunge_under_way(&store).await;
         let (queued, ()) = tokio::join!(
             store.enqueue_manual(&app.id, &msg.id, &endpoint.id, now),
-            async move {
-                // Commit once the resend waits on the expunge, or after 10 s if it never does
-                // (it then ran on the payload it read before, and the assertion below fails).
-                for _ in 0..1000 {
-                    let waiting: i64 = sqlx::query_scalar(
-                        "SELECT count(*) FROM pg_stat_activity
-                         WHERE $1 = ANY(pg_blocking_pids(pid))",
-                    )
-                    .bind(expunging)
-                    .fetch_one(watcher)
-                    .await
-                    .expect("blocked");
-                    if waiting > 0 {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                expunge.commit().await.expect("commit");
-            }
+            expunge.commit_once_waited_for(&store.pool),
         );
         assert!(!queued.expect("resend"), "nothing to resend");
         let later = now + chrono::Duration::minutes(1);
@@ -2060,60 +2094,18 @@ pub(super) mod tests {
     async fn a_recovery_waits_for_an_expunge_under_way_and_requeues_nothing() {
         let Some(url) = server_url() else { return };
         let (_guard, store) = open_in_fresh_schema(url).await;
-        let app = stored_app(&store).await;
-        let endpoint = stored_endpoint(&store, &app.id).await;
-        let msg = message(&app.id);
-        store
-            .create_message(msg.clone(), vec![endpoint.id.clone()])
-            .await
-            .expect("create");
-        let now = Utc::now() + chrono::Duration::seconds(1);
-        let jobs = store.claim_due(&claim(now, 1, 1, 8)).await.expect("claim");
-        assert_eq!(jobs.len(), 1);
-        let failed = conformance::job_record(&jobs[0], jobs[0].lease, now, NextStep::Failed);
-        assert_eq!(
-            store.record_attempt(failed).await.expect("record"),
-            Recorded::Applied
-        );
-
-        let mut expunge = store.pool.begin().await.expect("begin");
-        let expunging: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-            .fetch_one(&mut *expunge)
-            .await
-            .expect("pid");
-        let expunged: Option<String> = sqlx::query_scalar(crate::sql::EXPUNGE_PAYLOAD)
-            .bind(herald_core::model::EXPIRED_PAYLOAD.as_bytes())
-            .bind(app.id.as_str())
-            .bind(msg.id.as_str())
-            .fetch_optional(&mut *expunge)
-            .await
-            .expect("expunge");
-        assert_eq!(expunged.as_deref(), Some(msg.id.as_str()));
-
-        let watcher = &store.pool;
+        let ExpungeUnderWay {
+            endpoint,
+            msg,
+            now,
+            expunge,
+            ..
+        } = expunge_under_way(&store).await;
         let since = msg.created_at - chrono::Duration::seconds(1);
         let until = now + chrono::Duration::seconds(1);
         let (requeued, ()) = tokio::join!(
             store.enqueue_failed(&endpoint.id, since, until, now),
-            async move {
-                // Commit once the recovery waits on the expunge, or after 10 s if it never
-                // does (it then requeued on the payload it read before: the assertion fails).
-                for _ in 0..1000 {
-                    let waiting: i64 = sqlx::query_scalar(
-                        "SELECT count(*) FROM pg_stat_activity
-                         WHERE $1 = ANY(pg_blocking_pids(pid))",
-                    )
-                    .bind(expunging)
-                    .fetch_one(watcher)
-                    .await
-                    .expect("blocked");
-                    if waiting > 0 {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                expunge.commit().await.expect("commit");
-            }
+            expunge.commit_once_waited_for(&store.pool),
         );
         assert_eq!(requeued.expect("recover"), 0, "nothing to recover");
         let later = now + chrono::Duration::minutes(1);
